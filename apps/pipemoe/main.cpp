@@ -1,0 +1,67 @@
+// pipemoe: the command-line entry point. Run under mpirun for several ranks:
+//   mpirun -q -np 2 build/pipemoe layer --tokens 2048 --model-dim 512 --hidden 1024 --experts 8
+// Errors: one line "pipemoe: error: ..." and a non-zero exit on every rank. Errors every rank
+// sees alike (bad flags, shapes) end each rank on its own; errors one rank sees end the whole job.
+#include <cstdio>
+
+#include "apps/pipemoe/command.h"
+#include "comm/mpi_communicator.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "kernels/cpu/blas.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace {
+
+int run_cli(int argc, char** argv, pm::Communicator& comm) {
+  CLI::App app{"pipemoe: Mixture-of-Experts training and inference with pipelined expert parallelism"};
+  app.require_subcommand(1);
+  int threads = 0;
+  double comm_timeout_s = 600;
+  app.add_option("--threads", threads,
+                 "BLAS threads per rank (default: cores / ranks on this host, or $PIPEMOE_THREADS)");
+  app.add_option("--comm-timeout", comm_timeout_s,
+                 "seconds a collective may wait before the run fails (a peer is dead or stuck)");
+  pm::cli::CommandFn run;
+  pm::cli::add_layer_command(app, run);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    if (comm.rank() == 0) app.exit(e);
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    throw pm::Error(pm::ErrorKind::usage, e.what());
+  }
+  PM_REQUIRE(threads >= 0, "--threads must be positive, got {}", threads);
+  PM_REQUIRE(comm_timeout_s > 0, "--comm-timeout must be positive, got {}", comm_timeout_s);
+  int compute_threads = threads > 0 ? threads : pm::default_compute_threads();
+  pm::set_compute_threads(compute_threads);
+  pm::blas_set_threads(compute_threads);
+  comm.wait_policy().timeout_s = comm_timeout_s;
+  pm::cli::Context context{comm};
+  return run(context);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  pm::blas_fix_core_type_or_reexec(argv);
+  pm::MpiRuntime mpi(&argc, &argv);
+  auto comm = pm::make_mpi_world_communicator();
+  pm::log::set_rank(comm->rank());
+  try {
+    return run_cli(argc, argv, *comm);
+  } catch (const pm::Error& e) {
+    if (e.kind() == pm::ErrorKind::usage) {
+      // Every rank raised it: each ends on its own, rank 0 speaks.
+      if (comm->rank() == 0 && e.what()[0] != '\0') std::fprintf(stderr, "pipemoe: error: %s\n", e.what());
+      return 2;
+    }
+    std::fprintf(stderr, "pipemoe: error (rank %d): %s\n", comm->rank(), e.what());
+    pm::MpiRuntime::abort_job(1);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "pipemoe: error (rank %d): %s\n", comm->rank(), e.what());
+    pm::MpiRuntime::abort_job(1);
+  }
+}

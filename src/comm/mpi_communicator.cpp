@@ -1,0 +1,191 @@
+#include "comm/mpi_communicator.h"
+
+#include <mpi.h>
+
+#include <climits>
+#include <cstdlib>
+
+#include "core/error.h"
+
+namespace pm {
+namespace {
+
+#define MPI_CHECK(call)                                                                    \
+  do {                                                                                     \
+    int mpi_status_ = (call);                                                              \
+    if (mpi_status_ != MPI_SUCCESS) {                                                      \
+      char mpi_text_[MPI_MAX_ERROR_STRING];                                                \
+      int mpi_len_ = 0;                                                                    \
+      MPI_Error_string(mpi_status_, mpi_text_, &mpi_len_);                                 \
+      throw Error(ErrorKind::comm, fmt::format("{}:{}: {} failed: {}", __FILE__, __LINE__, \
+                                               #call, std::string(mpi_text_, mpi_len_)));  \
+    }                                                                                      \
+  } while (0)
+
+MPI_Datatype mpi_type(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return MPI_FLOAT;
+    case DType::f64: return MPI_DOUBLE;
+    case DType::bf16: return MPI_UINT16_T;
+    case DType::i32: return MPI_INT32_T;
+    case DType::i64: return MPI_INT64_T;
+    case DType::u8: return MPI_UINT8_T;
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::sum: return MPI_SUM;
+    case ReduceOp::max: return MPI_MAX;
+    case ReduceOp::min: return MPI_MIN;
+  }
+  return MPI_OP_NULL;
+}
+
+int as_int(int64_t value, const char* what) {
+  PM_CHECK(value >= 0 && value <= INT_MAX, "{} = {} does not fit MPI's int counts", what, value);
+  return static_cast<int>(value);
+}
+
+std::vector<int> as_ints(const std::vector<int64_t>& values, const char* what) {
+  std::vector<int> out(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) out[i] = as_int(values[i], what);
+  return out;
+}
+
+// One MPI request; keeps the int count arrays alive as long as MPI may read them.
+class MpiRequest : public CommRequest {
+ public:
+  explicit MpiRequest(std::string what) : what_(std::move(what)) {}
+  ~MpiRequest() override {
+    // A request dropped unfinished would leave MPI writing into freed memory: finish it.
+    if (request_ != MPI_REQUEST_NULL && !abandoned_) MPI_Wait(&request_, MPI_STATUS_IGNORE);
+  }
+  void abandon() override { abandoned_ = true; }
+  bool test() override {
+    if (request_ == MPI_REQUEST_NULL) return true;
+    int done = 0;
+    MPI_CHECK(MPI_Test(&request_, &done, MPI_STATUS_IGNORE));
+    return done != 0;
+  }
+  std::string what() const override { return what_; }
+
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  std::vector<int> counts_[4];
+
+ private:
+  std::string what_;
+  bool abandoned_ = false;
+};
+
+class MpiCommunicator : public Communicator {
+ public:
+  MpiCommunicator() {
+    MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
+    MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "mpi"; }
+
+  RequestPtr ialltoallv(const void* send, const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& send_displs, void* recv,
+                        const std::vector<int64_t>& recv_counts,
+                        const std::vector<int64_t>& recv_displs, DType dtype) override {
+    PM_CHECK(static_cast<int>(send_counts.size()) == size_ && static_cast<int>(recv_counts.size()) == size_ &&
+                 send_displs.size() == send_counts.size() && recv_displs.size() == recv_counts.size(),
+             "all-to-all needs one count and displacement per rank ({})", size_);
+    auto req = std::make_unique<MpiRequest>("all-to-all");
+    req->counts_[0] = as_ints(send_counts, "send count");
+    req->counts_[1] = as_ints(send_displs, "send displacement");
+    req->counts_[2] = as_ints(recv_counts, "recv count");
+    req->counts_[3] = as_ints(recv_displs, "recv displacement");
+    MPI_CHECK(MPI_Ialltoallv(send, req->counts_[0].data(), req->counts_[1].data(), mpi_type(dtype),
+                             recv, req->counts_[2].data(), req->counts_[3].data(), mpi_type(dtype),
+                             MPI_COMM_WORLD, &req->request_));
+    return req;
+  }
+
+  RequestPtr iallreduce(const void* send, void* recv, int64_t count, DType dtype,
+                        ReduceOp op) override {
+    auto req = std::make_unique<MpiRequest>("all-reduce");
+    MPI_CHECK(MPI_Iallreduce(send == recv ? MPI_IN_PLACE : send, recv, as_int(count, "count"),
+                             mpi_type(dtype), mpi_op(op), MPI_COMM_WORLD, &req->request_));
+    return req;
+  }
+
+  RequestPtr iallgather(const void* send, void* recv, int64_t count, DType dtype) override {
+    auto req = std::make_unique<MpiRequest>("all-gather");
+    int n = as_int(count, "count");
+    MPI_CHECK(MPI_Iallgather(send, n, mpi_type(dtype), recv, n, mpi_type(dtype), MPI_COMM_WORLD,
+                             &req->request_));
+    return req;
+  }
+
+  RequestPtr isend(const void* data, int64_t count, DType dtype, int peer, int tag) override {
+    auto req = std::make_unique<MpiRequest>(fmt::format("send to rank {}", peer));
+    MPI_CHECK(MPI_Isend(data, as_int(count, "count"), mpi_type(dtype), peer, tag, MPI_COMM_WORLD,
+                        &req->request_));
+    return req;
+  }
+
+  RequestPtr irecv(void* data, int64_t count, DType dtype, int peer, int tag) override {
+    auto req = std::make_unique<MpiRequest>(fmt::format("receive from rank {}", peer));
+    MPI_CHECK(MPI_Irecv(data, as_int(count, "count"), mpi_type(dtype), peer, tag, MPI_COMM_WORLD,
+                        &req->request_));
+    return req;
+  }
+
+  RequestPtr ibarrier() override {
+    auto req = std::make_unique<MpiRequest>("barrier");
+    MPI_CHECK(MPI_Ibarrier(MPI_COMM_WORLD, &req->request_));
+    return req;
+  }
+
+ private:
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+}  // namespace
+
+MpiRuntime::MpiRuntime(int* argc, char*** argv) {
+  int provided = 0;
+  MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided));
+  // Errors come back as return codes so that MPI_CHECK can name the call.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  PM_CHECK(provided >= MPI_THREAD_SERIALIZED,
+           "this MPI library gives thread level {}, the engine needs MPI_THREAD_SERIALIZED", provided);
+}
+
+MpiRuntime::~MpiRuntime() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+void MpiRuntime::abort_job(int exit_code) {
+  if (running()) MPI_Abort(MPI_COMM_WORLD, exit_code);
+  std::_Exit(exit_code);
+}
+
+bool MpiRuntime::running() {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  return initialized && !finalized;
+}
+
+std::string MpiRuntime::processor_name() {
+  char name[MPI_MAX_PROCESSOR_NAME];
+  int len = 0;
+  MPI_Get_processor_name(name, &len);
+  return std::string(name, len);
+}
+
+std::unique_ptr<Communicator> make_mpi_world_communicator() {
+  return std::make_unique<MpiCommunicator>();
+}
+
+}  // namespace pm

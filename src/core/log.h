@@ -1,0 +1,27 @@
+// Logging to stderr. info() speaks only on rank 0 (what the user reads once); every_rank() prefixes
+// the rank. Results (tables, JSON) go to stdout, never through here.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <string>
+
+namespace pm::log {
+
+void set_rank(int rank);
+int rank();
+void set_quiet(bool quiet);
+bool quiet();
+void write_line(const std::string& line);
+
+template <typename... Args>
+void info(fmt::format_string<Args...> format, Args&&... args) {
+  if (rank() == 0 && !quiet()) write_line(fmt::format(format, std::forward<Args>(args)...));
+}
+
+template <typename... Args>
+void every_rank(fmt::format_string<Args...> format, Args&&... args) {
+  write_line(fmt::format("[rank {}] {}", rank(), fmt::format(format, std::forward<Args>(args)...)));
+}
+
+}  // namespace pm::log

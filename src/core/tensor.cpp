@@ -1,0 +1,141 @@
+#include "core/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+
+namespace pm {
+
+std::size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return 4;
+    case DType::f64: return 8;
+    case DType::bf16: return 2;
+    case DType::i32: return 4;
+    case DType::i64: return 8;
+    case DType::u8: return 1;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return "float32";
+    case DType::f64: return "float64";
+    case DType::bf16: return "bfloat16";
+    case DType::i32: return "int32";
+    case DType::i64: return "int64";
+    case DType::u8: return "uint8";
+  }
+  return "?";
+}
+
+int64_t shape_numel(const Shape& shape) {
+  return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
+}
+
+std::string shape_str(const Shape& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+Tensor Tensor::empty(Shape shape, DType dtype) {
+  for (int64_t d : shape) PM_CHECK(d >= 0, "negative dimension in shape {}", shape_str(shape));
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  std::size_t bytes = (t.nbytes() + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
+  PM_CHECK(p != nullptr, "out of memory allocating {} bytes", bytes);
+  t.storage_ = std::shared_ptr<void>(p, std::free);
+  t.data_ = p;
+  return t;
+}
+
+Tensor Tensor::zeros(Shape shape, DType dtype) {
+  Tensor t = empty(std::move(shape), dtype);
+  t.zero();
+  return t;
+}
+
+Tensor Tensor::view_of(void* data, Shape shape, DType dtype) {
+  Tensor t;
+  t.data_ = data;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  return t;
+}
+
+int64_t Tensor::dim(int i) const {
+  PM_CHECK(i >= 0 && i < ndim(), "dimension {} of a {}-d tensor", i, ndim());
+  return shape_[i];
+}
+
+Tensor Tensor::reshape(Shape shape) const {
+  PM_CHECK(shape_numel(shape) == numel(), "cannot reshape {} to {}", shape_str(shape_),
+           shape_str(shape));
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+Tensor Tensor::rows(int64_t begin, int64_t end) const {
+  PM_CHECK(ndim() >= 1 && 0 <= begin && begin <= end && end <= shape_[0],
+           "rows [{}, {}) of a tensor of shape {}", begin, end, shape_str(shape_));
+  Tensor t = *this;
+  int64_t row_elems = shape_[0] == 0 ? 0 : numel() / shape_[0];
+  t.data_ = static_cast<char*>(data_) + begin * row_elems * dtype_size(dtype_);
+  t.shape_[0] = end - begin;
+  return t;
+}
+
+Tensor Tensor::clone() const {
+  Tensor t = empty(shape_, dtype_);
+  if (nbytes()) std::memcpy(t.data_, data_, nbytes());
+  return t;
+}
+
+Tensor Tensor::to(DType dtype) const {
+  if (dtype == dtype_) return clone();
+  Tensor t = empty(shape_, dtype);
+  int64_t n = numel();
+  if (dtype_ == DType::f32 && dtype == DType::bf16) {
+    const float* src = data<float>();
+    uint16_t* dst = t.data<uint16_t>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+  } else if (dtype_ == DType::bf16 && dtype == DType::f32) {
+    const uint16_t* src = data<uint16_t>();
+    float* dst = t.data<float>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+  } else {
+    PM_CHECK(false, "no conversion from {} to {}", dtype_name(dtype_), dtype_name(dtype));
+  }
+  return t;
+}
+
+void Tensor::fill(float value) {
+  float* p = f32();
+  for (int64_t i = 0, n = numel(); i < n; ++i) p[i] = value;
+}
+
+void Tensor::zero() {
+  if (nbytes()) std::memset(data_, 0, nbytes());
+}
+
+uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return 0x7fc0;  // NaN
+  uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+float bf16_to_float(uint16_t value) {
+  uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+}  // namespace pm

@@ -1,0 +1,86 @@
+// Tensor: a shape, a dtype, a device and a pointer into a shared buffer (owning) or into memory
+// the caller keeps alive (a view). Contiguous row-major only: every kernel here is written for it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+
+namespace pm {
+
+enum class DType : uint8_t { f32, f64, bf16, i32, i64, u8 };
+enum class Device : uint8_t { cpu, cuda };
+
+std::size_t dtype_size(DType dtype);
+const char* dtype_name(DType dtype);
+
+using Shape = std::vector<int64_t>;
+int64_t shape_numel(const Shape& shape);
+std::string shape_str(const Shape& shape);
+
+template <typename T>
+constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::f32; }
+template <> constexpr DType dtype_of<double>() { return DType::f64; }
+template <> constexpr DType dtype_of<int32_t>() { return DType::i32; }
+template <> constexpr DType dtype_of<int64_t>() { return DType::i64; }
+template <> constexpr DType dtype_of<uint8_t>() { return DType::u8; }
+template <> constexpr DType dtype_of<uint16_t>() { return DType::bf16; }  // bf16 storage
+
+class Tensor {
+ public:
+  Tensor() = default;
+  static Tensor empty(Shape shape, DType dtype = DType::f32);
+  static Tensor zeros(Shape shape, DType dtype = DType::f32);
+  // Wraps memory owned by the caller; no copy. The caller keeps it alive while the view is used.
+  static Tensor view_of(void* data, Shape shape, DType dtype = DType::f32);
+
+  bool defined() const { return data_ != nullptr || numel() == 0; }
+  const Shape& shape() const { return shape_; }
+  int ndim() const { return static_cast<int>(shape_.size()); }
+  int64_t dim(int i) const;
+  int64_t numel() const { return shape_numel(shape_); }
+  std::size_t nbytes() const { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
+  DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+  bool owns_memory() const { return storage_ != nullptr; }
+
+  void* raw() { return data_; }
+  const void* raw() const { return data_; }
+  template <typename T>
+  T* data() {
+    PM_CHECK(dtype_ == dtype_of<T>(), "tensor holds {}, not the requested type", dtype_name(dtype_));
+    return static_cast<T*>(data_);
+  }
+  template <typename T>
+  const T* data() const {
+    PM_CHECK(dtype_ == dtype_of<T>(), "tensor holds {}, not the requested type", dtype_name(dtype_));
+    return static_cast<const T*>(data_);
+  }
+  float* f32() { return data<float>(); }
+  const float* f32() const { return data<float>(); }
+
+  Tensor reshape(Shape shape) const;             // same buffer, same numel
+  Tensor rows(int64_t begin, int64_t end) const;  // view of [begin, end) along dim 0
+  Tensor clone() const;                          // owning deep copy
+  Tensor to(DType dtype) const;                  // f32 <-> bf16 (round to nearest even)
+  void fill(float value);
+  void zero();
+
+ private:
+  std::shared_ptr<void> storage_;  // null for views of caller memory
+  void* data_ = nullptr;
+  Shape shape_;
+  DType dtype_ = DType::f32;
+  Device device_ = Device::cpu;
+};
+
+// bfloat16: the upper half of a float32, rounded to nearest even; NaN stays NaN.
+uint16_t float_to_bf16(float value);
+float bf16_to_float(uint16_t value);
+
+}  // namespace pm

@@ -1,0 +1,37 @@
+// Row and element kernels used by the MoE layer and the model: GeLU, softmax, top-k, bias, row
+// gather/scatter. Plain loops over contiguous row-major data; shapes in the comments.
+#pragma once
+
+#include <cstdint>
+
+namespace pm {
+
+// out[n] = GeLU(in[n]), exact erf form.
+void gelu_forward(const float* in, float* out, int64_t n);
+// grad_in[n] = grad_out[n] * GeLU'(in[n]).
+void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n);
+
+// probs[rows, cols] = softmax(logits) along each row (max-subtracted).
+void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols);
+// dlogits = probs * (dprobs - sum(probs * dprobs)) along each row.
+void softmax_rows_backward(const float* probs, const float* dprobs, float* dlogits, int64_t rows,
+                           int64_t cols);
+
+// For each row of values[rows, cols]: the k largest, largest first, ties to the lower index.
+// index[rows, k], value[rows, k].
+void topk_rows(const float* values, int64_t rows, int64_t cols, int k, int32_t* index, float* value);
+
+// rows[n, width] = bias[width] in every row.
+void fill_rows(float* rows, int64_t n, int64_t width, const float* bias);
+// sums[width] += sum over the n rows of rows[n, width], in row order.
+void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums);
+
+// dst[i, :] = src[index[i], :] for i < count.
+void gather_rows(const float* src, int64_t width, const int32_t* index, int64_t count, float* dst);
+
+// y[n] += alpha * x[n]
+void axpy(float alpha, const float* x, float* y, int64_t n);
+// sum_i x[i] * y[i] in a fixed order (16 lanes, then pairwise).
+float dot(const float* x, const float* y, int64_t n);
+
+}  // namespace pm

@@ -1,0 +1,263 @@
+#include "kernels/cpu/gemm.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace pm {
+namespace {
+
+constexpr int64_t kPanel = 64;   // columns per packed panel of B
+constexpr int64_t kKBlock = 512;  // depth of one pass over C (A block and B panel slice stay in cache)
+constexpr int64_t kMBlock = 240;  // rows of A packed at a time
+
+enum class Isa { scalar, avx2, avx512 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  return Isa::scalar;
+}
+
+Isa g_isa = detect_isa();
+
+// Rows per micro-tile; A is packed in micro-panels of this many rows.
+int64_t tile_rows(Isa isa) { return isa == Isa::avx512 ? 6 : (isa == Isa::avx2 ? 3 : 6); }
+
+// ---- micro-kernels: C[rows < MR][cols] += Ap[k][MR] * Bp[k][ldb], k = 0..K-1 in order ----------
+// Ap: packed A micro-panel (k-major, MR values per k). Bp: B panel slice (k-major, row stride ldb).
+// Every element follows c = fma(a_k, b_k, c) for k = 0..K-1: the same on every path.
+
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap, const float* Bp,
+                                                       int64_t ldb, float* C, int64_t ldc) {
+  __m512 c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = _mm512_loadu_ps(C + i * ldc + 16 * v);
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * ldb + 16 * v);
+    for (int i = 0; i < MR; ++i) {
+      __m512 a = _mm512_set1_ps(Ap[k * MR + i]);
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(a, b[v], c[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+}
+
+template <int MR, int NV>
+__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap, const float* Bp,
+                                                      int64_t ldb, float* C, int64_t ldc) {
+  __m256 c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = _mm256_loadu_ps(C + i * ldc + 8 * v);
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(Bp + k * ldb + 8 * v);
+    for (int i = 0; i < MR; ++i) {
+      __m256 a = _mm256_set1_ps(Ap[k * MR + i]);
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm256_fmadd_ps(a, b[v], c[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
+}
+
+void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, const float* Bp,
+                   int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < width; ++j) {
+      float c = C[i * ldc + j];
+      for (int64_t k = 0; k < K; ++k) c = std::fma(Ap[k * MR + i], Bp[k * ldb + j], c);
+      C[i * ldc + j] = c;
+    }
+}
+
+// One MR x width tile (width a multiple of 16, at most 64) of full rows and columns.
+void run_tile(Isa isa, int64_t width, int64_t K, const float* Ap, const float* Bp, int64_t ldb,
+              float* C, int64_t ldc) {
+  switch (isa) {
+    case Isa::avx512:
+      switch (width / 16) {
+        case 1: return kernel_avx512<6, 1>(K, Ap, Bp, ldb, C, ldc);
+        case 2: return kernel_avx512<6, 2>(K, Ap, Bp, ldb, C, ldc);
+        case 3: return kernel_avx512<6, 3>(K, Ap, Bp, ldb, C, ldc);
+        default: return kernel_avx512<6, 4>(K, Ap, Bp, ldb, C, ldc);
+      }
+    case Isa::avx2:
+      // 16 ymm registers: at most 32 columns per call
+      for (int64_t col = 0; col < width; col += 32) {
+        if (width - col >= 32)
+          kernel_avx2<3, 4>(K, Ap, Bp + col, ldb, C + col, ldc);
+        else
+          kernel_avx2<3, 2>(K, Ap, Bp + col, ldb, C + col, ldc);
+      }
+      return;
+    case Isa::scalar:
+      return kernel_scalar(tile_rows(isa), width, K, Ap, Bp, ldb, C, ldc);
+  }
+}
+
+// Packs rows [row0, row0 + rows) x depths [k0, k0 + kc) of op(A) into MR-row micro-panels,
+// zero-padding the last micro-panel. Reads always run along memory (rows of A, or rows of A^T's
+// storage), never down a column: strided reads cost a TLB miss per element on wide matrices.
+void pack_a(Trans trans_a, const float* A, int64_t lda, int64_t row0, int64_t rows, int64_t k0,
+            int64_t kc, int64_t MR, float* out) {
+  const int64_t padded = (rows + MR - 1) / MR * MR;
+  if (trans_a == Trans::no) {
+    for (int64_t r = 0; r < padded; r += MR) {
+      float* panel = out + r * kc;
+      for (int64_t i = 0; i < MR; ++i) {
+        if (r + i < rows) {
+          const float* src = A + (row0 + r + i) * lda + k0;
+          for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = src[k];
+        } else {
+          for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = 0.0f;
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = A + (k0 + k) * lda + row0;  // op(A)[row0.., k0 + k] is contiguous
+    for (int64_t r = 0; r < padded; r += MR) {
+      float* dst = out + r * kc + k * MR;
+      for (int64_t i = 0; i < MR; ++i) dst[i] = r + i < rows ? src[r + i] : 0.0f;
+    }
+  }
+}
+
+thread_local FloatBuffer t_packed_a;
+thread_local PackedB t_packed_b;
+
+}  // namespace
+
+int64_t PackedB::panel_width(int64_t p) const {
+  int64_t cols = std::min(kPanel, N - p * kPanel);
+  return (cols + 15) / 16 * 16;
+}
+
+void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
+  out.K = K;
+  out.N = N;
+  out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
+  for (int64_t p = 0; p < out.panels(); ++p) {
+    int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
+    float* dst = out.data.data() + p * K * kPanel;
+    if (trans_b == Trans::no) {
+      for (int64_t k = 0; k < K; ++k) {
+        float* row = dst + k * width;
+        std::memcpy(row, B + k * ldb + col0, cols * sizeof(float));
+        for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
+      }
+      continue;
+    }
+    // op(B)[k, col0 + j] = B[col0 + j, k]: walk each stored row j along k, in blocks of k so
+    // that the destination block stays in cache.
+    constexpr int64_t kStep = 64;
+    for (int64_t kb = 0; kb < K; kb += kStep) {
+      int64_t kend = std::min(K, kb + kStep);
+      for (int64_t j = 0; j < width; ++j) {
+        if (j < cols) {
+          const float* src = B + (col0 + j) * ldb;
+          for (int64_t k = kb; k < kend; ++k) dst[k * width + j] = src[k];
+        } else {
+          for (int64_t k = kb; k < kend; ++k) dst[k * width + j] = 0.0f;
+        }
+      }
+    }
+  }
+}
+
+void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
+                 float* C, int64_t ldc) {
+  PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
+  const int64_t N = B.N, K = B.K;
+  if (M == 0 || N == 0) return;
+  if (beta == 0.0f)
+    for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+  if (K == 0) return;
+
+  const Isa isa = g_isa;
+  const int64_t MR = tile_rows(isa);
+  const int64_t m_block = kMBlock / MR * MR;
+  t_packed_a.resize(m_block * kKBlock);
+  float* packed_a = t_packed_a.data();
+  // Split the panels over threads only when the work pays for waking them.
+  const bool parallel = compute_threads() > 1 && 2.0 * M * N * K > 4e6;
+
+  for (int64_t row0 = 0; row0 < M; row0 += m_block) {
+    const int64_t rows = std::min(m_block, M - row0);
+    for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+      const int64_t kc = std::min(kKBlock, K - k0);
+      pack_a(trans_a, A, lda, row0, rows, k0, kc, MR, packed_a);
+      auto panels = [&](int64_t p_begin, int64_t p_end) {
+        alignas(64) float edge[6 * kPanel];
+        for (int64_t p = p_begin; p < p_end; ++p) {
+          const int64_t width = B.panel_width(p), col0 = p * kPanel;
+          const int64_t cols = std::min(kPanel, N - col0);
+          const float* Bp = B.panel(p) + k0 * width;
+          for (int64_t r = 0; r < rows; r += MR) {
+            const float* Ap = packed_a + r * kc;
+            float* Ct = C + (row0 + r) * ldc + col0;
+            const int64_t valid = std::min(MR, rows - r);
+            if (valid == MR && cols == width) {
+              run_tile(isa, width, kc, Ap, Bp, width, Ct, ldc);
+              continue;
+            }
+            // Edge tile: run the same kernel on a padded copy, keep the valid part.
+            for (int64_t i = 0; i < MR; ++i)
+              for (int64_t j = 0; j < width; ++j)
+                edge[i * width + j] = (i < valid && j < cols) ? Ct[i * ldc + j] : 0.0f;
+            run_tile(isa, width, kc, Ap, Bp, width, edge, width);
+            for (int64_t i = 0; i < valid; ++i) std::memcpy(Ct + i * ldc, edge + i * width, cols * sizeof(float));
+          }
+        }
+      };
+      if (parallel)
+        parallel_for(B.panels(), panels);
+      else
+        panels(0, B.panels());
+    }
+  }
+}
+
+void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  pack_b(trans_b, K, N, B, ldb, t_packed_b);
+  gemm_packed(trans_a, M, A, lda, t_packed_b, beta, C, ldc);
+}
+
+std::string gemm_isa() {
+  switch (g_isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    case Isa::scalar: return "scalar";
+  }
+  return "?";
+}
+
+void force_gemm_isa(const std::string& isa) {
+  Isa best = detect_isa();
+  if (isa.empty()) {
+    g_isa = best;
+  } else if (isa == "avx2") {
+    PM_CHECK(best != Isa::scalar, "this CPU has no AVX2");
+    g_isa = Isa::avx2;
+  } else if (isa == "scalar") {
+    g_isa = Isa::scalar;
+  } else {
+    PM_CHECK(isa == "avx512" && best == Isa::avx512, "cannot use gemm instruction set '{}'", isa);
+    g_isa = Isa::avx512;
+  }
+}
+
+}  // namespace pm

@@ -1,0 +1,51 @@
+// The engine's own single-precision GEMM.
+//
+// Why not BLAS: OpenBLAS computes a row of C differently depending on how many rows the call
+// has (small-matrix and direct paths, edge kernels), so splitting a GEMM into pipeline chunks
+// changed the last bits of the results. Here every element C[i, j] is one fused multiply-add
+// chain over k = 0..K-1 in order, starting from C (beta = 1) or zero (beta = 0): its value does
+// not depend on M, on where the row sits, on the thread count, or on the instruction set
+// (AVX-512, AVX2 and scalar paths perform the same chain). Pipelining changes time, never bits.
+//
+// The right-hand matrix is packed into panels of 64 columns, k-major. Weights are packed once per
+// iteration and reused by every chunk, so small pipeline chunks do not pay for repacking.
+// Row-major throughout.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/aligned.h"
+
+namespace pm {
+
+enum class Trans { no, yes };
+
+// op(B)[K, N], packed: panel p holds columns [64p, 64p + 64) as [K][width_p], width_p = 64 except
+// for the last panel (the remaining columns rounded up to 16, zero-padded).
+struct PackedB {
+  int64_t K = 0, N = 0;
+  FloatBuffer data;
+  int64_t panels() const { return (N + 63) / 64; }
+  int64_t panel_width(int64_t p) const;
+  const float* panel(int64_t p) const { return data.data() + p * K * 64; }
+};
+
+// op(B) = B[K, N] (ldb >= N) or, with Trans::yes, the transpose of B[N, K] (ldb >= K).
+void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out);
+
+// C[M, N] = beta * C + op(A)[M, K] * B, beta 0 or 1. op(A) = A[M, K] (lda >= K) or, with
+// Trans::yes, the transpose of A[K, M] (lda >= M).
+void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
+                 float* C, int64_t ldc);
+
+// Same, packing B on the fly (into a reused per-thread buffer).
+void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// Which micro-kernels run: "avx512", "avx2" or "scalar" (all give the same bits).
+std::string gemm_isa();
+// For tests: force a slower instruction set ("avx2", "scalar"); "" restores the best one.
+void force_gemm_isa(const std::string& isa);
+
+}  // namespace pm

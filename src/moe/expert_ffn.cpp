@@ -1,0 +1,44 @@
+#include "moe/expert_ffn.h"
+
+#include "kernels/cpu/elementwise.h"
+
+namespace pm {
+
+void ExpertWeights::pack_forward(const float* w1_data, const float* w2_data, int64_t M, int64_t H) {
+  pack_b(Trans::no, M, H, w1_data, H, w1);
+  pack_b(Trans::no, H, M, w2_data, M, w2);
+}
+
+void ExpertWeights::pack_backward(const float* w1_data, const float* w2_data, int64_t M, int64_t H) {
+  pack_b(Trans::yes, M, H, w2_data, M, w2_t);
+  pack_b(Trans::yes, H, M, w1_data, H, w1_t);
+}
+
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, const float* u,
+                    float* hpre, float* act, float* y) {
+  if (rows == 0) return;
+  fill_rows(hpre, rows, H, w.b1);
+  gemm_packed(Trans::no, rows, u, M, w.w1, 1.0f, hpre, H);
+  gelu_forward(hpre, act, rows * H);
+  fill_rows(y, rows, M, w.b2);
+  gemm_packed(Trans::no, rows, act, H, w.w2, 1.0f, y, M);
+}
+
+void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
+                           const float* dy, const float* hpre, float* dhpre, float* du) {
+  if (rows == 0) return;
+  gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre, H);
+  gelu_backward(hpre, dhpre, dhpre, rows * H);
+  gemm_packed(Trans::no, rows, dhpre, H, w.w1_t, 0.0f, du, M);
+}
+
+void expert_weight_grads(const ExpertGrads& g, int64_t rows, int64_t M, int64_t H, const float* u,
+                         const float* act, const float* dhpre, const float* dy) {
+  if (rows == 0) return;
+  gemm(Trans::yes, Trans::no, H, M, rows, act, H, dy, M, 1.0f, g.w2, M);
+  add_column_sums(dy, rows, M, g.b2);
+  gemm(Trans::yes, Trans::no, M, H, rows, u, M, dhpre, H, 1.0f, g.w1, H);
+  add_column_sums(dhpre, rows, H, g.b1);
+}
+
+}  // namespace pm

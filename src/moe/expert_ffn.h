@@ -1,0 +1,45 @@
+// One expert's FFN on a block of rows: FFN(u) = GeLU(u W1 + b1) W2 + b2, with W1[M, H], W2[H, M].
+// Forward keeps the pre-activation; backward is split in two so that the pipeline can send the
+// input gradient of each chunk before the weight gradients (which no other rank waits for) are
+// computed once over all rows.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/gemm.h"
+
+namespace pm {
+
+// An expert's weights, packed once per pass for the GEMMs of every chunk.
+struct ExpertWeights {
+  PackedB w1;    // W1 [M, H]                    forward
+  PackedB w2;    // W2 [H, M]                    forward
+  PackedB w2_t;  // W2^T [M, H]                  backward
+  PackedB w1_t;  // W1^T [H, M]                  backward
+  const float* b1 = nullptr;  // [H]
+  const float* b2 = nullptr;  // [M]
+  void pack_forward(const float* w1, const float* w2, int64_t M, int64_t H);
+  void pack_backward(const float* w1, const float* w2, int64_t M, int64_t H);
+};
+
+struct ExpertGrads {
+  float* w1;  // [M, H]
+  float* b1;  // [H]
+  float* w2;  // [H, M]
+  float* b2;  // [M]
+};
+
+// hpre[rows, H] = u W1 + b1; act[rows, H] = GeLU(hpre); y[rows, M] = act W2 + b2.
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, const float* u,
+                    float* hpre, float* act, float* y);
+
+// From dy[rows, M]: dhpre[rows, H] = (dy W2^T) * GeLU'(hpre); du[rows, M] = dhpre W1^T.
+void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
+                           const float* dy, const float* hpre, float* dhpre, float* du);
+
+// g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), with act the
+// GeLU output the forward kept.
+void expert_weight_grads(const ExpertGrads& g, int64_t rows, int64_t M, int64_t H, const float* u,
+                         const float* act, const float* dhpre, const float* dy);
+
+}  // namespace pm

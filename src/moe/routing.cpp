@@ -1,0 +1,115 @@
+#include "moe/routing.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace pm {
+
+int64_t expert_capacity(int top_k, double capacity_factor, int64_t tokens, int experts) {
+  double c = static_cast<double>(top_k) * capacity_factor * static_cast<double>(tokens) / experts;
+  return static_cast<int64_t>(std::ceil(c));
+}
+
+int64_t Routing::kept() const {
+  int64_t n = 0;
+  for (int32_t s : slot) n += s >= 0;
+  return n;
+}
+
+void assign_slots(Routing& r) {
+  r.count.assign(r.experts, 0);
+  r.slot.assign(r.tokens * r.top_k, -1);
+  for (int j = 0; j < r.top_k; ++j) {
+    for (int64_t t = 0; t < r.tokens; ++t) {
+      int32_t e = r.expert[t * r.top_k + j];
+      if (r.count[e] < r.capacity) r.slot[t * r.top_k + j] = static_cast<int32_t>(r.count[e]++);
+    }
+  }
+}
+
+BlockLayout make_block_layout(const std::vector<int64_t>& filled, int peers, int local_experts,
+                              int degree, BlockOrder order) {
+  PM_CHECK(static_cast<int>(filled.size()) == peers * local_experts, "{} block counts for {}x{} blocks",
+           filled.size(), peers, local_experts);
+  PM_CHECK(degree >= 1, "degree {}", degree);
+  BlockLayout l;
+  l.degree = degree;
+  l.peers = peers;
+  l.local_experts = local_experts;
+  l.order = order;
+  l.filled = filled;
+  l.rows.assign(static_cast<std::size_t>(degree) * peers * local_experts, 0);
+  l.offset.assign(l.rows.size(), 0);
+  int64_t next = 0;
+  for (int c = 0; c < degree; ++c) {
+    int outer = order == BlockOrder::wire ? peers : local_experts;
+    int inner = order == BlockOrder::wire ? local_experts : peers;
+    for (int a = 0; a < outer; ++a) {
+      for (int b = 0; b < inner; ++b) {
+        int q = order == BlockOrder::wire ? a : b;
+        int le = order == BlockOrder::wire ? b : a;
+        int64_t n = filled[q * local_experts + le];
+        int64_t rows = chunk_begin(n, degree, c + 1) - chunk_begin(n, degree, c);
+        l.rows[l.index(c, q, le)] = rows;
+        l.offset[l.index(c, q, le)] = next;
+        next += rows;
+      }
+    }
+  }
+  l.total_rows = next;
+  return l;
+}
+
+int64_t BlockLayout::position(int peer, int local_expert, int64_t row) const {
+  int64_t n = filled[peer * local_experts + local_expert];
+  // chunk c holds rows [n*c/degree, n*(c+1)/degree): the first candidate is row*degree/n.
+  int c = n == 0 ? 0 : static_cast<int>(row * degree / n);
+  while (c > 0 && chunk_begin(n, degree, c) > row) --c;
+  while (c + 1 < degree && chunk_begin(n, degree, c + 1) <= row) ++c;
+  return block_offset(c, peer, local_expert) + (row - chunk_begin(n, degree, c));
+}
+
+int64_t BlockLayout::chunk_offset(int chunk) const {
+  return chunk < degree ? offset[index(chunk, 0, 0)] : total_rows;
+}
+
+int64_t BlockLayout::chunk_rows(int chunk) const { return chunk_offset(chunk + 1) - chunk_offset(chunk); }
+
+int64_t BlockLayout::peer_chunk_rows(int chunk, int peer) const {
+  int64_t n = 0;
+  for (int le = 0; le < local_experts; ++le) n += block_rows(chunk, peer, le);
+  return n;
+}
+
+std::vector<RowSegment> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk) {
+  PM_CHECK(to.degree == from.degree || to.degree == 1, "layouts of degree {} and {}", from.degree,
+           to.degree);
+  PM_CHECK(from.filled == to.filled, "layouts of different blocks");
+  std::vector<RowSegment> segments;
+  for (int q = 0; q < from.peers; ++q) {
+    for (int le = 0; le < from.local_experts; ++le) {
+      int64_t rows = from.block_rows(chunk, q, le);
+      if (rows == 0) continue;
+      int64_t first = chunk_begin(from.filled[q * from.local_experts + le], from.degree, chunk);
+      RowSegment s{from.block_offset(chunk, q, le), to.position(q, le, first), rows};
+      // merge with the previous segment when both sides continue it
+      if (!segments.empty() && segments.back().src_row + segments.back().rows == s.src_row &&
+          segments.back().dst_row + segments.back().rows == s.dst_row)
+        segments.back().rows += rows;
+      else
+        segments.push_back(s);
+    }
+  }
+  return segments;
+}
+
+void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowSegment>& segments) {
+  for (const RowSegment& s : segments) {
+    if (src + s.src_row * width == dst + s.dst_row * width) continue;  // same memory
+    std::memcpy(dst + s.dst_row * width, src + s.src_row * width, s.rows * width * sizeof(float));
+  }
+}
+
+}  // namespace pm

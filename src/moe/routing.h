@@ -1,0 +1,81 @@
+// Routing: which expert slot each token choice lands in, and where every row sits in the
+// pipelined buffers.
+//
+// Capacity C = ceil(k * f * T / E) slots per expert for this rank's T tokens, evaluated in double
+// as ((k * f) * T) / E. Slots fill choice by choice, then token by token (all first choices in
+// token order, then all second choices); a choice whose expert is full is dropped.
+//
+// Only filled slots travel and are computed. With pipeline degree r, the filled rows n of each
+// (peer, local expert) block are split into r contiguous chunks [n*c/r, n*(c+1)/r): every chunk's
+// all-to-all is full width (all peers, all experts) with ~1/r of the bytes.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace pm {
+
+int64_t expert_capacity(int top_k, double capacity_factor, int64_t tokens, int experts);
+
+inline int64_t chunk_begin(int64_t rows, int degree, int chunk) { return rows * chunk / degree; }
+
+// Slot assignment for this rank's tokens.
+struct Routing {
+  int64_t tokens = 0;
+  int experts = 0;
+  int top_k = 0;
+  int64_t capacity = 0;
+  std::vector<int32_t> expert;  // [tokens, top_k] chosen expert
+  std::vector<int32_t> slot;    // [tokens, top_k] slot in that expert, -1 when dropped
+  std::vector<int64_t> count;   // [experts] filled slots
+  int64_t kept() const;         // choices that found a slot
+};
+
+// Fills slot and count from expert (which the gate chose) and capacity.
+void assign_slots(Routing& routing);
+
+// Where the rows of each (chunk, peer, local expert) block sit in a buffer.
+//   wire order    [chunk][peer][local expert]: what one all-to-all per chunk sends or receives,
+//                 each (chunk, peer) contiguous;
+//   compute order [chunk][local expert][peer]: each (chunk, local expert) contiguous, one GEMM.
+// With degree 1, compute order is the canonical layout [local expert][peer][row] used for weight
+// gradients, whatever the degree that ran.
+enum class BlockOrder { wire, compute };
+
+struct BlockLayout {
+  int degree = 1;
+  int peers = 1;
+  int local_experts = 1;
+  BlockOrder order = BlockOrder::wire;
+  std::vector<int64_t> rows;    // [degree, peers, local_experts]
+  std::vector<int64_t> offset;  // [degree, peers, local_experts], in rows from the buffer start
+  std::vector<int64_t> filled;  // [peers, local_experts] rows of each block over all chunks
+  int64_t total_rows = 0;
+
+  int index(int chunk, int peer, int local_expert) const {
+    return (chunk * peers + peer) * local_experts + local_expert;
+  }
+  int64_t block_rows(int c, int q, int le) const { return rows[index(c, q, le)]; }
+  int64_t block_offset(int c, int q, int le) const { return offset[index(c, q, le)]; }
+  // Row position of row i (0 <= i < filled) of block (peer, local expert).
+  int64_t position(int peer, int local_expert, int64_t row) const;
+  int64_t chunk_offset(int chunk) const;  // first row of the chunk
+  int64_t chunk_rows(int chunk) const;
+  // Rows this layout holds for one peer in one chunk (wire order: contiguous).
+  int64_t peer_chunk_rows(int chunk, int peer) const;
+};
+
+// filled[peers, local_experts]: rows of each block.
+BlockLayout make_block_layout(const std::vector<int64_t>& filled, int peers, int local_experts,
+                              int degree, BlockOrder order);
+
+// A run of rows to copy from one layout to another.
+struct RowSegment {
+  int64_t src_row, dst_row, rows;
+};
+// Segments that move chunk `chunk`'s rows from layout `from` to layout `to`. The two layouts hold
+// the same blocks; `to` has the same degree as `from`, or degree 1 (canonical).
+std::vector<RowSegment> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk);
+void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowSegment>& segments);
+
+}  // namespace pm

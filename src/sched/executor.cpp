@@ -1,0 +1,115 @@
+#include "sched/executor.h"
+
+#include "core/clock.h"
+#include "core/error.h"
+#include "sched/trace.h"
+
+namespace pm {
+
+Executor::Executor(Mode mode) : mode_(mode) {
+  if (mode_ == Mode::overlapped) comm_thread_ = std::thread([this] { comm_thread_main(); });
+}
+
+Executor::~Executor() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  changed_.notify_all();
+  if (comm_thread_.joinable()) comm_thread_.join();
+}
+
+void Executor::comm_thread_main() {
+  long seen = 0;
+  std::unique_lock lock(mutex_);
+  while (true) {
+    changed_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+    if (stopping_) return;
+    seen = generation_;
+    lock.unlock();
+    run_lane(Lane::comm);
+    lock.lock();
+    comm_lane_done_ = true;
+    changed_.notify_all();
+  }
+}
+
+void Executor::record(const Task& task, double start_s, double end_s) {
+  stats_.busy_s[static_cast<int>(task.lane)] += end_s - start_s;
+  stats_.kind_busy_s[static_cast<int>(task.kind)] += end_s - start_s;
+  if (trace_) trace_->add({task.name, trace_->category(), static_cast<int>(task.lane), start_s, end_s});
+}
+
+// Takes, again and again, the first ready task of this lane, until the lane has none left or a
+// task failed anywhere.
+void Executor::run_lane(Lane lane) {
+  const std::vector<int>& mine = lane_tasks_[static_cast<int>(lane)];
+  std::unique_lock lock(mutex_);
+  while (!error_) {
+    int next = -1;
+    bool any_left = false;
+    for (int id : mine) {
+      if (started_[id]) continue;
+      any_left = true;
+      bool ready = true;
+      for (int dep : graph_->tasks()[id].deps) ready = ready && done_[dep];
+      if (ready) {
+        next = id;
+        break;
+      }
+    }
+    if (!any_left) return;
+    if (next < 0) {
+      changed_.wait(lock);
+      continue;
+    }
+    started_[next] = 1;
+    Task& task = graph_->tasks()[next];
+    lock.unlock();
+    double start = now_s();
+    try {
+      task.run();
+    } catch (...) {
+      lock.lock();
+      if (!error_) error_ = std::current_exception();
+      changed_.notify_all();
+      return;
+    }
+    double end = now_s();
+    lock.lock();
+    record(task, start, end);
+    done_[next] = 1;
+    changed_.notify_all();
+  }
+}
+
+void Executor::run(TaskGraph& graph, Trace* trace) {
+  const double start = now_s();
+  {
+    std::lock_guard lock(mutex_);
+    graph_ = &graph;
+    trace_ = trace;
+    started_.assign(graph.size(), 0);
+    done_.assign(graph.size(), 0);
+    for (auto& lane : lane_tasks_) lane.clear();
+    for (int id = 0; id < graph.size(); ++id) {
+      Lane lane = mode_ == Mode::serial ? Lane::compute : graph.tasks()[id].lane;
+      lane_tasks_[static_cast<int>(lane)].push_back(id);
+    }
+    error_ = nullptr;
+    stats_ = ExecutorStats{};
+    comm_lane_done_ = lane_tasks_[static_cast<int>(Lane::comm)].empty();
+    if (!comm_lane_done_) ++generation_;
+  }
+  changed_.notify_all();
+  run_lane(Lane::compute);
+  {
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [&] { return comm_lane_done_; });
+    stats_.wall_s = now_s() - start;
+    graph_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+}
+
+}  // namespace pm

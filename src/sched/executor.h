@@ -1,0 +1,64 @@
+// Runs a task graph: the compute lane on the calling thread, the communication lane on a thread
+// of its own, so that chunk i's all-to-all really overlaps chunk i-1's expert GEMMs.
+//
+// The communication thread sleeps on a condition variable while it has nothing to do, and its
+// tasks wait for MPI with the Communicator's sleeping wait policy: it does not take the core from
+// the compute lane. serial mode runs every task in id order on the caller: the same math with no
+// overlap, for tests and for timing each lane alone.
+#pragma once
+
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "sched/task_graph.h"
+
+namespace pm {
+
+class Trace;
+
+// Time each lane spent in tasks during the last run, and the run's wall time.
+struct ExecutorStats {
+  double wall_s = 0;
+  double busy_s[kNumLanes] = {0, 0};
+  double kind_busy_s[kNumTaskKinds] = {};
+};
+
+class Executor {
+ public:
+  enum class Mode { overlapped, serial };
+  explicit Executor(Mode mode = Mode::overlapped);
+  ~Executor();
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
+
+  // Runs every task of the graph; returns when all are done. Rethrows the first task error.
+  void run(TaskGraph& graph, Trace* trace = nullptr);
+  Mode mode() const { return mode_; }
+  const ExecutorStats& last_stats() const { return stats_; }
+
+ private:
+  void comm_thread_main();
+  void run_lane(Lane lane);
+  void record(const Task& task, double start_s, double end_s);
+
+  Mode mode_;
+  std::thread comm_thread_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  bool stopping_ = false;
+  long generation_ = 0;      // counts graphs, wakes the comm thread for a new one
+  bool comm_lane_done_ = true;
+
+  // State of the graph being run, guarded by mutex_.
+  TaskGraph* graph_ = nullptr;
+  Trace* trace_ = nullptr;
+  std::vector<char> started_, done_;
+  std::vector<int> lane_tasks_[kNumLanes];
+  std::exception_ptr error_;
+  ExecutorStats stats_;
+};
+
+}  // namespace pm

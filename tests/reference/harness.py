@@ -1,0 +1,51 @@
+"""Shared helpers for the tests that run the pipemoe binary under mpirun and check its output.
+
+Every launch runs under a time limit so that a hung rank fails the test instead of hanging CI.
+"""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BINARY = os.environ.get("PIPEMOE_BIN", os.path.join(ROOT, "build", "pipemoe"))
+
+
+def mpi_env():
+    env = dict(os.environ)
+    # Tests run as root in CI containers; OpenMPI refuses that unless told it is fine.
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("PIPEMOE_THREADS", "1")
+    return env
+
+
+def mpirun(ranks, args, timeout=120, check=True):
+    """Runs `mpirun -np ranks pipemoe args...`; returns the CompletedProcess."""
+    cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe",
+           "-np", str(ranks), BINARY] + [str(a) for a in args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env())
+    if proc.returncode == 124:
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class Failures:
+    """Collects failed checks and reports them all at the end."""
+
+    def __init__(self):
+        self.items = []
+        self.checks = 0
+
+    def check(self, ok, message):
+        self.checks += 1
+        if not ok:
+            self.items.append(message)
+            print("FAIL:", message, flush=True)
+
+    def finish(self, name):
+        if self.items:
+            print(f"{name}: {len(self.items)} of {self.checks} checks failed", flush=True)
+            sys.exit(1)
+        print(f"{name}: all {self.checks} checks passed", flush=True)

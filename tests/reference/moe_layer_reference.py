@@ -1,0 +1,102 @@
+"""The expert-parallel MoE layer computed by PyTorch in float64 from a `pipemoe layer --dump` folder.
+
+Written from the layer's specification (README, "The MoE layer"), independently of the C++:
+gate softmax and top-k (ties to the lower index), capacity ceil(k*f*T/E) per rank, slots filled
+choice by choice then token by token, exact-GeLU experts, GShard aux loss; the loss whose
+gradients the dump holds is sum(y * dy) + aux_coef * aux on every rank.
+"""
+import json
+import math
+
+import numpy as np
+import torch
+
+torch.set_default_dtype(torch.float64)
+
+
+def load(folder, rank, name, dtype=np.float64):
+    return np.load(f"{folder}/rank{rank}/{name}.npy").astype(dtype)
+
+
+def route(probs32, top_k, capacity):
+    """Expert and slot of every (token, choice); slot -1 when the expert was full."""
+    tokens, experts = probs32.shape
+    # stable sort by descending probability: equal values keep the lower expert index first
+    order = np.argsort(-probs32, axis=1, kind="stable")[:, :top_k]
+    slot = np.full((tokens, top_k), -1, dtype=np.int64)
+    count = np.zeros(experts, dtype=np.int64)
+    for j in range(top_k):
+        for t in range(tokens):
+            e = order[t, j]
+            if count[e] < capacity:
+                slot[t, j] = count[e]
+                count[e] += 1
+    return order, slot
+
+
+def gelu(u):
+    return 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
+
+
+def compute(folder):
+    """Returns (meta, per-rank dict of reference tensors as numpy float64)."""
+    meta = json.load(open(f"{folder}/meta.json"))
+    P, E, k = meta["world_size"], meta["experts"], meta["top_k"]
+    f, aux_coef = meta["capacity_factor"], meta["aux_coef"]
+    El = E // P
+
+    w1 = torch.tensor(np.concatenate([load(folder, r, "w1") for r in range(P)]), requires_grad=True)
+    b1 = torch.tensor(np.concatenate([load(folder, r, "b1") for r in range(P)]), requires_grad=True)
+    w2 = torch.tensor(np.concatenate([load(folder, r, "w2") for r in range(P)]), requires_grad=True)
+    b2 = torch.tensor(np.concatenate([load(folder, r, "b2") for r in range(P)]), requires_grad=True)
+
+    ranks = []
+    total = 0
+    for r in range(P):
+        x = torch.tensor(load(folder, r, "x"), requires_grad=True)
+        wg = torch.tensor(load(folder, r, "wg"), requires_grad=True)
+        dy = torch.tensor(load(folder, r, "dy"))
+        T = x.shape[0]
+        capacity = math.ceil(k * f * T / E)
+        probs = torch.softmax(x @ wg, dim=1)
+        # routing decisions from float32 probabilities, as the specification says
+        probs32 = torch.softmax(torch.tensor(load(folder, r, "x", np.float32)) @
+                                torch.tensor(load(folder, r, "wg", np.float32)), dim=1).numpy()
+        chosen, slot = route(probs32, k, capacity)
+        chosen_t = torch.tensor(chosen)
+        gate = probs.gather(1, chosen_t)
+        if k > 1:
+            gate = gate / gate.sum(dim=1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e in range(E):
+            for j in range(k):
+                tok = np.nonzero((chosen[:, j] == e) & (slot[:, j] >= 0))[0]
+                if len(tok) == 0:
+                    continue
+                tok_t = torch.tensor(tok)
+                u = x[tok_t]
+                out = gelu(u @ w1[e] + b1[e]) @ w2[e] + b2[e]
+                y = y.index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
+        first = torch.tensor(np.bincount(chosen[:, 0], minlength=E) / T)
+        aux = E * (probs.mean(dim=0) * first).sum()
+        total = total + (y * dy).sum() + aux_coef * aux
+        ranks.append(dict(x=x, wg=wg, y=y, aux=aux, chosen=chosen, slot=slot, capacity=capacity))
+    total.backward()
+
+    out = []
+    for r, d in enumerate(ranks):
+        sl = slice(r * El, (r + 1) * El)
+        out.append({
+            "y": d["y"].detach().numpy(), "aux": np.array([d["aux"].item()]),
+            "dx": d["x"].grad.numpy(), "dwg": d["wg"].grad.numpy(),
+            "dw1": w1.grad[sl].numpy(), "db1": b1.grad[sl].numpy(),
+            "dw2": w2.grad[sl].numpy(), "db2": b2.grad[sl].numpy(),
+            "expert_index": d["chosen"], "expert_slot": d["slot"], "capacity": d["capacity"],
+        })
+    return meta, out
+
+
+def relative_error(ours, ref):
+    """max |ours - ref| / max |ref|: the error measured against the tensor's scale."""
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return float(np.max(np.abs(ours - ref))) / max(scale, 1e-30) if ref.size else 0.0

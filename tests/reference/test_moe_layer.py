@@ -1,0 +1,87 @@
+#!/usr/bin/python3
+"""The MoE layer against PyTorch in float64, on 1, 2 and 4 ranks, k = 1 and 2, with and without
+dropped tokens, several seeds; and every pipeline degree giving the very same bits as degree 1.
+
+Run: /usr/bin/python3 tests/reference/test_moe_layer.py   (needs build/pipemoe)
+"""
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Failures, mpirun  # noqa: E402
+import moe_layer_reference as ref  # noqa: E402
+
+TOLERANCE = 1e-5  # max |ours - torch| / max |torch|, per tensor
+TENSORS = ["y", "aux", "dx", "dwg", "dw1", "db1", "dw2", "db2"]
+
+# ranks, tokens, model dim, hidden, experts, top-k, capacity factor, seed
+CASES = [
+    (1, 40, 24, 40, 4, 1, 1.25, 11),
+    (1, 40, 24, 40, 4, 2, 2.0, 12),
+    (2, 48, 32, 48, 4, 2, 1.25, 13),
+    (2, 48, 32, 48, 8, 1, 4.0, 14),
+    (2, 64, 32, 64, 2, 2, 1.0, 15),
+    (4, 32, 16, 32, 8, 2, 0.5, 16),
+    (4, 36, 16, 32, 4, 1, 1.0, 17),
+    (4, 32, 24, 16, 8, 2, 4.0, 18),
+]
+# (forward, backward) degrees compared bit for bit with (1, 1)
+DEGREES = [(2, 2), (3, 1), (1, 3), (4, 2)]
+
+
+def run_dump(folder, case, degree_fwd, degree_bwd):
+    ranks, T, M, H, E, k, f, seed = case
+    mpirun(ranks, ["layer", "--tokens", T, "--model-dim", M, "--hidden", H, "--experts", E,
+                   "--top-k", k, "--capacity-factor", f, "--seed", seed, "--aux-coef", 0.05,
+                   "--degree", degree_fwd, "--degree-bwd", degree_bwd, "--dump", folder])
+
+
+def main():
+    failures = Failures()
+    dropped_somewhere = kept_everything = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in CASES:
+            ranks, T, M, H, E, k, f, seed = case
+            name = f"P={ranks} T={T} M={M} H={H} E={E} k={k} f={f} seed={seed}"
+            base = os.path.join(tmp, f"case{seed}_d1")
+            run_dump(base, case, 1, 1)
+            meta, expected = ref.compute(base)
+            for r in range(ranks):
+                ours_index = np.load(f"{base}/rank{r}/expert_index.npy")
+                ours_slot = np.load(f"{base}/rank{r}/expert_slot.npy")
+                failures.check(np.array_equal(ours_index, expected[r]["expert_index"]) and
+                               np.array_equal(ours_slot, expected[r]["expert_slot"]),
+                               f"{name} rank {r}: routing differs from the reference")
+                drops = int((expected[r]["expert_slot"] < 0).sum())
+                dropped_somewhere |= drops > 0
+                kept_everything |= drops == 0
+                for t in TENSORS:
+                    ours = np.load(f"{base}/rank{r}/{t}.npy").astype(np.float64)
+                    err = ref.relative_error(ours, expected[r][t])
+                    failures.check(ours.shape == expected[r][t].shape and err <= TOLERANCE,
+                                   f"{name} rank {r} {t}: relative error {err:.2e} (shape {ours.shape})")
+            print(f"{name}: matches PyTorch float64", flush=True)
+            for dfwd, dbwd in DEGREES:
+                capacity = expected[0]["capacity"]
+                if max(dfwd, dbwd) > capacity:
+                    continue
+                folder = os.path.join(tmp, f"case{seed}_d{dfwd}_{dbwd}")
+                run_dump(folder, case, dfwd, dbwd)
+                for r in range(ranks):
+                    for t in TENSORS:
+                        a = np.load(f"{base}/rank{r}/{t}.npy")
+                        b = np.load(f"{folder}/rank{r}/{t}.npy")
+                        failures.check(np.array_equal(a, b),
+                                       f"{name} rank {r} {t}: degree {dfwd}/{dbwd} differs from degree 1 "
+                                       f"(max diff {np.max(np.abs(a - b)):.3e})")
+            print(f"{name}: degrees {DEGREES} give the same bits as degree 1", flush=True)
+    failures.check(dropped_somewhere and kept_everything,
+                   "the cases must cover both dropped tokens and no drops")
+    failures.finish("test_moe_layer")
+
+
+if __name__ == "__main__":
+    main()
