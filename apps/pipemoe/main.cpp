@@ -25,6 +25,19 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   pm::cli::CommandFn run;
   pm::cli::add_layer_command(app, run);
 
+  // An unknown command would otherwise read "A subcommand is required": name it instead.
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--threads" || arg == "--comm-timeout") {
+      ++i;
+      continue;
+    }
+    if (arg.rfind("-", 0) == 0) continue;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands({})) known |= sub->get_name() == arg;
+    PM_REQUIRE(known, "unknown command '{}' (see pipemoe --help)", arg);
+    break;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -62,7 +62,14 @@ class MpiRequest : public CommRequest {
     // A request dropped unfinished would leave MPI writing into freed memory: finish it.
     if (request_ != MPI_REQUEST_NULL && !abandoned_) MPI_Wait(&request_, MPI_STATUS_IGNORE);
   }
-  void abandon() override { abandoned_ = true; }
+  void abandon() override {
+    // Cancel what can be cancelled (receives) and let MPI free the request when it is done.
+    if (request_ != MPI_REQUEST_NULL) {
+      MPI_Cancel(&request_);
+      MPI_Request_free(&request_);
+    }
+    abandoned_ = true;
+  }
   bool test() override {
     if (request_ == MPI_REQUEST_NULL) return true;
     int done = 0;

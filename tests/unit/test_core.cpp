@@ -1,0 +1,85 @@
+// Tensor views, bf16 conversion, .npy round trips and errors, RNG streams.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "core/npy.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace pm {
+namespace {
+
+TEST(Tensor, ViewsShareMemory) {
+  Tensor t = Tensor::zeros({4, 3});
+  Tensor rows = t.rows(1, 3);
+  rows.f32()[0] = 5;
+  EXPECT_EQ(t.f32()[3], 5);
+  EXPECT_EQ(rows.shape(), (Shape{2, 3}));
+  EXPECT_EQ(t.reshape({12}).numel(), 12);
+  EXPECT_THROW(t.reshape({5}), Error);
+  EXPECT_THROW(t.data<double>(), Error);
+  Tensor c = t.clone();
+  c.f32()[3] = 1;
+  EXPECT_EQ(t.f32()[3], 5);
+}
+
+TEST(Tensor, Bfloat16RoundsToNearestEven) {
+  EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f)), 1.0f);
+  EXPECT_EQ(float_to_bf16(1.00390625f), 0x3f80);  // exactly halfway: round to even (down)
+  EXPECT_EQ(float_to_bf16(1.01171875f), 0x3f82);  // halfway: round to even (up)
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(NAN))));
+  Tensor t = Tensor::empty({3});
+  t.f32()[0] = 3.14159f, t.f32()[1] = -2.5f, t.f32()[2] = 1e-3f;
+  Tensor back = t.to(DType::bf16).to(DType::f32);
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(back.f32()[i], t.f32()[i], std::abs(t.f32()[i]) / 128);
+}
+
+TEST(Npy, RoundTripsEveryDtypeAndRejectsCorruptFiles) {
+  auto dir = std::filesystem::temp_directory_path() / "pipemoe_test_npy";
+  std::filesystem::create_directories(dir);
+  Tensor f = Tensor::empty({2, 3});
+  for (int i = 0; i < 6; ++i) f.f32()[i] = 0.5f * i;
+  write_npy((dir / "f.npy").string(), f);
+  Tensor g = read_npy((dir / "f.npy").string());
+  EXPECT_EQ(g.shape(), f.shape());
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(g.f32()[i], f.f32()[i]);
+  Tensor v = Tensor::zeros({5}, DType::i64);
+  v.data<int64_t>()[4] = 1234567890123;
+  write_npy((dir / "v.npy").string(), v);
+  EXPECT_EQ(read_npy((dir / "v.npy").string()).data<int64_t>()[4], 1234567890123);
+  Tensor s = Tensor::zeros({1});
+  write_npy((dir / "s.npy").string(), s);
+  EXPECT_EQ(read_npy((dir / "s.npy").string()).shape(), (Shape{1}));
+
+  std::ofstream((dir / "bad.npy").string()) << "not numpy";
+  EXPECT_THROW(read_npy((dir / "bad.npy").string()), Error);
+  EXPECT_THROW(read_npy((dir / "missing.npy").string()), Error);
+  std::filesystem::resize_file(dir / "f.npy", 100);  // header intact, data cut short
+  EXPECT_THROW(read_npy((dir / "f.npy").string()), Error);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Rng, StreamsAreReproducibleAndIndependent) {
+  Rng a(7, stream_id(3, 1)), b(7, stream_id(3, 1)), c(7, stream_id(3, 2)), d(8, stream_id(3, 1));
+  for (int i = 0; i < 100; ++i) {
+    uint64_t x = a.next_u64();
+    EXPECT_EQ(x, b.next_u64());
+    EXPECT_NE(x, c.next_u64());
+    EXPECT_NE(x, d.next_u64());
+  }
+  Rng n(1, 1);
+  double sum = 0, sq = 0;
+  const int count = 200000;
+  for (int i = 0; i < count; ++i) {
+    double v = n.normal();
+    sum += v, sq += v * v;
+  }
+  EXPECT_NEAR(sum / count, 0.0, 0.01);
+  EXPECT_NEAR(sq / count, 1.0, 0.01);
+}
+
+}  // namespace
+}  // namespace pm

@@ -1,0 +1,104 @@
+// Element and row kernels against closed forms, and backwards against finite differences.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "core/rng.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/fast_math.h"
+
+namespace pm {
+namespace {
+
+TEST(FastMath, ExpAndErfStayWithinAFewUlps) {
+  for (double x = -80; x <= 80; x += 0.0137) {
+    float xf = static_cast<float>(x);
+    double ref = std::exp(static_cast<double>(xf));
+    EXPECT_NEAR(exp_approx(xf), ref, 4e-7 * ref) << x;
+  }
+  for (double x = -6; x <= 6; x += 0.00071) EXPECT_NEAR(erf_approx(static_cast<float>(x)), std::erf(static_cast<float>(x)), 4e-7) << x;
+}
+
+TEST(Gelu, ExactErfFormAndItsDerivative) {
+  for (double x = -8; x <= 8; x += 0.013) {
+    float xf = static_cast<float>(x);
+    double ref = 0.5 * xf * (1 + std::erf(xf / std::sqrt(2.0)));
+    EXPECT_NEAR(gelu(xf), ref, 1e-6 * (1 + std::abs(ref))) << x;
+    double h = 1e-3;
+    double numeric = (0.5 * (xf + h) * (1 + std::erf((xf + h) / std::sqrt(2.0))) -
+                      0.5 * (xf - h) * (1 + std::erf((xf - h) / std::sqrt(2.0)))) / (2 * h);
+    EXPECT_NEAR(gelu_grad(xf), numeric, 2e-6) << x;
+  }
+  std::vector<float> in = {-3, -1, 0, 0.5f, 2}, out(5), g(5, 2.0f), din(5);
+  gelu_forward(in.data(), out.data(), 5);
+  gelu_backward(in.data(), g.data(), din.data(), 5);
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_FLOAT_EQ(out[i], gelu(in[i]));
+    EXPECT_FLOAT_EQ(din[i], 2.0f * gelu_grad(in[i]));
+  }
+}
+
+TEST(Softmax, RowsSumToOneAndBackwardMatchesFiniteDifferences) {
+  const int rows = 3, cols = 7;
+  std::vector<float> x(rows * cols), p(rows * cols), dp(rows * cols), dx(rows * cols);
+  Rng(1, 1).fill_normal(x.data(), x.size(), 0, 3);
+  Rng(1, 2).fill_normal(dp.data(), dp.size(), 0, 1);
+  softmax_rows(x.data(), p.data(), rows, cols);
+  for (int r = 0; r < rows; ++r) {
+    double sum = 0;
+    for (int c = 0; c < cols; ++c) sum += p[r * cols + c];
+    EXPECT_NEAR(sum, 1.0, 1e-6);
+  }
+  softmax_rows_backward(p.data(), dp.data(), dx.data(), rows, cols);
+  // loss = sum(dp * softmax(x)); d loss / dx by central differences in double
+  for (int i = 0; i < rows * cols; ++i) {
+    auto loss = [&](double delta) {
+      int r = i / cols;
+      double max = -1e30, sum = 0, out = 0;
+      std::vector<double> row(cols);
+      for (int c = 0; c < cols; ++c) row[c] = x[r * cols + c] + (r * cols + c == i ? delta : 0.0), max = std::max(max, row[c]);
+      for (int c = 0; c < cols; ++c) sum += std::exp(row[c] - max);
+      for (int c = 0; c < cols; ++c) out += dp[r * cols + c] * std::exp(row[c] - max) / sum;
+      return out;
+    };
+    EXPECT_NEAR(dx[i], (loss(1e-4) - loss(-1e-4)) / 2e-4, 1e-4) << i;
+  }
+}
+
+TEST(TopK, LargestFirstTiesToTheLowerIndex) {
+  std::vector<float> v = {0.1f, 0.3f, 0.3f, 0.2f,   // tie between 1 and 2
+                          0.5f, 0.5f, 0.5f, 0.5f};  // all equal
+  std::vector<int32_t> idx(4);
+  std::vector<float> val(4);
+  topk_rows(v.data(), 2, 4, 2, idx.data(), val.data());
+  EXPECT_EQ(idx[0], 1);
+  EXPECT_EQ(idx[1], 2);
+  EXPECT_EQ(idx[2], 0);
+  EXPECT_EQ(idx[3], 1);
+  EXPECT_FLOAT_EQ(val[0], 0.3f);
+}
+
+TEST(Rows, GatherFillColumnSumsAxpyDot) {
+  std::vector<float> src = {1, 2, 3, 4, 5, 6};  // [3, 2]
+  std::vector<int32_t> index = {2, 0, 2};
+  std::vector<float> dst(6);
+  gather_rows(src.data(), 2, index.data(), 3, dst.data());
+  EXPECT_EQ(dst, (std::vector<float>{5, 6, 1, 2, 5, 6}));
+  std::vector<float> bias = {7, 8}, rows(6);
+  fill_rows(rows.data(), 3, 2, bias.data());
+  EXPECT_EQ(rows, (std::vector<float>{7, 8, 7, 8, 7, 8}));
+  std::vector<float> sums = {1, 1};
+  add_column_sums(src.data(), 3, 2, sums.data());
+  EXPECT_EQ(sums, (std::vector<float>{10, 13}));
+  std::vector<float> y = {1, 1, 1};
+  axpy(2.0f, src.data(), y.data(), 3);
+  EXPECT_EQ(y, (std::vector<float>{3, 5, 7}));
+  std::vector<float> a(37), b(37);
+  double expected = 0;
+  for (int i = 0; i < 37; ++i) a[i] = 0.5f * i, b[i] = 1.0f - 0.01f * i, expected += double(a[i]) * b[i];
+  EXPECT_NEAR(dot(a.data(), b.data(), 37), expected, 1e-5 * std::abs(expected));
+}
+
+}  // namespace
+}  // namespace pm

@@ -1,0 +1,105 @@
+// GEMM: against a float64 reference, and the bit-for-bit promises the pipeline relies on.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/rng.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace pm {
+namespace {
+
+std::vector<float> random_matrix(int64_t n, uint64_t stream) {
+  std::vector<float> v(n);
+  Rng(42, stream).fill_normal(v.data(), n, 0.0f, 1.0f);
+  return v;
+}
+
+// C = beta*C + op(A) op(B) in double.
+std::vector<double> reference(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const std::vector<float>& A,
+                              const std::vector<float>& B, const std::vector<float>& C0, float beta) {
+  std::vector<double> C(M * N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double s = beta * C0[i * N + j];
+      for (int64_t k = 0; k < K; ++k) {
+        double a = ta == Trans::no ? A[i * K + k] : A[k * M + i];
+        double b = tb == Trans::no ? B[k * N + j] : B[j * K + k];
+        s += a * b;
+      }
+      C[i * N + j] = s;
+    }
+  return C;
+}
+
+struct Shape {
+  int64_t M, N, K;
+};
+
+class GemmShapes : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(GemmShapes, MatchesFloat64ForEveryTransposeAndBeta) {
+  const auto [M, N, K] = GetParam();
+  for (Trans ta : {Trans::no, Trans::yes})
+    for (Trans tb : {Trans::no, Trans::yes})
+      for (float beta : {0.0f, 1.0f}) {
+        auto A = random_matrix(M * K, 1), B = random_matrix(K * N, 2), C = random_matrix(M * N, 3);
+        auto expected = reference(ta, tb, M, N, K, A, B, C, beta);
+        gemm(ta, tb, M, N, K, A.data(), ta == Trans::no ? K : M, B.data(), tb == Trans::no ? N : K, beta,
+             C.data(), N);
+        double worst = 0;
+        for (int64_t i = 0; i < M * N; ++i)
+          worst = std::max(worst, std::abs(C[i] - expected[i]) / (1.0 + std::abs(expected[i])));
+        EXPECT_LT(worst, 1e-5 * std::sqrt(static_cast<double>(K) + 1)) << "ta=" << int(ta) << " tb=" << int(tb) << " beta=" << beta;
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, GemmShapes,
+                         ::testing::Values(Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{6, 64, 16}, Shape{37, 100, 70},
+                                           Shape{250, 130, 600}, Shape{13, 8, 0}, Shape{300, 17, 33}));
+
+// The promise the pipeline relies on: a row's result does not depend on which call computed it.
+TEST(Gemm, RowResultsDoNotDependOnHowRowsAreSplit) {
+  const int64_t M = 203, N = 150, K = 530;
+  auto A = random_matrix(M * K, 4), B = random_matrix(K * N, 5), bias = random_matrix(M * N, 6);
+  PackedB packed;
+  pack_b(Trans::no, K, N, B.data(), N, packed);
+  std::vector<float> whole = bias;
+  gemm_packed(Trans::no, M, A.data(), K, packed, 1.0f, whole.data(), N);
+  for (int64_t split : {1, 5, 6, 7, 64, 100}) {
+    std::vector<float> parts = bias;
+    for (int64_t r = 0; r < M; r += split) {
+      int64_t rows = std::min(split, M - r);
+      gemm_packed(Trans::no, rows, A.data() + r * K, K, packed, 1.0f, parts.data() + r * N, N);
+    }
+    EXPECT_EQ(0, std::memcmp(whole.data(), parts.data(), whole.size() * sizeof(float))) << "split " << split;
+  }
+}
+
+TEST(Gemm, SameBitsOnEveryInstructionSetAndThreadCount) {
+  const int64_t M = 61, N = 200, K = 700;
+  auto A = random_matrix(M * K, 7), B = random_matrix(K * N, 8);
+  auto run = [&] {
+    std::vector<float> C(M * N, 0.5f);
+    gemm(Trans::yes, Trans::yes, M, N, K, A.data(), M, B.data(), K, 1.0f, C.data(), N);
+    return C;
+  };
+  std::vector<float> best = run();
+  for (const char* isa : {"avx2", "scalar"}) {
+    if (std::string(isa) == "avx2" && !__builtin_cpu_supports("avx2")) continue;
+    force_gemm_isa(isa);
+    std::vector<float> other = run();
+    EXPECT_EQ(0, std::memcmp(best.data(), other.data(), best.size() * sizeof(float))) << isa;
+  }
+  force_gemm_isa("");
+  set_compute_threads(2);
+  std::vector<float> threaded = run();
+  set_compute_threads(1);
+  EXPECT_EQ(0, std::memcmp(best.data(), threaded.data(), best.size() * sizeof(float)));
+}
+
+}  // namespace
+}  // namespace pm

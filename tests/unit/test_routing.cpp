@@ -1,0 +1,84 @@
+// Capacity, slot filling order, and the chunk layouts the pipeline moves rows through.
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <set>
+
+#include "moe/routing.h"
+
+namespace pm {
+namespace {
+
+TEST(Capacity, CeilOfKFTOverE) {
+  EXPECT_EQ(expert_capacity(2, 1.25, 2048, 8), 640);
+  EXPECT_EQ(expert_capacity(1, 1.0, 10, 4), 3);
+  EXPECT_EQ(expert_capacity(2, 0.5, 7, 8), 1);
+}
+
+TEST(Slots, FillChoiceByChoiceThenTokenByTokenAndDropWhenFull) {
+  Routing r;
+  r.tokens = 4;
+  r.experts = 2;
+  r.top_k = 2;
+  r.capacity = 3;
+  // token: (first, second) choice
+  r.expert = {0, 1, 0, 1, 0, 1, 1, 0};
+  assign_slots(r);
+  // first choices in token order: t0->e0 s0, t1->e0 s1, t2->e0 s2, t3->e1 s0
+  // second choices: t0->e1 s1, t1->e1 s2, t2->e1 full (dropped), t3->e0 full (dropped)
+  EXPECT_EQ(r.slot, (std::vector<int32_t>{0, 1, 1, 2, 2, -1, 0, -1}));
+  EXPECT_EQ(r.count, (std::vector<int64_t>{3, 3}));
+  EXPECT_EQ(r.kept(), 6);
+}
+
+TEST(Layout, EveryRowHasOnePlaceAndChunksSplitEachBlockEvenly) {
+  const int peers = 3, local = 2;
+  std::vector<int64_t> filled = {5, 0, 7, 1, 3, 9};
+  for (int degree : {1, 2, 3, 4}) {
+    for (BlockOrder order : {BlockOrder::wire, BlockOrder::compute}) {
+      BlockLayout l = make_block_layout(filled, peers, local, degree, order);
+      EXPECT_EQ(l.total_rows, 25);
+      std::set<int64_t> seen;
+      for (int q = 0; q < peers; ++q)
+        for (int le = 0; le < local; ++le)
+          for (int64_t i = 0; i < filled[q * local + le]; ++i) seen.insert(l.position(q, le, i));
+      EXPECT_EQ(seen.size(), 25u);
+      EXPECT_EQ(*seen.rbegin(), 24);
+      int64_t sum = 0;
+      for (int c = 0; c < degree; ++c) sum += l.chunk_rows(c);
+      EXPECT_EQ(sum, 25);
+      if (order == BlockOrder::wire)  // each (chunk, peer) is contiguous: one all-to-all block
+        for (int c = 0; c < degree; ++c)
+          for (int q = 0; q + 1 < peers; ++q)
+            EXPECT_EQ(l.block_offset(c, q, 0) + l.peer_chunk_rows(c, q), l.block_offset(c, q + 1, 0));
+    }
+  }
+}
+
+TEST(Layout, SegmentsMoveEveryRowOfAChunkToItsPlace) {
+  const int peers = 2, local = 3;
+  std::vector<int64_t> filled = {4, 2, 6, 3, 0, 5};
+  for (int degree : {1, 2, 3}) {
+    BlockLayout wire = make_block_layout(filled, peers, local, degree, BlockOrder::wire);
+    BlockLayout compute = make_block_layout(filled, peers, local, degree, BlockOrder::compute);
+    BlockLayout canonical = make_block_layout(filled, peers, local, 1, BlockOrder::compute);
+    // tag each row of the wire buffer with its (peer, expert, row) identity
+    std::vector<float> src(wire.total_rows), dst(wire.total_rows, -1), canon(wire.total_rows, -1);
+    for (int q = 0; q < peers; ++q)
+      for (int le = 0; le < local; ++le)
+        for (int64_t i = 0; i < filled[q * local + le]; ++i) src[wire.position(q, le, i)] = q * 100 + le * 10 + i;
+    for (int c = 0; c < degree; ++c) {
+      copy_rows(src.data(), dst.data(), 1, chunk_segments(wire, compute, c));
+      copy_rows(dst.data(), canon.data(), 1, chunk_segments(compute, canonical, c));
+    }
+    for (int q = 0; q < peers; ++q)
+      for (int le = 0; le < local; ++le)
+        for (int64_t i = 0; i < filled[q * local + le]; ++i) {
+          EXPECT_EQ(dst[compute.position(q, le, i)], q * 100 + le * 10 + i);
+          EXPECT_EQ(canon[canonical.position(q, le, i)], q * 100 + le * 10 + i);
+        }
+  }
+}
+
+}  // namespace
+}  // namespace pm
