@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "core/rng.h"
-#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/dispatch.h"
 #include "moe/expert_ffn.h"
 #include "sched/trace.h"
 
@@ -143,10 +143,7 @@ void MoeLayer::gate() {
 }
 
 void MoeLayer::pack() {
-  const int64_t M = config_.model_dim;
-  for (int64_t i = 0; i < tokens_ * config_.top_k; ++i)
-    if (positions_fwd_[i] >= 0)
-      std::memcpy(&send_x_[positions_fwd_[i] * M], x_ + (i / config_.top_k) * M, M * sizeof(float));
+  dispatch_rows(x_, tokens_, config_.model_dim, config_.top_k, positions_fwd_.data(), send_x_.data());
 }
 
 void MoeLayer::exchange_counts() {
@@ -209,16 +206,8 @@ void MoeLayer::combine(int chunk) {
 }
 
 void MoeLayer::unpack() {
-  const int64_t M = config_.model_dim;
-  const int k = config_.top_k;
-  for (int64_t t = 0; t < tokens_; ++t) {
-    float* out = y_ + t * M;
-    std::memset(out, 0, M * sizeof(float));
-    for (int j = 0; j < k; ++j) {
-      int64_t pos = positions_fwd_[t * k + j];
-      if (pos >= 0) axpy(gate_.gate[t * k + j], &recv_y_[pos * M], out, M);
-    }
-  }
+  combine_rows(recv_y_.data(), gate_.gate.data(), tokens_, config_.model_dim, config_.top_k,
+               positions_fwd_.data(), y_);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -259,26 +248,15 @@ void MoeLayer::pack_grad() {
     dhpre_canonical_.resize(rows * H);
     hpre_staged_.resize(rows * H);
   }
-  // What expert e's output for this choice contributed: gate * dy.
-  for (int64_t i = 0; i < tokens_ * k; ++i) {
-    int64_t pos = positions_bwd_[i];
-    if (pos < 0) continue;
-    const float* src = dy_ + (i / k) * M;
-    float* dst = &send_dy_[pos * M];
-    float g = gate_.gate[i];
-    for (int64_t m = 0; m < M; ++m) dst[m] = g * src[m];
-  }
+  combine_rows_backward_slots(dy_, gate_.gate.data(), tokens_, M, k, positions_bwd_.data(), send_dy_.data());
 }
 
 void MoeLayer::gate_backward() {
   const int64_t M = config_.model_dim;
   const int k = config_.top_k;
   // d loss / d gate value = <dy_t, FFN_e(x_t)> for kept choices.
-  std::vector<float> dgate(tokens_ * k, 0.0f);
-  for (int64_t i = 0; i < tokens_ * k; ++i) {
-    int64_t pos = positions_fwd_[i];
-    if (pos >= 0) dgate[i] = dot(dy_ + (i / k) * M, &recv_y_[pos * M], M);
-  }
+  std::vector<float> dgate(tokens_ * k);
+  combine_rows_backward_gate(dy_, recv_y_.data(), tokens_, M, k, positions_fwd_.data(), dgate.data());
   dx_gate_.resize(tokens_ * M);
   pm::gate_backward(x_, wg.f32(), tokens_, M, config_.experts, k, gate_, routing_, dgate.data(),
                     aux_grad_, dwg.f32(), dx_gate_.data());
@@ -333,16 +311,9 @@ void MoeLayer::expert_wgrad() {
 }
 
 void MoeLayer::unpack_grad() {
-  const int64_t M = config_.model_dim;
-  const int k = config_.top_k;
-  for (int64_t t = 0; t < tokens_; ++t) {
-    float* out = dx_ + t * M;
-    std::memcpy(out, &dx_gate_[t * M], M * sizeof(float));
-    for (int j = 0; j < k; ++j) {
-      int64_t pos = positions_bwd_[t * k + j];
-      if (pos >= 0) axpy(1.0f, &recv_dx_[pos * M], out, M);
-    }
-  }
+  std::memcpy(dx_, dx_gate_.data(), tokens_ * config_.model_dim * sizeof(float));
+  dispatch_rows_backward(recv_dx_.data(), tokens_, config_.model_dim, config_.top_k,
+                         positions_bwd_.data(), dx_);
 }
 
 }  // namespace pm

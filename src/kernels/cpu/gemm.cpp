@@ -30,21 +30,24 @@ Isa g_isa = detect_isa();
 // Rows per micro-tile; A is packed in micro-panels of this many rows.
 int64_t tile_rows(Isa isa) { return isa == Isa::avx512 ? 6 : (isa == Isa::avx2 ? 3 : 6); }
 
-// ---- micro-kernels: C[rows < MR][cols] += Ap[k][MR] * Bp[k][ldb], k = 0..K-1 in order ----------
-// Ap: packed A micro-panel (k-major, MR values per k). Bp: B panel slice (k-major, row stride ldb).
-// Every element follows c = fma(a_k, b_k, c) for k = 0..K-1: the same on every path.
+// ---- micro-kernels: C[MR][cols] (+)= A[MR][K] * Bp[K][cols], k = 0..K-1 in order ---------------
+// A element (i, k) sits at Ap[k * ks + i * is]: a packed micro-panel (ks = MR, is = 1) or rows of
+// A read in place (ks = 1, is = lda). Bp: B panel slice (k-major, row stride ldb). zero_start: the
+// chain starts from 0 instead of C (beta = 0, first depth block). Every element follows
+// c = fma(a_k, b_k, c) for k = 0..K-1: the same on every path.
 
 template <int MR, int NV>
-__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap, const float* Bp,
-                                                       int64_t ldb, float* C, int64_t ldc) {
+__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap, int64_t ks, int64_t is,
+                                                       const float* Bp, int64_t ldb, float* C,
+                                                       int64_t ldc, bool zero_start) {
   __m512 c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) c[i][v] = _mm512_loadu_ps(C + i * ldc + 16 * v);
+    for (int v = 0; v < NV; ++v) c[i][v] = zero_start ? _mm512_setzero_ps() : _mm512_loadu_ps(C + i * ldc + 16 * v);
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * ldb + 16 * v);
     for (int i = 0; i < MR; ++i) {
-      __m512 a = _mm512_set1_ps(Ap[k * MR + i]);
+      __m512 a = _mm512_set1_ps(Ap[k * ks + i * is]);
       for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(a, b[v], c[i][v]);
     }
   }
@@ -53,16 +56,17 @@ __attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap
 }
 
 template <int MR, int NV>
-__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap, const float* Bp,
-                                                      int64_t ldb, float* C, int64_t ldc) {
+__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap, int64_t ks, int64_t is,
+                                                      const float* Bp, int64_t ldb, float* C,
+                                                      int64_t ldc, bool zero_start) {
   __m256 c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) c[i][v] = _mm256_loadu_ps(C + i * ldc + 8 * v);
+    for (int v = 0; v < NV; ++v) c[i][v] = zero_start ? _mm256_setzero_ps() : _mm256_loadu_ps(C + i * ldc + 8 * v);
   for (int64_t k = 0; k < K; ++k) {
     __m256 b[NV];
     for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(Bp + k * ldb + 8 * v);
     for (int i = 0; i < MR; ++i) {
-      __m256 a = _mm256_set1_ps(Ap[k * MR + i]);
+      __m256 a = _mm256_set1_ps(Ap[k * ks + i * is]);
       for (int v = 0; v < NV; ++v) c[i][v] = _mm256_fmadd_ps(a, b[v], c[i][v]);
     }
   }
@@ -70,38 +74,44 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap,
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
 }
 
-void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, const float* Bp,
-                   int64_t ldb, float* C, int64_t ldc) {
+void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, int64_t ks, int64_t is,
+                   const float* Bp, int64_t ldb, float* C, int64_t ldc, bool zero_start) {
   for (int64_t i = 0; i < MR; ++i)
     for (int64_t j = 0; j < width; ++j) {
-      float c = C[i * ldc + j];
-      for (int64_t k = 0; k < K; ++k) c = std::fma(Ap[k * MR + i], Bp[k * ldb + j], c);
+      float c = zero_start ? 0.0f : C[i * ldc + j];
+      for (int64_t k = 0; k < K; ++k) c = std::fma(Ap[k * ks + i * is], Bp[k * ldb + j], c);
       C[i * ldc + j] = c;
     }
 }
 
+// Where the micro-kernel reads A from: element (i, k) at a[k * ks + i * is].
+struct AView {
+  const float* a;
+  int64_t ks, is;
+};
+
 // One MR x width tile (width a multiple of 16, at most 64) of full rows and columns.
-void run_tile(Isa isa, int64_t width, int64_t K, const float* Ap, const float* Bp, int64_t ldb,
-              float* C, int64_t ldc) {
+void run_tile(Isa isa, int64_t width, int64_t K, AView A, const float* Bp, int64_t ldb, float* C,
+              int64_t ldc, bool zero_start) {
   switch (isa) {
     case Isa::avx512:
       switch (width / 16) {
-        case 1: return kernel_avx512<6, 1>(K, Ap, Bp, ldb, C, ldc);
-        case 2: return kernel_avx512<6, 2>(K, Ap, Bp, ldb, C, ldc);
-        case 3: return kernel_avx512<6, 3>(K, Ap, Bp, ldb, C, ldc);
-        default: return kernel_avx512<6, 4>(K, Ap, Bp, ldb, C, ldc);
+        case 1: return kernel_avx512<6, 1>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
+        case 2: return kernel_avx512<6, 2>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
+        case 3: return kernel_avx512<6, 3>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
+        default: return kernel_avx512<6, 4>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
       }
     case Isa::avx2:
       // 16 ymm registers: at most 32 columns per call
       for (int64_t col = 0; col < width; col += 32) {
         if (width - col >= 32)
-          kernel_avx2<3, 4>(K, Ap, Bp + col, ldb, C + col, ldc);
+          kernel_avx2<3, 4>(K, A.a, A.ks, A.is, Bp + col, ldb, C + col, ldc, zero_start);
         else
-          kernel_avx2<3, 2>(K, Ap, Bp + col, ldb, C + col, ldc);
+          kernel_avx2<3, 2>(K, A.a, A.ks, A.is, Bp + col, ldb, C + col, ldc, zero_start);
       }
       return;
     case Isa::scalar:
-      return kernel_scalar(tile_rows(isa), width, K, Ap, Bp, ldb, C, ldc);
+      return kernel_scalar(tile_rows(isa), width, K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
   }
 }
 
@@ -181,13 +191,18 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
   const int64_t N = B.N, K = B.K;
   if (M == 0 || N == 0) return;
-  if (beta == 0.0f)
-    for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-  if (K == 0) return;
+  if (K == 0) {
+    if (beta == 0.0f)
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+    return;
+  }
 
   const Isa isa = g_isa;
   const int64_t MR = tile_rows(isa);
   const int64_t m_block = kMBlock / MR * MR;
+  // A is read in place when its rows are contiguous (MR sequential streams); a transposed A is
+  // packed first, since reading it in place would jump a whole row of storage per step of k.
+  const bool pack = trans_a == Trans::yes;
   t_packed_a.resize(m_block * kKBlock);
   float* packed_a = t_packed_a.data();
   // Split the panels over threads only when the work pays for waking them.
@@ -197,7 +212,18 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
     const int64_t rows = std::min(m_block, M - row0);
     for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
       const int64_t kc = std::min(kKBlock, K - k0);
-      pack_a(trans_a, A, lda, row0, rows, k0, kc, MR, packed_a);
+      const bool zero_start = beta == 0.0f && k0 == 0;
+      if (pack) {
+        pack_a(trans_a, A, lda, row0, rows, k0, kc, MR, packed_a);
+      } else if (rows % MR) {
+        // the last, partial micro-panel is packed with zero rows so the kernel can run on it
+        int64_t full = rows / MR * MR;
+        pack_a(trans_a, A, lda, row0 + full, rows - full, k0, kc, MR, packed_a + full * kc);
+      }
+      auto a_view = [&](int64_t r) -> AView {
+        if (pack || r + MR > rows) return {packed_a + r * kc, MR, 1};
+        return {A + (row0 + r) * lda + k0, 1, lda};
+      };
       auto panels = [&](int64_t p_begin, int64_t p_end) {
         alignas(64) float edge[6 * kPanel];
         for (int64_t p = p_begin; p < p_end; ++p) {
@@ -205,18 +231,17 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
           const int64_t cols = std::min(kPanel, N - col0);
           const float* Bp = B.panel(p) + k0 * width;
           for (int64_t r = 0; r < rows; r += MR) {
-            const float* Ap = packed_a + r * kc;
             float* Ct = C + (row0 + r) * ldc + col0;
             const int64_t valid = std::min(MR, rows - r);
             if (valid == MR && cols == width) {
-              run_tile(isa, width, kc, Ap, Bp, width, Ct, ldc);
+              run_tile(isa, width, kc, a_view(r), Bp, width, Ct, ldc, zero_start);
               continue;
             }
             // Edge tile: run the same kernel on a padded copy, keep the valid part.
             for (int64_t i = 0; i < MR; ++i)
               for (int64_t j = 0; j < width; ++j)
-                edge[i * width + j] = (i < valid && j < cols) ? Ct[i * ldc + j] : 0.0f;
-            run_tile(isa, width, kc, Ap, Bp, width, edge, width);
+                edge[i * width + j] = (i < valid && j < cols && !zero_start) ? Ct[i * ldc + j] : 0.0f;
+            run_tile(isa, width, kc, a_view(r), Bp, width, edge, width, zero_start);
             for (int64_t i = 0; i < valid; ++i) std::memcpy(Ct + i * ldc, edge + i * width, cols * sizeof(float));
           }
         }

@@ -1,0 +1,70 @@
+// Dispatch/combine kernels and their backwards against finite differences of the combine loss.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "core/rng.h"
+#include "kernels/cpu/dispatch.h"
+
+namespace pm {
+namespace {
+
+TEST(Dispatch, ScatterGatherAndBackwards) {
+  const int64_t T = 3, M = 4;
+  const int k = 2;
+  // token 0 -> slots 2, 0; token 1 -> slot 3 and a dropped choice; token 2 -> nothing kept
+  std::vector<int64_t> pos = {2, 0, 3, -1, -1, -1};
+  std::vector<float> x(T * M), gate = {0.7f, 0.3f, 1.0f, 0.5f, 0.6f, 0.4f};
+  Rng(3, 3).fill_normal(x.data(), x.size(), 0, 1);
+  std::vector<float> slots(4 * M, -9.0f);
+  dispatch_rows(x.data(), T, M, k, pos.data(), slots.data());
+  for (int m = 0; m < M; ++m) {
+    EXPECT_EQ(slots[2 * M + m], x[m]);
+    EXPECT_EQ(slots[0 * M + m], x[m]);
+    EXPECT_EQ(slots[3 * M + m], x[M + m]);
+    EXPECT_EQ(slots[1 * M + m], -9.0f);  // untouched
+  }
+  // expert outputs: some other rows
+  std::vector<float> out(4 * M), y(T * M, 5.0f);
+  Rng(3, 4).fill_normal(out.data(), out.size(), 0, 1);
+  combine_rows(out.data(), gate.data(), T, M, k, pos.data(), y.data());
+  for (int m = 0; m < M; ++m) {
+    EXPECT_FLOAT_EQ(y[m], 0.7f * out[2 * M + m] + 0.3f * out[m]);
+    EXPECT_FLOAT_EQ(y[M + m], out[3 * M + m]);
+    EXPECT_EQ(y[2 * M + m], 0.0f);
+  }
+  // loss = <dy, combine(out, gate)>: its gradients by finite differences in double
+  std::vector<float> dy(T * M), dslots(4 * M, 0.0f), dgate(T * k);
+  Rng(3, 5).fill_normal(dy.data(), dy.size(), 0, 1);
+  combine_rows_backward_slots(dy.data(), gate.data(), T, M, k, pos.data(), dslots.data());
+  combine_rows_backward_gate(dy.data(), out.data(), T, M, k, pos.data(), dgate.data());
+  auto loss = [&](const std::vector<float>& o, const std::vector<float>& g) {
+    std::vector<float> yy(T * M);
+    combine_rows(o.data(), g.data(), T, M, k, pos.data(), yy.data());
+    double s = 0;
+    for (int64_t i = 0; i < T * M; ++i) s += double(dy[i]) * yy[i];
+    return s;
+  };
+  const float h = 1e-2f;
+  for (int64_t i = 0; i < 4 * M; ++i) {
+    auto plus = out, minus = out;
+    plus[i] += h, minus[i] -= h;
+    EXPECT_NEAR(dslots[i], (loss(plus, gate) - loss(minus, gate)) / (2 * h), 1e-3) << i;
+  }
+  for (int64_t i = 0; i < T * k; ++i) {
+    auto plus = gate, minus = gate;
+    plus[i] += h, minus[i] -= h;
+    EXPECT_NEAR(dgate[i], (loss(out, plus) - loss(out, minus)) / (2 * h), 1e-3) << i;
+  }
+  // dispatch backward: dx[t] += sum of its kept slots' gradients
+  std::vector<float> dx(T * M, 1.0f);
+  dispatch_rows_backward(dslots.data(), T, M, k, pos.data(), dx.data());
+  for (int m = 0; m < M; ++m) {
+    EXPECT_FLOAT_EQ(dx[m], 1.0f + dslots[2 * M + m] + dslots[m]);
+    EXPECT_FLOAT_EQ(dx[M + m], 1.0f + dslots[3 * M + m]);
+    EXPECT_EQ(dx[2 * M + m], 1.0f);
+  }
+}
+
+}  // namespace
+}  // namespace pm
