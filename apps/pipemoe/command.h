@@ -19,6 +19,9 @@ struct Context {
 using CommandFn = std::function<int(Context&)>;
 
 void add_layer_command(CLI::App& app, CommandFn& run);
+void add_bench_command(CLI::App& app, CommandFn& run);
+// `bench` subcommands
+void add_bench_gemm_command(CLI::App& bench, CommandFn& run);
 
 // Every rank states whether its local step succeeded (error empty) and all agree: if any failed,
 // every rank throws a usage error; rank 0's carries the first failing rank's message, the others

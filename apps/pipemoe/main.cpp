@@ -24,6 +24,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
                  "seconds a collective may wait before the run fails (a peer is dead or stuck)");
   pm::cli::CommandFn run;
   pm::cli::add_layer_command(app, run);
+  pm::cli::add_bench_command(app, run);
 
   // An unknown command would otherwise read "A subcommand is required": name it instead.
   for (int i = 1; i < argc; ++i) {

@@ -17,18 +17,21 @@ void ExpertWeights::pack_backward(const float* w1_data, const float* w2_data, in
 void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, const float* u,
                     float* hpre, float* act, float* y) {
   if (rows == 0) return;
-  fill_rows(hpre, rows, H, w.b1);
-  gemm_packed(Trans::no, rows, u, M, w.w1, 1.0f, hpre, H);
-  gelu_forward(hpre, act, rows * H);
-  fill_rows(y, rows, M, w.b2);
-  gemm_packed(Trans::no, rows, act, H, w.w2, 1.0f, y, M);
+  // GeLU runs on each finished tile of the pre-activation while it is still in cache.
+  TileEpilogue gelu_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
+    for (int64_t i = r; i < r + nr; ++i) gelu_forward(hpre + i * H + c, act + i * H + c, nc);
+  };
+  gemm_packed(Trans::no, rows, u, M, w.w1, 0.0f, hpre, H, {w.b1, &gelu_tile});
+  gemm_packed(Trans::no, rows, act, H, w.w2, 0.0f, y, M, {w.b2, nullptr});
 }
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
                            const float* dy, const float* hpre, float* dhpre, float* du) {
   if (rows == 0) return;
-  gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre, H);
-  gelu_backward(hpre, dhpre, dhpre, rows * H);
+  TileEpilogue gelu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
+    for (int64_t i = r; i < r + nr; ++i) gelu_backward(hpre + i * H + c, dhpre + i * H + c, dhpre + i * H + c, nc);
+  };
+  gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre, H, {nullptr, &gelu_grad_tile});
   gemm_packed(Trans::no, rows, dhpre, H, w.w1_t, 0.0f, du, M);
 }
 

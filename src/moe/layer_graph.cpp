@@ -36,6 +36,10 @@ LayerGraphSizes balanced_sizes(int64_t tokens, int64_t model_dim, int64_t hidden
   return s;
 }
 
+double weight_pack_bytes(const LayerGraphSizes& s) {
+  return 2.0 * 2.0 * (s.experts / s.peers) * s.model_dim * s.hidden * 4;
+}
+
 namespace {
 
 // The bytes an all-to-all moves to other ranks: the wire cost of a chunk.
@@ -73,13 +77,16 @@ TaskGraph build_forward_graph(const LayerGraphSizes& s, ForwardWork* w) {
   int counts = g.add({"counts", Lane::comm, TaskKind::counts, -1,
                       TaskWork{1, 0, 8.0 * s.experts}, {gate},
                       bind(real, [w] { w->exchange_counts(); })});
+  int weights = g.add({"pack_weights", Lane::compute, TaskKind::pack_weights, -1,
+                       TaskWork{2.0 * (s.experts / s.peers), 0, weight_pack_bytes(s)}, {pack},
+                       bind(real, [w] { w->pack_weights(); })});
   std::vector<int> dispatch, expert;
   for (int c = 0; c < s.degree; ++c)
     dispatch.push_back(g.add({indexed("dispatch", c), Lane::comm, TaskKind::all_to_all, c,
                               a2a_work(s.chunk_send_rows[c], s.model_dim), {pack, counts},
                               bind(real, [w, c] { w->dispatch(c); })}));
   for (int c = 0; c < s.degree; ++c) {
-    std::vector<int> deps = {dispatch[c]};
+    std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(expert[c - 1]);
     double copies = s.degree > 1 ? 4 : 2;  // wire->compute in, compute->wire out, canonical saves
     expert.push_back(g.add({indexed("expert", c), Lane::compute, TaskKind::expert_fwd, c,
@@ -104,6 +111,9 @@ TaskGraph build_backward_graph(const LayerGraphSizes& s, BackwardWork* w) {
   int pack = g.add({"pack_grad", Lane::compute, TaskKind::pack, -1,
                     TaskWork{1, s.sent_rows * M, 2.0 * s.sent_rows * M * 4}, {},
                     bind(real, [w] { w->pack_grad(); })});
+  int weights = g.add({"pack_weights", Lane::compute, TaskKind::pack_weights, -1,
+                       TaskWork{2.0 * (s.experts / s.peers), 0, weight_pack_bytes(s)}, {},
+                       bind(real, [w] { w->pack_weights_backward(); })});
   int gate = g.add({"gate_bwd", Lane::compute, TaskKind::gate_bwd, -1,
                     TaskWork{3, 2.0 * s.sent_rows * M + 4 * T * M * s.experts, T * (2 * M + 4.0 * s.experts) * 4},
                     {}, bind(real, [w] { w->gate_backward(); })});
@@ -113,7 +123,7 @@ TaskGraph build_backward_graph(const LayerGraphSizes& s, BackwardWork* w) {
                               a2a_work(s.chunk_send_rows[c], s.model_dim), {pack},
                               bind(real, [w, c] { w->grad_dispatch(c); })}));
   for (int c = 0; c < s.degree; ++c) {
-    std::vector<int> deps = {dispatch[c]};
+    std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(dgrad[c - 1]);
     double copies = s.degree > 1 ? 5 : 2;  // grads in/out, plus staging and canonical copies
     dgrad.push_back(g.add({indexed("expert_dgrad", c), Lane::compute, TaskKind::expert_dgrad, c,

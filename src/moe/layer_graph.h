@@ -2,13 +2,13 @@
 // to each task, and the planner simulates the very same graphs with predicted durations.
 //
 // Forward, degree r (insertion order = priority on each lane):
-//   compute: gate -> pack                      comm: counts
-//   comm:    dispatch[0..r)   (each after pack and counts)
-//   compute: expert[0..r)     (expert[c] after dispatch[c] and expert[c-1])
+//   compute: gate -> pack -> pack_weights      comm: counts
+//   comm:    dispatch[0..r)   (each after pack and counts; pack_weights overlaps them)
+//   compute: expert[0..r)     (expert[c] after dispatch[c], pack_weights and expert[c-1])
 //   comm:    combine[0..r)    (combine[c] after expert[c])
 //   compute: unpack           (after every combine)
 // Backward, degree r:
-//   compute: pack_grad, gate_bwd               (gate_bwd fills the wait for the first chunk)
+//   compute: pack_grad, pack_weights, gate_bwd (these fill the wait for the first chunk)
 //   comm:    grad_dispatch[0..r)
 //   compute: expert_dgrad[0..r)  then expert_wgrad once over all rows (bit-identical for every r)
 //   comm:    grad_combine[0..r)
@@ -38,6 +38,9 @@ struct LayerGraphSizes {
 };
 
 // Sizes when every expert gets its fair share k T / E of rows, capped by capacity.
+// The bytes a weight-packing pass moves: local experts' W1 and W2, read and written.
+double weight_pack_bytes(const LayerGraphSizes& sizes);
+
 LayerGraphSizes balanced_sizes(int64_t tokens, int64_t model_dim, int64_t hidden, int experts,
                                int top_k, double capacity_factor, int peers, int degree);
 
@@ -47,6 +50,7 @@ class ForwardWork {
   virtual ~ForwardWork() = default;
   virtual void gate() = 0;
   virtual void pack() = 0;
+  virtual void pack_weights() = 0;
   virtual void exchange_counts() = 0;
   virtual void dispatch(int chunk) = 0;
   virtual void expert(int chunk) = 0;
@@ -58,6 +62,7 @@ class BackwardWork {
  public:
   virtual ~BackwardWork() = default;
   virtual void pack_grad() = 0;
+  virtual void pack_weights_backward() = 0;
   virtual void gate_backward() = 0;
   virtual void grad_dispatch(int chunk) = 0;
   virtual void expert_dgrad(int chunk) = 0;

@@ -127,13 +127,22 @@ void MoeLayer::forward(const float* x, int64_t tokens, float* y) {
   fwd_stats_ = collect_stats(degree_fwd_);
 }
 
-void MoeLayer::gate() {
+void MoeLayer::pack_weights() {
   const int64_t M = config_.model_dim, H = config_.hidden;
   for (int le = 0; le < local_experts_; ++le) {
     packed_[le].pack_forward(w1.f32() + le * M * H, w2.f32() + le * H * M, M, H);
     packed_[le].b1 = b1.f32() + le * H;
     packed_[le].b2 = b2.f32() + le * M;
   }
+}
+
+void MoeLayer::pack_weights_backward() {
+  const int64_t M = config_.model_dim, H = config_.hidden;
+  for (int le = 0; le < local_experts_; ++le)
+    packed_[le].pack_backward(w1.f32() + le * M * H, w2.f32() + le * H * M, M, H);
+}
+
+void MoeLayer::gate() {
   gate_forward(x_, wg.f32(), tokens_, config_.model_dim, config_.experts, config_.top_k, gate_, routing_);
   own_counts_ = routing_.count;  // expert e = q * El + le: already [P, El]
   tokens_fwd_ = make_block_layout(own_counts_, comm_.size(), local_experts_, degree_fwd_, BlockOrder::wire);
@@ -235,8 +244,6 @@ void MoeLayer::pack_grad() {
   experts_wire_bwd_ = make_block_layout(recv_counts_, P, El, degree_bwd_, BlockOrder::wire);
   experts_compute_bwd_ = make_block_layout(recv_counts_, P, El, degree_bwd_, BlockOrder::compute);
   const int64_t rows = experts_wire_bwd_.total_rows;
-  for (int le = 0; le < local_experts_; ++le)
-    packed_[le].pack_backward(w1.f32() + le * M * H, w2.f32() + le * H * M, M, H);
   send_dy_.resize(tokens_bwd_.total_rows * M);
   recv_dx_.resize(tokens_bwd_.total_rows * M);
   recv_dy_.resize(rows * M);

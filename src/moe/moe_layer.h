@@ -84,6 +84,7 @@ class MoeLayer : private ForwardWork, private BackwardWork {
   // ForwardWork
   void gate() override;
   void pack() override;
+  void pack_weights() override;
   void exchange_counts() override;
   void dispatch(int chunk) override;
   void expert(int chunk) override;
@@ -91,6 +92,7 @@ class MoeLayer : private ForwardWork, private BackwardWork {
   void unpack() override;
   // BackwardWork
   void pack_grad() override;
+  void pack_weights_backward() override;
   void gate_backward() override;
   void grad_dispatch(int chunk) override;
   void expert_dgrad(int chunk) override;

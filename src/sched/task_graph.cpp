@@ -10,6 +10,7 @@ const char* task_kind_name(TaskKind kind) {
   switch (kind) {
     case TaskKind::gate: return "gate";
     case TaskKind::pack: return "pack";
+    case TaskKind::pack_weights: return "pack_weights";
     case TaskKind::counts: return "counts";
     case TaskKind::all_to_all: return "all_to_all";
     case TaskKind::expert_fwd: return "expert_fwd";

@@ -21,6 +21,7 @@ const char* lane_name(Lane lane);
 enum class TaskKind : int {
   gate,          // gate GEMM, softmax, top-k, routing
   pack,          // gather token rows into the send buffer
+  pack_weights,  // lay expert weights out for the GEMMs of this pass
   counts,        // all-to-all of per-expert row counts
   all_to_all,    // all-to-all of token rows
   expert_fwd,    // expert FFN forward on one chunk

@@ -103,3 +103,52 @@ TEST(Gemm, SameBitsOnEveryInstructionSetAndThreadCount) {
 
 }  // namespace
 }  // namespace pm
+
+namespace pm {
+namespace {
+
+// A bias start gives the bits of filling C with the bias and accumulating onto it; the epilogue
+// sees every tile of C exactly once, after its last depth block.
+TEST(Gemm, BiasStartAndTileEpilogue) {
+  const int64_t M = 29, N = 150, K = 1100;  // two depth blocks, edge rows and columns
+  auto A = random_matrix(M * K, 9), B = random_matrix(K * N, 10), bias = random_matrix(N, 11);
+  PackedB packed;
+  pack_b(Trans::no, K, N, B.data(), N, packed);
+  std::vector<float> filled(M * N);
+  for (int64_t i = 0; i < M; ++i) std::copy(bias.begin(), bias.end(), filled.begin() + i * N);
+  gemm_packed(Trans::no, M, A.data(), K, packed, 1.0f, filled.data(), N);
+
+  std::vector<float> started(M * N, -7.0f);
+  std::vector<int> visits(M * N, 0);
+  TileEpilogue count = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
+    for (int64_t i = r; i < r + nr; ++i)
+      for (int64_t j = c; j < c + nc; ++j) visits[i * N + j] += 1;
+  };
+  gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, started.data(), N, {bias.data(), &count});
+  EXPECT_EQ(0, std::memcmp(filled.data(), started.data(), filled.size() * sizeof(float)));
+  for (int v : visits) EXPECT_EQ(v, 1);
+}
+
+}  // namespace
+}  // namespace pm
+
+namespace pm {
+namespace {
+
+TEST(Gemm, TransposedPackingMatchesTheDefinition) {
+  for (auto [K, N] : {std::pair<int64_t, int64_t>{13, 70}, {64, 64}, {100, 131}, {8, 8}, {3, 5}}) {
+    auto B = random_matrix(K * N, 12);  // stored as [N, K]: op(B) = B^T
+    PackedB packed;
+    pack_b(Trans::yes, K, N, B.data(), K, packed);
+    for (int64_t p = 0; p < packed.panels(); ++p)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < packed.panel_width(p); ++j) {
+          int64_t col = p * 64 + j;
+          float expected = col < N ? B[col * K + k] : 0.0f;
+          ASSERT_EQ(packed.panel(p)[k * packed.panel_width(p) + j], expected) << K << "x" << N;
+        }
+  }
+}
+
+}  // namespace
+}  // namespace pm

@@ -34,15 +34,18 @@ int64_t tile_rows(Isa isa) { return isa == Isa::avx512 ? 6 : (isa == Isa::avx2 ?
 // A element (i, k) sits at Ap[k * ks + i * is]: a packed micro-panel (ks = MR, is = 1) or rows of
 // A read in place (ks = 1, is = lda). Bp: B panel slice (k-major, row stride ldb). zero_start: the
 // chain starts from 0 instead of C (beta = 0, first depth block). Every element follows
-// c = fma(a_k, b_k, c) for k = 0..K-1: the same on every path.
+// c = fma(a_k, b_k, c) for k = 0..K-1: the same on every path. With a bias (zero_start only), the
+// chain starts from bias[j] instead of 0 (padded to the tile's width).
 
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap, int64_t ks, int64_t is,
                                                        const float* Bp, int64_t ldb, float* C,
-                                                       int64_t ldc, bool zero_start) {
+                                                       int64_t ldc, bool zero_start, const float* bias) {
   __m512 c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) c[i][v] = zero_start ? _mm512_setzero_ps() : _mm512_loadu_ps(C + i * ldc + 16 * v);
+    for (int v = 0; v < NV; ++v)
+      c[i][v] = !zero_start ? _mm512_loadu_ps(C + i * ldc + 16 * v)
+                            : (bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps());
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * ldb + 16 * v);
@@ -58,10 +61,12 @@ __attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap
 template <int MR, int NV>
 __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap, int64_t ks, int64_t is,
                                                       const float* Bp, int64_t ldb, float* C,
-                                                      int64_t ldc, bool zero_start) {
+                                                      int64_t ldc, bool zero_start, const float* bias) {
   __m256 c[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) c[i][v] = zero_start ? _mm256_setzero_ps() : _mm256_loadu_ps(C + i * ldc + 8 * v);
+    for (int v = 0; v < NV; ++v)
+      c[i][v] = !zero_start ? _mm256_loadu_ps(C + i * ldc + 8 * v)
+                            : (bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps());
   for (int64_t k = 0; k < K; ++k) {
     __m256 b[NV];
     for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(Bp + k * ldb + 8 * v);
@@ -75,10 +80,11 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap,
 }
 
 void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, int64_t ks, int64_t is,
-                   const float* Bp, int64_t ldb, float* C, int64_t ldc, bool zero_start) {
+                   const float* Bp, int64_t ldb, float* C, int64_t ldc, bool zero_start,
+                   const float* bias) {
   for (int64_t i = 0; i < MR; ++i)
     for (int64_t j = 0; j < width; ++j) {
-      float c = zero_start ? 0.0f : C[i * ldc + j];
+      float c = !zero_start ? C[i * ldc + j] : (bias ? bias[j] : 0.0f);
       for (int64_t k = 0; k < K; ++k) c = std::fma(Ap[k * ks + i * is], Bp[k * ldb + j], c);
       C[i * ldc + j] = c;
     }
@@ -92,26 +98,26 @@ struct AView {
 
 // One MR x width tile (width a multiple of 16, at most 64) of full rows and columns.
 void run_tile(Isa isa, int64_t width, int64_t K, AView A, const float* Bp, int64_t ldb, float* C,
-              int64_t ldc, bool zero_start) {
+              int64_t ldc, bool zero_start, const float* bias) {
   switch (isa) {
     case Isa::avx512:
       switch (width / 16) {
-        case 1: return kernel_avx512<6, 1>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
-        case 2: return kernel_avx512<6, 2>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
-        case 3: return kernel_avx512<6, 3>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
-        default: return kernel_avx512<6, 4>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
+        case 1: return kernel_avx512<6, 1>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
+        case 2: return kernel_avx512<6, 2>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
+        case 3: return kernel_avx512<6, 3>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
+        default: return kernel_avx512<6, 4>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
       }
     case Isa::avx2:
       // 16 ymm registers: at most 32 columns per call
       for (int64_t col = 0; col < width; col += 32) {
         if (width - col >= 32)
-          kernel_avx2<3, 4>(K, A.a, A.ks, A.is, Bp + col, ldb, C + col, ldc, zero_start);
+          kernel_avx2<3, 4>(K, A.a, A.ks, A.is, Bp + col, ldb, C + col, ldc, zero_start, bias ? bias + col : nullptr);
         else
-          kernel_avx2<3, 2>(K, A.a, A.ks, A.is, Bp + col, ldb, C + col, ldc, zero_start);
+          kernel_avx2<3, 2>(K, A.a, A.ks, A.is, Bp + col, ldb, C + col, ldc, zero_start, bias ? bias + col : nullptr);
       }
       return;
     case Isa::scalar:
-      return kernel_scalar(tile_rows(isa), width, K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start);
+      return kernel_scalar(tile_rows(isa), width, K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
   }
 }
 
@@ -135,17 +141,52 @@ void pack_a(Trans trans_a, const float* A, int64_t lda, int64_t row0, int64_t ro
     }
     return;
   }
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* src = A + (k0 + k) * lda + row0;  // op(A)[row0.., k0 + k] is contiguous
+  // op(A)[row0.., k] is contiguous in storage row k. Blocks of 16 depths: their 16 source rows
+  // stay in L1 while every micro-panel receives 16 * MR contiguous values.
+  constexpr int64_t kDepthBlock = 16;
+  for (int64_t kb = 0; kb < kc; kb += kDepthBlock) {
+    const int64_t kend = std::min(kc, kb + kDepthBlock);
     for (int64_t r = 0; r < padded; r += MR) {
-      float* dst = out + r * kc + k * MR;
-      for (int64_t i = 0; i < MR; ++i) dst[i] = r + i < rows ? src[r + i] : 0.0f;
+      const int64_t valid = std::min(MR, rows - r);
+      for (int64_t k = kb; k < kend; ++k) {
+        const float* src = A + (k0 + k) * lda + row0 + r;
+        float* dst = out + r * kc + k * MR;
+        for (int64_t i = 0; i < valid; ++i) dst[i] = src[i];
+        for (int64_t i = valid; i < MR; ++i) dst[i] = 0.0f;
+      }
     }
   }
 }
 
 thread_local FloatBuffer t_packed_a;
 thread_local PackedB t_packed_b;
+
+// dst[c][r] = src[r][c] for an 8 x 8 block (row strides in floats).
+__attribute__((target("avx2"))) void transpose_8x8_avx2(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return transpose_8x8_avx2(src, lds, dst, ldd);
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
 
 }  // namespace
 
@@ -169,33 +210,45 @@ void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, Pa
       }
       continue;
     }
-    // op(B)[k, col0 + j] = B[col0 + j, k]: walk each stored row j along k, in blocks of k so
-    // that the destination block stays in cache.
-    constexpr int64_t kStep = 64;
-    for (int64_t kb = 0; kb < K; kb += kStep) {
-      int64_t kend = std::min(K, kb + kStep);
-      for (int64_t j = 0; j < width; ++j) {
-        if (j < cols) {
-          const float* src = B + (col0 + j) * ldb;
-          for (int64_t k = kb; k < kend; ++k) dst[k * width + j] = src[k];
-        } else {
-          for (int64_t k = kb; k < kend; ++k) dst[k * width + j] = 0.0f;
-        }
-      }
+    // op(B)[k, col0 + j] = B[col0 + j, k]: transpose 8 x 8 blocks in registers; the rest (edge
+    // columns, a depth that is not a multiple of 8) element by element.
+    const int64_t full_j = cols / 8 * 8, full_k = K / 8 * 8;
+    for (int64_t j = 0; j < full_j; j += 8)
+      for (int64_t k = 0; k < full_k; k += 8)
+        transpose_8x8(B + (col0 + j) * ldb + k, ldb, dst + k * width + j, width);
+    for (int64_t k = 0; k < K; ++k) {
+      float* row = dst + k * width;
+      for (int64_t j = (k < full_k ? full_j : 0); j < cols; ++j) row[j] = B[(col0 + j) * ldb + k];
+      for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
     }
   }
 }
 
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
-                 float* C, int64_t ldc) {
+                 float* C, int64_t ldc, const GemmExtras& extras) {
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
+  PM_CHECK(extras.bias == nullptr || beta == 0.0f, "a bias start needs beta 0");
   const int64_t N = B.N, K = B.K;
   if (M == 0 || N == 0) return;
   if (K == 0) {
-    if (beta == 0.0f)
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+    for (int64_t i = 0; i < M && beta == 0.0f; ++i) {
+      if (extras.bias)
+        std::memcpy(C + i * ldc, extras.bias, N * sizeof(float));
+      else
+        std::memset(C + i * ldc, 0, N * sizeof(float));
+    }
+    if (extras.epilogue)
+      for (int64_t i = 0; i < M; i += 64) (*extras.epilogue)(i, 0, std::min<int64_t>(64, M - i), N);
     return;
   }
+  // The bias, padded with zeros to whole panels, so the kernels can load full vectors of it.
+  thread_local FloatBuffer padded_bias;
+  if (extras.bias) {
+    padded_bias.assign(B.panels() * kPanel, 0.0f);
+    std::memcpy(padded_bias.data(), extras.bias, N * sizeof(float));
+  }
+  // Thread-local buffers are reached through pointers: the panel loop may run on pool threads.
+  const float* bias_base = extras.bias ? padded_bias.data() : nullptr;
 
   const Isa isa = g_isa;
   const int64_t MR = tile_rows(isa);
@@ -213,6 +266,7 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
     for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
       const int64_t kc = std::min(kKBlock, K - k0);
       const bool zero_start = beta == 0.0f && k0 == 0;
+      const bool last_depth = k0 + kc == K;
       if (pack) {
         pack_a(trans_a, A, lda, row0, rows, k0, kc, MR, packed_a);
       } else if (rows % MR) {
@@ -230,19 +284,21 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
           const int64_t width = B.panel_width(p), col0 = p * kPanel;
           const int64_t cols = std::min(kPanel, N - col0);
           const float* Bp = B.panel(p) + k0 * width;
+          const float* bias = bias_base ? bias_base + col0 : nullptr;
           for (int64_t r = 0; r < rows; r += MR) {
             float* Ct = C + (row0 + r) * ldc + col0;
             const int64_t valid = std::min(MR, rows - r);
             if (valid == MR && cols == width) {
-              run_tile(isa, width, kc, a_view(r), Bp, width, Ct, ldc, zero_start);
-              continue;
+              run_tile(isa, width, kc, a_view(r), Bp, width, Ct, ldc, zero_start, bias);
+            } else {
+              // Edge tile: run the same kernel on a padded copy, keep the valid part.
+              for (int64_t i = 0; i < MR; ++i)
+                for (int64_t j = 0; j < width; ++j)
+                  edge[i * width + j] = (i < valid && j < cols && !zero_start) ? Ct[i * ldc + j] : 0.0f;
+              run_tile(isa, width, kc, a_view(r), Bp, width, edge, width, zero_start, bias);
+              for (int64_t i = 0; i < valid; ++i) std::memcpy(Ct + i * ldc, edge + i * width, cols * sizeof(float));
             }
-            // Edge tile: run the same kernel on a padded copy, keep the valid part.
-            for (int64_t i = 0; i < MR; ++i)
-              for (int64_t j = 0; j < width; ++j)
-                edge[i * width + j] = (i < valid && j < cols && !zero_start) ? Ct[i * ldc + j] : 0.0f;
-            run_tile(isa, width, kc, a_view(r), Bp, width, edge, width, zero_start);
-            for (int64_t i = 0; i < valid; ++i) std::memcpy(Ct + i * ldc, edge + i * width, cols * sizeof(float));
+            if (last_depth && extras.epilogue) (*extras.epilogue)(row0 + r, col0, valid, cols);
           }
         }
       };

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "core/aligned.h"
@@ -34,10 +35,20 @@ struct PackedB {
 // op(B) = B[K, N] (ldb >= N) or, with Trans::yes, the transpose of B[N, K] (ldb >= K).
 void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out);
 
+// Called on each finished tile of C (rows [row, row + rows), columns [col, col + cols)) while it is
+// still in cache: fuses elementwise work into the GEMM without another pass over C. Called from
+// the GEMM's worker threads for disjoint tiles.
+using TileEpilogue = std::function<void(int64_t row, int64_t col, int64_t rows, int64_t cols)>;
+
+struct GemmExtras {
+  const float* bias = nullptr;           // [N]: with beta = 0, every chain starts from bias[j]
+  const TileEpilogue* epilogue = nullptr;
+};
+
 // C[M, N] = beta * C + op(A)[M, K] * B, beta 0 or 1. op(A) = A[M, K] (lda >= K) or, with
 // Trans::yes, the transpose of A[K, M] (lda >= M).
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
-                 float* C, int64_t ldc);
+                 float* C, int64_t ldc, const GemmExtras& extras = {});
 
 // Same, packing B on the fly (into a reused per-thread buffer).
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
