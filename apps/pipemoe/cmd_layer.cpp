@@ -150,7 +150,7 @@ int run_layer(Context& ctx, const LayerOptions& o) {
     return 0;
   }
 
-  std::vector<double> fwd, bwd, comm_ms, expert_ms;
+  std::vector<double> fwd, bwd, comm_ms, expert_ms, expert_gflops;
   double origin = 0;
   for (int it = 0; it < o.warmup + o.iters; ++it) {
     ctx.comm.barrier();
@@ -168,9 +168,12 @@ int run_layer(Context& ctx, const LayerOptions& o) {
     bwd.push_back(b.wall_ms);
     comm_ms.push_back(f.comm_ms + b.comm_ms);
     expert_ms.push_back(f.expert_ms + b.expert_ms);
+    expert_gflops.push_back((f.expert_flops + b.expert_flops) / (f.expert_ms + b.expert_ms) / 1e6);
   }
   Summary sf = slowest_rank(ctx.comm, fwd), sb = slowest_rank(ctx.comm, bwd);
   Summary sc = slowest_rank(ctx.comm, comm_ms), se = slowest_rank(ctx.comm, expert_ms);
+  Summary sg = summarize(expert_gflops);  // this rank; the slowest rank's median below
+  double gflops = -ctx.comm.allreduce_scalar(-sg.median, ReduceOp::max);
   double tokens_per_s = static_cast<double>(o.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
   if (!o.trace.empty()) trace.write_chrome_json(o.trace, ctx.comm, origin);
   if (ctx.rank() != 0) return 0;
@@ -183,6 +186,7 @@ int run_layer(Context& ctx, const LayerOptions& o) {
                         {"forward_ms", sf.median},   {"backward_ms", sb.median},
                         {"a2a_busy_ms", sc.median},  {"expert_ms", se.median},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
+                        {"expert_gflops", gflops},
                         {"gemm_isa", gemm_isa()}, {"threads", compute_threads()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -201,6 +205,7 @@ int run_layer(Context& ctx, const LayerOptions& o) {
   row("backward", sb);
   row("all-to-all (busy)", sc);
   row("expert FFN", se);
+  std::printf("expert FFN arithmetic: %.1f GFLOP/s per rank (slowest rank, median)\n", gflops);
   std::printf("tokens/s (all ranks, forward+backward): %.0f\n", tokens_per_s);
   return 0;
 }

@@ -125,6 +125,8 @@ void MoeLayer::forward(const float* x, int64_t tokens, float* y) {
   if (trace_) trace_->set_category("forward");
   executor_.run(graph, trace_);
   fwd_stats_ = collect_stats(degree_fwd_);
+  // two GEMMs of 2 * rows * M * H each
+  fwd_stats_.expert_flops = 4.0 * experts_wire_fwd_.total_rows * config_.model_dim * config_.hidden;
 }
 
 void MoeLayer::pack_weights() {
@@ -233,6 +235,8 @@ void MoeLayer::backward(const float* dy, float* dx, float aux_grad) {
   if (trace_) trace_->set_category("backward");
   executor_.run(graph, trace_);
   bwd_stats_ = collect_stats(degree_bwd_);
+  // input gradients (two GEMMs) and weight gradients (two GEMMs)
+  bwd_stats_.expert_flops = 8.0 * experts_wire_bwd_.total_rows * config_.model_dim * config_.hidden;
 }
 
 void MoeLayer::pack_grad() {

@@ -40,6 +40,7 @@ struct LayerRunStats {
   double comm_ms = 0;     // all-to-all tasks (count exchange included)
   double expert_ms = 0;   // expert FFN tasks
   double compute_ms = 0;  // every compute-lane task
+  double expert_flops = 0;  // arithmetic of the expert GEMMs on the rows this rank computed
   int degree = 1;
 };
 
