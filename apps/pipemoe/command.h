@@ -20,8 +20,11 @@ using CommandFn = std::function<int(Context&)>;
 
 void add_layer_command(CLI::App& app, CommandFn& run);
 void add_bench_command(CLI::App& app, CommandFn& run);
+void add_profile_command(CLI::App& app, CommandFn& run);
+void add_plan_command(CLI::App& app, CommandFn& run);
 // `bench` subcommands
 void add_bench_gemm_command(CLI::App& bench, CommandFn& run);
+void add_bench_layer_command(CLI::App& bench, CommandFn& run);
 
 // Every rank states whether its local step succeeded (error empty) and all agree: if any failed,
 // every rank throws a usage error; rank 0's carries the first failing rank's message, the others

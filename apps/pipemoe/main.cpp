@@ -3,6 +3,7 @@
 // Errors: one line "pipemoe: error: ..." and a non-zero exit on every rank. Errors every rank
 // sees alike (bad flags, shapes) end each rank on its own; errors one rank sees end the whole job.
 #include <cstdio>
+#include <cstdlib>
 
 #include "apps/pipemoe/command.h"
 #include "comm/mpi_communicator.h"
@@ -25,6 +26,8 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   pm::cli::CommandFn run;
   pm::cli::add_layer_command(app, run);
   pm::cli::add_bench_command(app, run);
+  pm::cli::add_profile_command(app, run);
+  pm::cli::add_plan_command(app, run);
 
   // An unknown command would otherwise read "A subcommand is required": name it instead.
   for (int i = 1; i < argc; ++i) {
@@ -53,6 +56,12 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   pm::set_compute_threads(compute_threads);
   pm::blas_set_threads(compute_threads);
   comm.wait_policy().timeout_s = comm_timeout_s;
+  if (const char* w = std::getenv("PIPEMOE_COMM_WAIT")) {
+    // "spin_us,min_sleep_us,max_sleep_us,fraction": for experiments with the waiting side
+    pm::WaitPolicy& p = comm.wait_policy();
+    PM_REQUIRE(std::sscanf(w, "%lf,%lf,%lf,%lf", &p.spin_us, &p.min_sleep_us, &p.max_sleep_us, &p.sleep_fraction) == 4,
+               "PIPEMOE_COMM_WAIT must be spin_us,min_sleep_us,max_sleep_us,fraction, got '{}'", w);
+  }
   pm::cli::Context context{comm};
   return run(context);
 }

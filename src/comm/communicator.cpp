@@ -51,6 +51,18 @@ void Communicator::recv(void* data, int64_t count, DType dtype, int peer, int ta
 
 void Communicator::barrier() { ibarrier()->wait(policy_); }
 
+void Communicator::broadcast(void* data, int64_t count, DType dtype, int root) {
+  ibroadcast(data, count, dtype, root)->wait(policy_);
+}
+
+std::string Communicator::broadcast_string(const std::string& value, int root) {
+  int64_t length = static_cast<int64_t>(value.size());
+  broadcast(&length, 1, DType::i64, root);
+  std::string out = rank() == root ? value : std::string(length, '\0');
+  if (length > 0) broadcast(out.data(), length, DType::u8, root);
+  return out;
+}
+
 double Communicator::allreduce_scalar(double value, ReduceOp op) {
   double out = 0;
   allreduce(&value, &out, 1, DType::f64, op);

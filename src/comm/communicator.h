@@ -64,6 +64,7 @@ class Communicator {
   virtual RequestPtr isend(const void* data, int64_t count, DType dtype, int peer, int tag) = 0;
   virtual RequestPtr irecv(void* data, int64_t count, DType dtype, int peer, int tag) = 0;
   virtual RequestPtr ibarrier() = 0;
+  virtual RequestPtr ibroadcast(void* data, int64_t count, DType dtype, int root) = 0;
 
   // Blocking forms: start, then wait with this communicator's policy.
   void alltoallv(const void* send, const std::vector<int64_t>& send_counts,
@@ -75,11 +76,14 @@ class Communicator {
   void send(const void* data, int64_t count, DType dtype, int peer, int tag);
   void recv(void* data, int64_t count, DType dtype, int peer, int tag);
   void barrier();
+  void broadcast(void* data, int64_t count, DType dtype, int root);
 
   // Conveniences built on the primitives.
   double allreduce_scalar(double value, ReduceOp op);
   // Gathers every rank's bytes on root (other ranks get an empty vector).
   std::vector<std::string> gather_strings(const std::string& mine, int root);
+  // Root's string on every rank.
+  std::string broadcast_string(const std::string& value, int root);
 
   WaitPolicy& wait_policy() { return policy_; }
   const WaitPolicy& wait_policy() const { return policy_; }

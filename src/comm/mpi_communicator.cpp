@@ -144,6 +144,12 @@ class MpiCommunicator : public Communicator {
     return req;
   }
 
+  RequestPtr ibroadcast(void* data, int64_t count, DType dtype, int root) override {
+    auto req = std::make_unique<MpiRequest>("broadcast");
+    MPI_CHECK(MPI_Ibcast(data, as_int(count, "count"), mpi_type(dtype), root, MPI_COMM_WORLD, &req->request_));
+    return req;
+  }
+
   RequestPtr ibarrier() override {
     auto req = std::make_unique<MpiRequest>("barrier");
     MPI_CHECK(MPI_Ibarrier(MPI_COMM_WORLD, &req->request_));

@@ -25,7 +25,7 @@ void MoeLayerConfig::validate(int world_size) const {
 }
 
 MoeLayer::MoeLayer(const MoeLayerConfig& config, Communicator& comm, Executor& executor)
-    : config_(config), comm_(comm), executor_(executor) {
+    : config_(config), comm_(comm), executor_(&executor) {
   config_.validate(comm_.size());
   local_experts_ = config_.experts / comm_.size();
   packed_.resize(local_experts_);
@@ -67,7 +67,7 @@ void MoeLayer::set_degrees(int forward_degree, int backward_degree) {
 }
 
 LayerRunStats MoeLayer::collect_stats(int degree) const {
-  const ExecutorStats& s = executor_.last_stats();
+  const ExecutorStats& s = executor_->last_stats();
   auto kind_ms = [&](TaskKind k) { return s.kind_busy_s[static_cast<int>(k)] * 1e3; };
   LayerRunStats out;
   out.wall_ms = s.wall_s * 1e3;
@@ -76,6 +76,32 @@ LayerRunStats MoeLayer::collect_stats(int degree) const {
   out.expert_ms = kind_ms(TaskKind::expert_fwd) + kind_ms(TaskKind::expert_dgrad) + kind_ms(TaskKind::expert_wgrad);
   out.degree = degree;
   return out;
+}
+
+LayerGraphSizes MoeLayer::last_sizes(bool forward) const {
+  const BlockLayout& tokens = forward ? tokens_fwd_ : tokens_bwd_;
+  const BlockLayout& experts = forward ? experts_wire_fwd_ : experts_wire_bwd_;
+  LayerGraphSizes s;
+  s.tokens = tokens_;
+  s.model_dim = config_.model_dim;
+  s.hidden = config_.hidden;
+  s.experts = config_.experts;
+  s.top_k = config_.top_k;
+  s.peers = comm_.size();
+  s.degree = tokens.degree;
+  s.sent_rows = tokens.total_rows;
+  for (int c = 0; c < s.degree; ++c) {
+    int64_t sent = 0, received = 0;
+    for (int q = 0; q < s.peers; ++q) {
+      if (q == comm_.rank()) continue;
+      sent += tokens.peer_chunk_rows(c, q);
+      received += experts.peer_chunk_rows(c, q);
+    }
+    // the busier direction of this rank's link sets the chunk's wire time
+    s.chunk_send_rows.push_back(std::max(sent, received));
+    s.chunk_recv_rows.push_back(experts.chunk_rows(c));
+  }
+  return s;
 }
 
 std::vector<int64_t> MoeLayer::choice_positions(const BlockLayout& layout) const {
@@ -123,7 +149,7 @@ void MoeLayer::forward(const float* x, int64_t tokens, float* y) {
                                          config_.top_k, config_.capacity_factor, comm_.size(), degree_fwd_);
   TaskGraph graph = build_forward_graph(sizes, this);
   if (trace_) trace_->set_category("forward");
-  executor_.run(graph, trace_);
+  executor_->run(graph, trace_);
   fwd_stats_ = collect_stats(degree_fwd_);
   // two GEMMs of 2 * rows * M * H each
   fwd_stats_.expert_flops = 4.0 * experts_wire_fwd_.total_rows * config_.model_dim * config_.hidden;
@@ -233,7 +259,7 @@ void MoeLayer::backward(const float* dy, float* dx, float aux_grad) {
                                          config_.top_k, config_.capacity_factor, comm_.size(), degree_bwd_);
   TaskGraph graph = build_backward_graph(sizes, this);
   if (trace_) trace_->set_category("backward");
-  executor_.run(graph, trace_);
+  executor_->run(graph, trace_);
   bwd_stats_ = collect_stats(degree_bwd_);
   // input gradients (two GEMMs) and weight gradients (two GEMMs)
   bwd_stats_.expert_flops = 8.0 * experts_wire_bwd_.total_rows * config_.model_dim * config_.hidden;

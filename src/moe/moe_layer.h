@@ -80,6 +80,12 @@ class MoeLayer : private ForwardWork, private BackwardWork {
 
   const LayerRunStats& forward_stats() const { return fwd_stats_; }
   const LayerRunStats& backward_stats() const { return bwd_stats_; }
+  // The sizes behind the last forward (or backward) graph's tasks, from the real routing: the
+  // work each task actually did, for fitting performance models.
+  LayerGraphSizes last_sizes(bool forward) const;
+  // Runs the next passes on another executor (e.g. serial, to time each lane alone).
+  void use_executor(Executor& executor) { executor_ = &executor; }
+  Executor& executor() { return *executor_; }
 
  private:
   // ForwardWork
@@ -110,7 +116,7 @@ class MoeLayer : private ForwardWork, private BackwardWork {
 
   MoeLayerConfig config_;
   Communicator& comm_;
-  Executor& executor_;
+  Executor* executor_;
   Trace* trace_ = nullptr;
   int local_experts_;
   int degree_fwd_ = 1, degree_bwd_ = 1;

@@ -1,5 +1,7 @@
 #include "sched/executor.h"
 
+#include <ctime>
+
 #include "core/clock.h"
 #include "core/error.h"
 #include "sched/trace.h"
@@ -34,9 +36,22 @@ void Executor::comm_thread_main() {
   }
 }
 
-void Executor::record(const Task& task, double start_s, double end_s) {
+namespace {
+
+double thread_cpu_s() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+}  // namespace
+
+void Executor::record(int id, double start_s, double end_s, double cpu_s) {
+  const Task& task = graph_->tasks()[id];
   stats_.busy_s[static_cast<int>(task.lane)] += end_s - start_s;
   stats_.kind_busy_s[static_cast<int>(task.kind)] += end_s - start_s;
+  if (task.lane == Lane::comm) stats_.comm_cpu_s += cpu_s;
+  stats_.records.push_back({id, start_s, end_s, cpu_s});
   if (trace_) trace_->add({task.name, trace_->category(), static_cast<int>(task.lane), start_s, end_s});
 }
 
@@ -66,7 +81,7 @@ void Executor::run_lane(Lane lane) {
     started_[next] = 1;
     Task& task = graph_->tasks()[next];
     lock.unlock();
-    double start = now_s();
+    double start = now_s(), cpu_start = thread_cpu_s();
     try {
       task.run();
     } catch (...) {
@@ -75,9 +90,9 @@ void Executor::run_lane(Lane lane) {
       changed_.notify_all();
       return;
     }
-    double end = now_s();
+    double end = now_s(), cpu = thread_cpu_s() - cpu_start;
     lock.lock();
-    record(task, start, end);
+    record(next, start, end, cpu);
     done_[next] = 1;
     changed_.notify_all();
   }

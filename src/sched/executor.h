@@ -19,11 +19,21 @@ namespace pm {
 
 class Trace;
 
+// What one task did in a run: when (on the now_s() clock) and, on the communication lane, how
+// much CPU its thread used (the waiting side should sleep: cpu_s well below end_s - start_s).
+struct TaskRecord {
+  int task = -1;
+  double start_s = 0, end_s = 0;
+  double cpu_s = 0;
+};
+
 // Time each lane spent in tasks during the last run, and the run's wall time.
 struct ExecutorStats {
   double wall_s = 0;
   double busy_s[kNumLanes] = {0, 0};
   double kind_busy_s[kNumTaskKinds] = {};
+  double comm_cpu_s = 0;            // CPU time of the communication lane's thread in its tasks
+  std::vector<TaskRecord> records;  // one per task, in completion order
 };
 
 class Executor {
@@ -42,7 +52,7 @@ class Executor {
  private:
   void comm_thread_main();
   void run_lane(Lane lane);
-  void record(const Task& task, double start_s, double end_s);
+  void record(int id, double start_s, double end_s, double cpu_s);
 
   Mode mode_;
   std::thread comm_thread_;

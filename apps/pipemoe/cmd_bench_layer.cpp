@@ -1,0 +1,188 @@
+// pipemoe bench layer: a grid of MoE layer shapes, every pipeline degree measured and predicted.
+//
+//   scripts/emulate-cluster --hosts 2 --rate 1gbit -- mpirun -np 2 build/pipemoe bench layer \
+//       --profile profile.json [--grid small|tiny|full] [--rounds 2] [--iters 3] [--csv out/bench_layer.csv]
+// For each shape: each lane alone (the bound), then every candidate degree timed in interleaved
+// rounds (all degrees see the same noise), forward and backward. Writes one CSV row per shape and
+// degree, and prints how the planner's choices compare with the best measured degrees.
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "apps/pipemoe/command.h"
+#include "apps/pipemoe/layer_runner.h"
+#include "core/csv.h"
+#include "core/log.h"
+#include "perf/planner.h"
+#include "sched/executor.h"
+
+namespace pm::cli {
+namespace {
+
+struct BenchLayerOptions {
+  std::string profile;
+  std::string grid = "small";
+  std::vector<int> degrees = {1, 2, 3, 4, 6, 8};
+  int rounds = 2;
+  int iters = 3;
+  std::string csv = "out/bench_layer.csv";
+};
+
+// Shapes in the spirit of PipeMoE's 174 layers (tokens, model and hidden dimensions, experts,
+// top-k), scaled to what a 2-core machine runs in minutes.
+std::vector<LayerShape> grid_shapes(const std::string& grid, int ranks) {
+  std::vector<int64_t> tokens = {1024, 2048}, model = {256, 512}, hidden = {512, 1024, 2048};
+  std::vector<int> experts_per_rank = {1, 4}, topk = {1, 2};
+  if (grid == "tiny") tokens = {1024}, model = {256, 512}, hidden = {512, 2048}, experts_per_rank = {2}, topk = {2};
+  if (grid == "full") tokens = {512, 1024, 2048}, model = {256, 512, 1024}, experts_per_rank = {1, 2, 4};
+  PM_REQUIRE(grid == "tiny" || grid == "small" || grid == "full", "--grid must be tiny, small or full, got '{}'", grid);
+  std::vector<LayerShape> out;
+  for (int64_t t : tokens)
+    for (int64_t m : model)
+      for (int64_t h : hidden)
+        for (int e : experts_per_rank)
+          for (int k : topk) out.push_back({t, m, h, e * ranks, k, 1.25, ranks});
+  return out;
+}
+
+struct DegreeResult {
+  double forward_ms = 0, backward_ms = 0, predicted_fwd_ms = 0, predicted_bwd_ms = 0;
+};
+
+double median_of(std::vector<double> v) { return summarize(std::move(v)).median; }
+
+int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
+  PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
+  PM_REQUIRE(o.rounds >= 1 && o.iters >= 1, "--rounds and --iters must be at least 1");
+  PerfProfile profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm));
+  std::vector<LayerShape> shapes = grid_shapes(o.grid, ctx.world());
+  std::unique_ptr<CsvWriter> csv;
+  if (ctx.rank() == 0)
+    csv = std::make_unique<CsvWriter>(
+        o.csv, std::vector<std::string>{"shape", "tokens", "model_dim", "hidden", "experts", "top_k", "capacity_factor",
+                                        "ranks", "degree", "forward_ms", "backward_ms", "predicted_fwd_ms",
+                                        "predicted_bwd_ms", "comm_alone_ms", "compute_alone_ms", "planner_fwd_degree",
+                                        "planner_bwd_degree", "best_fwd_degree", "best_bwd_degree"});
+  // per shape: (chosen ms, best ms, degree-1 ms, degree-4 ms or 0, bound ms, comm share)
+  struct ShapeSummary {
+    double chosen, best, d1, d4, bound, comm_share;
+  };
+  std::vector<ShapeSummary> summaries;
+  std::vector<double> prediction_errors;
+
+  for (std::size_t si = 0; si < shapes.size(); ++si) {
+    const LayerShape& s = shapes[si];
+    MoeLayerConfig config{s.model_dim, s.hidden, s.experts, s.top_k, s.capacity_factor};
+    Executor executor;
+    MoeLayer layer(config, ctx.comm, executor);
+    layer.init_parameters(1);
+    LayerData data = make_layer_data(s.tokens, s.model_dim, 1, ctx.rank());
+    int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
+    LayerPlan plan = plan_layer(profile, s);
+    std::vector<int> degrees;
+    for (int d : o.degrees)
+      if (d <= capacity) degrees.push_back(d);
+    for (int d : {plan.forward_degree, plan.backward_degree})
+      if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
+    std::sort(degrees.begin(), degrees.end());
+    log::info("bench layer: shape {}/{}: T={} M={} H={} E={} k={}, degrees {}", si + 1, shapes.size(), s.tokens,
+              s.model_dim, s.hidden, s.experts, s.top_k, fmt::join(degrees, ","));
+
+    layer.set_degrees(1, 1);
+    run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
+    LanesAlone alone = time_lanes_alone(ctx.comm, layer, data, o.iters, 0.01f);
+    std::map<int, std::vector<double>> fwd, bwd;
+    for (int round = 0; round < o.rounds; ++round)
+      for (int d : degrees) {
+        layer.set_degrees(d, d);
+        PassTimes t = run_passes(ctx.comm, layer, data, 1, o.iters, 0.01f);
+        fwd[d].push_back(slowest_rank(ctx.comm, t.forward).median);
+        bwd[d].push_back(slowest_rank(ctx.comm, t.backward).median);
+      }
+    if (ctx.rank() != 0) continue;
+
+    std::map<int, DegreeResult> results;
+    int best_f = degrees[0], best_b = degrees[0];
+    for (int d : degrees) {
+      DegreeResult& r = results[d];
+      r.forward_ms = median_of(fwd[d]);
+      r.backward_ms = median_of(bwd[d]);
+      for (const auto& c : plan.candidates)
+        if (c.degree == d) r.predicted_fwd_ms = c.forward_s * 1e3, r.predicted_bwd_ms = c.backward_s * 1e3;
+      if (r.forward_ms < results[best_f].forward_ms) best_f = d;
+      if (r.backward_ms < results[best_b].backward_ms) best_b = d;
+      prediction_errors.push_back(std::abs(r.predicted_fwd_ms - r.forward_ms) / r.forward_ms);
+      prediction_errors.push_back(std::abs(r.predicted_bwd_ms - r.backward_ms) / r.backward_ms);
+    }
+    for (int d : degrees) {
+      const DegreeResult& r = results[d];
+      csv->row({std::to_string(si), std::to_string(s.tokens), std::to_string(s.model_dim), std::to_string(s.hidden),
+                std::to_string(s.experts), std::to_string(s.top_k), fmt::format("{}", s.capacity_factor),
+                std::to_string(s.ranks), std::to_string(d), fmt::format("{:.3f}", r.forward_ms),
+                fmt::format("{:.3f}", r.backward_ms), fmt::format("{:.3f}", r.predicted_fwd_ms),
+                fmt::format("{:.3f}", r.predicted_bwd_ms), fmt::format("{:.3f}", alone.comm_ms),
+                fmt::format("{:.3f}", alone.compute_ms), std::to_string(plan.forward_degree),
+                std::to_string(plan.backward_degree), std::to_string(best_f), std::to_string(best_b)});
+    }
+    ShapeSummary sum;
+    sum.chosen = results[plan.forward_degree].forward_ms + results[plan.backward_degree].backward_ms;
+    sum.best = results[best_f].forward_ms + results[best_b].backward_ms;
+    sum.d1 = results[1].forward_ms + results[1].backward_ms;
+    sum.d4 = results.count(4) ? results[4].forward_ms + results[4].backward_ms : 0;
+    sum.bound = std::max(alone.comm_ms, alone.compute_ms);
+    sum.comm_share = alone.comm_ms / (alone.comm_ms + alone.compute_ms);
+    summaries.push_back(sum);
+    std::printf("shape %2zu T=%-5ld M=%-5ld H=%-5ld E=%-3d k=%d | comm %5.1f%% | planner %d/%d %8.1f ms | best %d/%d "
+                "%8.1f ms | regret %5.1f%% | vs degree 1 x%.2f\n",
+                si, static_cast<long>(s.tokens), static_cast<long>(s.model_dim), static_cast<long>(s.hidden), s.experts,
+                s.top_k, sum.comm_share * 100, plan.forward_degree, plan.backward_degree, sum.chosen, best_f, best_b,
+                sum.best, (sum.chosen / sum.best - 1) * 100, sum.d1 / sum.chosen);
+    std::fflush(stdout);
+  }
+  if (ctx.rank() != 0) return 0;
+
+  int within5 = 0, bounded = 0, in_range = 0;
+  std::vector<double> vs1, vs4, bound_ratio;
+  for (const ShapeSummary& s : summaries) {
+    within5 += s.chosen <= 1.05 * s.best;
+    vs1.push_back(s.d1 / s.chosen);
+    if (s.d4 > 0) vs4.push_back(s.d4 / s.chosen);
+    if (s.comm_share >= 0.3 && s.comm_share <= 0.7) {
+      ++in_range;
+      bound_ratio.push_back(s.chosen / s.bound);
+      bounded += s.chosen <= 1.15 * s.bound;
+    }
+  }
+  auto dist = [](const std::vector<double>& v) {
+    Summary s = summarize(v);
+    return fmt::format("min {:.2f} median {:.2f} max {:.2f}", s.min, s.median, s.max);
+  };
+  std::printf("\n%zu shapes on %s\n", summaries.size(), profile.cluster.summary().c_str());
+  std::printf("planner within 5%% of the best measured degrees: %d of %zu shapes (%.0f%%)\n", within5, summaries.size(),
+              100.0 * within5 / summaries.size());
+  std::printf("speedup of the planner's degrees over degree 1: %s\n", dist(vs1).c_str());
+  if (!vs4.empty()) std::printf("speedup over a fixed degree 4: %s\n", dist(vs4).c_str());
+  if (in_range)
+    std::printf("shapes with communication 30-70%% of the sequential time: %d; chosen / max(comm, compute): %s; "
+                "within 1.15x: %d\n", in_range, dist(bound_ratio).c_str(), bounded);
+  std::printf("prediction error |predicted - measured| / measured: median %.1f%% over %zu (shape, degree, direction)\n",
+              summarize(prediction_errors).median * 100, prediction_errors.size());
+  std::printf("wrote %s\n", o.csv.c_str());
+  return 0;
+}
+
+}  // namespace
+
+void add_bench_layer_command(CLI::App& bench, CommandFn& run) {
+  auto o = std::make_shared<BenchLayerOptions>();
+  CLI::App* cmd = bench.add_subcommand("layer", "a grid of layer shapes: every degree measured and predicted");
+  cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
+  cmd->add_option("--grid", o->grid, "tiny (4 shapes), small (48) or full (216)")->capture_default_str();
+  cmd->add_option("--degrees", o->degrees, "degrees to measure (the planner's picks are added)")->delimiter(',')->capture_default_str();
+  cmd->add_option("--rounds", o->rounds, "interleaved rounds over the degrees")->capture_default_str();
+  cmd->add_option("--iters", o->iters, "timed passes per degree and round")->capture_default_str();
+  cmd->add_option("--csv", o->csv, "CSV file to write")->capture_default_str();
+  cmd->callback([o, &run] { run = [o](Context& ctx) { return run_bench_layer(ctx, *o); }; });
+}
+
+}  // namespace pm::cli

@@ -1,0 +1,103 @@
+// pipemoe plan: the planner's predictions for one layer shape, per pipeline degree.
+//
+//   build/pipemoe plan --profile profile.json --tokens 2048 --model-dim 512 --hidden 1024 \
+//       --experts 8 --top-k 2 --capacity-factor 1.25 [--json]
+// Runs on one process: the rank count is the profile's. Prints predicted forward and backward
+// time for every candidate degree and the degrees it would choose.
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "apps/pipemoe/command.h"
+#include "moe/layer_graph.h"
+#include "moe/moe_layer.h"
+#include "moe/routing.h"
+#include "perf/planner.h"
+
+namespace pm::cli {
+namespace {
+
+struct PlanOptions {
+  std::string profile;
+  int64_t tokens = 2048, model_dim = 512, hidden = 1024;
+  int experts = 8, top_k = 2;
+  double capacity_factor = 1.25;
+  bool json = false;
+  std::string trace;
+};
+
+// The simulated forward and backward passes at the chosen degrees, as a Chrome trace: the
+// prediction, to lay beside a real run's trace (pipemoe layer --trace).
+void write_predicted_trace(const std::string& path, const PerfProfile& profile, const LayerShape& s, const LayerPlan& plan) {
+  nlohmann::json events = nlohmann::json::array();
+  events.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", 0}, {"args", {{"name", "predicted"}}}});
+  for (int lane = 0; lane < kNumLanes; ++lane)
+    events.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", 0}, {"tid", lane},
+                      {"args", {{"name", lane_name(static_cast<Lane>(lane))}}}});
+  double offset = 0;
+  for (bool forward : {true, false}) {
+    int degree = forward ? plan.forward_degree : plan.backward_degree;
+    LayerGraphSizes sizes = balanced_sizes(s.tokens, s.model_dim, s.hidden, s.experts, s.top_k, s.capacity_factor,
+                                           s.ranks, degree);
+    TaskGraph g = forward ? build_forward_graph(sizes, nullptr) : build_backward_graph(sizes, nullptr);
+    Simulation sim = simulate(g, [&](const Task& t) { return profile.predict(t); }, profile.interference);
+    for (int id = 0; id < g.size(); ++id)
+      events.push_back({{"name", g.tasks()[id].name}, {"cat", forward ? "forward" : "backward"}, {"ph", "X"},
+                        {"pid", 0}, {"tid", static_cast<int>(g.tasks()[id].lane)},
+                        {"ts", (offset + sim.start_s[id]) * 1e6}, {"dur", (sim.end_s[id] - sim.start_s[id]) * 1e6}});
+    offset += sim.makespan_s;
+  }
+  std::ofstream out(path);
+  PM_IO_CHECK(out.good(), "cannot write trace file {}", path);
+  out << nlohmann::json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
+}
+
+int run_plan(Context& ctx, const PlanOptions& o) {
+  PM_REQUIRE(!o.profile.empty(), "plan needs --profile FILE (take one with `pipemoe profile`)");
+  PM_REQUIRE(o.tokens > 0, "--tokens must be positive, got {}", o.tokens);
+  // Planning is offline: the profile says how many ranks the layer runs on.
+  PerfProfile profile = PerfProfile::load(o.profile);
+  MoeLayerConfig{o.model_dim, o.hidden, o.experts, o.top_k, o.capacity_factor}.validate(profile.cluster.world_size);
+  LayerShape shape{o.tokens, o.model_dim, o.hidden, o.experts, o.top_k, o.capacity_factor, profile.cluster.world_size};
+  LayerPlan plan = plan_layer(profile, shape);
+  if (ctx.rank() != 0) return 0;
+  if (!o.trace.empty()) write_predicted_trace(o.trace, profile, shape, plan);
+  if (o.json) {
+    nlohmann::json c = nlohmann::json::array();
+    for (const auto& p : plan.candidates)
+      c.push_back({{"degree", p.degree}, {"forward_ms", p.forward_s * 1e3}, {"backward_ms", p.backward_s * 1e3}});
+    nlohmann::json j = {{"degree_fwd", plan.forward_degree}, {"degree_bwd", plan.backward_degree},
+                        {"predicted_fwd_ms", plan.forward_s * 1e3}, {"predicted_bwd_ms", plan.backward_s * 1e3},
+                        {"candidates", c}, {"cluster", profile.cluster.summary()}};
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("plan for T=%ld M=%ld H=%ld E=%d k=%d f=%.2f on %s\n", static_cast<long>(o.tokens),
+              static_cast<long>(o.model_dim), static_cast<long>(o.hidden), o.experts, o.top_k, o.capacity_factor,
+              profile.cluster.summary().c_str());
+  std::printf("%8s %14s %14s\n", "degree", "forward ms", "backward ms");
+  for (const auto& p : plan.candidates)
+    std::printf("%8d %13.2f%s %13.2f%s\n", p.degree, p.forward_s * 1e3, p.degree == plan.forward_degree ? "*" : " ",
+                p.backward_s * 1e3, p.degree == plan.backward_degree ? "*" : " ");
+  std::printf("chosen: forward %d (%.2f ms), backward %d (%.2f ms)\n", plan.forward_degree, plan.forward_s * 1e3,
+              plan.backward_degree, plan.backward_s * 1e3);
+  return 0;
+}
+
+}  // namespace
+
+void add_plan_command(CLI::App& app, CommandFn& run) {
+  auto o = std::make_shared<PlanOptions>();
+  CLI::App* cmd = app.add_subcommand("plan", "predict a layer's time per pipeline degree and choose");
+  cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
+  cmd->add_option("--tokens", o->tokens, "tokens per rank (T)")->capture_default_str();
+  cmd->add_option("--model-dim", o->model_dim, "model dimension (M)")->capture_default_str();
+  cmd->add_option("--hidden", o->hidden, "expert hidden dimension (H)")->capture_default_str();
+  cmd->add_option("--experts", o->experts, "experts over all ranks (E)")->capture_default_str();
+  cmd->add_option("--top-k", o->top_k, "experts per token (k)")->capture_default_str();
+  cmd->add_option("--capacity-factor", o->capacity_factor, "capacity factor (f)")->capture_default_str();
+  cmd->add_flag("--json", o->json, "print one JSON object");
+  cmd->add_option("--trace", o->trace, "write the predicted schedule as a Chrome/Perfetto trace");
+  cmd->callback([o, &run] { run = [o](Context& ctx) { return run_plan(ctx, *o); }; });
+}
+
+}  // namespace pm::cli

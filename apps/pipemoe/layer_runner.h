@@ -1,0 +1,40 @@
+// Running an MoE layer for measurement: its random data, timed passes, and each lane timed alone.
+// Shared by `pipemoe layer` and `pipemoe bench layer`.
+#pragma once
+
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/stats.h"
+#include "core/tensor.h"
+#include "moe/moe_layer.h"
+
+namespace pm::cli {
+
+// x and dy per rank from (seed, rank) streams; y and dx zeroed.
+struct LayerData {
+  Tensor x, dy, y, dx;
+};
+LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int rank);
+
+// Per-pass figures of this rank, milliseconds.
+struct PassTimes {
+  std::vector<double> forward, backward, comm_busy, comm_cpu, expert, expert_gflops;
+};
+
+// warmup + iters passes (forward then backward, a barrier before each); keeps the last iters.
+PassTimes run_passes(Communicator& comm, MoeLayer& layer, LayerData& data, int warmup, int iters,
+                     float aux_coef);
+
+// Median over this rank's passes, then the slowest rank (min, median and max each the largest).
+Summary slowest_rank(Communicator& comm, const std::vector<double>& values);
+
+// The layer's communication and computation each run alone (serial executor), ms per pass
+// (forward + backward), median over passes: communication on the rank that waited least (the
+// transfer itself), computation on the slowest rank.
+struct LanesAlone {
+  double comm_ms = 0, compute_ms = 0;
+};
+LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& data, int iters, float aux_coef);
+
+}  // namespace pm::cli

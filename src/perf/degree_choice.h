@@ -1,0 +1,35 @@
+// Choosing a layer's pipeline degrees: fixed, planned from a profile, or measured.
+//
+//   fixed   the user's number;
+//   auto    with a profile: the planner's prediction (forward and backward separately); with
+//           `refine` the planner's best few are also timed on the first iterations and the
+//           fastest measured wins; without a profile: every candidate is timed and the fastest
+//           wins. Measurements take the slowest rank, so every rank makes the same choice.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "perf/planner.h"
+
+namespace pm {
+
+// A degree as the user wrote it: a number, or 0 for "auto".
+int parse_degree(const std::string& text, const char* flag);
+
+struct DegreeChoice {
+  int forward = 1, backward = 1;                   // what runs
+  int planned_forward = 0, planned_backward = 0;   // the planner's pick (0: no profile)
+  std::optional<LayerPlan> plan;
+  bool measured = false;                           // decided or refined by timing
+};
+
+// measure(fwd_degree, bwd_degree) runs one or more passes and returns their (forward, backward)
+// seconds, slowest rank. refine: how many of the planner's best to time (0 or 1: trust it).
+DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
+                            const LayerShape& shape, int refine,
+                            const std::function<std::pair<double, double>(int, int)>& measure);
+
+}  // namespace pm

@@ -1,0 +1,202 @@
+#include "perf/perf_profile.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "comm/communicator.h"
+#include "comm/mpi_communicator.h"
+#include "core/error.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace pm {
+namespace {
+
+constexpr const char* kFormat = "pipemoe-profile";
+constexpr int kVersion = 1;
+
+std::string cpu_model_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) {
+      auto colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(line.find_first_not_of(" \t", colon + 1));
+    }
+  return "unknown";
+}
+
+}  // namespace
+
+std::string ClusterInfo::summary() const {
+  return fmt::format("{} ranks on {} host(s), {} thread(s) each, {}, network: {}", world_size, hosts, threads,
+                     cpu_model, network);
+}
+
+std::string ClusterInfo::mismatch(const ClusterInfo& here) const {
+  std::vector<std::string> diffs;
+  if (world_size != here.world_size) diffs.push_back(fmt::format("{} ranks, not {}", world_size, here.world_size));
+  if (hosts != here.hosts) diffs.push_back(fmt::format("{} hosts, not {}", hosts, here.hosts));
+  if (threads != here.threads) diffs.push_back(fmt::format("{} threads per rank, not {}", threads, here.threads));
+  if (cpu_model != here.cpu_model) diffs.push_back(fmt::format("CPU '{}', not '{}'", cpu_model, here.cpu_model));
+  if (network != here.network) diffs.push_back(fmt::format("network '{}', not '{}'", network, here.network));
+  std::string out;
+  for (const auto& d : diffs) out += (out.empty() ? "" : "; ") + d;
+  return out;
+}
+
+ClusterInfo describe_cluster(Communicator& comm) {
+  ClusterInfo c;
+  c.world_size = comm.size();
+  c.threads = compute_threads();
+  c.cpu_model = cpu_model_name();
+  std::vector<std::string> names = comm.gather_strings(MpiRuntime::processor_name(), 0);
+  int64_t hosts = static_cast<int64_t>(std::set<std::string>(names.begin(), names.end()).size());
+  comm.broadcast(&hosts, 1, DType::i64, 0);
+  c.hosts = static_cast<int>(hosts);
+  if (const char* net = std::getenv("PIPEMOE_NETWORK"))
+    c.network = net;
+  else
+    c.network = c.hosts == 1 ? "shared memory" : "unknown";
+  // every rank takes rank 0's view (a CPU model could differ in a mixed cluster)
+  c.cpu_model = comm.broadcast_string(c.cpu_model, 0);
+  c.network = comm.broadcast_string(c.network, 0);
+  return c;
+}
+
+std::array<double, kNumFeatures> task_features(const TaskWork& w) { return {1.0, w.calls, w.flops, w.bytes}; }
+
+double KindModel::predict(const TaskWork& work) const {
+  auto f = task_features(work);
+  double t = 0;
+  for (int i = 0; i < kNumFeatures; ++i) t += coef[i] * f[i];
+  return t;
+}
+
+double PerfProfile::predict(const Task& task) const {
+  const KindModel& m = models[static_cast<int>(task.kind)];
+  PM_REQUIRE(m.fitted, "the profile has no model for {} tasks: take a new profile with `pipemoe profile`",
+             task_kind_name(task.kind));
+  return m.predict(task.work);
+}
+
+std::string PerfProfile::to_json() const {
+  nlohmann::json models_json = nlohmann::json::object();
+  for (int k = 0; k < kNumTaskKinds; ++k) {
+    const KindModel& m = models[k];
+    if (!m.fitted) continue;
+    models_json[task_kind_name(static_cast<TaskKind>(k))] = {
+        {"seconds", {{"fixed", m.coef[0]}, {"per_call", m.coef[1]}, {"per_flop", m.coef[2]}, {"per_byte", m.coef[3]}}},
+        {"samples", m.samples},
+        {"r2", m.r2},
+        {"median_rel_err", m.median_rel_err}};
+  }
+  nlohmann::json j = {
+      {"format", kFormat},
+      {"version", kVersion},
+      {"created", created},
+      {"cluster",
+       {{"world_size", cluster.world_size}, {"hosts", cluster.hosts}, {"threads", cluster.threads},
+        {"cpu_model", cluster.cpu_model}, {"network", cluster.network}}},
+      {"interference", {{"compute", interference.compute}, {"comm", interference.comm}, {"handoff_s", interference.handoff_s}}},
+      {"self_check_median_error", self_check_median_error},
+      {"models", models_json}};
+  return j.dump(2);
+}
+
+PerfProfile PerfProfile::from_json(const std::string& text, const std::string& source) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    throw Error(ErrorKind::usage, fmt::format("{} is not a valid profile: not JSON ({})", source, e.what()));
+  }
+  PerfProfile p;
+  try {
+    PM_REQUIRE(j.is_object() && j.value("format", "") == kFormat,
+               "{} is not a pipemoe profile (no \"format\": \"{}\")", source, kFormat);
+    PM_REQUIRE(j.at("version").get<int>() == kVersion, "{} is a profile of format version {}, this build reads {}",
+               source, j.at("version").get<int>(), kVersion);
+    p.created = j.value("created", "");
+    p.self_check_median_error = j.value("self_check_median_error", 0.0);
+    const auto& c = j.at("cluster");
+    p.cluster.world_size = c.at("world_size").get<int>();
+    p.cluster.hosts = c.at("hosts").get<int>();
+    p.cluster.threads = c.at("threads").get<int>();
+    p.cluster.cpu_model = c.at("cpu_model").get<std::string>();
+    p.cluster.network = c.at("network").get<std::string>();
+    p.interference.compute = j.at("interference").at("compute").get<double>();
+    p.interference.comm = j.at("interference").at("comm").get<double>();
+    p.interference.handoff_s = j.at("interference").value("handoff_s", 0.0);
+    PM_REQUIRE(p.interference.handoff_s >= 0, "{}: negative hand-off latency", source);
+    PM_REQUIRE(p.interference.compute >= 1 && p.interference.comm >= 1, "{}: interference factors below 1", source);
+    for (auto& [name, m] : j.at("models").items()) {
+      int kind = -1;
+      for (int k = 0; k < kNumTaskKinds; ++k)
+        if (name == task_kind_name(static_cast<TaskKind>(k))) kind = k;
+      PM_REQUIRE(kind >= 0, "{}: unknown task kind '{}'", source, name);
+      KindModel& km = p.models[kind];
+      const auto& s = m.at("seconds");
+      km.coef = {s.at("fixed").get<double>(), s.at("per_call").get<double>(), s.at("per_flop").get<double>(),
+                 s.at("per_byte").get<double>()};
+      for (double v : km.coef) PM_REQUIRE(v >= 0 && std::isfinite(v), "{}: negative or infinite cost for {}", source, name);
+      km.samples = m.value("samples", 0);
+      km.r2 = m.value("r2", 0.0);
+      km.median_rel_err = m.value("median_rel_err", 0.0);
+      km.fitted = true;
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorKind::usage, fmt::format("{} is not a valid profile: {}", source, e.what()));
+  }
+  return p;
+}
+
+void PerfProfile::save(const std::string& path) const {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    PM_IO_CHECK(out.good(), "cannot write profile {}", tmp);
+    out << to_json() << "\n";
+    out.close();
+    PM_IO_CHECK(!out.fail(), "writing profile {} failed", tmp);
+  }
+  PM_IO_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename {} to {}", tmp, path);
+}
+
+namespace {
+
+// The file's text, or a usage error naming it.
+std::string read_profile_text(const std::string& path) {
+  std::ifstream in(path);
+  PM_REQUIRE(in.good(), "cannot read profile {}: no such file (take one with `pipemoe profile --out {}`)", path, path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+PerfProfile PerfProfile::load(const std::string& path) { return from_json(read_profile_text(path), path); }
+
+PerfProfile load_profile_for(Communicator& comm, const std::string& path, const ClusterInfo& here) {
+  std::string text, error;
+  if (comm.rank() == 0) {
+    try {
+      text = read_profile_text(path);
+    } catch (const Error& e) {
+      error = e.what();
+    }
+  }
+  error = comm.broadcast_string(error, 0);
+  PM_REQUIRE(error.empty(), "{}", error);
+  PerfProfile p = PerfProfile::from_json(comm.broadcast_string(text, 0), path);
+  std::string diff = p.cluster.mismatch(here);
+  PM_REQUIRE(diff.empty(), "profile {} was taken on another cluster ({}): take one here with `pipemoe profile`",
+             path, diff);
+  return p;
+}
+
+}  // namespace pm

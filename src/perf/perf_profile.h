@@ -1,0 +1,67 @@
+// A performance profile: where it was taken, and fitted models of every task kind's duration.
+//
+// Each kind's time alone is linear in its work: t = c0 + c_calls * calls + c_flops * flops +
+// c_bytes * bytes, all coefficients >= 0 (fitted by `pipemoe profile` from real runs). While
+// both lanes are busy, each runs slower by its interference factor. A profile is valid only on
+// the cluster it was taken on: loading it elsewhere is an error that says what differs.
+#pragma once
+
+#include <array>
+#include <string>
+#include <vector>
+
+#include "sched/simulator.h"
+#include "sched/task_graph.h"
+
+namespace pm {
+
+class Communicator;
+
+struct ClusterInfo {
+  int world_size = 1;
+  int hosts = 1;         // distinct host names among the ranks
+  int threads = 1;       // compute threads per rank
+  std::string cpu_model;
+  std::string network;   // $PIPEMOE_NETWORK (set by scripts/emulate-cluster), else "shared memory"/"unknown"
+  // What differs from `here`, in words; empty when a profile taken on *this can be used there.
+  std::string mismatch(const ClusterInfo& here) const;
+  std::string summary() const;
+};
+
+// Collective: every rank gets the same description.
+ClusterInfo describe_cluster(Communicator& comm);
+
+constexpr int kNumFeatures = 4;  // 1, calls, flops, bytes
+std::array<double, kNumFeatures> task_features(const TaskWork& work);
+
+struct KindModel {
+  bool fitted = false;
+  std::array<double, kNumFeatures> coef = {};
+  int samples = 0;
+  double r2 = 0;
+  double median_rel_err = 0;
+  double predict(const TaskWork& work) const;
+};
+
+struct PerfProfile {
+  ClusterInfo cluster;
+  std::string created;  // UTC time, ISO 8601
+  std::array<KindModel, kNumTaskKinds> models;
+  Interference interference;
+  double self_check_median_error = 0;  // overlapped layer passes vs their simulation, at profiling
+
+  // Seconds the task takes alone; throws if its kind was never profiled.
+  double predict(const Task& task) const;
+  std::string to_json() const;
+  // Parses and validates; `source` names the file in error messages.
+  static PerfProfile from_json(const std::string& text, const std::string& source);
+  // Written to a temporary file and renamed: a crash never leaves half a profile.
+  void save(const std::string& path) const;
+  static PerfProfile load(const std::string& path);
+};
+
+// Collective: rank 0 reads the file and sends it to every rank, which parse it and check that it
+// was taken on a cluster like this one; any problem is the same usage error on every rank.
+PerfProfile load_profile_for(Communicator& comm, const std::string& path, const ClusterInfo& here);
+
+}  // namespace pm

@@ -1,0 +1,247 @@
+#include "perf/profiler.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cmath>
+#include <ctime>
+#include <nlohmann/json.hpp>
+
+#include "comm/communicator.h"
+#include "core/rng.h"
+#include "moe/moe_layer.h"
+#include "perf/linear_fit.h"
+#include "core/clock.h"
+#include "core/stats.h"
+#include "kernels/cpu/gemm.h"
+#include "sched/executor.h"
+
+namespace pm {
+namespace {
+
+// One timed task: its kind, its work's features and its duration alone.
+struct Sample {
+  int kind;
+  std::array<double, kNumFeatures> features;
+  double seconds;
+};
+
+// One overlapped pass: its graph (sizes from the real routing) and its measured wall time.
+struct OverlapRun {
+  TaskGraph graph;
+  double seconds;
+};
+
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+// Samples of one serial pass, one per task, kept on rank 0. Every chunk's all-to-all waits for
+// the slowest rank, so what predicts a pipelined pass is the slowest rank: compute tasks take the
+// longest duration over ranks with the ranks' mean work (the planner assumes balanced work).
+// Communication tasks take the shortest duration (the last rank to arrive sees the transfer
+// alone; the others also waited) with the largest bytes.
+void collect_serial(Communicator& comm, const TaskGraph& graph, const ExecutorStats& stats,
+                    std::vector<Sample>& samples) {
+  const int n = graph.size();
+  std::vector<double> seconds(n, 0.0), comm_seconds(n, 0.0), work(3 * n, 0.0), bytes(n, 0.0);
+  for (const TaskRecord& r : stats.records) seconds[r.task] = comm_seconds[r.task] = r.end_s - r.start_s;
+  for (int id = 0; id < n; ++id) {
+    const TaskWork& w = graph.tasks()[id].work;
+    work[3 * id] = w.calls, work[3 * id + 1] = w.flops, work[3 * id + 2] = w.bytes;
+    bytes[id] = w.bytes;
+  }
+  comm.allreduce(seconds.data(), seconds.data(), n, DType::f64, ReduceOp::max);
+  comm.allreduce(comm_seconds.data(), comm_seconds.data(), n, DType::f64, ReduceOp::min);
+  comm.allreduce(work.data(), work.data(), 3 * n, DType::f64, ReduceOp::sum);
+  comm.allreduce(bytes.data(), bytes.data(), n, DType::f64, ReduceOp::max);
+  if (comm.rank() != 0) return;
+  for (int id = 0; id < n; ++id) {
+    const Task& t = graph.tasks()[id];
+    TaskWork w = t.work;
+    double y = seconds[id];
+    if (t.lane == Lane::comm) {
+      w.bytes = bytes[id];
+      y = comm_seconds[id];
+    } else {
+      w = TaskWork{work[3 * id] / comm.size(), work[3 * id + 1] / comm.size(), work[3 * id + 2] / comm.size()};
+    }
+    samples.push_back({static_cast<int>(t.kind), task_features(w), y});
+  }
+}
+
+std::string samples_to_json(const std::vector<Sample>& samples) {
+  nlohmann::json j = nlohmann::json::array();
+  for (const Sample& s : samples) j.push_back({s.kind, s.features, s.seconds});
+  return j.dump();
+}
+
+void samples_from_json(const std::string& text, std::vector<Sample>& out) {
+  for (const auto& e : nlohmann::json::parse(text))
+    out.push_back({e[0].get<int>(), e[1].get<std::array<double, kNumFeatures>>(), e[2].get<double>()});
+}
+
+// Measures how the lanes slow each other, directly:
+//  - hand-off: a chain of empty tasks alternating lanes, each waiting for the previous one;
+//  - compute factor: GEMMs alone, then the same GEMMs beside a stream of all-to-alls; over the
+//    window where both ran, compute progressed (work done) / (window) of its own speed;
+//  - comm factor: the all-to-alls' time beside the GEMMs over their time alone.
+// Medians of `repeats` runs: the machine is noisy.
+Interference measure_interference(Communicator& comm, int repeats) {
+  Executor ex;
+  const int64_t M = 512, N = 1024, K = 512;
+  std::vector<float> A(M * K, 0.5f), B(K * N, 0.25f), C(M * N);
+  PackedB packed;
+  pack_b(Trans::no, K, N, B.data(), N, packed);
+  const int P = comm.size();
+  const int64_t per_peer = 256 * 1024;  // floats: 1 MiB to every peer
+  std::vector<float> send(per_peer * P, 1.0f), recv(per_peer * P);
+  std::vector<int64_t> counts(P, per_peer), displs(P);
+  for (int q = 0; q < P; ++q) displs[q] = q * per_peer;
+  auto gemms = [&](int n) { for (int i = 0; i < n; ++i) gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, C.data(), N); };
+  auto a2as = [&](int n) {
+    for (int i = 0; i < n; ++i) comm.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::f32);
+  };
+  auto timed = [&](const std::function<void()>& fn) {
+    comm.barrier();
+    Stopwatch w;
+    fn();
+    double t = w.elapsed_s();
+    return comm.allreduce_scalar(t, ReduceOp::max);
+  };
+  // size both loops so that the all-to-alls cover about half of the GEMMs' time
+  double one_gemm = timed([&] { gemms(4); }) / 4, one_a2a = timed([&] { a2as(2); }) / 2;
+  int n_gemm = std::max(4, static_cast<int>(0.3 / one_gemm));
+  int n_a2a = std::max(2, static_cast<int>(0.5 * n_gemm * one_gemm / one_a2a));
+
+  std::vector<double> compute_factor, comm_factor, handoff;
+  for (int r = 0; r < repeats; ++r) {
+    double g_alone = timed([&] { gemms(n_gemm); });
+    double a_alone = timed([&] { a2as(n_a2a); });
+    comm.barrier();
+    TaskGraph g;
+    g.add({"gemms", Lane::compute, TaskKind::other, -1, {}, {}, [&] { gemms(n_gemm); }});
+    g.add({"a2as", Lane::comm, TaskKind::other, -1, {}, {}, [&] { a2as(n_a2a); }});
+    ex.run(g);
+    double g_both = 0, a_both = 0;
+    for (const TaskRecord& rec : ex.last_stats().records) (rec.task == 0 ? g_both : a_both) = rec.end_s - rec.start_s;
+    double both[2] = {g_both, a_both};
+    comm.allreduce(both, both, 2, DType::f64, ReduceOp::max);
+    g_both = both[0], a_both = both[1];
+    double window = std::min(a_both, g_both);
+    double work_in_window = g_alone - (g_both - window);  // the rest ran alone, at full speed
+    if (work_in_window > 0) compute_factor.push_back(std::clamp(window / work_in_window, 1.0, 4.0));
+    comm_factor.push_back(std::clamp(a_both / a_alone, 1.0, 4.0));
+
+    TaskGraph chain;
+    const int links = 200;
+    for (int i = 0; i < links; ++i)
+      chain.add({"link", i % 2 ? Lane::comm : Lane::compute, TaskKind::other, -1, {}, i ? std::vector<int>{i - 1} : std::vector<int>{}, [] {}});
+    ex.run(chain);
+    handoff.push_back(ex.last_stats().wall_s / links);
+  }
+  return {summarize(compute_factor).median, summarize(comm_factor).median, summarize(handoff).median};
+}
+
+}  // namespace
+
+std::vector<LayerShape> default_profile_shapes(int ranks) {
+  auto experts = [&](int per_rank) { return per_rank * ranks; };
+  return {
+      {2048, 512, 1024, experts(4), 2, 1.25, ranks},
+      {1024, 256, 512, experts(2), 1, 1.25, ranks},
+      {2048, 256, 2048, experts(2), 2, 1.25, ranks},
+      {1024, 512, 512, experts(4), 2, 1.25, ranks},
+      {512, 1024, 1024, experts(1), 1, 1.25, ranks},
+  };
+}
+
+PerfProfile take_profile(Communicator& comm, const ProfileOptions& o) {
+  PerfProfile profile;
+  profile.cluster = describe_cluster(comm);
+  profile.created = utc_now();
+  std::vector<Sample> samples;
+  std::vector<OverlapRun> overlap_runs;
+  Executor serial(Executor::Mode::serial), overlapped(Executor::Mode::overlapped);
+
+  for (std::size_t si = 0; si < o.shapes.size(); ++si) {
+    const LayerShape& s = o.shapes[si];
+    MoeLayerConfig config{s.model_dim, s.hidden, s.experts, s.top_k, s.capacity_factor};
+    MoeLayer layer(config, comm, serial);
+    layer.init_parameters(o.seed);
+    std::vector<float> x(s.tokens * s.model_dim), dy(x.size()), y(x.size()), dx(x.size());
+    Rng(o.seed, stream_id(1, comm.rank())).fill_normal(x.data(), x.size(), 0, 1);
+    Rng(o.seed, stream_id(7, comm.rank())).fill_normal(dy.data(), dy.size(), 0, 1);
+    int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
+    for (int degree : o.degrees) {
+      if (degree > capacity) continue;
+      if (o.progress && comm.rank() == 0)
+        o.progress(fmt::format("shape {}/{} (T={} M={} H={} E={} k={}), degree {}", si + 1, o.shapes.size(),
+                               s.tokens, s.model_dim, s.hidden, s.experts, s.top_k, degree));
+      layer.set_degrees(degree, degree);
+      for (Executor* ex : {&serial, &overlapped}) {
+        layer.use_executor(*ex);
+        for (int it = 0; it <= o.iters; ++it) {  // the first pass warms caches and buffers
+          comm.barrier();
+          layer.zero_grads();
+          layer.forward(x.data(), s.tokens, y.data());
+          TaskGraph fwd = build_forward_graph(layer.last_sizes(true), nullptr);
+          ExecutorStats fwd_stats = ex->last_stats();
+          layer.backward(dy.data(), dx.data(), 0.01f);
+          TaskGraph bwd = build_backward_graph(layer.last_sizes(false), nullptr);
+          ExecutorStats bwd_stats = ex->last_stats();
+          if (it == 0) continue;
+          if (ex == &serial) {
+            collect_serial(comm, fwd, fwd_stats, samples);
+            collect_serial(comm, bwd, bwd_stats, samples);
+          } else {
+            double walls[2] = {fwd_stats.wall_s, bwd_stats.wall_s};
+            comm.allreduce(walls, walls, 2, DType::f64, ReduceOp::max);
+            overlap_runs.push_back({std::move(fwd), walls[0]});
+            overlap_runs.push_back({std::move(bwd), walls[1]});
+          }
+        }
+      }
+    }
+  }
+
+  if (o.progress && comm.rank() == 0) o.progress("how the lanes slow each other");
+  Interference interference = measure_interference(comm, 5);
+
+  // Rank 0 pools every rank's samples, fits, and sends the profile to all.
+  std::vector<std::string> gathered = comm.gather_strings(samples_to_json(samples), 0);
+  std::string text;
+  if (comm.rank() == 0) {
+    std::vector<Sample> all;
+    for (const std::string& g : gathered) samples_from_json(g, all);
+    for (int k = 0; k < kNumTaskKinds; ++k) {
+      std::vector<std::vector<double>> X;
+      std::vector<double> y;
+      for (const Sample& s : all)
+        if (s.kind == k) X.emplace_back(s.features.begin(), s.features.end()), y.push_back(s.seconds);
+      if (X.empty()) continue;
+      LinearFit fit = fit_nonnegative(X, y);
+      KindModel& m = profile.models[k];
+      m.fitted = true;
+      std::copy(fit.coef.begin(), fit.coef.end(), m.coef.begin());
+      m.samples = static_cast<int>(X.size());
+      m.r2 = fit.r2;
+      m.median_rel_err = fit.median_rel_err;
+    }
+    if (o.progress) o.progress("self-check: overlapped layer passes against the simulation");
+    profile.interference = interference;
+    std::vector<double> errors;
+    for (const OverlapRun& r : overlap_runs) {
+      double predicted = simulate(r.graph, [&](const Task& t) { return profile.predict(t); }, interference).makespan_s;
+      errors.push_back(std::abs(predicted - r.seconds) / r.seconds);
+    }
+    profile.self_check_median_error = summarize(errors).median;
+    text = profile.to_json();
+  }
+  return PerfProfile::from_json(comm.broadcast_string(text, 0), "the new profile");
+}
+
+}  // namespace pm
