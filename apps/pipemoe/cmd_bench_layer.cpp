@@ -13,6 +13,7 @@
 #include "apps/pipemoe/layer_runner.h"
 #include "core/csv.h"
 #include "core/log.h"
+#include "perf/degree_choice.h"
 #include "perf/planner.h"
 #include "sched/executor.h"
 
@@ -25,6 +26,7 @@ struct BenchLayerOptions {
   std::vector<int> degrees = {1, 2, 3, 4, 6, 8};
   int rounds = 2;
   int iters = 3;
+  int refine = 3;
   std::string csv = "out/bench_layer.csv";
 };
 
@@ -62,10 +64,11 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
         o.csv, std::vector<std::string>{"shape", "tokens", "model_dim", "hidden", "experts", "top_k", "capacity_factor",
                                         "ranks", "degree", "forward_ms", "backward_ms", "predicted_fwd_ms",
                                         "predicted_bwd_ms", "comm_alone_ms", "compute_alone_ms", "planner_fwd_degree",
-                                        "planner_bwd_degree", "best_fwd_degree", "best_bwd_degree"});
+                                        "planner_bwd_degree", "refined_fwd_degree", "refined_bwd_degree",
+                                        "best_fwd_degree", "best_bwd_degree"});
   // per shape: (chosen ms, best ms, degree-1 ms, degree-4 ms or 0, bound ms, comm share)
   struct ShapeSummary {
-    double chosen, best, d1, d4, bound, comm_share;
+    double chosen, refined, best, d1, d4, bound, comm_share;
   };
   std::vector<ShapeSummary> summaries;
   std::vector<double> prediction_errors;
@@ -79,17 +82,25 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
     LayerData data = make_layer_data(s.tokens, s.model_dim, 1, ctx.rank());
     int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
     LayerPlan plan = plan_layer(profile, s);
+    // The online refinement: the planner's best few, timed briefly, as `--degree auto --refine`
+    // does at the start of a run.
+    layer.set_degrees(1, 1);
+    run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
+    DegreeChoice refined = choose_degrees(0, 0, &profile, s, o.refine, [&](int f, int b) {
+      layer.set_degrees(f, b);
+      PassTimes t = run_passes(ctx.comm, layer, data, 1, 2, 0.01f);
+      return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
+    });
     std::vector<int> degrees;
     for (int d : o.degrees)
       if (d <= capacity) degrees.push_back(d);
-    for (int d : {plan.forward_degree, plan.backward_degree})
+    for (int d : {plan.forward_degree, plan.backward_degree, refined.forward, refined.backward})
       if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
     std::sort(degrees.begin(), degrees.end());
     log::info("bench layer: shape {}/{}: T={} M={} H={} E={} k={}, degrees {}", si + 1, shapes.size(), s.tokens,
               s.model_dim, s.hidden, s.experts, s.top_k, fmt::join(degrees, ","));
 
     layer.set_degrees(1, 1);
-    run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
     LanesAlone alone = time_lanes_alone(ctx.comm, layer, data, o.iters, 0.01f);
     std::map<int, std::vector<double>> fwd, bwd;
     for (int round = 0; round < o.rounds; ++round)
@@ -122,29 +133,33 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                 fmt::format("{:.3f}", r.backward_ms), fmt::format("{:.3f}", r.predicted_fwd_ms),
                 fmt::format("{:.3f}", r.predicted_bwd_ms), fmt::format("{:.3f}", alone.comm_ms),
                 fmt::format("{:.3f}", alone.compute_ms), std::to_string(plan.forward_degree),
-                std::to_string(plan.backward_degree), std::to_string(best_f), std::to_string(best_b)});
+                std::to_string(plan.backward_degree), std::to_string(refined.forward),
+                std::to_string(refined.backward), std::to_string(best_f), std::to_string(best_b)});
     }
     ShapeSummary sum;
     sum.chosen = results[plan.forward_degree].forward_ms + results[plan.backward_degree].backward_ms;
+    sum.refined = results[refined.forward].forward_ms + results[refined.backward].backward_ms;
     sum.best = results[best_f].forward_ms + results[best_b].backward_ms;
     sum.d1 = results[1].forward_ms + results[1].backward_ms;
     sum.d4 = results.count(4) ? results[4].forward_ms + results[4].backward_ms : 0;
     sum.bound = std::max(alone.comm_ms, alone.compute_ms);
     sum.comm_share = alone.comm_ms / (alone.comm_ms + alone.compute_ms);
     summaries.push_back(sum);
-    std::printf("shape %2zu T=%-5ld M=%-5ld H=%-5ld E=%-3d k=%d | comm %5.1f%% | planner %d/%d %8.1f ms | best %d/%d "
-                "%8.1f ms | regret %5.1f%% | vs degree 1 x%.2f\n",
+    std::printf("shape %2zu T=%-5ld M=%-5ld H=%-5ld E=%-3d k=%d | comm %4.1f%% | planner %d/%d %7.1f ms %+5.1f%% | "
+                "refined %d/%d %+5.1f%% | best %d/%d %7.1f ms | vs degree 1 x%.2f\n",
                 si, static_cast<long>(s.tokens), static_cast<long>(s.model_dim), static_cast<long>(s.hidden), s.experts,
-                s.top_k, sum.comm_share * 100, plan.forward_degree, plan.backward_degree, sum.chosen, best_f, best_b,
-                sum.best, (sum.chosen / sum.best - 1) * 100, sum.d1 / sum.chosen);
+                s.top_k, sum.comm_share * 100, plan.forward_degree, plan.backward_degree, sum.chosen,
+                (sum.chosen / sum.best - 1) * 100, refined.forward, refined.backward, (sum.refined / sum.best - 1) * 100,
+                best_f, best_b, sum.best, sum.d1 / sum.chosen);
     std::fflush(stdout);
   }
   if (ctx.rank() != 0) return 0;
 
-  int within5 = 0, bounded = 0, in_range = 0;
+  int within5 = 0, refined5 = 0, bounded = 0, in_range = 0;
   std::vector<double> vs1, vs4, bound_ratio;
   for (const ShapeSummary& s : summaries) {
     within5 += s.chosen <= 1.05 * s.best;
+    refined5 += s.refined <= 1.05 * s.best;
     vs1.push_back(s.d1 / s.chosen);
     if (s.d4 > 0) vs4.push_back(s.d4 / s.chosen);
     if (s.comm_share >= 0.3 && s.comm_share <= 0.7) {
@@ -160,6 +175,8 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   std::printf("\n%zu shapes on %s\n", summaries.size(), profile.cluster.summary().c_str());
   std::printf("planner within 5%% of the best measured degrees: %d of %zu shapes (%.0f%%)\n", within5, summaries.size(),
               100.0 * within5 / summaries.size());
+  std::printf("planner + online refinement (its best %d timed): %d of %zu shapes (%.0f%%)\n", o.refine, refined5,
+              summaries.size(), 100.0 * refined5 / summaries.size());
   std::printf("speedup of the planner's degrees over degree 1: %s\n", dist(vs1).c_str());
   if (!vs4.empty()) std::printf("speedup over a fixed degree 4: %s\n", dist(vs4).c_str());
   if (in_range)
@@ -181,6 +198,7 @@ void add_bench_layer_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--degrees", o->degrees, "degrees to measure (the planner's picks are added)")->delimiter(',')->capture_default_str();
   cmd->add_option("--rounds", o->rounds, "interleaved rounds over the degrees")->capture_default_str();
   cmd->add_option("--iters", o->iters, "timed passes per degree and round")->capture_default_str();
+  cmd->add_option("--refine", o->refine, "how many of the planner's best degrees the refinement times")->capture_default_str();
   cmd->add_option("--csv", o->csv, "CSV file to write")->capture_default_str();
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_bench_layer(ctx, *o); }; });
 }

@@ -28,6 +28,9 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   pm::cli::add_bench_command(app, run);
   pm::cli::add_profile_command(app, run);
   pm::cli::add_plan_command(app, run);
+  pm::cli::add_train_command(app, run);
+  pm::cli::add_generate_command(app, run);
+  pm::cli::add_model_check_command(app, run);
 
   // An unknown command would otherwise read "A subcommand is required": name it instead.
   for (int i = 1; i < argc; ++i) {

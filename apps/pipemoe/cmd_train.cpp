@@ -1,0 +1,71 @@
+// pipemoe train: train a GPT-style MoE language model across ranks (expert parallel for the
+// experts, data parallel for the rest).
+//
+//   mpirun -q -np 2 build/pipemoe train --config configs/demo.json [--max-steps 300] [--seed 1]
+//       [--data data/brown] [--save runs/demo] [--resume runs/demo] [--degree auto --profile p.json]
+//       [--set key=value ...]
+// Prints progress on stderr and, at the end, one JSON line on stdout (rank 0).
+#include <nlohmann/json.hpp>
+
+#include "apps/pipemoe/command.h"
+#include "core/error.h"
+#include "model/trainer.h"
+
+namespace pm::cli {
+namespace {
+
+struct TrainOptions {
+  std::string config;
+  std::vector<std::string> sets;
+  nlohmann::json overrides = nlohmann::json::object();
+};
+
+// "key=value": value as JSON when it parses (numbers), else as a string.
+void apply_set(nlohmann::json& overrides, const std::string& kv) {
+  auto eq = kv.find('=');
+  PM_REQUIRE(eq != std::string::npos && eq > 0, "--set takes key=value, got '{}'", kv);
+  std::string key = kv.substr(0, eq), value = kv.substr(eq + 1);
+  try {
+    overrides[key] = nlohmann::json::parse(value);
+  } catch (const std::exception&) {
+    overrides[key] = value;
+  }
+}
+
+int run_train(Context& ctx, TrainOptions& o) {
+  TrainConfig config = o.config.empty() ? TrainConfig{} : load_train_config(o.config);
+  for (const std::string& kv : o.sets) apply_set(o.overrides, kv);
+  config.apply(o.overrides, "command-line options");
+  nlohmann::json result = train(ctx.comm, config);
+  if (ctx.rank() == 0) std::printf("%s\n", result.dump().c_str());
+  return 0;
+}
+
+}  // namespace
+
+void add_train_command(CLI::App& app, CommandFn& run) {
+  auto o = std::make_shared<TrainOptions>();
+  CLI::App* cmd = app.add_subcommand("train", "train a GPT-style MoE language model across ranks");
+  cmd->add_option("--config", o->config, "configuration file (JSON; see configs/demo.json)");
+  cmd->add_option("--set", o->sets, "override a configuration key: --set key=value (repeatable)");
+  // The common keys as flags of their own; they override the file.
+  auto number = [&](const char* flag, const char* key, const char* help) {
+    cmd->add_option_function<double>(flag, [o, key](double v) { o->overrides[key] = v; }, help);
+  };
+  auto text = [&](const char* flag, const char* key, const char* help) {
+    cmd->add_option_function<std::string>(flag, [o, key](const std::string& v) { o->overrides[key] = v; }, help);
+  };
+  cmd->add_option_function<int64_t>("--max-steps", [o](int64_t v) { o->overrides["max_steps"] = v; }, "training steps");
+  cmd->add_option_function<int64_t>("--seed", [o](int64_t v) { o->overrides["seed"] = v; }, "random seed");
+  number("--lr", "lr", "peak learning rate");
+  text("--data", "data", "Brown corpus folder or a plain-text file");
+  text("--save", "save", "checkpoint folder");
+  text("--resume", "resume", "checkpoint folder to continue from");
+  text("--degree", "degree", "MoE pipeline degree: a number or 'auto'");
+  text("--profile", "profile", "performance profile for --degree auto");
+  text("--trace", "trace", "Chrome/Perfetto trace of the last step");
+  text("--log-csv", "log_csv", "per-step CSV log");
+  cmd->callback([o, &run] { run = [o](Context& ctx) { return run_train(ctx, *o); }; });
+}
+
+}  // namespace pm::cli

@@ -1,0 +1,103 @@
+#!/usr/bin/python3
+"""Plots of a `pipemoe bench layer` CSV: time against pipeline degree per shape (measured and
+predicted, the planner's and the best choices marked), the regret of the planner's choices, and
+predicted against measured times.
+
+  /usr/bin/python3 bench/plot_layer.py out/bench_layer.csv [--out out/bench_layer]
+writes OUT_degrees.png, OUT_regret.png and OUT_prediction.png.
+"""
+import argparse
+import collections
+import csv
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load(path):
+    shapes = collections.OrderedDict()
+    for r in csv.DictReader(open(path)):
+        shapes.setdefault(r["shape"], []).append(r)
+    return shapes
+
+
+def label(rows):
+    r = rows[0]
+    return f"T={r['tokens']} M={r['model_dim']} H={r['hidden']} E={r['experts']} k={r['top_k']}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv")
+    p.add_argument("--out", help="prefix of the PNG files (default: the CSV path without .csv)")
+    a = p.parse_args()
+    out = a.out or a.csv.rsplit(".", 1)[0]
+    shapes = load(a.csv)
+
+    # time against degree, one panel per shape
+    n = len(shapes)
+    cols = min(6, n)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+    regrets, refined_regrets, measured, predicted = [], [], [], []
+    for ax, (shape, rows) in zip(axes.flat, shapes.items()):
+        d = [int(r["degree"]) for r in rows]
+        step = [float(r["forward_ms"]) + float(r["backward_ms"]) for r in rows]
+        pred = [float(r["predicted_fwd_ms"]) + float(r["predicted_bwd_ms"]) for r in rows]
+        ax.plot(d, step, "o-", label="measured")
+        ax.plot(d, pred, "s--", label="predicted")
+        bound = max(float(rows[0]["comm_alone_ms"]), float(rows[0]["compute_alone_ms"]))
+        ax.axhline(bound, color="gray", lw=0.8, ls=":", label="max(comm, compute)")
+        by = {int(r["degree"]): r for r in rows}
+        pf, pb = int(rows[0]["planner_fwd_degree"]), int(rows[0]["planner_bwd_degree"])
+        rf, rb = int(rows[0]["refined_fwd_degree"]), int(rows[0]["refined_bwd_degree"])
+        bf, bb = int(rows[0]["best_fwd_degree"]), int(rows[0]["best_bwd_degree"])
+        chosen = float(by[pf]["forward_ms"]) + float(by[pb]["backward_ms"])
+        refined = float(by[rf]["forward_ms"]) + float(by[rb]["backward_ms"])
+        best = float(by[bf]["forward_ms"]) + float(by[bb]["backward_ms"])
+        regrets.append(100 * (chosen / best - 1))
+        refined_regrets.append(100 * (refined / best - 1))
+        ax.set_title(f"{label(rows)}\nplanner {pf}/{pb}, best {bf}/{bb}", fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.tick_params(labelsize=6)
+        for r in rows:
+            for kind in ("fwd", "bwd"):
+                key = "forward_ms" if kind == "fwd" else "backward_ms"
+                measured.append(float(r[key]))
+                predicted.append(float(r[f"predicted_{kind}_ms"]))
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("pipeline degree (forward = backward)")
+    fig.supylabel("forward + backward ms")
+    fig.tight_layout()
+    fig.savefig(f"{out}_degrees.png", dpi=110)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = [0, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50]
+    ax.hist([regrets, refined_regrets], bins=bins, label=["planner", "planner + refinement"])
+    ax.axvline(5, color="red", lw=0.8, ls=":")
+    ax.set_xlabel("regret: chosen / best measured - 1 (%)")
+    ax.set_ylabel("shapes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{out}_regret.png", dpi=110)
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(measured, predicted, s=6)
+    hi = max(measured + predicted)
+    ax.plot([0, hi], [0, hi], color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured ms")
+    ax.set_ylabel("predicted ms")
+    fig.tight_layout()
+    fig.savefig(f"{out}_prediction.png", dpi=110)
+    print(f"wrote {out}_degrees.png, {out}_regret.png, {out}_prediction.png")
+
+
+if __name__ == "__main__":
+    main()

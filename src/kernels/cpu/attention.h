@@ -1,0 +1,19 @@
+// Causal multi-head self-attention core: for each sequence and head,
+// O = softmax(Q K^T / sqrt(hd) + causal mask) V, with Q, K, V taken from a packed qkv buffer.
+//
+// Layouts: qkv[B*S, 3*D] holds [q | k | v] per token, each D = heads * hd wide, head h at
+// columns [h*hd, (h+1)*hd). out[B*S, D] has the same head layout. probs[B, heads, S, S] keeps the
+// attention weights for backward (upper triangle zero).
+#pragma once
+
+#include <cstdint>
+
+namespace pm {
+
+void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs, float* out);
+
+// dout[B*S, D] -> dqkv[B*S, 3D] (overwritten).
+void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
+                        int64_t heads, int64_t hd, float* dqkv);
+
+}  // namespace pm

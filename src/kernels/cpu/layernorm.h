@@ -1,0 +1,16 @@
+// LayerNorm over the last dimension: y = (x - mean) / sqrt(var + eps) * gamma + beta.
+#pragma once
+
+#include <cstdint>
+
+namespace pm {
+
+// x[rows, D] -> y[rows, D]; keeps mean[rows] and rstd[rows] (1 / sqrt(var + eps)) for backward.
+void layernorm_forward(const float* x, const float* gamma, const float* beta, int64_t rows, int64_t D,
+                       float eps, float* y, float* mean, float* rstd);
+
+// dy -> dx (overwritten); dgamma and dbeta are added to.
+void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd,
+                        const float* dy, int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta);
+
+}  // namespace pm

@@ -1,0 +1,205 @@
+#include "model/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+#include "model/safetensors.h"
+
+namespace pm {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr int kGatherTag = 7100;
+
+// Writes bytes to path and flushes them to disk.
+void write_file_durably(const std::string& path, const std::string& bytes) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  PM_IO_CHECK(fd >= 0, "cannot create {}: {}", path, std::strerror(errno));
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      int err = errno;
+      ::close(fd);
+      throw Error(ErrorKind::io, fmt::format("writing {} failed: {}", path, std::strerror(err)));
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  bool synced = ::fsync(fd) == 0;
+  ::close(fd);
+  PM_IO_CHECK(synced, "cannot flush {} to disk: {}", path, std::strerror(errno));
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  PM_REQUIRE(in.good(), "cannot read {}", path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The whole tensor on rank 0: expert tensors are concatenated along dim 0 in rank order.
+Tensor gather_global(Communicator& comm, const Tensor& local, bool expert, int tag) {
+  if (!expert || comm.size() == 1) return comm.rank() == 0 ? local.clone() : Tensor();
+  if (comm.rank() != 0) {
+    comm.send(local.raw(), local.numel(), DType::f32, 0, tag);
+    return Tensor();
+  }
+  Shape shape = local.shape();
+  shape[0] *= comm.size();
+  Tensor global = Tensor::empty(shape);
+  std::memcpy(global.raw(), local.raw(), local.nbytes());
+  for (int r = 1; r < comm.size(); ++r)
+    comm.recv(static_cast<char*>(global.raw()) + r * local.nbytes(), local.numel(), DType::f32, r, tag);
+  return global;
+}
+
+// The step folder DIR names: DIR itself if it holds state.json, else DIR/<contents of latest>.
+std::string resolve_step_dir(const std::string& dir) {
+  if (fs::exists(fs::path(dir) / "state.json")) return dir;
+  fs::path latest = fs::path(dir) / "latest";
+  PM_REQUIRE(fs::exists(latest), "{} is not a checkpoint: it has neither state.json nor latest", dir);
+  std::string name = read_file(latest.string());
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  std::string step_dir = (fs::path(dir) / name).string();
+  PM_REQUIRE(fs::exists(fs::path(step_dir) / "state.json"), "{}/latest names {}, which is not a checkpoint", dir, step_dir);
+  return step_dir;
+}
+
+// Runs fn on rank 0; every rank then raises the same usage error if it failed there.
+template <typename Fn>
+void on_rank0_agreed(Communicator& comm, Fn&& fn) {
+  std::string error;
+  if (comm.rank() == 0) {
+    try {
+      fn();
+    } catch (const Error& e) {
+      error = e.what();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  error = comm.broadcast_string(error, 0);
+  PM_REQUIRE(error.empty(), "{}", error);
+}
+
+}  // namespace
+
+std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
+                            AdamW* optimizer, const CheckpointState& state) {
+  std::vector<NamedTensor> model, moments;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const Parameter& p = params[i];
+    Tensor w = gather_global(comm, *p.value, p.expert, kGatherTag);
+    if (comm.rank() == 0) model.push_back({p.name, std::move(w)});
+    if (!optimizer) continue;
+    Tensor m = gather_global(comm, optimizer->first_moments()[i], p.expert, kGatherTag + 1);
+    Tensor v = gather_global(comm, optimizer->second_moments()[i], p.expert, kGatherTag + 2);
+    if (comm.rank() == 0) moments.push_back({"m." + p.name, std::move(m)}), moments.push_back({"v." + p.name, std::move(v)});
+  }
+  char name[32];
+  std::snprintf(name, sizeof name, "step-%06ld", static_cast<long>(state.step));
+  std::string step_dir = (fs::path(dir) / name).string();
+  on_rank0_agreed(comm, [&] {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    PM_IO_CHECK(!ec, "cannot create checkpoint folder {}: {}", dir, ec.message());
+    std::string tmp = (fs::path(dir) / (std::string(".tmp-") + name)).string();
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+    PM_IO_CHECK(!ec, "cannot create {}: {}", tmp, ec.message());
+    nlohmann::json s = {{"format", "pipemoe-checkpoint"}, {"version", 1}, {"step", state.step},
+                        {"world_size", state.world_size}, {"config", state.config}, {"extra", state.extra}};
+    write_file_durably(tmp + "/model.safetensors", encode_safetensors(model, {{"format", "pt"}, {"step", std::to_string(state.step)}}));
+    if (optimizer)
+      write_file_durably(tmp + "/optimizer.safetensors",
+                         encode_safetensors(moments, {{"adam_steps", std::to_string(optimizer->steps_taken())}}));
+    write_file_durably(tmp + "/tokenizer.json", state.tokenizer_json);
+    write_file_durably(tmp + "/state.json", s.dump(2));
+    fs::remove_all(step_dir, ec);  // an older attempt at the same step
+    fs::rename(tmp, step_dir, ec);
+    PM_IO_CHECK(!ec, "cannot move {} to {}: {}", tmp, step_dir, ec.message());
+    write_file_durably((fs::path(dir) / "latest.tmp").string(), std::string(name) + "\n");
+    fs::rename(fs::path(dir) / "latest.tmp", fs::path(dir) / "latest", ec);
+    PM_IO_CHECK(!ec, "cannot update {}/latest: {}", dir, ec.message());
+  });
+  return step_dir;
+}
+
+CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir) {
+  std::string text, tokenizer;
+  on_rank0_agreed(comm, [&] {
+    std::string step_dir = resolve_step_dir(dir);
+    text = read_file(step_dir + "/state.json");
+    tokenizer = read_file(step_dir + "/tokenizer.json");
+  });
+  text = comm.broadcast_string(text, 0);
+  CheckpointState s;
+  s.tokenizer_json = comm.broadcast_string(tokenizer, 0);
+  try {
+    auto j = nlohmann::json::parse(text);
+    PM_REQUIRE(j.at("format") == "pipemoe-checkpoint", "{} is not a pipemoe checkpoint", dir);
+    s.step = j.at("step").get<int64_t>();
+    s.world_size = j.at("world_size").get<int>();
+    s.config = j.at("config");
+    s.extra = j.value("extra", nlohmann::json::object());
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorKind::usage, fmt::format("{}: state.json is corrupt: {}", dir, e.what()));
+  }
+  return s;
+}
+
+void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer) {
+  std::string model_bytes, optimizer_bytes, step_dir;
+  on_rank0_agreed(comm, [&] {
+    step_dir = resolve_step_dir(dir);
+    model_bytes = read_file(step_dir + "/model.safetensors");
+    if (optimizer) optimizer_bytes = read_file(step_dir + "/optimizer.safetensors");
+  });
+  step_dir = comm.broadcast_string(step_dir, 0);
+  std::map<std::string, std::string> meta;
+  auto model = decode_safetensors(comm.broadcast_string(model_bytes, 0), step_dir + "/model.safetensors");
+  std::vector<NamedTensor> moments;
+  if (optimizer)
+    moments = decode_safetensors(comm.broadcast_string(optimizer_bytes, 0), step_dir + "/optimizer.safetensors", &meta);
+  auto find = [&](const std::vector<NamedTensor>& in, const std::string& name, const char* file) -> const Tensor& {
+    for (const NamedTensor& t : in)
+      if (t.name == name) return t.tensor;
+    throw Error(ErrorKind::usage, fmt::format("{}/{} has no tensor {}: it was written for another model", step_dir, file, name));
+  };
+  // Check every shape before changing anything.
+  auto slice_of = [&](const Tensor& global, const Parameter& p, const std::string& name, const char* file) {
+    Shape want = p.value->shape();
+    if (p.expert) want[0] *= comm.size();
+    PM_REQUIRE(global.shape() == want, "{}/{}: {} has shape {}, this model needs {}", step_dir, file, name,
+               shape_str(global.shape()), shape_str(want));
+    int64_t rows = p.value->dim(0);
+    return p.expert ? global.rows(comm.rank() * rows, (comm.rank() + 1) * rows) : global;
+  };
+  for (Parameter& p : params) {
+    slice_of(find(model, p.name, "model.safetensors"), p, p.name, "model.safetensors");
+    if (optimizer) {
+      slice_of(find(moments, "m." + p.name, "optimizer.safetensors"), p, "m." + p.name, "optimizer.safetensors");
+      slice_of(find(moments, "v." + p.name, "optimizer.safetensors"), p, "v." + p.name, "optimizer.safetensors");
+    }
+  }
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    Parameter& p = params[i];
+    Tensor w = slice_of(find(model, p.name, ""), p, p.name, "");
+    std::memcpy(p.value->raw(), w.raw(), w.nbytes());
+    if (!optimizer) continue;
+    Tensor m = slice_of(find(moments, "m." + p.name, ""), p, "", "");
+    Tensor v = slice_of(find(moments, "v." + p.name, ""), p, "", "");
+    std::memcpy(optimizer->first_moments()[i].raw(), m.raw(), m.nbytes());
+    std::memcpy(optimizer->second_moments()[i].raw(), v.raw(), v.nbytes());
+  }
+  if (optimizer) optimizer->set_steps_taken(std::stoll(meta.count("adam_steps") ? meta["adam_steps"] : "0"));
+}
+
+}  // namespace pm

@@ -1,0 +1,44 @@
+// Checkpoints: save and resume a training run exactly.
+//
+// A checkpoint is a folder DIR/step-000100/ with
+//   model.safetensors      every parameter; expert tensors gathered to their global shape [E, ...]
+//   optimizer.safetensors  AdamW's moments, "m.<name>" and "v.<name>", the same way
+//   state.json             step, configuration, world size, data fingerprint
+//   tokenizer.json
+// written into a temporary folder, flushed, then renamed into place; DIR/latest names the newest
+// and is replaced atomically. A crash leaves either the old checkpoints or the new one, never half.
+// Collective: every rank calls save and load; rank 0 touches the files.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "comm/communicator.h"
+#include "model/optimizer.h"
+#include "model/parameter.h"
+
+namespace pm {
+
+struct CheckpointState {
+  int64_t step = 0;          // steps completed
+  nlohmann::json config;     // the TrainConfig as JSON
+  int world_size = 1;
+  std::string tokenizer_json;
+  nlohmann::json extra;      // anything else the trainer keeps (data fingerprint, ...)
+};
+
+// Writes DIR/step-<step>/ and points DIR/latest at it. Returns the step folder.
+std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
+                            AdamW* optimizer, const CheckpointState& state);
+
+// Reads the state of DIR (a checkpoint folder with `latest`, or a step folder) on every rank.
+CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir);
+
+// Loads parameters (and the optimizer's moments when given) from DIR into this rank's tensors,
+// taking this rank's slice of every expert tensor. Shapes must match: a usage error names the
+// first that does not.
+void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer);
+
+}  // namespace pm

@@ -1,0 +1,82 @@
+#include "model/dataset.h"
+
+#include <cstring>
+#include <filesystem>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/corpus.h"
+
+namespace pm {
+namespace {
+
+std::string ints_to_bytes(const std::vector<int32_t>& v) {
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(int32_t));
+}
+
+std::vector<int32_t> bytes_to_ints(const std::string& s) {
+  std::vector<int32_t> v(s.size() / sizeof(int32_t));
+  std::memcpy(v.data(), s.data(), v.size() * sizeof(int32_t));
+  return v;
+}
+
+}  // namespace
+
+TokenData load_token_data(Communicator& comm, const TrainConfig& c, const std::string* tokenizer_json) {
+  TokenData d;
+  std::string error, tok_json, train_bytes, val_bytes, description;
+  int64_t validation_bytes = 0;
+  if (comm.rank() == 0) {
+    try {
+      std::string train, validation;
+      if (std::filesystem::is_directory(c.data)) {
+        CorpusText corpus = read_brown_corpus(c.data);
+        train = std::move(corpus.train), validation = std::move(corpus.validation);
+        description = fmt::format("Brown corpus ({} files) in {}", corpus.files, c.data);
+      } else {
+        std::string text = read_text_file(c.data);
+        PM_REQUIRE(!text.empty(), "data file {} is empty", c.data);
+        std::size_t cut = text.rfind('\n', text.size() * 9 / 10);
+        if (cut == std::string::npos || cut == 0) cut = text.size() * 9 / 10;
+        train = text.substr(0, cut), validation = text.substr(cut);
+        description = fmt::format("text file {}", c.data);
+      }
+      Tokenizer tokenizer = tokenizer_json ? Tokenizer::from_json(*tokenizer_json, "the checkpoint's tokenizer")
+                                           : Tokenizer::train(train, c.tokenizer_vocab);
+      std::vector<int32_t> train_tokens = tokenizer.encode(train), val_tokens = tokenizer.encode(validation);
+      const int64_t need = c.model.seq_len + 1;
+      PM_REQUIRE(static_cast<int64_t>(train_tokens.size()) > need && static_cast<int64_t>(val_tokens.size()) > need,
+                 "{} is too short: {} training and {} validation tokens, a window needs {}", c.data,
+                 train_tokens.size(), val_tokens.size(), need);
+      tok_json = tokenizer.to_json();
+      train_bytes = ints_to_bytes(train_tokens);
+      val_bytes = ints_to_bytes(val_tokens);
+      validation_bytes = static_cast<int64_t>(validation.size());
+    } catch (const Error& e) {
+      error = e.what();
+    }
+  }
+  error = comm.broadcast_string(error, 0);
+  PM_REQUIRE(error.empty(), "{}", error);
+  d.tokenizer = Tokenizer::from_json(comm.broadcast_string(tok_json, 0), "the tokenizer");
+  d.train = bytes_to_ints(comm.broadcast_string(train_bytes, 0));
+  d.validation = bytes_to_ints(comm.broadcast_string(val_bytes, 0));
+  d.description = comm.broadcast_string(description, 0);
+  comm.broadcast(&validation_bytes, 1, DType::i64, 0);
+  d.validation_bytes = validation_bytes;
+  return d;
+}
+
+void sample_batch(const std::vector<int32_t>& tokens, int64_t B, int64_t S, uint64_t seed, uint64_t stream,
+                  int32_t* inputs, int32_t* targets) {
+  Rng rng(seed, stream);
+  const int64_t windows = static_cast<int64_t>(tokens.size()) - S;
+  PM_CHECK(windows > 0, "{} tokens cannot hold a window of {}", tokens.size(), S + 1);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t at = static_cast<int64_t>(rng.next_u64() % static_cast<uint64_t>(windows));
+    std::memcpy(inputs + b * S, tokens.data() + at, S * sizeof(int32_t));
+    std::memcpy(targets + b * S, tokens.data() + at + 1, S * sizeof(int32_t));
+  }
+}
+
+}  // namespace pm

@@ -1,0 +1,69 @@
+// A GPT-style decoder with Mixture-of-Experts feed-forward blocks, forward and backward by hand.
+//
+//   h0 = wte[token] + wpe[position]
+//   block l: a = h + Attn(LN1(h));  h' = a + FFN(LN2(a)),  FFN dense (GeLU MLP) or MoE (every
+//            moe_every-th block), causal multi-head self-attention
+//   logits = LN_f(h_L) wte^T (tied), loss = mean cross-entropy + aux_coef * sum of MoE aux losses
+//
+// Experts are spread over ranks (expert parallel); everything else is replicated (data parallel):
+// the trainer all-reduces the replicated gradients, expert gradients come back complete.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/aligned.h"
+#include "model/parameter.h"
+#include "model/train_config.h"
+#include "moe/moe_layer.h"
+#include "sched/executor.h"
+
+namespace pm {
+
+class GptModel {
+ public:
+  GptModel(const ModelConfig& config, Communicator& comm, Executor& executor);
+  ~GptModel();
+
+  const ModelConfig& config() const { return config_; }
+  std::vector<Parameter>& parameters() { return params_; }
+  std::vector<MoeLayer*> moe_layers();
+  // Weights from (seed, layer, global expert) streams: the same model whatever the rank count.
+  void init_parameters(uint64_t seed);
+  void zero_grads();
+
+  // inputs, targets: [B, S] token ids (targets may be null: logits only). Returns this rank's mean
+  // cross-entropy (nats per token). With backward_scale > 0, keeps what backward() needs;
+  // backward_scale multiplies the gradient of the mean (1 / world size for data parallel).
+  double forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale);
+  void backward();
+  double aux_loss() const;  // sum over MoE layers, this rank's tokens
+  const float* logits() const { return logits_.data(); }  // [B*S, V] of the last forward
+
+  // Milliseconds of the last forward + backward the compute thread spent waiting for all-to-alls
+  // (MoE layer wall time minus its compute lane's busy time).
+  double exposed_moe_comm_ms() const;
+
+ private:
+  struct Block;
+  void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
+
+  ModelConfig config_;
+  Communicator& comm_;
+  Executor& executor_;
+  Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]
+  Tensor dwte_, dwpe_, dlnf_g_, dlnf_b_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  std::vector<Parameter> params_;
+
+  // Activations of the last forward (T = B * S rows).
+  int64_t B_ = 0, T_ = 0;
+  float backward_scale_ = 0;
+  std::vector<int32_t> inputs_, targets_;
+  FloatBuffer h_final_, lnf_out_, lnf_mean_, lnf_rstd_;  // [T, D], [T, D], [T], [T]
+  FloatBuffer logits_, dlogits_;                         // [T, V]
+};
+
+}  // namespace pm

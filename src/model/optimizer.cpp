@@ -1,0 +1,74 @@
+#include "model/optimizer.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/aligned.h"
+
+namespace pm {
+
+double learning_rate(const TrainConfig& c, int64_t step) {
+  if (step < c.warmup_steps) return c.lr * static_cast<double>(step + 1) / c.warmup_steps;
+  double span = std::max<int64_t>(1, c.max_steps - c.warmup_steps);
+  double progress = std::min(1.0, static_cast<double>(step - c.warmup_steps) / span);
+  return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+void allreduce_replicated_grads(std::vector<Parameter>& params, Communicator& comm) {
+  if (comm.size() == 1) return;
+  int64_t total = 0;
+  for (const Parameter& p : params)
+    if (!p.expert) total += p.grad->numel();
+  FloatBuffer flat(total);
+  int64_t at = 0;
+  for (const Parameter& p : params)
+    if (!p.expert) std::memcpy(&flat[at], p.grad->f32(), p.grad->nbytes()), at += p.grad->numel();
+  comm.allreduce(flat.data(), flat.data(), total, DType::f32, ReduceOp::sum);
+  at = 0;
+  for (Parameter& p : params)
+    if (!p.expert) std::memcpy(p.grad->f32(), &flat[at], p.grad->nbytes()), at += p.grad->numel();
+}
+
+double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm) {
+  double replicated = 0, expert = 0;
+  for (const Parameter& p : params) {
+    const float* g = p.grad->f32();
+    double s = 0;
+    for (int64_t i = 0, n = p.grad->numel(); i < n; ++i) s += static_cast<double>(g[i]) * g[i];
+    (p.expert ? expert : replicated) += s;
+  }
+  // replicated gradients are the same on every rank after the all-reduce: count them once
+  expert = comm.allreduce_scalar(expert, ReduceOp::sum);
+  return std::sqrt(replicated + expert);
+}
+
+AdamW::AdamW(std::vector<Parameter>& params) : params_(params) {
+  for (const Parameter& p : params) {
+    m_.push_back(Tensor::zeros(p.value->shape()));
+    v_.push_back(Tensor::zeros(p.value->shape()));
+  }
+}
+
+void AdamW::step(const TrainConfig& c, double lr) {
+  ++steps_;
+  const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(steps_));
+  const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(steps_));
+  const float b1 = static_cast<float>(c.beta1), b2 = static_cast<float>(c.beta2);
+  const float step_size = static_cast<float>(lr / bc1), inv_bc2 = static_cast<float>(1.0 / bc2);
+  const float eps = static_cast<float>(c.adam_eps);
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    Parameter& p = params_[i];
+    float* w = p.value->f32();
+    const float* g = p.grad->f32();
+    float* m = m_[i].f32();
+    float* v = v_[i].f32();
+    const float decay = p.decay ? static_cast<float>(1.0 - lr * c.weight_decay) : 1.0f;
+    for (int64_t j = 0, n = p.value->numel(); j < n; ++j) {
+      m[j] = b1 * m[j] + (1.0f - b1) * g[j];
+      v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
+      w[j] = w[j] * decay - step_size * m[j] / (std::sqrt(v[j] * inv_bc2) + eps);
+    }
+  }
+}
+
+}  // namespace pm

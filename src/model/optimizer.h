@@ -1,0 +1,39 @@
+// AdamW with decoupled weight decay, a linear warm-up then cosine decay of the learning rate, and
+// the data-parallel gradient step: replicated gradients all-reduced, global-norm clipping over
+// every parameter of every rank (expert gradients counted once, on the rank that owns them).
+#pragma once
+
+#include <vector>
+
+#include "comm/communicator.h"
+#include "model/parameter.h"
+#include "model/train_config.h"
+
+namespace pm {
+
+// Learning rate at step (0-based): warm-up from lr/warmup to lr, then cosine down to min_lr.
+double learning_rate(const TrainConfig& c, int64_t step);
+
+// Sums the replicated (non-expert) gradients over ranks, in one message.
+void allreduce_replicated_grads(std::vector<Parameter>& params, Communicator& comm);
+
+// The norm of the whole model's gradient; collective.
+double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm);
+
+class AdamW {
+ public:
+  explicit AdamW(std::vector<Parameter>& params);
+  // One update with the current gradients (already all-reduced and clipped).
+  void step(const TrainConfig& c, double lr);
+  int64_t steps_taken() const { return steps_; }
+  void set_steps_taken(int64_t steps) { steps_ = steps; }
+  std::vector<Tensor>& first_moments() { return m_; }
+  std::vector<Tensor>& second_moments() { return v_; }
+
+ private:
+  std::vector<Parameter>& params_;
+  std::vector<Tensor> m_, v_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace pm

@@ -1,0 +1,176 @@
+#include "model/tokenizer.h"
+
+#include <algorithm>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <unordered_map>
+
+#include "core/error.h"
+
+namespace pm {
+namespace {
+
+enum class CharClass { space, alnum, other };
+
+CharClass class_of(unsigned char c) {
+  if (c == ' ' || c == '\n' || c == '\t' || c == '\r') return CharClass::space;
+  if (std::isalnum(c) || c >= 0x80) return CharClass::alnum;  // UTF-8 continuation stays in words
+  return CharClass::other;
+}
+
+uint64_t pair_key(int32_t a, int32_t b) { return (static_cast<uint64_t>(a) << 32) | static_cast<uint32_t>(b); }
+
+}  // namespace
+
+std::vector<std::string> split_words(const std::string& text) {
+  std::vector<std::string> words;
+  const std::size_t n = text.size();
+  auto run_end = [&](std::size_t j, CharClass c) {
+    while (j < n && class_of(text[j]) == c) ++j;
+    return j;
+  };
+  std::size_t i = 0;
+  while (i < n) {
+    std::size_t j;
+    CharClass c = class_of(text[i]);
+    if (text[i] == ' ' && i + 1 < n && class_of(text[i + 1]) != CharClass::space) {
+      j = run_end(i + 1, class_of(text[i + 1]));  // " word": the space joins the word
+    } else if (c == CharClass::space) {
+      j = run_end(i, c);
+      if (j < n && j - i > 1 && text[j - 1] == ' ') --j;  // leave the last space to the next word
+    } else {
+      j = run_end(i, c);
+    }
+    words.push_back(text.substr(i, j - i));
+    i = j;
+  }
+  return words;
+}
+
+Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
+  PM_REQUIRE(vocab_size >= 256, "vocabulary size must be at least 256 (the bytes), got {}", vocab_size);
+  std::unordered_map<std::string, int64_t> counts;
+  for (std::string& w : split_words(text)) ++counts[w];
+  // each distinct word as a sequence of token ids, with its count
+  std::vector<std::vector<int32_t>> words;
+  std::vector<int64_t> freq;
+  for (auto& [w, c] : counts) {
+    words.emplace_back(w.begin(), w.end());
+    for (auto& id : words.back()) id = static_cast<unsigned char>(id);
+    freq.push_back(c);
+  }
+  Tokenizer t;
+  std::unordered_map<uint64_t, int64_t> pairs;
+  auto count_pairs = [&] {
+    pairs.clear();
+    for (std::size_t w = 0; w < words.size(); ++w)
+      for (std::size_t i = 0; i + 1 < words[w].size(); ++i) pairs[pair_key(words[w][i], words[w][i + 1])] += freq[w];
+  };
+  count_pairs();
+  while (t.vocab_size() < vocab_size && !pairs.empty()) {
+    uint64_t best = 0;
+    int64_t best_count = 0;
+    for (auto& [k, c] : pairs)
+      if (c > best_count || (c == best_count && k < best)) best = k, best_count = c;
+    if (best_count < 2) break;
+    int32_t a = static_cast<int32_t>(best >> 32), b = static_cast<int32_t>(best & 0xffffffffu);
+    int32_t id = t.vocab_size();
+    t.merges_.push_back({a, b});
+    // apply the merge and update the pair counts of the words it touched
+    for (std::size_t w = 0; w < words.size(); ++w) {
+      auto& s = words[w];
+      bool has = false;
+      for (std::size_t i = 0; i + 1 < s.size() && !has; ++i) has = s[i] == a && s[i + 1] == b;
+      if (!has) continue;
+      for (std::size_t i = 0; i + 1 < s.size(); ++i) {
+        auto& c = pairs[pair_key(s[i], s[i + 1])];
+        if ((c -= freq[w]) <= 0) pairs.erase(pair_key(s[i], s[i + 1]));
+      }
+      std::vector<int32_t> merged;
+      for (std::size_t i = 0; i < s.size(); ++i) {
+        if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
+          merged.push_back(id);
+          ++i;
+        } else {
+          merged.push_back(s[i]);
+        }
+      }
+      s = std::move(merged);
+      for (std::size_t i = 0; i + 1 < s.size(); ++i) pairs[pair_key(s[i], s[i + 1])] += freq[w];
+    }
+  }
+  t.rebuild();
+  return t;
+}
+
+void Tokenizer::rebuild() {
+  bytes_.assign(256, "");
+  for (int i = 0; i < 256; ++i) bytes_[i] = std::string(1, static_cast<char>(i));
+  rank_by_first_.assign(256 + merges_.size(), {});
+  for (std::size_t r = 0; r < merges_.size(); ++r) {
+    auto [a, b] = merges_[r];
+    PM_CHECK(a >= 0 && b >= 0 && a < 256 + static_cast<int32_t>(r) && b < 256 + static_cast<int32_t>(r),
+             "merge {} uses tokens not made yet", r);
+    bytes_.push_back(bytes_[a] + bytes_[b]);
+    rank_by_first_[a].push_back({b, static_cast<int32_t>(r)});
+  }
+}
+
+std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
+  std::vector<int32_t> out;
+  std::unordered_map<std::string, std::vector<int32_t>> cache;
+  for (const std::string& w : split_words(text)) {
+    auto it = cache.find(w);
+    if (it == cache.end()) {
+      std::vector<int32_t> s;
+      for (unsigned char c : w) s.push_back(c);
+      // merge the adjacent pair with the lowest rank until none applies
+      while (s.size() > 1) {
+        int32_t best_rank = INT32_MAX;
+        std::size_t at = 0;
+        for (std::size_t i = 0; i + 1 < s.size(); ++i)
+          for (auto [second, rank] : rank_by_first_[s[i]])
+            if (second == s[i + 1] && rank < best_rank) best_rank = rank, at = i;
+        if (best_rank == INT32_MAX) break;
+        s[at] = 256 + best_rank;
+        s.erase(s.begin() + static_cast<std::ptrdiff_t>(at) + 1);
+      }
+      it = cache.emplace(w, std::move(s)).first;
+    }
+    out.insert(out.end(), it->second.begin(), it->second.end());
+  }
+  return out;
+}
+
+std::string Tokenizer::decode(const std::vector<int32_t>& tokens) const {
+  std::string out;
+  for (int32_t t : tokens) {
+    PM_CHECK(t >= 0 && t < vocab_size(), "token {} outside the vocabulary of {}", t, vocab_size());
+    out += bytes_[t];
+  }
+  return out;
+}
+
+std::string Tokenizer::to_json() const {
+  nlohmann::json merges = nlohmann::json::array();
+  for (auto [a, b] : merges_) merges.push_back({a, b});
+  return nlohmann::json{{"type", "byte-bpe"}, {"vocab_size", vocab_size()}, {"merges", merges}}.dump();
+}
+
+Tokenizer Tokenizer::from_json(const std::string& text, const std::string& source) {
+  Tokenizer t;
+  try {
+    auto j = nlohmann::json::parse(text);
+    PM_REQUIRE(j.at("type") == "byte-bpe", "{}: not a byte-level BPE tokenizer", source);
+    for (const auto& m : j.at("merges")) t.merges_.push_back({m.at(0).get<int32_t>(), m.at(1).get<int32_t>()});
+    t.rebuild();
+    PM_REQUIRE(t.vocab_size() == j.at("vocab_size").get<int>(), "{}: vocabulary size does not match its merges", source);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorKind::usage, fmt::format("{}: not a valid tokenizer: {}", source, e.what()));
+  } catch (const Error& e) {
+    throw Error(ErrorKind::usage, fmt::format("{}: not a valid tokenizer: {}", source, e.what()));
+  }
+  return t;
+}
+
+}  // namespace pm

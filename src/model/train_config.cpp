@@ -1,0 +1,146 @@
+#include "model/train_config.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace pm {
+
+int ModelConfig::moe_layers() const {
+  int n = 0;
+  for (int l = 0; l < layers; ++l) n += is_moe(l);
+  return n;
+}
+
+namespace {
+
+// Every key, with a reference to its field: the one list that to_json and apply share.
+template <typename Fn>
+void for_each_key(TrainConfig& c, Fn&& fn) {
+  fn("seq_len", c.model.seq_len);
+  fn("d_model", c.model.d_model);
+  fn("layers", c.model.layers);
+  fn("heads", c.model.heads);
+  fn("mlp_hidden", c.model.mlp_hidden);
+  fn("moe_every", c.model.moe_every);
+  fn("experts", c.model.experts);
+  fn("top_k", c.model.top_k);
+  fn("capacity_factor", c.model.capacity_factor);
+  fn("expert_hidden", c.model.expert_hidden);
+  fn("aux_coef", c.model.aux_coef);
+  fn("batch_size", c.batch_size);
+  fn("max_steps", c.max_steps);
+  fn("lr", c.lr);
+  fn("min_lr", c.min_lr);
+  fn("warmup_steps", c.warmup_steps);
+  fn("weight_decay", c.weight_decay);
+  fn("beta1", c.beta1);
+  fn("beta2", c.beta2);
+  fn("adam_eps", c.adam_eps);
+  fn("grad_clip", c.grad_clip);
+  fn("eval_every", c.eval_every);
+  fn("eval_batches", c.eval_batches);
+  fn("log_every", c.log_every);
+  fn("seed", c.seed);
+  fn("data", c.data);
+  fn("tokenizer_vocab", c.tokenizer_vocab);
+  fn("save", c.save);
+  fn("save_every", c.save_every);
+  fn("resume", c.resume);
+  fn("degree", c.degree);
+  fn("profile", c.profile);
+  fn("trace", c.trace);
+  fn("log_csv", c.log_csv);
+  fn("plot", c.plot);
+}
+
+}  // namespace
+
+nlohmann::json TrainConfig::to_json() const {
+  nlohmann::json j;
+  for_each_key(const_cast<TrainConfig&>(*this), [&](const char* key, auto& field) { j[key] = field; });
+  return j;
+}
+
+void TrainConfig::apply(const nlohmann::json& j, const std::string& source) {
+  PM_REQUIRE(j.is_object(), "{}: the configuration must be a JSON object", source);
+  for (auto& [key, value] : j.items()) {
+    bool known = false;
+    for_each_key(*this, [&](const char* name, auto& field) {
+      if (key != name) return;
+      known = true;
+      using T = std::decay_t<decltype(field)>;
+      try {
+        if constexpr (std::is_same_v<T, std::string>) {
+          PM_REQUIRE(value.is_string(), "{}: '{}' must be a string", source, key);
+        } else {
+          PM_REQUIRE(value.is_number(), "{}: '{}' must be a number, got {}", source, key, value.dump());
+          if constexpr (std::is_integral_v<T>)
+            PM_REQUIRE(value.is_number_integer() || value.get<double>() == static_cast<double>(value.get<int64_t>()),
+                       "{}: '{}' must be a whole number, got {}", source, key, value.dump());
+        }
+        field = value.get<T>();
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(ErrorKind::usage, fmt::format("{}: bad value for '{}': {}", source, key, e.what()));
+      }
+    });
+    PM_REQUIRE(known, "{}: unknown configuration key '{}'", source, key);
+  }
+}
+
+void TrainConfig::validate(int world) const {
+  const ModelConfig& m = model;
+  auto positive = [](const char* key, double v) { PM_REQUIRE(v > 0, "configuration: '{}' must be positive, got {}", key, v); };
+  positive("seq_len", m.seq_len);
+  positive("d_model", m.d_model);
+  positive("layers", m.layers);
+  positive("heads", m.heads);
+  positive("mlp_hidden", m.mlp_hidden);
+  positive("batch_size", batch_size);
+  positive("max_steps", max_steps);
+  positive("lr", lr);
+  positive("eval_batches", eval_batches);
+  positive("log_every", log_every);
+  positive("eval_every", eval_every);
+  PM_REQUIRE(m.d_model % m.heads == 0, "configuration: d_model {} must be a multiple of heads {}", m.d_model, m.heads);
+  PM_REQUIRE(m.moe_every >= 0, "configuration: 'moe_every' must be 0 (no MoE) or positive, got {}", m.moe_every);
+  if (m.moe_layers() > 0) {
+    positive("experts", m.experts);
+    positive("expert_hidden", m.expert_hidden);
+    PM_REQUIRE(m.top_k >= 1 && m.top_k <= m.experts, "configuration: 'top_k' must be between 1 and experts ({}), got {}",
+               m.experts, m.top_k);
+    positive("capacity_factor", m.capacity_factor);
+    PM_REQUIRE(m.experts % world == 0,
+               "configuration: {} experts cannot be spread evenly over {} ranks: experts must be a multiple of the "
+               "number of ranks",
+               m.experts, world);
+  }
+  PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
+  PM_REQUIRE(min_lr >= 0 && min_lr <= lr, "configuration: 'min_lr' must be between 0 and lr ({}), got {}", lr, min_lr);
+  PM_REQUIRE(warmup_steps >= 0 && save_every >= 0, "configuration: 'warmup_steps' and 'save_every' must not be negative");
+  PM_REQUIRE(weight_decay >= 0 && grad_clip >= 0, "configuration: 'weight_decay' and 'grad_clip' must not be negative");
+  PM_REQUIRE(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "configuration: 'beta1' and 'beta2' must be in [0, 1)");
+  PM_REQUIRE(adam_eps > 0, "configuration: 'adam_eps' must be positive");
+  PM_REQUIRE(tokenizer_vocab >= 256 && tokenizer_vocab <= 65536, "configuration: 'tokenizer_vocab' must be 256 to 65536, got {}",
+             tokenizer_vocab);
+  PM_REQUIRE(!data.empty(), "configuration: 'data' must name a corpus folder or a text file");
+}
+
+TrainConfig load_train_config(const std::string& path) {
+  std::ifstream in(path);
+  PM_REQUIRE(in.good(), "cannot read configuration file {}", path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(ss.str());
+  } catch (const std::exception& e) {
+    throw Error(ErrorKind::usage, fmt::format("{} is not valid JSON: {}", path, e.what()));
+  }
+  TrainConfig c;
+  c.apply(j, path);
+  return c;
+}
+
+}  // namespace pm

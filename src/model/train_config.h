@@ -1,0 +1,58 @@
+// The training configuration: one flat JSON object (see configs/demo.json), every key optional,
+// unknown keys and impossible values rejected with a message that names them. Command-line flags
+// override keys (`--set key=value` for any, `--max-steps` etc. for the common ones).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace pm {
+
+struct ModelConfig {
+  int vocab_size = 0;  // set from the tokenizer
+  int seq_len = 128;
+  int d_model = 256;
+  int layers = 4;
+  int heads = 4;
+  int mlp_hidden = 1024;   // dense feed-forward blocks
+  int moe_every = 2;       // every moe_every-th block has an MoE feed-forward (blocks 1, 3, ...); 0: none
+  int experts = 4;         // over all ranks
+  int top_k = 2;
+  double capacity_factor = 1.25;
+  int expert_hidden = 1024;
+  double aux_coef = 0.01;  // weight of the sum of the MoE layers' aux losses
+  bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }
+  int moe_layers() const;
+};
+
+struct TrainConfig {
+  ModelConfig model;
+  int batch_size = 16;  // sequences per rank per step
+  int max_steps = 300;
+  double lr = 3e-3, min_lr = 3e-4;
+  int warmup_steps = 30;
+  double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8, grad_clip = 1.0;
+  int eval_every = 50, eval_batches = 8, log_every = 10;
+  uint64_t seed = 1;
+  std::string data = "data/brown";  // a Brown corpus folder, or a plain-text file
+  int tokenizer_vocab = 2048;       // BPE vocabulary trained on the training split
+  std::string save;                 // checkpoint folder ("" = none)
+  int save_every = 0;               // steps between checkpoints (0: only at the end)
+  std::string resume;               // checkpoint folder to continue from
+  std::string degree = "1";         // MoE pipeline degree: a number or "auto"
+  std::string profile;              // performance profile for degree auto
+  std::string trace;                // Chrome trace of the last logged step
+  std::string log_csv;              // per-step CSV ("" = <save>/log.csv or out/train_log.csv)
+  std::string plot;                 // loss-curve PNG ("" = next to the CSV)
+
+  nlohmann::json to_json() const;
+  // Applies keys of j (a config file or overrides); throws on unknown keys and bad types.
+  void apply(const nlohmann::json& j, const std::string& source);
+  void validate(int world_size) const;
+};
+
+TrainConfig load_train_config(const std::string& path);
+
+}  // namespace pm

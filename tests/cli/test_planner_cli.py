@@ -1,0 +1,84 @@
+#!/usr/bin/python3
+"""profile, plan and --degree auto end to end on 2 ranks, and their bad input: a missing, corrupt
+or foreign profile gets one clear error line and a non-zero exit, with no hang.
+
+Run: /usr/bin/python3 tests/cli/test_planner_cli.py   (needs build/pipemoe)
+"""
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
+from harness import Failures, mpirun  # noqa: E402
+
+SMALL = ["--tokens", 256, "--model-dim", 64, "--hidden", 128, "--experts", 4, "--top-k", 2,
+         "--iters", 2, "--warmup", 1, "--alone-iters", 1]
+
+
+def last_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_error(failures, proc, word, name):
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    failures.check(proc.returncode != 0, f"{name}: exit code 0")
+    failures.check(len(lines) == 1 and lines[0].startswith("pipemoe: error") and word in lines[0],
+                   f"{name}: expected one 'pipemoe: error ... {word} ...' line, got {lines}")
+    print(f"ok: {name} -> {lines[0] if lines else ''}", flush=True)
+
+
+def main():
+    f = Failures()
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = os.path.join(tmp, "profile.json")
+        mpirun(2, ["profile", "--quick", "--iters", "1", "--degrees", "1,2", "--out", profile], timeout=300)
+        p = json.load(open(profile))
+        f.check(p["format"] == "pipemoe-profile" and p["cluster"]["world_size"] == 2, "profile header")
+        f.check("all_to_all" in p["models"] and "expert_fwd" in p["models"], "profile has the main task kinds")
+        f.check(p["interference"]["compute"] >= 1 and p["interference"]["handoff_s"] >= 0, "interference measured")
+        print("ok: profile written", flush=True)
+
+        plan = last_json(mpirun(1, ["plan", "--profile", profile, "--tokens", 256, "--model-dim", 64,
+                                    "--hidden", 128, "--experts", 4, "--json"]))
+        degrees = [c["degree"] for c in plan["candidates"]]
+        f.check(plan["degree_fwd"] in degrees and plan["degree_bwd"] in degrees, f"plan chose from {degrees}")
+        best_fwd = min(c["forward_ms"] for c in plan["candidates"])
+        f.check(abs(plan["predicted_fwd_ms"] - best_fwd) < 1e-9, "plan picks the fastest predicted forward")
+        print(f"ok: plan chose {plan['degree_fwd']}/{plan['degree_bwd']}", flush=True)
+
+        auto = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--profile", profile, "--refine", "2",
+                                                        "--json"]))
+        f.check(auto["predicted_fwd_ms"] is not None and auto["predicted_bwd_ms"] is not None, "predictions reported")
+        f.check(auto["comm_ms"] is not None and auto["compute_ms"] is not None, "lanes alone reported")
+        f.check(auto["planned_degree_fwd"] in degrees and auto["degree_measured"], "planned and refined")
+        print(f"ok: layer --degree auto --profile: {auto['degree_fwd']}/{auto['degree_bwd']}", flush=True)
+
+        online = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--degree-bwd", "2", "--json"]))
+        f.check(online["degree_measured"] and online["degree_bwd"] == 2 and online["predicted_fwd_ms"] is None,
+                "auto without a profile times the candidates; a fixed backward degree stays")
+        print(f"ok: layer --degree auto without profile: {online['degree_fwd']}/{online['degree_bwd']}", flush=True)
+
+        corrupt = os.path.join(tmp, "corrupt.json")
+        open(corrupt, "w").write("{ this is not json")
+        other = os.path.join(tmp, "other.json")
+        p_other = dict(p)
+        p_other["format"] = "something-else"
+        json.dump(p_other, open(other, "w"))
+        cases = [
+            (2, ["layer"] + SMALL + ["--degree", "auto", "--profile", os.path.join(tmp, "missing.json")],
+             "cannot read profile", "missing profile"),
+            (2, ["layer"] + SMALL + ["--profile", corrupt], "not a valid profile", "corrupt profile"),
+            (2, ["layer"] + SMALL + ["--profile", other], "not a pipemoe profile", "not a profile"),
+            (1, ["layer"] + SMALL + ["--degree", "auto", "--profile", profile], "another cluster", "foreign profile"),
+            (1, ["plan", "--tokens", 256], "--profile", "plan without profile"),
+            (2, ["layer"] + SMALL + ["--degree", "fast"], "--degree", "degree not a number"),
+            (2, ["profile", "--degrees", "0", "--out", os.path.join(tmp, "x.json")], "--degrees", "profile degree 0"),
+        ]
+        for ranks, args, word, name in cases:
+            one_error(f, mpirun(ranks, args, timeout=120, check=False), word, name)
+    f.finish("test_planner_cli")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The GPT-style MoE model computed by PyTorch in float64 from a `pipemoe model-check` dump.
+
+Written from the model's definition (src/model/gpt.h): token + position embeddings, pre-LayerNorm
+blocks (eps 1e-5) with causal multi-head attention and a dense GeLU MLP or an MoE feed-forward
+(every moe_every-th block), final LayerNorm, tied output, mean cross-entropy plus aux_coef times
+the sum of the MoE aux losses. Data parallel over ranks: the loss is the mean of the ranks' losses;
+each rank's MoE routes its own tokens with its own capacity; experts are global.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+torch.set_default_dtype(torch.float64)
+
+
+def gelu(u):
+    return 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
+
+
+def layernorm(x, g, b, eps=1e-5):
+    m = x.mean(-1, keepdim=True)
+    v = ((x - m) ** 2).mean(-1, keepdim=True)
+    return (x - m) / torch.sqrt(v + eps) * g + b
+
+
+def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H):
+    D = x.shape[1]
+    hd = D // H
+    qkv = (x @ w_qkv + b_qkv).view(B, S, 3, H, hd)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, hd]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    mask = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
+    p = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    o = (p @ v).transpose(1, 2).reshape(B * S, D)
+    return o @ w_proj + b_proj
+
+
+def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor):
+    T = x.shape[0]
+    E = wg.shape[1]
+    C = math.ceil(top_k * capacity_factor * T / E)
+    probs = torch.softmax(x @ wg, dim=1)
+    order = np.argsort(-probs.detach().numpy(), axis=1, kind="stable")[:, :top_k]
+    count = np.zeros(E, dtype=np.int64)
+    kept = np.zeros((T, top_k), dtype=bool)
+    for j in range(top_k):
+        for t in range(T):
+            e = order[t, j]
+            if count[e] < C:
+                kept[t, j] = True
+                count[e] += 1
+    gate = probs.gather(1, torch.tensor(order))
+    if top_k > 1:
+        gate = gate / gate.sum(dim=1, keepdim=True)
+    y = torch.zeros_like(x)
+    for e in range(E):
+        for j in range(top_k):
+            tok = np.nonzero((order[:, j] == e) & kept[:, j])[0]
+            if len(tok):
+                tt = torch.tensor(tok)
+                y = y.index_add(0, tt, gate[tt, j:j + 1] * (gelu(x[tt] @ w1[e] + b1[e]) @ w2[e] + b2[e]))
+    first = torch.tensor(np.bincount(order[:, 0], minlength=E) / T)
+    aux = E * (probs.mean(dim=0) * first).sum()
+    return y, aux
+
+
+class Model:
+    """Parameters as float64 leaf tensors, experts gathered from every rank's dump."""
+
+    def __init__(self, folder):
+        self.meta = json.load(open(f"{folder}/meta.json"))
+        c = self.meta["config"]
+        self.c = c
+        self.P = self.meta["world_size"]
+        names = [f[len("param."):-len(".npy")] for f in sorted(os.listdir(f"{folder}/rank0")) if f.startswith("param.")]
+        self.params = {}
+        for n in names:
+            arrays = [np.load(f"{folder}/rank{r}/param.{n}.npy").astype(np.float64) for r in range(self.P)]
+            value = np.concatenate(arrays) if self.is_expert(n) else arrays[0]  # experts: global [E, ...]
+            self.params[n] = torch.tensor(value, requires_grad=True)
+
+    def is_expert(self, name):
+        return ".moe." in name and not name.endswith(".moe.wg")
+
+    def decays(self, name):
+        return any(name.endswith(s) for s in ("w_qkv", "w_proj", "w_fc", "w_out", "moe.wg", "moe.w1", "moe.w2"))
+
+    def rank_loss(self, inputs, targets):
+        """(mean cross-entropy, sum of aux losses, logits) of one rank's batch."""
+        c, p = self.c, self.params
+        B, S = inputs.shape
+        inp = torch.tensor(inputs.reshape(-1).astype(np.int64))
+        h = p["wte"][inp] + p["wpe"][torch.arange(B * S) % S]
+        aux_sum = 0.0
+        for l in range(c["layers"]):
+            b = f"blocks.{l}."
+            a = h + attention(layernorm(h, p[b + "ln1.g"], p[b + "ln1.b"]), p[b + "attn.w_qkv"], p[b + "attn.b_qkv"],
+                              p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"])
+            x = layernorm(a, p[b + "ln2.g"], p[b + "ln2.b"])
+            if c["moe_every"] > 0 and l % c["moe_every"] == c["moe_every"] - 1:
+                y, aux = moe(x, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"], p[b + "moe.b2"],
+                             c["top_k"], c["capacity_factor"])
+                aux_sum = aux_sum + aux
+            else:
+                y = gelu(x @ p[b + "mlp.w_fc"] + p[b + "mlp.b_fc"]) @ p[b + "mlp.w_out"] + p[b + "mlp.b_out"]
+            h = a + y
+        logits = layernorm(h, p["ln_f.g"], p["ln_f.b"]) @ p["wte"].T
+        ce = torch.nn.functional.cross_entropy(logits, torch.tensor(targets.reshape(-1).astype(np.int64)))
+        return ce, aux_sum, logits
+
+    def global_loss(self, folder, step):
+        """The data-parallel loss: mean over ranks of (CE + aux_coef * aux); and per-rank logits."""
+        total, ces, auxes, logits = 0.0, [], [], []
+        for r in range(self.P):
+            ce, aux, lg = self.rank_loss(np.load(f"{folder}/rank{r}/inputs_{step}.npy"),
+                                         np.load(f"{folder}/rank{r}/targets_{step}.npy"))
+            total = total + (ce + self.c["aux_coef"] * aux) / self.P
+            ces.append(ce.item())
+            auxes.append(float(aux))
+            logits.append(lg)
+        return total, sum(ces) / self.P, sum(auxes) / self.P, logits
+
+
+def learning_rate(c, step):
+    if step < c["warmup_steps"]:
+        return c["lr"] * (step + 1) / c["warmup_steps"]
+    span = max(1, c["max_steps"] - c["warmup_steps"])
+    progress = min(1.0, (step - c["warmup_steps"]) / span)
+    return c["min_lr"] + 0.5 * (c["lr"] - c["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def adamw_step(model, state, c, step, lr):
+    """Global-norm clipping then AdamW with decoupled decay (decay on weight matrices only)."""
+    grads = {n: t.grad for n, t in model.params.items()}
+    norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
+    scale = c["grad_clip"] / norm if c["grad_clip"] > 0 and norm > c["grad_clip"] else 1.0
+    b1, b2, eps = c["beta1"], c["beta2"], c["adam_eps"]
+    t = step + 1
+    with torch.no_grad():
+        for n, w in model.params.items():
+            g = grads[n] * scale
+            m, v = state.setdefault(n, (torch.zeros_like(w), torch.zeros_like(w)))
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            state[n] = (m, v)
+            decay = 1 - lr * c["weight_decay"] if model.decays(n) else 1.0
+            w.mul_(decay).sub_((lr / (1 - b1 ** t)) * m / (torch.sqrt(v / (1 - b2 ** t)) + eps))
+            w.grad = None
+    return norm

@@ -1,0 +1,139 @@
+// Profiles (format, validation, cluster checks), the planner and the degree choice.
+#include <gtest/gtest.h>
+
+#include "core/error.h"
+#include "perf/degree_choice.h"
+#include "perf/perf_profile.h"
+#include "perf/planner.h"
+
+namespace pm {
+namespace {
+
+// A profile whose all-to-all costs `link_s_per_mb` and whose GEMMs run at `gflops`, with a
+// fixed cost per task; every other kind costs only the fixed cost.
+PerfProfile synthetic_profile(double link_s_per_mb, double gflops, double fixed_s = 50e-6) {
+  PerfProfile p;
+  p.cluster = {2, 2, 1, "test cpu", "test network"};
+  for (int k = 0; k < kNumTaskKinds; ++k) {
+    KindModel& m = p.models[k];
+    m.fitted = true;
+    m.coef = {fixed_s, 0, 0, 0};
+    TaskKind kind = static_cast<TaskKind>(k);
+    if (kind == TaskKind::all_to_all) m.coef[3] = link_s_per_mb / 1e6;
+    if (kind == TaskKind::expert_fwd || kind == TaskKind::expert_dgrad || kind == TaskKind::expert_wgrad)
+      m.coef[2] = 1.0 / (gflops * 1e9);
+  }
+  return p;
+}
+
+const LayerShape kShape{2048, 512, 1024, 8, 2, 1.25, 2};
+
+TEST(Profile, JsonRoundTripAndValidation) {
+  PerfProfile p = synthetic_profile(8e-3, 100);
+  p.interference = {1.3, 1.1, 20e-6};
+  p.created = "2026-11-23T00:00:00Z";
+  PerfProfile q = PerfProfile::from_json(p.to_json(), "test");
+  EXPECT_EQ(q.cluster.world_size, 2);
+  EXPECT_EQ(q.cluster.network, "test network");
+  EXPECT_DOUBLE_EQ(q.interference.compute, 1.3);
+  EXPECT_DOUBLE_EQ(q.interference.handoff_s, 20e-6);
+  for (int k = 0; k < kNumTaskKinds; ++k) EXPECT_EQ(q.models[k].coef, p.models[k].coef);
+
+  auto error_of = [](const std::string& text) {
+    try {
+      PerfProfile::from_json(text, "f.json");
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::usage);
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of("{not json").find("not JSON"), std::string::npos);
+  EXPECT_NE(error_of("{\"format\": \"something else\"}").find("not a pipemoe profile"), std::string::npos);
+  std::string text = p.to_json();
+  std::string v2 = text;
+  v2.replace(v2.find("\"version\": 1"), 12, "\"version\": 9");
+  EXPECT_NE(error_of(v2).find("version 9"), std::string::npos);
+  std::string negative = text;
+  negative.replace(negative.find("\"fixed\": "), 9, "\"fixed\": -");
+  EXPECT_NE(error_of(negative).find("negative"), std::string::npos);
+  std::string missing = text;
+  missing.replace(missing.find("\"cluster\""), 9, "\"clusterX\"");
+  EXPECT_NE(error_of(missing).find("not a valid profile"), std::string::npos);
+}
+
+TEST(Profile, ForeignClusterIsNamed) {
+  ClusterInfo taken{2, 2, 1, "cpu A", "emulated: 2 hosts, 1gbit per link"};
+  ClusterInfo here = taken;
+  EXPECT_EQ(taken.mismatch(here), "");
+  here.world_size = 4;
+  here.network = "shared memory";
+  std::string diff = taken.mismatch(here);
+  EXPECT_NE(diff.find("2 ranks, not 4"), std::string::npos) << diff;
+  EXPECT_NE(diff.find("network"), std::string::npos) << diff;
+}
+
+TEST(Planner, SlowLinkPipelinesAndFastLinkDoesNot) {
+  // A slow link: communication is a large share; chunks overlap it with the GEMMs.
+  LayerPlan slow = plan_layer(synthetic_profile(20e-3, 100), kShape);
+  EXPECT_GT(slow.forward_degree, 1);
+  EXPECT_GT(slow.backward_degree, 1);
+  for (const auto& c : slow.candidates) {
+    EXPECT_GE(c.forward_s, slow.forward_s);
+    EXPECT_GE(c.backward_s, slow.backward_s);
+  }
+  // A fast link and a large fixed cost per task: chunks only add fixed costs.
+  LayerPlan fast = plan_layer(synthetic_profile(1e-6, 100, 5e-3), kShape);
+  EXPECT_EQ(fast.forward_degree, 1);
+  EXPECT_EQ(fast.backward_degree, 1);
+  // Candidates stop at the capacity.
+  EXPECT_EQ(candidate_degrees(5), (std::vector<int>{1, 2, 3, 4}));
+}
+
+TEST(Planner, InterferenceMakesOverlapWorthLess) {
+  PerfProfile p = synthetic_profile(10e-3, 100);
+  double free_overlap = predict_layer(p, kShape, 4, true);
+  p.interference = {1.5, 1.2, 0};
+  double costly = predict_layer(p, kShape, 4, true);
+  EXPECT_GT(costly, free_overlap);
+  EXPECT_GT(predict_layer(p, kShape, 1, true), 0);
+}
+
+TEST(DegreeChoice, FixedAutoAndRefined) {
+  EXPECT_EQ(parse_degree("4", "--degree"), 4);
+  EXPECT_EQ(parse_degree("auto", "--degree"), 0);
+  EXPECT_THROW(parse_degree("0", "--degree"), Error);
+  EXPECT_THROW(parse_degree("4x", "--degree"), Error);
+  int calls = 0;
+  auto never = [&](int, int) { ++calls; return std::make_pair(1.0, 1.0); };
+  DegreeChoice fixed = choose_degrees(3, 2, nullptr, kShape, 0, never);
+  EXPECT_EQ(fixed.forward, 3);
+  EXPECT_EQ(fixed.backward, 2);
+  EXPECT_EQ(calls, 0);
+
+  PerfProfile p = synthetic_profile(20e-3, 100);
+  DegreeChoice planned = choose_degrees(0, 0, &p, kShape, 0, never);
+  EXPECT_EQ(planned.forward, planned.planned_forward);
+  EXPECT_FALSE(planned.measured);
+  EXPECT_EQ(calls, 0);
+
+  // Refinement times the planner's best three and keeps the fastest measured (here: degree 2
+  // is made fastest whatever the model says, if it is among them).
+  auto prefer_small = [&](int f, int b) {
+    ++calls;
+    return std::make_pair(1.0 + 0.1 * f, 1.0 + 0.1 * b);
+  };
+  DegreeChoice refined = choose_degrees(0, 0, &p, kShape, 3, prefer_small);
+  EXPECT_TRUE(refined.measured);
+  EXPECT_EQ(calls, 3);
+  EXPECT_LE(refined.forward, planned.forward);
+
+  // Without a profile every candidate is timed.
+  calls = 0;
+  DegreeChoice online = choose_degrees(0, 0, nullptr, kShape, 0, prefer_small);
+  EXPECT_EQ(online.forward, 1);
+  EXPECT_EQ(calls, static_cast<int>(candidate_degrees(640).size()));
+}
+
+}  // namespace
+}  // namespace pm
