@@ -56,6 +56,8 @@ void add_train_command(CLI::App& app, CommandFn& run) {
     cmd->add_option_function<std::string>(flag, [o, key](const std::string& v) { o->overrides[key] = v; }, help);
   };
   cmd->add_option_function<int64_t>("--max-steps", [o](int64_t v) { o->overrides["max_steps"] = v; }, "training steps");
+  cmd->add_option_function<int64_t>("--stop-at", [o](int64_t v) { o->overrides["stop_at"] = v; },
+                                    "stop after this step, as an interruption would");
   cmd->add_option_function<int64_t>("--seed", [o](int64_t v) { o->overrides["seed"] = v; }, "random seed");
   number("--lr", "lr", "peak learning rate");
   text("--data", "data", "Brown corpus folder or a plain-text file");

@@ -31,6 +31,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("aux_coef", c.model.aux_coef);
   fn("batch_size", c.batch_size);
   fn("max_steps", c.max_steps);
+  fn("stop_at", c.stop_at);
   fn("lr", c.lr);
   fn("min_lr", c.min_lr);
   fn("warmup_steps", c.warmup_steps);
@@ -119,6 +120,8 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
   PM_REQUIRE(min_lr >= 0 && min_lr <= lr, "configuration: 'min_lr' must be between 0 and lr ({}), got {}", lr, min_lr);
   PM_REQUIRE(warmup_steps >= 0 && save_every >= 0, "configuration: 'warmup_steps' and 'save_every' must not be negative");
+  PM_REQUIRE(stop_at >= 0 && stop_at <= max_steps, "configuration: 'stop_at' must be between 0 and max_steps ({}), got {}",
+             max_steps, stop_at);
   PM_REQUIRE(weight_decay >= 0 && grad_clip >= 0, "configuration: 'weight_decay' and 'grad_clip' must not be negative");
   PM_REQUIRE(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "configuration: 'beta1' and 'beta2' must be in [0, 1)");
   PM_REQUIRE(adam_eps > 0, "configuration: 'adam_eps' must be positive");

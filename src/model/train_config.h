@@ -31,6 +31,7 @@ struct TrainConfig {
   ModelConfig model;
   int batch_size = 16;  // sequences per rank per step
   int max_steps = 300;
+  int stop_at = 0;  // stop after this many steps, as an interruption would (the schedule still follows max_steps)
   double lr = 3e-3, min_lr = 3e-4;
   int warmup_steps = 30;
   double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8, grad_clip = 1.0;

@@ -151,25 +151,32 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   if (resumed) log::info("resuming from {} at step {}", c.resume, start);
   log::info("setup took {:.1f} s", setup.elapsed_s());
 
+  // The checkpoint folder and the log must be writable before the first step: agreed by all ranks.
   const std::string csv_path = default_log_path(c);
   std::ofstream csv;
+  std::string open_error;
   if (rank == 0) {
     std::error_code ec;
-    if (fs::path(csv_path).has_parent_path()) fs::create_directories(fs::path(csv_path).parent_path(), ec);
+    if (!c.save.empty()) fs::create_directories(c.save, ec);
+    if (ec) open_error = fmt::format("cannot create checkpoint folder {}: {}", c.save, ec.message());
+    if (open_error.empty() && fs::path(csv_path).has_parent_path()) fs::create_directories(fs::path(csv_path).parent_path(), ec);
     bool append = resumed && fs::exists(csv_path);
-    csv.open(csv_path, append ? std::ios::app : std::ios::trunc);
-    PM_IO_CHECK(csv.good(), "cannot write the training log {}", csv_path);
-    if (!append) csv << "step,lr,train_loss,aux_loss,val_loss,tokens_per_s,step_ms,compute_ms,exposed_comm_ms\n";
+    if (open_error.empty()) csv.open(csv_path, append ? std::ios::app : std::ios::trunc);
+    if (open_error.empty() && !csv.good()) open_error = fmt::format("cannot write the training log {}", csv_path);
+    if (open_error.empty() && !append) csv << "step,lr,train_loss,aux_loss,val_loss,tokens_per_s,step_ms,compute_ms,exposed_comm_ms\n";
   }
+  open_error = comm.broadcast_string(open_error, 0);
+  PM_REQUIRE(open_error.empty(), "{}", open_error);
 
   std::vector<int32_t> in(B * S), tg(B * S);
   std::vector<double> window_loss, step_ms_all, exposed_all;
   double last_train = NAN, last_val = NAN;
   Trace trace;
   double trace_origin = 0;
-  for (int64_t step = start; step < c.max_steps; ++step) {
-    const bool log_now = (step + 1) % c.log_every == 0 || step + 1 == c.max_steps;
-    const bool traced = !c.trace.empty() && step + 1 == c.max_steps;
+  const int64_t last = c.stop_at > 0 ? c.stop_at : c.max_steps;  // the last step this run takes
+  for (int64_t step = start; step < last; ++step) {
+    const bool log_now = (step + 1) % c.log_every == 0 || step + 1 == last;
+    const bool traced = !c.trace.empty() && step + 1 == last;
     if (traced) {
       comm.barrier();
       trace_origin = now_s();
@@ -207,7 +214,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     }
     const double tok_s = tokens_per_step / (mean_step_ms / 1e3);
     std::optional<double> val;
-    if ((step + 1) % c.eval_every == 0 || step + 1 == c.max_steps) val = last_val = evaluate(model, data, c, comm);
+    if ((step + 1) % c.eval_every == 0 || step + 1 == last) val = last_val = evaluate(model, data, c, comm);
     if (log_now) {
       last_train = summarize(window_loss).median;
       double mean = 0;
@@ -228,7 +235,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           << tok_s << "," << mean_step_ms << "," << mean_step_ms - mean_exposed << "," << mean_exposed << "\n";
       csv.flush();
     }
-    const bool save_now = !c.save.empty() && ((c.save_every > 0 && (step + 1) % c.save_every == 0) || step + 1 == c.max_steps);
+    const bool save_now = !c.save.empty() && ((c.save_every > 0 && (step + 1) % c.save_every == 0) || step + 1 == last);
     if (save_now) {
       CheckpointState s{step + 1, c.to_json(), P, data.tokenizer.to_json(), {{"data", data.description}}};
       std::string where = save_checkpoint(comm, c.save, model.parameters(), &optimizer, s);
@@ -249,7 +256,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"val_bits_per_byte", last_val / std::log(2.0) / val_bytes_per_token},
           {"unigram_bits_per_byte", unigram / std::log(2.0) / val_bytes_per_token},
           {"tokens_per_s", tokens_per_step / (ms / 1e3)},
-          {"steps", c.max_steps},
+          {"steps", last},
           {"ms_per_step", ms},
           {"exposed_comm_ms_per_step", exposed},
           {"exposed_comm_share", exposed / ms},

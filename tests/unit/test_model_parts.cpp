@@ -1,0 +1,103 @@
+// The model's parts that need no ranks: tokenizer, corpus text, safetensors, configuration,
+// learning-rate schedule, one AdamW step.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/error.h"
+#include "model/corpus.h"
+#include "model/optimizer.h"
+#include "model/safetensors.h"
+#include "model/tokenizer.h"
+#include "model/train_config.h"
+
+namespace pm {
+namespace {
+
+TEST(Tokenizer, LearnsMergesAndRoundTripsAnyBytes) {
+  std::string text;
+  for (int i = 0; i < 200; ++i) text += "the cat sat on the mat. the dog sat on the log.\n";
+  Tokenizer t = Tokenizer::train(text, 300);
+  EXPECT_GT(t.vocab_size(), 256);
+  EXPECT_LE(t.vocab_size(), 300);
+  auto ids = t.encode(text);
+  EXPECT_LT(ids.size(), text.size() / 2);  // merges compress repeated words
+  EXPECT_EQ(t.decode(ids), text);
+  std::string odd = "caf\xc3\xa9  \t\n\x01\xff tab\tend";  // UTF-8, control bytes, runs of spaces
+  EXPECT_EQ(t.decode(t.encode(odd)), odd);
+  Tokenizer back = Tokenizer::from_json(t.to_json(), "test");
+  EXPECT_EQ(back.encode(text), ids);
+  EXPECT_EQ(Tokenizer::train(text, 300).to_json(), t.to_json());  // deterministic
+  EXPECT_THROW(Tokenizer::from_json("{\"type\": \"byte-bpe\", \"merges\": [[900, 1]], \"vocab_size\": 257}", "bad"), Error);
+}
+
+TEST(Tokenizer, WordsKeepTheirLeadingSpace) {
+  EXPECT_EQ(split_words("Hello  world, ok"), (std::vector<std::string>{"Hello", " ", " world", ",", " ok"}));
+}
+
+TEST(Corpus, BrownTagsAreStripped) {
+  std::string tagged = "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ./.\n\n\tIt/pps 's/bez fine/jj ,/, yes/rb ./.\n";
+  EXPECT_EQ(brown_file_to_text(tagged), "The jury said \" no evidence \".\nIt's fine, yes.\n");
+  EXPECT_NEAR(unigram_entropy({0, 1, 0, 1}, 4), std::log(2.0), 1e-12);
+}
+
+TEST(Safetensors, RoundTripAndCorruption) {
+  Tensor a = Tensor::empty({2, 3}), b = Tensor::empty({5});
+  for (int i = 0; i < 6; ++i) a.f32()[i] = 0.25f * i;
+  for (int i = 0; i < 5; ++i) b.f32()[i] = -1.0f * i;
+  std::string bytes = encode_safetensors({{"a", a}, {"b.c", b}}, {{"step", "7"}});
+  std::map<std::string, std::string> meta;
+  auto back = decode_safetensors(bytes, "test", &meta);
+  ASSERT_EQ(back.size(), 2u);
+  EXPECT_EQ(meta["step"], "7");
+  for (const auto& t : back) {
+    const Tensor& want = t.name == "a" ? a : b;
+    EXPECT_EQ(t.tensor.shape(), want.shape());
+    EXPECT_EQ(0, std::memcmp(t.tensor.raw(), want.raw(), want.nbytes()));
+  }
+  EXPECT_THROW(decode_safetensors(bytes.substr(0, bytes.size() - 4), "cut", nullptr), Error);
+  EXPECT_THROW(decode_safetensors("1234", "short", nullptr), Error);
+  std::string garbage = bytes;
+  garbage[10] = '!';
+  EXPECT_THROW(decode_safetensors(garbage, "garbage", nullptr), Error);
+}
+
+TEST(TrainConfig, UnknownKeysBadTypesAndImpossibleValues) {
+  TrainConfig c;
+  c.apply(nlohmann::json{{"d_model", 64}, {"heads", 4}, {"data", "x.txt"}}, "t");
+  EXPECT_EQ(c.model.d_model, 64);
+  EXPECT_THROW(c.apply(nlohmann::json{{"dmodel", 64}}, "t"), Error);
+  EXPECT_THROW(c.apply(nlohmann::json{{"d_model", "big"}}, "t"), Error);
+  EXPECT_THROW(c.apply(nlohmann::json{{"layers", 2.5}}, "t"), Error);
+  TrainConfig bad = c;
+  bad.model.heads = 3;
+  EXPECT_THROW(bad.validate(1), Error);
+  TrainConfig odd = c;
+  odd.model.experts = 4;
+  EXPECT_THROW(odd.validate(3), Error);
+  EXPECT_NO_THROW(odd.validate(2));
+  TrainConfig round = c;
+  round.apply(c.to_json(), "itself");
+  EXPECT_EQ(round.to_json(), c.to_json());
+}
+
+TEST(Optimizer, ScheduleAndOneAdamWStep) {
+  TrainConfig c;
+  c.lr = 1.0, c.min_lr = 0.1, c.warmup_steps = 10, c.max_steps = 110;
+  EXPECT_DOUBLE_EQ(learning_rate(c, 0), 0.1);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 9), 1.0);
+  EXPECT_NEAR(learning_rate(c, 60), 0.55, 1e-12);  // half way down the cosine
+  EXPECT_NEAR(learning_rate(c, 110), 0.1, 1e-12);
+  Tensor w = Tensor::empty({2}), g = Tensor::empty({2});
+  w.f32()[0] = 1.0f, w.f32()[1] = -2.0f, g.f32()[0] = 0.5f, g.f32()[1] = -0.25f;
+  std::vector<Parameter> params = {{"w", &w, &g, false, true}};
+  AdamW opt(params);
+  c.weight_decay = 0.1, c.beta1 = 0.9, c.beta2 = 0.95, c.adam_eps = 1e-8;
+  opt.step(c, 0.01);
+  // first step: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (plus decay)
+  EXPECT_NEAR(w.f32()[0], 1.0 * (1 - 0.01 * 0.1) - 0.01, 1e-6);
+  EXPECT_NEAR(w.f32()[1], -2.0 * (1 - 0.01 * 0.1) + 0.01, 1e-6);
+}
+
+}  // namespace
+}  // namespace pm
