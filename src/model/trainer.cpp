@@ -1,7 +1,5 @@
 #include "model/trainer.h"
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -216,7 +214,6 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     std::optional<double> val;
     if ((step + 1) % c.eval_every == 0 || step + 1 == last) val = last_val = evaluate(model, data, c, comm);
     if (log_now) {
-      last_train = summarize(window_loss).median;
       double mean = 0;
       for (double l : window_loss) mean += l;
       last_train = mean / window_loss.size();

@@ -1,19 +1,17 @@
 #include "perf/profiler.h"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <cmath>
 #include <ctime>
 #include <nlohmann/json.hpp>
 
 #include "comm/communicator.h"
-#include "core/rng.h"
-#include "moe/moe_layer.h"
-#include "perf/linear_fit.h"
 #include "core/clock.h"
+#include "core/rng.h"
 #include "core/stats.h"
 #include "kernels/cpu/gemm.h"
+#include "moe/moe_layer.h"
+#include "perf/linear_fit.h"
 #include "sched/executor.h"
 
 namespace pm {
