@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "core/rng.h"
 #include "kernels/cpu/attention.h"
@@ -148,6 +149,12 @@ void GptModel::init_parameters(uint64_t seed) {
   }
 }
 
+void GptModel::set_trace(Trace* trace) {
+  trace_ = trace;
+  for (auto& b : blocks_)
+    if (b->moe) b->moe->set_trace(trace);
+}
+
 void GptModel::zero_grads() {
   for (Parameter& p : params_) p.grad->zero();
 }
@@ -160,15 +167,19 @@ double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t 
   inputs_.assign(inputs, inputs + T);
   if (targets) targets_.assign(targets, targets + T);
 
+  if (trace_) trace_->set_category("forward");
   FloatBuffer h(T * D);
+  std::optional<TraceSpan> span(std::in_place, trace_, "embed");
   for (int64_t t = 0; t < T; ++t) {
     PM_CHECK(inputs[t] >= 0 && inputs[t] < V, "token {} outside the vocabulary of {}", inputs[t], V);
     const float* e = wte_.f32() + inputs[t] * D;
     const float* p = wpe_.f32() + (t % S) * D;
     for (int64_t i = 0; i < D; ++i) h[t * D + i] = e[i] + p[i];
   }
+  span.reset();
   for (auto& bp : blocks_) {
     Block& b = *bp;
+    span.emplace(trace_, "attention");
     b.x_in = h;
     b.ln1_out.resize(T * D), b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
     layernorm_forward(h.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, b.ln1_out.data(), b.ln1_mean.data(),
@@ -183,9 +194,12 @@ double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t 
     b.ln2_out.resize(T * D), b.ln2_mean.resize(T), b.ln2_rstd.resize(T);
     layernorm_forward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_b.f32(), T, D, kLayerNormEps, b.ln2_out.data(),
                       b.ln2_mean.data(), b.ln2_rstd.data());
+    span.reset();
     if (b.moe) {
       b.moe->forward(b.ln2_out.data(), T, h.data());
+      if (trace_) trace_->set_category("forward");
     } else {
+      TraceSpan mlp(trace_, "mlp");
       b.fc.resize(T * F), b.act.resize(T * F);
       linear_forward(b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
       gelu_forward(b.fc.data(), b.act.data(), T * F);
@@ -193,6 +207,7 @@ double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t 
     }
     for (int64_t i = 0; i < T * D; ++i) h[i] += b.x_mid[i];
   }
+  span.emplace(trace_, "head");
   h_final_ = h;
   lnf_out_.resize(T * D), lnf_mean_.resize(T), lnf_rstd_.resize(T);
   layernorm_forward(h.data(), lnf_g_.f32(), lnf_b_.f32(), T, D, kLayerNormEps, lnf_out_.data(), lnf_mean_.data(),
@@ -213,6 +228,8 @@ void GptModel::backward() {
   PM_CHECK(backward_scale_ > 0 && !targets_.empty(), "backward needs a forward with targets and a backward scale");
   const int64_t S = config_.seq_len, D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden;
   const int64_t H = config_.heads, hd = D / H, T = T_;
+  if (trace_) trace_->set_category("backward");
+  std::optional<TraceSpan> span(std::in_place, trace_, "head");
   // logits = lnf_out wte^T: d lnf_out = dlogits wte, d wte += dlogits^T lnf_out
   FloatBuffer dln(T * D), dh(T * D);
   gemm(Trans::no, Trans::no, T, D, V, dlogits_.data(), V, wte_.f32(), D, 0.0f, dln.data(), D);
@@ -224,14 +241,18 @@ void GptModel::backward() {
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     // h' = x_mid + FFN(LN2(x_mid)): the residual carries dh to x_mid, the FFN adds its share
+    span.reset();
     if (b.moe) {
       b.moe->backward(dh.data(), dffn_in.data(), aux_grad);
+      if (trace_) trace_->set_category("backward");
     } else {
+      TraceSpan mlp(trace_, "mlp");
       dact.resize(T * F);
       linear_backward(b.act.data(), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
       gelu_backward(b.fc.data(), dact.data(), dact.data(), T * F);
       linear_backward(b.ln2_out.data(), b.w_fc, dact.data(), T, b.d_w_fc, b.d_b_fc, dffn_in.data());
     }
+    span.emplace(trace_, "attention");
     layernorm_backward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_mean.data(), b.ln2_rstd.data(), dffn_in.data(), T, D,
                        dtmp.data(), b.d_ln2_g.f32(), b.d_ln2_b.f32());
     for (int64_t i = 0; i < T * D; ++i) dx_mid[i] = dh[i] + dtmp[i];
@@ -244,6 +265,7 @@ void GptModel::backward() {
                        dh.data(), b.d_ln1_g.f32(), b.d_ln1_b.f32());
     for (int64_t i = 0; i < T * D; ++i) dh[i] += dx_mid[i];
   }
+  span.emplace(trace_, "embed");
   for (int64_t t = 0; t < T; ++t) {  // embeddings, in token order
     axpy(1.0f, dh.data() + t * D, dwte_.f32() + inputs_[t] * D, D);
     axpy(1.0f, dh.data() + t * D, dwpe_.f32() + (t % S) * D, D);

@@ -19,6 +19,7 @@
 #include "model/train_config.h"
 #include "moe/moe_layer.h"
 #include "sched/executor.h"
+#include "sched/trace.h"
 
 namespace pm {
 
@@ -41,6 +42,8 @@ class GptModel {
   void backward();
   double aux_loss() const;  // sum over MoE layers, this rank's tokens
   const float* logits() const { return logits_.data(); }  // [B*S, V] of the last forward
+  // Records the dense work and the MoE layers' tasks of the next passes (null: stop).
+  void set_trace(Trace* trace);
 
   // Milliseconds of the last forward + backward the compute thread spent waiting for all-to-alls
   // (MoE layer wall time minus its compute lane's busy time).
@@ -51,6 +54,7 @@ class GptModel {
   void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
 
   ModelConfig config_;
+  Trace* trace_ = nullptr;
   Communicator& comm_;
   Executor& executor_;
   Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]

@@ -178,7 +178,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     if (traced) {
       comm.barrier();
       trace_origin = now_s();
-      for (MoeLayer* l : model.moe_layers()) l->set_trace(&trace);
+      model.set_trace(&trace);
     }
     Stopwatch step_watch;
     sample_batch(data.train, B, S, c.seed, stream_id(30, step, rank), in.data(), tg.data());
@@ -186,8 +186,11 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     double loss = model.forward(in.data(), tg.data(), B, 1.0f / P);
     model.backward();
     Stopwatch allreduce_watch;
+    std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "all-reduce gradients", 1);
     allreduce_replicated_grads(model.parameters(), comm);
+    span.reset();
     double allreduce_ms = allreduce_watch.elapsed_ms();
+    span.emplace(traced ? &trace : nullptr, "optimizer", 0);
     double norm = global_grad_norm(model.parameters(), comm);
     if (c.grad_clip > 0 && norm > c.grad_clip) {
       float scale = static_cast<float>(c.grad_clip / norm);
@@ -198,6 +201,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     }
     const double lr = learning_rate(c, step);
     optimizer.step(c, lr);
+    span.reset();
     double step_ms = step_watch.elapsed_ms();
     double exposed_ms = model.exposed_moe_comm_ms() + allreduce_ms;
     double stats[4] = {loss, model.aux_loss(), step_ms, exposed_ms};
@@ -207,8 +211,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     window_loss.push_back(loss);
     if (step - start >= 2) step_ms_all.push_back(mean_step_ms), exposed_all.push_back(mean_exposed);
     if (traced) {
-      for (MoeLayer* l : model.moe_layers()) l->set_trace(nullptr);
+      model.set_trace(nullptr);
       trace.write_chrome_json(c.trace, comm, trace_origin);
+      log::info("trace of step {}: {}", step + 1, c.trace);
     }
     const double tok_s = tokens_per_step / (mean_step_ms / 1e3);
     std::optional<double> val;

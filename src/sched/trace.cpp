@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "comm/communicator.h"
+#include "core/clock.h"
 #include "core/error.h"
 #include "sched/task_graph.h"
 
@@ -33,6 +34,13 @@ std::vector<TraceEvent> Trace::events() const {
 void Trace::clear() {
   std::lock_guard lock(mutex_);
   events_.clear();
+}
+
+TraceSpan::TraceSpan(Trace* trace, std::string name, int lane)
+    : trace_(trace), name_(std::move(name)), lane_(lane), start_s_(trace ? now_s() : 0) {}
+
+TraceSpan::~TraceSpan() {
+  if (trace_) trace_->add({name_, trace_->category(), lane_, start_s_, now_s()});
 }
 
 void Trace::write_chrome_json(const std::string& path, Communicator& comm, double origin_s) const {

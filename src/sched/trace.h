@@ -37,4 +37,20 @@ class Trace {
   std::string category_ = "task";
 };
 
+// Records one span of work on a lane for as long as it lives (nothing when trace is null): for
+// work outside task graphs, such as a model's dense layers.
+class TraceSpan {
+ public:
+  TraceSpan(Trace* trace, std::string name, int lane = 0);
+  ~TraceSpan();
+  TraceSpan(const TraceSpan&) = delete;
+  TraceSpan& operator=(const TraceSpan&) = delete;
+
+ private:
+  Trace* trace_;
+  std::string name_;
+  int lane_;
+  double start_s_;
+};
+
 }  // namespace pm
