@@ -1,6 +1,6 @@
 // pipemoe bench layer: a grid of MoE layer shapes, every pipeline degree measured and predicted.
 //
-//   scripts/emulate-cluster --hosts 2 --rate 1gbit -- mpirun -np 2 build/pipemoe bench layer \
+//   scripts/emulate-cluster --hosts 2 --rate 1gbit -- mpirun -np 2 build/pipemoe bench layer
 //       --profile profile.json [--grid small|tiny|full] [--rounds 2] [--iters 3] [--csv out/bench_layer.csv]
 // For each shape: each lane alone (the bound), then every candidate degree timed in interleaved
 // rounds (all degrees see the same noise), forward and backward. Writes one CSV row per shape and

@@ -1,6 +1,6 @@
 // pipemoe layer: one expert-parallel MoE layer, forward and backward, on random data.
 //
-//   mpirun -q -np 2 build/pipemoe layer --tokens 2048 --model-dim 512 --hidden 1024 \
+//   mpirun -q -np 2 build/pipemoe layer --tokens 2048 --model-dim 512 --hidden 1024
 //       --experts 8 --top-k 2 --capacity-factor 1.25 --seed 1 [--iters 10]
 //       [--degree 4 | --degree auto [--profile profile.json] [--refine 3]] [--degree-bwd ...]
 //       [--json] [--trace trace.json]

@@ -14,6 +14,7 @@
 #include "core/npy.h"
 #include "core/rng.h"
 #include "model/gpt.h"
+#include "model/grad_sync.h"
 #include "model/optimizer.h"
 #include "sched/executor.h"
 
@@ -52,6 +53,7 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
 
   Executor executor;
   GptModel model(c.model, ctx.comm, executor);
+  GradientSync grad_sync(model.parameters(), c.model.layers, ctx.comm, executor);
   model.init_parameters(c.seed);
   int degree = o.degree == "auto" ? 1 : std::stoi(o.degree);
   for (MoeLayer* l : model.moe_layers()) l->set_degrees(degree, degree);
@@ -72,16 +74,12 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
     double aux = model.aux_loss();
     if (step == 0)
       write_npy(rank_dir + "/logits.npy", Tensor::view_of(const_cast<float*>(model.logits()), {B * S, V}));
+    model.set_grads_ready_hook([&](int block) { grad_sync.block_done(block); });
     model.backward();
-    allreduce_replicated_grads(model.parameters(), ctx.comm);
+    grad_sync.finish();
     if (step == 0)
       for (const Parameter& p : model.parameters()) write_npy(rank_dir + "/grad." + p.name + ".npy", *p.grad);
-    double norm = global_grad_norm(model.parameters(), ctx.comm);
-    if (c.grad_clip > 0 && norm > c.grad_clip)
-      for (Parameter& p : model.parameters()) {
-        float* g = p.grad->f32();
-        for (int64_t i = 0; i < p.grad->numel(); ++i) g[i] *= static_cast<float>(c.grad_clip / norm);
-      }
+    double norm = clip_by_global_norm(model.parameters(), ctx.comm, c.grad_clip);
     double lr = learning_rate(c, step);
     optimizer.step(c, lr);
     double both[2] = {loss, aux};

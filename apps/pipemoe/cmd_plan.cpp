@@ -1,6 +1,6 @@
 // pipemoe plan: the planner's predictions for one layer shape, per pipeline degree.
 //
-//   build/pipemoe plan --profile profile.json --tokens 2048 --model-dim 512 --hidden 1024 \
+//   build/pipemoe plan --profile profile.json --tokens 2048 --model-dim 512 --hidden 1024
 //       --experts 8 --top-k 2 --capacity-factor 1.25 [--json]
 // Runs on one process: the rank count is the profile's. Prints predicted forward and backward
 // time for every candidate degree and the degrees it would choose.

@@ -238,8 +238,8 @@ void GptModel::backward() {
                      dlnf_g_.f32(), dlnf_b_.f32());
   FloatBuffer dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dqkv(T * 3 * D), dact;
   const float aux_grad = static_cast<float>(config_.aux_coef) * backward_scale_;
-  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
-    Block& b = **it;
+  for (int l = config_.layers - 1; l >= 0; --l) {
+    Block& b = *blocks_[l];
     // h' = x_mid + FFN(LN2(x_mid)): the residual carries dh to x_mid, the FFN adds its share
     span.reset();
     if (b.moe) {
@@ -264,12 +264,16 @@ void GptModel::backward() {
     layernorm_backward(b.x_in.data(), b.ln1_g.f32(), b.ln1_mean.data(), b.ln1_rstd.data(), dtmp.data(), T, D,
                        dh.data(), b.d_ln1_g.f32(), b.d_ln1_b.f32());
     for (int64_t i = 0; i < T * D; ++i) dh[i] += dx_mid[i];
+    span.reset();
+    if (grads_ready_) grads_ready_(l);
   }
   span.emplace(trace_, "embed");
   for (int64_t t = 0; t < T; ++t) {  // embeddings, in token order
     axpy(1.0f, dh.data() + t * D, dwte_.f32() + inputs_[t] * D, D);
     axpy(1.0f, dh.data() + t * D, dwpe_.f32() + (t % S) * D, D);
   }
+  span.reset();
+  if (grads_ready_) grads_ready_(-1);
 }
 
 double GptModel::aux_loss() const {

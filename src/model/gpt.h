@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -40,6 +41,9 @@ class GptModel {
   // backward_scale multiplies the gradient of the mean (1 / world size for data parallel).
   double forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale);
   void backward();
+  // Called during backward() as soon as block l's parameter gradients are final, then with -1
+  // when the rest (embeddings, final norm) are: where the data-parallel all-reduce starts.
+  void set_grads_ready_hook(std::function<void(int block)> hook) { grads_ready_ = std::move(hook); }
   double aux_loss() const;  // sum over MoE layers, this rank's tokens
   const float* logits() const { return logits_.data(); }  // [B*S, V] of the last forward
   // Records the dense work and the MoE layers' tasks of the next passes (null: stop).
@@ -55,6 +59,7 @@ class GptModel {
 
   ModelConfig config_;
   Trace* trace_ = nullptr;
+  std::function<void(int)> grads_ready_;
   Communicator& comm_;
   Executor& executor_;
   Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]

@@ -14,21 +14,6 @@ double learning_rate(const TrainConfig& c, int64_t step) {
   return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-void allreduce_replicated_grads(std::vector<Parameter>& params, Communicator& comm) {
-  if (comm.size() == 1) return;
-  int64_t total = 0;
-  for (const Parameter& p : params)
-    if (!p.expert) total += p.grad->numel();
-  FloatBuffer flat(total);
-  int64_t at = 0;
-  for (const Parameter& p : params)
-    if (!p.expert) std::memcpy(&flat[at], p.grad->f32(), p.grad->nbytes()), at += p.grad->numel();
-  comm.allreduce(flat.data(), flat.data(), total, DType::f32, ReduceOp::sum);
-  at = 0;
-  for (Parameter& p : params)
-    if (!p.expert) std::memcpy(p.grad->f32(), &flat[at], p.grad->nbytes()), at += p.grad->numel();
-}
-
 double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm) {
   double replicated = 0, expert = 0;
   for (const Parameter& p : params) {
@@ -40,6 +25,18 @@ double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm
   // replicated gradients are the same on every rank after the all-reduce: count them once
   expert = comm.allreduce_scalar(expert, ReduceOp::sum);
   return std::sqrt(replicated + expert);
+}
+
+double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm) {
+  const double norm = global_grad_norm(params, comm);
+  if (max_norm > 0 && norm > max_norm) {
+    const float scale = static_cast<float>(max_norm / norm);
+    for (Parameter& p : params) {
+      float* g = p.grad->f32();
+      for (int64_t i = 0, n = p.grad->numel(); i < n; ++i) g[i] *= scale;
+    }
+  }
+  return norm;
 }
 
 AdamW::AdamW(std::vector<Parameter>& params) : params_(params) {

@@ -1,6 +1,6 @@
 // AdamW with decoupled weight decay, a linear warm-up then cosine decay of the learning rate, and
-// the data-parallel gradient step: replicated gradients all-reduced, global-norm clipping over
-// every parameter of every rank (expert gradients counted once, on the rank that owns them).
+// global-norm clipping over every parameter of every rank (expert gradients counted once, on the
+// rank that owns them). The data-parallel all-reduce before it is model/grad_sync.h.
 #pragma once
 
 #include <vector>
@@ -14,11 +14,11 @@ namespace pm {
 // Learning rate at step (0-based): warm-up from lr/warmup to lr, then cosine down to min_lr.
 double learning_rate(const TrainConfig& c, int64_t step);
 
-// Sums the replicated (non-expert) gradients over ranks, in one message.
-void allreduce_replicated_grads(std::vector<Parameter>& params, Communicator& comm);
-
 // The norm of the whole model's gradient; collective.
 double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm);
+// Scales every gradient so that the global norm is at most max_norm (0: no clipping); returns the
+// norm before clipping. Collective.
+double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm);
 
 class AdamW {
  public:

@@ -40,6 +40,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("beta2", c.beta2);
   fn("adam_eps", c.adam_eps);
   fn("grad_clip", c.grad_clip);
+  fn("overlap_grad_allreduce", c.overlap_grad_allreduce);
   fn("eval_every", c.eval_every);
   fn("eval_batches", c.eval_batches);
   fn("log_every", c.log_every);
@@ -75,6 +76,8 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source) {
       try {
         if constexpr (std::is_same_v<T, std::string>) {
           PM_REQUIRE(value.is_string(), "{}: '{}' must be a string", source, key);
+        } else if constexpr (std::is_same_v<T, bool>) {
+          PM_REQUIRE(value.is_boolean(), "{}: '{}' must be true or false, got {}", source, key, value.dump());
         } else {
           PM_REQUIRE(value.is_number(), "{}: '{}' must be a number, got {}", source, key, value.dump());
           if constexpr (std::is_integral_v<T>)

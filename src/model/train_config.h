@@ -35,6 +35,7 @@ struct TrainConfig {
   double lr = 3e-3, min_lr = 3e-4;
   int warmup_steps = 30;
   double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8, grad_clip = 1.0;
+  bool overlap_grad_allreduce = true;  // all-reduce each block's gradients while the backward goes on
   int eval_every = 50, eval_batches = 8, log_every = 10;
   uint64_t seed = 1;
   std::string data = "data/brown";  // a Brown corpus folder, or a plain-text file

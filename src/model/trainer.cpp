@@ -15,6 +15,7 @@
 #include "model/corpus.h"
 #include "model/dataset.h"
 #include "model/gpt.h"
+#include "model/grad_sync.h"
 #include "model/optimizer.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
@@ -125,6 +126,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
 
   Executor executor;
   GptModel model(c.model, comm, executor);
+  GradientSync grad_sync(model.parameters(), c.model.layers, comm, executor);
   model.init_parameters(c.seed);
   AdamW optimizer(model.parameters());
   int64_t start = 0;
@@ -184,21 +186,14 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     sample_batch(data.train, B, S, c.seed, stream_id(30, step, rank), in.data(), tg.data());
     model.zero_grads();
     double loss = model.forward(in.data(), tg.data(), B, 1.0f / P);
+    if (c.overlap_grad_allreduce)
+      model.set_grads_ready_hook([&](int block) { grad_sync.block_done(block, traced ? &trace : nullptr); });
     model.backward();
-    Stopwatch allreduce_watch;
-    std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "all-reduce gradients", 1);
-    allreduce_replicated_grads(model.parameters(), comm);
-    span.reset();
-    double allreduce_ms = allreduce_watch.elapsed_ms();
-    span.emplace(traced ? &trace : nullptr, "optimizer", 0);
-    double norm = global_grad_norm(model.parameters(), comm);
-    if (c.grad_clip > 0 && norm > c.grad_clip) {
-      float scale = static_cast<float>(c.grad_clip / norm);
-      for (Parameter& p : model.parameters()) {
-        float* g = p.grad->f32();
-        for (int64_t i = 0, n = p.grad->numel(); i < n; ++i) g[i] *= scale;
-      }
-    }
+    model.set_grads_ready_hook(nullptr);
+    // what the backward did not hide of the gradient all-reduce (all of it without overlap)
+    double allreduce_ms = grad_sync.finish(traced ? &trace : nullptr);
+    std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
+    clip_by_global_norm(model.parameters(), comm, c.grad_clip);
     const double lr = learning_rate(c, step);
     optimizer.step(c, lr);
     span.reset();

@@ -25,8 +25,11 @@ void Executor::comm_thread_main() {
   long seen = 0;
   std::unique_lock lock(mutex_);
   while (true) {
-    changed_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+    changed_.wait(lock, [&] { return stopping_ || !jobs_.empty() || generation_ != seen; });
     if (stopping_) return;
+    // jobs posted before a graph's run() precede its communication tasks
+    run_posted_jobs(lock);
+    if (generation_ == seen) continue;
     seen = generation_;
     lock.unlock();
     run_lane(Lane::comm);
@@ -45,6 +48,54 @@ double thread_cpu_s() {
 }
 
 }  // namespace
+
+void Executor::run_posted_jobs(std::unique_lock<std::mutex>& lock) {
+  while (!jobs_.empty()) {
+    PostedJob job = std::move(jobs_.front());
+    jobs_.pop_front();
+    if (job_error_) continue;  // the communicator is in an unknown state: skip, drain() reports
+    job_running_ = true;
+    lock.unlock();
+    std::exception_ptr error;
+    double start = now_s();
+    try {
+      job.run();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    if (job.trace) job.trace->add({job.name, job.trace->category(), static_cast<int>(Lane::comm), start, now_s()});
+    lock.lock();
+    job_running_ = false;
+    if (error && !job_error_) job_error_ = error;
+    changed_.notify_all();
+  }
+}
+
+void Executor::post(std::string name, std::function<void()> job, Trace* trace) {
+  if (mode_ == Mode::serial) {
+    double start = now_s();
+    job();
+    if (trace) trace->add({name, trace->category(), static_cast<int>(Lane::comm), start, now_s()});
+    return;
+  }
+  {
+    std::lock_guard lock(mutex_);
+    jobs_.push_back({std::move(name), std::move(job), trace});
+  }
+  changed_.notify_all();
+}
+
+double Executor::drain() {
+  const double start = now_s();
+  std::unique_lock lock(mutex_);
+  changed_.wait(lock, [&] { return jobs_.empty() && !job_running_; });
+  if (job_error_) {
+    std::exception_ptr error = job_error_;
+    job_error_ = nullptr;
+    std::rethrow_exception(error);
+  }
+  return now_s() - start;
+}
 
 void Executor::record(int id, double start_s, double end_s, double cpu_s) {
   const Task& task = graph_->tasks()[id];
@@ -102,6 +153,7 @@ void Executor::run(TaskGraph& graph, Trace* trace) {
   const double start = now_s();
   {
     std::lock_guard lock(mutex_);
+    if (job_error_) std::rethrow_exception(job_error_);  // a posted job failed: the communicator is unusable
     graph_ = &graph;
     trace_ = trace;
     started_.assign(graph.size(), 0);

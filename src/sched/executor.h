@@ -8,8 +8,11 @@
 #pragma once
 
 #include <condition_variable>
+#include <deque>
 #include <exception>
+#include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -47,10 +50,20 @@ class Executor {
   // Runs every task of the graph; returns when all are done. Rethrows the first task error.
   void run(TaskGraph& graph, Trace* trace = nullptr);
   Mode mode() const { return mode_; }
+
+  // Background communication outside any graph, such as a bucket of gradients to all-reduce while
+  // the backward goes on. The job runs on the communication thread after every job posted before
+  // it and before the communication tasks of any graph run after it: the same program order on
+  // every rank, so collectives match. The caller must not use the communicator itself until
+  // drain() returns (MPI is initialised for one thread at a time). Serial mode runs it at once.
+  void post(std::string name, std::function<void()> job, Trace* trace = nullptr);
+  // Waits for every posted job; returns the seconds spent waiting. Rethrows a job's error.
+  double drain();
   const ExecutorStats& last_stats() const { return stats_; }
 
  private:
   void comm_thread_main();
+  void run_posted_jobs(std::unique_lock<std::mutex>& lock);
   void run_lane(Lane lane);
   void record(int id, double start_s, double end_s, double cpu_s);
 
@@ -61,6 +74,15 @@ class Executor {
   bool stopping_ = false;
   long generation_ = 0;      // counts graphs, wakes the comm thread for a new one
   bool comm_lane_done_ = true;
+
+  struct PostedJob {
+    std::string name;
+    std::function<void()> run;
+    Trace* trace;
+  };
+  std::deque<PostedJob> jobs_;  // guarded by mutex_
+  bool job_running_ = false;
+  std::exception_ptr job_error_;
 
   // State of the graph being run, guarded by mutex_.
   TaskGraph* graph_ = nullptr;

@@ -67,5 +67,46 @@ TEST(Executor, ATaskErrorReachesTheCallerAndTheExecutorStaysUsable) {
   EXPECT_TRUE(ran);
 }
 
+TEST(Executor, PostedJobsRunInOrderBeforeLaterGraphsAndOverlapTheCaller) {
+  for (auto mode : {Executor::Mode::overlapped, Executor::Mode::serial}) {
+    Executor ex(mode);
+    std::mutex m;
+    std::vector<std::string> order;
+    auto log = [&](std::string s) { std::lock_guard l(m); order.push_back(std::move(s)); };
+    std::atomic<bool> job_running{false}, caller_saw_job_running{false};
+    ex.post("first", [&] {
+      job_running = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      log("first");
+      job_running = false;
+    });
+    ex.post("second", [&] { log("second"); });
+    // the caller goes on while the jobs run (overlapped mode)
+    for (int i = 0; i < 200 && !caller_saw_job_running; ++i) {
+      caller_saw_job_running = job_running.load();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    TaskGraph g;
+    g.add({"graph comm", Lane::comm, TaskKind::other, -1, {}, {}, [&] { log("graph comm"); }});
+    ex.run(g);
+    ex.post("third", [&] { log("third"); });
+    ex.drain();
+    EXPECT_EQ(order, (std::vector<std::string>{"first", "second", "graph comm", "third"}));
+    if (mode == Executor::Mode::overlapped) EXPECT_TRUE(caller_saw_job_running);
+  }
+}
+
+TEST(Executor, APostedJobErrorReachesDrainAndLaterJobsAreSkipped) {
+  Executor ex;
+  bool later = false;
+  ex.post("bad", [] { throw Error(ErrorKind::comm, "peer gone"); });
+  ex.post("later", [&] { later = true; });
+  EXPECT_THROW(ex.drain(), Error);
+  EXPECT_FALSE(later);
+  ex.post("ok", [&] { later = true; });
+  ex.drain();
+  EXPECT_TRUE(later);
+}
+
 }  // namespace
 }  // namespace pm
