@@ -49,9 +49,17 @@ std::vector<LayerShape> grid_shapes(const std::string& grid, int ranks) {
 
 struct DegreeResult {
   double forward_ms = 0, backward_ms = 0, predicted_fwd_ms = 0, predicted_bwd_ms = 0;
+  double spread = 0;  // (max - min) / median of the rounds' forward + backward: this host's noise
 };
 
 double median_of(std::vector<double> v) { return summarize(std::move(v)).median; }
+
+double relative_spread(const std::vector<double>& fwd, const std::vector<double>& bwd) {
+  std::vector<double> total;
+  for (std::size_t i = 0; i < fwd.size(); ++i) total.push_back(fwd[i] + bwd[i]);
+  Summary s = summarize(total);
+  return s.median > 0 ? (s.max - s.min) / s.median : 0;
+}
 
 int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
@@ -65,10 +73,11 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                                         "ranks", "degree", "forward_ms", "backward_ms", "predicted_fwd_ms",
                                         "predicted_bwd_ms", "comm_alone_ms", "compute_alone_ms", "planner_fwd_degree",
                                         "planner_bwd_degree", "refined_fwd_degree", "refined_bwd_degree",
-                                        "best_fwd_degree", "best_bwd_degree"});
+                                        "best_fwd_degree", "best_bwd_degree", "round_spread"});
   // per shape: (chosen ms, best ms, degree-1 ms, degree-4 ms or 0, bound ms, comm share)
   struct ShapeSummary {
     double chosen, refined, best, d1, d4, bound, comm_share;
+    double noise;  // the larger round-to-round spread of the chosen and the best degrees
   };
   std::vector<ShapeSummary> summaries;
   std::vector<double> prediction_errors;
@@ -118,6 +127,7 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
       DegreeResult& r = results[d];
       r.forward_ms = median_of(fwd[d]);
       r.backward_ms = median_of(bwd[d]);
+      r.spread = relative_spread(fwd[d], bwd[d]);
       for (const auto& c : plan.candidates)
         if (c.degree == d) r.predicted_fwd_ms = c.forward_s * 1e3, r.predicted_bwd_ms = c.backward_s * 1e3;
       if (r.forward_ms < results[best_f].forward_ms) best_f = d;
@@ -134,7 +144,8 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                 fmt::format("{:.3f}", r.predicted_bwd_ms), fmt::format("{:.3f}", alone.comm_ms),
                 fmt::format("{:.3f}", alone.compute_ms), std::to_string(plan.forward_degree),
                 std::to_string(plan.backward_degree), std::to_string(refined.forward),
-                std::to_string(refined.backward), std::to_string(best_f), std::to_string(best_b)});
+                std::to_string(refined.backward), std::to_string(best_f), std::to_string(best_b),
+                fmt::format("{:.4f}", r.spread)});
     }
     ShapeSummary sum;
     sum.chosen = results[plan.forward_degree].forward_ms + results[plan.backward_degree].backward_ms;
@@ -144,6 +155,8 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
     sum.d4 = results.count(4) ? results[4].forward_ms + results[4].backward_ms : 0;
     sum.bound = std::max(alone.comm_ms, alone.compute_ms);
     sum.comm_share = alone.comm_ms / (alone.comm_ms + alone.compute_ms);
+    sum.noise = std::max({results[plan.forward_degree].spread, results[plan.backward_degree].spread,
+                          results[best_f].spread, results[best_b].spread});
     summaries.push_back(sum);
     std::printf("shape %2zu T=%-5ld M=%-5ld H=%-5ld E=%-3d k=%d | comm %4.1f%% | planner %d/%d %7.1f ms %+5.1f%% | "
                 "refined %d/%d %+5.1f%% | best %d/%d %7.1f ms | vs degree 1 x%.2f\n",
@@ -155,10 +168,12 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   }
   if (ctx.rank() != 0) return 0;
 
-  int within5 = 0, refined5 = 0, bounded = 0, in_range = 0;
-  std::vector<double> vs1, vs4, bound_ratio;
+  int within5 = 0, refined5 = 0, bounded = 0, in_range = 0, within_noise = 0;
+  std::vector<double> vs1, vs4, bound_ratio, noise;
   for (const ShapeSummary& s : summaries) {
     within5 += s.chosen <= 1.05 * s.best;
+    within_noise += s.chosen <= (1 + std::max(0.05, s.noise)) * s.best;
+    noise.push_back(s.noise);
     refined5 += s.refined <= 1.05 * s.best;
     vs1.push_back(s.d1 / s.chosen);
     if (s.d4 > 0) vs4.push_back(s.d4 / s.chosen);
@@ -175,6 +190,9 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   std::printf("\n%zu shapes on %s\n", summaries.size(), profile.cluster.summary().c_str());
   std::printf("planner within 5%% of the best measured degrees: %d of %zu shapes (%.0f%%)\n", within5, summaries.size(),
               100.0 * within5 / summaries.size());
+  std::printf("round-to-round spread of those measurements: %s; planner within 5%% or within that spread: "
+              "%d of %zu shapes (%.0f%%)\n", dist(noise).c_str(), within_noise, summaries.size(),
+              100.0 * within_noise / summaries.size());
   std::printf("planner + online refinement (its best %d timed): %d of %zu shapes (%.0f%%)\n", o.refine, refined5,
               summaries.size(), 100.0 * refined5 / summaries.size());
   std::printf("speedup of the planner's degrees over degree 1: %s\n", dist(vs1).c_str());

@@ -19,14 +19,25 @@ double predict_layer(const PerfProfile& profile, const LayerShape& s, int degree
   return simulate(graph, [&](const Task& t) { return profile.predict(t); }, profile.interference).makespan_s;
 }
 
-LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& s) {
+LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& s, double tolerance) {
   LayerPlan plan;
   int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
+  double best_fwd = 0, best_bwd = 0;
   for (int r : candidate_degrees(capacity)) {
     DegreePrediction p{r, predict_layer(profile, s, r, true), predict_layer(profile, s, r, false)};
+    if (plan.candidates.empty() || p.forward_s < best_fwd) best_fwd = p.forward_s;
+    if (plan.candidates.empty() || p.backward_s < best_bwd) best_bwd = p.backward_s;
     plan.candidates.push_back(p);
-    if (plan.candidates.size() == 1 || p.forward_s < plan.forward_s) plan.forward_degree = r, plan.forward_s = p.forward_s;
-    if (plan.candidates.size() == 1 || p.backward_s < plan.backward_s) plan.backward_degree = r, plan.backward_s = p.backward_s;
+  }
+  // The smallest degree within the tolerance of the fastest: once the link is saturated the
+  // predictions go flat, and a few more chunks for a gain far below the model's error only add
+  // per-chunk costs the linear models do not see (measured: high degrees lose on flat curves).
+  bool fwd_set = false, bwd_set = false;
+  for (const DegreePrediction& p : plan.candidates) {
+    if (!fwd_set && p.forward_s <= best_fwd * (1 + tolerance))
+      plan.forward_degree = p.degree, plan.forward_s = p.forward_s, fwd_set = true;
+    if (!bwd_set && p.backward_s <= best_bwd * (1 + tolerance))
+      plan.backward_degree = p.degree, plan.backward_s = p.backward_s, bwd_set = true;
   }
   return plan;
 }

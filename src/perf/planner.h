@@ -1,6 +1,6 @@
 // The planner: predicts a layer's forward and backward time for each candidate pipeline degree by
-// simulating the layer's own task graphs with the profile's models, and picks the fastest degree
-// for each direction separately.
+// simulating the layer's own task graphs with the profile's models, and picks, for each direction
+// separately, the smallest degree predicted within `tolerance` of the fastest.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +37,8 @@ std::vector<int> candidate_degrees(int64_t capacity);
 // Predicted seconds of one direction at one degree (balanced routing assumed).
 double predict_layer(const PerfProfile& profile, const LayerShape& shape, int degree, bool forward);
 
-LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& shape);
+// 1%: a predicted gain smaller than that is well inside the models' error (median ~7-9%).
+constexpr double kPlanTolerance = 0.01;
+LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& shape, double tolerance = kPlanTolerance);
 
 }  // namespace pm

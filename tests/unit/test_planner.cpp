@@ -75,7 +75,7 @@ TEST(Profile, ForeignClusterIsNamed) {
 
 TEST(Planner, SlowLinkPipelinesAndFastLinkDoesNot) {
   // A slow link: communication is a large share; chunks overlap it with the GEMMs.
-  LayerPlan slow = plan_layer(synthetic_profile(20e-3, 100), kShape);
+  LayerPlan slow = plan_layer(synthetic_profile(20e-3, 100), kShape, 0.0);
   EXPECT_GT(slow.forward_degree, 1);
   EXPECT_GT(slow.backward_degree, 1);
   for (const auto& c : slow.candidates) {
@@ -88,6 +88,27 @@ TEST(Planner, SlowLinkPipelinesAndFastLinkDoesNot) {
   EXPECT_EQ(fast.backward_degree, 1);
   // Candidates stop at the capacity.
   EXPECT_EQ(candidate_degrees(5), (std::vector<int>{1, 2, 3, 4}));
+}
+
+TEST(Planner, PicksTheSmallestDegreeWithinTheTolerance) {
+  PerfProfile profile = synthetic_profile(20e-3, 100);
+  LayerPlan exact = plan_layer(profile, kShape, 0.0);
+  for (double tolerance : {0.01, 0.05, 0.2}) {
+    LayerPlan plan = plan_layer(profile, kShape, tolerance);
+    EXPECT_LE(plan.forward_degree, exact.forward_degree);
+    EXPECT_LE(plan.backward_degree, exact.backward_degree);
+    EXPECT_LE(plan.forward_s, exact.forward_s * (1 + tolerance));
+    EXPECT_LE(plan.backward_s, exact.backward_s * (1 + tolerance));
+    // no smaller degree is within the tolerance
+    for (const auto& c : plan.candidates) {
+      if (c.degree < plan.forward_degree) {
+        EXPECT_GT(c.forward_s, exact.forward_s * (1 + tolerance));
+      }
+      if (c.degree < plan.backward_degree) {
+        EXPECT_GT(c.backward_s, exact.backward_s * (1 + tolerance));
+      }
+    }
+  }
 }
 
 TEST(Planner, InterferenceMakesOverlapWorthLess) {
