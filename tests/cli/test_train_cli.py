@@ -81,6 +81,13 @@ def main():
                 "the resumed run continues the exact same loss curve")
         print(f"ok: resume continues the same curve: {losses(os.path.join(parts, 'log.csv'))[-1]}", flush=True)
 
+        # the gradient all-reduce after the backward instead of overlapping it: the same bits
+        serial = os.path.join(tmp, "serial")
+        train(2, config, "--save", serial, "--set", "save_every=4", "--set", "overlap_grad_allreduce=false")
+        f.check(losses(os.path.join(whole, "log.csv")) == losses(os.path.join(serial, "log.csv")),
+                "overlapping the gradient all-reduce changes no loss")
+        print("ok: overlapped and serial gradient all-reduce give the same curve", flush=True)
+
         gen = mpirun(1, ["generate", "--checkpoint", whole, "--prompt", "The jury", "--tokens", 10])
         f.check(gen.stdout.startswith("The jury") and len(gen.stdout) > len("The jury"), f"generated: {gen.stdout!r}")
         print(f"ok: generate -> {gen.stdout.strip()[:60]!r}", flush=True)
