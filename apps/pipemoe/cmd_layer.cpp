@@ -224,12 +224,7 @@ int run_layer(Context& ctx, const LayerOptions& o) {
 void add_layer_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<LayerOptions>();
   CLI::App* cmd = app.add_subcommand("layer", "run one expert-parallel MoE layer forward and backward");
-  cmd->add_option("--tokens", o->tokens, "tokens per rank (T)")->capture_default_str();
-  cmd->add_option("--model-dim", o->model_dim, "model dimension (M)")->capture_default_str();
-  cmd->add_option("--hidden", o->hidden, "expert hidden dimension (H)")->capture_default_str();
-  cmd->add_option("--experts", o->experts, "experts over all ranks (E)")->capture_default_str();
-  cmd->add_option("--top-k", o->top_k, "experts per token (k)")->capture_default_str();
-  cmd->add_option("--capacity-factor", o->capacity_factor, "capacity factor (f)")->capture_default_str();
+  add_layer_shape_options(cmd, o->tokens, o->model_dim, o->hidden, o->experts, o->top_k, o->capacity_factor);
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--aux-coef", o->aux_coef, "weight of the aux loss in the backward")->capture_default_str();
   cmd->add_option("--degree", o->degree, "pipeline degree (chunks) or 'auto', forward and backward")->capture_default_str();

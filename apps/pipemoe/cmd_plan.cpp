@@ -89,12 +89,7 @@ void add_plan_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<PlanOptions>();
   CLI::App* cmd = app.add_subcommand("plan", "predict a layer's time per pipeline degree and choose");
   cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
-  cmd->add_option("--tokens", o->tokens, "tokens per rank (T)")->capture_default_str();
-  cmd->add_option("--model-dim", o->model_dim, "model dimension (M)")->capture_default_str();
-  cmd->add_option("--hidden", o->hidden, "expert hidden dimension (H)")->capture_default_str();
-  cmd->add_option("--experts", o->experts, "experts over all ranks (E)")->capture_default_str();
-  cmd->add_option("--top-k", o->top_k, "experts per token (k)")->capture_default_str();
-  cmd->add_option("--capacity-factor", o->capacity_factor, "capacity factor (f)")->capture_default_str();
+  add_layer_shape_options(cmd, o->tokens, o->model_dim, o->hidden, o->experts, o->top_k, o->capacity_factor);
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->add_option("--trace", o->trace, "write the predicted schedule as a Chrome/Perfetto trace");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_plan(ctx, *o); }; });

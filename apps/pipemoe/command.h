@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <functional>
 #include <string>
 
@@ -28,6 +29,11 @@ void add_model_check_command(CLI::App& app, CommandFn& run);
 // `bench` subcommands
 void add_bench_gemm_command(CLI::App& bench, CommandFn& run);
 void add_bench_layer_command(CLI::App& bench, CommandFn& run);
+
+// The layer-shape flags that `layer` and `plan` share: --tokens (per rank), --model-dim,
+// --hidden, --experts (over all ranks), --top-k, --capacity-factor.
+void add_layer_shape_options(CLI::App* cmd, int64_t& tokens, int64_t& model_dim, int64_t& hidden, int& experts,
+                             int& top_k, double& capacity_factor);
 
 // Every rank states whether its local step succeeded (error empty) and all agree: if any failed,
 // every rank throws a usage error; rank 0's carries the first failing rank's message, the others
