@@ -60,10 +60,14 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   pm::blas_set_threads(compute_threads);
   comm.wait_policy().timeout_s = comm_timeout_s;
   if (const char* w = std::getenv("PIPEMOE_COMM_WAIT")) {
-    // "spin_us,min_sleep_us,max_sleep_us,fraction": for experiments with the waiting side
+    // "spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction": for experiments with the
+    // waiting side (comm/wait_schedule.h)
     pm::WaitPolicy& p = comm.wait_policy();
-    PM_REQUIRE(std::sscanf(w, "%lf,%lf,%lf,%lf", &p.spin_us, &p.min_sleep_us, &p.max_sleep_us, &p.sleep_fraction) == 4,
-               "PIPEMOE_COMM_WAIT must be spin_us,min_sleep_us,max_sleep_us,fraction, got '{}'", w);
+    PM_REQUIRE(std::sscanf(w, "%lf,%lf,%lf,%d,%lf", &p.spin_us, &p.min_sleep_us, &p.max_sleep_us, &p.early_polls,
+                           &p.approach_fraction) == 5 &&
+                   p.spin_us >= 0 && p.min_sleep_us > 0 && p.max_sleep_us >= p.min_sleep_us && p.early_polls >= 0 &&
+                   p.approach_fraction > 0 && p.approach_fraction < 1,
+               "PIPEMOE_COMM_WAIT must be spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction, got '{}'", w);
   }
   pm::cli::Context context{comm};
   return run(context);

@@ -9,50 +9,60 @@
 
 namespace pm {
 
-void CommRequest::wait(const WaitPolicy& policy) {
-  const double start = now_s();
+CommRequest::CommRequest() : start_s(now_s()) {}
+
+double CommRequest::wait(const WaitPolicy& policy, double expected_s) {
+  int polls = 0;
   while (!test()) {
-    double waited = now_s() - start;
+    double waited = now_s() - start_s;
     if (waited > policy.timeout_s) {
       abandon();
       throw Error(ErrorKind::comm,
                   fmt::format("{} did not finish in {:.0f} s: a peer rank is dead or stuck", what(),
                               policy.timeout_s));
     }
-    if (waited * 1e6 < policy.spin_us) continue;
-    double sleep_us = std::clamp(waited * 1e6 * policy.sleep_fraction, policy.min_sleep_us,
-                                 policy.max_sleep_us);
-    std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(sleep_us));
+    double sleep_us = next_sleep_us(policy, waited, expected_s, polls);
+    if (sleep_us <= 0) continue;
+    ++polls;
+    std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(
+        std::min(sleep_us, (policy.timeout_s - waited) * 1e6 + 1)));
   }
+  return now_s() - start_s;
+}
+
+void Communicator::wait(CommRequest& request) {
+  TransferModel& model = models_[static_cast<int>(request.op)];
+  double seconds = request.wait(policy_, model.predict_s(request.wire_bytes));
+  model.record(request.wire_bytes, seconds);
 }
 
 void Communicator::alltoallv(const void* send, const std::vector<int64_t>& send_counts,
                              const std::vector<int64_t>& send_displs, void* recv,
                              const std::vector<int64_t>& recv_counts,
                              const std::vector<int64_t>& recv_displs, DType dtype) {
-  ialltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype)->wait(policy_);
+  wait(*ialltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, dtype));
 }
 
 void Communicator::allreduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op) {
-  iallreduce(send, recv, count, dtype, op)->wait(policy_);
+  wait(*iallreduce(send, recv, count, dtype, op));
 }
 
 void Communicator::allgather(const void* send, void* recv, int64_t count, DType dtype) {
-  iallgather(send, recv, count, dtype)->wait(policy_);
+  wait(*iallgather(send, recv, count, dtype));
 }
 
 void Communicator::send(const void* data, int64_t count, DType dtype, int peer, int tag) {
-  isend(data, count, dtype, peer, tag)->wait(policy_);
+  wait(*isend(data, count, dtype, peer, tag));
 }
 
 void Communicator::recv(void* data, int64_t count, DType dtype, int peer, int tag) {
-  irecv(data, count, dtype, peer, tag)->wait(policy_);
+  wait(*irecv(data, count, dtype, peer, tag));
 }
 
-void Communicator::barrier() { ibarrier()->wait(policy_); }
+void Communicator::barrier() { wait(*ibarrier()); }
 
 void Communicator::broadcast(void* data, int64_t count, DType dtype, int root) {
-  ibroadcast(data, count, dtype, root)->wait(policy_);
+  wait(*ibroadcast(data, count, dtype, root));
 }
 
 std::string Communicator::broadcast_string(const std::string& value, int root) {

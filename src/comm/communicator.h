@@ -11,26 +11,20 @@
 #include <string>
 #include <vector>
 
+#include "comm/wait_schedule.h"
 #include "core/tensor.h"
 
 namespace pm {
 
 enum class ReduceOp { sum, max, min };
 
-// How a waiting thread spends its time. MPI implementations busy-poll in their blocking calls; on
-// a CPU rank that steals the core the compute lane needs. We test, then sleep for a fraction of
-// the time already waited (between min_sleep_us and max_sleep_us), so polling costs at most a
-// few percent of a core while adding at most ~1/fraction latency.
-struct WaitPolicy {
-  double spin_us = 30;       // test back-to-back this long first: short transfers finish here
-  double min_sleep_us = 10;
-  double max_sleep_us = 500;
-  double sleep_fraction = 1.0 / 32;
-  double timeout_s = 600;    // then fail: a peer is dead or stuck
-};
+// Kinds of transfer whose durations are learned apart (see TransferModel).
+enum class CommOp { all_to_all, all_reduce, other };
+constexpr int kNumCommOps = 3;
 
 class CommRequest {
  public:
+  CommRequest();
   virtual ~CommRequest() = default;
   // Makes progress; true once the operation is complete (then buffers may be reused).
   virtual bool test() = 0;
@@ -39,8 +33,13 @@ class CommRequest {
   // Gives up on an operation that will never finish (its peer is gone): the request must not
   // block on it when destroyed. The job is about to be aborted.
   virtual void abandon() = 0;
-  // Tests with the wait policy's sleeps until complete; throws a comm error after the timeout.
-  void wait(const WaitPolicy& policy);
+  // Tests with the policy's sleeps until complete (expected_s: predicted duration from the start,
+  // 0 if unknown); throws a comm error after the timeout. Returns seconds since the start.
+  double wait(const WaitPolicy& policy, double expected_s = 0);
+
+  CommOp op = CommOp::other;
+  double wire_bytes = 0;  // the most bytes this rank sends to, or receives from, other ranks
+  double start_s = 0;     // when the operation was started
 };
 using RequestPtr = std::unique_ptr<CommRequest>;
 
@@ -85,11 +84,17 @@ class Communicator {
   // Root's string on every rank.
   std::string broadcast_string(const std::string& value, int root);
 
+  // Waits for a request with this communicator's policy, sleeping through most of the transfer
+  // time learned for its kind and size; then learns from it.
+  void wait(CommRequest& request);
+
   WaitPolicy& wait_policy() { return policy_; }
   const WaitPolicy& wait_policy() const { return policy_; }
+  const TransferModel& transfer_model(CommOp op) const { return models_[static_cast<int>(op)]; }
 
  private:
   WaitPolicy policy_;
+  TransferModel models_[kNumCommOps];
 };
 
 }  // namespace pm

@@ -127,8 +127,7 @@ void MoeLayer::all_to_all_rows(const float* send, const BlockLayout& from, float
     recv_counts[q] = to.peer_chunk_rows(chunk, q) * M;
     recv_displs[q] = to.block_offset(chunk, q, 0) * M;
   }
-  comm_.ialltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, DType::f32)
-      ->wait(comm_.wait_policy());
+  comm_.alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, DType::f32);
 }
 
 // ---------------------------------------------------------------------------------------------

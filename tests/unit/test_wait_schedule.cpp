@@ -1,0 +1,90 @@
+// The waiting side's sleep schedule and the transfer-time model it predicts with.
+#include <gtest/gtest.h>
+
+#include "comm/wait_schedule.h"
+
+namespace pm {
+namespace {
+
+WaitPolicy policy() {
+  WaitPolicy p;
+  p.spin_us = 5;
+  p.min_sleep_us = 20;
+  p.max_sleep_us = 2000;
+  p.early_polls = 3;
+  p.approach_fraction = 0.5;
+  p.overdue_fraction = 1.0 / 32;
+  p.sleep_fraction = 1.0 / 8;
+  return p;
+}
+
+TEST(WaitSchedule, SpinsFirstThenDoublesTheEarlyPolls) {
+  WaitPolicy p = policy();
+  EXPECT_EQ(next_sleep_us(p, 2e-6, 0.01, 0), 0);  // still spinning
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 10e-6, 0.01, 0), 20);
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 40e-6, 0.01, 1), 40);
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 90e-6, 0.01, 2), 80);
+}
+
+TEST(WaitSchedule, SleepsHalfThePredictedTimeLeftThenTestsFinelyWhenOverdue) {
+  WaitPolicy p = policy();
+  // 10 ms predicted, 3 ms waited: half of the 7 ms left, capped at max_sleep_us
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 0.003, 0.010, 3), 2000);
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 0.009, 0.010, 5), 500);
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 0.00999, 0.010, 9), 20);  // never below min_sleep_us
+  // overdue: every 1/32 of the prediction, wider the later it gets
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 0.0101, 0.010, 10), 312.5);
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 0.0300, 0.010, 20), 2000);
+}
+
+TEST(WaitSchedule, WithoutAPredictionSleepsAShareOfTheTimeWaited) {
+  WaitPolicy p = policy();
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 0.004, 0, 3), 500);
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 0.0001, 0, 3), 20);
+  EXPECT_DOUBLE_EQ(next_sleep_us(p, 1.0, 0, 3), 2000);
+}
+
+TEST(WaitSchedule, FewWakeUpsForATransferThatEndsWhenPredicted) {
+  // a 10 ms transfer predicted right: count the sleeps until it is seen complete, and how late
+  WaitPolicy p = policy();
+  const double duration = 0.010;
+  double t = 0;
+  int polls = 0;
+  while (t < duration) {
+    double s = next_sleep_us(p, t, duration, polls);
+    t += s > 0 ? s * 1e-6 : 1e-6;
+    if (s > 0) ++polls;
+  }
+  EXPECT_LE(polls, 16);                 // the old 1/32-of-waited rule took ~120
+  EXPECT_LE(t - duration, 320e-6);      // seen within one overdue step
+}
+
+TEST(TransferModel, PredictsOnlyLargeTransfersAfterEnoughSamples) {
+  TransferModel m;
+  EXPECT_EQ(m.predict_s(1e6), 0);
+  for (int i = 0; i < 3; ++i) m.record(1e6, 0.008);
+  EXPECT_EQ(m.predict_s(1e6), 0);  // three samples are not enough
+  m.record(1e6, 0.008);
+  EXPECT_NEAR(m.predict_s(2e6), 0.016, 1e-12);
+  EXPECT_EQ(m.predict_s(1000), 0);  // latency-bound: no prediction
+  m.record(1000, 5.0);              // too small to learn from
+  EXPECT_EQ(m.samples(), 4u);
+}
+
+TEST(TransferModel, TakesALowQuantileSoThatLatePeersDoNotStretchThePrediction) {
+  TransferModel m;
+  for (int i = 0; i < 8; ++i) m.record(1e6, 0.008);
+  for (int i = 0; i < 8; ++i) m.record(1e6, 0.050);  // half of them waited for a late peer
+  EXPECT_NEAR(m.predict_s(1e6), 0.008, 1e-12);
+}
+
+TEST(TransferModel, ForgetsOldSamples) {
+  TransferModel m;
+  for (std::size_t i = 0; i < TransferModel::kWindow; ++i) m.record(1e6, 0.001);
+  for (std::size_t i = 0; i < TransferModel::kWindow; ++i) m.record(1e6, 0.004);  // the link got slower
+  EXPECT_EQ(m.samples(), TransferModel::kWindow);
+  EXPECT_NEAR(m.predict_s(1e6), 0.004, 1e-12);
+}
+
+}  // namespace
+}  // namespace pm
