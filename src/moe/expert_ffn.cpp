@@ -1,5 +1,6 @@
 #include "moe/expert_ffn.h"
 
+#include "core/error.h"
 #include "kernels/cpu/elementwise.h"
 
 namespace pm {
@@ -26,22 +27,25 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
 }
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           const float* dy, const float* hpre, float* dhpre, float* du) {
+                           const float* dy, const float* const* hpre_rows, float* dhpre, float* du) {
   if (rows == 0) return;
   TileEpilogue gelu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
-    for (int64_t i = r; i < r + nr; ++i) gelu_backward(hpre + i * H + c, dhpre + i * H + c, dhpre + i * H + c, nc);
+    for (int64_t i = r; i < r + nr; ++i) gelu_backward(hpre_rows[i] + c, dhpre + i * H + c, dhpre + i * H + c, nc);
   };
   gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre, H, {nullptr, &gelu_grad_tile});
   gemm_packed(Trans::no, rows, dhpre, H, w.w1_t, 0.0f, du, M);
 }
 
-void expert_weight_grads(const ExpertGrads& g, int64_t rows, int64_t M, int64_t H, const float* u,
-                         const float* act, const float* dhpre, const float* dy) {
+void expert_weight_grads(const ExpertGrads& g, int64_t M, int64_t H, const ExpertRows& r) {
+  const int64_t rows = static_cast<int64_t>(r.u.size());
+  PM_CHECK(static_cast<int64_t>(r.act.size()) == rows && static_cast<int64_t>(r.dhpre.size()) == rows &&
+               static_cast<int64_t>(r.dy.size()) == rows,
+           "expert rows disagree: {} u, {} act, {} dhpre, {} dy", rows, r.act.size(), r.dhpre.size(), r.dy.size());
   if (rows == 0) return;
-  gemm(Trans::yes, Trans::no, H, M, rows, act, H, dy, M, 1.0f, g.w2, M);
-  add_column_sums(dy, rows, M, g.b2);
-  gemm(Trans::yes, Trans::no, M, H, rows, u, M, dhpre, H, 1.0f, g.w1, H);
-  add_column_sums(dhpre, rows, H, g.b1);
+  gemm_tn_rows(H, M, rows, r.act.data(), r.dy.data(), 1.0f, g.w2, M);
+  for (const float* row : r.dy) add_column_sums(row, 1, M, g.b2);
+  gemm_tn_rows(M, H, rows, r.u.data(), r.dhpre.data(), 1.0f, g.w1, H);
+  for (const float* row : r.dhpre) add_column_sums(row, 1, H, g.b1);
 }
 
 }  // namespace pm

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kernels/cpu/gemm.h"
 
@@ -34,12 +35,19 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
                     float* hpre, float* act, float* y);
 
 // From dy[rows, M]: dhpre[rows, H] = (dy W2^T) * GeLU'(hpre); du[rows, M] = dhpre W1^T.
+// hpre_rows[i] points at row i's pre-activation (H values) wherever the forward left it.
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           const float* dy, const float* hpre, float* dhpre, float* du);
+                           const float* dy, const float* const* hpre_rows, float* dhpre, float* du);
 
-// g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), with act the
-// GeLU output the forward kept.
-void expert_weight_grads(const ExpertGrads& g, int64_t rows, int64_t M, int64_t H, const float* u,
-                         const float* act, const float* dhpre, const float* dy);
+// Rows of one expert's saved tensors, in the order the weight gradients sum them (canonical:
+// peer, then row), each pointing wherever the pipeline chunks left it.
+struct ExpertRows {
+  std::vector<const float*> u, act;  // forward: inputs [M], GeLU outputs [H]
+  std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H], output grads [M]
+};
+
+// g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), summed over
+// the rows in order: the same bits whatever the pipeline degrees that produced them.
+void expert_weight_grads(const ExpertGrads& g, int64_t M, int64_t H, const ExpertRows& rows);
 
 }  // namespace pm

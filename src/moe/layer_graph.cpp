@@ -88,7 +88,7 @@ TaskGraph build_forward_graph(const LayerGraphSizes& s, ForwardWork* w) {
   for (int c = 0; c < s.degree; ++c) {
     std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(expert[c - 1]);
-    double copies = s.degree > 1 ? 4 : 2;  // wire->compute in, compute->wire out, canonical saves
+    const double copies = 2;  // wire -> compute order in, compute -> wire order out
     expert.push_back(g.add({indexed("expert", c), Lane::compute, TaskKind::expert_fwd, c,
                             ffn_work(s.chunk_recv_rows[c], s, 2, copies), deps,
                             bind(real, [w, c] { w->expert(c); })}));
@@ -125,7 +125,7 @@ TaskGraph build_backward_graph(const LayerGraphSizes& s, BackwardWork* w) {
   for (int c = 0; c < s.degree; ++c) {
     std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(dgrad[c - 1]);
-    double copies = s.degree > 1 ? 5 : 2;  // grads in/out, plus staging and canonical copies
+    const double copies = 2;  // gradients in and out
     dgrad.push_back(g.add({indexed("expert_dgrad", c), Lane::compute, TaskKind::expert_dgrad, c,
                            ffn_work(s.chunk_recv_rows[c], s, 2, copies), deps,
                            bind(real, [w, c] { w->expert_dgrad(c); })}));

@@ -192,25 +192,12 @@ void MoeLayer::exchange_counts() {
   const int64_t M = config_.model_dim, H = config_.hidden;
   experts_wire_fwd_ = make_block_layout(recv_counts_, P, El, degree_fwd_, BlockOrder::wire);
   experts_compute_fwd_ = make_block_layout(recv_counts_, P, El, degree_fwd_, BlockOrder::compute);
-  experts_canonical_ = make_block_layout(recv_counts_, P, El, 1, BlockOrder::compute);
   const int64_t rows = experts_wire_fwd_.total_rows;
   recv_x_.resize(rows * M);
   u_chunked_.resize(rows * M);
   hpre_chunked_.resize(rows * H);
   act_chunked_.resize(rows * H);
   y_chunked_.resize(rows * M);
-  if (degree_fwd_ > 1) {
-    u_canonical_.resize(rows * M);
-    hpre_canonical_.resize(rows * H);
-    act_canonical_.resize(rows * H);
-    u_saved_ = u_canonical_.data();
-    hpre_saved_ = hpre_canonical_.data();
-    act_saved_ = act_canonical_.data();
-  } else {
-    u_saved_ = u_chunked_.data();
-    hpre_saved_ = hpre_chunked_.data();
-    act_saved_ = act_chunked_.data();
-  }
 }
 
 void MoeLayer::dispatch(int chunk) {
@@ -229,12 +216,7 @@ void MoeLayer::expert(int chunk) {
                    &act_chunked_[first * H], &y_chunked_[first * M]);
   }
   copy_rows(y_chunked_.data(), recv_x_.data(), M, chunk_segments(compute, wire, chunk));
-  if (degree_fwd_ > 1) {
-    auto to_canonical = chunk_segments(compute, experts_canonical_, chunk);
-    copy_rows(u_chunked_.data(), u_canonical_.data(), M, to_canonical);
-    copy_rows(hpre_chunked_.data(), hpre_canonical_.data(), H, to_canonical);
-    copy_rows(act_chunked_.data(), act_canonical_.data(), H, to_canonical);
-  }
+  // u, hpre and act stay where this chunk put them: the backward reads them there, by row.
 }
 
 void MoeLayer::combine(int chunk) {
@@ -279,11 +261,6 @@ void MoeLayer::pack_grad() {
   dy_chunked_.resize(rows * M);
   dhpre_chunked_.resize(rows * H);
   du_chunked_.resize(rows * M);
-  if (degree_bwd_ > 1) {
-    dy_canonical_.resize(rows * M);
-    dhpre_canonical_.resize(rows * H);
-    hpre_staged_.resize(rows * H);
-  }
   combine_rows_backward_slots(dy_, gate_.gate.data(), tokens_, M, k, positions_bwd_.data(), send_dy_.data());
 }
 
@@ -307,26 +284,18 @@ void MoeLayer::expert_dgrad(int chunk) {
   const BlockLayout& wire = experts_wire_bwd_;
   const BlockLayout& compute = experts_compute_bwd_;
   copy_rows(recv_dy_.data(), dy_chunked_.data(), M, chunk_segments(wire, compute, chunk));
-  // The saved pre-activations are canonical (degree 1): re-chunk them for this degree.
-  const float* hpre = hpre_saved_;
-  std::vector<RowSegment> to_canonical;
-  if (degree_bwd_ > 1) {
-    to_canonical = chunk_segments(compute, experts_canonical_, chunk);
-    for (const RowSegment& s : to_canonical)
-      std::memcpy(&hpre_staged_[s.src_row * H], hpre_saved_ + s.dst_row * H, s.rows * H * sizeof(float));
-    hpre = hpre_staged_.data();
-  }
+  // the pre-activations of this chunk's rows, wherever the forward's chunks left them
+  std::vector<const float*> hpre_rows =
+      row_pointers(hpre_chunked_.data(), H, chunk_row_positions(compute, experts_compute_fwd_, chunk));
+  const int64_t chunk_first = compute.chunk_offset(chunk);
   for (int le = 0; le < local_experts_; ++le) {
     int64_t first = compute.block_offset(chunk, 0, le), rows = 0;
     for (int q = 0; q < comm_.size(); ++q) rows += compute.block_rows(chunk, q, le);
-    expert_backward_input(packed_[le], rows, M, H, &dy_chunked_[first * M], hpre + first * H,
+    expert_backward_input(packed_[le], rows, M, H, &dy_chunked_[first * M], &hpre_rows[first - chunk_first],
                           &dhpre_chunked_[first * H], &du_chunked_[first * M]);
   }
   copy_rows(du_chunked_.data(), recv_dy_.data(), M, chunk_segments(compute, wire, chunk));
-  if (degree_bwd_ > 1) {
-    copy_rows(dy_chunked_.data(), dy_canonical_.data(), M, to_canonical);
-    copy_rows(dhpre_chunked_.data(), dhpre_canonical_.data(), H, to_canonical);
-  }
+  // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
 }
 
 void MoeLayer::grad_combine(int chunk) {
@@ -335,14 +304,14 @@ void MoeLayer::grad_combine(int chunk) {
 
 void MoeLayer::expert_wgrad() {
   const int64_t M = config_.model_dim, H = config_.hidden;
-  const float* dy = degree_bwd_ > 1 ? dy_canonical_.data() : dy_chunked_.data();
-  const float* dhpre = degree_bwd_ > 1 ? dhpre_canonical_.data() : dhpre_chunked_.data();
   for (int le = 0; le < local_experts_; ++le) {
-    int64_t first = experts_canonical_.block_offset(0, 0, le), rows = 0;
-    for (int q = 0; q < comm_.size(); ++q) rows += experts_canonical_.block_rows(0, q, le);
+    // every row in canonical order, read where the forward and backward chunks left it
+    std::vector<int64_t> fwd = canonical_row_positions(experts_compute_fwd_, le);
+    std::vector<int64_t> bwd = canonical_row_positions(experts_compute_bwd_, le);
+    ExpertRows rows{row_pointers(u_chunked_.data(), M, fwd), row_pointers(act_chunked_.data(), H, fwd),
+                    row_pointers(dhpre_chunked_.data(), H, bwd), row_pointers(dy_chunked_.data(), M, bwd)};
     ExpertGrads g{dw1.f32() + le * M * H, db1.f32() + le * H, dw2.f32() + le * H * M, db2.f32() + le * M};
-    expert_weight_grads(g, rows, M, H, u_saved_ + first * M, act_saved_ + first * H,
-                        dhpre + first * H, dy + first * M);
+    expert_weight_grads(g, M, H, rows);
   }
 }
 

@@ -132,19 +132,15 @@ class MoeLayer : private ForwardWork, private BackwardWork {
   std::vector<int64_t> own_counts_;    // [P, El] rows this rank sends to each expert
   std::vector<int64_t> recv_counts_;   // [P, El] rows each source sends to this rank's experts
   BlockLayout tokens_fwd_;             // token side, wire order, forward degree
-  BlockLayout experts_wire_fwd_, experts_compute_fwd_, experts_canonical_;
+  BlockLayout experts_wire_fwd_, experts_compute_fwd_;
   std::vector<int64_t> positions_fwd_;  // [T, k] into tokens_fwd_
   FloatBuffer send_x_;        // [tokens_fwd_ rows, M]
   FloatBuffer recv_x_;        // [experts_wire rows, M]; then holds the expert outputs sent back
-  FloatBuffer u_chunked_;     // [rows, M] expert inputs, compute order
-  FloatBuffer hpre_chunked_;  // [rows, H] pre-activations, compute order
-  FloatBuffer act_chunked_;   // [rows, H] GeLU outputs, compute order
-  FloatBuffer y_chunked_;     // [rows, M] expert outputs, compute order
-  FloatBuffer u_canonical_, hpre_canonical_, act_canonical_;  // copies when the forward degree > 1
-  // Canonical (degree 1) views of what backward needs: the chunked buffers or the copies.
-  float* u_saved_ = nullptr;
-  float* hpre_saved_ = nullptr;
-  float* act_saved_ = nullptr;
+  // Kept for backward, in the forward's compute order; backward reads them by row.
+  FloatBuffer u_chunked_;     // [rows, M] expert inputs
+  FloatBuffer hpre_chunked_;  // [rows, H] pre-activations
+  FloatBuffer act_chunked_;   // [rows, H] GeLU outputs
+  FloatBuffer y_chunked_;     // [rows, M] expert outputs
   FloatBuffer recv_y_;        // [tokens_fwd_ rows, M] expert outputs for this rank's tokens
 
   // Backward state.
@@ -155,9 +151,9 @@ class MoeLayer : private ForwardWork, private BackwardWork {
   std::vector<int64_t> positions_bwd_;
   FloatBuffer send_dy_;        // [tokens_bwd_ rows, M] gate * dy
   FloatBuffer recv_dy_;        // [experts_wire rows, M]; then holds input grads sent back
-  FloatBuffer dy_chunked_, dy_canonical_;      // [rows, M]
-  FloatBuffer hpre_staged_;                    // [rows, H] canonical pre-activations re-chunked
-  FloatBuffer dhpre_chunked_, dhpre_canonical_;  // [rows, H]
+  // Backward's compute order; the weight gradients read them by row.
+  FloatBuffer dy_chunked_;     // [rows, M]
+  FloatBuffer dhpre_chunked_;  // [rows, H]
   FloatBuffer du_chunked_;     // [rows, M]
   FloatBuffer recv_dx_;        // [tokens_bwd_ rows, M]
   FloatBuffer dx_gate_;        // [T, M] gate's share of dx

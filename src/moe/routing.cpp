@@ -112,4 +112,32 @@ void copy_rows(const float* src, float* dst, int64_t width, const std::vector<Ro
   }
 }
 
+std::vector<int64_t> chunk_row_positions(const BlockLayout& from, const BlockLayout& to, int chunk) {
+  PM_CHECK(from.order == BlockOrder::compute, "chunk_row_positions reads a compute-order layout");
+  std::vector<int64_t> out;
+  out.reserve(from.chunk_rows(chunk));
+  for (int le = 0; le < from.local_experts; ++le)
+    for (int q = 0; q < from.peers; ++q) {
+      int64_t n = from.filled[q * from.local_experts + le];
+      for (int64_t i = chunk_begin(n, from.degree, chunk); i < chunk_begin(n, from.degree, chunk + 1); ++i)
+        out.push_back(to.position(q, le, i));
+    }
+  return out;
+}
+
+std::vector<int64_t> canonical_row_positions(const BlockLayout& layout, int local_expert) {
+  std::vector<int64_t> out;
+  for (int q = 0; q < layout.peers; ++q) {
+    int64_t n = layout.filled[q * layout.local_experts + local_expert];
+    for (int64_t i = 0; i < n; ++i) out.push_back(layout.position(q, local_expert, i));
+  }
+  return out;
+}
+
+std::vector<const float*> row_pointers(const float* base, int64_t width, const std::vector<int64_t>& positions) {
+  std::vector<const float*> out(positions.size());
+  for (std::size_t i = 0; i < positions.size(); ++i) out[i] = base + positions[i] * width;
+  return out;
+}
+
 }  // namespace pm

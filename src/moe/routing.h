@@ -78,4 +78,13 @@ struct RowSegment {
 std::vector<RowSegment> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk);
 void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowSegment>& segments);
 
+// Where rows sit in another pipelining of the same blocks (any two degrees):
+// the positions in `to` of chunk `chunk`'s rows of `from` (compute order), in from's row order.
+std::vector<int64_t> chunk_row_positions(const BlockLayout& from, const BlockLayout& to, int chunk);
+// the positions in `layout` of local expert `local_expert`'s rows in canonical order (by peer,
+// then row): the order in which weight gradients sum them.
+std::vector<int64_t> canonical_row_positions(const BlockLayout& layout, int local_expert);
+// Pointers to rows of base[*, width] at the given positions.
+std::vector<const float*> row_pointers(const float* base, int64_t width, const std::vector<int64_t>& positions);
+
 }  // namespace pm

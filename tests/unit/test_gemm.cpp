@@ -150,5 +150,27 @@ TEST(Gemm, TransposedPackingMatchesTheDefinition) {
   }
 }
 
+TEST(Gemm, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
+  // A^T B over K rows scattered in two buffers (as pipeline chunks leave them), against the same
+  // rows copied into contiguous matrices; K crosses the depth block (512) and has a ragged end.
+  const int64_t M = 70, N = 100, K = 1300;
+  auto A = random_matrix(K * M, 11), B = random_matrix(K * N, 12);
+  std::vector<float> A_far(K * M, 0.0f), B_far(K * N, 0.0f);
+  std::vector<const float*> a_rows(K), b_rows(K);
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t at = (k * 7919) % K;  // a permutation of the rows
+    std::memcpy(&A_far[at * M], &A[k * M], M * sizeof(float));
+    std::memcpy(&B_far[at * N], &B[k * N], N * sizeof(float));
+    a_rows[k] = &A_far[at * M];
+    b_rows[k] = &B_far[at * N];
+  }
+  for (float beta : {0.0f, 1.0f}) {
+    auto C_ref = random_matrix(M * N, 13), C = C_ref;
+    gemm(Trans::yes, Trans::no, M, N, K, A.data(), M, B.data(), N, beta, C_ref.data(), N);
+    gemm_tn_rows(M, N, K, a_rows.data(), b_rows.data(), beta, C.data(), N);
+    EXPECT_EQ(std::memcmp(C.data(), C_ref.data(), C.size() * sizeof(float)), 0) << "beta " << beta;
+  }
+}
+
 }  // namespace
 }  // namespace pm

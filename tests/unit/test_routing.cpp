@@ -80,5 +80,38 @@ TEST(Layout, SegmentsMoveEveryRowOfAChunkToItsPlace) {
   }
 }
 
+TEST(Layout, RowPositionsFindEveryRowInAnotherPipeliningAndInCanonicalOrder) {
+  const int peers = 3, local = 2;
+  std::vector<int64_t> filled = {4, 2, 6, 3, 0, 5};
+  for (int from_degree : {1, 2, 3})
+    for (int to_degree : {1, 2, 4}) {
+      BlockLayout from = make_block_layout(filled, peers, local, from_degree, BlockOrder::compute);
+      BlockLayout to = make_block_layout(filled, peers, local, to_degree, BlockOrder::compute);
+      // tag every row of `to` with its identity; read them back through the positions
+      std::vector<float> tagged(to.total_rows, -1);
+      for (int q = 0; q < peers; ++q)
+        for (int le = 0; le < local; ++le)
+          for (int64_t i = 0; i < filled[q * local + le]; ++i) tagged[to.position(q, le, i)] = q * 100 + le * 10 + i;
+      for (int c = 0; c < from_degree; ++c) {
+        std::vector<int64_t> pos = chunk_row_positions(from, to, c);
+        ASSERT_EQ(static_cast<int64_t>(pos.size()), from.chunk_rows(c));
+        for (int q = 0; q < peers; ++q)
+          for (int le = 0; le < local; ++le)
+            for (int64_t i = 0; i < filled[q * local + le]; ++i) {
+              int64_t at = from.position(q, le, i) - from.chunk_offset(c);
+              if (at >= 0 && at < from.chunk_rows(c)) EXPECT_EQ(tagged[pos[at]], q * 100 + le * 10 + i);
+            }
+      }
+      for (int le = 0; le < local; ++le) {
+        std::vector<int64_t> pos = canonical_row_positions(to, le);
+        std::vector<float> expected;
+        for (int q = 0; q < peers; ++q)
+          for (int64_t i = 0; i < filled[q * local + le]; ++i) expected.push_back(q * 100 + le * 10 + i);
+        ASSERT_EQ(pos.size(), expected.size());
+        for (std::size_t r = 0; r < pos.size(); ++r) EXPECT_EQ(tagged[pos[r]], expected[r]);
+      }
+    }
+}
+
 }  // namespace
 }  // namespace pm

@@ -121,18 +121,26 @@ void run_tile(Isa isa, int64_t width, int64_t K, AView A, const float* Bp, int64
   }
 }
 
+// Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row).
+struct RowSource {
+  const float* base = nullptr;
+  int64_t ld = 0;
+  const float* const* rows = nullptr;
+  const float* row(int64_t i) const { return rows ? rows[i] : base + i * ld; }
+};
+
 // Packs rows [row0, row0 + rows) x depths [k0, k0 + kc) of op(A) into MR-row micro-panels,
 // zero-padding the last micro-panel. Reads always run along memory (rows of A, or rows of A^T's
 // storage), never down a column: strided reads cost a TLB miss per element on wide matrices.
-void pack_a(Trans trans_a, const float* A, int64_t lda, int64_t row0, int64_t rows, int64_t k0,
-            int64_t kc, int64_t MR, float* out) {
+void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t MR,
+            float* out) {
   const int64_t padded = (rows + MR - 1) / MR * MR;
   if (trans_a == Trans::no) {
     for (int64_t r = 0; r < padded; r += MR) {
       float* panel = out + r * kc;
       for (int64_t i = 0; i < MR; ++i) {
         if (r + i < rows) {
-          const float* src = A + (row0 + r + i) * lda + k0;
+          const float* src = A.row(row0 + r + i) + k0;
           for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = src[k];
         } else {
           for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = 0.0f;
@@ -149,7 +157,7 @@ void pack_a(Trans trans_a, const float* A, int64_t lda, int64_t row0, int64_t ro
     for (int64_t r = 0; r < padded; r += MR) {
       const int64_t valid = std::min(MR, rows - r);
       for (int64_t k = kb; k < kend; ++k) {
-        const float* src = A + (k0 + k) * lda + row0 + r;
+        const float* src = A.row(k0 + k) + row0 + r;
         float* dst = out + r * kc + k * MR;
         for (int64_t i = 0; i < valid; ++i) dst[i] = src[i];
         for (int64_t i = valid; i < MR; ++i) dst[i] = 0.0f;
@@ -195,21 +203,34 @@ int64_t PackedB::panel_width(int64_t p) const {
   return (cols + 15) / 16 * 16;
 }
 
-void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
+namespace {
+
+// op(B) = B (row k of op(B) is row k of the source) into panels.
+void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
   out.K = K;
   out.N = N;
   out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
     int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
     float* dst = out.data.data() + p * K * kPanel;
-    if (trans_b == Trans::no) {
-      for (int64_t k = 0; k < K; ++k) {
-        float* row = dst + k * width;
-        std::memcpy(row, B + k * ldb + col0, cols * sizeof(float));
-        for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
-      }
-      continue;
+    for (int64_t k = 0; k < K; ++k) {
+      float* row = dst + k * width;
+      std::memcpy(row, B.row(k) + col0, cols * sizeof(float));
+      for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
     }
+  }
+}
+
+}  // namespace
+
+void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
+  if (trans_b == Trans::no) return pack_b_rows(K, N, RowSource{B, ldb, nullptr}, out);
+  out.K = K;
+  out.N = N;
+  out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
+  for (int64_t p = 0; p < out.panels(); ++p) {
+    int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
+    float* dst = out.data.data() + p * K * kPanel;
     // op(B)[k, col0 + j] = B[col0 + j, k]: transpose 8 x 8 blocks in registers; the rest (edge
     // columns, a depth that is not a multiple of 8) element by element.
     const int64_t full_j = cols / 8 * 8, full_k = K / 8 * 8;
@@ -224,8 +245,10 @@ void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, Pa
   }
 }
 
-void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
-                 float* C, int64_t ldc, const GemmExtras& extras) {
+namespace {
+
+void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
+                      const GemmExtras& extras) {
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
   PM_CHECK(extras.bias == nullptr || beta == 0.0f, "a bias start needs beta 0");
   const int64_t N = B.N, K = B.K;
@@ -254,8 +277,11 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
   const int64_t MR = tile_rows(isa);
   const int64_t m_block = kMBlock / MR * MR;
   // A is read in place when its rows are contiguous (MR sequential streams); a transposed A is
-  // packed first, since reading it in place would jump a whole row of storage per step of k.
-  const bool pack = trans_a == Trans::yes;
+  // packed first, since reading it in place would jump a whole row of storage per step of k, and
+  // so are rows given by pointers.
+  const bool pack = trans_a == Trans::yes || A.rows != nullptr;
+  const float* A_in_place = A.base;
+  const int64_t lda = A.ld;
   t_packed_a.resize(m_block * kKBlock);
   float* packed_a = t_packed_a.data();
   // Split the panels over threads only when the work pays for waking them.
@@ -268,15 +294,15 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
       const bool zero_start = beta == 0.0f && k0 == 0;
       const bool last_depth = k0 + kc == K;
       if (pack) {
-        pack_a(trans_a, A, lda, row0, rows, k0, kc, MR, packed_a);
+        pack_a(trans_a, A, row0, rows, k0, kc, MR, packed_a);
       } else if (rows % MR) {
         // the last, partial micro-panel is packed with zero rows so the kernel can run on it
         int64_t full = rows / MR * MR;
-        pack_a(trans_a, A, lda, row0 + full, rows - full, k0, kc, MR, packed_a + full * kc);
+        pack_a(trans_a, A, row0 + full, rows - full, k0, kc, MR, packed_a + full * kc);
       }
       auto a_view = [&](int64_t r) -> AView {
         if (pack || r + MR > rows) return {packed_a + r * kc, MR, 1};
-        return {A + (row0 + r) * lda + k0, 1, lda};
+        return {A_in_place + (row0 + r) * lda + k0, 1, lda};
       };
       auto panels = [&](int64_t p_begin, int64_t p_end) {
         alignas(64) float edge[6 * kPanel];
@@ -310,11 +336,25 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
   }
 }
 
+}  // namespace
+
+void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
+                 float* C, int64_t ldc, const GemmExtras& extras) {
+  gemm_packed_impl(trans_a, M, RowSource{A, lda, nullptr}, B, beta, C, ldc, extras);
+}
+
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   pack_b(trans_b, K, N, B, ldb, t_packed_b);
   gemm_packed(trans_a, M, A, lda, t_packed_b, beta, C, ldc);
+}
+
+void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
+                  float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b);
+  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {});
 }
 
 std::string gemm_isa() {

@@ -54,6 +54,13 @@ void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const Pa
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// C[M, N] = beta * C + A^T B over K rows that sit anywhere: a_rows[k] points at row k of A[K, M]
+// and b_rows[k] at row k of B[K, N]. The sum runs over k in order, so this gives the bits of
+// gemm(Trans::yes, Trans::no, ...) on the same rows copied into contiguous matrices: weight
+// gradients read rows where the pipeline chunks left them, in canonical order, without copying.
+void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
+                  float beta, float* C, int64_t ldc);
+
 // Which micro-kernels run: "avx512", "avx2" or "scalar" (all give the same bits).
 std::string gemm_isa();
 // For tests: force a slower instruction set ("avx2", "scalar"); "" restores the best one.
