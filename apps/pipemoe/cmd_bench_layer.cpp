@@ -1,20 +1,24 @@
 // pipemoe bench layer: a grid of MoE layer shapes, every pipeline degree measured and predicted.
 //
 //   scripts/emulate-cluster --hosts 2 --rate 1gbit -- mpirun -np 2 build/pipemoe bench layer
-//       --profile profile.json [--grid small|tiny|full] [--rounds 2] [--iters 3] [--csv out/bench_layer.csv]
-// For each shape: each lane alone (the bound), then every candidate degree timed in interleaved
-// rounds (all degrees see the same noise), forward and backward. Writes one CSV row per shape and
-// degree, and prints how the planner's choices compare with the best measured degrees.
+//       --profile profile.json [--grid small|tiny|full] [--rounds 10] [--iters 1] [--csv out/bench_layer.csv]
+// For each shape, in interleaved rounds (this host's speed drifts by 10% and more within seconds,
+// so every degree and the bound must see the same drift): each lane alone (the bound), then every
+// candidate degree, starting each round at another degree, forward and backward; medians over the
+// rounds. Writes one CSV row per shape and degree, and prints how the planner's choices compare
+// with the best measured degrees and with the bounds.
 #include <algorithm>
 #include <cmath>
 #include <map>
 
 #include "apps/pipemoe/command.h"
 #include "apps/pipemoe/layer_runner.h"
+#include "core/round_medians.h"
 #include "core/csv.h"
 #include "core/log.h"
 #include "perf/degree_choice.h"
 #include "perf/planner.h"
+#include "perf/shape_calibration.h"
 #include "sched/executor.h"
 
 namespace pm::cli {
@@ -24,8 +28,8 @@ struct BenchLayerOptions {
   std::string profile;
   std::string grid = "small";
   std::vector<int> degrees = {1, 2, 3, 4, 6, 8};
-  int rounds = 2;
-  int iters = 3;
+  int rounds = 10;
+  int iters = 1;
   int refine = 3;
   std::string csv = "out/bench_layer.csv";
 };
@@ -49,17 +53,11 @@ std::vector<LayerShape> grid_shapes(const std::string& grid, int ranks) {
 
 struct DegreeResult {
   double forward_ms = 0, backward_ms = 0, predicted_fwd_ms = 0, predicted_bwd_ms = 0;
-  double spread = 0;  // (max - min) / median of the rounds' forward + backward: this host's noise
+  double uncalibrated_fwd_ms = 0, uncalibrated_bwd_ms = 0;  // predicted from the profile alone
+  double spread = 0;  // (max - min) / median over rounds, drift taken out: the noise left
 };
 
 double median_of(std::vector<double> v) { return summarize(std::move(v)).median; }
-
-double relative_spread(const std::vector<double>& fwd, const std::vector<double>& bwd) {
-  std::vector<double> total;
-  for (std::size_t i = 0; i < fwd.size(); ++i) total.push_back(fwd[i] + bwd[i]);
-  Summary s = summarize(total);
-  return s.median > 0 ? (s.max - s.min) / s.median : 0;
-}
 
 int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
@@ -73,14 +71,19 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                                         "ranks", "degree", "forward_ms", "backward_ms", "predicted_fwd_ms",
                                         "predicted_bwd_ms", "comm_alone_ms", "compute_alone_ms", "planner_fwd_degree",
                                         "planner_bwd_degree", "refined_fwd_degree", "refined_bwd_degree",
-                                        "best_fwd_degree", "best_bwd_degree", "round_spread"});
-  // per shape: (chosen ms, best ms, degree-1 ms, degree-4 ms or 0, bound ms, comm share)
+                                        "best_fwd_degree", "best_bwd_degree", "round_spread", "comm_fwd_alone_ms",
+                                        "comm_bwd_alone_ms", "compute_fwd_alone_ms", "compute_bwd_alone_ms",
+                                        "uncalibrated_fwd_degree", "uncalibrated_bwd_degree",
+                                        "uncalibrated_predicted_fwd_ms", "uncalibrated_predicted_bwd_ms"});
+  // per shape: the planner's, the refined and the best measured degrees' times, degree 1 and 4,
+  // the bounds, and how much of the sequential time is communication
   struct ShapeSummary {
-    double chosen, refined, best, d1, d4, bound, comm_share;
+    double chosen, refined, uncalibrated, best, d1, d4, comm_share;
+    double bound_ratio, pass_bound_ratio;  // chosen / bound, median over rounds
     double noise;  // the larger round-to-round spread of the chosen and the best degrees
   };
   std::vector<ShapeSummary> summaries;
-  std::vector<double> prediction_errors;
+  std::vector<double> prediction_errors, uncalibrated_errors;
 
   for (std::size_t si = 0; si < shapes.size(); ++si) {
     const LayerShape& s = shapes[si];
@@ -90,50 +93,65 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
     layer.init_parameters(1);
     LayerData data = make_layer_data(s.tokens, s.model_dim, 1, ctx.rank());
     int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
-    LayerPlan plan = plan_layer(profile, s);
-    // The online refinement: the planner's best few, timed briefly, as `--degree auto --refine`
-    // does at the start of a run.
+    // What `--degree auto --profile` does: calibrate to this shape, plan; and with `--refine`,
+    // time the planner's best few on the first passes. The profile alone is planned too, to show
+    // what the calibration changes.
     layer.set_degrees(1, 1);
     run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
+    const ShapeCalibration calibration = calibrate_layer(ctx.comm, layer, data.x.f32(), data.dy.f32(), s.tokens);
+    const LayerPlan plan = plan_layer(profile, s, &calibration);
+    const LayerPlan uncalibrated = plan_layer(profile, s);
     DegreeChoice refined = choose_degrees(0, 0, &profile, s, o.refine, [&](int f, int b) {
       layer.set_degrees(f, b);
-      PassTimes t = run_passes(ctx.comm, layer, data, 1, 2, 0.01f);
+      PassTimes t = run_passes(ctx.comm, layer, data, 0, 1, 0.01f);
       return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
-    });
+    }, &calibration);
     std::vector<int> degrees;
     for (int d : o.degrees)
       if (d <= capacity) degrees.push_back(d);
-    for (int d : {plan.forward_degree, plan.backward_degree, refined.forward, refined.backward})
+    for (int d : {plan.forward_degree, plan.backward_degree, refined.forward, refined.backward,
+                  uncalibrated.forward_degree, uncalibrated.backward_degree})
       if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
     std::sort(degrees.begin(), degrees.end());
     log::info("bench layer: shape {}/{}: T={} M={} H={} E={} k={}, degrees {}", si + 1, shapes.size(), s.tokens,
               s.model_dim, s.hidden, s.experts, s.top_k, fmt::join(degrees, ","));
 
     layer.set_degrees(1, 1);
-    LanesAlone alone = time_lanes_alone(ctx.comm, layer, data, o.iters, 0.01f);
+    run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
+    std::vector<LanesAlone> alone_rounds;
     std::map<int, std::vector<double>> fwd, bwd;
-    for (int round = 0; round < o.rounds; ++round)
-      for (int d : degrees) {
+    for (int round = 0; round < o.rounds; ++round) {
+      layer.set_degrees(1, 1);
+      alone_rounds.push_back(time_lanes_alone(ctx.comm, layer, data, o.iters, 0.01f, /*warmup=*/0));
+      for (std::size_t i = 0; i < degrees.size(); ++i) {
+        int d = degrees[(i + round) % degrees.size()];
         layer.set_degrees(d, d);
-        PassTimes t = run_passes(ctx.comm, layer, data, 1, o.iters, 0.01f);
+        PassTimes t = run_passes(ctx.comm, layer, data, 0, o.iters, 0.01f);
         fwd[d].push_back(slowest_rank(ctx.comm, t.forward).median);
         bwd[d].push_back(slowest_rank(ctx.comm, t.backward).median);
       }
+    }
+    const LanesAlone alone = median_lanes(alone_rounds);
     if (ctx.rank() != 0) continue;
 
+    const RoundMedians fwd_medians = round_medians(fwd), bwd_medians = round_medians(bwd);
     std::map<int, DegreeResult> results;
     int best_f = degrees[0], best_b = degrees[0];
     for (int d : degrees) {
       DegreeResult& r = results[d];
-      r.forward_ms = median_of(fwd[d]);
-      r.backward_ms = median_of(bwd[d]);
-      r.spread = relative_spread(fwd[d], bwd[d]);
+      r.forward_ms = fwd_medians.median.at(d);
+      r.backward_ms = bwd_medians.median.at(d);
+      r.spread = std::max(fwd_medians.spread.at(d), bwd_medians.spread.at(d));
       for (const auto& c : plan.candidates)
         if (c.degree == d) r.predicted_fwd_ms = c.forward_s * 1e3, r.predicted_bwd_ms = c.backward_s * 1e3;
+      for (const auto& c : uncalibrated.candidates)
+        if (c.degree == d) r.uncalibrated_fwd_ms = c.forward_s * 1e3, r.uncalibrated_bwd_ms = c.backward_s * 1e3;
       if (r.forward_ms < results[best_f].forward_ms) best_f = d;
       if (r.backward_ms < results[best_b].backward_ms) best_b = d;
       prediction_errors.push_back(std::abs(r.predicted_fwd_ms - r.forward_ms) / r.forward_ms);
       prediction_errors.push_back(std::abs(r.predicted_bwd_ms - r.backward_ms) / r.backward_ms);
+      uncalibrated_errors.push_back(std::abs(r.uncalibrated_fwd_ms - r.forward_ms) / r.forward_ms);
+      uncalibrated_errors.push_back(std::abs(r.uncalibrated_bwd_ms - r.backward_ms) / r.backward_ms);
     }
     for (int d : degrees) {
       const DegreeResult& r = results[d];
@@ -141,46 +159,62 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                 std::to_string(s.experts), std::to_string(s.top_k), fmt::format("{}", s.capacity_factor),
                 std::to_string(s.ranks), std::to_string(d), fmt::format("{:.3f}", r.forward_ms),
                 fmt::format("{:.3f}", r.backward_ms), fmt::format("{:.3f}", r.predicted_fwd_ms),
-                fmt::format("{:.3f}", r.predicted_bwd_ms), fmt::format("{:.3f}", alone.comm_ms),
-                fmt::format("{:.3f}", alone.compute_ms), std::to_string(plan.forward_degree),
+                fmt::format("{:.3f}", r.predicted_bwd_ms), fmt::format("{:.3f}", alone.comm_ms()),
+                fmt::format("{:.3f}", alone.compute_ms()), std::to_string(plan.forward_degree),
                 std::to_string(plan.backward_degree), std::to_string(refined.forward),
                 std::to_string(refined.backward), std::to_string(best_f), std::to_string(best_b),
-                fmt::format("{:.4f}", r.spread)});
+                fmt::format("{:.4f}", r.spread), fmt::format("{:.3f}", alone.comm_fwd_ms),
+                fmt::format("{:.3f}", alone.comm_bwd_ms), fmt::format("{:.3f}", alone.compute_fwd_ms),
+                fmt::format("{:.3f}", alone.compute_bwd_ms), std::to_string(uncalibrated.forward_degree),
+                std::to_string(uncalibrated.backward_degree), fmt::format("{:.3f}", r.uncalibrated_fwd_ms),
+                fmt::format("{:.3f}", r.uncalibrated_bwd_ms)});
     }
     ShapeSummary sum;
     sum.chosen = results[plan.forward_degree].forward_ms + results[plan.backward_degree].backward_ms;
     sum.refined = results[refined.forward].forward_ms + results[refined.backward].backward_ms;
+    sum.uncalibrated = results[uncalibrated.forward_degree].forward_ms + results[uncalibrated.backward_degree].backward_ms;
     sum.best = results[best_f].forward_ms + results[best_b].backward_ms;
     sum.d1 = results[1].forward_ms + results[1].backward_ms;
     sum.d4 = results.count(4) ? results[4].forward_ms + results[4].backward_ms : 0;
-    sum.bound = std::max(alone.comm_ms, alone.compute_ms);
-    sum.comm_share = alone.comm_ms / (alone.comm_ms + alone.compute_ms);
+    // the chosen degrees against the bounds, round by round (both measured in the same round)
+    std::vector<double> bound_ratios, pass_bound_ratios;
+    for (int round = 0; round < o.rounds; ++round) {
+      double chosen = fwd[plan.forward_degree][round] + bwd[plan.backward_degree][round];
+      bound_ratios.push_back(chosen / alone_rounds[round].bound_ms());
+      pass_bound_ratios.push_back(chosen / alone_rounds[round].pass_bound_ms());
+    }
+    sum.bound_ratio = median_of(bound_ratios);
+    sum.pass_bound_ratio = median_of(pass_bound_ratios);
+    sum.comm_share = alone.comm_ms() / (alone.comm_ms() + alone.compute_ms());
     sum.noise = std::max({results[plan.forward_degree].spread, results[plan.backward_degree].spread,
                           results[best_f].spread, results[best_b].spread});
     summaries.push_back(sum);
     std::printf("shape %2zu T=%-5ld M=%-5ld H=%-5ld E=%-3d k=%d | comm %4.1f%% | planner %d/%d %7.1f ms %+5.1f%% | "
-                "refined %d/%d %+5.1f%% | best %d/%d %7.1f ms | vs degree 1 x%.2f\n",
+                "refined %d/%d %+5.1f%% | best %d/%d %7.1f ms | vs degree 1 x%.2f | / bound %.2f, per pass %.2f\n",
                 si, static_cast<long>(s.tokens), static_cast<long>(s.model_dim), static_cast<long>(s.hidden), s.experts,
                 s.top_k, sum.comm_share * 100, plan.forward_degree, plan.backward_degree, sum.chosen,
                 (sum.chosen / sum.best - 1) * 100, refined.forward, refined.backward, (sum.refined / sum.best - 1) * 100,
-                best_f, best_b, sum.best, sum.d1 / sum.chosen);
+                best_f, best_b, sum.best, sum.d1 / sum.chosen, sum.bound_ratio, sum.pass_bound_ratio);
     std::fflush(stdout);
   }
   if (ctx.rank() != 0) return 0;
 
-  int within5 = 0, refined5 = 0, bounded = 0, in_range = 0, within_noise = 0;
-  std::vector<double> vs1, vs4, bound_ratio, noise;
+  int within5 = 0, refined5 = 0, uncalibrated5 = 0, bounded = 0, pass_bounded = 0, in_range = 0, within_noise = 0;
+  std::vector<double> vs1, vs4, bound_ratio, pass_bound_ratio, noise;
   for (const ShapeSummary& s : summaries) {
     within5 += s.chosen <= 1.05 * s.best;
     within_noise += s.chosen <= (1 + std::max(0.05, s.noise)) * s.best;
     noise.push_back(s.noise);
     refined5 += s.refined <= 1.05 * s.best;
+    uncalibrated5 += s.uncalibrated <= 1.05 * s.best;
     vs1.push_back(s.d1 / s.chosen);
     if (s.d4 > 0) vs4.push_back(s.d4 / s.chosen);
     if (s.comm_share >= 0.3 && s.comm_share <= 0.7) {
       ++in_range;
-      bound_ratio.push_back(s.chosen / s.bound);
-      bounded += s.chosen <= 1.15 * s.bound;
+      bound_ratio.push_back(s.bound_ratio);
+      bounded += s.bound_ratio <= 1.15;
+      pass_bound_ratio.push_back(s.pass_bound_ratio);
+      pass_bounded += s.pass_bound_ratio <= 1.15;
     }
   }
   auto dist = [](const std::vector<double>& v) {
@@ -195,13 +229,21 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
               100.0 * within_noise / summaries.size());
   std::printf("planner + online refinement (its best %d timed): %d of %zu shapes (%.0f%%)\n", o.refine, refined5,
               summaries.size(), 100.0 * refined5 / summaries.size());
+  std::printf("planner on the profile alone, no calibration: %d of %zu shapes (%.0f%%)\n", uncalibrated5,
+              summaries.size(), 100.0 * uncalibrated5 / summaries.size());
   std::printf("speedup of the planner's degrees over degree 1: %s\n", dist(vs1).c_str());
   if (!vs4.empty()) std::printf("speedup over a fixed degree 4: %s\n", dist(vs4).c_str());
-  if (in_range)
-    std::printf("shapes with communication 30-70%% of the sequential time: %d; chosen / max(comm, compute): %s; "
-                "within 1.15x: %d\n", in_range, dist(bound_ratio).c_str(), bounded);
-  std::printf("prediction error |predicted - measured| / measured: median %.1f%% over %zu (shape, degree, direction)\n",
-              summarize(prediction_errors).median * 100, prediction_errors.size());
+  if (in_range) {
+    std::printf("shapes with communication 30-70%% of the sequential time: %d\n", in_range);
+    std::printf("  chosen / max(all comm, all compute): %s; within 1.15x: %d (%.0f%%)\n", dist(bound_ratio).c_str(),
+                bounded, 100.0 * bounded / in_range);
+    std::printf("  chosen / sum over passes of max(comm, compute): %s; within 1.15x: %d (%.0f%%)\n",
+                dist(pass_bound_ratio).c_str(), pass_bounded, 100.0 * pass_bounded / in_range);
+  }
+  std::printf("prediction error |predicted - measured| / measured: median %.1f%% over %zu (shape, degree, direction); "
+              "profile alone %.1f%%\n",
+              summarize(prediction_errors).median * 100, prediction_errors.size(),
+              summarize(uncalibrated_errors).median * 100);
   std::printf("wrote %s\n", o.csv.c_str());
   return 0;
 }
@@ -214,8 +256,8 @@ void add_bench_layer_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
   cmd->add_option("--grid", o->grid, "tiny (4 shapes), small (48) or full (216)")->capture_default_str();
   cmd->add_option("--degrees", o->degrees, "degrees to measure (the planner's picks are added)")->delimiter(',')->capture_default_str();
-  cmd->add_option("--rounds", o->rounds, "interleaved rounds over the degrees")->capture_default_str();
-  cmd->add_option("--iters", o->iters, "timed passes per degree and round")->capture_default_str();
+  cmd->add_option("--rounds", o->rounds, "interleaved rounds over the bound and the degrees")->capture_default_str();
+  cmd->add_option("--iters", o->iters, "timed passes per degree (and lanes alone) in each round")->capture_default_str();
   cmd->add_option("--refine", o->refine, "how many of the planner's best degrees the refinement times")->capture_default_str();
   cmd->add_option("--csv", o->csv, "CSV file to write")->capture_default_str();
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_bench_layer(ctx, *o); }; });

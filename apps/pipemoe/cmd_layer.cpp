@@ -18,6 +18,7 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "perf/degree_choice.h"
+#include "perf/shape_calibration.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
 
@@ -134,10 +135,16 @@ int run_layer(Context& ctx, const LayerOptions& o) {
     log::info("pipemoe layer: --degree auto without --profile: timing every candidate degree");
   auto measure = [&](int f, int b) {
     layer.set_degrees(f, b);
-    PassTimes t = run_passes(ctx.comm, layer, d, 1, 2, o.aux_coef);
+    PassTimes t = run_passes(ctx.comm, layer, d, 0, 1, o.aux_coef);
     return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
   };
-  DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure);
+  std::optional<ShapeCalibration> calibration;
+  if (want_fwd == 0 || want_bwd == 0) {
+    run_passes(ctx.comm, layer, d, 1, 0, o.aux_coef);  // warms buffers before anything is timed
+    if (profile) calibration = calibrate_layer(ctx.comm, layer, d.x.f32(), d.dy.f32(), o.tokens);
+  }
+  DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure,
+                                       calibration ? &*calibration : nullptr);
   layer.set_degrees(choice.forward, choice.backward);
 
   if (!o.dump.empty()) {
@@ -170,8 +177,9 @@ int run_layer(Context& ctx, const LayerOptions& o) {
 
   std::optional<double> pred_fwd, pred_bwd;
   if (profile) {
-    pred_fwd = predict_layer(*profile, shape, choice.forward, true);
-    pred_bwd = predict_layer(*profile, shape, choice.backward, false);
+    const ShapeCalibration* cal = calibration ? &*calibration : nullptr;
+    pred_fwd = predict_layer(*profile, shape, choice.forward, true, cal);
+    pred_bwd = predict_layer(*profile, shape, choice.backward, false, cal);
   }
   if (o.json) {
     nlohmann::json j = {{"world_size", ctx.world()},  {"tokens", o.tokens},   {"model_dim", o.model_dim},
@@ -183,8 +191,12 @@ int run_layer(Context& ctx, const LayerOptions& o) {
                         {"degree_measured", choice.measured},
                         {"forward_ms", sf.median},   {"backward_ms", sb.median},
                         {"predicted_fwd_ms", ms_or_null(pred_fwd)}, {"predicted_bwd_ms", ms_or_null(pred_bwd)},
-                        {"comm_ms", alone ? nlohmann::json(alone->comm_ms) : nullptr},
-                        {"compute_ms", alone ? nlohmann::json(alone->compute_ms) : nullptr},
+                        {"comm_ms", alone ? nlohmann::json(alone->comm_ms()) : nullptr},
+                        {"compute_ms", alone ? nlohmann::json(alone->compute_ms()) : nullptr},
+                        {"comm_fwd_ms", alone ? nlohmann::json(alone->comm_fwd_ms) : nullptr},
+                        {"comm_bwd_ms", alone ? nlohmann::json(alone->comm_bwd_ms) : nullptr},
+                        {"compute_fwd_ms", alone ? nlohmann::json(alone->compute_fwd_ms) : nullptr},
+                        {"compute_bwd_ms", alone ? nlohmann::json(alone->compute_bwd_ms) : nullptr},
                         {"a2a_busy_ms", sc.median},  {"comm_lane_cpu_ms", scpu.median},
                         {"expert_ms", se.median},    {"expert_gflops", gflops},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
@@ -212,8 +224,10 @@ int run_layer(Context& ctx, const LayerOptions& o) {
   row("  its thread's CPU", scpu, {});
   row("expert FFN", se, {});
   if (alone)
-    std::printf("each lane alone: communication %.2f ms, computation %.2f ms (bound: %.2f ms)\n", alone->comm_ms,
-                alone->compute_ms, std::max(alone->comm_ms, alone->compute_ms));
+    std::printf("each lane alone: communication %.2f ms (forward %.2f), computation %.2f ms (forward %.2f); "
+                "bound %.2f ms, per pass %.2f ms\n",
+                alone->comm_ms(), alone->comm_fwd_ms, alone->compute_ms(), alone->compute_fwd_ms, alone->bound_ms(),
+                alone->pass_bound_ms());
   std::printf("expert FFN arithmetic: %.1f GFLOP/s per rank (slowest rank, median)\n", gflops);
   std::printf("tokens/s (all ranks, forward+backward): %.0f\n", tokens_per_s);
   return 0;

@@ -1,7 +1,7 @@
 // pipemoe plan: the planner's predictions for one layer shape, per pipeline degree.
 //
 //   build/pipemoe plan --profile profile.json --tokens 2048 --model-dim 512 --hidden 1024
-//       --experts 8 --top-k 2 --capacity-factor 1.25 [--json]
+//       --experts 8 --top-k 2 --capacity-factor 1.25 [--json] [--trace FILE [--trace-degree N]]
 // Runs on one process: the rank count is the profile's. Prints predicted forward and backward
 // time for every candidate degree and the degrees it would choose.
 #include <fstream>
@@ -23,11 +23,13 @@ struct PlanOptions {
   double capacity_factor = 1.25;
   bool json = false;
   std::string trace;
+  int trace_degree = 0;  // 0: the chosen degrees
 };
 
-// The simulated forward and backward passes at the chosen degrees, as a Chrome trace: the
+// The simulated forward and backward passes at the given degrees, as a Chrome trace: the
 // prediction, to lay beside a real run's trace (pipemoe layer --trace).
-void write_predicted_trace(const std::string& path, const PerfProfile& profile, const LayerShape& s, const LayerPlan& plan) {
+void write_predicted_trace(const std::string& path, const PerfProfile& profile, const LayerShape& s, int forward_degree,
+                           int backward_degree) {
   nlohmann::json events = nlohmann::json::array();
   events.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", 0}, {"args", {{"name", "predicted"}}}});
   for (int lane = 0; lane < kNumLanes; ++lane)
@@ -35,7 +37,7 @@ void write_predicted_trace(const std::string& path, const PerfProfile& profile, 
                       {"args", {{"name", lane_name(static_cast<Lane>(lane))}}}});
   double offset = 0;
   for (bool forward : {true, false}) {
-    int degree = forward ? plan.forward_degree : plan.backward_degree;
+    int degree = forward ? forward_degree : backward_degree;
     LayerGraphSizes sizes = balanced_sizes(s.tokens, s.model_dim, s.hidden, s.experts, s.top_k, s.capacity_factor,
                                            s.ranks, degree);
     TaskGraph g = forward ? build_forward_graph(sizes, nullptr) : build_backward_graph(sizes, nullptr);
@@ -60,7 +62,13 @@ int run_plan(Context& ctx, const PlanOptions& o) {
   LayerShape shape{o.tokens, o.model_dim, o.hidden, o.experts, o.top_k, o.capacity_factor, profile.cluster.world_size};
   LayerPlan plan = plan_layer(profile, shape);
   if (ctx.rank() != 0) return 0;
-  if (!o.trace.empty()) write_predicted_trace(o.trace, profile, shape, plan);
+  if (!o.trace.empty()) {
+    int64_t capacity = expert_capacity(o.top_k, o.capacity_factor, o.tokens, o.experts);
+    PM_REQUIRE(o.trace_degree >= 0 && o.trace_degree <= capacity,
+               "--trace-degree must be between 1 and the capacity of {} slots, got {}", capacity, o.trace_degree);
+    write_predicted_trace(o.trace, profile, shape, o.trace_degree ? o.trace_degree : plan.forward_degree,
+                          o.trace_degree ? o.trace_degree : plan.backward_degree);
+  }
   if (o.json) {
     nlohmann::json c = nlohmann::json::array();
     for (const auto& p : plan.candidates)
@@ -92,6 +100,7 @@ void add_plan_command(CLI::App& app, CommandFn& run) {
   add_layer_shape_options(cmd, o->tokens, o->model_dim, o->hidden, o->experts, o->top_k, o->capacity_factor);
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->add_option("--trace", o->trace, "write the predicted schedule as a Chrome/Perfetto trace");
+  cmd->add_option("--trace-degree", o->trace_degree, "trace this degree (both passes) instead of the chosen ones");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_plan(ctx, *o); }; });
 }
 

@@ -1,5 +1,7 @@
 #include "apps/pipemoe/layer_runner.h"
 
+#include <algorithm>
+
 #include "core/rng.h"
 #include "sched/executor.h"
 
@@ -45,28 +47,44 @@ Summary slowest_rank(Communicator& comm, const std::vector<double>& values) {
   return {v[0], v[1], v[2]};
 }
 
-LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, int iters, float aux_coef) {
+double LanesAlone::bound_ms() const { return std::max(comm_ms(), compute_ms()); }
+
+double LanesAlone::pass_bound_ms() const {
+  return std::max(comm_fwd_ms, compute_fwd_ms) + std::max(comm_bwd_ms, compute_bwd_ms);
+}
+
+LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, int iters, float aux_coef,
+                            int warmup) {
   Executor serial(Executor::Mode::serial);
   Executor& previous = layer.executor();
   layer.use_executor(serial);
-  std::vector<double> comm_ms, compute_ms;
-  for (int it = 0; it < iters + 1; ++it) {
+  std::vector<LanesAlone> samples;
+  for (int it = 0; it < warmup + iters; ++it) {
     comm.barrier();
     layer.zero_grads();
     layer.forward(d.x.f32(), d.x.dim(0), d.y.f32());
     LayerRunStats f = layer.forward_stats();
     layer.backward(d.dy.f32(), d.dx.f32(), aux_coef);
     const LayerRunStats& b = layer.backward_stats();
-    if (it == 0) continue;
+    if (it < warmup) continue;
     // a collective's time on the last rank to arrive is the transfer alone; the others waited too
-    double c = f.comm_ms + b.comm_ms, m = f.compute_ms + b.compute_ms;
-    comm.allreduce(&c, &c, 1, DType::f64, ReduceOp::min);
-    comm.allreduce(&m, &m, 1, DType::f64, ReduceOp::max);
-    comm_ms.push_back(c);
-    compute_ms.push_back(m);
+    double c[2] = {f.comm_ms, b.comm_ms}, m[2] = {f.compute_ms, b.compute_ms};
+    comm.allreduce(c, c, 2, DType::f64, ReduceOp::min);
+    comm.allreduce(m, m, 2, DType::f64, ReduceOp::max);
+    samples.push_back({c[0], c[1], m[0], m[1]});
   }
   layer.use_executor(previous);
-  return {summarize(comm_ms).median, summarize(compute_ms).median};
+  return median_lanes(samples);
+}
+
+LanesAlone median_lanes(const std::vector<LanesAlone>& samples) {
+  auto median = [&](double LanesAlone::*field) {
+    std::vector<double> v;
+    for (const LanesAlone& s : samples) v.push_back(s.*field);
+    return summarize(v).median;
+  };
+  return {median(&LanesAlone::comm_fwd_ms), median(&LanesAlone::comm_bwd_ms), median(&LanesAlone::compute_fwd_ms),
+          median(&LanesAlone::compute_bwd_ms)};
 }
 
 }  // namespace pm::cli

@@ -29,12 +29,24 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, LayerData& data, int w
 // Median over this rank's passes, then the slowest rank (min, median and max each the largest).
 Summary slowest_rank(Communicator& comm, const std::vector<double>& values);
 
-// The layer's communication and computation each run alone (serial executor), ms per pass
-// (forward + backward), median over passes: communication on the rank that waited least (the
-// transfer itself), computation on the slowest rank.
+// The layer's communication and computation each run alone (serial executor), ms per direction:
+// communication on the rank that waited least (the transfer itself), computation on the slowest
+// rank.
 struct LanesAlone {
-  double comm_ms = 0, compute_ms = 0;
+  double comm_fwd_ms = 0, comm_bwd_ms = 0, compute_fwd_ms = 0, compute_bwd_ms = 0;
+  double comm_ms() const { return comm_fwd_ms + comm_bwd_ms; }
+  double compute_ms() const { return compute_fwd_ms + compute_bwd_ms; }
+  // max(all communication, all computation): no schedule of the layer is faster
+  double bound_ms() const;
+  // the same per pass: the backward cannot start before the forward ends, so this tighter bound
+  // holds too, and it is what a forward that is mostly communication and a backward that is mostly
+  // computation can reach
+  double pass_bound_ms() const;
 };
-LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& data, int iters, float aux_coef);
+// Medians of `iters` serial passes after `warmup` untimed ones; the layer's executor is restored.
+LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& data, int iters, float aux_coef,
+                            int warmup = 1);
+// Field-wise median of several measurements.
+LanesAlone median_lanes(const std::vector<LanesAlone>& samples);
 
 }  // namespace pm::cli

@@ -18,6 +18,7 @@
 #include "model/grad_sync.h"
 #include "model/optimizer.h"
 #include "perf/degree_choice.h"
+#include "perf/shape_calibration.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
 
@@ -59,22 +60,25 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
   std::vector<float> x(T * D), y(T * D), dy(T * D), dx(T * D);
   Rng(c.seed, stream_id(40, comm.rank())).fill_normal(x.data(), x.size(), 0.0f, 1.0f);
   Rng(c.seed, stream_id(41, comm.rank())).fill_normal(dy.data(), dy.size(), 0.0f, 1.0f);
+  auto pass = [&] {
+    comm.barrier();
+    probe.forward(x.data(), T, y.data());
+    probe.backward(dy.data(), dx.data(), 0.0f);
+  };
   auto measure = [&](int f, int b) {
     probe.set_degrees(f, b);
-    std::vector<double> fwd, bwd;
-    for (int it = 0; it < 3; ++it) {
-      comm.barrier();
-      probe.forward(x.data(), T, y.data());
-      probe.backward(dy.data(), dx.data(), 0.0f);
-      if (it == 0) continue;  // warm-up
-      fwd.push_back(probe.forward_stats().wall_ms);
-      bwd.push_back(probe.backward_stats().wall_ms);
-    }
-    double v[2] = {summarize(fwd).median, summarize(bwd).median};
+    pass();
+    double v[2] = {probe.forward_stats().wall_ms, probe.backward_stats().wall_ms};
     comm.allreduce(v, v, 2, DType::f64, ReduceOp::max);
     return std::make_pair(v[0], v[1]);
   };
-  choice = choose_degrees(request, request, profile ? &*profile : nullptr, shape, profile ? 3 : 0, measure);
+  std::optional<ShapeCalibration> calibration;
+  if (request == 0) {
+    pass();  // warms buffers before anything is timed
+    if (profile) calibration = calibrate_layer(comm, probe, x.data(), dy.data(), T);
+  }
+  choice = choose_degrees(request, request, profile ? &*profile : nullptr, shape, profile ? 3 : 0, measure,
+                          calibration ? &*calibration : nullptr);
   model.zero_grads();  // the probe's passes left gradients behind
   for (MoeLayer* l : layers) l->set_degrees(choice.forward, choice.backward);
   return choice;

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "core/stats.h"
 #include "moe/routing.h"
 
 namespace pm {
@@ -22,7 +23,8 @@ int parse_degree(const std::string& text, const char* flag) {
 
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
                             const LayerShape& shape, int refine,
-                            const std::function<std::pair<double, double>(int, int)>& measure) {
+                            const std::function<std::pair<double, double>(int, int)>& measure,
+                            const ShapeCalibration* calibration, int rounds) {
   DegreeChoice choice;
   choice.forward = forward_request;
   choice.backward = backward_request;
@@ -30,17 +32,18 @@ DegreeChoice choose_degrees(int forward_request, int backward_request, const Per
 
   std::vector<int> fwd_candidates, bwd_candidates;
   if (profile) {
-    choice.plan = plan_layer(*profile, shape);
+    choice.plan = plan_layer(*profile, shape, calibration);
     choice.planned_forward = choice.plan->forward_degree;
     choice.planned_backward = choice.plan->backward_degree;
-    // the planner's best `refine` degrees for each direction
+    // the planner's pick, then its next best predictions, `refine` degrees in all
     auto best = [&](bool forward) {
       std::vector<DegreePrediction> c = choice.plan->candidates;
-      std::sort(c.begin(), c.end(), [&](const auto& a, const auto& b) {
+      std::stable_sort(c.begin(), c.end(), [&](const auto& a, const auto& b) {
         return forward ? a.forward_s < b.forward_s : a.backward_s < b.backward_s;
       });
-      std::vector<int> out;
-      for (int i = 0; i < std::max(1, refine) && i < static_cast<int>(c.size()); ++i) out.push_back(c[i].degree);
+      std::vector<int> out = {forward ? choice.planned_forward : choice.planned_backward};
+      for (const DegreePrediction& p : c)
+        if (static_cast<int>(out.size()) < refine && p.degree != out[0]) out.push_back(p.degree);
       return out;
     };
     fwd_candidates = best(true);
@@ -55,16 +58,25 @@ DegreeChoice choose_degrees(int forward_request, int backward_request, const Per
   bool time_bwd = backward_request == 0 && bwd_candidates.size() > 1;
   if (!time_fwd && !time_bwd) return choice;
 
-  // Time candidates in pairs (forward i with backward i) so that each pass serves both searches.
+  // Time candidates in pairs (forward i with backward i) so that each pass serves both searches,
+  // in `rounds` interleaved rounds (the host's speed drifts: every candidate sees the same drift),
+  // and keep the smallest median.
   choice.measured = true;
-  double best_fwd = 0, best_bwd = 0;
   std::size_t n = std::max(time_fwd ? fwd_candidates.size() : 1, time_bwd ? bwd_candidates.size() : 1);
+  std::vector<std::vector<double>> fwd_s(n), bwd_s(n);
+  for (int round = 0; round < std::max(1, rounds); ++round)
+    for (std::size_t i = 0; i < n; ++i) {
+      int f = time_fwd ? fwd_candidates[std::min(i, fwd_candidates.size() - 1)] : choice.forward;
+      int b = time_bwd ? bwd_candidates[std::min(i, bwd_candidates.size() - 1)] : choice.backward;
+      auto [fs, bs] = measure(f, b);
+      fwd_s[i].push_back(fs);
+      bwd_s[i].push_back(bs);
+    }
+  double best_fwd = 0, best_bwd = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    int f = time_fwd ? fwd_candidates[std::min(i, fwd_candidates.size() - 1)] : choice.forward;
-    int b = time_bwd ? bwd_candidates[std::min(i, bwd_candidates.size() - 1)] : choice.backward;
-    auto [fs, bs] = measure(f, b);
-    if (time_fwd && (i == 0 || fs < best_fwd)) best_fwd = fs, choice.forward = f;
-    if (time_bwd && (i == 0 || bs < best_bwd)) best_bwd = bs, choice.backward = b;
+    double fs = summarize(fwd_s[i]).median, bs = summarize(bwd_s[i]).median;
+    if (time_fwd && i < fwd_candidates.size() && (i == 0 || fs < best_fwd)) best_fwd = fs, choice.forward = fwd_candidates[i];
+    if (time_bwd && i < bwd_candidates.size() && (i == 0 || bs < best_bwd)) best_bwd = bs, choice.backward = bwd_candidates[i];
   }
   return choice;
 }

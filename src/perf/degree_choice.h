@@ -26,10 +26,13 @@ struct DegreeChoice {
   bool measured = false;                           // decided or refined by timing
 };
 
-// measure(fwd_degree, bwd_degree) runs one or more passes and returns their (forward, backward)
-// seconds, slowest rank. refine: how many of the planner's best to time (0 or 1: trust it).
+// measure(fwd_degree, bwd_degree) runs a pass (or a few) and returns its (forward, backward)
+// seconds, slowest rank; called `rounds` times per candidate, interleaved. refine: how many
+// degrees to time, the planner's pick and its next best predictions (0 or 1: trust the planner).
+// calibration: this shape's measured task times (see shape_calibration.h), or null.
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
                             const LayerShape& shape, int refine,
-                            const std::function<std::pair<double, double>(int, int)>& measure);
+                            const std::function<std::pair<double, double>(int, int)>& measure,
+                            const ShapeCalibration* calibration = nullptr, int rounds = 3);
 
 }  // namespace pm

@@ -12,6 +12,7 @@
 #include "kernels/cpu/gemm.h"
 #include "moe/moe_layer.h"
 #include "perf/linear_fit.h"
+#include "perf/serial_samples.h"
 #include "sched/executor.h"
 
 namespace pm {
@@ -37,37 +38,42 @@ std::string utc_now() {
   return buf;
 }
 
-// Samples of one serial pass, one per task, kept on rank 0. Every chunk's all-to-all waits for
-// the slowest rank, so what predicts a pipelined pass is the slowest rank: compute tasks take the
-// longest duration over ranks with the ranks' mean work (the planner assumes balanced work).
-// Communication tasks take the shortest duration (the last rank to arrive sees the transfer
-// alone; the others also waited) with the largest bytes.
+// Samples of one serial pass, one per task, kept on rank 0 (see serial_task_samples). With other
+// ranks, all-to-alls of token rows are measured on a busy link instead (measure_link).
 void collect_serial(Communicator& comm, const TaskGraph& graph, const ExecutorStats& stats,
                     std::vector<Sample>& samples) {
-  const int n = graph.size();
-  std::vector<double> seconds(n, 0.0), comm_seconds(n, 0.0), work(3 * n, 0.0), bytes(n, 0.0);
-  for (const TaskRecord& r : stats.records) seconds[r.task] = comm_seconds[r.task] = r.end_s - r.start_s;
-  for (int id = 0; id < n; ++id) {
-    const TaskWork& w = graph.tasks()[id].work;
-    work[3 * id] = w.calls, work[3 * id + 1] = w.flops, work[3 * id + 2] = w.bytes;
-    bytes[id] = w.bytes;
-  }
-  comm.allreduce(seconds.data(), seconds.data(), n, DType::f64, ReduceOp::max);
-  comm.allreduce(comm_seconds.data(), comm_seconds.data(), n, DType::f64, ReduceOp::min);
-  comm.allreduce(work.data(), work.data(), 3 * n, DType::f64, ReduceOp::sum);
-  comm.allreduce(bytes.data(), bytes.data(), n, DType::f64, ReduceOp::max);
+  std::vector<TaskSample> taken = serial_task_samples(comm, graph, stats);
   if (comm.rank() != 0) return;
-  for (int id = 0; id < n; ++id) {
-    const Task& t = graph.tasks()[id];
-    TaskWork w = t.work;
-    double y = seconds[id];
-    if (t.lane == Lane::comm) {
-      w.bytes = bytes[id];
-      y = comm_seconds[id];
-    } else {
-      w = TaskWork{work[3 * id] / comm.size(), work[3 * id + 1] / comm.size(), work[3 * id + 2] / comm.size()};
+  for (const TaskSample& t : taken)
+    if (t.kind != TaskKind::all_to_all || comm.size() == 1)
+      samples.push_back({static_cast<int>(t.kind), task_features(t.work), t.seconds});
+}
+
+// All-to-alls back to back, as a pipeline's chunks go over a busy link: for each size, the time
+// of one (a run of them over their number, slowest rank), with the bytes each rank sends to the
+// others. Kept on rank 0. Why not the layer's own all-to-alls: in serial passes the link idles
+// between them, and an idle emulated link (tc tbf) banks a burst of credit, which made small
+// transfers look cheaper than on a busy link and hid the cost each transfer adds.
+void measure_link(Communicator& comm, std::vector<Sample>& samples) {
+  const int P = comm.size();
+  for (int64_t per_peer_bytes : {32 << 10, 128 << 10, 512 << 10, 2 << 20}) {
+    const int64_t per_peer = per_peer_bytes / 4;
+    std::vector<float> send(per_peer * P, 1.0f), recv(per_peer * P);
+    std::vector<int64_t> counts(P, per_peer), displs(P);
+    for (int q = 0; q < P; ++q) displs[q] = q * per_peer;
+    auto run = [&](int n) {
+      comm.barrier();
+      Stopwatch w;
+      for (int i = 0; i < n; ++i) comm.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::f32);
+      return comm.allreduce_scalar(w.elapsed_s(), ReduceOp::max) / n;
+    };
+    double one = run(2);  // also warms the connections and the transfer-time model
+    int n = static_cast<int>(std::clamp(0.06 / std::max(one, 1e-6), 3.0, 200.0));
+    for (int rep = 0; rep < 3; ++rep) {
+      double seconds = run(n);
+      TaskWork w{1, 0, static_cast<double>(per_peer_bytes) * (P - 1)};
+      if (comm.rank() == 0) samples.push_back({static_cast<int>(TaskKind::all_to_all), task_features(w), seconds});
     }
-    samples.push_back({static_cast<int>(t.kind), task_features(w), y});
   }
 }
 
@@ -206,6 +212,8 @@ PerfProfile take_profile(Communicator& comm, const ProfileOptions& o) {
     }
   }
 
+  if (o.progress && comm.rank() == 0) o.progress("all-to-alls back to back: the link's cost per transfer and per byte");
+  if (comm.size() > 1) measure_link(comm, samples);
   if (o.progress && comm.rank() == 0) o.progress("how the lanes slow each other");
   Interference interference = measure_interference(comm, 5);
 

@@ -4,8 +4,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <vector>
 
 #include "core/npy.h"
+#include "core/round_medians.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 
@@ -79,6 +82,24 @@ TEST(Rng, StreamsAreReproducibleAndIndependent) {
   }
   EXPECT_NEAR(sum / count, 0.0, 0.01);
   EXPECT_NEAR(sq / count, 1.0, 0.01);
+}
+
+TEST(RoundMedians, TakeTheRoundsDriftOut) {
+  // three keys whose true ratio is 1 : 1.1 : 1.2, measured in rounds whose speed drifts by 2x
+  std::map<int, std::vector<double>> values;
+  const double drift[] = {1.0, 1.9, 1.3, 2.0, 1.1};
+  for (int r = 0; r < 5; ++r)
+    for (int key = 0; key < 3; ++key) values[key].push_back(drift[r] * (1.0 + 0.1 * key));
+  RoundMedians m = round_medians(values);
+  EXPECT_NEAR(m.median[1] / m.median[0], 1.1, 1e-12);
+  EXPECT_NEAR(m.median[2] / m.median[0], 1.2, 1e-12);
+  EXPECT_NEAR(m.spread[0], 0.0, 1e-12);  // no noise left once the drift is out
+  EXPECT_NEAR(m.median[1], 1.3 * 1.1, 1e-12);  // scaled by the median round
+  // plain medians would have mixed the drift in: a hiccup in one key's round stays local
+  values[0][2] *= 3;
+  m = round_medians(values);
+  EXPECT_NEAR(m.median[1] / m.median[2], 1.1 / 1.2, 1e-12);
+  EXPECT_GT(m.spread[0], 0.5);
 }
 
 }  // namespace
