@@ -18,7 +18,6 @@
 #include "core/log.h"
 #include "perf/degree_choice.h"
 #include "perf/planner.h"
-#include "perf/shape_calibration.h"
 #include "sched/executor.h"
 
 namespace pm::cli {
@@ -53,7 +52,6 @@ std::vector<LayerShape> grid_shapes(const std::string& grid, int ranks) {
 
 struct DegreeResult {
   double forward_ms = 0, backward_ms = 0, predicted_fwd_ms = 0, predicted_bwd_ms = 0;
-  double uncalibrated_fwd_ms = 0, uncalibrated_bwd_ms = 0;  // predicted from the profile alone
   double spread = 0;  // (max - min) / median over rounds, drift taken out: the noise left
 };
 
@@ -72,18 +70,16 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                                         "predicted_bwd_ms", "comm_alone_ms", "compute_alone_ms", "planner_fwd_degree",
                                         "planner_bwd_degree", "refined_fwd_degree", "refined_bwd_degree",
                                         "best_fwd_degree", "best_bwd_degree", "round_spread", "comm_fwd_alone_ms",
-                                        "comm_bwd_alone_ms", "compute_fwd_alone_ms", "compute_bwd_alone_ms",
-                                        "uncalibrated_fwd_degree", "uncalibrated_bwd_degree",
-                                        "uncalibrated_predicted_fwd_ms", "uncalibrated_predicted_bwd_ms"});
+                                        "comm_bwd_alone_ms", "compute_fwd_alone_ms", "compute_bwd_alone_ms"});
   // per shape: the planner's, the refined and the best measured degrees' times, degree 1 and 4,
   // the bounds, and how much of the sequential time is communication
   struct ShapeSummary {
-    double chosen, refined, uncalibrated, best, d1, d4, comm_share;
+    double chosen, refined, best, d1, d4, comm_share;
     double bound_ratio, pass_bound_ratio;  // chosen / bound, median over rounds
     double noise;  // the larger round-to-round spread of the chosen and the best degrees
   };
   std::vector<ShapeSummary> summaries;
-  std::vector<double> prediction_errors, uncalibrated_errors;
+  std::vector<double> prediction_errors;
 
   for (std::size_t si = 0; si < shapes.size(); ++si) {
     const LayerShape& s = shapes[si];
@@ -93,24 +89,20 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
     layer.init_parameters(1);
     LayerData data = make_layer_data(s.tokens, s.model_dim, 1, ctx.rank());
     int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
-    // What `--degree auto --profile` does: calibrate to this shape, plan; and with `--refine`,
-    // time the planner's best few on the first passes. The profile alone is planned too, to show
-    // what the calibration changes.
+    // What `--degree auto --profile` does: plan; and with `--refine`, time the planner's best few
+    // on the first passes.
     layer.set_degrees(1, 1);
     run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
-    const ShapeCalibration calibration = calibrate_layer(ctx.comm, layer, data.x.f32(), data.dy.f32(), s.tokens);
-    const LayerPlan plan = plan_layer(profile, s, &calibration);
-    const LayerPlan uncalibrated = plan_layer(profile, s);
+    const LayerPlan plan = plan_layer(profile, s);
     DegreeChoice refined = choose_degrees(0, 0, &profile, s, o.refine, [&](int f, int b) {
       layer.set_degrees(f, b);
       PassTimes t = run_passes(ctx.comm, layer, data, 0, 1, 0.01f);
       return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
-    }, &calibration);
+    });
     std::vector<int> degrees;
     for (int d : o.degrees)
       if (d <= capacity) degrees.push_back(d);
-    for (int d : {plan.forward_degree, plan.backward_degree, refined.forward, refined.backward,
-                  uncalibrated.forward_degree, uncalibrated.backward_degree})
+    for (int d : {plan.forward_degree, plan.backward_degree, refined.forward, refined.backward})
       if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
     std::sort(degrees.begin(), degrees.end());
     log::info("bench layer: shape {}/{}: T={} M={} H={} E={} k={}, degrees {}", si + 1, shapes.size(), s.tokens,
@@ -144,14 +136,10 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
       r.spread = std::max(fwd_medians.spread.at(d), bwd_medians.spread.at(d));
       for (const auto& c : plan.candidates)
         if (c.degree == d) r.predicted_fwd_ms = c.forward_s * 1e3, r.predicted_bwd_ms = c.backward_s * 1e3;
-      for (const auto& c : uncalibrated.candidates)
-        if (c.degree == d) r.uncalibrated_fwd_ms = c.forward_s * 1e3, r.uncalibrated_bwd_ms = c.backward_s * 1e3;
       if (r.forward_ms < results[best_f].forward_ms) best_f = d;
       if (r.backward_ms < results[best_b].backward_ms) best_b = d;
       prediction_errors.push_back(std::abs(r.predicted_fwd_ms - r.forward_ms) / r.forward_ms);
       prediction_errors.push_back(std::abs(r.predicted_bwd_ms - r.backward_ms) / r.backward_ms);
-      uncalibrated_errors.push_back(std::abs(r.uncalibrated_fwd_ms - r.forward_ms) / r.forward_ms);
-      uncalibrated_errors.push_back(std::abs(r.uncalibrated_bwd_ms - r.backward_ms) / r.backward_ms);
     }
     for (int d : degrees) {
       const DegreeResult& r = results[d];
@@ -165,14 +153,11 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                 std::to_string(refined.backward), std::to_string(best_f), std::to_string(best_b),
                 fmt::format("{:.4f}", r.spread), fmt::format("{:.3f}", alone.comm_fwd_ms),
                 fmt::format("{:.3f}", alone.comm_bwd_ms), fmt::format("{:.3f}", alone.compute_fwd_ms),
-                fmt::format("{:.3f}", alone.compute_bwd_ms), std::to_string(uncalibrated.forward_degree),
-                std::to_string(uncalibrated.backward_degree), fmt::format("{:.3f}", r.uncalibrated_fwd_ms),
-                fmt::format("{:.3f}", r.uncalibrated_bwd_ms)});
+                fmt::format("{:.3f}", alone.compute_bwd_ms)});
     }
     ShapeSummary sum;
     sum.chosen = results[plan.forward_degree].forward_ms + results[plan.backward_degree].backward_ms;
     sum.refined = results[refined.forward].forward_ms + results[refined.backward].backward_ms;
-    sum.uncalibrated = results[uncalibrated.forward_degree].forward_ms + results[uncalibrated.backward_degree].backward_ms;
     sum.best = results[best_f].forward_ms + results[best_b].backward_ms;
     sum.d1 = results[1].forward_ms + results[1].backward_ms;
     sum.d4 = results.count(4) ? results[4].forward_ms + results[4].backward_ms : 0;
@@ -199,14 +184,13 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   }
   if (ctx.rank() != 0) return 0;
 
-  int within5 = 0, refined5 = 0, uncalibrated5 = 0, bounded = 0, pass_bounded = 0, in_range = 0, within_noise = 0;
+  int within5 = 0, refined5 = 0, bounded = 0, pass_bounded = 0, in_range = 0, within_noise = 0;
   std::vector<double> vs1, vs4, bound_ratio, pass_bound_ratio, noise;
   for (const ShapeSummary& s : summaries) {
     within5 += s.chosen <= 1.05 * s.best;
     within_noise += s.chosen <= (1 + std::max(0.05, s.noise)) * s.best;
     noise.push_back(s.noise);
     refined5 += s.refined <= 1.05 * s.best;
-    uncalibrated5 += s.uncalibrated <= 1.05 * s.best;
     vs1.push_back(s.d1 / s.chosen);
     if (s.d4 > 0) vs4.push_back(s.d4 / s.chosen);
     if (s.comm_share >= 0.3 && s.comm_share <= 0.7) {
@@ -229,8 +213,6 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
               100.0 * within_noise / summaries.size());
   std::printf("planner + online refinement (its best %d timed): %d of %zu shapes (%.0f%%)\n", o.refine, refined5,
               summaries.size(), 100.0 * refined5 / summaries.size());
-  std::printf("planner on the profile alone, no calibration: %d of %zu shapes (%.0f%%)\n", uncalibrated5,
-              summaries.size(), 100.0 * uncalibrated5 / summaries.size());
   std::printf("speedup of the planner's degrees over degree 1: %s\n", dist(vs1).c_str());
   if (!vs4.empty()) std::printf("speedup over a fixed degree 4: %s\n", dist(vs4).c_str());
   if (in_range) {
@@ -240,10 +222,8 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
     std::printf("  chosen / sum over passes of max(comm, compute): %s; within 1.15x: %d (%.0f%%)\n",
                 dist(pass_bound_ratio).c_str(), pass_bounded, 100.0 * pass_bounded / in_range);
   }
-  std::printf("prediction error |predicted - measured| / measured: median %.1f%% over %zu (shape, degree, direction); "
-              "profile alone %.1f%%\n",
-              summarize(prediction_errors).median * 100, prediction_errors.size(),
-              summarize(uncalibrated_errors).median * 100);
+  std::printf("prediction error |predicted - measured| / measured: median %.1f%% over %zu (shape, degree, direction)\n",
+              summarize(prediction_errors).median * 100, prediction_errors.size());
   std::printf("wrote %s\n", o.csv.c_str());
   return 0;
 }

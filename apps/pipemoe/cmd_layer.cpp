@@ -18,7 +18,6 @@
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "perf/degree_choice.h"
-#include "perf/shape_calibration.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
 
@@ -138,13 +137,8 @@ int run_layer(Context& ctx, const LayerOptions& o) {
     PassTimes t = run_passes(ctx.comm, layer, d, 0, 1, o.aux_coef);
     return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
   };
-  std::optional<ShapeCalibration> calibration;
-  if (want_fwd == 0 || want_bwd == 0) {
-    run_passes(ctx.comm, layer, d, 1, 0, o.aux_coef);  // warms buffers before anything is timed
-    if (profile) calibration = calibrate_layer(ctx.comm, layer, d.x.f32(), d.dy.f32(), o.tokens);
-  }
-  DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure,
-                                       calibration ? &*calibration : nullptr);
+  if (want_fwd == 0 || want_bwd == 0) run_passes(ctx.comm, layer, d, 1, 0, o.aux_coef);  // warm before timing
+  DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure);
   layer.set_degrees(choice.forward, choice.backward);
 
   if (!o.dump.empty()) {
@@ -177,9 +171,8 @@ int run_layer(Context& ctx, const LayerOptions& o) {
 
   std::optional<double> pred_fwd, pred_bwd;
   if (profile) {
-    const ShapeCalibration* cal = calibration ? &*calibration : nullptr;
-    pred_fwd = predict_layer(*profile, shape, choice.forward, true, cal);
-    pred_bwd = predict_layer(*profile, shape, choice.backward, false, cal);
+    pred_fwd = predict_layer(*profile, shape, choice.forward, true);
+    pred_bwd = predict_layer(*profile, shape, choice.backward, false);
   }
   if (o.json) {
     nlohmann::json j = {{"world_size", ctx.world()},  {"tokens", o.tokens},   {"model_dim", o.model_dim},

@@ -18,7 +18,6 @@
 #include "model/grad_sync.h"
 #include "model/optimizer.h"
 #include "perf/degree_choice.h"
-#include "perf/shape_calibration.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
 
@@ -72,13 +71,8 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
     comm.allreduce(v, v, 2, DType::f64, ReduceOp::max);
     return std::make_pair(v[0], v[1]);
   };
-  std::optional<ShapeCalibration> calibration;
-  if (request == 0) {
-    pass();  // warms buffers before anything is timed
-    if (profile) calibration = calibrate_layer(comm, probe, x.data(), dy.data(), T);
-  }
-  choice = choose_degrees(request, request, profile ? &*profile : nullptr, shape, profile ? 3 : 0, measure,
-                          calibration ? &*calibration : nullptr);
+  if (request == 0) pass();  // warms buffers before anything is timed
+  choice = choose_degrees(request, request, profile ? &*profile : nullptr, shape, profile ? 3 : 0, measure);
   model.zero_grads();  // the probe's passes left gradients behind
   for (MoeLayer* l : layers) l->set_degrees(choice.forward, choice.backward);
   return choice;

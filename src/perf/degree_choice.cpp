@@ -23,8 +23,7 @@ int parse_degree(const std::string& text, const char* flag) {
 
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
                             const LayerShape& shape, int refine,
-                            const std::function<std::pair<double, double>(int, int)>& measure,
-                            const ShapeCalibration* calibration, int rounds) {
+                            const std::function<std::pair<double, double>(int, int)>& measure, int rounds) {
   DegreeChoice choice;
   choice.forward = forward_request;
   choice.backward = backward_request;
@@ -32,7 +31,7 @@ DegreeChoice choose_degrees(int forward_request, int backward_request, const Per
 
   std::vector<int> fwd_candidates, bwd_candidates;
   if (profile) {
-    choice.plan = plan_layer(*profile, shape, calibration);
+    choice.plan = plan_layer(*profile, shape);
     choice.planned_forward = choice.plan->forward_degree;
     choice.planned_backward = choice.plan->backward_degree;
     // the planner's pick, then its next best predictions, `refine` degrees in all

@@ -29,10 +29,8 @@ struct DegreeChoice {
 // measure(fwd_degree, bwd_degree) runs a pass (or a few) and returns its (forward, backward)
 // seconds, slowest rank; called `rounds` times per candidate, interleaved. refine: how many
 // degrees to time, the planner's pick and its next best predictions (0 or 1: trust the planner).
-// calibration: this shape's measured task times (see shape_calibration.h), or null.
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
                             const LayerShape& shape, int refine,
-                            const std::function<std::pair<double, double>(int, int)>& measure,
-                            const ShapeCalibration* calibration = nullptr, int rounds = 3);
+                            const std::function<std::pair<double, double>(int, int)>& measure, int rounds = 3);
 
 }  // namespace pm

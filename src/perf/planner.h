@@ -34,16 +34,11 @@ struct LayerPlan {
 // 1, 2, 3, 4, 6, 8, 12, 16, as far as the capacity allows.
 std::vector<int> candidate_degrees(int64_t capacity);
 
-struct ShapeCalibration;
-
-// Predicted seconds of one direction at one degree (balanced routing assumed); task times from the
-// calibration where it measured their kind, else from the profile.
-double predict_layer(const PerfProfile& profile, const LayerShape& shape, int degree, bool forward,
-                     const ShapeCalibration* calibration = nullptr);
+// Predicted seconds of one direction at one degree (balanced routing assumed).
+double predict_layer(const PerfProfile& profile, const LayerShape& shape, int degree, bool forward);
 
 // 1%: a predicted gain smaller than that is well inside the models' error.
 constexpr double kPlanTolerance = 0.01;
-LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& shape, const ShapeCalibration* calibration = nullptr,
-                     double tolerance = kPlanTolerance);
+LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& shape, double tolerance = kPlanTolerance);
 
 }  // namespace pm

@@ -1,5 +1,5 @@
 // What each task of a pass took with the lanes run one after the other (serial executor): the
-// raw material of performance models, for the profile and for per-shape calibration.
+// raw material of the profile's performance models.
 #pragma once
 
 #include <vector>

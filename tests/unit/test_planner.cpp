@@ -77,7 +77,7 @@ TEST(Profile, ForeignClusterIsNamed) {
 
 TEST(Planner, SlowLinkPipelinesAndFastLinkDoesNot) {
   // A slow link: communication is a large share; chunks overlap it with the GEMMs.
-  LayerPlan slow = plan_layer(synthetic_profile(20e-3, 100), kShape, nullptr, 0.0);
+  LayerPlan slow = plan_layer(synthetic_profile(20e-3, 100), kShape, 0.0);
   EXPECT_GT(slow.forward_degree, 1);
   EXPECT_GT(slow.backward_degree, 1);
   for (const auto& c : slow.candidates) {
@@ -94,9 +94,9 @@ TEST(Planner, SlowLinkPipelinesAndFastLinkDoesNot) {
 
 TEST(Planner, PicksTheSmallestDegreeWithinTheTolerance) {
   PerfProfile profile = synthetic_profile(20e-3, 100);
-  LayerPlan exact = plan_layer(profile, kShape, nullptr, 0.0);
+  LayerPlan exact = plan_layer(profile, kShape, 0.0);
   for (double tolerance : {0.01, 0.05, 0.2}) {
-    LayerPlan plan = plan_layer(profile, kShape, nullptr, tolerance);
+    LayerPlan plan = plan_layer(profile, kShape, tolerance);
     EXPECT_LE(plan.forward_degree, exact.forward_degree);
     EXPECT_LE(plan.backward_degree, exact.backward_degree);
     EXPECT_LE(plan.forward_s, exact.forward_s * (1 + tolerance));
