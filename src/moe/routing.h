@@ -6,8 +6,9 @@
 // token order, then all second choices); a choice whose expert is full is dropped.
 //
 // Only filled slots travel and are computed. With pipeline degree r, the filled rows n of each
-// (peer, local expert) block are split into r contiguous chunks [n*c/r, n*(c+1)/r): every chunk's
-// all-to-all is full width (all peers, all experts) with ~1/r of the bytes.
+// (peer, local expert) block are split into r contiguous chunks (chunk_begin: even up to r = 2,
+// then the two end chunks half the size of the others): every chunk's all-to-all is full width
+// (all peers, all experts).
 #pragma once
 
 #include <cstdint>
@@ -17,7 +18,15 @@ namespace pm {
 
 int64_t expert_capacity(int top_k, double capacity_factor, int64_t tokens, int experts);
 
-inline int64_t chunk_begin(int64_t rows, int degree, int chunk) { return rows * chunk / degree; }
+// Where chunk `chunk` of `rows` rows begins (chunk == degree: the end). Tapered: from degree 3 on,
+// the first and last chunks are half the size of the others, [1/2, 1, ..., 1, 1/2] / (degree - 1):
+// the first chunk's all-to-all is what the experts wait for before they can start, and the last
+// chunk's is what nothing overlaps at the end; halving them shortens both exposed ends.
+inline int64_t chunk_begin(int64_t rows, int degree, int chunk) {
+  if (degree < 3 || chunk == 0) return chunk == 0 ? 0 : rows * chunk / degree;
+  if (chunk >= degree) return rows;
+  return rows * (2 * chunk - 1) / (2 * (degree - 1));
+}
 
 // Slot assignment for this rank's tokens.
 struct Routing {

@@ -31,12 +31,34 @@ TEST(Slots, FillChoiceByChoiceThenTokenByTokenAndDropWhenFull) {
   EXPECT_EQ(r.kept(), 6);
 }
 
-TEST(Layout, EveryRowHasOnePlaceAndChunksSplitEachBlockEvenly) {
+TEST(Layout, ChunksAreEvenUpToTwoThenTaperedAtBothEnds) {
+  // degree 1 and 2: even; from 3 on the first and last chunks are half the others
+  EXPECT_EQ(chunk_begin(100, 2, 1), 50);
+  EXPECT_EQ(chunk_begin(100, 3, 1), 25);
+  EXPECT_EQ(chunk_begin(100, 3, 2), 75);
+  std::vector<int64_t> sizes;
+  for (int c = 0; c < 5; ++c) sizes.push_back(chunk_begin(800, 5, c + 1) - chunk_begin(800, 5, c));
+  EXPECT_EQ(sizes, (std::vector<int64_t>{100, 200, 200, 200, 100}));
+  for (int degree = 1; degree <= 16; ++degree)
+    for (int64_t rows : {0, 1, 7, 100, 1001}) {
+      EXPECT_EQ(chunk_begin(rows, degree, 0), 0);
+      EXPECT_EQ(chunk_begin(rows, degree, degree), rows);
+      for (int c = 0; c < degree; ++c) EXPECT_LE(chunk_begin(rows, degree, c), chunk_begin(rows, degree, c + 1));
+    }
+}
+
+TEST(Layout, EveryRowHasOnePlaceAndEveryChunkItsRows) {
   const int peers = 3, local = 2;
   std::vector<int64_t> filled = {5, 0, 7, 1, 3, 9};
-  for (int degree : {1, 2, 3, 4}) {
+  for (int degree : {1, 2, 3, 4, 6}) {
     for (BlockOrder order : {BlockOrder::wire, BlockOrder::compute}) {
       BlockLayout l = make_block_layout(filled, peers, local, degree, order);
+      for (int c = 0; c < degree; ++c)
+        for (int q = 0; q < peers; ++q)
+          for (int le = 0; le < local; ++le) {
+            int64_t n = filled[q * local + le];
+            EXPECT_EQ(l.block_rows(c, q, le), chunk_begin(n, degree, c + 1) - chunk_begin(n, degree, c));
+          }
       EXPECT_EQ(l.total_rows, 25);
       std::set<int64_t> seen;
       for (int q = 0; q < peers; ++q)
