@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """Plots of a `pipemoe bench layer` CSV: time against pipeline degree per shape (measured and
-predicted, the planner's and the best choices marked), the regret of the planner's choices, and
-predicted against measured times.
+predicted, the planner's and the best choices marked), the regret of the planner's choices,
+predicted against measured times, and the chosen degrees' time against the lower bounds.
 
   /usr/bin/python3 bench/plot_layer.py out/bench_layer.csv [--out out/bench_layer]
-writes OUT_degrees.png, OUT_regret.png and OUT_prediction.png.
+writes OUT_degrees.png, OUT_regret.png, OUT_prediction.png and (CSVs with the bound ratios)
+OUT_bound.png.
 """
 import argparse
 import collections
@@ -51,6 +52,12 @@ def main():
         ax.plot(d, pred, "s--", label="predicted")
         bound = max(float(rows[0]["comm_alone_ms"]), float(rows[0]["compute_alone_ms"]))
         ax.axhline(bound, color="gray", lw=0.8, ls=":", label="max(comm, compute)")
+        if "comm_fwd_alone_ms" in rows[0]:
+            r0 = {k: float(rows[0][k]) for k in ("comm_fwd_alone_ms", "comm_bwd_alone_ms",
+                                                 "compute_fwd_alone_ms", "compute_bwd_alone_ms")}
+            per_pass = (max(r0["comm_fwd_alone_ms"], r0["compute_fwd_alone_ms"])
+                        + max(r0["comm_bwd_alone_ms"], r0["compute_bwd_alone_ms"]))
+            ax.axhline(per_pass, color="gray", lw=0.8, ls="--", label="per pass")
         by = {int(r["degree"]): r for r in rows}
         pf, pb = int(rows[0]["planner_fwd_degree"]), int(rows[0]["planner_bwd_degree"])
         rf, rb = int(rows[0]["refined_fwd_degree"]), int(rows[0]["refined_bwd_degree"])
@@ -96,7 +103,26 @@ def main():
     ax.set_ylabel("predicted ms")
     fig.tight_layout()
     fig.savefig(f"{out}_prediction.png", dpi=110)
-    print(f"wrote {out}_degrees.png, {out}_regret.png, {out}_prediction.png")
+    written = [f"{out}_degrees.png", f"{out}_regret.png", f"{out}_prediction.png"]
+
+    # chosen / bound for the shapes whose communication is 30-70% of the sequential time
+    first = [rows[0] for rows in shapes.values()]
+    if "chosen_over_pass_bound" in first[0]:
+        in_range = [r for r in first
+                    if 0.3 <= float(r["comm_alone_ms"]) / (float(r["comm_alone_ms"]) + float(r["compute_alone_ms"])) <= 0.7]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        bins = [1.0 + 0.025 * i for i in range(25)]
+        ax.hist([[float(r["chosen_over_bound"]) for r in in_range],
+                 [float(r["chosen_over_pass_bound"]) for r in in_range]], bins=bins,
+                label=["/ max(all comm, all compute)", "/ sum over passes of max(comm, compute)"])
+        ax.axvline(1.15, color="red", lw=0.8, ls=":")
+        ax.set_xlabel(f"chosen degrees' time / lower bound ({len(in_range)} shapes, comm 30-70%)")
+        ax.set_ylabel("shapes")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{out}_bound.png", dpi=110)
+        written.append(f"{out}_bound.png")
+    print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":
