@@ -205,32 +205,43 @@ int64_t PackedB::panel_width(int64_t p) const {
 
 namespace {
 
-// op(B) = B (row k of op(B) is row k of the source) into panels.
-void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
+// One panel of a packed op(B) being filled: columns [col0, col0 + cols) of op(B), each of its K
+// rows `width` floats apart (cols rounded up to 16, the tail zero).
+struct PanelSlot {
+  int64_t width, col0, cols;
+  float* dst;
+};
+
+// Sizes `out` for a K x N op(B) and calls fill(slot) once per panel.
+template <typename Fill>
+void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
   out.K = K;
   out.N = N;
   out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
-    int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
-    float* dst = out.data.data() + p * K * kPanel;
+    const int64_t col0 = p * kPanel;
+    fill(PanelSlot{out.panel_width(p), col0, std::min(kPanel, N - col0), out.data.data() + p * K * kPanel});
+  }
+}
+
+// op(B) = B (row k of op(B) is row k of the source) into panels.
+void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
+  pack_panels(K, N, out, [&](const PanelSlot& s) {
+    const auto [width, col0, cols, dst] = s;
     for (int64_t k = 0; k < K; ++k) {
       float* row = dst + k * width;
       std::memcpy(row, B.row(k) + col0, cols * sizeof(float));
       for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
     }
-  }
+  });
 }
 
 }  // namespace
 
 void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
   if (trans_b == Trans::no) return pack_b_rows(K, N, RowSource{B, ldb, nullptr}, out);
-  out.K = K;
-  out.N = N;
-  out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
-  for (int64_t p = 0; p < out.panels(); ++p) {
-    int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
-    float* dst = out.data.data() + p * K * kPanel;
+  pack_panels(K, N, out, [&](const PanelSlot& s) {
+    const auto [width, col0, cols, dst] = s;
     // op(B)[k, col0 + j] = B[col0 + j, k]: transpose 8 x 8 blocks in registers; the rest (edge
     // columns, a depth that is not a multiple of 8) element by element.
     const int64_t full_j = cols / 8 * 8, full_k = K / 8 * 8;
@@ -242,7 +253,7 @@ void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, Pa
       for (int64_t j = (k < full_k ? full_j : 0); j < cols; ++j) row[j] = B[(col0 + j) * ldb + k];
       for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
     }
-  }
+  });
 }
 
 namespace {
