@@ -58,11 +58,11 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   int compute_threads = threads > 0 ? threads : pm::default_compute_threads();
   pm::set_compute_threads(compute_threads);
   pm::blas_set_threads(compute_threads);
-  comm.wait_policy().timeout_s = comm_timeout_s;
+  comm.waiter().policy().timeout_s = comm_timeout_s;
   if (const char* w = std::getenv("PIPEMOE_COMM_WAIT")) {
     // "spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction": for experiments with the
     // waiting side (comm/wait_schedule.h)
-    pm::WaitPolicy& p = comm.wait_policy();
+    pm::WaitPolicy& p = comm.waiter().policy();
     PM_REQUIRE(std::sscanf(w, "%lf,%lf,%lf,%d,%lf", &p.spin_us, &p.min_sleep_us, &p.max_sleep_us, &p.early_polls,
                            &p.approach_fraction) == 5 &&
                    p.spin_us >= 0 && p.min_sleep_us > 0 && p.max_sleep_us >= p.min_sleep_us && p.early_polls >= 0 &&

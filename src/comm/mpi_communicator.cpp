@@ -87,15 +87,37 @@ class MpiRequest : public CommRequest {
   bool abandoned_ = false;
 };
 
+// Point-to-point messages of the engine all use this tag: the transport has no tags (NCCL has
+// none); MPI keeps messages between two ranks of a communicator in order.
+constexpr int kTag = 0;
+
 class MpiCommunicator : public Communicator {
  public:
-  MpiCommunicator() {
-    MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
-    MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+  // Owns `comm` (frees it on destruction) unless it is MPI_COMM_WORLD.
+  MpiCommunicator(MPI_Comm comm, std::shared_ptr<Waiter> waiter) : Communicator(std::move(waiter)), comm_(comm) {
+    MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+  }
+  ~MpiCommunicator() override {
+    if (comm_ != MPI_COMM_WORLD && MpiRuntime::running()) MPI_Comm_free(&comm_);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "mpi"; }
+  std::string host() const override {
+    char name[MPI_MAX_PROCESSOR_NAME];
+    int len = 0;
+    MPI_Get_processor_name(name, &len);
+    return std::string(name, len);
+  }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    PM_CHECK(color >= 0, "split color must not be negative, got {}", color);
+    MPI_Comm part = MPI_COMM_NULL;
+    MPI_CHECK(MPI_Comm_split(comm_, color, key, &part));
+    return std::make_unique<MpiCommunicator>(part, shared_waiter());
+  }
 
   RequestPtr ialltoallv(const void* send, const std::vector<int64_t>& send_counts,
                         const std::vector<int64_t>& send_displs, void* recv,
@@ -113,7 +135,7 @@ class MpiCommunicator : public Communicator {
     req->counts_[3] = as_ints(recv_displs, "recv displacement");
     MPI_CHECK(MPI_Ialltoallv(send, req->counts_[0].data(), req->counts_[1].data(), mpi_type(dtype),
                              recv, req->counts_[2].data(), req->counts_[3].data(), mpi_type(dtype),
-                             MPI_COMM_WORLD, &req->request_));
+                             comm_, &req->request_));
     return req;
   }
 
@@ -124,7 +146,7 @@ class MpiCommunicator : public Communicator {
     // a ring sends and receives 2 (P-1)/P of the buffer
     req->wire_bytes = 2.0 * (size_ - 1) / size_ * count * dtype_size(dtype);
     MPI_CHECK(MPI_Iallreduce(send == recv ? MPI_IN_PLACE : send, recv, as_int(count, "count"),
-                             mpi_type(dtype), mpi_op(op), MPI_COMM_WORLD, &req->request_));
+                             mpi_type(dtype), mpi_op(op), comm_, &req->request_));
     return req;
   }
 
@@ -132,23 +154,23 @@ class MpiCommunicator : public Communicator {
     auto req = std::make_unique<MpiRequest>("all-gather");
     req->wire_bytes = static_cast<double>(size_ - 1) * count * dtype_size(dtype);
     int n = as_int(count, "count");
-    MPI_CHECK(MPI_Iallgather(send, n, mpi_type(dtype), recv, n, mpi_type(dtype), MPI_COMM_WORLD,
+    MPI_CHECK(MPI_Iallgather(send, n, mpi_type(dtype), recv, n, mpi_type(dtype), comm_,
                              &req->request_));
     return req;
   }
 
-  RequestPtr isend(const void* data, int64_t count, DType dtype, int peer, int tag) override {
+  RequestPtr isend(const void* data, int64_t count, DType dtype, int peer) override {
     auto req = std::make_unique<MpiRequest>(fmt::format("send to rank {}", peer));
     req->wire_bytes = static_cast<double>(count) * dtype_size(dtype);
-    MPI_CHECK(MPI_Isend(data, as_int(count, "count"), mpi_type(dtype), peer, tag, MPI_COMM_WORLD,
+    MPI_CHECK(MPI_Isend(data, as_int(count, "count"), mpi_type(dtype), peer, kTag, comm_,
                         &req->request_));
     return req;
   }
 
-  RequestPtr irecv(void* data, int64_t count, DType dtype, int peer, int tag) override {
+  RequestPtr irecv(void* data, int64_t count, DType dtype, int peer) override {
     auto req = std::make_unique<MpiRequest>(fmt::format("receive from rank {}", peer));
     req->wire_bytes = static_cast<double>(count) * dtype_size(dtype);
-    MPI_CHECK(MPI_Irecv(data, as_int(count, "count"), mpi_type(dtype), peer, tag, MPI_COMM_WORLD,
+    MPI_CHECK(MPI_Irecv(data, as_int(count, "count"), mpi_type(dtype), peer, kTag, comm_,
                         &req->request_));
     return req;
   }
@@ -156,13 +178,13 @@ class MpiCommunicator : public Communicator {
   RequestPtr ibroadcast(void* data, int64_t count, DType dtype, int root) override {
     auto req = std::make_unique<MpiRequest>("broadcast");
     req->wire_bytes = static_cast<double>(count) * dtype_size(dtype);
-    MPI_CHECK(MPI_Ibcast(data, as_int(count, "count"), mpi_type(dtype), root, MPI_COMM_WORLD, &req->request_));
+    MPI_CHECK(MPI_Ibcast(data, as_int(count, "count"), mpi_type(dtype), root, comm_, &req->request_));
     return req;
   }
 
   RequestPtr ibarrier() override {
     auto req = std::make_unique<MpiRequest>("barrier");
-    MPI_CHECK(MPI_Ibarrier(MPI_COMM_WORLD, &req->request_));
+    MPI_CHECK(MPI_Ibarrier(comm_, &req->request_));
     return req;
   }
 
@@ -175,6 +197,7 @@ class MpiCommunicator : public Communicator {
     return total;
   }
 
+  MPI_Comm comm_;
   int rank_ = 0;
   int size_ = 1;
 };
@@ -229,15 +252,8 @@ bool MpiRuntime::running() {
   return initialized && !finalized;
 }
 
-std::string MpiRuntime::processor_name() {
-  char name[MPI_MAX_PROCESSOR_NAME];
-  int len = 0;
-  MPI_Get_processor_name(name, &len);
-  return std::string(name, len);
-}
-
-std::unique_ptr<Communicator> make_mpi_world_communicator() {
-  return std::make_unique<MpiCommunicator>();
+std::unique_ptr<Communicator> make_mpi_world_communicator(std::shared_ptr<Waiter> waiter) {
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, std::move(waiter));
 }
 
 }  // namespace pm

@@ -21,10 +21,9 @@ class MpiRuntime {
   // Ends every rank of the job now: for errors that one rank saw and the others cannot know.
   [[noreturn]] static void abort_job(int exit_code);
   static bool running();
-  static std::string processor_name();
 };
 
-// A communicator over MPI_COMM_WORLD.
-std::unique_ptr<Communicator> make_mpi_world_communicator();
+// A communicator over MPI_COMM_WORLD; its sub-groups (split) share the waiter.
+std::unique_ptr<Communicator> make_mpi_world_communicator(std::shared_ptr<Waiter> waiter = std::make_shared<Waiter>());
 
 }  // namespace pm

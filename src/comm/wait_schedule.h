@@ -9,7 +9,7 @@
 // few long steps: it learns from the transfers it waited for how long one of a given size takes,
 // sleeps half of the predicted time left again and again, and tests finely only around the
 // predicted end. Data keeps moving while it sleeps because MPI hands a whole chunk to the kernel
-// at once (see MpiRuntime's TCP settings).
+// at once (see the MPI backend's TCP settings).
 #pragma once
 
 #include <cstddef>

@@ -5,11 +5,13 @@
 namespace pm::log {
 namespace {
 int g_rank = 0;
+thread_local int t_rank = -1;
 bool g_quiet = false;
 }  // namespace
 
 void set_rank(int rank) { g_rank = rank; }
-int rank() { return g_rank; }
+void set_thread_rank(int rank) { t_rank = rank; }
+int rank() { return t_rank >= 0 ? t_rank : g_rank; }
 void set_quiet(bool quiet) { g_quiet = quiet; }
 bool quiet() { return g_quiet; }
 

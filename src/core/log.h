@@ -8,7 +8,10 @@
 
 namespace pm::log {
 
+// The process's rank; a thread that plays a rank of its own (ranks as threads, for tests) sets
+// its own, which wins on that thread.
 void set_rank(int rank);
+void set_thread_rank(int rank);
 int rank();
 void set_quiet(bool quiet);
 bool quiet();

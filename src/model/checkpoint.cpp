@@ -15,8 +15,6 @@ namespace pm {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr int kGatherTag = 7100;
-
 // Writes bytes to path and flushes them to disk.
 void write_file_durably(const std::string& path, const std::string& bytes) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -45,10 +43,10 @@ std::string read_file(const std::string& path) {
 }
 
 // The whole tensor on rank 0: expert tensors are concatenated along dim 0 in rank order.
-Tensor gather_global(Communicator& comm, const Tensor& local, bool expert, int tag) {
+Tensor gather_global(Communicator& comm, const Tensor& local, bool expert) {
   if (!expert || comm.size() == 1) return comm.rank() == 0 ? local.clone() : Tensor();
   if (comm.rank() != 0) {
-    comm.send(local.raw(), local.numel(), DType::f32, 0, tag);
+    comm.send(local.raw(), local.numel(), DType::f32, 0);
     return Tensor();
   }
   Shape shape = local.shape();
@@ -56,7 +54,7 @@ Tensor gather_global(Communicator& comm, const Tensor& local, bool expert, int t
   Tensor global = Tensor::empty(shape);
   std::memcpy(global.raw(), local.raw(), local.nbytes());
   for (int r = 1; r < comm.size(); ++r)
-    comm.recv(static_cast<char*>(global.raw()) + r * local.nbytes(), local.numel(), DType::f32, r, tag);
+    comm.recv(static_cast<char*>(global.raw()) + r * local.nbytes(), local.numel(), DType::f32, r);
   return global;
 }
 
@@ -96,11 +94,11 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
   std::vector<NamedTensor> model, moments;
   for (std::size_t i = 0; i < params.size(); ++i) {
     const Parameter& p = params[i];
-    Tensor w = gather_global(comm, *p.value, p.expert, kGatherTag);
+    Tensor w = gather_global(comm, *p.value, p.expert);
     if (comm.rank() == 0) model.push_back({p.name, std::move(w)});
     if (!optimizer) continue;
-    Tensor m = gather_global(comm, optimizer->first_moments()[i], p.expert, kGatherTag + 1);
-    Tensor v = gather_global(comm, optimizer->second_moments()[i], p.expert, kGatherTag + 2);
+    Tensor m = gather_global(comm, optimizer->first_moments()[i], p.expert);
+    Tensor v = gather_global(comm, optimizer->second_moments()[i], p.expert);
     if (comm.rank() == 0) moments.push_back({"m." + p.name, std::move(m)}), moments.push_back({"v." + p.name, std::move(v)});
   }
   char name[32];

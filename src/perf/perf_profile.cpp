@@ -8,7 +8,6 @@
 #include <sstream>
 
 #include "comm/communicator.h"
-#include "comm/mpi_communicator.h"
 #include "core/error.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -53,7 +52,7 @@ ClusterInfo describe_cluster(Communicator& comm) {
   c.world_size = comm.size();
   c.threads = compute_threads();
   c.cpu_model = cpu_model_name();
-  std::vector<std::string> names = comm.gather_strings(MpiRuntime::processor_name(), 0);
+  std::vector<std::string> names = comm.gather_strings(comm.host(), 0);
   int64_t hosts = static_cast<int64_t>(std::set<std::string>(names.begin(), names.end()).size());
   comm.broadcast(&hosts, 1, DType::i64, 0);
   c.hosts = static_cast<int>(hosts);
