@@ -166,7 +166,8 @@ int run_layer(Context& ctx, const LayerOptions& o) {
   std::optional<LanesAlone> alone;
   if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.aux_coef);
   double tokens_per_s = static_cast<double>(o.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
-  if (!o.trace.empty()) trace.write_chrome_json(o.trace, ctx.comm, origin);
+  if (!o.trace.empty())
+    trace.write_chrome_json(o.trace, origin, ctx.rank(), [&](const std::string& mine) { return ctx.comm.gather_strings(mine, 0); });
   if (ctx.rank() != 0) return 0;
 
   std::optional<double> pred_fwd, pred_bwd;

@@ -32,9 +32,9 @@ void write_predicted_trace(const std::string& path, const PerfProfile& profile, 
                            int backward_degree) {
   nlohmann::json events = nlohmann::json::array();
   events.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", 0}, {"args", {{"name", "predicted"}}}});
-  for (int lane = 0; lane < kNumLanes; ++lane)
+  for (int lane = 0; lane < lane_count(); ++lane)
     events.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", 0}, {"tid", lane},
-                      {"args", {{"name", lane_name(static_cast<Lane>(lane))}}}});
+                      {"args", {{"name", lane_name(Lane{lane})}}}});
   double offset = 0;
   for (bool forward : {true, false}) {
     int degree = forward ? forward_degree : backward_degree;
@@ -44,7 +44,7 @@ void write_predicted_trace(const std::string& path, const PerfProfile& profile, 
     Simulation sim = simulate(g, [&](const Task& t) { return profile.predict(t); }, profile.interference);
     for (int id = 0; id < g.size(); ++id)
       events.push_back({{"name", g.tasks()[id].name}, {"cat", forward ? "forward" : "backward"}, {"ph", "X"},
-                        {"pid", 0}, {"tid", static_cast<int>(g.tasks()[id].lane)},
+                        {"pid", 0}, {"tid", g.tasks()[id].lane.id},
                         {"ts", (offset + sim.start_s[id]) * 1e6}, {"dur", (sim.end_s[id] - sim.start_s[id]) * 1e6}});
     offset += sim.makespan_s;
   }

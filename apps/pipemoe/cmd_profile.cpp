@@ -32,12 +32,11 @@ int run_profile(Context& ctx, const ProfileCmdOptions& o) {
   if (ctx.rank() != 0) return 0;
   profile.save(o.out);
   std::printf("profile of %s\n", profile.cluster.summary().c_str());
-  std::printf("%-14s %8s %12s %12s %14s %14s %7s %9s\n", "task kind", "samples", "fixed us", "per call us",
+  std::printf("%-14s %8s %12s %12s %14s %14s %7s %9s\n", "cost class", "samples", "fixed us", "per call us",
               "per GFLOP ms", "per MB ms", "r2", "med.err");
-  for (int k = 0; k < kNumTaskKinds; ++k) {
-    const KindModel& m = profile.models[k];
+  for (const auto& [cost, m] : profile.models) {
     if (!m.fitted) continue;
-    std::printf("%-14s %8d %12.1f %12.1f %14.3f %14.3f %7.3f %8.1f%%\n", task_kind_name(static_cast<TaskKind>(k)),
+    std::printf("%-14s %8d %12.1f %12.1f %14.3f %14.3f %7.3f %8.1f%%\n", cost.c_str(),
                 m.samples, m.coef[0] * 1e6, m.coef[1] * 1e6, m.coef[2] * 1e12, m.coef[3] * 1e9, m.r2,
                 m.median_rel_err * 100);
   }

@@ -205,7 +205,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     if (step - start >= 2) step_ms_all.push_back(mean_step_ms), exposed_all.push_back(mean_exposed);
     if (traced) {
       model.set_trace(nullptr);
-      trace.write_chrome_json(c.trace, comm, trace_origin);
+      trace.write_chrome_json(c.trace, trace_origin, comm.rank(), [&](const std::string& mine) { return comm.gather_strings(mine, 0); });
       log::info("trace of step {}: {}", step + 1, c.trace);
     }
     const double tok_s = tokens_per_step / (mean_step_ms / 1e3);

@@ -69,36 +69,36 @@ TaskGraph build_forward_graph(const LayerGraphSizes& s, ForwardWork* w) {
   const bool real = w != nullptr;
   const double T = static_cast<double>(s.tokens), M = static_cast<double>(s.model_dim);
   TaskGraph g;
-  int gate = g.add({"gate", Lane::compute, TaskKind::gate, -1,
+  int gate = g.add({"gate", lanes::compute, "gate", -1,
                     TaskWork{3, 2 * T * M * s.experts, T * (M + 2.0 * s.experts) * 4}, {},
                     bind(real, [w] { w->gate(); })});
-  int pack = g.add({"pack", Lane::compute, TaskKind::pack, -1,
+  int pack = g.add({"pack", lanes::compute, "pack", -1,
                     TaskWork{1, 0, 2.0 * s.sent_rows * M * 4}, {gate}, bind(real, [w] { w->pack(); })});
-  int counts = g.add({"counts", Lane::comm, TaskKind::counts, -1,
+  int counts = g.add({"counts", lanes::comm, "counts", -1,
                       TaskWork{1, 0, 8.0 * s.experts}, {gate},
                       bind(real, [w] { w->exchange_counts(); })});
-  int weights = g.add({"pack_weights", Lane::compute, TaskKind::pack_weights, -1,
+  int weights = g.add({"pack_weights", lanes::compute, "pack_weights", -1,
                        TaskWork{2.0 * (s.experts / s.peers), 0, weight_pack_bytes(s)}, {pack},
                        bind(real, [w] { w->pack_weights(); })});
   std::vector<int> dispatch, expert;
   for (int c = 0; c < s.degree; ++c)
-    dispatch.push_back(g.add({indexed("dispatch", c), Lane::comm, TaskKind::all_to_all, c,
+    dispatch.push_back(g.add({indexed("dispatch", c), lanes::comm, "all_to_all", c,
                               a2a_work(s.chunk_send_rows[c], s.model_dim), {pack, counts},
                               bind(real, [w, c] { w->dispatch(c); })}));
   for (int c = 0; c < s.degree; ++c) {
     std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(expert[c - 1]);
     const double copies = 2;  // wire -> compute order in, compute -> wire order out
-    expert.push_back(g.add({indexed("expert", c), Lane::compute, TaskKind::expert_fwd, c,
+    expert.push_back(g.add({indexed("expert", c), lanes::compute, "expert_fwd", c,
                             ffn_work(s.chunk_recv_rows[c], s, 2, copies), deps,
                             bind(real, [w, c] { w->expert(c); })}));
   }
   std::vector<int> combine;
   for (int c = 0; c < s.degree; ++c)
-    combine.push_back(g.add({indexed("combine", c), Lane::comm, TaskKind::all_to_all, c,
+    combine.push_back(g.add({indexed("combine", c), lanes::comm, "all_to_all", c,
                              a2a_work(s.chunk_send_rows[c], s.model_dim), {expert[c]},
                              bind(real, [w, c] { w->combine(c); })}));
-  g.add({"unpack", Lane::compute, TaskKind::unpack, -1, TaskWork{1, 2.0 * s.sent_rows * M, 2.0 * s.sent_rows * M * 4},
+  g.add({"unpack", lanes::compute, "unpack", -1, TaskWork{1, 2.0 * s.sent_rows * M, 2.0 * s.sent_rows * M * 4},
          combine, bind(real, [w] { w->unpack(); })});
   return g;
 }
@@ -108,37 +108,37 @@ TaskGraph build_backward_graph(const LayerGraphSizes& s, BackwardWork* w) {
   const bool real = w != nullptr;
   const double T = static_cast<double>(s.tokens), M = static_cast<double>(s.model_dim);
   TaskGraph g;
-  int pack = g.add({"pack_grad", Lane::compute, TaskKind::pack, -1,
+  int pack = g.add({"pack_grad", lanes::compute, "pack", -1,
                     TaskWork{1, s.sent_rows * M, 2.0 * s.sent_rows * M * 4}, {},
                     bind(real, [w] { w->pack_grad(); })});
-  int weights = g.add({"pack_weights", Lane::compute, TaskKind::pack_weights, -1,
+  int weights = g.add({"pack_weights", lanes::compute, "pack_weights", -1,
                        TaskWork{2.0 * (s.experts / s.peers), 0, weight_pack_bytes(s)}, {},
                        bind(real, [w] { w->pack_weights_backward(); })});
-  int gate = g.add({"gate_bwd", Lane::compute, TaskKind::gate_bwd, -1,
+  int gate = g.add({"gate_bwd", lanes::compute, "gate_bwd", -1,
                     TaskWork{3, 2.0 * s.sent_rows * M + 4 * T * M * s.experts, T * (2 * M + 4.0 * s.experts) * 4},
                     {}, bind(real, [w] { w->gate_backward(); })});
   std::vector<int> dispatch, dgrad, combine;
   for (int c = 0; c < s.degree; ++c)
-    dispatch.push_back(g.add({indexed("grad_dispatch", c), Lane::comm, TaskKind::all_to_all, c,
+    dispatch.push_back(g.add({indexed("grad_dispatch", c), lanes::comm, "all_to_all", c,
                               a2a_work(s.chunk_send_rows[c], s.model_dim), {pack},
                               bind(real, [w, c] { w->grad_dispatch(c); })}));
   for (int c = 0; c < s.degree; ++c) {
     std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(dgrad[c - 1]);
     const double copies = 2;  // gradients in and out
-    dgrad.push_back(g.add({indexed("expert_dgrad", c), Lane::compute, TaskKind::expert_dgrad, c,
+    dgrad.push_back(g.add({indexed("expert_dgrad", c), lanes::compute, "expert_dgrad", c,
                            ffn_work(s.chunk_recv_rows[c], s, 2, copies), deps,
                            bind(real, [w, c] { w->expert_dgrad(c); })}));
   }
   for (int c = 0; c < s.degree; ++c)
-    combine.push_back(g.add({indexed("grad_combine", c), Lane::comm, TaskKind::all_to_all, c,
+    combine.push_back(g.add({indexed("grad_combine", c), lanes::comm, "all_to_all", c,
                              a2a_work(s.chunk_send_rows[c], s.model_dim), {dgrad[c]},
                              bind(real, [w, c] { w->grad_combine(c); })}));
-  g.add({"expert_wgrad", Lane::compute, TaskKind::expert_wgrad, -1,
+  g.add({"expert_wgrad", lanes::compute, "expert_wgrad", -1,
          ffn_work(s.received_rows(), s, 2, 1), dgrad, bind(real, [w] { w->expert_wgrad(); })});
   std::vector<int> deps = combine;
   deps.push_back(gate);
-  g.add({"unpack_grad", Lane::compute, TaskKind::unpack_bwd, -1,
+  g.add({"unpack_grad", lanes::compute, "unpack_bwd", -1,
          TaskWork{1, s.sent_rows * M, 2.0 * s.sent_rows * M * 4}, deps,
          bind(real, [w] { w->unpack_grad(); })});
   return g;

@@ -68,12 +68,12 @@ void MoeLayer::set_degrees(int forward_degree, int backward_degree) {
 
 LayerRunStats MoeLayer::collect_stats(int degree) const {
   const ExecutorStats& s = executor_->last_stats();
-  auto kind_ms = [&](TaskKind k) { return s.kind_busy_s[static_cast<int>(k)] * 1e3; };
+  auto kind_ms = [&](const char* cost) { return s.cost_busy(cost) * 1e3; };
   LayerRunStats out;
   out.wall_ms = s.wall_s * 1e3;
-  out.comm_ms = s.busy_s[static_cast<int>(Lane::comm)] * 1e3;
-  out.compute_ms = s.busy_s[static_cast<int>(Lane::compute)] * 1e3;
-  out.expert_ms = kind_ms(TaskKind::expert_fwd) + kind_ms(TaskKind::expert_dgrad) + kind_ms(TaskKind::expert_wgrad);
+  out.comm_ms = s.busy(lanes::comm) * 1e3;
+  out.compute_ms = s.busy(lanes::compute) * 1e3;
+  out.expert_ms = kind_ms("expert_fwd") + kind_ms("expert_dgrad") + kind_ms("expert_wgrad");
   out.degree = degree;
   return out;
 }

@@ -68,7 +68,7 @@ ClusterInfo describe_cluster(Communicator& comm) {
 
 std::array<double, kNumFeatures> task_features(const TaskWork& w) { return {1.0, w.calls, w.flops, w.bytes}; }
 
-double KindModel::predict(const TaskWork& work) const {
+double CostModel::predict(const TaskWork& work) const {
   auto f = task_features(work);
   double t = 0;
   for (int i = 0; i < kNumFeatures; ++i) t += coef[i] * f[i];
@@ -76,18 +76,17 @@ double KindModel::predict(const TaskWork& work) const {
 }
 
 double PerfProfile::predict(const Task& task) const {
-  const KindModel& m = models[static_cast<int>(task.kind)];
-  PM_REQUIRE(m.fitted, "the profile has no model for {} tasks: take a new profile with `pipemoe profile`",
-             task_kind_name(task.kind));
-  return m.predict(task.work);
+  auto it = models.find(task.cost);
+  PM_REQUIRE(it != models.end() && it->second.fitted,
+             "the profile has no model for {} tasks: take a new profile with `pipemoe profile`", task.cost);
+  return it->second.predict(task.work);
 }
 
 std::string PerfProfile::to_json() const {
   nlohmann::json models_json = nlohmann::json::object();
-  for (int k = 0; k < kNumTaskKinds; ++k) {
-    const KindModel& m = models[k];
+  for (const auto& [cost, m] : models) {
     if (!m.fitted) continue;
-    models_json[task_kind_name(static_cast<TaskKind>(k))] = {
+    models_json[cost] = {
         {"seconds", {{"fixed", m.coef[0]}, {"per_call", m.coef[1]}, {"per_flop", m.coef[2]}, {"per_byte", m.coef[3]}}},
         {"samples", m.samples},
         {"r2", m.r2},
@@ -133,11 +132,8 @@ PerfProfile PerfProfile::from_json(const std::string& text, const std::string& s
     PM_REQUIRE(p.interference.handoff_s >= 0, "{}: negative hand-off latency", source);
     PM_REQUIRE(p.interference.compute >= 1 && p.interference.comm >= 1, "{}: interference factors below 1", source);
     for (auto& [name, m] : j.at("models").items()) {
-      int kind = -1;
-      for (int k = 0; k < kNumTaskKinds; ++k)
-        if (name == task_kind_name(static_cast<TaskKind>(k))) kind = k;
-      PM_REQUIRE(kind >= 0, "{}: unknown task kind '{}'", source, name);
-      KindModel& km = p.models[kind];
+      PM_REQUIRE(!name.empty() && name.size() <= 64, "{}: a cost class name must be 1 to 64 characters", source);
+      CostModel& km = p.models[name];
       const auto& s = m.at("seconds");
       km.coef = {s.at("fixed").get<double>(), s.at("per_call").get<double>(), s.at("per_flop").get<double>(),
                  s.at("per_byte").get<double>()};

@@ -1,12 +1,13 @@
-// A performance profile: where it was taken, and fitted models of every task kind's duration.
+// A performance profile: where it was taken, and fitted models of every cost class's duration.
 //
-// Each kind's time alone is linear in its work: t = c0 + c_calls * calls + c_flops * flops +
+// Each cost class's time alone is linear in its work: t = c0 + c_calls * calls + c_flops * flops +
 // c_bytes * bytes, all coefficients >= 0 (fitted by `pipemoe profile` from real runs). While
 // both lanes are busy, each runs slower by its interference factor. A profile is valid only on
 // the cluster it was taken on: loading it elsewhere is an error that says what differs.
 #pragma once
 
 #include <array>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,7 @@ ClusterInfo describe_cluster(Communicator& comm);
 constexpr int kNumFeatures = 4;  // 1, calls, flops, bytes
 std::array<double, kNumFeatures> task_features(const TaskWork& work);
 
-struct KindModel {
+struct CostModel {
   bool fitted = false;
   std::array<double, kNumFeatures> coef = {};
   int samples = 0;
@@ -46,11 +47,11 @@ struct KindModel {
 struct PerfProfile {
   ClusterInfo cluster;
   std::string created;  // UTC time, ISO 8601
-  std::array<KindModel, kNumTaskKinds> models;
+  std::map<std::string, CostModel> models;  // by cost class
   Interference interference;
   double self_check_median_error = 0;  // overlapped layer passes vs their simulation, at profiling
 
-  // Seconds the task takes alone; throws if its kind was never profiled.
+  // Seconds the task takes alone; throws if its cost class was never profiled.
   double predict(const Task& task) const;
   std::string to_json() const;
   // Parses and validates; `source` names the file in error messages.

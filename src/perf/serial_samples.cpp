@@ -20,8 +20,8 @@ std::vector<TaskSample> serial_task_samples(Communicator& comm, const TaskGraph&
   std::vector<TaskSample> out;
   for (int id = 0; id < n; ++id) {
     const Task& t = graph.tasks()[id];
-    TaskSample s{t.kind, t.lane, t.work, seconds[id]};
-    if (t.lane == Lane::comm) {
+    TaskSample s{t.cost, t.lane, t.work, seconds[id]};
+    if (t.lane == lanes::comm) {
       s.work.bytes = bytes[id];
       s.seconds = comm_seconds[id];
     } else {

@@ -12,8 +12,8 @@ namespace pm {
 class Communicator;
 
 struct TaskSample {
-  TaskKind kind = TaskKind::other;
-  Lane lane = Lane::compute;
+  std::string cost = "other";
+  Lane lane = lanes::compute;
   TaskWork work;
   double seconds = 0;
 };

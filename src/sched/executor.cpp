@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <ctime>
+#include <limits>
 
 #include "core/clock.h"
 #include "core/error.h"
@@ -14,8 +15,13 @@
 
 namespace pm {
 
+double ExecutorStats::cost_busy(const std::string& cost) const {
+  auto it = cost_busy_s.find(cost);
+  return it == cost_busy_s.end() ? 0.0 : it->second;
+}
+
 Executor::Executor(Mode mode) : mode_(mode) {
-  if (mode_ == Mode::overlapped) comm_thread_ = std::thread([this] { comm_thread_main(); });
+  if (mode_ == Mode::overlapped) lane_thread(lanes::comm);  // posted jobs run there
 }
 
 Executor::~Executor() {
@@ -24,7 +30,7 @@ Executor::~Executor() {
     stopping_ = true;
   }
   changed_.notify_all();
-  if (comm_thread_.joinable()) comm_thread_.join();
+  for (auto& [id, t] : threads_) t->thread.join();
 }
 
 namespace {
@@ -43,29 +49,6 @@ void prioritize_this_thread() {
   setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
 }
 
-}  // namespace
-
-void Executor::comm_thread_main() {
-  prioritize_this_thread();
-  long seen = 0;
-  std::unique_lock lock(mutex_);
-  while (true) {
-    changed_.wait(lock, [&] { return stopping_ || !jobs_.empty() || generation_ != seen; });
-    if (stopping_) return;
-    // jobs posted before a graph's run() precede its communication tasks
-    run_posted_jobs(lock);
-    if (generation_ == seen) continue;
-    seen = generation_;
-    lock.unlock();
-    run_lane(Lane::comm);
-    lock.lock();
-    comm_lane_done_ = true;
-    changed_.notify_all();
-  }
-}
-
-namespace {
-
 double thread_cpu_s() {
   timespec ts;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -73,6 +56,39 @@ double thread_cpu_s() {
 }
 
 }  // namespace
+
+Executor::LaneThread& Executor::lane_thread(Lane lane) {
+  std::unique_ptr<LaneThread>& t = threads_[lane.id];
+  if (!t) {
+    t = std::make_unique<LaneThread>();
+    t->lane = lane;
+    LaneThread* self = t.get();
+    t->thread = std::thread([this, self] { lane_thread_main(*self); });
+  }
+  return *t;
+}
+
+void Executor::lane_thread_main(LaneThread& self) {
+  // only the lane that waits for the network; a copy lane does CPU work and must not preempt
+  if (self.lane == lanes::comm) prioritize_this_thread();
+  const bool runs_jobs = self.lane == lanes::comm;
+  long seen = 0;
+  std::unique_lock lock(mutex_);
+  while (true) {
+    changed_.wait(lock, [&] { return stopping_ || (runs_jobs && !jobs_.empty()) || generation_ != seen; });
+    if (stopping_) return;
+    // jobs posted before a graph's run() precede its communication tasks
+    if (runs_jobs) run_posted_jobs(lock);
+    if (generation_ == seen) continue;
+    seen = generation_;
+    if (!self.running) continue;
+    lock.unlock();
+    run_lane(self.lane);
+    lock.lock();
+    self.running = false;
+    changed_.notify_all();
+  }
+}
 
 void Executor::run_posted_jobs(std::unique_lock<std::mutex>& lock) {
   while (!jobs_.empty()) {
@@ -88,7 +104,7 @@ void Executor::run_posted_jobs(std::unique_lock<std::mutex>& lock) {
     } catch (...) {
       error = std::current_exception();
     }
-    if (job.trace) job.trace->add({job.name, job.trace->category(), static_cast<int>(Lane::comm), start, now_s()});
+    if (job.trace) job.trace->add({job.name, job.trace->category(), lanes::comm.id, start, now_s()});
     lock.lock();
     job_running_ = false;
     if (error && !job_error_) job_error_ = error;
@@ -100,7 +116,7 @@ void Executor::post(std::string name, std::function<void()> job, Trace* trace) {
   if (mode_ == Mode::serial) {
     double start = now_s();
     job();
-    if (trace) trace->add({name, trace->category(), static_cast<int>(Lane::comm), start, now_s()});
+    if (trace) trace->add({name, trace->category(), lanes::comm.id, start, now_s()});
     return;
   }
   {
@@ -123,38 +139,34 @@ double Executor::drain() {
 }
 
 void Executor::record(int id, double start_s, double end_s, double cpu_s) {
-  const Task& task = graph_->tasks()[id];
-  stats_.busy_s[static_cast<int>(task.lane)] += end_s - start_s;
-  stats_.kind_busy_s[static_cast<int>(task.kind)] += end_s - start_s;
-  if (task.lane == Lane::comm) stats_.comm_cpu_s += cpu_s;
+  // the task's own lane, also in serial mode: timing each lane alone reads it
+  const Task& task = graph_->task(id);
+  const Lane lane = task.lane;
+  if (lane.id >= static_cast<int>(stats_.busy_s.size())) stats_.busy_s.resize(lane.id + 1, 0.0);
+  stats_.busy_s[lane.id] += end_s - start_s;
+  stats_.cost_busy_s[task.cost] += end_s - start_s;
+  if (lane == lanes::comm) stats_.comm_cpu_s += cpu_s;
   stats_.records.push_back({id, start_s, end_s, cpu_s});
-  if (trace_) trace_->add({task.name, trace_->category(), static_cast<int>(task.lane), start_s, end_s});
+  if (trace_) trace_->add({task.name, trace_->category(), task.lane.id, start_s, end_s});
 }
 
-// Takes, again and again, the first ready task of this lane, until the lane has none left or a
-// task failed anywhere.
+// Takes, again and again, the lane's next task by the lane policy, until the lane has none left
+// or a task failed anywhere.
 void Executor::run_lane(Lane lane) {
-  const std::vector<int>& mine = lane_tasks_[static_cast<int>(lane)];
+  const double inf = std::numeric_limits<double>::infinity();
+  auto ready_at = [&](int id) {
+    for (int dep : graph_->task(id).deps)
+      if (!done_[dep]) return inf;
+    return 0.0;
+  };
   std::unique_lock lock(mutex_);
   while (!error_) {
-    int next = -1;
-    bool any_left = false;
-    for (int id : mine) {
-      if (started_[id]) continue;
-      any_left = true;
-      bool ready = true;
-      for (int dep : graph_->tasks()[id].deps) ready = ready && done_[dep];
-      if (ready) {
-        next = id;
-        break;
-      }
-    }
-    if (!any_left) return;
+    int next = queues_->pick(lane, 0.0, ready_at).task;
     if (next < 0) {
+      if (!queues_->has_tasks_left(lane)) return;
       changed_.wait(lock);
       continue;
     }
-    started_[next] = 1;
     Task& task = graph_->tasks()[next];
     lock.unlock();
     double start = now_s(), cpu_start = thread_cpu_s();
@@ -174,6 +186,12 @@ void Executor::run_lane(Lane lane) {
   }
 }
 
+bool Executor::all_lanes_done() const {
+  for (const auto& [id, t] : threads_)
+    if (t->running) return false;
+  return true;
+}
+
 void Executor::run(TaskGraph& graph, Trace* trace) {
   const double start = now_s();
   {
@@ -181,25 +199,22 @@ void Executor::run(TaskGraph& graph, Trace* trace) {
     if (job_error_) std::rethrow_exception(job_error_);  // a posted job failed: the communicator is unusable
     graph_ = &graph;
     trace_ = trace;
-    started_.assign(graph.size(), 0);
+    queues_.emplace(graph, mode_ == Mode::serial);
     done_.assign(graph.size(), 0);
-    for (auto& lane : lane_tasks_) lane.clear();
-    for (int id = 0; id < graph.size(); ++id) {
-      Lane lane = mode_ == Mode::serial ? Lane::compute : graph.tasks()[id].lane;
-      lane_tasks_[static_cast<int>(lane)].push_back(id);
-    }
     error_ = nullptr;
     stats_ = ExecutorStats{};
-    comm_lane_done_ = lane_tasks_[static_cast<int>(Lane::comm)].empty();
-    if (!comm_lane_done_) ++generation_;
+    for (Lane lane : queues_->lanes())
+      if (lane != lanes::compute) lane_thread(lane).running = true;
+    ++generation_;
   }
   changed_.notify_all();
-  run_lane(Lane::compute);
+  run_lane(lanes::compute);
   {
     std::unique_lock lock(mutex_);
-    changed_.wait(lock, [&] { return comm_lane_done_; });
+    changed_.wait(lock, [&] { return all_lanes_done(); });
     stats_.wall_s = now_s() - start;
     graph_ = nullptr;
+    queues_.reset();
     if (error_) std::rethrow_exception(error_);
   }
 }

@@ -1,10 +1,10 @@
 // Predicts how a task graph runs, with predicted durations instead of real work.
 //
-// Same policy as the executor: a free lane takes, among its tasks whose dependencies are done,
-// the one added first. While both lanes are busy each progresses slower by its interference
-// factor (on CPU ranks the kernel's network work and the copies share cores and memory with the
-// GEMMs), so a task's duration is its time alone stretched by the overlap it met. A task that
-// waits for a task of the other lane starts a hand-off later (one thread waking another).
+// Same lane policy as the executor (sched/lane_policy.h). While another lane is busy a lane
+// progresses slower by its interference factor (on CPU ranks the kernel's network work and the
+// copies share cores and memory with the GEMMs), so a task's duration is its time alone stretched
+// by the overlap it met. A task that waits for a task of another lane starts a hand-off later (one
+// thread waking another).
 #pragma once
 
 #include <functional>
@@ -15,18 +15,21 @@
 namespace pm {
 
 struct Interference {
-  double compute = 1.0;    // compute runs this much slower while the comm lane is busy
-  double comm = 1.0;       // and comm this much slower while the compute lane is busy
-  double handoff_s = 0.0;  // delay before a task can start after the other lane's task it waits for
+  double compute = 1.0;    // the compute lane runs this much slower while another lane is busy
+  double comm = 1.0;       // the communication lane, while another lane is busy
+  double handoff_s = 0.0;  // delay before a task can start after another lane's task it waits for
+  // Other lanes (copy, ...) are not measured yet: factor 1.
+  double factor(Lane lane) const;
 };
 
 struct Simulation {
   double makespan_s = 0;
   std::vector<double> start_s, end_s;  // per task id
-  double busy_s[kNumLanes] = {0, 0};   // sum of each lane's (stretched) task durations
+  std::vector<double> busy_s;          // per lane id: sum of its (stretched) task durations
+  double busy(Lane lane) const { return lane.id < static_cast<int>(busy_s.size()) ? busy_s[lane.id] : 0.0; }
 };
 
-// duration(task) = seconds the task would take with the other lane idle.
+// duration(task) = seconds the task would take with the other lanes idle (finite, >= 0).
 Simulation simulate(const TaskGraph& graph, const std::function<double(const Task&)>& duration,
                     const Interference& interference = {});
 

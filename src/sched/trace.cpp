@@ -4,7 +4,6 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "comm/communicator.h"
 #include "core/clock.h"
 #include "core/error.h"
 #include "sched/task_graph.h"
@@ -43,9 +42,8 @@ TraceSpan::~TraceSpan() {
   if (trace_) trace_->add({name_, trace_->category(), lane_, start_s_, now_s()});
 }
 
-void Trace::write_chrome_json(const std::string& path, Communicator& comm, double origin_s) const {
+void Trace::write_chrome_json(const std::string& path, double origin_s, int rank, const Gather& gather) const {
   nlohmann::json mine = nlohmann::json::array();
-  int rank = comm.rank();
   for (const TraceEvent& e : events()) {
     mine.push_back({{"name", e.name},
                     {"cat", e.category},
@@ -55,15 +53,15 @@ void Trace::write_chrome_json(const std::string& path, Communicator& comm, doubl
                     {"ts", (e.start_s - origin_s) * 1e6},
                     {"dur", (e.end_s - e.start_s) * 1e6}});
   }
-  std::vector<std::string> all = comm.gather_strings(mine.dump(), 0);
+  std::vector<std::string> all = gather(mine.dump());
   if (rank != 0) return;
 
   nlohmann::json events = nlohmann::json::array();
   for (int r = 0; r < static_cast<int>(all.size()); ++r) {
     events.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", r}, {"args", {{"name", fmt::format("rank {}", r)}}}});
-    for (int lane = 0; lane < kNumLanes; ++lane)
+    for (int lane = 0; lane < lane_count(); ++lane)
       events.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", r}, {"tid", lane},
-                        {"args", {{"name", lane_name(static_cast<Lane>(lane))}}}});
+                        {"args", {{"name", lane_name(Lane{lane})}}}});
     for (auto& e : nlohmann::json::parse(all[r])) events.push_back(std::move(e));
   }
   nlohmann::json doc = {{"traceEvents", events}, {"displayTimeUnit", "ms"}};

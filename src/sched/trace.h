@@ -2,18 +2,17 @@
 // (chrome://tracing or ui.perfetto.dev): one process per rank, one thread per lane.
 #pragma once
 
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
 
 namespace pm {
 
-class Communicator;
-
 struct TraceEvent {
   std::string name;
   std::string category;  // e.g. "forward", "backward"
-  int lane = 0;
+  int lane = 0;         // lane id (sched/task_graph.h)
   double start_s = 0;  // on the now_s() clock
   double end_s = 0;
 };
@@ -27,9 +26,12 @@ class Trace {
   std::vector<TraceEvent> events() const;
   void clear();
 
-  // Gathers every rank's events on rank 0 and writes one trace file there. Times are aligned
-  // after a barrier, so lanes of different ranks line up to within the barrier's skew.
-  void write_chrome_json(const std::string& path, Communicator& comm, double origin_s) const;
+  // Every rank's events in one trace file, written by rank 0. Collective through `gather`, which
+  // takes this rank's events (JSON) and returns every rank's on rank 0 (nothing elsewhere), e.g.
+  // a communicator's gather_strings. Times are relative to origin_s, taken after a barrier, so
+  // lanes of different ranks line up to within the barrier's skew.
+  using Gather = std::function<std::vector<std::string>(const std::string& mine)>;
+  void write_chrome_json(const std::string& path, double origin_s, int rank, const Gather& gather) const;
 
  private:
   mutable std::mutex mutex_;

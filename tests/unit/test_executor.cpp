@@ -20,11 +20,11 @@ TEST(Executor, RunsEveryTaskAfterItsDependenciesInPriorityOrder) {
     std::vector<std::string> order;
     auto log = [&](std::string s) { return [&, s] { std::lock_guard l(m); order.push_back(s); }; };
     TaskGraph g;
-    int a = g.add({"a", Lane::compute, TaskKind::other, -1, {}, {}, log("a")});
-    int b = g.add({"b", Lane::comm, TaskKind::other, -1, {}, {a}, log("b")});
-    int c = g.add({"c", Lane::compute, TaskKind::other, -1, {}, {b}, log("c")});
-    g.add({"d", Lane::compute, TaskKind::other, -1, {}, {}, log("d")});
-    g.add({"e", Lane::comm, TaskKind::other, -1, {}, {c}, log("e")});
+    int a = g.add({"a", lanes::compute, "other", -1, {}, {}, log("a")});
+    int b = g.add({"b", lanes::comm, "other", -1, {}, {a}, log("b")});
+    int c = g.add({"c", lanes::compute, "other", -1, {}, {b}, log("c")});
+    g.add({"d", lanes::compute, "other", -1, {}, {}, log("d")});
+    g.add({"e", lanes::comm, "other", -1, {}, {c}, log("e")});
     ex.run(g);
     auto pos = [&](const std::string& s) { return std::find(order.begin(), order.end(), s) - order.begin(); };
     ASSERT_EQ(order.size(), 5u);
@@ -40,8 +40,8 @@ TEST(Executor, CommunicationLaneOverlapsCompute) {
   Trace trace;
   TaskGraph g;
   auto sleep_ms = [](int ms) { return [ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }; };
-  g.add({"comm", Lane::comm, TaskKind::all_to_all, -1, {}, {}, sleep_ms(60)});
-  g.add({"compute", Lane::compute, TaskKind::expert_fwd, -1, {}, {}, sleep_ms(60)});
+  g.add({"comm", lanes::comm, "all_to_all", -1, {}, {}, sleep_ms(60)});
+  g.add({"compute", lanes::compute, "expert_fwd", -1, {}, {}, sleep_ms(60)});
   ex.run(g, &trace);
   auto events = trace.events();
   ASSERT_EQ(events.size(), 2u);
@@ -56,13 +56,13 @@ TEST(Executor, ATaskErrorReachesTheCallerAndTheExecutorStaysUsable) {
   Executor ex;
   std::atomic<bool> after{false};
   TaskGraph g;
-  int bad = g.add({"bad", Lane::comm, TaskKind::other, -1, {}, {}, [] { throw Error(ErrorKind::comm, "peer gone"); }});
-  g.add({"after", Lane::compute, TaskKind::other, -1, {}, {bad}, [&] { after = true; }});
+  int bad = g.add({"bad", lanes::comm, "other", -1, {}, {}, [] { throw Error(ErrorKind::comm, "peer gone"); }});
+  g.add({"after", lanes::compute, "other", -1, {}, {bad}, [&] { after = true; }});
   EXPECT_THROW(ex.run(g), Error);
   EXPECT_FALSE(after);
   TaskGraph ok;
   bool ran = false;
-  ok.add({"ok", Lane::comm, TaskKind::other, -1, {}, {}, [&] { ran = true; }});
+  ok.add({"ok", lanes::comm, "other", -1, {}, {}, [&] { ran = true; }});
   ex.run(ok);
   EXPECT_TRUE(ran);
 }
@@ -87,7 +87,7 @@ TEST(Executor, PostedJobsRunInOrderBeforeLaterGraphsAndOverlapTheCaller) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     TaskGraph g;
-    g.add({"graph comm", Lane::comm, TaskKind::other, -1, {}, {}, [&] { log("graph comm"); }});
+    g.add({"graph comm", lanes::comm, "other", -1, {}, {}, [&] { log("graph comm"); }});
     ex.run(g);
     ex.post("third", [&] { log("third"); });
     ex.drain();

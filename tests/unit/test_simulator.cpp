@@ -20,16 +20,16 @@ Task task(const char* name, Lane lane, double seconds, std::vector<int> deps) {
 
 TEST(Simulator, SequentialChainAddsUp) {
   TaskGraph g;
-  int a = g.add(task("a", Lane::compute, 1, {}));
-  int b = g.add(task("b", Lane::comm, 2, {a}));
-  g.add(task("c", Lane::compute, 3, {b}));
+  int a = g.add(task("a", lanes::compute, 1, {}));
+  int b = g.add(task("b", lanes::comm, 2, {a}));
+  g.add(task("c", lanes::compute, 3, {b}));
   EXPECT_DOUBLE_EQ(simulate(g, from_flops).makespan_s, 6);
 }
 
 TEST(Simulator, IndependentLanesOverlapAndInterferenceStretchesTheOverlap) {
   TaskGraph g;
-  g.add(task("x", Lane::compute, 4, {}));
-  g.add(task("y", Lane::comm, 2, {}));
+  g.add(task("x", lanes::compute, 4, {}));
+  g.add(task("y", lanes::comm, 2, {}));
   EXPECT_DOUBLE_EQ(simulate(g, from_flops).makespan_s, 4);
   // both run at half speed while both are busy: y ends at 4, then x has 2 seconds of work left
   Simulation s = simulate(g, from_flops, {2.0, 2.0});
@@ -39,10 +39,10 @@ TEST(Simulator, IndependentLanesOverlapAndInterferenceStretchesTheOverlap) {
 
 TEST(Simulator, LanePriorityIsInsertionOrder) {
   TaskGraph g;
-  g.add(task("late-ready", Lane::compute, 1, {}));
-  int first = g.add(task("comm", Lane::comm, 1, {}));
-  g.add(task("after-comm", Lane::compute, 1, {first}));
-  g.add(task("free", Lane::compute, 5, {}));
+  g.add(task("late-ready", lanes::compute, 1, {}));
+  int first = g.add(task("comm", lanes::comm, 1, {}));
+  g.add(task("after-comm", lanes::compute, 1, {first}));
+  g.add(task("free", lanes::compute, 5, {}));
   Simulation s = simulate(g, from_flops);
   // at t=1 both "after-comm" and "free" are ready: the one added first runs first
   EXPECT_DOUBLE_EQ(s.start_s[2], 1);
@@ -56,13 +56,13 @@ TEST(Simulator, MatchesPipeMoEClosedFormForAChunkedLayer) {
     for (auto [ta, te] : {std::pair<double, double>{1.0, 0.3}, {0.3, 1.0}, {1.0, 1.0}}) {
       TaskGraph g;
       std::vector<int> dispatch, expert;
-      for (int c = 0; c < r; ++c) dispatch.push_back(g.add(task("d", Lane::comm, ta, {})));
+      for (int c = 0; c < r; ++c) dispatch.push_back(g.add(task("d", lanes::comm, ta, {})));
       for (int c = 0; c < r; ++c) {
         std::vector<int> deps = {dispatch[c]};
         if (c) deps.push_back(expert[c - 1]);
-        expert.push_back(g.add(task("e", Lane::compute, te, deps)));
+        expert.push_back(g.add(task("e", lanes::compute, te, deps)));
       }
-      for (int c = 0; c < r; ++c) g.add(task("o", Lane::comm, ta, {expert[c]}));
+      for (int c = 0; c < r; ++c) g.add(task("o", lanes::comm, ta, {expert[c]}));
       double expected = std::max(2 * r * ta, 2 * ta + r * te);
       EXPECT_NEAR(simulate(g, from_flops).makespan_s, expected, 1e-9) << "r=" << r << " ta=" << ta << " te=" << te;
     }
@@ -76,10 +76,10 @@ namespace {
 
 TEST(Simulator, HandOffDelaysOnlyTasksThatWaitForTheOtherLane) {
   TaskGraph g;
-  int a = g.add(task("a", Lane::compute, 1, {}));
-  int b = g.add(task("b", Lane::comm, 1, {a}));     // crosses lanes: starts at 1 + 0.25
-  g.add(task("c", Lane::comm, 1, {b}));             // same lane: no hand-off
-  g.add(task("d", Lane::compute, 1, {a}));          // same lane
+  int a = g.add(task("a", lanes::compute, 1, {}));
+  int b = g.add(task("b", lanes::comm, 1, {a}));     // crosses lanes: starts at 1 + 0.25
+  g.add(task("c", lanes::comm, 1, {b}));             // same lane: no hand-off
+  g.add(task("d", lanes::compute, 1, {a}));          // same lane
   Simulation s = simulate(g, from_flops, {1.0, 1.0, 0.25});
   EXPECT_DOUBLE_EQ(s.start_s[1], 1.25);
   EXPECT_DOUBLE_EQ(s.start_s[2], 2.25);
