@@ -35,13 +35,13 @@ struct BenchLayerOptions {
 
 // Shapes in the spirit of PipeMoE's 174 layers (tokens, model and hidden dimensions, experts,
 // top-k), scaled to what a 2-core machine runs in minutes.
-std::vector<LayerShape> grid_shapes(const std::string& grid, int ranks) {
+std::vector<MoeShape> grid_shapes(const std::string& grid, int ranks) {
   std::vector<int64_t> tokens = {1024, 2048}, model = {256, 512}, hidden = {512, 1024, 2048};
   std::vector<int> experts_per_rank = {1, 4}, topk = {1, 2};
   if (grid == "tiny") tokens = {1024}, model = {256, 512}, hidden = {512, 2048}, experts_per_rank = {2}, topk = {2};
   if (grid == "full") tokens = {512, 1024, 2048}, model = {256, 512, 1024}, experts_per_rank = {1, 2, 4};
   PM_REQUIRE(grid == "tiny" || grid == "small" || grid == "full", "--grid must be tiny, small or full, got '{}'", grid);
-  std::vector<LayerShape> out;
+  std::vector<MoeShape> out;
   for (int64_t t : tokens)
     for (int64_t m : model)
       for (int64_t h : hidden)
@@ -60,8 +60,8 @@ double median_of(std::vector<double> v) { return summarize(std::move(v)).median;
 int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
   PM_REQUIRE(o.rounds >= 1 && o.iters >= 1, "--rounds and --iters must be at least 1");
-  PerfProfile profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm));
-  std::vector<LayerShape> shapes = grid_shapes(o.grid, ctx.world());
+  PerfProfile profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, ctx.backend));
+  std::vector<MoeShape> shapes = grid_shapes(o.grid, ctx.world());
   std::unique_ptr<CsvWriter> csv;
   if (ctx.rank() == 0)
     csv = std::make_unique<CsvWriter>(
@@ -83,21 +83,21 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   std::vector<double> prediction_errors;
 
   for (std::size_t si = 0; si < shapes.size(); ++si) {
-    const LayerShape& s = shapes[si];
-    MoeLayerConfig config{s.model_dim, s.hidden, s.experts, s.top_k, s.capacity_factor};
+    const MoeShape& s = shapes[si];
     Executor executor;
-    MoeLayer layer(config, ctx.comm, executor);
+    std::unique_ptr<MoeLayer> layer_ptr = moe_strategy("ep").make_layer(s, ctx.comm, ctx.backend);
+    MoeLayer& layer = *layer_ptr;
     layer.init_parameters(1);
     LayerData data = make_layer_data(s.tokens, s.model_dim, 1, ctx.rank());
-    int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
+    const int64_t capacity = s.capacity();
     // What `--degree auto --profile` does: plan; and with `--refine`, time the planner's best few
     // on the first passes.
     layer.set_degrees(1, 1);
-    run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
+    run_passes(ctx.comm, layer, executor, data, 1, 0, 0.01f);
     const LayerPlan plan = plan_layer(profile, s);
     DegreeChoice refined = choose_degrees(0, 0, &profile, s, o.refine, [&](int f, int b) {
       layer.set_degrees(f, b);
-      PassTimes t = run_passes(ctx.comm, layer, data, 0, 1, 0.01f);
+      PassTimes t = run_passes(ctx.comm, layer, executor, data, 0, 1, 0.01f);
       return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
     });
     std::vector<int> degrees;
@@ -110,7 +110,7 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
               s.model_dim, s.hidden, s.experts, s.top_k, fmt::join(degrees, ","));
 
     layer.set_degrees(1, 1);
-    run_passes(ctx.comm, layer, data, 1, 0, 0.01f);
+    run_passes(ctx.comm, layer, executor, data, 1, 0, 0.01f);
     std::vector<LanesAlone> alone_rounds;
     std::map<int, std::vector<double>> fwd, bwd;
     for (int round = 0; round < o.rounds; ++round) {
@@ -119,7 +119,7 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
       for (std::size_t i = 0; i < degrees.size(); ++i) {
         int d = degrees[(i + round) % degrees.size()];
         layer.set_degrees(d, d);
-        PassTimes t = run_passes(ctx.comm, layer, data, 0, o.iters, 0.01f);
+        PassTimes t = run_passes(ctx.comm, layer, executor, data, 0, o.iters, 0.01f);
         fwd[d].push_back(slowest_rank(ctx.comm, t.forward).median);
         bwd[d].push_back(slowest_rank(ctx.comm, t.backward).median);
       }

@@ -38,7 +38,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
              "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
   Executor executor;
-  GptModel model(config.model, ctx.comm, executor);
+  GptModel model(config.model, ctx.comm, executor, ctx.backend);
   load_checkpoint_tensors(ctx.comm, o.checkpoint, model.parameters(), nullptr);
 
   std::vector<int32_t> tokens = tokenizer.encode(o.prompt.empty() ? "\n" : o.prompt);

@@ -16,7 +16,6 @@
 #include "core/log.h"
 #include "core/npy.h"
 #include "kernels/cpu/gemm.h"
-#include "kernels/cpu/thread_pool.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
@@ -25,12 +24,8 @@ namespace pm::cli {
 namespace {
 
 struct LayerOptions {
-  int64_t tokens = 2048;
-  int64_t model_dim = 512;
-  int64_t hidden = 1024;
-  int experts = 8;
-  int top_k = 2;
-  double capacity_factor = 1.25;
+  MoeShape shape{2048, 512, 1024, 8, 2, 1.25, 1};  // ranks: the world's
+  std::string strategy = "ep";
   uint64_t seed = 1;
   float aux_coef = 0.01f;
   std::string degree = "1";
@@ -66,34 +61,30 @@ std::string prepare_dump_dir(Context& ctx, const std::string& dir) {
 }
 
 void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir, MoeLayer& layer,
-                const LayerData& d) {
-  auto put = [&](const char* name, const Tensor& t) { write_npy(rank_dir + "/" + name + ".npy", t); };
+                const MoePass& pass, const LayerData& d) {
+  const MoeShape& s = layer.shape();
+  auto put = [&](const std::string& name, const Tensor& t) { write_npy(rank_dir + "/" + name + ".npy", t); };
   put("x", d.x);
-  put("wg", layer.wg);
-  put("w1", layer.w1);
-  put("b1", layer.b1);
-  put("w2", layer.w2);
-  put("b2", layer.b2);
   put("dy", d.dy);
   put("y", d.y);
   Tensor aux = Tensor::empty({1});
-  aux.f32()[0] = static_cast<float>(layer.aux_loss());
+  aux.f32()[0] = static_cast<float>(pass.aux_loss());
   put("aux", aux);
   put("dx", d.dx);
-  put("dwg", layer.dwg);
-  put("dw1", layer.dw1);
-  put("db1", layer.db1);
-  put("dw2", layer.dw2);
-  put("db2", layer.db2);
-  const Routing& r = layer.routing();
-  put("expert_index", Tensor::view_of(const_cast<int32_t*>(r.expert.data()), {o.tokens, o.top_k}, DType::i32));
-  put("expert_slot", Tensor::view_of(const_cast<int32_t*>(r.slot.data()), {o.tokens, o.top_k}, DType::i32));
+  for (const Parameter& p : layer.parameters()) {
+    put(p.name, *p.value);
+    put("d" + p.name, *p.grad);
+  }
+  const Routing& r = pass.routing();
+  put("expert_index", Tensor::view_of(const_cast<int32_t*>(r.expert.data()), {s.tokens, s.top_k}, DType::i32));
+  put("expert_slot", Tensor::view_of(const_cast<int32_t*>(r.slot.data()), {s.tokens, s.top_k}, DType::i32));
   if (ctx.rank() == 0) {
-    nlohmann::json meta = {{"tokens", o.tokens},        {"model_dim", o.model_dim},
-                           {"hidden", o.hidden},        {"experts", o.experts},
-                           {"top_k", o.top_k},          {"capacity_factor", o.capacity_factor},
-                           {"capacity", layer.capacity()}, {"seed", o.seed},
+    nlohmann::json meta = {{"tokens", s.tokens},        {"model_dim", s.model_dim},
+                           {"hidden", s.hidden},        {"experts", s.experts},
+                           {"top_k", s.top_k},          {"capacity_factor", s.capacity_factor},
+                           {"capacity", s.capacity()},  {"seed", o.seed},
                            {"aux_coef", o.aux_coef},    {"world_size", ctx.world()},
+                           {"strategy", layer.strategy().name()},
                            {"degree_fwd", layer.forward_degree()},
                            {"degree_bwd", layer.backward_degree()}};
     std::ofstream out(o.dump + "/meta.json");
@@ -106,66 +97,64 @@ nlohmann::json ms_or_null(const std::optional<double>& seconds) {
   return seconds ? nlohmann::json(*seconds * 1e3) : nlohmann::json(nullptr);
 }
 
-int run_layer(Context& ctx, const LayerOptions& o) {
-  PM_REQUIRE(o.tokens > 0, "--tokens must be positive, got {}", o.tokens);
+int run_layer(Context& ctx, const LayerOptions& options) {
+  LayerOptions o = options;
+  o.shape.ranks = ctx.world();
+  const MoeShape& shape = o.shape;
+  PM_REQUIRE(shape.tokens > 0, "--tokens must be positive, got {}", shape.tokens);
   PM_REQUIRE(o.iters >= 1, "--iters must be at least 1, got {}", o.iters);
   PM_REQUIRE(o.warmup >= 0, "--warmup must not be negative, got {}", o.warmup);
   PM_REQUIRE(o.alone_iters >= 0, "--alone-iters must not be negative, got {}", o.alone_iters);
   PM_REQUIRE(o.refine >= 0, "--refine must not be negative, got {}", o.refine);
-  MoeLayerConfig config{o.model_dim, o.hidden, o.experts, o.top_k, o.capacity_factor};
-  config.validate(ctx.world());
+  shape.validate();
   int want_fwd = parse_degree(o.degree, "--degree");
   int want_bwd = o.degree_bwd.empty() ? want_fwd : parse_degree(o.degree_bwd, "--degree-bwd");
-  int64_t capacity = expert_capacity(o.top_k, o.capacity_factor, o.tokens, o.experts);
   for (int d : {want_fwd, want_bwd})
-    PM_REQUIRE(d <= capacity, "pipeline degree {} is more than the capacity of {} slots per expert: use a degree of at most {}",
-               d, capacity, capacity);
+    if (d > 0) shape.check_degree(d);
 
+  Backend& backend = ctx.backend;
   std::optional<PerfProfile> profile;
-  if (!o.profile.empty()) profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm));
-  const LayerShape shape{o.tokens, o.model_dim, o.hidden, o.experts, o.top_k, o.capacity_factor, ctx.world()};
+  if (!o.profile.empty()) profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, backend));
+  const MoeStrategy& strategy = moe_strategy(o.strategy);
 
   Executor executor;
-  MoeLayer layer(config, ctx.comm, executor);
+  std::unique_ptr<MoeLayer> layer_ptr = strategy.make_layer(shape, ctx.comm, backend);
+  MoeLayer& layer = *layer_ptr;
   layer.init_parameters(o.seed);
-  LayerData d = make_layer_data(o.tokens, o.model_dim, o.seed, ctx.rank());
+  LayerData d = make_layer_data(shape.tokens, shape.model_dim, o.seed, ctx.rank());
 
   if ((want_fwd == 0 || want_bwd == 0) && !profile)
     log::info("pipemoe layer: --degree auto without --profile: timing every candidate degree");
   auto measure = [&](int f, int b) {
     layer.set_degrees(f, b);
-    PassTimes t = run_passes(ctx.comm, layer, d, 0, 1, o.aux_coef);
+    PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, 1, o.aux_coef);
     return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
   };
-  if (want_fwd == 0 || want_bwd == 0) run_passes(ctx.comm, layer, d, 1, 0, o.aux_coef);  // warm before timing
+  if (want_fwd == 0 || want_bwd == 0) run_passes(ctx.comm, layer, executor, d, 1, 0, o.aux_coef);  // warm before timing
   DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure);
   layer.set_degrees(choice.forward, choice.backward);
 
   if (!o.dump.empty()) {
     std::string rank_dir = prepare_dump_dir(ctx, o.dump);
-    layer.zero_grads();
-    layer.forward(d.x.f32(), o.tokens, d.y.f32());
-    layer.backward(d.dy.f32(), d.dx.f32(), o.aux_coef);
-    write_dump(ctx, o, rank_dir, layer, d);
+    std::shared_ptr<MoePass> pass = run_pass(layer, executor, d, o.aux_coef);
+    write_dump(ctx, o, rank_dir, layer, *pass, d);
     ctx.comm.barrier();
     log::info("pipemoe layer: wrote inputs, weights, outputs and gradients of {} ranks to {}", ctx.world(), o.dump);
     return 0;
   }
 
   Trace trace;
-  run_passes(ctx.comm, layer, d, o.warmup, 0, o.aux_coef);
+  run_passes(ctx.comm, layer, executor, d, o.warmup, 0, o.aux_coef);
   ctx.comm.barrier();  // every rank's trace starts from (nearly) the same moment
   double origin = now_s();
-  if (!o.trace.empty()) layer.set_trace(&trace);
-  PassTimes t = run_passes(ctx.comm, layer, d, 0, o.iters, o.aux_coef);
-  layer.set_trace(nullptr);
+  PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, o.iters, o.aux_coef, o.trace.empty() ? nullptr : &trace);
   Summary sf = slowest_rank(ctx.comm, t.forward), sb = slowest_rank(ctx.comm, t.backward);
   Summary sc = slowest_rank(ctx.comm, t.comm_busy), se = slowest_rank(ctx.comm, t.expert);
   Summary scpu = slowest_rank(ctx.comm, t.comm_cpu);
   double gflops = -ctx.comm.allreduce_scalar(-summarize(t.expert_gflops).median, ReduceOp::max);
   std::optional<LanesAlone> alone;
   if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.aux_coef);
-  double tokens_per_s = static_cast<double>(o.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
+  double tokens_per_s = static_cast<double>(shape.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
   if (!o.trace.empty())
     trace.write_chrome_json(o.trace, origin, ctx.rank(), [&](const std::string& mine) { return ctx.comm.gather_strings(mine, 0); });
   if (ctx.rank() != 0) return 0;
@@ -176,9 +165,10 @@ int run_layer(Context& ctx, const LayerOptions& o) {
     pred_bwd = predict_layer(*profile, shape, choice.backward, false);
   }
   if (o.json) {
-    nlohmann::json j = {{"world_size", ctx.world()},  {"tokens", o.tokens},   {"model_dim", o.model_dim},
-                        {"hidden", o.hidden},         {"experts", o.experts}, {"top_k", o.top_k},
-                        {"capacity_factor", o.capacity_factor}, {"capacity", layer.capacity()},
+    nlohmann::json j = {{"world_size", ctx.world()},  {"tokens", shape.tokens},   {"model_dim", shape.model_dim},
+                        {"hidden", shape.hidden},         {"experts", shape.experts}, {"top_k", shape.top_k},
+                        {"capacity_factor", shape.capacity_factor}, {"capacity", shape.capacity()},
+                        {"strategy", strategy.name()},
                         {"degree_fwd", choice.forward}, {"degree_bwd", choice.backward},
                         {"planned_degree_fwd", choice.planned_forward ? nlohmann::json(choice.planned_forward) : nullptr},
                         {"planned_degree_bwd", choice.planned_backward ? nlohmann::json(choice.planned_backward) : nullptr},
@@ -194,15 +184,15 @@ int run_layer(Context& ctx, const LayerOptions& o) {
                         {"a2a_busy_ms", sc.median},  {"comm_lane_cpu_ms", scpu.median},
                         {"expert_ms", se.median},    {"expert_gflops", gflops},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
-                        {"gemm_isa", gemm_isa()}, {"threads", compute_threads()}};
+                        {"gemm_isa", gemm_isa()}, {"threads", backend.threads()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
   std::printf("pipemoe layer: %d ranks x %ld tokens, model %ld, hidden %ld, %d experts, top-%d, "
               "capacity factor %.2f (%ld slots), GEMM %s x%d threads\n",
-              ctx.world(), static_cast<long>(o.tokens), static_cast<long>(o.model_dim),
-              static_cast<long>(o.hidden), o.experts, o.top_k, o.capacity_factor,
-              static_cast<long>(layer.capacity()), gemm_isa().c_str(), compute_threads());
+              ctx.world(), static_cast<long>(shape.tokens), static_cast<long>(shape.model_dim),
+              static_cast<long>(shape.hidden), shape.experts, shape.top_k, shape.capacity_factor,
+              static_cast<long>(shape.capacity()), gemm_isa().c_str(), backend.threads());
   std::printf("pipeline degree: forward %d, backward %d", choice.forward, choice.backward);
   if (choice.plan) std::printf(" (planned %d / %d)", choice.planned_forward, choice.planned_backward);
   if (choice.measured) std::printf(" (timed)");
@@ -232,7 +222,9 @@ int run_layer(Context& ctx, const LayerOptions& o) {
 void add_layer_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<LayerOptions>();
   CLI::App* cmd = app.add_subcommand("layer", "run one expert-parallel MoE layer forward and backward");
-  add_layer_shape_options(cmd, o->tokens, o->model_dim, o->hidden, o->experts, o->top_k, o->capacity_factor);
+  add_layer_shape_options(cmd, o->shape);
+  cmd->add_option("--strategy", o->strategy, "how tokens reach their experts: ep (all-to-all expert parallelism)")
+      ->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--aux-coef", o->aux_coef, "weight of the aux loss in the backward")->capture_default_str();
   cmd->add_option("--degree", o->degree, "pipeline degree (chunks) or 'auto', forward and backward")->capture_default_str();

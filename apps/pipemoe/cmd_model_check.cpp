@@ -31,7 +31,8 @@ struct ModelCheckOptions {
 int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   PM_REQUIRE(!o.dump.empty(), "model-check needs --dump DIR");
   PM_REQUIRE(o.steps >= 1, "--steps must be at least 1, got {}", o.steps);
-  TrainConfig c = o.config.empty() ? TrainConfig{} : load_train_config(o.config);
+  TrainConfig c;
+  if (!o.config.empty()) c = load_train_config(o.config);
   nlohmann::json overrides = nlohmann::json::object();
   for (const std::string& kv : o.sets) {
     auto eq = kv.find('=');
@@ -52,8 +53,9 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   agree_or_throw(ctx.comm, ec ? "cannot create " + rank_dir + ": " + ec.message() : "");
 
   Executor executor;
-  GptModel model(c.model, ctx.comm, executor);
-  GradientSync grad_sync(model.parameters(), c.model.layers, ctx.comm, executor);
+  GptModel model(c.model, ctx.comm, executor, ctx.backend);
+  GradientSync grad_sync(model.parameters(), c.model.layers, ctx.comm, /*overlap=*/true);
+  model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
   model.init_parameters(c.seed);
   int degree = o.degree == "auto" ? 1 : std::stoi(o.degree);
   for (MoeLayer* l : model.moe_layers()) l->set_degrees(degree, degree);
@@ -74,9 +76,7 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
     double aux = model.aux_loss();
     if (step == 0)
       write_npy(rank_dir + "/logits.npy", Tensor::view_of(const_cast<float*>(model.logits()), {B * S, V}));
-    model.set_grads_ready_hook([&](int block) { grad_sync.block_done(block); });
     model.backward();
-    grad_sync.finish();
     if (step == 0)
       for (const Parameter& p : model.parameters()) write_npy(rank_dir + "/grad." + p.name + ".npy", *p.grad);
     double norm = clip_by_global_norm(model.parameters(), ctx.comm, c.grad_clip);

@@ -8,9 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
-#include "moe/layer_graph.h"
 #include "moe/moe_layer.h"
-#include "moe/routing.h"
 #include "perf/planner.h"
 
 namespace pm::cli {
@@ -18,9 +16,8 @@ namespace {
 
 struct PlanOptions {
   std::string profile;
-  int64_t tokens = 2048, model_dim = 512, hidden = 1024;
-  int experts = 8, top_k = 2;
-  double capacity_factor = 1.25;
+  MoeShape shape{2048, 512, 1024, 8, 2, 1.25, 1};  // ranks: the profile's
+  std::string strategy = "ep";
   bool json = false;
   std::string trace;
   int trace_degree = 0;  // 0: the chosen degrees
@@ -28,8 +25,8 @@ struct PlanOptions {
 
 // The simulated forward and backward passes at the given degrees, as a Chrome trace: the
 // prediction, to lay beside a real run's trace (pipemoe layer --trace).
-void write_predicted_trace(const std::string& path, const PerfProfile& profile, const LayerShape& s, int forward_degree,
-                           int backward_degree) {
+void write_predicted_trace(const std::string& path, const PerfProfile& profile, const MoeStrategy& strategy,
+                           const MoeShape& s, int forward_degree, int backward_degree) {
   nlohmann::json events = nlohmann::json::array();
   events.push_back({{"name", "process_name"}, {"ph", "M"}, {"pid", 0}, {"args", {{"name", "predicted"}}}});
   for (int lane = 0; lane < lane_count(); ++lane)
@@ -38,9 +35,11 @@ void write_predicted_trace(const std::string& path, const PerfProfile& profile, 
   double offset = 0;
   for (bool forward : {true, false}) {
     int degree = forward ? forward_degree : backward_degree;
-    LayerGraphSizes sizes = balanced_sizes(s.tokens, s.model_dim, s.hidden, s.experts, s.top_k, s.capacity_factor,
-                                           s.ranks, degree);
-    TaskGraph g = forward ? build_forward_graph(sizes, nullptr) : build_backward_graph(sizes, nullptr);
+    TaskGraph g;
+    if (forward)
+      strategy.plan_forward(g, {}, s, degree);
+    else
+      strategy.plan_backward(g, {}, s, degree);
     Simulation sim = simulate(g, [&](const Task& t) { return profile.predict(t); }, profile.interference);
     for (int id = 0; id < g.size(); ++id)
       events.push_back({{"name", g.tasks()[id].name}, {"cat", forward ? "forward" : "backward"}, {"ph", "X"},
@@ -55,18 +54,18 @@ void write_predicted_trace(const std::string& path, const PerfProfile& profile, 
 
 int run_plan(Context& ctx, const PlanOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "plan needs --profile FILE (take one with `pipemoe profile`)");
-  PM_REQUIRE(o.tokens > 0, "--tokens must be positive, got {}", o.tokens);
+  PM_REQUIRE(o.shape.tokens > 0, "--tokens must be positive, got {}", o.shape.tokens);
   // Planning is offline: the profile says how many ranks the layer runs on.
   PerfProfile profile = PerfProfile::load(o.profile);
-  MoeLayerConfig{o.model_dim, o.hidden, o.experts, o.top_k, o.capacity_factor}.validate(profile.cluster.world_size);
-  LayerShape shape{o.tokens, o.model_dim, o.hidden, o.experts, o.top_k, o.capacity_factor, profile.cluster.world_size};
-  LayerPlan plan = plan_layer(profile, shape);
+  MoeShape shape = o.shape;
+  shape.ranks = profile.cluster.world_size;
+  shape.validate();
+  const MoeStrategy& strategy = moe_strategy(o.strategy);
+  LayerPlan plan = plan_layer(profile, shape, kPlanTolerance, strategy);
   if (ctx.rank() != 0) return 0;
   if (!o.trace.empty()) {
-    int64_t capacity = expert_capacity(o.top_k, o.capacity_factor, o.tokens, o.experts);
-    PM_REQUIRE(o.trace_degree >= 0 && o.trace_degree <= capacity,
-               "--trace-degree must be between 1 and the capacity of {} slots, got {}", capacity, o.trace_degree);
-    write_predicted_trace(o.trace, profile, shape, o.trace_degree ? o.trace_degree : plan.forward_degree,
+    if (o.trace_degree != 0) shape.check_degree(o.trace_degree, "--trace-degree");
+    write_predicted_trace(o.trace, profile, strategy, shape, o.trace_degree ? o.trace_degree : plan.forward_degree,
                           o.trace_degree ? o.trace_degree : plan.backward_degree);
   }
   if (o.json) {
@@ -79,9 +78,9 @@ int run_plan(Context& ctx, const PlanOptions& o) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
-  std::printf("plan for T=%ld M=%ld H=%ld E=%d k=%d f=%.2f on %s\n", static_cast<long>(o.tokens),
-              static_cast<long>(o.model_dim), static_cast<long>(o.hidden), o.experts, o.top_k, o.capacity_factor,
-              profile.cluster.summary().c_str());
+  std::printf("plan for T=%ld M=%ld H=%ld E=%d k=%d f=%.2f (%s) on %s\n", static_cast<long>(shape.tokens),
+              static_cast<long>(shape.model_dim), static_cast<long>(shape.hidden), shape.experts, shape.top_k,
+              shape.capacity_factor, strategy.name().c_str(), profile.cluster.summary().c_str());
   std::printf("%8s %14s %14s\n", "degree", "forward ms", "backward ms");
   for (const auto& p : plan.candidates)
     std::printf("%8d %13.2f%s %13.2f%s\n", p.degree, p.forward_s * 1e3, p.degree == plan.forward_degree ? "*" : " ",
@@ -97,7 +96,9 @@ void add_plan_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<PlanOptions>();
   CLI::App* cmd = app.add_subcommand("plan", "predict a layer's time per pipeline degree and choose");
   cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
-  add_layer_shape_options(cmd, o->tokens, o->model_dim, o->hidden, o->experts, o->top_k, o->capacity_factor);
+  add_layer_shape_options(cmd, o->shape);
+  cmd->add_option("--strategy", o->strategy, "how tokens reach their experts: ep (all-to-all expert parallelism)")
+      ->capture_default_str();
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->add_option("--trace", o->trace, "write the predicted schedule as a Chrome/Perfetto trace");
   cmd->add_option("--trace-degree", o->trace_degree, "trace this degree (both passes) instead of the chosen ones");

@@ -28,7 +28,7 @@ int run_profile(Context& ctx, const ProfileCmdOptions& o) {
   po.degrees = o.degrees;
   po.iters = o.iters;
   po.progress = [](const std::string& what) { log::info("profile: {}", what); };
-  PerfProfile profile = take_profile(ctx.comm, po);
+  PerfProfile profile = take_profile(ctx.comm, ctx.backend, po);
   if (ctx.rank() != 0) return 0;
   profile.save(o.out);
   std::printf("profile of %s\n", profile.cluster.summary().c_str());

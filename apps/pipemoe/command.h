@@ -7,11 +7,14 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "kernels/backend.h"
+#include "moe/moe_shape.h"
 
 namespace pm::cli {
 
 struct Context {
-  Communicator& comm;
+  Communicator& comm;  // the world
+  Backend& backend;
   int rank() const { return comm.rank(); }
   int world() const { return comm.size(); }
 };
@@ -32,8 +35,7 @@ void add_bench_layer_command(CLI::App& bench, CommandFn& run);
 
 // The layer-shape flags that `layer` and `plan` share: --tokens (per rank), --model-dim,
 // --hidden, --experts (over all ranks), --top-k, --capacity-factor.
-void add_layer_shape_options(CLI::App* cmd, int64_t& tokens, int64_t& model_dim, int64_t& hidden, int& experts,
-                             int& top_k, double& capacity_factor);
+void add_layer_shape_options(CLI::App* cmd, MoeShape& shape);
 
 // Every rank states whether its local step succeeded (error empty) and all agree: if any failed,
 // every rank throws a usage error; rank 0's carries the first failing rank's message, the others

@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include "core/rng.h"
-#include "sched/executor.h"
 
 namespace pm::cli {
 
@@ -18,26 +17,32 @@ LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int 
   return d;
 }
 
-PassTimes run_passes(Communicator& comm, MoeLayer& layer, LayerData& d, int warmup, int iters, float aux_coef) {
+PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& d, int warmup, int iters,
+                     float aux_coef, Trace* trace) {
   PassTimes t;
   for (int it = 0; it < warmup + iters; ++it) {
+    Trace* traced = it < warmup ? nullptr : trace;
     comm.barrier();
     layer.zero_grads();
-    layer.forward(d.x.f32(), d.x.dim(0), d.y.f32());
-    double comm_cpu = layer.executor().last_stats().comm_cpu_s;
-    layer.backward(d.dy.f32(), d.dx.f32(), aux_coef);
-    comm_cpu += layer.executor().last_stats().comm_cpu_s;
+    LayerPassRun f, b;
+    std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f);
+    backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), aux_coef, traced, &b);
     if (it < warmup) continue;
-    const LayerRunStats& f = layer.forward_stats();
-    const LayerRunStats& b = layer.backward_stats();
-    t.forward.push_back(f.wall_ms);
-    t.backward.push_back(b.wall_ms);
-    t.comm_busy.push_back(f.comm_ms + b.comm_ms);
-    t.comm_cpu.push_back(comm_cpu * 1e3);
-    t.expert.push_back(f.expert_ms + b.expert_ms);
-    t.expert_gflops.push_back((f.expert_flops + b.expert_flops) / (f.expert_ms + b.expert_ms) / 1e6);
+    t.forward.push_back(f.stats.wall_ms);
+    t.backward.push_back(b.stats.wall_ms);
+    t.comm_busy.push_back(f.stats.comm_ms + b.stats.comm_ms);
+    t.comm_cpu.push_back(f.stats.comm_cpu_ms + b.stats.comm_cpu_ms);
+    t.expert.push_back(f.stats.expert_ms + b.stats.expert_ms);
+    t.expert_gflops.push_back((f.stats.expert_flops + b.stats.expert_flops) / (f.stats.expert_ms + b.stats.expert_ms) / 1e6);
   }
   return t;
+}
+
+std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& d, float aux_coef) {
+  layer.zero_grads();
+  std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32());
+  backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), aux_coef);
+  return pass;
 }
 
 Summary slowest_rank(Communicator& comm, const std::vector<double>& values) {
@@ -56,16 +61,15 @@ double LanesAlone::pass_bound_ms() const {
 LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, int iters, float aux_coef,
                             int warmup) {
   Executor serial(Executor::Mode::serial);
-  Executor& previous = layer.executor();
-  layer.use_executor(serial);
   std::vector<LanesAlone> samples;
   for (int it = 0; it < warmup + iters; ++it) {
     comm.barrier();
     layer.zero_grads();
-    layer.forward(d.x.f32(), d.x.dim(0), d.y.f32());
-    LayerRunStats f = layer.forward_stats();
-    layer.backward(d.dy.f32(), d.dx.f32(), aux_coef);
-    const LayerRunStats& b = layer.backward_stats();
+    LayerPassRun fr, br;
+    std::shared_ptr<MoePass> pass = forward_alone(layer, serial, d.x.f32(), d.x.dim(0), d.y.f32(), nullptr, &fr);
+    backward_alone(layer, serial, *pass, d.dy.f32(), d.dx.f32(), aux_coef, nullptr, &br);
+    const LayerRunStats& f = fr.stats;
+    const LayerRunStats& b = br.stats;
     if (it < warmup) continue;
     // a collective's time on the last rank to arrive is the transfer alone; the others waited too
     double c[2] = {f.comm_ms, b.comm_ms}, m[2] = {f.compute_ms, b.compute_ms};
@@ -73,7 +77,6 @@ LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, i
     comm.allreduce(m, m, 2, DType::f64, ReduceOp::max);
     samples.push_back({c[0], c[1], m[0], m[1]});
   }
-  layer.use_executor(previous);
   return median_lanes(samples);
 }
 

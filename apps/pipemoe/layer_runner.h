@@ -8,6 +8,7 @@
 #include "core/stats.h"
 #include "core/tensor.h"
 #include "moe/moe_layer.h"
+#include "sched/executor.h"
 
 namespace pm::cli {
 
@@ -22,9 +23,13 @@ struct PassTimes {
   std::vector<double> forward, backward, comm_busy, comm_cpu, expert, expert_gflops;
 };
 
-// warmup + iters passes (forward then backward, a barrier before each); keeps the last iters.
-PassTimes run_passes(Communicator& comm, MoeLayer& layer, LayerData& data, int warmup, int iters,
-                     float aux_coef);
+// warmup + iters passes (forward then backward, a barrier before each) on `executor`; keeps the
+// last iters. With a trace, the timed passes are recorded in it.
+PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& data, int warmup, int iters,
+                     float aux_coef, Trace* trace = nullptr);
+
+// One forward and backward pass, for a dump.
+std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& data, float aux_coef);
 
 // Median over this rank's passes, then the slowest rank (min, median and max each the largest).
 Summary slowest_rank(Communicator& comm, const std::vector<double>& values);
@@ -43,7 +48,7 @@ struct LanesAlone {
   // computation can reach
   double pass_bound_ms() const;
 };
-// Medians of `iters` serial passes after `warmup` untimed ones; the layer's executor is restored.
+// Medians of `iters` serial passes after `warmup` untimed ones.
 LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& data, int iters, float aux_coef,
                             int warmup = 1);
 // Field-wise median of several measurements.

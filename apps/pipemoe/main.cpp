@@ -69,7 +69,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
                    p.approach_fraction > 0 && p.approach_fraction < 1,
                "PIPEMOE_COMM_WAIT must be spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction, got '{}'", w);
   }
-  pm::cli::Context context{comm};
+  pm::cli::Context context{comm, pm::cpu_backend()};
   return run(context);
 }
 

@@ -17,7 +17,7 @@
 
 #include "comm/communicator.h"
 #include "model/optimizer.h"
-#include "model/parameter.h"
+#include "core/parameter.h"
 
 namespace pm {
 

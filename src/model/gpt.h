@@ -5,8 +5,14 @@
 //            moe_every-th block), causal multi-head self-attention
 //   logits = LN_f(h_L) wte^T (tied), loss = mean cross-entropy + aux_coef * sum of MoE aux losses
 //
+// Each pass is one task graph: the dense work of every block is a task on the compute lane, each
+// MoE layer appends its own tasks (its all-to-alls on the communication lane), and in the
+// backward the data-parallel gradient all-reduce of each block joins the graph as soon as the
+// block's gradients are final (set_grads_ready). One executor runs the graph, so communication
+// overlaps whatever compute the dependencies allow.
+//
 // Experts are spread over ranks (expert parallel); everything else is replicated (data parallel):
-// the trainer all-reduces the replicated gradients, expert gradients come back complete.
+// the replicated gradients are all-reduced, expert gradients come back complete.
 #pragma once
 
 #include <cstdint>
@@ -15,18 +21,19 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "core/aligned.h"
-#include "model/parameter.h"
+#include "core/parameter.h"
+#include "kernels/backend.h"
 #include "model/train_config.h"
 #include "moe/moe_layer.h"
 #include "sched/executor.h"
+#include "sched/task_graph.h"
 #include "sched/trace.h"
 
 namespace pm {
 
 class GptModel {
  public:
-  GptModel(const ModelConfig& config, Communicator& comm, Executor& executor);
+  GptModel(const ModelConfig& config, Communicator& comm, Executor& executor, Backend& backend);
   ~GptModel();
 
   const ModelConfig& config() const { return config_; }
@@ -41,27 +48,32 @@ class GptModel {
   // backward_scale multiplies the gradient of the mean (1 / world size for data parallel).
   double forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale);
   void backward();
-  // Called during backward() as soon as block l's parameter gradients are final, then with -1
-  // when the rest (embeddings, final norm) are: where the data-parallel all-reduce starts.
-  void set_grads_ready_hook(std::function<void(int block)> hook) { grads_ready_ = std::move(hook); }
+  // Called while the backward graph is built, once for each block l (from the last) with the
+  // tasks after which block l's replicated gradients are final, then with -1 for the rest
+  // (embeddings, final norm): where the data-parallel all-reduce joins the graph.
+  using GradsReady = std::function<void(TaskGraph& graph, int block, const std::vector<int>& ready)>;
+  void set_grads_ready(GradsReady hook) { grads_ready_ = std::move(hook); }
   double aux_loss() const;  // sum over MoE layers, this rank's tokens
   const float* logits() const { return logits_.data(); }  // [B*S, V] of the last forward
-  // Records the dense work and the MoE layers' tasks of the next passes (null: stop).
-  void set_trace(Trace* trace);
+  // Records the tasks of the next passes (null: stop).
+  void set_trace(Trace* trace) { trace_ = trace; }
 
-  // Milliseconds of the last forward + backward the compute thread spent waiting for all-to-alls
-  // (MoE layer wall time minus its compute lane's busy time).
-  double exposed_moe_comm_ms() const;
+  // Milliseconds of the last forward + backward in which the compute lane waited for
+  // communication (each graph's wall time minus its compute lane's busy time).
+  double exposed_comm_ms() const { return forward_exposed_ms_ + backward_exposed_ms_; }
 
  private:
   struct Block;
   void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
+  // Runs a pass's graph; returns the milliseconds its compute lane waited for communication.
+  double run(TaskGraph& graph, const char* category);
 
   ModelConfig config_;
   Trace* trace_ = nullptr;
-  std::function<void(int)> grads_ready_;
+  GradsReady grads_ready_;
   Communicator& comm_;
   Executor& executor_;
+  Backend& backend_;
   Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]
   Tensor dwte_, dwpe_, dlnf_g_, dlnf_b_;
   std::vector<std::unique_ptr<Block>> blocks_;
@@ -71,8 +83,10 @@ class GptModel {
   int64_t B_ = 0, T_ = 0;
   float backward_scale_ = 0;
   std::vector<int32_t> inputs_, targets_;
-  FloatBuffer h_final_, lnf_out_, lnf_mean_, lnf_rstd_;  // [T, D], [T, D], [T], [T]
-  FloatBuffer logits_, dlogits_;                         // [T, V]
+  Buffer<float> h_, h_final_, lnf_out_, lnf_mean_, lnf_rstd_;  // [T, D], [T, D], [T, D], [T], [T]
+  Buffer<float> logits_, dlogits_;                             // [T, V]
+  double loss_ = 0;
+  double forward_exposed_ms_ = 0, backward_exposed_ms_ = 0;
 };
 
 }  // namespace pm

@@ -3,7 +3,6 @@
 #include <cstring>
 #include <string>
 
-#include "core/clock.h"
 #include "core/error.h"
 
 namespace pm {
@@ -20,8 +19,10 @@ int block_of(const std::string& name) {
 
 }  // namespace
 
-GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, Executor& executor)
-    : comm_(comm), executor_(executor), buckets_(blocks + 1) {
+GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap)
+    : comm_(comm), overlap_(overlap), buckets_(blocks + 1) {
+  for (int b = 0; b < blocks; ++b) buckets_[b].name = "all-reduce block " + std::to_string(b) + " grads";
+  buckets_[blocks].name = "all-reduce embedding grads";
   for (Parameter& p : params) {
     if (p.expert) continue;
     int b = block_of(p.name);
@@ -35,40 +36,32 @@ GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communica
   }
 }
 
-void GradientSync::start(Bucket& bucket, int index, Trace* trace) {
-  bucket.started = true;
+void GradientSync::append(TaskGraph& graph, Bucket& bucket, const std::vector<int>& after) {
   if (comm_.size() == 1 || bucket.params.empty()) return;
-  // The job packs, sums in place and unpacks on the communication thread; the compute thread
-  // does not touch these gradients again before finish().
-  executor_.post(
-      index < static_cast<int>(buckets_.size()) - 1 ? "all-reduce block " + std::to_string(index) + " grads"
-                                                     : "all-reduce embedding grads",
-      [this, &bucket] {
-        int64_t at = 0;
-        for (const Parameter* p : bucket.params)
-          std::memcpy(&bucket.flat[at], p->grad->f32(), p->grad->nbytes()), at += p->grad->numel();
-        comm_.allreduce(bucket.flat.data(), bucket.flat.data(), at, DType::f32, ReduceOp::sum);
-        at = 0;
-        for (const Parameter* p : bucket.params)
-          std::memcpy(p->grad->f32(), &bucket.flat[at], p->grad->nbytes()), at += p->grad->numel();
-      },
-      trace);
+  const double bytes = 2.0 * (comm_.size() - 1) / comm_.size() * bucket.flat.size() * sizeof(float);
+  // Packs, sums in place and unpacks on the communication lane; no compute task touches these
+  // gradients again in this graph.
+  graph.add({bucket.name, lanes::comm, "grad_allreduce", -1, {1, 0, bytes}, after, [this, &bucket] {
+               int64_t at = 0;
+               for (const Parameter* p : bucket.params)
+                 std::memcpy(&bucket.flat[at], p->grad->f32(), p->grad->nbytes()), at += p->grad->numel();
+               comm_.allreduce(bucket.flat.data(), bucket.flat.data(), at, DType::f32, ReduceOp::sum);
+               at = 0;
+               for (const Parameter* p : bucket.params)
+                 std::memcpy(p->grad->f32(), &bucket.flat[at], p->grad->nbytes()), at += p->grad->numel();
+             }});
 }
 
-void GradientSync::block_done(int block, Trace* trace) {
-  const int index = block < 0 ? static_cast<int>(buckets_.size()) - 1 : block;
-  PM_CHECK(index < static_cast<int>(buckets_.size()), "block {} out of range", block);
-  Bucket& bucket = buckets_[index];
-  PM_CHECK(!bucket.started, "bucket {} all-reduced twice in one step", index);
-  start(bucket, index, trace);
-}
-
-double GradientSync::finish(Trace* trace) {
-  for (std::size_t i = 0; i < buckets_.size(); ++i)
-    if (!buckets_[i].started) start(buckets_[i], static_cast<int>(i), trace);
-  double waited_s = executor_.drain();
-  for (Bucket& bucket : buckets_) bucket.started = false;
-  return waited_s * 1e3;
+void GradientSync::grads_ready(TaskGraph& graph, int block, const std::vector<int>& ready) {
+  const int rest = static_cast<int>(buckets_.size()) - 1;
+  PM_CHECK(block < rest, "block {} out of range", block);
+  if (overlap_) {
+    append(graph, buckets_[block < 0 ? rest : block], ready);
+    return;
+  }
+  if (block >= 0) return;
+  // after the whole backward: the ready tasks of the rest come last and follow every block's
+  for (Bucket& bucket : buckets_) append(graph, bucket, ready);
 }
 
 }  // namespace pm

@@ -2,43 +2,43 @@
 // buckets that overlap the backward pass, as PyTorch DDP does.
 //
 // One bucket per transformer block and one for the rest (embeddings, final norm), whose
-// gradients are complete only when the backward ends. When block l's backward is done, its bucket
-// is all-reduced on the executor's communication thread while the compute thread goes on with
-// block l-1; MoE all-to-alls of later blocks queue behind it in the same program order on every
-// rank. Expert gradients stay local: their rank owns those experts.
+// gradients are complete only when the backward ends. As the model builds its backward graph, it
+// says when each block's gradients are final (GptModel::set_grads_ready); the bucket's all-reduce
+// joins the graph there, on the communication lane, so it runs while the compute lane goes on
+// with the blocks below. The communication lane runs its tasks in the order added, the same
+// on every rank, so the all-reduces and the MoE all-to-alls of the blocks below match across
+// ranks. Expert gradients stay local: their rank owns those experts.
 #pragma once
 
 #include <vector>
 
 #include "comm/communicator.h"
-#include "core/aligned.h"
-#include "model/parameter.h"
-#include "sched/executor.h"
-#include "sched/trace.h"
+#include "core/parameter.h"
+#include "kernels/backend.h"
+#include "sched/task_graph.h"
 
 namespace pm {
 
 class GradientSync {
  public:
   // Parameters named "blocks.<l>...." go to block l's bucket, other replicated ones to the last.
-  GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, Executor& executor);
+  // overlap: each bucket as soon as its block is done; otherwise all of them after the backward.
+  GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap);
 
-  // Starts the all-reduce of a block's bucket (block < 0: the rest). Each bucket once per step.
-  void block_done(int block, Trace* trace = nullptr);
-  // Starts every bucket not started yet, then waits for all; returns the milliseconds this call
-  // waited (communication the backward did not hide).
-  double finish(Trace* trace = nullptr);
+  // GptModel::GradsReady: appends block `block`'s bucket (block < 0: the rest) after `ready`;
+  // without overlap, appends every bucket once the rest is ready.
+  void grads_ready(TaskGraph& graph, int block, const std::vector<int>& ready);
 
  private:
   struct Bucket {
+    std::string name;
     std::vector<Parameter*> params;
-    FloatBuffer flat;
-    bool started = false;
+    Buffer<float> flat;
   };
-  void start(Bucket& bucket, int index, Trace* trace);
+  void append(TaskGraph& graph, Bucket& bucket, const std::vector<int>& after);
 
   Communicator& comm_;
-  Executor& executor_;
+  bool overlap_;
   std::vector<Bucket> buckets_;  // [blocks]: the blocks, [blocks]: the rest
 };
 

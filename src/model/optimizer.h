@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "model/parameter.h"
+#include "core/parameter.h"
 #include "model/train_config.h"
 
 namespace pm {

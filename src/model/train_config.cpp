@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "moe/moe_layer.h"
 
 namespace pm {
 
@@ -28,6 +29,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("top_k", c.model.top_k);
   fn("capacity_factor", c.model.capacity_factor);
   fn("expert_hidden", c.model.expert_hidden);
+  fn("moe_strategy", c.model.moe_strategy);
   fn("aux_coef", c.model.aux_coef);
   fn("batch_size", c.batch_size);
   fn("max_steps", c.max_steps);
@@ -115,6 +117,7 @@ void TrainConfig::validate(int world) const {
     PM_REQUIRE(m.top_k >= 1 && m.top_k <= m.experts, "configuration: 'top_k' must be between 1 and experts ({}), got {}",
                m.experts, m.top_k);
     positive("capacity_factor", m.capacity_factor);
+    moe_strategy(m.moe_strategy);  // a usage error naming the known ones
     PM_REQUIRE(m.experts % world == 0,
                "configuration: {} experts cannot be spread evenly over {} ranks: experts must be a multiple of the "
                "number of ranks",

@@ -22,6 +22,7 @@ struct ModelConfig {
   int top_k = 2;
   double capacity_factor = 1.25;
   int expert_hidden = 1024;
+  std::string moe_strategy = "ep";  // how tokens reach their experts (moe/moe_layer.h): "ep", all-to-all
   double aux_coef = 0.01;  // weight of the sum of the MoE layers' aux losses
   bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }
   int moe_layers() const;

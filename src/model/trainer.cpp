@@ -43,31 +43,32 @@ double evaluate(GptModel& model, const TokenData& data, const TrainConfig& c, Co
 
 // The MoE layers' pipeline degrees: fixed, planned from a profile, or timed on the first MoE
 // layer with random input of the training shape (results do not depend on the degree).
-DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communicator& comm) {
+DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communicator& comm, Executor& executor,
+                                Backend& backend) {
   std::vector<MoeLayer*> layers = model.moe_layers();
   DegreeChoice choice;
   if (layers.empty()) return choice;
   const int request = parse_degree(c.degree, "degree");
   const int64_t T = static_cast<int64_t>(c.batch_size) * c.model.seq_len, D = c.model.d_model;
-  const LayerShape shape{T, D, c.model.expert_hidden, c.model.experts, c.model.top_k, c.model.capacity_factor, comm.size()};
-  const int64_t capacity = expert_capacity(shape.top_k, shape.capacity_factor, T, shape.experts);
-  PM_REQUIRE(request <= capacity, "configuration: degree {} is more than the MoE capacity of {} slots per expert", request,
-             capacity);
+  const MoeShape shape = layers[0]->shape().with_tokens(T);
+  if (request > 0) shape.check_degree(request, "configuration: degree");
   std::optional<PerfProfile> profile;
-  if (!c.profile.empty()) profile = load_profile_for(comm, c.profile, describe_cluster(comm));
+  if (!c.profile.empty()) profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
   MoeLayer& probe = *layers[0];
   std::vector<float> x(T * D), y(T * D), dy(T * D), dx(T * D);
   Rng(c.seed, stream_id(40, comm.rank())).fill_normal(x.data(), x.size(), 0.0f, 1.0f);
   Rng(c.seed, stream_id(41, comm.rank())).fill_normal(dy.data(), dy.size(), 0.0f, 1.0f);
   auto pass = [&] {
     comm.barrier();
-    probe.forward(x.data(), T, y.data());
-    probe.backward(dy.data(), dx.data(), 0.0f);
+    LayerPassRun f, b;
+    std::shared_ptr<MoePass> p = forward_alone(probe, executor, x.data(), T, y.data(), nullptr, &f);
+    backward_alone(probe, executor, *p, dy.data(), dx.data(), 0.0f, nullptr, &b);
+    return std::make_pair(f.stats.wall_ms, b.stats.wall_ms);
   };
   auto measure = [&](int f, int b) {
     probe.set_degrees(f, b);
-    pass();
-    double v[2] = {probe.forward_stats().wall_ms, probe.backward_stats().wall_ms};
+    auto [fwd_ms, bwd_ms] = pass();
+    double v[2] = {fwd_ms, bwd_ms};
     comm.allreduce(v, v, 2, DType::f64, ReduceOp::max);
     return std::make_pair(v[0], v[1]);
   };
@@ -123,8 +124,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   const double val_bytes_per_token = static_cast<double>(data.validation_bytes) / data.validation.size();
 
   Executor executor;
-  GptModel model(c.model, comm, executor);
-  GradientSync grad_sync(model.parameters(), c.model.layers, comm, executor);
+  Backend& backend = cpu_backend();
+  GptModel model(c.model, comm, executor, backend);
+  GradientSync grad_sync(model.parameters(), c.model.layers, comm, c.overlap_grad_allreduce);
+  model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
   model.init_parameters(c.seed);
   AdamW optimizer(model.parameters());
   int64_t start = 0;
@@ -132,7 +135,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     load_checkpoint_tensors(comm, c.resume, model.parameters(), &optimizer);
     start = resumed->step;
   }
-  DegreeChoice degrees = choose_moe_degrees(model, c, comm);
+  DegreeChoice degrees = choose_moe_degrees(model, c, comm, executor, backend);
 
   int64_t n_params = 0;
   for (const Parameter& p : model.parameters()) n_params += p.value->numel() * (p.expert ? P : 1);
@@ -184,19 +187,15 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     sample_batch(data.train, B, S, c.seed, stream_id(30, step, rank), in.data(), tg.data());
     model.zero_grads();
     double loss = model.forward(in.data(), tg.data(), B, 1.0f / P);
-    if (c.overlap_grad_allreduce)
-      model.set_grads_ready_hook([&](int block) { grad_sync.block_done(block, traced ? &trace : nullptr); });
-    model.backward();
-    model.set_grads_ready_hook(nullptr);
-    // what the backward did not hide of the gradient all-reduce (all of it without overlap)
-    double allreduce_ms = grad_sync.finish(traced ? &trace : nullptr);
+    model.backward();  // with the gradient all-reduce
     std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
     clip_by_global_norm(model.parameters(), comm, c.grad_clip);
     const double lr = learning_rate(c, step);
     optimizer.step(c, lr);
     span.reset();
     double step_ms = step_watch.elapsed_ms();
-    double exposed_ms = model.exposed_moe_comm_ms() + allreduce_ms;
+    // what the compute lane waited for: all-to-alls and gradient all-reduces not hidden
+    double exposed_ms = model.exposed_comm_ms();
     double stats[4] = {loss, model.aux_loss(), step_ms, exposed_ms};
     comm.allreduce(stats, stats, 4, DType::f64, ReduceOp::sum);
     loss = stats[0] / P;

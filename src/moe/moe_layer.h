@@ -1,162 +1,117 @@
-// The expert-parallel MoE layer: E experts over P ranks (E/P each), tokens dispatched by
-// all-to-all and combined back, forward and backward pipelined in chunks on two lanes.
+// An MoE layer as a strategy: E experts shared by the ranks of a group, and a way of moving each
+// token to its experts and back. Every strategy appends a pass's tasks, with the work bound to
+// them, to a task graph that the caller runs: alone (the `layer` command, the profiler), or inside
+// a whole transformer block beside its dense work (the model). The planner simulates the same
+// tasks with a balanced routing and no work bound.
 //
-// Per rank, T tokens x[T, M]: gate (see gate.h), capacity and slots (see routing.h), expert e on
-// rank e / (E/P) as local expert e mod (E/P), y_t = sum over kept choices of gate * FFN_e(x_t).
-// Results do not depend on the pipeline degree: every row is computed by the same kernels, and
-// weight gradients are computed once over all rows in a canonical order.
+// Strategies: expert parallelism with pipelined all-to-all (moe/expert_parallel.h) is the first.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "comm/communicator.h"
-#include "core/aligned.h"
-#include "core/tensor.h"
-#include "moe/expert_ffn.h"
-#include "moe/gate.h"
-#include "moe/layer_graph.h"
+#include "core/parameter.h"
+#include "kernels/backend.h"
+#include "moe/ep_graph.h"
+#include "moe/moe_shape.h"
 #include "moe/routing.h"
 #include "sched/executor.h"
+#include "sched/task_graph.h"
 
 namespace pm {
 
 class Trace;
+class MoeLayer;
 
-struct MoeLayerConfig {
-  int64_t model_dim = 0;  // M
-  int64_t hidden = 0;     // H
-  int experts = 0;        // E, over all ranks
-  int top_k = 1;
-  double capacity_factor = 1.0;
-  // Throws a usage error naming the first impossible value.
-  void validate(int world_size) const;
-};
-
-// How long the last forward or backward took, and where the time went (this rank).
-struct LayerRunStats {
-  double wall_ms = 0;
-  double comm_ms = 0;     // all-to-all tasks (count exchange included)
-  double expert_ms = 0;   // expert FFN tasks
-  double compute_ms = 0;  // every compute-lane task
-  double expert_flops = 0;  // arithmetic of the expert GEMMs on the rows this rank computed
-  int degree = 1;
-};
-
-class MoeLayer : private ForwardWork, private BackwardWork {
+// What one forward pass computed that its backward needs (the layer's saved tensors). Keep it,
+// and the pass's input, alive until the backward has run.
+class MoePass {
  public:
-  MoeLayer(const MoeLayerConfig& config, Communicator& comm, Executor& executor);
+  virtual ~MoePass() = default;
+  virtual double aux_loss() const = 0;          // of this rank's tokens
+  virtual int64_t expert_rows() const = 0;      // rows this rank's experts computed
+  virtual const Routing& routing() const = 0;   // this rank's tokens' choices and slots
+};
 
-  const MoeLayerConfig& config() const { return config_; }
-  int local_experts() const { return local_experts_; }
-  int first_expert() const { return comm_.rank() * local_experts_; }
+struct MoeForward {
+  PassTasks tasks;  // tasks.output: y is complete
+  std::shared_ptr<MoePass> pass;
+};
 
-  // Parameters (gate replicated, experts local) and their gradients, which backward adds to.
-  Tensor wg;   // [M, E]
-  Tensor w1;   // [El, M, H]
-  Tensor b1;   // [El, H]
-  Tensor w2;   // [El, H, M]
-  Tensor b2;   // [El, M]
-  Tensor dwg, dw1, db1, dw2, db2;
+// How a layer's tokens reach their experts: the tasks its passes append.
+class MoeStrategy {
+ public:
+  virtual ~MoeStrategy() = default;
+  virtual std::string name() const = 0;
+  // A pass of a layer of this shape at this pipeline degree, with a balanced routing and no work
+  // bound: what the planner simulates.
+  virtual PassTasks plan_forward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
+                                 int degree) const = 0;
+  virtual PassTasks plan_backward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
+                                  int degree) const = 0;
+  // A layer of this strategy for the ranks of `group` (shape.ranks must be its size).
+  virtual std::unique_ptr<MoeLayer> make_layer(const MoeShape& shape, Communicator& group, Backend& backend) const = 0;
+};
+
+// By name: "ep" (expert parallelism, all-to-all). Usage error for an unknown name.
+const MoeStrategy& moe_strategy(const std::string& name);
+
+class MoeLayer {
+ public:
+  virtual ~MoeLayer() = default;
+  virtual const MoeStrategy& strategy() const = 0;
+  virtual const MoeShape& shape() const = 0;
+  // The global id of this rank's first expert (its experts are consecutive).
+  virtual int first_expert() const = 0;
+
+  // Parameters and their gradients (backward adds to them), named within the layer: the gate
+  // "wg" [M, E] (replicated) and this rank's experts "w1" [El, M, H], "b1" [El, H], "w2" [El, H, M],
+  // "b2" [El, M].
+  virtual std::vector<Parameter> parameters() = 0;
   // Draws every weight from (seed, global expert id) streams: the same seed gives the same global
   // experts whatever the number of ranks.
-  void init_parameters(uint64_t seed);
+  virtual void init_parameters(uint64_t seed) = 0;
   void zero_grads();
 
-  // y[T, M] = layer(x[T, M]). x must stay alive and unchanged until backward.
-  void forward(const float* x, int64_t tokens, float* y);
-  // dx[T, M] from dy[T, M]; adds to the parameter gradients. aux_grad = d loss / d aux_loss.
-  void backward(const float* dy, float* dx, float aux_grad);
-  double aux_loss() const { return gate_.aux_loss; }
-  int64_t capacity() const { return routing_.capacity; }
-  const Routing& routing() const { return routing_; }
+  // Pipeline degrees (chunks) of the next passes, each at least 1 and at most the capacity.
+  virtual void set_degrees(int forward_degree, int backward_degree) = 0;
+  virtual int forward_degree() const = 0;
+  virtual int backward_degree() const = 0;
 
-  // Pipeline degrees (chunks) for forward and backward; each at least 1 and at most the capacity.
-  void set_degrees(int forward_degree, int backward_degree);
-  int forward_degree() const { return degree_fwd_; }
-  int backward_degree() const { return degree_bwd_; }
-  void set_trace(Trace* trace) { trace_ = trace; }
-
-  const LayerRunStats& forward_stats() const { return fwd_stats_; }
-  const LayerRunStats& backward_stats() const { return bwd_stats_; }
-  // The sizes behind the last forward (or backward) graph's tasks, from the real routing: the
-  // work each task actually did, for fitting performance models.
-  LayerGraphSizes last_sizes(bool forward) const;
-  // Runs the next passes on another executor (e.g. serial, to time each lane alone).
-  void use_executor(Executor& executor) { executor_ = &executor; }
-  Executor& executor() { return *executor_; }
-
- private:
-  // ForwardWork
-  void gate() override;
-  void pack() override;
-  void pack_weights() override;
-  void exchange_counts() override;
-  void dispatch(int chunk) override;
-  void expert(int chunk) override;
-  void combine(int chunk) override;
-  void unpack() override;
-  // BackwardWork
-  void pack_grad() override;
-  void pack_weights_backward() override;
-  void gate_backward() override;
-  void grad_dispatch(int chunk) override;
-  void expert_dgrad(int chunk) override;
-  void grad_combine(int chunk) override;
-  void expert_wgrad() override;
-  void unpack_grad() override;
-
-  // All-to-all of chunk `chunk` from layout `from` in send to layout `to` in recv (rows of M).
-  void all_to_all_rows(const float* send, const BlockLayout& from, float* recv,
-                       const BlockLayout& to, int chunk);
-  // Row position of every kept choice in a token-side layout; -1 for dropped choices.
-  std::vector<int64_t> choice_positions(const BlockLayout& token_layout) const;
-  LayerRunStats collect_stats(int degree) const;
-
-  MoeLayerConfig config_;
-  Communicator& comm_;
-  Executor* executor_;
-  Trace* trace_ = nullptr;
-  int local_experts_;
-  int degree_fwd_ = 1, degree_bwd_ = 1;
-  LayerRunStats fwd_stats_, bwd_stats_;
-  std::vector<ExpertWeights> packed_;  // [El] this pass's packed expert weights
-
-  // Forward state, kept for backward.
-  const float* x_ = nullptr;  // [T, M]
-  float* y_ = nullptr;        // [T, M]
-  int64_t tokens_ = 0;
-  GateState gate_;
-  Routing routing_;
-  std::vector<int64_t> own_counts_;    // [P, El] rows this rank sends to each expert
-  std::vector<int64_t> recv_counts_;   // [P, El] rows each source sends to this rank's experts
-  BlockLayout tokens_fwd_;             // token side, wire order, forward degree
-  BlockLayout experts_wire_fwd_, experts_compute_fwd_;
-  std::vector<int64_t> positions_fwd_;  // [T, k] into tokens_fwd_
-  FloatBuffer send_x_;        // [tokens_fwd_ rows, M]
-  FloatBuffer recv_x_;        // [experts_wire rows, M]; then holds the expert outputs sent back
-  // Kept for backward, in the forward's compute order; backward reads them by row.
-  FloatBuffer u_chunked_;     // [rows, M] expert inputs
-  FloatBuffer hpre_chunked_;  // [rows, H] pre-activations
-  FloatBuffer act_chunked_;   // [rows, H] GeLU outputs
-  FloatBuffer y_chunked_;     // [rows, M] expert outputs
-  FloatBuffer recv_y_;        // [tokens_fwd_ rows, M] expert outputs for this rank's tokens
-
-  // Backward state.
-  const float* dy_ = nullptr;
-  float* dx_ = nullptr;
-  float aux_grad_ = 0;
-  BlockLayout tokens_bwd_, experts_wire_bwd_, experts_compute_bwd_;
-  std::vector<int64_t> positions_bwd_;
-  FloatBuffer send_dy_;        // [tokens_bwd_ rows, M] gate * dy
-  FloatBuffer recv_dy_;        // [experts_wire rows, M]; then holds input grads sent back
-  // Backward's compute order; the weight gradients read them by row.
-  FloatBuffer dy_chunked_;     // [rows, M]
-  FloatBuffer dhpre_chunked_;  // [rows, H]
-  FloatBuffer du_chunked_;     // [rows, M]
-  FloatBuffer recv_dx_;        // [tokens_bwd_ rows, M]
-  FloatBuffer dx_gate_;        // [T, M] gate's share of dx
+  // y[T, M] = layer(x[T, M]), appended after the tasks `after` (those that write x and last read
+  // y). x must stay unchanged until the backward has run.
+  virtual MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
+                                    float* y) = 0;
+  // dx[T, M] from dy[T, M] for that pass; adds to the parameter gradients. aux_grad = d loss / d aux.
+  // tasks.output: dx is complete; tasks.grads: the gradients are.
+  virtual PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass,
+                                    const float* dy, float* dx, float aux_grad) = 0;
 };
+
+// ---- the layer alone: one graph per pass ---------------------------------------------------------
+
+// How long a pass of the layer alone took, and where the time went (this rank).
+struct LayerRunStats {
+  double wall_ms = 0;
+  double comm_ms = 0;       // communication lane busy
+  double expert_ms = 0;     // expert FFN tasks
+  double compute_ms = 0;    // compute lane busy
+  double expert_flops = 0;  // arithmetic of the expert GEMMs on the rows this rank computed
+  double comm_cpu_ms = 0;   // CPU time of the communication lane's thread
+};
+
+// A pass run alone on `executor`: its graph (the real rows in its tasks' work) and its figures.
+struct LayerPassRun {
+  TaskGraph graph;
+  LayerRunStats stats;
+};
+
+std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, const float* x, int64_t tokens, float* y,
+                                       Trace* trace = nullptr, LayerPassRun* run = nullptr);
+void backward_alone(MoeLayer& layer, Executor& executor, const MoePass& pass, const float* dy, float* dx,
+                    float aux_grad, Trace* trace = nullptr, LayerPassRun* run = nullptr);
 
 }  // namespace pm

@@ -1,7 +1,6 @@
 #include "moe/routing.h"
 
 #include <cmath>
-#include <cstring>
 
 #include "core/error.h"
 
@@ -83,17 +82,17 @@ int64_t BlockLayout::peer_chunk_rows(int chunk, int peer) const {
   return n;
 }
 
-std::vector<RowSegment> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk) {
+std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk) {
   PM_CHECK(to.degree == from.degree || to.degree == 1, "layouts of degree {} and {}", from.degree,
            to.degree);
   PM_CHECK(from.filled == to.filled, "layouts of different blocks");
-  std::vector<RowSegment> segments;
+  std::vector<RowRun> segments;
   for (int q = 0; q < from.peers; ++q) {
     for (int le = 0; le < from.local_experts; ++le) {
       int64_t rows = from.block_rows(chunk, q, le);
       if (rows == 0) continue;
       int64_t first = chunk_begin(from.filled[q * from.local_experts + le], from.degree, chunk);
-      RowSegment s{from.block_offset(chunk, q, le), to.position(q, le, first), rows};
+      RowRun s{from.block_offset(chunk, q, le), to.position(q, le, first), rows};
       // merge with the previous segment when both sides continue it
       if (!segments.empty() && segments.back().src_row + segments.back().rows == s.src_row &&
           segments.back().dst_row + segments.back().rows == s.dst_row)
@@ -103,13 +102,6 @@ std::vector<RowSegment> chunk_segments(const BlockLayout& from, const BlockLayou
     }
   }
   return segments;
-}
-
-void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowSegment>& segments) {
-  for (const RowSegment& s : segments) {
-    if (src + s.src_row * width == dst + s.dst_row * width) continue;  // same memory
-    std::memcpy(dst + s.dst_row * width, src + s.src_row * width, s.rows * width * sizeof(float));
-  }
 }
 
 std::vector<int64_t> chunk_row_positions(const BlockLayout& from, const BlockLayout& to, int chunk) {

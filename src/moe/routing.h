@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/backend.h"
+
 namespace pm {
 
 int64_t expert_capacity(int top_k, double capacity_factor, int64_t tokens, int experts);
@@ -78,14 +80,10 @@ struct BlockLayout {
 BlockLayout make_block_layout(const std::vector<int64_t>& filled, int peers, int local_experts,
                               int degree, BlockOrder order);
 
-// A run of rows to copy from one layout to another.
-struct RowSegment {
-  int64_t src_row, dst_row, rows;
-};
-// Segments that move chunk `chunk`'s rows from layout `from` to layout `to`. The two layouts hold
-// the same blocks; `to` has the same degree as `from`, or degree 1 (canonical).
-std::vector<RowSegment> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk);
-void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowSegment>& segments);
+// Runs of rows that move chunk `chunk`'s rows from layout `from` to layout `to` (for
+// Backend::copy_rows). The two layouts hold the same blocks; `to` has the same degree as `from`,
+// or degree 1 (canonical).
+std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk);
 
 // Where rows sit in another pipelining of the same blocks (any two degrees):
 // the positions in `to` of chunk `chunk`'s rows of `from` (compute order), in from's row order.

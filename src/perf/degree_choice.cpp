@@ -4,7 +4,6 @@
 
 #include "core/error.h"
 #include "core/stats.h"
-#include "moe/routing.h"
 
 namespace pm {
 
@@ -22,7 +21,7 @@ int parse_degree(const std::string& text, const char* flag) {
 }
 
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
-                            const LayerShape& shape, int refine,
+                            const MoeShape& shape, int refine,
                             const std::function<std::pair<double, double>(int, int)>& measure, int rounds) {
   DegreeChoice choice;
   choice.forward = forward_request;
@@ -48,8 +47,7 @@ DegreeChoice choose_degrees(int forward_request, int backward_request, const Per
     fwd_candidates = best(true);
     bwd_candidates = best(false);
   } else {
-    int64_t capacity = expert_capacity(shape.top_k, shape.capacity_factor, shape.tokens, shape.experts);
-    fwd_candidates = bwd_candidates = candidate_degrees(capacity);
+    fwd_candidates = bwd_candidates = candidate_degrees(shape.capacity());
   }
   if (forward_request == 0) choice.forward = fwd_candidates[0];
   if (backward_request == 0) choice.backward = bwd_candidates[0];

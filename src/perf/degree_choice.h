@@ -30,7 +30,7 @@ struct DegreeChoice {
 // seconds, slowest rank; called `rounds` times per candidate, interleaved. refine: how many
 // degrees to time, the planner's pick and its next best predictions (0 or 1: trust the planner).
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
-                            const LayerShape& shape, int refine,
+                            const MoeShape& shape, int refine,
                             const std::function<std::pair<double, double>(int, int)>& measure, int rounds = 3);
 
 }  // namespace pm

@@ -9,7 +9,7 @@
 
 #include "comm/communicator.h"
 #include "core/error.h"
-#include "kernels/cpu/thread_pool.h"
+#include "kernels/backend.h"
 
 namespace pm {
 namespace {
@@ -47,10 +47,10 @@ std::string ClusterInfo::mismatch(const ClusterInfo& here) const {
   return out;
 }
 
-ClusterInfo describe_cluster(Communicator& comm) {
+ClusterInfo describe_cluster(Communicator& comm, const Backend& backend) {
   ClusterInfo c;
   c.world_size = comm.size();
-  c.threads = compute_threads();
+  c.threads = backend.threads();
   c.cpu_model = cpu_model_name();
   std::vector<std::string> names = comm.gather_strings(comm.host(), 0);
   int64_t hosts = static_cast<int64_t>(std::set<std::string>(names.begin(), names.end()).size());

@@ -16,6 +16,7 @@
 
 namespace pm {
 
+class Backend;
 class Communicator;
 
 struct ClusterInfo {
@@ -30,7 +31,7 @@ struct ClusterInfo {
 };
 
 // Collective: every rank gets the same description.
-ClusterInfo describe_cluster(Communicator& comm);
+ClusterInfo describe_cluster(Communicator& comm, const Backend& backend);
 
 constexpr int kNumFeatures = 4;  // 1, calls, flops, bytes
 std::array<double, kNumFeatures> task_features(const TaskWork& work);

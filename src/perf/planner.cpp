@@ -1,6 +1,5 @@
 #include "perf/planner.h"
 
-#include "moe/layer_graph.h"
 #include "moe/routing.h"
 
 namespace pm {
@@ -12,19 +11,21 @@ std::vector<int> candidate_degrees(int64_t capacity) {
   return out;
 }
 
-double predict_layer(const PerfProfile& profile, const LayerShape& s, int degree, bool forward) {
-  LayerGraphSizes sizes = balanced_sizes(s.tokens, s.model_dim, s.hidden, s.experts, s.top_k,
-                                         s.capacity_factor, s.ranks, degree);
-  TaskGraph graph = forward ? build_forward_graph(sizes, nullptr) : build_backward_graph(sizes, nullptr);
+double predict_layer(const PerfProfile& profile, const MoeShape& shape, int degree, bool forward,
+                     const MoeStrategy& strategy) {
+  TaskGraph graph;
+  if (forward)
+    strategy.plan_forward(graph, {}, shape, degree);
+  else
+    strategy.plan_backward(graph, {}, shape, degree);
   return simulate(graph, [&](const Task& t) { return profile.predict(t); }, profile.interference).makespan_s;
 }
 
-LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& s, double tolerance) {
+LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& s, double tolerance, const MoeStrategy& strategy) {
   LayerPlan plan;
-  int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
   double best_fwd = 0, best_bwd = 0;
-  for (int r : candidate_degrees(capacity)) {
-    DegreePrediction p{r, predict_layer(profile, s, r, true), predict_layer(profile, s, r, false)};
+  for (int r : candidate_degrees(s.capacity())) {
+    DegreePrediction p{r, predict_layer(profile, s, r, true, strategy), predict_layer(profile, s, r, false, strategy)};
     if (plan.candidates.empty() || p.forward_s < best_fwd) best_fwd = p.forward_s;
     if (plan.candidates.empty() || p.backward_s < best_bwd) best_bwd = p.backward_s;
     plan.candidates.push_back(p);

@@ -6,19 +6,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "moe/moe_layer.h"
 #include "perf/perf_profile.h"
 
 namespace pm {
-
-struct LayerShape {
-  int64_t tokens = 0;  // per rank
-  int64_t model_dim = 0;
-  int64_t hidden = 0;
-  int experts = 0;
-  int top_k = 1;
-  double capacity_factor = 1.0;
-  int ranks = 1;
-};
 
 struct DegreePrediction {
   int degree = 1;
@@ -34,11 +25,14 @@ struct LayerPlan {
 // 1, 2, 3, 4, 6, 8, 12, 16, as far as the capacity allows.
 std::vector<int> candidate_degrees(int64_t capacity);
 
-// Predicted seconds of one direction at one degree (balanced routing assumed).
-double predict_layer(const PerfProfile& profile, const LayerShape& shape, int degree, bool forward);
+// Predicted seconds of one direction at one degree (balanced routing assumed), by simulating the
+// strategy's own tasks.
+double predict_layer(const PerfProfile& profile, const MoeShape& shape, int degree, bool forward,
+                     const MoeStrategy& strategy = moe_strategy("ep"));
 
 // 1%: a predicted gain smaller than that is well inside the models' error.
 constexpr double kPlanTolerance = 0.01;
-LayerPlan plan_layer(const PerfProfile& profile, const LayerShape& shape, double tolerance = kPlanTolerance);
+LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& shape, double tolerance = kPlanTolerance,
+                     const MoeStrategy& strategy = moe_strategy("ep"));
 
 }  // namespace pm

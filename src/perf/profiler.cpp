@@ -9,7 +9,6 @@
 #include "core/clock.h"
 #include "core/rng.h"
 #include "core/stats.h"
-#include "kernels/cpu/gemm.h"
 #include "moe/moe_layer.h"
 #include "perf/linear_fit.h"
 #include "perf/serial_samples.h"
@@ -89,22 +88,26 @@ void samples_from_json(const std::string& text, std::vector<Sample>& out) {
 
 // Measures how the lanes slow each other, directly:
 //  - hand-off: a chain of empty tasks alternating lanes, each waiting for the previous one;
-//  - compute factor: GEMMs alone, then the same GEMMs beside a stream of all-to-alls; over the
-//    window where both ran, compute progressed (work done) / (window) of its own speed;
+//  - compute factor: expert FFNs (the layer's GEMMs) alone, then the same beside a stream of
+//    all-to-alls; over the window where both ran, compute progressed (work done) / (window) of its
+//    own speed;
 //  - comm factor: the all-to-alls' time beside the GEMMs over their time alone.
 // Medians of `repeats` runs: the machine is noisy.
-Interference measure_interference(Communicator& comm, int repeats) {
+Interference measure_interference(Communicator& comm, Backend& backend, int repeats) {
   Executor ex;
-  const int64_t M = 512, N = 1024, K = 512;
-  std::vector<float> A(M * K, 0.5f), B(K * N, 0.25f), C(M * N);
-  PackedB packed;
-  pack_b(Trans::no, K, N, B.data(), N, packed);
+  const int64_t rows = 512, M = 512, H = 1024;
+  Buffer<float> u(rows * M, 0.5f), w1(M * H, 0.25f), w2(H * M, 0.25f), b1(H, 0.0f), b2(M, 0.0f);
+  Buffer<float> hpre(rows * H), act(rows * H), y(rows * M);
+  std::unique_ptr<PackedExpert> packed = backend.new_packed_expert();
+  backend.pack_expert_forward(*packed, w1.data(), w2.data(), b1.data(), b2.data(), M, H);
   const int P = comm.size();
   const int64_t per_peer = 256 * 1024;  // floats: 1 MiB to every peer
   std::vector<float> send(per_peer * P, 1.0f), recv(per_peer * P);
   std::vector<int64_t> counts(P, per_peer), displs(P);
   for (int q = 0; q < P; ++q) displs[q] = q * per_peer;
-  auto gemms = [&](int n) { for (int i = 0; i < n; ++i) gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, C.data(), N); };
+  auto gemms = [&](int n) {
+    for (int i = 0; i < n; ++i) backend.expert_forward(*packed, rows, M, H, u.data(), hpre.data(), act.data(), y.data());
+  };
   auto a2as = [&](int n) {
     for (int i = 0; i < n; ++i) comm.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::f32);
   };
@@ -155,7 +158,7 @@ Interference measure_interference(Communicator& comm, int repeats) {
 
 }  // namespace
 
-std::vector<LayerShape> default_profile_shapes(int ranks) {
+std::vector<MoeShape> default_profile_shapes(int ranks) {
   auto experts = [&](int per_rank) { return per_rank * ranks; };
   return {
       {2048, 512, 1024, experts(4), 2, 1.25, ranks},
@@ -166,49 +169,45 @@ std::vector<LayerShape> default_profile_shapes(int ranks) {
   };
 }
 
-PerfProfile take_profile(Communicator& comm, const ProfileOptions& o) {
+PerfProfile take_profile(Communicator& comm, Backend& backend, const ProfileOptions& o) {
   PerfProfile profile;
-  profile.cluster = describe_cluster(comm);
+  profile.cluster = describe_cluster(comm, backend);
   profile.created = utc_now();
   std::vector<Sample> samples;
   std::vector<OverlapRun> overlap_runs;
   Executor serial(Executor::Mode::serial), overlapped(Executor::Mode::overlapped);
 
   for (std::size_t si = 0; si < o.shapes.size(); ++si) {
-    const LayerShape& s = o.shapes[si];
-    MoeLayerConfig config{s.model_dim, s.hidden, s.experts, s.top_k, s.capacity_factor};
-    MoeLayer layer(config, comm, serial);
-    layer.init_parameters(o.seed);
+    const MoeShape& s = o.shapes[si];
+    std::unique_ptr<MoeLayer> layer = o.strategy->make_layer(s, comm, backend);
+    layer->init_parameters(o.seed);
     std::vector<float> x(s.tokens * s.model_dim), dy(x.size()), y(x.size()), dx(x.size());
     Rng(o.seed, stream_id(1, comm.rank())).fill_normal(x.data(), x.size(), 0, 1);
     Rng(o.seed, stream_id(7, comm.rank())).fill_normal(dy.data(), dy.size(), 0, 1);
-    int64_t capacity = expert_capacity(s.top_k, s.capacity_factor, s.tokens, s.experts);
     for (int degree : o.degrees) {
-      if (degree > capacity) continue;
+      if (degree > s.capacity()) continue;
       if (o.progress && comm.rank() == 0)
-        o.progress(fmt::format("shape {}/{} (T={} M={} H={} E={} k={}), degree {}", si + 1, o.shapes.size(),
-                               s.tokens, s.model_dim, s.hidden, s.experts, s.top_k, degree));
-      layer.set_degrees(degree, degree);
+        o.progress(fmt::format("shape {}/{} ({}), degree {}", si + 1, o.shapes.size(), s.str(), degree));
+      layer->set_degrees(degree, degree);
       for (Executor* ex : {&serial, &overlapped}) {
-        layer.use_executor(*ex);
         for (int it = 0; it <= o.iters; ++it) {  // the first pass warms caches and buffers
           comm.barrier();
-          layer.zero_grads();
-          layer.forward(x.data(), s.tokens, y.data());
-          TaskGraph fwd = build_forward_graph(layer.last_sizes(true), nullptr);
+          layer->zero_grads();
+          // each pass's graph carries the rows its routing really gave every task
+          LayerPassRun fwd, bwd;
+          std::shared_ptr<MoePass> pass = forward_alone(*layer, *ex, x.data(), s.tokens, y.data(), nullptr, &fwd);
           ExecutorStats fwd_stats = ex->last_stats();
-          layer.backward(dy.data(), dx.data(), 0.01f);
-          TaskGraph bwd = build_backward_graph(layer.last_sizes(false), nullptr);
+          backward_alone(*layer, *ex, *pass, dy.data(), dx.data(), 0.01f, nullptr, &bwd);
           ExecutorStats bwd_stats = ex->last_stats();
           if (it == 0) continue;
           if (ex == &serial) {
-            collect_serial(comm, fwd, fwd_stats, samples);
-            collect_serial(comm, bwd, bwd_stats, samples);
+            collect_serial(comm, fwd.graph, fwd_stats, samples);
+            collect_serial(comm, bwd.graph, bwd_stats, samples);
           } else {
             double walls[2] = {fwd_stats.wall_s, bwd_stats.wall_s};
             comm.allreduce(walls, walls, 2, DType::f64, ReduceOp::max);
-            overlap_runs.push_back({std::move(fwd), walls[0]});
-            overlap_runs.push_back({std::move(bwd), walls[1]});
+            overlap_runs.push_back({std::move(fwd.graph), walls[0]});
+            overlap_runs.push_back({std::move(bwd.graph), walls[1]});
           }
         }
       }
@@ -218,7 +217,7 @@ PerfProfile take_profile(Communicator& comm, const ProfileOptions& o) {
   if (o.progress && comm.rank() == 0) o.progress("all-to-alls back to back: the link's cost per transfer and per byte");
   if (comm.size() > 1) measure_link(comm, samples);
   if (o.progress && comm.rank() == 0) o.progress("how the lanes slow each other");
-  Interference interference = measure_interference(comm, 5);
+  Interference interference = measure_interference(comm, backend, 5);
 
   // Rank 0 pools every rank's samples, fits, and sends the profile to all.
   std::vector<std::string> gathered = comm.gather_strings(samples_to_json(samples), 0);

@@ -1,6 +1,6 @@
 // Takes a performance profile on the ranks it runs on: runs real MoE layers of several shapes at
 // several degrees, times every task with the lanes run one after the other (serial executor), fits
-// each task kind's linear model, then fits the interference factors so that simulated overlapped
+// each cost class's linear model, then fits the interference factors so that simulated overlapped
 // runs match measured ones. Collective: every rank calls it and gets the same profile.
 #pragma once
 
@@ -14,7 +14,8 @@
 namespace pm {
 
 struct ProfileOptions {
-  std::vector<LayerShape> shapes;
+  std::vector<MoeShape> shapes;
+  const MoeStrategy* strategy = &moe_strategy("ep");
   std::vector<int> degrees = {1, 2, 4, 8};
   int iters = 3;
   uint64_t seed = 1;
@@ -23,8 +24,8 @@ struct ProfileOptions {
 
 // Shapes that span the range `bench layer` uses: small and large model and hidden dimensions,
 // top-1 and top-2, one and several local experts.
-std::vector<LayerShape> default_profile_shapes(int ranks);
+std::vector<MoeShape> default_profile_shapes(int ranks);
 
-PerfProfile take_profile(Communicator& comm, const ProfileOptions& options);
+PerfProfile take_profile(Communicator& comm, Backend& backend, const ProfileOptions& options);
 
 }  // namespace pm

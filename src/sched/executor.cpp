@@ -21,7 +21,7 @@ double ExecutorStats::cost_busy(const std::string& cost) const {
 }
 
 Executor::Executor(Mode mode) : mode_(mode) {
-  if (mode_ == Mode::overlapped) lane_thread(lanes::comm);  // posted jobs run there
+  if (mode_ == Mode::overlapped) lane_thread(lanes::comm);  // every pass of a layer needs it: start it now
 }
 
 Executor::~Executor() {
@@ -71,15 +71,11 @@ Executor::LaneThread& Executor::lane_thread(Lane lane) {
 void Executor::lane_thread_main(LaneThread& self) {
   // only the lane that waits for the network; a copy lane does CPU work and must not preempt
   if (self.lane == lanes::comm) prioritize_this_thread();
-  const bool runs_jobs = self.lane == lanes::comm;
   long seen = 0;
   std::unique_lock lock(mutex_);
   while (true) {
-    changed_.wait(lock, [&] { return stopping_ || (runs_jobs && !jobs_.empty()) || generation_ != seen; });
+    changed_.wait(lock, [&] { return stopping_ || generation_ != seen; });
     if (stopping_) return;
-    // jobs posted before a graph's run() precede its communication tasks
-    if (runs_jobs) run_posted_jobs(lock);
-    if (generation_ == seen) continue;
     seen = generation_;
     if (!self.running) continue;
     lock.unlock();
@@ -88,54 +84,6 @@ void Executor::lane_thread_main(LaneThread& self) {
     self.running = false;
     changed_.notify_all();
   }
-}
-
-void Executor::run_posted_jobs(std::unique_lock<std::mutex>& lock) {
-  while (!jobs_.empty()) {
-    PostedJob job = std::move(jobs_.front());
-    jobs_.pop_front();
-    if (job_error_) continue;  // the communicator is in an unknown state: skip, drain() reports
-    job_running_ = true;
-    lock.unlock();
-    std::exception_ptr error;
-    double start = now_s();
-    try {
-      job.run();
-    } catch (...) {
-      error = std::current_exception();
-    }
-    if (job.trace) job.trace->add({job.name, job.trace->category(), lanes::comm.id, start, now_s()});
-    lock.lock();
-    job_running_ = false;
-    if (error && !job_error_) job_error_ = error;
-    changed_.notify_all();
-  }
-}
-
-void Executor::post(std::string name, std::function<void()> job, Trace* trace) {
-  if (mode_ == Mode::serial) {
-    double start = now_s();
-    job();
-    if (trace) trace->add({name, trace->category(), lanes::comm.id, start, now_s()});
-    return;
-  }
-  {
-    std::lock_guard lock(mutex_);
-    jobs_.push_back({std::move(name), std::move(job), trace});
-  }
-  changed_.notify_all();
-}
-
-double Executor::drain() {
-  const double start = now_s();
-  std::unique_lock lock(mutex_);
-  changed_.wait(lock, [&] { return jobs_.empty() && !job_running_; });
-  if (job_error_) {
-    std::exception_ptr error = job_error_;
-    job_error_ = nullptr;
-    std::rethrow_exception(error);
-  }
-  return now_s() - start;
 }
 
 void Executor::record(int id, double start_s, double end_s, double cpu_s) {
@@ -196,7 +144,6 @@ void Executor::run(TaskGraph& graph, Trace* trace) {
   const double start = now_s();
   {
     std::lock_guard lock(mutex_);
-    if (job_error_) std::rethrow_exception(job_error_);  // a posted job failed: the communicator is unusable
     graph_ = &graph;
     trace_ = trace;
     queues_.emplace(graph, mode_ == Mode::serial);

@@ -10,7 +10,6 @@
 #pragma once
 
 #include <condition_variable>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <map>
@@ -59,14 +58,6 @@ class Executor {
   void run(TaskGraph& graph, Trace* trace = nullptr);
   Mode mode() const { return mode_; }
 
-  // Background communication outside any graph, such as a bucket of gradients to all-reduce while
-  // the backward goes on. The job runs on the communication thread after every job posted before
-  // it and before the communication tasks of any graph run after it: the same program order on
-  // every rank, so collectives match. The caller must not use the communicator itself until
-  // drain() returns. Serial mode runs it at once.
-  void post(std::string name, std::function<void()> job, Trace* trace = nullptr);
-  // Waits for every posted job; returns the seconds spent waiting. Rethrows a job's error.
-  double drain();
   const ExecutorStats& last_stats() const { return stats_; }
 
  private:
@@ -77,7 +68,6 @@ class Executor {
   };
   LaneThread& lane_thread(Lane lane);
   void lane_thread_main(LaneThread& self);
-  void run_posted_jobs(std::unique_lock<std::mutex>& lock);
   void run_lane(Lane lane);
   void record(int id, double start_s, double end_s, double cpu_s);
   bool all_lanes_done() const;
@@ -88,15 +78,6 @@ class Executor {
   bool stopping_ = false;
   long generation_ = 0;  // counts graphs: wakes the lane threads for a new one
   std::map<int, std::unique_ptr<LaneThread>> threads_;  // by lane id; never the compute lane
-
-  struct PostedJob {
-    std::string name;
-    std::function<void()> run;
-    Trace* trace;
-  };
-  std::deque<PostedJob> jobs_;  // guarded by mutex_; run by the communication lane's thread
-  bool job_running_ = false;
-  std::exception_ptr job_error_;
 
   // State of the graph being run, guarded by mutex_.
   TaskGraph* graph_ = nullptr;

@@ -48,8 +48,8 @@ TEST(Executor, CommunicationLaneOverlapsCompute) {
   // the two tasks ran at the same time: each started before the other ended
   EXPECT_LT(events[0].start_s, events[1].end_s);
   EXPECT_LT(events[1].start_s, events[0].end_s);
-  EXPECT_GT(ex.last_stats().busy_s[0], 0.05);
-  EXPECT_GT(ex.last_stats().busy_s[1], 0.05);
+  EXPECT_GT(ex.last_stats().busy(lanes::compute), 0.05);
+  EXPECT_GT(ex.last_stats().busy(lanes::comm), 0.05);
 }
 
 TEST(Executor, ATaskErrorReachesTheCallerAndTheExecutorStaysUsable) {
@@ -67,45 +67,41 @@ TEST(Executor, ATaskErrorReachesTheCallerAndTheExecutorStaysUsable) {
   EXPECT_TRUE(ran);
 }
 
-TEST(Executor, PostedJobsRunInOrderBeforeLaterGraphsAndOverlapTheCaller) {
+TEST(Executor, TheCommunicationLaneRunsItsTasksInTheOrderAddedEvenWhenALaterOneIsReady) {
+  // Collectives must be issued in the same order on every rank: a ready later task does not
+  // overtake an earlier one that waits for compute. The compute lane takes any ready task.
   for (auto mode : {Executor::Mode::overlapped, Executor::Mode::serial}) {
     Executor ex(mode);
     std::mutex m;
     std::vector<std::string> order;
-    auto log = [&](std::string s) { std::lock_guard l(m); order.push_back(std::move(s)); };
-    std::atomic<bool> job_running{false}, caller_saw_job_running{false};
-    ex.post("first", [&] {
-      job_running = true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      log("first");
-      job_running = false;
-    });
-    ex.post("second", [&] { log("second"); });
-    // the caller goes on while the jobs run (overlapped mode)
-    for (int i = 0; i < 200 && !caller_saw_job_running; ++i) {
-      caller_saw_job_running = job_running.load();
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
+    auto log = [&](std::string s) { return [&, s] { std::lock_guard l(m); order.push_back(s); }; };
     TaskGraph g;
-    g.add({"graph comm", lanes::comm, "other", -1, {}, {}, [&] { log("graph comm"); }});
+    int slow = g.add({"slow compute", lanes::compute, "other", -1, {}, {},
+                      [&] { std::this_thread::sleep_for(std::chrono::milliseconds(30)); log("slow compute")(); }});
+    g.add({"first collective", lanes::comm, "other", -1, {}, {slow}, log("first collective")});
+    g.add({"second collective", lanes::comm, "other", -1, {}, {}, log("second collective")});
     ex.run(g);
-    ex.post("third", [&] { log("third"); });
-    ex.drain();
-    EXPECT_EQ(order, (std::vector<std::string>{"first", "second", "graph comm", "third"}));
-    if (mode == Executor::Mode::overlapped) EXPECT_TRUE(caller_saw_job_running);
+    EXPECT_EQ(order, (std::vector<std::string>{"slow compute", "first collective", "second collective"}));
   }
 }
 
-TEST(Executor, APostedJobErrorReachesDrainAndLaterJobsAreSkipped) {
+TEST(Executor, ALaneBeyondTheStandardOnesRunsOnAThreadOfItsOwn) {
+  static const Lane stream = add_lane("test stream", false);
+  EXPECT_EQ(lane_name(stream), "test stream");
   Executor ex;
-  bool later = false;
-  ex.post("bad", [] { throw Error(ErrorKind::comm, "peer gone"); });
-  ex.post("later", [&] { later = true; });
-  EXPECT_THROW(ex.drain(), Error);
-  EXPECT_FALSE(later);
-  ex.post("ok", [&] { later = true; });
-  ex.drain();
-  EXPECT_TRUE(later);
+  Trace trace;
+  TaskGraph g;
+  auto sleep_ms = [](int ms) { return [ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }; };
+  g.add({"on the stream", stream, "other", -1, {}, {}, sleep_ms(60)});
+  g.add({"on the copy lane", lanes::copy, "other", -1, {}, {}, sleep_ms(60)});
+  g.add({"compute", lanes::compute, "other", -1, {}, {}, sleep_ms(60)});
+  ex.run(g, &trace);
+  auto events = trace.events();
+  ASSERT_EQ(events.size(), 3u);
+  for (const auto& a : events)
+    for (const auto& b : events) EXPECT_LT(a.start_s, b.end_s) << a.name << " and " << b.name << " overlapped";
+  EXPECT_GT(ex.last_stats().busy(stream), 0.05);
+  EXPECT_GT(ex.last_stats().busy(lanes::copy), 0.05);
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ PerfProfile synthetic_profile(double link_s_per_mb, double gflops, double fixed_
   return p;
 }
 
-const LayerShape kShape{2048, 512, 1024, 8, 2, 1.25, 2};
+const MoeShape kShape{2048, 512, 1024, 8, 2, 1.25, 2};
 
 TEST(Profile, JsonRoundTripAndValidation) {
   PerfProfile p = synthetic_profile(8e-3, 100);

@@ -90,8 +90,8 @@ TEST(Layout, SegmentsMoveEveryRowOfAChunkToItsPlace) {
       for (int le = 0; le < local; ++le)
         for (int64_t i = 0; i < filled[q * local + le]; ++i) src[wire.position(q, le, i)] = q * 100 + le * 10 + i;
     for (int c = 0; c < degree; ++c) {
-      copy_rows(src.data(), dst.data(), 1, chunk_segments(wire, compute, c));
-      copy_rows(dst.data(), canon.data(), 1, chunk_segments(compute, canonical, c));
+      cpu_backend().copy_rows(src.data(), dst.data(), 1, chunk_segments(wire, compute, c));
+      cpu_backend().copy_rows(dst.data(), canon.data(), 1, chunk_segments(compute, canonical, c));
     }
     for (int q = 0; q < peers; ++q)
       for (int le = 0; le < local; ++le)

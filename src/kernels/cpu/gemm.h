@@ -17,10 +17,9 @@
 #include <string>
 
 #include "core/aligned.h"
+#include "kernels/backend.h"
 
 namespace pm {
-
-enum class Trans { no, yes };
 
 // op(B)[K, N], packed: panel p holds columns [64p, 64p + 64) as [K][width_p], width_p = 64 except
 // for the last panel (the remaining columns rounded up to 16, zero-padded).

@@ -10,6 +10,10 @@
 namespace pm {
 namespace {
 
+// Set on the pool's workers and on a thread while its call runs: a kernel that calls
+// parallel_for from inside a parallel part runs that part inline.
+thread_local bool t_in_pool = false;
+
 class Pool {
  public:
   ~Pool() { resize(1); }
@@ -36,10 +40,14 @@ class Pool {
 
   void run(int64_t count, const std::function<void(int64_t, int64_t)>& fn) {
     int parts = static_cast<int>(std::min<int64_t>(size_, count));
-    if (parts <= 1) {
+    if (parts <= 1 || t_in_pool) {
       fn(0, count);
       return;
     }
+    // Ranks run as threads of one process (tests) call kernels at the same time: they take turns
+    // with the whole pool. Results do not depend on who goes first.
+    std::lock_guard turn(run_mutex_);
+    t_in_pool = true;
     {
       std::lock_guard lock(mutex_);
       fn_ = &fn;
@@ -53,10 +61,12 @@ class Pool {
     std::unique_lock lock(mutex_);
     done_.wait(lock, [&] { return pending_ == 0; });
     fn_ = nullptr;
+    t_in_pool = false;
   }
 
  private:
   void worker(int index, long seen) {
+    t_in_pool = true;
     while (true) {
       std::unique_lock lock(mutex_);
       wake_.wait(lock, [&] { return generation_ != seen; });
@@ -72,6 +82,7 @@ class Pool {
     }
   }
 
+  std::mutex run_mutex_;  // one call at a time
   std::mutex mutex_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;

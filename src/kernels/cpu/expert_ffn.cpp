@@ -1,4 +1,4 @@
-#include "moe/expert_ffn.h"
+#include "kernels/cpu/expert_ffn.h"
 
 #include "core/error.h"
 #include "kernels/cpu/elementwise.h"

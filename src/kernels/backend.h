@@ -1,0 +1,160 @@
+// The backend seam: where a rank's memory lives and which kernels run on it.
+//
+// moe/ and model/ see only this header: they allocate through a Backend (Buffer<T>) and call its
+// kernels, never a CPU function directly. The CPU backend (kernels/cpu) is the first
+// implementation; a CUDA backend (kernels/cuda: cuBLAS, device kernels, managed memory) will
+// implement the same table. Every kernel here is deterministic: the same inputs give the same bits
+// whatever the thread count, the rows' positions, or how a pass is split into pipeline chunks.
+//
+// Shapes are row-major and named in the comments; pointers are to the backend's memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace pm {
+
+enum class Trans { no, yes };
+
+// One expert's FFN weights laid out for this backend's GEMMs: packed once per pass, reused by
+// every pipeline chunk. Opaque outside the backend.
+class PackedExpert {
+ public:
+  virtual ~PackedExpert() = default;
+};
+
+// Where an expert's weight gradients go (added to): w1 [M, H], b1 [H], w2 [H, M], b2 [M].
+struct ExpertGrads {
+  float* w1;
+  float* b1;
+  float* w2;
+  float* b2;
+};
+
+// Rows of one expert's saved tensors, in the order the weight gradients sum them (canonical:
+// peer, then row), each pointing wherever the pipeline chunks left it.
+struct ExpertRows {
+  std::vector<const float*> u, act;     // forward: inputs [M], GeLU outputs [H]
+  std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H], output grads [M]
+};
+
+// A run of rows copied from one buffer to another.
+struct RowRun {
+  int64_t src_row, dst_row, rows;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;    // e.g. "cpu (avx512, 2 threads)"
+  virtual Device device() const = 0;
+  virtual int threads() const = 0;         // compute threads one kernel call uses
+
+  // Memory. Buffers of the CPU backend are the host's; a device backend hands out memory the
+  // host can also address (managed memory), so Buffer<T> works the same on both.
+  virtual void* allocate(std::size_t bytes) = 0;
+  virtual void deallocate(void* data) = 0;
+
+  // ---- dense linear algebra and rows ---------------------------------------------------------
+  // C[M, N] = beta * C + op(A)[M, K] op(B)[K, N], beta 0 or 1. op(A) = A[M, K] (lda >= K) or,
+  // with Trans::yes, the transpose of A[K, M] (lda >= M); likewise B. Each element is one
+  // multiply-add chain over k in order.
+  virtual void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) = 0;
+  // rows[n, width] = bias[width] in every row.
+  virtual void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) = 0;
+  // sums[width] += sum over the n rows of rows[n, width], in row order.
+  virtual void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) = 0;
+  // y[n] += alpha * x[n]
+  virtual void axpy(float alpha, const float* x, float* y, int64_t n) = 0;
+  // dst rows from src rows, width floats each, run by run.
+  virtual void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowRun>& runs) = 0;
+
+  // ---- activations and normalisation -----------------------------------------------------------
+  // out[n] = GeLU(in[n]) (exact erf form); grad_in[n] = grad_out[n] * GeLU'(in[n]).
+  virtual void gelu_forward(const float* in, float* out, int64_t n) = 0;
+  virtual void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) = 0;
+  // probs[rows, cols] = softmax(logits) per row; dlogits = probs * (dprobs - <probs, dprobs>).
+  virtual void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) = 0;
+  virtual void softmax_rows_backward(const float* probs, const float* dprobs, float* dlogits, int64_t rows,
+                                     int64_t cols) = 0;
+  // index[rows, k], value[rows, k]: each row's k largest values, largest first, ties to the lower index.
+  virtual void topk_rows(const float* values, int64_t rows, int64_t cols, int k, int32_t* index, float* value) = 0;
+  // y = (x - mean) / sqrt(var + eps) * gamma + beta over rows of D; keeps mean[rows], rstd[rows].
+  virtual void layernorm_forward(const float* x, const float* gamma, const float* beta, int64_t rows, int64_t D,
+                                 float eps, float* y, float* mean, float* rstd) = 0;
+  // dx overwritten; dgamma, dbeta added to.
+  virtual void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd,
+                                  const float* dy, int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta) = 0;
+
+  // ---- attention and loss (see kernels/cpu/attention.h for the layouts) ------------------------
+  virtual void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
+                                 float* out) = 0;
+  virtual void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
+                                  int64_t heads, int64_t hd, float* dqkv) = 0;
+  // losses[rows] (nats); dlogits[rows, V] = (softmax - onehot) * scale when not null.
+  virtual void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
+                             float* dlogits, float scale) = 0;
+
+  // ---- MoE: moving token rows to expert slots and back -----------------------------------------
+  // position[t * k + j]: the slot row of token t's choice j, -1 when dropped.
+  //   dispatch: slots[position] = x[t];  combine: y[t] = sum_j gate[t, j] * slots[position] (j in order)
+  virtual void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, float* slots) = 0;
+  virtual void combine_rows(const float* slots, const float* gate, int64_t T, int64_t M, int k,
+                            const int64_t* position, float* y) = 0;
+  // dx[t] += sum_j dslots[position] (j in order)
+  virtual void dispatch_rows_backward(const float* dslots, int64_t T, int64_t M, int k, const int64_t* position,
+                                      float* dx) = 0;
+  // dslots[position] = gate[t, j] * dy[t]
+  virtual void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
+                                           const int64_t* position, float* dslots) = 0;
+  // dgate[t, j] = <dy[t], slots[position]> (0 for dropped choices)
+  virtual void combine_rows_backward_gate(const float* dy, const float* slots, int64_t T, int64_t M, int k,
+                                          const int64_t* position, float* dgate) = 0;
+
+  // ---- MoE: one expert's FFN on a block of rows: GeLU(u W1 + b1) W2 + b2 -----------------------
+  virtual std::unique_ptr<PackedExpert> new_packed_expert() = 0;
+  // W1 [M, H], W2 [H, M], b1 [H], b2 [M] (the biases are read at run time, not copied).
+  virtual void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1,
+                                   const float* b2, int64_t M, int64_t H) = 0;
+  virtual void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) = 0;
+  // hpre[rows, H] = u W1 + b1; act = GeLU(hpre); y[rows, M] = act W2 + b2.
+  virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* u,
+                              float* hpre, float* act, float* y) = 0;
+  // dhpre[rows, H] = (dy W2^T) * GeLU'(hpre); du[rows, M] = dhpre W1^T. hpre_rows[i] points at
+  // row i's pre-activation wherever the forward left it.
+  virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
+                                     const float* const* hpre_rows, float* dhpre, float* du) = 0;
+  // grads.w2 += act^T dy, b2 += colsum(dy), w1 += u^T dhpre, b1 += colsum(dhpre), over the rows in
+  // order: the same bits whatever pipeline degrees produced them.
+  virtual void expert_weight_grads(const ExpertGrads& grads, int64_t M, int64_t H, const ExpertRows& rows) = 0;
+};
+
+// The CPU backend (kernels/cpu): the engine's own AVX-512/AVX2/scalar kernels.
+Backend& cpu_backend();
+
+// An allocator that takes memory from a backend, so that standard containers hold backend memory.
+template <typename T>
+struct BackendAllocator {
+  using value_type = T;
+  Backend* backend;
+  BackendAllocator() : backend(&cpu_backend()) {}
+  explicit BackendAllocator(Backend& b) : backend(&b) {}
+  template <typename U>
+  BackendAllocator(const BackendAllocator<U>& other) : backend(other.backend) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(backend->allocate(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t) { backend->deallocate(p); }
+  template <typename U>
+  bool operator==(const BackendAllocator<U>& other) const { return backend == other.backend; }
+};
+
+// A resizable buffer of a backend's memory (64-byte aligned).
+template <typename T>
+using Buffer = std::vector<T, BackendAllocator<T>>;
+
+}  // namespace pm

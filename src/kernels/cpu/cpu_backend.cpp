@@ -1,0 +1,137 @@
+// The CPU backend: the Backend table (kernels/backend.h) filled with the engine's own CPU kernels.
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/expert_ffn.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace pm {
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu (" + gemm_isa() + ", " + std::to_string(threads()) + " threads)"; }
+  Device device() const override { return Device::cpu; }
+  int threads() const override { return compute_threads(); }
+
+  void* allocate(std::size_t bytes) override {
+    constexpr std::size_t alignment = 64;  // whole cache lines for the vector kernels
+    std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+    void* p = std::aligned_alloc(alignment, rounded == 0 ? alignment : rounded);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void deallocate(void* data) override { std::free(data); }
+
+  void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+            int64_t ldb, float beta, float* C, int64_t ldc) override {
+    pm::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+  void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) override { pm::fill_rows(rows, n, width, bias); }
+  void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) override {
+    pm::add_column_sums(rows, n, width, sums);
+  }
+  void axpy(float alpha, const float* x, float* y, int64_t n) override { pm::axpy(alpha, x, y, n); }
+  void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowRun>& runs) override {
+    for (const RowRun& r : runs) {
+      if (src + r.src_row * width == dst + r.dst_row * width) continue;  // same memory
+      std::memcpy(dst + r.dst_row * width, src + r.src_row * width, r.rows * width * sizeof(float));
+    }
+  }
+
+  void gelu_forward(const float* in, float* out, int64_t n) override { pm::gelu_forward(in, out, n); }
+  void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) override {
+    pm::gelu_backward(in, grad_out, grad_in, n);
+  }
+  void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) override {
+    pm::softmax_rows(logits, probs, rows, cols);
+  }
+  void softmax_rows_backward(const float* probs, const float* dprobs, float* dlogits, int64_t rows,
+                             int64_t cols) override {
+    pm::softmax_rows_backward(probs, dprobs, dlogits, rows, cols);
+  }
+  void topk_rows(const float* values, int64_t rows, int64_t cols, int k, int32_t* index, float* value) override {
+    pm::topk_rows(values, rows, cols, k, index, value);
+  }
+  void layernorm_forward(const float* x, const float* gamma, const float* beta, int64_t rows, int64_t D, float eps,
+                         float* y, float* mean, float* rstd) override {
+    pm::layernorm_forward(x, gamma, beta, rows, D, eps, y, mean, rstd);
+  }
+  void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd, const float* dy,
+                          int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta) override {
+    pm::layernorm_backward(x, gamma, mean, rstd, dy, rows, D, dx, dgamma, dbeta);
+  }
+
+  void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
+                         float* out) override {
+    pm::attention_forward(qkv, B, S, heads, hd, probs, out);
+  }
+  void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
+                          int64_t heads, int64_t hd, float* dqkv) override {
+    pm::attention_backward(qkv, probs, dout, B, S, heads, hd, dqkv);
+  }
+  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
+                     float* dlogits, float scale) override {
+    pm::cross_entropy(logits, targets, rows, V, losses, dlogits, scale);
+  }
+
+  void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, float* slots) override {
+    pm::dispatch_rows(x, T, M, k, position, slots);
+  }
+  void combine_rows(const float* slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position,
+                    float* y) override {
+    pm::combine_rows(slots, gate, T, M, k, position, y);
+  }
+  void dispatch_rows_backward(const float* dslots, int64_t T, int64_t M, int k, const int64_t* position,
+                              float* dx) override {
+    pm::dispatch_rows_backward(dslots, T, M, k, position, dx);
+  }
+  void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
+                                   const int64_t* position, float* dslots) override {
+    pm::combine_rows_backward_slots(dy, gate, T, M, k, position, dslots);
+  }
+  void combine_rows_backward_gate(const float* dy, const float* slots, int64_t T, int64_t M, int k,
+                                  const int64_t* position, float* dgate) override {
+    pm::combine_rows_backward_gate(dy, slots, T, M, k, position, dgate);
+  }
+
+  std::unique_ptr<PackedExpert> new_packed_expert() override { return std::make_unique<ExpertWeights>(); }
+  void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1, const float* b2,
+                           int64_t M, int64_t H) override {
+    auto& w = static_cast<ExpertWeights&>(packed);
+    w.pack_forward(w1, w2, M, H);
+    w.b1 = b1;
+    w.b2 = b2;
+  }
+  void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) override {
+    static_cast<ExpertWeights&>(packed).pack_backward(w1, w2, M, H);
+  }
+  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* u, float* hpre,
+                      float* act, float* y) override {
+    pm::expert_forward(static_cast<const ExpertWeights&>(packed), rows, M, H, u, hpre, act, y);
+  }
+  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
+                             const float* const* hpre_rows, float* dhpre, float* du) override {
+    pm::expert_backward_input(static_cast<const ExpertWeights&>(packed), rows, M, H, dy, hpre_rows, dhpre, du);
+  }
+  void expert_weight_grads(const ExpertGrads& grads, int64_t M, int64_t H, const ExpertRows& rows) override {
+    pm::expert_weight_grads(grads, M, H, rows);
+  }
+};
+
+}  // namespace
+
+Backend& cpu_backend() {
+  static CpuBackend backend;
+  return backend;
+}
+
+}  // namespace pm

@@ -1,0 +1,123 @@
+#include "moe/dispatcher.h"
+
+#include "core/error.h"
+
+namespace pm {
+
+Dispatcher::Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width)
+    : group_(group), backend_(backend), local_experts_(local_experts), width_(width) {}
+
+std::vector<int64_t> Dispatcher::choice_positions(const Routing& routing, const BlockLayout& layout) const {
+  const int k = routing.top_k;
+  std::vector<int64_t> pos(routing.tokens * k, -1);
+  for (int64_t i = 0; i < routing.tokens * k; ++i) {
+    int32_t s = routing.slot[i];
+    if (s < 0) continue;
+    int32_t e = routing.expert[i];
+    pos[i] = layout.position(e / local_experts_, e % local_experts_, s);
+  }
+  return pos;
+}
+
+DispatchHandle Dispatcher::layout(const Routing& routing, int degree) const {
+  PM_CHECK(routing.experts == group_.size() * local_experts_, "routing over {} experts, the group holds {}",
+           routing.experts, group_.size() * local_experts_);
+  DispatchHandle h;
+  h.degree = degree;
+  h.tokens = routing.tokens;
+  h.top_k = routing.top_k;
+  h.send_counts = routing.count;  // expert e = q * El + le: already [P, El]
+  h.tokens_wire = make_block_layout(h.send_counts, group_.size(), local_experts_, degree, BlockOrder::wire);
+  h.positions = choice_positions(routing, h.tokens_wire);
+  return h;
+}
+
+void Dispatcher::exchange_counts(DispatchHandle& h) {
+  const int P = group_.size(), El = local_experts_;
+  std::vector<int64_t> counts(P, El), displs(P);
+  for (int q = 0; q < P; ++q) displs[q] = q * El;
+  h.recv_counts.assign(P * El, 0);
+  group_.alltoallv(h.send_counts.data(), counts, displs, h.recv_counts.data(), counts, displs, DType::i64);
+  h.experts_wire = make_block_layout(h.recv_counts, P, El, h.degree, BlockOrder::wire);
+  h.experts_compute = make_block_layout(h.recv_counts, P, El, h.degree, BlockOrder::compute);
+  h.exchanged = true;
+}
+
+DispatchHandle Dispatcher::with_degree(const DispatchHandle& from, const Routing& routing, int degree) const {
+  PM_CHECK(from.exchanged, "a layout for another degree needs the exchanged counts");
+  const int P = group_.size(), El = local_experts_;
+  DispatchHandle h;
+  h.degree = degree;
+  h.tokens = from.tokens;
+  h.top_k = from.top_k;
+  h.send_counts = from.send_counts;
+  h.recv_counts = from.recv_counts;
+  h.tokens_wire = make_block_layout(h.send_counts, P, El, degree, BlockOrder::wire);
+  h.positions = choice_positions(routing, h.tokens_wire);  // the same slots, in the new layout
+  h.experts_wire = make_block_layout(h.recv_counts, P, El, degree, BlockOrder::wire);
+  h.experts_compute = make_block_layout(h.recv_counts, P, El, degree, BlockOrder::compute);
+  h.exchanged = true;
+  return h;
+}
+
+void Dispatcher::pack(const float* x, const DispatchHandle& h, float* send) const {
+  backend_.dispatch_rows(x, h.tokens, width_, h.top_k, h.positions.data(), send);
+}
+
+void Dispatcher::pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, float* send) const {
+  backend_.combine_rows_backward_slots(dy, gate, h.tokens, width_, h.top_k, h.positions.data(), send);
+}
+
+void Dispatcher::all_to_all_rows(const float* send, const BlockLayout& from, float* recv, const BlockLayout& to,
+                                 int chunk) {
+  const int P = group_.size();
+  std::vector<int64_t> send_counts(P), send_displs(P), recv_counts(P), recv_displs(P);
+  for (int q = 0; q < P; ++q) {
+    send_counts[q] = from.peer_chunk_rows(chunk, q) * width_;
+    send_displs[q] = from.block_offset(chunk, q, 0) * width_;
+    recv_counts[q] = to.peer_chunk_rows(chunk, q) * width_;
+    recv_displs[q] = to.block_offset(chunk, q, 0) * width_;
+  }
+  group_.alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, DType::f32);
+}
+
+void Dispatcher::dispatch_chunk(const DispatchHandle& h, int chunk, const float* send, float* recv) {
+  all_to_all_rows(send, h.tokens_wire, recv, h.experts_wire, chunk);
+}
+
+void Dispatcher::combine_chunk(const DispatchHandle& h, int chunk, const float* rows, float* back) {
+  all_to_all_rows(rows, h.experts_wire, back, h.tokens_wire, chunk);
+}
+
+void Dispatcher::unpack(const float* back, const float* gate, const DispatchHandle& h, float* y) const {
+  backend_.combine_rows(back, gate, h.tokens, width_, h.top_k, h.positions.data(), y);
+}
+
+void Dispatcher::unpack_sum(const float* back, const DispatchHandle& h, float* dx) const {
+  backend_.dispatch_rows_backward(back, h.tokens, width_, h.top_k, h.positions.data(), dx);
+}
+
+Buffer<float> Dispatcher::dispatch(const float* x, DispatchHandle& h) {
+  if (!h.exchanged) exchange_counts(h);
+  Buffer<float> send(h.tokens_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
+  Buffer<float> wire(h.experts_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
+  Buffer<float> rows(h.experts_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
+  pack(x, h, send.data());
+  for (int c = 0; c < h.degree; ++c) {
+    dispatch_chunk(h, c, send.data(), wire.data());
+    backend_.copy_rows(wire.data(), rows.data(), width_, chunk_segments(h.experts_wire, h.experts_compute, c));
+  }
+  return rows;
+}
+
+void Dispatcher::combine(const Buffer<float>& rows, const float* gate, const DispatchHandle& h, float* y) {
+  Buffer<float> wire(h.experts_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
+  Buffer<float> back(h.tokens_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
+  for (int c = 0; c < h.degree; ++c) {
+    backend_.copy_rows(rows.data(), wire.data(), width_, chunk_segments(h.experts_compute, h.experts_wire, c));
+    combine_chunk(h, c, wire.data(), back.data());
+  }
+  unpack(back.data(), gate, h, y);
+}
+
+}  // namespace pm

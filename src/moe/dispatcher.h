@@ -1,0 +1,88 @@
+// Dispatch and combine: moving token rows to the ranks that hold their experts and back, a
+// reusable piece in the spirit of DeepEP's buffer (get the layout from the routing, dispatch(x)
+// gives the received rows and a handle, combine(rows, handle) gives the tokens' outputs).
+//
+//   DispatchHandle h = dispatcher.layout(routing, degree);  // token side, from the routing
+//   dispatcher.exchange_counts(h);                           // expert side: the group's counts
+//   Buffer<float> rows = dispatcher.dispatch(x, h);          // rows for this rank's experts
+//   ... compute on rows (compute order: each local expert's rows contiguous) ...
+//   dispatcher.combine(rows, gate, h, y);                    // y[t] = sum_j gate * out[t, j]
+//
+// The expert-parallel layer pipelines the same pieces chunk by chunk on two lanes (pack,
+// dispatch_chunk, combine_chunk, unpack), ScMoE's shortcut runs them beside the dense block, and
+// the backward sends gradients the same way. Only filled slots travel: a chunk's all-to-all is
+// full width (every peer, every local expert) with 1/degree of each block's rows.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kernels/backend.h"
+#include "moe/routing.h"
+
+namespace pm {
+
+// Where every row of one pass sits, for one pipeline degree.
+struct DispatchHandle {
+  int degree = 1;
+  int64_t tokens = 0;
+  int top_k = 1;
+  std::vector<int64_t> send_counts;  // [P, El] rows this rank sends to each (rank, local expert)
+  std::vector<int64_t> recv_counts;  // [P, El] rows each rank sends to this rank's experts (after exchange)
+  BlockLayout tokens_wire;           // this rank's rows in the send buffer, wire order
+  BlockLayout experts_wire;          // rows for this rank's experts as the all-to-all delivers them
+  BlockLayout experts_compute;       // the same rows, each (chunk, local expert) contiguous: one GEMM
+  std::vector<int64_t> positions;    // [T, k] row of each kept choice in tokens_wire; -1 dropped
+  bool exchanged = false;            // recv_counts and the expert side are known
+};
+
+class Dispatcher {
+ public:
+  // width: floats per row (the model dimension M).
+  Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width);
+
+  // The token side of a pass's layout from its routing: no communication.
+  DispatchHandle layout(const Routing& routing, int degree) const;
+  // Exchanges the per-expert row counts with the group and lays out the expert side. Collective.
+  void exchange_counts(DispatchHandle& handle);
+  // The same rows (of the same routing) pipelined with another degree (the backward's): no
+  // communication.
+  DispatchHandle with_degree(const DispatchHandle& handle, const Routing& routing, int degree) const;
+
+  // ---- the pieces a pipeline schedules ---------------------------------------------------------
+  // send[tokens_wire rows, M]: token rows (x[T, M]) at their choices' places.
+  void pack(const float* x, const DispatchHandle& h, float* send) const;
+  // send = gate[t, j] * dy[t] at the choices' places (the combine's backward).
+  void pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, float* send) const;
+  // Chunk `chunk` of the token side to the expert side: send (tokens_wire) -> recv (experts_wire).
+  // Collective.
+  void dispatch_chunk(const DispatchHandle& h, int chunk, const float* send, float* recv);
+  // Chunk `chunk` back: rows (experts_wire) -> back (tokens_wire). Collective.
+  void combine_chunk(const DispatchHandle& h, int chunk, const float* rows, float* back);
+  // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
+  void unpack(const float* back, const float* gate, const DispatchHandle& h, float* y) const;
+  // dx[t] += sum_j back[choice (t, j)] (the dispatch's backward).
+  void unpack_sum(const float* back, const DispatchHandle& h, float* dx) const;
+
+  // ---- a whole pass at once -----------------------------------------------------------------------
+  // Rows for this rank's experts in compute order (exchanges counts if not done).
+  Buffer<float> dispatch(const float* x, DispatchHandle& h);
+  // The experts' outputs (compute order) back to their tokens, weighted by the gate values.
+  void combine(const Buffer<float>& rows, const float* gate, const DispatchHandle& h, float* y);
+
+  Communicator& group() { return group_; }
+  int local_experts() const { return local_experts_; }
+
+ private:
+  // All-to-all of one chunk from layout `from` in `send` to layout `to` in `recv` (rows of width).
+  void all_to_all_rows(const float* send, const BlockLayout& from, float* recv, const BlockLayout& to, int chunk);
+  std::vector<int64_t> choice_positions(const Routing& routing, const BlockLayout& token_layout) const;
+
+  Communicator& group_;
+  Backend& backend_;
+  int local_experts_;
+  int64_t width_;
+};
+
+}  // namespace pm

@@ -1,0 +1,69 @@
+// The expert-parallel layer's schedules, defined once: the layer runs these tasks with its work
+// bound to them, and the planner simulates the very same tasks with predicted durations.
+//
+// Forward, degree r (insertion order = priority on each lane; every task after `after`):
+//   compute: gate -> pack -> pack_weights      comm: counts
+//   comm:    dispatch[0..r)   (each after pack and counts; pack_weights overlaps them)
+//   compute: expert[0..r)     (expert[c] after dispatch[c], pack_weights and expert[c-1])
+//   comm:    combine[0..r)    (combine[c] after expert[c])
+//   compute: unpack           (after every combine): the output
+// Backward, degree r:
+//   compute: pack_grad, pack_weights, gate_bwd (these fill the wait for the first chunk)
+//   comm:    grad_dispatch[0..r)
+//   compute: expert_dgrad[0..r)  then expert_wgrad once over all rows (bit-identical for every r)
+//   comm:    grad_combine[0..r)
+//   compute: unpack_grad      (after every grad_combine and gate_bwd): the output
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "moe/moe_shape.h"
+#include "sched/task_graph.h"
+
+namespace pm {
+
+// How many rows each task of one pass moves and computes: from the real routing once the gate
+// has run, or balanced estimates when planning.
+struct PassRows {
+  MoeShape shape;
+  int degree = 1;
+  int64_t sent_rows = 0;                 // rows this rank dispatches, all peers, all chunks
+  std::vector<int64_t> chunk_send_rows;  // [degree] rows on this rank's link (the busier direction), not self
+  std::vector<int64_t> chunk_recv_rows;  // [degree] rows this rank's experts compute
+  int64_t received_rows() const;
+};
+
+// Every expert gets its fair share k T / E of rows, capped by the capacity.
+PassRows balanced_rows(const MoeShape& shape, int degree);
+
+// The ids of a pass's tasks in a graph: what later builders depend on.
+struct PassTasks {
+  std::vector<int> ids;   // every task of the pass, in the order added
+  int output = -1;        // after it the pass's output (y or dx) is complete
+  std::vector<int> grads;  // after these the parameter gradients are complete (backward)
+};
+
+// What each task of a forward pass does; null (planning): nothing.
+struct ForwardSteps {
+  std::function<void()> gate, pack, counts, pack_weights;
+  std::function<void(int chunk)> dispatch, expert, combine;
+  std::function<void()> unpack;
+};
+struct BackwardSteps {
+  std::function<void()> pack_grad, pack_weights, gate_backward;
+  std::function<void(int chunk)> grad_dispatch, expert_dgrad, grad_combine;
+  std::function<void()> expert_wgrad, unpack_grad;
+};
+
+PassTasks append_ep_forward(TaskGraph& graph, const std::vector<int>& after, const PassRows& rows,
+                            const ForwardSteps* steps);
+PassTasks append_ep_backward(TaskGraph& graph, const std::vector<int>& after, const PassRows& rows,
+                             const BackwardSteps* steps);
+
+// Puts the work of the real rows into a pass's tasks (the counts are known once the gate ran).
+void set_ep_forward_work(TaskGraph& graph, const PassTasks& tasks, const PassRows& rows);
+void set_ep_backward_work(TaskGraph& graph, const PassTasks& tasks, const PassRows& rows);
+
+}  // namespace pm

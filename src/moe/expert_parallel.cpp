@@ -1,0 +1,315 @@
+#include "moe/expert_parallel.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/rng.h"
+#include "moe/dispatcher.h"
+#include "moe/gate.h"
+
+namespace pm {
+namespace {
+
+// Everything one forward pass computes that later tasks, and the backward, read. Each field is
+// written by one step (named beside it) before the steps that read it run.
+struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
+  const float* x = nullptr;  // [T, M] the input, kept by the caller
+  float* y = nullptr;        // [T, M] the output
+  int64_t tokens = 0;
+  Gating gating;             // gate
+  DispatchHandle handle;     // gate (token side), counts (expert side)
+  Buffer<float> send;        // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
+  Buffer<float> recv;        // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
+                             // then their outputs going back (expert)
+  Buffer<float> u, hpre, act, out;  // counts: [rows, M|H|H|M] the experts' inputs, pre-activations,
+                                    // GeLU outputs and outputs, compute order (expert); saved
+  Buffer<float> back;        // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine)
+
+  double aux_loss() const override { return gating.aux_loss; }
+  int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
+  const Routing& routing() const override { return gating.routing; }
+};
+
+struct BackwardPass {
+  const float* dy = nullptr;  // [T, M]
+  float* dx = nullptr;        // [T, M]
+  DispatchHandle handle;      // the forward's rows at the backward's degree
+  Buffer<float> send;         // [tokens_wire rows, M] gate * dy, wire order (pack_grad)
+  Buffer<float> recv;         // [experts_wire rows, M] output gradients (grad_dispatch), then input
+                              // gradients going back (expert_dgrad)
+  Buffer<float> dy_rows, dhpre, du;  // [rows, M|H|M] compute order (expert_dgrad)
+  Buffer<float> back;         // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
+  Buffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
+};
+
+// The rows behind a pass's tasks from its real routing (the busier direction of this rank's link
+// sets a chunk's wire time).
+PassRows measured_rows(const MoeShape& shape, int64_t tokens, const DispatchHandle& h, int rank) {
+  PassRows s;
+  s.shape = shape.with_tokens(tokens);
+  s.degree = h.degree;
+  s.sent_rows = h.tokens_wire.total_rows;
+  for (int c = 0; c < h.degree; ++c) {
+    int64_t sent = 0, received = 0;
+    for (int q = 0; q < shape.ranks; ++q) {
+      if (q == rank) continue;
+      sent += h.tokens_wire.peer_chunk_rows(c, q);
+      received += h.experts_wire.peer_chunk_rows(c, q);
+    }
+    s.chunk_send_rows.push_back(std::max(sent, received));
+    s.chunk_recv_rows.push_back(h.experts_wire.chunk_rows(c));
+  }
+  return s;
+}
+
+// The rows of chunk `chunk` of local expert `le` in a compute-order layout: first row and count.
+std::pair<int64_t, int64_t> expert_block(const BlockLayout& compute, int chunk, int le) {
+  int64_t first = compute.block_offset(chunk, 0, le), rows = 0;
+  for (int q = 0; q < compute.peers; ++q) rows += compute.block_rows(chunk, q, le);
+  return {first, rows};
+}
+
+class ExpertParallelLayer final : public MoeLayer {
+ public:
+  ExpertParallelLayer(const ExpertParallelStrategy& strategy, const MoeShape& shape, Communicator& group,
+                      Backend& backend)
+      : strategy_(strategy),
+        shape_(shape),
+        group_(group),
+        backend_(backend),
+        dispatcher_(group, backend, shape.local_experts(), shape.model_dim) {
+    shape_.validate();
+    PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
+    const int64_t M = shape_.model_dim, H = shape_.hidden, El = shape_.local_experts();
+    for (int le = 0; le < El; ++le) packed_.push_back(backend.new_packed_expert());
+    wg = Tensor::zeros({M, shape_.experts});
+    w1 = Tensor::zeros({El, M, H});
+    b1 = Tensor::zeros({El, H});
+    w2 = Tensor::zeros({El, H, M});
+    b2 = Tensor::zeros({El, M});
+    dwg = Tensor::zeros(wg.shape());
+    dw1 = Tensor::zeros(w1.shape());
+    db1 = Tensor::zeros(b1.shape());
+    dw2 = Tensor::zeros(w2.shape());
+    db2 = Tensor::zeros(b2.shape());
+  }
+
+  const MoeStrategy& strategy() const override { return strategy_; }
+  const MoeShape& shape() const override { return shape_; }
+  int first_expert() const override { return group_.rank() * shape_.local_experts(); }
+
+  std::vector<Parameter> parameters() override {
+    return {{"wg", &wg, &dwg, false, true},
+            {"w1", &w1, &dw1, true, true},
+            {"b1", &b1, &db1, true, false},
+            {"w2", &w2, &dw2, true, true},
+            {"b2", &b2, &db2, true, false}};
+  }
+
+  void init_parameters(uint64_t seed) override {
+    const int64_t M = shape_.model_dim, H = shape_.hidden;
+    Rng(seed, stream_id(2)).fill_normal(wg.f32(), wg.numel(), 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
+    for (int le = 0; le < shape_.local_experts(); ++le) {
+      uint64_t e = static_cast<uint64_t>(first_expert() + le);
+      Rng(seed, stream_id(3, e)).fill_normal(w1.f32() + le * M * H, M * H, 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
+      Rng(seed, stream_id(4, e)).fill_normal(b1.f32() + le * H, H, 0.0f, 0.1f);
+      Rng(seed, stream_id(5, e)).fill_normal(w2.f32() + le * H * M, H * M, 0.0f, 1.0f / std::sqrt(static_cast<float>(H)));
+      Rng(seed, stream_id(6, e)).fill_normal(b2.f32() + le * M, M, 0.0f, 0.1f);
+    }
+  }
+
+  void set_degrees(int forward_degree, int backward_degree) override {
+    PM_REQUIRE(forward_degree >= 1 && backward_degree >= 1,
+               "pipeline degree must be at least 1, got {} (forward) and {} (backward)", forward_degree,
+               backward_degree);
+    degree_fwd_ = forward_degree;
+    degree_bwd_ = backward_degree;
+  }
+  int forward_degree() const override { return degree_fwd_; }
+  int backward_degree() const override { return degree_bwd_; }
+
+  MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
+                            float* y) override;
+  PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass, const float* dy,
+                            float* dx, float aux_grad) override;
+
+ private:
+  // A pass object to fill: the previous one once nobody holds it any more, so that its buffers
+  // (tens of MB at large shapes) are reused warm instead of allocated and faulted in again.
+  std::shared_ptr<ForwardPass> next_forward_pass() {
+    if (!last_forward_ || last_forward_.use_count() > 1) last_forward_ = std::make_shared<ForwardPass>();
+    return last_forward_;
+  }
+  std::shared_ptr<BackwardPass> next_backward_pass() {
+    if (!last_backward_ || last_backward_.use_count() > 1) last_backward_ = std::make_shared<BackwardPass>();
+    return last_backward_;
+  }
+
+  const ExpertParallelStrategy& strategy_;
+  MoeShape shape_;
+  Communicator& group_;
+  Backend& backend_;
+  Dispatcher dispatcher_;
+  int degree_fwd_ = 1, degree_bwd_ = 1;
+  std::vector<std::unique_ptr<PackedExpert>> packed_;  // [El] this pass's packed expert weights
+  std::shared_ptr<ForwardPass> last_forward_;
+  std::shared_ptr<BackwardPass> last_backward_;
+
+ public:
+  Tensor wg, w1, b1, w2, b2;  // [M, E], [El, M, H], [El, H], [El, H, M], [El, M]
+  Tensor dwg, dw1, db1, dw2, db2;
+};
+
+MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x,
+                                               int64_t tokens, float* y) {
+  PM_REQUIRE(tokens > 0, "number of tokens must be positive, got {}", tokens);
+  const MoeShape shape = shape_.with_tokens(tokens);
+  shape.check_degree(std::max(degree_fwd_, degree_bwd_));
+  std::shared_ptr<ForwardPass> p = next_forward_pass();
+  p->x = x;
+  p->y = y;
+  p->tokens = tokens;
+  const int64_t M = shape.model_dim, H = shape.hidden;
+  const int degree = degree_fwd_;
+  auto tasks = std::make_shared<PassTasks>();  // known once appended; the counts step fills in the real work
+
+  ForwardSteps steps;
+  steps.gate = [this, p, shape, degree] {
+    p->gating = gate_forward(backend_, p->x, wg.f32(), p->tokens, shape);
+    p->handle = dispatcher_.layout(p->gating.routing, degree);
+    p->send.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
+    p->back.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
+  };
+  steps.pack = [this, p] { dispatcher_.pack(p->x, p->handle, p->send.data()); };
+  steps.counts = [this, p, shape, tasks, &graph, M, H] {
+    dispatcher_.exchange_counts(p->handle);
+    const int64_t rows = p->handle.experts_wire.total_rows;
+    p->recv.resize(rows * M);
+    p->u.resize(rows * M);
+    p->hpre.resize(rows * H);
+    p->act.resize(rows * H);
+    p->out.resize(rows * M);
+    // the graph carries the real rows from here on (traces, the profiler's samples)
+    set_ep_forward_work(graph, *tasks, measured_rows(shape_, p->tokens, p->handle, group_.rank()));
+  };
+  steps.pack_weights = [this, M, H] {
+    for (int le = 0; le < shape_.local_experts(); ++le)
+      backend_.pack_expert_forward(*packed_[le], w1.f32() + le * M * H, w2.f32() + le * H * M, b1.f32() + le * H,
+                                   b2.f32() + le * M, M, H);
+  };
+  steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.data(), p->recv.data()); };
+  steps.expert = [this, p, M, H](int c) {
+    const BlockLayout& wire = p->handle.experts_wire;
+    const BlockLayout& compute = p->handle.experts_compute;
+    backend_.copy_rows(p->recv.data(), p->u.data(), M, chunk_segments(wire, compute, c));
+    for (int le = 0; le < shape_.local_experts(); ++le) {
+      auto [first, rows] = expert_block(compute, c, le);
+      backend_.expert_forward(*packed_[le], rows, M, H, &p->u[first * M], &p->hpre[first * H], &p->act[first * H],
+                              &p->out[first * M]);
+    }
+    backend_.copy_rows(p->out.data(), p->recv.data(), M, chunk_segments(compute, wire, c));
+    // u, hpre and act stay where this chunk put them: the backward reads them there, by row.
+  };
+  steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.data(), p->back.data()); };
+  steps.unpack = [this, p] { dispatcher_.unpack(p->back.data(), p->gating.gate.data(), p->handle, p->y); };
+
+  *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps);
+  return {*tasks, p};
+}
+
+PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass,
+                                               const float* dy, float* dx, float aux_grad) {
+  const auto* f = dynamic_cast<const ForwardPass*>(&pass);
+  PM_CHECK(f != nullptr, "backward of a pass that is not an expert-parallel forward");
+  // the backward's tasks keep the forward's saved tensors alive
+  std::shared_ptr<ForwardPass> fp = std::const_pointer_cast<ForwardPass>(f->shared_from_this());
+  std::shared_ptr<BackwardPass> b = next_backward_pass();
+  b->dy = dy;
+  b->dx = dx;
+  const MoeShape shape = shape_.with_tokens(fp->tokens);
+  const int64_t M = shape.model_dim, H = shape.hidden;
+  const int degree = degree_bwd_;
+  const int k = shape.top_k;
+  auto tasks = std::make_shared<PassTasks>();
+
+  BackwardSteps steps;
+  steps.pack_grad = [this, fp, b, degree, M, H, shape, tasks, &graph] {
+    b->handle = dispatcher_.with_degree(fp->handle, fp->gating.routing, degree);
+    const int64_t rows = b->handle.experts_wire.total_rows;
+    b->send.resize(b->handle.tokens_wire.total_rows * M);
+    b->back.resize(b->handle.tokens_wire.total_rows * M);
+    b->recv.resize(rows * M);
+    b->dy_rows.resize(rows * M);
+    b->dhpre.resize(rows * H);
+    b->du.resize(rows * M);
+    dispatcher_.pack_scaled(b->dy, fp->gating.gate.data(), b->handle, b->send.data());
+    set_ep_backward_work(graph, *tasks, measured_rows(shape_, fp->tokens, b->handle, group_.rank()));
+  };
+  steps.pack_weights = [this, M, H] {
+    for (int le = 0; le < shape_.local_experts(); ++le)
+      backend_.pack_expert_backward(*packed_[le], w1.f32() + le * M * H, w2.f32() + le * H * M, M, H);
+  };
+  steps.gate_backward = [this, fp, b, shape, aux_grad, M, k] {
+    const int64_t T = fp->tokens;
+    // d loss / d gate value = <dy_t, FFN_e(x_t)> for kept choices.
+    std::vector<float> dgate(T * k);
+    backend_.combine_rows_backward_gate(b->dy, fp->back.data(), T, M, k, fp->handle.positions.data(), dgate.data());
+    b->dx_gate.resize(T * M);
+    gate_backward(backend_, fp->x, wg.f32(), shape, fp->gating, dgate.data(), aux_grad, dwg.f32(), b->dx_gate.data());
+  };
+  steps.grad_dispatch = [this, b](int c) { dispatcher_.dispatch_chunk(b->handle, c, b->send.data(), b->recv.data()); };
+  steps.expert_dgrad = [this, fp, b, M, H](int c) {
+    const BlockLayout& wire = b->handle.experts_wire;
+    const BlockLayout& compute = b->handle.experts_compute;
+    backend_.copy_rows(b->recv.data(), b->dy_rows.data(), M, chunk_segments(wire, compute, c));
+    // the pre-activations of this chunk's rows, wherever the forward's chunks left them
+    std::vector<const float*> hpre_rows =
+        row_pointers(fp->hpre.data(), H, chunk_row_positions(compute, fp->handle.experts_compute, c));
+    const int64_t chunk_first = compute.chunk_offset(c);
+    for (int le = 0; le < shape_.local_experts(); ++le) {
+      auto [first, rows] = expert_block(compute, c, le);
+      backend_.expert_backward_input(*packed_[le], rows, M, H, &b->dy_rows[first * M], &hpre_rows[first - chunk_first],
+                                     &b->dhpre[first * H], &b->du[first * M]);
+    }
+    backend_.copy_rows(b->du.data(), b->recv.data(), M, chunk_segments(compute, wire, c));
+    // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
+  };
+  steps.grad_combine = [this, b](int c) { dispatcher_.combine_chunk(b->handle, c, b->recv.data(), b->back.data()); };
+  steps.expert_wgrad = [this, fp, b, M, H] {
+    for (int le = 0; le < shape_.local_experts(); ++le) {
+      // every row in canonical order, read where the forward and backward chunks left it
+      std::vector<int64_t> fwd = canonical_row_positions(fp->handle.experts_compute, le);
+      std::vector<int64_t> bwd = canonical_row_positions(b->handle.experts_compute, le);
+      ExpertRows rows{row_pointers(fp->u.data(), M, fwd), row_pointers(fp->act.data(), H, fwd),
+                      row_pointers(b->dhpre.data(), H, bwd), row_pointers(b->dy_rows.data(), M, bwd)};
+      ExpertGrads g{dw1.f32() + le * M * H, db1.f32() + le * H, dw2.f32() + le * H * M, db2.f32() + le * M};
+      backend_.expert_weight_grads(g, M, H, rows);
+    }
+  };
+  steps.unpack_grad = [this, fp, b, M] {
+    std::memcpy(b->dx, b->dx_gate.data(), fp->tokens * M * sizeof(float));
+    dispatcher_.unpack_sum(b->back.data(), b->handle, b->dx);
+  };
+
+  *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps);
+  return *tasks;
+}
+
+}  // namespace
+
+PassTasks ExpertParallelStrategy::plan_forward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
+                                               int degree) const {
+  return append_ep_forward(graph, after, balanced_rows(shape, degree), nullptr);
+}
+
+PassTasks ExpertParallelStrategy::plan_backward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
+                                                int degree) const {
+  return append_ep_backward(graph, after, balanced_rows(shape, degree), nullptr);
+}
+
+std::unique_ptr<MoeLayer> ExpertParallelStrategy::make_layer(const MoeShape& shape, Communicator& group,
+                                                             Backend& backend) const {
+  return std::make_unique<ExpertParallelLayer>(*this, shape, group, backend);
+}
+
+}  // namespace pm

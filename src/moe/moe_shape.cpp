@@ -1,0 +1,40 @@
+#include "moe/moe_shape.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "moe/routing.h"
+
+namespace pm {
+
+void MoeShape::validate() const {
+  PM_REQUIRE(tokens > 0, "number of tokens must be positive, got {}", tokens);
+  PM_REQUIRE(model_dim > 0, "model dim must be positive, got {}", model_dim);
+  PM_REQUIRE(hidden > 0, "hidden dim must be positive, got {}", hidden);
+  PM_REQUIRE(experts > 0, "number of experts must be positive, got {}", experts);
+  PM_REQUIRE(top_k >= 1 && top_k <= experts, "top-k must be between 1 and the number of experts ({}), got {}",
+             experts, top_k);
+  PM_REQUIRE(capacity_factor > 0 && std::isfinite(capacity_factor), "capacity factor must be positive, got {}",
+             capacity_factor);
+  PM_REQUIRE(ranks >= 1, "the expert group needs at least one rank, got {}", ranks);
+  PM_REQUIRE(experts % ranks == 0,
+             "{} experts cannot be spread evenly over {} ranks: the number of experts must be a "
+             "multiple of the number of ranks",
+             experts, ranks);
+}
+
+int64_t MoeShape::capacity() const { return expert_capacity(top_k, capacity_factor, tokens, experts); }
+
+void MoeShape::check_degree(int degree, const std::string& what) const {
+  PM_REQUIRE(degree >= 1, "{} must be at least 1, got {}", what, degree);
+  const int64_t c = capacity();
+  PM_REQUIRE(degree <= c,
+             "{} {} is more than the capacity of {} slots per expert: use a degree of at most {}", what, degree, c, c);
+}
+
+std::string MoeShape::str() const {
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}", tokens, model_dim, hidden, experts, top_k,
+                     capacity_factor, ranks);
+}
+
+}  // namespace pm

@@ -1,0 +1,36 @@
+// The one description of an MoE layer's shape: what the layer is built from, what the planner
+// predicts, what the profiler measures and what the commands take as flags.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pm {
+
+struct MoeShape {
+  int64_t tokens = 0;     // T: tokens per rank in one pass
+  int64_t model_dim = 0;  // M
+  int64_t hidden = 0;     // H: each expert's hidden size
+  int experts = 0;        // E: over all ranks of the expert group
+  int top_k = 1;          // k: experts per token
+  double capacity_factor = 1.0;  // f: capacity C = ceil(k f T / E) slots per expert and rank
+  int ranks = 1;          // P: the ranks that share the experts, E / P each
+
+  // Throws a usage error naming the first impossible value (sizes not positive, k outside 1..E,
+  // f not positive, experts that do not divide over the ranks).
+  void validate() const;
+  int local_experts() const { return experts / ranks; }
+  int64_t capacity() const;
+  // A pipeline degree this shape can run (1 up to the capacity), or a usage error that says so;
+  // `what` names it for the message ("--degree", "configuration: degree").
+  void check_degree(int degree, const std::string& what = "pipeline degree") const;
+  // The same layer on another number of tokens per rank.
+  MoeShape with_tokens(int64_t t) const {
+    MoeShape s = *this;
+    s.tokens = t;
+    return s;
+  }
+  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2"
+};
+
+}  // namespace pm
