@@ -33,7 +33,8 @@ void apply_set(nlohmann::json& overrides, const std::string& kv) {
 }
 
 int run_train(Context& ctx, TrainOptions& o) {
-  TrainConfig config = o.config.empty() ? TrainConfig{} : load_train_config(o.config);
+  TrainConfig config;
+  if (!o.config.empty()) config = load_train_config(o.config);
   for (const std::string& kv : o.sets) apply_set(o.overrides, kv);
   config.apply(o.overrides, "command-line options");
   nlohmann::json result = train(ctx.comm, config);
