@@ -1,11 +1,18 @@
 // pipemoe: the command-line entry point. Run under mpirun for several ranks:
 //   mpirun -q -np 2 build/pipemoe layer --tokens 2048 --model-dim 512 --hidden 1024 --experts 8
+// or with its ranks as threads of one process (no MPI; for tests and quick tries):
+//   build/pipemoe --ranks-in-process 3 layer --experts 6 ...
 // Errors: one line "pipemoe: error: ..." and a non-zero exit on every rank. Errors every rank
 // sees alike (bad flags, shapes) end each rank on its own; errors one rank sees end the whole job.
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
 
 #include "apps/pipemoe/command.h"
+#include "comm/inprocess_communicator.h"
 #include "comm/mpi_communicator.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -14,7 +21,8 @@
 
 namespace {
 
-int run_cli(int argc, char** argv, pm::Communicator& comm) {
+// in_process: ranks are threads; the compute threads were set once for all of them.
+int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   CLI::App app{"pipemoe: Mixture-of-Experts training and inference with pipelined expert parallelism"};
   app.require_subcommand(1);
   int threads = 0;
@@ -23,6 +31,9 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
                  "BLAS threads per rank (default: cores / ranks on this host, or $PIPEMOE_THREADS)");
   app.add_option("--comm-timeout", comm_timeout_s,
                  "seconds a collective may wait before the run fails (a peer is dead or stuck)");
+  int ranks_in_process = 0;
+  app.add_option("--ranks-in-process", ranks_in_process,
+                 "run N ranks as threads of this process instead of under mpirun (no MPI: tests, quick tries)");
   pm::cli::CommandFn run;
   pm::cli::add_layer_command(app, run);
   pm::cli::add_bench_command(app, run);
@@ -35,7 +46,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   // An unknown command would otherwise read "A subcommand is required": name it instead.
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
-    if (arg == "--threads" || arg == "--comm-timeout") {
+    if (arg == "--threads" || arg == "--comm-timeout" || arg == "--ranks-in-process") {
       ++i;
       continue;
     }
@@ -55,9 +66,11 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   }
   PM_REQUIRE(threads >= 0, "--threads must be positive, got {}", threads);
   PM_REQUIRE(comm_timeout_s > 0, "--comm-timeout must be positive, got {}", comm_timeout_s);
-  int compute_threads = threads > 0 ? threads : pm::default_compute_threads();
-  pm::set_compute_threads(compute_threads);
-  pm::blas_set_threads(compute_threads);
+  if (!in_process) {
+    int compute_threads = threads > 0 ? threads : pm::default_compute_threads();
+    pm::set_compute_threads(compute_threads);
+    pm::blas_set_threads(compute_threads);
+  }
   comm.waiter().policy().timeout_s = comm_timeout_s;
   if (const char* w = std::getenv("PIPEMOE_COMM_WAIT")) {
     // "spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction": for experiments with the
@@ -73,15 +86,59 @@ int run_cli(int argc, char** argv, pm::Communicator& comm) {
   return run(context);
 }
 
+// The value of `--name N` among the global options (before the command), or 0.
+int global_int_option(int argc, char** argv, const char* name) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (argv[i][0] != '-') return 0;  // the command: its own options follow
+    if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
+  }
+  return 0;
+}
+
+// Ranks as threads: every thread runs the command on its own communicator; rank 0 speaks.
+int main_in_process(int argc, char** argv, int ranks) {
+  PM_REQUIRE(ranks >= 1 && ranks <= 64, "--ranks-in-process must be 1 to 64, got {}", ranks);
+  int threads = global_int_option(argc, argv, "--threads");
+  if (threads <= 0) threads = std::getenv("PIPEMOE_THREADS") ? pm::default_compute_threads()
+                                                              : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks);
+  pm::set_compute_threads(threads);
+  pm::blas_set_threads(threads);
+  std::atomic<int> exit_code{0};
+  try {
+    pm::run_ranks_in_process(ranks, [&](pm::Communicator& comm) {
+      try {
+        int code = run_cli(argc, argv, comm, /*in_process=*/true);
+        if (code != 0) exit_code = code;
+      } catch (const pm::Error& e) {
+        if (e.kind() != pm::ErrorKind::usage) throw;  // ends the other ranks' waits
+        if (comm.rank() == 0 && e.what()[0] != '\0') std::fprintf(stderr, "pipemoe: error: %s\n", e.what());
+        exit_code = 2;
+      }
+    });
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "pipemoe: error: %s\n", e.what());
+    return 1;
+  }
+  return exit_code;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   pm::blas_fix_core_type_or_reexec(argv);
+  if (int ranks = global_int_option(argc, argv, "--ranks-in-process"); ranks != 0) {
+    try {
+      return main_in_process(argc, argv, ranks);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "pipemoe: error: %s\n", e.what());
+      return 2;
+    }
+  }
   pm::MpiRuntime mpi(&argc, &argv);
   auto comm = pm::make_mpi_world_communicator();
   pm::log::set_rank(comm->rank());
   try {
-    return run_cli(argc, argv, *comm);
+    return run_cli(argc, argv, *comm, /*in_process=*/false);
   } catch (const pm::Error& e) {
     if (e.kind() == pm::ErrorKind::usage) {
       // Every rank raised it: each ends on its own, rank 0 speaks.

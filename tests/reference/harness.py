@@ -19,10 +19,18 @@ def mpi_env():
     return env
 
 
+# Set by a test's --inprocess flag: ranks run as threads of one pipemoe process, no mpirun.
+IN_PROCESS = "--inprocess" in sys.argv
+
+
 def mpirun(ranks, args, timeout=120, check=True):
-    """Runs `mpirun -np ranks pipemoe args...`; returns the CompletedProcess."""
-    cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe",
-           "-np", str(ranks), BINARY] + [str(a) for a in args]
+    """Runs `mpirun -np ranks pipemoe args...` (or, in-process, `pipemoe --ranks-in-process ranks
+    args...`); returns the CompletedProcess."""
+    if IN_PROCESS:
+        cmd = ["timeout", "--kill-after=5", str(timeout), BINARY, "--ranks-in-process", str(ranks)]
+    else:
+        cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe", "-np", str(ranks), BINARY]
+    cmd += [str(a) for a in args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env())
     if proc.returncode == 124:
         raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}")

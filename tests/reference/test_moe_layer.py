@@ -1,8 +1,9 @@
 #!/usr/bin/python3
-"""The MoE layer against PyTorch in float64, on 1, 2 and 4 ranks, k = 1 and 2, with and without
-dropped tokens, several seeds; and every pipeline degree giving the very same bits as degree 1.
+"""The MoE layer against PyTorch in float64, on 1, 2, 3 and 4 ranks, k = 1 and 2, with and without
+dropped tokens, several seeds; and pipeline degrees up to 16 giving the very same bits as degree 1.
 
-Run: /usr/bin/python3 tests/reference/test_moe_layer.py   (needs build/pipemoe)
+Run: /usr/bin/python3 tests/reference/test_moe_layer.py [--inprocess]   (needs build/pipemoe)
+With --inprocess the ranks are threads of one pipemoe process (no mpirun).
 """
 import os
 import sys
@@ -11,7 +12,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Failures, mpirun  # noqa: E402
+from harness import IN_PROCESS, Failures, mpirun  # noqa: E402
 import moe_layer_reference as ref  # noqa: E402
 
 TOLERANCE = 1e-5  # max |ours - torch| / max |torch|, per tensor
@@ -27,9 +28,12 @@ CASES = [
     (4, 32, 16, 32, 8, 2, 0.5, 16),
     (4, 36, 16, 32, 4, 1, 1.0, 17),
     (4, 32, 24, 16, 8, 2, 4.0, 18),
+    (3, 40, 24, 32, 6, 2, 1.25, 19),
+    (3, 48, 16, 24, 3, 1, 4.0, 20),
 ]
-# (forward, backward) degrees compared bit for bit with (1, 1)
-DEGREES = [(2, 2), (3, 1), (1, 3), (4, 2)]
+# (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
+# (1, 2, 3, 4, 6, 8, 12, 16) where the capacity allows, forward and backward apart
+DEGREES = [(2, 2), (3, 1), (1, 3), (4, 2), (6, 8), (12, 16), (16, 12)]
 
 
 def run_dump(folder, case, degree_fwd, degree_bwd):
@@ -42,6 +46,7 @@ def run_dump(folder, case, degree_fwd, degree_bwd):
 def main():
     failures = Failures()
     dropped_somewhere = kept_everything = False
+    degrees_tested = set()
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES:
             ranks, T, M, H, E, k, f, seed = case
@@ -68,6 +73,7 @@ def main():
                 capacity = expected[0]["capacity"]
                 if max(dfwd, dbwd) > capacity:
                     continue
+                degrees_tested |= {dfwd, dbwd}
                 folder = os.path.join(tmp, f"case{seed}_d{dfwd}_{dbwd}")
                 run_dump(folder, case, dfwd, dbwd)
                 for r in range(ranks):
@@ -77,10 +83,13 @@ def main():
                         failures.check(np.array_equal(a, b),
                                        f"{name} rank {r} {t}: degree {dfwd}/{dbwd} differs from degree 1 "
                                        f"(max diff {np.max(np.abs(a - b)):.3e})")
-            print(f"{name}: degrees {DEGREES} give the same bits as degree 1", flush=True)
+            print(f"{name}: degrees {[d for d in DEGREES if max(d) <= expected[0]['capacity']]} give the same bits "
+                  "as degree 1", flush=True)
     failures.check(dropped_somewhere and kept_everything,
                    "the cases must cover both dropped tokens and no drops")
-    failures.finish("test_moe_layer")
+    failures.check(degrees_tested >= {2, 3, 4, 6, 8, 12, 16},
+                   f"every degree the planner can pick must be tested, got {sorted(degrees_tested)}")
+    failures.finish("test_moe_layer" + (" (ranks in process)" if IN_PROCESS else ""))
 
 
 if __name__ == "__main__":
