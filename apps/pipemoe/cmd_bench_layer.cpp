@@ -1,7 +1,8 @@
 // pipemoe bench layer: a grid of MoE layer shapes, every pipeline degree measured and predicted.
 //
 //   scripts/emulate-cluster --hosts 2 --rate 1gbit -- mpirun -np 2 build/pipemoe bench layer
-//       --profile profile.json [--grid small|tiny|full] [--rounds 10] [--iters 1] [--csv out/bench_layer.csv]
+//       --profile profile.json [--grid small|tiny|full | --shapes "T,M,H,E,k[,f];..."] [--rounds 10]
+//       [--iters 1] [--csv out/bench_layer.csv]
 // For each shape, in interleaved rounds (this host's speed drifts by 10% and more within seconds,
 // so every degree and the bound must see the same drift): each lane alone (the bound), then every
 // candidate degree, starting each round at another degree, forward and backward; medians over the
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <sstream>
 
 #include "apps/pipemoe/command.h"
 #include "apps/pipemoe/layer_runner.h"
@@ -26,6 +28,7 @@ namespace {
 struct BenchLayerOptions {
   std::string profile;
   std::string grid = "small";
+  std::string shapes;  // "T,M,H,E,k[,f];...": the user's own grid instead
   std::vector<int> degrees = {1, 2, 3, 4, 6, 8};
   int rounds = 10;
   int iters = 1;
@@ -50,6 +53,41 @@ std::vector<MoeShape> grid_shapes(const std::string& grid, int ranks) {
   return out;
 }
 
+// "T,M,H,E,k[,f];...": tokens per rank, model dim, hidden, experts over all ranks, top-k and
+// (default 1.25) the capacity factor, for each shape.
+std::vector<MoeShape> parse_shapes(const std::string& text, int ranks) {
+  std::vector<MoeShape> out;
+  std::stringstream all(text);
+  std::string one;
+  while (std::getline(all, one, ';')) {
+    if (one.find_first_not_of(" ") == std::string::npos) continue;
+    std::vector<double> v;
+    std::stringstream fields(one);
+    std::string field;
+    while (std::getline(fields, field, ',')) {
+      std::size_t used = 0;
+      double x = 0;
+      try {
+        x = std::stod(field, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      PM_REQUIRE(used > 0 && field.find_first_not_of(" ", used) == std::string::npos,
+                 "--shapes: '{}' in '{}' is not a number (each shape is T,M,H,E,k[,f])", field, one);
+      v.push_back(x);
+    }
+    PM_REQUIRE(v.size() == 5 || v.size() == 6, "--shapes: '{}' has {} numbers; each shape is T,M,H,E,k[,f]", one, v.size());
+    for (std::size_t i = 0; i < 5; ++i)
+      PM_REQUIRE(v[i] == std::floor(v[i]) && v[i] >= 1 && v[i] < 1e9, "--shapes: '{}': T, M, H, E and k must be positive whole numbers", one);
+    MoeShape s{static_cast<int64_t>(v[0]), static_cast<int64_t>(v[1]), static_cast<int64_t>(v[2]), static_cast<int>(v[3]),
+               static_cast<int>(v[4]), v.size() == 6 ? v[5] : 1.25, ranks};
+    s.validate();
+    out.push_back(s);
+  }
+  PM_REQUIRE(!out.empty(), "--shapes needs at least one shape T,M,H,E,k[,f]");
+  return out;
+}
+
 struct DegreeResult {
   double forward_ms = 0, backward_ms = 0, predicted_fwd_ms = 0, predicted_bwd_ms = 0;
   double spread = 0;  // (max - min) / median over rounds, drift taken out: the noise left
@@ -61,7 +99,7 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
   PM_REQUIRE(o.rounds >= 1 && o.iters >= 1, "--rounds and --iters must be at least 1");
   PerfProfile profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, ctx.backend));
-  std::vector<MoeShape> shapes = grid_shapes(o.grid, ctx.world());
+  std::vector<MoeShape> shapes = o.shapes.empty() ? grid_shapes(o.grid, ctx.world()) : parse_shapes(o.shapes, ctx.world());
   std::unique_ptr<CsvWriter> csv;
   if (ctx.rank() == 0)
     csv = std::make_unique<CsvWriter>(
@@ -238,7 +276,10 @@ void add_bench_layer_command(CLI::App& bench, CommandFn& run) {
   auto o = std::make_shared<BenchLayerOptions>();
   CLI::App* cmd = bench.add_subcommand("layer", "a grid of layer shapes: every degree measured and predicted");
   cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
-  cmd->add_option("--grid", o->grid, "tiny (4 shapes), small (48) or full (216)")->capture_default_str();
+  cmd->add_option("--grid", o->grid, "tiny (4 shapes), small (48) or full (162)")->capture_default_str();
+  cmd->add_option("--shapes", o->shapes,
+                  "your own shapes instead of a grid: \"T,M,H,E,k[,f];...\" (tokens per rank, model dim, hidden, "
+                  "experts over all ranks, top-k, capacity factor, default 1.25)");
   cmd->add_option("--degrees", o->degrees, "degrees to measure (the planner's picks are added)")->delimiter(',')->capture_default_str();
   cmd->add_option("--rounds", o->rounds, "interleaved rounds over the bound and the degrees")->capture_default_str();
   cmd->add_option("--iters", o->iters, "timed passes per degree (and lanes alone) in each round")->capture_default_str();

@@ -29,6 +29,11 @@ TokenData load_token_data(Communicator& comm, const TrainConfig& c, const std::s
   if (comm.rank() == 0) {
     try {
       std::string train, validation;
+      std::error_code ec;
+      PM_REQUIRE(std::filesystem::exists(c.data, ec),
+                 "no training data at '{}' (looked for {}): fetch the Brown corpus with scripts/fetch-corpus "
+                 "(it writes data/brown in the repository), or set 'data' to a corpus folder or a plain-text file",
+                 c.data, std::filesystem::absolute(c.data, ec).string());
       if (std::filesystem::is_directory(c.data)) {
         CorpusText corpus = read_brown_corpus(c.data);
         train = std::move(corpus.train), validation = std::move(corpus.validation);

@@ -225,7 +225,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
                 "{:.4f} nats/token",
                 step + 1, *val, std::exp(*val), *val / std::log(2.0) / val_bytes_per_token, unigram);
     if (rank == 0) {
-      csv << step + 1 << "," << lr << "," << loss << "," << aux << "," << (val ? fmt::format("{}", *val) : "") << ","
+      // losses at full precision (the shortest text that reads back as the same double): a resumed
+      // run can be compared with an uninterrupted one bit for bit
+      csv << step + 1 << "," << lr << "," << fmt::format("{}", loss) << "," << fmt::format("{}", aux) << ","
+          << (val ? fmt::format("{}", *val) : "") << ","
           << tok_s << "," << mean_step_ms << "," << mean_step_ms - mean_exposed << "," << mean_exposed << "\n";
       csv.flush();
     }

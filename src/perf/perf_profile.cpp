@@ -58,6 +58,8 @@ ClusterInfo describe_cluster(Communicator& comm, const Backend& backend) {
   c.hosts = static_cast<int>(hosts);
   if (const char* net = std::getenv("PIPEMOE_NETWORK"))
     c.network = net;
+  else if (comm.backend() == "in-process")
+    c.network = "ranks as threads";  // memory copies: a profile of it fits no real network
   else
     c.network = c.hosts == 1 ? "shared memory" : "unknown";
   // every rank takes rank 0's view (a CPU model could differ in a mixed cluster)

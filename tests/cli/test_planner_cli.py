@@ -43,8 +43,14 @@ def main():
                                     "--hidden", 128, "--experts", 4, "--json"]))
         degrees = [c["degree"] for c in plan["candidates"]]
         f.check(plan["degree_fwd"] in degrees and plan["degree_bwd"] in degrees, f"plan chose from {degrees}")
-        best_fwd = min(c["forward_ms"] for c in plan["candidates"])
-        f.check(abs(plan["predicted_fwd_ms"] - best_fwd) < 1e-9, "plan picks the fastest predicted forward")
+        # the planner's rule: per direction, the smallest degree predicted within 1% of the fastest
+        for key, chosen, predicted in (("forward_ms", "degree_fwd", "predicted_fwd_ms"),
+                                       ("backward_ms", "degree_bwd", "predicted_bwd_ms")):
+            best = min(c[key] for c in plan["candidates"])
+            expected = min(c["degree"] for c in plan["candidates"] if c[key] <= best * 1.01)
+            f.check(plan[chosen] == expected, f"plan {chosen} {plan[chosen]}: the rule gives {expected}")
+            f.check(any(c["degree"] == plan[chosen] and abs(c[key] - plan[predicted]) < 1e-9
+                        for c in plan["candidates"]), f"plan {predicted} is the chosen degree's prediction")
         print(f"ok: plan chose {plan['degree_fwd']}/{plan['degree_bwd']}", flush=True)
 
         auto = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--profile", profile, "--refine", "2",

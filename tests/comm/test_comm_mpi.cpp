@@ -15,6 +15,7 @@ TEST(MpiComm, AllGatherBroadcastSendRecvBarrierGatherStrings) {
 }
 TEST(MpiComm, SplitIntoGroupsThatCommunicateOnTheirOwn) { comm_cases::split_into_groups(*g_comm); }
 TEST(MpiComm, AWaitForAMessageThatNeverComesTimesOutWithAClearError) {
+  if (g_comm->size() < 2) GTEST_SKIP() << "needs a second rank that never sends";
   comm_cases::a_wait_for_a_message_that_never_comes_times_out(*g_comm);
 }
 

@@ -59,7 +59,11 @@ TEST_P(GemmShapes, MatchesFloat64ForEveryTransposeAndBeta) {
 
 INSTANTIATE_TEST_SUITE_P(Sizes, GemmShapes,
                          ::testing::Values(Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{6, 64, 16}, Shape{37, 100, 70},
-                                           Shape{250, 130, 600}, Shape{13, 8, 0}, Shape{300, 17, 33}));
+                                           Shape{250, 130, 600}, Shape{13, 8, 0}, Shape{300, 17, 33}),
+                         [](const ::testing::TestParamInfo<Shape>& info) {  // e.g. M37_N100_K70
+                           const Shape& s = info.param;
+                           return "M" + std::to_string(s.M) + "_N" + std::to_string(s.N) + "_K" + std::to_string(s.K);
+                         });
 
 // The promise the pipeline relies on: a row's result does not depend on which call computed it.
 TEST(Gemm, RowResultsDoNotDependOnHowRowsAreSplit) {
