@@ -115,7 +115,7 @@ def main():
             (2, [config, "--set", "heads=3"], "multiple of heads", "impossible value"),
             (2, [config, "--lr", -1], "'lr' must be positive", "negative learning rate"),
             (3, [config], "multiple of the number of ranks", "experts not divisible by ranks"),
-            (2, [config, "--data", os.path.join(tmp, "missing.txt")], "cannot read data file", "unreadable data"),
+            (2, [config, "--data", os.path.join(tmp, "missing.txt")], "no training data", "missing data"),
             (2, [config, "--data", empty], "is empty", "empty data"),
             (2, [config, "--resume", os.path.join(tmp, "nothing-here")], "not a checkpoint", "missing checkpoint"),
             (2, [config, "--resume", corrupt, "--max-steps", 12], "corrupt", "truncated checkpoint"),
