@@ -1,6 +1,10 @@
 // The simulator against schedules worked out by hand, and against the PipeMoE closed form.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
+#include "core/error.h"
+
 #include "sched/simulator.h"
 
 namespace pm {
@@ -85,6 +89,39 @@ TEST(Simulator, HandOffDelaysOnlyTasksThatWaitForTheOtherLane) {
   EXPECT_DOUBLE_EQ(s.start_s[2], 2.25);
   EXPECT_DOUBLE_EQ(s.start_s[3], 1.0);
   EXPECT_DOUBLE_EQ(s.makespan_s, 3.25);
+}
+
+TEST(Simulator, InterferenceBelowOneOrADurationThatIsNotANumberIsRefusedWithAMessage) {
+  // A profile once measured no interference sample and stored a factor of 0: the simulation then
+  // stalled with "cannot make progress". Now it says what is wrong.
+  TaskGraph g;
+  g.add(task("x", lanes::compute, 1, {}));
+  g.add(task("y", lanes::comm, 1, {}));
+  try {
+    simulate(g, from_flops, {0.0, 1.0});
+    FAIL() << "a factor of 0 should be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("interference factors"), std::string::npos) << e.what();
+  }
+  try {
+    simulate(g, [](const Task&) { return std::nan(""); });
+    FAIL() << "a NaN duration should be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("predicted duration"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Simulator, ThreeLanesOverlapAndTheCommunicationLaneKeepsItsOrder) {
+  TaskGraph g;
+  int a = g.add(task("a", lanes::compute, 2, {}));
+  g.add(task("first comm", lanes::comm, 1, {a}));   // waits for a
+  g.add(task("second comm", lanes::comm, 1, {}));  // ready at once, but after "first comm"
+  g.add(task("copy", lanes::copy, 3, {}));
+  Simulation s = simulate(g, from_flops);
+  EXPECT_DOUBLE_EQ(s.start_s[1], 2);
+  EXPECT_DOUBLE_EQ(s.start_s[2], 3);
+  EXPECT_DOUBLE_EQ(s.start_s[3], 0);
+  EXPECT_DOUBLE_EQ(s.makespan_s, 4);
 }
 
 }  // namespace
