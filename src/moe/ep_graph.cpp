@@ -104,6 +104,21 @@ void set_work(TaskGraph& graph, const PassTasks& tasks, const std::vector<TaskWo
   for (std::size_t i = 0; i < works.size(); ++i) graph.tasks()[tasks.ids[i]].work = works[i];
 }
 
+// Adds a pass's tasks to a graph, each with the next of the pass's works, and keeps their ids.
+struct PassBuilder {
+  TaskGraph& graph;
+  std::vector<TaskWork> work;  // in the order the tasks are added
+  PassTasks tasks;
+  int operator()(std::string name, Lane lane, const char* cost, int chunk, std::vector<int> deps,
+                 std::function<void()> run) {
+    const std::size_t next = tasks.ids.size();
+    PM_CHECK(next < work.size(), "more tasks than works for the pass");
+    int id = graph.add({std::move(name), lane, cost, chunk, work[next], std::move(deps), std::move(run)});
+    tasks.ids.push_back(id);
+    return id;
+  }
+};
+
 }  // namespace
 
 PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const PassRows& r,
@@ -112,15 +127,8 @@ PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const P
   const bool real = steps != nullptr;
   // the tasks own the steps (and whatever the steps keep alive) for as long as the graph lives
   auto w = real ? std::make_shared<const ForwardSteps>(*steps) : nullptr;
-  const std::vector<TaskWork> work = forward_works(r);
-  std::size_t next = 0;
-  PassTasks out;
-  auto add = [&](std::string name, Lane lane, const char* cost, int chunk, std::vector<int> deps,
-                 std::function<void()> run) {
-    int id = g.add({std::move(name), lane, cost, chunk, work[next++], std::move(deps), std::move(run)});
-    out.ids.push_back(id);
-    return id;
-  };
+  PassBuilder add{g, forward_works(r)};
+  PassTasks& out = add.tasks;
   int gate = add("gate", lanes::compute, "gate", -1, after, bind(real, [w] { w->gate(); }));
   int pack = add("pack", lanes::compute, "pack", -1, {gate}, bind(real, [w] { w->pack(); }));
   int counts = add("counts", lanes::comm, "counts", -1, {gate}, bind(real, [w] { w->counts(); }));
@@ -139,7 +147,7 @@ PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const P
     combine.push_back(add(indexed("combine", c), lanes::comm, "all_to_all", c, {expert[c]},
                           bind(real, [w, c] { w->combine(c); })));
   out.output = add("unpack", lanes::compute, "unpack", -1, combine, bind(real, [w] { w->unpack(); }));
-  return out;
+  return add.tasks;
 }
 
 PassTasks append_ep_backward(TaskGraph& g, const std::vector<int>& after, const PassRows& r,
@@ -147,15 +155,8 @@ PassTasks append_ep_backward(TaskGraph& g, const std::vector<int>& after, const 
   check_rows(r);
   const bool real = steps != nullptr;
   auto w = real ? std::make_shared<const BackwardSteps>(*steps) : nullptr;
-  const std::vector<TaskWork> work = backward_works(r);
-  std::size_t next = 0;
-  PassTasks out;
-  auto add = [&](std::string name, Lane lane, const char* cost, int chunk, std::vector<int> deps,
-                 std::function<void()> run) {
-    int id = g.add({std::move(name), lane, cost, chunk, work[next++], std::move(deps), std::move(run)});
-    out.ids.push_back(id);
-    return id;
-  };
+  PassBuilder add{g, backward_works(r)};
+  PassTasks& out = add.tasks;
   int pack = add("pack_grad", lanes::compute, "pack", -1, after, bind(real, [w] { w->pack_grad(); }));
   int weights = add("pack_weights", lanes::compute, "pack_weights", -1, after, bind(real, [w] { w->pack_weights(); }));
   int gate = add("gate_bwd", lanes::compute, "gate_bwd", -1, after, bind(real, [w] { w->gate_backward(); }));
@@ -176,7 +177,7 @@ PassTasks append_ep_backward(TaskGraph& g, const std::vector<int>& after, const 
   out.output = add("unpack_grad", lanes::compute, "unpack_bwd", -1, plus(combine, {gate}),
                    bind(real, [w] { w->unpack_grad(); }));
   out.grads = {gate, wgrad};
-  return out;
+  return add.tasks;
 }
 
 void set_ep_forward_work(TaskGraph& graph, const PassTasks& tasks, const PassRows& rows) {
