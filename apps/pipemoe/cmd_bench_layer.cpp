@@ -10,6 +10,8 @@
 // with the best measured degrees and with the bounds.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <sstream>
 
@@ -95,11 +97,47 @@ struct DegreeResult {
 
 double median_of(std::vector<double> v) { return summarize(std::move(v)).median; }
 
+// What each field of a shape's line means, once, before the first.
+void print_legend() {
+  std::printf(
+      "Each shape's line (times: forward + backward in ms, medians over the rounds with each round's drift taken out):\n"
+      "  comm       share of the layer's time, lanes run one after the other, that is communication\n"
+      "  planner    the degrees the planner picks from the profile (forward/backward), their measured time, and\n"
+      "             how much slower that is than the best measured degrees (+%%)\n"
+      "  refined    the same after timing the planner's best --refine degrees on the first passes (+%% vs best)\n"
+      "  best       the fastest measured degrees (forward/backward chosen apart) and their time\n"
+      "  vs degree 1  degree 1's time over the planner's (x: speedup of pipelining)\n"
+      "  / bound    the planner's time over max(all communication, all computation); per pass: over the sum of\n"
+      "             that max for forward and backward (what a schedule of one pass at a time can reach)\n"
+      "The summary's round-to-round spread is (max - min) / median of a degree's time across rounds: the noise.\n\n");
+  std::fflush(stdout);
+}
+
+// Draws the CSV with bench/plot_layer.py when python3 and matplotlib are there; says where.
+void draw_plots(const std::string& csv) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path script = fs::read_symlink("/proc/self/exe", ec).parent_path().parent_path() / "bench" / "plot_layer.py";
+  const std::string out = fs::path(csv).replace_extension("").string();
+  if (ec || !fs::exists(script) || std::system("/usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1") != 0) {
+    std::printf("no plots drawn (needs python3-matplotlib: scripts/setup bench), draw them later with: "
+                "/usr/bin/python3 bench/plot_layer.py %s --out %s\n", csv.c_str(), out.c_str());
+    return;
+  }
+  std::string cmd = "/usr/bin/python3 '" + script.string() + "' '" + csv + "' --out '" + out + "' >/dev/null 2>&1";
+  if (std::system(cmd.c_str()) == 0)
+    std::printf("plots: %s_degrees.png, %s_regret.png, %s_prediction.png, %s_bound.png\n", out.c_str(), out.c_str(),
+                out.c_str(), out.c_str());
+  else
+    std::printf("drawing the plots failed: %s\n", cmd.c_str());
+}
+
 int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
   PM_REQUIRE(o.rounds >= 1 && o.iters >= 1, "--rounds and --iters must be at least 1");
   PerfProfile profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, ctx.backend));
   std::vector<MoeShape> shapes = o.shapes.empty() ? grid_shapes(o.grid, ctx.world()) : parse_shapes(o.shapes, ctx.world());
+  if (ctx.rank() == 0) print_legend();
   std::unique_ptr<CsvWriter> csv;
   if (ctx.rank() == 0)
     csv = std::make_unique<CsvWriter>(
@@ -267,6 +305,8 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   std::printf("prediction error |predicted - measured| / measured: median %.1f%% over %zu (shape, degree, direction)\n",
               summarize(prediction_errors).median * 100, prediction_errors.size());
   std::printf("wrote %s\n", o.csv.c_str());
+  csv.reset();  // flushed before the plots read it
+  draw_plots(o.csv);
   return 0;
 }
 
@@ -275,7 +315,7 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
 void add_bench_layer_command(CLI::App& bench, CommandFn& run) {
   auto o = std::make_shared<BenchLayerOptions>();
   CLI::App* cmd = bench.add_subcommand("layer", "a grid of layer shapes: every degree measured and predicted");
-  cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
+  cmd->add_option("--profile", o->profile, "performance profile: required (take one with `pipemoe profile --out FILE`)");
   cmd->add_option("--grid", o->grid, "tiny (4 shapes), small (48) or full (162)")->capture_default_str();
   cmd->add_option("--shapes", o->shapes,
                   "your own shapes instead of a grid: \"T,M,H,E,k[,f];...\" (tokens per rank, model dim, hidden, "

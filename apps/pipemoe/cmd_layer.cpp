@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <tuple>
 
 #include "apps/pipemoe/command.h"
 #include "apps/pipemoe/layer_runner.h"
@@ -22,6 +23,9 @@
 
 namespace pm::cli {
 namespace {
+
+// Measured and predicted times further apart than this get a warning.
+constexpr double kPredictionWarnRatio = 1.5;
 
 struct LayerOptions {
   MoeShape shape{2048, 512, 1024, 8, 2, 1.25, 1};  // ranks: the world's
@@ -155,14 +159,26 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::optional<LanesAlone> alone;
   if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.aux_coef);
   double tokens_per_s = static_cast<double>(shape.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
-  if (!o.trace.empty())
+  if (!o.trace.empty()) {
     trace.write_chrome_json(o.trace, origin, ctx.rank(), [&](const std::string& mine) { return ctx.comm.gather_strings(mine, 0); });
+    log::info("pipemoe layer: wrote a trace of the {} timed passes, every rank and lane, to {} (open it in "
+              "ui.perfetto.dev or chrome://tracing)", o.iters, o.trace);
+  }
   if (ctx.rank() != 0) return 0;
 
   std::optional<double> pred_fwd, pred_bwd;
   if (profile) {
     pred_fwd = predict_layer(*profile, shape, choice.forward, true);
     pred_bwd = predict_layer(*profile, shape, choice.backward, false);
+    // a prediction this far off means the profile does not describe this machine as it is now
+    for (auto [what, measured, predicted] : {std::tuple{"forward", sf.median, *pred_fwd * 1e3},
+                                             std::tuple{"backward", sb.median, *pred_bwd * 1e3}}) {
+      const double ratio = measured / predicted;
+      if (ratio > kPredictionWarnRatio || ratio < 1 / kPredictionWarnRatio)
+        log::info("warning: the {} took {:.1f} ms, the profile predicted {:.1f} ms ({:.2f}x): the profile does not "
+                  "describe this machine as it is now (busy? another network?); take a new one with `pipemoe profile`",
+                  what, measured, predicted, ratio);
+    }
   }
   if (o.json) {
     nlohmann::json j = {{"world_size", ctx.world()},  {"tokens", shape.tokens},   {"model_dim", shape.model_dim},

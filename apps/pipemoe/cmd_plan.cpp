@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
+#include "core/log.h"
 #include "moe/moe_layer.h"
 #include "perf/planner.h"
 
@@ -57,6 +58,7 @@ int run_plan(Context& ctx, const PlanOptions& o) {
   PM_REQUIRE(o.shape.tokens > 0, "--tokens must be positive, got {}", o.shape.tokens);
   // Planning is offline: the profile says how many ranks the layer runs on.
   PerfProfile profile = PerfProfile::load(o.profile);
+  warn_if_untrusted(profile, o.profile);
   MoeShape shape = o.shape;
   shape.ranks = profile.cluster.world_size;
   shape.validate();
@@ -67,6 +69,8 @@ int run_plan(Context& ctx, const PlanOptions& o) {
     if (o.trace_degree != 0) shape.check_degree(o.trace_degree, "--trace-degree");
     write_predicted_trace(o.trace, profile, strategy, shape, o.trace_degree ? o.trace_degree : plan.forward_degree,
                           o.trace_degree ? o.trace_degree : plan.backward_degree);
+    log::info("pipemoe plan: wrote the predicted schedule to {} (open it in ui.perfetto.dev or chrome://tracing)",
+              o.trace);
   }
   if (o.json) {
     nlohmann::json c = nlohmann::json::array();
@@ -95,7 +99,7 @@ int run_plan(Context& ctx, const PlanOptions& o) {
 void add_plan_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<PlanOptions>();
   CLI::App* cmd = app.add_subcommand("plan", "predict a layer's time per pipeline degree and choose");
-  cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile)");
+  cmd->add_option("--profile", o->profile, "performance profile: required (take one with `pipemoe profile --out FILE`)");
   add_layer_shape_options(cmd, o->shape);
   cmd->add_option("--strategy", o->strategy, "how tokens reach their experts: ep (all-to-all expert parallelism)")
       ->capture_default_str();

@@ -45,6 +45,16 @@ int run_profile(Context& ctx, const ProfileCmdOptions& o) {
   std::printf("self-check: overlapped layer passes vs their simulation: median error %.1f%%\n",
               profile.self_check_median_error * 100);
   std::printf("wrote %s\n", o.out.c_str());
+  std::vector<std::string> problems = profile.trust_problems();
+  if (problems.empty()) {
+    std::printf("the fit is good: every cost class within %.0f%% of its samples (median), the self-check within %.0f%%\n",
+                PerfProfile::kMaxFitError * 100, PerfProfile::kMaxSelfCheckError * 100);
+  } else {
+    std::printf("WARNING: this profile is not to be trusted:\n");
+    for (const std::string& p : problems) std::printf("  - %s\n", p.c_str());
+    std::printf("  Take it again on a quiet machine (nothing else running), with more passes (--iters 5) and all five\n"
+                "  shapes (no --quick). `layer`, `plan` and `train` will warn while they use this one.\n");
+  }
   return 0;
 }
 

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "apps/pipemoe/command.h"
 #include "comm/inprocess_communicator.h"
@@ -17,7 +18,9 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "kernels/cpu/blas.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "pipemoe_version.h"
 
 namespace {
 
@@ -125,6 +128,20 @@ int main_in_process(int argc, char** argv, int ranks) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && (std::strcmp(argv[1], "--version") == 0 || std::strcmp(argv[1], "version") == 0)) {
+    std::printf("pipemoe %s (%s build, kernels %s)\n", PIPEMOE_GIT_COMMIT, PIPEMOE_BUILD_TYPE, pm::gemm_isa().c_str());
+    return 0;
+  }
+  // `pipemoe help [command]` is `pipemoe [command] --help`
+  std::vector<char*> args(argv, argv + argc);
+  static char help_flag[] = "--help";
+  if (argc >= 2 && std::strcmp(argv[1], "help") == 0) {
+    args.erase(args.begin() + 1);
+    args.push_back(help_flag);
+  }
+  argc = static_cast<int>(args.size());
+  args.push_back(nullptr);
+  argv = args.data();
   pm::blas_fix_core_type_or_reexec(argv);
   if (int ranks = global_int_option(argc, argv, "--ranks-in-process"); ranks != 0) {
     try {

@@ -1,6 +1,7 @@
 // A tiny CSV writer: a header once, then rows; values are written as given.
 #pragma once
 
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -11,8 +12,8 @@ namespace pm {
 
 class CsvWriter {
  public:
-  // Creates (or truncates) path and writes the header.
-  CsvWriter(const std::string& path, const std::vector<std::string>& header) : out_(path) {
+  // Creates (or truncates) path, and its folder if needed, and writes the header.
+  CsvWriter(const std::string& path, const std::vector<std::string>& header) : out_(open(path)) {
     PM_IO_CHECK(out_.good(), "cannot write CSV file {}", path);
     row(header);
   }
@@ -23,6 +24,11 @@ class CsvWriter {
   }
 
  private:
+  static std::ofstream open(const std::string& path) {
+    std::error_code ec;
+    if (std::filesystem::path(path).has_parent_path()) std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+    return std::ofstream(path);
+  }
   std::ofstream out_;
 };
 

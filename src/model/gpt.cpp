@@ -307,6 +307,13 @@ void GptModel::backward() {
   backward_exposed_ms_ = run(g, "backward");
 }
 
+std::vector<const MoePass*> GptModel::moe_passes() const {
+  std::vector<const MoePass*> out;
+  for (const auto& b : blocks_)
+    if (b->moe_pass) out.push_back(b->moe_pass.get());
+  return out;
+}
+
 double GptModel::aux_loss() const {
   double sum = 0;
   for (const auto& b : blocks_)

@@ -54,6 +54,8 @@ class GptModel {
   using GradsReady = std::function<void(TaskGraph& graph, int block, const std::vector<int>& ready)>;
   void set_grads_ready(GradsReady hook) { grads_ready_ = std::move(hook); }
   double aux_loss() const;  // sum over MoE layers, this rank's tokens
+  // The MoE layers' last forward passes (their routing: expert load, dropped tokens), in block order.
+  std::vector<const MoePass*> moe_passes() const;
   const float* logits() const { return logits_.data(); }  // [B*S, V] of the last forward
   // Records the tasks of the next passes (null: stop).
   void set_trace(Trace* trace) { trace_ = trace; }

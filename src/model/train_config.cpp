@@ -1,5 +1,6 @@
 #include "model/train_config.h"
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -67,7 +68,17 @@ nlohmann::json TrainConfig::to_json() const {
   return j;
 }
 
-void TrainConfig::apply(const nlohmann::json& j, const std::string& source) {
+namespace {
+
+bool is_path_key(const std::string& key) {
+  for (const char* k : {"data", "save", "resume", "profile", "trace", "log_csv", "plot"})
+    if (key == k) return true;
+  return false;
+}
+
+}  // namespace
+
+void TrainConfig::apply(const nlohmann::json& j, const std::string& source, const std::string& base_dir) {
   PM_REQUIRE(j.is_object(), "{}: the configuration must be a JSON object", source);
   for (auto& [key, value] : j.items()) {
     bool known = false;
@@ -87,6 +98,11 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source) {
                        "{}: '{}' must be a whole number, got {}", source, key, value.dump());
         }
         field = value.get<T>();
+        if constexpr (std::is_same_v<T, std::string>) {
+          std::filesystem::path path(field);
+          if (!base_dir.empty() && !field.empty() && is_path_key(key) && path.is_relative())
+            field = std::filesystem::absolute(std::filesystem::path(base_dir) / path).lexically_normal().string();
+        }
       } catch (const nlohmann::json::exception& e) {
         throw Error(ErrorKind::usage, fmt::format("{}: bad value for '{}': {}", source, key, e.what()));
       }
@@ -148,7 +164,7 @@ TrainConfig load_train_config(const std::string& path) {
     throw Error(ErrorKind::usage, fmt::format("{} is not valid JSON: {}", path, e.what()));
   }
   TrainConfig c;
-  c.apply(j, path);
+  c.apply(j, path, std::filesystem::absolute(path).parent_path().string());
   return c;
 }
 

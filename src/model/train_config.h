@@ -51,11 +51,14 @@ struct TrainConfig {
   std::string plot;                 // loss-curve PNG ("" = next to the CSV)
 
   nlohmann::json to_json() const;
-  // Applies keys of j (a config file or overrides); throws on unknown keys and bad types.
-  void apply(const nlohmann::json& j, const std::string& source);
+  // Applies keys of j (a config file or overrides); throws on unknown keys and bad types. Relative
+  // paths (data, save, resume, profile, trace, log_csv, plot) are taken relative to base_dir when
+  // it is given (a configuration file's folder), else left relative to the current directory.
+  void apply(const nlohmann::json& j, const std::string& source, const std::string& base_dir = "");
   void validate(int world_size) const;
 };
 
+// A configuration file; its relative paths are relative to the file's folder.
 TrainConfig load_train_config(const std::string& path);
 
 }  // namespace pm

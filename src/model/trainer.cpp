@@ -17,6 +17,7 @@
 #include "model/gpt.h"
 #include "model/grad_sync.h"
 #include "model/optimizer.h"
+#include "model/train_log.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
@@ -85,20 +86,60 @@ std::string default_log_path(const TrainConfig& c) {
   return "out/train_log.csv";
 }
 
-// Draws the loss curve with scripts/plot-loss (matplotlib) if it and python3 are there.
-void plot_loss_curve(const std::string& csv, const std::string& png) {
-  std::error_code ec;
-  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  fs::path script = exe.parent_path().parent_path() / "scripts" / "plot-loss";
-  if (ec || !fs::exists(script)) {
-    log::info("loss curve: {} not found, no PNG drawn", script.string());
-    return;
+// Tokens routed to each expert (every choice, kept or dropped), summed over ranks, per MoE layer:
+// the busiest expert and the mean; and the share of choices dropped by capacity.
+void moe_load(const GptModel& model, Communicator& comm, int experts, StepRecord& r) {
+  std::vector<const MoePass*> passes = model.moe_passes();
+  std::vector<double> counts(passes.size() * experts + 2, 0.0);  // [layer][expert], dropped, choices
+  for (std::size_t l = 0; l < passes.size(); ++l) {
+    const Routing& routing = passes[l]->routing();
+    for (std::size_t i = 0; i < routing.expert.size(); ++i) {
+      counts[l * experts + routing.expert[i]] += 1;
+      counts[counts.size() - 2] += routing.slot[i] < 0;
+    }
+    counts.back() += static_cast<double>(routing.expert.size());
   }
-  std::string cmd = "/usr/bin/python3 '" + script.string() + "' '" + csv + "' '" + png + "' >/dev/null 2>&1";
-  if (std::system(cmd.c_str()) == 0)
-    log::info("loss curve: {}", png);
-  else
-    log::info("loss curve: could not draw {} (needs python3-matplotlib: scripts/setup demo)", png);
+  comm.allreduce(counts.data(), counts.data(), static_cast<int64_t>(counts.size()), DType::f64, ReduceOp::sum);
+  for (std::size_t l = 0; l < passes.size(); ++l) {
+    double most = 0, sum = 0;
+    for (int e = 0; e < experts; ++e) most = std::max(most, counts[l * experts + e]), sum += counts[l * experts + e];
+    r.load_max.push_back(most);
+    r.load_mean.push_back(sum / experts);
+  }
+  r.dropped_share = counts.back() > 0 ? counts[counts.size() - 2] / counts.back() : 0.0;
+}
+
+// Schedules that do not fit the run: said once, at the start.
+void warn_about_schedule(const TrainConfig& c, const std::optional<CheckpointState>& resumed) {
+  if (c.warmup_steps >= c.max_steps)
+    log::info("warning: the warm-up ({} steps) is as long as the run ({} steps): the learning rate never reaches lr {} "
+              "and never decays; shorten it with --set warmup_steps=N",
+              c.warmup_steps, c.max_steps, c.lr);
+  if (!resumed) return;
+  for (const char* key : {"max_steps", "warmup_steps", "lr", "min_lr"}) {
+    nlohmann::json was = resumed->config.value(key, nlohmann::json()), now = c.to_json()[key];
+    if (!was.is_null() && was != now)
+      log::info("warning: the checkpoint was trained with {} {}, this run says {}: the learning-rate schedule changes "
+                "shape from step {} on",
+                key, was.dump(), now.dump(), resumed->step);
+  }
+}
+
+// The configuration as resolved (file, flags, defaults) and which rank holds what.
+void print_setup(const TrainConfig& c, int ranks, int hosts) {
+  log::info("configuration: {}", c.to_json().dump());
+  std::string moe_blocks;
+  for (int l = 0; l < c.model.layers; ++l)
+    if (c.model.is_moe(l)) moe_blocks += (moe_blocks.empty() ? "" : ", ") + std::to_string(l);
+  log::info("layout: {} ranks on {} host(s); data parallel over all {} for the dense weights", ranks, hosts, ranks);
+  if (moe_blocks.empty()) return;
+  const int per_rank = c.model.experts / ranks;
+  std::string holders;
+  for (int r = 0; r < ranks; ++r)
+    holders += fmt::format("{}rank {}: experts {}", r ? ", " : "", r,
+                           per_rank == 1 ? std::to_string(r) : fmt::format("{}-{}", r * per_rank, (r + 1) * per_rank - 1));
+  log::info("layout: MoE blocks {} ({} experts each, strategy {}): {}", moe_blocks, c.model.experts,
+            c.model.moe_strategy, holders);
 }
 
 }  // namespace
@@ -150,33 +191,29 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
               degrees.plan ? fmt::format(" (planned {}/{})", degrees.planned_forward, degrees.planned_backward) : "",
               degrees.measured ? " (timed)" : "");
   if (resumed) log::info("resuming from {} at step {}", c.resume, start);
+  print_setup(c, P, describe_cluster(comm, backend).hosts);
+  warn_about_schedule(c, resumed);
   log::info("setup took {:.1f} s", setup.elapsed_s());
 
   // The checkpoint folder and the log must be writable before the first step: agreed by all ranks.
-  const std::string csv_path = default_log_path(c);
-  std::ofstream csv;
+  const int64_t last = c.stop_at > 0 ? c.stop_at : c.max_steps;  // the last step this run takes
   std::string open_error;
-  if (rank == 0) {
+  if (rank == 0 && !c.save.empty()) {
     std::error_code ec;
-    if (!c.save.empty()) fs::create_directories(c.save, ec);
+    fs::create_directories(c.save, ec);
     if (ec) open_error = fmt::format("cannot create checkpoint folder {}: {}", c.save, ec.message());
-    if (open_error.empty() && fs::path(csv_path).has_parent_path()) fs::create_directories(fs::path(csv_path).parent_path(), ec);
-    bool append = resumed && fs::exists(csv_path);
-    if (open_error.empty()) csv.open(csv_path, append ? std::ios::app : std::ios::trunc);
-    if (open_error.empty() && !csv.good()) open_error = fmt::format("cannot write the training log {}", csv_path);
-    if (open_error.empty() && !append) csv << "step,lr,train_loss,aux_loss,val_loss,tokens_per_s,step_ms,compute_ms,exposed_comm_ms\n";
   }
+  TrainLog train_log(c, rank, tokens_per_step, c.model.moe_layers(), start, last, default_log_path(c), resumed.has_value());
+  if (open_error.empty()) open_error = train_log.open_error();
   open_error = comm.broadcast_string(open_error, 0);
   PM_REQUIRE(open_error.empty(), "{}", open_error);
 
   std::vector<int32_t> in(B * S), tg(B * S);
-  std::vector<double> window_loss, step_ms_all, exposed_all;
-  double last_train = NAN, last_val = NAN;
+  std::vector<double> step_ms_all, exposed_all;
+  double last_val = NAN;
   Trace trace;
   double trace_origin = 0;
-  const int64_t last = c.stop_at > 0 ? c.stop_at : c.max_steps;  // the last step this run takes
   for (int64_t step = start; step < last; ++step) {
-    const bool log_now = (step + 1) % c.log_every == 0 || step + 1 == last;
     const bool traced = !c.trace.empty() && step + 1 == last;
     if (traced) {
       comm.barrier();
@@ -189,7 +226,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     double loss = model.forward(in.data(), tg.data(), B, 1.0f / P);
     model.backward();  // with the gradient all-reduce
     std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
-    clip_by_global_norm(model.parameters(), comm, c.grad_clip);
+    const double grad_norm = clip_by_global_norm(model.parameters(), comm, c.grad_clip);
     const double lr = learning_rate(c, step);
     optimizer.step(c, lr);
     span.reset();
@@ -198,40 +235,28 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     double exposed_ms = model.exposed_comm_ms();
     double stats[4] = {loss, model.aux_loss(), step_ms, exposed_ms};
     comm.allreduce(stats, stats, 4, DType::f64, ReduceOp::sum);
-    loss = stats[0] / P;
-    const double aux = stats[1] / P, mean_step_ms = stats[2] / P, mean_exposed = stats[3] / P;
-    window_loss.push_back(loss);
-    if (step - start >= 2) step_ms_all.push_back(mean_step_ms), exposed_all.push_back(mean_exposed);
+    StepRecord record;
+    record.step = step + 1;
+    record.lr = lr;
+    record.loss = stats[0] / P;
+    record.aux = stats[1] / P;
+    record.grad_norm = grad_norm;
+    record.step_ms = stats[2] / P;
+    record.exposed_ms = stats[3] / P;
+    moe_load(model, comm, c.model.experts, record);
+    if (step - start >= 2) step_ms_all.push_back(record.step_ms), exposed_all.push_back(record.exposed_ms);
     if (traced) {
       model.set_trace(nullptr);
       trace.write_chrome_json(c.trace, trace_origin, comm.rank(), [&](const std::string& mine) { return comm.gather_strings(mine, 0); });
       log::info("trace of step {}: {}", step + 1, c.trace);
     }
-    const double tok_s = tokens_per_step / (mean_step_ms / 1e3);
-    std::optional<double> val;
-    if ((step + 1) % c.eval_every == 0 || step + 1 == last) val = last_val = evaluate(model, data, c, comm);
-    if (log_now) {
-      double mean = 0;
-      for (double l : window_loss) mean += l;
-      last_train = mean / window_loss.size();
-      window_loss.clear();
-      log::info("step {:5d}/{} | loss {:.4f} | aux {:.4f} | lr {:.2e} | {:7.0f} tok/s | {:6.1f} ms/step: compute {:.1f} + "
-                "exposed comm {:.1f} | degree {}/{}",
-                step + 1, c.max_steps, last_train, aux, lr, tok_s, mean_step_ms, mean_step_ms - mean_exposed,
-                mean_exposed, degrees.forward, degrees.backward);
+    double eval_s = 0;
+    if ((step + 1) % c.eval_every == 0 || step + 1 == last) {
+      Stopwatch eval_watch;
+      record.val_loss = last_val = evaluate(model, data, c, comm);
+      eval_s = eval_watch.elapsed_s();
     }
-    if (val)
-      log::info("step {:5d} | validation loss {:.4f} nats/token (perplexity {:.1f}, {:.3f} bits/byte) | unigram entropy "
-                "{:.4f} nats/token",
-                step + 1, *val, std::exp(*val), *val / std::log(2.0) / val_bytes_per_token, unigram);
-    if (rank == 0) {
-      // losses at full precision (the shortest text that reads back as the same double): a resumed
-      // run can be compared with an uninterrupted one bit for bit
-      csv << step + 1 << "," << lr << "," << fmt::format("{}", loss) << "," << fmt::format("{}", aux) << ","
-          << (val ? fmt::format("{}", *val) : "") << ","
-          << tok_s << "," << mean_step_ms << "," << mean_step_ms - mean_exposed << "," << mean_exposed << "\n";
-      csv.flush();
-    }
+    train_log.record(record, degrees.forward, degrees.backward, eval_s, val_bytes_per_token, unigram);
     const bool save_now = !c.save.empty() && ((c.save_every > 0 && (step + 1) % c.save_every == 0) || step + 1 == last);
     if (save_now) {
       CheckpointState s{step + 1, c.to_json(), P, data.tokenizer.to_json(), {{"data", data.description}}};
@@ -239,14 +264,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       log::info("checkpoint: {}", where);
     }
   }
-  if (rank == 0) {
-    csv.close();
-    std::string png = !c.plot.empty() ? c.plot : fs::path(csv_path).replace_extension(".png").string();
-    plot_loss_curve(csv_path, png);
-  }
+  train_log.close();
   double ms = step_ms_all.empty() ? NAN : summarize(step_ms_all).median;
   double exposed = exposed_all.empty() ? NAN : summarize(exposed_all).median;
-  return {{"train_loss", last_train},
+  return {{"train_loss", train_log.last_window_loss()},
           {"val_loss", last_val},
           {"unigram_entropy", unigram},
           {"unit", "nats per token"},
@@ -261,7 +282,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"degree_bwd", degrees.backward},
           {"world_size", P},
           {"parameters", n_params},
-          {"log_csv", csv_path}};
+          {"log_csv", train_log.csv_path()}};
 }
 
 }  // namespace pm

@@ -9,6 +9,7 @@
 
 #include "comm/communicator.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "kernels/backend.h"
 
 namespace pm {
@@ -84,6 +85,18 @@ double PerfProfile::predict(const Task& task) const {
   return it->second.predict(task.work);
 }
 
+std::vector<std::string> PerfProfile::trust_problems() const {
+  std::vector<std::string> out;
+  for (const auto& [cost, m] : models)
+    if (m.fitted && m.samples >= 4 && m.median_rel_err > kMaxFitError)
+      out.push_back(fmt::format("the {} model misses its own samples by {:.0f}% (median; r2 {:.2f})", cost,
+                                m.median_rel_err * 100, m.r2));
+  if (self_check_median_error > kMaxSelfCheckError)
+    out.push_back(fmt::format("overlapped layer passes differ from their simulation by {:.0f}% (median)",
+                              self_check_median_error * 100));
+  return out;
+}
+
 std::string PerfProfile::to_json() const {
   nlohmann::json models_json = nlohmann::json::object();
   for (const auto& [cost, m] : models) {
@@ -103,6 +116,8 @@ std::string PerfProfile::to_json() const {
         {"cpu_model", cluster.cpu_model}, {"network", cluster.network}}},
       {"interference", {{"compute", interference.compute}, {"comm", interference.comm}, {"handoff_s", interference.handoff_s}}},
       {"self_check_median_error", self_check_median_error},
+      {"trusted", trust_problems().empty()},
+      {"trust_problems", trust_problems()},
       {"models", models_json}};
   return j.dump(2);
 }
@@ -193,7 +208,17 @@ PerfProfile load_profile_for(Communicator& comm, const std::string& path, const 
   std::string diff = p.cluster.mismatch(here);
   PM_REQUIRE(diff.empty(), "profile {} was taken on another cluster ({}): take one here with `pipemoe profile`",
              path, diff);
+  warn_if_untrusted(p, path);
   return p;
+}
+
+void warn_if_untrusted(const PerfProfile& profile, const std::string& path) {
+  std::vector<std::string> problems = profile.trust_problems();
+  if (problems.empty()) return;
+  log::info("warning: profile {} is not to be trusted, its predictions and the degrees planned from them may be far off:",
+            path);
+  for (const std::string& p : problems) log::info("  - {}", p);
+  log::info("  take it again on a quiet machine (nothing else running) with more passes: pipemoe profile --iters 5");
 }
 
 }  // namespace pm

@@ -52,6 +52,13 @@ struct PerfProfile {
   Interference interference;
   double self_check_median_error = 0;  // overlapped layer passes vs their simulation, at profiling
 
+  // What makes this profile unfit to plan with, in words (empty: nothing): a cost class whose
+  // linear model misses its own samples by more than kMaxFitError (median), or overlapped passes
+  // that the simulation misses by more than kMaxSelfCheckError. Both come from a machine busy
+  // with other work while profiling, or too few passes.
+  static constexpr double kMaxFitError = 0.35, kMaxSelfCheckError = 0.25;
+  std::vector<std::string> trust_problems() const;
+
   // Seconds the task takes alone; throws if its cost class was never profiled.
   double predict(const Task& task) const;
   std::string to_json() const;
@@ -63,7 +70,11 @@ struct PerfProfile {
 };
 
 // Collective: rank 0 reads the file and sends it to every rank, which parse it and check that it
-// was taken on a cluster like this one; any problem is the same usage error on every rank.
+// was taken on a cluster like this one; any problem is the same usage error on every rank. A
+// profile with trust problems is used, with a warning that names them.
 PerfProfile load_profile_for(Communicator& comm, const std::string& path, const ClusterInfo& here);
+
+// Prints (rank 0) what makes the profile unfit to plan with, and what to do; nothing if all is well.
+void warn_if_untrusted(const PerfProfile& profile, const std::string& path);
 
 }  // namespace pm
