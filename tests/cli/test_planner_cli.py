@@ -65,6 +65,22 @@ def main():
                 "auto without a profile times the candidates; a fixed backward degree stays")
         print(f"ok: layer --degree auto without profile: {online['degree_fwd']}/{online['degree_bwd']}", flush=True)
 
+        # a profile that does not describe the machine: said plainly, with what to do
+        untrusted = dict(p, self_check_median_error=0.58)
+        slow = dict(p, models={k: dict(m, seconds={c: v * 10 for c, v in m["seconds"].items()})
+                               for k, m in p["models"].items()})
+        for name, doc in (("untrusted", untrusted), ("slow", slow)):
+            json.dump(doc, open(os.path.join(tmp, name + ".json"), "w"))
+        warned = mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--profile", os.path.join(tmp, "untrusted.json")])
+        f.check("is not to be trusted" in warned.stderr and "differ from their simulation by 58%" in warned.stderr,
+                f"an untrusted profile is named: {warned.stderr[-400:]}")
+        off = mpirun(2, ["layer"] + SMALL + ["--degree", "1", "--profile", os.path.join(tmp, "slow.json")])
+        f.check("the profile predicted" in off.stderr, f"a prediction 10x off is named: {off.stderr[-400:]}")
+        planned = mpirun(1, ["plan", "--profile", os.path.join(tmp, "untrusted.json"), "--tokens", 256, "--model-dim",
+                             64, "--hidden", 128, "--experts", 4])
+        f.check("is not to be trusted" in planned.stderr, "plan names an untrusted profile too")
+        print("ok: untrusted profiles and far-off predictions are named", flush=True)
+
         corrupt = os.path.join(tmp, "corrupt.json")
         open(corrupt, "w").write("{ this is not json")
         other = os.path.join(tmp, "other.json")

@@ -75,8 +75,23 @@ def main():
         for key in ("train_loss", "val_loss", "unigram_entropy", "tokens_per_s", "steps"):
             f.check(key in result, f"the final JSON line has {key}")
         f.check(os.path.exists(os.path.join(whole, "log.csv")), "a CSV log")
+        rows = list(csv.DictReader(open(os.path.join(whole, "log.csv"))))
+        for column in ("grad_norm", "dropped_share", "moe0_load_max", "moe0_load_mean"):
+            f.check(column in rows[0], f"the CSV has {column}")
+        # tokens routed per expert, all ranks: on average k * tokens per step / experts
+        routed = TINY["top_k"] * TINY["batch_size"] * TINY["seq_len"] * 2 / TINY["experts"]
+        f.check(all(float(r["moe0_load_mean"]) == routed and float(r["moe0_load_max"]) >= routed and
+                    0 <= float(r["dropped_share"]) < 1 and float(r["grad_norm"]) > 0 for r in rows),
+                f"expert load, dropped share and gradient norm in range (mean load {routed})")
+        progress = [l for l in out.stderr.splitlines() if l.startswith("step") and "ETA" in l]
+        f.check(len(progress) == TINY["max_steps"] // TINY["log_every"] and "grad norm" in progress[0] and
+                "expert load" in progress[0], f"a progress line per window: {progress[:1]}")
+        f.check("configuration: {" in out.stderr and "rank 1: experts 2-3" in out.stderr,
+                "the resolved configuration and the layout printed at start")
+        print("ok: CSV columns, progress lines, configuration and layout", flush=True)
         train(2, config, "--save", parts, "--stop-at", 4)  # as if interrupted after step 4
-        train(2, config, "--save", parts, "--resume", parts, "--degree", "2")
+        resumed = train(2, config, "--save", parts, "--resume", parts, "--degree", "2")
+        f.check("warning" not in resumed.stderr, f"a resume with the same schedule warns of nothing: {resumed.stderr}")
         f.check(losses(os.path.join(whole, "log.csv")) == losses(os.path.join(parts, "log.csv")),
                 "the resumed run continues the exact same loss curve")
         print(f"ok: resume continues the same curve: {losses(os.path.join(parts, 'log.csv'))[-1]}", flush=True)
@@ -87,6 +102,16 @@ def main():
         f.check(losses(os.path.join(whole, "log.csv")) == losses(os.path.join(serial, "log.csv")),
                 "overlapping the gradient all-reduce changes no loss")
         print("ok: overlapped and serial gradient all-reduce give the same curve", flush=True)
+
+        # schedules that do not fit the run are named
+        short = train(2, config, "--max-steps", 2, "--set", "save=", "--set", f"log_csv={tmp}/short.csv")
+        f.check("warning: the warm-up (2 steps) is as long as the run (2 steps)" in short.stderr,
+                f"warm-up longer than the run: {short.stderr[-500:]}")
+        longer = train(2, config, "--resume", whole, "--max-steps", 12, "--set", "save=",
+                       "--set", f"log_csv={tmp}/longer.csv")
+        f.check("trained with max_steps 8, this run says 12" in longer.stderr,
+                f"a resume that reshapes the schedule: {longer.stderr[-500:]}")
+        print("ok: warnings for a warm-up longer than the run and a reshaped schedule", flush=True)
 
         gen = mpirun(1, ["generate", "--checkpoint", whole, "--prompt", "The jury", "--tokens", 10])
         f.check(gen.stdout.startswith("The jury") and len(gen.stdout) > len("The jury"), f"generated: {gen.stdout!r}")
