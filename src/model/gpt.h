@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -63,12 +64,30 @@ class GptModel {
   // Milliseconds of the last forward + backward in which the compute lane waited for
   // communication (each graph's wall time minus its compute lane's busy time).
   double exposed_comm_ms() const { return forward_exposed_ms_ + backward_exposed_ms_; }
+  // ScMoE: how many dense tasks each MoE block's experts waited behind in the last passes (by block).
+  const std::map<int, int>& forward_slots() const { return slots_fwd_; }
+  const std::map<int, int>& backward_slots() const { return slots_bwd_; }
 
  private:
   struct Block;
+  // What the last pass of a direction measured: each task's duration by name, and each MoE
+  // block's communication before and after its experts: the inputs of ScMoE's slot rule.
+  struct PassTiming {
+    std::map<std::string, double> task_s;
+    std::map<int, std::pair<double, double>> moe_comm_s;
+  };
   void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
   // Runs a pass's graph; returns the milliseconds its compute lane waited for communication.
   double run(TaskGraph& graph, const char* category);
+  void remember(const TaskGraph& graph, const std::map<int, PassTasks>& moe_tasks, PassTiming& timing) const;
+  bool tap_is(int block, const char* position) const;
+  // Of the dense tasks that may sit between an MoE block's dispatch and its experts, how many
+  // do: the configuration's scmoe_slot, else ScMoE's balancing rule on the last pass's times.
+  int choose_slot(int block, bool forward, const std::vector<std::string>& candidates) const;
+  const float* scmoe_tap_now(int block);
+  const float* scmoe_tap_saved(int block) const;
+  void shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D, int64_t G);
+  void shared_expert_backward(Block& b, Backend& k, const float* dout, int64_t T, int64_t D, int64_t G, float* dx);
 
   ModelConfig config_;
   Trace* trace_ = nullptr;
@@ -89,6 +108,8 @@ class GptModel {
   Buffer<float> logits_, dlogits_;                             // [T, V]
   double loss_ = 0;
   double forward_exposed_ms_ = 0, backward_exposed_ms_ = 0;
+  PassTiming last_forward_, last_backward_;
+  std::map<int, int> slots_fwd_, slots_bwd_;
 };
 
 }  // namespace pm

@@ -31,6 +31,11 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("capacity_factor", c.model.capacity_factor);
   fn("expert_hidden", c.model.expert_hidden);
   fn("moe_strategy", c.model.moe_strategy);
+  fn("arch", c.model.arch);
+  fn("scmoe_tap", c.model.scmoe_tap);
+  fn("scmoe_slot", c.model.scmoe_slot);
+  fn("shared_expert_hidden", c.model.shared_expert_hidden);
+  fn("coef_gate", c.model.coef_gate);
   fn("aux_coef", c.model.aux_coef);
   fn("batch_size", c.batch_size);
   fn("max_steps", c.max_steps);
@@ -134,10 +139,30 @@ void TrainConfig::validate(int world) const {
                m.experts, m.top_k);
     positive("capacity_factor", m.capacity_factor);
     moe_strategy(m.moe_strategy);  // a usage error naming the known ones
+    PM_REQUIRE(m.shared_expert_hidden >= 0, "configuration: 'shared_expert_hidden' must be 0 (none) or positive, got {}",
+               m.shared_expert_hidden);
+    PM_REQUIRE(m.scmoe_slot >= -1, "configuration: 'scmoe_slot' must be -1 (auto) or a number of dense tasks, got {}",
+               m.scmoe_slot);
     PM_REQUIRE(m.experts % world == 0,
                "configuration: {} experts cannot be spread evenly over {} ranks: experts must be a multiple of the "
                "number of ranks",
                m.experts, world);
+  }
+  PM_REQUIRE(m.arch == "moe" || m.arch == "scmoe", "configuration: 'arch' must be \"moe\" or \"scmoe\", got \"{}\"",
+             m.arch);
+  PM_REQUIRE(m.scmoe_tap == "pos1" || m.scmoe_tap == "pos2" || m.scmoe_tap == "pos3",
+             "configuration: 'scmoe_tap' must be pos1 (the preceding block's output), pos2 (between its attention and "
+             "MLP) or pos3 (its input), got \"{}\"",
+             m.scmoe_tap);
+  if (m.scmoe()) {
+    PM_REQUIRE(m.moe_layers() > 0, "configuration: arch scmoe needs MoE blocks ('moe_every' > 0)");
+    PM_REQUIRE(m.moe_every >= 2 || m.scmoe_tap == "pos1",
+               "configuration: with an MoE in every block ('moe_every' 1) ScMoE can only tap pos1, the preceding "
+               "block's output (pos2 and pos3 would reach into another MoE block); got {}",
+               m.scmoe_tap);
+    PM_REQUIRE(m.shared_expert_hidden > 0,
+               "configuration: arch scmoe needs a shared expert on the current representation: set "
+               "'shared_expert_hidden' (e.g. to expert_hidden)");
   }
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
   PM_REQUIRE(min_lr >= 0 && min_lr <= lr, "configuration: 'min_lr' must be between 0 and lr ({}), got {}", lr, min_lr);

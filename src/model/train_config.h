@@ -23,8 +23,17 @@ struct ModelConfig {
   double capacity_factor = 1.25;
   int expert_hidden = 1024;
   std::string moe_strategy = "ep";  // how tokens reach their experts (moe/moe_layer.h): "ep", all-to-all
+  // "moe": an MoE block's routed experts read its own LN2 output; "scmoe" (shortcut-connected,
+  // ScMoE): they read, through a LayerNorm of their own, the block before it at scmoe_tap, so
+  // their all-to-all overlaps the dense work in between.
+  std::string arch = "moe";
+  std::string scmoe_tap = "pos2";  // pos1: the preceding block's output; pos2: its attention output; pos3: its input
+  int scmoe_slot = -1;             // dense tasks between the dispatch and the experts; -1: the balancing rule
+  int shared_expert_hidden = 0;    // > 0: a dense shared expert beside the routed ones in every MoE block
+  bool coef_gate = false;          // scale the shared expert per token by sigmoid(x . w_cg + b_cg)
   double aux_coef = 0.01;  // weight of the sum of the MoE layers' aux losses
   bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }
+  bool scmoe() const { return arch == "scmoe"; }
   int moe_layers() const;
 };
 

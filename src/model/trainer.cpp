@@ -27,8 +27,10 @@ namespace {
 namespace fs = std::filesystem;
 
 // The keys that shape the model: a checkpoint resumes only under the same values.
-const char* const kModelKeys[] = {"seq_len", "d_model",       "layers",    "heads", "mlp_hidden", "moe_every",
-                                  "experts", "top_k",         "capacity_factor", "expert_hidden", "tokenizer_vocab"};
+const char* const kModelKeys[] = {"seq_len",         "d_model",       "layers",    "heads",     "mlp_hidden",
+                                  "moe_every",       "experts",       "top_k",     "capacity_factor",
+                                  "expert_hidden",   "tokenizer_vocab", "arch",    "scmoe_tap",
+                                  "shared_expert_hidden", "coef_gate"};
 
 // Mean cross-entropy over the fixed validation batches, averaged over ranks.
 double evaluate(GptModel& model, const TokenData& data, const TrainConfig& c, Communicator& comm) {
@@ -153,10 +155,12 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     PM_REQUIRE(resumed->world_size == P,
                "checkpoint {} was written by {} ranks, this run has {}: resume with the same number of ranks",
                c.resume, resumed->world_size, P);
-    for (const char* key : kModelKeys)
-      PM_REQUIRE(resumed->config.value(key, nlohmann::json()) == c.to_json()[key],
-                 "checkpoint {} is of another model: its {} is {}, this configuration says {}", c.resume, key,
-                 resumed->config.value(key, nlohmann::json()).dump(), c.to_json()[key].dump());
+    const nlohmann::json defaults = TrainConfig{}.to_json();  // a key older checkpoints lack had its default
+    for (const char* key : kModelKeys) {
+      const nlohmann::json was = resumed->config.value(key, defaults[key]);
+      PM_REQUIRE(was == c.to_json()[key], "checkpoint {} is of another model: its {} is {}, this configuration says {}",
+                 c.resume, key, was.dump(), c.to_json()[key].dump());
+    }
   }
   Stopwatch setup;
   TokenData data = load_token_data(comm, c, resumed ? &resumed->tokenizer_json : nullptr);

@@ -122,7 +122,7 @@ struct PassBuilder {
 }  // namespace
 
 PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const PassRows& r,
-                            const ForwardSteps* steps) {
+                            const ForwardSteps* steps, const Between& between) {
   check_rows(r);
   const bool real = steps != nullptr;
   // the tasks own the steps (and whatever the steps keep alive) for as long as the graph lives
@@ -138,6 +138,7 @@ PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const P
   for (int c = 0; c < r.degree; ++c)
     dispatch.push_back(add(indexed("dispatch", c), lanes::comm, "all_to_all", c, {pack, counts},
                            bind(real, [w, c] { w->dispatch(c); })));
+  if (between) between(g);
   for (int c = 0; c < r.degree; ++c) {
     std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(expert[c - 1]);
@@ -151,7 +152,7 @@ PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const P
 }
 
 PassTasks append_ep_backward(TaskGraph& g, const std::vector<int>& after, const PassRows& r,
-                             const BackwardSteps* steps) {
+                             const BackwardSteps* steps, const Between& between) {
   check_rows(r);
   const bool real = steps != nullptr;
   auto w = real ? std::make_shared<const BackwardSteps>(*steps) : nullptr;
@@ -164,6 +165,7 @@ PassTasks append_ep_backward(TaskGraph& g, const std::vector<int>& after, const 
   for (int c = 0; c < r.degree; ++c)
     dispatch.push_back(add(indexed("grad_dispatch", c), lanes::comm, "all_to_all", c, {pack},
                            bind(real, [w, c] { w->grad_dispatch(c); })));
+  if (between) between(g);
   for (int c = 0; c < r.degree; ++c) {
     std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(dgrad[c - 1]);

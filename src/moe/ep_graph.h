@@ -57,10 +57,15 @@ struct BackwardSteps {
   std::function<void()> expert_wgrad, unpack_grad;
 };
 
+// `between` (may be empty) is called once the tasks that send the rows out are added (gate, pack,
+// counts, pack_weights, dispatch[c]; backward: pack_grad, pack_weights, gate_bwd,
+// grad_dispatch[c]) and before the experts: what it adds to the graph comes before them in each
+// lane's order, so that the all-to-all overlaps it (ScMoE puts the dense block there).
+using Between = std::function<void(TaskGraph& graph)>;
 PassTasks append_ep_forward(TaskGraph& graph, const std::vector<int>& after, const PassRows& rows,
-                            const ForwardSteps* steps);
+                            const ForwardSteps* steps, const Between& between = {});
 PassTasks append_ep_backward(TaskGraph& graph, const std::vector<int>& after, const PassRows& rows,
-                             const BackwardSteps* steps);
+                             const BackwardSteps* steps, const Between& between = {});
 
 // Puts the work of the real rows into a pass's tasks (the counts are known once the gate ran).
 void set_ep_forward_work(TaskGraph& graph, const PassTasks& tasks, const PassRows& rows);

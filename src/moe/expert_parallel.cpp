@@ -129,9 +129,9 @@ class ExpertParallelLayer final : public MoeLayer {
   int backward_degree() const override { return degree_bwd_; }
 
   MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
-                            float* y) override;
+                            float* y, const Between& between) override;
   PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass, const float* dy,
-                            float* dx, float aux_grad) override;
+                            float* dx, float aux_grad, const Between& between) override;
 
  private:
   // A pass object to fill: the previous one once nobody holds it any more, so that its buffers
@@ -161,7 +161,7 @@ class ExpertParallelLayer final : public MoeLayer {
 };
 
 MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x,
-                                               int64_t tokens, float* y) {
+                                               int64_t tokens, float* y, const Between& between) {
   PM_REQUIRE(tokens > 0, "number of tokens must be positive, got {}", tokens);
   const MoeShape shape = shape_.with_tokens(tokens);
   shape.check_degree(std::max(degree_fwd_, degree_bwd_));
@@ -213,12 +213,12 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
   steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.data(), p->back.data()); };
   steps.unpack = [this, p] { dispatcher_.unpack(p->back.data(), p->gating.gate.data(), p->handle, p->y); };
 
-  *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps);
+  *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps, between);
   return {*tasks, p};
 }
 
 PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass,
-                                               const float* dy, float* dx, float aux_grad) {
+                                               const float* dy, float* dx, float aux_grad, const Between& between) {
   const auto* f = dynamic_cast<const ForwardPass*>(&pass);
   PM_CHECK(f != nullptr, "backward of a pass that is not an expert-parallel forward");
   // the backward's tasks keep the forward's saved tensors alive
@@ -291,20 +291,20 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     dispatcher_.unpack_sum(b->back.data(), b->handle, b->dx);
   };
 
-  *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps);
+  *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps, between);
   return *tasks;
 }
 
 }  // namespace
 
 PassTasks ExpertParallelStrategy::plan_forward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
-                                               int degree) const {
-  return append_ep_forward(graph, after, balanced_rows(shape, degree), nullptr);
+                                               int degree, const Between& between) const {
+  return append_ep_forward(graph, after, balanced_rows(shape, degree), nullptr, between);
 }
 
 PassTasks ExpertParallelStrategy::plan_backward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
-                                                int degree) const {
-  return append_ep_backward(graph, after, balanced_rows(shape, degree), nullptr);
+                                                int degree, const Between& between) const {
+  return append_ep_backward(graph, after, balanced_rows(shape, degree), nullptr, between);
 }
 
 std::unique_ptr<MoeLayer> ExpertParallelStrategy::make_layer(const MoeShape& shape, Communicator& group,

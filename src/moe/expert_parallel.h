@@ -15,10 +15,10 @@ namespace pm {
 class ExpertParallelStrategy final : public MoeStrategy {
  public:
   std::string name() const override { return "ep"; }
-  PassTasks plan_forward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
-                         int degree) const override;
-  PassTasks plan_backward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
-                          int degree) const override;
+  PassTasks plan_forward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape, int degree,
+                         const Between& between = {}) const override;
+  PassTasks plan_backward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape, int degree,
+                          const Between& between = {}) const override;
   std::unique_ptr<MoeLayer> make_layer(const MoeShape& shape, Communicator& group, Backend& backend) const override;
 };
 

@@ -49,9 +49,9 @@ class MoeStrategy {
   // A pass of a layer of this shape at this pipeline degree, with a balanced routing and no work
   // bound: what the planner simulates.
   virtual PassTasks plan_forward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
-                                 int degree) const = 0;
+                                 int degree, const Between& between = {}) const = 0;
   virtual PassTasks plan_backward(TaskGraph& graph, const std::vector<int>& after, const MoeShape& shape,
-                                  int degree) const = 0;
+                                  int degree, const Between& between = {}) const = 0;
   // A layer of this strategy for the ranks of `group` (shape.ranks must be its size).
   virtual std::unique_ptr<MoeLayer> make_layer(const MoeShape& shape, Communicator& group, Backend& backend) const = 0;
 };
@@ -82,13 +82,15 @@ class MoeLayer {
   virtual int backward_degree() const = 0;
 
   // y[T, M] = layer(x[T, M]), appended after the tasks `after` (those that write x and last read
-  // y). x must stay unchanged until the backward has run.
+  // y). x must stay unchanged until the backward has run. `between` (optional) adds the caller's
+  // own tasks once the rows are on their way out and before the experts (ep_graph.h): the seam
+  // where ScMoE lays the dense block beside the all-to-all.
   virtual MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
-                                    float* y) = 0;
+                                    float* y, const Between& between = {}) = 0;
   // dx[T, M] from dy[T, M] for that pass; adds to the parameter gradients. aux_grad = d loss / d aux.
   // tasks.output: dx is complete; tasks.grads: the gradients are.
   virtual PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass,
-                                    const float* dy, float* dx, float aux_grad) = 0;
+                                    const float* dy, float* dx, float aux_grad, const Between& between = {}) = 0;
 };
 
 // ---- the layer alone: one graph per pass ---------------------------------------------------------

@@ -5,6 +5,13 @@ blocks (eps 1e-5) with causal multi-head attention and a dense GeLU MLP or an Mo
 (every moe_every-th block), final LayerNorm, tied output, mean cross-entropy plus aux_coef times
 the sum of the MoE aux losses. Data parallel over ranks: the loss is the mean of the ranks' losses;
 each rank's MoE routes its own tokens with its own capacity; experts are global.
+
+MoE blocks may add a dense shared expert on LN2's output, optionally scaled per token by a
+coefficient gate sigmoid(x . w_cg + b_cg). With arch "scmoe" (ScMoE, Cai et al. 2025) the routed
+MoE of block l reads, through a LayerNorm of its own (ln_moe), a representation of the block
+before it, tapped at pos1 (block l's input, the preceding block's output), pos2 (the preceding
+block's attention output, between its attention and MLP) or pos3 (the preceding block's input);
+block l's output is then a + SE(LN2(a)) + MoE(LN_moe(tap)).
 """
 import json
 import math
@@ -86,7 +93,8 @@ class Model:
         return ".moe." in name and not name.endswith(".moe.wg")
 
     def decays(self, name):
-        return any(name.endswith(s) for s in ("w_qkv", "w_proj", "w_fc", "w_out", "moe.wg", "moe.w1", "moe.w2"))
+        return any(name.endswith(s) for s in ("w_qkv", "w_proj", "w_fc", "w_out", "moe.wg", "moe.w1", "moe.w2",
+                                              "se.w_cg"))
 
     def rank_loss(self, inputs, targets):
         """(mean cross-entropy, sum of aux losses, logits) of one rank's batch."""
@@ -95,15 +103,29 @@ class Model:
         inp = torch.tensor(inputs.reshape(-1).astype(np.int64))
         h = p["wte"][inp] + p["wpe"][torch.arange(B * S) % S]
         aux_sum = 0.0
+        inputs, mids = [], []  # each block's input and attention output: what ScMoE taps
+        scmoe = c.get("arch", "moe") == "scmoe"
         for l in range(c["layers"]):
             b = f"blocks.{l}."
+            inputs.append(h)
             a = h + attention(layernorm(h, p[b + "ln1.g"], p[b + "ln1.b"]), p[b + "attn.w_qkv"], p[b + "attn.b_qkv"],
                               p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"])
+            mids.append(a)
             x = layernorm(a, p[b + "ln2.g"], p[b + "ln2.b"])
             if c["moe_every"] > 0 and l % c["moe_every"] == c["moe_every"] - 1:
-                y, aux = moe(x, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"], p[b + "moe.b2"],
-                             c["top_k"], c["capacity_factor"])
+                moe_in = x
+                if scmoe:
+                    tap = {"pos1": inputs[l], "pos2": mids[l - 1] if l else None,
+                           "pos3": inputs[l - 1] if l else None}[c["scmoe_tap"]]
+                    moe_in = layernorm(tap, p[b + "ln_moe.g"], p[b + "ln_moe.b"])
+                y, aux = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
+                             p[b + "moe.b2"], c["top_k"], c["capacity_factor"])
                 aux_sum = aux_sum + aux
+                if c.get("shared_expert_hidden", 0) > 0:
+                    se = gelu(x @ p[b + "se.w_fc"] + p[b + "se.b_fc"]) @ p[b + "se.w_out"] + p[b + "se.b_out"]
+                    if c.get("coef_gate", False):
+                        se = se * torch.sigmoid(x @ p[b + "se.w_cg"] + p[b + "se.b_cg"])
+                    y = y + se
             else:
                 y = gelu(x @ p[b + "mlp.w_fc"] + p[b + "mlp.b_fc"]) @ p[b + "mlp.w_out"] + p[b + "mlp.b_out"]
             h = a + y

@@ -23,12 +23,12 @@ CONFIG = ["seq_len=16", "d_model=32", "layers=2", "heads=2", "mlp_hidden=48", "m
           "lr=0.01", "warmup_steps=2", "max_steps=10", "grad_clip=0.5", "weight_decay=0.1"]
 
 
-def check(folder, ranks, seed, degree, f):
+def check(folder, ranks, seed, degree, f, variant=()):
     args = ["model-check", "--dump", folder, "--steps", STEPS, "--degree", degree] + sum(
-        (["--set", kv] for kv in CONFIG + [f"seed={seed}"]), [])
+        (["--set", kv] for kv in CONFIG + list(variant) + [f"seed={seed}"]), [])
     mpirun(ranks, args, timeout=300)
     model = ref.Model(folder)
-    name = f"{ranks} ranks, seed {seed}, degree {degree}"
+    name = f"{ranks} ranks, seed {seed}, degree {degree}" + (f", {' '.join(variant)}" if variant else "")
     state = {}
     for step in range(STEPS):
         total, ce, aux, logits = model.global_loss(folder, step)
@@ -60,11 +60,28 @@ def check(folder, ranks, seed, degree, f):
     print(f"{name}: losses over {STEPS} steps match: {model.meta['loss']}", flush=True)
 
 
+# The designs the ScMoE paper compares, as configurations of the same model: the shortcut at each
+# tap point (with and without the coefficient gate, top-1 and top-2), the shared expert beside a
+# top-1 MoE without the shortcut, and ScMoE with an MoE in every block (pos1).
+VARIANTS = [
+    (1, 24, 1, ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "coef_gate=true", "top_k=1"]),
+    (2, 25, 2, ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=1"]),
+    (2, 26, 1, ["arch=scmoe", "scmoe_tap=pos1", "shared_expert_hidden=36", "coef_gate=true", "top_k=2"]),
+    (2, 27, 1, ["arch=scmoe", "scmoe_tap=pos3", "shared_expert_hidden=36", "top_k=1"]),
+    (1, 28, 1, ["arch=scmoe", "scmoe_tap=pos3", "shared_expert_hidden=36", "coef_gate=true", "top_k=2"]),
+    (2, 29, 1, ["arch=moe", "shared_expert_hidden=36", "top_k=1"]),
+    (1, 30, 2, ["arch=moe", "shared_expert_hidden=36", "coef_gate=true", "top_k=1"]),
+    (2, 31, 1, ["arch=scmoe", "scmoe_tap=pos1", "moe_every=1", "shared_expert_hidden=36", "top_k=1"]),
+]
+
+
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
         for ranks, seed, degree in [(1, 21, 1), (2, 22, 1), (2, 23, 2)]:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f)
+        for ranks, seed, degree, variant in VARIANTS:
+            check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f, variant)
     f.finish("test_model")
 
 
