@@ -249,6 +249,7 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
   for (const TaskRecord& r : s.records) seconds[r.task] = r.end_s - r.start_s;
   timing.task_s.clear();
   timing.moe_comm_s.clear();
+  timing.moe_hidden.clear();
   for (int id = 0; id < graph.size(); ++id) timing.task_s[graph.task(id).name] = seconds[id];
   // the MoE's communication before its experts (its way out) and after them (its way back)
   for (const auto& [block, tasks] : moe_tasks) {
@@ -260,7 +261,27 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
       if (t.lane == lanes::comm) (experts_seen ? back : out) += seconds[id];
     }
     timing.moe_comm_s[block] = {out, back};
+    std::vector<int> comm;
+    for (int id : tasks.ids)
+      if (graph.task(id).lane == lanes::comm) comm.push_back(id);
+    timing.moe_hidden[block] = hidden_behind_compute(graph, s, comm);
   }
+  // Every rank keeps the same times, the slowest rank's: the choices made from them (slots, where
+  // the gradient buckets go) are then the same on every rank, and so is the order in which every
+  // rank adds its collectives. (Every rank's graph has the same task names.)
+  std::vector<double> v;
+  for (const auto& [name, seconds_] : timing.task_s) v.push_back(seconds_);
+  for (const auto& [block, window] : timing.moe_comm_s) v.push_back(window.first), v.push_back(window.second);
+  comm_.allreduce(v.data(), v.data(), static_cast<int64_t>(v.size()), DType::f64, ReduceOp::max);
+  std::size_t at = 0;
+  for (auto& [name, seconds_] : timing.task_s) seconds_ = v[at++];
+  for (auto& [block, window] : timing.moe_comm_s) window.first = v[at++], window.second = v[at++];
+}
+
+Overlap GptModel::comm_hidden() const {
+  Overlap all;
+  for (const auto& [block, o] : hidden_by_block_) all += o;
+  return all;
 }
 
 // Lays the steps into the graph; at each MoE join the layer's tasks go in, with up to `slot`
@@ -437,6 +458,7 @@ double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t 
   forward_exposed_ms_ = run(g, "forward");
   remember(g, moe_tasks, last_forward_);
   backward_exposed_ms_ = 0;
+  hidden_by_block_ = last_forward_.moe_hidden;
   return loss_;
 }
 
@@ -605,36 +627,84 @@ void GptModel::backward() {
   }});
 
   // A block's replicated gradients are final once its attention backward and its MoE's backward
-  // (the gate, ScMoE's LayerNorm) are in: then its all-reduce joins the graph.
+  // (the gate, ScMoE's LayerNorm, its shared expert) are in: then its all-reduce joins the graph.
+  // The communication lane runs its tasks in the order added, so a bucket added before the next
+  // MoE's all-to-alls would hold them up, and those are on the critical path (the experts wait
+  // for them) while the buckets can wait until the optimizer: a bucket joins after the next MoE
+  // join that follows its block in the step list, or, past the last join, as soon as both that
+  // join is in and the block's steps are. Where it joins must not depend on the slots: each rank
+  // measures its own times and may lay a dense step inside a join's slot or after it, but every
+  // rank must add its collectives in the same order. Both rules add the buckets in step order,
+  // after the same communication tasks, whatever the slots.
+  std::vector<int> flush_join(L, -1);  // step index of the join after which bucket l joins; -1: past the last
+  for (int l = 0; l < L; ++l) {
+    std::size_t at = 0;
+    while (at < steps.size() && !(std::holds_alternative<DenseStep>(steps[at]) &&
+                                  std::get<DenseStep>(steps[at]).name == indexed("attention_bwd", l)))
+      ++at;
+    for (std::size_t j = at + 1; j < steps.size() && flush_join[l] < 0; ++j)
+      if (std::holds_alternative<MoeJoin>(steps[j])) flush_join[l] = static_cast<int>(j);
+  }
+  // A bucket whose all-reduce the last backward showed to fit before the next MoE join's rows
+  // leave (the dense steps in between take longer than it, and than the buckets before it) goes
+  // at once: it uses a link that would idle, and holds nothing up. (The times are every rank's
+  // slowest, so every rank decides the same.)
+  std::vector<char> at_once(L, 0);
+  {
+    std::map<int, double> window_left;  // per join: dense time before it not yet filled by a bucket
+    for (int l = L - 1; l >= 0; --l) {
+      if (flush_join[l] < 0 || last_backward_.task_s.empty()) continue;
+      auto bucket = last_backward_.task_s.find(fmt::format("all-reduce block {} grads", l));
+      if (bucket == last_backward_.task_s.end()) continue;
+      if (!window_left.count(flush_join[l])) {
+        std::size_t at = 0;
+        while (std::get_if<DenseStep>(&steps[at]) == nullptr ||
+               std::get<DenseStep>(steps[at]).name != indexed("attention_bwd", l))
+          ++at;
+        double dense = 0;
+        for (std::size_t j = at + 1; j < static_cast<std::size_t>(flush_join[l]); ++j)
+          if (auto* d = std::get_if<DenseStep>(&steps[j])) {
+            auto t = last_backward_.task_s.find(d->name);
+            if (t != last_backward_.task_s.end()) dense += t->second;
+          }
+        window_left[flush_join[l]] = dense;
+      }
+      double& left = window_left[flush_join[l]];
+      if (bucket->second <= left) at_once[l] = 1, left -= bucket->second;
+    }
+  }
+  int joins_left = 0;
+  for (const Step& s : steps) joins_left += std::holds_alternative<MoeJoin>(s);
   TaskGraph g;
   std::map<int, PassTasks> moe_tasks;
   std::map<std::string, int> added;  // dense steps laid out so far, by name
   std::vector<char> announced(L, 0);
-  auto announce_ready_blocks = [&](TaskGraph& graph) {
-    if (!grads_ready_) return;
-    for (int l = L - 1; l >= 0; --l) {
-      auto attention = added.find(indexed("attention_bwd", l));
-      if (announced[l] || attention == added.end() || (blocks_[l]->moe && moe_done[l] < 0)) continue;
-      std::vector<int> ready = moe_grads[l];
-      ready.push_back(attention->second);
-      if (moe_ln_bwd[l] >= 0) ready.push_back(moe_ln_bwd[l]);
-      if (auto se = added.find(indexed("shared_expert_bwd", l)); se != added.end()) ready.push_back(se->second);
-      grads_ready_(graph, l, ready);
-      announced[l] = 1;
-    }
+  auto announce = [&](TaskGraph& graph, int l) {
+    if (!grads_ready_ || announced[l] || !added.count(indexed("attention_bwd", l))) return;
+    std::vector<int> ready = moe_grads[l];
+    ready.push_back(added.at(indexed("attention_bwd", l)));
+    if (moe_ln_bwd[l] >= 0) ready.push_back(moe_ln_bwd[l]);
+    if (auto se = added.find(indexed("shared_expert_bwd", l)); se != added.end()) ready.push_back(se->second);
+    grads_ready_(graph, l, ready);
+    announced[l] = 1;
   };
-  // after each dense step: the blocks whose gradients are now final join their all-reduce
   for (Step& s : steps)
     if (auto* d = std::get_if<DenseStep>(&s)) {
       auto add = d->add;
       const std::string name = d->name;
-      d->add = [&, add, name](TaskGraph& graph, int last) {
+      int block = -1;  // the block whose gradients this step completes
+      for (int l = 0; l < L; ++l)
+        if (name == indexed("attention_bwd", l)) block = l;
+      d->add = [&, add, name, block](TaskGraph& graph, int last) {
         int id = add(graph, last);
         added[name] = id;
-        announce_ready_blocks(graph);
+        if (block >= 0 && (at_once[block] || (flush_join[block] < 0 && joins_left == 0))) announce(graph, block);
         return id;
       };
     }
+  std::vector<int> join_index(L, -1);  // the step index of each block's MoE join
+  for (std::size_t j = 0; j < steps.size(); ++j)
+    if (auto* m = std::get_if<MoeJoin>(&steps[j])) join_index[m->block] = static_cast<int>(j);
   lay_out(g, steps, [&](int block, int& last, const std::vector<std::string>& candidates, auto between) {
     Block* bp = blocks_[block].get();
     Block& b = *bp;
@@ -662,11 +732,14 @@ void GptModel::backward() {
     moe_grads[block] = t.grads;
     moe_tasks[block] = t;
     slots_bwd_[block] = slot;
-    announce_ready_blocks(g);
+    --joins_left;
+    for (int l = L - 1; l >= 0; --l)  // in step order (the backward's steps run from the last block)
+      if (flush_join[l] == join_index[block] || (flush_join[l] < 0 && joins_left == 0)) announce(g, l);
   });
   if (grads_ready_) grads_ready_(g, -1, {added.at("embed_bwd")});  // the rest (head_bwd is before it)
   backward_exposed_ms_ = run(g, "backward");
   remember(g, moe_tasks, last_backward_);
+  for (const auto& [block, o] : last_backward_.moe_hidden) hidden_by_block_[block] += o;
 }
 
 std::vector<const MoePass*> GptModel::moe_passes() const {

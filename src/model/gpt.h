@@ -27,6 +27,7 @@
 #include "model/train_config.h"
 #include "moe/moe_layer.h"
 #include "sched/executor.h"
+#include "sched/overlap.h"
 #include "sched/task_graph.h"
 #include "sched/trace.h"
 
@@ -64,6 +65,10 @@ class GptModel {
   // Milliseconds of the last forward + backward in which the compute lane waited for
   // communication (each graph's wall time minus its compute lane's busy time).
   double exposed_comm_ms() const { return forward_exposed_ms_ + backward_exposed_ms_; }
+  // The MoE all-to-alls of the last forward + backward, and how much of their time ran while the
+  // compute lane computed (ScMoE's "communication hidden"): over all MoE blocks, and per block.
+  Overlap comm_hidden() const;
+  const std::map<int, Overlap>& comm_hidden_by_block() const { return hidden_by_block_; }
   // ScMoE: how many dense tasks each MoE block's experts waited behind in the last passes (by block).
   const std::map<int, int>& forward_slots() const { return slots_fwd_; }
   const std::map<int, int>& backward_slots() const { return slots_bwd_; }
@@ -75,6 +80,7 @@ class GptModel {
   struct PassTiming {
     std::map<std::string, double> task_s;
     std::map<int, std::pair<double, double>> moe_comm_s;
+    std::map<int, Overlap> moe_hidden;  // per MoE block
   };
   void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
   // Runs a pass's graph; returns the milliseconds its compute lane waited for communication.
@@ -109,6 +115,7 @@ class GptModel {
   double loss_ = 0;
   double forward_exposed_ms_ = 0, backward_exposed_ms_ = 0;
   PassTiming last_forward_, last_backward_;
+  std::map<int, Overlap> hidden_by_block_;  // forward + backward
   std::map<int, int> slots_fwd_, slots_bwd_;
 };
 

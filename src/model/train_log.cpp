@@ -44,8 +44,10 @@ TrainLog::TrainLog(const TrainConfig& c, int rank, int64_t tokens_per_step, int 
     return;
   }
   if (append) return;
-  csv_ << "step,lr,train_loss,aux_loss,val_loss,tokens_per_s,step_ms,compute_ms,exposed_comm_ms,grad_norm,dropped_share";
-  for (int l = 0; l < moe_layers_; ++l) csv_ << ",moe" << l << "_load_max,moe" << l << "_load_mean";
+  csv_ << "step,lr,train_loss,aux_loss,val_loss,tokens_per_s,step_ms,compute_ms,exposed_comm_ms,grad_norm,dropped_share,"
+          "comm_hidden_share";
+  for (int l = 0; l < moe_layers_; ++l)
+    csv_ << ",moe" << l << "_load_max,moe" << l << "_load_mean,moe" << l << "_comm_hidden";
   csv_ << "\n";
 }
 
@@ -66,8 +68,10 @@ void TrainLog::record(const StepRecord& r, int degree_fwd, int degree_bwd, doubl
   csv_ << r.step << "," << exact(r.lr) << "," << exact(r.loss) << "," << exact(r.aux) << ","
        << (r.val_loss ? exact(*r.val_loss) : "") << "," << tokens_per_step_ / (r.step_ms / 1e3) << "," << r.step_ms
        << "," << r.step_ms - r.exposed_ms << "," << r.exposed_ms << "," << exact(r.grad_norm) << ","
-       << r.dropped_share;
-  for (std::size_t l = 0; l < r.load_max.size(); ++l) csv_ << "," << r.load_max[l] << "," << r.load_mean[l];
+       << r.dropped_share << "," << r.comm_hidden_share;
+  for (std::size_t l = 0; l < r.load_max.size(); ++l)
+    csv_ << "," << r.load_max[l] << "," << r.load_mean[l] << ","
+         << (l < r.block_hidden_share.size() ? r.block_hidden_share[l] : 0.0);
   csv_ << "\n";
   csv_.flush();
   // a long run can be watched: the PNG follows every evaluation (drawn in the background)
@@ -93,9 +97,10 @@ void TrainLog::print_window(const StepRecord& last, int degree_fwd, int degree_b
   const int64_t evals_left = left / c_.eval_every + (last_step_ % c_.eval_every != 0 && left > 0);
   const double eta = left * ms / 1e3 + evals_left * last_eval_s_;
   std::string moe = moe_layers_ == 0 ? ""
-                                     : fmt::format(" | dropped {:.1f}% | expert load max/mean {:.2f} | degree {}/{}",
+                                     : fmt::format(" | dropped {:.1f}% | expert load max/mean {:.2f} | a2a hidden {:.0f}% | "
+                                                   "degree {}/{}",
                                                    mean(&StepRecord::dropped_share) * 100, loads ? load / loads : 0.0,
-                                                   degree_fwd, degree_bwd);
+                                                   mean(&StepRecord::comm_hidden_share) * 100, degree_fwd, degree_bwd);
   log::info("step {:5d}/{} | loss {:.4f} | aux {:.4f} | grad norm {:.3f} | lr {:.2e} | {:6.0f} tok/s | {:6.1f} ms/step: "
             "compute {:.1f} + exposed comm {:.1f}{} | {} elapsed, ETA {}",
             last.step, c_.max_steps, last_window_loss_, mean(&StepRecord::aux), mean(&StepRecord::grad_norm), last.lr,

@@ -3,7 +3,8 @@
 // previous line): means of loss, aux loss, gradient norm, step time, its compute and exposed
 // communication, dropped tokens and the experts' load, and tokens/s as the window's tokens over
 // its time; lr is the window's last step's. Elapsed time counts from the first step, the ETA from
-// the window's mean step time and the last evaluation's time.
+// the window's mean step time and the last evaluation's time. The share of the MoE all-to-alls
+// hidden behind computation is over the window's all-to-all time.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,9 @@ struct StepRecord {
   double step_ms = 0, exposed_ms = 0;  // means over ranks; compute = step - exposed
   double dropped_share = 0;            // choices over capacity, all MoE layers and ranks
   std::vector<double> load_max, load_mean;  // per MoE layer: tokens routed per expert, max and mean over experts
+  double comm_hidden_share = 0;             // the MoE all-to-alls' time during which the compute lane computed
+  double comm_hidden_total_s = 0, comm_hidden_s = 0;  // its parts, summed over ranks
+  std::vector<double> block_hidden_share;   // the same per MoE layer
   std::optional<double> val_loss;
 };
 

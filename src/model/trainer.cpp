@@ -20,6 +20,7 @@
 #include "model/train_log.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
+#include "sched/overlap.h"
 #include "sched/trace.h"
 
 namespace pm {
@@ -109,6 +110,23 @@ void moe_load(const GptModel& model, Communicator& comm, int experts, StepRecord
     r.load_mean.push_back(sum / experts);
   }
   r.dropped_share = counts.back() > 0 ? counts[counts.size() - 2] / counts.back() : 0.0;
+}
+
+// The share of the MoE all-to-alls' time hidden behind computation, all ranks, all MoE layers and
+// per layer (ScMoE's figure of merit).
+void comm_hidden(const GptModel& model, Communicator& comm, StepRecord& r) {
+  const std::map<int, Overlap>& by_block = model.comm_hidden_by_block();
+  std::vector<double> v;
+  for (const auto& [block, o] : by_block) v.push_back(o.total_s), v.push_back(o.hidden_s);
+  if (v.empty()) return;
+  comm.allreduce(v.data(), v.data(), static_cast<int64_t>(v.size()), DType::f64, ReduceOp::sum);
+  double total = 0, hidden = 0;
+  for (std::size_t i = 0; i < v.size(); i += 2) {
+    total += v[i], hidden += v[i + 1];
+    r.block_hidden_share.push_back(v[i] > 0 ? v[i + 1] / v[i] : 0.0);
+  }
+  r.comm_hidden_share = total > 0 ? hidden / total : 0.0;
+  r.comm_hidden_total_s = total, r.comm_hidden_s = hidden;
 }
 
 // Schedules that do not fit the run: said once, at the start.
@@ -214,6 +232,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
 
   std::vector<int32_t> in(B * S), tg(B * S);
   std::vector<double> step_ms_all, exposed_all;
+  Overlap hidden_total;  // the MoE all-to-alls of every step after the first two
   double last_val = NAN;
   Trace trace;
   double trace_origin = 0;
@@ -248,6 +267,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     record.step_ms = stats[2] / P;
     record.exposed_ms = stats[3] / P;
     moe_load(model, comm, c.model.experts, record);
+    comm_hidden(model, comm, record);
+    if (step - start >= 2) hidden_total += Overlap{record.comm_hidden_total_s, record.comm_hidden_s};
     if (step - start >= 2) step_ms_all.push_back(record.step_ms), exposed_all.push_back(record.exposed_ms);
     if (traced) {
       model.set_trace(nullptr);
@@ -282,6 +303,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"ms_per_step", ms},
           {"exposed_comm_ms_per_step", exposed},
           {"exposed_comm_share", exposed / ms},
+          {"comm_hidden_share", hidden_total.total_s > 0 ? nlohmann::json(hidden_total.share()) : nlohmann::json(nullptr)},
+          {"arch", c.model.arch},
           {"degree_fwd", degrees.forward},
           {"degree_bwd", degrees.backward},
           {"world_size", P},
