@@ -679,8 +679,12 @@ void GptModel::backward() {
   std::map<int, PassTasks> moe_tasks;
   std::map<std::string, int> added;  // dense steps laid out so far, by name
   std::vector<char> announced(L, 0);
+  // A block is ready once its attention backward is laid out and, for an MoE block, its MoE's
+  // whole backward (the join returns only then: a step laid inside the join's slot is not enough).
   auto announce = [&](TaskGraph& graph, int l) {
-    if (!grads_ready_ || announced[l] || !added.count(indexed("attention_bwd", l))) return;
+    if (!grads_ready_ || announced[l] || !added.count(indexed("attention_bwd", l)) ||
+        (blocks_[l]->moe && moe_done[l] < 0))
+      return;
     std::vector<int> ready = moe_grads[l];
     ready.push_back(added.at(indexed("attention_bwd", l)));
     if (moe_ln_bwd[l] >= 0) ready.push_back(moe_ln_bwd[l]);
@@ -734,7 +738,7 @@ void GptModel::backward() {
     slots_bwd_[block] = slot;
     --joins_left;
     for (int l = L - 1; l >= 0; --l)  // in step order (the backward's steps run from the last block)
-      if (flush_join[l] == join_index[block] || (flush_join[l] < 0 && joins_left == 0)) announce(g, l);
+      if (flush_join[l] == join_index[block] || at_once[l] || (flush_join[l] < 0 && joins_left == 0)) announce(g, l);
   });
   if (grads_ready_) grads_ready_(g, -1, {added.at("embed_bwd")});  // the rest (head_bwd is before it)
   backward_exposed_ms_ = run(g, "backward");
