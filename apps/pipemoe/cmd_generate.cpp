@@ -1,12 +1,24 @@
-// pipemoe generate: sample text from a trained checkpoint.
+// pipemoe generate: text from a trained checkpoint, with a key/value cache.
 //
-//   build/pipemoe generate --checkpoint runs/demo --prompt "The jury said" [--tokens 80]
-//       [--temperature 0.8 | --temperature 0 (greedy)] [--top-k 40] [--top-p 0.95] [--seed 1]
-// Runs on any number of ranks that divides the experts (one is enough). The text goes to stdout as
-// it is produced; tokens/s to stderr at the end. (Each token re-runs the model on its window: a
-// KV cache comes with the inference path.)
+//   build/pipemoe generate --checkpoint runs/demo --prompt "The jury said" [--prompt "..." ...]
+//       [--prompts FILE] [--tokens 80] [--temperature 0.8 | --temperature 0 (greedy)] [--top-k 40]
+//       [--top-p 0.95] [--seed 1] [--no-cache] [--json]
+//       [--offload-experts host|disk --expert-cache N [--offload-mode prefetch|blocking|resident]]
+// Every prompt is a sequence of one batch: each is run once (prefill), then every step decodes
+// one new token of all of them together, each attending to its own cached keys and values. When
+// a sequence fills the model's window (seq_len), it slides: its last half is run again. With one
+// prompt the text goes to stdout as it is produced; with several, each is printed when done.
+// tokens/s goes to stderr. --no-cache re-runs each sequence's whole window for every token (the
+// same bits while the window is not full: a check, and the baseline the cache is measured against).
+// Runs on any number of ranks that divides the experts (one is enough); routing is dropless.
+// --offload-experts keeps each MoE layer's routed experts in host memory or in the checkpoint file
+// (mapped) with at most N of them resident per layer (moe/expert_store.h): loaded when needed
+// (blocking) or, as soon as the routing is known, on the copy lane (prefetch: ScMoE knows it one
+// block early); resident loads all once, for comparison.
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
 #include "core/clock.h"
@@ -14,6 +26,7 @@
 #include "core/log.h"
 #include "core/rng.h"
 #include "model/checkpoint.h"
+#include "moe/expert_store.h"
 #include "model/gpt.h"
 #include "model/tokenizer.h"
 #include "sched/executor.h"
@@ -22,12 +35,18 @@ namespace pm::cli {
 namespace {
 
 struct GenerateOptions {
-  std::string checkpoint, prompt;
+  std::string checkpoint, prompts_file;
+  std::vector<std::string> prompts;
   int tokens = 80;
   double temperature = 0.8;  // 0: greedy
   int top_k = 40;
   double top_p = 1.0;        // nucleus: the fewest most likely tokens whose probability reaches p
   uint64_t seed = 1;
+  bool no_cache = false;
+  bool json = false;
+  std::string offload;  // "", host, disk
+  int expert_cache = 0;
+  std::string offload_mode = "prefetch";
 };
 
 // The next token from the last position's logits[V]: greedy at temperature 0, else drawn among
@@ -58,6 +77,18 @@ int32_t sample_next(const float* logits, int64_t V, const GenerateOptions& o, Rn
   return order[pick];
 }
 
+std::vector<std::string> read_prompts(const GenerateOptions& o) {
+  std::vector<std::string> prompts = o.prompts;
+  if (!o.prompts_file.empty()) {
+    std::ifstream in(o.prompts_file);
+    PM_REQUIRE(in.good(), "cannot read the prompts file {}", o.prompts_file);
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty()) prompts.push_back(line);
+  }
+  if (prompts.empty()) prompts.push_back("\n");
+  return prompts;
+}
+
 int run_generate(Context& ctx, const GenerateOptions& o) {
   PM_REQUIRE(!o.checkpoint.empty(), "generate needs --checkpoint DIR");
   PM_REQUIRE(o.tokens > 0, "--tokens must be positive, got {}", o.tokens);
@@ -65,6 +96,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
              o.temperature);
   PM_REQUIRE(o.top_k >= 1, "--top-k must be at least 1, got {}", o.top_k);
   PM_REQUIRE(o.top_p > 0 && o.top_p <= 1, "--top-p must be in (0, 1], got {}", o.top_p);
+  const std::vector<std::string> prompts = read_prompts(o);
   CheckpointState state = read_checkpoint_state(ctx.comm, o.checkpoint);
   TrainConfig config;
   config.apply(state.config, o.checkpoint + "/state.json");
@@ -74,35 +106,96 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
              "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
   Executor executor;
   GptModel model(config.model, ctx.comm, executor, ctx.backend);
+  if (!o.offload.empty()) {
+    PM_REQUIRE(config.model.moe_layers() > 0, "--offload-experts: the checkpoint's model has no MoE layers");
+    const OffloadMode mode = parse_offload_mode(o.offload_mode);
+    PM_REQUIRE(mode == OffloadMode::resident || o.expert_cache > 0,
+               "--offload-experts needs --expert-cache N (how many of a layer's experts may be resident, 1 to {})",
+               config.model.experts / ctx.world());
+    model.offload_experts(o.offload, checkpoint_step_dir(o.checkpoint) + "/model.safetensors", o.expert_cache, mode);
+  }
   load_checkpoint_tensors(ctx.comm, o.checkpoint, model.parameters(), nullptr);
 
-  std::vector<int32_t> tokens = tokenizer.encode(o.prompt.empty() ? "\n" : o.prompt);
-  const int64_t S = config.model.seq_len, V = config.model.vocab_size;
-  Rng rng(o.seed, stream_id(50));
-  std::vector<int32_t> window(S);
-  if (ctx.rank() == 0) {
-    std::fputs(tokenizer.decode(tokens).c_str(), stdout);
+  const int64_t S = config.model.seq_len, V = config.model.vocab_size, rows = static_cast<int64_t>(prompts.size());
+  model.start_inference(rows);
+  std::vector<std::vector<int32_t>> text(rows);
+  std::vector<Rng> rngs;
+  for (int64_t r = 0; r < rows; ++r) {
+    text[r] = tokenizer.encode(prompts[r]);
+    if (text[r].empty()) text[r] = tokenizer.encode("\n");
+    rngs.emplace_back(o.seed, stream_id(50, r));
+  }
+  const bool stream = rows == 1 && ctx.rank() == 0 && !o.json;
+  if (stream) {
+    std::fputs(tokenizer.decode(text[0]).c_str(), stdout);
     std::fflush(stdout);
   }
+  // Runs sequence r's window again (the whole of it, or its last half when it is full): its
+  // cache restarts from there; returns the logits of its last position.
+  // (each row's logits are copied out: the model's logits buffer serves the next pass)
+  std::vector<std::vector<float>> logits(rows);
+  auto prefill = [&](int64_t r, int64_t keep) {
+    const int64_t n = std::min<int64_t>(keep, static_cast<int64_t>(text[r].size()));
+    const float* out = model.prefill(r, text[r].data() + text[r].size() - n, n);
+    logits[r].assign(out, out + V);
+  };
   Stopwatch watch;
+  std::vector<int32_t> next(rows);
+  for (int64_t r = 0; r < rows; ++r) prefill(r, S);
   for (int n = 0; n < o.tokens; ++n) {
-    // the last S tokens, left-padded with the first token when the text is shorter
-    int64_t have = std::min<int64_t>(S, tokens.size());
-    std::fill(window.begin(), window.end(), tokens[tokens.size() - have]);
-    std::copy(tokens.end() - have, tokens.end(), window.end() - have);
-    model.forward(window.data(), nullptr, 1, 0.0f);
-    int32_t next = sample_next(model.logits() + (S - 1) * V, V, o, rng);
-    ctx.comm.broadcast(&next, 1, DType::i32, 0);
-    tokens.push_back(next);
-    if (ctx.rank() == 0) {
-      std::fputs(tokenizer.decode({next}).c_str(), stdout);  // the text as it comes
+    for (int64_t r = 0; r < rows; ++r) {
+      next[r] = sample_next(logits[r].data(), V, o, rngs[r]);
+      ctx.comm.broadcast(&next[r], 1, DType::i32, 0);
+      text[r].push_back(next[r]);
+    }
+    if (stream) {
+      std::fputs(tokenizer.decode({next[0]}).c_str(), stdout);  // the text as it comes
       std::fflush(stdout);
     }
+    if (n + 1 == o.tokens) break;
+    bool slid = false;
+    for (int64_t r = 0; r < rows && !o.no_cache; ++r)
+      slid |= model.position(r) >= S;  // the window is full: slide by half
+    if (o.no_cache || slid) {
+      for (int64_t r = 0; r < rows; ++r) prefill(r, o.no_cache ? S : S / 2);
+      // the new token was part of the prefill; a sequence whose window was not full re-ran as well
+      continue;
+    }
+    const float* all = model.decode(next.data());
+    for (int64_t r = 0; r < rows; ++r) logits[r].assign(all + r * V, all + (r + 1) * V);
   }
   const double seconds = watch.elapsed_s();
-  if (ctx.rank() == 0) std::printf("\n");
-  log::info("generate: {} tokens in {:.2f} s, {:.1f} tokens/s ({} rank(s), window {} re-run per token)", o.tokens,
-            seconds, o.tokens / seconds, ctx.world(), S);
+  // what expert offloading kept resident and cost, over the MoE layers of this rank
+  int64_t peak = 0, all = 0, loads = 0;
+  double load_s = 0;
+  for (MoeLayer* l : model.moe_layers())
+    if (const ExpertCache* cache = l->expert_cache()) {
+      peak += cache->peak_resident_bytes();
+      all += cache->bytes_per_expert() * cache->store().local_experts();
+      loads += cache->loads(), load_s += cache->load_s();
+    }
+  if (stream && !o.json) std::printf("\n");
+  nlohmann::json result = {{"sequences", rows}, {"tokens", o.tokens}, {"seconds", seconds},
+                           {"tokens_per_s", rows * o.tokens / seconds}, {"kv_cache", !o.no_cache},
+                           {"ranks", ctx.world()}};
+  if (!o.offload.empty())
+    result.update({{"offload_experts", o.offload}, {"offload_mode", o.offload_mode}, {"expert_cache", o.expert_cache},
+                   {"expert_loads", loads}, {"expert_load_s", load_s}, {"resident_expert_bytes_peak", peak},
+                   {"all_expert_bytes", all}});
+  if (ctx.rank() == 0 && o.json) {
+    std::vector<std::string> texts;
+    for (const auto& t : text) texts.push_back(tokenizer.decode(t));
+    result["texts"] = texts;
+    std::printf("%s\n", result.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else if (!stream && ctx.rank() == 0) {
+    for (int64_t r = 0; r < rows; ++r) std::printf("%s\n", tokenizer.decode(text[r]).c_str());
+  }
+  log::info("generate: {} sequence(s) x {} tokens in {:.2f} s: {:.1f} tokens/s ({}, {} rank(s))", rows, o.tokens,
+            seconds, rows * o.tokens / seconds, o.no_cache ? "no cache: the window re-run per token" : "key/value cache",
+            ctx.world());
+  if (!o.offload.empty())
+    log::info("experts offloaded to {} ({}): {} loads, {:.3f} s loading, resident at most {:.2f} MB of {:.2f} MB",
+              o.offload, o.offload_mode, loads, load_s, peak / 1e6, all / 1e6);
   return 0;
 }
 
@@ -110,16 +203,24 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
 
 void add_generate_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<GenerateOptions>();
-  CLI::App* cmd = app.add_subcommand("generate", "sample text from a trained checkpoint");
+  CLI::App* cmd = app.add_subcommand("generate", "generate text from a trained checkpoint (key/value cache, batched prompts)");
   cmd->add_option("--checkpoint", o->checkpoint, "checkpoint folder (pipemoe train --save)");
-  cmd->add_option("--prompt", o->prompt, "text to continue");
-  cmd->add_option("--tokens", o->tokens, "tokens to generate")->capture_default_str();
+  cmd->add_option("--prompt", o->prompts, "text to continue; repeat for a batch of sequences");
+  cmd->add_option("--prompts", o->prompts_file, "a file of prompts, one per line (a batch)");
+  cmd->add_option("--tokens", o->tokens, "tokens to generate per sequence")->capture_default_str();
   cmd->add_option("--temperature", o->temperature, "sampling temperature; 0: greedy (the most likely token)")
       ->capture_default_str();
   cmd->add_option("--top-k", o->top_k, "sample among the k most likely tokens")->capture_default_str();
   cmd->add_option("--top-p", o->top_p, "then among the fewest of those whose probability reaches p (nucleus)")
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
+  cmd->add_flag("--no-cache", o->no_cache, "re-run each sequence's window for every token (no key/value cache)");
+  cmd->add_flag("--json", o->json, "print one JSON object (texts, tokens/s, offloading figures) instead of the text");
+  cmd->add_option("--offload-experts", o->offload, "keep routed experts in host memory or on disk (the checkpoint, mapped)")
+      ->check(CLI::IsMember({"host", "disk"}));
+  cmd->add_option("--expert-cache", o->expert_cache, "at most N routed experts of a layer resident (with --offload-experts)");
+  cmd->add_option("--offload-mode", o->offload_mode, "prefetch (on the copy lane), blocking (when needed) or resident")
+      ->capture_default_str();
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_generate(ctx, *o); }; });
 }
 

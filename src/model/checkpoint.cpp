@@ -89,6 +89,8 @@ void on_rank0_agreed(Communicator& comm, Fn&& fn) {
 
 }  // namespace
 
+std::string checkpoint_step_dir(const std::string& dir) { return resolve_step_dir(dir); }
+
 std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
                             AdamW* optimizer, const CheckpointState& state) {
   std::vector<NamedTensor> model, moments;

@@ -33,6 +33,10 @@ struct CheckpointState {
 std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
                             AdamW* optimizer, const CheckpointState& state);
 
+// The step folder DIR names: DIR itself if it holds state.json, else DIR/<contents of latest>.
+// Usage error if it is neither.
+std::string checkpoint_step_dir(const std::string& dir);
+
 // Reads the state of DIR (a checkpoint folder with `latest`, or a step folder) on every rank.
 CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir);
 

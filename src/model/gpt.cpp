@@ -6,6 +6,7 @@
 #include <variant>
 
 #include "core/rng.h"
+#include "model/expert_offload.h"
 
 namespace pm {
 namespace {
@@ -67,6 +68,7 @@ struct GptModel::Block {
   Buffer<float> se_fc, se_act, se_raw, coef, se_out;  // [T, G], [T, G], [T, D], [T], [T, D]
   Buffer<float> moe_in, moe_mean, moe_rstd, moe_out;  // ScMoE's LN of the tap [T, D], [T], [T]; the MoE's output [T, D]
   std::shared_ptr<MoePass> moe_pass;  // what the MoE layer's backward needs
+  Buffer<float> k_cache, v_cache;     // inference: keys and values [rows, seq_len, D]
   // backward: ScMoE's own copy of the output gradient, the MoE's input gradient, and the tap's
   Buffer<float> moe_dy, dmoe_in, dtap;
 };
@@ -313,7 +315,40 @@ void lay_out(TaskGraph& g, std::vector<Step>& steps, Join&& join) {
 }
 
 double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale) {
-  const int64_t S = config_.seq_len, D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden;
+  return run_forward(inputs, targets, B, config_.seq_len, backward_scale, -1, false);
+}
+
+void GptModel::start_inference(int64_t rows) {
+  PM_REQUIRE(rows >= 1, "inference needs at least one sequence, got {}", rows);
+  const int64_t S = config_.seq_len, D = config_.d_model;
+  for (auto& b : blocks_) {
+    b->k_cache.assign(rows * S * D, 0.0f);
+    b->v_cache.assign(rows * S * D, 0.0f);
+    if (b->moe) b->moe->set_capacity_factor(0);  // dropless: a token's output never depends on the others
+  }
+  positions_.assign(rows, 0);
+}
+
+const float* GptModel::prefill(int64_t row, const int32_t* tokens, int64_t n) {
+  PM_CHECK(row >= 0 && row < static_cast<int64_t>(positions_.size()), "row {} of {} sequences", row, positions_.size());
+  PM_REQUIRE(n >= 1 && n <= config_.seq_len, "a prompt of {} tokens: the model takes 1 to {}", n, config_.seq_len);
+  run_forward(tokens, nullptr, 1, n, 0.0f, row, false);
+  positions_[row] = n;
+  return logits_.data() + (n - 1) * config_.vocab_size;
+}
+
+const float* GptModel::decode(const int32_t* tokens) {
+  const int64_t rows = static_cast<int64_t>(positions_.size());
+  for (int64_t p : positions_)
+    PM_CHECK(p >= 1 && p < config_.seq_len, "decoding at position {} of a window of {}", p, config_.seq_len);
+  run_forward(tokens, nullptr, rows, 1, 0.0f, -1, true);
+  for (int64_t& p : positions_) ++p;
+  return logits_.data();
+}
+
+double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float backward_scale,
+                             int64_t cache_row, bool decode) {
+  const int64_t D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden, S_max = config_.seq_len;
   const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = B * S;
   const int L = config_.layers;
   B_ = B, T_ = T;
@@ -329,13 +364,14 @@ double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t 
 
   // The pass as steps; each dense task reads what the step before it wrote.
   std::vector<Step> steps;
-  steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd](TaskGraph& g, int last) {
+  steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd, decode](TaskGraph& g, int last) {
                               return g.add({"embed", lanes::compute, "embed", -1, {1, 0, 3 * Td * Dd * 4}, after(last), [=, this] {
                                               for (int64_t t = 0; t < T; ++t) {
                                                 PM_CHECK(inputs_[t] >= 0 && inputs_[t] < V,
                                                          "token {} outside the vocabulary of {}", inputs_[t], V);
                                                 const float* e = wte_.f32() + inputs_[t] * D;
-                                                const float* p = wpe_.f32() + (t % S) * D;
+                                                const int64_t position = decode ? positions_[t] : t % S;
+                                                const float* p = wpe_.f32() + position * D;
                                                 for (int64_t i = 0; i < D; ++i) h_[t * D + i] = e[i] + p[i];
                                               }
                                             }});
@@ -347,17 +383,29 @@ double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t 
     if (tap_is(l, "pos1")) steps.push_back(MoeJoin{l});
     if (l + 1 < L && tap_is(l + 1, "pos3")) steps.push_back(MoeJoin{l + 1});
     const TaskWork attention_work{6, 8 * Td * Dd * Dd + 4 * Td * S * Dd, 12 * Td * Dd * 4};
-    steps.push_back(DenseStep{indexed("attention", l), [&b, &k, this, l, T, D, B, S, H, hd, attention_work](TaskGraph& g, int last) {
+    steps.push_back(DenseStep{indexed("attention", l), [&b, &k, this, l, T, D, B, S, H, hd, attention_work, decode, cache_row, S_max](TaskGraph& g, int last) {
       return g.add({indexed("attention", l), lanes::compute, "attention", -1, attention_work, after(last),
-                    [&b, &k, this, T, D, B, S, H, hd] {
+                    [&b, &k, this, T, D, B, S, H, hd, decode, cache_row, S_max] {
                       b.x_in = h_;
                       b.ln1_out.resize(T * D), b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
                       k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, b.ln1_out.data(),
                                           b.ln1_mean.data(), b.ln1_rstd.data());
                       b.qkv.resize(T * 3 * D);
                       linear_forward(k, b.ln1_out.data(), b.w_qkv, b.b_qkv, T, b.qkv.data());
-                      b.probs.resize(B * H * S * S), b.attn.resize(T * D);
-                      k.attention_forward(b.qkv.data(), B, S, H, hd, b.probs.data(), b.attn.data());
+                      b.attn.resize(T * D);
+                      if (decode) {  // one token per sequence against its cached keys and values
+                        k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), positions_.data(), B,
+                                           S_max, H, hd, b.attn.data());
+                      } else {
+                        b.probs.resize(B * H * S * S);
+                        k.attention_forward(b.qkv.data(), B, S, H, hd, b.probs.data(), b.attn.data());
+                      }
+                      if (cache_row >= 0)  // a prompt: its keys and values stay for the tokens that follow
+                        for (int64_t t = 0; t < S; ++t)
+                          for (int64_t i = 0; i < D; ++i) {
+                            b.k_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + D + i];
+                            b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
+                          }
                       b.x_mid.resize(T * D);
                       linear_forward(k, b.attn.data(), b.w_proj, b.b_proj, T, b.x_mid.data());
                       for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
@@ -744,6 +792,31 @@ void GptModel::backward() {
   backward_exposed_ms_ = run(g, "backward");
   remember(g, moe_tasks, last_backward_);
   for (const auto& [block, o] : last_backward_.moe_hidden) hidden_by_block_[block] += o;
+}
+
+void GptModel::offload_experts(const std::string& where, const std::string& model_file, int cache_slots,
+                               OffloadMode mode) {
+  PM_REQUIRE(where == "host" || where == "disk", "--offload-experts must be host or disk, got '{}'", where);
+  auto file = std::make_shared<const MappedSafetensors>(model_file);
+  const int64_t M = config_.d_model, H = config_.expert_hidden;
+  for (int l = 0; l < config_.layers; ++l) {
+    MoeLayer* moe = blocks_[l]->moe.get();
+    if (!moe) continue;
+    const std::string prefix = "blocks." + std::to_string(l) + ".moe.";
+    const int E = config_.experts, El = moe->shape().local_experts(), first = moe->first_expert();
+    auto mapped = std::make_shared<const MappedExpertStore>(file, prefix, E, first, El, M, H);
+    std::shared_ptr<const ExpertStore> store = mapped;
+    if (where == "host") {
+      const ExpertWeightsView w = mapped->expert(0);  // this rank's experts are consecutive
+      store = std::make_shared<const HostExpertStore>(w.w1, w.b1, w.w2, w.b2, El, M, H);
+    }
+    moe->offload_experts(store, cache_slots, mode);
+  }
+  // the routed experts are the layers' no more: checkpoints and optimizers leave them alone
+  std::vector<Parameter> kept;
+  for (const Parameter& p : params_)
+    if (!p.expert) kept.push_back(p);
+  params_ = kept;
 }
 
 std::vector<const MoePass*> GptModel::moe_passes() const {

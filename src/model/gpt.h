@@ -50,6 +50,24 @@ class GptModel {
   // backward_scale multiplies the gradient of the mean (1 / world size for data parallel).
   double forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale);
   void backward();
+
+  // Inference with a key/value cache: start_inference(rows) makes room for `rows` sequences and
+  // routes MoE tokens without a capacity (dropless: a token's output never depends on the others);
+  // prefill(row, tokens, n) runs a prompt of n tokens (at most seq_len) for sequence `row` and
+  // keeps its keys and values, returning the last position's logits [V]; decode(tokens) runs one
+  // new token of every sequence at once, each at its own position, and returns logits [rows, V].
+  // The logits are the bits a forward over the whole sequence gives at its last position.
+  void start_inference(int64_t rows);
+  const float* prefill(int64_t row, const int32_t* tokens, int64_t n);
+  const float* decode(const int32_t* tokens);
+  const float* decode_logits_end(int64_t V) const { return logits_.data() + positions_.size() * V; }
+  int64_t position(int64_t row) const { return positions_[row]; }
+
+  // Inference on a memory budget: every MoE layer's routed experts stay in `where` ("host": read
+  // once from model_file into host memory; "disk": model_file mapped and read in place) and at
+  // most cache_slots of each layer's are resident, loaded as `mode` says (moe/expert_store.h).
+  // Call before loading the checkpoint: parameters() then no longer lists the routed experts.
+  void offload_experts(const std::string& where, const std::string& model_file, int cache_slots, OffloadMode mode);
   // Called while the backward graph is built, once for each block l (from the last) with the
   // tasks after which block l's replicated gradients are final, then with -1 for the rest
   // (embeddings, final norm): where the data-parallel all-reduce joins the graph.
@@ -85,6 +103,10 @@ class GptModel {
   void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
   // Runs a pass's graph; returns the milliseconds its compute lane waited for communication.
   double run(TaskGraph& graph, const char* category);
+  // A forward of B sequences of S tokens (decode: one token per sequence, against the cache;
+  // cache_row >= 0: keep the keys and values of this one sequence in that row of the cache).
+  double run_forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float backward_scale,
+                     int64_t cache_row, bool decode);
   void remember(const TaskGraph& graph, const std::map<int, PassTasks>& moe_tasks, PassTiming& timing) const;
   bool tap_is(int block, const char* position) const;
   // Of the dense tasks that may sit between an MoE block's dispatch and its experts, how many
@@ -115,6 +137,7 @@ class GptModel {
   double loss_ = 0;
   double forward_exposed_ms_ = 0, backward_exposed_ms_ = 0;
   PassTiming last_forward_, last_backward_;
+  std::vector<int64_t> positions_;  // inference: each sequence's next position
   std::map<int, Overlap> hidden_by_block_;  // forward + backward
   std::map<int, int> slots_fwd_, slots_bwd_;
 };

@@ -1,5 +1,12 @@
 #include "model/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -26,41 +33,98 @@ std::string encode_safetensors(const std::vector<NamedTensor>& tensors, const st
   return out;
 }
 
-std::vector<NamedTensor> decode_safetensors(const std::string& bytes, const std::string& source,
-                                            std::map<std::string, std::string>* metadata) {
-  PM_REQUIRE(bytes.size() >= 8, "{} is not a safetensors file (only {} bytes)", source, bytes.size());
+namespace {
+
+// Where each float32 tensor of a safetensors file lies: parsed and checked from its first bytes.
+struct TensorIndex {
+  std::map<std::string, std::pair<Shape, uint64_t>> tensors;  // name -> (shape, offset from the file's start)
+  std::map<std::string, std::string> metadata;
+};
+
+TensorIndex index_safetensors(const char* bytes, uint64_t size, const std::string& source) {
+  PM_REQUIRE(size >= 8, "{} is not a safetensors file (only {} bytes)", source, size);
   uint64_t len;
-  std::memcpy(&len, bytes.data(), 8);
-  PM_REQUIRE(len > 0 && len <= bytes.size() - 8, "{} is corrupt: its header length {} runs past the file ({} bytes)",
-             source, len, bytes.size());
+  std::memcpy(&len, bytes, 8);
+  PM_REQUIRE(len > 0 && len <= size - 8, "{} is corrupt: its header length {} runs past the file ({} bytes)", source,
+             len, size);
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(bytes.substr(8, len));
+    header = nlohmann::json::parse(std::string(bytes + 8, len));
   } catch (const std::exception& e) {
     throw Error(ErrorKind::usage, fmt::format("{} is corrupt: its header is not JSON", source));
   }
-  const uint64_t data_size = bytes.size() - 8 - len;
-  std::vector<NamedTensor> out;
+  const uint64_t data_size = size - 8 - len;
+  TensorIndex index;
   try {
     for (auto& [name, info] : header.items()) {
       if (name == "__metadata__") {
-        if (metadata) *metadata = info.get<std::map<std::string, std::string>>();
+        index.metadata = info.get<std::map<std::string, std::string>>();
         continue;
       }
       PM_REQUIRE(info.at("dtype") == "F32", "{}: tensor {} is {}, only F32 is read", source, name, info.at("dtype").dump());
       Shape shape = info.at("shape").get<Shape>();
       uint64_t begin = info.at("data_offsets").at(0), end = info.at("data_offsets").at(1);
-      Tensor t = Tensor::empty(shape);
-      PM_REQUIRE(begin <= end && end <= data_size && end - begin == t.nbytes(),
+      PM_REQUIRE(begin <= end && end <= data_size && end - begin == static_cast<uint64_t>(shape_numel(shape)) * 4,
                  "{} is corrupt: tensor {} of shape {} claims bytes [{}, {}) of {}", source, name, shape_str(shape), begin,
                  end, data_size);
-      std::memcpy(t.raw(), bytes.data() + 8 + len + begin, t.nbytes());
-      out.push_back({name, std::move(t)});
+      index.tensors[name] = {shape, 8 + len + begin};
     }
   } catch (const nlohmann::json::exception& e) {
     throw Error(ErrorKind::usage, fmt::format("{} is corrupt: {}", source, e.what()));
   }
+  return index;
+}
+
+}  // namespace
+
+std::vector<NamedTensor> decode_safetensors(const std::string& bytes, const std::string& source,
+                                            std::map<std::string, std::string>* metadata) {
+  TensorIndex index = index_safetensors(bytes.data(), bytes.size(), source);
+  if (metadata) *metadata = index.metadata;
+  std::vector<NamedTensor> out;
+  for (const auto& [name, where] : index.tensors) {
+    Tensor t = Tensor::empty(where.first);
+    std::memcpy(t.raw(), bytes.data() + where.second, t.nbytes());
+    out.push_back({name, std::move(t)});
+  }
   return out;
+}
+
+MappedSafetensors::MappedSafetensors(const std::string& path) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  PM_REQUIRE(fd >= 0, "cannot read {}: {}", path, std::strerror(errno));
+  struct stat st {};
+  const bool stat_ok = ::fstat(fd, &st) == 0;
+  size_ = stat_ok ? static_cast<uint64_t>(st.st_size) : 0;
+  void* p = stat_ok && size_ > 0 ? ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+  ::close(fd);
+  PM_REQUIRE(p != MAP_FAILED, "cannot map {} into memory ({} bytes)", path, size_);
+  data_ = static_cast<const char*>(p);
+  try {
+    TensorIndex index = index_safetensors(data_, size_, path);
+    tensors_ = std::move(index.tensors);
+  } catch (...) {
+    ::munmap(const_cast<char*>(data_), size_);
+    throw;
+  }
+}
+
+MappedSafetensors::~MappedSafetensors() { ::munmap(const_cast<char*>(data_), size_); }
+
+const float* MappedSafetensors::tensor(const std::string& name, const Shape& shape) const {
+  auto it = tensors_.find(name);
+  PM_REQUIRE(it != tensors_.end(), "{} has no tensor {}: it was written for another model", path_, name);
+  PM_REQUIRE(it->second.first == shape, "{}: {} has shape {}, this model needs {}", path_, name,
+             shape_str(it->second.first), shape_str(shape));
+  return reinterpret_cast<const float*>(data_ + it->second.second);
+}
+
+void MappedSafetensors::release(const void* p, uint64_t bytes) const {
+  // whole pages inside the range only: a neighbour's data stays
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  uint64_t begin = (reinterpret_cast<uint64_t>(p) + page - 1) / page * page;
+  uint64_t end = (reinterpret_cast<uint64_t>(p) + bytes) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 }  // namespace pm

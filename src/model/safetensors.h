@@ -23,4 +23,24 @@ std::string encode_safetensors(const std::vector<NamedTensor>& tensors, const st
 std::vector<NamedTensor> decode_safetensors(const std::string& bytes, const std::string& source,
                                             std::map<std::string, std::string>* metadata = nullptr);
 
+// A safetensors file mapped into memory, read in place: what expert offloading to disk reads
+// experts from. The OS brings pages in as they are read; release() lets them go again.
+class MappedSafetensors {
+ public:
+  explicit MappedSafetensors(const std::string& path);  // usage error: missing, unreadable or corrupt
+  ~MappedSafetensors();
+  MappedSafetensors(const MappedSafetensors&) = delete;
+  MappedSafetensors& operator=(const MappedSafetensors&) = delete;
+  // The tensor's float32 data; usage error if it is absent or of another shape.
+  const float* tensor(const std::string& name, const Shape& shape) const;
+  void release(const void* data, uint64_t bytes) const;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  const char* data_ = nullptr;
+  uint64_t size_ = 0;
+  std::map<std::string, std::pair<Shape, uint64_t>> tensors_;  // name -> (shape, offset)
+};
+
 }  // namespace pm

@@ -137,7 +137,8 @@ void TrainConfig::validate(int world) const {
     positive("expert_hidden", m.expert_hidden);
     PM_REQUIRE(m.top_k >= 1 && m.top_k <= m.experts, "configuration: 'top_k' must be between 1 and experts ({}), got {}",
                m.experts, m.top_k);
-    positive("capacity_factor", m.capacity_factor);
+    PM_REQUIRE(m.capacity_factor >= 0 && std::isfinite(m.capacity_factor),
+               "configuration: 'capacity_factor' must be positive, or 0 for dropless routing, got {}", m.capacity_factor);
     moe_strategy(m.moe_strategy);  // a usage error naming the known ones
     PM_REQUIRE(m.shared_expert_hidden >= 0, "configuration: 'shared_expert_hidden' must be 0 (none) or positive, got {}",
                m.shared_expert_hidden);

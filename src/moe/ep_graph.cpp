@@ -138,10 +138,13 @@ PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const P
   for (int c = 0; c < r.degree; ++c)
     dispatch.push_back(add(indexed("dispatch", c), lanes::comm, "all_to_all", c, {pack, counts},
                            bind(real, [w, c] { w->dispatch(c); })));
+  if (real && w->fetch)
+    out.fetch = g.add({"fetch_experts", lanes::copy, "expert_fetch", -1, {1, 0, 0}, {counts}, [w] { w->fetch(); }});
   if (between) between(g);
   for (int c = 0; c < r.degree; ++c) {
     std::vector<int> deps = {dispatch[c], weights};
     if (c > 0) deps.push_back(expert[c - 1]);
+    if (out.fetch >= 0) deps.push_back(out.fetch);
     expert.push_back(add(indexed("expert", c), lanes::compute, "expert_fwd", c, deps, bind(real, [w, c] { w->expert(c); })));
   }
   for (int c = 0; c < r.degree; ++c)

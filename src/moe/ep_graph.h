@@ -40,7 +40,8 @@ PassRows balanced_rows(const MoeShape& shape, int degree);
 
 // The ids of a pass's tasks in a graph: what later builders depend on.
 struct PassTasks {
-  std::vector<int> ids;   // every task of the pass, in the order added
+  std::vector<int> ids;   // every task of the pass with a work of its own, in the order added
+  int fetch = -1;         // the offloaded experts' fetch on the copy lane, if any
   int output = -1;        // after it the pass's output (y or dx) is complete
   std::vector<int> grads;  // after these the parameter gradients are complete (backward)
 };
@@ -50,6 +51,9 @@ struct ForwardSteps {
   std::function<void()> gate, pack, counts, pack_weights;
   std::function<void(int chunk)> dispatch, expert, combine;
   std::function<void()> unpack;
+  // Offloaded experts: load the ones this pass needs (known once the counts are in) on the copy
+  // lane, while the rest goes on; the experts wait for it. Empty: no such task.
+  std::function<void()> fetch;
 };
 struct BackwardSteps {
   std::function<void()> pack_grad, pack_weights, gate_backward;

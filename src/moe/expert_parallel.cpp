@@ -24,6 +24,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   Buffer<float> u, hpre, act, out;  // counts: [rows, M|H|H|M] the experts' inputs, pre-activations,
                                     // GeLU outputs and outputs, compute order (expert); saved
   Buffer<float> back;        // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine)
+  std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
   double aux_loss() const override { return gating.aux_loss; }
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
@@ -99,6 +100,7 @@ class ExpertParallelLayer final : public MoeLayer {
   int first_expert() const override { return group_.rank() * shape_.local_experts(); }
 
   std::vector<Parameter> parameters() override {
+    if (cache_) return {{"wg", &wg, &dwg, false, true}};
     return {{"wg", &wg, &dwg, false, true},
             {"w1", &w1, &dw1, true, true},
             {"b1", &b1, &db1, true, false},
@@ -109,13 +111,31 @@ class ExpertParallelLayer final : public MoeLayer {
   void init_parameters(uint64_t seed) override {
     const int64_t M = shape_.model_dim, H = shape_.hidden;
     Rng(seed, stream_id(2)).fill_normal(wg.f32(), wg.numel(), 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
-    for (int le = 0; le < shape_.local_experts(); ++le) {
+    for (int le = 0; le < shape_.local_experts() && !cache_; ++le) {
       uint64_t e = static_cast<uint64_t>(first_expert() + le);
       Rng(seed, stream_id(3, e)).fill_normal(w1.f32() + le * M * H, M * H, 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
       Rng(seed, stream_id(4, e)).fill_normal(b1.f32() + le * H, H, 0.0f, 0.1f);
       Rng(seed, stream_id(5, e)).fill_normal(w2.f32() + le * H * M, H * M, 0.0f, 1.0f / std::sqrt(static_cast<float>(H)));
       Rng(seed, stream_id(6, e)).fill_normal(b2.f32() + le * M, M, 0.0f, 0.1f);
     }
+  }
+
+  void offload_experts(std::shared_ptr<const ExpertStore> store, int cache_slots, OffloadMode mode) override {
+    PM_CHECK(store && store->local_experts() == shape_.local_experts(), "a store of {} experts for a layer of {}",
+             store ? store->local_experts() : 0, shape_.local_experts());
+    const int slots = mode == OffloadMode::resident ? shape_.local_experts() : cache_slots;
+    cache_ = std::make_unique<ExpertCache>(std::move(store), backend_, slots, shape_.model_dim, shape_.hidden);
+    offload_mode_ = mode;
+    for (Tensor* t : {&w1, &b1, &w2, &b2, &dw1, &db1, &dw2, &db2}) *t = Tensor();  // the store holds them now
+    packed_.clear();
+  }
+  const ExpertCache* expert_cache() const override { return cache_.get(); }
+
+  void set_capacity_factor(double capacity_factor) override {
+    MoeShape s = shape_;
+    s.capacity_factor = capacity_factor;
+    s.validate();
+    shape_ = s;
   }
 
   void set_degrees(int forward_degree, int backward_degree) override {
@@ -154,6 +174,8 @@ class ExpertParallelLayer final : public MoeLayer {
   std::vector<std::unique_ptr<PackedExpert>> packed_;  // [El] this pass's packed expert weights
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
+  std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
+  OffloadMode offload_mode_ = OffloadMode::resident;
 
  public:
   Tensor wg, w1, b1, w2, b2;  // [M, E], [El, M, H], [El, H], [El, H, M], [El, M]
@@ -189,14 +211,29 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     p->hpre.resize(rows * H);
     p->act.resize(rows * H);
     p->out.resize(rows * M);
+    p->needed.clear();
+    for (int le = 0; le < shape_.local_experts(); ++le) {
+      int64_t n = 0;
+      for (int q = 0; q < shape_.ranks; ++q) n += p->handle.recv_counts[q * shape_.local_experts() + le];
+      if (n > 0) p->needed.push_back(le);
+    }
     // the graph carries the real rows from here on (traces, the profiler's samples)
     set_ep_forward_work(graph, *tasks, measured_rows(shape_, p->tokens, p->handle, group_.rank()));
   };
   steps.pack_weights = [this, M, H] {
+    if (cache_) {  // offloaded: resident experts are loaded once, the others when a pass needs them
+      if (offload_mode_ == OffloadMode::resident) {
+        std::vector<int> all(shape_.local_experts());
+        for (int le = 0; le < shape_.local_experts(); ++le) all[le] = le;
+        cache_->load(all, /*pin=*/true);
+      }
+      return;
+    }
     for (int le = 0; le < shape_.local_experts(); ++le)
       backend_.pack_expert_forward(*packed_[le], w1.f32() + le * M * H, w2.f32() + le * H * M, b1.f32() + le * H,
                                    b2.f32() + le * M, M, H);
   };
+  if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
   steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.data(), p->recv.data()); };
   steps.expert = [this, p, M, H](int c) {
     const BlockLayout& wire = p->handle.experts_wire;
@@ -204,14 +241,20 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     backend_.copy_rows(p->recv.data(), p->u.data(), M, chunk_segments(wire, compute, c));
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
-      backend_.expert_forward(*packed_[le], rows, M, H, &p->u[first * M], &p->hpre[first * H], &p->act[first * H],
+      if (rows == 0) continue;
+      if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
+      const PackedExpert& packed = cache_ ? cache_->packed(le) : *packed_[le];
+      backend_.expert_forward(packed, rows, M, H, &p->u[first * M], &p->hpre[first * H], &p->act[first * H],
                               &p->out[first * M]);
     }
     backend_.copy_rows(p->out.data(), p->recv.data(), M, chunk_segments(compute, wire, c));
     // u, hpre and act stay where this chunk put them: the backward reads them there, by row.
   };
   steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.data(), p->back.data()); };
-  steps.unpack = [this, p] { dispatcher_.unpack(p->back.data(), p->gating.gate.data(), p->handle, p->y); };
+  steps.unpack = [this, p] {
+    dispatcher_.unpack(p->back.data(), p->gating.gate.data(), p->handle, p->y);
+    if (cache_) cache_->end_pass();
+  };
 
   *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps, between);
   return {*tasks, p};
@@ -221,6 +264,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
                                                const float* dy, float* dx, float aux_grad, const Between& between) {
   const auto* f = dynamic_cast<const ForwardPass*>(&pass);
   PM_CHECK(f != nullptr, "backward of a pass that is not an expert-parallel forward");
+  PM_REQUIRE(!cache_, "a layer with offloaded experts is for inference only: it has no backward");
   // the backward's tasks keep the forward's saved tensors alive
   std::shared_ptr<ForwardPass> fp = std::const_pointer_cast<ForwardPass>(f->shared_from_this());
   std::shared_ptr<BackwardPass> b = next_backward_pass();

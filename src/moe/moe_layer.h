@@ -16,6 +16,7 @@
 #include "core/parameter.h"
 #include "kernels/backend.h"
 #include "moe/ep_graph.h"
+#include "moe/expert_store.h"
 #include "moe/moe_shape.h"
 #include "moe/routing.h"
 #include "sched/executor.h"
@@ -75,6 +76,15 @@ class MoeLayer {
   // experts whatever the number of ranks.
   virtual void init_parameters(uint64_t seed) = 0;
   void zero_grads();
+
+  // The capacity factor of the next passes (0: dropless; inference uses it).
+  virtual void set_capacity_factor(double capacity_factor) = 0;
+
+  // Inference with offloaded experts: the routed experts live in `store` (host memory, a mapped
+  // file) and at most `cache_slots` of this rank's are resident (moe/expert_store.h); the layer no
+  // longer holds them, and parameters() lists only the gate. No backward after this.
+  virtual void offload_experts(std::shared_ptr<const ExpertStore> store, int cache_slots, OffloadMode mode) = 0;
+  virtual const ExpertCache* expert_cache() const = 0;  // null unless offloaded
 
   // Pipeline degrees (chunks) of the next passes, each at least 1 and at most the capacity.
   virtual void set_degrees(int forward_degree, int backward_degree) = 0;

@@ -14,8 +14,8 @@ void MoeShape::validate() const {
   PM_REQUIRE(experts > 0, "number of experts must be positive, got {}", experts);
   PM_REQUIRE(top_k >= 1 && top_k <= experts, "top-k must be between 1 and the number of experts ({}), got {}",
              experts, top_k);
-  PM_REQUIRE(capacity_factor > 0 && std::isfinite(capacity_factor), "capacity factor must be positive, got {}",
-             capacity_factor);
+  PM_REQUIRE(capacity_factor >= 0 && std::isfinite(capacity_factor),
+             "capacity factor must be positive, or 0 for dropless routing (no capacity), got {}", capacity_factor);
   PM_REQUIRE(ranks >= 1, "the expert group needs at least one rank, got {}", ranks);
   PM_REQUIRE(experts % ranks == 0,
              "{} experts cannot be spread evenly over {} ranks: the number of experts must be a "

@@ -13,7 +13,7 @@ struct MoeShape {
   int64_t hidden = 0;     // H: each expert's hidden size
   int experts = 0;        // E: over all ranks of the expert group
   int top_k = 1;          // k: experts per token
-  double capacity_factor = 1.0;  // f: capacity C = ceil(k f T / E) slots per expert and rank
+  double capacity_factor = 1.0;  // f: capacity C = ceil(k f T / E) slots per expert and rank; 0: dropless
   int ranks = 1;          // P: the ranks that share the experts, E / P each
 
   // Throws a usage error naming the first impossible value (sizes not positive, k outside 1..E,

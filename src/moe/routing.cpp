@@ -7,6 +7,7 @@
 namespace pm {
 
 int64_t expert_capacity(int top_k, double capacity_factor, int64_t tokens, int experts) {
+  if (capacity_factor == 0) return static_cast<int64_t>(top_k) * tokens;  // dropless: every choice fits
   double c = static_cast<double>(top_k) * capacity_factor * static_cast<double>(tokens) / experts;
   return static_cast<int64_t>(std::ceil(c));
 }

@@ -18,6 +18,8 @@
 
 namespace pm {
 
+// Capacity factor 0 (as Tutel spells it) is dropless: k T slots, every choice finds one; only the
+// filled slots travel and are computed, so the cost follows the real counts.
 int64_t expert_capacity(int top_k, double capacity_factor, int64_t tokens, int experts);
 
 // Where chunk `chunk` of `rows` rows begins (chunk == degree: the end). Tapered: from degree 3 on,

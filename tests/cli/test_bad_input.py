@@ -39,7 +39,6 @@ def cases(tmp):
         (2, layer("--experts", 0), "experts"),
         (2, layer("--top-k", 0), "top-k"),
         (1, layer("--top-k", 5), "top-k"),
-        (2, layer("--capacity-factor", 0), "capacity factor"),
         (2, layer("--capacity-factor", -1.5), "capacity factor"),
         (2, layer("--degree", 1000), "capacity"),
         (2, layer("--degree", 0), "degree"),

@@ -5,6 +5,7 @@
 // stops at the first collective that does not).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "comm/inprocess_communicator.h"
@@ -97,6 +98,51 @@ TEST(ModelOnThreadRanks, ThreeAndFourRanksTrainTheMoeModelAndScmoeWithoutAMismat
     runs = train_steps(m, ranks, 3);
     ASSERT_EQ(static_cast<int>(runs.size()), ranks);
   }
+}
+
+}  // namespace
+}  // namespace pm
+
+namespace pm {
+namespace {
+
+// The key/value cache changes time, never bits: decoding token by token gives the logits of a
+// forward over the whole sequence at its last position, for every sequence of a batch, on 1 and
+// 2 ranks, with ScMoE or not.
+TEST(ModelOnThreadRanks, DecodingWithTheCacheGivesTheBitsOfTheWholeSequence) {
+  for (const char* arch : {"moe", "scmoe"})
+    for (int ranks : {1, 2}) {
+      TrainConfig c = tiny(arch, -1, true);
+      const int64_t V = c.model.vocab_size;
+      run_ranks_in_process(ranks, [&](Communicator& comm) {
+        Executor executor;
+        GptModel model(c.model, comm, executor, cpu_backend());
+        model.init_parameters(7);
+        const std::vector<std::vector<int32_t>> prompts = {{5, 17, 3}, {40, 2, 2, 9, 11, 60}};
+        model.start_inference(2);
+        std::vector<std::vector<int32_t>> seq = prompts;
+        std::vector<int32_t> next(2);
+        for (int r = 0; r < 2; ++r) {
+          const float* logits = model.prefill(r, seq[r].data(), static_cast<int64_t>(seq[r].size()));
+          next[r] = static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+        }
+        for (int step = 0; step < 6; ++step) {
+          for (int r = 0; r < 2; ++r) seq[r].push_back(next[r]);
+          std::vector<float> cached(model.decode(next.data()), model.decode_logits_end(V));
+          for (int r = 0; r < 2; ++r) {
+            // the whole sequence again, in a model of its own with the same weights
+            Executor ex2;
+            GptModel whole(c.model, comm, ex2, cpu_backend());
+            whole.init_parameters(7);
+            whole.start_inference(1);
+            const float* full = whole.prefill(0, seq[r].data(), static_cast<int64_t>(seq[r].size()));
+            EXPECT_TRUE(std::equal(full, full + V, cached.begin() + r * V))
+                << arch << ", " << ranks << " ranks, sequence " << r << ", step " << step;
+            next[r] = static_cast<int32_t>(std::max_element(full, full + V) - full) % 50 + 1;
+          }
+        }
+      });
+    }
 }
 
 }  // namespace

@@ -48,7 +48,7 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H):
 def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor):
     T = x.shape[0]
     E = wg.shape[1]
-    C = math.ceil(top_k * capacity_factor * T / E)
+    C = top_k * T if capacity_factor == 0 else math.ceil(top_k * capacity_factor * T / E)  # 0: dropless
     probs = torch.softmax(x @ wg, dim=1)
     order = np.argsort(-probs.detach().numpy(), axis=1, kind="stable")[:, :top_k]
     count = np.zeros(E, dtype=np.int64)

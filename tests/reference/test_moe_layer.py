@@ -30,6 +30,7 @@ CASES = [
     (4, 32, 24, 16, 8, 2, 4.0, 18),
     (3, 40, 24, 32, 6, 2, 1.25, 19),
     (3, 48, 16, 24, 3, 1, 4.0, 20),
+    (2, 40, 16, 24, 4, 2, 0.0, 21),  # dropless (capacity factor 0): every choice computed
 ]
 # (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
 # (1, 2, 3, 4, 6, 8, 12, 16) where the capacity allows, forward and backward apart

@@ -36,6 +36,43 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, in
     }
 }
 
+void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B, int64_t S_max,
+                      int64_t heads, int64_t hd, float* out) {
+  const int64_t D = heads * hd, ld = 3 * D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> row(S_max);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = pos[b];
+    float* kc = k_cache + b * S_max * D;
+    float* vc = v_cache + b * S_max * D;
+    for (int64_t i = 0; i < D; ++i) kc[t * D + i] = qkv[b * ld + D + i], vc[t * D + i] = qkv[b * ld + 2 * D + i];
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* q = qkv + b * ld + h * hd;
+      // scores: the GEMM's chain, one fused multiply-add per k in order from zero
+      for (int64_t j = 0; j <= t; ++j) {
+        float c = 0.0f;
+        for (int64_t k = 0; k < hd; ++k) c = std::fma(q[k], kc[j * D + h * hd + k], c);
+        row[j] = c;
+      }
+      float max = row[0] * scale;
+      for (int64_t j = 0; j <= t; ++j) max = std::max(max, row[j] * scale);
+      float sum = 0;
+      for (int64_t j = 0; j <= t; ++j) {
+        row[j] = exp_approx(row[j] * scale - max);
+        sum += row[j];
+      }
+      float inv = 1.0f / sum;
+      for (int64_t j = 0; j <= t; ++j) row[j] *= inv;
+      // out = P V: the GEMM's chain over positions in order (the causal zeros after t add nothing)
+      for (int64_t d = 0; d < hd; ++d) {
+        float c = 0.0f;
+        for (int64_t j = 0; j <= t; ++j) c = std::fma(row[j], vc[j * D + h * hd + d], c);
+        out[b * D + h * hd + d] = c;
+      }
+    }
+  }
+}
+
 void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
                         int64_t heads, int64_t hd, float* dqkv) {
   const int64_t D = heads * hd, ld = 3 * D;

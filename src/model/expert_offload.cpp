@@ -1,0 +1,27 @@
+#include "model/expert_offload.h"
+
+namespace pm {
+
+MappedExpertStore::MappedExpertStore(std::shared_ptr<const MappedSafetensors> file, const std::string& prefix,
+                                     int experts, int first, int local_experts, int64_t M, int64_t H)
+    : file_(std::move(file)), first_(first), local_(local_experts), M_(M), H_(H) {
+  const int64_t E = experts;
+  w1_ = file_->tensor(prefix + "w1", {E, M, H});
+  b1_ = file_->tensor(prefix + "b1", {E, H});
+  w2_ = file_->tensor(prefix + "w2", {E, H, M});
+  b2_ = file_->tensor(prefix + "b2", {E, M});
+}
+
+ExpertWeightsView MappedExpertStore::expert(int le) const {
+  const int64_t e = first_ + le;
+  return {w1_ + e * M_ * H_, b1_ + e * H_, w2_ + e * H_ * M_, b2_ + e * M_};
+}
+
+void MappedExpertStore::release(int le) const {
+  // the big matrices; the biases stay (the packed expert reads them at run time)
+  const ExpertWeightsView w = expert(le);
+  file_->release(w.w1, M_ * H_ * sizeof(float));
+  file_->release(w.w2, H_ * M_ * sizeof(float));
+}
+
+}  // namespace pm
