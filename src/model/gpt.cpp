@@ -220,19 +220,34 @@ bool GptModel::tap_is(int block, const char* position) const {
   return config_.scmoe() && config_.is_moe(block) && config_.scmoe_tap == position;
 }
 
-int GptModel::choose_slot(int block, bool forward, const std::vector<std::string>& candidates) const {
+int GptModel::choose_slot(int block, bool forward, const std::vector<std::string>& candidates) {
   const int n = static_cast<int>(candidates.size());
   if (config_.scmoe_slot >= 0) return std::min(config_.scmoe_slot, n);
   const auto& measured = forward ? last_forward_ : last_backward_;
   auto comm = measured.moe_comm_s.find(block);
   if (comm == measured.moe_comm_s.end()) return n;  // nothing measured yet: all the dense work beside the dispatch
-  // ScMoE's rule: the slot that balances the two windows, minimising
-  // |compute before the experts - dispatch| + |compute after them - combine|
   std::vector<double> d;
   for (const std::string& name : candidates) {
     auto it = measured.task_s.find(name);
     d.push_back(it == measured.task_s.end() ? 0.0 : it->second);
   }
+  if (window_profile_) {
+    // the planner: every (degree, slot) of this window simulated; the same inputs on every rank
+    // (the profile, the slowest rank's times), so the same choice
+    MoeLayer& layer = *blocks_[block]->moe;
+    const int degree = forward ? layer.forward_degree() : layer.backward_degree();
+    const double scale = comm_scale_for(*window_profile_, layer.shape(), degree, forward,
+                                        comm->second.first + comm->second.second, layer.strategy());
+    WindowPlan plan = plan_window(*window_profile_, layer.shape(), d, forward, kPlanTolerance, layer.strategy(), scale);
+    plan.comm_scale = scale;
+    if (forward)
+      layer.set_degrees(plan.degree, layer.backward_degree()), windows_fwd_[block] = plan;
+    else
+      layer.set_degrees(layer.forward_degree(), plan.degree), windows_bwd_[block] = plan;
+    return plan.slot;
+  }
+  // ScMoE's rule: the slot that balances the two windows, minimising
+  // |compute before the experts - dispatch| + |compute after them - combine|
   double total = 0;
   for (double x : d) total += x;
   int best = 0;

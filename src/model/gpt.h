@@ -26,6 +26,7 @@
 #include "kernels/backend.h"
 #include "model/train_config.h"
 #include "moe/moe_layer.h"
+#include "perf/planner.h"
 #include "sched/executor.h"
 #include "sched/overlap.h"
 #include "sched/task_graph.h"
@@ -90,6 +91,14 @@ class GptModel {
   // ScMoE: how many dense tasks each MoE block's experts waited behind in the last passes (by block).
   const std::map<int, int>& forward_slots() const { return slots_fwd_; }
   const std::map<int, int>& backward_slots() const { return slots_bwd_; }
+  // ScMoE with a profile: before each pass, every MoE block's slot and pipeline degree together
+  // are those of the shortest window the planner predicts (perf/planner.h: the layer's tasks as
+  // the profile predicts them, the dense tasks as the last pass measured them), instead of the
+  // balancing rule at a fixed degree. The profile must outlive the model; null: stop.
+  void plan_windows_with(const PerfProfile* profile) { window_profile_ = profile; }
+  // The last windows planned (by block; empty without a profile or before a pass was measured).
+  const std::map<int, WindowPlan>& forward_windows() const { return windows_fwd_; }
+  const std::map<int, WindowPlan>& backward_windows() const { return windows_bwd_; }
 
  private:
   struct Block;
@@ -111,7 +120,8 @@ class GptModel {
   bool tap_is(int block, const char* position) const;
   // Of the dense tasks that may sit between an MoE block's dispatch and its experts, how many
   // do: the configuration's scmoe_slot, else ScMoE's balancing rule on the last pass's times.
-  int choose_slot(int block, bool forward, const std::vector<std::string>& candidates) const;
+  // With a profile, the window planner's slot, and it sets the layer's degree for the pass.
+  int choose_slot(int block, bool forward, const std::vector<std::string>& candidates);
   const float* scmoe_tap_now(int block);
   const float* scmoe_tap_saved(int block) const;
   void shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D, int64_t G);
@@ -140,6 +150,8 @@ class GptModel {
   std::vector<int64_t> positions_;  // inference: each sequence's next position
   std::map<int, Overlap> hidden_by_block_;  // forward + backward
   std::map<int, int> slots_fwd_, slots_bwd_;
+  const PerfProfile* window_profile_ = nullptr;
+  std::map<int, WindowPlan> windows_fwd_, windows_bwd_;
 };
 
 }  // namespace pm

@@ -59,6 +59,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("save_every", c.save_every);
   fn("resume", c.resume);
   fn("degree", c.degree);
+  fn("scmoe_plan", c.scmoe_plan);
   fn("profile", c.profile);
   fn("trace", c.trace);
   fn("log_csv", c.log_csv);
@@ -173,6 +174,10 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(weight_decay >= 0 && grad_clip >= 0, "configuration: 'weight_decay' and 'grad_clip' must not be negative");
   PM_REQUIRE(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "configuration: 'beta1' and 'beta2' must be in [0, 1)");
   PM_REQUIRE(adam_eps > 0, "configuration: 'adam_eps' must be positive");
+  PM_REQUIRE(scmoe_plan == "window" || scmoe_plan == "rule",
+             "configuration: 'scmoe_plan' must be \"window\" (slot and degree planned together) or \"rule\" (the "
+             "layer's planned degree, ScMoE's slot rule), got \"{}\"",
+             scmoe_plan);
   PM_REQUIRE(tokenizer_vocab >= 256 && tokenizer_vocab <= 65536, "configuration: 'tokenizer_vocab' must be 256 to 65536, got {}",
              tokenizer_vocab);
   PM_REQUIRE(!data.empty(), "configuration: 'data' must name a corpus folder or a text file");

@@ -54,6 +54,9 @@ struct TrainConfig {
   int save_every = 0;               // steps between checkpoints (0: only at the end)
   std::string resume;               // checkpoint folder to continue from
   std::string degree = "1";         // MoE pipeline degree: a number or "auto"
+  // ScMoE with degree auto and a profile: "window" plans each block's slot and degree together
+  // (perf/planner.h plan_window); "rule": the degree from the layer alone, the slot by the rule.
+  std::string scmoe_plan = "window";
   std::string profile;              // performance profile for degree auto
   std::string trace;                // Chrome trace of the last logged step
   std::string log_csv;              // per-step CSV ("" = <save>/log.csv or out/train_log.csv)

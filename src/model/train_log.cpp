@@ -55,11 +55,11 @@ std::string TrainLog::png_path() const {
   return !c_.plot.empty() ? c_.plot : fs::path(csv_path_).replace_extension(".png").string();
 }
 
-void TrainLog::record(const StepRecord& r, int degree_fwd, int degree_bwd, double eval_s, double val_bytes_per_token,
+void TrainLog::record(const StepRecord& r, const std::string& moe_schedule, double eval_s, double val_bytes_per_token,
                       double unigram) {
   window_.push_back(r);
   if (r.val_loss) last_eval_s_ = eval_s;
-  if (r.step % c_.log_every == 0 || r.step == last_step_) print_window(r, degree_fwd, degree_bwd);
+  if (r.step % c_.log_every == 0 || r.step == last_step_) print_window(r, moe_schedule);
   if (r.val_loss)
     log::info("step {:5d} | validation loss {:.4f} nats/token (perplexity {:.1f}, {:.3f} bits/byte) | unigram entropy "
               "{:.4f} nats/token",
@@ -78,7 +78,7 @@ void TrainLog::record(const StepRecord& r, int degree_fwd, int degree_bwd, doubl
   if (r.val_loss && r.step != last_step_) plot(/*wait=*/false);
 }
 
-void TrainLog::print_window(const StepRecord& last, int degree_fwd, int degree_bwd) {
+void TrainLog::print_window(const StepRecord& last, const std::string& moe_schedule) {
   const double n = static_cast<double>(window_.size());
   auto mean = [&](double StepRecord::*field) {
     double s = 0;
@@ -98,9 +98,9 @@ void TrainLog::print_window(const StepRecord& last, int degree_fwd, int degree_b
   const double eta = left * ms / 1e3 + evals_left * last_eval_s_;
   std::string moe = moe_layers_ == 0 ? ""
                                      : fmt::format(" | dropped {:.1f}% | expert load max/mean {:.2f} | a2a hidden {:.0f}% | "
-                                                   "degree {}/{}",
+                                                   "{}",
                                                    mean(&StepRecord::dropped_share) * 100, loads ? load / loads : 0.0,
-                                                   mean(&StepRecord::comm_hidden_share) * 100, degree_fwd, degree_bwd);
+                                                   mean(&StepRecord::comm_hidden_share) * 100, moe_schedule);
   log::info("step {:5d}/{} | loss {:.4f} | aux {:.4f} | grad norm {:.3f} | lr {:.2e} | {:6.0f} tok/s | {:6.1f} ms/step: "
             "compute {:.1f} + exposed comm {:.1f}{} | {} elapsed, ETA {}",
             last.step, c_.max_steps, last_window_loss_, mean(&StepRecord::aux), mean(&StepRecord::grad_norm), last.lr,

@@ -41,7 +41,7 @@ class TrainLog {
 
   // Writes the step's CSV row; prints the progress line when the window is full (or at the last
   // step) and the validation line when there is one; redraws the loss PNG after an evaluation.
-  void record(const StepRecord& r, int degree_fwd, int degree_bwd, double eval_s, double val_bytes_per_token,
+  void record(const StepRecord& r, const std::string& moe_schedule, double eval_s, double val_bytes_per_token,
               double unigram);
   // The mean training loss of the last printed window.
   double last_window_loss() const { return last_window_loss_; }
@@ -50,7 +50,7 @@ class TrainLog {
   std::string png_path() const;
 
  private:
-  void print_window(const StepRecord& last, int degree_fwd, int degree_bwd);
+  void print_window(const StepRecord& last, const std::string& moe_schedule);
   void plot(bool wait) const;
 
   const TrainConfig& c_;

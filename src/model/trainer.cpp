@@ -1,9 +1,11 @@
 #include "model/trainer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 
 #include "core/clock.h"
@@ -48,7 +50,7 @@ double evaluate(GptModel& model, const TokenData& data, const TrainConfig& c, Co
 // The MoE layers' pipeline degrees: fixed, planned from a profile, or timed on the first MoE
 // layer with random input of the training shape (results do not depend on the degree).
 DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communicator& comm, Executor& executor,
-                                Backend& backend) {
+                                const PerfProfile* profile) {
   std::vector<MoeLayer*> layers = model.moe_layers();
   DegreeChoice choice;
   if (layers.empty()) return choice;
@@ -56,8 +58,6 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
   const int64_t T = static_cast<int64_t>(c.batch_size) * c.model.seq_len, D = c.model.d_model;
   const MoeShape shape = layers[0]->shape().with_tokens(T);
   if (request > 0) shape.check_degree(request, "configuration: degree");
-  std::optional<PerfProfile> profile;
-  if (!c.profile.empty()) profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
   MoeLayer& probe = *layers[0];
   std::vector<float> x(T * D), y(T * D), dy(T * D), dx(T * D);
   Rng(c.seed, stream_id(40, comm.rank())).fill_normal(x.data(), x.size(), 0.0f, 1.0f);
@@ -77,10 +77,50 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
     return std::make_pair(v[0], v[1]);
   };
   if (request == 0) pass();  // warms buffers before anything is timed
-  choice = choose_degrees(request, request, profile ? &*profile : nullptr, shape, profile ? 3 : 0, measure);
+  choice = choose_degrees(request, request, profile, shape, profile ? 3 : 0, measure);
   model.zero_grads();  // the probe's passes left gradients behind
   for (MoeLayer* l : layers) l->set_degrees(choice.forward, choice.backward);
   return choice;
+}
+
+// Each MoE block's pipeline degrees (and ScMoE slots) of the last passes, for the progress line:
+// "degree 2/1" or "degree 2/1 slot 4/3" when every block has the same, else block by block.
+std::string moe_schedule(GptModel& model, bool scmoe) {
+  std::vector<std::string> each;
+  int i = 0;
+  for (MoeLayer* layer : model.moe_layers()) {
+    std::string s = fmt::format("degree {}/{}", layer->forward_degree(), layer->backward_degree());
+    if (scmoe) {
+      auto slot = [&](const std::map<int, int>& slots) {
+        if (slots.empty()) return std::string("-");
+        auto it = std::next(slots.begin(), std::min<std::ptrdiff_t>(i, static_cast<std::ptrdiff_t>(slots.size()) - 1));
+        return std::to_string(it->second);
+      };
+      s += fmt::format(" slot {}/{}", slot(model.forward_slots()), slot(model.backward_slots()));
+    }
+    each.push_back(s);
+    ++i;
+  }
+  if (each.empty() || std::all_of(each.begin(), each.end(), [&](const std::string& s) { return s == each[0]; }))
+    return each.empty() ? "" : each[0];
+  std::string out;
+  for (std::size_t k = 0; k < each.size(); ++k) out += fmt::format("{}MoE {}: {}", k ? "; " : "", k, each[k]);
+  return out;
+}
+
+// The ScMoE windows the planner chose, block by block, for the final JSON.
+nlohmann::json window_json(const GptModel& model) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& [block, f] : model.forward_windows()) {
+    nlohmann::json w = {{"block", block}, {"degree_fwd", f.degree}, {"slot_fwd", f.slot},
+                        {"predicted_fwd_ms", f.predicted_s * 1e3}, {"comm_scale_fwd", f.comm_scale}};
+    auto b = model.backward_windows().find(block);
+    if (b != model.backward_windows().end())
+      w.update({{"degree_bwd", b->second.degree}, {"slot_bwd", b->second.slot},
+                {"predicted_bwd_ms", b->second.predicted_s * 1e3}, {"comm_scale_bwd", b->second.comm_scale}});
+    out.push_back(w);
+  }
+  return out;
 }
 
 std::string default_log_path(const TrainConfig& c) {
@@ -198,7 +238,15 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     load_checkpoint_tensors(comm, c.resume, model.parameters(), &optimizer);
     start = resumed->step;
   }
-  DegreeChoice degrees = choose_moe_degrees(model, c, comm, executor, backend);
+  std::optional<PerfProfile> profile;
+  if (!c.profile.empty()) profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
+  DegreeChoice degrees = choose_moe_degrees(model, c, comm, executor, profile ? &*profile : nullptr);
+  // ScMoE at degree auto with a profile: each block's slot and degree are planned together
+  // before every pass (the dense tasks' times are measured by then)
+  const bool plan_windows = c.model.scmoe() && profile && c.model.moe_layers() > 0 &&
+                            parse_degree(c.degree, "degree") == 0 && c.model.scmoe_slot < 0 &&
+                            c.scmoe_plan == "window";
+  if (plan_windows) model.plan_windows_with(&*profile);
 
   int64_t n_params = 0;
   for (const Parameter& p : model.parameters()) n_params += p.value->numel() * (p.expert ? P : 1);
@@ -212,6 +260,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     log::info("MoE pipeline degree: forward {}, backward {}{}{}", degrees.forward, degrees.backward,
               degrees.plan ? fmt::format(" (planned {}/{})", degrees.planned_forward, degrees.planned_backward) : "",
               degrees.measured ? " (timed)" : "");
+  if (plan_windows)
+    log::info("ScMoE windows: each MoE block's slot and degree planned before every pass from the profile (its "
+              "all-to-alls and experts) and the last pass's dense task times (degree above: the first pass's)");
   if (resumed) log::info("resuming from {} at step {}", c.resume, start);
   print_setup(c, P, describe_cluster(comm, backend).hosts);
   warn_about_schedule(c, resumed);
@@ -234,6 +285,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   std::vector<double> step_ms_all, exposed_all;
   Overlap hidden_total;  // the MoE all-to-alls of every step after the first two
   double last_val = NAN;
+  bool windows_shown = false;
   Trace trace;
   double trace_origin = 0;
   for (int64_t step = start; step < last; ++step) {
@@ -281,7 +333,16 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       record.val_loss = last_val = evaluate(model, data, c, comm);
       eval_s = eval_watch.elapsed_s();
     }
-    train_log.record(record, degrees.forward, degrees.backward, eval_s, val_bytes_per_token, unigram);
+    if (plan_windows && !windows_shown && !model.backward_windows().empty()) {
+      windows_shown = true;
+      for (const nlohmann::json& w : window_json(model))
+        log::info("ScMoE block {}: forward slot {} at degree {} (predicted {:.1f} ms, all-to-all {:.2f}x the "
+                  "profile's), backward slot {} at degree {} (predicted {:.1f} ms, all-to-all {:.2f}x)",
+                  w["block"].get<int>(), w["slot_fwd"].get<int>(), w["degree_fwd"].get<int>(),
+                  w["predicted_fwd_ms"].get<double>(), w["comm_scale_fwd"].get<double>(), w.value("slot_bwd", 0),
+                  w.value("degree_bwd", 0), w.value("predicted_bwd_ms", 0.0), w.value("comm_scale_bwd", 1.0));
+    }
+    train_log.record(record, moe_schedule(model, c.model.scmoe()), eval_s, val_bytes_per_token, unigram);
     const bool save_now = !c.save.empty() && ((c.save_every > 0 && (step + 1) % c.save_every == 0) || step + 1 == last);
     if (save_now) {
       CheckpointState s{step + 1, c.to_json(), P, data.tokenizer.to_json(), {{"data", data.description}}};
@@ -305,8 +366,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"exposed_comm_share", exposed / ms},
           {"comm_hidden_share", hidden_total.total_s > 0 ? nlohmann::json(hidden_total.share()) : nlohmann::json(nullptr)},
           {"arch", c.model.arch},
-          {"degree_fwd", degrees.forward},
-          {"degree_bwd", degrees.backward},
+          {"degree_fwd", model.moe_layers().empty() ? degrees.forward : model.moe_layers()[0]->forward_degree()},
+          {"degree_bwd", model.moe_layers().empty() ? degrees.backward : model.moe_layers()[0]->backward_degree()},
+          {"moe_schedule", moe_schedule(model, c.model.scmoe())},
+          {"scmoe_windows", window_json(model)},
           {"world_size", P},
           {"parameters", n_params},
           {"log_csv", train_log.csv_path()}};

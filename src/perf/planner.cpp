@@ -1,5 +1,9 @@
 #include "perf/planner.h"
 
+#include <algorithm>
+#include <map>
+
+#include "core/error.h"
 #include "moe/routing.h"
 
 namespace pm {
@@ -41,6 +45,71 @@ LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& s, double toler
       plan.backward_degree = p.degree, plan.backward_s = p.backward_s, bwd_set = true;
   }
   return plan;
+}
+
+double comm_scale_for(const PerfProfile& profile, const MoeShape& shape, int degree, bool forward,
+                      double measured_comm_s, const MoeStrategy& strategy) {
+  TaskGraph graph;
+  if (forward)
+    strategy.plan_forward(graph, {}, shape, degree);
+  else
+    strategy.plan_backward(graph, {}, shape, degree);
+  double predicted = 0;
+  for (const Task& t : graph.tasks())
+    if (t.lane == lanes::comm) predicted += profile.predict(t);
+  if (!(predicted > 0) || !(measured_comm_s > 0)) return 1.0;
+  return std::clamp(measured_comm_s / predicted, 0.25, 4.0);
+}
+
+double predict_window(const PerfProfile& profile, const MoeShape& shape, int degree, int slot,
+                      const std::vector<double>& dense_s, bool forward, const MoeStrategy& strategy,
+                      double comm_scale) {
+  const int n = static_cast<int>(dense_s.size());
+  PM_REQUIRE(slot >= 0 && slot <= n, "predict_window: slot {} outside 0..{}", slot, n);
+  TaskGraph graph;
+  std::map<int, double> measured;  // task id -> seconds, for the dense tasks
+  int last = -1;
+  auto dense = [&](TaskGraph& g, int i) {
+    last = g.add({"dense", lanes::compute, "measured", -1, {}, last < 0 ? std::vector<int>{} : std::vector<int>{last}, {}});
+    measured[last] = dense_s[i];
+  };
+  Between between = [&](TaskGraph& g) {
+    for (int i = 0; i < slot; ++i) dense(g, i);
+  };
+  PassTasks layer = forward ? strategy.plan_forward(graph, {}, shape, degree, between)
+                            : strategy.plan_backward(graph, {}, shape, degree, between);
+  for (int i = slot; i < n; ++i) dense(graph, i);
+  std::vector<int> end = layer.grads;  // the backward's weight gradients are compute work too
+  end.push_back(layer.output);
+  if (last >= 0) end.push_back(last);
+  graph.add({"reads the output", lanes::compute, "measured", -1, {}, end, {}});
+  return simulate(graph,
+                  [&](const Task& t) {
+                    auto it = measured.find(&t - graph.tasks().data());
+                    if (it != measured.end()) return it->second;
+                    if (t.cost == "measured") return 0.0;
+                    return profile.predict(t) * (t.lane == lanes::comm ? comm_scale : 1.0);
+                  },
+                  profile.interference)
+      .makespan_s;
+}
+
+WindowPlan plan_window(const PerfProfile& profile, const MoeShape& shape, const std::vector<double>& dense_s,
+                       bool forward, double tolerance, const MoeStrategy& strategy, double comm_scale) {
+  std::vector<WindowPlan> best_per_degree;
+  double fastest = 0;
+  for (int r : candidate_degrees(shape.capacity())) {
+    WindowPlan best{r, 0, 0};
+    for (int slot = 0; slot <= static_cast<int>(dense_s.size()); ++slot) {
+      double t = predict_window(profile, shape, r, slot, dense_s, forward, strategy, comm_scale);
+      if (slot == 0 || t < best.predicted_s) best.slot = slot, best.predicted_s = t;
+    }
+    if (best_per_degree.empty() || best.predicted_s < fastest) fastest = best.predicted_s;
+    best_per_degree.push_back(best);
+  }
+  for (const WindowPlan& p : best_per_degree)
+    if (p.predicted_s <= fastest * (1 + tolerance)) return p;
+  return best_per_degree.front();
 }
 
 }  // namespace pm

@@ -35,4 +35,30 @@ constexpr double kPlanTolerance = 0.01;
 LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& shape, double tolerance = kPlanTolerance,
                      const MoeStrategy& strategy = moe_strategy("ep"));
 
+// ScMoE's window: a layer whose experts wait behind `slot` dense tasks laid beside its dispatch,
+// the rest of the dense tasks running beside its combine, and a task that reads the layer's
+// output and the last dense task's at the end. dense_s: the dense tasks' seconds, in their order
+// (measured: the profile has no model of attention or the MLP); the layer's own tasks as the
+// profile predicts them, the communication lane's times by comm_scale (what the last pass
+// measured over what the profile predicts, comm_scale_for: the profile's network model may be off
+// for this run, and the run has just measured it). Predicted seconds of that window.
+double predict_window(const PerfProfile& profile, const MoeShape& shape, int degree, int slot,
+                      const std::vector<double>& dense_s, bool forward, const MoeStrategy& strategy = moe_strategy("ep"),
+                      double comm_scale = 1.0);
+// measured_comm_s: a pass's communication-lane seconds at `degree`; returns it over the profile's
+// prediction of the same (in [0.25, 4]: a measurement far outside that is not the network).
+double comm_scale_for(const PerfProfile& profile, const MoeShape& shape, int degree, bool forward,
+                      double measured_comm_s, const MoeStrategy& strategy = moe_strategy("ep"));
+
+struct WindowPlan {
+  int degree = 1, slot = 0;
+  double predicted_s = 0;
+  double comm_scale = 1.0;  // the communication's measured over predicted time it planned with
+};
+// The slot and degree of the shortest predicted window: the smallest degree within `tolerance`
+// of the fastest (each degree at its best slot).
+WindowPlan plan_window(const PerfProfile& profile, const MoeShape& shape, const std::vector<double>& dense_s,
+                       bool forward, double tolerance = kPlanTolerance,
+                       const MoeStrategy& strategy = moe_strategy("ep"), double comm_scale = 1.0);
+
 }  // namespace pm

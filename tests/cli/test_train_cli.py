@@ -148,6 +148,11 @@ def main():
             (2, [config, "--resume", whole, "--set", "d_model=64", "--max-steps", 12], "another model", "other shapes"),
             (1, [config, "--resume", whole, "--set", "experts=4", "--max-steps", 12], "written by 2 ranks", "other world size"),
             (2, [config, "--save", os.path.join(blocker, "run")], "checkpoint folder", "unwritable save folder"),
+            (2, [config, "--set", "arch=scmoe", "--set", "scmoe_tap=pos4"], "scmoe_tap", "a tap point that does not exist"),
+            (2, [config, "--set", "arch=scmoe", "--set", "moe_every=1"], "only tap pos1", "scmoe in every block off pos1"),
+            (2, [config, "--set", "arch=dense"], "arch", "an unknown architecture"),
+            (2, [config, "--resume", whole, "--set", "arch=scmoe", "--set", "shared_expert_hidden=48", "--max-steps", 12], "another model",
+             "a checkpoint of another architecture"),
         ]
         for ranks, args, word, name in cases:
             one_error(f, train(ranks, *args, check=False, timeout=120), word, name)

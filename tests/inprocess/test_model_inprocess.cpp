@@ -7,12 +7,14 @@
 
 #include <algorithm>
 #include <mutex>
+#include <set>
 
 #include "comm/inprocess_communicator.h"
 #include "core/rng.h"
 #include "model/gpt.h"
 #include "model/grad_sync.h"
 #include "model/optimizer.h"
+#include "support/synthetic_profile.h"
 
 namespace pm {
 namespace {
@@ -48,7 +50,9 @@ struct RankRun {
   bool operator==(const RankRun&) const = default;
 };
 
-std::vector<RankRun> train_steps(const TrainConfig& c, int ranks, int steps) {
+// profile: ScMoE's windows (slot and degree) planned from it before every pass.
+std::vector<RankRun> train_steps(const TrainConfig& c, int ranks, int steps, const PerfProfile* profile = nullptr,
+                                 std::set<std::pair<int, int>>* windows = nullptr) {
   std::vector<RankRun> out(ranks);
   std::mutex m;
   run_ranks_in_process(ranks, [&](Communicator& comm) {
@@ -57,6 +61,7 @@ std::vector<RankRun> train_steps(const TrainConfig& c, int ranks, int steps) {
     GradientSync sync(model.parameters(), c.model.layers, comm, c.overlap_grad_allreduce);
     model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { sync.grads_ready(g, block, ready); });
     model.init_parameters(5);
+    model.plan_windows_with(profile);
     AdamW optimizer(model.parameters());
     RankRun run;
     const int64_t T = c.batch_size * c.model.seq_len;
@@ -72,6 +77,10 @@ std::vector<RankRun> train_steps(const TrainConfig& c, int ranks, int steps) {
         for (const Parameter& p : model.parameters()) run.grads.emplace_back(p.grad->f32(), p.grad->f32() + p.grad->numel());
       clip_by_global_norm(model.parameters(), comm, c.grad_clip);
       optimizer.step(c, learning_rate(c, step));
+      std::lock_guard lock(m);
+      if (windows)
+        for (const auto* planned : {&model.forward_windows(), &model.backward_windows()})
+          for (const auto& [block, w] : *planned) windows->insert({w.degree, w.slot});
     }
     std::lock_guard lock(m);
     out[comm.rank()] = std::move(run);
@@ -84,6 +93,18 @@ TEST(ModelOnThreadRanks, ScmoeSlotsAndTheOverlappedAllReduceChangeNoBits) {
   for (int slot : {-1, 1, 2, 3}) EXPECT_TRUE(train_steps(tiny("scmoe", slot, true), 2, 4) == base) << "slot " << slot;
   EXPECT_TRUE(train_steps(tiny("scmoe", -1, false), 2, 4) == base) << "all-reduce after the backward";
   for (double loss : base[0].losses) EXPECT_TRUE(std::isfinite(loss) && loss > 0);
+}
+
+TEST(ModelOnThreadRanks, ScmoeWindowsPlannedFromAProfileChangeNoBits) {
+  const std::vector<RankRun> base = train_steps(tiny("scmoe", 0, true), 2, 4);
+  // a slow link pipelines, a fast one with costly tasks does not: windows of several degrees
+  std::set<std::pair<int, int>> windows;
+  for (const PerfProfile& p : {synthetic_profile(2.0, 0.01, 0), synthetic_profile(1e-6, 1000, 1e-3)})
+    EXPECT_TRUE(train_steps(tiny("scmoe", -1, true), 2, 4, &p, &windows) == base);
+  std::set<int> degrees;
+  for (auto [degree, slot] : windows) degrees.insert(degree);
+  EXPECT_GT(degrees.size(), 1u) << "the planner chose more than one degree";
+  EXPECT_TRUE(degrees.count(1));
 }
 
 TEST(ModelOnThreadRanks, ThreeAndFourRanksTrainTheMoeModelAndScmoeWithoutAMismatchedCollective) {

@@ -7,27 +7,11 @@
 #include "perf/degree_choice.h"
 #include "perf/perf_profile.h"
 #include "perf/planner.h"
+#include "sched/simulator.h"
+#include "support/synthetic_profile.h"
 
 namespace pm {
 namespace {
-
-// A profile whose all-to-all costs `link_s_per_mb` and whose GEMMs run at `gflops`, with a
-// fixed cost per task; every other cost class of the MoE layer costs only the fixed cost.
-PerfProfile synthetic_profile(double link_s_per_mb, double gflops, double fixed_s = 50e-6) {
-  PerfProfile p;
-  p.cluster = {2, 2, 1, "test cpu", "test network"};
-  for (const char* cost : {"gate", "pack", "pack_weights", "counts", "all_to_all", "expert_fwd", "unpack", "gate_bwd",
-                           "expert_dgrad", "expert_wgrad", "unpack_bwd"}) {
-    CostModel& m = p.models[cost];
-    m.fitted = true;
-    m.coef = {fixed_s, 0, 0, 0};
-    const std::string kind = cost;
-    if (kind == "all_to_all") m.coef[3] = link_s_per_mb / 1e6;
-    if (kind == "expert_fwd" || kind == "expert_dgrad" || kind == "expert_wgrad")
-      m.coef[2] = 1.0 / (gflops * 1e9);
-  }
-  return p;
-}
 
 const MoeShape kShape{2048, 512, 1024, 8, 2, 1.25, 2};
 
@@ -122,6 +106,56 @@ TEST(Planner, InterferenceMakesOverlapWorthLess) {
   double costly = predict_layer(p, kShape, 4, true);
   EXPECT_GT(costly, free_overlap);
   EXPECT_GT(predict_layer(p, kShape, 1, true), 0);
+}
+
+// ScMoE's window: the layer's experts behind `slot` dense tasks beside the dispatch.
+TEST(WindowPlanner, WithoutDenseWorkItIsTheLayer) {
+  PerfProfile p = synthetic_profile(10e-3, 100);
+  for (int r : {1, 4})
+    for (bool forward : {true, false})
+      EXPECT_NEAR(predict_window(p, kShape, r, 0, {}, forward), predict_layer(p, kShape, r, forward), 1e-9);
+}
+
+TEST(WindowPlanner, DenseWorkHidesTheAllToAll) {
+  PerfProfile p = synthetic_profile(30e-3, 100);
+  TaskGraph alone;
+  moe_strategy("ep").plan_forward(alone, {}, kShape, 1);
+  Simulation s = simulate(alone, [&](const Task& t) { return p.predict(t); });
+  const double layer_compute = s.busy(lanes::compute), comm = s.busy(lanes::comm);
+  ASSERT_GT(comm, layer_compute);  // the layer alone waits for its all-to-alls
+  // four dense tasks, together twice the communication
+  const std::vector<double> dense(4, comm / 2);
+  const double serial = 4 * (comm / 2) + layer_compute;  // nothing can be faster than the compute lane's work
+  WindowPlan plan = plan_window(p, kShape, dense, true, 0.0);
+  EXPECT_GE(plan.predicted_s, serial * (1 - 1e-9));
+  EXPECT_LT(plan.predicted_s, serial * 1.02) << "the all-to-alls hide behind the dense tasks";
+  // the slot matters: every dense task before the experts leaves the combine exposed (a free
+  // lane takes its earliest-added ready task, so dense tasks after the experts still fill the
+  // dispatch's window: slot 0 exposes nothing here)
+  EXPECT_LT(plan.slot, 4);
+  EXPECT_GT(predict_window(p, kShape, plan.degree, 4, dense, true), plan.predicted_s * 1.05);
+  EXPECT_LT(predict_window(p, kShape, plan.degree, 0, dense, true), serial * 1.02);
+}
+
+TEST(WindowPlanner, ThePlanIsTheShortestWindowAtTheSmallestDegreeWithinTolerance) {
+  PerfProfile p = synthetic_profile(20e-3, 100);
+  const std::vector<double> dense = {4e-3, 9e-3, 2e-3};
+  for (bool forward : {true, false})
+    for (double tolerance : {0.0, 0.05}) {
+      WindowPlan plan = plan_window(p, kShape, dense, forward, tolerance);
+      double fastest = 1e30;
+      for (int r : candidate_degrees(kShape.capacity()))
+        for (int slot = 0; slot <= 3; ++slot) fastest = std::min(fastest, predict_window(p, kShape, r, slot, dense, forward));
+      EXPECT_LE(plan.predicted_s, fastest * (1 + tolerance));
+      EXPECT_DOUBLE_EQ(plan.predicted_s, predict_window(p, kShape, plan.degree, plan.slot, dense, forward));
+      for (int r : candidate_degrees(kShape.capacity())) {
+        if (r >= plan.degree) continue;
+        for (int slot = 0; slot <= 3; ++slot) {
+          EXPECT_GT(predict_window(p, kShape, r, slot, dense, forward), fastest * (1 + tolerance));
+        }
+      }
+    }
+  EXPECT_THROW(predict_window(p, kShape, 1, 4, dense, true), Error);
 }
 
 TEST(DegreeChoice, FixedAutoAndRefined) {
