@@ -104,6 +104,11 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   config.model.vocab_size = tokenizer.vocab_size();
   PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
              "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
+  try {  // the model the checkpoint describes, checked as a training configuration is
+    config.validate(ctx.world());
+  } catch (const Error& e) {
+    throw Error(ErrorKind::usage, fmt::format("{}: state.json describes an impossible model: {}", o.checkpoint, e.what()));
+  }
   Executor executor;
   GptModel model(config.model, ctx.comm, executor, ctx.backend);
   if (!o.offload.empty()) {

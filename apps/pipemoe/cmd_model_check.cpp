@@ -34,15 +34,7 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   TrainConfig c;
   if (!o.config.empty()) c = load_train_config(o.config);
   nlohmann::json overrides = nlohmann::json::object();
-  for (const std::string& kv : o.sets) {
-    auto eq = kv.find('=');
-    PM_REQUIRE(eq != std::string::npos, "--set takes key=value, got '{}'", kv);
-    try {
-      overrides[kv.substr(0, eq)] = nlohmann::json::parse(kv.substr(eq + 1));
-    } catch (const std::exception&) {
-      overrides[kv.substr(0, eq)] = kv.substr(eq + 1);
-    }
-  }
+  for (const std::string& kv : o.sets) apply_set_option(overrides, kv);
   c.apply(overrides, "command-line options");
   c.validate(ctx.world());
   c.model.vocab_size = c.tokenizer_vocab;  // synthetic tokens: the vocabulary is just a size

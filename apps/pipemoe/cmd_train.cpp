@@ -20,22 +20,10 @@ struct TrainOptions {
   nlohmann::json overrides = nlohmann::json::object();
 };
 
-// "key=value": value as JSON when it parses (numbers), else as a string.
-void apply_set(nlohmann::json& overrides, const std::string& kv) {
-  auto eq = kv.find('=');
-  PM_REQUIRE(eq != std::string::npos && eq > 0, "--set takes key=value, got '{}'", kv);
-  std::string key = kv.substr(0, eq), value = kv.substr(eq + 1);
-  try {
-    overrides[key] = nlohmann::json::parse(value);
-  } catch (const std::exception&) {
-    overrides[key] = value;
-  }
-}
-
 int run_train(Context& ctx, TrainOptions& o) {
   TrainConfig config;
   if (!o.config.empty()) config = load_train_config(o.config);
-  for (const std::string& kv : o.sets) apply_set(o.overrides, kv);
+  for (const std::string& kv : o.sets) apply_set_option(o.overrides, kv);
   config.apply(o.overrides, "command-line options");
   nlohmann::json result = train(ctx.comm, config);
   if (ctx.rank() == 0) std::printf("%s\n", result.dump().c_str());

@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <regex>
 
 namespace pm {
@@ -53,45 +54,59 @@ void write_npy(const std::string& path, const Tensor& tensor) {
   PM_IO_CHECK(!out.fail(), "writing {} failed: {}", path, std::strerror(errno));
 }
 
-Tensor read_npy(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  PM_IO_CHECK(in.good(), "cannot open {}: {}", path, std::strerror(errno));
-  char magic[8];
-  in.read(magic, 8);
-  PM_IO_CHECK(in.good() && std::memcmp(magic, "\x93NUMPY", 6) == 0, "{}: not a .npy file", path);
+Tensor decode_npy(const std::string& bytes, const std::string& source) {
+  PM_IO_CHECK(bytes.size() >= 10 && std::memcmp(bytes.data(), "\x93NUMPY", 6) == 0, "{}: not a .npy file", source);
+  const bool v1 = bytes[6] == 1;
+  const std::size_t prefix = v1 ? 10 : 12;
+  PM_IO_CHECK(bytes.size() >= prefix, "{}: truncated .npy header", source);
   std::size_t header_len = 0;
-  if (magic[6] == 1) {
+  if (v1) {
     uint16_t len;
-    in.read(reinterpret_cast<char*>(&len), 2);
+    std::memcpy(&len, bytes.data() + 8, 2);
     header_len = len;
   } else {
     uint32_t len;
-    in.read(reinterpret_cast<char*>(&len), 4);
+    std::memcpy(&len, bytes.data() + 8, 4);
     header_len = len;
   }
-  std::string header(header_len, '\0');
-  in.read(header.data(), static_cast<std::streamsize>(header_len));
-  PM_IO_CHECK(in.good(), "{}: truncated .npy header", path);
+  PM_IO_CHECK(header_len <= bytes.size() - prefix, "{}: truncated .npy header", source);
+  const std::string header = bytes.substr(prefix, header_len);
+  const std::size_t data_bytes = bytes.size() - prefix - header_len;
 
   std::smatch m;
-  PM_IO_CHECK(std::regex_search(header, m, std::regex("'descr':\\s*'([^']+)'")),
-              "{}: .npy header has no descr", path);
-  DType dtype = dtype_from_descr(m[1], path);
+  PM_IO_CHECK(std::regex_search(header, m, std::regex("'descr':\\s*'([^']+)'")), "{}: .npy header has no descr", source);
+  DType dtype = dtype_from_descr(m[1], source);
   PM_IO_CHECK(!std::regex_search(header, std::regex("'fortran_order':\\s*True")),
-              "{}: Fortran-ordered .npy is not supported", path);
-  PM_IO_CHECK(std::regex_search(header, m, std::regex("'shape':\\s*\\(([^)]*)\\)")),
-              "{}: .npy header has no shape", path);
+              "{}: Fortran-ordered .npy is not supported", source);
+  PM_IO_CHECK(std::regex_search(header, m, std::regex("'shape':\\s*\\(([^)]*)\\)")), "{}: .npy header has no shape",
+              source);
   Shape shape;
   std::string dims = m[1];
   std::regex number("[0-9]+");
-  for (auto it = std::sregex_iterator(dims.begin(), dims.end(), number); it != std::sregex_iterator(); ++it)
-    shape.push_back(std::stoll(it->str()));
-
+  // every dimension, and their product, bounded by the data the file has (no overflow, no
+  // allocation the file cannot fill)
+  const std::size_t item = dtype_size(dtype);
+  std::size_t elements = 1;
+  for (auto it = std::sregex_iterator(dims.begin(), dims.end(), number); it != std::sregex_iterator(); ++it) {
+    const std::string digits = it->str();
+    PM_IO_CHECK(digits.size() <= 18, "{}: .npy dimension {} is too large", source, digits.substr(0, 24));
+    const int64_t d = std::stoll(digits);
+    PM_IO_CHECK(d == 0 || elements <= data_bytes / item / static_cast<std::size_t>(d),
+                "{}: truncated .npy data (shape needs more than the {} bytes there)", source, data_bytes);
+    elements *= static_cast<std::size_t>(d);
+    shape.push_back(d);
+  }
   Tensor t = Tensor::empty(shape, dtype);
-  in.read(static_cast<char*>(t.raw()), static_cast<std::streamsize>(t.nbytes()));
-  PM_IO_CHECK(static_cast<std::size_t>(in.gcount()) == t.nbytes(),
-              "{}: truncated .npy data ({} of {} bytes)", path, in.gcount(), t.nbytes());
+  PM_IO_CHECK(data_bytes >= t.nbytes(), "{}: truncated .npy data ({} of {} bytes)", source, data_bytes, t.nbytes());
+  std::memcpy(t.raw(), bytes.data() + prefix + header_len, t.nbytes());
   return t;
+}
+
+Tensor read_npy(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  PM_IO_CHECK(in.good(), "cannot open {}: {}", path, std::strerror(errno));
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return decode_npy(bytes, path);
 }
 
 }  // namespace pm

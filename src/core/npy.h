@@ -10,5 +10,7 @@ namespace pm {
 
 void write_npy(const std::string& path, const Tensor& tensor);
 Tensor read_npy(const std::string& path);
+// The bytes of a .npy file (source names it in errors): an io Error for anything malformed.
+Tensor decode_npy(const std::string& bytes, const std::string& source);
 
 }  // namespace pm

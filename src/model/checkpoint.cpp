@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/json_input.h"
 #include "model/safetensors.h"
 
 namespace pm {
@@ -32,6 +33,16 @@ void write_file_durably(const std::string& path, const std::string& bytes) {
   bool synced = ::fsync(fd) == 0;
   ::close(fd);
   PM_IO_CHECK(synced, "cannot flush {} to disk: {}", path, std::strerror(errno));
+}
+
+// A folder's entries (files created or renamed in it) reach the disk only when the folder is
+// flushed too.
+void sync_folder(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY);
+  PM_IO_CHECK(fd >= 0, "cannot open folder {}: {}", path, std::strerror(errno));
+  bool synced = ::fsync(fd) == 0;
+  ::close(fd);
+  PM_IO_CHECK(synced, "cannot flush folder {} to disk: {}", path, std::strerror(errno));
 }
 
 std::string read_file(const std::string& path) {
@@ -122,14 +133,39 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
                          encode_safetensors(moments, {{"adam_steps", std::to_string(optimizer->steps_taken())}}));
     write_file_durably(tmp + "/tokenizer.json", state.tokenizer_json);
     write_file_durably(tmp + "/state.json", s.dump(2));
+    sync_folder(tmp);  // the step's files are on disk before the step is renamed into place
     fs::remove_all(step_dir, ec);  // an older attempt at the same step
     fs::rename(tmp, step_dir, ec);
     PM_IO_CHECK(!ec, "cannot move {} to {}: {}", tmp, step_dir, ec.message());
+    sync_folder(dir);  // the rename is on disk before latest names it
     write_file_durably((fs::path(dir) / "latest.tmp").string(), std::string(name) + "\n");
     fs::rename(fs::path(dir) / "latest.tmp", fs::path(dir) / "latest", ec);
     PM_IO_CHECK(!ec, "cannot update {}/latest: {}", dir, ec.message());
+    sync_folder(dir);
   });
   return step_dir;
+}
+
+CheckpointState parse_checkpoint_state(const std::string& text, const std::string& dir) {
+  CheckpointState s;
+  try {
+    auto j = parse_json_input(text, dir + ": state.json", "is corrupt", std::size_t{1} << 20);
+    PM_REQUIRE(j.at("format") == "pipemoe-checkpoint", "{} is not a pipemoe checkpoint", dir);
+    const nlohmann::json& step = j.at("step");
+    const nlohmann::json& world = j.at("world_size");
+    PM_REQUIRE(step.is_number_unsigned() && step.get<uint64_t>() >= 1 && step.get<uint64_t>() <= (uint64_t{1} << 40),
+               "{}: state.json is corrupt: 'step' must be a positive step number, got {}", dir, brief(step));
+    PM_REQUIRE(world.is_number_unsigned() && world.get<uint64_t>() >= 1 && world.get<uint64_t>() <= (1u << 20),
+               "{}: state.json is corrupt: 'world_size' must be a positive number of ranks, got {}", dir, brief(world));
+    s.step = step.get<int64_t>();
+    s.world_size = world.get<int>();
+    s.config = j.at("config");
+    PM_REQUIRE(s.config.is_object(), "{}: state.json is corrupt: 'config' must be an object", dir);
+    s.extra = j.value("extra", nlohmann::json::object());
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorKind::usage, fmt::format("{}: state.json is corrupt: {}", dir, e.what()));
+  }
+  return s;
 }
 
 CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir) {
@@ -140,18 +176,8 @@ CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir
     tokenizer = read_file(step_dir + "/tokenizer.json");
   });
   text = comm.broadcast_string(text, 0);
-  CheckpointState s;
+  CheckpointState s = parse_checkpoint_state(text, dir);
   s.tokenizer_json = comm.broadcast_string(tokenizer, 0);
-  try {
-    auto j = nlohmann::json::parse(text);
-    PM_REQUIRE(j.at("format") == "pipemoe-checkpoint", "{} is not a pipemoe checkpoint", dir);
-    s.step = j.at("step").get<int64_t>();
-    s.world_size = j.at("world_size").get<int>();
-    s.config = j.at("config");
-    s.extra = j.value("extra", nlohmann::json::object());
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(ErrorKind::usage, fmt::format("{}: state.json is corrupt: {}", dir, e.what()));
-  }
   return s;
 }
 

@@ -38,6 +38,9 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
 std::string checkpoint_step_dir(const std::string& dir);
 
 // Reads the state of DIR (a checkpoint folder with `latest`, or a step folder) on every rank.
+// state.json's text, checked: a usage Error naming `dir` for anything corrupt (what the
+// fuzzer feeds).
+CheckpointState parse_checkpoint_state(const std::string& text, const std::string& dir);
 CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir);
 
 // Loads parameters (and the optimizer's moments when given) from DIR into this rank's tensors,

@@ -49,7 +49,7 @@ TokenData load_token_data(Communicator& comm, const TrainConfig& c, const std::s
       Tokenizer tokenizer = tokenizer_json ? Tokenizer::from_json(*tokenizer_json, "the checkpoint's tokenizer")
                                            : Tokenizer::train(train, c.tokenizer_vocab);
       std::vector<int32_t> train_tokens = tokenizer.encode(train), val_tokens = tokenizer.encode(validation);
-      const int64_t need = c.model.seq_len + 1;
+      const int64_t need = int64_t{c.model.seq_len} + 1;
       PM_REQUIRE(static_cast<int64_t>(train_tokens.size()) > need && static_cast<int64_t>(val_tokens.size()) > need,
                  "{} is too short: {} training and {} validation tokens, a window needs {}", c.data,
                  train_tokens.size(), val_tokens.size(), need);

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_input.h"
 
 namespace pm {
 
@@ -47,12 +48,9 @@ TensorIndex index_safetensors(const char* bytes, uint64_t size, const std::strin
   std::memcpy(&len, bytes, 8);
   PM_REQUIRE(len > 0 && len <= size - 8, "{} is corrupt: its header length {} runs past the file ({} bytes)", source,
              len, size);
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(std::string(bytes + 8, len));
-  } catch (const std::exception& e) {
-    throw Error(ErrorKind::usage, fmt::format("{} is corrupt: its header is not JSON", source));
-  }
+  PM_REQUIRE(len <= (uint64_t{100} << 20), "{} is corrupt: a header of {} bytes (safetensors allows 100 MB)", source, len);
+  nlohmann::json header = parse_json_input(std::string(bytes + 8, len), source, "is corrupt: its header is not JSON");
+  PM_REQUIRE(header.is_object(), "{} is corrupt: its header is not a JSON object", source);
   const uint64_t data_size = size - 8 - len;
   TensorIndex index;
   try {
@@ -64,7 +62,14 @@ TensorIndex index_safetensors(const char* bytes, uint64_t size, const std::strin
       PM_REQUIRE(info.at("dtype") == "F32", "{}: tensor {} is {}, only F32 is read", source, name, info.at("dtype").dump());
       Shape shape = info.at("shape").get<Shape>();
       uint64_t begin = info.at("data_offsets").at(0), end = info.at("data_offsets").at(1);
-      PM_REQUIRE(begin <= end && end <= data_size && end - begin == static_cast<uint64_t>(shape_numel(shape)) * 4,
+      // the element count, refusing negative dimensions and products past the file (no overflow)
+      uint64_t elements = 1;
+      for (int64_t d : shape) {
+        PM_REQUIRE(d >= 0 && (d == 0 || elements <= data_size / 4 / static_cast<uint64_t>(d)),
+                   "{} is corrupt: tensor {} has shape {}, more than the file holds", source, name, shape_str(shape));
+        elements *= static_cast<uint64_t>(d);
+      }
+      PM_REQUIRE(begin <= end && end <= data_size && end - begin == elements * 4,
                  "{} is corrupt: tensor {} of shape {} claims bytes [{}, {}) of {}", source, name, shape_str(shape), begin,
                  end, data_size);
       index.tensors[name] = {shape, 8 + len + begin};

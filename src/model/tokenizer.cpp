@@ -6,6 +6,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "core/json_input.h"
 
 namespace pm {
 namespace {
@@ -25,8 +26,10 @@ uint64_t pair_key(int32_t a, int32_t b) { return (static_cast<uint64_t>(a) << 32
 std::vector<std::string> split_words(const std::string& text) {
   std::vector<std::string> words;
   const std::size_t n = text.size();
+  // the end of a run of class c from j, looking no further than a word can reach
   auto run_end = [&](std::size_t j, CharClass c) {
-    while (j < n && class_of(text[j]) == c) ++j;
+    const std::size_t limit = std::min(n, j + kMaxWordBytes + 1);
+    while (j < limit && class_of(text[j]) == c) ++j;
     return j;
   };
   std::size_t i = 0;
@@ -41,6 +44,7 @@ std::vector<std::string> split_words(const std::string& text) {
     } else {
       j = run_end(i, c);
     }
+    j = std::min(j, i + kMaxWordBytes);  // a run longer than any word is cut (see tokenizer.h)
     words.push_back(text.substr(i, j - i));
     i = j;
   }
@@ -61,12 +65,16 @@ Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
   }
   Tokenizer t;
   std::unordered_map<uint64_t, int64_t> pairs;
-  auto count_pairs = [&] {
-    pairs.clear();
-    for (std::size_t w = 0; w < words.size(); ++w)
-      for (std::size_t i = 0; i + 1 < words[w].size(); ++i) pairs[pair_key(words[w][i], words[w][i + 1])] += freq[w];
-  };
-  count_pairs();
+  // the words in which each pair occurs (or did: checked when used), so that a merge touches only
+  // those words and training stays near linear in the text
+  std::unordered_map<uint64_t, std::vector<int32_t>> where;
+  for (std::size_t w = 0; w < words.size(); ++w)
+    for (std::size_t i = 0; i + 1 < words[w].size(); ++i) {
+      const uint64_t k = pair_key(words[w][i], words[w][i + 1]);
+      pairs[k] += freq[w];
+      auto& list = where[k];
+      if (list.empty() || list.back() != static_cast<int32_t>(w)) list.push_back(static_cast<int32_t>(w));
+    }
   while (t.vocab_size() < vocab_size && !pairs.empty()) {
     uint64_t best = 0;
     int64_t best_count = 0;
@@ -76,8 +84,13 @@ Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
     int32_t a = static_cast<int32_t>(best >> 32), b = static_cast<int32_t>(best & 0xffffffffu);
     int32_t id = t.vocab_size();
     t.merges_.push_back({a, b});
-    // apply the merge and update the pair counts of the words it touched
-    for (std::size_t w = 0; w < words.size(); ++w) {
+    // apply the merge and update the pair counts of the words it touched (in word order, as a
+    // scan of every word would)
+    std::vector<int32_t> touched = std::move(where[best]);
+    where.erase(best);
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    for (int32_t w : touched) {
       auto& s = words[w];
       bool has = false;
       for (std::size_t i = 0; i + 1 < s.size() && !has; ++i) has = s[i] == a && s[i + 1] == b;
@@ -96,7 +109,12 @@ Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
         }
       }
       s = std::move(merged);
-      for (std::size_t i = 0; i + 1 < s.size(); ++i) pairs[pair_key(s[i], s[i + 1])] += freq[w];
+      for (std::size_t i = 0; i + 1 < s.size(); ++i) {
+        const uint64_t k = pair_key(s[i], s[i + 1]);
+        pairs[k] += freq[w];
+        auto& list = where[k];
+        if (list.empty() || list.back() != w) list.push_back(w);
+      }
     }
   }
   t.rebuild();
@@ -160,9 +178,18 @@ std::string Tokenizer::to_json() const {
 Tokenizer Tokenizer::from_json(const std::string& text, const std::string& source) {
   Tokenizer t;
   try {
-    auto j = nlohmann::json::parse(text);
+    auto j = parse_json_input(text, source, "is not valid JSON", std::size_t{16} << 20);
     PM_REQUIRE(j.at("type") == "byte-bpe", "{}: not a byte-level BPE tokenizer", source);
-    for (const auto& m : j.at("merges")) t.merges_.push_back({m.at(0).get<int32_t>(), m.at(1).get<int32_t>()});
+    const auto& merges = j.at("merges");
+    PM_REQUIRE(merges.is_array() && merges.size() <= 65536 - 256, "{}: 'merges' must be a list of at most {} pairs",
+               source, 65536 - 256);
+    for (const auto& m : merges) {
+      // merge i makes token 256 + i from two tokens that exist before it
+      const int64_t a = m.at(0).get<int64_t>(), b = m.at(1).get<int64_t>(), next = 256 + t.merges_.size();
+      PM_REQUIRE(m.size() == 2 && a >= 0 && b >= 0 && a < next && b < next,
+                 "{}: merge {} joins tokens {} and {}, which do not exist before it", source, t.merges_.size(), a, b);
+      t.merges_.push_back({static_cast<int32_t>(a), static_cast<int32_t>(b)});
+    }
     t.rebuild();
     PM_REQUIRE(t.vocab_size() == j.at("vocab_size").get<int>(), "{}: vocabulary size does not match its merges", source);
   } catch (const nlohmann::json::exception& e) {

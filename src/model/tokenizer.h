@@ -32,7 +32,9 @@ class Tokenizer {
 };
 
 // Words as training and encoding see them: a run of letters/digits/other bytes with its leading
-// space, or a run of whitespace.
+// space, or a run of whitespace; at most kMaxWordBytes (longer runs are cut: English words are far
+// shorter, and a run of megabytes without a space would make encoding quadratic).
+inline constexpr std::size_t kMaxWordBytes = 64;
 std::vector<std::string> split_words(const std::string& text);
 
 }  // namespace pm

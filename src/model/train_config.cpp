@@ -1,13 +1,23 @@
 #include "model/train_config.h"
 
+#include <cmath>
 #include <filesystem>
+#include <limits>
 #include <fstream>
 #include <sstream>
 
+#include <unistd.h>
+
 #include "core/error.h"
+#include "core/json_input.h"
 #include "moe/moe_layer.h"
 
 namespace pm {
+
+double physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<double>(pages) * page : 0.0;
+}
 
 int ModelConfig::moe_layers() const {
   int n = 0;
@@ -60,6 +70,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("resume", c.resume);
   fn("degree", c.degree);
   fn("scmoe_plan", c.scmoe_plan);
+  fn("nan_policy", c.nan_policy);
   fn("profile", c.profile);
   fn("trace", c.trace);
   fn("log_csv", c.log_csv);
@@ -96,12 +107,28 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source, cons
         if constexpr (std::is_same_v<T, std::string>) {
           PM_REQUIRE(value.is_string(), "{}: '{}' must be a string", source, key);
         } else if constexpr (std::is_same_v<T, bool>) {
-          PM_REQUIRE(value.is_boolean(), "{}: '{}' must be true or false, got {}", source, key, value.dump());
+          PM_REQUIRE(value.is_boolean(), "{}: '{}' must be true or false, got {}", source, key, brief(value));
         } else {
-          PM_REQUIRE(value.is_number(), "{}: '{}' must be a number, got {}", source, key, value.dump());
-          if constexpr (std::is_integral_v<T>)
-            PM_REQUIRE(value.is_number_integer() || value.get<double>() == static_cast<double>(value.get<int64_t>()),
-                       "{}: '{}' must be a whole number, got {}", source, key, value.dump());
+          PM_REQUIRE(value.is_number(), "{}: '{}' must be a number, got {}", source, key, brief(value));
+          if constexpr (std::is_integral_v<T>) {
+            // whole, and inside the field's range: never cut to 32 bits
+            const double d = value.get<double>();
+            const bool whole = value.is_number_integer() || (std::isfinite(d) && d == std::floor(d));
+            PM_REQUIRE(whole, "{}: '{}' must be a whole number, got {}", source, key, brief(value));
+            constexpr T lo = std::numeric_limits<T>::min(), hi = std::numeric_limits<T>::max();
+            bool fits;
+            if (value.is_number_unsigned()) {
+              fits = value.get<uint64_t>() <= static_cast<uint64_t>(hi);
+            } else if (value.is_number_integer()) {  // negative
+              fits = std::is_signed_v<T> && value.get<int64_t>() >= static_cast<int64_t>(lo);
+            } else {
+              fits = d >= static_cast<double>(lo) && d <= static_cast<double>(hi);
+            }
+            PM_REQUIRE(fits, "{}: '{}' is out of range: {} (from {} to {})", source, key, brief(value),
+                       std::numeric_limits<T>::min(), std::numeric_limits<T>::max());
+          } else {
+            PM_REQUIRE(std::isfinite(value.get<double>()), "{}: '{}' must be finite, got {}", source, key, brief(value));
+          }
         }
         field = value.get<T>();
         if constexpr (std::is_same_v<T, std::string>) {
@@ -115,6 +142,22 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source, cons
     });
     PM_REQUIRE(known, "{}: unknown configuration key '{}'", source, key);
   }
+}
+
+double TrainConfig::estimated_bytes_per_rank(int world) const {
+  const ModelConfig& m = model;
+  const double V = tokenizer_vocab, S = m.seq_len, D = m.d_model, T = static_cast<double>(batch_size) * S;
+  const double moe = m.moe_every > 0 ? m.moe_layers() : 0, dense = m.layers - moe;
+  const double local_experts = moe > 0 ? std::max(1.0, static_cast<double>(m.experts) / std::max(world, 1)) : 0;
+  // parameters: embeddings, attention, dense MLPs, and per MoE block its gate, experts and shared expert
+  double params = (V + S) * D + m.layers * (4 * D * D + 6 * D) + dense * 2 * D * m.mlp_hidden +
+                  moe * (D * m.experts + local_experts * 2 * D * m.expert_hidden + 2 * D * m.shared_expert_hidden + 2 * D);
+  // activations kept for the backward, per block: ~16 rows of D, the MLP's or the experts' hidden
+  // rows, the attention probabilities; and the logits with their gradient
+  const double rows = T * std::max(1, m.top_k) * std::max(1.0, m.capacity_factor);
+  double activations = m.layers * (16 * T * D + T * S * m.heads) + dense * 3 * T * m.mlp_hidden +
+                       moe * (3 * rows * m.expert_hidden + 4 * rows * D + 3 * T * m.shared_expert_hidden) + 2 * T * V;
+  return 4.0 * (4 * params + activations);  // float32; value, gradient and two AdamW moments per parameter
 }
 
 void TrainConfig::validate(int world) const {
@@ -131,7 +174,24 @@ void TrainConfig::validate(int world) const {
   positive("eval_batches", eval_batches);
   positive("log_every", log_every);
   positive("eval_every", eval_every);
+  // sizes no run can have, refused before anything is allocated
+  auto at_most = [](const char* key, int64_t v, int64_t max) {
+    PM_REQUIRE(v <= max, "configuration: '{}' must be at most {}, got {}", key, max, v);
+  };
+  at_most("seq_len", m.seq_len, 1 << 16);
+  at_most("d_model", m.d_model, 1 << 16);
+  at_most("layers", m.layers, 1024);
+  at_most("mlp_hidden", m.mlp_hidden, 1 << 20);
+  at_most("experts", m.experts, 1 << 14);
+  at_most("expert_hidden", m.expert_hidden, 1 << 20);
+  at_most("shared_expert_hidden", m.shared_expert_hidden, 1 << 20);
+  at_most("batch_size", batch_size, 1 << 20);
   PM_REQUIRE(m.d_model % m.heads == 0, "configuration: d_model {} must be a multiple of heads {}", m.d_model, m.heads);
+  const double need = estimated_bytes_per_rank(world), have = physical_memory_bytes();
+  PM_REQUIRE(have <= 0 || need <= have,
+             "configuration: this model needs about {:.1f} GiB per rank (weights, gradients, AdamW state and "
+             "activations of batch_size {} x seq_len {}), more than this machine's {:.1f} GiB",
+             need / (1 << 30), batch_size, m.seq_len, have / (1 << 30));
   PM_REQUIRE(m.moe_every >= 0, "configuration: 'moe_every' must be 0 (no MoE) or positive, got {}", m.moe_every);
   if (m.moe_layers() > 0) {
     positive("experts", m.experts);
@@ -174,6 +234,8 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(weight_decay >= 0 && grad_clip >= 0, "configuration: 'weight_decay' and 'grad_clip' must not be negative");
   PM_REQUIRE(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "configuration: 'beta1' and 'beta2' must be in [0, 1)");
   PM_REQUIRE(adam_eps > 0, "configuration: 'adam_eps' must be positive");
+  PM_REQUIRE(nan_policy == "stop" || nan_policy == "skip",
+             "configuration: 'nan_policy' must be \"stop\" or \"skip\", got \"{}\"", nan_policy);
   PM_REQUIRE(scmoe_plan == "window" || scmoe_plan == "rule",
              "configuration: 'scmoe_plan' must be \"window\" (slot and degree planned together) or \"rule\" (the "
              "layer's planned degree, ScMoE's slot rule), got \"{}\"",
@@ -188,15 +250,26 @@ TrainConfig load_train_config(const std::string& path) {
   PM_REQUIRE(in.good(), "cannot read configuration file {}", path);
   std::stringstream ss;
   ss << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(ss.str());
-  } catch (const std::exception& e) {
-    throw Error(ErrorKind::usage, fmt::format("{} is not valid JSON: {}", path, e.what()));
-  }
+  return parse_train_config(ss.str(), path, std::filesystem::absolute(path).parent_path().string());
+}
+
+TrainConfig parse_train_config(const std::string& text, const std::string& source, const std::string& base_dir) {
+  nlohmann::json j = parse_json_input(text, source, "is not valid JSON", std::size_t{1} << 20);
   TrainConfig c;
-  c.apply(j, path, std::filesystem::absolute(path).parent_path().string());
+  c.apply(j, source, base_dir);
   return c;
+}
+
+void apply_set_option(nlohmann::json& overrides, const std::string& kv) {
+  auto eq = kv.find('=');
+  PM_REQUIRE(eq != std::string::npos && eq > 0, "--set takes key=value, got '{}'", kv.substr(0, 80));
+  std::string key = kv.substr(0, eq), value = kv.substr(eq + 1);
+  PM_REQUIRE(json_depth(value) <= kMaxJsonDepth, "--set {}: the value is nested more than {} deep", key, kMaxJsonDepth);
+  try {
+    overrides[key] = nlohmann::json::parse(value);
+  } catch (const std::exception&) {
+    overrides[key] = value;
+  }
 }
 
 }  // namespace pm

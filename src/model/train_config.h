@@ -57,6 +57,9 @@ struct TrainConfig {
   // ScMoE with degree auto and a profile: "window" plans each block's slot and degree together
   // (perf/planner.h plan_window); "rule": the degree from the layer alone, the slot by the rule.
   std::string scmoe_plan = "window";
+  // A step whose loss or gradients are not finite: "stop" the run naming where, or "skip" its
+  // update (10 in a row stop the run).
+  std::string nan_policy = "stop";
   std::string profile;              // performance profile for degree auto
   std::string trace;                // Chrome trace of the last logged step
   std::string log_csv;              // per-step CSV ("" = <save>/log.csv or out/train_log.csv)
@@ -68,9 +71,18 @@ struct TrainConfig {
   // it is given (a configuration file's folder), else left relative to the current directory.
   void apply(const nlohmann::json& j, const std::string& source, const std::string& base_dir = "");
   void validate(int world_size) const;
+  // What a rank of a run of this configuration holds at its peak, roughly (validate refuses a
+  // configuration that needs more than the machine has).
+  double estimated_bytes_per_rank(int world_size) const;
 };
+
+double physical_memory_bytes();  // 0 if unknown
 
 // A configuration file; its relative paths are relative to the file's folder.
 TrainConfig load_train_config(const std::string& path);
+// The same from text (source names it in errors).
+TrainConfig parse_train_config(const std::string& text, const std::string& source, const std::string& base_dir = "");
+// --set key=value into overrides: the value as JSON when it parses (numbers, true), else a string.
+void apply_set_option(nlohmann::json& overrides, const std::string& kv);
 
 }  // namespace pm

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "core/clock.h"
 #include "core/log.h"
@@ -22,6 +23,23 @@ std::string duration(double seconds) {
 // The shortest text that reads back as the same double: losses compare bit for bit across runs.
 std::string exact(double v) { return fmt::format("{}", v); }
 
+// A run killed after its last checkpoint logged steps that the resumed run takes again: the rows
+// past the checkpoint's step go, so that every step has one row (rewritten beside, then renamed).
+void keep_rows_up_to(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  std::string line, kept;
+  bool header = true;
+  while (std::getline(in, line)) {
+    if (header || std::strtoll(line.c_str(), nullptr, 10) <= step) kept += line + "\n";
+    header = false;
+  }
+  in.close();
+  const std::string tmp = path + ".tmp";
+  std::ofstream(tmp, std::ios::trunc) << kept;
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+}
+
 }  // namespace
 
 TrainLog::TrainLog(const TrainConfig& c, int rank, int64_t tokens_per_step, int moe_layers, int64_t first_step,
@@ -38,6 +56,7 @@ TrainLog::TrainLog(const TrainConfig& c, int rank, int64_t tokens_per_step, int 
   std::error_code ec;
   if (fs::path(csv_path).has_parent_path()) fs::create_directories(fs::path(csv_path).parent_path(), ec);
   const bool append = resuming && fs::exists(csv_path);
+  if (append) keep_rows_up_to(csv_path, first_step);
   csv_.open(csv_path, append ? std::ios::app : std::ios::trunc);
   if (!csv_.good()) {
     open_error_ = fmt::format("cannot write the training log {}", csv_path);

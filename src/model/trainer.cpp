@@ -18,6 +18,7 @@
 #include "model/dataset.h"
 #include "model/gpt.h"
 #include "model/grad_sync.h"
+#include "model/numerics_guard.h"
 #include "model/optimizer.h"
 #include "model/train_log.h"
 #include "perf/degree_choice.h"
@@ -235,6 +236,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   AdamW optimizer(model.parameters());
   int64_t start = 0;
   if (resumed) {
+    PM_REQUIRE(resumed->step <= c.max_steps,
+               "checkpoint {} is at step {}, past this run's max_steps {}: raise --max-steps to continue it", c.resume,
+               resumed->step, c.max_steps);
     load_checkpoint_tensors(comm, c.resume, model.parameters(), &optimizer);
     start = resumed->step;
   }
@@ -286,6 +290,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   Overlap hidden_total;  // the MoE all-to-alls of every step after the first two
   double last_val = NAN;
   bool windows_shown = false;
+  int skipped_in_a_row = 0;  // steps whose update nan_policy "skip" skipped
   Trace trace;
   double trace_origin = 0;
   for (int64_t step = start; step < last; ++step) {
@@ -300,10 +305,27 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     model.zero_grads();
     double loss = model.forward(in.data(), tg.data(), B, 1.0f / P);
     model.backward();  // with the gradient all-reduce
+    inject_nan_if_asked(model.parameters(), step + 1, rank);
     std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
     const double grad_norm = clip_by_global_norm(model.parameters(), comm, c.grad_clip);
     const double lr = learning_rate(c, step);
-    optimizer.step(c, lr);
+    if (step_not_finite(comm, loss, grad_norm)) {
+      // named by every rank that saw it, agreed, then stop or skip the update on every rank alike
+      std::vector<std::string> seen = comm.gather_strings(non_finite_report(model.parameters(), loss), 0);
+      std::string where;
+      for (std::size_t r = 0; r < seen.size(); ++r)
+        if (!seen[r].empty()) where += fmt::format("{}rank {}: {}", where.empty() ? "" : "; ", r, seen[r]);
+      where = comm.broadcast_string(where, 0);
+      PM_REQUIRE(c.nan_policy == "skip",
+                 "step {}: not finite: {}; stopped (nan_policy \"stop\"; \"skip\" skips such steps' updates)", step + 1,
+                 where);
+      ++skipped_in_a_row;
+      log::info("warning: step {}: not finite: {}; its update skipped (nan_policy \"skip\")", step + 1, where);
+      PM_REQUIRE(skipped_in_a_row < 10, "step {}: 10 steps in a row were not finite: stopped", step + 1);
+    } else {
+      skipped_in_a_row = 0;
+      optimizer.step(c, lr);
+    }
     span.reset();
     double step_ms = step_watch.elapsed_ms();
     // what the compute lane waited for: all-to-alls and gradient all-reduces not hidden

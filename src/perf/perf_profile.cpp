@@ -9,6 +9,7 @@
 
 #include "comm/communicator.h"
 #include "core/error.h"
+#include "core/json_input.h"
 #include "core/log.h"
 #include "kernels/backend.h"
 
@@ -123,12 +124,7 @@ std::string PerfProfile::to_json() const {
 }
 
 PerfProfile PerfProfile::from_json(const std::string& text, const std::string& source) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    throw Error(ErrorKind::usage, fmt::format("{} is not a valid profile: not JSON ({})", source, e.what()));
-  }
+  nlohmann::json j = parse_json_input(text, source, "is not a valid profile: not JSON", std::size_t{16} << 20);
   PerfProfile p;
   try {
     PM_REQUIRE(j.is_object() && j.value("format", "") == kFormat,

@@ -23,15 +23,15 @@ def mpi_env():
 IN_PROCESS = "--inprocess" in sys.argv
 
 
-def mpirun(ranks, args, timeout=120, check=True):
+def mpirun(ranks, args, timeout=120, check=True, env=None):
     """Runs `mpirun -np ranks pipemoe args...` (or, in-process, `pipemoe --ranks-in-process ranks
-    args...`); returns the CompletedProcess."""
+    args...`), with `env` added to the environment; returns the CompletedProcess."""
     if IN_PROCESS:
         cmd = ["timeout", "--kill-after=5", str(timeout), BINARY, "--ranks-in-process", str(ranks)]
     else:
         cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe", "-np", str(ranks), BINARY]
     cmd += [str(a) for a in args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(mpi_env(), **(env or {})))
     if proc.returncode == 124:
         raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}")
     if check and proc.returncode != 0:
