@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "apps/pipemoe/command.h"
+#include "comm/heartbeat.h"
 #include "comm/inprocess_communicator.h"
 #include "comm/mpi_communicator.h"
 #include "core/error.h"
@@ -34,6 +35,10 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
                  "BLAS threads per rank (default: cores / ranks on this host, or $PIPEMOE_THREADS)");
   app.add_option("--comm-timeout", comm_timeout_s,
                  "seconds a collective may wait before the run fails (a peer is dead or stuck)");
+  double heartbeat_timeout_s = 15;  // read before the command runs (main); here for --help and checks
+  app.add_option("--heartbeat-timeout", heartbeat_timeout_s,
+                 "seconds without a heartbeat after which a rank is taken for dead and the job ends (0: off; "
+                 "default 15)");
   int ranks_in_process = 0;
   app.add_option("--ranks-in-process", ranks_in_process,
                  "run N ranks as threads of this process instead of under mpirun (no MPI: tests, quick tries)");
@@ -49,7 +54,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   // An unknown command would otherwise read "A subcommand is required": name it instead.
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
-    if (arg == "--threads" || arg == "--comm-timeout" || arg == "--ranks-in-process") {
+    if (arg == "--threads" || arg == "--comm-timeout" || arg == "--ranks-in-process" || arg == "--heartbeat-timeout") {
       ++i;
       continue;
     }
@@ -69,6 +74,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   }
   PM_REQUIRE(threads >= 0, "--threads must be positive, got {}", threads);
   PM_REQUIRE(comm_timeout_s > 0, "--comm-timeout must be positive, got {}", comm_timeout_s);
+  PM_REQUIRE(heartbeat_timeout_s >= 0, "--heartbeat-timeout must be 0 (off) or positive, got {}", heartbeat_timeout_s);
   if (!in_process) {
     int compute_threads = threads > 0 ? threads : pm::default_compute_threads();
     pm::set_compute_threads(compute_threads);
@@ -89,13 +95,18 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   return run(context);
 }
 
-// The value of `--name N` among the global options (before the command), or 0.
-int global_int_option(int argc, char** argv, const char* name) {
+// The value of `--name VALUE` among the global options (before the command), or null.
+const char* global_option(int argc, char** argv, const char* name) {
   for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i][0] != '-') return 0;  // the command: its own options follow
-    if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
+    if (argv[i][0] != '-') return nullptr;  // the command: its own options follow
+    if (std::strcmp(argv[i], name) == 0) return argv[i + 1];
   }
-  return 0;
+  return nullptr;
+}
+
+int global_int_option(int argc, char** argv, const char* name) {
+  const char* value = global_option(argc, argv, name);
+  return value ? std::atoi(value) : 0;
 }
 
 // Ranks as threads: every thread runs the command on its own communicator; rank 0 speaks.
@@ -155,6 +166,8 @@ int main(int argc, char** argv) {
   auto comm = pm::make_mpi_world_communicator();
   pm::log::set_rank(comm->rank());
   try {
+    const char* heartbeat_flag = global_option(argc, argv, "--heartbeat-timeout");
+    pm::Heartbeat heartbeat(*comm, heartbeat_flag ? std::atof(heartbeat_flag) : 15.0);
     return run_cli(argc, argv, *comm, /*in_process=*/false);
   } catch (const pm::Error& e) {
     if (e.kind() == pm::ErrorKind::usage) {

@@ -97,7 +97,9 @@ bool is_path_key(const std::string& key) {
 
 void TrainConfig::apply(const nlohmann::json& j, const std::string& source, const std::string& base_dir) {
   PM_REQUIRE(j.is_object(), "{}: the configuration must be a JSON object", source);
-  for (auto& [key, value] : j.items()) {
+  for (const auto& item : j.items()) {
+    const std::string& key = item.key();  // not a structured binding: lambdas below capture them
+    const nlohmann::json& value = item.value();
     bool known = false;
     for_each_key(*this, [&](const char* name, auto& field) {
       if (key != name) return;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -123,6 +124,32 @@ nlohmann::json window_json(const GptModel& model) {
   }
   return out;
 }
+
+// PIPEMOE_DEGREE_CYCLE="1,2,4": a test hook (tests/cli/test_soak.py) that changes every MoE
+// layer's pipeline degrees every step through the list.
+std::vector<int> degree_cycle_from_env() {
+  std::vector<int> out;
+  const char* spec = std::getenv("PIPEMOE_DEGREE_CYCLE");
+  for (const char* p = spec; p && *p;) {
+    char* end = nullptr;
+    long d = std::strtol(p, &end, 10);
+    PM_REQUIRE(end != p && d >= 1, "PIPEMOE_DEGREE_CYCLE must be a list of degrees like 1,2,4, got '{}'", spec);
+    out.push_back(static_cast<int>(d));
+    p = *end == ',' ? end + 1 : end;
+  }
+  return out;
+}
+
+// This process's resident memory now, and at its peak (MB, from /proc/self/status).
+double status_mb(const char* field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(field, 0) == 0) return std::strtod(line.c_str() + std::strlen(field), nullptr) / 1024.0;
+  return NAN;
+}
+double resident_mb() { return status_mb("VmRSS:"); }
+double peak_resident_mb() { return status_mb("VmHWM:"); }
 
 std::string default_log_path(const TrainConfig& c) {
   if (!c.log_csv.empty()) return c.log_csv;
@@ -293,7 +320,16 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   int skipped_in_a_row = 0;  // steps whose update nan_policy "skip" skipped
   Trace trace;
   double trace_origin = 0;
+  const std::vector<int> degree_cycle = degree_cycle_from_env();
+  double rss_mb_early = NAN;
   for (int64_t step = start; step < last; ++step) {
+    if (!degree_cycle.empty())  // the soak test: degrees change every step, bits must not
+      for (MoeLayer* l : model.moe_layers()) {
+        const int64_t cap = l->shape().capacity();
+        l->set_degrees(static_cast<int>(std::min<int64_t>(degree_cycle[step % degree_cycle.size()], cap)),
+                       static_cast<int>(std::min<int64_t>(degree_cycle[(step + 1) % degree_cycle.size()], cap)));
+      }
+    if (step - start == 10) rss_mb_early = comm.allreduce_scalar(resident_mb(), ReduceOp::max);
     const bool traced = !c.trace.empty() && step + 1 == last;
     if (traced) {
       comm.barrier();
@@ -373,6 +409,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     }
   }
   train_log.close();
+  // memory: the largest rank's resident set after 10 steps and at the end (flat in a soak), and its peak
+  const double rss_mb_end = comm.allreduce_scalar(resident_mb(), ReduceOp::max);
+  const double peak_rss_mb = comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
   double ms = step_ms_all.empty() ? NAN : summarize(step_ms_all).median;
   double exposed = exposed_all.empty() ? NAN : summarize(exposed_all).median;
   return {{"train_loss", train_log.last_window_loss()},
@@ -393,6 +432,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"moe_schedule", moe_schedule(model, c.model.scmoe())},
           {"scmoe_windows", window_json(model)},
           {"world_size", P},
+          {"rss_mb_step_10", std::isfinite(rss_mb_early) ? nlohmann::json(rss_mb_early) : nlohmann::json(nullptr)},
+          {"rss_mb_end", rss_mb_end},
+          {"peak_rss_mb", peak_rss_mb},
           {"parameters", n_params},
           {"log_csv", train_log.csv_path()}};
 }
