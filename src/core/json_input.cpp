@@ -41,6 +41,22 @@ nlohmann::json parse_json_input(const std::string& text, const std::string& sour
   }
 }
 
+int64_t json_int(const nlohmann::json& value, int64_t lo, int64_t hi, const std::string& what) {
+  bool ok = false;
+  int64_t v = 0;
+  if (value.is_number_unsigned()) {
+    const uint64_t u = value.get<uint64_t>();
+    ok = hi >= 0 && u <= static_cast<uint64_t>(hi);
+    v = ok ? static_cast<int64_t>(u) : 0;
+    ok = ok && v >= lo;
+  } else if (value.is_number_integer()) {
+    v = value.get<int64_t>();
+    ok = v >= lo && v <= hi;
+  }
+  PM_REQUIRE(ok, "{} must be an integer from {} to {}, got {}", what, lo, hi, brief(value));
+  return v;
+}
+
 std::string brief(const nlohmann::json& value) {
   if (value.is_object()) return fmt::format("an object of {} keys", value.size());
   if (value.is_array()) return fmt::format("an array of {} values", value.size());

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -23,6 +24,10 @@ nlohmann::json parse_json_input(const std::string& text, const std::string& sour
 
 // The deepest nesting of arrays and objects in JSON text (strings skipped).
 int json_depth(const std::string& text);
+
+// An integer read from outside: a JSON integer (never a float: converting one out of range is
+// undefined behaviour) from lo to hi; else a usage Error "<what> must be an integer from lo to hi".
+int64_t json_int(const nlohmann::json& value, int64_t lo, int64_t hi, const std::string& what);
 
 // A value for an error message: scalars as JSON, cut to ~60 characters; "an object of N keys",
 // "an array of N values" otherwise.

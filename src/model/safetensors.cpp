@@ -60,8 +60,15 @@ TensorIndex index_safetensors(const char* bytes, uint64_t size, const std::strin
         continue;
       }
       PM_REQUIRE(info.at("dtype") == "F32", "{}: tensor {} is {}, only F32 is read", source, name, info.at("dtype").dump());
-      Shape shape = info.at("shape").get<Shape>();
-      uint64_t begin = info.at("data_offsets").at(0), end = info.at("data_offsets").at(1);
+      const std::string what = fmt::format("{}: tensor {}'s", source, brief(nlohmann::json(name)));
+      PM_REQUIRE(info.at("shape").is_array() && info.at("shape").size() <= 8, "{} shape must be a list of at most 8 sizes",
+                 what);
+      Shape shape;
+      for (const auto& d : info.at("shape")) shape.push_back(json_int(d, 0, INT64_MAX, what + " sizes"));
+      const auto& offsets = info.at("data_offsets");
+      PM_REQUIRE(offsets.is_array() && offsets.size() == 2, "{} data_offsets must be [begin, end]", what);
+      const uint64_t begin = static_cast<uint64_t>(json_int(offsets[0], 0, INT64_MAX, what + " data_offsets"));
+      const uint64_t end = static_cast<uint64_t>(json_int(offsets[1], 0, INT64_MAX, what + " data_offsets"));
       // the element count, refusing negative dimensions and products past the file (no overflow)
       uint64_t elements = 1;
       for (int64_t d : shape) {

@@ -185,13 +185,15 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
                source, 65536 - 256);
     for (const auto& m : merges) {
       // merge i makes token 256 + i from two tokens that exist before it
-      const int64_t a = m.at(0).get<int64_t>(), b = m.at(1).get<int64_t>(), next = 256 + t.merges_.size();
-      PM_REQUIRE(m.size() == 2 && a >= 0 && b >= 0 && a < next && b < next,
-                 "{}: merge {} joins tokens {} and {}, which do not exist before it", source, t.merges_.size(), a, b);
+      const int64_t next = 256 + t.merges_.size();
+      PM_REQUIRE(m.is_array() && m.size() == 2, "{}: merge {} must be a pair of token ids", source, t.merges_.size());
+      const std::string what = fmt::format("{}: merge {}'s tokens (made before it)", source, t.merges_.size());
+      const int64_t a = json_int(m[0], 0, next - 1, what), b = json_int(m[1], 0, next - 1, what);
       t.merges_.push_back({static_cast<int32_t>(a), static_cast<int32_t>(b)});
     }
     t.rebuild();
-    PM_REQUIRE(t.vocab_size() == j.at("vocab_size").get<int>(), "{}: vocabulary size does not match its merges", source);
+    PM_REQUIRE(t.vocab_size() == json_int(j.at("vocab_size"), 0, 1 << 20, source + ": vocab_size"),
+               "{}: vocabulary size does not match its merges", source);
   } catch (const nlohmann::json::exception& e) {
     throw Error(ErrorKind::usage, fmt::format("{}: not a valid tokenizer: {}", source, e.what()));
   } catch (const Error& e) {

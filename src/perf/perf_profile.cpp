@@ -129,14 +129,15 @@ PerfProfile PerfProfile::from_json(const std::string& text, const std::string& s
   try {
     PM_REQUIRE(j.is_object() && j.value("format", "") == kFormat,
                "{} is not a pipemoe profile (no \"format\": \"{}\")", source, kFormat);
-    PM_REQUIRE(j.at("version").get<int>() == kVersion, "{} is a profile of format version {}, this build reads {}",
-               source, j.at("version").get<int>(), kVersion);
+    const int64_t version = json_int(j.at("version"), 0, INT32_MAX, source + ": version");
+    PM_REQUIRE(version == kVersion, "{} is a profile of format version {}, this build reads {}", source, version,
+               kVersion);
     p.created = j.value("created", "");
     p.self_check_median_error = j.value("self_check_median_error", 0.0);
     const auto& c = j.at("cluster");
-    p.cluster.world_size = c.at("world_size").get<int>();
-    p.cluster.hosts = c.at("hosts").get<int>();
-    p.cluster.threads = c.at("threads").get<int>();
+    p.cluster.world_size = static_cast<int>(json_int(c.at("world_size"), 1, 1 << 20, source + ": cluster world_size"));
+    p.cluster.hosts = static_cast<int>(json_int(c.at("hosts"), 1, 1 << 20, source + ": cluster hosts"));
+    p.cluster.threads = static_cast<int>(json_int(c.at("threads"), 0, 1 << 16, source + ": cluster threads"));
     p.cluster.cpu_model = c.at("cpu_model").get<std::string>();
     p.cluster.network = c.at("network").get<std::string>();
     p.interference.compute = j.at("interference").at("compute").get<double>();
