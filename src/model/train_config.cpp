@@ -121,8 +121,10 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source, cons
             bool fits;
             if (value.is_number_unsigned()) {
               fits = value.get<uint64_t>() <= static_cast<uint64_t>(hi);
-            } else if (value.is_number_integer()) {  // negative
-              fits = std::is_signed_v<T> && value.get<int64_t>() >= static_cast<int64_t>(lo);
+            } else if (value.is_number_integer()) {  // stored signed (a flag's int64, or negative)
+              const int64_t v = value.get<int64_t>();
+              fits = v >= 0 ? static_cast<uint64_t>(v) <= static_cast<uint64_t>(hi)
+                            : std::is_signed_v<T> && v >= static_cast<int64_t>(lo);
             } else {
               fits = d >= static_cast<double>(lo) && d <= static_cast<double>(hi);
             }

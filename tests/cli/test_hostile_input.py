@@ -69,11 +69,17 @@ def main():
             (["--config", configs["frac"]], "whole number", "a fractional batch"),
             (["--config", config, "--set", "lr=" + "[" * 200 + "]" * 200], "nested", "--set nested deep"),
             (["--config", config, "--set", "nan_policy=ignore"], "nan_policy", "an unknown nan_policy"),
+            (["--config", config, "--max-steps", 3000000000], "out of range", "--max-steps past 32 bits"),
+            (["--config", config, "--seed", -3], "out of range", "--seed negative"),
         ]
         for args, word, name in cases:
             proc = mpirun(2, ["train"] + args, timeout=60, check=False)
             one_error(f, proc, word, name)
             f.check(len(proc.stderr) < 2000, f"{name}: a short message, not {len(proc.stderr)} bytes")
+
+        # flags reach the configuration as signed integers: in range, they are taken
+        ok = train(2, config, "--seed", 7, "--max-steps", 2, "--set", "save=", "--set", f"log_csv={tmp}/seed.csv")
+        f.check(json.loads(ok.stdout.strip().splitlines()[-1])["steps"] == 2, "--seed 7 --max-steps 2 run")
 
         # checkpoints that describe the impossible
         ck = os.path.join(tmp, "ck")
