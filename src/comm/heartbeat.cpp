@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -22,7 +23,6 @@ namespace pm {
 namespace {
 
 constexpr char kBeat = 'h', kGoodbye = 'b';
-constexpr double kInterval_s = 1.0;
 
 double seconds_now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -148,24 +148,27 @@ Heartbeat::~Heartbeat() {
 }
 
 void Heartbeat::run() {
+  // several beats per timeout, so that one late beat is not a dead rank
+  const double interval_s = std::min(1.0, timeout_s_ / 5);
+  const int poll_ms = std::max(10, static_cast<int>(interval_s * 1000 / 4));
   double last_sent = 0, last_heard = seconds_now();
   bool predecessor_done = false;  // it said goodbye: its silence from now on is expected
   while (!stop_) {
     const double now = seconds_now();
-    if (now - last_sent >= kInterval_s) {
+    if (now - last_sent >= interval_s) {
       // a successor that is gone shows as its own predecessor's failure: nothing to do here
       send_all(to_successor_, &kBeat, 1);
       last_sent = now;
     }
     pollfd p{from_predecessor_, POLLIN, 0};
-    if (!predecessor_done && ::poll(&p, 1, 200) == 1) {
+    if (!predecessor_done && ::poll(&p, 1, poll_ms) == 1) {
       char buf[64];
       const ssize_t n = ::recv(from_predecessor_, buf, sizeof buf, 0);
       if (n == 0) fail(fmt::format("rank {} exited without a word (killed?): its heartbeat connection closed", predecessor_));
       for (ssize_t i = 0; i < n; ++i) predecessor_done |= buf[i] == kGoodbye;
       if (n > 0) last_heard = seconds_now();
     } else if (predecessor_done) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      std::this_thread::sleep_for(std::chrono::milliseconds(poll_ms));
     }
     if (!predecessor_done && seconds_now() - last_heard > timeout_s_)
       fail(fmt::format("rank {} stopped answering: no heartbeat for {:.0f} s (stopped, hung in the kernel, or its host "

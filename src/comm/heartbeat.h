@@ -4,7 +4,7 @@
 // A collective cannot tell a slow peer from a dead one, so its timeout (--comm-timeout) must be
 // long. The heartbeat is a second channel that knows nothing of the run's traffic: the ranks form
 // a ring of TCP connections (rank r to rank r+1), and a thread of each rank sends a byte every
-// second to its successor and listens to its predecessor. A predecessor whose connection closes
+// second (a fifth of the timeout if that is shorter) to its successor and listens to its predecessor. A predecessor whose connection closes
 // without a goodbye (killed), or that sends nothing for `timeout_s` (stopped, its host gone) is
 // named on stderr, and this rank exits at once, which makes mpirun end the whole job. A rank that
 // ends normally says goodbye first, so ranks that finish at different times are not mistaken for

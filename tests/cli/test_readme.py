@@ -67,8 +67,9 @@ def prepare(command, runs):
     kind = "emulated layer" if "emulate-cluster" in command else next(
         (a for a in args if a in ("train", "profile", "plan", "layer", "generate")), args[0])
     out += QUICK.get(kind, [])
-    if kind == "train":
-        out += ["--set", f"save={os.path.join(runs, 'demo')}"]
+    if kind == "train":  # where the configuration saves (configs/X.json: runs/X), under runs
+        config = args[args.index("--config") + 1] if "--config" in args else "configs/demo.json"
+        out += ["--set", f"save={os.path.join(runs, os.path.splitext(os.path.basename(config))[0])}"]
     return out, kind
 
 
