@@ -16,6 +16,7 @@
 #include "core/clock.h"
 #include "core/log.h"
 #include "core/npy.h"
+#include "core/rng.h"
 #include "kernels/cpu/gemm.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
@@ -32,6 +33,8 @@ struct LayerOptions {
   std::string strategy = "ep";
   uint64_t seed = 1;
   float aux_coef = 0.01f;
+  float z_loss_coef = 0.0f;
+  RouterLossGrads loss_grads() const { return {aux_coef, z_loss_coef}; }
   std::string degree = "1";
   std::string degree_bwd;  // empty: as --degree
   std::string profile;
@@ -74,6 +77,9 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
   Tensor aux = Tensor::empty({1});
   aux.f32()[0] = static_cast<float>(pass.aux_loss());
   put("aux", aux);
+  Tensor z = Tensor::empty({1});
+  z.f32()[0] = static_cast<float>(pass.z_loss());
+  put("z_loss", z);
   put("dx", d.dx);
   for (const Parameter& p : layer.parameters()) {
     put(p.name, *p.value);
@@ -87,7 +93,9 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"hidden", s.hidden},        {"experts", s.experts},
                            {"top_k", s.top_k},          {"capacity_factor", s.capacity_factor},
                            {"capacity", s.capacity()},  {"seed", o.seed},
-                           {"aux_coef", o.aux_coef},    {"world_size", ctx.world()},
+                           {"aux_coef", o.aux_coef},    {"z_loss_coef", o.z_loss_coef},
+                           {"normalize_gates", s.normalize_gates}, {"balance_bias", s.balance_bias},
+                           {"world_size", ctx.world()},
                            {"strategy", layer.strategy().name()},
                            {"degree_fwd", layer.forward_degree()},
                            {"degree_bwd", layer.backward_degree()}};
@@ -125,22 +133,28 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::unique_ptr<MoeLayer> layer_ptr = strategy.make_layer(shape, ctx.comm, backend);
   MoeLayer& layer = *layer_ptr;
   layer.init_parameters(o.seed);
+  if (shape.balance_bias) {
+    // training starts the bias at 0 and moves it with the load; here it is drawn (about the
+    // spread of the probabilities) so that it changes choices, which is what a test must see
+    for (const Parameter& p : layer.parameters())
+      if (p.name == "router_bias") Rng(o.seed, stream_id(8)).fill_normal(p.value->f32(), shape.experts, 0.0f, 0.5f / shape.experts);
+  }
   LayerData d = make_layer_data(shape.tokens, shape.model_dim, o.seed, ctx.rank());
 
   if ((want_fwd == 0 || want_bwd == 0) && !profile)
     log::info("pipemoe layer: --degree auto without --profile: timing every candidate degree");
   auto measure = [&](int f, int b) {
     layer.set_degrees(f, b);
-    PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, 1, o.aux_coef);
+    PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, 1, o.loss_grads());
     return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
   };
-  if (want_fwd == 0 || want_bwd == 0) run_passes(ctx.comm, layer, executor, d, 1, 0, o.aux_coef);  // warm before timing
+  if (want_fwd == 0 || want_bwd == 0) run_passes(ctx.comm, layer, executor, d, 1, 0, o.loss_grads());  // warm before timing
   DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure);
   layer.set_degrees(choice.forward, choice.backward);
 
   if (!o.dump.empty()) {
     std::string rank_dir = prepare_dump_dir(ctx, o.dump);
-    std::shared_ptr<MoePass> pass = run_pass(layer, executor, d, o.aux_coef);
+    std::shared_ptr<MoePass> pass = run_pass(layer, executor, d, o.loss_grads());
     write_dump(ctx, o, rank_dir, layer, *pass, d);
     ctx.comm.barrier();
     log::info("pipemoe layer: wrote inputs, weights, outputs and gradients of {} ranks to {}", ctx.world(), o.dump);
@@ -148,16 +162,16 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   }
 
   Trace trace;
-  run_passes(ctx.comm, layer, executor, d, o.warmup, 0, o.aux_coef);
+  run_passes(ctx.comm, layer, executor, d, o.warmup, 0, o.loss_grads());
   ctx.comm.barrier();  // every rank's trace starts from (nearly) the same moment
   double origin = now_s();
-  PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, o.iters, o.aux_coef, o.trace.empty() ? nullptr : &trace);
+  PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, o.iters, o.loss_grads(), o.trace.empty() ? nullptr : &trace);
   Summary sf = slowest_rank(ctx.comm, t.forward), sb = slowest_rank(ctx.comm, t.backward);
   Summary sc = slowest_rank(ctx.comm, t.comm_busy), se = slowest_rank(ctx.comm, t.expert);
   Summary scpu = slowest_rank(ctx.comm, t.comm_cpu);
   double gflops = -ctx.comm.allreduce_scalar(-summarize(t.expert_gflops).median, ReduceOp::max);
   std::optional<LanesAlone> alone;
-  if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.aux_coef);
+  if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.loss_grads());
   double tokens_per_s = static_cast<double>(shape.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
   if (!o.trace.empty()) {
     trace.write_chrome_json(o.trace, origin, ctx.rank(), [&](const std::string& mine) { return ctx.comm.gather_strings(mine, 0); });
@@ -243,6 +257,8 @@ void add_layer_command(CLI::App& app, CommandFn& run) {
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--aux-coef", o->aux_coef, "weight of the aux loss in the backward")->capture_default_str();
+  cmd->add_option("--z-loss-coef", o->z_loss_coef, "weight of the router z-loss (ST-MoE) in the backward")
+      ->capture_default_str();
   cmd->add_option("--degree", o->degree, "pipeline degree (chunks) or 'auto', forward and backward")->capture_default_str();
   cmd->add_option("--degree-bwd", o->degree_bwd, "pipeline degree of the backward or 'auto' (default: --degree)");
   cmd->add_option("--profile", o->profile, "performance profile (pipemoe profile) for 'auto' and predictions");

@@ -18,7 +18,7 @@ LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int 
 }
 
 PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& d, int warmup, int iters,
-                     float aux_coef, Trace* trace) {
+                     RouterLossGrads loss_grads, Trace* trace) {
   PassTimes t;
   for (int it = 0; it < warmup + iters; ++it) {
     Trace* traced = it < warmup ? nullptr : trace;
@@ -26,7 +26,7 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
     layer.zero_grads();
     LayerPassRun f, b;
     std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f);
-    backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), aux_coef, traced, &b);
+    backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads, traced, &b);
     if (it < warmup) continue;
     t.forward.push_back(f.stats.wall_ms);
     t.backward.push_back(b.stats.wall_ms);
@@ -38,10 +38,10 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
   return t;
 }
 
-std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& d, float aux_coef) {
+std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& d, RouterLossGrads loss_grads) {
   layer.zero_grads();
   std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32());
-  backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), aux_coef);
+  backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads);
   return pass;
 }
 
@@ -58,7 +58,7 @@ double LanesAlone::pass_bound_ms() const {
   return std::max(comm_fwd_ms, compute_fwd_ms) + std::max(comm_bwd_ms, compute_bwd_ms);
 }
 
-LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, int iters, float aux_coef,
+LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, int iters, RouterLossGrads loss_grads,
                             int warmup) {
   Executor serial(Executor::Mode::serial);
   std::vector<LanesAlone> samples;
@@ -67,7 +67,7 @@ LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, i
     layer.zero_grads();
     LayerPassRun fr, br;
     std::shared_ptr<MoePass> pass = forward_alone(layer, serial, d.x.f32(), d.x.dim(0), d.y.f32(), nullptr, &fr);
-    backward_alone(layer, serial, *pass, d.dy.f32(), d.dx.f32(), aux_coef, nullptr, &br);
+    backward_alone(layer, serial, *pass, d.dy.f32(), d.dx.f32(), loss_grads, nullptr, &br);
     const LayerRunStats& f = fr.stats;
     const LayerRunStats& b = br.stats;
     if (it < warmup) continue;

@@ -26,10 +26,10 @@ struct PassTimes {
 // warmup + iters passes (forward then backward, a barrier before each) on `executor`; keeps the
 // last iters. With a trace, the timed passes are recorded in it.
 PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& data, int warmup, int iters,
-                     float aux_coef, Trace* trace = nullptr);
+                     RouterLossGrads loss_grads, Trace* trace = nullptr);
 
 // One forward and backward pass, for a dump.
-std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& data, float aux_coef);
+std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& data, RouterLossGrads loss_grads);
 
 // Median over this rank's passes, then the slowest rank (min, median and max each the largest).
 Summary slowest_rank(Communicator& comm, const std::vector<double>& values);
@@ -49,7 +49,7 @@ struct LanesAlone {
   double pass_bound_ms() const;
 };
 // Medians of `iters` serial passes after `warmup` untimed ones.
-LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& data, int iters, float aux_coef,
+LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& data, int iters, RouterLossGrads loss_grads,
                             int warmup = 1);
 // Field-wise median of several measurements.
 LanesAlone median_lanes(const std::vector<LanesAlone>& samples);

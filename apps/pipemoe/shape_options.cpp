@@ -8,7 +8,12 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
   cmd->add_option("--hidden", s.hidden, "expert hidden dimension (H)")->capture_default_str();
   cmd->add_option("--experts", s.experts, "experts over all ranks (E)")->capture_default_str();
   cmd->add_option("--top-k", s.top_k, "experts per token (k)")->capture_default_str();
-  cmd->add_option("--capacity-factor", s.capacity_factor, "capacity factor (f)")->capture_default_str();
+  cmd->add_option("--capacity-factor", s.capacity_factor, "capacity factor (f); 0: dropless")->capture_default_str();
+  cmd->add_option("--gate-normalize", s.normalize_gates,
+                  "top-k > 1: divide the gate values by their sum (true) or keep the probabilities (false)")
+      ->capture_default_str();
+  cmd->add_flag("--balance-bias", s.balance_bias,
+                "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
 }
 
 }  // namespace pm::cli

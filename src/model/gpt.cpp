@@ -106,8 +106,9 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     add_param(p + "ln2.g", b->ln2_g, b->d_ln2_g, false, false);
     add_param(p + "ln2.b", b->ln2_b, b->d_ln2_b, false, false);
     if (c.is_moe(l)) {
-      const MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor,
-                           comm.size()};
+      MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor, comm.size()};
+      shape.normalize_gates = c.gate_normalize;
+      shape.balance_bias = c.router_bias_rate > 0;
       b->moe = strategy.make_layer(shape, comm, backend);
       for (Parameter& mp : b->moe->parameters()) add_param(p + "moe." + mp.name, *mp.value, *mp.grad, mp.expert, mp.decay);
       if (G > 0) {
@@ -595,7 +596,8 @@ void GptModel::backward() {
   const bool scmoe = config_.scmoe();
   // the backward's own buffers: alive until its graph has run
   Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dqkv(T * 3 * D), dattn(T * D), dact;
-  const float aux_grad = static_cast<float>(config_.aux_coef) * backward_scale_;
+  const RouterLossGrads router_grads{static_cast<float>(config_.aux_coef) * backward_scale_,
+                                 static_cast<float>(config_.z_loss_coef) * backward_scale_};
   std::vector<int> moe_done(L, -1), moe_ln_bwd(L, -1);  // MoE output (dx) or ScMoE's LN backward; task ids
   std::vector<std::vector<int>> moe_grads(L);
 
@@ -780,7 +782,7 @@ void GptModel::backward() {
     if (scmoe) {
       b.moe_dy.resize(T * D);  // the moe_dy task copies into it: its address is taken now
       b.dmoe_in.resize(T * D);
-      t = b.moe->append_backward(g, after(last), *b.moe_pass, b.moe_dy.data(), b.dmoe_in.data(), aux_grad,
+      t = b.moe->append_backward(g, after(last), *b.moe_pass, b.moe_dy.data(), b.dmoe_in.data(), router_grads,
                                  [&](TaskGraph& graph) { between(graph, slot); });
       // the routed experts' LayerNorm: its parameters' gradients, and the tap's
       b.dtap.resize(T * D);
@@ -792,7 +794,7 @@ void GptModel::backward() {
                                                         bp->d_ln_moe_b.f32());
                                  }});
     } else {
-      t = b.moe->append_backward(g, after(last), *b.moe_pass, dh.data(), dffn_in.data(), aux_grad,
+      t = b.moe->append_backward(g, after(last), *b.moe_pass, dh.data(), dffn_in.data(), router_grads,
                                  [&](TaskGraph& graph) { between(graph, slot); });
     }
     moe_done[block] = t.output;
@@ -846,6 +848,27 @@ double GptModel::aux_loss() const {
   for (const auto& b : blocks_)
     if (b->moe_pass) sum += b->moe_pass->aux_loss();
   return sum;
+}
+
+double GptModel::z_loss() const {
+  double sum = 0;
+  for (const auto& b : blocks_)
+    if (b->moe_pass) sum += b->moe_pass->z_loss();
+  return sum;
+}
+
+void GptModel::update_balance_bias() {
+  if (config_.router_bias_rate <= 0) return;
+  for (const auto& b : blocks_) {
+    if (!b->moe || !b->moe_pass) continue;
+    // the load of every rank's tokens: the bias is replicated, so every rank moves it alike
+    std::vector<double> load(config_.experts, 0.0);
+    add_expert_load(b->moe_pass->routing(), load.data());
+    comm_.allreduce(load.data(), load.data(), config_.experts, DType::f64, ReduceOp::sum);
+    for (const Parameter& p : b->moe->parameters())
+      if (p.name == "router_bias") pm::update_balance_bias(p.value->f32(), load.data(), config_.experts,
+                                                           config_.router_bias_rate);
+  }
 }
 
 }  // namespace pm

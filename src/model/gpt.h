@@ -75,6 +75,11 @@ class GptModel {
   using GradsReady = std::function<void(TaskGraph& graph, int block, const std::vector<int>& ready)>;
   void set_grads_ready(GradsReady hook) { grads_ready_ = std::move(hook); }
   double aux_loss() const;  // sum over MoE layers, this rank's tokens
+  double z_loss() const;    // router z-losses, likewise
+  // Auxiliary-loss-free balancing (config router_bias_rate > 0): moves every MoE layer's selection
+  // bias against the load of the last forward over all ranks (a collective: every rank calls it
+  // after each training step).
+  void update_balance_bias();
   // The MoE layers' last forward passes (their routing: expert load, dropped tokens), in block order.
   std::vector<const MoePass*> moe_passes() const;
   const float* logits() const { return logits_.data(); }  // [B*S, V] of the last forward

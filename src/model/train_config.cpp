@@ -47,6 +47,9 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("shared_expert_hidden", c.model.shared_expert_hidden);
   fn("coef_gate", c.model.coef_gate);
   fn("aux_coef", c.model.aux_coef);
+  fn("z_loss_coef", c.model.z_loss_coef);
+  fn("gate_normalize", c.model.gate_normalize);
+  fn("router_bias_rate", c.model.router_bias_rate);
   fn("batch_size", c.batch_size);
   fn("max_steps", c.max_steps);
   fn("stop_at", c.stop_at);
@@ -231,6 +234,9 @@ void TrainConfig::validate(int world) const {
                "'shared_expert_hidden' (e.g. to expert_hidden)");
   }
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
+  PM_REQUIRE(m.z_loss_coef >= 0, "configuration: 'z_loss_coef' must not be negative, got {}", m.z_loss_coef);
+  PM_REQUIRE(m.router_bias_rate >= 0, "configuration: 'router_bias_rate' must not be negative (0: no bias), got {}",
+             m.router_bias_rate);
   PM_REQUIRE(min_lr >= 0 && min_lr <= lr, "configuration: 'min_lr' must be between 0 and lr ({}), got {}", lr, min_lr);
   PM_REQUIRE(warmup_steps >= 0 && save_every >= 0, "configuration: 'warmup_steps' and 'save_every' must not be negative");
   PM_REQUIRE(stop_at >= 0 && stop_at <= max_steps, "configuration: 'stop_at' must be between 0 and max_steps ({}), got {}",

@@ -32,6 +32,11 @@ struct ModelConfig {
   int shared_expert_hidden = 0;    // > 0: a dense shared expert beside the routed ones in every MoE block
   bool coef_gate = false;          // scale the shared expert per token by sigmoid(x . w_cg + b_cg)
   double aux_coef = 0.01;  // weight of the sum of the MoE layers' aux losses
+  double z_loss_coef = 0;  // weight of the sum of the MoE layers' router z-losses (ST-MoE; 1e-3 there)
+  bool gate_normalize = true;  // top-k > 1: gate values divided by their sum (moe_shape.h normalize_gates)
+  // > 0: auxiliary-loss-free balancing (DeepSeek-V3, which uses 1e-3): each MoE layer chooses by
+  // probability + a per-expert bias, moved by this much after every step against the load
+  double router_bias_rate = 0;
   bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }
   bool scmoe() const { return arch == "scmoe"; }
   int moe_layers() const;

@@ -120,9 +120,10 @@ void TrainLog::print_window(const StepRecord& last, const std::string& moe_sched
                                                    "{}",
                                                    mean(&StepRecord::dropped_share) * 100, loads ? load / loads : 0.0,
                                                    mean(&StepRecord::comm_hidden_share) * 100, moe_schedule);
-  log::info("step {:5d}/{} | loss {:.4f} | aux {:.4f} | grad norm {:.3f} | lr {:.2e} | {:6.0f} tok/s | {:6.1f} ms/step: "
+  const std::string z = c_.model.z_loss_coef > 0 ? fmt::format(" | z-loss {:.3f}", mean(&StepRecord::z_loss)) : "";
+  log::info("step {:5d}/{} | loss {:.4f} | aux {:.4f}{} | grad norm {:.3f} | lr {:.2e} | {:6.0f} tok/s | {:6.1f} ms/step: "
             "compute {:.1f} + exposed comm {:.1f}{} | {} elapsed, ETA {}",
-            last.step, c_.max_steps, last_window_loss_, mean(&StepRecord::aux), mean(&StepRecord::grad_norm), last.lr,
+            last.step, c_.max_steps, last_window_loss_, mean(&StepRecord::aux), z, mean(&StepRecord::grad_norm), last.lr,
             tokens_per_step_ / (ms / 1e3), ms, ms - exposed, exposed, moe, duration(elapsed), duration(eta));
   window_.clear();
 }

@@ -21,6 +21,7 @@ namespace pm {
 struct StepRecord {
   int64_t step = 0;  // 1-based
   double lr = 0, loss = 0, aux = 0, grad_norm = 0;
+  double z_loss = 0;  // router z-losses (shown when z_loss_coef > 0)
   double step_ms = 0, exposed_ms = 0;  // means over ranks; compute = step - exposed
   double dropped_share = 0;            // choices over capacity, all MoE layers and ranks
   std::vector<double> load_max, load_mean;  // per MoE layer: tokens routed per expert, max and mean over experts

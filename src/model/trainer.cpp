@@ -361,18 +361,20 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     } else {
       skipped_in_a_row = 0;
       optimizer.step(c, lr);
+      model.update_balance_bias();  // router_bias_rate > 0: against this step's load
     }
     span.reset();
     double step_ms = step_watch.elapsed_ms();
     // what the compute lane waited for: all-to-alls and gradient all-reduces not hidden
     double exposed_ms = model.exposed_comm_ms();
-    double stats[4] = {loss, model.aux_loss(), step_ms, exposed_ms};
-    comm.allreduce(stats, stats, 4, DType::f64, ReduceOp::sum);
+    double stats[5] = {loss, model.aux_loss(), step_ms, exposed_ms, model.z_loss()};
+    comm.allreduce(stats, stats, 5, DType::f64, ReduceOp::sum);
     StepRecord record;
     record.step = step + 1;
     record.lr = lr;
     record.loss = stats[0] / P;
     record.aux = stats[1] / P;
+    record.z_loss = stats[4] / P;
     record.grad_norm = grad_norm;
     record.step_ms = stats[2] / P;
     record.exposed_ms = stats[3] / P;

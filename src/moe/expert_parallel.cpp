@@ -27,6 +27,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
   double aux_loss() const override { return gating.aux_loss; }
+  double z_loss() const override { return gating.z_loss; }
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
   const Routing& routing() const override { return gating.routing; }
 };
@@ -93,6 +94,10 @@ class ExpertParallelLayer final : public MoeLayer {
     db1 = Tensor::zeros(b1.shape());
     dw2 = Tensor::zeros(w2.shape());
     db2 = Tensor::zeros(b2.shape());
+    if (shape_.balance_bias) {
+      router_bias = Tensor::zeros({shape_.experts});
+      drouter_bias = Tensor::zeros({shape_.experts});  // stays 0: the bias moves by update_balance_bias only
+    }
   }
 
   const MoeStrategy& strategy() const override { return strategy_; }
@@ -100,12 +105,15 @@ class ExpertParallelLayer final : public MoeLayer {
   int first_expert() const override { return group_.rank() * shape_.local_experts(); }
 
   std::vector<Parameter> parameters() override {
-    if (cache_) return {{"wg", &wg, &dwg, false, true}};
-    return {{"wg", &wg, &dwg, false, true},
-            {"w1", &w1, &dw1, true, true},
-            {"b1", &b1, &db1, true, false},
-            {"w2", &w2, &dw2, true, true},
-            {"b2", &b2, &db2, true, false}};
+    std::vector<Parameter> params{{"wg", &wg, &dwg, false, true}};
+    if (shape_.balance_bias) params.push_back({"router_bias", &router_bias, &drouter_bias, false, false});
+    if (cache_) return params;
+    for (Parameter p : std::initializer_list<Parameter>{{"w1", &w1, &dw1, true, true},
+                                                        {"b1", &b1, &db1, true, false},
+                                                        {"w2", &w2, &dw2, true, true},
+                                                        {"b2", &b2, &db2, true, false}})
+      params.push_back(p);
+    return params;
   }
 
   void init_parameters(uint64_t seed) override {
@@ -151,7 +159,7 @@ class ExpertParallelLayer final : public MoeLayer {
   MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
                             float* y, const Between& between) override;
   PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass, const float* dy,
-                            float* dx, float aux_grad, const Between& between) override;
+                            float* dx, RouterLossGrads loss_grads, const Between& between) override;
 
  private:
   // A pass object to fill: the previous one once nobody holds it any more, so that its buffers
@@ -180,6 +188,7 @@ class ExpertParallelLayer final : public MoeLayer {
  public:
   Tensor wg, w1, b1, w2, b2;  // [M, E], [El, M, H], [El, H], [El, H, M], [El, M]
   Tensor dwg, dw1, db1, dw2, db2;
+  Tensor router_bias, drouter_bias;  // [E] with shape.balance_bias
 };
 
 MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x,
@@ -197,7 +206,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
 
   ForwardSteps steps;
   steps.gate = [this, p, shape, degree] {
-    p->gating = gate_forward(backend_, p->x, wg.f32(), p->tokens, shape);
+    p->gating = gate_forward(backend_, p->x, wg.f32(), p->tokens, shape,
+                             shape.balance_bias ? router_bias.f32() : nullptr);
     p->handle = dispatcher_.layout(p->gating.routing, degree);
     p->send.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
     p->back.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
@@ -261,7 +271,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
 }
 
 PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass,
-                                               const float* dy, float* dx, float aux_grad, const Between& between) {
+                                               const float* dy, float* dx, RouterLossGrads loss_grads,
+                                               const Between& between) {
   const auto* f = dynamic_cast<const ForwardPass*>(&pass);
   PM_CHECK(f != nullptr, "backward of a pass that is not an expert-parallel forward");
   PM_REQUIRE(!cache_, "a layer with offloaded experts is for inference only: it has no backward");
@@ -293,13 +304,13 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     for (int le = 0; le < shape_.local_experts(); ++le)
       backend_.pack_expert_backward(*packed_[le], w1.f32() + le * M * H, w2.f32() + le * H * M, M, H);
   };
-  steps.gate_backward = [this, fp, b, shape, aux_grad, M, k] {
+  steps.gate_backward = [this, fp, b, shape, loss_grads, M, k] {
     const int64_t T = fp->tokens;
     // d loss / d gate value = <dy_t, FFN_e(x_t)> for kept choices.
     std::vector<float> dgate(T * k);
     backend_.combine_rows_backward_gate(b->dy, fp->back.data(), T, M, k, fp->handle.positions.data(), dgate.data());
     b->dx_gate.resize(T * M);
-    gate_backward(backend_, fp->x, wg.f32(), shape, fp->gating, dgate.data(), aux_grad, dwg.f32(), b->dx_gate.data());
+    gate_backward(backend_, fp->x, wg.f32(), shape, fp->gating, dgate.data(), loss_grads, dwg.f32(), b->dx_gate.data());
   };
   steps.grad_dispatch = [this, b](int c) { dispatcher_.dispatch_chunk(b->handle, c, b->send.data(), b->recv.data()); };
   steps.expert_dgrad = [this, fp, b, M, H](int c) {

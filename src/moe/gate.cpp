@@ -1,13 +1,41 @@
 #include "moe/gate.h"
 
-namespace pm {
+#include <algorithm>
+#include <cmath>
 
-Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape) {
+#include "core/error.h"
+
+namespace pm {
+namespace {
+
+// lse[t] = log sum_e exp(logits[t, e]), in double from the largest logit; returns mean_t lse^2.
+double log_sum_exp_rows(const float* logits, int64_t T, int E, std::vector<float>& lse) {
+  lse.resize(T);
+  double z = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = logits + t * E;
+    const double top = *std::max_element(row, row + E);
+    double sum = 0;
+    for (int e = 0; e < E; ++e) sum += std::exp(static_cast<double>(row[e]) - top);
+    const double l = top + std::log(sum);
+    lse[t] = static_cast<float>(l);
+    z += l * l;
+  }
+  return z / static_cast<double>(T);
+}
+
+}  // namespace
+
+Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape,
+                    const float* bias) {
   const int64_t M = shape.model_dim;
   const int E = shape.experts, top_k = shape.top_k;
+  PM_CHECK((bias != nullptr) == shape.balance_bias, "a selection bias {} a layer that {} one",
+           bias ? "given to" : "missing for", shape.balance_bias ? "has" : "has no");
   Gating g;
   g.probs.resize(T * E);
   backend.gemm(Trans::no, Trans::no, T, E, M, x, M, wg, E, 0.0f, g.probs.data(), E);
+  g.z_loss = log_sum_exp_rows(g.probs.data(), T, E, g.lse);
   backend.softmax_rows(g.probs.data(), g.probs.data(), T, E);
 
   Routing& routing = g.routing;
@@ -17,8 +45,16 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   routing.capacity = shape.with_tokens(T).capacity();
   routing.expert.resize(T * top_k);
   g.gate.resize(T * top_k);
-  backend.topk_rows(g.probs.data(), T, E, top_k, routing.expert.data(), g.gate.data());
-  if (top_k > 1) {
+  if (bias) {  // choose by probability + bias; the gate values are the probabilities
+    Buffer<float> scores(T * E);
+    for (int64_t t = 0; t < T; ++t)
+      for (int e = 0; e < E; ++e) scores[t * E + e] = g.probs[t * E + e] + bias[e];
+    backend.topk_rows(scores.data(), T, E, top_k, routing.expert.data(), g.gate.data());
+    for (int64_t i = 0; i < T * top_k; ++i) g.gate[i] = g.probs[(i / top_k) * E + routing.expert[i]];
+  } else {
+    backend.topk_rows(g.probs.data(), T, E, top_k, routing.expert.data(), g.gate.data());
+  }
+  if (top_k > 1 && shape.normalize_gates) {
     for (int64_t t = 0; t < T; ++t) {
       float sum = 0;
       for (int j = 0; j < top_k; ++j) sum += g.gate[t * top_k + j];
@@ -41,7 +77,8 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
 }
 
 void gate_backward(Backend& backend, const float* x, const float* wg, const MoeShape& shape, const Gating& g,
-                   const float* dgate, float aux_grad, float* dwg, float* dx) {
+                   const float* dgate, RouterLossGrads loss_grads, float* dwg, float* dx) {
+  const float aux_grad = loss_grads.aux;
   const int64_t T = g.routing.tokens, M = shape.model_dim;
   const int E = shape.experts, top_k = shape.top_k;
   Buffer<float> dprobs(T * E, 0.0f);
@@ -54,8 +91,8 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
     const float* gv = &g.gate[t * top_k];
     const float* dg = &dgate[t * top_k];
     const int32_t* chosen = &g.routing.expert[t * top_k];
-    if (top_k == 1) {
-      dprobs[t * E + chosen[0]] += dg[0];
+    if (top_k == 1 || !shape.normalize_gates) {  // the gate values are the probabilities
+      for (int j = 0; j < top_k; ++j) dprobs[t * E + chosen[j]] += dg[j];
       continue;
     }
     // g_j = p_j / s with s the sum of the chosen p: dp_i = (dg_i - sum_j dg_j g_j) / s.
@@ -66,8 +103,28 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
   }
   Buffer<float> dlogits(T * E);
   backend.softmax_rows_backward(g.probs.data(), dprobs.data(), dlogits.data(), T, E);
+  if (loss_grads.z != 0) {  // d mean_t lse_t^2 / d logits[t, e] = 2 lse_t probs[t, e] / T
+    for (int64_t t = 0; t < T; ++t) {
+      const float scale = loss_grads.z * 2.0f * g.lse[t] / static_cast<float>(T);
+      for (int e = 0; e < E; ++e) dlogits[t * E + e] += scale * g.probs[t * E + e];
+    }
+  }
   backend.gemm(Trans::yes, Trans::no, M, E, T, x, M, dlogits.data(), E, 1.0f, dwg, E);
   backend.gemm(Trans::no, Trans::yes, T, M, E, dlogits.data(), E, wg, E, 0.0f, dx, M);
+}
+
+void add_expert_load(const Routing& routing, double* load) {
+  for (int32_t e : routing.expert) load[e] += 1.0;
+}
+
+void update_balance_bias(float* bias, const double* load, int experts, double rate) {
+  double mean = 0;
+  for (int e = 0; e < experts; ++e) mean += load[e];
+  mean /= experts;
+  for (int e = 0; e < experts; ++e) {
+    const double sign = load[e] < mean ? 1.0 : load[e] > mean ? -1.0 : 0.0;
+    bias[e] += static_cast<float>(rate * sign);
+  }
 }
 
 }  // namespace pm

@@ -1,6 +1,11 @@
 // The gate: softmax(x Wg) in float32, top-k experts per token (ties to the lower index), gate
-// values = the chosen probabilities, divided by their sum when k > 1; capacity and slots (see
-// routing.h); the GShard auxiliary load-balancing loss; and the backward of all of it.
+// values = the chosen probabilities, divided by their sum when k > 1 and the shape normalises;
+// capacity and slots (see routing.h); the GShard auxiliary load-balancing loss, the router z-loss
+// (ST-MoE) and, optionally, a per-expert selection bias (DeepSeek-V3's auxiliary-loss-free
+// balancing); and the backward of all of it.
+//
+// Precision: logits, probabilities and gate values are float32; the z-loss's log-sum-exp and the
+// aux loss's means are summed in double.
 #pragma once
 
 #include <cstdint>
@@ -12,21 +17,41 @@
 
 namespace pm {
 
+// d loss / d (the layer's router losses) for the backward: the aux loss's and the z-loss's
+// weights times the caller's loss scale. A bare number is the aux loss's (no z-loss).
+struct RouterLossGrads {
+  float aux = 0;
+  float z = 0;
+  RouterLossGrads(float aux_grad = 0, float z_grad = 0) : aux(aux_grad), z(z_grad) {}  // NOLINT: implicit on purpose
+};
+
 // What the gate decided for one pass.
 struct Gating {
   Routing routing;             // chosen experts and their slots
   Buffer<float> probs;         // [T, E]
   std::vector<float> gate;     // [T, k] gate values
   std::vector<float> first_choice_fraction;  // [E] share of tokens whose first choice is e
-  double aux_loss = 0;
+  std::vector<float> lse;      // [T] log-sum-exp of each token's logits
+  double aux_loss = 0;         // GShard: E * sum_e mean_t(probs[t, e]) * first_choice_fraction[e]
+  double z_loss = 0;           // ST-MoE: mean_t lse[t]^2
 };
 
-// x[T, M], wg[M, E]; the capacity is the shape's for T tokens.
-Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape);
+// x[T, M], wg[M, E]; the capacity is the shape's for T tokens. bias[E] (only with
+// shape.balance_bias; else null): added to the probabilities to choose, not to the gate values.
+Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape,
+                    const float* bias = nullptr);
 
-// From dgate[T, k] (d loss / d gate value; 0 for dropped choices) and aux_grad (d loss / d aux):
-// dwg[M, E] += x^T dlogits and dx[T, M] = dlogits Wg^T (overwritten).
+// From dgate[T, k] (d loss / d gate value; 0 for dropped choices) and the router losses'
+// gradients: dwg[M, E] += x^T dlogits and dx[T, M] = dlogits Wg^T (overwritten). The selection
+// bias gets no gradient.
 void gate_backward(Backend& backend, const float* x, const float* wg, const MoeShape& shape, const Gating& gating,
-                   const float* dgate, float aux_grad, float* dwg, float* dx);
+                   const float* dgate, RouterLossGrads loss_grads, float* dwg, float* dx);
+
+// Every choice of this pass counted by expert (dropped ones too: the load the router asked for),
+// added to load[E].
+void add_expert_load(const Routing& routing, double* load);
+// DeepSeek-V3's update: bias[e] += rate * sign(mean load - load[e]) from the load of the whole
+// group (summed over its ranks): an overloaded expert is chosen less, an idle one more.
+void update_balance_bias(float* bias, const double* load, int experts, double rate);
 
 }  // namespace pm

@@ -51,9 +51,9 @@ std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, cons
 }
 
 void backward_alone(MoeLayer& layer, Executor& executor, const MoePass& pass, const float* dy, float* dx,
-                    float aux_grad, Trace* trace, LayerPassRun* run) {
+                    RouterLossGrads loss_grads, Trace* trace, LayerPassRun* run) {
   TaskGraph graph;
-  layer.append_backward(graph, {}, pass, dy, dx, aux_grad);
+  layer.append_backward(graph, {}, pass, dy, dx, loss_grads);
   run_alone(executor, graph, trace, "backward");
   if (run) {
     // input gradients (two GEMMs) and weight gradients (two GEMMs)

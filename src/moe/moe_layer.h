@@ -17,6 +17,7 @@
 #include "kernels/backend.h"
 #include "moe/ep_graph.h"
 #include "moe/expert_store.h"
+#include "moe/gate.h"
 #include "moe/moe_shape.h"
 #include "moe/routing.h"
 #include "sched/executor.h"
@@ -33,6 +34,7 @@ class MoePass {
  public:
   virtual ~MoePass() = default;
   virtual double aux_loss() const = 0;          // of this rank's tokens
+  virtual double z_loss() const = 0;            // router z-loss of this rank's tokens (gate.h)
   virtual int64_t expert_rows() const = 0;      // rows this rank's experts computed
   virtual const Routing& routing() const = 0;   // this rank's tokens' choices and slots
 };
@@ -70,7 +72,7 @@ class MoeLayer {
 
   // Parameters and their gradients (backward adds to them), named within the layer: the gate
   // "wg" [M, E] (replicated) and this rank's experts "w1" [El, M, H], "b1" [El, H], "w2" [El, H, M],
-  // "b2" [El, M].
+  // "b2" [El, M]; with shape().balance_bias also "router_bias" [E] (replicated; no gradient moves it).
   virtual std::vector<Parameter> parameters() = 0;
   // Draws every weight from (seed, global expert id) streams: the same seed gives the same global
   // experts whatever the number of ranks.
@@ -97,10 +99,12 @@ class MoeLayer {
   // where ScMoE lays the dense block beside the all-to-all.
   virtual MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
                                     float* y, const Between& between = {}) = 0;
-  // dx[T, M] from dy[T, M] for that pass; adds to the parameter gradients. aux_grad = d loss / d aux.
+  // dx[T, M] from dy[T, M] for that pass; adds to the parameter gradients. loss_grads: d loss / d
+  // aux loss (a bare number) and d loss / d z-loss.
   // tasks.output: dx is complete; tasks.grads: the gradients are.
   virtual PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass,
-                                    const float* dy, float* dx, float aux_grad, const Between& between = {}) = 0;
+                                    const float* dy, float* dx, RouterLossGrads loss_grads,
+                                    const Between& between = {}) = 0;
 };
 
 // ---- the layer alone: one graph per pass ---------------------------------------------------------
@@ -124,6 +128,6 @@ struct LayerPassRun {
 std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, const float* x, int64_t tokens, float* y,
                                        Trace* trace = nullptr, LayerPassRun* run = nullptr);
 void backward_alone(MoeLayer& layer, Executor& executor, const MoePass& pass, const float* dy, float* dx,
-                    float aux_grad, Trace* trace = nullptr, LayerPassRun* run = nullptr);
+                    RouterLossGrads loss_grads, Trace* trace = nullptr, LayerPassRun* run = nullptr);
 
 }  // namespace pm

@@ -33,8 +33,9 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 }
 
 std::string MoeShape::str() const {
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}", tokens, model_dim, hidden, experts, top_k,
-                     capacity_factor, ranks);
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}", tokens, model_dim, hidden, experts, top_k,
+                     capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates",
+                     balance_bias ? " bias" : "");
 }
 
 }  // namespace pm

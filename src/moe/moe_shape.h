@@ -15,6 +15,16 @@ struct MoeShape {
   int top_k = 1;          // k: experts per token
   double capacity_factor = 1.0;  // f: capacity C = ceil(k f T / E) slots per expert and rank; 0: dropless
   int ranks = 1;          // P: the ranks that share the experts, E / P each
+  // Routing variants (they change what the layer computes, not its cost):
+  // top-k > 1: the chosen probabilities divided by their sum (GShard, Mixtral, DeepSeek-V3), or
+  // as they are (Qwen3-MoE's norm_topk_prob = false). Top-1 is never normalised: a gate of 1
+  // would cut the router off from the loss (Switch).
+  bool normalize_gates = true;
+  // Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the probabilities
+  // to choose the experts only (the gate values stay the probabilities). The layer holds it as the
+  // parameter "router_bias" [E] that no gradient moves; training updates it from the load
+  // (gate.h update_balance_bias).
+  bool balance_bias = false;
 
   // Throws a usage error naming the first impossible value (sizes not positive, k outside 1..E,
   // f not positive, experts that do not divide over the ranks).
@@ -30,7 +40,7 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2"
+  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias")
 };
 
 }  // namespace pm

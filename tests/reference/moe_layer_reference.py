@@ -2,8 +2,10 @@
 
 Written from the layer's specification (README, "The MoE layer"), independently of the C++:
 gate softmax and top-k (ties to the lower index), capacity ceil(k*f*T/E) per rank, slots filled
-choice by choice then token by token, exact-GeLU experts, GShard aux loss; the loss whose
-gradients the dump holds is sum(y * dy) + aux_coef * aux on every rank.
+choice by choice then token by token, exact-GeLU experts, GShard aux loss; the router variants:
+gate values normalised over the top k or not, a selection bias added to the probabilities to
+choose (not to the gate values), the z-loss mean(logsumexp(logits)^2); the loss whose gradients the
+dump holds is sum(y * dy) + aux_coef * aux + z_loss_coef * z_loss on every rank.
 """
 import json
 import math
@@ -43,6 +45,10 @@ def compute(folder):
     meta = json.load(open(f"{folder}/meta.json"))
     P, E, k = meta["world_size"], meta["experts"], meta["top_k"]
     f, aux_coef = meta["capacity_factor"], meta["aux_coef"]
+    z_coef = meta.get("z_loss_coef", 0.0)
+    normalize = meta.get("normalize_gates", True)
+    # the selection bias is replicated: every rank holds the same one
+    bias32 = load(folder, 0, "router_bias", np.float32) if meta.get("balance_bias") else None
     El = E // P
 
     w1 = torch.tensor(np.concatenate([load(folder, r, "w1") for r in range(P)]), requires_grad=True)
@@ -58,14 +64,16 @@ def compute(folder):
         dy = torch.tensor(load(folder, r, "dy"))
         T = x.shape[0]
         capacity = k * T if f == 0 else math.ceil(k * f * T / E)  # 0: dropless
-        probs = torch.softmax(x @ wg, dim=1)
+        logits = x @ wg
+        probs = torch.softmax(logits, dim=1)
         # routing decisions from float32 probabilities, as the specification says
         probs32 = torch.softmax(torch.tensor(load(folder, r, "x", np.float32)) @
                                 torch.tensor(load(folder, r, "wg", np.float32)), dim=1).numpy()
-        chosen, slot = route(probs32, k, capacity)
+        chosen, slot = route(probs32 if bias32 is None else probs32 + bias32, k, capacity)
+        unbiased = route(probs32, k, capacity)[0]  # what the choice would be without the bias
         chosen_t = torch.tensor(chosen)
         gate = probs.gather(1, chosen_t)
-        if k > 1:
+        if k > 1 and normalize:
             gate = gate / gate.sum(dim=1, keepdim=True)
         y = torch.zeros_like(x)
         for e in range(E):
@@ -79,8 +87,10 @@ def compute(folder):
                 y = y.index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
         first = torch.tensor(np.bincount(chosen[:, 0], minlength=E) / T)
         aux = E * (probs.mean(dim=0) * first).sum()
-        total = total + (y * dy).sum() + aux_coef * aux
-        ranks.append(dict(x=x, wg=wg, y=y, aux=aux, chosen=chosen, slot=slot, capacity=capacity))
+        z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
+        total = total + (y * dy).sum() + aux_coef * aux + z_coef * z_loss
+        ranks.append(dict(x=x, wg=wg, y=y, aux=aux, z_loss=z_loss, chosen=chosen, slot=slot, capacity=capacity,
+                          unbiased=unbiased))
     total.backward()
 
     out = []
@@ -88,10 +98,12 @@ def compute(folder):
         sl = slice(r * El, (r + 1) * El)
         out.append({
             "y": d["y"].detach().numpy(), "aux": np.array([d["aux"].item()]),
+            "z_loss": np.array([d["z_loss"].item()]),
             "dx": d["x"].grad.numpy(), "dwg": d["wg"].grad.numpy(),
             "dw1": w1.grad[sl].numpy(), "db1": b1.grad[sl].numpy(),
             "dw2": w2.grad[sl].numpy(), "db2": b2.grad[sl].numpy(),
             "expert_index": d["chosen"], "expert_slot": d["slot"], "capacity": d["capacity"],
+            "bias_changed_choices": not np.array_equal(d["chosen"], d["unbiased"]),
         })
     return meta, out
 

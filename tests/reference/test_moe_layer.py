@@ -1,6 +1,8 @@
 #!/usr/bin/python3
-"""The MoE layer against PyTorch in float64, on 1, 2, 3 and 4 ranks, k = 1 and 2, with and without
-dropped tokens, several seeds; and pipeline degrees up to 16 giving the very same bits as degree 1.
+"""The MoE layer against PyTorch in float64, on 1, 2, 3 and 4 ranks, k = 1 to 8, 2 to 64 experts
+(fine-grained: many small ones), with and without dropped tokens, dropless, the router variants
+(gates not normalised, z-loss, selection bias), several seeds; and pipeline degrees up to 16
+giving the very same bits as degree 1.
 
 Run: /usr/bin/python3 tests/reference/test_moe_layer.py [--inprocess]   (needs build/pipemoe)
 With --inprocess the ranks are threads of one pipemoe process (no mpirun).
@@ -16,9 +18,9 @@ from harness import IN_PROCESS, Failures, mpirun  # noqa: E402
 import moe_layer_reference as ref  # noqa: E402
 
 TOLERANCE = 1e-5  # max |ours - torch| / max |torch|, per tensor
-TENSORS = ["y", "aux", "dx", "dwg", "dw1", "db1", "dw2", "db2"]
+TENSORS = ["y", "aux", "z_loss", "dx", "dwg", "dw1", "db1", "dw2", "db2"]
 
-# ranks, tokens, model dim, hidden, experts, top-k, capacity factor, seed
+# ranks, tokens, model dim, hidden, experts, top-k, capacity factor, seed[, router flags]
 CASES = [
     (1, 40, 24, 40, 4, 1, 1.25, 11),
     (1, 40, 24, 40, 4, 2, 2.0, 12),
@@ -31,6 +33,13 @@ CASES = [
     (3, 40, 24, 32, 6, 2, 1.25, 19),
     (3, 48, 16, 24, 3, 1, 4.0, 20),
     (2, 40, 16, 24, 4, 2, 0.0, 21),  # dropless (capacity factor 0): every choice computed
+    # router variants, and the fine-grained top-k designs of 2026 (DeepSeek, Qwen3-MoE, OLMoE)
+    (2, 48, 32, 48, 8, 2, 1.25, 22, ["--gate-normalize", "false"]),
+    (2, 48, 32, 48, 8, 2, 1.25, 23, ["--z-loss-coef", 0.1]),
+    (2, 48, 32, 48, 8, 2, 2.0, 24, ["--balance-bias"]),
+    (2, 32, 16, 8, 16, 8, 0.0, 25, ["--gate-normalize", "false", "--z-loss-coef", 0.01]),
+    (4, 32, 16, 8, 32, 6, 1.0, 26, ["--balance-bias", "--z-loss-coef", 0.05]),
+    (1, 40, 24, 12, 64, 8, 1.25, 27),
 ]
 # (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
 # (1, 2, 3, 4, 6, 8, 12, 16) where the capacity allows, forward and backward apart
@@ -38,10 +47,11 @@ DEGREES = [(2, 2), (3, 1), (1, 3), (4, 2), (6, 8), (12, 16), (16, 12)]
 
 
 def run_dump(folder, case, degree_fwd, degree_bwd):
-    ranks, T, M, H, E, k, f, seed = case
+    ranks, T, M, H, E, k, f, seed = case[:8]
+    router = case[8] if len(case) > 8 else []
     mpirun(ranks, ["layer", "--tokens", T, "--model-dim", M, "--hidden", H, "--experts", E,
                    "--top-k", k, "--capacity-factor", f, "--seed", seed, "--aux-coef", 0.05,
-                   "--degree", degree_fwd, "--degree-bwd", degree_bwd, "--dump", folder])
+                   "--degree", degree_fwd, "--degree-bwd", degree_bwd, "--dump", folder] + router)
 
 
 def main():
@@ -50,11 +60,22 @@ def main():
     degrees_tested = set()
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES:
-            ranks, T, M, H, E, k, f, seed = case
-            name = f"P={ranks} T={T} M={M} H={H} E={E} k={k} f={f} seed={seed}"
+            ranks, T, M, H, E, k, f, seed = case[:8]
+            name = f"P={ranks} T={T} M={M} H={H} E={E} k={k} f={f} seed={seed}" + "".join(
+                f" {a}" for a in (case[8] if len(case) > 8 else []))
             base = os.path.join(tmp, f"case{seed}_d1")
             run_dump(base, case, 1, 1)
             meta, expected = ref.compute(base)
+            router = case[8] if len(case) > 8 else []
+            # the variant asked for is the one the layer ran (else the reference would agree trivially)
+            failures.check(meta.get("normalize_gates") == ("false" not in router) and
+                           meta.get("balance_bias") == ("--balance-bias" in router) and
+                           abs(meta.get("z_loss_coef", -1) - (router[router.index("--z-loss-coef") + 1]
+                                                              if "--z-loss-coef" in router else 0)) < 1e-7,
+                           f"{name}: the layer did not run the router variant asked for: {meta}")
+            if "--balance-bias" in router:
+                failures.check(any(e["bias_changed_choices"] for e in expected),
+                               f"{name}: the selection bias changed no choice: the case tests nothing")
             for r in range(ranks):
                 ours_index = np.load(f"{base}/rank{r}/expert_index.npy")
                 ours_slot = np.load(f"{base}/rank{r}/expert_slot.npy")
