@@ -74,6 +74,7 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
     double norm = clip_by_global_norm(model.parameters(), ctx.comm, c.grad_clip);
     double lr = learning_rate(c, step);
     optimizer.step(c, lr);
+    model.update_balance_bias();  // as training does after every step
     double both[2] = {loss, aux};
     ctx.comm.allreduce(both, both, 2, DType::f64, ReduceOp::sum);
     losses.push_back(both[0] / ctx.world());

@@ -151,6 +151,11 @@ def main():
             (2, [config, "--set", "arch=scmoe", "--set", "scmoe_tap=pos4"], "scmoe_tap", "a tap point that does not exist"),
             (2, [config, "--set", "arch=scmoe", "--set", "moe_every=1"], "only tap pos1", "scmoe in every block off pos1"),
             (2, [config, "--set", "arch=dense"], "arch", "an unknown architecture"),
+            (2, [config, "--set", "top_k=0"], "top_k", "top-k 0"),
+            (2, [config, "--set", "top_k=9"], "top_k", "top-k above the experts"),
+            (2, [config, "--set", "z_loss_coef=-0.1"], "z_loss_coef", "a negative z-loss weight"),
+            (2, [config, "--set", "router_bias_rate=-1"], "router_bias_rate", "a negative bias rate"),
+            (2, [config, "--set", "gate_normalize=2"], "gate_normalize", "gate_normalize not a boolean"),
             (2, [config, "--resume", whole, "--set", "arch=scmoe", "--set", "shared_expert_hidden=48", "--max-steps", 12], "another model",
              "a checkpoint of another architecture"),
         ]

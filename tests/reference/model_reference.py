@@ -45,12 +45,15 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H):
     return o @ w_proj + b_proj
 
 
-def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor):
+def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None):
+    """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None."""
     T = x.shape[0]
     E = wg.shape[1]
     C = top_k * T if capacity_factor == 0 else math.ceil(top_k * capacity_factor * T / E)  # 0: dropless
-    probs = torch.softmax(x @ wg, dim=1)
-    order = np.argsort(-probs.detach().numpy(), axis=1, kind="stable")[:, :top_k]
+    logits = x @ wg
+    probs = torch.softmax(logits, dim=1)
+    scores = probs.detach().numpy() if bias is None else probs.detach().numpy() + bias
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
     count = np.zeros(E, dtype=np.int64)
     kept = np.zeros((T, top_k), dtype=bool)
     for j in range(top_k):
@@ -60,7 +63,7 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor):
                 kept[t, j] = True
                 count[e] += 1
     gate = probs.gather(1, torch.tensor(order))
-    if top_k > 1:
+    if top_k > 1 and normalize:
         gate = gate / gate.sum(dim=1, keepdim=True)
     y = torch.zeros_like(x)
     for e in range(E):
@@ -71,7 +74,8 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor):
                 y = y.index_add(0, tt, gate[tt, j:j + 1] * (gelu(x[tt] @ w1[e] + b1[e]) @ w2[e] + b2[e]))
     first = torch.tensor(np.bincount(order[:, 0], minlength=E) / T)
     aux = E * (probs.mean(dim=0) * first).sum()
-    return y, aux
+    z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
+    return y, aux, z_loss, order
 
 
 class Model:
@@ -84,7 +88,14 @@ class Model:
         self.P = self.meta["world_size"]
         names = [f[len("param."):-len(".npy")] for f in sorted(os.listdir(f"{folder}/rank0")) if f.startswith("param.")]
         self.params = {}
+        # auxiliary-loss-free balancing: each MoE block's selection bias is state, not a parameter
+        # (no gradient): float32 like ours, moved after every step by update_bias
+        self.bias = {n[:-len(".moe.router_bias")]: np.load(f"{folder}/rank0/param.{n}.npy").astype(np.float32)
+                     for n in names if n.endswith(".moe.router_bias")}
+        self.load = {}
         for n in names:
+            if n.endswith(".moe.router_bias"):
+                continue
             arrays = [np.load(f"{folder}/rank{r}/param.{n}.npy").astype(np.float64) for r in range(self.P)]
             value = np.concatenate(arrays) if self.is_expert(n) else arrays[0]  # experts: global [E, ...]
             self.params[n] = torch.tensor(value, requires_grad=True)
@@ -102,7 +113,7 @@ class Model:
         B, S = inputs.shape
         inp = torch.tensor(inputs.reshape(-1).astype(np.int64))
         h = p["wte"][inp] + p["wpe"][torch.arange(B * S) % S]
-        aux_sum = 0.0
+        aux_sum = z_sum = 0.0
         inputs, mids = [], []  # each block's input and attention output: what ScMoE taps
         scmoe = c.get("arch", "moe") == "scmoe"
         for l in range(c["layers"]):
@@ -118,9 +129,12 @@ class Model:
                     tap = {"pos1": inputs[l], "pos2": mids[l - 1] if l else None,
                            "pos3": inputs[l - 1] if l else None}[c["scmoe_tap"]]
                     moe_in = layernorm(tap, p[b + "ln_moe.g"], p[b + "ln_moe.b"])
-                y, aux = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
-                             p[b + "moe.b2"], c["top_k"], c["capacity_factor"])
+                y, aux, z, chosen = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
+                                        p[b + "moe.b2"], c["top_k"], c["capacity_factor"],
+                                        c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"))
                 aux_sum = aux_sum + aux
+                z_sum = z_sum + z
+                self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])
                 if c.get("shared_expert_hidden", 0) > 0:
                     se = gelu(x @ p[b + "se.w_fc"] + p[b + "se.b_fc"]) @ p[b + "se.w_out"] + p[b + "se.b_out"]
                     if c.get("coef_gate", False):
@@ -131,19 +145,30 @@ class Model:
             h = a + y
         logits = layernorm(h, p["ln_f.g"], p["ln_f.b"]) @ p["wte"].T
         ce = torch.nn.functional.cross_entropy(logits, torch.tensor(targets.reshape(-1).astype(np.int64)))
-        return ce, aux_sum, logits
+        return ce, aux_sum, z_sum, logits
 
     def global_loss(self, folder, step):
-        """The data-parallel loss: mean over ranks of (CE + aux_coef * aux); and per-rank logits."""
+        """The data-parallel loss: mean over ranks of (CE + aux_coef * aux + z_loss_coef * z); and
+        per-rank logits. Counts each MoE block's choices over all ranks (update_bias reads them)."""
         total, ces, auxes, logits = 0.0, [], [], []
+        self.load = {}
         for r in range(self.P):
-            ce, aux, lg = self.rank_loss(np.load(f"{folder}/rank{r}/inputs_{step}.npy"),
-                                         np.load(f"{folder}/rank{r}/targets_{step}.npy"))
-            total = total + (ce + self.c["aux_coef"] * aux) / self.P
+            ce, aux, z, lg = self.rank_loss(np.load(f"{folder}/rank{r}/inputs_{step}.npy"),
+                                            np.load(f"{folder}/rank{r}/targets_{step}.npy"))
+            total = total + (ce + self.c["aux_coef"] * aux + self.c.get("z_loss_coef", 0.0) * z) / self.P
             ces.append(ce.item())
             auxes.append(float(aux))
             logits.append(lg)
         return total, sum(ces) / self.P, sum(auxes) / self.P, logits
+
+    def update_bias(self):
+        """DeepSeek-V3: bias[e] += rate * sign(mean load - load[e]), in float32 as ours."""
+        rate = self.c.get("router_bias_rate", 0.0)
+        for l, load in self.load.items():
+            key = f"blocks.{l}"
+            if key in self.bias:
+                step = np.float32(rate) * np.sign(load.mean() - load).astype(np.float32)
+                self.bias[key] = (self.bias[key] + step).astype(np.float32)
 
 
 def learning_rate(c, step):

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """The whole model against PyTorch in float64, on 1 and 2 ranks: logits, loss and every parameter
 gradient after one forward/backward (within 1e-4 relative), then the loss of each of a few
-training steps (AdamW, clipping, warm-up) along the same trajectory.
+training steps (AdamW, clipping, warm-up, the selection bias's moves) along the same trajectory.
 
 Run: /usr/bin/python3 tests/reference/test_model.py   (needs build/pipemoe)
 """
@@ -55,6 +55,7 @@ def check(folder, ranks, seed, degree, f, variant=()):
                             f"{name} rank {r}: gradient of {n} relative error {err:.2e}")
             print(f"{name}: logits, loss and {len(model.params)} gradients match (worst {worst:.1e})", flush=True)
         norm = ref.adamw_step(model, state, model.c, step, lr)
+        model.update_bias()
         f.check(abs(model.meta["grad_norm"][step] - norm) <= TOLERANCE * norm,
                 f"{name} step {step}: gradient norm {model.meta['grad_norm'][step]} vs torch {norm}")
     print(f"{name}: losses over {STEPS} steps match: {model.meta['loss']}", flush=True)
@@ -73,6 +74,13 @@ VARIANTS = [
     (1, 30, 2, ["arch=moe", "shared_expert_hidden=36", "coef_gate=true", "top_k=1"]),
     (2, 31, 1, ["arch=scmoe", "scmoe_tap=pos1", "moe_every=1", "shared_expert_hidden=36", "top_k=1"]),
 ]
+# The router variants (gates not normalised, z-loss, the selection bias moved by the load after
+# every step), on the top-2 model and on ScMoE.
+ROUTER_VARIANTS = [
+    (2, 32, 1, ["gate_normalize=false", "z_loss_coef=0.01"]),
+    (2, 33, 2, ["router_bias_rate=0.05", "z_loss_coef=0.002"]),
+    (1, 34, 1, ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=2", "router_bias_rate=0.05"]),
+]
 
 
 def main():
@@ -80,7 +88,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for ranks, seed, degree in [(1, 21, 1), (2, 22, 1), (2, 23, 2)]:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f)
-        for ranks, seed, degree, variant in VARIANTS:
+        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f, variant)
     f.finish("test_model")
 

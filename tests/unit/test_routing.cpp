@@ -4,6 +4,7 @@
 #include <numeric>
 #include <set>
 
+#include "moe/gate.h"
 #include "moe/routing.h"
 
 namespace pm {
@@ -29,6 +30,24 @@ TEST(Slots, FillChoiceByChoiceThenTokenByTokenAndDropWhenFull) {
   EXPECT_EQ(r.slot, (std::vector<int32_t>{0, 1, 1, 2, 2, -1, 0, -1}));
   EXPECT_EQ(r.count, (std::vector<int64_t>{3, 3}));
   EXPECT_EQ(r.kept(), 6);
+}
+
+TEST(BalanceBias, CountsEveryChoiceAndMovesTheBiasAgainstTheLoad) {
+  Routing r;
+  r.tokens = 3;
+  r.experts = 4;
+  r.top_k = 2;
+  r.expert = {0, 1, 0, 2, 0, 1};
+  r.slot = {0, 0, -1, 0, -1, 1};  // dropped choices are load the router asked for, counted too
+  std::vector<double> load(4, 0.0);
+  add_expert_load(r, load.data());
+  EXPECT_EQ(load, (std::vector<double>{3, 2, 1, 0}));  // mean 1.5
+  std::vector<float> bias{0.5f, 0.0f, 0.0f, -0.25f};
+  update_balance_bias(bias.data(), load.data(), 4, 0.125);
+  EXPECT_EQ(bias, (std::vector<float>{0.375f, -0.125f, 0.125f, -0.125f}));
+  std::vector<double> even(4, 2.0);  // balanced: nothing moves
+  update_balance_bias(bias.data(), even.data(), 4, 0.125);
+  EXPECT_EQ(bias, (std::vector<float>{0.375f, -0.125f, 0.125f, -0.125f}));
 }
 
 TEST(Layout, ChunksAreEvenUpToTwoThenTaperedAtBothEnds) {
