@@ -95,6 +95,7 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"capacity", s.capacity()},  {"seed", o.seed},
                            {"aux_coef", o.aux_coef},    {"z_loss_coef", o.z_loss_coef},
                            {"normalize_gates", s.normalize_gates}, {"balance_bias", s.balance_bias},
+                           {"activation", activation_name(s.activation)},
                            {"world_size", ctx.world()},
                            {"strategy", layer.strategy().name()},
                            {"degree_fwd", layer.forward_degree()},

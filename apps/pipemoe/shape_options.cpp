@@ -1,3 +1,5 @@
+#include <map>
+
 #include "apps/pipemoe/command.h"
 
 namespace pm::cli {
@@ -14,6 +16,10 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
       ->capture_default_str();
   cmd->add_flag("--balance-bias", s.balance_bias,
                 "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
+  const std::map<std::string, Activation> activations{{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}};
+  cmd->add_option("--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])")
+      ->transform(CLI::CheckedTransformer(activations))
+      ->default_str("gelu");
 }
 
 }  // namespace pm::cli

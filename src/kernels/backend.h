@@ -21,6 +21,13 @@ namespace pm {
 
 enum class Trans { no, yes };
 
+// An expert's activation. gelu: GeLU(u W1 + b1) W2 + b2, W1 [M, H], b1 [H] (GShard, Switch).
+// swiglu: (SiLU(u W1g + b1g) * (u W1v + b1v)) W2 + b2 (Llama, Mixtral, DeepSeek, Qwen), W1 =
+// [W1g | W1v] [M, 2H] and b1 = [b1g | b1v] [2H] side by side; the pre-activation is [g | v].
+enum class Activation : uint8_t { gelu, swiglu };
+// Columns of W1 and of the pre-activation.
+inline int64_t fc1_width(Activation a, int64_t H) { return a == Activation::swiglu ? 2 * H : H; }
+
 // One expert's FFN weights laid out for this backend's GEMMs: packed once per pass, reused by
 // every pipeline chunk. Opaque outside the backend.
 class PackedExpert {
@@ -28,7 +35,8 @@ class PackedExpert {
   virtual ~PackedExpert() = default;
 };
 
-// Where an expert's weight gradients go (added to): w1 [M, H], b1 [H], w2 [H, M], b2 [M].
+// Where an expert's weight gradients go (added to): w1 [M, H1], b1 [H1], w2 [H, M], b2 [M], with
+// H1 = fc1_width(activation, H).
 struct ExpertGrads {
   float* w1;
   float* b1;
@@ -39,8 +47,8 @@ struct ExpertGrads {
 // Rows of one expert's saved tensors, in the order the weight gradients sum them (canonical:
 // peer, then row), each pointing wherever the pipeline chunks left it.
 struct ExpertRows {
-  std::vector<const float*> u, act;     // forward: inputs [M], GeLU outputs [H]
-  std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H], output grads [M]
+  std::vector<const float*> u, act;     // forward: inputs [M], activations [H]
+  std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H1], output grads [M]
 };
 
 // A run of rows copied from one buffer to another.
@@ -121,22 +129,23 @@ class Backend {
   virtual void combine_rows_backward_gate(const float* dy, const float* slots, int64_t T, int64_t M, int k,
                                           const int64_t* position, float* dgate) = 0;
 
-  // ---- MoE: one expert's FFN on a block of rows: GeLU(u W1 + b1) W2 + b2 -----------------------
-  virtual std::unique_ptr<PackedExpert> new_packed_expert() = 0;
-  // W1 [M, H], W2 [H, M], b1 [H], b2 [M] (the biases are read at run time, not copied).
+  // ---- MoE: one expert's FFN on a block of rows (see Activation; H1 = fc1_width) ----------------
+  virtual std::unique_ptr<PackedExpert> new_packed_expert(Activation activation) = 0;
+  // W1 [M, H1], W2 [H, M], b1 [H1], b2 [M] (the biases are read at run time, not copied).
   virtual void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1,
                                    const float* b2, int64_t M, int64_t H) = 0;
   virtual void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) = 0;
-  // hpre[rows, H] = u W1 + b1; act = GeLU(hpre); y[rows, M] = act W2 + b2.
+  // hpre[rows, H1] = u W1 + b1; act[rows, H] = its activation; y[rows, M] = act W2 + b2.
   virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* u,
                               float* hpre, float* act, float* y) = 0;
-  // dhpre[rows, H] = (dy W2^T) * GeLU'(hpre); du[rows, M] = dhpre W1^T. hpre_rows[i] points at
-  // row i's pre-activation wherever the forward left it.
+  // dhpre[rows, H1] = the activation's backward of dy W2^T at hpre; du[rows, M] = dhpre W1^T.
+  // hpre_rows[i] points at row i's pre-activation wherever the forward left it.
   virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
                                      const float* const* hpre_rows, float* dhpre, float* du) = 0;
   // grads.w2 += act^T dy, b2 += colsum(dy), w1 += u^T dhpre, b1 += colsum(dhpre), over the rows in
   // order: the same bits whatever pipeline degrees produced them.
-  virtual void expert_weight_grads(const ExpertGrads& grads, int64_t M, int64_t H, const ExpertRows& rows) = 0;
+  virtual void expert_weight_grads(const ExpertGrads& grads, Activation activation, int64_t M, int64_t H,
+                                   const ExpertRows& rows) = 0;
 };
 
 // The CPU backend (kernels/cpu): the engine's own AVX-512/AVX2/scalar kernels.

@@ -15,10 +15,10 @@ namespace pm {
 
 class MappedExpertStore final : public ExpertStore {
  public:
-  // The layer's global expert tensors w1 [E, M, H], b1 [E, H], w2 [E, H, M], b2 [E, M] in `file`
+  // The layer's global expert tensors w1 [E, M, H1], b1 [E, H1], w2 [E, H, M], b2 [E, M] in `file`
   // (named `prefix` + "w1" ...); this rank holds experts first .. first + local_experts - 1.
   MappedExpertStore(std::shared_ptr<const MappedSafetensors> file, const std::string& prefix, int experts, int first,
-                    int local_experts, int64_t M, int64_t H);
+                    int local_experts, int64_t M, int64_t H, int64_t H1);
   int local_experts() const override { return local_; }
   ExpertWeightsView expert(int local_expert) const override;
   void release(int local_expert) const override;
@@ -28,7 +28,7 @@ class MappedExpertStore final : public ExpertStore {
   std::shared_ptr<const MappedSafetensors> file_;
   const float *w1_, *b1_, *w2_, *b2_;
   int first_, local_;
-  int64_t M_, H_;
+  int64_t M_, H_, H1_;
 };
 
 }  // namespace pm

@@ -109,6 +109,7 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
       MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor, comm.size()};
       shape.normalize_gates = c.gate_normalize;
       shape.balance_bias = c.router_bias_rate > 0;
+      shape.activation = parse_activation(c.expert_activation, "configuration: 'expert_activation'");
       b->moe = strategy.make_layer(shape, comm, backend);
       for (Parameter& mp : b->moe->parameters()) add_param(p + "moe." + mp.name, *mp.value, *mp.grad, mp.expert, mp.decay);
       if (G > 0) {
@@ -183,11 +184,11 @@ void GptModel::init_parameters(uint64_t seed) {
       std::map<std::string, Tensor*> moe;
       for (Parameter& p : b.moe->parameters()) moe[p.name] = p.value;
       normal(*moe.at("wg"), std_w, 24, l);
-      const int64_t M = config_.d_model, H = config_.expert_hidden;
+      const int64_t M = config_.d_model, H = config_.expert_hidden, H1 = b.moe->shape().fc1_width();
       Tensor &w1 = *moe.at("w1"), &w2 = *moe.at("w2");
       for (int le = 0; le < w1.dim(0); ++le) {
         uint64_t e = static_cast<uint64_t>(b.moe->first_expert() + le);
-        Rng(seed, stream_id(25, l, e)).fill_normal(w1.f32() + le * M * H, M * H, 0.0f, std_w);
+        Rng(seed, stream_id(25, l, e)).fill_normal(w1.f32() + le * M * H1, M * H1, 0.0f, std_w);
         Rng(seed, stream_id(26, l, e)).fill_normal(w2.f32() + le * H * M, H * M, 0.0f, std_residual);
       }
       moe.at("b1")->zero(), moe.at("b2")->zero();
@@ -821,11 +822,12 @@ void GptModel::offload_experts(const std::string& where, const std::string& mode
     if (!moe) continue;
     const std::string prefix = "blocks." + std::to_string(l) + ".moe.";
     const int E = config_.experts, El = moe->shape().local_experts(), first = moe->first_expert();
-    auto mapped = std::make_shared<const MappedExpertStore>(file, prefix, E, first, El, M, H);
+    const int64_t H1 = moe->shape().fc1_width();
+    auto mapped = std::make_shared<const MappedExpertStore>(file, prefix, E, first, El, M, H, H1);
     std::shared_ptr<const ExpertStore> store = mapped;
     if (where == "host") {
       const ExpertWeightsView w = mapped->expert(0);  // this rank's experts are consecutive
-      store = std::make_shared<const HostExpertStore>(w.w1, w.b1, w.w2, w.b2, El, M, H);
+      store = std::make_shared<const HostExpertStore>(w.w1, w.b1, w.w2, w.b2, El, M, H, H1);
     }
     moe->offload_experts(store, cache_slots, mode);
   }

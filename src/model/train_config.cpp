@@ -40,6 +40,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("top_k", c.model.top_k);
   fn("capacity_factor", c.model.capacity_factor);
   fn("expert_hidden", c.model.expert_hidden);
+  fn("expert_activation", c.model.expert_activation);
   fn("moe_strategy", c.model.moe_strategy);
   fn("arch", c.model.arch);
   fn("scmoe_tap", c.model.scmoe_tap);
@@ -156,14 +157,17 @@ double TrainConfig::estimated_bytes_per_rank(int world) const {
   const double V = tokenizer_vocab, S = m.seq_len, D = m.d_model, T = static_cast<double>(batch_size) * S;
   const double moe = m.moe_every > 0 ? m.moe_layers() : 0, dense = m.layers - moe;
   const double local_experts = moe > 0 ? std::max(1.0, static_cast<double>(m.experts) / std::max(world, 1)) : 0;
-  // parameters: embeddings, attention, dense MLPs, and per MoE block its gate, experts and shared expert
+  // parameters: embeddings, attention, dense MLPs, and per MoE block its gate, experts and shared
+  // expert (an expert's two matrices are 2 D H, or 3 D H with SwiGLU)
+  const double expert_matrices = m.expert_activation == "swiglu" ? 3 : 2;
   double params = (V + S) * D + m.layers * (4 * D * D + 6 * D) + dense * 2 * D * m.mlp_hidden +
-                  moe * (D * m.experts + local_experts * 2 * D * m.expert_hidden + 2 * D * m.shared_expert_hidden + 2 * D);
+                  moe * (D * m.experts + local_experts * expert_matrices * D * m.expert_hidden +
+                         2 * D * m.shared_expert_hidden + 2 * D);
   // activations kept for the backward, per block: ~16 rows of D, the MLP's or the experts' hidden
   // rows, the attention probabilities; and the logits with their gradient
   const double rows = T * std::max(1, m.top_k) * std::max(1.0, m.capacity_factor);
   double activations = m.layers * (16 * T * D + T * S * m.heads) + dense * 3 * T * m.mlp_hidden +
-                       moe * (3 * rows * m.expert_hidden + 4 * rows * D + 3 * T * m.shared_expert_hidden) + 2 * T * V;
+                       moe * ((1 + expert_matrices) * rows * m.expert_hidden + 4 * rows * D + 3 * T * m.shared_expert_hidden) + 2 * T * V;
   return 4.0 * (4 * params + activations);  // float32; value, gradient and two AdamW moments per parameter
 }
 
@@ -234,6 +238,7 @@ void TrainConfig::validate(int world) const {
                "'shared_expert_hidden' (e.g. to expert_hidden)");
   }
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
+  parse_activation(m.expert_activation, "configuration: 'expert_activation'");
   PM_REQUIRE(m.z_loss_coef >= 0, "configuration: 'z_loss_coef' must not be negative, got {}", m.z_loss_coef);
   PM_REQUIRE(m.router_bias_rate >= 0, "configuration: 'router_bias_rate' must not be negative (0: no bias), got {}",
              m.router_bias_rate);

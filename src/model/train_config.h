@@ -22,6 +22,7 @@ struct ModelConfig {
   int top_k = 2;
   double capacity_factor = 1.25;
   int expert_hidden = 1024;
+  std::string expert_activation = "gelu";  // the routed experts': "gelu" or "swiglu" (moe_shape.h)
   std::string moe_strategy = "ep";  // how tokens reach their experts (moe/moe_layer.h): "ep", all-to-all
   // "moe": an MoE block's routed experts read its own LN2 output; "scmoe" (shortcut-connected,
   // ScMoE): they read, through a LayerNorm of their own, the block before it at scmoe_tap, so

@@ -33,15 +33,18 @@ PassRows balanced_rows(const MoeShape& shape, int degree) {
 namespace {
 
 // The bytes a weight-packing pass moves: local experts' W1 and W2, read and written.
-double weight_pack_bytes(const MoeShape& s) { return 2.0 * 2.0 * s.local_experts() * s.model_dim * s.hidden * 4; }
+double weight_pack_bytes(const MoeShape& s) {
+  return 2.0 * s.local_experts() * s.model_dim * static_cast<double>(s.fc1_width() + s.hidden) * 4;
+}
 
 // The bytes an all-to-all moves to other ranks: the wire cost of a chunk.
 TaskWork a2a_work(int64_t rows, int64_t width) { return TaskWork{1, 0, static_cast<double>(rows) * width * 4}; }
 
-// Expert FFN work on rows: GEMMs of 2*rows*M*H flops each, plus the rows it copies.
+// Expert FFN work on rows: a pair of GEMMs (the forward's two, or the backward's input or weight
+// gradients) is the forward's flops per row, plus the rows it copies.
 TaskWork ffn_work(int64_t rows, const MoeShape& s, double gemms_per_expert, double copies) {
   double calls = gemms_per_expert * s.local_experts();
-  double flops = 2.0 * gemms_per_expert * rows * s.model_dim * s.hidden;
+  double flops = gemms_per_expert / 2 * static_cast<double>(rows) * s.expert_flops_per_row();
   double bytes = copies * rows * (s.model_dim + s.hidden) * 4.0;
   return TaskWork{calls, flops, bytes};
 }

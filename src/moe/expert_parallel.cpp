@@ -21,7 +21,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   Buffer<float> send;        // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
   Buffer<float> recv;        // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
                              // then their outputs going back (expert)
-  Buffer<float> u, hpre, act, out;  // counts: [rows, M|H|H|M] the experts' inputs, pre-activations,
+  Buffer<float> u, hpre, act, out;  // counts: [rows, M|H1|H|M] the experts' inputs, pre-activations,
                                     // GeLU outputs and outputs, compute order (expert); saved
   Buffer<float> back;        // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine)
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
@@ -39,7 +39,7 @@ struct BackwardPass {
   Buffer<float> send;         // [tokens_wire rows, M] gate * dy, wire order (pack_grad)
   Buffer<float> recv;         // [experts_wire rows, M] output gradients (grad_dispatch), then input
                               // gradients going back (expert_dgrad)
-  Buffer<float> dy_rows, dhpre, du;  // [rows, M|H|M] compute order (expert_dgrad)
+  Buffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] compute order (expert_dgrad)
   Buffer<float> back;         // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
   Buffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
 };
@@ -82,11 +82,11 @@ class ExpertParallelLayer final : public MoeLayer {
         dispatcher_(group, backend, shape.local_experts(), shape.model_dim) {
     shape_.validate();
     PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
-    const int64_t M = shape_.model_dim, H = shape_.hidden, El = shape_.local_experts();
-    for (int le = 0; le < El; ++le) packed_.push_back(backend.new_packed_expert());
+    const int64_t M = shape_.model_dim, H = shape_.hidden, H1 = shape_.fc1_width(), El = shape_.local_experts();
+    for (int le = 0; le < El; ++le) packed_.push_back(backend.new_packed_expert(shape_.activation));
     wg = Tensor::zeros({M, shape_.experts});
-    w1 = Tensor::zeros({El, M, H});
-    b1 = Tensor::zeros({El, H});
+    w1 = Tensor::zeros({El, M, H1});
+    b1 = Tensor::zeros({El, H1});
     w2 = Tensor::zeros({El, H, M});
     b2 = Tensor::zeros({El, M});
     dwg = Tensor::zeros(wg.shape());
@@ -117,12 +117,12 @@ class ExpertParallelLayer final : public MoeLayer {
   }
 
   void init_parameters(uint64_t seed) override {
-    const int64_t M = shape_.model_dim, H = shape_.hidden;
+    const int64_t M = shape_.model_dim, H = shape_.hidden, H1 = shape_.fc1_width();
     Rng(seed, stream_id(2)).fill_normal(wg.f32(), wg.numel(), 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
     for (int le = 0; le < shape_.local_experts() && !cache_; ++le) {
       uint64_t e = static_cast<uint64_t>(first_expert() + le);
-      Rng(seed, stream_id(3, e)).fill_normal(w1.f32() + le * M * H, M * H, 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
-      Rng(seed, stream_id(4, e)).fill_normal(b1.f32() + le * H, H, 0.0f, 0.1f);
+      Rng(seed, stream_id(3, e)).fill_normal(w1.f32() + le * M * H1, M * H1, 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
+      Rng(seed, stream_id(4, e)).fill_normal(b1.f32() + le * H1, H1, 0.0f, 0.1f);
       Rng(seed, stream_id(5, e)).fill_normal(w2.f32() + le * H * M, H * M, 0.0f, 1.0f / std::sqrt(static_cast<float>(H)));
       Rng(seed, stream_id(6, e)).fill_normal(b2.f32() + le * M, M, 0.0f, 0.1f);
     }
@@ -132,7 +132,8 @@ class ExpertParallelLayer final : public MoeLayer {
     PM_CHECK(store && store->local_experts() == shape_.local_experts(), "a store of {} experts for a layer of {}",
              store ? store->local_experts() : 0, shape_.local_experts());
     const int slots = mode == OffloadMode::resident ? shape_.local_experts() : cache_slots;
-    cache_ = std::make_unique<ExpertCache>(std::move(store), backend_, slots, shape_.model_dim, shape_.hidden);
+    cache_ = std::make_unique<ExpertCache>(std::move(store), backend_, slots, shape_.model_dim, shape_.hidden,
+                                           shape_.activation);
     offload_mode_ = mode;
     for (Tensor* t : {&w1, &b1, &w2, &b2, &dw1, &db1, &dw2, &db2}) *t = Tensor();  // the store holds them now
     packed_.clear();
@@ -186,7 +187,7 @@ class ExpertParallelLayer final : public MoeLayer {
   OffloadMode offload_mode_ = OffloadMode::resident;
 
  public:
-  Tensor wg, w1, b1, w2, b2;  // [M, E], [El, M, H], [El, H], [El, H, M], [El, M]
+  Tensor wg, w1, b1, w2, b2;  // [M, E], [El, M, H1], [El, H1], [El, H, M], [El, M]
   Tensor dwg, dw1, db1, dw2, db2;
   Tensor router_bias, drouter_bias;  // [E] with shape.balance_bias
 };
@@ -200,7 +201,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
   p->x = x;
   p->y = y;
   p->tokens = tokens;
-  const int64_t M = shape.model_dim, H = shape.hidden;
+  const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
   const int degree = degree_fwd_;
   auto tasks = std::make_shared<PassTasks>();  // known once appended; the counts step fills in the real work
 
@@ -213,12 +214,12 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     p->back.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
   };
   steps.pack = [this, p] { dispatcher_.pack(p->x, p->handle, p->send.data()); };
-  steps.counts = [this, p, shape, tasks, &graph, M, H] {
+  steps.counts = [this, p, shape, tasks, &graph, M, H, H1] {
     dispatcher_.exchange_counts(p->handle);
     const int64_t rows = p->handle.experts_wire.total_rows;
     p->recv.resize(rows * M);
     p->u.resize(rows * M);
-    p->hpre.resize(rows * H);
+    p->hpre.resize(rows * H1);
     p->act.resize(rows * H);
     p->out.resize(rows * M);
     p->needed.clear();
@@ -230,7 +231,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     // the graph carries the real rows from here on (traces, the profiler's samples)
     set_ep_forward_work(graph, *tasks, measured_rows(shape_, p->tokens, p->handle, group_.rank()));
   };
-  steps.pack_weights = [this, M, H] {
+  steps.pack_weights = [this, M, H, H1] {
     if (cache_) {  // offloaded: resident experts are loaded once, the others when a pass needs them
       if (offload_mode_ == OffloadMode::resident) {
         std::vector<int> all(shape_.local_experts());
@@ -240,12 +241,12 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       return;
     }
     for (int le = 0; le < shape_.local_experts(); ++le)
-      backend_.pack_expert_forward(*packed_[le], w1.f32() + le * M * H, w2.f32() + le * H * M, b1.f32() + le * H,
+      backend_.pack_expert_forward(*packed_[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, b1.f32() + le * H1,
                                    b2.f32() + le * M, M, H);
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
   steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.data(), p->recv.data()); };
-  steps.expert = [this, p, M, H](int c) {
+  steps.expert = [this, p, M, H, H1](int c) {
     const BlockLayout& wire = p->handle.experts_wire;
     const BlockLayout& compute = p->handle.experts_compute;
     backend_.copy_rows(p->recv.data(), p->u.data(), M, chunk_segments(wire, compute, c));
@@ -254,7 +255,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : *packed_[le];
-      backend_.expert_forward(packed, rows, M, H, &p->u[first * M], &p->hpre[first * H], &p->act[first * H],
+      backend_.expert_forward(packed, rows, M, H, &p->u[first * M], &p->hpre[first * H1], &p->act[first * H],
                               &p->out[first * M]);
     }
     backend_.copy_rows(p->out.data(), p->recv.data(), M, chunk_segments(compute, wire, c));
@@ -282,27 +283,27 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   b->dy = dy;
   b->dx = dx;
   const MoeShape shape = shape_.with_tokens(fp->tokens);
-  const int64_t M = shape.model_dim, H = shape.hidden;
+  const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
   const int degree = degree_bwd_;
   const int k = shape.top_k;
   auto tasks = std::make_shared<PassTasks>();
 
   BackwardSteps steps;
-  steps.pack_grad = [this, fp, b, degree, M, H, shape, tasks, &graph] {
+  steps.pack_grad = [this, fp, b, degree, M, H1, shape, tasks, &graph] {
     b->handle = dispatcher_.with_degree(fp->handle, fp->gating.routing, degree);
     const int64_t rows = b->handle.experts_wire.total_rows;
     b->send.resize(b->handle.tokens_wire.total_rows * M);
     b->back.resize(b->handle.tokens_wire.total_rows * M);
     b->recv.resize(rows * M);
     b->dy_rows.resize(rows * M);
-    b->dhpre.resize(rows * H);
+    b->dhpre.resize(rows * H1);
     b->du.resize(rows * M);
     dispatcher_.pack_scaled(b->dy, fp->gating.gate.data(), b->handle, b->send.data());
     set_ep_backward_work(graph, *tasks, measured_rows(shape_, fp->tokens, b->handle, group_.rank()));
   };
-  steps.pack_weights = [this, M, H] {
+  steps.pack_weights = [this, M, H, H1] {
     for (int le = 0; le < shape_.local_experts(); ++le)
-      backend_.pack_expert_backward(*packed_[le], w1.f32() + le * M * H, w2.f32() + le * H * M, M, H);
+      backend_.pack_expert_backward(*packed_[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, M, H);
   };
   steps.gate_backward = [this, fp, b, shape, loss_grads, M, k] {
     const int64_t T = fp->tokens;
@@ -313,32 +314,32 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     gate_backward(backend_, fp->x, wg.f32(), shape, fp->gating, dgate.data(), loss_grads, dwg.f32(), b->dx_gate.data());
   };
   steps.grad_dispatch = [this, b](int c) { dispatcher_.dispatch_chunk(b->handle, c, b->send.data(), b->recv.data()); };
-  steps.expert_dgrad = [this, fp, b, M, H](int c) {
+  steps.expert_dgrad = [this, fp, b, M, H, H1](int c) {
     const BlockLayout& wire = b->handle.experts_wire;
     const BlockLayout& compute = b->handle.experts_compute;
     backend_.copy_rows(b->recv.data(), b->dy_rows.data(), M, chunk_segments(wire, compute, c));
     // the pre-activations of this chunk's rows, wherever the forward's chunks left them
     std::vector<const float*> hpre_rows =
-        row_pointers(fp->hpre.data(), H, chunk_row_positions(compute, fp->handle.experts_compute, c));
+        row_pointers(fp->hpre.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
     const int64_t chunk_first = compute.chunk_offset(c);
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       backend_.expert_backward_input(*packed_[le], rows, M, H, &b->dy_rows[first * M], &hpre_rows[first - chunk_first],
-                                     &b->dhpre[first * H], &b->du[first * M]);
+                                     &b->dhpre[first * H1], &b->du[first * M]);
     }
     backend_.copy_rows(b->du.data(), b->recv.data(), M, chunk_segments(compute, wire, c));
     // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
   };
   steps.grad_combine = [this, b](int c) { dispatcher_.combine_chunk(b->handle, c, b->recv.data(), b->back.data()); };
-  steps.expert_wgrad = [this, fp, b, M, H] {
+  steps.expert_wgrad = [this, fp, b, M, H, H1] {
     for (int le = 0; le < shape_.local_experts(); ++le) {
       // every row in canonical order, read where the forward and backward chunks left it
       std::vector<int64_t> fwd = canonical_row_positions(fp->handle.experts_compute, le);
       std::vector<int64_t> bwd = canonical_row_positions(b->handle.experts_compute, le);
       ExpertRows rows{row_pointers(fp->u.data(), M, fwd), row_pointers(fp->act.data(), H, fwd),
-                      row_pointers(b->dhpre.data(), H, bwd), row_pointers(b->dy_rows.data(), M, bwd)};
-      ExpertGrads g{dw1.f32() + le * M * H, db1.f32() + le * H, dw2.f32() + le * H * M, db2.f32() + le * M};
-      backend_.expert_weight_grads(g, M, H, rows);
+                      row_pointers(b->dhpre.data(), H1, bwd), row_pointers(b->dy_rows.data(), M, bwd)};
+      ExpertGrads g{dw1.f32() + le * M * H1, db1.f32() + le * H1, dw2.f32() + le * H * M, db2.f32() + le * M};
+      backend_.expert_weight_grads(g, shape_.activation, M, H, rows);
     }
   };
   steps.unpack_grad = [this, fp, b, M] {

@@ -8,17 +8,18 @@
 namespace pm {
 
 HostExpertStore::HostExpertStore(const float* w1, const float* b1, const float* w2, const float* b2, int local_experts,
-                                 int64_t M, int64_t H)
+                                 int64_t M, int64_t H, int64_t H1)
     : experts_(local_experts),
       M_(M),
       H_(H),
-      w1_(w1, w1 + local_experts * M * H),
-      b1_(b1, b1 + local_experts * H),
+      H1_(H1),
+      w1_(w1, w1 + local_experts * M * H1),
+      b1_(b1, b1 + local_experts * H1),
       w2_(w2, w2 + local_experts * H * M),
       b2_(b2, b2 + local_experts * M) {}
 
 ExpertWeightsView HostExpertStore::expert(int le) const {
-  return {&w1_[le * M_ * H_], &b1_[le * H_], &w2_[le * H_ * M_], &b2_[le * M_]};
+  return {&w1_[le * M_ * H1_], &b1_[le * H1_], &w2_[le * H_ * M_], &b2_[le * M_]};
 }
 
 OffloadMode parse_offload_mode(const std::string& text) {
@@ -37,14 +38,15 @@ const char* offload_mode_name(OffloadMode mode) {
   return "?";
 }
 
-ExpertCache::ExpertCache(std::shared_ptr<const ExpertStore> store, Backend& backend, int slots, int64_t M, int64_t H)
+ExpertCache::ExpertCache(std::shared_ptr<const ExpertStore> store, Backend& backend, int slots, int64_t M, int64_t H,
+                         Activation activation)
     : store_(std::move(store)), backend_(backend), M_(M), H_(H) {
   const int El = store_->local_experts();
   PM_REQUIRE(slots >= 1 && slots <= El,
              "--expert-cache must be between 1 and the {} routed experts a rank holds per MoE layer, got {}", El, slots);
   // both forward matrices, packed: what one resident expert costs
-  bytes_per_expert_ = 2 * M * H * static_cast<int64_t>(sizeof(float));
-  for (int s = 0; s < slots; ++s) slots_.push_back(backend.new_packed_expert());
+  bytes_per_expert_ = M * (fc1_width(activation, H) + H) * static_cast<int64_t>(sizeof(float));
+  for (int s = 0; s < slots; ++s) slots_.push_back(backend.new_packed_expert(activation));
   held_.assign(slots, -1);
   slot_of_.assign(El, -1);
   in_use_.assign(El, 0);

@@ -25,8 +25,8 @@
 namespace pm {
 
 struct ExpertWeightsView {
-  const float* w1;  // [M, H]
-  const float* b1;  // [H]
+  const float* w1;  // [M, H1] (H1 = fc1_width: H, or 2H for SwiGLU)
+  const float* b1;  // [H1]
   const float* w2;  // [H, M]
   const float* b2;  // [M]
 };
@@ -41,18 +41,18 @@ class ExpertStore {
   virtual std::string where() const = 0;  // "host memory", "disk (FILE, mapped)"
 };
 
-// The experts in host memory: copies of w1 [El, M, H], b1 [El, H], w2 [El, H, M], b2 [El, M].
+// The experts in host memory: copies of w1 [El, M, H1], b1 [El, H1], w2 [El, H, M], b2 [El, M].
 class HostExpertStore final : public ExpertStore {
  public:
   HostExpertStore(const float* w1, const float* b1, const float* w2, const float* b2, int local_experts, int64_t M,
-                  int64_t H);
+                  int64_t H, int64_t H1);
   int local_experts() const override { return experts_; }
   ExpertWeightsView expert(int le) const override;
   std::string where() const override { return "host memory"; }
 
  private:
   int experts_;
-  int64_t M_, H_;
+  int64_t M_, H_, H1_;
   std::vector<float> w1_, b1_, w2_, b2_;
 };
 
@@ -62,7 +62,8 @@ const char* offload_mode_name(OffloadMode mode);
 
 class ExpertCache {
  public:
-  ExpertCache(std::shared_ptr<const ExpertStore> store, Backend& backend, int slots, int64_t M, int64_t H);
+  ExpertCache(std::shared_ptr<const ExpertStore> store, Backend& backend, int slots, int64_t M, int64_t H,
+              Activation activation);
 
   // Makes the experts resident, loading those that are not into the least recently used slot.
   // pin: a prefetch for the pass in flight: these stay until end_pass(), and what does not fit

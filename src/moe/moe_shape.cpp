@@ -33,9 +33,17 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 }
 
 std::string MoeShape::str() const {
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}", tokens, model_dim, hidden, experts, top_k,
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}", tokens, model_dim, hidden, experts, top_k,
                      capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates",
-                     balance_bias ? " bias" : "");
+                     balance_bias ? " bias" : "", activation == Activation::swiglu ? " swiglu" : "");
 }
+
+Activation parse_activation(const std::string& name, const std::string& what) {
+  if (name == "gelu") return Activation::gelu;
+  PM_REQUIRE(name == "swiglu", "{} must be \"gelu\" or \"swiglu\", got \"{}\"", what, name);
+  return Activation::swiglu;
+}
+
+const char* activation_name(Activation a) { return a == Activation::swiglu ? "swiglu" : "gelu"; }
 
 }  // namespace pm

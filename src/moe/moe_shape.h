@@ -5,12 +5,14 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels/backend.h"
+
 namespace pm {
 
 struct MoeShape {
   int64_t tokens = 0;     // T: tokens per rank in one pass
   int64_t model_dim = 0;  // M
-  int64_t hidden = 0;     // H: each expert's hidden size
+  int64_t hidden = 0;     // H: each expert's hidden size (SwiGLU: of each of its two halves)
   int experts = 0;        // E: over all ranks of the expert group
   int top_k = 1;          // k: experts per token
   double capacity_factor = 1.0;  // f: capacity C = ceil(k f T / E) slots per expert and rank; 0: dropless
@@ -25,6 +27,10 @@ struct MoeShape {
   // parameter "router_bias" [E] that no gradient moves; training updates it from the load
   // (gate.h update_balance_bias).
   bool balance_bias = false;
+  Activation activation = Activation::gelu;  // the experts' (kernels/backend.h)
+  int64_t fc1_width() const { return pm::fc1_width(activation, hidden); }  // W1's columns: H, or 2H for SwiGLU
+  // Multiply-adds x 2 of one row through one expert, forward: 2 M H1 + 2 H M.
+  double expert_flops_per_row() const { return 2.0 * model_dim * (fc1_width() + hidden); }
 
   // Throws a usage error naming the first impossible value (sizes not positive, k outside 1..E,
   // f not positive, experts that do not divide over the ranks).
@@ -40,7 +46,11 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias")
+  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " swiglu")
 };
+
+// "gelu" or "swiglu"; a usage error naming `what` for anything else.
+Activation parse_activation(const std::string& name, const std::string& what = "activation");
+const char* activation_name(Activation a);
 
 }  // namespace pm

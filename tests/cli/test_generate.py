@@ -61,6 +61,20 @@ def main():
         f.check(r["texts"] == base["texts"], "offloaded on 2 ranks: the same text")
         print("ok: offloaded experts (host, disk; resident, blocking, prefetch) give the same text", flush=True)
 
+        # SwiGLU experts (W1 twice as wide) offload too: a DeepSeek-style tiny model
+        swiglu_config = os.path.join(tmp, "swiglu.json")
+        json.dump(dict(TINY, data=text, expert_activation="swiglu", shared_expert_hidden=24, top_k=2, capacity_factor=0,
+                       router_bias_rate=0.01, aux_coef=0, max_steps=6), open(swiglu_config, "w"))
+        swiglu_ck = os.path.join(tmp, "swiglu_ck")
+        mpirun(2, ["train", "--config", swiglu_config, "--save", swiglu_ck])
+        swiglu_base = result(generate(1, swiglu_ck))
+        for where, mode in (("disk", "blocking"), ("host", "prefetch")):
+            r = result(generate(1, swiglu_ck, "--offload-experts", where, "--expert-cache", 1, "--offload-mode", mode))
+            f.check(r["texts"] == swiglu_base["texts"], f"SwiGLU experts offloaded to {where} ({mode}): the same text")
+            f.check(r["resident_expert_bytes_peak"] == r["all_expert_bytes"] // 4,
+                    f"SwiGLU {where} {mode}: {r['resident_expert_bytes_peak']} of {r['all_expert_bytes']} bytes resident")
+        print("ok: SwiGLU experts offloaded give the same text", flush=True)
+
         broken = os.path.join(tmp, "broken")
         shutil.copytree(ck, broken)
         step = open(os.path.join(broken, "latest")).read().strip()

@@ -156,6 +156,7 @@ def main():
             (2, [config, "--set", "z_loss_coef=-0.1"], "z_loss_coef", "a negative z-loss weight"),
             (2, [config, "--set", "router_bias_rate=-1"], "router_bias_rate", "a negative bias rate"),
             (2, [config, "--set", "gate_normalize=2"], "gate_normalize", "gate_normalize not a boolean"),
+            (2, [config, "--set", "expert_activation=relu"], "expert_activation", "an unknown activation"),
             (2, [config, "--resume", whole, "--set", "arch=scmoe", "--set", "shared_expert_hidden=48", "--max-steps", 12], "another model",
              "a checkpoint of another architecture"),
         ]

@@ -20,6 +20,8 @@ import os
 import numpy as np
 import torch
 
+from moe_layer_reference import activate  # the experts' GeLU or SwiGLU
+
 torch.set_default_dtype(torch.float64)
 
 
@@ -45,7 +47,7 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H):
     return o @ w_proj + b_proj
 
 
-def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None):
+def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu"):
     """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None."""
     T = x.shape[0]
     E = wg.shape[1]
@@ -71,7 +73,7 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None
             tok = np.nonzero((order[:, j] == e) & kept[:, j])[0]
             if len(tok):
                 tt = torch.tensor(tok)
-                y = y.index_add(0, tt, gate[tt, j:j + 1] * (gelu(x[tt] @ w1[e] + b1[e]) @ w2[e] + b2[e]))
+                y = y.index_add(0, tt, gate[tt, j:j + 1] * (activate(x[tt] @ w1[e] + b1[e], activation) @ w2[e] + b2[e]))
     first = torch.tensor(np.bincount(order[:, 0], minlength=E) / T)
     aux = E * (probs.mean(dim=0) * first).sum()
     z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
@@ -131,7 +133,8 @@ class Model:
                     moe_in = layernorm(tap, p[b + "ln_moe.g"], p[b + "ln_moe.b"])
                 y, aux, z, chosen = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
                                         p[b + "moe.b2"], c["top_k"], c["capacity_factor"],
-                                        c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"))
+                                        c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"),
+                                        c.get("expert_activation", "gelu"))
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
                 self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])

@@ -2,7 +2,7 @@
 
 Written from the layer's specification (README, "The MoE layer"), independently of the C++:
 gate softmax and top-k (ties to the lower index), capacity ceil(k*f*T/E) per rank, slots filled
-choice by choice then token by token, exact-GeLU experts, GShard aux loss; the router variants:
+choice by choice then token by token, exact-GeLU or SwiGLU experts, GShard aux loss; the router variants:
 gate values normalised over the top k or not, a selection bias added to the probabilities to
 choose (not to the gate values), the z-loss mean(logsumexp(logits)^2); the loss whose gradients the
 dump holds is sum(y * dy) + aux_coef * aux + z_loss_coef * z_loss on every rank.
@@ -40,12 +40,21 @@ def gelu(u):
     return 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
 
 
+def activate(h, activation):
+    """The experts' activation of the pre-activation h: GeLU, or SwiGLU of h = [g | v]."""
+    if activation == "swiglu":
+        g, v = h.chunk(2, dim=1)
+        return torch.nn.functional.silu(g) * v
+    return gelu(h)
+
+
 def compute(folder):
     """Returns (meta, per-rank dict of reference tensors as numpy float64)."""
     meta = json.load(open(f"{folder}/meta.json"))
     P, E, k = meta["world_size"], meta["experts"], meta["top_k"]
     f, aux_coef = meta["capacity_factor"], meta["aux_coef"]
     z_coef = meta.get("z_loss_coef", 0.0)
+    activation = meta.get("activation", "gelu")
     normalize = meta.get("normalize_gates", True)
     # the selection bias is replicated: every rank holds the same one
     bias32 = load(folder, 0, "router_bias", np.float32) if meta.get("balance_bias") else None
@@ -83,7 +92,7 @@ def compute(folder):
                     continue
                 tok_t = torch.tensor(tok)
                 u = x[tok_t]
-                out = gelu(u @ w1[e] + b1[e]) @ w2[e] + b2[e]
+                out = activate(u @ w1[e] + b1[e], activation) @ w2[e] + b2[e]
                 y = y.index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
         first = torch.tensor(np.bincount(chosen[:, 0], minlength=E) / T)
         aux = E * (probs.mean(dim=0) * first).sum()

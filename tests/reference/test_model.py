@@ -80,6 +80,12 @@ ROUTER_VARIANTS = [
     (2, 32, 1, ["gate_normalize=false", "z_loss_coef=0.01"]),
     (2, 33, 2, ["router_bias_rate=0.05", "z_loss_coef=0.002"]),
     (1, 34, 1, ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=2", "router_bias_rate=0.05"]),
+    # SwiGLU experts; a DeepSeek-style block: a shared expert beside 8 fine-grained SwiGLU experts,
+    # top-4, balanced by the selection bias instead of the aux loss
+    (2, 35, 2, ["expert_activation=swiglu"]),
+    (2, 36, 1, ["expert_activation=swiglu", "experts=8", "top_k=4", "expert_hidden=12", "shared_expert_hidden=24",
+                "aux_coef=0", "router_bias_rate=0.05", "z_loss_coef=0.001", "capacity_factor=0"]),
+    (1, 37, 1, ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=1", "expert_activation=swiglu"]),
 ]
 
 

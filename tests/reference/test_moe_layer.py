@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """The MoE layer against PyTorch in float64, on 1, 2, 3 and 4 ranks, k = 1 to 8, 2 to 64 experts
-(fine-grained: many small ones), with and without dropped tokens, dropless, the router variants
-(gates not normalised, z-loss, selection bias), several seeds; and pipeline degrees up to 16
+(fine-grained: many small ones), GeLU and SwiGLU experts, with and without dropped tokens,
+dropless, the router variants (gates not normalised, z-loss, selection bias), several seeds; and pipeline degrees up to 16
 giving the very same bits as degree 1.
 
 Run: /usr/bin/python3 tests/reference/test_moe_layer.py [--inprocess]   (needs build/pipemoe)
@@ -40,6 +40,10 @@ CASES = [
     (2, 32, 16, 8, 16, 8, 0.0, 25, ["--gate-normalize", "false", "--z-loss-coef", 0.01]),
     (4, 32, 16, 8, 32, 6, 1.0, 26, ["--balance-bias", "--z-loss-coef", 0.05]),
     (1, 40, 24, 12, 64, 8, 1.25, 27),
+    # SwiGLU experts, and a DeepSeek-style router on fine-grained SwiGLU experts
+    (2, 48, 32, 24, 4, 2, 1.25, 28, ["--activation", "swiglu"]),
+    (3, 40, 24, 16, 6, 1, 1.0, 29, ["--activation", "swiglu", "--z-loss-coef", 0.02]),
+    (4, 32, 16, 8, 32, 8, 0.0, 30, ["--activation", "swiglu", "--balance-bias", "--gate-normalize", "true"]),
 ]
 # (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
 # (1, 2, 3, 4, 6, 8, 12, 16) where the capacity allows, forward and backward apart
@@ -73,6 +77,8 @@ def main():
                            abs(meta.get("z_loss_coef", -1) - (router[router.index("--z-loss-coef") + 1]
                                                               if "--z-loss-coef" in router else 0)) < 1e-7,
                            f"{name}: the layer did not run the router variant asked for: {meta}")
+            failures.check(meta.get("activation") == ("swiglu" if "swiglu" in router else "gelu"),
+                           f"{name}: the layer ran {meta.get('activation')} experts")
             if "--balance-bias" in router:
                 failures.check(any(e["bias_changed_choices"] for e in expected),
                                f"{name}: the selection bias changed no choice: the case tests nothing")

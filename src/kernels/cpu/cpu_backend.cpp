@@ -107,7 +107,11 @@ class CpuBackend final : public Backend {
     pm::combine_rows_backward_gate(dy, slots, T, M, k, position, dgate);
   }
 
-  std::unique_ptr<PackedExpert> new_packed_expert() override { return std::make_unique<ExpertWeights>(); }
+  std::unique_ptr<PackedExpert> new_packed_expert(Activation activation) override {
+    auto w = std::make_unique<ExpertWeights>();
+    w->activation = activation;
+    return w;
+  }
   void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1, const float* b2,
                            int64_t M, int64_t H) override {
     auto& w = static_cast<ExpertWeights&>(packed);
@@ -126,8 +130,9 @@ class CpuBackend final : public Backend {
                              const float* const* hpre_rows, float* dhpre, float* du) override {
     pm::expert_backward_input(static_cast<const ExpertWeights&>(packed), rows, M, H, dy, hpre_rows, dhpre, du);
   }
-  void expert_weight_grads(const ExpertGrads& grads, int64_t M, int64_t H, const ExpertRows& rows) override {
-    pm::expert_weight_grads(grads, M, H, rows);
+  void expert_weight_grads(const ExpertGrads& grads, Activation activation, int64_t M, int64_t H,
+                           const ExpertRows& rows) override {
+    pm::expert_weight_grads(grads, activation, M, H, rows);
   }
 };
 

@@ -15,6 +15,21 @@ void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64
   for (int64_t i = 0; i < n; ++i) grad_in[i] = grad_out[i] * gelu_grad(in[i]);
 }
 
+void swiglu_forward(const float* hpre, float* act, int64_t n) {
+  const float* v = hpre + n;
+  for (int64_t i = 0; i < n; ++i) act[i] = hpre[i] * sigmoid_approx(hpre[i]) * v[i];
+}
+
+void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n) {
+  const float* v = hpre + n;
+  for (int64_t i = 0; i < n; ++i) {
+    // dact may be dhpre + n (the expert's backward computes it there): read before writing
+    const float d = dact[i], g = hpre[i], s = sigmoid_approx(g);
+    dhpre[i] = d * v[i] * (s + g * s * (1.0f - s));
+    dhpre[n + i] = d * (g * s);
+  }
+}
+
 void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = logits + r * cols;

@@ -11,6 +11,12 @@ void gelu_forward(const float* in, float* out, int64_t n);
 // grad_in[n] = grad_out[n] * GeLU'(in[n]).
 void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n);
 
+// SwiGLU on one row of a pre-activation [g | v] (2n values): act[n] = SiLU(g) * v, SiLU(g) = g sigmoid(g).
+void swiglu_forward(const float* hpre, float* act, int64_t n);
+// From dact[n]: dhpre[2n] = [dact * v * SiLU'(g) | dact * SiLU(g)], SiLU'(g) = s + g s (1 - s).
+// dact may be dhpre + n.
+void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n);
+
 // probs[rows, cols] = softmax(logits) along each row (max-subtracted).
 void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols);
 // dlogits = probs * (dprobs - sum(probs * dprobs)) along each row.

@@ -64,4 +64,7 @@ inline float gelu_grad(float x) {
   return cdf + x * pdf;
 }
 
+// sigmoid(x) = 1 / (1 + e^-x); exp_approx clamps, so large |x| gives 0 or 1, never NaN.
+inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
 }  // namespace pm
