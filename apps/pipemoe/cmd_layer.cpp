@@ -5,6 +5,7 @@
 //       [--degree 4 | --degree auto [--profile profile.json] [--refine 3]] [--degree-bwd ...]
 //       [--json] [--trace trace.json]
 //   ... --dump DIR   writes every input, weight, output and gradient as .npy (see README)
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -15,6 +16,7 @@
 #include "apps/pipemoe/layer_runner.h"
 #include "core/clock.h"
 #include "core/log.h"
+#include "core/memory_use.h"
 #include "core/npy.h"
 #include "core/rng.h"
 #include "kernels/cpu/gemm.h"
@@ -34,6 +36,7 @@ struct LayerOptions {
   uint64_t seed = 1;
   float aux_coef = 0.01f;
   float z_loss_coef = 0.0f;
+  float skew = 0.0f;  // the selection bias of expert 0 (>= 1: every token's first choice)
   RouterLossGrads loss_grads() const { return {aux_coef, z_loss_coef}; }
   std::string degree = "1";
   std::string degree_bwd;  // empty: as --degree
@@ -113,6 +116,8 @@ nlohmann::json ms_or_null(const std::optional<double>& seconds) {
 int run_layer(Context& ctx, const LayerOptions& options) {
   LayerOptions o = options;
   o.shape.ranks = ctx.world();
+  PM_REQUIRE(std::isfinite(o.skew), "--skew must be a finite number, got {}", o.skew);
+  if (o.skew != 0) o.shape.balance_bias = true;  // the skew is a selection bias
   const MoeShape& shape = o.shape;
   PM_REQUIRE(shape.tokens > 0, "--tokens must be positive, got {}", shape.tokens);
   PM_REQUIRE(o.iters >= 1, "--iters must be at least 1, got {}", o.iters);
@@ -134,11 +139,13 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::unique_ptr<MoeLayer> layer_ptr = strategy.make_layer(shape, ctx.comm, backend);
   MoeLayer& layer = *layer_ptr;
   layer.init_parameters(o.seed);
-  if (shape.balance_bias) {
+  for (const Parameter& p : layer.parameters()) {
+    if (p.name != "router_bias") continue;
     // training starts the bias at 0 and moves it with the load; here it is drawn (about the
     // spread of the probabilities) so that it changes choices, which is what a test must see
-    for (const Parameter& p : layer.parameters())
-      if (p.name == "router_bias") Rng(o.seed, stream_id(8)).fill_normal(p.value->f32(), shape.experts, 0.0f, 0.5f / shape.experts);
+    if (options.shape.balance_bias)
+      Rng(o.seed, stream_id(8)).fill_normal(p.value->f32(), shape.experts, 0.0f, 0.5f / shape.experts);
+    p.value->f32()[0] += o.skew;  // heavy imbalance on purpose: expert 0 chosen first by most tokens
   }
   LayerData d = make_layer_data(shape.tokens, shape.model_dim, o.seed, ctx.rank());
 
@@ -171,6 +178,10 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   Summary sc = slowest_rank(ctx.comm, t.comm_busy), se = slowest_rank(ctx.comm, t.expert);
   Summary scpu = slowest_rank(ctx.comm, t.comm_cpu);
   double gflops = -ctx.comm.allreduce_scalar(-summarize(t.expert_gflops).median, ReduceOp::max);
+  // the real counts: the rows each rank's experts computed, and what holding them cost
+  const double rows_max = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
+  const double rows_min = -ctx.comm.allreduce_scalar(-static_cast<double>(t.expert_rows), ReduceOp::max);
+  const double peak_mb = ctx.comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
   std::optional<LanesAlone> alone;
   if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.loss_grads());
   double tokens_per_s = static_cast<double>(shape.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
@@ -215,6 +226,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"a2a_busy_ms", sc.median},  {"comm_lane_cpu_ms", scpu.median},
                         {"expert_ms", se.median},    {"expert_gflops", gflops},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
+                        {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
+                        {"activation", activation_name(shape.activation)}, {"skew", o.skew},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -245,6 +258,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                 alone->pass_bound_ms());
   std::printf("expert FFN arithmetic: %.1f GFLOP/s per rank (slowest rank, median)\n", gflops);
   std::printf("tokens/s (all ranks, forward+backward): %.0f\n", tokens_per_s);
+  std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %.0f MB per rank\n",
+              rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak_mb);
   return 0;
 }
 
@@ -258,6 +273,9 @@ void add_layer_command(CLI::App& app, CommandFn& run) {
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--aux-coef", o->aux_coef, "weight of the aux loss in the backward")->capture_default_str();
+  cmd->add_option("--skew", o->skew,
+                  "heavy imbalance on purpose: add this to expert 0's selection bias (1: every token's first choice)")
+      ->capture_default_str();
   cmd->add_option("--z-loss-coef", o->z_loss_coef, "weight of the router z-loss (ST-MoE) in the backward")
       ->capture_default_str();
   cmd->add_option("--degree", o->degree, "pipeline degree (chunks) or 'auto', forward and backward")->capture_default_str();

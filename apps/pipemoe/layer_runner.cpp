@@ -28,6 +28,7 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
     std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f);
     backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads, traced, &b);
     if (it < warmup) continue;
+    t.expert_rows = pass->expert_rows();
     t.forward.push_back(f.stats.wall_ms);
     t.backward.push_back(b.stats.wall_ms);
     t.comm_busy.push_back(f.stats.comm_ms + b.stats.comm_ms);

@@ -21,6 +21,7 @@ LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int 
 // Per-pass figures of this rank, milliseconds.
 struct PassTimes {
   std::vector<double> forward, backward, comm_busy, comm_cpu, expert, expert_gflops;
+  int64_t expert_rows = 0;  // rows this rank's experts computed in the last pass (the real counts)
 };
 
 // warmup + iters passes (forward then backward, a barrier before each) on `executor`; keeps the

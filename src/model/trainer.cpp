@@ -20,6 +20,7 @@
 #include "model/gpt.h"
 #include "model/grad_sync.h"
 #include "model/numerics_guard.h"
+#include "core/memory_use.h"
 #include "model/optimizer.h"
 #include "model/train_log.h"
 #include "perf/degree_choice.h"
@@ -140,16 +141,6 @@ std::vector<int> degree_cycle_from_env() {
   return out;
 }
 
-// This process's resident memory now, and at its peak (MB, from /proc/self/status).
-double status_mb(const char* field) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind(field, 0) == 0) return std::strtod(line.c_str() + std::strlen(field), nullptr) / 1024.0;
-  return NAN;
-}
-double resident_mb() { return status_mb("VmRSS:"); }
-double peak_resident_mb() { return status_mb("VmHWM:"); }
 
 std::string default_log_path(const TrainConfig& c) {
   if (!c.log_csv.empty()) return c.log_csv;

@@ -42,9 +42,9 @@ std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, cons
   MoeForward f = layer.append_forward(graph, {}, x, tokens, y);
   run_alone(executor, graph, trace, "forward");
   if (run) {
-    // two GEMMs of 2 * rows * M * H each
+    // the forward's two GEMMs
     const MoeShape& s = layer.shape();
-    run->stats = stats_of(executor.last_stats(), 4.0 * f.pass->expert_rows() * s.model_dim * s.hidden);
+    run->stats = stats_of(executor.last_stats(), static_cast<double>(f.pass->expert_rows()) * s.expert_flops_per_row());
     run->graph = std::move(graph);
   }
   return f.pass;
@@ -58,7 +58,7 @@ void backward_alone(MoeLayer& layer, Executor& executor, const MoePass& pass, co
   if (run) {
     // input gradients (two GEMMs) and weight gradients (two GEMMs)
     const MoeShape& s = layer.shape();
-    run->stats = stats_of(executor.last_stats(), 8.0 * pass.expert_rows() * s.model_dim * s.hidden);
+    run->stats = stats_of(executor.last_stats(), 2.0 * static_cast<double>(pass.expert_rows()) * s.expert_flops_per_row());
     run->graph = std::move(graph);
   }
 }

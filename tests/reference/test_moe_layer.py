@@ -44,6 +44,9 @@ CASES = [
     (2, 48, 32, 24, 4, 2, 1.25, 28, ["--activation", "swiglu"]),
     (3, 40, 24, 16, 6, 1, 1.0, 29, ["--activation", "swiglu", "--z-loss-coef", 0.02]),
     (4, 32, 16, 8, 32, 8, 0.0, 30, ["--activation", "swiglu", "--balance-bias", "--gate-normalize", "true"]),
+    # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
+    (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
+    (4, 40, 16, 16, 8, 1, 0.0, 32, ["--skew", 1, "--activation", "swiglu"]),
 ]
 # (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
 # (1, 2, 3, 4, 6, 8, 12, 16) where the capacity allows, forward and backward apart
@@ -73,12 +76,15 @@ def main():
             router = case[8] if len(case) > 8 else []
             # the variant asked for is the one the layer ran (else the reference would agree trivially)
             failures.check(meta.get("normalize_gates") == ("false" not in router) and
-                           meta.get("balance_bias") == ("--balance-bias" in router) and
+                           meta.get("balance_bias") == ("--balance-bias" in router or "--skew" in router) and
                            abs(meta.get("z_loss_coef", -1) - (router[router.index("--z-loss-coef") + 1]
                                                               if "--z-loss-coef" in router else 0)) < 1e-7,
                            f"{name}: the layer did not run the router variant asked for: {meta}")
             failures.check(meta.get("activation") == ("swiglu" if "swiglu" in router else "gelu"),
                            f"{name}: the layer ran {meta.get('activation')} experts")
+            if "--skew" in router:
+                failures.check(all((e["expert_index"][:, 0] == 0).all() for e in expected),
+                               f"{name}: the skew should send every first choice to expert 0")
             if "--balance-bias" in router:
                 failures.check(any(e["bias_changed_choices"] for e in expected),
                                f"{name}: the selection bias changed no choice: the case tests nothing")
