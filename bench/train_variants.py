@@ -9,6 +9,9 @@ over rounds. Run it inside scripts/emulate-cluster to put a slow network between
       --variant "scmoe=--config configs/scmoe.json --degree 1" \\
       --rounds 3 --common "--max-steps 16 --set batch_size=48" --csv out/train_variants.csv
 
+With --command generate the variants are `pipemoe generate` runs (e.g. "--checkpoint CK ...") and
+the table is inference tokens/s (all sequences) per variant.
+
 Every run is under `timeout`; a failed run stops the benchmark with its error.
 """
 import argparse
@@ -20,12 +23,13 @@ import statistics
 import subprocess
 import sys
 
-KEYS = ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss"]
+KEYS = {"train": ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss"],
+        "generate": ["tokens_per_s", "seconds"]}
 
 
-def run(args, timeout, env):
+def run(command, args, timeout, env):
     cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe", "--allow-run-as-root",
-           "-np", "2", os.environ.get("PIPEMOE_BIN", "build/pipemoe"), "train"] + args
+           "-np", "2", os.environ.get("PIPEMOE_BIN", "build/pipemoe"), command] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
     if proc.returncode != 0:
         sys.exit(f"train_variants: exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
@@ -37,7 +41,8 @@ def run(args, timeout, env):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", action="append", required=True, help='"name=train arguments"')
+    p.add_argument("--variant", action="append", required=True, help='"name=train (or generate) arguments"')
+    p.add_argument("--command", choices=sorted(KEYS), default="train")
     p.add_argument("--common", default="", help="arguments every variant gets")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=int, default=900)
@@ -46,29 +51,37 @@ def main():
     variants = []
     for v in o.variant:
         name, _, args = v.partition("=")
-        variants.append((name, shlex.split(args) + shlex.split(o.common) +
-                         ["--set", "save=", "--set", "log_csv=/tmp/train_variants_log.csv"]))
+        extra = ["--set", "save=", "--set", "log_csv=/tmp/train_variants_log.csv"] if o.command == "train" else ["--json"]
+        variants.append((name, shlex.split(args) + shlex.split(o.common) + extra))
+    keys = KEYS[o.command]
     env = dict(os.environ)
     rows = []
     for r in range(o.rounds):
         for i in range(len(variants)):
             name, args = variants[(i + r) % len(variants)]
-            j = run(args, o.timeout, env)
-            row = {"round": r, "variant": name, **{k: j.get(k) for k in KEYS}}
+            j = run(o.command, args, o.timeout, env)
+            row = {"round": r, "variant": name, **{k: j.get(k) for k in keys}}
             rows.append(row)
-            print(f"round {r} {name}: " + " ".join(f"{k} {row[k]:.4g}" for k in KEYS if row[k] is not None), flush=True)
-    print(f"\n{'variant':<16} {'ms/step':>9} {'tokens/s':>9} {'exposed ms':>11} {'a2a hidden':>11} {'vs first':>9}")
+            print(f"round {r} {name}: " + " ".join(f"{k} {row[k]:.4g}" for k in keys if row[k] is not None), flush=True)
+    if o.command == "train":
+        print(f"\n{'variant':<16} {'ms/step':>9} {'tokens/s':>9} {'exposed ms':>11} {'a2a hidden':>11} {'vs first':>9}")
+    else:
+        print(f"\n{'variant':<16} {'tokens/s':>9} {'vs first':>9}")
     first = None
     for name, _ in variants:
         mine = [x for x in rows if x["variant"] == name]
         med = {k: statistics.median(x[k] for x in mine if x[k] is not None) if any(x[k] is not None for x in mine)
-               else float("nan") for k in KEYS}
-        first = first or med["ms_per_step"]
-        print(f"{name:<16} {med['ms_per_step']:9.1f} {med['tokens_per_s']:9.0f} {med['exposed_comm_ms_per_step']:11.1f} "
-              f"{med['comm_hidden_share'] * 100:10.0f}% {first / med['ms_per_step']:8.2f}x")
+               else float("nan") for k in keys}
+        if o.command == "train":
+            first = first or med["ms_per_step"]
+            print(f"{name:<16} {med['ms_per_step']:9.1f} {med['tokens_per_s']:9.0f} {med['exposed_comm_ms_per_step']:11.1f} "
+                  f"{med['comm_hidden_share'] * 100:10.0f}% {first / med['ms_per_step']:8.2f}x")
+        else:
+            first = first or med["tokens_per_s"]
+            print(f"{name:<16} {med['tokens_per_s']:9.1f} {med['tokens_per_s'] / first:8.2f}x")
     os.makedirs(os.path.dirname(os.path.abspath(o.csv)), exist_ok=True)
     with open(o.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["round", "variant"] + KEYS)
+        w = csv.DictWriter(f, fieldnames=["round", "variant"] + keys)
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {o.csv}")
