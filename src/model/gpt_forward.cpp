@@ -1,0 +1,209 @@
+#include "model/gpt.h"
+
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "model/gpt_internal.h"
+
+namespace pm {
+
+using namespace gpt_internal;  // the parts the model's source files share
+
+double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale) {
+  return run_forward(inputs, targets, B, config_.seq_len, backward_scale, -1, false);
+}
+
+void GptModel::start_inference(int64_t rows) {
+  PM_REQUIRE(rows >= 1, "inference needs at least one sequence, got {}", rows);
+  const int64_t S = config_.seq_len, D = config_.d_model;
+  for (auto& b : blocks_) {
+    b->k_cache.assign(rows * S * D, 0.0f);
+    b->v_cache.assign(rows * S * D, 0.0f);
+    if (b->moe) b->moe->set_capacity_factor(0);  // dropless: a token's output never depends on the others
+  }
+  positions_.assign(rows, 0);
+}
+
+const float* GptModel::prefill(int64_t row, const int32_t* tokens, int64_t n) {
+  PM_CHECK(row >= 0 && row < static_cast<int64_t>(positions_.size()), "row {} of {} sequences", row, positions_.size());
+  PM_REQUIRE(n >= 1 && n <= config_.seq_len, "a prompt of {} tokens: the model takes 1 to {}", n, config_.seq_len);
+  run_forward(tokens, nullptr, 1, n, 0.0f, row, false);
+  positions_[row] = n;
+  return logits_.data() + (n - 1) * config_.vocab_size;
+}
+
+const float* GptModel::decode(const int32_t* tokens) {
+  const int64_t rows = static_cast<int64_t>(positions_.size());
+  for (int64_t p : positions_)
+    PM_CHECK(p >= 1 && p < config_.seq_len, "decoding at position {} of a window of {}", p, config_.seq_len);
+  run_forward(tokens, nullptr, rows, 1, 0.0f, -1, true);
+  for (int64_t& p : positions_) ++p;
+  return logits_.data();
+}
+
+double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float backward_scale,
+                             int64_t cache_row, bool decode) {
+  const int64_t D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden, S_max = config_.seq_len;
+  const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = B * S;
+  const int L = config_.layers;
+  B_ = B, T_ = T;
+  backward_scale_ = backward_scale;
+  inputs_.assign(inputs, inputs + T);
+  if (targets) targets_.assign(targets, targets + T);
+  const bool has_targets = targets != nullptr;
+  for (auto& bp : blocks_) bp->moe_pass.reset();  // the last backward is done: free the saved tensors
+  h_.resize(T * D);
+  Backend& k = backend_;
+  const double Td = static_cast<double>(T), Dd = static_cast<double>(D);
+  std::vector<int> moe_output(L, -1), moe_ln(L, -1);  // task ids, once laid out
+
+  // The pass as steps; each dense task reads what the step before it wrote.
+  std::vector<Step> steps;
+  steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd, decode](TaskGraph& g, int last) {
+                              return g.add({"embed", lanes::compute, "embed", -1, {1, 0, 3 * Td * Dd * 4}, after(last), [=, this] {
+                                              for (int64_t t = 0; t < T; ++t) {
+                                                PM_CHECK(inputs_[t] >= 0 && inputs_[t] < V,
+                                                         "token {} outside the vocabulary of {}", inputs_[t], V);
+                                                const float* e = wte_.f32() + inputs_[t] * D;
+                                                const int64_t position = decode ? positions_[t] : t % S;
+                                                const float* p = wpe_.f32() + position * D;
+                                                for (int64_t i = 0; i < D; ++i) h_[t * D + i] = e[i] + p[i];
+                                              }
+                                            }});
+                            }});
+  for (int l = 0; l < L; ++l) {
+    Block& b = *blocks_[l];
+    b.x_in.resize(T * D), b.x_mid.resize(T * D);  // a ScMoE tap's address is taken when the graph is built
+    // ScMoE taps at the block's input: this block's own MoE (pos1), the next one's (pos3)
+    if (tap_is(l, "pos1")) steps.push_back(MoeJoin{l});
+    if (l + 1 < L && tap_is(l + 1, "pos3")) steps.push_back(MoeJoin{l + 1});
+    const TaskWork attention_work{6, 8 * Td * Dd * Dd + 4 * Td * S * Dd, 12 * Td * Dd * 4};
+    steps.push_back(DenseStep{indexed("attention", l), [&b, &k, this, l, T, D, B, S, H, hd, attention_work, decode, cache_row, S_max](TaskGraph& g, int last) {
+      return g.add({indexed("attention", l), lanes::compute, "attention", -1, attention_work, after(last),
+                    [&b, &k, this, T, D, B, S, H, hd, decode, cache_row, S_max] {
+                      b.x_in = h_;
+                      b.ln1_out.resize(T * D), b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
+                      k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, b.ln1_out.data(),
+                                          b.ln1_mean.data(), b.ln1_rstd.data());
+                      b.qkv.resize(T * 3 * D);
+                      linear_forward(k, b.ln1_out.data(), b.w_qkv, b.b_qkv, T, b.qkv.data());
+                      b.attn.resize(T * D);
+                      if (decode) {  // one token per sequence against its cached keys and values
+                        k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), positions_.data(), B,
+                                           S_max, H, hd, b.attn.data());
+                      } else {
+                        b.probs.resize(B * H * S * S);
+                        k.attention_forward(b.qkv.data(), B, S, H, hd, b.probs.data(), b.attn.data());
+                      }
+                      if (cache_row >= 0)  // a prompt: its keys and values stay for the tokens that follow
+                        for (int64_t t = 0; t < S; ++t)
+                          for (int64_t i = 0; i < D; ++i) {
+                            b.k_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + D + i];
+                            b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
+                          }
+                      b.x_mid.resize(T * D);
+                      linear_forward(k, b.attn.data(), b.w_proj, b.b_proj, T, b.x_mid.data());
+                      for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
+                      b.ln2_out.resize(T * D), b.ln2_mean.resize(T), b.ln2_rstd.resize(T);
+                      k.layernorm_forward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_b.f32(), T, D, kLayerNormEps,
+                                          b.ln2_out.data(), b.ln2_mean.data(), b.ln2_rstd.data());
+                    }});
+    }});
+    if (l + 1 < L && tap_is(l + 1, "pos2")) steps.push_back(MoeJoin{l + 1});
+    // the task that writes this block's output into h_ must wait for a pos3 tap that reads h_
+    const int pos3_reader = l + 1 < L && tap_is(l + 1, "pos3") ? l + 1 : -1;
+    if (b.moe) {
+      if (!config_.scmoe()) steps.push_back(MoeJoin{l});  // the experts read this block's own LN2 output
+      if (G > 0) {
+        const TaskWork se_work{4, 4 * Td * Dd * G, (4 * Td * G + 4 * Td * Dd) * 4};
+        steps.push_back(DenseStep{indexed("shared_expert", l), [&b, &k, this, l, T, D, G, se_work](TaskGraph& g, int last) {
+          return g.add({indexed("shared_expert", l), lanes::compute, "shared_expert", -1, se_work, after(last),
+                        [&b, &k, this, T, D, G] { shared_expert_forward(b, k, T, D, G); }});
+        }});
+      }
+      steps.push_back(DenseStep{indexed("residual", l), [&b, &moe_output, &moe_ln, this, l, T, D, G, pos3_reader, Td, Dd](TaskGraph& g, int last) {
+        std::vector<int> deps = plus(after(last), {moe_output[l], pos3_reader >= 0 ? moe_ln[pos3_reader] : -1});
+        return g.add({indexed("residual", l), lanes::compute, "residual", -1, {1, 2 * Td * Dd, 4 * Td * Dd * 4}, deps,
+                      [&b, this, T, D, G] {
+                        if (G > 0)
+                          for (int64_t i = 0; i < T * D; ++i) h_[i] = (b.se_out[i] + b.moe_out[i]) + b.x_mid[i];
+                        else
+                          for (int64_t i = 0; i < T * D; ++i) h_[i] = b.moe_out[i] + b.x_mid[i];
+                      }});
+      }, l});
+    } else {
+      const TaskWork mlp_work{3, 4 * Td * Dd * F, (4 * Td * F + 4 * Td * Dd) * 4};
+      steps.push_back(DenseStep{indexed("mlp", l), [&b, &k, &moe_ln, this, l, T, D, F, pos3_reader, mlp_work](TaskGraph& g, int last) {
+        std::vector<int> deps = plus(after(last), {pos3_reader >= 0 ? moe_ln[pos3_reader] : -1});
+        return g.add({indexed("mlp", l), lanes::compute, "mlp", -1, mlp_work, deps, [&b, &k, this, T, D, F] {
+                        b.fc.resize(T * F), b.act.resize(T * F);
+                        linear_forward(k, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
+                        k.gelu_forward(b.fc.data(), b.act.data(), T * F);
+                        linear_forward(k, b.act.data(), b.w_out, b.b_out, T, h_.data());
+                        for (int64_t i = 0; i < T * D; ++i) h_[i] += b.x_mid[i];
+                      }});
+      }});
+    }
+  }
+  const TaskWork head_work{2, 2 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
+  steps.push_back(DenseStep{"head", [this, T, D, V, has_targets, backward_scale, &k, head_work](TaskGraph& g, int last) {
+    return g.add({"head", lanes::compute, "head", -1, head_work, after(last),
+                  [this, T, D, V, has_targets, backward_scale, &k] {
+                    h_final_ = h_;
+                    lnf_out_.resize(T * D), lnf_mean_.resize(T), lnf_rstd_.resize(T);
+                    k.layernorm_forward(h_.data(), lnf_g_.f32(), lnf_b_.f32(), T, D, kLayerNormEps, lnf_out_.data(),
+                                        lnf_mean_.data(), lnf_rstd_.data());
+                    logits_.resize(T * V);
+                    k.gemm(Trans::no, Trans::yes, T, V, D, lnf_out_.data(), D, wte_.f32(), D, 0.0f, logits_.data(), V);
+                    loss_ = 0;
+                    if (!has_targets) return;
+                    std::vector<float> losses(T);
+                    if (backward_scale > 0) dlogits_.resize(T * V);
+                    k.cross_entropy(logits_.data(), targets_.data(), T, V, losses.data(),
+                                    backward_scale > 0 ? dlogits_.data() : nullptr, backward_scale / static_cast<float>(T));
+                    double sum = 0;
+                    for (float l : losses) sum += l;
+                    loss_ = sum / static_cast<double>(T);
+                  }});
+  }});
+
+  TaskGraph g;
+  std::map<int, PassTasks> moe_tasks;
+  lay_out(g, steps, [&](int block, int& last, const std::vector<std::string>& candidates, auto between) {
+    Block* bp = blocks_[block].get();
+    Block& b = *bp;
+    b.moe_out.resize(T * D);
+    std::vector<int> front = after(last);
+    const float* moe_input = b.ln2_out.data();
+    if (config_.scmoe()) {
+      // the routed experts' own LayerNorm of the tapped representation, read where it is now
+      const float* tap = scmoe_tap_now(block);
+      b.moe_in.resize(T * D), b.moe_mean.resize(T), b.moe_rstd.resize(T);
+      moe_ln[block] = g.add({indexed("moe_ln", block), lanes::compute, "layernorm", -1, {1, 8 * Td * Dd, 3 * Td * Dd * 4},
+                             front, [bp, &k, tap, T, D] {
+                               k.layernorm_forward(tap, bp->ln_moe_g.f32(), bp->ln_moe_b.f32(), T, D, kLayerNormEps,
+                                                   bp->moe_in.data(), bp->moe_mean.data(), bp->moe_rstd.data());
+                             }});
+      front = {moe_ln[block]};
+      moe_input = b.moe_in.data();
+    } else {
+      b.ln2_out.resize(T * D);  // the layer's input: its address must be known when its tasks are added
+      moe_input = b.ln2_out.data();
+    }
+    const int slot = choose_slot(block, /*forward=*/true, candidates);
+    MoeForward f = b.moe->append_forward(g, front, moe_input, T, b.moe_out.data(),
+                                         [&](TaskGraph& graph) { between(graph, slot); });
+    b.moe_pass = f.pass;
+    moe_output[block] = f.tasks.output;
+    moe_tasks[block] = f.tasks;
+    slots_fwd_[block] = slot;
+  });
+  forward_exposed_ms_ = run(g, "forward");
+  remember(g, moe_tasks, last_forward_);
+  backward_exposed_ms_ = 0;
+  hidden_by_block_ = last_forward_.moe_hidden;
+  return loss_;
+}
+
+}  // namespace pm

@@ -1,0 +1,108 @@
+// The GPT model's parts that its three source files share (gpt.cpp: construction, parameters,
+// schedules' choices and bookkeeping; gpt_forward.cpp: the forward and inference passes;
+// gpt_backward.cpp: the backward pass). Internal to model/: nothing outside includes it.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "model/gpt.h"
+
+namespace pm {
+namespace gpt_internal {
+
+
+inline constexpr float kLayerNormEps = 1e-5f;
+
+// y[T, N] = x[T, K] w[K, N] + b[N]
+inline void linear_forward(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T, float* y) {
+  const int64_t K = w.dim(0), N = w.dim(1);
+  k.fill_rows(y, T, N, b.f32());
+  k.gemm(Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 1.0f, y, N);
+}
+
+// From dy[T, N]: dw += x^T dy, db += colsum(dy), dx = dy w^T (dx may be null).
+inline void linear_backward(Backend& k, const float* x, const Tensor& w, const float* dy, int64_t T, Tensor& dw, Tensor& db,
+                     float* dx) {
+  const int64_t K = w.dim(0), N = w.dim(1);
+  k.gemm(Trans::yes, Trans::no, K, N, T, x, K, dy, N, 1.0f, dw.f32(), N);
+  k.add_column_sums(dy, T, N, db.f32());
+  if (dx) k.gemm(Trans::no, Trans::yes, T, K, N, dy, N, w.f32(), N, 0.0f, dx, K);
+}
+
+inline std::string indexed(const char* name, int i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
+// A pass's graph is built from a list of steps: dense tasks in order, and the points where an
+// MoE layer joins (its rows leave right there; its experts come after the dense steps of its slot).
+struct DenseStep {
+  std::string name;
+  std::function<int(TaskGraph&, int last)> add;  // appends the task after `last` (-1: none); its id
+  int needs_moe = -1;  // the MoE block whose output this step reads: its experts come before it
+};
+struct MoeJoin {
+  int block;
+};
+using Step = std::variant<DenseStep, MoeJoin>;
+
+inline std::vector<int> after(int last) { return last >= 0 ? std::vector<int>{last} : std::vector<int>{}; }
+inline std::vector<int> plus(std::vector<int> a, std::initializer_list<int> more) {
+  for (int m : more)
+    if (m >= 0) a.push_back(m);
+  return a;
+}
+
+
+// Lays the steps into the graph; at each MoE join the layer's tasks go in, with up to `slot`
+// following dense steps between its way out and its experts (never past the step that reads its
+// output).
+template <typename Join>
+void lay_out(TaskGraph& g, std::vector<Step>& steps, Join&& join) {
+  int last = -1;
+  for (std::size_t i = 0; i < steps.size();) {
+    if (auto* d = std::get_if<DenseStep>(&steps[i])) {
+      last = d->add(g, last);
+      ++i;
+      continue;
+    }
+    const int block = std::get<MoeJoin>(steps[i]).block;
+    std::size_t next = i + 1;
+    std::vector<std::string> candidates;  // the dense steps the slot may take
+    for (std::size_t j = next; j < steps.size(); ++j) {
+      auto* d = std::get_if<DenseStep>(&steps[j]);
+      if (!d || d->needs_moe == block) break;
+      candidates.push_back(d->name);
+    }
+    auto between = [&](TaskGraph& graph, int slot) {
+      for (int k = 0; k < slot; ++k) last = std::get<DenseStep>(steps[next++]).add(graph, last);
+    };
+    join(block, last, candidates, between);
+    i = next;
+  }
+}
+
+}  // namespace gpt_internal
+
+struct GptModel::Block {
+  // parameters and gradients; shapes in comments (D model, F dense hidden, G shared-expert hidden)
+  Tensor ln1_g, ln1_b, ln2_g, ln2_b;  // [D]
+  Tensor w_qkv, b_qkv;                // [D, 3D], [3D]
+  Tensor w_proj, b_proj;              // [D, D], [D]
+  Tensor w_fc, b_fc, w_out, b_out;    // dense: [D, F], [F], [F, D], [D]
+  Tensor se_w_fc, se_b_fc, se_w_out, se_b_out, se_w_cg, se_b_cg;  // shared expert: [D, G], [G], [G, D], [D], [D, 1], [1]
+  Tensor ln_moe_g, ln_moe_b;          // ScMoE: the routed experts' own LayerNorm [D]
+  Tensor d_ln1_g, d_ln1_b, d_ln2_g, d_ln2_b, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, d_w_fc, d_b_fc, d_w_out, d_b_out;
+  Tensor d_se_w_fc, d_se_b_fc, d_se_w_out, d_se_b_out, d_se_w_cg, d_se_b_cg, d_ln_moe_g, d_ln_moe_b;
+  std::unique_ptr<MoeLayer> moe;      // MoE blocks only
+  // activations of the last forward
+  Buffer<float> x_in, ln1_out, ln1_mean, ln1_rstd, qkv, probs, attn, x_mid, ln2_out, ln2_mean, ln2_rstd, fc, act;
+  Buffer<float> se_fc, se_act, se_raw, coef, se_out;  // [T, G], [T, G], [T, D], [T], [T, D]
+  Buffer<float> moe_in, moe_mean, moe_rstd, moe_out;  // ScMoE's LN of the tap [T, D], [T], [T]; the MoE's output [T, D]
+  std::shared_ptr<MoePass> moe_pass;  // what the MoE layer's backward needs
+  Buffer<float> k_cache, v_cache;     // inference: keys and values [rows, seq_len, D]
+  // backward: ScMoE's own copy of the output gradient, the MoE's input gradient, and the tap's
+  Buffer<float> moe_dy, dmoe_in, dtap;
+};
+
+}  // namespace pm
