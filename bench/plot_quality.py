@@ -36,7 +36,9 @@ def main():
     runs = {}
     for path in sorted(glob.glob("out/quality_*_s*.csv")):
         m = re.match(r".*quality_(\w+?)_s(\d+)\.csv", path)
-        runs.setdefault(m.group(1), {})[int(m.group(2))] = load(path)
+        val, train = load(path)
+        if val:  # a run that has not reached its first evaluation yet is left out
+            runs.setdefault(m.group(1), {})[int(m.group(2))] = (val, train)
     finals = {}
     print(f"{'variant':<50} {'seed':>4} {'steps':>6} {'val loss':>9}")
     for cfg, seeds in runs.items():
