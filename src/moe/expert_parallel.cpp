@@ -324,6 +324,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     const int64_t chunk_first = compute.chunk_offset(c);
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
+      if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
       backend_.expert_backward_input(*packed_[le], rows, M, H, &b->dy_rows[first * M], &hpre_rows[first - chunk_first],
                                      &b->dhpre[first * H1], &b->du[first * M]);
     }
