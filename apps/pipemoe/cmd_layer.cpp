@@ -33,6 +33,7 @@ constexpr double kPredictionWarnRatio = 1.5;
 struct LayerOptions {
   MoeShape shape{2048, 512, 1024, 8, 2, 1.25, 1};  // ranks: the world's
   std::string strategy = "ep";
+  int tp = 0;  // ppmoe: ranks of each tensor-parallel group (0: the world)
   uint64_t seed = 1;
   float aux_coef = 0.01f;
   float z_loss_coef = 0.0f;
@@ -100,7 +101,7 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"normalize_gates", s.normalize_gates}, {"balance_bias", s.balance_bias},
                            {"activation", activation_name(s.activation)},
                            {"world_size", ctx.world()},
-                           {"strategy", layer.strategy().name()},
+                           {"strategy", layer.strategy().name()}, {"group_size", s.ranks},
                            {"degree_fwd", layer.forward_degree()},
                            {"degree_bwd", layer.backward_degree()}};
     std::ofstream out(o.dump + "/meta.json");
@@ -115,7 +116,18 @@ nlohmann::json ms_or_null(const std::optional<double>& seconds) {
 
 int run_layer(Context& ctx, const LayerOptions& options) {
   LayerOptions o = options;
-  o.shape.ranks = ctx.world();
+  const MoeStrategy& strategy = moe_strategy(o.strategy);
+  // ppmoe: the world in tensor-parallel groups of --tp consecutive ranks, each holding the same
+  // tokens; the experts split over a group's ranks (and every group has all of them)
+  const bool ppmoe = strategy.name() == "ppmoe";
+  PM_REQUIRE(o.tp == 0 || ppmoe, "--tp {} is for --strategy ppmoe (ep splits the experts over all ranks)", o.tp);
+  const int tp = ppmoe ? (o.tp > 0 ? o.tp : ctx.world()) : 1;
+  PM_REQUIRE(tp >= 1 && ctx.world() % tp == 0, "--tp {} must divide the {} ranks", o.tp, ctx.world());
+  std::unique_ptr<Communicator> tp_group;
+  if (ppmoe) tp_group = ctx.comm.split(ctx.rank() / tp, ctx.rank());
+  Communicator& group = ppmoe ? *tp_group : ctx.comm;
+  const int data_groups = ctx.world() / group.size();  // groups with tokens of their own
+  o.shape.ranks = group.size();
   PM_REQUIRE(std::isfinite(o.skew), "--skew must be a finite number, got {}", o.skew);
   if (o.skew != 0) o.shape.balance_bias = true;  // the skew is a selection bias
   const MoeShape& shape = o.shape;
@@ -127,16 +139,18 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   shape.validate();
   int want_fwd = parse_degree(o.degree, "--degree");
   int want_bwd = o.degree_bwd.empty() ? want_fwd : parse_degree(o.degree_bwd, "--degree-bwd");
-  for (int d : {want_fwd, want_bwd})
-    if (d > 0) shape.check_degree(d);
+  for (int d : {want_fwd, want_bwd}) {
+    if (d > 0 && !ppmoe) shape.check_degree(d);  // ep chunks each expert's slots
+    PM_REQUIRE(d <= shape.tokens || !ppmoe, "ppmoe chunks the tokens: degree {} is more than the {} tokens", d,
+               shape.tokens);
+  }
 
   Backend& backend = ctx.backend;
   std::optional<PerfProfile> profile;
   if (!o.profile.empty()) profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, backend));
-  const MoeStrategy& strategy = moe_strategy(o.strategy);
 
   Executor executor;
-  std::unique_ptr<MoeLayer> layer_ptr = strategy.make_layer(shape, ctx.comm, backend);
+  std::unique_ptr<MoeLayer> layer_ptr = strategy.make_layer(shape, group, backend);
   MoeLayer& layer = *layer_ptr;
   layer.init_parameters(o.seed);
   for (const Parameter& p : layer.parameters()) {
@@ -147,7 +161,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
       Rng(o.seed, stream_id(8)).fill_normal(p.value->f32(), shape.experts, 0.0f, 0.5f / shape.experts);
     p.value->f32()[0] += o.skew;  // heavy imbalance on purpose: expert 0 chosen first by most tokens
   }
-  LayerData d = make_layer_data(shape.tokens, shape.model_dim, o.seed, ctx.rank());
+  // the ranks of a ppmoe group draw the same tokens (the group's index names their stream)
+  LayerData d = make_layer_data(shape.tokens, shape.model_dim, o.seed, ppmoe ? ctx.rank() / tp : ctx.rank());
 
   if ((want_fwd == 0 || want_bwd == 0) && !profile)
     log::info("pipemoe layer: --degree auto without --profile: timing every candidate degree");
@@ -157,7 +172,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
     return std::make_pair(slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median);
   };
   if (want_fwd == 0 || want_bwd == 0) run_passes(ctx.comm, layer, executor, d, 1, 0, o.loss_grads());  // warm before timing
-  DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure);
+  DegreeChoice choice = choose_degrees(want_fwd, want_bwd, profile ? &*profile : nullptr, shape, o.refine, measure, 3, strategy);
   layer.set_degrees(choice.forward, choice.backward);
 
   if (!o.dump.empty()) {
@@ -184,7 +199,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   const double peak_mb = ctx.comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
   std::optional<LanesAlone> alone;
   if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.loss_grads());
-  double tokens_per_s = static_cast<double>(shape.tokens) * ctx.world() / ((sf.median + sb.median) / 1e3);
+  double tokens_per_s = static_cast<double>(shape.tokens) * data_groups / ((sf.median + sb.median) / 1e3);
   if (!o.trace.empty()) {
     trace.write_chrome_json(o.trace, origin, ctx.rank(), [&](const std::string& mine) { return ctx.comm.gather_strings(mine, 0); });
     log::info("pipemoe layer: wrote a trace of the {} timed passes, every rank and lane, to {} (open it in "
@@ -194,8 +209,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
 
   std::optional<double> pred_fwd, pred_bwd;
   if (profile) {
-    pred_fwd = predict_layer(*profile, shape, choice.forward, true);
-    pred_bwd = predict_layer(*profile, shape, choice.backward, false);
+    pred_fwd = predict_layer(*profile, shape, choice.forward, true, strategy);
+    pred_bwd = predict_layer(*profile, shape, choice.backward, false, strategy);
     // a prediction this far off means the profile does not describe this machine as it is now
     for (auto [what, measured, predicted] : {std::tuple{"forward", sf.median, *pred_fwd * 1e3},
                                              std::tuple{"backward", sb.median, *pred_bwd * 1e3}}) {
@@ -210,7 +225,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
     nlohmann::json j = {{"world_size", ctx.world()},  {"tokens", shape.tokens},   {"model_dim", shape.model_dim},
                         {"hidden", shape.hidden},         {"experts", shape.experts}, {"top_k", shape.top_k},
                         {"capacity_factor", shape.capacity_factor}, {"capacity", shape.capacity()},
-                        {"strategy", strategy.name()},
+                        {"strategy", strategy.name()}, {"tp", ppmoe ? nlohmann::json(tp) : nullptr},
                         {"degree_fwd", choice.forward}, {"degree_bwd", choice.backward},
                         {"planned_degree_fwd", choice.planned_forward ? nlohmann::json(choice.planned_forward) : nullptr},
                         {"planned_degree_bwd", choice.planned_backward ? nlohmann::json(choice.planned_backward) : nullptr},
@@ -232,9 +247,12 @@ int run_layer(Context& ctx, const LayerOptions& options) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
-  std::printf("pipemoe layer: %d ranks x %ld tokens, model %ld, hidden %ld, %d experts, top-%d, "
+  if (ppmoe)
+    std::printf("pipemoe layer: ppmoe, %d group(s) of %d ranks, each holding the same tokens and 1/%d of the experts\n",
+                data_groups, tp, tp);
+  std::printf("pipemoe layer: %d %s x %ld tokens, model %ld, hidden %ld, %d experts, top-%d, "
               "capacity factor %.2f (%ld slots), GEMM %s x%d threads\n",
-              ctx.world(), static_cast<long>(shape.tokens), static_cast<long>(shape.model_dim),
+              ppmoe ? data_groups : ctx.world(), ppmoe ? "groups" : "ranks", static_cast<long>(shape.tokens), static_cast<long>(shape.model_dim),
               static_cast<long>(shape.hidden), shape.experts, shape.top_k, shape.capacity_factor,
               static_cast<long>(shape.capacity()), gemm_isa().c_str(), backend.threads());
   std::printf("pipeline degree: forward %d, backward %d", choice.forward, choice.backward);
@@ -269,8 +287,11 @@ void add_layer_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<LayerOptions>();
   CLI::App* cmd = app.add_subcommand("layer", "run one expert-parallel MoE layer forward and backward");
   add_layer_shape_options(cmd, o->shape);
-  cmd->add_option("--strategy", o->strategy, "how tokens reach their experts: ep (all-to-all expert parallelism)")
+  cmd->add_option("--strategy", o->strategy,
+                  "how tokens reach their experts: ep (all-to-all expert parallelism) or ppmoe (experts split over a "
+                  "tensor-parallel group holding the same tokens; index selection and one all-reduce)")
       ->capture_default_str();
+  cmd->add_option("--tp", o->tp, "ppmoe: ranks per tensor-parallel group (default: all); --tokens is per group");
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--aux-coef", o->aux_coef, "weight of the aux loss in the backward")->capture_default_str();
   cmd->add_option("--skew", o->skew,

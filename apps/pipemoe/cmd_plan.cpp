@@ -4,6 +4,8 @@
 //       --experts 8 --top-k 2 --capacity-factor 1.25 [--json] [--trace FILE [--trace-degree N]]
 // Runs on one process: the rank count is the profile's. Prints predicted forward and backward
 // time for every candidate degree and the degrees it would choose.
+#include <fmt/format.h>
+
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -53,6 +55,55 @@ void write_predicted_trace(const std::string& path, const PerfProfile& profile, 
   out << nlohmann::json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
 }
 
+// --strategy all: every strategy on the same model and global batch: expert parallelism with
+// --tokens per rank over the profile's P ranks, and PPMoE with one tensor-parallel group of the P
+// ranks holding all P T tokens (its dense parts split P ways: the same dense work per rank).
+int compare_strategies(const PerfProfile& profile, MoeShape shape, bool json) {
+  struct Row {
+    std::string name;
+    MoeShape shape;
+    LayerPlan plan;
+    double global_tokens = 0;
+    double tokens_per_s() const { return global_tokens / (plan.forward_s + plan.backward_s); }
+  };
+  std::vector<Row> rows;
+  for (const char* name : {"ep", "ppmoe"}) {
+    MoeShape s = shape;
+    if (std::string(name) == "ppmoe") s.tokens = shape.tokens * shape.ranks;
+    rows.push_back({name, s, plan_layer(profile, s, kPlanTolerance, moe_strategy(name)),
+                    static_cast<double>(shape.tokens * shape.ranks)});
+  }
+  const Row* best = &rows[0];
+  for (const Row& r : rows)
+    if (r.tokens_per_s() > best->tokens_per_s()) best = &r;
+  if (json) {
+    nlohmann::json j = nlohmann::json::array();
+    for (const Row& r : rows)
+      j.push_back({{"strategy", r.name}, {"tokens", r.shape.tokens}, {"degree_fwd", r.plan.forward_degree},
+                   {"degree_bwd", r.plan.backward_degree}, {"predicted_fwd_ms", r.plan.forward_s * 1e3},
+                   {"predicted_bwd_ms", r.plan.backward_s * 1e3}, {"tokens_per_s", r.tokens_per_s()}});
+    std::printf("%s\n", nlohmann::json{{"strategies", j}, {"chosen", best->name}, {"cluster", profile.cluster.summary()}}
+                             .dump()
+                             .c_str());
+    return 0;
+  }
+  std::printf("strategies for a global batch of %ld tokens, M=%ld H=%ld E=%d k=%d f=%.2f on %s\n",
+              static_cast<long>(shape.tokens * shape.ranks), static_cast<long>(shape.model_dim),
+              static_cast<long>(shape.hidden), shape.experts, shape.top_k, shape.capacity_factor,
+              profile.cluster.summary().c_str());
+  std::printf("%-8s %-34s %8s %12s %12s %12s\n", "strategy", "layout", "degrees", "forward ms", "backward ms",
+              "tokens/s");
+  for (const Row& r : rows) {
+    std::string layout = r.name == "ep" ? fmt::format("{} ranks x {} tokens, all-to-all", r.shape.ranks, r.shape.tokens)
+                                        : fmt::format("1 group of {} x {} tokens, all-reduce", r.shape.ranks, r.shape.tokens);
+    std::printf("%-8s %-34s %4d/%-3d %12.2f %12.2f %12.0f%s\n", r.name.c_str(), layout.c_str(), r.plan.forward_degree,
+                r.plan.backward_degree, r.plan.forward_s * 1e3, r.plan.backward_s * 1e3, r.tokens_per_s(),
+                &r == best ? " *" : "");
+  }
+  std::printf("chosen: %s\n", best->name.c_str());
+  return 0;
+}
+
 int run_plan(Context& ctx, const PlanOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "plan needs --profile FILE (take one with `pipemoe profile`)");
   PM_REQUIRE(o.shape.tokens > 0, "--tokens must be positive, got {}", o.shape.tokens);
@@ -62,6 +113,7 @@ int run_plan(Context& ctx, const PlanOptions& o) {
   MoeShape shape = o.shape;
   shape.ranks = profile.cluster.world_size;
   shape.validate();
+  if (o.strategy == "all") return ctx.rank() == 0 ? compare_strategies(profile, shape, o.json) : 0;
   const MoeStrategy& strategy = moe_strategy(o.strategy);
   LayerPlan plan = plan_layer(profile, shape, kPlanTolerance, strategy);
   if (ctx.rank() != 0) return 0;
@@ -101,7 +153,9 @@ void add_plan_command(CLI::App& app, CommandFn& run) {
   CLI::App* cmd = app.add_subcommand("plan", "predict a layer's time per pipeline degree and choose");
   cmd->add_option("--profile", o->profile, "performance profile: required (take one with `pipemoe profile --out FILE`)");
   add_layer_shape_options(cmd, o->shape);
-  cmd->add_option("--strategy", o->strategy, "how tokens reach their experts: ep (all-to-all expert parallelism)")
+  cmd->add_option("--strategy", o->strategy,
+                  "ep (all-to-all expert parallelism), ppmoe (one tensor-parallel group of the profile's ranks; "
+                  "--tokens per group), or all: both on the same global batch, and which it would pick")
       ->capture_default_str();
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->add_option("--trace", o->trace, "write the predicted schedule as a Chrome/Perfetto trace");

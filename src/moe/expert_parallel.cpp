@@ -1,10 +1,9 @@
 #include "moe/expert_parallel.h"
 
-#include <cmath>
 #include <cstring>
 
-#include "core/rng.h"
 #include "moe/dispatcher.h"
+#include "moe/layer_weights.h"
 #include "moe/gate.h"
 
 namespace pm {
@@ -79,54 +78,19 @@ class ExpertParallelLayer final : public MoeLayer {
         shape_(shape),
         group_(group),
         backend_(backend),
-        dispatcher_(group, backend, shape.local_experts(), shape.model_dim) {
+        dispatcher_(group, backend, shape.local_experts(), shape.model_dim),
+        w_(shape) {
     shape_.validate();
     PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
-    const int64_t M = shape_.model_dim, H = shape_.hidden, H1 = shape_.fc1_width(), El = shape_.local_experts();
-    for (int le = 0; le < El; ++le) packed_.push_back(backend.new_packed_expert(shape_.activation));
-    wg = Tensor::zeros({M, shape_.experts});
-    w1 = Tensor::zeros({El, M, H1});
-    b1 = Tensor::zeros({El, H1});
-    w2 = Tensor::zeros({El, H, M});
-    b2 = Tensor::zeros({El, M});
-    dwg = Tensor::zeros(wg.shape());
-    dw1 = Tensor::zeros(w1.shape());
-    db1 = Tensor::zeros(b1.shape());
-    dw2 = Tensor::zeros(w2.shape());
-    db2 = Tensor::zeros(b2.shape());
-    if (shape_.balance_bias) {
-      router_bias = Tensor::zeros({shape_.experts});
-      drouter_bias = Tensor::zeros({shape_.experts});  // stays 0: the bias moves by update_balance_bias only
-    }
+    for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation));
   }
 
   const MoeStrategy& strategy() const override { return strategy_; }
   const MoeShape& shape() const override { return shape_; }
   int first_expert() const override { return group_.rank() * shape_.local_experts(); }
 
-  std::vector<Parameter> parameters() override {
-    std::vector<Parameter> params{{"wg", &wg, &dwg, false, true}};
-    if (shape_.balance_bias) params.push_back({"router_bias", &router_bias, &drouter_bias, false, false});
-    if (cache_) return params;
-    for (Parameter p : std::initializer_list<Parameter>{{"w1", &w1, &dw1, true, true},
-                                                        {"b1", &b1, &db1, true, false},
-                                                        {"w2", &w2, &dw2, true, true},
-                                                        {"b2", &b2, &db2, true, false}})
-      params.push_back(p);
-    return params;
-  }
-
-  void init_parameters(uint64_t seed) override {
-    const int64_t M = shape_.model_dim, H = shape_.hidden, H1 = shape_.fc1_width();
-    Rng(seed, stream_id(2)).fill_normal(wg.f32(), wg.numel(), 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
-    for (int le = 0; le < shape_.local_experts() && !cache_; ++le) {
-      uint64_t e = static_cast<uint64_t>(first_expert() + le);
-      Rng(seed, stream_id(3, e)).fill_normal(w1.f32() + le * M * H1, M * H1, 0.0f, 1.0f / std::sqrt(static_cast<float>(M)));
-      Rng(seed, stream_id(4, e)).fill_normal(b1.f32() + le * H1, H1, 0.0f, 0.1f);
-      Rng(seed, stream_id(5, e)).fill_normal(w2.f32() + le * H * M, H * M, 0.0f, 1.0f / std::sqrt(static_cast<float>(H)));
-      Rng(seed, stream_id(6, e)).fill_normal(b2.f32() + le * M, M, 0.0f, 0.1f);
-    }
-  }
+  std::vector<Parameter> parameters() override { return w_.parameters(!cache_); }
+  void init_parameters(uint64_t seed) override { w_.init(seed, shape_, first_expert(), !cache_); }
 
   void offload_experts(std::shared_ptr<const ExpertStore> store, int cache_slots, OffloadMode mode) override {
     PM_CHECK(store && store->local_experts() == shape_.local_experts(), "a store of {} experts for a layer of {}",
@@ -135,7 +99,7 @@ class ExpertParallelLayer final : public MoeLayer {
     cache_ = std::make_unique<ExpertCache>(std::move(store), backend_, slots, shape_.model_dim, shape_.hidden,
                                            shape_.activation);
     offload_mode_ = mode;
-    for (Tensor* t : {&w1, &b1, &w2, &b2, &dw1, &db1, &dw2, &db2}) *t = Tensor();  // the store holds them now
+    w_.drop_experts();  // the store holds them now
     packed_.clear();
   }
   const ExpertCache* expert_cache() const override { return cache_.get(); }
@@ -185,11 +149,8 @@ class ExpertParallelLayer final : public MoeLayer {
   std::shared_ptr<BackwardPass> last_backward_;
   std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
   OffloadMode offload_mode_ = OffloadMode::resident;
+  LayerWeights w_;
 
- public:
-  Tensor wg, w1, b1, w2, b2;  // [M, E], [El, M, H1], [El, H1], [El, H, M], [El, M]
-  Tensor dwg, dw1, db1, dw2, db2;
-  Tensor router_bias, drouter_bias;  // [E] with shape.balance_bias
 };
 
 MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x,
@@ -207,8 +168,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
 
   ForwardSteps steps;
   steps.gate = [this, p, shape, degree] {
-    p->gating = gate_forward(backend_, p->x, wg.f32(), p->tokens, shape,
-                             shape.balance_bias ? router_bias.f32() : nullptr);
+    p->gating = gate_forward(backend_, p->x, w_.wg.f32(), p->tokens, shape,
+                             shape.balance_bias ? w_.router_bias.f32() : nullptr);
     p->handle = dispatcher_.layout(p->gating.routing, degree);
     p->send.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
     p->back.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
@@ -231,7 +192,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     // the graph carries the real rows from here on (traces, the profiler's samples)
     set_ep_forward_work(graph, *tasks, measured_rows(shape_, p->tokens, p->handle, group_.rank()));
   };
-  steps.pack_weights = [this, M, H, H1] {
+  steps.pack_weights = [this] {
     if (cache_) {  // offloaded: resident experts are loaded once, the others when a pass needs them
       if (offload_mode_ == OffloadMode::resident) {
         std::vector<int> all(shape_.local_experts());
@@ -240,9 +201,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       }
       return;
     }
-    for (int le = 0; le < shape_.local_experts(); ++le)
-      backend_.pack_expert_forward(*packed_[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, b1.f32() + le * H1,
-                                   b2.f32() + le * M, M, H);
+    w_.pack_forward(backend_, shape_, packed_);
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
   steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.data(), p->recv.data()); };
@@ -301,17 +260,15 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     dispatcher_.pack_scaled(b->dy, fp->gating.gate.data(), b->handle, b->send.data());
     set_ep_backward_work(graph, *tasks, measured_rows(shape_, fp->tokens, b->handle, group_.rank()));
   };
-  steps.pack_weights = [this, M, H, H1] {
-    for (int le = 0; le < shape_.local_experts(); ++le)
-      backend_.pack_expert_backward(*packed_[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, M, H);
-  };
+  steps.pack_weights = [this] { w_.pack_backward(backend_, shape_, packed_); };
   steps.gate_backward = [this, fp, b, shape, loss_grads, M, k] {
     const int64_t T = fp->tokens;
     // d loss / d gate value = <dy_t, FFN_e(x_t)> for kept choices.
     std::vector<float> dgate(T * k);
     backend_.combine_rows_backward_gate(b->dy, fp->back.data(), T, M, k, fp->handle.positions.data(), dgate.data());
     b->dx_gate.resize(T * M);
-    gate_backward(backend_, fp->x, wg.f32(), shape, fp->gating, dgate.data(), loss_grads, dwg.f32(), b->dx_gate.data());
+    gate_backward(backend_, fp->x, w_.wg.f32(), shape, fp->gating, dgate.data(), loss_grads, w_.dwg.f32(),
+                  b->dx_gate.data());
   };
   steps.grad_dispatch = [this, b](int c) { dispatcher_.dispatch_chunk(b->handle, c, b->send.data(), b->recv.data()); };
   steps.expert_dgrad = [this, fp, b, M, H, H1](int c) {
@@ -339,8 +296,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       std::vector<int64_t> bwd = canonical_row_positions(b->handle.experts_compute, le);
       ExpertRows rows{row_pointers(fp->u.data(), M, fwd), row_pointers(fp->act.data(), H, fwd),
                       row_pointers(b->dhpre.data(), H1, bwd), row_pointers(b->dy_rows.data(), M, bwd)};
-      ExpertGrads g{dw1.f32() + le * M * H1, db1.f32() + le * H1, dw2.f32() + le * H * M, db2.f32() + le * M};
-      backend_.expert_weight_grads(g, shape_.activation, M, H, rows);
+      backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, M, H, rows);
     }
   };
   steps.unpack_grad = [this, fp, b, M] {

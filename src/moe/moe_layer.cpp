@@ -2,13 +2,16 @@
 
 #include "core/error.h"
 #include "moe/expert_parallel.h"
+#include "moe/ppmoe.h"
 #include "sched/trace.h"
 
 namespace pm {
 
 const MoeStrategy& moe_strategy(const std::string& name) {
   static const ExpertParallelStrategy ep;
-  PM_REQUIRE(name == ep.name(), "unknown MoE strategy '{}' (known: {})", name, ep.name());
+  static const PpmoeStrategy ppmoe;
+  if (name == ppmoe.name()) return ppmoe;
+  PM_REQUIRE(name == ep.name(), "unknown MoE strategy '{}' (known: {}, {})", name, ep.name(), ppmoe.name());
   return ep;
 }
 

@@ -4,7 +4,9 @@
 // a whole transformer block beside its dense work (the model). The planner simulates the same
 // tasks with a balanced routing and no work bound.
 //
-// Strategies: expert parallelism with pipelined all-to-all (moe/expert_parallel.h) is the first.
+// Strategies: expert parallelism with pipelined all-to-all (moe/expert_parallel.h), and PPMoE:
+// the experts split over a tensor-parallel group that holds the same tokens, index selection and
+// one all-reduce instead of the all-to-all (moe/ppmoe.h).
 #pragma once
 
 #include <cstdint>
@@ -59,7 +61,7 @@ class MoeStrategy {
   virtual std::unique_ptr<MoeLayer> make_layer(const MoeShape& shape, Communicator& group, Backend& backend) const = 0;
 };
 
-// By name: "ep" (expert parallelism, all-to-all). Usage error for an unknown name.
+// By name: "ep" (expert parallelism, all-to-all) or "ppmoe". Usage error for an unknown name.
 const MoeStrategy& moe_strategy(const std::string& name);
 
 class MoeLayer {

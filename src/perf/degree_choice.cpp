@@ -22,7 +22,8 @@ int parse_degree(const std::string& text, const char* flag) {
 
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
                             const MoeShape& shape, int refine,
-                            const std::function<std::pair<double, double>(int, int)>& measure, int rounds) {
+                            const std::function<std::pair<double, double>(int, int)>& measure, int rounds,
+                            const MoeStrategy& strategy) {
   DegreeChoice choice;
   choice.forward = forward_request;
   choice.backward = backward_request;
@@ -30,7 +31,7 @@ DegreeChoice choose_degrees(int forward_request, int backward_request, const Per
 
   std::vector<int> fwd_candidates, bwd_candidates;
   if (profile) {
-    choice.plan = plan_layer(*profile, shape);
+    choice.plan = plan_layer(*profile, shape, kPlanTolerance, strategy);
     choice.planned_forward = choice.plan->forward_degree;
     choice.planned_backward = choice.plan->backward_degree;
     // the planner's pick, then its next best predictions, `refine` degrees in all

@@ -31,6 +31,7 @@ struct DegreeChoice {
 // degrees to time, the planner's pick and its next best predictions (0 or 1: trust the planner).
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
                             const MoeShape& shape, int refine,
-                            const std::function<std::pair<double, double>(int, int)>& measure, int rounds = 3);
+                            const std::function<std::pair<double, double>(int, int)>& measure, int rounds = 3,
+                            const MoeStrategy& strategy = moe_strategy("ep"));
 
 }  // namespace pm

@@ -75,6 +75,30 @@ void measure_link(Communicator& comm, std::vector<Sample>& samples) {
   }
 }
 
+// All-reduces (sum, float) back to back over the group, as PPMoE's chunks go: for each size, the
+// time of one (slowest rank), with the bytes a ring moves per rank, 2 (P-1)/P of the buffer (the
+// work moe/ppmoe_graph.cpp gives its reduce tasks). Kept on rank 0. With one rank: the fixed cost.
+void measure_all_reduce(Communicator& comm, std::vector<Sample>& samples) {
+  const int P = comm.size();
+  for (int64_t bytes : {16 << 10, 128 << 10, 1 << 20, 4 << 20}) {
+    const int64_t floats = bytes / 4;
+    std::vector<float> buffer(floats, 1.0f);
+    auto run = [&](int n) {
+      comm.barrier();
+      Stopwatch w;
+      for (int i = 0; i < n; ++i) comm.allreduce(buffer.data(), buffer.data(), floats, DType::f32, ReduceOp::sum);
+      return comm.allreduce_scalar(w.elapsed_s(), ReduceOp::max) / n;
+    };
+    double one = run(2);
+    int n = static_cast<int>(std::clamp(0.06 / std::max(one, 1e-6), 3.0, 200.0));
+    for (int rep = 0; rep < 3; ++rep) {
+      double seconds = run(n);
+      TaskWork w{1, 0, 2.0 * (P - 1) / P * static_cast<double>(bytes)};
+      if (comm.rank() == 0) samples.push_back({"all_reduce", task_features(w), seconds});
+    }
+  }
+}
+
 std::string samples_to_json(const std::vector<Sample>& samples) {
   nlohmann::json j = nlohmann::json::array();
   for (const Sample& s : samples) j.push_back({s.cost, s.features, s.seconds});
@@ -216,6 +240,8 @@ PerfProfile take_profile(Communicator& comm, Backend& backend, const ProfileOpti
 
   if (o.progress && comm.rank() == 0) o.progress("all-to-alls back to back: the link's cost per transfer and per byte");
   if (comm.size() > 1) measure_link(comm, samples);
+  if (o.progress && comm.rank() == 0) o.progress("all-reduces back to back: what PPMoE's layer moves instead");
+  measure_all_reduce(comm, samples);
   if (o.progress && comm.rank() == 0) o.progress("how the lanes slow each other");
   Interference interference = measure_interference(comm, backend, 5);
 

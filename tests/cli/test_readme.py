@@ -58,7 +58,9 @@ def prepare(command, runs):
     args = shlex.split(command)
     out = []
     for a in args:
-        if a.startswith("runs/"):
+        if a == "build/pipemoe" and os.environ.get("PIPEMOE_BIN"):
+            out.append(os.environ["PIPEMOE_BIN"])  # the binary under test (scripts/sanitize: build-asan's)
+        elif a.startswith("runs/"):
             out.append(os.path.join(runs, a[len("runs/"):]))
         elif a.startswith(REPO_PATHS):
             out.append(os.path.join(ROOT, a))
@@ -91,7 +93,8 @@ def main():
                 print(f"not run: {command} (needs root and network namespaces)", flush=True)
                 continue
             args, kind = prepare(command, runs)
-            proc = subprocess.run(["timeout", "--kill-after=5", "600"] + args, cwd=elsewhere, capture_output=True,
+            limit = str(int(600 * float(os.environ.get("PIPEMOE_TIMEOUT_SCALE", "1"))))
+            proc = subprocess.run(["timeout", "--kill-after=5", limit] + args, cwd=elsewhere, capture_output=True,
                                   text=True, errors="replace", env=env)  # a young model writes any bytes
             ok = proc.returncode == 0
             f.check(ok, f"README command failed (exit {proc.returncode}): {command}\n{proc.stderr[-1500:]}")

@@ -19,6 +19,10 @@ def mpi_env():
     return env
 
 
+# Sanitizer builds run several times slower (scripts/sanitize sets this to 4): every time limit
+# stretches with them, so that a slow but healthy run is not taken for a hung one.
+TIMEOUT_SCALE = float(os.environ.get("PIPEMOE_TIMEOUT_SCALE", "1"))
+
 # Set by a test's --inprocess flag: ranks run as threads of one pipemoe process, no mpirun.
 IN_PROCESS = "--inprocess" in sys.argv
 
@@ -26,6 +30,7 @@ IN_PROCESS = "--inprocess" in sys.argv
 def mpirun(ranks, args, timeout=120, check=True, env=None):
     """Runs `mpirun -np ranks pipemoe args...` (or, in-process, `pipemoe --ranks-in-process ranks
     args...`), with `env` added to the environment; returns the CompletedProcess."""
+    timeout = int(timeout * TIMEOUT_SCALE)
     if IN_PROCESS:
         cmd = ["timeout", "--kill-after=5", str(timeout), BINARY, "--ranks-in-process", str(ranks)]
     else:
