@@ -10,7 +10,14 @@ over rounds. Run it inside scripts/emulate-cluster to put a slow network between
       --rounds 3 --common "--max-steps 16 --set batch_size=48" --csv out/train_variants.csv
 
 With --command generate the variants are `pipemoe generate` runs (e.g. "--checkpoint CK ...") and
-the table is inference tokens/s (all sequences) per variant.
+the table is inference tokens/s (all sequences) per variant. With --command layer they are
+`pipemoe layer` runs (e.g. "--strategy ppmoe --tp 2 --tokens 2048"): forward, backward and
+tokens/s of all ranks; --np sets the ranks (default 2), e.g. PPMoE against all-to-all EP on two
+emulated hosts of two ranks each:
+
+  scripts/emulate-cluster --hosts 2 --ranks-per-host 2 --rate 1gbit -- /usr/bin/python3 \
+      bench/train_variants.py --command layer --np 4 --common "--model-dim 256 --hidden 512 --iters 5" \
+      --variant "ep d1=--strategy ep --tokens 512" --variant "ppmoe tp2=--strategy ppmoe --tp 2 --tokens 1024"
 
 Every run is under `timeout`; a failed run stops the benchmark with its error.
 """
@@ -24,12 +31,13 @@ import subprocess
 import sys
 
 KEYS = {"train": ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss"],
-        "generate": ["tokens_per_s", "seconds"]}
+        "generate": ["tokens_per_s", "seconds"],
+        "layer": ["forward_ms", "backward_ms", "tokens_per_s", "a2a_busy_ms", "degree_fwd", "degree_bwd"]}
 
 
-def run(command, args, timeout, env):
+def run(command, args, timeout, env, ranks=2):
     cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe", "--allow-run-as-root",
-           "-np", "2", os.environ.get("PIPEMOE_BIN", "build/pipemoe"), command] + args
+           "-np", str(ranks), os.environ.get("PIPEMOE_BIN", "build/pipemoe"), command] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
     if proc.returncode != 0:
         sys.exit(f"train_variants: exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
@@ -46,6 +54,7 @@ def main():
     p.add_argument("--common", default="", help="arguments every variant gets")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--np", type=int, default=2, help="ranks")
     p.add_argument("--csv", default="out/train_variants.csv")
     o = p.parse_args()
     variants = []
@@ -59,11 +68,13 @@ def main():
     for r in range(o.rounds):
         for i in range(len(variants)):
             name, args = variants[(i + r) % len(variants)]
-            j = run(o.command, args, o.timeout, env)
+            j = run(o.command, args, o.timeout, env, o.np)
             row = {"round": r, "variant": name, **{k: j.get(k) for k in keys}}
             rows.append(row)
             print(f"round {r} {name}: " + " ".join(f"{k} {row[k]:.4g}" for k in keys if row[k] is not None), flush=True)
-    if o.command == "train":
+    if o.command == "layer":
+        print(f"\n{'variant':<20} {'fwd ms':>8} {'bwd ms':>8} {'comm busy':>10} {'degrees':>8} {'tokens/s':>9} {'vs first':>9}")
+    elif o.command == "train":
         print(f"\n{'variant':<16} {'ms/step':>9} {'tokens/s':>9} {'exposed ms':>11} {'a2a hidden':>11} {'vs first':>9}")
     else:
         print(f"\n{'variant':<16} {'tokens/s':>9} {'vs first':>9}")
@@ -72,7 +83,11 @@ def main():
         mine = [x for x in rows if x["variant"] == name]
         med = {k: statistics.median(x[k] for x in mine if x[k] is not None) if any(x[k] is not None for x in mine)
                else float("nan") for k in keys}
-        if o.command == "train":
+        if o.command == "layer":
+            first = first or med["tokens_per_s"]
+            print(f"{name:<20} {med['forward_ms']:8.1f} {med['backward_ms']:8.1f} {med['a2a_busy_ms']:10.1f} "
+                  f"{med['degree_fwd']:>4.0f}/{med['degree_bwd']:<3.0f} {med['tokens_per_s']:9.0f} {med['tokens_per_s'] / first:8.2f}x")
+        elif o.command == "train":
             first = first or med["ms_per_step"]
             print(f"{name:<16} {med['ms_per_step']:9.1f} {med['tokens_per_s']:9.0f} {med['exposed_comm_ms_per_step']:11.1f} "
                   f"{med['comm_hidden_share'] * 100:10.0f}% {first / med['ms_per_step']:8.2f}x")

@@ -266,7 +266,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   };
   row("forward", sf, pred_fwd);
   row("backward", sb, pred_bwd);
-  row("all-to-all (busy)", sc, {});
+  row(ppmoe ? "all-reduce (busy)" : "all-to-all (busy)", sc, {});
   row("  its thread's CPU", scpu, {});
   row("expert FFN", se, {});
   if (alone)

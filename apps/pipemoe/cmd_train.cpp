@@ -56,6 +56,13 @@ void add_train_command(CLI::App& app, CommandFn& run) {
   text("--profile", "profile", "performance profile for --degree auto");
   text("--trace", "trace", "Chrome/Perfetto trace of the last step");
   text("--log-csv", "log_csv", "per-step CSV log");
+  // the parallel layout: tp x dp x pp = ranks
+  cmd->add_option_function<int64_t>("--tp", [o](int64_t v) { o->overrides["tp"] = v; },
+                                    "ranks per tensor-parallel group (with moe_strategy ppmoe)");
+  cmd->add_option_function<int64_t>("--dp", [o](int64_t v) { o->overrides["dp"] = v; },
+                                    "data-parallel groups (default: ranks / (tp x pp))");
+  cmd->add_option_function<int64_t>("--pp", [o](int64_t v) { o->overrides["pp"] = v; },
+                                    "pipeline stages (only 1: pipeline parallelism is not built yet)");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_train(ctx, *o); }; });
 }
 

@@ -17,6 +17,11 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     : config_(c), comm_(comm), executor_(executor), backend_(backend) {
   const int64_t V = c.vocab_size, S = c.seq_len, D = c.d_model, F = c.mlp_hidden, G = c.shared_expert_hidden;
   PM_CHECK(V > 0, "the model needs a vocabulary size");
+  if (c.moe_strategy == "ppmoe") {
+    PM_REQUIRE(comm.size() % c.tp == 0, "tp {} does not divide the {} ranks", c.tp, comm.size());
+    tp_group_ = comm.split(comm.rank() / c.tp, comm.rank());
+    expert_replicas_ = comm.split(comm.rank() % c.tp, comm.rank());
+  }
   auto make = [](Tensor& value, Tensor& grad, Shape shape) {
     value = Tensor::zeros(shape);
     grad = Tensor::zeros(shape);
@@ -46,11 +51,12 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     add_param(p + "ln2.g", b->ln2_g, b->d_ln2_g, false, false);
     add_param(p + "ln2.b", b->ln2_b, b->d_ln2_b, false, false);
     if (c.is_moe(l)) {
-      MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor, comm.size()};
+      MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor,
+                     expert_group().size()};
       shape.normalize_gates = c.gate_normalize;
       shape.balance_bias = c.router_bias_rate > 0;
       shape.activation = parse_activation(c.expert_activation, "configuration: 'expert_activation'");
-      b->moe = strategy.make_layer(shape, comm, backend);
+      b->moe = strategy.make_layer(shape, expert_group(), backend);
       for (Parameter& mp : b->moe->parameters()) add_param(p + "moe." + mp.name, *mp.value, *mp.grad, mp.expert, mp.decay);
       if (G > 0) {
         make(b->se_w_fc, b->d_se_w_fc, {D, G});

@@ -88,6 +88,11 @@ class GptModel {
 
   // Milliseconds of the last forward + backward in which the compute lane waited for
   // communication (each graph's wall time minus its compute lane's busy time).
+  // The group an MoE layer's experts are spread over: the tensor-parallel group (ppmoe), or all ranks.
+  Communicator& expert_group() { return tp_group_ ? *tp_group_ : comm_; }
+  // ppmoe: the ranks that hold this rank's experts too, one per tensor-parallel group (their
+  // gradients are summed over it); null when every expert lives on one rank (ep).
+  Communicator* expert_replicas() { return expert_replicas_.get(); }
   double exposed_comm_ms() const { return forward_exposed_ms_ + backward_exposed_ms_; }
   // The MoE all-to-alls of the last forward + backward, and how much of their time ran while the
   // compute lane computed (ScMoE's "communication hidden"): over all MoE blocks, and per block.
@@ -136,6 +141,9 @@ class GptModel {
   Trace* trace_ = nullptr;
   GradsReady grads_ready_;
   Communicator& comm_;
+  // ppmoe: this rank's tensor-parallel group (its MoE layers' group) and the ranks of the other
+  // groups at the same place in theirs (which hold the same experts); null otherwise
+  std::unique_ptr<Communicator> tp_group_, expert_replicas_;
   Executor& executor_;
   Backend& backend_;
   Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]

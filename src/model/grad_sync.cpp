@@ -19,33 +19,50 @@ int block_of(const std::string& name) {
 
 }  // namespace
 
-GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap)
+GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap,
+                           Communicator* expert_replicas, float expert_scale)
     : comm_(comm), overlap_(overlap), buckets_(blocks + 1) {
   for (int b = 0; b < blocks; ++b) buckets_[b].name = "all-reduce block " + std::to_string(b) + " grads";
   buckets_[blocks].name = "all-reduce embedding grads";
+  for (Bucket& bucket : buckets_) bucket.comm = &comm;
+  if (expert_replicas) {
+    expert_buckets_.resize(blocks);
+    for (int b = 0; b < blocks; ++b) {
+      expert_buckets_[b].name = "all-reduce block " + std::to_string(b) + " expert grads";
+      expert_buckets_[b].comm = expert_replicas;
+      expert_buckets_[b].scale = expert_scale;
+    }
+  }
   for (Parameter& p : params) {
-    if (p.expert) continue;
     int b = block_of(p.name);
     PM_CHECK(b < blocks, "parameter {} names block {} of a model with {}", p.name, b, blocks);
+    if (p.expert) {
+      if (expert_replicas) expert_buckets_[b].params.push_back(&p);
+      continue;
+    }
     buckets_[b < 0 ? blocks : b].params.push_back(&p);
   }
-  for (Bucket& bucket : buckets_) {
-    int64_t total = 0;
-    for (const Parameter* p : bucket.params) total += p->grad->numel();
-    bucket.flat.resize(total);
-  }
+  for (std::vector<Bucket>* list : {&buckets_, &expert_buckets_})
+    for (Bucket& bucket : *list) {
+      int64_t total = 0;
+      for (const Parameter* p : bucket.params) total += p->grad->numel();
+      bucket.flat.resize(total);
+    }
 }
 
 void GradientSync::append(TaskGraph& graph, Bucket& bucket, const std::vector<int>& after) {
-  if (comm_.size() == 1 || bucket.params.empty()) return;
-  const double bytes = 2.0 * (comm_.size() - 1) / comm_.size() * bucket.flat.size() * sizeof(float);
+  Communicator& comm = *bucket.comm;
+  if ((comm.size() == 1 && bucket.scale == 1.0f) || bucket.params.empty()) return;
+  const double bytes = 2.0 * (comm.size() - 1) / comm.size() * bucket.flat.size() * sizeof(float);
   // Packs, sums in place and unpacks on the communication lane; no compute task touches these
   // gradients again in this graph.
-  graph.add({bucket.name, lanes::comm, "grad_allreduce", -1, {1, 0, bytes}, after, [this, &bucket] {
+  graph.add({bucket.name, lanes::comm, "grad_allreduce", -1, {1, 0, bytes}, after, [&comm, &bucket] {
                int64_t at = 0;
                for (const Parameter* p : bucket.params)
                  std::memcpy(&bucket.flat[at], p->grad->f32(), p->grad->nbytes()), at += p->grad->numel();
-               comm_.allreduce(bucket.flat.data(), bucket.flat.data(), at, DType::f32, ReduceOp::sum);
+               comm.allreduce(bucket.flat.data(), bucket.flat.data(), at, DType::f32, ReduceOp::sum);
+               if (bucket.scale != 1.0f)
+                 for (int64_t i = 0; i < at; ++i) bucket.flat[i] *= bucket.scale;
                at = 0;
                for (const Parameter* p : bucket.params)
                  std::memcpy(p->grad->f32(), &bucket.flat[at], p->grad->nbytes()), at += p->grad->numel();
@@ -57,11 +74,13 @@ void GradientSync::grads_ready(TaskGraph& graph, int block, const std::vector<in
   PM_CHECK(block < rest, "block {} out of range", block);
   if (overlap_) {
     append(graph, buckets_[block < 0 ? rest : block], ready);
+    if (block >= 0 && !expert_buckets_.empty()) append(graph, expert_buckets_[block], ready);
     return;
   }
   if (block >= 0) return;
   // after the whole backward: the ready tasks of the rest come last and follow every block's
   for (Bucket& bucket : buckets_) append(graph, bucket, ready);
+  for (Bucket& bucket : expert_buckets_) append(graph, bucket, ready);
 }
 
 }  // namespace pm

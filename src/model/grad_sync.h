@@ -7,7 +7,10 @@
 // joins the graph there, on the communication lane, so it runs while the compute lane goes on
 // with the blocks below. The communication lane runs its tasks in the order added, the same
 // on every rank, so the all-reduces and the MoE all-to-alls of the blocks below match across
-// ranks. Expert gradients stay local: their rank owns those experts.
+// ranks. Expert gradients stay local where their rank alone owns those experts (ep); with PPMoE
+// every tensor-parallel group holds all experts, and a rank's expert gradients are summed over the
+// ranks that hold the same experts (expert_replicas) and scaled by expert_scale, in a bucket of
+// their own per block.
 #pragma once
 
 #include <vector>
@@ -23,7 +26,11 @@ class GradientSync {
  public:
   // Parameters named "blocks.<l>...." go to block l's bucket, other replicated ones to the last.
   // overlap: each bucket as soon as its block is done; otherwise all of them after the backward.
-  GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap);
+  // expert_replicas (may be null): the group over which expert gradients are summed, then
+  // multiplied by expert_scale (the gradient came in scaled by 1 / ranks, but each group's tokens
+  // reached its experts once, not once per rank of the group: scale = ranks per group).
+  GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap,
+               Communicator* expert_replicas = nullptr, float expert_scale = 1.0f);
 
   // GptModel::GradsReady: appends block `block`'s bucket (block < 0: the rest) after `ready`;
   // without overlap, appends every bucket once the rest is ready.
@@ -34,12 +41,15 @@ class GradientSync {
     std::string name;
     std::vector<Parameter*> params;
     Buffer<float> flat;
+    Communicator* comm = nullptr;
+    float scale = 1.0f;  // applied after the sum
   };
   void append(TaskGraph& graph, Bucket& bucket, const std::vector<int>& after);
 
   Communicator& comm_;
   bool overlap_;
   std::vector<Bucket> buckets_;  // [blocks]: the blocks, [blocks]: the rest
+  std::vector<Bucket> expert_buckets_;  // [blocks]: each block's expert gradients (with expert_replicas)
 };
 
 }  // namespace pm

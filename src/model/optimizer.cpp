@@ -14,7 +14,7 @@ double learning_rate(const TrainConfig& c, int64_t step) {
   return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm) {
+double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm, int expert_copies) {
   double replicated = 0, expert = 0;
   for (const Parameter& p : params) {
     const float* g = p.grad->f32();
@@ -23,12 +23,13 @@ double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm
     (p.expert ? expert : replicated) += s;
   }
   // replicated gradients are the same on every rank after the all-reduce: count them once
-  expert = comm.allreduce_scalar(expert, ReduceOp::sum);
+  // and every expert once, whichever ranks hold a copy
+  expert = comm.allreduce_scalar(expert, ReduceOp::sum) / expert_copies;
   return std::sqrt(replicated + expert);
 }
 
-double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm) {
-  const double norm = global_grad_norm(params, comm);
+double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm, int expert_copies) {
+  const double norm = global_grad_norm(params, comm, expert_copies);
   if (max_norm > 0 && norm > max_norm) {
     const float scale = static_cast<float>(max_norm / norm);
     for (Parameter& p : params) {

@@ -15,10 +15,11 @@ namespace pm {
 double learning_rate(const TrainConfig& c, int64_t step);
 
 // The norm of the whole model's gradient; collective.
-double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm);
+// expert_copies: how many ranks hold each expert (ppmoe: the tensor-parallel groups; ep: 1).
+double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm, int expert_copies = 1);
 // Scales every gradient so that the global norm is at most max_norm (0: no clipping); returns the
 // norm before clipping. Collective.
-double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm);
+double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm, int expert_copies = 1);
 
 class AdamW {
  public:

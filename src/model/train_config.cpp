@@ -42,6 +42,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("expert_hidden", c.model.expert_hidden);
   fn("expert_activation", c.model.expert_activation);
   fn("moe_strategy", c.model.moe_strategy);
+  fn("tp", c.model.tp);
   fn("arch", c.model.arch);
   fn("scmoe_tap", c.model.scmoe_tap);
   fn("scmoe_slot", c.model.scmoe_slot);
@@ -52,6 +53,8 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("gate_normalize", c.model.gate_normalize);
   fn("router_bias_rate", c.model.router_bias_rate);
   fn("batch_size", c.batch_size);
+  fn("dp", c.dp);
+  fn("pp", c.pp);
   fn("max_steps", c.max_steps);
   fn("stop_at", c.stop_at);
   fn("lr", c.lr);
@@ -156,7 +159,7 @@ double TrainConfig::estimated_bytes_per_rank(int world) const {
   const ModelConfig& m = model;
   const double V = tokenizer_vocab, S = m.seq_len, D = m.d_model, T = static_cast<double>(batch_size) * S;
   const double moe = m.moe_every > 0 ? m.moe_layers() : 0, dense = m.layers - moe;
-  const double local_experts = moe > 0 ? std::max(1.0, static_cast<double>(m.experts) / std::max(world, 1)) : 0;
+  const double local_experts = moe > 0 ? std::max(1.0, static_cast<double>(m.experts) / std::max(m.expert_ranks(world), 1)) : 0;
   // parameters: embeddings, attention, dense MLPs, and per MoE block its gate, experts and shared
   // expert (an expert's two matrices are 2 D H, or 3 D H with SwiGLU)
   const double expert_matrices = m.expert_activation == "swiglu" ? 3 : 2;
@@ -197,6 +200,17 @@ void TrainConfig::validate(int world) const {
   at_most("expert_hidden", m.expert_hidden, 1 << 20);
   at_most("shared_expert_hidden", m.shared_expert_hidden, 1 << 20);
   at_most("batch_size", batch_size, 1 << 20);
+  PM_REQUIRE(m.tp >= 1 && world % m.tp == 0,
+             "configuration: 'tp' (ranks per tensor-parallel group) must divide the {} ranks, got {}", world, m.tp);
+  PM_REQUIRE(pp == 1, "configuration: 'pp' {}: pipeline-parallel stages are not built yet; use pp 1", pp);
+  PM_REQUIRE(dp == 0 || dp * m.tp * pp == world,
+             "configuration: the layout tp {} x dp {} x pp {} = {} ranks, but this run has {}", m.tp, dp, pp,
+             m.tp * dp * pp, world);
+  PM_REQUIRE(m.tp == 1 || m.moe_strategy == "ppmoe",
+             "configuration: 'tp' {} needs moe_strategy ppmoe (the all-to-all strategy spreads the experts over all "
+             "ranks)", m.tp);
+  PM_REQUIRE(m.moe_layers() == 0 || m.experts % m.tp == 0,
+             "configuration: {} experts do not divide over tensor-parallel groups of {} ranks", m.experts, m.tp);
   PM_REQUIRE(m.d_model % m.heads == 0, "configuration: d_model {} must be a multiple of heads {}", m.d_model, m.heads);
   const double need = estimated_bytes_per_rank(world), have = physical_memory_bytes();
   PM_REQUIRE(have <= 0 || need <= have,
@@ -216,10 +230,10 @@ void TrainConfig::validate(int world) const {
                m.shared_expert_hidden);
     PM_REQUIRE(m.scmoe_slot >= -1, "configuration: 'scmoe_slot' must be -1 (auto) or a number of dense tasks, got {}",
                m.scmoe_slot);
-    PM_REQUIRE(m.experts % world == 0,
+    PM_REQUIRE(m.experts % m.expert_ranks(world) == 0,
                "configuration: {} experts cannot be spread evenly over {} ranks: experts must be a multiple of the "
                "number of ranks",
-               m.experts, world);
+               m.experts, m.expert_ranks(world));
   }
   PM_REQUIRE(m.arch == "moe" || m.arch == "scmoe", "configuration: 'arch' must be \"moe\" or \"scmoe\", got \"{}\"",
              m.arch);

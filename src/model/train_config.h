@@ -23,7 +23,12 @@ struct ModelConfig {
   double capacity_factor = 1.25;
   int expert_hidden = 1024;
   std::string expert_activation = "gelu";  // the routed experts': "gelu" or "swiglu" (moe_shape.h)
-  std::string moe_strategy = "ep";  // how tokens reach their experts (moe/moe_layer.h): "ep", all-to-all
+  std::string moe_strategy = "ep";  // how tokens reach their experts (moe/moe_layer.h): "ep", all-to-all;
+                                    // "ppmoe": split over a tensor-parallel group of tp ranks
+  // Ranks per tensor-parallel group (PPMoE): tp consecutive ranks hold the same sequences and split
+  // every MoE layer's experts; dp = ranks / tp groups each take their own batch. The dense weights
+  // are replicated inside a group (not yet split Megatron-style).
+  int tp = 1;
   // "moe": an MoE block's routed experts read its own LN2 output; "scmoe" (shortcut-connected,
   // ScMoE): they read, through a LayerNorm of their own, the block before it at scmoe_tap, so
   // their all-to-all overlaps the dense work in between.
@@ -40,12 +45,19 @@ struct ModelConfig {
   double router_bias_rate = 0;
   bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }
   bool scmoe() const { return arch == "scmoe"; }
+  // The ranks an MoE layer's experts are spread over: the tensor-parallel group (ppmoe) or all.
+  int expert_ranks(int world) const { return moe_strategy == "ppmoe" ? tp : world; }
+  // Ranks that hold the same sequences: a tensor-parallel group (ppmoe), else 1. A rank's batch is
+  // its group's: group rank / this draws it.
+  int ranks_per_batch() const { return moe_strategy == "ppmoe" ? tp : 1; }
   int moe_layers() const;
 };
 
 struct TrainConfig {
   ModelConfig model;
-  int batch_size = 16;  // sequences per rank per step
+  int batch_size = 16;  // sequences per rank per step (ppmoe: per tensor-parallel group, whose ranks share them)
+  int dp = 0;           // data-parallel groups: 0 = ranks / (tp x pp); else must be that
+  int pp = 1;           // pipeline stages: only 1 for now (pipeline parallelism is not built yet)
   int max_steps = 300;
   int stop_at = 0;  // stop after this many steps, as an interruption would (the schedule still follows max_steps)
   double lr = 3e-3, min_lr = 3e-4;

@@ -44,7 +44,7 @@ double evaluate(GptModel& model, const TokenData& data, const TrainConfig& c, Co
   std::vector<int32_t> in(B * S), tg(B * S);
   double sum = 0;
   for (int i = 0; i < c.eval_batches; ++i) {
-    sample_batch(data.validation, B, S, c.seed, stream_id(31, i, comm.rank()), in.data(), tg.data());
+    sample_batch(data.validation, B, S, c.seed, stream_id(31, i, comm.rank() / c.model.ranks_per_batch()), in.data(), tg.data());
     sum += model.forward(in.data(), tg.data(), B, 0.0f);
   }
   return comm.allreduce_scalar(sum / c.eval_batches, ReduceOp::sum) / comm.size();
@@ -63,8 +63,9 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
   if (request > 0) shape.check_degree(request, "configuration: degree");
   MoeLayer& probe = *layers[0];
   std::vector<float> x(T * D), y(T * D), dy(T * D), dx(T * D);
-  Rng(c.seed, stream_id(40, comm.rank())).fill_normal(x.data(), x.size(), 0.0f, 1.0f);
-  Rng(c.seed, stream_id(41, comm.rank())).fill_normal(dy.data(), dy.size(), 0.0f, 1.0f);
+  const int data_rank = comm.rank() / c.model.ranks_per_batch();  // a ppmoe group's ranks: the same tokens
+  Rng(c.seed, stream_id(40, data_rank)).fill_normal(x.data(), x.size(), 0.0f, 1.0f);
+  Rng(c.seed, stream_id(41, data_rank)).fill_normal(dy.data(), dy.size(), 0.0f, 1.0f);
   auto pass = [&] {
     comm.barrier();
     LayerPassRun f, b;
@@ -80,7 +81,7 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
     return std::make_pair(v[0], v[1]);
   };
   if (request == 0) pass();  // warms buffers before anything is timed
-  choice = choose_degrees(request, request, profile, shape, profile ? 3 : 0, measure);
+  choice = choose_degrees(request, request, profile, shape, profile ? 3 : 0, measure, 3, probe.strategy());
   model.zero_grads();  // the probe's passes left gradients behind
   for (MoeLayer* l : layers) l->set_degrees(choice.forward, choice.backward);
   return choice;
@@ -210,13 +211,22 @@ void print_setup(const TrainConfig& c, int ranks, int hosts) {
   std::string moe_blocks;
   for (int l = 0; l < c.model.layers; ++l)
     if (c.model.is_moe(l)) moe_blocks += (moe_blocks.empty() ? "" : ", ") + std::to_string(l);
-  log::info("layout: {} ranks on {} host(s); data parallel over all {} for the dense weights", ranks, hosts, ranks);
+  const int tp = c.model.ranks_per_batch(), groups = ranks / tp;
+  if (tp == 1)
+    log::info("layout: {} ranks on {} host(s); data parallel over all {} for the dense weights", ranks, hosts, ranks);
+  else
+    log::info("layout: {} ranks on {} host(s) = tp {} x dp {} x pp 1: {} tensor-parallel groups of {} consecutive ranks, "
+              "each with its own batch; dense weights replicated in a group, all-reduced over all ranks",
+              ranks, hosts, tp, groups, groups, tp);
   if (moe_blocks.empty()) return;
-  const int per_rank = c.model.experts / ranks;
+  const int spread = c.model.expert_ranks(ranks), per_rank = c.model.experts / spread;
   std::string holders;
-  for (int r = 0; r < ranks; ++r)
-    holders += fmt::format("{}rank {}: experts {}", r ? ", " : "", r,
-                           per_rank == 1 ? std::to_string(r) : fmt::format("{}-{}", r * per_rank, (r + 1) * per_rank - 1));
+  for (int r = 0; r < ranks; ++r) {
+    const int j = r % spread;  // this rank's place among the ranks its experts are spread over
+    holders += fmt::format("{}rank {}{}: experts {}", r ? ", " : "", r,
+                           tp > 1 ? fmt::format(" (tp group {}, dp group {})", r / tp, r % tp) : "",
+                           per_rank == 1 ? std::to_string(j) : fmt::format("{}-{}", j * per_rank, (j + 1) * per_rank - 1));
+  }
   log::info("layout: MoE blocks {} ({} experts each, strategy {}): {}", moe_blocks, c.model.experts,
             c.model.moe_strategy, holders);
 }
@@ -233,6 +243,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
                "checkpoint {} was written by {} ranks, this run has {}: resume with the same number of ranks",
                c.resume, resumed->world_size, P);
     const nlohmann::json defaults = TrainConfig{}.to_json();  // a key older checkpoints lack had its default
+    // each rank's file holds its share of the experts: only the layout that wrote it can read it
+    const int was_tp = resumed->config.value("tp", 1);
+    const std::string was_strategy = resumed->config.value("moe_strategy", std::string("ep"));
+    PM_REQUIRE(was_tp == c.model.tp && was_strategy == c.model.moe_strategy,
+               "checkpoint {} was written with moe_strategy {} and tp {}; this run has moe_strategy {} and tp {}: "
+               "resume with the layout that wrote it (moving experts between layouts is not built yet)",
+               c.resume, was_strategy, was_tp, c.model.moe_strategy, c.model.tp);
     for (const char* key : kModelKeys) {
       const nlohmann::json was = resumed->config.value(key, defaults[key]);
       PM_REQUIRE(was == c.to_json()[key], "checkpoint {} is of another model: its {} is {}, this configuration says {}",
@@ -248,7 +265,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   Executor executor;
   Backend& backend = cpu_backend();
   GptModel model(c.model, comm, executor, backend);
-  GradientSync grad_sync(model.parameters(), c.model.layers, comm, c.overlap_grad_allreduce);
+  // ppmoe: expert gradients summed over the groups, times the ranks per group (grad_sync.h)
+  GradientSync grad_sync(model.parameters(), c.model.layers, comm, c.overlap_grad_allreduce, model.expert_replicas(),
+                         static_cast<float>(c.model.ranks_per_batch()));
   model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
   model.init_parameters(c.seed);
   AdamW optimizer(model.parameters());
@@ -271,8 +290,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   if (plan_windows) model.plan_windows_with(&*profile);
 
   int64_t n_params = 0;
-  for (const Parameter& p : model.parameters()) n_params += p.value->numel() * (p.expert ? P : 1);
-  const int64_t B = c.batch_size, S = c.model.seq_len, tokens_per_step = B * S * P;
+  for (const Parameter& p : model.parameters()) n_params += p.value->numel() * (p.expert ? c.model.expert_ranks(P) : 1);
+  // ppmoe: the ranks of a tensor-parallel group hold the same sequences; data_rank names the group
+  const int tp = c.model.ranks_per_batch(), data_rank = rank / tp;
+  const int64_t B = c.batch_size, S = c.model.seq_len, tokens_per_step = B * S * (P / tp);
   log::info("data: {}: {} training and {} validation tokens, BPE vocabulary {}, unigram entropy of validation {:.3f} nats/token",
             data.description, data.train.size(), data.validation.size(), c.model.vocab_size, unigram);
   log::info("model: {} parameters, {} layers ({} MoE: {} experts, top-{}), d_model {}, {} ranks, {} tokens per step",
@@ -328,13 +349,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       model.set_trace(&trace);
     }
     Stopwatch step_watch;
-    sample_batch(data.train, B, S, c.seed, stream_id(30, step, rank), in.data(), tg.data());
+    sample_batch(data.train, B, S, c.seed, stream_id(30, step, data_rank), in.data(), tg.data());
     model.zero_grads();
     double loss = model.forward(in.data(), tg.data(), B, 1.0f / P);
     model.backward();  // with the gradient all-reduce
     inject_nan_if_asked(model.parameters(), step + 1, rank);
     std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
-    const double grad_norm = clip_by_global_norm(model.parameters(), comm, c.grad_clip);
+    const double grad_norm = clip_by_global_norm(model.parameters(), comm, c.grad_clip, P / c.model.expert_ranks(P));
     const double lr = learning_rate(c, step);
     if (step_not_finite(comm, loss, grad_norm)) {
       // named by every rank that saw it, agreed, then stop or skip the update on every rank alike
