@@ -126,7 +126,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::unique_ptr<Communicator> tp_group;
   if (ppmoe) tp_group = ctx.comm.split(ctx.rank() / tp, ctx.rank());
   Communicator& group = ppmoe ? *tp_group : ctx.comm;
-  const int data_groups = ctx.world() / group.size();  // groups with tokens of their own
+  const int data_groups = ppmoe ? ctx.world() / tp : ctx.world();  // ranks or groups with tokens of their own
   o.shape.ranks = group.size();
   PM_REQUIRE(std::isfinite(o.skew), "--skew must be a finite number, got {}", o.skew);
   if (o.skew != 0) o.shape.balance_bias = true;  // the skew is a selection bias

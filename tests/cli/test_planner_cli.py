@@ -53,6 +53,20 @@ def main():
                         for c in plan["candidates"]), f"plan {predicted} is the chosen degree's prediction")
         print(f"ok: plan chose {plan['degree_fwd']}/{plan['degree_bwd']}", flush=True)
 
+        # strategies side by side: all-to-all EP and PPMoE (which needs the profile's all-reduce model)
+        f.check("all_reduce" in p["models"], "the profile models all-reduces (PPMoE's communication)")
+        both = last_json(mpirun(1, ["plan", "--profile", profile, "--tokens", 256, "--model-dim", 64, "--hidden", 128,
+                                    "--experts", 4, "--strategy", "all", "--json"]))
+        names = [s["strategy"] for s in both["strategies"]]
+        fastest = max(both["strategies"], key=lambda s: s["tokens_per_s"])
+        f.check(names == ["ep", "ppmoe"] and both["chosen"] == fastest["strategy"],
+                f"plan --strategy all: {names}, chose {both['chosen']}")
+        f.check(both["strategies"][1]["tokens"] == 2 * 256, "ppmoe planned on the same global batch (one group of 2)")
+        ep = next(s for s in both["strategies"] if s["strategy"] == "ep")
+        f.check(abs(ep["predicted_fwd_ms"] - plan["predicted_fwd_ms"]) < 1e-9, "plan --strategy all's ep row is plan's")
+        rates = ", ".join("{} {:.0f} tokens/s".format(s["strategy"], s["tokens_per_s"]) for s in both["strategies"])
+        print(f"ok: plan --strategy all chose {both['chosen']} ({rates})", flush=True)
+
         auto = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--profile", profile, "--refine", "2",
                                                         "--json"]))
         f.check(auto["predicted_fwd_ms"] is not None and auto["predicted_bwd_ms"] is not None, "predictions reported")
