@@ -102,6 +102,11 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   config.apply(state.config, o.checkpoint + "/state.json");
   Tokenizer tokenizer = Tokenizer::from_json(state.tokenizer_json, o.checkpoint + "/tokenizer.json");
   config.model.vocab_size = tokenizer.vocab_size();
+  // inference spreads the experts over its own ranks (all-to-all), whatever layout trained them:
+  // the checkpoint holds whole tensors
+  config.model.moe_strategy = "ep";
+  config.model.tp = 1;
+  config.dp = 0;
   PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
              "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
   try {  // the model the checkpoint describes, checked as a training configuration is

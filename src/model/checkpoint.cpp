@@ -53,18 +53,19 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-// The whole tensor on rank 0: expert tensors are concatenated along dim 0 in rank order.
-Tensor gather_global(Communicator& comm, const Tensor& local, bool expert) {
-  if (!expert || comm.size() == 1) return comm.rank() == 0 ? local.clone() : Tensor();
+// The whole tensor on rank 0: expert tensors of ranks 0 .. spread - 1 (each holding the next
+// share of the experts) concatenated along dim 0 in rank order.
+Tensor gather_global(Communicator& comm, const Tensor& local, bool expert, int spread) {
+  if (!expert || spread == 1) return comm.rank() == 0 ? local.clone() : Tensor();
   if (comm.rank() != 0) {
-    comm.send(local.raw(), local.numel(), DType::f32, 0);
+    if (comm.rank() < spread) comm.send(local.raw(), local.numel(), DType::f32, 0);
     return Tensor();
   }
   Shape shape = local.shape();
-  shape[0] *= comm.size();
+  shape[0] *= spread;
   Tensor global = Tensor::empty(shape);
   std::memcpy(global.raw(), local.raw(), local.nbytes());
-  for (int r = 1; r < comm.size(); ++r)
+  for (int r = 1; r < spread; ++r)
     comm.recv(static_cast<char*>(global.raw()) + r * local.nbytes(), local.numel(), DType::f32, r);
   return global;
 }
@@ -103,15 +104,17 @@ void on_rank0_agreed(Communicator& comm, Fn&& fn) {
 std::string checkpoint_step_dir(const std::string& dir) { return resolve_step_dir(dir); }
 
 std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
-                            AdamW* optimizer, const CheckpointState& state) {
+                            AdamW* optimizer, const CheckpointState& state, int expert_ranks) {
+  const int spread = expert_ranks > 0 ? expert_ranks : comm.size();
+  PM_CHECK(comm.size() % spread == 0, "experts spread over {} of {} ranks", spread, comm.size());
   std::vector<NamedTensor> model, moments;
   for (std::size_t i = 0; i < params.size(); ++i) {
     const Parameter& p = params[i];
-    Tensor w = gather_global(comm, *p.value, p.expert);
+    Tensor w = gather_global(comm, *p.value, p.expert, spread);
     if (comm.rank() == 0) model.push_back({p.name, std::move(w)});
     if (!optimizer) continue;
-    Tensor m = gather_global(comm, optimizer->first_moments()[i], p.expert);
-    Tensor v = gather_global(comm, optimizer->second_moments()[i], p.expert);
+    Tensor m = gather_global(comm, optimizer->first_moments()[i], p.expert, spread);
+    Tensor v = gather_global(comm, optimizer->second_moments()[i], p.expert, spread);
     if (comm.rank() == 0) moments.push_back({"m." + p.name, std::move(m)}), moments.push_back({"v." + p.name, std::move(v)});
   }
   char name[32];
@@ -181,7 +184,9 @@ CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir
   return s;
 }
 
-void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer) {
+void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer,
+                             int expert_ranks) {
+  const int spread = expert_ranks > 0 ? expert_ranks : comm.size(), place = comm.rank() % spread;
   std::string model_bytes, optimizer_bytes, step_dir;
   on_rank0_agreed(comm, [&] {
     step_dir = resolve_step_dir(dir);
@@ -202,11 +207,11 @@ void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::ve
   // Check every shape before changing anything.
   auto slice_of = [&](const Tensor& global, const Parameter& p, const std::string& name, const char* file) {
     Shape want = p.value->shape();
-    if (p.expert) want[0] *= comm.size();
+    if (p.expert) want[0] *= spread;
     PM_REQUIRE(global.shape() == want, "{}/{}: {} has shape {}, this model needs {}", step_dir, file, name,
                shape_str(global.shape()), shape_str(want));
     int64_t rows = p.value->dim(0);
-    return p.expert ? global.rows(comm.rank() * rows, (comm.rank() + 1) * rows) : global;
+    return p.expert ? global.rows(place * rows, (place + 1) * rows) : global;
   };
   for (Parameter& p : params) {
     slice_of(find(model, p.name, "model.safetensors"), p, p.name, "model.safetensors");

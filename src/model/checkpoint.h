@@ -29,9 +29,11 @@ struct CheckpointState {
   nlohmann::json extra;      // anything else the trainer keeps (data fingerprint, ...)
 };
 
-// Writes DIR/step-<step>/ and points DIR/latest at it. Returns the step folder.
+// Writes DIR/step-<step>/ and points DIR/latest at it. Returns the step folder. Every tensor is
+// written whole: expert tensors of the first `expert_ranks` ranks (0: all; ppmoe: one tensor-parallel
+// group, which holds every expert) concatenated in rank order, so any layout can load it.
 std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
-                            AdamW* optimizer, const CheckpointState& state);
+                            AdamW* optimizer, const CheckpointState& state, int expert_ranks = 0);
 
 // The step folder DIR names: DIR itself if it holds state.json, else DIR/<contents of latest>.
 // Usage error if it is neither.
@@ -44,8 +46,9 @@ CheckpointState parse_checkpoint_state(const std::string& text, const std::strin
 CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir);
 
 // Loads parameters (and the optimizer's moments when given) from DIR into this rank's tensors,
-// taking this rank's slice of every expert tensor. Shapes must match: a usage error names the
-// first that does not.
-void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer);
+// taking this rank's slice of every expert tensor (its place among `expert_ranks` ranks that
+// spread the experts: 0 = all). Shapes must match: a usage error names the first that does not.
+void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer,
+                             int expert_ranks = 0);
 
 }  // namespace pm

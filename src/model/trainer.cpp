@@ -243,13 +243,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
                "checkpoint {} was written by {} ranks, this run has {}: resume with the same number of ranks",
                c.resume, resumed->world_size, P);
     const nlohmann::json defaults = TrainConfig{}.to_json();  // a key older checkpoints lack had its default
-    // each rank's file holds its share of the experts: only the layout that wrote it can read it
+    // the tensors are whole in the checkpoint: another layout takes its own slices of them
     const int was_tp = resumed->config.value("tp", 1);
     const std::string was_strategy = resumed->config.value("moe_strategy", std::string("ep"));
-    PM_REQUIRE(was_tp == c.model.tp && was_strategy == c.model.moe_strategy,
-               "checkpoint {} was written with moe_strategy {} and tp {}; this run has moe_strategy {} and tp {}: "
-               "resume with the layout that wrote it (moving experts between layouts is not built yet)",
-               c.resume, was_strategy, was_tp, c.model.moe_strategy, c.model.tp);
+    if (rank == 0 && (was_tp != c.model.tp || was_strategy != c.model.moe_strategy))
+      log::info("resuming a checkpoint of moe_strategy {} tp {} as moe_strategy {} tp {}: the same weights and "
+                "optimizer state, sliced for this layout; batches and each batch's capacity follow the new layout",
+                was_strategy, was_tp, c.model.moe_strategy, c.model.tp);
     for (const char* key : kModelKeys) {
       const nlohmann::json was = resumed->config.value(key, defaults[key]);
       PM_REQUIRE(was == c.to_json()[key], "checkpoint {} is of another model: its {} is {}, this configuration says {}",
@@ -276,7 +276,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     PM_REQUIRE(resumed->step <= c.max_steps,
                "checkpoint {} is at step {}, past this run's max_steps {}: raise --max-steps to continue it", c.resume,
                resumed->step, c.max_steps);
-    load_checkpoint_tensors(comm, c.resume, model.parameters(), &optimizer);
+    load_checkpoint_tensors(comm, c.resume, model.parameters(), &optimizer, c.model.expert_ranks(P));
     start = resumed->step;
   }
   std::optional<PerfProfile> profile;
@@ -418,7 +418,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     const bool save_now = !c.save.empty() && ((c.save_every > 0 && (step + 1) % c.save_every == 0) || step + 1 == last);
     if (save_now) {
       CheckpointState s{step + 1, c.to_json(), P, data.tokenizer.to_json(), {{"data", data.description}}};
-      std::string where = save_checkpoint(comm, c.save, model.parameters(), &optimizer, s);
+      std::string where = save_checkpoint(comm, c.save, model.parameters(), &optimizer, s, c.model.expert_ranks(P));
       log::info("checkpoint: {}", where);
     }
   }
