@@ -76,6 +76,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("save_every", c.save_every);
   fn("resume", c.resume);
   fn("degree", c.degree);
+  fn("degree_replan_every", c.degree_replan_every);
   fn("scmoe_plan", c.scmoe_plan);
   fn("nan_policy", c.nan_policy);
   fn("profile", c.profile);
@@ -188,6 +189,8 @@ void TrainConfig::validate(int world) const {
   positive("eval_batches", eval_batches);
   positive("log_every", log_every);
   positive("eval_every", eval_every);
+  PM_REQUIRE(degree_replan_every >= 0, "configuration: 'degree_replan_every' must be 0 (never) or a number of steps, got {}",
+             degree_replan_every);
   // sizes no run can have, refused before anything is allocated
   auto at_most = [](const char* key, int64_t v, int64_t max) {
     PM_REQUIRE(v <= max, "configuration: '{}' must be at most {}, got {}", key, max, v);

@@ -72,6 +72,9 @@ struct TrainConfig {
   int save_every = 0;               // steps between checkpoints (0: only at the end)
   std::string resume;               // checkpoint folder to continue from
   std::string degree = "1";         // MoE pipeline degree: a number or "auto"
+  // degree auto with a profile: each MoE layer's degrees planned again from its own routing after
+  // the first step and every this many steps (0: never; the first layer's choice for all)
+  int degree_replan_every = 50;
   // ScMoE with degree auto and a profile: "window" plans each block's slot and degree together
   // (perf/planner.h plan_window); "rule": the degree from the layer alone, the slot by the rule.
   std::string scmoe_plan = "window";

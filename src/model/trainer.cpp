@@ -89,6 +89,31 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
 
 // Each MoE block's pipeline degrees (and ScMoE slots) of the last passes, for the progress line:
 // "degree 2/1" or "degree 2/1 slot 4/3" when every block has the same, else block by block.
+// Each MoE layer's degrees planned again from the rows its last pass really routed (each layer its
+// own: the routing of one layer is not another's), every rank predicting from its own rows and the
+// slowest rank's prediction deciding, so that every rank picks the same. Returns how many layers
+// changed degree.
+int replan_from_routing(GptModel& model, const PerfProfile& profile, Communicator& comm) {
+  std::vector<MoeLayer*> layers = model.moe_layers();
+  std::vector<const MoePass*> passes = model.moe_passes();
+  int changed = 0;
+  for (std::size_t i = 0; i < layers.size() && i < passes.size(); ++i) {
+    if (!passes[i]) continue;
+    std::vector<DegreePrediction> candidates = plan_layer_from_pass(profile, *layers[i], *passes[i]).candidates;
+    std::vector<double> times;
+    for (const DegreePrediction& p : candidates) times.push_back(p.forward_s), times.push_back(p.backward_s);
+    comm.allreduce(times.data(), times.data(), static_cast<int64_t>(times.size()), DType::f64, ReduceOp::max);
+    for (std::size_t j = 0; j < candidates.size(); ++j)
+      candidates[j].forward_s = times[2 * j], candidates[j].backward_s = times[2 * j + 1];
+    const LayerPlan plan = pick_degrees(std::move(candidates));
+    if (plan.forward_degree != layers[i]->forward_degree() || plan.backward_degree != layers[i]->backward_degree()) {
+      layers[i]->set_degrees(plan.forward_degree, plan.backward_degree);
+      ++changed;
+    }
+  }
+  return changed;
+}
+
 std::string moe_schedule(GptModel& model, bool scmoe) {
   std::vector<std::string> each;
   int i = 0;
@@ -282,6 +307,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   std::optional<PerfProfile> profile;
   if (!c.profile.empty()) profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
   DegreeChoice degrees = choose_moe_degrees(model, c, comm, executor, profile ? &*profile : nullptr);
+  const bool replan = profile && c.model.moe_layers() > 0 && parse_degree(c.degree, "degree") == 0 &&
+                      c.degree_replan_every > 0 && !c.model.scmoe();
+  double replan_ms = 0;
   // ScMoE at degree auto with a profile: each block's slot and degree are planned together
   // before every pass (the dense tasks' times are measured by then)
   const bool plan_windows = c.model.scmoe() && profile && c.model.moe_layers() > 0 &&
@@ -375,6 +403,16 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       optimizer.step(c, lr);
       model.update_balance_bias();  // router_bias_rate > 0: against this step's load
     }
+    // degree auto with a profile: every layer's degrees from its own routing, after the first step
+    // and every degree_replan_every steps (the routing drifts as the router learns)
+    if (replan && ((step + 1 - start) == 1 || (step + 1) % c.degree_replan_every == 0)) {
+      Stopwatch planning;
+      const int changed = replan_from_routing(model, *profile, comm);
+      replan_ms += planning.elapsed_ms();
+      if (changed > 0 && rank == 0)
+        log::info("step {}: re-planned from each MoE layer's routing: {} (planning took {:.1f} ms so far)", step + 1,
+                  moe_schedule(model, c.model.scmoe()), replan_ms);
+    }
     span.reset();
     double step_ms = step_watch.elapsed_ms();
     // what the compute lane waited for: all-to-alls and gradient all-reduces not hidden
@@ -435,6 +473,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"val_bits_per_byte", last_val / std::log(2.0) / val_bytes_per_token},
           {"unigram_bits_per_byte", unigram / std::log(2.0) / val_bytes_per_token},
           {"tokens_per_s", tokens_per_step / (ms / 1e3)},
+          {"degree_replan_ms", replan_ms},
           {"steps", last},
           {"ms_per_step", ms},
           {"exposed_comm_ms_per_step", exposed},

@@ -121,6 +121,14 @@ class ExpertParallelLayer final : public MoeLayer {
   int forward_degree() const override { return degree_fwd_; }
   int backward_degree() const override { return degree_bwd_; }
 
+  PassTasks plan_pass(TaskGraph& graph, const MoePass& pass, int degree, bool forward) const override {
+    const auto* f = dynamic_cast<const ForwardPass*>(&pass);
+    PM_CHECK(f != nullptr, "planning from a pass that is not an expert-parallel forward");
+    const DispatchHandle h = dispatcher_.with_degree(f->handle, f->gating.routing, degree);
+    const PassRows rows = measured_rows(shape_, f->tokens, h, group_.rank());
+    return forward ? append_ep_forward(graph, {}, rows, nullptr) : append_ep_backward(graph, {}, rows, nullptr);
+  }
+
   MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
                             float* y, const Between& between) override;
   PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass, const float* dy,

@@ -90,6 +90,11 @@ class MoeLayer {
   virtual void offload_experts(std::shared_ptr<const ExpertStore> store, int cache_slots, OffloadMode mode) = 0;
   virtual const ExpertCache* expert_cache() const = 0;  // null unless offloaded
 
+  // The tasks of a pass at `degree` with the rows `pass` really routed (its forward, or its
+  // backward), no work bound: what the planner simulates to choose this layer's degree from its
+  // own routing instead of a balanced one. `pass` must be one of this layer's.
+  virtual PassTasks plan_pass(TaskGraph& graph, const MoePass& pass, int degree, bool forward) const = 0;
+
   // Pipeline degrees (chunks) of the next passes, each at least 1 and at most the capacity.
   virtual void set_degrees(int forward_degree, int backward_degree) = 0;
   virtual int forward_degree() const = 0;

@@ -126,6 +126,13 @@ class PpmoeLayer final : public MoeLayer {
   int forward_degree() const override { return degree_fwd_; }
   int backward_degree() const override { return degree_bwd_; }
 
+  PassTasks plan_pass(TaskGraph& graph, const MoePass& pass, int degree, bool forward) const override {
+    const auto* f = dynamic_cast<const ForwardPass*>(&pass);
+    PM_CHECK(f != nullptr, "planning from a pass that is not a PPMoE forward");
+    const PpmoeRows rows = measured_rows(shape_.with_tokens(f->tokens), f->local, degree);
+    return forward ? append_ppmoe_forward(graph, {}, rows, nullptr) : append_ppmoe_backward(graph, {}, rows, nullptr);
+  }
+
   MoeForward append_forward(TaskGraph& graph, const std::vector<int>& after, const float* x, int64_t tokens,
                             float* y, const Between& between) override;
   PassTasks append_backward(TaskGraph& graph, const std::vector<int>& after, const MoePass& pass, const float* dy,

@@ -1,6 +1,7 @@
 #include "perf/planner.h"
 
 #include <algorithm>
+#include <functional>
 #include <map>
 
 #include "core/error.h"
@@ -25,15 +26,14 @@ double predict_layer(const PerfProfile& profile, const MoeShape& shape, int degr
   return simulate(graph, [&](const Task& t) { return profile.predict(t); }, profile.interference).makespan_s;
 }
 
-LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& s, double tolerance, const MoeStrategy& strategy) {
+LayerPlan pick_degrees(std::vector<DegreePrediction> candidates, double tolerance) {
   LayerPlan plan;
   double best_fwd = 0, best_bwd = 0;
-  for (int r : candidate_degrees(s.capacity())) {
-    DegreePrediction p{r, predict_layer(profile, s, r, true, strategy), predict_layer(profile, s, r, false, strategy)};
-    if (plan.candidates.empty() || p.forward_s < best_fwd) best_fwd = p.forward_s;
-    if (plan.candidates.empty() || p.backward_s < best_bwd) best_bwd = p.backward_s;
-    plan.candidates.push_back(p);
+  for (const DegreePrediction& p : candidates) {
+    if (&p == &candidates.front() || p.forward_s < best_fwd) best_fwd = p.forward_s;
+    if (&p == &candidates.front() || p.backward_s < best_bwd) best_bwd = p.backward_s;
   }
+  plan.candidates = std::move(candidates);
   // The smallest degree within the tolerance of the fastest: once the link is saturated the
   // predictions go flat, and a few more chunks for a gain far below the model's error only add
   // per-chunk costs the linear models do not see (measured: high degrees lose on flat curves).
@@ -45,6 +45,36 @@ LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& s, double toler
       plan.backward_degree = p.degree, plan.backward_s = p.backward_s, bwd_set = true;
   }
   return plan;
+}
+
+namespace {
+
+double simulated_s(const PerfProfile& profile, const TaskGraph& graph) {
+  return simulate(graph, [&](const Task& t) { return profile.predict(t); }, profile.interference).makespan_s;
+}
+
+// Every candidate degree's predictions (predict(degree, forward)), and the choice.
+LayerPlan plan_from(int64_t capacity, double tolerance, const std::function<double(int, bool)>& predict) {
+  std::vector<DegreePrediction> candidates;
+  for (int r : candidate_degrees(capacity)) candidates.push_back({r, predict(r, true), predict(r, false)});
+  return pick_degrees(std::move(candidates), tolerance);
+}
+
+}  // namespace
+
+LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& s, double tolerance, const MoeStrategy& strategy) {
+  return plan_from(s.capacity(), tolerance,
+                   [&](int r, bool forward) { return predict_layer(profile, s, r, forward, strategy); });
+}
+
+LayerPlan plan_layer_from_pass(const PerfProfile& profile, const MoeLayer& layer, const MoePass& pass,
+                               double tolerance) {
+  const MoeShape shape = layer.shape().with_tokens(pass.routing().tokens);
+  return plan_from(shape.capacity(), tolerance, [&](int r, bool forward) {
+    TaskGraph graph;
+    layer.plan_pass(graph, pass, r, forward);
+    return simulated_s(profile, graph);
+  });
 }
 
 double comm_scale_for(const PerfProfile& profile, const MoeShape& shape, int degree, bool forward,

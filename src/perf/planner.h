@@ -35,6 +35,15 @@ constexpr double kPlanTolerance = 0.01;
 LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& shape, double tolerance = kPlanTolerance,
                      const MoeStrategy& strategy = moe_strategy("ep"));
 
+// The rule: per direction, the smallest candidate degree predicted within `tolerance` of the
+// fastest. (Ranks that predict apart take the slowest rank's prediction per candidate first.)
+LayerPlan pick_degrees(std::vector<DegreePrediction> candidates, double tolerance = kPlanTolerance);
+
+// The same choice for one layer from the rows its last pass really routed (MoeLayer::plan_pass):
+// an imbalanced layer's busiest rank and link set its time, not the balanced share.
+LayerPlan plan_layer_from_pass(const PerfProfile& profile, const MoeLayer& layer, const MoePass& pass,
+                               double tolerance = kPlanTolerance);
+
 // ScMoE's window: a layer whose experts wait behind `slot` dense tasks laid beside its dispatch,
 // the rest of the dense tasks running beside its combine, and a task that reads the layer's
 // output and the last dense task's at the end. dense_s: the dense tasks' seconds, in their order

@@ -12,6 +12,9 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
 from harness import Failures, mpirun  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train_cli import TINY, write_text  # noqa: E402
+
 SMALL = ["--tokens", 256, "--model-dim", 64, "--hidden", 128, "--experts", 4, "--top-k", 2,
          "--iters", 2, "--warmup", 1, "--alone-iters", 1]
 
@@ -66,6 +69,26 @@ def main():
         f.check(abs(ep["predicted_fwd_ms"] - plan["predicted_fwd_ms"]) < 1e-9, "plan --strategy all's ep row is plan's")
         rates = ", ".join("{} {:.0f} tokens/s".format(s["strategy"], s["tokens_per_s"]) for s in both["strategies"])
         print(f"ok: plan --strategy all chose {both['chosen']} ({rates})", flush=True)
+
+        # training with degree auto and the profile: each MoE layer planned again from its own
+        # routing (after step 1, then every 2 steps); degrees change time, never losses
+        text = os.path.join(tmp, "text.txt")
+        write_text(text)
+        config = os.path.join(tmp, "tiny.json")
+        json.dump(dict(TINY, data=text, max_steps=6, layers=4, moe_every=2), open(config, "w"))
+        logs = {}
+        for name, extra in [("fixed", ["--degree", "1"]),
+                            ("replanned", ["--degree", "auto", "--profile", profile, "--set", "degree_replan_every=2"])]:
+            logs[name] = os.path.join(tmp, name + ".csv")
+            proc = mpirun(2, ["train", "--config", config, "--set", "save=", "--set", f"log_csv={logs[name]}"] + extra,
+                          timeout=300)
+            result = last_json(proc)
+            if name == "replanned":
+                f.check(result["degree_replan_ms"] > 0, "degree auto with a profile re-plans each layer")
+        rows = {n: [(r.split(",")[0], r.split(",")[2]) for r in open(p).read().splitlines()[1:]] for n, p in logs.items()}
+        f.check(rows["fixed"] == rows["replanned"] and len(rows["fixed"]) == 6,
+                "re-planned degrees changed the losses")
+        print("ok: train --degree auto re-plans every MoE layer from its routing; the losses are degree 1's", flush=True)
 
         auto = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--profile", profile, "--refine", "2",
                                                         "--json"]))
