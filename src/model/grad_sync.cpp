@@ -70,6 +70,7 @@ void GradientSync::append(TaskGraph& graph, Bucket& bucket, const std::vector<in
 }
 
 void GradientSync::grads_ready(TaskGraph& graph, int block, const std::vector<int>& ready) {
+  if (!enabled_) return;
   const int rest = static_cast<int>(buckets_.size()) - 1;
   PM_CHECK(block < rest, "block {} out of range", block);
   if (overlap_) {

@@ -35,6 +35,9 @@ class GradientSync {
   // GptModel::GradsReady: appends block `block`'s bucket (block < 0: the rest) after `ready`;
   // without overlap, appends every bucket once the rest is ready.
   void grads_ready(TaskGraph& graph, int block, const std::vector<int>& ready);
+  // Off: the backward adds no all-reduce (the micro-batches before the last of a step: their
+  // gradients accumulate locally, the last one's backward sums them all).
+  void set_enabled(bool enabled) { enabled_ = enabled; }
 
  private:
   struct Bucket {
@@ -48,6 +51,7 @@ class GradientSync {
 
   Communicator& comm_;
   bool overlap_;
+  bool enabled_ = true;
   std::vector<Bucket> buckets_;  // [blocks]: the blocks, [blocks]: the rest
   std::vector<Bucket> expert_buckets_;  // [blocks]: each block's expert gradients (with expert_replicas)
 };

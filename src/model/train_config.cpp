@@ -55,6 +55,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("batch_size", c.batch_size);
   fn("dp", c.dp);
   fn("pp", c.pp);
+  fn("micro_batches", c.micro_batches);
   fn("max_steps", c.max_steps);
   fn("stop_at", c.stop_at);
   fn("lr", c.lr);
@@ -205,6 +206,8 @@ void TrainConfig::validate(int world) const {
   at_most("batch_size", batch_size, 1 << 20);
   PM_REQUIRE(m.tp >= 1 && world % m.tp == 0,
              "configuration: 'tp' (ranks per tensor-parallel group) must divide the {} ranks, got {}", world, m.tp);
+  PM_REQUIRE(micro_batches >= 1 && micro_batches <= 4096,
+             "configuration: 'micro_batches' must be 1 to 4096, got {}", micro_batches);
   PM_REQUIRE(pp == 1, "configuration: 'pp' {}: pipeline-parallel stages are not built yet; use pp 1", pp);
   PM_REQUIRE(dp == 0 || dp * m.tp * pp == world,
              "configuration: the layout tp {} x dp {} x pp {} = {} ranks, but this run has {}", m.tp, dp, pp,

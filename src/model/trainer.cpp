@@ -321,7 +321,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   for (const Parameter& p : model.parameters()) n_params += p.value->numel() * (p.expert ? c.model.expert_ranks(P) : 1);
   // ppmoe: the ranks of a tensor-parallel group hold the same sequences; data_rank names the group
   const int tp = c.model.ranks_per_batch(), data_rank = rank / tp;
-  const int64_t B = c.batch_size, S = c.model.seq_len, tokens_per_step = B * S * (P / tp);
+  const int M = c.micro_batches;
+  const int64_t B = c.batch_size, S = c.model.seq_len, tokens_per_step = B * S * M * (P / tp);
   log::info("data: {}: {} training and {} validation tokens, BPE vocabulary {}, unigram entropy of validation {:.3f} nats/token",
             data.description, data.train.size(), data.validation.size(), c.model.vocab_size, unigram);
   log::info("model: {} parameters, {} layers ({} MoE: {} experts, top-{}), d_model {}, {} ranks, {} tokens per step",
@@ -377,10 +378,17 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       model.set_trace(&trace);
     }
     Stopwatch step_watch;
-    sample_batch(data.train, B, S, c.seed, stream_id(30, step, data_rank), in.data(), tg.data());
     model.zero_grads();
-    double loss = model.forward(in.data(), tg.data(), B, 1.0f / P);
-    model.backward();  // with the gradient all-reduce
+    // micro-batch m of data group g draws the batch data group g * M + m would draw with one
+    // micro-batch each: M micro-batches on one rank see what M ranks see
+    double loss = 0, aux = 0, z_loss = 0, exposed_ms = 0;
+    for (int m = 0; m < M; ++m) {
+      sample_batch(data.train, B, S, c.seed, stream_id(30, step, data_rank * M + m), in.data(), tg.data());
+      grad_sync.set_enabled(m == M - 1);  // the last backward all-reduces every micro-batch's sum
+      loss += model.forward(in.data(), tg.data(), B, 1.0f / (P * M)) / M;
+      model.backward();
+      aux += model.aux_loss() / M, z_loss += model.z_loss() / M, exposed_ms += model.exposed_comm_ms();
+    }
     inject_nan_if_asked(model.parameters(), step + 1, rank);
     std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
     const double grad_norm = clip_by_global_norm(model.parameters(), comm, c.grad_clip, P / c.model.expert_ranks(P));
@@ -416,8 +424,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     span.reset();
     double step_ms = step_watch.elapsed_ms();
     // what the compute lane waited for: all-to-alls and gradient all-reduces not hidden
-    double exposed_ms = model.exposed_comm_ms();
-    double stats[5] = {loss, model.aux_loss(), step_ms, exposed_ms, model.z_loss()};
+    double stats[5] = {loss, aux, step_ms, exposed_ms, z_loss};
     comm.allreduce(stats, stats, 5, DType::f64, ReduceOp::sum);
     StepRecord record;
     record.step = step + 1;

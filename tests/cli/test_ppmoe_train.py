@@ -9,6 +9,9 @@ equal, and bad layouts refused with one clear line on every rank.
     experts and capacity are the same; expert gradients summed over the groups);
   - the all-to-all layer on 2 ranks (the same routing semantics: capacity per rank's batch) equal
     to tp 2 x dp 2 to float32 rounding;
+  - micro_batches 2 (gradient accumulation): tp 2 bit for bit like one rank with 2 micro-batches,
+    which equals the all-to-all layer on 2 ranks (each micro-batch the batch of one rank) to
+    float32 rounding;
   - a checkpoint of tp 2 x dp 2 resumes in its layout bit for bit, and loads in another layout
     (all-to-all EP on the same 4 ranks: checkpoints hold whole tensors).
 
@@ -55,12 +58,15 @@ def main():
                                   ("tp 4", 4, ["moe_strategy=ppmoe", "tp=4"]),
                                   ("tp 1 x dp 2", 2, ["moe_strategy=ppmoe", "tp=1"]),
                                   ("tp 2 x dp 2", 4, ["moe_strategy=ppmoe", "tp=2", "dp=2"]),
-                                  ("ep on 2", 2, [])]:
+                                  ("ep on 2", 2, []),
+                                  ("one rank, 2 micro-batches", 1, ["micro_batches=2"]),
+                                  ("tp 2, 2 micro-batches", 2, ["moe_strategy=ppmoe", "tp=2", "micro_batches=2"])]:
             proc, log = train(name.replace(" ", "_"), ranks, *sets)
             runs[name] = log
             if name == "tp 2 x dp 2":
                 f.check("tp 2 x dp 2 x pp 1" in proc.stderr + proc.stdout, "the start lines print the layout")
-        for a, b in [("tp 2", "one rank"), ("tp 4", "one rank"), ("tp 2 x dp 2", "tp 1 x dp 2")]:
+        for a, b in [("tp 2", "one rank"), ("tp 4", "one rank"), ("tp 2 x dp 2", "tp 1 x dp 2"),
+                     ("tp 2, 2 micro-batches", "one rank, 2 micro-batches")]:
             same = losses(runs[a]) == losses(runs[b])
             close = all(abs(x - y) <= 1e-9 * y for x, y in zip(norms(runs[a]), norms(runs[b])))
             f.check(same and close and len(losses(runs[a])) == 10, f"{a}: not the losses of {b}")
@@ -70,6 +76,10 @@ def main():
         f.check(all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(ep, pp)) and len(ep) == 10,
                 f"tp 2 x dp 2 and the all-to-all layer on 2 ranks differ beyond float32 rounding: {ep} {pp}")
         print("ok: tp 2 x dp 2 equals the all-to-all layer on 2 ranks to float32 rounding", flush=True)
+        mb = [float(r[1]) for r in losses(runs["one rank, 2 micro-batches"])]
+        f.check(all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(ep, mb)) and len(mb) == 10,
+                f"2 micro-batches on one rank and the all-to-all layer on 2 ranks differ: {mb} {ep}")
+        print("ok: 2 micro-batches on one rank equal 2 ranks to float32 rounding", flush=True)
 
         # a checkpoint resumes in its own layout bit for bit, and loads in another
         save = os.path.join(tmp, "ck")
