@@ -111,15 +111,9 @@ class ExpertParallelLayer final : public MoeLayer {
     shape_ = s;
   }
 
-  void set_degrees(int forward_degree, int backward_degree) override {
-    PM_REQUIRE(forward_degree >= 1 && backward_degree >= 1,
-               "pipeline degree must be at least 1, got {} (forward) and {} (backward)", forward_degree,
-               backward_degree);
-    degree_fwd_ = forward_degree;
-    degree_bwd_ = backward_degree;
-  }
-  int forward_degree() const override { return degree_fwd_; }
-  int backward_degree() const override { return degree_bwd_; }
+  void set_degrees(int forward_degree, int backward_degree) override { degrees_.set(forward_degree, backward_degree); }
+  int forward_degree() const override { return degrees_.forward; }
+  int backward_degree() const override { return degrees_.backward; }
 
   PassTasks plan_pass(TaskGraph& graph, const MoePass& pass, int degree, bool forward) const override {
     const auto* f = dynamic_cast<const ForwardPass*>(&pass);
@@ -135,23 +129,13 @@ class ExpertParallelLayer final : public MoeLayer {
                             float* dx, RouterLossGrads loss_grads, const Between& between) override;
 
  private:
-  // A pass object to fill: the previous one once nobody holds it any more, so that its buffers
-  // (tens of MB at large shapes) are reused warm instead of allocated and faulted in again.
-  std::shared_ptr<ForwardPass> next_forward_pass() {
-    if (!last_forward_ || last_forward_.use_count() > 1) last_forward_ = std::make_shared<ForwardPass>();
-    return last_forward_;
-  }
-  std::shared_ptr<BackwardPass> next_backward_pass() {
-    if (!last_backward_ || last_backward_.use_count() > 1) last_backward_ = std::make_shared<BackwardPass>();
-    return last_backward_;
-  }
 
   const ExpertParallelStrategy& strategy_;
   MoeShape shape_;
   Communicator& group_;
   Backend& backend_;
   Dispatcher dispatcher_;
-  int degree_fwd_ = 1, degree_bwd_ = 1;
+  PipelineDegrees degrees_;
   std::vector<std::unique_ptr<PackedExpert>> packed_;  // [El] this pass's packed expert weights
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
@@ -165,13 +149,13 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
                                                int64_t tokens, float* y, const Between& between) {
   PM_REQUIRE(tokens > 0, "number of tokens must be positive, got {}", tokens);
   const MoeShape shape = shape_.with_tokens(tokens);
-  shape.check_degree(std::max(degree_fwd_, degree_bwd_));
-  std::shared_ptr<ForwardPass> p = next_forward_pass();
+  shape.check_degree(std::max(degrees_.forward, degrees_.backward));
+  std::shared_ptr<ForwardPass> p = reuse_pass(last_forward_);
   p->x = x;
   p->y = y;
   p->tokens = tokens;
   const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
-  const int degree = degree_fwd_;
+  const int degree = degrees_.forward;
   auto tasks = std::make_shared<PassTasks>();  // known once appended; the counts step fills in the real work
 
   ForwardSteps steps;
@@ -246,12 +230,12 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   PM_REQUIRE(!cache_, "a layer with offloaded experts is for inference only: it has no backward");
   // the backward's tasks keep the forward's saved tensors alive
   std::shared_ptr<ForwardPass> fp = std::const_pointer_cast<ForwardPass>(f->shared_from_this());
-  std::shared_ptr<BackwardPass> b = next_backward_pass();
+  std::shared_ptr<BackwardPass> b = reuse_pass(last_backward_);
   b->dy = dy;
   b->dx = dx;
   const MoeShape shape = shape_.with_tokens(fp->tokens);
   const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
-  const int degree = degree_bwd_;
+  const int degree = degrees_.backward;
   const int k = shape.top_k;
   auto tasks = std::make_shared<PassTasks>();
 

@@ -15,6 +15,13 @@ const MoeStrategy& moe_strategy(const std::string& name) {
   return ep;
 }
 
+void PipelineDegrees::set(int forward_degree, int backward_degree) {
+  PM_REQUIRE(forward_degree >= 1 && backward_degree >= 1,
+             "pipeline degree must be at least 1, got {} (forward) and {} (backward)", forward_degree, backward_degree);
+  forward = forward_degree;
+  backward = backward_degree;
+}
+
 void MoeLayer::zero_grads() {
   for (Parameter& p : parameters()) p.grad->zero();
 }

@@ -114,6 +114,19 @@ class MoeLayer {
                                     const Between& between = {}) = 0;
 };
 
+// What every strategy's layer keeps the same way: its pipeline degrees (checked), and a pass
+// object to fill: the previous one once nobody holds it any more, so that its buffers (tens of MB
+// at large shapes) are reused warm instead of allocated and faulted in again.
+struct PipelineDegrees {
+  int forward = 1, backward = 1;
+  void set(int forward_degree, int backward_degree);  // usage error below 1
+};
+template <typename Pass>
+std::shared_ptr<Pass> reuse_pass(std::shared_ptr<Pass>& last) {
+  if (!last || last.use_count() > 1) last = std::make_shared<Pass>();
+  return last;
+}
+
 // ---- the layer alone: one graph per pass ---------------------------------------------------------
 
 // How long a pass of the layer alone took, and where the time went (this rank).

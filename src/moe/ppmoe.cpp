@@ -116,15 +116,9 @@ class PpmoeLayer final : public MoeLayer {
   }
   const ExpertCache* expert_cache() const override { return nullptr; }
 
-  void set_degrees(int forward_degree, int backward_degree) override {
-    PM_REQUIRE(forward_degree >= 1 && backward_degree >= 1,
-               "pipeline degree must be at least 1, got {} (forward) and {} (backward)", forward_degree,
-               backward_degree);
-    degree_fwd_ = forward_degree;
-    degree_bwd_ = backward_degree;
-  }
-  int forward_degree() const override { return degree_fwd_; }
-  int backward_degree() const override { return degree_bwd_; }
+  void set_degrees(int forward_degree, int backward_degree) override { degrees_.set(forward_degree, backward_degree); }
+  int forward_degree() const override { return degrees_.forward; }
+  int backward_degree() const override { return degrees_.backward; }
 
   PassTasks plan_pass(TaskGraph& graph, const MoePass& pass, int degree, bool forward) const override {
     const auto* f = dynamic_cast<const ForwardPass*>(&pass);
@@ -139,16 +133,8 @@ class PpmoeLayer final : public MoeLayer {
                             float* dx, RouterLossGrads loss_grads, const Between& between) override;
 
  private:
-  std::shared_ptr<ForwardPass> next_forward_pass() {
-    if (!last_forward_ || last_forward_.use_count() > 1) last_forward_ = std::make_shared<ForwardPass>();
-    return last_forward_;
-  }
-  std::shared_ptr<BackwardPass> next_backward_pass() {
-    if (!last_backward_ || last_backward_.use_count() > 1) last_backward_ = std::make_shared<BackwardPass>();
-    return last_backward_;
-  }
   void check_degrees(const MoeShape& shape) const {
-    const int d = std::max(degree_fwd_, degree_bwd_);
+    const int d = std::max(degrees_.forward, degrees_.backward);
     PM_REQUIRE(d <= shape.tokens, "ppmoe chunks the tokens: degree {} is more than the {} tokens", d, shape.tokens);
   }
 
@@ -157,7 +143,7 @@ class PpmoeLayer final : public MoeLayer {
   Communicator& group_;
   Backend& backend_;
   LayerWeights w_;
-  int degree_fwd_ = 1, degree_bwd_ = 1;
+  PipelineDegrees degrees_;
   std::vector<std::unique_ptr<PackedExpert>> packed_;
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
@@ -168,12 +154,12 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
   PM_REQUIRE(tokens > 0, "number of tokens must be positive, got {}", tokens);
   const MoeShape shape = shape_.with_tokens(tokens);
   check_degrees(shape);
-  std::shared_ptr<ForwardPass> p = next_forward_pass();
+  std::shared_ptr<ForwardPass> p = reuse_pass(last_forward_);
   p->x = x;
   p->y = y;
   p->tokens = tokens;
   const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
-  const int degree = degree_fwd_, k = shape.top_k, El = shape.local_experts();
+  const int degree = degrees_.forward, k = shape.top_k, El = shape.local_experts();
   auto tasks = std::make_shared<PassTasks>();
 
   PpmoeForwardSteps steps;
@@ -218,12 +204,12 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
   const auto* f = dynamic_cast<const ForwardPass*>(&pass);
   PM_CHECK(f != nullptr, "backward of a pass that is not a PPMoE forward");
   std::shared_ptr<ForwardPass> fp = std::const_pointer_cast<ForwardPass>(f->shared_from_this());
-  std::shared_ptr<BackwardPass> b = next_backward_pass();
+  std::shared_ptr<BackwardPass> b = reuse_pass(last_backward_);
   b->dy = dy;
   b->dx = dx;
   const MoeShape shape = shape_.with_tokens(fp->tokens);
   const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width(), T = fp->tokens;
-  const int degree = degree_bwd_, k = shape.top_k, El = shape.local_experts();
+  const int degree = degrees_.backward, k = shape.top_k, El = shape.local_experts();
   auto tasks = std::make_shared<PassTasks>();
 
   PpmoeBackwardSteps steps;
