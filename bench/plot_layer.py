@@ -4,8 +4,9 @@ predicted, the planner's and the best choices marked), the regret of the planner
 predicted against measured times, and the chosen degrees' time against the lower bounds.
 
   /usr/bin/python3 bench/plot_layer.py out/bench_layer.csv [--out out/bench_layer]
-writes OUT_degrees.png, OUT_regret.png, OUT_prediction.png and (CSVs with the bound ratios)
-OUT_bound.png.
+writes OUT_degrees.png, OUT_regret.png, OUT_prediction.png, (CSVs with the bound ratios)
+OUT_bound.png and, from CSV_sums.csv beside it, OUT_sums.png: the grid's total time under the
+planner, the per-shape best and every fixed degree.
 """
 import argparse
 import collections
@@ -122,7 +123,34 @@ def main():
         fig.tight_layout()
         fig.savefig(f"{out}_bound.png", dpi=110)
         written.append(f"{out}_bound.png")
+    written += plot_sums(a.csv, out)
     print("wrote " + ", ".join(written))
+
+
+def plot_sums(csv_path, out):
+    """The grid's total time under each policy (CSV_sums.csv beside the main CSV, if there)."""
+    import os
+    path = csv_path.rsplit(".", 1)[0] + "_sums.csv"
+    if not os.path.exists(path):
+        return []
+    rows = list(csv.DictReader(open(path)))
+    names = [r["policy"] + (f" {r['degree']}" if r["degree"] != "0" else "") for r in rows]
+    ms = [float(r["sum_ms"]) for r in rows]
+    colors = ["tab:green" if r["policy"] == "planner" else "tab:gray" if r["policy"] == "fixed" else "tab:blue"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(rows) + 1))
+    ax.barh(names[::-1], ms[::-1], color=colors[::-1])
+    planner = ms[names.index("planner")] if "planner" in names else None
+    if planner:
+        ax.axvline(planner, color="tab:green", lw=0.8, ls=":")
+    lo = min(ms)
+    ax.set_xlim(lo * 0.9, max(ms) * 1.02)
+    for i, v in enumerate(ms[::-1]):
+        ax.text(v, i, f" {v:.0f}" + (f" ({100 * (v / planner - 1):+.1f}%)" if planner else ""), va="center", fontsize=7)
+    ax.set_xlabel(f"sum over {rows[0]['shapes']} shapes of forward + backward (ms)")
+    fig.tight_layout()
+    fig.savefig(f"{out}_sums.png", dpi=110)
+    return [f"{out}_sums.png"]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include "apps/pipemoe/command.h"
@@ -21,6 +22,7 @@
 #include "core/csv.h"
 #include "core/log.h"
 #include "perf/degree_choice.h"
+#include "perf/model_check.h"
 #include "perf/planner.h"
 #include "sched/executor.h"
 
@@ -132,6 +134,117 @@ void draw_plots(const std::string& csv) {
     std::printf("drawing the plots failed: %s\n", cmd.c_str());
 }
 
+// per shape: the planner's, the refined and the best measured degrees' times, degree 1 and 4,
+// the bounds, and how much of the sequential time is communication
+struct ShapeSummary {
+  double chosen, refined, best, d1, d4, comm_share;
+  double direct;      // the planner with the interference measured directly (no refit)
+  double best_cross;  // the best degrees picked on the odd rounds, timed on the even ones (no luck)
+  double bound_ratio, pass_bound_ratio;  // chosen / bound, median over rounds
+  double noise;  // the larger round-to-round spread of the chosen and the best degrees
+};
+
+// The per-shape best is picked and timed on the same rounds, so round-to-round noise makes it
+// look better than any policy can be (the minimum of noisy medians). This one picks a direction's
+// best degree on the odd rounds and times it on the even ones, as a ratio to the planner's degree
+// on those same even rounds, scaled to the planner's time over all rounds (planner_ms): what
+// knowing the best degree in advance is worth, without the luck.
+double best_on_held_out_rounds(const std::map<int, std::vector<double>>& times, int planner_degree, double planner_ms) {
+  std::map<int, std::vector<double>> odd, even;
+  for (const auto& [d, v] : times)
+    for (std::size_t r = 0; r < v.size(); ++r) (r % 2 ? odd : even)[d].push_back(v[r]);
+  if (odd.empty() || odd.begin()->second.empty()) return planner_ms;  // one round: nothing to hold out
+  const RoundMedians picked = round_medians(odd), timed = round_medians(even);
+  int best = planner_degree;
+  for (const auto& [d, ms] : picked.median)
+    if (ms < picked.median.at(best)) best = d;
+  return planner_ms * timed.median.at(best) / timed.median.at(planner_degree);
+}
+
+// "out/x.csv" -> "out/x_SUFFIX.csv"
+std::string sibling_csv(const std::string& csv, const std::string& suffix) {
+  namespace fs = std::filesystem;
+  fs::path p(csv);
+  return (p.parent_path() / (p.stem().string() + "_" + suffix + ".csv")).string();
+}
+
+// What a user of each policy would have spent on the whole grid: the planner's degrees, the
+// planner refined, the best degrees of each shape (known only after measuring them all), and one
+// fixed degree for every shape. Summed, because one shape's regret is within this host's noise.
+void print_sums(const std::vector<ShapeSummary>& shapes, const std::map<int, std::pair<double, std::size_t>>& fixed,
+                const std::string& csv_path) {
+  double chosen = 0, refined = 0, best = 0, direct = 0, best_cross = 0;
+  for (const ShapeSummary& s : shapes)
+    chosen += s.chosen, refined += s.refined, best += s.best, direct += s.direct, best_cross += s.best_cross;
+  CsvWriter csv(sibling_csv(csv_path, "sums"), {"policy", "degree", "shapes", "sum_ms", "over_planner", "over_best"});
+  std::printf("\nsums over the %zu shapes (forward + backward medians, ms):\n", shapes.size());
+  auto line = [&](const std::string& policy, int degree, double ms, std::size_t n) {
+    std::string name = degree > 0 ? fmt::format("{} {}", policy, degree) : policy;
+    if (n < shapes.size()) {  // a degree above some shape's capacity: no full sum
+      std::printf("  %-20s (runs on %zu of the shapes only)\n", name.c_str(), n);
+      return;
+    }
+    std::printf("  %-20s %9.1f  %+6.1f%% vs planner  %+6.1f%% vs per-shape best\n", name.c_str(), ms,
+                (ms / chosen - 1) * 100, (ms / best - 1) * 100);
+    csv.row({policy, std::to_string(degree), std::to_string(n), fmt::format("{:.3f}", ms),
+             fmt::format("{:.4f}", ms / chosen), fmt::format("{:.4f}", ms / best)});
+  };
+  line("planner", 0, chosen, shapes.size());
+  line("refined", 0, refined, shapes.size());
+  line("planner, no refit", 0, direct, shapes.size());
+  line("per-shape best", 0, best, shapes.size());
+  line("best, held out", 0, best_cross, shapes.size());
+  int best_fixed = 0;
+  for (const auto& [d, sum] : fixed) {
+    line("fixed", d, sum.first, sum.second);
+    if (sum.second == shapes.size() && (best_fixed == 0 || sum.first < fixed.at(best_fixed).first)) best_fixed = d;
+  }
+  if (best_fixed > 0)
+    std::printf("  the planner against the best single fixed degree (%d): %+.1f%%\n", best_fixed,
+                (chosen / fixed.at(best_fixed).first - 1) * 100);
+  std::printf("wrote %s\n", sibling_csv(csv_path, "sums").c_str());
+}
+
+// Per degree and cost class, measured over predicted task time (rank 0's tasks, all shapes and
+// rounds): where the models miss, as the degree grows.
+void print_model_check(const std::map<int, PassCheck>& fwd, const std::map<int, PassCheck>& bwd,
+                       const std::string& csv_path) {
+  CsvWriter csv(sibling_csv(csv_path, "model"),
+                {"direction", "degree", "what", "tasks", "measured_ms", "predicted_ms", "measured_over_predicted"});
+  std::printf("\nmeasured / predicted time per cost class and degree (rank 0's tasks, summed over shapes and "
+              "rounds; 'pass' is the wall time against the simulated makespan):\n");
+  for (const auto* checks : {&fwd, &bwd}) {
+    const char* direction = checks == &fwd ? "forward" : "backward";
+    std::set<std::string> costs;
+    for (const auto& [d, c] : *checks)
+      for (const auto& [cost, cc] : c.by_cost) costs.insert(cost);
+    std::printf("  %-9s %-14s", direction, "degree");
+    for (const auto& [d, c] : *checks) std::printf(" %6d", d);
+    std::printf("\n");
+    auto row = [&](const std::string& what, auto get) {
+      std::printf("  %-9s %-14s", "", what.c_str());
+      for (const auto& [d, c] : *checks) {
+        const CostCheck* cc = get(c);
+        if (!cc || cc->predicted_s <= 0) {
+          std::printf(" %6s", "-");
+          continue;
+        }
+        std::printf(" %6.2f", cc->measured_s / cc->predicted_s);
+        csv.row({direction, std::to_string(d), what, std::to_string(cc->tasks), fmt::format("{:.3f}", cc->measured_s * 1e3),
+                 fmt::format("{:.3f}", cc->predicted_s * 1e3), fmt::format("{:.4f}", cc->measured_s / cc->predicted_s)});
+      }
+      std::printf("\n");
+    };
+    row("pass", [](const PassCheck& c) { return &c.makespan; });
+    for (const std::string& cost : costs)
+      row(cost, [&](const PassCheck& c) -> const CostCheck* {
+        auto it = c.by_cost.find(cost);
+        return it == c.by_cost.end() ? nullptr : &it->second;
+      });
+  }
+  std::printf("wrote %s\n", sibling_csv(csv_path, "model").c_str());
+}
+
 int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
   PM_REQUIRE(o.rounds >= 1 && o.iters >= 1, "--rounds and --iters must be at least 1");
@@ -148,15 +261,12 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                                         "best_fwd_degree", "best_bwd_degree", "round_spread", "comm_fwd_alone_ms",
                                         "comm_bwd_alone_ms", "compute_fwd_alone_ms", "compute_bwd_alone_ms",
                                         "chosen_over_bound", "chosen_over_pass_bound"});
-  // per shape: the planner's, the refined and the best measured degrees' times, degree 1 and 4,
-  // the bounds, and how much of the sequential time is communication
-  struct ShapeSummary {
-    double chosen, refined, best, d1, d4, comm_share;
-    double bound_ratio, pass_bound_ratio;  // chosen / bound, median over rounds
-    double noise;  // the larger round-to-round spread of the chosen and the best degrees
-  };
   std::vector<ShapeSummary> summaries;
   std::vector<double> prediction_errors;
+  // over all shapes: fixed degree -> summed ms and how many shapes could run it
+  std::map<int, std::pair<double, std::size_t>> fixed_sums;
+  // per degree, forward and backward: rank 0's tasks measured against their simulation
+  std::map<int, PassCheck> checks_fwd, checks_bwd;
 
   for (std::size_t si = 0; si < shapes.size(); ++si) {
     const MoeShape& s = shapes[si];
@@ -171,6 +281,11 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
     layer.set_degrees(1, 1);
     run_passes(ctx.comm, layer, executor, data, 1, 0, 0.01f);
     const LayerPlan plan = plan_layer(profile, s);
+    // the same planner with the interference as measured directly, before the refit on
+    // overlapped passes: what the refit changed, in the same rounds
+    PerfProfile direct_profile = profile;
+    direct_profile.interference = profile.interference_measured;
+    const LayerPlan direct = plan_layer(direct_profile, s);
     DegreeChoice refined = choose_degrees(0, 0, &profile, s, o.refine, [&](int f, int b) {
       layer.set_degrees(f, b);
       PassTimes t = run_passes(ctx.comm, layer, executor, data, 0, 1, 0.01f);
@@ -179,7 +294,8 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
     std::vector<int> degrees;
     for (int d : o.degrees)
       if (d <= capacity) degrees.push_back(d);
-    for (int d : {plan.forward_degree, plan.backward_degree, refined.forward, refined.backward})
+    for (int d : {plan.forward_degree, plan.backward_degree, refined.forward, refined.backward, direct.forward_degree,
+                  direct.backward_degree})
       if (std::find(degrees.begin(), degrees.end(), d) == degrees.end()) degrees.push_back(d);
     std::sort(degrees.begin(), degrees.end());
     log::info("bench layer: shape {}/{}: T={} M={} H={} E={} k={}, degrees {}", si + 1, shapes.size(), s.tokens,
@@ -195,7 +311,12 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
       for (std::size_t i = 0; i < degrees.size(); ++i) {
         int d = degrees[(i + round) % degrees.size()];
         layer.set_degrees(d, d);
-        PassTimes t = run_passes(ctx.comm, layer, executor, data, 0, o.iters, 0.01f);
+        PassTimes t = run_passes(ctx.comm, layer, executor, data, 0, o.iters, 0.01f, nullptr,
+                                 [&](const LayerPassRun& f, const LayerPassRun& b) {
+                                   if (ctx.rank() != 0) return;
+                                   checks_fwd[d].add(check_pass(profile, f.graph, f.records, f.stats.wall_ms / 1e3));
+                                   checks_bwd[d].add(check_pass(profile, b.graph, b.records, b.stats.wall_ms / 1e3));
+                                 });
         fwd[d].push_back(slowest_rank(ctx.comm, t.forward).median);
         bwd[d].push_back(slowest_rank(ctx.comm, t.backward).median);
       }
@@ -242,9 +363,14 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
                 fmt::format("{:.3f}", alone.compute_bwd_ms), fmt::format("{:.4f}", bound_ratio),
                 fmt::format("{:.4f}", pass_bound_ratio)});
     }
+    for (int d : o.degrees)
+      if (results.count(d)) fixed_sums[d].first += results[d].forward_ms + results[d].backward_ms, ++fixed_sums[d].second;
     ShapeSummary sum;
     sum.chosen = results[plan.forward_degree].forward_ms + results[plan.backward_degree].backward_ms;
     sum.refined = results[refined.forward].forward_ms + results[refined.backward].backward_ms;
+    sum.direct = results[direct.forward_degree].forward_ms + results[direct.backward_degree].backward_ms;
+    sum.best_cross = best_on_held_out_rounds(fwd, plan.forward_degree, results[plan.forward_degree].forward_ms) +
+                     best_on_held_out_rounds(bwd, plan.backward_degree, results[plan.backward_degree].backward_ms);
     sum.best = results[best_f].forward_ms + results[best_b].backward_ms;
     sum.d1 = results[1].forward_ms + results[1].backward_ms;
     sum.d4 = results.count(4) ? results[4].forward_ms + results[4].backward_ms : 0;
@@ -304,6 +430,8 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   }
   std::printf("prediction error |predicted - measured| / measured: median %.1f%% over %zu (shape, degree, direction)\n",
               summarize(prediction_errors).median * 100, prediction_errors.size());
+  print_sums(summaries, fixed_sums, o.csv);
+  print_model_check(checks_fwd, checks_bwd, o.csv);
   std::printf("wrote %s\n", o.csv.c_str());
   csv.reset();  // flushed before the plots read it
   draw_plots(o.csv);

@@ -18,7 +18,7 @@ LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int 
 }
 
 PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& d, int warmup, int iters,
-                     RouterLossGrads loss_grads, Trace* trace) {
+                     RouterLossGrads loss_grads, Trace* trace, const PassObserver& observe) {
   PassTimes t;
   for (int it = 0; it < warmup + iters; ++it) {
     Trace* traced = it < warmup ? nullptr : trace;
@@ -28,6 +28,7 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
     std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f);
     backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads, traced, &b);
     if (it < warmup) continue;
+    if (observe) observe(f, b);
     t.expert_rows = pass->expert_rows();
     t.forward.push_back(f.stats.wall_ms);
     t.backward.push_back(b.stats.wall_ms);

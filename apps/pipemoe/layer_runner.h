@@ -2,6 +2,7 @@
 // Shared by `pipemoe layer` and `pipemoe bench layer`.
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -24,10 +25,13 @@ struct PassTimes {
   int64_t expert_rows = 0;  // rows this rank's experts computed in the last pass (the real counts)
 };
 
+// Called with each timed pass's forward and backward runs (graphs with the real rows, task records).
+using PassObserver = std::function<void(const LayerPassRun& forward, const LayerPassRun& backward)>;
+
 // warmup + iters passes (forward then backward, a barrier before each) on `executor`; keeps the
 // last iters. With a trace, the timed passes are recorded in it.
 PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& data, int warmup, int iters,
-                     RouterLossGrads loss_grads, Trace* trace = nullptr);
+                     RouterLossGrads loss_grads, Trace* trace = nullptr, const PassObserver& observe = {});
 
 // One forward and backward pass, for a dump.
 std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& data, RouterLossGrads loss_grads);

@@ -55,6 +55,7 @@ std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, cons
     // the forward's two GEMMs
     const MoeShape& s = layer.shape();
     run->stats = stats_of(executor.last_stats(), static_cast<double>(f.pass->expert_rows()) * s.expert_flops_per_row());
+    run->records = executor.last_stats().records;
     run->graph = std::move(graph);
   }
   return f.pass;
@@ -69,6 +70,7 @@ void backward_alone(MoeLayer& layer, Executor& executor, const MoePass& pass, co
     // input gradients (two GEMMs) and weight gradients (two GEMMs)
     const MoeShape& s = layer.shape();
     run->stats = stats_of(executor.last_stats(), 2.0 * static_cast<double>(pass.expert_rows()) * s.expert_flops_per_row());
+    run->records = executor.last_stats().records;
     run->graph = std::move(graph);
   }
 }

@@ -143,6 +143,7 @@ struct LayerRunStats {
 struct LayerPassRun {
   TaskGraph graph;
   LayerRunStats stats;
+  std::vector<TaskRecord> records;  // when each task ran (executor clock), for model checks
 };
 
 std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, const float* x, int64_t tokens, float* y,

@@ -16,6 +16,30 @@
 namespace pm {
 namespace {
 
+nlohmann::json self_check_json(const std::vector<PerfProfile::CheckedPass>& passes) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& p : passes)
+    out.push_back({{"shape", p.shape}, {"degree", p.degree}, {"forward", p.forward}, {"measured_s", p.measured_s},
+                   {"predicted_s", p.predicted_s}});
+  return out;
+}
+
+nlohmann::json interference_json(const Interference& f) {
+  return {{"compute", f.compute}, {"comm", f.comm}, {"handoff_s", f.handoff_s}, {"comm_task_s", f.comm_task_s}};
+}
+
+Interference interference_from_json(const nlohmann::json& j, const std::string& source) {
+  Interference f;
+  f.compute = j.at("compute").get<double>();
+  f.comm = j.at("comm").get<double>();
+  f.handoff_s = j.value("handoff_s", 0.0);
+  f.comm_task_s = j.value("comm_task_s", 0.0);  // profiles before the refit: none
+  PM_REQUIRE(f.handoff_s >= 0, "{}: negative hand-off latency", source);
+  PM_REQUIRE(f.comm_task_s >= 0, "{}: negative per-task communication cost", source);
+  PM_REQUIRE(f.compute >= 1 && f.comm >= 1, "{}: interference factors below 1", source);
+  return f;
+}
+
 constexpr const char* kFormat = "pipemoe-profile";
 constexpr int kVersion = 1;
 
@@ -115,8 +139,10 @@ std::string PerfProfile::to_json() const {
       {"cluster",
        {{"world_size", cluster.world_size}, {"hosts", cluster.hosts}, {"threads", cluster.threads},
         {"cpu_model", cluster.cpu_model}, {"network", cluster.network}}},
-      {"interference", {{"compute", interference.compute}, {"comm", interference.comm}, {"handoff_s", interference.handoff_s}}},
+      {"interference", interference_json(interference)},
+      {"interference_measured", interference_json(interference_measured)},
       {"self_check_median_error", self_check_median_error},
+      {"self_check", self_check_json(self_check)},
       {"trusted", trust_problems().empty()},
       {"trust_problems", trust_problems()},
       {"models", models_json}};
@@ -134,17 +160,21 @@ PerfProfile PerfProfile::from_json(const std::string& text, const std::string& s
                kVersion);
     p.created = j.value("created", "");
     p.self_check_median_error = j.value("self_check_median_error", 0.0);
+    if (j.contains("self_check"))
+      for (const auto& e : j.at("self_check"))
+        p.self_check.push_back({e.at("shape").get<int>(), e.at("degree").get<int>(), e.at("forward").get<bool>(),
+                                e.at("measured_s").get<double>(), e.at("predicted_s").get<double>()});
     const auto& c = j.at("cluster");
     p.cluster.world_size = static_cast<int>(json_int(c.at("world_size"), 1, 1 << 20, source + ": cluster world_size"));
     p.cluster.hosts = static_cast<int>(json_int(c.at("hosts"), 1, 1 << 20, source + ": cluster hosts"));
     p.cluster.threads = static_cast<int>(json_int(c.at("threads"), 0, 1 << 16, source + ": cluster threads"));
     p.cluster.cpu_model = c.at("cpu_model").get<std::string>();
     p.cluster.network = c.at("network").get<std::string>();
-    p.interference.compute = j.at("interference").at("compute").get<double>();
-    p.interference.comm = j.at("interference").at("comm").get<double>();
-    p.interference.handoff_s = j.at("interference").value("handoff_s", 0.0);
-    PM_REQUIRE(p.interference.handoff_s >= 0, "{}: negative hand-off latency", source);
-    PM_REQUIRE(p.interference.compute >= 1 && p.interference.comm >= 1, "{}: interference factors below 1", source);
+    p.interference = interference_from_json(j.at("interference"), source);
+    // older profiles have no refit: what they measured is what they planned with
+    p.interference_measured = j.contains("interference_measured")
+                                  ? interference_from_json(j.at("interference_measured"), source)
+                                  : p.interference;
     for (auto& [name, m] : j.at("models").items()) {
       PM_REQUIRE(!name.empty() && name.size() <= 64, "{}: a cost class name must be 1 to 64 characters", source);
       CostModel& km = p.models[name];

@@ -49,8 +49,19 @@ struct PerfProfile {
   ClusterInfo cluster;
   std::string created;  // UTC time, ISO 8601
   std::map<std::string, CostModel> models;  // by cost class
-  Interference interference;
-  double self_check_median_error = 0;  // overlapped layer passes vs their simulation, at profiling
+  Interference interference;           // what the planner simulates with (refit on overlapped passes)
+  Interference interference_measured;  // the direct measurement before the refit (for comparison)
+  // overlapped layer passes vs their simulation at profiling, each against its round's level (the
+  // host's drift between rounds taken out: perf/interference_fit.h)
+  double self_check_median_error = 0;
+  // Those passes one by one: which shape (index into the profiled shapes), degree and direction,
+  // the measured and the simulated seconds. Where the models miss, per degree.
+  struct CheckedPass {
+    int shape = 0, degree = 1;
+    bool forward = true;
+    double measured_s = 0, predicted_s = 0;
+  };
+  std::vector<CheckedPass> self_check;
 
   // What makes this profile unfit to plan with, in words (empty: nothing): a cost class whose
   // linear model misses its own samples by more than kMaxFitError (median), or overlapped passes

@@ -21,9 +21,11 @@ Simulation simulate(const TaskGraph& graph, const std::function<double(const Tas
   const int n = graph.size();
   const double inf = std::numeric_limits<double>::infinity();
   PM_CHECK(interference.compute >= 1 && interference.comm >= 1 && std::isfinite(interference.compute) &&
-               std::isfinite(interference.comm) && interference.handoff_s >= 0 && std::isfinite(interference.handoff_s),
-           "interference factors must be finite and at least 1 (compute {}, comm {}, hand-off {} s)",
-           interference.compute, interference.comm, interference.handoff_s);
+               std::isfinite(interference.comm) && interference.handoff_s >= 0 && std::isfinite(interference.handoff_s) &&
+               interference.comm_task_s >= 0 && std::isfinite(interference.comm_task_s),
+           "interference factors must be finite and at least 1 (compute {}, comm {}, hand-off {} s, per "
+           "communication task {} s)",
+           interference.compute, interference.comm, interference.handoff_s, interference.comm_task_s);
   Simulation sim;
   sim.start_s.assign(n, 0.0);
   sim.end_s.assign(n, 0.0);
@@ -53,7 +55,7 @@ Simulation simulate(const TaskGraph& graph, const std::function<double(const Tas
       if (running[lane.id] < 0) {
         LaneQueues::Pick p = queues.pick(lane, now, ready_at);
         if (p.task >= 0) {
-          double d = duration(tasks[p.task]);
+          double d = duration(tasks[p.task]) + (lane == lanes::comm ? interference.comm_task_s : 0.0);
           PM_CHECK(std::isfinite(d) && d >= 0, "task '{}' has a predicted duration of {} s", tasks[p.task].name, d);
           running[lane.id] = p.task;
           remaining[p.task] = d;

@@ -18,6 +18,10 @@ struct Interference {
   double compute = 1.0;    // the compute lane runs this much slower while another lane is busy
   double comm = 1.0;       // the communication lane, while another lane is busy
   double handoff_s = 0.0;  // delay before a task can start after another lane's task it waits for
+  // Seconds every communication-lane task takes beyond its time alone on a back-to-back link: in
+  // a pass each chunk's exchange also waits for the slowest rank to post it, and the waiting
+  // thread wakes (fitted from overlapped passes: perf/interference_fit.h).
+  double comm_task_s = 0.0;
   // Other lanes (copy, ...) are not measured yet: factor 1.
   double factor(Lane lane) const;
 };

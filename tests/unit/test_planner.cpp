@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "perf/degree_choice.h"
+#include "perf/interference_fit.h"
 #include "perf/perf_profile.h"
 #include "perf/planner.h"
 #include "sched/simulator.h"
@@ -48,6 +49,54 @@ TEST(Profile, JsonRoundTripAndValidation) {
   std::string missing = text;
   missing.replace(missing.find("\"cluster\""), 9, "\"clusterX\"");
   EXPECT_NE(error_of(missing).find("not a valid profile"), std::string::npos);
+}
+
+TEST(Profile, RefitInterferenceAndSelfCheckSurviveTheFileAndOldProfilesLoad) {
+  PerfProfile p = synthetic_profile(8e-3, 100);
+  p.interference = {1.4, 1.2, 20e-6, 1.5e-3};
+  p.interference_measured = {1.3, 1.0, 20e-6, 0};
+  p.self_check = {{2, 4, false, 0.125, 0.1}};
+  PerfProfile q = PerfProfile::from_json(p.to_json(), "test");
+  EXPECT_DOUBLE_EQ(q.interference.comm_task_s, 1.5e-3);
+  EXPECT_DOUBLE_EQ(q.interference_measured.compute, 1.3);
+  ASSERT_EQ(q.self_check.size(), 1u);
+  EXPECT_EQ(q.self_check[0].degree, 4);
+  EXPECT_FALSE(q.self_check[0].forward);
+  EXPECT_DOUBLE_EQ(q.self_check[0].measured_s, 0.125);
+  // a profile written before the refit: no per-task cost, and what it measured is what it plans with
+  std::string old = p.to_json();
+  old.replace(old.find("\"comm_task_s\""), 13, "\"unknown_key\"");
+  old.replace(old.find("\"interference_measured\""), 23, "\"something_else_key___\"");
+  PerfProfile r = PerfProfile::from_json(old, "old");
+  EXPECT_EQ(r.interference.comm_task_s, 0.0);
+  EXPECT_DOUBLE_EQ(r.interference_measured.compute, 1.4);
+}
+
+// Passes simulated with known interference stand in for measured ones: the refit, started from no
+// interference at all, finds parameters that predict them (and the degree-dependent cost).
+TEST(InterferenceFit, RecoversWhatTheOverlappedPassesShow) {
+  PerfProfile p = synthetic_profile(8e-3, 100);
+  const Interference truth{1.3, 1.5, 10e-6, 2e-3};
+  std::vector<TaskGraph> graphs;
+  std::vector<OverlappedPass> passes;
+  graphs.reserve(16);
+  for (int r : {1, 2, 4, 8})
+    for (bool forward : {true, false}) {
+      graphs.emplace_back();
+      if (forward)
+        moe_strategy("ep").plan_forward(graphs.back(), {}, kShape, r);
+      else
+        moe_strategy("ep").plan_backward(graphs.back(), {}, kShape, r);
+    }
+  auto alone = [&](const Task& t) { return p.predict(t); };
+  for (const TaskGraph& g : graphs) passes.push_back({&g, simulate(g, alone, truth).makespan_s});
+  const InterferenceFit fit = fit_interference(passes, alone, {1.0, 1.0, 10e-6, 0});
+  EXPECT_GT(fit.error_before, 0.05);
+  EXPECT_LT(fit.error_after, 0.01);
+  EXPECT_NEAR(fit.interference.comm_task_s, truth.comm_task_s, 0.5e-3);
+  // never worse than where it started
+  const InterferenceFit again = fit_interference(passes, alone, truth);
+  EXPECT_LE(again.error_after, again.error_before);
 }
 
 TEST(Profile, ForeignClusterIsNamed) {

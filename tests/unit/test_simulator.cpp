@@ -91,6 +91,21 @@ TEST(Simulator, HandOffDelaysOnlyTasksThatWaitForTheOtherLane) {
   EXPECT_DOUBLE_EQ(s.makespan_s, 3.25);
 }
 
+TEST(Simulator, EveryCommunicationTaskPaysItsPerTaskCost) {
+  TaskGraph g;
+  int a = g.add(task("a", lanes::compute, 1, {}));
+  int b = g.add(task("b", lanes::comm, 1, {a}));
+  g.add(task("c", lanes::comm, 1, {b}));
+  g.add(task("d", lanes::compute, 1, {a}));
+  Interference f;
+  f.comm_task_s = 0.5;
+  Simulation s = simulate(g, from_flops, f);
+  EXPECT_DOUBLE_EQ(s.end_s[1], 2.5);
+  EXPECT_DOUBLE_EQ(s.end_s[2], 4.0);
+  EXPECT_DOUBLE_EQ(s.end_s[3], 2.0) << "compute tasks do not pay it";
+  EXPECT_DOUBLE_EQ(s.makespan_s, 4.0);
+}
+
 TEST(Simulator, InterferenceBelowOneOrADurationThatIsNotANumberIsRefusedWithAMessage) {
   // A profile once measured no interference sample and stored a factor of 0: the simulation then
   // stalled with "cannot make progress". Now it says what is wrong.

@@ -1,0 +1,47 @@
+// How the lanes slow each other, fitted to passes that really overlapped.
+//
+// The profiler measures the interference directly (GEMMs beside a stream of all-to-alls), but
+// measured against traces, a pipelined pass misses what that loop cannot see: each chunk's
+// all-to-all waits for the slowest rank to post it, and the more chunks, the more such waits
+// (bench layer's per-cost-class table: the all-to-all's measured / predicted grows with the
+// degree). So the profiler refits the factors and a cost per communication task on its own
+// overlapped passes (several shapes and degrees each), keeping the direct measurement where the
+// refit does not predict those passes better.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "sched/simulator.h"
+#include "sched/task_graph.h"
+
+namespace pm {
+
+struct OverlappedPass {
+  const TaskGraph* graph;
+  double seconds;  // measured wall time (slowest rank)
+  // Passes of one group (one shape, one direction, one round of degrees back to back) ran at the
+  // same speed of the host; between groups the host's speed drifts (1.3-1.8x within a minute on
+  // the 2-vCPU machines here). The fit compares each pass with its group's level, so that it
+  // learns how the time changes with the degree, not how the host drifted.
+  int group = 0;
+};
+
+struct InterferenceFit {
+  Interference interference;
+  // mean over passes of |measured / (simulated x its group's level) - 1|, the level being the
+  // group's median of measured / simulated
+  double error_before = 0, error_after = 0;
+};
+
+// Per pass, |measured / (simulated x its group's level) - 1|: how far the simulation is from each
+// pass once the host's drift between groups is taken out.
+std::vector<double> drift_free_errors(const std::vector<OverlappedPass>& passes,
+                                      const std::function<double(const Task&)>& alone, const Interference& f);
+
+// alone(task): the task's predicted time alone (the fitted cost models). Coordinate search from
+// `start` over the compute and communication factors and the per-communication-task cost.
+InterferenceFit fit_interference(const std::vector<OverlappedPass>& passes,
+                                 const std::function<double(const Task&)>& alone, const Interference& start);
+
+}  // namespace pm
