@@ -100,6 +100,7 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"aux_coef", o.aux_coef},    {"z_loss_coef", o.z_loss_coef},
                            {"normalize_gates", s.normalize_gates}, {"balance_bias", s.balance_bias},
                            {"activation", activation_name(s.activation)},
+                           {"router_score", s.router_score == RouterScore::sigmoid ? "sigmoid" : "softmax"},
                            {"world_size", ctx.world()},
                            {"strategy", layer.strategy().name()}, {"group_size", s.ranks},
                            {"degree_fwd", layer.forward_degree()},

@@ -16,6 +16,11 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
       ->capture_default_str();
   cmd->add_flag("--balance-bias", s.balance_bias,
                 "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
+  const std::map<std::string, RouterScore> scores{{"softmax", RouterScore::softmax}, {"sigmoid", RouterScore::sigmoid}};
+  cmd->add_option("--router-score", s.router_score,
+                  "the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)")
+      ->transform(CLI::CheckedTransformer(scores))
+      ->default_str("softmax");
   const std::map<std::string, Activation> activations{{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}};
   cmd->add_option("--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])")
       ->transform(CLI::CheckedTransformer(activations))

@@ -87,6 +87,10 @@ class Backend {
   // out[n] = GeLU(in[n]) (exact erf form); grad_in[n] = grad_out[n] * GeLU'(in[n]).
   virtual void gelu_forward(const float* in, float* out, int64_t n) = 0;
   virtual void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) = 0;
+  // Each of `rows` rows of hpre is a pre-activation [g | v] of 2n values: act[rows, n] =
+  // SiLU(g) * v; the backward writes dhpre[rows, 2n] from dact[rows, n].
+  virtual void swiglu_rows_forward(const float* hpre, float* act, int64_t rows, int64_t n) = 0;
+  virtual void swiglu_rows_backward(const float* hpre, const float* dact, float* dhpre, int64_t rows, int64_t n) = 0;
   // probs[rows, cols] = softmax(logits) per row; dlogits = probs * (dprobs - <probs, dprobs>).
   virtual void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) = 0;
   virtual void softmax_rows_backward(const float* probs, const float* dprobs, float* dlogits, int64_t rows,

@@ -54,13 +54,16 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
       MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor,
                      expert_group().size()};
       shape.normalize_gates = c.gate_normalize;
+      shape.router_score = parse_router_score(c.router_score, "configuration: 'router_score'");
       shape.balance_bias = c.router_bias_rate > 0;
       shape.activation = parse_activation(c.expert_activation, "configuration: 'expert_activation'");
       b->moe = strategy.make_layer(shape, expert_group(), backend);
       for (Parameter& mp : b->moe->parameters()) add_param(p + "moe." + mp.name, *mp.value, *mp.grad, mp.expert, mp.decay);
       if (G > 0) {
-        make(b->se_w_fc, b->d_se_w_fc, {D, G});
-        make(b->se_b_fc, b->d_se_b_fc, {G});
+        // SwiGLU: W_fc = [W_g | W_v], [D, 2G]
+        const int64_t G1 = fc1_width(parse_activation(c.shared_expert_activation, "configuration: 'shared_expert_activation'"), G);
+        make(b->se_w_fc, b->d_se_w_fc, {D, G1});
+        make(b->se_b_fc, b->d_se_b_fc, {G1});
         make(b->se_w_out, b->d_se_w_out, {G, D});
         make(b->se_b_out, b->d_se_b_out, {D});
         add_param(p + "se.w_fc", b->se_w_fc, b->d_se_w_fc, false, true);
@@ -266,9 +269,13 @@ const float* GptModel::scmoe_tap_saved(int m) const {
 }
 
 void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D, int64_t G) {
-  b.se_fc.resize(T * G), b.se_act.resize(T * G), b.se_raw.resize(T * D), b.se_out.resize(T * D);
+  const bool swiglu = config_.shared_expert_activation == "swiglu";
+  b.se_fc.resize(T * (swiglu ? 2 * G : G)), b.se_act.resize(T * G), b.se_raw.resize(T * D), b.se_out.resize(T * D);
   linear_forward(k, b.ln2_out.data(), b.se_w_fc, b.se_b_fc, T, b.se_fc.data());
-  k.gelu_forward(b.se_fc.data(), b.se_act.data(), T * G);
+  if (swiglu)
+    k.swiglu_rows_forward(b.se_fc.data(), b.se_act.data(), T, G);
+  else
+    k.gelu_forward(b.se_fc.data(), b.se_act.data(), T * G);
   linear_forward(k, b.se_act.data(), b.se_w_out, b.se_b_out, T, b.se_raw.data());
   if (!config_.coef_gate) {
     b.se_out = b.se_raw;
@@ -305,8 +312,16 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
     std::memcpy(draw.data(), dout, T * D * sizeof(float));
   }
   linear_backward(k, b.se_act.data(), b.se_w_out, draw.data(), T, b.d_se_w_out, b.d_se_b_out, dact.data());
-  k.gelu_backward(b.se_fc.data(), dact.data(), dact.data(), T * G);
-  linear_backward(k, b.ln2_out.data(), b.se_w_fc, dact.data(), T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());
+  const float* dfc = dact.data();
+  Buffer<float> dfc_swiglu;
+  if (config_.shared_expert_activation == "swiglu") {
+    dfc_swiglu.resize(T * 2 * G);
+    k.swiglu_rows_backward(b.se_fc.data(), dact.data(), dfc_swiglu.data(), T, G);
+    dfc = dfc_swiglu.data();
+  } else {
+    k.gelu_backward(b.se_fc.data(), dact.data(), dact.data(), T * G);
+  }
+  linear_backward(k, b.ln2_out.data(), b.se_w_fc, dfc, T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());
   for (int64_t i = 0; i < T * D; ++i) dx[i] += dse_in[i];
 }
 

@@ -47,10 +47,12 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("scmoe_tap", c.model.scmoe_tap);
   fn("scmoe_slot", c.model.scmoe_slot);
   fn("shared_expert_hidden", c.model.shared_expert_hidden);
+  fn("shared_expert_activation", c.model.shared_expert_activation);
   fn("coef_gate", c.model.coef_gate);
   fn("aux_coef", c.model.aux_coef);
   fn("z_loss_coef", c.model.z_loss_coef);
   fn("gate_normalize", c.model.gate_normalize);
+  fn("router_score", c.model.router_score);
   fn("router_bias_rate", c.model.router_bias_rate);
   fn("batch_size", c.batch_size);
   fn("dp", c.dp);
@@ -167,12 +169,12 @@ double TrainConfig::estimated_bytes_per_rank(int world) const {
   const double expert_matrices = m.expert_activation == "swiglu" ? 3 : 2;
   double params = (V + S) * D + m.layers * (4 * D * D + 6 * D) + dense * 2 * D * m.mlp_hidden +
                   moe * (D * m.experts + local_experts * expert_matrices * D * m.expert_hidden +
-                         2 * D * m.shared_expert_hidden + 2 * D);
+                         (m.shared_expert_activation == "swiglu" ? 3 : 2) * D * m.shared_expert_hidden + 2 * D);
   // activations kept for the backward, per block: ~16 rows of D, the MLP's or the experts' hidden
   // rows, the attention probabilities; and the logits with their gradient
   const double rows = T * std::max(1, m.top_k) * std::max(1.0, m.capacity_factor);
   double activations = m.layers * (16 * T * D + T * S * m.heads) + dense * 3 * T * m.mlp_hidden +
-                       moe * ((1 + expert_matrices) * rows * m.expert_hidden + 4 * rows * D + 3 * T * m.shared_expert_hidden) + 2 * T * V;
+                       moe * ((1 + expert_matrices) * rows * m.expert_hidden + 4 * rows * D + (m.shared_expert_activation == "swiglu" ? 4 : 3) * T * m.shared_expert_hidden) + 2 * T * V;
   return 4.0 * (4 * params + activations);  // float32; value, gradient and two AdamW moments per parameter
 }
 
@@ -259,6 +261,8 @@ void TrainConfig::validate(int world) const {
   }
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
   parse_activation(m.expert_activation, "configuration: 'expert_activation'");
+  parse_activation(m.shared_expert_activation, "configuration: 'shared_expert_activation'");
+  parse_router_score(m.router_score, "configuration: 'router_score'");
   PM_REQUIRE(m.z_loss_coef >= 0, "configuration: 'z_loss_coef' must not be negative, got {}", m.z_loss_coef);
   PM_REQUIRE(m.router_bias_rate >= 0, "configuration: 'router_bias_rate' must not be negative (0: no bias), got {}",
              m.router_bias_rate);

@@ -23,6 +23,7 @@ struct ModelConfig {
   double capacity_factor = 1.25;
   int expert_hidden = 1024;
   std::string expert_activation = "gelu";  // the routed experts': "gelu" or "swiglu" (moe_shape.h)
+  std::string shared_expert_activation = "gelu";  // the shared expert's: "gelu" or "swiglu" (W_fc [D, 2G])
   std::string moe_strategy = "ep";  // how tokens reach their experts (moe/moe_layer.h): "ep", all-to-all;
                                     // "ppmoe": split over a tensor-parallel group of tp ranks
   // Ranks per tensor-parallel group (PPMoE): tp consecutive ranks hold the same sequences and split
@@ -40,6 +41,7 @@ struct ModelConfig {
   double aux_coef = 0.01;  // weight of the sum of the MoE layers' aux losses
   double z_loss_coef = 0;  // weight of the sum of the MoE layers' router z-losses (ST-MoE; 1e-3 there)
   bool gate_normalize = true;  // top-k > 1: gate values divided by their sum (moe_shape.h normalize_gates)
+  std::string router_score = "softmax";  // or "sigmoid" (DeepSeek-V3; moe_shape.h RouterScore)
   // > 0: auxiliary-loss-free balancing (DeepSeek-V3, which uses 1e-3): each MoE layer chooses by
   // probability + a per-expert bias, moved by this much after every step against the load
   double router_bias_rate = 0;

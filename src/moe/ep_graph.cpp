@@ -84,7 +84,7 @@ PassTasks append_ep_forward(TaskGraph& g, const std::vector<int>& after, const P
   const bool real = steps != nullptr;
   // the tasks own the steps (and whatever the steps keep alive) for as long as the graph lives
   auto w = real ? std::make_shared<const ForwardSteps>(*steps) : nullptr;
-  PassBuilder add{g, forward_works(r)};
+  PassBuilder add{g, forward_works(r), {}};
   PassTasks& out = add.tasks;
   int gate = add("gate", lanes::compute, "gate", -1, after, bind_step(real, [w] { w->gate(); }));
   int pack = add("pack", lanes::compute, "pack", -1, {gate}, bind_step(real, [w] { w->pack(); }));
@@ -116,7 +116,7 @@ PassTasks append_ep_backward(TaskGraph& g, const std::vector<int>& after, const 
   check_rows(r);
   const bool real = steps != nullptr;
   auto w = real ? std::make_shared<const BackwardSteps>(*steps) : nullptr;
-  PassBuilder add{g, backward_works(r)};
+  PassBuilder add{g, backward_works(r), {}};
   PassTasks& out = add.tasks;
   int pack = add("pack_grad", lanes::compute, "pack", -1, after, bind_step(real, [w] { w->pack_grad(); }));
   int weights = add("pack_weights", lanes::compute, "pack_weights", -1, after, bind_step(real, [w] { w->pack_weights(); }));

@@ -36,7 +36,23 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   g.probs.resize(T * E);
   backend.gemm(Trans::no, Trans::no, T, E, M, x, M, wg, E, 0.0f, g.probs.data(), E);
   g.z_loss = log_sum_exp_rows(g.probs.data(), T, E, g.lse);
-  backend.softmax_rows(g.probs.data(), g.probs.data(), T, E);
+  const bool sigmoid = shape.router_score == RouterScore::sigmoid;
+  if (sigmoid) {
+    g.logits.resize(T * E);
+    std::copy(g.probs.data(), g.probs.data() + T * E, g.logits.data());
+    g.score_sum.assign(T, 0.0f);
+    for (int64_t t = 0; t < T; ++t) {
+      double sum = 0;
+      for (int e = 0; e < E; ++e) {
+        float& v = g.probs[t * E + e];
+        v = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(v))));
+        sum += v;
+      }
+      g.score_sum[t] = static_cast<float>(sum);
+    }
+  } else {
+    backend.softmax_rows(g.probs.data(), g.probs.data(), T, E);
+  }
 
   Routing& routing = g.routing;
   routing.tokens = T;
@@ -69,7 +85,8 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   for (float& f : g.first_choice_fraction) f /= static_cast<float>(T);
   std::vector<double> mean_prob(E, 0.0);
   for (int64_t t = 0; t < T; ++t)
-    for (int e = 0; e < E; ++e) mean_prob[e] += g.probs[t * E + e];
+    for (int e = 0; e < E; ++e)
+      mean_prob[e] += sigmoid ? static_cast<double>(g.probs[t * E + e]) / g.score_sum[t] : g.probs[t * E + e];
   double aux = 0;
   for (int e = 0; e < E; ++e) aux += mean_prob[e] / T * g.first_choice_fraction[e];
   g.aux_loss = aux * E;
@@ -81,11 +98,21 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
   const float aux_grad = loss_grads.aux;
   const int64_t T = g.routing.tokens, M = shape.model_dim;
   const int E = shape.experts, top_k = shape.top_k;
+  const bool sigmoid = shape.router_score == RouterScore::sigmoid;
   Buffer<float> dprobs(T * E, 0.0f);
-  // The aux loss sees the first-choice fractions as constants: d aux / d probs[t, e] = E f_e / T.
-  for (int e = 0; e < E; ++e) {
-    float d = aux_grad * static_cast<float>(E) * g.first_choice_fraction[e] / static_cast<float>(T);
-    for (int64_t t = 0; t < T; ++t) dprobs[t * E + e] = d;
+  // The aux loss sees the first-choice fractions as constants: d aux / d p[t, e] = E f_e / T =: c_e.
+  std::vector<float> c(E);
+  for (int e = 0; e < E; ++e) c[e] = aux_grad * static_cast<float>(E) * g.first_choice_fraction[e] / static_cast<float>(T);
+  for (int64_t t = 0; t < T; ++t) {
+    if (!sigmoid) {
+      for (int e = 0; e < E; ++e) dprobs[t * E + e] = c[e];
+      continue;
+    }
+    // p_e = s_e / S: d s_i = (c_i - sum_e c_e p_e) / S
+    const float S = g.score_sum[t];
+    float inner = 0;
+    for (int e = 0; e < E; ++e) inner += c[e] * g.probs[t * E + e] / S;
+    for (int e = 0; e < E; ++e) dprobs[t * E + e] = (c[e] - inner) / S;
   }
   for (int64_t t = 0; t < T; ++t) {
     const float* gv = &g.gate[t * top_k];
@@ -102,11 +129,18 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
     for (int j = 0; j < top_k; ++j) dprobs[t * E + chosen[j]] += (dg[j] - inner) / s;
   }
   Buffer<float> dlogits(T * E);
-  backend.softmax_rows_backward(g.probs.data(), dprobs.data(), dlogits.data(), T, E);
-  if (loss_grads.z != 0) {  // d mean_t lse_t^2 / d logits[t, e] = 2 lse_t probs[t, e] / T
+  if (sigmoid) {  // d sigmoid(l) / d l = s (1 - s)
+    for (int64_t i = 0; i < T * E; ++i) dlogits[i] = dprobs[i] * g.probs[i] * (1.0f - g.probs[i]);
+  } else {
+    backend.softmax_rows_backward(g.probs.data(), dprobs.data(), dlogits.data(), T, E);
+  }
+  if (loss_grads.z != 0) {  // d mean_t lse_t^2 / d logits[t, e] = 2 lse_t softmax(logits)[t, e] / T
     for (int64_t t = 0; t < T; ++t) {
       const float scale = loss_grads.z * 2.0f * g.lse[t] / static_cast<float>(T);
-      for (int e = 0; e < E; ++e) dlogits[t * E + e] += scale * g.probs[t * E + e];
+      for (int e = 0; e < E; ++e) {
+        const float softmax = sigmoid ? std::exp(g.logits[t * E + e] - g.lse[t]) : g.probs[t * E + e];
+        dlogits[t * E + e] += scale * softmax;
+      }
     }
   }
   backend.gemm(Trans::yes, Trans::no, M, E, T, x, M, dlogits.data(), E, 1.0f, dwg, E);

@@ -1,11 +1,15 @@
-// The gate: softmax(x Wg) in float32, top-k experts per token (ties to the lower index), gate
-// values = the chosen probabilities, divided by their sum when k > 1 and the shape normalises;
+// The gate: softmax(x Wg) in float32 (or, with RouterScore::sigmoid, each logit's sigmoid), top-k
+// experts per token (ties to the lower index), gate values = the chosen scores, divided by their
+// sum when k > 1 and the shape normalises;
 // capacity and slots (see routing.h); the GShard auxiliary load-balancing loss, the router z-loss
 // (ST-MoE) and, optionally, a per-expert selection bias (DeepSeek-V3's auxiliary-loss-free
 // balancing); and the backward of all of it.
 //
-// Precision: logits, probabilities and gate values are float32; the z-loss's log-sum-exp and the
-// aux loss's means are summed in double.
+// Precision: logits, probabilities and gate values are float32 (a sigmoid is computed in double
+// and rounded); the z-loss's log-sum-exp and the aux loss's means are summed in double.
+//
+// With sigmoid scores the aux loss reads each token's scores normalised over all experts
+// (DeepSeek-V3's s'), and the z-loss stays the log-sum-exp of the logits.
 #pragma once
 
 #include <cstdint>
@@ -28,11 +32,14 @@ struct RouterLossGrads {
 // What the gate decided for one pass.
 struct Gating {
   Routing routing;             // chosen experts and their slots
-  Buffer<float> probs;         // [T, E]
+  Buffer<float> probs;         // [T, E] the scores: softmax probabilities, or sigmoids
+  Buffer<float> logits;        // [T, E] sigmoid scores only (the z-loss's gradient needs them)
+  std::vector<float> score_sum;  // [T] sigmoid scores only: each token's sum over the experts
   std::vector<float> gate;     // [T, k] gate values
   std::vector<float> first_choice_fraction;  // [E] share of tokens whose first choice is e
   std::vector<float> lse;      // [T] log-sum-exp of each token's logits
-  double aux_loss = 0;         // GShard: E * sum_e mean_t(probs[t, e]) * first_choice_fraction[e]
+  double aux_loss = 0;         // GShard: E * sum_e mean_t(p[t, e]) * first_choice_fraction[e], p the
+                               // probabilities (sigmoid: the scores over their sum)
   double z_loss = 0;           // ST-MoE: mean_t lse[t]^2
 };
 

@@ -33,9 +33,16 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 }
 
 std::string MoeShape::str() const {
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}", tokens, model_dim, hidden, experts, top_k,
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
                      capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates",
-                     balance_bias ? " bias" : "", activation == Activation::swiglu ? " swiglu" : "");
+                     balance_bias ? " bias" : "", router_score == RouterScore::sigmoid ? " sigmoid" : "",
+                     activation == Activation::swiglu ? " swiglu" : "");
+}
+
+RouterScore parse_router_score(const std::string& name, const std::string& what) {
+  if (name == "softmax") return RouterScore::softmax;
+  PM_REQUIRE(name == "sigmoid", "{} must be \"softmax\" or \"sigmoid\", got \"{}\"", what, name);
+  return RouterScore::sigmoid;
 }
 
 Activation parse_activation(const std::string& name, const std::string& what) {

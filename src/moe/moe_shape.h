@@ -9,6 +9,10 @@
 
 namespace pm {
 
+enum class RouterScore { softmax, sigmoid };
+// "softmax" or "sigmoid", else a usage error naming `what`.
+RouterScore parse_router_score(const std::string& name, const std::string& what);
+
 struct MoeShape {
   int64_t tokens = 0;     // T: tokens per rank in one pass
   int64_t model_dim = 0;  // M
@@ -27,6 +31,10 @@ struct MoeShape {
   // parameter "router_bias" [E] that no gradient moves; training updates it from the load
   // (gate.h update_balance_bias).
   bool balance_bias = false;
+  // The router's scores: softmax over the experts (GShard, Switch, Mixtral), or each expert's own
+  // sigmoid (DeepSeek-V3: scores that do not compete, normalised over the chosen k by
+  // normalize_gates; its balance losses see them normalised over all experts).
+  RouterScore router_score = RouterScore::softmax;
   Activation activation = Activation::gelu;  // the experts' (kernels/backend.h)
   int64_t fc1_width() const { return pm::fc1_width(activation, hidden); }  // W1's columns: H, or 2H for SwiGLU
   // Multiply-adds x 2 of one row through one expert, forward: 2 M H1 + 2 H M.
@@ -46,7 +54,7 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " swiglu")
+  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " swiglu")
 };
 
 // "gelu" or "swiglu"; a usage error naming `what` for anything else.

@@ -80,7 +80,7 @@ PassTasks append_ppmoe_forward(TaskGraph& g, const std::vector<int>& after, cons
   check_rows(r);
   const bool real = steps != nullptr;
   auto w = real ? std::make_shared<const PpmoeForwardSteps>(*steps) : nullptr;
-  PassBuilder add{g, forward_works(r)};
+  PassBuilder add{g, forward_works(r), {}};
   int gate = add("gate", lanes::compute, "gate", -1, after, bind_step(real, [w] { w->gate(); }));
   int weights = add("pack_weights", lanes::compute, "pack_weights", -1, after, bind_step(real, [w] { w->pack_weights(); }));
   if (between) between(g);
@@ -105,7 +105,7 @@ PassTasks append_ppmoe_backward(TaskGraph& g, const std::vector<int>& after, con
   check_rows(r);
   const bool real = steps != nullptr;
   auto w = real ? std::make_shared<const PpmoeBackwardSteps>(*steps) : nullptr;
-  PassBuilder add{g, backward_works(r)};
+  PassBuilder add{g, backward_works(r), {}};
   int dgate = add("dgate", lanes::compute, "pack", -1, after, bind_step(real, [w] { w->dgate(); }));
   int weights = add("pack_weights", lanes::compute, "pack_weights", -1, after, bind_step(real, [w] { w->pack_weights(); }));
   int reduce_dgate = add("reduce_dgate", lanes::comm, "all_reduce", -1, {dgate}, bind_step(real, [w] { w->reduce_dgate(); }));

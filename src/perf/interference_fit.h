@@ -40,7 +40,9 @@ std::vector<double> drift_free_errors(const std::vector<OverlappedPass>& passes,
                                       const std::function<double(const Task&)>& alone, const Interference& f);
 
 // alone(task): the task's predicted time alone (the fitted cost models). Coordinate search from
-// `start` over the compute and communication factors and the per-communication-task cost.
+// `start` over the compute and communication factors and the per-communication-task cost; the
+// result is `start` again unless the search brings the error below kMinRefitGain of start's.
+constexpr double kMinRefitGain = 0.9;
 InterferenceFit fit_interference(const std::vector<OverlappedPass>& passes,
                                  const std::function<double(const Task&)>& alone, const Interference& start);
 

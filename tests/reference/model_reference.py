@@ -47,13 +47,14 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H):
     return o @ w_proj + b_proj
 
 
-def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu"):
+def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu",
+        router_score="softmax"):
     """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None."""
     T = x.shape[0]
     E = wg.shape[1]
     C = top_k * T if capacity_factor == 0 else math.ceil(top_k * capacity_factor * T / E)  # 0: dropless
     logits = x @ wg
-    probs = torch.softmax(logits, dim=1)
+    probs = torch.sigmoid(logits) if router_score == "sigmoid" else torch.softmax(logits, dim=1)
     scores = probs.detach().numpy() if bias is None else probs.detach().numpy() + bias
     order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
     count = np.zeros(E, dtype=np.int64)
@@ -75,7 +76,8 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None
                 tt = torch.tensor(tok)
                 y = y.index_add(0, tt, gate[tt, j:j + 1] * (activate(x[tt] @ w1[e] + b1[e], activation) @ w2[e] + b2[e]))
     first = torch.tensor(np.bincount(order[:, 0], minlength=E) / T)
-    aux = E * (probs.mean(dim=0) * first).sum()
+    balance_probs = probs / probs.sum(dim=1, keepdim=True) if router_score == "sigmoid" else probs
+    aux = E * (balance_probs.mean(dim=0) * first).sum()
     z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
     return y, aux, z_loss, order
 
@@ -134,12 +136,13 @@ class Model:
                 y, aux, z, chosen = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
                                         p[b + "moe.b2"], c["top_k"], c["capacity_factor"],
                                         c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"),
-                                        c.get("expert_activation", "gelu"))
+                                        c.get("expert_activation", "gelu"), c.get("router_score", "softmax"))
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
                 self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])
                 if c.get("shared_expert_hidden", 0) > 0:
-                    se = gelu(x @ p[b + "se.w_fc"] + p[b + "se.b_fc"]) @ p[b + "se.w_out"] + p[b + "se.b_out"]
+                    se = activate(x @ p[b + "se.w_fc"] + p[b + "se.b_fc"], c.get("shared_expert_activation", "gelu"))
+                    se = se @ p[b + "se.w_out"] + p[b + "se.b_out"]
                     if c.get("coef_gate", False):
                         se = se * torch.sigmoid(x @ p[b + "se.w_cg"] + p[b + "se.b_cg"])
                     y = y + se

@@ -56,6 +56,8 @@ def compute(folder):
     z_coef = meta.get("z_loss_coef", 0.0)
     activation = meta.get("activation", "gelu")
     normalize = meta.get("normalize_gates", True)
+    # the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)
+    score = torch.sigmoid if meta.get("router_score", "softmax") == "sigmoid" else lambda v: torch.softmax(v, dim=1)
     # the selection bias is replicated: every rank holds the same one
     bias32 = load(folder, 0, "router_bias", np.float32) if meta.get("balance_bias") else None
     El = E // P
@@ -74,10 +76,10 @@ def compute(folder):
         T = x.shape[0]
         capacity = k * T if f == 0 else math.ceil(k * f * T / E)  # 0: dropless
         logits = x @ wg
-        probs = torch.softmax(logits, dim=1)
-        # routing decisions from float32 probabilities, as the specification says
-        probs32 = torch.softmax(torch.tensor(load(folder, r, "x", np.float32)) @
-                                torch.tensor(load(folder, r, "wg", np.float32)), dim=1).numpy()
+        probs = score(logits)
+        # routing decisions from float32 scores, as the specification says
+        probs32 = score(torch.tensor(load(folder, r, "x", np.float32)) @
+                        torch.tensor(load(folder, r, "wg", np.float32))).numpy()
         chosen, slot = route(probs32 if bias32 is None else probs32 + bias32, k, capacity)
         unbiased = route(probs32, k, capacity)[0]  # what the choice would be without the bias
         chosen_t = torch.tensor(chosen)
@@ -95,7 +97,9 @@ def compute(folder):
                 out = activate(u @ w1[e] + b1[e], activation) @ w2[e] + b2[e]
                 y = y.index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
         first = torch.tensor(np.bincount(chosen[:, 0], minlength=E) / T)
-        aux = E * (probs.mean(dim=0) * first).sum()
+        # sigmoid scores: the balance loss reads them normalised over the experts (DeepSeek-V3's s')
+        balance_probs = probs / probs.sum(dim=1, keepdim=True) if score is torch.sigmoid else probs
+        aux = E * (balance_probs.mean(dim=0) * first).sum()
         z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
         total = total + (y * dy).sum() + aux_coef * aux + z_coef * z_loss
         ranks.append(dict(x=x, wg=wg, y=y, aux=aux, z_loss=z_loss, chosen=chosen, slot=slot, capacity=capacity,

@@ -86,6 +86,10 @@ ROUTER_VARIANTS = [
     (2, 36, 1, ["expert_activation=swiglu", "experts=8", "top_k=4", "expert_hidden=12", "shared_expert_hidden=24",
                 "aux_coef=0", "router_bias_rate=0.05", "z_loss_coef=0.001", "capacity_factor=0"]),
     (1, 37, 1, ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=1", "expert_activation=swiglu"]),
+    # DeepSeek-V3's router: sigmoid scores normalised over the chosen experts, bias balancing
+    (2, 38, 1, ["router_score=sigmoid", "experts=8", "top_k=4", "expert_hidden=12", "shared_expert_hidden=24",
+                "expert_activation=swiglu", "shared_expert_activation=swiglu", "aux_coef=0.001",
+                "router_bias_rate=0.05", "capacity_factor=0"]),
 ]
 
 

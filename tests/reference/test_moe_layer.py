@@ -44,6 +44,11 @@ CASES = [
     (2, 48, 32, 24, 4, 2, 1.25, 28, ["--activation", "swiglu"]),
     (3, 40, 24, 16, 6, 1, 1.0, 29, ["--activation", "swiglu", "--z-loss-coef", 0.02]),
     (4, 32, 16, 8, 32, 8, 0.0, 30, ["--activation", "swiglu", "--balance-bias", "--gate-normalize", "true"]),
+    # sigmoid router scores (DeepSeek-V3): normalised over the chosen k or not, with the aux loss,
+    # the z-loss and the selection bias
+    (2, 48, 32, 48, 8, 2, 1.25, 33, ["--router-score", "sigmoid", "--z-loss-coef", 0.05]),
+    (4, 32, 16, 8, 32, 8, 0.0, 34, ["--router-score", "sigmoid", "--activation", "swiglu", "--balance-bias"]),
+    (3, 40, 24, 16, 6, 3, 1.0, 35, ["--router-score", "sigmoid", "--gate-normalize", "false"]),
     # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
     (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
     (4, 40, 16, 16, 8, 1, 0.0, 32, ["--skew", 1, "--activation", "swiglu"]),
@@ -82,6 +87,8 @@ def main():
                            f"{name}: the layer did not run the router variant asked for: {meta}")
             failures.check(meta.get("activation") == ("swiglu" if "swiglu" in router else "gelu"),
                            f"{name}: the layer ran {meta.get('activation')} experts")
+            failures.check(meta.get("router_score") == ("sigmoid" if "sigmoid" in router else "softmax"),
+                           f"{name}: the layer scored with {meta.get('router_score')}")
             if "--skew" in router:
                 failures.check(all((e["expert_index"][:, 0] == 0).all() for e in expected),
                                f"{name}: the skew should send every first choice to expert 0")

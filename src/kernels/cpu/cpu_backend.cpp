@@ -51,6 +51,12 @@ class CpuBackend final : public Backend {
   void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) override {
     pm::gelu_backward(in, grad_out, grad_in, n);
   }
+  void swiglu_rows_forward(const float* hpre, float* act, int64_t rows, int64_t n) override {
+    for (int64_t r = 0; r < rows; ++r) pm::swiglu_forward(hpre + r * 2 * n, act + r * n, n);
+  }
+  void swiglu_rows_backward(const float* hpre, const float* dact, float* dhpre, int64_t rows, int64_t n) override {
+    for (int64_t r = 0; r < rows; ++r) pm::swiglu_backward(hpre + r * 2 * n, dact + r * n, dhpre + r * 2 * n, n);
+  }
   void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) override {
     pm::softmax_rows(logits, probs, rows, cols);
   }
