@@ -91,7 +91,8 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
 // "degree 2/1" or "degree 2/1 slot 4/3" when every block has the same, else block by block.
 // Each MoE layer's degrees planned again from the rows its last pass really routed (each layer its
 // own: the routing of one layer is not another's), every rank predicting from its own rows and the
-// slowest rank's prediction deciding, so that every rank picks the same. Returns how many layers
+// slowest rank's prediction deciding, so that every rank picks the same; a layer keeps its
+// degrees unless they are predicted clearly slower (keep_current_within). Returns how many layers
 // changed degree.
 int replan_from_routing(GptModel& model, const PerfProfile& profile, Communicator& comm) {
   std::vector<MoeLayer*> layers = model.moe_layers();
@@ -105,7 +106,8 @@ int replan_from_routing(GptModel& model, const PerfProfile& profile, Communicato
     comm.allreduce(times.data(), times.data(), static_cast<int64_t>(times.size()), DType::f64, ReduceOp::max);
     for (std::size_t j = 0; j < candidates.size(); ++j)
       candidates[j].forward_s = times[2 * j], candidates[j].backward_s = times[2 * j + 1];
-    const LayerPlan plan = pick_degrees(std::move(candidates));
+    const LayerPlan plan = keep_current_within(pick_degrees(std::move(candidates)), layers[i]->forward_degree(),
+                                               layers[i]->backward_degree());
     if (plan.forward_degree != layers[i]->forward_degree() || plan.backward_degree != layers[i]->backward_degree()) {
       layers[i]->set_degrees(plan.forward_degree, plan.backward_degree);
       ++changed;

@@ -82,8 +82,9 @@ InterferenceFit fit_interference(const std::vector<OverlappedPass>& passes,
     if (!moved) break;
   }
   // A refit that explains the passes only a little better has most likely fitted their noise
-  // (seen in shared memory: a compute factor from 4.0 to 2.3 for 7.0% -> 6.9%): keep the direct
-  // measurement unless the refit removes at least a tenth of the error.
+  // (measured on the three networks here, docs/BENCHMARKS.md: it gained 7.0% -> 6.9%, 9.5% ->
+  // 8.8% and 8.2% -> 7.6%, each time with other parameters, and planned no better): keep the
+  // direct measurement unless the refit removes at least a tenth of the error.
   if (best > kMinRefitGain * fit.error_before) {
     fit.interference = start;
     best = fit.error_before;

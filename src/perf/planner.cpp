@@ -47,6 +47,16 @@ LayerPlan pick_degrees(std::vector<DegreePrediction> candidates, double toleranc
   return plan;
 }
 
+LayerPlan keep_current_within(LayerPlan plan, int current_forward, int current_backward, double margin) {
+  for (const DegreePrediction& p : plan.candidates) {
+    if (p.degree == current_forward && p.forward_s <= plan.forward_s * (1 + margin))
+      plan.forward_degree = p.degree, plan.forward_s = p.forward_s;
+    if (p.degree == current_backward && p.backward_s <= plan.backward_s * (1 + margin))
+      plan.backward_degree = p.degree, plan.backward_s = p.backward_s;
+  }
+  return plan;
+}
+
 namespace {
 
 double simulated_s(const PerfProfile& profile, const TaskGraph& graph) {

@@ -39,6 +39,15 @@ LayerPlan plan_layer(const PerfProfile& profile, const MoeShape& shape, double t
 // fastest. (Ranks that predict apart take the slowest rank's prediction per candidate first.)
 LayerPlan pick_degrees(std::vector<DegreePrediction> candidates, double tolerance = kPlanTolerance);
 
+// Re-planning a layer that already runs at some degrees (perhaps timed by the refinement): keep
+// each direction's current degree unless `plan` predicts it slower than its own pick by more than
+// `margin`. Predicted differences below the models' error are no evidence against degrees that
+// were measured (seen in training at 1 Gbit/s: the refinement timed 3/4, the re-plan from the
+// routing moved the backward to a predicted-equal 2, and the run was 6% slower than a fixed 4),
+// and a layer does not flap between degrees as its routing drifts a little.
+constexpr double kReplanMargin = 0.05;
+LayerPlan keep_current_within(LayerPlan plan, int current_forward, int current_backward, double margin = kReplanMargin);
+
 // The same choice for one layer from the rows its last pass really routed (MoeLayer::plan_pass):
 // an imbalanced layer's busiest rank and link set its time, not the balanced share.
 LayerPlan plan_layer_from_pass(const PerfProfile& profile, const MoeLayer& layer, const MoePass& pass,

@@ -72,6 +72,22 @@ TEST(Profile, RefitInterferenceAndSelfCheckSurviveTheFileAndOldProfilesLoad) {
   EXPECT_DOUBLE_EQ(r.interference_measured.compute, 1.4);
 }
 
+TEST(Planner, ReplanningKeepsTheCurrentDegreesUnlessClearlySlower) {
+  LayerPlan plan = pick_degrees({{1, 10.0, 20.0}, {2, 8.0, 15.0}, {4, 8.2, 15.3}, {8, 9.0, 17.0}});
+  ASSERT_EQ(plan.forward_degree, 2);
+  ASSERT_EQ(plan.backward_degree, 2);
+  LayerPlan kept = keep_current_within(plan, 4, 4, 0.05);  // 2.5% and 2% slower: kept
+  EXPECT_EQ(kept.forward_degree, 4);
+  EXPECT_EQ(kept.backward_degree, 4);
+  EXPECT_DOUBLE_EQ(kept.forward_s, 8.2);
+  LayerPlan moved = keep_current_within(plan, 8, 1, 0.05);  // 12.5% and 33% slower: re-planned
+  EXPECT_EQ(moved.forward_degree, 2);
+  EXPECT_EQ(moved.backward_degree, 2);
+  LayerPlan unknown = keep_current_within(plan, 3, 16, 0.05);  // not a candidate: the plan's
+  EXPECT_EQ(unknown.forward_degree, 2);
+  EXPECT_EQ(unknown.backward_degree, 2);
+}
+
 // Passes simulated with known interference stand in for measured ones: the refit, started from no
 // interference at all, finds parameters that predict them (and the degree-dependent cost).
 TEST(InterferenceFit, RecoversWhatTheOverlappedPassesShow) {
