@@ -4,6 +4,7 @@ or foreign profile gets one clear error line and a non-zero exit, with no hang.
 
 Run: /usr/bin/python3 tests/cli/test_planner_cli.py   (needs build/pipemoe)
 """
+import csv
 import json
 import os
 import sys
@@ -96,6 +97,32 @@ def main():
         f.check(auto["comm_ms"] is not None and auto["compute_ms"] is not None, "lanes alone reported")
         f.check(auto["planned_degree_fwd"] in degrees and auto["degree_measured"], "planned and refined")
         print(f"ok: layer --degree auto --profile: {auto['degree_fwd']}/{auto['degree_bwd']}", flush=True)
+
+        # bench layer on the user's shapes: its sums are the main CSV's rows added up, and its model
+        # table compares every task it ran
+        f.check(len(p["self_check"]) > 0 and "interference_measured" in p, "profile keeps its self-check passes")
+        csv_path = os.path.join(tmp, "bench.csv")
+        mpirun(2, ["bench", "layer", "--profile", profile, "--shapes", "256,64,128,4,2;192,64,96,2,1", "--rounds", 2,
+                   "--degrees", "1,2", "--refine", 1, "--csv", csv_path], timeout=300)
+        rows = list(csv.DictReader(open(csv_path)))
+        sums = {(r["policy"], int(r["degree"])): float(r["sum_ms"])
+                for r in csv.DictReader(open(csv_path[:-4] + "_sums.csv"))}
+        by = {(r["shape"], int(r["degree"])): r for r in rows}
+        shapes = sorted({r["shape"] for r in rows})
+        planner = sum(float(by[(s, int(by[(s, 1)]["planner_fwd_degree"]))]["forward_ms"]) +
+                      float(by[(s, int(by[(s, 1)]["planner_bwd_degree"]))]["backward_ms"]) for s in shapes)
+        f.check(len(shapes) == 2 and abs(sums[("planner", 0)] - planner) < 0.01 * len(shapes),
+                f"bench layer's planner sum {sums.get(('planner', 0))} is its rows' {planner}")
+        for d in (1, 2):
+            fixed = sum(float(by[(s, d)]["forward_ms"]) + float(by[(s, d)]["backward_ms"]) for s in shapes)
+            f.check(abs(sums[("fixed", d)] - fixed) < 0.01 * len(shapes), f"fixed {d}: {sums[('fixed', d)]} vs {fixed}")
+            f.check(sums[("per-shape best", 0)] <= fixed + 0.01, f"the per-shape best is no slower than fixed {d}")
+        model = list(csv.DictReader(open(csv_path[:-4] + "_model.csv")))
+        passes = [r for r in model if r["what"] == "pass" and r["degree"] in ("1", "2")]
+        f.check(len(passes) == 4 and all(float(r["measured_ms"]) > 0 and float(r["predicted_ms"]) > 0 for r in passes),
+                "bench layer's model table has each direction's passes at degrees 1 and 2")
+        f.check(any(r["what"] == "expert_fwd" for r in model), "and the expert GEMMs among its cost classes")
+        print(f"ok: bench layer sums {sorted(sums)}", flush=True)
 
         online = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--degree-bwd", "2", "--json"]))
         f.check(online["degree_measured"] and online["degree_bwd"] == 2 and online["predicted_fwd_ms"] is None,
