@@ -1,12 +1,12 @@
 // How the lanes slow each other, fitted to passes that really overlapped.
 //
-// The profiler measures the interference directly (GEMMs beside a stream of all-to-alls), but
-// measured against traces, a pipelined pass misses what that loop cannot see: each chunk's
-// all-to-all waits for the slowest rank to post it, and the more chunks, the more such waits
-// (bench layer's per-cost-class table: the all-to-all's measured / predicted grows with the
-// degree). So the profiler refits the factors and a cost per communication task on its own
-// overlapped passes (several shapes and degrees each), keeping the direct measurement where the
-// refit does not predict those passes better.
+// The profiler measures the interference directly (GEMMs beside a stream of all-to-alls). A
+// pipelined pass might pay what that loop cannot see: each chunk's all-to-all waiting for the
+// slowest rank, a wake-up per chunk. So the profiler also refits the two factors and a cost per
+// communication task on its own overlapped passes (several shapes and degrees, in rounds), with
+// the host's drift between rounds taken out, and keeps the direct measurement unless the refit
+// predicts those passes clearly better. (Measured on three networks here it never did: no
+// per-chunk cost showed once the drift was out; docs/BENCHMARKS.md.)
 #pragma once
 
 #include <functional>
