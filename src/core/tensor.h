@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,8 +80,24 @@ class Tensor {
   Device device_ = Device::cpu;
 };
 
-// bfloat16: the upper half of a float32, rounded to nearest even; NaN stays NaN.
-uint16_t float_to_bf16(float value);
-float bf16_to_float(uint16_t value);
+// bfloat16: the upper half of a float32, rounded to nearest even; NaN stays NaN. Inline, so that
+// loops over rows of them vectorise.
+inline uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) return 0x7fc0;  // NaN
+  uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+inline float bf16_to_float(uint16_t value) {
+  uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The float32 nearest to `value` that bf16 can hold (the value a bf16 round trip gives).
+inline float round_to_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
 
 }  // namespace pm

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/tensor.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace pm {
@@ -166,6 +167,35 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
   }
 }
 
+// pack_a for a bf16 GEMM: the same micro-panels, each value rounded to bf16 and each depth pair
+// swapped (packed depth k reads depth k ^ 1; k0 is even), depths at or past `depth` (an odd K's
+// pad) zero.
+void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
+                 int64_t MR, float* out) {
+  const int64_t padded = (rows + MR - 1) / MR * MR;
+  for (int64_t r = 0; r < padded; r += MR) {
+    float* panel = out + r * kc;
+    const int64_t valid = std::min(MR, rows - r);
+    if (trans_a == Trans::no) {
+      for (int64_t i = 0; i < MR; ++i) {
+        const float* src = i < valid ? A.row(row0 + r + i) : nullptr;
+        for (int64_t k = 0; k < kc; ++k) {
+          const int64_t d = k0 + (k ^ 1);
+          panel[k * MR + i] = src && d < depth ? round_to_bf16(src[d]) : 0.0f;
+        }
+      }
+    } else {
+      // op(A)[row, d] is contiguous in storage row d
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t d = k0 + (k ^ 1);
+        const float* src = d < depth ? A.row(d) + row0 + r : nullptr;
+        float* dst = panel + k * MR;
+        for (int64_t i = 0; i < MR; ++i) dst[i] = src && i < valid ? round_to_bf16(src[i]) : 0.0f;
+      }
+    }
+  }
+}
+
 thread_local FloatBuffer t_packed_a;
 thread_local PackedB t_packed_b;
 
@@ -217,6 +247,8 @@ template <typename Fill>
 void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
   out.K = K;
   out.N = N;
+  out.bf16 = false;
+  out.source_depth = K;
   out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
     const int64_t col0 = p * kPanel;
@@ -258,6 +290,42 @@ void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, Pa
 
 namespace {
 
+// A packed fp32 op(B) into bf16 form: rounded, depths in pair order, K rounded up to even.
+void to_bf16_panels(const PackedB& fp32, PackedB& out) {
+  const int64_t K = fp32.K, K2 = K + (K & 1);
+  out.K = K2;
+  out.N = fp32.N;
+  out.bf16 = true;
+  out.source_depth = K;
+  out.data.resize(std::max<int64_t>(1, out.panels() * K2 * kPanel));
+  for (int64_t p = 0; p < out.panels(); ++p) {
+    const int64_t width = out.panel_width(p);
+    const float* src = fp32.panel(p);
+    float* dst = out.data.data() + p * K2 * kPanel;
+    for (int64_t k = 0; k < K2; ++k) {
+      const int64_t d = k ^ 1;
+      float* row = dst + k * width;
+      if (d >= K) {
+        std::memset(row, 0, width * sizeof(float));
+        continue;
+      }
+      const float* from = src + d * width;
+      for (int64_t j = 0; j < width; ++j) row[j] = round_to_bf16(from[j]);
+    }
+  }
+}
+
+thread_local PackedB t_packed_b_fp32;  // pack_b's result on its way to bf16
+
+}  // namespace
+
+void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
+  pack_b(trans_b, K, N, B, ldb, t_packed_b_fp32);
+  to_bf16_panels(t_packed_b_fp32, out);
+}
+
+namespace {
+
 void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
                       const GemmExtras& extras) {
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
@@ -290,7 +358,7 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
   // A is read in place when its rows are contiguous (MR sequential streams); a transposed A is
   // packed first, since reading it in place would jump a whole row of storage per step of k, and
   // so are rows given by pointers.
-  const bool pack = trans_a == Trans::yes || A.rows != nullptr;
+  const bool pack = trans_a == Trans::yes || A.rows != nullptr || B.bf16;  // bf16: A is rounded as packed
   const float* A_in_place = A.base;
   const int64_t lda = A.ld;
   t_packed_a.resize(m_block * kKBlock);
@@ -304,7 +372,9 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
       const int64_t kc = std::min(kKBlock, K - k0);
       const bool zero_start = beta == 0.0f && k0 == 0;
       const bool last_depth = k0 + kc == K;
-      if (pack) {
+      if (B.bf16) {
+        pack_a_bf16(trans_a, A, row0, rows, k0, kc, B.source_depth, MR, packed_a);
+      } else if (pack) {
         pack_a(trans_a, A, row0, rows, k0, kc, MR, packed_a);
       } else if (rows % MR) {
         // the last, partial micro-panel is packed with zero rows so the kernel can run on it
@@ -365,6 +435,21 @@ void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, c
                   float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b);
+  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {});
+}
+
+void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  pack_b_bf16(trans_b, K, N, B, ldb, t_packed_b);
+  gemm_packed(trans_a, M, A, lda, t_packed_b, beta, C, ldc);
+}
+
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
+                       float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b_fp32);
+  to_bf16_panels(t_packed_b_fp32, t_packed_b);
   gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {});
 }
 

@@ -24,7 +24,9 @@ namespace pm {
 // op(B)[K, N], packed: panel p holds columns [64p, 64p + 64) as [K][width_p], width_p = 64 except
 // for the last panel (the remaining columns rounded up to 16, zero-padded).
 struct PackedB {
-  int64_t K = 0, N = 0;
+  int64_t K = 0, N = 0;  // K: the depth the kernels run (bf16: the source depth rounded up to even)
+  bool bf16 = false;     // packed by pack_b_bf16: GEMMs with it are bf16 GEMMs (below)
+  int64_t source_depth = 0;  // the depth of op(B) (and of op(A)) before the bf16 pair padding
   FloatBuffer data;
   int64_t panels() const { return (N + 63) / 64; }
   int64_t panel_width(int64_t p) const;
@@ -59,6 +61,26 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const f
 // gradients read rows where the pipeline chunks left them, in canonical order, without copying.
 void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
                   float beta, float* C, int64_t ldc);
+
+// ---- bf16 operands, fp32 accumulation ---------------------------------------------------------
+// A bf16 GEMM rounds both operands to bf16 (to nearest even) and accumulates every element in fp32
+// in the order AVX512_BF16's dot product (vdpbf16ps) takes a depth pair, odd depth first:
+//   c = fma(a[1], b[1], c); c = fma(a[0], b[0], c); c = fma(a[3], b[3], c); c = fma(a[2], b[2], c); ...
+// (an odd K ends with a zero pair member). A product of two bf16 values is exact in fp32, so the
+// fp32 kernels running on rounded operands in that order compute what the instruction computes:
+// the same bits on every CPU and path, except for denormal inputs, which the instruction reads as
+// zero. As in fp32, an element's value never depends on M, the row's place or the thread count.
+// The output C stays fp32.
+
+// op(B) rounded to bf16, depths in pair order; gemm_packed with it runs a bf16 GEMM (A is rounded
+// as it is packed).
+void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out);
+
+// gemm and gemm_tn_rows as bf16 GEMMs.
+void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
+                       float beta, float* C, int64_t ldc);
 
 // Which micro-kernels run: "avx512", "avx2" or "scalar" (all give the same bits).
 std::string gemm_isa();

@@ -1,0 +1,160 @@
+// bf16 GEMMs (kernels/cpu/gemm.h): the exact chain they promise (operands rounded to bf16, fp32
+// accumulation, depth pairs odd depth first, as vdpbf16ps takes them), against float64 within the
+// error bf16 rounding allows, and the bit-for-bit promises the pipeline relies on.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace pm {
+namespace {
+
+std::vector<float> random_matrix(int64_t n, uint64_t stream) {
+  std::vector<float> v(n);
+  Rng(7, stream).fill_normal(v.data(), n, 0.0f, 1.0f);
+  return v;
+}
+
+float at(Trans t, const std::vector<float>& X, int64_t rows, int64_t cols, int64_t i, int64_t j) {
+  // op(X)[i, j] of an op(X) [rows, cols]
+  return t == Trans::no ? X[i * cols + j] : X[j * rows + i];
+}
+
+// The chain the header specifies, written out element by element (scalar fma, no packing).
+std::vector<float> chain(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const std::vector<float>& A,
+                         const std::vector<float>& B, const std::vector<float>& C0, float beta) {
+  std::vector<float> C(M * N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float c = beta == 0.0f ? 0.0f : C0[i * N + j];
+      for (int64_t p = 0; p < K; p += 2)
+        for (int64_t d : {p + 1, p}) {
+          float a = d < K ? round_to_bf16(at(ta, A, M, K, i, d)) : 0.0f;
+          float b = d < K ? round_to_bf16(at(tb, B, K, N, d, j)) : 0.0f;
+          c = std::fma(a, b, c);
+        }
+      C[i * N + j] = c;
+    }
+  return C;
+}
+
+struct Shape {
+  int64_t M, N, K;
+};
+
+class Bf16Shapes : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(Bf16Shapes, GivesTheSpecifiedChainBitForBitAndStaysWithinBf16Error) {
+  const auto [M, N, K] = GetParam();
+  for (Trans ta : {Trans::no, Trans::yes})
+    for (Trans tb : {Trans::no, Trans::yes})
+      for (float beta : {0.0f, 1.0f}) {
+        auto A = random_matrix(M * K, 1), B = random_matrix(K * N, 2), C = random_matrix(M * N, 3);
+        auto expected = chain(ta, tb, M, N, K, A, B, C, beta);
+        std::vector<float> ours = C;
+        gemm_bf16(ta, tb, M, N, K, A.data(), ta == Trans::no ? K : M, B.data(), tb == Trans::no ? N : K, beta,
+                  ours.data(), N);
+        EXPECT_EQ(0, std::memcmp(ours.data(), expected.data(), ours.size() * sizeof(float)))
+            << "ta=" << int(ta) << " tb=" << int(tb) << " beta=" << beta;
+        // Against float64 on the unrounded operands: rounding moves each operand by at most 2^-8 of
+        // itself (bf16 keeps 8 significant bits), so a product by at most 2^-7 + 2^-16 of |a b|;
+        // fp32 accumulation adds at most K * 2^-24 of the sum of magnitudes.
+        double worst = 0;
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < N; ++j) {
+            double exact = beta * C[i * N + j], magnitude = std::abs(exact);
+            for (int64_t d = 0; d < K; ++d) {
+              double prod = static_cast<double>(at(ta, A, M, K, i, d)) * at(tb, B, K, N, d, j);
+              exact += prod;
+              magnitude += std::abs(prod);
+            }
+            double bound = (std::ldexp(1.0, -7) + std::ldexp(1.0, -16) + K * std::ldexp(1.0, -24)) * magnitude + 1e-30;
+            worst = std::max(worst, std::abs(ours[i * N + j] - exact) / bound);
+          }
+        EXPECT_LE(worst, 1.0) << "error beyond the bf16 bound";
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, Bf16Shapes,
+                         ::testing::Values(Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{6, 64, 16}, Shape{37, 100, 71},
+                                           Shape{50, 130, 1101}, Shape{13, 8, 0}, Shape{30, 17, 2}),
+                         [](const ::testing::TestParamInfo<Shape>& info) {
+                           const Shape& s = info.param;
+                           return "M" + std::to_string(s.M) + "_N" + std::to_string(s.N) + "_K" + std::to_string(s.K);
+                         });
+
+// bf16 is not fp32: the rounding shows (else the tests above could pass on an fp32 GEMM).
+TEST(GemmBf16, DiffersFromTheFp32Gemm) {
+  const int64_t M = 8, N = 16, K = 64;
+  auto A = random_matrix(M * K, 4), B = random_matrix(K * N, 5);
+  std::vector<float> c32(M * N), c16(M * N);
+  gemm(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, c32.data(), N);
+  gemm_bf16(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, c16.data(), N);
+  int differing = 0;
+  for (int64_t i = 0; i < M * N; ++i) differing += c32[i] != c16[i];
+  EXPECT_GT(differing, M * N / 2);
+}
+
+TEST(GemmBf16, RowResultsDoNotDependOnSplitsInstructionSetsOrThreads) {
+  const int64_t M = 97, N = 150, K = 531;
+  auto A = random_matrix(M * K, 6), B = random_matrix(K * N, 7), C0 = random_matrix(M * N, 8);
+  PackedB packed;
+  pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
+  auto run = [&](int64_t split) {
+    std::vector<float> C = C0;
+    for (int64_t r = 0; r < M; r += split)
+      gemm_packed(Trans::no, std::min(split, M - r), A.data() + r * K, K, packed, 1.0f, C.data() + r * N, N);
+    return C;
+  };
+  const std::vector<float> whole = run(M);
+  for (int64_t split : {1, 5, 6, 64}) {
+    auto parts = run(split);
+    EXPECT_EQ(0, std::memcmp(whole.data(), parts.data(), whole.size() * sizeof(float))) << "split " << split;
+  }
+  for (const char* isa : {"avx2", "scalar"}) {
+    if (std::string(isa) == "avx2" && !__builtin_cpu_supports("avx2")) continue;
+    force_gemm_isa(isa);
+    auto other = run(M);
+    EXPECT_EQ(0, std::memcmp(whole.data(), other.data(), whole.size() * sizeof(float))) << isa;
+  }
+  force_gemm_isa("");
+  set_compute_threads(2);
+  auto threaded = run(M);
+  set_compute_threads(1);
+  EXPECT_EQ(0, std::memcmp(whole.data(), threaded.data(), whole.size() * sizeof(float)));
+}
+
+// Weight gradients read rows where the pipeline left them: the bits of the contiguous product.
+TEST(GemmBf16, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
+  const int64_t M = 40, N = 70, K = 33;
+  auto A = random_matrix(K * M, 9), B = random_matrix(K * N, 10), C0 = random_matrix(M * N, 11);
+  std::vector<const float*> a_rows, b_rows;
+  for (int64_t k = 0; k < K; ++k) {
+    a_rows.push_back(A.data() + k * M);
+    b_rows.push_back(B.data() + k * N);
+  }
+  std::vector<float> by_rows = C0, contiguous = C0;
+  gemm_tn_rows_bf16(M, N, K, a_rows.data(), b_rows.data(), 1.0f, by_rows.data(), N);
+  gemm_bf16(Trans::yes, Trans::no, M, N, K, A.data(), M, B.data(), N, 1.0f, contiguous.data(), N);
+  EXPECT_EQ(0, std::memcmp(by_rows.data(), contiguous.data(), by_rows.size() * sizeof(float)));
+}
+
+// An fp32 pack after a bf16 one (the same thread-local buffers) is an fp32 GEMM again.
+TEST(GemmBf16, Fp32PackingAfterBf16IsFp32) {
+  const int64_t M = 5, N = 20, K = 9;
+  auto A = random_matrix(M * K, 12), B = random_matrix(K * N, 13);
+  std::vector<float> first(M * N), bf(M * N), second(M * N);
+  gemm(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, first.data(), N);
+  gemm_bf16(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, bf.data(), N);
+  gemm(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, second.data(), N);
+  EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * sizeof(float)));
+}
+
+}  // namespace
+}  // namespace pm
