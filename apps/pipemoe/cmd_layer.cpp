@@ -101,6 +101,7 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"normalize_gates", s.normalize_gates}, {"balance_bias", s.balance_bias},
                            {"activation", activation_name(s.activation)},
                            {"router_score", s.router_score == RouterScore::sigmoid ? "sigmoid" : "softmax"},
+                           {"dtype", precision_name(s.precision)},
                            {"world_size", ctx.world()},
                            {"strategy", layer.strategy().name()}, {"group_size", s.ranks},
                            {"degree_fwd", layer.forward_degree()},
@@ -244,6 +245,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
                         {"activation", activation_name(shape.activation)}, {"skew", o.skew},
+                        {"dtype", precision_name(shape.precision)},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;

@@ -25,6 +25,12 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
   cmd->add_option("--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])")
       ->transform(CLI::CheckedTransformer(activations))
       ->default_str("gelu");
+  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
+  cmd->add_option("--dtype", s.precision,
+                  "fp32, or bf16: the expert GEMMs read bf16 operands (fp32 accumulation) and the all-to-all "
+                  "payloads travel as bf16")
+      ->transform(CLI::CheckedTransformer(dtypes))
+      ->default_str("fp32");
 }
 
 }  // namespace pm::cli

@@ -101,13 +101,9 @@ Tensor Tensor::to(DType dtype) const {
   Tensor t = empty(shape_, dtype);
   int64_t n = numel();
   if (dtype_ == DType::f32 && dtype == DType::bf16) {
-    const float* src = data<float>();
-    uint16_t* dst = t.data<uint16_t>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+    floats_to_bf16(data<float>(), t.data<uint16_t>(), n);
   } else if (dtype_ == DType::bf16 && dtype == DType::f32) {
-    const uint16_t* src = data<uint16_t>();
-    float* dst = t.data<float>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+    bf16_to_floats(data<uint16_t>(), t.data<float>(), n);
   } else {
     PM_CHECK(false, "no conversion from {} to {}", dtype_name(dtype_), dtype_name(dtype));
   }
@@ -123,5 +119,13 @@ void Tensor::zero() {
   if (nbytes()) std::memset(data_, 0, nbytes());
 }
 
+
+void floats_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
+void bf16_to_floats(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
 
 }  // namespace pm

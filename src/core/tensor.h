@@ -100,4 +100,8 @@ inline float bf16_to_float(uint16_t value) {
 // The float32 nearest to `value` that bf16 can hold (the value a bf16 round trip gives).
 inline float round_to_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
 
+// n values at a time (loops the compiler vectorises).
+void floats_to_bf16(const float* src, uint16_t* dst, int64_t n);
+void bf16_to_floats(const uint16_t* src, float* dst, int64_t n);
+
 }  // namespace pm

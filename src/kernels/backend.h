@@ -28,6 +28,12 @@ enum class Activation : uint8_t { gelu, swiglu };
 // Columns of W1 and of the pre-activation.
 inline int64_t fc1_width(Activation a, int64_t H) { return a == Activation::swiglu ? 2 * H : H; }
 
+// The precision of a GEMM's operands. fp32: float32 throughout. bf16: both operands rounded to
+// bf16 (to nearest even), products accumulated in fp32, the output fp32 (kernels/cpu/gemm.h says
+// in which order); everything around the GEMMs (biases, activations, softmax, LayerNorm, losses,
+// the router) stays fp32.
+enum class Precision : uint8_t { fp32, bf16 };
+
 // One expert's FFN weights laid out for this backend's GEMMs: packed once per pass, reused by
 // every pipeline chunk. Opaque outside the backend.
 class PackedExpert {
@@ -78,6 +84,17 @@ class Backend {
   virtual void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) = 0;
   // sums[width] += sum over the n rows of rows[n, width], in row order.
   virtual void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) = 0;
+  // The same product as a bf16 GEMM (Precision::bf16).
+  virtual void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                         const float* B, int64_t ldb, float beta, float* C, int64_t ldc) = 0;
+  // gemm or gemm_bf16
+  void gemm_as(Precision precision, Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    if (precision == Precision::bf16)
+      gemm_bf16(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    else
+      gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
   // y[n] += alpha * x[n]
   virtual void axpy(float alpha, const float* x, float* y, int64_t n) = 0;
   // dst rows from src rows, width floats each, run by run.
@@ -134,7 +151,8 @@ class Backend {
                                           const int64_t* position, float* dgate) = 0;
 
   // ---- MoE: one expert's FFN on a block of rows (see Activation; H1 = fc1_width) ----------------
-  virtual std::unique_ptr<PackedExpert> new_packed_expert(Activation activation) = 0;
+  // Its GEMMs run in `precision` (the weights are packed rounded to bf16 for a bf16 expert).
+  virtual std::unique_ptr<PackedExpert> new_packed_expert(Activation activation, Precision precision) = 0;
   // W1 [M, H1], W2 [H, M], b1 [H1], b2 [M] (the biases are read at run time, not copied).
   virtual void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1,
                                    const float* b2, int64_t M, int64_t H) = 0;
@@ -148,8 +166,8 @@ class Backend {
                                      const float* const* hpre_rows, float* dhpre, float* du) = 0;
   // grads.w2 += act^T dy, b2 += colsum(dy), w1 += u^T dhpre, b1 += colsum(dhpre), over the rows in
   // order: the same bits whatever pipeline degrees produced them.
-  virtual void expert_weight_grads(const ExpertGrads& grads, Activation activation, int64_t M, int64_t H,
-                                   const ExpertRows& rows) = 0;
+  virtual void expert_weight_grads(const ExpertGrads& grads, Activation activation, Precision precision, int64_t M,
+                                   int64_t H, const ExpertRows& rows) = 0;
 };
 
 // The CPU backend (kernels/cpu): the engine's own AVX-512/AVX2/scalar kernels.

@@ -1,11 +1,12 @@
 #include "moe/dispatcher.h"
 
 #include "core/error.h"
+#include "core/tensor.h"
 
 namespace pm {
 
-Dispatcher::Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width)
-    : group_(group), backend_(backend), local_experts_(local_experts), width_(width) {}
+Dispatcher::Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width, Precision wire)
+    : group_(group), backend_(backend), local_experts_(local_experts), width_(width), wire_(wire) {}
 
 std::vector<int64_t> Dispatcher::choice_positions(const Routing& routing, const BlockLayout& layout) const {
   const int k = routing.top_k;
@@ -78,7 +79,26 @@ void Dispatcher::all_to_all_rows(const float* send, const BlockLayout& from, flo
     recv_counts[q] = to.peer_chunk_rows(chunk, q) * width_;
     recv_displs[q] = to.block_offset(chunk, q, 0) * width_;
   }
-  group_.alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, DType::f32);
+  if (wire_ == Precision::fp32) {
+    group_.alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, DType::f32);
+    return;
+  }
+  // bf16: each peer's block of this chunk (contiguous in both layouts) goes through a packed
+  // staging buffer, rounded on the way out and widened on the way in.
+  thread_local std::vector<uint16_t> out_wire, in_wire;
+  std::vector<int64_t> out_displs(P), in_displs(P);
+  int64_t out_total = 0, in_total = 0;
+  for (int q = 0; q < P; ++q) {
+    out_displs[q] = out_total;
+    out_total += send_counts[q];
+    in_displs[q] = in_total;
+    in_total += recv_counts[q];
+  }
+  out_wire.resize(out_total);
+  in_wire.resize(in_total);
+  for (int q = 0; q < P; ++q) floats_to_bf16(send + send_displs[q], out_wire.data() + out_displs[q], send_counts[q]);
+  group_.alltoallv(out_wire.data(), send_counts, out_displs, in_wire.data(), recv_counts, in_displs, DType::bf16);
+  for (int q = 0; q < P; ++q) bf16_to_floats(in_wire.data() + in_displs[q], recv + recv_displs[q], recv_counts[q]);
 }
 
 void Dispatcher::dispatch_chunk(const DispatchHandle& h, int chunk, const float* send, float* recv) {

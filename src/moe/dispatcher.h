@@ -39,8 +39,11 @@ struct DispatchHandle {
 
 class Dispatcher {
  public:
-  // width: floats per row (the model dimension M).
-  Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width);
+  // width: floats per row (the model dimension M). wire: the rows' type on the wire; bf16 rounds
+  // them to bf16 for the all-to-all (half the bytes) and back to floats on arrival, so what the
+  // other side receives is the bf16 value of every row (rows a rank sends itself included).
+  Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width,
+             Precision wire = Precision::fp32);
 
   // The token side of a pass's layout from its routing: no communication.
   DispatchHandle layout(const Routing& routing, int degree) const;
@@ -83,6 +86,7 @@ class Dispatcher {
   Backend& backend_;
   int local_experts_;
   int64_t width_;
+  Precision wire_;
 };
 
 }  // namespace pm

@@ -33,8 +33,10 @@ PassRows balanced_rows(const MoeShape& shape, int degree) {
 
 namespace {
 
-// The bytes an all-to-all moves to other ranks: the wire cost of a chunk.
-TaskWork a2a_work(int64_t rows, int64_t width) { return TaskWork{1, 0, static_cast<double>(rows) * width * 4}; }
+// The bytes an all-to-all moves to other ranks: the wire cost of a chunk (bf16 rows: half).
+TaskWork a2a_work(int64_t rows, const MoeShape& s) {
+  return TaskWork{1, 0, static_cast<double>(rows) * s.model_dim * s.wire_bytes()};
+}
 
 // The work of every task of a pass, in the order the builders add them.
 std::vector<TaskWork> forward_works(const PassRows& r) {
@@ -46,10 +48,10 @@ std::vector<TaskWork> forward_works(const PassRows& r) {
       {1, 0, 8.0 * s.experts},                                     // counts
       {2.0 * s.local_experts(), 0, weight_pack_bytes(s)},          // pack_weights
   };
-  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s.model_dim));  // dispatch
+  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // dispatch
   // copies: wire -> compute order in, compute -> wire order out
   for (int c = 0; c < r.degree; ++c) w.push_back(ffn_work(r.chunk_recv_rows[c], s, 2, 2));  // expert
-  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s.model_dim));  // combine
+  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // combine
   w.push_back({1, 2.0 * r.sent_rows * M, 2.0 * r.sent_rows * M * 4});  // unpack
   return w;
 }
@@ -62,9 +64,9 @@ std::vector<TaskWork> backward_works(const PassRows& r) {
       {2.0 * s.local_experts(), 0, weight_pack_bytes(s)},                                     // pack_weights
       {3, 2.0 * r.sent_rows * M + 4 * T * M * s.experts, T * (2 * M + 4.0 * s.experts) * 4},  // gate_bwd
   };
-  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s.model_dim));  // grad_dispatch
+  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // grad_dispatch
   for (int c = 0; c < r.degree; ++c) w.push_back(ffn_work(r.chunk_recv_rows[c], s, 2, 2));  // expert_dgrad: grads in and out
-  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s.model_dim));  // grad_combine
+  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // grad_combine
   w.push_back(ffn_work(r.received_rows(), s, 2, 1));              // expert_wgrad
   w.push_back({1, r.sent_rows * M, 2.0 * r.sent_rows * M * 4});  // unpack_grad
   return w;

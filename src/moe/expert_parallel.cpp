@@ -78,11 +78,11 @@ class ExpertParallelLayer final : public MoeLayer {
         shape_(shape),
         group_(group),
         backend_(backend),
-        dispatcher_(group, backend, shape.local_experts(), shape.model_dim),
+        dispatcher_(group, backend, shape.local_experts(), shape.model_dim, shape.precision),
         w_(shape) {
     shape_.validate();
     PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
-    for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation));
+    for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation, shape_.precision));
   }
 
   const MoeStrategy& strategy() const override { return strategy_; }
@@ -97,7 +97,7 @@ class ExpertParallelLayer final : public MoeLayer {
              store ? store->local_experts() : 0, shape_.local_experts());
     const int slots = mode == OffloadMode::resident ? shape_.local_experts() : cache_slots;
     cache_ = std::make_unique<ExpertCache>(std::move(store), backend_, slots, shape_.model_dim, shape_.hidden,
-                                           shape_.activation);
+                                           shape_.activation, shape_.precision);
     offload_mode_ = mode;
     w_.drop_experts();  // the store holds them now
     packed_.clear();
@@ -288,7 +288,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       std::vector<int64_t> bwd = canonical_row_positions(b->handle.experts_compute, le);
       ExpertRows rows{row_pointers(fp->u.data(), M, fwd), row_pointers(fp->act.data(), H, fwd),
                       row_pointers(b->dhpre.data(), H1, bwd), row_pointers(b->dy_rows.data(), M, bwd)};
-      backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, M, H, rows);
+      backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
   };
   steps.unpack_grad = [this, fp, b, M] {

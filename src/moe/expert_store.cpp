@@ -39,14 +39,14 @@ const char* offload_mode_name(OffloadMode mode) {
 }
 
 ExpertCache::ExpertCache(std::shared_ptr<const ExpertStore> store, Backend& backend, int slots, int64_t M, int64_t H,
-                         Activation activation)
+                         Activation activation, Precision precision)
     : store_(std::move(store)), backend_(backend), M_(M), H_(H) {
   const int El = store_->local_experts();
   PM_REQUIRE(slots >= 1 && slots <= El,
              "--expert-cache must be between 1 and the {} routed experts a rank holds per MoE layer, got {}", El, slots);
   // both forward matrices, packed: what one resident expert costs
   bytes_per_expert_ = M * (fc1_width(activation, H) + H) * static_cast<int64_t>(sizeof(float));
-  for (int s = 0; s < slots; ++s) slots_.push_back(backend.new_packed_expert(activation));
+  for (int s = 0; s < slots; ++s) slots_.push_back(backend.new_packed_expert(activation, precision));
   held_.assign(slots, -1);
   slot_of_.assign(El, -1);
   in_use_.assign(El, 0);

@@ -63,7 +63,7 @@ const char* offload_mode_name(OffloadMode mode);
 class ExpertCache {
  public:
   ExpertCache(std::shared_ptr<const ExpertStore> store, Backend& backend, int slots, int64_t M, int64_t H,
-              Activation activation);
+              Activation activation, Precision precision);
 
   // Makes the experts resident, loading those that are not into the least recently used slot.
   // pin: a prefetch for the pass in flight: these stay until end_pass(), and what does not fit

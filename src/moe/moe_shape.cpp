@@ -33,10 +33,10 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 }
 
 std::string MoeShape::str() const {
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
                      capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates",
                      balance_bias ? " bias" : "", router_score == RouterScore::sigmoid ? " sigmoid" : "",
-                     activation == Activation::swiglu ? " swiglu" : "");
+                     activation == Activation::swiglu ? " swiglu" : "", precision == Precision::bf16 ? " bf16" : "");
 }
 
 RouterScore parse_router_score(const std::string& name, const std::string& what) {
@@ -52,5 +52,13 @@ Activation parse_activation(const std::string& name, const std::string& what) {
 }
 
 const char* activation_name(Activation a) { return a == Activation::swiglu ? "swiglu" : "gelu"; }
+
+Precision parse_precision(const std::string& name, const std::string& what) {
+  if (name == "fp32") return Precision::fp32;
+  PM_REQUIRE(name == "bf16", "{} must be \"fp32\" or \"bf16\", got \"{}\"", what, name);
+  return Precision::bf16;
+}
+
+const char* precision_name(Precision p) { return p == Precision::bf16 ? "bf16" : "fp32"; }
 
 }  // namespace pm

@@ -36,6 +36,11 @@ struct MoeShape {
   // normalize_gates; its balance losses see them normalised over all experts).
   RouterScore router_score = RouterScore::softmax;
   Activation activation = Activation::gelu;  // the experts' (kernels/backend.h)
+  // bf16: the experts' GEMMs read bf16 operands (kernels/backend.h, Precision) and the all-to-all
+  // payloads travel as bf16 (half the bytes); the router, the gate values, the combine's sums and
+  // the weight gradients stay fp32.
+  Precision precision = Precision::fp32;
+  int64_t wire_bytes() const { return precision == Precision::bf16 ? 2 : 4; }  // per value of a row on the wire
   int64_t fc1_width() const { return pm::fc1_width(activation, hidden); }  // W1's columns: H, or 2H for SwiGLU
   // Multiply-adds x 2 of one row through one expert, forward: 2 M H1 + 2 H M.
   double expert_flops_per_row() const { return 2.0 * model_dim * (fc1_width() + hidden); }
@@ -54,11 +59,14 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " swiglu")
+  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " swiglu", " bf16")
 };
 
 // "gelu" or "swiglu"; a usage error naming `what` for anything else.
 Activation parse_activation(const std::string& name, const std::string& what = "activation");
 const char* activation_name(Activation a);
+// "fp32" or "bf16"; a usage error naming `what` for anything else.
+Precision parse_precision(const std::string& name, const std::string& what = "dtype");
+const char* precision_name(Precision p);
 
 }  // namespace pm

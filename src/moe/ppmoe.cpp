@@ -96,7 +96,10 @@ class PpmoeLayer final : public MoeLayer {
       : strategy_(strategy), shape_(shape), group_(group), backend_(backend), w_(shape) {
     shape_.validate();
     PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
-    for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation));
+    PM_REQUIRE(shape_.precision == Precision::fp32,
+               "the ppmoe strategy runs in fp32 only for now: use dtype fp32, or bf16 with the expert-parallel "
+               "strategy (ep)");
+    for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation, shape_.precision));
   }
 
   const MoeStrategy& strategy() const override { return strategy_; }
@@ -277,7 +280,7 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
         rows.dhpre.push_back(&b->dhpre[row * H1]);
         rows.dy.push_back(&b->dy_rows[row * M]);
       }
-      backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, M, H, rows);
+      backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
   };
 

@@ -126,7 +126,7 @@ Interference measure_interference(Communicator& comm, Backend& backend, int repe
   const int64_t rows = 512, M = 512, H = 1024;
   Buffer<float> u(rows * M, 0.5f), w1(M * H, 0.25f), w2(H * M, 0.25f), b1(H, 0.0f), b2(M, 0.0f);
   Buffer<float> hpre(rows * H), act(rows * H), y(rows * M);
-  std::unique_ptr<PackedExpert> packed = backend.new_packed_expert(Activation::gelu);
+  std::unique_ptr<PackedExpert> packed = backend.new_packed_expert(Activation::gelu, Precision::fp32);
   backend.pack_expert_forward(*packed, w1.data(), w2.data(), b1.data(), b2.data(), M, H);
   const int P = comm.size();
   const int64_t per_peer = 256 * 1024;  // floats: 1 MiB to every peer

@@ -6,6 +6,13 @@ choice by choice then token by token, exact-GeLU or SwiGLU experts, GShard aux l
 gate values normalised over the top k or not, a selection bias added to the probabilities to
 choose (not to the gate values), the z-loss mean(logsumexp(logits)^2); the loss whose gradients the
 dump holds is sum(y * dy) + aux_coef * aux + z_loss_coef * z_loss on every rank.
+
+With dtype bf16 (README, "bf16"): every expert matmul rounds both operands to bf16 and
+accumulates in float64 here (the engine in fp32), in the forward and in the backward (its input
+gradient and its weight gradient alike); the rows on the all-to-all are rounded to bf16 both ways
+(the tokens going out and the experts' outputs coming back; in the backward the output gradients
+going out and the input gradients coming back). Everything else stays as in fp32. With
+emulate_bf16=False the same layer is computed without any rounding (the exact answer bf16 approximates).
 """
 import json
 import math
@@ -48,9 +55,44 @@ def activate(h, activation):
     return gelu(h)
 
 
-def compute(folder):
+def to_bf16(t):
+    """t's values rounded to bf16 (to nearest even), through float32 as the engine's are."""
+    return t.to(torch.float32).to(torch.bfloat16).to(torch.float64)
+
+
+class Wire(torch.autograd.Function):
+    """A bf16 all-to-all: the rows arrive rounded, and so do their gradients going back."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return to_bf16(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return to_bf16(g)
+
+
+class Bf16Matmul(torch.autograd.Function):
+    """a @ b on bf16 operands, in the forward and in both gradient products."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return to_bf16(a) @ to_bf16(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = to_bf16(g)
+        return g @ to_bf16(b).T, to_bf16(a).T @ g
+
+
+def compute(folder, emulate_bf16=True):
     """Returns (meta, per-rank dict of reference tensors as numpy float64)."""
     meta = json.load(open(f"{folder}/meta.json"))
+    bf16 = meta.get("dtype", "fp32") == "bf16" and emulate_bf16
+    matmul = Bf16Matmul.apply if bf16 else torch.matmul
+    wire = Wire.apply if bf16 else (lambda t: t)
     P, E, k = meta["world_size"], meta["experts"], meta["top_k"]
     f, aux_coef = meta["capacity_factor"], meta["aux_coef"]
     z_coef = meta.get("z_loss_coef", 0.0)
@@ -93,8 +135,8 @@ def compute(folder):
                 if len(tok) == 0:
                     continue
                 tok_t = torch.tensor(tok)
-                u = x[tok_t]
-                out = activate(u @ w1[e] + b1[e], activation) @ w2[e] + b2[e]
+                u = wire(x[tok_t])
+                out = wire(matmul(activate(matmul(u, w1[e]) + b1[e], activation), w2[e]) + b2[e])
                 y = y.index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
         first = torch.tensor(np.bincount(chosen[:, 0], minlength=E) / T)
         # sigmoid scores: the balance loss reads them normalised over the experts (DeepSeek-V3's s')
@@ -103,7 +145,7 @@ def compute(folder):
         z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
         total = total + (y * dy).sum() + aux_coef * aux + z_coef * z_loss
         ranks.append(dict(x=x, wg=wg, y=y, aux=aux, z_loss=z_loss, chosen=chosen, slot=slot, capacity=capacity,
-                          unbiased=unbiased))
+                          unbiased=unbiased, gate=gate))
     total.backward()
 
     out = []
@@ -116,12 +158,43 @@ def compute(folder):
             "dw1": w1.grad[sl].numpy(), "db1": b1.grad[sl].numpy(),
             "dw2": w2.grad[sl].numpy(), "db2": b2.grad[sl].numpy(),
             "expert_index": d["chosen"], "expert_slot": d["slot"], "capacity": d["capacity"],
+            "gate": d["gate"].detach().numpy(),
             "bias_changed_choices": not np.array_equal(d["chosen"], d["unbiased"]),
         })
     return meta, out
+
+
+def norm_error(ours, ref):
+    """|ours - ref| / |ref| in the Frobenius norm: the error over the whole tensor."""
+    scale = float(np.linalg.norm(ref)) if ref.size else 0.0
+    return float(np.linalg.norm(ours - ref)) / max(scale, 1e-30) if ref.size else 0.0
 
 
 def relative_error(ours, ref):
     """max |ours - ref| / max |ref|: the error measured against the tensor's scale."""
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     return float(np.max(np.abs(ours - ref))) / max(scale, 1e-30) if ref.size else 0.0
+
+
+def torch_bf16_output(folder, rank, expected):
+    """The layer's output y on `rank` as PyTorch computes it in its own bf16 (torch.bfloat16
+    tensors for the experts' inputs, weights and matmuls; its accumulation and rounding, not ours),
+    from the reference's routing and gate values. The gate values and the sum stay float64."""
+    meta = json.load(open(f"{folder}/meta.json"))
+    P, E, k = meta["world_size"], meta["experts"], meta["top_k"]
+    activation = meta.get("activation", "gelu")
+    weights = {n: np.concatenate([load(folder, r, n) for r in range(P)]) for n in ("w1", "b1", "w2", "b2")}
+    bf = {n: torch.tensor(v).to(torch.bfloat16) for n, v in weights.items()}
+    x = torch.tensor(load(folder, rank, "x"))
+    chosen, slot, gate = expected["expert_index"], expected["expert_slot"], expected["gate"]
+    y = torch.zeros_like(x)
+    for e in range(E):
+        for j in range(k):
+            tok = np.nonzero((chosen[:, j] == e) & (slot[:, j] >= 0))[0]
+            if len(tok) == 0:
+                continue
+            u = x[torch.tensor(tok)].to(torch.bfloat16)
+            h = activate((u @ bf["w1"][e] + bf["b1"][e]).to(torch.float64), activation).to(torch.bfloat16)
+            out = (h @ bf["w2"][e] + bf["b2"][e]).to(torch.float64)
+            y = y.index_add(0, torch.tensor(tok), torch.tensor(gate[tok, j:j + 1]) * out)
+    return y.numpy()

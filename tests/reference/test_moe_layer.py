@@ -1,11 +1,15 @@
 #!/usr/bin/python3
 """The MoE layer against PyTorch in float64, on 1, 2, 3 and 4 ranks, k = 1 to 8, 2 to 64 experts
 (fine-grained: many small ones), GeLU and SwiGLU experts, with and without dropped tokens,
-dropless, the router variants (gates not normalised, z-loss, selection bias), several seeds; and pipeline degrees up to 16
-giving the very same bits as degree 1.
+dropless, the router variants (gates not normalised, z-loss, selection bias), several seeds, fp32 and
+bf16; and pipeline degrees up to 16 giving the very same bits as degree 1.
 
-Run: /usr/bin/python3 tests/reference/test_moe_layer.py [--inprocess]   (needs build/pipemoe)
-With --inprocess the ranks are threads of one pipemoe process (no mpirun).
+bf16 is checked three ways, by the norm of the error over the norm of the tensor: against PyTorch
+float64 doing the same roundings (the reference's Bf16Matmul and Wire) to TOLERANCE_BF16; against
+the exact float64 answer (no rounding) to within BF16_BOUND and not closer than BF16_VISIBLE (the
+rounding must show, else the layer ran fp32); and, for the output, at least as close to the exact
+answer as PyTorch's own bf16 matmuls come (torch 1.13 on the CPU accumulates its bf16 products in
+bf16: about 2e-2 off, against our 4e-3).
 """
 import os
 import sys
@@ -18,6 +22,17 @@ from harness import IN_PROCESS, Failures, mpirun  # noqa: E402
 import moe_layer_reference as ref  # noqa: E402
 
 TOLERANCE = 1e-5  # max |ours - torch| / max |torch|, per tensor
+# bf16 against float64 doing the same roundings (norm of the error / norm of the tensor): what
+# remains is fp32 against float64 accumulation (1e-7), and now and then a value that lands on the
+# other side of a bf16 rounding boundary: it moves by one bf16 step (2^-8 of itself). Measured:
+# up to 1.4e-4 at T=256, M=128, H=256; most tensors 1e-7.
+TOLERANCE_BF16 = 1e-3
+# bf16 against exact arithmetic: a rounding moves a value by at most 2^-8 of itself (bf16 keeps 8
+# significant bits); a tensor passes through up to four of them in a row (input, weight, activation,
+# output or gradient on the wire), so 8 x 2^-8 bounds the error; measured 1.5e-3 to 4.3e-3. At
+# least BF16_VISIBLE of it must show.
+BF16_BOUND = 8 * 2.0 ** -8
+BF16_VISIBLE = 3e-4
 TENSORS = ["y", "aux", "z_loss", "dx", "dwg", "dw1", "db1", "dw2", "db2"]
 
 # ranks, tokens, model dim, hidden, experts, top-k, capacity factor, seed[, router flags]
@@ -52,6 +67,11 @@ CASES = [
     # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
     (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
     (4, 40, 16, 16, 8, 1, 0.0, 32, ["--skew", 1, "--activation", "swiglu"]),
+    # bf16: expert GEMMs on bf16 operands, bf16 all-to-all payloads
+    (1, 40, 24, 40, 4, 2, 1.25, 41, ["--dtype", "bf16"]),
+    (2, 64, 64, 96, 4, 2, 1.25, 42, ["--dtype", "bf16"]),
+    (3, 40, 24, 16, 6, 2, 0.0, 43, ["--dtype", "bf16", "--activation", "swiglu"]),
+    (4, 32, 48, 24, 16, 4, 1.0, 44, ["--dtype", "bf16", "--router-score", "sigmoid", "--z-loss-coef", 0.02]),
 ]
 # (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
 # (1, 2, 3, 4, 6, 8, 12, 16) where the capacity allows, forward and backward apart
@@ -89,6 +109,9 @@ def main():
                            f"{name}: the layer ran {meta.get('activation')} experts")
             failures.check(meta.get("router_score") == ("sigmoid" if "sigmoid" in router else "softmax"),
                            f"{name}: the layer scored with {meta.get('router_score')}")
+            bf16 = "bf16" in router
+            failures.check(meta.get("dtype") == ("bf16" if bf16 else "fp32"), f"{name}: the layer ran {meta.get('dtype')}")
+            exact = ref.compute(base, emulate_bf16=False)[1] if bf16 else None
             if "--skew" in router:
                 failures.check(all((e["expert_index"][:, 0] == 0).all() for e in expected),
                                f"{name}: the skew should send every first choice to expert 0")
@@ -106,10 +129,28 @@ def main():
                 kept_everything |= drops == 0
                 for t in TENSORS:
                     ours = np.load(f"{base}/rank{r}/{t}.npy").astype(np.float64)
-                    err = ref.relative_error(ours, expected[r][t])
-                    failures.check(ours.shape == expected[r][t].shape and err <= TOLERANCE,
-                                   f"{name} rank {r} {t}: relative error {err:.2e} (shape {ours.shape})")
-            print(f"{name}: matches PyTorch float64", flush=True)
+                    if not bf16:
+                        err = ref.relative_error(ours, expected[r][t])
+                        failures.check(ours.shape == expected[r][t].shape and err <= TOLERANCE,
+                                       f"{name} rank {r} {t}: relative error {err:.2e} (shape {ours.shape})")
+                        continue
+                    err = ref.norm_error(ours, expected[r][t])
+                    failures.check(ours.shape == expected[r][t].shape and err <= TOLERANCE_BF16,
+                                   f"{name} rank {r} {t}: error {err:.2e} against the same roundings in float64")
+                    if t not in ("aux", "z_loss"):  # the router's losses stay fp32
+                        err = ref.norm_error(ours, exact[r][t])
+                        failures.check(BF16_VISIBLE <= err <= BF16_BOUND,
+                                       f"{name} rank {r} {t}: {err:.2e} from the exact answer, outside "
+                                       f"[{BF16_VISIBLE:.0e}, {BF16_BOUND:.2e}]")
+                if bf16:
+                    ours = np.load(f"{base}/rank{r}/y.npy").astype(np.float64)
+                    theirs = ref.norm_error(ref.torch_bf16_output(base, r, expected[r]), exact[r]["y"])
+                    err = ref.norm_error(ours, exact[r]["y"])
+                    failures.check(err <= theirs, f"{name} rank {r} y: {err:.2e} from the exact answer, PyTorch's "
+                                                  f"own bf16 {theirs:.2e}")
+            print(f"{name}: matches PyTorch float64" + (" doing the same bf16 roundings, within the bf16 "
+                                                         "bound of the exact answer and closer to it than PyTorch's bf16" if bf16 else ""),
+                  flush=True)
             for dfwd, dbwd in DEGREES:
                 capacity = expected[0]["capacity"]
                 if max(dfwd, dbwd) > capacity:

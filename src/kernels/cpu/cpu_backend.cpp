@@ -35,6 +35,10 @@ class CpuBackend final : public Backend {
             int64_t ldb, float beta, float* C, int64_t ldc) override {
     pm::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
   }
+  void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float beta, float* C, int64_t ldc) override {
+    pm::gemm_bf16(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
   void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) override { pm::fill_rows(rows, n, width, bias); }
   void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) override {
     pm::add_column_sums(rows, n, width, sums);
@@ -113,9 +117,10 @@ class CpuBackend final : public Backend {
     pm::combine_rows_backward_gate(dy, slots, T, M, k, position, dgate);
   }
 
-  std::unique_ptr<PackedExpert> new_packed_expert(Activation activation) override {
+  std::unique_ptr<PackedExpert> new_packed_expert(Activation activation, Precision precision) override {
     auto w = std::make_unique<ExpertWeights>();
     w->activation = activation;
+    w->precision = precision;
     return w;
   }
   void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1, const float* b2,
@@ -136,9 +141,9 @@ class CpuBackend final : public Backend {
                              const float* const* hpre_rows, float* dhpre, float* du) override {
     pm::expert_backward_input(static_cast<const ExpertWeights&>(packed), rows, M, H, dy, hpre_rows, dhpre, du);
   }
-  void expert_weight_grads(const ExpertGrads& grads, Activation activation, int64_t M, int64_t H,
+  void expert_weight_grads(const ExpertGrads& grads, Activation activation, Precision precision, int64_t M, int64_t H,
                            const ExpertRows& rows) override {
-    pm::expert_weight_grads(grads, activation, M, H, rows);
+    pm::expert_weight_grads(grads, activation, precision, M, H, rows);
   }
 };
 

@@ -5,16 +5,27 @@
 
 namespace pm {
 
+namespace {
+
+void pack(Precision precision, Trans trans, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
+  if (precision == Precision::bf16)
+    pack_b_bf16(trans, K, N, B, ldb, out);
+  else
+    pack_b(trans, K, N, B, ldb, out);
+}
+
+}  // namespace
+
 void ExpertWeights::pack_forward(const float* w1_data, const float* w2_data, int64_t M, int64_t H) {
   const int64_t H1 = fc1_width(activation, H);
-  pack_b(Trans::no, M, H1, w1_data, H1, w1);
-  pack_b(Trans::no, H, M, w2_data, M, w2);
+  pack(precision, Trans::no, M, H1, w1_data, H1, w1);
+  pack(precision, Trans::no, H, M, w2_data, M, w2);
 }
 
 void ExpertWeights::pack_backward(const float* w1_data, const float* w2_data, int64_t M, int64_t H) {
   const int64_t H1 = fc1_width(activation, H);
-  pack_b(Trans::yes, M, H, w2_data, M, w2_t);
-  pack_b(Trans::yes, H1, M, w1_data, H1, w1_t);
+  pack(precision, Trans::yes, M, H, w2_data, M, w2_t);
+  pack(precision, Trans::yes, H1, M, w1_data, H1, w1_t);
 }
 
 void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, const float* u,
@@ -51,16 +62,18 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
   gemm_packed(Trans::no, rows, dhpre, H1, w.w1_t, 0.0f, du, M);
 }
 
-void expert_weight_grads(const ExpertGrads& g, Activation activation, int64_t M, int64_t H, const ExpertRows& r) {
+void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
+                         const ExpertRows& r) {
   const int64_t rows = static_cast<int64_t>(r.u.size());
   PM_CHECK(static_cast<int64_t>(r.act.size()) == rows && static_cast<int64_t>(r.dhpre.size()) == rows &&
                static_cast<int64_t>(r.dy.size()) == rows,
            "expert rows disagree: {} u, {} act, {} dhpre, {} dy", rows, r.act.size(), r.dhpre.size(), r.dy.size());
   if (rows == 0) return;
   const int64_t H1 = fc1_width(activation, H);
-  gemm_tn_rows(H, M, rows, r.act.data(), r.dy.data(), 1.0f, g.w2, M);
+  auto tn_rows = precision == Precision::bf16 ? gemm_tn_rows_bf16 : gemm_tn_rows;
+  tn_rows(H, M, rows, r.act.data(), r.dy.data(), 1.0f, g.w2, M);
   for (const float* row : r.dy) add_column_sums(row, 1, M, g.b2);
-  gemm_tn_rows(M, H1, rows, r.u.data(), r.dhpre.data(), 1.0f, g.w1, H1);
+  tn_rows(M, H1, rows, r.u.data(), r.dhpre.data(), 1.0f, g.w1, H1);
   for (const float* row : r.dhpre) add_column_sums(row, 1, H1, g.b1);
 }
 

@@ -3,7 +3,8 @@
 //   swiglu: FFN(u) = (SiLU(u W1g + b1g) * (u W1v + b1v)) W2 + b2, W1 = [W1g | W1v] [M, 2H].
 // Forward keeps the pre-activation; backward is split in two so that the pipeline can send the
 // input gradient of each chunk before the weight gradients (which no other rank waits for) are
-// computed once over all rows. GeLU runs inside the GEMMs, on each finished tile while it is in
+// computed once over all rows. A bf16 expert's GEMMs are bf16 GEMMs (gemm.h); the pre-activations,
+// activations and gradients between them stay fp32 and are rounded where a GEMM reads them. GeLU runs inside the GEMMs, on each finished tile while it is in
 // cache; SwiGLU needs both halves of a row, so it runs on whole rows after the GEMM.
 #pragma once
 
@@ -17,6 +18,7 @@ namespace pm {
 // An expert's weights, packed once per pass for the GEMMs of every chunk (H1 = fc1_width).
 struct ExpertWeights : PackedExpert {
   Activation activation = Activation::gelu;
+  Precision precision = Precision::fp32;  // bf16: packed rounded, so every GEMM with them is a bf16 GEMM
   PackedB w1;    // W1 [M, H1]                   forward
   PackedB w2;    // W2 [H, M]                    forward
   PackedB w2_t;  // W2^T [M, H]                  backward
@@ -38,6 +40,7 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
 
 // g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), summed over
 // the rows in order: the same bits whatever the pipeline degrees that produced them.
-void expert_weight_grads(const ExpertGrads& g, Activation activation, int64_t M, int64_t H, const ExpertRows& rows);
+void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
+                         const ExpertRows& rows);
 
 }  // namespace pm
