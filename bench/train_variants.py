@@ -32,7 +32,8 @@ import sys
 
 KEYS = {"train": ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss"],
         "generate": ["tokens_per_s", "seconds"],
-        "layer": ["forward_ms", "backward_ms", "tokens_per_s", "a2a_busy_ms", "degree_fwd", "degree_bwd"]}
+        "layer": ["forward_ms", "backward_ms", "tokens_per_s", "a2a_busy_ms", "comm_ms", "compute_ms", "degree_fwd",
+                  "degree_bwd"]}
 
 
 def run(command, args, timeout, env, ranks=2):

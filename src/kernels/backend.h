@@ -68,6 +68,9 @@ class Backend {
   virtual std::string name() const = 0;    // e.g. "cpu (avx512, 2 threads)"
   virtual Device device() const = 0;
   virtual int threads() const = 0;         // compute threads one kernel call uses
+  // How this backend runs bf16 GEMMs, e.g. "avx512_bf16", or "fp32 kernels" where the CPU lacks
+  // bf16 instructions (the same bits, without the speed-up).
+  virtual std::string bf16_path() const = 0;
 
   // Memory. Buffers of the CPU backend are the host's; a device backend hands out memory the
   // host can also address (managed memory), so Buffer<T> works the same on both.

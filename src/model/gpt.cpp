@@ -14,7 +14,11 @@ namespace pm {
 using namespace gpt_internal;  // the parts the model's source files share
 
 GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor, Backend& backend)
-    : config_(c), comm_(comm), executor_(executor), backend_(backend) {
+    : config_(c),
+      precision_(parse_precision(c.dtype, "configuration: 'dtype'")),
+      comm_(comm),
+      executor_(executor),
+      backend_(backend) {
   const int64_t V = c.vocab_size, S = c.seq_len, D = c.d_model, F = c.mlp_hidden, G = c.shared_expert_hidden;
   PM_CHECK(V > 0, "the model needs a vocabulary size");
   if (c.moe_strategy == "ppmoe") {
@@ -57,6 +61,7 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
       shape.router_score = parse_router_score(c.router_score, "configuration: 'router_score'");
       shape.balance_bias = c.router_bias_rate > 0;
       shape.activation = parse_activation(c.expert_activation, "configuration: 'expert_activation'");
+      shape.precision = precision_;
       b->moe = strategy.make_layer(shape, expert_group(), backend);
       for (Parameter& mp : b->moe->parameters()) add_param(p + "moe." + mp.name, *mp.value, *mp.grad, mp.expert, mp.decay);
       if (G > 0) {
@@ -271,19 +276,19 @@ const float* GptModel::scmoe_tap_saved(int m) const {
 void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D, int64_t G) {
   const bool swiglu = config_.shared_expert_activation == "swiglu";
   b.se_fc.resize(T * (swiglu ? 2 * G : G)), b.se_act.resize(T * G), b.se_raw.resize(T * D), b.se_out.resize(T * D);
-  linear_forward(k, b.ln2_out.data(), b.se_w_fc, b.se_b_fc, T, b.se_fc.data());
+  linear_forward(k, precision_, b.ln2_out.data(), b.se_w_fc, b.se_b_fc, T, b.se_fc.data());
   if (swiglu)
     k.swiglu_rows_forward(b.se_fc.data(), b.se_act.data(), T, G);
   else
     k.gelu_forward(b.se_fc.data(), b.se_act.data(), T * G);
-  linear_forward(k, b.se_act.data(), b.se_w_out, b.se_b_out, T, b.se_raw.data());
+  linear_forward(k, precision_, b.se_act.data(), b.se_w_out, b.se_b_out, T, b.se_raw.data());
   if (!config_.coef_gate) {
     b.se_out = b.se_raw;
     return;
   }
   // coef[t] = sigmoid(x_t . w_cg + b_cg) scales the shared expert's output per token
   b.coef.resize(T);
-  linear_forward(k, b.ln2_out.data(), b.se_w_cg, b.se_b_cg, T, b.coef.data());
+  linear_forward(k, precision_, b.ln2_out.data(), b.se_w_cg, b.se_b_cg, T, b.coef.data());
   for (int64_t t = 0; t < T; ++t) {
     b.coef[t] = 1.0f / (1.0f + std::exp(-b.coef[t]));
     for (int64_t i = 0; i < D; ++i) b.se_out[t * D + i] = b.coef[t] * b.se_raw[t * D + i];
@@ -306,12 +311,12 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
       dlogit[t] = static_cast<float>(dcoef) * b.coef[t] * (1.0f - b.coef[t]);
     }
     Buffer<float> dgate_in(T * D);
-    linear_backward(k, b.ln2_out.data(), b.se_w_cg, dlogit.data(), T, b.d_se_w_cg, b.d_se_b_cg, dgate_in.data());
+    linear_backward(k, precision_, b.ln2_out.data(), b.se_w_cg, dlogit.data(), T, b.d_se_w_cg, b.d_se_b_cg, dgate_in.data());
     for (int64_t i = 0; i < T * D; ++i) dx[i] += dgate_in[i];
   } else {
     std::memcpy(draw.data(), dout, T * D * sizeof(float));
   }
-  linear_backward(k, b.se_act.data(), b.se_w_out, draw.data(), T, b.d_se_w_out, b.d_se_b_out, dact.data());
+  linear_backward(k, precision_, b.se_act.data(), b.se_w_out, draw.data(), T, b.d_se_w_out, b.d_se_b_out, dact.data());
   const float* dfc = dact.data();
   Buffer<float> dfc_swiglu;
   if (config_.shared_expert_activation == "swiglu") {
@@ -321,7 +326,7 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
   } else {
     k.gelu_backward(b.se_fc.data(), dact.data(), dact.data(), T * G);
   }
-  linear_backward(k, b.ln2_out.data(), b.se_w_fc, dfc, T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());
+  linear_backward(k, precision_, b.ln2_out.data(), b.se_w_fc, dfc, T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());
   for (int64_t i = 0; i < T * D; ++i) dx[i] += dse_in[i];
 }
 

@@ -138,6 +138,9 @@ class GptModel {
   void shared_expert_backward(Block& b, Backend& k, const float* dout, int64_t T, int64_t D, int64_t G, float* dx);
 
   ModelConfig config_;
+  // The dense GEMMs' precision (config "dtype"): the linear layers, the shared expert and the
+  // LM head; attention's score and value products, LayerNorm, softmax and the loss stay fp32.
+  Precision precision_ = Precision::fp32;
   Trace* trace_ = nullptr;
   GradsReady grads_ready_;
   Communicator& comm_;

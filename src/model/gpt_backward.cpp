@@ -35,8 +35,8 @@ void GptModel::backward() {
   const TaskWork head_work{3, 4 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
   steps.push_back(DenseStep{"head_bwd", [&, T, D, V, head_work](TaskGraph& g, int last) {
     return g.add({"head_bwd", lanes::compute, "head_bwd", -1, head_work, after(last), [&, T, D, V] {
-                    k.gemm(Trans::no, Trans::no, T, D, V, dlogits_.data(), V, wte_.f32(), D, 0.0f, dln.data(), D);
-                    k.gemm(Trans::yes, Trans::no, V, D, T, dlogits_.data(), V, lnf_out_.data(), D, 1.0f, dwte_.f32(), D);
+                    k.gemm_as(precision_, Trans::no, Trans::no, T, D, V, dlogits_.data(), V, wte_.f32(), D, 0.0f, dln.data(), D);
+                    k.gemm_as(precision_, Trans::yes, Trans::no, V, D, T, dlogits_.data(), V, lnf_out_.data(), D, 1.0f, dwte_.f32(), D);
                     k.layernorm_backward(h_final_.data(), lnf_g_.f32(), lnf_mean_.data(), lnf_rstd_.data(), dln.data(),
                                          T, D, dh.data(), dlnf_g_.f32(), dlnf_b_.f32());
                   }});
@@ -74,9 +74,9 @@ void GptModel::backward() {
       steps.push_back(DenseStep{indexed("mlp_bwd", l), [&, l, T, F, mlp_work](TaskGraph& g, int last) {
         return g.add({indexed("mlp_bwd", l), lanes::compute, "mlp_bwd", -1, mlp_work, after(last), [&, T, F] {
                         dact.resize(T * F);
-                        linear_backward(k, b.act.data(), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
+                        linear_backward(k, precision_, b.act.data(), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
                         k.gelu_backward(b.fc.data(), dact.data(), dact.data(), T * F);
-                        linear_backward(k, b.ln2_out.data(), b.w_fc, dact.data(), T, b.d_w_fc, b.d_b_fc, dffn_in.data());
+                        linear_backward(k, precision_, b.ln2_out.data(), b.w_fc, dact.data(), T, b.d_w_fc, b.d_b_fc, dffn_in.data());
                       }});
       }});
     }
@@ -95,9 +95,9 @@ void GptModel::backward() {
                       if (mid >= 0)  // ScMoE pos2: the next block's experts read this attention output
                         for (int64_t i = 0; i < T * D; ++i) dx_mid[i] += blocks_[mid]->dtap[i];
                       // x_mid = x_in + Attn(LN1(x_in))
-                      linear_backward(k, b.attn.data(), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
+                      linear_backward(k, precision_, b.attn.data(), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
                       k.attention_backward(b.qkv.data(), b.probs.data(), dattn.data(), B, S, H, hd, dqkv.data());
-                      linear_backward(k, b.ln1_out.data(), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
+                      linear_backward(k, precision_, b.ln1_out.data(), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
                       k.layernorm_backward(b.x_in.data(), b.ln1_g.f32(), b.ln1_mean.data(), b.ln1_rstd.data(),
                                            dtmp.data(), T, D, dh.data(), b.d_ln1_g.f32(), b.d_ln1_b.f32());
                       for (int64_t i = 0; i < T * D; ++i) dh[i] += dx_mid[i];

@@ -87,7 +87,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
                       k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, b.ln1_out.data(),
                                           b.ln1_mean.data(), b.ln1_rstd.data());
                       b.qkv.resize(T * 3 * D);
-                      linear_forward(k, b.ln1_out.data(), b.w_qkv, b.b_qkv, T, b.qkv.data());
+                      linear_forward(k, precision_, b.ln1_out.data(), b.w_qkv, b.b_qkv, T, b.qkv.data());
                       b.attn.resize(T * D);
                       if (decode) {  // one token per sequence against its cached keys and values
                         k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), positions_.data(), B,
@@ -103,7 +103,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
                             b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
                           }
                       b.x_mid.resize(T * D);
-                      linear_forward(k, b.attn.data(), b.w_proj, b.b_proj, T, b.x_mid.data());
+                      linear_forward(k, precision_, b.attn.data(), b.w_proj, b.b_proj, T, b.x_mid.data());
                       for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
                       b.ln2_out.resize(T * D), b.ln2_mean.resize(T), b.ln2_rstd.resize(T);
                       k.layernorm_forward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_b.f32(), T, D, kLayerNormEps,
@@ -138,9 +138,9 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         std::vector<int> deps = plus(after(last), {pos3_reader >= 0 ? moe_ln[pos3_reader] : -1});
         return g.add({indexed("mlp", l), lanes::compute, "mlp", -1, mlp_work, deps, [&b, &k, this, T, D, F] {
                         b.fc.resize(T * F), b.act.resize(T * F);
-                        linear_forward(k, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
+                        linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
                         k.gelu_forward(b.fc.data(), b.act.data(), T * F);
-                        linear_forward(k, b.act.data(), b.w_out, b.b_out, T, h_.data());
+                        linear_forward(k, precision_, b.act.data(), b.w_out, b.b_out, T, h_.data());
                         for (int64_t i = 0; i < T * D; ++i) h_[i] += b.x_mid[i];
                       }});
       }});
@@ -155,7 +155,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
                     k.layernorm_forward(h_.data(), lnf_g_.f32(), lnf_b_.f32(), T, D, kLayerNormEps, lnf_out_.data(),
                                         lnf_mean_.data(), lnf_rstd_.data());
                     logits_.resize(T * V);
-                    k.gemm(Trans::no, Trans::yes, T, V, D, lnf_out_.data(), D, wte_.f32(), D, 0.0f, logits_.data(), V);
+                    k.gemm_as(precision_, Trans::no, Trans::yes, T, V, D, lnf_out_.data(), D, wte_.f32(), D, 0.0f, logits_.data(), V);
                     loss_ = 0;
                     if (!has_targets) return;
                     std::vector<float> losses(T);

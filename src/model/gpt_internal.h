@@ -16,20 +16,21 @@ namespace gpt_internal {
 
 inline constexpr float kLayerNormEps = 1e-5f;
 
-// y[T, N] = x[T, K] w[K, N] + b[N]
-inline void linear_forward(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T, float* y) {
+// y[T, N] = x[T, K] w[K, N] + b[N]; its GEMM in `p` (bf16: on bf16 operands, fp32 accumulation).
+inline void linear_forward(Backend& k, Precision p, const float* x, const Tensor& w, const Tensor& b, int64_t T,
+                           float* y) {
   const int64_t K = w.dim(0), N = w.dim(1);
   k.fill_rows(y, T, N, b.f32());
-  k.gemm(Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 1.0f, y, N);
+  k.gemm_as(p, Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 1.0f, y, N);
 }
 
-// From dy[T, N]: dw += x^T dy, db += colsum(dy), dx = dy w^T (dx may be null).
-inline void linear_backward(Backend& k, const float* x, const Tensor& w, const float* dy, int64_t T, Tensor& dw, Tensor& db,
-                     float* dx) {
+// From dy[T, N]: dw += x^T dy, db += colsum(dy), dx = dy w^T (dx may be null); GEMMs in `p`.
+inline void linear_backward(Backend& k, Precision p, const float* x, const Tensor& w, const float* dy, int64_t T,
+                            Tensor& dw, Tensor& db, float* dx) {
   const int64_t K = w.dim(0), N = w.dim(1);
-  k.gemm(Trans::yes, Trans::no, K, N, T, x, K, dy, N, 1.0f, dw.f32(), N);
+  k.gemm_as(p, Trans::yes, Trans::no, K, N, T, x, K, dy, N, 1.0f, dw.f32(), N);
   k.add_column_sums(dy, T, N, db.f32());
-  if (dx) k.gemm(Trans::no, Trans::yes, T, K, N, dy, N, w.f32(), N, 0.0f, dx, K);
+  if (dx) k.gemm_as(p, Trans::no, Trans::yes, T, K, N, dy, N, w.f32(), N, 0.0f, dx, K);
 }
 
 inline std::string indexed(const char* name, int i) { return std::string(name) + "[" + std::to_string(i) + "]"; }

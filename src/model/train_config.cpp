@@ -53,6 +53,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("z_loss_coef", c.model.z_loss_coef);
   fn("gate_normalize", c.model.gate_normalize);
   fn("router_score", c.model.router_score);
+  fn("dtype", c.model.dtype);
   fn("router_bias_rate", c.model.router_bias_rate);
   fn("batch_size", c.batch_size);
   fn("dp", c.dp);
@@ -263,6 +264,8 @@ void TrainConfig::validate(int world) const {
   parse_activation(m.expert_activation, "configuration: 'expert_activation'");
   parse_activation(m.shared_expert_activation, "configuration: 'shared_expert_activation'");
   parse_router_score(m.router_score, "configuration: 'router_score'");
+  PM_REQUIRE(parse_precision(m.dtype, "configuration: 'dtype'") == Precision::fp32 || m.moe_strategy != "ppmoe",
+             "configuration: dtype bf16 runs with moe_strategy \"ep\" only for now (ppmoe is fp32)");
   PM_REQUIRE(m.z_loss_coef >= 0, "configuration: 'z_loss_coef' must not be negative, got {}", m.z_loss_coef);
   PM_REQUIRE(m.router_bias_rate >= 0, "configuration: 'router_bias_rate' must not be negative (0: no bias), got {}",
              m.router_bias_rate);

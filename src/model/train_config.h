@@ -42,6 +42,10 @@ struct ModelConfig {
   double z_loss_coef = 0;  // weight of the sum of the MoE layers' router z-losses (ST-MoE; 1e-3 there)
   bool gate_normalize = true;  // top-k > 1: gate values divided by their sum (moe_shape.h normalize_gates)
   std::string router_score = "softmax";  // or "sigmoid" (DeepSeek-V3; moe_shape.h RouterScore)
+  // "fp32", or "bf16": every GEMM but attention's own products on bf16 operands with fp32
+  // accumulation, the all-to-all payloads in bf16; weights, gradients, optimizer state, LayerNorm,
+  // softmax, router and loss fp32 (kernels/backend.h Precision, moe_shape.h)
+  std::string dtype = "fp32";
   // > 0: auxiliary-loss-free balancing (DeepSeek-V3, which uses 1e-3): each MoE layer chooses by
   // probability + a per-expert bias, moved by this much after every step against the load
   double router_bias_rate = 0;

@@ -330,6 +330,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   log::info("model: {} parameters, {} layers ({} MoE: {} experts, top-{}), d_model {}, {} ranks, {} tokens per step",
             n_params, c.model.layers, c.model.moe_layers(), c.model.experts, c.model.top_k, c.model.d_model, P,
             tokens_per_step);
+  if (c.model.dtype == "bf16")
+    log::info("dtype bf16: GEMMs on bf16 operands with fp32 accumulation ({}), all-to-all payloads in bf16; "
+              "weights, gradients and optimizer state fp32{}",
+              backend.bf16_path(),
+              backend.bf16_path() == "avx512_bf16" ? ""
+                                                   : " (note: this CPU has no AVX512_BF16: the same bits as with "
+                                                     "it, without its speed-up)");
   if (c.model.moe_layers() > 0)
     log::info("MoE pipeline degree: forward {}, backward {}{}{}", degrees.forward, degrees.backward,
               degrees.plan ? fmt::format(" (planned {}/{})", degrees.planned_forward, degrees.planned_backward) : "",
@@ -498,6 +505,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"rss_mb_end", rss_mb_end},
           {"peak_rss_mb", peak_rss_mb},
           {"parameters", n_params},
+          {"dtype", c.model.dtype},
           {"log_csv", train_log.csv_path()}};
 }
 

@@ -43,6 +43,8 @@ def cases(tmp):
         (2, layer("--gate-normalize", "maybe"), "gate-normalize"),
         (2, layer("--z-loss-coef", "x"), "z-loss-coef"),
         (2, layer("--activation", "relu"), "activation"),
+        (2, layer("--dtype", "fp16"), "dtype"),
+        (2, layer("--dtype", "bf16", "--strategy", "ppmoe"), "fp32 only"),
         (2, layer("--skew", "nan"), "skew"),
         (2, layer("--degree", 1000), "capacity"),
         (2, layer("--degree", 0), "degree"),

@@ -103,6 +103,19 @@ def main():
                 "overlapping the gradient all-reduce changes no loss")
         print("ok: overlapped and serial gradient all-reduce give the same curve", flush=True)
 
+        # bf16: trains, the same bits whatever the pipeline degrees, close to fp32 and not equal to it
+        bf16_d1, bf16_d2 = os.path.join(tmp, "bf16_d1"), os.path.join(tmp, "bf16_d2")
+        out = train(2, config, "--save", bf16_d1, "--set", "save_every=4", "--set", "dtype=bf16")
+        train(2, config, "--save", bf16_d2, "--set", "save_every=4", "--set", "dtype=bf16", "--degree", "2")
+        f.check("dtype bf16: GEMMs on bf16 operands" in out.stderr, "a bf16 run says so at start")
+        f.check(json.loads(out.stdout.strip().splitlines()[-1]).get("dtype") == "bf16", "the final JSON has dtype bf16")
+        fp32, bf16 = losses(os.path.join(whole, "log.csv")), losses(os.path.join(bf16_d1, "log.csv"))
+        f.check(bf16 == losses(os.path.join(bf16_d2, "log.csv")), "bf16 at degree 2 gives the same curve as degree 1")
+        f.check(len(bf16) == len(fp32) and bf16 != fp32 and
+                all(abs(float(a[1]) - float(b[1])) < 0.02 * float(b[1]) for a, b in zip(bf16, fp32)),
+                f"bf16's training loss within 2% of fp32's at every step, and not the same: {bf16} vs {fp32}")
+        print(f"ok: bf16 trains (last {bf16[-1]} vs fp32 {fp32[-1]}), the same bits at degrees 1 and 2", flush=True)
+
         # schedules that do not fit the run are named
         short = train(2, config, "--max-steps", 2, "--set", "save=", "--set", f"log_csv={tmp}/short.csv")
         f.check("warning: the warm-up (2 steps) is as long as the run (2 steps)" in short.stderr,
@@ -157,6 +170,8 @@ def main():
             (2, [config, "--set", "router_bias_rate=-1"], "router_bias_rate", "a negative bias rate"),
             (2, [config, "--set", "gate_normalize=2"], "gate_normalize", "gate_normalize not a boolean"),
             (2, [config, "--set", "expert_activation=relu"], "expert_activation", "an unknown activation"),
+            (2, [config, "--set", "dtype=fp16"], "dtype", "an unknown dtype"),
+            (2, [config, "--set", "dtype=bf16", "--set", "moe_strategy=ppmoe"], "ppmoe is fp32", "bf16 with ppmoe"),
             (2, [config, "--resume", whole, "--set", "arch=scmoe", "--set", "shared_expert_hidden=48", "--max-steps", 12], "another model",
              "a checkpoint of another architecture"),
         ]

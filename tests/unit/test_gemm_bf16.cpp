@@ -158,3 +158,23 @@ TEST(GemmBf16, Fp32PackingAfterBf16IsFp32) {
 
 }  // namespace
 }  // namespace pm
+
+namespace pm {
+namespace {
+
+// Where the CPU has AVX512_BF16, bf16 GEMMs run vdpbf16ps (its first use checked it against the
+// fp32 kernels, and the tests above compare it with the written-out chain); elsewhere the fp32
+// kernels on rounded operands.
+TEST(GemmBf16, UsesTheBf16InstructionsWhereTheCpuHasThem) {
+  if (!__builtin_cpu_supports("avx512bf16")) {
+    EXPECT_EQ(gemm_bf16_path(), "fp32 kernels");
+    GTEST_SKIP() << "this CPU has no AVX512_BF16: the kernel that uses it is not exercised here";
+  }
+  EXPECT_EQ(gemm_bf16_path(), "avx512_bf16") << "the AVX512_BF16 kernel disagreed with the fp32 chain";
+  force_gemm_isa("avx2");
+  EXPECT_EQ(gemm_bf16_path(), "fp32 kernels");
+  force_gemm_isa("");
+}
+
+}  // namespace
+}  // namespace pm

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "core/error.h"
@@ -27,6 +28,11 @@ Isa detect_isa() {
 }
 
 Isa g_isa = detect_isa();
+
+bool cpu_has_bf16_dot() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
 
 // Rows per micro-tile; A is packed in micro-panels of this many rows.
 int64_t tile_rows(Isa isa) { return isa == Isa::avx512 ? 6 : (isa == Isa::avx2 ? 3 : 6); }
@@ -78,6 +84,48 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap,
   }
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
+}
+
+// bf16 pairs: C[MR][16 NV] (+)= sum over depth pairs q of the pair products, c = dpbf16(c, a, b):
+// per lane, fma(a_odd, b_odd) then fma(a_even, b_even). Ap: [pairs][MR] words of A's pairs (the
+// even depth in the low half); Bp: [pairs][ldb] words of B's.
+template <int MR, int NV>
+__attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pairs, const uint32_t* Ap,
+                                                                     const uint32_t* Bp, int64_t ldb, float* C,
+                                                                     int64_t ldc, bool zero_start, const float* bias) {
+  __m512 c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v)
+      c[i][v] = !zero_start ? _mm512_loadu_ps(C + i * ldc + 16 * v)
+                            : (bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps());
+  for (int64_t q = 0; q < pairs; ++q) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + q * ldb + 16 * v);
+    for (int i = 0; i < MR; ++i) {
+      __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(Ap[q * MR + i]));
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], a, b[v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+}
+
+void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
+                   int64_t ldc, bool zero_start, const float* bias) {
+  switch (width / 16) {
+    case 1: return kernel_avx512_bf16<6, 1>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
+    case 2: return kernel_avx512_bf16<6, 2>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
+    case 3: return kernel_avx512_bf16<6, 3>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
+    default: return kernel_avx512_bf16<6, 4>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
+  }
+}
+
+// The word of a depth pair from its two rounded values in pair order (odd depth, then even).
+inline uint32_t pair_word(float odd, float even) {
+  uint32_t o, e;
+  std::memcpy(&o, &odd, 4);
+  std::memcpy(&e, &even, 4);
+  return (o & 0xffff0000u) | (e >> 16);
 }
 
 void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, int64_t ks, int64_t is,
@@ -249,6 +297,7 @@ void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
   out.N = N;
   out.bf16 = false;
   out.source_depth = K;
+  out.pairs.clear();
   out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
     const int64_t col0 = p * kPanel;
@@ -313,6 +362,19 @@ void to_bf16_panels(const PackedB& fp32, PackedB& out) {
       for (int64_t j = 0; j < width; ++j) row[j] = round_to_bf16(from[j]);
     }
   }
+  if (!cpu_has_bf16_dot()) {
+    out.pairs.clear();
+    return;
+  }
+  out.pairs.resize(std::max<int64_t>(1, out.panels() * (K2 / 2) * kPanel));
+  for (int64_t p = 0; p < out.panels(); ++p) {
+    const int64_t width = out.panel_width(p);
+    const float* panel = out.panel(p);
+    uint32_t* words = out.pairs.data() + p * (K2 / 2) * kPanel;
+    for (int64_t q = 0; q < K2 / 2; ++q)
+      for (int64_t j = 0; j < width; ++j)
+        words[q * width + j] = pair_word(panel[2 * q * width + j], panel[(2 * q + 1) * width + j]);
+  }
 }
 
 thread_local PackedB t_packed_b_fp32;  // pack_b's result on its way to bf16
@@ -326,8 +388,11 @@ void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ld
 
 namespace {
 
+bool use_bf16_dot(const PackedB& B);
+
+// `dot`: a bf16 GEMM (B.bf16) on the AVX512_BF16 kernel instead of the fp32 kernels.
 void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
-                      const GemmExtras& extras) {
+                      const GemmExtras& extras, bool dot) {
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
   PM_CHECK(extras.bias == nullptr || beta == 0.0f, "a bias start needs beta 0");
   const int64_t N = B.N, K = B.K;
@@ -363,6 +428,9 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
   const int64_t lda = A.ld;
   t_packed_a.resize(m_block * kKBlock);
   float* packed_a = t_packed_a.data();
+  thread_local std::vector<uint32_t, AlignedAllocator<uint32_t>> t_packed_pairs;
+  if (dot) t_packed_pairs.resize(m_block * kKBlock / 2);
+  uint32_t* packed_pairs = t_packed_pairs.data();
   // Split the panels over threads only when the work pays for waking them.
   const bool parallel = compute_threads() > 1 && 2.0 * M * N * K > 4e6;
 
@@ -374,6 +442,13 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
       const bool last_depth = k0 + kc == K;
       if (B.bf16) {
         pack_a_bf16(trans_a, A, row0, rows, k0, kc, B.source_depth, MR, packed_a);
+        if (dot) {  // the kernel's words: [kc / 2][MR] per micro-panel (kc is even: K and k0 are)
+          for (int64_t r = 0; r < rows; r += MR)
+            for (int64_t q = 0; q < kc / 2; ++q)
+              for (int64_t i = 0; i < MR; ++i)
+                packed_pairs[r * kc / 2 + q * MR + i] =
+                    pair_word(packed_a[r * kc + 2 * q * MR + i], packed_a[r * kc + (2 * q + 1) * MR + i]);
+        }
       } else if (pack) {
         pack_a(trans_a, A, row0, rows, k0, kc, MR, packed_a);
       } else if (rows % MR) {
@@ -391,18 +466,25 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
           const int64_t width = B.panel_width(p), col0 = p * kPanel;
           const int64_t cols = std::min(kPanel, N - col0);
           const float* Bp = B.panel(p) + k0 * width;
+          const uint32_t* Bwords = dot ? B.pair_panel(p) + k0 / 2 * width : nullptr;
           const float* bias = bias_base ? bias_base + col0 : nullptr;
+          auto tile = [&](int64_t r, float* Cd, int64_t ldd) {
+            if (dot)
+              run_tile_bf16(width, kc / 2, packed_pairs + r * kc / 2, Bwords, width, Cd, ldd, zero_start, bias);
+            else
+              run_tile(isa, width, kc, a_view(r), Bp, width, Cd, ldd, zero_start, bias);
+          };
           for (int64_t r = 0; r < rows; r += MR) {
             float* Ct = C + (row0 + r) * ldc + col0;
             const int64_t valid = std::min(MR, rows - r);
             if (valid == MR && cols == width) {
-              run_tile(isa, width, kc, a_view(r), Bp, width, Ct, ldc, zero_start, bias);
+              tile(r, Ct, ldc);
             } else {
               // Edge tile: run the same kernel on a padded copy, keep the valid part.
               for (int64_t i = 0; i < MR; ++i)
                 for (int64_t j = 0; j < width; ++j)
                   edge[i * width + j] = (i < valid && j < cols && !zero_start) ? Ct[i * ldc + j] : 0.0f;
-              run_tile(isa, width, kc, a_view(r), Bp, width, edge, width, zero_start, bias);
+              tile(r, edge, width);
               for (int64_t i = 0; i < valid; ++i) std::memcpy(Ct + i * ldc, edge + i * width, cols * sizeof(float));
             }
             if (last_depth && extras.epilogue) (*extras.epilogue)(row0 + r, col0, valid, cols);
@@ -421,7 +503,7 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
 
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
                  float* C, int64_t ldc, const GemmExtras& extras) {
-  gemm_packed_impl(trans_a, M, RowSource{A, lda, nullptr}, B, beta, C, ldc, extras);
+  gemm_packed_impl(trans_a, M, RowSource{A, lda, nullptr}, B, beta, C, ldc, extras, use_bf16_dot(B));
 }
 
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
@@ -435,7 +517,7 @@ void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, c
                   float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b);
-  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {});
+  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {}, false);
 }
 
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
@@ -450,7 +532,53 @@ void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_ro
   if (M == 0 || N == 0) return;
   pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b_fp32);
   to_bf16_panels(t_packed_b_fp32, t_packed_b);
-  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {});
+  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {}, use_bf16_dot(t_packed_b));
+}
+
+namespace {
+
+// The AVX512_BF16 kernel against the fp32 kernels on the same rounded operands, once: every edge
+// case of the tiling (partial micro-panels and panels, an odd depth, two depth blocks, a bias).
+bool bf16_dot_agrees() {
+  const int64_t M = 13, N = 83, K = 1031;
+  std::vector<float> A(M * K), B(K * N), bias(N);
+  uint32_t state = 12345;
+  auto next = [&] {
+    state = state * 1664525u + 1013904223u;
+    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 23);
+  };
+  for (float& v : A) v = next();
+  for (float& v : B) v = next();
+  for (float& v : bias) v = next();
+  PackedB packed;
+  pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
+  std::vector<float> dot(M * N), fp32(M * N);
+  GemmExtras extras{bias.data(), nullptr};
+  gemm_packed_impl(Trans::no, M, RowSource{A.data(), K, nullptr}, packed, 0.0f, dot.data(), N, extras, true);
+  gemm_packed_impl(Trans::no, M, RowSource{A.data(), K, nullptr}, packed, 0.0f, fp32.data(), N, extras, false);
+  return std::memcmp(dot.data(), fp32.data(), dot.size() * sizeof(float)) == 0;
+}
+
+bool bf16_dot_usable() {
+  static const bool usable = [] {
+    if (!cpu_has_bf16_dot()) return false;
+    if (bf16_dot_agrees()) return true;
+    std::fprintf(stderr,
+                 "pipemoe: warning: the AVX512_BF16 GEMM kernel disagrees with the exact fp32 chain on this CPU; "
+                 "bf16 GEMMs use the fp32 kernels\n");
+    return false;
+  }();
+  return usable;
+}
+
+bool use_bf16_dot(const PackedB& B) {
+  return B.bf16 && !B.pairs.empty() && g_isa == Isa::avx512 && bf16_dot_usable();
+}
+
+}  // namespace
+
+std::string gemm_bf16_path() {
+  return g_isa == Isa::avx512 && cpu_has_bf16_dot() && bf16_dot_usable() ? "avx512_bf16" : "fp32 kernels";
 }
 
 std::string gemm_isa() {

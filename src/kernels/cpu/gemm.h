@@ -28,6 +28,10 @@ struct PackedB {
   bool bf16 = false;     // packed by pack_b_bf16: GEMMs with it are bf16 GEMMs (below)
   int64_t source_depth = 0;  // the depth of op(B) (and of op(A)) before the bf16 pair padding
   FloatBuffer data;
+  // bf16, on a CPU with AVX512_BF16: the same panels as bf16 pairs, one 32-bit word per (depth
+  // pair, column): [K / 2][width_p] words, the even depth in the low half (vdpbf16ps's operand).
+  std::vector<uint32_t, AlignedAllocator<uint32_t>> pairs;
+  const uint32_t* pair_panel(int64_t p) const { return pairs.data() + p * (K / 2) * 64; }
   int64_t panels() const { return (N + 63) / 64; }
   int64_t panel_width(int64_t p) const;
   const float* panel(int64_t p) const { return data.data() + p * K * 64; }
@@ -84,6 +88,11 @@ void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_ro
 
 // Which micro-kernels run: "avx512", "avx2" or "scalar" (all give the same bits).
 std::string gemm_isa();
+// How bf16 GEMMs run: "avx512_bf16" (vdpbf16ps on bf16 pairs) or "fp32 kernels" (on rounded
+// operands in the same order; CPUs without AVX512_BF16, or a forced slower instruction set).
+// The AVX512_BF16 kernel is checked against the fp32 kernels once, on first use, and left out
+// with a warning if they disagree.
+std::string gemm_bf16_path();
 // For tests: force a slower instruction set ("avx2", "scalar"); "" restores the best one.
 void force_gemm_isa(const std::string& isa);
 
