@@ -1,9 +1,10 @@
 // pipemoe bench gemm: GEMM speed on this machine, ours and OpenBLAS, on every rank at once.
 //
 //   mpirun -q -np 2 build/pipemoe bench gemm [--model-dim 512 --hidden 1024 --rows 1024,256]
-//       [--repeat 10] [--csv gemm.csv]
+//       [--repeat 10] [--csv gemm.csv] [--dtype bf16]
 // The peak is the best median of the large square product (2048^3); the expert shapes are the
-// GEMMs of an expert FFN (rows x M x H and rows x H x M, forward and backward forms).
+// GEMMs of an expert FFN (rows x M x H and rows x H x M, forward and backward forms). With
+// --dtype bf16 our bf16 GEMMs run beside the fp32 ones: their own peak, and their speed-up over fp32.
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
@@ -24,6 +25,7 @@ struct GemmBenchOptions {
   std::vector<int64_t> rows = {1024, 256};
   int repeat = 10;
   std::string csv;
+  Precision dtype = Precision::fp32;
 };
 
 struct GemmCase {
@@ -76,8 +78,9 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
     Rng(1, 1).fill_normal(A.data(), A.size(), 0, 1);
     Rng(1, 2).fill_normal(B.data(), B.size(), 0, 1);
     const int64_t lda = c.ta == Trans::no ? c.K : c.M, ldb = c.tb == Trans::no ? c.N : c.K;
-    PackedB packed;
+    PackedB packed, packed_bf16;
     pack_b(c.tb, c.K, c.N, B.data(), ldb, packed);  // weights are packed once per pass
+    if (o.dtype == Precision::bf16) pack_b_bf16(c.tb, c.K, c.N, B.data(), ldb, packed_bf16);
     const double flops = 2.0 * c.M * c.N * c.K;
     auto measure = [&](const char* impl, const std::function<void()>& fn) {
       ctx.comm.barrier();  // every rank computes at the same time, as in the layer
@@ -90,21 +93,34 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
       rows.push_back({c.name, impl, c, {v[0], v[1], v[2]}});
     };
     measure("pipemoe", [&] { gemm_packed(c.ta, c.M, A.data(), lda, packed, 0.0f, C.data(), c.N); });
+    if (o.dtype == Precision::bf16)
+      measure("bf16", [&] { gemm_packed(c.ta, c.M, A.data(), lda, packed_bf16, 0.0f, C.data(), c.N); });
     measure("openblas", [&] { openblas_gemm(c.ta, c.tb, c.M, c.N, c.K, A.data(), lda, B.data(), ldb, 0.0f, C.data(), c.N); });
   }
   if (ctx.rank() != 0) return 0;
-  double peak = 0;
-  for (const Row& r : rows)
-    if (r.name == "square 2048") peak = std::max(peak, r.gflops.median);
+  // fp32 rows against the best fp32 product of the square case, bf16 rows against the best bf16 one
+  double peak = 0, peak_bf16 = 0, ours_fp32 = 0;
+  for (const Row& r : rows) {
+    if (r.name != "square 2048") continue;
+    double& best = r.impl == "bf16" ? peak_bf16 : peak;
+    best = std::max(best, r.gflops.median);
+    if (r.impl == "pipemoe") ours_fp32 = r.gflops.median;
+  }
   std::printf("GEMM, float32, %d ranks computing at once, %d threads each, OpenBLAS core %s, our ISA %s\n",
               ctx.world(), compute_threads(), blas_core_name().c_str(), gemm_isa().c_str());
   std::printf("peak (best median of the 2048^3 product): %.1f GFLOP/s per rank\n", peak);
+  if (o.dtype == Precision::bf16)
+    std::printf("bf16 GEMMs (%s): peak %.1f GFLOP/s per rank, %.2fx our fp32 GEMM on the same product\n",
+                gemm_bf16_path().c_str(), peak_bf16, peak_bf16 / ours_fp32);
   std::printf("%-20s %-9s %6s %6s %6s %8s %8s %8s %7s\n", "shape", "impl", "M", "N", "K", "min", "median", "max", "%peak");
   for (const Row& r : rows) {
-    double pct = 100.0 * r.gflops.median / peak;
-    std::printf("%-20s %-9s %6ld %6ld %6ld %8.1f %8.1f %8.1f %6.0f%%\n", r.name.c_str(), r.impl.c_str(),
+    double pct = 100.0 * r.gflops.median / (r.impl == "bf16" ? peak_bf16 : peak);
+    std::printf("%-20s %-9s %6ld %6ld %6ld %8.1f %8.1f %8.1f %6.0f%%", r.name.c_str(), r.impl.c_str(),
                 static_cast<long>(r.c.M), static_cast<long>(r.c.N), static_cast<long>(r.c.K), r.gflops.min,
                 r.gflops.median, r.gflops.max, pct);
+    if (r.impl == "bf16")  // the row before it: our fp32 GEMM on the same shape
+      std::printf("  %.2fx fp32", r.gflops.median / (&r)[-1].gflops.median);
+    std::printf("\n");
     if (csv)
       csv->row({r.name, r.impl, std::to_string(r.c.M), std::to_string(r.c.N), std::to_string(r.c.K),
                 std::to_string(ctx.world()), std::to_string(compute_threads()), fmt::format("{:.2f}", r.gflops.min),
@@ -123,6 +139,10 @@ void add_bench_gemm_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--rows", o->rows, "rows per expert GEMM (e.g. degree 1 and 4)")->delimiter(',')->capture_default_str();
   cmd->add_option("--repeat", o->repeat, "timed calls per shape")->capture_default_str();
   cmd->add_option("--csv", o->csv, "write the table as CSV");
+  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
+  cmd->add_option("--dtype", o->dtype, "bf16: time our bf16 GEMMs too, against their own peak and against fp32")
+      ->transform(CLI::CheckedTransformer(dtypes))
+      ->default_str("fp32");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_gemm_bench(ctx, *o); }; });
 }
 
