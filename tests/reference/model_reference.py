@@ -12,6 +12,12 @@ MoE of block l reads, through a LayerNorm of its own (ln_moe), a representation 
 before it, tapped at pos1 (block l's input, the preceding block's output), pos2 (the preceding
 block's attention output, between its attention and MLP) or pos3 (the preceding block's input);
 block l's output is then a + SE(LN2(a)) + MoE(LN_moe(tap)).
+
+With dtype bf16 the linear layers (attention's QKV and output projections, the dense MLP, the
+shared expert and its coefficient gate, the tied LM head) and the experts are bf16 matmuls
+(moe_layer_reference.Bf16Matmul: both operands rounded, forward and backward), and the MoE's rows
+cross the all-to-all as bf16 both ways (Wire); the router, attention's own products, LayerNorm,
+softmax and the loss stay as they are.
 """
 import json
 import math
@@ -20,7 +26,7 @@ import os
 import numpy as np
 import torch
 
-from moe_layer_reference import activate  # the experts' GeLU or SwiGLU
+from moe_layer_reference import Bf16Matmul, Wire, activate  # bf16 roundings; the experts' GeLU or SwiGLU
 
 torch.set_default_dtype(torch.float64)
 
@@ -35,20 +41,25 @@ def layernorm(x, g, b, eps=1e-5):
     return (x - m) / torch.sqrt(v + eps) * g + b
 
 
-def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H):
+def matmul_of(bf16):
+    """The linear layers' matmul: bf16 operands, or plain float64."""
+    return Bf16Matmul.apply if bf16 else torch.matmul
+
+
+def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul):
     D = x.shape[1]
     hd = D // H
-    qkv = (x @ w_qkv + b_qkv).view(B, S, 3, H, hd)
+    qkv = (mm(x, w_qkv) + b_qkv).view(B, S, 3, H, hd)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, hd]
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
     mask = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
     p = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
     o = (p @ v).transpose(1, 2).reshape(B * S, D)
-    return o @ w_proj + b_proj
+    return mm(o, w_proj) + b_proj
 
 
 def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu",
-        router_score="softmax"):
+        router_score="softmax", bf16=False):
     """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None."""
     T = x.shape[0]
     E = wg.shape[1]
@@ -68,13 +79,16 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None
     gate = probs.gather(1, torch.tensor(order))
     if top_k > 1 and normalize:
         gate = gate / gate.sum(dim=1, keepdim=True)
+    mm = matmul_of(bf16)
+    wire = Wire.apply if bf16 else (lambda t: t)
     y = torch.zeros_like(x)
     for e in range(E):
         for j in range(top_k):
             tok = np.nonzero((order[:, j] == e) & kept[:, j])[0]
             if len(tok):
                 tt = torch.tensor(tok)
-                y = y.index_add(0, tt, gate[tt, j:j + 1] * (activate(x[tt] @ w1[e] + b1[e], activation) @ w2[e] + b2[e]))
+                out = wire(mm(activate(mm(wire(x[tt]), w1[e]) + b1[e], activation), w2[e]) + b2[e])
+                y = y.index_add(0, tt, gate[tt, j:j + 1] * out)
     first = torch.tensor(np.bincount(order[:, 0], minlength=E) / T)
     balance_probs = probs / probs.sum(dim=1, keepdim=True) if router_score == "sigmoid" else probs
     aux = E * (balance_probs.mean(dim=0) * first).sum()
@@ -114,6 +128,8 @@ class Model:
     def rank_loss(self, inputs, targets):
         """(mean cross-entropy, sum of aux losses, logits) of one rank's batch."""
         c, p = self.c, self.params
+        bf16 = c.get("dtype", "fp32") == "bf16"
+        mm = matmul_of(bf16)
         B, S = inputs.shape
         inp = torch.tensor(inputs.reshape(-1).astype(np.int64))
         h = p["wte"][inp] + p["wpe"][torch.arange(B * S) % S]
@@ -124,7 +140,7 @@ class Model:
             b = f"blocks.{l}."
             inputs.append(h)
             a = h + attention(layernorm(h, p[b + "ln1.g"], p[b + "ln1.b"]), p[b + "attn.w_qkv"], p[b + "attn.b_qkv"],
-                              p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"])
+                              p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"], mm)
             mids.append(a)
             x = layernorm(a, p[b + "ln2.g"], p[b + "ln2.b"])
             if c["moe_every"] > 0 and l % c["moe_every"] == c["moe_every"] - 1:
@@ -136,20 +152,20 @@ class Model:
                 y, aux, z, chosen = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
                                         p[b + "moe.b2"], c["top_k"], c["capacity_factor"],
                                         c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"),
-                                        c.get("expert_activation", "gelu"), c.get("router_score", "softmax"))
+                                        c.get("expert_activation", "gelu"), c.get("router_score", "softmax"), bf16)
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
                 self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])
                 if c.get("shared_expert_hidden", 0) > 0:
-                    se = activate(x @ p[b + "se.w_fc"] + p[b + "se.b_fc"], c.get("shared_expert_activation", "gelu"))
-                    se = se @ p[b + "se.w_out"] + p[b + "se.b_out"]
+                    se = activate(mm(x, p[b + "se.w_fc"]) + p[b + "se.b_fc"], c.get("shared_expert_activation", "gelu"))
+                    se = mm(se, p[b + "se.w_out"]) + p[b + "se.b_out"]
                     if c.get("coef_gate", False):
-                        se = se * torch.sigmoid(x @ p[b + "se.w_cg"] + p[b + "se.b_cg"])
+                        se = se * torch.sigmoid(mm(x, p[b + "se.w_cg"]) + p[b + "se.b_cg"])
                     y = y + se
             else:
-                y = gelu(x @ p[b + "mlp.w_fc"] + p[b + "mlp.b_fc"]) @ p[b + "mlp.w_out"] + p[b + "mlp.b_out"]
+                y = mm(gelu(mm(x, p[b + "mlp.w_fc"]) + p[b + "mlp.b_fc"]), p[b + "mlp.w_out"]) + p[b + "mlp.b_out"]
             h = a + y
-        logits = layernorm(h, p["ln_f.g"], p["ln_f.b"]) @ p["wte"].T
+        logits = mm(layernorm(h, p["ln_f.g"], p["ln_f.b"]), p["wte"].T)
         ce = torch.nn.functional.cross_entropy(logits, torch.tensor(targets.reshape(-1).astype(np.int64)))
         return ce, aux_sum, z_sum, logits
 

@@ -2,6 +2,8 @@
 """The whole model against PyTorch in float64, on 1 and 2 ranks: logits, loss and every parameter
 gradient after one forward/backward (within 1e-4 relative), then the loss of each of a few
 training steps (AdamW, clipping, warm-up, the selection bias's moves) along the same trajectory.
+In bf16 the reference does the same roundings (model_reference.py) and the errors are measured in
+norm (a value rounded the other way moves by one bf16 step, 2^-8 of it): within TOLERANCE_BF16.
 
 Run: /usr/bin/python3 tests/reference/test_model.py   (needs build/pipemoe)
 """
@@ -14,9 +16,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Failures, mpirun  # noqa: E402
 import model_reference as ref  # noqa: E402
-from moe_layer_reference import relative_error  # noqa: E402
+from moe_layer_reference import norm_error, relative_error  # noqa: E402
 
 TOLERANCE = 1e-4
+TOLERANCE_BF16 = 2e-3  # |ours - torch| / |torch| in norm, bf16 against the same roundings in float64
 STEPS = 3
 CONFIG = ["seq_len=16", "d_model=32", "layers=2", "heads=2", "mlp_hidden=48", "moe_every=2", "experts=4", "top_k=2",
           "capacity_factor=1.0", "expert_hidden=40", "aux_coef=0.05", "batch_size=3", "tokenizer_vocab=301",
@@ -29,34 +32,37 @@ def check(folder, ranks, seed, degree, f, variant=()):
     mpirun(ranks, args, timeout=300)
     model = ref.Model(folder)
     name = f"{ranks} ranks, seed {seed}, degree {degree}" + (f", {' '.join(variant)}" if variant else "")
+    bf16 = model.c.get("dtype", "fp32") == "bf16"
+    f.check(bf16 == ("dtype=bf16" in variant), f"{name}: the model ran dtype {model.c.get('dtype')}")
+    tolerance, error = (TOLERANCE_BF16, norm_error) if bf16 else (TOLERANCE, relative_error)
     state = {}
     for step in range(STEPS):
         total, ce, aux, logits = model.global_loss(folder, step)
         ours = model.meta["loss"][step]
-        f.check(abs(ours - ce) <= TOLERANCE * abs(ce), f"{name} step {step}: loss {ours} vs torch {ce}")
-        f.check(abs(model.meta["aux"][step] - aux) <= TOLERANCE * max(abs(aux), 1e-12) + 1e-9,
+        f.check(abs(ours - ce) <= tolerance * abs(ce), f"{name} step {step}: loss {ours} vs torch {ce}")
+        f.check(abs(model.meta["aux"][step] - aux) <= tolerance * max(abs(aux), 1e-12) + 1e-9,
                 f"{name} step {step}: aux {model.meta['aux'][step]} vs torch {aux}")
         lr = ref.learning_rate(model.c, step)
         f.check(abs(model.meta["lr"][step] - lr) <= 1e-12 + 1e-9 * lr, f"{name} step {step}: lr {model.meta['lr'][step]} vs {lr}")
         total.backward()
         if step == 0:
             for r in range(ranks):
-                err = relative_error(np.load(f"{folder}/rank{r}/logits.npy").astype(np.float64), logits[r].detach().numpy())
-                f.check(err <= TOLERANCE, f"{name} rank {r}: logits relative error {err:.2e}")
+                err = error(np.load(f"{folder}/rank{r}/logits.npy").astype(np.float64), logits[r].detach().numpy())
+                f.check(err <= tolerance, f"{name} rank {r}: logits relative error {err:.2e}")
             worst = 0.0
             for n, w in model.params.items():
                 g = w.grad.numpy()
                 for r in range(ranks):
                     ours_g = np.load(f"{folder}/rank{r}/grad.{n}.npy").astype(np.float64)
                     want = np.split(g, ranks)[r] if model.is_expert(n) else g
-                    err = relative_error(ours_g, want)
+                    err = error(ours_g, want)
                     worst = max(worst, err)
-                    f.check(ours_g.shape == want.shape and err <= TOLERANCE,
+                    f.check(ours_g.shape == want.shape and err <= tolerance,
                             f"{name} rank {r}: gradient of {n} relative error {err:.2e}")
             print(f"{name}: logits, loss and {len(model.params)} gradients match (worst {worst:.1e})", flush=True)
         norm = ref.adamw_step(model, state, model.c, step, lr)
         model.update_bias()
-        f.check(abs(model.meta["grad_norm"][step] - norm) <= TOLERANCE * norm,
+        f.check(abs(model.meta["grad_norm"][step] - norm) <= tolerance * norm,
                 f"{name} step {step}: gradient norm {model.meta['grad_norm'][step]} vs torch {norm}")
     print(f"{name}: losses over {STEPS} steps match: {model.meta['loss']}", flush=True)
 
@@ -91,6 +97,16 @@ ROUTER_VARIANTS = [
                 "expert_activation=swiglu", "shared_expert_activation=swiglu", "aux_coef=0.001",
                 "router_bias_rate=0.05", "capacity_factor=0"]),
 ]
+# bf16: the top-2 model on 1 and 2 ranks (pipelined), the DeepSeek-style block, and ScMoE with the
+# coefficient gate
+BF16_VARIANTS = [
+    (1, 41, 1, ["dtype=bf16"]),
+    (2, 42, 2, ["dtype=bf16"]),
+    (2, 43, 1, ["dtype=bf16", "expert_activation=swiglu", "experts=8", "top_k=4", "expert_hidden=12",
+                "shared_expert_hidden=24", "shared_expert_activation=swiglu", "router_score=sigmoid",
+                "capacity_factor=0"]),
+    (2, 44, 1, ["dtype=bf16", "arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "coef_gate=true", "top_k=1"]),
+]
 
 
 def main():
@@ -98,7 +114,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for ranks, seed, degree in [(1, 21, 1), (2, 22, 1), (2, 23, 2)]:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f)
-        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS:
+        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS + BF16_VARIANTS:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f, variant)
     f.finish("test_model")
 
