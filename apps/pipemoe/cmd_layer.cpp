@@ -38,6 +38,8 @@ struct LayerOptions {
   float aux_coef = 0.01f;
   float z_loss_coef = 0.0f;
   float skew = 0.0f;  // the selection bias of expert 0 (>= 1: every token's first choice)
+  int64_t shared_hidden = 0;  // > 0: a shared expert of this hidden size beside the routed ones
+  Activation shared_activation = Activation::gelu;
   RouterLossGrads loss_grads() const { return {aux_coef, z_loss_coef}; }
   std::string degree = "1";
   std::string degree_bwd;  // empty: as --degree
@@ -85,7 +87,10 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
   z.f32()[0] = static_cast<float>(pass.z_loss());
   put("z_loss", z);
   put("dx", d.dx);
-  for (const Parameter& p : layer.parameters()) {
+  std::vector<Parameter> params = layer.parameters();
+  if (d.shared)
+    for (const Parameter& p : d.shared->parameters()) params.push_back(p);
+  for (const Parameter& p : params) {
     put(p.name, *p.value);
     put("d" + p.name, *p.grad);
   }
@@ -102,6 +107,8 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"activation", activation_name(s.activation)},
                            {"router_score", s.router_score == RouterScore::sigmoid ? "sigmoid" : "softmax"},
                            {"dtype", precision_name(s.precision)},
+                           {"shared_hidden", o.shared_hidden},
+                           {"shared_activation", activation_name(o.shared_activation)},
                            {"world_size", ctx.world()},
                            {"strategy", layer.strategy().name()}, {"group_size", s.ranks},
                            {"degree_fwd", layer.forward_degree()},
@@ -165,6 +172,14 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   }
   // the ranks of a ppmoe group draw the same tokens (the group's index names their stream)
   LayerData d = make_layer_data(shape.tokens, shape.model_dim, o.seed, ppmoe ? ctx.rank() / tp : ctx.rank());
+  PM_REQUIRE(o.shared_hidden >= 0, "--shared-hidden must not be negative (0: no shared expert), got {}", o.shared_hidden);
+  PM_REQUIRE(o.shared_hidden == 0 || !ppmoe, "--shared-hidden is for --strategy ep for now");
+  if (o.shared_hidden > 0) {
+    auto se = std::make_shared<SharedExpert>(backend, shape.model_dim, o.shared_hidden, o.shared_activation,
+                                             shape.precision);
+    se->init(o.seed);
+    add_shared_expert(d, std::move(se));
+  }
 
   if ((want_fwd == 0 || want_bwd == 0) && !profile)
     log::info("pipemoe layer: --degree auto without --profile: timing every candidate degree");
@@ -246,6 +261,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
                         {"activation", activation_name(shape.activation)}, {"skew", o.skew},
                         {"dtype", precision_name(shape.precision)}, {"bf16_path", backend.bf16_path()},
+                        {"shared_hidden", o.shared_hidden},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -299,6 +315,14 @@ void add_layer_command(CLI::App& app, CommandFn& run) {
                   "tensor-parallel group holding the same tokens; index selection and one all-reduce)")
       ->capture_default_str();
   cmd->add_option("--tp", o->tp, "ppmoe: ranks per tensor-parallel group (default: all); --tokens is per group");
+  cmd->add_option("--shared-hidden", o->shared_hidden,
+                  "a shared expert of this hidden size beside the routed ones (DeepSeek-MoE), computed while the "
+                  "dispatch is on the wire; 0: none")
+      ->capture_default_str();
+  const std::map<std::string, Activation> shared_activations{{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}};
+  cmd->add_option("--shared-activation", o->shared_activation, "the shared expert's activation: gelu or swiglu")
+      ->transform(CLI::CheckedTransformer(shared_activations))
+      ->default_str("gelu");
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--aux-coef", o->aux_coef, "weight of the aux loss in the backward")->capture_default_str();
   cmd->add_option("--skew", o->skew,

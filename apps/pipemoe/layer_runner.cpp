@@ -17,6 +17,42 @@ LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int 
   return d;
 }
 
+void add_shared_expert(LayerData& d, std::shared_ptr<SharedExpert> shared) {
+  d.shared = std::move(shared);
+  d.shared_out = Tensor::zeros(d.x.shape());
+  d.shared_dx = Tensor::zeros(d.x.shape());
+}
+
+namespace {
+
+// The shared expert's tasks: its FFN (or its backward) on the compute lane at the layer's seam,
+// while the rows are on the wire, then its output (input gradient) added to the layer's.
+BesideLayer shared_tasks(LayerData& d, bool forward) {
+  if (!d.shared) return {};
+  SharedExpert* se = d.shared.get();
+  const int64_t T = d.x.dim(0), M = d.x.dim(1);
+  const double flops = 2.0 * T * M * (fc1_width(se->activation(), se->hidden()) + se->hidden()) * (forward ? 1 : 2);
+  auto task = std::make_shared<int>(-1);
+  BesideLayer b;
+  b.between = [&d, se, task, forward, flops](TaskGraph& g) {
+    auto run = forward ? std::function<void()>([&d, se] { se->forward(d.x.f32(), d.x.dim(0), d.shared_out.f32()); })
+                       : std::function<void()>([&d, se] {
+                           se->backward(d.x.f32(), d.dy.f32(), d.x.dim(0), d.shared_dx.f32());
+                         });
+    *task = g.add({forward ? "shared_expert" : "shared_expert_bwd", lanes::compute, "shared_expert", -1,
+                   TaskWork{4, flops, 0}, {}, run});
+  };
+  b.finish = [&d, se, task, forward, T, M](TaskGraph& g, const PassTasks& layer) {
+    float* out = forward ? d.y.f32() : d.dx.f32();
+    const float* mine = forward ? d.shared_out.f32() : d.shared_dx.f32();
+    g.add({"shared_add", lanes::compute, "other", -1, TaskWork{1, static_cast<double>(T * M), 12.0 * T * M},
+           {layer.output, *task}, [se, out, mine, T, M] { se->backend().axpy(1.0f, mine, out, T * M); }});
+  };
+  return b;
+}
+
+}  // namespace
+
 PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& d, int warmup, int iters,
                      RouterLossGrads loss_grads, Trace* trace, const PassObserver& observe) {
   PassTimes t;
@@ -24,9 +60,11 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
     Trace* traced = it < warmup ? nullptr : trace;
     comm.barrier();
     layer.zero_grads();
+    if (d.shared) d.shared->zero_grads();
     LayerPassRun f, b;
-    std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f);
-    backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads, traced, &b);
+    std::shared_ptr<MoePass> pass =
+        forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f, shared_tasks(d, true));
+    backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads, traced, &b, shared_tasks(d, false));
     if (it < warmup) continue;
     if (observe) observe(f, b);
     t.expert_rows = pass->expert_rows();
@@ -42,8 +80,10 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
 
 std::shared_ptr<MoePass> run_pass(MoeLayer& layer, Executor& executor, LayerData& d, RouterLossGrads loss_grads) {
   layer.zero_grads();
-  std::shared_ptr<MoePass> pass = forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32());
-  backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads);
+  if (d.shared) d.shared->zero_grads();
+  std::shared_ptr<MoePass> pass =
+      forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), nullptr, nullptr, shared_tasks(d, true));
+  backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads, nullptr, nullptr, shared_tasks(d, false));
   return pass;
 }
 
@@ -67,9 +107,11 @@ LanesAlone time_lanes_alone(Communicator& comm, MoeLayer& layer, LayerData& d, i
   for (int it = 0; it < warmup + iters; ++it) {
     comm.barrier();
     layer.zero_grads();
+    if (d.shared) d.shared->zero_grads();
     LayerPassRun fr, br;
-    std::shared_ptr<MoePass> pass = forward_alone(layer, serial, d.x.f32(), d.x.dim(0), d.y.f32(), nullptr, &fr);
-    backward_alone(layer, serial, *pass, d.dy.f32(), d.dx.f32(), loss_grads, nullptr, &br);
+    std::shared_ptr<MoePass> pass =
+        forward_alone(layer, serial, d.x.f32(), d.x.dim(0), d.y.f32(), nullptr, &fr, shared_tasks(d, true));
+    backward_alone(layer, serial, *pass, d.dy.f32(), d.dx.f32(), loss_grads, nullptr, &br, shared_tasks(d, false));
     const LayerRunStats& f = fr.stats;
     const LayerRunStats& b = br.stats;
     if (it < warmup) continue;

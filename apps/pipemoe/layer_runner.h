@@ -9,6 +9,7 @@
 #include "core/stats.h"
 #include "core/tensor.h"
 #include "moe/moe_layer.h"
+#include "moe/shared_expert.h"
 #include "sched/executor.h"
 
 namespace pm::cli {
@@ -16,8 +17,14 @@ namespace pm::cli {
 // x and dy per rank from (seed, rank) streams; y and dx zeroed.
 struct LayerData {
   Tensor x, dy, y, dx;
+  // A shared expert beside the routed ones (`layer --shared-hidden`), or null: its output and
+  // input gradient [T, M], added to y and dx once the layer's are complete.
+  std::shared_ptr<SharedExpert> shared;
+  Tensor shared_out, shared_dx;
 };
 LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int rank);
+// Puts a shared expert beside the layer for every pass run on `d`.
+void add_shared_expert(LayerData& d, std::shared_ptr<SharedExpert> shared);
 
 // Per-pass figures of this rank, milliseconds.
 struct PassTimes {

@@ -47,9 +47,10 @@ void run_alone(Executor& executor, TaskGraph& graph, Trace* trace, const char* c
 }  // namespace
 
 std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, const float* x, int64_t tokens, float* y,
-                                       Trace* trace, LayerPassRun* run) {
+                                       Trace* trace, LayerPassRun* run, const BesideLayer& beside) {
   TaskGraph graph;
-  MoeForward f = layer.append_forward(graph, {}, x, tokens, y);
+  MoeForward f = layer.append_forward(graph, {}, x, tokens, y, beside.between);
+  if (beside.finish) beside.finish(graph, f.tasks);
   run_alone(executor, graph, trace, "forward");
   if (run) {
     // the forward's two GEMMs
@@ -62,9 +63,10 @@ std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, cons
 }
 
 void backward_alone(MoeLayer& layer, Executor& executor, const MoePass& pass, const float* dy, float* dx,
-                    RouterLossGrads loss_grads, Trace* trace, LayerPassRun* run) {
+                    RouterLossGrads loss_grads, Trace* trace, LayerPassRun* run, const BesideLayer& beside) {
   TaskGraph graph;
-  layer.append_backward(graph, {}, pass, dy, dx, loss_grads);
+  PassTasks tasks = layer.append_backward(graph, {}, pass, dy, dx, loss_grads, beside.between);
+  if (beside.finish) beside.finish(graph, tasks);
   run_alone(executor, graph, trace, "backward");
   if (run) {
     // input gradients (two GEMMs) and weight gradients (two GEMMs)

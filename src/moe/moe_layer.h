@@ -146,9 +146,19 @@ struct LayerPassRun {
   std::vector<TaskRecord> records;  // when each task ran (executor clock), for model checks
 };
 
+// Tasks a caller lays beside a layer run alone (e.g. a shared expert): `between` at the layer's
+// seam (while its rows are on their way out, before its experts), `finish` once the layer's
+// output is complete (it gets the layer's tasks to depend on).
+struct BesideLayer {
+  Between between;
+  std::function<void(TaskGraph& graph, const PassTasks& layer_tasks)> finish;
+};
+
 std::shared_ptr<MoePass> forward_alone(MoeLayer& layer, Executor& executor, const float* x, int64_t tokens, float* y,
-                                       Trace* trace = nullptr, LayerPassRun* run = nullptr);
+                                       Trace* trace = nullptr, LayerPassRun* run = nullptr,
+                                       const BesideLayer& beside = {});
 void backward_alone(MoeLayer& layer, Executor& executor, const MoePass& pass, const float* dy, float* dx,
-                    RouterLossGrads loss_grads, Trace* trace = nullptr, LayerPassRun* run = nullptr);
+                    RouterLossGrads loss_grads, Trace* trace = nullptr, LayerPassRun* run = nullptr,
+                    const BesideLayer& beside = {});
 
 }  // namespace pm

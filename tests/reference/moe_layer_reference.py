@@ -7,6 +7,10 @@ gate values normalised over the top k or not, a selection bias added to the prob
 choose (not to the gate values), the z-loss mean(logsumexp(logits)^2); the loss whose gradients the
 dump holds is sum(y * dy) + aux_coef * aux + z_loss_coef * z_loss on every rank.
 
+With shared_hidden > 0 a shared expert (replicated weights shared.w1, shared.b1, shared.w2,
+shared.b2 on every rank) adds FFN(x) to every token's output; each rank's gradients of it are those
+of its own tokens (the layer does not all-reduce them).
+
 With dtype bf16 (README, "bf16"): every expert matmul rounds both operands to bf16 and
 accumulates in float64 here (the engine in fp32), in the forward and in the backward (its input
 gradient and its weight gradient alike); the rows on the all-to-all are rounded to bf16 both ways
@@ -109,10 +113,13 @@ def compute(folder, emulate_bf16=True):
     w2 = torch.tensor(np.concatenate([load(folder, r, "w2") for r in range(P)]), requires_grad=True)
     b2 = torch.tensor(np.concatenate([load(folder, r, "b2") for r in range(P)]), requires_grad=True)
 
+    shared_hidden = meta.get("shared_hidden", 0)
     ranks = []
     total = 0
     for r in range(P):
         x = torch.tensor(load(folder, r, "x"), requires_grad=True)
+        shared = {n: torch.tensor(load(folder, r, f"shared.{n}"), requires_grad=True)
+                  for n in ("w1", "b1", "w2", "b2")} if shared_hidden > 0 else None
         wg = torch.tensor(load(folder, r, "wg"), requires_grad=True)
         dy = torch.tensor(load(folder, r, "dy"))
         T = x.shape[0]
@@ -138,6 +145,9 @@ def compute(folder, emulate_bf16=True):
                 u = wire(x[tok_t])
                 out = wire(matmul(activate(matmul(u, w1[e]) + b1[e], activation), w2[e]) + b2[e])
                 y = y.index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
+        if shared is not None:  # no all-to-all: the bf16 roundings of its matmuls only
+            y = y + matmul(activate(matmul(x, shared["w1"]) + shared["b1"], meta.get("shared_activation", "gelu")),
+                           shared["w2"]) + shared["b2"]
         first = torch.tensor(np.bincount(chosen[:, 0], minlength=E) / T)
         # sigmoid scores: the balance loss reads them normalised over the experts (DeepSeek-V3's s')
         balance_probs = probs / probs.sum(dim=1, keepdim=True) if score is torch.sigmoid else probs
@@ -145,7 +155,7 @@ def compute(folder, emulate_bf16=True):
         z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
         total = total + (y * dy).sum() + aux_coef * aux + z_coef * z_loss
         ranks.append(dict(x=x, wg=wg, y=y, aux=aux, z_loss=z_loss, chosen=chosen, slot=slot, capacity=capacity,
-                          unbiased=unbiased, gate=gate))
+                          unbiased=unbiased, gate=gate, shared=shared))
     total.backward()
 
     out = []
@@ -159,6 +169,7 @@ def compute(folder, emulate_bf16=True):
             "dw2": w2.grad[sl].numpy(), "db2": b2.grad[sl].numpy(),
             "expert_index": d["chosen"], "expert_slot": d["slot"], "capacity": d["capacity"],
             "gate": d["gate"].detach().numpy(),
+            **({f"dshared.{n}": t.grad.numpy() for n, t in d["shared"].items()} if d["shared"] else {}),
             "bias_changed_choices": not np.array_equal(d["chosen"], d["unbiased"]),
         })
     return meta, out
@@ -197,4 +208,9 @@ def torch_bf16_output(folder, rank, expected):
             h = activate((u @ bf["w1"][e] + bf["b1"][e]).to(torch.float64), activation).to(torch.bfloat16)
             out = (h @ bf["w2"][e] + bf["b2"][e]).to(torch.float64)
             y = y.index_add(0, torch.tensor(tok), torch.tensor(gate[tok, j:j + 1]) * out)
+    if meta.get("shared_hidden", 0) > 0:
+        se = {n: torch.tensor(load(folder, rank, f"shared.{n}")).to(torch.bfloat16) for n in ("w1", "b1", "w2", "b2")}
+        h = activate((x.to(torch.bfloat16) @ se["w1"] + se["b1"]).to(torch.float64),
+                     meta.get("shared_activation", "gelu")).to(torch.bfloat16)
+        y = y + (h @ se["w2"] + se["b2"]).to(torch.float64)
     return y.numpy()

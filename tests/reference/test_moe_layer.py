@@ -72,7 +72,13 @@ CASES = [
     (2, 64, 64, 96, 4, 2, 1.25, 42, ["--dtype", "bf16"]),
     (3, 40, 24, 16, 6, 2, 0.0, 43, ["--dtype", "bf16", "--activation", "swiglu"]),
     (4, 32, 48, 24, 16, 4, 1.0, 44, ["--dtype", "bf16", "--router-score", "sigmoid", "--z-loss-coef", 0.02]),
+    # a shared expert beside the routed ones (DeepSeek-MoE): GeLU, SwiGLU beside fine-grained
+    # dropless SwiGLU experts, and in bf16
+    (2, 48, 32, 48, 8, 2, 1.25, 45, ["--shared-hidden", 40]),
+    (3, 40, 24, 16, 6, 2, 0.0, 46, ["--shared-hidden", 24, "--shared-activation", "swiglu", "--activation", "swiglu"]),
+    (2, 64, 64, 96, 4, 2, 1.25, 47, ["--dtype", "bf16", "--shared-hidden", 64, "--shared-activation", "swiglu"]),
 ]
+SHARED_TENSORS = ["dshared.w1", "dshared.b1", "dshared.w2", "dshared.b2"]
 # (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
 # (1, 2, 3, 4, 6, 8, 12, 16) where the capacity allows, forward and backward apart
 DEGREES = [(2, 2), (3, 1), (1, 3), (4, 2), (6, 8), (12, 16), (16, 12)]
@@ -105,11 +111,16 @@ def main():
                            abs(meta.get("z_loss_coef", -1) - (router[router.index("--z-loss-coef") + 1]
                                                               if "--z-loss-coef" in router else 0)) < 1e-7,
                            f"{name}: the layer did not run the router variant asked for: {meta}")
-            failures.check(meta.get("activation") == ("swiglu" if "swiglu" in router else "gelu"),
+            failures.check(meta.get("activation") == (router[router.index("--activation") + 1] if "--activation" in router
+                                                      else "gelu"),
                            f"{name}: the layer ran {meta.get('activation')} experts")
             failures.check(meta.get("router_score") == ("sigmoid" if "sigmoid" in router else "softmax"),
                            f"{name}: the layer scored with {meta.get('router_score')}")
             bf16 = "bf16" in router
+            shared = "--shared-hidden" in router
+            failures.check(meta.get("shared_hidden", 0) == (router[router.index("--shared-hidden") + 1] if shared else 0),
+                           f"{name}: the layer ran a shared expert of {meta.get('shared_hidden')}")
+            tensors = TENSORS + (SHARED_TENSORS if shared else [])
             failures.check(meta.get("dtype") == ("bf16" if bf16 else "fp32"), f"{name}: the layer ran {meta.get('dtype')}")
             exact = ref.compute(base, emulate_bf16=False)[1] if bf16 else None
             if "--skew" in router:
@@ -127,7 +138,7 @@ def main():
                 drops = int((expected[r]["expert_slot"] < 0).sum())
                 dropped_somewhere |= drops > 0
                 kept_everything |= drops == 0
-                for t in TENSORS:
+                for t in tensors:
                     ours = np.load(f"{base}/rank{r}/{t}.npy").astype(np.float64)
                     if not bf16:
                         err = ref.relative_error(ours, expected[r][t])
@@ -137,7 +148,9 @@ def main():
                     err = ref.norm_error(ours, expected[r][t])
                     failures.check(ours.shape == expected[r][t].shape and err <= TOLERANCE_BF16,
                                    f"{name} rank {r} {t}: error {err:.2e} against the same roundings in float64")
-                    if t not in ("aux", "z_loss"):  # the router's losses stay fp32
+                    # the router's losses stay fp32, and the shared expert's b2 gradient is the sum of
+                    # dy, which reaches it without a rounding (no all-to-all, no GEMM)
+                    if t not in ("aux", "z_loss", "dshared.b2"):
                         err = ref.norm_error(ours, exact[r][t])
                         failures.check(BF16_VISIBLE <= err <= BF16_BOUND,
                                        f"{name} rank {r} {t}: {err:.2e} from the exact answer, outside "
@@ -159,7 +172,7 @@ def main():
                 folder = os.path.join(tmp, f"case{seed}_d{dfwd}_{dbwd}")
                 run_dump(folder, case, dfwd, dbwd)
                 for r in range(ranks):
-                    for t in TENSORS:
+                    for t in tensors:
                         a = np.load(f"{base}/rank{r}/{t}.npy")
                         b = np.load(f"{folder}/rank{r}/{t}.npy")
                         failures.check(np.array_equal(a, b),

@@ -1,0 +1,78 @@
+#include "moe/shared_expert.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace pm {
+
+SharedExpert::SharedExpert(Backend& backend, int64_t model_dim, int64_t hidden, Activation activation,
+                           Precision precision)
+    : backend_(backend),
+      model_dim_(model_dim),
+      hidden_(hidden),
+      activation_(activation),
+      precision_(precision),
+      hpre_(BackendAllocator<float>(backend)),
+      act_(BackendAllocator<float>(backend)),
+      dhpre_(BackendAllocator<float>(backend)) {
+  PM_REQUIRE(hidden > 0, "the shared expert's hidden size must be positive, got {}", hidden);
+  PM_REQUIRE(model_dim > 0, "model dim must be positive, got {}", model_dim);
+  const int64_t M = model_dim, G = hidden, G1 = fc1_width(activation, hidden);
+  for (auto [t, shape] : {std::pair{&w1_, Shape{M, G1}}, {&b1_, Shape{G1}}, {&w2_, Shape{G, M}}, {&b2_, Shape{M}}}) {
+    *t = Tensor::zeros(shape);
+  }
+  dw1_ = Tensor::zeros(w1_.shape());
+  db1_ = Tensor::zeros(b1_.shape());
+  dw2_ = Tensor::zeros(w2_.shape());
+  db2_ = Tensor::zeros(b2_.shape());
+  packed_ = backend.new_packed_expert(activation, precision);
+}
+
+std::vector<Parameter> SharedExpert::parameters() {
+  return {{"shared.w1", &w1_, &dw1_, false, true},
+          {"shared.b1", &b1_, &db1_, false, false},
+          {"shared.w2", &w2_, &dw2_, false, true},
+          {"shared.b2", &b2_, &db2_, false, false}};
+}
+
+void SharedExpert::init(uint64_t seed) {
+  const float M = static_cast<float>(model_dim_), G = static_cast<float>(hidden_);
+  Rng(seed, stream_id(8)).fill_normal(w1_.f32(), w1_.numel(), 0.0f, 1.0f / std::sqrt(M));
+  Rng(seed, stream_id(9)).fill_normal(b1_.f32(), b1_.numel(), 0.0f, 0.1f);
+  Rng(seed, stream_id(10)).fill_normal(w2_.f32(), w2_.numel(), 0.0f, 1.0f / std::sqrt(G));
+  Rng(seed, stream_id(11)).fill_normal(b2_.f32(), b2_.numel(), 0.0f, 0.1f);
+}
+
+void SharedExpert::zero_grads() {
+  for (Tensor* g : {&dw1_, &db1_, &dw2_, &db2_}) g->zero();
+}
+
+void SharedExpert::forward(const float* x, int64_t tokens, float* out) {
+  const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
+  hpre_.resize(tokens * G1);
+  act_.resize(tokens * G);
+  backend_.pack_expert_forward(*packed_, w1_.f32(), w2_.f32(), b1_.f32(), b2_.f32(), M, G);
+  backend_.expert_forward(*packed_, tokens, M, G, x, hpre_.data(), act_.data(), out);
+}
+
+void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, float* dx) {
+  const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
+  PM_CHECK(static_cast<int64_t>(act_.size()) == tokens * G, "a shared-expert backward without its forward");
+  dhpre_.resize(tokens * G1);
+  backend_.pack_expert_backward(*packed_, w1_.f32(), w2_.f32(), M, G);
+  std::vector<const float*> hpre_rows(tokens), u(tokens), act(tokens), dhpre(tokens), dys(tokens);
+  for (int64_t t = 0; t < tokens; ++t) {
+    hpre_rows[t] = hpre_.data() + t * G1;
+    u[t] = x + t * M;
+    act[t] = act_.data() + t * G;
+    dhpre[t] = dhpre_.data() + t * G1;
+    dys[t] = dy + t * M;
+  }
+  backend_.expert_backward_input(*packed_, tokens, M, G, dy, hpre_rows.data(), dhpre_.data(), dx);
+  backend_.expert_weight_grads({dw1_.f32(), db1_.f32(), dw2_.f32(), db2_.f32()}, activation_, precision_, M, G,
+                               ExpertRows{u, act, dhpre, dys});
+}
+
+}  // namespace pm

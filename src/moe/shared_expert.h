@@ -1,0 +1,52 @@
+// A shared expert (DeepSeek-MoE, Qwen2-MoE, DeepSeek-V3): a dense FFN that every token goes through
+// beside the routed experts, of the same form as one of them (GeLU or SwiGLU, fp32 or bf16 GEMMs).
+// It needs no communication, so a layer schedules it on the compute lane while the dispatch
+// all-to-all is in flight (the `between` seam of MoeLayer::append_forward); its weights are
+// replicated, like the router's.
+//
+//   SharedExpert se(backend, M, G, Activation::swiglu, Precision::bf16);
+//   se.init(seed);
+//   se.forward(x, T, out);        // out[T, M] = FFN(x); keeps what the backward needs
+//   se.backward(x, dy, T, dx);    // grads += ...; dx[T, M] = d FFN / d x (overwritten)
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "core/parameter.h"
+#include "core/tensor.h"
+#include "kernels/backend.h"
+
+namespace pm {
+
+class SharedExpert {
+ public:
+  // hidden: G (SwiGLU: of each half; W1 is [M, 2G]); a usage error unless positive.
+  SharedExpert(Backend& backend, int64_t model_dim, int64_t hidden, Activation activation, Precision precision);
+
+  // "shared.w1" [M, G1], "shared.b1" [G1], "shared.w2" [G, M], "shared.b2" [M].
+  std::vector<Parameter> parameters();
+  // From (seed, stream 8..11): the same on every rank.
+  void init(uint64_t seed);
+
+  // out[T, M] = FFN(x[T, M]); x must stay unchanged until the backward.
+  void forward(const float* x, int64_t tokens, float* out);
+  // From dy[T, M] of the last forward: the weight gradients added to, dx[T, M] overwritten.
+  void backward(const float* x, const float* dy, int64_t tokens, float* dx);
+
+  void zero_grads();
+  Backend& backend() { return backend_; }
+  int64_t hidden() const { return hidden_; }
+  Activation activation() const { return activation_; }
+
+ private:
+  Backend& backend_;
+  int64_t model_dim_, hidden_;
+  Activation activation_;
+  Precision precision_;
+  Tensor w1_, b1_, w2_, b2_, dw1_, db1_, dw2_, db2_;
+  std::unique_ptr<PackedExpert> packed_;
+  Buffer<float> hpre_, act_, dhpre_;  // [T, G1], [T, G], [T, G1]
+};
+
+}  // namespace pm
