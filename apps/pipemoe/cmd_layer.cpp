@@ -156,7 +156,10 @@ int run_layer(Context& ctx, const LayerOptions& options) {
 
   Backend& backend = ctx.backend;
   std::optional<PerfProfile> profile;
-  if (!o.profile.empty()) profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, backend));
+  if (!o.profile.empty()) {
+    profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, backend));
+    warn_if_other_dtype(*profile, o.profile, precision_name(shape.precision));
+  }
 
   Executor executor;
   std::unique_ptr<MoeLayer> layer_ptr = strategy.make_layer(shape, group, backend);

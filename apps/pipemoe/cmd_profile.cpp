@@ -16,6 +16,7 @@ struct ProfileCmdOptions {
   int iters = 3;
   std::vector<int> degrees = {1, 2, 4, 8};
   bool quick = false;
+  Precision dtype = Precision::fp32;
 };
 
 int run_profile(Context& ctx, const ProfileCmdOptions& o) {
@@ -27,11 +28,12 @@ int run_profile(Context& ctx, const ProfileCmdOptions& o) {
   if (o.quick) po.shapes.resize(2);
   po.degrees = o.degrees;
   po.iters = o.iters;
+  po.precision = o.dtype;
   po.progress = [](const std::string& what) { log::info("profile: {}", what); };
   PerfProfile profile = take_profile(ctx.comm, ctx.backend, po);
   if (ctx.rank() != 0) return 0;
   profile.save(o.out);
-  std::printf("profile of %s\n", profile.cluster.summary().c_str());
+  std::printf("profile of %s, %s layers\n", profile.cluster.summary().c_str(), profile.dtype.c_str());
   std::printf("%-14s %8s %12s %12s %14s %14s %7s %9s\n", "cost class", "samples", "fixed us", "per call us",
               "per GFLOP ms", "per MB ms", "r2", "med.err");
   for (const auto& [cost, m] : profile.models) {
@@ -69,6 +71,10 @@ void add_profile_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--iters", o->iters, "timed passes per shape, degree and mode")->capture_default_str();
   cmd->add_option("--degrees", o->degrees, "degrees to run")->delimiter(',')->capture_default_str();
   cmd->add_flag("--quick", o->quick, "two shapes instead of five (for tests)");
+  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
+  cmd->add_option("--dtype", o->dtype, "the precision of the profiled layers: fp32, or bf16 (plans bf16 layers)")
+      ->transform(CLI::CheckedTransformer(dtypes))
+      ->default_str("fp32");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_profile(ctx, *o); }; });
 }
 

@@ -307,7 +307,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     start = resumed->step;
   }
   std::optional<PerfProfile> profile;
-  if (!c.profile.empty()) profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
+  if (!c.profile.empty()) {
+    profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
+    warn_if_other_dtype(*profile, c.profile, c.model.dtype);
+  }
   DegreeChoice degrees = choose_moe_degrees(model, c, comm, executor, profile ? &*profile : nullptr);
   const bool replan = profile && c.model.moe_layers() > 0 && parse_degree(c.degree, "degree") == 0 &&
                       c.degree_replan_every > 0 && !c.model.scmoe();

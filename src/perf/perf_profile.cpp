@@ -136,6 +136,7 @@ std::string PerfProfile::to_json() const {
       {"format", kFormat},
       {"version", kVersion},
       {"created", created},
+      {"dtype", dtype},
       {"cluster",
        {{"world_size", cluster.world_size}, {"hosts", cluster.hosts}, {"threads", cluster.threads},
         {"cpu_model", cluster.cpu_model}, {"network", cluster.network}}},
@@ -159,6 +160,9 @@ PerfProfile PerfProfile::from_json(const std::string& text, const std::string& s
     PM_REQUIRE(version == kVersion, "{} is a profile of format version {}, this build reads {}", source, version,
                kVersion);
     p.created = j.value("created", "");
+    p.dtype = j.value("dtype", "fp32");  // older profiles: fp32, all there was
+    PM_REQUIRE(p.dtype == "fp32" || p.dtype == "bf16", "{}: dtype must be \"fp32\" or \"bf16\", got \"{}\"", source,
+               p.dtype);
     p.self_check_median_error = j.value("self_check_median_error", 0.0);
     if (j.contains("self_check"))
       for (const auto& e : j.at("self_check"))
@@ -237,6 +241,13 @@ PerfProfile load_profile_for(Communicator& comm, const std::string& path, const 
              path, diff);
   warn_if_untrusted(p, path);
   return p;
+}
+
+void warn_if_other_dtype(const PerfProfile& profile, const std::string& path, const std::string& dtype) {
+  if (profile.dtype == dtype) return;
+  log::info("warning: profile {} timed {} layers and this one runs {}: its GEMM costs may be off (bf16 GEMMs run "
+            "faster where the CPU has AVX512_BF16); take one with `pipemoe profile --dtype {}`",
+            path, profile.dtype, dtype, dtype);
 }
 
 void warn_if_untrusted(const PerfProfile& profile, const std::string& path) {

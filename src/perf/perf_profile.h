@@ -48,6 +48,9 @@ struct CostModel {
 struct PerfProfile {
   ClusterInfo cluster;
   std::string created;  // UTC time, ISO 8601
+  // The precision the profiled layers ran ("fp32" or "bf16"): their expert GEMMs' costs are in
+  // the models; a layer of the other precision is planned with them, with a warning.
+  std::string dtype = "fp32";
   std::map<std::string, CostModel> models;  // by cost class
   Interference interference;           // what the planner simulates with (refit on overlapped passes)
   Interference interference_measured;  // the direct measurement before the refit (for comparison)
@@ -87,5 +90,7 @@ PerfProfile load_profile_for(Communicator& comm, const std::string& path, const 
 
 // Prints (rank 0) what makes the profile unfit to plan with, and what to do; nothing if all is well.
 void warn_if_untrusted(const PerfProfile& profile, const std::string& path);
+// Prints a warning if the profile's layers ran another precision than `dtype` ("fp32", "bf16").
+void warn_if_other_dtype(const PerfProfile& profile, const std::string& path, const std::string& dtype);
 
 }  // namespace pm

@@ -205,8 +205,10 @@ PerfProfile take_profile(Communicator& comm, Backend& backend, const ProfileOpti
   std::vector<OverlapRun> overlap_runs;
   Executor serial(Executor::Mode::serial), overlapped(Executor::Mode::overlapped);
 
+  profile.dtype = precision_name(o.precision);
   for (std::size_t si = 0; si < o.shapes.size(); ++si) {
-    const MoeShape& s = o.shapes[si];
+    MoeShape s = o.shapes[si];
+    s.precision = o.precision;
     std::unique_ptr<MoeLayer> layer = o.strategy->make_layer(s, comm, backend);
     layer->init_parameters(o.seed);
     std::vector<float> x(s.tokens * s.model_dim), dy(x.size()), y(x.size()), dx(x.size());

@@ -19,6 +19,7 @@ struct ProfileOptions {
   std::vector<int> degrees = {1, 2, 4, 8};
   int iters = 3;
   uint64_t seed = 1;
+  Precision precision = Precision::fp32;  // every shape's (the layers' GEMMs and all-to-all payloads)
   std::function<void(const std::string&)> progress;  // called on rank 0
 };
 

@@ -57,6 +57,23 @@ def main():
                         for c in plan["candidates"]), f"plan {predicted} is the chosen degree's prediction")
         print(f"ok: plan chose {plan['degree_fwd']}/{plan['degree_bwd']}", flush=True)
 
+        # bf16: the planner counts half the bytes per all-to-all row; a profile of fp32 layers
+        # plans a bf16 one with a warning (and the other way round)
+        f.check(p.get("dtype") == "fp32", f"the profile says which precision it timed: {p.get('dtype')}")
+        shape = ["--tokens", 256, "--model-dim", 64, "--hidden", 128, "--experts", 4]
+        bf16 = mpirun(1, ["plan", "--profile", profile, "--json", "--dtype", "bf16"] + shape)
+        f.check("timed fp32 layers and this one runs bf16" in bf16.stderr, f"plan of bf16 on an fp32 profile warns: {bf16.stderr}")
+        halved = [c for c in last_json(bf16)["candidates"] if c["degree"] == 1][0]
+        full = [c for c in plan["candidates"] if c["degree"] == 1][0]
+        f.check(halved["forward_ms"] < full["forward_ms"], "bf16's halved all-to-all bytes predict a faster forward")
+        bf16_profile = os.path.join(tmp, "bf16.json")
+        json.dump(dict(p, dtype="bf16"), open(bf16_profile, "w"))
+        other = mpirun(1, ["plan", "--profile", bf16_profile, "--json"] + shape)
+        f.check("timed bf16 layers and this one runs fp32" in other.stderr, "plan of fp32 on a bf16 profile warns")
+        json.dump(dict(p, dtype="fp16"), open(bf16_profile, "w"))
+        one_error(f, mpirun(1, ["plan", "--profile", bf16_profile] + shape, check=False), "dtype", "a profile of an unknown dtype")
+        print("ok: bf16 plans with half the wire bytes; a profile of the other precision warns", flush=True)
+
         # strategies side by side: all-to-all EP and PPMoE (which needs the profile's all-reduce model)
         f.check("all_reduce" in p["models"], "the profile models all-reduces (PPMoE's communication)")
         both = last_json(mpirun(1, ["plan", "--profile", profile, "--tokens", 256, "--model-dim", 64, "--hidden", 128,
