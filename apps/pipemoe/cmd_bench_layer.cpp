@@ -38,6 +38,7 @@ struct BenchLayerOptions {
   int iters = 1;
   int refine = 3;
   std::string csv = "out/bench_layer.csv";
+  Precision dtype = Precision::fp32;  // every shape's
 };
 
 // Shapes in the spirit of PipeMoE's 174 layers (tokens, model and hidden dimensions, experts,
@@ -138,7 +139,9 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
   PM_REQUIRE(o.rounds >= 1 && o.iters >= 1, "--rounds and --iters must be at least 1");
   PerfProfile profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, ctx.backend));
+  warn_if_other_dtype(profile, o.profile, precision_name(o.dtype));
   std::vector<MoeShape> shapes = o.shapes.empty() ? grid_shapes(o.grid, ctx.world()) : parse_shapes(o.shapes, ctx.world());
+  for (MoeShape& s : shapes) s.precision = o.dtype;
   if (ctx.rank() == 0) print_legend();
   std::unique_ptr<CsvWriter> csv;
   if (ctx.rank() == 0)
@@ -342,6 +345,10 @@ void add_bench_layer_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--iters", o->iters, "timed passes per degree (and lanes alone) in each round")->capture_default_str();
   cmd->add_option("--refine", o->refine, "how many of the planner's best degrees the refinement times")->capture_default_str();
   cmd->add_option("--csv", o->csv, "CSV file to write")->capture_default_str();
+  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
+  cmd->add_option("--dtype", o->dtype, "every shape's precision: fp32, or bf16 (GEMMs and all-to-all payloads)")
+      ->transform(CLI::CheckedTransformer(dtypes))
+      ->default_str("fp32");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_bench_layer(ctx, *o); }; });
 }
 
