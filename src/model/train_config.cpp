@@ -264,8 +264,7 @@ void TrainConfig::validate(int world) const {
   parse_activation(m.expert_activation, "configuration: 'expert_activation'");
   parse_activation(m.shared_expert_activation, "configuration: 'shared_expert_activation'");
   parse_router_score(m.router_score, "configuration: 'router_score'");
-  PM_REQUIRE(parse_precision(m.dtype, "configuration: 'dtype'") == Precision::fp32 || m.moe_strategy != "ppmoe",
-             "configuration: dtype bf16 runs with moe_strategy \"ep\" only for now (ppmoe is fp32)");
+  parse_precision(m.dtype, "configuration: 'dtype'");
   PM_REQUIRE(m.z_loss_coef >= 0, "configuration: 'z_loss_coef' must not be negative, got {}", m.z_loss_coef);
   PM_REQUIRE(m.router_bias_rate >= 0, "configuration: 'router_bias_rate' must not be negative (0: no bias), got {}",
              m.router_bias_rate);

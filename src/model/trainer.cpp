@@ -334,7 +334,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
             n_params, c.model.layers, c.model.moe_layers(), c.model.experts, c.model.top_k, c.model.d_model, P,
             tokens_per_step);
   if (c.model.dtype == "bf16")
-    log::info("dtype bf16: GEMMs on bf16 operands with fp32 accumulation ({}), all-to-all payloads in bf16; "
+    log::info("dtype bf16: GEMMs on bf16 operands with fp32 accumulation ({}), all-to-all payloads in bf16 (ep); "
               "weights, gradients and optimizer state fp32{}",
               backend.bf16_path(),
               backend.bf16_path() == "avx512_bf16" ? ""

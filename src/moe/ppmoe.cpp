@@ -96,9 +96,6 @@ class PpmoeLayer final : public MoeLayer {
       : strategy_(strategy), shape_(shape), group_(group), backend_(backend), w_(shape) {
     shape_.validate();
     PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
-    PM_REQUIRE(shape_.precision == Precision::fp32,
-               "the ppmoe strategy runs in fp32 only for now: use dtype fp32, or bf16 with the expert-parallel "
-               "strategy (ep)");
     for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation, shape_.precision));
   }
 

@@ -47,7 +47,6 @@ def cases(tmp):
         (2, layer("--shared-hidden", -8), "shared-hidden"),
         (2, layer("--shared-hidden", 16, "--shared-activation", "relu"), "shared-activation"),
         (2, layer("--shared-hidden", 16, "--strategy", "ppmoe"), "shared-hidden"),
-        (2, layer("--dtype", "bf16", "--strategy", "ppmoe"), "fp32 only"),
         (2, layer("--skew", "nan"), "skew"),
         (2, layer("--degree", 1000), "capacity"),
         (2, layer("--degree", 0), "degree"),

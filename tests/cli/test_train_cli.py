@@ -171,7 +171,6 @@ def main():
             (2, [config, "--set", "gate_normalize=2"], "gate_normalize", "gate_normalize not a boolean"),
             (2, [config, "--set", "expert_activation=relu"], "expert_activation", "an unknown activation"),
             (2, [config, "--set", "dtype=fp16"], "dtype", "an unknown dtype"),
-            (2, [config, "--set", "dtype=bf16", "--set", "moe_strategy=ppmoe"], "ppmoe is fp32", "bf16 with ppmoe"),
             (2, [config, "--resume", whole, "--set", "arch=scmoe", "--set", "shared_expert_hidden=48", "--max-steps", 12], "another model",
              "a checkpoint of another architecture"),
         ]

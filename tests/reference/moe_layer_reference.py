@@ -91,12 +91,13 @@ class Bf16Matmul(torch.autograd.Function):
         return g @ to_bf16(b).T, to_bf16(a).T @ g
 
 
-def compute(folder, emulate_bf16=True):
-    """Returns (meta, per-rank dict of reference tensors as numpy float64)."""
+def compute(folder, emulate_bf16=True, bf16_wire=True):
+    """Returns (meta, per-rank dict of reference tensors as numpy float64). bf16_wire=False: the
+    bf16 layer without an all-to-all (PPMoE: its matmuls round, no rows cross a bf16 wire)."""
     meta = json.load(open(f"{folder}/meta.json"))
     bf16 = meta.get("dtype", "fp32") == "bf16" and emulate_bf16
     matmul = Bf16Matmul.apply if bf16 else torch.matmul
-    wire = Wire.apply if bf16 else (lambda t: t)
+    wire = Wire.apply if bf16 and bf16_wire else (lambda t: t)
     P, E, k = meta["world_size"], meta["experts"], meta["top_k"]
     f, aux_coef = meta["capacity_factor"], meta["aux_coef"]
     z_coef = meta.get("z_loss_coef", 0.0)
