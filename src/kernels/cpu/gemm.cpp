@@ -218,24 +218,31 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
 void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
                  int64_t MR, float* out) {
   const int64_t padded = (rows + MR - 1) / MR * MR;
+  const int64_t have = std::clamp<int64_t>(depth - k0, 0, kc);  // depths of this block the source has
+  alignas(64) float rounded[kKBlock];
   for (int64_t r = 0; r < padded; r += MR) {
     float* panel = out + r * kc;
     const int64_t valid = std::min(MR, rows - r);
     if (trans_a == Trans::no) {
       for (int64_t i = 0; i < MR; ++i) {
-        const float* src = i < valid ? A.row(row0 + r + i) : nullptr;
+        // round the row's depths in one vectorised pass, then lay them out pair-swapped
+        const float* src = i < valid ? A.row(row0 + r + i) + k0 : nullptr;
+        const int64_t n = src ? have : 0;
+        for (int64_t k = 0; k < n; ++k) rounded[k] = round_to_bf16(src[k]);
         for (int64_t k = 0; k < kc; ++k) {
-          const int64_t d = k0 + (k ^ 1);
-          panel[k * MR + i] = src && d < depth ? round_to_bf16(src[d]) : 0.0f;
+          const int64_t d = k ^ 1;
+          panel[k * MR + i] = d < n ? rounded[d] : 0.0f;
         }
       }
     } else {
       // op(A)[row, d] is contiguous in storage row d
       for (int64_t k = 0; k < kc; ++k) {
-        const int64_t d = k0 + (k ^ 1);
-        const float* src = d < depth ? A.row(d) + row0 + r : nullptr;
+        const int64_t d = k ^ 1;
         float* dst = panel + k * MR;
-        for (int64_t i = 0; i < MR; ++i) dst[i] = src && i < valid ? round_to_bf16(src[i]) : 0.0f;
+        const float* src = d < have ? A.row(k0 + d) + row0 + r : nullptr;
+        const int64_t n = src ? valid : 0;
+        for (int64_t i = 0; i < n; ++i) dst[i] = round_to_bf16(src[i]);
+        for (int64_t i = n; i < MR; ++i) dst[i] = 0.0f;
       }
     }
   }
