@@ -9,13 +9,13 @@
 
 #include "core/error.h"
 #include "core/tensor.h"
+#include "kernels/cpu/gemm_internal.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace pm {
+using namespace gemm_detail;
 namespace {
 
-constexpr int64_t kPanel = 64;   // columns per packed panel of B
-constexpr int64_t kKBlock = 512;  // depth of one pass over C (A block and B panel slice stay in cache)
 constexpr int64_t kMBlock = 240;  // rows of A packed at a time
 
 enum class Isa { scalar, avx2, avx512 };
@@ -29,12 +29,6 @@ Isa detect_isa() {
 
 Isa g_isa = detect_isa();
 
-bool cpu_has_bf16_dot() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-}
-
-// Rows per micro-tile; A is packed in micro-panels of this many rows.
 int64_t tile_rows(Isa) { return 6; }
 
 // ---- micro-kernels: C[MR][cols] (+)= A[MR][K] * Bp[K][cols], k = 0..K-1 in order ---------------
@@ -86,48 +80,6 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap,
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
 }
 
-// bf16 pairs: C[MR][16 NV] (+)= sum over depth pairs q of the pair products, c = dpbf16(c, a, b):
-// per lane, fma(a_odd, b_odd) then fma(a_even, b_even). Ap: [pairs][MR] words of A's pairs (the
-// even depth in the low half); Bp: [pairs][ldb] words of B's.
-template <int MR, int NV>
-__attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pairs, const uint32_t* Ap,
-                                                                     const uint32_t* Bp, int64_t ldb, float* C,
-                                                                     int64_t ldc, bool zero_start, const float* bias) {
-  __m512 c[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v)
-      c[i][v] = !zero_start ? _mm512_loadu_ps(C + i * ldc + 16 * v)
-                            : (bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps());
-  for (int64_t q = 0; q < pairs; ++q) {
-    __m512bh b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + q * ldb + 16 * v);
-    for (int i = 0; i < MR; ++i) {
-      __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(Ap[q * MR + i]));
-      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], a, b[v]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
-}
-
-void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
-                   int64_t ldc, bool zero_start, const float* bias) {
-  switch (width / 16) {
-    case 1: return kernel_avx512_bf16<6, 1>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
-    case 2: return kernel_avx512_bf16<6, 2>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
-    case 3: return kernel_avx512_bf16<6, 3>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
-    default: return kernel_avx512_bf16<6, 4>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
-  }
-}
-
-// The word of a depth pair from its two rounded values in pair order (odd depth, then even).
-inline uint32_t pair_word(float odd, float even) {
-  uint32_t o, e;
-  std::memcpy(&o, &odd, 4);
-  std::memcpy(&e, &even, 4);
-  return (o & 0xffff0000u) | (e >> 16);
-}
-
 void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, int64_t ks, int64_t is,
                    const float* Bp, int64_t ldb, float* C, int64_t ldc, bool zero_start,
                    const float* bias) {
@@ -167,14 +119,6 @@ void run_tile(Isa isa, int64_t width, int64_t K, AView A, const float* Bp, int64
   }
 }
 
-// Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row).
-struct RowSource {
-  const float* base = nullptr;
-  int64_t ld = 0;
-  const float* const* rows = nullptr;
-  const float* row(int64_t i) const { return rows ? rows[i] : base + i * ld; }
-};
-
 // Packs rows [row0, row0 + rows) x depths [k0, k0 + kc) of op(A) into MR-row micro-panels,
 // zero-padding the last micro-panel. Reads always run along memory (rows of A, or rows of A^T's
 // storage), never down a column: strided reads cost a TLB miss per element on wide matrices.
@@ -207,42 +151,6 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
         float* dst = out + r * kc + k * MR;
         for (int64_t i = 0; i < valid; ++i) dst[i] = src[i];
         for (int64_t i = valid; i < MR; ++i) dst[i] = 0.0f;
-      }
-    }
-  }
-}
-
-// pack_a for a bf16 GEMM: the same micro-panels, each value rounded to bf16 and each depth pair
-// swapped (packed depth k reads depth k ^ 1; k0 is even), depths at or past `depth` (an odd K's
-// pad) zero.
-void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
-                 int64_t MR, float* out) {
-  const int64_t padded = (rows + MR - 1) / MR * MR;
-  const int64_t have = std::clamp<int64_t>(depth - k0, 0, kc);  // depths of this block the source has
-  alignas(64) float rounded[kKBlock];
-  for (int64_t r = 0; r < padded; r += MR) {
-    float* panel = out + r * kc;
-    const int64_t valid = std::min(MR, rows - r);
-    if (trans_a == Trans::no) {
-      for (int64_t i = 0; i < MR; ++i) {
-        // round the row's depths in one vectorised pass, then lay them out pair-swapped
-        const float* src = i < valid ? A.row(row0 + r + i) + k0 : nullptr;
-        const int64_t n = src ? have : 0;
-        for (int64_t k = 0; k < n; ++k) rounded[k] = round_to_bf16(src[k]);
-        for (int64_t k = 0; k < kc; ++k) {
-          const int64_t d = k ^ 1;
-          panel[k * MR + i] = d < n ? rounded[d] : 0.0f;
-        }
-      }
-    } else {
-      // op(A)[row, d] is contiguous in storage row d
-      for (int64_t k = 0; k < kc; ++k) {
-        const int64_t d = k ^ 1;
-        float* dst = panel + k * MR;
-        const float* src = d < have ? A.row(k0 + d) + row0 + r : nullptr;
-        const int64_t n = src ? valid : 0;
-        for (int64_t i = 0; i < n; ++i) dst[i] = round_to_bf16(src[i]);
-        for (int64_t i = n; i < MR; ++i) dst[i] = 0.0f;
       }
     }
   }
@@ -309,8 +217,9 @@ void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
   }
 }
 
-// op(B) = B (row k of op(B) is row k of the source) into panels.
-void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
+}  // namespace
+
+void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
   pack_panels(K, N, out, [&](const PanelSlot& s) {
     const auto [width, col0, cols, dst] = s;
     for (int64_t k = 0; k < K; ++k) {
@@ -321,7 +230,6 @@ void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
   });
 }
 
-}  // namespace
 
 void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
   if (trans_b == Trans::no) return pack_b_rows(K, N, RowSource{B, ldb, nullptr}, out);
@@ -341,62 +249,8 @@ void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, Pa
   });
 }
 
-namespace {
-
-// A packed fp32 op(B) into bf16 form: rounded, depths in pair order, K rounded up to even.
-void to_bf16_panels(const PackedB& fp32, PackedB& out) {
-  const int64_t K = fp32.K, K2 = K + (K & 1);
-  out.K = K2;
-  out.N = fp32.N;
-  out.bf16 = true;
-  out.source_depth = K;
-  out.data.resize(std::max<int64_t>(1, out.panels() * K2 * kPanel));
-  for (int64_t p = 0; p < out.panels(); ++p) {
-    const int64_t width = out.panel_width(p);
-    const float* src = fp32.panel(p);
-    float* dst = out.data.data() + p * K2 * kPanel;
-    for (int64_t k = 0; k < K2; ++k) {
-      const int64_t d = k ^ 1;
-      float* row = dst + k * width;
-      if (d >= K) {
-        std::memset(row, 0, width * sizeof(float));
-        continue;
-      }
-      const float* from = src + d * width;
-      for (int64_t j = 0; j < width; ++j) row[j] = round_to_bf16(from[j]);
-    }
-  }
-  if (!cpu_has_bf16_dot()) {
-    out.pairs.clear();
-    return;
-  }
-  out.pairs.resize(std::max<int64_t>(1, out.panels() * (K2 / 2) * kPanel));
-  for (int64_t p = 0; p < out.panels(); ++p) {
-    const int64_t width = out.panel_width(p);
-    const float* panel = out.panel(p);
-    uint32_t* words = out.pairs.data() + p * (K2 / 2) * kPanel;
-    for (int64_t q = 0; q < K2 / 2; ++q)
-      for (int64_t j = 0; j < width; ++j)
-        words[q * width + j] = pair_word(panel[2 * q * width + j], panel[(2 * q + 1) * width + j]);
-  }
-}
-
-thread_local PackedB t_packed_b_fp32;  // pack_b's result on its way to bf16
-
-}  // namespace
-
-void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
-  pack_b(trans_b, K, N, B, ldb, t_packed_b_fp32);
-  to_bf16_panels(t_packed_b_fp32, out);
-}
-
-namespace {
-
-bool use_bf16_dot(const PackedB& B);
-
-// `dot`: a bf16 GEMM (B.bf16) on the AVX512_BF16 kernel instead of the fp32 kernels.
-void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
-                      const GemmExtras& extras, bool dot) {
+void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C,
+                                   int64_t ldc, const GemmExtras& extras, bool dot) {
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
   PM_CHECK(extras.bias == nullptr || beta == 0.0f, "a bias start needs beta 0");
   const int64_t N = B.N, K = B.K;
@@ -503,7 +357,9 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
   }
 }
 
-}  // namespace
+bool gemm_detail::isa_is_avx512() { return g_isa == Isa::avx512; }
+
+PackedB& gemm_detail::scratch_packed_b() { return t_packed_b; }
 
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
                  float* C, int64_t ldc, const GemmExtras& extras) {
@@ -522,67 +378,6 @@ void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, c
   if (M == 0 || N == 0) return;
   pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b);
   gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {}, false);
-}
-
-void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  pack_b_bf16(trans_b, K, N, B, ldb, t_packed_b);
-  gemm_packed(trans_a, M, A, lda, t_packed_b, beta, C, ldc);
-}
-
-void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b_fp32);
-  to_bf16_panels(t_packed_b_fp32, t_packed_b);
-  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {}, use_bf16_dot(t_packed_b));
-}
-
-namespace {
-
-// The AVX512_BF16 kernel against the fp32 kernels on the same rounded operands, once: every edge
-// case of the tiling (partial micro-panels and panels, an odd depth, two depth blocks, a bias).
-bool bf16_dot_agrees() {
-  const int64_t M = 13, N = 83, K = 1031;
-  std::vector<float> A(M * K), B(K * N), bias(N);
-  uint32_t state = 12345;
-  auto next = [&] {
-    state = state * 1664525u + 1013904223u;
-    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 23);
-  };
-  for (float& v : A) v = next();
-  for (float& v : B) v = next();
-  for (float& v : bias) v = next();
-  PackedB packed;
-  pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
-  std::vector<float> dot(M * N), fp32(M * N);
-  GemmExtras extras{bias.data(), nullptr};
-  gemm_packed_impl(Trans::no, M, RowSource{A.data(), K, nullptr}, packed, 0.0f, dot.data(), N, extras, true);
-  gemm_packed_impl(Trans::no, M, RowSource{A.data(), K, nullptr}, packed, 0.0f, fp32.data(), N, extras, false);
-  return std::memcmp(dot.data(), fp32.data(), dot.size() * sizeof(float)) == 0;
-}
-
-bool bf16_dot_usable() {
-  static const bool usable = [] {
-    if (!cpu_has_bf16_dot()) return false;
-    if (bf16_dot_agrees()) return true;
-    std::fprintf(stderr,
-                 "pipemoe: warning: the AVX512_BF16 GEMM kernel disagrees with the exact fp32 chain on this CPU; "
-                 "bf16 GEMMs use the fp32 kernels\n");
-    return false;
-  }();
-  return usable;
-}
-
-bool use_bf16_dot(const PackedB& B) {
-  return B.bf16 && !B.pairs.empty() && g_isa == Isa::avx512 && bf16_dot_usable();
-}
-
-}  // namespace
-
-std::string gemm_bf16_path() {
-  return g_isa == Isa::avx512 && cpu_has_bf16_dot() && bf16_dot_usable() ? "avx512_bf16" : "fp32 kernels";
 }
 
 std::string gemm_isa() {

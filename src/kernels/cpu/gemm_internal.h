@@ -1,0 +1,56 @@
+// What gemm.cpp (the fp32 GEMM) and gemm_bf16.cpp (bf16 packing and the AVX512_BF16 kernel)
+// share. Internal to kernels/cpu: nothing else includes it.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/gemm.h"
+
+namespace pm::gemm_detail {
+
+inline constexpr int64_t kPanel = 64;    // columns per packed panel of B
+inline constexpr int64_t kKBlock = 512;  // depth of one pass over C (A block and B panel slice stay in cache)
+
+// Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row).
+struct RowSource {
+  const float* base = nullptr;
+  int64_t ld = 0;
+  const float* const* rows = nullptr;
+  const float* row(int64_t i) const { return rows ? rows[i] : base + i * ld; }
+};
+
+// ---- gemm.cpp ---------------------------------------------------------------------------------
+// The fp32 kernels run AVX-512 (not forced down to AVX2 or scalar).
+bool isa_is_avx512();
+// op(B) = B (row k of op(B) is row k of the source) into panels.
+void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out);
+// The GEMM of gemm.h on packed B; `dot`: a bf16 GEMM (B.bf16) on the AVX512_BF16 kernel instead
+// of the fp32 kernels.
+void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
+                      const GemmExtras& extras, bool dot);
+// This thread's scratch packing of B (gemm and gemm_bf16 pack into it).
+PackedB& scratch_packed_b();
+
+// ---- gemm_bf16.cpp ----------------------------------------------------------------------------
+// pack_a for a bf16 GEMM: MR-row micro-panels, each value rounded to bf16 and each depth pair
+// swapped (packed depth k reads depth k ^ 1; k0 is even), depths at or past `depth` zero.
+void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
+                 int64_t MR, float* out);
+// One 6 x width tile with vdpbf16ps: Ap [pairs][6] and Bp [pairs][ldb] words of bf16 pairs.
+void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
+                   int64_t ldc, bool zero_start, const float* bias);
+// Whether a GEMM with B runs the AVX512_BF16 kernel: B is bf16 with pairs, the CPU has the
+// instructions, the ISA is not forced down, and the kernel passed its first-use check.
+bool use_bf16_dot(const PackedB& B);
+
+// The word of a depth pair from its two rounded values in pair order (odd depth, then even): the
+// even depth in the low half, as vdpbf16ps reads it.
+inline uint32_t pair_word(float odd, float even) {
+  uint32_t o, e;
+  std::memcpy(&o, &odd, 4);
+  std::memcpy(&e, &even, 4);
+  return (o & 0xffff0000u) | (e >> 16);
+}
+
+}  // namespace pm::gemm_detail
