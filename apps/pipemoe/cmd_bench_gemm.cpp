@@ -139,10 +139,7 @@ void add_bench_gemm_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--rows", o->rows, "rows per expert GEMM (e.g. degree 1 and 4)")->delimiter(',')->capture_default_str();
   cmd->add_option("--repeat", o->repeat, "timed calls per shape")->capture_default_str();
   cmd->add_option("--csv", o->csv, "write the table as CSV");
-  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
-  cmd->add_option("--dtype", o->dtype, "bf16: time our bf16 GEMMs too, against their own peak and against fp32")
-      ->transform(CLI::CheckedTransformer(dtypes))
-      ->default_str("fp32");
+  add_dtype_option(cmd, o->dtype, "bf16: time our bf16 GEMMs too, against their own peak and against fp32");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_gemm_bench(ctx, *o); }; });
 }
 

@@ -345,10 +345,7 @@ void add_bench_layer_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--iters", o->iters, "timed passes per degree (and lanes alone) in each round")->capture_default_str();
   cmd->add_option("--refine", o->refine, "how many of the planner's best degrees the refinement times")->capture_default_str();
   cmd->add_option("--csv", o->csv, "CSV file to write")->capture_default_str();
-  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
-  cmd->add_option("--dtype", o->dtype, "every shape's precision: fp32, or bf16 (GEMMs and all-to-all payloads)")
-      ->transform(CLI::CheckedTransformer(dtypes))
-      ->default_str("fp32");
+  add_dtype_option(cmd, o->dtype, "every shape's precision: fp32, or bf16 (GEMMs and all-to-all payloads)");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_bench_layer(ctx, *o); }; });
 }
 

@@ -322,10 +322,7 @@ void add_layer_command(CLI::App& app, CommandFn& run) {
                   "a shared expert of this hidden size beside the routed ones (DeepSeek-MoE), computed while the "
                   "dispatch is on the wire; 0: none")
       ->capture_default_str();
-  const std::map<std::string, Activation> shared_activations{{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}};
-  cmd->add_option("--shared-activation", o->shared_activation, "the shared expert's activation: gelu or swiglu")
-      ->transform(CLI::CheckedTransformer(shared_activations))
-      ->default_str("gelu");
+  add_activation_option(cmd, "--shared-activation", o->shared_activation, "the shared expert's activation: gelu or swiglu");
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_option("--aux-coef", o->aux_coef, "weight of the aux loss in the backward")->capture_default_str();
   cmd->add_option("--skew", o->skew,

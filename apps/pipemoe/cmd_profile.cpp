@@ -71,10 +71,7 @@ void add_profile_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--iters", o->iters, "timed passes per shape, degree and mode")->capture_default_str();
   cmd->add_option("--degrees", o->degrees, "degrees to run")->delimiter(',')->capture_default_str();
   cmd->add_flag("--quick", o->quick, "two shapes instead of five (for tests)");
-  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
-  cmd->add_option("--dtype", o->dtype, "the precision of the profiled layers: fp32, or bf16 (plans bf16 layers)")
-      ->transform(CLI::CheckedTransformer(dtypes))
-      ->default_str("fp32");
+  add_dtype_option(cmd, o->dtype, "the precision of the profiled layers: fp32, or bf16 (plans bf16 layers)");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_profile(ctx, *o); }; });
 }
 

@@ -36,6 +36,9 @@ void add_bench_layer_command(CLI::App& bench, CommandFn& run);
 // The layer-shape flags that `layer` and `plan` share: --tokens (per rank), --model-dim,
 // --hidden, --experts (over all ranks), --top-k, --capacity-factor.
 void add_layer_shape_options(CLI::App* cmd, MoeShape& shape);
+// --dtype fp32|bf16 into `dtype`, and an activation flag (gelu|swiglu) named `flag` into `activation`.
+void add_dtype_option(CLI::App* cmd, Precision& dtype, const std::string& help);
+void add_activation_option(CLI::App* cmd, const std::string& flag, Activation& activation, const std::string& help);
 
 // Every rank states whether its local step succeeded (error empty) and all agree: if any failed,
 // every rank throws a usage error; rank 0's carries the first failing rank's message, the others

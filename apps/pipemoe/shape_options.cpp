@@ -21,16 +21,20 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
                   "the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)")
       ->transform(CLI::CheckedTransformer(scores))
       ->default_str("softmax");
-  const std::map<std::string, Activation> activations{{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}};
-  cmd->add_option("--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])")
-      ->transform(CLI::CheckedTransformer(activations))
-      ->default_str("gelu");
+  add_activation_option(cmd, "--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])");
+  add_dtype_option(cmd, s.precision,
+                   "fp32, or bf16: the expert GEMMs read bf16 operands (fp32 accumulation) and the all-to-all "
+                   "payloads travel as bf16");
+}
+
+void add_dtype_option(CLI::App* cmd, Precision& dtype, const std::string& help) {
   const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
-  cmd->add_option("--dtype", s.precision,
-                  "fp32, or bf16: the expert GEMMs read bf16 operands (fp32 accumulation) and the all-to-all "
-                  "payloads travel as bf16")
-      ->transform(CLI::CheckedTransformer(dtypes))
-      ->default_str("fp32");
+  cmd->add_option("--dtype", dtype, help)->transform(CLI::CheckedTransformer(dtypes))->default_str("fp32");
+}
+
+void add_activation_option(CLI::App* cmd, const std::string& flag, Activation& activation, const std::string& help) {
+  const std::map<std::string, Activation> activations{{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}};
+  cmd->add_option(flag, activation, help)->transform(CLI::CheckedTransformer(activations))->default_str("gelu");
 }
 
 }  // namespace pm::cli
