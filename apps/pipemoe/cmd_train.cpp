@@ -62,7 +62,7 @@ void add_train_command(CLI::App& app, CommandFn& run) {
   cmd->add_option_function<int64_t>("--dp", [o](int64_t v) { o->overrides["dp"] = v; },
                                     "data-parallel groups (default: ranks / (tp x pp))");
   cmd->add_option_function<int64_t>("--pp", [o](int64_t v) { o->overrides["pp"] = v; },
-                                    "pipeline stages (only 1: pipeline parallelism is not built yet)");
+                                    "pipeline stages: the blocks split over pp groups of tp x dp ranks");
   // a flag given twice (a script appending an override): the last one counts, as with --set
   for (CLI::Option* opt : cmd->get_options())
     if (opt->get_expected_min() == 1 && opt->get_name() != "--set") opt->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);

@@ -99,23 +99,41 @@ void on_rank0_agreed(Communicator& comm, Fn&& fn) {
   PM_REQUIRE(error.empty(), "{}", error);
 }
 
+// Every stage's tensors on rank 0 of the pipeline group: the stages' lists appended in stage
+// order, a name already there skipped.
+void collect_stages(Communicator& pipeline, std::vector<NamedTensor>& tensors, const char* what) {
+  std::vector<std::string> parts = pipeline.gather_strings(encode_safetensors(tensors, {}), 0);
+  for (std::size_t s = 1; s < parts.size(); ++s)
+    for (NamedTensor& t : decode_safetensors(parts[s], fmt::format("stage {}'s {}", s, what))) {
+      bool seen = false;
+      for (const NamedTensor& have : tensors) seen = seen || have.name == t.name;
+      if (!seen) tensors.push_back(std::move(t));
+    }
+}
+
 }  // namespace
 
 std::string checkpoint_step_dir(const std::string& dir) { return resolve_step_dir(dir); }
 
 std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
-                            AdamW* optimizer, const CheckpointState& state, int expert_ranks) {
-  const int spread = expert_ranks > 0 ? expert_ranks : comm.size();
-  PM_CHECK(comm.size() % spread == 0, "experts spread over {} of {} ranks", spread, comm.size());
+                            AdamW* optimizer, const CheckpointState& state, int expert_ranks, CheckpointGroups groups) {
+  Communicator& stage = groups.stage ? *groups.stage : comm;
+  const int spread = expert_ranks > 0 ? expert_ranks : stage.size();
+  PM_CHECK(stage.size() % spread == 0, "experts spread over {} of {} ranks", spread, stage.size());
   std::vector<NamedTensor> model, moments;
   for (std::size_t i = 0; i < params.size(); ++i) {
     const Parameter& p = params[i];
-    Tensor w = gather_global(comm, *p.value, p.expert, spread);
-    if (comm.rank() == 0) model.push_back({p.name, std::move(w)});
+    Tensor w = gather_global(stage, *p.value, p.expert, spread);
+    if (stage.rank() == 0) model.push_back({p.name, std::move(w)});
     if (!optimizer) continue;
-    Tensor m = gather_global(comm, optimizer->first_moments()[i], p.expert, spread);
-    Tensor v = gather_global(comm, optimizer->second_moments()[i], p.expert, spread);
-    if (comm.rank() == 0) moments.push_back({"m." + p.name, std::move(m)}), moments.push_back({"v." + p.name, std::move(v)});
+    Tensor m = gather_global(stage, optimizer->first_moments()[i], p.expert, spread);
+    Tensor v = gather_global(stage, optimizer->second_moments()[i], p.expert, spread);
+    if (stage.rank() == 0) moments.push_back({"m." + p.name, std::move(m)}), moments.push_back({"v." + p.name, std::move(v)});
+  }
+  // the stages' first ranks form one pipeline group, whose rank 0 is rank 0
+  if (groups.pipeline && groups.pipeline->size() > 1 && stage.rank() == 0) {
+    collect_stages(*groups.pipeline, model, "model");
+    if (optimizer) collect_stages(*groups.pipeline, moments, "optimizer state");
   }
   char name[32];
   std::snprintf(name, sizeof name, "step-%06ld", static_cast<long>(state.step));

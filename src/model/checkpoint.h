@@ -32,8 +32,16 @@ struct CheckpointState {
 // Writes DIR/step-<step>/ and points DIR/latest at it. Returns the step folder. Every tensor is
 // written whole: expert tensors of the first `expert_ranks` ranks (0: all; ppmoe: one tensor-parallel
 // group, which holds every expert) concatenated in rank order, so any layout can load it.
+// Pipeline stages hold different parameters: each stage gathers its own over its group (stage,
+// where expert_ranks counts), and the stages' first ranks send theirs to rank 0 over their
+// pipeline group (a tensor two stages hold, the tied embedding, is written once).
+struct CheckpointGroups {
+  Communicator* stage = nullptr;     // null: comm
+  Communicator* pipeline = nullptr;  // null: one stage
+};
 std::string save_checkpoint(Communicator& comm, const std::string& dir, const std::vector<Parameter>& params,
-                            AdamW* optimizer, const CheckpointState& state, int expert_ranks = 0);
+                            AdamW* optimizer, const CheckpointState& state, int expert_ranks = 0,
+                            CheckpointGroups groups = {});
 
 // The step folder DIR names: DIR itself if it holds state.json, else DIR/<contents of latest>.
 // Usage error if it is neither.

@@ -13,14 +13,18 @@ namespace pm {
 
 using namespace gpt_internal;  // the parts the model's source files share
 
-GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor, Backend& backend)
+GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor, Backend& backend, StageSpan span)
     : config_(c),
+      span_(span),
       precision_(parse_precision(c.dtype, "configuration: 'dtype'")),
       comm_(comm),
       executor_(executor),
       backend_(backend) {
   const int64_t V = c.vocab_size, S = c.seq_len, D = c.d_model, F = c.mlp_hidden, G = c.shared_expert_hidden;
   PM_CHECK(V > 0, "the model needs a vocabulary size");
+  if (span_.end_block < 0) span_.end_block = c.layers;
+  PM_CHECK(0 <= span_.first_block && span_.first_block < span_.end_block && span_.end_block <= c.layers,
+           "blocks {} to {} of {}", span_.first_block, span_.end_block, c.layers);
   if (c.moe_strategy == "ppmoe") {
     PM_REQUIRE(comm.size() % c.tp == 0, "tp {} does not divide the {} ranks", c.tp, comm.size());
     tp_group_ = comm.split(comm.rank() / c.tp, comm.rank());
@@ -30,12 +34,20 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     value = Tensor::zeros(shape);
     grad = Tensor::zeros(shape);
   };
-  make(wte_, dwte_, {V, D});
-  make(wpe_, dwpe_, {S, D});
-  add_param("wte", wte_, dwte_, false, false);
-  add_param("wpe", wpe_, dwpe_, false, false);
+  if (span_.first_stage || span_.last_stage) {  // the head is tied to the token embedding
+    make(wte_, dwte_, {V, D});
+    add_param("wte", wte_, dwte_, false, false);
+  }
+  if (span_.first_stage) {
+    make(wpe_, dwpe_, {S, D});
+    add_param("wpe", wpe_, dwpe_, false, false);
+  }
   const MoeStrategy& strategy = moe_strategy(c.moe_strategy);
   for (int l = 0; l < c.layers; ++l) {
+    if (!holds(l)) {
+      blocks_.push_back(nullptr);
+      continue;
+    }
     auto b = std::make_unique<Block>();
     std::string p = "blocks." + std::to_string(l) + ".";
     make(b->ln1_g, b->d_ln1_g, {D});
@@ -100,10 +112,12 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     }
     blocks_.push_back(std::move(b));
   }
-  make(lnf_g_, dlnf_g_, {D});
-  make(lnf_b_, dlnf_b_, {D});
-  add_param("ln_f.g", lnf_g_, dlnf_g_, false, false);
-  add_param("ln_f.b", lnf_b_, dlnf_b_, false, false);
+  if (span_.last_stage) {
+    make(lnf_g_, dlnf_g_, {D});
+    make(lnf_b_, dlnf_b_, {D});
+    add_param("ln_f.g", lnf_g_, dlnf_g_, false, false);
+    add_param("ln_f.b", lnf_b_, dlnf_b_, false, false);
+  }
 }
 
 GptModel::~GptModel() = default;
@@ -115,7 +129,7 @@ void GptModel::add_param(const std::string& name, Tensor& value, Tensor& grad, b
 std::vector<MoeLayer*> GptModel::moe_layers() {
   std::vector<MoeLayer*> out;
   for (auto& b : blocks_)
-    if (b->moe) out.push_back(b->moe.get());
+    if (b && b->moe) out.push_back(b->moe.get());
   return out;
 }
 
@@ -124,11 +138,10 @@ void GptModel::init_parameters(uint64_t seed) {
   auto normal = [&](Tensor& t, float std, uint64_t kind, uint64_t a = 0, uint64_t b = 0) {
     Rng(seed, stream_id(kind, a, b)).fill_normal(t.f32(), t.numel(), 0.0f, std);
   };
-  normal(wte_, std_w, 20);
-  normal(wpe_, std_w, 21);
-  lnf_g_.fill(1.0f);
-  lnf_b_.zero();
-  for (int l = 0; l < config_.layers; ++l) {
+  if (span_.first_stage || span_.last_stage) normal(wte_, std_w, 20);
+  if (span_.first_stage) normal(wpe_, std_w, 21);
+  if (span_.last_stage) lnf_g_.fill(1.0f), lnf_b_.zero();
+  for (int l = span_.first_block; l < span_.end_block; ++l) {
     Block& b = *blocks_[l];
     b.ln1_g.fill(1.0f), b.ln2_g.fill(1.0f);
     b.ln1_b.zero(), b.ln2_b.zero(), b.b_qkv.zero(), b.b_proj.zero();
@@ -159,6 +172,39 @@ void GptModel::init_parameters(uint64_t seed) {
       b.b_fc.zero(), b.b_out.zero();
     }
   }
+}
+
+void GptModel::swap_pass(SavedPass& saved) {
+  std::swap(inputs_, saved.inputs), std::swap(targets_, saved.targets);
+  std::swap(B_, saved.B), std::swap(T_, saved.T), std::swap(backward_scale_, saved.backward_scale);
+  std::swap(h_final_, saved.h_final), std::swap(lnf_out_, saved.lnf_out), std::swap(lnf_mean_, saved.lnf_mean);
+  std::swap(lnf_rstd_, saved.lnf_rstd), std::swap(dlogits_, saved.dlogits);
+  saved.block_buffers.resize(blocks_.size());
+  saved.moe_passes.resize(blocks_.size());
+  for (std::size_t l = 0; l < blocks_.size(); ++l) {
+    if (!blocks_[l]) continue;
+    std::vector<Buffer<float>>& mine = saved.block_buffers[l];
+    std::size_t i = 0;
+    blocks_[l]->each_saved([&](Buffer<float>& a) {
+      if (mine.size() <= i) mine.resize(i + 1);
+      std::swap(a, mine[i++]);
+    });
+    std::swap(blocks_[l]->moe_pass, saved.moe_passes[l]);
+  }
+}
+
+void GptModel::stash_pass(int slot) {
+  PM_CHECK(!stashed_.count(slot), "micro-batch slot {} is already stashed", slot);
+  auto saved = std::make_unique<SavedPass>();
+  swap_pass(*saved);
+  stashed_[slot] = std::move(saved);
+}
+
+void GptModel::restore_pass(int slot) {
+  auto it = stashed_.find(slot);
+  PM_CHECK(it != stashed_.end(), "micro-batch slot {} was not stashed", slot);
+  swap_pass(*it->second);  // the model's current (spent) buffers go with the slot
+  stashed_.erase(it);
 }
 
 void GptModel::zero_grads() {
@@ -336,7 +382,7 @@ void GptModel::offload_experts(const std::string& where, const std::string& mode
   auto file = std::make_shared<const MappedSafetensors>(model_file);
   const int64_t M = config_.d_model, H = config_.expert_hidden;
   for (int l = 0; l < config_.layers; ++l) {
-    MoeLayer* moe = blocks_[l]->moe.get();
+    MoeLayer* moe = blocks_[l] ? blocks_[l]->moe.get() : nullptr;
     if (!moe) continue;
     const std::string prefix = "blocks." + std::to_string(l) + ".moe.";
     const int E = config_.experts, El = moe->shape().local_experts(), first = moe->first_expert();
@@ -359,28 +405,28 @@ void GptModel::offload_experts(const std::string& where, const std::string& mode
 std::vector<const MoePass*> GptModel::moe_passes() const {
   std::vector<const MoePass*> out;
   for (const auto& b : blocks_)
-    if (b->moe_pass) out.push_back(b->moe_pass.get());
+    if (b && b->moe_pass) out.push_back(b->moe_pass.get());
   return out;
 }
 
 double GptModel::aux_loss() const {
   double sum = 0;
   for (const auto& b : blocks_)
-    if (b->moe_pass) sum += b->moe_pass->aux_loss();
+    if (b && b->moe_pass) sum += b->moe_pass->aux_loss();
   return sum;
 }
 
 double GptModel::z_loss() const {
   double sum = 0;
   for (const auto& b : blocks_)
-    if (b->moe_pass) sum += b->moe_pass->z_loss();
+    if (b && b->moe_pass) sum += b->moe_pass->z_loss();
   return sum;
 }
 
 void GptModel::update_balance_bias() {
   if (config_.router_bias_rate <= 0) return;
   for (const auto& b : blocks_) {
-    if (!b->moe || !b->moe_pass) continue;
+    if (!b || !b->moe || !b->moe_pass) continue;
     // the load of every rank's tokens: the bias is replicated, so every rank moves it alike
     std::vector<double> load(config_.experts, 0.0);
     add_expert_load(b->moe_pass->routing(), load.data());

@@ -13,6 +13,11 @@
 //
 // Experts are spread over ranks (expert parallel); everything else is replicated (data parallel):
 // the replicated gradients are all-reduced, expert gradients come back complete.
+//
+// A pipeline stage (model/parallel_layout.h) holds a span of the blocks: the first stage the
+// embeddings, the last the final norm and the tied head; its forward reads the stage before's
+// output and its backward the stage after's input gradient. Its communicator is then the stage's
+// ranks (the expert and data-parallel groups live inside it).
 #pragma once
 
 #include <cstdint>
@@ -34,9 +39,16 @@
 
 namespace pm {
 
+// The blocks a model holds: [first_block, end_block) (end_block -1: to the last), the embeddings
+// when first_stage, the final norm and the head (tied to the token embedding) when last_stage.
+struct StageSpan {
+  int first_block = 0, end_block = -1;
+  bool first_stage = true, last_stage = true;
+};
+
 class GptModel {
  public:
-  GptModel(const ModelConfig& config, Communicator& comm, Executor& executor, Backend& backend);
+  GptModel(const ModelConfig& config, Communicator& comm, Executor& executor, Backend& backend, StageSpan span = {});
   ~GptModel();
 
   const ModelConfig& config() const { return config_; }
@@ -51,6 +63,25 @@ class GptModel {
   // backward_scale multiplies the gradient of the mean (1 / world size for data parallel).
   double forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale);
   void backward();
+
+  // A pipeline stage's passes. forward_stage: the first stage embeds inputs, the others read
+  // h_in [B*S, D], the stage before's output; the last stage returns the loss (targets needed),
+  // the others 0, their output in stage_output(). backward_stage: the last stage starts from the
+  // loss, the others from dh_in [B*S, D], the stage after's input gradient; every stage but the
+  // first leaves its own input's gradient in input_grad().
+  double forward_stage(const int32_t* inputs, const float* h_in, const int32_t* targets, int64_t B, float backward_scale);
+  void backward_stage(const float* dh_in);
+  const float* stage_output() const { return h_.data(); }
+  const float* input_grad() const { return input_grad_.data(); }
+  bool first_stage() const { return span_.first_stage; }
+  bool last_stage() const { return span_.last_stage; }
+  int first_block() const { return span_.first_block; }
+  int end_block() const { return span_.end_block; }
+  // A pipeline keeps several micro-batches between their forward and their backward: stash_pass
+  // moves what the last forward saved for the backward into `slot`, restore_pass moves it back
+  // (the buffers themselves move: nothing is copied, and the bits are the same).
+  void stash_pass(int slot);
+  void restore_pass(int slot);
 
   // Inference with a key/value cache: start_inference(rows) makes room for `rows` sequences and
   // routes MoE tokens without a capacity (dropless: a token's output never depends on the others);
@@ -94,6 +125,8 @@ class GptModel {
   // gradients are summed over it); null when every expert lives on one rank (ep).
   Communicator* expert_replicas() { return expert_replicas_.get(); }
   double exposed_comm_ms() const { return forward_exposed_ms_ + backward_exposed_ms_; }
+  double forward_exposed_ms() const { return forward_exposed_ms_; }
+  double backward_exposed_ms() const { return backward_exposed_ms_; }
   // The MoE all-to-alls of the last forward + backward, and how much of their time ran while the
   // compute lane computed (ScMoE's "communication hidden"): over all MoE blocks, and per block.
   Overlap comm_hidden() const;
@@ -112,6 +145,8 @@ class GptModel {
 
  private:
   struct Block;
+  struct SavedPass;
+  void swap_pass(SavedPass& saved);
   // What the last pass of a direction measured: each task's duration by name, and each MoE
   // block's communication before and after its experts: the inputs of ScMoE's slot rule.
   struct PassTiming {
@@ -125,7 +160,9 @@ class GptModel {
   // A forward of B sequences of S tokens (decode: one token per sequence, against the cache;
   // cache_row >= 0: keep the keys and values of this one sequence in that row of the cache).
   double run_forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float backward_scale,
-                     int64_t cache_row, bool decode);
+                     int64_t cache_row, bool decode, const float* h_in = nullptr);
+  Block& block(int l) { return *blocks_[l]; }
+  bool holds(int l) const { return l >= span_.first_block && l < span_.end_block; }
   void remember(const TaskGraph& graph, const std::map<int, PassTasks>& moe_tasks, PassTiming& timing) const;
   bool tap_is(int block, const char* position) const;
   // Of the dense tasks that may sit between an MoE block's dispatch and its experts, how many
@@ -138,6 +175,7 @@ class GptModel {
   void shared_expert_backward(Block& b, Backend& k, const float* dout, int64_t T, int64_t D, int64_t G, float* dx);
 
   ModelConfig config_;
+  StageSpan span_;  // end_block resolved
   // The dense GEMMs' precision (config "dtype"): the linear layers, the shared expert and the
   // LM head; attention's score and value products, LayerNorm, softmax and the loss stay fp32.
   Precision precision_ = Precision::fp32;
@@ -151,7 +189,9 @@ class GptModel {
   Backend& backend_;
   Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]
   Tensor dwte_, dwpe_, dlnf_g_, dlnf_b_;
-  std::vector<std::unique_ptr<Block>> blocks_;
+  std::vector<std::unique_ptr<Block>> blocks_;  // [layers]: null where another stage holds the block
+  std::map<int, std::unique_ptr<SavedPass>> stashed_;
+  Buffer<float> input_grad_;  // not the first stage: the gradient of the stage's input [T, D]
   std::vector<Parameter> params_;
 
   // Activations of the last forward (T = B * S rows).

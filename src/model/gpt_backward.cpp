@@ -11,10 +11,17 @@ namespace pm {
 using namespace gpt_internal;  // the parts the model's source files share
 
 void GptModel::backward() {
-  PM_CHECK(backward_scale_ > 0 && !targets_.empty(), "backward needs a forward with targets and a backward scale");
+  PM_CHECK(span_.first_stage && span_.last_stage, "a pipeline stage runs backward_stage");
+  backward_stage(nullptr);
+}
+
+void GptModel::backward_stage(const float* dh_in) {
+  PM_CHECK(backward_scale_ > 0 && (!span_.last_stage || !targets_.empty()),
+           "backward needs a forward with targets and a backward scale");
+  PM_CHECK(span_.last_stage || dh_in, "a stage's backward needs the gradient of its output");
   const int64_t S = config_.seq_len, D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden;
   const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = T_, B = B_;
-  const int L = config_.layers;
+  const int L = span_.end_block, L0 = span_.first_block;  // this stage's blocks: [L0, L)
   const double Td = static_cast<double>(T), Dd = static_cast<double>(D);
   Backend& k = backend_;
   const bool scmoe = config_.scmoe();
@@ -30,9 +37,11 @@ void GptModel::backward() {
   auto input_tap = [&](int l) { return tap_is(l, "pos1") ? l : (l + 1 < L && tap_is(l + 1, "pos3") ? l + 1 : -1); };
   auto mid_tap = [&](int l) { return l + 1 < L && tap_is(l + 1, "pos2") ? l + 1 : -1; };
 
+  if (!span_.last_stage) std::memcpy(dh.data(), dh_in, T * D * sizeof(float));  // from the stage after
   std::vector<Step> steps;
   // logits = lnf_out wte^T: d lnf_out = dlogits wte, d wte += dlogits^T lnf_out
   const TaskWork head_work{3, 4 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
+  if (span_.last_stage)
   steps.push_back(DenseStep{"head_bwd", [&, T, D, V, head_work](TaskGraph& g, int last) {
     return g.add({"head_bwd", lanes::compute, "head_bwd", -1, head_work, after(last), [&, T, D, V] {
                     k.gemm_as(precision_, Trans::no, Trans::no, T, D, V, dlogits_.data(), V, wte_.f32(), D, 0.0f, dln.data(), D);
@@ -41,7 +50,7 @@ void GptModel::backward() {
                                          T, D, dh.data(), dlnf_g_.f32(), dlnf_b_.f32());
                   }});
   }});
-  for (int l = L - 1; l >= 0; --l) {
+  for (int l = L - 1; l >= L0; --l) {
     Block& b = *blocks_[l];
     // h' = x_mid + FFN(LN2(x_mid)): the residual carries dh to x_mid, the FFN adds its share
     if (b.moe) {
@@ -106,6 +115,7 @@ void GptModel::backward() {
                     }});
     }, needs});
   }
+  if (span_.first_stage)
   steps.push_back(DenseStep{"embed_bwd", [&, T, D, S](TaskGraph& g, int last) {
     return g.add({"embed_bwd", lanes::compute, "embed_bwd", -1, {1, 4 * Td * Dd, 6 * Td * Dd * 4}, after(last), [&, T, D, S] {
                     for (int64_t t = 0; t < T; ++t) {  // embeddings, in token order
@@ -126,7 +136,7 @@ void GptModel::backward() {
   // rank must add its collectives in the same order. Both rules add the buckets in step order,
   // after the same communication tasks, whatever the slots.
   std::vector<int> flush_join(L, -1);  // step index of the join after which bucket l joins; -1: past the last
-  for (int l = 0; l < L; ++l) {
+  for (int l = L0; l < L; ++l) {
     std::size_t at = 0;
     while (at < steps.size() && !(std::holds_alternative<DenseStep>(steps[at]) &&
                                   std::get<DenseStep>(steps[at]).name == indexed("attention_bwd", l)))
@@ -141,7 +151,7 @@ void GptModel::backward() {
   std::vector<char> at_once(L, 0);
   {
     std::map<int, double> window_left;  // per join: dense time before it not yet filled by a bucket
-    for (int l = L - 1; l >= 0; --l) {
+    for (int l = L - 1; l >= L0; --l) {
       if (flush_join[l] < 0 || last_backward_.task_s.empty()) continue;
       auto bucket = last_backward_.task_s.find(fmt::format("all-reduce block {} grads", l));
       if (bucket == last_backward_.task_s.end()) continue;
@@ -186,7 +196,7 @@ void GptModel::backward() {
       auto add = d->add;
       const std::string name = d->name;
       int block = -1;  // the block whose gradients this step completes
-      for (int l = 0; l < L; ++l)
+      for (int l = L0; l < L; ++l)
         if (name == indexed("attention_bwd", l)) block = l;
       d->add = [&, add, name, block](TaskGraph& graph, int last) {
         int id = add(graph, last);
@@ -226,11 +236,14 @@ void GptModel::backward() {
     moe_tasks[block] = t;
     slots_bwd_[block] = slot;
     --joins_left;
-    for (int l = L - 1; l >= 0; --l)  // in step order (the backward's steps run from the last block)
+    for (int l = L - 1; l >= L0; --l)  // in step order (the backward's steps run from the last block)
       if (flush_join[l] == join_index[block] || at_once[l] || (flush_join[l] < 0 && joins_left == 0)) announce(g, l);
   });
-  if (grads_ready_) grads_ready_(g, -1, {added.at("embed_bwd")});  // the rest (head_bwd is before it)
+  // the rest (embeddings, final norm) after the pass's last dense step, which follows head_bwd
+  const std::string& final_step = std::get<DenseStep>(steps.back()).name;
+  if (grads_ready_) grads_ready_(g, -1, {added.at(final_step)});
   backward_exposed_ms_ = run(g, "backward");
+  if (!span_.first_stage) input_grad_.assign(dh.begin(), dh.end());  // for the stage before
   remember(g, moe_tasks, last_backward_);
   for (const auto& [block, o] : last_backward_.moe_hidden) hidden_by_block_[block] += o;
 }

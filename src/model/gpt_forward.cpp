@@ -11,12 +11,21 @@ namespace pm {
 using namespace gpt_internal;  // the parts the model's source files share
 
 double GptModel::forward(const int32_t* inputs, const int32_t* targets, int64_t B, float backward_scale) {
+  PM_CHECK(span_.first_stage && span_.last_stage, "a pipeline stage runs forward_stage");
   return run_forward(inputs, targets, B, config_.seq_len, backward_scale, -1, false);
+}
+
+double GptModel::forward_stage(const int32_t* inputs, const float* h_in, const int32_t* targets, int64_t B,
+                               float backward_scale) {
+  PM_CHECK(span_.first_stage ? inputs != nullptr : h_in != nullptr, "a stage's forward needs its input");
+  PM_CHECK(!span_.last_stage || targets || backward_scale == 0, "the last stage's forward needs targets to train");
+  return run_forward(inputs, targets, B, config_.seq_len, backward_scale, -1, false, h_in);
 }
 
 void GptModel::start_inference(int64_t rows) {
   PM_REQUIRE(rows >= 1, "inference needs at least one sequence, got {}", rows);
   const int64_t S = config_.seq_len, D = config_.d_model;
+  PM_CHECK(span_.first_stage && span_.last_stage, "inference runs on a whole model");
   for (auto& b : blocks_) {
     b->k_cache.assign(rows * S * D, 0.0f);
     b->v_cache.assign(rows * S * D, 0.0f);
@@ -43,23 +52,26 @@ const float* GptModel::decode(const int32_t* tokens) {
 }
 
 double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float backward_scale,
-                             int64_t cache_row, bool decode) {
+                             int64_t cache_row, bool decode, const float* h_in) {
   const int64_t D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden, S_max = config_.seq_len;
   const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = B * S;
-  const int L = config_.layers;
+  const int L = span_.end_block;  // the blocks run are [span_.first_block, L)
   B_ = B, T_ = T;
   backward_scale_ = backward_scale;
-  inputs_.assign(inputs, inputs + T);
+  if (inputs) inputs_.assign(inputs, inputs + T);
   if (targets) targets_.assign(targets, targets + T);
   const bool has_targets = targets != nullptr;
-  for (auto& bp : blocks_) bp->moe_pass.reset();  // the last backward is done: free the saved tensors
+  for (auto& bp : blocks_)
+    if (bp) bp->moe_pass.reset();  // the last backward is done: free the saved tensors
   h_.resize(T * D);
+  if (!span_.first_stage) std::memcpy(h_.data(), h_in, T * D * sizeof(float));  // the stage before's output
   Backend& k = backend_;
   const double Td = static_cast<double>(T), Dd = static_cast<double>(D);
   std::vector<int> moe_output(L, -1), moe_ln(L, -1);  // task ids, once laid out
 
   // The pass as steps; each dense task reads what the step before it wrote.
   std::vector<Step> steps;
+  if (span_.first_stage)
   steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd, decode](TaskGraph& g, int last) {
                               return g.add({"embed", lanes::compute, "embed", -1, {1, 0, 3 * Td * Dd * 4}, after(last), [=, this] {
                                               for (int64_t t = 0; t < T; ++t) {
@@ -72,7 +84,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
                                               }
                                             }});
                             }});
-  for (int l = 0; l < L; ++l) {
+  for (int l = span_.first_block; l < L; ++l) {
     Block& b = *blocks_[l];
     b.x_in.resize(T * D), b.x_mid.resize(T * D);  // a ScMoE tap's address is taken when the graph is built
     // ScMoE taps at the block's input: this block's own MoE (pos1), the next one's (pos3)
@@ -147,6 +159,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
     }
   }
   const TaskWork head_work{2, 2 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
+  if (span_.last_stage)
   steps.push_back(DenseStep{"head", [this, T, D, V, has_targets, backward_scale, &k, head_work](TaskGraph& g, int last) {
     return g.add({"head", lanes::compute, "head", -1, head_work, after(last),
                   [this, T, D, V, has_targets, backward_scale, &k] {

@@ -104,6 +104,25 @@ struct GptModel::Block {
   Buffer<float> k_cache, v_cache;     // inference: keys and values [rows, seq_len, D]
   // backward: ScMoE's own copy of the output gradient, the MoE's input gradient, and the tap's
   Buffer<float> moe_dy, dmoe_in, dtap;
+
+  // Calls f on every activation the backward reads (what a pipeline stashes per micro-batch).
+  template <typename F>
+  void each_saved(F&& f) {
+    for (Buffer<float>* a : {&x_in, &ln1_out, &ln1_mean, &ln1_rstd, &qkv, &probs, &attn, &x_mid, &ln2_out, &ln2_mean,
+                             &ln2_rstd, &fc, &act, &se_fc, &se_act, &se_raw, &coef, &se_out, &moe_in, &moe_mean,
+                             &moe_rstd})
+      f(*a);
+  }
+};
+
+// What a forward leaves for its backward, moved out while other micro-batches pass (stash_pass).
+struct GptModel::SavedPass {
+  std::vector<int32_t> inputs, targets;
+  int64_t B = 0, T = 0;
+  float backward_scale = 0;
+  Buffer<float> h_final, lnf_out, lnf_mean, lnf_rstd, dlogits;
+  std::vector<std::vector<Buffer<float>>> block_buffers;  // [layers][each_saved]
+  std::vector<std::shared_ptr<MoePass>> moe_passes;       // [layers]
 };
 
 }  // namespace pm

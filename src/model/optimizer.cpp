@@ -14,9 +14,11 @@ double learning_rate(const TrainConfig& c, int64_t step) {
   return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm, int expert_copies) {
+double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm, int expert_copies,
+                        Communicator* pipeline, const std::string& not_counted) {
   double replicated = 0, expert = 0;
   for (const Parameter& p : params) {
+    if (!not_counted.empty() && p.name == not_counted) continue;
     const float* g = p.grad->f32();
     double s = 0;
     for (int64_t i = 0, n = p.grad->numel(); i < n; ++i) s += static_cast<double>(g[i]) * g[i];
@@ -25,11 +27,13 @@ double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm
   // replicated gradients are the same on every rank after the all-reduce: count them once
   // and every expert once, whichever ranks hold a copy
   expert = comm.allreduce_scalar(expert, ReduceOp::sum) / expert_copies;
+  if (pipeline && pipeline->size() > 1) replicated = pipeline->allreduce_scalar(replicated, ReduceOp::sum);
   return std::sqrt(replicated + expert);
 }
 
-double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm, int expert_copies) {
-  const double norm = global_grad_norm(params, comm, expert_copies);
+double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm, int expert_copies,
+                           Communicator* pipeline, const std::string& not_counted) {
+  const double norm = global_grad_norm(params, comm, expert_copies, pipeline, not_counted);
   if (max_norm > 0 && norm > max_norm) {
     const float scale = static_cast<float>(max_norm / norm);
     for (Parameter& p : params) {

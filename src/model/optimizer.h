@@ -3,6 +3,7 @@
 // rank that owns them). The data-parallel all-reduce before it is model/grad_sync.h.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -16,10 +17,15 @@ double learning_rate(const TrainConfig& c, int64_t step);
 
 // The norm of the whole model's gradient; collective.
 // expert_copies: how many ranks hold each expert (ppmoe: the tensor-parallel groups; ep: 1).
-double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm, int expert_copies = 1);
+// Pipeline stages: `pipeline` (this rank's pipeline group) adds up the stages' replicated
+// gradients, the one named not_counted left out (the tied embedding on the last stage, whose
+// gradient is the first stage's too).
+double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm, int expert_copies = 1,
+                        Communicator* pipeline = nullptr, const std::string& not_counted = "");
 // Scales every gradient so that the global norm is at most max_norm (0: no clipping); returns the
 // norm before clipping. Collective.
-double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm, int expert_copies = 1);
+double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm, int expert_copies = 1,
+                           Communicator* pipeline = nullptr, const std::string& not_counted = "");
 
 class AdamW {
  public:

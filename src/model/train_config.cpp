@@ -1,5 +1,7 @@
 #include "model/train_config.h"
 
+#include "model/pipeline_schedule.h"
+
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -10,6 +12,7 @@
 
 #include "core/error.h"
 #include "core/json_input.h"
+#include "model/pipeline_schedule.h"
 #include "moe/moe_layer.h"
 
 namespace pm {
@@ -59,6 +62,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("dp", c.dp);
   fn("pp", c.pp);
   fn("micro_batches", c.micro_batches);
+  fn("pipeline_schedule", c.pipeline_schedule);
   fn("max_steps", c.max_steps);
   fn("stop_at", c.stop_at);
   fn("lr", c.lr);
@@ -164,7 +168,7 @@ double TrainConfig::estimated_bytes_per_rank(int world) const {
   const ModelConfig& m = model;
   const double V = tokenizer_vocab, S = m.seq_len, D = m.d_model, T = static_cast<double>(batch_size) * S;
   const double moe = m.moe_every > 0 ? m.moe_layers() : 0, dense = m.layers - moe;
-  const double local_experts = moe > 0 ? std::max(1.0, static_cast<double>(m.experts) / std::max(m.expert_ranks(world), 1)) : 0;
+  const double local_experts = moe > 0 ? std::max(1.0, static_cast<double>(m.experts) / std::max(m.expert_ranks(world / std::max(pp, 1)), 1)) : 0;
   // parameters: embeddings, attention, dense MLPs, and per MoE block its gate, experts and shared
   // expert (an expert's two matrices are 2 D H, or 3 D H with SwiGLU)
   const double expert_matrices = m.expert_activation == "swiglu" ? 3 : 2;
@@ -211,7 +215,14 @@ void TrainConfig::validate(int world) const {
              "configuration: 'tp' (ranks per tensor-parallel group) must divide the {} ranks, got {}", world, m.tp);
   PM_REQUIRE(micro_batches >= 1 && micro_batches <= 4096,
              "configuration: 'micro_batches' must be 1 to 4096, got {}", micro_batches);
-  PM_REQUIRE(pp == 1, "configuration: 'pp' {}: pipeline-parallel stages are not built yet; use pp 1", pp);
+  PM_REQUIRE(pp >= 1 && world % (m.tp * pp) == 0,
+             "configuration: 'pp' {} x tp {} does not divide the {} ranks (the layout is tp x dp x pp)", pp, m.tp, world);
+  PM_REQUIRE(pp <= m.layers, "configuration: 'pp' {}: more pipeline stages than the model's {} blocks", pp, m.layers);
+  parse_pipeline_schedule(pipeline_schedule, "configuration: 'pipeline_schedule'");
+  PM_REQUIRE(pp == 1 || pipeline_schedule != "1f1b" || micro_batches >= pp,
+             "configuration: 1F1B over {} pipeline stages needs at least {} micro-batches per step, got micro_batches "
+             "{} (set micro_batches, or pipeline_schedule gpipe)",
+             pp, pp, micro_batches);
   PM_REQUIRE(dp == 0 || dp * m.tp * pp == world,
              "configuration: the layout tp {} x dp {} x pp {} = {} ranks, but this run has {}", m.tp, dp, pp,
              m.tp * dp * pp, world);
@@ -239,10 +250,10 @@ void TrainConfig::validate(int world) const {
                m.shared_expert_hidden);
     PM_REQUIRE(m.scmoe_slot >= -1, "configuration: 'scmoe_slot' must be -1 (auto) or a number of dense tasks, got {}",
                m.scmoe_slot);
-    PM_REQUIRE(m.experts % m.expert_ranks(world) == 0,
+    PM_REQUIRE(m.experts % m.expert_ranks(world / pp) == 0,
                "configuration: {} experts cannot be spread evenly over {} ranks: experts must be a multiple of the "
-               "number of ranks",
-               m.experts, m.expert_ranks(world));
+               "number of ranks{}",
+               m.experts, m.expert_ranks(world / pp), pp > 1 ? " of a pipeline stage" : "");
   }
   PM_REQUIRE(m.arch == "moe" || m.arch == "scmoe", "configuration: 'arch' must be \"moe\" or \"scmoe\", got \"{}\"",
              m.arch);
@@ -259,6 +270,14 @@ void TrainConfig::validate(int world) const {
     PM_REQUIRE(m.shared_expert_hidden > 0,
                "configuration: arch scmoe needs a shared expert on the current representation: set "
                "'shared_expert_hidden' (e.g. to expert_hidden)");
+    // a stage's first block cannot tap the block before it: that one lives on another stage
+    for (int s = 1; s < pp && m.scmoe_tap != "pos1"; ++s) {
+      const int first = static_cast<int>(static_cast<long>(s) * m.layers / pp);
+      PM_REQUIRE(!m.is_moe(first),
+                 "configuration: ScMoE block {} taps block {} ({}), which pipeline stage {} leaves to stage {}: choose "
+                 "a pp whose stages start at dense blocks, or scmoe_tap pos1",
+                 first, first - 1, m.scmoe_tap, s, s - 1);
+    }
   }
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
   parse_activation(m.expert_activation, "configuration: 'expert_activation'");

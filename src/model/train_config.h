@@ -63,10 +63,14 @@ struct TrainConfig {
   ModelConfig model;
   int batch_size = 16;  // sequences per rank per step (ppmoe: per tensor-parallel group, whose ranks share them)
   int dp = 0;           // data-parallel groups: 0 = ranks / (tp x pp); else must be that
-  int pp = 1;           // pipeline stages: only 1 for now (pipeline parallelism is not built yet)
+  // Pipeline stages (model/parallel_layout.h): the blocks split over pp groups of tp x dp ranks,
+  // activations and gradients passed stage to stage.
+  int pp = 1;
   // Micro-batches of batch_size sequences per step, their gradients summed before one update (with
   // one pipeline stage: gradient accumulation). Each is routed on its own, with its own capacity.
   int micro_batches = 1;
+  // The stages' order of forwards and backwards (model/pipeline_schedule.h): "1f1b" or "gpipe".
+  std::string pipeline_schedule = "1f1b";
   int max_steps = 300;
   int stop_at = 0;  // stop after this many steps, as an interruption would (the schedule still follows max_steps)
   double lr = 3e-3, min_lr = 3e-4;

@@ -64,7 +64,7 @@ TrainLog::TrainLog(const TrainConfig& c, int rank, int64_t tokens_per_step, int 
   }
   if (append) return;
   csv_ << "step,lr,train_loss,aux_loss,val_loss,tokens_per_s,step_ms,compute_ms,exposed_comm_ms,grad_norm,dropped_share,"
-          "comm_hidden_share";
+          "comm_hidden_share,pipeline_wait_ms";
   for (int l = 0; l < moe_layers_; ++l)
     csv_ << ",moe" << l << "_load_max,moe" << l << "_load_mean,moe" << l << "_comm_hidden";
   csv_ << "\n";
@@ -86,8 +86,8 @@ void TrainLog::record(const StepRecord& r, const std::string& moe_schedule, doub
   if (rank_ != 0) return;
   csv_ << r.step << "," << exact(r.lr) << "," << exact(r.loss) << "," << exact(r.aux) << ","
        << (r.val_loss ? exact(*r.val_loss) : "") << "," << tokens_per_step_ / (r.step_ms / 1e3) << "," << r.step_ms
-       << "," << r.step_ms - r.exposed_ms << "," << r.exposed_ms << "," << exact(r.grad_norm) << ","
-       << r.dropped_share << "," << r.comm_hidden_share;
+       << "," << r.step_ms - r.exposed_ms - r.pipeline_wait_ms << "," << r.exposed_ms << "," << exact(r.grad_norm) << ","
+       << r.dropped_share << "," << r.comm_hidden_share << "," << r.pipeline_wait_ms;
   for (std::size_t l = 0; l < r.load_max.size(); ++l)
     csv_ << "," << r.load_max[l] << "," << r.load_mean[l] << ","
          << (l < r.block_hidden_share.size() ? r.block_hidden_share[l] : 0.0);
@@ -121,10 +121,17 @@ void TrainLog::print_window(const StepRecord& last, const std::string& moe_sched
                                                    mean(&StepRecord::dropped_share) * 100, loads ? load / loads : 0.0,
                                                    mean(&StepRecord::comm_hidden_share) * 100, moe_schedule);
   const std::string z = c_.model.z_loss_coef > 0 ? fmt::format(" | z-loss {:.3f}", mean(&StepRecord::z_loss)) : "";
+  // pipeline stages: the time every rank waited for its neighbours, against 1F1B's bubble
+  const std::string wait =
+      c_.pp > 1 ? fmt::format(" + pipeline wait {:.1f} ({:.0f}%, 1F1B bubble {:.0f}%)", mean(&StepRecord::pipeline_wait_ms),
+                              100 * mean(&StepRecord::pipeline_wait_ms) / ms,
+                              100.0 * (c_.pp - 1) / (c_.micro_batches + c_.pp - 1))
+                : "";
   log::info("step {:5d}/{} | loss {:.4f} | aux {:.4f}{} | grad norm {:.3f} | lr {:.2e} | {:6.0f} tok/s | {:6.1f} ms/step: "
-            "compute {:.1f} + exposed comm {:.1f}{} | {} elapsed, ETA {}",
+            "compute {:.1f} + exposed comm {:.1f}{}{} | {} elapsed, ETA {}",
             last.step, c_.max_steps, last_window_loss_, mean(&StepRecord::aux), z, mean(&StepRecord::grad_norm), last.lr,
-            tokens_per_step_ / (ms / 1e3), ms, ms - exposed, exposed, moe, duration(elapsed), duration(eta));
+            tokens_per_step_ / (ms / 1e3), ms, ms - exposed - mean(&StepRecord::pipeline_wait_ms), exposed, wait, moe,
+            duration(elapsed), duration(eta));
   window_.clear();
 }
 

@@ -23,6 +23,7 @@ struct StepRecord {
   double lr = 0, loss = 0, aux = 0, grad_norm = 0;
   double z_loss = 0;  // router z-losses (shown when z_loss_coef > 0)
   double step_ms = 0, exposed_ms = 0;  // means over ranks; compute = step - exposed
+  double pipeline_wait_ms = 0;         // pp > 1: waiting for the other stages (bubble, links), mean over ranks
   double dropped_share = 0;            // choices over capacity, all MoE layers and ranks
   std::vector<double> load_max, load_mean;  // per MoE layer: tokens routed per expert, max and mean over experts
   double comm_hidden_share = 0;             // the MoE all-to-alls' time during which the compute lane computed

@@ -22,6 +22,8 @@
 #include "model/numerics_guard.h"
 #include "core/memory_use.h"
 #include "model/optimizer.h"
+#include "model/parallel_layout.h"
+#include "model/pipeline_runner.h"
 #include "model/train_log.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
@@ -38,16 +40,37 @@ const char* const kModelKeys[] = {"seq_len",         "d_model",       "layers", 
                                   "expert_hidden",   "tokenizer_vocab", "arch",    "scmoe_tap",
                                   "shared_expert_hidden", "coef_gate"};
 
-// Mean cross-entropy over the fixed validation batches, averaged over ranks.
-double evaluate(GptModel& model, const TokenData& data, const TrainConfig& c, Communicator& comm) {
+// Mean cross-entropy over the fixed validation batches, averaged over the last stage's ranks.
+double evaluate(PipelineRunner& runner, const TokenData& data, const TrainConfig& c, Communicator& comm,
+                const ParallelLayout& layout) {
   const int64_t B = c.batch_size, S = c.model.seq_len;
   std::vector<int32_t> in(B * S), tg(B * S);
   double sum = 0;
   for (int i = 0; i < c.eval_batches; ++i) {
-    sample_batch(data.validation, B, S, c.seed, stream_id(31, i, comm.rank() / c.model.ranks_per_batch()), in.data(), tg.data());
-    sum += model.forward(in.data(), tg.data(), B, 0.0f);
+    sample_batch(data.validation, B, S, c.seed, stream_id(31, i, layout.dp_rank(comm.rank())), in.data(), tg.data());
+    sum += runner.forward_only(in.data(), tg.data(), B);
   }
-  return comm.allreduce_scalar(sum / c.eval_batches, ReduceOp::sum) / comm.size();
+  return comm.allreduce_scalar(sum / c.eval_batches, ReduceOp::sum) / layout.stage_size();
+}
+
+// Every stage's values, concatenated in stage order, on every rank of the pipeline (with one
+// stage: the values).
+std::vector<double> concat_over_stages(Communicator* pipeline, const std::vector<double>& mine) {
+  if (!pipeline || pipeline->size() == 1) return mine;
+  std::vector<std::string> parts = pipeline->gather_strings(nlohmann::json(mine).dump(), 0);
+  nlohmann::json all = nlohmann::json::array();
+  for (const std::string& p : parts)
+    for (double v : nlohmann::json::parse(p)) all.push_back(v);
+  return nlohmann::json::parse(pipeline->broadcast_string(all.dump(), 0)).get<std::vector<double>>();
+}
+
+// Every stage's line, joined in stage order ("; "), the empty ones left out.
+std::string join_over_stages(Communicator* pipeline, const std::string& mine) {
+  if (!pipeline || pipeline->size() == 1) return mine;
+  std::string all;
+  for (const std::string& p : pipeline->gather_strings(mine, 0))
+    if (!p.empty()) all += (all.empty() ? "" : "; ") + p;
+  return pipeline->broadcast_string(all, 0);
 }
 
 // The MoE layers' pipeline degrees: fixed, planned from a profile, or timed on the first MoE
@@ -64,6 +87,7 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
   MoeLayer& probe = *layers[0];
   std::vector<float> x(T * D), y(T * D), dy(T * D), dx(T * D);
   const int data_rank = comm.rank() / c.model.ranks_per_batch();  // a ppmoe group's ranks: the same tokens
+  // (comm is the stage's group: its rank / tp is the data-parallel place)
   Rng(c.seed, stream_id(40, data_rank)).fill_normal(x.data(), x.size(), 0.0f, 1.0f);
   Rng(c.seed, stream_id(41, data_rank)).fill_normal(dy.data(), dy.size(), 0.0f, 1.0f);
   auto pass = [&] {
@@ -178,7 +202,7 @@ std::string default_log_path(const TrainConfig& c) {
 
 // Tokens routed to each expert (every choice, kept or dropped), summed over ranks, per MoE layer:
 // the busiest expert and the mean; and the share of choices dropped by capacity.
-void moe_load(const GptModel& model, Communicator& comm, int experts, StepRecord& r) {
+void moe_load(const GptModel& model, Communicator& comm, Communicator* pipeline, int experts, StepRecord& r) {
   std::vector<const MoePass*> passes = model.moe_passes();
   std::vector<double> counts(passes.size() * experts + 2, 0.0);  // [layer][expert], dropped, choices
   for (std::size_t l = 0; l < passes.size(); ++l) {
@@ -196,17 +220,22 @@ void moe_load(const GptModel& model, Communicator& comm, int experts, StepRecord
     r.load_max.push_back(most);
     r.load_mean.push_back(sum / experts);
   }
-  r.dropped_share = counts.back() > 0 ? counts[counts.size() - 2] / counts.back() : 0.0;
+  r.load_max = concat_over_stages(pipeline, r.load_max), r.load_mean = concat_over_stages(pipeline, r.load_mean);
+  const std::vector<double> dropped = concat_over_stages(pipeline, {counts[counts.size() - 2], counts.back()});
+  double dropped_sum = 0, choices = 0;
+  for (std::size_t i = 0; i < dropped.size(); i += 2) dropped_sum += dropped[i], choices += dropped[i + 1];
+  r.dropped_share = choices > 0 ? dropped_sum / choices : 0.0;
 }
 
 // The share of the MoE all-to-alls' time hidden behind computation, all ranks, all MoE layers and
 // per layer (ScMoE's figure of merit).
-void comm_hidden(const GptModel& model, Communicator& comm, StepRecord& r) {
+void comm_hidden(const GptModel& model, Communicator& comm, Communicator* pipeline, StepRecord& r) {
   const std::map<int, Overlap>& by_block = model.comm_hidden_by_block();
   std::vector<double> v;
   for (const auto& [block, o] : by_block) v.push_back(o.total_s), v.push_back(o.hidden_s);
+  if (!v.empty()) comm.allreduce(v.data(), v.data(), static_cast<int64_t>(v.size()), DType::f64, ReduceOp::sum);
+  v = concat_over_stages(pipeline, v);
   if (v.empty()) return;
-  comm.allreduce(v.data(), v.data(), static_cast<int64_t>(v.size()), DType::f64, ReduceOp::sum);
   double total = 0, hidden = 0;
   for (std::size_t i = 0; i < v.size(); i += 2) {
     total += v[i], hidden += v[i + 1];
@@ -233,29 +262,30 @@ void warn_about_schedule(const TrainConfig& c, const std::optional<CheckpointSta
 }
 
 // The configuration as resolved (file, flags, defaults) and which rank holds what.
-void print_setup(const TrainConfig& c, int ranks, int hosts) {
+void print_setup(const TrainConfig& c, const ParallelLayout& layout, int hosts) {
   log::info("configuration: {}", c.to_json().dump());
+  const int ranks = layout.world, tp = layout.tp;
   std::string moe_blocks;
   for (int l = 0; l < c.model.layers; ++l)
     if (c.model.is_moe(l)) moe_blocks += (moe_blocks.empty() ? "" : ", ") + std::to_string(l);
-  const int tp = c.model.ranks_per_batch(), groups = ranks / tp;
-  if (tp == 1)
-    log::info("layout: {} ranks on {} host(s); data parallel over all {} for the dense weights", ranks, hosts, ranks);
-  else
-    log::info("layout: {} ranks on {} host(s) = tp {} x dp {} x pp 1: {} tensor-parallel groups of {} consecutive ranks, "
-              "each with its own batch; dense weights replicated in a group, all-reduced over all ranks",
-              ranks, hosts, tp, groups, groups, tp);
+  log::info("layout: {} ranks on {} host(s) = tp {} x dp {} x pp {}{}{}", ranks, hosts, tp, layout.dp, layout.pp,
+            tp > 1 ? fmt::format("; tensor-parallel groups of {} consecutive ranks share a batch and split the experts "
+                                 "(dense weights replicated in a group)", tp)
+                   : "",
+            layout.pp > 1 ? fmt::format("; {} pipeline stages, {} micro-batches per step, schedule {}", layout.pp,
+                                        c.micro_batches, c.pipeline_schedule)
+                          : "");
+  for (const std::string& line : layout.table()) log::info("layout: {}", line);
   if (moe_blocks.empty()) return;
-  const int spread = c.model.expert_ranks(ranks), per_rank = c.model.experts / spread;
+  const int spread = c.model.expert_ranks(layout.stage_size()), per_rank = c.model.experts / spread;
   std::string holders;
-  for (int r = 0; r < ranks; ++r) {
+  for (int r = 0; r < layout.stage_size(); ++r) {
     const int j = r % spread;  // this rank's place among the ranks its experts are spread over
-    holders += fmt::format("{}rank {}{}: experts {}", r ? ", " : "", r,
-                           tp > 1 ? fmt::format(" (tp group {}, dp group {})", r / tp, r % tp) : "",
+    holders += fmt::format("{}rank {}: experts {}", r ? ", " : "", r,
                            per_rank == 1 ? std::to_string(j) : fmt::format("{}-{}", j * per_rank, (j + 1) * per_rank - 1));
   }
-  log::info("layout: MoE blocks {} ({} experts each, strategy {}): {}", moe_blocks, c.model.experts,
-            c.model.moe_strategy, holders);
+  log::info("layout: MoE blocks {} ({} experts each, strategy {}), each stage's ranks alike: {}", moe_blocks,
+            c.model.experts, c.model.moe_strategy, holders);
 }
 
 }  // namespace
@@ -291,9 +321,18 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
 
   Executor executor;
   Backend& backend = cpu_backend();
-  GptModel model(c.model, comm, executor, backend);
+  // the stage's ranks do what all ranks do without pipeline stages: the model, its experts and
+  // the data-parallel all-reduce live in the stage's group
+  const ParallelLayout layout = ParallelLayout::make(P, c.model.tp, c.pp, c.model.layers);
+  ParallelGroups groups = ParallelGroups::make(comm, layout);
+  Communicator& stage_comm = *groups.stage;
+  Communicator* pipeline = layout.pp > 1 ? groups.pipeline.get() : nullptr;
+  const int stage = layout.stage(rank), stage_ranks = layout.stage_size();
+  GptModel model(c.model, stage_comm, executor, backend,
+                 StageSpan{layout.first_block(stage), layout.end_block(stage), stage == 0, stage == layout.pp - 1});
+  PipelineRunner runner(model, pipeline, parse_pipeline_schedule(c.pipeline_schedule, "configuration: 'pipeline_schedule'"));
   // ppmoe: expert gradients summed over the groups, times the ranks per group (grad_sync.h)
-  GradientSync grad_sync(model.parameters(), c.model.layers, comm, c.overlap_grad_allreduce, model.expert_replicas(),
+  GradientSync grad_sync(model.parameters(), c.model.layers, stage_comm, c.overlap_grad_allreduce, model.expert_replicas(),
                          static_cast<float>(c.model.ranks_per_batch()));
   model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
   model.init_parameters(c.seed);
@@ -303,7 +342,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     PM_REQUIRE(resumed->step <= c.max_steps,
                "checkpoint {} is at step {}, past this run's max_steps {}: raise --max-steps to continue it", c.resume,
                resumed->step, c.max_steps);
-    load_checkpoint_tensors(comm, c.resume, model.parameters(), &optimizer, c.model.expert_ranks(P));
+    load_checkpoint_tensors(comm, c.resume, model.parameters(), &optimizer, c.model.expert_ranks(stage_ranks));
     start = resumed->step;
   }
   std::optional<PerfProfile> profile;
@@ -311,7 +350,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
     warn_if_other_dtype(*profile, c.profile, c.model.dtype);
   }
-  DegreeChoice degrees = choose_moe_degrees(model, c, comm, executor, profile ? &*profile : nullptr);
+  DegreeChoice degrees = choose_moe_degrees(model, c, stage_comm, executor, profile ? &*profile : nullptr);
   const bool replan = profile && c.model.moe_layers() > 0 && parse_degree(c.degree, "degree") == 0 &&
                       c.degree_replan_every > 0 && !c.model.scmoe();
   double replan_ms = 0;
@@ -322,12 +361,16 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
                             c.scmoe_plan == "window";
   if (plan_windows) model.plan_windows_with(&*profile);
 
+  double stage_params = 0;  // the tied embedding counted on the first stage only
+  for (const Parameter& p : model.parameters())
+    if (!(p.name == "wte" && !model.first_stage()))
+      stage_params += static_cast<double>(p.value->numel()) * (p.expert ? c.model.expert_ranks(stage_ranks) : 1);
   int64_t n_params = 0;
-  for (const Parameter& p : model.parameters()) n_params += p.value->numel() * (p.expert ? c.model.expert_ranks(P) : 1);
+  for (double v : concat_over_stages(pipeline, {stage_params})) n_params += static_cast<int64_t>(v);
   // ppmoe: the ranks of a tensor-parallel group hold the same sequences; data_rank names the group
-  const int tp = c.model.ranks_per_batch(), data_rank = rank / tp;
+  const int data_rank = layout.dp_rank(rank);
   const int M = c.micro_batches;
-  const int64_t B = c.batch_size, S = c.model.seq_len, tokens_per_step = B * S * M * (P / tp);
+  const int64_t B = c.batch_size, S = c.model.seq_len, tokens_per_step = B * S * M * layout.dp;
   log::info("data: {}: {} training and {} validation tokens, BPE vocabulary {}, unigram entropy of validation {:.3f} nats/token",
             data.description, data.train.size(), data.validation.size(), c.model.vocab_size, unigram);
   log::info("model: {} parameters, {} layers ({} MoE: {} experts, top-{}), d_model {}, {} ranks, {} tokens per step",
@@ -348,7 +391,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     log::info("ScMoE windows: each MoE block's slot and degree planned before every pass from the profile (its "
               "all-to-alls and experts) and the last pass's dense task times (degree above: the first pass's)");
   if (resumed) log::info("resuming from {} at step {}", c.resume, start);
-  print_setup(c, P, describe_cluster(comm, backend).hosts);
+  print_setup(c, layout, describe_cluster(comm, backend).hosts);
   warn_about_schedule(c, resumed);
   log::info("setup took {:.1f} s", setup.elapsed_s());
 
@@ -366,7 +409,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   PM_REQUIRE(open_error.empty(), "{}", open_error);
 
   std::vector<int32_t> in(B * S), tg(B * S);
-  std::vector<double> step_ms_all, exposed_all;
+  std::vector<double> step_ms_all, exposed_all, bubble_all;
   Overlap hidden_total;  // the MoE all-to-alls of every step after the first two
   double last_val = NAN;
   bool windows_shown = false;
@@ -393,17 +436,22 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     model.zero_grads();
     // micro-batch m of data group g draws the batch data group g * M + m would draw with one
     // micro-batch each: M micro-batches on one rank see what M ranks see
-    double loss = 0, aux = 0, z_loss = 0, exposed_ms = 0;
-    for (int m = 0; m < M; ++m) {
-      sample_batch(data.train, B, S, c.seed, stream_id(30, step, data_rank * M + m), in.data(), tg.data());
-      grad_sync.set_enabled(m == M - 1);  // the last backward all-reduces every micro-batch's sum
-      loss += model.forward(in.data(), tg.data(), B, 1.0f / (P * M)) / M;
-      model.backward();
-      aux += model.aux_loss() / M, z_loss += model.z_loss() / M, exposed_ms += model.exposed_comm_ms();
-    }
+    const PipelineStepResult pass = runner.train_step(
+        M, B, 1.0f / (stage_ranks * M),
+        [&](int m, int32_t* inputs, int32_t* targets) {
+          sample_batch(data.train, B, S, c.seed, stream_id(30, step, data_rank * M + m), inputs, targets);
+        },
+        grad_sync);
+    const double loss = pass.loss, aux = pass.aux, z_loss = pass.z_loss, exposed_ms = pass.exposed_ms;
+    // the tied embedding: the first stage's gradient (its lookups) plus the last's (the head)
+    if (groups.embedding)
+      for (Parameter& p : model.parameters())
+        if (p.name == "wte") groups.embedding->allreduce(p.grad->f32(), p.grad->f32(), p.grad->numel(), DType::f32, ReduceOp::sum);
     inject_nan_if_asked(model.parameters(), step + 1, rank);
     std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
-    const double grad_norm = clip_by_global_norm(model.parameters(), comm, c.grad_clip, P / c.model.expert_ranks(P));
+    const double grad_norm =
+        clip_by_global_norm(model.parameters(), comm, c.grad_clip, stage_ranks / c.model.expert_ranks(stage_ranks),
+                            pipeline, model.first_stage() ? "" : "wte");
     const double lr = learning_rate(c, step);
     if (step_not_finite(comm, loss, grad_norm)) {
       // named by every rank that saw it, agreed, then stop or skip the update on every rank alike
@@ -427,7 +475,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     // and every degree_replan_every steps (the routing drifts as the router learns)
     if (replan && ((step + 1 - start) == 1 || (step + 1) % c.degree_replan_every == 0)) {
       Stopwatch planning;
-      const int changed = replan_from_routing(model, *profile, comm);
+      const int changed = replan_from_routing(model, *profile, stage_comm);
       replan_ms += planning.elapsed_ms();
       if (changed > 0 && rank == 0)
         log::info("step {}: re-planned from each MoE layer's routing: {} (planning took {:.1f} ms so far)", step + 1,
@@ -436,19 +484,24 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     span.reset();
     double step_ms = step_watch.elapsed_ms();
     // what the compute lane waited for: all-to-alls and gradient all-reduces not hidden
-    double stats[5] = {loss, aux, step_ms, exposed_ms, z_loss};
-    comm.allreduce(stats, stats, 5, DType::f64, ReduceOp::sum);
+    // the loss from the last stage's ranks, every stage's MoE losses, times as every rank's mean
+    double stats[6] = {loss, aux, step_ms, exposed_ms, z_loss, pass.wait_ms};
+    comm.allreduce(stats, stats, 6, DType::f64, ReduceOp::sum);
     StepRecord record;
     record.step = step + 1;
     record.lr = lr;
-    record.loss = stats[0] / P;
-    record.aux = stats[1] / P;
-    record.z_loss = stats[4] / P;
+    record.loss = stats[0] / stage_ranks;
+    record.aux = stats[1] / stage_ranks;
+    record.z_loss = stats[4] / stage_ranks;
     record.grad_norm = grad_norm;
     record.step_ms = stats[2] / P;
     record.exposed_ms = stats[3] / P;
-    moe_load(model, comm, c.model.experts, record);
-    comm_hidden(model, comm, record);
+    if (layout.pp > 1) {
+      record.pipeline_wait_ms = stats[5] / P;
+      if (step - start >= 2) bubble_all.push_back(record.pipeline_wait_ms / record.step_ms);
+    }
+    moe_load(model, stage_comm, pipeline, c.model.experts, record);
+    comm_hidden(model, stage_comm, pipeline, record);
     if (step - start >= 2) hidden_total += Overlap{record.comm_hidden_total_s, record.comm_hidden_s};
     if (step - start >= 2) step_ms_all.push_back(record.step_ms), exposed_all.push_back(record.exposed_ms);
     if (traced) {
@@ -459,7 +512,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     double eval_s = 0;
     if ((step + 1) % c.eval_every == 0 || step + 1 == last) {
       Stopwatch eval_watch;
-      record.val_loss = last_val = evaluate(model, data, c, comm);
+      record.val_loss = last_val = evaluate(runner, data, c, comm, layout);
       eval_s = eval_watch.elapsed_s();
     }
     if (plan_windows && !windows_shown && !model.backward_windows().empty()) {
@@ -471,11 +524,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
                   w["predicted_fwd_ms"].get<double>(), w["comm_scale_fwd"].get<double>(), w.value("slot_bwd", 0),
                   w.value("degree_bwd", 0), w.value("predicted_bwd_ms", 0.0), w.value("comm_scale_bwd", 1.0));
     }
-    train_log.record(record, moe_schedule(model, c.model.scmoe()), eval_s, val_bytes_per_token, unigram);
+    train_log.record(record, join_over_stages(pipeline, moe_schedule(model, c.model.scmoe())), eval_s,
+                     val_bytes_per_token, unigram);
     const bool save_now = !c.save.empty() && ((c.save_every > 0 && (step + 1) % c.save_every == 0) || step + 1 == last);
     if (save_now) {
       CheckpointState s{step + 1, c.to_json(), P, data.tokenizer.to_json(), {{"data", data.description}}};
-      std::string where = save_checkpoint(comm, c.save, model.parameters(), &optimizer, s, c.model.expert_ranks(P));
+      std::string where = save_checkpoint(comm, c.save, model.parameters(), &optimizer, s,
+                                          c.model.expert_ranks(stage_ranks), {&stage_comm, pipeline});
       log::info("checkpoint: {}", where);
     }
   }
@@ -501,7 +556,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"arch", c.model.arch},
           {"degree_fwd", model.moe_layers().empty() ? degrees.forward : model.moe_layers()[0]->forward_degree()},
           {"degree_bwd", model.moe_layers().empty() ? degrees.backward : model.moe_layers()[0]->backward_degree()},
-          {"moe_schedule", moe_schedule(model, c.model.scmoe())},
+          {"moe_schedule", join_over_stages(pipeline, moe_schedule(model, c.model.scmoe()))},
           {"scmoe_windows", window_json(model)},
           {"world_size", P},
           {"rss_mb_step_10", std::isfinite(rss_mb_early) ? nlohmann::json(rss_mb_early) : nlohmann::json(nullptr)},
@@ -509,6 +564,14 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"peak_rss_mb", peak_rss_mb},
           {"parameters", n_params},
           {"dtype", c.model.dtype},
+          {"tp", layout.tp},
+          {"dp", layout.dp},
+          {"pp", layout.pp},
+          {"micro_batches", M},
+          // the share of a step the stages waited for each other (the bubble and the links), against
+          // 1F1B's (S - 1) / (M + S - 1)
+          {"pipeline_bubble", bubble_all.empty() ? nlohmann::json(nullptr) : nlohmann::json(summarize(bubble_all).median)},
+          {"pipeline_bubble_formula", pipeline_bubble_formula(layout.pp, M)},
           {"log_csv", train_log.csv_path()}};
 }
 

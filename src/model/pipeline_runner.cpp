@@ -1,0 +1,85 @@
+#include "model/pipeline_runner.h"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+#include "core/clock.h"
+#include "core/error.h"
+
+namespace pm {
+
+PipelineRunner::PipelineRunner(GptModel& model, Communicator* pipeline, PipelineSchedule schedule)
+    : model_(model), pipeline_(pipeline), schedule_(schedule) {
+  if (pipeline_) stage_ = pipeline_->rank(), stages_ = pipeline_->size();
+  PM_CHECK(model.first_stage() == (stage_ == 0) && model.last_stage() == (stage_ == stages_ - 1),
+           "stage {} of {} holds the wrong ends of the model", stage_, stages_);
+}
+
+void PipelineRunner::receive(float* into, int64_t count, int peer, double& wait_ms) {
+  Stopwatch waiting;
+  pipeline_->recv(into, count, DType::f32, peer);
+  wait_ms += waiting.elapsed_ms();
+}
+
+PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, const DrawBatch& draw, GradientSync& sync) {
+  const int64_t T = B * model_.config().seq_len, D = model_.config().d_model;
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  const std::vector<PipelineOp> ops = pipeline_ops(schedule_, stage_, stages_, M);
+  PipelineStepResult r;
+  std::vector<int32_t> inputs(T), targets(T);
+  from_before_.resize(T * D), from_after_.resize(T * D);
+  // what this stage sends stays alive until the step's end: one buffer per micro-batch and direction
+  std::vector<std::vector<float>> sent_forward(M), sent_backward(M);
+  std::vector<RequestPtr> sends;
+  std::set<int> stashed;
+  for (std::size_t i = 0; i < ops.size(); ++i) {
+    const PipelineOp op = ops[i];
+    const int m = op.micro_batch;
+    if (op.forward) {
+      draw(m, inputs.data(), targets.data());
+      if (!first) receive(from_before_.data(), T * D, stage_ - 1, r.wait_ms);
+      r.loss += model_.forward_stage(inputs.data(), from_before_.data(), targets.data(), B, scale) / M;
+      r.aux += model_.aux_loss() / M, r.z_loss += model_.z_loss() / M;
+      r.exposed_ms += model_.forward_exposed_ms();
+      if (!last) {
+        sent_forward[m].assign(model_.stage_output(), model_.stage_output() + T * D);
+        sends.push_back(pipeline_->isend(sent_forward[m].data(), T * D, DType::f32, stage_ + 1));
+      }
+      // kept for the backward, unless it comes next (one stage, or the last)
+      const bool backward_next = i + 1 < ops.size() && !ops[i + 1].forward && ops[i + 1].micro_batch == m;
+      if (!backward_next) {
+        model_.stash_pass(m);
+        stashed.insert(m);
+        r.stashed_most = std::max(r.stashed_most, static_cast<int>(stashed.size()));
+      }
+    } else {
+      if (stashed.erase(m)) model_.restore_pass(m);
+      if (!last) receive(from_after_.data(), T * D, stage_ + 1, r.wait_ms);
+      sync.set_enabled(i + 1 == ops.size());  // the last backward all-reduces every micro-batch's sum
+      model_.backward_stage(last ? nullptr : from_after_.data());
+      r.exposed_ms += model_.backward_exposed_ms();
+      if (!first) {
+        sent_backward[m].assign(model_.input_grad(), model_.input_grad() + T * D);
+        sends.push_back(pipeline_->isend(sent_backward[m].data(), T * D, DType::f32, stage_ - 1));
+      }
+    }
+  }
+  Stopwatch waiting;
+  for (RequestPtr& s : sends) pipeline_->waiter().wait(*s);
+  r.wait_ms += waiting.elapsed_ms();
+  return r;
+}
+
+double PipelineRunner::forward_only(const int32_t* inputs, const int32_t* targets, int64_t B) {
+  const int64_t T = B * model_.config().seq_len, D = model_.config().d_model;
+  double unused = 0;
+  from_before_.resize(T * D);
+  if (stage_ > 0) receive(from_before_.data(), T * D, stage_ - 1, unused);
+  const double loss = model_.forward_stage(inputs, from_before_.data(), targets, B, 0.0f);
+  // a chain, forward only: the next stage is (or will be) waiting for this, never the other way
+  if (stage_ + 1 < stages_) pipeline_->send(model_.stage_output(), T * D, DType::f32, stage_ + 1);
+  return loss;
+}
+
+}  // namespace pm
