@@ -104,8 +104,7 @@ def main():
         for ranks, sets, words in [(2, ["moe_strategy=ppmoe", "tp=3"], "must divide the 2 ranks"),
                                    (4, ["moe_strategy=ppmoe", "tp=4", "experts=6"], "do not divide over tensor-parallel"),
                                    (2, ["tp=2"], "needs moe_strategy ppmoe"),
-                                   (2, ["moe_strategy=ppmoe", "tp=2", "dp=2"], "tp 2 x dp 2 x pp 1 = 4 ranks"),
-                                   (2, ["pp=2"], "pipeline-parallel stages are not built yet")]:
+                                   (2, ["moe_strategy=ppmoe", "tp=2", "dp=2"], "tp 2 x dp 2 x pp 1 = 4 ranks")]:
             proc, _ = train("bad", ranks, *sets, check=False)
             errors = [line for line in proc.stderr.splitlines() if "error" in line]
             f.check(proc.returncode != 0 and any(words in line for line in errors),
