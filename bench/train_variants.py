@@ -30,7 +30,8 @@ import statistics
 import subprocess
 import sys
 
-KEYS = {"train": ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss"],
+KEYS = {"train": ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss",
+                  "pipeline_bubble", "pipeline_bubble_formula"],
         "generate": ["tokens_per_s", "seconds"],
         "layer": ["forward_ms", "backward_ms", "tokens_per_s", "a2a_busy_ms", "comm_ms", "compute_ms", "degree_fwd",
                   "degree_bwd"]}
@@ -76,7 +77,8 @@ def main():
     if o.command == "layer":
         print(f"\n{'variant':<20} {'fwd ms':>8} {'bwd ms':>8} {'comm busy':>10} {'degrees':>8} {'tokens/s':>9} {'vs first':>9}")
     elif o.command == "train":
-        print(f"\n{'variant':<16} {'ms/step':>9} {'tokens/s':>9} {'exposed ms':>11} {'a2a hidden':>11} {'vs first':>9}")
+        print(f"\n{'variant':<16} {'ms/step':>9} {'tokens/s':>9} {'exposed ms':>11} {'a2a hidden':>11} {'bubble':>7} "
+              f"{'(1F1B)':>7} {'vs first':>9}")
     else:
         print(f"\n{'variant':<16} {'tokens/s':>9} {'vs first':>9}")
     first = None
@@ -89,9 +91,12 @@ def main():
             print(f"{name:<20} {med['forward_ms']:8.1f} {med['backward_ms']:8.1f} {med['a2a_busy_ms']:10.1f} "
                   f"{med['degree_fwd']:>4.0f}/{med['degree_bwd']:<3.0f} {med['tokens_per_s']:9.0f} {med['tokens_per_s'] / first:8.2f}x")
         elif o.command == "train":
-            first = first or med["ms_per_step"]
+            # tokens/s, not ms/step: variants may take different batches per step
+            first = first or med["tokens_per_s"]
+            bubble = f"{med['pipeline_bubble'] * 100:6.0f}% {med['pipeline_bubble_formula'] * 100:6.0f}%" \
+                if med["pipeline_bubble"] == med["pipeline_bubble"] else f"{'-':>7} {'-':>7}"
             print(f"{name:<16} {med['ms_per_step']:9.1f} {med['tokens_per_s']:9.0f} {med['exposed_comm_ms_per_step']:11.1f} "
-                  f"{med['comm_hidden_share'] * 100:10.0f}% {first / med['ms_per_step']:8.2f}x")
+                  f"{med['comm_hidden_share'] * 100:10.0f}% {bubble} {med['tokens_per_s'] / first:8.2f}x")
         else:
             first = first or med["tokens_per_s"]
             print(f"{name:<16} {med['tokens_per_s']:9.1f} {med['tokens_per_s'] / first:8.2f}x")

@@ -11,8 +11,16 @@ struct Parameter {
   std::string name;         // e.g. "blocks.1.attn.w_qkv"
   Tensor* value = nullptr;
   Tensor* grad = nullptr;
-  bool expert = false;      // this rank's experts along dim 0: gradients stay local
+  // Sharded: this rank holds a slice of the whole tensor, the others of its group the rest (its
+  // experts along dim 0; a tensor-parallel weight's columns or rows). Its gradient is this rank's
+  // own, summed only over the ranks that hold the same slice.
+  bool expert = false;
   bool decay = true;        // weight decay applies (matrices; not biases, norms, embeddings)
+  // Where the slice lies: along shard_dim the whole tensor is shard_groups equal parts (w_qkv's
+  // columns: q, k and v) and every part is split in equal consecutive pieces over the group's
+  // ranks in order; rank r holds piece r of every part, the parts in order.
+  int shard_dim = 0;
+  int shard_groups = 1;
 };
 
 }  // namespace pm

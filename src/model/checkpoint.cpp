@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/json_input.h"
+#include "core/shard.h"
 #include "model/safetensors.h"
 
 namespace pm {
@@ -53,20 +54,21 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-// The whole tensor on rank 0: expert tensors of ranks 0 .. spread - 1 (each holding the next
-// share of the experts) concatenated along dim 0 in rank order.
-Tensor gather_global(Communicator& comm, const Tensor& local, bool expert, int spread) {
-  if (!expert || spread == 1) return comm.rank() == 0 ? local.clone() : Tensor();
+// The whole tensor on rank 0: a sharded one's slices of ranks 0 .. spread - 1 put in their places
+// (core/shard.h: experts concatenated along dim 0 in rank order).
+Tensor gather_global(Communicator& comm, const Tensor& local, const Parameter& p, int spread) {
+  if (!p.expert || spread == 1) return comm.rank() == 0 ? local.clone() : Tensor();
   if (comm.rank() != 0) {
     if (comm.rank() < spread) comm.send(local.raw(), local.numel(), DType::f32, 0);
     return Tensor();
   }
-  Shape shape = local.shape();
-  shape[0] *= spread;
-  Tensor global = Tensor::empty(shape);
-  std::memcpy(global.raw(), local.raw(), local.nbytes());
-  for (int r = 1; r < spread; ++r)
-    comm.recv(static_cast<char*>(global.raw()) + r * local.nbytes(), local.numel(), DType::f32, r);
+  Tensor global = Tensor::empty(whole_shape(local.shape(), p.shard_dim, spread));
+  put_shard(local, global, p.shard_dim, p.shard_groups, 0, spread);
+  Tensor piece = Tensor::empty(local.shape());
+  for (int r = 1; r < spread; ++r) {
+    comm.recv(piece.raw(), piece.numel(), DType::f32, r);
+    put_shard(piece, global, p.shard_dim, p.shard_groups, r, spread);
+  }
   return global;
 }
 
@@ -123,11 +125,11 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
   std::vector<NamedTensor> model, moments;
   for (std::size_t i = 0; i < params.size(); ++i) {
     const Parameter& p = params[i];
-    Tensor w = gather_global(stage, *p.value, p.expert, spread);
+    Tensor w = gather_global(stage, *p.value, p, spread);
     if (stage.rank() == 0) model.push_back({p.name, std::move(w)});
     if (!optimizer) continue;
-    Tensor m = gather_global(stage, optimizer->first_moments()[i], p.expert, spread);
-    Tensor v = gather_global(stage, optimizer->second_moments()[i], p.expert, spread);
+    Tensor m = gather_global(stage, optimizer->first_moments()[i], p, spread);
+    Tensor v = gather_global(stage, optimizer->second_moments()[i], p, spread);
     if (stage.rank() == 0) moments.push_back({"m." + p.name, std::move(m)}), moments.push_back({"v." + p.name, std::move(v)});
   }
   // the stages' first ranks form one pipeline group, whose rank 0 is rank 0
@@ -224,12 +226,13 @@ void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::ve
   };
   // Check every shape before changing anything.
   auto slice_of = [&](const Tensor& global, const Parameter& p, const std::string& name, const char* file) {
-    Shape want = p.value->shape();
-    if (p.expert) want[0] *= spread;
+    const Shape want = p.expert ? whole_shape(p.value->shape(), p.shard_dim, spread) : p.value->shape();
     PM_REQUIRE(global.shape() == want, "{}/{}: {} has shape {}, this model needs {}", step_dir, file, name,
                shape_str(global.shape()), shape_str(want));
-    int64_t rows = p.value->dim(0);
-    return p.expert ? global.rows(place * rows, (place + 1) * rows) : global;
+    if (!p.expert) return global;
+    Tensor mine = Tensor::empty(p.value->shape());
+    take_shard(global, mine, p.shard_dim, p.shard_groups, place, spread);
+    return mine;
   };
   for (Parameter& p : params) {
     slice_of(find(model, p.name, "model.safetensors"), p, p.name, "model.safetensors");

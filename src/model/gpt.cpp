@@ -5,6 +5,7 @@
 #include <map>
 
 #include "core/rng.h"
+#include "core/shard.h"
 #include "model/expert_offload.h"
 
 #include "model/gpt_internal.h"
@@ -29,7 +30,17 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     PM_REQUIRE(comm.size() % c.tp == 0, "tp {} does not divide the {} ranks", c.tp, comm.size());
     tp_group_ = comm.split(comm.rank() / c.tp, comm.rank());
     expert_replicas_ = comm.split(comm.rank() % c.tp, comm.rank());
+    dense_tp_ = c.dense_tp();
   }
+  PM_REQUIRE(c.heads % dense_tp_ == 0 && F % dense_tp_ == 0,
+             "{} heads and mlp_hidden {} must divide over the tensor-parallel group of {}", c.heads, F, dense_tp_);
+  const int64_t Dl = D / dense_tp_, Fl = F / dense_tp_;  // this rank's attention columns and MLP hidden units
+  // a tensor-parallel weight: this rank's columns (dim 1) or rows (dim 0), q, k and v each split
+  auto add_split = [&](const std::string& name, Tensor& value, Tensor& grad, bool decay, int dim, int parts) {
+    if (dense_tp_ == 1) return add_param(name, value, grad, false, decay);
+    add_param(name, value, grad, true, decay);
+    params_.back().shard_dim = dim, params_.back().shard_groups = parts;
+  };
   auto make = [](Tensor& value, Tensor& grad, Shape shape) {
     value = Tensor::zeros(shape);
     grad = Tensor::zeros(shape);
@@ -52,17 +63,17 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     std::string p = "blocks." + std::to_string(l) + ".";
     make(b->ln1_g, b->d_ln1_g, {D});
     make(b->ln1_b, b->d_ln1_b, {D});
-    make(b->w_qkv, b->d_w_qkv, {D, 3 * D});
-    make(b->b_qkv, b->d_b_qkv, {3 * D});
-    make(b->w_proj, b->d_w_proj, {D, D});
+    make(b->w_qkv, b->d_w_qkv, {D, 3 * Dl});
+    make(b->b_qkv, b->d_b_qkv, {3 * Dl});
+    make(b->w_proj, b->d_w_proj, {Dl, D});
     make(b->b_proj, b->d_b_proj, {D});
     make(b->ln2_g, b->d_ln2_g, {D});
     make(b->ln2_b, b->d_ln2_b, {D});
     add_param(p + "ln1.g", b->ln1_g, b->d_ln1_g, false, false);
     add_param(p + "ln1.b", b->ln1_b, b->d_ln1_b, false, false);
-    add_param(p + "attn.w_qkv", b->w_qkv, b->d_w_qkv, false, true);
-    add_param(p + "attn.b_qkv", b->b_qkv, b->d_b_qkv, false, false);
-    add_param(p + "attn.w_proj", b->w_proj, b->d_w_proj, false, true);
+    add_split(p + "attn.w_qkv", b->w_qkv, b->d_w_qkv, true, 1, 3);
+    add_split(p + "attn.b_qkv", b->b_qkv, b->d_b_qkv, false, 0, 3);
+    add_split(p + "attn.w_proj", b->w_proj, b->d_w_proj, true, 0, 1);
     add_param(p + "attn.b_proj", b->b_proj, b->d_b_proj, false, false);
     add_param(p + "ln2.g", b->ln2_g, b->d_ln2_g, false, false);
     add_param(p + "ln2.b", b->ln2_b, b->d_ln2_b, false, false);
@@ -101,13 +112,13 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
         add_param(p + "ln_moe.b", b->ln_moe_b, b->d_ln_moe_b, false, false);
       }
     } else {
-      make(b->w_fc, b->d_w_fc, {D, F});
-      make(b->b_fc, b->d_b_fc, {F});
-      make(b->w_out, b->d_w_out, {F, D});
+      make(b->w_fc, b->d_w_fc, {D, Fl});
+      make(b->b_fc, b->d_b_fc, {Fl});
+      make(b->w_out, b->d_w_out, {Fl, D});
       make(b->b_out, b->d_b_out, {D});
-      add_param(p + "mlp.w_fc", b->w_fc, b->d_w_fc, false, true);
-      add_param(p + "mlp.b_fc", b->b_fc, b->d_b_fc, false, false);
-      add_param(p + "mlp.w_out", b->w_out, b->d_w_out, false, true);
+      add_split(p + "mlp.w_fc", b->w_fc, b->d_w_fc, true, 1, 1);
+      add_split(p + "mlp.b_fc", b->b_fc, b->d_b_fc, false, 0, 1);
+      add_split(p + "mlp.w_out", b->w_out, b->d_w_out, true, 0, 1);
       add_param(p + "mlp.b_out", b->b_out, b->d_b_out, false, false);
     }
     blocks_.push_back(std::move(b));
@@ -138,6 +149,14 @@ void GptModel::init_parameters(uint64_t seed) {
   auto normal = [&](Tensor& t, float std, uint64_t kind, uint64_t a = 0, uint64_t b = 0) {
     Rng(seed, stream_id(kind, a, b)).fill_normal(t.f32(), t.numel(), 0.0f, std);
   };
+  // a tensor-parallel weight: the whole tensor's values (the same as without the split), this
+  // rank's slice kept
+  auto normal_split = [&](Tensor& t, float std, uint64_t kind, uint64_t a, int dim, int parts) {
+    if (dense_tp_ == 1) return normal(t, std, kind, a);
+    Tensor whole = Tensor::zeros(whole_shape(t.shape(), dim, dense_tp_));
+    normal(whole, std, kind, a);
+    take_shard(whole, t, dim, parts, tp_group_->rank(), dense_tp_);
+  };
   if (span_.first_stage || span_.last_stage) normal(wte_, std_w, 20);
   if (span_.first_stage) normal(wpe_, std_w, 21);
   if (span_.last_stage) lnf_g_.fill(1.0f), lnf_b_.zero();
@@ -145,8 +164,8 @@ void GptModel::init_parameters(uint64_t seed) {
     Block& b = *blocks_[l];
     b.ln1_g.fill(1.0f), b.ln2_g.fill(1.0f);
     b.ln1_b.zero(), b.ln2_b.zero(), b.b_qkv.zero(), b.b_proj.zero();
-    normal(b.w_qkv, std_w, 22, l);
-    normal(b.w_proj, std_residual, 23, l);
+    normal_split(b.w_qkv, std_w, 22, l, 1, 3);
+    normal_split(b.w_proj, std_residual, 23, l, 0, 1);
     if (b.moe) {
       std::map<std::string, Tensor*> moe;
       for (Parameter& p : b.moe->parameters()) moe[p.name] = p.value;
@@ -167,8 +186,8 @@ void GptModel::init_parameters(uint64_t seed) {
       }
       if (config_.scmoe()) b.ln_moe_g.fill(1.0f), b.ln_moe_b.zero();
     } else {
-      normal(b.w_fc, std_w, 27, l);
-      normal(b.w_out, std_residual, 28, l);
+      normal_split(b.w_fc, std_w, 27, l, 1, 1);
+      normal_split(b.w_out, std_residual, 28, l, 0, 1);
       b.b_fc.zero(), b.b_out.zero();
     }
   }
@@ -205,6 +224,27 @@ void GptModel::restore_pass(int slot) {
   PM_CHECK(it != stashed_.end(), "micro-batch slot {} was not stashed", slot);
   swap_pass(*it->second);  // the model's current (spent) buffers go with the slot
   stashed_.erase(it);
+}
+
+int GptModel::add_dense_task(TaskGraph& g, const std::string& name, const char* cost, TaskWork work,
+                             std::vector<int> deps, std::function<void()> first, Buffer<float>* partial, int64_t count,
+                             std::function<void()> rest) {
+  if (dense_tp_ == 1)
+    return g.add({name, lanes::compute, cost, -1, work, std::move(deps), [first, rest] { first(), rest(); }});
+  const int shares = g.add({name, lanes::compute, cost, -1, work, std::move(deps), std::move(first)});
+  const double bytes = 2.0 * (dense_tp_ - 1) / dense_tp_ * static_cast<double>(count) * sizeof(float);
+  const int sum = g.add({name + " all-reduce", lanes::comm, "tp_allreduce", -1, {1, 0, bytes}, {shares},
+                         [this, partial, count] {
+                           tp_group_->allreduce(partial->data(), partial->data(), count, DType::f32, ReduceOp::sum);
+                         }});
+  return g.add({name + " out", lanes::compute, cost, -1, {1, 0, 0}, {sum}, std::move(rest)});
+}
+
+void GptModel::linear_forward_share(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T,
+                                    float* y) const {
+  if (dense_tp_ == 1 || tp_group_->rank() == 0) return linear_forward(k, precision_, x, w, b, T, y);
+  const int64_t K = w.dim(0), N = w.dim(1);
+  k.gemm_as(precision_, Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 0.0f, y, N);
 }
 
 void GptModel::zero_grads() {

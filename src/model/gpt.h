@@ -162,6 +162,14 @@ class GptModel {
   double run_forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float backward_scale,
                      int64_t cache_row, bool decode, const float* h_in = nullptr);
   Block& block(int l) { return *blocks_[l]; }
+  // A dense step: first then rest as one compute task; with the dense weights split over the
+  // tensor-parallel group (dense_tp_ > 1), first, the sum of partial[count] over the group on the
+  // communication lane, then rest. Returns the last task's id.
+  int add_dense_task(TaskGraph& g, const std::string& name, const char* cost, TaskWork work, std::vector<int> deps,
+                     std::function<void()> first, Buffer<float>* partial, int64_t count, std::function<void()> rest);
+  // y = x w + b, or, with the dense weights split, this rank's share of it (x w with its rows of
+  // w; the bias from the group's first rank only), summed over the group afterwards.
+  void linear_forward_share(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T, float* y) const;
   bool holds(int l) const { return l >= span_.first_block && l < span_.end_block; }
   void remember(const TaskGraph& graph, const std::map<int, PassTasks>& moe_tasks, PassTiming& timing) const;
   bool tap_is(int block, const char* position) const;
@@ -185,6 +193,9 @@ class GptModel {
   // ppmoe: this rank's tensor-parallel group (its MoE layers' group) and the ranks of the other
   // groups at the same place in theirs (which hold the same experts); null otherwise
   std::unique_ptr<Communicator> tp_group_, expert_replicas_;
+  // The ranks over which the dense blocks' attention heads and MLP columns are split (config
+  // dense_tp(): ppmoe with tp_dense "split"); 1: every rank holds them whole.
+  int dense_tp_ = 1;
   Executor& executor_;
   Backend& backend_;
   Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]

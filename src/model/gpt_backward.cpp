@@ -81,12 +81,14 @@ void GptModel::backward_stage(const float* dh_in) {
     } else {
       const TaskWork mlp_work{6, 8 * Td * Dd * F, (8 * Td * F + 6 * Td * Dd) * 4};
       steps.push_back(DenseStep{indexed("mlp_bwd", l), [&, l, T, F, mlp_work](TaskGraph& g, int last) {
-        return g.add({indexed("mlp_bwd", l), lanes::compute, "mlp_bwd", -1, mlp_work, after(last), [&, T, F] {
-                        dact.resize(T * F);
-                        linear_backward(k, precision_, b.act.data(), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
-                        k.gelu_backward(b.fc.data(), dact.data(), dact.data(), T * F);
-                        linear_backward(k, precision_, b.ln2_out.data(), b.w_fc, dact.data(), T, b.d_w_fc, b.d_b_fc, dffn_in.data());
-                      }});
+        const int64_t Fl = F / dense_tp_;  // tensor-parallel: this rank's hidden units; dffn_in its share
+        auto columns = [&, T, Fl] {
+          dact.resize(T * Fl);
+          linear_backward(k, precision_, b.act.data(), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
+          k.gelu_backward(b.fc.data(), dact.data(), dact.data(), T * Fl);
+          linear_backward(k, precision_, b.ln2_out.data(), b.w_fc, dact.data(), T, b.d_w_fc, b.d_b_fc, dffn_in.data());
+        };
+        return add_dense_task(g, indexed("mlp_bwd", l), "mlp_bwd", mlp_work, after(last), columns, &dffn_in, T * D, [] {});
       }});
     }
     const int in_tap = input_tap(l), mid = mid_tap(l);
@@ -96,23 +98,28 @@ void GptModel::backward_stage(const float* dh_in) {
     steps.push_back(DenseStep{indexed("attention_bwd", l), [&, l, T, D, B, S, H, hd, in_tap, mid, attention_work](TaskGraph& g, int last) {
       std::vector<int> deps = plus(after(last), {b.moe && !scmoe ? moe_done[l] : -1, in_tap >= 0 ? moe_ln_bwd[in_tap] : -1,
                                                  mid >= 0 ? moe_ln_bwd[mid] : -1});
-      return g.add({indexed("attention_bwd", l), lanes::compute, "attention_bwd", -1, attention_work, deps,
-                    [&, T, D, B, S, H, hd, in_tap, mid] {
-                      k.layernorm_backward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_mean.data(), b.ln2_rstd.data(),
-                                           dffn_in.data(), T, D, dtmp.data(), b.d_ln2_g.f32(), b.d_ln2_b.f32());
-                      for (int64_t i = 0; i < T * D; ++i) dx_mid[i] = dh[i] + dtmp[i];
-                      if (mid >= 0)  // ScMoE pos2: the next block's experts read this attention output
-                        for (int64_t i = 0; i < T * D; ++i) dx_mid[i] += blocks_[mid]->dtap[i];
-                      // x_mid = x_in + Attn(LN1(x_in))
-                      linear_backward(k, precision_, b.attn.data(), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
-                      k.attention_backward(b.qkv.data(), b.probs.data(), dattn.data(), B, S, H, hd, dqkv.data());
-                      linear_backward(k, precision_, b.ln1_out.data(), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
-                      k.layernorm_backward(b.x_in.data(), b.ln1_g.f32(), b.ln1_mean.data(), b.ln1_rstd.data(),
-                                           dtmp.data(), T, D, dh.data(), b.d_ln1_g.f32(), b.d_ln1_b.f32());
-                      for (int64_t i = 0; i < T * D; ++i) dh[i] += dx_mid[i];
-                      if (in_tap >= 0)  // ScMoE pos1 / pos3: experts read this block's input
-                        for (int64_t i = 0; i < T * D; ++i) dh[i] += blocks_[in_tap]->dtap[i];
-                    }});
+      // tensor-parallel: this rank's heads; the gradient of LN1's output is summed over the group
+      const int64_t Hl = H / dense_tp_;
+      auto heads = [&, T, D, B, S, Hl, hd, mid] {
+        k.layernorm_backward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_mean.data(), b.ln2_rstd.data(), dffn_in.data(), T, D,
+                             dtmp.data(), b.d_ln2_g.f32(), b.d_ln2_b.f32());
+        for (int64_t i = 0; i < T * D; ++i) dx_mid[i] = dh[i] + dtmp[i];
+        if (mid >= 0)  // ScMoE pos2: the next block's experts read this attention output
+          for (int64_t i = 0; i < T * D; ++i) dx_mid[i] += blocks_[mid]->dtap[i];
+        // x_mid = x_in + Attn(LN1(x_in))
+        linear_backward(k, precision_, b.attn.data(), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
+        k.attention_backward(b.qkv.data(), b.probs.data(), dattn.data(), B, S, Hl, hd, dqkv.data());
+        linear_backward(k, precision_, b.ln1_out.data(), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
+      };
+      auto rest = [&, T, D, in_tap] {
+        k.layernorm_backward(b.x_in.data(), b.ln1_g.f32(), b.ln1_mean.data(), b.ln1_rstd.data(), dtmp.data(), T, D,
+                             dh.data(), b.d_ln1_g.f32(), b.d_ln1_b.f32());
+        for (int64_t i = 0; i < T * D; ++i) dh[i] += dx_mid[i];
+        if (in_tap >= 0)  // ScMoE pos1 / pos3: experts read this block's input
+          for (int64_t i = 0; i < T * D; ++i) dh[i] += blocks_[in_tap]->dtap[i];
+      };
+      return add_dense_task(g, indexed("attention_bwd", l), "attention_bwd", attention_work, deps, heads, &dtmp, T * D,
+                            rest);
     }, needs});
   }
   if (span_.first_stage)

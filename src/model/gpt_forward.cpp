@@ -25,7 +25,7 @@ double GptModel::forward_stage(const int32_t* inputs, const float* h_in, const i
 void GptModel::start_inference(int64_t rows) {
   PM_REQUIRE(rows >= 1, "inference needs at least one sequence, got {}", rows);
   const int64_t S = config_.seq_len, D = config_.d_model;
-  PM_CHECK(span_.first_stage && span_.last_stage, "inference runs on a whole model");
+  PM_CHECK(span_.first_stage && span_.last_stage && dense_tp_ == 1, "inference runs on a whole model");
   for (auto& b : blocks_) {
     b->k_cache.assign(rows * S * D, 0.0f);
     b->v_cache.assign(rows * S * D, 0.0f);
@@ -92,35 +92,41 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
     if (l + 1 < L && tap_is(l + 1, "pos3")) steps.push_back(MoeJoin{l + 1});
     const TaskWork attention_work{6, 8 * Td * Dd * Dd + 4 * Td * S * Dd, 12 * Td * Dd * 4};
     steps.push_back(DenseStep{indexed("attention", l), [&b, &k, this, l, T, D, B, S, H, hd, attention_work, decode, cache_row, S_max](TaskGraph& g, int last) {
-      return g.add({indexed("attention", l), lanes::compute, "attention", -1, attention_work, after(last),
-                    [&b, &k, this, T, D, B, S, H, hd, decode, cache_row, S_max] {
-                      b.x_in = h_;
-                      b.ln1_out.resize(T * D), b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
-                      k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, b.ln1_out.data(),
-                                          b.ln1_mean.data(), b.ln1_rstd.data());
-                      b.qkv.resize(T * 3 * D);
-                      linear_forward(k, precision_, b.ln1_out.data(), b.w_qkv, b.b_qkv, T, b.qkv.data());
-                      b.attn.resize(T * D);
-                      if (decode) {  // one token per sequence against its cached keys and values
-                        k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), positions_.data(), B,
-                                           S_max, H, hd, b.attn.data());
-                      } else {
-                        b.probs.resize(B * H * S * S);
-                        k.attention_forward(b.qkv.data(), B, S, H, hd, b.probs.data(), b.attn.data());
-                      }
-                      if (cache_row >= 0)  // a prompt: its keys and values stay for the tokens that follow
-                        for (int64_t t = 0; t < S; ++t)
-                          for (int64_t i = 0; i < D; ++i) {
-                            b.k_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + D + i];
-                            b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
-                          }
-                      b.x_mid.resize(T * D);
-                      linear_forward(k, precision_, b.attn.data(), b.w_proj, b.b_proj, T, b.x_mid.data());
-                      for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
-                      b.ln2_out.resize(T * D), b.ln2_mean.resize(T), b.ln2_rstd.resize(T);
-                      k.layernorm_forward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_b.f32(), T, D, kLayerNormEps,
-                                          b.ln2_out.data(), b.ln2_mean.data(), b.ln2_rstd.data());
-                    }});
+      // tensor-parallel: this rank's heads (Dl of the D columns of q, k and v), their share of
+      // the projection summed over the group (the bias added once, by its first rank)
+      const int64_t Hl = H / dense_tp_, Dl = D / dense_tp_;
+      auto heads = [&b, &k, this, T, D, B, S, H, Hl, Dl, hd, decode, cache_row, S_max] {
+        b.x_in = h_;
+        b.ln1_out.resize(T * D), b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
+        k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, b.ln1_out.data(),
+                            b.ln1_mean.data(), b.ln1_rstd.data());
+        b.qkv.resize(T * 3 * Dl);
+        linear_forward(k, precision_, b.ln1_out.data(), b.w_qkv, b.b_qkv, T, b.qkv.data());
+        b.attn.resize(T * Dl);
+        if (decode) {  // one token per sequence against its cached keys and values
+          k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), positions_.data(), B, S_max, H, hd,
+                             b.attn.data());
+        } else {
+          b.probs.resize(B * Hl * S * S);
+          k.attention_forward(b.qkv.data(), B, S, Hl, hd, b.probs.data(), b.attn.data());
+        }
+        if (cache_row >= 0)  // a prompt: its keys and values stay for the tokens that follow
+          for (int64_t t = 0; t < S; ++t)
+            for (int64_t i = 0; i < D; ++i) {
+              b.k_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + D + i];
+              b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
+            }
+        b.x_mid.resize(T * D);
+        linear_forward_share(k, b.attn.data(), b.w_proj, b.b_proj, T, b.x_mid.data());
+      };
+      auto rest = [&b, &k, this, T, D] {
+        for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
+        b.ln2_out.resize(T * D), b.ln2_mean.resize(T), b.ln2_rstd.resize(T);
+        k.layernorm_forward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_b.f32(), T, D, kLayerNormEps, b.ln2_out.data(),
+                            b.ln2_mean.data(), b.ln2_rstd.data());
+      };
+      return add_dense_task(g, indexed("attention", l), "attention", attention_work, after(last), heads, &b.x_mid, T * D,
+                            rest);
     }});
     if (l + 1 < L && tap_is(l + 1, "pos2")) steps.push_back(MoeJoin{l + 1});
     // the task that writes this block's output into h_ must wait for a pos3 tap that reads h_
@@ -148,13 +154,17 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
       const TaskWork mlp_work{3, 4 * Td * Dd * F, (4 * Td * F + 4 * Td * Dd) * 4};
       steps.push_back(DenseStep{indexed("mlp", l), [&b, &k, &moe_ln, this, l, T, D, F, pos3_reader, mlp_work](TaskGraph& g, int last) {
         std::vector<int> deps = plus(after(last), {pos3_reader >= 0 ? moe_ln[pos3_reader] : -1});
-        return g.add({indexed("mlp", l), lanes::compute, "mlp", -1, mlp_work, deps, [&b, &k, this, T, D, F] {
-                        b.fc.resize(T * F), b.act.resize(T * F);
-                        linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
-                        k.gelu_forward(b.fc.data(), b.act.data(), T * F);
-                        linear_forward(k, precision_, b.act.data(), b.w_out, b.b_out, T, h_.data());
-                        for (int64_t i = 0; i < T * D; ++i) h_[i] += b.x_mid[i];
-                      }});
+        const int64_t Fl = F / dense_tp_;  // tensor-parallel: this rank's columns of the hidden layer
+        auto columns = [&b, &k, this, T, Fl] {
+          b.fc.resize(T * Fl), b.act.resize(T * Fl);
+          linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
+          k.gelu_forward(b.fc.data(), b.act.data(), T * Fl);
+          linear_forward_share(k, b.act.data(), b.w_out, b.b_out, T, h_.data());
+        };
+        auto rest = [&b, this, T, D] {
+          for (int64_t i = 0; i < T * D; ++i) h_[i] += b.x_mid[i];
+        };
+        return add_dense_task(g, indexed("mlp", l), "mlp", mlp_work, deps, columns, &h_, T * D, rest);
       }});
     }
   }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <set>
 
 #include "core/clock.h"
@@ -16,8 +17,9 @@ PipelineRunner::PipelineRunner(GptModel& model, Communicator* pipeline, Pipeline
            "stage {} of {} holds the wrong ends of the model", stage_, stages_);
 }
 
-void PipelineRunner::receive(float* into, int64_t count, int peer, double& wait_ms) {
+void PipelineRunner::receive(float* into, int64_t count, int peer, double& wait_ms, const std::string& what) {
   Stopwatch waiting;
+  TraceSpan span(trace_, what, lanes::compute.id);
   pipeline_->recv(into, count, DType::f32, peer);
   wait_ms += waiting.elapsed_ms();
 }
@@ -38,7 +40,8 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
     const int m = op.micro_batch;
     if (op.forward) {
       draw(m, inputs.data(), targets.data());
-      if (!first) receive(from_before_.data(), T * D, stage_ - 1, r.wait_ms);
+      if (!first)
+        receive(from_before_.data(), T * D, stage_ - 1, r.wait_ms, fmt::format("wait for stage {}: activations {}", stage_ - 1, m));
       r.loss += model_.forward_stage(inputs.data(), from_before_.data(), targets.data(), B, scale) / M;
       r.aux += model_.aux_loss() / M, r.z_loss += model_.z_loss() / M;
       r.exposed_ms += model_.forward_exposed_ms();
@@ -55,7 +58,8 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
       }
     } else {
       if (stashed.erase(m)) model_.restore_pass(m);
-      if (!last) receive(from_after_.data(), T * D, stage_ + 1, r.wait_ms);
+      if (!last)
+        receive(from_after_.data(), T * D, stage_ + 1, r.wait_ms, fmt::format("wait for stage {}: gradients {}", stage_ + 1, m));
       sync.set_enabled(i + 1 == ops.size());  // the last backward all-reduces every micro-batch's sum
       model_.backward_stage(last ? nullptr : from_after_.data());
       r.exposed_ms += model_.backward_exposed_ms();
@@ -66,7 +70,12 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
     }
   }
   Stopwatch waiting;
+  std::optional<TraceSpan> span;
+  if (pipeline_) span.emplace(trace_, "wait for the pipeline to drain", lanes::compute.id);
   for (RequestPtr& s : sends) pipeline_->waiter().wait(*s);
+  // the flush: a stage done early (the last one, which ends its backwards first) idles until the
+  // first is done too; counted here so that the wait is the whole bubble, as 1F1B's formula has it
+  if (pipeline_) pipeline_->barrier();
   r.wait_ms += waiting.elapsed_ms();
   return r;
 }
@@ -75,7 +84,7 @@ double PipelineRunner::forward_only(const int32_t* inputs, const int32_t* target
   const int64_t T = B * model_.config().seq_len, D = model_.config().d_model;
   double unused = 0;
   from_before_.resize(T * D);
-  if (stage_ > 0) receive(from_before_.data(), T * D, stage_ - 1, unused);
+  if (stage_ > 0) receive(from_before_.data(), T * D, stage_ - 1, unused, "wait for the stage before");
   const double loss = model_.forward_stage(inputs, from_before_.data(), targets, B, 0.0f);
   // a chain, forward only: the next stage is (or will be) waiting for this, never the other way
   if (stage_ + 1 < stages_) pipeline_->send(model_.stage_output(), T * D, DType::f32, stage_ + 1);

@@ -10,12 +10,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
 #include "model/gpt.h"
 #include "model/grad_sync.h"
 #include "model/pipeline_schedule.h"
+#include "sched/trace.h"
 
 namespace pm {
 
@@ -38,13 +40,16 @@ class PipelineRunner {
   PipelineStepResult train_step(int M, int64_t B, float scale, const DrawBatch& draw, GradientSync& sync);
   // A forward without backward (evaluation): the loss on the last stage, 0 on the others.
   double forward_only(const int32_t* inputs, const int32_t* targets, int64_t B);
+  // Records the waits for the other stages (on the compute lane: the bubble) in the next steps (null: stop).
+  void set_trace(Trace* trace) { trace_ = trace; }
 
  private:
-  void receive(float* into, int64_t count, int peer, double& wait_ms);
+  void receive(float* into, int64_t count, int peer, double& wait_ms, const std::string& what);
 
   GptModel& model_;
   Communicator* pipeline_;
   PipelineSchedule schedule_;
+  Trace* trace_ = nullptr;
   int stage_ = 0, stages_ = 1;
   std::vector<float> from_before_, from_after_;  // the received activation / gradient [B*S, D]
 };

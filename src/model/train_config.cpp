@@ -63,6 +63,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("pp", c.pp);
   fn("micro_batches", c.micro_batches);
   fn("pipeline_schedule", c.pipeline_schedule);
+  fn("tp_dense", c.model.tp_dense);
   fn("max_steps", c.max_steps);
   fn("stop_at", c.stop_at);
   fn("lr", c.lr);
@@ -229,6 +230,14 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(m.tp == 1 || m.moe_strategy == "ppmoe",
              "configuration: 'tp' {} needs moe_strategy ppmoe (the all-to-all strategy spreads the experts over all "
              "ranks)", m.tp);
+  PM_REQUIRE(m.tp_dense == "split" || m.tp_dense == "replicate",
+             "configuration: 'tp_dense' must be \"split\" (Megatron-style) or \"replicate\", got \"{}\"", m.tp_dense);
+  PM_REQUIRE(m.heads % m.dense_tp() == 0,
+             "configuration: {} attention heads do not divide over tensor-parallel groups of {} ranks (or set tp_dense "
+             "replicate)", m.heads, m.dense_tp());
+  PM_REQUIRE(m.mlp_hidden % m.dense_tp() == 0,
+             "configuration: mlp_hidden {} does not divide over tensor-parallel groups of {} ranks (or set tp_dense "
+             "replicate)", m.mlp_hidden, m.dense_tp());
   PM_REQUIRE(m.moe_layers() == 0 || m.experts % m.tp == 0,
              "configuration: {} experts do not divide over tensor-parallel groups of {} ranks", m.experts, m.tp);
   PM_REQUIRE(m.d_model % m.heads == 0, "configuration: d_model {} must be a multiple of heads {}", m.d_model, m.heads);

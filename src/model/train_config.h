@@ -27,9 +27,16 @@ struct ModelConfig {
   std::string moe_strategy = "ep";  // how tokens reach their experts (moe/moe_layer.h): "ep", all-to-all;
                                     // "ppmoe": split over a tensor-parallel group of tp ranks
   // Ranks per tensor-parallel group (PPMoE): tp consecutive ranks hold the same sequences and split
-  // every MoE layer's experts; dp = ranks / tp groups each take their own batch. The dense weights
-  // are replicated inside a group (not yet split Megatron-style).
+  // every MoE layer's experts; dp = ranks / (tp x pp) groups each take their own batch.
   int tp = 1;
+  // ppmoe with tp > 1, the dense blocks: "split" Megatron-style (attention heads and MLP columns
+  // over the group, one all-reduce after attention and one after the MLP, mirrored in the
+  // backward), or "replicate" (every rank of the group computes them whole: no all-reduce, tp
+  // times the dense work; the one-rank run's bits). Embeddings, norms and the shared expert are
+  // replicated either way.
+  std::string tp_dense = "split";
+  // The dense blocks' tensor-parallel ranks (1 unless ppmoe with tp_dense split).
+  int dense_tp() const { return moe_strategy == "ppmoe" && tp_dense == "split" ? tp : 1; }
   // "moe": an MoE block's routed experts read its own LN2 output; "scmoe" (shortcut-connected,
   // ScMoE): they read, through a LayerNorm of their own, the block before it at scmoe_tap, so
   // their all-to-all overlaps the dense work in between.

@@ -431,6 +431,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       comm.barrier();
       trace_origin = now_s();
       model.set_trace(&trace);
+      runner.set_trace(&trace);
     }
     Stopwatch step_watch;
     model.zero_grads();
@@ -506,6 +507,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
     if (step - start >= 2) step_ms_all.push_back(record.step_ms), exposed_all.push_back(record.exposed_ms);
     if (traced) {
       model.set_trace(nullptr);
+      runner.set_trace(nullptr);
       trace.write_chrome_json(c.trace, trace_origin, comm.rank(), [&](const std::string& mine) { return comm.gather_strings(mine, 0); });
       log::info("trace of step {}: {}", step + 1, c.trace);
     }

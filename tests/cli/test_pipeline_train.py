@@ -4,8 +4,8 @@ run's losses to float32 rounding, whatever the layout, and bad layouts are refus
 
   - pp 2 on 2 ranks, pp 4 on 4, tp 2 x pp 2 (PPMoE) on 4 and GPipe's order, all with 4
     micro-batches: the one-rank run with 4 micro-batches (train, aux and validation losses and
-    the gradient norm to float32 rounding; the first step's loss bit for bit: stage by stage the
-    forward does the same arithmetic);
+    the gradient norm to float32 rounding; without tensor parallelism the first step's loss bit
+    for bit: stage by stage the forward does the same arithmetic);
   - ScMoE blocks inside stages: the same;
   - pp 2 x dp 2 on 4 ranks: the all-to-all layer on 2 ranks (each data-parallel group's batch, its
     experts spread over the stage's 2 ranks);
@@ -83,8 +83,9 @@ def main():
             proc, log, summary = train(name, ranks, *flags)
             got = rows(log)
             f.check(same_run(got, reference), f"{name}: not the one-rank run's losses: {got[:2]} {reference[:2]}")
-            f.check(got and got[0]["train_loss"] == reference[0]["train_loss"],
-                    f"{name}: the first step's loss is not the one-rank run's bits")
+            if "tp" not in name:  # the split dense blocks sum their shares in another order
+                f.check(got and got[0]["train_loss"] == reference[0]["train_loss"],
+                        f"{name}: the first step's loss is not the one-rank run's bits")
             print(f"ok: {name} on {ranks} ranks gives the one-rank run's losses to float32 rounding "
                   f"(step 6 {got[-1]['train_loss']} vs {reference[-1]['train_loss']})", flush=True)
             if name == "pp 2":

@@ -2,8 +2,9 @@
 """Training with PPMoE layouts (moe_strategy ppmoe, --tp): the same losses as the layouts they must
 equal, and bad layouts refused with one clear line on every rank.
 
-  - tp 2 on 2 ranks and tp 4 on 4 ranks: one tensor-parallel group holding the batch, the experts
-    split over it: bit for bit the one-rank run (train, aux and validation losses; the gradient
+  - tp 2 on 2 ranks and tp 4 on 4 ranks with tp_dense replicate: one tensor-parallel group holding
+    the batch, the experts split over it, the dense blocks whole on every rank: bit for bit the
+    one-rank run (train, aux and validation losses; the gradient
     norm to double rounding);
   - tp 2 x dp 2 on 4 ranks: bit for bit tp 1 x dp 2 on 2 ranks (each data-parallel group's
     experts and capacity are the same; expert gradients summed over the groups);
@@ -12,6 +13,8 @@ equal, and bad layouts refused with one clear line on every rank.
   - micro_batches 2 (gradient accumulation): tp 2 bit for bit like one rank with 2 micro-batches,
     which equals the all-to-all layer on 2 ranks (each micro-batch the batch of one rank) to
     float32 rounding;
+  - tp_dense split (the default: each rank its attention heads and MLP columns, the shares summed
+    over the group): tp 2 like one rank, tp 2 x dp 2 like tp 1 x dp 2, to float32 rounding;
   - a checkpoint of tp 2 x dp 2 resumes in its layout bit for bit, and loads in another layout
     (all-to-all EP on the same 4 ranks: checkpoints hold whole tensors).
 
@@ -53,14 +56,17 @@ def main():
             return proc, log
 
         runs = {}
+        rep = "tp_dense=replicate"  # the dense blocks whole on every rank of a group: the one-rank bits
         for name, ranks, sets in [("one rank", 1, []),
-                                  ("tp 2", 2, ["moe_strategy=ppmoe", "tp=2"]),
-                                  ("tp 4", 4, ["moe_strategy=ppmoe", "tp=4"]),
+                                  ("tp 2", 2, ["moe_strategy=ppmoe", "tp=2", rep]),
+                                  ("tp 4", 4, ["moe_strategy=ppmoe", "tp=4", rep]),
                                   ("tp 1 x dp 2", 2, ["moe_strategy=ppmoe", "tp=1"]),
-                                  ("tp 2 x dp 2", 4, ["moe_strategy=ppmoe", "tp=2", "dp=2"]),
+                                  ("tp 2 x dp 2", 4, ["moe_strategy=ppmoe", "tp=2", "dp=2", rep]),
                                   ("ep on 2", 2, []),
                                   ("one rank, 2 micro-batches", 1, ["micro_batches=2"]),
-                                  ("tp 2, 2 micro-batches", 2, ["moe_strategy=ppmoe", "tp=2", "micro_batches=2"])]:
+                                  ("tp 2, 2 micro-batches", 2, ["moe_strategy=ppmoe", "tp=2", "micro_batches=2", rep]),
+                                  ("tp 2 split", 2, ["moe_strategy=ppmoe", "tp=2"]),
+                                  ("tp 2 x dp 2 split", 4, ["moe_strategy=ppmoe", "tp=2", "dp=2"])]:
             proc, log = train(name.replace(" ", "_"), ranks, *sets)
             runs[name] = log
             if name == "tp 2 x dp 2":
@@ -71,6 +77,15 @@ def main():
             close = all(abs(x - y) <= 1e-9 * y for x, y in zip(norms(runs[a]), norms(runs[b])))
             f.check(same and close and len(losses(runs[a])) == 10, f"{a}: not the losses of {b}")
             print(f"ok: {a} gives the losses of {b}, bit for bit", flush=True)
+        # Megatron-style dense blocks: each rank's heads and MLP columns, the shares summed over the
+        # group: the same model to float32 rounding
+        for a, b in [("tp 2 split", "one rank"), ("tp 2 x dp 2 split", "tp 1 x dp 2")]:
+            x, y = losses(runs[a]), losses(runs[b])
+            f.check(len(x) == 10 and all(abs(float(p[i]) - float(q[i])) <= 2e-6 * abs(float(q[i]))
+                                         for p, q in zip(x, y) for i in (1, 2) if q[i])
+                    and all(abs(p - q) <= 1e-5 * q for p, q in zip(norms(runs[a]), norms(runs[b]))),
+                    f"{a}: not the losses of {b} to float32 rounding: {x[:2]} {y[:2]}")
+            print(f"ok: {a} (dense blocks split over the group) gives the losses of {b} to float32 rounding", flush=True)
         ep = [float(r[1]) for r in losses(runs["ep on 2"])]
         pp = [float(r[1]) for r in losses(runs["tp 2 x dp 2"])]
         f.check(all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(ep, pp)) and len(ep) == 10,
@@ -83,7 +98,7 @@ def main():
 
         # a checkpoint resumes in its own layout bit for bit, and loads in another
         save = os.path.join(tmp, "ck")
-        layout = ["--set", "moe_strategy=ppmoe", "--set", "tp=2"]
+        layout = ["--set", "moe_strategy=ppmoe", "--set", "tp=2", "--set", rep]
         mpirun(4, ["train", "--config", config, "--set", f"save={save}", "--stop-at", 5,
                    "--set", f"log_csv={tmp}/ck.csv"] + layout, timeout=300)
         mpirun(4, ["train", "--config", config, "--resume", save, "--set", "save=",
@@ -102,7 +117,10 @@ def main():
 
         # bad layouts: one clear line, non-zero exit, no hang
         for ranks, sets, words in [(2, ["moe_strategy=ppmoe", "tp=3"], "must divide the 2 ranks"),
-                                   (4, ["moe_strategy=ppmoe", "tp=4", "experts=6"], "do not divide over tensor-parallel"),
+                                   (4, ["moe_strategy=ppmoe", "tp=4"], "2 attention heads do not divide"),
+                                   (2, ["moe_strategy=ppmoe", "tp=2", "mlp_hidden=63"], "mlp_hidden 63 does not divide"),
+                                   (2, ["moe_strategy=ppmoe", "tp=2", "tp_dense=rows"], "'tp_dense' must be"),
+                                   (4, ["moe_strategy=ppmoe", "tp=4", "experts=6", rep], "6 experts do not divide over tensor-parallel"),
                                    (2, ["tp=2"], "needs moe_strategy ppmoe"),
                                    (2, ["moe_strategy=ppmoe", "tp=2", "dp=2"], "tp 2 x dp 2 x pp 1 = 4 ranks")]:
             proc, _ = train("bad", ranks, *sets, check=False)

@@ -1,0 +1,18 @@
+// A sharded parameter's slice and the whole tensor (core/parameter.h: shard_dim, shard_groups):
+// along `dim` the whole is `groups` equal parts, each split in `places` consecutive pieces; the
+// slice of place r is piece r of every part, the parts in order. Experts are dim 0 with one part;
+// a tensor-parallel w_qkv is dim 1 with three (q, k, v: each rank its heads of all three).
+#pragma once
+
+#include "core/tensor.h"
+
+namespace pm {
+
+// The whole tensor's shape from one slice's.
+Shape whole_shape(const Shape& slice, int dim, int places);
+// slice <- place `place`'s piece of whole.
+void take_shard(const Tensor& whole, Tensor& slice, int dim, int groups, int place, int places);
+// whole <- slice, at place `place`.
+void put_shard(const Tensor& slice, Tensor& whole, int dim, int groups, int place, int places);
+
+}  // namespace pm
