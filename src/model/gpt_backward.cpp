@@ -41,8 +41,8 @@ void GptModel::backward_stage(const float* dh_in) {
   std::vector<Step> steps;
   // logits = lnf_out wte^T: d lnf_out = dlogits wte, d wte += dlogits^T lnf_out
   const TaskWork head_work{3, 4 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
-  if (span_.last_stage)
-  steps.push_back(DenseStep{"head_bwd", [&, T, D, V, head_work](TaskGraph& g, int last) {
+  if (span_.last_stage)  // earlier stages start from the stage after's gradient, copied into dh above
+    steps.push_back(DenseStep{"head_bwd", [&, T, D, V, head_work](TaskGraph& g, int last) {
     return g.add({"head_bwd", lanes::compute, "head_bwd", -1, head_work, after(last), [&, T, D, V] {
                     k.gemm_as(precision_, Trans::no, Trans::no, T, D, V, dlogits_.data(), V, wte_.f32(), D, 0.0f, dln.data(), D);
                     k.gemm_as(precision_, Trans::yes, Trans::no, V, D, T, dlogits_.data(), V, lnf_out_.data(), D, 1.0f, dwte_.f32(), D);
@@ -122,8 +122,8 @@ void GptModel::backward_stage(const float* dh_in) {
                             rest);
     }, needs});
   }
-  if (span_.first_stage)
-  steps.push_back(DenseStep{"embed_bwd", [&, T, D, S](TaskGraph& g, int last) {
+  if (span_.first_stage)  // later stages leave their input's gradient in dh (input_grad)
+    steps.push_back(DenseStep{"embed_bwd", [&, T, D, S](TaskGraph& g, int last) {
     return g.add({"embed_bwd", lanes::compute, "embed_bwd", -1, {1, 4 * Td * Dd, 6 * Td * Dd * 4}, after(last), [&, T, D, S] {
                     for (int64_t t = 0; t < T; ++t) {  // embeddings, in token order
                       k.axpy(1.0f, dh.data() + t * D, dwte_.f32() + inputs_[t] * D, D);

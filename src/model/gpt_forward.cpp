@@ -71,8 +71,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
 
   // The pass as steps; each dense task reads what the step before it wrote.
   std::vector<Step> steps;
-  if (span_.first_stage)
-  steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd, decode](TaskGraph& g, int last) {
+  if (span_.first_stage)  // later stages start from the stage before's output, copied into h_ above
+    steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd, decode](TaskGraph& g, int last) {
                               return g.add({"embed", lanes::compute, "embed", -1, {1, 0, 3 * Td * Dd * 4}, after(last), [=, this] {
                                               for (int64_t t = 0; t < T; ++t) {
                                                 PM_CHECK(inputs_[t] >= 0 && inputs_[t] < V,
@@ -169,8 +169,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
     }
   }
   const TaskWork head_work{2, 2 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
-  if (span_.last_stage)
-  steps.push_back(DenseStep{"head", [this, T, D, V, has_targets, backward_scale, &k, head_work](TaskGraph& g, int last) {
+  if (span_.last_stage)  // earlier stages leave their output in h_ (stage_output)
+    steps.push_back(DenseStep{"head", [this, T, D, V, has_targets, backward_scale, &k, head_work](TaskGraph& g, int last) {
     return g.add({"head", lanes::compute, "head", -1, head_work, after(last),
                   [this, T, D, V, has_targets, backward_scale, &k] {
                     h_final_ = h_;
