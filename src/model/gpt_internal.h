@@ -1,6 +1,7 @@
 // The GPT model's parts that its three source files share (gpt.cpp: construction, parameters,
 // schedules' choices and bookkeeping; gpt_forward.cpp: the forward and inference passes;
-// gpt_backward.cpp: the backward pass). Internal to model/: nothing outside includes it.
+// gpt_backward.cpp: the backward pass; gpt_parallel.cpp: the tensor-parallel dense steps and a
+// pipeline stage's stashed micro-batches). Internal to model/: nothing outside includes it.
 #pragma once
 
 #include <functional>
