@@ -136,6 +136,18 @@ class Backend {
   // losses[rows] (nats); dlogits[rows, V] = (softmax - onehot) * scale when not null.
   virtual void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
                              float* dlogits, float scale) = 0;
+  // The same over a vocabulary split across ranks, this rank holding columns [lo, lo + V) of the
+  // logits, in three calls with a sum over the ranks between them: (1) max[rows], each row's max
+  // over this shard (then the max over the ranks); (2) from that max, sums[2 rows]: each row's sum
+  // of exp(z - max) over this shard and the target's logit if it lies in it, else 0 (then summed
+  // over the ranks); (3) from those, losses[rows] = log(sum) + max - logit[target], and, when
+  // dlogits is not null, this shard's (softmax - onehot) * scale.
+  virtual void shard_row_max(const float* logits, int64_t rows, int64_t V, float* max) = 0;
+  virtual void shard_exp_sums(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
+                              const float* max, double* sums) = 0;
+  virtual void shard_cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
+                                   const float* max, const double* sums, float* losses, float* dlogits,
+                                   float scale) = 0;
 
   // ---- MoE: moving token rows to expert slots and back -----------------------------------------
   // position[t * k + j]: the slot row of token t's choice j, -1 when dropped.

@@ -46,8 +46,9 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     grad = Tensor::zeros(shape);
   };
   if (span_.first_stage || span_.last_stage) {  // the head is tied to the token embedding
-    make(wte_, dwte_, {V, D});
-    add_param("wte", wte_, dwte_, false, false);
+    vocab_tp_ = dense_tp_ > 1 && V % dense_tp_ == 0 ? dense_tp_ : 1;
+    make(wte_, dwte_, {V / vocab_tp_, D});
+    add_param("wte", wte_, dwte_, vocab_tp_ > 1, false);  // split: this rank's rows of the vocabulary
   }
   if (span_.first_stage) {
     make(wpe_, dwpe_, {S, D});
@@ -151,21 +152,21 @@ void GptModel::init_parameters(uint64_t seed) {
   };
   // a tensor-parallel weight: the whole tensor's values (the same as without the split), this
   // rank's slice kept
-  auto normal_split = [&](Tensor& t, float std, uint64_t kind, uint64_t a, int dim, int parts) {
-    if (dense_tp_ == 1) return normal(t, std, kind, a);
-    Tensor whole = Tensor::zeros(whole_shape(t.shape(), dim, dense_tp_));
+  auto normal_split = [&](Tensor& t, float std, uint64_t kind, uint64_t a, int dim, int parts, int places) {
+    if (places == 1) return normal(t, std, kind, a);
+    Tensor whole = Tensor::zeros(whole_shape(t.shape(), dim, places));
     normal(whole, std, kind, a);
-    take_shard(whole, t, dim, parts, tp_group_->rank(), dense_tp_);
+    take_shard(whole, t, dim, parts, tp_group_->rank(), places);
   };
-  if (span_.first_stage || span_.last_stage) normal(wte_, std_w, 20);
+  if (span_.first_stage || span_.last_stage) normal_split(wte_, std_w, 20, 0, 0, 1, vocab_tp_);
   if (span_.first_stage) normal(wpe_, std_w, 21);
   if (span_.last_stage) lnf_g_.fill(1.0f), lnf_b_.zero();
   for (int l = span_.first_block; l < span_.end_block; ++l) {
     Block& b = *blocks_[l];
     b.ln1_g.fill(1.0f), b.ln2_g.fill(1.0f);
     b.ln1_b.zero(), b.ln2_b.zero(), b.b_qkv.zero(), b.b_proj.zero();
-    normal_split(b.w_qkv, std_w, 22, l, 1, 3);
-    normal_split(b.w_proj, std_residual, 23, l, 0, 1);
+    normal_split(b.w_qkv, std_w, 22, l, 1, 3, dense_tp_);
+    normal_split(b.w_proj, std_residual, 23, l, 0, 1, dense_tp_);
     if (b.moe) {
       std::map<std::string, Tensor*> moe;
       for (Parameter& p : b.moe->parameters()) moe[p.name] = p.value;
@@ -186,8 +187,8 @@ void GptModel::init_parameters(uint64_t seed) {
       }
       if (config_.scmoe()) b.ln_moe_g.fill(1.0f), b.ln_moe_b.zero();
     } else {
-      normal_split(b.w_fc, std_w, 27, l, 1, 1);
-      normal_split(b.w_out, std_residual, 28, l, 0, 1);
+      normal_split(b.w_fc, std_w, 27, l, 1, 1, dense_tp_);
+      normal_split(b.w_out, std_residual, 28, l, 0, 1, dense_tp_);
       b.b_fc.zero(), b.b_out.zero();
     }
   }

@@ -73,6 +73,7 @@ class GptModel {
   void backward_stage(const float* dh_in);
   const float* stage_output() const { return h_.data(); }
   const float* input_grad() const { return input_grad_.data(); }
+  bool vocab_parallel() const { return vocab_tp_ > 1; }
   bool first_stage() const { return span_.first_stage; }
   bool last_stage() const { return span_.last_stage; }
   int first_block() const { return span_.first_block; }
@@ -196,6 +197,13 @@ class GptModel {
   // The ranks over which the dense blocks' attention heads and MLP columns are split (config
   // dense_tp(): ppmoe with tp_dense "split"); 1: every rank holds them whole.
   int dense_tp_ = 1;
+  // The ranks over which the tied embedding's rows (the vocabulary) are split: dense_tp_ when
+  // it divides the vocabulary, else 1. Split: the lookup and the head's logits each rank's share
+  // of the vocabulary, the cross-entropy's max and sums reduced over the group (Megatron-LM's
+  // vocabulary-parallel embedding and loss).
+  int vocab_tp_ = 1;
+  Buffer<float> ce_max_;        // vocabulary-parallel loss: each row's max logit [T]
+  std::vector<double> ce_sums_;  // and each row's sum of exp(z - max), its target's logit [2T]
   Executor& executor_;
   Backend& backend_;
   Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]

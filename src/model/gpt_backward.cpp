@@ -43,13 +43,20 @@ void GptModel::backward_stage(const float* dh_in) {
   const TaskWork head_work{3, 4 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
   if (span_.last_stage)  // earlier stages start from the stage after's gradient, copied into dh above
     steps.push_back(DenseStep{"head_bwd", [&, T, D, V, head_work](TaskGraph& g, int last) {
-    return g.add({"head_bwd", lanes::compute, "head_bwd", -1, head_work, after(last), [&, T, D, V] {
-                    k.gemm_as(precision_, Trans::no, Trans::no, T, D, V, dlogits_.data(), V, wte_.f32(), D, 0.0f, dln.data(), D);
-                    k.gemm_as(precision_, Trans::yes, Trans::no, V, D, T, dlogits_.data(), V, lnf_out_.data(), D, 1.0f, dwte_.f32(), D);
-                    k.layernorm_backward(h_final_.data(), lnf_g_.f32(), lnf_mean_.data(), lnf_rstd_.data(), dln.data(),
-                                         T, D, dh.data(), dlnf_g_.f32(), dlnf_b_.f32());
-                  }});
-  }});
+      // vocabulary-parallel: this rank's columns give its share of d lnf_out, summed over the group
+      const int64_t Vl = V / vocab_tp_;
+      auto shard = [&, T, D, Vl] {
+        k.gemm_as(precision_, Trans::no, Trans::no, T, D, Vl, dlogits_.data(), Vl, wte_.f32(), D, 0.0f, dln.data(), D);
+        k.gemm_as(precision_, Trans::yes, Trans::no, Vl, D, T, dlogits_.data(), Vl, lnf_out_.data(), D, 1.0f, dwte_.f32(), D);
+      };
+      auto norm = [&, T, D] {
+        k.layernorm_backward(h_final_.data(), lnf_g_.f32(), lnf_mean_.data(), lnf_rstd_.data(), dln.data(), T, D,
+                             dh.data(), dlnf_g_.f32(), dlnf_b_.f32());
+      };
+      if (vocab_tp_ == 1)
+        return g.add({"head_bwd", lanes::compute, "head_bwd", -1, head_work, after(last), [shard, norm] { shard(), norm(); }});
+      return add_dense_task(g, "head_bwd", "head_bwd", head_work, after(last), shard, &dln, T * D, norm);
+    }});
   for (int l = L - 1; l >= L0; --l) {
     Block& b = *blocks_[l];
     // h' = x_mid + FFN(LN2(x_mid)): the residual carries dh to x_mid, the FFN adds its share
@@ -125,8 +132,11 @@ void GptModel::backward_stage(const float* dh_in) {
   if (span_.first_stage)  // later stages leave their input's gradient in dh (input_grad)
     steps.push_back(DenseStep{"embed_bwd", [&, T, D, S](TaskGraph& g, int last) {
     return g.add({"embed_bwd", lanes::compute, "embed_bwd", -1, {1, 4 * Td * Dd, 6 * Td * Dd * 4}, after(last), [&, T, D, S] {
-                    for (int64_t t = 0; t < T; ++t) {  // embeddings, in token order
-                      k.axpy(1.0f, dh.data() + t * D, dwte_.f32() + inputs_[t] * D, D);
+                    // embeddings, in token order; vocabulary-parallel: this rank's rows only
+                    const int64_t Vl = config_.vocab_size / vocab_tp_, lo = vocab_tp_ > 1 ? tp_group_->rank() * Vl : 0;
+                    for (int64_t t = 0; t < T; ++t) {
+                      const int64_t row = inputs_[t] - lo;
+                      if (row >= 0 && row < Vl) k.axpy(1.0f, dh.data() + t * D, dwte_.f32() + row * D, D);
                       k.axpy(1.0f, dh.data() + t * D, dwpe_.f32() + (t % S) * D, D);
                     }
                   }});

@@ -73,17 +73,29 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
   std::vector<Step> steps;
   if (span_.first_stage)  // later stages start from the stage before's output, copied into h_ above
     steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd, decode](TaskGraph& g, int last) {
-                              return g.add({"embed", lanes::compute, "embed", -1, {1, 0, 3 * Td * Dd * 4}, after(last), [=, this] {
-                                              for (int64_t t = 0; t < T; ++t) {
-                                                PM_CHECK(inputs_[t] >= 0 && inputs_[t] < V,
-                                                         "token {} outside the vocabulary of {}", inputs_[t], V);
-                                                const float* e = wte_.f32() + inputs_[t] * D;
-                                                const int64_t position = decode ? positions_[t] : t % S;
-                                                const float* p = wpe_.f32() + position * D;
-                                                for (int64_t i = 0; i < D; ++i) h_[t * D + i] = e[i] + p[i];
-                                              }
-                                            }});
-                            }});
+      // vocabulary-parallel: this rank's rows of the table, the positions from the group's first
+      // rank, summed over the group (each token's two terms meet once: the sum is exact)
+      const int64_t Vl = V / vocab_tp_, lo = vocab_tp_ > 1 ? tp_group_->rank() * Vl : 0;
+      const bool positions_here = vocab_tp_ == 1 || tp_group_->rank() == 0;
+      auto lookup = [=, this] {
+        for (int64_t t = 0; t < T; ++t) {
+          PM_CHECK(inputs_[t] >= 0 && inputs_[t] < V, "token {} outside the vocabulary of {}", inputs_[t], V);
+          const int64_t row = inputs_[t] - lo;
+          const bool mine = row >= 0 && row < Vl;
+          const float* e = wte_.f32() + row * D;
+          const int64_t position = decode ? positions_[t] : t % S;
+          const float* p = wpe_.f32() + position * D;
+          float* out = h_.data() + t * D;
+          if (mine && positions_here)
+            for (int64_t i = 0; i < D; ++i) out[i] = e[i] + p[i];
+          else
+            for (int64_t i = 0; i < D; ++i) out[i] = mine ? e[i] : positions_here ? p[i] : 0.0f;
+        }
+      };
+      const TaskWork work{1, 0, 3 * Td * Dd * 4};
+      if (vocab_tp_ == 1) return g.add({"embed", lanes::compute, "embed", -1, work, after(last), lookup});
+      return add_dense_task(g, "embed", "embed", work, after(last), lookup, &h_, T * D, [] {});
+    }});
   for (int l = span_.first_block; l < L; ++l) {
     Block& b = *blocks_[l];
     b.x_in.resize(T * D), b.x_mid.resize(T * D);  // a ScMoE tap's address is taken when the graph is built
@@ -171,25 +183,59 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
   const TaskWork head_work{2, 2 * Td * Dd * V, (2 * Td * V + 3 * Td * Dd) * 4};
   if (span_.last_stage)  // earlier stages leave their output in h_ (stage_output)
     steps.push_back(DenseStep{"head", [this, T, D, V, has_targets, backward_scale, &k, head_work](TaskGraph& g, int last) {
-    return g.add({"head", lanes::compute, "head", -1, head_work, after(last),
-                  [this, T, D, V, has_targets, backward_scale, &k] {
-                    h_final_ = h_;
-                    lnf_out_.resize(T * D), lnf_mean_.resize(T), lnf_rstd_.resize(T);
-                    k.layernorm_forward(h_.data(), lnf_g_.f32(), lnf_b_.f32(), T, D, kLayerNormEps, lnf_out_.data(),
-                                        lnf_mean_.data(), lnf_rstd_.data());
-                    logits_.resize(T * V);
-                    k.gemm_as(precision_, Trans::no, Trans::yes, T, V, D, lnf_out_.data(), D, wte_.f32(), D, 0.0f, logits_.data(), V);
-                    loss_ = 0;
-                    if (!has_targets) return;
-                    std::vector<float> losses(T);
-                    if (backward_scale > 0) dlogits_.resize(T * V);
-                    k.cross_entropy(logits_.data(), targets_.data(), T, V, losses.data(),
-                                    backward_scale > 0 ? dlogits_.data() : nullptr, backward_scale / static_cast<float>(T));
-                    double sum = 0;
-                    for (float l : losses) sum += l;
-                    loss_ = sum / static_cast<double>(T);
-                  }});
-  }});
+      // vocabulary-parallel: this rank's columns of the logits; the loss's max and sums reduced
+      // over the group between the three parts of the cross-entropy
+      const int64_t Vl = V / vocab_tp_, lo = vocab_tp_ > 1 ? tp_group_->rank() * Vl : 0;
+      const float scale = backward_scale / static_cast<float>(T);
+      auto logits = [this, T, D, Vl, &k] {
+        h_final_ = h_;
+        lnf_out_.resize(T * D), lnf_mean_.resize(T), lnf_rstd_.resize(T);
+        k.layernorm_forward(h_.data(), lnf_g_.f32(), lnf_b_.f32(), T, D, kLayerNormEps, lnf_out_.data(),
+                            lnf_mean_.data(), lnf_rstd_.data());
+        logits_.resize(T * Vl);
+        k.gemm_as(precision_, Trans::no, Trans::yes, T, Vl, D, lnf_out_.data(), D, wte_.f32(), D, 0.0f, logits_.data(), Vl);
+        loss_ = 0;
+      };
+      auto mean_loss = [this, T](const std::vector<float>& losses) {
+        double sum = 0;
+        for (float l : losses) sum += l;
+        loss_ = sum / static_cast<double>(T);
+      };
+      if (vocab_tp_ == 1)
+        return g.add({"head", lanes::compute, "head", -1, head_work, after(last),
+                      [this, T, V, has_targets, backward_scale, scale, &k, logits, mean_loss] {
+                        logits();
+                        if (!has_targets) return;
+                        std::vector<float> losses(T);
+                        if (backward_scale > 0) dlogits_.resize(T * V);
+                        k.cross_entropy(logits_.data(), targets_.data(), T, V, losses.data(),
+                                        backward_scale > 0 ? dlogits_.data() : nullptr, scale);
+                        mean_loss(losses);
+                      }});
+      const int shard = g.add({"head", lanes::compute, "head", -1, head_work, after(last), [this, T, Vl, has_targets, &k, logits] {
+                                 logits();
+                                 if (has_targets) ce_max_.resize(T), k.shard_row_max(logits_.data(), T, Vl, ce_max_.data());
+                               }});
+      if (!has_targets) return shard;
+      const int max = g.add({"head max all-reduce", lanes::comm, "tp_allreduce", -1, {1, 0, 8.0 * T}, {shard}, [this, T] {
+                               tp_group_->allreduce(ce_max_.data(), ce_max_.data(), T, DType::f32, ReduceOp::max);
+                             }});
+      const int sums = g.add({"head sums", lanes::compute, "head", -1, {1, 0, 4.0 * T * Vl}, {max}, [this, T, Vl, lo, &k] {
+                                ce_sums_.resize(2 * T);
+                                k.shard_exp_sums(logits_.data(), targets_.data(), T, Vl, lo, ce_max_.data(), ce_sums_.data());
+                              }});
+      const int summed = g.add({"head sums all-reduce", lanes::comm, "tp_allreduce", -1, {1, 0, 32.0 * T}, {sums}, [this, T] {
+                                  tp_group_->allreduce(ce_sums_.data(), ce_sums_.data(), 2 * T, DType::f64, ReduceOp::sum);
+                                }});
+      return g.add({"head loss", lanes::compute, "head", -1, {1, 0, 8.0 * T * Vl}, {summed},
+                    [this, T, Vl, lo, backward_scale, scale, &k, mean_loss] {
+                      std::vector<float> losses(T);
+                      if (backward_scale > 0) dlogits_.resize(T * Vl);
+                      k.shard_cross_entropy(logits_.data(), targets_.data(), T, Vl, lo, ce_max_.data(), ce_sums_.data(),
+                                            losses.data(), backward_scale > 0 ? dlogits_.data() : nullptr, scale);
+                      mean_loss(losses);
+                    }});
+    }});
 
   TaskGraph g;
   std::map<int, PassTasks> moe_tasks;

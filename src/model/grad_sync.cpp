@@ -25,10 +25,11 @@ GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communica
   for (int b = 0; b < blocks; ++b) buckets_[b].name = "all-reduce block " + std::to_string(b) + " grads";
   buckets_[blocks].name = "all-reduce embedding grads";
   for (Bucket& bucket : buckets_) bucket.comm = &comm;
-  if (expert_replicas) {
-    expert_buckets_.resize(blocks);
-    for (int b = 0; b < blocks; ++b) {
-      expert_buckets_[b].name = "all-reduce block " + std::to_string(b) + " expert grads";
+  if (expert_replicas) {  // [blocks]: the sharded parameters outside the blocks (a split embedding)
+    expert_buckets_.resize(blocks + 1);
+    for (int b = 0; b <= blocks; ++b) {
+      expert_buckets_[b].name = b < blocks ? "all-reduce block " + std::to_string(b) + " expert grads"
+                                           : "all-reduce sharded embedding grads";
       expert_buckets_[b].comm = expert_replicas;
       expert_buckets_[b].scale = expert_scale;
     }
@@ -37,7 +38,7 @@ GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communica
     int b = block_of(p.name);
     PM_CHECK(b < blocks, "parameter {} names block {} of a model with {}", p.name, b, blocks);
     if (p.expert) {
-      if (expert_replicas) expert_buckets_[b].params.push_back(&p);
+      if (expert_replicas) expert_buckets_[b < 0 ? blocks : b].params.push_back(&p);
       continue;
     }
     buckets_[b < 0 ? blocks : b].params.push_back(&p);
@@ -75,7 +76,7 @@ void GradientSync::grads_ready(TaskGraph& graph, int block, const std::vector<in
   PM_CHECK(block < rest, "block {} out of range", block);
   if (overlap_) {
     append(graph, buckets_[block < 0 ? rest : block], ready);
-    if (block >= 0 && !expert_buckets_.empty()) append(graph, expert_buckets_[block], ready);
+    if (!expert_buckets_.empty()) append(graph, expert_buckets_[block < 0 ? rest : block], ready);
     return;
   }
   if (block >= 0) return;

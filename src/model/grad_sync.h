@@ -53,7 +53,7 @@ class GradientSync {
   bool overlap_;
   bool enabled_ = true;
   std::vector<Bucket> buckets_;  // [blocks]: the blocks, [blocks]: the rest
-  std::vector<Bucket> expert_buckets_;  // [blocks]: each block's expert gradients (with expert_replicas)
+  std::vector<Bucket> expert_buckets_;  // [blocks]: each block's sharded gradients (with expert_replicas), [blocks]: the rest's
 };
 
 }  // namespace pm

@@ -392,6 +392,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
               "all-to-alls and experts) and the last pass's dense task times (degree above: the first pass's)");
   if (resumed) log::info("resuming from {} at step {}", c.resume, start);
   print_setup(c, layout, describe_cluster(comm, backend).hosts);
+  if (c.model.dense_tp() > 1)
+    log::info("layout: the dense blocks split over each tensor-parallel group of {} (attention heads, MLP columns); the "
+              "tied embedding and head {}",
+              c.model.dense_tp(),
+              model.vocab_parallel() || !model.first_stage()
+                  ? "vocabulary-parallel (each rank its rows of the vocabulary, the loss reduced over the group)"
+                  : "replicated (the vocabulary does not divide over the group)");
   warn_about_schedule(c, resumed);
   log::info("setup took {:.1f} s", setup.elapsed_s());
 

@@ -14,7 +14,9 @@ equal, and bad layouts refused with one clear line on every rank.
     which equals the all-to-all layer on 2 ranks (each micro-batch the batch of one rank) to
     float32 rounding;
   - tp_dense split (the default: each rank its attention heads and MLP columns, the shares summed
-    over the group): tp 2 like one rank, tp 2 x dp 2 like tp 1 x dp 2, to float32 rounding;
+    over the group; the tied embedding and head vocabulary-parallel, or replicated when the
+    vocabulary does not divide): tp 2 like one rank, tp 2 x dp 2 like tp 1 x dp 2, to float32
+    rounding;
   - a checkpoint of tp 2 x dp 2 resumes in its layout bit for bit, and loads in another layout
     (all-to-all EP on the same 4 ranks: checkpoints hold whole tensors).
 
@@ -66,11 +68,18 @@ def main():
                                   ("one rank, 2 micro-batches", 1, ["micro_batches=2"]),
                                   ("tp 2, 2 micro-batches", 2, ["moe_strategy=ppmoe", "tp=2", "micro_batches=2", rep]),
                                   ("tp 2 split", 2, ["moe_strategy=ppmoe", "tp=2"]),
+                                  ("one rank, vocabulary 301", 1, ["tokenizer_vocab=301"]),
+                                  ("tp 2 split, vocabulary 301", 2, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=301"]),
                                   ("tp 2 x dp 2 split", 4, ["moe_strategy=ppmoe", "tp=2", "dp=2"])]:
             proc, log = train(name.replace(" ", "_"), ranks, *sets)
             runs[name] = log
             if name == "tp 2 x dp 2":
                 f.check("tp 2 x dp 2 x pp 1" in proc.stderr + proc.stdout, "the start lines print the layout")
+            if name == "tp 2 split":
+                f.check("head vocabulary-parallel" in proc.stderr + proc.stdout, "tp 2: the head is vocabulary-parallel")
+            if name == "tp 2 split, vocabulary 301":  # an odd vocabulary cannot be split in two: replicated
+                f.check("head replicated (the vocabulary does not divide" in proc.stderr + proc.stdout,
+                        "tp 2, vocabulary 301: the start lines say the head is replicated")
         for a, b in [("tp 2", "one rank"), ("tp 4", "one rank"), ("tp 2 x dp 2", "tp 1 x dp 2"),
                      ("tp 2, 2 micro-batches", "one rank, 2 micro-batches")]:
             same = losses(runs[a]) == losses(runs[b])
@@ -79,7 +88,8 @@ def main():
             print(f"ok: {a} gives the losses of {b}, bit for bit", flush=True)
         # Megatron-style dense blocks: each rank's heads and MLP columns, the shares summed over the
         # group: the same model to float32 rounding
-        for a, b in [("tp 2 split", "one rank"), ("tp 2 x dp 2 split", "tp 1 x dp 2")]:
+        for a, b in [("tp 2 split", "one rank"), ("tp 2 x dp 2 split", "tp 1 x dp 2"),
+                     ("tp 2 split, vocabulary 301", "one rank, vocabulary 301")]:
             x, y = losses(runs[a]), losses(runs[b])
             f.check(len(x) == 10 and all(abs(float(p[i]) - float(q[i])) <= 2e-6 * abs(float(q[i]))
                                          for p, q in zip(x, y) for i in (1, 2) if q[i])
@@ -98,19 +108,19 @@ def main():
 
         # a checkpoint resumes in its own layout bit for bit, and loads in another
         save = os.path.join(tmp, "ck")
-        layout = ["--set", "moe_strategy=ppmoe", "--set", "tp=2", "--set", rep]
+        layout = ["--set", "moe_strategy=ppmoe", "--set", "tp=2"]  # split: the checkpoint puts the slices together
         mpirun(4, ["train", "--config", config, "--set", f"save={save}", "--stop-at", 5,
                    "--set", f"log_csv={tmp}/ck.csv"] + layout, timeout=300)
         mpirun(4, ["train", "--config", config, "--resume", save, "--set", "save=",
                    "--set", f"log_csv={tmp}/ck.csv"] + layout, timeout=300)
-        f.check(losses(f"{tmp}/ck.csv") == losses(runs["tp 2 x dp 2"]),
+        f.check(losses(f"{tmp}/ck.csv") == losses(runs["tp 2 x dp 2 split"]),
                 "tp 2 x dp 2 stopped at 5 and resumed: not the losses of the uninterrupted run")
         print("ok: tp 2 x dp 2 stopped at step 5 and resumed gives the uninterrupted run's losses", flush=True)
         proc = mpirun(4, ["train", "--config", config, "--resume", save, "--set", "save=",
                           "--set", f"log_csv={tmp}/ck_ep.csv"], timeout=300)
         resumed = losses(f"{tmp}/ck_ep.csv")
         f.check("resuming a checkpoint of moe_strategy ppmoe tp 2 as moe_strategy ep tp 1" in proc.stderr + proc.stdout
-                and len(resumed) == 5 and abs(float(resumed[0][1]) - float(losses(runs["tp 2 x dp 2"])[5][1])) < 0.05,
+                and len(resumed) == 5 and abs(float(resumed[0][1]) - float(losses(runs["tp 2 x dp 2 split"])[5][1])) < 0.05,
                 f"the tp 2 x dp 2 checkpoint in the all-to-all layout: {resumed[:1]} {proc.stderr[-300:]}")
         print(f"ok: the tp 2 x dp 2 checkpoint continues as all-to-all EP on 4 ranks (step 6 loss {resumed[0][1]})",
               flush=True)

@@ -97,6 +97,17 @@ class CpuBackend final : public Backend {
                      float* dlogits, float scale) override {
     pm::cross_entropy(logits, targets, rows, V, losses, dlogits, scale);
   }
+  void shard_row_max(const float* logits, int64_t rows, int64_t V, float* max) override {
+    pm::shard_row_max(logits, rows, V, max);
+  }
+  void shard_exp_sums(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
+                      const float* max, double* sums) override {
+    pm::shard_exp_sums(logits, targets, rows, V, lo, max, sums);
+  }
+  void shard_cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
+                           const float* max, const double* sums, float* losses, float* dlogits, float scale) override {
+    pm::shard_cross_entropy(logits, targets, rows, V, lo, max, sums, losses, dlogits, scale);
+  }
 
   void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, float* slots) override {
     pm::dispatch_rows(x, T, M, k, position, slots);
