@@ -37,6 +37,10 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   for (const std::string& kv : o.sets) apply_set_option(overrides, kv);
   c.apply(overrides, "command-line options");
   c.validate(ctx.world());
+  // the dumps hold whole dense tensors and logits, one model per rank: no split layouts
+  PM_REQUIRE(c.model.dense_tp() == 1 && c.pp == 1,
+             "model-check runs every rank's model whole: use pp 1, and tp_dense replicate with tp > 1 (the split "
+             "layouts are checked against the one-rank run: tests/cli/test_ppmoe_train.py, test_pipeline_train.py)");
   c.model.vocab_size = c.tokenizer_vocab;  // synthetic tokens: the vocabulary is just a size
 
   std::string rank_dir = o.dump + "/rank" + std::to_string(ctx.rank());
