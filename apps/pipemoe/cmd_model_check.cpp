@@ -37,10 +37,9 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   for (const std::string& kv : o.sets) apply_set_option(overrides, kv);
   c.apply(overrides, "command-line options");
   c.validate(ctx.world());
-  // the dumps hold whole dense tensors and logits, one model per rank: no split layouts
-  PM_REQUIRE(c.model.dense_tp() == 1 && c.pp == 1,
-             "model-check runs every rank's model whole: use pp 1, and tp_dense replicate with tp > 1 (the split "
-             "layouts are checked against the one-rank run: tests/cli/test_ppmoe_train.py, test_pipeline_train.py)");
+  PM_REQUIRE(c.pp == 1,
+             "model-check runs one pipeline stage: use pp 1 (pipeline stages are checked against the one-rank run: "
+             "tests/cli/test_pipeline_train.py)");
   c.model.vocab_size = c.tokenizer_vocab;  // synthetic tokens: the vocabulary is just a size
 
   std::string rank_dir = o.dump + "/rank" + std::to_string(ctx.rank());
@@ -50,7 +49,10 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
 
   Executor executor;
   GptModel model(c.model, ctx.comm, executor, ctx.backend);
-  GradientSync grad_sync(model.parameters(), c.model.layers, ctx.comm, /*overlap=*/true);
+  // as training does: ppmoe's sharded gradients summed over the groups, times the ranks per group
+  const int tp = c.model.ranks_per_batch();
+  GradientSync grad_sync(model.parameters(), c.model.layers, ctx.comm, /*overlap=*/true, model.expert_replicas(),
+                         static_cast<float>(tp));
   model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
   model.init_parameters(c.seed);
   int degree = o.degree == "auto" ? 1 : std::stoi(o.degree);
@@ -62,7 +64,7 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   std::vector<double> losses, auxes, lrs, norms;
   for (int step = 0; step < o.steps; ++step) {
     Tensor in = Tensor::empty({B, S}, DType::i32), tg = Tensor::empty({B, S}, DType::i32);
-    Rng rng(c.seed, stream_id(60, step, ctx.rank()));
+    Rng rng(c.seed, stream_id(60, step, ctx.rank() / tp));  // a tensor-parallel group's ranks: the same tokens
     for (int64_t i = 0; i < B * S; ++i) in.data<int32_t>()[i] = static_cast<int32_t>(rng.next_u64() % V);
     for (int64_t i = 0; i < B * S; ++i) tg.data<int32_t>()[i] = static_cast<int32_t>(rng.next_u64() % V);
     write_npy(rank_dir + "/inputs_" + std::to_string(step) + ".npy", in);
@@ -70,12 +72,13 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
     model.zero_grads();
     double loss = model.forward(in.data<int32_t>(), tg.data<int32_t>(), B, 1.0f / ctx.world());
     double aux = model.aux_loss();
-    if (step == 0)
-      write_npy(rank_dir + "/logits.npy", Tensor::view_of(const_cast<float*>(model.logits()), {B * S, V}));
+    if (step == 0)  // vocabulary-parallel: this rank's columns
+      write_npy(rank_dir + "/logits.npy",
+                Tensor::view_of(const_cast<float*>(model.logits()), {B * S, model.vocab_parallel() ? V / tp : V}));
     model.backward();
     if (step == 0)
       for (const Parameter& p : model.parameters()) write_npy(rank_dir + "/grad." + p.name + ".npy", *p.grad);
-    double norm = clip_by_global_norm(model.parameters(), ctx.comm, c.grad_clip);
+    double norm = clip_by_global_norm(model.parameters(), ctx.comm, c.grad_clip, ctx.world() / c.model.expert_ranks(ctx.world()));
     double lr = learning_rate(c, step);
     optimizer.step(c, lr);
     model.update_balance_bias();  // as training does after every step
@@ -89,7 +92,8 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   if (ctx.rank() == 0) {
     nlohmann::json meta = {{"config", c.to_json()}, {"vocab_size", V}, {"world_size", ctx.world()},
                            {"steps", o.steps},      {"loss", losses},  {"aux", auxes},
-                           {"lr", lrs},             {"grad_norm", norms}};
+                           {"lr", lrs},             {"grad_norm", norms},
+                           {"dense_tp", c.model.dense_tp()}, {"vocab_parallel", model.vocab_parallel()}};
     std::ofstream out(o.dump + "/meta.json");
     out << meta.dump(2) << "\n";
     PM_IO_CHECK(out.good(), "cannot write {}/meta.json", o.dump);

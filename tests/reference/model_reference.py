@@ -96,6 +96,23 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None
     return y, aux, z_loss, order
 
 
+# The dense blocks' split weights (model/gpt.cpp add_split): the dimension split and into how many
+# equal parts first (q, k, v), each part then split over the ranks.
+DENSE_SHARDS = {"attn.w_qkv": (1, 3), "attn.b_qkv": (0, 3), "attn.w_proj": (0, 1), "mlp.w_fc": (1, 1),
+                "mlp.b_fc": (0, 1), "mlp.w_out": (0, 1)}
+
+
+def whole_of(slices, dim, parts):
+    """The whole tensor from every rank's slice (core/shard.h put_shard)."""
+    pieces = [np.split(a, parts, axis=dim) for a in slices]
+    return np.concatenate([np.concatenate([p[g] for p in pieces], axis=dim) for g in range(parts)], axis=dim)
+
+
+def slice_of(whole, dim, parts, place, places):
+    """Rank `place`'s slice of the whole tensor (core/shard.h take_shard)."""
+    return np.concatenate([np.split(g, places, axis=dim)[place] for g in np.split(whole, parts, axis=dim)], axis=dim)
+
+
 class Model:
     """Parameters as float64 leaf tensors, experts gathered from every rank's dump."""
 
@@ -111,15 +128,33 @@ class Model:
         self.bias = {n[:-len(".moe.router_bias")]: np.load(f"{folder}/rank0/param.{n}.npy").astype(np.float32)
                      for n in names if n.endswith(".moe.router_bias")}
         self.load = {}
+        # tensor-parallel dense blocks (tp_dense split, one group of all the ranks): each rank's
+        # slices of the split weights, put together as core/shard.h does
+        self.dense_tp = self.meta.get("dense_tp", 1)
+        self.vocab_parallel = self.meta.get("vocab_parallel", False)
         for n in names:
             if n.endswith(".moe.router_bias"):
                 continue
             arrays = [np.load(f"{folder}/rank{r}/param.{n}.npy").astype(np.float64) for r in range(self.P)]
-            value = np.concatenate(arrays) if self.is_expert(n) else arrays[0]  # experts: global [E, ...]
+            if self.shard(n):
+                value = whole_of(arrays, *self.shard(n))
+            else:
+                value = np.concatenate(arrays) if self.is_expert(n) else arrays[0]  # experts: global [E, ...]
             self.params[n] = torch.tensor(value, requires_grad=True)
 
     def is_expert(self, name):
         return ".moe." in name and not name.endswith(".moe.wg")
+
+    def shard(self, name):
+        """(dim, parts) of a tensor-parallel parameter's slices (Parameter::shard_dim, shard_groups), or None."""
+        if self.dense_tp == 1:
+            return None
+        if name == "wte":
+            return (0, 1) if self.vocab_parallel else None
+        for suffix, spec in DENSE_SHARDS.items():
+            if name.endswith(suffix):
+                return spec
+        return None
 
     def decays(self, name):
         return any(name.endswith(s) for s in ("w_qkv", "w_proj", "w_fc", "w_out", "moe.wg", "moe.w1", "moe.w2",

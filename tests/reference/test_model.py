@@ -1,9 +1,12 @@
 #!/usr/bin/python3
-"""The whole model against PyTorch in float64, on 1 and 2 ranks: logits, loss and every parameter
+"""The whole model against PyTorch in float64, on 1, 2 and 4 ranks: logits, loss and every parameter
 gradient after one forward/backward (within 1e-4 relative), then the loss of each of a few
 training steps (AdamW, clipping, warm-up, the selection bias's moves) along the same trajectory.
 In bf16 the reference does the same roundings (model_reference.py) and the errors are measured in
 norm (a value rounded the other way moves by one bf16 step, 2^-8 of it): within TOLERANCE_BF16.
+PPMoE with the dense blocks split over a tensor-parallel group (TP_VARIANTS): each rank's slices of
+the split weights and their gradients against the matching slices of the whole model's, the
+vocabulary-parallel logits column by column.
 
 Run: /usr/bin/python3 tests/reference/test_model.py   (needs build/pipemoe)
 """
@@ -47,14 +50,20 @@ def check(folder, ranks, seed, degree, f, variant=()):
         total.backward()
         if step == 0:
             for r in range(ranks):
-                err = error(np.load(f"{folder}/rank{r}/logits.npy").astype(np.float64), logits[r].detach().numpy())
+                want = logits[r].detach().numpy()
+                if model.vocab_parallel:  # this rank's columns of the vocabulary
+                    want = np.split(want, ranks, axis=1)[r]
+                err = error(np.load(f"{folder}/rank{r}/logits.npy").astype(np.float64), want)
                 f.check(err <= tolerance, f"{name} rank {r}: logits relative error {err:.2e}")
             worst = 0.0
             for n, w in model.params.items():
                 g = w.grad.numpy()
                 for r in range(ranks):
                     ours_g = np.load(f"{folder}/rank{r}/grad.{n}.npy").astype(np.float64)
-                    want = np.split(g, ranks)[r] if model.is_expert(n) else g
+                    if model.shard(n):
+                        want = ref.slice_of(g, *model.shard(n), r, ranks)
+                    else:
+                        want = np.split(g, ranks)[r] if model.is_expert(n) else g
                     err = error(ours_g, want)
                     worst = max(worst, err)
                     f.check(ours_g.shape == want.shape and err <= tolerance,
@@ -97,6 +106,18 @@ ROUTER_VARIANTS = [
                 "expert_activation=swiglu", "shared_expert_activation=swiglu", "aux_coef=0.001",
                 "router_bias_rate=0.05", "capacity_factor=0"]),
 ]
+# PPMoE with the dense blocks split Megatron-style (one tensor-parallel group of all the ranks,
+# every rank the same tokens): heads and MLP columns per rank, the tied embedding and head
+# vocabulary-parallel (300 rows divide by 2 and 4; 301 do not: replicated head); with ScMoE and
+# the shared expert; and the dense blocks replicated
+TP_VARIANTS = [
+    (2, 51, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300"]),
+    (2, 52, 2, ["moe_strategy=ppmoe", "tp=2"]),
+    (4, 53, 1, ["moe_strategy=ppmoe", "tp=4", "heads=4", "tokenizer_vocab=300"]),
+    (2, 54, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "arch=scmoe", "scmoe_tap=pos2",
+                "shared_expert_hidden=36", "top_k=1"]),
+    (2, 55, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "tp_dense=replicate"]),
+]
 # bf16: the top-2 model on 1 and 2 ranks (pipelined), the DeepSeek-style block, and ScMoE with the
 # coefficient gate
 BF16_VARIANTS = [
@@ -114,7 +135,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for ranks, seed, degree in [(1, 21, 1), (2, 22, 1), (2, 23, 2)]:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f)
-        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS + BF16_VARIANTS:
+        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS + BF16_VARIANTS + TP_VARIANTS:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f, variant)
     f.finish("test_model")
 
