@@ -10,18 +10,34 @@
 
 namespace pm {
 
-PipelineRunner::PipelineRunner(GptModel& model, Communicator* pipeline, PipelineSchedule schedule)
-    : model_(model), pipeline_(pipeline), schedule_(schedule) {
+PipelineRunner::PipelineRunner(GptModel& model, Communicator* pipeline, PipelineSchedule schedule, Communicator* copies)
+    : model_(model), pipeline_(pipeline), schedule_(schedule), copies_(copies && copies->size() > 1 ? copies : nullptr) {
   if (pipeline_) stage_ = pipeline_->rank(), stages_ = pipeline_->size();
   PM_CHECK(model.first_stage() == (stage_ == 0) && model.last_stage() == (stage_ == stages_ - 1),
            "stage {} of {} holds the wrong ends of the model", stage_, stages_);
 }
 
+bool PipelineRunner::sliced(int64_t count) const { return copies_ && count % copies_->size() == 0; }
+
 void PipelineRunner::receive(float* into, int64_t count, int peer, double& wait_ms, const std::string& what) {
   Stopwatch waiting;
   TraceSpan span(trace_, what, lanes::compute.id);
-  pipeline_->recv(into, count, DType::f32, peer);
+  if (sliced(count)) {  // this rank's slice from its peer, the rest from the ranks beside it
+    const int64_t piece = count / copies_->size();
+    slice_.resize(piece);
+    pipeline_->recv(slice_.data(), piece, DType::f32, peer);
+    copies_->allgather(slice_.data(), into, piece, DType::f32);
+  } else {
+    pipeline_->recv(into, count, DType::f32, peer);
+  }
   wait_ms += waiting.elapsed_ms();
+}
+
+RequestPtr PipelineRunner::send(const std::vector<float>& data, int peer) {
+  const int64_t count = static_cast<int64_t>(data.size());
+  if (!sliced(count)) return pipeline_->isend(data.data(), count, DType::f32, peer);
+  const int64_t piece = count / copies_->size();
+  return pipeline_->isend(data.data() + copies_->rank() * piece, piece, DType::f32, peer);
 }
 
 PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, const DrawBatch& draw, GradientSync& sync) {
@@ -47,7 +63,7 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
       r.exposed_ms += model_.forward_exposed_ms();
       if (!last) {
         sent_forward[m].assign(model_.stage_output(), model_.stage_output() + T * D);
-        sends.push_back(pipeline_->isend(sent_forward[m].data(), T * D, DType::f32, stage_ + 1));
+        sends.push_back(send(sent_forward[m], stage_ + 1));
       }
       // kept for the backward, unless it comes next (one stage, or the last)
       const bool backward_next = i + 1 < ops.size() && !ops[i + 1].forward && ops[i + 1].micro_batch == m;
@@ -65,7 +81,7 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
       r.exposed_ms += model_.backward_exposed_ms();
       if (!first) {
         sent_backward[m].assign(model_.input_grad(), model_.input_grad() + T * D);
-        sends.push_back(pipeline_->isend(sent_backward[m].data(), T * D, DType::f32, stage_ - 1));
+        sends.push_back(send(sent_backward[m], stage_ - 1));
       }
     }
   }
@@ -87,7 +103,11 @@ double PipelineRunner::forward_only(const int32_t* inputs, const int32_t* target
   if (stage_ > 0) receive(from_before_.data(), T * D, stage_ - 1, unused, "wait for the stage before");
   const double loss = model_.forward_stage(inputs, from_before_.data(), targets, B, 0.0f);
   // a chain, forward only: the next stage is (or will be) waiting for this, never the other way
-  if (stage_ + 1 < stages_) pipeline_->send(model_.stage_output(), T * D, DType::f32, stage_ + 1);
+  if (stage_ + 1 < stages_) {
+    std::vector<float> out(model_.stage_output(), model_.stage_output() + T * D);
+    RequestPtr sent = send(out, stage_ + 1);
+    pipeline_->waiter().wait(*sent);
+  }
   return loss;
 }
 

@@ -31,8 +31,12 @@ struct PipelineStepResult {
 
 class PipelineRunner {
  public:
-  // pipeline: this rank's pipeline group (rank = stage), null with one stage.
-  PipelineRunner(GptModel& model, Communicator* pipeline, PipelineSchedule schedule);
+  // pipeline: this rank's pipeline group (rank = stage), null with one stage. copies: the ranks
+  // beside this one that hold the same activations (a tensor-parallel group; null: none): each
+  // sends only its slice to the next stage, whose group puts the slices together again over its
+  // own fast link (Megatron-LM's scatter-gather), so the link between stages carries every
+  // activation once instead of once per rank of the group.
+  PipelineRunner(GptModel& model, Communicator* pipeline, PipelineSchedule schedule, Communicator* copies = nullptr);
 
   // Draws micro-batch m's inputs and targets [B, S].
   using DrawBatch = std::function<void(int m, int32_t* inputs, int32_t* targets)>;
@@ -45,13 +49,17 @@ class PipelineRunner {
 
  private:
   void receive(float* into, int64_t count, int peer, double& wait_ms, const std::string& what);
+  RequestPtr send(const std::vector<float>& data, int peer);  // data must live until the request is done
+  bool sliced(int64_t count) const;  // sent in slices: a group of copies over which count divides
 
   GptModel& model_;
   Communicator* pipeline_;
   PipelineSchedule schedule_;
+  Communicator* copies_;
   Trace* trace_ = nullptr;
   int stage_ = 0, stages_ = 1;
   std::vector<float> from_before_, from_after_;  // the received activation / gradient [B*S, D]
+  std::vector<float> slice_;                     // this rank's received slice of one
 };
 
 }  // namespace pm

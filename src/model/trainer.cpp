@@ -330,7 +330,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   const int stage = layout.stage(rank), stage_ranks = layout.stage_size();
   GptModel model(c.model, stage_comm, executor, backend,
                  StageSpan{layout.first_block(stage), layout.end_block(stage), stage == 0, stage == layout.pp - 1});
-  PipelineRunner runner(model, pipeline, parse_pipeline_schedule(c.pipeline_schedule, "configuration: 'pipeline_schedule'"));
+  // a tensor-parallel group's ranks hold the same activations: each sends its slice between stages
+  PipelineRunner runner(model, pipeline, parse_pipeline_schedule(c.pipeline_schedule, "configuration: 'pipeline_schedule'"),
+                        c.model.ranks_per_batch() > 1 ? &model.expert_group() : nullptr);
   // ppmoe: expert gradients summed over the groups, times the ranks per group (grad_sync.h)
   GradientSync grad_sync(model.parameters(), c.model.layers, stage_comm, c.overlap_grad_allreduce, model.expert_replicas(),
                          static_cast<float>(c.model.ranks_per_batch()));
