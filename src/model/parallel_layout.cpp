@@ -6,12 +6,18 @@
 
 namespace pm {
 
-ParallelLayout ParallelLayout::make(int world, int tp, int pp, int layers) {
+ParallelLayout ParallelLayout::make(int world, int tp, int pp, int layers, std::vector<int> starts) {
   PM_REQUIRE(tp >= 1 && pp >= 1, "the layout needs tp and pp of at least 1, got tp {} pp {}", tp, pp);
   PM_REQUIRE(world % (tp * pp) == 0, "the layout tp {} x pp {} does not divide the {} ranks", tp, pp, world);
   PM_REQUIRE(pp <= layers, "pp {}: more pipeline stages than the model's {} blocks", pp, layers);
   ParallelLayout l;
   l.world = world, l.tp = tp, l.pp = pp, l.dp = world / (tp * pp), l.layers = layers;
+  if (starts.empty())
+    for (int s = 0; s <= pp; ++s) starts.push_back(static_cast<int>(static_cast<long>(s) * layers / pp));
+  PM_CHECK(static_cast<int>(starts.size()) == pp + 1 && starts.front() == 0 && starts.back() == layers,
+           "stage starts for {} stages of {} blocks", pp, layers);
+  for (int s = 0; s < pp; ++s) PM_CHECK(starts[s] < starts[s + 1], "stage {} holds no block", s);
+  l.starts = std::move(starts);
   return l;
 }
 

@@ -1,6 +1,7 @@
 #include "model/train_config.h"
 
 #include "model/pipeline_schedule.h"
+#include "model/stage_split.h"
 
 #include <cmath>
 #include <filesystem>
@@ -63,6 +64,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("pp", c.pp);
   fn("micro_batches", c.micro_batches);
   fn("pipeline_schedule", c.pipeline_schedule);
+  fn("pipeline_split", c.pipeline_split);
   fn("tp_dense", c.model.tp_dense);
   fn("max_steps", c.max_steps);
   fn("stop_at", c.stop_at);
@@ -220,6 +222,7 @@ void TrainConfig::validate(int world) const {
              "configuration: 'pp' {} x tp {} does not divide the {} ranks (the layout is tp x dp x pp)", pp, m.tp, world);
   PM_REQUIRE(pp <= m.layers, "configuration: 'pp' {}: more pipeline stages than the model's {} blocks", pp, m.layers);
   parse_pipeline_schedule(pipeline_schedule, "configuration: 'pipeline_schedule'");
+  stage_starts(m, tokenizer_vocab, pp, pipeline_split);  // a usage error for a split that is not one
   PM_REQUIRE(pp == 1 || pipeline_schedule != "1f1b" || micro_batches >= pp,
              "configuration: 1F1B over {} pipeline stages needs at least {} micro-batches per step, got micro_batches "
              "{} (set micro_batches, or pipeline_schedule gpipe)",
@@ -280,8 +283,9 @@ void TrainConfig::validate(int world) const {
                "configuration: arch scmoe needs a shared expert on the current representation: set "
                "'shared_expert_hidden' (e.g. to expert_hidden)");
     // a stage's first block cannot tap the block before it: that one lives on another stage
+    const std::vector<int> starts = stage_starts(m, tokenizer_vocab, pp, pipeline_split);
     for (int s = 1; s < pp && m.scmoe_tap != "pos1"; ++s) {
-      const int first = static_cast<int>(static_cast<long>(s) * m.layers / pp);
+      const int first = starts[s];
       PM_REQUIRE(!m.is_moe(first),
                  "configuration: ScMoE block {} taps block {} ({}), which pipeline stage {} leaves to stage {}: choose "
                  "a pp whose stages start at dense blocks, or scmoe_tap pos1",

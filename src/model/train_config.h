@@ -78,6 +78,8 @@ struct TrainConfig {
   int micro_batches = 1;
   // The stages' order of forwards and backwards (model/pipeline_schedule.h): "1f1b" or "gpipe".
   std::string pipeline_schedule = "1f1b";
+  // Which blocks each stage holds (model/stage_split.h): "even", "cost", or blocks per stage "3,1".
+  std::string pipeline_split = "even";
   int max_steps = 300;
   int stop_at = 0;  // stop after this many steps, as an interruption would (the schedule still follows max_steps)
   double lr = 3e-3, min_lr = 3e-4;

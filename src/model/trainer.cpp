@@ -24,6 +24,7 @@
 #include "model/optimizer.h"
 #include "model/parallel_layout.h"
 #include "model/pipeline_runner.h"
+#include "model/stage_split.h"
 #include "model/train_log.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
@@ -272,8 +273,8 @@ void print_setup(const TrainConfig& c, const ParallelLayout& layout, int hosts) 
             tp > 1 ? fmt::format("; tensor-parallel groups of {} consecutive ranks share a batch and split the experts "
                                  "(dense weights replicated in a group)", tp)
                    : "",
-            layout.pp > 1 ? fmt::format("; {} pipeline stages, {} micro-batches per step, schedule {}", layout.pp,
-                                        c.micro_batches, c.pipeline_schedule)
+            layout.pp > 1 ? fmt::format("; {} pipeline stages ({} split), {} micro-batches per step, schedule {}",
+                                        layout.pp, c.pipeline_split, c.micro_batches, c.pipeline_schedule)
                           : "");
   for (const std::string& line : layout.table()) log::info("layout: {}", line);
   if (moe_blocks.empty()) return;
@@ -323,7 +324,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   Backend& backend = cpu_backend();
   // the stage's ranks do what all ranks do without pipeline stages: the model, its experts and
   // the data-parallel all-reduce live in the stage's group
-  const ParallelLayout layout = ParallelLayout::make(P, c.model.tp, c.pp, c.model.layers);
+  const ParallelLayout layout = ParallelLayout::make(P, c.model.tp, c.pp, c.model.layers,
+                                                     stage_starts(c.model, c.model.vocab_size, c.pp, c.pipeline_split));
   ParallelGroups groups = ParallelGroups::make(comm, layout);
   Communicator& stage_comm = *groups.stage;
   Communicator* pipeline = layout.pp > 1 ? groups.pipeline.get() : nullptr;

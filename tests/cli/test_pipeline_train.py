@@ -2,7 +2,8 @@
 """Training with pipeline stages (--pp): the same model, data and effective batch give the one-rank
 run's losses to float32 rounding, whatever the layout, and bad layouts are refused.
 
-  - pp 2 on 2 ranks, pp 4 on 4, tp 2 x pp 2 (PPMoE) on 4 and GPipe's order, all with 4
+  - pp 2 on 2 ranks, pp 4 on 4, tp 2 x pp 2 (PPMoE) on 4, GPipe's order, the blocks split 3 + 1
+    and pp 3 split by cost, all with 4
     micro-batches: the one-rank run with 4 micro-batches (train, aux and validation losses and
     the gradient norm to float32 rounding; without tensor parallelism the first step's loss bit
     for bit: stage by stage the forward does the same arithmetic);
@@ -79,7 +80,9 @@ def main():
         for name, ranks, flags in [("pp 2", 2, ["--pp", "2"]),
                                    ("pp 4", 4, ["--pp", "4"]),
                                    ("tp 2 x pp 2", 4, ["--tp", "2", "--pp", "2", "--set", "moe_strategy=ppmoe"]),
-                                   ("pp 2 gpipe", 2, ["--pp", "2", "--set", "pipeline_schedule=gpipe"])]:
+                                   ("pp 2 gpipe", 2, ["--pp", "2", "--set", "pipeline_schedule=gpipe"]),
+                                   ("pp 2 split 3,1", 2, ["--pp", "2", "--set", "pipeline_split=3,1"]),
+                                   ("pp 3 split by cost", 3, ["--pp", "3", "--set", "pipeline_split=cost"])]:
             proc, log, summary = train(name, ranks, *flags)
             got = rows(log)
             f.check(same_run(got, reference), f"{name}: not the one-rank run's losses: {got[:2]} {reference[:2]}")
@@ -143,6 +146,8 @@ def main():
                                     (4, ["--pp", "4", "--set", "layers=2"], "more pipeline stages than the model's 2 blocks"),
                                     (2, ["--pp", "2", "--set", "micro_batches=1"], "needs at least 2 micro-batches"),
                                     (2, ["--pp", "2", "--set", "pipeline_schedule=zb"], "must be \"1f1b\" or \"gpipe\""),
+                                    (2, ["--pp", "2", "--set", "pipeline_split=2,1"], "gives 2 stages and 3 blocks"),
+                                    (2, ["--pp", "2", "--set", "pipeline_split=half"], "'pipeline_split' must be"),
                                     (2, ["--pp", "2", "--set", "moe_every=1", "--set", "arch=scmoe",
                                          "--set", "shared_expert_hidden=32", "--set", "scmoe_tap=pos1", "--set", "layers=3"],
                                      None),

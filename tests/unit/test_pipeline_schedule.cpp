@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "model/parallel_layout.h"
 #include "model/pipeline_schedule.h"
+#include "model/stage_split.h"
 
 namespace pm {
 namespace {
@@ -80,6 +81,38 @@ TEST(ParallelLayout, MegatronNumberingAndAnEvenSplitOfTheBlocks) {
   EXPECT_EQ(l.table().size(), 9u);
   EXPECT_THROW(ParallelLayout::make(4, 2, 3, 8), Error);  // does not divide the ranks
   EXPECT_THROW(ParallelLayout::make(4, 1, 4, 3), Error);  // more stages than blocks
+}
+
+TEST(StageSplit, EvenCostOrWrittenOut) {
+  ModelConfig m;  // 8 blocks, MoE every second one (1, 3, 5, 7)
+  m.layers = 8, m.d_model = 256, m.mlp_hidden = 1024, m.expert_hidden = 1024, m.experts = 8, m.top_k = 2;
+  EXPECT_EQ(stage_starts(m, 2048, 4, "even"), (std::vector<int>{0, 2, 4, 6, 8}));
+  EXPECT_EQ(stage_starts(m, 2048, 2, "3,5"), (std::vector<int>{0, 3, 8}));
+  // cost: the most expensive stage as cheap as any split makes it
+  auto worst = [&](const std::vector<int>& starts, int vocab) {
+    double most = 0;
+    for (std::size_t s = 0; s + 1 < starts.size(); ++s) {
+      double c = s + 2 == starts.size() ? head_cost(m, vocab) : 0.0;
+      for (int l = starts[s]; l < starts[s + 1]; ++l) c += block_cost(m, l);
+      most = std::max(most, c);
+    }
+    return most;
+  };
+  for (int vocab : {2048, 50000})
+    for (int pp : {2, 3, 4}) {
+      const std::vector<int> cost = stage_starts(m, vocab, pp, "cost");
+      EXPECT_LE(worst(cost, vocab), worst(stage_starts(m, vocab, pp, "even"), vocab));
+      // against every split written out (pp 2: all 7 of them)
+      if (pp == 2)
+        for (int first = 1; first < 8; ++first)
+          EXPECT_LE(worst(cost, vocab), worst({0, first, 8}, vocab) + 1e-6) << "vocab " << vocab << " split " << first;
+    }
+  // a large vocabulary's head leaves the last stage fewer blocks
+  EXPECT_GT(stage_starts(m, 50000, 2, "cost")[1], stage_starts(m, 2048, 2, "cost")[1]);
+  EXPECT_THROW(stage_starts(m, 2048, 2, "3,4"), Error);  // 7 blocks of 8
+  EXPECT_THROW(stage_starts(m, 2048, 2, "8,0"), Error);
+  EXPECT_THROW(stage_starts(m, 2048, 2, "balanced"), Error);
+  EXPECT_THROW(stage_starts(m, 2048, 9, "even"), Error);
 }
 
 }  // namespace
