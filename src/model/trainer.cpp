@@ -293,6 +293,12 @@ void print_setup(const TrainConfig& c, const ParallelLayout& layout, int hosts) 
 
 nlohmann::json train(Communicator& comm, TrainConfig c) {
   const int P = comm.size(), rank = comm.rank();
+  if (c.model.tp > 1 && c.model.moe_strategy == "ep") {
+    // tensor-parallel groups hold their experts split inside them: that is PPMoE's layer (the
+    // all-to-all layer would spread the experts over the whole stage)
+    c.model.moe_strategy = "ppmoe";
+    if (rank == 0) log::info("tp {}: moe_strategy ppmoe (the experts split inside each tensor-parallel group)", c.model.tp);
+  }
   c.validate(P);
   std::optional<CheckpointState> resumed;
   if (!c.resume.empty()) {

@@ -68,6 +68,7 @@ def main():
                                   ("one rank, 2 micro-batches", 1, ["micro_batches=2"]),
                                   ("tp 2, 2 micro-batches", 2, ["moe_strategy=ppmoe", "tp=2", "micro_batches=2", rep]),
                                   ("tp 2 split", 2, ["moe_strategy=ppmoe", "tp=2"]),
+                                  ("tp 2 alone", 2, ["tp=2"]),
                                   ("one rank, vocabulary 301", 1, ["tokenizer_vocab=301"]),
                                   ("tp 2 split, vocabulary 301", 2, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=301"]),
                                   ("tp 2 x dp 2 split", 4, ["moe_strategy=ppmoe", "tp=2", "dp=2"])]:
@@ -75,12 +76,14 @@ def main():
             runs[name] = log
             if name == "tp 2 x dp 2":
                 f.check("tp 2 x dp 2 x pp 1" in proc.stderr + proc.stdout, "the start lines print the layout")
+            if name == "tp 2 alone":  # tensor-parallel groups imply PPMoE's layer
+                f.check("tp 2: moe_strategy ppmoe" in proc.stderr + proc.stdout, "tp 2 alone: the start lines say ppmoe")
             if name == "tp 2 split":
                 f.check("head vocabulary-parallel" in proc.stderr + proc.stdout, "tp 2: the head is vocabulary-parallel")
             if name == "tp 2 split, vocabulary 301":  # an odd vocabulary cannot be split in two: replicated
                 f.check("head replicated (the vocabulary does not divide" in proc.stderr + proc.stdout,
                         "tp 2, vocabulary 301: the start lines say the head is replicated")
-        for a, b in [("tp 2", "one rank"), ("tp 4", "one rank"), ("tp 2 x dp 2", "tp 1 x dp 2"),
+        for a, b in [("tp 2", "one rank"), ("tp 4", "one rank"), ("tp 2 x dp 2", "tp 1 x dp 2"), ("tp 2 alone", "tp 2 split"),
                      ("tp 2, 2 micro-batches", "one rank, 2 micro-batches")]:
             same = losses(runs[a]) == losses(runs[b])
             close = all(abs(x - y) <= 1e-9 * y for x, y in zip(norms(runs[a]), norms(runs[b])))
@@ -131,7 +134,6 @@ def main():
                                    (2, ["moe_strategy=ppmoe", "tp=2", "mlp_hidden=63"], "mlp_hidden 63 does not divide"),
                                    (2, ["moe_strategy=ppmoe", "tp=2", "tp_dense=rows"], "'tp_dense' must be"),
                                    (4, ["moe_strategy=ppmoe", "tp=4", "experts=6", rep], "6 experts do not divide over tensor-parallel"),
-                                   (2, ["tp=2"], "needs moe_strategy ppmoe"),
                                    (2, ["moe_strategy=ppmoe", "tp=2", "dp=2"], "tp 2 x dp 2 x pp 1 = 4 ranks")]:
             proc, _ = train("bad", ranks, *sets, check=False)
             errors = [line for line in proc.stderr.splitlines() if "error" in line]
