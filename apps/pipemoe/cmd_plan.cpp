@@ -24,6 +24,9 @@ struct PlanOptions {
   bool json = false;
   std::string trace;
   int trace_degree = 0;  // 0: the chosen degrees
+  // --strategy all: the dense work beside each MoE layer (ms per rank; backward default: twice
+  // the forward's), which ScMoE's shortcut lets the layer's all-to-all overlap
+  double dense_fwd_ms = 0, dense_bwd_ms = -1;
 };
 
 // The simulated forward and backward passes at the given degrees, as a Chrome trace: the
@@ -56,9 +59,12 @@ void write_predicted_trace(const std::string& path, const PerfProfile& profile, 
 }
 
 // --strategy all: every strategy on the same model and global batch: expert parallelism with
-// --tokens per rank over the profile's P ranks, and PPMoE with one tensor-parallel group of the P
-// ranks holding all P T tokens (its dense parts split P ways: the same dense work per rank).
-int compare_strategies(const PerfProfile& profile, MoeShape shape, bool json) {
+// --tokens per rank over the profile's P ranks, PPMoE with one tensor-parallel group of the P
+// ranks holding all P T tokens (its dense parts split P ways: the same dense work per rank), and,
+// given the dense work beside the layer (dense_fwd_s > 0), ScMoE: the EP layer whose all-to-alls
+// overlap that dense work (the planner's window, perf/planner.h plan_window). With dense work,
+// every row's times include it: EP and PPMoE run it before the layer, ScMoE beside it.
+int compare_strategies(const PerfProfile& profile, MoeShape shape, bool json, double dense_fwd_s, double dense_bwd_s) {
   struct Row {
     std::string name;
     MoeShape shape;
@@ -72,6 +78,15 @@ int compare_strategies(const PerfProfile& profile, MoeShape shape, bool json) {
     if (std::string(name) == "ppmoe") s.tokens = shape.tokens * shape.ranks;
     rows.push_back({name, s, plan_layer(profile, s, kPlanTolerance, moe_strategy(name)),
                     static_cast<double>(shape.tokens * shape.ranks)});
+    rows.back().plan.forward_s += dense_fwd_s, rows.back().plan.backward_s += dense_bwd_s;
+  }
+  if (dense_fwd_s > 0) {
+    const WindowPlan f = plan_window(profile, shape, {dense_fwd_s}, /*forward=*/true);
+    const WindowPlan b = plan_window(profile, shape, {dense_bwd_s}, /*forward=*/false);
+    LayerPlan window;
+    window.forward_degree = f.degree, window.backward_degree = b.degree;
+    window.forward_s = f.predicted_s, window.backward_s = b.predicted_s;
+    rows.push_back({"scmoe", shape, window, static_cast<double>(shape.tokens * shape.ranks)});
   }
   const Row* best = &rows[0];
   for (const Row& r : rows)
@@ -81,7 +96,8 @@ int compare_strategies(const PerfProfile& profile, MoeShape shape, bool json) {
     for (const Row& r : rows)
       j.push_back({{"strategy", r.name}, {"tokens", r.shape.tokens}, {"degree_fwd", r.plan.forward_degree},
                    {"degree_bwd", r.plan.backward_degree}, {"predicted_fwd_ms", r.plan.forward_s * 1e3},
-                   {"predicted_bwd_ms", r.plan.backward_s * 1e3}, {"tokens_per_s", r.tokens_per_s()}});
+                   {"predicted_bwd_ms", r.plan.backward_s * 1e3}, {"tokens_per_s", r.tokens_per_s()},
+                   {"dense_fwd_ms", dense_fwd_s * 1e3}, {"dense_bwd_ms", dense_bwd_s * 1e3}});
     std::printf("%s\n", nlohmann::json{{"strategies", j}, {"chosen", best->name}, {"cluster", profile.cluster.summary()}}
                              .dump()
                              .c_str());
@@ -94,12 +110,17 @@ int compare_strategies(const PerfProfile& profile, MoeShape shape, bool json) {
   std::printf("%-8s %-34s %8s %12s %12s %12s\n", "strategy", "layout", "degrees", "forward ms", "backward ms",
               "tokens/s");
   for (const Row& r : rows) {
-    std::string layout = r.name == "ep" ? fmt::format("{} ranks x {} tokens, all-to-all", r.shape.ranks, r.shape.tokens)
-                                        : fmt::format("1 group of {} x {} tokens, all-reduce", r.shape.ranks, r.shape.tokens);
+    std::string layout =
+        r.name == "ep"      ? fmt::format("{} ranks x {} tokens, all-to-all", r.shape.ranks, r.shape.tokens)
+        : r.name == "ppmoe" ? fmt::format("1 group of {} x {} tokens, all-reduce", r.shape.ranks, r.shape.tokens)
+                            : fmt::format("{} ranks x {} tokens, behind the dense", r.shape.ranks, r.shape.tokens);
     std::printf("%-8s %-34s %4d/%-3d %12.2f %12.2f %12.0f%s\n", r.name.c_str(), layout.c_str(), r.plan.forward_degree,
                 r.plan.backward_degree, r.plan.forward_s * 1e3, r.plan.backward_s * 1e3, r.tokens_per_s(),
                 &r == best ? " *" : "");
   }
+  if (dense_fwd_s > 0)
+    std::printf("(each row with %.2f ms forward and %.2f ms backward of dense work beside the layer)\n",
+                dense_fwd_s * 1e3, dense_bwd_s * 1e3);
   std::printf("chosen: %s\n", best->name.c_str());
   return 0;
 }
@@ -114,7 +135,10 @@ int run_plan(Context& ctx, const PlanOptions& o) {
   MoeShape shape = o.shape;
   shape.ranks = profile.cluster.world_size;
   shape.validate();
-  if (o.strategy == "all") return ctx.rank() == 0 ? compare_strategies(profile, shape, o.json) : 0;
+  PM_REQUIRE(o.dense_fwd_ms >= 0, "--dense-fwd-ms must not be negative, got {}", o.dense_fwd_ms);
+  const double dense_bwd_ms = o.dense_bwd_ms >= 0 ? o.dense_bwd_ms : 2 * o.dense_fwd_ms;
+  if (o.strategy == "all")
+    return ctx.rank() == 0 ? compare_strategies(profile, shape, o.json, o.dense_fwd_ms / 1e3, dense_bwd_ms / 1e3) : 0;
   const MoeStrategy& strategy = moe_strategy(o.strategy);
   LayerPlan plan = plan_layer(profile, shape, kPlanTolerance, strategy);
   if (ctx.rank() != 0) return 0;
@@ -156,8 +180,13 @@ void add_plan_command(CLI::App& app, CommandFn& run) {
   add_layer_shape_options(cmd, o->shape);
   cmd->add_option("--strategy", o->strategy,
                   "ep (all-to-all expert parallelism), ppmoe (one tensor-parallel group of the profile's ranks; "
-                  "--tokens per group), or all: both on the same global batch, and which it would pick")
+                  "--tokens per group), or all: both (and ScMoE with --dense-fwd-ms) on the same global batch, and "
+                  "which it would pick")
       ->capture_default_str();
+  cmd->add_option("--dense-fwd-ms", o->dense_fwd_ms,
+                  "--strategy all: the dense work beside the layer (ms per rank, e.g. the attention before it in a "
+                  "training trace): adds ScMoE, whose all-to-alls overlap it");
+  cmd->add_option("--dense-bwd-ms", o->dense_bwd_ms, "the same in the backward (default: twice --dense-fwd-ms)");
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->add_option("--trace", o->trace, "write the predicted schedule as a Chrome/Perfetto trace");
   cmd->add_option("--trace-degree", o->trace_degree, "trace this degree (both passes) instead of the chosen ones");

@@ -87,6 +87,22 @@ def main():
         f.check(abs(ep["predicted_fwd_ms"] - plan["predicted_fwd_ms"]) < 1e-9, "plan --strategy all's ep row is plan's")
         rates = ", ".join("{} {:.0f} tokens/s".format(s["strategy"], s["tokens_per_s"]) for s in both["strategies"])
         print(f"ok: plan --strategy all chose {both['chosen']} ({rates})", flush=True)
+        # with dense work beside the layer: ScMoE too, its window no longer than EP's serial sum
+        # and no shorter than either part alone
+        three = last_json(mpirun(1, ["plan", "--profile", profile, "--tokens", 256, "--model-dim", 64, "--hidden", 128,
+                                     "--experts", 4, "--strategy", "all", "--json", "--dense-fwd-ms", 2]))
+        rows = {s["strategy"]: s for s in three["strategies"]}
+        f.check(list(rows) == ["ep", "ppmoe", "scmoe"], f"plan --strategy all --dense-fwd-ms: {list(rows)}")
+        f.check(abs(rows["ep"]["predicted_fwd_ms"] - (ep["predicted_fwd_ms"] + 2)) < 1e-9
+                and abs(rows["ep"]["predicted_bwd_ms"] - (ep["predicted_bwd_ms"] + 4)) < 1e-9,
+                "the EP row adds the dense work (backward: twice the forward's)")
+        f.check(2.0 <= rows["scmoe"]["predicted_fwd_ms"] <= rows["ep"]["predicted_fwd_ms"] + 1e-9
+                and 4.0 <= rows["scmoe"]["predicted_bwd_ms"] <= rows["ep"]["predicted_bwd_ms"] + 1e-9,
+                f"ScMoE's windows lie between the dense work and EP's serial sum: {rows['scmoe']} {rows['ep']}")
+        f.check(three["chosen"] == max(three["strategies"], key=lambda s: s["tokens_per_s"])["strategy"],
+                "plan --strategy all --dense-fwd-ms chooses the fastest")
+        print(f"ok: with 2 ms of dense work ScMoE's window {rows['scmoe']['predicted_fwd_ms']:.2f} ms against EP's "
+              f"{rows['ep']['predicted_fwd_ms']:.2f} ms forward; chosen {three['chosen']}", flush=True)
 
         # training with degree auto and the profile: each MoE layer planned again from its own
         # routing (after step 1, then every 2 steps); degrees change time, never losses
