@@ -271,7 +271,7 @@ void print_setup(const TrainConfig& c, const ParallelLayout& layout, int hosts) 
     if (c.model.is_moe(l)) moe_blocks += (moe_blocks.empty() ? "" : ", ") + std::to_string(l);
   log::info("layout: {} ranks on {} host(s) = tp {} x dp {} x pp {}{}{}", ranks, hosts, tp, layout.dp, layout.pp,
             tp > 1 ? fmt::format("; tensor-parallel groups of {} consecutive ranks share a batch and split the experts "
-                                 "(dense weights replicated in a group)", tp)
+                                 "(the dense blocks: tp_dense {})", tp, c.model.tp_dense)
                    : "",
             layout.pp > 1 ? fmt::format("; {} pipeline stages ({} split), {} micro-batches per step, schedule {}",
                                         layout.pp, c.pipeline_split, c.micro_batches, c.pipeline_schedule)
@@ -425,7 +425,6 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   open_error = comm.broadcast_string(open_error, 0);
   PM_REQUIRE(open_error.empty(), "{}", open_error);
 
-  std::vector<int32_t> in(B * S), tg(B * S);
   std::vector<double> step_ms_all, exposed_all, bubble_all;
   Overlap hidden_total;  // the MoE all-to-alls of every step after the first two
   double last_val = NAN;
