@@ -426,6 +426,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   PM_REQUIRE(open_error.empty(), "{}", open_error);
 
   std::vector<double> step_ms_all, exposed_all, bubble_all;
+  int held_most = 0;  // the most micro-batches a stage held between forward and backward
   Overlap hidden_total;  // the MoE all-to-alls of every step after the first two
   double last_val = NAN;
   bool windows_shown = false;
@@ -460,6 +461,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
         },
         grad_sync);
     const double loss = pass.loss, aux = pass.aux, z_loss = pass.z_loss, exposed_ms = pass.exposed_ms;
+    held_most = std::max(held_most, pass.stashed_most);
     // the tied embedding: the first stage's gradient (its lookups) plus the last's (the head)
     if (groups.embedding)
       for (Parameter& p : model.parameters())
@@ -556,6 +558,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   // memory: the largest rank's resident set after 10 steps and at the end (flat in a soak), and its peak
   const double rss_mb_end = comm.allreduce_scalar(resident_mb(), ReduceOp::max);
   const double peak_rss_mb = comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
+  held_most = static_cast<int>(comm.allreduce_scalar(held_most, ReduceOp::max));
   double ms = step_ms_all.empty() ? NAN : summarize(step_ms_all).median;
   double exposed = exposed_all.empty() ? NAN : summarize(exposed_all).median;
   return {{"train_loss", train_log.last_window_loss()},
@@ -590,6 +593,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           // 1F1B's (S - 1) / (M + S - 1)
           {"pipeline_bubble", bubble_all.empty() ? nlohmann::json(nullptr) : nlohmann::json(summarize(bubble_all).median)},
           {"pipeline_bubble_formula", pipeline_bubble_formula(layout.pp, M)},
+          // the micro-batches a stage kept aside at once (1F1B: S on the first stage; GPipe: M);
+          // with one stage none (each forward's backward comes next)
+          {"micro_batches_stashed_most", held_most},
           {"log_csv", train_log.csv_path()}};
 }
 

@@ -101,6 +101,12 @@ def main():
                         f"pp 2: the bubble is reported beside the formula: {summary}")
                 print(f"ok: pp 2 x 4 micro-batches: measured bubble {summary['pipeline_bubble']:.2f}, "
                       f"1F1B formula {summary['pipeline_bubble_formula']:.2f}", flush=True)
+            # what a stage keeps aside at once: 1F1B the first stage S micro-batches, GPipe all M
+            held = {"pp 2": 2, "pp 4": 4, "pp 2 gpipe": 4}
+            if name in held:
+                f.check(summary.get("micro_batches_stashed_most") == held[name],
+                        f"{name}: {summary.get('micro_batches_stashed_most')} micro-batches stashed at most, "
+                        f"expected {held[name]}")
 
         # ScMoE inside stages (its taps never cross a stage: block 2, where stage 1 starts, is dense)
         scmoe = ["--set", "arch=scmoe", "--set", "shared_expert_hidden=32"]
