@@ -2,14 +2,17 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <vector>
 
+#include "core/error.h"
 #include "core/npy.h"
 #include "core/round_medians.h"
 #include "core/rng.h"
+#include "core/shard.h"
 #include "core/tensor.h"
 
 namespace pm {
@@ -63,6 +66,32 @@ TEST(Npy, RoundTripsEveryDtypeAndRejectsCorruptFiles) {
   std::filesystem::resize_file(dir / "f.npy", 100);  // header intact, data cut short
   EXPECT_THROW(read_npy((dir / "f.npy").string()), Error);
   std::filesystem::remove_all(dir);
+}
+
+// A tensor-parallel w_qkv [2, 3 * 4] over 2 ranks: each holds its 2 columns of q, of k and of v.
+TEST(Shard, SlicesLieWhereTheSplitSaysAndPutBackWhole) {
+  Tensor whole = Tensor::empty({2, 12});
+  for (int64_t i = 0; i < whole.numel(); ++i) whole.f32()[i] = static_cast<float>(i);
+  Tensor mine = Tensor::empty({2, 6});
+  take_shard(whole, mine, /*dim=*/1, /*groups=*/3, /*place=*/1, /*places=*/2);
+  // row 0: q columns 2-3, k columns 6-7, v columns 10-11
+  const std::vector<float> row0(mine.f32(), mine.f32() + 6), row1(mine.f32() + 6, mine.f32() + 12);
+  EXPECT_EQ(row0, (std::vector<float>{2, 3, 6, 7, 10, 11}));
+  EXPECT_EQ(row1, (std::vector<float>{14, 15, 18, 19, 22, 23}));
+  EXPECT_EQ(whole_shape(mine.shape(), 1, 2), whole.shape());
+  // every place's slice put back gives the whole; experts (dim 0, one part) are consecutive rows
+  Tensor back = Tensor::zeros({2, 12});
+  for (int r = 0; r < 2; ++r) {
+    take_shard(whole, mine, 1, 3, r, 2);
+    put_shard(mine, back, 1, 3, r, 2);
+  }
+  EXPECT_EQ(std::memcmp(back.f32(), whole.f32(), whole.nbytes()), 0);
+  Tensor rows = Tensor::empty({1, 12});
+  Tensor tall = Tensor::empty({2, 12});
+  std::memcpy(tall.f32(), whole.f32(), whole.nbytes());
+  take_shard(tall, rows, 0, 1, 1, 2);
+  EXPECT_EQ(rows.f32()[0], 12.0f);
+  EXPECT_THROW(take_shard(whole, rows, 1, 3, 0, 2), Error);  // shapes that do not match
 }
 
 TEST(Rng, StreamsAreReproducibleAndIndependent) {
