@@ -76,8 +76,6 @@ class GptModel {
   bool vocab_parallel() const { return vocab_tp_ > 1; }
   bool first_stage() const { return span_.first_stage; }
   bool last_stage() const { return span_.last_stage; }
-  int first_block() const { return span_.first_block; }
-  int end_block() const { return span_.end_block; }
   // A pipeline keeps several micro-batches between their forward and their backward: stash_pass
   // moves what the last forward saved for the backward into `slot`, restore_pass moves it back
   // (the buffers themselves move: nothing is copied, and the bits are the same).
@@ -162,7 +160,6 @@ class GptModel {
   // cache_row >= 0: keep the keys and values of this one sequence in that row of the cache).
   double run_forward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t S, float backward_scale,
                      int64_t cache_row, bool decode, const float* h_in = nullptr);
-  Block& block(int l) { return *blocks_[l]; }
   // A dense step: first then rest as one compute task; with the dense weights split over the
   // tensor-parallel group (dense_tp_ > 1), first, the sum of partial[count] over the group on the
   // communication lane, then rest. Returns the last task's id.
