@@ -256,6 +256,7 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
   timing.task_s.clear();
   timing.moe_comm_s.clear();
   timing.moe_hidden.clear();
+  timing.moe_span_s.clear();
   for (int id = 0; id < graph.size(); ++id) timing.task_s[graph.task(id).name] = seconds[id];
   // the MoE's communication before its experts (its way out) and after them (its way back)
   for (const auto& [block, tasks] : moe_tasks) {
@@ -271,6 +272,14 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
     for (int id : tasks.ids)
       if (graph.task(id).lane == lanes::comm) comm.push_back(id);
     timing.moe_hidden[block] = hidden_behind_compute(graph, s, comm);
+    double first = 0, end = 0;
+    bool seen = false;
+    for (const TaskRecord& r : s.records)
+      if (std::find(tasks.ids.begin(), tasks.ids.end(), r.task) != tasks.ids.end()) {
+        first = seen ? std::min(first, r.start_s) : r.start_s, end = seen ? std::max(end, r.end_s) : r.end_s;
+        seen = true;
+      }
+    timing.moe_span_s[block] = end - first;
   }
   // Every rank keeps the same times, the slowest rank's: the choices made from them (slots, where
   // the gradient buckets go) are then the same on every rank, and so is the order in which every
@@ -278,10 +287,23 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
   std::vector<double> v;
   for (const auto& [name, seconds_] : timing.task_s) v.push_back(seconds_);
   for (const auto& [block, window] : timing.moe_comm_s) v.push_back(window.first), v.push_back(window.second);
+  for (const auto& [block, span] : timing.moe_span_s) v.push_back(span);
   comm_.allreduce(v.data(), v.data(), static_cast<int64_t>(v.size()), DType::f64, ReduceOp::max);
   std::size_t at = 0;
   for (auto& [name, seconds_] : timing.task_s) seconds_ = v[at++];
   for (auto& [block, window] : timing.moe_comm_s) window.first = v[at++], window.second = v[at++];
+  for (auto& [block, span] : timing.moe_span_s) span = v[at++];
+}
+
+std::vector<std::pair<double, double>> GptModel::take_moe_seconds() {
+  std::vector<std::pair<double, double>> out;
+  for (std::size_t l = 0; l < blocks_.size(); ++l)
+    if (blocks_[l] && blocks_[l]->moe) {
+      auto it = moe_seconds_.find(static_cast<int>(l));
+      out.push_back(it == moe_seconds_.end() ? std::pair{0.0, 0.0} : it->second);
+    }
+  moe_seconds_.clear();
+  return out;
 }
 
 Overlap GptModel::comm_hidden() const {

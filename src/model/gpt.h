@@ -112,6 +112,10 @@ class GptModel {
   void update_balance_bias();
   // The MoE layers' last forward passes (their routing: expert load, dropped tokens), in block order.
   std::vector<const MoePass*> moe_passes() const;
+  // Each MoE layer's seconds (forward, backward) in the passes since the last call, in block
+  // order: from its first task's start to its last task's end, the slowest rank's, summed over the
+  // passes (micro-batches). What the online degree tuning times (perf/degree_tuner.h).
+  std::vector<std::pair<double, double>> take_moe_seconds();
   const float* logits() const { return logits_.data(); }  // [B*S, V] of the last forward
   // Records the tasks of the next passes (null: stop).
   void set_trace(Trace* trace) { trace_ = trace; }
@@ -152,6 +156,7 @@ class GptModel {
     std::map<std::string, double> task_s;
     std::map<int, std::pair<double, double>> moe_comm_s;
     std::map<int, Overlap> moe_hidden;  // per MoE block
+    std::map<int, double> moe_span_s;   // per MoE block: first task's start to last task's end
   };
   void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
   // Runs a pass's graph; returns the milliseconds its compute lane waited for communication.
@@ -219,6 +224,7 @@ class GptModel {
   double loss_ = 0;
   double forward_exposed_ms_ = 0, backward_exposed_ms_ = 0;
   PassTiming last_forward_, last_backward_;
+  std::map<int, std::pair<double, double>> moe_seconds_;  // per MoE block, since take_moe_seconds
   std::vector<int64_t> positions_;  // inference: each sequence's next position
   std::map<int, Overlap> hidden_by_block_;  // forward + backward
   std::map<int, int> slots_fwd_, slots_bwd_;

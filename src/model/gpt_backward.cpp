@@ -262,6 +262,7 @@ void GptModel::backward_stage(const float* dh_in) {
   backward_exposed_ms_ = run(g, "backward");
   if (!span_.first_stage) input_grad_.assign(dh.begin(), dh.end());  // for the stage before
   remember(g, moe_tasks, last_backward_);
+  for (const auto& [block, span] : last_backward_.moe_span_s) moe_seconds_[block].second += span;
   for (const auto& [block, o] : last_backward_.moe_hidden) hidden_by_block_[block] += o;
 }
 

@@ -270,6 +270,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
   });
   forward_exposed_ms_ = run(g, "forward");
   remember(g, moe_tasks, last_forward_);
+  for (const auto& [block, span] : last_forward_.moe_span_s) moe_seconds_[block].first += span;
   backward_exposed_ms_ = 0;
   hidden_by_block_ = last_forward_.moe_hidden;
   return loss_;

@@ -88,6 +88,8 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("resume", c.resume);
   fn("degree", c.degree);
   fn("degree_replan_every", c.degree_replan_every);
+  fn("degree_tune", c.degree_tune);
+  fn("degree_tune_rounds", c.degree_tune_rounds);
   fn("scmoe_plan", c.scmoe_plan);
   fn("nan_policy", c.nan_policy);
   fn("profile", c.profile);
@@ -202,6 +204,9 @@ void TrainConfig::validate(int world) const {
   positive("eval_every", eval_every);
   PM_REQUIRE(degree_replan_every >= 0, "configuration: 'degree_replan_every' must be 0 (never) or a number of steps, got {}",
              degree_replan_every);
+  PM_REQUIRE(degree_tune == "auto" || degree_tune == "on" || degree_tune == "off",
+             "configuration: 'degree_tune' must be \"auto\", \"on\" or \"off\", got '{}'", degree_tune);
+  positive("degree_tune_rounds", degree_tune_rounds);
   // sizes no run can have, refused before anything is allocated
   auto at_most = [](const char* key, int64_t v, int64_t max) {
     PM_REQUIRE(v <= max, "configuration: '{}' must be at most {}, got {}", key, max, v);

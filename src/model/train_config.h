@@ -97,6 +97,11 @@ struct TrainConfig {
   // degree auto with a profile: each MoE layer's degrees planned again from its own routing after
   // the first step and every this many steps (0: never; the first layer's choice for all)
   int degree_replan_every = 50;
+  // With those plans: time each layer's closest candidates on the training steps and keep the
+  // fastest (model/layer_degrees.h): "auto" where predicted to cost under 1% of the rest of the
+  // run, "on", "off". degree_tune_rounds: rounds of trials (each candidate once per round).
+  std::string degree_tune = "auto";
+  int degree_tune_rounds = 3;
   // ScMoE with degree auto and a profile: "window" plans each block's slot and degree together
   // (perf/planner.h plan_window); "rule": the degree from the layer alone, the slot by the rule.
   std::string scmoe_plan = "window";

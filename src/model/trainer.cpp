@@ -26,6 +26,7 @@
 #include "model/pipeline_runner.h"
 #include "model/stage_split.h"
 #include "model/train_log.h"
+#include "model/layer_degrees.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
 #include "sched/overlap.h"
@@ -114,33 +115,6 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
 
 // Each MoE block's pipeline degrees (and ScMoE slots) of the last passes, for the progress line:
 // "degree 2/1" or "degree 2/1 slot 4/3" when every block has the same, else block by block.
-// Each MoE layer's degrees planned again from the rows its last pass really routed (each layer its
-// own: the routing of one layer is not another's), every rank predicting from its own rows and the
-// slowest rank's prediction deciding, so that every rank picks the same; a layer keeps its
-// degrees unless they are predicted clearly slower (keep_current_within). Returns how many layers
-// changed degree.
-int replan_from_routing(GptModel& model, const PerfProfile& profile, Communicator& comm) {
-  std::vector<MoeLayer*> layers = model.moe_layers();
-  std::vector<const MoePass*> passes = model.moe_passes();
-  int changed = 0;
-  for (std::size_t i = 0; i < layers.size() && i < passes.size(); ++i) {
-    if (!passes[i]) continue;
-    std::vector<DegreePrediction> candidates = plan_layer_from_pass(profile, *layers[i], *passes[i]).candidates;
-    std::vector<double> times;
-    for (const DegreePrediction& p : candidates) times.push_back(p.forward_s), times.push_back(p.backward_s);
-    comm.allreduce(times.data(), times.data(), static_cast<int64_t>(times.size()), DType::f64, ReduceOp::max);
-    for (std::size_t j = 0; j < candidates.size(); ++j)
-      candidates[j].forward_s = times[2 * j], candidates[j].backward_s = times[2 * j + 1];
-    const LayerPlan plan = keep_current_within(pick_degrees(std::move(candidates)), layers[i]->forward_degree(),
-                                               layers[i]->backward_degree());
-    if (plan.forward_degree != layers[i]->forward_degree() || plan.backward_degree != layers[i]->backward_degree()) {
-      layers[i]->set_degrees(plan.forward_degree, plan.backward_degree);
-      ++changed;
-    }
-  }
-  return changed;
-}
-
 std::string moe_schedule(GptModel& model, bool scmoe) {
   std::vector<std::string> each;
   int i = 0;
@@ -363,7 +337,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   DegreeChoice degrees = choose_moe_degrees(model, c, stage_comm, executor, profile ? &*profile : nullptr);
   const bool replan = profile && c.model.moe_layers() > 0 && parse_degree(c.degree, "degree") == 0 &&
                       c.degree_replan_every > 0 && !c.model.scmoe();
-  double replan_ms = 0;
+  std::optional<LayerDegrees> layer_degrees;  // each layer planned from its routing, then timed
+  if (replan) layer_degrees.emplace(model, *profile, stage_comm, c);
   // ScMoE at degree auto with a profile: each block's slot and degree are planned together
   // before every pass (the dense tasks' times are measured by then)
   const bool plan_windows = c.model.scmoe() && profile && c.model.moe_layers() > 0 &&
@@ -450,6 +425,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       model.set_trace(&trace);
       runner.set_trace(&trace);
     }
+    if (layer_degrees) layer_degrees->before_step();
     Stopwatch step_watch;
     model.zero_grads();
     // micro-batch m of data group g draws the batch data group g * M + m would draw with one
@@ -490,16 +466,6 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       optimizer.step(c, lr);
       model.update_balance_bias();  // router_bias_rate > 0: against this step's load
     }
-    // degree auto with a profile: every layer's degrees from its own routing, after the first step
-    // and every degree_replan_every steps (the routing drifts as the router learns)
-    if (replan && ((step + 1 - start) == 1 || (step + 1) % c.degree_replan_every == 0)) {
-      Stopwatch planning;
-      const int changed = replan_from_routing(model, *profile, stage_comm);
-      replan_ms += planning.elapsed_ms();
-      if (changed > 0 && rank == 0)
-        log::info("step {}: re-planned from each MoE layer's routing: {} (planning took {:.1f} ms so far)", step + 1,
-                  moe_schedule(model, c.model.scmoe()), replan_ms);
-    }
     span.reset();
     double step_ms = step_watch.elapsed_ms();
     // what the compute lane waited for: all-to-alls and gradient all-reduces not hidden
@@ -519,6 +485,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
       record.pipeline_wait_ms = stats[5] / P;
       if (step - start >= 2) bubble_all.push_back(record.pipeline_wait_ms / record.step_ms);
     }
+    // degree auto with a profile: every layer's degrees from its own routing, after the first step
+    // and every degree_replan_every steps (the routing drifts as the router learns), then timed
+    if (layer_degrees) layer_degrees->after_step(step + 1, last, record.step_ms, step == start);
     moe_load(model, stage_comm, pipeline, c.model.experts, record);
     comm_hidden(model, stage_comm, pipeline, record);
     if (step - start >= 2) hidden_total += Overlap{record.comm_hidden_total_s, record.comm_hidden_s};
@@ -568,7 +537,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"val_bits_per_byte", last_val / std::log(2.0) / val_bytes_per_token},
           {"unigram_bits_per_byte", unigram / std::log(2.0) / val_bytes_per_token},
           {"tokens_per_s", tokens_per_step / (ms / 1e3)},
-          {"degree_replan_ms", replan_ms},
+          {"degree_replan_ms", layer_degrees ? layer_degrees->planning_ms() : 0.0},
+          {"degree_tuning", layer_degrees ? layer_degrees->summary() : nlohmann::json(nullptr)},
           {"steps", last},
           {"ms_per_step", ms},
           {"exposed_comm_ms_per_step", exposed},
