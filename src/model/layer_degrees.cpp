@@ -10,10 +10,8 @@ namespace pm {
 
 namespace {
 
-// The planner's candidates within this much of its fastest prediction are timed, at most
-// kTuneMost per direction: the model's misses measured in docs/BENCHMARKS.md are 10-30% per
-// direction, and every further candidate adds a step per round.
-constexpr double kTuneWindow = 0.15;
+// At most this many candidates per direction (degree_tune_window picks them): every further one
+// adds a step per round.
 constexpr int kTuneMost = 3;
 // Tuning runs by default where its predicted cost stays under this share of the rest of the run.
 constexpr double kTuneBudget = 0.01;
@@ -95,8 +93,8 @@ void LayerDegrees::replan(int64_t done, int64_t last, double step_ms) {
                        kept.backward_degree != layers[i]->backward_degree();
     if (moved) layers[i]->set_degrees(kept.forward_degree, kept.backward_degree), ++changed;
     if (!never_tuned && !moved) continue;
-    Start s{id, tune_candidates(plans[i], true, kept.forward_degree, kTuneWindow, kTuneMost),
-            tune_candidates(plans[i], false, kept.backward_degree, kTuneWindow, kTuneMost)};
+    Start s{id, tune_candidates(plans[i], true, kept.forward_degree, config_.degree_tune_window, kTuneMost),
+            tune_candidates(plans[i], false, kept.backward_degree, config_.degree_tune_window, kTuneMost)};
     if (s.forward.size() + s.backward.size() <= 2) continue;  // nothing else is close
     cost_s += predicted_tuning_cost_s(plans[i], s.forward, s.backward, config_.degree_tune_rounds);
     fallback_[id] = {kept.forward_degree, kept.backward_degree};

@@ -90,6 +90,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("degree_replan_every", c.degree_replan_every);
   fn("degree_tune", c.degree_tune);
   fn("degree_tune_rounds", c.degree_tune_rounds);
+  fn("degree_tune_window", c.degree_tune_window);
   fn("scmoe_plan", c.scmoe_plan);
   fn("nan_policy", c.nan_policy);
   fn("profile", c.profile);
@@ -207,6 +208,7 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(degree_tune == "auto" || degree_tune == "on" || degree_tune == "off",
              "configuration: 'degree_tune' must be \"auto\", \"on\" or \"off\", got '{}'", degree_tune);
   positive("degree_tune_rounds", degree_tune_rounds);
+  PM_REQUIRE(degree_tune_window >= 0, "configuration: 'degree_tune_window' must be at least 0, got {}", degree_tune_window);
   // sizes no run can have, refused before anything is allocated
   auto at_most = [](const char* key, int64_t v, int64_t max) {
     PM_REQUIRE(v <= max, "configuration: '{}' must be at most {}, got {}", key, max, v);

@@ -99,9 +99,12 @@ struct TrainConfig {
   int degree_replan_every = 50;
   // With those plans: time each layer's closest candidates on the training steps and keep the
   // fastest (model/layer_degrees.h): "auto" where predicted to cost under 1% of the rest of the
-  // run, "on", "off". degree_tune_rounds: rounds of trials (each candidate once per round).
+  // run, "on", "off". degree_tune_rounds: rounds of trials (each candidate once per round);
+  // degree_tune_window: the planner's candidates predicted within this share of its fastest
+  // are timed (at most 3 per direction; 0.15: the models' misses measured per direction).
   std::string degree_tune = "auto";
   int degree_tune_rounds = 3;
+  double degree_tune_window = 0.15;
   // ScMoE with degree auto and a profile: "window" plans each block's slot and degree together
   // (perf/planner.h plan_window); "rule": the degree from the layer alone, the slot by the rule.
   std::string scmoe_plan = "window";

@@ -111,18 +111,32 @@ def main():
         config = os.path.join(tmp, "tiny.json")
         json.dump(dict(TINY, data=text, max_steps=6, layers=4, moe_every=2), open(config, "w"))
         logs = {}
+        auto_profile = ["--degree", "auto", "--profile", profile]
         for name, extra in [("fixed", ["--degree", "1"]),
-                            ("replanned", ["--degree", "auto", "--profile", profile, "--set", "degree_replan_every=2"])]:
+                            ("replanned", auto_profile + ["--set", "degree_replan_every=2", "--set", "degree_tune=off"]),
+                            # every candidate timed, one round: 3 steps of trials after step 1
+                            ("tuned", auto_profile + ["--set", "degree_tune=on", "--set", "degree_tune_rounds=1",
+                                                      "--set", "degree_tune_window=100"])]:
             logs[name] = os.path.join(tmp, name + ".csv")
             proc = mpirun(2, ["train", "--config", config, "--set", "save=", "--set", f"log_csv={logs[name]}"] + extra,
                           timeout=300)
             result = last_json(proc)
             if name == "replanned":
                 f.check(result["degree_replan_ms"] > 0, "degree auto with a profile re-plans each layer")
+                f.check(result["degree_tuning"]["on"] is False and result["degree_tuning"]["steps"] == 0,
+                        f"degree_tune off times nothing: {result['degree_tuning']}")
+            if name == "tuned":
+                t = result["degree_tuning"]
+                f.check(t["on"] and t["tunings"] == 2 and t["steps"] == 3,
+                        f"degree_tune on times both MoE layers' candidates on 3 steps: {t}")
+                timed = [line for line in (proc.stdout + proc.stderr).splitlines() if "degrees timed on the training steps" in line]
+                f.check(len(timed) == 2 and all("ms per step by degree: forward " in line for line in timed),
+                        f"each layer's timed degrees are shown with their times: {timed}")
         rows = {n: [(r.split(",")[0], r.split(",")[2]) for r in open(p).read().splitlines()[1:]] for n, p in logs.items()}
-        f.check(rows["fixed"] == rows["replanned"] and len(rows["fixed"]) == 6,
-                "re-planned degrees changed the losses")
-        print("ok: train --degree auto re-plans every MoE layer from its routing; the losses are degree 1's", flush=True)
+        f.check(rows["fixed"] == rows["replanned"] == rows["tuned"] and len(rows["fixed"]) == 6,
+                "re-planned or timed degrees changed the losses")
+        print("ok: train --degree auto re-plans every MoE layer from its routing and times its candidates; the losses "
+              "are degree 1's", flush=True)
 
         auto = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--profile", profile, "--refine", "2",
                                                         "--json"]))

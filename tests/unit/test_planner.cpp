@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "perf/degree_choice.h"
+#include "perf/degree_tuner.h"
 #include "perf/interference_fit.h"
 #include "perf/perf_profile.h"
 #include "perf/planner.h"
@@ -273,6 +274,58 @@ TEST(DegreeChoice, FixedAutoAndRefined) {
   DegreeChoice online = choose_degrees(0, 0, nullptr, kShape, 0, prefer_small);
   EXPECT_EQ(online.forward, 1);
   EXPECT_EQ(calls, 3 * static_cast<int>(candidate_degrees(640).size()));
+}
+
+// A plan with these predicted seconds per degree (forward, backward).
+LayerPlan plan_of(const std::vector<std::tuple<int, double, double>>& times) {
+  std::vector<DegreePrediction> c;
+  for (auto [d, f, b] : times) c.push_back({d, f, b});
+  return pick_degrees(c);
+}
+
+TEST(DegreeTuner, CandidatesAreTheCurrentThenThePlannersClosest) {
+  const LayerPlan plan = plan_of({{1, 1.00, 2.0}, {2, 1.05, 1.9}, {4, 1.10, 1.8}, {8, 1.40, 1.81}});
+  EXPECT_EQ(tune_candidates(plan, true, 1, 0.15, 3), (std::vector<int>{1, 2, 4}));
+  EXPECT_EQ(tune_candidates(plan, true, 8, 0.15, 3), (std::vector<int>{8, 1, 2}));  // the current first
+  EXPECT_EQ(tune_candidates(plan, true, 1, 0.02, 3), (std::vector<int>{1}));      // nothing close
+  EXPECT_EQ(tune_candidates(plan, false, 4, 0.15, 3), (std::vector<int>{4, 8, 2}));
+  // each round runs every candidate once: 3 rounds of (1.05 - 1.00) + (1.10 - 1.00) forward
+  EXPECT_NEAR(predicted_tuning_cost_s(plan, {1, 2, 4}, {4}, 3), 3 * 0.15, 1e-12);
+}
+
+TEST(DegreeTuner, InterleavedRoundsFindTheFastestThroughDrift) {
+  DegreeTuner tuner(3);
+  tuner.start(7, {2, 1, 4}, {1, 8});
+  EXPECT_TRUE(tuner.tuning(7));
+  EXPECT_EQ(tuner.steps_per_tuning(7), 9);  // 3 rounds of max(3, 2) steps
+  // true seconds: forward 4 fastest, backward 8; the host slows down 20% per round, and one
+  // trial of the slowest forward degree is a hiccup that must not matter
+  std::map<int, double> fwd = {{1, 1.2}, {2, 1.1}, {4, 1.0}}, bwd = {{1, 2.0}, {8, 1.5}};
+  std::vector<std::pair<int, int>> ran;
+  DegreeTuner::Decision decided;
+  bool done = false;
+  for (int step = 0; step < 9; ++step) {
+    ASSERT_FALSE(done);
+    const auto [f, b] = tuner.next(7);
+    ran.push_back({f, b});
+    const double drift = 1 + 0.2 * (step / 3);
+    done = tuner.record(7, fwd.at(f) * drift * (step == 1 ? 5 : 1), bwd.at(b) * drift, decided);
+  }
+  ASSERT_TRUE(done);
+  EXPECT_FALSE(tuner.tuning(7));
+  EXPECT_EQ(decided.forward, 4);
+  EXPECT_EQ(decided.backward, 8);
+  EXPECT_EQ(decided.forward_s.size(), 3u);
+  // every round runs each forward candidate once, each round starting at another
+  for (int round = 0; round < 3; ++round) {
+    std::vector<int> f;
+    for (int s = 0; s < 3; ++s) f.push_back(ran[3 * round + s].first);
+    std::sort(f.begin(), f.end());
+    EXPECT_EQ(f, (std::vector<int>{1, 2, 4})) << round;
+  }
+  EXPECT_NE(ran[0].first, ran[3].first);
+  EXPECT_EQ(ran[2].second, 1);  // past the backward's two candidates: its first, untimed
+  EXPECT_GT(tuner.spent_s(), 0.0);  // the slower candidates' trials cost time
 }
 
 }  // namespace
