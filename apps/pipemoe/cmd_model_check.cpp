@@ -52,7 +52,7 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   // as training does: ppmoe's sharded gradients summed over the groups, times the ranks per group
   const int tp = c.model.ranks_per_batch();
   GradientSync grad_sync(model.parameters(), c.model.layers, ctx.comm, /*overlap=*/true, model.expert_replicas(),
-                         static_cast<float>(tp));
+                         static_cast<float>(tp), c.grad_wire());
   model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
   model.init_parameters(c.seed);
   int degree = o.degree == "auto" ? 1 : std::stoi(o.degree);

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "comm/bf16_allreduce.h"
 #include "core/error.h"
 
 namespace pm {
@@ -20,8 +21,9 @@ int block_of(const std::string& name) {
 }  // namespace
 
 GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap,
-                           Communicator* expert_replicas, float expert_scale)
-    : comm_(comm), overlap_(overlap), buckets_(blocks + 1) {
+                           Communicator* expert_replicas, float expert_scale, DType wire)
+    : comm_(comm), overlap_(overlap), wire_(wire), buckets_(blocks + 1) {
+  PM_CHECK(wire == DType::f32 || wire == DType::bf16, "gradients cross the wire as f32 or bf16, not {}", dtype_name(wire));
   for (int b = 0; b < blocks; ++b) buckets_[b].name = "all-reduce block " + std::to_string(b) + " grads";
   buckets_[blocks].name = "all-reduce embedding grads";
   for (Bucket& bucket : buckets_) bucket.comm = &comm;
@@ -54,14 +56,17 @@ GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communica
 void GradientSync::append(TaskGraph& graph, Bucket& bucket, const std::vector<int>& after) {
   Communicator& comm = *bucket.comm;
   if ((comm.size() == 1 && bucket.scale == 1.0f) || bucket.params.empty()) return;
-  const double bytes = 2.0 * (comm.size() - 1) / comm.size() * bucket.flat.size() * sizeof(float);
+  const double bytes = 2.0 * (comm.size() - 1) / comm.size() * bucket.flat.size() * dtype_size(wire_);
   // Packs, sums in place and unpacks on the communication lane; no compute task touches these
   // gradients again in this graph.
-  graph.add({bucket.name, lanes::comm, "grad_allreduce", -1, {1, 0, bytes}, after, [&comm, &bucket] {
+  graph.add({bucket.name, lanes::comm, "grad_allreduce", -1, {1, 0, bytes}, after, [&comm, &bucket, wire = wire_] {
                int64_t at = 0;
                for (const Parameter* p : bucket.params)
                  std::memcpy(&bucket.flat[at], p->grad->f32(), p->grad->nbytes()), at += p->grad->numel();
-               comm.allreduce(bucket.flat.data(), bucket.flat.data(), at, DType::f32, ReduceOp::sum);
+               if (wire == DType::bf16)
+                 allreduce_sum_bf16_wire(comm, bucket.flat.data(), at);
+               else
+                 comm.allreduce(bucket.flat.data(), bucket.flat.data(), at, DType::f32, ReduceOp::sum);
                if (bucket.scale != 1.0f)
                  for (int64_t i = 0; i < at; ++i) bucket.flat[i] *= bucket.scale;
                at = 0;

@@ -1,5 +1,6 @@
 // The data-parallel half of training: replicated (non-expert) gradients summed over ranks, in
-// buckets that overlap the backward pass, as PyTorch DDP does.
+// buckets that overlap the backward pass, as PyTorch DDP does; in float32 or, to halve the bytes,
+// bfloat16 on the wire.
 //
 // One bucket per transformer block and one for the rest (embeddings, final norm), whose
 // gradients are complete only when the backward ends. As the model builds its backward graph, it
@@ -29,8 +30,10 @@ class GradientSync {
   // expert_replicas (may be null): the group over which expert gradients are summed, then
   // multiplied by expert_scale (the gradient came in scaled by 1 / ranks, but each group's tokens
   // reached its experts once, not once per rank of the group: scale = ranks per group).
+  // wire: DType::f32, or DType::bf16 for half the bytes (comm/bf16_allreduce.h: each gradient
+  // summed from bf16 roundings in float32 and rounded to bf16 once more).
   GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap,
-               Communicator* expert_replicas = nullptr, float expert_scale = 1.0f);
+               Communicator* expert_replicas = nullptr, float expert_scale = 1.0f, DType wire = DType::f32);
 
   // GptModel::GradsReady: appends block `block`'s bucket (block < 0: the rest) after `ready`;
   // without overlap, appends every bucket once the rest is ready.
@@ -51,6 +54,7 @@ class GradientSync {
 
   Communicator& comm_;
   bool overlap_;
+  DType wire_;
   bool enabled_ = true;
   std::vector<Bucket> buckets_;  // [blocks]: the blocks, [blocks]: the rest
   std::vector<Bucket> expert_buckets_;  // [blocks]: each block's sharded gradients (with expert_replicas), [blocks]: the rest's

@@ -87,6 +87,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("save_every", c.save_every);
   fn("resume", c.resume);
   fn("degree", c.degree);
+  fn("grad_allreduce_dtype", c.grad_allreduce_dtype);
   fn("degree_replan_every", c.degree_replan_every);
   fn("degree_tune", c.degree_tune);
   fn("degree_tune_rounds", c.degree_tune_rounds);
@@ -208,6 +209,8 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(degree_tune == "auto" || degree_tune == "on" || degree_tune == "off",
              "configuration: 'degree_tune' must be \"auto\", \"on\" or \"off\", got '{}'", degree_tune);
   positive("degree_tune_rounds", degree_tune_rounds);
+  PM_REQUIRE(grad_allreduce_dtype == "fp32" || grad_allreduce_dtype == "bf16",
+             "configuration: 'grad_allreduce_dtype' must be \"fp32\" or \"bf16\", got '{}'", grad_allreduce_dtype);
   PM_REQUIRE(degree_tune_window >= 0, "configuration: 'degree_tune_window' must be at least 0, got {}", degree_tune_window);
   // sizes no run can have, refused before anything is allocated
   auto at_most = [](const char* key, int64_t v, int64_t max) {

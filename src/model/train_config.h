@@ -8,6 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/tensor.h"
+
 namespace pm {
 
 struct ModelConfig {
@@ -93,6 +95,10 @@ struct TrainConfig {
   std::string save;                 // checkpoint folder ("" = none)
   int save_every = 0;               // steps between checkpoints (0: only at the end)
   std::string resume;               // checkpoint folder to continue from
+  // The data-parallel gradient all-reduce's wire format: "fp32", or "bf16" for half the bytes
+  // (each gradient summed from bf16 roundings in float32, rounded to bf16; comm/bf16_allreduce.h).
+  std::string grad_allreduce_dtype = "fp32";
+  DType grad_wire() const { return grad_allreduce_dtype == "bf16" ? DType::bf16 : DType::f32; }
   std::string degree = "1";         // MoE pipeline degree: a number or "auto"
   // degree auto with a profile: each MoE layer's degrees planned again from its own routing after
   // the first step and every this many steps (0: never; the first layer's choice for all)

@@ -317,7 +317,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
                         c.model.ranks_per_batch() > 1 ? &model.expert_group() : nullptr);
   // ppmoe: expert gradients summed over the groups, times the ranks per group (grad_sync.h)
   GradientSync grad_sync(model.parameters(), c.model.layers, stage_comm, c.overlap_grad_allreduce, model.expert_replicas(),
-                         static_cast<float>(c.model.ranks_per_batch()));
+                         static_cast<float>(c.model.ranks_per_batch()), c.grad_wire());
   model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
   model.init_parameters(c.seed);
   AdamW optimizer(model.parameters());

@@ -6,10 +6,12 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <numeric>
 #include <string>
 #include <vector>
 
+#include "comm/bf16_allreduce.h"
 #include "comm/communicator.h"
 #include "core/error.h"
 
@@ -47,6 +49,32 @@ inline void all_reduce_sum_max_min(Communicator& c) {
   std::vector<float> f(1000, 0.25f);
   c.allreduce(f.data(), f.data(), 1000, DType::f32, ReduceOp::sum);
   for (float y : f) EXPECT_EQ(y, 0.25f * P);
+}
+
+// The bf16-wire sum (comm/bf16_allreduce.h): every element is bf16 of the float32 sum, in rank
+// order, of every rank's value rounded to bf16; the same bits on every rank; lengths that do not
+// divide by the ranks (and shorter than the ranks) work. Every rank can draw every rank's input.
+inline void bf16_wire_sum_is_the_rank_order_sum_of_roundings(Communicator& c) {
+  const int P = c.size(), me = c.rank();
+  auto value = [](int rank, int64_t i) {  // values whose bf16 roundings and sums round visibly
+    return static_cast<float>(std::sin(0.37 * i + 1.3 * rank) * (1 + rank) + 1e-3 * i);
+  };
+  for (int64_t n : {int64_t{1}, int64_t{P + 1}, int64_t{1000}, int64_t{1001}}) {
+    std::vector<float> data(n);
+    for (int64_t i = 0; i < n; ++i) data[i] = value(me, i);
+    allreduce_sum_bf16_wire(c, data.data(), n);
+    int64_t differ = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      float want = value(0, i);
+      if (P > 1) {
+        want = round_to_bf16(want);
+        for (int r = 1; r < P; ++r) want += round_to_bf16(value(r, i));
+        want = round_to_bf16(want);
+      }
+      differ += data[i] != want;
+    }
+    EXPECT_EQ(differ, 0) << "n " << n << " rank " << me;
+  }
 }
 
 inline void all_gather_broadcast_send_recv_barrier(Communicator& c) {

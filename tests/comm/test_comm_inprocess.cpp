@@ -21,6 +21,9 @@ class InProcessComm : public ::testing::TestWithParam<int> {
 
 TEST_P(InProcessComm, AllToAllWithUnevenCountsDeliversEachBlockToItsPlace) { run(comm_cases::all_to_all_with_uneven_counts); }
 TEST_P(InProcessComm, AllReduceSumMaxMinInPlaceAndNot) { run(comm_cases::all_reduce_sum_max_min); }
+TEST_P(InProcessComm, Bf16WireSumIsTheRankOrderSumOfRoundings) {
+  run(comm_cases::bf16_wire_sum_is_the_rank_order_sum_of_roundings);
+}
 TEST_P(InProcessComm, AllGatherBroadcastSendRecvBarrierGatherStrings) {
   run(comm_cases::all_gather_broadcast_send_recv_barrier);
 }

@@ -10,6 +10,9 @@ Communicator* g_comm = nullptr;
 
 TEST(MpiComm, AllToAllWithUnevenCountsDeliversEachBlockToItsPlace) { comm_cases::all_to_all_with_uneven_counts(*g_comm); }
 TEST(MpiComm, AllReduceSumMaxMinInPlaceAndNot) { comm_cases::all_reduce_sum_max_min(*g_comm); }
+TEST(MpiComm, Bf16WireSumIsTheRankOrderSumOfRoundings) {
+  comm_cases::bf16_wire_sum_is_the_rank_order_sum_of_roundings(*g_comm);
+}
 TEST(MpiComm, AllGatherBroadcastSendRecvBarrierGatherStrings) {
   comm_cases::all_gather_broadcast_send_recv_barrier(*g_comm);
 }

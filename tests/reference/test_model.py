@@ -23,6 +23,9 @@ from moe_layer_reference import norm_error, relative_error  # noqa: E402
 
 TOLERANCE = 1e-4
 TOLERANCE_BF16 = 2e-3  # |ours - torch| / |torch| in norm, bf16 against the same roundings in float64
+# gradients all-reduced with bf16 on the wire, against the exact float64 sum: two roundings (each
+# rank's gradient, then the sum), each at most 2^-9 of the value
+TOLERANCE_BF16_WIRE = 4e-3
 STEPS = 3
 CONFIG = ["seq_len=16", "d_model=32", "layers=2", "heads=2", "mlp_hidden=48", "moe_every=2", "experts=4", "top_k=2",
           "capacity_factor=1.0", "expert_hidden=40", "aux_coef=0.05", "batch_size=3", "tokenizer_vocab=301",
@@ -38,6 +41,9 @@ def check(folder, ranks, seed, degree, f, variant=()):
     bf16 = model.c.get("dtype", "fp32") == "bf16"
     f.check(bf16 == ("dtype=bf16" in variant), f"{name}: the model ran dtype {model.c.get('dtype')}")
     tolerance, error = (TOLERANCE_BF16, norm_error) if bf16 else (TOLERANCE, relative_error)
+    bf16_wire = "grad_allreduce_dtype=bf16" in variant
+    if bf16_wire:
+        tolerance, error = TOLERANCE_BF16_WIRE, norm_error
     state = {}
     for step in range(STEPS):
         total, ce, aux, logits = model.global_loss(folder, step)
@@ -68,6 +74,8 @@ def check(folder, ranks, seed, degree, f, variant=()):
                     worst = max(worst, err)
                     f.check(ours_g.shape == want.shape and err <= tolerance,
                             f"{name} rank {r}: gradient of {n} relative error {err:.2e}")
+            if bf16_wire:  # the option must really round: a float32 wire is 1e-7 from torch
+                f.check(worst > 1e-5, f"{name}: the all-reduced gradients show no bf16 rounding (worst {worst:.1e})")
             print(f"{name}: logits, loss and {len(model.params)} gradients match (worst {worst:.1e})", flush=True)
         norm = ref.adamw_step(model, state, model.c, step, lr)
         model.update_bias()
@@ -129,13 +137,19 @@ BF16_VARIANTS = [
     (2, 44, 1, ["dtype=bf16", "arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "coef_gate=true", "top_k=1"]),
 ]
 
+# the data-parallel gradient all-reduce with bf16 on the wire (comm/bf16_allreduce.h), 2 and 4 ranks
+GRAD_WIRE_VARIANTS = [
+    (2, 45, 1, ["grad_allreduce_dtype=bf16"]),
+    (4, 46, 2, ["grad_allreduce_dtype=bf16"]),
+]
+
 
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
         for ranks, seed, degree in [(1, 21, 1), (2, 22, 1), (2, 23, 2)]:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f)
-        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS + BF16_VARIANTS + TP_VARIANTS:
+        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS + BF16_VARIANTS + TP_VARIANTS + GRAD_WIRE_VARIANTS:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f, variant)
     f.finish("test_model")
 
