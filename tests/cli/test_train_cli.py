@@ -171,6 +171,10 @@ def main():
             (2, [config, "--set", "gate_normalize=2"], "gate_normalize", "gate_normalize not a boolean"),
             (2, [config, "--set", "expert_activation=relu"], "expert_activation", "an unknown activation"),
             (2, [config, "--set", "dtype=fp16"], "dtype", "an unknown dtype"),
+            (2, [config, "--set", "grad_allreduce_dtype=fp16"], "grad_allreduce_dtype", "an unknown gradient wire"),
+            (2, [config, "--set", "degree_tune=sometimes"], "degree_tune", "an unknown degree_tune"),
+            (2, [config, "--set", "degree_tune_rounds=0"], "degree_tune_rounds", "no rounds of degree trials"),
+            (2, [config, "--set", "degree_tune_window=-0.1"], "degree_tune_window", "a negative tuning window"),
             (2, [config, "--resume", whole, "--set", "arch=scmoe", "--set", "shared_expert_hidden=48", "--max-steps", 12], "another model",
              "a checkpoint of another architecture"),
         ]

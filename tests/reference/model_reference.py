@@ -209,10 +209,12 @@ class Model:
         per-rank logits. Counts each MoE block's choices over all ranks (update_bias reads them)."""
         total, ces, auxes, logits = 0.0, [], [], []
         self.load = {}
+        self.rank_totals = []  # each rank's share of the total (its gradients before the all-reduce)
         for r in range(self.P):
             ce, aux, z, lg = self.rank_loss(np.load(f"{folder}/rank{r}/inputs_{step}.npy"),
                                             np.load(f"{folder}/rank{r}/targets_{step}.npy"))
-            total = total + (ce + self.c["aux_coef"] * aux + self.c.get("z_loss_coef", 0.0) * z) / self.P
+            self.rank_totals.append((ce + self.c["aux_coef"] * aux + self.c.get("z_loss_coef", 0.0) * z) / self.P)
+            total = total + self.rank_totals[-1]
             ces.append(ce.item())
             auxes.append(float(aux))
             logits.append(lg)
@@ -226,6 +228,30 @@ class Model:
             if key in self.bias:
                 step = np.float32(rate) * np.sign(load.mean() - load).astype(np.float32)
                 self.bias[key] = (self.bias[key] + step).astype(np.float32)
+
+
+def bf16_wire_grads(model, total):
+    """total.backward(), then the replicated parameters' gradients as the bf16-wire all-reduce
+    leaves them: each rank's share rounded to float32 then bf16, summed in float32 in rank order,
+    the sum rounded to bf16 (comm/bf16_allreduce.h). Returns the exact gradients it replaced."""
+    names = [n for n in model.params if not model.is_expert(n) and not model.shard(n)]
+    weights = [model.params[n] for n in names]
+    per_rank = [torch.autograd.grad(t, weights, retain_graph=True, allow_unused=True) for t in model.rank_totals]
+    total.backward()
+    exact = {}
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            w = model.params[n]
+            if w.grad is None:
+                continue
+            exact[n] = w.grad.clone()
+            s = None
+            for grads in per_rank:
+                g = grads[i] if grads[i] is not None else torch.zeros_like(w)
+                b = g.float().bfloat16().float()
+                s = b if s is None else s + b
+            w.grad.copy_(s.bfloat16().double())
+    return exact
 
 
 def learning_rate(c, step):
