@@ -5,7 +5,7 @@
 
 namespace pm {
 
-RoundMedians round_medians(const std::map<int, std::vector<double>>& per_key) {
+RoundMedians round_medians(const std::map<int, std::vector<double>>& per_key, RoundLevel how) {
   RoundMedians out;
   if (per_key.empty()) return out;
   const std::size_t rounds = per_key.begin()->second.size();
@@ -16,7 +16,9 @@ RoundMedians round_medians(const std::map<int, std::vector<double>>& per_key) {
       PM_CHECK(v.size() == rounds, "key {} has {} values for {} rounds", key, v.size(), rounds);
       values.push_back(v[r]);
     }
-    level[r] = summarize(values).median;
+    double mean = 0;
+    for (double x : values) mean += x / static_cast<double>(values.size());
+    level[r] = how == RoundLevel::median ? summarize(values).median : mean;
   }
   const double typical = summarize(level).median;
   for (const auto& [key, v] : per_key) {

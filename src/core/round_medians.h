@@ -18,6 +18,11 @@ struct RoundMedians {
   std::map<int, double> spread;  // per key, (max - min) / median of its ratios: the noise left
 };
 
-RoundMedians round_medians(const std::map<int, std::vector<double>>& per_key);
+// A round's level: the median of its values (robust to one slow pass among many keys), or their
+// mean: with few keys the median IS one key's value, whose ratio is then exactly 1, and two keys
+// that each sit in the middle of some rounds come out exactly tied.
+enum class RoundLevel { median, mean };
+
+RoundMedians round_medians(const std::map<int, std::vector<double>>& per_key, RoundLevel how = RoundLevel::median);
 
 }  // namespace pm

@@ -76,7 +76,8 @@ std::pair<int, int> DegreeTuner::next(int layer) const {
 
 int DegreeTuner::decide(const Direction& d, std::map<int, double>& medians) {
   if (d.candidates.size() == 1) return d.candidates.front();
-  const RoundMedians m = round_medians(d.seconds);
+  // a round's level is its mean: with 2 or 3 candidates its median is one of them (ties)
+  const RoundMedians m = round_medians(d.seconds, RoundLevel::mean);
   medians = m.median;
   int best = d.candidates.front();
   for (int c : d.candidates)

@@ -131,5 +131,16 @@ TEST(RoundMedians, TakeTheRoundsDriftOut) {
   EXPECT_GT(m.spread[0], 0.5);
 }
 
+TEST(RoundMedians, AMeanLevelDoesNotTieKeysThatSitInTheMiddle) {
+  // three keys, three rounds: key 1 is round 0's median and faster than it in round 2, key 2 the
+  // median of rounds 1 and 2: by the median level both come out exactly 1 x the level (a tie)
+  std::map<int, std::vector<double>> values = {{0, {1.0, 1.0, 1.3}}, {1, {1.1, 1.1, 1.0}}, {2, {1.2, 1.05, 1.2}}};
+  RoundMedians by_median = round_medians(values);
+  EXPECT_EQ(by_median.median[1], by_median.median[2]);
+  RoundMedians by_mean = round_medians(values, RoundLevel::mean);
+  EXPECT_NE(by_mean.median[1], by_mean.median[2]);
+  EXPECT_LT(by_mean.median[1], by_mean.median[2]);  // key 1 is faster in two rounds of three
+}
+
 }  // namespace
 }  // namespace pm
