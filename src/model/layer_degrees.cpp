@@ -113,7 +113,9 @@ void LayerDegrees::replan(int64_t done, int64_t last, double step_ms) {
     log::info("degree tuning ({}): {} layer(s) timed on the next {} steps, predicted to cost {:.1f} ms = {:.2f}% of the "
               "rest of the run{}",
               config_.degree_tune, starts.size(), steps, cost_s * 1e3, rest_s > 0 ? 100 * cost_s / rest_s : 0.0,
-              on ? "" : ": off (over 1%; degree_tune \"on\" forces it)");
+              on                            ? ""
+              : config_.degree_tune == "on" ? ": off (the trials do not fit in the steps left)"
+                                            : ": off (over 1%; degree_tune \"on\" forces it)");
   tune_decided_ = true;
   tune_on_ = tune_on_ || on;
   if (!on) return;
