@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
-#include "core/stats.h"
+#include "perf/degree_tuner.h"
 
 namespace pm {
 
@@ -57,25 +57,20 @@ DegreeChoice choose_degrees(int forward_request, int backward_request, const Per
   if (!time_fwd && !time_bwd) return choice;
 
   // Time candidates in pairs (forward i with backward i) so that each pass serves both searches,
-  // in `rounds` interleaved rounds (the host's speed drifts: every candidate sees the same drift),
-  // and keep the smallest median.
+  // in `rounds` interleaved rounds, each starting at another candidate, and keep the fastest
+  // median with the rounds' drift taken out: the same trials as training's (perf/degree_tuner.h).
   choice.measured = true;
-  std::size_t n = std::max(time_fwd ? fwd_candidates.size() : 1, time_bwd ? bwd_candidates.size() : 1);
-  std::vector<std::vector<double>> fwd_s(n), bwd_s(n);
-  for (int round = 0; round < std::max(1, rounds); ++round)
-    for (std::size_t i = 0; i < n; ++i) {
-      int f = time_fwd ? fwd_candidates[std::min(i, fwd_candidates.size() - 1)] : choice.forward;
-      int b = time_bwd ? bwd_candidates[std::min(i, bwd_candidates.size() - 1)] : choice.backward;
-      auto [fs, bs] = measure(f, b);
-      fwd_s[i].push_back(fs);
-      bwd_s[i].push_back(bs);
-    }
-  double best_fwd = 0, best_bwd = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    double fs = summarize(fwd_s[i]).median, bs = summarize(bwd_s[i]).median;
-    if (time_fwd && i < fwd_candidates.size() && (i == 0 || fs < best_fwd)) best_fwd = fs, choice.forward = fwd_candidates[i];
-    if (time_bwd && i < bwd_candidates.size() && (i == 0 || bs < best_bwd)) best_bwd = bs, choice.backward = bwd_candidates[i];
+  DegreeTuner tuner(std::max(1, rounds));
+  tuner.start(0, time_fwd ? fwd_candidates : std::vector<int>{choice.forward},
+              time_bwd ? bwd_candidates : std::vector<int>{choice.backward});
+  DegreeTuner::Decision decided;
+  for (bool done = false; !done;) {
+    const auto [f, b] = tuner.next(0);
+    const auto [fs, bs] = measure(f, b);
+    done = tuner.record(0, fs, bs, decided);
   }
+  choice.forward = decided.forward;
+  choice.backward = decided.backward;
   return choice;
 }
 
