@@ -23,6 +23,9 @@ from moe_layer_reference import norm_error, relative_error  # noqa: E402
 
 TOLERANCE = 1e-4
 TOLERANCE_BF16 = 2e-3  # |ours - torch| / |torch| in norm, bf16 against the same roundings in float64
+# gradients summed with bf16 on the wire against the exact sum: each rank's share and the sum
+# rounded (2 x 2^-9 of a value; more where the shares cancel), measured 2.0e-3 to 3.5e-3
+TOLERANCE_BF16_WIRE_EXACT = 5e-3
 STEPS = 3
 CONFIG = ["seq_len=16", "d_model=32", "layers=2", "heads=2", "mlp_hidden=48", "moe_every=2", "experts=4", "top_k=2",
           "capacity_factor=1.0", "expert_hidden=40", "aux_coef=0.05", "batch_size=3", "tokenizer_vocab=301",
@@ -41,8 +44,12 @@ def check(folder, ranks, seed, degree, f, variant=()):
     # gradients all-reduced with bf16 on the wire: the reference does the same roundings
     # (model_reference.bf16_wire_grads), and the exact sum must be visibly further away
     bf16_wire = "grad_allreduce_dtype=bf16" in variant and ranks > 1
+    # PPMoE: a rank's share of a replicated gradient is not its tokens' (the gate's gradient comes
+    # from its own experts only), which the reference does not split: against the exact sum, within
+    # the two roundings
+    wire_exact = bf16_wire and "moe_strategy=ppmoe" in variant
     if bf16_wire:
-        tolerance, error = TOLERANCE_BF16, norm_error
+        tolerance, error = (TOLERANCE_BF16_WIRE_EXACT if wire_exact else TOLERANCE_BF16), norm_error
     state = {}
     for step in range(STEPS):
         total, ce, aux, logits = model.global_loss(folder, step)
@@ -52,7 +59,7 @@ def check(folder, ranks, seed, degree, f, variant=()):
                 f"{name} step {step}: aux {model.meta['aux'][step]} vs torch {aux}")
         lr = ref.learning_rate(model.c, step)
         f.check(abs(model.meta["lr"][step] - lr) <= 1e-12 + 1e-9 * lr, f"{name} step {step}: lr {model.meta['lr'][step]} vs {lr}")
-        exact = ref.bf16_wire_grads(model, total) if bf16_wire else total.backward()
+        exact = ref.bf16_wire_grads(model, total) if bf16_wire and not wire_exact else total.backward()
         if step == 0:
             for r in range(ranks):
                 want = logits[r].detach().numpy()
@@ -73,7 +80,9 @@ def check(folder, ranks, seed, degree, f, variant=()):
                     worst = max(worst, err)
                     f.check(ours_g.shape == want.shape and err <= tolerance,
                             f"{name} rank {r}: gradient of {n} relative error {err:.2e}")
-            if bf16_wire:  # the option must really round: a float32 wire would be 1e-7 from the exact sum
+            if wire_exact:  # the option must really round: a float32 wire would be 1e-7 from the exact sum
+                f.check(worst > 1e-4, f"{name}: the all-reduced gradients show no bf16 rounding (worst {worst:.1e})")
+            elif bf16_wire:
                 from_exact = max(error(np.load(f"{folder}/rank0/grad.{n}.npy").astype(np.float64), g.numpy())
                                  for n, g in exact.items())
                 f.check(from_exact > 1e-4 and from_exact > 2 * worst,
@@ -146,6 +155,9 @@ GRAD_WIRE_VARIANTS = [
     (2, 45, 1, ["grad_allreduce_dtype=bf16"]),
     (4, 46, 2, ["grad_allreduce_dtype=bf16"]),
     (2, 48, 1, ["grad_allreduce_dtype=bf16", "dtype=bf16"]),
+    # PPMoE over one tensor-parallel group: the replicated parameters' gradients cross in bf16,
+    # the split ones are complete on their rank and stay as they are
+    (2, 49, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "grad_allreduce_dtype=bf16"]),
 ]
 
 
