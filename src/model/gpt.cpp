@@ -145,6 +145,13 @@ std::vector<MoeLayer*> GptModel::moe_layers() {
   return out;
 }
 
+std::vector<int> GptModel::moe_blocks() const {
+  std::vector<int> out;
+  for (std::size_t l = 0; l < blocks_.size(); ++l)
+    if (blocks_[l] && blocks_[l]->moe) out.push_back(static_cast<int>(l));
+  return out;
+}
+
 void GptModel::init_parameters(uint64_t seed) {
   const float std_w = 0.02f, std_residual = 0.02f / std::sqrt(2.0f * config_.layers);
   auto normal = [&](Tensor& t, float std, uint64_t kind, uint64_t a = 0, uint64_t b = 0) {

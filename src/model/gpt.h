@@ -54,6 +54,7 @@ class GptModel {
   const ModelConfig& config() const { return config_; }
   std::vector<Parameter>& parameters() { return params_; }
   std::vector<MoeLayer*> moe_layers();
+  std::vector<int> moe_blocks() const;  // the blocks moe_layers() belong to, in the same order
   // Weights from (seed, layer, global expert) streams: the same model whatever the rank count.
   void init_parameters(uint64_t seed);
   void zero_grads();

@@ -65,11 +65,12 @@ void LayerDegrees::record_trials() {
       for (const auto& [degree, s] : medians) each.push_back(fmt::format("{} {:.1f}", degree, s * 1e3));
       return each.empty() ? std::string("(one candidate)") : fmt::format("{}", fmt::join(each, ", "));
     };
-    if (comm_.rank() == 0)
-      log::info("MoE layer {}: degrees timed on the training steps: forward {}, backward {} (planned {}/{}; ms per "
-                "step by degree: forward {}; backward {})",
-                i, decided.forward, decided.backward, fallback_[id].first, fallback_[id].second,
-                timed(decided.forward_s), timed(decided.backward_s));
+    // each pipeline stage's first rank speaks for its own blocks
+    if (comm_.rank() == 0 && !log::quiet())
+      log::write_line(fmt::format("MoE block {}: degrees timed on the training steps: forward {}, backward {} (planned "
+                                  "{}/{}; ms per step by degree: forward {}; backward {})",
+                                  model_.moe_blocks()[i], decided.forward, decided.backward, fallback_[id].first,
+                                  fallback_[id].second, timed(decided.forward_s), timed(decided.backward_s)));
   }
 }
 
