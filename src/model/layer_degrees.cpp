@@ -97,7 +97,8 @@ void LayerDegrees::replan(int64_t done, int64_t last, double step_ms) {
     Start s{id, tune_candidates(plans[i], true, kept.forward_degree, config_.degree_tune_window, kTuneMost),
             tune_candidates(plans[i], false, kept.backward_degree, config_.degree_tune_window, kTuneMost)};
     if (s.forward.size() + s.backward.size() <= 2) continue;  // nothing else is close
-    cost_s += predicted_tuning_cost_s(plans[i], s.forward, s.backward, config_.degree_tune_rounds);
+    cost_s += predicted_tuning_cost_s(plans[i], s.forward, s.backward, config_.degree_tune_rounds,
+                                      config_.degree_tune_window);
     fallback_[id] = {kept.forward_degree, kept.backward_degree};
     starts.push_back(std::move(s));
   }

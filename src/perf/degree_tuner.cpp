@@ -32,7 +32,7 @@ std::vector<int> tune_candidates(const LayerPlan& plan, bool forward, int curren
 }
 
 double predicted_tuning_cost_s(const LayerPlan& plan, const std::vector<int>& forward,
-                               const std::vector<int>& backward, int rounds) {
+                               const std::vector<int>& backward, int rounds, double floor_share) {
   double cost = 0;
   for (const auto& [list, fwd] : {std::pair{&forward, true}, std::pair{&backward, false}}) {
     double best = 0;
@@ -40,7 +40,10 @@ double predicted_tuning_cost_s(const LayerPlan& plan, const std::vector<int>& fo
       const double t = fwd ? p.forward_s : p.backward_s;
       if (best == 0 || t < best) best = t;
     }
-    for (int d : *list) cost += rounds * std::max(0.0, predicted(plan, d, fwd) - best);
+    for (std::size_t i = 0; i < list->size(); ++i) {
+      const double gap = std::max(0.0, predicted(plan, (*list)[i], fwd) - best);
+      cost += rounds * (i == 0 ? gap : std::max(gap, floor_share * best));
+    }
   }
   return cost;
 }

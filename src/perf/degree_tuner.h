@@ -24,10 +24,13 @@ namespace pm {
 // predicted within `window` of its fastest, fastest first, `most` in all.
 std::vector<int> tune_candidates(const LayerPlan& plan, bool forward, int current, double window, int most);
 
-// The predicted seconds a tuning of these candidates spends over running the fastest predicted
-// all along: each round runs every candidate once.
+// The seconds a tuning of these candidates is expected to spend over running the fastest
+// predicted all along: each round runs every candidate once, and each trial of a candidate other
+// than a direction's first is charged at least `floor_share` of the fastest prediction (the
+// candidates were picked because the models may be that far off: a predicted gap of 0.1% is no
+// promise that the trial costs that little).
 double predicted_tuning_cost_s(const LayerPlan& plan, const std::vector<int>& forward,
-                               const std::vector<int>& backward, int rounds);
+                               const std::vector<int>& backward, int rounds, double floor_share = 0);
 
 class DegreeTuner {
  public:

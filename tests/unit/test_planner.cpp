@@ -294,6 +294,10 @@ TEST(DegreeTuner, CandidatesAreTheCurrentThenThePlannersClosest) {
   EXPECT_EQ(tune_candidates(plan, false, 4, 0.15, 3), (std::vector<int>{4, 8, 2}));
   // each round runs every candidate once: 3 rounds of (1.05 - 1.00) + (1.10 - 1.00) forward
   EXPECT_NEAR(predicted_tuning_cost_s(plan, {1, 2, 4}, {4}, 3), 3 * 0.15, 1e-12);
+  // each trial of a candidate other than the first charged at least 10% of the fastest: 2 x 0.1
+  // forward per round (its gaps 0.05 and 0.10 become 0.10 and 0.10), the backward's first free
+  EXPECT_NEAR(predicted_tuning_cost_s(plan, {1, 2, 4}, {4}, 3, 0.10), 3 * 0.20, 1e-12);
+  EXPECT_NEAR(predicted_tuning_cost_s(plan, {1}, {4, 8}, 1, 0.10), 0.18, 1e-12);  // 8: gap 0.01, floor 0.18
 }
 
 TEST(DegreeTuner, InterleavedRoundsFindTheFastestThroughDrift) {
