@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "comm/bf16_allreduce.h"
 #include "moe/layer_weights.h"
 #include "moe/gate.h"
 #include "moe/ppmoe_graph.h"
@@ -133,6 +134,16 @@ class PpmoeLayer final : public MoeLayer {
                             float* dx, RouterLossGrads loss_grads, const Between& between) override;
 
  private:
+  // The group's sum of each rank's share of the outputs (or input gradients), in place: in a bf16
+  // layer as bf16 on the wire, each share rounded and summed in float32 in rank order (the
+  // all-to-all layer's rows cross as bf16 too); else float32.
+  void sum_over_group(float* data, int64_t n) {
+    if (shape_.precision == Precision::bf16)
+      allreduce_sum_bf16_wire(group_, data, n);
+    else
+      group_.allreduce(data, data, n, DType::f32, ReduceOp::sum);
+  }
+
   void check_degrees(const MoeShape& shape) const {
     const int d = std::max(degrees_.forward, degrees_.backward);
     PM_REQUIRE(d <= shape.tokens, "ppmoe chunks the tokens: degree {} is more than the {} tokens", d, shape.tokens);
@@ -192,7 +203,7 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
   };
   steps.reduce = [this, p, degree, M](int c) {
     const int64_t t0 = ppmoe_chunk_begin(p->tokens, degree, c), t1 = ppmoe_chunk_begin(p->tokens, degree, c + 1);
-    group_.allreduce(p->y + t0 * M, p->y + t0 * M, (t1 - t0) * M, DType::f32, ReduceOp::sum);
+    sum_over_group(p->y + t0 * M, (t1 - t0) * M);
   };
 
   *tasks = append_ppmoe_forward(graph, after, balanced_ppmoe_rows(shape, degree), &steps, between);
@@ -266,7 +277,7 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
   };
   steps.reduce_dx = [this, fp, b, degree, M](int c) {
     const int64_t t0 = ppmoe_chunk_begin(fp->tokens, degree, c), t1 = ppmoe_chunk_begin(fp->tokens, degree, c + 1);
-    group_.allreduce(b->dx + t0 * M, b->dx + t0 * M, (t1 - t0) * M, DType::f32, ReduceOp::sum);
+    sum_over_group(b->dx + t0 * M, (t1 - t0) * M);
   };
   steps.expert_wgrad = [this, fp, b, M, H, H1, k, El] {
     for (int le = 0; le < El; ++le) {

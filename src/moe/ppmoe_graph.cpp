@@ -29,10 +29,10 @@ PpmoeRows balanced_ppmoe_rows(const MoeShape& shape, int degree) {
 
 namespace {
 
-// An all-reduce of `floats` floats over the group: its bytes on the wire (a ring moves 2 (P-1)/P
-// of the buffer each way), one message.
-TaskWork reduce_work(int64_t floats, int ranks) {
-  return TaskWork{1, 0, 2.0 * (ranks - 1) / ranks * static_cast<double>(floats) * 4};
+// An all-reduce of `values` values of `bytes` each over the group: its bytes on the wire (a ring
+// moves 2 (P-1)/P of the buffer each way), one message.
+TaskWork reduce_work(int64_t values, int ranks, int64_t bytes = 4) {
+  return TaskWork{1, 0, 2.0 * (ranks - 1) / ranks * static_cast<double>(values) * bytes};
 }
 
 std::vector<TaskWork> forward_works(const PpmoeRows& r) {
@@ -44,7 +44,8 @@ std::vector<TaskWork> forward_works(const PpmoeRows& r) {
   };
   // gather in, FFN, this rank's share of the outputs
   for (int c = 0; c < r.degree; ++c) w.push_back(ffn_work(r.chunk_rows[c], s, 2, 3));  // expert
-  for (int c = 0; c < r.degree; ++c) w.push_back(reduce_work(r.chunk_tokens[c] * s.model_dim, s.ranks));  // reduce
+  // the outputs and input gradients cross as bf16 in a bf16 layer (comm/bf16_allreduce.h)
+  for (int c = 0; c < r.degree; ++c) w.push_back(reduce_work(r.chunk_tokens[c] * s.model_dim, s.ranks, s.wire_bytes()));  // reduce
   return w;
 }
 
@@ -62,7 +63,7 @@ std::vector<TaskWork> backward_works(const PpmoeRows& r) {
     w.push_back(ffn_work(r.chunk_rows[c], s, 2, 2));  // expert_dgrad: scaled grads in, input grads out
     w.push_back({1, static_cast<double>(r.chunk_rows[c]) * M, 2.0 * (r.chunk_tokens[c] + r.chunk_rows[c]) * M * 4});  // sum_dx
   }
-  for (int c = 0; c < r.degree; ++c) w.push_back(reduce_work(r.chunk_tokens[c] * s.model_dim, s.ranks));  // reduce_dx
+  for (int c = 0; c < r.degree; ++c) w.push_back(reduce_work(r.chunk_tokens[c] * s.model_dim, s.ranks, s.wire_bytes()));  // reduce_dx
   w.push_back(ffn_work(r.rows(), s, 2, 1));  // expert_wgrad
   return w;
 }

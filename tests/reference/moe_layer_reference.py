@@ -76,6 +76,33 @@ class Wire(torch.autograd.Function):
         return to_bf16(g)
 
 
+class SharesSumBf16(torch.autograd.Function):
+    """PPMoE's bf16 all-reduce of the group's shares of y: each share rounded to bf16, the sum
+    rounded again (comm/bf16_allreduce.h); y's gradient reaches every share as it is."""
+
+    @staticmethod
+    def forward(ctx, *shares):
+        total = sum(to_bf16(t) for t in shares)
+        return to_bf16(total)
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(g for _ in ctx.needs_input_grad)
+
+
+class GradToBf16(torch.autograd.Function):
+    """The identity whose gradient is rounded to bf16: a share of dx entering PPMoE's bf16
+    all-reduce, and the sum it leaves."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return to_bf16(g)
+
+
 class Bf16Matmul(torch.autograd.Function):
     """a @ b on bf16 operands, in the forward and in both gradient products."""
 
@@ -91,9 +118,12 @@ class Bf16Matmul(torch.autograd.Function):
         return g @ to_bf16(b).T, to_bf16(a).T @ g
 
 
-def compute(folder, emulate_bf16=True, bf16_wire=True):
+def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
     """Returns (meta, per-rank dict of reference tensors as numpy float64). bf16_wire=False: the
-    bf16 layer without an all-to-all (PPMoE: its matmuls round, no rows cross a bf16 wire)."""
+    bf16 layer without an all-to-all (PPMoE: its matmuls round, no rows cross a bf16 wire).
+    ppmoe_group=G (with bf16): as PPMoE over a group of G ranks sums its shares of y and of dx in
+    bf16, each rank's share of y its own experts' outputs, of dx its experts' input gradients plus,
+    on the rank that owns a token's first kept choice (rank 0 when none is), the gate's."""
     meta = json.load(open(f"{folder}/meta.json"))
     bf16 = meta.get("dtype", "fp32") == "bf16" and emulate_bf16
     matmul = Bf16Matmul.apply if bf16 else torch.matmul
@@ -136,16 +166,32 @@ def compute(folder, emulate_bf16=True, bf16_wire=True):
         gate = probs.gather(1, chosen_t)
         if k > 1 and normalize:
             gate = gate / gate.sum(dim=1, keepdim=True)
-        y = torch.zeros_like(x)
+        G = ppmoe_group if bf16 and ppmoe_group > 0 else 1
+        # PPMoE in bf16: rank g of the group reads x as x_in[g] (its share of dx rounded), the gate
+        # reads each token through its owner's copy, and the sum of the shares is rounded once more
+        x_in = [x] if G == 1 else [GradToBf16.apply(x_all) for x_all in [GradToBf16.apply(x)] for _ in range(G)]
+        if G > 1:
+            kept = slot >= 0
+            first = np.where(kept.any(axis=1), chosen[np.arange(T), kept.argmax(axis=1)], 0)
+            owner = np.where(kept.any(axis=1), first // (E // G), 0)
+            x_gate = sum(torch.tensor((owner == g).astype(np.float64))[:, None] * x_in[g] for g in range(G))
+            logits = x_gate @ wg
+            probs = score(logits)
+            gate = probs.gather(1, chosen_t)
+            if k > 1 and normalize:
+                gate = gate / gate.sum(dim=1, keepdim=True)
+        shares = [torch.zeros_like(x) for _ in range(G)]
         for e in range(E):
+            g = e // (E // G)
             for j in range(k):
                 tok = np.nonzero((chosen[:, j] == e) & (slot[:, j] >= 0))[0]
                 if len(tok) == 0:
                     continue
                 tok_t = torch.tensor(tok)
-                u = wire(x[tok_t])
+                u = wire(x_in[g][tok_t])
                 out = wire(matmul(activate(matmul(u, w1[e]) + b1[e], activation), w2[e]) + b2[e])
-                y = y.index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
+                shares[g] = shares[g].index_add(0, tok_t, gate[tok_t, j:j + 1] * out)
+        y = shares[0] if G == 1 else SharesSumBf16.apply(*shares)
         if shared is not None:  # no all-to-all: the bf16 roundings of its matmuls only
             y = y + matmul(activate(matmul(x, shared["w1"]) + shared["b1"], meta.get("shared_activation", "gelu")),
                            shared["w2"]) + shared["b2"]

@@ -8,9 +8,10 @@ pipeline degrees give the very same bits as degree 1.
 With k <= 2 the PPMoE layer must give the one-rank all-to-all layer's bits (outputs, losses, input
 and gate gradients; each rank's expert gradients are its slice of the one-rank layer's); with
 k > 2 equal to float32 rounding (the all-reduce sums three or more shares in its own order).
-In bf16 its expert matmuls round as the all-to-all layer's do, but no rows cross a bf16 wire (the
-all-reduce stays fp32): checked against PyTorch float64 doing those roundings (in norm, as
-test_moe_layer.py does bf16), not against the all-to-all layer's bits.
+In bf16 its expert matmuls round as the all-to-all layer's do, and its all-reduces of y and dx
+carry bf16 (each rank's share rounded, the sum rounded again; no token rows cross a wire):
+checked against PyTorch float64 doing those roundings (in norm, as test_moe_layer.py does bf16),
+not against the all-to-all layer's bits.
 
 Run: /usr/bin/python3 tests/reference/test_ppmoe_layer.py [--inprocess]   (needs build/pipemoe)
 """
@@ -68,7 +69,7 @@ def main():
             one = os.path.join(tmp, f"ep{seed}")
             mpirun(1, args + ["--strategy", "ep", "--dump", one])
             bf16 = "bf16" in flags
-            _, expected = ref.compute(one, bf16_wire=False)
+            _, expected = ref.compute(one, bf16_wire=False, ppmoe_group=tp)
             ours = os.path.join(tmp, f"pp{seed}")
             mpirun(world, args + ["--strategy", "ppmoe", "--tp", tp, "--dump", ours])
             meta = json.load(open(f"{ours}/meta.json"))
