@@ -66,6 +66,25 @@ std::vector<double> concat_over_stages(Communicator* pipeline, const std::vector
   return nlohmann::json::parse(pipeline->broadcast_string(all.dump(), 0)).get<std::vector<double>>();
 }
 
+// The degree tuning's summary over every pipeline stage's layers (each stage tunes its own, on
+// the same steps): tunings, layers changed and costs added up, steps the most of any stage.
+nlohmann::json tuning_over_stages(Communicator* pipeline, const LayerDegrees& degrees) {
+  nlohmann::json mine = degrees.summary();
+  const std::vector<double> all = concat_over_stages(
+      pipeline, {mine["on"].get<bool>() ? 1.0 : 0.0, mine["tunings"].get<double>(), mine["steps"].get<double>(),
+                 mine["layers_changed_by_timing"].get<double>(), mine["predicted_cost_ms"].get<double>(),
+                 mine["measured_cost_ms"].get<double>()});
+  double on = 0, tunings = 0, steps = 0, changed = 0, predicted = 0, measured = 0;
+  for (std::size_t at = 0; at + 6 <= all.size(); at += 6) {
+    on = std::max(on, all[at]), tunings += all[at + 1], steps = std::max(steps, all[at + 2]);
+    changed += all[at + 3], predicted += all[at + 4], measured += all[at + 5];
+  }
+  mine.update({{"on", on > 0}, {"tunings", static_cast<int>(tunings)}, {"steps", static_cast<int>(steps)},
+               {"layers_changed_by_timing", static_cast<int>(changed)}, {"predicted_cost_ms", predicted},
+               {"measured_cost_ms", measured}});
+  return mine;
+}
+
 // Every stage's line, joined in stage order ("; "), the empty ones left out.
 std::string join_over_stages(Communicator* pipeline, const std::string& mine) {
   if (!pipeline || pipeline->size() == 1) return mine;
@@ -538,7 +557,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"unigram_bits_per_byte", unigram / std::log(2.0) / val_bytes_per_token},
           {"tokens_per_s", tokens_per_step / (ms / 1e3)},
           {"degree_replan_ms", layer_degrees ? layer_degrees->planning_ms() : 0.0},
-          {"degree_tuning", layer_degrees ? layer_degrees->summary() : nlohmann::json(nullptr)},
+          {"degree_tuning", layer_degrees ? tuning_over_stages(pipeline, *layer_degrees) : nlohmann::json(nullptr)},
           {"steps", last},
           {"ms_per_step", ms},
           {"exposed_comm_ms_per_step", exposed},
