@@ -138,6 +138,18 @@ def main():
         print("ok: train --degree auto re-plans every MoE layer from its routing and times its candidates; the losses "
               "are degree 1's", flush=True)
 
+        # two pipeline stages, one MoE block each: every stage times its own block, and the final
+        # JSON counts both stages' tunings
+        proc = mpirun(2, ["train", "--config", config, "--set", "save=", "--pp", 2, "--set", "micro_batches=2"] +
+                      auto_profile + ["--set", "degree_tune=on", "--set", "degree_tune_rounds=1",
+                                      "--set", "degree_tune_window=100"], timeout=300)
+        t = last_json(proc)["degree_tuning"]
+        timed = [line for line in (proc.stdout + proc.stderr).splitlines() if "degrees timed on the training steps" in line]
+        f.check(t["on"] and t["tunings"] == 2, f"pp 2: both stages' MoE blocks timed, counted over stages: {t}")
+        f.check(sorted(line.split(":")[0] for line in timed) == ["MoE block 1", "MoE block 3"],
+                f"pp 2: each stage names its own block's timed degrees: {timed}")
+        print(f"ok: pp 2: each stage times its own MoE block ({t['tunings']} tunings)", flush=True)
+
         auto = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--profile", profile, "--refine", "2",
                                                         "--json"]))
         f.check(auto["predicted_fwd_ms"] is not None and auto["predicted_bwd_ms"] is not None, "predictions reported")
