@@ -259,7 +259,8 @@ int GptModel::choose_slot(int block, bool forward, const std::vector<std::string
 void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& moe_tasks, PassTiming& timing) const {
   const ExecutorStats& s = executor_.last_stats();
   std::vector<double> seconds(graph.size(), 0.0);
-  for (const TaskRecord& r : s.records) seconds[r.task] = r.end_s - r.start_s;
+  std::vector<double> start_s(graph.size(), 0.0), end_s(graph.size(), 0.0);
+  for (const TaskRecord& r : s.records) seconds[r.task] = r.end_s - r.start_s, start_s[r.task] = r.start_s, end_s[r.task] = r.end_s;
   timing.task_s.clear();
   timing.moe_comm_s.clear();
   timing.moe_hidden.clear();
@@ -279,14 +280,9 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
     for (int id : tasks.ids)
       if (graph.task(id).lane == lanes::comm) comm.push_back(id);
     timing.moe_hidden[block] = hidden_behind_compute(graph, s, comm);
-    double first = 0, end = 0;
-    bool seen = false;
-    for (const TaskRecord& r : s.records)
-      if (std::find(tasks.ids.begin(), tasks.ids.end(), r.task) != tasks.ids.end()) {
-        first = seen ? std::min(first, r.start_s) : r.start_s, end = seen ? std::max(end, r.end_s) : r.end_s;
-        seen = true;
-      }
-    timing.moe_span_s[block] = end - first;
+    double first = INFINITY, end = -INFINITY;
+    for (int id : tasks.ids) first = std::min(first, start_s[id]), end = std::max(end, end_s[id]);
+    timing.moe_span_s[block] = tasks.ids.empty() ? 0.0 : end - first;
   }
   // Every rank keeps the same times, the slowest rank's: the choices made from them (slots, where
   // the gradient buckets go) are then the same on every rank, and so is the order in which every
@@ -304,11 +300,10 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
 
 std::vector<std::pair<double, double>> GptModel::take_moe_seconds() {
   std::vector<std::pair<double, double>> out;
-  for (std::size_t l = 0; l < blocks_.size(); ++l)
-    if (blocks_[l] && blocks_[l]->moe) {
-      auto it = moe_seconds_.find(static_cast<int>(l));
-      out.push_back(it == moe_seconds_.end() ? std::pair{0.0, 0.0} : it->second);
-    }
+  for (int block : moe_blocks()) {
+    auto it = moe_seconds_.find(block);
+    out.push_back(it == moe_seconds_.end() ? std::pair{0.0, 0.0} : it->second);
+  }
   moe_seconds_.clear();
   return out;
 }
