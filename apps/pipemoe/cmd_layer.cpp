@@ -217,6 +217,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   const double rows_max = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
   const double rows_min = -ctx.comm.allreduce_scalar(-static_cast<double>(t.expert_rows), ReduceOp::max);
   const double peak_mb = ctx.comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
+  const double held_mb = ctx.comm.allreduce_scalar(static_cast<double>(t.held_bytes) / (1 << 20), ReduceOp::max);
   std::optional<LanesAlone> alone;
   if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.loss_grads());
   double tokens_per_s = static_cast<double>(shape.tokens) * data_groups / ((sf.median + sb.median) / 1e3);
@@ -262,6 +263,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"expert_ms", se.median},    {"expert_gflops", gflops},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
+                        {"held_for_backward_mb", held_mb},
                         {"activation", activation_name(shape.activation)}, {"skew", o.skew},
                         {"dtype", precision_name(shape.precision)}, {"bf16_path", backend.bf16_path()},
                         {"shared_hidden", o.shared_hidden},
@@ -302,8 +304,9 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                 alone->pass_bound_ms());
   std::printf("expert FFN arithmetic: %.1f GFLOP/s per rank (slowest rank, median)\n", gflops);
   std::printf("tokens/s (all ranks, forward+backward): %.0f\n", tokens_per_s);
-  std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %.0f MB per rank\n",
-              rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak_mb);
+  std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %.0f MB per rank, "
+              "%.1f MB of it kept from the forward for the backward\n",
+              rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak_mb, held_mb);
   return 0;
 }
 

@@ -64,8 +64,10 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
     LayerPassRun f, b;
     std::shared_ptr<MoePass> pass =
         forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f, shared_tasks(d, true));
+    const int64_t held_bytes = pass->held_bytes();
     backward_alone(layer, executor, *pass, d.dy.f32(), d.dx.f32(), loss_grads, traced, &b, shared_tasks(d, false));
     if (it < warmup) continue;
+    t.held_bytes = held_bytes;
     if (observe) observe(f, b);
     t.expert_rows = pass->expert_rows();
     t.forward.push_back(f.stats.wall_ms);

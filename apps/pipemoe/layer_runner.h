@@ -30,6 +30,7 @@ void add_shared_expert(LayerData& d, std::shared_ptr<SharedExpert> shared);
 struct PassTimes {
   std::vector<double> forward, backward, comm_busy, comm_cpu, expert, expert_gflops;
   int64_t expert_rows = 0;  // rows this rank's experts computed in the last pass (the real counts)
+  int64_t held_bytes = 0;   // what the last forward pass kept for its backward (MoePass::held_bytes)
 };
 
 // Called with each timed pass's forward and backward runs (graphs with the real rows, task records).

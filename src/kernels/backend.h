@@ -50,11 +50,27 @@ struct ExpertGrads {
   float* b2;
 };
 
+// Rows of floats, or of bf16 values (their uint16_t bit patterns). A bf16 expert may keep the
+// rows only its GEMMs read (its inputs and activations) in bf16: bf16 GEMMs round them to bf16
+// anyway, so the results are the bits of float storage, in half the bytes. Either pointer
+// converts implicitly.
+template <typename F, typename B>
+struct FloatOrBf16 {
+  F* f32 = nullptr;
+  B* bf16 = nullptr;
+  FloatOrBf16(F* p) : f32(p) {}  // NOLINT(google-explicit-constructor): converts like a pointer
+  FloatOrBf16(B* p) : bf16(p) {}  // NOLINT(google-explicit-constructor)
+};
+using RowsIn = FloatOrBf16<const float, const uint16_t>;
+using RowsOut = FloatOrBf16<float, uint16_t>;
+
 // Rows of one expert's saved tensors, in the order the weight gradients sum them (canonical:
-// peer, then row), each pointing wherever the pipeline chunks left it.
+// peer, then row), each pointing wherever the pipeline chunks left it. A bf16 expert's inputs and
+// activations may be bf16 rows (u_bf16, act_bf16 instead of u, act).
 struct ExpertRows {
   std::vector<const float*> u, act;     // forward: inputs [M], activations [H]
   std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H1], output grads [M]
+  std::vector<const uint16_t*> u_bf16, act_bf16;
 };
 
 // A run of rows copied from one buffer to another.
@@ -102,6 +118,8 @@ class Backend {
   virtual void axpy(float alpha, const float* x, float* y, int64_t n) = 0;
   // dst rows from src rows, width floats each, run by run.
   virtual void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowRun>& runs) = 0;
+  // The same into bf16 rows, each value rounded to nearest even.
+  virtual void copy_rows_to_bf16(const float* src, uint16_t* dst, int64_t width, const std::vector<RowRun>& runs) = 0;
 
   // ---- activations and normalisation -----------------------------------------------------------
   // out[n] = GeLU(in[n]) (exact erf form); grad_in[n] = grad_out[n] * GeLU'(in[n]).
@@ -172,9 +190,10 @@ class Backend {
   virtual void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1,
                                    const float* b2, int64_t M, int64_t H) = 0;
   virtual void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) = 0;
-  // hpre[rows, H1] = u W1 + b1; act[rows, H] = its activation; y[rows, M] = act W2 + b2.
-  virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* u,
-                              float* hpre, float* act, float* y) = 0;
+  // hpre[rows, H1] = u W1 + b1; act[rows, H] = its activation; y[rows, M] = act W2 + b2. u and
+  // act may be bf16 rows for a bf16 expert (act then holds the activation rounded to bf16).
+  virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u,
+                              float* hpre, RowsOut act, float* y) = 0;
   // dhpre[rows, H1] = the activation's backward of dy W2^T at hpre; du[rows, M] = dhpre W1^T.
   // hpre_rows[i] points at row i's pre-activation wherever the forward left it.
   virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,

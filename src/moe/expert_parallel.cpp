@@ -5,6 +5,7 @@
 #include "moe/dispatcher.h"
 #include "moe/layer_weights.h"
 #include "moe/gate.h"
+#include "moe/saved_rows.h"
 
 namespace pm {
 namespace {
@@ -20,8 +21,9 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   Buffer<float> send;        // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
   Buffer<float> recv;        // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
                              // then their outputs going back (expert)
-  Buffer<float> u, hpre, act, out;  // counts: [rows, M|H1|H|M] the experts' inputs, pre-activations,
-                                    // GeLU outputs and outputs, compute order (expert); saved
+  SavedRows u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute
+                             // order (expert); saved (bf16 in a bf16 layer: saved_rows.h)
+  Buffer<float> hpre, out;   // counts: [rows, H1|M] pre-activations and outputs, compute order (expert)
   Buffer<float> back;        // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine)
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
@@ -29,6 +31,10 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   double z_loss() const override { return gating.z_loss; }
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
   const Routing& routing() const override { return gating.routing; }
+  int64_t held_bytes() const override {
+    return u.bytes() + act.bytes() +
+           static_cast<int64_t>((send.size() + recv.size() + hpre.size() + out.size() + back.size()) * sizeof(float));
+  }
 };
 
 struct BackwardPass {
@@ -171,9 +177,9 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     dispatcher_.exchange_counts(p->handle);
     const int64_t rows = p->handle.experts_wire.total_rows;
     p->recv.resize(rows * M);
-    p->u.resize(rows * M);
+    p->u.resize(rows, M, shape.precision);
     p->hpre.resize(rows * H1);
-    p->act.resize(rows * H);
+    p->act.resize(rows, H, shape.precision);
     p->out.resize(rows * M);
     p->needed.clear();
     for (int le = 0; le < shape_.local_experts(); ++le) {
@@ -200,13 +206,13 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
   steps.expert = [this, p, M, H, H1](int c) {
     const BlockLayout& wire = p->handle.experts_wire;
     const BlockLayout& compute = p->handle.experts_compute;
-    backend_.copy_rows(p->recv.data(), p->u.data(), M, chunk_segments(wire, compute, c));
+    p->u.copy_rows_from(backend_, p->recv.data(), chunk_segments(wire, compute, c));
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : *packed_[le];
-      backend_.expert_forward(packed, rows, M, H, &p->u[first * M], &p->hpre[first * H1], &p->act[first * H],
+      backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->hpre[first * H1], p->act.out(first),
                               &p->out[first * M]);
     }
     backend_.copy_rows(p->out.data(), p->recv.data(), M, chunk_segments(compute, wire, c));
@@ -216,6 +222,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
   steps.unpack = [this, p] {
     dispatcher_.unpack(p->back.data(), p->gating.gate.data(), p->handle, p->y);
     if (cache_) cache_->end_pass();
+    // every dispatch, expert and combine has run: the all-to-all's buffers are done with
+    for (Buffer<float>* done : {&p->send, &p->recv, &p->out}) release(*done);
   };
 
   *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps, between);
@@ -286,14 +294,21 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       // every row in canonical order, read where the forward and backward chunks left it
       std::vector<int64_t> fwd = canonical_row_positions(fp->handle.experts_compute, le);
       std::vector<int64_t> bwd = canonical_row_positions(b->handle.experts_compute, le);
-      ExpertRows rows{row_pointers(fp->u.data(), M, fwd), row_pointers(fp->act.data(), H, fwd),
-                      row_pointers(b->dhpre.data(), H1, bwd), row_pointers(b->dy_rows.data(), M, bwd)};
+      ExpertRows rows;
+      fp->u.add_rows(fwd, rows.u, rows.u_bf16);
+      fp->act.add_rows(fwd, rows.act, rows.act_bf16);
+      rows.dhpre = row_pointers(b->dhpre.data(), H1, bwd);
+      rows.dy = row_pointers(b->dy_rows.data(), M, bwd);
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
+    // after every expert_dgrad (its dependencies): the experts' gradient rows are done with
+    for (Buffer<float>* done : {&b->dy_rows, &b->dhpre, &b->du}) release(*done);
   };
   steps.unpack_grad = [this, fp, b, M] {
     std::memcpy(b->dx, b->dx_gate.data(), fp->tokens * M * sizeof(float));
     dispatcher_.unpack_sum(b->back.data(), b->handle, b->dx);
+    // after every grad_combine and the gate's backward: the all-to-all's buffers are done with
+    for (Buffer<float>* done : {&b->send, &b->recv, &b->back, &b->dx_gate}) release(*done);
   };
 
   *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps, between);

@@ -39,6 +39,8 @@ class MoePass {
   virtual double z_loss() const = 0;            // router z-loss of this rank's tokens (gate.h)
   virtual int64_t expert_rows() const = 0;      // rows this rank's experts computed
   virtual const Routing& routing() const = 0;   // this rank's tokens' choices and slots
+  // Bytes of backend memory the pass holds now: after its forward, what it keeps for its backward.
+  virtual int64_t held_bytes() const = 0;
 };
 
 struct MoeForward {
@@ -125,6 +127,13 @@ template <typename Pass>
 std::shared_ptr<Pass> reuse_pass(std::shared_ptr<Pass>& last) {
   if (!last || last.use_count() > 1) last = std::make_shared<Pass>();
   return last;
+}
+// Gives a pass's buffer's memory back once the pass's last reader of it has run: a model keeps
+// every layer's forward pass until its backward, so what only the forward itself needs (the
+// all-to-all's buffers) must not stay with it. The next resize allocates again.
+template <typename T>
+void release(Buffer<T>& buffer) {
+  Buffer<T>(buffer.get_allocator()).swap(buffer);
 }
 
 // ---- the layer alone: one graph per pass ---------------------------------------------------------

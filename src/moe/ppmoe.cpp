@@ -7,6 +7,7 @@
 #include "moe/layer_weights.h"
 #include "moe/gate.h"
 #include "moe/ppmoe_graph.h"
+#include "moe/saved_rows.h"
 
 namespace pm {
 namespace {
@@ -56,12 +57,16 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t tokens = 0;
   Gating gating;                    // gate
   LocalRows local;                  // gate
-  Buffer<float> u, hpre, act, out;  // gate: [rows, M|H1|H|M] canonical order (expert); saved
+  SavedRows u, act;          // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
+  Buffer<float> hpre, out;   // gate: [rows, H1|M] canonical order (expert); saved
 
   double aux_loss() const override { return gating.aux_loss; }
   double z_loss() const override { return gating.z_loss; }
   int64_t expert_rows() const override { return local.rows(); }
   const Routing& routing() const override { return gating.routing; }
+  int64_t held_bytes() const override {
+    return u.bytes() + act.bytes() + static_cast<int64_t>((hpre.size() + out.size()) * sizeof(float));
+  }
 };
 
 struct BackwardPass {
@@ -179,9 +184,9 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
                              shape.balance_bias ? w_.router_bias.f32() : nullptr);
     p->local = local_rows(p->gating.routing, first_expert(), shape.local_experts());
     const int64_t rows = p->local.rows();
-    p->u.resize(rows * M);
+    p->u.resize(rows, M, shape.precision);
     p->hpre.resize(rows * H1);
-    p->act.resize(rows * H);
+    p->act.resize(rows, H, shape.precision);
     p->out.resize(rows * M);
     set_ppmoe_forward_work(graph, *tasks, measured_rows(shape, p->local, degree));
   };
@@ -194,8 +199,8 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
         if (a == b) continue;
         std::vector<RowRun> gather;
         for (int64_t row = a; row < b; ++row) gather.push_back({p->local.token[row], row, 1});
-        backend_.copy_rows(p->x, p->u.data(), M, gather);
-        backend_.expert_forward(*packed_[le], b - a, M, H, &p->u[a * M], &p->hpre[a * H1], &p->act[a * H], &p->out[a * M]);
+        p->u.copy_rows_from(backend_, p->x, gather);
+        backend_.expert_forward(*packed_[le], b - a, M, H, p->u.in(a), &p->hpre[a * H1], p->act.out(a), &p->out[a * M]);
       }
     // this rank's share of the chunk's outputs: its choices in order, the others skipped
     backend_.combine_rows(p->out.data(), p->gating.gate.data() + t0 * k, t1 - t0, M, k, p->local.positions.data() + t0 * k,
@@ -282,14 +287,18 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
   steps.expert_wgrad = [this, fp, b, M, H, H1, k, El] {
     for (int le = 0; le < El; ++le) {
       ExpertRows rows;
+      std::vector<int64_t> positions;
       for (int64_t row = fp->local.run_first[le * k]; row < fp->local.run_first[(le + 1) * k]; ++row) {
-        rows.u.push_back(&fp->u[row * M]);
-        rows.act.push_back(&fp->act[row * H]);
+        positions.push_back(row);
         rows.dhpre.push_back(&b->dhpre[row * H1]);
         rows.dy.push_back(&b->dy_rows[row * M]);
       }
+      fp->u.add_rows(positions, rows.u, rows.u_bf16);
+      fp->act.add_rows(positions, rows.act, rows.act_bf16);
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
+    // after every expert_dgrad (its dependencies), their only other reader
+    for (Buffer<float>* done : {&b->dy_rows, &b->dhpre}) release(*done);
   };
 
   *tasks = append_ppmoe_backward(graph, after, balanced_ppmoe_rows(shape, degree), &steps, between);

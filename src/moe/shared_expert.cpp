@@ -15,8 +15,8 @@ SharedExpert::SharedExpert(Backend& backend, int64_t model_dim, int64_t hidden, 
       activation_(activation),
       precision_(precision),
       hpre_(BackendAllocator<float>(backend)),
-      act_(BackendAllocator<float>(backend)),
-      dhpre_(BackendAllocator<float>(backend)) {
+      dhpre_(BackendAllocator<float>(backend)),
+      act_(backend) {
   PM_REQUIRE(hidden > 0, "the shared expert's hidden size must be positive, got {}", hidden);
   PM_REQUIRE(model_dim > 0, "model dim must be positive, got {}", model_dim);
   const int64_t M = model_dim, G = hidden, G1 = fc1_width(activation, hidden);
@@ -52,27 +52,30 @@ void SharedExpert::zero_grads() {
 void SharedExpert::forward(const float* x, int64_t tokens, float* out) {
   const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
   hpre_.resize(tokens * G1);
-  act_.resize(tokens * G);
+  act_.resize(tokens, G, precision_);
+  saved_tokens_ = tokens;
   backend_.pack_expert_forward(*packed_, w1_.f32(), w2_.f32(), b1_.f32(), b2_.f32(), M, G);
-  backend_.expert_forward(*packed_, tokens, M, G, x, hpre_.data(), act_.data(), out);
+  backend_.expert_forward(*packed_, tokens, M, G, x, hpre_.data(), act_.out(0), out);
 }
 
 void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, float* dx) {
   const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
-  PM_CHECK(static_cast<int64_t>(act_.size()) == tokens * G, "a shared-expert backward without its forward");
+  PM_CHECK(saved_tokens_ == tokens, "a shared-expert backward without its forward");
   dhpre_.resize(tokens * G1);
   backend_.pack_expert_backward(*packed_, w1_.f32(), w2_.f32(), M, G);
-  std::vector<const float*> hpre_rows(tokens), u(tokens), act(tokens), dhpre(tokens), dys(tokens);
+  std::vector<const float*> hpre_rows(tokens);
+  std::vector<int64_t> positions(tokens);
+  ExpertRows rows;
   for (int64_t t = 0; t < tokens; ++t) {
     hpre_rows[t] = hpre_.data() + t * G1;
-    u[t] = x + t * M;
-    act[t] = act_.data() + t * G;
-    dhpre[t] = dhpre_.data() + t * G1;
-    dys[t] = dy + t * M;
+    positions[t] = t;
+    rows.u.push_back(x + t * M);  // the caller's input (rounded by the bf16 GEMMs as they read it)
+    rows.dhpre.push_back(dhpre_.data() + t * G1);
+    rows.dy.push_back(dy + t * M);
   }
+  act_.add_rows(positions, rows.act, rows.act_bf16);
   backend_.expert_backward_input(*packed_, tokens, M, G, dy, hpre_rows.data(), dhpre_.data(), dx);
-  backend_.expert_weight_grads({dw1_.f32(), db1_.f32(), dw2_.f32(), db2_.f32()}, activation_, precision_, M, G,
-                               ExpertRows{u, act, dhpre, dys});
+  backend_.expert_weight_grads({dw1_.f32(), db1_.f32(), dw2_.f32(), db2_.f32()}, activation_, precision_, M, G, rows);
 }
 
 }  // namespace pm

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
@@ -143,6 +144,47 @@ TEST(GemmBf16, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
   gemm_tn_rows_bf16(M, N, K, a_rows.data(), b_rows.data(), 1.0f, by_rows.data(), N);
   gemm_bf16(Trans::yes, Trans::no, M, N, K, A.data(), M, B.data(), N, 1.0f, contiguous.data(), N);
   EXPECT_EQ(0, std::memcmp(by_rows.data(), contiguous.data(), by_rows.size() * sizeof(float)));
+}
+
+// A stored as bf16 (activations a bf16 expert saves in bf16) gives the bits of A stored as floats,
+// contiguous or by row pointers, on every instruction set; odd depths and partial micro-panels.
+TEST(GemmBf16, AStoredInBf16GivesTheBitsOfAStoredInFloats) {
+  const int64_t M = 29, N = 83, K = 531;
+  auto A = random_matrix(M * K, 14), B = random_matrix(K * N, 15), C0 = random_matrix(M * N, 16);
+  std::vector<uint16_t> A16(A.size());
+  floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+  PackedB packed;
+  pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
+  std::vector<std::string> isas{""};
+  if (__builtin_cpu_supports("avx2")) isas.push_back("avx2");
+  isas.push_back("scalar");
+  for (const std::string& isa : isas) {
+    force_gemm_isa(isa);
+    for (float beta : {0.0f, 1.0f}) {
+      std::vector<float> from_floats = C0, from_bf16 = C0;
+      gemm_packed(Trans::no, M, A.data(), K, packed, beta, from_floats.data(), N);
+      gemm_packed(Trans::no, M, A16.data(), K, packed, beta, from_bf16.data(), N);
+      EXPECT_EQ(0, std::memcmp(from_floats.data(), from_bf16.data(), from_floats.size() * sizeof(float)))
+          << "isa '" << isa << "' beta " << beta;
+    }
+    // A^T B with A's K rows [M] by pointers (the weight gradients' form)
+    const int64_t Kt = 37, Mt = 45, Nt = 70;
+    auto At = random_matrix(Kt * Mt, 17), Bt = random_matrix(Kt * Nt, 18);
+    std::vector<uint16_t> At16(At.size());
+    floats_to_bf16(At.data(), At16.data(), static_cast<int64_t>(At.size()));
+    std::vector<const float*> a_rows, b_rows;
+    std::vector<const uint16_t*> a_rows16;
+    for (int64_t k = Kt - 1; k >= 0; --k) {  // rows anywhere: here in reverse storage order
+      a_rows.push_back(At.data() + k * Mt);
+      a_rows16.push_back(At16.data() + k * Mt);
+      b_rows.push_back(Bt.data() + k * Nt);
+    }
+    std::vector<float> by_floats(Mt * Nt, 0.5f), by_bf16(Mt * Nt, 0.5f);
+    gemm_tn_rows_bf16(Mt, Nt, Kt, a_rows.data(), b_rows.data(), 1.0f, by_floats.data(), Nt);
+    gemm_tn_rows_bf16(Mt, Nt, Kt, a_rows16.data(), b_rows.data(), 1.0f, by_bf16.data(), Nt);
+    EXPECT_EQ(0, std::memcmp(by_floats.data(), by_bf16.data(), by_floats.size() * sizeof(float))) << "isa '" << isa << "'";
+  }
+  force_gemm_isa("");
 }
 
 // An fp32 pack after a bf16 one (the same thread-local buffers) is an fp32 GEMM again.

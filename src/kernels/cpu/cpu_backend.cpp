@@ -3,6 +3,8 @@
 #include <cstring>
 #include <new>
 
+#include "core/block_cache.h"
+#include "core/tensor.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cross_entropy.h"
@@ -16,6 +18,14 @@
 namespace pm {
 namespace {
 
+void* aligned_allocate(std::size_t bytes) {
+  constexpr std::size_t alignment = 64;  // whole cache lines for the vector kernels
+  std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+  void* p = std::aligned_alloc(alignment, rounded == 0 ? alignment : rounded);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
 class CpuBackend final : public Backend {
  public:
   std::string bf16_path() const override { return gemm_bf16_path(); }
@@ -23,14 +33,10 @@ class CpuBackend final : public Backend {
   Device device() const override { return Device::cpu; }
   int threads() const override { return compute_threads(); }
 
-  void* allocate(std::size_t bytes) override {
-    constexpr std::size_t alignment = 64;  // whole cache lines for the vector kernels
-    std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
-    void* p = std::aligned_alloc(alignment, rounded == 0 ? alignment : rounded);
-    if (!p) throw std::bad_alloc();
-    return p;
-  }
-  void deallocate(void* data) override { std::free(data); }
+  // Large buffers through a cache (core/block_cache.h): passes free and allocate the same sizes
+  // every step.
+  void* allocate(std::size_t bytes) override { return blocks_.allocate(bytes); }
+  void deallocate(void* data) override { blocks_.deallocate(data); }
 
   void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
             int64_t ldb, float beta, float* C, int64_t ldc) override {
@@ -50,6 +56,9 @@ class CpuBackend final : public Backend {
       if (src + r.src_row * width == dst + r.dst_row * width) continue;  // same memory
       std::memcpy(dst + r.dst_row * width, src + r.src_row * width, r.rows * width * sizeof(float));
     }
+  }
+  void copy_rows_to_bf16(const float* src, uint16_t* dst, int64_t width, const std::vector<RowRun>& runs) override {
+    for (const RowRun& r : runs) floats_to_bf16(src + r.src_row * width, dst + r.dst_row * width, r.rows * width);
   }
 
   void gelu_forward(const float* in, float* out, int64_t n) override { pm::gelu_forward(in, out, n); }
@@ -145,8 +154,8 @@ class CpuBackend final : public Backend {
   void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) override {
     static_cast<ExpertWeights&>(packed).pack_backward(w1, w2, M, H);
   }
-  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* u, float* hpre,
-                      float* act, float* y) override {
+  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u, float* hpre,
+                      RowsOut act, float* y) override {
     pm::expert_forward(static_cast<const ExpertWeights&>(packed), rows, M, H, u, hpre, act, y);
   }
   void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
@@ -157,6 +166,9 @@ class CpuBackend final : public Backend {
                            const ExpertRows& rows) override {
     pm::expert_weight_grads(grads, activation, precision, M, H, rows);
   }
+ private:
+  // never destroyed: buffers of other static objects may be freed after this one's destructor
+  BlockCache& blocks_ = *new BlockCache(aligned_allocate, [](void* data) { std::free(data); });
 };
 
 }  // namespace

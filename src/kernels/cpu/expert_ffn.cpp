@@ -1,6 +1,9 @@
 #include "kernels/cpu/expert_ffn.h"
 
+#include <vector>
+
 #include "core/error.h"
+#include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
 
 namespace pm {
@@ -12,6 +15,15 @@ void pack(Precision precision, Trans trans, int64_t K, int64_t N, const float* B
     pack_b_bf16(trans, K, N, B, ldb, out);
   else
     pack_b(trans, K, N, B, ldb, out);
+}
+
+// hpre = u W1 + b1, u floats or bf16.
+void fc1_gemm(const ExpertWeights& w, int64_t rows, int64_t M, RowsIn u, float* hpre, int64_t H1,
+              const GemmExtras& extras) {
+  if (u.bf16)
+    gemm_packed(Trans::no, rows, u.bf16, M, w.w1, 0.0f, hpre, H1, extras);
+  else
+    gemm_packed(Trans::no, rows, u.f32, M, w.w1, 0.0f, hpre, H1, extras);
 }
 
 }  // namespace
@@ -28,20 +40,37 @@ void ExpertWeights::pack_backward(const float* w1_data, const float* w2_data, in
   pack(precision, Trans::yes, H1, M, w1_data, H1, w1_t);
 }
 
-void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, const float* u,
-                    float* hpre, float* act, float* y) {
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* hpre,
+                    RowsOut act, float* y) {
   if (rows == 0) return;
+  PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
+           "bf16 rows of an expert's input or activation need a bf16 expert");
+  const int64_t H1 = fc1_width(w.activation, H);
+  // the activation of n values from `in` into act's row i, columns [c, c + n), rounded to bf16
+  // there when act is bf16 (through a float scratch: the same values the float path stores)
+  auto activate = [&](int64_t i, int64_t c, int64_t n, auto&& fn) {
+    if (act.f32) return fn(act.f32 + i * H + c);
+    thread_local std::vector<float> scratch;
+    scratch.resize(n);
+    fn(scratch.data());
+    floats_to_bf16(scratch.data(), act.bf16 + i * H + c, n);
+  };
   if (w.activation == Activation::swiglu) {
-    gemm_packed(Trans::no, rows, u, M, w.w1, 0.0f, hpre, 2 * H, {w.b1, nullptr});
-    for (int64_t i = 0; i < rows; ++i) swiglu_forward(hpre + i * 2 * H, act + i * H, H);
+    fc1_gemm(w, rows, M, u, hpre, H1, {w.b1, nullptr});
+    for (int64_t i = 0; i < rows; ++i)
+      activate(i, 0, H, [&](float* out) { swiglu_forward(hpre + i * 2 * H, out, H); });
   } else {
     // GeLU runs on each finished tile of the pre-activation while it is still in cache.
     TileEpilogue gelu_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
-      for (int64_t i = r; i < r + nr; ++i) gelu_forward(hpre + i * H + c, act + i * H + c, nc);
+      for (int64_t i = r; i < r + nr; ++i)
+        activate(i, c, nc, [&](float* out) { gelu_forward(hpre + i * H + c, out, nc); });
     };
-    gemm_packed(Trans::no, rows, u, M, w.w1, 0.0f, hpre, H, {w.b1, &gelu_tile});
+    fc1_gemm(w, rows, M, u, hpre, H1, {w.b1, &gelu_tile});
   }
-  gemm_packed(Trans::no, rows, act, H, w.w2, 0.0f, y, M, {w.b2, nullptr});
+  if (act.bf16)
+    gemm_packed(Trans::no, rows, act.bf16, H, w.w2, 0.0f, y, M, {w.b2, nullptr});
+  else
+    gemm_packed(Trans::no, rows, act.f32, H, w.w2, 0.0f, y, M, {w.b2, nullptr});
 }
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
@@ -64,16 +93,28 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
 
 void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
                          const ExpertRows& r) {
-  const int64_t rows = static_cast<int64_t>(r.u.size());
-  PM_CHECK(static_cast<int64_t>(r.act.size()) == rows && static_cast<int64_t>(r.dhpre.size()) == rows &&
-               static_cast<int64_t>(r.dy.size()) == rows,
-           "expert rows disagree: {} u, {} act, {} dhpre, {} dy", rows, r.act.size(), r.dhpre.size(), r.dy.size());
+  const int64_t rows = static_cast<int64_t>(r.dy.size());
+  const size_t u_rows = r.u.size() + r.u_bf16.size(), act_rows = r.act.size() + r.act_bf16.size();
+  PM_CHECK(u_rows == r.dy.size() && act_rows == r.dy.size() && r.dhpre.size() == r.dy.size() &&
+               (r.u.empty() || r.u_bf16.empty()) && (r.act.empty() || r.act_bf16.empty()),
+           "expert rows disagree: {} u, {} act, {} dhpre, {} dy", u_rows, act_rows, r.dhpre.size(), r.dy.size());
+  PM_CHECK((r.u_bf16.empty() && r.act_bf16.empty()) || precision == Precision::bf16,
+           "bf16 rows of an expert's input or activation need a bf16 expert");
   if (rows == 0) return;
   const int64_t H1 = fc1_width(activation, H);
-  auto tn_rows = precision == Precision::bf16 ? gemm_tn_rows_bf16 : gemm_tn_rows;
-  tn_rows(H, M, rows, r.act.data(), r.dy.data(), 1.0f, g.w2, M);
+  // a^T b over the rows, a's rows floats or bf16 (then a bf16 GEMM)
+  auto tn_rows = [&](int64_t m, int64_t n, const std::vector<const float*>& a, const std::vector<const uint16_t*>& a16,
+                     const std::vector<const float*>& b, float* c) {
+    if (!a16.empty())
+      gemm_tn_rows_bf16(m, n, rows, a16.data(), b.data(), 1.0f, c, n);
+    else if (precision == Precision::bf16)
+      gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n);
+    else
+      gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n);
+  };
+  tn_rows(H, M, r.act, r.act_bf16, r.dy, g.w2);
   for (const float* row : r.dy) add_column_sums(row, 1, M, g.b2);
-  tn_rows(M, H1, rows, r.u.data(), r.dhpre.data(), 1.0f, g.w1, H1);
+  tn_rows(M, H1, r.u, r.u_bf16, r.dhpre, g.w1);
   for (const float* row : r.dhpre) add_column_sums(row, 1, H1, g.b1);
 }
 

@@ -3,8 +3,10 @@
 //   swiglu: FFN(u) = (SiLU(u W1g + b1g) * (u W1v + b1v)) W2 + b2, W1 = [W1g | W1v] [M, 2H].
 // Forward keeps the pre-activation; backward is split in two so that the pipeline can send the
 // input gradient of each chunk before the weight gradients (which no other rank waits for) are
-// computed once over all rows. A bf16 expert's GEMMs are bf16 GEMMs (gemm.h); the pre-activations,
-// activations and gradients between them stay fp32 and are rounded where a GEMM reads them. GeLU runs inside the GEMMs, on each finished tile while it is in
+// computed once over all rows. A bf16 expert's GEMMs are bf16 GEMMs (gemm.h); its pre-activations
+// and gradients stay fp32 (the activations' backward reads the pre-activation in fp32) and are
+// rounded where a GEMM reads them; its inputs and activations, which only GEMMs read, may be kept
+// in bf16 (backend.h, RowsIn). GeLU runs inside the GEMMs, on each finished tile while it is in
 // cache; SwiGLU needs both halves of a row, so it runs on whole rows after the GEMM.
 #pragma once
 
@@ -29,9 +31,10 @@ struct ExpertWeights : PackedExpert {
   void pack_backward(const float* w1, const float* w2, int64_t M, int64_t H);
 };
 
-// hpre[rows, H1] = u W1 + b1; act[rows, H] = its activation; y[rows, M] = act W2 + b2.
-void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, const float* u,
-                    float* hpre, float* act, float* y);
+// hpre[rows, H1] = u W1 + b1; act[rows, H] = its activation (rounded to bf16 when act is bf16
+// rows); y[rows, M] = act W2 + b2. bf16 rows of u or act need a bf16 expert.
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* hpre,
+                    RowsOut act, float* y);
 
 // From dy[rows, M]: dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T.
 // hpre_rows[i] points at row i's pre-activation (H1 values) wherever the forward left it.

@@ -253,6 +253,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
                                    int64_t ldc, const GemmExtras& extras, bool dot) {
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
   PM_CHECK(extras.bias == nullptr || beta == 0.0f, "a bias start needs beta 0");
+  PM_CHECK(!A.is_bf16() || B.bf16, "an A stored in bf16 needs a bf16 GEMM");
   const int64_t N = B.N, K = B.K;
   if (M == 0 || N == 0) return;
   if (K == 0) {

@@ -85,6 +85,12 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
                        float beta, float* C, int64_t ldc);
+// The same with A stored as bf16 (uint16_t bit patterns: activations a bf16 expert saved in bf16):
+// the bits of the float versions on A's float32 values, without the rounding pass over A.
+void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const PackedB& B, float beta, float* C,
+                 int64_t ldc, const GemmExtras& extras = {});  // B packed by pack_b_bf16
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
+                       float beta, float* C, int64_t ldc);
 
 // Which micro-kernels run: "avx512", "avx2" or "scalar" (all give the same bits).
 std::string gemm_isa();

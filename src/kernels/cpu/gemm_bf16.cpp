@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/error.h"
 #include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/gemm_internal.h"
@@ -70,9 +71,14 @@ void gemm_detail::pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t 
     if (trans_a == Trans::no) {
       for (int64_t i = 0; i < MR; ++i) {
         // round the row's depths in one vectorised pass, then lay them out pair-swapped
-        const float* src = i < valid ? A.row(row0 + r + i) + k0 : nullptr;
-        const int64_t n = src ? have : 0;
-        for (int64_t k = 0; k < n; ++k) rounded[k] = round_to_bf16(src[k]);
+        const int64_t n = i < valid ? have : 0;
+        if (n > 0 && A.is_bf16()) {
+          const uint16_t* src = A.row16(row0 + r + i) + k0;
+          for (int64_t k = 0; k < n; ++k) rounded[k] = bf16_to_float(src[k]);
+        } else if (n > 0) {
+          const float* src = A.row(row0 + r + i) + k0;
+          for (int64_t k = 0; k < n; ++k) rounded[k] = round_to_bf16(src[k]);
+        }
         for (int64_t k = 0; k < kc; ++k) {
           const int64_t d = k ^ 1;
           panel[k * MR + i] = d < n ? rounded[d] : 0.0f;
@@ -83,9 +89,14 @@ void gemm_detail::pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t 
       for (int64_t k = 0; k < kc; ++k) {
         const int64_t d = k ^ 1;
         float* dst = panel + k * MR;
-        const float* src = d < have ? A.row(k0 + d) + row0 + r : nullptr;
-        const int64_t n = src ? valid : 0;
-        for (int64_t i = 0; i < n; ++i) dst[i] = round_to_bf16(src[i]);
+        const int64_t n = d < have ? valid : 0;
+        if (n > 0 && A.is_bf16()) {
+          const uint16_t* src = A.row16(k0 + d) + row0 + r;
+          for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+        } else if (n > 0) {
+          const float* src = A.row(k0 + d) + row0 + r;
+          for (int64_t i = 0; i < n; ++i) dst[i] = round_to_bf16(src[i]);
+        }
         for (int64_t i = n; i < MR; ++i) dst[i] = 0.0f;
       }
     }
@@ -148,13 +159,34 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
   gemm_packed(trans_a, M, A, lda, scratch_packed_b(), beta, C, ldc);
 }
 
-void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc) {
+namespace {
+
+void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, const float* const* b_rows, float beta, float* C,
+                  int64_t ldc) {
   if (M == 0 || N == 0) return;
   pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b_fp32);
   PackedB& packed = scratch_packed_b();
   to_bf16_panels(t_packed_b_fp32, packed);
-  gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, packed, beta, C, ldc, {}, use_bf16_dot(packed));
+  gemm_packed_impl(Trans::yes, M, A, packed, beta, C, ldc, {}, use_bf16_dot(packed));
+}
+
+}  // namespace
+
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
+                       float beta, float* C, int64_t ldc) {
+  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, a_rows}, b_rows, beta, C, ldc);
+}
+
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
+                       float beta, float* C, int64_t ldc) {
+  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, nullptr, nullptr, a_rows}, b_rows, beta, C, ldc);
+}
+
+void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const PackedB& B, float beta, float* C,
+                 int64_t ldc, const GemmExtras& extras) {
+  PM_CHECK(B.bf16, "a GEMM with a bf16 A needs B packed by pack_b_bf16");
+  gemm_packed_impl(trans_a, M, RowSource{nullptr, lda, nullptr, A, nullptr}, B, beta, C, ldc, extras,
+                   use_bf16_dot(B));
 }
 
 namespace {

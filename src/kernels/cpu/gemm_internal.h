@@ -12,12 +12,17 @@ namespace pm::gemm_detail {
 inline constexpr int64_t kPanel = 64;    // columns per packed panel of B
 inline constexpr int64_t kKBlock = 512;  // depth of one pass over C (A block and B panel slice stay in cache)
 
-// Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row).
+// Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row), of floats
+// or, for a bf16 GEMM's A only, of bf16 values (base16 / rows16: activations saved in bf16).
 struct RowSource {
   const float* base = nullptr;
   int64_t ld = 0;
   const float* const* rows = nullptr;
+  const uint16_t* base16 = nullptr;
+  const uint16_t* const* rows16 = nullptr;
+  bool is_bf16() const { return base16 != nullptr || rows16 != nullptr; }
   const float* row(int64_t i) const { return rows ? rows[i] : base + i * ld; }
+  const uint16_t* row16(int64_t i) const { return rows16 ? rows16[i] : base16 + i * ld; }
 };
 
 // ---- gemm.cpp ---------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+#include "moe/saved_rows.h"
+
+namespace pm {
+
+void SavedRows::resize(int64_t rows, int64_t width, Precision precision) {
+  precision_ = precision;
+  width_ = width;
+  // only the type in use holds memory
+  if (precision == Precision::bf16) {
+    Buffer<float>(f32_.get_allocator()).swap(f32_);
+    bf16_.resize(rows * width);
+  } else {
+    Buffer<uint16_t>(bf16_.get_allocator()).swap(bf16_);
+    f32_.resize(rows * width);
+  }
+}
+
+RowsIn SavedRows::in(int64_t i) const {
+  if (precision_ == Precision::bf16) return bf16_.data() + i * width_;
+  return f32_.data() + i * width_;
+}
+
+RowsOut SavedRows::out(int64_t i) {
+  if (precision_ == Precision::bf16) return bf16_.data() + i * width_;
+  return f32_.data() + i * width_;
+}
+
+void SavedRows::copy_rows_from(Backend& backend, const float* src, const std::vector<RowRun>& runs) {
+  if (precision_ == Precision::bf16)
+    backend.copy_rows_to_bf16(src, bf16_.data(), width_, runs);
+  else
+    backend.copy_rows(src, f32_.data(), width_, runs);
+}
+
+void SavedRows::add_rows(const std::vector<int64_t>& positions, std::vector<const float*>& f32,
+                         std::vector<const uint16_t*>& bf16) const {
+  for (int64_t p : positions) {
+    if (precision_ == Precision::bf16)
+      bf16.push_back(bf16_.data() + p * width_);
+    else
+      f32.push_back(f32_.data() + p * width_);
+  }
+}
+
+int64_t SavedRows::bytes() const {
+  return static_cast<int64_t>(f32_.size() * sizeof(float) + bf16_.size() * sizeof(uint16_t));
+}
+
+}  // namespace pm
