@@ -2,12 +2,17 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <vector>
 
+#include "core/block_cache.h"
 #include "core/error.h"
 #include "core/npy.h"
 #include "core/round_medians.h"
@@ -17,6 +22,63 @@
 
 namespace pm {
 namespace {
+
+// The block cache hands a freed large block back out for a request of about its size, sends small
+// ones straight to the system, and never keeps more cached than was ever live at once.
+TEST(BlockCache, ReusesLargeBlocksAndStaysWithinThePeak) {
+  std::set<void*> system;  // blocks the "system" handed out and has not had back
+  long system_allocations = 0;
+  std::mutex system_mutex;  // the cache calls the system outside its own lock
+  {
+    BlockCache cache(
+        [&](std::size_t bytes) {
+          std::lock_guard<std::mutex> lock(system_mutex);
+          void* p = std::malloc(bytes);
+          system.insert(p);
+          ++system_allocations;
+          return p;
+        },
+        [&](void* p) {
+          std::lock_guard<std::mutex> lock(system_mutex);
+          ASSERT_EQ(system.erase(p), 1u) << "freed a block the system did not hand out";
+          std::free(p);
+        },
+        /*min_bytes=*/1000, /*granule=*/1024);
+    void* a = cache.allocate(5000);  // rounded to 5120
+    cache.deallocate(a);
+    EXPECT_EQ(cache.allocate(4900), a) << "the same rounded size: the cached block";
+    void* small = cache.allocate(100);
+    cache.deallocate(small);  // not cached: back to the system at once
+    EXPECT_EQ(system.count(small), 0u);
+    void* b = cache.allocate(9000);  // 9216: a5120 is live, so a new block
+    EXPECT_NE(b, a);
+    cache.deallocate(b);
+    void* c = cache.allocate(3000);  // 3072: the cached 9216 is more than 1/4 too big
+    EXPECT_NE(c, b);
+    EXPECT_EQ(cache.stats().hits, 1);
+    // cached bytes never exceed the most that was live at once (5120 + 9216 here)
+    cache.deallocate(a);
+    cache.deallocate(c);
+    const BlockCache::Stats s = cache.stats();
+    EXPECT_EQ(s.live_bytes, 0u);
+    EXPECT_LE(s.cached_bytes, s.peak_live_bytes);
+    EXPECT_EQ(s.peak_live_bytes, 5120u + 9216u);
+    // many threads at once: every block is someone's alone
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+      threads.emplace_back([&cache, t] {
+        for (int i = 0; i < 200; ++i) {
+          auto* p = static_cast<unsigned char*>(cache.allocate(2048 + 1024 * ((t + i) % 3)));
+          std::memset(p, t, 2048);
+          for (int k = 0; k < 2048; k += 97) ASSERT_EQ(p[k], t);
+          cache.deallocate(p);
+        }
+      });
+    for (std::thread& t : threads) t.join();
+  }
+  EXPECT_TRUE(system.empty()) << "the cache's destructor gives every cached block back";
+  EXPECT_GT(system_allocations, 3);
+}
 
 TEST(Tensor, ViewsShareMemory) {
   Tensor t = Tensor::zeros({4, 3});

@@ -1,0 +1,68 @@
+#!/usr/bin/python3
+"""What a MoE layer keeps from its forward for its backward, and that it stays flat.
+
+- `layer --json` held_for_backward_mb is exactly what the backward needs: the experts' inputs u
+  and activations act (bf16 in a bf16 layer: 2 bytes a value), their pre-activations (always fp32)
+  and, for EP, the combined outputs per choice the gate's backward reads (PPMoE: the experts'
+  outputs); none of the all-to-all's buffers. Checked against the formula on 1 rank (where the
+  rows sent equal the rows computed), GeLU and SwiGLU, EP and PPMoE, fp32 and bf16; on 2 ranks
+  bf16 keeps less than fp32.
+- The peak resident memory of a layer does not grow with the iterations (passes free and allocate
+  the same large buffers every step: the block cache must hand them back out, where glibc's arenas
+  grew by 20 MB an iteration).
+
+Run: /usr/bin/python3 tests/cli/test_memory.py   (needs build/pipemoe)
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
+from harness import Failures, mpirun  # noqa: E402
+
+MB = 1 << 20
+
+
+def layer(ranks, *extra):
+    args = ["layer", "--tokens", 512, "--model-dim", 64, "--hidden", 96, "--experts", 4, "--iters", 1, "--warmup", 0,
+            "--alone-iters", 0, "--json"] + list(extra)
+    return json.loads(mpirun(ranks, args).stdout.strip().splitlines()[-1])
+
+
+def expected_bytes(j):
+    M, H, rows = j["model_dim"], j["hidden"], j["expert_rows_max"]
+    H1 = 2 * H if j["activation"] == "swiglu" else H
+    saved = 2 if j["dtype"] == "bf16" else 4
+    # u and act in the layer's precision, hpre fp32, and the outputs the gate's backward reads, fp32
+    return rows * ((M + H) * saved + H1 * 4 + M * 4)
+
+
+def main():
+    f = Failures()
+    for strategy in ("ep", "ppmoe"):
+        for activation in ("gelu", "swiglu"):
+            held = {}
+            for dtype in ("fp32", "bf16"):
+                j = layer(1, "--strategy", strategy, "--activation", activation, "--dtype", dtype, "--degree", 2)
+                held[dtype] = j["held_for_backward_mb"] * MB
+                f.check(abs(held[dtype] - expected_bytes(j)) < 1,
+                        f"{strategy} {activation} {dtype}: held {held[dtype]:.0f} bytes, expected {expected_bytes(j)}")
+            print(f"{strategy} {activation}: held for the backward {held['fp32'] / MB:.2f} MB fp32, "
+                  f"{held['bf16'] / MB:.2f} MB bf16", flush=True)
+    held2 = {d: layer(2, "--dtype", d, "--degree", 2)["held_for_backward_mb"] for d in ("fp32", "bf16")}
+    f.check(held2["bf16"] < 0.8 * held2["fp32"], f"2 ranks: bf16 keeps {held2['bf16']:.2f} MB, fp32 {held2['fp32']:.2f} MB")
+
+    # resident memory flat over iterations (buffers of several MB: the block cache's sizes)
+    big = ["--tokens", 2048, "--model-dim", 256, "--hidden", 512, "--experts", 4, "--warmup", 0, "--alone-iters", 0,
+           "--json"]
+    peak = {}
+    for iters in (2, 10):
+        peak[iters] = json.loads(mpirun(2, ["layer", "--iters", iters] + big, timeout=300).stdout.strip()
+                                 .splitlines()[-1])["peak_rss_mb"]
+    print(f"peak resident memory: {peak[2]:.1f} MB after 2 iterations, {peak[10]:.1f} MB after 10", flush=True)
+    f.check(peak[10] - peak[2] < 8, f"the layer's memory grows with the iterations: {peak[2]:.1f} -> {peak[10]:.1f} MB")
+    f.finish("test_memory")
+
+
+if __name__ == "__main__":
+    main()
