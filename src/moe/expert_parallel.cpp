@@ -18,13 +18,13 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t tokens = 0;
   Gating gating;             // gate
   DispatchHandle handle;     // gate (token side), counts (expert side)
-  Buffer<float> send;        // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
-  Buffer<float> recv;        // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
+  ScratchBuffer<float> send;        // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
+  ScratchBuffer<float> recv;        // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
                              // then their outputs going back (expert)
   SavedRows u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute
                              // order (expert); saved (bf16 in a bf16 layer: saved_rows.h)
-  Buffer<float> hpre, out;   // counts: [rows, H1|M] pre-activations and outputs, compute order (expert)
-  Buffer<float> back;        // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine)
+  ScratchBuffer<float> hpre, out;   // counts: [rows, H1|M] pre-activations and outputs, compute order (expert)
+  ScratchBuffer<float> back;        // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine)
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
   double aux_loss() const override { return gating.aux_loss; }
@@ -41,12 +41,12 @@ struct BackwardPass {
   const float* dy = nullptr;  // [T, M]
   float* dx = nullptr;        // [T, M]
   DispatchHandle handle;      // the forward's rows at the backward's degree
-  Buffer<float> send;         // [tokens_wire rows, M] gate * dy, wire order (pack_grad)
-  Buffer<float> recv;         // [experts_wire rows, M] output gradients (grad_dispatch), then input
+  ScratchBuffer<float> send;         // [tokens_wire rows, M] gate * dy, wire order (pack_grad)
+  ScratchBuffer<float> recv;         // [experts_wire rows, M] output gradients (grad_dispatch), then input
                               // gradients going back (expert_dgrad)
-  Buffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] compute order (expert_dgrad)
-  Buffer<float> back;         // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
-  Buffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
+  ScratchBuffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] compute order (expert_dgrad)
+  ScratchBuffer<float> back;         // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
+  ScratchBuffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
 };
 
 // The rows behind a pass's tasks from its real routing (the busier direction of this rank's link
@@ -223,7 +223,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     dispatcher_.unpack(p->back.data(), p->gating.gate.data(), p->handle, p->y);
     if (cache_) cache_->end_pass();
     // every dispatch, expert and combine has run: the all-to-all's buffers are done with
-    for (Buffer<float>* done : {&p->send, &p->recv, &p->out}) release(*done);
+    for (ScratchBuffer<float>* done : {&p->send, &p->recv, &p->out}) release(*done);
   };
 
   *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps, between);
@@ -302,13 +302,13 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
     // after every expert_dgrad (its dependencies): the experts' gradient rows are done with
-    for (Buffer<float>* done : {&b->dy_rows, &b->dhpre, &b->du}) release(*done);
+    for (ScratchBuffer<float>* done : {&b->dy_rows, &b->dhpre, &b->du}) release(*done);
   };
   steps.unpack_grad = [this, fp, b, M] {
     std::memcpy(b->dx, b->dx_gate.data(), fp->tokens * M * sizeof(float));
     dispatcher_.unpack_sum(b->back.data(), b->handle, b->dx);
     // after every grad_combine and the gate's backward: the all-to-all's buffers are done with
-    for (Buffer<float>* done : {&b->send, &b->recv, &b->back, &b->dx_gate}) release(*done);
+    for (ScratchBuffer<float>* done : {&b->send, &b->recv, &b->back, &b->dx_gate}) release(*done);
   };
 
   *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps, between);

@@ -131,9 +131,9 @@ std::shared_ptr<Pass> reuse_pass(std::shared_ptr<Pass>& last) {
 // Gives a pass's buffer's memory back once the pass's last reader of it has run: a model keeps
 // every layer's forward pass until its backward, so what only the forward itself needs (the
 // all-to-all's buffers) must not stay with it. The next resize allocates again.
-template <typename T>
-void release(Buffer<T>& buffer) {
-  Buffer<T>(buffer.get_allocator()).swap(buffer);
+template <typename Vector>
+void release(Vector& buffer) {
+  Vector(buffer.get_allocator()).swap(buffer);
 }
 
 // ---- the layer alone: one graph per pass ---------------------------------------------------------

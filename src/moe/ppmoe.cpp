@@ -58,7 +58,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   Gating gating;                    // gate
   LocalRows local;                  // gate
   SavedRows u, act;          // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
-  Buffer<float> hpre, out;   // gate: [rows, H1|M] canonical order (expert); saved
+  ScratchBuffer<float> hpre, out;   // gate: [rows, H1|M] canonical order (expert); saved
 
   double aux_loss() const override { return gating.aux_loss; }
   double z_loss() const override { return gating.z_loss; }
@@ -73,8 +73,8 @@ struct BackwardPass {
   const float* dy = nullptr;  // [T, M] (the same on every rank of the group)
   float* dx = nullptr;        // [T, M]
   std::vector<float> dgate;   // [T, k] (dgate, then reduce_dgate)
-  Buffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
-  Buffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] canonical order (expert_dgrad)
+  ScratchBuffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
+  ScratchBuffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] canonical order (expert_dgrad)
 };
 
 PpmoeRows measured_rows(const MoeShape& shape, const LocalRows& local, int degree) {
@@ -298,7 +298,7 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
     // after every expert_dgrad (its dependencies), their only other reader
-    for (Buffer<float>* done : {&b->dy_rows, &b->dhpre}) release(*done);
+    for (ScratchBuffer<float>* done : {&b->dy_rows, &b->dhpre}) release(*done);
   };
 
   *tasks = append_ppmoe_backward(graph, after, balanced_ppmoe_rows(shape, degree), &steps, between);

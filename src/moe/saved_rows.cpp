@@ -7,10 +7,10 @@ void SavedRows::resize(int64_t rows, int64_t width, Precision precision) {
   width_ = width;
   // only the type in use holds memory
   if (precision == Precision::bf16) {
-    Buffer<float>(f32_.get_allocator()).swap(f32_);
+    ScratchBuffer<float>(f32_.get_allocator()).swap(f32_);
     bf16_.resize(rows * width);
   } else {
-    Buffer<uint16_t>(bf16_.get_allocator()).swap(bf16_);
+    ScratchBuffer<uint16_t>(bf16_.get_allocator()).swap(bf16_);
     f32_.resize(rows * width);
   }
 }

@@ -20,7 +20,7 @@ namespace pm {
 class SavedRows {
  public:
   explicit SavedRows(Backend& backend = cpu_backend())
-      : f32_(BackendAllocator<float>(backend)), bf16_(BackendAllocator<uint16_t>(backend)) {}
+      : f32_(UninitAllocator<float>(backend)), bf16_(UninitAllocator<uint16_t>(backend)) {}
   // rows x width values of `precision` (the old values are not kept).
   void resize(int64_t rows, int64_t width, Precision precision);
   RowsIn in(int64_t i) const;  // row i, to read (a GEMM's input)
@@ -35,8 +35,8 @@ class SavedRows {
  private:
   Precision precision_ = Precision::fp32;
   int64_t width_ = 0;
-  Buffer<float> f32_;
-  Buffer<uint16_t> bf16_;
+  ScratchBuffer<float> f32_;  // every row written before it is read
+  ScratchBuffer<uint16_t> bf16_;
 };
 
 }  // namespace pm
