@@ -546,6 +546,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   // memory: the largest rank's resident set after 10 steps and at the end (flat in a soak), and its peak
   const double rss_mb_end = comm.allreduce_scalar(resident_mb(), ReduceOp::max);
   const double peak_rss_mb = comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
+  // what this rank's MoE layers kept from the last forward for its backward (one micro-batch)
+  double moe_held_bytes = 0;
+  for (const MoePass* pass : model.moe_passes()) moe_held_bytes += static_cast<double>(pass->held_bytes());
+  const double moe_held_mb = comm.allreduce_scalar(moe_held_bytes / (1 << 20), ReduceOp::max);
   held_most = static_cast<int>(comm.allreduce_scalar(held_most, ReduceOp::max));
   double ms = step_ms_all.empty() ? NAN : summarize(step_ms_all).median;
   double exposed = exposed_all.empty() ? NAN : summarize(exposed_all).median;
@@ -572,6 +576,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
           {"rss_mb_step_10", std::isfinite(rss_mb_early) ? nlohmann::json(rss_mb_early) : nlohmann::json(nullptr)},
           {"rss_mb_end", rss_mb_end},
           {"peak_rss_mb", peak_rss_mb},
+          {"moe_held_for_backward_mb", moe_held_mb},
           {"parameters", n_params},
           {"dtype", c.model.dtype},
           {"tp", layout.tp},
