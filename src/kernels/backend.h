@@ -118,10 +118,9 @@ class Backend {
   }
   // y[n] += alpha * x[n]
   virtual void axpy(float alpha, const float* x, float* y, int64_t n) = 0;
-  // dst rows from src rows, width floats each, run by run.
-  virtual void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowRun>& runs) = 0;
-  // The same into bf16 rows, each value rounded to nearest even.
-  virtual void copy_rows_to_bf16(const float* src, uint16_t* dst, int64_t width, const std::vector<RowRun>& runs) = 0;
+  // dst rows from src rows, width values each, run by run; floats into bf16 rows are rounded to
+  // nearest even, bf16 into float rows widened.
+  virtual void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) = 0;
 
   // ---- activations and normalisation -----------------------------------------------------------
   // out[n] = GeLU(in[n]) (exact erf form); grad_in[n] = grad_out[n] * GeLU'(in[n]).
@@ -172,17 +171,18 @@ class Backend {
   // ---- MoE: moving token rows to expert slots and back -----------------------------------------
   // position[t * k + j]: the slot row of token t's choice j, -1 when dropped.
   //   dispatch: slots[position] = x[t];  combine: y[t] = sum_j gate[t, j] * slots[position] (j in order)
-  virtual void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, float* slots) = 0;
-  virtual void combine_rows(const float* slots, const float* gate, int64_t T, int64_t M, int k,
-                            const int64_t* position, float* y) = 0;
+  // Slots may be bf16 rows (a bf16 all-to-all's buffers): written rounded, read widened.
+  virtual void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, RowsOut slots) = 0;
+  virtual void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position,
+                            float* y) = 0;
   // dx[t] += sum_j dslots[position] (j in order)
-  virtual void dispatch_rows_backward(const float* dslots, int64_t T, int64_t M, int k, const int64_t* position,
+  virtual void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position,
                                       float* dx) = 0;
   // dslots[position] = gate[t, j] * dy[t]
   virtual void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
-                                           const int64_t* position, float* dslots) = 0;
+                                           const int64_t* position, RowsOut dslots) = 0;
   // dgate[t, j] = <dy[t], slots[position]> (0 for dropped choices)
-  virtual void combine_rows_backward_gate(const float* dy, const float* slots, int64_t T, int64_t M, int k,
+  virtual void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k,
                                           const int64_t* position, float* dgate) = 0;
 
   // ---- MoE: one expert's FFN on a block of rows (see Activation; H1 = fc1_width) ----------------

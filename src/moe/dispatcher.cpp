@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "core/tensor.h"
+#include "moe/row_buffer.h"
 
 namespace pm {
 
@@ -61,16 +62,19 @@ DispatchHandle Dispatcher::with_degree(const DispatchHandle& from, const Routing
   return h;
 }
 
-void Dispatcher::pack(const float* x, const DispatchHandle& h, float* send) const {
+void Dispatcher::pack(const float* x, const DispatchHandle& h, RowsOut send) const {
   backend_.dispatch_rows(x, h.tokens, width_, h.top_k, h.positions.data(), send);
 }
 
-void Dispatcher::pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, float* send) const {
+void Dispatcher::pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const {
   backend_.combine_rows_backward_slots(dy, gate, h.tokens, width_, h.top_k, h.positions.data(), send);
 }
 
-void Dispatcher::all_to_all_rows(const float* send, const BlockLayout& from, float* recv, const BlockLayout& to,
+void Dispatcher::all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to,
                                  int chunk) {
+  const bool bf16 = wire_ == Precision::bf16;
+  PM_CHECK(bf16 ? send.f32 == nullptr && recv.f32 == nullptr : send.bf16 == nullptr && recv.bf16 == nullptr,
+           "the all-to-all's buffers must hold rows of the wire's type ({})", bf16 ? "bf16" : "fp32");
   const int P = group_.size();
   std::vector<int64_t> send_counts(P), send_displs(P), recv_counts(P), recv_displs(P);
   for (int q = 0; q < P; ++q) {
@@ -79,65 +83,51 @@ void Dispatcher::all_to_all_rows(const float* send, const BlockLayout& from, flo
     recv_counts[q] = to.peer_chunk_rows(chunk, q) * width_;
     recv_displs[q] = to.block_offset(chunk, q, 0) * width_;
   }
-  if (wire_ == Precision::fp32) {
-    group_.alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, DType::f32);
-    return;
-  }
-  // bf16: each peer's block of this chunk (contiguous in both layouts) goes through a packed
-  // staging buffer, rounded on the way out and widened on the way in.
-  thread_local std::vector<uint16_t> out_wire, in_wire;
-  std::vector<int64_t> out_displs(P), in_displs(P);
-  int64_t out_total = 0, in_total = 0;
-  for (int q = 0; q < P; ++q) {
-    out_displs[q] = out_total;
-    out_total += send_counts[q];
-    in_displs[q] = in_total;
-    in_total += recv_counts[q];
-  }
-  out_wire.resize(out_total);
-  in_wire.resize(in_total);
-  for (int q = 0; q < P; ++q) floats_to_bf16(send + send_displs[q], out_wire.data() + out_displs[q], send_counts[q]);
-  group_.alltoallv(out_wire.data(), send_counts, out_displs, in_wire.data(), recv_counts, in_displs, DType::bf16);
-  for (int q = 0; q < P; ++q) bf16_to_floats(in_wire.data() + in_displs[q], recv + recv_displs[q], recv_counts[q]);
+  if (bf16)
+    group_.alltoallv(send.bf16, send_counts, send_displs, recv.bf16, recv_counts, recv_displs, DType::bf16);
+  else
+    group_.alltoallv(send.f32, send_counts, send_displs, recv.f32, recv_counts, recv_displs, DType::f32);
 }
 
-void Dispatcher::dispatch_chunk(const DispatchHandle& h, int chunk, const float* send, float* recv) {
+void Dispatcher::dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv) {
   all_to_all_rows(send, h.tokens_wire, recv, h.experts_wire, chunk);
 }
 
-void Dispatcher::combine_chunk(const DispatchHandle& h, int chunk, const float* rows, float* back) {
+void Dispatcher::combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back) {
   all_to_all_rows(rows, h.experts_wire, back, h.tokens_wire, chunk);
 }
 
-void Dispatcher::unpack(const float* back, const float* gate, const DispatchHandle& h, float* y) const {
+void Dispatcher::unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const {
   backend_.combine_rows(back, gate, h.tokens, width_, h.top_k, h.positions.data(), y);
 }
 
-void Dispatcher::unpack_sum(const float* back, const DispatchHandle& h, float* dx) const {
+void Dispatcher::unpack_sum(RowsIn back, const DispatchHandle& h, float* dx) const {
   backend_.dispatch_rows_backward(back, h.tokens, width_, h.top_k, h.positions.data(), dx);
 }
 
 Buffer<float> Dispatcher::dispatch(const float* x, DispatchHandle& h) {
   if (!h.exchanged) exchange_counts(h);
-  Buffer<float> send(h.tokens_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
-  Buffer<float> wire(h.experts_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
+  RowBuffer send(backend_), wire(backend_);
+  send.resize(h.tokens_wire.total_rows, width_, wire_);
+  wire.resize(h.experts_wire.total_rows, width_, wire_);
   Buffer<float> rows(h.experts_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
-  pack(x, h, send.data());
+  pack(x, h, send.out(0));
   for (int c = 0; c < h.degree; ++c) {
-    dispatch_chunk(h, c, send.data(), wire.data());
-    backend_.copy_rows(wire.data(), rows.data(), width_, chunk_segments(h.experts_wire, h.experts_compute, c));
+    dispatch_chunk(h, c, send.in(0), wire.out(0));
+    backend_.copy_rows(wire.in(0), rows.data(), width_, chunk_segments(h.experts_wire, h.experts_compute, c));
   }
   return rows;
 }
 
 void Dispatcher::combine(const Buffer<float>& rows, const float* gate, const DispatchHandle& h, float* y) {
-  Buffer<float> wire(h.experts_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
-  Buffer<float> back(h.tokens_wire.total_rows * width_, 0.0f, BackendAllocator<float>(backend_));
+  RowBuffer wire(backend_), back(backend_);
+  wire.resize(h.experts_wire.total_rows, width_, wire_);
+  back.resize(h.tokens_wire.total_rows, width_, wire_);
   for (int c = 0; c < h.degree; ++c) {
-    backend_.copy_rows(rows.data(), wire.data(), width_, chunk_segments(h.experts_compute, h.experts_wire, c));
-    combine_chunk(h, c, wire.data(), back.data());
+    backend_.copy_rows(rows.data(), wire.out(0), width_, chunk_segments(h.experts_compute, h.experts_wire, c));
+    combine_chunk(h, c, wire.in(0), back.out(0));
   }
-  unpack(back.data(), gate, h, y);
+  unpack(back.in(0), gate, h, y);
 }
 
 }  // namespace pm

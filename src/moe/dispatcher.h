@@ -39,8 +39,9 @@ struct DispatchHandle {
 
 class Dispatcher {
  public:
-  // width: floats per row (the model dimension M). wire: the rows' type on the wire; bf16 rounds
-  // them to bf16 for the all-to-all (half the bytes) and back to floats on arrival, so what the
+  // width: values per row (the model dimension M). wire: the rows' type on the wire, and of the
+  // send and receive buffers of the pieces below (RowsIn/RowsOut of that type): bf16 rows are
+  // rounded once, as they are packed (half the bytes on the wire, no staging copies), so what the
   // other side receives is the bf16 value of every row (rows a rank sends itself included).
   Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width,
              Precision wire = Precision::fp32);
@@ -55,18 +56,19 @@ class Dispatcher {
 
   // ---- the pieces a pipeline schedules ---------------------------------------------------------
   // send[tokens_wire rows, M]: token rows (x[T, M]) at their choices' places.
-  void pack(const float* x, const DispatchHandle& h, float* send) const;
+  void pack(const float* x, const DispatchHandle& h, RowsOut send) const;
   // send = gate[t, j] * dy[t] at the choices' places (the combine's backward).
-  void pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, float* send) const;
+  void pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const;
   // Chunk `chunk` of the token side to the expert side: send (tokens_wire) -> recv (experts_wire).
   // Collective.
-  void dispatch_chunk(const DispatchHandle& h, int chunk, const float* send, float* recv);
+  void dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv);
   // Chunk `chunk` back: rows (experts_wire) -> back (tokens_wire). Collective.
-  void combine_chunk(const DispatchHandle& h, int chunk, const float* rows, float* back);
+  void combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back);
   // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
-  void unpack(const float* back, const float* gate, const DispatchHandle& h, float* y) const;
+  void unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const;
   // dx[t] += sum_j back[choice (t, j)] (the dispatch's backward).
-  void unpack_sum(const float* back, const DispatchHandle& h, float* dx) const;
+  void unpack_sum(RowsIn back, const DispatchHandle& h, float* dx) const;
+  Precision wire() const { return wire_; }
 
   // ---- a whole pass at once -----------------------------------------------------------------------
   // Rows for this rank's experts in compute order (exchanges counts if not done).
@@ -79,7 +81,7 @@ class Dispatcher {
 
  private:
   // All-to-all of one chunk from layout `from` in `send` to layout `to` in `recv` (rows of width).
-  void all_to_all_rows(const float* send, const BlockLayout& from, float* recv, const BlockLayout& to, int chunk);
+  void all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to, int chunk);
   std::vector<int64_t> choice_positions(const Routing& routing, const BlockLayout& token_layout) const;
 
   Communicator& group_;

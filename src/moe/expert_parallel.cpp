@@ -5,7 +5,7 @@
 #include "moe/dispatcher.h"
 #include "moe/layer_weights.h"
 #include "moe/gate.h"
-#include "moe/saved_rows.h"
+#include "moe/row_buffer.h"
 
 namespace pm {
 namespace {
@@ -18,13 +18,15 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t tokens = 0;
   Gating gating;             // gate
   DispatchHandle handle;     // gate (token side), counts (expert side)
-  ScratchBuffer<float> send;        // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
-  ScratchBuffer<float> recv;        // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
+  // Rows in the wire's precision (row_buffer.h):
+  RowBuffer send;            // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
+  RowBuffer recv;            // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
                              // then their outputs going back (expert)
-  SavedRows u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute
-                             // order (expert); saved (bf16 in a bf16 layer: saved_rows.h)
-  ScratchBuffer<float> hpre, out;   // counts: [rows, H1|M] pre-activations and outputs, compute order (expert)
-  ScratchBuffer<float> back;        // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine)
+  RowBuffer back;            // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine); saved
+  // Rows in the layer's precision, saved for the weight gradients:
+  RowBuffer u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute order (expert)
+  ScratchBuffer<float> hpre;  // counts: [rows, H1] pre-activations, compute order (expert); saved
+  ScratchBuffer<float> out;   // counts: [rows, M] the experts' outputs, compute order (expert)
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
   double aux_loss() const override { return gating.aux_loss; }
@@ -32,8 +34,8 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
-    return u.bytes() + act.bytes() +
-           static_cast<int64_t>((send.size() + recv.size() + hpre.size() + out.size() + back.size()) * sizeof(float));
+    return send.bytes() + recv.bytes() + back.bytes() + u.bytes() + act.bytes() +
+           static_cast<int64_t>((hpre.size() + out.size()) * sizeof(float));
   }
 };
 
@@ -41,12 +43,13 @@ struct BackwardPass {
   const float* dy = nullptr;  // [T, M]
   float* dx = nullptr;        // [T, M]
   DispatchHandle handle;      // the forward's rows at the backward's degree
-  ScratchBuffer<float> send;         // [tokens_wire rows, M] gate * dy, wire order (pack_grad)
-  ScratchBuffer<float> recv;         // [experts_wire rows, M] output gradients (grad_dispatch), then input
+  // Rows in the wire's precision:
+  RowBuffer send;             // [tokens_wire rows, M] gate * dy, wire order (pack_grad)
+  RowBuffer recv;             // [experts_wire rows, M] output gradients (grad_dispatch), then input
                               // gradients going back (expert_dgrad)
+  RowBuffer back;             // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
   ScratchBuffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] compute order (expert_dgrad)
-  ScratchBuffer<float> back;         // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
-  ScratchBuffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
+  ScratchBuffer<float> dx_gate;             // [T, M] the gate's share of dx (gate_bwd)
 };
 
 // The rows behind a pass's tasks from its real routing (the busier direction of this rank's link
@@ -169,14 +172,14 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     p->gating = gate_forward(backend_, p->x, w_.wg.f32(), p->tokens, shape,
                              shape.balance_bias ? w_.router_bias.f32() : nullptr);
     p->handle = dispatcher_.layout(p->gating.routing, degree);
-    p->send.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
-    p->back.resize(p->handle.tokens_wire.total_rows * shape.model_dim);
+    p->send.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());
+    p->back.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());
   };
-  steps.pack = [this, p] { dispatcher_.pack(p->x, p->handle, p->send.data()); };
+  steps.pack = [this, p] { dispatcher_.pack(p->x, p->handle, p->send.out(0)); };
   steps.counts = [this, p, shape, tasks, &graph, M, H, H1] {
     dispatcher_.exchange_counts(p->handle);
     const int64_t rows = p->handle.experts_wire.total_rows;
-    p->recv.resize(rows * M);
+    p->recv.resize(rows, M, dispatcher_.wire());
     p->u.resize(rows, M, shape.precision);
     p->hpre.resize(rows * H1);
     p->act.resize(rows, H, shape.precision);
@@ -202,11 +205,11 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     w_.pack_forward(backend_, shape_, packed_);
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
-  steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.data(), p->recv.data()); };
+  steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), p->recv.out(0)); };
   steps.expert = [this, p, M, H, H1](int c) {
     const BlockLayout& wire = p->handle.experts_wire;
     const BlockLayout& compute = p->handle.experts_compute;
-    p->u.copy_rows_from(backend_, p->recv.data(), chunk_segments(wire, compute, c));
+    p->u.copy_rows_from(backend_, p->recv.in(0), chunk_segments(wire, compute, c));
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;
@@ -215,15 +218,17 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->hpre[first * H1], p->act.out(first),
                               &p->out[first * M]);
     }
-    backend_.copy_rows(p->out.data(), p->recv.data(), M, chunk_segments(compute, wire, c));
+    backend_.copy_rows(p->out.data(), p->recv.out(0), M, chunk_segments(compute, wire, c));
     // u, hpre and act stay where this chunk put them: the backward reads them there, by row.
   };
-  steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.data(), p->back.data()); };
+  steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.in(0), p->back.out(0)); };
   steps.unpack = [this, p] {
-    dispatcher_.unpack(p->back.data(), p->gating.gate.data(), p->handle, p->y);
+    dispatcher_.unpack(p->back.in(0), p->gating.gate.data(), p->handle, p->y);
     if (cache_) cache_->end_pass();
     // every dispatch, expert and combine has run: the all-to-all's buffers are done with
-    for (ScratchBuffer<float>* done : {&p->send, &p->recv, &p->out}) release(*done);
+    p->send.release();
+    p->recv.release();
+    release(p->out);
   };
 
   *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps, between);
@@ -251,13 +256,13 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   steps.pack_grad = [this, fp, b, degree, M, H1, shape, tasks, &graph] {
     b->handle = dispatcher_.with_degree(fp->handle, fp->gating.routing, degree);
     const int64_t rows = b->handle.experts_wire.total_rows;
-    b->send.resize(b->handle.tokens_wire.total_rows * M);
-    b->back.resize(b->handle.tokens_wire.total_rows * M);
-    b->recv.resize(rows * M);
+    b->send.resize(b->handle.tokens_wire.total_rows, M, dispatcher_.wire());
+    b->back.resize(b->handle.tokens_wire.total_rows, M, dispatcher_.wire());
+    b->recv.resize(rows, M, dispatcher_.wire());
     b->dy_rows.resize(rows * M);
     b->dhpre.resize(rows * H1);
     b->du.resize(rows * M);
-    dispatcher_.pack_scaled(b->dy, fp->gating.gate.data(), b->handle, b->send.data());
+    dispatcher_.pack_scaled(b->dy, fp->gating.gate.data(), b->handle, b->send.out(0));
     set_ep_backward_work(graph, *tasks, measured_rows(shape_, fp->tokens, b->handle, group_.rank()));
   };
   steps.pack_weights = [this] { w_.pack_backward(backend_, shape_, packed_); };
@@ -265,16 +270,16 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     const int64_t T = fp->tokens;
     // d loss / d gate value = <dy_t, FFN_e(x_t)> for kept choices.
     std::vector<float> dgate(T * k);
-    backend_.combine_rows_backward_gate(b->dy, fp->back.data(), T, M, k, fp->handle.positions.data(), dgate.data());
+    backend_.combine_rows_backward_gate(b->dy, fp->back.in(0), T, M, k, fp->handle.positions.data(), dgate.data());
     b->dx_gate.resize(T * M);
     gate_backward(backend_, fp->x, w_.wg.f32(), shape, fp->gating, dgate.data(), loss_grads, w_.dwg.f32(),
                   b->dx_gate.data());
   };
-  steps.grad_dispatch = [this, b](int c) { dispatcher_.dispatch_chunk(b->handle, c, b->send.data(), b->recv.data()); };
+  steps.grad_dispatch = [this, b](int c) { dispatcher_.dispatch_chunk(b->handle, c, b->send.in(0), b->recv.out(0)); };
   steps.expert_dgrad = [this, fp, b, M, H, H1](int c) {
     const BlockLayout& wire = b->handle.experts_wire;
     const BlockLayout& compute = b->handle.experts_compute;
-    backend_.copy_rows(b->recv.data(), b->dy_rows.data(), M, chunk_segments(wire, compute, c));
+    backend_.copy_rows(b->recv.in(0), b->dy_rows.data(), M, chunk_segments(wire, compute, c));
     // the pre-activations of this chunk's rows, wherever the forward's chunks left them
     std::vector<const float*> hpre_rows =
         row_pointers(fp->hpre.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
@@ -285,10 +290,10 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       backend_.expert_backward_input(*packed_[le], rows, M, H, &b->dy_rows[first * M], &hpre_rows[first - chunk_first],
                                      &b->dhpre[first * H1], &b->du[first * M]);
     }
-    backend_.copy_rows(b->du.data(), b->recv.data(), M, chunk_segments(compute, wire, c));
+    backend_.copy_rows(b->du.data(), b->recv.out(0), M, chunk_segments(compute, wire, c));
     // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
   };
-  steps.grad_combine = [this, b](int c) { dispatcher_.combine_chunk(b->handle, c, b->recv.data(), b->back.data()); };
+  steps.grad_combine = [this, b](int c) { dispatcher_.combine_chunk(b->handle, c, b->recv.in(0), b->back.out(0)); };
   steps.expert_wgrad = [this, fp, b, M, H, H1] {
     for (int le = 0; le < shape_.local_experts(); ++le) {
       // every row in canonical order, read where the forward and backward chunks left it
@@ -306,9 +311,10 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   };
   steps.unpack_grad = [this, fp, b, M] {
     std::memcpy(b->dx, b->dx_gate.data(), fp->tokens * M * sizeof(float));
-    dispatcher_.unpack_sum(b->back.data(), b->handle, b->dx);
+    dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dx);
     // after every grad_combine and the gate's backward: the all-to-all's buffers are done with
-    for (ScratchBuffer<float>* done : {&b->send, &b->recv, &b->back, &b->dx_gate}) release(*done);
+    for (RowBuffer* done : {&b->send, &b->recv, &b->back}) done->release();
+    release(b->dx_gate);
   };
 
   *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps, between);

@@ -7,7 +7,7 @@
 #include "moe/layer_weights.h"
 #include "moe/gate.h"
 #include "moe/ppmoe_graph.h"
-#include "moe/saved_rows.h"
+#include "moe/row_buffer.h"
 
 namespace pm {
 namespace {
@@ -57,7 +57,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t tokens = 0;
   Gating gating;                    // gate
   LocalRows local;                  // gate
-  SavedRows u, act;          // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
+  RowBuffer u, act;          // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
   ScratchBuffer<float> hpre, out;   // gate: [rows, H1|M] canonical order (expert); saved
 
   double aux_loss() const override { return gating.aux_loss; }

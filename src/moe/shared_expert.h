@@ -16,7 +16,7 @@
 #include "core/parameter.h"
 #include "core/tensor.h"
 #include "kernels/backend.h"
-#include "moe/saved_rows.h"
+#include "moe/row_buffer.h"
 
 namespace pm {
 
@@ -48,7 +48,7 @@ class SharedExpert {
   Tensor w1_, b1_, w2_, b2_, dw1_, db1_, dw2_, db2_;
   std::unique_ptr<PackedExpert> packed_;
   Buffer<float> hpre_, dhpre_;  // [T, G1], [T, G1]
-  SavedRows act_;               // [T, G] (bf16 in a bf16 expert: saved_rows.h)
+  RowBuffer act_;               // [T, G] (bf16 in a bf16 expert: row_buffer.h)
   int64_t saved_tokens_ = -1;   // tokens of the forward act_ holds
 };
 

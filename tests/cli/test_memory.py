@@ -3,8 +3,8 @@
 
 - `layer --json` held_for_backward_mb is exactly what the backward needs: the experts' inputs u
   and activations act (bf16 in a bf16 layer: 2 bytes a value), their pre-activations (always fp32)
-  and, for EP, the combined outputs per choice the gate's backward reads (PPMoE: the experts'
-  outputs); none of the all-to-all's buffers. Checked against the formula on 1 rank (where the
+  and, for EP, the outputs per choice the gate's backward reads as they came off the wire (bf16 in
+  a bf16 layer; PPMoE: the experts' outputs, fp32); none of the all-to-all's other buffers. Checked against the formula on 1 rank (where the
   rows sent equal the rows computed), GeLU and SwiGLU, EP and PPMoE, fp32 and bf16; on 2 ranks
   bf16 keeps less than fp32.
 - The peak resident memory of a layer does not grow with the iterations (passes free and allocate
@@ -33,8 +33,10 @@ def expected_bytes(j):
     M, H, rows = j["model_dim"], j["hidden"], j["expert_rows_max"]
     H1 = 2 * H if j["activation"] == "swiglu" else H
     saved = 2 if j["dtype"] == "bf16" else 4
-    # u and act in the layer's precision, hpre fp32, and the outputs the gate's backward reads, fp32
-    return rows * ((M + H) * saved + H1 * 4 + M * 4)
+    # u and act in the layer's precision, hpre fp32, and the outputs the gate's backward reads: EP's
+    # as they came off the wire (the layer's precision), PPMoE's the experts' own (fp32)
+    outputs = saved if j["strategy"] == "ep" else 4
+    return rows * ((M + H) * saved + H1 * 4 + M * outputs)
 
 
 def main():

@@ -51,14 +51,19 @@ class CpuBackend final : public Backend {
     pm::add_column_sums(rows, n, width, sums);
   }
   void axpy(float alpha, const float* x, float* y, int64_t n) override { pm::axpy(alpha, x, y, n); }
-  void copy_rows(const float* src, float* dst, int64_t width, const std::vector<RowRun>& runs) override {
+  void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) override {
     for (const RowRun& r : runs) {
-      if (src + r.src_row * width == dst + r.dst_row * width) continue;  // same memory
-      std::memcpy(dst + r.dst_row * width, src + r.src_row * width, r.rows * width * sizeof(float));
+      const int64_t from = r.src_row * width, to = r.dst_row * width, n = r.rows * width;
+      if (src.f32 && dst.f32) {
+        if (src.f32 + from != dst.f32 + to) std::memcpy(dst.f32 + to, src.f32 + from, n * sizeof(float));  // else: same memory
+      } else if (src.bf16 && dst.bf16) {
+        if (src.bf16 + from != dst.bf16 + to) std::memcpy(dst.bf16 + to, src.bf16 + from, n * sizeof(uint16_t));
+      } else if (src.f32) {
+        floats_to_bf16(src.f32 + from, dst.bf16 + to, n);
+      } else {
+        bf16_to_floats(src.bf16 + from, dst.f32 + to, n);
+      }
     }
-  }
-  void copy_rows_to_bf16(const float* src, uint16_t* dst, int64_t width, const std::vector<RowRun>& runs) override {
-    for (const RowRun& r : runs) floats_to_bf16(src + r.src_row * width, dst + r.dst_row * width, r.rows * width);
   }
 
   void gelu_forward(const float* in, float* out, int64_t n) override { pm::gelu_forward(in, out, n); }
@@ -118,22 +123,22 @@ class CpuBackend final : public Backend {
     pm::shard_cross_entropy(logits, targets, rows, V, lo, max, sums, losses, dlogits, scale);
   }
 
-  void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, float* slots) override {
+  void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, RowsOut slots) override {
     pm::dispatch_rows(x, T, M, k, position, slots);
   }
-  void combine_rows(const float* slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position,
+  void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position,
                     float* y) override {
     pm::combine_rows(slots, gate, T, M, k, position, y);
   }
-  void dispatch_rows_backward(const float* dslots, int64_t T, int64_t M, int k, const int64_t* position,
+  void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position,
                               float* dx) override {
     pm::dispatch_rows_backward(dslots, T, M, k, position, dx);
   }
   void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
-                                   const int64_t* position, float* dslots) override {
+                                   const int64_t* position, RowsOut dslots) override {
     pm::combine_rows_backward_slots(dy, gate, T, M, k, position, dslots);
   }
-  void combine_rows_backward_gate(const float* dy, const float* slots, int64_t T, int64_t M, int k,
+  void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k,
                                   const int64_t* position, float* dgate) override {
     pm::combine_rows_backward_gate(dy, slots, T, M, k, position, dgate);
   }

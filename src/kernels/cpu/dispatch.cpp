@@ -1,51 +1,73 @@
 #include "kernels/cpu/dispatch.h"
 
 #include <cstring>
+#include <vector>
 
+#include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
 
 namespace pm {
+namespace {
 
-void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, float* slots) {
-  for (int64_t i = 0; i < T * k; ++i)
-    if (position[i] >= 0) std::memcpy(slots + position[i] * M, x + (i / k) * M, M * sizeof(float));
+// Row `row` of slots as floats: in place, or widened from bf16 into this thread's scratch.
+const float* slot_row(RowsIn slots, int64_t row, int64_t M) {
+  if (slots.f32) return slots.f32 + row * M;
+  thread_local std::vector<float> widened;
+  widened.resize(M);
+  bf16_to_floats(slots.bf16 + row * M, widened.data(), M);
+  return widened.data();
 }
 
-void combine_rows(const float* slots, const float* gate, int64_t T, int64_t M, int k,
-                  const int64_t* position, float* y) {
+// Writes M floats into row `row` of slots (rounded to bf16 there when slots are bf16).
+void store_row(const float* values, RowsOut slots, int64_t row, int64_t M) {
+  if (slots.f32)
+    std::memcpy(slots.f32 + row * M, values, M * sizeof(float));
+  else
+    floats_to_bf16(values, slots.bf16 + row * M, M);
+}
+
+}  // namespace
+
+void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, RowsOut slots) {
+  for (int64_t i = 0; i < T * k; ++i)
+    if (position[i] >= 0) store_row(x + (i / k) * M, slots, position[i], M);
+}
+
+void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position, float* y) {
   for (int64_t t = 0; t < T; ++t) {
     float* out = y + t * M;
     std::memset(out, 0, M * sizeof(float));
     for (int j = 0; j < k; ++j) {
       int64_t pos = position[t * k + j];
-      if (pos >= 0) axpy(gate[t * k + j], slots + pos * M, out, M);
+      if (pos >= 0) axpy(gate[t * k + j], slot_row(slots, pos, M), out, M);
     }
   }
 }
 
-void dispatch_rows_backward(const float* dslots, int64_t T, int64_t M, int k, const int64_t* position,
-                            float* dx) {
+void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position, float* dx) {
   for (int64_t t = 0; t < T; ++t)
     for (int j = 0; j < k; ++j) {
       int64_t pos = position[t * k + j];
-      if (pos >= 0) axpy(1.0f, dslots + pos * M, dx + t * M, M);
+      if (pos >= 0) axpy(1.0f, slot_row(dslots, pos, M), dx + t * M, M);
     }
 }
 
 void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
-                                 const int64_t* position, float* dslots) {
+                                 const int64_t* position, RowsOut dslots) {
+  std::vector<float> scaled(M);
   for (int64_t i = 0; i < T * k; ++i) {
     if (position[i] < 0) continue;
     const float* row = dy + (i / k) * M;
-    float* out = dslots + position[i] * M;
+    float* out = dslots.f32 ? dslots.f32 + position[i] * M : scaled.data();
     for (int64_t m = 0; m < M; ++m) out[m] = gate[i] * row[m];
+    if (!dslots.f32) store_row(scaled.data(), dslots, position[i], M);
   }
 }
 
-void combine_rows_backward_gate(const float* dy, const float* slots, int64_t T, int64_t M, int k,
-                                const int64_t* position, float* dgate) {
+void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,
+                                float* dgate) {
   for (int64_t i = 0; i < T * k; ++i)
-    dgate[i] = position[i] < 0 ? 0.0f : dot(dy + (i / k) * M, slots + position[i] * M, M);
+    dgate[i] = position[i] < 0 ? 0.0f : dot(dy + (i / k) * M, slot_row(slots, position[i], M), M);
 }
 
 }  // namespace pm

@@ -10,26 +10,30 @@
 //             dgate[t, j] = <dy[t], slots[position]>      (combine_rows_backward_gate)
 // The two halves of the combine's backward are separate: a pipelined layer writes dslots in the
 // backward degree's layout while the forward's slots sit in the forward degree's layout.
+// Slots may be bf16 rows (a bf16 layer's all-to-all buffers, kernels/backend.h RowsIn): written
+// rounded to bf16, read widened; the arithmetic is the float version's on those values.
 #pragma once
 
 #include <cstdint>
 
+#include "kernels/backend.h"
+
 namespace pm {
 
 // x[T, M] -> slots[*, M]
-void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, float* slots);
+void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, RowsOut slots);
 // slots[*, M] -> y[T, M] (overwritten; tokens with no kept choice get zeros)
-void combine_rows(const float* slots, const float* gate, int64_t T, int64_t M, int k,
+void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k,
                   const int64_t* position, float* y);
 
 // dslots[*, M] -> dx[T, M] (added to what dx holds)
-void dispatch_rows_backward(const float* dslots, int64_t T, int64_t M, int k, const int64_t* position,
+void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position,
                             float* dx);
 // dy[T, M] -> dslots[*, M] (kept rows written)
 void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
-                                 const int64_t* position, float* dslots);
+                                 const int64_t* position, RowsOut dslots);
 // dy[T, M], slots[*, M] -> dgate[T, k] (0 for dropped choices)
-void combine_rows_backward_gate(const float* dy, const float* slots, int64_t T, int64_t M, int k,
+void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k,
                                 const int64_t* position, float* dgate);
 
 }  // namespace pm

@@ -1,8 +1,8 @@
-#include "moe/saved_rows.h"
+#include "moe/row_buffer.h"
 
 namespace pm {
 
-void SavedRows::resize(int64_t rows, int64_t width, Precision precision) {
+void RowBuffer::resize(int64_t rows, int64_t width, Precision precision) {
   precision_ = precision;
   width_ = width;
   // only the type in use holds memory
@@ -15,24 +15,26 @@ void SavedRows::resize(int64_t rows, int64_t width, Precision precision) {
   }
 }
 
-RowsIn SavedRows::in(int64_t i) const {
+RowsIn RowBuffer::in(int64_t i) const {
   if (precision_ == Precision::bf16) return bf16_.data() + i * width_;
   return f32_.data() + i * width_;
 }
 
-RowsOut SavedRows::out(int64_t i) {
+RowsOut RowBuffer::out(int64_t i) {
   if (precision_ == Precision::bf16) return bf16_.data() + i * width_;
   return f32_.data() + i * width_;
 }
 
-void SavedRows::copy_rows_from(Backend& backend, const float* src, const std::vector<RowRun>& runs) {
-  if (precision_ == Precision::bf16)
-    backend.copy_rows_to_bf16(src, bf16_.data(), width_, runs);
-  else
-    backend.copy_rows(src, f32_.data(), width_, runs);
+void RowBuffer::copy_rows_from(Backend& backend, RowsIn src, const std::vector<RowRun>& runs) {
+  backend.copy_rows(src, out(0), width_, runs);
 }
 
-void SavedRows::add_rows(const std::vector<int64_t>& positions, std::vector<const float*>& f32,
+void RowBuffer::release() {
+  ScratchBuffer<float>(f32_.get_allocator()).swap(f32_);
+  ScratchBuffer<uint16_t>(bf16_.get_allocator()).swap(bf16_);
+}
+
+void RowBuffer::add_rows(const std::vector<int64_t>& positions, std::vector<const float*>& f32,
                          std::vector<const uint16_t*>& bf16) const {
   for (int64_t p : positions) {
     if (precision_ == Precision::bf16)
@@ -42,7 +44,7 @@ void SavedRows::add_rows(const std::vector<int64_t>& positions, std::vector<cons
   }
 }
 
-int64_t SavedRows::bytes() const {
+int64_t RowBuffer::bytes() const {
   return static_cast<int64_t>(f32_.size() * sizeof(float) + bf16_.size() * sizeof(uint16_t));
 }
 
