@@ -93,7 +93,8 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
     nlohmann::json meta = {{"config", c.to_json()}, {"vocab_size", V}, {"world_size", ctx.world()},
                            {"steps", o.steps},      {"loss", losses},  {"aux", auxes},
                            {"lr", lrs},             {"grad_norm", norms},
-                           {"dense_tp", c.model.dense_tp()}, {"vocab_parallel", model.vocab_parallel()}};
+                           {"dense_tp", c.model.dense_tp()}, {"vocab_parallel", model.vocab_parallel()},
+                           {"ranks_per_batch", tp}, {"expert_ranks", c.model.expert_ranks(ctx.world())}};
     std::ofstream out(o.dump + "/meta.json");
     out << meta.dump(2) << "\n";
     PM_IO_CHECK(out.good(), "cannot write {}/meta.json", o.dump);

@@ -132,14 +132,20 @@ class Model:
         # slices of the split weights, put together as core/shard.h does
         self.dense_tp = self.meta.get("dense_tp", 1)
         self.vocab_parallel = self.meta.get("vocab_parallel", False)
+        # the experts lie split over the first expert_ranks ranks (PPMoE: a tensor-parallel group),
+        # and so do the dense slices over the first dense_tp; further groups (data parallel) hold
+        # replicas, which the gradient checks compare too
+        self.expert_ranks = self.meta.get("expert_ranks", self.P)
         for n in names:
             if n.endswith(".moe.router_bias"):
                 continue
             arrays = [np.load(f"{folder}/rank{r}/param.{n}.npy").astype(np.float64) for r in range(self.P)]
             if self.shard(n):
-                value = whole_of(arrays, *self.shard(n))
+                value = whole_of(arrays[:self.dense_tp], *self.shard(n))
+            elif self.is_expert(n):
+                value = np.concatenate(arrays[:self.expert_ranks])  # experts: global [E, ...]
             else:
-                value = np.concatenate(arrays) if self.is_expert(n) else arrays[0]  # experts: global [E, ...]
+                value = arrays[0]
             self.params[n] = torch.tensor(value, requires_grad=True)
 
     def is_expert(self, name):
@@ -230,13 +236,23 @@ class Model:
                 self.bias[key] = (self.bias[key] + step).astype(np.float32)
 
 
-def bf16_wire_grads(model, total):
+def bf16_wire_grads(model, total, experts_only=False):
     """total.backward(), then the replicated parameters' gradients as the bf16-wire all-reduce
     leaves them: each rank's share rounded to float32 then bf16, summed in float32 in rank order,
-    the sum rounded to bf16 (comm/bf16_allreduce.h). Returns the exact gradients it replaced."""
-    names = [n for n in model.params if not model.is_expert(n) and not model.shard(n)]
+    the sum rounded to bf16 (comm/bf16_allreduce.h). Expert replicas (PPMoE with several
+    tensor-parallel groups) are summed over the groups, a group's share being its ranks' (one
+    owner per expert in a group holds the group's whole gradient). experts_only: the dense
+    parameters keep the exact sum. Returns the exact gradients it replaced."""
+    replicas = model.P // model.expert_ranks
+    names = [n for n in model.params if not model.shard(n) and (
+        (model.is_expert(n) and replicas > 1) if experts_only else (not model.is_expert(n) or replicas > 1))]
     weights = [model.params[n] for n in names]
     per_rank = [torch.autograd.grad(t, weights, retain_graph=True, allow_unused=True) for t in model.rank_totals]
+    per_group = []  # each tensor-parallel group's share: the sum of its ranks' (they hold the same tokens)
+    for g in range(replicas):
+        ranks = per_rank[g * model.expert_ranks:(g + 1) * model.expert_ranks]
+        per_group.append([sum(r[i] for r in ranks if r[i] is not None) if any(r[i] is not None for r in ranks)
+                          else None for i in range(len(names))])
     total.backward()
     exact = {}
     with torch.no_grad():
@@ -246,7 +262,7 @@ def bf16_wire_grads(model, total):
                 continue
             exact[n] = w.grad.clone()
             s = None
-            for grads in per_rank:
+            for grads in (per_group if model.is_expert(n) else per_rank):
                 g = grads[i] if grads[i] is not None else torch.zeros_like(w)
                 b = g.float().bfloat16().float()
                 s = b if s is None else s + b

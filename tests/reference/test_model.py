@@ -6,7 +6,9 @@ In bf16 the reference does the same roundings (model_reference.py) and the error
 norm (a value rounded the other way moves by one bf16 step, 2^-8 of it): within TOLERANCE_BF16.
 PPMoE with the dense blocks split over a tensor-parallel group (TP_VARIANTS): each rank's slices of
 the split weights and their gradients against the matching slices of the whole model's, the
-vocabulary-parallel logits column by column.
+vocabulary-parallel logits column by column; with two such groups (tp 2 x dp 2) every replica's
+slices. Gradients all-reduced with bf16 on the wire (GRAD_WIRE_VARIANTS): against the reference
+doing the same roundings, PPMoE's expert replicas summed over the groups included.
 
 Run: /usr/bin/python3 tests/reference/test_model.py   (needs build/pipemoe)
 """
@@ -48,6 +50,9 @@ def check(folder, ranks, seed, degree, f, variant=()):
     # from its own experts only), which the reference does not split: against the exact sum, within
     # the two roundings
     wire_exact = bf16_wire and "moe_strategy=ppmoe" in variant
+    # ...but PPMoE's expert replicas (several tensor-parallel groups) are each a whole group's
+    # gradient: the reference sums the groups' shares with the same roundings
+    replica_wire = wire_exact and model.P > model.expert_ranks
     if bf16_wire:
         tolerance, error = (TOLERANCE_BF16_WIRE_EXACT if wire_exact else TOLERANCE_BF16), norm_error
     state = {}
@@ -59,30 +64,46 @@ def check(folder, ranks, seed, degree, f, variant=()):
                 f"{name} step {step}: aux {model.meta['aux'][step]} vs torch {aux}")
         lr = ref.learning_rate(model.c, step)
         f.check(abs(model.meta["lr"][step] - lr) <= 1e-12 + 1e-9 * lr, f"{name} step {step}: lr {model.meta['lr'][step]} vs {lr}")
-        exact = ref.bf16_wire_grads(model, total) if bf16_wire and not wire_exact else total.backward()
+        if bf16_wire and (replica_wire or not wire_exact):
+            exact = ref.bf16_wire_grads(model, total, experts_only=wire_exact)
+        else:
+            exact = total.backward()
         if step == 0:
             for r in range(ranks):
                 want = logits[r].detach().numpy()
                 if model.vocab_parallel:  # this rank's columns of the vocabulary
-                    want = np.split(want, ranks, axis=1)[r]
+                    want = np.split(want, model.dense_tp, axis=1)[r % model.dense_tp]
                 err = error(np.load(f"{folder}/rank{r}/logits.npy").astype(np.float64), want)
                 f.check(err <= tolerance, f"{name} rank {r}: logits relative error {err:.2e}")
-            worst = 0.0
+            worst = worst_replica = 0.0
             for n, w in model.params.items():
                 g = w.grad.numpy()
-                for r in range(ranks):
+                replica = replica_wire and model.is_expert(n)
+                for r in range(ranks):  # every rank's slices, in every data-parallel replica
                     ours_g = np.load(f"{folder}/rank{r}/grad.{n}.npy").astype(np.float64)
                     if model.shard(n):
-                        want = ref.slice_of(g, *model.shard(n), r, ranks)
+                        want = ref.slice_of(g, *model.shard(n), r % model.dense_tp, model.dense_tp)
                     else:
-                        want = np.split(g, ranks)[r] if model.is_expert(n) else g
+                        want = np.split(g, model.expert_ranks)[r % model.expert_ranks] if model.is_expert(n) else g
                     err = error(ours_g, want)
-                    worst = max(worst, err)
-                    f.check(ours_g.shape == want.shape and err <= tolerance,
+                    if replica:
+                        worst_replica = max(worst_replica, err)
+                    else:
+                        worst = max(worst, err)
+                    f.check(ours_g.shape == want.shape and err <= (TOLERANCE_BF16 if replica else tolerance),
                             f"{name} rank {r}: gradient of {n} relative error {err:.2e}")
             if wire_exact:  # the option must really round: a float32 wire would be 1e-7 from the exact sum
                 f.check(worst > 1e-4, f"{name}: the all-reduced gradients show no bf16 rounding (worst {worst:.1e})")
-            elif bf16_wire:
+            if replica_wire:  # and the replicas' sums are the wire's
+                from_exact = max(error(np.load(f"{folder}/rank0/grad.{n}.npy").astype(np.float64),
+                                       np.split(g.numpy(), model.expert_ranks)[0])  # rank 0's experts
+                                 for n, g in exact.items() if model.is_expert(n))
+                f.check(from_exact > 1e-4 and from_exact > 2 * worst_replica,
+                        f"{name}: the expert replicas' gradients are {from_exact:.1e} from the exact sum, "
+                        f"{worst_replica:.1e} from the bf16 wire's: no bf16 rounding seen")
+                print(f"{name}: expert replicas' gradients {worst_replica:.1e} from the bf16 wire's sum, "
+                      f"{from_exact:.1e} from the exact sum", flush=True)
+            if bf16_wire and not wire_exact:
                 from_exact = max(error(np.load(f"{folder}/rank0/grad.{n}.npy").astype(np.float64), g.numpy())
                                  for n, g in exact.items())
                 f.check(from_exact > 1e-4 and from_exact > 2 * worst,
@@ -137,6 +158,8 @@ TP_VARIANTS = [
     (2, 54, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "arch=scmoe", "scmoe_tap=pos2",
                 "shared_expert_hidden=36", "top_k=1"]),
     (2, 55, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "tp_dense=replicate"]),
+    # two tensor-parallel groups of two (tp 2 x dp 2): replicas of the experts and the dense slices
+    (4, 56, 2, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300"]),
 ]
 # bf16: the top-2 model on 1 and 2 ranks (pipelined), the DeepSeek-style block, and ScMoE with the
 # coefficient gate
@@ -158,6 +181,8 @@ GRAD_WIRE_VARIANTS = [
     # PPMoE over one tensor-parallel group: the replicated parameters' gradients cross in bf16,
     # the split ones are complete on their rank and stay as they are
     (2, 49, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "grad_allreduce_dtype=bf16"]),
+    # two groups of two (tp 2 x dp 2): the expert replicas' gradients cross between the groups too
+    (4, 50, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "grad_allreduce_dtype=bf16"]),
 ]
 
 
