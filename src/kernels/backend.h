@@ -105,8 +105,8 @@ class Backend {
   virtual void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) = 0;
   // sums[width] += sum over the n rows of rows[n, width], in row order.
   virtual void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) = 0;
-  // The same product as a bf16 GEMM (Precision::bf16).
-  virtual void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+  // The same product as a bf16 GEMM (Precision::bf16); A may be bf16 rows (kept activations).
+  virtual void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, RowsIn A, int64_t lda,
                          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) = 0;
   // gemm or gemm_bf16
   void gemm_as(Precision precision, Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A,

@@ -91,7 +91,7 @@ void GptModel::backward_stage(const float* dh_in) {
         const int64_t Fl = F / dense_tp_;  // tensor-parallel: this rank's hidden units; dffn_in its share
         auto columns = [&, T, Fl] {
           dact.resize(T * Fl);
-          linear_backward(k, precision_, b.act.data(), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
+          linear_backward(k, precision_, b.act.in(0), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
           k.gelu_backward(b.fc.data(), dact.data(), dact.data(), T * Fl);
           linear_backward(k, precision_, b.ln2_out.data(), b.w_fc, dact.data(), T, b.d_w_fc, b.d_b_fc, dffn_in.data());
         };
@@ -114,9 +114,9 @@ void GptModel::backward_stage(const float* dh_in) {
         if (mid >= 0)  // ScMoE pos2: the next block's experts read this attention output
           for (int64_t i = 0; i < T * D; ++i) dx_mid[i] += blocks_[mid]->dtap[i];
         // x_mid = x_in + Attn(LN1(x_in))
-        linear_backward(k, precision_, b.attn.data(), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
+        linear_backward(k, precision_, b.attn.in(0), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
         k.attention_backward(b.qkv.data(), b.probs.data(), dattn.data(), B, S, Hl, hd, dqkv.data());
-        linear_backward(k, precision_, b.ln1_out.data(), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
+        linear_backward(k, precision_, b.ln1_out.in(0), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
       };
       auto rest = [&, T, D, in_tap] {
         k.layernorm_backward(b.x_in.data(), b.ln1_g.f32(), b.ln1_mean.data(), b.ln1_rstd.data(), dtmp.data(), T, D,

@@ -109,18 +109,20 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
       const int64_t Hl = H / dense_tp_, Dl = D / dense_tp_;
       auto heads = [&b, &k, this, T, D, B, S, H, Hl, Dl, hd, decode, cache_row, S_max] {
         b.x_in = h_;
-        b.ln1_out.resize(T * D), b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
-        k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, b.ln1_out.data(),
-                            b.ln1_mean.data(), b.ln1_rstd.data());
+        b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
+        float* ln1 = compute_into(b.ln1_out, T, D, precision_);
+        k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, ln1, b.ln1_mean.data(),
+                            b.ln1_rstd.data());
         b.qkv.resize(T * 3 * Dl);
-        linear_forward(k, precision_, b.ln1_out.data(), b.w_qkv, b.b_qkv, T, b.qkv.data());
-        b.attn.resize(T * Dl);
+        linear_forward(k, precision_, ln1, b.w_qkv, b.b_qkv, T, b.qkv.data());
+        keep(k, b.ln1_out, ln1, T);
+        float* attn = compute_into(b.attn, T, Dl, precision_);
         if (decode) {  // one token per sequence against its cached keys and values
           k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), positions_.data(), B, S_max, H, hd,
-                             b.attn.data());
+                             attn);
         } else {
           b.probs.resize(B * Hl * S * S);
-          k.attention_forward(b.qkv.data(), B, S, Hl, hd, b.probs.data(), b.attn.data());
+          k.attention_forward(b.qkv.data(), B, S, Hl, hd, b.probs.data(), attn);
         }
         if (cache_row >= 0)  // a prompt: its keys and values stay for the tokens that follow
           for (int64_t t = 0; t < S; ++t)
@@ -129,7 +131,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
               b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
             }
         b.x_mid.resize(T * D);
-        linear_forward_share(k, b.attn.data(), b.w_proj, b.b_proj, T, b.x_mid.data());
+        linear_forward_share(k, attn, b.w_proj, b.b_proj, T, b.x_mid.data());
+        keep(k, b.attn, attn, T);
       };
       auto rest = [&b, &k, this, T, D] {
         for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
@@ -168,10 +171,12 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         std::vector<int> deps = plus(after(last), {pos3_reader >= 0 ? moe_ln[pos3_reader] : -1});
         const int64_t Fl = F / dense_tp_;  // tensor-parallel: this rank's columns of the hidden layer
         auto columns = [&b, &k, this, T, Fl] {
-          b.fc.resize(T * Fl), b.act.resize(T * Fl);
+          b.fc.resize(T * Fl);
           linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
-          k.gelu_forward(b.fc.data(), b.act.data(), T * Fl);
-          linear_forward_share(k, b.act.data(), b.w_out, b.b_out, T, h_.data());
+          float* act = compute_into(b.act, T, Fl, precision_);
+          k.gelu_forward(b.fc.data(), act, T * Fl);
+          linear_forward_share(k, act, b.w_out, b.b_out, T, h_.data());
+          keep(k, b.act, act, T);
         };
         auto rest = [&b, this, T, D] {
           for (int64_t i = 0; i < T * D; ++i) h_[i] += b.x_mid[i];

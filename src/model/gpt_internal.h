@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/gpt.h"
+#include "moe/row_buffer.h"
 
 namespace pm {
 namespace gpt_internal {
@@ -26,12 +27,32 @@ inline void linear_forward(Backend& k, Precision p, const float* x, const Tensor
 }
 
 // From dy[T, N]: dw += x^T dy, db += colsum(dy), dx = dy w^T (dx may be null); GEMMs in `p`.
-inline void linear_backward(Backend& k, Precision p, const float* x, const Tensor& w, const float* dy, int64_t T,
+// x may be bf16 rows (an activation kept in bf16, which needs p bf16).
+inline void linear_backward(Backend& k, Precision p, RowsIn x, const Tensor& w, const float* dy, int64_t T,
                             Tensor& dw, Tensor& db, float* dx) {
   const int64_t K = w.dim(0), N = w.dim(1);
-  k.gemm_as(p, Trans::yes, Trans::no, K, N, T, x, K, dy, N, 1.0f, dw.f32(), N);
+  if (x.bf16)
+    k.gemm_bf16(Trans::yes, Trans::no, K, N, T, x, K, dy, N, 1.0f, dw.f32(), N);
+  else
+    k.gemm_as(p, Trans::yes, Trans::no, K, N, T, x.f32, K, dy, N, 1.0f, dw.f32(), N);
   k.add_column_sums(dy, T, N, db.f32());
   if (dx) k.gemm_as(p, Trans::no, Trans::yes, T, K, N, dy, N, w.f32(), N, 0.0f, dx, K);
+}
+
+// Activations that only the dense GEMMs read (LayerNorm 1's output, attention's output, the dense
+// MLP's activation) are kept in the dense GEMMs' precision: in bf16 a GEMM rounds them to bf16
+// anyway, so keeping them in bf16 gives the same bits in half the bytes. They are computed in
+// floats (in the kept buffer itself in fp32, in this thread's scratch in bf16), read by the
+// forward's GEMM from there, then kept.
+inline float* compute_into(RowBuffer& kept, int64_t rows, int64_t width, Precision p) {
+  kept.resize(rows, width, p);
+  if (p == Precision::fp32) return kept.out(0).f32;
+  thread_local std::vector<float> scratch;
+  scratch.resize(rows * width);
+  return scratch.data();
+}
+inline void keep(Backend& k, RowBuffer& kept, const float* values, int64_t rows) {
+  if (kept.precision() == Precision::bf16) k.copy_rows(values, kept.out(0), kept.width(), {{0, 0, rows}});
 }
 
 inline std::string indexed(const char* name, int i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
@@ -98,7 +119,8 @@ struct GptModel::Block {
   Tensor d_se_w_fc, d_se_b_fc, d_se_w_out, d_se_b_out, d_se_w_cg, d_se_b_cg, d_ln_moe_g, d_ln_moe_b;
   std::unique_ptr<MoeLayer> moe;      // MoE blocks only
   // activations of the last forward
-  Buffer<float> x_in, ln1_out, ln1_mean, ln1_rstd, qkv, probs, attn, x_mid, ln2_out, ln2_mean, ln2_rstd, fc, act;
+  Buffer<float> x_in, ln1_mean, ln1_rstd, qkv, probs, x_mid, ln2_out, ln2_mean, ln2_rstd, fc;
+  RowBuffer ln1_out, attn, act;       // only GEMMs read them: kept in the dense precision (compute_into)
   Buffer<float> se_fc, se_act, se_raw, coef, se_out;  // [T, G], [T, G], [T, D], [T], [T, D]
   Buffer<float> moe_in, moe_mean, moe_rstd, moe_out;  // ScMoE's LN of the tap [T, D], [T], [T]; the MoE's output [T, D]
   std::shared_ptr<MoePass> moe_pass;  // what the MoE layer's backward needs
@@ -109,10 +131,13 @@ struct GptModel::Block {
   // Calls f on every activation the backward reads (what a pipeline stashes per micro-batch).
   template <typename F>
   void each_saved(F&& f) {
-    for (Buffer<float>* a : {&x_in, &ln1_out, &ln1_mean, &ln1_rstd, &qkv, &probs, &attn, &x_mid, &ln2_out, &ln2_mean,
-                             &ln2_rstd, &fc, &act, &se_fc, &se_act, &se_raw, &coef, &se_out, &moe_in, &moe_mean,
-                             &moe_rstd})
+    for (Buffer<float>* a : {&x_in, &ln1_mean, &ln1_rstd, &qkv, &probs, &x_mid, &ln2_out, &ln2_mean, &ln2_rstd, &fc,
+                             &se_fc, &se_act, &se_raw, &coef, &se_out, &moe_in, &moe_mean, &moe_rstd})
       f(*a);
+  }
+  template <typename F>
+  void each_saved_rows(F&& f) {
+    for (RowBuffer* a : {&ln1_out, &attn, &act}) f(*a);
   }
 };
 
@@ -123,6 +148,7 @@ struct GptModel::SavedPass {
   float backward_scale = 0;
   Buffer<float> h_final, lnf_out, lnf_mean, lnf_rstd, dlogits;
   std::vector<std::vector<Buffer<float>>> block_buffers;  // [layers][each_saved]
+  std::vector<std::vector<RowBuffer>> block_rows;         // [layers][each_saved_rows]
   std::vector<std::shared_ptr<MoePass>> moe_passes;       // [layers]
 };
 

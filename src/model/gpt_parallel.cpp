@@ -16,6 +16,7 @@ void GptModel::swap_pass(SavedPass& saved) {
   std::swap(h_final_, saved.h_final), std::swap(lnf_out_, saved.lnf_out), std::swap(lnf_mean_, saved.lnf_mean);
   std::swap(lnf_rstd_, saved.lnf_rstd), std::swap(dlogits_, saved.dlogits);
   saved.block_buffers.resize(blocks_.size());
+  saved.block_rows.resize(blocks_.size());
   saved.moe_passes.resize(blocks_.size());
   for (std::size_t l = 0; l < blocks_.size(); ++l) {
     if (!blocks_[l]) continue;
@@ -24,6 +25,12 @@ void GptModel::swap_pass(SavedPass& saved) {
     blocks_[l]->each_saved([&](Buffer<float>& a) {
       if (mine.size() <= i) mine.resize(i + 1);
       std::swap(a, mine[i++]);
+    });
+    std::vector<RowBuffer>& rows = saved.block_rows[l];
+    i = 0;
+    blocks_[l]->each_saved_rows([&](RowBuffer& a) {
+      if (rows.size() <= i) rows.resize(i + 1);
+      std::swap(a, rows[i++]);
     });
     std::swap(blocks_[l]->moe_pass, saved.moe_passes[l]);
   }

@@ -1,9 +1,11 @@
 // Dispatch/combine kernels and their backwards against finite differences of the combine loss.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <vector>
 
 #include "core/rng.h"
+#include "core/tensor.h"
 #include "kernels/cpu/dispatch.h"
 
 namespace pm {
@@ -64,6 +66,59 @@ TEST(Dispatch, ScatterGatherAndBackwards) {
     EXPECT_FLOAT_EQ(dx[M + m], 1.0f + dslots[3 * M + m]);
     EXPECT_EQ(dx[2 * M + m], 1.0f);
   }
+}
+
+// bf16 slots (a bf16 layer's all-to-all buffers): written rounded, read widened; every result is
+// the float kernels' on the bf16 values, bit for bit.
+TEST(Dispatch, Bf16SlotsGiveTheBitsOfFloatSlotsHoldingTheRoundedValues) {
+  const int64_t T = 5, M = 37, rows = 7;
+  const int k = 2;
+  std::vector<int64_t> pos = {3, 0, 6, -1, 1, 2, -1, -1, 5, 4};
+  std::vector<float> x(T * M), dy(T * M), gate(T * k);
+  Rng(4, 1).fill_normal(x.data(), x.size(), 0, 1);
+  Rng(4, 2).fill_normal(dy.data(), dy.size(), 0, 1);
+  Rng(4, 3).fill_normal(gate.data(), gate.size(), 0, 1);
+  auto rounded = [](std::vector<float> v) {
+    for (float& f : v) f = round_to_bf16(f);
+    return v;
+  };
+  auto widened = [](const std::vector<uint16_t>& v) {
+    std::vector<float> out(v.size());
+    bf16_to_floats(v.data(), out.data(), static_cast<int64_t>(v.size()));
+    return out;
+  };
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  // dispatch: the rounded rows
+  std::vector<uint16_t> slots16(rows * M, 0);
+  std::vector<float> slots(rows * M, 0.0f);
+  dispatch_rows(x.data(), T, M, k, pos.data(), slots16.data());
+  dispatch_rows(x.data(), T, M, k, pos.data(), slots.data());
+  EXPECT_TRUE(same(widened(slots16), rounded(slots)));
+  // combine and the gate's gradient read bf16 slots as the float kernels read their values
+  std::vector<float> y16(T * M), y(T * M), dgate16(T * k), dgate(T * k);
+  const std::vector<float> as_floats = widened(slots16);
+  combine_rows(slots16.data(), gate.data(), T, M, k, pos.data(), y16.data());
+  combine_rows(as_floats.data(), gate.data(), T, M, k, pos.data(), y.data());
+  EXPECT_TRUE(same(y16, y));
+  combine_rows_backward_gate(dy.data(), slots16.data(), T, M, k, pos.data(), dgate16.data());
+  combine_rows_backward_gate(dy.data(), as_floats.data(), T, M, k, pos.data(), dgate.data());
+  EXPECT_TRUE(same(dgate16, dgate));
+  // the combine's backward into bf16 slots: the float products, rounded
+  std::vector<uint16_t> dslots16(rows * M, 0);
+  std::vector<float> dslots(rows * M, 0.0f);
+  combine_rows_backward_slots(dy.data(), gate.data(), T, M, k, pos.data(), dslots16.data());
+  combine_rows_backward_slots(dy.data(), gate.data(), T, M, k, pos.data(), dslots.data());
+  EXPECT_TRUE(same(widened(dslots16), rounded(dslots)));
+  // the dispatch's backward sums the widened rows
+  std::vector<float> dx16(T * M, 0.5f), dx(T * M, 0.5f);
+  const std::vector<float> dslots_floats = widened(dslots16);
+  dispatch_rows_backward(dslots16.data(), T, M, k, pos.data(), dx16.data());
+  dispatch_rows_backward(dslots_floats.data(), T, M, k, pos.data(), dx.data());
+  EXPECT_TRUE(same(dx16, dx));
+  // and rounding really happened
+  EXPECT_FALSE(same(widened(slots16), slots));
 }
 
 }  // namespace

@@ -42,9 +42,10 @@ class CpuBackend final : public Backend {
             int64_t ldb, float beta, float* C, int64_t ldc) override {
     pm::gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
   }
-  void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+  void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, RowsIn A, int64_t lda, const float* B,
                  int64_t ldb, float beta, float* C, int64_t ldc) override {
-    pm::gemm_bf16(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    if (A.bf16) return pm::gemm_bf16(ta, tb, M, N, K, A.bf16, lda, B, ldb, beta, C, ldc);
+    pm::gemm_bf16(ta, tb, M, N, K, A.f32, lda, B, ldb, beta, C, ldc);
   }
   void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) override { pm::fill_rows(rows, n, width, bias); }
   void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) override {

@@ -182,6 +182,13 @@ void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a
   tn_rows_bf16(M, N, K, RowSource{nullptr, 0, nullptr, nullptr, a_rows}, b_rows, beta, C, ldc);
 }
 
+void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  pack_b_bf16(trans_b, K, N, B, ldb, scratch_packed_b());
+  gemm_packed(trans_a, M, A, lda, scratch_packed_b(), beta, C, ldc);
+}
+
 void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const PackedB& B, float beta, float* C,
                  int64_t ldc, const GemmExtras& extras) {
   PM_CHECK(B.bf16, "a GEMM with a bf16 A needs B packed by pack_b_bf16");
