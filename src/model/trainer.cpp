@@ -550,6 +550,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   double moe_held_bytes = 0;
   for (const MoePass* pass : model.moe_passes()) moe_held_bytes += static_cast<double>(pass->held_bytes());
   const double moe_held_mb = comm.allreduce_scalar(moe_held_bytes / (1 << 20), ReduceOp::max);
+  log::info("memory: peak {:.0f} MB on the largest rank; its MoE layers keep {:.1f} MB from a forward for the "
+            "backward{}", peak_rss_mb, moe_held_mb, c.model.dtype == "bf16" ? " (bf16 where only GEMMs read it)" : "");
   held_most = static_cast<int>(comm.allreduce_scalar(held_most, ReduceOp::max));
   double ms = step_ms_all.empty() ? NAN : summarize(step_ms_all).median;
   double exposed = exposed_all.empty() ? NAN : summarize(exposed_all).median;
