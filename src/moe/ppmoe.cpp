@@ -57,7 +57,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t tokens = 0;
   Gating gating;                    // gate
   LocalRows local;                  // gate
-  RowBuffer u, act;          // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
+  RowBuffer u, act;                 // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
   ScratchBuffer<float> hpre, out;   // gate: [rows, H1|M] canonical order (expert); saved
 
   double aux_loss() const override { return gating.aux_loss; }
@@ -73,7 +73,7 @@ struct BackwardPass {
   const float* dy = nullptr;  // [T, M] (the same on every rank of the group)
   float* dx = nullptr;        // [T, M]
   std::vector<float> dgate;   // [T, k] (dgate, then reduce_dgate)
-  ScratchBuffer<float> dx_gate;      // [T, M] the gate's share of dx (gate_bwd)
+  ScratchBuffer<float> dx_gate;             // [T, M] the gate's share of dx (gate_bwd)
   ScratchBuffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] canonical order (expert_dgrad)
 };
 
