@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """pipemoe generate end to end on a small ScMoE model trained here: the key/value cache gives the
 same text as re-running every window (--no-cache), sampled or greedy, for a batch of prompts, on 1
-and 2 ranks; expert offloading (host memory or the checkpoint on disk, at most one expert of a
+and 2 ranks (also for a bf16 model); expert offloading (host memory or the checkpoint on disk, at most one expert of a
 layer resident, loaded when needed or prefetched) gives that same text too and keeps at most a
 quarter of the experts resident; and bad input (a cache of 0 or more than a rank's experts, an
 unknown mode, a missing or truncated checkpoint file) gets one clear error line, no hang.
@@ -74,6 +74,18 @@ def main():
             f.check(r["resident_expert_bytes_peak"] == r["all_expert_bytes"] // 4,
                     f"SwiGLU {where} {mode}: {r['resident_expert_bytes_peak']} of {r['all_expert_bytes']} bytes resident")
         print("ok: SwiGLU experts offloaded give the same text", flush=True)
+
+        # a bf16 model (its dense and expert activations kept in bf16 where only GEMMs read them):
+        # the cache and 2 ranks give the text of re-running every window on one rank
+        bf16_config = os.path.join(tmp, "bf16.json")
+        json.dump(dict(TINY, data=text, dtype="bf16", max_steps=6), open(bf16_config, "w"))
+        bf16_ck = os.path.join(tmp, "bf16_ck")
+        mpirun(2, ["train", "--config", bf16_config, "--save", bf16_ck])
+        bf16_texts = [result(generate(ranks, bf16_ck, *extra))["texts"] for ranks, extra in
+                      ((1, ["--no-cache"]), (1, []), (2, []), (2, ["--no-cache"]))]
+        f.check(all(t == bf16_texts[0] for t in bf16_texts), f"bf16: cache, no cache, 1 and 2 ranks differ: {bf16_texts}")
+        print(f"ok: a bf16 model generates the same text with and without the cache: {bf16_texts[0][0][:40]!r}",
+              flush=True)
 
         broken = os.path.join(tmp, "broken")
         shutil.copytree(ck, broken)
