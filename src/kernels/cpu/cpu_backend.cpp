@@ -1,6 +1,7 @@
 // The CPU backend: the Backend table (kernels/backend.h) filled with the engine's own CPU kernels.
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 
 #include "core/block_cache.h"
@@ -173,8 +174,15 @@ class CpuBackend final : public Backend {
     pm::expert_weight_grads(grads, activation, precision, M, H, rows);
   }
  private:
-  // never destroyed: buffers of other static objects may be freed after this one's destructor
-  BlockCache& blocks_ = *new BlockCache(aligned_allocate, [](void* data) { std::free(data); });
+  // never destroyed: buffers of other static objects may be freed after this one's destructor.
+  // Under a sanitizer nothing is cached: a task that reads a buffer its pass already gave back
+  // must be a use after free there, not a read of a block handed to someone else.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  static constexpr std::size_t kCachedFrom = std::numeric_limits<std::size_t>::max();
+#else
+  static constexpr std::size_t kCachedFrom = std::size_t{1} << 20;
+#endif
+  BlockCache& blocks_ = *new BlockCache(aligned_allocate, [](void* data) { std::free(data); }, kCachedFrom);
 };
 
 }  // namespace
