@@ -31,10 +31,10 @@ import subprocess
 import sys
 
 KEYS = {"train": ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss",
-                  "pipeline_bubble", "pipeline_bubble_formula"],
+                  "pipeline_bubble", "pipeline_bubble_formula", "peak_rss_mb"],
         "generate": ["tokens_per_s", "seconds"],
         "layer": ["forward_ms", "backward_ms", "tokens_per_s", "a2a_busy_ms", "comm_ms", "compute_ms", "degree_fwd",
-                  "degree_bwd"]}
+                  "degree_bwd", "peak_rss_mb", "held_for_backward_mb"]}
 
 
 def run(command, args, timeout, env, ranks=2):
@@ -75,10 +75,11 @@ def main():
             rows.append(row)
             print(f"round {r} {name}: " + " ".join(f"{k} {row[k]:.4g}" for k in keys if row[k] is not None), flush=True)
     if o.command == "layer":
-        print(f"\n{'variant':<20} {'fwd ms':>8} {'bwd ms':>8} {'comm busy':>10} {'degrees':>8} {'tokens/s':>9} {'vs first':>9}")
+        print(f"\n{'variant':<20} {'fwd ms':>8} {'bwd ms':>8} {'comm busy':>10} {'degrees':>8} {'tokens/s':>9} {'vs first':>9} "
+              f"{'peak MB':>8} {'kept MB':>8}")
     elif o.command == "train":
         print(f"\n{'variant':<16} {'ms/step':>9} {'tokens/s':>9} {'exposed ms':>11} {'a2a hidden':>11} {'bubble':>7} "
-              f"{'(1F1B)':>7} {'vs first':>9}")
+              f"{'(1F1B)':>7} {'vs first':>9} {'peak MB':>8}")
     else:
         print(f"\n{'variant':<16} {'tokens/s':>9} {'vs first':>9}")
     first = None
@@ -89,14 +90,16 @@ def main():
         if o.command == "layer":
             first = first or med["tokens_per_s"]
             print(f"{name:<20} {med['forward_ms']:8.1f} {med['backward_ms']:8.1f} {med['a2a_busy_ms']:10.1f} "
-                  f"{med['degree_fwd']:>4.0f}/{med['degree_bwd']:<3.0f} {med['tokens_per_s']:9.0f} {med['tokens_per_s'] / first:8.2f}x")
+                  f"{med['degree_fwd']:>4.0f}/{med['degree_bwd']:<3.0f} {med['tokens_per_s']:9.0f} {med['tokens_per_s'] / first:8.2f}x "
+                  f"{med['peak_rss_mb']:8.1f} {med['held_for_backward_mb']:8.1f}")
         elif o.command == "train":
             # tokens/s, not ms/step: variants may take different batches per step
             first = first or med["tokens_per_s"]
             bubble = f"{med['pipeline_bubble'] * 100:6.0f}% {med['pipeline_bubble_formula'] * 100:6.0f}%" \
                 if med["pipeline_bubble"] == med["pipeline_bubble"] else f"{'-':>7} {'-':>7}"
             print(f"{name:<16} {med['ms_per_step']:9.1f} {med['tokens_per_s']:9.0f} {med['exposed_comm_ms_per_step']:11.1f} "
-                  f"{med['comm_hidden_share'] * 100:10.0f}% {bubble} {med['tokens_per_s'] / first:8.2f}x")
+                  f"{med['comm_hidden_share'] * 100:10.0f}% {bubble} {med['tokens_per_s'] / first:8.2f}x "
+                  f"{med['peak_rss_mb']:8.1f}")
         else:
             first = first or med["tokens_per_s"]
             print(f"{name:<16} {med['tokens_per_s']:9.1f} {med['tokens_per_s'] / first:8.2f}x")
