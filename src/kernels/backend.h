@@ -43,6 +43,13 @@ class PackedExpert {
   virtual ~PackedExpert() = default;
 };
 
+// A weight matrix laid out once for this backend's GEMMs (op(B) of gemm, in a precision), for
+// weights that do not change between passes (inference). Opaque outside the backend.
+class PackedMatrix {
+ public:
+  virtual ~PackedMatrix() = default;
+};
+
 // Where an expert's weight gradients go (added to): w1 [M, H1], b1 [H1], w2 [H, M], b2 [M], with
 // H1 = fc1_width(activation, H).
 struct ExpertGrads {
@@ -116,6 +123,12 @@ class Backend {
     else
       gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
   }
+  // op(B)[K, N] packed once (`precision` says which GEMM it serves), then C[M, N] = beta * C +
+  // op(A)[M, K] op(B) with it: the bits of gemm_as(precision, ...) on the same operands.
+  virtual std::unique_ptr<PackedMatrix> pack_matrix(Precision precision, Trans trans_b, int64_t K, int64_t N,
+                                                    const float* B, int64_t ldb) = 0;
+  virtual void gemm_prepacked(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedMatrix& B, float beta,
+                              float* C, int64_t ldc) = 0;
   // y[n] += alpha * x[n]
   virtual void axpy(float alpha, const float* x, float* y, int64_t n) = 0;
   // dst rows from src rows, width values each, run by run; floats into bf16 rows are rounded to

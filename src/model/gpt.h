@@ -174,6 +174,10 @@ class GptModel {
   // y = x w + b, or, with the dense weights split, this rank's share of it (x w with its rows of
   // w; the bias from the group's first rank only), summed over the group afterwards.
   void linear_forward_share(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T, float* y) const;
+  // Inference: each dense weight packed once at start_inference (the weights no longer change), by
+  // tensor; the LM head's (wte used transposed) too. Null while training.
+  const PackedMatrix* frozen_pack(const Tensor& w) const;
+  std::map<const Tensor*, std::unique_ptr<PackedMatrix>> frozen_packs_;
   bool holds(int l) const { return l >= span_.first_block && l < span_.end_block; }
   void remember(const TaskGraph& graph, const std::map<int, PassTasks>& moe_tasks, PassTiming& timing) const;
   bool tap_is(int block, const char* position) const;

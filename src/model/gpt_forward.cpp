@@ -32,6 +32,21 @@ void GptModel::start_inference(int64_t rows) {
     if (b->moe) b->moe->set_capacity_factor(0);  // dropless: a token's output never depends on the others
   }
   positions_.assign(rows, 0);
+  // the weights are final from here on: pack the dense ones once (decode runs a token per
+  // sequence, where packing a weight costs more than the GEMM), and the experts' (freeze_weights)
+  frozen_packs_.clear();
+  auto pack = [&](const Tensor& w, Trans trans) {
+    const int64_t rows_w = w.dim(0), cols_w = w.dim(1);
+    frozen_packs_[&w] = trans == Trans::no ? backend_.pack_matrix(precision_, Trans::no, rows_w, cols_w, w.f32(), cols_w)
+                                           : backend_.pack_matrix(precision_, Trans::yes, cols_w, rows_w, w.f32(), cols_w);
+  };
+  for (auto& b : blocks_) {
+    if (!b) continue;
+    for (const Tensor* w : {&b->w_qkv, &b->w_proj}) pack(*w, Trans::no);
+    if (!b->moe) for (const Tensor* w : {&b->w_fc, &b->w_out}) pack(*w, Trans::no);
+    if (b->moe) b->moe->freeze_weights();
+  }
+  pack(wte_, Trans::yes);
 }
 
 const float* GptModel::prefill(int64_t row, const int32_t* tokens, int64_t n) {
@@ -114,7 +129,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, ln1, b.ln1_mean.data(),
                             b.ln1_rstd.data());
         b.qkv.resize(T * 3 * Dl);
-        linear_forward(k, precision_, ln1, b.w_qkv, b.b_qkv, T, b.qkv.data());
+        linear_forward(k, precision_, ln1, b.w_qkv, b.b_qkv, T, b.qkv.data(), frozen_pack(b.w_qkv));
         keep(k, b.ln1_out, ln1, T);
         float* attn = compute_into(b.attn, T, Dl, precision_);
         if (decode) {  // one token per sequence against its cached keys and values
@@ -172,7 +187,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         const int64_t Fl = F / dense_tp_;  // tensor-parallel: this rank's columns of the hidden layer
         auto columns = [&b, &k, this, T, Fl] {
           b.fc.resize(T * Fl);
-          linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data());
+          linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data(), frozen_pack(b.w_fc));
           float* act = compute_into(b.act, T, Fl, precision_);
           k.gelu_forward(b.fc.data(), act, T * Fl);
           linear_forward_share(k, act, b.w_out, b.b_out, T, h_.data());
@@ -198,7 +213,11 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         k.layernorm_forward(h_.data(), lnf_g_.f32(), lnf_b_.f32(), T, D, kLayerNormEps, lnf_out_.data(),
                             lnf_mean_.data(), lnf_rstd_.data());
         logits_.resize(T * Vl);
-        k.gemm_as(precision_, Trans::no, Trans::yes, T, Vl, D, lnf_out_.data(), D, wte_.f32(), D, 0.0f, logits_.data(), Vl);
+        if (const PackedMatrix* head = frozen_pack(wte_))
+          k.gemm_prepacked(Trans::no, T, lnf_out_.data(), D, *head, 0.0f, logits_.data(), Vl);
+        else
+          k.gemm_as(precision_, Trans::no, Trans::yes, T, Vl, D, lnf_out_.data(), D, wte_.f32(), D, 0.0f, logits_.data(),
+                    Vl);
         loss_ = 0;
       };
       auto mean_loss = [this, T](const std::vector<float>& losses) {

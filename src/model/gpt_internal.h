@@ -18,12 +18,16 @@ namespace gpt_internal {
 
 inline constexpr float kLayerNormEps = 1e-5f;
 
-// y[T, N] = x[T, K] w[K, N] + b[N]; its GEMM in `p` (bf16: on bf16 operands, fp32 accumulation).
+// y[T, N] = x[T, K] w[K, N] + b[N]; its GEMM in `p` (bf16: on bf16 operands, fp32 accumulation),
+// with w packed once beforehand when `packed` is given (frozen weights: the same bits).
 inline void linear_forward(Backend& k, Precision p, const float* x, const Tensor& w, const Tensor& b, int64_t T,
-                           float* y) {
+                           float* y, const PackedMatrix* packed = nullptr) {
   const int64_t K = w.dim(0), N = w.dim(1);
   k.fill_rows(y, T, N, b.f32());
-  k.gemm_as(p, Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 1.0f, y, N);
+  if (packed)
+    k.gemm_prepacked(Trans::no, T, x, K, *packed, 1.0f, y, N);
+  else
+    k.gemm_as(p, Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 1.0f, y, N);
 }
 
 // From dy[T, N]: dw += x^T dy, db += colsum(dy), dx = dy w^T (dx may be null); GEMMs in `p`.

@@ -66,9 +66,14 @@ int GptModel::add_dense_task(TaskGraph& g, const std::string& name, const char* 
 
 void GptModel::linear_forward_share(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T,
                                     float* y) const {
-  if (dense_tp_ == 1 || tp_group_->rank() == 0) return linear_forward(k, precision_, x, w, b, T, y);
+  if (dense_tp_ == 1 || tp_group_->rank() == 0) return linear_forward(k, precision_, x, w, b, T, y, frozen_pack(w));
   const int64_t K = w.dim(0), N = w.dim(1);
   k.gemm_as(precision_, Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 0.0f, y, N);
+}
+
+const PackedMatrix* GptModel::frozen_pack(const Tensor& w) const {
+  auto it = frozen_packs_.find(&w);
+  return it == frozen_packs_.end() ? nullptr : it->second.get();
 }
 
 }  // namespace pm

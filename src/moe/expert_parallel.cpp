@@ -113,6 +113,7 @@ class ExpertParallelLayer final : public MoeLayer {
   }
   const ExpertCache* expert_cache() const override { return cache_.get(); }
 
+  void freeze_weights() override { frozen_ = true; }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -146,6 +147,8 @@ class ExpertParallelLayer final : public MoeLayer {
   Dispatcher dispatcher_;
   PipelineDegrees degrees_;
   std::vector<std::unique_ptr<PackedExpert>> packed_;  // [El] this pass's packed expert weights
+  bool frozen_ = false;          // freeze_weights: inference, the weights no longer change
+  bool packed_frozen_ = false;   // packed_ holds the forward's packing of the frozen weights
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
   std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
@@ -202,7 +205,9 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       }
       return;
     }
+    if (packed_frozen_) return;  // inference: packed once
     w_.pack_forward(backend_, shape_, packed_);
+    packed_frozen_ = frozen_;
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
   steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), p->recv.out(0)); };

@@ -85,6 +85,9 @@ class MoeLayer {
 
   // The capacity factor of the next passes (0: dropless; inference uses it).
   virtual void set_capacity_factor(double capacity_factor) = 0;
+  // The weights will not change again (inference): the experts are packed for the forward once,
+  // not in every pass. There is no backward after it.
+  virtual void freeze_weights() = 0;
 
   // Inference with offloaded experts: the routed experts live in `store` (host memory, a mapped
   // file) and at most `cache_slots` of this rank's are resident (moe/expert_store.h); the layer no

@@ -111,6 +111,7 @@ class PpmoeLayer final : public MoeLayer {
   std::vector<Parameter> parameters() override { return w_.parameters(true); }
   void init_parameters(uint64_t seed) override { w_.init(seed, shape_, first_expert(), true); }
 
+  void freeze_weights() override { frozen_ = true; }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -161,6 +162,8 @@ class PpmoeLayer final : public MoeLayer {
   LayerWeights w_;
   PipelineDegrees degrees_;
   std::vector<std::unique_ptr<PackedExpert>> packed_;
+  bool frozen_ = false;          // freeze_weights: inference, the weights no longer change
+  bool packed_frozen_ = false;   // packed_ holds the forward's packing of the frozen weights
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
 };
@@ -190,7 +193,11 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
     p->out.resize(rows * M);
     set_ppmoe_forward_work(graph, *tasks, measured_rows(shape, p->local, degree));
   };
-  steps.pack_weights = [this] { w_.pack_forward(backend_, shape_, packed_); };
+  steps.pack_weights = [this] {
+    if (packed_frozen_) return;  // inference: packed once
+    w_.pack_forward(backend_, shape_, packed_);
+    packed_frozen_ = frozen_;
+  };
   steps.expert = [this, p, degree, M, H, H1, k, El](int c) {
     const int64_t t0 = ppmoe_chunk_begin(p->tokens, degree, c), t1 = ppmoe_chunk_begin(p->tokens, degree, c + 1);
     for (int le = 0; le < El; ++le)

@@ -166,5 +166,36 @@ TEST(ModelOnThreadRanks, DecodingWithTheCacheGivesTheBitsOfTheWholeSequence) {
     }
 }
 
+// Inference packs the weights once (start_inference): a prompt's logits are the bits of a training
+// forward over the same tokens (dropless too), in fp32 and bf16, on 1 and 2 ranks.
+TEST(ModelOnThreadRanks, WeightsPackedOnceForInferenceGiveTheTrainingForwardsBits) {
+  for (const char* dtype : {"fp32", "bf16"})
+    for (int ranks : {1, 2}) {
+      TrainConfig c = tiny("moe", -1, true);
+      c.model.dtype = dtype;
+      const int64_t V = c.model.vocab_size, S = c.model.seq_len;
+      run_ranks_in_process(ranks, [&](Communicator& comm) {
+        std::vector<int32_t> tokens(S), targets(S);
+        for (int64_t i = 0; i < S; ++i) tokens[i] = static_cast<int32_t>((i * 37 + 11) % V), targets[i] = 1;
+        Executor ex_train;
+        GptModel training(c.model, comm, ex_train, cpu_backend());
+        training.init_parameters(9);
+        for (MoeLayer* l : training.moe_layers()) l->set_capacity_factor(0);  // as inference routes
+        training.forward(tokens.data(), targets.data(), 1, 1.0f);
+        const std::vector<float> trained(training.logits(), training.logits() + S * V);
+        Executor ex_infer;
+        GptModel inference(c.model, comm, ex_infer, cpu_backend());
+        inference.init_parameters(9);
+        inference.start_inference(1);
+        for (int pass = 0; pass < 2; ++pass) {  // the second pass reuses the packing
+          inference.start_inference(1);
+          const float* last = inference.prefill(0, tokens.data(), S);
+          EXPECT_TRUE(std::equal(last, last + V, trained.begin() + (S - 1) * V))
+              << dtype << ", " << ranks << " ranks, pass " << pass;
+        }
+      });
+    }
+}
+
 }  // namespace
 }  // namespace pm

@@ -27,6 +27,10 @@ void* aligned_allocate(std::size_t bytes) {
   return p;
 }
 
+struct CpuPackedMatrix final : PackedMatrix {
+  PackedB b;
+};
+
 class CpuBackend final : public Backend {
  public:
   std::string bf16_path() const override { return gemm_bf16_path(); }
@@ -51,6 +55,19 @@ class CpuBackend final : public Backend {
   void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) override { pm::fill_rows(rows, n, width, bias); }
   void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) override {
     pm::add_column_sums(rows, n, width, sums);
+  }
+  std::unique_ptr<PackedMatrix> pack_matrix(Precision precision, Trans trans_b, int64_t K, int64_t N, const float* B,
+                                            int64_t ldb) override {
+    auto packed = std::make_unique<CpuPackedMatrix>();
+    if (precision == Precision::bf16)
+      pack_b_bf16(trans_b, K, N, B, ldb, packed->b);
+    else
+      pack_b(trans_b, K, N, B, ldb, packed->b);
+    return packed;
+  }
+  void gemm_prepacked(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedMatrix& B, float beta,
+                      float* C, int64_t ldc) override {
+    pm::gemm_packed(trans_a, M, A, lda, static_cast<const CpuPackedMatrix&>(B).b, beta, C, ldc);
   }
   void axpy(float alpha, const float* x, float* y, int64_t n) override { pm::axpy(alpha, x, y, n); }
   void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) override {
