@@ -1,5 +1,7 @@
 #include "comm/communicator.h"
 
+#include <utility>
+
 #include "core/error.h"
 
 namespace pm {
@@ -37,10 +39,10 @@ void Communicator::recv(void* data, int64_t count, DType dtype, int peer) {
   waiter_->wait(*irecv(data, count, dtype, peer));
 }
 
-std::string Communicator::broadcast_string(const std::string& value, int root) {
+std::string Communicator::broadcast_string(std::string value, int root) {
   int64_t length = static_cast<int64_t>(value.size());
   broadcast(&length, 1, DType::i64, root);
-  std::string out = rank() == root ? value : std::string(length, '\0');
+  std::string out = rank() == root ? std::move(value) : std::string(length, '\0');
   if (length > 0) broadcast(out.data(), length, DType::u8, root);
   return out;
 }

@@ -73,7 +73,8 @@ class Communicator {
   // Gathers every rank's bytes on root (other ranks get an empty vector).
   std::vector<std::string> gather_strings(const std::string& mine, int root);
   // Root's string on every rank.
-  std::string broadcast_string(const std::string& value, int root);
+  // (by value: a caller that moves a large string in, as checkpoint loading does, copies nothing)
+  std::string broadcast_string(std::string value, int root);
 
   Waiter& waiter() { return *waiter_; }
   const std::shared_ptr<Waiter>& shared_waiter() const { return waiter_; }

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <utility>
 
 #include "core/error.h"
 #include "core/json_input.h"
@@ -46,12 +47,18 @@ void sync_folder(const std::string& path) {
   PM_IO_CHECK(synced, "cannot flush folder {} to disk: {}", path, std::strerror(errno));
 }
 
+// The whole file, read straight into the string (a checkpoint is loaded with one copy of it in
+// memory, not the three a string stream makes).
 std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   PM_REQUIRE(in.good(), "cannot read {}", path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  const std::streamoff size = in.tellg();
+  PM_REQUIRE(size >= 0, "cannot read {}", path);
+  std::string bytes(static_cast<std::size_t>(size), '\0');
+  in.seekg(0);
+  in.read(bytes.data(), size);
+  PM_REQUIRE(in.gcount() == size, "cannot read {}: {} of {} bytes", path, in.gcount(), size);
+  return bytes;
 }
 
 // The whole tensor on rank 0: a sharded one's slices of ranks 0 .. spread - 1 put in their places
@@ -215,10 +222,11 @@ void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::ve
   });
   step_dir = comm.broadcast_string(step_dir, 0);
   std::map<std::string, std::string> meta;
-  auto model = decode_safetensors(comm.broadcast_string(model_bytes, 0), step_dir + "/model.safetensors");
+  auto model = decode_safetensors(comm.broadcast_string(std::move(model_bytes), 0), step_dir + "/model.safetensors");
   std::vector<NamedTensor> moments;
   if (optimizer)
-    moments = decode_safetensors(comm.broadcast_string(optimizer_bytes, 0), step_dir + "/optimizer.safetensors", &meta);
+    moments = decode_safetensors(comm.broadcast_string(std::move(optimizer_bytes), 0),
+                                 step_dir + "/optimizer.safetensors", &meta);
   auto find = [&](const std::vector<NamedTensor>& in, const std::string& name, const char* file) -> const Tensor& {
     for (const NamedTensor& t : in)
       if (t.name == name) return t.tensor;

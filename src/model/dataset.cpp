@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <utility>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -64,8 +65,8 @@ TokenData load_token_data(Communicator& comm, const TrainConfig& c, const std::s
   error = comm.broadcast_string(error, 0);
   PM_REQUIRE(error.empty(), "{}", error);
   d.tokenizer = Tokenizer::from_json(comm.broadcast_string(tok_json, 0), "the tokenizer");
-  d.train = bytes_to_ints(comm.broadcast_string(train_bytes, 0));
-  d.validation = bytes_to_ints(comm.broadcast_string(val_bytes, 0));
+  d.train = bytes_to_ints(comm.broadcast_string(std::move(train_bytes), 0));
+  d.validation = bytes_to_ints(comm.broadcast_string(std::move(val_bytes), 0));
   d.description = comm.broadcast_string(description, 0);
   comm.broadcast(&validation_bytes, 1, DType::i64, 0);
   d.validation_bytes = validation_bytes;
