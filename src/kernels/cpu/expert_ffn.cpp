@@ -46,8 +46,8 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
   PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
            "bf16 rows of an expert's input or activation need a bf16 expert");
   const int64_t H1 = fc1_width(w.activation, H);
-  // the activation of n values from `in` into act's row i, columns [c, c + n), rounded to bf16
-  // there when act is bf16 (through a float scratch: the same values the float path stores)
+  // fn(out) computes n activation values into out: act's row i, columns [c, c + n), or, when
+  // act is bf16, a float scratch rounded into it (the values the float path would store, rounded)
   auto activate = [&](int64_t i, int64_t c, int64_t n, auto&& fn) {
     if (act.f32) return fn(act.f32 + i * H + c);
     thread_local std::vector<float> scratch;
