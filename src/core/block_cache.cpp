@@ -1,5 +1,6 @@
 #include "core/block_cache.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace pm {
