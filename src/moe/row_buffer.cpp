@@ -1,16 +1,24 @@
 #include "moe/row_buffer.h"
 
 namespace pm {
+namespace {
+
+template <typename Vector>
+void give_back(Vector& buffer) {
+  Vector(buffer.get_allocator()).swap(buffer);
+}
+
+}  // namespace
 
 void RowBuffer::resize(int64_t rows, int64_t width, Precision precision) {
   precision_ = precision;
   width_ = width;
   // only the type in use holds memory
   if (precision == Precision::bf16) {
-    ScratchBuffer<float>(f32_.get_allocator()).swap(f32_);
+    give_back(f32_);
     bf16_.resize(rows * width);
   } else {
-    ScratchBuffer<uint16_t>(bf16_.get_allocator()).swap(bf16_);
+    give_back(bf16_);
     f32_.resize(rows * width);
   }
 }
@@ -30,8 +38,8 @@ void RowBuffer::copy_rows_from(Backend& backend, RowsIn src, const std::vector<R
 }
 
 void RowBuffer::release() {
-  ScratchBuffer<float>(f32_.get_allocator()).swap(f32_);
-  ScratchBuffer<uint16_t>(bf16_.get_allocator()).swap(bf16_);
+  give_back(f32_);
+  give_back(bf16_);
 }
 
 void RowBuffer::add_rows(const std::vector<int64_t>& positions, std::vector<const float*>& f32,
