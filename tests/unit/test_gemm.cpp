@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
@@ -139,19 +140,55 @@ TEST(Gemm, BiasStartAndTileEpilogue) {
 namespace pm {
 namespace {
 
-TEST(Gemm, TransposedPackingMatchesTheDefinition) {
-  for (auto [K, N] : {std::pair<int64_t, int64_t>{13, 70}, {64, 64}, {100, 131}, {8, 8}, {3, 5}}) {
-    auto B = random_matrix(K * N, 12);  // stored as [N, K]: op(B) = B^T
-    PackedB packed;
-    pack_b(Trans::yes, K, N, B.data(), K, packed);
-    for (int64_t p = 0; p < packed.panels(); ++p)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < packed.panel_width(p); ++j) {
-          int64_t col = p * 64 + j;
-          float expected = col < N ? B[col * K + k] : 0.0f;
-          ASSERT_EQ(packed.panel(p)[k * packed.panel_width(p) + j], expected) << K << "x" << N;
-        }
+// The instruction sets this CPU can run, the best first.
+std::vector<std::string> runnable_isas() {
+  std::vector<std::string> isas{""};
+  if (__builtin_cpu_supports("avx512f")) isas.push_back("avx512");
+  if (__builtin_cpu_supports("avx2")) isas.push_back("avx2");
+  isas.push_back("scalar");
+  return isas;
+}
+
+TEST(Gemm, PackingMatchesTheDefinitionInEveryStripLayout) {
+  for (const std::string& isa : runnable_isas()) {
+    force_gemm_isa(isa);  // each instruction set packs in the strips its kernels read best
+    for (Trans trans : {Trans::no, Trans::yes})
+      for (auto [K, N] : {std::pair<int64_t, int64_t>{13, 70}, {64, 64}, {100, 131}, {8, 8}, {3, 5}}) {
+        auto B = random_matrix(K * N, 12);  // [K, N], or [N, K] with op(B) = B^T
+        PackedB packed;
+        pack_b(trans, K, N, B.data(), trans == Trans::no ? N : K, packed);
+        for (int64_t p = 0; p < packed.panels(); ++p)
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t j = 0; j < packed.panel_width(p); ++j) {
+              int64_t col = p * 64 + j;
+              float expected = col >= N ? 0.0f : trans == Trans::no ? B[k * N + col] : B[col * K + k];
+              ASSERT_EQ(packed.panel(p)[packed.offset_in_panel(p, k, j)], expected)
+                  << K << "x" << N << " isa '" << isa << "' strip " << packed.strip;
+            }
+      }
   }
+  force_gemm_isa("");
+}
+
+// Weights stay packed across calls (a pass, a whole inference run): a B packed for one instruction
+// set gives the same bits when the kernels of another read it.
+TEST(Gemm, BPackedForOneInstructionSetGivesTheSameBitsOnAnother) {
+  const int64_t M = 31, N = 150, K = 90;
+  auto A = random_matrix(M * K, 13), B = random_matrix(K * N, 14);
+  std::vector<float> expected(M * N);
+  gemm(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, expected.data(), N);
+  for (const std::string& packer : runnable_isas())
+    for (const std::string& runner : runnable_isas()) {
+      force_gemm_isa(packer);
+      PackedB packed;
+      pack_b(Trans::no, K, N, B.data(), N, packed);
+      force_gemm_isa(runner);
+      std::vector<float> C(M * N);
+      gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, C.data(), N);
+      EXPECT_EQ(0, std::memcmp(expected.data(), C.data(), C.size() * sizeof(float)))
+          << "packed for '" << packer << "' (strip " << packed.strip << "), run on '" << runner << "'";
+    }
+  force_gemm_isa("");
 }
 
 TEST(Gemm, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {

@@ -16,7 +16,11 @@ namespace pm {
 using namespace gemm_detail;
 namespace {
 
-constexpr int64_t kMBlock = 240;  // rows of A packed at a time
+// Rows of A per pass over B's panels. Each pass streams every panel slice of B through L2 once, so
+// fewer, taller blocks read B fewer times: the weight gradients (B: thousands of rows of
+// activations, 16 MB) ran at 78 GFLOP/s with 240 rows and 84 with 516 on Zen 3, the forward shapes
+// unchanged at 92-94 (one thread, 2026-12-03).
+constexpr int64_t kMBlock = 516;
 
 enum class Isa { scalar, avx2, avx512 };
 
@@ -97,25 +101,37 @@ struct AView {
   int64_t ks, is;
 };
 
-// One MR x width tile (width a multiple of 16, at most 64) of full rows and columns.
-void run_tile(Isa isa, int64_t width, int64_t K, AView A, const float* Bp, int64_t ldb, float* C,
-              int64_t ldc, bool zero_start, const float* bias) {
+// One MR x width tile (width a multiple of 16, at most 64) of full rows and columns, depths
+// [k0, k0 + kc) of a B panel stored as strips of S columns (PackedB): every kernel call reads one
+// strip's rows, ldb = S apart.
+void run_tile(Isa isa, int64_t width, int64_t kc, AView A, const float* panel, int64_t K, int64_t k0, int64_t S,
+              float* C, int64_t ldc, bool zero_start, const float* bias) {
+  auto strip_at = [&](int64_t col) { return panel + (col / S) * K * S + k0 * S + col % S; };
+  auto bias_at = [&](int64_t col) { return bias ? bias + col : nullptr; };
   switch (isa) {
     case Isa::avx512:
-      switch (width / 16) {
-        case 1: return kernel_avx512<6, 1>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
-        case 2: return kernel_avx512<6, 2>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
-        case 3: return kernel_avx512<6, 3>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
-        default: return kernel_avx512<6, 4>(K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
+      if (S == width) {  // one call for the whole tile
+        const float* Bp = strip_at(0);
+        switch (width / 16) {
+          case 1: return kernel_avx512<6, 1>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
+          case 2: return kernel_avx512<6, 2>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
+          case 3: return kernel_avx512<6, 3>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
+          default: return kernel_avx512<6, 4>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
+        }
       }
+      for (int64_t col = 0; col < width; col += 16)  // 16-column strips (packed for AVX2)
+        kernel_avx512<6, 1>(kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
+      return;
     case Isa::avx2:
       // 16 ymm registers: 6 rows x 16 columns of accumulators (12), two of B and one broadcast of
       // A; a 3 x 32 tile needed 17 and spilled (2/3 of OpenBLAS's speed on Zen)
       for (int64_t col = 0; col < width; col += 16)
-        kernel_avx2<6, 2>(K, A.a, A.ks, A.is, Bp + col, ldb, C + col, ldc, zero_start, bias ? bias + col : nullptr);
+        kernel_avx2<6, 2>(kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
       return;
     case Isa::scalar:
-      return kernel_scalar(tile_rows(isa), width, K, A.a, A.ks, A.is, Bp, ldb, C, ldc, zero_start, bias);
+      for (int64_t col = 0; col < width; col += 16)
+        kernel_scalar(tile_rows(isa), 16, kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
+      return;
   }
 }
 
@@ -195,12 +211,19 @@ int64_t PackedB::panel_width(int64_t p) const {
 
 namespace {
 
-// One panel of a packed op(B) being filled: columns [col0, col0 + cols) of op(B), each of its K
-// rows `width` floats apart (cols rounded up to 16, the tail zero).
+// One panel of a packed op(B) being filled: columns [col0, col0 + cols) of op(B), `width` wide
+// (cols rounded up to 16, the tail zero) in strips of `strip` columns (PackedB).
 struct PanelSlot {
-  int64_t width, col0, cols;
+  int64_t width, col0, cols, strip, K;
   float* dst;
+  // Row k of strip s0 (the strip holding column s0): strip_cols(s0) values.
+  float* strip_row(int64_t s0, int64_t k) const { return dst + s0 * K + k * strip; }
+  int64_t strip_cols(int64_t s0) const { return std::min(strip, width - s0); }
+  float& at(int64_t k, int64_t j) const { return dst[(j / strip) * K * strip + k * strip + j % strip]; }
 };
+
+// The strip width packing chooses: what the kernels of the current instruction set read best.
+int64_t packing_strip() { return g_isa == Isa::avx512 ? kPanel : 16; }
 
 // Sizes `out` for a K x N op(B) and calls fill(slot) once per panel.
 template <typename Fill>
@@ -209,11 +232,13 @@ void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
   out.N = N;
   out.bf16 = false;
   out.source_depth = K;
+  out.strip = packing_strip();
   out.pairs.clear();
   out.data.resize(std::max<int64_t>(1, out.panels() * K * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
     const int64_t col0 = p * kPanel;
-    fill(PanelSlot{out.panel_width(p), col0, std::min(kPanel, N - col0), out.data.data() + p * K * kPanel});
+    fill(PanelSlot{out.panel_width(p), col0, std::min(kPanel, N - col0), out.strip_of(p), K,
+                   out.data.data() + p * K * kPanel});
   }
 }
 
@@ -221,30 +246,32 @@ void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
 
 void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
   pack_panels(K, N, out, [&](const PanelSlot& s) {
-    const auto [width, col0, cols, dst] = s;
     for (int64_t k = 0; k < K; ++k) {
-      float* row = dst + k * width;
-      std::memcpy(row, B.row(k) + col0, cols * sizeof(float));
-      for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
+      const float* src = B.row(k) + s.col0;
+      for (int64_t s0 = 0; s0 < s.width; s0 += s.strip) {
+        float* row = s.strip_row(s0, k);
+        const int64_t n = std::clamp<int64_t>(s.cols - s0, 0, s.strip_cols(s0));
+        std::memcpy(row, src + s0, n * sizeof(float));
+        for (int64_t j = n; j < s.strip_cols(s0); ++j) row[j] = 0.0f;
+      }
     }
   });
 }
 
-
 void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
   if (trans_b == Trans::no) return pack_b_rows(K, N, RowSource{B, ldb, nullptr}, out);
   pack_panels(K, N, out, [&](const PanelSlot& s) {
-    const auto [width, col0, cols, dst] = s;
-    // op(B)[k, col0 + j] = B[col0 + j, k]: transpose 8 x 8 blocks in registers; the rest (edge
-    // columns, a depth that is not a multiple of 8) element by element.
+    const int64_t col0 = s.col0, cols = s.cols;
+    // op(B)[k, col0 + j] = B[col0 + j, k]: transpose 8 x 8 blocks in registers (a block never
+    // straddles two strips: strips are whole multiples of 8); the rest (edge columns, a depth
+    // that is not a multiple of 8) element by element.
     const int64_t full_j = cols / 8 * 8, full_k = K / 8 * 8;
     for (int64_t j = 0; j < full_j; j += 8)
       for (int64_t k = 0; k < full_k; k += 8)
-        transpose_8x8(B + (col0 + j) * ldb + k, ldb, dst + k * width + j, width);
+        transpose_8x8(B + (col0 + j) * ldb + k, ldb, &s.at(k, j), s.strip);
     for (int64_t k = 0; k < K; ++k) {
-      float* row = dst + k * width;
-      for (int64_t j = (k < full_k ? full_j : 0); j < cols; ++j) row[j] = B[(col0 + j) * ldb + k];
-      for (int64_t j = cols; j < width; ++j) row[j] = 0.0f;
+      for (int64_t j = (k < full_k ? full_j : 0); j < cols; ++j) s.at(k, j) = B[(col0 + j) * ldb + k];
+      for (int64_t j = cols; j < s.width; ++j) s.at(k, j) = 0.0f;
     }
   });
 }
@@ -324,14 +351,13 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
         for (int64_t p = p_begin; p < p_end; ++p) {
           const int64_t width = B.panel_width(p), col0 = p * kPanel;
           const int64_t cols = std::min(kPanel, N - col0);
-          const float* Bp = B.panel(p) + k0 * width;
           const uint32_t* Bwords = dot ? B.pair_panel(p) + k0 / 2 * width : nullptr;
           const float* bias = bias_base ? bias_base + col0 : nullptr;
           auto tile = [&](int64_t r, float* Cd, int64_t ldd) {
             if (dot)
               run_tile_bf16(width, kc / 2, packed_pairs + r * kc / 2, Bwords, width, Cd, ldd, zero_start, bias);
             else
-              run_tile(isa, width, kc, a_view(r), Bp, width, Cd, ldd, zero_start, bias);
+              run_tile(isa, width, kc, a_view(r), B.panel(p), K, k0, B.strip_of(p), Cd, ldd, zero_start, bias);
           };
           for (int64_t r = 0; r < rows; r += MR) {
             float* Ct = C + (row0 + r) * ldc + col0;

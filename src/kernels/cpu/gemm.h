@@ -12,6 +12,7 @@
 // Row-major throughout.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -21,10 +22,16 @@
 
 namespace pm {
 
-// op(B)[K, N], packed: panel p holds columns [64p, 64p + 64) as [K][width_p], width_p = 64 except
-// for the last panel (the remaining columns rounded up to 16, zero-padded).
+// op(B)[K, N], packed: panel p holds columns [64p, 64p + 64), width_p = 64 except for the last
+// panel (the remaining columns rounded up to 16, zero-padded), as strips of `strip` columns one
+// after the other, each [K][strip] (strip_of(p) = min(strip, width_p)): element (k, j) of panel
+// p sits at panel(p) + (j / S) * K * S + k * S + j % S. Each micro-kernel call reads one strip
+// from start to end: AVX-512 kernels take a whole panel per call (strip 64: the panel is
+// [K][width_p]); AVX2 kernels take 16 columns, and 16-column strips let them stream B
+// contiguously (64-column rows made them jump 256 bytes per depth: 3-7% slower on Zen 3).
 struct PackedB {
   int64_t K = 0, N = 0;  // K: the depth the kernels run (bf16: the source depth rounded up to even)
+  int64_t strip = 64;    // columns per strip, chosen by pack_b for the instruction set of the day
   bool bf16 = false;     // packed by pack_b_bf16: GEMMs with it are bf16 GEMMs (below)
   int64_t source_depth = 0;  // the depth of op(B) (and of op(A)) before the bf16 pair padding
   FloatBuffer data;
@@ -34,7 +41,13 @@ struct PackedB {
   const uint32_t* pair_panel(int64_t p) const { return pairs.data() + p * (K / 2) * 64; }
   int64_t panels() const { return (N + 63) / 64; }
   int64_t panel_width(int64_t p) const;
+  int64_t strip_of(int64_t p) const { return std::min(strip, panel_width(p)); }
   const float* panel(int64_t p) const { return data.data() + p * K * 64; }
+  // Element (k, j) of panel p (j < panel_width(p)).
+  int64_t offset_in_panel(int64_t p, int64_t k, int64_t j) const {
+    const int64_t S = strip_of(p);
+    return (j / S) * K * S + k * S + j % S;
+  }
 };
 
 // op(B) = B[K, N] (ldb >= N) or, with Trans::yes, the transpose of B[N, K] (ldb >= K).

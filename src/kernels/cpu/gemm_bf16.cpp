@@ -112,26 +112,30 @@ void to_bf16_panels(const PackedB& fp32, PackedB& out) {
   out.N = fp32.N;
   out.bf16 = true;
   out.source_depth = K;
+  out.strip = fp32.strip;
   out.data.resize(std::max<int64_t>(1, out.panels() * K2 * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
-    const int64_t width = out.panel_width(p);
-    const float* src = fp32.panel(p);
-    float* dst = out.data.data() + p * K2 * kPanel;
-    for (int64_t k = 0; k < K2; ++k) {
-      const int64_t d = k ^ 1;
-      float* row = dst + k * width;
-      if (d >= K) {
-        std::memset(row, 0, width * sizeof(float));
-        continue;
+    const int64_t width = out.panel_width(p), S = out.strip_of(p);
+    for (int64_t s0 = 0; s0 < width; s0 += S) {  // strip by strip: rows of S values in both
+      const float* src = fp32.panel(p) + s0 * K;
+      float* dst = out.data.data() + p * K2 * kPanel + s0 * K2;
+      for (int64_t k = 0; k < K2; ++k) {
+        const int64_t d = k ^ 1;
+        float* row = dst + k * S;
+        if (d >= K) {
+          std::memset(row, 0, S * sizeof(float));
+          continue;
+        }
+        const float* from = src + d * S;
+        for (int64_t j = 0; j < S; ++j) row[j] = round_to_bf16(from[j]);
       }
-      const float* from = src + d * width;
-      for (int64_t j = 0; j < width; ++j) row[j] = round_to_bf16(from[j]);
     }
   }
   if (!cpu_has_bf16_dot()) {
     out.pairs.clear();
     return;
   }
+  // the AVX512_BF16 kernel's words: [K2 / 2][width] per panel, whatever the strips
   out.pairs.resize(std::max<int64_t>(1, out.panels() * (K2 / 2) * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
     const int64_t width = out.panel_width(p);
@@ -139,7 +143,8 @@ void to_bf16_panels(const PackedB& fp32, PackedB& out) {
     uint32_t* words = out.pairs.data() + p * (K2 / 2) * kPanel;
     for (int64_t q = 0; q < K2 / 2; ++q)
       for (int64_t j = 0; j < width; ++j)
-        words[q * width + j] = pair_word(panel[2 * q * width + j], panel[(2 * q + 1) * width + j]);
+        words[q * width + j] =
+            pair_word(panel[out.offset_in_panel(p, 2 * q, j)], panel[out.offset_in_panel(p, 2 * q + 1, j)]);
   }
 }
 
