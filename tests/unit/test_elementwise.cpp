@@ -1,6 +1,7 @@
 // Element and row kernels against closed forms, and backwards against finite differences.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -71,8 +72,41 @@ TEST(Gelu, VectorisedRowsGiveTheScalarBits) {
       ASSERT_EQ(std::memcmp(&fwd[i], &out[i + offset], 4), 0) << "gelu(" << in[i + offset] << ")";
       ASSERT_EQ(std::memcmp(&bwd[i], &grad[i + offset], 4), 0) << "gelu'(" << in[i + offset] << ")";
     }
+    // in place, as the expert's backward calls it: the gradient in, its product out
+    std::vector<float> in_place(scale.begin(), scale.begin() + m);
+    gelu_backward(in.data() + offset, in_place.data(), in_place.data(), m);
+    EXPECT_EQ(std::memcmp(in_place.data(), bwd.data(), m * 4), 0) << "offset " << offset;
   }
   EXPECT_TRUE(std::isnan(gelu(std::numeric_limits<float>::quiet_NaN())));
+}
+
+// SwiGLU's rows: the scalar formulas' bits, with the backward's gradient read from the second
+// half of the row it writes (dact = dhpre + n, as the expert's backward lays it out).
+__attribute__((optimize("no-tree-vectorize"))) void swiglu_reference(const float* hpre, const float* dact, int64_t n,
+                                                                     float* act, float* dhpre) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = hpre[i], v = hpre[n + i], s = sigmoid_approx(g);
+    act[i] = g * s * v;
+    dhpre[i] = dact[i] * v * (s + g * s * (1.0f - s));
+    dhpre[n + i] = dact[i] * (g * s);
+  }
+}
+
+TEST(Swiglu, VectorisedRowsGiveTheScalarBits) {
+  for (int64_t n : {1, 7, 31, 32, 33, 100, 257}) {
+    std::vector<float> hpre(2 * n), dact(n);
+    Rng(5, n).fill_normal(hpre.data(), 2 * n, 0.0f, 4.0f);
+    Rng(6, n).fill_normal(dact.data(), n, 0.0f, 1.0f);
+    hpre[0] = 100.0f;  // sigmoid saturates
+    if (n > 2) hpre[2] = -100.0f;
+    std::vector<float> act_ref(n), dhpre_ref(2 * n), act(n), dhpre(2 * n);
+    swiglu_reference(hpre.data(), dact.data(), n, act_ref.data(), dhpre_ref.data());
+    swiglu_forward(hpre.data(), act.data(), n);
+    std::copy(dact.begin(), dact.end(), dhpre.begin() + n);
+    swiglu_backward(hpre.data(), dhpre.data() + n, dhpre.data(), n);
+    EXPECT_EQ(std::memcmp(act.data(), act_ref.data(), n * 4), 0) << n;
+    EXPECT_EQ(std::memcmp(dhpre.data(), dhpre_ref.data(), 2 * n * 4), 0) << n;
+  }
 }
 
 TEST(Softmax, RowsSumToOneAndBackwardMatchesFiniteDifferences) {

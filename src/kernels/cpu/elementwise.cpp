@@ -1,33 +1,81 @@
 #include "kernels/cpu/elementwise.h"
 
 #include <cmath>
+#include <array>
 #include <cstring>
+#include <tuple>
 
 #include "kernels/cpu/fast_math.h"
 
 namespace pm {
 
+namespace {
+
+// Elementwise loops run kChains vectors of 8 floats side by side: each function of fast_math.h is
+// one long chain of dependent operations, and a single vector at a time left the core waiting on
+// it. Loaded all before any is stored (so an output may be one of the inputs, element for
+// element); GCC interleaves the chains only with -fschedule-insns, which CMakeLists.txt sets for
+// this file (gelu_backward 1.55 -> 1.08 ns per element on Zen 3). The tail runs one float at a
+// time: the same operations per element either way.
+typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
+constexpr int kChains = 4;
+
+template <size_t In>
+[[gnu::always_inline]] inline std::array<Vec8, In> load_lanes(const std::array<const float*, In>& in, int64_t i) {
+  std::array<Vec8, In> x;
+  for (size_t j = 0; j < In; ++j) std::memcpy(&x[j], in[j] + i, sizeof(Vec8));
+  return x;
+}
+
+template <size_t Out>
+[[gnu::always_inline]] inline void store_lanes(const std::array<float*, Out>& out, int64_t i, const std::array<Vec8, Out>& y) {
+  for (size_t o = 0; o < Out; ++o) std::memcpy(out[o] + i, &y[o], sizeof(Vec8));
+}
+
+// out[o][i] = f(in[0][i], in[1][i], ...)[o] for i < n; f takes and returns floats or Vec8s.
+template <size_t In, size_t Out, typename F>
+[[gnu::always_inline]] inline void map_lanes(int64_t n, std::array<const float*, In> in, std::array<float*, Out> out,
+                                             F f) {
+  static_assert(kChains == 4, "the loop below spells out four chains");
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const auto x0 = load_lanes(in, i), x1 = load_lanes(in, i + 8), x2 = load_lanes(in, i + 16),
+               x3 = load_lanes(in, i + 24);
+    const std::array<Vec8, Out> y0 = std::apply(f, x0), y1 = std::apply(f, x1), y2 = std::apply(f, x2),
+                                y3 = std::apply(f, x3);
+    store_lanes(out, i, y0);
+    store_lanes(out, i + 8, y1);
+    store_lanes(out, i + 16, y2);
+    store_lanes(out, i + 24, y3);
+  }
+  for (; i < n; ++i) {
+    std::array<float, In> x;
+    for (size_t j = 0; j < In; ++j) x[j] = in[j][i];
+    const std::array<float, Out> y = std::apply(f, x);
+    for (size_t o = 0; o < Out; ++o) out[o][i] = y[o];
+  }
+}
+
+}  // namespace
+
 void gelu_forward(const float* in, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = gelu(in[i]);
+  map_lanes<1, 1>(n, {in}, {out}, [](auto x) { return std::array{gelu(x)}; });
 }
 
 void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) grad_in[i] = grad_out[i] * gelu_grad(in[i]);
+  map_lanes<2, 1>(n, {in, grad_out}, {grad_in}, [](auto x, auto g) { return std::array{g * gelu_grad(x)}; });
 }
 
 void swiglu_forward(const float* hpre, float* act, int64_t n) {
-  const float* v = hpre + n;
-  for (int64_t i = 0; i < n; ++i) act[i] = hpre[i] * sigmoid_approx(hpre[i]) * v[i];
+  map_lanes<2, 1>(n, {hpre, hpre + n}, {act}, [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
 }
 
 void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n) {
-  const float* v = hpre + n;
-  for (int64_t i = 0; i < n; ++i) {
-    // dact may be dhpre + n (the expert's backward computes it there): read before writing
-    const float d = dact[i], g = hpre[i], s = sigmoid_approx(g);
-    dhpre[i] = d * v[i] * (s + g * s * (1.0f - s));
-    dhpre[n + i] = d * (g * s);
-  }
+  // dact may be dhpre + n (the expert's backward computes it there): map_lanes reads before it writes
+  map_lanes<3, 2>(n, {dact, hpre, hpre + n}, {dhpre, dhpre + n}, [](auto d, auto g, auto v) {
+    const auto s = sigmoid_approx(g);
+    return std::array{d * v * (s + g * s * (1.0f - s)), d * (g * s)};
+  });
 }
 
 void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) {
