@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/tensor.h"
@@ -72,14 +73,26 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap,
     for (int v = 0; v < NV; ++v)
       c[i][v] = !zero_start ? _mm256_loadu_ps(C + i * ldc + 8 * v)
                             : (bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps());
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(Bp + k * ldb + 8 * v);
-    for (int i = 0; i < MR; ++i) {
-      __m256 a = _mm256_set1_ps(Ap[k * ks + i * is]);
-      for (int v = 0; v < NV; ++v) c[i][v] = _mm256_fmadd_ps(a, b[v], c[i][v]);
+  // The strides of A as constants where they are known (a packed micro-panel, or rows read in
+  // place with their depth contiguous): runtime strides left too few registers for the addresses
+  // and cost two reloads per depth (packed A ran 2-5% slower than A in place).
+  auto loop = [&](auto ks_, auto is_) __attribute__((always_inline)) {
+    for (int64_t k = 0; k < K; ++k) {
+      __m256 b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(Bp + k * ldb + 8 * v);
+      for (int i = 0; i < MR; ++i) {
+        __m256 a = _mm256_set1_ps(Ap[k * ks_ + i * is_]);
+        for (int v = 0; v < NV; ++v) c[i][v] = _mm256_fmadd_ps(a, b[v], c[i][v]);
+      }
     }
-  }
+  };
+  using One = std::integral_constant<int64_t, 1>;
+  if (ks == MR && is == 1)
+    loop(std::integral_constant<int64_t, MR>{}, One{});
+  else if (ks == 1)
+    loop(One{}, is);
+  else
+    loop(ks, is);
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
 }
