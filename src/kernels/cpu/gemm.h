@@ -7,8 +7,9 @@
 // not depend on M, on where the row sits, on the thread count, or on the instruction set
 // (AVX-512, AVX2 and scalar paths perform the same chain). Pipelining changes time, never bits.
 //
-// The right-hand matrix is packed into panels of 64 columns, k-major. Weights are packed once per
-// iteration and reused by every chunk, so small pipeline chunks do not pay for repacking.
+// The right-hand matrix is packed into panels of 64 columns, k-major, in strips that each kernel
+// reads front to back (PackedB). Weights are packed once per iteration and reused by every chunk,
+// so small pipeline chunks do not pay for repacking.
 // Row-major throughout.
 #pragma once
 
