@@ -1,7 +1,7 @@
 #include "kernels/cpu/elementwise.h"
 
-#include <cmath>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <tuple>
 
@@ -11,14 +11,13 @@ namespace pm {
 
 namespace {
 
-// Elementwise loops run kChains vectors of 8 floats side by side: each function of fast_math.h is
+// Elementwise loops run four vectors of 8 floats side by side: each function of fast_math.h is
 // one long chain of dependent operations, and a single vector at a time left the core waiting on
-// it. Loaded all before any is stored (so an output may be one of the inputs, element for
-// element); GCC interleaves the chains only with -fschedule-insns, which CMakeLists.txt sets for
-// this file (gelu_backward 1.55 -> 1.08 ns per element on Zen 3). The tail runs one float at a
-// time: the same operations per element either way.
+// it. All four are loaded before any is stored (so an output may be one of the inputs, element
+// for element); GCC interleaves the chains only with -fschedule-insns, which src/CMakeLists.txt
+// sets for this file (gelu_backward 1.55 -> 1.02 ns per element on Zen 3). The tail runs one
+// float at a time: the same operations per element either way.
 typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
-constexpr int kChains = 4;
 
 template <size_t In>
 [[gnu::always_inline]] inline std::array<Vec8, In> load_lanes(const std::array<const float*, In>& in, int64_t i) {
@@ -36,7 +35,6 @@ template <size_t Out>
 template <size_t In, size_t Out, typename F>
 [[gnu::always_inline]] inline void map_lanes(int64_t n, std::array<const float*, In> in, std::array<float*, Out> out,
                                              F f) {
-  static_assert(kChains == 4, "the loop below spells out four chains");
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const auto x0 = load_lanes(in, i), x1 = load_lanes(in, i + 8), x2 = load_lanes(in, i + 16),
