@@ -51,6 +51,7 @@ struct LayerOptions {
   std::string dump;
   std::string trace;
   bool json = false;
+  bool weights_change = false;
 };
 
 // Creates DIR/rank<r>/ and checks it can be written, agreeing across ranks before any work.
@@ -175,6 +176,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   }
   // the ranks of a ppmoe group draw the same tokens (the group's index names their stream)
   LayerData d = make_layer_data(shape.tokens, shape.model_dim, o.seed, ppmoe ? ctx.rank() / tp : ctx.rank());
+  d.weights_change = o.weights_change;
   PM_REQUIRE(o.shared_hidden >= 0, "--shared-hidden must not be negative (0: no shared expert), got {}", o.shared_hidden);
   PM_REQUIRE(o.shared_hidden == 0 || !ppmoe, "--shared-hidden is for --strategy ep for now");
   if (o.shared_hidden > 0) {
@@ -264,6 +266,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
                         {"held_for_backward_mb", held_mb},
+                        {"weights_change", o.weights_change},
+                        {"weight_packings_per_pass", static_cast<double>(t.weight_packings) / o.iters},
                         {"activation", activation_name(shape.activation)}, {"skew", o.skew},
                         {"dtype", precision_name(shape.precision)}, {"bf16_path", backend.bf16_path()},
                         {"shared_hidden", o.shared_hidden},
@@ -344,6 +348,9 @@ void add_layer_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--dump", o->dump, "write every tensor of every rank as .npy under DIR/rank<r>/");
   cmd->add_option("--trace", o->trace, "write a Chrome/Perfetto trace of the timed iterations");
   cmd->add_flag("--json", o->json, "print one JSON object (rank 0) instead of the table");
+  cmd->add_flag("--weights-change", o->weights_change,
+                "mark the weights changed before every pass, as an optimizer step does: each pass packs the experts' "
+                "weights again (by default they are packed once, as for a step's later micro-batches and inference)");
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_layer(ctx, *o); }; });
 }
 

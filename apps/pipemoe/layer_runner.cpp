@@ -53,14 +53,27 @@ BesideLayer shared_tasks(LayerData& d, bool forward) {
 
 }  // namespace
 
+namespace {
+
+void mark_weights_changed(MoeLayer& layer, LayerData& d) {
+  for (Parameter& p : layer.parameters()) p.value->mark_changed();
+  if (d.shared)
+    for (Parameter& p : d.shared->parameters()) p.value->mark_changed();
+}
+
+}  // namespace
+
 PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, LayerData& d, int warmup, int iters,
                      RouterLossGrads loss_grads, Trace* trace, const PassObserver& observe) {
   PassTimes t;
+  int64_t packings_before = 0;
   for (int it = 0; it < warmup + iters; ++it) {
+    if (it == warmup) packings_before = layer.weight_packings();
     Trace* traced = it < warmup ? nullptr : trace;
     comm.barrier();
     layer.zero_grads();
     if (d.shared) d.shared->zero_grads();
+    if (d.weights_change) mark_weights_changed(layer, d);
     LayerPassRun f, b;
     std::shared_ptr<MoePass> pass =
         forward_alone(layer, executor, d.x.f32(), d.x.dim(0), d.y.f32(), traced, &f, shared_tasks(d, true));
@@ -77,6 +90,7 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
     t.expert.push_back(f.stats.expert_ms + b.stats.expert_ms);
     t.expert_gflops.push_back((f.stats.expert_flops + b.stats.expert_flops) / (f.stats.expert_ms + b.stats.expert_ms) / 1e6);
   }
+  t.weight_packings = layer.weight_packings() - packings_before;
   return t;
 }
 

@@ -21,6 +21,9 @@ struct LayerData {
   // input gradient [T, M], added to y and dx once the layer's are complete.
   std::shared_ptr<SharedExpert> shared;
   Tensor shared_out, shared_dx;
+  // Mark every weight changed before each pass, as an optimizer step would: the passes then pack
+  // the experts' weights again each time (a training step's cost), not once for all of them.
+  bool weights_change = false;
 };
 LayerData make_layer_data(int64_t tokens, int64_t model_dim, uint64_t seed, int rank);
 // Puts a shared expert beside the layer for every pass run on `d`.
@@ -31,6 +34,7 @@ struct PassTimes {
   std::vector<double> forward, backward, comm_busy, comm_cpu, expert, expert_gflops;
   int64_t expert_rows = 0;  // rows this rank's experts computed in the last pass (the real counts)
   int64_t held_bytes = 0;   // what the last forward pass kept for its backward (MoePass::held_bytes)
+  int64_t weight_packings = 0;  // the layer's packings of its experts' weights in the timed passes
 };
 
 // Called with each timed pass's forward and backward runs (graphs with the real rows, task records).

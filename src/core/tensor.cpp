@@ -6,6 +6,14 @@
 
 namespace pm {
 
+namespace {
+std::atomic<uint64_t> next_version{1};
+}  // namespace
+
+void Tensor::mark_changed() {
+  if (version_) version_->store(next_version.fetch_add(1, std::memory_order_relaxed), std::memory_order_relaxed);
+}
+
 std::size_t dtype_size(DType dtype) {
   switch (dtype) {
     case DType::f32: return 4;
@@ -49,6 +57,7 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
   PM_CHECK(p != nullptr, "out of memory allocating {} bytes", bytes);
   t.storage_ = std::shared_ptr<void>(p, std::free);
+  t.version_ = std::make_shared<std::atomic<uint64_t>>(next_version.fetch_add(1, std::memory_order_relaxed));
   t.data_ = p;
   return t;
 }
@@ -116,9 +125,22 @@ void Tensor::fill(float value) {
 }
 
 void Tensor::zero() {
+  mark_changed();
   if (nbytes()) std::memset(data_, 0, nbytes());
 }
 
+
+bool VersionStamp::changed(std::initializer_list<const Tensor*> tensors) {
+  bool changed = versions_.size() != tensors.size();
+  versions_.resize(tensors.size());
+  std::size_t i = 0;
+  for (const Tensor* t : tensors) {
+    const uint64_t v = t->version();
+    changed = changed || v == 0 || v != versions_[i];
+    versions_[i++] = v;
+  }
+  return changed;
+}
 
 void floats_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);

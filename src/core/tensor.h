@@ -2,9 +2,11 @@
 // the caller keeps alive (a view). Contiguous row-major only: every kernel here is written for it.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -50,11 +52,17 @@ class Tensor {
   Device device() const { return device_; }
   bool owns_memory() const { return storage_ != nullptr; }
 
-  void* raw() { return data_; }
+  // Every mutable access (raw(), data(), f32(), fill(), zero(), mark_changed()) counts as a
+  // change of the values: it gives the memory a new version. Const access does not.
+  void* raw() {
+    mark_changed();
+    return data_;
+  }
   const void* raw() const { return data_; }
   template <typename T>
   T* data() {
     PM_CHECK(dtype_ == dtype_of<T>(), "tensor holds {}, not the requested type", dtype_name(dtype_));
+    mark_changed();
     return static_cast<T*>(data_);
   }
   template <typename T>
@@ -72,12 +80,35 @@ class Tensor {
   void fill(float value);
   void zero();
 
+  // The version of the values (PyTorch's _version, for the same purpose): anything derived from
+  // them, such as weights packed for the GEMMs, stays valid while the version is the one it was
+  // derived from. Unique in the process (a new number per change and per tensor, so that another
+  // tensor never shows a version seen before), shared by every copy and view of the same memory.
+  // 0 for views of caller memory, whose changes nobody sees: derive again every time.
+  uint64_t version() const { return version_ ? version_->load(std::memory_order_relaxed) : 0; }
+  void mark_changed();
+
  private:
   std::shared_ptr<void> storage_;  // null for views of caller memory
+  std::shared_ptr<std::atomic<uint64_t>> version_;  // with storage_
   void* data_ = nullptr;
   Shape shape_;
   DType dtype_ = DType::f32;
   Device device_ = Device::cpu;
+};
+
+// The versions of a few tensors at one moment, for whatever was derived from their values then:
+//   if (stamp.changed({&w1, &w2})) repack();   // the first time, and after any change since
+// A view of caller memory (version 0) always counts as changed.
+class VersionStamp {
+ public:
+  // Whether any of `tensors` changed since the last call (true on the first call, or when the
+  // list differs); remembers their versions now.
+  bool changed(std::initializer_list<const Tensor*> tensors);
+  void clear() { versions_.clear(); }
+
+ private:
+  std::vector<uint64_t> versions_;
 };
 
 // bfloat16: the upper half of a float32, rounded to nearest even; NaN stays NaN. Inline, so that

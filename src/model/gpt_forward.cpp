@@ -33,7 +33,8 @@ void GptModel::start_inference(int64_t rows) {
   }
   positions_.assign(rows, 0);
   // the weights are final from here on: pack the dense ones once (decode runs a token per
-  // sequence, where packing a weight costs more than the GEMM), and the experts' (freeze_weights)
+  // sequence, where packing a weight costs more than the GEMM); the experts' packings are kept
+  // by their layers while the weights do not change (moe/layer_weights.h)
   frozen_packs_.clear();
   auto pack = [&](const Tensor& w, Trans trans) {
     const int64_t rows_w = w.dim(0), cols_w = w.dim(1);
@@ -44,7 +45,6 @@ void GptModel::start_inference(int64_t rows) {
     if (!b) continue;
     for (const Tensor* w : {&b->w_qkv, &b->w_proj}) pack(*w, Trans::no);
     if (!b->moe) for (const Tensor* w : {&b->w_fc, &b->w_out}) pack(*w, Trans::no);
-    if (b->moe) b->moe->freeze_weights();
   }
   pack(wte_, Trans::yes);
 }

@@ -91,7 +91,7 @@ class ExpertParallelLayer final : public MoeLayer {
         w_(shape) {
     shape_.validate();
     PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
-    for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation, shape_.precision));
+    for (int le = 0; le < shape_.local_experts(); ++le) packed_.experts.push_back(backend.new_packed_expert(shape_.activation, shape_.precision));
   }
 
   const MoeStrategy& strategy() const override { return strategy_; }
@@ -111,9 +111,9 @@ class ExpertParallelLayer final : public MoeLayer {
     w_.drop_experts();  // the store holds them now
     packed_.clear();
   }
+  int64_t weight_packings() const override { return packed_.packings; }
   const ExpertCache* expert_cache() const override { return cache_.get(); }
 
-  void freeze_weights() override { frozen_ = true; }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -146,9 +146,7 @@ class ExpertParallelLayer final : public MoeLayer {
   Backend& backend_;
   Dispatcher dispatcher_;
   PipelineDegrees degrees_;
-  std::vector<std::unique_ptr<PackedExpert>> packed_;  // [El] this pass's packed expert weights
-  bool frozen_ = false;          // freeze_weights: inference, the weights no longer change
-  bool packed_frozen_ = false;   // packed_ holds the forward's packing of the frozen weights
+  PackedExperts packed_;  // this rank's experts, packed for the passes
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
   std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
@@ -205,9 +203,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       }
       return;
     }
-    if (packed_frozen_) return;  // inference: packed once
     w_.pack_forward(backend_, shape_, packed_);
-    packed_frozen_ = frozen_;
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
   steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), p->recv.out(0)); };
@@ -219,7 +215,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
-      const PackedExpert& packed = cache_ ? cache_->packed(le) : *packed_[le];
+      const PackedExpert& packed = cache_ ? cache_->packed(le) : packed_[le];
       backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->hpre[first * H1], p->act.out(first),
                               &p->out[first * M]);
     }
@@ -292,7 +288,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
-      backend_.expert_backward_input(*packed_[le], rows, M, H, &b->dy_rows[first * M], &hpre_rows[first - chunk_first],
+      backend_.expert_backward_input(packed_[le], rows, M, H, &b->dy_rows[first * M], &hpre_rows[first - chunk_first],
                                      &b->dhpre[first * H1], &b->du[first * M]);
     }
     backend_.copy_rows(b->du.data(), b->recv.out(0), M, chunk_segments(compute, wire, c));

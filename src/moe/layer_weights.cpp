@@ -53,19 +53,22 @@ void LayerWeights::drop_experts() {
   for (Tensor* t : {&w1, &b1, &w2, &b2, &dw1, &db1, &dw2, &db2}) *t = Tensor();
 }
 
-void LayerWeights::pack_forward(Backend& backend, const MoeShape& shape,
-                                 std::vector<std::unique_ptr<PackedExpert>>& packed) const {
+void LayerWeights::pack_forward(Backend& backend, const MoeShape& shape, PackedExperts& packed) const {
+  // (the biases too: the packing keeps pointers to them)
+  if (!packed.forward.changed({&w1, &w2, &b1, &b2})) return;
+  ++packed.packings;
   const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
   for (int le = 0; le < shape.local_experts(); ++le)
-    backend.pack_expert_forward(*packed[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, b1.f32() + le * H1,
+    backend.pack_expert_forward(packed[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, b1.f32() + le * H1,
                                 b2.f32() + le * M, M, H);
 }
 
-void LayerWeights::pack_backward(Backend& backend, const MoeShape& shape,
-                                  std::vector<std::unique_ptr<PackedExpert>>& packed) const {
+void LayerWeights::pack_backward(Backend& backend, const MoeShape& shape, PackedExperts& packed) const {
+  if (!packed.backward.changed({&w1, &w2})) return;
+  ++packed.packings;
   const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
   for (int le = 0; le < shape.local_experts(); ++le)
-    backend.pack_expert_backward(*packed[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, M, H);
+    backend.pack_expert_backward(packed[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, M, H);
 }
 
 ExpertGrads LayerWeights::grads_of(const MoeShape& shape, int le) {

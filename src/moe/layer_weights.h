@@ -13,6 +13,21 @@
 
 namespace pm {
 
+// This rank's experts packed for the GEMMs. Packed again only when the weights changed since
+// (Tensor::version): once per optimizer step, not once per pass, and once for good in inference.
+struct PackedExperts {
+  std::vector<std::unique_ptr<PackedExpert>> experts;  // [El]
+  VersionStamp forward, backward;  // the weights each direction's packing was made from
+  int64_t packings = 0;            // of every expert, for one direction: what the passes cost
+
+  PackedExpert& operator[](int le) const { return *experts[le]; }
+  void clear() {
+    experts.clear();
+    forward.clear();
+    backward.clear();
+  }
+};
+
 struct LayerWeights {
   Tensor wg, w1, b1, w2, b2;  // [M, E], [El, M, H1], [El, H1], [El, H, M], [El, M]
   Tensor dwg, dw1, db1, dw2, db2;
@@ -30,9 +45,10 @@ struct LayerWeights {
   // The experts are elsewhere now (an offload store): drop them and their gradients.
   void drop_experts();
 
-  // Packs every local expert for the forward / the backward's input gradients.
-  void pack_forward(Backend& backend, const MoeShape& shape, std::vector<std::unique_ptr<PackedExpert>>& packed) const;
-  void pack_backward(Backend& backend, const MoeShape& shape, std::vector<std::unique_ptr<PackedExpert>>& packed) const;
+  // Packs every local expert for the forward / the backward's input gradients, unless `packed`
+  // already holds that packing of the current weights.
+  void pack_forward(Backend& backend, const MoeShape& shape, PackedExperts& packed) const;
+  void pack_backward(Backend& backend, const MoeShape& shape, PackedExperts& packed) const;
   // Where local expert le's gradients go.
   ExpertGrads grads_of(const MoeShape& shape, int le);
 };

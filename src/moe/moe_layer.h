@@ -85,15 +85,15 @@ class MoeLayer {
 
   // The capacity factor of the next passes (0: dropless; inference uses it).
   virtual void set_capacity_factor(double capacity_factor) = 0;
-  // The weights will not change again (inference): the experts are packed for the forward once,
-  // not in every pass. There is no backward after it.
-  virtual void freeze_weights() = 0;
 
   // Inference with offloaded experts: the routed experts live in `store` (host memory, a mapped
   // file) and at most `cache_slots` of this rank's are resident (moe/expert_store.h); the layer no
   // longer holds them, and parameters() lists only the gate. No backward after this.
   virtual void offload_experts(std::shared_ptr<const ExpertStore> store, int cache_slots, OffloadMode mode) = 0;
   virtual const ExpertCache* expert_cache() const = 0;  // null unless offloaded
+  // How many times the layer packed its experts' weights for the GEMMs (each direction counts):
+  // once per change of the weights, not once per pass (moe/layer_weights.h, PackedExperts).
+  virtual int64_t weight_packings() const = 0;
 
   // The tasks of a pass at `degree` with the rows `pass` really routed (its forward, or its
   // backward), no work bound: what the planner simulates to choose this layer's degree from its

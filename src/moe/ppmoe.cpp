@@ -102,7 +102,7 @@ class PpmoeLayer final : public MoeLayer {
       : strategy_(strategy), shape_(shape), group_(group), backend_(backend), w_(shape) {
     shape_.validate();
     PM_CHECK(shape_.ranks == group.size(), "a layer for {} ranks on a group of {}", shape_.ranks, group.size());
-    for (int le = 0; le < shape_.local_experts(); ++le) packed_.push_back(backend.new_packed_expert(shape_.activation, shape_.precision));
+    for (int le = 0; le < shape_.local_experts(); ++le) packed_.experts.push_back(backend.new_packed_expert(shape_.activation, shape_.precision));
   }
 
   const MoeStrategy& strategy() const override { return strategy_; }
@@ -111,7 +111,6 @@ class PpmoeLayer final : public MoeLayer {
   std::vector<Parameter> parameters() override { return w_.parameters(true); }
   void init_parameters(uint64_t seed) override { w_.init(seed, shape_, first_expert(), true); }
 
-  void freeze_weights() override { frozen_ = true; }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -121,6 +120,7 @@ class PpmoeLayer final : public MoeLayer {
   void offload_experts(std::shared_ptr<const ExpertStore>, int, OffloadMode) override {
     PM_REQUIRE(false, "offloading experts needs the expert-parallel strategy (ep), not {}", strategy_.name());
   }
+  int64_t weight_packings() const override { return packed_.packings; }
   const ExpertCache* expert_cache() const override { return nullptr; }
 
   void set_degrees(int forward_degree, int backward_degree) override { degrees_.set(forward_degree, backward_degree); }
@@ -161,9 +161,7 @@ class PpmoeLayer final : public MoeLayer {
   Backend& backend_;
   LayerWeights w_;
   PipelineDegrees degrees_;
-  std::vector<std::unique_ptr<PackedExpert>> packed_;
-  bool frozen_ = false;          // freeze_weights: inference, the weights no longer change
-  bool packed_frozen_ = false;   // packed_ holds the forward's packing of the frozen weights
+  PackedExperts packed_;  // this rank's experts, packed for the passes
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
 };
@@ -193,11 +191,7 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
     p->out.resize(rows * M);
     set_ppmoe_forward_work(graph, *tasks, measured_rows(shape, p->local, degree));
   };
-  steps.pack_weights = [this] {
-    if (packed_frozen_) return;  // inference: packed once
-    w_.pack_forward(backend_, shape_, packed_);
-    packed_frozen_ = frozen_;
-  };
+  steps.pack_weights = [this] { w_.pack_forward(backend_, shape_, packed_); };
   steps.expert = [this, p, degree, M, H, H1, k, El](int c) {
     const int64_t t0 = ppmoe_chunk_begin(p->tokens, degree, c), t1 = ppmoe_chunk_begin(p->tokens, degree, c + 1);
     for (int le = 0; le < El; ++le)
@@ -207,7 +201,7 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
         std::vector<RowRun> gather;
         for (int64_t row = a; row < b; ++row) gather.push_back({p->local.token[row], row, 1});
         p->u.copy_rows_from(backend_, p->x, gather);
-        backend_.expert_forward(*packed_[le], b - a, M, H, p->u.in(a), &p->hpre[a * H1], p->act.out(a), &p->out[a * M]);
+        backend_.expert_forward(packed_[le], b - a, M, H, p->u.in(a), &p->hpre[a * H1], p->act.out(a), &p->out[a * M]);
       }
     // this rank's share of the chunk's outputs: its choices in order, the others skipped
     backend_.combine_rows(p->out.data(), p->gating.gate.data() + t0 * k, t1 - t0, M, k, p->local.positions.data() + t0 * k,
@@ -266,7 +260,7 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
         if (first == last) continue;
         std::vector<const float*> hpre_rows;
         for (int64_t row = first; row < last; ++row) hpre_rows.push_back(&fp->hpre[row * H1]);
-        backend_.expert_backward_input(*packed_[le], last - first, M, H, &b->dy_rows[first * M], hpre_rows.data(),
+        backend_.expert_backward_input(packed_[le], last - first, M, H, &b->dy_rows[first * M], hpre_rows.data(),
                                        &b->dhpre[first * H1], &b->du[first * M]);
       }
   };

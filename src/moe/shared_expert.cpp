@@ -1,6 +1,7 @@
 #include "moe/shared_expert.h"
 
 #include <cmath>
+#include <utility>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -54,7 +55,9 @@ void SharedExpert::forward(const float* x, int64_t tokens, float* out) {
   hpre_.resize(tokens * G1);
   act_.resize(tokens, G, precision_);
   saved_tokens_ = tokens;
-  backend_.pack_expert_forward(*packed_, w1_.f32(), w2_.f32(), b1_.f32(), b2_.f32(), M, G);
+  if (packed_forward_.changed({&w1_, &w2_, &b1_, &b2_}))  // once per change of the weights
+    backend_.pack_expert_forward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(),
+                                 std::as_const(b1_).f32(), std::as_const(b2_).f32(), M, G);
   backend_.expert_forward(*packed_, tokens, M, G, x, hpre_.data(), act_.out(0), out);
 }
 
@@ -62,7 +65,8 @@ void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, flo
   const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
   PM_CHECK(saved_tokens_ == tokens, "a shared-expert backward without its forward");
   dhpre_.resize(tokens * G1);
-  backend_.pack_expert_backward(*packed_, w1_.f32(), w2_.f32(), M, G);
+  if (packed_backward_.changed({&w1_, &w2_}))
+    backend_.pack_expert_backward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(), M, G);
   std::vector<const float*> hpre_rows(tokens);
   std::vector<int64_t> positions(tokens);
   ExpertRows rows;

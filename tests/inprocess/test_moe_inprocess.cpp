@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "comm/inprocess_communicator.h"
 #include "core/rng.h"
@@ -145,6 +146,49 @@ TEST(LayerOnAGroup, ALayerOnEachHalfOfFourRanksComputesWhatItDoesOnTwoRanks) {
   });
   ASSERT_EQ(on_group.size(), 2u);
   for (int r = 0; r < 2; ++r) EXPECT_TRUE(on_group[r] == on_world[r]) << "rank " << r;
+}
+
+// Experts are packed for the GEMMs once per change of their weights, not once per pass, and a
+// change through parameters() (what the optimizer does) is never missed: after it, a pass gives
+// the bits of a new layer created with those weights. Both strategies, fp32 and bf16, GeLU and
+// SwiGLU.
+TEST(LayerPackings, PacksTheExpertsOncePerChangeOfTheirWeightsAndNeverUsesAStalePacking) {
+  for (const char* strategy : {"ep", "ppmoe"})
+    for (Precision precision : {Precision::fp32, Precision::bf16}) {
+      MoeShape shape{48, 16, 24, 4, 2, 1.25, 2};
+      shape.precision = precision;
+      shape.activation = precision == Precision::bf16 ? Activation::swiglu : Activation::gelu;
+      SCOPED_TRACE(std::string(strategy) + " " + precision_name(precision));
+      run_ranks_in_process(2, [&](Communicator& comm) {
+        Executor ex;
+        auto layer = moe_strategy(strategy).make_layer(shape, comm, cpu_backend());
+        layer->init_parameters(5);
+        layer->set_degrees(2, 1);
+        auto x = normal(shape.tokens * shape.model_dim, 9, stream_id(1, comm.rank()));
+        auto dy = normal(shape.tokens * shape.model_dim, 9, stream_id(2, comm.rank()));
+        const int64_t before = layer->weight_packings();
+        Results first = run_layer(*layer, ex, x, dy);
+        EXPECT_EQ(layer->weight_packings() - before, 2) << "the forward's and the backward's packings";
+        EXPECT_TRUE(run_layer(*layer, ex, x, dy) == first);
+        EXPECT_EQ(layer->weight_packings() - before, 2) << "the same weights packed again";
+        // an update of every weight, as an optimizer step makes it
+        for (Parameter& p : layer->parameters())
+          for (int64_t i = 0; i < p.value->numel(); ++i) p.value->f32()[i] += 0.01f * static_cast<float>(i % 7 - 3);
+        Results updated = run_layer(*layer, ex, x, dy);
+        EXPECT_EQ(layer->weight_packings() - before, 4);
+        EXPECT_FALSE(updated == first);
+        auto fresh = moe_strategy(strategy).make_layer(shape, comm, cpu_backend());
+        fresh->set_degrees(2, 1);
+        std::vector<Parameter> from = layer->parameters(), to = fresh->parameters();
+        for (std::size_t i = 0; i < from.size(); ++i)
+          std::memcpy(to[i].value->f32(), std::as_const(*from[i].value).f32(), from[i].value->nbytes());
+        EXPECT_TRUE(run_layer(*fresh, ex, x, dy) == updated) << "a stale packing";
+        // a change of one expert tensor alone is seen too
+        layer->parameters()[1].value->f32()[0] += 1.0f;
+        EXPECT_FALSE(run_layer(*layer, ex, x, dy) == updated);
+        EXPECT_EQ(layer->weight_packings() - before, 6);
+      });
+    }
 }
 
 // A transport whose all-to-alls take at least `delay_s`, as a slow network link would: the

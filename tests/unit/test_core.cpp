@@ -5,11 +5,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/block_cache.h"
@@ -92,6 +94,49 @@ TEST(Tensor, ViewsShareMemory) {
   Tensor c = t.clone();
   c.f32()[3] = 1;
   EXPECT_EQ(t.f32()[3], 5);
+}
+
+TEST(Tensor, EveryMutableAccessIsANewVersionSharedByViewsAndCopies) {
+  Tensor t = Tensor::zeros({4, 3}), other = Tensor::zeros({4, 3});
+  EXPECT_NE(t.version(), 0u);
+  EXPECT_NE(t.version(), other.version()) << "two tensors never show the same version";
+  const uint64_t v0 = t.version();
+  (void)std::as_const(t).f32();
+  (void)std::as_const(t).raw();
+  EXPECT_EQ(t.version(), v0) << "reading is no change";
+  Tensor copy = t, rows = t.rows(1, 3);
+  rows.f32()[0] = 1;
+  EXPECT_GT(t.version(), v0);
+  EXPECT_EQ(copy.version(), t.version());
+  for (auto change : std::initializer_list<std::function<void(Tensor&)>>{
+           [](Tensor& x) { x.zero(); }, [](Tensor& x) { x.fill(2); }, [](Tensor& x) { x.raw(); },
+           [](Tensor& x) { x.data<float>(); }, [](Tensor& x) { x.mark_changed(); }}) {
+    const uint64_t v = t.version();
+    change(t);
+    EXPECT_GT(t.version(), v);
+  }
+  float caller[4];
+  EXPECT_EQ(Tensor::view_of(caller, {4}).version(), 0u) << "caller memory: untracked";
+  EXPECT_EQ(t.clone().version() == t.version(), false);
+}
+
+TEST(VersionStamp, SaysChangedTheFirstTimeAfterEveryChangeAndForUntrackedMemory) {
+  Tensor a = Tensor::zeros({3}), b = Tensor::zeros({3});
+  VersionStamp stamp;
+  EXPECT_TRUE(stamp.changed({&a, &b}));
+  EXPECT_FALSE(stamp.changed({&a, &b}));
+  b.f32()[1] = 1;
+  EXPECT_TRUE(stamp.changed({&a, &b}));
+  EXPECT_FALSE(stamp.changed({&a, &b}));
+  EXPECT_TRUE(stamp.changed({&a})) << "another list";
+  Tensor c = Tensor::zeros({3});
+  EXPECT_TRUE(stamp.changed({&c})) << "another tensor";
+  float caller[3];
+  Tensor view = Tensor::view_of(caller, {3});
+  EXPECT_TRUE(stamp.changed({&view}));
+  EXPECT_TRUE(stamp.changed({&view}));
+  stamp.clear();
+  EXPECT_TRUE(stamp.changed({&c}));
 }
 
 TEST(Tensor, Bfloat16RoundsToNearestEven) {
