@@ -29,6 +29,8 @@ enum class Trans { no, yes };
 enum class Activation : uint8_t { gelu, swiglu };
 // Columns of W1 and of the pre-activation.
 inline int64_t fc1_width(Activation a, int64_t H) { return a == Activation::swiglu ? 2 * H : H; }
+// What an expert's forward is for: a backward follows (keep what it reads), or inference.
+enum class ForwardFor : uint8_t { backward, inference };
 
 // The precision of a GEMM's operands. fp32: float32 throughout. bf16: both operands rounded to
 // bf16 (to nearest even), products accumulated in fp32, the output fp32 (kernels/cpu/gemm.h says
@@ -205,14 +207,16 @@ class Backend {
   virtual void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1,
                                    const float* b2, int64_t M, int64_t H) = 0;
   virtual void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) = 0;
-  // hpre[rows, H1] = u W1 + b1; act[rows, H] = its activation; y[rows, M] = act W2 + b2. u and
-  // act may be bf16 rows for a bf16 expert (act then holds the activation rounded to bf16).
+  // act[rows, H] = the activation of the pre-activation u W1 + b1; y[rows, M] = act W2 + b2. u
+  // and act may be bf16 rows for a bf16 expert (act then holds the activation rounded to bf16).
+  // saved[rows, H1] holds what the backward reads (ForwardFor::backward): SwiGLU's pre-activation,
+  // GeLU's derivative at it; for an inference pass, whatever the kernels left there.
   virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u,
-                              float* hpre, RowsOut act, float* y) = 0;
-  // dhpre[rows, H1] = the activation's backward of dy W2^T at hpre; du[rows, M] = dhpre W1^T.
-  // hpre_rows[i] points at row i's pre-activation wherever the forward left it.
+                              float* saved, RowsOut act, float* y, ForwardFor use) = 0;
+  // dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T.
+  // saved_rows[i] points at row i's saved values (expert_forward) wherever the forward left them.
   virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
-                                     const float* const* hpre_rows, float* dhpre, float* du) = 0;
+                                     const float* const* saved_rows, float* dhpre, float* du) = 0;
   // grads.w2 += act^T dy, b2 += colsum(dy), w1 += u^T dhpre, b1 += colsum(dhpre), over the rows in
   // order: the same bits whatever pipeline degrees produced them.
   virtual void expert_weight_grads(const ExpertGrads& grads, Activation activation, Precision precision, int64_t M,

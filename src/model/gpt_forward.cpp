@@ -29,7 +29,10 @@ void GptModel::start_inference(int64_t rows) {
   for (auto& b : blocks_) {
     b->k_cache.assign(rows * S * D, 0.0f);
     b->v_cache.assign(rows * S * D, 0.0f);
-    if (b->moe) b->moe->set_capacity_factor(0);  // dropless: a token's output never depends on the others
+    if (b->moe) {
+      b->moe->set_capacity_factor(0);  // dropless: a token's output never depends on the others
+      b->moe->set_inference();
+    }
   }
   positions_.assign(rows, 0);
   // the weights are final from here on: pack the dense ones once (decode runs a token per

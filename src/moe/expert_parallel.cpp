@@ -25,7 +25,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   RowBuffer back;            // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine); saved
   // Rows in the layer's precision, saved for the weight gradients:
   RowBuffer u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute order (expert)
-  ScratchBuffer<float> hpre;  // counts: [rows, H1] pre-activations, compute order (expert); saved
+  ScratchBuffer<float> fc1_saved;  // counts: [rows, H1] the experts' saved values (expert_forward), compute order; saved
   ScratchBuffer<float> out;   // counts: [rows, M] the experts' outputs, compute order (expert)
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
@@ -35,7 +35,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
     return send.bytes() + recv.bytes() + back.bytes() + u.bytes() + act.bytes() +
-           static_cast<int64_t>((hpre.size() + out.size()) * sizeof(float));
+           static_cast<int64_t>((fc1_saved.size() + out.size()) * sizeof(float));
   }
 };
 
@@ -114,6 +114,7 @@ class ExpertParallelLayer final : public MoeLayer {
   int64_t weight_packings() const override { return packed_.packings; }
   const ExpertCache* expert_cache() const override { return cache_.get(); }
 
+  void set_inference() override { inference_ = true; }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -147,6 +148,7 @@ class ExpertParallelLayer final : public MoeLayer {
   Dispatcher dispatcher_;
   PipelineDegrees degrees_;
   PackedExperts packed_;  // this rank's experts, packed for the passes
+  bool inference_ = false;  // set_inference
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
   std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
@@ -182,7 +184,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     const int64_t rows = p->handle.experts_wire.total_rows;
     p->recv.resize(rows, M, dispatcher_.wire());
     p->u.resize(rows, M, shape.precision);
-    p->hpre.resize(rows * H1);
+    p->fc1_saved.resize(rows * H1);
     p->act.resize(rows, H, shape.precision);
     p->out.resize(rows * M);
     p->needed.clear();
@@ -216,11 +218,11 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : packed_[le];
-      backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->hpre[first * H1], p->act.out(first),
-                              &p->out[first * M]);
+      backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->fc1_saved[first * H1], p->act.out(first),
+                              &p->out[first * M], inference_ || cache_ ? ForwardFor::inference : ForwardFor::backward);
     }
     backend_.copy_rows(p->out.data(), p->recv.out(0), M, chunk_segments(compute, wire, c));
-    // u, hpre and act stay where this chunk put them: the backward reads them there, by row.
+    // u, fc1_saved and act stay where this chunk put them: the backward reads them there, by row.
   };
   steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.in(0), p->back.out(0)); };
   steps.unpack = [this, p] {
@@ -242,6 +244,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   const auto* f = dynamic_cast<const ForwardPass*>(&pass);
   PM_CHECK(f != nullptr, "backward of a pass that is not an expert-parallel forward");
   PM_REQUIRE(!cache_, "a layer with offloaded experts is for inference only: it has no backward");
+  PM_REQUIRE(!inference_, "a backward of a layer set for inference");
   // the backward's tasks keep the forward's saved tensors alive
   std::shared_ptr<ForwardPass> fp = std::const_pointer_cast<ForwardPass>(f->shared_from_this());
   std::shared_ptr<BackwardPass> b = reuse_pass(last_backward_);
@@ -282,13 +285,13 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     const BlockLayout& compute = b->handle.experts_compute;
     backend_.copy_rows(b->recv.in(0), b->dy_rows.data(), M, chunk_segments(wire, compute, c));
     // the pre-activations of this chunk's rows, wherever the forward's chunks left them
-    std::vector<const float*> hpre_rows =
-        row_pointers(fp->hpre.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
+    std::vector<const float*> saved_rows =
+        row_pointers(fp->fc1_saved.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
     const int64_t chunk_first = compute.chunk_offset(c);
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
-      backend_.expert_backward_input(packed_[le], rows, M, H, &b->dy_rows[first * M], &hpre_rows[first - chunk_first],
+      backend_.expert_backward_input(packed_[le], rows, M, H, &b->dy_rows[first * M], &saved_rows[first - chunk_first],
                                      &b->dhpre[first * H1], &b->du[first * M]);
     }
     backend_.copy_rows(b->du.data(), b->recv.out(0), M, chunk_segments(compute, wire, c));

@@ -85,6 +85,9 @@ class MoeLayer {
 
   // The capacity factor of the next passes (0: dropless; inference uses it).
   virtual void set_capacity_factor(double capacity_factor) = 0;
+  // Inference from now on: the passes keep nothing for a backward (GeLU experts skip the derivative
+  // a backward would read), and a backward is an error.
+  virtual void set_inference() = 0;
 
   // Inference with offloaded experts: the routed experts live in `store` (host memory, a mapped
   // file) and at most `cache_slots` of this rank's are resident (moe/expert_store.h); the layer no

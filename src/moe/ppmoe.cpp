@@ -58,14 +58,14 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   Gating gating;                    // gate
   LocalRows local;                  // gate
   RowBuffer u, act;                 // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
-  ScratchBuffer<float> hpre, out;   // gate: [rows, H1|M] canonical order (expert); saved
+  ScratchBuffer<float> fc1_saved, out;   // gate: [rows, H1|M] canonical order (expert); saved (fc1_saved: expert_forward's)
 
   double aux_loss() const override { return gating.aux_loss; }
   double z_loss() const override { return gating.z_loss; }
   int64_t expert_rows() const override { return local.rows(); }
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
-    return u.bytes() + act.bytes() + static_cast<int64_t>((hpre.size() + out.size()) * sizeof(float));
+    return u.bytes() + act.bytes() + static_cast<int64_t>((fc1_saved.size() + out.size()) * sizeof(float));
   }
 };
 
@@ -111,6 +111,7 @@ class PpmoeLayer final : public MoeLayer {
   std::vector<Parameter> parameters() override { return w_.parameters(true); }
   void init_parameters(uint64_t seed) override { w_.init(seed, shape_, first_expert(), true); }
 
+  void set_inference() override { inference_ = true; }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -162,6 +163,7 @@ class PpmoeLayer final : public MoeLayer {
   LayerWeights w_;
   PipelineDegrees degrees_;
   PackedExperts packed_;  // this rank's experts, packed for the passes
+  bool inference_ = false;  // set_inference
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
 };
@@ -186,7 +188,7 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
     p->local = local_rows(p->gating.routing, first_expert(), shape.local_experts());
     const int64_t rows = p->local.rows();
     p->u.resize(rows, M, shape.precision);
-    p->hpre.resize(rows * H1);
+    p->fc1_saved.resize(rows * H1);
     p->act.resize(rows, H, shape.precision);
     p->out.resize(rows * M);
     set_ppmoe_forward_work(graph, *tasks, measured_rows(shape, p->local, degree));
@@ -201,7 +203,8 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
         std::vector<RowRun> gather;
         for (int64_t row = a; row < b; ++row) gather.push_back({p->local.token[row], row, 1});
         p->u.copy_rows_from(backend_, p->x, gather);
-        backend_.expert_forward(packed_[le], b - a, M, H, p->u.in(a), &p->hpre[a * H1], p->act.out(a), &p->out[a * M]);
+        backend_.expert_forward(packed_[le], b - a, M, H, p->u.in(a), &p->fc1_saved[a * H1], p->act.out(a), &p->out[a * M],
+                                inference_ ? ForwardFor::inference : ForwardFor::backward);
       }
     // this rank's share of the chunk's outputs: its choices in order, the others skipped
     backend_.combine_rows(p->out.data(), p->gating.gate.data() + t0 * k, t1 - t0, M, k, p->local.positions.data() + t0 * k,
@@ -220,6 +223,7 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
                                       const float* dy, float* dx, RouterLossGrads loss_grads, const Between& between) {
   const auto* f = dynamic_cast<const ForwardPass*>(&pass);
   PM_CHECK(f != nullptr, "backward of a pass that is not a PPMoE forward");
+  PM_REQUIRE(!inference_, "a backward of a layer set for inference");
   std::shared_ptr<ForwardPass> fp = std::const_pointer_cast<ForwardPass>(f->shared_from_this());
   std::shared_ptr<BackwardPass> b = reuse_pass(last_backward_);
   b->dy = dy;
@@ -258,9 +262,9 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
       for (int j = 0; j < k; ++j) {
         auto [first, last] = fp->local.rows_in(le, j, t0, t1);
         if (first == last) continue;
-        std::vector<const float*> hpre_rows;
-        for (int64_t row = first; row < last; ++row) hpre_rows.push_back(&fp->hpre[row * H1]);
-        backend_.expert_backward_input(packed_[le], last - first, M, H, &b->dy_rows[first * M], hpre_rows.data(),
+        std::vector<const float*> saved_rows;
+        for (int64_t row = first; row < last; ++row) saved_rows.push_back(&fp->fc1_saved[row * H1]);
+        backend_.expert_backward_input(packed_[le], last - first, M, H, &b->dy_rows[first * M], saved_rows.data(),
                                        &b->dhpre[first * H1], &b->du[first * M]);
       }
   };

@@ -9,7 +9,7 @@
 //   RowBuffer u;
 //   u.resize(rows, M, shape.precision);
 //   u.copy_rows_from(backend, recv.in(0), runs);        // rounded or widened as the types need
-//   backend.expert_forward(packed, n, M, H, u.in(first), hpre, act.out(first), y);
+//   backend.expert_forward(packed, n, M, H, u.in(first), fc1_saved, act.out(first), y);
 //   u.add_rows(positions, er.u, er.u_bf16);             // ExpertRows for the weight gradients
 #pragma once
 

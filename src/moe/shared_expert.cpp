@@ -15,7 +15,7 @@ SharedExpert::SharedExpert(Backend& backend, int64_t model_dim, int64_t hidden, 
       hidden_(hidden),
       activation_(activation),
       precision_(precision),
-      hpre_(BackendAllocator<float>(backend)),
+      fc1_saved_(BackendAllocator<float>(backend)),
       dhpre_(BackendAllocator<float>(backend)),
       act_(backend) {
   PM_REQUIRE(hidden > 0, "the shared expert's hidden size must be positive, got {}", hidden);
@@ -52,13 +52,13 @@ void SharedExpert::zero_grads() {
 
 void SharedExpert::forward(const float* x, int64_t tokens, float* out) {
   const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
-  hpre_.resize(tokens * G1);
+  fc1_saved_.resize(tokens * G1);
   act_.resize(tokens, G, precision_);
   saved_tokens_ = tokens;
   if (packed_forward_.changed({&w1_, &w2_, &b1_, &b2_}))  // once per change of the weights
     backend_.pack_expert_forward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(),
                                  std::as_const(b1_).f32(), std::as_const(b2_).f32(), M, G);
-  backend_.expert_forward(*packed_, tokens, M, G, x, hpre_.data(), act_.out(0), out);
+  backend_.expert_forward(*packed_, tokens, M, G, x, fc1_saved_.data(), act_.out(0), out, ForwardFor::backward);
 }
 
 void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, float* dx) {
@@ -67,18 +67,18 @@ void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, flo
   dhpre_.resize(tokens * G1);
   if (packed_backward_.changed({&w1_, &w2_}))
     backend_.pack_expert_backward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(), M, G);
-  std::vector<const float*> hpre_rows(tokens);
+  std::vector<const float*> saved_rows(tokens);
   std::vector<int64_t> positions(tokens);
   ExpertRows rows;
   for (int64_t t = 0; t < tokens; ++t) {
-    hpre_rows[t] = hpre_.data() + t * G1;
+    saved_rows[t] = fc1_saved_.data() + t * G1;
     positions[t] = t;
     rows.u.push_back(x + t * M);  // the caller's input (rounded by the bf16 GEMMs as they read it)
     rows.dhpre.push_back(dhpre_.data() + t * G1);
     rows.dy.push_back(dy + t * M);
   }
   act_.add_rows(positions, rows.act, rows.act_bf16);
-  backend_.expert_backward_input(*packed_, tokens, M, G, dy, hpre_rows.data(), dhpre_.data(), dx);
+  backend_.expert_backward_input(*packed_, tokens, M, G, dy, saved_rows.data(), dhpre_.data(), dx);
   backend_.expert_weight_grads({dw1_.f32(), db1_.f32(), dw2_.f32(), db2_.f32()}, activation_, precision_, M, G, rows);
 }
 

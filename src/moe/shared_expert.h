@@ -48,7 +48,7 @@ class SharedExpert {
   Tensor w1_, b1_, w2_, b2_, dw1_, db1_, dw2_, db2_;
   std::unique_ptr<PackedExpert> packed_;
   VersionStamp packed_forward_, packed_backward_;  // the weights packed_ holds each direction of
-  Buffer<float> hpre_, dhpre_;  // [T, G1], [T, G1]
+  Buffer<float> fc1_saved_, dhpre_;  // [T, G1], [T, G1]
   RowBuffer act_;               // [T, G] (bf16 in a bf16 expert: row_buffer.h)
   int64_t saved_tokens_ = -1;   // tokens of the forward act_ holds
 };

@@ -134,7 +134,8 @@ Interference measure_interference(Communicator& comm, Backend& backend, int repe
   std::vector<int64_t> counts(P, per_peer), displs(P);
   for (int q = 0; q < P; ++q) displs[q] = q * per_peer;
   auto gemms = [&](int n) {
-    for (int i = 0; i < n; ++i) backend.expert_forward(*packed, rows, M, H, u.data(), hpre.data(), act.data(), y.data());
+    for (int i = 0; i < n; ++i) backend.expert_forward(*packed, rows, M, H, u.data(), hpre.data(), act.data(), y.data(),
+                                                   ForwardFor::backward);
   };
   auto a2as = [&](int n) {
     for (int i = 0; i < n; ++i) comm.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::f32);

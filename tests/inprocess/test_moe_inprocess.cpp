@@ -191,6 +191,28 @@ TEST(LayerPackings, PacksTheExpertsOncePerChangeOfTheirWeightsAndNeverUsesAStale
     }
 }
 
+// Inference passes skip what only a backward reads (GeLU's derivative), and give the bits of a
+// training pass's output; a backward after set_inference is a clear error.
+TEST(LayerInference, GivesTheTrainingForwardsBitsAndRefusesABackward) {
+  for (const char* strategy : {"ep", "ppmoe"}) {
+    SCOPED_TRACE(strategy);
+    const MoeShape shape{48, 16, 24, 4, 2, 1.25, 2};
+    run_ranks_in_process(2, [&](Communicator& comm) {
+      Executor ex;
+      auto x = normal(shape.tokens * shape.model_dim, 9, stream_id(1, comm.rank()));
+      auto dy = normal(shape.tokens * shape.model_dim, 9, stream_id(2, comm.rank()));
+      auto layer = moe_strategy(strategy).make_layer(shape, comm, cpu_backend());
+      layer->init_parameters(5);
+      const Results training = run_layer(*layer, ex, x, dy);
+      layer->set_inference();
+      std::vector<float> y(x.size(), 0.0f), dx(x.size());
+      std::shared_ptr<MoePass> pass = forward_alone(*layer, ex, x.data(), shape.tokens, y.data());
+      EXPECT_EQ(y, training.y);
+      EXPECT_THROW(backward_alone(*layer, ex, *pass, dy.data(), dx.data(), 0.05f), Error);
+    });
+  }
+}
+
 // A transport whose all-to-alls take at least `delay_s`, as a slow network link would: the
 // in-process copies alone are too fast to show an overlap.
 class SlowLink : public Communicator {

@@ -76,6 +76,13 @@ TEST(Gelu, VectorisedRowsGiveTheScalarBits) {
     std::vector<float> in_place(scale.begin(), scale.begin() + m);
     gelu_backward(in.data() + offset, in_place.data(), in_place.data(), m);
     EXPECT_EQ(std::memcmp(in_place.data(), bwd.data(), m * 4), 0) << "offset " << offset;
+    // the expert's pair: GeLU'(x) saved in place of x by the forward, then the backward's product
+    // by it, in place on the gradient: the same bits as the two above
+    std::vector<float> saved(in.begin() + offset, in.end()), fwd_saving(n), by_saved(scale.begin(), scale.begin() + m);
+    gelu_forward_saving_grad(saved.data(), fwd_saving.data(), m);
+    gelu_backward_by_saved_grad(saved.data(), by_saved.data(), by_saved.data(), m);
+    EXPECT_EQ(std::memcmp(fwd_saving.data(), fwd.data(), m * 4), 0) << "offset " << offset;
+    EXPECT_EQ(std::memcmp(by_saved.data(), bwd.data(), m * 4), 0) << "offset " << offset;
   }
   EXPECT_TRUE(std::isnan(gelu(std::numeric_limits<float>::quiet_NaN())));
 }

@@ -178,13 +178,13 @@ class CpuBackend final : public Backend {
   void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) override {
     static_cast<ExpertWeights&>(packed).pack_backward(w1, w2, M, H);
   }
-  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u, float* hpre,
-                      RowsOut act, float* y) override {
-    pm::expert_forward(static_cast<const ExpertWeights&>(packed), rows, M, H, u, hpre, act, y);
+  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+                      RowsOut act, float* y, ForwardFor use) override {
+    pm::expert_forward(static_cast<const ExpertWeights&>(packed), rows, M, H, u, saved, act, y, use);
   }
   void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
-                             const float* const* hpre_rows, float* dhpre, float* du) override {
-    pm::expert_backward_input(static_cast<const ExpertWeights&>(packed), rows, M, H, dy, hpre_rows, dhpre, du);
+                             const float* const* saved_rows, float* dhpre, float* du) override {
+    pm::expert_backward_input(static_cast<const ExpertWeights&>(packed), rows, M, H, dy, saved_rows, dhpre, du);
   }
   void expert_weight_grads(const ExpertGrads& grads, Activation activation, Precision precision, int64_t M, int64_t H,
                            const ExpertRows& rows) override {

@@ -64,6 +64,14 @@ void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64
   map_lanes<2, 1>(n, {in, grad_out}, {grad_in}, [](auto x, auto g) { return std::array{g * gelu_grad(x)}; });
 }
 
+void gelu_forward_saving_grad(float* x_then_grad, float* out, int64_t n) {
+  map_lanes<1, 2>(n, {x_then_grad}, {out, x_then_grad}, [](auto x) { return std::array{gelu(x), gelu_grad(x)}; });
+}
+
+void gelu_backward_by_saved_grad(const float* saved_grad, const float* grad_out, float* grad_in, int64_t n) {
+  map_lanes<2, 1>(n, {saved_grad, grad_out}, {grad_in}, [](auto d, auto g) { return std::array{g * d}; });
+}
+
 void swiglu_forward(const float* hpre, float* act, int64_t n) {
   map_lanes<2, 1>(n, {hpre, hpre + n}, {act}, [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
 }

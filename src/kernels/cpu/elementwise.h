@@ -10,6 +10,11 @@ namespace pm {
 void gelu_forward(const float* in, float* out, int64_t n);
 // grad_in[n] = grad_out[n] * GeLU'(in[n]).
 void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n);
+// out = GeLU(x) and x overwritten by GeLU'(x), element for element (what a backward multiplies by:
+// the erf both need is computed once); then grad_in = grad_out * that saved GeLU'(x), the bits
+// gelu_backward gives.
+void gelu_forward_saving_grad(float* x_then_grad, float* out, int64_t n);
+void gelu_backward_by_saved_grad(const float* saved_grad, const float* grad_out, float* grad_in, int64_t n);
 
 // SwiGLU on one row of a pre-activation [g | v] (2n values): act[n] = SiLU(g) * v, SiLU(g) = g sigmoid(g).
 void swiglu_forward(const float* hpre, float* act, int64_t n);

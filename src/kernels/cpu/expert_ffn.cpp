@@ -40,8 +40,8 @@ void ExpertWeights::pack_backward(const float* w1_data, const float* w2_data, in
   pack(precision, Trans::yes, H1, M, w1_data, H1, w1_t);
 }
 
-void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* hpre,
-                    RowsOut act, float* y) {
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+                    RowsOut act, float* y, ForwardFor use) {
   if (rows == 0) return;
   PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
            "bf16 rows of an expert's input or activation need a bf16 expert");
@@ -56,16 +56,21 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
     floats_to_bf16(scratch.data(), act.bf16 + i * H + c, n);
   };
   if (w.activation == Activation::swiglu) {
-    fc1_gemm(w, rows, M, u, hpre, H1, {w.b1, nullptr});
+    fc1_gemm(w, rows, M, u, saved, H1, {w.b1, nullptr});
     for (int64_t i = 0; i < rows; ++i)
-      activate(i, 0, H, [&](float* out) { swiglu_forward(hpre + i * 2 * H, out, H); });
+      activate(i, 0, H, [&](float* out) { swiglu_forward(saved + i * 2 * H, out, H); });
   } else {
     // GeLU runs on each finished tile of the pre-activation while it is still in cache.
     TileEpilogue gelu_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
       for (int64_t i = r; i < r + nr; ++i)
-        activate(i, c, nc, [&](float* out) { gelu_forward(hpre + i * H + c, out, nc); });
+        activate(i, c, nc, [&](float* out) {
+          if (use == ForwardFor::backward)
+            gelu_forward_saving_grad(saved + i * H + c, out, nc);
+          else
+            gelu_forward(saved + i * H + c, out, nc);
+        });
     };
-    fc1_gemm(w, rows, M, u, hpre, H1, {w.b1, &gelu_tile});
+    fc1_gemm(w, rows, M, u, saved, H1, {w.b1, &gelu_tile});
   }
   if (act.bf16)
     gemm_packed(Trans::no, rows, act.bf16, H, w.w2, 0.0f, y, M, {w.b2, nullptr});
@@ -74,17 +79,18 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
 }
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           const float* dy, const float* const* hpre_rows, float* dhpre, float* du) {
+                           const float* dy, const float* const* saved_rows, float* dhpre, float* du) {
   if (rows == 0) return;
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
     // dact = dy W2^T into the second half of each dhpre row, then both halves from it in place
     // (swiglu_backward reads dact[i] before it writes dhpre[i] and dhpre[n + i])
     gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre + H, H1);
-    for (int64_t i = 0; i < rows; ++i) swiglu_backward(hpre_rows[i], dhpre + i * H1 + H, dhpre + i * H1, H);
+    for (int64_t i = 0; i < rows; ++i) swiglu_backward(saved_rows[i], dhpre + i * H1 + H, dhpre + i * H1, H);
   } else {
     TileEpilogue gelu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
-      for (int64_t i = r; i < r + nr; ++i) gelu_backward(hpre_rows[i] + c, dhpre + i * H + c, dhpre + i * H + c, nc);
+      for (int64_t i = r; i < r + nr; ++i)
+        gelu_backward_by_saved_grad(saved_rows[i] + c, dhpre + i * H + c, dhpre + i * H + c, nc);
     };
     gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre, H, {nullptr, &gelu_grad_tile});
   }

@@ -1,10 +1,11 @@
 // One expert's FFN on a block of rows, on the CPU (kernels/backend.h, Activation):
 //   gelu:   FFN(u) = GeLU(u W1 + b1) W2 + b2, W1[M, H], W2[H, M];
 //   swiglu: FFN(u) = (SiLU(u W1g + b1g) * (u W1v + b1v)) W2 + b2, W1 = [W1g | W1v] [M, 2H].
-// Forward keeps the pre-activation; backward is split in two so that the pipeline can send the
-// input gradient of each chunk before the weight gradients (which no other rank waits for) are
-// computed once over all rows. A bf16 expert's GEMMs are bf16 GEMMs (gemm.h); its pre-activations
-// and gradients stay fp32 (the activations' backward reads the pre-activation in fp32) and are
+// Forward keeps what the backward reads: SwiGLU's pre-activation, GeLU's derivative at it (GeLU
+// and its derivative share the erf, which the backward would compute again). Backward is split in
+// two so that the pipeline can send the input gradient of each chunk before the weight gradients
+// (which no other rank waits for) are computed once over all rows. A bf16 expert's GEMMs are bf16
+// GEMMs (gemm.h); its pre-activations, their saved values and gradients stay fp32 and are
 // rounded where a GEMM reads them; its inputs and activations, which only GEMMs read, may be kept
 // in bf16 (backend.h, RowsIn). GeLU runs inside the GEMMs, on each finished tile while it is in
 // cache; SwiGLU needs both halves of a row, so it runs on whole rows after the GEMM.
@@ -31,15 +32,17 @@ struct ExpertWeights : PackedExpert {
   void pack_backward(const float* w1, const float* w2, int64_t M, int64_t H);
 };
 
-// hpre[rows, H1] = u W1 + b1; act[rows, H] = its activation (rounded to bf16 when act is bf16
-// rows); y[rows, M] = act W2 + b2. bf16 rows of u or act need a bf16 expert.
-void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* hpre,
-                    RowsOut act, float* y);
+// act[rows, H] = the activation of hpre = u W1 + b1 (rounded to bf16 when act is bf16 rows);
+// y[rows, M] = act W2 + b2. bf16 rows of u or act need a bf16 expert. saved[rows, H1]: hpre, which
+// GeLU overwrites with its derivative there for a backward (one erf for both: the backward would
+// compute it again, and more, to get the same bits).
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+                    RowsOut act, float* y, ForwardFor use);
 
 // From dy[rows, M]: dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T.
-// hpre_rows[i] points at row i's pre-activation (H1 values) wherever the forward left it.
+// saved_rows[i] points at row i's saved values (H1 of them) wherever the forward left them.
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           const float* dy, const float* const* hpre_rows, float* dhpre, float* du);
+                           const float* dy, const float* const* saved_rows, float* dhpre, float* du);
 
 // g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), summed over
 // the rows in order: the same bits whatever the pipeline degrees that produced them.
