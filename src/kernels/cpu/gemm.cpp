@@ -264,6 +264,10 @@ void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
       for (int64_t s0 = 0; s0 < s.width; s0 += s.strip) {
         float* row = s.strip_row(s0, k);
         const int64_t n = std::clamp<int64_t>(s.cols - s0, 0, s.strip_cols(s0));
+        if (n == 16) {  // a whole AVX2 strip: a fixed-size copy the compiler inlines (no memcpy call per row)
+          std::memcpy(row, src + s0, 16 * sizeof(float));
+          continue;
+        }
         std::memcpy(row, src + s0, n * sizeof(float));
         for (int64_t j = n; j < s.strip_cols(s0); ++j) row[j] = 0.0f;
       }
