@@ -84,7 +84,8 @@ TEST_P(Bf16Shapes, GivesTheSpecifiedChainBitForBitAndStaysWithinBf16Error) {
 
 INSTANTIATE_TEST_SUITE_P(Sizes, Bf16Shapes,
                          ::testing::Values(Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{6, 64, 16}, Shape{37, 100, 71},
-                                           Shape{50, 130, 1101}, Shape{13, 8, 0}, Shape{30, 17, 2}),
+                                           Shape{50, 130, 1101}, Shape{13, 8, 0}, Shape{30, 17, 2},
+                                           Shape{523, 66, 530}),  // two blocks of rows and of depths
                          [](const ::testing::TestParamInfo<Shape>& info) {
                            const Shape& s = info.param;
                            return "M" + std::to_string(s.M) + "_N" + std::to_string(s.N) + "_K" + std::to_string(s.K);
