@@ -275,6 +275,24 @@ void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
   });
 }
 
+void gemm_detail::pack_b_rows_bf16(int64_t K, int64_t N, RowSource B, PackedB& out) {
+  const int64_t K2 = K + (K & 1);
+  pack_panels(K2, N, out, [&](const PanelSlot& s) {
+    for (int64_t k = 0; k < K2; ++k) {
+      const int64_t d = k ^ 1;  // pair order
+      for (int64_t s0 = 0; s0 < s.width; s0 += s.strip) {
+        float* row = s.strip_row(s0, k);
+        const int64_t n = d < K ? std::clamp<int64_t>(s.cols - s0, 0, s.strip_cols(s0)) : 0;
+        const float* src = n > 0 ? B.row(d) + s.col0 + s0 : nullptr;
+        for (int64_t j = 0; j < n; ++j) row[j] = round_to_bf16(src[j]);
+        for (int64_t j = n; j < s.strip_cols(s0); ++j) row[j] = 0.0f;
+      }
+    }
+  });
+  out.bf16 = true;
+  out.source_depth = K;
+}
+
 void pack_b(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
   if (trans_b == Trans::no) return pack_b_rows(K, N, RowSource{B, ldb, nullptr}, out);
   pack_panels(K, N, out, [&](const PanelSlot& s) {

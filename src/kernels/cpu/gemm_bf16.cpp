@@ -179,6 +179,15 @@ void to_bf16_panels(const PackedB& fp32, PackedB& out) {
       }
     }
   }
+  add_bf16_pairs(out);
+}
+
+thread_local PackedB t_packed_b_fp32;  // pack_b's result on its way to bf16
+
+}  // namespace
+
+void gemm_detail::add_bf16_pairs(PackedB& out) {
+  const int64_t K2 = out.K;
   if (!cpu_has_bf16_dot()) {
     out.pairs.clear();
     return;
@@ -195,10 +204,6 @@ void to_bf16_panels(const PackedB& fp32, PackedB& out) {
             pair_word(panel[out.offset_in_panel(p, 2 * q, j)], panel[out.offset_in_panel(p, 2 * q + 1, j)]);
   }
 }
-
-thread_local PackedB t_packed_b_fp32;  // pack_b's result on its way to bf16
-
-}  // namespace
 
 void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
   pack_b(trans_b, K, N, B, ldb, t_packed_b_fp32);
@@ -217,9 +222,9 @@ namespace {
 void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, const float* const* b_rows, float beta, float* C,
                   int64_t ldc) {
   if (M == 0 || N == 0) return;
-  pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b_fp32);
   PackedB& packed = scratch_packed_b();
-  to_bf16_panels(t_packed_b_fp32, packed);
+  pack_b_rows_bf16(K, N, RowSource{nullptr, 0, b_rows}, packed);
+  add_bf16_pairs(packed);
   gemm_packed_impl(Trans::yes, M, A, packed, beta, C, ldc, {}, use_bf16_dot(packed));
 }
 

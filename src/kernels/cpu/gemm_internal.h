@@ -30,6 +30,9 @@ struct RowSource {
 bool isa_is_avx512();
 // op(B) = B (row k of op(B) is row k of the source) into panels.
 void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out);
+// The same in bf16 form in one pass (what pack_b_bf16 makes of pack_b's panels): values rounded,
+// depths in pair order, K rounded up to even; without the AVX512_BF16 words (add_bf16_pairs).
+void pack_b_rows_bf16(int64_t K, int64_t N, RowSource B, PackedB& out);
 // The GEMM of gemm.h on packed B; `dot`: a bf16 GEMM (B.bf16) on the AVX512_BF16 kernel instead
 // of the fp32 kernels.
 void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
@@ -38,6 +41,8 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
 PackedB& scratch_packed_b();
 
 // ---- gemm_bf16.cpp ----------------------------------------------------------------------------
+// The AVX512_BF16 kernel's words of a bf16 packed B, where the CPU has the instructions.
+void add_bf16_pairs(PackedB& out);
 // pack_a for a bf16 GEMM: MR-row micro-panels, each value rounded to bf16 and each depth pair
 // swapped (packed depth k reads depth k ^ 1; k0 is even), depths at or past `depth` zero.
 void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
