@@ -224,6 +224,9 @@ PerfProfile take_profile(Communicator& comm, Backend& backend, const ProfileOpti
       layer->set_degrees(degree, degree);
       comm.barrier();
       layer->zero_grads();
+      // as after an optimizer step: the pass packs the experts' weights again (PackedExperts),
+      // so the samples of that task and the passes' times are a training step's
+      for (Parameter& w : layer->parameters()) w.value->mark_changed();
       // each pass's graph carries the rows its routing really gave every task
       std::shared_ptr<MoePass> p = forward_alone(*layer, ex, x.data(), s.tokens, y.data(), nullptr, &fwd);
       fwd_stats = ex.last_stats();
