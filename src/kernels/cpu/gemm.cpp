@@ -76,7 +76,9 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap,
   // The strides of A as constants where they are known (a packed micro-panel, or rows read in
   // place with their depth contiguous): runtime strides left too few registers for the addresses
   // and cost two reloads per depth (packed A ran 2-5% slower than A in place).
-  auto loop = [&](auto ks_, auto is_) __attribute__((always_inline)) {
+  // (the lambda names its target: it does not inherit the function's, and without -march=native
+  // the intrinsics would not inline into it)
+  auto loop = [&](auto ks_, auto is_) __attribute__((always_inline, target("avx2,fma"))) {
     for (int64_t k = 0; k < K; ++k) {
       __m256 b[NV];
       for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(Bp + k * ldb + 8 * v);
@@ -190,22 +192,10 @@ thread_local PackedB t_packed_b;
 
 // dst[c][r] = src[r][c] for an 8 x 8 block (row strides in floats).
 __attribute__((target("avx2"))) void transpose_8x8_avx2(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m256 r[8], t[8];
+  __m256 r[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
+  transpose_8x8_in_registers(r);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ldd, r[i]);
 }
 
 void transpose_8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {

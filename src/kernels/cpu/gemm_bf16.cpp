@@ -68,26 +68,14 @@ namespace {
 __attribute__((target("avx2"))) void interleave6_pair_swapped_avx2(const float* rows, int64_t kc, float* panel) {
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
-    __m256 r[8], t[8];
+    __m256 r[8];
     for (int i = 0; i < 6; ++i) r[i] = _mm256_permute_ps(_mm256_loadu_ps(rows + i * kc + k), 0xB1);  // [1 0 3 2]
     r[6] = r[7] = _mm256_setzero_ps();
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int j = 0; j < 4; ++j) {  // depth k + j from the low halves, k + 4 + j from the high ones
-      for (int half = 0; half < 2; ++half) {
-        const __m256 column = _mm256_permute2f128_ps(r[j], r[j + 4], half ? 0x31 : 0x20);
-        float* dst = panel + (k + j + 4 * half) * 6;
-        _mm_storeu_ps(dst, _mm256_castps256_ps128(column));
-        _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(column, 1));
-      }
+    transpose_8x8_in_registers(r);
+    for (int j = 0; j < 8; ++j) {  // depth k + j: the first 6 values of column j
+      float* dst = panel + (k + j) * 6;
+      _mm_storeu_ps(dst, _mm256_castps256_ps128(r[j]));
+      _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(r[j], 1));
     }
   }
   for (; k < kc; ++k)

@@ -2,6 +2,8 @@
 // share. Internal to kernels/cpu: nothing else includes it.
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -24,6 +26,26 @@ struct RowSource {
   const float* row(int64_t i) const { return rows ? rows[i] : base + i * ld; }
   const uint16_t* row16(int64_t i) const { return rows16 ? rows16[i] : base16 + i * ld; }
 };
+
+// An 8 x 8 block of floats transposed in registers: rows r[0..8) in, r[j] = column j out.
+__attribute__((target("avx2"))) inline void transpose_8x8_in_registers(__m256 (&r)[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
 
 // ---- gemm.cpp ---------------------------------------------------------------------------------
 // The fp32 kernels run AVX-512 (not forced down to AVX2 or scalar).
