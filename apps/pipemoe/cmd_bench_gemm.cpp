@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
-#include "core/clock.h"
+#include "apps/pipemoe/gemm_timing.h"
 #include "core/csv.h"
 #include "core/rng.h"
 #include "core/stats.h"
@@ -45,18 +45,6 @@ std::vector<GemmCase> cases(const GemmBenchOptions& o) {
     out.push_back({"wgrad a^T.dy r=" + rows, Trans::yes, Trans::no, o.hidden, o.model_dim, r});
   }
   return out;
-}
-
-// Seconds per call of fn, `repeat` times after one warm-up call.
-std::vector<double> time_calls(int repeat, const std::function<void()>& fn) {
-  fn();
-  std::vector<double> s;
-  for (int i = 0; i < repeat; ++i) {
-    Stopwatch w;
-    fn();
-    s.push_back(w.elapsed_s());
-  }
-  return s;
 }
 
 int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {

@@ -200,6 +200,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   } else if (!stream && ctx.rank() == 0) {
     for (int64_t r = 0; r < rows; ++r) std::printf("%s\n", tokenizer.decode(text[r]).c_str());
   }
+  std::fflush(stdout);  // the text ends before the summary line on stderr starts
   log::info("generate: {} sequence(s) x {} tokens in {:.2f} s: {:.1f} tokens/s ({}, {} rank(s))", rows, o.tokens,
             seconds, rows * o.tokens / seconds, o.no_cache ? "no cache: the window re-run per token" : "key/value cache",
             ctx.world());

@@ -32,6 +32,7 @@ void add_model_check_command(CLI::App& app, CommandFn& run);
 // `bench` subcommands
 void add_bench_gemm_command(CLI::App& bench, CommandFn& run);
 void add_bench_layer_command(CLI::App& bench, CommandFn& run);
+void add_bench_floor_command(CLI::App& bench, CommandFn& run);
 
 // The layer-shape flags that `layer` and `plan` share: --tokens (per rank), --model-dim,
 // --hidden, --experts (over all ranks), --top-k, --capacity-factor.

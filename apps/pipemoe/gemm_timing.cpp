@@ -1,0 +1,48 @@
+#include "apps/pipemoe/gemm_timing.h"
+
+#include "core/clock.h"
+#include "core/rng.h"
+#include "core/stats.h"
+#include "kernels/cpu/blas.h"
+
+namespace pm::cli {
+
+std::vector<double> time_calls(int repeat, const std::function<void()>& fn) {
+  fn();
+  std::vector<double> s;
+  for (int i = 0; i < repeat; ++i) {
+    Stopwatch w;
+    fn();
+    s.push_back(w.elapsed_s());
+  }
+  return s;
+}
+
+SquareProduct::SquareProduct() : a_(kSize * kSize), b_(kSize * kSize), c_(kSize * kSize) {
+  Rng(1, 1).fill_normal(a_.data(), a_.size(), 0, 1);
+  Rng(1, 2).fill_normal(b_.data(), b_.size(), 0, 1);
+  pack_b(Trans::no, kSize, kSize, b_.data(), kSize, packed_);
+  pack_b_bf16(Trans::no, kSize, kSize, b_.data(), kSize, packed_bf16_);
+}
+
+double SquareProduct::slowest_rank_gflops(Communicator& comm, int repeat, const std::function<void()>& fn) {
+  comm.barrier();
+  std::vector<double> gflops;
+  for (double s : time_calls(repeat, fn)) gflops.push_back(2.0 * kSize * kSize * kSize / s / 1e9);
+  return -comm.allreduce_scalar(-summarize(gflops).median, ReduceOp::max);
+}
+
+double SquareProduct::peak_gflops(Communicator& comm, Precision dtype, int repeat) {
+  const PackedB& packed = dtype == Precision::bf16 ? packed_bf16_ : packed_;
+  double best = slowest_rank_gflops(comm, repeat, [&] {
+    gemm_packed(Trans::no, kSize, a_.data(), kSize, packed, 0.0f, c_.data(), kSize);
+  });
+  if (dtype == Precision::fp32)
+    best = std::max(best, slowest_rank_gflops(comm, repeat, [&] {
+                      openblas_gemm(Trans::no, Trans::no, kSize, kSize, kSize, a_.data(), kSize, b_.data(), kSize, 0.0f,
+                                    c_.data(), kSize);
+                    }));
+  return best;
+}
+
+}  // namespace pm::cli

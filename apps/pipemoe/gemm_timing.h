@@ -1,0 +1,33 @@
+// Timing GEMMs for the benchmarks: calls timed one by one, and the GEMM peak of this machine as
+// `bench gemm` states it (the 2048^3 product, every rank computing at once).
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kernels/cpu/gemm.h"
+#include "moe/moe_shape.h"
+
+namespace pm::cli {
+
+// Seconds per call of fn, `repeat` times after one warm-up call.
+std::vector<double> time_calls(int repeat, const std::function<void()>& fn);
+
+// The square product whose speed is the peak the layer's GEMM floor is measured against.
+class SquareProduct {
+ public:
+  static constexpr int64_t kSize = 2048;
+  SquareProduct();
+  // GFLOP/s of the slowest rank (each rank's median of `repeat` calls after a warm-up; a barrier
+  // first, so that every rank computes at once, as in the layer): the best of our GEMM and, for
+  // fp32, OpenBLAS, as `bench gemm` takes its peak; bf16: our bf16 GEMM.
+  double peak_gflops(Communicator& comm, Precision dtype, int repeat);
+
+ private:
+  double slowest_rank_gflops(Communicator& comm, int repeat, const std::function<void()>& fn);
+  std::vector<float> a_, b_, c_;
+  PackedB packed_, packed_bf16_;
+};
+
+}  // namespace pm::cli
