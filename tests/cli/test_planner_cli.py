@@ -184,6 +184,33 @@ def main():
         f.check(any(r["what"] == "expert_fwd" for r in model), "and the expert GEMMs among its cost classes")
         print(f"ok: bench layer sums {sorted(sums)}", flush=True)
 
+        # bench floor: each round's floor is the expert FLOPs of the rows the slowest rank computed
+        # (forward, input and weight gradients) at that round's peak; dropless, so every rank's
+        # experts computed at least the average (tokens x top-k rows)
+        floor_csv = os.path.join(tmp, "floor.csv")
+        floor = last_json(mpirun(2, ["bench", "floor", "--tokens", 256, "--model-dim", 64, "--hidden", 128,
+                                     "--experts", 4, "--top-k", 2, "--capacity-factor", 0, "--activation", "swiglu",
+                                     "--rounds", 2, "--iters", 1, "--gemm-repeat", 1, "--dtypes", "fp32,bf16",
+                                     "--csv", floor_csv, "--json"], timeout=300))
+        results = floor["results"]
+        f.check(sorted((r["round"], r["dtype"]) for r in results) == [(1, "bf16"), (1, "fp32"), (2, "bf16"), (2, "fp32")],
+                f"bench floor: one result per round and dtype, got {[(r['round'], r['dtype']) for r in results]}")
+        for r in results:
+            flops = 3 * r["expert_rows_max"] * 2 * 64 * (2 * 128 + 128)  # SwiGLU: W1 is [M, 2H]
+            f.check(r["expert_rows_max"] >= 256 * 2, f"bench floor: dropless rows {r['expert_rows_max']} >= 512")
+            f.check(abs(r["floor_ms"] - flops / (r["peak_gflops"] * 1e9) * 1e3) < 1e-6 * r["floor_ms"],
+                    f"bench floor: floor {r['floor_ms']} ms is {flops} FLOP at {r['peak_gflops']} GFLOP/s")
+            f.check(abs(r["ratio"] - (r["forward_ms"] + r["backward_ms"]) / r["floor_ms"]) < 1e-9 * r["ratio"],
+                    "bench floor: the ratio is the layer's time over the floor")
+        for dtype in ("fp32", "bf16"):
+            ratios = sorted(r["ratio"] for r in results if r["dtype"] == dtype)
+            f.check(abs(floor["dtypes"][dtype]["median_ratio"] - sum(ratios) / 2) < 1e-9,
+                    f"bench floor: {dtype} median of its two rounds")
+        f.check(len(list(csv.DictReader(open(floor_csv)))) == 4, "bench floor: one CSV row per round and dtype")
+        print(f"ok: bench floor ratios fp32 {floor['dtypes']['fp32']['median_ratio']:.2f}, "
+              f"bf16 {floor['dtypes']['bf16']['median_ratio']:.2f} (tiny shapes)", flush=True)
+        one_error(f, mpirun(2, ["bench", "floor", "--dtypes", "fp16"], check=False), "fp16", "bench floor --dtypes fp16")
+
         online = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--degree-bwd", "2", "--json"]))
         f.check(online["degree_measured"] and online["degree_bwd"] == 2 and online["predicted_fwd_ms"] is None,
                 "auto without a profile times the candidates; a fixed backward degree stays")
