@@ -2,12 +2,12 @@
 // interleaved rounds so that the host's drift moves both sides alike.
 //
 //   mpirun -q -np 2 build/pipemoe bench floor [layer shape flags] [--dtypes fp32,bf16] [--rounds 10]
-//       [--iters 3] [--gemm-repeat 3] [--degree 1] [--weights-change] [--csv floor.csv] [--json]
+//       [--iters 3] [--gemm-repeat 3] [--degree 1,2] [--weights-change] [--csv floor.csv] [--json]
 // The floor of a pass is its expert FLOPs (the rows the slowest rank's experts computed, forward,
 // input gradient and weight gradient) at the GEMM peak (`bench gemm`'s: the 2048^3 product, every
 // rank at once, the best of ours and OpenBLAS; bf16: our bf16 GEMM). Each round measures the peak
-// and then the layer, for each dtype in turn: seconds apart, where two separate commands would be
-// minutes apart on a host whose speed drifts 10-30% in that time.
+// and then the layer at each pipeline degree, for each dtype in turn: seconds apart, where two
+// separate commands would be minutes apart on a host whose speed drifts 10-30% in that time.
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
@@ -26,7 +26,7 @@ struct FloorOptions {
   int rounds = 10;
   int iters = 3;
   int gemm_repeat = 3;
-  int degree = 1;
+  std::vector<int> degrees = {1};
   uint64_t seed = 1;
   bool weights_change = false;
   std::string csv;
@@ -36,6 +36,7 @@ struct FloorOptions {
 struct RoundResult {
   int round;
   std::string dtype;
+  int degree;
   double peak_gflops, expert_rows_max, floor_ms, forward_ms, backward_ms;
   double layer_ms() const { return forward_ms + backward_ms; }
   double ratio() const { return layer_ms() / floor_ms; }
@@ -60,10 +61,9 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     shape.ranks = ctx.world();
     shape.precision = parse_dtype(name);
     shape.validate();
-    shape.check_degree(o.degree);
+    for (int degree : o.degrees) shape.check_degree(degree);
     Arm arm{name, moe_strategy("ep").make_layer(shape, ctx.comm, ctx.backend)};
     arm.layer->init_parameters(o.seed);
-    arm.layer->set_degrees(o.degree, o.degree);
     arms.push_back(std::move(arm));
   }
   LayerData data = make_layer_data(o.shape.tokens, o.shape.model_dim, o.seed, ctx.rank());
@@ -77,64 +77,79 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     for (Arm& arm : arms) {
       const MoeShape& shape = arm.layer->shape();
       const double peak = square.peak_gflops(ctx.comm, shape.precision, o.gemm_repeat);
-      PassTimes t = run_passes(ctx.comm, *arm.layer, executor, data, round == 1 ? 1 : 0, o.iters, loss_grads);
-      const double rows = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
-      // forward, input gradient and weight gradient: three times the forward's FLOPs
-      const double flops = 3.0 * rows * shape.expert_flops_per_row();
-      results.push_back({round, arm.dtype, peak, rows, flops / (peak * 1e9) * 1e3,
-                         slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median});
+      for (int degree : o.degrees) {
+        arm.layer->set_degrees(degree, degree);
+        PassTimes t = run_passes(ctx.comm, *arm.layer, executor, data, round == 1 ? 1 : 0, o.iters, loss_grads);
+        const double rows = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
+        // forward, input gradient and weight gradient: three times the forward's FLOPs
+        const double flops = 3.0 * rows * shape.expert_flops_per_row();
+        results.push_back({round, arm.dtype, degree, peak, rows, flops / (peak * 1e9) * 1e3,
+                           slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median});
+      }
     }
   }
   if (ctx.rank() != 0) return 0;
 
   std::unique_ptr<CsvWriter> csv;
   if (!o.csv.empty())
-    csv = std::make_unique<CsvWriter>(o.csv, std::vector<std::string>{"round", "dtype", "peak_gflops", "expert_rows_max",
+    csv = std::make_unique<CsvWriter>(o.csv, std::vector<std::string>{"round", "dtype", "degree", "peak_gflops", "expert_rows_max",
                                                                       "floor_ms", "forward_ms", "backward_ms", "layer_ms",
                                                                       "ratio"});
   nlohmann::json summary = nlohmann::json::object();
   if (!o.json) {
     const MoeShape& s = o.shape;
     std::printf("the layer against its GEMM floor: %d ranks x %ld tokens, model %ld, hidden %ld (%s), %d experts, "
-                "top-%d, capacity factor %.2f, degree %d%s; %d rounds of %d passes\n",
+                "top-%d, capacity factor %.2f%s; %d rounds of %d passes\n",
                 ctx.world(), static_cast<long>(s.tokens), static_cast<long>(s.model_dim), static_cast<long>(s.hidden),
-                activation_name(s.activation), s.experts, s.top_k, s.capacity_factor, o.degree,
+                activation_name(s.activation), s.experts, s.top_k, s.capacity_factor,
                 o.weights_change ? ", weights changing every pass" : "", o.rounds, o.iters);
-    std::printf("%5s %5s %10s %10s %10s %10s %10s %10s %7s\n", "round", "dtype", "peak GF/s", "rows", "floor ms",
+    std::printf("%5s %5s %6s %10s %10s %10s %10s %10s %10s %7s\n", "round", "dtype", "degree", "peak GF/s", "rows", "floor ms",
                 "fwd ms", "bwd ms", "layer ms", "ratio");
   }
   for (const RoundResult& r : results) {
     if (!o.json)
-      std::printf("%5d %5s %10.1f %10.0f %10.1f %10.1f %10.1f %10.1f %6.3fx\n", r.round, r.dtype.c_str(), r.peak_gflops,
+      std::printf("%5d %5s %6d %10.1f %10.0f %10.1f %10.1f %10.1f %10.1f %6.3fx\n", r.round, r.dtype.c_str(), r.degree, r.peak_gflops,
                   r.expert_rows_max, r.floor_ms, r.forward_ms, r.backward_ms, r.layer_ms(), r.ratio());
     if (csv)
-      csv->row({std::to_string(r.round), r.dtype, fmt::format("{:.2f}", r.peak_gflops),
+      csv->row({std::to_string(r.round), r.dtype, std::to_string(r.degree), fmt::format("{:.2f}", r.peak_gflops),
                 fmt::format("{:.0f}", r.expert_rows_max), fmt::format("{:.3f}", r.floor_ms),
                 fmt::format("{:.3f}", r.forward_ms), fmt::format("{:.3f}", r.backward_ms),
                 fmt::format("{:.3f}", r.layer_ms()), fmt::format("{:.4f}", r.ratio())});
   }
   for (const Arm& arm : arms) {
-    std::vector<double> ratios, peaks, layer_ms;
-    for (const RoundResult& r : results)
-      if (r.dtype == arm.dtype) ratios.push_back(r.ratio()), peaks.push_back(r.peak_gflops), layer_ms.push_back(r.layer_ms());
-    const Summary ratio = summarize(ratios), peak = summarize(peaks), ms = summarize(layer_ms);
-    summary[arm.dtype] = {{"median_ratio", ratio.median}, {"min_ratio", ratio.min},   {"max_ratio", ratio.max},
-                          {"median_peak_gflops", peak.median}, {"median_layer_ms", ms.median},
-                          {"bf16_path", ctx.backend.bf16_path()}};
-    if (!o.json)
-      std::printf("%s: layer/floor median %.3fx (rounds %.3f-%.3f), layer %.1f ms, peak %.1f GFLOP/s per rank%s\n",
-                  arm.dtype.c_str(), ratio.median, ratio.min, ratio.max, ms.median, peak.median,
-                  arm.dtype == "bf16" ? (" (bf16 path " + ctx.backend.bf16_path() + ")").c_str() : "");
+    nlohmann::json per_degree = nlohmann::json::object();
+    int best_degree = 0;
+    for (int degree : o.degrees) {
+      std::vector<double> ratios, peaks, layer_ms;
+      for (const RoundResult& r : results)
+        if (r.dtype == arm.dtype && r.degree == degree)
+          ratios.push_back(r.ratio()), peaks.push_back(r.peak_gflops), layer_ms.push_back(r.layer_ms());
+      const Summary ratio = summarize(ratios), peak = summarize(peaks), ms = summarize(layer_ms);
+      per_degree[std::to_string(degree)] = {{"median_ratio", ratio.median}, {"min_ratio", ratio.min},
+                                            {"max_ratio", ratio.max}, {"median_peak_gflops", peak.median},
+                                            {"median_layer_ms", ms.median}};
+      if (best_degree == 0 || ratio.median < per_degree[std::to_string(best_degree)]["median_ratio"].get<double>())
+        best_degree = degree;
+      if (!o.json)
+        std::printf("%s, degree %d: layer/floor median %.3fx (rounds %.3f-%.3f), layer %.1f ms, peak %.1f GFLOP/s per "
+                    "rank%s\n",
+                    arm.dtype.c_str(), degree, ratio.median, ratio.min, ratio.max, ms.median, peak.median,
+                    arm.dtype == "bf16" ? (" (bf16 path " + ctx.backend.bf16_path() + ")").c_str() : "");
+    }
+    // the dtype's headline: its best degree (by median), as the planner would run it
+    summary[arm.dtype] = per_degree[std::to_string(best_degree)];
+    summary[arm.dtype].update({{"best_degree", best_degree}, {"degrees", per_degree},
+                               {"bf16_path", ctx.backend.bf16_path()}});
   }
   if (o.json) {
     nlohmann::json j = {{"world_size", ctx.world()}, {"tokens", o.shape.tokens}, {"model_dim", o.shape.model_dim},
                         {"hidden", o.shape.hidden}, {"experts", o.shape.experts}, {"top_k", o.shape.top_k},
-                        {"capacity_factor", o.shape.capacity_factor}, {"degree", o.degree},
+                        {"capacity_factor", o.shape.capacity_factor}, {"degrees", o.degrees},
                         {"weights_change", o.weights_change}, {"rounds", o.rounds}, {"iters", o.iters},
                         {"gemm_isa", gemm_isa()}, {"dtypes", summary}};
     nlohmann::json rows = nlohmann::json::array();
     for (const RoundResult& r : results)
-      rows.push_back({{"round", r.round}, {"dtype", r.dtype}, {"peak_gflops", r.peak_gflops},
+      rows.push_back({{"round", r.round}, {"dtype", r.dtype}, {"degree", r.degree}, {"peak_gflops", r.peak_gflops},
                       {"expert_rows_max", r.expert_rows_max}, {"floor_ms", r.floor_ms}, {"forward_ms", r.forward_ms},
                       {"backward_ms", r.backward_ms}, {"ratio", r.ratio()}});
     j["results"] = rows;
@@ -157,7 +172,9 @@ void add_bench_floor_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--iters", o->iters, "layer passes per round and dtype (their median)")->capture_default_str();
   cmd->add_option("--gemm-repeat", o->gemm_repeat, "timed 2048^3 products per round and dtype (their median)")
       ->capture_default_str();
-  cmd->add_option("--degree", o->degree, "pipeline degree, forward and backward")->capture_default_str();
+  cmd->add_option("--degree", o->degrees, "pipeline degrees (forward and backward), each measured in every round")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_flag("--weights-change", o->weights_change,
                 "mark the weights changed before every pass, so each pass packs them again (a training step's cost)");

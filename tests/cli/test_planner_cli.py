@@ -190,11 +190,12 @@ def main():
         floor_csv = os.path.join(tmp, "floor.csv")
         floor = last_json(mpirun(2, ["bench", "floor", "--tokens", 256, "--model-dim", 64, "--hidden", 128,
                                      "--experts", 4, "--top-k", 2, "--capacity-factor", 0, "--activation", "swiglu",
-                                     "--rounds", 2, "--iters", 1, "--gemm-repeat", 1, "--dtypes", "fp32,bf16",
+                                     "--rounds", 2, "--iters", 1, "--gemm-repeat", 1, "--dtypes", "fp32,bf16", "--degree", "1,2",
                                      "--csv", floor_csv, "--json"], timeout=300))
         results = floor["results"]
-        f.check(sorted((r["round"], r["dtype"]) for r in results) == [(1, "bf16"), (1, "fp32"), (2, "bf16"), (2, "fp32")],
-                f"bench floor: one result per round and dtype, got {[(r['round'], r['dtype']) for r in results]}")
+        keys = sorted((r["round"], r["dtype"], r["degree"]) for r in results)
+        f.check(keys == sorted((n, t, d) for n in (1, 2) for t in ("fp32", "bf16") for d in (1, 2)),
+                f"bench floor: one result per round, dtype and degree, got {keys}")
         for r in results:
             flops = 3 * r["expert_rows_max"] * 2 * 64 * (2 * 128 + 128)  # SwiGLU: W1 is [M, 2H]
             f.check(r["expert_rows_max"] >= 256 * 2, f"bench floor: dropless rows {r['expert_rows_max']} >= 512")
@@ -203,10 +204,13 @@ def main():
             f.check(abs(r["ratio"] - (r["forward_ms"] + r["backward_ms"]) / r["floor_ms"]) < 1e-9 * r["ratio"],
                     "bench floor: the ratio is the layer's time over the floor")
         for dtype in ("fp32", "bf16"):
-            ratios = sorted(r["ratio"] for r in results if r["dtype"] == dtype)
-            f.check(abs(floor["dtypes"][dtype]["median_ratio"] - sum(ratios) / 2) < 1e-9,
-                    f"bench floor: {dtype} median of its two rounds")
-        f.check(len(list(csv.DictReader(open(floor_csv)))) == 4, "bench floor: one CSV row per round and dtype")
+            medians = {d: sum(r["ratio"] for r in results if r["dtype"] == dtype and r["degree"] == d) / 2 for d in (1, 2)}
+            summary = floor["dtypes"][dtype]
+            f.check(all(abs(summary["degrees"][str(d)]["median_ratio"] - m) < 1e-9 for d, m in medians.items()),
+                    f"bench floor: {dtype} median of its two rounds per degree")
+            f.check(summary["best_degree"] == min(medians, key=medians.get) and
+                    summary["median_ratio"] == min(medians.values()), f"bench floor: {dtype}'s headline is its best degree")
+        f.check(len(list(csv.DictReader(open(floor_csv)))) == 8, "bench floor: one CSV row per round, dtype and degree")
         print(f"ok: bench floor ratios fp32 {floor['dtypes']['fp32']['median_ratio']:.2f}, "
               f"bf16 {floor['dtypes']['bf16']['median_ratio']:.2f} (tiny shapes)", flush=True)
         one_error(f, mpirun(2, ["bench", "floor", "--dtypes", "fp16"], check=False), "fp16", "bench floor --dtypes fp16")
