@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 
@@ -17,6 +18,7 @@ from harness import Failures, mpirun  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train_cli import TINY, write_text  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--tokens", 256, "--model-dim", 64, "--hidden", 128, "--experts", 4, "--top-k", 2,
          "--iters", 2, "--warmup", 1, "--alone-iters", 1]
 
@@ -213,6 +215,10 @@ def main():
         f.check(len(list(csv.DictReader(open(floor_csv)))) == 8, "bench floor: one CSV row per round, dtype and degree")
         print(f"ok: bench floor ratios fp32 {floor['dtypes']['fp32']['median_ratio']:.2f}, "
               f"bf16 {floor['dtypes']['bf16']['median_ratio']:.2f} (tiny shapes)", flush=True)
+        plot = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "plot_floor.py"), floor_csv],
+                              capture_output=True, text=True, timeout=120)
+        png = floor_csv[:-4] + ".png"
+        f.check(plot.returncode == 0 and os.path.getsize(png) > 10000, f"bench/plot_floor.py draws the CSV: {plot.stderr}")
         one_error(f, mpirun(2, ["bench", "floor", "--dtypes", "fp16"], check=False), "fp16", "bench floor --dtypes fp16")
 
         online = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--degree-bwd", "2", "--json"]))

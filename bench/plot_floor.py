@@ -1,0 +1,56 @@
+#!/usr/bin/python3
+"""Plot of a `pipemoe bench floor` CSV: each round's layer time over its GEMM floor, one line per
+dtype and pipeline degree, with each line's median dashed and the 1.15x target dotted; beside it
+the round's peak, to see whether a slow round was the layer or the GEMM.
+
+  /usr/bin/python3 bench/plot_floor.py out/floor.csv [--out out/floor.png] [--target 1.15]
+"""
+import argparse
+import collections
+import csv
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv")
+    p.add_argument("--out", help="PNG path (default: the CSV path with .png)")
+    p.add_argument("--target", type=float, default=1.15, help="the ratio to draw as the target")
+    a = p.parse_args()
+    rows = list(csv.DictReader(open(a.csv)))
+    if not rows:
+        raise SystemExit(f"plot_floor: {a.csv} has no rows")
+    lines = collections.OrderedDict()
+    peaks = collections.OrderedDict()
+    for r in rows:
+        lines.setdefault((r["dtype"], int(r.get("degree", 1))), []).append((int(r["round"]), float(r["ratio"])))
+        peaks.setdefault(r["dtype"], {})[int(r["round"])] = float(r["peak_gflops"])
+    fig, (ax, ax_peak) = plt.subplots(1, 2, figsize=(11, 4))
+    for (dtype, degree), points in lines.items():
+        rounds, ratios = zip(*points)
+        median = statistics.median(ratios)
+        drawn = ax.plot(rounds, ratios, "o-", label=f"{dtype}, degree {degree}: median {median:.3f}x")
+        ax.axhline(median, color=drawn[0].get_color(), lw=0.8, ls="--")
+    ax.axhline(a.target, color="gray", lw=1, ls=":", label=f"target {a.target}x")
+    ax.set_xlabel("round")
+    ax.set_ylabel("layer (forward + backward) / GEMM floor")
+    ax.legend(fontsize=7)
+    for dtype, by_round in peaks.items():
+        rounds = sorted(by_round)
+        ax_peak.plot(rounds, [by_round[r] for r in rounds], "s-", label=dtype)
+    ax_peak.set_xlabel("round")
+    ax_peak.set_ylabel("2048^3 peak, GFLOP/s per rank")
+    ax_peak.legend(fontsize=7)
+    fig.tight_layout()
+    out = a.out or a.csv.rsplit(".", 1)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    print(f"plot_floor: wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
