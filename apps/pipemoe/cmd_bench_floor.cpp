@@ -164,7 +164,6 @@ void add_bench_floor_command(CLI::App& bench, CommandFn& run) {
   auto o = std::make_shared<FloorOptions>();
   CLI::App* cmd = bench.add_subcommand("floor", "the layer (forward + backward) against its GEMM floor, interleaved rounds");
   add_layer_shape_options(cmd, o->shape);
-  cmd->remove_option(cmd->get_option("--dtype"));  // --dtypes names them all
   cmd->add_option("--dtypes", o->dtypes, "dtypes measured in turn in each round: fp32, bf16")
       ->delimiter(',')
       ->capture_default_str();
@@ -180,7 +179,13 @@ void add_bench_floor_command(CLI::App& bench, CommandFn& run) {
                 "mark the weights changed before every pass, so each pass packs them again (a training step's cost)");
   cmd->add_option("--csv", o->csv, "write one row per round and dtype as CSV");
   cmd->add_flag("--json", o->json, "print one JSON object (rank 0) instead of the table");
-  cmd->callback([o, &run] { run = [o](Context& ctx) { return run_floor_bench(ctx, *o); }; });
+  cmd->callback([o, cmd, &run] {
+    // --dtype (the layer's flag) measures that one dtype; --dtypes a list
+    const bool one = cmd->get_option("--dtype")->count() > 0, list = cmd->get_option("--dtypes")->count() > 0;
+    PM_REQUIRE(!(one && list), "give --dtype or --dtypes, not both");
+    if (one) o->dtypes = {precision_name(o->shape.precision)};
+    run = [o](Context& ctx) { return run_floor_bench(ctx, *o); };
+  });
 }
 
 }  // namespace pm::cli
