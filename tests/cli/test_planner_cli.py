@@ -220,6 +220,8 @@ def main():
         png = floor_csv[:-4] + ".png"
         f.check(plot.returncode == 0 and os.path.getsize(png) > 10000, f"bench/plot_floor.py draws the CSV: {plot.stderr}")
         one_error(f, mpirun(2, ["bench", "floor", "--dtypes", "fp16"], check=False), "fp16", "bench floor --dtypes fp16")
+        one_error(f, mpirun(2, ["bench", "floor", "--dtype", "bf16", "--dtypes", "fp32"], check=False), "not both",
+                  "bench floor --dtype with --dtypes")
 
         online = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--degree-bwd", "2", "--json"]))
         f.check(online["degree_measured"] and online["degree_bwd"] == 2 and online["predicted_fwd_ms"] is None,
