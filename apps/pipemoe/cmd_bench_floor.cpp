@@ -14,6 +14,7 @@
 #include "apps/pipemoe/gemm_timing.h"
 #include "apps/pipemoe/layer_runner.h"
 #include "core/csv.h"
+#include "core/log.h"
 #include "core/stats.h"
 #include "sched/executor.h"
 
@@ -87,6 +88,11 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                            slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median});
       }
     }
+    // progress on stderr: a long run shows where it is and how the rounds come out
+    std::string line;
+    for (auto r = results.end() - static_cast<std::ptrdiff_t>(arms.size() * o.degrees.size()); r != results.end(); ++r)
+      line += fmt::format("{}{} degree {} {:.3f}x", line.empty() ? "" : ", ", r->dtype, r->degree, r->ratio());
+    log::info("bench floor: round {}/{}: {}", round, o.rounds, line);
   }
   if (ctx.rank() != 0) return 0;
 
