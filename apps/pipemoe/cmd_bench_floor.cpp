@@ -94,6 +94,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
       line += fmt::format("{}{} degree {} {:.3f}x", line.empty() ? "" : ", ", r->dtype, r->degree, r->ratio());
     log::info("bench floor: round {}/{}: {}", round, o.rounds, line);
   }
+  const double ceiling = fma_ceiling_all_ranks(ctx.comm);
   if (ctx.rank() != 0) return 0;
 
   std::unique_ptr<CsvWriter> csv;
@@ -147,12 +148,15 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     summary[arm.dtype].update({{"best_degree", best_degree}, {"degrees", per_degree},
                                {"bf16_path", ctx.backend.bf16_path()}});
   }
+  if (!o.json && ceiling > 0)
+    std::printf("the cores' FMA ceiling (independent FMA chains, no memory, every rank at once): %.1f GFLOP/s per rank\n",
+                ceiling);
   if (o.json) {
     nlohmann::json j = {{"world_size", ctx.world()}, {"tokens", o.shape.tokens}, {"model_dim", o.shape.model_dim},
                         {"hidden", o.shape.hidden}, {"experts", o.shape.experts}, {"top_k", o.shape.top_k},
                         {"capacity_factor", o.shape.capacity_factor}, {"degrees", o.degrees},
                         {"weights_change", o.weights_change}, {"rounds", o.rounds}, {"iters", o.iters},
-                        {"gemm_isa", gemm_isa()}, {"dtypes", summary}};
+                        {"gemm_isa", gemm_isa()}, {"fma_ceiling_gflops", ceiling}, {"dtypes", summary}};
     nlohmann::json rows = nlohmann::json::array();
     for (const RoundResult& r : results)
       rows.push_back({{"round", r.round}, {"dtype", r.dtype}, {"degree", r.degree}, {"peak_gflops", r.peak_gflops},

@@ -85,6 +85,7 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
       measure("bf16", [&] { gemm_packed(c.ta, c.M, A.data(), lda, packed_bf16, 0.0f, C.data(), c.N); });
     measure("openblas", [&] { openblas_gemm(c.ta, c.tb, c.M, c.N, c.K, A.data(), lda, B.data(), ldb, 0.0f, C.data(), c.N); });
   }
+  const double ceiling = fma_ceiling_all_ranks(ctx.comm);
   if (ctx.rank() != 0) return 0;
   // fp32 rows against the best fp32 product of the square case, bf16 rows against the best bf16 one
   double peak = 0, peak_bf16 = 0, ours_fp32 = 0;
@@ -97,6 +98,9 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
   std::printf("GEMM, float32, %d ranks computing at once, %d threads each, OpenBLAS core %s, our ISA %s\n",
               ctx.world(), compute_threads(), blas_core_name().c_str(), gemm_isa().c_str());
   std::printf("peak (best median of the 2048^3 product): %.1f GFLOP/s per rank\n", peak);
+  if (ceiling > 0)
+    std::printf("the cores' FMA ceiling (independent FMA chains, no memory, every rank at once): %.1f GFLOP/s per rank; "
+                "the peak is %.0f%% of it\n", ceiling, 100.0 * peak / ceiling);
   if (o.dtype == Precision::bf16)
     std::printf("bf16 GEMMs (%s): peak %.1f GFLOP/s per rank, %.2fx our fp32 GEMM on the same product\n",
                 gemm_bf16_path().c_str(), peak_bf16, peak_bf16 / ours_fp32);

@@ -4,6 +4,7 @@
 #include "core/rng.h"
 #include "core/stats.h"
 #include "kernels/cpu/blas.h"
+#include "kernels/cpu/fma_ceiling.h"
 
 namespace pm::cli {
 
@@ -16,6 +17,11 @@ std::vector<double> time_calls(int repeat, const std::function<void()>& fn) {
     s.push_back(w.elapsed_s());
   }
   return s;
+}
+
+double fma_ceiling_all_ranks(Communicator& comm) {
+  comm.barrier();
+  return -comm.allreduce_scalar(-fma_ceiling_gflops(), ReduceOp::max);
 }
 
 SquareProduct::SquareProduct() : a_(kSize * kSize), b_(kSize * kSize), c_(kSize * kSize) {

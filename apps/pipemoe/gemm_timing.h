@@ -14,6 +14,10 @@ namespace pm::cli {
 // Seconds per call of fn, `repeat` times after one warm-up call.
 std::vector<double> time_calls(int repeat, const std::function<void()>& fn);
 
+// The core's FMA ceiling (kernels/cpu/fma_ceiling.h) with every rank running it at once: the
+// slowest rank's GFLOP/s.
+double fma_ceiling_all_ranks(Communicator& comm);
+
 // The square product whose speed is the peak the layer's GEMM floor is measured against.
 class SquareProduct {
  public:

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "kernels/cpu/fma_ceiling.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
 
@@ -211,6 +212,21 @@ TEST(Gemm, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
     gemm_tn_rows(M, N, K, a_rows.data(), b_rows.data(), beta, C.data(), N);
     EXPECT_EQ(std::memcmp(C.data(), C_ref.data(), C.size() * sizeof(float)), 0) << "beta " << beta;
   }
+}
+
+// The FMA ceiling `bench gemm` reports: a positive, finite rate on vector ISAs, nothing to report
+// on the scalar path (and the GEMM's instruction set restored after).
+TEST(FmaCeiling, MeasuresTheVectorIsaTheGemmUses) {
+  const double gflops = fma_ceiling_gflops(0.02);
+  if (gemm_isa() == "scalar") {
+    EXPECT_EQ(gflops, 0.0);
+  } else {
+    EXPECT_TRUE(std::isfinite(gflops));
+    EXPECT_GT(gflops, 1.0) << "a vector FMA core runs more than 1 GFLOP/s";
+  }
+  force_gemm_isa("scalar");
+  EXPECT_EQ(fma_ceiling_gflops(0.02), 0.0);
+  force_gemm_isa("");
 }
 
 }  // namespace
