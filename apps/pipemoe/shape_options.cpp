@@ -3,6 +3,29 @@
 #include "apps/pipemoe/command.h"
 
 namespace pm::cli {
+namespace {
+
+// A flag taking one of a few names, stored as the enum value each names. (CLI11's transformers
+// print a uint8_t enum's values as characters, in the help and in the error for a wrong name.)
+template <typename E>
+void add_enum_option(CLI::App* cmd, const std::string& flag, E& target, const std::map<std::string, E>& names,
+                     const std::string& default_name, const std::string& help) {
+  std::string choices;
+  for (const auto& [name, value] : names) choices += (choices.empty() ? "" : "|") + name;
+  cmd->add_option_function<std::string>(
+         flag,
+         [&target, names, flag, choices](const std::string& value) {
+           auto it = names.find(value);
+           if (it == names.end())
+             throw CLI::ValidationError(flag, "unknown value '" + value + "' (one of " + choices + ")");
+           target = it->second;
+         },
+         help)
+      ->type_name(choices)
+      ->default_str(default_name);
+}
+
+}  // namespace
 
 void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
   cmd->add_option("--tokens", s.tokens, "tokens per rank (T)")->capture_default_str();
@@ -16,11 +39,8 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
       ->capture_default_str();
   cmd->add_flag("--balance-bias", s.balance_bias,
                 "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
-  const std::map<std::string, RouterScore> scores{{"softmax", RouterScore::softmax}, {"sigmoid", RouterScore::sigmoid}};
-  cmd->add_option("--router-score", s.router_score,
-                  "the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)")
-      ->transform(CLI::CheckedTransformer(scores))
-      ->default_str("softmax");
+  add_enum_option(cmd, "--router-score", s.router_score, {{"softmax", RouterScore::softmax}, {"sigmoid", RouterScore::sigmoid}},
+                  "softmax", "the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)");
   add_activation_option(cmd, "--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])");
   add_dtype_option(cmd, s.precision,
                    "fp32, or bf16: the expert GEMMs read bf16 operands (fp32 accumulation) and the all-to-all "
@@ -28,13 +48,11 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
 }
 
 void add_dtype_option(CLI::App* cmd, Precision& dtype, const std::string& help) {
-  const std::map<std::string, Precision> dtypes{{"fp32", Precision::fp32}, {"bf16", Precision::bf16}};
-  cmd->add_option("--dtype", dtype, help)->transform(CLI::CheckedTransformer(dtypes))->default_str("fp32");
+  add_enum_option(cmd, "--dtype", dtype, {{"fp32", Precision::fp32}, {"bf16", Precision::bf16}}, "fp32", help);
 }
 
 void add_activation_option(CLI::App* cmd, const std::string& flag, Activation& activation, const std::string& help) {
-  const std::map<std::string, Activation> activations{{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}};
-  cmd->add_option(flag, activation, help)->transform(CLI::CheckedTransformer(activations))->default_str("gelu");
+  add_enum_option(cmd, flag, activation, {{"gelu", Activation::gelu}, {"swiglu", Activation::swiglu}}, "gelu", help);
 }
 
 }  // namespace pm::cli
