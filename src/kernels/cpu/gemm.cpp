@@ -181,7 +181,7 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
         const float* src = A.row(k0 + k) + row0 + r;
         float* dst = out + r * kc + k * MR;
         // a whole micro-panel's row: a fixed-size copy the compiler inlines (the loop below cost
-        // the weight gradients' GEMMs 2-6%, Zen 4 running AVX2)
+        // the weight gradients' GEMMs up to a few percent, Zen 4 running AVX2)
         if (MR == 6 && valid == 6) {
           std::memcpy(dst, src, 6 * sizeof(float));
           continue;

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Our GEMM at a git revision (a) against the working tree (b), on the layer's expert shapes and the
+# 2048^3 product, in ONE process per rank: the two builds live side by side (each compiled in its
+# own namespace) and run shape by shape, alternately, so the host's 10-30% drift falls on both.
+# Separate runs minutes apart cannot see a few percent on these machines; this can.
+#
+#   bench/gemm_ab.sh REV [ROUNDS=10] [PROCS=2]     e.g. bench/gemm_ab.sh HEAD~1
+# PROCS processes run at once, as the layer's ranks do. Prints per process and shape the median
+# GFLOP/s of each side and the median time ratio b/a over the rounds (below 1: b is faster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev=${1:?usage: bench/gemm_ab.sh REV [ROUNDS] [PROCS]}
+rounds=${2:-10}
+procs=${3:-2}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/a"
+git archive "$rev" src | tar -x -C "$work/a"
+flags=(-O3 -march=native -std=c++20 -DNDEBUG)
+objects=()
+for side in a b; do
+  src=$([ $side = a ] && echo "$work/a/src" || echo "$PWD/src")
+  for f in kernels/cpu/gemm.cpp kernels/cpu/gemm_bf16.cpp kernels/cpu/thread_pool.cpp core/error.cpp; do
+    [ -f "$src/$f" ] || continue
+    g++ "${flags[@]}" -I"$src" -Dpm=pm_ab_$side -c "$src/$f" -o "$work/${side}_$(basename "$f" .cpp).o"
+    objects+=("$work/${side}_$(basename "$f" .cpp).o")
+  done
+  g++ "${flags[@]}" -I"$src" -Dpm=pm_ab_$side -DGEMM_AB_RUN=run_$side -c bench/gemm_ab/shapes.cpp -o "$work/${side}_shapes.o"
+  objects+=("$work/${side}_shapes.o")
+done
+g++ "${flags[@]}" bench/gemm_ab/main.cpp "${objects[@]}" -o "$work/gemm_ab" -lfmt -lpthread
+echo "gemm_ab: a = $(git rev-parse --short "$rev"), b = the working tree; $procs processes at once, $rounds rounds"
+for p in $(seq "$procs"); do timeout 1800 "$work/gemm_ab" "$rounds" > "$work/out$p" & done
+wait
+for p in $(seq "$procs"); do echo "-- process $p"; cat "$work/out$p"; done

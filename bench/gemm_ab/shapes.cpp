@@ -1,0 +1,44 @@
+// One GEMM build's side of bench/gemm_ab.sh: compiled once per side with -Dpm=<namespace> and
+// -DGEMM_AB_RUN=<function>, so that two versions of the GEMM live in one process.
+// GEMM_AB_RUN(shape) times one call of the expert shape `shape` (the layer's, 1025 rows per
+// expert, M 512, H 1024) and returns its seconds; shape 6 is the 2048^3 product.
+#include <chrono>
+#include <vector>
+
+#include "kernels/cpu/gemm.h"
+
+using namespace pm;
+
+extern "C" double GEMM_AB_RUN(int shape) {
+  constexpr int64_t R = 1025, M = 512, H = 1024, S = 2048;
+  static std::vector<float> u(R * M), a(R * H), dy(R * M), dh(R * H), w1(M * H), w2(H * M), out(R * H), gw(H * M);
+  static std::vector<const float*> a_rows(R), dy_rows(R), u_rows(R), dh_rows(R);
+  static std::vector<float> sa, sb, sc;
+  static PackedB pw1, pw2, pw2t, pw1t, psq;
+  static bool ready = false;
+  if (!ready) {  // the same values on both sides: the results can be compared bit for bit
+    ready = true;
+    for (size_t i = 0; i < u.size(); ++i) u[i] = dy[i] = static_cast<float>(i % 7) * 0.1f - 0.3f;
+    for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i % 5) * 0.1f, dh[i] = static_cast<float>(i % 3) * 0.1f;
+    for (size_t i = 0; i < w1.size(); ++i) w1[i] = static_cast<float>(i % 11) * 0.01f, w2[i] = static_cast<float>(i % 13) * 0.01f;
+    pack_b(Trans::no, M, H, w1.data(), H, pw1);
+    pack_b(Trans::no, H, M, w2.data(), M, pw2);
+    pack_b(Trans::yes, M, H, w2.data(), M, pw2t);
+    pack_b(Trans::yes, H, M, w1.data(), H, pw1t);
+    for (int64_t i = 0; i < R; ++i)
+      a_rows[i] = &a[i * H], dy_rows[i] = &dy[i * M], u_rows[i] = &u[i * M], dh_rows[i] = &dh[i * H];
+    sa.assign(S * S, 0.5f), sb.assign(S * S, 0.25f), sc.assign(S * S, 0.0f);
+    pack_b(Trans::no, S, S, sb.data(), S, psq);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  switch (shape) {
+    case 0: gemm_packed(Trans::no, R, u.data(), M, pw1, 0.0f, out.data(), H); break;
+    case 1: gemm_packed(Trans::no, R, a.data(), H, pw2, 0.0f, out.data(), M); break;
+    case 2: gemm_packed(Trans::no, R, dy.data(), M, pw2t, 0.0f, out.data(), H); break;
+    case 3: gemm_packed(Trans::no, R, dh.data(), H, pw1t, 0.0f, out.data(), M); break;
+    case 4: gemm_tn_rows(H, M, R, a_rows.data(), dy_rows.data(), 0.0f, gw.data(), M); break;
+    case 5: gemm_tn_rows(M, H, R, u_rows.data(), dh_rows.data(), 0.0f, gw.data(), H); break;
+    default: gemm_packed(Trans::no, S, sa.data(), S, psq, 0.0f, sc.data(), S); break;
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
