@@ -6,7 +6,8 @@
 #
 #   bench/gemm_ab.sh REV [ROUNDS=10] [PROCS=2]     e.g. bench/gemm_ab.sh HEAD~1
 # PROCS processes run at once, as the layer's ranks do. Prints per process and shape the median
-# GFLOP/s of each side and the median time ratio b/a over the rounds (below 1: b is faster).
+# GFLOP/s of each side, the median time ratio b/a over the rounds (below 1: b is faster), and
+# whether the two sides wrote the same bits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: bench/gemm_ab.sh REV [ROUNDS] [PROCS]}

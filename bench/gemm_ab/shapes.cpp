@@ -1,15 +1,18 @@
 // One GEMM build's side of bench/gemm_ab.sh: compiled once per side with -Dpm=<namespace> and
 // -DGEMM_AB_RUN=<function>, so that two versions of the GEMM live in one process.
 // GEMM_AB_RUN(shape) times one call of the expert shape `shape` (the layer's, 1025 rows per
-// expert, M 512, H 1024) and returns its seconds; shape 6 is the 2048^3 product.
+// expert, M 512, H 1024) and returns its seconds; shape 6 is the 2048^3 product. The bits of the
+// product it wrote go to *hash (FNV-1a), so the two sides can be compared bit for bit.
 #include <chrono>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "kernels/cpu/gemm.h"
 
 using namespace pm;
 
-extern "C" double GEMM_AB_RUN(int shape) {
+extern "C" double GEMM_AB_RUN(int shape, uint64_t* hash) {
   constexpr int64_t R = 1025, M = 512, H = 1024, S = 2048;
   static std::vector<float> u(R * M), a(R * H), dy(R * M), dh(R * H), w1(M * H), w2(H * M), out(R * H), gw(H * M);
   static std::vector<const float*> a_rows(R), dy_rows(R), u_rows(R), dh_rows(R);
@@ -40,5 +43,15 @@ extern "C" double GEMM_AB_RUN(int shape) {
     case 5: gemm_tn_rows(M, H, R, u_rows.data(), dh_rows.data(), 0.0f, gw.data(), H); break;
     default: gemm_packed(Trans::no, S, sa.data(), S, psq, 0.0f, sc.data(), S); break;
   }
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const std::vector<float>& c = shape == 6 ? sc : shape >= 4 ? gw : out;
+  const size_t n = shape == 6 ? c.size() : shape >= 4 ? gw.size() : static_cast<size_t>(R * (shape % 2 ? M : H));
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &c[i], sizeof bits);
+    h = (h ^ bits) * 1099511628211ull;
+  }
+  *hash = h;
+  return seconds;
 }
