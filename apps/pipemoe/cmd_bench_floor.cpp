@@ -126,6 +126,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
   for (const Arm& arm : arms) {
     nlohmann::json per_degree = nlohmann::json::object();
     int best_degree = 0;
+    double best_ratio = 0;
     for (int degree : o.degrees) {
       std::vector<double> ratios, peaks, layer_ms;
       for (const RoundResult& r : results)
@@ -135,8 +136,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
       per_degree[std::to_string(degree)] = {{"median_ratio", ratio.median}, {"min_ratio", ratio.min},
                                             {"max_ratio", ratio.max}, {"median_peak_gflops", peak.median},
                                             {"median_layer_ms", ms.median}};
-      if (best_degree == 0 || ratio.median < per_degree[std::to_string(best_degree)]["median_ratio"].get<double>())
-        best_degree = degree;
+      if (best_degree == 0 || ratio.median < best_ratio) best_degree = degree, best_ratio = ratio.median;
       if (!o.json)
         std::printf("%s, degree %d: layer/floor median %.3fx (rounds %.3f-%.3f), layer %.1f ms, peak %.1f GFLOP/s per "
                     "rank%s\n",
