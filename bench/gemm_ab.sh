@@ -7,7 +7,8 @@
 #   bench/gemm_ab.sh REV [ROUNDS=10] [PROCS=2]     e.g. bench/gemm_ab.sh HEAD~1
 # PROCS processes run at once, as the layer's ranks do. Prints per process and shape the median
 # GFLOP/s of each side, the median time ratio b/a over the rounds (below 1: b is faster), and
-# whether the two sides wrote the same bits.
+# whether the two sides wrote the same bits. B_FLAGS (environment): extra compiler flags for side
+# b only, e.g. B_FLAGS=-DGEMM_KC=256 to try a block size by macro against the same revision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: bench/gemm_ab.sh REV [ROUNDS] [PROCS]}
@@ -21,9 +22,10 @@ flags=(-O3 -march=native -std=c++20 -DNDEBUG)
 objects=()
 for side in a b; do
   src=$([ $side = a ] && echo "$work/a/src" || echo "$PWD/src")
+  extra=$([ $side = b ] && echo "${B_FLAGS:-}" || true)
   for f in kernels/cpu/gemm.cpp kernels/cpu/gemm_bf16.cpp kernels/cpu/thread_pool.cpp core/error.cpp; do
     [ -f "$src/$f" ] || continue
-    g++ "${flags[@]}" -I"$src" -Dpm=pm_ab_$side -c "$src/$f" -o "$work/${side}_$(basename "$f" .cpp).o"
+    g++ "${flags[@]}" $extra -I"$src" -Dpm=pm_ab_$side -c "$src/$f" -o "$work/${side}_$(basename "$f" .cpp).o"
     objects+=("$work/${side}_$(basename "$f" .cpp).o")
   done
   g++ "${flags[@]}" -I"$src" -Dpm=pm_ab_$side -DGEMM_AB_RUN=run_$side -c bench/gemm_ab/shapes.cpp -o "$work/${side}_shapes.o"

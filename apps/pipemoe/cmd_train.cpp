@@ -25,7 +25,7 @@ int run_train(Context& ctx, TrainOptions& o) {
   if (!o.config.empty()) config = load_train_config(o.config);
   for (const std::string& kv : o.sets) apply_set_option(o.overrides, kv);
   config.apply(o.overrides, "command-line options");
-  nlohmann::json result = train(ctx.comm, config);
+  nlohmann::json result = train(ctx.comm, config, ctx.backend);
   if (ctx.rank() == 0) std::printf("%s\n", result.dump().c_str());
   return 0;
 }

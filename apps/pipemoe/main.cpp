@@ -39,6 +39,10 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   app.add_option("--heartbeat-timeout", heartbeat_timeout_s,
                  "seconds without a heartbeat after which a rank is taken for dead and the job ends (0: off; "
                  "default 15)");
+  std::string backend_name = "cpu";
+  app.add_option("--backend", backend_name,
+                 "where the arithmetic runs: cpu, or cuda (GEMMs and experts on this machine's GPU, the same bits; "
+                 "needs a build with CUDA and a GPU)");
   int ranks_in_process = 0;
   app.add_option("--ranks-in-process", ranks_in_process,
                  "run N ranks as threads of this process instead of under mpirun (no MPI: tests, quick tries)");
@@ -54,7 +58,8 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   // An unknown command would otherwise read "A subcommand is required": name it instead.
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
-    if (arg == "--threads" || arg == "--comm-timeout" || arg == "--ranks-in-process" || arg == "--heartbeat-timeout") {
+    if (arg == "--threads" || arg == "--comm-timeout" || arg == "--ranks-in-process" || arg == "--heartbeat-timeout" ||
+        arg == "--backend") {
       ++i;
       continue;
     }
@@ -91,7 +96,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
                    p.approach_fraction > 0 && p.approach_fraction < 1,
                "PIPEMOE_COMM_WAIT must be spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction, got '{}'", w);
   }
-  pm::cli::Context context{comm, pm::cpu_backend()};
+  pm::cli::Context context{comm, pm::backend_named(backend_name)};
   return run(context);
 }
 

@@ -226,6 +226,11 @@ class Backend {
 // The CPU backend (kernels/cpu): the engine's own AVX-512/AVX2/scalar kernels.
 Backend& cpu_backend();
 
+// The backend a run asks for (`pipemoe --backend`): "cpu", or "cuda" (kernels/cuda/cuda_backend.h:
+// GEMMs and experts on the GPU, the same bits); anything else, or "cuda" where it cannot run
+// (no CUDA in this build, no GPU), is a usage error that says why.
+Backend& backend_named(const std::string& name);
+
 // An allocator that takes memory from a backend, so that standard containers hold backend memory.
 template <typename T>
 struct BackendAllocator {

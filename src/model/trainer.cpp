@@ -284,7 +284,7 @@ void print_setup(const TrainConfig& c, const ParallelLayout& layout, int hosts) 
 
 }  // namespace
 
-nlohmann::json train(Communicator& comm, TrainConfig c) {
+nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   const int P = comm.size(), rank = comm.rank();
   if (c.model.tp > 1 && c.model.moe_strategy == "ep") {
     // tensor-parallel groups hold their experts split inside them: that is PPMoE's layer (the
@@ -320,7 +320,6 @@ nlohmann::json train(Communicator& comm, TrainConfig c) {
   const double val_bytes_per_token = static_cast<double>(data.validation_bytes) / data.validation.size();
 
   Executor executor;
-  Backend& backend = cpu_backend();
   // the stage's ranks do what all ranks do without pipeline stages: the model, its experts and
   // the data-parallel all-reduce live in the stage's group
   const ParallelLayout layout = ParallelLayout::make(P, c.model.tp, c.pp, c.model.layers,

@@ -13,6 +13,14 @@
 #include <cstring>
 #include <type_traits>
 
+// The CUDA backend (kernels/cuda) compiles the float versions for the GPU too (nvcc -fmad=false:
+// the same IEEE operations in the same order, so a GPU computes the CPU's bits).
+#ifdef __CUDACC__
+#define PM_HOST_DEVICE __host__ __device__
+#else
+#define PM_HOST_DEVICE
+#endif
+
 namespace pm {
 
 // Each function is written once for a float and for a GCC vector of floats
@@ -22,7 +30,7 @@ namespace pm {
 namespace fast_math_detail {
 
 template <typename T>
-[[gnu::always_inline]] inline T splat(float v) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T splat(float v) {
   if constexpr (std::is_same_v<T, float>)
     return v;
   else
@@ -31,7 +39,7 @@ template <typename T>
 
 // x clamped to [lo, hi] (a NaN stays NaN).
 template <typename T>
-[[gnu::always_inline]] inline T clamp(T x, float lo, float hi) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T clamp(T x, float lo, float hi) {
   if constexpr (std::is_same_v<T, float>) {
     return x < lo ? lo : (x > hi ? hi : x);
   } else {
@@ -52,7 +60,7 @@ template <typename T>
 
 // 2^n for n holding whole numbers in [-126, 127].
 template <typename T>
-[[gnu::always_inline]] inline T pow2(T n) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T pow2(T n) {
   if constexpr (std::is_same_v<T, float>) {
     int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
     float scale;
@@ -70,7 +78,7 @@ template <typename T>
 }  // namespace fast_math_detail
 
 template <typename T>
-[[gnu::always_inline]] inline T exp_approx(T x) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T exp_approx(T x) {
   using namespace fast_math_detail;
   x = clamp(x, -87.0f, 88.0f);
   const float log2e = 1.44269504088896341f;
@@ -91,7 +99,7 @@ template <typename T>
 }
 
 template <typename T>
-[[gnu::always_inline]] inline T erf_approx(T x) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T erf_approx(T x) {
   using namespace fast_math_detail;
   x = clamp(x, -4.0f, 4.0f);
   T s = x * x;
@@ -112,13 +120,13 @@ template <typename T>
 
 // GeLU, exact (erf) form: x * Phi(x).
 template <typename T>
-[[gnu::always_inline]] inline T gelu(T x) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T gelu(T x) {
   return 0.5f * x * (1.0f + erf_approx(x * 0.70710678118654752f));
 }
 
 // d/dx GeLU(x) = Phi(x) + x * phi(x).
 template <typename T>
-[[gnu::always_inline]] inline T gelu_grad(T x) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T gelu_grad(T x) {
   T cdf = 0.5f * (1.0f + erf_approx(x * 0.70710678118654752f));
   T pdf = 0.39894228040143268f * exp_approx(-0.5f * x * x);
   return cdf + x * pdf;
@@ -126,7 +134,7 @@ template <typename T>
 
 // sigmoid(x) = 1 / (1 + e^-x); exp_approx clamps, so large |x| gives 0 or 1, never NaN.
 template <typename T>
-[[gnu::always_inline]] inline T sigmoid_approx(T x) {
+[[gnu::always_inline]] PM_HOST_DEVICE inline T sigmoid_approx(T x) {
   return 1.0f / (1.0f + exp_approx(-x));
 }
 

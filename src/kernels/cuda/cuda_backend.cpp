@@ -1,0 +1,499 @@
+#include "kernels/cuda/cuda_backend.h"
+
+#include "core/error.h"
+
+#if PIPEMOE_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "kernels/cuda/device_kernels.h"
+
+namespace pm {
+namespace {
+
+void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw Error(ErrorKind::internal, std::string("CUDA: ") + what + ": " + cudaGetErrorString(status));
+}
+
+// Device memory that only grows (a pass asks for the same sizes again and again).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (data_) cudaFree(data_);
+  }
+  void* reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      if (data_) check_cuda(cudaFree(data_), "cudaFree");
+      data_ = nullptr;
+      check_cuda(cudaMalloc(&data_, bytes), "cudaMalloc");
+      capacity_ = bytes;
+    }
+    return data_;
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(data_); }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+// The GPU this process uses: with several ranks on a machine, one GPU each in turn.
+int chosen_device(int devices) {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+    if (const char* v = std::getenv(name)) return std::atoi(v) % devices;
+  return 0;
+}
+
+// One calling thread's stream and staging buffers (ranks as threads share the backend).
+struct ThreadState {
+  int device = -1;
+  cudaStream_t stream = nullptr;
+  DeviceBuffer a, b, c, d, e, f;
+  // rows gathered from wherever they sit, before they are copied in (one block per operand)
+  std::vector<float> host_a, host_b;
+  std::vector<uint16_t> host_a16;
+  ~ThreadState() {
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+// Rows [rows, cols] of elem-byte elements, ld elements apart, into contiguous device memory.
+void upload(const void* host, int64_t rows, int64_t cols, int64_t ld, std::size_t elem, DeviceBuffer& to,
+            cudaStream_t stream) {
+  void* dst = to.reserve(std::max<std::size_t>(1, rows * cols * elem));
+  if (rows * cols == 0) return;
+  check_cuda(cudaMemcpy2DAsync(dst, cols * elem, host, ld * elem, cols * elem, rows, cudaMemcpyHostToDevice, stream),
+             "copy to the GPU");
+}
+
+void download(const void* device, int64_t rows, int64_t cols, void* host, int64_t ld, std::size_t elem,
+              cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  check_cuda(cudaMemcpy2DAsync(host, ld * elem, device, cols * elem, cols * elem, rows, cudaMemcpyDeviceToHost, stream),
+             "copy from the GPU");
+}
+
+// Rows given by pointers, gathered into one contiguous host block, then copied in.
+template <typename T>
+void upload_rows(const std::vector<const T*>& rows, int64_t cols, std::vector<T>& host, DeviceBuffer& to,
+                 cudaStream_t stream) {
+  host.resize(std::max<std::size_t>(1, rows.size() * cols));
+  for (std::size_t i = 0; i < rows.size(); ++i) std::memcpy(host.data() + i * cols, rows[i], cols * sizeof(T));
+  upload(host.data(), static_cast<int64_t>(rows.size()), cols, cols, sizeof(T), to, stream);
+}
+
+struct CudaPackedMatrix final : PackedMatrix {
+  Precision precision;
+  Trans trans_b;
+  int64_t K, N;
+  DeviceBuffer b;  // op(B)'s storage as given: [K, N], or [N, K] with trans_b
+};
+
+struct CudaPackedExpert final : PackedExpert {
+  Activation activation;
+  Precision precision;
+  int64_t M = 0, H = 0;
+  DeviceBuffer w1, w2;  // W1 [M, H1], W2 [H, M]
+  const float* b1 = nullptr;
+  const float* b2 = nullptr;
+  mutable DeviceBuffer b1_dev, b2_dev;  // the biases as they are when a forward runs
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    cudaDeviceProp prop{};
+    check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    gpu_ = std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor);
+  }
+
+  std::string name() const override { return "cuda (" + gpu_ + "; host kernels: " + host_.name() + ")"; }
+  Device device() const override { return Device::cuda; }
+  int threads() const override { return host_.threads(); }
+  std::string bf16_path() const override { return "cuda (fp32 chains in vdpbf16ps order)"; }
+  void* allocate(std::size_t bytes) override { return host_.allocate(bytes); }
+  void deallocate(void* data) override { host_.deallocate(data); }
+
+  // ---- on the GPU ------------------------------------------------------------------------------
+  void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+            int64_t ldb, float beta, float* C, int64_t ldc) override {
+    run_gemm(false, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_bf16(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, RowsIn A, int64_t lda, const float* B,
+                 int64_t ldb, float beta, float* C, int64_t ldc) override {
+    run_gemm(true, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+  std::unique_ptr<PackedMatrix> pack_matrix(Precision precision, Trans trans_b, int64_t K, int64_t N, const float* B,
+                                            int64_t ldb) override {
+    ThreadState& t = state();
+    auto packed = std::make_unique<CudaPackedMatrix>();
+    packed->precision = precision;
+    packed->trans_b = trans_b;
+    packed->K = K;
+    packed->N = N;
+    if (trans_b == Trans::yes)
+      upload(B, N, K, ldb, sizeof(float), packed->b, t.stream);
+    else
+      upload(B, K, N, ldb, sizeof(float), packed->b, t.stream);
+    finish(t);
+    return packed;
+  }
+  void gemm_prepacked(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedMatrix& packed, float beta,
+                      float* C, int64_t ldc) override {
+    const auto& p = static_cast<const CudaPackedMatrix&>(packed);
+    ThreadState& t = state();
+    cuda::GemmCall g = start_call(t, p.precision == Precision::bf16, trans_a, M, p.N, p.K, A, lda, beta, C, ldc);
+    g.trans_b = p.trans_b == Trans::yes;
+    g.b = p.b.as<float>();
+    g.ldb = g.trans_b ? p.K : p.N;
+    end_call(t, g, C, ldc);
+  }
+
+  std::unique_ptr<PackedExpert> new_packed_expert(Activation activation, Precision precision) override {
+    auto packed = std::make_unique<CudaPackedExpert>();
+    packed->activation = activation;
+    packed->precision = precision;
+    return packed;
+  }
+  void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1, const float* b2,
+                           int64_t M, int64_t H) override {
+    auto& p = static_cast<CudaPackedExpert&>(packed);
+    upload_weights(p, w1, w2, M, H);
+    p.b1 = b1;
+    p.b2 = b2;
+  }
+  void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) override {
+    upload_weights(static_cast<CudaPackedExpert&>(packed), w1, w2, M, H);
+  }
+
+  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+                      RowsOut act, float* y, ForwardFor use) override {
+    const auto& p = static_cast<const CudaPackedExpert&>(packed);
+    if (rows == 0) return;
+    PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || p.precision == Precision::bf16,
+             "bf16 rows of an expert's input or activation need a bf16 expert");
+    const bool bf16 = p.precision == Precision::bf16;
+    const int64_t H1 = fc1_width(p.activation, H);
+    ThreadState& t = state();
+    // the biases are read now (the caller may change them between packing and running)
+    if (p.b1) upload(p.b1, 1, H1, H1, sizeof(float), p.b1_dev, t.stream);
+    if (p.b2) upload(p.b2, 1, M, M, sizeof(float), p.b2_dev, t.stream);
+    // hpre [rows, H1] = u W1 + b1 (in t.c)
+    cuda::GemmCall fc1;
+    fc1.M = rows, fc1.N = H1, fc1.K = M, fc1.bf16 = bf16;
+    if (u.bf16) {
+      upload(u.bf16, rows, M, M, sizeof(uint16_t), t.a, t.stream);
+      fc1.a_bf16 = t.a.as<uint16_t>();
+    } else {
+      upload(u.f32, rows, M, M, sizeof(float), t.a, t.stream);
+      fc1.a = t.a.as<float>();
+    }
+    fc1.lda = M, fc1.b = p.w1.as<float>(), fc1.ldb = H1, fc1.bias = p.b1 ? p.b1_dev.as<float>() : nullptr;
+    fc1.c = static_cast<float*>(t.c.reserve(rows * H1 * sizeof(float))), fc1.ldc = H1;
+    launch(fc1, t.stream);
+    // act [rows, H] (in t.d: floats, or bf16 bits)
+    t.d.reserve(rows * H * sizeof(float));
+    float* act_f = act.bf16 ? nullptr : t.d.as<float>();
+    uint16_t* act_h = act.bf16 ? t.d.as<uint16_t>() : nullptr;
+    if (p.activation == Activation::swiglu)
+      cuda::swiglu_forward(fc1.c, act_f, act_h, rows, H, t.stream);
+    else
+      cuda::gelu_forward(fc1.c, act_f, act_h, rows * H, use == ForwardFor::backward, t.stream);
+    check_cuda(cudaGetLastError(), "activation kernel");
+    // y [rows, M] = act W2 + b2 (in t.e)
+    cuda::GemmCall fc2;
+    fc2.M = rows, fc2.N = M, fc2.K = H, fc2.bf16 = bf16, fc2.a = act_f, fc2.a_bf16 = act_h, fc2.lda = H;
+    fc2.b = p.w2.as<float>(), fc2.ldb = M, fc2.bias = p.b2 ? p.b2_dev.as<float>() : nullptr;
+    fc2.c = static_cast<float*>(t.e.reserve(rows * M * sizeof(float))), fc2.ldc = M;
+    launch(fc2, t.stream);
+    // GeLU's saved values are its derivative (written over hpre), SwiGLU's the pre-activation
+    download(fc1.c, rows, H1, saved, H1, sizeof(float), t.stream);
+    if (act.bf16)
+      download(act_h, rows, H, act.bf16, H, sizeof(uint16_t), t.stream);
+    else
+      download(act_f, rows, H, act.f32, H, sizeof(float), t.stream);
+    download(fc2.c, rows, M, y, M, sizeof(float), t.stream);
+    finish(t);
+  }
+
+  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
+                             const float* const* saved_rows, float* dhpre, float* du) override {
+    const auto& p = static_cast<const CudaPackedExpert&>(packed);
+    if (rows == 0) return;
+    const bool bf16 = p.precision == Precision::bf16;
+    const int64_t H1 = fc1_width(p.activation, H);
+    ThreadState& t = state();
+    upload(dy, rows, M, M, sizeof(float), t.a, t.stream);
+    upload_rows(std::vector<const float*>(saved_rows, saved_rows + rows), H1, t.host_b, t.b, t.stream);
+    float* dh = static_cast<float*>(t.c.reserve(rows * H1 * sizeof(float)));
+    // dact = dy W2^T: GeLU's into dhpre, SwiGLU's into the second half of each dhpre row
+    cuda::GemmCall fc2;
+    fc2.M = rows, fc2.N = H, fc2.K = M, fc2.bf16 = bf16, fc2.a = t.a.as<float>(), fc2.lda = M;
+    fc2.trans_b = true, fc2.b = p.w2.as<float>(), fc2.ldb = M;
+    fc2.c = p.activation == Activation::swiglu ? dh + H : dh, fc2.ldc = H1;
+    launch(fc2, t.stream);
+    if (p.activation == Activation::swiglu)
+      cuda::swiglu_backward(t.b.as<float>(), dh + H, H1, dh, rows, H, t.stream);
+    else
+      cuda::gelu_backward_by_saved_grad(t.b.as<float>(), dh, dh, rows * H, t.stream);
+    check_cuda(cudaGetLastError(), "activation kernel");
+    // du = dhpre W1^T
+    cuda::GemmCall fc1;
+    fc1.M = rows, fc1.N = M, fc1.K = H1, fc1.bf16 = bf16, fc1.a = dh, fc1.lda = H1;
+    fc1.trans_b = true, fc1.b = p.w1.as<float>(), fc1.ldb = H1;
+    fc1.c = static_cast<float*>(t.e.reserve(rows * M * sizeof(float))), fc1.ldc = M;
+    launch(fc1, t.stream);
+    download(dh, rows, H1, dhpre, H1, sizeof(float), t.stream);
+    download(fc1.c, rows, M, du, M, sizeof(float), t.stream);
+    finish(t);
+  }
+
+  void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
+                           const ExpertRows& r) override {
+    const int64_t rows = static_cast<int64_t>(r.dy.size());
+    const size_t u_rows = r.u.size() + r.u_bf16.size(), act_rows = r.act.size() + r.act_bf16.size();
+    PM_CHECK(u_rows == r.dy.size() && act_rows == r.dy.size() && r.dhpre.size() == r.dy.size() &&
+                 (r.u.empty() || r.u_bf16.empty()) && (r.act.empty() || r.act_bf16.empty()),
+             "expert rows disagree: {} u, {} act, {} dhpre, {} dy", u_rows, act_rows, r.dhpre.size(), r.dy.size());
+    PM_CHECK((r.u_bf16.empty() && r.act_bf16.empty()) || precision == Precision::bf16,
+             "bf16 rows of an expert's input or activation need a bf16 expert");
+    if (rows == 0) return;
+    const int64_t H1 = fc1_width(activation, H);
+    ThreadState& t = state();
+    // grad [m, n] += a^T b over the rows in order (a [rows, m] floats or bf16, b [rows, n])
+    auto tn_rows = [&](int64_t m, int64_t n, const std::vector<const float*>& a, const std::vector<const uint16_t*>& a16,
+                       const std::vector<const float*>& b, float* grad) {
+      cuda::GemmCall call;
+      call.M = m, call.N = n, call.K = rows, call.trans_a = true, call.bf16 = precision == Precision::bf16;
+      if (!a16.empty()) {
+        upload_rows(a16, m, t.host_a16, t.a, t.stream);
+        call.a_bf16 = t.a.as<uint16_t>();
+      } else {
+        upload_rows(a, m, t.host_a, t.a, t.stream);
+        call.a = t.a.as<float>();
+      }
+      call.lda = m;
+      upload_rows(b, n, t.host_b, t.b, t.stream);
+      call.b = t.b.as<float>(), call.ldb = n;
+      upload(grad, m, n, n, sizeof(float), t.c, t.stream);
+      call.beta = 1.0f, call.c = t.c.as<float>(), call.ldc = n;
+      launch(call, t.stream);
+      download(call.c, m, n, grad, n, sizeof(float), t.stream);
+      finish(t);
+    };
+    tn_rows(H, M, r.act, r.act_bf16, r.dy, g.w2);
+    for (const float* row : r.dy) host_.add_column_sums(row, 1, M, g.b2);
+    tn_rows(M, H1, r.u, r.u_bf16, r.dhpre, g.w1);
+    for (const float* row : r.dhpre) host_.add_column_sums(row, 1, H1, g.b1);
+  }
+
+  // ---- on the host -----------------------------------------------------------------------------
+  void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) override { host_.fill_rows(rows, n, width, bias); }
+  void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) override {
+    host_.add_column_sums(rows, n, width, sums);
+  }
+  void axpy(float alpha, const float* x, float* y, int64_t n) override { host_.axpy(alpha, x, y, n); }
+  void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) override {
+    host_.copy_rows(src, dst, width, runs);
+  }
+  void gelu_forward(const float* in, float* out, int64_t n) override { host_.gelu_forward(in, out, n); }
+  void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) override {
+    host_.gelu_backward(in, grad_out, grad_in, n);
+  }
+  void swiglu_rows_forward(const float* hpre, float* act, int64_t rows, int64_t n) override {
+    host_.swiglu_rows_forward(hpre, act, rows, n);
+  }
+  void swiglu_rows_backward(const float* hpre, const float* dact, float* dhpre, int64_t rows, int64_t n) override {
+    host_.swiglu_rows_backward(hpre, dact, dhpre, rows, n);
+  }
+  void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) override {
+    host_.softmax_rows(logits, probs, rows, cols);
+  }
+  void softmax_rows_backward(const float* probs, const float* dprobs, float* dlogits, int64_t rows,
+                             int64_t cols) override {
+    host_.softmax_rows_backward(probs, dprobs, dlogits, rows, cols);
+  }
+  void topk_rows(const float* values, int64_t rows, int64_t cols, int k, int32_t* index, float* value) override {
+    host_.topk_rows(values, rows, cols, k, index, value);
+  }
+  void layernorm_forward(const float* x, const float* gamma, const float* beta, int64_t rows, int64_t D, float eps,
+                         float* y, float* mean, float* rstd) override {
+    host_.layernorm_forward(x, gamma, beta, rows, D, eps, y, mean, rstd);
+  }
+  void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd, const float* dy,
+                          int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta) override {
+    host_.layernorm_backward(x, gamma, mean, rstd, dy, rows, D, dx, dgamma, dbeta);
+  }
+  void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
+                         float* out) override {
+    host_.attention_forward(qkv, B, S, heads, hd, probs, out);
+  }
+  void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
+                          int64_t heads, int64_t hd, float* dqkv) override {
+    host_.attention_backward(qkv, probs, dout, B, S, heads, hd, dqkv);
+  }
+  void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B,
+                        int64_t S_max, int64_t heads, int64_t hd, float* out) override {
+    host_.attention_decode(qkv, k_cache, v_cache, pos, B, S_max, heads, hd, out);
+  }
+  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
+                     float* dlogits, float scale) override {
+    host_.cross_entropy(logits, targets, rows, V, losses, dlogits, scale);
+  }
+  void shard_row_max(const float* logits, int64_t rows, int64_t V, float* max) override {
+    host_.shard_row_max(logits, rows, V, max);
+  }
+  void shard_exp_sums(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
+                      const float* max, double* sums) override {
+    host_.shard_exp_sums(logits, targets, rows, V, lo, max, sums);
+  }
+  void shard_cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
+                           const float* max, const double* sums, float* losses, float* dlogits, float scale) override {
+    host_.shard_cross_entropy(logits, targets, rows, V, lo, max, sums, losses, dlogits, scale);
+  }
+  void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, RowsOut slots) override {
+    host_.dispatch_rows(x, T, M, k, position, slots);
+  }
+  void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position,
+                    float* y) override {
+    host_.combine_rows(slots, gate, T, M, k, position, y);
+  }
+  void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position,
+                              float* dx) override {
+    host_.dispatch_rows_backward(dslots, T, M, k, position, dx);
+  }
+  void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
+                                   const int64_t* position, RowsOut dslots) override {
+    host_.combine_rows_backward_slots(dy, gate, T, M, k, position, dslots);
+  }
+  void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,
+                                  float* dgate) override {
+    host_.combine_rows_backward_gate(dy, slots, T, M, k, position, dgate);
+  }
+
+ private:
+  ThreadState& state() {
+    thread_local ThreadState t;
+    if (t.device != device_) {
+      check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+      if (!t.stream) check_cuda(cudaStreamCreateWithFlags(&t.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      t.device = device_;
+    }
+    return t;
+  }
+  static void launch(const cuda::GemmCall& g, cudaStream_t stream) {
+    cuda::gemm(g, stream);
+    check_cuda(cudaGetLastError(), "GEMM kernel");
+  }
+  // Waits for the stream: the results are in host memory when a call returns.
+  static void finish(ThreadState& t) { check_cuda(cudaStreamSynchronize(t.stream), "cudaStreamSynchronize"); }
+
+  // A GEMM's A (floats or bf16 rows) and C copied in; B is the caller's to set.
+  cuda::GemmCall start_call(ThreadState& t, bool bf16, Trans ta, int64_t M, int64_t N, int64_t K, RowsIn A,
+                            int64_t lda, float beta, float* C, int64_t ldc) {
+    cuda::GemmCall g;
+    g.M = M, g.N = N, g.K = K, g.bf16 = bf16, g.trans_a = ta == Trans::yes, g.beta = beta;
+    const int64_t a_rows = g.trans_a ? K : M, a_cols = g.trans_a ? M : K;
+    if (A.bf16) {
+      upload(A.bf16, a_rows, a_cols, lda, sizeof(uint16_t), t.a, t.stream);
+      g.a_bf16 = t.a.as<uint16_t>();
+    } else {
+      upload(A.f32, a_rows, a_cols, lda, sizeof(float), t.a, t.stream);
+      g.a = t.a.as<float>();
+    }
+    g.lda = a_cols;
+    t.c.reserve(std::max<int64_t>(1, M * N) * sizeof(float));
+    if (beta != 0.0f) upload(C, M, N, ldc, sizeof(float), t.c, t.stream);
+    g.c = t.c.as<float>(), g.ldc = N;
+    return g;
+  }
+  void end_call(ThreadState& t, const cuda::GemmCall& g, float* C, int64_t ldc) {
+    launch(g, t.stream);
+    download(g.c, g.M, g.N, C, ldc, sizeof(float), t.stream);
+    finish(t);
+  }
+  void run_gemm(bool bf16, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, RowsIn A, int64_t lda, const float* B,
+                int64_t ldb, float beta, float* C, int64_t ldc) {
+    PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
+    if (M == 0 || N == 0) return;
+    ThreadState& t = state();
+    cuda::GemmCall g = start_call(t, bf16, ta, M, N, K, A, lda, beta, C, ldc);
+    g.trans_b = tb == Trans::yes;
+    if (g.trans_b)
+      upload(B, N, K, ldb, sizeof(float), t.b, t.stream);
+    else
+      upload(B, K, N, ldb, sizeof(float), t.b, t.stream);
+    g.b = t.b.as<float>(), g.ldb = g.trans_b ? K : N;
+    end_call(t, g, C, ldc);
+  }
+  void upload_weights(CudaPackedExpert& p, const float* w1, const float* w2, int64_t M, int64_t H) {
+    ThreadState& t = state();
+    const int64_t H1 = fc1_width(p.activation, H);
+    p.M = M, p.H = H;
+    upload(w1, M, H1, H1, sizeof(float), p.w1, t.stream);
+    upload(w2, H, M, M, sizeof(float), p.w2, t.stream);
+    finish(t);
+  }
+
+  int device_;
+  std::string gpu_;
+  Backend& host_ = cpu_backend();
+};
+
+}  // namespace
+
+bool cuda_available(std::string* why_not) {
+  int devices = 0;
+  const cudaError_t status = cudaGetDeviceCount(&devices);
+  if (status != cudaSuccess || devices == 0) {
+    if (why_not)
+      *why_not = status != cudaSuccess ? std::string("no usable GPU (") + cudaGetErrorString(status) + ")"
+                                       : std::string("no GPU on this machine");
+    return false;
+  }
+  return true;
+}
+
+Backend& cuda_backend() {
+  static std::once_flag once;
+  static std::unique_ptr<CudaBackend> backend;
+  static std::string why;
+  std::call_once(once, [] {
+    int devices = 0;
+    if (cuda_available(&why) && cudaGetDeviceCount(&devices) == cudaSuccess)
+      backend = std::make_unique<CudaBackend>(chosen_device(devices));
+  });
+  if (!backend) throw Error(ErrorKind::usage, "the CUDA backend cannot run here: " + why);
+  return *backend;
+}
+
+}  // namespace pm
+
+#else  // built without CUDA
+
+namespace pm {
+
+bool cuda_available(std::string* why_not) {
+  if (why_not) *why_not = "this build has no CUDA backend (CMake did not find nvcc; see PIPEMOE_CUDA)";
+  return false;
+}
+
+Backend& cuda_backend() {
+  std::string why;
+  cuda_available(&why);
+  throw Error(ErrorKind::usage, "the CUDA backend cannot run here: " + why);
+}
+
+}  // namespace pm
+
+#endif

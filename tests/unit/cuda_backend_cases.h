@@ -1,0 +1,174 @@
+// The CUDA backend's cases, against the CPU backend bit for bit: included by the GPU test
+// (tests/unit/test_cuda_backend.cpp, suite CudaBackend) and by the emulation
+// (tests/cuda_emulation, suite CudaEmulated: the same code on CPU threads and a fake runtime).
+// Define PM_CUDA_TEST_SUITE before including.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace pm::cuda_cases {
+
+std::vector<float> random_values(int64_t n, uint64_t stream, float scale = 1.0f) {
+  std::vector<float> v(std::max<int64_t>(n, 1));
+  Rng(7, stream).fill_normal(v.data(), n, 0.0f, scale);
+  return v;
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = float_to_bf16(v[i]);
+  return out;
+}
+
+::testing::AssertionResult same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return ::testing::AssertionFailure() << "sizes " << a.size() << " and " << b.size();
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0)
+      return ::testing::AssertionFailure() << "element " << i << ": " << a[i] << " (cpu) vs " << b[i] << " (cuda)";
+  return ::testing::AssertionSuccess();
+}
+
+Backend* gpu_or_skip() {
+  std::string why;
+  if (!cuda_available(&why)) return nullptr;
+  return &cuda_backend();
+}
+
+#define SKIP_WITHOUT_GPU(gpu)                                       \
+  Backend* gpu = gpu_or_skip();                                    \
+  if (!gpu) {                                                      \
+    std::string why;                                               \
+    cuda_available(&why);                                          \
+    GTEST_SKIP() << "no CUDA backend here: " << why;               \
+  }
+
+struct GemmCase {
+  int64_t M, N, K;
+};
+const GemmCase kGemmCases[] = {{1, 1, 1}, {7, 33, 5}, {65, 130, 77}, {128, 64, 300}, {3, 200, 0}, {100, 17, 1031}};
+
+TEST(PM_CUDA_TEST_SUITE, GemmGivesTheCpuBits) {
+  SKIP_WITHOUT_GPU(gpu);
+  Backend& cpu = cpu_backend();
+  for (const GemmCase& s : kGemmCases)
+    for (Trans ta : {Trans::no, Trans::yes})
+      for (Trans tb : {Trans::no, Trans::yes})
+        for (float beta : {0.0f, 1.0f})
+          for (Precision precision : {Precision::fp32, Precision::bf16}) {
+            SCOPED_TRACE(::testing::Message() << s.M << "x" << s.N << "x" << s.K << " ta " << (ta == Trans::yes)
+                                              << " tb " << (tb == Trans::yes) << " beta " << beta << " bf16 "
+                                              << (precision == Precision::bf16));
+            // leading dimensions wider than the matrices: strided copies both ways
+            const int64_t lda = (ta == Trans::no ? s.K : s.M) + 3, ldb = (tb == Trans::no ? s.N : s.K) + 2,
+                          ldc = s.N + 5;
+            const std::vector<float> A = random_values((ta == Trans::no ? s.M : s.K) * lda, 1);
+            const std::vector<float> B = random_values((tb == Trans::no ? s.K : s.N) * ldb, 2);
+            std::vector<float> c_cpu = random_values(s.M * ldc, 3), c_gpu = c_cpu;
+            cpu.gemm_as(precision, ta, tb, s.M, s.N, s.K, A.data(), lda, B.data(), ldb, beta, c_cpu.data(), ldc);
+            gpu->gemm_as(precision, ta, tb, s.M, s.N, s.K, A.data(), lda, B.data(), ldb, beta, c_gpu.data(), ldc);
+            EXPECT_TRUE(same_bits(c_cpu, c_gpu));
+            if (precision == Precision::bf16) {  // A given as bf16 rows
+              const std::vector<uint16_t> A16 = to_bf16(A);
+              std::vector<float> d_cpu = random_values(s.M * ldc, 4), d_gpu = d_cpu;
+              cpu.gemm_bf16(ta, tb, s.M, s.N, s.K, A16.data(), lda, B.data(), ldb, beta, d_cpu.data(), ldc);
+              gpu->gemm_bf16(ta, tb, s.M, s.N, s.K, A16.data(), lda, B.data(), ldb, beta, d_gpu.data(), ldc);
+              EXPECT_TRUE(same_bits(d_cpu, d_gpu));
+            }
+            // prepacked B (inference's weights)
+            std::vector<float> e_cpu = random_values(s.M * ldc, 5), e_gpu = e_cpu;
+            auto p_cpu = cpu.pack_matrix(precision, tb, s.K, s.N, B.data(), ldb);
+            auto p_gpu = gpu->pack_matrix(precision, tb, s.K, s.N, B.data(), ldb);
+            cpu.gemm_prepacked(ta, s.M, A.data(), lda, *p_cpu, beta, e_cpu.data(), ldc);
+            gpu->gemm_prepacked(ta, s.M, A.data(), lda, *p_gpu, beta, e_gpu.data(), ldc);
+            EXPECT_TRUE(same_bits(e_cpu, e_gpu));
+          }
+}
+
+// One expert's forward, input backward and weight gradients on both backends.
+struct ExpertRun {
+  std::vector<float> saved, act, y, dhpre, du, w1g, b1g, w2g, b2g;
+  std::vector<uint16_t> act16;
+};
+
+ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bool bf16_rows, ForwardFor use,
+                     int64_t rows, int64_t M, int64_t H) {
+  const int64_t H1 = fc1_width(activation, H);
+  const std::vector<float> w1 = random_values(M * H1, 11, 0.2f), w2 = random_values(H * M, 12, 0.2f);
+  const std::vector<float> b1 = random_values(H1, 13, 0.1f), b2 = random_values(M, 14, 0.1f);
+  const std::vector<float> u = random_values(rows * M, 15), dy = random_values(rows * M, 16);
+  const std::vector<uint16_t> u16 = to_bf16(u);
+  ExpertRun r;
+  r.saved.assign(rows * H1, 0.0f), r.act.assign(rows * H, 0.0f), r.act16.assign(rows * H, 0), r.y.assign(rows * M, 0.0f);
+  auto packed = be.new_packed_expert(activation, precision);
+  be.pack_expert_forward(*packed, w1.data(), w2.data(), b1.data(), b2.data(), M, H);
+  RowsIn u_in = bf16_rows ? RowsIn(u16.data()) : RowsIn(u.data());
+  RowsOut act_out = bf16_rows ? RowsOut(r.act16.data()) : RowsOut(r.act.data());
+  be.expert_forward(*packed, rows, M, H, u_in, r.saved.data(), act_out, r.y.data(), use);
+  if (use == ForwardFor::inference) return r;
+  be.pack_expert_backward(*packed, w1.data(), w2.data(), M, H);
+  // the saved rows in reverse order in memory: the backward reads them through pointers
+  std::vector<float> saved_rev(r.saved.size());
+  std::vector<const float*> saved_rows(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(&saved_rev[(rows - 1 - i) * H1], &r.saved[i * H1], H1 * sizeof(float));
+    saved_rows[i] = &saved_rev[(rows - 1 - i) * H1];
+  }
+  r.dhpre.assign(rows * H1, 0.0f), r.du.assign(rows * M, 0.0f);
+  be.expert_backward_input(*packed, rows, M, H, dy.data(), saved_rows.data(), r.dhpre.data(), r.du.data());
+  r.w1g = random_values(M * H1, 17), r.b1g = random_values(H1, 18), r.w2g = random_values(H * M, 19),
+  r.b2g = random_values(M, 20);
+  ExpertRows er;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (bf16_rows) {
+      er.u_bf16.push_back(&u16[i * M]);
+      er.act_bf16.push_back(&r.act16[i * H]);
+    } else {
+      er.u.push_back(&u[i * M]);
+      er.act.push_back(&r.act[i * H]);
+    }
+    er.dhpre.push_back(&r.dhpre[i * H1]);
+    er.dy.push_back(&dy[i * M]);
+  }
+  be.expert_weight_grads({r.w1g.data(), r.b1g.data(), r.w2g.data(), r.b2g.data()}, activation, precision, M, H, er);
+  return r;
+}
+
+TEST(PM_CUDA_TEST_SUITE, ExpertsGiveTheCpuBits) {
+  SKIP_WITHOUT_GPU(gpu);
+  for (Activation activation : {Activation::gelu, Activation::swiglu})
+    for (Precision precision : {Precision::fp32, Precision::bf16})
+      for (bool bf16_rows : {false, true})
+        for (ForwardFor use : {ForwardFor::backward, ForwardFor::inference})
+          for (int64_t rows : {1, 37, 130}) {
+            if (bf16_rows && precision != Precision::bf16) continue;
+            SCOPED_TRACE(::testing::Message() << "swiglu " << (activation == Activation::swiglu) << " bf16 "
+                                              << (precision == Precision::bf16) << " bf16 rows " << bf16_rows
+                                              << " inference " << (use == ForwardFor::inference) << " rows " << rows);
+            const ExpertRun c = run_expert(cpu_backend(), activation, precision, bf16_rows, use, rows, 48, 72);
+            const ExpertRun g = run_expert(*gpu, activation, precision, bf16_rows, use, rows, 48, 72);
+            if (use == ForwardFor::backward) {
+              EXPECT_TRUE(same_bits(c.saved, g.saved)) << "saved";
+            }
+            EXPECT_TRUE(same_bits(c.act, g.act)) << "act";
+            EXPECT_EQ(c.act16, g.act16) << "act (bf16)";
+            EXPECT_TRUE(same_bits(c.y, g.y)) << "y";
+            EXPECT_TRUE(same_bits(c.dhpre, g.dhpre)) << "dhpre";
+            EXPECT_TRUE(same_bits(c.du, g.du)) << "du";
+            EXPECT_TRUE(same_bits(c.w1g, g.w1g)) << "w1 grad";
+            EXPECT_TRUE(same_bits(c.b1g, g.b1g)) << "b1 grad";
+            EXPECT_TRUE(same_bits(c.w2g, g.w2g)) << "w2 grad";
+            EXPECT_TRUE(same_bits(c.b2g, g.b2g)) << "b2 grad";
+          }
+}
+
+}  // namespace pm::cuda_cases
