@@ -271,7 +271,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"activation", activation_name(shape.activation)}, {"skew", o.skew},
                         {"dtype", precision_name(shape.precision)}, {"bf16_path", backend.bf16_path()},
                         {"shared_hidden", o.shared_hidden},
-                        {"gemm_isa", gemm_isa()}, {"threads", backend.threads()}};
+                        {"gemm_isa", gemm_isa()}, {"threads", backend.threads()},
+                        {"backend", backend.name()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -283,10 +284,13 @@ int run_layer(Context& ctx, const LayerOptions& options) {
               ppmoe ? data_groups : ctx.world(), ppmoe ? "groups" : "ranks", static_cast<long>(shape.tokens), static_cast<long>(shape.model_dim),
               static_cast<long>(shape.hidden), shape.experts, shape.top_k, shape.capacity_factor,
               static_cast<long>(shape.capacity()), gemm_isa().c_str(), backend.threads());
+  if (backend.device() != Device::cpu) std::printf("backend: %s\n", backend.name().c_str());
   if (shape.precision == Precision::bf16)
     std::printf("dtype bf16: expert GEMMs on bf16 operands (%s), all-to-all payloads in bf16%s\n",
                 backend.bf16_path().c_str(),
-                backend.bf16_path() == "avx512_bf16" ? "" : " (this CPU has no AVX512_BF16: the same bits, no speed-up)");
+                backend.bf16_path() == "avx512_bf16" || backend.device() != Device::cpu
+                    ? ""
+                    : " (this CPU has no AVX512_BF16: the same bits, no speed-up)");
   std::printf("pipeline degree: forward %d, backward %d", choice.forward, choice.backward);
   if (choice.plan) std::printf(" (planned %d / %d)", choice.planned_forward, choice.planned_backward);
   if (choice.measured) std::printf(" (timed)");

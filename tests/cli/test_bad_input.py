@@ -57,7 +57,11 @@ def cases(tmp):
         (2, layer("--tokens", "abc"), "tokens"),
         (2, layer("--no-such-flag", 1), "no-such-flag"),
         (1, ["no-such-command"], "no-such-command"),
-    ]
+        (2, ["--backend", "tpu"] + layer(), "unknown backend 'tpu' (one of cpu|cuda)"),
+    ] + ([] if os.path.exists("/dev/nvidia0") else [
+        # no GPU here: the CUDA backend says why it cannot run (no CUDA in the build, or no GPU)
+        (2, ["--backend", "cuda"] + layer(), "the CUDA backend cannot run here"),
+    ])
 
 
 def main():

@@ -1,12 +1,13 @@
 // The CUDA backend's own code, run without a GPU: kernels/cuda/*.cu compiled as C++ with each
 // thread block's threads as coroutines (__syncthreads ends a round of them; __shared__ memory is a
-// static array: blocks run one after another), and kernels/cuda/cuda_backend.cpp on a fake CUDA runtime
+// static array, one per OS thread: blocks run one after another), and kernels/cuda/cuda_backend.cpp on a fake CUDA runtime
 // (fake_cuda/cuda_runtime.h). Checked: the CPU backend's bits for every GEMM and expert case of
 // tests/unit/test_cuda_backend.cpp, and that no kernel reads host memory nor any copy goes the
 // wrong way. What only a GPU can check, nvcc's code (-fmad=false, IEEE division), waits for one:
 // tests/unit/test_cuda_backend.cpp runs the same cases there.
 #include <ucontext.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,7 +24,8 @@
 struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-EmulatedDim3 threadIdx, blockIdx, blockDim{256, 1, 1};
+// (per OS thread: ranks run as threads, each its own kernels)
+thread_local EmulatedDim3 threadIdx, blockIdx, blockDim{256, 1, 1};
 
 namespace emulation {
 struct Block {
@@ -34,7 +36,7 @@ struct Block {
   unsigned current = 0;
   const std::function<void()>* kernel = nullptr;
 };
-Block* g_block = nullptr;
+thread_local Block* g_block = nullptr;
 
 void thread_entry(int t) {
   threadIdx = {static_cast<unsigned>(t), 0, 0};
@@ -60,7 +62,7 @@ inline uint32_t __float_as_uint(float f) {
 }
 #define __global__
 #define __device__
-#define __shared__ static
+#define __shared__ static thread_local
 #define __launch_bounds__(n)
 
 #include "kernels/cuda/elementwise.cu"
@@ -114,6 +116,8 @@ void run_grid(unsigned blocks_x, unsigned blocks_y, unsigned threads, const std:
   emulation::g_block = nullptr;
 }
 
+std::atomic<int64_t> g_gemm_launches{0};
+
 // Every pointer a kernel is handed must be device memory.
 void expect_device(const void* p, std::size_t bytes, const char* what);
 
@@ -121,6 +125,7 @@ namespace pm::cuda {
 
 void gemm(const GemmCall& g, cudaStream_t) {
   if (g.M == 0 || g.N == 0) return;
+  ++g_gemm_launches;
   const int64_t a_rows = g.trans_a ? g.K : g.M, a_cols = g.trans_a ? g.M : g.K;
   const int64_t b_rows = g.trans_b ? g.N : g.K, b_cols = g.trans_b ? g.K : g.N;
   if (a_rows > 0) {
@@ -183,6 +188,9 @@ void swiglu_backward(const float* hpre, const float* dact, int64_t dact_ld, floa
 
 #include <gtest/gtest.h>
 
+#include <string>
+
+
 void expect_device(const void* p, std::size_t bytes, const char* what) {
   EXPECT_TRUE(p != nullptr && fake_cuda::device_memory_holds(p, bytes)) << what << " is not device memory";
 }
@@ -190,6 +198,15 @@ void expect_device(const void* p, std::size_t bytes, const char* what) {
 // The cases of the GPU test, on the emulated GPU.
 #define PM_CUDA_TEST_SUITE CudaEmulated
 #include "unit/cuda_backend_cases.h"
+
+TEST(CudaEmulated, TheLayerRunsItsExpertsOnTheGpu) {
+  // (the cases above compare bits; this checks that the GPU did the work)
+  pm::MoeShape shape{48, 16, 24, 4, 2, 1.25, 2};
+  const int64_t before = g_gemm_launches.load();
+  pm::cuda_cases::run_layer_on(pm::cuda_backend(), "ep", shape);
+  // per rank: forward fc1 and fc2, backward two and the two weight gradients, per expert and chunk
+  EXPECT_GE(g_gemm_launches.load() - before, 2 * 6);
+}
 
 TEST(CudaEmulated, NoMisuseOfTheRuntime) {
   // after the cases above (gtest runs a file's tests in order): no copy went the wrong way

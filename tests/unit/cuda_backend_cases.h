@@ -11,10 +11,13 @@
 #include <string>
 #include <vector>
 
+#include "comm/inprocess_communicator.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "moe/moe_layer.h"
+#include "sched/executor.h"
 
 namespace pm::cuda_cases {
 
@@ -169,6 +172,64 @@ TEST(PM_CUDA_TEST_SUITE, ExpertsGiveTheCpuBits) {
             EXPECT_TRUE(same_bits(c.w2g, g.w2g)) << "w2 grad";
             EXPECT_TRUE(same_bits(c.b2g, g.b2g)) << "b2 grad";
           }
+}
+
+// The MoE layer on the GPU: forward and backward, 2 ranks as threads, pipelined, both
+// strategies, fp32 and bf16, GeLU and SwiGLU: the CPU backend's bits.
+std::vector<float> normal_values(int64_t n, uint64_t seed, uint64_t stream) {
+  std::vector<float> v(n);
+  Rng(seed, stream).fill_normal(v.data(), n, 0.0f, 1.0f);
+  return v;
+}
+
+struct LayerResults {
+  std::vector<float> y, dx;
+  std::vector<std::vector<float>> grads;
+  bool operator==(const LayerResults&) const = default;
+};
+
+LayerResults run_layer_on(Backend& backend, const std::string& strategy, const MoeShape& shape) {
+  std::vector<LayerResults> out(2);
+  run_ranks_in_process(2, [&](Communicator& comm) {
+    Executor ex;
+    auto layer = moe_strategy(strategy).make_layer(shape, comm, backend);
+    layer->init_parameters(5);
+    layer->set_degrees(2, 3);
+    const auto x = normal_values(shape.tokens * shape.model_dim, 9, stream_id(1, comm.rank()));
+    const auto dy = normal_values(shape.tokens * shape.model_dim, 9, stream_id(2, comm.rank()));
+    LayerResults r;
+    r.y.assign(x.size(), 0.0f);
+    r.dx.assign(x.size(), 0.0f);
+    layer->zero_grads();
+    std::shared_ptr<MoePass> pass = forward_alone(*layer, ex, x.data(), shape.tokens, r.y.data());
+    backward_alone(*layer, ex, *pass, dy.data(), r.dx.data(), 0.05f);
+    for (const Parameter& p : layer->parameters()) r.grads.emplace_back(p.grad->f32(), p.grad->f32() + p.grad->numel());
+    out[comm.rank()] = std::move(r);
+  });
+  // both ranks' results, one after the other
+  LayerResults all = out[0];
+  all.y.insert(all.y.end(), out[1].y.begin(), out[1].y.end());
+  all.dx.insert(all.dx.end(), out[1].dx.begin(), out[1].dx.end());
+  all.grads.insert(all.grads.end(), out[1].grads.begin(), out[1].grads.end());
+  return all;
+}
+
+TEST(PM_CUDA_TEST_SUITE, TheMoeLayerGivesTheCpuBits) {
+  SKIP_WITHOUT_GPU(gpu);
+  for (const char* strategy : {"ep", "ppmoe"})
+    for (Precision precision : {Precision::fp32, Precision::bf16})
+      for (Activation activation : {Activation::gelu, Activation::swiglu}) {
+        SCOPED_TRACE(::testing::Message() << strategy << " bf16 " << (precision == Precision::bf16) << " swiglu "
+                                          << (activation == Activation::swiglu));
+        MoeShape shape{48, 16, 24, 4, 2, 1.25, 2};
+        shape.precision = precision;
+        shape.activation = activation;
+        const LayerResults on_cpu = run_layer_on(cpu_backend(), strategy, shape);
+        const LayerResults on_gpu = run_layer_on(*gpu, strategy, shape);
+        EXPECT_TRUE(on_cpu.y == on_gpu.y) << "y";
+        EXPECT_TRUE(on_cpu.dx == on_gpu.dx) << "dx";
+        EXPECT_TRUE(on_cpu.grads == on_gpu.grads) << "parameter gradients";
+      }
 }
 
 }  // namespace pm::cuda_cases
