@@ -184,6 +184,7 @@ void swiglu_backward(const float* hpre, const float* dact, int64_t dact_ld, floa
 
 // The backend itself, on the fake runtime (its cuda_available and cuda_backend stand in for the
 // library's, which this test does not link).
+#include "kernels/cuda/device_memory.cpp"
 #include "kernels/cuda/cuda_backend.cpp"
 
 #include <gtest/gtest.h>

@@ -13,39 +13,17 @@
 #include <vector>
 
 #include "kernels/cuda/device_kernels.h"
+#include "kernels/cuda/device_memory.h"
+#include "kernels/cuda/forwarding_backend.h"
 
 namespace pm {
 namespace {
 
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) throw Error(ErrorKind::internal, std::string("CUDA: ") + what + ": " + cudaGetErrorString(status));
-}
-
-// Device memory that only grows (a pass asks for the same sizes again and again).
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (data_) cudaFree(data_);
-  }
-  void* reserve(std::size_t bytes) {
-    if (bytes > capacity_) {
-      if (data_) check_cuda(cudaFree(data_), "cudaFree");
-      data_ = nullptr;
-      check_cuda(cudaMalloc(&data_, bytes), "cudaMalloc");
-      capacity_ = bytes;
-    }
-    return data_;
-  }
-  template <typename T>
-  T* as() const { return static_cast<T*>(data_); }
-
- private:
-  void* data_ = nullptr;
-  std::size_t capacity_ = 0;
-};
+using cuda::check;
+using cuda::DeviceBuffer;
+using cuda::download;
+using cuda::upload;
+using cuda::upload_rows;
 
 // The GPU this process uses: with several ranks on a machine, one GPU each in turn.
 int chosen_device(int devices) {
@@ -58,7 +36,7 @@ int chosen_device(int devices) {
 struct ThreadState {
   int device = -1;
   cudaStream_t stream = nullptr;
-  DeviceBuffer a, b, c, d, e, f;
+  DeviceBuffer a, b, c, d, e;
   // rows gathered from wherever they sit, before they are copied in (one block per operand)
   std::vector<float> host_a, host_b;
   std::vector<uint16_t> host_a16;
@@ -66,31 +44,6 @@ struct ThreadState {
     if (stream) cudaStreamDestroy(stream);
   }
 };
-
-// Rows [rows, cols] of elem-byte elements, ld elements apart, into contiguous device memory.
-void upload(const void* host, int64_t rows, int64_t cols, int64_t ld, std::size_t elem, DeviceBuffer& to,
-            cudaStream_t stream) {
-  void* dst = to.reserve(std::max<std::size_t>(1, rows * cols * elem));
-  if (rows * cols == 0) return;
-  check_cuda(cudaMemcpy2DAsync(dst, cols * elem, host, ld * elem, cols * elem, rows, cudaMemcpyHostToDevice, stream),
-             "copy to the GPU");
-}
-
-void download(const void* device, int64_t rows, int64_t cols, void* host, int64_t ld, std::size_t elem,
-              cudaStream_t stream) {
-  if (rows * cols == 0) return;
-  check_cuda(cudaMemcpy2DAsync(host, ld * elem, device, cols * elem, cols * elem, rows, cudaMemcpyDeviceToHost, stream),
-             "copy from the GPU");
-}
-
-// Rows given by pointers, gathered into one contiguous host block, then copied in.
-template <typename T>
-void upload_rows(const std::vector<const T*>& rows, int64_t cols, std::vector<T>& host, DeviceBuffer& to,
-                 cudaStream_t stream) {
-  host.resize(std::max<std::size_t>(1, rows.size() * cols));
-  for (std::size_t i = 0; i < rows.size(); ++i) std::memcpy(host.data() + i * cols, rows[i], cols * sizeof(T));
-  upload(host.data(), static_cast<int64_t>(rows.size()), cols, cols, sizeof(T), to, stream);
-}
 
 struct CudaPackedMatrix final : PackedMatrix {
   Precision precision;
@@ -109,22 +62,19 @@ struct CudaPackedExpert final : PackedExpert {
   mutable DeviceBuffer b1_dev, b2_dev;  // the biases as they are when a forward runs
 };
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public ForwardingBackend {
  public:
-  explicit CudaBackend(int device) : device_(device) {
+  explicit CudaBackend(int device) : ForwardingBackend(cpu_backend()), device_(device) {
     cudaDeviceProp prop{};
-    check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
     gpu_ = std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor);
   }
 
   std::string name() const override { return "cuda (" + gpu_ + "; host kernels: " + host_.name() + ")"; }
   Device device() const override { return Device::cuda; }
-  int threads() const override { return host_.threads(); }
   std::string bf16_path() const override { return "cuda (fp32 chains in vdpbf16ps order)"; }
-  void* allocate(std::size_t bytes) override { return host_.allocate(bytes); }
-  void deallocate(void* data) override { host_.deallocate(data); }
 
-  // ---- on the GPU ------------------------------------------------------------------------------
+  // ---- on the GPU (the rest of the table: ForwardingBackend, the host's) -------------------------
   void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
             int64_t ldb, float beta, float* C, int64_t ldc) override {
     run_gemm(false, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
@@ -209,7 +159,7 @@ class CudaBackend final : public Backend {
       cuda::swiglu_forward(fc1.c, act_f, act_h, rows, H, t.stream);
     else
       cuda::gelu_forward(fc1.c, act_f, act_h, rows * H, use == ForwardFor::backward, t.stream);
-    check_cuda(cudaGetLastError(), "activation kernel");
+    check(cudaGetLastError(), "activation kernel");
     // y [rows, M] = act W2 + b2 (in t.e)
     cuda::GemmCall fc2;
     fc2.M = rows, fc2.N = M, fc2.K = H, fc2.bf16 = bf16, fc2.a = act_f, fc2.a_bf16 = act_h, fc2.lda = H;
@@ -246,7 +196,7 @@ class CudaBackend final : public Backend {
       cuda::swiglu_backward(t.b.as<float>(), dh + H, H1, dh, rows, H, t.stream);
     else
       cuda::gelu_backward_by_saved_grad(t.b.as<float>(), dh, dh, rows * H, t.stream);
-    check_cuda(cudaGetLastError(), "activation kernel");
+    check(cudaGetLastError(), "activation kernel");
     // du = dhpre W1^T
     cuda::GemmCall fc1;
     fc1.M = rows, fc1.N = M, fc1.K = H1, fc1.bf16 = bf16, fc1.a = dh, fc1.lda = H1;
@@ -297,106 +247,22 @@ class CudaBackend final : public Backend {
     for (const float* row : r.dhpre) host_.add_column_sums(row, 1, H1, g.b1);
   }
 
-  // ---- on the host -----------------------------------------------------------------------------
-  void fill_rows(float* rows, int64_t n, int64_t width, const float* bias) override { host_.fill_rows(rows, n, width, bias); }
-  void add_column_sums(const float* rows, int64_t n, int64_t width, float* sums) override {
-    host_.add_column_sums(rows, n, width, sums);
-  }
-  void axpy(float alpha, const float* x, float* y, int64_t n) override { host_.axpy(alpha, x, y, n); }
-  void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) override {
-    host_.copy_rows(src, dst, width, runs);
-  }
-  void gelu_forward(const float* in, float* out, int64_t n) override { host_.gelu_forward(in, out, n); }
-  void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) override {
-    host_.gelu_backward(in, grad_out, grad_in, n);
-  }
-  void swiglu_rows_forward(const float* hpre, float* act, int64_t rows, int64_t n) override {
-    host_.swiglu_rows_forward(hpre, act, rows, n);
-  }
-  void swiglu_rows_backward(const float* hpre, const float* dact, float* dhpre, int64_t rows, int64_t n) override {
-    host_.swiglu_rows_backward(hpre, dact, dhpre, rows, n);
-  }
-  void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) override {
-    host_.softmax_rows(logits, probs, rows, cols);
-  }
-  void softmax_rows_backward(const float* probs, const float* dprobs, float* dlogits, int64_t rows,
-                             int64_t cols) override {
-    host_.softmax_rows_backward(probs, dprobs, dlogits, rows, cols);
-  }
-  void topk_rows(const float* values, int64_t rows, int64_t cols, int k, int32_t* index, float* value) override {
-    host_.topk_rows(values, rows, cols, k, index, value);
-  }
-  void layernorm_forward(const float* x, const float* gamma, const float* beta, int64_t rows, int64_t D, float eps,
-                         float* y, float* mean, float* rstd) override {
-    host_.layernorm_forward(x, gamma, beta, rows, D, eps, y, mean, rstd);
-  }
-  void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd, const float* dy,
-                          int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta) override {
-    host_.layernorm_backward(x, gamma, mean, rstd, dy, rows, D, dx, dgamma, dbeta);
-  }
-  void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
-                         float* out) override {
-    host_.attention_forward(qkv, B, S, heads, hd, probs, out);
-  }
-  void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
-                          int64_t heads, int64_t hd, float* dqkv) override {
-    host_.attention_backward(qkv, probs, dout, B, S, heads, hd, dqkv);
-  }
-  void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B,
-                        int64_t S_max, int64_t heads, int64_t hd, float* out) override {
-    host_.attention_decode(qkv, k_cache, v_cache, pos, B, S_max, heads, hd, out);
-  }
-  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
-                     float* dlogits, float scale) override {
-    host_.cross_entropy(logits, targets, rows, V, losses, dlogits, scale);
-  }
-  void shard_row_max(const float* logits, int64_t rows, int64_t V, float* max) override {
-    host_.shard_row_max(logits, rows, V, max);
-  }
-  void shard_exp_sums(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
-                      const float* max, double* sums) override {
-    host_.shard_exp_sums(logits, targets, rows, V, lo, max, sums);
-  }
-  void shard_cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, int64_t lo,
-                           const float* max, const double* sums, float* losses, float* dlogits, float scale) override {
-    host_.shard_cross_entropy(logits, targets, rows, V, lo, max, sums, losses, dlogits, scale);
-  }
-  void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, RowsOut slots) override {
-    host_.dispatch_rows(x, T, M, k, position, slots);
-  }
-  void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position,
-                    float* y) override {
-    host_.combine_rows(slots, gate, T, M, k, position, y);
-  }
-  void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position,
-                              float* dx) override {
-    host_.dispatch_rows_backward(dslots, T, M, k, position, dx);
-  }
-  void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
-                                   const int64_t* position, RowsOut dslots) override {
-    host_.combine_rows_backward_slots(dy, gate, T, M, k, position, dslots);
-  }
-  void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,
-                                  float* dgate) override {
-    host_.combine_rows_backward_gate(dy, slots, T, M, k, position, dgate);
-  }
-
  private:
   ThreadState& state() {
     thread_local ThreadState t;
     if (t.device != device_) {
-      check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-      if (!t.stream) check_cuda(cudaStreamCreateWithFlags(&t.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      check(cudaSetDevice(device_), "cudaSetDevice");
+      if (!t.stream) check(cudaStreamCreateWithFlags(&t.stream, cudaStreamNonBlocking), "cudaStreamCreate");
       t.device = device_;
     }
     return t;
   }
   static void launch(const cuda::GemmCall& g, cudaStream_t stream) {
     cuda::gemm(g, stream);
-    check_cuda(cudaGetLastError(), "GEMM kernel");
+    check(cudaGetLastError(), "GEMM kernel");
   }
   // Waits for the stream: the results are in host memory when a call returns.
-  static void finish(ThreadState& t) { check_cuda(cudaStreamSynchronize(t.stream), "cudaStreamSynchronize"); }
+  static void finish(ThreadState& t) { check(cudaStreamSynchronize(t.stream), "cudaStreamSynchronize"); }
 
   // A GEMM's A (floats or bf16 rows) and C copied in; B is the caller's to set.
   cuda::GemmCall start_call(ThreadState& t, bool bf16, Trans ta, int64_t M, int64_t N, int64_t K, RowsIn A,
@@ -447,7 +313,6 @@ class CudaBackend final : public Backend {
 
   int device_;
   std::string gpu_;
-  Backend& host_ = cpu_backend();
 };
 
 }  // namespace

@@ -1,0 +1,52 @@
+// Device memory for the CUDA backend, and the copies between it and host memory (host code on
+// the CUDA runtime; tests/cuda_emulation runs it on a fake one).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace pm::cuda {
+
+// A failed CUDA call as a pm::Error (internal) naming what was tried.
+void check(cudaError_t status, const char* what);
+
+// Device memory that only grows (a pass asks for the same sizes again and again).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer();
+  // At least `bytes` (its contents are lost when it grows).
+  void* reserve(std::size_t bytes);
+  template <typename T>
+  T* as() const { return static_cast<T*>(data_); }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+// Rows [rows, cols] of elem-byte elements, ld elements apart in host memory, into contiguous
+// device memory (grown to fit).
+void upload(const void* host, int64_t rows, int64_t cols, int64_t ld, std::size_t elem, DeviceBuffer& to,
+            cudaStream_t stream);
+// Contiguous device rows [rows, cols] out to host rows ld elements apart.
+void download(const void* device, int64_t rows, int64_t cols, void* host, int64_t ld, std::size_t elem,
+              cudaStream_t stream);
+
+// Rows given by pointers, gathered into one contiguous host block (`staging`), then copied in.
+template <typename T>
+void upload_rows(const std::vector<const T*>& rows, int64_t cols, std::vector<T>& staging, DeviceBuffer& to,
+                 cudaStream_t stream) {
+  staging.resize(std::max<std::size_t>(1, rows.size() * cols));
+  for (std::size_t i = 0; i < rows.size(); ++i) std::memcpy(staging.data() + i * cols, rows[i], cols * sizeof(T));
+  upload(staging.data(), static_cast<int64_t>(rows.size()), cols, cols, sizeof(T), to, stream);
+}
+
+}  // namespace pm::cuda
