@@ -5,6 +5,10 @@
 // The peak is the best median of the large square product (2048^3); the expert shapes are the
 // GEMMs of an expert FFN (rows x M x H and rows x H x M, forward and backward forms). With
 // --dtype bf16 our bf16 GEMMs run beside the fp32 ones: their own peak, and their speed-up over fp32.
+// With `pipemoe --backend cuda`, the backend's GPU GEMM too (B prepacked on the GPU, as an expert's
+// weights are; A copied in and C out on every call, as the backend does today): rows "cuda".
+#include <map>
+
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
@@ -61,6 +65,8 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
     Summary gflops;
   };
   std::vector<Row> rows;
+  // first: OpenBLAS's threads keep spinning for a while after each call, and would take cores from it
+  const double ceiling = fma_ceiling_all_ranks(ctx.comm);
   for (const GemmCase& c : cases(o)) {
     std::vector<float> A(c.M * c.K), B(c.K * c.N), C(c.M * c.N);
     Rng(1, 1).fill_normal(A.data(), A.size(), 0, 1);
@@ -84,17 +90,27 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
     if (o.dtype == Precision::bf16)
       measure("bf16", [&] { gemm_packed(c.ta, c.M, A.data(), lda, packed_bf16, 0.0f, C.data(), c.N); });
     measure("openblas", [&] { openblas_gemm(c.ta, c.tb, c.M, c.N, c.K, A.data(), lda, B.data(), ldb, 0.0f, C.data(), c.N); });
+    if (ctx.backend.device() != Device::cpu) {
+      for (Precision p : {Precision::fp32, Precision::bf16}) {
+        if (p == Precision::bf16 && o.dtype != Precision::bf16) continue;
+        std::unique_ptr<PackedMatrix> on_device = ctx.backend.pack_matrix(p, c.tb, c.K, c.N, B.data(), ldb);
+        measure(p == Precision::bf16 ? "cuda-bf16" : "cuda",
+                [&] { ctx.backend.gemm_prepacked(c.ta, c.M, A.data(), lda, *on_device, 0.0f, C.data(), c.N); });
+      }
+    }
   }
-  const double ceiling = fma_ceiling_all_ranks(ctx.comm);
   if (ctx.rank() != 0) return 0;
-  // fp32 rows against the best fp32 product of the square case, bf16 rows against the best bf16 one
-  double peak = 0, peak_bf16 = 0, ours_fp32 = 0;
+  // fp32 CPU rows against the best fp32 CPU product of the square case; bf16 rows, and the GPU's,
+  // against their own
+  auto group = [](const std::string& impl) { return impl == "pipemoe" || impl == "openblas" ? std::string("fp32") : impl; };
+  std::map<std::string, double> peaks;
+  double ours_fp32 = 0;
   for (const Row& r : rows) {
     if (r.name != "square 2048") continue;
-    double& best = r.impl == "bf16" ? peak_bf16 : peak;
-    best = std::max(best, r.gflops.median);
+    peaks[group(r.impl)] = std::max(peaks[group(r.impl)], r.gflops.median);
     if (r.impl == "pipemoe") ours_fp32 = r.gflops.median;
   }
+  const double peak = peaks["fp32"], peak_bf16 = peaks["bf16"];
   std::printf("GEMM, float32, %d ranks computing at once, %d threads each, OpenBLAS core %s, our ISA %s\n",
               ctx.world(), compute_threads(), blas_core_name().c_str(), gemm_isa().c_str());
   std::printf("peak (best median of the 2048^3 product): %.1f GFLOP/s per rank\n", peak);
@@ -104,13 +120,16 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
   if (o.dtype == Precision::bf16)
     std::printf("bf16 GEMMs (%s): peak %.1f GFLOP/s per rank, %.2fx our fp32 GEMM on the same product\n",
                 gemm_bf16_path().c_str(), peak_bf16, peak_bf16 / ours_fp32);
+  if (peaks.count("cuda"))
+    std::printf("GPU GEMM (%s, copies of A and C included): peak %.1f GFLOP/s per rank, %.1fx our fp32 CPU GEMM\n",
+                ctx.backend.name().c_str(), peaks["cuda"], peaks["cuda"] / ours_fp32);
   std::printf("%-20s %-9s %6s %6s %6s %8s %8s %8s %7s\n", "shape", "impl", "M", "N", "K", "min", "median", "max", "%peak");
   for (const Row& r : rows) {
-    double pct = 100.0 * r.gflops.median / (r.impl == "bf16" ? peak_bf16 : peak);
+    double pct = 100.0 * r.gflops.median / peaks[group(r.impl)];
     std::printf("%-20s %-9s %6ld %6ld %6ld %8.1f %8.1f %8.1f %6.0f%%", r.name.c_str(), r.impl.c_str(),
                 static_cast<long>(r.c.M), static_cast<long>(r.c.N), static_cast<long>(r.c.K), r.gflops.min,
                 r.gflops.median, r.gflops.max, pct);
-    if (r.impl == "bf16")  // the row before it: our fp32 GEMM on the same shape
+    if (r.impl == "bf16" || r.impl == "cuda-bf16")  // the row before it: the fp32 GEMM on the same shape
       std::printf("  %.2fx fp32", r.gflops.median / (&r)[-1].gflops.median);
     std::printf("\n");
     if (csv)
