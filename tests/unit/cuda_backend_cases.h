@@ -16,6 +16,9 @@
 #include "core/tensor.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "model/gpt.h"
+#include "model/grad_sync.h"
+#include "model/optimizer.h"
 #include "moe/moe_layer.h"
 #include "sched/executor.h"
 
@@ -230,6 +233,74 @@ TEST(PM_CUDA_TEST_SUITE, TheMoeLayerGivesTheCpuBits) {
         EXPECT_TRUE(on_cpu.dx == on_gpu.dx) << "dx";
         EXPECT_TRUE(on_cpu.grads == on_gpu.grads) << "parameter gradients";
       }
+}
+
+// The GPT model, 3 training steps on 2 ranks (attention, LayerNorm, the dense MLPs and the loss on
+// the host, every GEMM and the experts on the GPU): the losses and the last step's gradients of
+// the CPU backend, bit for bit. Top-2 GeLU experts in fp32; SwiGLU experts with a shared expert in
+// bf16.
+struct ModelRun {
+  std::vector<double> losses;
+  std::vector<std::vector<float>> grads;
+  bool operator==(const ModelRun&) const = default;
+};
+
+std::vector<ModelRun> train_on(Backend& backend, const TrainConfig& c, int steps) {
+  std::vector<ModelRun> out(2);
+  run_ranks_in_process(2, [&](Communicator& comm) {
+    Executor executor;
+    GptModel model(c.model, comm, executor, backend);
+    GradientSync sync(model.parameters(), c.model.layers, comm, c.overlap_grad_allreduce);
+    model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { sync.grads_ready(g, block, ready); });
+    model.init_parameters(5);
+    AdamW optimizer(model.parameters());
+    ModelRun run;
+    const int64_t T = c.batch_size * c.model.seq_len;
+    for (int step = 0; step < steps; ++step) {
+      std::vector<int32_t> in(T), tg(T);
+      Rng rng(9, stream_id(61, step, comm.rank()));
+      for (int64_t i = 0; i < T; ++i) in[i] = static_cast<int32_t>(rng.next_u64() % c.model.vocab_size);
+      for (int64_t i = 0; i < T; ++i) tg[i] = static_cast<int32_t>(rng.next_u64() % c.model.vocab_size);
+      model.zero_grads();
+      run.losses.push_back(model.forward(in.data(), tg.data(), c.batch_size, 0.5f));
+      model.backward();
+      if (step + 1 == steps)
+        for (const Parameter& p : model.parameters()) run.grads.emplace_back(p.grad->f32(), p.grad->f32() + p.grad->numel());
+      clip_by_global_norm(model.parameters(), comm, c.grad_clip);
+      optimizer.step(c, learning_rate(c, step));
+    }
+    out[comm.rank()] = std::move(run);
+  });
+  return out;
+}
+
+TEST(PM_CUDA_TEST_SUITE, TrainingTheModelGivesTheCpuBits) {
+  SKIP_WITHOUT_GPU(gpu);
+  for (bool deepseek : {false, true}) {
+    SCOPED_TRACE(deepseek ? "SwiGLU, shared expert, bf16" : "top-2 GeLU, fp32");
+    TrainConfig c;
+    c.model.vocab_size = 97;
+    c.model.seq_len = 16;
+    c.model.d_model = 32;
+    c.model.layers = 2;
+    c.model.heads = 2;
+    c.model.mlp_hidden = 48;
+    c.model.moe_every = 2;
+    c.model.experts = 4;
+    c.model.top_k = 2;
+    c.model.expert_hidden = 40;
+    if (deepseek) {
+      c.model.expert_activation = "swiglu";
+      c.model.shared_expert_hidden = 24;
+      c.model.dtype = "bf16";
+    }
+    c.batch_size = 3;
+    c.warmup_steps = 1;
+    c.max_steps = 3;
+    const std::vector<ModelRun> on_cpu = train_on(cpu_backend(), c, 3), on_gpu = train_on(*gpu, c, 3);
+    EXPECT_TRUE(on_cpu == on_gpu);
+    for (double loss : on_cpu[0].losses) EXPECT_TRUE(std::isfinite(loss) && loss > 0);
+  }
 }
 
 }  // namespace pm::cuda_cases
