@@ -21,6 +21,7 @@
 #include "kernels/cpu/blas.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/cuda/cuda_backend.h"
 #include "pipemoe_version.h"
 
 namespace {
@@ -145,7 +146,10 @@ int main_in_process(int argc, char** argv, int ranks) {
 
 int main(int argc, char** argv) {
   if (argc >= 2 && (std::strcmp(argv[1], "--version") == 0 || std::strcmp(argv[1], "version") == 0)) {
-    std::printf("pipemoe %s (%s build, kernels %s)\n", PIPEMOE_GIT_COMMIT, PIPEMOE_BUILD_TYPE, pm::gemm_isa().c_str());
+    std::string why_no_gpu;
+    const std::string cuda = pm::cuda_available(&why_no_gpu) ? "cuda: " + pm::cuda_backend().name() : "cuda: " + why_no_gpu;
+    std::printf("pipemoe %s (%s build, kernels %s; %s)\n", PIPEMOE_GIT_COMMIT, PIPEMOE_BUILD_TYPE, pm::gemm_isa().c_str(),
+                cuda.c_str());
     return 0;
   }
   // `pipemoe help [command]` is `pipemoe [command] --help`
