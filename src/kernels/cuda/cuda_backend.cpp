@@ -166,8 +166,9 @@ class CudaBackend final : public ForwardingBackend {
     fc2.b = p.w2.as<float>(), fc2.ldb = M, fc2.bias = p.b2 ? p.b2_dev.as<float>() : nullptr;
     fc2.c = static_cast<float*>(t.e.reserve(rows * M * sizeof(float))), fc2.ldc = M;
     launch(fc2, t.stream);
-    // GeLU's saved values are its derivative (written over hpre), SwiGLU's the pre-activation
-    download(fc1.c, rows, H1, saved, H1, sizeof(float), t.stream);
+    // GeLU's saved values are its derivative (written over hpre), SwiGLU's the pre-activation;
+    // an inference pass reads none of them (backend.h leaves `saved` unspecified there)
+    if (use == ForwardFor::backward) download(fc1.c, rows, H1, saved, H1, sizeof(float), t.stream);
     if (act.bf16)
       download(act_h, rows, H, act.bf16, H, sizeof(uint16_t), t.stream);
     else
