@@ -303,4 +303,49 @@ TEST(PM_CUDA_TEST_SUITE, TrainingTheModelGivesTheCpuBits) {
   }
 }
 
+// Inference with the key/value cache (the prepacked weights, the experts' inference forward):
+// prefill two prompts and decode four tokens on 2 ranks; every logit the CPU backend's bits.
+std::vector<std::vector<float>> generate_on(Backend& backend, const TrainConfig& c) {
+  std::vector<std::vector<float>> logits;  // rank 0's: prefill of each prompt, then each decode step
+  run_ranks_in_process(2, [&](Communicator& comm) {
+    Executor executor;
+    GptModel model(c.model, comm, executor, backend);
+    model.init_parameters(3);
+    const int64_t V = c.model.vocab_size, rows = 2;
+    model.start_inference(rows);
+    std::vector<std::vector<float>> mine;
+    std::vector<int32_t> prompt = {5, 17, 3, 40, 2, 9};
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* out = model.prefill(r, prompt.data() + r, 4 + r);
+      mine.emplace_back(out, out + V);
+    }
+    std::vector<int32_t> next = {7, 11};
+    for (int step = 0; step < 4; ++step) {
+      const float* all = model.decode(next.data());
+      mine.emplace_back(all, all + rows * V);
+      for (int64_t r = 0; r < rows; ++r) next[r] = static_cast<int32_t>((next[r] * 31 + step) % V);
+    }
+    if (comm.rank() == 0) logits = std::move(mine);
+  });
+  return logits;
+}
+
+TEST(PM_CUDA_TEST_SUITE, InferenceGivesTheCpuBits) {
+  SKIP_WITHOUT_GPU(gpu);
+  TrainConfig c;
+  c.model.vocab_size = 97;
+  c.model.seq_len = 16;
+  c.model.d_model = 32;
+  c.model.layers = 2;
+  c.model.heads = 2;
+  c.model.mlp_hidden = 48;
+  c.model.moe_every = 2;
+  c.model.experts = 4;
+  c.model.top_k = 2;
+  c.model.expert_hidden = 40;
+  const auto on_cpu = generate_on(cpu_backend(), c), on_gpu = generate_on(*gpu, c);
+  ASSERT_EQ(on_cpu.size(), 6u);
+  EXPECT_TRUE(on_cpu == on_gpu);
+}
+
 }  // namespace pm::cuda_cases
