@@ -137,8 +137,13 @@ void gemm(const GemmCall& g, cudaStream_t) {
   if (b_rows > 0 && b_cols > 0) expect_device(g.b, ((b_rows - 1) * g.ldb + b_cols) * 4, "B");
   if (g.bias) expect_device(g.bias, g.N * 4, "bias");
   expect_device(g.c, ((g.M - 1) * g.ldc + g.N) * 4, "C");
-  run_grid(static_cast<unsigned>((g.N + kTileN - 1) / kTileN), static_cast<unsigned>((g.M + kTileM - 1) / kTileM),
-           kThreads, [&] { gemm_kernel(g); });
+  const int tile = tile_of(g);
+  run_grid(static_cast<unsigned>((g.N + tile - 1) / tile), static_cast<unsigned>((g.M + tile - 1) / tile), kThreads, [&] {
+    if (large_tiles(g))
+      gemm_kernel<128, 8>(g);
+    else
+      gemm_kernel<64, 16>(g);
+  });
 }
 
 void gelu_forward(float* x, float* out, uint16_t* out_bf16, int64_t n, bool save_grad, cudaStream_t) {

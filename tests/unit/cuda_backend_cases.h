@@ -61,7 +61,9 @@ Backend* gpu_or_skip() {
 struct GemmCase {
   int64_t M, N, K;
 };
-const GemmCase kGemmCases[] = {{1, 1, 1}, {7, 33, 5}, {65, 130, 77}, {128, 64, 300}, {3, 200, 0}, {100, 17, 1031}};
+// (the last two: the large tiling, with partial tiles and an odd depth)
+const GemmCase kGemmCases[] = {{1, 1, 1},    {7, 33, 5},    {65, 130, 77}, {128, 64, 300},
+                               {3, 200, 0},  {100, 17, 1031}, {200, 150, 37}, {128, 257, 9}};
 
 TEST(PM_CUDA_TEST_SUITE, GemmGivesTheCpuBits) {
   SKIP_WITHOUT_GPU(gpu);

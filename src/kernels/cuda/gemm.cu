@@ -1,5 +1,5 @@
-// The CUDA backend's GEMM: one thread block per 64 x 64 tile of C, each thread a 4 x 4 block of
-// it, depths staged through shared memory 16 at a time. Each element of C is one fmaf chain over
+// The CUDA backend's GEMM: one thread block of 256 per tile of C (64 x 64, or 128 x 128 for large
+// products), depths staged through shared memory (16, or 8, at a time). Each element of C is one fmaf chain over
 // the depth in order (in bf16, in vdpbf16ps's pair order), started from C, the bias or zero: the
 // chain kernels/cpu/gemm.h defines, so the GPU writes the CPU's bits whatever M or the tiling.
 // Plain, not fast: tensor cores and cuBLAS accumulate in orders of their own choosing (and
@@ -9,7 +9,7 @@
 namespace pm::cuda {
 namespace {
 
-constexpr int kTileM = 64, kTileN = 64, kDepth = 16, kThreads = 256, kPer = 4;
+constexpr int kThreads = 256;  // 16 x 16 per block, both tilings
 
 __device__ inline float bf16_bits_to_float(uint16_t v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
 
@@ -32,18 +32,22 @@ __device__ inline float load_b(const GemmCall& g, int64_t d, int64_t j) {
   return g.bf16 ? round_to_bf16(v) : v;
 }
 
+// Each thread owns kPer x kPer elements of its block's tile, 16 apart (rows ty + 16 i, columns
+// tx + 16 j): a warp reads consecutive words of shared memory and writes consecutive columns of C.
+template <int kTile, int kDepth>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
-  __shared__ float a_tile[kDepth][kTileM + 1];
-  __shared__ float b_tile[kDepth][kTileN + 1];
+  constexpr int kPer = kTile / 16;
+  __shared__ float a_tile[kDepth][kTile + 1];
+  __shared__ float b_tile[kDepth][kTile + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTileM, col0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile, col0 = static_cast<int64_t>(blockIdx.x) * kTile;
   // the chain's length: bf16 pads an odd depth to a whole pair
   const int64_t depth = g.bf16 ? (g.K + 1) / 2 * 2 : g.K;
 
   float c[kPer][kPer];
   for (int i = 0; i < kPer; ++i)
     for (int j = 0; j < kPer; ++j) {
-      const int64_t r = row0 + ty * kPer + i, col = col0 + tx * kPer + j;
+      const int64_t r = row0 + ty + 16 * i, col = col0 + tx + 16 * j;
       float start = 0.0f;
       if (r < g.M && col < g.N) start = g.beta != 0.0f ? g.c[r * g.ldc + col] : (g.bias ? g.bias[col] : 0.0f);
       c[i][j] = start;
@@ -51,14 +55,14 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
 
   for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
     // stage position p of the chain: depth p (fp32) or p ^ 1 (bf16 pairs); past K a zero member
-    for (int e = threadIdx.x; e < kTileM * kDepth; e += kThreads) {
+    for (int e = threadIdx.x; e < kTile * kDepth; e += kThreads) {
       // consecutive threads walk along memory: the depth for A rows, the rows for a transposed A
-      const int i = g.trans_a ? e % kTileM : e / kDepth, p = g.trans_a ? e / kTileM : e % kDepth;
+      const int i = g.trans_a ? e % kTile : e / kDepth, p = g.trans_a ? e / kTile : e % kDepth;
       const int64_t r = row0 + i, pos = k0 + p, d = g.bf16 ? (pos ^ 1) : pos;
       a_tile[p][i] = (r < g.M && pos < depth && d < g.K) ? load_a(g, r, d) : 0.0f;
     }
-    for (int e = threadIdx.x; e < kTileN * kDepth; e += kThreads) {
-      const int j = g.trans_b ? e / kDepth : e % kTileN, p = g.trans_b ? e % kDepth : e / kTileN;
+    for (int e = threadIdx.x; e < kTile * kDepth; e += kThreads) {
+      const int j = g.trans_b ? e / kDepth : e % kTile, p = g.trans_b ? e % kDepth : e / kTile;
       const int64_t col = col0 + j, pos = k0 + p, d = g.bf16 ? (pos ^ 1) : pos;
       b_tile[p][j] = (col < g.N && pos < depth && d < g.K) ? load_b(g, d, col) : 0.0f;
     }
@@ -67,8 +71,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
     const int steps = static_cast<int>(depth - k0 < kDepth ? depth - k0 : kDepth);
     for (int p = 0; p < steps; ++p) {
       float a[kPer], b[kPer];
-      for (int i = 0; i < kPer; ++i) a[i] = a_tile[p][ty * kPer + i];
-      for (int j = 0; j < kPer; ++j) b[j] = b_tile[p][tx * kPer + j];
+      for (int i = 0; i < kPer; ++i) a[i] = a_tile[p][ty + 16 * i];
+      for (int j = 0; j < kPer; ++j) b[j] = b_tile[p][tx + 16 * j];
       for (int i = 0; i < kPer; ++i)
         for (int j = 0; j < kPer; ++j) c[i][j] = __fmaf_rn(a[i], b[j], c[i][j]);
     }
@@ -77,18 +81,28 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
 
   for (int i = 0; i < kPer; ++i)
     for (int j = 0; j < kPer; ++j) {
-      const int64_t r = row0 + ty * kPer + i, col = col0 + tx * kPer + j;
+      const int64_t r = row0 + ty + 16 * i, col = col0 + tx + 16 * j;
       if (r < g.M && col < g.N) g.c[r * g.ldc + col] = c[i][j];
     }
 }
+
+// Which tiling a product gets: 128 x 128 tiles (8 x 8 elements per thread: twice the multiply-adds
+// per word read from shared memory) once both sides fill one; 64 x 64 (4 x 4) below, where the
+// large tile would leave most threads idle. Either way the same chains, the same bits.
+bool large_tiles(const GemmCall& g) { return g.M >= 128 && g.N >= 128; }
+int tile_of(const GemmCall& g) { return large_tiles(g) ? 128 : 64; }
 
 }  // namespace
 
 #ifndef PM_CUDA_EMULATION  // (tests/unit/cuda_emulation: the kernels run on CPU threads)
 void gemm(const GemmCall& call, cudaStream_t stream) {
   if (call.M == 0 || call.N == 0) return;
-  const dim3 grid(static_cast<unsigned>((call.N + kTileN - 1) / kTileN), static_cast<unsigned>((call.M + kTileM - 1) / kTileM));
-  gemm_kernel<<<grid, kThreads, 0, stream>>>(call);
+  const int tile = tile_of(call);
+  const dim3 grid(static_cast<unsigned>((call.N + tile - 1) / tile), static_cast<unsigned>((call.M + tile - 1) / tile));
+  if (large_tiles(call))
+    gemm_kernel<128, 8><<<grid, kThreads, 0, stream>>>(call);
+  else
+    gemm_kernel<64, 16><<<grid, kThreads, 0, stream>>>(call);
 }
 #endif
 
