@@ -379,11 +379,12 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   log::info("model: {} parameters, {} layers ({} MoE: {} experts, top-{}), d_model {}, {} ranks, {} tokens per step",
             n_params, c.model.layers, c.model.moe_layers(), c.model.experts, c.model.top_k, c.model.d_model, P,
             tokens_per_step);
+  if (backend.device() != Device::cpu) log::info("backend: {}", backend.name());
   if (c.model.dtype == "bf16")
     log::info("dtype bf16: GEMMs on bf16 operands with fp32 accumulation ({}), all-to-all payloads in bf16 (ep); "
               "weights, gradients and optimizer state fp32{}",
               backend.bf16_path(),
-              backend.bf16_path() == "avx512_bf16" ? ""
+              backend.bf16_path() == "avx512_bf16" || backend.device() != Device::cpu ? ""
                                                    : " (note: this CPU has no AVX512_BF16: the same bits as with "
                                                      "it, without its speed-up)");
   if (c.model.moe_layers() > 0)
