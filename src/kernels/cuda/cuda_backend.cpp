@@ -36,6 +36,8 @@ int chosen_device(int devices) {
 struct ThreadState {
   int device = -1;
   cudaStream_t stream = nullptr;
+  // a GEMM's operands by role: a: A (inputs u, dy, activations), b: B (or the saved rows), c: C
+  // (the pre-activation, its gradient, a weight gradient), d: activations, e: the second GEMM's C
   DeviceBuffer a, b, c, d, e;
   // rows gathered from wherever they sit, before they are copied in (one block per operand)
   std::vector<float> host_a, host_b;
