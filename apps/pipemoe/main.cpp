@@ -101,11 +101,20 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   return run(context);
 }
 
-// The value of `--name VALUE` among the global options (before the command), or null.
+// The value of `--name VALUE` (or `--name=VALUE`) among the global options (before the command),
+// or null. Every global option takes a value, which is stepped over: `--backend cpu
+// --ranks-in-process 2` ran one rank when the scan took "cpu" for the command.
 const char* global_option(int argc, char** argv, const char* name) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i][0] != '-') return nullptr;  // the command: its own options follow
-    if (std::strcmp(argv[i], name) == 0) return argv[i + 1];
+  const std::size_t name_length = std::strlen(name);
+  for (int i = 1; i < argc; ++i) {
+    const char* arg = argv[i];
+    if (arg[0] != '-') return nullptr;  // the command: its own options follow
+    if (const char* eq = std::strchr(arg, '=')) {
+      if (static_cast<std::size_t>(eq - arg) == name_length && std::strncmp(arg, name, name_length) == 0) return eq + 1;
+      continue;
+    }
+    if (std::strcmp(arg, name) == 0) return i + 1 < argc ? argv[i + 1] : nullptr;
+    ++i;  // its value
   }
   return nullptr;
 }
