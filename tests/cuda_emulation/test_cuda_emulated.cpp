@@ -1,10 +1,12 @@
 // The CUDA backend's own code, run without a GPU: kernels/cuda/*.cu compiled as C++ with each
 // thread block's threads as coroutines (__syncthreads ends a round of them; __shared__ memory is a
-// static array, one per OS thread: blocks run one after another), and kernels/cuda/cuda_backend.cpp on a fake CUDA runtime
-// (fake_cuda/cuda_runtime.h). Checked: the CPU backend's bits for every GEMM and expert case of
-// tests/unit/test_cuda_backend.cpp, and that no kernel reads host memory nor any copy goes the
-// wrong way. What only a GPU can check, nvcc's code (-fmad=false, IEEE division), waits for one:
-// tests/unit/test_cuda_backend.cpp runs the same cases there.
+// static array, one per OS thread: blocks run one after another), and the backend's host code
+// (kernels/cuda/cuda_backend.cpp, device_memory.cpp) on a fake CUDA runtime
+// (fake_cuda/cuda_runtime.h). Checked: the CPU backend's bits in every case of
+// tests/unit/cuda_backend_cases.h (GEMMs, experts, the MoE layer, training, inference), and that
+// no kernel reads host memory nor any copy goes the wrong way. What only a GPU can check, nvcc's
+// code (-fmad=false, IEEE division), waits for one: tests/unit/test_cuda_backend.cpp runs the same
+// cases there.
 #include <ucontext.h>
 
 #include <atomic>
