@@ -1,0 +1,92 @@
+#!/usr/bin/python3
+"""The command line on the emulated GPU (build/pipemoe_emulated_gpu: the CUDA backend's kernels as
+coroutine thread blocks, its host code on a fake CUDA runtime, tests/cuda_emulation) against
+build/pipemoe on the CPU backend: `--backend cuda` reaches every command, and what it computes is
+the CPU's, byte for byte: layer dumps (EP, bf16 SwiGLU, PPMoE, dropless top-4 with a shared
+expert), a checkpoint after 3 training steps, and text generated from it with the key/value cache.
+The same comparisons scripts/gpu-check makes on a real GPU.
+
+Run: /usr/bin/python3 tests/cli/test_emulated_gpu_cli.py   (needs build/pipemoe, build/pipemoe_emulated_gpu)
+"""
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
+from harness import BINARY, ROOT, Failures, mpi_env  # noqa: E402
+
+EMULATED = os.path.join(os.path.dirname(BINARY), "pipemoe_emulated_gpu")
+SHAPE = ["--tokens", "256", "--model-dim", "64", "--hidden", "96", "--experts", "4", "--iters", "1", "--warmup", "0",
+         "--degree", "2"]
+VARIANTS = [["--top-k", "2"], ["--top-k", "2", "--dtype", "bf16", "--activation", "swiglu"],
+            ["--top-k", "2", "--strategy", "ppmoe"], ["--top-k", "4", "--capacity-factor", "0", "--shared-hidden", "32"]]
+TRAIN = ["train", "--config", os.path.join(ROOT, "configs", "demo.json"), "--set", "max_steps=3", "--set", "eval_every=3",
+         "--set", "eval_batches=1", "--set", "log_every=1", "--set", "layers=2", "--set", "d_model=64",
+         "--set", "mlp_hidden=128", "--set", "expert_hidden=128", "--set", "seq_len=32", "--set", "batch_size=4",
+         "--set", "warmup_steps=1"]
+
+
+def run(binary, backend, args):
+    cmd = ["timeout", "--kill-after=5", "300", binary, "--backend", backend, "--ranks-in-process", "2"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, env=mpi_env())
+
+
+def same_tree(a, b, skip=()):
+    """Every file under a and b byte for byte (names in `skip` left out): the differing ones."""
+    differ = []
+    for folder, _, files in os.walk(a):
+        for name in files:
+            if name in skip:
+                continue
+            pa = os.path.join(folder, name)
+            pb = os.path.join(b, os.path.relpath(pa, a))
+            if not os.path.exists(pb) or not filecmp.cmp(pa, pb, shallow=False):
+                differ.append(os.path.relpath(pa, a))
+    return differ
+
+
+def main():
+    failures = Failures()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(VARIANTS):
+            name = " ".join(variant)
+            dumps = {}
+            for binary, backend in ((EMULATED, "cuda"), (BINARY, "cpu")):
+                dumps[backend] = os.path.join(tmp, f"layer{i}_{backend}")
+                proc = run(binary, backend, ["layer"] + SHAPE + variant + ["--dump", dumps[backend]])
+                failures.check(proc.returncode == 0, f"layer {name} on {backend}: {proc.stderr.strip()[-300:]}")
+            differ = same_tree(dumps["cuda"], dumps["cpu"])
+            failures.check(not differ, f"layer {name}: the dumps differ in {differ[:5]}")
+            print(f"ok: layer {name}: the same bits on both backends", flush=True)
+
+        proc = run(EMULATED, "cuda", ["layer"] + SHAPE + ["--json"])
+        backend = json.loads(proc.stdout.strip().splitlines()[-1])["backend"] if proc.returncode == 0 else ""
+        failures.check(backend.startswith("cuda (emulated GPU"), f"layer --json: backend '{backend}'")
+
+        saves = {}
+        for binary, backend in ((EMULATED, "cuda"), (BINARY, "cpu")):
+            saves[backend] = os.path.join(tmp, f"train_{backend}")
+            proc = run(binary, backend, TRAIN + ["--set", f"save={saves[backend]}"])
+            failures.check(proc.returncode == 0, f"train on {backend}: {proc.stderr.strip()[-300:]}")
+        # (log.csv holds timings, state.json the save folder's name)
+        differ = same_tree(saves["cuda"], saves["cpu"], skip=("log.csv", "log.png", "state.json"))
+        failures.check(not differ, f"train: the checkpoints differ in {differ}")
+        print("ok: train: the same checkpoint on both backends", flush=True)
+
+        texts = {}
+        for binary, backend in ((EMULATED, "cuda"), (BINARY, "cpu")):
+            proc = run(binary, backend, ["generate", "--checkpoint", saves[backend], "--prompt", "The jury said",
+                                         "--prompt", "It was", "--tokens", "12", "--json"])
+            failures.check(proc.returncode == 0, f"generate on {backend}: {proc.stderr.strip()[-300:]}")
+            texts[backend] = json.loads(proc.stdout.strip().splitlines()[-1])["texts"] if proc.returncode == 0 else None
+        failures.check(texts["cuda"] is not None and texts["cuda"] == texts["cpu"],
+                       f"generate: {texts['cuda']} against {texts['cpu']}")
+        print(f"ok: generate: the same text on both backends: {texts['cpu']}", flush=True)
+    failures.finish("test_emulated_gpu_cli")
+
+
+if __name__ == "__main__":
+    main()
