@@ -82,6 +82,9 @@ struct ExpertRows {
   std::vector<const float*> u, act;     // forward: inputs [M], activations [H]
   std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H1], output grads [M]
   std::vector<const uint16_t*> u_bf16, act_bf16;
+  // Throws (internal) unless every list has the same rows, each of u and act in one form, and bf16
+  // rows only for a bf16 expert: what every backend's expert_weight_grads asks first.
+  void check(Precision precision) const;
 };
 
 // A run of rows copied from one buffer to another.

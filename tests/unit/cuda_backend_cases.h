@@ -241,6 +241,22 @@ TEST(PM_CUDA_TEST_SUITE, TheMoeLayerGivesTheCpuBits) {
 // the host, every GEMM and the experts on the GPU): the losses and the last step's gradients of
 // the CPU backend, bit for bit. Top-2 GeLU experts in fp32; SwiGLU experts with a shared expert in
 // bf16.
+// A GPT of 2 blocks (the second MoE: 4 experts, top-2), small enough for the emulated GPU.
+TrainConfig tiny_model() {
+  TrainConfig c;
+  c.model.vocab_size = 97;
+  c.model.seq_len = 16;
+  c.model.d_model = 32;
+  c.model.layers = 2;
+  c.model.heads = 2;
+  c.model.mlp_hidden = 48;
+  c.model.moe_every = 2;
+  c.model.experts = 4;
+  c.model.top_k = 2;
+  c.model.expert_hidden = 40;
+  return c;
+}
+
 struct ModelRun {
   std::vector<double> losses;
   std::vector<std::vector<float>> grads;
@@ -280,17 +296,7 @@ TEST(PM_CUDA_TEST_SUITE, TrainingTheModelGivesTheCpuBits) {
   SKIP_WITHOUT_GPU(gpu);
   for (bool deepseek : {false, true}) {
     SCOPED_TRACE(deepseek ? "SwiGLU, shared expert, bf16" : "top-2 GeLU, fp32");
-    TrainConfig c;
-    c.model.vocab_size = 97;
-    c.model.seq_len = 16;
-    c.model.d_model = 32;
-    c.model.layers = 2;
-    c.model.heads = 2;
-    c.model.mlp_hidden = 48;
-    c.model.moe_every = 2;
-    c.model.experts = 4;
-    c.model.top_k = 2;
-    c.model.expert_hidden = 40;
+    TrainConfig c = tiny_model();
     if (deepseek) {
       c.model.expert_activation = "swiglu";
       c.model.shared_expert_hidden = 24;
@@ -334,17 +340,7 @@ std::vector<std::vector<float>> generate_on(Backend& backend, const TrainConfig&
 
 TEST(PM_CUDA_TEST_SUITE, InferenceGivesTheCpuBits) {
   SKIP_WITHOUT_GPU(gpu);
-  TrainConfig c;
-  c.model.vocab_size = 97;
-  c.model.seq_len = 16;
-  c.model.d_model = 32;
-  c.model.layers = 2;
-  c.model.heads = 2;
-  c.model.mlp_hidden = 48;
-  c.model.moe_every = 2;
-  c.model.experts = 4;
-  c.model.top_k = 2;
-  c.model.expert_hidden = 40;
+  TrainConfig c = tiny_model();
   const auto on_cpu = generate_on(cpu_backend(), c), on_gpu = generate_on(*gpu, c);
   ASSERT_EQ(on_cpu.size(), 6u);
   EXPECT_TRUE(on_cpu == on_gpu);

@@ -100,12 +100,7 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
 void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
                          const ExpertRows& r) {
   const int64_t rows = static_cast<int64_t>(r.dy.size());
-  const size_t u_rows = r.u.size() + r.u_bf16.size(), act_rows = r.act.size() + r.act_bf16.size();
-  PM_CHECK(u_rows == r.dy.size() && act_rows == r.dy.size() && r.dhpre.size() == r.dy.size() &&
-               (r.u.empty() || r.u_bf16.empty()) && (r.act.empty() || r.act_bf16.empty()),
-           "expert rows disagree: {} u, {} act, {} dhpre, {} dy", u_rows, act_rows, r.dhpre.size(), r.dy.size());
-  PM_CHECK((r.u_bf16.empty() && r.act_bf16.empty()) || precision == Precision::bf16,
-           "bf16 rows of an expert's input or activation need a bf16 expert");
+  r.check(precision);
   if (rows == 0) return;
   const int64_t H1 = fc1_width(activation, H);
   // a^T b over the rows, a's rows floats or bf16 (then a bf16 GEMM)

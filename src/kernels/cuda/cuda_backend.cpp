@@ -143,14 +143,8 @@ class CudaBackend final : public ForwardingBackend {
     // hpre [rows, H1] = u W1 + b1 (in t.c)
     cuda::GemmCall fc1;
     fc1.M = rows, fc1.N = H1, fc1.K = M, fc1.bf16 = bf16;
-    if (u.bf16) {
-      upload(u.bf16, rows, M, M, sizeof(uint16_t), t.a, t.stream);
-      fc1.a_bf16 = t.a.as<uint16_t>();
-    } else {
-      upload(u.f32, rows, M, M, sizeof(float), t.a, t.stream);
-      fc1.a = t.a.as<float>();
-    }
-    fc1.lda = M, fc1.b = p.w1.as<float>(), fc1.ldb = H1, fc1.bias = p.b1 ? p.b1_dev.as<float>() : nullptr;
+    upload_a(t, u, rows, M, M, fc1);
+    fc1.b = p.w1.as<float>(), fc1.ldb = H1, fc1.bias = p.b1 ? p.b1_dev.as<float>() : nullptr;
     fc1.c = static_cast<float*>(t.c.reserve(rows * H1 * sizeof(float))), fc1.ldc = H1;
     launch(fc1, t.stream);
     // act [rows, H] (in t.d: floats, or bf16 bits)
@@ -214,12 +208,7 @@ class CudaBackend final : public ForwardingBackend {
   void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
                            const ExpertRows& r) override {
     const int64_t rows = static_cast<int64_t>(r.dy.size());
-    const size_t u_rows = r.u.size() + r.u_bf16.size(), act_rows = r.act.size() + r.act_bf16.size();
-    PM_CHECK(u_rows == r.dy.size() && act_rows == r.dy.size() && r.dhpre.size() == r.dy.size() &&
-                 (r.u.empty() || r.u_bf16.empty()) && (r.act.empty() || r.act_bf16.empty()),
-             "expert rows disagree: {} u, {} act, {} dhpre, {} dy", u_rows, act_rows, r.dhpre.size(), r.dy.size());
-    PM_CHECK((r.u_bf16.empty() && r.act_bf16.empty()) || precision == Precision::bf16,
-             "bf16 rows of an expert's input or activation need a bf16 expert");
+    r.check(precision);
     if (rows == 0) return;
     const int64_t H1 = fc1_width(activation, H);
     ThreadState& t = state();
@@ -267,20 +256,23 @@ class CudaBackend final : public ForwardingBackend {
   // Waits for the stream: the results are in host memory when a call returns.
   static void finish(ThreadState& t) { check(cudaStreamSynchronize(t.stream), "cudaStreamSynchronize"); }
 
+  // A's storage [rows, cols] (floats or bf16 rows, ld apart) into t.a, and g's A pointing at it.
+  static void upload_a(ThreadState& t, RowsIn A, int64_t rows, int64_t cols, int64_t ld, cuda::GemmCall& g) {
+    if (A.bf16) {
+      upload(A.bf16, rows, cols, ld, sizeof(uint16_t), t.a, t.stream);
+      g.a_bf16 = t.a.as<uint16_t>();
+    } else {
+      upload(A.f32, rows, cols, ld, sizeof(float), t.a, t.stream);
+      g.a = t.a.as<float>();
+    }
+    g.lda = cols;
+  }
   // A GEMM's A (floats or bf16 rows) and C copied in; B is the caller's to set.
   cuda::GemmCall start_call(ThreadState& t, bool bf16, Trans ta, int64_t M, int64_t N, int64_t K, RowsIn A,
                             int64_t lda, float beta, float* C, int64_t ldc) {
     cuda::GemmCall g;
     g.M = M, g.N = N, g.K = K, g.bf16 = bf16, g.trans_a = ta == Trans::yes, g.beta = beta;
-    const int64_t a_rows = g.trans_a ? K : M, a_cols = g.trans_a ? M : K;
-    if (A.bf16) {
-      upload(A.bf16, a_rows, a_cols, lda, sizeof(uint16_t), t.a, t.stream);
-      g.a_bf16 = t.a.as<uint16_t>();
-    } else {
-      upload(A.f32, a_rows, a_cols, lda, sizeof(float), t.a, t.stream);
-      g.a = t.a.as<float>();
-    }
-    g.lda = a_cols;
+    upload_a(t, A, g.trans_a ? K : M, g.trans_a ? M : K, lda, g);
     t.c.reserve(std::max<int64_t>(1, M * N) * sizeof(float));
     if (beta != 0.0f) upload(C, M, N, ldc, sizeof(float), t.c, t.stream);
     g.c = t.c.as<float>(), g.ldc = N;
