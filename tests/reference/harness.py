@@ -52,10 +52,12 @@ class Failures:
         self.checks = 0
 
     def check(self, ok, message):
+        """Records a failure when not ok; returns ok, so that a caller prints its "ok" line only then."""
         self.checks += 1
         if not ok:
             self.items.append(message)
             print("FAIL:", message, flush=True)
+        return bool(ok)
 
     def finish(self, name):
         if self.items:
