@@ -130,7 +130,10 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source, cons
       using T = std::decay_t<decltype(field)>;
       try {
         if constexpr (std::is_same_v<T, std::string>) {
-          PM_REQUIRE(value.is_string(), "{}: '{}' must be a string", source, key);
+          // a number is taken as its text: `--set degree=2` and "degree": 2 mean "2" (each key's
+          // own check then says whether that text is valid for it)
+          PM_REQUIRE(value.is_string() || value.is_number(), "{}: '{}' must be a string, got {}", source, key,
+                     brief(value));
         } else if constexpr (std::is_same_v<T, bool>) {
           PM_REQUIRE(value.is_boolean(), "{}: '{}' must be true or false, got {}", source, key, brief(value));
         } else {
@@ -157,7 +160,10 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source, cons
             PM_REQUIRE(std::isfinite(value.get<double>()), "{}: '{}' must be finite, got {}", source, key, brief(value));
           }
         }
-        field = value.get<T>();
+        if constexpr (std::is_same_v<T, std::string>)
+          field = value.is_number() ? value.dump() : value.get<std::string>();
+        else
+          field = value.get<T>();
         if constexpr (std::is_same_v<T, std::string>) {
           std::filesystem::path path(field);
           if (!base_dir.empty() && !field.empty() && is_path_key(key) && path.is_relative())

@@ -81,6 +81,25 @@ TEST(TrainConfig, UnknownKeysBadTypesAndImpossibleValues) {
   EXPECT_EQ(round.to_json(), c.to_json());
 }
 
+TEST(TrainConfig, ANumberForATextKeyIsItsText) {
+  // `--set degree=2` parses as the number 2, and so does "degree": 2 in a file: both mean "2"
+  TrainConfig c;
+  nlohmann::json overrides;
+  apply_set_option(overrides, "degree=2");
+  c.apply(overrides, "--set");
+  EXPECT_EQ(c.degree, "2");
+  c.apply(nlohmann::json{{"degree", 4}}, "t");
+  EXPECT_EQ(c.degree, "4");
+  c.apply(nlohmann::json{{"degree", "auto"}}, "t");
+  EXPECT_EQ(c.degree, "auto");
+  try {
+    c.apply(nlohmann::json{{"degree", nlohmann::json::array({1, 2})}}, "t");
+    FAIL() << "a list for a text key was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'degree' must be a string, got"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Optimizer, ScheduleAndOneAdamWStep) {
   TrainConfig c;
   c.lr = 1.0, c.min_lr = 0.1, c.warmup_steps = 10, c.max_steps = 110;
