@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <queue>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -75,11 +76,22 @@ Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
       auto& list = where[k];
       if (list.empty() || list.back() != static_cast<int32_t>(w)) list.push_back(static_cast<int32_t>(w));
     }
-  while (t.vocab_size() < vocab_size && !pairs.empty()) {
-    uint64_t best = 0;
-    int64_t best_count = 0;
-    for (auto& [k, c] : pairs)
-      if (c > best_count || (c == best_count && k < best)) best = k, best_count = c;
+  // The next merge is the most frequent pair, ties to the smaller key. A heap of (count, key)
+  // entries finds it without scanning every pair each merge (which took ~2 s of the demo's start);
+  // an entry is pushed whenever a pair's count changes, and stale ones (a count since changed, a
+  // pair gone) are dropped when they come to the top.
+  auto later = [](const std::pair<int64_t, uint64_t>& x, const std::pair<int64_t, uint64_t>& y) {
+    return x.first < y.first || (x.first == y.first && x.second > y.second);
+  };
+  std::priority_queue<std::pair<int64_t, uint64_t>, std::vector<std::pair<int64_t, uint64_t>>, decltype(later)> heap(
+      later);
+  for (const auto& [k, c] : pairs) heap.push({c, k});
+  std::vector<uint64_t> changed;
+  while (t.vocab_size() < vocab_size && !heap.empty()) {
+    const auto [best_count, best] = heap.top();
+    heap.pop();
+    const auto current = pairs.find(best);
+    if (current == pairs.end() || current->second != best_count) continue;  // stale
     if (best_count < 2) break;
     int32_t a = static_cast<int32_t>(best >> 32), b = static_cast<int32_t>(best & 0xffffffffu);
     int32_t id = t.vocab_size();
@@ -98,6 +110,7 @@ Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
       for (std::size_t i = 0; i + 1 < s.size(); ++i) {
         auto& c = pairs[pair_key(s[i], s[i + 1])];
         if ((c -= freq[w]) <= 0) pairs.erase(pair_key(s[i], s[i + 1]));
+        changed.push_back(pair_key(s[i], s[i + 1]));
       }
       std::vector<int32_t> merged;
       for (std::size_t i = 0; i < s.size(); ++i) {
@@ -112,10 +125,17 @@ Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
       for (std::size_t i = 0; i + 1 < s.size(); ++i) {
         const uint64_t k = pair_key(s[i], s[i + 1]);
         pairs[k] += freq[w];
+        changed.push_back(k);
         auto& list = where[k];
         if (list.empty() || list.back() != w) list.push_back(w);
       }
     }
+    changed.push_back(best);  // (if any of it is left, as the full scan would see it)
+    std::sort(changed.begin(), changed.end());
+    changed.erase(std::unique(changed.begin(), changed.end()), changed.end());
+    for (uint64_t k : changed)
+      if (const auto it = pairs.find(k); it != pairs.end()) heap.push({it->second, k});
+    changed.clear();
   }
   t.rebuild();
   return t;
