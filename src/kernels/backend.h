@@ -3,8 +3,9 @@
 // moe/ and model/ see only this header: they allocate through a Backend (Buffer<T>) and call its
 // kernels, never a CPU function directly. The CPU backend (kernels/cpu) implements every entry;
 // the CUDA backend (kernels/cuda) runs the GEMMs and the experts on a GPU with the CPU's bits and
-// forwards the rest to the CPU backend (ForwardingBackend). Every kernel here is deterministic: the same inputs give the same bits
-// whatever the thread count, the rows' positions, or how a pass is split into pipeline chunks.
+// forwards the rest to the CPU backend (ForwardingBackend). Every kernel here is deterministic:
+// the same inputs give the same bits whatever the thread count, the rows' positions, or how a
+// pass is split into pipeline chunks.
 //
 // Shapes are row-major and named in the comments; pointers are to the backend's memory.
 #pragma once
