@@ -272,7 +272,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"dtype", precision_name(shape.precision)}, {"bf16_path", backend.bf16_path()},
                         {"shared_hidden", o.shared_hidden},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()},
-                        {"backend", backend.name()}};
+                        {"backend", backend.name()}, {"transport", ctx.comm.backend()}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -285,6 +285,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
               static_cast<long>(shape.hidden), shape.experts, shape.top_k, shape.capacity_factor,
               static_cast<long>(shape.capacity()), gemm_isa().c_str(), backend.threads());
   if (backend.device() != Device::cpu) std::printf("backend: %s\n", backend.name().c_str());
+  if (ctx.comm.backend() == "nccl") std::printf("transport: NCCL (collectives on the GPUs)\n");
   if (shape.precision == Precision::bf16)
     std::printf("dtype bf16: expert GEMMs on bf16 operands (%s), all-to-all payloads in bf16%s\n",
                 backend.bf16_path().c_str(),

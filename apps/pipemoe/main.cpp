@@ -16,6 +16,7 @@
 #include "comm/heartbeat.h"
 #include "comm/inprocess_communicator.h"
 #include "comm/mpi_communicator.h"
+#include "comm/nccl_communicator.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "kernels/cpu/blas.h"
@@ -44,6 +45,10 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   app.add_option("--backend", backend_name,
                  "where the arithmetic runs: cpu, or cuda (GEMMs and experts on this machine's GPU, the same bits; "
                  "needs a build with CUDA and a GPU)");
+  std::string transport = "host";
+  app.add_option("--transport", transport,
+                 "how ranks exchange data: host (MPI under mpirun, shared memory with --ranks-in-process) or nccl "
+                 "(the collectives on the GPUs with NCCL; needs a CUDA build and a GPU per rank)");
   int ranks_in_process = 0;
   app.add_option("--ranks-in-process", ranks_in_process,
                  "run N ranks as threads of this process instead of under mpirun (no MPI: tests, quick tries)");
@@ -60,7 +65,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--threads" || arg == "--comm-timeout" || arg == "--ranks-in-process" || arg == "--heartbeat-timeout" ||
-        arg == "--backend") {
+        arg == "--backend" || arg == "--transport") {
       ++i;
       continue;
     }
@@ -97,7 +102,10 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
                    p.approach_fraction > 0 && p.approach_fraction < 1,
                "PIPEMOE_COMM_WAIT must be spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction, got '{}'", w);
   }
-  pm::cli::Context context{comm, pm::backend_named(backend_name)};
+  PM_REQUIRE(transport == "host" || transport == "nccl", "--transport must be host or nccl, got '{}'", transport);
+  std::unique_ptr<pm::Communicator> nccl;
+  if (transport == "nccl") nccl = pm::make_nccl_communicator(comm);
+  pm::cli::Context context{nccl ? *nccl : comm, pm::backend_named(backend_name)};
   return run(context);
 }
 

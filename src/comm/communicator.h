@@ -9,7 +9,8 @@
 // transport's; the blocking forms below start an operation and hand it to the group's waiter.
 //
 // Backends: MPI (processes, any number of machines; comm/mpi_communicator.h) and ranks as threads
-// of one process (comm/inprocess_communicator.h, for tests without mpirun); NCCL goes beside them.
+// of one process (comm/inprocess_communicator.h, for tests without mpirun); NCCL stands on either
+// for its collectives on GPUs (comm/nccl_communicator.h).
 #pragma once
 
 #include <cstdint>

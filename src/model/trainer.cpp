@@ -380,6 +380,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
             n_params, c.model.layers, c.model.moe_layers(), c.model.experts, c.model.top_k, c.model.d_model, P,
             tokens_per_step);
   if (backend.device() != Device::cpu) log::info("backend: {}", backend.name());
+  if (comm.backend() == "nccl") log::info("transport: NCCL (collectives on the GPUs)");
   if (c.model.dtype == "bf16")
     log::info("dtype bf16: GEMMs on bf16 operands with fp32 accumulation ({}), all-to-all payloads in bf16 (ep); "
               "weights, gradients and optimizer state fp32{}",

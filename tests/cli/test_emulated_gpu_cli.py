@@ -4,7 +4,8 @@ coroutine thread blocks, its host code on a fake CUDA runtime, tests/cuda_emulat
 build/pipemoe on the CPU backend: `--backend cuda` reaches every command, and what it computes is
 the CPU's, byte for byte: layer dumps (EP, bf16 SwiGLU, PPMoE, dropless top-4 with a shared
 expert), a checkpoint after 3 training steps, and text generated from it with the key/value cache.
-The same comparisons scripts/gpu-check makes on a real GPU.
+The same with `--transport nccl` (the NCCL transport on a fake NCCL, ranks as threads) for the
+layer and the training. The same comparisons scripts/gpu-check makes on a real GPU.
 
 Run: /usr/bin/python3 tests/cli/test_emulated_gpu_cli.py   (needs build/pipemoe, build/pipemoe_emulated_gpu)
 """
@@ -31,8 +32,9 @@ TRAIN = ["train", "--config", os.path.join(ROOT, "configs", "demo.json"), "--set
          "--set", "warmup_steps=1", "--set", "tokenizer_vocab=300"]
 
 
-def run(binary, backend, args):
-    cmd = ["timeout", "--kill-after=5", "300", binary, "--backend", backend, "--ranks-in-process", "2"] + args
+def run(binary, backend, args, transport="host"):
+    cmd = ["timeout", "--kill-after=5", "300", binary, "--backend", backend, "--transport", transport,
+           "--ranks-in-process", "2"] + args
     return subprocess.run(cmd, capture_output=True, text=True, env=mpi_env())
 
 
@@ -69,20 +71,51 @@ def main():
             differ = same_tree(dumps["cuda"], dumps["cpu"])
             if failures.check(not differ, f"layer {name}: the dumps differ in {differ[:5]}"):
                 print(f"ok: layer {name}: the same bits on both backends", flush=True)
+            if i != 1:  # the NCCL transport (on the fake NCCL) carries the all-to-alls and all-reduces
+                nccl = os.path.join(tmp, f"layer{i}_nccl")
+                proc = run(EMULATED, "cuda", ["layer"] + SHAPE + variant + ["--dump", nccl], transport="nccl")
+                failures.check(proc.returncode == 0, f"layer {name} over NCCL: {proc.stderr.strip()[-300:]}")
+                differ = same_tree(nccl, dumps["cpu"])
+                if failures.check(not differ, f"layer {name} over NCCL: the dumps differ in {differ[:5]}"):
+                    print(f"ok: layer {name}: the same bits over NCCL", flush=True)
 
-        proc = run(EMULATED, "cuda", ["layer"] + SHAPE + ["--json"])
-        backend = json.loads(proc.stdout.strip().splitlines()[-1])["backend"] if proc.returncode == 0 else ""
-        failures.check(backend.startswith("cuda (emulated GPU"), f"layer --json: backend '{backend}'")
+        proc = run(EMULATED, "cuda", ["layer"] + SHAPE + ["--json"], transport="nccl")
+        report = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+        failures.check(report.get("backend", "").startswith("cuda (emulated GPU"), f"layer --json: backend {report}")
+        failures.check(report.get("transport") == "nccl", f"layer --json: transport {report.get('transport')}")
+
+        # where NCCL cannot run, and an unknown transport: one clear line, exit 2
+        for binary, transport, expect in ((BINARY, "nccl", "the NCCL transport cannot run here"),
+                                          (EMULATED, "tcp", "--transport must be host or nccl")):
+            proc = run(binary, "cpu", ["layer"] + SHAPE, transport=transport)
+            failures.check(proc.returncode == 2 and expect in proc.stderr,
+                           f"--transport {transport}: exit {proc.returncode}, {proc.stderr.strip()[-300:]}")
 
         saves = {}
-        for binary, backend in ((EMULATED, "cuda"), (BINARY, "cpu")):
-            saves[backend] = os.path.join(tmp, f"train_{backend}")
-            proc = run(binary, backend, TRAIN + ["--set", f"save={saves[backend]}", "--set", f"data={text}"])
-            failures.check(proc.returncode == 0, f"train on {backend}: {proc.stderr.strip()[-300:]}")
+        for binary, backend, transport in ((EMULATED, "cuda", "host"), (BINARY, "cpu", "host"), (EMULATED, "cuda", "nccl")):
+            key = backend if transport == "host" else transport
+            saves[key] = os.path.join(tmp, f"train_{key}")
+            proc = run(binary, backend, TRAIN + ["--set", f"save={saves[key]}", "--set", f"data={text}"], transport)
+            failures.check(proc.returncode == 0, f"train on {key}: {proc.stderr.strip()[-300:]}")
         # (log.csv holds timings, state.json the save folder's name)
-        differ = same_tree(saves["cuda"], saves["cpu"], skip=("log.csv", "log.png", "state.json"))
-        if failures.check(not differ, f"train: the checkpoints differ in {differ}"):
-            print("ok: train: the same checkpoint on both backends", flush=True)
+        for key in ("cuda", "nccl"):
+            differ = same_tree(saves[key], saves["cpu"], skip=("log.csv", "log.png", "state.json"))
+            if failures.check(not differ, f"train on {key}: the checkpoints differ in {differ}"):
+                print(f"ok: train on {key}: the CPU's checkpoint", flush=True)
+
+        # 4 ranks as tp 2 x pp 2 with PPMoE: NCCL's all-reduces in groups split twice, the stages'
+        # sends and receives on the host transport beneath; the CPU backend, to stay quick
+        pp = TRAIN + ["--tp", "2", "--pp", "2", "--set", "moe_strategy=ppmoe", "--set", "micro_batches=2",
+                      "--set", f"data={text}"]
+        for transport in ("host", "nccl"):
+            saves["pp_" + transport] = os.path.join(tmp, f"pp_{transport}")
+            cmd = ["timeout", "--kill-after=5", "300", EMULATED, "--transport", transport, "--ranks-in-process", "4"]
+            proc = subprocess.run(cmd + pp + ["--set", f"save={saves['pp_' + transport]}"], capture_output=True,
+                                  text=True, env=mpi_env())
+            failures.check(proc.returncode == 0, f"train tp 2 x pp 2 over {transport}: {proc.stderr.strip()[-300:]}")
+        differ = same_tree(saves["pp_nccl"], saves["pp_host"], skip=("log.csv", "log.png", "state.json"))
+        if failures.check(not differ, f"train tp 2 x pp 2: the checkpoints differ over NCCL in {differ}"):
+            print("ok: train tp 2 x pp 2 (4 ranks): the same checkpoint over NCCL", flush=True)
 
         texts = {}
         for binary, backend in ((EMULATED, "cuda"), (BINARY, "cpu")):

@@ -2,7 +2,8 @@
 // thread block's threads as coroutines (__syncthreads ends a round of them; __shared__ memory is a
 // static array, one per OS thread: blocks run one after another), and the backend's host code
 // (kernels/cuda/cuda_backend.cpp, device_memory.cpp) on a fake CUDA runtime
-// (fake_cuda/cuda_runtime.h). Linked into the emulation tests (test_cuda_emulated.cpp) and into
+// (fake_cuda/cuda_runtime.h), and the NCCL transport (comm/nccl_communicator.cpp) on a fake NCCL
+// (fake_nccl/nccl.h). Linked into the emulation tests (test_cuda_emulated.cpp) and into
 // build/pipemoe_emulated_gpu, the CLI on this emulated GPU (tests/cli/test_emulated_gpu_cli.py).
 // A kernel handed host memory counts as a misuse of the runtime (fake_cuda::memory().errors) and
 // is reported on stderr.
@@ -199,4 +200,10 @@ void swiglu_backward(const float* hpre, const float* dact, int64_t dact_ld, floa
 // library's, which this test does not link).
 #include "kernels/cuda/device_memory.cpp"
 #include "kernels/cuda/cuda_backend.cpp"
+
+// The NCCL transport on the fake NCCL (fake_nccl/nccl.h: ranks as threads), standing in for the
+// library's in the same way.
+#undef PIPEMOE_HAVE_NCCL
+#define PIPEMOE_HAVE_NCCL 1
+#include "comm/nccl_communicator.cpp"
 

@@ -16,6 +16,12 @@
 #define PM_CUDA_TEST_SUITE CudaEmulated
 #include "unit/cuda_backend_cases.h"
 
+// The NCCL transport's cases on the fake NCCL (ranks as threads, one emulated GPU for all).
+#define PM_NCCL_TEST_SUITE NcclEmulated
+#define PM_NCCL_MAX_RANKS() 4
+#define PM_NCCL_NO_MISUSE() EXPECT_EQ(fake_cuda::memory().errors, 0)
+#include "unit/nccl_transport_cases.h"
+
 TEST(CudaEmulated, TheLayerRunsItsExpertsOnTheGpu) {
   // (the cases above compare bits; this checks that the GPU did the work)
   pm::MoeShape shape{48, 16, 24, 4, 2, 1.25, 2};
@@ -26,6 +32,7 @@ TEST(CudaEmulated, TheLayerRunsItsExpertsOnTheGpu) {
 }
 
 TEST(CudaEmulated, NoMisuseOfTheRuntime) {
-  // after the cases above (gtest runs a file's tests in order): no copy went the wrong way
+  // after the cases above (gtest runs a file's tests in order): no copy went the wrong way, no
+  // NCCL call was handed host memory or left unmatched
   EXPECT_EQ(fake_cuda::memory().errors, 0);
 }

@@ -13,6 +13,12 @@
 #define PM_CUDA_TEST_SUITE CudaBackend
 #include "unit/cuda_backend_cases.h"
 
+// The NCCL transport on this machine's GPUs, one rank per GPU (skipped without).
+#define PM_NCCL_TEST_SUITE NcclTransport
+#define PM_NCCL_MAX_RANKS() pm::nccl_devices()
+#define PM_NCCL_NO_MISUSE() (void)0
+#include "unit/nccl_transport_cases.h"
+
 namespace pm {
 namespace {
 

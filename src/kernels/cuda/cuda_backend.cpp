@@ -1,6 +1,7 @@
 #include "kernels/cuda/cuda_backend.h"
 
 #include "core/error.h"
+#include "core/local_rank.h"
 
 #if PIPEMOE_HAVE_CUDA
 
@@ -24,13 +25,6 @@ using cuda::DeviceBuffer;
 using cuda::download;
 using cuda::upload;
 using cuda::upload_rows;
-
-// The GPU this process uses: with several ranks on a machine, one GPU each in turn.
-int chosen_device(int devices) {
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
-    if (const char* v = std::getenv(name)) return std::atoi(v) % devices;
-  return 0;
-}
 
 // One calling thread's stream and staging buffers (ranks as threads share the backend).
 struct ThreadState {
@@ -331,7 +325,7 @@ Backend& cuda_backend() {
   std::call_once(once, [] {
     int devices = 0;
     if (cuda_available(&why) && cudaGetDeviceCount(&devices) == cudaSuccess)
-      backend = std::make_unique<CudaBackend>(chosen_device(devices));
+      backend = std::make_unique<CudaBackend>(gpu_for_rank(devices, 0));  // one GPU each in turn
   });
   if (!backend) throw Error(ErrorKind::usage, "the CUDA backend cannot run here: " + why);
   return *backend;

@@ -1,5 +1,5 @@
 // A fake CUDA runtime for tests/cuda_emulation: "device" memory is host memory the fake keeps a
-// list of, copies are memcpy, streams do nothing. It checks what a real GPU would punish: a copy
+// list of, copies are memcpy, streams and events do nothing (every call is done when it returns). It checks what a real GPU would punish: a copy
 // whose direction does not match where its pointers live, a kernel handed host memory
 // (device_memory_holds), a pitch narrower than a row.
 #pragma once
@@ -16,10 +16,16 @@ using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorMemoryAllocation = 2;
+constexpr cudaError_t cudaErrorNotReady = 600;
 enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
 struct CUstream_st {};
 using cudaStream_t = CUstream_st*;
 constexpr unsigned cudaStreamNonBlocking = 1;
+struct CUevent_st {
+  bool recorded = false;
+};
+using cudaEvent_t = CUevent_st*;
+constexpr unsigned cudaEventDisableTiming = 2;
 struct cudaDeviceProp {
   char name[256];
   int major, minor;
@@ -100,3 +106,31 @@ inline cudaError_t cudaMemcpy2DAsync(void* dst, std::size_t dpitch, const void* 
     std::memcpy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
   return cudaSuccess;
 }
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+  return cudaMemcpy2DAsync(dst, bytes, src, bytes, bytes, 1, kind, stream);
+}
+// Pinned host memory: host memory (not on the device list).
+inline cudaError_t cudaMallocHost(void** p, std::size_t bytes) {
+  *p = std::malloc(bytes ? bytes : 1);
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaFreeHost(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  *e = new CUevent_st;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+  e->recorded = true;
+  return cudaSuccess;
+}
+// (the work before a record is done when the record returns; querying an event never recorded is
+// a misuse here, where a GPU would answer "ready" and hide the bug)
+inline cudaError_t cudaEventQuery(cudaEvent_t e) { return e->recorded ? cudaSuccess : fake_cuda::misuse(); }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) { return cudaEventQuery(e); }
