@@ -165,8 +165,10 @@ int main(int argc, char** argv) {
   if (argc >= 2 && (std::strcmp(argv[1], "--version") == 0 || std::strcmp(argv[1], "version") == 0)) {
     std::string why_no_gpu;
     const std::string cuda = pm::cuda_available(&why_no_gpu) ? "cuda: " + pm::cuda_backend().name() : "cuda: " + why_no_gpu;
-    std::printf("pipemoe %s (%s build, kernels %s; %s)\n", PIPEMOE_GIT_COMMIT, PIPEMOE_BUILD_TYPE, pm::gemm_isa().c_str(),
-                cuda.c_str());
+    std::string why_no_nccl;
+    const std::string nccl = pm::nccl_available(&why_no_nccl) ? "nccl: available" : "nccl: " + why_no_nccl;
+    std::printf("pipemoe %s (%s build, kernels %s; %s; %s)\n", PIPEMOE_GIT_COMMIT, PIPEMOE_BUILD_TYPE,
+                pm::gemm_isa().c_str(), cuda.c_str(), nccl.c_str());
     return 0;
   }
   // `pipemoe help [command]` is `pipemoe [command] --help`
