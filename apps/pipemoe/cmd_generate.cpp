@@ -20,16 +20,13 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "apps/pipemoe/command.h"
+#include "apps/pipemoe/sampling.h"
 #include "core/clock.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/rng.h"
-#include "model/checkpoint.h"
+#include "apps/pipemoe/inference_model.h"
 #include "moe/expert_store.h"
-#include "model/gpt.h"
-#include "model/tokenizer.h"
-#include "sched/executor.h"
 
 namespace pm::cli {
 namespace {
@@ -38,44 +35,12 @@ struct GenerateOptions {
   std::string checkpoint, prompts_file;
   std::vector<std::string> prompts;
   int tokens = 80;
-  double temperature = 0.8;  // 0: greedy
-  int top_k = 40;
-  double top_p = 1.0;        // nucleus: the fewest most likely tokens whose probability reaches p
+  Sampling sampling;
   uint64_t seed = 1;
   bool no_cache = false;
   bool json = false;
-  std::string offload;  // "", host, disk
-  int expert_cache = 0;
-  std::string offload_mode = "prefetch";
+  OffloadOptions offload;
 };
-
-// The next token from the last position's logits[V]: greedy at temperature 0, else drawn among
-// the top-k, then the top-p of those, at the temperature. Every rank draws the same from the
-// same numbers.
-int32_t sample_next(const float* logits, int64_t V, const GenerateOptions& o, Rng& rng) {
-  std::vector<int32_t> order(V);
-  for (int32_t i = 0; i < V; ++i) order[i] = i;
-  const int k = o.temperature == 0 ? 1 : std::min<int>(o.top_k, static_cast<int>(V));
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
-  if (k == 1) return order[0];
-  std::vector<double> p(k);
-  double sum = 0;
-  for (int i = 0; i < k; ++i) sum += p[i] = std::exp((logits[order[i]] - logits[order[0]]) / o.temperature);
-  int keep = k;  // top-p: cut the tail once the kept mass reaches p
-  double mass = 0;
-  for (int i = 0; i < k && o.top_p < 1; ++i)
-    if ((mass += p[i] / sum) >= o.top_p) {
-      keep = i + 1;
-      break;
-    }
-  double kept = 0;
-  for (int i = 0; i < keep; ++i) kept += p[i];
-  double u = rng.uniform() * kept;
-  int pick = 0;
-  while (pick + 1 < keep && (u -= p[pick]) > 0) ++pick;
-  return order[pick];
-}
 
 std::vector<std::string> read_prompts(const GenerateOptions& o) {
   std::vector<std::string> prompts = o.prompts;
@@ -92,39 +57,12 @@ std::vector<std::string> read_prompts(const GenerateOptions& o) {
 int run_generate(Context& ctx, const GenerateOptions& o) {
   PM_REQUIRE(!o.checkpoint.empty(), "generate needs --checkpoint DIR");
   PM_REQUIRE(o.tokens > 0, "--tokens must be positive, got {}", o.tokens);
-  PM_REQUIRE(o.temperature >= 0 && std::isfinite(o.temperature), "--temperature must be 0 (greedy) or positive, got {}",
-             o.temperature);
-  PM_REQUIRE(o.top_k >= 1, "--top-k must be at least 1, got {}", o.top_k);
-  PM_REQUIRE(o.top_p > 0 && o.top_p <= 1, "--top-p must be in (0, 1], got {}", o.top_p);
+  check_sampling(o.sampling);
   const std::vector<std::string> prompts = read_prompts(o);
-  CheckpointState state = read_checkpoint_state(ctx.comm, o.checkpoint);
-  TrainConfig config;
-  config.apply(state.config, o.checkpoint + "/state.json");
-  Tokenizer tokenizer = Tokenizer::from_json(state.tokenizer_json, o.checkpoint + "/tokenizer.json");
-  config.model.vocab_size = tokenizer.vocab_size();
-  // inference spreads the experts over its own ranks (all-to-all), whatever layout trained them:
-  // the checkpoint holds whole tensors
-  config.model.moe_strategy = "ep";
-  config.model.tp = 1;
-  config.dp = 0;
-  PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
-             "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
-  try {  // the model the checkpoint describes, checked as a training configuration is
-    config.validate(ctx.world());
-  } catch (const Error& e) {
-    throw Error(ErrorKind::usage, fmt::format("{}: state.json describes an impossible model: {}", o.checkpoint, e.what()));
-  }
-  Executor executor;
-  GptModel model(config.model, ctx.comm, executor, ctx.backend);
-  if (!o.offload.empty()) {
-    PM_REQUIRE(config.model.moe_layers() > 0, "--offload-experts: the checkpoint's model has no MoE layers");
-    const OffloadMode mode = parse_offload_mode(o.offload_mode);
-    PM_REQUIRE(mode == OffloadMode::resident || o.expert_cache > 0,
-               "--offload-experts needs --expert-cache N (how many of a layer's experts may be resident, 1 to {})",
-               config.model.experts / ctx.world());
-    model.offload_experts(o.offload, checkpoint_step_dir(o.checkpoint) + "/model.safetensors", o.expert_cache, mode);
-  }
-  load_checkpoint_tensors(ctx.comm, o.checkpoint, model.parameters(), nullptr);
+  InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload);
+  const TrainConfig& config = loaded.config;
+  const Tokenizer& tokenizer = loaded.tokenizer;
+  GptModel& model = *loaded.model;
 
   const int64_t S = config.model.seq_len, V = config.model.vocab_size, rows = static_cast<int64_t>(prompts.size());
   model.start_inference(rows);
@@ -133,7 +71,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   for (int64_t r = 0; r < rows; ++r) {
     text[r] = tokenizer.encode(prompts[r]);
     if (text[r].empty()) text[r] = tokenizer.encode("\n");
-    rngs.emplace_back(o.seed, stream_id(50, r));
+    rngs.push_back(sequence_rng(o.seed, r));
   }
   const bool stream = rows == 1 && ctx.rank() == 0 && !o.json;
   if (stream) {
@@ -154,7 +92,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   for (int64_t r = 0; r < rows; ++r) prefill(r, S);
   for (int n = 0; n < o.tokens; ++n) {
     for (int64_t r = 0; r < rows; ++r) {
-      next[r] = sample_next(logits[r].data(), V, o, rngs[r]);
+      next[r] = sample_next(logits[r].data(), V, o.sampling, rngs[r]);
       ctx.comm.broadcast(&next[r], 1, DType::i32, 0);
       text[r].push_back(next[r]);
     }
@@ -188,8 +126,8 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   nlohmann::json result = {{"sequences", rows}, {"tokens", o.tokens}, {"seconds", seconds},
                            {"tokens_per_s", rows * o.tokens / seconds}, {"kv_cache", !o.no_cache},
                            {"ranks", ctx.world()}};
-  if (!o.offload.empty())
-    result.update({{"offload_experts", o.offload}, {"offload_mode", o.offload_mode}, {"expert_cache", o.expert_cache},
+  if (!o.offload.place.empty())
+    result.update({{"offload_experts", o.offload.place}, {"offload_mode", o.offload.mode}, {"expert_cache", o.offload.expert_cache},
                    {"expert_loads", loads}, {"expert_load_s", load_s}, {"resident_expert_bytes_peak", peak},
                    {"all_expert_bytes", all}});
   if (ctx.rank() == 0 && o.json) {
@@ -204,9 +142,9 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   log::info("generate: {} sequence(s) x {} tokens in {:.2f} s: {:.1f} tokens/s ({}, {} rank(s))", rows, o.tokens,
             seconds, rows * o.tokens / seconds, o.no_cache ? "no cache: the window re-run per token" : "key/value cache",
             ctx.world());
-  if (!o.offload.empty())
+  if (!o.offload.place.empty())
     log::info("experts offloaded to {} ({}): {} loads, {:.3f} s loading, resident at most {:.2f} MB of {:.2f} MB",
-              o.offload, o.offload_mode, loads, load_s, peak / 1e6, all / 1e6);
+              o.offload.place, o.offload.mode, loads, load_s, peak / 1e6, all / 1e6);
   return 0;
 }
 
@@ -219,19 +157,15 @@ void add_generate_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--prompt", o->prompts, "text to continue; repeat for a batch of sequences");
   cmd->add_option("--prompts", o->prompts_file, "a file of prompts, one per line (a batch)");
   cmd->add_option("--tokens", o->tokens, "tokens to generate per sequence")->capture_default_str();
-  cmd->add_option("--temperature", o->temperature, "sampling temperature; 0: greedy (the most likely token)")
+  cmd->add_option("--temperature", o->sampling.temperature, "sampling temperature; 0: greedy (the most likely token)")
       ->capture_default_str();
-  cmd->add_option("--top-k", o->top_k, "sample among the k most likely tokens")->capture_default_str();
-  cmd->add_option("--top-p", o->top_p, "then among the fewest of those whose probability reaches p (nucleus)")
+  cmd->add_option("--top-k", o->sampling.top_k, "sample among the k most likely tokens")->capture_default_str();
+  cmd->add_option("--top-p", o->sampling.top_p, "then among the fewest of those whose probability reaches p (nucleus)")
       ->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_flag("--no-cache", o->no_cache, "re-run each sequence's window for every token (no key/value cache)");
   cmd->add_flag("--json", o->json, "print one JSON object (texts, tokens/s, offloading figures) instead of the text");
-  cmd->add_option("--offload-experts", o->offload, "keep routed experts in host memory or on disk (the checkpoint, mapped)")
-      ->check(CLI::IsMember({"host", "disk"}));
-  cmd->add_option("--expert-cache", o->expert_cache, "at most N routed experts of a layer resident (with --offload-experts)");
-  cmd->add_option("--offload-mode", o->offload_mode, "prefetch (on the copy lane), blocking (when needed) or resident")
-      ->capture_default_str();
+  o->offload.add_to(cmd);
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_generate(ctx, *o); }; });
 }
 

@@ -94,6 +94,13 @@ class GptModel {
   const float* decode(const int32_t* tokens);
   const float* decode_logits_end(int64_t V) const { return logits_.data() + positions_.size() * V; }
   int64_t position(int64_t row) const { return positions_[row]; }
+  // Continuous batching (pipemoe serve): only the first n of the rows start_inference made room
+  // for are decoded (a decode needs one at least; prefill may reach any row below n); a finished
+  // sequence's row is taken over by another's (move_inference_row copies its keys, values and
+  // position) so that the live ones stay first. A row's logits never depend on the other rows.
+  void set_inference_rows(int64_t n);
+  void move_inference_row(int64_t from, int64_t to);
+  int64_t inference_capacity() const { return inference_capacity_; }
 
   // Inference on a memory budget: every MoE layer's routed experts stay in `where` ("host": read
   // once from model_file into host memory; "disk": model_file mapped and read in place) and at
@@ -230,7 +237,8 @@ class GptModel {
   double forward_exposed_ms_ = 0, backward_exposed_ms_ = 0;
   PassTiming last_forward_, last_backward_;
   std::map<int, std::pair<double, double>> moe_seconds_;  // per MoE block, since take_moe_seconds
-  std::vector<int64_t> positions_;  // inference: each sequence's next position
+  std::vector<int64_t> positions_;  // inference: each sequence's next position (the rows decoded)
+  int64_t inference_capacity_ = 0;  // inference: the rows the key/value caches hold
   std::map<int, Overlap> hidden_by_block_;  // forward + backward
   std::map<int, int> slots_fwd_, slots_bwd_;
   const PerfProfile* window_profile_ = nullptr;

@@ -1,5 +1,6 @@
 #include "model/gpt.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -35,6 +36,7 @@ void GptModel::start_inference(int64_t rows) {
     }
   }
   positions_.assign(rows, 0);
+  inference_capacity_ = rows;
   // the weights are final from here on: pack the dense ones once (decode runs a token per
   // sequence, where packing a weight costs more than the GEMM); the experts' packings are kept
   // by their layers while the weights do not change (moe/layer_weights.h)
@@ -58,6 +60,23 @@ const float* GptModel::prefill(int64_t row, const int32_t* tokens, int64_t n) {
   run_forward(tokens, nullptr, 1, n, 0.0f, row, false);
   positions_[row] = n;
   return logits_.data() + (n - 1) * config_.vocab_size;
+}
+
+void GptModel::set_inference_rows(int64_t n) {
+  PM_CHECK(n >= 0 && n <= inference_capacity_, "{} rows of inference; room for 0 to {}", n, inference_capacity_);
+  positions_.resize(n, 0);
+}
+
+void GptModel::move_inference_row(int64_t from, int64_t to) {
+  const int64_t rows = static_cast<int64_t>(positions_.size());
+  PM_CHECK(from >= 0 && from < rows && to >= 0 && to < rows, "moving row {} to {} of {}", from, to, rows);
+  if (from == to) return;
+  const int64_t span = config_.seq_len * config_.d_model;  // one row of a block's cache
+  for (auto& b : blocks_) {
+    std::copy_n(b->k_cache.data() + from * span, span, b->k_cache.data() + to * span);
+    std::copy_n(b->v_cache.data() + from * span, span, b->v_cache.data() + to * span);
+  }
+  positions_[to] = positions_[from];
 }
 
 const float* GptModel::decode(const int32_t* tokens) {

@@ -1,0 +1,401 @@
+// pipemoe serve: completions from a trained checkpoint over HTTP, with continuous batching.
+//
+//   build/pipemoe serve --checkpoint runs/demo [--host 127.0.0.1] [--port 8000] [--max-batch 8]
+//       [--max-requests N] [--offload-experts host|disk --expert-cache N ...]
+//   mpirun -q -np 2 build/pipemoe serve --checkpoint runs/demo      (the experts spread over the ranks)
+//
+//   POST /v1/completions  {"prompt": "The jury said", "max_tokens": 64, "temperature": 0.8, "top_k": 40,
+//                          "top_p": 1.0, "seed": 1, "stop": ["\n\n"], "stream": false}
+//   GET  /health          {"status": "ok", "active": .., "waiting": .., "served": .., "tokens_per_s": ..,
+//                          "peak_batch": the most rows decoded together so far}
+//   GET  /v1/models
+// The subset of OpenAI's completions API that applies (one prompt, one choice; fields it does not
+// know are ignored). A request's text is the one `generate --prompt P --tokens max_tokens` gives
+// with the same sampling and seed, whatever else is being served beside it: every sequence decodes
+// in one batch of rows, and a row's logits never depend on the others (dropless routing; each GEMM
+// element's sum runs in a fixed order, whatever the number of rows).
+//
+// Continuous batching: the model holds --max-batch rows. Each step, requests that arrived take the
+// free rows (their prompts are prefilled), then every live row samples its next token and the rows
+// still going decode it together; a finished request's row is taken over by the last live one, so
+// that the live rows stay first. Rank 0 listens and decides; each step it broadcasts what the step
+// does (admissions, row moves, window slides, the tokens), and every rank runs the same passes.
+// SIGINT or SIGTERM: no new requests (503), the live ones finish, then the server exits 0; so does
+// --max-requests N once it has answered N completions. On exit, a JSON line of what was served.
+#include <csignal>
+#include <ctime>
+#include <deque>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "apps/pipemoe/http_server.h"
+#include "apps/pipemoe/inference_model.h"
+#include "apps/pipemoe/sampling.h"
+#include "core/clock.h"
+#include "core/error.h"
+#include "core/log.h"
+
+namespace pm::cli {
+namespace {
+
+struct ServeOptions {
+  std::string checkpoint, host = "127.0.0.1";
+  int port = 8000;
+  int max_batch = 8;
+  int64_t max_requests = 0;  // 0: until a signal
+  OffloadOptions offload;
+};
+
+constexpr int kMaxTokensLimit = 8192;
+constexpr int kDefaultMaxTokens = 64;
+
+std::atomic<bool> g_stop{false};
+extern "C" void stop_serving(int) { g_stop = true; }
+
+// One completion in a row of the batch (rank 0).
+struct Completion {
+  int fd = -1;
+  std::string id;
+  int max_tokens = kDefaultMaxTokens;
+  Sampling sampling;
+  uint64_t seed = 1;
+  bool stream = false;
+  std::vector<std::string> stop;
+  std::vector<int32_t> text;  // prompt and generated tokens: the source of window slides
+  int64_t prompt_tokens = 0;
+  std::vector<int32_t> generated;
+  std::string output;           // the generated text so far (cut at a stop string)
+  std::size_t streamed = 0;     // bytes of output sent as events
+  std::optional<Rng> rng;
+  std::vector<float> logits;    // the last position's, to sample the next token from
+  std::string finish;           // "length", "stop", or "gone" (the client closed the stream)
+};
+
+// A completion request's fields, checked; throws a usage error naming the field.
+Completion parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(body);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorKind::usage, std::string("the body is not JSON: ") + e.what());
+  }
+  PM_REQUIRE(j.is_object(), "the body must be a JSON object");
+  Completion c;
+  c.id = id;
+  PM_REQUIRE(j.contains("prompt") && j["prompt"].is_string(), "prompt must be a string (one prompt per request)");
+  auto number = [&](const char* key, auto& into) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    PM_REQUIRE(j[key].is_number(), "{} must be a number", key);
+    into = j[key].get<std::decay_t<decltype(into)>>();
+  };
+  number("max_tokens", c.max_tokens);
+  PM_REQUIRE(c.max_tokens >= 1 && c.max_tokens <= kMaxTokensLimit, "max_tokens must be 1 to {}, got {}", kMaxTokensLimit,
+             c.max_tokens);
+  number("temperature", c.sampling.temperature);
+  number("top_k", c.sampling.top_k);
+  number("top_p", c.sampling.top_p);
+  check_sampling(c.sampling, /*json_names=*/true);
+  if (j.contains("seed") && !j["seed"].is_null()) {
+    PM_REQUIRE(j["seed"].is_number_unsigned(), "seed must be a whole number >= 0");
+    c.seed = j["seed"].get<uint64_t>();
+  }
+  if (j.contains("n") && !j["n"].is_null()) PM_REQUIRE(j["n"] == 1, "n must be 1 (one choice per request)");
+  if (j.contains("stream") && !j["stream"].is_null()) {
+    PM_REQUIRE(j["stream"].is_boolean(), "stream must be true or false");
+    c.stream = j["stream"].get<bool>();
+  }
+  if (j.contains("stop") && !j["stop"].is_null()) {
+    const nlohmann::json& s = j["stop"];
+    PM_REQUIRE(s.is_string() || s.is_array(), "stop must be a string or a list of strings");
+    for (const auto& one : s.is_string() ? nlohmann::json::array({s}) : s) {
+      PM_REQUIRE(one.is_string() && !one.get<std::string>().empty(), "stop must hold non-empty strings");
+      c.stop.push_back(one.get<std::string>());
+    }
+    PM_REQUIRE(c.stop.size() <= 4, "stop takes at most 4 strings, got {}", c.stop.size());
+  }
+  c.text = tokenizer.encode(j["prompt"].get<std::string>());
+  if (c.text.empty()) c.text = tokenizer.encode("\n");  // as generate does
+  c.prompt_tokens = static_cast<int64_t>(c.text.size());
+  c.rng = sequence_rng(c.seed, 0);  // `generate --seed S` with one prompt
+  return c;
+}
+
+std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
+// The last n tokens of a sequence (all of them when shorter).
+std::vector<int32_t> last_tokens(const std::vector<int32_t>& text, int64_t n, int64_t drop_newest = 0) {
+  const int64_t end = static_cast<int64_t>(text.size()) - drop_newest;
+  const int64_t take = std::min<int64_t>(n, end);
+  return std::vector<int32_t>(text.begin() + (end - take), text.begin() + end);
+}
+
+// What rank 0 serves: the HTTP side and the rows' completions.
+class Frontend {
+ public:
+  Frontend(const ServeOptions& o, const Tokenizer& tokenizer, std::string model_name)
+      : o_(o), tokenizer_(tokenizer), model_name_(std::move(model_name)), server_(o.host, o.port) {}
+  int port() const { return server_.port(); }
+
+  // Takes what arrived (waiting up to wait_s when nothing is live); answers all but completions
+  // at once; the completions queue for a row.
+  void take_requests(double wait_s) {
+    for (std::optional<HttpRequest> r = server_.next(wait_s); r; r = server_.next(0)) handle(std::move(*r));
+  }
+  // Completions that may take a row now (at most `free` of them).
+  std::vector<Completion> admit(int64_t free) {
+    std::vector<Completion> admitted;
+    while (free-- > 0 && !pending_.empty() && (o_.max_requests == 0 || admitted_ < o_.max_requests)) {
+      admitted.push_back(std::move(pending_.front()));
+      pending_.pop_front();
+      ++admitted_;
+      if (admitted.back().stream && !HttpServer::start_events(admitted.back().fd)) admitted.back().finish = "gone";
+    }
+    return admitted;
+  }
+  bool done(int64_t live) const {
+    const bool all_answered = o_.max_requests > 0 && served_ >= o_.max_requests;
+    return live == 0 && (g_stop || all_answered);
+  }
+
+  // The next token of c is `token`: appended, its text streamed; says whether c is finished.
+  bool advance(Completion& c, int32_t token) {
+    c.text.push_back(token);
+    c.generated.push_back(token);
+    ++tokens_;
+    c.output = tokenizer_.decode(c.generated);
+    std::size_t longest_stop = 0;
+    for (const std::string& s : c.stop) {
+      longest_stop = std::max(longest_stop, s.size());
+      if (const std::size_t at = c.output.find(s); at != std::string::npos) {
+        c.output.resize(at);
+        c.finish = "stop";
+      }
+    }
+    if (c.finish.empty() && static_cast<int>(c.generated.size()) >= c.max_tokens) c.finish = "length";
+    // stream what no stop string can still take back
+    const std::size_t safe = c.finish.empty() && longest_stop > 0 ? c.output.size() - std::min(c.output.size(), longest_stop - 1)
+                                                                  : c.output.size();
+    if (c.stream && c.finish != "gone" && safe > c.streamed) {
+      if (!HttpServer::send_event(c.fd, dump(chunk(c, c.output.substr(c.streamed, safe - c.streamed), nullptr))))
+        c.finish = "gone";
+      c.streamed = safe;
+    }
+    return !c.finish.empty();
+  }
+
+  void answer(Completion& c) {
+    ++served_;
+    if (c.finish == "gone") {
+      HttpServer::close_connection(c.fd);
+      return;
+    }
+    const nlohmann::json usage = {{"prompt_tokens", c.prompt_tokens},
+                                  {"completion_tokens", static_cast<int64_t>(c.generated.size())},
+                                  {"total_tokens", c.prompt_tokens + static_cast<int64_t>(c.generated.size())}};
+    if (c.stream) {
+      nlohmann::json last = chunk(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);
+      last["usage"] = usage;
+      HttpServer::send_event(c.fd, dump(last));
+      HttpServer::send_event(c.fd, "[DONE]");
+      HttpServer::close_connection(c.fd);
+      return;
+    }
+    nlohmann::json j = chunk(c, c.output, c.finish);
+    j["usage"] = usage;
+    HttpServer::respond(c.fd, 200, dump(j));
+  }
+
+  nlohmann::json health(int64_t live) const {
+    return {{"status", g_stop ? "stopping" : "ok"}, {"active", live}, {"waiting", static_cast<int64_t>(pending_.size())},
+            {"served", served_}, {"tokens", tokens_}, {"tokens_per_s", tokens_ / std::max(1e-9, clock_.elapsed_s())},
+            {"max_batch", o_.max_batch}, {"peak_batch", peak_live_}};
+  }
+  void set_live(int64_t live) {
+    live_ = live;
+    peak_live_ = std::max(peak_live_, live);
+  }
+  int64_t peak_live() const { return peak_live_; }
+  int64_t served() const { return served_; }
+  int64_t tokens() const { return tokens_; }
+  double seconds() const { return clock_.elapsed_s(); }
+
+ private:
+  nlohmann::json chunk(const Completion& c, const std::string& text, const nlohmann::json& finish) const {
+    return {{"id", c.id}, {"object", "text_completion"}, {"created", static_cast<int64_t>(std::time(nullptr))},
+            {"model", model_name_}, {"choices", {{{"text", text}, {"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish}}}}};
+  }
+  void handle(HttpRequest r) {
+    if (r.path == "/health" && r.method == "GET") return HttpServer::respond(r.fd, 200, dump(health(live_)));
+    if (r.path == "/v1/models" && r.method == "GET")
+      return HttpServer::respond(r.fd, 200, dump({{"object", "list"}, {"data", {{{"id", model_name_}, {"object", "model"}, {"owned_by", "pipemoe"}}}}}));
+    if (r.path != "/v1/completions") return HttpServer::respond(r.fd, 404, HttpServer::error_json("no such path: " + r.path));
+    if (r.method != "POST") return HttpServer::respond(r.fd, 405, HttpServer::error_json("/v1/completions takes POST"));
+    if (g_stop || (o_.max_requests > 0 && admitted_ + static_cast<int64_t>(pending_.size()) >= o_.max_requests))
+      return HttpServer::respond(r.fd, 503, HttpServer::error_json("the server is shutting down"));
+    try {
+      Completion c = parse_completion(r.body, tokenizer_, "cmpl-" + std::to_string(next_id_++));
+      c.fd = r.fd;
+      pending_.push_back(std::move(c));
+    } catch (const Error& e) {
+      HttpServer::respond(r.fd, 400, HttpServer::error_json(e.what()));
+    }
+  }
+
+  const ServeOptions& o_;
+  const Tokenizer& tokenizer_;
+  std::string model_name_;
+  HttpServer server_;
+  std::deque<Completion> pending_;
+  int64_t admitted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
+  Stopwatch clock_;
+};
+
+// What one step does, decided by rank 0 and run by every rank.
+struct Step {
+  bool stop = false;
+  std::vector<std::pair<int64_t, std::vector<int32_t>>> admit;  // row, prompt window
+  std::vector<std::pair<int64_t, int64_t>> moves;               // from, to
+  int64_t rows = 0;                                             // live rows after the moves
+  std::vector<std::pair<int64_t, std::vector<int32_t>>> slide;  // row, window before its new token
+  std::vector<int32_t> next;                                    // each live row's new token
+};
+
+std::string encode(const Step& s) {
+  return nlohmann::json{{"stop", s.stop}, {"admit", s.admit}, {"moves", s.moves}, {"rows", s.rows}, {"slide", s.slide}, {"next", s.next}}.dump();
+}
+
+Step decode_step(const std::string& text) {
+  const nlohmann::json j = nlohmann::json::parse(text);
+  Step s;
+  s.stop = j["stop"].get<bool>();
+  j["admit"].get_to(s.admit);
+  j["moves"].get_to(s.moves);
+  s.rows = j["rows"].get<int64_t>();
+  j["slide"].get_to(s.slide);
+  j["next"].get_to(s.next);
+  return s;
+}
+
+int run_serve(Context& ctx, const ServeOptions& o) {
+  PM_REQUIRE(!o.checkpoint.empty(), "serve needs --checkpoint DIR");
+  PM_REQUIRE(o.max_batch >= 1 && o.max_batch <= 1024, "--max-batch must be 1 to 1024, got {}", o.max_batch);
+  PM_REQUIRE(o.max_requests >= 0, "--max-requests must be 0 (no limit) or positive, got {}", o.max_requests);
+  InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload);
+  GptModel& model = *loaded.model;
+  const int64_t S = loaded.config.model.seq_len, V = loaded.config.model.vocab_size;
+  model.start_inference(o.max_batch);
+  model.set_inference_rows(0);
+
+  // rank 0 listens (every rank learns whether it could)
+  std::unique_ptr<Frontend> front;
+  std::string error;
+  if (ctx.rank() == 0) {
+    try {
+      std::string name = o.checkpoint;
+      while (name.size() > 1 && name.back() == '/') name.pop_back();
+      front = std::make_unique<Frontend>(o, loaded.tokenizer, name.substr(name.find_last_of('/') + 1));
+    } catch (const Error& e) {
+      error = e.what();
+    }
+  }
+  agree_or_throw(ctx.comm, error);
+  g_stop = false;
+  std::signal(SIGINT, stop_serving);
+  std::signal(SIGTERM, stop_serving);
+  if (front) {
+    std::printf("pipemoe serve: listening on http://%s:%d (POST /v1/completions; %d rows per batch, %d rank(s))\n",
+                o.host.c_str(), front->port(), o.max_batch, ctx.world());
+    std::fflush(stdout);
+  }
+
+  std::vector<Completion> live;  // rank 0: row r's completion
+  Stopwatch since_log;
+  int64_t rows = 0;
+  for (;;) {
+    // 1. admissions: new completions take the free rows and run their prompts
+    Step admit;
+    if (front) {
+      front->set_live(rows);
+      front->take_requests(rows == 0 ? 0.2 : 0.0);
+      admit.stop = front->done(rows);
+      for (Completion& c : front->admit(o.max_batch - rows)) {
+        admit.admit.push_back({rows + static_cast<int64_t>(admit.admit.size()), last_tokens(c.text, S)});
+        live.push_back(std::move(c));
+      }
+    }
+    admit = decode_step(ctx.comm.broadcast_string(front ? encode(admit) : std::string(), 0));
+    if (admit.stop) break;
+    if (!admit.admit.empty()) model.set_inference_rows(rows + static_cast<int64_t>(admit.admit.size()));
+    for (const auto& [row, tokens] : admit.admit) {
+      const float* logits = model.prefill(row, tokens.data(), static_cast<int64_t>(tokens.size()));
+      if (front) live[row].logits.assign(logits, logits + V);
+    }
+    rows += static_cast<int64_t>(admit.admit.size());
+    if (front) front->set_live(rows);
+    if (rows == 0) continue;
+
+    // 2. every live row's next token; the finished ones answered and their rows refilled
+    Step step;
+    if (front) {
+      std::vector<Completion> kept;
+      for (int64_t r = 0; r < rows; ++r) {
+        Completion& c = live[r];
+        const int32_t token = c.finish == "gone" ? 0 : sample_next(c.logits.data(), V, c.sampling, *c.rng);
+        if (c.finish == "gone" || front->advance(c, token)) {
+          front->answer(c);
+          continue;
+        }
+        const int64_t to = static_cast<int64_t>(kept.size());
+        if (r != to) step.moves.push_back({r, to});
+        // a full window slides to its last half (the new token then decodes into it), as generate's does
+        if (model.position(r) >= S) step.slide.push_back({to, last_tokens(c.text, std::max<int64_t>(1, S / 2 - 1), 1)});
+        step.next.push_back(token);
+        kept.push_back(std::move(c));
+      }
+      live = std::move(kept);
+      step.rows = static_cast<int64_t>(live.size());
+    }
+    step = decode_step(ctx.comm.broadcast_string(front ? encode(step) : std::string(), 0));
+    for (const auto& [from, to] : step.moves) model.move_inference_row(from, to);
+    model.set_inference_rows(step.rows);
+    rows = step.rows;
+    for (const auto& [row, tokens] : step.slide) model.prefill(row, tokens.data(), static_cast<int64_t>(tokens.size()));
+    if (rows > 0) {
+      const float* logits = model.decode(step.next.data());
+      if (front)
+        for (int64_t r = 0; r < rows; ++r) live[r].logits.assign(logits + r * V, logits + (r + 1) * V);
+    }
+    if (front && since_log.elapsed_s() > 10) {
+      log::info("serve: {}", dump(front->health(rows)));
+      since_log = Stopwatch();
+    }
+  }
+  std::signal(SIGINT, SIG_DFL);
+  std::signal(SIGTERM, SIG_DFL);
+  if (front) {
+    const nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
+                                    {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
+                                    {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()}};
+    std::printf("%s\n", summary.dump().c_str());
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_serve_command(CLI::App& app, CommandFn& run) {
+  auto o = std::make_shared<ServeOptions>();
+  CLI::App* cmd = app.add_subcommand("serve", "serve completions from a checkpoint over HTTP (continuous batching)");
+  cmd->add_option("--checkpoint", o->checkpoint, "checkpoint folder (pipemoe train --save)");
+  cmd->add_option("--host", o->host, "address to listen on (0.0.0.0: every interface)")->capture_default_str();
+  cmd->add_option("--port", o->port, "port to listen on (0: any free one; the first line printed says which)")
+      ->capture_default_str();
+  cmd->add_option("--max-batch", o->max_batch, "sequences decoded together (rows of the batch)")->capture_default_str();
+  cmd->add_option("--max-requests", o->max_requests, "exit after answering N completions (0: run until SIGINT/SIGTERM)")
+      ->capture_default_str();
+  o->offload.add_to(cmd);
+  cmd->callback([o, &run] { run = [o](Context& ctx) { return run_serve(ctx, *o); }; });
+}
+
+}  // namespace pm::cli

@@ -1,0 +1,64 @@
+// A small HTTP/1.1 server for `pipemoe serve`: one listening socket, a thread that accepts and a
+// short-lived thread per connection that reads one request (request line, headers, a body of
+// Content-Length bytes) and queues it; the serving loop takes requests from the queue and answers
+// each on its connection, whole (JSON) or as server-sent events (a stream of `data:` lines), then
+// closes it (Connection: close: one request per connection, no keep-alive). Malformed requests,
+// bodies over 1 MiB and slow clients (10 s to send a request) are answered here with an error.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+namespace pm::cli {
+
+struct HttpRequest {
+  std::string method, path, body;
+  int fd = -1;  // the connection: answer with respond() or a stream, which close it
+};
+
+class HttpServer {
+ public:
+  // Listens on host:port (port 0: a free port, port() says which). Throws a usage error naming
+  // the address when it cannot.
+  HttpServer(const std::string& host, int port);
+  ~HttpServer();
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+  int port() const { return port_; }
+
+  // The next request, waiting at most timeout_s; none if none came.
+  std::optional<HttpRequest> next(double timeout_s);
+  // Requests read and waiting in the queue.
+  std::size_t waiting() const;
+
+  // A whole answer, then the connection closed.
+  static void respond(int fd, int status, const std::string& body, const std::string& content_type = "application/json");
+  // Server-sent events: the headers, then send_event per event; false once the client is gone.
+  static bool start_events(int fd);
+  static bool send_event(int fd, const std::string& data);
+  static void close_connection(int fd);
+  // {"error": {"message": ..., "type": "invalid_request_error"}}, as OpenAI's API answers.
+  static std::string error_json(const std::string& message);
+
+ private:
+  struct Queue {
+    mutable std::mutex mutex;
+    std::condition_variable arrived;
+    std::deque<HttpRequest> requests;
+  };
+  void accept_loop();
+
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::shared_ptr<Queue> queue_ = std::make_shared<Queue>();
+  std::thread acceptor_;
+};
+
+}  // namespace pm::cli

@@ -1,0 +1,49 @@
+#include "apps/pipemoe/inference_model.h"
+
+#include "core/error.h"
+#include "model/checkpoint.h"
+#include "moe/expert_store.h"
+
+namespace pm::cli {
+
+void OffloadOptions::add_to(CLI::App* cmd) {
+  cmd->add_option("--offload-experts", place, "keep routed experts in host memory or on disk (the checkpoint, mapped)")
+      ->check(CLI::IsMember({"host", "disk"}));
+  cmd->add_option("--expert-cache", expert_cache, "at most N routed experts of a layer resident (with --offload-experts)");
+  cmd->add_option("--offload-mode", mode, "prefetch (on the copy lane), blocking (when needed) or resident")
+      ->capture_default_str();
+}
+
+InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint, const OffloadOptions& offload) {
+  InferenceModel m;
+  CheckpointState state = read_checkpoint_state(ctx.comm, checkpoint);
+  TrainConfig& config = m.config;
+  config.apply(state.config, checkpoint + "/state.json");
+  m.tokenizer = Tokenizer::from_json(state.tokenizer_json, checkpoint + "/tokenizer.json");
+  config.model.vocab_size = m.tokenizer.vocab_size();
+  config.model.moe_strategy = "ep";
+  config.model.tp = 1;
+  config.dp = 0;
+  PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
+             "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
+  try {  // the model the checkpoint describes, checked as a training configuration is
+    config.validate(ctx.world());
+  } catch (const Error& e) {
+    throw Error(ErrorKind::usage, fmt::format("{}: state.json describes an impossible model: {}", checkpoint, e.what()));
+  }
+  m.executor = std::make_unique<Executor>();
+  m.model = std::make_unique<GptModel>(config.model, ctx.comm, *m.executor, ctx.backend);
+  if (!offload.place.empty()) {
+    PM_REQUIRE(config.model.moe_layers() > 0, "--offload-experts: the checkpoint's model has no MoE layers");
+    const OffloadMode mode = parse_offload_mode(offload.mode);
+    PM_REQUIRE(mode == OffloadMode::resident || offload.expert_cache > 0,
+               "--offload-experts needs --expert-cache N (how many of a layer's experts may be resident, 1 to {})",
+               config.model.experts / ctx.world());
+    m.model->offload_experts(offload.place, checkpoint_step_dir(checkpoint) + "/model.safetensors", offload.expert_cache,
+                             mode);
+  }
+  load_checkpoint_tensors(ctx.comm, checkpoint, m.model->parameters(), nullptr);
+  return m;
+}
+
+}  // namespace pm::cli

@@ -1,0 +1,35 @@
+// The model of a checkpoint, loaded for inference on every rank: what `generate` and `serve`
+// share. Its experts are spread over the ranks of this run (all-to-all), whatever layout trained
+// them (the checkpoint holds whole tensors); routing is dropless once inference starts.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "apps/pipemoe/command.h"
+#include "model/gpt.h"
+#include "model/tokenizer.h"
+#include "model/train_config.h"
+#include "sched/executor.h"
+
+namespace pm::cli {
+
+// --offload-experts host|disk --expert-cache N --offload-mode MODE (moe/expert_store.h).
+struct OffloadOptions {
+  std::string place;  // "", host, disk
+  int expert_cache = 0;
+  std::string mode = "prefetch";
+  void add_to(CLI::App* cmd);
+};
+
+struct InferenceModel {
+  TrainConfig config;
+  Tokenizer tokenizer;
+  std::unique_ptr<Executor> executor;
+  std::unique_ptr<GptModel> model;
+};
+
+// Reads `checkpoint` (collective); usage errors name what is wrong with it.
+InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint, const OffloadOptions& offload);
+
+}  // namespace pm::cli

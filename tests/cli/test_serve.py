@@ -1,0 +1,168 @@
+#!/usr/bin/python3
+"""pipemoe serve end to end on a small model trained here: concurrent completions (more of them
+than the batch has rows, some longer than the model's window so that it slides, greedy and
+sampled) each give the text `pipemoe generate` gives for that prompt, settings and seed alone; a
+streamed completion's pieces add up to the same text; a stop string cuts it; on 1 rank and on 2
+(mpirun: the experts spread, rank 0 serving). Bad requests get a 4xx answer with a message and the
+server goes on; --max-requests ends it with exit 0 and a summary line; SIGTERM ends it with exit 0.
+
+Run: /usr/bin/python3 tests/cli/test_serve.py   (needs build/pipemoe)
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
+from harness import BINARY, TIMEOUT_SCALE, Failures, mpi_env, mpirun  # noqa: E402
+from test_train_cli import TINY, write_text  # noqa: E402
+
+# (prompt, max_tokens, temperature, seed): 40 tokens after a prompt pass the window of 32
+REQUESTS = [("The jury said", 40, 0.0, 1), ("The old county", 12, 0.8, 7), ("In the city", 45, 0.9, 3),
+            ("The report", 5, 0.0, 1), ("A new law was", 20, 0.7, 11), ("The river", 33, 1.0, 5)]
+
+
+def start(ranks, checkpoint, *extra):
+    """The server on `ranks` ranks; returns (process, base url)."""
+    args = ["serve", "--checkpoint", checkpoint, "--port", "0", "--max-batch", "4"] + [str(a) for a in extra]
+    timeout = str(int(240 * TIMEOUT_SCALE))
+    launch = ["mpirun", "-q", "--oversubscribe", "-np", str(ranks), BINARY] if ranks > 1 else [BINARY]
+    proc = subprocess.Popen(["timeout", "--kill-after=5", timeout] + launch + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=mpi_env())
+    line = proc.stdout.readline()
+    found = re.search(r"http://[\d.]+:(\d+)", line)
+    if not found:
+        proc.kill()
+        raise AssertionError(f"serve did not say where it listens: {line!r} {proc.stderr.read()[-500:]}")
+    return proc, f"http://127.0.0.1:{found.group(1)}"
+
+
+def call(url, path, body=None, method=None):
+    """(status, text) of one request."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120 * TIMEOUT_SCALE) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def completion(prompt, max_tokens, temperature, seed, **extra):
+    return dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=40, **extra)
+
+
+def serve_concurrently(url):
+    """Every request of REQUESTS at once, each on its own thread: {prompt: text}."""
+    texts, threads = {}, []
+
+    def one(prompt, n, t, seed):
+        status, body = call(url, "/v1/completions", completion(prompt, n, t, seed))
+        texts[prompt] = json.loads(body)["choices"][0]["text"] if status == 200 else f"HTTP {status}: {body}"
+
+    for r in REQUESTS:
+        threads.append(threading.Thread(target=one, args=r))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return texts
+
+
+def main():
+    f = Failures()
+    with tempfile.TemporaryDirectory() as tmp:
+        text = os.path.join(tmp, "text.txt")
+        write_text(text)
+        config = os.path.join(tmp, "tiny.json")
+        json.dump(dict(TINY, data=text, max_steps=12), open(config, "w"))
+        ck = os.path.join(tmp, "ck")
+        mpirun(2, ["train", "--config", config, "--save", ck])
+
+        # what generate gives for each request alone
+        expected = {}
+        for prompt, n, t, seed in REQUESTS:
+            out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", prompt, "--tokens", n, "--temperature", t,
+                             "--seed", seed, "--top-k", 40, "--json"])
+            full = json.loads(out.stdout.strip().splitlines()[-1])["texts"][0]
+            f.check(full.startswith(prompt), f"generate's text starts with its prompt: {full!r}")
+            expected[prompt] = full[len(prompt):]
+
+        for ranks in (1, 2):
+            extra_requests = 4  # the stream, the stop string, two bad ones that count as nothing
+            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2)
+            status, body = call(url, "/health")
+            f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
+            got = serve_concurrently(url)
+            for prompt, *_ in REQUESTS:
+                f.check(got.get(prompt) == expected[prompt],
+                        f"{ranks} rank(s), {prompt!r}: served {got.get(prompt)!r}, generate gives {expected[prompt]!r}")
+            print(f"ok: {ranks} rank(s): {len(REQUESTS)} concurrent completions, each generate's text", flush=True)
+
+            # bad requests: an answer with a message, and the server goes on
+            for body, path, method, code, word in [(b"{not json", "/v1/completions", None, 400, "not JSON"),
+                                                   ({"prompt": 5}, "/v1/completions", None, 400, "prompt"),
+                                                   ({"prompt": "a", "max_tokens": 0}, "/v1/completions", None, 400, "max_tokens"),
+                                                   ({"prompt": "a", "temperature": -1}, "/v1/completions", None, 400, "temperature"),
+                                                   ({"prompt": "a", "n": 2}, "/v1/completions", None, 400, "n must be 1"),
+                                                   (None, "/nowhere", None, 404, "no such path"),
+                                                   (None, "/v1/completions", "GET", 405, "POST")]:
+                status, answer = call(url, path, body, method)
+                message = json.loads(answer).get("error", {}).get("message", "") if answer.startswith("{") else answer
+                f.check(status == code and word in message, f"{ranks} rank(s): {path} {body!r}: {status} {answer[:200]}")
+            print(f"ok: {ranks} rank(s): bad requests answered 4xx with a message", flush=True)
+
+            # a stream adds up to the whole text; a stop string cuts it
+            prompt, n, t, seed = REQUESTS[2]
+            with urllib.request.urlopen(urllib.request.Request(
+                    url + "/v1/completions", data=json.dumps(completion(prompt, n, t, seed, stream=True)).encode()),
+                    timeout=120 * TIMEOUT_SCALE) as answer:
+                events = [line[6:] for line in answer.read().decode().splitlines() if line.startswith("data: ")]
+            pieces = [json.loads(e)["choices"][0] for e in events[:-1]]
+            f.check(events and events[-1] == "[DONE]" and pieces[-1]["finish_reason"] == "length",
+                    f"{ranks} rank(s): the stream ends with a finish reason and [DONE]: {events[-2:]}")
+            f.check("".join(p["text"] for p in pieces) == expected[prompt] and len(pieces) > 5,
+                    f"{ranks} rank(s): the stream's {len(pieces)} pieces add up to generate's text")
+            stop = expected[prompt][10:13]
+            status, body = call(url, "/v1/completions", completion(prompt, n, t, seed, stop=[stop]))
+            choice = json.loads(body)["choices"][0]
+            f.check(choice["finish_reason"] == "stop" and choice["text"] == expected[prompt][:expected[prompt].index(stop)],
+                    f"{ranks} rank(s): stop {stop!r} cuts the text: {choice}")
+            print(f"ok: {ranks} rank(s): a stream adds up to the text, a stop string cuts it", flush=True)
+
+            out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
+            summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2,
+                    f"{ranks} rank(s): --max-requests ends it with exit 0: {proc.returncode} {summary} {err[-300:]}")
+            f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
+            print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
+                  f"exit {proc.returncode}", flush=True)
+
+        # SIGTERM: the server ends cleanly
+        proc, url = start(1, ck)
+        call(url, "/v1/completions", completion("The jury said", 4, 0.0, 1))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
+        f.check(proc.returncode == 0 and '"served":1' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
+        print(f"ok: SIGTERM ends the server with exit {proc.returncode}", flush=True)
+
+        # a port that is taken: one clear error
+        proc, url = start(1, ck)
+        port = url.rsplit(":", 1)[1]
+        taken = mpirun(1, ["serve", "--checkpoint", ck, "--port", port], check=False)
+        lines = [l for l in taken.stderr.splitlines() if l.startswith("pipemoe: error")]
+        f.check(taken.returncode == 2 and len(lines) == 1 and "cannot listen" in lines[0],
+                f"a taken port: exit {taken.returncode}, {taken.stderr[-300:]}")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60 * TIMEOUT_SCALE)
+        print(f"ok: a taken port -> {lines[0] if lines else taken.stderr[-200:]}", flush=True)
+    f.finish("test_serve")
+
+
+if __name__ == "__main__":
+    main()
