@@ -136,10 +136,11 @@ class Frontend {
       : o_(o), tokenizer_(tokenizer), model_name_(std::move(model_name)), server_(o.host, o.port) {}
   int port() const { return server_.port(); }
 
-  // Takes what arrived (waiting up to wait_s when nothing is live); answers all but completions
-  // at once; the completions queue for a row.
+  // Takes what arrived (waiting up to wait_s if no completion waits for a row); answers all but
+  // completions at once; the completions queue for a row.
   void take_requests(double wait_s) {
-    for (std::optional<HttpRequest> r = server_.next(wait_s); r; r = server_.next(0)) handle(std::move(*r));
+    for (std::optional<HttpRequest> r = server_.next(pending_.empty() ? wait_s : 0); r; r = server_.next(0))
+      handle(std::move(*r));
   }
   // Completions that may take a row now (at most `free` of them).
   std::vector<Completion> admit(int64_t free) {

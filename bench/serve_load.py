@@ -1,0 +1,101 @@
+#!/usr/bin/python3
+"""Continuous batching under load: `pipemoe serve` with several --max-batch values, each given the
+same requests by C concurrent clients (each sends its share one after another), in interleaved
+rounds (each round runs every batch size once, starting at another). Reports per batch size the
+throughput (generated tokens/s over the whole load) and the latency of a request (median, p90),
+as medians over rounds; prints a table and writes CSV. With --ranks 2 the server runs under
+mpirun, its experts spread over both ranks.
+
+  /usr/bin/python3 bench/serve_load.py --checkpoint runs/demo --batches 1,4,16 --clients 16 \\
+      --requests 48 --tokens 48 --rounds 3 --csv out/serve_load.csv
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+
+PROMPTS = ["The jury said", "In the city", "The old county", "A new law was", "The report", "It was the",
+           "He said that", "The committee"]
+
+
+def serve(o, batch):
+    launch = [os.environ.get("PIPEMOE_BIN", "build/pipemoe")]
+    if o.ranks > 1:
+        launch = ["mpirun", "-q", "--oversubscribe", "--allow-run-as-root", "-np", str(o.ranks)] + launch
+    proc = subprocess.Popen(["timeout", "900"] + launch + ["serve", "--checkpoint", o.checkpoint, "--port", "0",
+                                                           "--max-batch", str(batch), "--max-requests", str(o.requests)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = re.search(r":(\d+) ", proc.stdout.readline()).group(1)
+    return proc, f"http://127.0.0.1:{port}/v1/completions"
+
+
+def load(o, batch):
+    """One run: every client's requests in turn; returns (tokens/s, latencies)."""
+    proc, url = serve(o, batch)
+    latencies, tokens, lock = [], [0], threading.Lock()
+
+    def client(c):
+        for i in range(c, o.requests, o.clients):
+            body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": o.tokens, "temperature": 0.8, "seed": i}
+            start = time.perf_counter()
+            with urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(body).encode()), timeout=600) as r:
+                n = json.loads(r.read())["usage"]["completion_tokens"]
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                tokens[0] += n
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(o.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    proc.communicate(timeout=120)
+    return tokens[0] / seconds, latencies
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--csv")
+    o = p.parse_args()
+    batches = [int(b) for b in o.batches.split(",")]
+    rows = []
+    for r in range(o.rounds):
+        for b in batches[r % len(batches):] + batches[:r % len(batches)]:
+            tps, lat = load(o, b)
+            lat.sort()
+            rows.append({"round": r, "max_batch": b, "tokens_per_s": tps, "latency_p50_s": statistics.median(lat),
+                         "latency_p90_s": lat[int(0.9 * (len(lat) - 1))]})
+            print(f"round {r}: max batch {b}: {tps:.1f} tokens/s, latency p50 {rows[-1]['latency_p50_s']:.2f} s", flush=True)
+    base = statistics.median(x["tokens_per_s"] for x in rows if x["max_batch"] == batches[0])
+    print(f"\n{o.clients} clients, {o.requests} requests of {o.tokens} tokens, {o.ranks} rank(s), medians of {o.rounds} rounds")
+    print(f"{'max batch':>9} {'tokens/s':>10} {'vs ' + str(batches[0]):>8} {'p50 s':>8} {'p90 s':>8}")
+    for b in batches:
+        mine = [x for x in rows if x["max_batch"] == b]
+        tps = statistics.median(x["tokens_per_s"] for x in mine)
+        print(f"{b:>9} {tps:>10.1f} {tps / base:>7.2f}x {statistics.median(x['latency_p50_s'] for x in mine):>8.2f} "
+              f"{statistics.median(x['latency_p90_s'] for x in mine):>8.2f}")
+    if o.csv:
+        os.makedirs(os.path.dirname(o.csv) or ".", exist_ok=True)
+        with open(o.csv, "w", newline="") as out:
+            w = csv.DictWriter(out, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
