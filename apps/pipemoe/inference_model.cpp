@@ -24,6 +24,8 @@ InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint,
   config.model.moe_strategy = "ep";
   config.model.tp = 1;
   config.dp = 0;
+  config.pp = 1;  // every rank holds every block (a pp checkpoint holds whole tensors too)
+  config.pipeline_split = "even";
   PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
              "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
   try {  // the model the checkpoint describes, checked as a training configuration is

@@ -145,6 +145,11 @@ def main():
         f.check(len(resumed) == 3 and abs(float(resumed[0]["train_loss"]) - float(rows(ppdp)[3]["train_loss"])) < 0.1,
                 f"the pp 2 checkpoint at pp 1 on 4 ranks: {resumed[:1]} {proc.stderr[-300:]}")
         print(f"ok: the pp 2 checkpoint continues at pp 1 (step 4 loss {resumed[0]['train_loss'][:7]})", flush=True)
+        # inference holds every block on every rank, whatever the layout that trained it
+        proc = mpirun(1, ["generate", "--checkpoint", save, "--prompt", "The jury", "--tokens", 8, "--json"], check=False)
+        texts = json.loads(proc.stdout.strip().splitlines()[-1])["texts"] if proc.returncode == 0 else []
+        f.check(len(texts) == 1 and texts[0].startswith("The jury"), f"generate from the pp 2 checkpoint: {proc.stderr[-300:]}")
+        print(f"ok: generate runs the pp 2 checkpoint on 1 rank: {texts[:1]!r}", flush=True)
 
         # bad layouts: one clear line, non-zero exit, no hang
         for ranks, flags, words in [(4, ["--pp", "3"], "does not divide the 4 ranks"),

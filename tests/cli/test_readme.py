@@ -15,6 +15,7 @@ as printed), and `train` saves into a temporary folder instead of the repository
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,14 +34,28 @@ REPO_PATHS = ("build/", "configs/", "scripts/", "data/", "bench/")
 
 
 def readme_commands():
+    """Every command of the ```sh blocks, as (block number, command)."""
     text = open(os.path.join(ROOT, "README.md")).read()
     commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+    for number, block in enumerate(re.findall(r"```sh\n(.*?)```", text, re.S)):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
-                commands.append(line)
+                commands.append((number, line))
     return commands
+
+
+def stop_background(background, f):
+    """`kill %1` (or the block's end): SIGTERM to the server started with `&`; it must exit 0."""
+    for command, proc in background:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        f.check(proc.returncode == 0, f"README background command ended with exit {proc.returncode}: {command}")
+        print(f"{'ok' if proc.returncode == 0 else 'FAILED'}: {command} (stopped)", flush=True)
+    background.clear()
 
 
 def can_emulate():
@@ -67,7 +82,7 @@ def prepare(command, runs):
         else:
             out.append(a)
     kind = "emulated layer" if "emulate-cluster" in command else next(
-        (a for a in args if a in ("train", "profile", "plan", "layer", "generate")), args[0])
+        (a for a in args if a in ("train", "profile", "plan", "layer", "generate", "serve")), args[0])
     out += QUICK.get(kind, [])
     if kind == "train":  # where the configuration saves (configs/X.json: runs/X), under runs
         config = args[args.index("--config") + 1] if "--config" in args else "configs/demo.json"
@@ -84,13 +99,30 @@ def main():
     emulate = can_emulate()
     with tempfile.TemporaryDirectory() as elsewhere:
         runs = os.path.join(elsewhere, "runs")
-        for command in commands:
+        background, block = [], None  # commands ending in `&` (a server), stopped at `kill %1` or the block's end
+        for number, command in commands:
+            if number != block:
+                stop_background(background, f)
+                block = number
+            if command.startswith("kill %"):
+                stop_background(background, f)
+                continue
             first = command.split()[0]
             if first in NOT_RUN:
                 print(f"not run: {command} ({NOT_RUN[first]})", flush=True)
                 continue
             if "emulate-cluster" in command and not emulate:
                 print(f"not run: {command} (needs root and network namespaces)", flush=True)
+                continue
+            if command.endswith("&"):
+                args, kind = prepare(command[:-1].strip(), runs)
+                proc = subprocess.Popen(args, cwd=elsewhere, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        errors="replace", env=env)
+                first_line = proc.stdout.readline()  # a server says where it listens once it does
+                if not f.check("listening" in first_line, f"README command did not start: {command}\n{first_line}"):
+                    proc.wait(timeout=60)
+                    print(proc.stderr.read()[-1500:], flush=True)
+                background.append((command, proc))
                 continue
             args, kind = prepare(command, runs)
             limit = str(int(600 * float(os.environ.get("PIPEMOE_TIMEOUT_SCALE", "1"))))
@@ -100,7 +132,10 @@ def main():
             f.check(ok, f"README command failed (exit {proc.returncode}): {command}\n{proc.stderr[-1500:]}")
             if ok and kind == "generate":
                 f.check("The jury said" in proc.stdout, f"generate did not print its text: {proc.stdout[-300:]}")
+            if ok and first == "curl":
+                f.check('"text"' in proc.stdout, f"curl got no completion: {proc.stdout[-300:]}")
             print(f"{'ok' if ok else 'FAILED'}: {command}", flush=True)
+        stop_background(background, f)
     f.finish("test_readme")
 
 
