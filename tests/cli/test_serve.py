@@ -4,7 +4,8 @@ than the batch has rows, some longer than the model's window so that it slides, 
 sampled) each give the text `pipemoe generate` gives for that prompt, settings and seed alone; a
 streamed completion's pieces add up to the same text; a stop string cuts it; on 1 rank and on 2
 (mpirun: the experts spread, rank 0 serving). Bad requests get a 4xx answer with a message and the
-server goes on; --max-requests ends it with exit 0 and a summary line; SIGTERM ends it with exit 0.
+server goes on, also when a client leaves in the middle of its stream; --max-requests ends it with
+exit 0 and a summary line; SIGTERM ends it with exit 0; bad flags and a taken port get one error.
 
 Run: /usr/bin/python3 tests/cli/test_serve.py   (needs build/pipemoe)
 """
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -143,13 +145,38 @@ def main():
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
                   f"exit {proc.returncode}", flush=True)
 
-        # SIGTERM: the server ends cleanly
+        # a client that leaves in the middle of its stream: the server goes on with the others
         proc, url = start(1, ck)
-        call(url, "/v1/completions", completion("The jury said", 4, 0.0, 1))
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            body = json.dumps(completion("The jury said", 2000, 0.8, 1, stream=True)).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            received = b""
+            while b"data: " not in received and len(received) < 100000:
+                received += sock.recv(4096)
+            f.check(b"data: " in received, f"the stream started: {received[:200]}")
+        status, body = call(url, "/v1/completions", completion(*REQUESTS[0]))
+        f.check(status == 200 and json.loads(body)["choices"][0]["text"] == expected[REQUESTS[0][0]],
+                f"after a client left its stream: {status} {body[:200]}")
+        status, body = call(url, "/health")
+        f.check(status == 200 and json.loads(body)["active"] == 0, f"the stream left no row behind: {body}")
+        print("ok: a client leaving its stream ends its request; the others go on", flush=True)
+
+        # SIGTERM: the server ends cleanly
+        status, _ = call(url, "/v1/completions", completion("The jury said", 4, 0.0, 1))
+        f.check(status == 200, f"a completion before SIGTERM: {status}")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
-        f.check(proc.returncode == 0 and '"served":1' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
+        f.check(proc.returncode == 0 and '"served":3' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
         print(f"ok: SIGTERM ends the server with exit {proc.returncode}", flush=True)
+
+        # bad flags: one clear error
+        for args, word in [(["serve"], "--checkpoint"), (["serve", "--checkpoint", ck, "--max-batch", "0"], "--max-batch"),
+                           (["serve", "--checkpoint", os.path.join(tmp, "none")], "none")]:
+            bad = mpirun(1, args, check=False)
+            lines = [l for l in bad.stderr.splitlines() if l.startswith("pipemoe: error")]
+            f.check(bad.returncode != 0 and len(lines) == 1 and word in lines[0], f"{args}: {bad.stderr[-300:]}")
+        print("ok: serve without a checkpoint, with --max-batch 0, with a missing checkpoint: one error line each", flush=True)
 
         # a port that is taken: one clear error
         proc, url = start(1, ck)
