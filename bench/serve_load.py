@@ -7,7 +7,7 @@ as medians over rounds; prints a table and writes CSV. With --ranks 2 the server
 mpirun, its experts spread over both ranks.
 
   /usr/bin/python3 bench/serve_load.py --checkpoint runs/demo --batches 1,4,16 --clients 16 \\
-      --requests 48 --tokens 48 --rounds 3 --csv out/serve_load.csv
+      --requests 48 --tokens 48 --rounds 3 --csv out/serve_load.csv --plot out/serve_load.png
 """
 import argparse
 import csv
@@ -61,6 +61,29 @@ def load(o, batch):
     return tokens[0] / seconds, latencies
 
 
+def plot(rows, batches, o):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in sorted({x["round"] for x in rows}):
+        mine = sorted((x for x in rows if x["round"] == r), key=lambda x: x["max_batch"])
+        a.plot([x["max_batch"] for x in mine], [x["tokens_per_s"] for x in mine], "o-", alpha=0.6, label=f"round {r}")
+        b.plot([x["max_batch"] for x in mine], [x["latency_p50_s"] for x in mine], "o-", alpha=0.6, label=f"round {r}")
+    for ax, what in ((a, "generated tokens/s"), (b, "request latency p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(x) for x in batches])
+        ax.set_xlabel("--max-batch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"pipemoe serve: {o.clients} clients, {o.requests} requests of {o.tokens} tokens, {o.ranks} rank(s)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(o.plot) or ".", exist_ok=True)
+    fig.savefig(o.plot, dpi=100)
+    print(f"wrote {o.plot}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
@@ -71,6 +94,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--csv")
+    p.add_argument("--plot", help="a PNG of tokens/s and latency per max batch (matplotlib)")
     o = p.parse_args()
     batches = [int(b) for b in o.batches.split(",")]
     rows = []
@@ -89,6 +113,8 @@ def main():
         tps = statistics.median(x["tokens_per_s"] for x in mine)
         print(f"{b:>9} {tps:>10.1f} {tps / base:>7.2f}x {statistics.median(x['latency_p50_s'] for x in mine):>8.2f} "
               f"{statistics.median(x['latency_p90_s'] for x in mine):>8.2f}")
+    if o.plot:
+        plot(rows, batches, o)
     if o.csv:
         os.makedirs(os.path.dirname(o.csv) or ".", exist_ok=True)
         with open(o.csv, "w", newline="") as out:

@@ -313,9 +313,11 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                 alone->pass_bound_ms());
   std::printf("expert FFN arithmetic: %.1f GFLOP/s per rank (slowest rank, median)\n", gflops);
   std::printf("tokens/s (all ranks, forward+backward): %.0f\n", tokens_per_s);
-  std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %.0f MB per rank, "
+  // (peak memory comes from /proc: NaN where the system does not say)
+  const std::string peak = std::isnan(peak_mb) ? "unknown" : fmt::format("{:.0f} MB", peak_mb);
+  std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %s per rank, "
               "%.1f MB of it kept from the forward for the backward\n",
-              rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak_mb, held_mb);
+              rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak.c_str(), held_mb);
   return 0;
 }
 
