@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <ctime>
 #include <limits>
 
@@ -112,7 +113,7 @@ void Executor::run_lane(Lane lane) {
     int next = queues_->pick(lane, 0.0, ready_at).task;
     if (next < 0) {
       if (!queues_->has_tasks_left(lane)) return;
-      changed_.wait(lock);
+      lane_ready_.at(lane.id)->wait(lock);
       continue;
     }
     Task& task = graph_->tasks()[next];
@@ -123,6 +124,7 @@ void Executor::run_lane(Lane lane) {
     } catch (...) {
       lock.lock();
       if (!error_) error_ = std::current_exception();
+      for (auto& [id, ready] : lane_ready_) ready->notify_all();  // every lane stops
       changed_.notify_all();
       return;
     }
@@ -130,7 +132,7 @@ void Executor::run_lane(Lane lane) {
     lock.lock();
     record(next, start, end, cpu);
     done_[next] = 1;
-    changed_.notify_all();
+    for (int id : wake_lanes_[next]) lane_ready_.at(id)->notify_all();
   }
 }
 
@@ -148,6 +150,15 @@ void Executor::run(TaskGraph& graph, Trace* trace) {
     trace_ = trace;
     queues_.emplace(graph, mode_ == Mode::serial);
     done_.assign(graph.size(), 0);
+    wake_lanes_.assign(graph.size(), {});
+    for (int id = 0; id < graph.size(); ++id) {
+      const Task& t = graph.task(id);
+      if (!lane_ready_.count(t.lane.id)) lane_ready_[t.lane.id] = std::make_unique<std::condition_variable>();
+      for (int dep : t.deps) {
+        std::vector<int>& wake = wake_lanes_[dep];
+        if (std::find(wake.begin(), wake.end(), t.lane.id) == wake.end()) wake.push_back(t.lane.id);
+      }
+    }
     error_ = nullptr;
     stats_ = ExecutorStats{};
     for (Lane lane : queues_->lanes())
