@@ -174,8 +174,21 @@ class Frontend {
     }
     if (c.finish.empty() && static_cast<int>(c.generated.size()) >= c.max_tokens) c.finish = "length";
     // stream what no stop string can still take back
-    const std::size_t safe = c.finish.empty() && longest_stop > 0 ? c.output.size() - std::min(c.output.size(), longest_stop - 1)
-                                                                  : c.output.size();
+    std::size_t safe = c.finish.empty() && longest_stop > 0 ? c.output.size() - std::min(c.output.size(), longest_stop - 1)
+                                                            : c.output.size();
+    // nor split a character: a UTF-8 sequence goes out whole (its continuation bytes are 10xxxxxx)
+    while (c.finish.empty() && safe > c.streamed && safe < c.output.size() &&
+           (static_cast<unsigned char>(c.output[safe]) & 0xC0) == 0x80)
+      --safe;
+    if (c.finish.empty() && safe == c.output.size()) {  // the last character may still be incomplete
+      std::size_t lead = safe;
+      while (lead > c.streamed && (static_cast<unsigned char>(c.output[lead - 1]) & 0xC0) == 0x80) --lead;
+      if (lead > c.streamed) {
+        const unsigned char first = static_cast<unsigned char>(c.output[lead - 1]);
+        const std::size_t need = first >= 0xF0 ? 4 : first >= 0xE0 ? 3 : first >= 0xC0 ? 2 : 1;
+        if (safe - (lead - 1) < need) safe = lead - 1;
+      }
+    }
     if (c.stream && c.finish != "gone" && safe > c.streamed) {
       if (!HttpServer::send_event(c.fd, dump(chunk(c, c.output.substr(c.streamed, safe - c.streamed), nullptr))))
         c.finish = "gone";

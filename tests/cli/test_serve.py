@@ -57,7 +57,7 @@ def call(url, path, body=None, method=None):
 
 
 def completion(prompt, max_tokens, temperature, seed, **extra):
-    return dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=40, **extra)
+    return dict(dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=40), **extra)
 
 
 def serve_concurrently(url):
@@ -96,8 +96,7 @@ def main():
             expected[prompt] = full[len(prompt):]
 
         for ranks in (1, 2):
-            extra_requests = 4  # the stream, the stop string, two bad ones that count as nothing
-            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2)
+            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
             got = serve_concurrently(url)
@@ -137,9 +136,24 @@ def main():
                     f"{ranks} rank(s): stop {stop!r} cuts the text: {choice}")
             print(f"ok: {ranks} rank(s): a stream adds up to the text, a stop string cuts it", flush=True)
 
+            # a young model at a high temperature writes bytes that are not whole UTF-8 characters:
+            # the stream still adds up to the text (no character split between two events)
+            differ = 0
+            for seed in range(12):
+                body = completion("The jury", 30, 4.0, seed, top_k=300)
+                status, whole = call(url, "/v1/completions", body)
+                with urllib.request.urlopen(urllib.request.Request(
+                        url + "/v1/completions", data=json.dumps(dict(body, stream=True)).encode()),
+                        timeout=120 * TIMEOUT_SCALE) as answer:
+                    events = [line[6:] for line in answer.read().decode().splitlines() if line.startswith("data: ")]
+                streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+                differ += status != 200 or streamed != json.loads(whole)["choices"][0]["text"]
+            f.check(differ == 0, f"{ranks} rank(s): {differ} of 12 high-temperature streams differ from their text")
+            print(f"ok: {ranks} rank(s): high-temperature streams add up to their texts", flush=True)
+
             out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
             summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2,
+            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24,
                     f"{ranks} rank(s): --max-requests ends it with exit 0: {proc.returncode} {summary} {err[-300:]}")
             f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
