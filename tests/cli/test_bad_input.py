@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
-from harness import Failures, mpirun  # noqa: E402
+from harness import Failures, mpirun_async  # noqa: E402
 
 SMALL = ["--tokens", 32, "--model-dim", 16, "--hidden", 16, "--experts", 4, "--iters", 1, "--warmup", 0]
 
@@ -67,8 +67,9 @@ def cases(tmp):
 def main():
     failures = Failures()
     with tempfile.TemporaryDirectory() as tmp:
-        for ranks, args, word in cases(tmp):
-            proc = mpirun(ranks, args, timeout=60, check=False)
+        runs = [(ranks, args, word, mpirun_async(ranks, args, timeout=60, check=False)) for ranks, args, word in cases(tmp)]
+        for ranks, args, word, run in runs:
+            proc = run.result()
             lines = [l for l in proc.stderr.splitlines() if l.strip()]
             name = f"{ranks} ranks, {' '.join(str(a) for a in args)}"
             failures.check(proc.returncode != 0, f"{name}: exit code 0")

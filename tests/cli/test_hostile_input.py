@@ -22,7 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
-from harness import Failures, mpirun  # noqa: E402
+from harness import Failures, mpirun, mpirun_async  # noqa: E402
 from test_train_cli import TINY, one_error, write_text  # noqa: E402
 
 
@@ -72,8 +72,9 @@ def main():
             (["--config", config, "--max-steps", 3000000000], "out of range", "--max-steps past 32 bits"),
             (["--config", config, "--seed", -3], "out of range", "--seed negative"),
         ]
-        for args, word, name in cases:
-            proc = mpirun(2, ["train"] + args, timeout=60, check=False)
+        runs = [mpirun_async(2, ["train"] + args, timeout=60, check=False) for args, _, _ in cases]
+        for (args, word, name), run in zip(cases, runs):
+            proc = run.result()
             one_error(f, proc, word, name)
             f.check(len(proc.stderr) < 2000, f"{name}: a short message, not {len(proc.stderr)} bytes")
 

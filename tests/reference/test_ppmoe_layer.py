@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import IN_PROCESS, Failures, mpirun  # noqa: E402
+from harness import IN_PROCESS, Failures, mpirun_async  # noqa: E402
 import moe_layer_reference as ref  # noqa: E402
 
 TOLERANCE = 1e-5  # max |ours - torch| / max |torch|, per tensor
@@ -67,11 +67,17 @@ def main():
             name = f"world {world} tp {tp} T={T} M={M} H={H} E={E} k={k} f={f}" + "".join(f" {a}" for a in flags)
             args = layer_args(T, M, H, E, k, f, seed, flags)
             one = os.path.join(tmp, f"ep{seed}")
-            mpirun(1, args + ["--strategy", "ep", "--dump", one])
+            ours = os.path.join(tmp, f"pp{seed}")
+            # every run of the case at once: the one-rank layer, PPMoE at degree 1 and at the others
+            runs = [mpirun_async(1, args + ["--strategy", "ep", "--dump", one]),
+                    mpirun_async(world, args + ["--strategy", "ppmoe", "--tp", tp, "--dump", ours])]
+            runs += [mpirun_async(world, args + ["--strategy", "ppmoe", "--tp", tp, "--degree", dfwd, "--degree-bwd",
+                                                 dbwd, "--dump", os.path.join(tmp, f"pp{seed}_{dfwd}_{dbwd}")])
+                     for dfwd, dbwd in DEGREES]
+            runs[0].result()
             bf16 = "bf16" in flags
             _, expected = ref.compute(one, bf16_wire=False, ppmoe_group=tp)
-            ours = os.path.join(tmp, f"pp{seed}")
-            mpirun(world, args + ["--strategy", "ppmoe", "--tp", tp, "--dump", ours])
+            runs[1].result()
             meta = json.load(open(f"{ours}/meta.json"))
             failures.check(meta["strategy"] == "ppmoe" and meta["group_size"] == tp and
                            meta["dtype"] == ("bf16" if bf16 else "fp32"), f"{name}: ran {meta}")
@@ -112,10 +118,10 @@ def main():
             print(f"{name}: matches PyTorch float64" + (" and the one-rank all-to-all layer bit for bit" if exact
                                                         else " doing the same bf16 roundings" if bf16 else ""),
                   flush=True)
+            for run in runs[2:]:
+                run.result()
             for dfwd, dbwd in DEGREES:
                 folder = os.path.join(tmp, f"pp{seed}_{dfwd}_{dbwd}")
-                mpirun(world, args + ["--strategy", "ppmoe", "--tp", tp, "--degree", dfwd, "--degree-bwd", dbwd,
-                                      "--dump", folder])
                 for r in range(world):
                     for t in REPLICATED + EXPERT:
                         a, b = load(ours, r, t), load(folder, r, t)
