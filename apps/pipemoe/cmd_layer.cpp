@@ -114,6 +114,7 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"strategy", layer.strategy().name()}, {"group_size", s.ranks},
                            {"degree_fwd", layer.forward_degree()},
                            {"degree_bwd", layer.backward_degree()}};
+    if (s.precision == Precision::bf16) meta["bf16_path"] = ctx.backend.bf16_path();  // which GEMMs ran
     std::ofstream out(o.dump + "/meta.json");
     out << meta.dump(2) << "\n";
     PM_IO_CHECK(out.good(), "cannot write {}/meta.json", o.dump);

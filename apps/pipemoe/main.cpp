@@ -183,6 +183,10 @@ int main(int argc, char** argv) {
   args.push_back(nullptr);
   argv = args.data();
   pm::blas_fix_core_type_or_reexec(argv);
+  // For tests on CPUs without AVX512_BF16: bf16 GEMMs take that instruction's path with a scalar
+  // model of it (kernels/cpu/gemm.h); the run's bf16 path reads "avx512_bf16 (emulated)".
+  if (const char* e = std::getenv("PIPEMOE_EMULATE_BF16_DOT"); e && std::strcmp(e, "1") == 0)
+    pm::emulate_bf16_dot_for_testing(true);
   if (int ranks = global_int_option(argc, argv, "--ranks-in-process"); ranks != 0) {
     try {
       return main_in_process(argc, argv, ranks);

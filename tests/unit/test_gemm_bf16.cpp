@@ -221,3 +221,117 @@ TEST(GemmBf16, UsesTheBf16InstructionsWhereTheCpuHasThem) {
 
 }  // namespace
 }  // namespace pm
+
+namespace pm {
+namespace {
+
+// The AVX512_BF16 path on any CPU: its pair words, their packing (A's per micro-panel, B's per
+// panel), the tile loop with edge tiles, a bias, beta 1, A stored in bf16, rows by pointers, two
+// threads, and the first-use check, with a scalar model of vdpbf16ps in place of the instruction.
+// It must give the bits of the written-out chain and of the fp32 kernels, as the real kernel must.
+class EmulatedBf16Dot : public ::testing::Test {
+ protected:
+  void SetUp() override { emulate_bf16_dot_for_testing(true); }
+  void TearDown() override {
+    emulate_bf16_dot_for_testing(false);
+    set_compute_threads(1);
+  }
+};
+
+TEST_F(EmulatedBf16Dot, GivesTheChainsBitsOnEveryShape) {
+  EXPECT_EQ(gemm_bf16_path(), "avx512_bf16 (emulated)") << "the model failed its first-use check";
+  for (Shape s : {Shape{1, 1, 1}, Shape{6, 16, 2}, Shape{13, 83, 1031}, Shape{7, 130, 517}, Shape{97, 150, 64},
+                  Shape{520, 70, 9}})
+    for (Trans ta : {Trans::no, Trans::yes})
+      for (Trans tb : {Trans::no, Trans::yes})
+        for (float beta : {0.0f, 1.0f}) {
+          auto A = random_matrix(s.M * s.K, 21), B = random_matrix(s.K * s.N, 22), C0 = random_matrix(s.M * s.N, 23);
+          const auto expected = chain(ta, tb, s.M, s.N, s.K, A, B, C0, beta);
+          std::vector<float> C = C0;
+          const int64_t before = bf16_dot_tiles_emulated();
+          gemm_bf16(ta, tb, s.M, s.N, s.K, A.data(), ta == Trans::no ? s.K : s.M, B.data(),
+                    tb == Trans::no ? s.N : s.K, beta, C.data(), s.N);
+          EXPECT_GT(bf16_dot_tiles_emulated(), before) << "the AVX512_BF16 path did not run";
+          EXPECT_EQ(0, std::memcmp(C.data(), expected.data(), C.size() * sizeof(float)))
+              << s.M << "x" << s.N << "x" << s.K << " ta " << (ta == Trans::yes) << " tb " << (tb == Trans::yes)
+              << " beta " << beta;
+        }
+}
+
+TEST_F(EmulatedBf16Dot, GivesTheFp32KernelsBitsWithABiasBf16RowsPointersAndThreads) {
+  const int64_t M = 29, N = 83, K = 531;
+  auto A = random_matrix(M * K, 24), B = random_matrix(K * N, 25), bias = random_matrix(N, 26);
+  std::vector<uint16_t> A16(A.size());
+  floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+  // each result with the model, then the same with the fp32 kernels (packed again without pairs)
+  auto both = [&](auto&& run) {
+    emulate_bf16_dot_for_testing(true);
+    const int64_t before = bf16_dot_tiles_emulated();
+    std::vector<float> dot = run();
+    EXPECT_GT(bf16_dot_tiles_emulated(), before) << "the AVX512_BF16 path did not run";
+    emulate_bf16_dot_for_testing(false);
+    std::vector<float> fp32 = run();
+    emulate_bf16_dot_for_testing(true);
+    return std::memcmp(dot.data(), fp32.data(), dot.size() * sizeof(float)) == 0;
+  };
+  auto packed_run = [&](bool a_in_bf16, int threads) {
+    return [&, a_in_bf16, threads] {
+      set_compute_threads(threads);
+      PackedB packed;
+      pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
+      std::vector<float> C(M * N);
+      GemmExtras extras{bias.data(), nullptr};
+      if (a_in_bf16)
+        gemm_packed(Trans::no, M, A16.data(), K, packed, 0.0f, C.data(), N, extras);
+      else
+        gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, C.data(), N, extras);
+      set_compute_threads(1);
+      return C;
+    };
+  };
+  EXPECT_TRUE(both(packed_run(false, 1))) << "a bias";
+  EXPECT_TRUE(both(packed_run(true, 1))) << "A stored in bf16";
+  EXPECT_TRUE(both(packed_run(false, 2))) << "two threads";
+  // A^T B with both operands' K rows by pointers, in reverse storage order (the weight gradients)
+  std::vector<const float*> a_rows, b_rows;
+  std::vector<const uint16_t*> a_rows16;
+  auto At = random_matrix(K * M, 27), Bt = random_matrix(K * N, 28);
+  std::vector<uint16_t> At16(At.size());
+  floats_to_bf16(At.data(), At16.data(), static_cast<int64_t>(At.size()));
+  for (int64_t k = K - 1; k >= 0; --k) {
+    a_rows.push_back(At.data() + k * M);
+    a_rows16.push_back(At16.data() + k * M);
+    b_rows.push_back(Bt.data() + k * N);
+  }
+  EXPECT_TRUE(both([&] {
+    std::vector<float> C(M * N, 0.5f);
+    gemm_tn_rows_bf16(M, N, K, a_rows.data(), b_rows.data(), 1.0f, C.data(), N);
+    return C;
+  })) << "rows by pointers";
+  EXPECT_TRUE(both([&] {
+    std::vector<float> C(M * N, 0.5f);
+    gemm_tn_rows_bf16(M, N, K, a_rows16.data(), b_rows.data(), 1.0f, C.data(), N);
+    return C;
+  })) << "bf16 rows by pointers";
+}
+
+// The model is as strict as the chain: taking a pair's even depth first gives other bits, so the
+// comparisons above would see a kernel or a packing that swapped them.
+TEST_F(EmulatedBf16Dot, TheChainsOrderShowsInTheBits) {
+  const int64_t M = 12, N = 32, K = 256;
+  auto A = random_matrix(M * K, 29), B = random_matrix(K * N, 30);
+  std::vector<float> C(M * N);
+  gemm_bf16(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, C.data(), N);
+  int differing = 0;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float c = 0.0f;
+      for (int64_t d = 0; d < K; ++d)  // even depth first: the other order within each pair
+        c = std::fma(round_to_bf16(A[i * K + d]), round_to_bf16(B[d * N + j]), c);
+      differing += c != C[i * N + j];
+    }
+  EXPECT_GT(differing, M * N / 10);
+}
+
+}  // namespace
+}  // namespace pm

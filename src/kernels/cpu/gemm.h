@@ -117,5 +117,11 @@ std::string gemm_isa();
 std::string gemm_bf16_path();
 // For tests: force a slower instruction set ("avx2", "scalar"); "" restores the best one.
 void force_gemm_isa(const std::string& isa);
+// For tests on CPUs without AVX512_BF16: bf16 GEMMs packed while this is on take the AVX512_BF16
+// path (its pair words, their packing, its tile loop and first-use check) with each tile computed
+// by a scalar model of vdpbf16ps instead of the instruction; gemm_bf16_path() says "avx512_bf16
+// (emulated)". bf16_dot_tiles_emulated() counts the tiles the model computed.
+void emulate_bf16_dot_for_testing(bool on);
+int64_t bf16_dot_tiles_emulated();
 
 }  // namespace pm

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -17,9 +19,42 @@ namespace pm {
 using namespace gemm_detail;
 namespace {
 
+// Tests on CPUs without AVX512_BF16 (emulate_bf16_dot_for_testing): the AVX512_BF16 path runs
+// with a scalar model of vdpbf16ps in place of the instruction.
+std::atomic<bool> g_emulate_dot{false};
+std::atomic<int64_t> g_emulated_tiles{0};
+
 bool cpu_has_bf16_dot() {
+  if (g_emulate_dot.load(std::memory_order_relaxed)) return true;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+
+float high_half(uint32_t word) {
+  const uint32_t bits = word & 0xffff0000u;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+float low_half(uint32_t word) { return high_half(word << 16); }
+
+// vdpbf16ps as Intel's SDM defines it, lane by lane: c += odd product, then c += even product
+// (the product of two bf16 values is exact in fp32, so each add rounds as the fp32 kernels' FMA
+// does). What it leaves out: the instruction also treats denormal inputs and results as zero
+// (DAZ, FTZ), which the fp32 kernels do not; the first-use check's values stay clear of them.
+template <int MR>
+void tile_bf16_model(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
+                     int64_t ldc, bool zero_start, const float* bias) {
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < width; ++j) {
+      float c = !zero_start ? C[i * ldc + j] : (bias ? bias[j] : 0.0f);
+      for (int64_t q = 0; q < pairs; ++q) {
+        const uint32_t a = Ap[q * MR + i], b = Bp[q * ldb + j];
+        c = std::fma(high_half(a), high_half(b), c);
+        c = std::fma(low_half(a), low_half(b), c);
+      }
+      C[i * ldc + j] = c;
+    }
 }
 
 // Rows per micro-tile; A is packed in micro-panels of this many rows.
@@ -52,6 +87,10 @@ __attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pa
 
 void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb,
                                 float* C, int64_t ldc, bool zero_start, const float* bias) {
+  if (g_emulate_dot.load(std::memory_order_relaxed)) {
+    g_emulated_tiles.fetch_add(1, std::memory_order_relaxed);
+    return tile_bf16_model<6>(width, pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
+  }
   switch (width / 16) {
     case 1: return kernel_avx512_bf16<6, 1>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
     case 2: return kernel_avx512_bf16<6, 2>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
@@ -267,6 +306,10 @@ bool bf16_dot_agrees() {
 }
 
 bool bf16_dot_usable() {
+  if (g_emulate_dot.load(std::memory_order_relaxed)) {  // the model's own first-use check
+    static const bool model_agrees = bf16_dot_agrees();
+    return model_agrees;
+  }
   static const bool usable = [] {
     if (!cpu_has_bf16_dot()) return false;
     if (bf16_dot_agrees()) return true;
@@ -281,11 +324,16 @@ bool bf16_dot_usable() {
 }  // namespace
 
 bool gemm_detail::use_bf16_dot(const PackedB& B) {
-  return B.bf16 && !B.pairs.empty() && isa_is_avx512() && bf16_dot_usable();
+  return B.bf16 && !B.pairs.empty() && (isa_is_avx512() || g_emulate_dot.load()) && bf16_dot_usable();
 }
 
 std::string gemm_bf16_path() {
+  if (g_emulate_dot.load()) return bf16_dot_usable() ? "avx512_bf16 (emulated)" : "fp32 kernels";
   return isa_is_avx512() && cpu_has_bf16_dot() && bf16_dot_usable() ? "avx512_bf16" : "fp32 kernels";
 }
+
+void emulate_bf16_dot_for_testing(bool on) { g_emulate_dot.store(on); }
+
+int64_t bf16_dot_tiles_emulated() { return g_emulated_tiles.load(); }
 
 }  // namespace pm
