@@ -8,9 +8,13 @@
 //                          "top_p": 1.0, "seed": 1, "stop": ["\n\n"], "stream": false}
 //   GET  /health          {"status": "ok", "active": .., "waiting": .., "served": .., "tokens_per_s": ..,
 //                          "peak_batch": the most rows decoded together so far}
+//   POST /v1/chat/completions  {"messages": [{"role": "user", "content": "Tell me of the jury"}], ...the
+//                          same fields; "max_completion_tokens" for "max_tokens"}
 //   GET  /v1/models
 // The subset of OpenAI's completions API that applies (one prompt, one choice; fields it does not
-// know are ignored). A request's text is the one `generate --prompt P --tokens max_tokens` gives
+// know are ignored). A chat's messages become one prompt by chat_prompt's template (the models
+// trained here are plain language models: they have no chat format of their own), and its answer
+// is that prompt's completion in the chat API's form (a message, or deltas when streamed). A request's text is the one `generate --prompt P --tokens max_tokens` gives
 // with the same sampling and seed, whatever else is being served beside it: every sequence decodes
 // in one batch of rows, and a row's logits never depend on the others (dropless routing; each GEMM
 // element's sum runs in a fixed order, whatever the number of rows).
@@ -56,6 +60,7 @@ extern "C" void stop_serving(int) { g_stop = true; }
 struct Completion {
   int fd = -1;
   std::string id;
+  bool chat = false;            // asked by /v1/chat/completions: answered in its form
   int max_tokens = kDefaultMaxTokens;
   Sampling sampling;
   uint64_t seed = 1;
@@ -69,10 +74,41 @@ struct Completion {
   std::optional<Rng> rng;
   std::vector<float> logits;    // the last position's, to sample the next token from
   std::string finish;           // "length", "stop", or "gone" (the client closed the stream)
+  bool role_sent = false;       // a streamed chat: its first delta named the role
 };
 
+// A chat's messages as one prompt: "System: ...", "User: ...", "Assistant: ..." lines, each
+// message on its own line, then "Assistant:" for the model to go on from. Content is a string or
+// a list of text parts ({"type": "text", "text": ...}), as OpenAI's API allows.
+std::string chat_prompt(const nlohmann::json& messages) {
+  PM_REQUIRE(messages.is_array() && !messages.empty(), "messages must be a non-empty list");
+  std::string prompt;
+  for (const nlohmann::json& m : messages) {
+    PM_REQUIRE(m.is_object() && m.contains("role") && m["role"].is_string(), "each message needs a role");
+    const std::string role = m["role"].get<std::string>();
+    PM_REQUIRE(role == "system" || role == "developer" || role == "user" || role == "assistant",
+               "a message's role must be system, developer, user or assistant, got '{}'", role);
+    PM_REQUIRE(m.contains("content"), "each message needs content");
+    std::string content;
+    const nlohmann::json& c = m["content"];
+    if (c.is_string()) {
+      content = c.get<std::string>();
+    } else {
+      PM_REQUIRE(c.is_array(), "a message's content must be a string or a list of text parts");
+      for (const nlohmann::json& part : c) {
+        PM_REQUIRE(part.is_object() && part.value("type", "") == "text" && part.contains("text") && part["text"].is_string(),
+                   "a message's content parts must be text parts ({{\"type\": \"text\", \"text\": ...}})");
+        content += part["text"].get<std::string>();
+      }
+    }
+    const std::string name = role == "user" ? "User" : role == "assistant" ? "Assistant" : "System";
+    prompt += name + ": " + content + "\n";
+  }
+  return prompt + "Assistant:";
+}
+
 // A completion request's fields, checked; throws a usage error naming the field.
-Completion parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id) {
+Completion parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(body);
@@ -82,13 +118,22 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
   PM_REQUIRE(j.is_object(), "the body must be a JSON object");
   Completion c;
   c.id = id;
-  PM_REQUIRE(j.contains("prompt") && j["prompt"].is_string(), "prompt must be a string (one prompt per request)");
+  c.chat = chat;
+  std::string prompt;
+  if (chat) {
+    PM_REQUIRE(j.contains("messages"), "a chat completion needs messages");
+    prompt = chat_prompt(j["messages"]);
+  } else {
+    PM_REQUIRE(j.contains("prompt") && j["prompt"].is_string(), "prompt must be a string (one prompt per request)");
+    prompt = j["prompt"].get<std::string>();
+  }
   auto number = [&](const char* key, auto& into) {
     if (!j.contains(key) || j[key].is_null()) return;
     PM_REQUIRE(j[key].is_number(), "{} must be a number", key);
     into = j[key].get<std::decay_t<decltype(into)>>();
   };
   number("max_tokens", c.max_tokens);
+  if (chat) number("max_completion_tokens", c.max_tokens);  // the chat API's newer name
   PM_REQUIRE(c.max_tokens >= 1 && c.max_tokens <= kMaxTokensLimit, "max_tokens must be 1 to {}, got {}", kMaxTokensLimit,
              c.max_tokens);
   number("temperature", c.sampling.temperature);
@@ -113,7 +158,7 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
     }
     PM_REQUIRE(c.stop.size() <= 4, "stop takes at most 4 strings, got {}", c.stop.size());
   }
-  c.text = tokenizer.encode(j["prompt"].get<std::string>());
+  c.text = tokenizer.encode(prompt);
   if (c.text.empty()) c.text = tokenizer.encode("\n");  // as generate does
   c.prompt_tokens = static_cast<int64_t>(c.text.size());
   c.rng = sequence_rng(c.seed, 0);  // `generate --seed S` with one prompt
@@ -190,7 +235,7 @@ class Frontend {
       }
     }
     if (c.stream && c.finish != "gone" && safe > c.streamed) {
-      if (!HttpServer::send_event(c.fd, dump(chunk(c, c.output.substr(c.streamed, safe - c.streamed), nullptr))))
+      if (!HttpServer::send_event(c.fd, dump(piece(c, c.output.substr(c.streamed, safe - c.streamed), nullptr))))
         c.finish = "gone";
       c.streamed = safe;
     }
@@ -207,14 +252,14 @@ class Frontend {
                                   {"completion_tokens", static_cast<int64_t>(c.generated.size())},
                                   {"total_tokens", c.prompt_tokens + static_cast<int64_t>(c.generated.size())}};
     if (c.stream) {
-      nlohmann::json last = chunk(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);
+      nlohmann::json last = piece(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);
       last["usage"] = usage;
       HttpServer::send_event(c.fd, dump(last));
       HttpServer::send_event(c.fd, "[DONE]");
       HttpServer::close_connection(c.fd);
       return;
     }
-    nlohmann::json j = chunk(c, c.output, c.finish);
+    nlohmann::json j = whole(c);
     j["usage"] = usage;
     HttpServer::respond(c.fd, 200, dump(j));
   }
@@ -234,20 +279,38 @@ class Frontend {
   double seconds() const { return clock_.elapsed_s(); }
 
  private:
-  nlohmann::json chunk(const Completion& c, const std::string& text, const nlohmann::json& finish) const {
-    return {{"id", c.id}, {"object", "text_completion"}, {"created", static_cast<int64_t>(std::time(nullptr))},
-            {"model", model_name_}, {"choices", {{{"text", text}, {"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish}}}}};
+  // One choice in the answer's form: the completions API's text, or the chat API's message (the
+  // whole answer) or delta (a streamed piece: the first one names the role).
+  nlohmann::json answer_json(const Completion& c, const char* object, nlohmann::json choice) const {
+    choice["index"] = 0;
+    choice["logprobs"] = nullptr;
+    return {{"id", c.id}, {"object", object}, {"created", static_cast<int64_t>(std::time(nullptr))},
+            {"model", model_name_}, {"choices", nlohmann::json::array({choice})}};
+  }
+  nlohmann::json piece(Completion& c, const std::string& text, const nlohmann::json& finish) const {
+    if (!c.chat) return answer_json(c, "text_completion", {{"text", text}, {"finish_reason", finish}});
+    nlohmann::json delta = {{"content", text}};
+    if (!c.role_sent) delta["role"] = "assistant";
+    c.role_sent = true;
+    return answer_json(c, "chat.completion.chunk", {{"delta", delta}, {"finish_reason", finish}});
+  }
+  nlohmann::json whole(const Completion& c) const {
+    if (!c.chat) return answer_json(c, "text_completion", {{"text", c.output}, {"finish_reason", c.finish}});
+    return answer_json(c, "chat.completion", {{"message", {{"role", "assistant"}, {"content", c.output}}},
+                                              {"finish_reason", c.finish}});
   }
   void handle(HttpRequest r) {
     if (r.path == "/health" && r.method == "GET") return HttpServer::respond(r.fd, 200, dump(health(live_)));
     if (r.path == "/v1/models" && r.method == "GET")
       return HttpServer::respond(r.fd, 200, dump({{"object", "list"}, {"data", {{{"id", model_name_}, {"object", "model"}, {"owned_by", "pipemoe"}}}}}));
-    if (r.path != "/v1/completions") return HttpServer::respond(r.fd, 404, HttpServer::error_json("no such path: " + r.path));
-    if (r.method != "POST") return HttpServer::respond(r.fd, 405, HttpServer::error_json("/v1/completions takes POST"));
+    const bool chat = r.path == "/v1/chat/completions";
+    if (r.path != "/v1/completions" && !chat)
+      return HttpServer::respond(r.fd, 404, HttpServer::error_json("no such path: " + r.path));
+    if (r.method != "POST") return HttpServer::respond(r.fd, 405, HttpServer::error_json(r.path + " takes POST"));
     if (g_stop || (o_.max_requests > 0 && admitted_ + static_cast<int64_t>(pending_.size()) >= o_.max_requests))
       return HttpServer::respond(r.fd, 503, HttpServer::error_json("the server is shutting down"));
     try {
-      Completion c = parse_completion(r.body, tokenizer_, "cmpl-" + std::to_string(next_id_++));
+      Completion c = parse_completion(r.body, tokenizer_, (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_++), chat);
       c.fd = r.fd;
       pending_.push_back(std::move(c));
     } catch (const Error& e) {
@@ -317,7 +380,7 @@ int run_serve(Context& ctx, const ServeOptions& o) {
   std::signal(SIGINT, stop_serving);
   std::signal(SIGTERM, stop_serving);
   if (front) {
-    std::printf("pipemoe serve: listening on http://%s:%d (POST /v1/completions; %d rows per batch, %d rank(s))\n",
+    std::printf("pipemoe serve: listening on http://%s:%d (POST /v1/completions, /v1/chat/completions; %d rows per batch, %d rank(s))\n",
                 o.host.c_str(), front->port(), o.max_batch, ctx.world());
     std::fflush(stdout);
   }

@@ -96,7 +96,7 @@ def main():
             expected[prompt] = full[len(prompt):]
 
         for ranks in (1, 2):
-            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24)
+            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24 + 3)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
             got = serve_concurrently(url)
@@ -151,9 +151,43 @@ def main():
             f.check(differ == 0, f"{ranks} rank(s): {differ} of 12 high-temperature streams differ from their text")
             print(f"ok: {ranks} rank(s): high-temperature streams add up to their texts", flush=True)
 
+            # the chat API: the messages' prompt by the documented template, answered as a message,
+            # or streamed as deltas (the first naming the role), the text that prompt's completion gets
+            for bad, word in [({}, "messages"), ({"messages": []}, "non-empty"),
+                              ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+                              ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts")]:
+                status, answer = call(url, "/v1/chat/completions", bad)
+                f.check(status == 400 and word in json.loads(answer)["error"]["message"], f"{ranks} rank(s): {bad}: {answer}")
+            messages = [{"role": "system", "content": "Short answers."}, {"role": "user", "content": "The jury"},
+                        {"role": "assistant", "content": "said it"}, {"role": "user", "content": "Why?"}]
+            rendered = "System: Short answers.\nUser: The jury\nAssistant: said it\nUser: Why?\nAssistant:"
+            settings = dict(max_completion_tokens=20, temperature=0.8, seed=4, top_k=40)
+            status, body = call(url, "/v1/chat/completions", dict(settings, messages=messages))
+            chat = json.loads(body) if status == 200 else {}
+            status2, body2 = call(url, "/v1/completions", dict(completion(rendered, 20, 0.8, 4)))
+            plain = json.loads(body2)["choices"][0] if status2 == 200 else {}
+            message = chat.get("choices", [{}])[0].get("message", {})
+            f.check(chat.get("object") == "chat.completion" and message.get("role") == "assistant" and
+                    message.get("content") == plain.get("text") and len(plain.get("text", "")) > 0 and
+                    chat["choices"][0]["finish_reason"] == "length" and chat["usage"]["completion_tokens"] == 20,
+                    f"{ranks} rank(s): a chat completion is its prompt's completion: {body[:300]} vs {body2[:300]}")
+            parts = [dict(m, content=[{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}])
+                     for m in messages]
+            with urllib.request.urlopen(urllib.request.Request(
+                    url + "/v1/chat/completions", data=json.dumps(dict(settings, messages=parts, stream=True)).encode()),
+                    timeout=120 * TIMEOUT_SCALE) as answer:
+                events = [line[6:] for line in answer.read().decode().splitlines() if line.startswith("data: ")]
+            chunks = [json.loads(e) for e in events[:-1]]
+            deltas = [c["choices"][0]["delta"] for c in chunks]
+            f.check(events[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks) and
+                    deltas[0].get("role") == "assistant" and all("role" not in d for d in deltas[1:]) and
+                    "".join(d["content"] for d in deltas) == message.get("content"),
+                    f"{ranks} rank(s): a streamed chat (content in parts) adds up to the same message: {events[:3]}")
+            print(f"ok: {ranks} rank(s): chat completions, whole and streamed, are their prompt's completion", flush=True)
+
             out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
             summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24,
+            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24 + 3,
                     f"{ranks} rank(s): --max-requests ends it with exit 0: {proc.returncode} {summary} {err[-300:]}")
             f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
