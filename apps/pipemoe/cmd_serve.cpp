@@ -10,6 +10,9 @@
 //                          "peak_batch": the most rows decoded together so far}
 //   POST /v1/chat/completions  {"messages": [{"role": "user", "content": "Tell me of the jury"}], ...the
 //                          same fields; "max_completion_tokens" for "max_tokens"}
+//   logprobs: completions "logprobs": N (0-5) and "echo": true (the prompt's text and its tokens'
+//   log-probabilities first, as evaluation harnesses ask); chat "logprobs": true, "top_logprobs": N
+//   (0-20). The model's own log-probabilities (log-softmax of the logits, whatever the sampling).
 //   GET  /v1/models
 // The subset of OpenAI's completions API that applies (one prompt, one choice; fields it does not
 // know are ignored). A chat's messages become one prompt by chat_prompt's template (the models
@@ -75,6 +78,16 @@ struct Completion {
   std::vector<float> logits;    // the last position's, to sample the next token from
   std::string finish;           // "length", "stop", or "gone" (the client closed the stream)
   bool role_sent = false;       // a streamed chat: its first delta named the role
+  // log-probabilities: asked for (and how many alternatives per token), the prompt's (echo) and
+  // the generated tokens'
+  bool logprobs = false, echo = false;
+  int top_logprobs = 0;
+  struct Scored {
+    int32_t token;
+    std::optional<double> logprob;  // none: a prompt token with nothing before it in the window
+    std::vector<std::pair<int32_t, double>> top;
+  };
+  std::vector<Scored> prompt_scores, scores;
 };
 
 // A chat's messages as one prompt: "System: ...", "User: ...", "Assistant: ..." lines, each
@@ -149,6 +162,30 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
     PM_REQUIRE(j["stream"].is_boolean(), "stream must be true or false");
     c.stream = j["stream"].get<bool>();
   }
+  auto flag = [&](const char* key, bool& into) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    PM_REQUIRE(j[key].is_boolean(), "{} must be true or false", key);
+    into = j[key].get<bool>();
+  };
+  auto count = [&](const char* key, int most, int& into) {
+    PM_REQUIRE(j[key].is_number_integer() && j[key].get<int64_t>() >= 0 && j[key].get<int64_t>() <= most,
+               "{} must be a whole number from 0 to {}", key, most);
+    into = j[key].get<int>();
+  };
+  if (chat) {
+    flag("logprobs", c.logprobs);
+    if (j.contains("top_logprobs") && !j["top_logprobs"].is_null()) {
+      PM_REQUIRE(c.logprobs, "top_logprobs needs logprobs: true");
+      count("top_logprobs", 20, c.top_logprobs);
+    }
+  } else {
+    if (j.contains("logprobs") && !j["logprobs"].is_null()) {
+      count("logprobs", 5, c.top_logprobs);
+      c.logprobs = true;
+    }
+    flag("echo", c.echo);
+  }
+  PM_REQUIRE(!c.stream || (!c.logprobs && !c.echo), "logprobs and echo are not served with stream: ask without it");
   if (j.contains("stop") && !j["stop"].is_null()) {
     const nlohmann::json& s = j["stop"];
     PM_REQUIRE(s.is_string() || s.is_array(), "stop must be a string or a list of strings");
@@ -205,6 +242,10 @@ class Frontend {
 
   // The next token of c is `token`: appended, its text streamed; says whether c is finished.
   bool advance(Completion& c, int32_t token) {
+    if (c.logprobs) {
+      TokenLogprobs t = token_logprobs(c.logits.data(), static_cast<int64_t>(c.logits.size()), token, c.top_logprobs);
+      c.scores.push_back({token, t.logprob, std::move(t.top)});
+    }
     c.text.push_back(token);
     c.generated.push_back(token);
     ++tokens_;
@@ -240,6 +281,22 @@ class Frontend {
       c.streamed = safe;
     }
     return !c.finish.empty();
+  }
+
+  // echo with logprobs: the prompt's tokens scored from its prefill, whose logits [n, V] are those
+  // of the window's positions (a prompt longer than the window: its first tokens have none).
+  void score_prompt(Completion& c, const float* window_logits, int64_t n) const {
+    if (!c.echo || !c.logprobs) return;
+    const int64_t V = static_cast<int64_t>(c.logits.size()), before = c.prompt_tokens - n;
+    for (int64_t i = 0; i < c.prompt_tokens; ++i) {
+      const int32_t token = c.text[i];
+      if (i - before < 1) {
+        c.prompt_scores.push_back({token, std::nullopt, {}});
+        continue;
+      }
+      TokenLogprobs t = token_logprobs(window_logits + (i - before - 1) * V, V, token, c.top_logprobs);
+      c.prompt_scores.push_back({token, t.logprob, std::move(t.top)});
+    }
   }
 
   void answer(Completion& c) {
@@ -283,7 +340,7 @@ class Frontend {
   // whole answer) or delta (a streamed piece: the first one names the role).
   nlohmann::json answer_json(const Completion& c, const char* object, nlohmann::json choice) const {
     choice["index"] = 0;
-    choice["logprobs"] = nullptr;
+    if (!choice.contains("logprobs")) choice["logprobs"] = nullptr;
     return {{"id", c.id}, {"object", object}, {"created", static_cast<int64_t>(std::time(nullptr))},
             {"model", model_name_}, {"choices", nlohmann::json::array({choice})}};
   }
@@ -295,9 +352,63 @@ class Frontend {
     return answer_json(c, "chat.completion.chunk", {{"delta", delta}, {"finish_reason", finish}});
   }
   nlohmann::json whole(const Completion& c) const {
-    if (!c.chat) return answer_json(c, "text_completion", {{"text", c.output}, {"finish_reason", c.finish}});
-    return answer_json(c, "chat.completion", {{"message", {{"role", "assistant"}, {"content", c.output}}},
-                                              {"finish_reason", c.finish}});
+    const std::string prompt = c.echo ? tokenizer_.decode({c.text.begin(), c.text.begin() + c.prompt_tokens}) : "";
+    if (!c.chat)
+      return answer_json(c, "text_completion", {{"text", prompt + c.output}, {"finish_reason", c.finish},
+                                                {"logprobs", c.logprobs ? completion_logprobs(c) : nullptr}});
+    nlohmann::json j = answer_json(c, "chat.completion", {{"message", {{"role", "assistant"}, {"content", c.output}}},
+                                                          {"finish_reason", c.finish}});
+    if (c.logprobs) j["choices"][0]["logprobs"] = chat_logprobs(c);
+    return j;
+  }
+  // The generated tokens that made the answer's text (a stop string cuts the rest off).
+  std::vector<Completion::Scored> answered(const Completion& c) const {
+    std::vector<Completion::Scored> kept;
+    std::size_t offset = 0;
+    for (const Completion::Scored& s : c.scores) {
+      if (offset >= c.output.size()) break;
+      offset += tokenizer_.decode({s.token}).size();
+      kept.push_back(s);
+    }
+    return kept;
+  }
+  // The completions API's form: tokens, token_logprobs, top_logprobs ({token: logprob}) and each
+  // token's byte offset in the text.
+  nlohmann::json completion_logprobs(const Completion& c) const {
+    nlohmann::json tokens = nlohmann::json::array(), lps = nlohmann::json::array(), tops = nlohmann::json::array(),
+                   offsets = nlohmann::json::array();
+    std::size_t offset = 0;
+    std::vector<Completion::Scored> all = c.echo ? c.prompt_scores : std::vector<Completion::Scored>{};
+    const std::vector<Completion::Scored> generated = answered(c);
+    all.insert(all.end(), generated.begin(), generated.end());
+    for (const Completion::Scored& s : all) {
+      const std::string piece = tokenizer_.decode({s.token});
+      tokens.push_back(piece);
+      lps.push_back(s.logprob ? nlohmann::json(*s.logprob) : nlohmann::json(nullptr));
+      nlohmann::json top = nlohmann::json::object();
+      for (const auto& [id, lp] : s.top) top[tokenizer_.decode({id})] = lp;
+      tops.push_back(s.logprob ? top : nlohmann::json(nullptr));
+      offsets.push_back(offset);
+      offset += piece.size();
+    }
+    return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
+  }
+  // The chat API's form: content [{token, logprob, bytes, top_logprobs [{token, logprob, bytes}]}].
+  nlohmann::json chat_logprobs(const Completion& c) const {
+    auto entry = [&](int32_t id, double lp) {
+      const std::string piece = tokenizer_.decode({id});
+      std::vector<int> bytes;
+      for (unsigned char b : piece) bytes.push_back(b);
+      return nlohmann::json{{"token", piece}, {"logprob", lp}, {"bytes", bytes}};
+    };
+    nlohmann::json content = nlohmann::json::array();
+    for (const Completion::Scored& s : answered(c)) {
+      nlohmann::json e = entry(s.token, *s.logprob);
+      e["top_logprobs"] = nlohmann::json::array();
+      for (const auto& [id, lp] : s.top) e["top_logprobs"].push_back(entry(id, lp));
+      content.push_back(e);
+    }
+    return {{"content", content}};
   }
   void handle(HttpRequest r) {
     if (r.path == "/health" && r.method == "GET") return HttpServer::respond(r.fd, 200, dump(health(live_)));
@@ -404,8 +515,12 @@ int run_serve(Context& ctx, const ServeOptions& o) {
     if (admit.stop) break;
     if (!admit.admit.empty()) model.set_inference_rows(rows + static_cast<int64_t>(admit.admit.size()));
     for (const auto& [row, tokens] : admit.admit) {
-      const float* logits = model.prefill(row, tokens.data(), static_cast<int64_t>(tokens.size()));
-      if (front) live[row].logits.assign(logits, logits + V);
+      const int64_t n = static_cast<int64_t>(tokens.size());
+      const float* logits = model.prefill(row, tokens.data(), n);
+      if (front) {
+        live[row].logits.assign(logits, logits + V);
+        front->score_prompt(live[row], logits - (n - 1) * V, n);
+      }
     }
     rows += static_cast<int64_t>(admit.admit.size());
     if (front) front->set_live(rows);

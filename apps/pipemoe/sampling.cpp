@@ -42,4 +42,21 @@ int32_t sample_next(const float* logits, int64_t V, const Sampling& s, Rng& rng)
 
 Rng sequence_rng(uint64_t seed, int64_t row) { return Rng(seed, stream_id(50, row)); }
 
+TokenLogprobs token_logprobs(const float* logits, int64_t V, int32_t token, int top) {
+  PM_CHECK(token >= 0 && token < V, "token {} of a vocabulary of {}", token, V);
+  const double most = *std::max_element(logits, logits + V);
+  double sum = 0;
+  for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(logits[i]) - most);
+  const double log_z = most + std::log(sum);
+  TokenLogprobs out;
+  out.logprob = logits[token] - log_z;
+  std::vector<int32_t> ids(V);
+  for (int64_t i = 0; i < V; ++i) ids[i] = static_cast<int32_t>(i);
+  const int64_t n = std::min<int64_t>(top, V);
+  std::partial_sort(ids.begin(), ids.begin() + n, ids.end(),
+                    [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  for (int64_t i = 0; i < n; ++i) out.top.push_back({ids[i], logits[ids[i]] - log_z});
+  return out;
+}
+
 }  // namespace pm::cli

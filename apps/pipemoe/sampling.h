@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "core/rng.h"
 
@@ -20,6 +22,15 @@ void check_sampling(const Sampling& s, bool json_names = false);
 // The next token from logits[V]: greedy at temperature 0, else drawn among the top-k, then the
 // top-p of those, at the temperature. The same numbers and generator state give the same token.
 int32_t sample_next(const float* logits, int64_t V, const Sampling& s, Rng& rng);
+
+// The model's log-probability of `token` at a position (the log-softmax of the raw logits: no
+// temperature, top-k or top-p, whatever the sampling) and the `top` most likely tokens with
+// theirs, most likely first (ties: the smaller id).
+struct TokenLogprobs {
+  double logprob = 0;
+  std::vector<std::pair<int32_t, double>> top;
+};
+TokenLogprobs token_logprobs(const float* logits, int64_t V, int32_t token, int top);
 
 // The generator of sequence `row` of a batch started with `seed` (generate's rows; serve's
 // requests are row 0 of their own).

@@ -10,6 +10,7 @@ exit 0 and a summary line; SIGTERM ends it with exit 0; bad flags and a taken po
 Run: /usr/bin/python3 tests/cli/test_serve.py   (needs build/pipemoe)
 """
 import json
+import math
 import os
 import re
 import signal
@@ -96,7 +97,7 @@ def main():
             expected[prompt] = full[len(prompt):]
 
         for ranks in (1, 2):
-            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24 + 3)
+            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24 + 3 + 3)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
             got = serve_concurrently(url)
@@ -185,9 +186,50 @@ def main():
                     f"{ranks} rank(s): a streamed chat (content in parts) adds up to the same message: {events[:3]}")
             print(f"ok: {ranks} rank(s): chat completions, whole and streamed, are their prompt's completion", flush=True)
 
+            # log-probabilities: the model's own (greedy picks the most likely token, whose logprob
+            # tops the alternatives); asking for them changes no text; a prompt's echoed scores (from
+            # one prefill) are the bits the same tokens got one decode step at a time
+            for bad, word in [({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "logprobs": 1, "stream": True}, "stream"),
+                              ({"prompt": "a", "echo": "yes"}, "echo"),
+                              ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs")]:
+                status, answer = call(url, "/v1/chat/completions" if "messages" in bad else "/v1/completions", bad)
+                f.check(status == 400 and word in json.loads(answer)["error"]["message"], f"{ranks} rank(s): {bad}: {answer}")
+            prompt = REQUESTS[0][0]
+            status, body = call(url, "/v1/completions", completion(prompt, 12, 0.0, 1, logprobs=5, echo=True))
+            a = json.loads(body)["choices"][0] if status == 200 else {}
+            lp = a.get("logprobs") or {}
+            tokens, lps, tops, offsets = (lp.get(k, []) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"))
+            prompt_tokens = len(tokens) - 12
+            f.check(a.get("text") == prompt + expected[prompt][:len(a.get("text", "")) - len(prompt)] and
+                    "".join(tokens) == a.get("text") and offsets == [sum(len(t.encode()) for t in tokens[:i]) for i in range(len(tokens))],
+                    f"{ranks} rank(s): echo gives the prompt, generate's text and its tokens: {a.get('text')!r} {tokens}")
+            f.check(prompt_tokens >= 2 and lps[0] is None and tops[0] is None and
+                    all(len(t) == 5 and max(t.values()) == lps[i] and t.get(tokens[i]) == lps[i] and
+                        sum(math.exp(v) for v in t.values()) <= 1 + 1e-9 for i, t in enumerate(tops) if i >= prompt_tokens),
+                    f"{ranks} rank(s): greedy tokens are the most likely of their top 5: {lps} {tops}")
+            f.check(all(v is not None and v <= 0 for v in lps[1:]), f"{ranks} rank(s): log-probabilities: {lps}")
+            status, body = call(url, "/v1/completions", completion(a.get("text", ""), 1, 0.0, 1, logprobs=1, echo=True))
+            b = (json.loads(body)["choices"][0].get("logprobs") or {}) if status == 200 else {}
+            same = 0
+            while same < min(len(tokens), len(b.get("tokens", []))) and tokens[same] == b["tokens"][same]:
+                same += 1
+            f.check(same >= prompt_tokens + 3 and b["token_logprobs"][:same] == lps[:same],
+                    f"{ranks} rank(s): {same} tokens in common, whose echoed log-probabilities must be the decoded "
+                    f"ones: {b.get('token_logprobs', [])[:same]} vs {lps[:same]}")
+            status, body = call(url, "/v1/chat/completions", dict(messages=[{"role": "user", "content": prompt}], max_tokens=6,
+                                                                  temperature=0, logprobs=True, top_logprobs=3))
+            choice = json.loads(body)["choices"][0] if status == 200 else {}
+            content = (choice.get("logprobs") or {}).get("content", [])
+            f.check(len(content) == 6 and "".join(e["token"] for e in content) == choice["message"]["content"] and
+                    all(bytes(e["bytes"]).decode() == e["token"] and len(e["top_logprobs"]) == 3 and
+                        e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content),
+                    f"{ranks} rank(s): chat logprobs: {body[:400]}")
+            print(f"ok: {ranks} rank(s): log-probabilities (completions with echo, chat): greedy picks the top one, "
+                  f"echo scores a prompt as decoding did, bit for bit", flush=True)
+
             out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
             summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24 + 3,
+            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24 + 3 + 3,
                     f"{ranks} rank(s): --max-requests ends it with exit 0: {proc.returncode} {summary} {err[-300:]}")
             f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
