@@ -14,7 +14,8 @@
 //   log-probabilities first, as evaluation harnesses ask); chat "logprobs": true, "top_logprobs": N
 //   (0-20). The model's own log-probabilities (log-softmax of the logits, whatever the sampling).
 //   GET  /v1/models
-// The subset of OpenAI's completions API that applies (one prompt, one choice; fields it does not
+// The subset of OpenAI's completions API that applies (one prompt: a string or token ids, alone or in
+// a list of one; one choice; fields it does not
 // know are ignored). A chat's messages become one prompt by chat_prompt's template (the models
 // trained here are plain language models: they have no chat format of their own), and its answer
 // is that prompt's completion in the chat API's form (a message, or deltas when streamed). A request's text is the one `generate --prompt P --tokens max_tokens` gives
@@ -29,6 +30,7 @@
 // does (admissions, row moves, window slides, the tokens), and every rank runs the same passes.
 // SIGINT or SIGTERM: no new requests (503), the live ones finish, then the server exits 0; so does
 // --max-requests N once it has answered N completions. On exit, a JSON line of what was served.
+#include <algorithm>
 #include <csignal>
 #include <ctime>
 #include <deque>
@@ -137,8 +139,23 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
     PM_REQUIRE(j.contains("messages"), "a chat completion needs messages");
     prompt = chat_prompt(j["messages"]);
   } else {
-    PM_REQUIRE(j.contains("prompt") && j["prompt"].is_string(), "prompt must be a string (one prompt per request)");
-    prompt = j["prompt"].get<std::string>();
+    PM_REQUIRE(j.contains("prompt"), "a completion needs a prompt");
+    // a string, token ids, or a list of one of those (what clients that batch send; one prompt here)
+    nlohmann::json p = j["prompt"];
+    if (p.is_array() && p.size() == 1 && (p[0].is_string() || p[0].is_array())) p = nlohmann::json(p[0]);
+    PM_REQUIRE(p.is_string() || (p.is_array() && !p.empty() && std::all_of(p.begin(), p.end(), [](const auto& t) {
+                                   return t.is_number_integer();
+                                 })),
+               "prompt must be a string or a list of token ids (one prompt per request)");
+    if (p.is_string()) {
+      prompt = p.get<std::string>();
+    } else {
+      for (const auto& t : p) {
+        PM_REQUIRE(t.get<int64_t>() >= 0 && t.get<int64_t>() < tokenizer.vocab_size(),
+                   "prompt token {} is outside the vocabulary (0 to {})", t.get<int64_t>(), tokenizer.vocab_size() - 1);
+        c.text.push_back(t.get<int32_t>());
+      }
+    }
   }
   auto number = [&](const char* key, auto& into) {
     if (!j.contains(key) || j[key].is_null()) return;
@@ -195,7 +212,7 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
     }
     PM_REQUIRE(c.stop.size() <= 4, "stop takes at most 4 strings, got {}", c.stop.size());
   }
-  c.text = tokenizer.encode(prompt);
+  if (c.text.empty()) c.text = tokenizer.encode(prompt);
   if (c.text.empty()) c.text = tokenizer.encode("\n");  // as generate does
   c.prompt_tokens = static_cast<int64_t>(c.text.size());
   c.rng = sequence_rng(c.seed, 0);  // `generate --seed S` with one prompt

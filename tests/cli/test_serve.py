@@ -97,7 +97,7 @@ def main():
             expected[prompt] = full[len(prompt):]
 
         for ranks in (1, 2):
-            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24 + 3 + 3)
+            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24 + 3 + 5)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
             got = serve_concurrently(url)
@@ -190,7 +190,8 @@ def main():
             # tops the alternatives); asking for them changes no text; a prompt's echoed scores (from
             # one prefill) are the bits the same tokens got one decode step at a time
             for bad, word in [({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "logprobs": 1, "stream": True}, "stream"),
-                              ({"prompt": "a", "echo": "yes"}, "echo"),
+                              ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": ["a", "b"]}, "one prompt"),
+                              ({"prompt": [1, 100000]}, "outside the vocabulary"), ({"prompt": []}, "prompt"),
                               ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs")]:
                 status, answer = call(url, "/v1/chat/completions" if "messages" in bad else "/v1/completions", bad)
                 f.check(status == 400 and word in json.loads(answer)["error"]["message"], f"{ranks} rank(s): {bad}: {answer}")
@@ -224,12 +225,20 @@ def main():
                     all(bytes(e["bytes"]).decode() == e["token"] and len(e["top_logprobs"]) == 3 and
                         e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content),
                     f"{ranks} rank(s): chat logprobs: {body[:400]}")
+            # the prompt as a list of one (what batching clients send) and as token ids (here bytes)
+            status, body = call(url, "/v1/completions", completion([prompt], 12, 0.0, 1))
+            f.check(status == 200 and json.loads(body)["choices"][0]["text"] == a.get("text", "")[len(prompt):],
+                    f"{ranks} rank(s): a prompt in a list of one: {body[:300]}")
+            status, body = call(url, "/v1/completions", completion(list(b"The"), 2, 0.0, 1, logprobs=0, echo=True))
+            ids = (json.loads(body)["choices"][0]["logprobs"] or {}) if status == 200 else {}
+            f.check(ids.get("tokens", [])[:3] == ["T", "h", "e"] and len(ids["tokens"]) == 5,
+                    f"{ranks} rank(s): a prompt of token ids: {body[:300]}")
             print(f"ok: {ranks} rank(s): log-probabilities (completions with echo, chat): greedy picks the top one, "
                   f"echo scores a prompt as decoding did, bit for bit", flush=True)
 
             out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
             summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24 + 3 + 3,
+            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24 + 3 + 5,
                     f"{ranks} rank(s): --max-requests ends it with exit 0: {proc.returncode} {summary} {err[-300:]}")
             f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
