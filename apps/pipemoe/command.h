@@ -29,6 +29,7 @@ void add_plan_command(CLI::App& app, CommandFn& run);
 void add_train_command(CLI::App& app, CommandFn& run);
 void add_generate_command(CLI::App& app, CommandFn& run);
 void add_serve_command(CLI::App& app, CommandFn& run);
+void add_eval_command(CLI::App& app, CommandFn& run);
 void add_model_check_command(CLI::App& app, CommandFn& run);
 // `bench` subcommands
 void add_bench_gemm_command(CLI::App& bench, CommandFn& run);

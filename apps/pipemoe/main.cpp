@@ -60,6 +60,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   pm::cli::add_train_command(app, run);
   pm::cli::add_generate_command(app, run);
   pm::cli::add_serve_command(app, run);
+  pm::cli::add_eval_command(app, run);
   pm::cli::add_model_check_command(app, run);
 
   // An unknown command would otherwise read "A subcommand is required": name it instead.

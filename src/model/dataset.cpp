@@ -23,30 +23,35 @@ std::vector<int32_t> bytes_to_ints(const std::string& s) {
 
 }  // namespace
 
+TextSplits read_text_splits(const std::string& data, std::string* description) {
+  TextSplits out;
+  std::error_code ec;
+  PM_REQUIRE(std::filesystem::exists(data, ec),
+             "no training data at '{}' (looked for {}): fetch the Brown corpus with scripts/fetch-corpus "
+             "(it writes data/brown in the repository), or set 'data' to a corpus folder or a plain-text file",
+             data, std::filesystem::absolute(data, ec).string());
+  if (std::filesystem::is_directory(data)) {
+    CorpusText corpus = read_brown_corpus(data);
+    out.train = std::move(corpus.train), out.validation = std::move(corpus.validation);
+    if (description) *description = fmt::format("Brown corpus ({} files) in {}", corpus.files, data);
+    return out;
+  }
+  std::string text = read_text_file(data);
+  PM_REQUIRE(!text.empty(), "data file {} is empty", data);
+  std::size_t cut = text.rfind('\n', text.size() * 9 / 10);
+  if (cut == std::string::npos || cut == 0) cut = text.size() * 9 / 10;
+  out.train = text.substr(0, cut), out.validation = text.substr(cut);
+  if (description) *description = fmt::format("text file {}", data);
+  return out;
+}
+
 TokenData load_token_data(Communicator& comm, const TrainConfig& c, const std::string* tokenizer_json) {
   TokenData d;
   std::string error, tok_json, train_bytes, val_bytes, description;
   int64_t validation_bytes = 0;
   if (comm.rank() == 0) {
     try {
-      std::string train, validation;
-      std::error_code ec;
-      PM_REQUIRE(std::filesystem::exists(c.data, ec),
-                 "no training data at '{}' (looked for {}): fetch the Brown corpus with scripts/fetch-corpus "
-                 "(it writes data/brown in the repository), or set 'data' to a corpus folder or a plain-text file",
-                 c.data, std::filesystem::absolute(c.data, ec).string());
-      if (std::filesystem::is_directory(c.data)) {
-        CorpusText corpus = read_brown_corpus(c.data);
-        train = std::move(corpus.train), validation = std::move(corpus.validation);
-        description = fmt::format("Brown corpus ({} files) in {}", corpus.files, c.data);
-      } else {
-        std::string text = read_text_file(c.data);
-        PM_REQUIRE(!text.empty(), "data file {} is empty", c.data);
-        std::size_t cut = text.rfind('\n', text.size() * 9 / 10);
-        if (cut == std::string::npos || cut == 0) cut = text.size() * 9 / 10;
-        train = text.substr(0, cut), validation = text.substr(cut);
-        description = fmt::format("text file {}", c.data);
-      }
+      auto [train, validation] = read_text_splits(c.data, &description);
       Tokenizer tokenizer = tokenizer_json ? Tokenizer::from_json(*tokenizer_json, "the checkpoint's tokenizer")
                                            : Tokenizer::train(train, c.tokenizer_vocab);
       std::vector<int32_t> train_tokens = tokenizer.encode(train), val_tokens = tokenizer.encode(validation);

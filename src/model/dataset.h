@@ -19,6 +19,14 @@ struct TokenData {
   std::string description;
 };
 
+// The text at `data` (a Brown corpus folder: split by file; a plain-text file: its last 10% is the
+// validation split, cut at a line end), with a line saying what it is. Throws a usage error when
+// it is missing or empty.
+struct TextSplits {
+  std::string train, validation;
+};
+TextSplits read_text_splits(const std::string& data, std::string* description = nullptr);
+
 // config.data: a Brown corpus folder (split by file) or a plain-text file (its last 10% is the
 // validation split, cut at a line end). tokenizer_json: a tokenizer to reuse (resume,
 // generation); without one, a BPE of config.tokenizer_vocab is trained on the training split.
