@@ -105,8 +105,13 @@ int run_eval(Context& ctx, const EvalOptions& o) {
   std::vector<int32_t> in(o.batch * S), tg(o.batch * S);
   std::vector<double> losses(o.batch * S);
   nlohmann::json my_windows = nlohmann::json::array();  // [window, loss sum, scored tokens]
-  Stopwatch watch;
+  Stopwatch watch, since_log;
   for (int64_t pass = 0; pass < passes; ++pass) {
+    if (since_log.elapsed_s() > 10) {  // long evaluations say how far they are
+      log::info("eval: {} of {} windows ({:.0f} tokens/s)", std::min(W, pass * o.batch * world), W,
+                static_cast<double>(pass * o.batch * world * S) / watch.elapsed_s());
+      since_log = Stopwatch();
+    }
     std::vector<int64_t> ids;
     for (int64_t b = 0; b < o.batch; ++b) {
       const int64_t local = pass * o.batch + b, k = local < mine ? local * world + ctx.rank() : -1;
