@@ -32,6 +32,7 @@
 // --max-requests N once it has answered N completions. On exit, a JSON line of what was served.
 #include <algorithm>
 #include <csignal>
+#include <cstdlib>
 #include <ctime>
 #include <deque>
 #include <nlohmann/json.hpp>
@@ -49,6 +50,7 @@ namespace {
 
 struct ServeOptions {
   std::string checkpoint, host = "127.0.0.1";
+  std::string api_key;  // non-empty: every request but /health needs "Authorization: Bearer <key>"
   int port = 8000;
   int max_batch = 8;
   int64_t max_requests = 0;  // 0: until a signal
@@ -427,8 +429,19 @@ class Frontend {
     }
     return {{"content", content}};
   }
+  // Whether the request carries the API key (compared in time that does not depend on where it differs).
+  bool authorized(const HttpRequest& r) const {
+    if (o_.api_key.empty()) return true;
+    const std::string expected = "Bearer " + o_.api_key;
+    unsigned char differ = r.authorization.size() != expected.size();
+    for (std::size_t i = 0; i < expected.size(); ++i)
+      differ |= static_cast<unsigned char>(i < r.authorization.size() ? r.authorization[i] ^ expected[i] : 1);
+    return differ == 0;
+  }
   void handle(HttpRequest r) {
     if (r.path == "/health" && r.method == "GET") return HttpServer::respond(r.fd, 200, dump(health(live_)));
+    if (!authorized(r))
+      return HttpServer::respond(r.fd, 401, HttpServer::error_json("this server needs its API key: Authorization: Bearer <key>"));
     if (r.path == "/v1/models" && r.method == "GET")
       return HttpServer::respond(r.fd, 200, dump({{"object", "list"}, {"data", {{{"id", model_name_}, {"object", "model"}, {"owned_by", "pipemoe"}}}}}));
     const bool chat = r.path == "/v1/chat/completions";
@@ -481,8 +494,12 @@ Step decode_step(const std::string& text) {
   return s;
 }
 
-int run_serve(Context& ctx, const ServeOptions& o) {
+int run_serve(Context& ctx, const ServeOptions& given) {
+  ServeOptions o = given;
   PM_REQUIRE(!o.checkpoint.empty(), "serve needs --checkpoint DIR");
+  // the key from the environment where no flag gives one (a flag's value shows in `ps`)
+  if (o.api_key.empty())
+    if (const char* key = std::getenv("PIPEMOE_API_KEY")) o.api_key = key;
   PM_REQUIRE(o.max_batch >= 1 && o.max_batch <= 1024, "--max-batch must be 1 to 1024, got {}", o.max_batch);
   PM_REQUIRE(o.max_requests >= 0, "--max-requests must be 0 (no limit) or positive, got {}", o.max_requests);
   InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload);
@@ -598,6 +615,8 @@ void add_serve_command(CLI::App& app, CommandFn& run) {
   CLI::App* cmd = app.add_subcommand("serve", "serve completions from a checkpoint over HTTP (continuous batching)");
   cmd->add_option("--checkpoint", o->checkpoint, "checkpoint folder (pipemoe train --save)");
   cmd->add_option("--host", o->host, "address to listen on (0.0.0.0: every interface)")->capture_default_str();
+  cmd->add_option("--api-key", o->api_key, "require 'Authorization: Bearer KEY' on every request but /health "
+                                          "(default: $PIPEMOE_API_KEY; none: no key)");
   cmd->add_option("--port", o->port, "port to listen on (0: any free one; the first line printed says which)")
       ->capture_default_str();
   cmd->add_option("--max-batch", o->max_batch, "sequences decoded together (rows of the batch)")->capture_default_str();

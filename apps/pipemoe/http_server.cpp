@@ -26,6 +26,7 @@ const char* reason(int status) {
   switch (status) {
     case 200: return "OK";
     case 400: return "Bad Request";
+    case 401: return "Unauthorized";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
     case 408: return "Request Timeout";
@@ -94,6 +95,13 @@ bool read_request(int fd, HttpRequest& request) {
       return false;
     }
     length = static_cast<std::size_t>(n);
+  }
+  if (const std::size_t at = lower.find("\r\nauthorization:"); at != std::string::npos) {
+    const std::size_t from = at + 16, to = head.find("\r\n", from);
+    request.authorization = head.substr(from, (to == std::string::npos ? head.size() : to) - from);
+    const auto space = [](unsigned char c) { return c == ' ' || c == '\t'; };
+    while (!request.authorization.empty() && space(request.authorization.front())) request.authorization.erase(0, 1);
+    while (!request.authorization.empty() && space(request.authorization.back())) request.authorization.pop_back();
   }
   request.body = data.substr(header_end + 4);
   while (request.body.size() < length) {

@@ -19,6 +19,7 @@ namespace pm::cli {
 
 struct HttpRequest {
   std::string method, path, body;
+  std::string authorization;  // the Authorization header's value (empty: none)
   int fd = -1;  // the connection: answer with respond() or a stream, which close it
 };
 

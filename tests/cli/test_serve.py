@@ -31,13 +31,13 @@ REQUESTS = [("The jury said", 40, 0.0, 1), ("The old county", 12, 0.8, 7), ("In 
             ("The report", 5, 0.0, 1), ("A new law was", 20, 0.7, 11), ("The river", 33, 1.0, 5)]
 
 
-def start(ranks, checkpoint, *extra):
-    """The server on `ranks` ranks; returns (process, base url)."""
+def start(ranks, checkpoint, *extra, env=None):
+    """The server on `ranks` ranks (`env` added to the environment); returns (process, base url)."""
     args = ["serve", "--checkpoint", checkpoint, "--port", "0", "--max-batch", "4"] + [str(a) for a in extra]
     timeout = str(int(240 * TIMEOUT_SCALE))
     launch = ["mpirun", "-q", "--oversubscribe", "-np", str(ranks), BINARY] if ranks > 1 else [BINARY]
     proc = subprocess.Popen(["timeout", "--kill-after=5", timeout] + launch + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=mpi_env())
+                            stderr=subprocess.PIPE, text=True, env=dict(mpi_env(), **(env or {})))
     line = proc.stdout.readline()
     found = re.search(r"http://[\d.]+:(\d+)", line)
     if not found:
@@ -46,10 +46,10 @@ def start(ranks, checkpoint, *extra):
     return proc, f"http://127.0.0.1:{found.group(1)}"
 
 
-def call(url, path, body=None, method=None):
+def call(url, path, body=None, method=None, headers=None):
     """(status, text) of one request."""
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    request = urllib.request.Request(url + path, data=data, method=method)
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=120 * TIMEOUT_SCALE) as answer:
             return answer.status, answer.read().decode()
@@ -268,6 +268,18 @@ def main():
         out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
         f.check(proc.returncode == 0 and '"served":3' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
         print(f"ok: SIGTERM ends the server with exit {proc.returncode}", flush=True)
+
+        # an API key, from the flag or the environment: /health answers anyone, the rest only with the key
+        for how, extra, env in [("--api-key", ["--api-key", "s3cret"], None), ("PIPEMOE_API_KEY", [], {"PIPEMOE_API_KEY": "s3cret"})]:
+            proc, url = start(1, ck, "--max-requests", 1, *extra, env=env)
+            statuses = [call(url, "/health")[0]]
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer s3cret2"},
+                            {"Authorization": "s3cret"}, {"Authorization": "Bearer s3cret"}]:
+                statuses.append(call(url, "/v1/completions", completion("The jury said", 3, 0.0, 1), headers=headers)[0])
+            out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
+            f.check(statuses == [200, 401, 401, 401, 401, 200] and proc.returncode == 0,
+                    f"the API key by {how}: statuses {statuses}, exit {proc.returncode} {err[-200:]}")
+        print("ok: an API key (flag or environment) shuts out requests without it; /health stays open", flush=True)
 
         # bad flags: one clear error
         for args, word in [(["serve"], "--checkpoint"), (["serve", "--checkpoint", ck, "--max-batch", "0"], "--max-batch"),
