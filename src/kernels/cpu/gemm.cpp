@@ -99,6 +99,71 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t K, const float* Ap,
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
 }
 
+// A tile of fewer than 6 rows (the last micro-panel of a block; decoding's few rows) over NS
+// 16-column strips at once, strip_stride apart: the same chain per element as kernel_avx2, without
+// computing padding rows. With one row, one strip would leave two accumulator chains, each FMA
+// waiting on the one before (latency-bound); NS strips give the FMA units 2 x R x NS chains.
+template <int R, int NS>
+__attribute__((target("avx2,fma"))) void kernel_avx2_rows(int64_t K, const float* Ap, int64_t ks, int64_t is,
+                                                           const float* Bp, int64_t ldb, int64_t strip_stride,
+                                                           float* C, int64_t ldc, bool zero_start, const float* bias) {
+  static_assert(R * NS * 2 <= 12, "accumulators beyond the 16 ymm registers");
+  __m256 c[R][NS][2];
+  for (int i = 0; i < R; ++i)
+    for (int s = 0; s < NS; ++s)
+      for (int v = 0; v < 2; ++v)
+        c[i][s][v] = !zero_start ? _mm256_loadu_ps(C + i * ldc + 16 * s + 8 * v)
+                                 : (bias ? _mm256_loadu_ps(bias + 16 * s + 8 * v) : _mm256_setzero_ps());
+  auto loop = [&](auto ks_, auto is_) __attribute__((always_inline, target("avx2,fma"))) {
+    for (int64_t k = 0; k < K; ++k) {
+      __m256 a[R];
+      for (int i = 0; i < R; ++i) a[i] = _mm256_set1_ps(Ap[k * ks_ + i * is_]);
+      for (int s = 0; s < NS; ++s)
+        for (int v = 0; v < 2; ++v) {
+          const __m256 b = _mm256_loadu_ps(Bp + s * strip_stride + k * ldb + 8 * v);
+          for (int i = 0; i < R; ++i) c[i][s][v] = _mm256_fmadd_ps(a[i], b, c[i][s][v]);
+        }
+    }
+  };
+  if (ks == 6 && is == 1)  // a packed micro-panel: what a partial tile always reads
+    loop(std::integral_constant<int64_t, 6>{}, std::integral_constant<int64_t, 1>{});
+  else
+    loop(ks, is);
+  for (int i = 0; i < R; ++i)
+    for (int s = 0; s < NS; ++s)
+      for (int v = 0; v < 2; ++v) _mm256_storeu_ps(C + i * ldc + 16 * s + 8 * v, c[i][s][v]);
+}
+
+// rows (1 to 5) x width of a tile with kernel_avx2_rows, as many strips per call as registers allow.
+void tile_rows_avx2(int64_t rows, int64_t width, int64_t kc, const float* Ap, int64_t ks, int64_t is,
+                    const float* strip0, int64_t S, int64_t strip_stride, float* C, int64_t ldc, bool zero_start,
+                    const float* bias) {
+  const int64_t per_call = rows == 1 ? 4 : rows == 2 ? 3 : rows == 3 ? 2 : 1;
+  for (int64_t col = 0; col < width; col += 16 * per_call) {
+    const int64_t strips = std::min(per_call, (width - col) / 16);
+    const float* Bp = strip0 + (col / 16) * strip_stride;
+    float* Cc = C + col;
+    const float* b = bias ? bias + col : nullptr;
+    auto call = [&](auto r, auto ns) {
+      kernel_avx2_rows<decltype(r)::value, decltype(ns)::value>(kc, Ap, ks, is, Bp, S, strip_stride, Cc, ldc, zero_start, b);
+    };
+    using std::integral_constant;
+    switch (rows * 8 + strips) {
+      case 1 * 8 + 1: call(integral_constant<int, 1>{}, integral_constant<int, 1>{}); break;
+      case 1 * 8 + 2: call(integral_constant<int, 1>{}, integral_constant<int, 2>{}); break;
+      case 1 * 8 + 3: call(integral_constant<int, 1>{}, integral_constant<int, 3>{}); break;
+      case 1 * 8 + 4: call(integral_constant<int, 1>{}, integral_constant<int, 4>{}); break;
+      case 2 * 8 + 1: call(integral_constant<int, 2>{}, integral_constant<int, 1>{}); break;
+      case 2 * 8 + 2: call(integral_constant<int, 2>{}, integral_constant<int, 2>{}); break;
+      case 2 * 8 + 3: call(integral_constant<int, 2>{}, integral_constant<int, 3>{}); break;
+      case 3 * 8 + 1: call(integral_constant<int, 3>{}, integral_constant<int, 1>{}); break;
+      case 3 * 8 + 2: call(integral_constant<int, 3>{}, integral_constant<int, 2>{}); break;
+      case 4 * 8 + 1: call(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
+      default: call(integral_constant<int, 5>{}, integral_constant<int, 1>{}); break;
+    }
+  }
+}
+
 void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, int64_t ks, int64_t is,
                    const float* Bp, int64_t ldb, float* C, int64_t ldc, bool zero_start,
                    const float* bias) {
@@ -116,13 +181,19 @@ struct AView {
   int64_t ks, is;
 };
 
-// One MR x width tile (width a multiple of 16, at most 64) of full rows and columns, depths
-// [k0, k0 + kc) of a B panel stored as strips of S columns (PackedB): every kernel call reads one
-// strip's rows, ldb = S apart.
-void run_tile(Isa isa, int64_t width, int64_t kc, AView A, const float* panel, int64_t K, int64_t k0, int64_t S,
-              float* C, int64_t ldc, bool zero_start, const float* bias) {
+// Whether run_tile computes a tile of fewer than MR rows by itself (AVX2 and scalar); the AVX-512
+// kernels always compute MR rows (a partial tile runs on a padded copy).
+bool computes_partial_rows(Isa isa) { return isa != Isa::avx512; }
+
+// One tile of `rows` (MR, or fewer where computes_partial_rows) x width (a multiple of 16, at most
+// 64) of full columns, depths [k0, k0 + kc) of a B panel stored as strips of S columns (PackedB):
+// every kernel call reads one strip's rows, ldb = S apart.
+void run_tile(Isa isa, int64_t rows, int64_t width, int64_t kc, AView A, const float* panel, int64_t K, int64_t k0,
+              int64_t S, float* C, int64_t ldc, bool zero_start, const float* bias) {
   auto strip_at = [&](int64_t col) { return panel + (col / S) * K * S + k0 * S + col % S; };
   auto bias_at = [&](int64_t col) { return bias ? bias + col : nullptr; };
+  if (isa == Isa::avx2 && rows < 6 && S == 16)
+    return tile_rows_avx2(rows, width, kc, A.a, A.ks, A.is, strip_at(0), S, K * S, C, ldc, zero_start, bias);
   switch (isa) {
     case Isa::avx512:
       if (S == width) {  // one call for the whole tile
@@ -145,7 +216,7 @@ void run_tile(Isa isa, int64_t width, int64_t kc, AView A, const float* panel, i
       return;
     case Isa::scalar:
       for (int64_t col = 0; col < width; col += 16)
-        kernel_scalar(tile_rows(isa), 16, kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
+        kernel_scalar(rows, 16, kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
       return;
   }
 }
@@ -384,23 +455,26 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
           const int64_t cols = std::min(kPanel, N - col0);
           const uint32_t* Bwords = dot ? B.pair_panel(p) + k0 / 2 * width : nullptr;
           const float* bias = bias_base ? bias_base + col0 : nullptr;
-          auto tile = [&](int64_t r, float* Cd, int64_t ldd) {
+          // rows of the tile computed: all MR, or only the valid ones where the kernels can
+          const bool partial = !dot && computes_partial_rows(isa);
+          auto tile = [&](int64_t r, int64_t valid, float* Cd, int64_t ldd) {
             if (dot)
               run_tile_bf16(width, kc / 2, packed_pairs + r * kc / 2, Bwords, width, Cd, ldd, zero_start, bias);
             else
-              run_tile(isa, width, kc, a_view(r), B.panel(p), K, k0, B.strip_of(p), Cd, ldd, zero_start, bias);
+              run_tile(isa, partial ? valid : MR, width, kc, a_view(r), B.panel(p), K, k0, B.strip_of(p), Cd, ldd,
+                       zero_start, bias);
           };
           for (int64_t r = 0; r < rows; r += MR) {
             float* Ct = C + (row0 + r) * ldc + col0;
             const int64_t valid = std::min(MR, rows - r);
-            if (valid == MR && cols == width) {
-              tile(r, Ct, ldc);
+            if (cols == width && (valid == MR || partial)) {
+              tile(r, valid, Ct, ldc);  // in place: a partial tile reads and writes only its valid rows
             } else {
               // Edge tile: run the same kernel on a padded copy, keep the valid part.
               for (int64_t i = 0; i < MR; ++i)
                 for (int64_t j = 0; j < width; ++j)
                   edge[i * width + j] = (i < valid && j < cols && !zero_start) ? Ct[i * ldc + j] : 0.0f;
-              tile(r, edge, width);
+              tile(r, valid, edge, width);
               for (int64_t i = 0; i < valid; ++i) std::memcpy(Ct + i * ldc, edge + i * width, cols * sizeof(float));
             }
             if (last_depth && extras.epilogue) (*extras.epilogue)(row0 + r, col0, valid, cols);
