@@ -188,6 +188,20 @@ int main(int argc, char** argv) {
   // model of it (kernels/cpu/gemm.h); the run's bf16 path reads "avx512_bf16 (emulated)".
   if (const char* e = std::getenv("PIPEMOE_EMULATE_BF16_DOT"); e && std::strcmp(e, "1") == 0)
     pm::emulate_bf16_dot_for_testing(true);
+  // Not started by a launcher (mpirun, srun): one rank, without MPI. MPI's singleton start spawns
+  // a daemon (orted) that took ~0.4 s at start and ~8% of a 2-vCPU machine's time while decoding.
+  // PIPEMOE_MPI_SINGLETON=1 starts MPI anyway.
+  const bool launched = std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMIX_RANK") || std::getenv("PMI_RANK") ||
+                        std::getenv("PMI_SIZE") || std::getenv("SLURM_PROCID");
+  const char* singleton = std::getenv("PIPEMOE_MPI_SINGLETON");
+  if (!launched && !(singleton && std::strcmp(singleton, "1") == 0) && global_option(argc, argv, "--ranks-in-process") == nullptr) {
+    try {
+      return main_in_process(argc, argv, 1);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "pipemoe: error: %s\n", e.what());
+      return 2;
+    }
+  }
   if (int ranks = global_int_option(argc, argv, "--ranks-in-process"); ranks != 0) {
     try {
       return main_in_process(argc, argv, ranks);
