@@ -1,0 +1,214 @@
+#include "apps/pipemoe/openai_api.h"
+
+#include <algorithm>
+#include <ctime>
+
+#include "core/error.h"
+
+namespace pm::cli {
+
+// A chat's messages as one prompt: "System: ...", "User: ...", "Assistant: ..." lines, each
+// message on its own line, then "Assistant:" for the model to go on from. Content is a string or
+// a list of text parts ({"type": "text", "text": ...}), as OpenAI's API allows.
+std::string chat_prompt(const nlohmann::json& messages) {
+  PM_REQUIRE(messages.is_array() && !messages.empty(), "messages must be a non-empty list");
+  std::string prompt;
+  for (const nlohmann::json& m : messages) {
+    PM_REQUIRE(m.is_object() && m.contains("role") && m["role"].is_string(), "each message needs a role");
+    const std::string role = m["role"].get<std::string>();
+    PM_REQUIRE(role == "system" || role == "developer" || role == "user" || role == "assistant",
+               "a message's role must be system, developer, user or assistant, got '{}'", role);
+    PM_REQUIRE(m.contains("content"), "each message needs content");
+    std::string content;
+    const nlohmann::json& c = m["content"];
+    if (c.is_string()) {
+      content = c.get<std::string>();
+    } else {
+      PM_REQUIRE(c.is_array(), "a message's content must be a string or a list of text parts");
+      for (const nlohmann::json& part : c) {
+        PM_REQUIRE(part.is_object() && part.value("type", "") == "text" && part.contains("text") && part["text"].is_string(),
+                   "a message's content parts must be text parts ({{\"type\": \"text\", \"text\": ...}})");
+        content += part["text"].get<std::string>();
+      }
+    }
+    const std::string name = role == "user" ? "User" : role == "assistant" ? "Assistant" : "System";
+    prompt += name + ": " + content + "\n";
+  }
+  return prompt + "Assistant:";
+}
+
+// A completion request's fields, checked; throws a usage error naming the field.
+Completion parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(body);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorKind::usage, std::string("the body is not JSON: ") + e.what());
+  }
+  PM_REQUIRE(j.is_object(), "the body must be a JSON object");
+  Completion c;
+  c.id = id;
+  c.chat = chat;
+  std::string prompt;
+  if (chat) {
+    PM_REQUIRE(j.contains("messages"), "a chat completion needs messages");
+    prompt = chat_prompt(j["messages"]);
+  } else {
+    PM_REQUIRE(j.contains("prompt"), "a completion needs a prompt");
+    // a string, token ids, or a list of one of those (what clients that batch send; one prompt here)
+    nlohmann::json p = j["prompt"];
+    if (p.is_array() && p.size() == 1 && (p[0].is_string() || p[0].is_array())) p = nlohmann::json(p[0]);
+    PM_REQUIRE(p.is_string() || (p.is_array() && !p.empty() && std::all_of(p.begin(), p.end(), [](const auto& t) {
+                                   return t.is_number_integer();
+                                 })),
+               "prompt must be a string or a list of token ids (one prompt per request)");
+    if (p.is_string()) {
+      prompt = p.get<std::string>();
+    } else {
+      for (const auto& t : p) {
+        PM_REQUIRE(t.get<int64_t>() >= 0 && t.get<int64_t>() < tokenizer.vocab_size(),
+                   "prompt token {} is outside the vocabulary (0 to {})", t.get<int64_t>(), tokenizer.vocab_size() - 1);
+        c.text.push_back(t.get<int32_t>());
+      }
+    }
+  }
+  auto number = [&](const char* key, auto& into) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    PM_REQUIRE(j[key].is_number(), "{} must be a number", key);
+    into = j[key].get<std::decay_t<decltype(into)>>();
+  };
+  number("max_tokens", c.max_tokens);
+  if (chat) number("max_completion_tokens", c.max_tokens);  // the chat API's newer name
+  PM_REQUIRE(c.max_tokens >= 1 && c.max_tokens <= kMaxTokensLimit, "max_tokens must be 1 to {}, got {}", kMaxTokensLimit,
+             c.max_tokens);
+  number("temperature", c.sampling.temperature);
+  number("top_k", c.sampling.top_k);
+  number("top_p", c.sampling.top_p);
+  check_sampling(c.sampling, /*json_names=*/true);
+  if (j.contains("seed") && !j["seed"].is_null()) {
+    PM_REQUIRE(j["seed"].is_number_unsigned(), "seed must be a whole number >= 0");
+    c.seed = j["seed"].get<uint64_t>();
+  }
+  if (j.contains("n") && !j["n"].is_null()) PM_REQUIRE(j["n"] == 1, "n must be 1 (one choice per request)");
+  if (j.contains("stream") && !j["stream"].is_null()) {
+    PM_REQUIRE(j["stream"].is_boolean(), "stream must be true or false");
+    c.stream = j["stream"].get<bool>();
+  }
+  auto flag = [&](const char* key, bool& into) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    PM_REQUIRE(j[key].is_boolean(), "{} must be true or false", key);
+    into = j[key].get<bool>();
+  };
+  auto count = [&](const char* key, int most, int& into) {
+    PM_REQUIRE(j[key].is_number_integer() && j[key].get<int64_t>() >= 0 && j[key].get<int64_t>() <= most,
+               "{} must be a whole number from 0 to {}", key, most);
+    into = j[key].get<int>();
+  };
+  if (chat) {
+    flag("logprobs", c.logprobs);
+    if (j.contains("top_logprobs") && !j["top_logprobs"].is_null()) {
+      PM_REQUIRE(c.logprobs, "top_logprobs needs logprobs: true");
+      count("top_logprobs", 20, c.top_logprobs);
+    }
+  } else {
+    if (j.contains("logprobs") && !j["logprobs"].is_null()) {
+      count("logprobs", 5, c.top_logprobs);
+      c.logprobs = true;
+    }
+    flag("echo", c.echo);
+  }
+  PM_REQUIRE(!c.stream || (!c.logprobs && !c.echo), "logprobs and echo are not served with stream: ask without it");
+  if (j.contains("stop") && !j["stop"].is_null()) {
+    const nlohmann::json& s = j["stop"];
+    PM_REQUIRE(s.is_string() || s.is_array(), "stop must be a string or a list of strings");
+    for (const auto& one : s.is_string() ? nlohmann::json::array({s}) : s) {
+      PM_REQUIRE(one.is_string() && !one.get<std::string>().empty(), "stop must hold non-empty strings");
+      c.stop.push_back(one.get<std::string>());
+    }
+    PM_REQUIRE(c.stop.size() <= 4, "stop takes at most 4 strings, got {}", c.stop.size());
+  }
+  if (c.text.empty()) c.text = tokenizer.encode(prompt);
+  if (c.text.empty()) c.text = tokenizer.encode("\n");  // as generate does
+  c.prompt_tokens = static_cast<int64_t>(c.text.size());
+  c.rng = sequence_rng(c.seed, 0);  // `generate --seed S` with one prompt
+  return c;
+}
+
+std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
+// One choice in the answer's form: the completions API's text, or the chat API's message (the
+// whole answer) or delta (a streamed piece: the first one names the role).
+nlohmann::json AnswerForms::answer_json(const Completion& c, const char* object, nlohmann::json choice) const {
+  choice["index"] = 0;
+  if (!choice.contains("logprobs")) choice["logprobs"] = nullptr;
+  return {{"id", c.id}, {"object", object}, {"created", static_cast<int64_t>(std::time(nullptr))},
+          {"model", model_name_}, {"choices", nlohmann::json::array({choice})}};
+}
+nlohmann::json AnswerForms::piece(Completion& c, const std::string& text, const nlohmann::json& finish) const {
+  if (!c.chat) return answer_json(c, "text_completion", {{"text", text}, {"finish_reason", finish}});
+  nlohmann::json delta = {{"content", text}};
+  if (!c.role_sent) delta["role"] = "assistant";
+  c.role_sent = true;
+  return answer_json(c, "chat.completion.chunk", {{"delta", delta}, {"finish_reason", finish}});
+}
+nlohmann::json AnswerForms::whole(const Completion& c) const {
+  const std::string prompt = c.echo ? tokenizer_.decode({c.text.begin(), c.text.begin() + c.prompt_tokens}) : "";
+  if (!c.chat)
+    return answer_json(c, "text_completion", {{"text", prompt + c.output}, {"finish_reason", c.finish},
+                                              {"logprobs", c.logprobs ? completion_logprobs(c) : nullptr}});
+  nlohmann::json j = answer_json(c, "chat.completion", {{"message", {{"role", "assistant"}, {"content", c.output}}},
+                                                        {"finish_reason", c.finish}});
+  if (c.logprobs) j["choices"][0]["logprobs"] = chat_logprobs(c);
+  return j;
+}
+// The generated tokens that made the answer's text (a stop string cuts the rest off).
+std::vector<Completion::Scored> AnswerForms::answered(const Completion& c) const {
+  std::vector<Completion::Scored> kept;
+  std::size_t offset = 0;
+  for (const Completion::Scored& s : c.scores) {
+    if (offset >= c.output.size()) break;
+    offset += tokenizer_.decode({s.token}).size();
+    kept.push_back(s);
+  }
+  return kept;
+}
+// The completions API's form: tokens, token_logprobs, top_logprobs ({token: logprob}) and each
+// token's byte offset in the text.
+nlohmann::json AnswerForms::completion_logprobs(const Completion& c) const {
+  nlohmann::json tokens = nlohmann::json::array(), lps = nlohmann::json::array(), tops = nlohmann::json::array(),
+                 offsets = nlohmann::json::array();
+  std::size_t offset = 0;
+  std::vector<Completion::Scored> all = c.echo ? c.prompt_scores : std::vector<Completion::Scored>{};
+  const std::vector<Completion::Scored> generated = answered(c);
+  all.insert(all.end(), generated.begin(), generated.end());
+  for (const Completion::Scored& s : all) {
+    const std::string piece = tokenizer_.decode({s.token});
+    tokens.push_back(piece);
+    lps.push_back(s.logprob ? nlohmann::json(*s.logprob) : nlohmann::json(nullptr));
+    nlohmann::json top = nlohmann::json::object();
+    for (const auto& [id, lp] : s.top) top[tokenizer_.decode({id})] = lp;
+    tops.push_back(s.logprob ? top : nlohmann::json(nullptr));
+    offsets.push_back(offset);
+    offset += piece.size();
+  }
+  return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
+}
+// The chat API's form: content [{token, logprob, bytes, top_logprobs [{token, logprob, bytes}]}].
+nlohmann::json AnswerForms::chat_logprobs(const Completion& c) const {
+  auto entry = [&](int32_t id, double lp) {
+    const std::string piece = tokenizer_.decode({id});
+    std::vector<int> bytes;
+    for (unsigned char b : piece) bytes.push_back(b);
+    return nlohmann::json{{"token", piece}, {"logprob", lp}, {"bytes", bytes}};
+  };
+  nlohmann::json content = nlohmann::json::array();
+  for (const Completion::Scored& s : answered(c)) {
+    nlohmann::json e = entry(s.token, *s.logprob);
+    e["top_logprobs"] = nlohmann::json::array();
+    for (const auto& [id, lp] : s.top) e["top_logprobs"].push_back(entry(id, lp));
+    content.push_back(e);
+  }
+  return {{"content", content}};
+}
+
+}  // namespace pm::cli

@@ -1,0 +1,81 @@
+// OpenAI's completions and chat completions APIs as `pipemoe serve` speaks them: a request's
+// fields read and checked into a Completion, and the answers' JSON forms (whole, streamed pieces,
+// log-probabilities). No sockets and no model here: cmd_serve.cpp does those.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "apps/pipemoe/sampling.h"
+#include "core/rng.h"
+#include "model/tokenizer.h"
+
+namespace pm::cli {
+
+constexpr int kMaxTokensLimit = 8192;
+constexpr int kDefaultMaxTokens = 64;
+
+// One completion in a row of the batch (rank 0).
+struct Completion {
+  int fd = -1;
+  std::string id;
+  bool chat = false;            // asked by /v1/chat/completions: answered in its form
+  int max_tokens = kDefaultMaxTokens;
+  Sampling sampling;
+  uint64_t seed = 1;
+  bool stream = false;
+  std::vector<std::string> stop;
+  std::vector<int32_t> text;  // prompt and generated tokens: the source of window slides
+  int64_t prompt_tokens = 0;
+  std::vector<int32_t> generated;
+  std::string output;           // the generated text so far (cut at a stop string)
+  std::size_t streamed = 0;     // bytes of output sent as events
+  std::optional<Rng> rng;
+  std::vector<float> logits;    // the last position's, to sample the next token from
+  std::string finish;           // "length", "stop", or "gone" (the client closed the stream)
+  bool role_sent = false;       // a streamed chat: its first delta named the role
+  // log-probabilities: asked for (and how many alternatives per token), the prompt's (echo) and
+  // the generated tokens'
+  bool logprobs = false, echo = false;
+  int top_logprobs = 0;
+  struct Scored {
+    int32_t token;
+    std::optional<double> logprob;  // none: a prompt token with nothing before it in the window
+    std::vector<std::pair<int32_t, double>> top;
+  };
+  std::vector<Scored> prompt_scores, scores;
+};
+
+// A chat's messages as one prompt (see chat_prompt in openai_api.cpp for the template).
+std::string chat_prompt(const nlohmann::json& messages);
+// A completion request's fields, checked; throws a usage error naming the field. `chat`: the
+// chat API's request (messages instead of a prompt).
+Completion parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat);
+// JSON text with invalid UTF-8 (a young model writes any bytes) replaced.
+std::string dump(const nlohmann::json& j);
+
+// The answers' forms for a completion, in its API's shape.
+class AnswerForms {
+ public:
+  AnswerForms(const Tokenizer& tokenizer, std::string model_name)
+      : tokenizer_(tokenizer), model_name_(std::move(model_name)) {}
+  // A streamed piece of text (a chat's first one names the role); finish: null or the reason.
+  nlohmann::json piece(Completion& c, const std::string& text, const nlohmann::json& finish) const;
+  // The whole answer, with the log-probabilities and echo asked for.
+  nlohmann::json whole(const Completion& c) const;
+
+ private:
+  nlohmann::json answer_json(const Completion& c, const char* object, nlohmann::json choice) const;
+  std::vector<Completion::Scored> answered(const Completion& c) const;
+  nlohmann::json completion_logprobs(const Completion& c) const;
+  nlohmann::json chat_logprobs(const Completion& c) const;
+
+  const Tokenizer& tokenizer_;
+  std::string model_name_;
+};
+
+}  // namespace pm::cli
