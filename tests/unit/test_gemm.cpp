@@ -225,6 +225,33 @@ TEST(Gemm, BPackedForOneInstructionSetGivesTheSameBitsOnAnother) {
   force_gemm_isa("");
 }
 
+// A B laid out in AVX-512's whole-panel strips (64 columns), built by hand so that CPUs without
+// AVX-512 run it too: every instruction set here gives the bits of its own packing, partial tiles
+// of every row count included (they read 16-column groups side by side in the wide strip).
+TEST(Gemm, WidePanelStripsGiveTheSameBitsOnEveryInstructionSet) {
+  const int64_t K = 70, N = 150;
+  auto B = random_matrix(K * N, 35);
+  PackedB wide;
+  wide.K = K, wide.N = N, wide.source_depth = K, wide.strip = 64;
+  wide.data.assign(wide.panels() * K * 64, 0.0f);
+  for (int64_t p = 0; p < wide.panels(); ++p)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < std::min<int64_t>(64, N - 64 * p); ++j)
+        wide.data[p * K * 64 + wide.offset_in_panel(p, k, j)] = B[k * N + 64 * p + j];
+  for (int64_t M : {1, 2, 3, 4, 5, 6, 13}) {
+    auto A = random_matrix(M * K, 36);
+    std::vector<float> expected(M * N);
+    gemm(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, expected.data(), N);
+    for (const std::string& isa : runnable_isas()) {
+      force_gemm_isa(isa);
+      std::vector<float> C(M * N);
+      gemm_packed(Trans::no, M, A.data(), K, wide, 0.0f, C.data(), N);
+      EXPECT_EQ(0, std::memcmp(expected.data(), C.data(), C.size() * sizeof(float))) << "isa '" << isa << "' M " << M;
+    }
+    force_gemm_isa("");
+  }
+}
+
 TEST(Gemm, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
   // A^T B over K rows scattered in two buffers (as pipeline chunks leave them), against the same
   // rows copied into contiguous matrices; K crosses the depth block (512) and has a ragged end.

@@ -134,7 +134,8 @@ __attribute__((target("avx2,fma"))) void kernel_avx2_rows(int64_t K, const float
       for (int v = 0; v < 2; ++v) _mm256_storeu_ps(C + i * ldc + 16 * s + 8 * v, c[i][s][v]);
 }
 
-// rows (1 to 5) x width of a tile with kernel_avx2_rows, as many strips per call as registers allow.
+// rows (1 to 5) x width of a tile with kernel_avx2_rows, as many 16-column groups per call as
+// registers allow; group g starts at strip0 + g * strip_stride, its depths ldb apart.
 void tile_rows_avx2(int64_t rows, int64_t width, int64_t kc, const float* Ap, int64_t ks, int64_t is,
                     const float* strip0, int64_t S, int64_t strip_stride, float* C, int64_t ldc, bool zero_start,
                     const float* bias) {
@@ -159,7 +160,8 @@ void tile_rows_avx2(int64_t rows, int64_t width, int64_t kc, const float* Ap, in
       case 3 * 8 + 1: call(integral_constant<int, 3>{}, integral_constant<int, 1>{}); break;
       case 3 * 8 + 2: call(integral_constant<int, 3>{}, integral_constant<int, 2>{}); break;
       case 4 * 8 + 1: call(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
-      default: call(integral_constant<int, 5>{}, integral_constant<int, 1>{}); break;
+      case 5 * 8 + 1: call(integral_constant<int, 5>{}, integral_constant<int, 1>{}); break;
+      default: PM_CHECK(false, "no kernel for {} rows over {} strips", rows, strips);
     }
   }
 }
@@ -192,8 +194,13 @@ void run_tile(Isa isa, int64_t rows, int64_t width, int64_t kc, AView A, const f
               int64_t S, float* C, int64_t ldc, bool zero_start, const float* bias) {
   auto strip_at = [&](int64_t col) { return panel + (col / S) * K * S + k0 * S + col % S; };
   auto bias_at = [&](int64_t col) { return bias ? bias + col : nullptr; };
-  if (isa == Isa::avx2 && rows < 6 && S == 16)
-    return tile_rows_avx2(rows, width, kc, A.a, A.ks, A.is, strip_at(0), S, K * S, C, ldc, zero_start, bias);
+  if (isa == Isa::avx2 && rows < 6) {
+    // 16-column groups one strip apart (AVX2's packing), or side by side in one wide strip (a B
+    // packed for AVX-512, S = 64: the whole tile is in it)
+    PM_CHECK(S == 16 || S >= width, "a tile of {} columns over strips of {}", width, S);
+    return tile_rows_avx2(rows, width, kc, A.a, A.ks, A.is, strip_at(0), S, S == 16 ? K * S : 16, C, ldc, zero_start,
+                          bias);
+  }
   switch (isa) {
     case Isa::avx512:
       if (S == width) {  // one call for the whole tile
