@@ -12,24 +12,29 @@
 //                          same fields; "max_completion_tokens" for "max_tokens"}
 //   logprobs: completions "logprobs": N (0-5) and "echo": true (the prompt's text and its tokens'
 //   log-probabilities first, as evaluation harnesses ask); chat "logprobs": true, "top_logprobs": N
-//   (0-20). The model's own log-probabilities (log-softmax of the logits, whatever the sampling).
+//   (0-20). The model's own log-probabilities (log-softmax of the logits, whatever the sampling);
+//   streamed too, each piece with its tokens' (not with echo).
+//   "n": choices of the one prompt (1-16), choice i sampled as `generate` samples row i of a batch
+//   of the prompt repeated; streamed, the pieces of the choices interleave, each naming its index.
 //   GET  /v1/models
 // The subset of OpenAI's completions API that applies (one prompt: a string or token ids, alone or in
-// a list of one; one choice; fields it does not
-// know are ignored). A chat's messages become one prompt by chat_prompt's template (the models
-// trained here are plain language models: they have no chat format of their own), and its answer
-// is that prompt's completion in the chat API's form (a message, or deltas when streamed). A request's text is the one `generate --prompt P --tokens max_tokens` gives
-// with the same sampling and seed, whatever else is being served beside it: every sequence decodes
-// in one batch of rows, and a row's logits never depend on the others (dropless routing; each GEMM
-// element's sum runs in a fixed order, whatever the number of rows).
+// a list of one; fields it does not know are ignored). A chat's messages become one prompt by
+// chat_prompt's template (the models trained here are plain language models: they have no chat
+// format of their own), and its answer is that prompt's completion in the chat API's form (a
+// message, or deltas when streamed). A request's text is the one `generate --prompt P --tokens
+// max_tokens` gives with the same sampling and seed, whatever else is being served beside it: every
+// sequence decodes in one batch of rows, and a row's logits never depend on the others (dropless
+// routing; each GEMM element's sum runs in a fixed order, whatever the number of rows).
 //
-// Continuous batching: the model holds --max-batch rows. Each step, requests that arrived take the
-// free rows (their prompts are prefilled), then every live row samples its next token and the rows
-// still going decode it together; a finished request's row is taken over by the last live one, so
-// that the live rows stay first. Rank 0 listens and decides; each step it broadcasts what the step
-// does (admissions, row moves, window slides, the tokens), and every rank runs the same passes.
-// SIGINT or SIGTERM: no new requests (503), the live ones finish, then the server exits 0; so does
-// --max-requests N once it has answered N completions. On exit, a JSON line of what was served.
+// Continuous batching: the model holds --max-batch rows; each choice of a request takes one.
+// Each step, choices that arrived take the free rows (their prompts are prefilled), then every
+// live row samples its next token and the rows still going decode it together; a finished choice's
+// row is taken over by the last live one, so that the live rows stay first. Rank 0 listens and
+// decides; each step it broadcasts what the step does (admissions, row moves, window slides, the
+// tokens), and every rank runs the same passes. Connections are kept alive between whole answers
+// (HTTP/1.1; see http_server.h). SIGINT or SIGTERM: no new requests (503), the live choices finish,
+// those no row took are answered 503, then the server exits 0; so does --max-requests N once it
+// has answered N requests. On exit, a JSON line of what was served.
 #include <algorithm>
 #include <csignal>
 #include <cstdlib>
@@ -37,6 +42,7 @@
 #include <deque>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 
 #include "apps/pipemoe/http_server.h"
 #include "apps/pipemoe/inference_model.h"
@@ -83,16 +89,39 @@ class Frontend {
     for (std::optional<HttpRequest> r = server_.next(pending_.empty() ? wait_s : 0); r; r = server_.next(0))
       handle(std::move(*r));
   }
-  // Completions that may take a row now (at most `free` of them).
+  // Choices that may take a row now (at most `free` of them); the choices of a request whose client
+  // left are answered without one.
   std::vector<Completion> admit(int64_t free) {
     std::vector<Completion> admitted;
-    while (free-- > 0 && !pending_.empty() && (o_.max_requests == 0 || admitted_ < o_.max_requests)) {
-      admitted.push_back(std::move(pending_.front()));
+    while (free > 0 && !pending_.empty()) {
+      Completion c = std::move(pending_.front());
       pending_.pop_front();
-      ++admitted_;
-      if (admitted.back().stream && !HttpServer::start_events(admitted.back().fd)) admitted.back().finish = "gone";
+      Request& q = *c.request;
+      if (q.stream && !q.started && !q.gone) {
+        q.started = true;
+        q.gone = !HttpServer::start_events(q.fd);
+      }
+      if (q.gone) {
+        c.finish = "gone";
+        answer(c);
+        continue;
+      }
+      admitted.push_back(std::move(c));
+      --free;
     }
     return admitted;
+  }
+  // On the way out (a signal): the requests with choices no row took are answered 503 (a stream
+  // already started is closed).
+  void turn_away_pending() {
+    std::set<const Request*> answered;
+    for (const Completion& c : pending_) {
+      const Request& q = *c.request;
+      if (!answered.insert(&q).second || q.gone) continue;
+      if (q.started) HttpServer::close_connection(q.fd);
+      else HttpServer::respond(q.fd, 503, HttpServer::error_json("the server is shutting down"));
+    }
+    pending_.clear();
   }
   bool done(int64_t live) const {
     const bool all_answered = o_.max_requests > 0 && served_ >= o_.max_requests;
@@ -134,12 +163,18 @@ class Frontend {
         if (safe - (lead - 1) < need) safe = lead - 1;
       }
     }
-    if (c.stream && c.finish != "gone" && safe > c.streamed) {
-      if (!HttpServer::send_event(c.fd, dump(forms_.piece(c, c.output.substr(c.streamed, safe - c.streamed), nullptr))))
-        c.finish = "gone";
+    if (c.stream && !c.request->gone && safe > c.streamed) {
+      if (!HttpServer::send_event(c.request->fd, dump(forms_.piece(c, c.output.substr(c.streamed, safe - c.streamed), nullptr))))
+        c.request->gone = true;
       c.streamed = safe;
     }
+    if (c.request->gone) c.finish = "gone";
     return !c.finish.empty();
+  }
+  // Whether c's client has left (its stream could not be written): c ends without a token.
+  bool gone(Completion& c) const {
+    if (c.request->gone) c.finish = "gone";
+    return c.request->gone;
   }
 
   // echo with logprobs: the prompt's tokens scored from its prefill, whose logits [n, V] are those
@@ -158,26 +193,36 @@ class Frontend {
     }
   }
 
+  // c is finished: its request answered once its last choice is (a stream: c's last piece now).
   void answer(Completion& c) {
-    ++served_;
-    if (c.finish == "gone") {
-      HttpServer::close_connection(c.fd);
+    Request& q = *c.request;
+    ++q.finished;
+    q.completion_tokens += static_cast<int64_t>(c.generated.size());
+    const bool last = q.finished == q.n;
+    served_ += last;
+    if (q.gone) {
+      if (last) HttpServer::close_connection(q.fd);
       return;
     }
-    const nlohmann::json usage = {{"prompt_tokens", c.prompt_tokens},
-                                  {"completion_tokens", static_cast<int64_t>(c.generated.size())},
-                                  {"total_tokens", c.prompt_tokens + static_cast<int64_t>(c.generated.size())}};
-    if (c.stream) {
-      nlohmann::json last = forms_.piece(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);
-      last["usage"] = usage;
-      HttpServer::send_event(c.fd, dump(last));
-      HttpServer::send_event(c.fd, "[DONE]");
-      HttpServer::close_connection(c.fd);
+    const nlohmann::json usage = {{"prompt_tokens", c.prompt_tokens}, {"completion_tokens", q.completion_tokens},
+                                  {"total_tokens", c.prompt_tokens + q.completion_tokens}};
+    if (q.stream) {
+      nlohmann::json piece = forms_.piece(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);
+      if (last) piece["usage"] = usage;
+      q.gone = !HttpServer::send_event(q.fd, dump(piece));
+      if (last) {
+        HttpServer::send_event(q.fd, "[DONE]");
+        HttpServer::close_connection(q.fd);
+      }
       return;
     }
     nlohmann::json j = forms_.whole(c);
+    q.choices.push_back(j["choices"][0]);
+    if (!last) return;
+    std::sort(q.choices.begin(), q.choices.end(), [](const auto& a, const auto& b) { return a["index"] < b["index"]; });
+    j["choices"] = q.choices;
     j["usage"] = usage;
-    HttpServer::respond(c.fd, 200, dump(j));
+    server_.answer(q.fd, q.keep_alive, 200, dump(j));
   }
 
   nlohmann::json health(int64_t live) const {
@@ -205,23 +250,25 @@ class Frontend {
     return differ == 0;
   }
   void handle(HttpRequest r) {
-    if (r.path == "/health" && r.method == "GET") return HttpServer::respond(r.fd, 200, dump(health(live_)));
-    if (!authorized(r))
-      return HttpServer::respond(r.fd, 401, HttpServer::error_json("this server needs its API key: Authorization: Bearer <key>"));
+    auto respond = [&](int status, const std::string& body) { server_.answer(r.fd, r.keep_alive, status, body); };
+    if (r.path == "/health" && r.method == "GET") return respond(200, dump(health(live_)));
+    if (!authorized(r)) return respond(401, HttpServer::error_json("this server needs its API key: Authorization: Bearer <key>"));
     if (r.path == "/v1/models" && r.method == "GET")
-      return HttpServer::respond(r.fd, 200, dump({{"object", "list"}, {"data", {{{"id", model_name_}, {"object", "model"}, {"owned_by", "pipemoe"}}}}}));
+      return respond(200, dump({{"object", "list"}, {"data", {{{"id", model_name_}, {"object", "model"}, {"owned_by", "pipemoe"}}}}}));
     const bool chat = r.path == "/v1/chat/completions";
-    if (r.path != "/v1/completions" && !chat)
-      return HttpServer::respond(r.fd, 404, HttpServer::error_json("no such path: " + r.path));
-    if (r.method != "POST") return HttpServer::respond(r.fd, 405, HttpServer::error_json(r.path + " takes POST"));
-    if (g_stop || (o_.max_requests > 0 && admitted_ + static_cast<int64_t>(pending_.size()) >= o_.max_requests))
-      return HttpServer::respond(r.fd, 503, HttpServer::error_json("the server is shutting down"));
+    if (r.path != "/v1/completions" && !chat) return respond(404, HttpServer::error_json("no such path: " + r.path));
+    if (r.method != "POST") return respond(405, HttpServer::error_json(r.path + " takes POST"));
+    if (g_stop || (o_.max_requests > 0 && accepted_ >= o_.max_requests))
+      return respond(503, HttpServer::error_json("the server is shutting down"));
     try {
-      Completion c = parse_completion(r.body, tokenizer_, (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_++), chat);
-      c.fd = r.fd;
-      pending_.push_back(std::move(c));
+      std::vector<Completion> choices =
+          parse_completion(r.body, tokenizer_, (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_++), chat);
+      choices.front().request->fd = r.fd;
+      choices.front().request->keep_alive = r.keep_alive;
+      ++accepted_;
+      for (Completion& c : choices) pending_.push_back(std::move(c));
     } catch (const Error& e) {
-      HttpServer::respond(r.fd, 400, HttpServer::error_json(e.what()));
+      respond(400, HttpServer::error_json(e.what()));
     }
   }
 
@@ -231,7 +278,7 @@ class Frontend {
   AnswerForms forms_;
   HttpServer server_;
   std::deque<Completion> pending_;
-  int64_t admitted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
+  int64_t accepted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
   Stopwatch clock_;
 };
 
@@ -307,13 +354,16 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       front->set_live(rows);
       front->take_requests(rows == 0 ? 0.2 : 0.0);
       admit.stop = front->done(rows);
-      for (Completion& c : front->admit(o.max_batch - rows)) {
+      for (Completion& c : front->admit(admit.stop ? 0 : o.max_batch - rows)) {
         admit.admit.push_back({rows + static_cast<int64_t>(admit.admit.size()), last_tokens(c.text, S)});
         live.push_back(std::move(c));
       }
     }
     admit = decode_step(ctx.comm.broadcast_string(front ? encode(admit) : std::string(), 0));
-    if (admit.stop) break;
+    if (admit.stop) {
+      if (front) front->turn_away_pending();
+      break;
+    }
     if (!admit.admit.empty()) model.set_inference_rows(rows + static_cast<int64_t>(admit.admit.size()));
     for (const auto& [row, tokens] : admit.admit) {
       const int64_t n = static_cast<int64_t>(tokens.size());
@@ -333,8 +383,9 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       std::vector<Completion> kept;
       for (int64_t r = 0; r < rows; ++r) {
         Completion& c = live[r];
-        const int32_t token = c.finish == "gone" ? 0 : sample_next(c.logits.data(), V, c.sampling, *c.rng);
-        if (c.finish == "gone" || front->advance(c, token)) {
+        const bool gone = front->gone(c);
+        const int32_t token = gone ? 0 : sample_next(c.logits.data(), V, c.sampling, *c.rng);
+        if (gone || front->advance(c, token)) {
           front->answer(c);
           continue;
         }
@@ -387,7 +438,7 @@ void add_serve_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--port", o->port, "port to listen on (0: any free one; the first line printed says which)")
       ->capture_default_str();
   cmd->add_option("--max-batch", o->max_batch, "sequences decoded together (rows of the batch)")->capture_default_str();
-  cmd->add_option("--max-requests", o->max_requests, "exit after answering N completions (0: run until SIGINT/SIGTERM)")
+  cmd->add_option("--max-requests", o->max_requests, "exit after answering N requests (0: run until SIGINT/SIGTERM)")
       ->capture_default_str();
   o->offload.add_to(cmd);
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_serve(ctx, *o); }; });

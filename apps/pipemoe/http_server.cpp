@@ -47,7 +47,20 @@ bool send_all(int fd, const std::string& data) {
   return true;
 }
 
-// Reads one request from a new connection; answers it here (and returns false) when it is malformed.
+// A header's value as sent, without the spaces around it (empty: no such header); `lower` is the
+// head in lower case, where the name is looked for.
+std::string header_value(const std::string& head, const std::string& lower, const std::string& name) {
+  const std::size_t at = lower.find("\r\n" + name + ":");
+  if (at == std::string::npos) return "";
+  const std::size_t from = at + 3 + name.size(), to = head.find("\r\n", from);
+  std::string value = head.substr(from, (to == std::string::npos ? head.size() : to) - from);
+  const auto space = [](unsigned char c) { return c == ' ' || c == '\t'; };
+  while (!value.empty() && space(value.front())) value.erase(0, 1);
+  while (!value.empty() && space(value.back())) value.pop_back();
+  return value;
+}
+
+// Reads one request from a connection; answers it here (and returns false) when it is malformed.
 bool read_request(int fd, HttpRequest& request) {
   timeval timeout{10, 0};  // a client that sends nothing for 10 s is dropped
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
@@ -82,6 +95,10 @@ bool read_request(int fd, HttpRequest& request) {
   std::size_t length = 0;
   std::string lower = head;
   std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  // HTTP/1.1 keeps the connection unless told to close it; HTTP/1.0 closes it unless told to keep it
+  const std::string connection = header_value(lower, lower, "connection");
+  request.keep_alive = line.compare(sp2 + 1, 8, "HTTP/1.0") == 0 ? connection.find("keep-alive") != std::string::npos
+                                                                  : connection.find("close") == std::string::npos;
   if (const std::size_t at = lower.find("\r\ncontent-length:"); at != std::string::npos) {
     const char* value = head.c_str() + at + 17;
     char* end = nullptr;
@@ -96,13 +113,7 @@ bool read_request(int fd, HttpRequest& request) {
     }
     length = static_cast<std::size_t>(n);
   }
-  if (const std::size_t at = lower.find("\r\nauthorization:"); at != std::string::npos) {
-    const std::size_t from = at + 16, to = head.find("\r\n", from);
-    request.authorization = head.substr(from, (to == std::string::npos ? head.size() : to) - from);
-    const auto space = [](unsigned char c) { return c == ' ' || c == '\t'; };
-    while (!request.authorization.empty() && space(request.authorization.front())) request.authorization.erase(0, 1);
-    while (!request.authorization.empty() && space(request.authorization.back())) request.authorization.pop_back();
-  }
+  request.authorization = header_value(head, lower, "authorization");
   request.body = data.substr(header_end + 4);
   while (request.body.size() < length) {
     const ssize_t n = ::recv(fd, buffer, std::min(sizeof buffer, length - request.body.size()), 0);
@@ -113,6 +124,7 @@ bool read_request(int fd, HttpRequest& request) {
     }
     request.body.append(buffer, static_cast<std::size_t>(n));
   }
+  if (request.body.size() > length) request.keep_alive = false;  // a pipelined next request: not read, so close
   request.body.resize(length);
   request.fd = fd;
   return true;
@@ -160,16 +172,18 @@ void HttpServer::accept_loop() {
     pollfd p{listen_fd_, POLLIN, 0};
     if (::poll(&p, 1, 100) <= 0) continue;  // (wakes every 0.1 s to see whether to stop)
     const int fd = ::accept(listen_fd_, nullptr, nullptr);
-    if (fd < 0) continue;
-    // each connection read on its own thread: a slow client holds up no other
-    std::thread([fd, queue = queue_] {
-      HttpRequest request;
-      if (!read_request(fd, request)) return;
-      std::lock_guard<std::mutex> lock(queue->mutex);
-      queue->requests.push_back(std::move(request));
-      queue->arrived.notify_one();
-    }).detach();
+    if (fd >= 0) read_on(fd);
   }
+}
+
+void HttpServer::read_on(int fd) {
+  std::thread([fd, queue = queue_] {
+    HttpRequest request;
+    if (!read_request(fd, request)) return;
+    std::lock_guard<std::mutex> lock(queue->mutex);
+    queue->requests.push_back(std::move(request));
+    queue->arrived.notify_one();
+  }).detach();
 }
 
 std::optional<HttpRequest> HttpServer::next(double timeout_s) {
@@ -184,6 +198,15 @@ std::optional<HttpRequest> HttpServer::next(double timeout_s) {
 std::size_t HttpServer::waiting() const {
   std::lock_guard<std::mutex> lock(queue_->mutex);
   return queue_->requests.size();
+}
+
+void HttpServer::answer(int fd, bool keep_alive, int status, const std::string& body) {
+  if (!keep_alive || stopping_) return respond(fd, status, body);
+  if (send_all(fd, fmt::format("HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n"
+                               "Connection: keep-alive\r\nKeep-Alive: timeout=10\r\n\r\n", status, reason(status), body.size()) + body))
+    read_on(fd);
+  else
+    close_connection(fd);
 }
 
 void HttpServer::respond(int fd, int status, const std::string& body, const std::string& content_type) {

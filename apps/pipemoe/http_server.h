@@ -1,9 +1,12 @@
 // A small HTTP/1.1 server for `pipemoe serve`: one listening socket, a thread that accepts and a
 // short-lived thread per connection that reads one request (request line, headers, a body of
 // Content-Length bytes) and queues it; the serving loop takes requests from the queue and answers
-// each on its connection, whole (JSON) or as server-sent events (a stream of `data:` lines), then
-// closes it (Connection: close: one request per connection, no keep-alive). Malformed requests,
-// bodies over 1 MiB and slow clients (10 s to send a request) are answered here with an error.
+// each on its connection, whole (JSON) or as server-sent events (a stream of `data:` lines).
+// Persistent connections: after a whole answer to a request that keeps its connection alive
+// (HTTP/1.1 unless it says `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`) a new
+// short-lived thread reads the connection's next request; a stream, an error found while reading,
+// and a connection idle for 10 s are closed. Malformed requests, bodies over 1 MiB and slow
+// clients (10 s to send a request) are answered here with an error.
 #pragma once
 
 #include <atomic>
@@ -20,7 +23,8 @@ namespace pm::cli {
 struct HttpRequest {
   std::string method, path, body;
   std::string authorization;  // the Authorization header's value (empty: none)
-  int fd = -1;  // the connection: answer with respond() or a stream, which close it
+  bool keep_alive = false;    // the client keeps the connection for its next request
+  int fd = -1;  // the connection: answer with answer(), respond() or a stream
 };
 
 class HttpServer {
@@ -38,6 +42,8 @@ class HttpServer {
   // Requests read and waiting in the queue.
   std::size_t waiting() const;
 
+  // A whole answer; then the connection's next request is read (keep_alive) or it is closed.
+  void answer(int fd, bool keep_alive, int status, const std::string& body);
   // A whole answer, then the connection closed.
   static void respond(int fd, int status, const std::string& body, const std::string& content_type = "application/json");
   // Server-sent events: the headers, then send_event per event; false once the client is gone.
@@ -54,6 +60,9 @@ class HttpServer {
     std::deque<HttpRequest> requests;
   };
   void accept_loop();
+  // Reads the connection's next request on a thread of its own (a slow client holds up no other)
+  // and queues it.
+  void read_on(int fd);
 
   int listen_fd_ = -1;
   int port_ = 0;

@@ -38,7 +38,7 @@ std::string chat_prompt(const nlohmann::json& messages) {
 }
 
 // A completion request's fields, checked; throws a usage error naming the field.
-Completion parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat) {
+std::vector<Completion> parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(body);
@@ -89,7 +89,12 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
     PM_REQUIRE(j["seed"].is_number_unsigned(), "seed must be a whole number >= 0");
     c.seed = j["seed"].get<uint64_t>();
   }
-  if (j.contains("n") && !j["n"].is_null()) PM_REQUIRE(j["n"] == 1, "n must be 1 (one choice per request)");
+  auto request = std::make_shared<Request>();
+  if (j.contains("n") && !j["n"].is_null()) {
+    PM_REQUIRE(j["n"].is_number_integer() && j["n"].get<int64_t>() >= 1 && j["n"].get<int64_t>() <= kMaxChoices,
+               "n must be a whole number from 1 to {} (choices of the one prompt)", kMaxChoices);
+    request->n = j["n"].get<int>();
+  }
   if (j.contains("stream") && !j["stream"].is_null()) {
     PM_REQUIRE(j["stream"].is_boolean(), "stream must be true or false");
     c.stream = j["stream"].get<bool>();
@@ -117,7 +122,7 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
     }
     flag("echo", c.echo);
   }
-  PM_REQUIRE(!c.stream || (!c.logprobs && !c.echo), "logprobs and echo are not served with stream: ask without it");
+  PM_REQUIRE(!c.stream || !c.echo, "echo is not served with stream: ask without it");
   if (j.contains("stop") && !j["stop"].is_null()) {
     const nlohmann::json& s = j["stop"];
     PM_REQUIRE(s.is_string() || s.is_array(), "stop must be a string or a list of strings");
@@ -130,8 +135,14 @@ Completion parse_completion(const std::string& body, const Tokenizer& tokenizer,
   if (c.text.empty()) c.text = tokenizer.encode(prompt);
   if (c.text.empty()) c.text = tokenizer.encode("\n");  // as generate does
   c.prompt_tokens = static_cast<int64_t>(c.text.size());
-  c.rng = sequence_rng(c.seed, 0);  // `generate --seed S` with one prompt
-  return c;
+  request->stream = c.stream;
+  c.request = request;
+  std::vector<Completion> choices(request->n, c);
+  for (int i = 0; i < request->n; ++i) {
+    choices[i].index = i;
+    choices[i].rng = sequence_rng(c.seed, i);  // `generate --seed S` with the prompt in row i
+  }
+  return choices;
 }
 
 std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
@@ -139,26 +150,32 @@ std::string dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohma
 // One choice in the answer's form: the completions API's text, or the chat API's message (the
 // whole answer) or delta (a streamed piece: the first one names the role).
 nlohmann::json AnswerForms::answer_json(const Completion& c, const char* object, nlohmann::json choice) const {
-  choice["index"] = 0;
+  choice["index"] = c.index;
   if (!choice.contains("logprobs")) choice["logprobs"] = nullptr;
   return {{"id", c.id}, {"object", object}, {"created", static_cast<int64_t>(std::time(nullptr))},
           {"model", model_name_}, {"choices", nlohmann::json::array({choice})}};
 }
 nlohmann::json AnswerForms::piece(Completion& c, const std::string& text, const nlohmann::json& finish) const {
-  if (!c.chat) return answer_json(c, "text_completion", {{"text", text}, {"finish_reason", finish}});
+  nlohmann::json logprobs = nullptr;
+  if (c.logprobs) {
+    const std::size_t first = c.scored_bytes;
+    const std::vector<Completion::Scored> scored = scores_to_stream(c, c.streamed + text.size(), !finish.is_null());
+    logprobs = c.chat ? chat_logprobs(scored) : completion_logprobs(scored, first);
+  }
+  if (!c.chat) return answer_json(c, "text_completion", {{"text", text}, {"finish_reason", finish}, {"logprobs", logprobs}});
   nlohmann::json delta = {{"content", text}};
   if (!c.role_sent) delta["role"] = "assistant";
   c.role_sent = true;
-  return answer_json(c, "chat.completion.chunk", {{"delta", delta}, {"finish_reason", finish}});
+  return answer_json(c, "chat.completion.chunk", {{"delta", delta}, {"finish_reason", finish}, {"logprobs", logprobs}});
 }
 nlohmann::json AnswerForms::whole(const Completion& c) const {
   const std::string prompt = c.echo ? tokenizer_.decode({c.text.begin(), c.text.begin() + c.prompt_tokens}) : "";
   if (!c.chat)
     return answer_json(c, "text_completion", {{"text", prompt + c.output}, {"finish_reason", c.finish},
-                                              {"logprobs", c.logprobs ? completion_logprobs(c) : nullptr}});
+                                              {"logprobs", c.logprobs ? completion_logprobs(echoed_and_answered(c), 0) : nullptr}});
   nlohmann::json j = answer_json(c, "chat.completion", {{"message", {{"role", "assistant"}, {"content", c.output}}},
                                                         {"finish_reason", c.finish}});
-  if (c.logprobs) j["choices"][0]["logprobs"] = chat_logprobs(c);
+  if (c.logprobs) j["choices"][0]["logprobs"] = chat_logprobs(answered(c));
   return j;
 }
 // The generated tokens that made the answer's text (a stop string cuts the rest off).
@@ -172,16 +189,31 @@ std::vector<Completion::Scored> AnswerForms::answered(const Completion& c) const
   }
   return kept;
 }
-// The completions API's form: tokens, token_logprobs, top_logprobs ({token: logprob}) and each
-// token's byte offset in the text.
-nlohmann::json AnswerForms::completion_logprobs(const Completion& c) const {
-  nlohmann::json tokens = nlohmann::json::array(), lps = nlohmann::json::array(), tops = nlohmann::json::array(),
-                 offsets = nlohmann::json::array();
-  std::size_t offset = 0;
+// A stream's next scores: the generated tokens not yet sent whose text ends within the output's
+// first `bytes` (last: whose text starts there, as answered() counts them).
+std::vector<Completion::Scored> AnswerForms::scores_to_stream(Completion& c, std::size_t bytes, bool last) const {
+  std::vector<Completion::Scored> next;
+  for (; c.scores_sent < c.scores.size(); ++c.scores_sent) {
+    const std::size_t size = tokenizer_.decode({c.scores[c.scores_sent].token}).size();
+    if (last ? c.scored_bytes >= bytes : c.scored_bytes + size > bytes) break;
+    next.push_back(c.scores[c.scores_sent]);
+    c.scored_bytes += size;
+  }
+  return next;
+}
+// The prompt's scores (echo) and the answer's.
+std::vector<Completion::Scored> AnswerForms::echoed_and_answered(const Completion& c) const {
   std::vector<Completion::Scored> all = c.echo ? c.prompt_scores : std::vector<Completion::Scored>{};
   const std::vector<Completion::Scored> generated = answered(c);
   all.insert(all.end(), generated.begin(), generated.end());
-  for (const Completion::Scored& s : all) {
+  return all;
+}
+// The completions API's form: tokens, token_logprobs, top_logprobs ({token: logprob}) and each
+// token's byte offset in the text (the first one's: offset).
+nlohmann::json AnswerForms::completion_logprobs(const std::vector<Completion::Scored>& scored, std::size_t offset) const {
+  nlohmann::json tokens = nlohmann::json::array(), lps = nlohmann::json::array(), tops = nlohmann::json::array(),
+                 offsets = nlohmann::json::array();
+  for (const Completion::Scored& s : scored) {
     const std::string piece = tokenizer_.decode({s.token});
     tokens.push_back(piece);
     lps.push_back(s.logprob ? nlohmann::json(*s.logprob) : nlohmann::json(nullptr));
@@ -194,7 +226,7 @@ nlohmann::json AnswerForms::completion_logprobs(const Completion& c) const {
   return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
 }
 // The chat API's form: content [{token, logprob, bytes, top_logprobs [{token, logprob, bytes}]}].
-nlohmann::json AnswerForms::chat_logprobs(const Completion& c) const {
+nlohmann::json AnswerForms::chat_logprobs(const std::vector<Completion::Scored>& scored) const {
   auto entry = [&](int32_t id, double lp) {
     const std::string piece = tokenizer_.decode({id});
     std::vector<int> bytes;
@@ -202,7 +234,7 @@ nlohmann::json AnswerForms::chat_logprobs(const Completion& c) const {
     return nlohmann::json{{"token", piece}, {"logprob", lp}, {"bytes", bytes}};
   };
   nlohmann::json content = nlohmann::json::array();
-  for (const Completion::Scored& s : answered(c)) {
+  for (const Completion::Scored& s : scored) {
     nlohmann::json e = entry(s.token, *s.logprob);
     e["top_logprobs"] = nlohmann::json::array();
     for (const auto& [id, lp] : s.top) e["top_logprobs"].push_back(entry(id, lp));

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -18,10 +19,26 @@ namespace pm::cli {
 
 constexpr int kMaxTokensLimit = 8192;
 constexpr int kDefaultMaxTokens = 64;
+constexpr int kMaxChoices = 16;
 
-// One completion in a row of the batch (rank 0).
-struct Completion {
+// What the n choices of one request share: its connection, and what is answered so far. The
+// request is answered (and counted as served) when its last choice finishes.
+struct Request {
   int fd = -1;
+  bool keep_alive = false;        // after the whole answer the connection takes the next request
+  int n = 1;                      // choices asked for
+  int finished = 0;               // choices done
+  bool stream = false;
+  bool started = false;           // a stream's headers are sent (when its first choice took a row)
+  bool gone = false;              // the client closed its stream: the choices end at once
+  int64_t completion_tokens = 0;  // over the finished choices
+  std::vector<nlohmann::json> choices;  // the finished choices' whole forms (not streamed)
+};
+
+// One choice of a completion, in a row of the batch (rank 0).
+struct Completion {
+  std::shared_ptr<Request> request;
+  int index = 0;                  // which of the request's choices
   std::string id;
   bool chat = false;            // asked by /v1/chat/completions: answered in its form
   int max_tokens = kDefaultMaxTokens;
@@ -48,13 +65,16 @@ struct Completion {
     std::vector<std::pair<int32_t, double>> top;
   };
   std::vector<Scored> prompt_scores, scores;
+  std::size_t scores_sent = 0, scored_bytes = 0;  // streamed: the scores sent and the bytes of their text
 };
 
 // A chat's messages as one prompt (see chat_prompt in openai_api.cpp for the template).
 std::string chat_prompt(const nlohmann::json& messages);
-// A completion request's fields, checked; throws a usage error naming the field. `chat`: the
-// chat API's request (messages instead of a prompt).
-Completion parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat);
+// A completion request's fields, checked, as its n choices (choice i samples with
+// sequence_rng(seed, i), as `generate` samples row i), sharing one Request whose fd the caller
+// sets; throws a usage error naming the field. `chat`: the chat API's request (messages instead
+// of a prompt).
+std::vector<Completion> parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat);
 // JSON text with invalid UTF-8 (a young model writes any bytes) replaced.
 std::string dump(const nlohmann::json& j);
 
@@ -63,7 +83,9 @@ class AnswerForms {
  public:
   AnswerForms(const Tokenizer& tokenizer, std::string model_name)
       : tokenizer_(tokenizer), model_name_(std::move(model_name)) {}
-  // A streamed piece of text (a chat's first one names the role); finish: null or the reason.
+  // A streamed piece of text, the output's next bytes after c.streamed (a chat's first one names
+  // the role), with the log-probabilities of the tokens whose text it completes (asked for);
+  // finish: null or the reason (the last piece: the tokens whose text starts in it).
   nlohmann::json piece(Completion& c, const std::string& text, const nlohmann::json& finish) const;
   // The whole answer, with the log-probabilities and echo asked for.
   nlohmann::json whole(const Completion& c) const;
@@ -71,8 +93,10 @@ class AnswerForms {
  private:
   nlohmann::json answer_json(const Completion& c, const char* object, nlohmann::json choice) const;
   std::vector<Completion::Scored> answered(const Completion& c) const;
-  nlohmann::json completion_logprobs(const Completion& c) const;
-  nlohmann::json chat_logprobs(const Completion& c) const;
+  std::vector<Completion::Scored> echoed_and_answered(const Completion& c) const;
+  std::vector<Completion::Scored> scores_to_stream(Completion& c, std::size_t bytes, bool last) const;
+  nlohmann::json completion_logprobs(const std::vector<Completion::Scored>& scored, std::size_t offset) const;
+  nlohmann::json chat_logprobs(const std::vector<Completion::Scored>& scored) const;
 
   const Tokenizer& tokenizer_;
   std::string model_name_;

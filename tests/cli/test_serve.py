@@ -9,6 +9,7 @@ exit 0 and a summary line; SIGTERM ends it with exit 0; bad flags and a taken po
 
 Run: /usr/bin/python3 tests/cli/test_serve.py   (needs build/pipemoe)
 """
+import http.client
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -77,6 +79,75 @@ def serve_concurrently(url):
     return texts
 
 
+def stream(url, path, body):
+    """The JSON events of a streamed request (without the closing [DONE], which must be there)."""
+    with urllib.request.urlopen(urllib.request.Request(url + path, data=json.dumps(dict(body, stream=True)).encode()),
+                                timeout=120 * TIMEOUT_SCALE) as answer:
+        events = [line[6:] for line in answer.read().decode().splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", events[-2:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def more_requests(f, ranks, url, rows, expected):
+    """n choices, streamed log-probabilities and connections kept alive (10 requests served)."""
+    # n choices: choice i is generate's row i of the prompt repeated, whole and streamed
+    prompt, n, t, seed = REQUESTS[1]
+    status, body = call(url, "/v1/completions", completion(prompt, n, t, seed, n=3))
+    whole = json.loads(body) if status == 200 else {}
+    f.check([c["index"] for c in whole.get("choices", [])] == [0, 1, 2] and
+            [c["text"] for c in whole["choices"]] == rows and whole["usage"]["completion_tokens"] == 3 * n,
+            f"{ranks} rank(s): n=3 gives generate's three rows: {body[:500]}")
+    chunks = stream(url, "/v1/completions", completion(prompt, n, t, seed, n=3))
+    texts, finished = ["", "", ""], [None] * 3
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["text"]
+            finished[c["index"]] = finished[c["index"]] or c["finish_reason"]
+    f.check(texts == rows and finished == ["length"] * 3 and chunks[-1]["usage"]["completion_tokens"] == 3 * n,
+            f"{ranks} rank(s): n=3 streamed adds up to the three rows: {texts} {finished} {chunks[-1]}")
+    print(f"ok: {ranks} rank(s): n=3 choices, whole and streamed, are generate's rows of the prompt", flush=True)
+
+    # log-probabilities streamed: each piece with its tokens', together the whole answer's (also
+    # when a stop string cuts the last token)
+    prompt, n, t, seed = REQUESTS[2]
+    for extra in ({}, {"stop": [expected[prompt][10:13]]}):
+        body = completion(prompt, n, t, seed, logprobs=2, **extra)
+        status, answer = call(url, "/v1/completions", body)
+        want = json.loads(answer)["choices"][0]["logprobs"] if status == 200 else {}
+        got = {k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        for chunk in stream(url, "/v1/completions", body):
+            for k in got:
+                got[k] += chunk["choices"][0]["logprobs"][k]
+        f.check(want and got == want and len(got["tokens"]) > 3,
+                f"{ranks} rank(s): streamed logprobs {extra} add up to the whole answer's: {got} vs {want}")
+    body = dict(messages=[{"role": "user", "content": prompt}], max_tokens=15, temperature=0.9, seed=2, logprobs=True,
+                top_logprobs=2)
+    status, answer = call(url, "/v1/chat/completions", body)
+    want = json.loads(answer)["choices"][0]["logprobs"]["content"] if status == 200 else []
+    got = [e for chunk in stream(url, "/v1/chat/completions", body) for e in chunk["choices"][0]["logprobs"]["content"]]
+    f.check(len(want) == 15 and got == want, f"{ranks} rank(s): a streamed chat's logprobs: {got} vs {want}")
+    print(f"ok: {ranks} rank(s): streamed log-probabilities add up to the whole answer's", flush=True)
+
+    # one connection, several requests (HTTP/1.1 keep-alive), until the client asks to close it
+    host, port = url[len("http://"):].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120 * TIMEOUT_SCALE)
+    answers, socks = [], []
+    for method, path, payload, headers in [("GET", "/health", None, {}),
+                                           ("POST", "/v1/completions", completion(*REQUESTS[3]), {}),
+                                           ("POST", "/v1/completions", {"prompt": 5}, {}),
+                                           ("POST", "/v1/completions", completion(*REQUESTS[3]), {"Connection": "close"})]:
+        conn.request(method, path, None if payload is None else json.dumps(payload), headers)
+        r = conn.getresponse()
+        answers.append((r.status, r.getheader("Connection"), r.read().decode()))
+        socks.append(conn.sock)
+    conn.close()
+    texts = [json.loads(a[2])["choices"][0]["text"] if a[0] == 200 else None for a in answers[1::2]]
+    f.check([a[:2] for a in answers] == [(200, "keep-alive"), (200, "keep-alive"), (400, "keep-alive"), (200, "close")] and
+            socks[0] is not None and socks[:3] == [socks[0]] * 3 and socks[3] is None and
+            texts == [expected[REQUESTS[3][0]]] * 2, f"{ranks} rank(s): keep-alive: {answers} {socks}")
+    print(f"ok: {ranks} rank(s): four requests on one connection, closed when the client asks", flush=True)
+
+
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,9 +166,17 @@ def main():
             full = json.loads(out.stdout.strip().splitlines()[-1])["texts"][0]
             f.check(full.startswith(prompt), f"generate's text starts with its prompt: {full!r}")
             expected[prompt] = full[len(prompt):]
+        # n choices of one prompt: generate's rows of the prompt repeated
+        prompt, n, t, seed = REQUESTS[1]
+        out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", prompt, "--prompt", prompt, "--prompt", prompt,
+                         "--tokens", n, "--temperature", t, "--seed", seed, "--top-k", 40, "--json"])
+        rows = [text[len(prompt):] for text in json.loads(out.stdout.strip().splitlines()[-1])["texts"]]
+        f.check(len(rows) == 3 and rows[0] == expected[prompt] and len(set(rows)) == 3,
+                f"generate's three rows of one prompt differ, row 0 as alone: {rows}")
 
         for ranks in (1, 2):
-            proc, url = start(ranks, ck, "--max-requests", len(REQUESTS) + 2 + 24 + 3 + 5)
+            served = len(REQUESTS) + 2 + 24 + 3 + 5 + 10
+            proc, url = start(ranks, ck, "--max-requests", served)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
             got = serve_concurrently(url)
@@ -111,7 +190,8 @@ def main():
                                                    ({"prompt": 5}, "/v1/completions", None, 400, "prompt"),
                                                    ({"prompt": "a", "max_tokens": 0}, "/v1/completions", None, 400, "max_tokens"),
                                                    ({"prompt": "a", "temperature": -1}, "/v1/completions", None, 400, "temperature"),
-                                                   ({"prompt": "a", "n": 2}, "/v1/completions", None, 400, "n must be 1"),
+                                                   ({"prompt": "a", "n": 0}, "/v1/completions", None, 400, "n must be"),
+                                                   ({"prompt": "a", "n": 17}, "/v1/completions", None, 400, "n must be"),
                                                    (None, "/nowhere", None, 404, "no such path"),
                                                    (None, "/v1/completions", "GET", 405, "POST")]:
                 status, answer = call(url, path, body, method)
@@ -189,7 +269,7 @@ def main():
             # log-probabilities: the model's own (greedy picks the most likely token, whose logprob
             # tops the alternatives); asking for them changes no text; a prompt's echoed scores (from
             # one prefill) are the bits the same tokens got one decode step at a time
-            for bad, word in [({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "logprobs": 1, "stream": True}, "stream"),
+            for bad, word in [({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "echo": True, "stream": True}, "stream"),
                               ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": ["a", "b"]}, "one prompt"),
                               ({"prompt": [1, 100000]}, "outside the vocabulary"), ({"prompt": []}, "prompt"),
                               ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs")]:
@@ -236,9 +316,10 @@ def main():
             print(f"ok: {ranks} rank(s): log-probabilities (completions with echo, chat): greedy picks the top one, "
                   f"echo scores a prompt as decoding did, bit for bit", flush=True)
 
+            more_requests(f, ranks, url, rows, expected)
             out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
             summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-            f.check(proc.returncode == 0 and summary.get("served") == len(REQUESTS) + 2 + 24 + 3 + 5,
+            f.check(proc.returncode == 0 and summary.get("served") == served,
                     f"{ranks} rank(s): --max-requests ends it with exit 0: {proc.returncode} {summary} {err[-300:]}")
             f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
@@ -268,6 +349,25 @@ def main():
         out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
         f.check(proc.returncode == 0 and '"served":3' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
         print(f"ok: SIGTERM ends the server with exit {proc.returncode}", flush=True)
+
+        # SIGTERM with choices waiting for a row: the live ones finish, the request is answered 503
+        proc, url = start(1, ck)
+        answer = {}
+        waiter = threading.Thread(target=lambda: answer.update(
+            zip(("status", "body"), call(url, "/v1/completions", completion("The jury said", 2000, 0.8, 1, n=8)))))
+        waiter.start()
+        health = {}
+        for _ in range(600):
+            health = json.loads(call(url, "/health")[1])
+            if health["active"] == 4 and health["waiting"] == 4:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        waiter.join(timeout=120 * TIMEOUT_SCALE)
+        out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
+        f.check(health.get("waiting") == 4 and answer.get("status") == 503 and "shutting down" in answer.get("body", "") and
+                proc.returncode == 0, f"SIGTERM with 4 choices waiting: {health} {answer} exit {proc.returncode} {err[-200:]}")
+        print(f"ok: SIGTERM with choices waiting: {answer.get('status')}, exit {proc.returncode}", flush=True)
 
         # an API key, from the flag or the environment: /health answers anyone, the rest only with the key
         for how, extra, env in [("--api-key", ["--api-key", "s3cret"], None), ("PIPEMOE_API_KEY", [], {"PIPEMOE_API_KEY": "s3cret"})]:
