@@ -4,13 +4,15 @@ same requests by C concurrent clients (each sends its share one after another), 
 rounds (each round runs every batch size once, starting at another). Reports per batch size the
 throughput (generated tokens/s over the whole load) and the latency of a request (median, p90),
 as medians over rounds; prints a table and writes CSV. With --ranks 2 the server runs under
-mpirun, its experts spread over both ranks.
+mpirun, its experts spread over both ranks. --keep-alive: each client sends its requests on one
+connection (HTTP/1.1 keep-alive) instead of one connection per request.
 
   /usr/bin/python3 bench/serve_load.py --checkpoint runs/demo --batches 1,4,16 --clients 16 \\
       --requests 48 --tokens 48 --rounds 3 --csv out/serve_load.csv --plot out/serve_load.png
 """
 import argparse
 import csv
+import http.client
 import json
 import os
 import re
@@ -41,11 +43,17 @@ def load(o, batch):
     latencies, tokens, lock = [], [0], threading.Lock()
 
     def client(c):
+        host, port = url.split("/")[2].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=600) if o.keep_alive else None
         for i in range(c, o.requests, o.clients):
             body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": o.tokens, "temperature": 0.8, "seed": i}
             start = time.perf_counter()
-            with urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(body).encode()), timeout=600) as r:
-                n = json.loads(r.read())["usage"]["completion_tokens"]
+            if conn:
+                conn.request("POST", "/v1/completions", json.dumps(body))
+                n = json.loads(conn.getresponse().read())["usage"]["completion_tokens"]
+            else:
+                with urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(body).encode()), timeout=600) as r:
+                    n = json.loads(r.read())["usage"]["completion_tokens"]
             with lock:
                 latencies.append(time.perf_counter() - start)
                 tokens[0] += n
@@ -93,6 +101,7 @@ def main():
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--keep-alive", action="store_true", help="one connection per client for all its requests")
     p.add_argument("--csv")
     p.add_argument("--plot", help="a PNG of tokens/s and latency per max batch (matplotlib)")
     o = p.parse_args()
@@ -104,7 +113,7 @@ def main():
             lat.sort()
             rows.append({"round": r, "max_batch": b, "tokens_per_s": tps, "latency_p50_s": statistics.median(lat),
                          "latency_p90_s": lat[int(0.9 * (len(lat) - 1))]})
-            print(f"round {r}: max batch {b}: {tps:.1f} tokens/s, latency p50 {rows[-1]['latency_p50_s']:.2f} s", flush=True)
+            print(f"round {r}: max batch {b}: {tps:.1f} tokens/s, latency p50 {rows[-1]['latency_p50_s'] * 1e3:.1f} ms", flush=True)
     base = statistics.median(x["tokens_per_s"] for x in rows if x["max_batch"] == batches[0])
     print(f"\n{o.clients} clients, {o.requests} requests of {o.tokens} tokens, {o.ranks} rank(s), medians of {o.rounds} rounds")
     print(f"{'max batch':>9} {'tokens/s':>10} {'vs ' + str(batches[0]):>8} {'p50 s':>8} {'p90 s':>8}")
