@@ -5,7 +5,9 @@ rounds (each round runs every batch size once, starting at another). Reports per
 throughput (generated tokens/s over the whole load) and the latency of a request (median, p90),
 as medians over rounds; prints a table and writes CSV. With --ranks 2 the server runs under
 mpirun, its experts spread over both ranks. --keep-alive: each client sends its requests on one
-connection (HTTP/1.1 keep-alive) instead of one connection per request.
+connection (HTTP/1.1 keep-alive) instead of one connection per request. --n K: K choices per
+request (each takes a row; their prompt runs once); --prompt-words W: prompts of W words (the
+prompts below repeated) instead of a few.
 
   /usr/bin/python3 bench/serve_load.py --checkpoint runs/demo --batches 1,4,16 --clients 16 \\
       --requests 48 --tokens 48 --rounds 3 --csv out/serve_load.csv --plot out/serve_load.png
@@ -46,7 +48,11 @@ def load(o, batch):
         host, port = url.split("/")[2].split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=600) if o.keep_alive else None
         for i in range(c, o.requests, o.clients):
-            body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": o.tokens, "temperature": 0.8, "seed": i}
+            prompt = PROMPTS[i % len(PROMPTS)]
+            if o.prompt_words:
+                words = " ".join(PROMPTS[(i + j) % len(PROMPTS)] for j in range(o.prompt_words)).split()
+                prompt = " ".join(words[:o.prompt_words])
+            body = {"prompt": prompt, "max_tokens": o.tokens, "temperature": 0.8, "seed": i, "n": o.n}
             start = time.perf_counter()
             if conn:
                 conn.request("POST", "/v1/completions", json.dumps(body))
@@ -102,6 +108,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--keep-alive", action="store_true", help="one connection per client for all its requests")
+    p.add_argument("--n", type=int, default=1, help="choices per request")
+    p.add_argument("--prompt-words", type=int, default=0, help="prompts of this many words (0: the short ones)")
     p.add_argument("--csv")
     p.add_argument("--plot", help="a PNG of tokens/s and latency per max batch (matplotlib)")
     o = p.parse_args()

@@ -286,6 +286,9 @@ class Frontend {
 struct Step {
   bool stop = false;
   std::vector<std::pair<int64_t, std::vector<int32_t>>> admit;  // row, prompt window
+  // per admission: -1, or the earlier row of this step whose cache it copies instead of running the
+  // same prompt again (another choice of the same request: the same bits, one prefill)
+  std::vector<int64_t> admit_copies;
   std::vector<std::pair<int64_t, int64_t>> moves;               // from, to
   int64_t rows = 0;                                             // live rows after the moves
   std::vector<std::pair<int64_t, std::vector<int32_t>>> slide;  // row, window before its new token
@@ -293,7 +296,7 @@ struct Step {
 };
 
 std::string encode(const Step& s) {
-  return nlohmann::json{{"stop", s.stop}, {"admit", s.admit}, {"moves", s.moves}, {"rows", s.rows}, {"slide", s.slide}, {"next", s.next}}.dump();
+  return nlohmann::json{{"stop", s.stop}, {"admit", s.admit}, {"admit_copies", s.admit_copies}, {"moves", s.moves}, {"rows", s.rows}, {"slide", s.slide}, {"next", s.next}}.dump();
 }
 
 Step decode_step(const std::string& text) {
@@ -301,6 +304,7 @@ Step decode_step(const std::string& text) {
   Step s;
   s.stop = j["stop"].get<bool>();
   j["admit"].get_to(s.admit);
+  j["admit_copies"].get_to(s.admit_copies);
   j["moves"].get_to(s.moves);
   s.rows = j["rows"].get<int64_t>();
   j["slide"].get_to(s.slide);
@@ -355,7 +359,12 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       front->take_requests(rows == 0 ? 0.2 : 0.0);
       admit.stop = front->done(rows);
       for (Completion& c : front->admit(admit.stop ? 0 : o.max_batch - rows)) {
-        admit.admit.push_back({rows + static_cast<int64_t>(admit.admit.size()), last_tokens(c.text, S)});
+        const int64_t row = rows + static_cast<int64_t>(admit.admit.size());
+        int64_t copy_from = -1;  // the row of the first choice of c's request admitted in this step
+        if (row > rows && live.back().request == c.request)
+          copy_from = admit.admit_copies.back() >= 0 ? admit.admit_copies.back() : row - 1;
+        admit.admit.push_back({row, copy_from >= 0 ? std::vector<int32_t>{} : last_tokens(c.text, S)});
+        admit.admit_copies.push_back(copy_from);
         live.push_back(std::move(c));
       }
     }
@@ -365,7 +374,16 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       break;
     }
     if (!admit.admit.empty()) model.set_inference_rows(rows + static_cast<int64_t>(admit.admit.size()));
-    for (const auto& [row, tokens] : admit.admit) {
+    for (std::size_t i = 0; i < admit.admit.size(); ++i) {
+      const auto& [row, tokens] = admit.admit[i];
+      if (const int64_t from = admit.admit_copies[i]; from >= 0) {
+        model.move_inference_row(from, row);
+        if (front) {
+          live[row].logits = live[from].logits;
+          live[row].prompt_scores = live[from].prompt_scores;
+        }
+        continue;
+      }
       const int64_t n = static_cast<int64_t>(tokens.size());
       const float* logits = model.prefill(row, tokens.data(), n);
       if (front) {

@@ -89,7 +89,7 @@ def stream(url, path, body):
 
 
 def more_requests(f, ranks, url, rows, expected):
-    """n choices, streamed log-probabilities and connections kept alive (10 requests served)."""
+    """n choices, streamed log-probabilities and connections kept alive (11 requests served)."""
     # n choices: choice i is generate's row i of the prompt repeated, whole and streamed
     prompt, n, t, seed = REQUESTS[1]
     status, body = call(url, "/v1/completions", completion(prompt, n, t, seed, n=3))
@@ -105,6 +105,11 @@ def more_requests(f, ranks, url, rows, expected):
             finished[c["index"]] = finished[c["index"]] or c["finish_reason"]
     f.check(texts == rows and finished == ["length"] * 3 and chunks[-1]["usage"]["completion_tokens"] == 3 * n,
             f"{ranks} rank(s): n=3 streamed adds up to the three rows: {texts} {finished} {chunks[-1]}")
+    # greedy choices share the prompt's one prefill: the same echoed scores and text each
+    status, body = call(url, "/v1/completions", completion(REQUESTS[0][0], 6, 0.0, 1, n=2, logprobs=1, echo=True))
+    two = json.loads(body)["choices"] if status == 200 else [{}, {}]
+    f.check(len(two) == 2 and dict(two[0], index=1) == two[1] and two[0]["logprobs"]["token_logprobs"][0] is None and
+            len(two[0]["logprobs"]["tokens"]) > 6, f"{ranks} rank(s): two greedy choices with echo: {body[:400]}")
     print(f"ok: {ranks} rank(s): n=3 choices, whole and streamed, are generate's rows of the prompt", flush=True)
 
     # log-probabilities streamed: each piece with its tokens', together the whole answer's (also
@@ -175,7 +180,7 @@ def main():
                 f"generate's three rows of one prompt differ, row 0 as alone: {rows}")
 
         for ranks in (1, 2):
-            served = len(REQUESTS) + 2 + 24 + 3 + 5 + 10
+            served = len(REQUESTS) + 2 + 24 + 3 + 5 + 11
             proc, url = start(ranks, ck, "--max-requests", served)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
