@@ -89,7 +89,16 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   };
   Stopwatch watch;
   std::vector<int32_t> next(rows);
-  for (int64_t r = 0; r < rows; ++r) prefill(r, S);
+  for (int64_t r = 0; r < rows; ++r) {
+    // a prompt given again (samples of one prompt) runs once: its keys and values are copied (the same bits)
+    const int64_t same = std::find(text.begin(), text.begin() + r, text[r]) - text.begin();
+    if (same == r) {
+      prefill(r, S);
+    } else {
+      model.move_inference_row(same, r);
+      logits[r] = logits[same];
+    }
+  }
   for (int n = 0; n < o.tokens; ++n) {
     for (int64_t r = 0; r < rows; ++r) {
       next[r] = sample_next(logits[r].data(), V, o.sampling, rngs[r]);
