@@ -14,11 +14,12 @@
 //   log-probabilities first, as evaluation harnesses ask); chat "logprobs": true, "top_logprobs": N
 //   (0-20). The model's own log-probabilities (log-softmax of the logits, whatever the sampling);
 //   streamed too, each piece with its tokens' (not with echo).
-//   "n": choices of the one prompt (1-16), choice i sampled as `generate` samples row i of a batch
-//   of the prompt repeated; streamed, the pieces of the choices interleave, each naming its index.
+//   "prompt" may be a list (several prompts); "n": choices per prompt (1-16), prompt p's choice i
+//   at index p*n+i, sampled as `generate` samples that row of the prompts each repeated n times;
+//   streamed, the pieces of the choices interleave, each naming its index.
 //   GET  /v1/models
-// The subset of OpenAI's completions API that applies (one prompt: a string or token ids, alone or in
-// a list of one; fields it does not know are ignored). A chat's messages become one prompt by
+// The subset of OpenAI's completions API that applies (prompts as strings or token ids; fields it
+// does not know are ignored). A chat's messages become one prompt by
 // chat_prompt's template (the models trained here are plain language models: they have no chat
 // format of their own), and its answer is that prompt's completion in the chat API's form (a
 // message, or deltas when streamed). A request's text is the one `generate --prompt P --tokens
@@ -198,14 +199,14 @@ class Frontend {
     Request& q = *c.request;
     ++q.finished;
     q.completion_tokens += static_cast<int64_t>(c.generated.size());
-    const bool last = q.finished == q.n;
+    const bool last = q.finished == q.choices_total;
     served_ += last;
     if (q.gone) {
       if (last) HttpServer::close_connection(q.fd);
       return;
     }
-    const nlohmann::json usage = {{"prompt_tokens", c.prompt_tokens}, {"completion_tokens", q.completion_tokens},
-                                  {"total_tokens", c.prompt_tokens + q.completion_tokens}};
+    const nlohmann::json usage = {{"prompt_tokens", q.prompt_tokens}, {"completion_tokens", q.completion_tokens},
+                                  {"total_tokens", q.prompt_tokens + q.completion_tokens}};
     if (q.stream) {
       nlohmann::json piece = forms_.piece(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);
       if (last) piece["usage"] = usage;
@@ -360,8 +361,8 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       admit.stop = front->done(rows);
       for (Completion& c : front->admit(admit.stop ? 0 : o.max_batch - rows)) {
         const int64_t row = rows + static_cast<int64_t>(admit.admit.size());
-        int64_t copy_from = -1;  // the row of the first choice of c's request admitted in this step
-        if (row > rows && live.back().request == c.request)
+        int64_t copy_from = -1;  // the row of the first choice of c's prompt admitted in this step
+        if (row > rows && live.back().request == c.request && live.back().text == c.text)
           copy_from = admit.admit_copies.back() >= 0 ? admit.admit_copies.back() : row - 1;
         admit.admit.push_back({row, copy_from >= 0 ? std::vector<int32_t>{} : last_tokens(c.text, S)});
         admit.admit_copies.push_back(copy_from);

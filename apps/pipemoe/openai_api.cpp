@@ -37,6 +37,32 @@ std::string chat_prompt(const nlohmann::json& messages) {
   return prompt + "Assistant:";
 }
 
+// The completions API's prompt: a string, token ids, or a list of those (prompts side by side).
+std::vector<std::vector<int32_t>> read_prompts(const nlohmann::json& p, const Tokenizer& tokenizer) {
+  const auto ids = [](const nlohmann::json& x) {
+    return x.is_array() && !x.empty() && std::all_of(x.begin(), x.end(), [](const auto& t) { return t.is_number_integer(); });
+  };
+  const bool several = p.is_array() && !p.empty() && std::all_of(p.begin(), p.end(), [&](const auto& x) {
+                         return x.is_string() || ids(x);
+                       });
+  PM_REQUIRE(p.is_string() || ids(p) || several,
+             "prompt must be a string, a list of token ids, or a list of those (one prompt each)");
+  std::vector<std::vector<int32_t>> prompts;
+  for (const nlohmann::json& one : several ? p : nlohmann::json::array({p})) {
+    if (one.is_string()) {
+      prompts.push_back(tokenizer.encode(one.get<std::string>()));
+      continue;
+    }
+    prompts.emplace_back();
+    for (const auto& t : one) {
+      PM_REQUIRE(t.get<int64_t>() >= 0 && t.get<int64_t>() < tokenizer.vocab_size(),
+                 "prompt token {} is outside the vocabulary (0 to {})", t.get<int64_t>(), tokenizer.vocab_size() - 1);
+      prompts.back().push_back(t.get<int32_t>());
+    }
+  }
+  return prompts;
+}
+
 // A completion request's fields, checked; throws a usage error naming the field.
 std::vector<Completion> parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat) {
   nlohmann::json j;
@@ -49,28 +75,13 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
   Completion c;
   c.id = id;
   c.chat = chat;
-  std::string prompt;
+  std::vector<std::vector<int32_t>> prompts;  // each prompt's tokens
   if (chat) {
     PM_REQUIRE(j.contains("messages"), "a chat completion needs messages");
-    prompt = chat_prompt(j["messages"]);
+    prompts.push_back(tokenizer.encode(chat_prompt(j["messages"])));
   } else {
     PM_REQUIRE(j.contains("prompt"), "a completion needs a prompt");
-    // a string, token ids, or a list of one of those (what clients that batch send; one prompt here)
-    nlohmann::json p = j["prompt"];
-    if (p.is_array() && p.size() == 1 && (p[0].is_string() || p[0].is_array())) p = nlohmann::json(p[0]);
-    PM_REQUIRE(p.is_string() || (p.is_array() && !p.empty() && std::all_of(p.begin(), p.end(), [](const auto& t) {
-                                   return t.is_number_integer();
-                                 })),
-               "prompt must be a string or a list of token ids (one prompt per request)");
-    if (p.is_string()) {
-      prompt = p.get<std::string>();
-    } else {
-      for (const auto& t : p) {
-        PM_REQUIRE(t.get<int64_t>() >= 0 && t.get<int64_t>() < tokenizer.vocab_size(),
-                   "prompt token {} is outside the vocabulary (0 to {})", t.get<int64_t>(), tokenizer.vocab_size() - 1);
-        c.text.push_back(t.get<int32_t>());
-      }
-    }
+    prompts = read_prompts(j["prompt"], tokenizer);
   }
   auto number = [&](const char* key, auto& into) {
     if (!j.contains(key) || j[key].is_null()) return;
@@ -132,16 +143,25 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
     }
     PM_REQUIRE(c.stop.size() <= 4, "stop takes at most 4 strings, got {}", c.stop.size());
   }
-  if (c.text.empty()) c.text = tokenizer.encode(prompt);
-  if (c.text.empty()) c.text = tokenizer.encode("\n");  // as generate does
-  c.prompt_tokens = static_cast<int64_t>(c.text.size());
+  PM_REQUIRE(static_cast<int64_t>(prompts.size()) * request->n <= kMaxChoicesPerRequest,
+             "a request asks for at most {} choices (prompts x n), got {} x {}", kMaxChoicesPerRequest, prompts.size(),
+             request->n);
   request->stream = c.stream;
   c.request = request;
-  std::vector<Completion> choices(request->n, c);
-  for (int i = 0; i < request->n; ++i) {
-    choices[i].index = i;
-    choices[i].rng = sequence_rng(c.seed, i);  // `generate --seed S` with the prompt in row i
+  std::vector<Completion> choices;
+  for (std::vector<int32_t>& text : prompts) {
+    if (text.empty()) text = tokenizer.encode("\n");  // as generate does
+    request->prompt_tokens += static_cast<int64_t>(text.size());
+    for (int i = 0; i < request->n; ++i) {
+      choices.push_back(c);
+      Completion& choice = choices.back();
+      choice.text = text;
+      choice.prompt_tokens = static_cast<int64_t>(text.size());
+      choice.index = static_cast<int>(choices.size()) - 1;
+      choice.rng = sequence_rng(c.seed, choice.index);  // `generate --seed S` with this prompt in row `index`
+    }
   }
+  request->choices_total = static_cast<int>(choices.size());
   return choices;
 }
 

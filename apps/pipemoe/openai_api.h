@@ -19,15 +19,18 @@ namespace pm::cli {
 
 constexpr int kMaxTokensLimit = 8192;
 constexpr int kDefaultMaxTokens = 64;
-constexpr int kMaxChoices = 16;
+constexpr int kMaxChoices = 16;             // n
+constexpr int kMaxChoicesPerRequest = 256;  // prompts x n
 
 // What the n choices of one request share: its connection, and what is answered so far. The
 // request is answered (and counted as served) when its last choice finishes.
 struct Request {
   int fd = -1;
   bool keep_alive = false;        // after the whole answer the connection takes the next request
-  int n = 1;                      // choices asked for
+  int n = 1;                      // choices asked for per prompt
+  int choices_total = 1;          // over the request's prompts
   int finished = 0;               // choices done
+  int64_t prompt_tokens = 0;      // over the request's prompts
   bool stream = false;
   bool started = false;           // a stream's headers are sent (when its first choice took a row)
   bool gone = false;              // the client closed its stream: the choices end at once
@@ -70,9 +73,10 @@ struct Completion {
 
 // A chat's messages as one prompt (see chat_prompt in openai_api.cpp for the template).
 std::string chat_prompt(const nlohmann::json& messages);
-// A completion request's fields, checked, as its n choices (choice i samples with
-// sequence_rng(seed, i), as `generate` samples row i), sharing one Request whose fd the caller
-// sets; throws a usage error naming the field. `chat`: the chat API's request (messages instead
+// A completion request's fields, checked, as its choices: n per prompt, prompt p's choice i at
+// index p * n + i, which samples with sequence_rng(seed, index) as `generate` samples that row of
+// the prompts each given n times; they share one Request whose fd the caller sets. Throws a usage
+// error naming the field. `chat`: the chat API's request (messages instead
 // of a prompt).
 std::vector<Completion> parse_completion(const std::string& body, const Tokenizer& tokenizer, const std::string& id, bool chat);
 // JSON text with invalid UTF-8 (a young model writes any bytes) replaced.

@@ -88,8 +88,8 @@ def stream(url, path, body):
     return [json.loads(e) for e in events[:-1]]
 
 
-def more_requests(f, ranks, url, rows, expected):
-    """n choices, streamed log-probabilities and connections kept alive (11 requests served)."""
+def more_requests(f, ranks, url, rows, expected, pair, pair_rows):
+    """n choices, several prompts, streamed log-probabilities and connections kept alive (14 requests served)."""
     # n choices: choice i is generate's row i of the prompt repeated, whole and streamed
     prompt, n, t, seed = REQUESTS[1]
     status, body = call(url, "/v1/completions", completion(prompt, n, t, seed, n=3))
@@ -105,6 +105,15 @@ def more_requests(f, ranks, url, rows, expected):
             finished[c["index"]] = finished[c["index"]] or c["finish_reason"]
     f.check(texts == rows and finished == ["length"] * 3 and chunks[-1]["usage"]["completion_tokens"] == 3 * n,
             f"{ranks} rank(s): n=3 streamed adds up to the three rows: {texts} {finished} {chunks[-1]}")
+    # several prompts in one request, n choices each: choice p * n + i is generate's row of the
+    # prompts each given n times
+    status, body = call(url, "/v1/completions", dict(prompt=pair, max_tokens=10, temperature=0.9, seed=5, top_k=40, n=2))
+    answer = json.loads(body) if status == 200 else {}
+    alone = [json.loads(call(url, "/v1/completions", completion(one, 1, 0.0, 1))[1]).get("usage", {}).get("prompt_tokens")
+             for one in pair]
+    f.check([c["text"] for c in answer.get("choices", [])] == pair_rows and [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+            and answer["usage"]["completion_tokens"] == 40 and answer["usage"]["prompt_tokens"] == sum(alone),
+            f"{ranks} rank(s): two prompts x n=2 give generate's rows of [A, A, B, B]: {body[:500]} vs {pair_rows}")
     # greedy choices share the prompt's one prefill: the same echoed scores and text each
     status, body = call(url, "/v1/completions", completion(REQUESTS[0][0], 6, 0.0, 1, n=2, logprobs=1, echo=True))
     two = json.loads(body)["choices"] if status == 200 else [{}, {}]
@@ -178,9 +187,14 @@ def main():
         rows = [text[len(prompt):] for text in json.loads(out.stdout.strip().splitlines()[-1])["texts"]]
         f.check(len(rows) == 3 and rows[0] == expected[prompt] and len(set(rows)) == 3,
                 f"generate's three rows of one prompt differ, row 0 as alone: {rows}")
+        # two prompts, two choices each: generate's rows of [A, A, B, B]
+        pair = [REQUESTS[0][0], REQUESTS[4][0]]
+        out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", pair[0], "--prompt", pair[0], "--prompt", pair[1],
+                         "--prompt", pair[1], "--tokens", 10, "--temperature", 0.9, "--seed", 5, "--top-k", 40, "--json"])
+        pair_rows = [text[len(pair[i // 2]):] for i, text in enumerate(json.loads(out.stdout.strip().splitlines()[-1])["texts"])]
 
         for ranks in (1, 2):
-            served = len(REQUESTS) + 2 + 24 + 3 + 5 + 11
+            served = len(REQUESTS) + 2 + 24 + 3 + 5 + 14
             proc, url = start(ranks, ck, "--max-requests", served)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
@@ -275,7 +289,8 @@ def main():
             # tops the alternatives); asking for them changes no text; a prompt's echoed scores (from
             # one prefill) are the bits the same tokens got one decode step at a time
             for bad, word in [({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "echo": True, "stream": True}, "stream"),
-                              ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": ["a", "b"]}, "one prompt"),
+                              ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": ["a", 5]}, "one prompt each"),
+                              ({"prompt": ["a"] * 20, "n": 16}, "at most 256"),
                               ({"prompt": [1, 100000]}, "outside the vocabulary"), ({"prompt": []}, "prompt"),
                               ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs")]:
                 status, answer = call(url, "/v1/chat/completions" if "messages" in bad else "/v1/completions", bad)
@@ -321,7 +336,7 @@ def main():
             print(f"ok: {ranks} rank(s): log-probabilities (completions with echo, chat): greedy picks the top one, "
                   f"echo scores a prompt as decoding did, bit for bit", flush=True)
 
-            more_requests(f, ranks, url, rows, expected)
+            more_requests(f, ranks, url, rows, expected, pair, pair_rows)
             out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
             summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
             f.check(proc.returncode == 0 and summary.get("served") == served,
