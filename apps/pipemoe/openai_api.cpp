@@ -90,8 +90,8 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
   };
   number("max_tokens", c.max_tokens);
   if (chat) number("max_completion_tokens", c.max_tokens);  // the chat API's newer name
-  PM_REQUIRE(c.max_tokens >= 1 && c.max_tokens <= kMaxTokensLimit, "max_tokens must be 1 to {}, got {}", kMaxTokensLimit,
-             c.max_tokens);
+  PM_REQUIRE(c.max_tokens >= 0 && c.max_tokens <= kMaxTokensLimit, "max_tokens must be 1 to {} (0 with echo), got {}",
+             kMaxTokensLimit, c.max_tokens);
   number("temperature", c.sampling.temperature);
   number("top_k", c.sampling.top_k);
   number("top_p", c.sampling.top_p);
@@ -134,6 +134,8 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
     flag("echo", c.echo);
   }
   PM_REQUIRE(!c.stream || !c.echo, "echo is not served with stream: ask without it");
+  // max_tokens 0: the prompt scored, nothing generated (what scoring clients ask with echo)
+  PM_REQUIRE(c.max_tokens > 0 || c.echo, "max_tokens must be 1 to {} (0 with echo), got 0", kMaxTokensLimit);
   if (j.contains("stop") && !j["stop"].is_null()) {
     const nlohmann::json& s = j["stop"];
     PM_REQUIRE(s.is_string() || s.is_array(), "stop must be a string or a list of strings");

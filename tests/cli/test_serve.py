@@ -194,7 +194,7 @@ def main():
         pair_rows = [text[len(pair[i // 2]):] for i, text in enumerate(json.loads(out.stdout.strip().splitlines()[-1])["texts"])]
 
         for ranks in (1, 2):
-            served = len(REQUESTS) + 2 + 24 + 3 + 5 + 14
+            served = len(REQUESTS) + 2 + 24 + 3 + 6 + 14
             proc, url = start(ranks, ck, "--max-requests", served)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
@@ -325,6 +325,15 @@ def main():
                     all(bytes(e["bytes"]).decode() == e["token"] and len(e["top_logprobs"]) == 3 and
                         e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content),
                     f"{ranks} rank(s): chat logprobs: {body[:400]}")
+            # max_tokens 0 with echo: the prompt scored, nothing generated (two prompts at once)
+            status, body = call(url, "/v1/completions", dict(prompt=[prompt, a.get("text", "")], max_tokens=0, logprobs=1, echo=True))
+            scored = json.loads(body)["choices"] if status == 200 else []
+            f.check(len(scored) == 2 and scored[0]["text"] == prompt and scored[0]["logprobs"]["tokens"] == tokens[:prompt_tokens]
+                    and scored[0]["logprobs"]["token_logprobs"] == lps[:prompt_tokens] and scored[1]["logprobs"]["tokens"] == b["tokens"][:-1]
+                    and scored[1]["logprobs"]["token_logprobs"] == b["token_logprobs"][:-1] and json.loads(body)["usage"]["completion_tokens"] == 0,
+                    f"{ranks} rank(s): max_tokens 0 scores the prompts: {body[:400]}")
+            status, body = call(url, "/v1/completions", dict(prompt="a", max_tokens=0))
+            f.check(status == 400 and "0 with echo" in body, f"{ranks} rank(s): max_tokens 0 without echo: {body}")
             # the prompt as a list of one (what batching clients send) and as token ids (here bytes)
             status, body = call(url, "/v1/completions", completion([prompt], 12, 0.0, 1))
             f.check(status == 200 and json.loads(body)["choices"][0]["text"] == a.get("text", "")[len(prompt):],
