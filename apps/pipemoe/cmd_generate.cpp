@@ -66,7 +66,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
 
   const int64_t S = config.model.seq_len, V = config.model.vocab_size, rows = static_cast<int64_t>(prompts.size());
   model.start_inference(rows);
-  std::vector<std::vector<int32_t>> text(rows);
+  std::vector<std::vector<int32_t>> text(rows), generated(rows);  // generated: what the penalties count
   std::vector<Rng> rngs;
   for (int64_t r = 0; r < rows; ++r) {
     text[r] = tokenizer.encode(prompts[r]);
@@ -101,9 +101,10 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   }
   for (int n = 0; n < o.tokens; ++n) {
     for (int64_t r = 0; r < rows; ++r) {
-      next[r] = sample_next(logits[r].data(), V, o.sampling, rngs[r]);
+      next[r] = sample_next(logits[r].data(), V, o.sampling, rngs[r], generated[r]);
       ctx.comm.broadcast(&next[r], 1, DType::i32, 0);
       text[r].push_back(next[r]);
+      if (o.sampling.adjusts_logits()) generated[r].push_back(next[r]);
     }
     if (stream) {
       std::fputs(tokenizer.decode({next[0]}).c_str(), stdout);  // the text as it comes
@@ -169,8 +170,14 @@ void add_generate_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--temperature", o->sampling.temperature, "sampling temperature; 0: greedy (the most likely token)")
       ->capture_default_str();
   cmd->add_option("--top-k", o->sampling.top_k, "sample among the k most likely tokens")->capture_default_str();
+  cmd->add_option("--min-p", o->sampling.min_p, "then among those at least MIN_P times as likely as the most likely one")
+      ->capture_default_str();
   cmd->add_option("--top-p", o->sampling.top_p, "then among the fewest of those whose probability reaches p (nucleus)")
       ->capture_default_str();
+  cmd->add_option("--presence-penalty", o->sampling.presence_penalty,
+                  "taken from the logit of every token generated already (-2 to 2, as OpenAI's)")->capture_default_str();
+  cmd->add_option("--frequency-penalty", o->sampling.frequency_penalty,
+                  "taken from a token's logit once per time it was generated (-2 to 2, as OpenAI's)")->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_flag("--no-cache", o->no_cache, "re-run each sequence's window for every token (no key/value cache)");
   cmd->add_flag("--json", o->json, "print one JSON object (texts, tokens/s, offloading figures) instead of the text");

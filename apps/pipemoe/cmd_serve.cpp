@@ -404,7 +404,7 @@ int run_serve(Context& ctx, const ServeOptions& given) {
         Completion& c = live[r];
         const bool gone = front->gone(c), scored_only = !gone && c.max_tokens == 0;  // echo of a prompt, no tokens
         if (scored_only) c.finish = "length";
-        const int32_t token = gone || scored_only ? 0 : sample_next(c.logits.data(), V, c.sampling, *c.rng);
+        const int32_t token = gone || scored_only ? 0 : sample_next(c.logits.data(), V, c.sampling, *c.rng, c.generated);
         if (gone || scored_only || front->advance(c, token)) {
           front->answer(c);
           continue;

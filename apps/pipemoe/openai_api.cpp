@@ -1,6 +1,8 @@
 #include "apps/pipemoe/openai_api.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstdlib>
 #include <ctime>
 
 #include "core/error.h"
@@ -95,7 +97,20 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
   number("temperature", c.sampling.temperature);
   number("top_k", c.sampling.top_k);
   number("top_p", c.sampling.top_p);
-  check_sampling(c.sampling, /*json_names=*/true);
+  number("min_p", c.sampling.min_p);
+  number("presence_penalty", c.sampling.presence_penalty);
+  number("frequency_penalty", c.sampling.frequency_penalty);
+  if (j.contains("logit_bias") && !j["logit_bias"].is_null()) {
+    // {"token id": bias}, as OpenAI's API takes it
+    PM_REQUIRE(j["logit_bias"].is_object(), "logit_bias must be an object of token ids and biases");
+    for (const auto& [key, bias] : j["logit_bias"].items()) {
+      char* end = nullptr;
+      const long id = std::strtol(key.c_str(), &end, 10);
+      PM_REQUIRE(!key.empty() && *end == '\0' && bias.is_number(), "logit_bias: '{}' must be a token id with a number", key);
+      c.sampling.logit_bias.push_back({static_cast<int32_t>(std::clamp<long>(id, -1, INT32_MAX)), bias.get<double>()});
+    }
+  }
+  check_sampling(c.sampling, /*json_names=*/true, tokenizer.vocab_size());
   if (j.contains("seed") && !j["seed"].is_null()) {
     PM_REQUIRE(j["seed"].is_number_unsigned(), "seed must be a whole number >= 0");
     c.seed = j["seed"].get<uint64_t>();

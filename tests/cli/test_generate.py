@@ -103,6 +103,9 @@ def main():
             (["--offload-experts", "disk", "--expert-cache", 1, "--offload-mode", "eager"], "offload-mode", "unknown mode"),
             (["--top-p", 0], "--top-p", "top-p 0"),
             (["--temperature", -1], "--temperature", "negative temperature"),
+            (["--min-p", 2], "--min-p", "min-p 2"),
+            (["--presence-penalty", 2.5], "--presence-penalty", "presence penalty 2.5"),
+            (["--frequency-penalty", -3], "--frequency-penalty", "frequency penalty -3"),
         ]
         for extra, word, name in cases:
             one_error(f, generate(1, ck, *extra, check=False), word, name)

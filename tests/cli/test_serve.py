@@ -162,6 +162,26 @@ def more_requests(f, ranks, url, rows, expected, pair, pair_rows):
     print(f"ok: {ranks} rank(s): four requests on one connection, closed when the client asks", flush=True)
 
 
+def sampling_fields(f, ranks, url, penalised, penalised_text):
+    """Penalties, min-p and logit_bias (3 requests served; the bad ones first: --max-requests ends it)."""
+    for bad, word in [({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
+                      ({"min_p": 1.5}, "min_p"), ({"logit_bias": {"x": 1}}, "token id"), ({"logit_bias": {"1": 101}}, "[-100, 100]"),
+                      ({"logit_bias": {"100000": 1}}, "outside the vocabulary"), ({"logit_bias": [1]}, "object")]:
+        status, answer = call(url, "/v1/completions", dict(prompt="a", **bad))
+        f.check(status == 400 and word in json.loads(answer)["error"]["message"], f"{ranks} rank(s): {bad}: {answer}")
+    status, body = call(url, "/v1/completions", completion(REQUESTS[2][0], 30, 0.9, 2, **penalised))
+    f.check(status == 200 and json.loads(body)["choices"][0]["text"] == penalised_text,
+            f"{ranks} rank(s): penalties and min-p give generate's text: {body[:300]} vs {penalised_text!r}")
+    # token ids are bytes here (101 "e", 120 "x"): +100 makes "e" the greedy pick over "x" at +99;
+    # -100 bans it, and "x" wins
+    texts = []
+    for bias in ({"101": 100, "120": 99}, {"101": -100, "120": 99}):
+        status, body = call(url, "/v1/completions", completion("The jury", 6, 0.0, 1, logit_bias=bias))
+        texts.append(json.loads(body)["choices"][0]["text"] if status == 200 else body)
+    f.check(texts == ["e" * 6, "x" * 6], f"{ranks} rank(s): logit_bias forces and bans tokens: {texts}")
+    print(f"ok: {ranks} rank(s): penalties and min-p as generate's flags; logit_bias forces and bans tokens", flush=True)
+
+
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,6 +207,15 @@ def main():
         rows = [text[len(prompt):] for text in json.loads(out.stdout.strip().splitlines()[-1])["texts"]]
         f.check(len(rows) == 3 and rows[0] == expected[prompt] and len(set(rows)) == 3,
                 f"generate's three rows of one prompt differ, row 0 as alone: {rows}")
+        # penalties and min-p: generate's flags and serve's fields give the same text, not the plain one
+        penalised = dict(presence_penalty=0.7, frequency_penalty=1.3, min_p=0.1)
+        out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", REQUESTS[2][0], "--tokens", 30, "--temperature", 0.9,
+                         "--seed", 2, "--top-k", 40, "--presence-penalty", 0.7, "--frequency-penalty", 1.3, "--min-p", 0.1, "--json"])
+        penalised_text = json.loads(out.stdout.strip().splitlines()[-1])["texts"][0][len(REQUESTS[2][0]):]
+        out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", REQUESTS[2][0], "--tokens", 30, "--temperature", 0.9,
+                         "--seed", 2, "--top-k", 40, "--json"])
+        f.check(penalised_text != json.loads(out.stdout.strip().splitlines()[-1])["texts"][0][len(REQUESTS[2][0]):],
+                f"penalties and min-p change generate's text: {penalised_text!r}")
         # two prompts, two choices each: generate's rows of [A, A, B, B]
         pair = [REQUESTS[0][0], REQUESTS[4][0]]
         out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", pair[0], "--prompt", pair[0], "--prompt", pair[1],
@@ -194,7 +223,7 @@ def main():
         pair_rows = [text[len(pair[i // 2]):] for i, text in enumerate(json.loads(out.stdout.strip().splitlines()[-1])["texts"])]
 
         for ranks in (1, 2):
-            served = len(REQUESTS) + 2 + 24 + 3 + 6 + 14
+            served = len(REQUESTS) + 2 + 24 + 3 + 6 + 14 + 3
             proc, url = start(ranks, ck, "--max-requests", served)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
@@ -346,6 +375,7 @@ def main():
                   f"echo scores a prompt as decoding did, bit for bit", flush=True)
 
             more_requests(f, ranks, url, rows, expected, pair, pair_rows)
+            sampling_fields(f, ranks, url, penalised, penalised_text)
             out, err = proc.communicate(timeout=120 * TIMEOUT_SCALE)
             summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
             f.check(proc.returncode == 0 and summary.get("served") == served,
