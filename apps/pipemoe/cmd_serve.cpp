@@ -212,6 +212,12 @@ class Frontend {
       if (last) piece["usage"] = usage;
       q.gone = !HttpServer::send_event(q.fd, dump(piece));
       if (last) {
+        if (q.usage_chunk) {
+          nlohmann::json chunk = forms_.piece(c, "", nullptr);
+          chunk["choices"] = nlohmann::json::array();
+          chunk["usage"] = usage;
+          HttpServer::send_event(q.fd, dump(chunk));
+        }
         HttpServer::send_event(q.fd, "[DONE]");
         HttpServer::close_connection(q.fd);
       }

@@ -125,6 +125,14 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
     PM_REQUIRE(j["stream"].is_boolean(), "stream must be true or false");
     c.stream = j["stream"].get<bool>();
   }
+  if (j.contains("stream_options") && !j["stream_options"].is_null()) {
+    const nlohmann::json& so = j["stream_options"];
+    PM_REQUIRE(c.stream && so.is_object(), "stream_options needs stream: true and an object");
+    if (so.contains("include_usage") && !so["include_usage"].is_null()) {
+      PM_REQUIRE(so["include_usage"].is_boolean(), "stream_options.include_usage must be true or false");
+      request->usage_chunk = so["include_usage"].get<bool>();
+    }
+  }
   auto flag = [&](const char* key, bool& into) {
     if (!j.contains(key) || j[key].is_null()) return;
     PM_REQUIRE(j[key].is_boolean(), "{} must be true or false", key);

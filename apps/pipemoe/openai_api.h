@@ -32,6 +32,7 @@ struct Request {
   int finished = 0;               // choices done
   int64_t prompt_tokens = 0;      // over the request's prompts
   bool stream = false;
+  bool usage_chunk = false;       // stream_options.include_usage: a last chunk of no choices, the usage
   bool started = false;           // a stream's headers are sent (when its first choice took a row)
   bool gone = false;              // the client closed its stream: the choices end at once
   int64_t completion_tokens = 0;  // over the finished choices

@@ -97,13 +97,14 @@ def more_requests(f, ranks, url, rows, expected, pair, pair_rows):
     f.check([c["index"] for c in whole.get("choices", [])] == [0, 1, 2] and
             [c["text"] for c in whole["choices"]] == rows and whole["usage"]["completion_tokens"] == 3 * n,
             f"{ranks} rank(s): n=3 gives generate's three rows: {body[:500]}")
-    chunks = stream(url, "/v1/completions", completion(prompt, n, t, seed, n=3))
+    chunks = stream(url, "/v1/completions", completion(prompt, n, t, seed, n=3, stream_options={"include_usage": True}))
     texts, finished = ["", "", ""], [None] * 3
     for chunk in chunks:
         for c in chunk["choices"]:
             texts[c["index"]] += c["text"]
             finished[c["index"]] = finished[c["index"]] or c["finish_reason"]
-    f.check(texts == rows and finished == ["length"] * 3 and chunks[-1]["usage"]["completion_tokens"] == 3 * n,
+    f.check(texts == rows and finished == ["length"] * 3 and chunks[-1]["usage"]["completion_tokens"] == 3 * n and
+            chunks[-1]["choices"] == [] and chunks[-2]["usage"] == chunks[-1]["usage"],
             f"{ranks} rank(s): n=3 streamed adds up to the three rows: {texts} {finished} {chunks[-1]}")
     # several prompts in one request, n choices each: choice p * n + i is generate's row of the
     # prompts each given n times
@@ -318,6 +319,7 @@ def main():
             # tops the alternatives); asking for them changes no text; a prompt's echoed scores (from
             # one prefill) are the bits the same tokens got one decode step at a time
             for bad, word in [({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "echo": True, "stream": True}, "stream"),
+                              ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
                               ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": ["a", 5]}, "one prompt each"),
                               ({"prompt": ["a"] * 20, "n": 16}, "at most 256"),
                               ({"prompt": [1, 100000]}, "outside the vocabulary"), ({"prompt": []}, "prompt"),
