@@ -40,15 +40,10 @@
 #include <csignal>
 #include <cstdlib>
 #include <ctime>
-#include <deque>
 #include <nlohmann/json.hpp>
-#include <optional>
-#include <set>
 
-#include "apps/pipemoe/http_server.h"
-#include "apps/pipemoe/inference_model.h"
-#include "apps/pipemoe/openai_api.h"
 #include "apps/pipemoe/sampling.h"
+#include "apps/pipemoe/serve_frontend.h"
 #include "core/clock.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -56,18 +51,9 @@
 namespace pm::cli {
 namespace {
 
-struct ServeOptions {
-  std::string checkpoint, host = "127.0.0.1";
-  std::string api_key;  // non-empty: every request but /health needs "Authorization: Bearer <key>"
-  int port = 8000;
-  int max_batch = 8;
-  int64_t max_requests = 0;  // 0: until a signal
-  OffloadOptions offload;
-};
 
 std::atomic<bool> g_stop{false};
 extern "C" void stop_serving(int) { g_stop = true; }
-
 
 // The last n tokens of a sequence (all of them when shorter).
 std::vector<int32_t> last_tokens(const std::vector<int32_t>& text, int64_t n, int64_t drop_newest = 0) {
@@ -75,219 +61,6 @@ std::vector<int32_t> last_tokens(const std::vector<int32_t>& text, int64_t n, in
   const int64_t take = std::min<int64_t>(n, end);
   return std::vector<int32_t>(text.begin() + (end - take), text.begin() + end);
 }
-
-// What rank 0 serves: the HTTP side and the rows' completions.
-class Frontend {
- public:
-  Frontend(const ServeOptions& o, const Tokenizer& tokenizer, std::string model_name)
-      : o_(o), tokenizer_(tokenizer), model_name_(std::move(model_name)), forms_(tokenizer, model_name_),
-        server_(o.host, o.port) {}
-  int port() const { return server_.port(); }
-
-  // Takes what arrived (waiting up to wait_s if no completion waits for a row); answers all but
-  // completions at once; the completions queue for a row.
-  void take_requests(double wait_s) {
-    for (std::optional<HttpRequest> r = server_.next(pending_.empty() ? wait_s : 0); r; r = server_.next(0))
-      handle(std::move(*r));
-  }
-  // Choices that may take a row now (at most `free` of them); the choices of a request whose client
-  // left are answered without one.
-  std::vector<Completion> admit(int64_t free) {
-    std::vector<Completion> admitted;
-    while (free > 0 && !pending_.empty()) {
-      Completion c = std::move(pending_.front());
-      pending_.pop_front();
-      Request& q = *c.request;
-      if (q.stream && !q.started && !q.gone) {
-        q.started = true;
-        q.gone = !HttpServer::start_events(q.fd);
-      }
-      if (q.gone) {
-        c.finish = "gone";
-        answer(c);
-        continue;
-      }
-      admitted.push_back(std::move(c));
-      --free;
-    }
-    return admitted;
-  }
-  // On the way out (a signal): the requests with choices no row took are answered 503 (a stream
-  // already started is closed).
-  void turn_away_pending() {
-    std::set<const Request*> answered;
-    for (const Completion& c : pending_) {
-      const Request& q = *c.request;
-      if (!answered.insert(&q).second || q.gone) continue;
-      if (q.started) HttpServer::close_connection(q.fd);
-      else HttpServer::respond(q.fd, 503, HttpServer::error_json("the server is shutting down"));
-    }
-    pending_.clear();
-  }
-  bool done(int64_t live) const {
-    const bool all_answered = o_.max_requests > 0 && served_ >= o_.max_requests;
-    return live == 0 && (g_stop || all_answered);
-  }
-
-  // The next token of c is `token`: appended, its text streamed; says whether c is finished.
-  bool advance(Completion& c, int32_t token) {
-    if (c.logprobs) {
-      TokenLogprobs t = token_logprobs(c.logits.data(), static_cast<int64_t>(c.logits.size()), token, c.top_logprobs);
-      c.scores.push_back({token, t.logprob, std::move(t.top)});
-    }
-    c.text.push_back(token);
-    c.generated.push_back(token);
-    ++tokens_;
-    c.output = tokenizer_.decode(c.generated);
-    std::size_t longest_stop = 0;
-    for (const std::string& s : c.stop) {
-      longest_stop = std::max(longest_stop, s.size());
-      if (const std::size_t at = c.output.find(s); at != std::string::npos) {
-        c.output.resize(at);
-        c.finish = "stop";
-      }
-    }
-    if (c.finish.empty() && static_cast<int>(c.generated.size()) >= c.max_tokens) c.finish = "length";
-    // stream what no stop string can still take back
-    std::size_t safe = c.finish.empty() && longest_stop > 0 ? c.output.size() - std::min(c.output.size(), longest_stop - 1)
-                                                            : c.output.size();
-    // nor split a character: a UTF-8 sequence goes out whole (its continuation bytes are 10xxxxxx)
-    while (c.finish.empty() && safe > c.streamed && safe < c.output.size() &&
-           (static_cast<unsigned char>(c.output[safe]) & 0xC0) == 0x80)
-      --safe;
-    if (c.finish.empty() && safe == c.output.size()) {  // the last character may still be incomplete
-      std::size_t lead = safe;
-      while (lead > c.streamed && (static_cast<unsigned char>(c.output[lead - 1]) & 0xC0) == 0x80) --lead;
-      if (lead > c.streamed) {
-        const unsigned char first = static_cast<unsigned char>(c.output[lead - 1]);
-        const std::size_t need = first >= 0xF0 ? 4 : first >= 0xE0 ? 3 : first >= 0xC0 ? 2 : 1;
-        if (safe - (lead - 1) < need) safe = lead - 1;
-      }
-    }
-    if (c.stream && !c.request->gone && safe > c.streamed) {
-      if (!HttpServer::send_event(c.request->fd, dump(forms_.piece(c, c.output.substr(c.streamed, safe - c.streamed), nullptr))))
-        c.request->gone = true;
-      c.streamed = safe;
-    }
-    if (c.request->gone) c.finish = "gone";
-    return !c.finish.empty();
-  }
-  // Whether c's client has left (its stream could not be written): c ends without a token.
-  bool gone(Completion& c) const {
-    if (c.request->gone) c.finish = "gone";
-    return c.request->gone;
-  }
-
-  // echo with logprobs: the prompt's tokens scored from its prefill, whose logits [n, V] are those
-  // of the window's positions (a prompt longer than the window: its first tokens have none).
-  void score_prompt(Completion& c, const float* window_logits, int64_t n) const {
-    if (!c.echo || !c.logprobs) return;
-    const int64_t V = static_cast<int64_t>(c.logits.size()), before = c.prompt_tokens - n;
-    for (int64_t i = 0; i < c.prompt_tokens; ++i) {
-      const int32_t token = c.text[i];
-      if (i - before < 1) {
-        c.prompt_scores.push_back({token, std::nullopt, {}});
-        continue;
-      }
-      TokenLogprobs t = token_logprobs(window_logits + (i - before - 1) * V, V, token, c.top_logprobs);
-      c.prompt_scores.push_back({token, t.logprob, std::move(t.top)});
-    }
-  }
-
-  // c is finished: its request answered once its last choice is (a stream: c's last piece now).
-  void answer(Completion& c) {
-    Request& q = *c.request;
-    ++q.finished;
-    q.completion_tokens += static_cast<int64_t>(c.generated.size());
-    const bool last = q.finished == q.choices_total;
-    served_ += last;
-    if (q.gone) {
-      if (last) HttpServer::close_connection(q.fd);
-      return;
-    }
-    const nlohmann::json usage = {{"prompt_tokens", q.prompt_tokens}, {"completion_tokens", q.completion_tokens},
-                                  {"total_tokens", q.prompt_tokens + q.completion_tokens}};
-    if (q.stream) {
-      nlohmann::json piece = forms_.piece(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);
-      if (last) piece["usage"] = usage;
-      q.gone = !HttpServer::send_event(q.fd, dump(piece));
-      if (last) {
-        if (q.usage_chunk) {
-          nlohmann::json chunk = forms_.piece(c, "", nullptr);
-          chunk["choices"] = nlohmann::json::array();
-          chunk["usage"] = usage;
-          HttpServer::send_event(q.fd, dump(chunk));
-        }
-        HttpServer::send_event(q.fd, "[DONE]");
-        HttpServer::close_connection(q.fd);
-      }
-      return;
-    }
-    nlohmann::json j = forms_.whole(c);
-    q.choices.push_back(j["choices"][0]);
-    if (!last) return;
-    std::sort(q.choices.begin(), q.choices.end(), [](const auto& a, const auto& b) { return a["index"] < b["index"]; });
-    j["choices"] = q.choices;
-    j["usage"] = usage;
-    server_.answer(q.fd, q.keep_alive, 200, dump(j));
-  }
-
-  nlohmann::json health(int64_t live) const {
-    return {{"status", g_stop ? "stopping" : "ok"}, {"active", live}, {"waiting", static_cast<int64_t>(pending_.size())},
-            {"served", served_}, {"tokens", tokens_}, {"tokens_per_s", tokens_ / std::max(1e-9, clock_.elapsed_s())},
-            {"max_batch", o_.max_batch}, {"peak_batch", peak_live_}};
-  }
-  void set_live(int64_t live) {
-    live_ = live;
-    peak_live_ = std::max(peak_live_, live);
-  }
-  int64_t peak_live() const { return peak_live_; }
-  int64_t served() const { return served_; }
-  int64_t tokens() const { return tokens_; }
-  double seconds() const { return clock_.elapsed_s(); }
-
- private:
-  // Whether the request carries the API key (compared in time that does not depend on where it differs).
-  bool authorized(const HttpRequest& r) const {
-    if (o_.api_key.empty()) return true;
-    const std::string expected = "Bearer " + o_.api_key;
-    unsigned char differ = r.authorization.size() != expected.size();
-    for (std::size_t i = 0; i < expected.size(); ++i)
-      differ |= static_cast<unsigned char>(i < r.authorization.size() ? r.authorization[i] ^ expected[i] : 1);
-    return differ == 0;
-  }
-  void handle(HttpRequest r) {
-    auto respond = [&](int status, const std::string& body) { server_.answer(r.fd, r.keep_alive, status, body); };
-    if (r.path == "/health" && r.method == "GET") return respond(200, dump(health(live_)));
-    if (!authorized(r)) return respond(401, HttpServer::error_json("this server needs its API key: Authorization: Bearer <key>"));
-    if (r.path == "/v1/models" && r.method == "GET")
-      return respond(200, dump({{"object", "list"}, {"data", {{{"id", model_name_}, {"object", "model"}, {"owned_by", "pipemoe"}}}}}));
-    const bool chat = r.path == "/v1/chat/completions";
-    if (r.path != "/v1/completions" && !chat) return respond(404, HttpServer::error_json("no such path: " + r.path));
-    if (r.method != "POST") return respond(405, HttpServer::error_json(r.path + " takes POST"));
-    if (g_stop || (o_.max_requests > 0 && accepted_ >= o_.max_requests))
-      return respond(503, HttpServer::error_json("the server is shutting down"));
-    try {
-      std::vector<Completion> choices =
-          parse_completion(r.body, tokenizer_, (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_++), chat);
-      choices.front().request->fd = r.fd;
-      choices.front().request->keep_alive = r.keep_alive;
-      ++accepted_;
-      for (Completion& c : choices) pending_.push_back(std::move(c));
-    } catch (const Error& e) {
-      respond(400, HttpServer::error_json(e.what()));
-    }
-  }
-
-  const ServeOptions& o_;
-  const Tokenizer& tokenizer_;
-  std::string model_name_;
-  AnswerForms forms_;
-  HttpServer server_;
-  std::deque<Completion> pending_;
-  int64_t accepted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
-  Stopwatch clock_;
-};
 
 // What one step does, decided by rank 0 and run by every rank.
 struct Step {
@@ -303,7 +76,9 @@ struct Step {
 };
 
 std::string encode(const Step& s) {
-  return nlohmann::json{{"stop", s.stop}, {"admit", s.admit}, {"admit_copies", s.admit_copies}, {"moves", s.moves}, {"rows", s.rows}, {"slide", s.slide}, {"next", s.next}}.dump();
+  return nlohmann::json{{"stop", s.stop}, {"admit", s.admit}, {"admit_copies", s.admit_copies}, {"moves", s.moves},
+                        {"rows", s.rows}, {"slide", s.slide}, {"next", s.next}}
+      .dump();
 }
 
 Step decode_step(const std::string& text) {
@@ -334,13 +109,13 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   model.set_inference_rows(0);
 
   // rank 0 listens (every rank learns whether it could)
-  std::unique_ptr<Frontend> front;
+  std::unique_ptr<ServeFrontend> front;
   std::string error;
   if (ctx.rank() == 0) {
     try {
       std::string name = o.checkpoint;
       while (name.size() > 1 && name.back() == '/') name.pop_back();
-      front = std::make_unique<Frontend>(o, loaded.tokenizer, name.substr(name.find_last_of('/') + 1));
+      front = std::make_unique<ServeFrontend>(o, loaded.tokenizer, name.substr(name.find_last_of('/') + 1), g_stop);
     } catch (const Error& e) {
       error = e.what();
     }

@@ -1,6 +1,6 @@
 // OpenAI's completions and chat completions APIs as `pipemoe serve` speaks them: a request's
 // fields read and checked into a Completion, and the answers' JSON forms (whole, streamed pieces,
-// log-probabilities). No sockets and no model here: cmd_serve.cpp does those.
+// log-probabilities). No sockets and no model here: serve_frontend.cpp and cmd_serve.cpp do those.
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,86 @@
+// What rank 0 of `pipemoe serve` does besides the model: the HTTP side (requests read, checked
+// and queued as choices waiting for a row; /health, /v1/models, the API key) and the choices in
+// the rows (each new token appended, streamed, scored; a request answered when its last choice
+// finishes). cmd_serve.cpp runs the batch and asks it what each step admits and answers.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "apps/pipemoe/http_server.h"
+#include "apps/pipemoe/inference_model.h"
+#include "apps/pipemoe/openai_api.h"
+#include "core/clock.h"
+
+namespace pm::cli {
+
+struct ServeOptions {
+  std::string checkpoint, host = "127.0.0.1";
+  std::string api_key;  // non-empty: every request but /health needs "Authorization: Bearer <key>"
+  int port = 8000;
+  int max_batch = 8;
+  int64_t max_requests = 0;  // 0: until a signal
+  OffloadOptions offload;
+};
+
+class ServeFrontend {
+ public:
+  ServeFrontend(const ServeOptions& o, const Tokenizer& tokenizer, std::string model_name, const std::atomic<bool>& stop)
+      : o_(o), stop_(stop), tokenizer_(tokenizer), model_name_(std::move(model_name)), forms_(tokenizer, model_name_),
+        server_(o.host, o.port) {}
+  int port() const { return server_.port(); }
+
+  // Takes what arrived (waiting up to wait_s if no completion waits for a row); answers all but
+  // completions at once; the completions queue for a row.
+  void take_requests(double wait_s);
+  // Choices that may take a row now (at most `free` of them); the choices of a request whose client
+  // left are answered without one.
+  std::vector<Completion> admit(int64_t free);
+  // On the way out (a signal): the requests with choices no row took are answered 503 (a stream
+  // already started is closed).
+  void turn_away_pending();
+  // Whether to stop: nothing live, and a signal came or --max-requests are answered.
+  bool done(int64_t live) const;
+
+  // The next token of c is `token`: appended, its text streamed; says whether c is finished.
+  bool advance(Completion& c, int32_t token);
+  // Whether c's client has left (its stream could not be written): c ends without a token.
+  bool gone(Completion& c) const;
+
+  // echo with logprobs: the prompt's tokens scored from its prefill, whose logits [n, V] are those
+  // of the window's positions (a prompt longer than the window: its first tokens have none).
+  void score_prompt(Completion& c, const float* window_logits, int64_t n) const;
+
+  // c is finished: its request answered once its last choice is (a stream: c's last piece now).
+  void answer(Completion& c);
+
+  // /health's answer.
+  nlohmann::json health(int64_t live) const;
+  // The rows decoding now (for /health and the peak).
+  void set_live(int64_t live);
+  int64_t peak_live() const { return peak_live_; }
+  int64_t served() const { return served_; }
+  int64_t tokens() const { return tokens_; }
+  double seconds() const { return clock_.elapsed_s(); }
+
+ private:
+  // Whether the request carries the API key (compared in time that does not depend on where it differs).
+  bool authorized(const HttpRequest& r) const;
+  void handle(HttpRequest r);
+
+  const ServeOptions& o_;
+  const std::atomic<bool>& stop_;  // a signal came: no new requests
+  const Tokenizer& tokenizer_;
+  std::string model_name_;
+  AnswerForms forms_;
+  HttpServer server_;
+  std::deque<Completion> pending_;
+  int64_t accepted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
+  Stopwatch clock_;
+};
+
+}  // namespace pm::cli
