@@ -7,7 +7,8 @@
 //   POST /v1/completions  {"prompt": "The jury said", "max_tokens": 64, "temperature": 0.8, "top_k": 40,
 //                          "top_p": 1.0, "seed": 1, "stop": ["\n\n"], "stream": false}
 //   GET  /health          {"status": "ok", "active": .., "waiting": .., "served": .., "tokens_per_s": ..,
-//                          "peak_batch": the most rows decoded together so far}
+//                          "peak_batch": the most rows decoded together so far, "prompts_run",
+//                          "prompts_shared": prompts prefilled, and copied from a row that ran the same one}
 //   POST /v1/chat/completions  {"messages": [{"role": "user", "content": "Tell me of the jury"}], ...the
 //                          same fields; "max_completion_tokens" for "max_tokens"}
 //   logprobs: completions "logprobs": N (0-5) and "echo": true (the prompt's text and its tokens'
@@ -67,7 +68,7 @@ struct Step {
   bool stop = false;
   std::vector<std::pair<int64_t, std::vector<int32_t>>> admit;  // row, prompt window
   // per admission: -1, or the earlier row of this step whose cache it copies instead of running the
-  // same prompt again (another choice of the same request: the same bits, one prefill)
+  // same prompt again (another choice, or a request with the same prompt: the same bits, one prefill)
   std::vector<int64_t> admit_copies;
   std::vector<std::pair<int64_t, int64_t>> moves;               // from, to
   int64_t rows = 0;                                             // live rows after the moves
@@ -142,11 +143,14 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       admit.stop = front->done(rows);
       for (Completion& c : front->admit(admit.stop ? 0 : o.max_batch - rows)) {
         const int64_t row = rows + static_cast<int64_t>(admit.admit.size());
-        int64_t copy_from = -1;  // the row of the first choice of c's prompt admitted in this step
-        if (row > rows && live.back().request == c.request && live.back().text == c.text)
-          copy_from = admit.admit_copies.back() >= 0 ? admit.admit_copies.back() : row - 1;
+        // a prompt already run in this step (another choice, or another request with the same
+        // text) is not run again: its row's cache is copied
+        int64_t copy_from = -1;
+        for (int64_t r = rows; r < row && copy_from < 0; ++r)
+          if (admit.admit_copies[r - rows] < 0 && live[r].text == c.text) copy_from = r;
         admit.admit.push_back({row, copy_from >= 0 ? std::vector<int32_t>{} : last_tokens(c.text, S)});
         admit.admit_copies.push_back(copy_from);
+        front->count_prompt(copy_from >= 0);
         live.push_back(std::move(c));
       }
     }
@@ -220,7 +224,8 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   if (front) {
     const nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
                                     {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
-                                    {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()}};
+                                    {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()},
+                                    {"prompts_run", front->prompts_run()}, {"prompts_shared", front->prompts_shared()}};
     std::printf("%s\n", summary.dump().c_str());
     std::fflush(stdout);
   }

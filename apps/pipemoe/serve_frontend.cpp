@@ -153,7 +153,8 @@ void ServeFrontend::answer(Completion& c) {
 nlohmann::json ServeFrontend::health(int64_t live) const {
   return {{"status", stop_ ? "stopping" : "ok"}, {"active", live}, {"waiting", static_cast<int64_t>(pending_.size())},
           {"served", served_}, {"tokens", tokens_}, {"tokens_per_s", tokens_ / std::max(1e-9, clock_.elapsed_s())},
-          {"max_batch", o_.max_batch}, {"peak_batch", peak_live_}};
+          {"max_batch", o_.max_batch}, {"peak_batch", peak_live_}, {"prompts_run", prompts_run_},
+          {"prompts_shared", prompts_shared_}};
 }
 
 void ServeFrontend::set_live(int64_t live) {

@@ -63,6 +63,10 @@ class ServeFrontend {
   // The rows decoding now (for /health and the peak).
   void set_live(int64_t live);
   int64_t peak_live() const { return peak_live_; }
+  // A prompt run (prefilled) for a row, or copied from a row that ran the same prompt in that step.
+  void count_prompt(bool shared) { ++(shared ? prompts_shared_ : prompts_run_); }
+  int64_t prompts_run() const { return prompts_run_; }
+  int64_t prompts_shared() const { return prompts_shared_; }
   int64_t served() const { return served_; }
   int64_t tokens() const { return tokens_; }
   double seconds() const { return clock_.elapsed_s(); }
@@ -80,6 +84,7 @@ class ServeFrontend {
   HttpServer server_;
   std::deque<Completion> pending_;
   int64_t accepted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
+  int64_t prompts_run_ = 0, prompts_shared_ = 0;
   Stopwatch clock_;
 };
 

@@ -89,7 +89,7 @@ def stream(url, path, body):
 
 
 def more_requests(f, ranks, url, rows, expected, pair, pair_rows):
-    """n choices, several prompts, streamed log-probabilities and connections kept alive (14 requests served)."""
+    """n choices, several prompts, streamed log-probabilities and connections kept alive (17 requests served)."""
     # n choices: choice i is generate's row i of the prompt repeated, whole and streamed
     prompt, n, t, seed = REQUESTS[1]
     status, body = call(url, "/v1/completions", completion(prompt, n, t, seed, n=3))
@@ -106,6 +106,17 @@ def more_requests(f, ranks, url, rows, expected, pair, pair_rows):
     f.check(texts == rows and finished == ["length"] * 3 and chunks[-1]["usage"]["completion_tokens"] == 3 * n and
             chunks[-1]["choices"] == [] and chunks[-2]["usage"] == chunks[-1]["usage"],
             f"{ranks} rank(s): n=3 streamed adds up to the three rows: {texts} {finished} {chunks[-1]}")
+    # the same prompt from three clients at once (admitted together, they share one prefill): each
+    # is the text generate gives it alone
+    same = {}
+    threads = [threading.Thread(target=lambda k=k: same.update({k: call(url, "/v1/completions", completion(prompt, n, t, seed))}))
+               for k in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    f.check(all(same[k][0] == 200 and json.loads(same[k][1])["choices"][0]["text"] == rows[0] for k in range(3)),
+            f"{ranks} rank(s): one prompt from three clients at once: {same}")
     # several prompts in one request, n choices each: choice p * n + i is generate's row of the
     # prompts each given n times
     status, body = call(url, "/v1/completions", dict(prompt=pair, max_tokens=10, temperature=0.9, seed=5, top_k=40, n=2))
@@ -224,7 +235,7 @@ def main():
         pair_rows = [text[len(pair[i // 2]):] for i, text in enumerate(json.loads(out.stdout.strip().splitlines()[-1])["texts"])]
 
         for ranks in (1, 2):
-            served = len(REQUESTS) + 2 + 24 + 3 + 6 + 14 + 3
+            served = len(REQUESTS) + 2 + 24 + 3 + 6 + 17 + 3
             proc, url = start(ranks, ck, "--max-requests", served)
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
@@ -383,7 +394,10 @@ def main():
             f.check(proc.returncode == 0 and summary.get("served") == served,
                     f"{ranks} rank(s): --max-requests ends it with exit 0: {proc.returncode} {summary} {err[-300:]}")
             f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
+            f.check(summary.get("prompts_shared", 0) >= 4 and summary.get("prompts_run", 0) > 30,
+                    f"{ranks} rank(s): choices admitted together shared their prompt's run: {summary}")
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
+                  f"{summary.get('prompts_run')} prompts run, {summary.get('prompts_shared')} shared, "
                   f"exit {proc.returncode}", flush=True)
 
         # a client that leaves in the middle of its stream: the server goes on with the others
