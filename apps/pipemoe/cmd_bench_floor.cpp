@@ -5,9 +5,12 @@
 //       [--iters 3] [--gemm-repeat 3] [--degree 1,2] [--weights-change] [--csv floor.csv] [--json]
 // The floor of a pass is its expert FLOPs (the rows the slowest rank's experts computed, forward,
 // input gradient and weight gradient) at the GEMM peak (`bench gemm`'s: the 2048^3 product, every
-// rank at once, the best of ours and OpenBLAS; bf16: our bf16 GEMM). Each round measures the peak
-// and then the layer at each pipeline degree, for each dtype in turn: seconds apart, where two
-// separate commands would be minutes apart on a host whose speed drifts 10-30% in that time.
+// rank at once, the best of ours and OpenBLAS; bf16: our bf16 GEMM). Each round measures the peak,
+// the layer at each pipeline degree, and the peak again, for each dtype in turn: seconds apart,
+// where two separate commands would be minutes apart on a host whose speed drifts 10-30% in that
+// time. The floor takes the mean of the two peaks; a round whose two peaks differ by more than 5%
+// ran while the host changed speed, and the summary also gives the median of the steady rounds.
+#include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
@@ -38,9 +41,14 @@ struct RoundResult {
   int round;
   std::string dtype;
   int degree;
-  double peak_gflops, expert_rows_max, floor_ms, forward_ms, backward_ms;
+  double peak_before, peak_after, expert_rows_max, flops, forward_ms, backward_ms;
+  double peak_gflops() const { return (peak_before + peak_after) / 2; }
+  double floor_ms() const { return flops / (peak_gflops() * 1e9) * 1e3; }
   double layer_ms() const { return forward_ms + backward_ms; }
-  double ratio() const { return layer_ms() / floor_ms; }
+  double ratio() const { return layer_ms() / floor_ms(); }
+  // the host's speed held across the round: the peak after the layer within 5% of the one before
+  bool steady() const { return std::abs(peak_after / peak_before - 1) <= kSteadyDrift; }
+  static constexpr double kSteadyDrift = 0.05;
 };
 
 Precision parse_dtype(const std::string& name) {
@@ -78,15 +86,18 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     for (Arm& arm : arms) {
       const MoeShape& shape = arm.layer->shape();
       const double peak = square.peak_gflops(ctx.comm, shape.precision, o.gemm_repeat);
+      const std::size_t first = results.size();
       for (int degree : o.degrees) {
         arm.layer->set_degrees(degree, degree);
         PassTimes t = run_passes(ctx.comm, *arm.layer, executor, data, round == 1 ? 1 : 0, o.iters, loss_grads);
         const double rows = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
         // forward, input gradient and weight gradient: three times the forward's FLOPs
         const double flops = 3.0 * rows * shape.expert_flops_per_row();
-        results.push_back({round, arm.dtype, degree, peak, rows, flops / (peak * 1e9) * 1e3,
-                           slowest_rank(ctx.comm, t.forward).median, slowest_rank(ctx.comm, t.backward).median});
+        results.push_back({round, arm.dtype, degree, peak, peak, rows, flops, slowest_rank(ctx.comm, t.forward).median,
+                           slowest_rank(ctx.comm, t.backward).median});
       }
+      const double peak_after = square.peak_gflops(ctx.comm, shape.precision, o.gemm_repeat);
+      for (std::size_t i = first; i < results.size(); ++i) results[i].peak_after = peak_after;
     }
     // progress on stderr: a long run shows where it is and how the rounds come out
     std::string line;
@@ -101,7 +112,8 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
   if (!o.csv.empty())
     csv = std::make_unique<CsvWriter>(o.csv, std::vector<std::string>{"round", "dtype", "degree", "peak_gflops", "expert_rows_max",
                                                                       "floor_ms", "forward_ms", "backward_ms", "layer_ms",
-                                                                      "ratio"});
+                                                                      "ratio", "peak_before_gflops", "peak_after_gflops",
+                                                                      "steady"});
   nlohmann::json summary = nlohmann::json::object();
   if (!o.json) {
     const MoeShape& s = o.shape;
@@ -110,38 +122,50 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                 ctx.world(), static_cast<long>(s.tokens), static_cast<long>(s.model_dim), static_cast<long>(s.hidden),
                 activation_name(s.activation), s.experts, s.top_k, s.capacity_factor,
                 o.weights_change ? ", weights changing every pass" : "", o.rounds, o.iters);
-    std::printf("%5s %5s %6s %10s %10s %10s %10s %10s %10s %7s\n", "round", "dtype", "degree", "peak GF/s", "rows", "floor ms",
-                "fwd ms", "bwd ms", "layer ms", "ratio");
+    std::printf("%5s %5s %6s %10s %7s %10s %10s %10s %10s %10s %7s\n", "round", "dtype", "degree", "peak GF/s", "drift",
+                "rows", "floor ms", "fwd ms", "bwd ms", "layer ms", "ratio");
   }
   for (const RoundResult& r : results) {
     if (!o.json)
-      std::printf("%5d %5s %6d %10.1f %10.0f %10.1f %10.1f %10.1f %10.1f %6.3fx\n", r.round, r.dtype.c_str(), r.degree, r.peak_gflops,
-                  r.expert_rows_max, r.floor_ms, r.forward_ms, r.backward_ms, r.layer_ms(), r.ratio());
+      std::printf("%5d %5s %6d %10.1f %+6.1f%% %10.0f %10.1f %10.1f %10.1f %10.1f %6.3fx%s\n", r.round, r.dtype.c_str(), r.degree,
+                  r.peak_gflops(), 100 * (r.peak_after / r.peak_before - 1), r.expert_rows_max, r.floor_ms(), r.forward_ms,
+                  r.backward_ms, r.layer_ms(), r.ratio(), r.steady() ? "" : "  (host changed speed)");
     if (csv)
-      csv->row({std::to_string(r.round), r.dtype, std::to_string(r.degree), fmt::format("{:.2f}", r.peak_gflops),
-                fmt::format("{:.0f}", r.expert_rows_max), fmt::format("{:.3f}", r.floor_ms),
+      csv->row({std::to_string(r.round), r.dtype, std::to_string(r.degree), fmt::format("{:.2f}", r.peak_gflops()),
+                fmt::format("{:.0f}", r.expert_rows_max), fmt::format("{:.3f}", r.floor_ms()),
                 fmt::format("{:.3f}", r.forward_ms), fmt::format("{:.3f}", r.backward_ms),
-                fmt::format("{:.3f}", r.layer_ms()), fmt::format("{:.4f}", r.ratio())});
+                fmt::format("{:.3f}", r.layer_ms()), fmt::format("{:.4f}", r.ratio()), fmt::format("{:.2f}", r.peak_before),
+                fmt::format("{:.2f}", r.peak_after), r.steady() ? "1" : "0"});
   }
   for (const Arm& arm : arms) {
     nlohmann::json per_degree = nlohmann::json::object();
     int best_degree = 0;
     double best_ratio = 0;
     for (int degree : o.degrees) {
-      std::vector<double> ratios, peaks, layer_ms;
+      std::vector<double> ratios, steady_ratios, peaks, layer_ms;
       for (const RoundResult& r : results)
-        if (r.dtype == arm.dtype && r.degree == degree)
-          ratios.push_back(r.ratio()), peaks.push_back(r.peak_gflops), layer_ms.push_back(r.layer_ms());
+        if (r.dtype == arm.dtype && r.degree == degree) {
+          ratios.push_back(r.ratio()), peaks.push_back(r.peak_gflops()), layer_ms.push_back(r.layer_ms());
+          if (r.steady()) steady_ratios.push_back(r.ratio());
+        }
       const Summary ratio = summarize(ratios), peak = summarize(peaks), ms = summarize(layer_ms);
+      const Summary steady = steady_ratios.empty() ? Summary{} : summarize(steady_ratios);
       per_degree[std::to_string(degree)] = {{"median_ratio", ratio.median}, {"min_ratio", ratio.min},
                                             {"max_ratio", ratio.max}, {"median_peak_gflops", peak.median},
-                                            {"median_layer_ms", ms.median}};
+                                            {"median_layer_ms", ms.median},
+                                            {"steady_rounds", static_cast<int64_t>(steady_ratios.size())},
+                                            {"steady_median_ratio", steady_ratios.empty() ? nlohmann::json(nullptr)
+                                                                                          : nlohmann::json(steady.median)}};
       if (best_degree == 0 || ratio.median < best_ratio) best_degree = degree, best_ratio = ratio.median;
       if (!o.json)
         std::printf("%s, degree %d: layer/floor median %.3fx (rounds %.3f-%.3f), layer %.1f ms, peak %.1f GFLOP/s per "
                     "rank%s\n",
                     arm.dtype.c_str(), degree, ratio.median, ratio.min, ratio.max, ms.median, peak.median,
                     arm.dtype == "bf16" ? (" (bf16 path " + ctx.backend.bf16_path() + ")").c_str() : "");
+      if (!o.json)
+        std::printf("%s, degree %d: the %zu steady rounds (peak within %.0f%% across the round): median %s\n", arm.dtype.c_str(),
+                    degree, steady_ratios.size(), 100 * RoundResult::kSteadyDrift,
+                    steady_ratios.empty() ? "none" : fmt::format("{:.3f}x (rounds {:.3f}-{:.3f})", steady.median, steady.min, steady.max).c_str());
     }
     // the dtype's headline: its best degree (by median), as the planner would run it
     summary[arm.dtype] = per_degree[std::to_string(best_degree)];
@@ -159,8 +183,9 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                         {"gemm_isa", gemm_isa()}, {"fma_ceiling_gflops", ceiling}, {"dtypes", summary}};
     nlohmann::json rows = nlohmann::json::array();
     for (const RoundResult& r : results)
-      rows.push_back({{"round", r.round}, {"dtype", r.dtype}, {"degree", r.degree}, {"peak_gflops", r.peak_gflops},
-                      {"expert_rows_max", r.expert_rows_max}, {"floor_ms", r.floor_ms}, {"forward_ms", r.forward_ms},
+      rows.push_back({{"round", r.round}, {"dtype", r.dtype}, {"degree", r.degree}, {"peak_gflops", r.peak_gflops()},
+                      {"peak_before_gflops", r.peak_before}, {"peak_after_gflops", r.peak_after}, {"steady", r.steady()},
+                      {"expert_rows_max", r.expert_rows_max}, {"floor_ms", r.floor_ms()}, {"forward_ms", r.forward_ms},
                       {"backward_ms", r.backward_ms}, {"ratio", r.ratio()}});
     j["results"] = rows;
     std::printf("%s\n", j.dump().c_str());
@@ -177,7 +202,7 @@ void add_bench_floor_command(CLI::App& bench, CommandFn& run) {
   cmd->add_option("--dtypes", o->dtypes, "dtypes measured in turn in each round: fp32, bf16")
       ->delimiter(',')
       ->capture_default_str();
-  cmd->add_option("--rounds", o->rounds, "rounds (each: the peak, then the layer, per dtype)")->capture_default_str();
+  cmd->add_option("--rounds", o->rounds, "rounds (each: the peak, the layer, the peak again, per dtype)")->capture_default_str();
   cmd->add_option("--iters", o->iters, "layer passes per round and dtype (their median)")->capture_default_str();
   cmd->add_option("--gemm-repeat", o->gemm_repeat, "timed 2048^3 products per round and dtype (their median)")
       ->capture_default_str();

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,11 +206,21 @@ def main():
                     f"bench floor: floor {r['floor_ms']} ms is {flops} FLOP at {r['peak_gflops']} GFLOP/s")
             f.check(abs(r["ratio"] - (r["forward_ms"] + r["backward_ms"]) / r["floor_ms"]) < 1e-9 * r["ratio"],
                     "bench floor: the ratio is the layer's time over the floor")
+            f.check(abs(r["peak_gflops"] - (r["peak_before_gflops"] + r["peak_after_gflops"]) / 2) < 1e-9 * r["peak_gflops"] and
+                    r["steady"] == (abs(r["peak_after_gflops"] / r["peak_before_gflops"] - 1) <= 0.05),
+                    f"bench floor: the peak is the mean of the peaks before and after, steady within 5%: {r}")
         for dtype in ("fp32", "bf16"):
             medians = {d: sum(r["ratio"] for r in results if r["dtype"] == dtype and r["degree"] == d) / 2 for d in (1, 2)}
             summary = floor["dtypes"][dtype]
             f.check(all(abs(summary["degrees"][str(d)]["median_ratio"] - m) < 1e-9 for d, m in medians.items()),
                     f"bench floor: {dtype} median of its two rounds per degree")
+            for d in (1, 2):
+                steady = sorted(r["ratio"] for r in results if r["dtype"] == dtype and r["degree"] == d and r["steady"])
+                got = summary["degrees"][str(d)]
+                want = statistics.median(steady) if steady else None
+                f.check(got["steady_rounds"] == len(steady) and
+                        (got["steady_median_ratio"] == want if want is None else abs(got["steady_median_ratio"] - want) < 1e-9),
+                        f"bench floor: {dtype} degree {d}: the median of the steady rounds {steady}: {got}")
             f.check(summary["best_degree"] == min(medians, key=medians.get) and
                     summary["median_ratio"] == min(medians.values()), f"bench floor: {dtype}'s headline is its best degree")
         f.check(len(list(csv.DictReader(open(floor_csv)))) == 8, "bench floor: one CSV row per round, dtype and degree")
