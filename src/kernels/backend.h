@@ -167,7 +167,8 @@ class Backend {
                                  float* out) = 0;
   virtual void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
                                   int64_t heads, int64_t hd, float* dqkv) = 0;
-  // Inference: one new token per sequence (qkv[B, 3D]) against k_cache, v_cache [B, S_max, D]; its
+  // Inference: one new token per sequence (qkv[B, 3D]) against k_cache [B, D, S_max] (transposed)
+  // and v_cache [B, S_max, D]; its
   // key and value go in at pos[b]; out[B, D]. The same bits as attention_forward's row pos[b].
   virtual void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B,
                                 int64_t S_max, int64_t heads, int64_t hd, float* out) = 0;

@@ -164,7 +164,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         if (cache_row >= 0)  // a prompt: its keys and values stay for the tokens that follow
           for (int64_t t = 0; t < S; ++t)
             for (int64_t i = 0; i < D; ++i) {
-              b.k_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + D + i];
+              b.k_cache[(cache_row * D + i) * S_max + t] = b.qkv[t * 3 * D + D + i];  // keys transposed
               b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
             }
         b.x_mid.resize(T * D);

@@ -128,7 +128,7 @@ struct GptModel::Block {
   Buffer<float> se_fc, se_act, se_raw, coef, se_out;  // [T, G], [T, G], [T, D], [T], [T, D]
   Buffer<float> moe_in, moe_mean, moe_rstd, moe_out;  // ScMoE's LN of the tap [T, D], [T], [T]; the MoE's output [T, D]
   std::shared_ptr<MoePass> moe_pass;  // what the MoE layer's backward needs
-  Buffer<float> k_cache, v_cache;     // inference: keys and values [rows, seq_len, D]
+  Buffer<float> k_cache, v_cache;     // inference: keys [rows, D, seq_len] (transposed), values [rows, seq_len, D]
   // backward: ScMoE's own copy of the output gradient, the MoE's input gradient, and the tap's
   Buffer<float> moe_dy, dmoe_in, dtap;
 

@@ -46,21 +46,29 @@ void attention_decode(const float* qkv, float* k_cache, float* v_cache, const in
     const int64_t t = pos[b];
     float* kc = k_cache + b * S_max * D;
     float* vc = v_cache + b * S_max * D;
-    for (int64_t i = 0; i < D; ++i) kc[t * D + i] = qkv[b * ld + D + i], vc[t * D + i] = qkv[b * ld + 2 * D + i];
+    for (int64_t i = 0; i < D; ++i) kc[i * S_max + t] = qkv[b * ld + D + i], vc[t * D + i] = qkv[b * ld + 2 * D + i];
     for (int64_t h = 0; h < heads; ++h) {
       const float* q = qkv + b * ld + h * hd;
-      // scores: the GEMM's chain, one fused multiply-add per k in order from zero; eight positions
-      // at a time, so that eight chains are in flight instead of one waiting on each add
+      const float* kh = kc + h * hd * S_max;  // this head's keys, [hd, S_max]
+      // scores: the GEMM's chain, one fused multiply-add per k in order from zero. The keys are kept
+      // transposed, so that consecutive positions lie side by side: 32, then 8 positions at a time
+      // advance together in vector lanes, each lane its own chain
       int64_t j = 0;
+      for (; j + 32 <= t + 1; j += 32) {
+        float c[32] = {};
+        for (int64_t k = 0; k < hd; ++k)
+          for (int u = 0; u < 32; ++u) c[u] = std::fma(q[k], kh[k * S_max + j + u], c[u]);
+        for (int u = 0; u < 32; ++u) row[j + u] = c[u];
+      }
       for (; j + 8 <= t + 1; j += 8) {
         float c[8] = {};
         for (int64_t k = 0; k < hd; ++k)
-          for (int u = 0; u < 8; ++u) c[u] = std::fma(q[k], kc[(j + u) * D + h * hd + k], c[u]);
+          for (int u = 0; u < 8; ++u) c[u] = std::fma(q[k], kh[k * S_max + j + u], c[u]);
         for (int u = 0; u < 8; ++u) row[j + u] = c[u];
       }
       for (; j <= t; ++j) {
         float c = 0.0f;
-        for (int64_t k = 0; k < hd; ++k) c = std::fma(q[k], kc[j * D + h * hd + k], c);
+        for (int64_t k = 0; k < hd; ++k) c = std::fma(q[k], kh[k * S_max + j], c);
         row[j] = c;
       }
       float max = row[0] * scale;

@@ -13,8 +13,8 @@ namespace pm {
 void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs, float* out);
 
 // One new token per sequence against a key/value cache (inference). qkv[B, 3D] holds each
-// sequence's new token; its key and value are written into k_cache and v_cache [B, S_max, D] at
-// position pos[b], then out[B, D] = softmax(q K^T / sqrt(hd)) V over positions 0..pos[b]. Every
+// sequence's new token; its key and value are written into k_cache [B, D, S_max] (transposed: a
+// key element's positions side by side) and v_cache [B, S_max, D] at position pos[b], then out[B, D] = softmax(q K^T / sqrt(hd)) V over positions 0..pos[b]. Every
 // element is computed by the same operations in the same order as row pos[b] of
 // attention_forward: the same bits as re-running the whole sequence.
 void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B, int64_t S_max,
