@@ -133,6 +133,19 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
       request->usage_chunk = so["include_usage"].get<bool>();
     }
   }
+  // fields whose meaning this server cannot honour are refused rather than ignored: an answer
+  // that silently differs from what was asked is worse than an error
+  const auto given = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  if (given("best_of"))
+    PM_REQUIRE(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == request->n,
+               "best_of is not served (no ranking of extra samples): leave it out or equal to n");
+  PM_REQUIRE(!given("suffix") || (j["suffix"].is_string() && j["suffix"].get<std::string>().empty()),
+             "suffix is not served (no fill-in-the-middle): leave it out");
+  for (const char* key : {"tools", "functions"})
+    PM_REQUIRE(!given(key) || (j[key].is_array() && j[key].empty()),
+               "{} are not served: the models trained here have no tool-call format", key);
+  PM_REQUIRE(!given("response_format") || (j["response_format"].is_object() && j["response_format"].value("type", "") == "text"),
+             "response_format: only {{\"type\": \"text\"}} is served (no constrained JSON output)");
   auto flag = [&](const char* key, bool& into) {
     if (!j.contains(key) || j[key].is_null()) return;
     PM_REQUIRE(j[key].is_boolean(), "{} must be true or false", key);

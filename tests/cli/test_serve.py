@@ -331,6 +331,10 @@ def main():
             # one prefill) are the bits the same tokens got one decode step at a time
             for bad, word in [({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "echo": True, "stream": True}, "stream"),
                               ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+                              ({"prompt": "a", "best_of": 3}, "best_of"), ({"prompt": "a", "suffix": "x"}, "suffix"),
+                              ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
+                              ({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}},
+                               "response_format"),
                               ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": ["a", 5]}, "one prompt each"),
                               ({"prompt": ["a"] * 20, "n": 16}, "at most 256"),
                               ({"prompt": [1, 100000]}, "outside the vocabulary"), ({"prompt": []}, "prompt"),
