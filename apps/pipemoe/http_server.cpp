@@ -47,6 +47,13 @@ bool send_all(int fd, const std::string& data) {
   return true;
 }
 
+// A whole answer: the status line, the headers and the body.
+std::string whole_answer(int status, const std::string& content_type, const std::string& body, bool keep_alive) {
+  return fmt::format("HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n", status,
+                     reason(status), content_type, body.size(), keep_alive ? "keep-alive\r\nKeep-Alive: timeout=10" : "close") +
+         body;
+}
+
 // A header's value as sent, without the spaces around it (empty: no such header); `lower` is the
 // head in lower case, where the name is looked for.
 std::string header_value(const std::string& head, const std::string& lower, const std::string& name) {
@@ -202,17 +209,14 @@ std::size_t HttpServer::waiting() const {
 
 void HttpServer::answer(int fd, bool keep_alive, int status, const std::string& body) {
   if (!keep_alive || stopping_) return respond(fd, status, body);
-  if (send_all(fd, fmt::format("HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n"
-                               "Connection: keep-alive\r\nKeep-Alive: timeout=10\r\n\r\n", status, reason(status), body.size()) + body))
+  if (send_all(fd, whole_answer(status, "application/json", body, true)))
     read_on(fd);
   else
     close_connection(fd);
 }
 
 void HttpServer::respond(int fd, int status, const std::string& body, const std::string& content_type) {
-  send_all(fd, fmt::format("HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", status,
-                           reason(status), content_type, body.size()) +
-                   body);
+  send_all(fd, whole_answer(status, content_type, body, false));
   close_connection(fd);
 }
 

@@ -116,10 +116,11 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
     c.seed = j["seed"].get<uint64_t>();
   }
   auto request = std::make_shared<Request>();
+  int n = 1;  // choices per prompt
   if (j.contains("n") && !j["n"].is_null()) {
     PM_REQUIRE(j["n"].is_number_integer() && j["n"].get<int64_t>() >= 1 && j["n"].get<int64_t>() <= kMaxChoices,
                "n must be a whole number from 1 to {} (choices of the one prompt)", kMaxChoices);
-    request->n = j["n"].get<int>();
+    n = j["n"].get<int>();
   }
   if (j.contains("stream") && !j["stream"].is_null()) {
     PM_REQUIRE(j["stream"].is_boolean(), "stream must be true or false");
@@ -137,7 +138,7 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
   // that silently differs from what was asked is worse than an error
   const auto given = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
   if (given("best_of"))
-    PM_REQUIRE(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == request->n,
+    PM_REQUIRE(j["best_of"].is_number_integer() && j["best_of"].get<int64_t>() == n,
                "best_of is not served (no ranking of extra samples): leave it out or equal to n");
   PM_REQUIRE(!given("suffix") || (j["suffix"].is_string() && j["suffix"].get<std::string>().empty()),
              "suffix is not served (no fill-in-the-middle): leave it out");
@@ -181,16 +182,15 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
     }
     PM_REQUIRE(c.stop.size() <= 4, "stop takes at most 4 strings, got {}", c.stop.size());
   }
-  PM_REQUIRE(static_cast<int64_t>(prompts.size()) * request->n <= kMaxChoicesPerRequest,
-             "a request asks for at most {} choices (prompts x n), got {} x {}", kMaxChoicesPerRequest, prompts.size(),
-             request->n);
+  PM_REQUIRE(static_cast<int64_t>(prompts.size()) * n <= kMaxChoicesPerRequest,
+             "a request asks for at most {} choices (prompts x n), got {} x {}", kMaxChoicesPerRequest, prompts.size(), n);
   request->stream = c.stream;
   c.request = request;
   std::vector<Completion> choices;
   for (std::vector<int32_t>& text : prompts) {
     if (text.empty()) text = tokenizer.encode("\n");  // as generate does
     request->prompt_tokens += static_cast<int64_t>(text.size());
-    for (int i = 0; i < request->n; ++i) {
+    for (int i = 0; i < n; ++i) {
       choices.push_back(c);
       Completion& choice = choices.back();
       choice.text = text;
@@ -234,6 +234,11 @@ nlohmann::json AnswerForms::whole(const Completion& c) const {
   nlohmann::json j = answer_json(c, "chat.completion", {{"message", {{"role", "assistant"}, {"content", c.output}}},
                                                         {"finish_reason", c.finish}});
   if (c.logprobs) j["choices"][0]["logprobs"] = chat_logprobs(answered(c));
+  return j;
+}
+nlohmann::json AnswerForms::no_choices(const Completion& c) const {
+  nlohmann::json j = answer_json(c, c.chat ? "chat.completion.chunk" : "text_completion", nlohmann::json::object());
+  j["choices"] = nlohmann::json::array();
   return j;
 }
 // The generated tokens that made the answer's text (a stop string cuts the rest off).

@@ -27,8 +27,7 @@ constexpr int kMaxChoicesPerRequest = 256;  // prompts x n
 struct Request {
   int fd = -1;
   bool keep_alive = false;        // after the whole answer the connection takes the next request
-  int n = 1;                      // choices asked for per prompt
-  int choices_total = 1;          // over the request's prompts
+  int choices_total = 1;          // n per prompt
   int finished = 0;               // choices done
   int64_t prompt_tokens = 0;      // over the request's prompts
   bool stream = false;
@@ -94,6 +93,8 @@ class AnswerForms {
   nlohmann::json piece(Completion& c, const std::string& text, const nlohmann::json& finish) const;
   // The whole answer, with the log-probabilities and echo asked for.
   nlohmann::json whole(const Completion& c) const;
+  // A stream's closing chunk: no choices (the caller adds the usage).
+  nlohmann::json no_choices(const Completion& c) const;
 
  private:
   nlohmann::json answer_json(const Completion& c, const char* object, nlohmann::json choice) const;

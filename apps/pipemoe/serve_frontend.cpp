@@ -90,8 +90,7 @@ bool ServeFrontend::advance(Completion& c, int32_t token) {
       c.request->gone = true;
     c.streamed = safe;
   }
-  if (c.request->gone) c.finish = "gone";
-  return !c.finish.empty();
+  return gone(c) || !c.finish.empty();
 }
 
 bool ServeFrontend::gone(Completion& c) const {
@@ -131,8 +130,7 @@ void ServeFrontend::answer(Completion& c) {
     q.gone = !HttpServer::send_event(q.fd, dump(piece));
     if (last) {
       if (q.usage_chunk) {
-        nlohmann::json chunk = forms_.piece(c, "", nullptr);
-        chunk["choices"] = nlohmann::json::array();
+        nlohmann::json chunk = forms_.no_choices(c);
         chunk["usage"] = usage;
         HttpServer::send_event(q.fd, dump(chunk));
       }
