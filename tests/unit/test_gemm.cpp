@@ -72,12 +72,13 @@ std::vector<std::string> runnable_isas();
 
 // Every element is the chain the header promises, c = fma(a_k, b_k, c) for k in order from C, the
 // bias or zero, bit for bit, for tiles of every row count (1 to 6, in place and in the padded copy
-// of a partial panel), one and two depth blocks, with and without a bias, on every instruction set.
+// of a partial panel), one and two depth blocks, with and without a bias, on every instruction set,
+// with A read in place (B of 3 panels or fewer) and packed (4 or more: N 300).
 TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
   for (const std::string& isa : runnable_isas()) {
     force_gemm_isa(isa);
     for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 11, 13})
-      for (int64_t N : {16, 40, 64, 150})
+      for (int64_t N : {16, 40, 64, 150, 300})
         for (int64_t K : {9, 1100})
           for (int variant = 0; variant < 3; ++variant) {  // beta 0, beta 1, a bias
             const float beta = variant == 1 ? 1.0f : 0.0f;
@@ -102,19 +103,21 @@ TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
 }
 
 TEST(Gemm, RowResultsDoNotDependOnHowRowsAreSplit) {
-  const int64_t M = 203, N = 150, K = 530;
-  auto A = random_matrix(M * K, 4), B = random_matrix(K * N, 5), bias = random_matrix(M * N, 6);
-  PackedB packed;
-  pack_b(Trans::no, K, N, B.data(), N, packed);
-  std::vector<float> whole = bias;
-  gemm_packed(Trans::no, M, A.data(), K, packed, 1.0f, whole.data(), N);
-  for (int64_t split : {1, 5, 6, 7, 64, 100}) {
-    std::vector<float> parts = bias;
-    for (int64_t r = 0; r < M; r += split) {
-      int64_t rows = std::min(split, M - r);
-      gemm_packed(Trans::no, rows, A.data() + r * K, K, packed, 1.0f, parts.data() + r * N, N);
+  for (const int64_t N : {150, 300}) {  // A read in place, and packed
+    const int64_t M = 203, K = 530;
+    auto A = random_matrix(M * K, 4), B = random_matrix(K * N, 5), bias = random_matrix(M * N, 6);
+    PackedB packed;
+    pack_b(Trans::no, K, N, B.data(), N, packed);
+    std::vector<float> whole = bias;
+    gemm_packed(Trans::no, M, A.data(), K, packed, 1.0f, whole.data(), N);
+    for (int64_t split : {1, 5, 6, 7, 64, 100}) {
+      std::vector<float> parts = bias;
+      for (int64_t r = 0; r < M; r += split) {
+        int64_t rows = std::min(split, M - r);
+        gemm_packed(Trans::no, rows, A.data() + r * K, K, packed, 1.0f, parts.data() + r * N, N);
+      }
+      EXPECT_EQ(0, std::memcmp(whole.data(), parts.data(), whole.size() * sizeof(float))) << "split " << split;
     }
-    EXPECT_EQ(0, std::memcmp(whole.data(), parts.data(), whole.size() * sizeof(float))) << "split " << split;
   }
 }
 
