@@ -237,6 +237,12 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
   if (trans_a == Trans::no) {
     for (int64_t r = 0; r < padded; r += MR) {
       float* panel = out + r * kc;
+      if (MR == 6 && r + MR <= rows) {
+        const float* const six[6] = {A.row(row0 + r) + k0,     A.row(row0 + r + 1) + k0, A.row(row0 + r + 2) + k0,
+                                     A.row(row0 + r + 3) + k0, A.row(row0 + r + 4) + k0, A.row(row0 + r + 5) + k0};
+        interleave6(six, kc, panel, false);
+        continue;
+      }
       for (int64_t i = 0; i < MR; ++i) {
         if (r + i < rows) {
           const float* src = A.row(row0 + r + i) + k0;
@@ -269,6 +275,27 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
       }
     }
   }
+}
+
+__attribute__((target("avx2"))) void interleave6_avx2(const float* const (&rows)[6], int64_t kc, float* panel,
+                                                     bool swap_pairs) {
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 6; ++i) {
+      const __m256 v = _mm256_loadu_ps(rows[i] + k);
+      r[i] = swap_pairs ? _mm256_permute_ps(v, 0xB1) : v;  // [1 0 3 2]
+    }
+    r[6] = r[7] = _mm256_setzero_ps();
+    transpose_8x8_in_registers(r);
+    for (int j = 0; j < 8; ++j) {  // depth k + j: the first 6 values of column j
+      float* dst = panel + (k + j) * 6;
+      _mm_storeu_ps(dst, _mm256_castps256_ps128(r[j]));
+      _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(r[j], 1));
+    }
+  }
+  for (; k < kc; ++k)
+    for (int i = 0; i < 6; ++i) panel[k * 6 + i] = rows[i][swap_pairs ? k ^ 1 : k];
 }
 
 thread_local FloatBuffer t_packed_a;
@@ -505,6 +532,13 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
 bool gemm_detail::isa_is_avx512() { return g_isa == Isa::avx512; }
 
 PackedB& gemm_detail::scratch_packed_b() { return t_packed_b; }
+
+void gemm_detail::interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return interleave6_avx2(rows, kc, panel, swap_pairs);
+  for (int64_t k = 0; k < kc; ++k)
+    for (int i = 0; i < 6; ++i) panel[k * 6 + i] = rows[i][swap_pairs ? k ^ 1 : k];
+}
 
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
                  float* C, int64_t ldc, const GemmExtras& extras) {

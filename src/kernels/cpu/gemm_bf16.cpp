@@ -101,29 +101,13 @@ void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap
 
 namespace {
 
-// panel[k * 6 + i] = rows[i * kc + (k ^ 1)] for k < kc (even): six rounded rows laid out as one
-// pair-swapped micro-panel, 8 depths at a time (an 8 x 8 transpose in registers, two rows of
-// zeros; element by element this was 6% of a bf16 layer's time on Zen 3).
-__attribute__((target("avx2"))) void interleave6_pair_swapped_avx2(const float* rows, int64_t kc, float* panel) {
-  int64_t k = 0;
-  for (; k + 8 <= kc; k += 8) {
-    __m256 r[8];
-    for (int i = 0; i < 6; ++i) r[i] = _mm256_permute_ps(_mm256_loadu_ps(rows + i * kc + k), 0xB1);  // [1 0 3 2]
-    r[6] = r[7] = _mm256_setzero_ps();
-    transpose_8x8_in_registers(r);
-    for (int j = 0; j < 8; ++j) {  // depth k + j: the first 6 values of column j
-      float* dst = panel + (k + j) * 6;
-      _mm_storeu_ps(dst, _mm256_castps256_ps128(r[j]));
-      _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(r[j], 1));
-    }
-  }
-  for (; k < kc; ++k)
-    for (int i = 0; i < 6; ++i) panel[k * 6 + i] = rows[i * kc + (k ^ 1)];
-}
-
+// panel[k * MR + i] = rows[i * kc + (k ^ 1)] for k < kc (even): MR rounded rows laid out as one
+// pair-swapped micro-panel.
 void interleave_pair_swapped(const float* rows, int64_t MR, int64_t kc, float* panel) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (MR == 6 && avx2) return interleave6_pair_swapped_avx2(rows, kc, panel);
+  if (MR == 6) {
+    const float* const six[6] = {rows, rows + kc, rows + 2 * kc, rows + 3 * kc, rows + 4 * kc, rows + 5 * kc};
+    return interleave6(six, kc, panel, true);
+  }
   for (int64_t k = 0; k < kc; ++k)
     for (int64_t i = 0; i < MR; ++i) panel[k * MR + i] = rows[i * kc + (k ^ 1)];
 }

@@ -61,6 +61,10 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
                       const GemmExtras& extras, bool dot);
 // This thread's scratch packing of B (gemm and gemm_bf16 pack into it).
 PackedB& scratch_packed_b();
+// One 6-row micro-panel of A: panel[k * 6 + i] = rows[i][k] (with swap_pairs, rows[i][k ^ 1]; kc
+// even) for k < kc, 8 depths at a time with an 8 x 8 transpose in registers where the CPU has
+// AVX2. Element by element, packing A was 5% of an fp32 layer's time and 6% of a bf16 one's.
+void interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs);
 
 // ---- gemm_bf16.cpp ----------------------------------------------------------------------------
 // The AVX512_BF16 kernel's words of a bf16 packed B, where the CPU has the instructions.
