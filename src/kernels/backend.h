@@ -167,11 +167,13 @@ class Backend {
                                  float* out) = 0;
   virtual void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
                                   int64_t heads, int64_t hd, float* dqkv) = 0;
-  // Inference: one new token per sequence (qkv[B, 3D]) against k_cache [B, D, S_max] (transposed)
-  // and v_cache [B, S_max, D]; its
-  // key and value go in at pos[b]; out[B, D]. The same bits as attention_forward's row pos[b].
-  virtual void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B,
-                                int64_t S_max, int64_t heads, int64_t hd, float* out) = 0;
+  // Inference: B new tokens (qkv[B, 3D]), token b of cache row rows[b] (null: row b) at pos[b],
+  // against k_cache [rows, D, S_max] (transposed) and v_cache [rows, S_max, D]; its key and value go
+  // in at pos[b]; out[B, D]; tokens of one row in position order (kernels/cpu/attention.h). The same
+  // bits as attention_forward's row pos[b].
+  virtual void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos,
+                                const int64_t* rows, int64_t B, int64_t S_max, int64_t heads, int64_t hd,
+                                float* out) = 0;
   // losses[rows] (nats); dlogits[rows, V] = (softmax - onehot) * scale when not null.
   virtual void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
                              float* dlogits, float scale) = 0;

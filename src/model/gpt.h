@@ -101,6 +101,17 @@ class GptModel {
   void set_inference_rows(int64_t n);
   void move_inference_row(int64_t from, int64_t to);
   int64_t inference_capacity() const { return inference_capacity_; }
+  // Prefix reuse (pipemoe serve): a prompt that begins with tokens some row's cache holds starts
+  // from a copy of them. copy_inference_prefix(from, to, n) copies the keys and values of positions
+  // [0, n) of row `from` into row `to`; both may be any row below the capacity, also rows beyond
+  // the decoded ones, kept aside as a store, which have no position (positions are the caller's to
+  // track there). extend(row, start, tokens, n) then runs n more tokens of the sequence of a decoded
+  // row whose cache holds its positions [0, start), at start..start + n - 1 (start + n <= seq_len),
+  // and returns the last one's logits [V]: the bits prefill of the whole prompt gives (each token
+  // attends as decode would at its position; a token's rows of the dense and expert GEMMs do not
+  // depend on the others).
+  void copy_inference_prefix(int64_t from, int64_t to, int64_t n);
+  const float* extend(int64_t row, int64_t start, const int32_t* tokens, int64_t n);
 
   // Inference on a memory budget: every MoE layer's routed experts stay in `where` ("host": read
   // once from model_file into host memory; "disk": model_file mapped and read in place) and at
@@ -238,6 +249,8 @@ class GptModel {
   PassTiming last_forward_, last_backward_;
   std::map<int, std::pair<double, double>> moe_seconds_;  // per MoE block, since take_moe_seconds
   std::vector<int64_t> positions_;  // inference: each sequence's next position (the rows decoded)
+  // A pass against the cache (decode, extend): each token's cache row and position
+  std::vector<int64_t> token_rows_, token_positions_;
   int64_t inference_capacity_ = 0;  // inference: the rows the key/value caches hold
   std::map<int, Overlap> hidden_by_block_;  // forward + backward
   std::map<int, int> slots_fwd_, slots_bwd_;

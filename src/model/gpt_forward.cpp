@@ -79,10 +79,38 @@ void GptModel::move_inference_row(int64_t from, int64_t to) {
   positions_[to] = positions_[from];
 }
 
+void GptModel::copy_inference_prefix(int64_t from, int64_t to, int64_t n) {
+  const int64_t S = config_.seq_len, D = config_.d_model;
+  PM_CHECK(from >= 0 && from < inference_capacity_ && to >= 0 && to < inference_capacity_,
+           "copying row {} to {} of {}", from, to, inference_capacity_);
+  PM_CHECK(n >= 0 && n <= S, "copying {} positions of a window of {}", n, S);
+  if (from == to) return;
+  for (auto& b : blocks_) {
+    for (int64_t i = 0; i < D; ++i)  // keys transposed: [row][D][S]
+      std::copy_n(b->k_cache.data() + (from * D + i) * S, n, b->k_cache.data() + (to * D + i) * S);
+    std::copy_n(b->v_cache.data() + from * S * D, n * D, b->v_cache.data() + to * S * D);
+  }
+}
+
+const float* GptModel::extend(int64_t row, int64_t start, const int32_t* tokens, int64_t n) {
+  PM_CHECK(row >= 0 && row < static_cast<int64_t>(positions_.size()), "row {} of {} sequences", row, positions_.size());
+  PM_REQUIRE(start >= 0 && n >= 1 && start + n <= config_.seq_len,
+             "extending a sequence at position {} by {} tokens: the model's window is {}", start, n, config_.seq_len);
+  token_rows_.assign(n, row);
+  token_positions_.resize(n);
+  for (int64_t i = 0; i < n; ++i) token_positions_[i] = start + i;
+  run_forward(tokens, nullptr, n, 1, 0.0f, -1, true);
+  positions_[row] = start + n;
+  return logits_.data() + (n - 1) * config_.vocab_size;
+}
+
 const float* GptModel::decode(const int32_t* tokens) {
   const int64_t rows = static_cast<int64_t>(positions_.size());
   for (int64_t p : positions_)
     PM_CHECK(p >= 1 && p < config_.seq_len, "decoding at position {} of a window of {}", p, config_.seq_len);
+  token_rows_.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) token_rows_[r] = r;
+  token_positions_ = positions_;
   run_forward(tokens, nullptr, rows, 1, 0.0f, -1, true);
   for (int64_t& p : positions_) ++p;
   return logits_.data();
@@ -120,7 +148,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
           const int64_t row = inputs_[t] - lo;
           const bool mine = row >= 0 && row < Vl;
           const float* e = wte_.f32() + row * D;
-          const int64_t position = decode ? positions_[t] : t % S;
+          const int64_t position = decode ? token_positions_[t] : t % S;
           const float* p = wpe_.f32() + position * D;
           float* out = h_.data() + t * D;
           if (mine && positions_here)
@@ -154,9 +182,9 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         linear_forward(k, precision_, ln1, b.w_qkv, b.b_qkv, T, b.qkv.data(), frozen_pack(b.w_qkv));
         keep(k, b.ln1_out, ln1, T);
         float* attn = compute_into(b.attn, T, Dl, precision_);
-        if (decode) {  // one token per sequence against its cached keys and values
-          k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), positions_.data(), B, S_max, H, hd,
-                             attn);
+        if (decode) {  // each token against its row's cached keys and values
+          k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), token_positions_.data(),
+                             token_rows_.data(), B, S_max, H, hd, attn);
         } else {
           b.probs.resize(B * Hl * S * S);
           k.attention_forward(b.qkv.data(), B, S, Hl, hd, b.probs.data(), attn);

@@ -166,6 +166,57 @@ TEST(ModelOnThreadRanks, DecodingWithTheCacheGivesTheBitsOfTheWholeSequence) {
     }
 }
 
+// Prefix reuse (serve): a prompt that starts from a copy of another row's first positions, kept
+// aside in a row that is not decoded, and runs only its remaining tokens gives the bits of its
+// whole prompt, and so do the tokens decoded after it; 1 and 2 ranks, ScMoE or not, fp32 and bf16.
+TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePrompt) {
+  for (const char* arch : {"moe", "scmoe"})
+    for (const char* dtype : {"fp32", "bf16"})
+      for (int ranks : {1, 2}) {
+        TrainConfig c = tiny(arch, -1, true);
+        c.model.dtype = dtype;
+        const int64_t V = c.model.vocab_size;
+        run_ranks_in_process(ranks, [&](Communicator& comm) {
+          auto whole_prompt = [&](const std::vector<int32_t>& tokens) {
+            Executor ex;
+            GptModel whole(c.model, comm, ex, cpu_backend());
+            whole.init_parameters(7);
+            whole.start_inference(1);
+            const float* l = whole.prefill(0, tokens.data(), static_cast<int64_t>(tokens.size()));
+            return std::vector<float>(l, l + V);
+          };
+          Executor executor;
+          GptModel model(c.model, comm, executor, cpu_backend());
+          model.init_parameters(7);
+          model.start_inference(3);
+          model.set_inference_rows(2);  // row 2: the store
+          const std::vector<int32_t> first = {5, 17, 3, 44, 9, 21, 8};
+          model.prefill(0, first.data(), static_cast<int64_t>(first.size()));
+          model.copy_inference_prefix(0, 2, 5);
+          for (int64_t reused : {1, 3, 5}) {
+            std::vector<int32_t> prompt(first.begin(), first.begin() + reused);
+            for (int32_t t : {30, 2, 2, 61}) prompt.push_back(t);
+            const int64_t n = static_cast<int64_t>(prompt.size());
+            model.copy_inference_prefix(2, 1, reused);
+            const float* got = model.extend(1, reused, prompt.data() + reused, n - reused);
+            EXPECT_EQ(whole_prompt(prompt), std::vector<float>(got, got + V))
+                << arch << " " << dtype << ", " << ranks << " ranks, " << reused << " positions reused";
+            EXPECT_EQ(model.position(1), n);
+          }
+          // then decoding goes on from it as from a prompt run whole
+          std::vector<int32_t> seq = {5, 17, 3, 44, 9, 30, 2, 2, 61};
+          model.prefill(0, first.data(), static_cast<int64_t>(first.size()));
+          for (int step = 0; step < 3; ++step) {
+            const std::vector<int32_t> next = {11, static_cast<int32_t>(20 + step)};
+            seq.push_back(next[1]);
+            std::vector<float> decoded(model.decode(next.data()), model.decode_logits_end(V));
+            EXPECT_EQ(whole_prompt(seq), std::vector<float>(decoded.begin() + V, decoded.end()))
+                << arch << " " << dtype << ", " << ranks << " ranks, step " << step;
+          }
+        });
+      }
+}
+
 // Inference packs the weights once (start_inference): a prompt's logits are the bits of a training
 // forward over the same tokens (dropless too), in fp32 and bf16, on 1 and 2 ranks.
 TEST(ModelOnThreadRanks, WeightsPackedOnceForInferenceGiveTheTrainingForwardsBits) {

@@ -37,15 +37,16 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, in
     }
 }
 
-void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B, int64_t S_max,
-                      int64_t heads, int64_t hd, float* out) {
+void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, const int64_t* rows,
+                      int64_t B, int64_t S_max, int64_t heads, int64_t hd, float* out) {
   const int64_t D = heads * hd, ld = 3 * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   std::vector<float> row(S_max), acc(hd);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t t = pos[b];
-    float* kc = k_cache + b * S_max * D;
-    float* vc = v_cache + b * S_max * D;
+    const int64_t cache_row = rows ? rows[b] : b;
+    float* kc = k_cache + cache_row * S_max * D;
+    float* vc = v_cache + cache_row * S_max * D;
     for (int64_t i = 0; i < D; ++i) kc[i * S_max + t] = qkv[b * ld + D + i], vc[t * D + i] = qkv[b * ld + 2 * D + i];
     for (int64_t h = 0; h < heads; ++h) {
       const float* q = qkv + b * ld + h * hd;

@@ -122,9 +122,9 @@ class CpuBackend final : public Backend {
                           int64_t heads, int64_t hd, float* dqkv) override {
     pm::attention_backward(qkv, probs, dout, B, S, heads, hd, dqkv);
   }
-  void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, int64_t B, int64_t S_max,
-                        int64_t heads, int64_t hd, float* out) override {
-    pm::attention_decode(qkv, k_cache, v_cache, pos, B, S_max, heads, hd, out);
+  void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, const int64_t* rows,
+                        int64_t B, int64_t S_max, int64_t heads, int64_t hd, float* out) override {
+    pm::attention_decode(qkv, k_cache, v_cache, pos, rows, B, S_max, heads, hd, out);
   }
   void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
                      float* dlogits, float scale) override {
