@@ -38,11 +38,13 @@
 // those no row took are answered 503, then the server exits 0; so does --max-requests N once it
 // has answered N requests. On exit, a JSON line of what was served.
 #include <algorithm>
+#include <array>
 #include <csignal>
 #include <cstdlib>
 #include <ctime>
 #include <nlohmann/json.hpp>
 
+#include "apps/pipemoe/prefix_store.h"
 #include "apps/pipemoe/sampling.h"
 #include "apps/pipemoe/serve_frontend.h"
 #include "core/clock.h"
@@ -70,6 +72,10 @@ struct Step {
   // per admission: -1, or the earlier row of this step whose cache it copies instead of running the
   // same prompt again (another choice, or a request with the same prompt: the same bits, one prefill)
   std::vector<int64_t> admit_copies;
+  // per admission: the row whose cache holds the first positions of its prompt window and how many
+  // (-1, 0: none); the admission's tokens are then the rest of the window (prefix_store.h)
+  std::vector<std::pair<int64_t, int64_t>> admit_prefix;
+  std::vector<std::array<int64_t, 3>> keep;                     // finished: row, store row, positions
   std::vector<std::pair<int64_t, int64_t>> moves;               // from, to
   int64_t rows = 0;                                             // live rows after the moves
   std::vector<std::pair<int64_t, std::vector<int32_t>>> slide;  // row, window before its new token
@@ -77,8 +83,9 @@ struct Step {
 };
 
 std::string encode(const Step& s) {
-  return nlohmann::json{{"stop", s.stop}, {"admit", s.admit}, {"admit_copies", s.admit_copies}, {"moves", s.moves},
-                        {"rows", s.rows}, {"slide", s.slide}, {"next", s.next}}
+  return nlohmann::json{{"stop", s.stop},   {"admit", s.admit}, {"admit_copies", s.admit_copies},
+                        {"admit_prefix", s.admit_prefix}, {"keep", s.keep}, {"moves", s.moves},
+                        {"rows", s.rows},   {"slide", s.slide}, {"next", s.next}}
       .dump();
 }
 
@@ -88,6 +95,8 @@ Step decode_step(const std::string& text) {
   s.stop = j["stop"].get<bool>();
   j["admit"].get_to(s.admit);
   j["admit_copies"].get_to(s.admit_copies);
+  j["admit_prefix"].get_to(s.admit_prefix);
+  j["keep"].get_to(s.keep);
   j["moves"].get_to(s.moves);
   s.rows = j["rows"].get<int64_t>();
   j["slide"].get_to(s.slide);
@@ -103,11 +112,18 @@ int run_serve(Context& ctx, const ServeOptions& given) {
     if (const char* key = std::getenv("PIPEMOE_API_KEY")) o.api_key = key;
   PM_REQUIRE(o.max_batch >= 1 && o.max_batch <= 1024, "--max-batch must be 1 to 1024, got {}", o.max_batch);
   PM_REQUIRE(o.max_requests >= 0, "--max-requests must be 0 (no limit) or positive, got {}", o.max_requests);
+  PM_REQUIRE(o.prefix_cache >= 0 && o.prefix_cache <= 4096, "--prefix-cache must be 0 to 4096 rows, got {}",
+             o.prefix_cache);
+  const int64_t store_rows = o.prefix_reuse ? o.prefix_cache : 0;
   InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload);
   GptModel& model = *loaded.model;
   const int64_t S = loaded.config.model.seq_len, V = loaded.config.model.vocab_size;
-  model.start_inference(o.max_batch);
+  model.start_inference(o.max_batch + store_rows);  // the store's rows after the decoded ones
   model.set_inference_rows(0);
+  const auto& mc = loaded.config.model;
+  if (ctx.rank() == 0 && store_rows > 0)
+    log::info("serve: {} rows kept for finished sequences' prefixes ({:.1f} MB)", store_rows,
+              store_rows * 2.0 * mc.layers * mc.seq_len * mc.d_model * sizeof(float) / 1e6);
 
   // rank 0 listens (every rank learns whether it could)
   std::unique_ptr<ServeFrontend> front;
@@ -132,6 +148,7 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   }
 
   std::vector<Completion> live;  // rank 0: row r's completion
+  PrefixStore cached(o.max_batch, store_rows);  // rank 0: the tokens each row's cache holds
   Stopwatch since_log;
   int64_t rows = 0;
   for (;;) {
@@ -148,9 +165,17 @@ int run_serve(Context& ctx, const ServeOptions& given) {
         int64_t copy_from = -1;
         for (int64_t r = rows; r < row && copy_from < 0; ++r)
           if (admit.admit_copies[r - rows] < 0 && live[r].text == c.text) copy_from = r;
-        admit.admit.push_back({row, copy_from >= 0 ? std::vector<int32_t>{} : last_tokens(c.text, S)});
+        std::vector<int32_t> window = last_tokens(c.text, S);
+        // else the longest prefix of its window some row holds (not for a prompt to score: its
+        // positions' logits come from running it whole)
+        PrefixStore::Match prefix;
+        if (copy_from < 0 && o.prefix_reuse && !(c.echo && c.logprobs)) prefix = cached.longest_prefix(window, row);
+        cached.set_row(row, window);
+        const int64_t run = copy_from >= 0 ? 0 : static_cast<int64_t>(window.size()) - prefix.length;
+        admit.admit.push_back({row, std::vector<int32_t>(window.end() - run, window.end())});
         admit.admit_copies.push_back(copy_from);
-        front->count_prompt(copy_from >= 0);
+        admit.admit_prefix.push_back({prefix.row, prefix.length});
+        front->count_prompt(copy_from >= 0, run, prefix.length);
         live.push_back(std::move(c));
       }
     }
@@ -171,6 +196,12 @@ int run_serve(Context& ctx, const ServeOptions& given) {
         continue;
       }
       const int64_t n = static_cast<int64_t>(tokens.size());
+      if (const auto [from_row, reused] = admit.admit_prefix[i]; reused > 0) {
+        model.copy_inference_prefix(from_row, row, reused);
+        const float* logits = model.extend(row, reused, tokens.data(), n);
+        if (front) live[row].logits.assign(logits, logits + V);
+        continue;
+      }
       const float* logits = model.prefill(row, tokens.data(), n);
       if (front) {
         live[row].logits.assign(logits, logits + V);
@@ -192,6 +223,8 @@ int run_serve(Context& ctx, const ServeOptions& given) {
         const int32_t token = gone || scored_only ? 0 : sample_next(c.logits.data(), V, c.sampling, *c.rng, c.generated);
         if (gone || scored_only || front->advance(c, token)) {
           front->answer(c);
+          // its keys and values kept for a prompt that starts as it does (before its row is reused)
+          if (const int64_t to = cached.keep(r); to >= 0) step.keep.push_back({r, to, cached.positions_of(r)});
           continue;
         }
         const int64_t to = static_cast<int64_t>(kept.size());
@@ -205,10 +238,19 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       step.rows = static_cast<int64_t>(live.size());
     }
     step = decode_step(ctx.comm.broadcast_string(front ? encode(step) : std::string(), 0));
-    for (const auto& [from, to] : step.moves) model.move_inference_row(from, to);
+    for (const auto& [row, to, n] : step.keep) model.copy_inference_prefix(row, to, n);
+    for (const auto& [from, to] : step.moves) {
+      model.move_inference_row(from, to);
+      if (front) cached.move(from, to);
+    }
     model.set_inference_rows(step.rows);
     rows = step.rows;
-    for (const auto& [row, tokens] : step.slide) model.prefill(row, tokens.data(), static_cast<int64_t>(tokens.size()));
+    for (const auto& [row, tokens] : step.slide) {
+      model.prefill(row, tokens.data(), static_cast<int64_t>(tokens.size()));
+      if (front) cached.set_row(row, tokens);
+    }
+    if (front)
+      for (int64_t r = 0; r < rows; ++r) cached.append(r, step.next[r]);
     if (rows > 0) {
       const float* logits = model.decode(step.next.data());
       if (front)
@@ -222,10 +264,10 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   std::signal(SIGINT, SIG_DFL);
   std::signal(SIGTERM, SIG_DFL);
   if (front) {
-    const nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
+    nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
                                     {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
-                                    {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()},
-                                    {"prompts_run", front->prompts_run()}, {"prompts_shared", front->prompts_shared()}};
+                                    {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()}};
+    summary.update(front->prompt_counters());
     std::printf("%s\n", summary.dump().c_str());
     std::fflush(stdout);
   }
@@ -246,6 +288,11 @@ void add_serve_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--max-batch", o->max_batch, "sequences decoded together (rows of the batch)")->capture_default_str();
   cmd->add_option("--max-requests", o->max_requests, "exit after answering N requests (0: run until SIGINT/SIGTERM)")
       ->capture_default_str();
+  cmd->add_option("--prefix-cache", o->prefix_cache,
+                  "rows kept for finished sequences' keys and values: a prompt that starts as one of them (or as a "
+                  "sequence being decoded) runs only its new tokens")
+      ->capture_default_str();
+  cmd->add_flag("--no-prefix-reuse{false}", o->prefix_reuse, "run every prompt whole (no prefix copied from a row)");
   o->offload.add_to(cmd);
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_serve(ctx, *o); }; });
 }

@@ -149,10 +149,31 @@ void ServeFrontend::answer(Completion& c) {
 }
 
 nlohmann::json ServeFrontend::health(int64_t live) const {
-  return {{"status", stop_ ? "stopping" : "ok"}, {"active", live}, {"waiting", static_cast<int64_t>(pending_.size())},
-          {"served", served_}, {"tokens", tokens_}, {"tokens_per_s", tokens_ / std::max(1e-9, clock_.elapsed_s())},
-          {"max_batch", o_.max_batch}, {"peak_batch", peak_live_}, {"prompts_run", prompts_run_},
-          {"prompts_shared", prompts_shared_}};
+  nlohmann::json h = {{"status", stop_ ? "stopping" : "ok"}, {"active", live},
+                      {"waiting", static_cast<int64_t>(pending_.size())}, {"served", served_}, {"tokens", tokens_},
+                      {"tokens_per_s", tokens_ / std::max(1e-9, clock_.elapsed_s())}, {"max_batch", o_.max_batch},
+                      {"peak_batch", peak_live_}};
+  h.update(prompt_counters());
+  return h;
+}
+
+void ServeFrontend::count_prompt(bool shared, int64_t ran, int64_t reused) {
+  if (shared) {
+    ++prompts_shared_;
+    return;
+  }
+  ++prompts_run_;
+  prompt_tokens_run_ += ran;
+  prefix_hits_ += reused > 0;
+  prefix_tokens_reused_ += reused;
+}
+
+nlohmann::json ServeFrontend::prompt_counters() const {
+  return {{"prompts_run", prompts_run_},
+          {"prompts_shared", prompts_shared_},
+          {"prompt_tokens_run", prompt_tokens_run_},
+          {"prefix_hits", prefix_hits_},
+          {"prefix_tokens_reused", prefix_tokens_reused_}};
 }
 
 void ServeFrontend::set_live(int64_t live) {

@@ -24,6 +24,8 @@ struct ServeOptions {
   int port = 8000;
   int max_batch = 8;
   int64_t max_requests = 0;  // 0: until a signal
+  int prefix_cache = 16;     // rows kept aside for finished sequences' keys and values
+  bool prefix_reuse = true;  // a prompt starts from the longest prefix some row's cache holds
   OffloadOptions offload;
 };
 
@@ -63,10 +65,12 @@ class ServeFrontend {
   // The rows decoding now (for /health and the peak).
   void set_live(int64_t live);
   int64_t peak_live() const { return peak_live_; }
-  // A prompt run (prefilled) for a row, or copied from a row that ran the same prompt in that step.
-  void count_prompt(bool shared) { ++(shared ? prompts_shared_ : prompts_run_); }
-  int64_t prompts_run() const { return prompts_run_; }
-  int64_t prompts_shared() const { return prompts_shared_; }
+  // A prompt admitted to a row: copied whole from a row that ran the same prompt in that step
+  // (shared), or run: `ran` of its tokens, after `reused` positions copied from another row's cache.
+  void count_prompt(bool shared, int64_t ran, int64_t reused);
+  // prompts_run, prompts_shared, prompt_tokens_run, prefix_hits, prefix_tokens_reused (/health and
+  // the summary line).
+  nlohmann::json prompt_counters() const;
   int64_t served() const { return served_; }
   int64_t tokens() const { return tokens_; }
   double seconds() const { return clock_.elapsed_s(); }
@@ -84,7 +88,7 @@ class ServeFrontend {
   HttpServer server_;
   std::deque<Completion> pending_;
   int64_t accepted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
-  int64_t prompts_run_ = 0, prompts_shared_ = 0;
+  int64_t prompts_run_ = 0, prompts_shared_ = 0, prompt_tokens_run_ = 0, prefix_hits_ = 0, prefix_tokens_reused_ = 0;
   Stopwatch clock_;
 };
 

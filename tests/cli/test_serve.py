@@ -6,6 +6,9 @@ streamed completion's pieces add up to the same text; a stop string cuts it; on 
 (mpirun: the experts spread, rank 0 serving). Bad requests get a 4xx answer with a message and the
 server goes on, also when a client leaves in the middle of its stream; --max-requests ends it with
 exit 0 and a summary line; SIGTERM ends it with exit 0; bad flags and a taken port get one error.
+Prompts that begin as a sequence some row holds (being decoded, or kept after it finished: the next
+turn of a conversation) run only their new tokens, and still give generate's text; with
+--no-prefix-reuse they run whole; on 2 ranks the store has 2 rows, so that it keeps evicting.
 
 Run: /usr/bin/python3 tests/cli/test_serve.py   (needs build/pipemoe)
 """
@@ -233,10 +236,15 @@ def main():
         out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", pair[0], "--prompt", pair[0], "--prompt", pair[1],
                          "--prompt", pair[1], "--tokens", 10, "--temperature", 0.9, "--seed", 5, "--top-k", 40, "--json"])
         pair_rows = [text[len(pair[i // 2]):] for i, text in enumerate(json.loads(out.stdout.strip().splitlines()[-1])["texts"])]
+        # the next turn: a served prompt, its answer and more (its start is kept in the prefix store)
+        turn = REQUESTS[3][0] + expected[REQUESTS[3][0]] + " and"
+        out = mpirun(1, ["generate", "--checkpoint", ck, "--prompt", turn, "--tokens", 8, "--temperature", 0.8,
+                         "--seed", 2, "--top-k", 40, "--json"])
+        turn_text = json.loads(out.stdout.strip().splitlines()[-1])["texts"][0][len(turn):]
 
         for ranks in (1, 2):
-            served = len(REQUESTS) + 2 + 24 + 3 + 6 + 17 + 3
-            proc, url = start(ranks, ck, "--max-requests", served)
+            served = len(REQUESTS) + 2 + 24 + 3 + 6 + 17 + 3 + 2
+            proc, url = start(ranks, ck, "--max-requests", served, *(["--prefix-cache", 2] if ranks == 2 else []))
             status, body = call(url, "/health")
             f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
             got = serve_concurrently(url)
@@ -244,6 +252,22 @@ def main():
                 f.check(got.get(prompt) == expected[prompt],
                         f"{ranks} rank(s), {prompt!r}: served {got.get(prompt)!r}, generate gives {expected[prompt]!r}")
             print(f"ok: {ranks} rank(s): {len(REQUESTS)} concurrent completions, each generate's text", flush=True)
+
+            # the next turn of a conversation starts from the kept keys and values of the last (asked
+            # again just before: the 2 rows of the store on 2 ranks have kept later sequences since)
+            status, body = call(url, "/v1/completions", completion(*REQUESTS[3]))
+            f.check(status == 200 and json.loads(body)["choices"][0]["text"] == expected[REQUESTS[3][0]],
+                    f"{ranks} rank(s): the previous turn: {body[:300]}")
+            before = json.loads(call(url, "/health")[1])
+            status, body = call(url, "/v1/completions", completion(turn, 8, 0.8, 2))
+            after = json.loads(call(url, "/health")[1])
+            reused = after["prefix_tokens_reused"] - before["prefix_tokens_reused"]
+            f.check(status == 200 and json.loads(body)["choices"][0]["text"] == turn_text and
+                    after["prefix_hits"] == before["prefix_hits"] + 1 and reused >= 5,
+                    f"{ranks} rank(s): the next turn ({reused} positions reused) gives generate's text: {body[:300]} "
+                    f"vs {turn_text!r}; {before} -> {after}")
+            print(f"ok: {ranks} rank(s): the next turn of a conversation reuses {reused} cached positions, "
+                  f"generate's text", flush=True)
 
             # bad requests: an answer with a message, and the server goes on
             for body, path, method, code, word in [(b"{not json", "/v1/completions", None, 400, "not JSON"),
@@ -400,12 +424,16 @@ def main():
             f.check(summary.get("peak_batch") == 4, f"{ranks} rank(s): the batch filled its 4 rows: {summary}")
             f.check(summary.get("prompts_shared", 0) >= 4 and summary.get("prompts_run", 0) > 30,
                     f"{ranks} rank(s): choices admitted together shared their prompt's run: {summary}")
+            f.check(summary.get("prefix_hits", 0) >= 10 and summary.get("prefix_tokens_reused", 0) >= 50,
+                    f"{ranks} rank(s): prompts started from cached prefixes: {summary}")
             print(f"ok: {ranks} rank(s): served {summary.get('served')}, at most {summary.get('peak_batch')} rows at once, "
                   f"{summary.get('prompts_run')} prompts run, {summary.get('prompts_shared')} shared, "
+                  f"{summary.get('prefix_hits')} from a cached prefix ({summary.get('prefix_tokens_reused')} positions), "
                   f"exit {proc.returncode}", flush=True)
 
-        # a client that leaves in the middle of its stream: the server goes on with the others
-        proc, url = start(1, ck)
+        # a client that leaves in the middle of its stream: the server goes on with the others (and
+        # every prompt runs whole: the same texts)
+        proc, url = start(1, ck, "--no-prefix-reuse")
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             body = json.dumps(completion("The jury said", 2000, 0.8, 1, stream=True)).encode()
@@ -417,8 +445,12 @@ def main():
         status, body = call(url, "/v1/completions", completion(*REQUESTS[0]))
         f.check(status == 200 and json.loads(body)["choices"][0]["text"] == expected[REQUESTS[0][0]],
                 f"after a client left its stream: {status} {body[:200]}")
+        status, body = call(url, "/v1/completions", completion(turn, 8, 0.8, 2))
+        f.check(status == 200 and json.loads(body)["choices"][0]["text"] == turn_text,
+                f"--no-prefix-reuse: the next turn's text: {status} {body[:200]}")
         status, body = call(url, "/health")
         f.check(status == 200 and json.loads(body)["active"] == 0, f"the stream left no row behind: {body}")
+        f.check(json.loads(body).get("prefix_hits") == 0, f"--no-prefix-reuse: no prefix reused: {body}")
         print("ok: a client leaving its stream ends its request; the others go on", flush=True)
 
         # SIGTERM: the server ends cleanly
@@ -426,7 +458,7 @@ def main():
         f.check(status == 200, f"a completion before SIGTERM: {status}")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
-        f.check(proc.returncode == 0 and '"served":3' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
+        f.check(proc.returncode == 0 and '"served":4' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
         print(f"ok: SIGTERM ends the server with exit {proc.returncode}", flush=True)
 
         # SIGTERM with choices waiting for a row: the live ones finish, the request is answered 503
@@ -465,11 +497,13 @@ def main():
 
         # bad flags: one clear error
         for args, word in [(["serve"], "--checkpoint"), (["serve", "--checkpoint", ck, "--max-batch", "0"], "--max-batch"),
+                           (["serve", "--checkpoint", ck, "--prefix-cache", "-1"], "--prefix-cache"),
                            (["serve", "--checkpoint", os.path.join(tmp, "none")], "none")]:
             bad = mpirun(1, args, check=False)
             lines = [l for l in bad.stderr.splitlines() if l.startswith("pipemoe: error")]
             f.check(bad.returncode != 0 and len(lines) == 1 and word in lines[0], f"{args}: {bad.stderr[-300:]}")
-        print("ok: serve without a checkpoint, with --max-batch 0, with a missing checkpoint: one error line each", flush=True)
+        print("ok: serve without a checkpoint, with --max-batch 0 or --prefix-cache -1, with a missing checkpoint: "
+              "one error line each", flush=True)
 
         # a port that is taken: one clear error
         proc, url = start(1, ck)
