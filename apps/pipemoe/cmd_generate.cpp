@@ -2,9 +2,10 @@
 //
 //   build/pipemoe generate --checkpoint runs/demo --prompt "The jury said" [--prompt "..." ...]
 //       [--prompts FILE] [--tokens 80] [--temperature 0.8 | --temperature 0 (greedy)] [--top-k 40]
-//       [--top-p 0.95] [--seed 1] [--no-cache] [--json]
+//       [--top-p 0.95] [--seed 1] [--no-cache] [--no-prefix-reuse] [--json]
 //       [--offload-experts host|disk --expert-cache N [--offload-mode prefetch|blocking|resident]]
-// Every prompt is a sequence of one batch: each is run once (prefill), then every step decodes
+// Every prompt is a sequence of one batch: each is run once (prefill; a prompt given again is copied,
+// one that begins as an earlier one runs from a copy of that prefix), then every step decodes
 // one new token of all of them together, each attending to its own cached keys and values. When
 // a sequence fills the model's window (seq_len), it slides: its last half is run again. With one
 // prompt the text goes to stdout as it is produced; with several, each is printed when done.
@@ -20,6 +21,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "apps/pipemoe/prefix_store.h"
 #include "apps/pipemoe/sampling.h"
 #include "core/clock.h"
 #include "core/error.h"
@@ -38,6 +40,7 @@ struct GenerateOptions {
   Sampling sampling;
   uint64_t seed = 1;
   bool no_cache = false;
+  bool prefix_reuse = true;
   bool json = false;
   OffloadOptions offload;
 };
@@ -89,14 +92,27 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   };
   Stopwatch watch;
   std::vector<int32_t> next(rows);
+  PrefixStore windows(rows, 0);  // what each row's cache holds
+  int64_t reused = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    // a prompt given again (samples of one prompt) runs once: its keys and values are copied (the same bits)
+    // a prompt given again (samples of one prompt) runs once: its keys and values are copied (the
+    // same bits); one that begins as an earlier one (a shared system prompt) runs from a copy of
+    // that prefix (GptModel::extend: the bits of running it whole)
     const int64_t same = std::find(text.begin(), text.begin() + r, text[r]) - text.begin();
-    if (same == r) {
-      prefill(r, S);
-    } else {
+    const std::vector<int32_t> window(text[r].end() - std::min<int64_t>(S, text[r].size()), text[r].end());
+    const PrefixStore::Match prefix = o.no_cache || !o.prefix_reuse ? PrefixStore::Match{} : windows.longest_prefix(window, r);
+    windows.set_row(r, window);
+    if (same < r) {
       model.move_inference_row(same, r);
       logits[r] = logits[same];
+    } else if (prefix.length > 0) {
+      model.copy_inference_prefix(prefix.row, r, prefix.length);
+      const float* out = model.extend(r, prefix.length, window.data() + prefix.length,
+                                      static_cast<int64_t>(window.size()) - prefix.length);
+      logits[r].assign(out, out + V);
+      reused += prefix.length;
+    } else {
+      prefill(r, S);
     }
   }
   for (int n = 0; n < o.tokens; ++n) {
@@ -135,7 +151,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   if (stream && !o.json) std::printf("\n");
   nlohmann::json result = {{"sequences", rows}, {"tokens", o.tokens}, {"seconds", seconds},
                            {"tokens_per_s", rows * o.tokens / seconds}, {"kv_cache", !o.no_cache},
-                           {"ranks", ctx.world()}};
+                           {"ranks", ctx.world()}, {"prefix_tokens_reused", reused}};
   if (!o.offload.place.empty())
     result.update({{"offload_experts", o.offload.place}, {"offload_mode", o.offload.mode}, {"expert_cache", o.offload.expert_cache},
                    {"expert_loads", loads}, {"expert_load_s", load_s}, {"resident_expert_bytes_peak", peak},
@@ -180,6 +196,8 @@ void add_generate_command(CLI::App& app, CommandFn& run) {
                   "taken from a token's logit once per time it was generated (-2 to 2, as OpenAI's)")->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_flag("--no-cache", o->no_cache, "re-run each sequence's window for every token (no key/value cache)");
+  cmd->add_flag("--no-prefix-reuse{false}", o->prefix_reuse,
+                "run every prompt whole (by default one that begins as an earlier one starts from a copy of its cached prefix)");
   cmd->add_flag("--json", o->json, "print one JSON object (texts, tokens/s, offloading figures) instead of the text");
   o->offload.add_to(cmd);
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_generate(ctx, *o); }; });

@@ -49,6 +49,22 @@ def main():
         f.check(greedy[0] == greedy[1], "greedy: the same text with and without the cache")
         print(f"ok: cache, no cache, 1 and 2 ranks give the same text: {base['texts'][0][:40]!r}", flush=True)
 
+        # prompts that begin as an earlier one run from a copy of its cached prefix: the texts of
+        # running every prompt whole (--no-prefix-reuse), on 1 and 2 ranks (not --no-cache's: these
+        # fill the window, where the cache slides and --no-cache does not)
+        shared = ["--prompt", "The jury said", "--prompt", "The jury said it was", "--prompt", "The old county",
+                  "--prompt", "The jury said it"]
+        runs = {(ranks, extra): result(generate(ranks, ck, *shared, *extra))
+                for ranks in (1, 2) for extra in ((), ("--no-prefix-reuse",))}
+        texts = [r["texts"] for r in runs.values()]
+        f.check(len(texts[0]) == 6 and all(t == texts[0] for t in texts),
+                f"prompts sharing a prefix: the same texts with and without reuse, 1 and 2 ranks: {texts}")
+        f.check(all(r["prefix_tokens_reused"] > 0 if not extra else r["prefix_tokens_reused"] == 0
+                    for (_, extra), r in runs.items()),
+                f"prefix positions reused: {[(k, r['prefix_tokens_reused']) for k, r in runs.items()]}")
+        print(f"ok: prompts sharing a prefix reuse {runs[(1, ())]['prefix_tokens_reused']} cached positions, "
+              f"the texts of running them whole", flush=True)
+
         for where in ("host", "disk"):
             for mode in ("resident", "blocking", "prefetch"):
                 r = result(generate(1, ck, "--offload-experts", where, "--expert-cache", 1, "--offload-mode", mode))
