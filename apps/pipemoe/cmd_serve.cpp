@@ -8,7 +8,10 @@
 //                          "top_p": 1.0, "seed": 1, "stop": ["\n\n"], "stream": false}
 //   GET  /health          {"status": "ok", "active": .., "waiting": .., "served": .., "tokens_per_s": ..,
 //                          "peak_batch": the most rows decoded together so far, "prompts_run",
-//                          "prompts_shared": prompts prefilled, and copied from a row that ran the same one}
+//                          "prompts_shared": prompts prefilled, and copied from a row that ran the same one,
+//                          "prompt_tokens_run", "prefix_hits", "prefix_tokens_reused": prompts begun from a
+//                          prefix some row's cache held (prefix_store.h)}
+//   GET  /metrics         the same counts and two latency histograms, Prometheus's text format
 //   POST /v1/chat/completions  {"messages": [{"role": "user", "content": "Tell me of the jury"}], ...the
 //                          same fields; "max_completion_tokens" for "max_tokens"}
 //   logprobs: completions "logprobs": N (0-5) and "echo": true (the prompt's text and its tokens'

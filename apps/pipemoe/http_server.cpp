@@ -207,9 +207,9 @@ std::size_t HttpServer::waiting() const {
   return queue_->requests.size();
 }
 
-void HttpServer::answer(int fd, bool keep_alive, int status, const std::string& body) {
-  if (!keep_alive || stopping_) return respond(fd, status, body);
-  if (send_all(fd, whole_answer(status, "application/json", body, true)))
+void HttpServer::answer(int fd, bool keep_alive, int status, const std::string& body, const std::string& content_type) {
+  if (!keep_alive || stopping_) return respond(fd, status, body, content_type);
+  if (send_all(fd, whole_answer(status, content_type, body, true)))
     read_on(fd);
   else
     close_connection(fd);

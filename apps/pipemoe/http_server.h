@@ -43,7 +43,8 @@ class HttpServer {
   std::size_t waiting() const;
 
   // A whole answer; then the connection's next request is read (keep_alive) or it is closed.
-  void answer(int fd, bool keep_alive, int status, const std::string& body);
+  void answer(int fd, bool keep_alive, int status, const std::string& body,
+              const std::string& content_type = "application/json");
   // A whole answer, then the connection closed.
   static void respond(int fd, int status, const std::string& body, const std::string& content_type = "application/json");
   // Server-sent events: the headers, then send_event per event; false once the client is gone.

@@ -35,6 +35,8 @@ struct Request {
   bool started = false;           // a stream's headers are sent (when its first choice took a row)
   bool gone = false;              // the client closed its stream: the choices end at once
   int64_t completion_tokens = 0;  // over the finished choices
+  double arrived_s = 0;           // on the frontend's clock: for /metrics' latencies
+  bool first_token = false;       // a choice has generated a token
   std::vector<nlohmann::json> choices;  // the finished choices' whole forms (not streamed)
 };
 

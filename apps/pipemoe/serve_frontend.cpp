@@ -59,6 +59,10 @@ bool ServeFrontend::advance(Completion& c, int32_t token) {
   c.text.push_back(token);
   c.generated.push_back(token);
   ++tokens_;
+  if (!c.request->first_token) {
+    c.request->first_token = true;
+    first_token_s_.observe(clock_.elapsed_s() - c.request->arrived_s);
+  }
   c.output = tokenizer_.decode(c.generated);
   std::size_t longest_stop = 0;
   for (const std::string& s : c.stop) {
@@ -118,6 +122,7 @@ void ServeFrontend::answer(Completion& c) {
   q.completion_tokens += static_cast<int64_t>(c.generated.size());
   const bool last = q.finished == q.choices_total;
   served_ += last;
+  if (last && !q.gone) request_s_.observe(clock_.elapsed_s() - q.arrived_s);
   if (q.gone) {
     if (last) HttpServer::close_connection(q.fd);
     return;
@@ -157,6 +162,27 @@ nlohmann::json ServeFrontend::health(int64_t live) const {
   return h;
 }
 
+std::string ServeFrontend::metrics() const {
+  auto counter = [](std::string name, std::string help, double v) { return MetricValue{std::move(name), std::move(help), "counter", v}; };
+  auto gauge = [](std::string name, std::string help, double v) { return MetricValue{std::move(name), std::move(help), "gauge", v}; };
+  const std::vector<MetricValue> values = {
+      counter("pipemoe_requests_accepted_total", "Requests read and queued.", accepted_),
+      counter("pipemoe_requests_served_total", "Requests answered whole (every choice finished).", served_),
+      counter("pipemoe_generated_tokens_total", "Tokens generated, over all choices.", tokens_),
+      counter("pipemoe_prompts_run_total", "Prompts run for a row (whole, or after a cached prefix).", prompts_run_),
+      counter("pipemoe_prompts_shared_total", "Prompts copied from a row that ran the same one in that step.", prompts_shared_),
+      counter("pipemoe_prompt_tokens_run_total", "Prompt tokens run through the model.", prompt_tokens_run_),
+      counter("pipemoe_prefix_hits_total", "Prompts started from a prefix some row's cache held.", prefix_hits_),
+      counter("pipemoe_prefix_tokens_reused_total", "Prompt positions copied from a cached prefix instead of run.",
+              prefix_tokens_reused_),
+      gauge("pipemoe_active_rows", "Rows of the batch decoding now.", live_),
+      gauge("pipemoe_waiting_choices", "Choices waiting for a row.", pending_.size()),
+      gauge("pipemoe_max_batch", "Rows of the batch (--max-batch).", o_.max_batch),
+      gauge("pipemoe_peak_batch", "The most rows decoded together so far.", peak_live_),
+      gauge("pipemoe_uptime_seconds", "Seconds since the server started.", clock_.elapsed_s())};
+  return metrics_exposition(values, first_token_s_, request_s_);
+}
+
 void ServeFrontend::count_prompt(bool shared, int64_t ran, int64_t reused) {
   if (shared) {
     ++prompts_shared_;
@@ -193,6 +219,8 @@ bool ServeFrontend::authorized(const HttpRequest& r) const {
 void ServeFrontend::handle(HttpRequest r) {
   auto respond = [&](int status, const std::string& body) { server_.answer(r.fd, r.keep_alive, status, body); };
   if (r.path == "/health" && r.method == "GET") return respond(200, dump(health(live_)));
+  if (r.path == "/metrics" && r.method == "GET")
+    return server_.answer(r.fd, r.keep_alive, 200, metrics(), "text/plain; version=0.0.4; charset=utf-8");
   if (!authorized(r)) return respond(401, HttpServer::error_json("this server needs its API key: Authorization: Bearer <key>"));
   if (r.path == "/v1/models" && r.method == "GET")
     return respond(200, dump({{"object", "list"}, {"data", {{{"id", model_name_}, {"object", "model"}, {"owned_by", "pipemoe"}}}}}));
@@ -205,6 +233,7 @@ void ServeFrontend::handle(HttpRequest r) {
     std::vector<Completion> choices =
         parse_completion(r.body, tokenizer_, (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_++), chat);
     choices.front().request->fd = r.fd;
+    choices.front().request->arrived_s = clock_.elapsed_s();
     choices.front().request->keep_alive = r.keep_alive;
     ++accepted_;
     for (Completion& c : choices) pending_.push_back(std::move(c));

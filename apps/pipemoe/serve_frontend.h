@@ -14,6 +14,7 @@
 #include "apps/pipemoe/http_server.h"
 #include "apps/pipemoe/inference_model.h"
 #include "apps/pipemoe/openai_api.h"
+#include "apps/pipemoe/serve_metrics.h"
 #include "core/clock.h"
 
 namespace pm::cli {
@@ -60,8 +61,9 @@ class ServeFrontend {
   // c is finished: its request answered once its last choice is (a stream: c's last piece now).
   void answer(Completion& c);
 
-  // /health's answer.
+  // /health's answer, and /metrics' (Prometheus's text format).
   nlohmann::json health(int64_t live) const;
+  std::string metrics() const;
   // The rows decoding now (for /health and the peak).
   void set_live(int64_t live);
   int64_t peak_live() const { return peak_live_; }
@@ -89,6 +91,7 @@ class ServeFrontend {
   std::deque<Completion> pending_;
   int64_t accepted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0;
   int64_t prompts_run_ = 0, prompts_shared_ = 0, prompt_tokens_run_ = 0, prefix_hits_ = 0, prefix_tokens_reused_ = 0;
+  LatencyHistogram first_token_s_, request_s_;
   Stopwatch clock_;
 };
 

@@ -269,6 +269,28 @@ def main():
             print(f"ok: {ranks} rank(s): the next turn of a conversation reuses {reused} cached positions, "
                   f"generate's text", flush=True)
 
+            # /metrics: Prometheus's text format, the counts /health gives, the latency histograms
+            with urllib.request.urlopen(url + "/metrics", timeout=60) as answer:
+                kind, text = answer.headers.get("Content-Type", ""), answer.read().decode()
+            health = json.loads(call(url, "/health")[1])
+            values = {}
+            for line in text.splitlines():
+                if line and not line.startswith("#"):
+                    name, value = line.rsplit(" ", 1)
+                    values[name] = float(value)
+            buckets = [v for k, v in values.items() if k.startswith("pipemoe_request_seconds_bucket")]
+            f.check(kind.startswith("text/plain") and "# TYPE pipemoe_requests_served_total counter" in text and
+                    values.get("pipemoe_requests_served_total") == health["served"] == len(REQUESTS) + 2 and
+                    values.get("pipemoe_generated_tokens_total") == health["tokens"] and
+                    values.get("pipemoe_prefix_tokens_reused_total") == health["prefix_tokens_reused"] and
+                    values.get("pipemoe_active_rows") == 0 and values.get("pipemoe_max_batch") == 4 and
+                    buckets == sorted(buckets) and len(buckets) == 12 and buckets[-1] == health["served"] and
+                    values.get("pipemoe_request_seconds_count") == health["served"] and
+                    values.get("pipemoe_time_to_first_token_seconds_count") == health["served"] and
+                    0 < values.get("pipemoe_time_to_first_token_seconds_sum", 0) <= values.get("pipemoe_request_seconds_sum", 0),
+                    f"{ranks} rank(s): /metrics ({kind}) against /health {health}:\n{text}")
+            print(f"ok: {ranks} rank(s): /metrics gives /health's counts and the latency histograms", flush=True)
+
             # bad requests: an answer with a message, and the server goes on
             for body, path, method, code, word in [(b"{not json", "/v1/completions", None, 400, "not JSON"),
                                                    ({"prompt": 5}, "/v1/completions", None, 400, "prompt"),
