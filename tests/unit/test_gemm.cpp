@@ -72,14 +72,14 @@ std::vector<std::string> runnable_isas();
 
 // Every element is the chain the header promises, c = fma(a_k, b_k, c) for k in order from C, the
 // bias or zero, bit for bit, for tiles of every row count (1 to 6, in place and in the padded copy
-// of a partial panel), one and two depth blocks, with and without a bias, on every instruction set,
+// of a partial panel), one to three depth blocks, with and without a bias, on every instruction set,
 // with A read in place (B of 3 panels or fewer) and packed (4 or more: N 300).
 TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
   for (const std::string& isa : runnable_isas()) {
     force_gemm_isa(isa);
     for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 11, 13})
       for (int64_t N : {16, 40, 64, 150, 300})
-        for (int64_t K : {9, 1100})
+        for (int64_t K : {9, 1030, 1100})  // one depth block; two, the last one deeper; three
           for (int variant = 0; variant < 3; ++variant) {  // beta 0, beta 1, a bias
             const float beta = variant == 1 ? 1.0f : 0.0f;
             auto A = random_matrix(M * K, 31), B = random_matrix(K * N, 32), C0 = random_matrix(M * N, 33),

@@ -13,6 +13,10 @@ namespace pm::gemm_detail {
 
 inline constexpr int64_t kPanel = 64;    // columns per packed panel of B
 inline constexpr int64_t kKBlock = 512;  // depth of one pass over C (A block and B panel slice stay in cache)
+// A last block of up to kKBlock / 8 depths joins the one before it: a whole pass over C for a few
+// depths (the weight gradients' depth is the expert's rows, e.g. 1025) costs more than a deeper
+// block. Blocks are at most this deep.
+inline constexpr int64_t kKBlockMax = kKBlock + kKBlock / 8;
 
 // Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row), of floats
 // or, for a bf16 GEMM's A only, of bf16 values (base16 / rows16: activations saved in bf16).
