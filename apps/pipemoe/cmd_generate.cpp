@@ -100,7 +100,8 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
     // that prefix (GptModel::extend: the bits of running it whole)
     const int64_t same = std::find(text.begin(), text.begin() + r, text[r]) - text.begin();
     const std::vector<int32_t> window(text[r].end() - std::min<int64_t>(S, text[r].size()), text[r].end());
-    const PrefixStore::Match prefix = o.no_cache || !o.prefix_reuse ? PrefixStore::Match{} : windows.longest_prefix(window, r);
+    const bool reuse = o.prefix_reuse && !o.no_cache;
+    const PrefixStore::Match prefix = reuse ? windows.longest_prefix(window, r) : PrefixStore::Match{};
     windows.set_row(r, window);
     if (same < r) {
       model.move_inference_row(same, r);

@@ -268,8 +268,8 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   std::signal(SIGTERM, SIG_DFL);
   if (front) {
     nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
-                                    {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
-                                    {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()}};
+                              {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
+                              {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()}};
     summary.update(front->prompt_counters());
     std::printf("%s\n", summary.dump().c_str());
     std::fflush(stdout);

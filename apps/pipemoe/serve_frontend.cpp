@@ -163,14 +163,15 @@ nlohmann::json ServeFrontend::health(int64_t live) const {
 }
 
 std::string ServeFrontend::metrics() const {
-  auto counter = [](std::string name, std::string help, double v) { return MetricValue{std::move(name), std::move(help), "counter", v}; };
-  auto gauge = [](std::string name, std::string help, double v) { return MetricValue{std::move(name), std::move(help), "gauge", v}; };
+  auto counter = [](const char* name, const char* help, double v) { return MetricValue{name, help, "counter", v}; };
+  auto gauge = [](const char* name, const char* help, double v) { return MetricValue{name, help, "gauge", v}; };
   const std::vector<MetricValue> values = {
       counter("pipemoe_requests_accepted_total", "Requests read and queued.", accepted_),
       counter("pipemoe_requests_served_total", "Requests answered whole (every choice finished).", served_),
       counter("pipemoe_generated_tokens_total", "Tokens generated, over all choices.", tokens_),
       counter("pipemoe_prompts_run_total", "Prompts run for a row (whole, or after a cached prefix).", prompts_run_),
-      counter("pipemoe_prompts_shared_total", "Prompts copied from a row that ran the same one in that step.", prompts_shared_),
+      counter("pipemoe_prompts_shared_total", "Prompts copied from a row that ran the same one in that step.",
+              prompts_shared_),
       counter("pipemoe_prompt_tokens_run_total", "Prompt tokens run through the model.", prompt_tokens_run_),
       counter("pipemoe_prefix_hits_total", "Prompts started from a prefix some row's cache held.", prefix_hits_),
       counter("pipemoe_prefix_tokens_reused_total", "Prompt positions copied from a cached prefix instead of run.",
