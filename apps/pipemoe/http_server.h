@@ -51,6 +51,10 @@ class HttpServer {
   static bool start_events(int fd);
   static bool send_event(int fd, const std::string& data);
   static void close_connection(int fd);
+  // Whether the client closed the connection while its answer was being made (a read would give
+  // end of file, or the socket failed): nobody is waiting for the answer. Bytes of a next request
+  // (keep-alive) do not count. Never blocks.
+  static bool peer_closed(int fd);
   // {"error": {"message": ..., "type": "invalid_request_error"}}, as OpenAI's API answers.
   static std::string error_json(const std::string& message);
 

@@ -24,8 +24,7 @@ std::vector<Completion> ServeFrontend::admit(int64_t free) {
       q.started = true;
       q.gone = !HttpServer::start_events(q.fd);
     }
-    if (q.gone) {
-      c.finish = "gone";
+    if (gone(c)) {  // its client left while it waited
       answer(c);
       continue;
     }
@@ -98,6 +97,10 @@ bool ServeFrontend::advance(Completion& c, int32_t token) {
 }
 
 bool ServeFrontend::gone(Completion& c) const {
+  // a stream finds out when a piece cannot be written; a whole answer's client is asked (a client
+  // that timed out and left would otherwise hold its row for all of max_tokens)
+  Request& q = *c.request;
+  if (!q.gone && !q.stream && HttpServer::peer_closed(q.fd)) q.gone = true;
   if (c.request->gone) c.finish = "gone";
   return c.request->gone;
 }

@@ -51,7 +51,8 @@ class ServeFrontend {
 
   // The next token of c is `token`: appended, its text streamed; says whether c is finished.
   bool advance(Completion& c, int32_t token);
-  // Whether c's client has left (its stream could not be written): c ends without a token.
+  // Whether c's client has left (its stream could not be written, or it closed the connection a
+  // whole answer was to go to): c ends without a token.
   bool gone(Completion& c) const;
 
   // echo with logprobs: the prompt's tokens scored from its prefill, whose logits [n, V] are those

@@ -467,20 +467,41 @@ def main():
         status, body = call(url, "/v1/completions", completion(*REQUESTS[0]))
         f.check(status == 200 and json.loads(body)["choices"][0]["text"] == expected[REQUESTS[0][0]],
                 f"after a client left its stream: {status} {body[:200]}")
+        # and one that waits for a whole answer: its row is freed as soon as it leaves (not after all
+        # of its 8192 tokens)
+        tokens_before = json.loads(call(url, "/health")[1])["tokens"]
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            body = json.dumps(completion("The jury said", 8192, 0.8, 1)).encode()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            for _ in range(600):
+                if json.loads(call(url, "/health")[1])["active"] == 1:
+                    break
+                time.sleep(0.05)
+        freed, health = None, {}
+        start_wait = time.perf_counter()
+        while time.perf_counter() - start_wait < 60 * TIMEOUT_SCALE:
+            health = json.loads(call(url, "/health")[1])
+            if health["active"] == 0:
+                freed = time.perf_counter() - start_wait
+                break
+            time.sleep(0.05)
+        f.check(freed is not None and health["tokens"] - tokens_before < 8192,
+                f"a client that left its whole answer frees its row: {tokens_before} tokens before, {health}")
         status, body = call(url, "/v1/completions", completion(turn, 8, 0.8, 2))
         f.check(status == 200 and json.loads(body)["choices"][0]["text"] == turn_text,
                 f"--no-prefix-reuse: the next turn's text: {status} {body[:200]}")
         status, body = call(url, "/health")
         f.check(status == 200 and json.loads(body)["active"] == 0, f"the stream left no row behind: {body}")
         f.check(json.loads(body).get("prefix_hits") == 0, f"--no-prefix-reuse: no prefix reused: {body}")
-        print("ok: a client leaving its stream ends its request; the others go on", flush=True)
+        print(f"ok: a client leaving its stream, or its whole answer (row freed after {freed:.2f} s), ends its "
+              f"request; the others go on", flush=True)
 
         # SIGTERM: the server ends cleanly
         status, _ = call(url, "/v1/completions", completion("The jury said", 4, 0.0, 1))
         f.check(status == 200, f"a completion before SIGTERM: {status}")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60 * TIMEOUT_SCALE)
-        f.check(proc.returncode == 0 and '"served":4' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
+        f.check(proc.returncode == 0 and '"served":5' in out, f"SIGTERM: exit {proc.returncode}, {out[-200:]} {err[-200:]}")
         print(f"ok: SIGTERM ends the server with exit {proc.returncode}", flush=True)
 
         # SIGTERM with choices waiting for a row: the live ones finish, the request is answered 503
