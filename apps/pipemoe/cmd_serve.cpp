@@ -179,6 +179,8 @@ int run_serve(Context& ctx, const ServeOptions& given) {
         admit.admit_copies.push_back(copy_from);
         admit.admit_prefix.push_back({prefix.row, prefix.length});
         front->count_prompt(copy_from >= 0, run, prefix.length);
+        // OpenAI's usage.prompt_tokens_details.cached_tokens: each prompt once, by its first choice
+        if (c.first_of_prompt) c.request->cached_tokens += static_cast<int64_t>(window.size()) - run;
         live.push_back(std::move(c));
       }
     }

@@ -196,6 +196,7 @@ std::vector<Completion> parse_completion(const std::string& body, const Tokenize
       choice.text = text;
       choice.prompt_tokens = static_cast<int64_t>(text.size());
       choice.index = static_cast<int>(choices.size()) - 1;
+      choice.first_of_prompt = i == 0;
       choice.rng = sequence_rng(c.seed, choice.index);  // `generate --seed S` with this prompt in row `index`
     }
   }

@@ -27,9 +27,10 @@ constexpr int kMaxChoicesPerRequest = 256;  // prompts x n
 struct Request {
   int fd = -1;
   bool keep_alive = false;        // after the whole answer the connection takes the next request
-  int choices_total = 1;          // n per prompt
+  int choices_total = 1;          // over the request's prompts: n per prompt
   int finished = 0;               // choices done
   int64_t prompt_tokens = 0;      // over the request's prompts
+  int64_t cached_tokens = 0;      // of those, the positions taken from a row's cache instead of run
   bool stream = false;
   bool usage_chunk = false;       // stream_options.include_usage: a last chunk of no choices, the usage
   bool started = false;           // a stream's headers are sent (when its first choice took a row)
@@ -44,6 +45,7 @@ struct Request {
 struct Completion {
   std::shared_ptr<Request> request;
   int index = 0;                  // which of the request's choices
+  bool first_of_prompt = true;    // choice 0 of its prompt (each prompt's usage is counted once)
   std::string id;
   bool chat = false;            // asked by /v1/chat/completions: answered in its form
   int max_tokens = kDefaultMaxTokens;

@@ -130,7 +130,9 @@ void ServeFrontend::answer(Completion& c) {
     if (last) HttpServer::close_connection(q.fd);
     return;
   }
-  const nlohmann::json usage = {{"prompt_tokens", q.prompt_tokens}, {"completion_tokens", q.completion_tokens},
+  const nlohmann::json usage = {{"prompt_tokens", q.prompt_tokens},
+                                {"prompt_tokens_details", {{"cached_tokens", q.cached_tokens}}},
+                                {"completion_tokens", q.completion_tokens},
                                 {"total_tokens", q.prompt_tokens + q.completion_tokens}};
   if (q.stream) {
     nlohmann::json piece = forms_.piece(c, c.output.substr(std::min(c.streamed, c.output.size())), c.finish);

@@ -262,8 +262,10 @@ def main():
             status, body = call(url, "/v1/completions", completion(turn, 8, 0.8, 2))
             after = json.loads(call(url, "/health")[1])
             reused = after["prefix_tokens_reused"] - before["prefix_tokens_reused"]
+            usage = json.loads(body).get("usage", {}) if status == 200 else {}
             f.check(status == 200 and json.loads(body)["choices"][0]["text"] == turn_text and
-                    after["prefix_hits"] == before["prefix_hits"] + 1 and reused >= 5,
+                    after["prefix_hits"] == before["prefix_hits"] + 1 and reused >= 5 and
+                    usage.get("prompt_tokens_details") == {"cached_tokens": reused},
                     f"{ranks} rank(s): the next turn ({reused} positions reused) gives generate's text: {body[:300]} "
                     f"vs {turn_text!r}; {before} -> {after}")
             print(f"ok: {ranks} rank(s): the next turn of a conversation reuses {reused} cached positions, "
@@ -488,8 +490,9 @@ def main():
         f.check(freed is not None and health["tokens"] - tokens_before < 8192,
                 f"a client that left its whole answer frees its row: {tokens_before} tokens before, {health}")
         status, body = call(url, "/v1/completions", completion(turn, 8, 0.8, 2))
-        f.check(status == 200 and json.loads(body)["choices"][0]["text"] == turn_text,
-                f"--no-prefix-reuse: the next turn's text: {status} {body[:200]}")
+        f.check(status == 200 and json.loads(body)["choices"][0]["text"] == turn_text and
+                json.loads(body)["usage"]["prompt_tokens_details"] == {"cached_tokens": 0},
+                f"--no-prefix-reuse: the next turn's text, no cached tokens: {status} {body[:300]}")
         status, body = call(url, "/health")
         f.check(status == 200 and json.loads(body)["active"] == 0, f"the stream left no row behind: {body}")
         f.check(json.loads(body).get("prefix_hits") == 0, f"--no-prefix-reuse: no prefix reused: {body}")
