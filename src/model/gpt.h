@@ -112,6 +112,16 @@ class GptModel {
   // depend on the others).
   void copy_inference_prefix(int64_t from, int64_t to, int64_t n);
   const float* extend(int64_t row, int64_t start, const int32_t* tokens, int64_t n);
+  // Several rows' extends in one pass (serve admits many prompts at once: one pass, and one
+  // all-to-all per MoE layer, instead of one per prompt), on distinct rows; start 0 runs a whole
+  // prompt. Returns the logits of every token run [sum of n, V], span after span in order: each
+  // span's are the bits extend (and prefill) gives it alone.
+  struct ExtendSpan {
+    int64_t row, start;
+    const int32_t* tokens;
+    int64_t n;
+  };
+  const float* extend_many(const std::vector<ExtendSpan>& spans);
 
   // Inference on a memory budget: every MoE layer's routed experts stay in `where` ("host": read
   // once from model_file into host memory; "disk": model_file mapped and read in place) and at

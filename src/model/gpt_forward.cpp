@@ -93,15 +93,28 @@ void GptModel::copy_inference_prefix(int64_t from, int64_t to, int64_t n) {
 }
 
 const float* GptModel::extend(int64_t row, int64_t start, const int32_t* tokens, int64_t n) {
-  PM_CHECK(row >= 0 && row < static_cast<int64_t>(positions_.size()), "row {} of {} sequences", row, positions_.size());
-  PM_REQUIRE(start >= 0 && n >= 1 && start + n <= config_.seq_len,
-             "extending a sequence at position {} by {} tokens: the model's window is {}", start, n, config_.seq_len);
-  token_rows_.assign(n, row);
-  token_positions_.resize(n);
-  for (int64_t i = 0; i < n; ++i) token_positions_[i] = start + i;
-  run_forward(tokens, nullptr, n, 1, 0.0f, -1, true);
-  positions_[row] = start + n;
-  return logits_.data() + (n - 1) * config_.vocab_size;
+  return extend_many({{row, start, tokens, n}}) + (n - 1) * config_.vocab_size;
+}
+
+const float* GptModel::extend_many(const std::vector<ExtendSpan>& spans) {
+  token_rows_.clear();
+  token_positions_.clear();
+  std::vector<int32_t> tokens;
+  std::vector<bool> seen(positions_.size(), false);
+  for (const ExtendSpan& s : spans) {
+    PM_CHECK(s.row >= 0 && s.row < static_cast<int64_t>(positions_.size()) && !seen[s.row],
+             "row {} of {} sequences, once per pass", s.row, positions_.size());
+    PM_REQUIRE(s.start >= 0 && s.n >= 1 && s.start + s.n <= config_.seq_len,
+               "extending a sequence at position {} by {} tokens: the model's window is {}", s.start, s.n,
+               config_.seq_len);
+    seen[s.row] = true;
+    for (int64_t i = 0; i < s.n; ++i) token_rows_.push_back(s.row), token_positions_.push_back(s.start + i);
+    tokens.insert(tokens.end(), s.tokens, s.tokens + s.n);
+  }
+  if (tokens.empty()) return logits_.data();
+  run_forward(tokens.data(), nullptr, static_cast<int64_t>(tokens.size()), 1, 0.0f, -1, true);
+  for (const ExtendSpan& s : spans) positions_[s.row] = s.start + s.n;
+  return logits_.data();
 }
 
 const float* GptModel::decode(const int32_t* tokens) {

@@ -213,6 +213,20 @@ TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePro
             EXPECT_EQ(whole_prompt(seq), std::vector<float>(decoded.begin() + V, decoded.end()))
                 << arch << " " << dtype << ", " << ranks << " ranks, step " << step;
           }
+          // several rows in one pass (serve's admissions): a whole prompt and one continuing a
+          // cached prefix, each with the bits it gets alone, at every position of the whole one
+          const std::vector<int32_t> alone = {7, 7, 13, 2}, continued = {5, 17, 3, 30, 2};
+          model.copy_inference_prefix(2, 1, 3);
+          const float* both = model.extend_many({{0, 0, alone.data(), 4}, {1, 3, continued.data() + 3, 2}});
+          const std::vector<float> all(both, both + 6 * V);
+          for (int64_t n = 1; n <= 4; ++n)
+            EXPECT_EQ(whole_prompt(std::vector<int32_t>(alone.begin(), alone.begin() + n)),
+                      std::vector<float>(all.begin() + (n - 1) * V, all.begin() + n * V))
+                << arch << " " << dtype << ", " << ranks << " ranks, one pass, position " << n - 1;
+          EXPECT_EQ(whole_prompt(continued), std::vector<float>(all.begin() + 5 * V, all.end()))
+              << arch << " " << dtype << ", " << ranks << " ranks, one pass, the continued prompt";
+          EXPECT_EQ(model.position(0), 4);
+          EXPECT_EQ(model.position(1), 5);
         });
       }
 }
