@@ -107,6 +107,46 @@ Step decode_step(const std::string& text) {
   return s;
 }
 
+// Runs a step's admissions: the prompts in as few passes as their order allows (one, unless a prompt
+// copies from a row admitted in the same step, which must have run first: then a second pass, and so
+// on), each pass GptModel::extend_many over all that can run; copies of a same-step row's prompt after
+// it. done(row, copied_from, logits of the tokens run [n, V], n) per admission, in the order they
+// finish (copied_from -1 unless copied).
+template <typename Done>
+void run_admissions(GptModel& model, const Step& s, int64_t first_row, int64_t V, Done done) {
+  const std::size_t count = s.admit.size();
+  std::vector<bool> finished(count, false);
+  auto ready = [&](int64_t source) {  // rows before this step's are ready; this step's once finished
+    return source < first_row || source >= first_row + static_cast<int64_t>(count) || finished[source - first_row];
+  };
+  for (std::size_t left = count; left > 0;) {
+    std::vector<GptModel::ExtendSpan> spans;
+    std::vector<std::size_t> in_pass;
+    for (std::size_t i = 0; i < count; ++i) {
+      if (finished[i]) continue;
+      const auto& [row, tokens] = s.admit[i];
+      if (const int64_t from = s.admit_copies[i]; from >= 0) {
+        if (!ready(from)) continue;
+        model.move_inference_row(from, row);
+        done(row, from, nullptr, 0);
+        finished[i] = true, --left;
+        continue;
+      }
+      const auto [source, reused] = s.admit_prefix[i];
+      if (reused > 0 && !ready(source)) continue;
+      if (reused > 0) model.copy_inference_prefix(source, row, reused);
+      spans.push_back({row, reused, tokens.data(), static_cast<int64_t>(tokens.size())});
+      in_pass.push_back(i);
+    }
+    const float* logits = model.extend_many(spans);
+    for (std::size_t j = 0; j < spans.size(); ++j) {
+      done(spans[j].row, -1, logits, spans[j].n);
+      logits += spans[j].n * V;
+      finished[in_pass[j]] = true, --left;
+    }
+  }
+}
+
 int run_serve(Context& ctx, const ServeOptions& given) {
   ServeOptions o = given;
   PM_REQUIRE(!o.checkpoint.empty(), "serve needs --checkpoint DIR");
@@ -190,29 +230,16 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       break;
     }
     if (!admit.admit.empty()) model.set_inference_rows(rows + static_cast<int64_t>(admit.admit.size()));
-    for (std::size_t i = 0; i < admit.admit.size(); ++i) {
-      const auto& [row, tokens] = admit.admit[i];
-      if (const int64_t from = admit.admit_copies[i]; from >= 0) {
-        model.move_inference_row(from, row);
-        if (front) {
-          live[row].logits = live[from].logits;
-          live[row].prompt_scores = live[from].prompt_scores;
-        }
-        continue;
+    run_admissions(model, admit, rows, V, [&](int64_t row, int64_t from, const float* logits, int64_t n) {
+      if (!front) return;
+      if (from >= 0) {  // a copy of a row that ran the same prompt
+        live[row].logits = live[from].logits;
+        live[row].prompt_scores = live[from].prompt_scores;
+        return;
       }
-      const int64_t n = static_cast<int64_t>(tokens.size());
-      if (const auto [from_row, reused] = admit.admit_prefix[i]; reused > 0) {
-        model.copy_inference_prefix(from_row, row, reused);
-        const float* logits = model.extend(row, reused, tokens.data(), n);
-        if (front) live[row].logits.assign(logits, logits + V);
-        continue;
-      }
-      const float* logits = model.prefill(row, tokens.data(), n);
-      if (front) {
-        live[row].logits.assign(logits, logits + V);
-        front->score_prompt(live[row], logits - (n - 1) * V, n);
-      }
-    }
+      live[row].logits.assign(logits + (n - 1) * V, logits + n * V);
+      front->score_prompt(live[row], logits, n);  // a prompt to score ran whole (no prefix reused)
+    });
     rows += static_cast<int64_t>(admit.admit.size());
     if (front) front->set_live(rows);
     if (rows == 0) continue;
