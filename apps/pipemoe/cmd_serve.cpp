@@ -120,6 +120,7 @@ void run_admissions(GptModel& model, const Step& s, int64_t first_row, int64_t V
     return source < first_row || source >= first_row + static_cast<int64_t>(count) || finished[source - first_row];
   };
   for (std::size_t left = count; left > 0;) {
+    const std::size_t before = left;
     std::vector<GptModel::ExtendSpan> spans;
     std::vector<std::size_t> in_pass;
     for (std::size_t i = 0; i < count; ++i) {
@@ -144,6 +145,7 @@ void run_admissions(GptModel& model, const Step& s, int64_t first_row, int64_t V
       logits += spans[j].n * V;
       finished[in_pass[j]] = true, --left;
     }
+    PM_CHECK(left < before, "{} admissions wait on rows that never run", left);  // sources come first: never
   }
 }
 
