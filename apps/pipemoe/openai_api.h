@@ -34,7 +34,7 @@ struct Request {
   bool stream = false;
   bool usage_chunk = false;       // stream_options.include_usage: a last chunk of no choices, the usage
   bool started = false;           // a stream's headers are sent (when its first choice took a row)
-  bool gone = false;              // the client closed its stream: the choices end at once
+  bool gone = false;              // the client left (closed its stream or connection): the choices end at once
   int64_t completion_tokens = 0;  // over the finished choices
   double arrived_s = 0;           // on the frontend's clock: for /metrics' latencies
   bool first_token = false;       // a choice has generated a token
