@@ -277,8 +277,9 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
   }
 }
 
-__attribute__((target("avx2"))) void interleave6_avx2(const float* const (&rows)[6], int64_t kc, float* panel,
-                                                     bool swap_pairs) {
+// interleave6's whole blocks of 8 depths; returns how many depths it laid out.
+__attribute__((target("avx2"))) int64_t interleave6_avx2(const float* const (&rows)[6], int64_t kc, float* panel,
+                                                        bool swap_pairs) {
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
     __m256 r[8];
@@ -294,8 +295,7 @@ __attribute__((target("avx2"))) void interleave6_avx2(const float* const (&rows)
       _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(r[j], 1));
     }
   }
-  for (; k < kc; ++k)
-    for (int i = 0; i < 6; ++i) panel[k * 6 + i] = rows[i][swap_pairs ? k ^ 1 : k];
+  return k;
 }
 
 thread_local FloatBuffer t_packed_a;
@@ -535,8 +535,7 @@ PackedB& gemm_detail::scratch_packed_b() { return t_packed_b; }
 
 void gemm_detail::interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs) {
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return interleave6_avx2(rows, kc, panel, swap_pairs);
-  for (int64_t k = 0; k < kc; ++k)
+  for (int64_t k = avx2 ? interleave6_avx2(rows, kc, panel, swap_pairs) : 0; k < kc; ++k)
     for (int i = 0; i < 6; ++i) panel[k * 6 + i] = rows[i][swap_pairs ? k ^ 1 : k];
 }
 
