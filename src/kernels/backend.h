@@ -162,6 +162,19 @@ class Backend {
   virtual void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd,
                                   const float* dy, int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta) = 0;
 
+  // y = x / sqrt(mean(x^2) + eps) * gamma over rows of D (RMSNorm); keeps rstd[rows].
+  virtual void rmsnorm_forward(const float* x, const float* gamma, int64_t rows, int64_t D, float eps, float* y,
+                               float* rstd) = 0;
+  // dx overwritten; dgamma added to.
+  virtual void rmsnorm_backward(const float* x, const float* gamma, const float* rstd, const float* dy, int64_t rows,
+                                int64_t D, float* dx, float* dgamma) = 0;
+  // Rotary position embedding of the queries and keys of qkv[rows, 3 width] in place (q at columns
+  // [0, width), k at [width, 2 width), heads of hd; kernels/cpu/rope.h): row t at position pos[t]
+  // (pos null: t % S), cosines and sines from cos, sin [positions, hd / 2]; inverse turns a
+  // gradient back.
+  virtual void rope_rotate(float* qkv, int64_t rows, int64_t width, int64_t hd, const int64_t* pos, int64_t S,
+                           const float* cos, const float* sin, bool inverse) = 0;
+
   // ---- attention and loss (see kernels/cpu/attention.h for the layouts) ------------------------
   virtual void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
                                  float* out) = 0;

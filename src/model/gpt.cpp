@@ -50,10 +50,29 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     make(wte_, dwte_, {V / vocab_tp_, D});
     add_param("wte", wte_, dwte_, vocab_tp_ > 1, false);  // split: this rank's rows of the vocabulary
   }
-  if (span_.first_stage) {
+  if (span_.first_stage && !c.rope()) {
     make(wpe_, dwpe_, {S, D});
     add_param("wpe", wpe_, dwpe_, false, false);
   }
+  if (c.rope()) {
+    // cos and sin of every position's angles [S, hd / 2], from double (kernels/cpu/rope.h)
+    const int64_t hd = D / c.heads, half = hd / 2;
+    rope_cos_.resize(S * half), rope_sin_.resize(S * half);
+    for (int64_t p = 0; p < S; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = static_cast<double>(p) * std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / hd);
+        rope_cos_[p * half + i] = static_cast<float>(std::cos(angle));
+        rope_sin_[p * half + i] = static_cast<float>(std::sin(angle));
+      }
+  }
+  // a norm's gain, and its bias with LayerNorm (RMSNorm has none)
+  auto add_norm = [&](const std::string& name, Tensor& g, Tensor& dg, Tensor& b, Tensor& db) {
+    make(g, dg, {D});
+    add_param(name + ".g", g, dg, false, false);
+    if (c.rmsnorm()) return;
+    make(b, db, {D});
+    add_param(name + ".b", b, db, false, false);
+  };
   const MoeStrategy& strategy = moe_strategy(c.moe_strategy);
   for (int l = 0; l < c.layers; ++l) {
     if (!holds(l)) {
@@ -62,22 +81,16 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     }
     auto b = std::make_unique<Block>();
     std::string p = "blocks." + std::to_string(l) + ".";
-    make(b->ln1_g, b->d_ln1_g, {D});
-    make(b->ln1_b, b->d_ln1_b, {D});
     make(b->w_qkv, b->d_w_qkv, {D, 3 * Dl});
     make(b->b_qkv, b->d_b_qkv, {3 * Dl});
     make(b->w_proj, b->d_w_proj, {Dl, D});
     make(b->b_proj, b->d_b_proj, {D});
-    make(b->ln2_g, b->d_ln2_g, {D});
-    make(b->ln2_b, b->d_ln2_b, {D});
-    add_param(p + "ln1.g", b->ln1_g, b->d_ln1_g, false, false);
-    add_param(p + "ln1.b", b->ln1_b, b->d_ln1_b, false, false);
+    add_norm(p + "ln1", b->ln1_g, b->d_ln1_g, b->ln1_b, b->d_ln1_b);
     add_split(p + "attn.w_qkv", b->w_qkv, b->d_w_qkv, true, 1, 3);
     add_split(p + "attn.b_qkv", b->b_qkv, b->d_b_qkv, false, 0, 3);
     add_split(p + "attn.w_proj", b->w_proj, b->d_w_proj, true, 0, 1);
     add_param(p + "attn.b_proj", b->b_proj, b->d_b_proj, false, false);
-    add_param(p + "ln2.g", b->ln2_g, b->d_ln2_g, false, false);
-    add_param(p + "ln2.b", b->ln2_b, b->d_ln2_b, false, false);
+    add_norm(p + "ln2", b->ln2_g, b->d_ln2_g, b->ln2_b, b->d_ln2_b);
     if (c.is_moe(l)) {
       MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor,
                      expert_group().size()};
@@ -107,28 +120,24 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
         }
       }
       if (c.scmoe()) {
-        make(b->ln_moe_g, b->d_ln_moe_g, {D});
-        make(b->ln_moe_b, b->d_ln_moe_b, {D});
-        add_param(p + "ln_moe.g", b->ln_moe_g, b->d_ln_moe_g, false, false);
-        add_param(p + "ln_moe.b", b->ln_moe_b, b->d_ln_moe_b, false, false);
+        add_norm(p + "ln_moe", b->ln_moe_g, b->d_ln_moe_g, b->ln_moe_b, b->d_ln_moe_b);
       }
     } else {
-      make(b->w_fc, b->d_w_fc, {D, Fl});
-      make(b->b_fc, b->d_b_fc, {Fl});
+      // SwiGLU: w_fc = [W_g | W_v], [D, 2F], each half split over the tensor-parallel group
+      const int parts = mlp_swiglu() ? 2 : 1;
+      make(b->w_fc, b->d_w_fc, {D, parts * Fl});
+      make(b->b_fc, b->d_b_fc, {parts * Fl});
       make(b->w_out, b->d_w_out, {Fl, D});
       make(b->b_out, b->d_b_out, {D});
-      add_split(p + "mlp.w_fc", b->w_fc, b->d_w_fc, true, 1, 1);
-      add_split(p + "mlp.b_fc", b->b_fc, b->d_b_fc, false, 0, 1);
+      add_split(p + "mlp.w_fc", b->w_fc, b->d_w_fc, true, 1, parts);
+      add_split(p + "mlp.b_fc", b->b_fc, b->d_b_fc, false, 0, parts);
       add_split(p + "mlp.w_out", b->w_out, b->d_w_out, true, 0, 1);
       add_param(p + "mlp.b_out", b->b_out, b->d_b_out, false, false);
     }
     blocks_.push_back(std::move(b));
   }
   if (span_.last_stage) {
-    make(lnf_g_, dlnf_g_, {D});
-    make(lnf_b_, dlnf_b_, {D});
-    add_param("ln_f.g", lnf_g_, dlnf_g_, false, false);
-    add_param("ln_f.b", lnf_b_, dlnf_b_, false, false);
+    add_norm("ln_f", lnf_g_, dlnf_g_, lnf_b_, dlnf_b_);
   }
 }
 
@@ -166,12 +175,17 @@ void GptModel::init_parameters(uint64_t seed) {
     take_shard(whole, t, dim, parts, tp_group_->rank(), places);
   };
   if (span_.first_stage || span_.last_stage) normal_split(wte_, std_w, 20, 0, 0, 1, vocab_tp_);
-  if (span_.first_stage) normal(wpe_, std_w, 21);
-  if (span_.last_stage) lnf_g_.fill(1.0f), lnf_b_.zero();
+  if (span_.first_stage && !config_.rope()) normal(wpe_, std_w, 21);
+  const bool layernorm = !config_.rmsnorm();  // RMSNorm has no bias
+  if (span_.last_stage) {
+    lnf_g_.fill(1.0f);
+    if (layernorm) lnf_b_.zero();
+  }
   for (int l = span_.first_block; l < span_.end_block; ++l) {
     Block& b = *blocks_[l];
     b.ln1_g.fill(1.0f), b.ln2_g.fill(1.0f);
-    b.ln1_b.zero(), b.ln2_b.zero(), b.b_qkv.zero(), b.b_proj.zero();
+    if (layernorm) b.ln1_b.zero(), b.ln2_b.zero();
+    b.b_qkv.zero(), b.b_proj.zero();
     normal_split(b.w_qkv, std_w, 22, l, 1, 3, dense_tp_);
     normal_split(b.w_proj, std_residual, 23, l, 0, 1, dense_tp_);
     if (b.moe) {
@@ -192,13 +206,21 @@ void GptModel::init_parameters(uint64_t seed) {
         b.se_b_fc.zero(), b.se_b_out.zero();
         if (config_.coef_gate) normal(b.se_w_cg, std_w, 31, l), b.se_b_cg.zero();
       }
-      if (config_.scmoe()) b.ln_moe_g.fill(1.0f), b.ln_moe_b.zero();
+      if (config_.scmoe()) {
+        b.ln_moe_g.fill(1.0f);
+        if (layernorm) b.ln_moe_b.zero();
+      }
     } else {
-      normal_split(b.w_fc, std_w, 27, l, 1, 1, dense_tp_);
+      normal_split(b.w_fc, std_w, 27, l, 1, mlp_swiglu() ? 2 : 1, dense_tp_);
       normal_split(b.w_out, std_residual, 28, l, 0, 1, dense_tp_);
       b.b_fc.zero(), b.b_out.zero();
     }
   }
+}
+
+void GptModel::rope(Backend& k, float* qkv, int64_t T, const int64_t* pos, int64_t S, bool inverse) const {
+  const int64_t D = config_.d_model;
+  k.rope_rotate(qkv, T, D / dense_tp_, D / config_.heads, pos, S, rope_cos_.data(), rope_sin_.data(), inverse);
 }
 
 void GptModel::zero_grads() {

@@ -5,6 +5,10 @@
 //            moe_every-th block), causal multi-head self-attention
 //   logits = LN_f(h_L) wte^T (tied), loss = mean cross-entropy + aux_coef * sum of MoE aux losses
 //
+// The backbone as Llama, Mixtral, DeepSeek and Qwen build it is a configuration of the same model
+// (train_config.h): RMSNorm for every LN (norm "rmsnorm"), rotary embeddings of the queries and
+// keys instead of wpe (position "rope"), SwiGLU dense MLPs (mlp_activation "swiglu").
+//
 // Each pass is one task graph: the dense work of every block is a task on the compute lane, each
 // MoE layer appends its own tasks (its all-to-alls on the communication lane), and in the
 // backward the data-parallel gradient all-reduce of each block joins the graph as soon as the
@@ -241,7 +245,12 @@ class GptModel {
   std::vector<double> ce_sums_;  // and each row's sum of exp(z - max), its target's logit [2T]
   Executor& executor_;
   Backend& backend_;
-  Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D], [D], [D]
+  Tensor wte_, wpe_, lnf_g_, lnf_b_;  // [V, D], [S, D] (learned positions), [D], [D] (LayerNorm)
+  // rotary embeddings (config position "rope"): each position's angles' cos and sin [S, hd / 2]
+  std::vector<float> rope_cos_, rope_sin_;
+  bool mlp_swiglu() const { return config_.mlp_activation == "swiglu"; }
+  // rotary embeddings of the queries and keys of qkv[T, 3 Dl] (pos null: token t at t % S); inverse: a gradient's
+  void rope(Backend& k, float* qkv, int64_t T, const int64_t* pos, int64_t S, bool inverse) const;
   Tensor dwte_, dwpe_, dlnf_g_, dlnf_b_;
   std::vector<std::unique_ptr<Block>> blocks_;  // [layers]: null where another stage holds the block
   std::map<int, std::unique_ptr<SavedPass>> stashed_;

@@ -26,7 +26,7 @@ void GptModel::backward_stage(const float* dh_in) {
   Backend& k = backend_;
   const bool scmoe = config_.scmoe();
   // the backward's own buffers: alive until its graph has run
-  Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dqkv(T * 3 * D), dattn(T * D), dact;
+  Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dqkv(T * 3 * D), dattn(T * D), dact, dfc_swiglu;
   const RouterLossGrads router_grads{static_cast<float>(config_.aux_coef) * backward_scale_,
                                  static_cast<float>(config_.z_loss_coef) * backward_scale_};
   std::vector<int> moe_done(L, -1), moe_ln_bwd(L, -1);  // MoE output (dx) or ScMoE's LN backward; task ids
@@ -50,8 +50,8 @@ void GptModel::backward_stage(const float* dh_in) {
         k.gemm_as(precision_, Trans::yes, Trans::no, Vl, D, T, dlogits_.data(), Vl, lnf_out_.data(), D, 1.0f, dwte_.f32(), D);
       };
       auto norm = [&, T, D] {
-        k.layernorm_backward(h_final_.data(), lnf_g_.f32(), lnf_mean_.data(), lnf_rstd_.data(), dln.data(), T, D,
-                             dh.data(), dlnf_g_.f32(), dlnf_b_.f32());
+        norm_backward(k, config_.rmsnorm(), h_final_.data(), lnf_g_, lnf_mean_.data(), lnf_rstd_.data(), dln.data(), T, D,
+                      dh.data(), dlnf_g_, dlnf_b_);
       };
       if (vocab_tp_ == 1)
         return g.add({"head_bwd", lanes::compute, "head_bwd", -1, head_work, after(last), [shard, norm] { shard(), norm(); }});
@@ -86,14 +86,22 @@ void GptModel::backward_stage(const float* dh_in) {
           }, l});
       }
     } else {
-      const TaskWork mlp_work{6, 8 * Td * Dd * F, (8 * Td * F + 6 * Td * Dd) * 4};
+      const double mlp_matrices = mlp_swiglu() ? 3 : 2;  // SwiGLU: W_g, W_v and W_out
+      const TaskWork mlp_work{6, 4 * mlp_matrices * Td * Dd * F, (2 * (mlp_matrices + 2) * Td * F + 6 * Td * Dd) * 4};
       steps.push_back(DenseStep{indexed("mlp_bwd", l), [&, l, T, F, mlp_work](TaskGraph& g, int last) {
         const int64_t Fl = F / dense_tp_;  // tensor-parallel: this rank's hidden units; dffn_in its share
         auto columns = [&, T, Fl] {
           dact.resize(T * Fl);
           linear_backward(k, precision_, b.act.in(0), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
-          k.gelu_backward(b.fc.data(), dact.data(), dact.data(), T * Fl);
-          linear_backward(k, precision_, b.ln2_out.data(), b.w_fc, dact.data(), T, b.d_w_fc, b.d_b_fc, dffn_in.data());
+          const float* dfc = dact.data();
+          if (mlp_swiglu()) {  // [dg | dv] from dact
+            dfc_swiglu.resize(T * 2 * Fl);
+            k.swiglu_rows_backward(b.fc.data(), dact.data(), dfc_swiglu.data(), T, Fl);
+            dfc = dfc_swiglu.data();
+          } else {
+            k.gelu_backward(b.fc.data(), dact.data(), dact.data(), T * Fl);
+          }
+          linear_backward(k, precision_, b.ln2_out.data(), b.w_fc, dfc, T, b.d_w_fc, b.d_b_fc, dffn_in.data());
         };
         return add_dense_task(g, indexed("mlp_bwd", l), "mlp_bwd", mlp_work, after(last), columns, &dffn_in, T * D, [] {});
       }});
@@ -108,19 +116,20 @@ void GptModel::backward_stage(const float* dh_in) {
       // tensor-parallel: this rank's heads; the gradient of LN1's output is summed over the group
       const int64_t Hl = H / dense_tp_;
       auto heads = [&, T, D, B, S, Hl, hd, mid] {
-        k.layernorm_backward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_mean.data(), b.ln2_rstd.data(), dffn_in.data(), T, D,
-                             dtmp.data(), b.d_ln2_g.f32(), b.d_ln2_b.f32());
+        norm_backward(k, config_.rmsnorm(), b.x_mid.data(), b.ln2_g, b.ln2_mean.data(), b.ln2_rstd.data(), dffn_in.data(),
+                      T, D, dtmp.data(), b.d_ln2_g, b.d_ln2_b);
         for (int64_t i = 0; i < T * D; ++i) dx_mid[i] = dh[i] + dtmp[i];
         if (mid >= 0)  // ScMoE pos2: the next block's experts read this attention output
           for (int64_t i = 0; i < T * D; ++i) dx_mid[i] += blocks_[mid]->dtap[i];
         // x_mid = x_in + Attn(LN1(x_in))
         linear_backward(k, precision_, b.attn.in(0), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
         k.attention_backward(b.qkv.data(), b.probs.data(), dattn.data(), B, S, Hl, hd, dqkv.data());
+        if (config_.rope()) rope(k, dqkv.data(), T, nullptr, S, true);  // to the queries and keys before they turned
         linear_backward(k, precision_, b.ln1_out.in(0), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
       };
       auto rest = [&, T, D, in_tap] {
-        k.layernorm_backward(b.x_in.data(), b.ln1_g.f32(), b.ln1_mean.data(), b.ln1_rstd.data(), dtmp.data(), T, D,
-                             dh.data(), b.d_ln1_g.f32(), b.d_ln1_b.f32());
+        norm_backward(k, config_.rmsnorm(), b.x_in.data(), b.ln1_g, b.ln1_mean.data(), b.ln1_rstd.data(), dtmp.data(), T,
+                      D, dh.data(), b.d_ln1_g, b.d_ln1_b);
         for (int64_t i = 0; i < T * D; ++i) dh[i] += dx_mid[i];
         if (in_tap >= 0)  // ScMoE pos1 / pos3: experts read this block's input
           for (int64_t i = 0; i < T * D; ++i) dh[i] += blocks_[in_tap]->dtap[i];
@@ -137,7 +146,7 @@ void GptModel::backward_stage(const float* dh_in) {
                     for (int64_t t = 0; t < T; ++t) {
                       const int64_t row = inputs_[t] - lo;
                       if (row >= 0 && row < Vl) k.axpy(1.0f, dh.data() + t * D, dwte_.f32() + row * D, D);
-                      k.axpy(1.0f, dh.data() + t * D, dwpe_.f32() + (t % S) * D, D);
+                      if (!config_.rope()) k.axpy(1.0f, dh.data() + t * D, dwpe_.f32() + (t % S) * D, D);
                     }
                   }});
   }});
@@ -239,10 +248,10 @@ void GptModel::backward_stage(const float* dh_in) {
       b.dtap.resize(T * D);
       const float* tap = scmoe_tap_saved(block);
       moe_ln_bwd[block] = g.add({indexed("moe_ln_bwd", block), lanes::compute, "layernorm_bwd", -1,
-                                 {1, 10 * Td * Dd, 4 * Td * Dd * 4}, {t.output}, [bp, &k, tap, T, D] {
-                                   k.layernorm_backward(tap, bp->ln_moe_g.f32(), bp->moe_mean.data(), bp->moe_rstd.data(),
-                                                        bp->dmoe_in.data(), T, D, bp->dtap.data(), bp->d_ln_moe_g.f32(),
-                                                        bp->d_ln_moe_b.f32());
+                                 {1, 10 * Td * Dd, 4 * Td * Dd * 4}, {t.output}, [bp, &k, tap, T, D, this] {
+                                   norm_backward(k, config_.rmsnorm(), tap, bp->ln_moe_g, bp->moe_mean.data(),
+                                                 bp->moe_rstd.data(), bp->dmoe_in.data(), T, D, bp->dtap.data(),
+                                                 bp->d_ln_moe_g, bp->d_ln_moe_b);
                                  }});
     } else {
       t = b.moe->append_backward(g, after(last), *b.moe_pass, dh.data(), dffn_in.data(), router_grads,

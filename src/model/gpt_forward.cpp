@@ -152,9 +152,10 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
   if (span_.first_stage)  // later stages start from the stage before's output, copied into h_ above
     steps.push_back(DenseStep{"embed", [this, T, D, S, V, Td, Dd, decode](TaskGraph& g, int last) {
       // vocabulary-parallel: this rank's rows of the table, the positions from the group's first
-      // rank, summed over the group (each token's two terms meet once: the sum is exact)
+      // rank, summed over the group (each token's two terms meet once: the sum is exact); rotary
+      // embeddings: no position term here (attention turns the queries and keys)
       const int64_t Vl = V / vocab_tp_, lo = vocab_tp_ > 1 ? tp_group_->rank() * Vl : 0;
-      const bool positions_here = vocab_tp_ == 1 || tp_group_->rank() == 0;
+      const bool positions_here = !config_.rope() && (vocab_tp_ == 1 || tp_group_->rank() == 0);
       auto lookup = [=, this] {
         for (int64_t t = 0; t < T; ++t) {
           PM_CHECK(inputs_[t] >= 0 && inputs_[t] < V, "token {} outside the vocabulary of {}", inputs_[t], V);
@@ -162,7 +163,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
           const bool mine = row >= 0 && row < Vl;
           const float* e = wte_.f32() + row * D;
           const int64_t position = decode ? token_positions_[t] : t % S;
-          const float* p = wpe_.f32() + position * D;
+          const float* p = positions_here ? wpe_.f32() + position * D : nullptr;
           float* out = h_.data() + t * D;
           if (mine && positions_here)
             for (int64_t i = 0; i < D; ++i) out[i] = e[i] + p[i];
@@ -189,10 +190,12 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         b.x_in = h_;
         b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
         float* ln1 = compute_into(b.ln1_out, T, D, precision_);
-        k.layernorm_forward(h_.data(), b.ln1_g.f32(), b.ln1_b.f32(), T, D, kLayerNormEps, ln1, b.ln1_mean.data(),
-                            b.ln1_rstd.data());
+        norm_forward(k, config_.rmsnorm(), h_.data(), b.ln1_g, b.ln1_b, T, D, ln1, b.ln1_mean.data(), b.ln1_rstd.data());
         b.qkv.resize(T * 3 * Dl);
         linear_forward(k, precision_, ln1, b.w_qkv, b.b_qkv, T, b.qkv.data(), frozen_pack(b.w_qkv));
+        // rotary: the queries and keys turned by their positions before they meet (and before the
+        // keys go into the cache)
+        if (config_.rope()) rope(k, b.qkv.data(), T, decode ? token_positions_.data() : nullptr, S, false);
         keep(k, b.ln1_out, ln1, T);
         float* attn = compute_into(b.attn, T, Dl, precision_);
         if (decode) {  // each token against its row's cached keys and values
@@ -215,8 +218,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
       auto rest = [&b, &k, this, T, D] {
         for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
         b.ln2_out.resize(T * D), b.ln2_mean.resize(T), b.ln2_rstd.resize(T);
-        k.layernorm_forward(b.x_mid.data(), b.ln2_g.f32(), b.ln2_b.f32(), T, D, kLayerNormEps, b.ln2_out.data(),
-                            b.ln2_mean.data(), b.ln2_rstd.data());
+        norm_forward(k, config_.rmsnorm(), b.x_mid.data(), b.ln2_g, b.ln2_b, T, D, b.ln2_out.data(), b.ln2_mean.data(),
+                     b.ln2_rstd.data());
       };
       return add_dense_task(g, indexed("attention", l), "attention", attention_work, after(last), heads, &b.x_mid, T * D,
                             rest);
@@ -244,15 +247,19 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
                       }});
       }, l});
     } else {
-      const TaskWork mlp_work{3, 4 * Td * Dd * F, (4 * Td * F + 4 * Td * Dd) * 4};
+      const double mlp_matrices = mlp_swiglu() ? 3 : 2;  // SwiGLU: W_g, W_v and W_out
+      const TaskWork mlp_work{3, 2 * mlp_matrices * Td * Dd * F, ((mlp_matrices + 2) * Td * F + 4 * Td * Dd) * 4};
       steps.push_back(DenseStep{indexed("mlp", l), [&b, &k, &moe_ln, this, l, T, D, F, pos3_reader, mlp_work](TaskGraph& g, int last) {
         std::vector<int> deps = plus(after(last), {pos3_reader >= 0 ? moe_ln[pos3_reader] : -1});
         const int64_t Fl = F / dense_tp_;  // tensor-parallel: this rank's columns of the hidden layer
         auto columns = [&b, &k, this, T, Fl] {
-          b.fc.resize(T * Fl);
+          b.fc.resize(T * b.w_fc.dim(1));
           linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data(), frozen_pack(b.w_fc));
           float* act = compute_into(b.act, T, Fl, precision_);
-          k.gelu_forward(b.fc.data(), act, T * Fl);
+          if (mlp_swiglu())
+            k.swiglu_rows_forward(b.fc.data(), act, T, Fl);
+          else
+            k.gelu_forward(b.fc.data(), act, T * Fl);
           linear_forward_share(k, act, b.w_out, b.b_out, T, h_.data());
           keep(k, b.act, act, T);
         };
@@ -273,8 +280,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
       auto logits = [this, T, D, Vl, &k] {
         h_final_ = h_;
         lnf_out_.resize(T * D), lnf_mean_.resize(T), lnf_rstd_.resize(T);
-        k.layernorm_forward(h_.data(), lnf_g_.f32(), lnf_b_.f32(), T, D, kLayerNormEps, lnf_out_.data(),
-                            lnf_mean_.data(), lnf_rstd_.data());
+        norm_forward(k, config_.rmsnorm(), h_.data(), lnf_g_, lnf_b_, T, D, lnf_out_.data(), lnf_mean_.data(),
+                     lnf_rstd_.data());
         logits_.resize(T * Vl);
         if (const PackedMatrix* head = frozen_pack(wte_))
           k.gemm_prepacked(Trans::no, T, lnf_out_.data(), D, *head, 0.0f, logits_.data(), Vl);
@@ -337,9 +344,9 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
       const float* tap = scmoe_tap_now(block);
       b.moe_in.resize(T * D), b.moe_mean.resize(T), b.moe_rstd.resize(T);
       moe_ln[block] = g.add({indexed("moe_ln", block), lanes::compute, "layernorm", -1, {1, 8 * Td * Dd, 3 * Td * Dd * 4},
-                             front, [bp, &k, tap, T, D] {
-                               k.layernorm_forward(tap, bp->ln_moe_g.f32(), bp->ln_moe_b.f32(), T, D, kLayerNormEps,
-                                                   bp->moe_in.data(), bp->moe_mean.data(), bp->moe_rstd.data());
+                             front, [bp, &k, tap, T, D, this] {
+                               norm_forward(k, config_.rmsnorm(), tap, bp->ln_moe_g, bp->ln_moe_b, T, D,
+                                            bp->moe_in.data(), bp->moe_mean.data(), bp->moe_rstd.data());
                              }});
       front = {moe_ln[block]};
       moe_input = b.moe_in.data();

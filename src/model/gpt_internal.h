@@ -16,7 +16,25 @@ namespace pm {
 namespace gpt_internal {
 
 
-inline constexpr float kLayerNormEps = 1e-5f;
+inline constexpr float kLayerNormEps = 1e-5f;  // LayerNorm's and RMSNorm's
+
+// The backbone's norm (config "norm"): LayerNorm (mean, gamma and beta), or RMSNorm (gamma only:
+// beta is empty and mean[T] unused).
+inline void norm_forward(Backend& k, bool rms, const float* x, const Tensor& g, const Tensor& b, int64_t T, int64_t D,
+                         float* y, float* mean, float* rstd) {
+  if (rms)
+    k.rmsnorm_forward(x, g.f32(), T, D, kLayerNormEps, y, rstd);
+  else
+    k.layernorm_forward(x, g.f32(), b.f32(), T, D, kLayerNormEps, y, mean, rstd);
+}
+// dx overwritten; dg (and LayerNorm's db) added to.
+inline void norm_backward(Backend& k, bool rms, const float* x, const Tensor& g, const float* mean, const float* rstd,
+                          const float* dy, int64_t T, int64_t D, float* dx, Tensor& dg, Tensor& db) {
+  if (rms)
+    k.rmsnorm_backward(x, g.f32(), rstd, dy, T, D, dx, dg.f32());
+  else
+    k.layernorm_backward(x, g.f32(), mean, rstd, dy, T, D, dx, dg.f32(), db.f32());
+}
 
 // y[T, N] = x[T, K] w[K, N] + b[N]; its GEMM in `p` (bf16: on bf16 operands, fp32 accumulation),
 // with w packed once beforehand when `packed` is given (frozen weights: the same bits).
@@ -113,10 +131,10 @@ void lay_out(TaskGraph& g, std::vector<Step>& steps, Join&& join) {
 
 struct GptModel::Block {
   // parameters and gradients; shapes in comments (D model, F dense hidden, G shared-expert hidden)
-  Tensor ln1_g, ln1_b, ln2_g, ln2_b;  // [D]
+  Tensor ln1_g, ln1_b, ln2_g, ln2_b;  // [D] (the b's LayerNorm's only)
   Tensor w_qkv, b_qkv;                // [D, 3D], [3D]
   Tensor w_proj, b_proj;              // [D, D], [D]
-  Tensor w_fc, b_fc, w_out, b_out;    // dense: [D, F], [F], [F, D], [D]
+  Tensor w_fc, b_fc, w_out, b_out;    // dense: [D, F] ([D, 2F] SwiGLU), [F] ([2F]), [F, D], [D]
   Tensor se_w_fc, se_b_fc, se_w_out, se_b_out, se_w_cg, se_b_cg;  // shared expert: [D, G], [G], [G, D], [D], [D, 1], [1]
   Tensor ln_moe_g, ln_moe_b;          // ScMoE: the routed experts' own LayerNorm [D]
   Tensor d_ln1_g, d_ln1_b, d_ln2_g, d_ln2_b, d_w_qkv, d_b_qkv, d_w_proj, d_b_proj, d_w_fc, d_b_fc, d_w_out, d_b_out;

@@ -11,7 +11,7 @@ namespace pm {
 double block_cost(const ModelConfig& m, int l) {
   const double D = m.d_model, S = m.seq_len;
   const double attention = 8 * D * D + 4 * S * D;  // q, k, v and the projection; scores and values
-  if (!m.is_moe(l)) return attention + 4 * D * m.mlp_hidden;
+  if (!m.is_moe(l)) return attention + (m.mlp_activation == "swiglu" ? 3 : 2) * 2 * D * m.mlp_hidden;
   const double matrices = m.expert_activation == "swiglu" ? 3 : 2;
   const double slots = m.top_k * (m.capacity_factor > 0 ? m.capacity_factor : 1.0);  // rows per token
   const double shared = (m.shared_expert_activation == "swiglu" ? 3 : 2) * 2 * D * m.shared_expert_hidden;

@@ -39,6 +39,10 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("layers", c.model.layers);
   fn("heads", c.model.heads);
   fn("mlp_hidden", c.model.mlp_hidden);
+  fn("norm", c.model.norm);
+  fn("position", c.model.position);
+  fn("rope_theta", c.model.rope_theta);
+  fn("mlp_activation", c.model.mlp_activation);
   fn("moe_every", c.model.moe_every);
   fn("experts", c.model.experts);
   fn("top_k", c.model.top_k);
@@ -185,13 +189,14 @@ double TrainConfig::estimated_bytes_per_rank(int world) const {
   // parameters: embeddings, attention, dense MLPs, and per MoE block its gate, experts and shared
   // expert (an expert's two matrices are 2 D H, or 3 D H with SwiGLU)
   const double expert_matrices = m.expert_activation == "swiglu" ? 3 : 2;
-  double params = (V + S) * D + m.layers * (4 * D * D + 6 * D) + dense * 2 * D * m.mlp_hidden +
+  const double mlp_matrices = m.mlp_activation == "swiglu" ? 3 : 2;
+  double params = (V + (m.rope() ? 0 : S)) * D + m.layers * (4 * D * D + 6 * D) + dense * mlp_matrices * D * m.mlp_hidden +
                   moe * (D * m.experts + local_experts * expert_matrices * D * m.expert_hidden +
                          (m.shared_expert_activation == "swiglu" ? 3 : 2) * D * m.shared_expert_hidden + 2 * D);
   // activations kept for the backward, per block: ~16 rows of D, the MLP's or the experts' hidden
   // rows, the attention probabilities; and the logits with their gradient
   const double rows = T * std::max(1, m.top_k) * std::max(1.0, m.capacity_factor);
-  double activations = m.layers * (16 * T * D + T * S * m.heads) + dense * 3 * T * m.mlp_hidden +
+  double activations = m.layers * (16 * T * D + T * S * m.heads) + dense * (mlp_matrices + 1) * T * m.mlp_hidden +
                        moe * ((1 + expert_matrices) * rows * m.expert_hidden + 4 * rows * D + (m.shared_expert_activation == "swiglu" ? 4 : 3) * T * m.shared_expert_hidden) + 2 * T * V;
   return 4.0 * (4 * params + activations);  // float32; value, gradient and two AdamW moments per parameter
 }
@@ -260,6 +265,17 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(m.moe_layers() == 0 || m.experts % m.tp == 0,
              "configuration: {} experts do not divide over tensor-parallel groups of {} ranks", m.experts, m.tp);
   PM_REQUIRE(m.d_model % m.heads == 0, "configuration: d_model {} must be a multiple of heads {}", m.d_model, m.heads);
+  PM_REQUIRE(m.norm == "layernorm" || m.norm == "rmsnorm",
+             "configuration: 'norm' must be \"layernorm\" or \"rmsnorm\", got \"{}\"", m.norm);
+  PM_REQUIRE(m.position == "learned" || m.position == "rope",
+             "configuration: 'position' must be \"learned\" (a position embedding) or \"rope\" (rotary), got \"{}\"",
+             m.position);
+  PM_REQUIRE(std::isfinite(m.rope_theta) && m.rope_theta > 1,
+             "configuration: 'rope_theta' (the rotary embedding's base) must be above 1, got {}", m.rope_theta);
+  PM_REQUIRE(!m.rope() || (m.d_model / m.heads) % 2 == 0,
+             "configuration: rotary embeddings turn pairs of a head's values: the head size d_model / heads = {} "
+             "must be even", m.d_model / m.heads);
+  parse_activation(m.mlp_activation, "configuration: 'mlp_activation'");
   const double need = estimated_bytes_per_rank(world), have = physical_memory_bytes();
   PM_REQUIRE(have <= 0 || need <= have,
              "configuration: this model needs about {:.1f} GiB per rank (weights, gradients, AdamW state and "

@@ -19,6 +19,17 @@ struct ModelConfig {
   int layers = 4;
   int heads = 4;
   int mlp_hidden = 1024;   // dense feed-forward blocks
+  // The dense backbone's design. norm: "layernorm" (GPT-2: mean and bias) or "rmsnorm" (Llama,
+  // Mixtral, DeepSeek, Qwen: no mean, no bias), every norm of the model (eps 1e-5 either way).
+  // position: "learned" (a position embedding added to the token's) or "rope" (rotary embeddings
+  // of the queries and keys, rotate-half pairing, base rope_theta; no position embedding).
+  // mlp_activation: the dense MLP blocks', "gelu" or "swiglu" (w_fc [D, 2F] = [W_g | W_v]).
+  std::string norm = "layernorm";
+  std::string position = "learned";
+  double rope_theta = 10000;
+  std::string mlp_activation = "gelu";
+  bool rmsnorm() const { return norm == "rmsnorm"; }
+  bool rope() const { return position == "rope"; }
   int moe_every = 2;       // every moe_every-th block has an MoE feed-forward (blocks 1, 3, ...); 0: none
   int experts = 4;         // over all ranks
   int top_k = 2;

@@ -43,6 +43,15 @@ TrainConfig tiny(const std::string& arch, int slot, bool overlap) {
   return c;
 }
 
+// The backbone: "gpt2" (LayerNorm, learned positions, GeLU MLPs) or "llama" (RMSNorm, rotary
+// embeddings, SwiGLU MLPs).
+void set_backbone(ModelConfig& m, const std::string& backbone) {
+  if (backbone == "gpt2") return;
+  m.norm = "rmsnorm";
+  m.position = "rope";
+  m.mlp_activation = "swiglu";
+}
+
 // Per rank: the loss of each step and every gradient of the last.
 struct RankRun {
   std::vector<double> losses;
@@ -129,11 +138,13 @@ namespace {
 
 // The key/value cache changes time, never bits: decoding token by token gives the logits of a
 // forward over the whole sequence at its last position, for every sequence of a batch, on 1 and
-// 2 ranks, with ScMoE or not.
+// 2 ranks, with ScMoE or not, GPT-2's backbone and Llama's (rotary embeddings turn the cached keys).
 TEST(ModelOnThreadRanks, DecodingWithTheCacheGivesTheBitsOfTheWholeSequence) {
+  for (const char* backbone : {"gpt2", "llama"})
   for (const char* arch : {"moe", "scmoe"})
     for (int ranks : {1, 2}) {
       TrainConfig c = tiny(arch, -1, true);
+      set_backbone(c.model, backbone);
       const int64_t V = c.model.vocab_size;
       run_ranks_in_process(ranks, [&](Communicator& comm) {
         Executor executor;
@@ -158,7 +169,7 @@ TEST(ModelOnThreadRanks, DecodingWithTheCacheGivesTheBitsOfTheWholeSequence) {
             whole.start_inference(1);
             const float* full = whole.prefill(0, seq[r].data(), static_cast<int64_t>(seq[r].size()));
             EXPECT_TRUE(std::equal(full, full + V, cached.begin() + r * V))
-                << arch << ", " << ranks << " ranks, sequence " << r << ", step " << step;
+                << backbone << " " << arch << ", " << ranks << " ranks, sequence " << r << ", step " << step;
             next[r] = static_cast<int32_t>(std::max_element(full, full + V) - full) % 50 + 1;
           }
         }
@@ -168,13 +179,16 @@ TEST(ModelOnThreadRanks, DecodingWithTheCacheGivesTheBitsOfTheWholeSequence) {
 
 // Prefix reuse (serve): a prompt that starts from a copy of another row's first positions, kept
 // aside in a row that is not decoded, and runs only its remaining tokens gives the bits of its
-// whole prompt, and so do the tokens decoded after it; 1 and 2 ranks, ScMoE or not, fp32 and bf16.
+// whole prompt, and so do the tokens decoded after it; 1 and 2 ranks, ScMoE or not, fp32 and bf16,
+// GPT-2's backbone and Llama's.
 TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePrompt) {
+  for (const char* backbone : {"gpt2", "llama"})
   for (const char* arch : {"moe", "scmoe"})
     for (const char* dtype : {"fp32", "bf16"})
       for (int ranks : {1, 2}) {
         TrainConfig c = tiny(arch, -1, true);
         c.model.dtype = dtype;
+        set_backbone(c.model, backbone);
         const int64_t V = c.model.vocab_size;
         run_ranks_in_process(ranks, [&](Communicator& comm) {
           auto whole_prompt = [&](const std::vector<int32_t>& tokens) {
@@ -200,7 +214,7 @@ TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePro
             model.copy_inference_prefix(2, 1, reused);
             const float* got = model.extend(1, reused, prompt.data() + reused, n - reused);
             EXPECT_EQ(whole_prompt(prompt), std::vector<float>(got, got + V))
-                << arch << " " << dtype << ", " << ranks << " ranks, " << reused << " positions reused";
+                << backbone << " " << arch << " " << dtype << ", " << ranks << " ranks, " << reused << " positions reused";
             EXPECT_EQ(model.position(1), n);
           }
           // then decoding goes on from it as from a prompt run whole
@@ -211,7 +225,7 @@ TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePro
             seq.push_back(next[1]);
             std::vector<float> decoded(model.decode(next.data()), model.decode_logits_end(V));
             EXPECT_EQ(whole_prompt(seq), std::vector<float>(decoded.begin() + V, decoded.end()))
-                << arch << " " << dtype << ", " << ranks << " ranks, step " << step;
+                << backbone << " " << arch << " " << dtype << ", " << ranks << " ranks, step " << step;
           }
           // several rows in one pass (serve's admissions): a whole prompt and one continuing a
           // cached prefix, each with the bits it gets alone, at every position of the whole one
@@ -222,9 +236,9 @@ TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePro
           for (int64_t n = 1; n <= 4; ++n)
             EXPECT_EQ(whole_prompt(std::vector<int32_t>(alone.begin(), alone.begin() + n)),
                       std::vector<float>(all.begin() + (n - 1) * V, all.begin() + n * V))
-                << arch << " " << dtype << ", " << ranks << " ranks, one pass, position " << n - 1;
+                << backbone << " " << arch << " " << dtype << ", " << ranks << " ranks, one pass, position " << n - 1;
           EXPECT_EQ(whole_prompt(continued), std::vector<float>(all.begin() + 5 * V, all.end()))
-              << arch << " " << dtype << ", " << ranks << " ranks, one pass, the continued prompt";
+              << backbone << " " << arch << " " << dtype << ", " << ranks << " ranks, one pass, the continued prompt";
           EXPECT_EQ(model.position(0), 4);
           EXPECT_EQ(model.position(1), 5);
         });
@@ -232,12 +246,14 @@ TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePro
 }
 
 // Inference packs the weights once (start_inference): a prompt's logits are the bits of a training
-// forward over the same tokens (dropless too), in fp32 and bf16, on 1 and 2 ranks.
+// forward over the same tokens (dropless too), in fp32 and bf16, on 1 and 2 ranks, both backbones.
 TEST(ModelOnThreadRanks, WeightsPackedOnceForInferenceGiveTheTrainingForwardsBits) {
+  for (const char* backbone : {"gpt2", "llama"})
   for (const char* dtype : {"fp32", "bf16"})
     for (int ranks : {1, 2}) {
       TrainConfig c = tiny("moe", -1, true);
       c.model.dtype = dtype;
+      set_backbone(c.model, backbone);
       const int64_t V = c.model.vocab_size, S = c.model.seq_len;
       run_ranks_in_process(ranks, [&](Communicator& comm) {
         std::vector<int32_t> tokens(S), targets(S);
@@ -256,7 +272,7 @@ TEST(ModelOnThreadRanks, WeightsPackedOnceForInferenceGiveTheTrainingForwardsBit
           inference.start_inference(1);
           const float* last = inference.prefill(0, tokens.data(), S);
           EXPECT_TRUE(std::equal(last, last + V, trained.begin() + (S - 1) * V))
-              << dtype << ", " << ranks << " ranks, pass " << pass;
+              << backbone << " " << dtype << ", " << ranks << " ranks, pass " << pass;
         }
       });
     }

@@ -13,6 +13,11 @@ before it, tapped at pos1 (block l's input, the preceding block's output), pos2 
 block's attention output, between its attention and MLP) or pos3 (the preceding block's input);
 block l's output is then a + SE(LN2(a)) + MoE(LN_moe(tap)).
 
+The backbone may be Llama's instead (norm "rmsnorm": x / sqrt(mean(x^2) + eps) * g, no mean and no
+bias, for every norm; position "rope": no position embedding, the queries and keys of each head
+turned by rotary embeddings in the rotate-half pairing, angle pos * rope_theta^(-2i/hd), computed
+here in float64 from their definition; mlp_activation "swiglu": the dense MLP's W_fc = [W_g | W_v]).
+
 With dtype bf16 the linear layers (attention's QKV and output projections, the dense MLP, the
 shared expert and its coefficient gate, the tied LM head) and the experts are bf16 matmuls
 (moe_layer_reference.Bf16Matmul: both operands rounded, forward and backward), and the MoE's rows
@@ -31,14 +36,25 @@ from moe_layer_reference import Bf16Matmul, Wire, activate  # bf16 roundings; th
 torch.set_default_dtype(torch.float64)
 
 
-def gelu(u):
-    return 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
-
-
 def layernorm(x, g, b, eps=1e-5):
     m = x.mean(-1, keepdim=True)
     v = ((x - m) ** 2).mean(-1, keepdim=True)
     return (x - m) / torch.sqrt(v + eps) * g + b
+
+
+def rmsnorm(x, g, eps=1e-5):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * g
+
+
+def rope(x, positions, theta):
+    """x [B, H, S, hd] turned by rotary embeddings (rotate-half pairing) at positions [S]."""
+    hd = x.shape[-1]
+    half = hd // 2
+    freq = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / hd)
+    angle = positions.to(torch.float64)[:, None] * freq[None, :]  # [S, half]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
 def matmul_of(bf16):
@@ -46,11 +62,13 @@ def matmul_of(bf16):
     return Bf16Matmul.apply if bf16 else torch.matmul
 
 
-def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul):
+def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul, rope_theta=None):
     D = x.shape[1]
     hd = D // H
     qkv = (mm(x, w_qkv) + b_qkv).view(B, S, 3, H, hd)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, hd]
+    if rope_theta is not None:
+        q, k = rope(q, torch.arange(S), rope_theta), rope(k, torch.arange(S), rope_theta)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
     mask = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
     p = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
@@ -157,10 +175,19 @@ class Model:
             return None
         if name == "wte":
             return (0, 1) if self.vocab_parallel else None
-        for suffix, spec in DENSE_SHARDS.items():
+        for suffix, (dim, parts) in DENSE_SHARDS.items():
             if name.endswith(suffix):
-                return spec
+                if suffix in ("mlp.w_fc", "mlp.b_fc") and self.c.get("mlp_activation", "gelu") == "swiglu":
+                    parts = 2  # [W_g | W_v]: each half split
+                return dim, parts
         return None
+
+    def norm(self, x, name):
+        """The norm whose parameters are name.g (and name.b): LayerNorm or RMSNorm (config "norm")."""
+        p = self.params
+        if self.c.get("norm", "layernorm") == "rmsnorm":
+            return rmsnorm(x, p[name + ".g"])
+        return layernorm(x, p[name + ".g"], p[name + ".b"])
 
     def decays(self, name):
         return any(name.endswith(s) for s in ("w_qkv", "w_proj", "w_fc", "w_out", "moe.wg", "moe.w1", "moe.w2",
@@ -173,23 +200,24 @@ class Model:
         mm = matmul_of(bf16)
         B, S = inputs.shape
         inp = torch.tensor(inputs.reshape(-1).astype(np.int64))
-        h = p["wte"][inp] + p["wpe"][torch.arange(B * S) % S]
+        rope_theta = c.get("rope_theta", 10000.0) if c.get("position", "learned") == "rope" else None
+        h = p["wte"][inp] if rope_theta is not None else p["wte"][inp] + p["wpe"][torch.arange(B * S) % S]
         aux_sum = z_sum = 0.0
         inputs, mids = [], []  # each block's input and attention output: what ScMoE taps
         scmoe = c.get("arch", "moe") == "scmoe"
         for l in range(c["layers"]):
             b = f"blocks.{l}."
             inputs.append(h)
-            a = h + attention(layernorm(h, p[b + "ln1.g"], p[b + "ln1.b"]), p[b + "attn.w_qkv"], p[b + "attn.b_qkv"],
-                              p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"], mm)
+            a = h + attention(self.norm(h, b + "ln1"), p[b + "attn.w_qkv"], p[b + "attn.b_qkv"],
+                              p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"], mm, rope_theta)
             mids.append(a)
-            x = layernorm(a, p[b + "ln2.g"], p[b + "ln2.b"])
+            x = self.norm(a, b + "ln2")
             if c["moe_every"] > 0 and l % c["moe_every"] == c["moe_every"] - 1:
                 moe_in = x
                 if scmoe:
                     tap = {"pos1": inputs[l], "pos2": mids[l - 1] if l else None,
                            "pos3": inputs[l - 1] if l else None}[c["scmoe_tap"]]
-                    moe_in = layernorm(tap, p[b + "ln_moe.g"], p[b + "ln_moe.b"])
+                    moe_in = self.norm(tap, b + "ln_moe")
                 y, aux, z, chosen = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
                                         p[b + "moe.b2"], c["top_k"], c["capacity_factor"],
                                         c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"),
@@ -204,9 +232,10 @@ class Model:
                         se = se * torch.sigmoid(mm(x, p[b + "se.w_cg"]) + p[b + "se.b_cg"])
                     y = y + se
             else:
-                y = mm(gelu(mm(x, p[b + "mlp.w_fc"]) + p[b + "mlp.b_fc"]), p[b + "mlp.w_out"]) + p[b + "mlp.b_out"]
+                y = mm(activate(mm(x, p[b + "mlp.w_fc"]) + p[b + "mlp.b_fc"], c.get("mlp_activation", "gelu")),
+                       p[b + "mlp.w_out"]) + p[b + "mlp.b_out"]
             h = a + y
-        logits = mm(layernorm(h, p["ln_f.g"], p["ln_f.b"]), p["wte"].T)
+        logits = mm(self.norm(h, "ln_f"), p["wte"].T)
         ce = torch.nn.functional.cross_entropy(logits, torch.tensor(targets.reshape(-1).astype(np.int64)))
         return ce, aux_sum, z_sum, logits
 

@@ -3,12 +3,15 @@
 gradient after one forward/backward (within 1e-4 relative), then the loss of each of a few
 training steps (AdamW, clipping, warm-up, the selection bias's moves) along the same trajectory.
 In bf16 the reference does the same roundings (model_reference.py) and the errors are measured in
-norm (a value rounded the other way moves by one bf16 step, 2^-8 of it): within TOLERANCE_BF16.
+norm (a value rounded the other way moves by one bf16 step, 2^-8 of it): within TOLERANCE_BF16 at
+the first step, TOLERANCE_BF16_LATER_STEPS after it.
 PPMoE with the dense blocks split over a tensor-parallel group (TP_VARIANTS): each rank's slices of
 the split weights and their gradients against the matching slices of the whole model's, the
 vocabulary-parallel logits column by column; with two such groups (tp 2 x dp 2) every replica's
 slices. Gradients all-reduced with bf16 on the wire (GRAD_WIRE_VARIANTS): against the reference
-doing the same roundings, PPMoE's expert replicas summed over the groups included.
+doing the same roundings, PPMoE's expert replicas summed over the groups included. Llama's backbone
+(RMSNorm, rotary embeddings, SwiGLU dense MLPs: BACKBONE_VARIANTS) with the same checks.
+PIPEMOE_MODEL_VARIANTS=backbone,bf16 runs only those lists (after the three plain cases).
 
 Run: /usr/bin/python3 tests/reference/test_model.py   (needs build/pipemoe)
 """
@@ -28,6 +31,12 @@ TOLERANCE_BF16 = 2e-3  # |ours - torch| / |torch| in norm, bf16 against the same
 # gradients summed with bf16 on the wire against the exact sum: each rank's share and the sum
 # rounded (2 x 2^-9 of a value; more where the shares cancel), measured 2.0e-3 to 3.5e-3
 TOLERANCE_BF16_WIRE_EXACT = 5e-3
+# bf16, the steps after the first: AdamW's first updates move every weight by about lr whatever
+# its gradient's size, so an element of a small gradient (a norm's gain, a key bias under rotary
+# embeddings) that bf16 rounding moves across zero moves its weight the other way, and the two
+# trajectories part: measured up to 4.6e-3 on the losses and gradient norms of steps 1 and 2 (step
+# 0, every value and gradient, stays within TOLERANCE_BF16)
+TOLERANCE_BF16_LATER_STEPS = 1e-2
 STEPS = 3
 CONFIG = ["seq_len=16", "d_model=32", "layers=2", "heads=2", "mlp_hidden=48", "moe_every=2", "experts=4", "top_k=2",
           "capacity_factor=1.0", "expert_hidden=40", "aux_coef=0.05", "batch_size=3", "tokenizer_vocab=301",
@@ -57,6 +66,8 @@ def check(folder, ranks, seed, degree, f, variant=()):
         tolerance, error = (TOLERANCE_BF16_WIRE_EXACT if wire_exact else TOLERANCE_BF16), norm_error
     state = {}
     for step in range(STEPS):
+        if bf16 and step == 1:
+            tolerance = max(tolerance, TOLERANCE_BF16_LATER_STEPS)
         total, ce, aux, logits = model.global_loss(folder, step)
         ours = model.meta["loss"][step]
         f.check(abs(ours - ce) <= tolerance * abs(ce), f"{name} step {step}: loss {ours} vs torch {ce}")
@@ -185,13 +196,34 @@ GRAD_WIRE_VARIANTS = [
     (4, 50, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "grad_allreduce_dtype=bf16"]),
 ]
 
+# The backbone as Llama, Mixtral, DeepSeek and Qwen build it (RMSNorm, rotary embeddings, SwiGLU
+# dense MLPs): alone and pipelined; with a DeepSeek-style MoE block; with another rotary base;
+# split over a tensor-parallel group (SwiGLU's halves each split); with ScMoE; and in bf16
+LLAMA = ["norm=rmsnorm", "position=rope", "mlp_activation=swiglu"]
+BACKBONE_VARIANTS = [
+    (1, 61, 1, LLAMA),
+    (2, 62, 2, LLAMA + ["expert_activation=swiglu", "experts=8", "top_k=4", "expert_hidden=12",
+                        "shared_expert_hidden=24", "shared_expert_activation=swiglu", "router_score=sigmoid",
+                        "aux_coef=0.001", "router_bias_rate=0.05", "capacity_factor=0"]),
+    (2, 63, 1, ["position=rope", "rope_theta=500000", "norm=rmsnorm"]),
+    (2, 64, 1, LLAMA + ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300"]),
+    (1, 65, 1, LLAMA + ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=1"]),
+    (2, 66, 1, LLAMA + ["dtype=bf16"]),
+    (4, 67, 2, LLAMA + ["experts=8"]),
+]
+
 
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
         for ranks, seed, degree in [(1, 21, 1), (2, 22, 1), (2, 23, 2)]:
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f)
-        for ranks, seed, degree, variant in VARIANTS + ROUTER_VARIANTS + BF16_VARIANTS + TP_VARIANTS + GRAD_WIRE_VARIANTS:
+        only = os.environ.get("PIPEMOE_MODEL_VARIANTS")  # e.g. "backbone": run only that list
+        lists = {"scmoe": VARIANTS, "router": ROUTER_VARIANTS, "bf16": BF16_VARIANTS, "tp": TP_VARIANTS,
+                 "grad_wire": GRAD_WIRE_VARIANTS, "backbone": BACKBONE_VARIANTS}
+        if only:
+            lists = {name: lists[name] for name in only.split(",")}
+        for ranks, seed, degree, variant in sum(lists.values(), []):
             check(os.path.join(tmp, f"r{ranks}s{seed}"), ranks, seed, degree, f, variant)
     f.finish("test_model")
 

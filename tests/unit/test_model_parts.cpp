@@ -76,6 +76,18 @@ TEST(TrainConfig, UnknownKeysBadTypesAndImpossibleValues) {
   odd.model.experts = 4;
   EXPECT_THROW(odd.validate(3), Error);
   EXPECT_NO_THROW(odd.validate(2));
+  // the backbone's keys
+  for (const nlohmann::json& j : {nlohmann::json{{"norm", "batchnorm"}}, nlohmann::json{{"position", "alibi"}},
+                                  nlohmann::json{{"rope_theta", 1.0}}, nlohmann::json{{"mlp_activation", "relu"}},
+                                  nlohmann::json{{"position", "rope"}, {"d_model", 60}, {"heads", 4}}}) {
+    TrainConfig backbone = c;
+    backbone.apply(j, "t");
+    EXPECT_THROW(backbone.validate(1), Error) << j.dump();
+  }
+  TrainConfig llama = c;
+  llama.apply(nlohmann::json{{"norm", "rmsnorm"}, {"position", "rope"}, {"rope_theta", 5e5}, {"mlp_activation", "swiglu"}},
+              "t");
+  EXPECT_NO_THROW(llama.validate(1));
   TrainConfig round = c;
   round.apply(c.to_json(), "itself");
   EXPECT_EQ(round.to_json(), c.to_json());

@@ -14,6 +14,7 @@
 #include "kernels/cpu/expert_ffn.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/rope.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace pm {
@@ -112,6 +113,18 @@ class CpuBackend final : public Backend {
   void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd, const float* dy,
                           int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta) override {
     pm::layernorm_backward(x, gamma, mean, rstd, dy, rows, D, dx, dgamma, dbeta);
+  }
+  void rmsnorm_forward(const float* x, const float* gamma, int64_t rows, int64_t D, float eps, float* y,
+                       float* rstd) override {
+    pm::rmsnorm_forward(x, gamma, rows, D, eps, y, rstd);
+  }
+  void rmsnorm_backward(const float* x, const float* gamma, const float* rstd, const float* dy, int64_t rows, int64_t D,
+                        float* dx, float* dgamma) override {
+    pm::rmsnorm_backward(x, gamma, rstd, dy, rows, D, dx, dgamma);
+  }
+  void rope_rotate(float* qkv, int64_t rows, int64_t width, int64_t hd, const int64_t* pos, int64_t S,
+                   const float* cos, const float* sin, bool inverse) override {
+    pm::rope_rotate(qkv, rows, width, hd, pos, S, cos, sin, inverse);
   }
 
   void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,

@@ -95,6 +95,18 @@ class ForwardingBackend : public Backend {
                           int64_t rows, int64_t D, float* dx, float* dgamma, float* dbeta) override {
     host_.layernorm_backward(x, gamma, mean, rstd, dy, rows, D, dx, dgamma, dbeta);
   }
+  void rmsnorm_forward(const float* x, const float* gamma, int64_t rows, int64_t D, float eps, float* y,
+                       float* rstd) override {
+    host_.rmsnorm_forward(x, gamma, rows, D, eps, y, rstd);
+  }
+  void rmsnorm_backward(const float* x, const float* gamma, const float* rstd, const float* dy, int64_t rows, int64_t D,
+                        float* dx, float* dgamma) override {
+    host_.rmsnorm_backward(x, gamma, rstd, dy, rows, D, dx, dgamma);
+  }
+  void rope_rotate(float* qkv, int64_t rows, int64_t width, int64_t hd, const int64_t* pos, int64_t S,
+                   const float* cos, const float* sin, bool inverse) override {
+    host_.rope_rotate(qkv, rows, width, hd, pos, S, cos, sin, inverse);
+  }
   void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
                          float* out) override {
     host_.attention_forward(qkv, B, S, heads, hd, probs, out);

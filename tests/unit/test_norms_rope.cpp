@@ -1,0 +1,123 @@
+// RMSNorm and rotary embeddings (the Llama-style backbone's kernels) against closed forms in
+// double, RMSNorm's backward against finite differences, and the rotations' defining properties.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "core/rng.h"
+#include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/rope.h"
+
+namespace pm {
+namespace {
+
+std::vector<float> normal(int64_t n, uint64_t seed, float std = 1.0f) {
+  std::vector<float> v(n);
+  Rng(seed, 0).fill_normal(v.data(), n, 0.0f, std);
+  return v;
+}
+
+TEST(RmsNorm, ClosedFormAndFiniteDifferences) {
+  const int64_t rows = 3, D = 40;
+  const float eps = 1e-5f;
+  std::vector<float> x = normal(rows * D, 1, 2.0f), g = normal(D, 2), y(rows * D), rstd(rows);
+  rmsnorm_forward(x.data(), g.data(), rows, D, eps, y.data(), rstd.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    double ms = 0;
+    for (int64_t i = 0; i < D; ++i) ms += double(x[r * D + i]) * x[r * D + i];
+    const double s = 1.0 / std::sqrt(ms / D + eps);
+    EXPECT_NEAR(rstd[r], s, 1e-6 * s);
+    for (int64_t i = 0; i < D; ++i) EXPECT_NEAR(y[r * D + i], x[r * D + i] * s * g[i], 1e-5);
+  }
+  // loss = sum(y * w): dx and dgamma against central differences in double
+  std::vector<float> w = normal(rows * D, 3), dx(rows * D), dg(D, 0.0f);
+  rmsnorm_backward(x.data(), g.data(), rstd.data(), w.data(), rows, D, dx.data(), dg.data());
+  auto loss = [&](const std::vector<float>& xs, const std::vector<float>& gs) {
+    double l = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      double ms = 0;
+      for (int64_t i = 0; i < D; ++i) ms += double(xs[r * D + i]) * xs[r * D + i];
+      const double s = 1.0 / std::sqrt(ms / D + eps);
+      for (int64_t i = 0; i < D; ++i) l += xs[r * D + i] * s * gs[i] * w[r * D + i];
+    }
+    return l;
+  };
+  const float h = 1e-2f;
+  for (int64_t at : {0L, 7L, 45L, 119L}) {
+    std::vector<float> up = x, down = x;
+    up[at] += h, down[at] -= h;
+    EXPECT_NEAR(dx[at], (loss(up, g) - loss(down, g)) / (2.0 * h), 1e-3) << "dx " << at;
+  }
+  for (int64_t at : {0L, 13L, 39L}) {
+    std::vector<float> up = g, down = g;
+    up[at] += h, down[at] -= h;
+    EXPECT_NEAR(dg[at], (loss(x, up) - loss(x, down)) / (2.0 * h), 1e-3) << "dgamma " << at;
+  }
+}
+
+// cos and sin [S, hd / 2] of the angles pos * theta^(-2i / hd), as the model builds them
+void rope_tables(int64_t S, int64_t hd, double theta, std::vector<float>& c, std::vector<float>& s) {
+  const int64_t half = hd / 2;
+  c.resize(S * half), s.resize(S * half);
+  for (int64_t p = 0; p < S; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = p * std::pow(theta, -2.0 * i / hd);
+      c[p * half + i] = static_cast<float>(std::cos(angle));
+      s[p * half + i] = static_cast<float>(std::sin(angle));
+    }
+}
+
+TEST(Rope, TurnsQueriesAndKeysByTheirPositionsOnly) {
+  const int64_t S = 12, heads = 2, hd = 8, width = heads * hd, rows = 2 * S;  // two sequences
+  std::vector<float> c, s;
+  rope_tables(S, hd, 10000.0, c, s);
+  const std::vector<float> qkv = normal(rows * 3 * width, 4);
+  std::vector<float> turned = qkv;
+  rope_rotate(turned.data(), rows, width, hd, nullptr, S, c.data(), s.data(), false);
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t p = t % S;
+    for (int64_t at = 0; at < 2 * width; at += hd)
+      for (int64_t i = 0; i < hd / 2; ++i) {
+        const double a = qkv[t * 3 * width + at + i], b = qkv[t * 3 * width + at + i + hd / 2];
+        const double angle = p * std::pow(10000.0, -2.0 * i / hd);
+        EXPECT_NEAR(turned[t * 3 * width + at + i], a * std::cos(angle) - b * std::sin(angle), 1e-5);
+        EXPECT_NEAR(turned[t * 3 * width + at + i + hd / 2], b * std::cos(angle) + a * std::sin(angle), 1e-5);
+      }
+    for (int64_t i = 2 * width; i < 3 * width; ++i)  // values untouched
+      EXPECT_EQ(turned[t * 3 * width + i], qkv[t * 3 * width + i]);
+  }
+  // explicit positions give the bits of t % S
+  std::vector<int64_t> pos(rows);
+  for (int64_t t = 0; t < rows; ++t) pos[t] = t % S;
+  std::vector<float> by_pos = qkv;
+  rope_rotate(by_pos.data(), rows, width, hd, pos.data(), S, c.data(), s.data(), false);
+  EXPECT_EQ(by_pos, turned);
+  // the inverse turns it back
+  rope_rotate(turned.data(), rows, width, hd, nullptr, S, c.data(), s.data(), true);
+  for (int64_t i = 0; i < rows * 3 * width; ++i) EXPECT_NEAR(turned[i], qkv[i], 1e-5);
+}
+
+TEST(Rope, AQueryMeetsAKeyByTheirDistanceOnly) {
+  // the same query and key at positions (p, p - d) score alike for every p: attention sees distance
+  const int64_t S = 32, hd = 16, width = hd;
+  std::vector<float> c, s;
+  rope_tables(S, hd, 10000.0, c, s);
+  const std::vector<float> base = normal(3 * width, 5);
+  auto score = [&](int64_t pq, int64_t pk) {
+    std::vector<float> q = base, k = base;
+    rope_rotate(q.data(), 1, width, hd, &pq, S, c.data(), s.data(), false);
+    rope_rotate(k.data(), 1, width, hd, &pk, S, c.data(), s.data(), false);
+    double dot = 0;
+    for (int64_t i = 0; i < hd; ++i) dot += double(q[i]) * k[width + i];
+    return dot;
+  };
+  for (int64_t d : {0, 1, 5}) {
+    const double at = score(d, 0);
+    for (int64_t p = d; p < S; p += 7) EXPECT_NEAR(score(p, p - d), at, 1e-4) << "distance " << d << ", position " << p;
+  }
+  EXPECT_GT(std::abs(score(1, 0) - score(5, 0)), 1e-3);  // and distance matters
+}
+
+}  // namespace
+}  // namespace pm
