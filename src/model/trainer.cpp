@@ -379,11 +379,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   log::info("model: {} parameters, {} layers ({} MoE: {} experts, top-{}), d_model {}, {} ranks, {} tokens per step",
             n_params, c.model.layers, c.model.moe_layers(), c.model.experts, c.model.top_k, c.model.d_model, P,
             tokens_per_step);
-  log::info("backbone: {}, {} positions, {} dense MLPs{}", c.model.rmsnorm() ? "RMSNorm" : "LayerNorm",
-            c.model.rope() ? fmt::format("rotary (theta {:g})", c.model.rope_theta) : std::string("learned"),
-            c.model.mlp_activation == "swiglu" ? "SwiGLU" : "GeLU",
-            c.model.moe_layers() > 0 ? fmt::format(", {} experts", c.model.expert_activation == "swiglu" ? "SwiGLU" : "GeLU")
-                                     : std::string());
+  auto activation = [](const std::string& a) { return a == "swiglu" ? "SwiGLU" : "GeLU"; };
+  std::string backbone = fmt::format("backbone: {}, {} positions", c.model.rmsnorm() ? "RMSNorm" : "LayerNorm",
+                                     c.model.rope() ? fmt::format("rotary (theta {:.0f})", c.model.rope_theta)
+                                                    : std::string("learned"));
+  if (c.model.moe_layers() < c.model.layers) backbone += fmt::format(", {} dense MLPs", activation(c.model.mlp_activation));
+  if (c.model.moe_layers() > 0) backbone += fmt::format(", {} experts", activation(c.model.expert_activation));
+  log::info("{}", backbone);
   if (backend.device() != Device::cpu) log::info("backend: {}", backend.name());
   if (comm.backend() == "nccl") log::info("transport: NCCL (collectives on the GPUs)");
   if (c.model.dtype == "bf16")
