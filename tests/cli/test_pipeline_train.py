@@ -7,7 +7,7 @@ run's losses to float32 rounding, whatever the layout, and bad layouts are refus
     micro-batches: the one-rank run with 4 micro-batches (train, aux and validation losses and
     the gradient norm to float32 rounding; without tensor parallelism the first step's loss bit
     for bit: stage by stage the forward does the same arithmetic);
-  - ScMoE blocks inside stages: the same;
+  - ScMoE blocks inside stages: the same; and Llama's backbone (RMSNorm, rotary, SwiGLU);
   - pp 2 x dp 2 on 4 ranks: the all-to-all layer on 2 ranks (each data-parallel group's batch, its
     experts spread over the stage's 2 ranks);
   - the bubble is measured and reported beside 1F1B's formula (S - 1) / (M + S - 1);
@@ -114,6 +114,16 @@ def main():
         _, sc2, _ = train("scmoe pp 2", 2, "--pp", "2", *scmoe)
         f.check(same_run(rows(sc2), rows(sc1)), "ScMoE at pp 2: not the one-rank run's losses")
         print("ok: ScMoE at pp 2 gives the one-rank run's losses to float32 rounding", flush=True)
+
+        # Llama's backbone inside stages (no position embedding on the first stage; the last
+        # stage's final norm an RMSNorm): the same, and the first step's loss bit for bit
+        llama = ["--set", "norm=rmsnorm", "--set", "position=rope", "--set", "mlp_activation=swiglu"]
+        _, ll1, _ = train("llama one rank", 1, *llama)
+        _, ll2, _ = train("llama pp 2", 2, "--pp", "2", *llama)
+        f.check(same_run(rows(ll2), rows(ll1)) and rows(ll2)[0]["train_loss"] == rows(ll1)[0]["train_loss"],
+                "Llama's backbone at pp 2: not the one-rank run's losses")
+        f.check(rows(ll1)[0]["train_loss"] != reference[0]["train_loss"], "Llama's backbone: the same loss as GPT-2's")
+        print("ok: Llama's backbone at pp 2 gives the one-rank run's losses to float32 rounding", flush=True)
 
         # data parallel around the pipeline: each dp group's batch, the experts spread over a stage
         _, ep2, _ = train("ep on 2", 2)
