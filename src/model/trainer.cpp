@@ -40,7 +40,9 @@ namespace fs = std::filesystem;
 const char* const kModelKeys[] = {"seq_len",         "d_model",       "layers",    "heads",     "mlp_hidden",
                                   "moe_every",       "experts",       "top_k",     "capacity_factor",
                                   "expert_hidden",   "tokenizer_vocab", "arch",    "scmoe_tap",
-                                  "shared_expert_hidden", "coef_gate"};
+                                  "shared_expert_hidden", "coef_gate", "norm",     "position",
+                                  "rope_theta",      "mlp_activation", "expert_activation",
+                                  "shared_expert_activation", "router_score"};
 
 // Mean cross-entropy over the fixed validation batches, averaged over the last stage's ranks.
 double evaluate(PipelineRunner& runner, const TokenData& data, const TrainConfig& c, Communicator& comm,

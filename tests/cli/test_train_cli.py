@@ -177,6 +177,15 @@ def main():
             (2, [config, "--set", "degree_tune_window=-0.1"], "degree_tune_window", "a negative tuning window"),
             (2, [config, "--resume", whole, "--set", "arch=scmoe", "--set", "shared_expert_hidden=48", "--max-steps", 12], "another model",
              "a checkpoint of another architecture"),
+            (2, [config, "--set", "norm=batchnorm"], "'norm'", "an unknown norm"),
+            (2, [config, "--set", "position=alibi"], "'position'", "an unknown position encoding"),
+            (2, [config, "--set", "position=rope", "--set", "rope_theta=0.5"], "rope_theta", "a rotary base below 1"),
+            (2, [config, "--set", "position=rope", "--set", "d_model=30"], "must be even", "rotary with an odd head size"),
+            (2, [config, "--set", "mlp_activation=relu"], "mlp_activation", "an unknown dense activation"),
+            (2, [config, "--resume", whole, "--set", "norm=rmsnorm", "--max-steps", 12], "another model",
+             "a LayerNorm checkpoint resumed as RMSNorm"),
+            (2, [config, "--resume", whole, "--set", "position=rope", "--max-steps", 12], "another model",
+             "a learned-position checkpoint resumed with rotary embeddings"),
         ]
         for ranks, args, word, name in cases:
             one_error(f, train(ranks, *args, check=False, timeout=120), word, name)
