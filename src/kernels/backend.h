@@ -168,25 +168,27 @@ class Backend {
   // dx overwritten; dgamma added to.
   virtual void rmsnorm_backward(const float* x, const float* gamma, const float* rstd, const float* dy, int64_t rows,
                                 int64_t D, float* dx, float* dgamma) = 0;
-  // Rotary position embedding of the queries and keys of qkv[rows, 3 width] in place (q at columns
-  // [0, width), k at [width, 2 width), heads of hd; kernels/cpu/rope.h): row t at position pos[t]
-  // (pos null: t % S), cosines and sines from cos, sin [positions, hd / 2]; inverse turns a
+  // Rotary position embedding in place of every head (hd values) in columns [0, width) of x's rows
+  // (stride ld; the queries and keys of a qkv buffer; kernels/cpu/rope.h): row t at position
+  // pos[t] (pos null: t % S), cosines and sines from cos, sin [positions, hd / 2]; inverse turns a
   // gradient back.
-  virtual void rope_rotate(float* qkv, int64_t rows, int64_t width, int64_t hd, const int64_t* pos, int64_t S,
-                           const float* cos, const float* sin, bool inverse) = 0;
+  virtual void rope_rotate(float* x, int64_t rows, int64_t ld, int64_t width, int64_t hd, const int64_t* pos,
+                           int64_t S, const float* cos, const float* sin, bool inverse) = 0;
 
   // ---- attention and loss (see kernels/cpu/attention.h for the layouts) ------------------------
-  virtual void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
-                                 float* out) = 0;
+  // heads query heads of hd values sharing kv_heads key/value heads (grouped-query; kv_heads ==
+  // heads: multi-head); qkv rows [q | k | v] of D + 2 Dkv values (D = heads hd, Dkv = kv_heads hd).
+  virtual void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t kv_heads, int64_t hd,
+                                 float* probs, float* out) = 0;
   virtual void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
-                                  int64_t heads, int64_t hd, float* dqkv) = 0;
-  // Inference: B new tokens (qkv[B, 3D]), token b of cache row rows[b] (null: row b) at pos[b],
-  // against k_cache [rows, D, S_max] (transposed) and v_cache [rows, S_max, D]; its key and value go
-  // in at pos[b]; out[B, D]; tokens of one row in position order (kernels/cpu/attention.h). The same
-  // bits as attention_forward's row pos[b].
+                                  int64_t heads, int64_t kv_heads, int64_t hd, float* dqkv) = 0;
+  // Inference: B new tokens (qkv[B, D + 2 Dkv]), token b of cache row rows[b] (null: row b) at
+  // pos[b], against k_cache [rows, Dkv, S_max] (transposed) and v_cache [rows, S_max, Dkv]; its key
+  // and value go in at pos[b]; out[B, D]; tokens of one row in position order
+  // (kernels/cpu/attention.h). The same bits as attention_forward's row pos[b].
   virtual void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos,
-                                const int64_t* rows, int64_t B, int64_t S_max, int64_t heads, int64_t hd,
-                                float* out) = 0;
+                                const int64_t* rows, int64_t B, int64_t S_max, int64_t heads, int64_t kv_heads,
+                                int64_t hd, float* out) = 0;
   // losses[rows] (nats); dlogits[rows, V] = (softmax - onehot) * scale when not null.
   virtual void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
                              float* dlogits, float scale) = 0;

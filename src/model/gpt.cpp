@@ -35,6 +35,7 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
   PM_REQUIRE(c.heads % dense_tp_ == 0 && F % dense_tp_ == 0,
              "{} heads and mlp_hidden {} must divide over the tensor-parallel group of {}", c.heads, F, dense_tp_);
   const int64_t Dl = D / dense_tp_, Fl = F / dense_tp_;  // this rank's attention columns and MLP hidden units
+  const int64_t Dkvl = D / c.heads * c.kv_heads_or_all() / dense_tp_;  // and its key and value columns
   // a tensor-parallel weight: this rank's columns (dim 1) or rows (dim 0), q, k and v each split
   auto add_split = [&](const std::string& name, Tensor& value, Tensor& grad, bool decay, int dim, int parts) {
     if (dense_tp_ == 1) return add_param(name, value, grad, false, decay);
@@ -81,8 +82,8 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     }
     auto b = std::make_unique<Block>();
     std::string p = "blocks." + std::to_string(l) + ".";
-    make(b->w_qkv, b->d_w_qkv, {D, 3 * Dl});
-    make(b->b_qkv, b->d_b_qkv, {3 * Dl});
+    make(b->w_qkv, b->d_w_qkv, {D, Dl + 2 * Dkvl});  // [W_q | W_k | W_v]
+    make(b->b_qkv, b->d_b_qkv, {Dl + 2 * Dkvl});
     make(b->w_proj, b->d_w_proj, {Dl, D});
     make(b->b_proj, b->d_b_proj, {D});
     add_norm(p + "ln1", b->ln1_g, b->d_ln1_g, b->ln1_b, b->d_ln1_b);
@@ -219,8 +220,9 @@ void GptModel::init_parameters(uint64_t seed) {
 }
 
 void GptModel::rope(Backend& k, float* qkv, int64_t T, const int64_t* pos, int64_t S, bool inverse) const {
-  const int64_t D = config_.d_model;
-  k.rope_rotate(qkv, T, D / dense_tp_, D / config_.heads, pos, S, rope_cos_.data(), rope_sin_.data(), inverse);
+  const int64_t D = config_.d_model, hd = D / config_.heads;
+  const int64_t Dl = D / dense_tp_, Dkvl = hd * config_.kv_heads_or_all() / dense_tp_;
+  k.rope_rotate(qkv, T, Dl + 2 * Dkvl, Dl + Dkvl, hd, pos, S, rope_cos_.data(), rope_sin_.data(), inverse);
 }
 
 void GptModel::zero_grads() {

@@ -249,7 +249,8 @@ class GptModel {
   // rotary embeddings (config position "rope"): each position's angles' cos and sin [S, hd / 2]
   std::vector<float> rope_cos_, rope_sin_;
   bool mlp_swiglu() const { return config_.mlp_activation == "swiglu"; }
-  // rotary embeddings of the queries and keys of qkv[T, 3 Dl] (pos null: token t at t % S); inverse: a gradient's
+  int64_t kv_width() const { return config_.d_model / config_.heads * config_.kv_heads_or_all(); }  // Dkv
+  // rotary embeddings of the queries and keys of qkv[T, Dl + 2 Dkvl] (pos null: token t at t % S); inverse: a gradient's
   void rope(Backend& k, float* qkv, int64_t T, const int64_t* pos, int64_t S, bool inverse) const;
   Tensor dwte_, dwpe_, dlnf_g_, dlnf_b_;
   std::vector<std::unique_ptr<Block>> blocks_;  // [layers]: null where another stage holds the block

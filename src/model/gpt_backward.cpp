@@ -21,12 +21,13 @@ void GptModel::backward_stage(const float* dh_in) {
   PM_CHECK(span_.last_stage || dh_in, "a stage's backward needs the gradient of its output");
   const int64_t S = config_.seq_len, D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden;
   const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = T_, B = B_;
+  const int64_t KVl = config_.kv_heads_or_all() / dense_tp_, Dkvl = kv_width() / dense_tp_;
   const int L = span_.end_block, L0 = span_.first_block;  // this stage's blocks: [L0, L)
   const double Td = static_cast<double>(T), Dd = static_cast<double>(D);
   Backend& k = backend_;
   const bool scmoe = config_.scmoe();
   // the backward's own buffers: alive until its graph has run
-  Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dqkv(T * 3 * D), dattn(T * D), dact, dfc_swiglu;
+  Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dqkv(T * (D + 2 * Dkvl)), dattn(T * D), dact, dfc_swiglu;
   const RouterLossGrads router_grads{static_cast<float>(config_.aux_coef) * backward_scale_,
                                  static_cast<float>(config_.z_loss_coef) * backward_scale_};
   std::vector<int> moe_done(L, -1), moe_ln_bwd(L, -1);  // MoE output (dx) or ScMoE's LN backward; task ids
@@ -123,7 +124,7 @@ void GptModel::backward_stage(const float* dh_in) {
           for (int64_t i = 0; i < T * D; ++i) dx_mid[i] += blocks_[mid]->dtap[i];
         // x_mid = x_in + Attn(LN1(x_in))
         linear_backward(k, precision_, b.attn.in(0), b.w_proj, dx_mid.data(), T, b.d_w_proj, b.d_b_proj, dattn.data());
-        k.attention_backward(b.qkv.data(), b.probs.data(), dattn.data(), B, S, Hl, hd, dqkv.data());
+        k.attention_backward(b.qkv.data(), b.probs.data(), dattn.data(), B, S, Hl, KVl, hd, dqkv.data());
         if (config_.rope()) rope(k, dqkv.data(), T, nullptr, S, true);  // to the queries and keys before they turned
         linear_backward(k, precision_, b.ln1_out.in(0), b.w_qkv, dqkv.data(), T, b.d_w_qkv, b.d_b_qkv, dtmp.data());
       };

@@ -25,11 +25,11 @@ double GptModel::forward_stage(const int32_t* inputs, const float* h_in, const i
 
 void GptModel::start_inference(int64_t rows) {
   PM_REQUIRE(rows >= 1, "inference needs at least one sequence, got {}", rows);
-  const int64_t S = config_.seq_len, D = config_.d_model;
+  const int64_t S = config_.seq_len, Dkv = kv_width();
   PM_CHECK(span_.first_stage && span_.last_stage && dense_tp_ == 1, "inference runs on a whole model");
   for (auto& b : blocks_) {
-    b->k_cache.assign(rows * S * D, 0.0f);
-    b->v_cache.assign(rows * S * D, 0.0f);
+    b->k_cache.assign(rows * S * Dkv, 0.0f);
+    b->v_cache.assign(rows * S * Dkv, 0.0f);
     if (b->moe) {
       b->moe->set_capacity_factor(0);  // dropless: a token's output never depends on the others
       b->moe->set_inference();
@@ -71,7 +71,7 @@ void GptModel::move_inference_row(int64_t from, int64_t to) {
   const int64_t rows = static_cast<int64_t>(positions_.size());
   PM_CHECK(from >= 0 && from < rows && to >= 0 && to < rows, "moving row {} to {} of {}", from, to, rows);
   if (from == to) return;
-  const int64_t span = config_.seq_len * config_.d_model;  // one row of a block's cache
+  const int64_t span = config_.seq_len * kv_width();  // one row of a block's cache
   for (auto& b : blocks_) {
     std::copy_n(b->k_cache.data() + from * span, span, b->k_cache.data() + to * span);
     std::copy_n(b->v_cache.data() + from * span, span, b->v_cache.data() + to * span);
@@ -80,7 +80,7 @@ void GptModel::move_inference_row(int64_t from, int64_t to) {
 }
 
 void GptModel::copy_inference_prefix(int64_t from, int64_t to, int64_t n) {
-  const int64_t S = config_.seq_len, D = config_.d_model;
+  const int64_t S = config_.seq_len, D = kv_width();
   PM_CHECK(from >= 0 && from < inference_capacity_ && to >= 0 && to < inference_capacity_,
            "copying row {} to {} of {}", from, to, inference_capacity_);
   PM_CHECK(n >= 0 && n <= S, "copying {} positions of a window of {}", n, S);
@@ -133,6 +133,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
                              int64_t cache_row, bool decode, const float* h_in) {
   const int64_t D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden, S_max = config_.seq_len;
   const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = B * S;
+  const int64_t KV = config_.kv_heads_or_all(), Dkv = kv_width();
   const int L = span_.end_block;  // the blocks run are [span_.first_block, L)
   B_ = B, T_ = T;
   backward_scale_ = backward_scale;
@@ -182,16 +183,17 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
     if (tap_is(l, "pos1")) steps.push_back(MoeJoin{l});
     if (l + 1 < L && tap_is(l + 1, "pos3")) steps.push_back(MoeJoin{l + 1});
     const TaskWork attention_work{6, 8 * Td * Dd * Dd + 4 * Td * S * Dd, 12 * Td * Dd * 4};
-    steps.push_back(DenseStep{indexed("attention", l), [&b, &k, this, l, T, D, B, S, H, hd, attention_work, decode, cache_row, S_max](TaskGraph& g, int last) {
-      // tensor-parallel: this rank's heads (Dl of the D columns of q, k and v), their share of
-      // the projection summed over the group (the bias added once, by its first rank)
-      const int64_t Hl = H / dense_tp_, Dl = D / dense_tp_;
-      auto heads = [&b, &k, this, T, D, B, S, H, Hl, Dl, hd, decode, cache_row, S_max] {
+    steps.push_back(DenseStep{indexed("attention", l), [&b, &k, this, l, T, D, B, S, H, KV, Dkv, hd, attention_work, decode, cache_row, S_max](TaskGraph& g, int last) {
+      // tensor-parallel: this rank's heads (Dl of the D columns of q, Dkvl of k's and v's), their
+      // share of the projection summed over the group (the bias added once, by its first rank)
+      const int64_t Hl = H / dense_tp_, Dl = D / dense_tp_, KVl = KV / dense_tp_, Dkvl = Dkv / dense_tp_;
+      auto heads = [&b, &k, this, T, D, B, S, H, Hl, Dl, KV, KVl, Dkv, Dkvl, hd, decode, cache_row, S_max] {
         b.x_in = h_;
         b.ln1_mean.resize(T), b.ln1_rstd.resize(T);
         float* ln1 = compute_into(b.ln1_out, T, D, precision_);
         norm_forward(k, config_.rmsnorm(), h_.data(), b.ln1_g, b.ln1_b, T, D, ln1, b.ln1_mean.data(), b.ln1_rstd.data());
-        b.qkv.resize(T * 3 * Dl);
+        const int64_t ld = Dl + 2 * Dkvl;  // [q | k | v]
+        b.qkv.resize(T * ld);
         linear_forward(k, precision_, ln1, b.w_qkv, b.b_qkv, T, b.qkv.data(), frozen_pack(b.w_qkv));
         // rotary: the queries and keys turned by their positions before they meet (and before the
         // keys go into the cache)
@@ -200,16 +202,16 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         float* attn = compute_into(b.attn, T, Dl, precision_);
         if (decode) {  // each token against its row's cached keys and values
           k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), token_positions_.data(),
-                             token_rows_.data(), B, S_max, H, hd, attn);
+                             token_rows_.data(), B, S_max, H, KV, hd, attn);
         } else {
           b.probs.resize(B * Hl * S * S);
-          k.attention_forward(b.qkv.data(), B, S, Hl, hd, b.probs.data(), attn);
+          k.attention_forward(b.qkv.data(), B, S, Hl, KVl, hd, b.probs.data(), attn);
         }
         if (cache_row >= 0)  // a prompt: its keys and values stay for the tokens that follow
           for (int64_t t = 0; t < S; ++t)
-            for (int64_t i = 0; i < D; ++i) {
-              b.k_cache[(cache_row * D + i) * S_max + t] = b.qkv[t * 3 * D + D + i];  // keys transposed
-              b.v_cache[(cache_row * S_max + t) * D + i] = b.qkv[t * 3 * D + 2 * D + i];
+            for (int64_t i = 0; i < Dkv; ++i) {
+              b.k_cache[(cache_row * Dkv + i) * S_max + t] = b.qkv[t * ld + D + i];  // keys transposed
+              b.v_cache[(cache_row * S_max + t) * Dkv + i] = b.qkv[t * ld + D + Dkv + i];
             }
         b.x_mid.resize(T * D);
         linear_forward_share(k, attn, b.w_proj, b.b_proj, T, b.x_mid.data());

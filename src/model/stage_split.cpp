@@ -10,7 +10,8 @@ namespace pm {
 
 double block_cost(const ModelConfig& m, int l) {
   const double D = m.d_model, S = m.seq_len;
-  const double attention = 8 * D * D + 4 * S * D;  // q, k, v and the projection; scores and values
+  const double Dkv = D * m.kv_heads_or_all() / m.heads;  // keys' and values' width (grouped-query: less)
+  const double attention = 4 * D * D + 4 * D * Dkv + 4 * S * D;  // q, k, v and the projection; scores and values
   if (!m.is_moe(l)) return attention + (m.mlp_activation == "swiglu" ? 3 : 2) * 2 * D * m.mlp_hidden;
   const double matrices = m.expert_activation == "swiglu" ? 3 : 2;
   const double slots = m.top_k * (m.capacity_factor > 0 ? m.capacity_factor : 1.0);  // rows per token

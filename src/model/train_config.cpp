@@ -38,6 +38,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("d_model", c.model.d_model);
   fn("layers", c.model.layers);
   fn("heads", c.model.heads);
+  fn("kv_heads", c.model.kv_heads);
   fn("mlp_hidden", c.model.mlp_hidden);
   fn("norm", c.model.norm);
   fn("position", c.model.position);
@@ -190,7 +191,8 @@ double TrainConfig::estimated_bytes_per_rank(int world) const {
   // expert (an expert's two matrices are 2 D H, or 3 D H with SwiGLU)
   const double expert_matrices = m.expert_activation == "swiglu" ? 3 : 2;
   const double mlp_matrices = m.mlp_activation == "swiglu" ? 3 : 2;
-  double params = (V + (m.rope() ? 0 : S)) * D + m.layers * (4 * D * D + 6 * D) + dense * mlp_matrices * D * m.mlp_hidden +
+  const double Dkv = D * m.kv_heads_or_all() / std::max(m.heads, 1);  // keys' and values' width
+  double params = (V + (m.rope() ? 0 : S)) * D + m.layers * (2 * D * D + 2 * D * Dkv + 6 * D) + dense * mlp_matrices * D * m.mlp_hidden +
                   moe * (D * m.experts + local_experts * expert_matrices * D * m.expert_hidden +
                          (m.shared_expert_activation == "swiglu" ? 3 : 2) * D * m.shared_expert_hidden + 2 * D);
   // activations kept for the backward, per block: ~16 rows of D, the MLP's or the experts' hidden
@@ -265,6 +267,12 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(m.moe_layers() == 0 || m.experts % m.tp == 0,
              "configuration: {} experts do not divide over tensor-parallel groups of {} ranks", m.experts, m.tp);
   PM_REQUIRE(m.d_model % m.heads == 0, "configuration: d_model {} must be a multiple of heads {}", m.d_model, m.heads);
+  PM_REQUIRE(m.kv_heads >= 0 && m.kv_heads <= m.heads && m.heads % m.kv_heads_or_all() == 0,
+             "configuration: 'kv_heads' must divide the {} heads (0: as many as heads), got {}", m.heads, m.kv_heads);
+  PM_REQUIRE(m.kv_heads_or_all() == m.heads || m.dense_tp() == 1,
+             "configuration: grouped-query attention (kv_heads {} of {} heads) with the dense blocks split over a "
+             "tensor-parallel group is not supported yet: set tp_dense replicate, or kv_heads 0",
+             m.kv_heads, m.heads);
   PM_REQUIRE(m.norm == "layernorm" || m.norm == "rmsnorm",
              "configuration: 'norm' must be \"layernorm\" or \"rmsnorm\", got \"{}\"", m.norm);
   PM_REQUIRE(m.position == "learned" || m.position == "rope",

@@ -18,6 +18,10 @@ struct ModelConfig {
   int d_model = 256;
   int layers = 4;
   int heads = 4;
+  // Key/value heads (grouped-query attention: each shared by heads / kv_heads query heads, the
+  // key/value cache kv_heads / heads the size); 0: as many as heads (multi-head attention).
+  int kv_heads = 0;
+  int kv_heads_or_all() const { return kv_heads > 0 ? kv_heads : heads; }
   int mlp_hidden = 1024;   // dense feed-forward blocks
   // The dense backbone's design. norm: "layernorm" (GPT-2: mean and bias) or "rmsnorm" (Llama,
   // Mixtral, DeepSeek, Qwen: no mean, no bias), every norm of the model (eps 1e-5 either way).

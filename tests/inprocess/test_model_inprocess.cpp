@@ -43,13 +43,15 @@ TrainConfig tiny(const std::string& arch, int slot, bool overlap) {
   return c;
 }
 
-// The backbone: "gpt2" (LayerNorm, learned positions, GeLU MLPs) or "llama" (RMSNorm, rotary
-// embeddings, SwiGLU MLPs).
+// The backbone: "gpt2" (LayerNorm, learned positions, GeLU MLPs, multi-head) or "llama" (RMSNorm,
+// rotary embeddings, SwiGLU MLPs, grouped-query: one key/value head for the two query heads, the
+// cache half the size).
 void set_backbone(ModelConfig& m, const std::string& backbone) {
   if (backbone == "gpt2") return;
   m.norm = "rmsnorm";
   m.position = "rope";
   m.mlp_activation = "swiglu";
+  m.kv_heads = 1;
 }
 
 // Per rank: the loss of each step and every gradient of the last.

@@ -13,7 +13,8 @@ before it, tapped at pos1 (block l's input, the preceding block's output), pos2 
 block's attention output, between its attention and MLP) or pos3 (the preceding block's input);
 block l's output is then a + SE(LN2(a)) + MoE(LN_moe(tap)).
 
-The backbone may be Llama's instead (norm "rmsnorm": x / sqrt(mean(x^2) + eps) * g, no mean and no
+Attention may be grouped-query (kv_heads < heads: each key/value head serves heads / kv_heads
+consecutive query heads). The backbone may be Llama's instead (norm "rmsnorm": x / sqrt(mean(x^2) + eps) * g, no mean and no
 bias, for every norm; position "rope": no position embedding, the queries and keys of each head
 turned by rotary embeddings in the rotate-half pairing, angle pos * rope_theta^(-2i/hd), computed
 here in float64 from their definition; mlp_activation "swiglu": the dense MLP's W_fc = [W_g | W_v]).
@@ -62,11 +63,16 @@ def matmul_of(bf16):
     return Bf16Matmul.apply if bf16 else torch.matmul
 
 
-def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul, rope_theta=None):
+def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul, rope_theta=None, kv_heads=None):
+    """Causal self-attention; kv_heads < H: grouped-query, each key/value head serving H / kv_heads
+    consecutive query heads (w_qkv's columns [W_q | W_k | W_v])."""
     D = x.shape[1]
     hd = D // H
-    qkv = (mm(x, w_qkv) + b_qkv).view(B, S, 3, H, hd)
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, S, hd]
+    KV = kv_heads or H
+    qkv = mm(x, w_qkv) + b_qkv
+    q = qkv[:, :D].reshape(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+    k, v = (qkv[:, D + i * KV * hd:D + (i + 1) * KV * hd].reshape(B, S, KV, hd).transpose(1, 2)
+            .repeat_interleave(H // KV, dim=1) for i in range(2))
     if rope_theta is not None:
         q, k = rope(q, torch.arange(S), rope_theta), rope(k, torch.arange(S), rope_theta)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
@@ -209,7 +215,8 @@ class Model:
             b = f"blocks.{l}."
             inputs.append(h)
             a = h + attention(self.norm(h, b + "ln1"), p[b + "attn.w_qkv"], p[b + "attn.b_qkv"],
-                              p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"], mm, rope_theta)
+                              p[b + "attn.w_proj"], p[b + "attn.b_proj"], B, S, c["heads"], mm, rope_theta,
+                              c.get("kv_heads", 0))
             mids.append(a)
             x = self.norm(a, b + "ln2")
             if c["moe_every"] > 0 and l % c["moe_every"] == c["moe_every"] - 1:

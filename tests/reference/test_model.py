@@ -210,6 +210,11 @@ BACKBONE_VARIANTS = [
     (1, 65, 1, LLAMA + ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=1"]),
     (2, 66, 1, LLAMA + ["dtype=bf16"]),
     (4, 67, 2, LLAMA + ["experts=8"]),
+    # grouped-query attention: 4 query heads over 2 and over 1 key/value heads (multi-query)
+    (2, 68, 2, LLAMA + ["heads=4", "kv_heads=2"]),
+    (1, 69, 1, ["heads=4", "kv_heads=1"]),
+    (2, 70, 1, LLAMA + ["heads=4", "kv_heads=2", "dtype=bf16"]),
+    (2, 71, 1, LLAMA + ["heads=4", "kv_heads=2", "moe_strategy=ppmoe", "tp=2", "tp_dense=replicate"]),
 ]
 
 

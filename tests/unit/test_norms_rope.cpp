@@ -74,7 +74,7 @@ TEST(Rope, TurnsQueriesAndKeysByTheirPositionsOnly) {
   rope_tables(S, hd, 10000.0, c, s);
   const std::vector<float> qkv = normal(rows * 3 * width, 4);
   std::vector<float> turned = qkv;
-  rope_rotate(turned.data(), rows, width, hd, nullptr, S, c.data(), s.data(), false);
+  rope_rotate(turned.data(), rows, 3 * width, 2 * width, hd, nullptr, S, c.data(), s.data(), false);
   for (int64_t t = 0; t < rows; ++t) {
     const int64_t p = t % S;
     for (int64_t at = 0; at < 2 * width; at += hd)
@@ -91,10 +91,10 @@ TEST(Rope, TurnsQueriesAndKeysByTheirPositionsOnly) {
   std::vector<int64_t> pos(rows);
   for (int64_t t = 0; t < rows; ++t) pos[t] = t % S;
   std::vector<float> by_pos = qkv;
-  rope_rotate(by_pos.data(), rows, width, hd, pos.data(), S, c.data(), s.data(), false);
+  rope_rotate(by_pos.data(), rows, 3 * width, 2 * width, hd, pos.data(), S, c.data(), s.data(), false);
   EXPECT_EQ(by_pos, turned);
   // the inverse turns it back
-  rope_rotate(turned.data(), rows, width, hd, nullptr, S, c.data(), s.data(), true);
+  rope_rotate(turned.data(), rows, 3 * width, 2 * width, hd, nullptr, S, c.data(), s.data(), true);
   for (int64_t i = 0; i < rows * 3 * width; ++i) EXPECT_NEAR(turned[i], qkv[i], 1e-5);
 }
 
@@ -106,8 +106,8 @@ TEST(Rope, AQueryMeetsAKeyByTheirDistanceOnly) {
   const std::vector<float> base = normal(3 * width, 5);
   auto score = [&](int64_t pq, int64_t pk) {
     std::vector<float> q = base, k = base;
-    rope_rotate(q.data(), 1, width, hd, &pq, S, c.data(), s.data(), false);
-    rope_rotate(k.data(), 1, width, hd, &pk, S, c.data(), s.data(), false);
+    rope_rotate(q.data(), 1, 3 * width, 2 * width, hd, &pq, S, c.data(), s.data(), false);
+    rope_rotate(k.data(), 1, 3 * width, 2 * width, hd, &pk, S, c.data(), s.data(), false);
     double dot = 0;
     for (int64_t i = 0; i < hd; ++i) dot += double(q[i]) * k[width + i];
     return dot;

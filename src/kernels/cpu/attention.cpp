@@ -9,15 +9,17 @@
 
 namespace pm {
 
-// Per (sequence, head): row-strided views into qkv (ld = 3D) and out (ld = D), GEMMs on them.
-void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs, float* out) {
-  const int64_t D = heads * hd, ld = 3 * D;
+// Per (sequence, head): row-strided views into qkv (ld = D + 2 Dkv) and out (ld = D), GEMMs on
+// them; query head h reads key/value head h / group.
+void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t kv_heads, int64_t hd, float* probs,
+                       float* out) {
+  const int64_t D = heads * hd, Dkv = kv_heads * hd, ld = D + 2 * Dkv, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < heads; ++h) {
       const float* q = qkv + b * S * ld + h * hd;
-      const float* k = q + D;
-      const float* v = q + 2 * D;
+      const float* k = qkv + b * S * ld + D + (h / group) * hd;
+      const float* v = k + Dkv;
       float* p = probs + (b * heads + h) * S * S;
       gemm(Trans::no, Trans::yes, S, S, hd, q, ld, k, ld, 0.0f, p, S);  // scores
       for (int64_t i = 0; i < S; ++i) {
@@ -38,19 +40,20 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, in
 }
 
 void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, const int64_t* rows,
-                      int64_t B, int64_t S_max, int64_t heads, int64_t hd, float* out) {
-  const int64_t D = heads * hd, ld = 3 * D;
+                      int64_t B, int64_t S_max, int64_t heads, int64_t kv_heads, int64_t hd, float* out) {
+  const int64_t D = heads * hd, Dkv = kv_heads * hd, ld = D + 2 * Dkv, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   std::vector<float> row(S_max), acc(hd);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t t = pos[b];
     const int64_t cache_row = rows ? rows[b] : b;
-    float* kc = k_cache + cache_row * S_max * D;
-    float* vc = v_cache + cache_row * S_max * D;
-    for (int64_t i = 0; i < D; ++i) kc[i * S_max + t] = qkv[b * ld + D + i], vc[t * D + i] = qkv[b * ld + 2 * D + i];
+    float* kc = k_cache + cache_row * S_max * Dkv;
+    float* vc = v_cache + cache_row * S_max * Dkv;
+    for (int64_t i = 0; i < Dkv; ++i)
+      kc[i * S_max + t] = qkv[b * ld + D + i], vc[t * Dkv + i] = qkv[b * ld + D + Dkv + i];
     for (int64_t h = 0; h < heads; ++h) {
       const float* q = qkv + b * ld + h * hd;
-      const float* kh = kc + h * hd * S_max;  // this head's keys, [hd, S_max]
+      const float* kh = kc + (h / group) * hd * S_max;  // this head's keys, [hd, S_max]
       // scores: the GEMM's chain, one fused multiply-add per k in order from zero. The keys are kept
       // transposed, so that consecutive positions lie side by side: 32, then 8 positions at a time
       // advance together in vector lanes, each lane its own chain
@@ -85,7 +88,7 @@ void attention_decode(const float* qkv, float* k_cache, float* v_cache, const in
       // every output element's chain advanced one position at a time (vectorised over d)
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t p = 0; p <= t; ++p) {
-        const float w = row[p], *v = vc + p * D + h * hd;
+        const float w = row[p], *v = vc + p * Dkv + (h / group) * hd;
         for (int64_t d = 0; d < hd; ++d) acc[d] = std::fma(w, v[d], acc[d]);
       }
       std::copy(acc.begin(), acc.end(), out + b * D + h * hd);
@@ -94,21 +97,23 @@ void attention_decode(const float* qkv, float* k_cache, float* v_cache, const in
 }
 
 void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
-                        int64_t heads, int64_t hd, float* dqkv) {
-  const int64_t D = heads * hd, ld = 3 * D;
+                        int64_t heads, int64_t kv_heads, int64_t hd, float* dqkv) {
+  const int64_t D = heads * hd, Dkv = kv_heads * hd, ld = D + 2 * Dkv, group = heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   std::vector<float> dp(S * S);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < heads; ++h) {
       const float* q = qkv + b * S * ld + h * hd;
-      const float* k = q + D;
-      const float* v = q + 2 * D;
+      const float* k = qkv + b * S * ld + D + (h / group) * hd;
+      const float* v = k + Dkv;
       const float* p = probs + (b * heads + h) * S * S;
       const float* dO = dout + b * S * D + h * hd;
       float* dq = dqkv + b * S * ld + h * hd;
-      float* dk = dq + D;
-      float* dv = dq + 2 * D;
-      gemm(Trans::yes, Trans::no, S, hd, S, p, S, dO, D, 0.0f, dv, ld);        // dV = P^T dO
+      float* dk = dqkv + b * S * ld + D + (h / group) * hd;
+      float* dv = dk + Dkv;
+      // a key/value head's gradients: the sum over its group's query heads, in head order
+      const float into = h % group == 0 ? 0.0f : 1.0f;
+      gemm(Trans::yes, Trans::no, S, hd, S, p, S, dO, D, into, dv, ld);        // dV = P^T dO
       gemm(Trans::no, Trans::yes, S, S, hd, dO, D, v, ld, 0.0f, dp.data(), S);  // dP = dO V^T
       for (int64_t i = 0; i < S; ++i) {                                         // softmax backward
         float* row = dp.data() + i * S;
@@ -119,7 +124,7 @@ void attention_backward(const float* qkv, const float* probs, const float* dout,
         for (int64_t j = i + 1; j < S; ++j) row[j] = 0.0f;
       }
       gemm(Trans::no, Trans::no, S, hd, S, dp.data(), S, k, ld, 0.0f, dq, ld);   // dQ = dS K
-      gemm(Trans::yes, Trans::no, S, hd, S, dp.data(), S, q, ld, 0.0f, dk, ld);  // dK = dS^T Q
+      gemm(Trans::yes, Trans::no, S, hd, S, dp.data(), S, q, ld, into, dk, ld);  // dK = dS^T Q
     }
 }
 

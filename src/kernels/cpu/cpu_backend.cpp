@@ -122,22 +122,22 @@ class CpuBackend final : public Backend {
                         float* dx, float* dgamma) override {
     pm::rmsnorm_backward(x, gamma, rstd, dy, rows, D, dx, dgamma);
   }
-  void rope_rotate(float* qkv, int64_t rows, int64_t width, int64_t hd, const int64_t* pos, int64_t S,
+  void rope_rotate(float* x, int64_t rows, int64_t ld, int64_t width, int64_t hd, const int64_t* pos, int64_t S,
                    const float* cos, const float* sin, bool inverse) override {
-    pm::rope_rotate(qkv, rows, width, hd, pos, S, cos, sin, inverse);
+    pm::rope_rotate(x, rows, ld, width, hd, pos, S, cos, sin, inverse);
   }
 
-  void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t hd, float* probs,
-                         float* out) override {
-    pm::attention_forward(qkv, B, S, heads, hd, probs, out);
+  void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t kv_heads, int64_t hd,
+                         float* probs, float* out) override {
+    pm::attention_forward(qkv, B, S, heads, kv_heads, hd, probs, out);
   }
   void attention_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S,
-                          int64_t heads, int64_t hd, float* dqkv) override {
-    pm::attention_backward(qkv, probs, dout, B, S, heads, hd, dqkv);
+                          int64_t heads, int64_t kv_heads, int64_t hd, float* dqkv) override {
+    pm::attention_backward(qkv, probs, dout, B, S, heads, kv_heads, hd, dqkv);
   }
   void attention_decode(const float* qkv, float* k_cache, float* v_cache, const int64_t* pos, const int64_t* rows,
-                        int64_t B, int64_t S_max, int64_t heads, int64_t hd, float* out) override {
-    pm::attention_decode(qkv, k_cache, v_cache, pos, rows, B, S_max, heads, hd, out);
+                        int64_t B, int64_t S_max, int64_t heads, int64_t kv_heads, int64_t hd, float* out) override {
+    pm::attention_decode(qkv, k_cache, v_cache, pos, rows, B, S_max, heads, kv_heads, hd, out);
   }
   void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t V, float* losses,
                      float* dlogits, float scale) override {

@@ -9,10 +9,11 @@
 
 namespace pm {
 
-// The queries and keys of qkv[rows, 3 width] in place (q at columns [0, width), k at [width,
-// 2 width), heads of hd values; v untouched): row t at position pos[t] (pos null: t % S), its
-// angles' cosines and sines from cos, sin [positions, hd / 2]. inverse: turned back instead.
-void rope_rotate(float* qkv, int64_t rows, int64_t width, int64_t hd, const int64_t* pos, int64_t S, const float* cos,
-                 const float* sin, bool inverse);
+// Every head of hd values in columns [0, width) of x's rows (stride ld), in place: the queries and
+// keys of a qkv buffer [q | k | v] (width: q's and k's, v untouched). Row t at position pos[t]
+// (pos null: t % S), its angles' cosines and sines from cos, sin [positions, hd / 2]. inverse:
+// turned back instead.
+void rope_rotate(float* x, int64_t rows, int64_t ld, int64_t width, int64_t hd, const int64_t* pos, int64_t S,
+                 const float* cos, const float* sin, bool inverse);
 
 }  // namespace pm
