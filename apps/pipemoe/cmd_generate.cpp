@@ -152,7 +152,8 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   if (stream && !o.json) std::printf("\n");
   nlohmann::json result = {{"sequences", rows}, {"tokens", o.tokens}, {"seconds", seconds},
                            {"tokens_per_s", rows * o.tokens / seconds}, {"kv_cache", !o.no_cache},
-                           {"ranks", ctx.world()}, {"prefix_tokens_reused", reused}};
+                           {"ranks", ctx.world()}, {"prefix_tokens_reused", reused},
+                           {"kv_cache_bytes", model.kv_cache_bytes_per_row() * rows}};
   if (!o.offload.place.empty())
     result.update({{"offload_experts", o.offload.place}, {"offload_mode", o.offload.mode}, {"expert_cache", o.offload.expert_cache},
                    {"expert_loads", loads}, {"expert_load_s", load_s}, {"resident_expert_bytes_peak", peak},

@@ -166,9 +166,13 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   model.start_inference(o.max_batch + store_rows);  // the store's rows after the decoded ones
   model.set_inference_rows(0);
   const auto& mc = loaded.config.model;
-  if (ctx.rank() == 0 && store_rows > 0)
-    log::info("serve: {} rows kept for finished sequences' prefixes ({:.1f} MB)", store_rows,
-              store_rows * 2.0 * mc.layers * mc.seq_len * mc.d_model * sizeof(float) / 1e6);
+  const double row_mb = model.kv_cache_bytes_per_row() / 1e6;
+  if (ctx.rank() == 0) {
+    log::info("serve: key/value cache {:.1f} MB: {} rows of {:.2f} MB ({} key/value heads of {})",
+              row_mb * (o.max_batch + store_rows), o.max_batch + store_rows, row_mb, mc.kv_heads_or_all(), mc.heads);
+    if (store_rows > 0)
+      log::info("serve: {} of the rows kept for finished sequences' prefixes ({:.1f} MB)", store_rows, store_rows * row_mb);
+  }
 
   // rank 0 listens (every rank learns whether it could)
   std::unique_ptr<ServeFrontend> front;
@@ -300,7 +304,8 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   if (front) {
     nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
                               {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
-                              {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()}};
+                              {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()},
+                              {"kv_cache_bytes", model.kv_cache_bytes_per_row() * (o.max_batch + store_rows)}};
     summary.update(front->prompt_counters());
     std::printf("%s\n", summary.dump().c_str());
     std::fflush(stdout);

@@ -105,6 +105,9 @@ class GptModel {
   void set_inference_rows(int64_t n);
   void move_inference_row(int64_t from, int64_t to);
   int64_t inference_capacity() const { return inference_capacity_; }
+  // One sequence row of the key/value cache: every block's keys and values (grouped-query
+  // attention: kv_heads / heads of multi-head's).
+  int64_t kv_cache_bytes_per_row() const;
   // Prefix reuse (pipemoe serve): a prompt that begins with tokens some row's cache holds starts
   // from a copy of them. copy_inference_prefix(from, to, n) copies the keys and values of positions
   // [0, n) of row `from` into row `to`; both may be any row below the capacity, also rows beyond

@@ -54,6 +54,12 @@ void GptModel::start_inference(int64_t rows) {
   pack(wte_, Trans::yes);
 }
 
+int64_t GptModel::kv_cache_bytes_per_row() const {
+  int64_t blocks = 0;
+  for (const auto& b : blocks_) blocks += b != nullptr;
+  return blocks * 2 * config_.seq_len * kv_width() * static_cast<int64_t>(sizeof(float));
+}
+
 const float* GptModel::prefill(int64_t row, const int32_t* tokens, int64_t n) {
   PM_CHECK(row >= 0 && row < static_cast<int64_t>(positions_.size()), "row {} of {} sequences", row, positions_.size());
   PM_REQUIRE(n >= 1 && n <= config_.seq_len, "a prompt of {} tokens: the model takes 1 to {}", n, config_.seq_len);

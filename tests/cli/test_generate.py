@@ -103,6 +103,23 @@ def main():
         print(f"ok: a bf16 model generates the same text with and without the cache: {bf16_texts[0][0][:40]!r}",
               flush=True)
 
+        # Llama's backbone with grouped-query attention (one key/value head for TINY's two query
+        # heads): the cache half the size, the same text with it and without, on 1 and 2 ranks
+        llama_config = os.path.join(tmp, "llama.json")
+        json.dump(dict(TINY, data=text, norm="rmsnorm", position="rope", mlp_activation="swiglu", kv_heads=1,
+                       max_steps=6), open(llama_config, "w"))
+        llama_ck = os.path.join(tmp, "llama_ck")
+        mpirun(2, ["train", "--config", llama_config, "--save", llama_ck])
+        llama_runs = [result(generate(ranks, llama_ck, *extra)) for ranks, extra in
+                      ((1, ["--no-cache"]), (1, []), (2, []))]
+        f.check(all(r["texts"] == llama_runs[0]["texts"] for r in llama_runs),
+                f"Llama's backbone: cache, no cache, 1 and 2 ranks differ: {[r['texts'] for r in llama_runs]}")
+        f.check(llama_runs[1]["kv_cache_bytes"] * 2 == base["kv_cache_bytes"] > 0,
+                f"one key/value head of two: {llama_runs[1]['kv_cache_bytes']} cache bytes, multi-head "
+                f"{base['kv_cache_bytes']}")
+        print(f"ok: Llama's backbone with one key/value head generates the same text with and without the cache in "
+              f"half the cache bytes ({llama_runs[1]['kv_cache_bytes']}): {llama_runs[0]['texts'][0][:40]!r}", flush=True)
+
         broken = os.path.join(tmp, "broken")
         shutil.copytree(ck, broken)
         step = open(os.path.join(broken, "latest")).read().strip()
