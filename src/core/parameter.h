@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -16,11 +17,12 @@ struct Parameter {
   // own, summed only over the ranks that hold the same slice.
   bool expert = false;
   bool decay = true;        // weight decay applies (matrices; not biases, norms, embeddings)
-  // Where the slice lies: along shard_dim the whole tensor is shard_groups equal parts (w_qkv's
-  // columns: q, k and v) and every part is split in equal consecutive pieces over the group's
-  // ranks in order; rank r holds piece r of every part, the parts in order.
+  // Where the slice lies: along shard_dim the whole tensor is parts in the proportions shard_parts
+  // (w_qkv's columns: q, k and v, {1, 1, 1}, or {heads, kv_heads, kv_heads} with grouped-query
+  // attention) and every part is split in equal consecutive pieces over the group's ranks in
+  // order; rank r holds piece r of every part, the parts in order (core/shard.h).
   int shard_dim = 0;
-  int shard_groups = 1;
+  std::vector<int> shard_parts{1};
 };
 
 }  // namespace pm

@@ -1,8 +1,11 @@
-// A sharded parameter's slice and the whole tensor (core/parameter.h: shard_dim, shard_groups):
-// along `dim` the whole is `groups` equal parts, each split in `places` consecutive pieces; the
-// slice of place r is piece r of every part, the parts in order. Experts are dim 0 with one part;
-// a tensor-parallel w_qkv is dim 1 with three (q, k, v: each rank its heads of all three).
+// A sharded parameter's slice and the whole tensor (core/parameter.h: shard_dim, shard_parts):
+// along `dim` the whole is parts in the proportions `parts`, each split in `places` consecutive
+// pieces; the slice of place r is piece r of every part, the parts in order. Experts are dim 0
+// with one part; a tensor-parallel w_qkv is dim 1 with three (q, k, v: each rank its heads of
+// all three; {heads, kv_heads, kv_heads} with grouped-query attention).
 #pragma once
+
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -11,8 +14,8 @@ namespace pm {
 // The whole tensor's shape from one slice's.
 Shape whole_shape(const Shape& slice, int dim, int places);
 // slice <- place `place`'s piece of whole.
-void take_shard(const Tensor& whole, Tensor& slice, int dim, int groups, int place, int places);
+void take_shard(const Tensor& whole, Tensor& slice, int dim, const std::vector<int>& parts, int place, int places);
 // whole <- slice, at place `place`.
-void put_shard(const Tensor& slice, Tensor& whole, int dim, int groups, int place, int places);
+void put_shard(const Tensor& slice, Tensor& whole, int dim, const std::vector<int>& parts, int place, int places);
 
 }  // namespace pm

@@ -70,11 +70,11 @@ Tensor gather_global(Communicator& comm, const Tensor& local, const Parameter& p
     return Tensor();
   }
   Tensor global = Tensor::empty(whole_shape(local.shape(), p.shard_dim, spread));
-  put_shard(local, global, p.shard_dim, p.shard_groups, 0, spread);
+  put_shard(local, global, p.shard_dim, p.shard_parts, 0, spread);
   Tensor piece = Tensor::empty(local.shape());
   for (int r = 1; r < spread; ++r) {
     comm.recv(piece.raw(), piece.numel(), DType::f32, r);
-    put_shard(piece, global, p.shard_dim, p.shard_groups, r, spread);
+    put_shard(piece, global, p.shard_dim, p.shard_parts, r, spread);
   }
   return global;
 }
@@ -239,7 +239,7 @@ void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::ve
                shape_str(global.shape()), shape_str(want));
     if (!p.expert) return global;
     Tensor mine = Tensor::empty(p.value->shape());
-    take_shard(global, mine, p.shard_dim, p.shard_groups, place, spread);
+    take_shard(global, mine, p.shard_dim, p.shard_parts, place, spread);
     return mine;
   };
   for (Parameter& p : params) {

@@ -37,10 +37,10 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
   const int64_t Dl = D / dense_tp_, Fl = F / dense_tp_;  // this rank's attention columns and MLP hidden units
   const int64_t Dkvl = D / c.heads * c.kv_heads_or_all() / dense_tp_;  // and its key and value columns
   // a tensor-parallel weight: this rank's columns (dim 1) or rows (dim 0), q, k and v each split
-  auto add_split = [&](const std::string& name, Tensor& value, Tensor& grad, bool decay, int dim, int parts) {
+  auto add_split = [&](const std::string& name, Tensor& value, Tensor& grad, bool decay, int dim, std::vector<int> parts) {
     if (dense_tp_ == 1) return add_param(name, value, grad, false, decay);
     add_param(name, value, grad, true, decay);
-    params_.back().shard_dim = dim, params_.back().shard_groups = parts;
+    params_.back().shard_dim = dim, params_.back().shard_parts = std::move(parts);
   };
   auto make = [](Tensor& value, Tensor& grad, Shape shape) {
     value = Tensor::zeros(shape);
@@ -87,9 +87,9 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
     make(b->w_proj, b->d_w_proj, {Dl, D});
     make(b->b_proj, b->d_b_proj, {D});
     add_norm(p + "ln1", b->ln1_g, b->d_ln1_g, b->ln1_b, b->d_ln1_b);
-    add_split(p + "attn.w_qkv", b->w_qkv, b->d_w_qkv, true, 1, 3);
-    add_split(p + "attn.b_qkv", b->b_qkv, b->d_b_qkv, false, 0, 3);
-    add_split(p + "attn.w_proj", b->w_proj, b->d_w_proj, true, 0, 1);
+    add_split(p + "attn.w_qkv", b->w_qkv, b->d_w_qkv, true, 1, qkv_parts());
+    add_split(p + "attn.b_qkv", b->b_qkv, b->d_b_qkv, false, 0, qkv_parts());
+    add_split(p + "attn.w_proj", b->w_proj, b->d_w_proj, true, 0, {1});
     add_param(p + "attn.b_proj", b->b_proj, b->d_b_proj, false, false);
     add_norm(p + "ln2", b->ln2_g, b->d_ln2_g, b->ln2_b, b->d_ln2_b);
     if (c.is_moe(l)) {
@@ -125,14 +125,14 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
       }
     } else {
       // SwiGLU: w_fc = [W_g | W_v], [D, 2F], each half split over the tensor-parallel group
-      const int parts = mlp_swiglu() ? 2 : 1;
-      make(b->w_fc, b->d_w_fc, {D, parts * Fl});
-      make(b->b_fc, b->d_b_fc, {parts * Fl});
+      const std::vector<int> parts = mlp_swiglu() ? std::vector<int>{1, 1} : std::vector<int>{1};
+      make(b->w_fc, b->d_w_fc, {D, static_cast<int64_t>(parts.size()) * Fl});
+      make(b->b_fc, b->d_b_fc, {static_cast<int64_t>(parts.size()) * Fl});
       make(b->w_out, b->d_w_out, {Fl, D});
       make(b->b_out, b->d_b_out, {D});
       add_split(p + "mlp.w_fc", b->w_fc, b->d_w_fc, true, 1, parts);
       add_split(p + "mlp.b_fc", b->b_fc, b->d_b_fc, false, 0, parts);
-      add_split(p + "mlp.w_out", b->w_out, b->d_w_out, true, 0, 1);
+      add_split(p + "mlp.w_out", b->w_out, b->d_w_out, true, 0, {1});
       add_param(p + "mlp.b_out", b->b_out, b->d_b_out, false, false);
     }
     blocks_.push_back(std::move(b));
@@ -169,13 +169,14 @@ void GptModel::init_parameters(uint64_t seed) {
   };
   // a tensor-parallel weight: the whole tensor's values (the same as without the split), this
   // rank's slice kept
-  auto normal_split = [&](Tensor& t, float std, uint64_t kind, uint64_t a, int dim, int parts, int places) {
+  auto normal_split = [&](Tensor& t, float std, uint64_t kind, uint64_t a, int dim, const std::vector<int>& parts,
+                          int places) {
     if (places == 1) return normal(t, std, kind, a);
     Tensor whole = Tensor::zeros(whole_shape(t.shape(), dim, places));
     normal(whole, std, kind, a);
     take_shard(whole, t, dim, parts, tp_group_->rank(), places);
   };
-  if (span_.first_stage || span_.last_stage) normal_split(wte_, std_w, 20, 0, 0, 1, vocab_tp_);
+  if (span_.first_stage || span_.last_stage) normal_split(wte_, std_w, 20, 0, 0, {1}, vocab_tp_);
   if (span_.first_stage && !config_.rope()) normal(wpe_, std_w, 21);
   const bool layernorm = !config_.rmsnorm();  // RMSNorm has no bias
   if (span_.last_stage) {
@@ -187,8 +188,8 @@ void GptModel::init_parameters(uint64_t seed) {
     b.ln1_g.fill(1.0f), b.ln2_g.fill(1.0f);
     if (layernorm) b.ln1_b.zero(), b.ln2_b.zero();
     b.b_qkv.zero(), b.b_proj.zero();
-    normal_split(b.w_qkv, std_w, 22, l, 1, 3, dense_tp_);
-    normal_split(b.w_proj, std_residual, 23, l, 0, 1, dense_tp_);
+    normal_split(b.w_qkv, std_w, 22, l, 1, qkv_parts(), dense_tp_);
+    normal_split(b.w_proj, std_residual, 23, l, 0, {1}, dense_tp_);
     if (b.moe) {
       std::map<std::string, Tensor*> moe;
       for (Parameter& p : b.moe->parameters()) moe[p.name] = p.value;
@@ -212,8 +213,8 @@ void GptModel::init_parameters(uint64_t seed) {
         if (layernorm) b.ln_moe_b.zero();
       }
     } else {
-      normal_split(b.w_fc, std_w, 27, l, 1, mlp_swiglu() ? 2 : 1, dense_tp_);
-      normal_split(b.w_out, std_residual, 28, l, 0, 1, dense_tp_);
+      normal_split(b.w_fc, std_w, 27, l, 1, mlp_swiglu() ? std::vector<int>{1, 1} : std::vector<int>{1}, dense_tp_);
+      normal_split(b.w_out, std_residual, 28, l, 0, {1}, dense_tp_);
       b.b_fc.zero(), b.b_out.zero();
     }
   }

@@ -253,6 +253,11 @@ class GptModel {
   std::vector<float> rope_cos_, rope_sin_;
   bool mlp_swiglu() const { return config_.mlp_activation == "swiglu"; }
   int64_t kv_width() const { return config_.d_model / config_.heads * config_.kv_heads_or_all(); }  // Dkv
+  // w_qkv's columns [q | k | v] in proportion: {1, 1, 1}, or {heads, kv_heads, kv_heads} (grouped-query)
+  std::vector<int> qkv_parts() const {
+    const int kv = config_.kv_heads_or_all();
+    return kv == config_.heads ? std::vector<int>{1, 1, 1} : std::vector<int>{config_.heads, kv, kv};
+  }
   // rotary embeddings of the queries and keys of qkv[T, Dl + 2 Dkvl] (pos null: token t at t % S); inverse: a gradient's
   void rope(Backend& k, float* qkv, int64_t T, const int64_t* pos, int64_t S, bool inverse) const;
   Tensor dwte_, dwpe_, dlnf_g_, dlnf_b_;

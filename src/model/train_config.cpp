@@ -269,10 +269,9 @@ void TrainConfig::validate(int world) const {
   PM_REQUIRE(m.d_model % m.heads == 0, "configuration: d_model {} must be a multiple of heads {}", m.d_model, m.heads);
   PM_REQUIRE(m.kv_heads >= 0 && m.kv_heads <= m.heads && m.heads % m.kv_heads_or_all() == 0,
              "configuration: 'kv_heads' must divide the {} heads (0: as many as heads), got {}", m.heads, m.kv_heads);
-  PM_REQUIRE(m.kv_heads_or_all() == m.heads || m.dense_tp() == 1,
-             "configuration: grouped-query attention (kv_heads {} of {} heads) with the dense blocks split over a "
-             "tensor-parallel group is not supported yet: set tp_dense replicate, or kv_heads 0",
-             m.kv_heads, m.heads);
+  PM_REQUIRE(m.kv_heads_or_all() % m.dense_tp() == 0,
+             "configuration: {} key/value heads do not divide over tensor-parallel groups of {} ranks (or set tp_dense "
+             "replicate)", m.kv_heads_or_all(), m.dense_tp());
   PM_REQUIRE(m.norm == "layernorm" || m.norm == "rmsnorm",
              "configuration: 'norm' must be \"layernorm\" or \"rmsnorm\", got \"{}\"", m.norm);
   PM_REQUIRE(m.position == "learned" || m.position == "rope",

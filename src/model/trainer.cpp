@@ -42,7 +42,7 @@ const char* const kModelKeys[] = {"seq_len",         "d_model",       "layers", 
                                   "expert_hidden",   "tokenizer_vocab", "arch",    "scmoe_tap",
                                   "shared_expert_hidden", "coef_gate", "norm",     "position",
                                   "rope_theta",      "mlp_activation", "expert_activation",
-                                  "shared_expert_activation", "router_score"};
+                                  "shared_expert_activation", "router_score", "kv_heads"};
 
 // Mean cross-entropy over the fixed validation batches, averaged over the last stage's ranks.
 double evaluate(PipelineRunner& runner, const TokenData& data, const TrainConfig& c, Communicator& comm,
@@ -310,9 +310,13 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
                 "optimizer state, sliced for this layout; batches and each batch's capacity follow the new layout",
                 was_strategy, was_tp, c.model.moe_strategy, c.model.tp);
     for (const char* key : kModelKeys) {
-      const nlohmann::json was = resumed->config.value(key, defaults[key]);
-      PM_REQUIRE(was == c.to_json()[key], "checkpoint {} is of another model: its {} is {}, this configuration says {}",
-                 c.resume, key, was.dump(), c.to_json()[key].dump());
+      nlohmann::json was = resumed->config.value(key, defaults[key]), now = c.to_json()[key];
+      if (std::string(key) == "kv_heads") {  // 0 means as many as heads
+        if (was == 0) was = resumed->config.value("heads", defaults["heads"]);
+        if (now == 0) now = c.model.heads;
+      }
+      PM_REQUIRE(was == now, "checkpoint {} is of another model: its {} is {}, this configuration says {}", c.resume, key,
+                 was.dump(), now.dump());
     }
   }
   Stopwatch setup;

@@ -182,10 +182,15 @@ def main():
             (2, [config, "--set", "position=rope", "--set", "rope_theta=0.5"], "rope_theta", "a rotary base below 1"),
             (2, [config, "--set", "position=rope", "--set", "d_model=30"], "must be even", "rotary with an odd head size"),
             (2, [config, "--set", "mlp_activation=relu"], "mlp_activation", "an unknown dense activation"),
+            (2, [config, "--set", "kv_heads=3"], "kv_heads", "more key/value heads than heads"),
+            (2, [config, "--set", "moe_strategy=ppmoe", "--set", "tp=2", "--set", "kv_heads=1"], "key/value heads do not divide",
+             "one key/value head split over two ranks"),
             (2, [config, "--resume", whole, "--set", "norm=rmsnorm", "--max-steps", 12], "another model",
              "a LayerNorm checkpoint resumed as RMSNorm"),
             (2, [config, "--resume", whole, "--set", "position=rope", "--max-steps", 12], "another model",
              "a learned-position checkpoint resumed with rotary embeddings"),
+            (2, [config, "--resume", whole, "--set", "kv_heads=1", "--max-steps", 12], "another model",
+             "a multi-head checkpoint resumed with one key/value head"),
         ]
         for ranks, args, word, name in cases:
             one_error(f, train(ranks, *args, check=False, timeout=120), word, name)

@@ -120,21 +120,28 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None
     return y, aux, z_loss, order
 
 
-# The dense blocks' split weights (model/gpt.cpp add_split): the dimension split and into how many
-# equal parts first (q, k, v), each part then split over the ranks.
-DENSE_SHARDS = {"attn.w_qkv": (1, 3), "attn.b_qkv": (0, 3), "attn.w_proj": (0, 1), "mlp.w_fc": (1, 1),
-                "mlp.b_fc": (0, 1), "mlp.w_out": (0, 1)}
+# The dense blocks' split weights (model/gpt.cpp add_split): the dimension split, and the parts it
+# holds in proportion (q, k, v: equal, or heads : kv_heads : kv_heads), each part then split over
+# the ranks.
+DENSE_SHARDS = {"attn.w_qkv": (1, [1, 1, 1]), "attn.b_qkv": (0, [1, 1, 1]), "attn.w_proj": (0, [1]),
+                "mlp.w_fc": (1, [1]), "mlp.b_fc": (0, [1]), "mlp.w_out": (0, [1])}
+
+
+def split_parts(a, parts, dim):
+    """a cut along dim into parts in the proportions `parts` (core/shard.h)."""
+    unit = a.shape[dim] // sum(parts)
+    return np.split(a, np.cumsum([p * unit for p in parts])[:-1], axis=dim)
 
 
 def whole_of(slices, dim, parts):
     """The whole tensor from every rank's slice (core/shard.h put_shard)."""
-    pieces = [np.split(a, parts, axis=dim) for a in slices]
-    return np.concatenate([np.concatenate([p[g] for p in pieces], axis=dim) for g in range(parts)], axis=dim)
+    pieces = [split_parts(a, parts, dim) for a in slices]
+    return np.concatenate([np.concatenate([p[g] for p in pieces], axis=dim) for g in range(len(parts))], axis=dim)
 
 
 def slice_of(whole, dim, parts, place, places):
     """Rank `place`'s slice of the whole tensor (core/shard.h take_shard)."""
-    return np.concatenate([np.split(g, places, axis=dim)[place] for g in np.split(whole, parts, axis=dim)], axis=dim)
+    return np.concatenate([np.split(g, places, axis=dim)[place] for g in split_parts(whole, parts, dim)], axis=dim)
 
 
 class Model:
@@ -180,11 +187,14 @@ class Model:
         if self.dense_tp == 1:
             return None
         if name == "wte":
-            return (0, 1) if self.vocab_parallel else None
+            return (0, [1]) if self.vocab_parallel else None
         for suffix, (dim, parts) in DENSE_SHARDS.items():
             if name.endswith(suffix):
                 if suffix in ("mlp.w_fc", "mlp.b_fc") and self.c.get("mlp_activation", "gelu") == "swiglu":
-                    parts = 2  # [W_g | W_v]: each half split
+                    parts = [1, 1]  # [W_g | W_v]: each half split
+                kv = self.c.get("kv_heads", 0) or self.c["heads"]
+                if suffix in ("attn.w_qkv", "attn.b_qkv") and kv != self.c["heads"]:
+                    parts = [self.c["heads"], kv, kv]  # grouped-query: q wider than k and v
                 return dim, parts
         return None
 

@@ -214,7 +214,10 @@ BACKBONE_VARIANTS = [
     (2, 68, 2, LLAMA + ["heads=4", "kv_heads=2"]),
     (1, 69, 1, ["heads=4", "kv_heads=1"]),
     (2, 70, 1, LLAMA + ["heads=4", "kv_heads=2", "dtype=bf16"]),
-    (2, 71, 1, LLAMA + ["heads=4", "kv_heads=2", "moe_strategy=ppmoe", "tp=2", "tp_dense=replicate"]),
+    # ...split over tensor-parallel groups: each rank its query heads and its key/value heads
+    (2, 71, 1, LLAMA + ["heads=4", "kv_heads=2", "moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300"]),
+    (4, 72, 1, LLAMA + ["heads=8", "kv_heads=4", "moe_strategy=ppmoe", "tp=4", "tokenizer_vocab=300"]),
+    (2, 73, 1, LLAMA + ["heads=4", "kv_heads=2", "moe_strategy=ppmoe", "tp=2", "tp_dense=replicate"]),
 ]
 
 

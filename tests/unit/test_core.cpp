@@ -180,7 +180,7 @@ TEST(Shard, SlicesLieWhereTheSplitSaysAndPutBackWhole) {
   Tensor whole = Tensor::empty({2, 12});
   for (int64_t i = 0; i < whole.numel(); ++i) whole.f32()[i] = static_cast<float>(i);
   Tensor mine = Tensor::empty({2, 6});
-  take_shard(whole, mine, /*dim=*/1, /*groups=*/3, /*place=*/1, /*places=*/2);
+  take_shard(whole, mine, /*dim=*/1, /*parts=*/{1, 1, 1}, /*place=*/1, /*places=*/2);
   // row 0: q columns 2-3, k columns 6-7, v columns 10-11
   const std::vector<float> row0(mine.f32(), mine.f32() + 6), row1(mine.f32() + 6, mine.f32() + 12);
   EXPECT_EQ(row0, (std::vector<float>{2, 3, 6, 7, 10, 11}));
@@ -189,16 +189,27 @@ TEST(Shard, SlicesLieWhereTheSplitSaysAndPutBackWhole) {
   // every place's slice put back gives the whole; experts (dim 0, one part) are consecutive rows
   Tensor back = Tensor::zeros({2, 12});
   for (int r = 0; r < 2; ++r) {
-    take_shard(whole, mine, 1, 3, r, 2);
-    put_shard(mine, back, 1, 3, r, 2);
+    take_shard(whole, mine, 1, {1, 1, 1}, r, 2);
+    put_shard(mine, back, 1, {1, 1, 1}, r, 2);
   }
   EXPECT_EQ(std::memcmp(back.f32(), whole.f32(), whole.nbytes()), 0);
   Tensor rows = Tensor::empty({1, 12});
   Tensor tall = Tensor::empty({2, 12});
   std::memcpy(tall.f32(), whole.f32(), whole.nbytes());
-  take_shard(tall, rows, 0, 1, 1, 2);
+  take_shard(tall, rows, 0, {1}, 1, 2);
   EXPECT_EQ(rows.f32()[0], 12.0f);
-  EXPECT_THROW(take_shard(whole, rows, 1, 3, 0, 2), Error);  // shapes that do not match
+  EXPECT_THROW(take_shard(whole, rows, 1, {1, 1, 1}, 0, 2), Error);  // shapes that do not match
+  // grouped-query: q 6 columns, k and v 3 each ({2, 1, 1}); rank 1 of 3 holds q's columns 2-3,
+  // k's 7, v's 10
+  Tensor qkv = Tensor::empty({1, 12}), third = Tensor::empty({1, 4}), again = Tensor::zeros({1, 12});
+  for (int64_t i = 0; i < 12; ++i) qkv.f32()[i] = static_cast<float>(i);
+  take_shard(qkv, third, 1, {2, 1, 1}, 1, 3);
+  EXPECT_EQ(std::vector<float>(third.f32(), third.f32() + 4), (std::vector<float>{2, 3, 7, 10}));
+  for (int r = 0; r < 3; ++r) {
+    take_shard(qkv, third, 1, {2, 1, 1}, r, 3);
+    put_shard(third, again, 1, {2, 1, 1}, r, 3);
+  }
+  EXPECT_EQ(std::memcmp(again.f32(), qkv.f32(), qkv.nbytes()), 0);
 }
 
 TEST(Rng, StreamsAreReproducibleAndIndependent) {

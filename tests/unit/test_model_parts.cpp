@@ -79,7 +79,9 @@ TEST(TrainConfig, UnknownKeysBadTypesAndImpossibleValues) {
   // the backbone's keys
   for (const nlohmann::json& j : {nlohmann::json{{"norm", "batchnorm"}}, nlohmann::json{{"position", "alibi"}},
                                   nlohmann::json{{"rope_theta", 1.0}}, nlohmann::json{{"mlp_activation", "relu"}},
-                                  nlohmann::json{{"position", "rope"}, {"d_model", 60}, {"heads", 4}}}) {
+                                  nlohmann::json{{"position", "rope"}, {"d_model", 60}, {"heads", 4}},
+                                  nlohmann::json{{"kv_heads", 3}}, nlohmann::json{{"kv_heads", 5}},
+                                  nlohmann::json{{"kv_heads", -1}}}) {
     TrainConfig backbone = c;
     backbone.apply(j, "t");
     EXPECT_THROW(backbone.validate(1), Error) << j.dump();
