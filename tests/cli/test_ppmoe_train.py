@@ -18,7 +18,9 @@ equal, and bad layouts refused with one clear line on every rank.
     vocabulary does not divide): tp 2 like one rank, tp 2 x dp 2 like tp 1 x dp 2, to float32
     rounding;
   - a checkpoint of tp 2 x dp 2 resumes in its layout bit for bit, and loads in another layout
-    (all-to-all EP on the same 4 ranks: checkpoints hold whole tensors).
+    (all-to-all EP on the same 4 ranks: checkpoints hold whole tensors);
+  - Llama's backbone with grouped-query attention split over tp 2: the one-rank losses to float32
+    rounding, and its checkpoint continues with the dense blocks whole on each rank.
 
 Run: /usr/bin/python3 tests/cli/test_ppmoe_train.py   (needs build/pipemoe)
 """
@@ -127,6 +129,29 @@ def main():
                 f"the tp 2 x dp 2 checkpoint in the all-to-all layout: {resumed[:1]} {proc.stderr[-300:]}")
         print(f"ok: the tp 2 x dp 2 checkpoint continues as all-to-all EP on 4 ranks (step 6 loss {resumed[0][1]})",
               flush=True)
+
+        # Llama's backbone with grouped-query attention split over the group (W_qkv's columns in
+        # proportion heads : kv_heads : kv_heads, each rank its share of each): the one-rank run's
+        # losses to float32 rounding; its checkpoint holds whole tensors and continues on one rank
+        gqa = ["heads=4", "kv_heads=2", "norm=rmsnorm", "position=rope", "mlp_activation=swiglu"]
+        _, gqa_one = train("gqa_one_rank", 1, *gqa)
+        _, gqa_tp = train("gqa_tp_2_split", 2, "moe_strategy=ppmoe", "tp=2", *gqa)
+        x, y = losses(gqa_tp), losses(gqa_one)
+        f.check(len(x) == 10 and all(abs(float(p[1]) - float(q[1])) <= 2e-6 * abs(float(q[1])) for p, q in zip(x, y)),
+                f"grouped-query attention split over tp 2: not the one-rank losses: {x[:2]} {y[:2]}")
+        gqa_ck = os.path.join(tmp, "gqa_ck")
+        gqa_sets = sum((["--set", s] for s in gqa), [])
+        mpirun(2, ["train", "--config", config, "--set", f"save={gqa_ck}", "--stop-at", 5, "--set",
+                   f"log_csv={tmp}/gqa_ck.csv", "--set", "moe_strategy=ppmoe", "--set", "tp=2"] + gqa_sets, timeout=300)
+        # ...resumed with the dense blocks whole on each rank: they read W_qkv as the slices were put together
+        mpirun(2, ["train", "--config", config, "--resume", gqa_ck, "--set", "save=", "--set",
+                   f"log_csv={tmp}/gqa_resumed.csv", "--set", "moe_strategy=ppmoe", "--set", "tp=2", "--set",
+                   "tp_dense=replicate"] + gqa_sets, timeout=300)
+        resumed = losses(f"{tmp}/gqa_resumed.csv")
+        f.check(len(resumed) == 5 and abs(float(resumed[0][1]) - float(x[5][1])) <= 1e-5 * abs(float(x[5][1])),
+                f"the tp 2 grouped-query checkpoint with whole dense blocks: step 6 loss {resumed[:1]} vs {x[5][1]}")
+        print(f"ok: grouped-query attention split over tp 2 gives the one-rank losses to float32 rounding, and its "
+              f"checkpoint continues with the dense blocks whole (step 6 loss {resumed[0][1]} vs {x[5][1]})", flush=True)
 
         # bad layouts: one clear line, non-zero exit, no hang
         for ranks, sets, words in [(2, ["moe_strategy=ppmoe", "tp=3"], "must divide the 2 ranks"),
