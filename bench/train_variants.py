@@ -31,8 +31,8 @@ import subprocess
 import sys
 
 KEYS = {"train": ["ms_per_step", "tokens_per_s", "exposed_comm_ms_per_step", "comm_hidden_share", "train_loss",
-                  "pipeline_bubble", "pipeline_bubble_formula", "peak_rss_mb"],
-        "generate": ["tokens_per_s", "seconds"],
+                  "val_loss", "parameters", "pipeline_bubble", "pipeline_bubble_formula", "peak_rss_mb"],
+        "generate": ["tokens_per_s", "seconds", "kv_cache_bytes"],
         "layer": ["forward_ms", "backward_ms", "tokens_per_s", "a2a_busy_ms", "comm_ms", "compute_ms", "degree_fwd",
                   "degree_bwd", "peak_rss_mb", "held_for_backward_mb"]}
 
@@ -79,9 +79,9 @@ def main():
               f"{'peak MB':>8} {'kept MB':>8}")
     elif o.command == "train":
         print(f"\n{'variant':<16} {'ms/step':>9} {'tokens/s':>9} {'exposed ms':>11} {'a2a hidden':>11} {'bubble':>7} "
-              f"{'(1F1B)':>7} {'vs first':>9} {'peak MB':>8}")
+              f"{'(1F1B)':>7} {'vs first':>9} {'peak MB':>8} {'params M':>9} {'val loss':>9}")
     else:
-        print(f"\n{'variant':<16} {'tokens/s':>9} {'vs first':>9}")
+        print(f"\n{'variant':<16} {'tokens/s':>9} {'vs first':>9} {'KV cache MB':>12}")
     first = None
     for name, _ in variants:
         mine = [x for x in rows if x["variant"] == name]
@@ -99,10 +99,11 @@ def main():
                 if med["pipeline_bubble"] == med["pipeline_bubble"] else f"{'-':>7} {'-':>7}"
             print(f"{name:<16} {med['ms_per_step']:9.1f} {med['tokens_per_s']:9.0f} {med['exposed_comm_ms_per_step']:11.1f} "
                   f"{med['comm_hidden_share'] * 100:10.0f}% {bubble} {med['tokens_per_s'] / first:8.2f}x "
-                  f"{med['peak_rss_mb']:8.1f}")
+                  f"{med['peak_rss_mb']:8.1f} {med['parameters'] / 1e6:9.2f} {med['val_loss']:9.4f}")
         else:
             first = first or med["tokens_per_s"]
-            print(f"{name:<16} {med['tokens_per_s']:9.1f} {med['tokens_per_s'] / first:8.2f}x")
+            print(f"{name:<16} {med['tokens_per_s']:9.1f} {med['tokens_per_s'] / first:8.2f}x "
+                  f"{med['kv_cache_bytes'] / 1e6:12.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(o.csv)), exist_ok=True)
     with open(o.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["round", "variant"] + keys)
