@@ -167,9 +167,10 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   model.set_inference_rows(0);
   const auto& mc = loaded.config.model;
   const double row_mb = model.kv_cache_bytes_per_row() / 1e6;
+  const int64_t kv_cache_bytes = model.kv_cache_bytes_per_row() * (o.max_batch + store_rows);
   if (ctx.rank() == 0) {
     log::info("serve: key/value cache {:.1f} MB: {} rows of {:.2f} MB ({} key/value heads of {})",
-              row_mb * (o.max_batch + store_rows), o.max_batch + store_rows, row_mb, mc.kv_heads_or_all(), mc.heads);
+              kv_cache_bytes / 1e6, o.max_batch + store_rows, row_mb, mc.kv_heads_or_all(), mc.heads);
     if (store_rows > 0)
       log::info("serve: {} of the rows kept for finished sequences' prefixes ({:.1f} MB)", store_rows, store_rows * row_mb);
   }
@@ -182,6 +183,7 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       std::string name = o.checkpoint;
       while (name.size() > 1 && name.back() == '/') name.pop_back();
       front = std::make_unique<ServeFrontend>(o, loaded.tokenizer, name.substr(name.find_last_of('/') + 1), g_stop);
+      front->set_kv_cache_bytes(kv_cache_bytes);
     } catch (const Error& e) {
       error = e.what();
     }
@@ -305,7 +307,7 @@ int run_serve(Context& ctx, const ServeOptions& given) {
     nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
                               {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
                               {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()},
-                              {"kv_cache_bytes", model.kv_cache_bytes_per_row() * (o.max_batch + store_rows)}};
+                              {"kv_cache_bytes", kv_cache_bytes}};
     summary.update(front->prompt_counters());
     std::printf("%s\n", summary.dump().c_str());
     std::fflush(stdout);

@@ -162,7 +162,7 @@ nlohmann::json ServeFrontend::health(int64_t live) const {
   nlohmann::json h = {{"status", stop_ ? "stopping" : "ok"}, {"active", live},
                       {"waiting", static_cast<int64_t>(pending_.size())}, {"served", served_}, {"tokens", tokens_},
                       {"tokens_per_s", tokens_ / std::max(1e-9, clock_.elapsed_s())}, {"max_batch", o_.max_batch},
-                      {"peak_batch", peak_live_}};
+                      {"peak_batch", peak_live_}, {"kv_cache_bytes", kv_cache_bytes_}};
   h.update(prompt_counters());
   return h;
 }
@@ -185,6 +185,8 @@ std::string ServeFrontend::metrics() const {
       gauge("pipemoe_waiting_choices", "Choices waiting for a row.", pending_.size()),
       gauge("pipemoe_max_batch", "Rows of the batch (--max-batch).", o_.max_batch),
       gauge("pipemoe_peak_batch", "The most rows decoded together so far.", peak_live_),
+      gauge("pipemoe_kv_cache_bytes", "The key/value cache's bytes (every row, the prefix store's too).",
+            static_cast<double>(kv_cache_bytes_)),
       gauge("pipemoe_uptime_seconds", "Seconds since the server started.", clock_.elapsed_s())};
   return metrics_exposition(values, first_token_s_, request_s_);
 }

@@ -286,6 +286,7 @@ def main():
                     values.get("pipemoe_generated_tokens_total") == health["tokens"] and
                     values.get("pipemoe_prefix_tokens_reused_total") == health["prefix_tokens_reused"] and
                     values.get("pipemoe_active_rows") == 0 and values.get("pipemoe_max_batch") == 4 and
+                    values.get("pipemoe_kv_cache_bytes") == health["kv_cache_bytes"] > 0 and
                     buckets == sorted(buckets) and len(buckets) == 12 and buckets[-1] == health["served"] and
                     values.get("pipemoe_request_seconds_count") == health["served"] and
                     values.get("pipemoe_time_to_first_token_seconds_count") == health["served"] and
