@@ -27,7 +27,8 @@ void GptModel::backward_stage(const float* dh_in) {
   Backend& k = backend_;
   const bool scmoe = config_.scmoe();
   // the backward's own buffers: alive until its graph has run
-  Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dqkv(T * (D + 2 * Dkvl)), dattn(T * D), dact, dfc_swiglu;
+  Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dattn(T * D), dact, dfc_swiglu;
+  Buffer<float> dqkv(T * (D + 2 * Dkvl));  // [dq | dk | dv]
   const RouterLossGrads router_grads{static_cast<float>(config_.aux_coef) * backward_scale_,
                                  static_cast<float>(config_.z_loss_coef) * backward_scale_};
   std::vector<int> moe_done(L, -1), moe_ln_bwd(L, -1);  // MoE output (dx) or ScMoE's LN backward; task ids
@@ -110,7 +111,8 @@ void GptModel::backward_stage(const float* dh_in) {
     const int in_tap = input_tap(l), mid = mid_tap(l);
     // the step reads the MoE's input gradient: its own MoE's (not ScMoE), or a tap's
     const int needs = b.moe && !scmoe ? l : (mid >= 0 ? mid : in_tap);
-    const TaskWork attention_work{10, 16 * Td * Dd * Dd + 8 * Td * S * Dd, 20 * Td * Dd * 4};
+    const double Dkvd = static_cast<double>(kv_width());  // the keys' and values' width
+    const TaskWork attention_work{10, 8 * Td * Dd * (Dd + Dkvd) + 8 * Td * S * Dd, 20 * Td * Dd * 4};
     steps.push_back(DenseStep{indexed("attention_bwd", l), [&, l, T, D, B, S, H, hd, in_tap, mid, attention_work](TaskGraph& g, int last) {
       std::vector<int> deps = plus(after(last), {b.moe && !scmoe ? moe_done[l] : -1, in_tap >= 0 ? moe_ln_bwd[in_tap] : -1,
                                                  mid >= 0 ? moe_ln_bwd[mid] : -1});

@@ -86,15 +86,15 @@ void GptModel::move_inference_row(int64_t from, int64_t to) {
 }
 
 void GptModel::copy_inference_prefix(int64_t from, int64_t to, int64_t n) {
-  const int64_t S = config_.seq_len, D = kv_width();
+  const int64_t S = config_.seq_len, Dkv = kv_width();
   PM_CHECK(from >= 0 && from < inference_capacity_ && to >= 0 && to < inference_capacity_,
            "copying row {} to {} of {}", from, to, inference_capacity_);
   PM_CHECK(n >= 0 && n <= S, "copying {} positions of a window of {}", n, S);
   if (from == to) return;
   for (auto& b : blocks_) {
-    for (int64_t i = 0; i < D; ++i)  // keys transposed: [row][D][S]
-      std::copy_n(b->k_cache.data() + (from * D + i) * S, n, b->k_cache.data() + (to * D + i) * S);
-    std::copy_n(b->v_cache.data() + from * S * D, n * D, b->v_cache.data() + to * S * D);
+    for (int64_t i = 0; i < Dkv; ++i)  // keys transposed: [row][Dkv][S]
+      std::copy_n(b->k_cache.data() + (from * Dkv + i) * S, n, b->k_cache.data() + (to * Dkv + i) * S);
+    std::copy_n(b->v_cache.data() + from * S * Dkv, n * Dkv, b->v_cache.data() + to * S * Dkv);
   }
 }
 
@@ -188,7 +188,9 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
     // ScMoE taps at the block's input: this block's own MoE (pos1), the next one's (pos3)
     if (tap_is(l, "pos1")) steps.push_back(MoeJoin{l});
     if (l + 1 < L && tap_is(l + 1, "pos3")) steps.push_back(MoeJoin{l + 1});
-    const TaskWork attention_work{6, 8 * Td * Dd * Dd + 4 * Td * S * Dd, 12 * Td * Dd * 4};
+    // q, k and v (k and v Dkv wide) and the projection; scores and values
+    const double Dkvd = static_cast<double>(Dkv);
+    const TaskWork attention_work{6, 4 * Td * Dd * (Dd + Dkvd) + 4 * Td * S * Dd, 12 * Td * Dd * 4};
     steps.push_back(DenseStep{indexed("attention", l), [&b, &k, this, l, T, D, B, S, H, KV, Dkv, hd, attention_work, decode, cache_row, S_max](TaskGraph& g, int last) {
       // tensor-parallel: this rank's heads (Dl of the D columns of q, Dkvl of k's and v's), their
       // share of the projection summed over the group (the bias added once, by its first rank)
