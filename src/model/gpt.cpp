@@ -359,10 +359,7 @@ void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D,
   const bool swiglu = config_.shared_expert_activation == "swiglu";
   b.se_fc.resize(T * (swiglu ? 2 * G : G)), b.se_act.resize(T * G), b.se_raw.resize(T * D), b.se_out.resize(T * D);
   linear_forward(k, precision_, b.ln2_out.data(), b.se_w_fc, b.se_b_fc, T, b.se_fc.data());
-  if (swiglu)
-    k.swiglu_rows_forward(b.se_fc.data(), b.se_act.data(), T, G);
-  else
-    k.gelu_forward(b.se_fc.data(), b.se_act.data(), T * G);
+  activation_forward(k, swiglu, b.se_fc.data(), b.se_act.data(), T, G);
   linear_forward(k, precision_, b.se_act.data(), b.se_w_out, b.se_b_out, T, b.se_raw.data());
   if (!config_.coef_gate) {
     b.se_out = b.se_raw;
@@ -399,15 +396,9 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
     std::memcpy(draw.data(), dout, T * D * sizeof(float));
   }
   linear_backward(k, precision_, b.se_act.data(), b.se_w_out, draw.data(), T, b.d_se_w_out, b.d_se_b_out, dact.data());
-  const float* dfc = dact.data();
   Buffer<float> dfc_swiglu;
-  if (config_.shared_expert_activation == "swiglu") {
-    dfc_swiglu.resize(T * 2 * G);
-    k.swiglu_rows_backward(b.se_fc.data(), dact.data(), dfc_swiglu.data(), T, G);
-    dfc = dfc_swiglu.data();
-  } else {
-    k.gelu_backward(b.se_fc.data(), dact.data(), dact.data(), T * G);
-  }
+  const float* dfc = activation_backward(k, config_.shared_expert_activation == "swiglu", b.se_fc.data(), dact.data(), T,
+                                         G, dfc_swiglu);
   linear_backward(k, precision_, b.ln2_out.data(), b.se_w_fc, dfc, T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());
   for (int64_t i = 0; i < T * D; ++i) dx[i] += dse_in[i];
 }

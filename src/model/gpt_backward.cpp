@@ -95,14 +95,7 @@ void GptModel::backward_stage(const float* dh_in) {
         auto columns = [&, T, Fl] {
           dact.resize(T * Fl);
           linear_backward(k, precision_, b.act.in(0), b.w_out, dh.data(), T, b.d_w_out, b.d_b_out, dact.data());
-          const float* dfc = dact.data();
-          if (mlp_swiglu()) {  // [dg | dv] from dact
-            dfc_swiglu.resize(T * 2 * Fl);
-            k.swiglu_rows_backward(b.fc.data(), dact.data(), dfc_swiglu.data(), T, Fl);
-            dfc = dfc_swiglu.data();
-          } else {
-            k.gelu_backward(b.fc.data(), dact.data(), dact.data(), T * Fl);
-          }
+          const float* dfc = activation_backward(k, mlp_swiglu(), b.fc.data(), dact.data(), T, Fl, dfc_swiglu);
           linear_backward(k, precision_, b.ln2_out.data(), b.w_fc, dfc, T, b.d_w_fc, b.d_b_fc, dffn_in.data());
         };
         return add_dense_task(g, indexed("mlp_bwd", l), "mlp_bwd", mlp_work, after(last), columns, &dffn_in, T * D, [] {});

@@ -266,10 +266,7 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
           b.fc.resize(T * b.w_fc.dim(1));
           linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data(), frozen_pack(b.w_fc));
           float* act = compute_into(b.act, T, Fl, precision_);
-          if (mlp_swiglu())
-            k.swiglu_rows_forward(b.fc.data(), act, T, Fl);
-          else
-            k.gelu_forward(b.fc.data(), act, T * Fl);
+          activation_forward(k, mlp_swiglu(), b.fc.data(), act, T, Fl);
           linear_forward_share(k, act, b.w_out, b.b_out, T, h_.data());
           keep(k, b.act, act, T);
         };

@@ -61,6 +61,27 @@ inline void linear_backward(Backend& k, Precision p, RowsIn x, const Tensor& w, 
   if (dx) k.gemm_as(p, Trans::no, Trans::yes, T, K, N, dy, N, w.f32(), N, 0.0f, dx, K);
 }
 
+// The dense MLPs' activation (the dense blocks' and the shared expert's): act[T, n] from the
+// pre-activation fc, [T, n] (GeLU) or [T, 2n] = [g | v] (SwiGLU).
+inline void activation_forward(Backend& k, bool swiglu, const float* fc, float* act, int64_t T, int64_t n) {
+  if (swiglu)
+    k.swiglu_rows_forward(fc, act, T, n);
+  else
+    k.gelu_forward(fc, act, T * n);
+}
+// Its backward: the gradient of fc from dact[T, n], GeLU's in place in dact, SwiGLU's in scratch
+// [T, 2n]; returns where it is.
+inline const float* activation_backward(Backend& k, bool swiglu, const float* fc, float* dact, int64_t T, int64_t n,
+                                        Buffer<float>& scratch) {
+  if (!swiglu) {
+    k.gelu_backward(fc, dact, dact, T * n);
+    return dact;
+  }
+  scratch.resize(T * 2 * n);
+  k.swiglu_rows_backward(fc, dact, scratch.data(), T, n);
+  return scratch.data();
+}
+
 // Activations that only the dense GEMMs read (LayerNorm 1's output, attention's output, the dense
 // MLP's activation) are kept in the dense GEMMs' precision: in bf16 a GEMM rounds them to bf16
 // anyway, so keeping them in bf16 gives the same bits in half the bytes. They are computed in
