@@ -15,7 +15,7 @@ rev=${1:?usage: bench/gemm_ab.sh REV [ROUNDS] [PROCS]}
 rounds=${2:-10}
 procs=${3:-2}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap '[ -n "${KEEP_AB:-}" ] || rm -rf "$work"' EXIT
 mkdir -p "$work/a"
 git archive "$rev" src | tar -x -C "$work/a"
 flags=(-O3 -march=native -std=c++20 -DNDEBUG)

@@ -468,15 +468,10 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
       kc = K - k0 <= kKBlockMax ? K - k0 : kKBlock;
       const bool zero_start = beta == 0.0f && k0 == 0;
       const bool last_depth = k0 + kc == K;
-      if (B.bf16) {
+      if (dot) {
+        pack_a_pairs(trans_a, A, row0, rows, k0, kc, B.source_depth, MR, packed_pairs);  // kc is even: K and k0 are
+      } else if (B.bf16) {
         pack_a_bf16(trans_a, A, row0, rows, k0, kc, B.source_depth, MR, packed_a);
-        if (dot) {  // the kernel's words: [kc / 2][MR] per micro-panel (kc is even: K and k0 are)
-          for (int64_t r = 0; r < rows; r += MR)
-            for (int64_t q = 0; q < kc / 2; ++q)
-              for (int64_t i = 0; i < MR; ++i)
-                packed_pairs[r * kc / 2 + q * MR + i] =
-                    pair_word(packed_a[r * kc + 2 * q * MR + i], packed_a[r * kc + (2 * q + 1) * MR + i]);
-        }
       } else if (pack) {
         pack_a(trans_a, A, row0, rows, k0, kc, MR, packed_a);
       } else if (rows % MR) {

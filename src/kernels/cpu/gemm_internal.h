@@ -77,20 +77,15 @@ void add_bf16_pairs(PackedB& out);
 // swapped (packed depth k reads depth k ^ 1; k0 is even), depths at or past `depth` zero.
 void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
                  int64_t MR, float* out);
+// The same for the AVX512_BF16 kernel, straight into its words: [kc / 2][MR] per micro-panel, the
+// even depth of each pair in the low half (the bits pack_a_bf16's values make as pair words).
+void pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
+                  int64_t MR, uint32_t* out);
 // One 6 x width tile with vdpbf16ps: Ap [pairs][6] and Bp [pairs][ldb] words of bf16 pairs.
 void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
                    int64_t ldc, bool zero_start, const float* bias);
 // Whether a GEMM with B runs the AVX512_BF16 kernel: B is bf16 with pairs, the CPU has the
 // instructions, the ISA is not forced down, and the kernel passed its first-use check.
 bool use_bf16_dot(const PackedB& B);
-
-// The word of a depth pair from its two rounded values in pair order (odd depth, then even): the
-// even depth in the low half, as vdpbf16ps reads it.
-inline uint32_t pair_word(float odd, float even) {
-  uint32_t o, e;
-  std::memcpy(&o, &odd, 4);
-  std::memcpy(&e, &even, 4);
-  return (o & 0xffff0000u) | (e >> 16);
-}
 
 }  // namespace pm::gemm_detail
