@@ -22,14 +22,19 @@ std::vector<double> time_calls(int repeat, const std::function<void()>& fn) {
   return s;
 }
 
-double fma_ceiling_all_ranks(Communicator& comm) {
+double fma_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, fma_ceiling_gflops); }
+
+double bf16_dot_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, bf16_dot_ceiling_gflops); }
+
+double ceiling_all_ranks(Communicator& comm, double (*ceiling_gflops)(double seconds)) {
   comm.barrier();
   // on as many threads as the rank's GEMMs use, all at once (plain threads: the pool's idle
   // workers, waiting for work, took a share of the cores and the sum came out 20-35% low)
   std::vector<double> per_thread(compute_threads(), 0.0);
   std::vector<std::thread> others;
-  for (std::size_t t = 1; t < per_thread.size(); ++t) others.emplace_back([&, t] { per_thread[t] = fma_ceiling_gflops(); });
-  per_thread[0] = fma_ceiling_gflops();
+  for (std::size_t t = 1; t < per_thread.size(); ++t)
+    others.emplace_back([&, t] { per_thread[t] = ceiling_gflops(0.2); });
+  per_thread[0] = ceiling_gflops(0.2);
   for (std::thread& t : others) t.join();
   double mine = 0;
   for (double g : per_thread) mine += g;

@@ -17,6 +17,10 @@ std::vector<double> time_calls(int repeat, const std::function<void()>& fn);
 // The core's FMA ceiling (kernels/cpu/fma_ceiling.h) with every rank running it at once: the
 // slowest rank's GFLOP/s.
 double fma_ceiling_all_ranks(Communicator& comm);
+// The same for AVX512_BF16's dot product (the bf16 GEMMs' ceiling); 0 without AVX512_BF16.
+double bf16_dot_ceiling_all_ranks(Communicator& comm);
+// Either, or any per-thread ceiling, on every rank's GEMM threads at once.
+double ceiling_all_ranks(Communicator& comm, double (*ceiling_gflops)(double seconds));
 
 // The square product whose speed is the peak the layer's GEMM floor is measured against.
 class SquareProduct {

@@ -9,4 +9,8 @@ namespace pm {
 // GFLOP/s of this thread running FMA chains for about `seconds` (an FMA counts 2 FLOPs per lane).
 double fma_ceiling_gflops(double seconds = 0.2);
 
+// The same for AVX512_BF16's dot product (vdpbf16ps chains; 4 FLOPs per 32-bit lane: two bf16
+// products and their adds), the ceiling of bf16 GEMMs; 0 where the CPU has no AVX512_BF16.
+double bf16_dot_ceiling_gflops(double seconds = 0.2);
+
 }  // namespace pm
