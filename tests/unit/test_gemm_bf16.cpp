@@ -188,6 +188,51 @@ TEST(GemmBf16, AStoredInBf16GivesTheBitsOfAStoredInFloats) {
   force_gemm_isa("");
 }
 
+// The bias gradient summed while B's rows are packed (b_column_sums) has the bits of adding the
+// rows one after the other, and leaves the product's bits alone: fp32, bf16 with A in floats or
+// in bf16, on every instruction set (AVX512_BF16 where the CPU has it, the fp32 kernels
+// otherwise), an odd K, a partial panel, and no columns of A at all.
+TEST(GemmBf16, ColumnSumsOfBGiveTheBitsOfAddingTheRowsInOrder) {
+  const int64_t M = 45, N = 83, K = 37;
+  auto A = random_matrix(K * M, 30), B = random_matrix(K * N, 31), start = random_matrix(N, 32);
+  std::vector<uint16_t> A16(A.size());
+  floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+  std::vector<const float*> a_rows, b_rows;
+  std::vector<const uint16_t*> a_rows16;
+  for (int64_t k = 0; k < K; ++k) {
+    a_rows.push_back(A.data() + k * M);
+    a_rows16.push_back(A16.data() + k * M);
+    b_rows.push_back(B.data() + k * N);
+  }
+  std::vector<float> expected = start;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N; ++j) expected[j] += B[k * N + j];
+  std::vector<std::string> isas{""};
+  if (__builtin_cpu_supports("avx2")) isas.push_back("avx2");
+  for (const std::string& isa : isas)
+    for (bool emulate : {false, true}) {  // emulate: the AVX512_BF16 path on any CPU (its packing sums)
+      force_gemm_isa(isa);
+      emulate_bf16_dot_for_testing(emulate);
+      for (int variant = 0; variant < 3; ++variant) {
+        std::vector<float> plain(M * N, 0.5f), fused(M * N, 0.5f), sums = start;
+        auto run = [&](std::vector<float>& C, float* column_sums) {
+          if (variant == 0) gemm_tn_rows(M, N, K, a_rows.data(), b_rows.data(), 1.0f, C.data(), N, column_sums);
+          if (variant == 1) gemm_tn_rows_bf16(M, N, K, a_rows.data(), b_rows.data(), 1.0f, C.data(), N, column_sums);
+          if (variant == 2) gemm_tn_rows_bf16(M, N, K, a_rows16.data(), b_rows.data(), 1.0f, C.data(), N, column_sums);
+        };
+        run(plain, nullptr);
+        run(fused, sums.data());
+        EXPECT_EQ(0, std::memcmp(sums.data(), expected.data(), N * sizeof(float))) << "isa '" << isa << "' " << variant;
+        EXPECT_EQ(0, std::memcmp(plain.data(), fused.data(), plain.size() * sizeof(float))) << "isa '" << isa << "' " << variant;
+      }
+    }
+  emulate_bf16_dot_for_testing(false);
+  force_gemm_isa("");
+  std::vector<float> sums = start, C;
+  gemm_tn_rows_bf16(0, N, K, a_rows.data(), b_rows.data(), 1.0f, C.data(), N, sums.data());
+  EXPECT_EQ(0, std::memcmp(sums.data(), expected.data(), N * sizeof(float))) << "no columns of A";
+}
+
 // An fp32 pack after a bf16 one (the same thread-local buffers) is an fp32 GEMM again.
 TEST(GemmBf16, Fp32PackingAfterBf16IsFp32) {
   const int64_t M = 5, N = 20, K = 9;

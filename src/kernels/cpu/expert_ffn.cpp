@@ -103,20 +103,19 @@ void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision 
   r.check(precision);
   if (rows == 0) return;
   const int64_t H1 = fc1_width(activation, H);
-  // a^T b over the rows, a's rows floats or bf16 (then a bf16 GEMM)
+  // c += a^T b over the rows, a's rows floats or bf16 (then a bf16 GEMM); bias += b's rows, summed
+  // as the GEMM packs them
   auto tn_rows = [&](int64_t m, int64_t n, const std::vector<const float*>& a, const std::vector<const uint16_t*>& a16,
-                     const std::vector<const float*>& b, float* c) {
+                     const std::vector<const float*>& b, float* c, float* bias) {
     if (!a16.empty())
-      gemm_tn_rows_bf16(m, n, rows, a16.data(), b.data(), 1.0f, c, n);
+      gemm_tn_rows_bf16(m, n, rows, a16.data(), b.data(), 1.0f, c, n, bias);
     else if (precision == Precision::bf16)
-      gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n);
+      gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
     else
-      gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n);
+      gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
   };
-  tn_rows(H, M, r.act, r.act_bf16, r.dy, g.w2);
-  for (const float* row : r.dy) add_column_sums(row, 1, M, g.b2);
-  tn_rows(M, H1, r.u, r.u_bf16, r.dhpre, g.w1);
-  for (const float* row : r.dhpre) add_column_sums(row, 1, H1, g.b1);
+  tn_rows(H, M, r.act, r.act_bf16, r.dy, g.w2, g.b2);
+  tn_rows(M, H1, r.u, r.u_bf16, r.dhpre, g.w1, g.b1);
 }
 
 }  // namespace pm

@@ -358,10 +358,12 @@ void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
 
 }  // namespace
 
-void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out) {
+void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums) {
   pack_panels(K, N, out, [&](const PanelSlot& s) {
     for (int64_t k = 0; k < K; ++k) {
       const float* src = B.row(k) + s.col0;
+      if (column_sums)  // this panel's columns, row k after rows 0..k-1
+        for (int64_t j = 0; j < s.cols; ++j) column_sums[s.col0 + j] += src[j];
       for (int64_t s0 = 0; s0 < s.width; s0 += s.strip) {
         float* row = s.strip_row(s0, k);
         const int64_t n = std::clamp<int64_t>(s.cols - s0, 0, s.strip_cols(s0));
@@ -547,9 +549,9 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const f
 }
 
 void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                  float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b);
+                  float beta, float* C, int64_t ldc, float* b_column_sums) {
+  if (M == 0 || N == 0) return add_rows_in_order(K, N, b_rows, b_column_sums);
+  pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b, b_column_sums);
   gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {}, false);
 }
 

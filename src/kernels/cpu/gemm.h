@@ -77,8 +77,11 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const f
 // and b_rows[k] at row k of B[K, N]. The sum runs over k in order, so this gives the bits of
 // gemm(Trans::yes, Trans::no, ...) on the same rows copied into contiguous matrices: weight
 // gradients read rows where the pipeline chunks left them, in canonical order, without copying.
+// b_column_sums ([N], optional): B's rows are also added into it, one after the other in order
+// (the bits of sums[j] += row[j] row by row): a bias gradient reads the same rows as the weight
+// gradient, and gets them while they are packed instead of in a pass of its own.
 void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                  float beta, float* C, int64_t ldc);
+                  float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
 
 // ---- bf16 operands, fp32 accumulation ---------------------------------------------------------
 // A bf16 GEMM rounds both operands to bf16 (to nearest even) and accumulates every element in fp32
@@ -98,13 +101,13 @@ void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ld
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc);
+                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
 // The same with A stored as bf16 (uint16_t bit patterns: activations a bf16 expert saved in bf16):
 // the bits of the float versions on A's float32 values, without the rounding pass over A.
 void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const PackedB& B, float beta, float* C,
                  int64_t ldc, const GemmExtras& extras = {});  // B packed by pack_b_bf16
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc);
+                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 

@@ -329,17 +329,25 @@ void gemm_detail::add_bf16_pairs(PackedB& out) {
 namespace {
 
 // The AVX512_BF16 kernel's words of op(B) = B's rows (K of them, N wide) straight from the source,
-// rounded as they are read: B.pairs only (its float panels untouched).
-void pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& out) {
+// rounded as they are read: B.pairs only (its float panels untouched). column_sums: as pack_b_rows.
+void pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums = nullptr) {
   const int64_t K2 = K + (K & 1), pairs = K2 / 2;
   out.pairs.resize(std::max<int64_t>(1, out.panels() * pairs * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
     const int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
     uint32_t* words = out.pairs.data() + p * pairs * kPanel;
+    float* sums = column_sums ? column_sums + col0 : nullptr;
     for (int64_t q = 0; q < pairs; ++q) {
       uint32_t* w = words + q * width;
-      pair_words(B.row(2 * q) + col0, 2 * q + 1 < K ? B.row(2 * q + 1) + col0 : nullptr, cols, w);
+      const float* even = B.row(2 * q) + col0;
+      const float* odd = 2 * q + 1 < K ? B.row(2 * q + 1) + col0 : nullptr;
+      pair_words(even, odd, cols, w);
       std::fill(w + cols, w + width, 0u);
+      if (sums) {  // this panel's columns, the even row then the odd one
+        for (int64_t j = 0; j < cols; ++j) sums[j] += even[j];
+        if (odd)
+          for (int64_t j = 0; j < cols; ++j) sums[j] += odd[j];
+      }
     }
   }
 }
@@ -370,8 +378,8 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
 namespace {
 
 void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, const float* const* b_rows, float beta, float* C,
-                  int64_t ldc) {
-  if (M == 0 || N == 0) return;
+                  int64_t ldc, float* b_column_sums) {
+  if (M == 0 || N == 0) return add_rows_in_order(K, N, b_rows, b_column_sums);
   PackedB& packed = scratch_packed_b();
   const RowSource rows{nullptr, 0, b_rows};
   if (bf16_dot_ready()) {
@@ -379,23 +387,24 @@ void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, const float* con
     // gradients, packed on every call: a float copy would double the packing)
     packed.K = K + (K & 1), packed.N = N, packed.bf16 = true, packed.source_depth = K;
     packed.data.clear();
-    pack_b_pair_words(K, N, rows, packed);
+    pack_b_pair_words(K, N, rows, packed, b_column_sums);
     return gemm_packed_impl(Trans::yes, M, A, packed, beta, C, ldc, {}, true);
   }
   pack_b_rows_bf16(K, N, rows, packed);
+  add_rows_in_order(K, N, b_rows, b_column_sums);  // that packing reads the rows in pair order
   gemm_packed_impl(Trans::yes, M, A, packed, beta, C, ldc, {}, false);
 }
 
 }  // namespace
 
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc) {
-  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, a_rows}, b_rows, beta, C, ldc);
+                       float beta, float* C, int64_t ldc, float* b_column_sums) {
+  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, a_rows}, b_rows, beta, C, ldc, b_column_sums);
 }
 
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc) {
-  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, nullptr, nullptr, a_rows}, b_rows, beta, C, ldc);
+                       float beta, float* C, int64_t ldc, float* b_column_sums) {
+  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, nullptr, nullptr, a_rows}, b_rows, beta, C, ldc, b_column_sums);
 }
 
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,

@@ -54,8 +54,14 @@ __attribute__((target("avx2"))) inline void transpose_8x8_in_registers(__m256 (&
 // ---- gemm.cpp ---------------------------------------------------------------------------------
 // The fp32 kernels run AVX-512 (not forced down to AVX2 or scalar).
 bool isa_is_avx512();
-// op(B) = B (row k of op(B) is row k of the source) into panels.
-void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out);
+// op(B) = B (row k of op(B) is row k of the source) into panels; column_sums (optional, [N]): the
+// rows added into it in order as they are copied (gemm_tn_rows's b_column_sums).
+void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums = nullptr);
+// sums[j] += rows[k][j] for k < K in order: the column sums where no packing reads the rows.
+inline void add_rows_in_order(int64_t K, int64_t N, const float* const* rows, float* sums) {
+  for (int64_t k = 0; k < K && sums; ++k)
+    for (int64_t j = 0; j < N; ++j) sums[j] += rows[k][j];
+}
 // The same in bf16 form in one pass (what pack_b_bf16 makes of pack_b's panels): values rounded,
 // depths in pair order, K rounded up to even; without the AVX512_BF16 words (add_bf16_pairs).
 void pack_b_rows_bf16(int64_t K, int64_t N, RowSource B, PackedB& out);
