@@ -43,6 +43,7 @@ struct GenerateOptions {
   bool prefix_reuse = true;
   bool json = false;
   OffloadOptions offload;
+  std::string dtype;  // "": the checkpoint's
 };
 
 std::vector<std::string> read_prompts(const GenerateOptions& o) {
@@ -62,7 +63,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   PM_REQUIRE(o.tokens > 0, "--tokens must be positive, got {}", o.tokens);
   check_sampling(o.sampling);
   const std::vector<std::string> prompts = read_prompts(o);
-  InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload);
+  InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload, o.dtype);
   const TrainConfig& config = loaded.config;
   const Tokenizer& tokenizer = loaded.tokenizer;
   GptModel& model = *loaded.model;
@@ -153,7 +154,7 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
   nlohmann::json result = {{"sequences", rows}, {"tokens", o.tokens}, {"seconds", seconds},
                            {"tokens_per_s", rows * o.tokens / seconds}, {"kv_cache", !o.no_cache},
                            {"ranks", ctx.world()}, {"prefix_tokens_reused", reused},
-                           {"kv_cache_bytes", model.kv_cache_bytes_per_row() * rows}};
+                           {"kv_cache_bytes", model.kv_cache_bytes_per_row() * rows}, {"dtype", config.model.dtype}};
   if (!o.offload.place.empty())
     result.update({{"offload_experts", o.offload.place}, {"offload_mode", o.offload.mode}, {"expert_cache", o.offload.expert_cache},
                    {"expert_loads", loads}, {"expert_load_s", load_s}, {"resident_expert_bytes_peak", peak},
@@ -167,9 +168,9 @@ int run_generate(Context& ctx, const GenerateOptions& o) {
     for (int64_t r = 0; r < rows; ++r) std::printf("%s\n", tokenizer.decode(text[r]).c_str());
   }
   std::fflush(stdout);  // the text ends before the summary line on stderr starts
-  log::info("generate: {} sequence(s) x {} tokens in {:.2f} s: {:.1f} tokens/s ({}, {} rank(s))", rows, o.tokens,
+  log::info("generate: {} sequence(s) x {} tokens in {:.2f} s: {:.1f} tokens/s ({}, {}, {} rank(s))", rows, o.tokens,
             seconds, rows * o.tokens / seconds, o.no_cache ? "no cache: the window re-run per token" : "key/value cache",
-            ctx.world());
+            config.model.dtype, ctx.world());
   if (!o.offload.place.empty())
     log::info("experts offloaded to {} ({}): {} loads, {:.3f} s loading, resident at most {:.2f} MB of {:.2f} MB",
               o.offload.place, o.offload.mode, loads, load_s, peak / 1e6, all / 1e6);
@@ -202,6 +203,7 @@ void add_generate_command(CLI::App& app, CommandFn& run) {
                 "run every prompt whole (by default one that begins as an earlier one starts from a copy of its cached prefix)");
   cmd->add_flag("--json", o->json, "print one JSON object (texts, tokens/s, offloading figures) instead of the text");
   o->offload.add_to(cmd);
+  add_inference_dtype_option(cmd, o->dtype);
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_generate(ctx, *o); }; });
 }
 

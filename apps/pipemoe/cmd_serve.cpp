@@ -160,7 +160,7 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   PM_REQUIRE(o.prefix_cache >= 0 && o.prefix_cache <= 4096, "--prefix-cache must be 0 to 4096 rows, got {}",
              o.prefix_cache);
   const int64_t store_rows = o.prefix_reuse ? o.prefix_cache : 0;
-  InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload);
+  InferenceModel loaded = load_inference_model(ctx, o.checkpoint, o.offload, o.dtype);
   GptModel& model = *loaded.model;
   const int64_t S = loaded.config.model.seq_len, V = loaded.config.model.vocab_size;
   model.start_inference(o.max_batch + store_rows);  // the store's rows after the decoded ones
@@ -169,8 +169,8 @@ int run_serve(Context& ctx, const ServeOptions& given) {
   const double row_mb = model.kv_cache_bytes_per_row() / 1e6;
   const int64_t kv_cache_bytes = model.kv_cache_bytes_per_row() * (o.max_batch + store_rows);
   if (ctx.rank() == 0) {
-    log::info("serve: key/value cache {:.1f} MB: {} rows of {:.2f} MB ({} key/value heads of {})",
-              kv_cache_bytes / 1e6, o.max_batch + store_rows, row_mb, mc.kv_heads_or_all(), mc.heads);
+    log::info("serve: key/value cache {:.1f} MB: {} rows of {:.2f} MB ({} key/value heads of {}); the model in {}",
+              kv_cache_bytes / 1e6, o.max_batch + store_rows, row_mb, mc.kv_heads_or_all(), mc.heads, mc.dtype);
     if (store_rows > 0)
       log::info("serve: {} of the rows kept for finished sequences' prefixes ({:.1f} MB)", store_rows, store_rows * row_mb);
   }
@@ -184,6 +184,7 @@ int run_serve(Context& ctx, const ServeOptions& given) {
       while (name.size() > 1 && name.back() == '/') name.pop_back();
       front = std::make_unique<ServeFrontend>(o, loaded.tokenizer, name.substr(name.find_last_of('/') + 1), g_stop);
       front->set_kv_cache_bytes(kv_cache_bytes);
+      front->set_dtype(mc.dtype);
     } catch (const Error& e) {
       error = e.what();
     }
@@ -307,7 +308,7 @@ int run_serve(Context& ctx, const ServeOptions& given) {
     nlohmann::json summary = {{"served", front->served()}, {"tokens", front->tokens()}, {"seconds", front->seconds()},
                               {"tokens_per_s", front->tokens() / std::max(1e-9, front->seconds())},
                               {"max_batch", o.max_batch}, {"peak_batch", front->peak_live()}, {"ranks", ctx.world()},
-                              {"kv_cache_bytes", kv_cache_bytes}};
+                              {"kv_cache_bytes", kv_cache_bytes}, {"dtype", mc.dtype}};
     summary.update(front->prompt_counters());
     std::printf("%s\n", summary.dump().c_str());
     std::fflush(stdout);
@@ -335,6 +336,7 @@ void add_serve_command(CLI::App& app, CommandFn& run) {
       ->capture_default_str();
   cmd->add_flag("--no-prefix-reuse{false}", o->prefix_reuse, "run every prompt whole (no prefix copied from a row)");
   o->offload.add_to(cmd);
+  add_inference_dtype_option(cmd, o->dtype);
   cmd->callback([o, &run] { run = [o](Context& ctx) { return run_serve(ctx, *o); }; });
 }
 

@@ -14,7 +14,15 @@ void OffloadOptions::add_to(CLI::App* cmd) {
       ->capture_default_str();
 }
 
-InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint, const OffloadOptions& offload) {
+void add_inference_dtype_option(CLI::App* cmd, std::string& dtype) {
+  cmd->add_option("--dtype", dtype,
+                  "run the model in fp32 or bf16 (GEMMs on bf16 operands, fp32 accumulation; default: the dtype the "
+                  "checkpoint was trained in)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+}
+
+InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint, const OffloadOptions& offload,
+                                    const std::string& dtype) {
   InferenceModel m;
   CheckpointState state = read_checkpoint_state(ctx.comm, checkpoint);
   TrainConfig& config = m.config;
@@ -26,6 +34,7 @@ InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint,
   config.dp = 0;
   config.pp = 1;  // every rank holds every block (a pp checkpoint holds whole tensors too)
   config.pipeline_split = "even";
+  if (!dtype.empty()) config.model.dtype = dtype;
   PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
              "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
   try {  // the model the checkpoint describes, checked as a training configuration is

@@ -29,7 +29,13 @@ struct InferenceModel {
   std::unique_ptr<GptModel> model;
 };
 
-// Reads `checkpoint` (collective); usage errors name what is wrong with it.
-InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint, const OffloadOptions& offload);
+// --dtype fp32|bf16: the precision the checkpoint's model runs in (default "": the one it was
+// trained in). The weights are fp32 masters either way; bf16 rounds the GEMMs' operands (fp32
+// accumulation), which on a CPU with AVX512_BF16 runs its bf16 kernels.
+void add_inference_dtype_option(CLI::App* cmd, std::string& dtype);
+
+// Reads `checkpoint` (collective); usage errors name what is wrong with it. dtype: as above.
+InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint, const OffloadOptions& offload,
+                                    const std::string& dtype = "");
 
 }  // namespace pm::cli

@@ -162,7 +162,7 @@ nlohmann::json ServeFrontend::health(int64_t live) const {
   nlohmann::json h = {{"status", stop_ ? "stopping" : "ok"}, {"active", live},
                       {"waiting", static_cast<int64_t>(pending_.size())}, {"served", served_}, {"tokens", tokens_},
                       {"tokens_per_s", tokens_ / std::max(1e-9, clock_.elapsed_s())}, {"max_batch", o_.max_batch},
-                      {"peak_batch", peak_live_}, {"kv_cache_bytes", kv_cache_bytes_}};
+                      {"peak_batch", peak_live_}, {"kv_cache_bytes", kv_cache_bytes_}, {"dtype", dtype_}};
   h.update(prompt_counters());
   return h;
 }

@@ -28,6 +28,7 @@ struct ServeOptions {
   int prefix_cache = 16;     // rows kept aside for finished sequences' keys and values
   bool prefix_reuse = true;  // a prompt starts from the longest prefix some row's cache holds
   OffloadOptions offload;
+  std::string dtype;  // --dtype: "" runs the checkpoint's
 };
 
 class ServeFrontend {
@@ -69,6 +70,7 @@ class ServeFrontend {
   void set_live(int64_t live);
   // The key/value cache's bytes (every row, the prefix store's too): for /health and /metrics.
   void set_kv_cache_bytes(int64_t bytes) { kv_cache_bytes_ = bytes; }
+  void set_dtype(std::string dtype) { dtype_ = std::move(dtype); }  // the precision the model runs in (/health)
   int64_t peak_live() const { return peak_live_; }
   // A prompt admitted to a row: copied whole from a row that ran the same prompt in that step
   // (shared), or run: `ran` of its tokens, after `reused` positions copied from another row's cache.
@@ -93,6 +95,7 @@ class ServeFrontend {
   HttpServer server_;
   std::deque<Completion> pending_;
   int64_t accepted_ = 0, served_ = 0, tokens_ = 0, next_id_ = 0, live_ = 0, peak_live_ = 0, kv_cache_bytes_ = 0;
+  std::string dtype_;
   int64_t prompts_run_ = 0, prompts_shared_ = 0, prompt_tokens_run_ = 0, prefix_hits_ = 0, prefix_tokens_reused_ = 0;
   LatencyHistogram first_token_s_, request_s_;
   Stopwatch clock_;

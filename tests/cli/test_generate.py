@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """pipemoe generate end to end on a small ScMoE model trained here: the key/value cache gives the
 same text as re-running every window (--no-cache), sampled or greedy, for a batch of prompts, on 1
-and 2 ranks (also for a bf16 model); expert offloading (host memory or the checkpoint on disk, at most one expert of a
+and 2 ranks (also for a bf16 model, and for the fp32 one run in bf16 with --dtype); expert offloading (host memory or the checkpoint on disk, at most one expert of a
 layer resident, loaded when needed or prefetched) gives that same text too and keeps at most a
 quarter of the experts resident; and bad input (a cache of 0 or more than a rank's experts, an
 unknown mode, a missing or truncated checkpoint file) gets one clear error line, no hang.
@@ -102,6 +102,19 @@ def main():
         f.check(all(t == bf16_texts[0] for t in bf16_texts), f"bf16: cache, no cache, 1 and 2 ranks differ: {bf16_texts}")
         print(f"ok: a bf16 model generates the same text with and without the cache: {bf16_texts[0][0][:40]!r}",
               flush=True)
+        # --dtype runs a checkpoint in the other precision: the fp32 one in bf16 (cache and 2 ranks
+        # agree), the bf16 one as trained (the default) or in fp32
+        as_bf16 = [result(generate(ranks, ck, "--dtype", "bf16", *extra)) for ranks, extra in
+                   ((1, ["--no-cache"]), (1, []), (2, []))]
+        f.check(base["dtype"] == "fp32" and all(r["dtype"] == "bf16" for r in as_bf16),
+                f"dtype reported: {base['dtype']}, {[r['dtype'] for r in as_bf16]}")
+        f.check(all(r["texts"] == as_bf16[0]["texts"] for r in as_bf16),
+                f"the fp32 checkpoint in bf16: cache, no cache, 2 ranks differ: {[r['texts'] for r in as_bf16]}")
+        own = result(generate(1, bf16_ck))
+        f.check(own["dtype"] == "bf16" and result(generate(1, bf16_ck, "--dtype", "bf16"))["texts"] == own["texts"],
+                "a bf16 checkpoint runs in bf16 by default")
+        f.check(result(generate(1, bf16_ck, "--dtype", "fp32"))["dtype"] == "fp32", "--dtype fp32 on a bf16 checkpoint")
+        print(f"ok: --dtype bf16 on an fp32 checkpoint: {as_bf16[0]['texts'][0][:40]!r}", flush=True)
 
         # Llama's backbone with grouped-query attention (one key/value head for TINY's two query
         # heads): the cache half the size, the same text with it and without, on 1 and 2 ranks
@@ -139,6 +152,7 @@ def main():
             (["--min-p", 2], "--min-p", "min-p 2"),
             (["--presence-penalty", 2.5], "--presence-penalty", "presence penalty 2.5"),
             (["--frequency-penalty", -3], "--frequency-penalty", "frequency penalty -3"),
+            (["--dtype", "fp16"], "--dtype", "unknown dtype"),
         ]
         for extra, word, name in cases:
             one_error(f, generate(1, ck, *extra, check=False), word, name)

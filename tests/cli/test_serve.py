@@ -246,7 +246,8 @@ def main():
             served = len(REQUESTS) + 2 + 24 + 3 + 6 + 17 + 3 + 2
             proc, url = start(ranks, ck, "--max-requests", served, *(["--prefix-cache", 2] if ranks == 2 else []))
             status, body = call(url, "/health")
-            f.check(status == 200 and json.loads(body)["status"] == "ok", f"{ranks} rank(s): /health {status} {body}")
+            f.check(status == 200 and json.loads(body)["status"] == "ok" and json.loads(body)["dtype"] == "fp32",
+                    f"{ranks} rank(s): /health {status} {body}")
             got = serve_concurrently(url)
             for prompt, *_ in REQUESTS:
                 f.check(got.get(prompt) == expected[prompt],
