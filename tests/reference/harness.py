@@ -5,6 +5,7 @@ Every launch runs under a time limit so that a hung rank fails the test instead 
 import os
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +38,14 @@ def mpirun(ranks, args, timeout=120, check=True, env=None):
     else:
         cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe", "-np", str(ranks), BINARY]
     cmd += [str(a) for a in args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(mpi_env(), **(env or {})))
+    # Each launch keeps Open MPI's session folders in a tree of its own: launches running at once
+    # (mpirun_async) shared /tmp's and now and then raced on it, one removing the folder another was
+    # creating ("ORTE_ERROR_LOG: Error in file .../session_dir.c", exit 1 before pipemoe started).
+    with tempfile.TemporaryDirectory(prefix="pipemoe-mpi-") as session:
+        run_env = dict(mpi_env(), **(env or {}))
+        if not IN_PROCESS:
+            run_env.setdefault("OMPI_MCA_orte_tmpdir_base", session)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env)
     if proc.returncode == 124:
         raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}")
     if check and proc.returncode != 0:
