@@ -1,6 +1,6 @@
-// bf16 GEMMs (gemm.h): packing operands rounded to bf16 in vdpbf16ps's pair order, and the
-// AVX512_BF16 kernel with its first-use check against the fp32 kernels. The GEMM loop itself is
-// gemm.cpp's (gemm_internal.h).
+// bf16 GEMMs (gemm.h): the AVX512_BF16 kernel (and its scalar model for tests), its first-use
+// check against the fp32 kernels, and the bf16 entry points. Packing operands into bf16 form is
+// gemm_bf16_pack.cpp's; the GEMM loop itself gemm.cpp's (gemm_internal.h).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -24,12 +24,6 @@ namespace {
 std::atomic<bool> g_emulate_dot{false};
 std::atomic<int64_t> g_emulated_tiles{0};
 
-bool cpu_has_bf16_dot() {
-  if (g_emulate_dot.load(std::memory_order_relaxed)) return true;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-}
-
 float high_half(uint32_t word) {
   const uint32_t bits = word & 0xffff0000u;
   float v;
@@ -37,43 +31,6 @@ float high_half(uint32_t word) {
   return v;
 }
 float low_half(uint32_t word) { return high_half(word << 16); }
-
-// A float rounded to bf16 (float_to_bf16's rule: nearest even, NaN to 0x7fc0) in the high half of
-// a word, the low half zero. Branch-free, so that the loops below vectorise.
-inline uint32_t rounded_high(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-  return nan ? 0x7fc00000u : rounded;
-}
-
-// out[j] = the pair word of even[j] and odd[j] (odd null: a zero odd member), rounded to bf16.
-void pair_words(const float* even, const float* odd, int64_t n, uint32_t* out) {
-  if (odd)
-    for (int64_t j = 0; j < n; ++j) out[j] = rounded_high(odd[j]) | (rounded_high(even[j]) >> 16);
-  else
-    for (int64_t j = 0; j < n; ++j) out[j] = rounded_high(even[j]) >> 16;
-}
-void pair_words(const uint16_t* even, const uint16_t* odd, int64_t n, uint32_t* out) {
-  if (odd)
-    for (int64_t j = 0; j < n; ++j) out[j] = (static_cast<uint32_t>(odd[j]) << 16) | even[j];
-  else
-    for (int64_t j = 0; j < n; ++j) out[j] = even[j];
-}
-
-// The `pairs` words of one row's depths [0, have) (zero past them): consecutive depths pair up.
-void row_pair_words(const float* src, int64_t have, int64_t pairs, uint32_t* out) {
-  const int64_t full = have / 2;
-  for (int64_t q = 0; q < full; ++q) out[q] = rounded_high(src[2 * q + 1]) | (rounded_high(src[2 * q]) >> 16);
-  if (have % 2) out[full] = rounded_high(src[have - 1]) >> 16;
-  std::fill(out + (have + 1) / 2, out + pairs, 0u);
-}
-void row_pair_words(const uint16_t* src, int64_t have, int64_t pairs, uint32_t* out) {
-  // a bf16 row in memory is already its pair words (little-endian: the even depth in the low half)
-  std::memcpy(out, src, have * sizeof(uint16_t));
-  std::memset(reinterpret_cast<char*>(out) + have * sizeof(uint16_t), 0, (2 * pairs - have) * sizeof(uint16_t));
-}
 
 // vdpbf16ps as Intel's SDM defines it, lane by lane: c += odd product, then c += even product
 // (the product of two bf16 values is exact in fp32, so each add rounds as the fp32 kernels' FMA
@@ -122,6 +79,12 @@ __attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pa
 
 }  // namespace
 
+bool gemm_detail::cpu_has_bf16_dot() {
+  if (g_emulate_dot.load(std::memory_order_relaxed)) return true;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+
 void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb,
                                 float* C, int64_t ldc, bool zero_start, const float* bias) {
   if (g_emulate_dot.load(std::memory_order_relaxed)) {
@@ -136,237 +99,6 @@ void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap
   }
 }
 
-namespace {
-
-// panel[k * MR + i] = rows[i * kc + (k ^ 1)] for k < kc (even): MR rounded rows laid out as one
-// pair-swapped micro-panel.
-void interleave_pair_swapped(const float* rows, int64_t MR, int64_t kc, float* panel) {
-  if (MR == 6) {
-    const float* const six[6] = {rows, rows + kc, rows + 2 * kc, rows + 3 * kc, rows + 4 * kc, rows + 5 * kc};
-    return interleave6(six, kc, panel, true);
-  }
-  for (int64_t k = 0; k < kc; ++k)
-    for (int64_t i = 0; i < MR; ++i) panel[k * MR + i] = rows[i * kc + (k ^ 1)];
-}
-
-}  // namespace
-
-void gemm_detail::pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc,
-                              int64_t depth, int64_t MR, float* out) {
-  const int64_t padded = (rows + MR - 1) / MR * MR;
-  const int64_t have = std::clamp<int64_t>(depth - k0, 0, kc);  // depths of this block the source has
-  // n values of a source row from `col`, rounded (one vectorised pass), then zeros up to `width`
-  auto round_row = [&](int64_t row, int64_t col, int64_t n, int64_t width, float* dst) {
-    if (n > 0 && A.is_bf16()) {
-      const uint16_t* src = A.row16(row) + col;
-      for (int64_t k = 0; k < n; ++k) dst[k] = bf16_to_float(src[k]);
-    } else if (n > 0) {
-      const float* src = A.row(row) + col;
-      for (int64_t k = 0; k < n; ++k) dst[k] = round_to_bf16(src[k]);
-    }
-    std::fill(dst + n, dst + width, 0.0f);
-  };
-  thread_local std::vector<float> rounded;
-  if (trans_a == Trans::no) {
-    // each micro-panel's MR rows rounded ([MR][kc]), then laid out pair-swapped
-    rounded.resize(MR * kc);
-    for (int64_t r = 0; r < padded; r += MR) {
-      const int64_t valid = std::min(MR, rows - r);
-      for (int64_t i = 0; i < MR; ++i) round_row(row0 + r + i, k0, i < valid ? have : 0, kc, rounded.data() + i * kc);
-      interleave_pair_swapped(rounded.data(), MR, kc, out + r * kc);
-    }
-    return;
-  }
-  // op(A)[row, d] is contiguous in storage row d. Blocks of 16 depths: each depth's span of this
-  // block's rows rounded in one pass ([16][padded], in L1), then MR values per micro-panel and depth.
-  constexpr int64_t kDepthBlock = 16;
-  rounded.resize(kDepthBlock * padded);
-  for (int64_t kb = 0; kb < kc; kb += kDepthBlock) {
-    const int64_t kend = std::min(kc, kb + kDepthBlock);  // even, as kc: k ^ 1 stays in the block
-    for (int64_t k = kb; k < kend; ++k) {
-      const int64_t d = k ^ 1;
-      round_row(k0 + d, row0, d < have ? rows : 0, padded, rounded.data() + (k - kb) * padded);
-    }
-    for (int64_t r = 0; r < padded; r += MR)
-      for (int64_t k = kb; k < kend; ++k) {
-        const float* src = rounded.data() + (k - kb) * padded + r;
-        float* dst = out + r * kc + k * MR;
-        if (MR == 6)
-          std::memcpy(dst, src, 6 * sizeof(float));  // a fixed size: inlined moves
-        else
-          std::memcpy(dst, src, MR * sizeof(float));
-      }
-  }
-}
-
-void gemm_detail::pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc,
-                               int64_t depth, int64_t MR, uint32_t* out) {
-  const int64_t padded = (rows + MR - 1) / MR * MR, pairs = kc / 2;
-  const int64_t have = std::clamp<int64_t>(depth - k0, 0, kc);  // depths of this block the source has
-  thread_local std::vector<uint32_t> words;
-  if (trans_a == Trans::no) {
-    // each micro-panel's MR rows as words ([MR][pairs]), then interleaved ([pairs][MR])
-    words.resize(MR * pairs);
-    for (int64_t r = 0; r < padded; r += MR) {
-      const int64_t valid = std::min(MR, rows - r);
-      for (int64_t i = 0; i < MR; ++i) {
-        uint32_t* dst = words.data() + i * pairs;
-        if (i >= valid)
-          std::fill(dst, dst + pairs, 0u);
-        else if (A.is_bf16())
-          row_pair_words(A.row16(row0 + r + i) + k0, have, pairs, dst);
-        else
-          row_pair_words(A.row(row0 + r + i) + k0, have, pairs, dst);
-      }
-      uint32_t* panel = out + r * pairs;
-      int64_t q = 0;
-      if (MR == 6) {  // 8 pairs at a time through interleave6's register transposes (bits moved, not read)
-        const float* six[6];
-        for (int i = 0; i < 6; ++i) six[i] = reinterpret_cast<const float*>(words.data() + i * pairs);
-        q = pairs / 8 * 8;
-        interleave6(six, q, reinterpret_cast<float*>(panel), false);
-      }
-      for (; q < pairs; ++q)
-        for (int64_t i = 0; i < MR; ++i) panel[q * MR + i] = words[i * pairs + q];
-    }
-    return;
-  }
-  // op(A)[row, d] is storage row d: blocks of 16 depth pairs, each pair's span of this block's rows
-  // as words ([16][padded], in L1), then MR words per micro-panel and pair.
-  constexpr int64_t kPairBlock = 16;
-  words.resize(kPairBlock * padded);
-  for (int64_t qb = 0; qb < pairs; qb += kPairBlock) {
-    const int64_t qend = std::min(pairs, qb + kPairBlock);
-    for (int64_t q = qb; q < qend; ++q) {
-      uint32_t* dst = words.data() + (q - qb) * padded;
-      const int64_t even = 2 * q, odd = 2 * q + 1;
-      if (even >= have) {
-        std::fill(dst, dst + padded, 0u);
-        continue;
-      }
-      if (A.is_bf16())
-        pair_words(A.row16(k0 + even) + row0, odd < have ? A.row16(k0 + odd) + row0 : nullptr, rows, dst);
-      else
-        pair_words(A.row(k0 + even) + row0, odd < have ? A.row(k0 + odd) + row0 : nullptr, rows, dst);
-      std::fill(dst + rows, dst + padded, 0u);
-    }
-    for (int64_t r = 0; r < padded; r += MR)
-      for (int64_t q = qb; q < qend; ++q) {
-        const uint32_t* src = words.data() + (q - qb) * padded + r;
-        uint32_t* dst = out + r * pairs + q * MR;
-        if (MR == 6)
-          std::memcpy(dst, src, 6 * sizeof(uint32_t));  // a fixed size: inlined moves
-        else
-          std::memcpy(dst, src, MR * sizeof(uint32_t));
-      }
-  }
-}
-
-namespace {
-
-// A packed fp32 op(B) into bf16 form: rounded, depths in pair order, K rounded up to even.
-void to_bf16_panels(const PackedB& fp32, PackedB& out) {
-  const int64_t K = fp32.K, K2 = K + (K & 1);
-  out.K = K2;
-  out.N = fp32.N;
-  out.bf16 = true;
-  out.source_depth = K;
-  out.strip = fp32.strip;
-  out.data.resize(std::max<int64_t>(1, out.panels() * K2 * kPanel));
-  for (int64_t p = 0; p < out.panels(); ++p) {
-    const int64_t width = out.panel_width(p), S = out.strip_of(p);
-    for (int64_t s0 = 0; s0 < width; s0 += S) {  // strip by strip: rows of S values in both
-      const float* src = fp32.panel(p) + s0 * K;
-      float* dst = out.data.data() + p * K2 * kPanel + s0 * K2;
-      for (int64_t k = 0; k < K2; ++k) {
-        const int64_t d = k ^ 1;
-        float* row = dst + k * S;
-        if (d >= K) {
-          std::memset(row, 0, S * sizeof(float));
-          continue;
-        }
-        const float* from = src + d * S;
-        for (int64_t j = 0; j < S; ++j) row[j] = round_to_bf16(from[j]);
-      }
-    }
-  }
-  add_bf16_pairs(out);
-}
-
-thread_local PackedB t_packed_b_fp32;  // pack_b's result on its way to bf16
-
-}  // namespace
-
-void gemm_detail::add_bf16_pairs(PackedB& out) {
-  const int64_t K2 = out.K;
-  if (!cpu_has_bf16_dot()) {
-    out.pairs.clear();
-    return;
-  }
-  // the AVX512_BF16 kernel's words: [K2 / 2][width] per panel, whatever the strips. Panel row 2q
-  // holds depth 2q + 1 and row 2q + 1 depth 2q (pair order), both already rounded.
-  out.pairs.resize(std::max<int64_t>(1, out.panels() * (K2 / 2) * kPanel));
-  for (int64_t p = 0; p < out.panels(); ++p) {
-    const int64_t width = out.panel_width(p), S = out.strip_of(p);
-    uint32_t* words = out.pairs.data() + p * (K2 / 2) * kPanel;
-    for (int64_t s0 = 0; s0 < width; s0 += S) {
-      const float* strip = out.panel(p) + s0 * K2;  // [K2][S]
-      for (int64_t q = 0; q < K2 / 2; ++q) {
-        const float* odd = strip + 2 * q * S;
-        const float* even = odd + S;
-        uint32_t* w = words + q * width + s0;
-        for (int64_t j = 0; j < S; ++j) {
-          uint32_t o, e;
-          std::memcpy(&o, odd + j, 4);
-          std::memcpy(&e, even + j, 4);
-          w[j] = (o & 0xffff0000u) | (e >> 16);
-        }
-      }
-    }
-  }
-}
-
-namespace {
-
-// The AVX512_BF16 kernel's words of op(B) = B's rows (K of them, N wide) straight from the source,
-// rounded as they are read: B.pairs only (its float panels untouched). column_sums: as pack_b_rows.
-void pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums = nullptr) {
-  const int64_t K2 = K + (K & 1), pairs = K2 / 2;
-  out.pairs.resize(std::max<int64_t>(1, out.panels() * pairs * kPanel));
-  for (int64_t p = 0; p < out.panels(); ++p) {
-    const int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
-    uint32_t* words = out.pairs.data() + p * pairs * kPanel;
-    float* sums = column_sums ? column_sums + col0 : nullptr;
-    for (int64_t q = 0; q < pairs; ++q) {
-      uint32_t* w = words + q * width;
-      const float* even = B.row(2 * q) + col0;
-      const float* odd = 2 * q + 1 < K ? B.row(2 * q + 1) + col0 : nullptr;
-      pair_words(even, odd, cols, w);
-      std::fill(w + cols, w + width, 0u);
-      if (sums) {  // this panel's columns, the even row then the odd one
-        for (int64_t j = 0; j < cols; ++j) sums[j] += even[j];
-        if (odd)
-          for (int64_t j = 0; j < cols; ++j) sums[j] += odd[j];
-      }
-    }
-  }
-}
-
-// Whether bf16 GEMMs packed now run the AVX512_BF16 kernel (use_bf16_dot, before B exists).
-bool bf16_dot_ready();
-
-}  // namespace
-
-void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
-  if (trans_b == Trans::yes) {
-    pack_b(trans_b, K, N, B, ldb, t_packed_b_fp32);
-    return to_bf16_panels(t_packed_b_fp32, out);
-  }
-  // op(B) = B: the rounded panels and the kernel's words, each straight from B's rows
-  const RowSource rows{B, ldb, nullptr};
-  pack_b_rows_bf16(K, N, rows, out);
-  if (cpu_has_bf16_dot()) pack_b_pair_words(K, N, rows, out);
-}
 
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
@@ -376,6 +108,9 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
 }
 
 namespace {
+
+// Whether bf16 GEMMs packed now run the AVX512_BF16 kernel (use_bf16_dot, before B exists).
+bool bf16_dot_ready();
 
 void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, const float* const* b_rows, float beta, float* C,
                   int64_t ldc, float* b_column_sums) {

@@ -76,9 +76,12 @@ PackedB& scratch_packed_b();
 // AVX2. Element by element, packing A was 5% of an fp32 layer's time and 6% of a bf16 one's.
 void interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs);
 
-// ---- gemm_bf16.cpp ----------------------------------------------------------------------------
+// ---- gemm_bf16_pack.cpp -----------------------------------------------------------------------
 // The AVX512_BF16 kernel's words of a bf16 packed B, where the CPU has the instructions.
 void add_bf16_pairs(PackedB& out);
+// The same words of op(B) = B's K rows (N wide) straight from the source, rounded as they are
+// read: out.pairs only (its float panels untouched). column_sums: as pack_b_rows.
+void pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums = nullptr);
 // pack_a for a bf16 GEMM: MR-row micro-panels, each value rounded to bf16 and each depth pair
 // swapped (packed depth k reads depth k ^ 1; k0 is even), depths at or past `depth` zero.
 void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
@@ -87,6 +90,10 @@ void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t
 // even depth of each pair in the low half (the bits pack_a_bf16's values make as pair words).
 void pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
                   int64_t MR, uint32_t* out);
+
+// ---- gemm_bf16.cpp ----------------------------------------------------------------------------
+// The CPU has AVX512_BF16 (or tests emulate it: emulate_bf16_dot_for_testing).
+bool cpu_has_bf16_dot();
 // One 6 x width tile with vdpbf16ps: Ap [pairs][6] and Bp [pairs][ldb] words of bf16 pairs.
 void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
                    int64_t ldc, bool zero_start, const float* bias);
