@@ -89,8 +89,11 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
     for (int64_t i = 0; i < rows; ++i) swiglu_backward(saved_rows[i], dhpre + i * H1 + H, dhpre + i * H1, H);
   } else {
     TileEpilogue gelu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
-      for (int64_t i = r; i < r + nr; ++i)
+      for (int64_t i = r; i < r + nr; ++i) {
+        if (i + nr < rows)  // the next tile's rows of GeLU' (tiles run down a column of panels)
+          for (int64_t j = 0; j < nc; j += 16) __builtin_prefetch(saved_rows[i + nr] + c + j);
         gelu_backward_by_saved_grad(saved_rows[i] + c, dhpre + i * H + c, dhpre + i * H + c, nc);
+      }
     };
     gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre, H, {nullptr, &gelu_grad_tile});
   }
