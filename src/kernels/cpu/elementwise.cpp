@@ -11,48 +11,40 @@ namespace pm {
 
 namespace {
 
-// Elementwise loops run four vectors side by side: each function of fast_math.h is one long chain
-// of dependent operations, and a single vector at a time left the core waiting on it. All four are
-// loaded before any is stored (so an output may be one of the inputs, element for element); GCC
-// interleaves the chains only with -fschedule-insns, which src/CMakeLists.txt sets for this file
-// (gelu_backward 1.55 -> 1.02 ns per element on Zen 3). Vectors are as wide as the build's
-// instruction set: 16 floats with AVX-512 (GeLU and its derivative over an expert's 1025 x 1024
-// pre-activations: 0.83 -> 0.52 ms on Zen 5), 8 otherwise. Lanes are independent and nothing is
-// contracted into an FMA, so the width changes no bit. The tail runs one float at a time: the same
-// operations per element either way.
-#ifdef __AVX512F__
-constexpr int64_t kLanes = 16;
-#else
-constexpr int64_t kLanes = 8;
-#endif
-typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+// Elementwise loops run four vectors of 8 floats side by side: each function of fast_math.h is
+// one long chain of dependent operations, and a single vector at a time left the core waiting on
+// it. All four are loaded before any is stored (so an output may be one of the inputs, element
+// for element); GCC interleaves the chains only with -fschedule-insns, which src/CMakeLists.txt
+// sets for this file (gelu_backward 1.55 -> 1.02 ns per element on Zen 3). The tail runs one
+// float at a time: the same operations per element either way.
+typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
 
 template <size_t In>
-[[gnu::always_inline]] inline std::array<VecF, In> load_lanes(const std::array<const float*, In>& in, int64_t i) {
-  std::array<VecF, In> x;
-  for (size_t j = 0; j < In; ++j) std::memcpy(&x[j], in[j] + i, sizeof(VecF));
+[[gnu::always_inline]] inline std::array<Vec8, In> load_lanes(const std::array<const float*, In>& in, int64_t i) {
+  std::array<Vec8, In> x;
+  for (size_t j = 0; j < In; ++j) std::memcpy(&x[j], in[j] + i, sizeof(Vec8));
   return x;
 }
 
 template <size_t Out>
-[[gnu::always_inline]] inline void store_lanes(const std::array<float*, Out>& out, int64_t i, const std::array<VecF, Out>& y) {
-  for (size_t o = 0; o < Out; ++o) std::memcpy(out[o] + i, &y[o], sizeof(VecF));
+[[gnu::always_inline]] inline void store_lanes(const std::array<float*, Out>& out, int64_t i, const std::array<Vec8, Out>& y) {
+  for (size_t o = 0; o < Out; ++o) std::memcpy(out[o] + i, &y[o], sizeof(Vec8));
 }
 
-// out[o][i] = f(in[0][i], in[1][i], ...)[o] for i < n; f takes and returns floats or VecFs.
+// out[o][i] = f(in[0][i], in[1][i], ...)[o] for i < n; f takes and returns floats or Vec8s.
 template <size_t In, size_t Out, typename F>
 [[gnu::always_inline]] inline void map_lanes(int64_t n, std::array<const float*, In> in, std::array<float*, Out> out,
                                              F f) {
   int64_t i = 0;
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    const auto x0 = load_lanes(in, i), x1 = load_lanes(in, i + kLanes), x2 = load_lanes(in, i + 2 * kLanes),
-               x3 = load_lanes(in, i + 3 * kLanes);
-    const std::array<VecF, Out> y0 = std::apply(f, x0), y1 = std::apply(f, x1), y2 = std::apply(f, x2),
+  for (; i + 32 <= n; i += 32) {
+    const auto x0 = load_lanes(in, i), x1 = load_lanes(in, i + 8), x2 = load_lanes(in, i + 16),
+               x3 = load_lanes(in, i + 24);
+    const std::array<Vec8, Out> y0 = std::apply(f, x0), y1 = std::apply(f, x1), y2 = std::apply(f, x2),
                                 y3 = std::apply(f, x3);
     store_lanes(out, i, y0);
-    store_lanes(out, i + kLanes, y1);
-    store_lanes(out, i + 2 * kLanes, y2);
-    store_lanes(out, i + 3 * kLanes, y3);
+    store_lanes(out, i + 8, y1);
+    store_lanes(out, i + 16, y2);
+    store_lanes(out, i + 24, y3);
   }
   for (; i < n; ++i) {
     std::array<float, In> x;
