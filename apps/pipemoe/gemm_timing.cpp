@@ -22,10 +22,6 @@ std::vector<double> time_calls(int repeat, const std::function<void()>& fn) {
   return s;
 }
 
-double fma_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, fma_ceiling_gflops); }
-
-double bf16_dot_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, bf16_dot_ceiling_gflops); }
-
 double ceiling_all_ranks(Communicator& comm, double (*ceiling_gflops)(double seconds)) {
   comm.barrier();
   // on as many threads as the rank's GEMMs use, all at once (plain threads: the pool's idle
@@ -40,6 +36,10 @@ double ceiling_all_ranks(Communicator& comm, double (*ceiling_gflops)(double sec
   for (double g : per_thread) mine += g;
   return -comm.allreduce_scalar(-mine, ReduceOp::max);
 }
+
+double fma_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, fma_ceiling_gflops); }
+
+double bf16_dot_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, bf16_dot_ceiling_gflops); }
 
 SquareProduct::SquareProduct() : a_(kSize * kSize), b_(kSize * kSize), c_(kSize * kSize) {
   Rng(1, 1).fill_normal(a_.data(), a_.size(), 0, 1);
