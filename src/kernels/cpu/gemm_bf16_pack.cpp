@@ -51,6 +51,23 @@ void row_pair_words(const uint16_t* src, int64_t have, int64_t pairs, uint32_t* 
   std::memset(reinterpret_cast<char*>(out) + have * sizeof(uint16_t), 0, (2 * pairs - have) * sizeof(uint16_t));
 }
 
+// A transposed A's block of `lines` depth lines (depths or depth pairs) from line `first` on, each
+// [padded] values over the block's rows, into the micro-panels of `out` ([padded / MR][depth][MR]):
+// MR values per micro-panel and line.
+template <typename T>
+void lines_into_micro_panels(const T* block, int64_t first, int64_t lines, int64_t padded, int64_t MR, int64_t depth,
+                             T* out) {
+  for (int64_t r = 0; r < padded; r += MR)
+    for (int64_t l = 0; l < lines; ++l) {
+      const T* src = block + l * padded + r;
+      T* dst = out + r * depth + (first + l) * MR;
+      if (MR == 6)
+        std::memcpy(dst, src, 6 * sizeof(T));  // a fixed size: inlined moves
+      else
+        std::memcpy(dst, src, MR * sizeof(T));
+    }
+}
+
 // panel[k * MR + i] = rows[i * kc + (k ^ 1)] for k < kc (even): MR rounded rows laid out as one
 // pair-swapped micro-panel.
 void interleave_pair_swapped(const float* rows, int64_t MR, int64_t kc, float* panel) {
@@ -100,15 +117,7 @@ void gemm_detail::pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t 
       const int64_t d = k ^ 1;
       round_row(k0 + d, row0, d < have ? rows : 0, padded, rounded.data() + (k - kb) * padded);
     }
-    for (int64_t r = 0; r < padded; r += MR)
-      for (int64_t k = kb; k < kend; ++k) {
-        const float* src = rounded.data() + (k - kb) * padded + r;
-        float* dst = out + r * kc + k * MR;
-        if (MR == 6)
-          std::memcpy(dst, src, 6 * sizeof(float));  // a fixed size: inlined moves
-        else
-          std::memcpy(dst, src, MR * sizeof(float));
-      }
+    lines_into_micro_panels(rounded.data(), kb, kend - kb, padded, MR, kc, out);
   }
 }
 
@@ -165,15 +174,7 @@ void gemm_detail::pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t
         pair_words(A.row(k0 + even) + row0, odd < have ? A.row(k0 + odd) + row0 : nullptr, rows, dst);
       std::fill(dst + rows, dst + padded, 0u);
     }
-    for (int64_t r = 0; r < padded; r += MR)
-      for (int64_t q = qb; q < qend; ++q) {
-        const uint32_t* src = words.data() + (q - qb) * padded + r;
-        uint32_t* dst = out + r * pairs + q * MR;
-        if (MR == 6)
-          std::memcpy(dst, src, 6 * sizeof(uint32_t));  // a fixed size: inlined moves
-        else
-          std::memcpy(dst, src, MR * sizeof(uint32_t));
-      }
+    lines_into_micro_panels(words.data(), qb, qend - qb, padded, MR, pairs, out);
   }
 }
 
