@@ -5,6 +5,7 @@
 // Plain, not fast: tensor cores and cuBLAS accumulate in orders of their own choosing (and
 // cuBLAS's choice depends on M, which pipelining changes); a faster kernel must keep this chain.
 #include "kernels/cuda/device_kernels.h"
+#include "kernels/cuda/device_memory.h"
 
 namespace pm::cuda {
 namespace {
@@ -34,9 +35,12 @@ __device__ inline float load_b(const GemmCall& g, int64_t d, int64_t j) {
 
 // Each thread owns kPer x kPer elements of its block's tile, 16 apart (rows ty + 16 i, columns
 // tx + 16 j): a warp reads consecutive words of shared memory and writes consecutive columns of C.
+// The depth goes through shared memory kDepth at a time; while a stage is multiplied, each thread
+// holds its share of the next one's operands in registers (kLoads of A, kLoads of B), loaded
+// before the multiply-adds so that the global loads' latency hides behind them.
 template <int kTile, int kDepth>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
-  constexpr int kPer = kTile / 16;
+  constexpr int kPer = kTile / 16, kLoads = kTile * kDepth / kThreads;
   __shared__ float a_tile[kDepth][kTile + 1];
   __shared__ float b_tile[kDepth][kTile + 1];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -53,20 +57,45 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
       c[i][j] = start;
     }
 
+  // This thread's kLoads elements of a stage, e = threadIdx.x + kThreads l: where each sits in the
+  // tiles; consecutive threads walk along memory (the depth for A rows, the rows for a transposed A).
+  auto a_at = [&](int e, int& i, int& p) {
+    i = g.trans_a ? e % kTile : e / kDepth;
+    p = g.trans_a ? e / kTile : e % kDepth;
+  };
+  auto b_at = [&](int e, int& j, int& p) {
+    j = g.trans_b ? e / kDepth : e % kTile;
+    p = g.trans_b ? e % kDepth : e / kTile;
+  };
+  // position p of the chain: depth p (fp32) or p ^ 1 (bf16 pairs); past K a zero member
+  float next_a[kLoads], next_b[kLoads];
+  auto load_stage = [&](int64_t k0) {
+    for (int l = 0; l < kLoads; ++l) {
+      int i, j, p;
+      a_at(threadIdx.x + kThreads * l, i, p);
+      int64_t pos = k0 + p, d = g.bf16 ? (pos ^ 1) : pos;
+      next_a[l] = (row0 + i < g.M && pos < depth && d < g.K) ? load_a(g, row0 + i, d) : 0.0f;
+      b_at(threadIdx.x + kThreads * l, j, p);
+      pos = k0 + p;
+      d = g.bf16 ? (pos ^ 1) : pos;
+      next_b[l] = (col0 + j < g.N && pos < depth && d < g.K) ? load_b(g, d, col0 + j) : 0.0f;
+    }
+  };
+  auto store_stage = [&] {
+    for (int l = 0; l < kLoads; ++l) {
+      int i, j, p;
+      a_at(threadIdx.x + kThreads * l, i, p);
+      a_tile[p][i] = next_a[l];
+      b_at(threadIdx.x + kThreads * l, j, p);
+      b_tile[p][j] = next_b[l];
+    }
+  };
+
+  if (depth > 0) load_stage(0);
   for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
-    // stage position p of the chain: depth p (fp32) or p ^ 1 (bf16 pairs); past K a zero member
-    for (int e = threadIdx.x; e < kTile * kDepth; e += kThreads) {
-      // consecutive threads walk along memory: the depth for A rows, the rows for a transposed A
-      const int i = g.trans_a ? e % kTile : e / kDepth, p = g.trans_a ? e / kTile : e % kDepth;
-      const int64_t r = row0 + i, pos = k0 + p, d = g.bf16 ? (pos ^ 1) : pos;
-      a_tile[p][i] = (r < g.M && pos < depth && d < g.K) ? load_a(g, r, d) : 0.0f;
-    }
-    for (int e = threadIdx.x; e < kTile * kDepth; e += kThreads) {
-      const int j = g.trans_b ? e / kDepth : e % kTile, p = g.trans_b ? e % kDepth : e / kTile;
-      const int64_t col = col0 + j, pos = k0 + p, d = g.bf16 ? (pos ^ 1) : pos;
-      b_tile[p][j] = (col < g.N && pos < depth && d < g.K) ? load_b(g, d, col) : 0.0f;
-    }
+    store_stage();
     __syncthreads();
+    if (k0 + kDepth < depth) load_stage(k0 + kDepth);
     // only the chain's own positions: a multiply-add of padding zeros could turn -0 into +0
     const int steps = static_cast<int>(depth - k0 < kDepth ? depth - k0 : kDepth);
     for (int p = 0; p < steps; ++p) {
@@ -87,19 +116,29 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
 }
 
 // Which tiling a product gets: 128 x 128 tiles (8 x 8 elements per thread: twice the multiply-adds
-// per word read from shared memory) once both sides fill one; 64 x 64 (4 x 4) below, where the
-// large tile would leave most threads idle. Either way the same chains, the same bits.
-bool large_tiles(const GemmCall& g) { return g.M >= 128 && g.N >= 128; }
-int tile_of(const GemmCall& g) { return large_tiles(g) ? 128 : 64; }
+// per word read from shared memory) once they are enough to give every multiprocessor one; else
+// 64 x 64 (4 x 4), four times the blocks (at 1024 x 1024 on an H200's 132: 64 large tiles would
+// leave half the GPU idle). Either way the same chains, the same bits.
+bool large_tiles(const GemmCall& g, int multiprocessors) {
+  return ((g.M + 127) / 128) * ((g.N + 127) / 128) >= multiprocessors;
+}
+int tile_of(const GemmCall& g, int multiprocessors) { return large_tiles(g, multiprocessors) ? 128 : 64; }
 
 }  // namespace
 
-#ifndef PM_CUDA_EMULATION  // (tests/unit/cuda_emulation: the kernels run on CPU threads)
+#ifndef PM_CUDA_EMULATION  // (tests/cuda_emulation: the kernels run on CPU threads)
 void gemm(const GemmCall& call, cudaStream_t stream) {
   if (call.M == 0 || call.N == 0) return;
-  const int tile = tile_of(call);
+  // (per calling thread: ranks as threads may each drive their own GPU)
+  static thread_local const int multiprocessors = [] {
+    int device = 0, count = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    return count;
+  }();
+  const int tile = tile_of(call, multiprocessors);
   const dim3 grid(static_cast<unsigned>((call.N + tile - 1) / tile), static_cast<unsigned>((call.M + tile - 1) / tile));
-  if (large_tiles(call))
+  if (tile == 128)
     gemm_kernel<128, 8><<<grid, kThreads, 0, stream>>>(call);
   else
     gemm_kernel<64, 16><<<grid, kThreads, 0, stream>>>(call);
