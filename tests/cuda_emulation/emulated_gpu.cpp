@@ -65,6 +65,9 @@ inline uint32_t __float_as_uint(float f) {
   std::memcpy(&u, &f, 4);
   return u;
 }
+struct alignas(16) float4 {  // (CUDA's vector type: 16-byte loads of shared memory)
+  float x, y, z, w;
+};
 #define __global__
 #define __device__
 #define __shared__ static thread_local

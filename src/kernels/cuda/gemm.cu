@@ -2,8 +2,8 @@
 // products), depths staged through shared memory (16, or 8, at a time). Each element of C is one fmaf chain over
 // the depth in order (in bf16, in vdpbf16ps's pair order), started from C, the bias or zero: the
 // chain kernels/cpu/gemm.h defines, so the GPU writes the CPU's bits whatever M or the tiling.
-// Plain, not fast: tensor cores and cuBLAS accumulate in orders of their own choosing (and
-// cuBLAS's choice depends on M, which pipelining changes); a faster kernel must keep this chain.
+// No tensor cores, no cuBLAS: they accumulate in orders of their own choosing (and cuBLAS's
+// choice depends on M, which pipelining changes); any faster kernel must keep this chain.
 #include "kernels/cuda/device_kernels.h"
 #include "kernels/cuda/device_memory.h"
 
@@ -33,25 +33,39 @@ __device__ inline float load_b(const GemmCall& g, int64_t d, int64_t j) {
   return g.bf16 ? round_to_bf16(v) : v;
 }
 
-// Each thread owns kPer x kPer elements of its block's tile, 16 apart (rows ty + 16 i, columns
-// tx + 16 j): a warp reads consecutive words of shared memory and writes consecutive columns of C.
-// The depth goes through shared memory kDepth at a time; while a stage is multiplied, each thread
-// holds its share of the next one's operands in registers (kLoads of A, kLoads of B), loaded
-// before the multiply-adds so that the global loads' latency hides behind them.
+// Each thread owns kPer x kPer elements of its block's tile: kPer / 4 groups of 4 consecutive
+// rows, 64 apart (rows 64 g + 4 ty + [0, 4)), and likewise of columns (64 g + 4 tx + [0, 4)). So a
+// stage's operands for one depth are read from shared memory 4 at a time (one 16-byte load per
+// group: a warp's 16 column groups are 256 consecutive bytes, its 2 row groups broadcasts), 8 x 8
+// multiply-adds per 4 loads in the large tiling. The tiles' rows are padded by 4 floats: 16-byte
+// aligned still, and a stage's stores (8 or 16 depths of one row by consecutive threads) fall in
+// different banks. The depth goes through shared memory kDepth at a time; while a stage is
+// multiplied, each thread holds its share of the next one's operands in registers (kLoads of A,
+// kLoads of B), loaded before the multiply-adds so that the global loads' latency hides behind them.
+template <int kTile, int kDepth>
+struct alignas(16) Stage {
+  float a[kDepth][kTile + 4];  // a[p][i] = op(A)(row0 + i, depth of chain position k0 + p)
+  float b[kDepth][kTile + 4];  // b[p][j] = op(B)(that depth, col0 + j)
+};
+
 template <int kTile, int kDepth>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
-  constexpr int kPer = kTile / 16, kLoads = kTile * kDepth / kThreads;
-  __shared__ float a_tile[kDepth][kTile + 1];
-  __shared__ float b_tile[kDepth][kTile + 1];
+  constexpr int kPer = kTile / 16, kGroups = kPer / 4, kLoads = kTile * kDepth / kThreads;
+  __shared__ Stage<kTile, kDepth> stage;
+  auto& a_tile = stage.a;
+  auto& b_tile = stage.b;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile, col0 = static_cast<int64_t>(blockIdx.x) * kTile;
   // the chain's length: bf16 pads an odd depth to a whole pair
   const int64_t depth = g.bf16 ? (g.K + 1) / 2 * 2 : g.K;
+  // this thread's i-th row and j-th column within the tile
+  auto row_of = [&](int i) { return 64 * (i / 4) + 4 * ty + i % 4; };
+  auto col_of = [&](int j) { return 64 * (j / 4) + 4 * tx + j % 4; };
 
   float c[kPer][kPer];
   for (int i = 0; i < kPer; ++i)
     for (int j = 0; j < kPer; ++j) {
-      const int64_t r = row0 + ty + 16 * i, col = col0 + tx + 16 * j;
+      const int64_t r = row0 + row_of(i), col = col0 + col_of(j);
       float start = 0.0f;
       if (r < g.M && col < g.N) start = g.beta != 0.0f ? g.c[r * g.ldc + col] : (g.bias ? g.bias[col] : 0.0f);
       c[i][j] = start;
@@ -100,8 +114,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
     const int steps = static_cast<int>(depth - k0 < kDepth ? depth - k0 : kDepth);
     for (int p = 0; p < steps; ++p) {
       float a[kPer], b[kPer];
-      for (int i = 0; i < kPer; ++i) a[i] = a_tile[p][ty + 16 * i];
-      for (int j = 0; j < kPer; ++j) b[j] = b_tile[p][tx + 16 * j];
+      for (int q = 0; q < kGroups; ++q) {
+        const float4 a4 = *reinterpret_cast<const float4*>(&a_tile[p][64 * q + 4 * ty]);
+        const float4 b4 = *reinterpret_cast<const float4*>(&b_tile[p][64 * q + 4 * tx]);
+        a[4 * q] = a4.x, a[4 * q + 1] = a4.y, a[4 * q + 2] = a4.z, a[4 * q + 3] = a4.w;
+        b[4 * q] = b4.x, b[4 * q + 1] = b4.y, b[4 * q + 2] = b4.z, b[4 * q + 3] = b4.w;
+      }
       for (int i = 0; i < kPer; ++i)
         for (int j = 0; j < kPer; ++j) c[i][j] = __fmaf_rn(a[i], b[j], c[i][j]);
     }
@@ -110,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmCall g) {
 
   for (int i = 0; i < kPer; ++i)
     for (int j = 0; j < kPer; ++j) {
-      const int64_t r = row0 + ty + 16 * i, col = col0 + tx + 16 * j;
+      const int64_t r = row0 + row_of(i), col = col0 + col_of(j);
       if (r < g.M && col < g.N) g.c[r * g.ldc + col] = c[i][j];
     }
 }
