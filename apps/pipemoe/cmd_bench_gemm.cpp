@@ -6,7 +6,8 @@
 // GEMMs of an expert FFN (rows x M x H and rows x H x M, forward and backward forms). With
 // --dtype bf16 our bf16 GEMMs run beside the fp32 ones: their own peak, and their speed-up over fp32.
 // With `pipemoe --backend cuda`, the backend's GPU GEMM too (B prepacked on the GPU, as an expert's
-// weights are; A copied in and C out on every call, as the backend does today): rows "cuda".
+// weights are; A copied in and C out on every call, as the backend does today): rows "cuda"; and
+// the kernel alone on operands already in device memory: rows "gpu-kernel".
 #include <map>
 
 #include <nlohmann/json.hpp>
@@ -19,6 +20,7 @@
 #include "kernels/cpu/blas.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/cuda/cuda_backend.h"
 
 namespace pm::cli {
 namespace {
@@ -98,6 +100,8 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
         measure(p == Precision::bf16 ? "cuda-bf16" : "cuda",
                 [&] { ctx.backend.gemm_prepacked(c.ta, c.M, A.data(), lda, *on_device, 0.0f, C.data(), c.N); });
       }
+      // the kernel alone, its operands already on the GPU: what the copies above cost, by difference
+      measure("gpu-kernel", cuda_gemm_kernel_alone(Precision::fp32, c.ta, c.tb, c.M, c.N, c.K));
     }
   }
   if (ctx.rank() != 0) return 0;
@@ -127,6 +131,9 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
   if (peaks.count("cuda"))
     std::printf("GPU GEMM (%s, copies of A and C included): peak %.1f GFLOP/s per rank, %.1fx our fp32 CPU GEMM\n",
                 ctx.backend.name().c_str(), peaks["cuda"], peaks["cuda"] / ours_fp32);
+  if (peaks.count("gpu-kernel"))
+    std::printf("the GPU GEMM kernel alone (operands already in device memory, rows gpu-kernel): peak %.1f GFLOP/s\n",
+                peaks["gpu-kernel"]);
   std::printf("%-20s %-9s %6s %6s %6s %8s %8s %8s %7s\n", "shape", "impl", "M", "N", "K", "min", "median", "max", "%peak");
   for (const Row& r : rows) {
     double pct = 100.0 * r.gflops.median / peaks[group(r.impl)];

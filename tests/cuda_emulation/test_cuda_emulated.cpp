@@ -31,6 +31,19 @@ TEST(CudaEmulated, TheLayerRunsItsExpertsOnTheGpu) {
   EXPECT_GE(g_gemm_launches.load() - before, 2 * 6);
 }
 
+TEST(CudaEmulated, TheKernelAloneRunsOnDeviceMemory) {
+  // bench gemm's gpu-kernel rows: one launch per call, every operand device memory (a host
+  // pointer would count as a misuse, checked below)
+  for (pm::Precision precision : {pm::Precision::fp32, pm::Precision::bf16}) {
+    const std::function<void()> run =
+        pm::cuda_gemm_kernel_alone(precision, pm::Trans::yes, pm::Trans::no, 33, 70, 9);
+    const int64_t before = g_gemm_launches.load();
+    run();
+    run();
+    EXPECT_EQ(g_gemm_launches.load() - before, 2);
+  }
+}
+
 TEST(CudaEmulated, NoMisuseOfTheRuntime) {
   // after the cases above (gtest runs a file's tests in order): no copy went the wrong way, no
   // NCCL call was handed host memory or left unmatched

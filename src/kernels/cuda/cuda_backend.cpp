@@ -302,9 +302,39 @@ class CudaBackend final : public ForwardingBackend {
 
   int device_;
   std::string gpu_;
+
+ public:
+  // (cuda_gemm_kernel_alone)
+  std::function<void()> kernel_alone(Precision precision, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
+    struct Operands {
+      DeviceBuffer a, b, c;
+      cuda::GemmCall call;
+    };
+    auto ops = std::make_shared<Operands>();
+    ThreadState& t = state();
+    const std::vector<float> halves(std::max<int64_t>({M * K, K * N, M * N, 1}), 0.5f);
+    for (auto [to, n] : {std::pair{&ops->a, M * K}, {&ops->b, K * N}, {&ops->c, M * N}})
+      upload(halves.data(), 1, std::max<int64_t>(1, n), std::max<int64_t>(1, n), sizeof(float), *to, t.stream);
+    finish(t);
+    cuda::GemmCall& g = ops->call;
+    g.M = M, g.N = N, g.K = K, g.bf16 = precision == Precision::bf16;
+    g.trans_a = ta == Trans::yes, g.trans_b = tb == Trans::yes;
+    g.a = ops->a.as<float>(), g.lda = g.trans_a ? M : K;
+    g.b = ops->b.as<float>(), g.ldb = g.trans_b ? K : N;
+    g.c = ops->c.as<float>(), g.ldc = N;
+    return [this, ops] {
+      ThreadState& ts = state();
+      launch(ops->call, ts.stream);
+      finish(ts);
+    };
+  }
 };
 
 }  // namespace
+
+std::function<void()> cuda_gemm_kernel_alone(Precision precision, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
+  return static_cast<CudaBackend&>(cuda_backend()).kernel_alone(precision, ta, tb, M, N, K);
+}
 
 bool cuda_available(std::string* why_not) {
   int devices = 0;
@@ -346,6 +376,11 @@ Backend& cuda_backend() {
   std::string why;
   cuda_available(&why);
   throw Error(ErrorKind::usage, "the CUDA backend cannot run here: " + why);
+}
+
+std::function<void()> cuda_gemm_kernel_alone(Precision, Trans, Trans, int64_t, int64_t, int64_t) {
+  cuda_backend();  // (throws)
+  return {};
 }
 
 }  // namespace pm

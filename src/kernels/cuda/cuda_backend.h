@@ -9,6 +9,7 @@
 // for it is a clear error.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "kernels/backend.h"
@@ -21,5 +22,10 @@ bool cuda_available(std::string* why_not);
 // The CUDA backend of this process (the GPU of index local rank % GPUs); throws pm::Error (usage)
 // saying why when cuda_available is false.
 Backend& cuda_backend();
+
+// For `bench gemm`: the GPU GEMM kernel alone, on operands already in device memory (op(A) M x K,
+// op(B) K x N and C of 0.5s, uploaded once): each call of the returned function launches one
+// product and waits for it, no copies. Throws like cuda_backend where there is no GPU.
+std::function<void()> cuda_gemm_kernel_alone(Precision precision, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K);
 
 }  // namespace pm
