@@ -1,5 +1,6 @@
 #include "kernels/cuda/cuda_backend.h"
 
+#include "core/block_cache.h"
 #include "core/error.h"
 #include "core/local_rank.h"
 
@@ -11,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <unordered_set>
 #include <vector>
 
 #include "kernels/cuda/device_kernels.h"
@@ -33,9 +35,8 @@ struct ThreadState {
   // a GEMM's operands by role: a: A (inputs u, dy, activations), b: B (or the saved rows), c: C
   // (the pre-activation, its gradient, a weight gradient), d: activations, e: the second GEMM's C
   DeviceBuffer a, b, c, d, e;
-  // rows gathered from wherever they sit, before they are copied in (one block per operand)
-  std::vector<float> host_a, host_b;
-  std::vector<uint16_t> host_a16;
+  // rows gathered from wherever they sit, before they are copied in (one pinned block per operand)
+  cuda::PinnedBuffer host_a, host_b, host_a16;
   ~ThreadState() {
     if (stream) cudaStreamDestroy(stream);
   }
@@ -69,6 +70,25 @@ class CudaBackend final : public ForwardingBackend {
   std::string name() const override { return "cuda (" + gpu_ + "; host kernels: " + host_.name() + ")"; }
   Device device() const override { return Device::cuda; }
   std::string bf16_path() const override { return "cuda (fp32 chains in vdpbf16ps order)"; }
+
+  // Large buffers (a pass's rows, activations, gradients: what GPU calls copy in and out) in
+  // pinned host memory, through a cache as the CPU backend's (cudaMallocHost is slow); small ones
+  // the host's.
+  void* allocate(std::size_t bytes) override {
+    if (bytes < kPinnedFrom) return host_.allocate(bytes);
+    state();  // (this thread's device current: the pinned block belongs to its context)
+    void* data = pinned_blocks_.allocate(bytes);
+    std::lock_guard lock(pinned_mutex_);
+    pinned_.insert(data);
+    return data;
+  }
+  void deallocate(void* data) override {
+    {
+      std::lock_guard lock(pinned_mutex_);
+      if (pinned_.erase(data) == 0) return host_.deallocate(data);
+    }
+    pinned_blocks_.deallocate(data);
+  }
 
   // ---- on the GPU (the rest of the table: ForwardingBackend, the host's) -------------------------
   void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
@@ -302,6 +322,18 @@ class CudaBackend final : public ForwardingBackend {
 
   int device_;
   std::string gpu_;
+  static constexpr std::size_t kPinnedFrom = std::size_t{1} << 20;
+  // never destroyed (as the CPU backend's cache): freeing pinned memory after the CUDA runtime's
+  // own teardown at exit would fail
+  BlockCache& pinned_blocks_ = *new BlockCache(
+      [](std::size_t bytes) {
+        void* p = nullptr;
+        if (cudaMallocHost(&p, bytes) != cudaSuccess) throw std::bad_alloc();
+        return p;
+      },
+      [](void* p) { cudaFreeHost(p); }, kPinnedFrom);
+  std::mutex pinned_mutex_;
+  std::unordered_set<void*> pinned_;  // the blocks handed out from pinned_blocks_
 
  public:
   // (cuda_gemm_kernel_alone)

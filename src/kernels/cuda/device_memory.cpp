@@ -25,6 +25,20 @@ void* DeviceBuffer::reserve(std::size_t bytes) {
   return data_;
 }
 
+PinnedBuffer::~PinnedBuffer() {
+  if (data_) cudaFreeHost(data_);
+}
+
+void* PinnedBuffer::reserve(std::size_t bytes) {
+  if (bytes > capacity_) {
+    if (data_) check(cudaFreeHost(data_), "cudaFreeHost");
+    data_ = nullptr;
+    check(cudaMallocHost(&data_, bytes), "cudaMallocHost");
+    capacity_ = bytes;
+  }
+  return data_;
+}
+
 void upload(const void* host, int64_t rows, int64_t cols, int64_t ld, std::size_t elem, DeviceBuffer& to,
             cudaStream_t stream) {
   void* dst = to.reserve(std::max<std::size_t>(1, rows * cols * elem));

@@ -40,13 +40,31 @@ void upload(const void* host, int64_t rows, int64_t cols, int64_t ld, std::size_
 void download(const void* device, int64_t rows, int64_t cols, void* host, int64_t ld, std::size_t elem,
               cudaStream_t stream);
 
-// Rows given by pointers, gathered into one contiguous host block (`staging`), then copied in.
+// Pinned (page-locked) host memory that only grows: copies from it run at the bus's speed, where
+// pageable memory is staged by the driver first (measured on an H200: copies were 85-95% of a
+// GPU call's time).
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer();
+  // At least `bytes` (its contents are lost when it grows).
+  void* reserve(std::size_t bytes);
+
+ private:
+  void* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+// Rows given by pointers, gathered into one contiguous pinned block (`staging`), then copied in.
+// The copy is asynchronous: staging must stay untouched until the stream has passed it.
 template <typename T>
-void upload_rows(const std::vector<const T*>& rows, int64_t cols, std::vector<T>& staging, DeviceBuffer& to,
+void upload_rows(const std::vector<const T*>& rows, int64_t cols, PinnedBuffer& staging, DeviceBuffer& to,
                  cudaStream_t stream) {
-  staging.resize(std::max<std::size_t>(1, rows.size() * cols));
-  for (std::size_t i = 0; i < rows.size(); ++i) std::memcpy(staging.data() + i * cols, rows[i], cols * sizeof(T));
-  upload(staging.data(), static_cast<int64_t>(rows.size()), cols, cols, sizeof(T), to, stream);
+  T* block = static_cast<T*>(staging.reserve(std::max<std::size_t>(1, rows.size() * cols) * sizeof(T)));
+  for (std::size_t i = 0; i < rows.size(); ++i) std::memcpy(block + i * cols, rows[i], cols * sizeof(T));
+  upload(block, static_cast<int64_t>(rows.size()), cols, cols, sizeof(T), to, stream);
 }
 
 }  // namespace pm::cuda

@@ -36,6 +36,7 @@ struct Memory {
   std::mutex mutex;
   std::map<const char*, std::size_t> blocks;  // start -> bytes
   int errors = 0;                             // misuses seen (the tests expect none)
+  long pinned_allocations = 0;                // cudaMallocHost calls that succeeded
 };
 inline Memory& memory() {
   static Memory m;
@@ -112,7 +113,10 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes
 // Pinned host memory: host memory (not on the device list).
 inline cudaError_t cudaMallocHost(void** p, std::size_t bytes) {
   *p = std::malloc(bytes ? bytes : 1);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::lock_guard<std::mutex> lock(fake_cuda::memory().mutex);
+  ++fake_cuda::memory().pinned_allocations;
+  return cudaSuccess;
 }
 inline cudaError_t cudaFreeHost(void* p) {
   std::free(p);
