@@ -143,7 +143,15 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
       }
     }
   }
-  backend.gemm(Trans::yes, Trans::no, M, E, T, x, M, dlogits.data(), E, 1.0f, dwg, E);
+  // dwg [M, E] += x^T dlogits, computed as its transpose dwg^T [E, M] += dlogits^T x: E columns
+  // (8 or 64) fill a fraction of the GEMM kernel's panel, M fills whole ones. The same bits:
+  // each element is the same chain over t, dlogits[t, e] x[t, m] = x[t, m] dlogits[t, e].
+  Buffer<float> dwg_t(E * M);
+  for (int64_t m = 0; m < M; ++m)
+    for (int e = 0; e < E; ++e) dwg_t[e * M + m] = dwg[m * E + e];
+  backend.gemm(Trans::yes, Trans::no, E, M, T, dlogits.data(), E, x, M, 1.0f, dwg_t.data(), M);
+  for (int64_t m = 0; m < M; ++m)
+    for (int e = 0; e < E; ++e) dwg[m * E + e] = dwg_t[e * M + m];
   backend.gemm(Trans::no, Trans::yes, T, M, E, dlogits.data(), E, wg, E, 0.0f, dx, M);
 }
 
