@@ -90,6 +90,31 @@ class CudaBackend final : public ForwardingBackend {
     pinned_blocks_.deallocate(data);
   }
 
+  // The GEMM kernel alone on operands already in device memory (cuda_gemm_kernel_alone).
+  std::function<void()> kernel_alone(Precision precision, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
+    struct Operands {
+      DeviceBuffer a, b, c;
+      cuda::GemmCall call;
+    };
+    auto ops = std::make_shared<Operands>();
+    ThreadState& t = state();
+    const std::vector<float> halves(std::max<int64_t>({M * K, K * N, M * N, 1}), 0.5f);
+    for (auto [to, n] : {std::pair{&ops->a, M * K}, {&ops->b, K * N}, {&ops->c, M * N}})
+      upload(halves.data(), 1, std::max<int64_t>(1, n), std::max<int64_t>(1, n), sizeof(float), *to, t.stream);
+    finish(t);
+    cuda::GemmCall& g = ops->call;
+    g.M = M, g.N = N, g.K = K, g.bf16 = precision == Precision::bf16;
+    g.trans_a = ta == Trans::yes, g.trans_b = tb == Trans::yes;
+    g.a = ops->a.as<float>(), g.lda = g.trans_a ? M : K;
+    g.b = ops->b.as<float>(), g.ldb = g.trans_b ? K : N;
+    g.c = ops->c.as<float>(), g.ldc = N;
+    return [this, ops] {
+      ThreadState& ts = state();
+      launch(ops->call, ts.stream);
+      finish(ts);
+    };
+  }
+
   // ---- on the GPU (the rest of the table: ForwardingBackend, the host's) -------------------------
   void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
             int64_t ldb, float beta, float* C, int64_t ldc) override {
@@ -334,32 +359,6 @@ class CudaBackend final : public ForwardingBackend {
       [](void* p) { cudaFreeHost(p); }, kPinnedFrom);
   std::mutex pinned_mutex_;
   std::unordered_set<void*> pinned_;  // the blocks handed out from pinned_blocks_
-
- public:
-  // (cuda_gemm_kernel_alone)
-  std::function<void()> kernel_alone(Precision precision, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
-    struct Operands {
-      DeviceBuffer a, b, c;
-      cuda::GemmCall call;
-    };
-    auto ops = std::make_shared<Operands>();
-    ThreadState& t = state();
-    const std::vector<float> halves(std::max<int64_t>({M * K, K * N, M * N, 1}), 0.5f);
-    for (auto [to, n] : {std::pair{&ops->a, M * K}, {&ops->b, K * N}, {&ops->c, M * N}})
-      upload(halves.data(), 1, std::max<int64_t>(1, n), std::max<int64_t>(1, n), sizeof(float), *to, t.stream);
-    finish(t);
-    cuda::GemmCall& g = ops->call;
-    g.M = M, g.N = N, g.K = K, g.bf16 = precision == Precision::bf16;
-    g.trans_a = ta == Trans::yes, g.trans_b = tb == Trans::yes;
-    g.a = ops->a.as<float>(), g.lda = g.trans_a ? M : K;
-    g.b = ops->b.as<float>(), g.ldb = g.trans_b ? K : N;
-    g.c = ops->c.as<float>(), g.ldc = N;
-    return [this, ops] {
-      ThreadState& ts = state();
-      launch(ops->call, ts.stream);
-      finish(ts);
-    };
-  }
 };
 
 }  // namespace
