@@ -11,33 +11,34 @@ void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw Error(ErrorKind::internal, std::string("CUDA: ") + what + ": " + cudaGetErrorString(status));
 }
 
-DeviceBuffer::~DeviceBuffer() {
-  if (data_) cudaFree(data_);
+template <BlockHome kHome>
+GrowingBuffer<kHome>::~GrowingBuffer() {
+  if (!data_) return;
+  if constexpr (kHome == BlockHome::device)
+    cudaFree(data_);
+  else
+    cudaFreeHost(data_);
 }
 
-void* DeviceBuffer::reserve(std::size_t bytes) {
+template <BlockHome kHome>
+void* GrowingBuffer<kHome>::reserve(std::size_t bytes) {
   if (bytes > capacity_) {
-    if (data_) check(cudaFree(data_), "cudaFree");
-    data_ = nullptr;
-    check(cudaMalloc(&data_, bytes), "cudaMalloc");
+    if constexpr (kHome == BlockHome::device) {
+      if (data_) check(cudaFree(data_), "cudaFree");
+      data_ = nullptr;
+      check(cudaMalloc(&data_, bytes), "cudaMalloc");
+    } else {
+      if (data_) check(cudaFreeHost(data_), "cudaFreeHost");
+      data_ = nullptr;
+      check(cudaMallocHost(&data_, bytes), "cudaMallocHost");
+    }
     capacity_ = bytes;
   }
   return data_;
 }
 
-PinnedBuffer::~PinnedBuffer() {
-  if (data_) cudaFreeHost(data_);
-}
-
-void* PinnedBuffer::reserve(std::size_t bytes) {
-  if (bytes > capacity_) {
-    if (data_) check(cudaFreeHost(data_), "cudaFreeHost");
-    data_ = nullptr;
-    check(cudaMallocHost(&data_, bytes), "cudaMallocHost");
-    capacity_ = bytes;
-  }
-  return data_;
-}
+template class GrowingBuffer<BlockHome::device>;
+template class GrowingBuffer<BlockHome::pinned_host>;
 
 void upload(const void* host, int64_t rows, int64_t cols, int64_t ld, std::size_t elem, DeviceBuffer& to,
             cudaStream_t stream) {

@@ -15,13 +15,19 @@ namespace pm::cuda {
 // A failed CUDA call as a pm::Error (internal) naming what was tried.
 void check(cudaError_t status, const char* what);
 
-// Device memory that only grows (a pass asks for the same sizes again and again).
-class DeviceBuffer {
+// Where a GrowingBuffer's block lives: device memory, or pinned (page-locked) host memory, from
+// which copies run at the bus's speed where pageable memory is staged by the driver first
+// (measured on an H200: copies were 85-95% of a GPU call's time).
+enum class BlockHome { device, pinned_host };
+
+// A block of memory that only grows (a pass asks for the same sizes again and again).
+template <BlockHome kHome>
+class GrowingBuffer {
  public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer();
+  GrowingBuffer() = default;
+  GrowingBuffer(const GrowingBuffer&) = delete;
+  GrowingBuffer& operator=(const GrowingBuffer&) = delete;
+  ~GrowingBuffer();
   // At least `bytes` (its contents are lost when it grows).
   void* reserve(std::size_t bytes);
   template <typename T>
@@ -31,6 +37,8 @@ class DeviceBuffer {
   void* data_ = nullptr;
   std::size_t capacity_ = 0;
 };
+using DeviceBuffer = GrowingBuffer<BlockHome::device>;
+using PinnedBuffer = GrowingBuffer<BlockHome::pinned_host>;
 
 // Rows [rows, cols] of elem-byte elements, ld elements apart in host memory, into contiguous
 // device memory (grown to fit).
@@ -39,23 +47,6 @@ void upload(const void* host, int64_t rows, int64_t cols, int64_t ld, std::size_
 // Contiguous device rows [rows, cols] out to host rows ld elements apart.
 void download(const void* device, int64_t rows, int64_t cols, void* host, int64_t ld, std::size_t elem,
               cudaStream_t stream);
-
-// Pinned (page-locked) host memory that only grows: copies from it run at the bus's speed, where
-// pageable memory is staged by the driver first (measured on an H200: copies were 85-95% of a
-// GPU call's time).
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer();
-  // At least `bytes` (its contents are lost when it grows).
-  void* reserve(std::size_t bytes);
-
- private:
-  void* data_ = nullptr;
-  std::size_t capacity_ = 0;
-};
 
 // Rows given by pointers, gathered into one contiguous pinned block (`staging`), then copied in.
 // The copy is asynchronous: staging must stay untouched until the stream has passed it.
