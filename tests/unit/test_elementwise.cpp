@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/fast_math.h"
 
@@ -76,15 +77,55 @@ TEST(Gelu, VectorisedRowsGiveTheScalarBits) {
     std::vector<float> in_place(scale.begin(), scale.begin() + m);
     gelu_backward(in.data() + offset, in_place.data(), in_place.data(), m);
     EXPECT_EQ(std::memcmp(in_place.data(), bwd.data(), m * 4), 0) << "offset " << offset;
-    // the expert's pair: GeLU'(x) saved in place of x by the forward, then the backward's product
-    // by it, in place on the gradient: the same bits as the two above
+    // the expert's pair: GeLU'(x) saved in place of x by the forward (a tile of one row), then
+    // the backward's product by it, in place on the gradient: the same bits as the two above
     std::vector<float> saved(in.begin() + offset, in.end()), fwd_saving(n), by_saved(scale.begin(), scale.begin() + m);
-    gelu_forward_saving_grad(saved.data(), fwd_saving.data(), m);
+    gelu_forward_tile(saved.data(), m, 1, m, fwd_saving.data(), nullptr, m, /*save_grad=*/true);
     gelu_backward_by_saved_grad(saved.data(), by_saved.data(), by_saved.data(), m);
     EXPECT_EQ(std::memcmp(fwd_saving.data(), fwd.data(), m * 4), 0) << "offset " << offset;
     EXPECT_EQ(std::memcmp(by_saved.data(), bwd.data(), m * 4), 0) << "offset " << offset;
   }
   EXPECT_TRUE(std::isnan(gelu(std::numeric_limits<float>::quiet_NaN())));
+}
+
+// The expert's GeLU runs on each GEMM tile (rows of a wider matrix) and writes its activations
+// as floats or rounded to bf16: the bits of gelu_forward row by row, then float_to_bf16, for
+// every width of tile (whole vectors and tails), with and without the saved GeLU'.
+TEST(Gelu, TilesGiveTheBitsOfRowsAndOfFloatToBf16) {
+  const int64_t rows = 6, ld = 80, ld_out = 72;
+  std::vector<float> x(rows * ld);
+  Rng(7, 1).fill_normal(x.data(), x.size(), 0.0f, 3.0f);
+  x[3] = std::numeric_limits<float>::infinity();
+  x[ld + 5] = -std::numeric_limits<float>::infinity();  // GeLU(-inf) is NaN: bf16 0x7fc0
+  x[2 * ld + 7] = std::numeric_limits<float>::quiet_NaN();
+  x[3 * ld + 1] = 1e-39f;  // a subnormal
+  for (int64_t n : {1, 15, 16, 17, 33, 64}) {
+    for (bool save_grad : {false, true}) {
+      std::vector<float> tile = x, out(rows * ld_out, -1.0f), grads = x;
+      std::vector<uint16_t> out_bf16(rows * ld_out, 1);
+      gelu_forward_tile(tile.data(), ld, rows, n, out.data(), nullptr, ld_out, save_grad);
+      std::vector<float> tile16 = x;
+      gelu_forward_tile(tile16.data(), ld, rows, n, nullptr, out_bf16.data(), ld_out, save_grad);
+      std::vector<float> one(n, 1.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<float> want(n), want_grad(n);
+        gelu_forward(x.data() + r * ld, want.data(), n);
+        gelu_backward(x.data() + r * ld, one.data(), want_grad.data(), n);  // 1 * GeLU'(x)
+        for (int64_t c = 0; c < n; ++c) {
+          ASSERT_EQ(std::memcmp(&out[r * ld_out + c], &want[c], 4), 0) << "row " << r << " col " << c;
+          ASSERT_EQ(out_bf16[r * ld_out + c], float_to_bf16(want[c])) << "row " << r << " col " << c << " n " << n;
+          // (a NaN's sign may differ from 1 * NaN's)
+          const float saved = save_grad ? want_grad[c] : x[r * ld + c];
+          for (float got : {tile[r * ld + c], tile16[r * ld + c]})
+            ASSERT_TRUE(std::memcmp(&got, &saved, 4) == 0 || (std::isnan(got) && std::isnan(saved)))
+                << "row " << r << " col " << c;
+        }
+        for (int64_t c = n; c < ld_out; ++c) ASSERT_EQ(out[r * ld_out + c], -1.0f) << "written past the tile";
+        for (int64_t c = n; c < ld; ++c) ASSERT_EQ(std::memcmp(&tile[r * ld + c], &x[r * ld + c], 4), 0);
+      }
+    }
+  }
+  EXPECT_EQ(float_to_bf16(std::numeric_limits<float>::quiet_NaN()), 0x7fc0);
 }
 
 // SwiGLU's rows: the scalar formulas' bits, with the backward's gradient read from the second

@@ -4,81 +4,116 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <utility>
 
+#include "core/tensor.h"
 #include "kernels/cpu/fast_math.h"
 
 namespace pm {
 
 namespace {
 
-// Elementwise loops run four vectors of 8 floats side by side: each function of fast_math.h is
+// Elementwise loops run two vectors of 16 floats side by side: each function of fast_math.h is
 // one long chain of dependent operations, and a single vector at a time left the core waiting on
-// it. All four are loaded before any is stored (so an output may be one of the inputs, element
+// it. Both are loaded before either is stored (so an output may be one of the inputs, element
 // for element); GCC interleaves the chains only with -fschedule-insns, which src/CMakeLists.txt
-// sets for this file (gelu_backward 1.55 -> 1.02 ns per element on Zen 3). The tail runs one
-// float at a time: the same operations per element either way.
-typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
+// sets for this file (gelu_backward 1.55 -> 1.02 ns per element on Zen 3 with four vectors of 8;
+// two of 16 took GeLU and GeLU' from 1.0 to 0.68 ns per element on Zen 5, where four of 16 ran
+// out of registers). On a CPU without AVX-512 GCC splits each vector in two: the same operations
+// per lane. The tail runs one float at a time: the same operations per element either way.
+typedef float Lanes __attribute__((vector_size(16 * sizeof(float))));
 
 template <size_t In>
-[[gnu::always_inline]] inline std::array<Vec8, In> load_lanes(const std::array<const float*, In>& in, int64_t i) {
-  std::array<Vec8, In> x;
-  for (size_t j = 0; j < In; ++j) std::memcpy(&x[j], in[j] + i, sizeof(Vec8));
+[[gnu::always_inline]] inline std::array<Lanes, In> load_lanes(const std::array<const float*, In>& in, int64_t i) {
+  std::array<Lanes, In> x;
+  for (size_t j = 0; j < In; ++j) std::memcpy(&x[j], in[j] + i, sizeof(Lanes));
   return x;
 }
 
-template <size_t Out>
-[[gnu::always_inline]] inline void store_lanes(const std::array<float*, Out>& out, int64_t i, const std::array<Vec8, Out>& y) {
-  for (size_t o = 0; o < Out; ++o) std::memcpy(out[o] + i, &y[o], sizeof(Vec8));
-}
+// Stores of a vector or one value into floats, or into bf16 rounded to nearest even as
+// float_to_bf16 rounds (core/tensor.h), lane by lane in registers: rounding through a row of
+// floats on the stack stalled on store-to-load forwarding.
+typedef uint32_t LaneBits __attribute__((vector_size(16 * sizeof(uint32_t))));
+typedef uint16_t LaneBf16 __attribute__((vector_size(16 * sizeof(uint16_t))));
 
-// out[o][i] = f(in[0][i], in[1][i], ...)[o] for i < n; f takes and returns floats or Vec8s.
-template <size_t In, size_t Out, typename F>
-[[gnu::always_inline]] inline void map_lanes(int64_t n, std::array<const float*, In> in, std::array<float*, Out> out,
+[[gnu::always_inline]] inline void store(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(Lanes)); }
+[[gnu::always_inline]] inline void store(uint16_t* p, const Lanes& v) {
+  LaneBits bits;
+  std::memcpy(&bits, &v, sizeof(Lanes));
+  const LaneBits nan = (LaneBits)((bits & 0x7f800000u) == 0x7f800000u) & (LaneBits)((bits & 0x007fffffu) != 0u);
+  const LaneBits rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) >> 16;
+  const LaneBf16 h = __builtin_convertvector((nan & 0x7fc0u) | (~nan & rounded), LaneBf16);
+  std::memcpy(p, &h, sizeof(h));
+}
+[[gnu::always_inline]] inline void put(float* p, float v) { *p = v; }
+[[gnu::always_inline]] inline void put(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
+// out[o][i] = f(in[0][i], in[1][i], ...)[o] for i < n, each out float or bf16; f takes and
+// returns floats or vectors.
+template <size_t In, typename... Out, typename F>
+[[gnu::always_inline]] inline void map_lanes(int64_t n, std::array<const float*, In> in, std::tuple<Out*...> out,
                                              F f) {
+  auto store_all = [&]<size_t... o>(int64_t i, const auto& y, std::index_sequence<o...>) {
+    (store(std::get<o>(out) + i, y[o]), ...);
+  };
+  auto put_all = [&]<size_t... o>(int64_t i, const auto& y, std::index_sequence<o...>) {
+    (put(std::get<o>(out) + i, y[o]), ...);
+  };
+  constexpr auto outs = std::index_sequence_for<Out...>{};
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const auto x0 = load_lanes(in, i), x1 = load_lanes(in, i + 8), x2 = load_lanes(in, i + 16),
-               x3 = load_lanes(in, i + 24);
-    const std::array<Vec8, Out> y0 = std::apply(f, x0), y1 = std::apply(f, x1), y2 = std::apply(f, x2),
-                                y3 = std::apply(f, x3);
-    store_lanes(out, i, y0);
-    store_lanes(out, i + 8, y1);
-    store_lanes(out, i + 16, y2);
-    store_lanes(out, i + 24, y3);
+    const auto x0 = load_lanes(in, i), x1 = load_lanes(in, i + 16);
+    const auto y0 = std::apply(f, x0), y1 = std::apply(f, x1);
+    store_all(i, y0, outs);
+    store_all(i + 16, y1, outs);
   }
   for (; i < n; ++i) {
     std::array<float, In> x;
     for (size_t j = 0; j < In; ++j) x[j] = in[j][i];
-    const std::array<float, Out> y = std::apply(f, x);
-    for (size_t o = 0; o < Out; ++o) out[o][i] = y[o];
+    put_all(i, std::apply(f, x), outs);
   }
 }
 
 }  // namespace
 
 void gelu_forward(const float* in, float* out, int64_t n) {
-  map_lanes<1, 1>(n, {in}, {out}, [](auto x) { return std::array{gelu(x)}; });
+  map_lanes<1>(n, {in}, std::tuple{out}, [](auto x) { return std::array{gelu(x)}; });
 }
 
 void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) {
-  map_lanes<2, 1>(n, {in, grad_out}, {grad_in}, [](auto x, auto g) { return std::array{g * gelu_grad(x)}; });
+  map_lanes<2>(n, {in, grad_out}, std::tuple{grad_in}, [](auto x, auto g) { return std::array{g * gelu_grad(x)}; });
 }
 
-void gelu_forward_saving_grad(float* x_then_grad, float* out, int64_t n) {
-  map_lanes<1, 2>(n, {x_then_grad}, {out, x_then_grad}, [](auto x) { return std::array{gelu(x), gelu_grad(x)}; });
+void gelu_forward_tile(float* x, int64_t ld, int64_t rows, int64_t n, float* out, uint16_t* out_bf16, int64_t ld_out,
+                       bool save_grad) {
+  // One function for the whole tile: its loops share one set-up of the constants (called once per
+  // row of 64 values, that set-up cost as much as the GeLU).
+  auto each_row = [&](auto* o) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float* xi = x + i * ld;
+      if (save_grad)
+        map_lanes<1>(n, {xi}, std::tuple{o + i * ld_out, xi}, [](auto v) { return std::array{gelu(v), gelu_grad(v)}; });
+      else
+        map_lanes<1>(n, {xi}, std::tuple{o + i * ld_out}, [](auto v) { return std::array{gelu(v)}; });
+    }
+  };
+  if (out_bf16)
+    each_row(out_bf16);
+  else
+    each_row(out);
 }
 
 void gelu_backward_by_saved_grad(const float* saved_grad, const float* grad_out, float* grad_in, int64_t n) {
-  map_lanes<2, 1>(n, {saved_grad, grad_out}, {grad_in}, [](auto d, auto g) { return std::array{g * d}; });
+  map_lanes<2>(n, {saved_grad, grad_out}, std::tuple{grad_in}, [](auto d, auto g) { return std::array{g * d}; });
 }
 
 void swiglu_forward(const float* hpre, float* act, int64_t n) {
-  map_lanes<2, 1>(n, {hpre, hpre + n}, {act}, [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
+  map_lanes<2>(n, {hpre, hpre + n}, std::tuple{act}, [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
 }
 
 void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n) {
   // dact may be dhpre + n (the expert's backward computes it there): map_lanes reads before it writes
-  map_lanes<3, 2>(n, {dact, hpre, hpre + n}, {dhpre, dhpre + n}, [](auto d, auto g, auto v) {
+  map_lanes<3>(n, {dact, hpre, hpre + n}, std::tuple{dhpre, dhpre + n}, [](auto d, auto g, auto v) {
     const auto s = sigmoid_approx(g);
     return std::array{d * v * (s + g * s * (1.0f - s)), d * (g * s)};
   });

@@ -10,10 +10,13 @@ namespace pm {
 void gelu_forward(const float* in, float* out, int64_t n);
 // grad_in[n] = grad_out[n] * GeLU'(in[n]).
 void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n);
-// out = GeLU(x) and x overwritten by GeLU'(x), element for element (what a backward multiplies by:
-// the erf both need is computed once); then grad_in = grad_out * that saved GeLU'(x), the bits
-// gelu_backward gives.
-void gelu_forward_saving_grad(float* x_then_grad, float* out, int64_t n);
+// gelu_forward on a tile of rows x n values of x (rows ld apart), the GeLU into out (floats) or
+// out_bf16 (rounded to nearest even, as float_to_bf16), rows ld_out apart: the bits of the
+// row-by-row calls. With save_grad, x is overwritten by GeLU'(x) (what the backward multiplies
+// by; the erf both need is computed once); then grad_in = grad_out * that saved GeLU'(x) gives
+// the bits of gelu_backward.
+void gelu_forward_tile(float* x, int64_t ld, int64_t rows, int64_t n, float* out, uint16_t* out_bf16, int64_t ld_out,
+                       bool save_grad);
 void gelu_backward_by_saved_grad(const float* saved_grad, const float* grad_out, float* grad_in, int64_t n);
 
 // SwiGLU on one row of a pre-activation [g | v] (2n values): act[n] = SiLU(g) * v, SiLU(g) = g sigmoid(g).

@@ -62,13 +62,8 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
   } else {
     // GeLU runs on each finished tile of the pre-activation while it is still in cache.
     TileEpilogue gelu_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
-      for (int64_t i = r; i < r + nr; ++i)
-        activate(i, c, nc, [&](float* out) {
-          if (use == ForwardFor::backward)
-            gelu_forward_saving_grad(saved + i * H + c, out, nc);
-          else
-            gelu_forward(saved + i * H + c, out, nc);
-        });
+      gelu_forward_tile(saved + r * H + c, H, nr, nc, act.f32 ? act.f32 + r * H + c : nullptr,
+                        act.bf16 ? act.bf16 + r * H + c : nullptr, H, use == ForwardFor::backward);
     };
     fc1_gemm(w, rows, M, u, saved, H1, {w.b1, &gelu_tile});
   }
