@@ -78,13 +78,15 @@ using RowsOut = FloatOrBf16<float, uint16_t>;
 
 // Rows of one expert's saved tensors, in the order the weight gradients sum them (canonical:
 // peer, then row), each pointing wherever the pipeline chunks left it. A bf16 expert's inputs and
-// activations may be bf16 rows (u_bf16, act_bf16 instead of u, act).
+// activations may be bf16 rows (u_bf16, act_bf16 instead of u, act), and so may its output
+// gradients when they arrived in bf16 (dy_bf16: values a bf16 all-to-all carried, exact).
 struct ExpertRows {
   std::vector<const float*> u, act;     // forward: inputs [M], activations [H]
   std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H1], output grads [M]
-  std::vector<const uint16_t*> u_bf16, act_bf16;
-  // Throws (internal) unless every list has the same rows, each of u and act in one form, and bf16
-  // rows only for a bf16 expert: what every backend's expert_weight_grads asks first.
+  std::vector<const uint16_t*> u_bf16, act_bf16, dy_bf16;
+  size_t rows() const { return dy.size() + dy_bf16.size(); }
+  // Throws (internal) unless every list has the same rows, each of u, act and dy in one form, and
+  // bf16 rows only for a bf16 expert: what every backend's expert_weight_grads asks first.
   void check(Precision precision) const;
 };
 
@@ -235,9 +237,10 @@ class Backend {
   // GeLU's derivative at it; for an inference pass, whatever the kernels left there.
   virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u,
                               float* saved, RowsOut act, float* y, ForwardFor use) = 0;
-  // dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T.
-  // saved_rows[i] points at row i's saved values (expert_forward) wherever the forward left them.
-  virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
+  // dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T. dy may be
+  // bf16 rows for a bf16 expert. saved_rows[i] points at row i's saved values (expert_forward)
+  // wherever the forward left them.
+  virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
                                      const float* const* saved_rows, float* dhpre, float* du) = 0;
   // grads.w2 += act^T dy, b2 += colsum(dy), w1 += u^T dhpre, b1 += colsum(dhpre), over the rows in
   // order: the same bits whatever pipeline degrees produced them.

@@ -48,7 +48,9 @@ struct BackwardPass {
   RowBuffer recv;             // [experts_wire rows, M] output gradients (grad_dispatch), then input
                               // gradients going back (expert_dgrad)
   RowBuffer back;             // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
-  ScratchBuffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] compute order (expert_dgrad)
+  RowBuffer dy_rows;                        // [rows, M] compute order, in the wire's precision when a
+                                            // bf16 expert reads it (exact), else fp32 (expert_dgrad)
+  ScratchBuffer<float> dhpre, du;           // [rows, H1|M] compute order (expert_dgrad)
   ScratchBuffer<float> dx_gate;             // [T, M] the gate's share of dx (gate_bwd)
 };
 
@@ -263,7 +265,10 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     b->send.resize(b->handle.tokens_wire.total_rows, M, dispatcher_.wire());
     b->back.resize(b->handle.tokens_wire.total_rows, M, dispatcher_.wire());
     b->recv.resize(rows, M, dispatcher_.wire());
-    b->dy_rows.resize(rows * M);
+    // bf16 output gradients stay bf16 for a bf16 expert (its GEMMs round them to bf16 anyway, and
+    // the bias gradient adds the same values widened): no widening copy, half the bytes
+    const bool dy_bf16 = dispatcher_.wire() == Precision::bf16 && shape.precision == Precision::bf16;
+    b->dy_rows.resize(rows, M, dy_bf16 ? Precision::bf16 : Precision::fp32);
     b->dhpre.resize(rows * H1);
     b->du.resize(rows * M);
     dispatcher_.pack_scaled(b->dy, fp->gating.gate.data(), b->handle, b->send.out(0));
@@ -283,7 +288,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   steps.expert_dgrad = [this, fp, b, M, H, H1](int c) {
     const BlockLayout& wire = b->handle.experts_wire;
     const BlockLayout& compute = b->handle.experts_compute;
-    backend_.copy_rows(b->recv.in(0), b->dy_rows.data(), M, chunk_segments(wire, compute, c));
+    b->dy_rows.copy_rows_from(backend_, b->recv.in(0), chunk_segments(wire, compute, c));
     // the pre-activations of this chunk's rows, wherever the forward's chunks left them
     std::vector<const float*> saved_rows =
         row_pointers(fp->fc1_saved.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
@@ -291,7 +296,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
-      backend_.expert_backward_input(packed_[le], rows, M, H, &b->dy_rows[first * M], &saved_rows[first - chunk_first],
+      backend_.expert_backward_input(packed_[le], rows, M, H, b->dy_rows.in(first), &saved_rows[first - chunk_first],
                                      &b->dhpre[first * H1], &b->du[first * M]);
     }
     backend_.copy_rows(b->du.data(), b->recv.out(0), M, chunk_segments(compute, wire, c));
@@ -307,11 +312,12 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       fp->u.add_rows(fwd, rows.u, rows.u_bf16);
       fp->act.add_rows(fwd, rows.act, rows.act_bf16);
       rows.dhpre = row_pointers(b->dhpre.data(), H1, bwd);
-      rows.dy = row_pointers(b->dy_rows.data(), M, bwd);
+      b->dy_rows.add_rows(bwd, rows.dy, rows.dy_bf16);
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
     // after every expert_dgrad (its dependencies): the experts' gradient rows are done with
-    for (ScratchBuffer<float>* done : {&b->dy_rows, &b->dhpre, &b->du}) release(*done);
+    b->dy_rows.release();
+    for (ScratchBuffer<float>* done : {&b->dhpre, &b->du}) release(*done);
   };
   steps.unpack_grad = [this, fp, b, M] {
     std::memcpy(b->dx, b->dx_gate.data(), fp->tokens * M * sizeof(float));

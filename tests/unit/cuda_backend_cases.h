@@ -120,7 +120,7 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
   const std::vector<float> w1 = random_values(M * H1, 11, 0.2f), w2 = random_values(H * M, 12, 0.2f);
   const std::vector<float> b1 = random_values(H1, 13, 0.1f), b2 = random_values(M, 14, 0.1f);
   const std::vector<float> u = random_values(rows * M, 15), dy = random_values(rows * M, 16);
-  const std::vector<uint16_t> u16 = to_bf16(u);
+  const std::vector<uint16_t> u16 = to_bf16(u), dy16 = to_bf16(dy);  // bf16 rows: u, act and dy
   ExpertRun r;
   r.saved.assign(rows * H1, 0.0f), r.act.assign(rows * H, 0.0f), r.act16.assign(rows * H, 0), r.y.assign(rows * M, 0.0f);
   auto packed = be.new_packed_expert(activation, precision);
@@ -138,7 +138,8 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
     saved_rows[i] = &saved_rev[(rows - 1 - i) * H1];
   }
   r.dhpre.assign(rows * H1, 0.0f), r.du.assign(rows * M, 0.0f);
-  be.expert_backward_input(*packed, rows, M, H, dy.data(), saved_rows.data(), r.dhpre.data(), r.du.data());
+  RowsIn dy_in = bf16_rows ? RowsIn(dy16.data()) : RowsIn(dy.data());
+  be.expert_backward_input(*packed, rows, M, H, dy_in, saved_rows.data(), r.dhpre.data(), r.du.data());
   r.w1g = random_values(M * H1, 17), r.b1g = random_values(H1, 18), r.w2g = random_values(H * M, 19),
   r.b2g = random_values(M, 20);
   ExpertRows er;
@@ -146,12 +147,13 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
     if (bf16_rows) {
       er.u_bf16.push_back(&u16[i * M]);
       er.act_bf16.push_back(&r.act16[i * H]);
+      er.dy_bf16.push_back(&dy16[i * M]);
     } else {
       er.u.push_back(&u[i * M]);
       er.act.push_back(&r.act[i * H]);
+      er.dy.push_back(&dy[i * M]);
     }
     er.dhpre.push_back(&r.dhpre[i * H1]);
-    er.dy.push_back(&dy[i * M]);
   }
   be.expert_weight_grads({r.w1g.data(), r.b1g.data(), r.w2g.data(), r.b2g.data()}, activation, precision, M, H, er);
   return r;

@@ -233,6 +233,52 @@ TEST(GemmBf16, ColumnSumsOfBGiveTheBitsOfAddingTheRowsInOrder) {
   EXPECT_EQ(0, std::memcmp(sums.data(), expected.data(), N * sizeof(float))) << "no columns of A";
 }
 
+// B's rows stored as bf16 (output gradients a bf16 all-to-all carried) give the bits of the same
+// values as floats, product and column sums, with A's rows floats or bf16, on every instruction
+// set and packing path (an odd K, a partial panel, and no columns of A at all).
+TEST(GemmBf16, BRowsStoredAsBf16GiveTheBitsOfTheirFloatValues) {
+  const int64_t M = 45, N = 83, K = 37;
+  auto A = random_matrix(K * M, 33), B = random_matrix(K * N, 34), start = random_matrix(N, 35);
+  std::vector<uint16_t> A16(A.size()), B16(B.size());
+  floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+  floats_to_bf16(B.data(), B16.data(), static_cast<int64_t>(B.size()));
+  std::vector<float> Bq(B.size());  // B's values as bf16 holds them
+  for (size_t i = 0; i < B.size(); ++i) Bq[i] = bf16_to_float(B16[i]);
+  std::vector<const float*> a_rows, bq_rows;
+  std::vector<const uint16_t*> a_rows16, b_rows16;
+  for (int64_t k = K - 1; k >= 0; --k) {  // rows anywhere: here in reverse storage order
+    a_rows.push_back(A.data() + k * M);
+    a_rows16.push_back(A16.data() + k * M);
+    bq_rows.push_back(Bq.data() + k * N);
+    b_rows16.push_back(B16.data() + k * N);
+  }
+  std::vector<std::string> isas{""};
+  if (__builtin_cpu_supports("avx2")) isas.push_back("avx2");
+  for (const std::string& isa : isas)
+    for (bool emulate : {false, true}) {
+      force_gemm_isa(isa);
+      emulate_bf16_dot_for_testing(emulate);
+      for (int64_t m : {M, int64_t{0}})
+        for (bool a16 : {false, true}) {
+          std::vector<float> from_floats(M * N, 0.5f), from_bf16(M * N, 0.5f), sums_floats = start, sums_bf16 = start;
+          if (a16) {
+            gemm_tn_rows_bf16(m, N, K, a_rows16.data(), bq_rows.data(), 1.0f, from_floats.data(), N, sums_floats.data());
+            gemm_tn_rows_bf16(m, N, K, a_rows16.data(), b_rows16.data(), 1.0f, from_bf16.data(), N, sums_bf16.data());
+          } else {
+            gemm_tn_rows_bf16(m, N, K, a_rows.data(), bq_rows.data(), 1.0f, from_floats.data(), N, sums_floats.data());
+            gemm_tn_rows_bf16(m, N, K, a_rows.data(), b_rows16.data(), 1.0f, from_bf16.data(), N, sums_bf16.data());
+          }
+          const std::string where = "isa '" + isa + "' emulate " + std::to_string(emulate) + " M " + std::to_string(m) +
+                                    " a16 " + std::to_string(a16);
+          EXPECT_EQ(0, std::memcmp(from_floats.data(), from_bf16.data(), M * N * sizeof(float))) << where;
+          EXPECT_EQ(0, std::memcmp(sums_floats.data(), sums_bf16.data(), N * sizeof(float))) << where;
+          EXPECT_NE(0, std::memcmp(sums_bf16.data(), start.data(), N * sizeof(float))) << where;
+        }
+    }
+  emulate_bf16_dot_for_testing(false);
+  force_gemm_isa("");
+}
+
 // An fp32 pack after a bf16 one (the same thread-local buffers) is an fp32 GEMM again.
 TEST(GemmBf16, Fp32PackingAfterBf16IsFp32) {
   const int64_t M = 5, N = 20, K = 9;

@@ -1,5 +1,6 @@
 #include "kernels/cpu/expert_ffn.h"
 
+#include <type_traits>
 #include <vector>
 
 #include "core/error.h"
@@ -17,13 +18,22 @@ void pack(Precision precision, Trans trans, int64_t K, int64_t N, const float* B
     pack_b(trans, K, N, B, ldb, out);
 }
 
-// hpre = u W1 + b1, u floats or bf16.
-void fc1_gemm(const ExpertWeights& w, int64_t rows, int64_t M, RowsIn u, float* hpre, int64_t H1,
-              const GemmExtras& extras) {
-  if (u.bf16)
-    gemm_packed(Trans::no, rows, u.bf16, M, w.w1, 0.0f, hpre, H1, extras);
+// C[rows, ldc] = A B (+ extras), A's rows floats or bf16, K values each, B packed.
+void gemm_rows(RowsIn A, int64_t rows, int64_t K, const PackedB& B, float* C, int64_t ldc,
+               const GemmExtras& extras = {}) {
+  if (A.bf16)
+    gemm_packed(Trans::no, rows, A.bf16, K, B, 0.0f, C, ldc, extras);
   else
-    gemm_packed(Trans::no, rows, u.f32, M, w.w1, 0.0f, hpre, H1, extras);
+    gemm_packed(Trans::no, rows, A.f32, K, B, 0.0f, C, ldc, extras);
+}
+
+// fn(rows) with whichever of the two lists holds the rows (float or bf16 pointers).
+template <typename Fn>
+void with_rows(const std::vector<const float*>& f32, const std::vector<const uint16_t*>& bf16, Fn&& fn) {
+  if (f32.empty() && !bf16.empty())
+    fn(bf16);
+  else
+    fn(f32);
 }
 
 }  // namespace
@@ -56,7 +66,7 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
     floats_to_bf16(scratch.data(), act.bf16 + i * H + c, n);
   };
   if (w.activation == Activation::swiglu) {
-    fc1_gemm(w, rows, M, u, saved, H1, {w.b1, nullptr});
+    gemm_rows(u, rows, M, w.w1, saved, H1, {w.b1, nullptr});
     for (int64_t i = 0; i < rows; ++i)
       activate(i, 0, H, [&](float* out) { swiglu_forward(saved + i * 2 * H, out, H); });
   } else {
@@ -65,22 +75,20 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
       gelu_forward_tile(saved + r * H + c, H, nr, nc, act.f32 ? act.f32 + r * H + c : nullptr,
                         act.bf16 ? act.bf16 + r * H + c : nullptr, H, use == ForwardFor::backward);
     };
-    fc1_gemm(w, rows, M, u, saved, H1, {w.b1, &gelu_tile});
+    gemm_rows(u, rows, M, w.w1, saved, H1, {w.b1, &gelu_tile});
   }
-  if (act.bf16)
-    gemm_packed(Trans::no, rows, act.bf16, H, w.w2, 0.0f, y, M, {w.b2, nullptr});
-  else
-    gemm_packed(Trans::no, rows, act.f32, H, w.w2, 0.0f, y, M, {w.b2, nullptr});
+  gemm_rows(act.bf16 ? RowsIn(act.bf16) : RowsIn(act.f32), rows, H, w.w2, y, M, {w.b2, nullptr});
 }
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           const float* dy, const float* const* saved_rows, float* dhpre, float* du) {
+                           RowsIn dy, const float* const* saved_rows, float* dhpre, float* du) {
   if (rows == 0) return;
+  PM_CHECK(dy.bf16 == nullptr || w.precision == Precision::bf16, "bf16 rows of dy need a bf16 expert");
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
     // dact = dy W2^T into the second half of each dhpre row, then both halves from it in place
     // (swiglu_backward reads dact[i] before it writes dhpre[i] and dhpre[n + i])
-    gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre + H, H1);
+    gemm_rows(dy, rows, M, w.w2_t, dhpre + H, H1);
     for (int64_t i = 0; i < rows; ++i) swiglu_backward(saved_rows[i], dhpre + i * H1 + H, dhpre + i * H1, H);
   } else {
     TileEpilogue gelu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
@@ -90,30 +98,30 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
         gelu_backward_by_saved_grad(saved_rows[i] + c, dhpre + i * H + c, dhpre + i * H + c, nc);
       }
     };
-    gemm_packed(Trans::no, rows, dy, M, w.w2_t, 0.0f, dhpre, H, {nullptr, &gelu_grad_tile});
+    gemm_rows(dy, rows, M, w.w2_t, dhpre, H, {nullptr, &gelu_grad_tile});
   }
   gemm_packed(Trans::no, rows, dhpre, H1, w.w1_t, 0.0f, du, M);
 }
 
 void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
                          const ExpertRows& r) {
-  const int64_t rows = static_cast<int64_t>(r.dy.size());
+  const int64_t rows = static_cast<int64_t>(r.rows());
   r.check(precision);
   if (rows == 0) return;
   const int64_t H1 = fc1_width(activation, H);
-  // c += a^T b over the rows, a's rows floats or bf16 (then a bf16 GEMM); bias += b's rows, summed
-  // as the GEMM packs them
-  auto tn_rows = [&](int64_t m, int64_t n, const std::vector<const float*>& a, const std::vector<const uint16_t*>& a16,
-                     const std::vector<const float*>& b, float* c, float* bias) {
-    if (!a16.empty())
-      gemm_tn_rows_bf16(m, n, rows, a16.data(), b.data(), 1.0f, c, n, bias);
-    else if (precision == Precision::bf16)
-      gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
-    else
-      gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
+  // c += a^T b over the rows, a's and b's rows floats or bf16 (then a bf16 GEMM); bias += b's rows,
+  // summed as the GEMM packs them
+  auto tn_rows = [&](int64_t m, int64_t n, const auto& a, const auto& b, float* c, float* bias) {
+    constexpr bool floats = std::is_same_v<decltype(a.data()), const float* const*> &&
+                            std::is_same_v<decltype(b.data()), const float* const*>;
+    if constexpr (floats)
+      if (precision != Precision::bf16) return gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
+    gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
   };
-  tn_rows(H, M, r.act, r.act_bf16, r.dy, g.w2, g.b2);
-  tn_rows(M, H1, r.u, r.u_bf16, r.dhpre, g.w1, g.b1);
+  with_rows(r.act, r.act_bf16, [&](const auto& act) {
+    with_rows(r.dy, r.dy_bf16, [&](const auto& dy) { tn_rows(H, M, act, dy, g.w2, g.b2); });
+  });
+  with_rows(r.u, r.u_bf16, [&](const auto& u) { tn_rows(M, H1, u, r.dhpre, g.w1, g.b1); });
 }
 
 }  // namespace pm

@@ -42,7 +42,7 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
 // From dy[rows, M]: dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T.
 // saved_rows[i] points at row i's saved values (H1 of them) wherever the forward left them.
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           const float* dy, const float* const* saved_rows, float* dhpre, float* du);
+                           RowsIn dy, const float* const* saved_rows, float* dhpre, float* du);
 
 // g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), summed over
 // the rows in order: the same bits whatever the pipeline degrees that produced them.

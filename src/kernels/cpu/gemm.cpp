@@ -386,8 +386,13 @@ void gemm_detail::pack_b_rows_bf16(int64_t K, int64_t N, RowSource B, PackedB& o
       for (int64_t s0 = 0; s0 < s.width; s0 += s.strip) {
         float* row = s.strip_row(s0, k);
         const int64_t n = d < K ? std::clamp<int64_t>(s.cols - s0, 0, s.strip_cols(s0)) : 0;
-        const float* src = n > 0 ? B.row(d) + s.col0 + s0 : nullptr;
-        for (int64_t j = 0; j < n; ++j) row[j] = round_to_bf16(src[j]);
+        if (n > 0 && B.is_bf16()) {
+          const uint16_t* src = B.row16(d) + s.col0 + s0;
+          for (int64_t j = 0; j < n; ++j) row[j] = bf16_to_float(src[j]);
+        } else if (n > 0) {
+          const float* src = B.row(d) + s.col0 + s0;
+          for (int64_t j = 0; j < n; ++j) row[j] = round_to_bf16(src[j]);
+        }
         for (int64_t j = n; j < s.strip_cols(s0); ++j) row[j] = 0.0f;
       }
     }

@@ -108,6 +108,12 @@ void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const
                  int64_t ldc, const GemmExtras& extras = {});  // B packed by pack_b_bf16
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
                        float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
+// ... and with B's rows stored as bf16 (output gradients a bf16 all-to-all carried): the bits of
+// the float versions on B's float32 values (the column sums add the widened values).
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const uint16_t* const* b_rows,
+                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const uint16_t* const* b_rows,
+                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 

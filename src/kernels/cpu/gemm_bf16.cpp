@@ -112,34 +112,46 @@ namespace {
 // Whether bf16 GEMMs packed now run the AVX512_BF16 kernel (use_bf16_dot, before B exists).
 bool bf16_dot_ready();
 
-void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, const float* const* b_rows, float beta, float* C,
-                  int64_t ldc, float* b_column_sums) {
-  if (M == 0 || N == 0) return add_rows_in_order(K, N, b_rows, b_column_sums);
+void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, RowSource B, float beta, float* C, int64_t ldc,
+                  float* b_column_sums) {
+  if (M == 0 || N == 0) return add_rows_in_order(K, N, B, b_column_sums);
   PackedB& packed = scratch_packed_b();
-  const RowSource rows{nullptr, 0, b_rows};
   if (bf16_dot_ready()) {
     // B packed here for this one product: only the kernel's words (the rows of activation
     // gradients, packed on every call: a float copy would double the packing)
     packed.K = K + (K & 1), packed.N = N, packed.bf16 = true, packed.source_depth = K;
     packed.data.clear();
-    pack_b_pair_words(K, N, rows, packed, b_column_sums);
+    pack_b_pair_words(K, N, B, packed, b_column_sums);
     return gemm_packed_impl(Trans::yes, M, A, packed, beta, C, ldc, {}, true);
   }
-  pack_b_rows_bf16(K, N, rows, packed);
-  add_rows_in_order(K, N, b_rows, b_column_sums);  // that packing reads the rows in pair order
+  pack_b_rows_bf16(K, N, B, packed);
+  add_rows_in_order(K, N, B, b_column_sums);  // that packing reads the rows in pair order
   gemm_packed_impl(Trans::yes, M, A, packed, beta, C, ldc, {}, false);
 }
+
+RowSource rows_of(const float* const* rows) { return RowSource{nullptr, 0, rows}; }
+RowSource rows_of(const uint16_t* const* rows) { return RowSource{nullptr, 0, nullptr, nullptr, rows}; }
 
 }  // namespace
 
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
                        float beta, float* C, int64_t ldc, float* b_column_sums) {
-  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, a_rows}, b_rows, beta, C, ldc, b_column_sums);
+  tn_rows_bf16(M, N, K, rows_of(a_rows), rows_of(b_rows), beta, C, ldc, b_column_sums);
 }
 
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
                        float beta, float* C, int64_t ldc, float* b_column_sums) {
-  tn_rows_bf16(M, N, K, RowSource{nullptr, 0, nullptr, nullptr, a_rows}, b_rows, beta, C, ldc, b_column_sums);
+  tn_rows_bf16(M, N, K, rows_of(a_rows), rows_of(b_rows), beta, C, ldc, b_column_sums);
+}
+
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const uint16_t* const* b_rows,
+                       float beta, float* C, int64_t ldc, float* b_column_sums) {
+  tn_rows_bf16(M, N, K, rows_of(a_rows), rows_of(b_rows), beta, C, ldc, b_column_sums);
+}
+
+void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const uint16_t* const* b_rows,
+                       float beta, float* C, int64_t ldc, float* b_column_sums) {
+  tn_rows_bf16(M, N, K, rows_of(a_rows), rows_of(b_rows), beta, C, ldc, b_column_sums);
 }
 
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,

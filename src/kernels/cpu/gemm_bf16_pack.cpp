@@ -251,15 +251,27 @@ void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& 
     float* sums = column_sums ? column_sums + col0 : nullptr;
     for (int64_t q = 0; q < pairs; ++q) {
       uint32_t* w = words + q * width;
-      const float* even = B.row(2 * q) + col0;
-      const float* odd = 2 * q + 1 < K ? B.row(2 * q + 1) + col0 : nullptr;
-      pair_words(even, odd, cols, w);
-      std::fill(w + cols, w + width, 0u);
-      if (sums) {  // this panel's columns, the even row then the odd one
-        for (int64_t j = 0; j < cols; ++j) sums[j] += even[j];
-        if (odd)
-          for (int64_t j = 0; j < cols; ++j) sums[j] += odd[j];
+      const bool has_odd = 2 * q + 1 < K;
+      if (B.is_bf16()) {
+        const uint16_t* even = B.row16(2 * q) + col0;
+        const uint16_t* odd = has_odd ? B.row16(2 * q + 1) + col0 : nullptr;
+        pair_words(even, odd, cols, w);
+        if (sums) {
+          for (int64_t j = 0; j < cols; ++j) sums[j] += bf16_to_float(even[j]);
+          if (odd)
+            for (int64_t j = 0; j < cols; ++j) sums[j] += bf16_to_float(odd[j]);
+        }
+      } else {
+        const float* even = B.row(2 * q) + col0;
+        const float* odd = has_odd ? B.row(2 * q + 1) + col0 : nullptr;
+        pair_words(even, odd, cols, w);
+        if (sums) {  // this panel's columns, the even row then the odd one
+          for (int64_t j = 0; j < cols; ++j) sums[j] += even[j];
+          if (odd)
+            for (int64_t j = 0; j < cols; ++j) sums[j] += odd[j];
+        }
       }
+      std::fill(w + cols, w + width, 0u);
     }
   }
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
 
 namespace pm::gemm_detail {
@@ -61,6 +62,13 @@ void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_
 inline void add_rows_in_order(int64_t K, int64_t N, const float* const* rows, float* sums) {
   for (int64_t k = 0; k < K && sums; ++k)
     for (int64_t j = 0; j < N; ++j) sums[j] += rows[k][j];
+}
+inline void add_rows_in_order(int64_t K, int64_t N, RowSource rows, float* sums) {
+  for (int64_t k = 0; k < K && sums; ++k)
+    if (rows.is_bf16())
+      for (int64_t j = 0; j < N; ++j) sums[j] += bf16_to_float(rows.row16(k)[j]);
+    else
+      for (int64_t j = 0; j < N; ++j) sums[j] += rows.row(k)[j];
 }
 // The same in bf16 form in one pass (what pack_b_bf16 makes of pack_b's panels): values rounded,
 // depths in pair order, K rounded up to even; without the AVX512_BF16 words (add_bf16_pairs).

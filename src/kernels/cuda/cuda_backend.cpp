@@ -212,19 +212,20 @@ class CudaBackend final : public ForwardingBackend {
     finish(t);
   }
 
-  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, const float* dy,
+  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
                              const float* const* saved_rows, float* dhpre, float* du) override {
     const auto& p = static_cast<const CudaPackedExpert&>(packed);
     if (rows == 0) return;
     const bool bf16 = p.precision == Precision::bf16;
     const int64_t H1 = fc1_width(p.activation, H);
     ThreadState& t = state();
-    upload(dy, rows, M, M, sizeof(float), t.a, t.stream);
+    PM_CHECK(dy.bf16 == nullptr || bf16, "bf16 rows of dy need a bf16 expert");
+    cuda::GemmCall fc2;
+    upload_a(t, dy, rows, M, M, fc2);
     upload_rows(std::vector<const float*>(saved_rows, saved_rows + rows), H1, t.host_b, t.b, t.stream);
     float* dh = static_cast<float*>(t.c.reserve(rows * H1 * sizeof(float)));
     // dact = dy W2^T: GeLU's into dhpre, SwiGLU's into the second half of each dhpre row
-    cuda::GemmCall fc2;
-    fc2.M = rows, fc2.N = H, fc2.K = M, fc2.bf16 = bf16, fc2.a = t.a.as<float>(), fc2.lda = M;
+    fc2.M = rows, fc2.N = H, fc2.K = M, fc2.bf16 = bf16;
     fc2.trans_b = true, fc2.b = p.w2.as<float>(), fc2.ldb = M;
     fc2.c = p.activation == Activation::swiglu ? dh + H : dh, fc2.ldc = H1;
     launch(fc2, t.stream);
@@ -246,9 +247,16 @@ class CudaBackend final : public ForwardingBackend {
 
   void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
                            const ExpertRows& r) override {
-    const int64_t rows = static_cast<int64_t>(r.dy.size());
+    const int64_t rows = static_cast<int64_t>(r.rows());
     r.check(precision);
     if (rows == 0) return;
+    // bf16 rows of dy widened here (exact): the kernels read B as floats
+    std::vector<float> dy_widened(r.dy_bf16.size() * M);
+    std::vector<const float*> dy = r.dy;
+    for (size_t i = 0; i < r.dy_bf16.size(); ++i) {
+      bf16_to_floats(r.dy_bf16[i], &dy_widened[i * M], M);
+      dy.push_back(&dy_widened[i * M]);
+    }
     const int64_t H1 = fc1_width(activation, H);
     ThreadState& t = state();
     // grad [m, n] += a^T b over the rows in order (a [rows, m] floats or bf16, b [rows, n])
@@ -272,8 +280,8 @@ class CudaBackend final : public ForwardingBackend {
       download(call.c, m, n, grad, n, sizeof(float), t.stream);
       finish(t);
     };
-    tn_rows(H, M, r.act, r.act_bf16, r.dy, g.w2);
-    for (const float* row : r.dy) host_.add_column_sums(row, 1, M, g.b2);
+    tn_rows(H, M, r.act, r.act_bf16, dy, g.w2);
+    for (const float* row : dy) host_.add_column_sums(row, 1, M, g.b2);
     tn_rows(M, H1, r.u, r.u_bf16, r.dhpre, g.w1);
     for (const float* row : r.dhpre) host_.add_column_sums(row, 1, H1, g.b1);
   }

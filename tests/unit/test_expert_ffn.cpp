@@ -1,0 +1,99 @@
+// One bf16 expert's backward with its output gradients stored as bf16 rows (what a bf16
+// all-to-all carried) against the same values as floats: input gradients, weight and bias
+// gradients bit for bit, GeLU and SwiGLU, on the AVX512_BF16 path and the fp32 kernels'.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "kernels/cpu/expert_ffn.h"
+#include "kernels/cpu/gemm.h"
+
+namespace pm {
+namespace {
+
+std::vector<float> normal(int64_t n, uint64_t stream, float scale) {
+  std::vector<float> v(n);
+  Rng(41, stream).fill_normal(v.data(), n, 0.0f, scale);
+  return v;
+}
+
+struct Grads {
+  std::vector<float> dhpre, du, w1, b1, w2, b2;
+};
+
+Grads backward(Activation activation, bool dy_as_bf16, int64_t rows, int64_t M, int64_t H) {
+  const int64_t H1 = fc1_width(activation, H);
+  const std::vector<float> w1 = normal(M * H1, 1, 0.2f), w2 = normal(H * M, 2, 0.2f), b1 = normal(H1, 3, 0.1f),
+                           b2 = normal(M, 4, 0.1f), u = normal(rows * M, 5, 1.0f);
+  std::vector<uint16_t> dy16(rows * M);
+  const std::vector<float> dy_raw = normal(rows * M, 6, 1.0f);
+  floats_to_bf16(dy_raw.data(), dy16.data(), rows * M);
+  std::vector<float> dy(rows * M);  // the values bf16 holds, as floats
+  bf16_to_floats(dy16.data(), dy.data(), rows * M);
+
+  ExpertWeights w;
+  w.precision = Precision::bf16, w.activation = activation, w.b1 = b1.data(), w.b2 = b2.data();
+  w.pack_forward(w1.data(), w2.data(), M, H);
+  w.pack_backward(w1.data(), w2.data(), M, H);
+  std::vector<float> saved(rows * H1), act(rows * H), y(rows * M);
+  expert_forward(w, rows, M, H, u.data(), saved.data(), act.data(), y.data(), ForwardFor::backward);
+  std::vector<const float*> saved_rows(rows);
+  for (int64_t i = 0; i < rows; ++i) saved_rows[i] = &saved[i * H1];
+
+  Grads g{std::vector<float>(rows * H1), std::vector<float>(rows * M), normal(M * H1, 7, 1.0f), normal(H1, 8, 1.0f),
+          normal(H * M, 9, 1.0f), normal(M, 10, 1.0f)};
+  expert_backward_input(w, rows, M, H, dy_as_bf16 ? RowsIn(dy16.data()) : RowsIn(dy.data()), saved_rows.data(),
+                        g.dhpre.data(), g.du.data());
+  ExpertRows r;
+  for (int64_t i = rows - 1; i >= 0; --i) {  // rows anywhere: here in reverse order
+    r.u.push_back(&u[i * M]);
+    r.act.push_back(&act[i * H]);
+    r.dhpre.push_back(&g.dhpre[i * H1]);
+    if (dy_as_bf16)
+      r.dy_bf16.push_back(&dy16[i * M]);
+    else
+      r.dy.push_back(&dy[i * M]);
+  }
+  expert_weight_grads({g.w1.data(), g.b1.data(), g.w2.data(), g.b2.data()}, activation, Precision::bf16, M, H, r);
+  return g;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+TEST(ExpertFfn, Bf16OutputGradientsGiveTheBitsOfTheirFloatValues) {
+  for (bool emulate : {false, true}) {  // emulate: the AVX512_BF16 path's packing on any CPU
+    emulate_bf16_dot_for_testing(emulate);
+    for (Activation activation : {Activation::gelu, Activation::swiglu})
+      for (int64_t rows : {1, 37}) {
+        SCOPED_TRACE(::testing::Message() << "emulate " << emulate << " swiglu " << (activation == Activation::swiglu)
+                                          << " rows " << rows);
+        const Grads f = backward(activation, false, rows, 40, 72), h = backward(activation, true, rows, 40, 72);
+        EXPECT_TRUE(same_bits(f.dhpre, h.dhpre)) << "dhpre";
+        EXPECT_TRUE(same_bits(f.du, h.du)) << "du";
+        EXPECT_TRUE(same_bits(f.w1, h.w1)) << "w1 grad";
+        EXPECT_TRUE(same_bits(f.b1, h.b1)) << "b1 grad";
+        EXPECT_TRUE(same_bits(f.w2, h.w2)) << "w2 grad";
+        EXPECT_TRUE(same_bits(f.b2, h.b2)) << "b2 grad";
+      }
+  }
+  emulate_bf16_dot_for_testing(false);
+}
+
+TEST(ExpertFfn, Bf16RowsNeedABf16Expert) {
+  ExpertRows r;
+  const uint16_t row[4] = {};
+  const float frow[4] = {};
+  r.u.push_back(frow), r.act.push_back(frow), r.dhpre.push_back(frow), r.dy_bf16.push_back(row);
+  EXPECT_THROW(r.check(Precision::fp32), std::exception);
+  EXPECT_NO_THROW(r.check(Precision::bf16));
+  r.dy.push_back(frow);  // dy in both forms
+  EXPECT_THROW(r.check(Precision::bf16), std::exception);
+}
+
+}  // namespace
+}  // namespace pm
