@@ -131,6 +131,21 @@ void gemm_detail::pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t
     words.resize(MR * pairs);
     for (int64_t r = 0; r < padded; r += MR) {
       const int64_t valid = std::min(MR, rows - r);
+      if (MR == 6 && valid == 6 && have == kc && A.is_bf16()) {
+        // bf16 rows are their pair words already: interleaved straight from the source rows (no
+        // copy into `words` first)
+        const uint16_t* src[6];
+        const float* six[6];
+        for (int i = 0; i < 6; ++i) {
+          src[i] = A.row16(row0 + r + i) + k0;
+          six[i] = reinterpret_cast<const float*>(src[i]);
+        }
+        const int64_t whole = pairs / 8 * 8;  // interleave6's register transposes move the bits as floats
+        interleave6(six, whole, reinterpret_cast<float*>(out + r * pairs), false);
+        for (int64_t q = whole; q < pairs; ++q)
+          for (int i = 0; i < 6; ++i) std::memcpy(out + r * pairs + q * 6 + i, src[i] + 2 * q, sizeof(uint32_t));
+        continue;
+      }
       for (int64_t i = 0; i < MR; ++i) {
         uint32_t* dst = words.data() + i * pairs;
         if (i >= valid)
