@@ -154,6 +154,10 @@ TEST(Swiglu, VectorisedRowsGiveTheScalarBits) {
     swiglu_backward(hpre.data(), dhpre.data() + n, dhpre.data(), n);
     EXPECT_EQ(std::memcmp(act.data(), act_ref.data(), n * 4), 0) << n;
     EXPECT_EQ(std::memcmp(dhpre.data(), dhpre_ref.data(), 2 * n * 4), 0) << n;
+    // straight into bf16 (a bf16 expert's activations): the floats rounded as float_to_bf16 rounds
+    std::vector<uint16_t> act16(n);
+    swiglu_forward(hpre.data(), act16.data(), n);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(act16[i], float_to_bf16(act_ref[i])) << n << " " << i;
   }
 }
 

@@ -111,6 +111,11 @@ void swiglu_forward(const float* hpre, float* act, int64_t n) {
   map_lanes<2>(n, {hpre, hpre + n}, std::tuple{act}, [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
 }
 
+void swiglu_forward(const float* hpre, uint16_t* act_bf16, int64_t n) {
+  map_lanes<2>(n, {hpre, hpre + n}, std::tuple{act_bf16},
+               [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
+}
+
 void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n) {
   // dact may be dhpre + n (the expert's backward computes it there): map_lanes reads before it writes
   map_lanes<3>(n, {dact, hpre, hpre + n}, std::tuple{dhpre, dhpre + n}, [](auto d, auto g, auto v) {

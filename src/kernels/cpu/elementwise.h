@@ -21,6 +21,8 @@ void gelu_backward_by_saved_grad(const float* saved_grad, const float* grad_out,
 
 // SwiGLU on one row of a pre-activation [g | v] (2n values): act[n] = SiLU(g) * v, SiLU(g) = g sigmoid(g).
 void swiglu_forward(const float* hpre, float* act, int64_t n);
+// The same rounded into bf16 (to nearest even, as float_to_bf16).
+void swiglu_forward(const float* hpre, uint16_t* act_bf16, int64_t n);
 // From dact[n]: dhpre[2n] = [dact * v * SiLU'(g) | dact * SiLU(g)], SiLU'(g) = s + g s (1 - s).
 // dact may be dhpre + n.
 void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n);

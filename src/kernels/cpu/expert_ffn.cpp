@@ -56,19 +56,14 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
   PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
            "bf16 rows of an expert's input or activation need a bf16 expert");
   const int64_t H1 = fc1_width(w.activation, H);
-  // fn(out) computes n activation values into out: act's row i, columns [c, c + n), or, when
-  // act is bf16, a float scratch rounded into it (the values the float path would store, rounded)
-  auto activate = [&](int64_t i, int64_t c, int64_t n, auto&& fn) {
-    if (act.f32) return fn(act.f32 + i * H + c);
-    thread_local std::vector<float> scratch;
-    scratch.resize(n);
-    fn(scratch.data());
-    floats_to_bf16(scratch.data(), act.bf16 + i * H + c, n);
-  };
   if (w.activation == Activation::swiglu) {
     gemm_rows(u, rows, M, w.w1, saved, H1, {w.b1, nullptr});
-    for (int64_t i = 0; i < rows; ++i)
-      activate(i, 0, H, [&](float* out) { swiglu_forward(saved + i * 2 * H, out, H); });
+    for (int64_t i = 0; i < rows; ++i) {
+      if (act.bf16)
+        swiglu_forward(saved + i * 2 * H, act.bf16 + i * H, H);
+      else
+        swiglu_forward(saved + i * 2 * H, act.f32 + i * H, H);
+    }
   } else {
     // GeLU runs on each finished tile of the pre-activation while it is still in cache.
     TileEpilogue gelu_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
