@@ -222,5 +222,25 @@ TEST(Rows, GatherFillColumnSumsAxpyDot) {
   EXPECT_NEAR(dot(a.data(), b.data(), 37), expected, 1e-5 * std::abs(expected));
 }
 
+// axpy and dot on bf16 rows (the all-to-all's slots) give the bits of the widened floats, for
+// lengths with and without a tail.
+TEST(RowKernels, Bf16OperandsGiveTheBitsOfTheirWidenedValues) {
+  for (int64_t n : {1, 16, 37, 512}) {
+    std::vector<float> x(n), y0(n), widened(n);
+    Rng(9, n).fill_normal(x.data(), n, 0.0f, 2.0f);
+    Rng(10, n).fill_normal(y0.data(), n, 0.0f, 1.0f);
+    std::vector<uint16_t> x16(n);
+    floats_to_bf16(x.data(), x16.data(), n);
+    bf16_to_floats(x16.data(), widened.data(), n);
+    std::vector<float> from_floats = y0, from_bf16 = y0;
+    axpy(0.3f, widened.data(), from_floats.data(), n);
+    axpy(0.3f, x16.data(), from_bf16.data(), n);
+    EXPECT_EQ(std::memcmp(from_floats.data(), from_bf16.data(), n * 4), 0) << n;
+    EXPECT_NE(std::memcmp(from_bf16.data(), y0.data(), n * 4), 0) << n;
+    const float d_floats = dot(y0.data(), widened.data(), n), d_bf16 = dot(y0.data(), x16.data(), n);
+    EXPECT_EQ(std::memcmp(&d_floats, &d_bf16, 4), 0) << n;
+  }
+}
+
 }  // namespace
 }  // namespace pm

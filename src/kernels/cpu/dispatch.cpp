@@ -9,13 +9,10 @@
 namespace pm {
 namespace {
 
-// Row `row` of slots as floats: in place, or widened from bf16 into this thread's scratch.
-const float* slot_row(RowsIn slots, int64_t row, int64_t M) {
-  if (slots.f32) return slots.f32 + row * M;
-  thread_local std::vector<float> widened;
-  widened.resize(M);
-  bf16_to_floats(slots.bf16 + row * M, widened.data(), M);
-  return widened.data();
+// fn(row) with row `row` of slots, floats or bf16 (the kernels widen bf16 as they read it).
+template <typename Fn>
+auto with_slot_row(RowsIn slots, int64_t row, int64_t M, Fn&& fn) {
+  return slots.f32 ? fn(slots.f32 + row * M) : fn(slots.bf16 + row * M);
 }
 
 // Writes M floats into row `row` of slots (rounded to bf16 there when slots are bf16).
@@ -39,7 +36,7 @@ void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k, 
     std::memset(out, 0, M * sizeof(float));
     for (int j = 0; j < k; ++j) {
       int64_t pos = position[t * k + j];
-      if (pos >= 0) axpy(gate[t * k + j], slot_row(slots, pos, M), out, M);
+      if (pos >= 0) with_slot_row(slots, pos, M, [&](auto row) { axpy(gate[t * k + j], row, out, M); });
     }
   }
 }
@@ -48,7 +45,7 @@ void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const in
   for (int64_t t = 0; t < T; ++t)
     for (int j = 0; j < k; ++j) {
       int64_t pos = position[t * k + j];
-      if (pos >= 0) axpy(1.0f, slot_row(dslots, pos, M), dx + t * M, M);
+      if (pos >= 0) with_slot_row(dslots, pos, M, [&](auto row) { axpy(1.0f, row, dx + t * M, M); });
     }
 }
 
@@ -67,7 +64,9 @@ void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, 
 void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,
                                 float* dgate) {
   for (int64_t i = 0; i < T * k; ++i)
-    dgate[i] = position[i] < 0 ? 0.0f : dot(dy + (i / k) * M, slot_row(slots, position[i], M), M);
+    dgate[i] = position[i] < 0 ? 0.0f : with_slot_row(slots, position[i], M, [&](auto row) {
+      return dot(dy + (i / k) * M, row, M);
+    });
 }
 
 }  // namespace pm

@@ -185,21 +185,36 @@ void gather_rows(const float* src, int64_t width, const int32_t* index, int64_t 
     std::memcpy(dst + i * width, src + static_cast<int64_t>(index[i]) * width, width * sizeof(float));
 }
 
-void axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+namespace {
+
+// A float as it is, a bf16 value widened (exactly): the operands of axpy and dot.
+inline float value_of(float v) { return v; }
+inline float value_of(uint16_t v) { return bf16_to_float(v); }
+
+template <typename X>
+void axpy_of(float alpha, const X* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * value_of(x[i]);
 }
 
-float dot(const float* x, const float* y, int64_t n) {
+template <typename Y>
+float dot_of(const float* x, const Y* y, int64_t n) {
   // 16 independent partial sums (the compiler keeps them in one vector register), then a fixed
   // pairwise order: the same bits on every instruction set.
   float partial[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) partial[l] += x[i + l] * y[i + l];
-  for (int l = 0; i < n; ++i, ++l) partial[l] += x[i] * y[i];
+    for (int l = 0; l < 16; ++l) partial[l] += x[i + l] * value_of(y[i + l]);
+  for (int l = 0; i < n; ++i, ++l) partial[l] += x[i] * value_of(y[i]);
   for (int width = 8; width >= 1; width /= 2)
     for (int l = 0; l < width; ++l) partial[l] += partial[l + width];
   return partial[0];
 }
+
+}  // namespace
+
+void axpy(float alpha, const float* x, float* y, int64_t n) { axpy_of(alpha, x, y, n); }
+void axpy(float alpha, const uint16_t* x, float* y, int64_t n) { axpy_of(alpha, x, y, n); }
+float dot(const float* x, const float* y, int64_t n) { return dot_of(x, y, n); }
+float dot(const float* x, const uint16_t* y, int64_t n) { return dot_of(x, y, n); }
 
 }  // namespace pm

@@ -47,7 +47,10 @@ void gather_rows(const float* src, int64_t width, const int32_t* index, int64_t 
 
 // y[n] += alpha * x[n]
 void axpy(float alpha, const float* x, float* y, int64_t n);
+// The same with x's values bf16, widened as they are read (the bits of widening them first).
+void axpy(float alpha, const uint16_t* x, float* y, int64_t n);
 // sum_i x[i] * y[i] in a fixed order (16 lanes, then pairwise).
 float dot(const float* x, const float* y, int64_t n);
+float dot(const float* x, const uint16_t* y, int64_t n);  // y bf16, widened as it is read
 
 }  // namespace pm
