@@ -51,13 +51,17 @@ void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const in
 
 void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
                                  const int64_t* position, RowsOut dslots) {
-  std::vector<float> scaled(M);
   for (int64_t i = 0; i < T * k; ++i) {
     if (position[i] < 0) continue;
     const float* row = dy + (i / k) * M;
-    float* out = dslots.f32 ? dslots.f32 + position[i] * M : scaled.data();
-    for (int64_t m = 0; m < M; ++m) out[m] = gate[i] * row[m];
-    if (!dslots.f32) store_row(scaled.data(), dslots, position[i], M);
+    const float g = gate[i];
+    if (dslots.f32) {
+      float* out = dslots.f32 + position[i] * M;
+      for (int64_t m = 0; m < M; ++m) out[m] = g * row[m];
+    } else {  // scaled and rounded in one pass (the bits of scaling into floats, then floats_to_bf16)
+      uint16_t* out = dslots.bf16 + position[i] * M;
+      for (int64_t m = 0; m < M; ++m) out[m] = float_to_bf16(g * row[m]);
+    }
   }
 }
 
