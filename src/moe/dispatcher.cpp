@@ -1,5 +1,8 @@
 #include "moe/dispatcher.h"
 
+#include <algorithm>
+#include <cstring>
+
 #include "core/error.h"
 #include "core/tensor.h"
 #include "moe/row_buffer.h"
@@ -101,8 +104,13 @@ void Dispatcher::unpack(RowsIn back, const float* gate, const DispatchHandle& h,
   backend_.combine_rows(back, gate, h.tokens, width_, h.top_k, h.positions.data(), y);
 }
 
-void Dispatcher::unpack_sum(RowsIn back, const DispatchHandle& h, float* dx) const {
-  backend_.dispatch_rows_backward(back, h.tokens, width_, h.top_k, h.positions.data(), dx);
+void Dispatcher::unpack_sum(RowsIn back, const DispatchHandle& h, const float* start, float* dx) const {
+  constexpr int64_t kBlock = 16;  // tokens: 16 rows of 512 floats fill half of L1
+  for (int64_t t0 = 0; t0 < h.tokens; t0 += kBlock) {
+    const int64_t n = std::min(kBlock, h.tokens - t0);
+    std::memcpy(dx + t0 * width_, start + t0 * width_, n * width_ * sizeof(float));
+    backend_.dispatch_rows_backward(back, n, width_, h.top_k, h.positions.data() + t0 * h.top_k, dx + t0 * width_);
+  }
 }
 
 Buffer<float> Dispatcher::dispatch(const float* x, DispatchHandle& h) {

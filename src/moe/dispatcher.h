@@ -66,8 +66,9 @@ class Dispatcher {
   void combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back);
   // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
   void unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const;
-  // dx[t] += sum_j back[choice (t, j)] (the dispatch's backward).
-  void unpack_sum(RowsIn back, const DispatchHandle& h, float* dx) const;
+  // dx[t] = start[t] + sum_j back[choice (t, j)] (the dispatch's backward added to the gate's
+  // share of dx), a block of tokens at a time so that each block's rows are summed while in cache.
+  void unpack_sum(RowsIn back, const DispatchHandle& h, const float* start, float* dx) const;
   Precision wire() const { return wire_; }
 
   // ---- a whole pass at once -----------------------------------------------------------------------

@@ -319,9 +319,8 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     b->dy_rows.release();
     for (ScratchBuffer<float>* done : {&b->dhpre, &b->du}) release(*done);
   };
-  steps.unpack_grad = [this, fp, b, M] {
-    std::memcpy(b->dx, b->dx_gate.data(), fp->tokens * M * sizeof(float));
-    dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dx);
+  steps.unpack_grad = [this, b] {
+    dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dx_gate.data(), b->dx);
     // after every grad_combine and the gate's backward: the all-to-all's buffers are done with
     for (RowBuffer* done : {&b->send, &b->recv, &b->back}) done->release();
     release(b->dx_gate);
