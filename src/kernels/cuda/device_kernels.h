@@ -33,7 +33,7 @@ struct GemmCall {
 void gemm(const GemmCall& call, cudaStream_t stream);
 
 // GeLU over n values: out = GeLU(x); with grad, x is overwritten by GeLU'(x) (the CPU's
-// gelu_forward_saving_grad) — out may be bf16 bits (out_bf16) instead of floats.
+// gelu_forward_tile with save_grad) — out may be bf16 bits (out_bf16) instead of floats.
 void gelu_forward(float* x, float* out, uint16_t* out_bf16, int64_t n, bool save_grad, cudaStream_t stream);
 // grad_in = grad_out * saved_grad (gelu_backward_by_saved_grad); grad_in may alias grad_out.
 void gelu_backward_by_saved_grad(const float* saved_grad, const float* grad_out, float* grad_in, int64_t n,
