@@ -1,7 +1,6 @@
 #include "kernels/cpu/dispatch.h"
 
 #include <cstring>
-#include <vector>
 
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"

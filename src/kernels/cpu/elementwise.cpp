@@ -107,14 +107,17 @@ void gelu_backward_by_saved_grad(const float* saved_grad, const float* grad_out,
   map_lanes<2>(n, {saved_grad, grad_out}, std::tuple{grad_in}, [](auto d, auto g) { return std::array{g * d}; });
 }
 
-void swiglu_forward(const float* hpre, float* act, int64_t n) {
+namespace {
+
+template <typename Out>
+void swiglu_into(const float* hpre, Out* act, int64_t n) {
   map_lanes<2>(n, {hpre, hpre + n}, std::tuple{act}, [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
 }
 
-void swiglu_forward(const float* hpre, uint16_t* act_bf16, int64_t n) {
-  map_lanes<2>(n, {hpre, hpre + n}, std::tuple{act_bf16},
-               [](auto g, auto v) { return std::array{g * sigmoid_approx(g) * v}; });
-}
+}  // namespace
+
+void swiglu_forward(const float* hpre, float* act, int64_t n) { swiglu_into(hpre, act, n); }
+void swiglu_forward(const float* hpre, uint16_t* act_bf16, int64_t n) { swiglu_into(hpre, act_bf16, n); }
 
 void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n) {
   // dact may be dhpre + n (the expert's backward computes it there): map_lanes reads before it writes
