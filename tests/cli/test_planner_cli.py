@@ -209,6 +209,11 @@ def main():
             f.check(abs(r["peak_gflops"] - (r["peak_before_gflops"] + r["peak_after_gflops"]) / 2) < 1e-9 * r["peak_gflops"] and
                     r["steady"] == (abs(r["peak_after_gflops"] / r["peak_before_gflops"] - 1) <= 0.05),
                     f"bench floor: the peak is the mean of the peaks before and after, steady within 5%: {r}")
+            # the expert tasks are part of each rank's pass: the slowest rank's take no longer than
+            # the pass, the fastest rank's no longer than the slowest's
+            f.check(0 < r["experts_fastest_rank_ms"] <= r["experts_slowest_rank_ms"] <= r["forward_ms"] + r["backward_ms"] and
+                    abs(r["experts_ratio"] - r["experts_slowest_rank_ms"] / r["floor_ms"]) < 1e-9 * r["experts_ratio"],
+                    f"bench floor: the expert tasks' time on the fastest and slowest ranks, over the floor: {r}")
         for dtype in ("fp32", "bf16"):
             medians = {d: sum(r["ratio"] for r in results if r["dtype"] == dtype and r["degree"] == d) / 2 for d in (1, 2)}
             summary = floor["dtypes"][dtype]
@@ -221,6 +226,13 @@ def main():
                 f.check(got["steady_rounds"] == len(steady) and
                         (got["steady_median_ratio"] == want if want is None else abs(got["steady_median_ratio"] - want) < 1e-9),
                         f"bench floor: {dtype} degree {d}: the median of the steady rounds {steady}: {got}")
+            for d in (1, 2):
+                got = summary["degrees"][str(d)]
+                mine = [r for r in results if r["dtype"] == dtype and r["degree"] == d]
+                want_spread = statistics.median(r["experts_slowest_rank_ms"] / r["experts_fastest_rank_ms"] - 1 for r in mine)
+                f.check(abs(got["median_experts_ratio"] - statistics.median(r["experts_ratio"] for r in mine)) < 1e-9 and
+                        abs(got["median_rank_spread"] - want_spread) < 1e-9,
+                        f"bench floor: {dtype} degree {d}: the medians of the expert tasks' ratio and spread: {got}")
             f.check(summary["best_degree"] == min(medians, key=medians.get) and
                     summary["median_ratio"] == min(medians.values()), f"bench floor: {dtype}'s headline is its best degree")
         f.check(len(list(csv.DictReader(open(floor_csv)))) == 8, "bench floor: one CSV row per round, dtype and degree")
