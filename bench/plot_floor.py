@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Plot of a `pipemoe bench floor` CSV: each round's layer time over its GEMM floor, one line per
-dtype and pipeline degree, with each line's median dashed and the 1.15x target dotted; beside it
-the round's peak, to see whether a slow round was the layer or the GEMM.
+dtype and pipeline degree, with each line's median dashed and the 1.15x target dotted, and (CSVs
+that have it) the expert tasks' own ratio as faint crosses under each point; beside it the round's
+peak, to see whether a slow round was the layer or the GEMM.
 
   /usr/bin/python3 bench/plot_floor.py out/floor.csv [--out out/floor.png] [--target 1.15]
 """
@@ -26,9 +27,13 @@ def main():
     if not rows:
         raise SystemExit(f"plot_floor: {a.csv} has no rows")
     lines = collections.OrderedDict()
+    experts = collections.OrderedDict()
     peaks = collections.OrderedDict()
     for r in rows:
-        lines.setdefault((r["dtype"], int(r.get("degree", 1))), []).append((int(r["round"]), float(r["ratio"])))
+        key = (r["dtype"], int(r.get("degree", 1)))
+        lines.setdefault(key, []).append((int(r["round"]), float(r["ratio"])))
+        if r.get("experts_ratio"):
+            experts.setdefault(key, []).append((int(r["round"]), float(r["experts_ratio"])))
         peaks.setdefault(r["dtype"], {})[int(r["round"])] = float(r["peak_gflops"])
     fig, (ax, ax_peak) = plt.subplots(1, 2, figsize=(11, 4))
     for (dtype, degree), points in lines.items():
@@ -36,6 +41,9 @@ def main():
         median = statistics.median(ratios)
         drawn = ax.plot(rounds, ratios, "o-", label=f"{dtype}, degree {degree}: median {median:.3f}x")
         ax.axhline(median, color=drawn[0].get_color(), lw=0.8, ls="--")
+        if (dtype, degree) in experts:
+            ax.plot(*zip(*experts[(dtype, degree)]), "x", color=drawn[0].get_color(), alpha=0.5,
+                    label=f"{dtype}, degree {degree}: expert tasks alone")
     ax.axhline(a.target, color="gray", lw=1, ls=":", label=f"target {a.target}x")
     ax.set_xlabel("round")
     ax.set_ylabel("layer (forward + backward) / GEMM floor")
