@@ -74,7 +74,7 @@ void Dispatcher::pack_scaled(const float* dy, const float* gate, const DispatchH
 }
 
 void Dispatcher::all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to,
-                                 int chunk) {
+                                 int chunk, OwnRows own) {
   const bool bf16 = wire_ == Precision::bf16;
   PM_CHECK(bf16 ? send.f32 == nullptr && recv.f32 == nullptr : send.bf16 == nullptr && recv.bf16 == nullptr,
            "the all-to-all's buffers must hold rows of the wire's type ({})", bf16 ? "bf16" : "fp32");
@@ -86,18 +86,27 @@ void Dispatcher::all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut r
     recv_counts[q] = to.peer_chunk_rows(chunk, q) * width_;
     recv_displs[q] = to.block_offset(chunk, q, 0) * width_;
   }
+  if (own == OwnRows::by_caller) send_counts[group_.rank()] = recv_counts[group_.rank()] = 0;
   if (bf16)
     group_.alltoallv(send.bf16, send_counts, send_displs, recv.bf16, recv_counts, recv_displs, DType::bf16);
   else
     group_.alltoallv(send.f32, send_counts, send_displs, recv.f32, recv_counts, recv_displs, DType::f32);
 }
 
-void Dispatcher::dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv) {
-  all_to_all_rows(send, h.tokens_wire, recv, h.experts_wire, chunk);
+void Dispatcher::dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv, OwnRows own) {
+  all_to_all_rows(send, h.tokens_wire, recv, h.experts_wire, chunk, own);
 }
 
-void Dispatcher::combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back) {
-  all_to_all_rows(rows, h.experts_wire, back, h.tokens_wire, chunk);
+void Dispatcher::combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back, OwnRows own) {
+  all_to_all_rows(rows, h.experts_wire, back, h.tokens_wire, chunk, own);
+}
+
+std::vector<RowRun> Dispatcher::own_rows_to_experts(const DispatchHandle& h, int chunk) const {
+  return peer_segments(h.tokens_wire, h.experts_compute, group_.rank(), chunk);
+}
+
+std::vector<RowRun> Dispatcher::own_rows_from_experts(const DispatchHandle& h, int chunk) const {
+  return peer_segments(h.experts_compute, h.tokens_wire, group_.rank(), chunk);
 }
 
 void Dispatcher::unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const {

@@ -60,10 +60,18 @@ class Dispatcher {
   // send = gate[t, j] * dy[t] at the choices' places (the combine's backward).
   void pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const;
   // Chunk `chunk` of the token side to the expert side: send (tokens_wire) -> recv (experts_wire).
-  // Collective.
-  void dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv);
+  // Collective. With OwnRows::by_caller the rows this rank sends itself stay out of the
+  // all-to-all: the caller reads them from `send` (own_rows_to_experts) and, on the way back,
+  // writes them into `back` (own_rows_from_experts): one copy of them fewer each way.
+  enum class OwnRows { in_all_to_all, by_caller };
+  void dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv,
+                      OwnRows own = OwnRows::in_all_to_all);
   // Chunk `chunk` back: rows (experts_wire) -> back (tokens_wire). Collective.
-  void combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back);
+  void combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back, OwnRows own = OwnRows::in_all_to_all);
+  // Runs of chunk `chunk`'s own rows: from the send buffer (tokens_wire) to compute order, and from
+  // compute order to the back buffer (tokens_wire).
+  std::vector<RowRun> own_rows_to_experts(const DispatchHandle& h, int chunk) const;
+  std::vector<RowRun> own_rows_from_experts(const DispatchHandle& h, int chunk) const;
   // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
   void unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const;
   // dx[t] = start[t] + sum_j back[choice (t, j)] (the dispatch's backward added to the gate's
@@ -82,7 +90,7 @@ class Dispatcher {
 
  private:
   // All-to-all of one chunk from layout `from` in `send` to layout `to` in `recv` (rows of width).
-  void all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to, int chunk);
+  void all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to, int chunk, OwnRows own);
   std::vector<int64_t> choice_positions(const Routing& routing, const BlockLayout& token_layout) const;
 
   Communicator& group_;

@@ -10,6 +10,10 @@
 namespace pm {
 namespace {
 
+// The all-to-alls carry only the rows that change rank; a rank's rows for its own experts go
+// straight from the send buffer to the experts and from the experts to the back buffer.
+constexpr Dispatcher::OwnRows kOwn = Dispatcher::OwnRows::by_caller;
+
 // Everything one forward pass computes that later tasks, and the backward, read. Each field is
 // written by one step (named beside it) before the steps that read it run.
 struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
@@ -210,11 +214,14 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     w_.pack_forward(backend_, shape_, packed_);
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
-  steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), p->recv.out(0)); };
+  // The rows this rank sends itself stay out of the all-to-alls: the expert step reads them from
+  // the send buffer and writes their outputs into the back buffer (kOwn).
+  steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), p->recv.out(0), kOwn); };
   steps.expert = [this, p, M, H, H1](int c) {
     const BlockLayout& wire = p->handle.experts_wire;
     const BlockLayout& compute = p->handle.experts_compute;
-    p->u.copy_rows_from(backend_, p->recv.in(0), chunk_segments(wire, compute, c));
+    p->u.copy_rows_from(backend_, p->recv.in(0), chunk_segments(wire, compute, c, group_.rank()));
+    p->u.copy_rows_from(backend_, p->send.in(0), dispatcher_.own_rows_to_experts(p->handle, c));
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;
@@ -223,10 +230,11 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->fc1_saved[first * H1], p->act.out(first),
                               &p->out[first * M], inference_ || cache_ ? ForwardFor::inference : ForwardFor::backward);
     }
-    backend_.copy_rows(p->out.data(), p->recv.out(0), M, chunk_segments(compute, wire, c));
+    backend_.copy_rows(p->out.data(), p->recv.out(0), M, chunk_segments(compute, wire, c, group_.rank()));
+    backend_.copy_rows(p->out.data(), p->back.out(0), M, dispatcher_.own_rows_from_experts(p->handle, c));
     // u, fc1_saved and act stay where this chunk put them: the backward reads them there, by row.
   };
-  steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.in(0), p->back.out(0)); };
+  steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.in(0), p->back.out(0), kOwn); };
   steps.unpack = [this, p] {
     dispatcher_.unpack(p->back.in(0), p->gating.gate.data(), p->handle, p->y);
     if (cache_) cache_->end_pass();
@@ -284,11 +292,14 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     gate_backward(backend_, fp->x, w_.wg.f32(), shape, fp->gating, dgate.data(), loss_grads, w_.dwg.f32(),
                   b->dx_gate.data());
   };
-  steps.grad_dispatch = [this, b](int c) { dispatcher_.dispatch_chunk(b->handle, c, b->send.in(0), b->recv.out(0)); };
+  steps.grad_dispatch = [this, b](int c) {
+    dispatcher_.dispatch_chunk(b->handle, c, b->send.in(0), b->recv.out(0), kOwn);
+  };
   steps.expert_dgrad = [this, fp, b, M, H, H1](int c) {
     const BlockLayout& wire = b->handle.experts_wire;
     const BlockLayout& compute = b->handle.experts_compute;
-    b->dy_rows.copy_rows_from(backend_, b->recv.in(0), chunk_segments(wire, compute, c));
+    b->dy_rows.copy_rows_from(backend_, b->recv.in(0), chunk_segments(wire, compute, c, group_.rank()));
+    b->dy_rows.copy_rows_from(backend_, b->send.in(0), dispatcher_.own_rows_to_experts(b->handle, c));
     // the pre-activations of this chunk's rows, wherever the forward's chunks left them
     std::vector<const float*> saved_rows =
         row_pointers(fp->fc1_saved.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
@@ -299,10 +310,13 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       backend_.expert_backward_input(packed_[le], rows, M, H, b->dy_rows.in(first), &saved_rows[first - chunk_first],
                                      &b->dhpre[first * H1], &b->du[first * M]);
     }
-    backend_.copy_rows(b->du.data(), b->recv.out(0), M, chunk_segments(compute, wire, c));
+    backend_.copy_rows(b->du.data(), b->recv.out(0), M, chunk_segments(compute, wire, c, group_.rank()));
+    backend_.copy_rows(b->du.data(), b->back.out(0), M, dispatcher_.own_rows_from_experts(b->handle, c));
     // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
   };
-  steps.grad_combine = [this, b](int c) { dispatcher_.combine_chunk(b->handle, c, b->recv.in(0), b->back.out(0)); };
+  steps.grad_combine = [this, b](int c) {
+    dispatcher_.combine_chunk(b->handle, c, b->recv.in(0), b->back.out(0), kOwn);
+  };
   steps.expert_wgrad = [this, fp, b, M, H, H1] {
     for (int le = 0; le < shape_.local_experts(); ++le) {
       // every row in canonical order, read where the forward and backward chunks left it

@@ -1,5 +1,6 @@
 #include "moe/routing.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -83,24 +84,48 @@ int64_t BlockLayout::peer_chunk_rows(int chunk, int peer) const {
   return n;
 }
 
-std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk) {
+namespace {
+
+// Adds a run, merged with the previous one when both sides continue it.
+void append_run(std::vector<RowRun>& runs, RowRun run) {
+  if (!runs.empty() && runs.back().src_row + runs.back().rows == run.src_row &&
+      runs.back().dst_row + runs.back().rows == run.dst_row)
+    runs.back().rows += run.rows;
+  else
+    runs.push_back(run);
+}
+
+}  // namespace
+
+std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk, int skip_peer) {
   PM_CHECK(to.degree == from.degree || to.degree == 1, "layouts of degree {} and {}", from.degree,
            to.degree);
   PM_CHECK(from.filled == to.filled, "layouts of different blocks");
   std::vector<RowRun> segments;
   for (int q = 0; q < from.peers; ++q) {
+    if (q == skip_peer) continue;
     for (int le = 0; le < from.local_experts; ++le) {
       int64_t rows = from.block_rows(chunk, q, le);
       if (rows == 0) continue;
       int64_t first = chunk_begin(from.filled[q * from.local_experts + le], from.degree, chunk);
-      RowRun s{from.block_offset(chunk, q, le), to.position(q, le, first), rows};
-      // merge with the previous segment when both sides continue it
-      if (!segments.empty() && segments.back().src_row + segments.back().rows == s.src_row &&
-          segments.back().dst_row + segments.back().rows == s.dst_row)
-        segments.back().rows += rows;
-      else
-        segments.push_back(s);
+      append_run(segments, {from.block_offset(chunk, q, le), to.position(q, le, first), rows});
     }
+  }
+  return segments;
+}
+
+std::vector<RowRun> peer_segments(const BlockLayout& from, const BlockLayout& to, int peer, int chunk) {
+  PM_CHECK(from.degree == to.degree && from.peers == to.peers && from.local_experts == to.local_experts,
+           "layouts of different shapes");
+  const int El = from.local_experts;
+  PM_CHECK(std::equal(from.filled.begin() + peer * El, from.filled.begin() + (peer + 1) * El, to.filled.begin() + peer * El),
+           "layouts that disagree on peer {}'s blocks", peer);
+  std::vector<RowRun> segments;
+  for (int le = 0; le < El; ++le) {
+    const int64_t rows = from.block_rows(chunk, peer, le);
+    if (rows == 0) continue;
+    const int64_t first = chunk_begin(from.filled[peer * El + le], from.degree, chunk);
+    append_run(segments, {from.block_offset(chunk, peer, le), to.position(peer, le, first), rows});
   }
   return segments;
 }

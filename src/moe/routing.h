@@ -84,8 +84,12 @@ BlockLayout make_block_layout(const std::vector<int64_t>& filled, int peers, int
 
 // Runs of rows that move chunk `chunk`'s rows from layout `from` to layout `to` (for
 // Backend::copy_rows). The two layouts hold the same blocks; `to` has the same degree as `from`,
-// or degree 1 (canonical).
-std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk);
+// or degree 1 (canonical). skip_peer (>= 0): leaves that peer's blocks out.
+std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& to, int chunk, int skip_peer = -1);
+// The runs of chunk `chunk` of one peer's blocks, from `from` to `to`, two layouts of the same
+// degree that agree on that peer's blocks only: a rank's own rows, in the token side's layout
+// (peer: where they go) and the expert side's (peer: where they come from).
+std::vector<RowRun> peer_segments(const BlockLayout& from, const BlockLayout& to, int peer, int chunk);
 
 // Where rows sit in another pipelining of the same blocks (any two degrees):
 // the positions in `to` of chunk `chunk`'s rows of `from` (compute order), in from's row order.

@@ -4,6 +4,7 @@
 #include <numeric>
 #include <set>
 
+#include "core/error.h"
 #include "moe/gate.h"
 #include "moe/routing.h"
 
@@ -119,6 +120,45 @@ TEST(Layout, SegmentsMoveEveryRowOfAChunkToItsPlace) {
           EXPECT_EQ(canon[canonical.position(q, le, i)], q * 100 + le * 10 + i);
         }
   }
+}
+
+// A rank's own rows skip the all-to-all: the runs of the other peers plus the runs of its own
+// blocks from the token side's layout (a different one, that agrees with the expert side only on
+// this peer) put every row where the all-to-all and the copy to compute order would have.
+TEST(Layout, OwnRowsGoFromTheTokenSideStraightToComputeOrder) {
+  const int peers = 3, local = 2, me = 1;
+  const std::vector<int64_t> received = {4, 2, 6, 3, 0, 5};  // [peer sending, local expert]
+  std::vector<int64_t> sent = {7, 1, 6, 3, 2, 0};            // [peer receiving, local expert]: mine agree
+  for (int degree : {1, 2, 3}) {
+    BlockLayout wire = make_block_layout(received, peers, local, degree, BlockOrder::wire);
+    BlockLayout compute = make_block_layout(received, peers, local, degree, BlockOrder::compute);
+    BlockLayout tokens = make_block_layout(sent, peers, local, degree, BlockOrder::wire);
+    std::vector<float> recv(wire.total_rows, -1), send(tokens.total_rows, -1), dst(compute.total_rows, -1);
+    for (int q = 0; q < peers; ++q)
+      for (int le = 0; le < local; ++le) {
+        for (int64_t i = 0; i < received[q * local + le]; ++i)
+          if (q != me) recv[wire.position(q, le, i)] = q * 100 + le * 10 + i;  // my own block never arrives
+        for (int64_t i = 0; i < sent[q * local + le]; ++i)
+          send[tokens.position(q, le, i)] = q == me ? q * 100 + le * 10 + i : -2;
+      }
+    for (int c = 0; c < degree; ++c) {
+      cpu_backend().copy_rows(recv.data(), dst.data(), 1, chunk_segments(wire, compute, c, me));
+      cpu_backend().copy_rows(send.data(), dst.data(), 1, peer_segments(tokens, compute, me, c));
+    }
+    for (int q = 0; q < peers; ++q)
+      for (int le = 0; le < local; ++le)
+        for (int64_t i = 0; i < received[q * local + le]; ++i)
+          EXPECT_EQ(dst[compute.position(q, le, i)], q * 100 + le * 10 + i) << "degree " << degree;
+    // and back: compute order to the token side's own blocks
+    std::vector<float> back(tokens.total_rows, -1);
+    for (int c = 0; c < degree; ++c) cpu_backend().copy_rows(dst.data(), back.data(), 1, peer_segments(compute, tokens, me, c));
+    for (int le = 0; le < local; ++le)
+      for (int64_t i = 0; i < sent[me * local + le]; ++i) EXPECT_EQ(back[tokens.position(me, le, i)], me * 100 + le * 10 + i);
+  }
+  sent[me * local] += 1;  // my blocks disagree: a clear error
+  BlockLayout tokens = make_block_layout(sent, peers, local, 1, BlockOrder::wire);
+  BlockLayout compute = make_block_layout(received, peers, local, 1, BlockOrder::compute);
+  EXPECT_THROW(peer_segments(tokens, compute, me, 0), Error);
 }
 
 TEST(Layout, RowPositionsFindEveryRowInAnotherPipeliningAndInCanonicalOrder) {
