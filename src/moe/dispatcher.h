@@ -67,7 +67,8 @@ class Dispatcher {
   void dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv,
                       OwnRows own = OwnRows::in_all_to_all);
   // Chunk `chunk` back: rows (experts_wire) -> back (tokens_wire). Collective.
-  void combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back, OwnRows own = OwnRows::in_all_to_all);
+  void combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back,
+                     OwnRows own = OwnRows::in_all_to_all);
   // Runs of chunk `chunk`'s own rows: from the send buffer (tokens_wire) to compute order, and from
   // compute order to the back buffer (tokens_wire).
   std::vector<RowRun> own_rows_to_experts(const DispatchHandle& h, int chunk) const;
@@ -90,7 +91,9 @@ class Dispatcher {
 
  private:
   // All-to-all of one chunk from layout `from` in `send` to layout `to` in `recv` (rows of width).
-  void all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to, int chunk, OwnRows own);
+  // OwnRows::by_caller: this rank's own block left out (a count of 0 both ways).
+  void all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to, int chunk,
+                       OwnRows own);
   std::vector<int64_t> choice_positions(const Routing& routing, const BlockLayout& token_layout) const;
 
   Communicator& group_;

@@ -214,8 +214,6 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     w_.pack_forward(backend_, shape_, packed_);
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
-  // The rows this rank sends itself stay out of the all-to-alls: the expert step reads them from
-  // the send buffer and writes their outputs into the back buffer (kOwn).
   steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), p->recv.out(0), kOwn); };
   steps.expert = [this, p, M, H, H1](int c) {
     const BlockLayout& wire = p->handle.experts_wire;

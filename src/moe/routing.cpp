@@ -118,8 +118,8 @@ std::vector<RowRun> peer_segments(const BlockLayout& from, const BlockLayout& to
   PM_CHECK(from.degree == to.degree && from.peers == to.peers && from.local_experts == to.local_experts,
            "layouts of different shapes");
   const int El = from.local_experts;
-  PM_CHECK(std::equal(from.filled.begin() + peer * El, from.filled.begin() + (peer + 1) * El, to.filled.begin() + peer * El),
-           "layouts that disagree on peer {}'s blocks", peer);
+  const auto mine = from.filled.begin() + peer * El;
+  PM_CHECK(std::equal(mine, mine + El, to.filled.begin() + peer * El), "layouts that disagree on peer {}'s blocks", peer);
   std::vector<RowRun> segments;
   for (int le = 0; le < El; ++le) {
     const int64_t rows = from.block_rows(chunk, peer, le);
