@@ -216,6 +216,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   Summary sc = slowest_rank(ctx.comm, t.comm_busy), se = slowest_rank(ctx.comm, t.expert);
   Summary scpu = slowest_rank(ctx.comm, t.comm_cpu);
   double gflops = -ctx.comm.allreduce_scalar(-summarize(t.expert_gflops).median, ReduceOp::max);
+  // the same expert work on the fastest rank: a core slower than the others shows as a gap here
+  const double expert_fastest_ms = -ctx.comm.allreduce_scalar(-summarize(t.expert).median, ReduceOp::max);
   // the real counts: the rows each rank's experts computed, and what holding them cost
   const double rows_max = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
   const double rows_min = -ctx.comm.allreduce_scalar(-static_cast<double>(t.expert_rows), ReduceOp::max);
@@ -263,7 +265,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"compute_fwd_ms", alone ? nlohmann::json(alone->compute_fwd_ms) : nullptr},
                         {"compute_bwd_ms", alone ? nlohmann::json(alone->compute_bwd_ms) : nullptr},
                         {"a2a_busy_ms", sc.median},  {"comm_lane_cpu_ms", scpu.median},
-                        {"expert_ms", se.median},    {"expert_gflops", gflops},
+                        {"expert_ms", se.median},    {"expert_ms_fastest_rank", expert_fastest_ms},
+                        {"expert_gflops", gflops},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
                         {"held_for_backward_mb", held_mb},
@@ -312,7 +315,9 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                 "bound %.2f ms, per pass %.2f ms\n",
                 alone->comm_ms(), alone->comm_fwd_ms, alone->compute_ms(), alone->compute_fwd_ms, alone->bound_ms(),
                 alone->pass_bound_ms());
-  std::printf("expert FFN arithmetic: %.1f GFLOP/s per rank (slowest rank, median)\n", gflops);
+  std::printf("expert FFN arithmetic: %.1f GFLOP/s per rank (slowest rank, median); the expert tasks %.1f ms on the "
+              "fastest rank, %.1f ms on the slowest (%.1f%% apart)\n",
+              gflops, expert_fastest_ms, se.median, 100 * (se.median / expert_fastest_ms - 1));
   std::printf("tokens/s (all ranks, forward+backward): %.0f\n", tokens_per_s);
   // (peak memory comes from /proc: NaN where the system does not say)
   const std::string peak = std::isnan(peak_mb) ? "unknown" : fmt::format("{:.0f} MB", peak_mb);

@@ -249,6 +249,8 @@ def main():
         online = last_json(mpirun(2, ["layer"] + SMALL + ["--degree", "auto", "--degree-bwd", "2", "--json"]))
         f.check(online["degree_measured"] and online["degree_bwd"] == 2 and online["predicted_fwd_ms"] is None,
                 "auto without a profile times the candidates; a fixed backward degree stays")
+        f.check(0 < online["expert_ms_fastest_rank"] <= online["expert_ms"],
+                f"layer: the expert tasks on the fastest rank take no longer than on the slowest: {online}")
         print(f"ok: layer --degree auto without profile: {online['degree_fwd']}/{online['degree_bwd']}", flush=True)
 
         # a profile that does not describe the machine: said plainly, with what to do
