@@ -103,6 +103,31 @@ TEST(GemmBf16, DiffersFromTheFp32Gemm) {
   EXPECT_GT(differing, M * N / 2);
 }
 
+// A float A is rounded to bf16 as it is packed, ties to even, in the vector packing (six whole
+// rows, 16 depths at a time) and the scalar one (its last depths): ties that round down and up at
+// every depth of a row, through a product with one-hot B columns that gives back each rounded value.
+TEST(GemmBf16, RoundsFloatRowsOfATiesToEvenAsItPacksThem) {
+  const int64_t M = 12, K = 40, N = K;  // K: two blocks of 16 depths and 8 more
+  std::vector<float> A(M * K), B(K * N, 0.0f), expected(M * N);
+  for (int64_t d = 0; d < K; ++d) B[d * N + d] = 1.0f;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t d = 0; d < K; ++d) {
+      // bf16 value 0x3f80 + n (even or odd last kept bit) plus exactly half its last place, signed
+      const uint32_t kept = 0x3f80u + static_cast<uint32_t>((i * K + d) % 97);
+      const uint32_t bits = (kept << 16) | 0x8000u | (i % 2 ? 0x80000000u : 0u);
+      std::memcpy(&A[i * K + d], &bits, 4);
+      const uint32_t rounded = ((kept + (kept & 1u)) << 16) | (i % 2 ? 0x80000000u : 0u);
+      std::memcpy(&expected[i * N + d], &rounded, 4);
+      EXPECT_EQ(round_to_bf16(A[i * K + d]), expected[i * N + d]);
+    }
+  std::vector<float> C(M * N);
+  gemm_bf16(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, C.data(), N);
+  EXPECT_EQ(0, std::memcmp(C.data(), expected.data(), C.size() * sizeof(float)));
+  A[7 * K + 3] = std::nanf("");  // a NaN stays a NaN (rounding must not carry it into infinity)
+  gemm_bf16(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, C.data(), N);
+  EXPECT_TRUE(std::isnan(C[7 * N + 3]));
+}
+
 TEST(GemmBf16, RowResultsDoNotDependOnSplitsInstructionSetsOrThreads) {
   const int64_t M = 97, N = 150, K = 531;
   auto A = random_matrix(M * K, 6), B = random_matrix(K * N, 7), C0 = random_matrix(M * N, 8);
