@@ -1,5 +1,6 @@
 #include "kernels/cpu/expert_ffn.h"
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -50,11 +51,38 @@ void ExpertWeights::pack_backward(const float* w1_data, const float* w2_data, in
   pack(precision, Trans::yes, H1, M, w1_data, H1, w1_t);
 }
 
+namespace {
+
+// Rows per pass of the forward's two products: the activation of 192 rows (384 KB in bf16, 768 KB
+// in fp32) is still in L2 when the second product reads it, where a whole expert's (1025 rows,
+// 2 MB) went out to memory and came back. One bf16 expert (1025 rows, M 512, H 1024, one thread,
+// bench/expert_parts.cpp, 12 interleaved runs): 7.30 -> 7.06 ms median, 7.14 -> 6.59 best. The
+// input gradient's two products gained nothing from the same (6.51 -> 6.44 ms, within the noise).
+// A row's results do not depend on the rows beside it: the same bits.
+constexpr int64_t kForwardRowBlock = 192;
+
+void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+                          RowsOut act, float* y, ForwardFor use);
+
+}  // namespace
+
 void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
                     RowsOut act, float* y, ForwardFor use) {
-  if (rows == 0) return;
   PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
            "bf16 rows of an expert's input or activation need a bf16 expert");
+  const int64_t H1 = fc1_width(w.activation, H);
+  for (int64_t r = 0; r < rows; r += kForwardRowBlock) {
+    const int64_t n = std::min(kForwardRowBlock, rows - r);
+    const RowsIn u_r = u.bf16 ? RowsIn(u.bf16 + r * M) : RowsIn(u.f32 + r * M);
+    const RowsOut act_r = act.bf16 ? RowsOut(act.bf16 + r * H) : RowsOut(act.f32 + r * H);
+    expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y + r * M, use);
+  }
+}
+
+namespace {
+
+void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+                          RowsOut act, float* y, ForwardFor use) {
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
     gemm_rows(u, rows, M, w.w1, saved, H1, {w.b1, nullptr});
@@ -74,6 +102,8 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
   }
   gemm_rows(act.bf16 ? RowsIn(act.bf16) : RowsIn(act.f32), rows, H, w.w2, y, M, {w.b2, nullptr});
 }
+
+}  // namespace
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
                            RowsIn dy, const float* const* saved_rows, float* dhpre, float* du) {
