@@ -79,7 +79,7 @@ TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
     force_gemm_isa(isa);
     for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 11, 13})
       for (int64_t N : {16, 40, 64, 150, 300})
-        for (int64_t K : {9, 1030, 1100})  // one depth block; two, the last one deeper; three
+        for (int64_t K : {9, 2100, 3100})  // one depth block; two, the last one deeper (1024 + 1076); three
           for (int variant = 0; variant < 3; ++variant) {  // beta 0, beta 1, a bias
             const float beta = variant == 1 ? 1.0f : 0.0f;
             auto A = random_matrix(M * K, 31), B = random_matrix(K * N, 32), C0 = random_matrix(M * N, 33),
@@ -152,7 +152,7 @@ namespace {
 // A bias start gives the bits of filling C with the bias and accumulating onto it; the epilogue
 // sees every tile of C exactly once, after its last depth block.
 TEST(Gemm, BiasStartAndTileEpilogue) {
-  const int64_t M = 29, N = 150, K = 1100;  // two depth blocks, edge rows and columns
+  const int64_t M = 29, N = 150, K = 2300;  // three depth blocks, edge rows and columns
   auto A = random_matrix(M * K, 9), B = random_matrix(K * N, 10), bias = random_matrix(N, 11);
   PackedB packed;
   pack_b(Trans::no, K, N, B.data(), N, packed);
@@ -257,8 +257,8 @@ TEST(Gemm, WidePanelStripsGiveTheSameBitsOnEveryInstructionSet) {
 
 TEST(Gemm, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
   // A^T B over K rows scattered in two buffers (as pipeline chunks leave them), against the same
-  // rows copied into contiguous matrices; K crosses the depth block (512) and has a ragged end.
-  const int64_t M = 70, N = 100, K = 1300;
+  // rows copied into contiguous matrices; K crosses the depth block (1024) and has a ragged end.
+  const int64_t M = 70, N = 100, K = 2300;
   auto A = random_matrix(K * M, 11), B = random_matrix(K * N, 12);
   std::vector<float> A_far(K * M, 0.0f), B_far(K * N, 0.0f);
   std::vector<const float*> a_rows(K), b_rows(K);

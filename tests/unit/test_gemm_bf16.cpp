@@ -85,7 +85,8 @@ TEST_P(Bf16Shapes, GivesTheSpecifiedChainBitForBitAndStaysWithinBf16Error) {
 INSTANTIATE_TEST_SUITE_P(Sizes, Bf16Shapes,
                          ::testing::Values(Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{6, 64, 16}, Shape{37, 100, 71},
                                            Shape{50, 130, 1101}, Shape{13, 8, 0}, Shape{30, 17, 2},
-                                           Shape{523, 66, 530}),  // two blocks of rows and of depths
+                                           Shape{523, 66, 530},  // two blocks of rows
+                                           Shape{31, 40, 2403}),  // of depths: 2048 + 355 (AVX512_BF16), 1024 x 2 + 355
                          [](const ::testing::TestParamInfo<Shape>& info) {
                            const Shape& s = info.param;
                            return "M" + std::to_string(s.M) + "_N" + std::to_string(s.N) + "_K" + std::to_string(s.K);
@@ -356,7 +357,7 @@ class EmulatedBf16Dot : public ::testing::Test {
 
 TEST_F(EmulatedBf16Dot, GivesTheChainsBitsOnEveryShape) {
   EXPECT_EQ(gemm_bf16_path(), "avx512_bf16 (emulated)") << "the model failed its first-use check";
-  for (Shape s : {Shape{1, 1, 1}, Shape{6, 16, 2}, Shape{13, 83, 1031}, Shape{7, 130, 517}, Shape{97, 150, 64},
+  for (Shape s : {Shape{1, 1, 1}, Shape{6, 16, 2}, Shape{13, 83, 2403}, Shape{7, 130, 517}, Shape{97, 150, 64},
                   Shape{520, 70, 9}})
     for (Trans ta : {Trans::no, Trans::yes})
       for (Trans tb : {Trans::no, Trans::yes})

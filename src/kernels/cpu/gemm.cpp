@@ -473,10 +473,11 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   const bool pack = trans_a == Trans::yes || A.rows != nullptr || B.bf16 || B.panels() >= 4;
   const float* A_in_place = A.base;
   const int64_t lda = A.ld;
-  t_packed_a.resize(m_block * kKBlockMax);
+  const int64_t k_block = dot ? kKBlockBf16Dot : kKBlock, k_block_deepest = k_block_max(k_block);
+  if (!dot) t_packed_a.resize(m_block * k_block_deepest);
   float* packed_a = t_packed_a.data();
   thread_local std::vector<uint32_t, AlignedAllocator<uint32_t>> t_packed_pairs;
-  if (dot) t_packed_pairs.resize(m_block * kKBlockMax / 2);
+  if (dot) t_packed_pairs.resize(m_block * k_block_deepest / 2);
   uint32_t* packed_pairs = t_packed_pairs.data();
   // Split the panels over threads only when the work pays for waking them: on these VMs a wake-up
   // and the wait for it cost more than a 16 MFLOP product saves (decoding 16 sequences, whose LM
@@ -486,7 +487,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   for (int64_t row0 = 0; row0 < M; row0 += m_block) {
     const int64_t rows = std::min(m_block, M - row0);
     for (int64_t k0 = 0, kc = 0; k0 < K; k0 += kc) {
-      kc = K - k0 <= kKBlockMax ? K - k0 : kKBlock;
+      kc = K - k0 <= k_block_deepest ? K - k0 : k_block;
       const bool zero_start = beta == 0.0f && k0 == 0;
       const bool last_depth = k0 + kc == K;
       if (dot) {

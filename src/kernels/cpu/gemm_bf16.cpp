@@ -173,7 +173,7 @@ namespace {
 // The AVX512_BF16 kernel against the fp32 kernels on the same rounded operands, once: every edge
 // case of the tiling (partial micro-panels and panels, an odd depth, two depth blocks, a bias).
 bool bf16_dot_agrees() {
-  const int64_t M = 13, N = 83, K = 1031;
+  const int64_t M = 13, N = 83, K = 2403;
   std::vector<float> A(M * K), B(K * N), bias(N);
   uint32_t state = 12345;
   auto next = [&] {

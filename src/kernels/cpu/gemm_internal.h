@@ -13,11 +13,18 @@
 namespace pm::gemm_detail {
 
 inline constexpr int64_t kPanel = 64;    // columns per packed panel of B
-inline constexpr int64_t kKBlock = 512;  // depth of one pass over C (A block and B panel slice stay in cache)
-// A last block of up to kKBlock / 8 depths joins the one before it: a whole pass over C for a few
+// Depths of one pass over C: the panel's slice of B (64 columns, 256 KB: 1024 floats or 2048
+// bf16 values deep) stays in L2 while the A block streams past it. Every depth block beyond the
+// first loads C and stores it again, so a deeper block saves passes over C: 512 floats deep, the
+// bf16 layer's products of depth 1024 made two (interleaved, 2-rank layer: bf16 0.967x with one,
+// fp32 0.973x; the 2048^3 product 1.02-1.05x faster in bf16 at 2048 than at 1024; AVX2 the same or
+// better; docs/BENCHMARKS.md).
+inline constexpr int64_t kKBlock = 1024;
+inline constexpr int64_t kKBlockBf16Dot = 2048;  // the AVX512_BF16 kernel's (pairs: 1024 words deep)
+// A last block of up to a block / 8 depths joins the one before it: a whole pass over C for a few
 // depths (the weight gradients' depth is the expert's rows, e.g. 1025) costs more than a deeper
 // block. Blocks are at most this deep.
-inline constexpr int64_t kKBlockMax = kKBlock + kKBlock / 8;
+inline constexpr int64_t k_block_max(int64_t block) { return block + block / 8; }
 
 // Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row), of floats
 // or, for a bf16 GEMM's A only, of bf16 values (base16 / rows16: activations saved in bf16).
