@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """Plot of a `pipemoe bench floor` CSV: each round's layer time over its GEMM floor, one line per
 dtype and pipeline degree, with each line's median dashed and the 1.15x target dotted, and (CSVs
-that have it) the expert tasks' own ratio as faint crosses under each point; beside it the round's
-peak, to see whether a slow round was the layer or the GEMM.
+that have them) the expert tasks' own ratio as faint crosses and the layer against its products at
+their own shapes' speed as faint triangles; beside it the round's peak and the expert shapes'
+GFLOP/s, to see whether a slow round was the layer or the GEMM.
 
   /usr/bin/python3 bench/plot_floor.py out/floor.csv [--out out/floor.png] [--target 1.15]
 """
@@ -28,12 +29,17 @@ def main():
         raise SystemExit(f"plot_floor: {a.csv} has no rows")
     lines = collections.OrderedDict()
     experts = collections.OrderedDict()
+    shapes = collections.OrderedDict()
     peaks = collections.OrderedDict()
+    shape_rates = collections.OrderedDict()
     for r in rows:
         key = (r["dtype"], int(r.get("degree", 1)))
         lines.setdefault(key, []).append((int(r["round"]), float(r["ratio"])))
         if r.get("experts_ratio"):
             experts.setdefault(key, []).append((int(r["round"]), float(r["experts_ratio"])))
+        if r.get("shapes_ratio"):
+            shapes.setdefault(key, []).append((int(r["round"]), float(r["shapes_ratio"])))
+            shape_rates.setdefault(r["dtype"], {})[int(r["round"])] = float(r["shapes_gflops"])
         peaks.setdefault(r["dtype"], {})[int(r["round"])] = float(r["peak_gflops"])
     fig, (ax, ax_peak) = plt.subplots(1, 2, figsize=(11, 4))
     for (dtype, degree), points in lines.items():
@@ -44,15 +50,21 @@ def main():
         if (dtype, degree) in experts:
             ax.plot(*zip(*experts[(dtype, degree)]), "x", color=drawn[0].get_color(), alpha=0.5,
                     label=f"{dtype}, degree {degree}: expert tasks alone")
+        if (dtype, degree) in shapes:
+            ax.plot(*zip(*shapes[(dtype, degree)]), "^", color=drawn[0].get_color(), alpha=0.5,
+                    label=f"{dtype}, degree {degree}: against the expert shapes' speed")
     ax.axhline(a.target, color="gray", lw=1, ls=":", label=f"target {a.target}x")
     ax.set_xlabel("round")
     ax.set_ylabel("layer (forward + backward) / GEMM floor")
     ax.legend(fontsize=7)
     for dtype, by_round in peaks.items():
         rounds = sorted(by_round)
-        ax_peak.plot(rounds, [by_round[r] for r in rounds], "s-", label=dtype)
+        drawn = ax_peak.plot(rounds, [by_round[r] for r in rounds], "s-", label=f"{dtype}: 2048^3 peak")
+        if dtype in shape_rates:
+            ax_peak.plot(rounds, [shape_rates[dtype][r] for r in rounds], "^--", color=drawn[0].get_color(),
+                         label=f"{dtype}: the expert shapes")
     ax_peak.set_xlabel("round")
-    ax_peak.set_ylabel("2048^3 peak, GFLOP/s per rank")
+    ax_peak.set_ylabel("GFLOP/s per rank")
     ax_peak.legend(fontsize=7)
     fig.tight_layout()
     out = a.out or a.csv.rsplit(".", 1)[0] + ".png"

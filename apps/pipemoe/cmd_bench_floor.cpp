@@ -14,6 +14,10 @@
 // shortest and longest): how far the GEMMs and their elementwise work stand from the floor, apart
 // from the router, the all-to-alls and the waits; and how far the ranks' cores differ on the same
 // work (a core slowed by its neighbours on the host holds every rank back at the next all-to-all).
+// And the expert products' own speed: the six GEMMs of an expert's pass at the layer's shapes
+// (balanced rows per expert), timed in the round beside the square; the layer against that
+// "shapes floor" leaves out what the shapes themselves cost (a depth of 512 stores C four times as
+// often as the square's 2048), so the rest is the layer's own doing.
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -47,11 +51,14 @@ struct RoundResult {
   int degree;
   double peak_before, peak_after, expert_rows_max, flops, forward_ms, backward_ms;
   double experts_fastest_ms, experts_slowest_ms;  // the expert tasks' median pass, on the fastest / slowest rank
+  double shapes_gflops;  // the expert products at the layer's shapes (ExpertProducts), slowest rank
   double peak_gflops() const { return (peak_before + peak_after) / 2; }
   double floor_ms() const { return flops / (peak_gflops() * 1e9) * 1e3; }
   double layer_ms() const { return forward_ms + backward_ms; }
   double ratio() const { return layer_ms() / floor_ms(); }
   double experts_ratio() const { return experts_slowest_ms / floor_ms(); }
+  double shapes_floor_ms() const { return flops / (shapes_gflops * 1e9) * 1e3; }
+  double shapes_ratio() const { return layer_ms() / shapes_floor_ms(); }
   double rank_spread() const { return experts_slowest_ms / experts_fastest_ms - 1; }
   // the host's speed held across the round: the peak after the layer within 5% of the one before
   bool steady() const { return std::abs(peak_after / peak_before - 1) <= kSteadyDrift; }
@@ -71,6 +78,10 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     std::string dtype;
     std::unique_ptr<MoeLayer> layer;
   };
+  // rows per expert when the tokens spread evenly: what each expert GEMM of the layer is near
+  const MoeShape& s0 = o.shape;
+  const int64_t balanced_rows = std::max<int64_t>(1, s0.tokens * s0.top_k * ctx.world() / s0.experts);
+  ExpertProducts products(balanced_rows, s0.model_dim, s0.hidden, s0.fc1_width());
   std::vector<Arm> arms;
   for (const std::string& name : o.dtypes) {
     MoeShape shape = o.shape;
@@ -93,6 +104,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     for (Arm& arm : arms) {
       const MoeShape& shape = arm.layer->shape();
       const double peak = square.peak_gflops(ctx.comm, shape.precision, o.gemm_repeat);
+      const double shapes = products.gflops(ctx.comm, shape.precision, o.gemm_repeat);
       const std::size_t first = results.size();
       for (int degree : o.degrees) {
         arm.layer->set_degrees(degree, degree);
@@ -104,7 +116,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
         results.push_back({round, arm.dtype, degree, peak, peak, rows, flops, slowest_rank(ctx.comm, t.forward).median,
                            slowest_rank(ctx.comm, t.backward).median,
                            -ctx.comm.allreduce_scalar(-experts_ms, ReduceOp::max),
-                           ctx.comm.allreduce_scalar(experts_ms, ReduceOp::max)});
+                           ctx.comm.allreduce_scalar(experts_ms, ReduceOp::max), shapes});
       }
       const double peak_after = square.peak_gflops(ctx.comm, shape.precision, o.gemm_repeat);
       for (std::size_t i = first; i < results.size(); ++i) results[i].peak_after = peak_after;
@@ -124,7 +136,8 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                                                                       "floor_ms", "forward_ms", "backward_ms", "layer_ms",
                                                                       "ratio", "peak_before_gflops", "peak_after_gflops",
                                                                       "steady", "experts_fastest_rank_ms",
-                                                                      "experts_slowest_rank_ms", "experts_ratio"});
+                                                                      "experts_slowest_rank_ms", "experts_ratio",
+                                                                      "shapes_gflops", "shapes_floor_ms", "shapes_ratio"});
   nlohmann::json summary = nlohmann::json::object();
   if (!o.json) {
     const MoeShape& s = o.shape;
@@ -133,43 +146,52 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                 ctx.world(), static_cast<long>(s.tokens), static_cast<long>(s.model_dim), static_cast<long>(s.hidden),
                 activation_name(s.activation), s.experts, s.top_k, s.capacity_factor,
                 o.weights_change ? ", weights changing every pass" : "", o.rounds, o.iters);
-    std::printf("%5s %5s %6s %10s %7s %10s %10s %10s %10s %10s %7s %11s %7s %7s\n", "round", "dtype", "degree", "peak GF/s",
-                "drift", "rows", "floor ms", "fwd ms", "bwd ms", "layer ms", "ratio", "experts ms", "ratio", "ranks");
+    std::printf("%5s %5s %6s %10s %7s %10s %10s %10s %10s %10s %7s %11s %7s %7s %10s %7s\n", "round", "dtype", "degree",
+                "peak GF/s", "drift", "rows", "floor ms", "fwd ms", "bwd ms", "layer ms", "ratio", "experts ms", "ratio",
+                "ranks", "shapes GF", "ratio");
   }
   for (const RoundResult& r : results) {
     if (!o.json)
-      std::printf("%5d %5s %6d %10.1f %+6.1f%% %10.0f %10.1f %10.1f %10.1f %10.1f %6.3fx %11.1f %6.3fx %+6.1f%%%s\n", r.round,
-                  r.dtype.c_str(), r.degree, r.peak_gflops(), 100 * (r.peak_after / r.peak_before - 1), r.expert_rows_max,
-                  r.floor_ms(), r.forward_ms, r.backward_ms, r.layer_ms(), r.ratio(), r.experts_slowest_ms,
-                  r.experts_ratio(), 100 * r.rank_spread(), r.steady() ? "" : "  (host changed speed)");
+      std::printf("%5d %5s %6d %10.1f %+6.1f%% %10.0f %10.1f %10.1f %10.1f %10.1f %6.3fx %11.1f %6.3fx %+6.1f%% %10.1f "
+                  "%6.3fx%s\n",
+                  r.round, r.dtype.c_str(), r.degree, r.peak_gflops(), 100 * (r.peak_after / r.peak_before - 1),
+                  r.expert_rows_max, r.floor_ms(), r.forward_ms, r.backward_ms, r.layer_ms(), r.ratio(),
+                  r.experts_slowest_ms, r.experts_ratio(), 100 * r.rank_spread(), r.shapes_gflops, r.shapes_ratio(),
+                  r.steady() ? "" : "  (host changed speed)");
     if (csv)
       csv->row({std::to_string(r.round), r.dtype, std::to_string(r.degree), fmt::format("{:.2f}", r.peak_gflops()),
                 fmt::format("{:.0f}", r.expert_rows_max), fmt::format("{:.3f}", r.floor_ms()),
                 fmt::format("{:.3f}", r.forward_ms), fmt::format("{:.3f}", r.backward_ms),
                 fmt::format("{:.3f}", r.layer_ms()), fmt::format("{:.4f}", r.ratio()), fmt::format("{:.2f}", r.peak_before),
                 fmt::format("{:.2f}", r.peak_after), r.steady() ? "1" : "0", fmt::format("{:.3f}", r.experts_fastest_ms),
-                fmt::format("{:.3f}", r.experts_slowest_ms), fmt::format("{:.4f}", r.experts_ratio())});
+                fmt::format("{:.3f}", r.experts_slowest_ms), fmt::format("{:.4f}", r.experts_ratio()),
+                fmt::format("{:.2f}", r.shapes_gflops), fmt::format("{:.3f}", r.shapes_floor_ms()),
+                fmt::format("{:.4f}", r.shapes_ratio())});
   }
   for (const Arm& arm : arms) {
     nlohmann::json per_degree = nlohmann::json::object();
     int best_degree = 0;
     double best_ratio = 0;
     for (int degree : o.degrees) {
-      std::vector<double> ratios, steady_ratios, peaks, layer_ms, experts_ratios, spreads;
+      std::vector<double> ratios, steady_ratios, peaks, layer_ms, experts_ratios, spreads, shapes_ratios, shapes_gflops;
       for (const RoundResult& r : results)
         if (r.dtype == arm.dtype && r.degree == degree) {
           ratios.push_back(r.ratio()), peaks.push_back(r.peak_gflops()), layer_ms.push_back(r.layer_ms());
           experts_ratios.push_back(r.experts_ratio()), spreads.push_back(r.rank_spread());
+          shapes_ratios.push_back(r.shapes_ratio()), shapes_gflops.push_back(r.shapes_gflops);
           if (r.steady()) steady_ratios.push_back(r.ratio());
         }
       const Summary ratio = summarize(ratios), peak = summarize(peaks), ms = summarize(layer_ms);
       const Summary experts = summarize(experts_ratios), spread = summarize(spreads);
+      const Summary shapes = summarize(shapes_ratios), shapes_rate = summarize(shapes_gflops);
       const Summary steady = steady_ratios.empty() ? Summary{} : summarize(steady_ratios);
       per_degree[std::to_string(degree)] = {{"median_ratio", ratio.median}, {"min_ratio", ratio.min},
                                             {"max_ratio", ratio.max}, {"median_peak_gflops", peak.median},
                                             {"median_layer_ms", ms.median},
                                             {"median_experts_ratio", experts.median},
                                             {"median_rank_spread", spread.median},
+                                            {"median_shapes_ratio", shapes.median},
+                                            {"median_shapes_gflops", shapes_rate.median},
                                             {"steady_rounds", static_cast<int64_t>(steady_ratios.size())},
                                             {"steady_median_ratio", steady_ratios.empty() ? nlohmann::json(nullptr)
                                                                                           : nlohmann::json(steady.median)}};
@@ -187,6 +209,11 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
         std::printf("%s, degree %d: the expert tasks alone %.3fx of the floor (slowest rank, median); the ranks' cores "
                     "%.1f%% apart on their experts (median, rounds %.1f-%.1f%%)\n",
                     arm.dtype.c_str(), degree, experts.median, 100 * spread.median, 100 * spread.min, 100 * spread.max);
+      if (!o.json)
+        std::printf("%s, degree %d: against its products at their own shapes' speed (%.1f GFLOP/s per rank, %.0f%% of the "
+                    "peak): median %.3fx (rounds %.3f-%.3f)\n",
+                    arm.dtype.c_str(), degree, shapes_rate.median, 100 * shapes_rate.median / peak.median, shapes.median,
+                    shapes.min, shapes.max);
     }
     // the dtype's headline: its best degree (by median), as the planner would run it
     summary[arm.dtype] = per_degree[std::to_string(best_degree)];
@@ -209,7 +236,8 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                       {"expert_rows_max", r.expert_rows_max}, {"floor_ms", r.floor_ms()}, {"forward_ms", r.forward_ms},
                       {"backward_ms", r.backward_ms}, {"ratio", r.ratio()},
                       {"experts_fastest_rank_ms", r.experts_fastest_ms}, {"experts_slowest_rank_ms", r.experts_slowest_ms},
-                      {"experts_ratio", r.experts_ratio()}});
+                      {"experts_ratio", r.experts_ratio()}, {"shapes_gflops", r.shapes_gflops},
+                      {"shapes_floor_ms", r.shapes_floor_ms()}, {"shapes_ratio", r.shapes_ratio()}});
     j["results"] = rows;
     std::printf("%s\n", j.dump().c_str());
   }

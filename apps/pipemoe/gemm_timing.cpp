@@ -48,24 +48,69 @@ SquareProduct::SquareProduct() : a_(kSize * kSize), b_(kSize * kSize), c_(kSize 
   pack_b_bf16(Trans::no, kSize, kSize, b_.data(), kSize, packed_bf16_);
 }
 
-double SquareProduct::slowest_rank_gflops(Communicator& comm, int repeat, const std::function<void()>& fn) {
+namespace {
+
+// GFLOP/s of `flops` per call of fn (its median of `repeat` calls after a warm-up), on the slowest
+// rank, every rank computing at once (a barrier first).
+double slowest_rank_gflops(Communicator& comm, int repeat, double flops, const std::function<void()>& fn) {
   comm.barrier();
   std::vector<double> gflops;
-  for (double s : time_calls(repeat, fn)) gflops.push_back(2.0 * kSize * kSize * kSize / s / 1e9);
+  for (double s : time_calls(repeat, fn)) gflops.push_back(flops / s / 1e9);
   return -comm.allreduce_scalar(-summarize(gflops).median, ReduceOp::max);
 }
 
+}  // namespace
+
 double SquareProduct::peak_gflops(Communicator& comm, Precision dtype, int repeat) {
   const PackedB& packed = dtype == Precision::bf16 ? packed_bf16_ : packed_;
-  double best = slowest_rank_gflops(comm, repeat, [&] {
+  const double flops = 2.0 * kSize * kSize * kSize;
+  double best = slowest_rank_gflops(comm, repeat, flops, [&] {
     gemm_packed(Trans::no, kSize, a_.data(), kSize, packed, 0.0f, c_.data(), kSize);
   });
   if (dtype == Precision::fp32)
-    best = std::max(best, slowest_rank_gflops(comm, repeat, [&] {
+    best = std::max(best, slowest_rank_gflops(comm, repeat, flops, [&] {
                       openblas_gemm(Trans::no, Trans::no, kSize, kSize, kSize, a_.data(), kSize, b_.data(), kSize, 0.0f,
                                     c_.data(), kSize);
                     }));
   return best;
+}
+
+ExpertProducts::ExpertProducts(int64_t rows, int64_t model_dim, int64_t hidden, int64_t fc1_width) {
+  const int64_t R = rows, M = model_dim, H = hidden, H1 = fc1_width;
+  struct Shape {
+    Trans ta;
+    int64_t M, N, K;
+  };
+  // op(A), M, N, K of each: the weight gradients' A is the saved rows, transposed
+  const Shape shapes[] = {{Trans::no, R, H1, M}, {Trans::no, R, M, H},  {Trans::no, R, H, M},
+                          {Trans::no, R, M, H1}, {Trans::yes, H, M, R}, {Trans::yes, M, H1, R}};
+  uint64_t stream = 10;
+  for (const Shape& shape : shapes) {
+    Product p;
+    p.ta = shape.ta, p.M = shape.M, p.N = shape.N, p.K = shape.K;
+    p.a.resize(p.M * p.K);
+    p.c.resize(p.M * p.N);
+    std::vector<float> b(p.K * p.N);
+    Rng(1, stream++).fill_normal(p.a.data(), p.a.size(), 0, 1);
+    Rng(1, stream++).fill_normal(b.data(), b.size(), 0, 1);
+    pack_b(Trans::no, p.K, p.N, b.data(), p.N, p.packed);
+    pack_b_bf16(Trans::no, p.K, p.N, b.data(), p.N, p.packed_bf16);
+    products_.push_back(std::move(p));
+  }
+}
+
+double ExpertProducts::gflops(Communicator& comm, Precision dtype, int repeat) {
+  double flops = 0, seconds = 0;
+  for (Product& p : products_) {
+    const PackedB& packed = dtype == Precision::bf16 ? p.packed_bf16 : p.packed;
+    const int64_t lda = p.ta == Trans::no ? p.K : p.M;
+    comm.barrier();
+    seconds += summarize(time_calls(repeat, [&] {
+                 gemm_packed(p.ta, p.M, p.a.data(), lda, packed, 0.0f, p.c.data(), p.N);
+               })).median;
+    flops += 2.0 * p.M * p.N * p.K;
+  }
+  return -comm.allreduce_scalar(-flops / seconds / 1e9, ReduceOp::max);
 }
 
 }  // namespace pm::cli

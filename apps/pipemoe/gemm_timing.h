@@ -33,9 +33,29 @@ class SquareProduct {
   double peak_gflops(Communicator& comm, Precision dtype, int repeat);
 
  private:
-  double slowest_rank_gflops(Communicator& comm, int repeat, const std::function<void()>& fn);
   std::vector<float> a_, b_, c_;
   PackedB packed_, packed_bf16_;
+};
+
+// The six products of an expert's pass at the layer's shapes (forward u W1 and a W2, input
+// gradient dy W2^T and dh W1^T, weight gradients a^T dy and u^T dh; `rows` rows, W1 `model_dim` x
+// `fc1_width`, W2 `hidden` x `model_dim`), B packed once as the layer packs its weights: how fast
+// the GEMM runs on these shapes, beside the square product's peak.
+class ExpertProducts {
+ public:
+  ExpertProducts(int64_t rows, int64_t model_dim, int64_t hidden, int64_t fc1_width);
+  // GFLOP/s of the six together (their FLOPs over the sum of each one's median call), on the
+  // slowest rank; every rank computes at once.
+  double gflops(Communicator& comm, Precision dtype, int repeat);
+
+ private:
+  struct Product {
+    Trans ta = Trans::no;
+    int64_t M = 0, N = 0, K = 0;
+    std::vector<float> a, c;
+    PackedB packed, packed_bf16;
+  };
+  std::vector<Product> products_;
 };
 
 }  // namespace pm::cli

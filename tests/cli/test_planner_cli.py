@@ -214,6 +214,11 @@ def main():
             f.check(0 < r["experts_fastest_rank_ms"] <= r["experts_slowest_rank_ms"] <= r["forward_ms"] + r["backward_ms"] and
                     abs(r["experts_ratio"] - r["experts_slowest_rank_ms"] / r["floor_ms"]) < 1e-9 * r["experts_ratio"],
                     f"bench floor: the expert tasks' time on the fastest and slowest ranks, over the floor: {r}")
+            # the same FLOPs at the expert products' own speed on the layer's shapes
+            f.check(r["shapes_gflops"] > 0 and
+                    abs(r["shapes_floor_ms"] - flops / (r["shapes_gflops"] * 1e9) * 1e3) < 1e-6 * r["shapes_floor_ms"] and
+                    abs(r["shapes_ratio"] - (r["forward_ms"] + r["backward_ms"]) / r["shapes_floor_ms"]) < 1e-9 * r["shapes_ratio"],
+                    f"bench floor: the shapes floor is the FLOPs at the expert shapes' GFLOP/s, the layer over it: {r}")
         for dtype in ("fp32", "bf16"):
             medians = {d: sum(r["ratio"] for r in results if r["dtype"] == dtype and r["degree"] == d) / 2 for d in (1, 2)}
             summary = floor["dtypes"][dtype]
@@ -231,11 +236,14 @@ def main():
                 mine = [r for r in results if r["dtype"] == dtype and r["degree"] == d]
                 want_spread = statistics.median(r["experts_slowest_rank_ms"] / r["experts_fastest_rank_ms"] - 1 for r in mine)
                 f.check(abs(got["median_experts_ratio"] - statistics.median(r["experts_ratio"] for r in mine)) < 1e-9 and
-                        abs(got["median_rank_spread"] - want_spread) < 1e-9,
-                        f"bench floor: {dtype} degree {d}: the medians of the expert tasks' ratio and spread: {got}")
+                        abs(got["median_rank_spread"] - want_spread) < 1e-9 and
+                        abs(got["median_shapes_ratio"] - statistics.median(r["shapes_ratio"] for r in mine)) < 1e-9,
+                        f"bench floor: {dtype} degree {d}: the medians of the expert tasks' ratio, spread, shapes ratio: {got}")
             f.check(summary["best_degree"] == min(medians, key=medians.get) and
                     summary["median_ratio"] == min(medians.values()), f"bench floor: {dtype}'s headline is its best degree")
-        f.check(len(list(csv.DictReader(open(floor_csv)))) == 8, "bench floor: one CSV row per round, dtype and degree")
+        floor_rows = list(csv.DictReader(open(floor_csv)))
+        f.check(len(floor_rows) == 8 and all(float(row["shapes_ratio"]) > 0 for row in floor_rows),
+                "bench floor: one CSV row per round, dtype and degree, with the shapes ratio")
         print(f"ok: bench floor ratios fp32 {floor['dtypes']['fp32']['median_ratio']:.2f}, "
               f"bf16 {floor['dtypes']['bf16']['median_ratio']:.2f} (tiny shapes)", flush=True)
         plot = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "plot_floor.py"), floor_csv],
