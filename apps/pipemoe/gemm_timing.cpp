@@ -48,27 +48,20 @@ SquareProduct::SquareProduct() : a_(kSize * kSize), b_(kSize * kSize), c_(kSize 
   pack_b_bf16(Trans::no, kSize, kSize, b_.data(), kSize, packed_bf16_);
 }
 
-namespace {
-
-// GFLOP/s of `flops` per call of fn (its median of `repeat` calls after a warm-up), on the slowest
-// rank, every rank computing at once (a barrier first).
-double slowest_rank_gflops(Communicator& comm, int repeat, double flops, const std::function<void()>& fn) {
+double SquareProduct::slowest_rank_gflops(Communicator& comm, int repeat, const std::function<void()>& fn) {
   comm.barrier();
   std::vector<double> gflops;
-  for (double s : time_calls(repeat, fn)) gflops.push_back(flops / s / 1e9);
+  for (double s : time_calls(repeat, fn)) gflops.push_back(2.0 * kSize * kSize * kSize / s / 1e9);
   return -comm.allreduce_scalar(-summarize(gflops).median, ReduceOp::max);
 }
 
-}  // namespace
-
 double SquareProduct::peak_gflops(Communicator& comm, Precision dtype, int repeat) {
   const PackedB& packed = dtype == Precision::bf16 ? packed_bf16_ : packed_;
-  const double flops = 2.0 * kSize * kSize * kSize;
-  double best = slowest_rank_gflops(comm, repeat, flops, [&] {
+  double best = slowest_rank_gflops(comm, repeat, [&] {
     gemm_packed(Trans::no, kSize, a_.data(), kSize, packed, 0.0f, c_.data(), kSize);
   });
   if (dtype == Precision::fp32)
-    best = std::max(best, slowest_rank_gflops(comm, repeat, flops, [&] {
+    best = std::max(best, slowest_rank_gflops(comm, repeat, [&] {
                       openblas_gemm(Trans::no, Trans::no, kSize, kSize, kSize, a_.data(), kSize, b_.data(), kSize, 0.0f,
                                     c_.data(), kSize);
                     }));

@@ -33,6 +33,7 @@ class SquareProduct {
   double peak_gflops(Communicator& comm, Precision dtype, int repeat);
 
  private:
+  double slowest_rank_gflops(Communicator& comm, int repeat, const std::function<void()>& fn);
   std::vector<float> a_, b_, c_;
   PackedB packed_, packed_bf16_;
 };
