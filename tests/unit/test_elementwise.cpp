@@ -99,6 +99,8 @@ TEST(Gelu, TilesGiveTheBitsOfRowsAndOfFloatToBf16) {
   x[ld + 5] = -std::numeric_limits<float>::infinity();  // GeLU(-inf) is NaN: bf16 0x7fc0
   x[2 * ld + 7] = std::numeric_limits<float>::quiet_NaN();
   x[3 * ld + 1] = 1e-39f;  // a subnormal
+  x[4 * ld + 2] = 20.0f;    // beyond both clamps (erf at 4, the exp of -x^2 / 2 at -87)
+  x[5 * ld + 9] = -20.0f;
   for (int64_t n : {1, 15, 16, 17, 33, 64}) {
     for (bool save_grad : {false, true}) {
       std::vector<float> tile = x, out(rows * ld_out, -1.0f), grads = x;
