@@ -110,7 +110,7 @@ template <bool SaveGrad, size_t N, typename Out>
 // The tile's whole vectors of 16 three at a time, running on across its rows, then the rows' last
 // values one by one. GeLU with GeLU' is one long chain of dependent operations per vector, and
 // the GEMM's tiles are 64 values wide: two vectors at a time, row by row, left the core waiting on
-// the chains. Three side by side fit the 32 vector registers (four spilled). Each value's
+// the chains. Three side by side fit the 32 vector registers (four measured the same). Each value's
 // operations are those of gelu_forward: the same bits. One bf16 expert's forward (1025 rows, M 512,
 // H 1024, bench/expert_parts.cpp, 6 interleaved runs, with fast_math's clamp in two instructions):
 // 7.03 -> 6.83 ms median.

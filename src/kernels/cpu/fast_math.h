@@ -53,7 +53,8 @@ template <typename T>
     __m512 v;
     std::memcpy(&v, &x, sizeof(T));
     const __m512 l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
-    v = _mm512_mask_min_ps(h, 0xffff, h, _mm512_mask_max_ps(l, 0xffff, l, v));  // (masked: no undefined lanes)
+    // (the masked forms: the plain ones start from an undefined register, which GCC warns about)
+    v = _mm512_mask_min_ps(h, 0xffff, h, _mm512_mask_max_ps(l, 0xffff, l, v));
     T r;
     std::memcpy(&r, &v, sizeof(T));
     return r;
