@@ -62,26 +62,6 @@ namespace {
 constexpr int64_t kForwardRowBlock = 192;
 
 void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
-                          RowsOut act, float* y, ForwardFor use);
-
-}  // namespace
-
-void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
-                    RowsOut act, float* y, ForwardFor use) {
-  PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
-           "bf16 rows of an expert's input or activation need a bf16 expert");
-  const int64_t H1 = fc1_width(w.activation, H);
-  for (int64_t r = 0; r < rows; r += kForwardRowBlock) {
-    const int64_t n = std::min(kForwardRowBlock, rows - r);
-    const RowsIn u_r = u.bf16 ? RowsIn(u.bf16 + r * M) : RowsIn(u.f32 + r * M);
-    const RowsOut act_r = act.bf16 ? RowsOut(act.bf16 + r * H) : RowsOut(act.f32 + r * H);
-    expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y + r * M, use);
-  }
-}
-
-namespace {
-
-void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
                           RowsOut act, float* y, ForwardFor use) {
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
@@ -104,6 +84,19 @@ void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64
 }
 
 }  // namespace
+
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+                    RowsOut act, float* y, ForwardFor use) {
+  PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
+           "bf16 rows of an expert's input or activation need a bf16 expert");
+  const int64_t H1 = fc1_width(w.activation, H);
+  for (int64_t r = 0; r < rows; r += kForwardRowBlock) {
+    const int64_t n = std::min(kForwardRowBlock, rows - r);
+    const RowsIn u_r = u.bf16 ? RowsIn(u.bf16 + r * M) : RowsIn(u.f32 + r * M);
+    const RowsOut act_r = act.bf16 ? RowsOut(act.bf16 + r * H) : RowsOut(act.f32 + r * H);
+    expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y + r * M, use);
+  }
+}
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
                            RowsIn dy, const float* const* saved_rows, float* dhpre, float* du) {
