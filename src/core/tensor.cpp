@@ -4,6 +4,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "core/bf16_lanes.h"
+
 namespace pm {
 
 namespace {
@@ -143,7 +145,12 @@ bool VersionStamp::changed(std::initializer_list<const Tensor*> tensors) {
 }
 
 void floats_to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+  int64_t i = 0;
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), floats16_to_bf16(_mm512_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
 }
 
 void bf16_to_floats(const uint16_t* src, float* dst, int64_t n) {

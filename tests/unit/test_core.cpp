@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/bf16_lanes.h"
 #include "core/block_cache.h"
 #include "core/error.h"
 #include "core/npy.h"
@@ -148,6 +149,42 @@ TEST(Tensor, Bfloat16RoundsToNearestEven) {
   t.f32()[0] = 3.14159f, t.f32()[1] = -2.5f, t.f32()[2] = 1e-3f;
   Tensor back = t.to(DType::bf16).to(DType::f32);
   for (int i = 0; i < 3; ++i) EXPECT_NEAR(back.f32()[i], t.f32()[i], std::abs(t.f32()[i]) / 128);
+}
+
+// Rows rounded 16 at a time (core/bf16_lanes.h: vcvtneps2bf16 where the build has AVX512_BF16,
+// the integer rounding for a vector with a NaN or a denormal) give float_to_bf16's bits for every
+// value: random bit patterns (every exponent, so NaNs, infinities and denormals among them), halfway
+// cases, values that round up to infinity, and vectors of normal values only (the instruction's path).
+TEST(Tensor, Bfloat16RowsRoundAsEachValueDoes) {
+  Rng rng(2026, 12);
+  std::vector<uint32_t> bits(16 * 4096);
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const uint32_t r = static_cast<uint32_t>(rng.next_u64() >> 32);
+    // the first half: any pattern; the second: normal values only
+    bits[i] = i < bits.size() / 2 ? r : (r & 0x807fffffu) | ((1u + r % 254u) << 23);
+  }
+  const uint32_t special[] = {0x00000001u, 0x807fffffu, 0x7f800001u, 0xffc12345u, 0x7fbfffffu, 0x7f800000u,
+                              0xff800000u, 0x00000000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0x7f7fffffu,
+                              0x7f7f8000u, 0x00800000u, 0x0080ffffu, 0x33333333u};
+  std::copy(std::begin(special), std::end(special), bits.begin());  // one vector of them
+  bits.push_back(0x3f808000u);  // a tail past the last whole vector
+  std::vector<float> values(bits.size());
+  std::memcpy(values.data(), bits.data(), bits.size() * 4);
+  std::vector<uint16_t> row(values.size());
+  floats_to_bf16(values.data(), row.data(), static_cast<int64_t>(values.size()));
+  int wrong = 0;
+  for (size_t i = 0; i < values.size(); ++i) wrong += row[i] != float_to_bf16(values[i]);
+  EXPECT_EQ(wrong, 0);
+#if defined(__AVX512BW__)
+  // the GEMM's pair words: even's bf16 low, odd's high
+  for (size_t v = 0; v + 32 <= values.size(); v += 32) {
+    uint32_t words[16];
+    _mm512_storeu_si512(words, pair_words16(_mm512_loadu_ps(&values[v]), _mm512_loadu_ps(&values[v + 16])));
+    for (int j = 0; j < 16; ++j)
+      ASSERT_EQ(words[j], float_to_bf16(values[v + j]) | (uint32_t{float_to_bf16(values[v + 16 + j])} << 16))
+          << "vector at " << v << ", lane " << j;
+  }
+#endif
 }
 
 TEST(Npy, RoundTripsEveryDtypeAndRejectsCorruptFiles) {

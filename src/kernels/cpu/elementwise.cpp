@@ -6,6 +6,7 @@
 #include <tuple>
 #include <utility>
 
+#include "core/bf16_lanes.h"
 #include "core/tensor.h"
 #include "kernels/cpu/fast_math.h"
 
@@ -38,12 +39,18 @@ typedef uint16_t LaneBf16 __attribute__((vector_size(16 * sizeof(uint16_t))));
 
 [[gnu::always_inline]] inline void store(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(Lanes)); }
 [[gnu::always_inline]] inline void store(uint16_t* p, const Lanes& v) {
+#if defined(__AVX512F__)
+  __m512 x;  // one instruction where the CPU has AVX512_BF16 (core/bf16_lanes.h)
+  std::memcpy(&x, &v, sizeof(Lanes));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), floats16_to_bf16(x));
+#else
   LaneBits bits;
   std::memcpy(&bits, &v, sizeof(Lanes));
   const LaneBits nan = (LaneBits)((bits & 0x7f800000u) == 0x7f800000u) & (LaneBits)((bits & 0x007fffffu) != 0u);
   const LaneBits rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) >> 16;
   const LaneBf16 h = __builtin_convertvector((nan & 0x7fc0u) | (~nan & rounded), LaneBf16);
   std::memcpy(p, &h, sizeof(h));
+#endif
 }
 [[gnu::always_inline]] inline void put(float* p, float v) { *p = v; }
 [[gnu::always_inline]] inline void put(uint16_t* p, float v) { *p = float_to_bf16(v); }

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/bf16_lanes.h"
 #include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/gemm_internal.h"
@@ -28,10 +29,16 @@ inline uint32_t rounded_high(float value) {
 
 // out[j] = the pair word of even[j] and odd[j] (odd null: a zero odd member), rounded to bf16.
 void pair_words(const float* even, const float* odd, int64_t n, uint32_t* out) {
-  if (odd)
-    for (int64_t j = 0; j < n; ++j) out[j] = rounded_high(odd[j]) | (rounded_high(even[j]) >> 16);
-  else
-    for (int64_t j = 0; j < n; ++j) out[j] = rounded_high(even[j]) >> 16;
+  int64_t j = 0;
+  if (odd) {
+#if defined(__AVX512BW__)
+    for (; j + 16 <= n; j += 16)
+      _mm512_storeu_si512(out + j, pair_words16(_mm512_loadu_ps(even + j), _mm512_loadu_ps(odd + j)));
+#endif
+    for (; j < n; ++j) out[j] = rounded_high(odd[j]) | (rounded_high(even[j]) >> 16);
+  } else {
+    for (; j < n; ++j) out[j] = rounded_high(even[j]) >> 16;
+  }
 }
 void pair_words(const uint16_t* even, const uint16_t* odd, int64_t n, uint32_t* out) {
   if (odd)
@@ -55,27 +62,17 @@ void row_pair_words(const uint16_t* src, int64_t have, int64_t pairs, uint32_t* 
 
 // Six float rows' first `pairs` / 8 * 8 depth pairs as one micro-panel of pair words
 // (panel[q * 6 + i] = the word of rows[i][2q], rows[i][2q + 1]), in one pass: 16 depths of each
-// row rounded in a register (rounded_high's rule, lane by lane), narrowed to 8 words and
+// row rounded in a register (floats16_to_bf16, core/bf16_lanes.h), narrowed to 8 words and
 // transposed with the other rows' (interleave6's register transpose). Returns the pairs laid out.
 // Rounding rows into a buffer first and interleaving it after took 0.8 ns a value: a bf16 GEMM
 // whose A is float (the input gradient's second product, from dh) spent 3.5% of a bf16 layer there.
 __attribute__((target("avx512f"))) int64_t pair_words_x6_avx512(const float* const (&rows)[6], int64_t pairs,
                                                                 uint32_t* panel) {
-  const __m512i ones = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), infinity = _mm512_set1_epi32(0x7f800000);
-  const __m512i quiet_nan = _mm512_set1_epi32(0x7fc0);
-  const __mmask16 all = 0xffff;  // (the masked forms: GCC 12 warns of the plain ones' undefined source)
   int64_t q = 0;
   for (; q + 8 <= pairs; q += 8) {
     __m256 r[8];
-    for (int i = 0; i < 6; ++i) {
-      const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(rows[i] + 2 * q));
-      const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(all, bits, 16), ones);
-      __m512i high = _mm512_maskz_srli_epi32(all, _mm512_add_epi32(_mm512_add_epi32(bits, half), lsb), 16);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, magnitude), infinity);
-      high = _mm512_mask_mov_epi32(high, nan, quiet_nan);
-      r[i] = _mm256_castsi256_ps(_mm512_maskz_cvtepi32_epi16(all, high));  // 16 bf16 = 8 words, even depth low
-    }
+    for (int i = 0; i < 6; ++i)  // 16 bf16 = 8 words, even depth low
+      r[i] = _mm256_castsi256_ps(floats16_to_bf16(_mm512_loadu_ps(rows[i] + 2 * q)));
     r[6] = r[7] = _mm256_setzero_ps();
     transpose_8x8_in_registers(r);
     for (int j = 0; j < 8; ++j) {  // pair q + j: the first 6 words of column j
