@@ -133,6 +133,8 @@ inline float round_to_bf16(float value) { return bf16_to_float(float_to_bf16(val
 
 // n values at a time (loops the compiler vectorises).
 void floats_to_bf16(const float* src, uint16_t* dst, int64_t n);
+// dst[i] = float_to_bf16(scale * src[i]): the bits of scaling into floats, then rounding.
+void scaled_floats_to_bf16(float scale, const float* src, uint16_t* dst, int64_t n);
 void bf16_to_floats(const uint16_t* src, float* dst, int64_t n);
 
 }  // namespace pm

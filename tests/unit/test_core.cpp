@@ -151,7 +151,7 @@ TEST(Tensor, Bfloat16RoundsToNearestEven) {
   for (int i = 0; i < 3; ++i) EXPECT_NEAR(back.f32()[i], t.f32()[i], std::abs(t.f32()[i]) / 128);
 }
 
-// Rows rounded 16 at a time (core/bf16_lanes.h: vcvtneps2bf16 where the build has AVX512_BF16,
+// Rows rounded 16 at a time (and rows scaled, then rounded) (core/bf16_lanes.h: vcvtneps2bf16 where the build has AVX512_BF16,
 // the integer rounding for a vector with a NaN or a denormal) give float_to_bf16's bits for every
 // value: random bit patterns (every exponent, so NaNs, infinities and denormals among them), halfway
 // cases, values that round up to infinity, and vectors of normal values only (the instruction's path).
@@ -175,6 +175,13 @@ TEST(Tensor, Bfloat16RowsRoundAsEachValueDoes) {
   int wrong = 0;
   for (size_t i = 0; i < values.size(); ++i) wrong += row[i] != float_to_bf16(values[i]);
   EXPECT_EQ(wrong, 0);
+  // scaled first (a gate value times an output gradient): the bits of the float product, rounded
+  for (float scale : {0.3f, -1.7f, 1e-30f}) {
+    scaled_floats_to_bf16(scale, values.data(), row.data(), static_cast<int64_t>(values.size()));
+    wrong = 0;
+    for (size_t i = 0; i < values.size(); ++i) wrong += row[i] != float_to_bf16(scale * values[i]);
+    EXPECT_EQ(wrong, 0) << "scale " << scale;
+  }
 #if defined(__AVX512BW__)
   // the GEMM's pair words: even's bf16 low, odd's high
   for (size_t v = 0; v + 32 <= values.size(); v += 32) {

@@ -47,7 +47,9 @@ TEST(PipelineSchedule, EveryPassOnceForwardBeforeBackwardAndFewInFlight) {
           EXPECT_EQ(static_cast<int>(forwarded.size()), M);
           EXPECT_EQ(static_cast<int>(backwarded.size()), M);
           // 1F1B holds at most S - s micro-batches' activations, GPipe all M
-          if (schedule == PipelineSchedule::one_f_one_b) EXPECT_LE(static_cast<int>(most), std::min(S - s, M));
+          if (schedule == PipelineSchedule::one_f_one_b) {
+            EXPECT_LE(static_cast<int>(most), std::min(S - s, M));
+          }
         }
 }
 
@@ -103,9 +105,10 @@ TEST(StageSplit, EvenCostOrWrittenOut) {
       const std::vector<int> cost = stage_starts(m, vocab, pp, "cost");
       EXPECT_LE(worst(cost, vocab), worst(stage_starts(m, vocab, pp, "even"), vocab));
       // against every split written out (pp 2: all 7 of them)
-      if (pp == 2)
+      if (pp == 2) {
         for (int first = 1; first < 8; ++first)
           EXPECT_LE(worst(cost, vocab), worst({0, first, 8}, vocab) + 1e-6) << "vocab " << vocab << " split " << first;
+      }
     }
   // a large vocabulary's head leaves the last stage fewer blocks
   EXPECT_GT(stage_starts(m, 50000, 2, "cost")[1], stage_starts(m, 2048, 2, "cost")[1]);

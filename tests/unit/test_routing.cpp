@@ -89,10 +89,11 @@ TEST(Layout, EveryRowHasOnePlaceAndEveryChunkItsRows) {
       int64_t sum = 0;
       for (int c = 0; c < degree; ++c) sum += l.chunk_rows(c);
       EXPECT_EQ(sum, 25);
-      if (order == BlockOrder::wire)  // each (chunk, peer) is contiguous: one all-to-all block
+      if (order == BlockOrder::wire) {  // each (chunk, peer) is contiguous: one all-to-all block
         for (int c = 0; c < degree; ++c)
           for (int q = 0; q + 1 < peers; ++q)
             EXPECT_EQ(l.block_offset(c, q, 0) + l.peer_chunk_rows(c, q), l.block_offset(c, q + 1, 0));
+      }
     }
   }
 }
@@ -180,7 +181,9 @@ TEST(Layout, RowPositionsFindEveryRowInAnotherPipeliningAndInCanonicalOrder) {
           for (int le = 0; le < local; ++le)
             for (int64_t i = 0; i < filled[q * local + le]; ++i) {
               int64_t at = from.position(q, le, i) - from.chunk_offset(c);
-              if (at >= 0 && at < from.chunk_rows(c)) EXPECT_EQ(tagged[pos[at]], q * 100 + le * 10 + i);
+              if (at >= 0 && at < from.chunk_rows(c)) {
+                EXPECT_EQ(tagged[pos[at]], q * 100 + le * 10 + i);
+              }
             }
       }
       for (int le = 0; le < local; ++le) {

@@ -57,9 +57,8 @@ void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, 
     if (dslots.f32) {
       float* out = dslots.f32 + position[i] * M;
       for (int64_t m = 0; m < M; ++m) out[m] = g * row[m];
-    } else {  // scaled and rounded in one pass (the bits of scaling into floats, then floats_to_bf16)
-      uint16_t* out = dslots.bf16 + position[i] * M;
-      for (int64_t m = 0; m < M; ++m) out[m] = float_to_bf16(g * row[m]);
+    } else {  // scaled and rounded in one pass
+      scaled_floats_to_bf16(g, row, dslots.bf16 + position[i] * M, M);
     }
   }
 }
