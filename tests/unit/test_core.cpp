@@ -151,10 +151,11 @@ TEST(Tensor, Bfloat16RoundsToNearestEven) {
   for (int i = 0; i < 3; ++i) EXPECT_NEAR(back.f32()[i], t.f32()[i], std::abs(t.f32()[i]) / 128);
 }
 
-// Rows rounded 16 at a time (and rows scaled, then rounded) (core/bf16_lanes.h: vcvtneps2bf16 where the build has AVX512_BF16,
-// the integer rounding for a vector with a NaN or a denormal) give float_to_bf16's bits for every
-// value: random bit patterns (every exponent, so NaNs, infinities and denormals among them), halfway
-// cases, values that round up to infinity, and vectors of normal values only (the instruction's path).
+// Rows rounded 16 at a time, plain or scaled first (core/bf16_lanes.h: vcvtneps2bf16 where the
+// build has AVX512_BF16, the integer rounding for a vector with a NaN or a denormal), give
+// float_to_bf16's bits for every value: random bit patterns (every exponent, so NaNs, infinities and
+// denormals among them), halfway cases, values that round up to infinity, and vectors of normal
+// values only (the instruction's path).
 TEST(Tensor, Bfloat16RowsRoundAsEachValueDoes) {
   Rng rng(2026, 12);
   std::vector<uint32_t> bits(16 * 4096);
