@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/bf16_lanes.h"
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
 
@@ -40,6 +41,7 @@ __attribute__((noinline)) void integer_rounding(const float* src, uint16_t* dst,
 }  // namespace
 
 int main() {
+  std::printf("floats_to_bf16 in this build: %s\n", kBf16RoundingInstruction ? "vcvtneps2bf16 (integer rounding for vectors with a NaN or denormal)" : "integer rounding");
   for (int64_t n : {int64_t{1} << 16, int64_t{4} << 20}) {  // in cache; from memory
     std::vector<float> x(n);
     for (int64_t i = 0; i < n; ++i) {  // normal values of every exponent from 2^-15 to 2^16

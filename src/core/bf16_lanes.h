@@ -16,6 +16,11 @@
 namespace pm {
 
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#define PM_BF16_ROUNDING_INSTRUCTION 1
+#endif
+
+// Which rounding this build runs (bench/bf16_rounding.cpp says so).
+#ifdef PM_BF16_ROUNDING_INSTRUCTION
 constexpr bool kBf16RoundingInstruction = true;
 
 // Whether vcvtneps2bf16 gives float_to_bf16's bits for all of v: no NaN (quiet 0x01, signalling
@@ -29,7 +34,7 @@ constexpr bool kBf16RoundingInstruction = false;
 
 // float_to_bf16 of each lane, as 16 bf16 in order.
 [[gnu::always_inline]] __attribute__((target("avx512f"))) inline __m256i floats16_to_bf16(__m512 v) {
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#ifdef PM_BF16_ROUNDING_INSTRUCTION
   if (__builtin_expect(bf16_instruction_exact(v), 1)) return (__m256i)_mm512_cvtneps_pbh(v);
 #endif
   const __mmask16 all = 0xffff;
@@ -46,7 +51,7 @@ constexpr bool kBf16RoundingInstruction = false;
 // low half and float_to_bf16(odd[j]) in its high half.
 [[gnu::always_inline]] __attribute__((target("avx512f,avx512bw"))) inline __m512i pair_words16(__m512 even,
                                                                                               __m512 odd) {
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#ifdef PM_BF16_ROUNDING_INSTRUCTION
   if (__builtin_expect(bf16_instruction_exact(even) && bf16_instruction_exact(odd), 1)) {
     // both rounded into one register (even's 16 in the low half), then interleaved word by word
     const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
