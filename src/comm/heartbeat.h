@@ -38,6 +38,7 @@ class Heartbeat {
   int rank_ = 0, predecessor_ = 0;
   double timeout_s_ = 0;
   int to_successor_ = -1, from_predecessor_ = -1;
+  int wake_ = -1;  // an eventfd: the destructor's word to the thread to stop now
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };
