@@ -135,7 +135,7 @@ struct TrainConfig {
   std::string profile;              // performance profile for degree auto
   std::string trace;                // Chrome trace of the last logged step
   std::string log_csv;              // per-step CSV ("" = <save>/log.csv or out/train_log.csv)
-  std::string plot;                 // loss-curve PNG ("" = next to the CSV)
+  std::string plot;                 // loss-curve PNG ("" = next to the CSV; "none": no PNG)
 
   nlohmann::json to_json() const;
   // Applies keys of j (a config file or overrides); throws on unknown keys and bad types. Relative

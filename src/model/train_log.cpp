@@ -136,6 +136,7 @@ void TrainLog::print_window(const StepRecord& last, const std::string& moe_sched
 }
 
 void TrainLog::plot(bool wait) const {
+  if (c_.plot == "none") return;  // asked for no PNG (many short runs, a machine without matplotlib)
   std::error_code ec;
   fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   fs::path script = exe.parent_path().parent_path() / "scripts" / "plot-loss";

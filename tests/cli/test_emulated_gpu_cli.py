@@ -29,7 +29,7 @@ VARIANTS = [["--top-k", "2"], ["--top-k", "2", "--dtype", "bf16", "--activation"
 TRAIN = ["train", "--config", os.path.join(ROOT, "configs", "demo.json"), "--set", "max_steps=3", "--set", "eval_every=3",
          "--set", "eval_batches=1", "--set", "log_every=1", "--set", "layers=2", "--set", "d_model=64",
          "--set", "mlp_hidden=128", "--set", "expert_hidden=128", "--set", "seq_len=32", "--set", "batch_size=4",
-         "--set", "warmup_steps=1", "--set", "tokenizer_vocab=300"]
+         "--set", "warmup_steps=1", "--set", "tokenizer_vocab=300", "--set", "plot=none"]
 
 
 def run(binary, backend, args, transport="host"):

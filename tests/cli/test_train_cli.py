@@ -19,7 +19,10 @@ from harness import Failures, mpirun  # noqa: E402
 
 TINY = {"seq_len": 32, "d_model": 32, "layers": 2, "heads": 2, "mlp_hidden": 64, "moe_every": 2, "experts": 4,
         "top_k": 2, "expert_hidden": 48, "batch_size": 4, "tokenizer_vocab": 300, "max_steps": 8, "eval_every": 4,
-        "eval_batches": 2, "log_every": 2, "warmup_steps": 2, "lr": 0.003, "degree": "1"}
+        "eval_batches": 2, "log_every": 2, "warmup_steps": 2, "lr": 0.003, "degree": "1",
+        # no loss-curve PNG (0.6 s of matplotlib per run, and one in the background per validation):
+        # the first run below draws one and checks it
+        "plot": "none"}
 
 
 def write_text(path, sentences=3000):
@@ -70,11 +73,14 @@ def main():
 
         # an uninterrupted run, and one that stops at step 4 and resumes
         whole, parts = os.path.join(tmp, "whole"), os.path.join(tmp, "parts")
-        out = train(2, config, "--save", whole, "--set", "save_every=4")
+        out = train(2, config, "--save", whole, "--set", "save_every=4", "--set", "plot=")
         result = json.loads(out.stdout.strip().splitlines()[-1])
         for key in ("train_loss", "val_loss", "unigram_entropy", "tokens_per_s", "steps"):
             f.check(key in result, f"the final JSON line has {key}")
         f.check(os.path.exists(os.path.join(whole, "log.csv")), "a CSV log")
+        png = os.path.join(whole, "log.png")
+        f.check(os.path.exists(png) and os.path.getsize(png) > 10000 and f"loss curve: {png}" in out.stderr,
+                f"a loss-curve PNG beside the CSV, and said so: {out.stderr[-300:]}")
         rows = list(csv.DictReader(open(os.path.join(whole, "log.csv"))))
         for column in ("grad_norm", "dropped_share", "moe0_load_max", "moe0_load_mean"):
             f.check(column in rows[0], f"the CSV has {column}")

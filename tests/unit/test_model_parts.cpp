@@ -114,6 +114,17 @@ TEST(TrainConfig, ANumberForATextKeyIsItsText) {
   }
 }
 
+TEST(TrainConfig, PathsInAFileAreRelativeToItsFolderButPlotNoneIsAWord) {
+  TrainConfig c;
+  c.apply(nlohmann::json{{"plot", "curve.png"}, {"log_csv", "log.csv"}}, "f.json", "/runs/a");
+  EXPECT_EQ(c.plot, "/runs/a/curve.png");
+  EXPECT_EQ(c.log_csv, "/runs/a/log.csv");
+  c.apply(nlohmann::json{{"plot", "none"}}, "f.json", "/runs/a");
+  EXPECT_EQ(c.plot, "none");  // no PNG at all, not a file named "none"
+  c.apply(nlohmann::json{{"log_csv", "none"}}, "f.json", "/runs/a");
+  EXPECT_EQ(c.log_csv, "/runs/a/none");  // only the plot has the word
+}
+
 TEST(Optimizer, ScheduleAndOneAdamWStep) {
   TrainConfig c;
   c.lr = 1.0, c.min_lr = 0.1, c.warmup_steps = 10, c.max_steps = 110;
