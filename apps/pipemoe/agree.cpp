@@ -1,6 +1,6 @@
 #include <vector>
 
-#include "apps/pipemoe/command.h"
+#include "apps/pipemoe/agree.h"
 #include "core/error.h"
 
 namespace pm::cli {

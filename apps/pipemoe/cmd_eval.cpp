@@ -18,6 +18,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "apps/pipemoe/command.h"
 #include "apps/pipemoe/inference_model.h"
 #include "core/clock.h"
 #include "core/error.h"

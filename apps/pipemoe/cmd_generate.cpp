@@ -27,6 +27,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/rng.h"
+#include "apps/pipemoe/command.h"
 #include "apps/pipemoe/inference_model.h"
 #include "moe/expert_store.h"
 

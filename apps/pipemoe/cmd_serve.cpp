@@ -47,6 +47,7 @@
 #include <ctime>
 #include <nlohmann/json.hpp>
 
+#include "apps/pipemoe/command.h"
 #include "apps/pipemoe/prefix_store.h"
 #include "apps/pipemoe/sampling.h"
 #include "apps/pipemoe/serve_frontend.h"

@@ -6,6 +6,7 @@
 #include <functional>
 #include <string>
 
+#include "apps/pipemoe/agree.h"
 #include "comm/communicator.h"
 #include "kernels/backend.h"
 #include "moe/moe_shape.h"
@@ -42,10 +43,5 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& shape);
 // --dtype fp32|bf16 into `dtype`, and an activation flag (gelu|swiglu) named `flag` into `activation`.
 void add_dtype_option(CLI::App* cmd, Precision& dtype, const std::string& help);
 void add_activation_option(CLI::App* cmd, const std::string& flag, Activation& activation, const std::string& help);
-
-// Every rank states whether its local step succeeded (error empty) and all agree: if any failed,
-// every rank throws a usage error; rank 0's carries the first failing rank's message, the others
-// are silent. For failures only some ranks see (a folder one rank cannot write).
-void agree_or_throw(Communicator& comm, const std::string& error);
 
 }  // namespace pm::cli

@@ -1,3 +1,4 @@
+#include "apps/pipemoe/command.h"
 #include "apps/pipemoe/inference_model.h"
 
 #include "core/error.h"

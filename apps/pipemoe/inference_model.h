@@ -6,13 +6,18 @@
 #include <memory>
 #include <string>
 
-#include "apps/pipemoe/command.h"
 #include "model/gpt.h"
 #include "model/tokenizer.h"
 #include "model/train_config.h"
 #include "sched/executor.h"
 
+namespace CLI {
+class App;  // CLI11's (apps/pipemoe/command.h): not included here, which keeps its 7 s of compiling
+}           // out of the files that only use the model (serve_frontend.cpp)
+
 namespace pm::cli {
+
+struct Context;  // command.h
 
 // --offload-experts host|disk --expert-cache N --offload-mode MODE (moe/expert_store.h).
 struct OffloadOptions {
