@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """A rank that dies (SIGKILL) or stops (SIGSTOP) mid-training ends the job on every rank within 30
-s, with a message naming the rank, on 2 and 4 ranks, rank 0 included; and the heartbeat that
+s (a stopped rank: within the heartbeat timeout, the default 15 s, or 5 s where a case sets it), with
+a message naming the rank, on 2 and 4 ranks, rank 0 included; and the heartbeat that
 finds it never takes a healthy rank for a dead one (ranks that wait long in a collective while
 rank 0 trains the tokenizer, ranks that finish at different times, a 3 s heartbeat timeout).
 
@@ -46,11 +47,11 @@ def rank_pids(job):
     return out
 
 
-def fault(ranks, victim, sig, config):
-    """Starts a long training run, sends sig to rank victim once every rank trains; returns
-    (seconds from the signal to the job's end, exit code, stderr)."""
-    cmd = ["timeout", "--kill-after=5", "120", "mpirun", "-q", "--oversubscribe", "-np", str(ranks), BINARY,
-           "train", "--config", config, "--set", "save="]
+def fault(ranks, victim, sig, config, heartbeat=None):
+    """Starts a long training run (with --heartbeat-timeout `heartbeat` if given), sends sig to rank
+    victim once every rank trains; returns (seconds from the signal to the job's end, exit code, stderr)."""
+    cmd = ["timeout", "--kill-after=5", "120", "mpirun", "-q", "--oversubscribe", "-np", str(ranks), BINARY] + (
+        ["--heartbeat-timeout", str(heartbeat)] if heartbeat else []) + ["train", "--config", config, "--set", "save="]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env())
     deadline = time.time() + 60
     pids = {}
@@ -77,10 +78,12 @@ def main():
         write_text(text)
         config = os.path.join(tmp, "long.json")
         json.dump(dict(TINY, data=text, max_steps=1000000, log_every=100000, eval_every=1000000), open(config, "w"))
-        for ranks, victim, sig in [(2, 1, signal.SIGSTOP), (2, 0, signal.SIGKILL), (4, 0, signal.SIGSTOP),
-                                   (4, 3, signal.SIGKILL)]:
-            name = f"{ranks} ranks, {signal.Signals(sig).name} to rank {victim}"
-            took, code, err = fault(ranks, victim, sig, config)
+        # a stopped rank is found by the heartbeat's timeout: the default (15 s) once, 5 s once
+        for ranks, victim, sig, heartbeat in [(2, 1, signal.SIGSTOP, 5), (2, 0, signal.SIGKILL, None),
+                                              (4, 0, signal.SIGSTOP, None), (4, 3, signal.SIGKILL, None)]:
+            name = f"{ranks} ranks, {signal.Signals(sig).name} to rank {victim}" + (
+                f", a {heartbeat} s heartbeat" if heartbeat else "")
+            took, code, err = fault(ranks, victim, sig, config, heartbeat)
             named = [l for l in err.splitlines() if ("pipemoe: error" in l or "mpirun" in l) and
                      (f"rank {victim} " in l or f"process rank {victim} " in l)]
             f.check(code not in (0, 124), f"{name}: exit {code} (124: the time limit, not the job, ended it)")
