@@ -171,7 +171,7 @@ void TrainConfig::apply(const nlohmann::json& j, const std::string& source, cons
           field = value.get<T>();
         if constexpr (std::is_same_v<T, std::string>) {
           std::filesystem::path path(field);
-          const bool no_file = key == std::string("plot") && field == "none";  // a word, not a path
+          const bool no_file = key == "plot" && field == "none";  // a word, not a path
           if (!base_dir.empty() && !field.empty() && !no_file && is_path_key(key) && path.is_relative())
             field = std::filesystem::absolute(std::filesystem::path(base_dir) / path).lexically_normal().string();
         }
