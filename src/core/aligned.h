@@ -15,6 +15,13 @@
 
 namespace pm {
 
+// `bytes` (0 counts as 1) of memory aligned to a cache line, to be freed with std::free; null when
+// out of memory. Blocks of 2 MB and more are aligned to 2 MB and asked for as transparent huge
+// pages (madvise: Debian's default leaves THP to the programs that ask): one TLB entry covers a
+// 2 MB page where 512 covered its 4 KB pages, and the GEMMs' panels, packed operands and a pass's
+// row buffers span tens of MB.
+void* allocate_aligned(std::size_t bytes);
+
 template <typename T>
 struct AlignedAllocator {
   using value_type = T;
@@ -23,8 +30,7 @@ struct AlignedAllocator {
   template <typename U>
   AlignedAllocator(const AlignedAllocator<U>&) {}
   T* allocate(std::size_t n) {
-    std::size_t bytes = (n * sizeof(T) + alignment - 1) / alignment * alignment;
-    void* p = std::aligned_alloc(alignment, bytes == 0 ? alignment : bytes);
+    void* p = allocate_aligned(n * sizeof(T));
     if (!p) throw std::bad_alloc();
     return static_cast<T*>(p);
   }

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "core/aligned.h"
 #include "core/bf16_lanes.h"
 
 namespace pm {
@@ -55,9 +56,8 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
-  std::size_t bytes = (t.nbytes() + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
-  PM_CHECK(p != nullptr, "out of memory allocating {} bytes", bytes);
+  void* p = allocate_aligned(t.nbytes());
+  PM_CHECK(p != nullptr, "out of memory allocating {} bytes", t.nbytes());
   t.storage_ = std::shared_ptr<void>(p, std::free);
   t.version_ = std::make_shared<std::atomic<uint64_t>>(next_version.fetch_add(1, std::memory_order_relaxed));
   t.data_ = p;

@@ -10,10 +10,12 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/bf16_lanes.h"
 #include "core/block_cache.h"
 #include "core/error.h"
@@ -81,6 +83,44 @@ TEST(BlockCache, ReusesLargeBlocksAndStaysWithinThePeak) {
   }
   EXPECT_TRUE(system.empty()) << "the cache's destructor gives every cached block back";
   EXPECT_GT(system_allocations, 3);
+}
+
+// Whether the mapping that holds `p` may be backed by transparent huge pages
+// (/proc/self/smaps' THPeligible), or -1 where the kernel does not say.
+int thp_eligible(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long begin = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &begin, &end) == 2 && line.find(':') > line.find(' ')) {
+      inside = begin <= at && at < end;
+    } else if (inside && line.rfind("THPeligible:", 0) == 0) {
+      return std::atoi(line.c_str() + 12);
+    }
+  }
+  return -1;
+}
+
+// Small blocks come aligned to a cache line; blocks of 2 MB and more to 2 MB, whole, and marked
+// for transparent huge pages where the kernel offers them to the programs that ask (madvise).
+TEST(AllocateAligned, LargeBlocksStartOnAHugePageAndAskForThem) {
+  for (std::size_t bytes : {std::size_t{0}, std::size_t{100}, std::size_t{3} << 20, (std::size_t{5} << 20) + 12}) {
+    auto* p = static_cast<unsigned char*>(allocate_aligned(bytes));
+    ASSERT_NE(p, nullptr);
+    const std::size_t alignment = bytes >= (std::size_t{2} << 20) ? std::size_t{2} << 20 : 64;
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % alignment, 0u) << bytes << " bytes";
+    std::memset(p, 0x5a, bytes);  // every byte asked for is there to write
+    if (bytes >= (std::size_t{2} << 20)) {
+      std::ifstream mode("/sys/kernel/mm/transparent_hugepage/enabled");
+      std::string modes;
+      std::getline(mode, modes);
+      const bool offered = modes.find("[always]") != std::string::npos || modes.find("[madvise]") != std::string::npos;
+      const int eligible = thp_eligible(p);
+      if (offered && eligible >= 0) EXPECT_EQ(eligible, 1) << "THP '" << modes << "', " << bytes << " bytes";
+    }
+    std::free(p);
+  }
 }
 
 TEST(Tensor, ViewsShareMemory) {

@@ -4,6 +4,7 @@
 #include <limits>
 #include <new>
 
+#include "core/aligned.h"
 #include "core/block_cache.h"
 #include "core/tensor.h"
 #include "kernels/backend.h"
@@ -21,9 +22,7 @@ namespace pm {
 namespace {
 
 void* aligned_allocate(std::size_t bytes) {
-  constexpr std::size_t alignment = 64;  // whole cache lines for the vector kernels
-  std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
-  void* p = std::aligned_alloc(alignment, rounded == 0 ? alignment : rounded);
+  void* p = allocate_aligned(bytes);  // whole cache lines for the vector kernels (core/aligned.h)
   if (!p) throw std::bad_alloc();
   return p;
 }
