@@ -1,4 +1,5 @@
 // GEMM: against a float64 reference, and the bit-for-bit promises the pipeline relies on.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -64,7 +65,7 @@ INSTANTIATE_TEST_SUITE_P(Sizes, GemmShapes,
                                            Shape{250, 130, 600}, Shape{13, 8, 0}, Shape{300, 17, 33}),
                          [](const ::testing::TestParamInfo<Shape>& info) {  // e.g. M37_N100_K70
                            const Shape& s = info.param;
-                           return "M" + std::to_string(s.M) + "_N" + std::to_string(s.N) + "_K" + std::to_string(s.K);
+                           return fmt::format("M{}_N{}_K{}", s.M, s.N, s.K);
                          });
 
 // The promise the pipeline relies on: a row's result does not depend on which call computed it.

@@ -1,6 +1,7 @@
 // bf16 GEMMs (kernels/cpu/gemm.h): the exact chain they promise (operands rounded to bf16, fp32
 // accumulation, depth pairs odd depth first, as vdpbf16ps takes them), against float64 within the
 // error bf16 rounding allows, and the bit-for-bit promises the pipeline relies on.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -89,7 +90,7 @@ INSTANTIATE_TEST_SUITE_P(Sizes, Bf16Shapes,
                                            Shape{31, 40, 2403}),  // of depths: 2048 + 355 (AVX512_BF16), 1024 x 2 + 355
                          [](const ::testing::TestParamInfo<Shape>& info) {
                            const Shape& s = info.param;
-                           return "M" + std::to_string(s.M) + "_N" + std::to_string(s.N) + "_K" + std::to_string(s.K);
+                           return fmt::format("M{}_N{}_K{}", s.M, s.N, s.K);
                          });
 
 // bf16 is not fp32: the rounding shows (else the tests above could pass on an fp32 GEMM).
