@@ -9,6 +9,7 @@
 #include <map>
 #include <optional>
 
+#include "core/aligned.h"
 #include "core/clock.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -108,7 +109,8 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
   const MoeShape shape = layers[0]->shape().with_tokens(T);
   if (request > 0) shape.check_degree(request, "configuration: degree");
   MoeLayer& probe = *layers[0];
-  std::vector<float> x(T * D), y(T * D), dy(T * D), dx(T * D);
+  // the model's own kind of memory (huge pages for large blocks), as its activations
+  FloatBuffer x(T * D), y(T * D), dy(T * D), dx(T * D);
   const int data_rank = comm.rank() / c.model.ranks_per_batch();  // a ppmoe group's ranks: the same tokens
   // (comm is the stage's group: its rank / tp is the data-parallel place)
   Rng(c.seed, stream_id(40, data_rank)).fill_normal(x.data(), x.size(), 0.0f, 1.0f);

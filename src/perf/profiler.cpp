@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "comm/communicator.h"
+#include "core/aligned.h"
 #include "core/clock.h"
 #include "core/rng.h"
 #include "core/stats.h"
@@ -212,7 +213,8 @@ PerfProfile take_profile(Communicator& comm, Backend& backend, const ProfileOpti
     s.precision = o.precision;
     std::unique_ptr<MoeLayer> layer = o.strategy->make_layer(s, comm, backend);
     layer->init_parameters(o.seed);
-    std::vector<float> x(s.tokens * s.model_dim), dy(x.size()), y(x.size()), dx(x.size());
+    // the layer's own kind of memory (huge pages for large blocks), as a real run's inputs and outputs
+    FloatBuffer x(s.tokens * s.model_dim), dy(x.size()), y(x.size()), dx(x.size());
     Rng(o.seed, stream_id(1, comm.rank())).fill_normal(x.data(), x.size(), 0, 1);
     Rng(o.seed, stream_id(7, comm.rank())).fill_normal(dy.data(), dy.size(), 0, 1);
     std::vector<int> degrees;
