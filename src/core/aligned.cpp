@@ -2,7 +2,17 @@
 
 #include <sys/mman.h>
 
+#include <cstring>
+
 namespace pm {
+
+bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* v = std::getenv("PIPEMOE_HUGE_PAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return wanted;
+}
 
 void* allocate_aligned(std::size_t bytes) {
   constexpr std::size_t line = 64, page = 4096, huge = std::size_t{2} << 20;
@@ -14,7 +24,7 @@ void* allocate_aligned(std::size_t bytes) {
   // partial last one stays in small pages (no memory spent on rounding up).
   const std::size_t rounded = (bytes + page - 1) / page * page;
   void* p = std::aligned_alloc(huge, rounded);
-  if (p) ::madvise(p, rounded, MADV_HUGEPAGE);  // advice: a kernel without THP ignores it
+  if (p && huge_pages_wanted()) ::madvise(p, rounded, MADV_HUGEPAGE);  // advice: a kernel without THP ignores it
   return p;
 }
 

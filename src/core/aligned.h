@@ -20,7 +20,10 @@ namespace pm {
 // pages (madvise: Debian's default leaves THP to the programs that ask): one TLB entry covers a
 // 2 MB page where 512 covered its 4 KB pages, and the GEMMs' panels, packed operands and a pass's
 // row buffers span tens of MB.
+// PIPEMOE_HUGE_PAGES=0 leaves out the advice (the alignment stays): for a host where compacting
+// memory into huge pages at a fault costs more than it saves.
 void* allocate_aligned(std::size_t bytes);
+bool huge_pages_wanted();
 
 template <typename T>
 struct AlignedAllocator {
