@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <cstdlib>
 #include <cstring>
 
 namespace pm {
@@ -23,8 +24,9 @@ void* allocate_aligned(std::size_t bytes) {
   // Whole pages, from a 2 MB boundary: every whole 2 MB of the block can be a huge page, and a
   // partial last one stays in small pages (no memory spent on rounding up).
   const std::size_t rounded = (bytes + page - 1) / page * page;
-  void* p = std::aligned_alloc(huge, rounded);
-  if (p && huge_pages_wanted()) ::madvise(p, rounded, MADV_HUGEPAGE);  // advice: a kernel without THP ignores it
+  void* p = nullptr;  // (posix_memalign: aligned_alloc wants a size that is a multiple of the alignment)
+  if (::posix_memalign(&p, huge, rounded) != 0) return nullptr;
+  if (huge_pages_wanted()) ::madvise(p, rounded, MADV_HUGEPAGE);  // advice: a kernel without THP ignores it
   return p;
 }
 
