@@ -1,4 +1,5 @@
-// 64-byte aligned float buffers: BLAS and vectorised kernels like whole cache lines.
+// Aligned memory: whole cache lines for BLAS and the vectorised kernels, and huge pages for the
+// large blocks (allocate_aligned); 64-byte aligned float buffers on it (FloatBuffer).
 //
 // resize() leaves new elements uninitialised (construct() default-initialises): these are the
 // GEMMs' packing buffers, written whole by each packing before any read, and a zero fill first
@@ -23,7 +24,7 @@ namespace pm {
 // PIPEMOE_HUGE_PAGES=0 leaves out the advice (the alignment stays): for a host where compacting
 // memory into huge pages at a fault costs more than it saves.
 void* allocate_aligned(std::size_t bytes);
-bool huge_pages_wanted();
+bool huge_pages_wanted();  // PIPEMOE_HUGE_PAGES is not "0" (read once)
 
 template <typename T>
 struct AlignedAllocator {
