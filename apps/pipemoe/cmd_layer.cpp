@@ -222,6 +222,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   const double rows_max = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
   const double rows_min = -ctx.comm.allreduce_scalar(-static_cast<double>(t.expert_rows), ReduceOp::max);
   const double peak_mb = ctx.comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
+  const double huge_mb = ctx.comm.allreduce_scalar(huge_pages_mb(), ReduceOp::min);  // the rank with the fewest
   const double held_mb = ctx.comm.allreduce_scalar(static_cast<double>(t.held_bytes) / (1 << 20), ReduceOp::max);
   std::optional<LanesAlone> alone;
   if (o.alone_iters > 0) alone = time_lanes_alone(ctx.comm, layer, d, o.alone_iters, o.loss_grads());
@@ -269,6 +270,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"expert_gflops", gflops},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
+                        {"huge_pages_mb", std::isnan(huge_mb) ? nlohmann::json(nullptr) : nlohmann::json(huge_mb)},
                         {"held_for_backward_mb", held_mb},
                         {"weights_change", o.weights_change},
                         {"weight_packings_per_pass", static_cast<double>(t.weight_packings) / o.iters},
@@ -321,9 +323,10 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::printf("tokens/s (all ranks, forward+backward): %.0f\n", tokens_per_s);
   // (peak memory comes from /proc: NaN where the system does not say)
   const std::string peak = std::isnan(peak_mb) ? "unknown" : fmt::format("{:.0f} MB", peak_mb);
+  const std::string huge = std::isnan(huge_mb) ? "" : fmt::format(", {:.0f} MB in huge pages at the end", huge_mb);
   std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %s per rank, "
-              "%.1f MB of it kept from the forward for the backward\n",
-              rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak.c_str(), held_mb);
+              "%.1f MB of it kept from the forward for the backward%s\n",
+              rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak.c_str(), held_mb, huge.c_str());
   return 0;
 }
 

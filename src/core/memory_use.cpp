@@ -9,8 +9,9 @@
 namespace pm {
 namespace {
 
-double status_mb(const char* field) {
-  std::ifstream in("/proc/self/status");
+// A "Field:  N kB" line of a /proc file, in MB.
+double proc_mb(const char* file, const char* field) {
+  std::ifstream in(file);
   std::string line;
   while (std::getline(in, line))
     if (line.rfind(field, 0) == 0) return std::strtod(line.c_str() + std::strlen(field), nullptr) / 1024.0;
@@ -19,7 +20,8 @@ double status_mb(const char* field) {
 
 }  // namespace
 
-double resident_mb() { return status_mb("VmRSS:"); }
-double peak_resident_mb() { return status_mb("VmHWM:"); }
+double resident_mb() { return proc_mb("/proc/self/status", "VmRSS:"); }
+double peak_resident_mb() { return proc_mb("/proc/self/status", "VmHWM:"); }
+double huge_pages_mb() { return proc_mb("/proc/self/smaps_rollup", "AnonHugePages:"); }
 
 }  // namespace pm

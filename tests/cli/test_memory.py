@@ -10,6 +10,8 @@
 - The peak resident memory of a layer does not grow with the iterations (passes free and allocate
   the same large buffers every step: the block cache must hand them back out, where glibc's arenas
   grew by 20 MB an iteration).
+- Its large buffers sit in transparent huge pages where the kernel gives them to the programs
+  that ask (`huge_pages_mb`), and not with PIPEMOE_HUGE_PAGES=0.
 
 Run: /usr/bin/python3 tests/cli/test_memory.py   (needs build/pipemoe)
 """
@@ -62,12 +64,30 @@ def main():
         return
     big = ["--tokens", 2048, "--model-dim", 256, "--hidden", 512, "--experts", 4, "--warmup", 0, "--alone-iters", 0,
            "--json"]
-    peak = {}
+    peak, huge = {}, {}
     for iters in (2, 10):
-        peak[iters] = json.loads(mpirun(2, ["layer", "--iters", iters] + big, timeout=300).stdout.strip()
-                                 .splitlines()[-1])["peak_rss_mb"]
+        j = json.loads(mpirun(2, ["layer", "--iters", iters] + big, timeout=300).stdout.strip().splitlines()[-1])
+        peak[iters], huge[iters] = j["peak_rss_mb"], j["huge_pages_mb"]
     print(f"peak resident memory: {peak[2]:.1f} MB after 2 iterations, {peak[10]:.1f} MB after 10", flush=True)
     f.check(peak[10] - peak[2] < 8, f"the layer's memory grows with the iterations: {peak[2]:.1f} -> {peak[10]:.1f} MB")
+
+    # the large buffers ask for transparent huge pages (core/aligned.h): where the kernel hands them
+    # to the programs that ask (madvise) they are there, and PIPEMOE_HUGE_PAGES=0 leaves them out
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as mode_file:
+            mode = mode_file.read().strip()
+    except OSError:
+        mode = ""
+    if os.environ.get("PIPEMOE_HUGE_PAGES") == "0":
+        print("huge pages not checked: PIPEMOE_HUGE_PAGES=0 in this environment", flush=True)
+    elif "[madvise]" in mode and huge[10] is not None:
+        plain = json.loads(mpirun(2, ["layer", "--iters", 2] + big, timeout=300, env={"PIPEMOE_HUGE_PAGES": "0"})
+                           .stdout.strip().splitlines()[-1])["huge_pages_mb"]
+        print(f"huge pages at the end: {huge[10]:.0f} MB, with PIPEMOE_HUGE_PAGES=0 {plain:.0f} MB", flush=True)
+        f.check(huge[10] >= 8, f"the layer's buffers are not in huge pages: {huge[10]:.0f} MB")
+        f.check(plain == 0, f"PIPEMOE_HUGE_PAGES=0 still has {plain:.0f} MB in huge pages")
+    else:
+        print(f"huge pages not checked: THP '{mode}'", flush=True)
     f.finish("test_memory")
 
 
