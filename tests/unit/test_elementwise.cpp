@@ -203,6 +203,47 @@ TEST(TopK, LargestFirstTiesToTheLowerIndex) {
   EXPECT_FLOAT_EQ(val[0], 0.3f);
 }
 
+// Against a stable sort (largest first, ties keep their order): rows drawn from a few values so
+// that ties are everywhere, with signed zeros and infinities, every k from 1 to the width.
+TEST(TopK, MatchesAStableSortWithTiesZerosAndInfinities) {
+  const float pool[] = {-INFINITY, -1.0f, -0.0f, 0.0f, 0.5f, 0.5f, 2.0f, INFINITY};
+  Rng rng(7, 0);
+  for (int cols : {1, 2, 8, 64}) {
+    const int rows = 50;
+    std::vector<float> v(rows * cols);
+    for (float& x : v) x = pool[rng.next_u64() % 8];
+    for (int k = 1; k <= cols; k = k < 8 ? k + 1 : k * 2) {
+      std::vector<int32_t> idx(rows * k);
+      std::vector<float> val(rows * k);
+      topk_rows(v.data(), rows, cols, k, idx.data(), val.data());
+      for (int r = 0; r < rows; ++r) {
+        std::vector<int32_t> order(cols);
+        for (int c = 0; c < cols; ++c) order[c] = c;
+        const float* row = &v[r * cols];
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+        for (int j = 0; j < k; ++j) {
+          ASSERT_EQ(idx[r * k + j], order[j]) << "cols " << cols << " k " << k << " row " << r << " place " << j;
+          ASSERT_EQ(val[r * k + j], row[order[j]]);
+        }
+      }
+    }
+  }
+}
+
+// A NaN has no place in an order: such a row keeps the selection's answer (first untaken wins
+// until something compares larger), whatever the fast path does for other rows.
+TEST(TopK, ARowWithANanKeepsTheSelectionsAnswer) {
+  const std::vector<float> v = {NAN, 1.0f, 2.0f, 3.0f, 1.0f, 2.0f};  // [2, 3]
+  std::vector<int32_t> idx(4);
+  std::vector<float> val(4);
+  topk_rows(v.data(), 2, 3, 2, idx.data(), val.data());
+  EXPECT_EQ(idx[0], 0);
+  EXPECT_EQ(idx[1], 2);
+  EXPECT_TRUE(std::isnan(val[0]));
+  EXPECT_EQ(idx[2], 0);
+  EXPECT_EQ(idx[3], 2);
+}
+
 TEST(Rows, GatherFillColumnSumsAxpyDot) {
   std::vector<float> src = {1, 2, 3, 4, 5, 6};  // [3, 2]
   std::vector<int32_t> index = {2, 0, 2};

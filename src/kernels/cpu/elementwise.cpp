@@ -220,20 +220,53 @@ void softmax_rows_backward(const float* probs, const float* dprobs, float* dlogi
   }
 }
 
+namespace {
+
+// The k largest of one row by selection: pick the largest not yet taken, k times (O(k^2 cols)).
+// Kept for rows holding a NaN, where "largest" is this loop's answer and no order is total.
+void topk_row_by_selection(const float* v, int64_t cols, int k, int32_t* index, float* value) {
+  for (int j = 0; j < k; ++j) {
+    int32_t best = -1;
+    for (int64_t c = 0; c < cols; ++c) {
+      bool taken = false;
+      for (int i = 0; i < j; ++i) taken |= index[i] == c;
+      // strict '>' keeps the lower index on ties
+      if (!taken && (best < 0 || v[c] > v[best])) best = static_cast<int32_t>(c);
+    }
+    index[j] = best;
+    value[j] = v[best];
+  }
+}
+
+// The same answer in one pass for rows without NaN: a list of the best k so far, largest first,
+// that a value enters only when strictly larger than the list's last (an equal later value ranks
+// after the earlier one: ties to the lower index) and in which it goes after every value it
+// does not exceed. Why: the selection's k passes over 64 experts for top-8 took 3% of a
+// DeepSeek-style layer; this takes one pass and a few insertions.
+bool topk_row_by_insertion(const float* v, int64_t cols, int k, int32_t* index, float* value) {
+  int have = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float x = v[c];
+    if (x != x) return false;  // NaN: no total order, the caller selects
+    if (have == k && !(x > value[k - 1])) continue;
+    int at = have < k ? have++ : k - 1;
+    for (; at > 0 && x > value[at - 1]; --at) {
+      value[at] = value[at - 1];
+      index[at] = index[at - 1];
+    }
+    value[at] = x;
+    index[at] = static_cast<int32_t>(c);
+  }
+  return true;
+}
+
+}  // namespace
+
 void topk_rows(const float* values, int64_t rows, int64_t cols, int k, int32_t* index, float* value) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* v = values + r * cols;
-    for (int j = 0; j < k; ++j) {
-      int32_t best = -1;
-      for (int64_t c = 0; c < cols; ++c) {
-        bool taken = false;
-        for (int i = 0; i < j; ++i) taken |= index[r * k + i] == c;
-        // strict '>' keeps the lower index on ties
-        if (!taken && (best < 0 || v[c] > v[best])) best = static_cast<int32_t>(c);
-      }
-      index[r * k + j] = best;
-      value[r * k + j] = v[best];
-    }
+    if (!topk_row_by_insertion(v, cols, k, index + r * k, value + r * k))
+      topk_row_by_selection(v, cols, k, index + r * k, value + r * k);
   }
 }
 
