@@ -85,6 +85,19 @@ std::pair<int64_t, int64_t> expert_block(const BlockLayout& compute, int chunk, 
   return {first, rows};
 }
 
+// The row runs of one chunk between the all-to-all's buffers and the experts' compute order:
+// the peers' rows (wire side) and this rank's own (token side, kept out of the all-to-all), in
+// and out.
+struct ChunkRuns {
+  std::vector<RowRun> in_peers, in_own, out_peers, out_own;
+  ChunkRuns(const BlockLayout& wire, const BlockLayout& compute, int chunk, int rank, const Dispatcher& dispatcher,
+            const DispatchHandle& handle)
+      : in_peers(chunk_segments(wire, compute, chunk, rank)),
+        in_own(dispatcher.own_rows_to_experts(handle, chunk)),
+        out_peers(chunk_segments(compute, wire, chunk, rank)),
+        out_own(dispatcher.own_rows_from_experts(handle, chunk)) {}
+};
+
 class ExpertParallelLayer final : public MoeLayer {
  public:
   ExpertParallelLayer(const ExpertParallelStrategy& strategy, const MoeShape& shape, Communicator& group,
@@ -218,18 +231,20 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
   steps.expert = [this, p, M, H, H1](int c) {
     const BlockLayout& wire = p->handle.experts_wire;
     const BlockLayout& compute = p->handle.experts_compute;
-    p->u.copy_rows_from(backend_, p->recv.in(0), chunk_segments(wire, compute, c, group_.rank()));
-    p->u.copy_rows_from(backend_, p->send.in(0), dispatcher_.own_rows_to_experts(p->handle, c));
+    const ChunkRuns runs(wire, compute, c, group_.rank(), dispatcher_, p->handle);
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : packed_[le];
+      // each expert's rows in and out around its own FFN, while they are in cache
+      p->u.copy_rows_from(backend_, p->recv.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
+      p->u.copy_rows_from(backend_, p->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
       backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->fc1_saved[first * H1], p->act.out(first),
                               &p->out[first * M], inference_ || cache_ ? ForwardFor::inference : ForwardFor::backward);
+      backend_.copy_rows(p->out.data(), p->recv.out(0), M, runs_within(runs.out_peers, RunSide::source, first, rows));
+      backend_.copy_rows(p->out.data(), p->back.out(0), M, runs_within(runs.out_own, RunSide::source, first, rows));
     }
-    backend_.copy_rows(p->out.data(), p->recv.out(0), M, chunk_segments(compute, wire, c, group_.rank()));
-    backend_.copy_rows(p->out.data(), p->back.out(0), M, dispatcher_.own_rows_from_experts(p->handle, c));
     // u, fc1_saved and act stay where this chunk put them: the backward reads them there, by row.
   };
   steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.in(0), p->back.out(0), kOwn); };
@@ -296,8 +311,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   steps.expert_dgrad = [this, fp, b, M, H, H1](int c) {
     const BlockLayout& wire = b->handle.experts_wire;
     const BlockLayout& compute = b->handle.experts_compute;
-    b->dy_rows.copy_rows_from(backend_, b->recv.in(0), chunk_segments(wire, compute, c, group_.rank()));
-    b->dy_rows.copy_rows_from(backend_, b->send.in(0), dispatcher_.own_rows_to_experts(b->handle, c));
+    const ChunkRuns runs(wire, compute, c, group_.rank(), dispatcher_, b->handle);
     // the pre-activations of this chunk's rows, wherever the forward's chunks left them
     std::vector<const float*> saved_rows =
         row_pointers(fp->fc1_saved.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
@@ -305,11 +319,13 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
+      b->dy_rows.copy_rows_from(backend_, b->recv.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
+      b->dy_rows.copy_rows_from(backend_, b->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
       backend_.expert_backward_input(packed_[le], rows, M, H, b->dy_rows.in(first), &saved_rows[first - chunk_first],
                                      &b->dhpre[first * H1], &b->du[first * M]);
+      backend_.copy_rows(b->du.data(), b->recv.out(0), M, runs_within(runs.out_peers, RunSide::source, first, rows));
+      backend_.copy_rows(b->du.data(), b->back.out(0), M, runs_within(runs.out_own, RunSide::source, first, rows));
     }
-    backend_.copy_rows(b->du.data(), b->recv.out(0), M, chunk_segments(compute, wire, c, group_.rank()));
-    backend_.copy_rows(b->du.data(), b->back.out(0), M, dispatcher_.own_rows_from_experts(b->handle, c));
     // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
   };
   steps.grad_combine = [this, b](int c) {

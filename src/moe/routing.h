@@ -91,6 +91,12 @@ std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& t
 // (peer: where they go) and the expert side's (peer: where they come from).
 std::vector<RowRun> peer_segments(const BlockLayout& from, const BlockLayout& to, int peer, int chunk);
 
+// The parts of `runs` whose rows on one side (source or destination) lie in [first, first + rows),
+// runs cut where they cross that range: one expert's rows of a chunk, copied while its block is
+// still in cache (a run may span two experts' blocks: chunk_segments joins adjacent runs).
+enum class RunSide { source, destination };
+std::vector<RowRun> runs_within(const std::vector<RowRun>& runs, RunSide side, int64_t first, int64_t rows);
+
 // Where rows sit in another pipelining of the same blocks (any two degrees):
 // the positions in `to` of chunk `chunk`'s rows of `from` (compute order), in from's row order.
 std::vector<int64_t> chunk_row_positions(const BlockLayout& from, const BlockLayout& to, int chunk);

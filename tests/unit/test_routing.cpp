@@ -123,6 +123,48 @@ TEST(Layout, SegmentsMoveEveryRowOfAChunkToItsPlace) {
   }
 }
 
+// Copying expert by expert (runs_within each expert's rows of a chunk, on the compute side)
+// moves the same rows as the chunk's runs at once, with one peer, where adjacent blocks join into
+// runs that span experts, and with two; and a run is cut where it crosses the range.
+TEST(Layout, RunsWithinOneExpertsRowsMoveTheChunkExpertByExpert) {
+  const RowRun run{10, 100, 6};
+  const auto src_cut = runs_within({run}, RunSide::source, 12, 2), dst_cut = runs_within({run}, RunSide::destination, 98, 5);
+  ASSERT_EQ(src_cut.size(), 1u);
+  EXPECT_EQ(src_cut[0].src_row, 12);
+  EXPECT_EQ(src_cut[0].dst_row, 102);
+  EXPECT_EQ(src_cut[0].rows, 2);
+  ASSERT_EQ(dst_cut.size(), 1u);
+  EXPECT_EQ(dst_cut[0].src_row, 10);
+  EXPECT_EQ(dst_cut[0].dst_row, 100);
+  EXPECT_EQ(dst_cut[0].rows, 3);
+  EXPECT_TRUE(runs_within({run}, RunSide::source, 16, 4).empty());
+  for (int peers : {1, 2}) {
+    const int local = 3;
+    std::vector<int64_t> filled = {4, 2, 6, 3, 0, 5};
+    filled.resize(peers * local);
+    for (int degree : {1, 2, 3}) {
+      BlockLayout wire = make_block_layout(filled, peers, local, degree, BlockOrder::wire);
+      BlockLayout compute = make_block_layout(filled, peers, local, degree, BlockOrder::compute);
+      std::vector<float> src(wire.total_rows), at_once(wire.total_rows, -1), by_expert(wire.total_rows, -1);
+      for (int64_t r = 0; r < wire.total_rows; ++r) src[r] = static_cast<float>(r);
+      for (int c = 0; c < degree; ++c) {
+        const auto in = chunk_segments(wire, compute, c), out = chunk_segments(compute, wire, c);
+        cpu_backend().copy_rows(src.data(), at_once.data(), 1, in);
+        std::vector<float> back(wire.total_rows, -1);
+        for (int le = 0; le < local; ++le) {
+          int64_t first = compute.block_offset(c, 0, le), rows = 0;
+          for (int q = 0; q < peers; ++q) rows += compute.block_rows(c, q, le);
+          cpu_backend().copy_rows(src.data(), by_expert.data(), 1, runs_within(in, RunSide::destination, first, rows));
+          cpu_backend().copy_rows(by_expert.data(), back.data(), 1, runs_within(out, RunSide::source, first, rows));
+        }
+        for (const RowRun& r : out)  // and back to where each row came from
+          for (int64_t i = 0; i < r.rows; ++i) EXPECT_EQ(back[r.dst_row + i], src[r.dst_row + i]);
+      }
+      EXPECT_EQ(by_expert, at_once) << "peers " << peers << " degree " << degree;
+    }
+  }
+}
+
 // A rank's own rows skip the all-to-all: the runs of the other peers plus the runs of its own
 // blocks from the token side's layout (a different one, that agrees with the expert side only on
 // this peer) put every row where the all-to-all and the copy to compute order would have.
