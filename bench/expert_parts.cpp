@@ -6,10 +6,12 @@
 //
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/expert_parts.cpp -o /tmp/expert_parts
 //       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
-//   /tmp/expert_parts [bf16|fp32]
+//   /tmp/expert_parts [bf16|fp32] [ROWS M H]     (default 1025 512 1024; e.g. 512 512 128: a
+//                                                 fine-grained expert's share of a DeepSeek-style layer)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -21,7 +23,7 @@ using namespace pm;
 
 namespace {
 
-constexpr int64_t R = 1025, M = 512, H = 1024;
+int64_t R = 1025, M = 512, H = 1024;  // main's arguments may change them
 
 template <typename Fn>
 void time_it(const char* name, double flops, Fn fn) {
@@ -110,9 +112,16 @@ void run(Precision precision) {
 
 int main(int argc, char** argv) {
   const bool fp32 = argc > 1 && std::strcmp(argv[1], "fp32") == 0;
-  if (argc > 1 && !fp32 && std::strcmp(argv[1], "bf16") != 0) {
-    std::fprintf(stderr, "usage: %s [bf16|fp32]\n", argv[0]);
+  if ((argc > 1 && !fp32 && std::strcmp(argv[1], "bf16") != 0) || (argc != 1 && argc != 2 && argc != 5)) {
+    std::fprintf(stderr, "usage: %s [bf16|fp32] [ROWS M H]\n", argv[0]);
     return 2;
+  }
+  if (argc == 5) {
+    R = std::atoll(argv[2]), M = std::atoll(argv[3]), H = std::atoll(argv[4]);
+    if (R < 1 || M < 2 || H < 2 || M % 2 || H % 2) {
+      std::fprintf(stderr, "ROWS >= 1, M and H even and >= 2\n");
+      return 2;
+    }
   }
   if (fp32)
     run<float>(Precision::fp32);
