@@ -242,6 +242,8 @@ TEST(TopK, ARowWithANanKeepsTheSelectionsAnswer) {
   EXPECT_TRUE(std::isnan(val[0]));
   EXPECT_EQ(idx[2], 0);
   EXPECT_EQ(idx[3], 2);
+  EXPECT_ANY_THROW(topk_rows(v.data(), 2, 3, 0, idx.data(), val.data()));  // no choice to make
+  EXPECT_ANY_THROW(topk_rows(v.data(), 2, 3, 4, idx.data(), val.data()));  // more than there are
 }
 
 TEST(Rows, GatherFillColumnSumsAxpyDot) {

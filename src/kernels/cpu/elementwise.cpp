@@ -263,6 +263,7 @@ bool topk_row_by_insertion(const float* v, int64_t cols, int k, int32_t* index, 
 }  // namespace
 
 void topk_rows(const float* values, int64_t rows, int64_t cols, int k, int32_t* index, float* value) {
+  PM_CHECK(k >= 1 && k <= cols, "top-{} of {} values", k, cols);
   for (int64_t r = 0; r < rows; ++r) {
     const float* v = values + r * cols;
     if (!topk_row_by_insertion(v, cols, k, index + r * k, value + r * k))
