@@ -192,7 +192,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
   ForwardSteps steps;
   steps.gate = [this, p, shape, degree] {
     p->gating = gate_forward(backend_, p->x, w_.wg.f32(), p->tokens, shape,
-                             shape.balance_bias ? w_.router_bias.f32() : nullptr);
+                             shape.balance_bias ? w_.router_bias.f32() : nullptr,
+                             inference_ || cache_ ? RouterLosses::skip : RouterLosses::compute);
     p->handle = dispatcher_.layout(p->gating.routing, degree);
     p->send.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());
     p->back.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());

@@ -27,7 +27,7 @@ double log_sum_exp_rows(const float* logits, int64_t T, int E, std::vector<float
 }  // namespace
 
 Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape,
-                    const float* bias) {
+                    const float* bias, RouterLosses losses) {
   const int64_t M = shape.model_dim;
   const int E = shape.experts, top_k = shape.top_k;
   PM_CHECK((bias != nullptr) == shape.balance_bias, "a selection bias {} a layer that {} one",
@@ -35,11 +35,14 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   Gating g;
   g.probs.resize(T * E);
   backend.gemm(Trans::no, Trans::no, T, E, M, x, M, wg, E, 0.0f, g.probs.data(), E);
-  g.z_loss = log_sum_exp_rows(g.probs.data(), T, E, g.lse);
+  const bool with_losses = losses == RouterLosses::compute;
+  g.z_loss = with_losses ? log_sum_exp_rows(g.probs.data(), T, E, g.lse) : std::nan("");
   const bool sigmoid = shape.router_score == RouterScore::sigmoid;
   if (sigmoid) {
-    g.logits.resize(T * E);
-    std::copy(g.probs.data(), g.probs.data() + T * E, g.logits.data());
+    if (with_losses) {  // the z-loss's gradient reads them
+      g.logits.resize(T * E);
+      std::copy(g.probs.data(), g.probs.data() + T * E, g.logits.data());
+    }
     g.score_sum.assign(T, 0.0f);
     for (int64_t t = 0; t < T; ++t) {
       double sum = 0;
@@ -78,6 +81,10 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
     }
   }
   assign_slots(routing);
+  if (!with_losses) {
+    g.aux_loss = std::nan("");
+    return g;
+  }
 
   // GShard aux loss: E * sum_e mean_t(probs[t, e]) * (share of tokens whose first choice is e).
   g.first_choice_fraction.assign(E, 0.0f);
@@ -95,6 +102,8 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
 
 void gate_backward(Backend& backend, const float* x, const float* wg, const MoeShape& shape, const Gating& g,
                    const float* dgate, RouterLossGrads loss_grads, float* dwg, float* dx) {
+  PM_CHECK(g.first_choice_fraction.size() == static_cast<size_t>(shape.experts),
+           "a backward of a gate pass that skipped the router's losses (inference)");
   const float aux_grad = loss_grads.aux;
   const int64_t T = g.routing.tokens, M = shape.model_dim;
   const int E = shape.experts, top_k = shape.top_k;

@@ -43,10 +43,17 @@ struct Gating {
   double z_loss = 0;           // ST-MoE: mean_t lse[t]^2
 };
 
+// Whether a pass needs the router's losses: training does; inference reads only the routing and
+// the gate values, and skips the z-loss's log-sum-exp (a double exp per token and expert: ~3 ms
+// of a 2048-token pass at 256 experts) and the aux loss's means.
+enum class RouterLosses { compute, skip };
+
 // x[T, M], wg[M, E]; the capacity is the shape's for T tokens. bias[E] (only with
 // shape.balance_bias; else null): added to the probabilities to choose, not to the gate values.
+// RouterLosses::skip: the same routing, gate values and scores; aux_loss and z_loss NaN, lse,
+// logits and first_choice_fraction empty (a backward of such a pass is refused).
 Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape,
-                    const float* bias = nullptr);
+                    const float* bias = nullptr, RouterLosses losses = RouterLosses::compute);
 
 // From dgate[T, k] (d loss / d gate value; 0 for dropped choices) and the router losses'
 // gradients: dwg[M, E] += x^T dlogits and dx[T, M] = dlogits Wg^T (overwritten). The selection

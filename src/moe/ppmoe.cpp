@@ -184,7 +184,8 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
   PpmoeForwardSteps steps;
   steps.gate = [this, p, shape, tasks, &graph, degree, M, H, H1] {
     p->gating = gate_forward(backend_, p->x, w_.wg.f32(), p->tokens, shape,
-                             shape.balance_bias ? w_.router_bias.f32() : nullptr);
+                             shape.balance_bias ? w_.router_bias.f32() : nullptr,
+                             inference_ ? RouterLosses::skip : RouterLosses::compute);
     p->local = local_rows(p->gating.routing, first_expert(), shape.local_experts());
     const int64_t rows = p->local.rows();
     p->u.resize(rows, M, shape.precision);

@@ -1,10 +1,12 @@
 // Capacity, slot filling order, and the chunk layouts the pipeline moves rows through.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <numeric>
 #include <set>
 
 #include "core/error.h"
+#include "core/rng.h"
 #include "moe/gate.h"
 #include "moe/routing.h"
 
@@ -49,6 +51,40 @@ TEST(BalanceBias, CountsEveryChoiceAndMovesTheBiasAgainstTheLoad) {
   std::vector<double> even(4, 2.0);  // balanced: nothing moves
   update_balance_bias(bias.data(), even.data(), 4, 0.125);
   EXPECT_EQ(bias, (std::vector<float>{0.375f, -0.125f, 0.125f, -0.125f}));
+}
+
+// Inference skips the router's losses and nothing else: the same choices, slots, gate values and
+// scores as a training pass, softmax or sigmoid, with a selection bias or not; the losses it did
+// not compute are NaN, and a backward of such a pass is refused.
+TEST(Gate, InferenceSkipsTheLossesAndRoutesTheSame) {
+  MoeShape shape;
+  shape.tokens = 37, shape.model_dim = 24, shape.hidden = 8, shape.experts = 16, shape.top_k = 4;
+  shape.capacity_factor = 0;
+  Rng rng(3, 0);
+  std::vector<float> x(shape.tokens * shape.model_dim), wg(shape.model_dim * shape.experts), bias(shape.experts);
+  rng.fill_uniform(x.data(), static_cast<int64_t>(x.size()), -1.0f, 1.0f);
+  rng.fill_uniform(wg.data(), static_cast<int64_t>(wg.size()), -0.5f, 0.5f);
+  rng.fill_uniform(bias.data(), shape.experts, -0.05f, 0.05f);
+  for (RouterScore score : {RouterScore::softmax, RouterScore::sigmoid}) {
+    for (bool balance : {false, true}) {
+      shape.router_score = score;
+      shape.balance_bias = balance;
+      const float* b = balance ? bias.data() : nullptr;
+      const Gating train = gate_forward(cpu_backend(), x.data(), wg.data(), shape.tokens, shape, b);
+      const Gating infer =
+          gate_forward(cpu_backend(), x.data(), wg.data(), shape.tokens, shape, b, RouterLosses::skip);
+      EXPECT_EQ(infer.routing.expert, train.routing.expert);
+      EXPECT_EQ(infer.routing.slot, train.routing.slot);
+      EXPECT_EQ(infer.gate, train.gate);
+      EXPECT_EQ(std::vector<float>(infer.probs.begin(), infer.probs.end()),
+                std::vector<float>(train.probs.begin(), train.probs.end()));
+      EXPECT_TRUE(std::isfinite(train.aux_loss) && std::isfinite(train.z_loss));
+      EXPECT_TRUE(std::isnan(infer.aux_loss) && std::isnan(infer.z_loss));
+      std::vector<float> dgate(shape.tokens * shape.top_k, 1.0f), dwg(wg.size()), dx(x.size());
+      EXPECT_ANY_THROW(gate_backward(cpu_backend(), x.data(), wg.data(), shape, infer, dgate.data(), {0.01f, 0.001f},
+                                     dwg.data(), dx.data()));
+    }
+  }
 }
 
 TEST(Layout, ChunksAreEvenUpToTwoThenTaperedAtBothEnds) {
