@@ -29,7 +29,6 @@ bool huge_pages_wanted();  // PIPEMOE_HUGE_PAGES is not "0" (read once)
 template <typename T>
 struct AlignedAllocator {
   using value_type = T;
-  static constexpr std::size_t alignment = 64;
   AlignedAllocator() = default;
   template <typename U>
   AlignedAllocator(const AlignedAllocator<U>&) {}

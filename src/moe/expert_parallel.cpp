@@ -171,6 +171,8 @@ class ExpertParallelLayer final : public MoeLayer {
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
   std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
+  // set for inference, or holding offloaded experts (which have no backward)
+  bool inferring() const { return inference_ || cache_ != nullptr; }
   OffloadMode offload_mode_ = OffloadMode::resident;
   LayerWeights w_;
 
@@ -193,7 +195,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
   steps.gate = [this, p, shape, degree] {
     p->gating = gate_forward(backend_, p->x, w_.wg.f32(), p->tokens, shape,
                              shape.balance_bias ? w_.router_bias.f32() : nullptr,
-                             inference_ || cache_ ? RouterLosses::skip : RouterLosses::compute);
+                             inferring() ? RouterLosses::skip : RouterLosses::compute);
     p->handle = dispatcher_.layout(p->gating.routing, degree);
     p->send.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());
     p->back.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());
@@ -242,7 +244,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       p->u.copy_rows_from(backend_, p->recv.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
       p->u.copy_rows_from(backend_, p->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
       backend_.expert_forward(packed, rows, M, H, p->u.in(first), &p->fc1_saved[first * H1], p->act.out(first),
-                              &p->out[first * M], inference_ || cache_ ? ForwardFor::inference : ForwardFor::backward);
+                              &p->out[first * M], inferring() ? ForwardFor::inference : ForwardFor::backward);
       backend_.copy_rows(p->out.data(), p->recv.out(0), M, runs_within(runs.out_peers, RunSide::source, first, rows));
       backend_.copy_rows(p->out.data(), p->back.out(0), M, runs_within(runs.out_own, RunSide::source, first, rows));
     }
