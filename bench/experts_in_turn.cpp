@@ -1,0 +1,104 @@
+// N bf16 experts taking turns, each with its own weights and rows (as a layer's local experts run:
+// every expert's data has left the caches when its turn comes), against one expert run N times
+// (its data hot, as bench/expert_parts.cpp times it): the forward, input gradient and weight
+// gradients per expert, medians of 9 rounds alternating the two. Default: 32 SwiGLU experts of
+// 512 rows, M 512, H 128 (a DeepSeek-style layer's share of one rank). docs/BENCHMARKS.md,
+// "Fine-grained experts in turn: memory, not arithmetic". Build against a built tree and run:
+//
+//   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/experts_in_turn.cpp -o /tmp/experts_in_turn
+//       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
+//   /tmp/experts_in_turn [N ROWS M H [gelu|swiglu]]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
+#include "kernels/cpu/expert_ffn.h"
+using namespace pm;
+
+namespace {
+
+struct Expert {
+  std::vector<float> w1, w2, b1, b2, saved, y, dh, du, gw1, gw2, gb1, gb2;
+  std::vector<uint16_t> u, act, dy;
+  ExpertWeights w;
+  std::vector<const float*> saved_rows, dh_rows;
+  std::vector<const uint16_t*> u_rows, act_rows, dy_rows;
+};
+
+std::unique_ptr<Expert> make_expert(int e, int64_t R, int64_t M, int64_t H, Activation kind) {
+  const int64_t H1 = fc1_width(kind, H);
+  auto x = std::make_unique<Expert>();
+  x->w1.resize(M * H1), x->w2.resize(H * M), x->b1.resize(H1), x->b2.resize(M);
+  x->saved.resize(R * H1), x->y.resize(R * M), x->dh.resize(R * H1), x->du.resize(R * M);
+  x->gw1.resize(M * H1), x->gw2.resize(H * M), x->gb1.resize(H1), x->gb2.resize(M);
+  x->u.resize(R * M), x->act.resize(R * H), x->dy.resize(R * M);
+  for (size_t i = 0; i < x->w1.size(); ++i) x->w1[i] = ((i * 5 + e) % 11) * 0.01f - 0.05f;
+  for (size_t i = 0; i < x->w2.size(); ++i) x->w2[i] = ((i * 3 + e) % 7) * 0.01f - 0.03f;
+  for (size_t i = 0; i < x->u.size(); ++i)
+    x->u[i] = float_to_bf16(((i * 7) % 13) * 0.01f - 0.06f), x->dy[i] = float_to_bf16(((i * 3) % 17) * 0.01f - 0.08f);
+  x->w.precision = Precision::bf16;
+  x->w.activation = kind;
+  x->w.b1 = x->b1.data();
+  x->w.b2 = x->b2.data();
+  x->w.pack_forward(x->w1.data(), x->w2.data(), M, H);
+  x->w.pack_backward(x->w1.data(), x->w2.data(), M, H);
+  for (int64_t i = 0; i < R; ++i) {
+    x->saved_rows.push_back(x->saved.data() + i * H1), x->dh_rows.push_back(x->dh.data() + i * H1);
+    x->u_rows.push_back(x->u.data() + i * M), x->act_rows.push_back(x->act.data() + i * H);
+    x->dy_rows.push_back(x->dy.data() + i * M);
+  }
+  return x;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n = 32;
+  int64_t R = 512, M = 512, H = 128;
+  Activation kind = Activation::swiglu;
+  if (argc >= 5) n = std::atoi(argv[1]), R = std::atoll(argv[2]), M = std::atoll(argv[3]), H = std::atoll(argv[4]);
+  if (argc >= 6) kind = std::strcmp(argv[5], "gelu") == 0 ? Activation::gelu : Activation::swiglu;
+  if ((argc != 1 && argc != 5 && argc != 6) || n < 1 || R < 1 || M < 2 || H < 2 || M % 2 || H % 2) {
+    std::fprintf(stderr, "usage: %s [N ROWS M H [gelu|swiglu]]  (M, H even)\n", argv[0]);
+    return 2;
+  }
+  std::vector<std::unique_ptr<Expert>> experts;
+  for (int e = 0; e < n; ++e) experts.push_back(make_expert(e, R, M, H, kind));
+  auto forward = [&](Expert& x) {
+    expert_forward(x.w, R, M, H, RowsIn(x.u.data()), x.saved.data(), RowsOut(x.act.data()), x.y.data(),
+                   ForwardFor::backward);
+  };
+  auto input_grad = [&](Expert& x) {
+    expert_backward_input(x.w, R, M, H, RowsIn(x.dy.data()), x.saved_rows.data(), x.dh.data(), x.du.data());
+  };
+  auto weight_grads = [&](Expert& x) {
+    ExpertRows rows;
+    rows.u_bf16 = x.u_rows, rows.act_bf16 = x.act_rows, rows.dy_bf16 = x.dy_rows, rows.dhpre = x.dh_rows;
+    expert_weight_grads({x.gw1.data(), x.gb1.data(), x.gw2.data(), x.gb2.data()}, kind, Precision::bf16, M, H, rows);
+  };
+  for (auto& x : experts) forward(*x), input_grad(*x);
+  std::printf("%d bf16 %s experts of %lld rows, M %lld, H %lld, one thread: ms per expert\n", n,
+              kind == Activation::swiglu ? "SwiGLU" : "GeLU", static_cast<long long>(R), static_cast<long long>(M),
+              static_cast<long long>(H));
+  std::printf("%-22s %10s %10s %7s\n", "step", "in turn", "one hot", "ratio");
+  auto row = [&](const char* name, auto step) {
+    std::vector<double> ms[2];
+    for (int round = 0; round < 9; ++round)
+      for (int hot = 0; hot < 2; ++hot) {
+        const auto start = std::chrono::steady_clock::now();
+        for (int e = 0; e < n; ++e) step(*experts[hot ? 0 : e]);
+        ms[hot].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3 / n);
+      }
+    for (auto& v : ms) std::sort(v.begin(), v.end());
+    std::printf("%-22s %10.3f %10.3f %6.2fx\n", name, ms[0][4], ms[1][4], ms[0][4] / ms[1][4]);
+  };
+  row("forward", forward);
+  row("input gradient", input_grad);
+  row("weight gradients", weight_grads);
+  return 0;
+}
