@@ -10,18 +10,26 @@
 namespace pm {
 namespace {
 
-// fn(row) with row `row` of slots, floats or bf16 (the kernels widen bf16 as they read it).
+// fn(first row) with slots' rows as floats or bf16 (the kernels widen bf16 as they read it).
 template <typename Fn>
-auto with_slot_row(RowsIn slots, int64_t row, int64_t M, Fn&& fn) {
-  return slots.f32 ? fn(slots.f32 + row * M) : fn(slots.bf16 + row * M);
+auto with_slots(RowsIn slots, Fn&& fn) {
+  return slots.f32 ? fn(slots.f32) : fn(slots.bf16);
+}
+
+// Writes M floats into row `row` of slots (rounded to bf16 there when slots are bf16).
+void store_row(const float* values, RowsOut slots, int64_t row, int64_t M) {
+  if (slots.f32)
+    std::memcpy(slots.f32 + row * M, values, M * sizeof(float));
+  else
+    floats_to_bf16(values, slots.bf16 + row * M, M);
 }
 
 // The gathers below sum a token's k slot rows in registers, 64 columns at a time, where they
 // went through the token's row in memory once per choice (an axpy or a dot per choice). Each
 // column's sum is the same chain of operations in the same order (choice 0 first, a multiply
 // then an add each: we build with -ffp-contract=off), so the same bits. A DeepSeek-style layer's
-// token has 8 choices; the combine of 2048 tokens x 8 rows of 512 bf16 took 0.84-0.92 ms, 0.50-0.54
-// this way (one thread, the rows in L3).
+// token has 8 choices: at top-8 of 64 these kernels take 0.5-0.96x the per-choice loops' time
+// (bench/choice_rows.cpp; at top-2, 0.64-1.06x).
 typedef float Lanes __attribute__((vector_size(16 * sizeof(float))));
 typedef uint32_t LaneBits __attribute__((vector_size(16 * sizeof(uint32_t))));
 typedef uint16_t LaneBf16 __attribute__((vector_size(16 * sizeof(uint16_t))));
@@ -79,11 +87,16 @@ void dot_choice_rows(const float* dy, const X* slots, int64_t M, int k, const in
   for (int j0 = 0; j0 < k; j0 += kGroup) {
     const int n = std::min(kGroup, k - j0);
     const X* rows[kGroup];
+    int which[kGroup];  // the choice of each kept row
     int kept = 0;
-    int which[kGroup];
-    for (int j = 0; j < n; ++j)
-      if (position[j0 + j] >= 0) rows[kept] = slots + position[j0 + j] * M, which[kept++] = j0 + j;
-      else dgate[j0 + j] = 0.0f;
+    for (int j = j0; j < j0 + n; ++j) {
+      if (position[j] < 0) {
+        dgate[j] = 0.0f;
+        continue;
+      }
+      rows[kept] = slots + position[j] * M;
+      which[kept++] = j;
+    }
     Lanes acc[kGroup] = {};
     for (int64_t m = 0; m < vectors; m += kLanes) {
       const Lanes x = load_lanes(dy + m);
@@ -103,33 +116,20 @@ void dot_choice_rows(const float* dy, const X* slots, int64_t M, int k, const in
 }  // namespace
 
 void dispatch_rows(const float* x, int64_t T, int64_t M, int k, const int64_t* position, RowsOut slots) {
-  if (slots.f32) {
-    for (int64_t i = 0; i < T * k; ++i)
-      if (position[i] >= 0) std::memcpy(slots.f32 + position[i] * M, x + (i / k) * M, M * sizeof(float));
-    return;
-  }
-  // bf16 slots: a token's row rounded once, then copied to each of its choices' slots
-  std::vector<uint16_t> rounded(M);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t* p = position + t * k;
-    if (std::all_of(p, p + k, [](int64_t v) { return v < 0; })) continue;
-    floats_to_bf16(x + t * M, rounded.data(), M);
-    for (int j = 0; j < k; ++j)
-      if (p[j] >= 0) std::memcpy(slots.bf16 + p[j] * M, rounded.data(), M * sizeof(uint16_t));
-  }
+  for (int64_t i = 0; i < T * k; ++i)
+    if (position[i] >= 0) store_row(x + (i / k) * M, slots, position[i], M);
 }
 
 void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k, const int64_t* position, float* y) {
   for (int64_t t = 0; t < T; ++t)
-    with_slot_row(slots, 0, M, [&](auto rows) {
-      sum_choice_rows(rows, M, k, position + t * k, gate + t * k, nullptr, y + t * M);
-    });
+    with_slots(slots,
+               [&](auto rows) { sum_choice_rows(rows, M, k, position + t * k, gate + t * k, nullptr, y + t * M); });
 }
 
 void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position, float* dx) {
   const std::vector<float> ones(k, 1.0f);  // 1 * v is v: the old axpy(1, ...)'s bits
   for (int64_t t = 0; t < T; ++t)
-    with_slot_row(dslots, 0, M, [&](auto rows) {
+    with_slots(dslots, [&](auto rows) {
       sum_choice_rows(rows, M, k, position + t * k, ones.data(), dx + t * M, dx + t * M);
     });
 }
@@ -152,9 +152,7 @@ void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, 
 void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,
                                 float* dgate) {
   for (int64_t t = 0; t < T; ++t)
-    with_slot_row(slots, 0, M, [&](auto rows) {
-      dot_choice_rows(dy + t * M, rows, M, k, position + t * k, dgate + t * k);
-    });
+    with_slots(slots, [&](auto rows) { dot_choice_rows(dy + t * M, rows, M, k, position + t * k, dgate + t * k); });
 }
 
 }  // namespace pm
