@@ -2,11 +2,13 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/elementwise.h"
 
 namespace pm {
 namespace {
@@ -119,6 +121,57 @@ TEST(Dispatch, Bf16SlotsGiveTheBitsOfFloatSlotsHoldingTheRoundedValues) {
   EXPECT_TRUE(same(dx16, dx));
   // and rounding really happened
   EXPECT_FALSE(same(widened(slots16), slots));
+}
+
+
+// The gathers' fixed order of operations, which a layer's bits rest on (and the CUDA kernels
+// repeat): y[t] = ((0 + g_0 r_0) + g_1 r_1) + ... over the kept choices in order, dx[t] the same
+// from its old value, a gate gradient pm::dot's. Widths that fill the kernels' blocks of 64
+// columns and leave tails, k past their groups of 8, dropped choices, float and bf16 slots.
+TEST(Dispatch, GathersKeepTheOrderOfOneChoiceAtATime) {
+  const int64_t T = 9;
+  for (int64_t M : {5, 37, 64, 100, 512})
+    for (int k : {1, 3, 8, 11}) {
+      const int64_t rows = T * k;
+      std::vector<int64_t> pos(T * k);
+      for (int64_t i = 0; i < T * k; ++i) pos[i] = (i * 7 + 3) % 5 == 0 ? -1 : (i * 13) % rows;  // some dropped
+      std::vector<float> slots(rows * M), dy(T * M), gate(T * k), start(T * M);
+      Rng(5, M * 16 + k).fill_normal(slots.data(), slots.size(), 0, 1);
+      Rng(6, M * 16 + k).fill_normal(dy.data(), dy.size(), 0, 1);
+      Rng(7, M * 16 + k).fill_normal(gate.data(), gate.size(), 0, 1);
+      Rng(8, M * 16 + k).fill_normal(start.data(), start.size(), 0, 1);
+      std::vector<uint16_t> slots16(slots.size());
+      floats_to_bf16(slots.data(), slots16.data(), static_cast<int64_t>(slots.size()));
+      std::vector<float> widened(slots.size());
+      bf16_to_floats(slots16.data(), widened.data(), static_cast<int64_t>(slots.size()));
+      for (bool bf16 : {false, true}) {
+        const std::vector<float>& values = bf16 ? widened : slots;
+        const RowsIn in = bf16 ? RowsIn(slots16.data()) : RowsIn(slots.data());
+        std::vector<float> y(T * M), y_ref(T * M), dx = start, dx_ref = start, dgate(T * k), dgate_ref(T * k);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t m = 0; m < M; ++m) {
+            float acc = 0.0f, sum = dx_ref[t * M + m];
+            for (int j = 0; j < k; ++j) {
+              const int64_t p = pos[t * k + j];
+              if (p < 0) continue;
+              const float product = gate[t * k + j] * values[p * M + m];  // (two statements: no FMA)
+              acc += product;
+              sum += values[p * M + m];
+            }
+            y_ref[t * M + m] = acc;
+            dx_ref[t * M + m] = sum;
+          }
+        for (int64_t i = 0; i < T * k; ++i)
+          dgate_ref[i] = pos[i] < 0 ? 0.0f : dot(dy.data() + (i / k) * M, values.data() + pos[i] * M, M);
+        combine_rows(in, gate.data(), T, M, k, pos.data(), y.data());
+        dispatch_rows_backward(in, T, M, k, pos.data(), dx.data());
+        combine_rows_backward_gate(dy.data(), in, T, M, k, pos.data(), dgate.data());
+        const std::string where = "M " + std::to_string(M) + ", k " + std::to_string(k) + (bf16 ? ", bf16" : "");
+        EXPECT_EQ(std::memcmp(y.data(), y_ref.data(), y.size() * sizeof(float)), 0) << where;
+        EXPECT_EQ(std::memcmp(dx.data(), dx_ref.data(), dx.size() * sizeof(float)), 0) << where;
+        EXPECT_EQ(std::memcmp(dgate.data(), dgate_ref.data(), dgate.size() * sizeof(float)), 0) << where;
+      }
+    }
 }
 
 }  // namespace
