@@ -65,9 +65,9 @@ void GptModel::backward_stage(const float* dh_in) {
     if (b.moe) {
       if (scmoe) {
         // the MoE's output gradient is dh here; the blocks below overwrite dh while its backward runs
-        steps.push_back(DenseStep{indexed("moe_dy", l), [&b, &dh, T, D, l, Td, Dd](TaskGraph& g, int last) {
+        steps.push_back(DenseStep{indexed("moe_dy", l), [&b, &dh, l, Td, Dd](TaskGraph& g, int last) {
           return g.add({indexed("moe_dy", l), lanes::compute, "copy", -1, {1, 0, 2 * Td * Dd * 4}, after(last),
-                        [&b, &dh, T, D] { b.moe_dy = dh; }});
+                        [&b, &dh] { b.moe_dy = dh; }});
         }});
         steps.push_back(MoeJoin{l});
         if (G > 0)

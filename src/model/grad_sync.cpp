@@ -22,7 +22,7 @@ int block_of(const std::string& name) {
 
 GradientSync::GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap,
                            Communicator* expert_replicas, float expert_scale, DType wire)
-    : comm_(comm), overlap_(overlap), wire_(wire), buckets_(blocks + 1) {
+    : overlap_(overlap), wire_(wire), buckets_(blocks + 1) {
   PM_CHECK(wire == DType::f32 || wire == DType::bf16, "gradients cross the wire as f32 or bf16, not {}", dtype_name(wire));
   for (int b = 0; b < blocks; ++b) buckets_[b].name = "all-reduce block " + std::to_string(b) + " grads";
   buckets_[blocks].name = "all-reduce embedding grads";

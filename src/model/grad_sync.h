@@ -52,7 +52,6 @@ class GradientSync {
   };
   void append(TaskGraph& graph, Bucket& bucket, const std::vector<int>& after);
 
-  Communicator& comm_;
   bool overlap_;
   DType wire_;
   bool enabled_ = true;
