@@ -1,7 +1,8 @@
 // N bf16 experts taking turns, each with its own weights and rows (as a layer's local experts run:
 // every expert's data has left the caches when its turn comes), against one expert run N times
 // (its data hot, as bench/expert_parts.cpp times it): the forward, input gradient and weight
-// gradients per expert, medians of 9 rounds alternating the two. Default: 32 SwiGLU experts of
+// gradients per expert, medians of 9 rounds alternating the two; and the backward's two steps in
+// the layer's order against each expert's both at once. Default: 32 SwiGLU experts of
 // 512 rows, M 512, H 128 (a DeepSeek-style layer's share of one rank). docs/BENCHMARKS.md,
 // "Fine-grained experts in turn: memory, not arithmetic". Build against a built tree and run:
 //
@@ -100,5 +101,23 @@ int main(int argc, char** argv) {
   row("forward", forward);
   row("input gradient", input_grad);
   row("weight gradients", weight_grads);
+  // The backward's two steps in the layer's order (every input gradient, then every expert's
+  // weight gradients) against each expert's weight gradients right after its input gradient, while
+  // its output gradients and dh are still in cache.
+  std::vector<double> ms[2];
+  for (int round = 0; round < 9; ++round)
+    for (int fused = 0; fused < 2; ++fused) {
+      const auto start = std::chrono::steady_clock::now();
+      if (fused) {
+        for (auto& x : experts) input_grad(*x), weight_grads(*x);
+      } else {
+        for (auto& x : experts) input_grad(*x);
+        for (auto& x : experts) weight_grads(*x);
+      }
+      ms[fused].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3 / n);
+    }
+  for (auto& v : ms) std::sort(v.begin(), v.end());
+  std::printf("backward, all input gradients then all weight gradients: %.3f ms per expert; each expert's both "
+              "at once: %.3f (%.2fx)\n", ms[0][4], ms[1][4], ms[1][4] / ms[0][4]);
   return 0;
 }
