@@ -5,8 +5,9 @@
 // with float and with bf16 output, with and without GeLU'. Medians of 31 calls, one thread. Build
 // against a built tree and run (link against an older tree's libraries for its GeLU figures):
 //
-//   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/bf16_rounding.cpp -o /tmp/bf16_rounding \
-//       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread && taskset -c 0 /tmp/bf16_rounding
+//   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/bf16_rounding.cpp -o /tmp/bf16_rounding
+//       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread   (one line)
+//   taskset -c 0 /tmp/bf16_rounding   (or build/bench/bf16_rounding, built with the tree)
 #include <algorithm>
 #include <chrono>
 #include <cstdint>

@@ -6,6 +6,7 @@
 //
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/choice_rows.cpp -o /tmp/choice_rows
 //       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
+//   (or build/bench/choice_rows, built with the tree)
 //   /tmp/choice_rows [CSV]
 #include <algorithm>
 #include <chrono>

@@ -6,6 +6,7 @@
 //
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/expert_parts.cpp -o /tmp/expert_parts
 //       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
+//   (or build/bench/expert_parts, built with the tree)
 //   /tmp/expert_parts [bf16|fp32] [ROWS M H [gelu|swiglu]]   (default 1025 512 1024 gelu; e.g.
 //       512 512 128 swiglu: a fine-grained expert's share of a DeepSeek-style layer)
 #include <algorithm>

@@ -8,6 +8,7 @@
 //
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/experts_in_turn.cpp -o /tmp/experts_in_turn
 //       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
+//   (or build/bench/experts_in_turn, built with the tree)
 //   /tmp/experts_in_turn [N ROWS M H [gelu|swiglu]]
 #include <algorithm>
 #include <chrono>

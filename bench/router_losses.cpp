@@ -5,6 +5,7 @@
 //
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/router_losses.cpp -o /tmp/router_losses
 //       -Lbuild/src -lpipemoe_moe -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
+//   (or build/bench/router_losses, built with the tree)
 //   /tmp/router_losses
 #include <algorithm>
 #include <chrono>
