@@ -29,7 +29,7 @@ std::string brown_file_to_text(const std::string& tagged) {
     while (words >> token) {
       auto slash = token.rfind('/');
       std::string w = slash == std::string::npos ? token : token.substr(0, slash);
-      if (w == "``" || w == "''") w = "\"";
+      if (w == "``" || w == "''") w.assign(1, '"');  // (assign: GCC 12 warns falsely of w = "\"" here, -Wrestrict)
       bool closing = w == "." || w == "," || w == ";" || w == ":" || w == "!" || w == "?" || w == ")" ||
                      w == "'s" || w == "n't" || w == "'";
       if (!sentence.empty() && !closing && sentence.back() != '(') sentence += ' ';

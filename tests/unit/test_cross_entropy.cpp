@@ -93,7 +93,7 @@ TEST_P(CrossEntropy, ShardsGiveTheWholeRowsLossAndGradient) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Vocabularies, CrossEntropy, ::testing::Values(1, 7, 8, 31, 32, 33, 100, 2048, 2053),
-                         [](const ::testing::TestParamInfo<int64_t>& p) { return "V" + std::to_string(p.param); });
+                         [](const ::testing::TestParamInfo<int64_t>& p) { return std::string("V").append(std::to_string(p.param)); });
 
 }  // namespace
 }  // namespace pm
