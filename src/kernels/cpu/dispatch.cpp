@@ -6,6 +6,7 @@
 
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/lanes.h"
 
 namespace pm {
 namespace {
@@ -30,27 +31,10 @@ void store_row(const float* values, RowsOut slots, int64_t row, int64_t M) {
 // then an add each: we build with -ffp-contract=off), so the same bits. A DeepSeek-style layer's
 // token has 8 choices: at top-8 of 64 these kernels take 0.5-0.96x the per-choice loops' time
 // (bench/choice_rows.cpp; at top-2, 0.64-1.06x).
-typedef float Lanes __attribute__((vector_size(16 * sizeof(float))));
-typedef uint32_t LaneBits __attribute__((vector_size(16 * sizeof(uint32_t))));
-typedef uint16_t LaneBf16 __attribute__((vector_size(16 * sizeof(uint16_t))));
+using lanes::Lanes;
+using lanes::load16;
+using lanes::value_of;
 constexpr int64_t kLanes = 16, kBlock = 64;  // columns per vector; per block of four vectors
-
-[[gnu::always_inline]] inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-[[gnu::always_inline]] inline Lanes load_lanes(const uint16_t* p) {  // bf16 widened: exact
-  LaneBf16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const LaneBits bits = __builtin_convertvector(h, LaneBits) << 16;
-  Lanes v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-[[gnu::always_inline]] inline void store_lanes(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(v)); }
-inline float value_of(float v) { return v; }
-inline float value_of(uint16_t v) { return bf16_to_float(v); }
 
 // out[m] = init[m] (or 0) + sum over kept choices j, in order, of scale[j] * rows_j[m].
 template <typename X>
@@ -60,14 +44,14 @@ void sum_choice_rows(const X* slots, int64_t M, int k, const int64_t* position, 
   for (int64_t m = 0; m < blocked; m += kBlock) {
     Lanes a[4] = {};
     if (init)
-      for (int v = 0; v < 4; ++v) a[v] = load_lanes(init + m + v * kLanes);
+      for (int v = 0; v < 4; ++v) a[v] = load16(init + m + v * kLanes);
     for (int j = 0; j < k; ++j) {
       if (position[j] < 0) continue;
       const X* row = slots + position[j] * M + m;
       const float s = scale[j];
-      for (int v = 0; v < 4; ++v) a[v] += s * load_lanes(row + v * kLanes);
+      for (int v = 0; v < 4; ++v) a[v] += s * load16(row + v * kLanes);
     }
-    for (int v = 0; v < 4; ++v) store_lanes(out + m + v * kLanes, a[v]);
+    for (int v = 0; v < 4; ++v) std::memcpy(out + m + v * kLanes, &a[v], sizeof(Lanes));
   }
   for (int64_t m = blocked; m < M; ++m) {
     float a = init ? init[m] : 0.0f;
@@ -99,8 +83,8 @@ void dot_choice_rows(const float* dy, const X* slots, int64_t M, int k, const in
     }
     Lanes acc[kGroup] = {};
     for (int64_t m = 0; m < vectors; m += kLanes) {
-      const Lanes x = load_lanes(dy + m);
-      for (int r = 0; r < kept; ++r) acc[r] += x * load_lanes(rows[r] + m);
+      const Lanes x = load16(dy + m);
+      for (int r = 0; r < kept; ++r) acc[r] += x * load16(rows[r] + m);
     }
     for (int r = 0; r < kept; ++r) {
       float partial[kLanes];

@@ -9,6 +9,7 @@
 #include "core/bf16_lanes.h"
 #include "core/tensor.h"
 #include "kernels/cpu/fast_math.h"
+#include "kernels/cpu/lanes.h"
 
 namespace pm {
 
@@ -22,7 +23,10 @@ namespace {
 // two of 16 took GeLU and GeLU' from 1.0 to 0.68 ns per element on Zen 5, where four of 16 ran
 // out of registers). On a CPU without AVX-512 GCC splits each vector in two: the same operations
 // per lane. The tail runs one float at a time: the same operations per element either way.
-typedef float Lanes __attribute__((vector_size(16 * sizeof(float))));
+using lanes::Lanes;
+using lanes::LaneBits;
+using lanes::LaneBf16;
+using lanes::value_of;
 
 template <size_t In>
 [[gnu::always_inline]] inline std::array<Lanes, In> load_lanes(const std::array<const float*, In>& in, int64_t i) {
@@ -34,8 +38,6 @@ template <size_t In>
 // Stores of a vector or one value into floats, or into bf16 rounded to nearest even as
 // float_to_bf16 rounds (core/tensor.h), lane by lane in registers: rounding through a row of
 // floats on the stack stalled on store-to-load forwarding.
-typedef uint32_t LaneBits __attribute__((vector_size(16 * sizeof(uint32_t))));
-typedef uint16_t LaneBf16 __attribute__((vector_size(16 * sizeof(uint16_t))));
 
 [[gnu::always_inline]] inline void store(float* p, const Lanes& v) { std::memcpy(p, &v, sizeof(Lanes)); }
 [[gnu::always_inline]] inline void store(uint16_t* p, const Lanes& v) {
@@ -289,9 +291,6 @@ void gather_rows(const float* src, int64_t width, const int32_t* index, int64_t 
 
 namespace {
 
-// A float as it is, a bf16 value widened (exactly): the operands of axpy and dot.
-inline float value_of(float v) { return v; }
-inline float value_of(uint16_t v) { return bf16_to_float(v); }
 
 template <typename X>
 void axpy_of(float alpha, const X* x, float* y, int64_t n) {
