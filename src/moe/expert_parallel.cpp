@@ -121,6 +121,21 @@ std::vector<RowRun> piece_runs(const std::vector<RowRun>& runs, int64_t first, i
   return piece;
 }
 
+// An expert's rows [first, first + rows) of a chunk in pieces of `out`'s rows: compute(r, n) writes
+// the outputs of rows [r, r + n) into `out`, which then go to the peers' rows of the all-to-all
+// (`to_peers`) and this rank's own (`to_own`), along the chunk's runs.
+template <typename Compute>
+void in_pieces(Backend& backend, const ChunkRuns& runs, int64_t first, int64_t rows, int64_t M,
+               ScratchBuffer<float>& out, RowsOut to_peers, RowsOut to_own, Compute compute) {
+  const int64_t piece = static_cast<int64_t>(out.size()) / M;
+  for (int64_t r = first; r < first + rows; r += piece) {
+    const int64_t n = std::min(piece, first + rows - r);
+    compute(r, n);
+    backend.copy_rows(out.data(), to_peers, M, piece_runs(runs.out_peers, r, n));
+    backend.copy_rows(out.data(), to_own, M, piece_runs(runs.out_own, r, n));
+  }
+}
+
 class ExpertParallelLayer final : public MoeLayer {
  public:
   ExpertParallelLayer(const ExpertParallelStrategy& strategy, const MoeShape& shape, Communicator& group,
@@ -266,14 +281,10 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       // each expert's rows in and out around its own FFN, while they are in cache
       p->u.copy_rows_from(backend_, p->recv.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
       p->u.copy_rows_from(backend_, p->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
-      const int64_t piece = static_cast<int64_t>(p->out.size()) / M;
-      for (int64_t r = first; r < first + rows; r += piece) {
-        const int64_t n = std::min(piece, first + rows - r);
+      in_pieces(backend_, runs, first, rows, M, p->out, p->recv.out(0), p->back.out(0), [&](int64_t r, int64_t n) {
         backend_.expert_forward(packed, n, M, H, p->u.in(r), &p->fc1_saved[r * H1], p->act.out(r), p->out.data(),
                                 inferring() ? ForwardFor::inference : ForwardFor::backward);
-        backend_.copy_rows(p->out.data(), p->recv.out(0), M, piece_runs(runs.out_peers, r, n));
-        backend_.copy_rows(p->out.data(), p->back.out(0), M, piece_runs(runs.out_own, r, n));
-      }
+      });
     }
     // u, fc1_saved and act stay where this chunk put them: the backward reads them there, by row.
   };
@@ -351,14 +362,10 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
       b->dy_rows.copy_rows_from(backend_, b->recv.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
       b->dy_rows.copy_rows_from(backend_, b->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
-      const int64_t piece = static_cast<int64_t>(b->du.size()) / M;
-      for (int64_t r = first; r < first + rows; r += piece) {
-        const int64_t n = std::min(piece, first + rows - r);
+      in_pieces(backend_, runs, first, rows, M, b->du, b->recv.out(0), b->back.out(0), [&](int64_t r, int64_t n) {
         backend_.expert_backward_input(packed_[le], n, M, H, b->dy_rows.in(r), &saved_rows[r - chunk_first],
                                        &b->dhpre[r * H1], b->du.data());
-        backend_.copy_rows(b->du.data(), b->recv.out(0), M, piece_runs(runs.out_peers, r, n));
-        backend_.copy_rows(b->du.data(), b->back.out(0), M, piece_runs(runs.out_own, r, n));
-      }
+      });
     }
     // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
   };
