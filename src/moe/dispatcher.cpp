@@ -113,11 +113,15 @@ void Dispatcher::unpack(RowsIn back, const float* gate, const DispatchHandle& h,
   backend_.combine_rows(back, gate, h.tokens, width_, h.top_k, h.positions.data(), y);
 }
 
-void Dispatcher::unpack_sum(RowsIn back, const DispatchHandle& h, const float* start, float* dx) const {
+void Dispatcher::unpack_sum(RowsIn back, const DispatchHandle& h, const float* dlogits, const float* wg_t,
+                            int experts, float* dx) const {
   constexpr int64_t kBlock = 16;  // tokens: 16 rows of 512 floats fill half of L1
   for (int64_t t0 = 0; t0 < h.tokens; t0 += kBlock) {
     const int64_t n = std::min(kBlock, h.tokens - t0);
-    std::memcpy(dx + t0 * width_, start + t0 * width_, n * width_ * sizeof(float));
+    // each element the chain of gemm(no, yes, ..., dlogits, wg) over the experts: the bits of the
+    // whole [T, M] product this replaces (a GEMM's rows do not depend on the rows beside them)
+    backend_.gemm(Trans::no, Trans::no, n, width_, experts, dlogits + t0 * experts, experts, wg_t, width_, 0.0f,
+                  dx + t0 * width_, width_);
     backend_.dispatch_rows_backward(back, n, width_, h.top_k, h.positions.data() + t0 * h.top_k, dx + t0 * width_);
   }
 }

@@ -75,9 +75,11 @@ class Dispatcher {
   std::vector<RowRun> own_rows_from_experts(const DispatchHandle& h, int chunk) const;
   // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
   void unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const;
-  // dx[t] = start[t] + sum_j back[choice (t, j)] (the dispatch's backward added to the gate's
-  // share of dx), a block of tokens at a time so that each block's rows are summed while in cache.
-  void unpack_sum(RowsIn back, const DispatchHandle& h, const float* start, float* dx) const;
+  // dx[t] = dlogits[t] Wg^T + sum_j back[choice (t, j)] (the gate's share of dx, then the
+  // dispatch's backward added to it), a block of tokens at a time so that each block's share is
+  // made and its rows summed while in cache. wg_t: Wg transposed, [experts, width].
+  void unpack_sum(RowsIn back, const DispatchHandle& h, const float* dlogits, const float* wg_t, int experts,
+                  float* dx) const;
   Precision wire() const { return wire_; }
 
   // ---- a whole pass at once -----------------------------------------------------------------------

@@ -56,7 +56,8 @@ struct BackwardPass {
                                             // bf16 expert reads it (exact), else fp32 (expert_dgrad)
   ScratchBuffer<float> dhpre;               // [rows, H1] compute order (expert_dgrad)
   ScratchBuffer<float> du;                  // [piece rows, M] one piece of an expert's input gradients
-  ScratchBuffer<float> dx_gate;             // [T, M] the gate's share of dx (gate_bwd)
+  Buffer<float> dlogits;                    // [T, E] the router's logit gradients (gate_bwd)
+  std::vector<float> wg_t;                  // [E, M] Wg transposed: dx's gate share is dlogits Wg^T
 };
 
 // The rows behind a pass's tasks from its real routing (the busier direction of this rank's link
@@ -342,9 +343,12 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     // d loss / d gate value = <dy_t, FFN_e(x_t)> for kept choices.
     std::vector<float> dgate(T * k);
     backend_.combine_rows_backward_gate(b->dy, fp->back.in(0), T, M, k, fp->handle.positions.data(), dgate.data());
-    b->dx_gate.resize(T * M);
-    gate_backward(backend_, fp->x, w_.wg.f32(), shape, fp->gating, dgate.data(), loss_grads, w_.dwg.f32(),
-                  b->dx_gate.data());
+    b->dlogits = gate_backward_logits(backend_, fp->x, shape, fp->gating, dgate.data(), loss_grads, w_.dwg.f32());
+    const int E = shape.experts;
+    const float* wg = w_.wg.f32();
+    b->wg_t.resize(E * M);
+    for (int64_t m = 0; m < M; ++m)
+      for (int e = 0; e < E; ++e) b->wg_t[e * M + m] = wg[m * E + e];
   };
   steps.grad_dispatch = [this, b](int c) {
     dispatcher_.dispatch_chunk(b->handle, c, b->send.in(0), b->recv.out(0), kOwn);
@@ -389,10 +393,9 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     for (ScratchBuffer<float>* done : {&b->dhpre, &b->du}) release(*done);
   };
   steps.unpack_grad = [this, b] {
-    dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dx_gate.data(), b->dx);
+    dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dlogits.data(), b->wg_t.data(), shape_.experts, b->dx);
     // after every grad_combine and the gate's backward: the all-to-all's buffers are done with
     for (RowBuffer* done : {&b->send, &b->recv, &b->back}) done->release();
-    release(b->dx_gate);
   };
 
   *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps, between);

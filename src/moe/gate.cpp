@@ -100,8 +100,8 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   return g;
 }
 
-void gate_backward(Backend& backend, const float* x, const float* wg, const MoeShape& shape, const Gating& g,
-                   const float* dgate, RouterLossGrads loss_grads, float* dwg, float* dx) {
+Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& g,
+                                   const float* dgate, RouterLossGrads loss_grads, float* dwg) {
   PM_CHECK(g.first_choice_fraction.size() == static_cast<size_t>(shape.experts),
            "a backward of a gate pass that skipped the router's losses (inference)");
   const float aux_grad = loss_grads.aux;
@@ -161,6 +161,14 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
   backend.gemm(Trans::yes, Trans::no, E, M, T, dlogits.data(), E, x, M, 1.0f, dwg_t.data(), M);
   for (int64_t m = 0; m < M; ++m)
     for (int e = 0; e < E; ++e) dwg[m * E + e] = dwg_t[e * M + m];
+  return dlogits;
+}
+
+void gate_backward(Backend& backend, const float* x, const float* wg, const MoeShape& shape, const Gating& g,
+                   const float* dgate, RouterLossGrads loss_grads, float* dwg, float* dx) {
+  const Buffer<float> dlogits = gate_backward_logits(backend, x, shape, g, dgate, loss_grads, dwg);
+  const int64_t T = g.routing.tokens, M = shape.model_dim;
+  const int E = shape.experts;
   backend.gemm(Trans::no, Trans::yes, T, M, E, dlogits.data(), E, wg, E, 0.0f, dx, M);
 }
 

@@ -103,6 +103,50 @@ TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
   force_gemm_isa("");
 }
 
+// Two shapes run without packing B where the CPU has AVX-512: a C of at most 8 rows from a
+// transposed A (a router's weight gradient) and a shallow depth (its share of the input gradient:
+// at most 8, or 64 for at most 64 rows). Every element is still the written-out chain, from C or
+// zero: depths past the first one's 256-deep chunks, columns past its 48-wide blocks and the
+// second's 64-wide ones, rows past its groups of 4, on every instruction set and with threads;
+// the shapes just past the bounds take the panels.
+TEST(Gemm, FewRowsOrAShallowDepthGiveTheWrittenOutChain) {
+  struct Case {
+    Trans ta;
+    int64_t M, N, K;
+  };
+  std::vector<Case> cases;
+  for (int64_t M : {1, 3, 8, 9})
+    for (int64_t N : {5, 48, 50, 512})
+      for (int64_t K : {1, 256, 2100}) cases.push_back({Trans::yes, M, N, K});
+  for (int64_t M : {1, 3, 4, 7, 64, 65, 2049})
+    for (int64_t N : {5, 64, 70, 512})
+      for (int64_t K : {1, 2, 8, 9, 64, 65}) cases.push_back({Trans::no, M, N, K});
+  for (const std::string& isa : runnable_isas())
+    for (int threads : {1, 2}) {
+      force_gemm_isa(isa);
+      set_compute_threads(threads);
+      for (const Case& c : cases)
+        for (float beta : {0.0f, 1.0f}) {
+          const auto [ta, M, N, K] = c;
+          auto A = random_matrix(M * K, 41), B = random_matrix(K * N, 42), C = random_matrix(M * N, 43);
+          std::vector<float> expected(M * N);
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) {
+              float e = beta == 1.0f ? C[i * N + j] : 0.0f;
+              for (int64_t k = 0; k < K; ++k)
+                e = std::fma(ta == Trans::yes ? A[k * M + i] : A[i * K + k], B[k * N + j], e);
+              expected[i * N + j] = e;
+            }
+          gemm(ta, Trans::no, M, N, K, A.data(), ta == Trans::yes ? M : K, B.data(), N, beta, C.data(), N);
+          ASSERT_EQ(0, std::memcmp(C.data(), expected.data(), C.size() * sizeof(float)))
+              << "isa '" << isa << "' threads " << threads << (ta == Trans::yes ? " A^T" : " A") << " M " << M
+              << " N " << N << " K " << K << " beta " << beta;
+        }
+    }
+  set_compute_threads(1);
+  force_gemm_isa("");
+}
+
 TEST(Gemm, RowResultsDoNotDependOnHowRowsAreSplit) {
   for (const int64_t N : {150, 300}) {  // A read in place, and packed
     const int64_t M = 203, K = 530;
