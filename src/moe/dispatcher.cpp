@@ -115,13 +115,19 @@ void Dispatcher::unpack(RowsIn back, const float* gate, const DispatchHandle& h,
 
 void Dispatcher::unpack_sum(RowsIn back, const DispatchHandle& h, const float* dlogits, const float* wg_t,
                             int experts, float* dx) const {
+  // each element the chain of gemm(no, yes, ..., dlogits, wg) over the experts: the bits of the
+  // whole [T, M] product this replaces (a GEMM's rows do not depend on the rows beside them)
+  auto gate_share = [&](int64_t t0, int64_t n) {
+    backend_.gemm(Trans::no, Trans::no, n, width_, experts, dlogits + t0 * experts, experts, wg_t, width_, 0.0f,
+                  dx + t0 * width_, width_);
+  };
+  // A device makes the share in one product (a product per block would be a launch per block).
+  const bool per_block = backend_.device() == Device::cpu;
+  if (!per_block) gate_share(0, h.tokens);
   constexpr int64_t kBlock = 16;  // tokens: 16 rows of 512 floats fill half of L1
   for (int64_t t0 = 0; t0 < h.tokens; t0 += kBlock) {
     const int64_t n = std::min(kBlock, h.tokens - t0);
-    // each element the chain of gemm(no, yes, ..., dlogits, wg) over the experts: the bits of the
-    // whole [T, M] product this replaces (a GEMM's rows do not depend on the rows beside them)
-    backend_.gemm(Trans::no, Trans::no, n, width_, experts, dlogits + t0 * experts, experts, wg_t, width_, 0.0f,
-                  dx + t0 * width_, width_);
+    if (per_block) gate_share(t0, n);
     backend_.dispatch_rows_backward(back, n, width_, h.top_k, h.positions.data() + t0 * h.top_k, dx + t0 * width_);
   }
 }
