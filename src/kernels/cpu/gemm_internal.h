@@ -86,6 +86,10 @@ void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, f
                       const GemmExtras& extras, bool dot);
 // This thread's scratch packing of B (gemm and gemm_bf16 pack into it).
 PackedB& scratch_packed_b();
+// Whether op(A) op(B) ran without packing B (gemm_unpacked.cpp: a C of at most 8 rows from a
+// transposed A, or a shallow depth, on AVX-512); false: the caller packs and runs the panels.
+bool gemm_unpacked(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                   const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 // One 6-row micro-panel of A: panel[k * 6 + i] = rows[i][k] (with swap_pairs, rows[i][k ^ 1]; kc
 // even) for k < kc, 8 depths at a time with an 8 x 8 transpose in registers where the CPU has
 // AVX2. Element by element, packing A was 5% of an fp32 layer's time and 6% of a bf16 one's.
