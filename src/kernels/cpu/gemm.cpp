@@ -479,10 +479,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   thread_local std::vector<uint32_t, AlignedAllocator<uint32_t>> t_packed_pairs;
   if (dot) t_packed_pairs.resize(m_block * k_block_deepest / 2);
   uint32_t* packed_pairs = t_packed_pairs.data();
-  // Split the panels over threads only when the work pays for waking them: on these VMs a wake-up
-  // and the wait for it cost more than a 16 MFLOP product saves (decoding 16 sequences, whose LM
-  // head is ~13 MFLOP, ran 1.09-1.27x faster with this bound than with 4 MFLOP; docs/BENCHMARKS.md).
-  const bool parallel = compute_threads() > 1 && 2.0 * M * N * K > 1.6e7;
+  const bool parallel = worth_threads(2.0 * M * N * K);
 
   for (int64_t row0 = 0; row0 < M; row0 += m_block) {
     const int64_t rows = std::min(m_block, M - row0);
@@ -549,6 +546,8 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
 }
 
 bool gemm_detail::isa_is_avx512() { return g_isa == Isa::avx512; }
+
+bool gemm_detail::worth_threads(double flops) { return compute_threads() > 1 && flops > 1.6e7; }
 
 PackedB& gemm_detail::scratch_packed_b() { return t_packed_b; }
 

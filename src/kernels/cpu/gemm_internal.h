@@ -84,6 +84,11 @@ void pack_b_rows_bf16(int64_t K, int64_t N, RowSource B, PackedB& out);
 // of the fp32 kernels.
 void gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
                       const GemmExtras& extras, bool dot);
+// Whether a product of `flops` is split over the compute threads: only when the work pays for
+// waking them. On these VMs a wake-up and the wait for it cost more than a 16 MFLOP product saves
+// (decoding 16 sequences, whose LM head is ~13 MFLOP, ran 1.09-1.27x faster with this bound than
+// with 4 MFLOP; docs/BENCHMARKS.md).
+bool worth_threads(double flops);
 // This thread's scratch packing of B (gemm and gemm_bf16 pack into it).
 PackedB& scratch_packed_b();
 // Whether op(A) op(B) ran without packing B (gemm_unpacked.cpp: a C of at most 8 rows from a

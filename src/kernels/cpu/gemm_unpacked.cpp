@@ -103,9 +103,9 @@ __attribute__((target("avx512f"))) void shallow_nn_rows_avx512(int64_t i0, int64
 }
 
 // fn(begin, end) over `count` pieces of a product of `flops`, split over the compute threads when
-// gemm_packed_impl would split it.
+// that pays (worth_threads, as gemm_packed_impl splits).
 void run_split(int64_t count, double flops, const std::function<void(int64_t, int64_t)>& fn) {
-  if (compute_threads() > 1 && flops > 1.6e7)
+  if (worth_threads(flops))
     parallel_for(count, fn);
   else
     fn(0, count);
@@ -148,6 +148,5 @@ bool gemm_detail::gemm_unpacked(Trans trans_a, Trans trans_b, int64_t M, int64_t
   }
   return false;
 }
-
 
 }  // namespace pm
