@@ -1,0 +1,223 @@
+// What keeping a bf16 GeLU expert's saved tensors in bf16 would buy (docs/BENCHMARKS.md, "Fewer
+// bytes around the expert GEMMs: measured, not kept"). The engine keeps GeLU's derivative
+// (written by the forward, read by the input gradient) and the pre-activation gradient dhpre (written
+// by the input gradient, read by its second product and the weight gradients) in fp32, 4 bytes a
+// value. Alternatives, written here with the library's own GEMMs and epilogues of the same
+// shape as its own, against the library's steps, N experts taking turns (as a layer's local
+// experts run: each one's data cold when its turn comes):
+//   "GeLU' in bf16":  the forward's first product into a 192-row fp32 scratch, its epilogue writing
+//                     the activation and GeLU' in bf16; the input gradient multiplying by the bf16
+//                     GeLU' (dhpre fp32 as today);
+//   "dhpre in bf16":  the input gradient's first product into a 192-row scratch, its epilogue
+//                     writing dhpre = dact * GeLU' (fp32, as kept today) in bf16; the second
+//                     product and the weight gradients reading it;
+//   "both in bf16":   the same from the bf16 GeLU'.
+// Each changes the numerics (an extra bf16 rounding of GeLU', or the bias gradient summed from the
+// rounded dhpre), which is why they are measured before being built. Medians of 15 rounds, one
+// thread.
+//
+//   (built with the tree: build/bench/bf16_saved_tensors)
+//   build/bench/bf16_saved_tensors [N ROWS M H]     (default 4 1025 512 1024: the PyTorch comparison's
+//                                                    experts on one rank)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "core/bf16_lanes.h"
+#include "core/tensor.h"
+#include "kernels/cpu/expert_ffn.h"
+#include "kernels/cpu/fast_math.h"
+using namespace pm;
+
+namespace {
+
+int64_t R = 1025, M = 512, H = 1024;  // main's arguments may change them
+constexpr int64_t kBlock = 192;       // rows per scratch block, as expert_ffn.cpp's forward
+typedef float Lanes __attribute__((vector_size(16 * sizeof(float))));
+
+struct Expert {
+  std::vector<float> w1, w2, b1, b2, saved, y, dh, du, gw1, gw2, gb1, gb2, scratch;
+  std::vector<uint16_t> u, act, dy, grad16, dh16;
+  ExpertWeights w;
+  std::vector<const float*> saved_rows, dh_rows;
+  std::vector<const uint16_t*> u_rows, act_rows, dy_rows, grad16_rows, dh16_rows;
+};
+
+std::unique_ptr<Expert> make_expert(int e) {
+  auto x = std::make_unique<Expert>();
+  x->w1.resize(M * H), x->w2.resize(H * M), x->b1.resize(H), x->b2.resize(M);
+  x->saved.resize(R * H), x->y.resize(R * M), x->dh.resize(R * H), x->du.resize(R * M);
+  x->gw1.resize(M * H), x->gw2.resize(H * M), x->gb1.resize(H), x->gb2.resize(M);
+  x->u.resize(R * M), x->act.resize(R * H), x->dy.resize(R * M), x->grad16.resize(R * H), x->dh16.resize(R * H);
+  x->scratch.resize(kBlock * H);
+  for (size_t i = 0; i < x->w1.size(); ++i) x->w1[i] = ((i * 5 + e) % 11) * 0.01f - 0.05f;
+  for (size_t i = 0; i < x->w2.size(); ++i) x->w2[i] = ((i * 3 + e) % 7) * 0.01f - 0.03f;
+  for (size_t i = 0; i < x->u.size(); ++i)
+    x->u[i] = float_to_bf16(((i * 7) % 13) * 0.01f - 0.06f), x->dy[i] = float_to_bf16(((i * 3) % 17) * 0.01f - 0.08f);
+  x->w.precision = Precision::bf16;
+  x->w.activation = Activation::gelu;
+  x->w.b1 = x->b1.data();
+  x->w.b2 = x->b2.data();
+  x->w.pack_forward(x->w1.data(), x->w2.data(), M, H);
+  x->w.pack_backward(x->w1.data(), x->w2.data(), M, H);
+  for (int64_t i = 0; i < R; ++i) {
+    x->saved_rows.push_back(x->saved.data() + i * H), x->dh_rows.push_back(x->dh.data() + i * H);
+    x->u_rows.push_back(x->u.data() + i * M), x->act_rows.push_back(x->act.data() + i * H);
+    x->dy_rows.push_back(x->dy.data() + i * M), x->grad16_rows.push_back(x->grad16.data() + i * H);
+    x->dh16_rows.push_back(x->dh16.data() + i * H);
+  }
+  return x;
+}
+
+__m512 as_m512(const Lanes& v) {
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return x;
+}
+void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), floats16_to_bf16(v)); }
+__m512 load_bf16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  // (the masked forms: the plain ones start from an undefined register, which GCC warns about)
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, h), 16));
+}
+
+// The forward with GeLU' kept in bf16: GeLU and GeLU' of each finished tile (16-wide vectors,
+// three side by side, as elementwise.cpp's gelu_tile_lanes) from the fp32 scratch.
+void forward_grad_bf16(Expert& x) {
+  for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
+    const int64_t n = std::min(kBlock, R - r0);
+    float* C = x.scratch.data();
+    uint16_t* act = x.act.data() + r0 * H;
+    uint16_t* grad = x.grad16.data() + r0 * H;
+    TileEpilogue gelu_tile = [&](int64_t r, int64_t c, int64_t rows, int64_t cols) {
+      const int64_t vectors = rows * (cols / 16);
+      int64_t row = r, col = c;
+      for (int64_t v = 0; v < vectors; v += 3) {
+        const int m = static_cast<int>(std::min<int64_t>(3, vectors - v));
+        std::array<int64_t, 3> at{};
+        std::array<Lanes, 3> in{}, g{}, d{};
+        for (int k = 0; k < m; ++k) {
+          at[k] = row * H + col;
+          std::memcpy(&in[k], C + at[k], sizeof(Lanes));
+          col += 16;
+          if (col == c + cols) col = c, ++row;
+        }
+        for (int k = 0; k < m; ++k) g[k] = gelu(in[k]);
+        for (int k = 0; k < m; ++k) d[k] = gelu_grad(in[k]);
+        for (int k = 0; k < m; ++k) store_bf16(act + at[k], as_m512(g[k])), store_bf16(grad + at[k], as_m512(d[k]));
+      }
+    };
+    gemm_packed(Trans::no, n, x.u.data() + r0 * M, M, x.w.w1, 0.0f, C, H, {x.b1.data(), &gelu_tile});
+    gemm_packed(Trans::no, n, act, H, x.w.w2, 0.0f, x.y.data() + r0 * M, M, {x.b2.data(), nullptr});
+  }
+}
+
+__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__m512 load16(const uint16_t* p) { return load_bf16(p); }
+
+// dhpre[i][c..c+cols) = dact * GeLU' (float or bf16 rows), the next tile's GeLU' rows prefetched
+// (as the library's epilogue does), two vectors at a time; into floats or bf16.
+template <typename Grad, typename Out>
+void times_grad(const float* dact, int64_t ld, const Grad* const* grad, int64_t r, int64_t c, int64_t rows,
+                int64_t cols, Out* out, int64_t ld_out) {
+  for (int64_t i = r; i < r + rows; ++i) {
+    if (i + rows < R)
+      for (int64_t j = 0; j < cols; j += 32) __builtin_prefetch(grad[i + rows] + c + j);
+    for (int64_t j = 0; j + 32 <= cols; j += 32) {
+      const __m512 p0 = _mm512_mul_ps(_mm512_loadu_ps(dact + i * ld + c + j), load16(grad[i] + c + j));
+      const __m512 p1 = _mm512_mul_ps(_mm512_loadu_ps(dact + i * ld + c + j + 16), load16(grad[i] + c + j + 16));
+      if constexpr (sizeof(Out) == sizeof(float)) {
+        _mm512_storeu_ps(out + i * ld_out + c + j, p0);
+        _mm512_storeu_ps(out + i * ld_out + c + j + 16, p1);
+      } else {
+        store_bf16(out + i * ld_out + c + j, p0);
+        store_bf16(out + i * ld_out + c + j + 16, p1);
+      }
+    }
+  }
+}
+
+void input_grad_grad_bf16(Expert& x) {
+  TileEpilogue times = [&](int64_t r, int64_t c, int64_t rows, int64_t cols) {
+    times_grad(x.dh.data(), H, x.grad16_rows.data(), r, c, rows, cols, x.dh.data(), H);
+  };
+  gemm_packed(Trans::no, R, x.dy.data(), M, x.w.w2_t, 0.0f, x.dh.data(), H, {nullptr, &times});
+  gemm_packed(Trans::no, R, x.dh.data(), H, x.w.w1_t, 0.0f, x.du.data(), M);
+}
+
+// dhpre in bf16 from GeLU' in fp32 (as the forward keeps it today) or in bf16
+template <bool GradBf16>
+void input_grad_dhpre_bf16(Expert& x) {
+  for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
+    const int64_t n = std::min(kBlock, R - r0);
+    float* C = x.scratch.data();
+    TileEpilogue times = [&](int64_t r, int64_t c, int64_t rows, int64_t cols) {
+      if constexpr (GradBf16)
+        times_grad(C, H, x.grad16_rows.data() + r0, r, c, rows, cols, x.dh16.data() + r0 * H, H);
+      else
+        times_grad(C, H, x.saved_rows.data() + r0, r, c, rows, cols, x.dh16.data() + r0 * H, H);
+    };
+    gemm_packed(Trans::no, n, x.dy.data() + r0 * M, M, x.w.w2_t, 0.0f, C, H, {nullptr, &times});
+    gemm_packed(Trans::no, n, x.dh16.data() + r0 * H, H, x.w.w1_t, 0.0f, x.du.data() + r0 * M, M);
+  }
+}
+
+void weight_grads_dhpre_bf16(Expert& x) {
+  gemm_tn_rows_bf16(H, M, R, x.act_rows.data(), x.dy_rows.data(), 1.0f, x.gw2.data(), M, x.gb2.data());
+  gemm_tn_rows_bf16(M, H, R, x.u_rows.data(), x.dh16_rows.data(), 1.0f, x.gw1.data(), H, x.gb1.data());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n = 4;
+  if (argc == 5) n = std::atoi(argv[1]), R = std::atoll(argv[2]), M = std::atoll(argv[3]), H = std::atoll(argv[4]);
+  if ((argc != 1 && argc != 5) || n < 1 || R < 1 || M < 32 || H < 32 || M % 32 || H % 32) {
+    std::fprintf(stderr, "usage: %s [N ROWS M H]  (M, H multiples of 32)\n", argv[0]);
+    return 2;
+  }
+  std::vector<std::unique_ptr<Expert>> experts;
+  for (int e = 0; e < n; ++e) experts.push_back(make_expert(e));
+  auto forward = [&](Expert& x) {
+    expert_forward(x.w, R, M, H, RowsIn(x.u.data()), x.saved.data(), RowsOut(x.act.data()), x.y.data(),
+                   ForwardFor::backward);
+  };
+  auto input_grad = [&](Expert& x) {
+    expert_backward_input(x.w, R, M, H, RowsIn(x.dy.data()), x.saved_rows.data(), x.dh.data(), x.du.data());
+  };
+  auto weight_grads = [&](Expert& x) {
+    ExpertRows rows;
+    rows.u_bf16 = x.u_rows, rows.act_bf16 = x.act_rows, rows.dy_bf16 = x.dy_rows, rows.dhpre = x.dh_rows;
+    expert_weight_grads({x.gw1.data(), x.gb1.data(), x.gw2.data(), x.gb2.data()}, Activation::gelu, Precision::bf16,
+                        M, H, rows);
+  };
+  for (auto& x : experts) forward(*x), input_grad(*x), forward_grad_bf16(*x), input_grad_dhpre_bf16<true>(*x);
+  auto time = [&](auto step) {
+    const auto start = std::chrono::steady_clock::now();
+    for (auto& x : experts) step(*x);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3 / n;
+  };
+  std::printf("%d bf16 GeLU experts of %lld rows, M %lld, H %lld, in turn, one thread: ms per expert\n", n,
+              static_cast<long long>(R), static_cast<long long>(M), static_cast<long long>(H));
+  std::printf("%-18s %9s %16s %9s %7s\n", "step", "today", "variant", "ms", "ratio");
+  auto row = [&](const char* step, auto today, const char* variant, auto other) {
+    std::vector<double> a, b;
+    for (int round = 0; round < 15; ++round) a.push_back(time(today)), b.push_back(time(other));
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    std::printf("%-18s %9.3f %16s %9.3f %6.3fx\n", step, a[7], variant, b[7], b[7] / a[7]);
+  };
+  row("forward", forward, "GeLU' in bf16", forward_grad_bf16);
+  row("input gradient", input_grad, "GeLU' in bf16", input_grad_grad_bf16);
+  row("input gradient", input_grad, "dhpre in bf16", input_grad_dhpre_bf16<false>);
+  row("input gradient", input_grad, "both in bf16", input_grad_dhpre_bf16<true>);
+  row("weight gradients", weight_grads, "dhpre in bf16", weight_grads_dhpre_bf16);
+  return 0;
+}
