@@ -12,13 +12,20 @@
 //                     writing dhpre = dact * GeLU' (fp32, as kept today) in bf16; the second
 //                     product and the weight gradients reading it;
 //   "both in bf16":   the same from the bf16 GeLU'.
+// With `swiglu` first, SwiGLU experts (a DeepSeek-style layer's, default 32 of 512 rows, M 512,
+// H 128), whose forward keeps the pre-activation [rows, 2H] for the backward:
+//   "hpre, dhpre in bf16": the forward's first product into a 192-row scratch, the activation made
+//                     from it and the pre-activation kept rounded to bf16; the input gradient's
+//                     first product into a scratch, SwiGLU's backward from the bf16 pre-activation
+//                     writing dhpre in bf16; the second product and the weight gradients reading it.
 // Each changes the numerics (an extra bf16 rounding of GeLU', or the bias gradient summed from the
 // rounded dhpre), which is why they are measured before being built. Medians of 15 rounds, one
 // thread.
 //
 //   (built with the tree: build/bench/bf16_saved_tensors)
-//   build/bench/bf16_saved_tensors [N ROWS M H]     (default 4 1025 512 1024: the PyTorch comparison's
-//                                                    experts on one rank)
+//   build/bench/bf16_saved_tensors [N ROWS M H]          (default 4 1025 512 1024: the PyTorch
+//                                                         comparison's experts on one rank)
+//   build/bench/bf16_saved_tensors swiglu [N ROWS M H]   (default 32 512 512 128)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -32,6 +39,7 @@
 
 #include "core/bf16_lanes.h"
 #include "core/tensor.h"
+#include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/expert_ffn.h"
 #include "kernels/cpu/fast_math.h"
 using namespace pm;
@@ -50,28 +58,31 @@ struct Expert {
   std::vector<const uint16_t*> u_rows, act_rows, dy_rows, grad16_rows, dh16_rows;
 };
 
+Activation kind = Activation::gelu;
+int64_t H1 = 1024;  // fc1_width(kind, H)
+
 std::unique_ptr<Expert> make_expert(int e) {
   auto x = std::make_unique<Expert>();
-  x->w1.resize(M * H), x->w2.resize(H * M), x->b1.resize(H), x->b2.resize(M);
-  x->saved.resize(R * H), x->y.resize(R * M), x->dh.resize(R * H), x->du.resize(R * M);
-  x->gw1.resize(M * H), x->gw2.resize(H * M), x->gb1.resize(H), x->gb2.resize(M);
-  x->u.resize(R * M), x->act.resize(R * H), x->dy.resize(R * M), x->grad16.resize(R * H), x->dh16.resize(R * H);
-  x->scratch.resize(kBlock * H);
+  x->w1.resize(M * H1), x->w2.resize(H * M), x->b1.resize(H1), x->b2.resize(M);
+  x->saved.resize(R * H1), x->y.resize(R * M), x->dh.resize(R * H1), x->du.resize(R * M);
+  x->gw1.resize(M * H1), x->gw2.resize(H * M), x->gb1.resize(H1), x->gb2.resize(M);
+  x->u.resize(R * M), x->act.resize(R * H), x->dy.resize(R * M), x->grad16.resize(R * H1), x->dh16.resize(R * H1);
+  x->scratch.resize(kBlock * H1);
   for (size_t i = 0; i < x->w1.size(); ++i) x->w1[i] = ((i * 5 + e) % 11) * 0.01f - 0.05f;
   for (size_t i = 0; i < x->w2.size(); ++i) x->w2[i] = ((i * 3 + e) % 7) * 0.01f - 0.03f;
   for (size_t i = 0; i < x->u.size(); ++i)
     x->u[i] = float_to_bf16(((i * 7) % 13) * 0.01f - 0.06f), x->dy[i] = float_to_bf16(((i * 3) % 17) * 0.01f - 0.08f);
   x->w.precision = Precision::bf16;
-  x->w.activation = Activation::gelu;
+  x->w.activation = kind;
   x->w.b1 = x->b1.data();
   x->w.b2 = x->b2.data();
   x->w.pack_forward(x->w1.data(), x->w2.data(), M, H);
   x->w.pack_backward(x->w1.data(), x->w2.data(), M, H);
   for (int64_t i = 0; i < R; ++i) {
-    x->saved_rows.push_back(x->saved.data() + i * H), x->dh_rows.push_back(x->dh.data() + i * H);
+    x->saved_rows.push_back(x->saved.data() + i * H1), x->dh_rows.push_back(x->dh.data() + i * H1);
     x->u_rows.push_back(x->u.data() + i * M), x->act_rows.push_back(x->act.data() + i * H);
-    x->dy_rows.push_back(x->dy.data() + i * M), x->grad16_rows.push_back(x->grad16.data() + i * H);
-    x->dh16_rows.push_back(x->dh16.data() + i * H);
+    x->dy_rows.push_back(x->dy.data() + i * M), x->grad16_rows.push_back(x->grad16.data() + i * H1);
+    x->dh16_rows.push_back(x->dh16.data() + i * H1);
   }
   return x;
 }
@@ -169,20 +180,53 @@ void input_grad_dhpre_bf16(Expert& x) {
   }
 }
 
+// SwiGLU with the pre-activation kept in bf16 (grad16 holds it here) and dhpre written in bf16.
+void swiglu_forward_bf16(Expert& x) {
+  for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
+    const int64_t n = std::min(kBlock, R - r0);
+    float* C = x.scratch.data();
+    gemm_packed(Trans::no, n, x.u.data() + r0 * M, M, x.w.w1, 0.0f, C, H1, {x.b1.data(), nullptr});
+    for (int64_t i = 0; i < n; ++i) {
+      swiglu_forward(C + i * H1, x.act.data() + (r0 + i) * H, H);
+      floats_to_bf16(C + i * H1, x.grad16.data() + (r0 + i) * H1, H1);
+    }
+    gemm_packed(Trans::no, n, x.act.data() + r0 * H, H, x.w.w2, 0.0f, x.y.data() + r0 * M, M, {x.b2.data(), nullptr});
+  }
+}
+
+void swiglu_input_grad_bf16(Expert& x) {
+  std::vector<float> hpre(H1), dhpre(H1);  // one row widened and one made, in L1
+  for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
+    const int64_t n = std::min(kBlock, R - r0);
+    float* C = x.scratch.data();  // dact [n, H]
+    gemm_packed(Trans::no, n, x.dy.data() + r0 * M, M, x.w.w2_t, 0.0f, C, H);
+    for (int64_t i = 0; i < n; ++i) {
+      bf16_to_floats(x.grad16.data() + (r0 + i) * H1, hpre.data(), H1);
+      swiglu_backward(hpre.data(), C + i * H, dhpre.data(), H);
+      floats_to_bf16(dhpre.data(), x.dh16.data() + (r0 + i) * H1, H1);
+    }
+    gemm_packed(Trans::no, n, x.dh16.data() + r0 * H1, H1, x.w.w1_t, 0.0f, x.du.data() + r0 * M, M);
+  }
+}
+
 void weight_grads_dhpre_bf16(Expert& x) {
   gemm_tn_rows_bf16(H, M, R, x.act_rows.data(), x.dy_rows.data(), 1.0f, x.gw2.data(), M, x.gb2.data());
-  gemm_tn_rows_bf16(M, H, R, x.u_rows.data(), x.dh16_rows.data(), 1.0f, x.gw1.data(), H, x.gb1.data());
+  gemm_tn_rows_bf16(M, H1, R, x.u_rows.data(), x.dh16_rows.data(), 1.0f, x.gw1.data(), H1, x.gb1.data());
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   int n = 4;
-  if (argc == 5) n = std::atoi(argv[1]), R = std::atoll(argv[2]), M = std::atoll(argv[3]), H = std::atoll(argv[4]);
-  if ((argc != 1 && argc != 5) || n < 1 || R < 1 || M < 32 || H < 32 || M % 32 || H % 32) {
-    std::fprintf(stderr, "usage: %s [N ROWS M H]  (M, H multiples of 32)\n", argv[0]);
+  int arg = 1;
+  if (argc > 1 && std::strcmp(argv[1], "swiglu") == 0) kind = Activation::swiglu, n = 32, R = 512, H = 128, arg = 2;
+  if (argc - arg == 4)
+    n = std::atoi(argv[arg]), R = std::atoll(argv[arg + 1]), M = std::atoll(argv[arg + 2]), H = std::atoll(argv[arg + 3]);
+  if ((argc - arg != 0 && argc - arg != 4) || n < 1 || R < 1 || M < 32 || H < 32 || M % 32 || H % 32) {
+    std::fprintf(stderr, "usage: %s [swiglu] [N ROWS M H]  (M, H multiples of 32)\n", argv[0]);
     return 2;
   }
+  H1 = fc1_width(kind, H);
   std::vector<std::unique_ptr<Expert>> experts;
   for (int e = 0; e < n; ++e) experts.push_back(make_expert(e));
   auto forward = [&](Expert& x) {
@@ -195,25 +239,38 @@ int main(int argc, char** argv) {
   auto weight_grads = [&](Expert& x) {
     ExpertRows rows;
     rows.u_bf16 = x.u_rows, rows.act_bf16 = x.act_rows, rows.dy_bf16 = x.dy_rows, rows.dhpre = x.dh_rows;
-    expert_weight_grads({x.gw1.data(), x.gb1.data(), x.gw2.data(), x.gb2.data()}, Activation::gelu, Precision::bf16,
-                        M, H, rows);
+    expert_weight_grads({x.gw1.data(), x.gb1.data(), x.gw2.data(), x.gb2.data()}, kind, Precision::bf16, M, H, rows);
   };
-  for (auto& x : experts) forward(*x), input_grad(*x), forward_grad_bf16(*x), input_grad_dhpre_bf16<true>(*x);
+  const bool swiglu = kind == Activation::swiglu;
+  for (auto& x : experts) {
+    forward(*x), input_grad(*x);
+    if (swiglu)
+      swiglu_forward_bf16(*x), swiglu_input_grad_bf16(*x);
+    else
+      forward_grad_bf16(*x), input_grad_dhpre_bf16<true>(*x);
+  }
   auto time = [&](auto step) {
     const auto start = std::chrono::steady_clock::now();
     for (auto& x : experts) step(*x);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3 / n;
   };
-  std::printf("%d bf16 GeLU experts of %lld rows, M %lld, H %lld, in turn, one thread: ms per expert\n", n,
-              static_cast<long long>(R), static_cast<long long>(M), static_cast<long long>(H));
-  std::printf("%-18s %9s %16s %9s %7s\n", "step", "today", "variant", "ms", "ratio");
+  std::printf("%d bf16 %s experts of %lld rows, M %lld, H %lld, in turn, one thread: ms per expert\n", n,
+              swiglu ? "SwiGLU" : "GeLU", static_cast<long long>(R), static_cast<long long>(M),
+              static_cast<long long>(H));
+  std::printf("%-18s %9s %20s %9s %7s\n", "step", "today", "variant", "ms", "ratio");
   auto row = [&](const char* step, auto today, const char* variant, auto other) {
     std::vector<double> a, b;
     for (int round = 0; round < 15; ++round) a.push_back(time(today)), b.push_back(time(other));
     std::sort(a.begin(), a.end());
     std::sort(b.begin(), b.end());
-    std::printf("%-18s %9.3f %16s %9.3f %6.3fx\n", step, a[7], variant, b[7], b[7] / a[7]);
+    std::printf("%-18s %9.3f %20s %9.3f %6.3fx\n", step, a[7], variant, b[7], b[7] / a[7]);
   };
+  if (swiglu) {
+    row("forward", forward, "hpre, dhpre in bf16", swiglu_forward_bf16);
+    row("input gradient", input_grad, "hpre, dhpre in bf16", swiglu_input_grad_bf16);
+    row("weight gradients", weight_grads, "hpre, dhpre in bf16", weight_grads_dhpre_bf16);
+    return 0;
+  }
   row("forward", forward, "GeLU' in bf16", forward_grad_bf16);
   row("input gradient", input_grad, "GeLU' in bf16", input_grad_grad_bf16);
   row("input gradient", input_grad, "dhpre in bf16", input_grad_dhpre_bf16<false>);
