@@ -3,7 +3,7 @@
 //   mpirun -q -np 2 build/pipemoe layer --tokens 2048 --model-dim 512 --hidden 1024
 //       --experts 8 --top-k 2 --capacity-factor 1.25 --seed 1 [--iters 10]
 //       [--degree 4 | --degree auto [--profile profile.json] [--refine 3]] [--degree-bwd ...]
-//       [--json] [--trace trace.json]
+//       [--json] [--trace trace.json] [--breakdown]
 //   ... --dump DIR   writes every input, weight, output and gradient as .npy (see README)
 #include <cmath>
 #include <filesystem>
@@ -14,6 +14,7 @@
 
 #include "apps/pipemoe/command.h"
 #include "apps/pipemoe/layer_runner.h"
+#include "apps/pipemoe/pass_breakdown.h"
 #include "core/clock.h"
 #include "core/log.h"
 #include "core/memory_use.h"
@@ -51,8 +52,21 @@ struct LayerOptions {
   std::string dump;
   std::string trace;
   bool json = false;
+  bool breakdown = false;
   bool weights_change = false;
 };
+
+// `--breakdown`: each task's ms per pass beside the pass it belongs to. A lane's tasks together can
+// exceed the pass where they overlap (the communication lane's waits run beside the computation).
+void print_breakdown(const std::vector<PassBreakdown::Row>& rows, double forward_ms, double backward_ms) {
+  std::printf("where a pass goes (ms per pass, each task summed over its chunks; the median pass, the slowest rank):\n");
+  std::printf("  %-9s %-9s %-20s %9s %8s\n", "pass", "lane", "task", "ms", "share");
+  for (const auto& r : rows) {
+    const double pass_ms = r.pass == "forward" ? forward_ms : backward_ms;
+    std::printf("  %-9s %-9s %-20s %9.2f %7.1f%%\n", r.pass.c_str(), r.lane.c_str(), r.task.c_str(), r.ms,
+                pass_ms > 0 ? 100 * r.ms / pass_ms : 0.0);
+  }
+}
 
 // Creates DIR/rank<r>/ and checks it can be written, agreeing across ranks before any work.
 std::string prepare_dump_dir(Context& ctx, const std::string& dir) {
@@ -211,7 +225,10 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   run_passes(ctx.comm, layer, executor, d, o.warmup, 0, o.loss_grads());
   ctx.comm.barrier();  // every rank's trace starts from (nearly) the same moment
   double origin = now_s();
-  PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, o.iters, o.loss_grads(), o.trace.empty() ? nullptr : &trace);
+  PassBreakdown breakdown;
+  PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, o.iters, o.loss_grads(), o.trace.empty() ? nullptr : &trace,
+                           [&](const LayerPassRun& f, const LayerPassRun& b) { breakdown.add_pass(f, b); });
+  const std::vector<PassBreakdown::Row> task_rows = breakdown.slowest_rank_rows(ctx.comm);
   Summary sf = slowest_rank(ctx.comm, t.forward), sb = slowest_rank(ctx.comm, t.backward);
   Summary sc = slowest_rank(ctx.comm, t.comm_busy), se = slowest_rank(ctx.comm, t.expert);
   Summary scpu = slowest_rank(ctx.comm, t.comm_cpu);
@@ -279,6 +296,9 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"shared_hidden", o.shared_hidden},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()},
                         {"backend", backend.name()}, {"transport", ctx.comm.backend()}};
+    nlohmann::json tasks = nlohmann::json::array();
+    for (const auto& r : task_rows) tasks.push_back({{"pass", r.pass}, {"task", r.task}, {"lane", r.lane}, {"ms", r.ms}});
+    j["tasks_ms"] = tasks;
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -327,6 +347,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %s per rank, "
               "%.1f MB of it kept from the forward for the backward%s\n",
               rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak.c_str(), held_mb, huge.c_str());
+  if (o.breakdown) print_breakdown(task_rows, sf.median, sb.median);
   return 0;
 }
 
@@ -364,6 +385,8 @@ void add_layer_command(CLI::App& app, CommandFn& run) {
   cmd->add_option("--dump", o->dump, "write every tensor of every rank as .npy under DIR/rank<r>/");
   cmd->add_option("--trace", o->trace, "write a Chrome/Perfetto trace of the timed iterations");
   cmd->add_flag("--json", o->json, "print one JSON object (rank 0) instead of the table");
+  cmd->add_flag("--breakdown", o->breakdown,
+                "also print where a pass goes: each task's ms per pass (summed over chunks), forward and backward");
   cmd->add_flag("--weights-change", o->weights_change,
                 "mark the weights changed before every pass, as an optimizer step does: each pass packs the experts' "
                 "weights again (by default they are packed once, as for a step's later micro-batches and inference)");
