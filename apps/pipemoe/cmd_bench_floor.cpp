@@ -19,11 +19,13 @@
 // "shapes floor" leaves out what the shapes themselves cost (a depth of 512 stores C four times as
 // often as the square's 2048), so the rest is the layer's own doing.
 #include <cmath>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "apps/pipemoe/command.h"
 #include "apps/pipemoe/gemm_timing.h"
 #include "apps/pipemoe/layer_runner.h"
+#include "apps/pipemoe/pass_breakdown.h"
 #include "core/csv.h"
 #include "core/log.h"
 #include "core/stats.h"
@@ -70,6 +72,19 @@ Precision parse_dtype(const std::string& name) {
   return name == "bf16" ? Precision::bf16 : Precision::fp32;
 }
 
+// The tasks other than the experts' GEMM steps, largest first, ms per pass (median pass of all
+// rounds, slowest rank): where the layer's time over its expert tasks goes.
+std::string beside_experts(const std::vector<PassBreakdown::Row>& rows) {
+  std::vector<PassBreakdown::Row> others;
+  for (const auto& r : rows)
+    if (r.task != "expert" && r.task != "expert_dgrad" && r.task != "expert_wgrad") others.push_back(r);
+  std::stable_sort(others.begin(), others.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
+  std::string line = "ms per pass (median pass, slowest rank; (comm): on the communication lane, beside the computation):";
+  for (const auto& r : others)
+    if (r.ms >= 0.01) line += fmt::format(" {} {:.2f}{}", r.task, r.ms, r.lane == "compute" ? "" : " (" + r.lane + ")");
+  return line;
+}
+
 int run_floor_bench(Context& ctx, const FloorOptions& o) {
   PM_REQUIRE(o.rounds >= 1 && o.iters >= 1 && o.gemm_repeat >= 1,
              "--rounds, --iters and --gemm-repeat must be at least 1 (got {}, {}, {})", o.rounds, o.iters, o.gemm_repeat);
@@ -100,6 +115,8 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
   const RouterLossGrads loss_grads{0.01f, 0.0f};
 
   std::vector<RoundResult> results;
+  // every timed pass of a dtype and degree, over all rounds: where the passes go beside the experts
+  std::map<std::pair<std::string, int>, PassBreakdown> breakdowns;
   for (int round = 1; round <= o.rounds; ++round) {
     for (Arm& arm : arms) {
       const MoeShape& shape = arm.layer->shape();
@@ -108,7 +125,9 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
       const std::size_t first = results.size();
       for (int degree : o.degrees) {
         arm.layer->set_degrees(degree, degree);
-        PassTimes t = run_passes(ctx.comm, *arm.layer, executor, data, round == 1 ? 1 : 0, o.iters, loss_grads);
+        PassBreakdown& breakdown = breakdowns[{arm.dtype, degree}];
+        PassTimes t = run_passes(ctx.comm, *arm.layer, executor, data, round == 1 ? 1 : 0, o.iters, loss_grads, nullptr,
+                                 [&](const LayerPassRun& f, const LayerPassRun& b) { breakdown.add_pass(f, b); });
         const double rows = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
         // forward, input gradient and weight gradient: three times the forward's FLOPs
         const double flops = 3.0 * rows * shape.expert_flops_per_row();
@@ -128,6 +147,8 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     log::info("bench floor: round {}/{}: {}", round, o.rounds, line);
   }
   const double ceiling = fma_ceiling_all_ranks(ctx.comm);
+  std::map<std::pair<std::string, int>, std::vector<PassBreakdown::Row>> task_rows;
+  for (const auto& [key, breakdown] : breakdowns) task_rows[key] = breakdown.slowest_rank_rows(ctx.comm);
   if (ctx.rank() != 0) return 0;
 
   std::unique_ptr<CsvWriter> csv;
@@ -195,6 +216,10 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                                             {"steady_rounds", static_cast<int64_t>(steady_ratios.size())},
                                             {"steady_median_ratio", steady_ratios.empty() ? nlohmann::json(nullptr)
                                                                                           : nlohmann::json(steady.median)}};
+      const std::vector<PassBreakdown::Row>& tasks = task_rows[{arm.dtype, degree}];
+      nlohmann::json tasks_json = nlohmann::json::array();
+      for (const auto& r : tasks) tasks_json.push_back({{"pass", r.pass}, {"task", r.task}, {"lane", r.lane}, {"ms", r.ms}});
+      per_degree[std::to_string(degree)]["tasks_ms"] = tasks_json;
       if (best_degree == 0 || ratio.median < best_ratio) best_degree = degree, best_ratio = ratio.median;
       if (!o.json)
         std::printf("%s, degree %d: layer/floor median %.3fx (rounds %.3f-%.3f), layer %.1f ms, peak %.1f GFLOP/s per "
@@ -214,6 +239,8 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                     "peak): median %.3fx (rounds %.3f-%.3f)\n",
                     arm.dtype.c_str(), degree, shapes_rate.median, 100 * shapes_rate.median / peak.median, shapes.median,
                     shapes.min, shapes.max);
+      if (!o.json) std::printf("%s, degree %d: beside the expert tasks, %s\n", arm.dtype.c_str(), degree,
+                               beside_experts(tasks).c_str());
     }
     // the dtype's headline: its best degree (by median), as the planner would run it
     summary[arm.dtype] = per_degree[std::to_string(best_degree)];

@@ -239,6 +239,12 @@ def main():
                         abs(got["median_rank_spread"] - want_spread) < 1e-9 and
                         abs(got["median_shapes_ratio"] - statistics.median(r["shapes_ratio"] for r in mine)) < 1e-9,
                         f"bench floor: {dtype} degree {d}: the medians of the expert tasks' ratio, spread, shapes ratio: {got}")
+                # where the passes went: one row per task, its chunks summed (no "[c]" in a name)
+                tasks = {(t["pass"], t["task"]): t["ms"] for t in got["tasks_ms"]}
+                f.check(len(tasks) == len(got["tasks_ms"]) and all(v >= 0 and "[" not in k[1] for k, v in tasks.items()) and
+                        tasks.get(("forward", "expert"), 0) > 0 and tasks.get(("backward", "expert_wgrad"), 0) > 0 and
+                        ("forward", "gate") in tasks and ("backward", "unpack_grad") in tasks,
+                        f"bench floor: {dtype} degree {d}: tasks_ms has each task once with its time: {got['tasks_ms']}")
             f.check(summary["best_degree"] == min(medians, key=medians.get) and
                     summary["median_ratio"] == min(medians.values()), f"bench floor: {dtype}'s headline is its best degree")
         floor_rows = list(csv.DictReader(open(floor_csv)))
