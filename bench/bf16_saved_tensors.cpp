@@ -37,6 +37,7 @@
 #include <memory>
 #include <vector>
 
+#include "bench_expert.h"
 #include "core/bf16_lanes.h"
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
@@ -50,42 +51,20 @@ int64_t R = 1025, M = 512, H = 1024;  // main's arguments may change them
 constexpr int64_t kBlock = 192;       // rows per scratch block, as expert_ffn.cpp's forward
 typedef float Lanes __attribute__((vector_size(16 * sizeof(float))));
 
-struct Expert {
-  std::vector<float> w1, w2, b1, b2, saved, y, dh, du, gw1, gw2, gb1, gb2, scratch;
-  std::vector<uint16_t> u, act, dy, grad16, dh16;
-  ExpertWeights w;
-  std::vector<const float*> saved_rows, dh_rows;
-  std::vector<const uint16_t*> u_rows, act_rows, dy_rows, grad16_rows, dh16_rows;
-};
-
 Activation kind = Activation::gelu;
 int64_t H1 = 1024;  // fc1_width(kind, H)
 
-std::unique_ptr<Expert> make_expert(int e) {
-  auto x = std::make_unique<Expert>();
-  x->w1.resize(M * H1), x->w2.resize(H * M), x->b1.resize(H1), x->b2.resize(M);
-  x->saved.resize(R * H1), x->y.resize(R * M), x->dh.resize(R * H1), x->du.resize(R * M);
-  x->gw1.resize(M * H1), x->gw2.resize(H * M), x->gb1.resize(H1), x->gb2.resize(M);
-  x->u.resize(R * M), x->act.resize(R * H), x->dy.resize(R * M), x->grad16.resize(R * H1), x->dh16.resize(R * H1);
-  x->scratch.resize(kBlock * H1);
-  for (size_t i = 0; i < x->w1.size(); ++i) x->w1[i] = ((i * 5 + e) % 11) * 0.01f - 0.05f;
-  for (size_t i = 0; i < x->w2.size(); ++i) x->w2[i] = ((i * 3 + e) % 7) * 0.01f - 0.03f;
-  for (size_t i = 0; i < x->u.size(); ++i)
-    x->u[i] = float_to_bf16(((i * 7) % 13) * 0.01f - 0.06f), x->dy[i] = float_to_bf16(((i * 3) % 17) * 0.01f - 0.08f);
-  x->w.precision = Precision::bf16;
-  x->w.activation = kind;
-  x->w.b1 = x->b1.data();
-  x->w.b2 = x->b2.data();
-  x->w.pack_forward(x->w1.data(), x->w2.data(), M, H);
-  x->w.pack_backward(x->w1.data(), x->w2.data(), M, H);
-  for (int64_t i = 0; i < R; ++i) {
-    x->saved_rows.push_back(x->saved.data() + i * H1), x->dh_rows.push_back(x->dh.data() + i * H1);
-    x->u_rows.push_back(x->u.data() + i * M), x->act_rows.push_back(x->act.data() + i * H);
-    x->dy_rows.push_back(x->dy.data() + i * M), x->grad16_rows.push_back(x->grad16.data() + i * H1);
-    x->dh16_rows.push_back(x->dh16.data() + i * H1);
+// The library's buffers and, for the variants, a 192-row fp32 scratch, GeLU' (or SwiGLU's
+// pre-activation) and dhpre in bf16, with their rows as pointers.
+struct Expert : bench::BenchExpert {
+  std::vector<float> scratch;
+  std::vector<uint16_t> grad16, dh16;
+  std::vector<const uint16_t*> grad16_rows, dh16_rows;
+  explicit Expert(int e) : BenchExpert(e, R, M, H, kind), scratch(kBlock * H1), grad16(R * H1), dh16(R * H1) {
+    for (int64_t i = 0; i < R; ++i)
+      grad16_rows.push_back(grad16.data() + i * H1), dh16_rows.push_back(dh16.data() + i * H1);
   }
-  return x;
-}
+};
 
 __m512 as_m512(const Lanes& v) {
   __m512 x;
@@ -228,7 +207,7 @@ int main(int argc, char** argv) {
   }
   H1 = fc1_width(kind, H);
   std::vector<std::unique_ptr<Expert>> experts;
-  for (int e = 0; e < n; ++e) experts.push_back(make_expert(e));
+  for (int e = 0; e < n; ++e) experts.push_back(std::make_unique<Expert>(e));
   auto forward = [&](Expert& x) {
     expert_forward(x.w, R, M, H, RowsIn(x.u.data()), x.saved.data(), RowsOut(x.act.data()), x.y.data(),
                    ForwardFor::backward);

@@ -18,44 +18,14 @@
 #include <memory>
 #include <vector>
 
+#include "bench_expert.h"
 #include "core/tensor.h"
 #include "kernels/cpu/expert_ffn.h"
 using namespace pm;
 
 namespace {
 
-struct Expert {
-  std::vector<float> w1, w2, b1, b2, saved, y, dh, du, gw1, gw2, gb1, gb2;
-  std::vector<uint16_t> u, act, dy;
-  ExpertWeights w;
-  std::vector<const float*> saved_rows, dh_rows;
-  std::vector<const uint16_t*> u_rows, act_rows, dy_rows;
-};
-
-std::unique_ptr<Expert> make_expert(int e, int64_t R, int64_t M, int64_t H, Activation kind) {
-  const int64_t H1 = fc1_width(kind, H);
-  auto x = std::make_unique<Expert>();
-  x->w1.resize(M * H1), x->w2.resize(H * M), x->b1.resize(H1), x->b2.resize(M);
-  x->saved.resize(R * H1), x->y.resize(R * M), x->dh.resize(R * H1), x->du.resize(R * M);
-  x->gw1.resize(M * H1), x->gw2.resize(H * M), x->gb1.resize(H1), x->gb2.resize(M);
-  x->u.resize(R * M), x->act.resize(R * H), x->dy.resize(R * M);
-  for (size_t i = 0; i < x->w1.size(); ++i) x->w1[i] = ((i * 5 + e) % 11) * 0.01f - 0.05f;
-  for (size_t i = 0; i < x->w2.size(); ++i) x->w2[i] = ((i * 3 + e) % 7) * 0.01f - 0.03f;
-  for (size_t i = 0; i < x->u.size(); ++i)
-    x->u[i] = float_to_bf16(((i * 7) % 13) * 0.01f - 0.06f), x->dy[i] = float_to_bf16(((i * 3) % 17) * 0.01f - 0.08f);
-  x->w.precision = Precision::bf16;
-  x->w.activation = kind;
-  x->w.b1 = x->b1.data();
-  x->w.b2 = x->b2.data();
-  x->w.pack_forward(x->w1.data(), x->w2.data(), M, H);
-  x->w.pack_backward(x->w1.data(), x->w2.data(), M, H);
-  for (int64_t i = 0; i < R; ++i) {
-    x->saved_rows.push_back(x->saved.data() + i * H1), x->dh_rows.push_back(x->dh.data() + i * H1);
-    x->u_rows.push_back(x->u.data() + i * M), x->act_rows.push_back(x->act.data() + i * H);
-    x->dy_rows.push_back(x->dy.data() + i * M);
-  }
-  return x;
-}
+using Expert = bench::BenchExpert;
 
 }  // namespace
 
@@ -70,7 +40,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::vector<std::unique_ptr<Expert>> experts;
-  for (int e = 0; e < n; ++e) experts.push_back(make_expert(e, R, M, H, kind));
+  for (int e = 0; e < n; ++e) experts.push_back(std::make_unique<Expert>(e, R, M, H, kind));
   auto forward = [&](Expert& x) {
     expert_forward(x.w, R, M, H, RowsIn(x.u.data()), x.saved.data(), RowsOut(x.act.data()), x.y.data(),
                    ForwardFor::backward);

@@ -1,0 +1,47 @@
+// One bf16 expert of the standalone expert benchmarks (experts_in_turn.cpp, bf16_saved_tensors.cpp):
+// its weights packed for the forward and the backward, deterministic inputs and output gradients,
+// buffers for everything its steps write, and each buffer's rows as pointers (what the weight
+// gradients read, as the layer hands them over).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+#include "kernels/cpu/expert_ffn.h"
+
+namespace pm::bench {
+
+struct BenchExpert {
+  std::vector<float> w1, w2, b1, b2, saved, y, dh, du, gw1, gw2, gb1, gb2;
+  std::vector<uint16_t> u, act, dy;
+  ExpertWeights w;
+  std::vector<const float*> saved_rows, dh_rows;
+  std::vector<const uint16_t*> u_rows, act_rows, dy_rows;
+
+  // Expert number e (its values differ from the others') of R rows, M wide, hidden H.
+  BenchExpert(int e, int64_t R, int64_t M, int64_t H, Activation kind) {
+    const int64_t H1 = fc1_width(kind, H);
+    w1.resize(M * H1), w2.resize(H * M), b1.resize(H1), b2.resize(M);
+    saved.resize(R * H1), y.resize(R * M), dh.resize(R * H1), du.resize(R * M);
+    gw1.resize(M * H1), gw2.resize(H * M), gb1.resize(H1), gb2.resize(M);
+    u.resize(R * M), act.resize(R * H), dy.resize(R * M);
+    for (size_t i = 0; i < w1.size(); ++i) w1[i] = ((i * 5 + e) % 11) * 0.01f - 0.05f;
+    for (size_t i = 0; i < w2.size(); ++i) w2[i] = ((i * 3 + e) % 7) * 0.01f - 0.03f;
+    for (size_t i = 0; i < u.size(); ++i)
+      u[i] = float_to_bf16(((i * 7) % 13) * 0.01f - 0.06f), dy[i] = float_to_bf16(((i * 3) % 17) * 0.01f - 0.08f);
+    w.precision = Precision::bf16;
+    w.activation = kind;
+    w.b1 = b1.data();
+    w.b2 = b2.data();
+    w.pack_forward(w1.data(), w2.data(), M, H);
+    w.pack_backward(w1.data(), w2.data(), M, H);
+    for (int64_t i = 0; i < R; ++i) {
+      saved_rows.push_back(saved.data() + i * H1), dh_rows.push_back(dh.data() + i * H1);
+      u_rows.push_back(u.data() + i * M), act_rows.push_back(act.data() + i * H);
+      dy_rows.push_back(dy.data() + i * M);
+    }
+  }
+};
+
+}  // namespace pm::bench
