@@ -1,7 +1,7 @@
 // One bf16 expert of the standalone expert benchmarks (experts_in_turn.cpp, bf16_saved_tensors.cpp):
 // its weights packed for the forward and the backward, deterministic inputs and output gradients,
-// buffers for everything its steps write, and each buffer's rows as pointers (what the weight
-// gradients read, as the layer hands them over).
+// buffers for everything its steps write, each buffer's rows as pointers (what the weight
+// gradients read, as the layer hands them over), and the library's three steps on them.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +13,8 @@
 namespace pm::bench {
 
 struct BenchExpert {
+  int64_t R, M, H;
+  Activation kind;
   std::vector<float> w1, w2, b1, b2, saved, y, dh, du, gw1, gw2, gb1, gb2;
   std::vector<uint16_t> u, act, dy;
   ExpertWeights w;
@@ -20,7 +22,8 @@ struct BenchExpert {
   std::vector<const uint16_t*> u_rows, act_rows, dy_rows;
 
   // Expert number e (its values differ from the others') of R rows, M wide, hidden H.
-  BenchExpert(int e, int64_t R, int64_t M, int64_t H, Activation kind) {
+  BenchExpert(int e, int64_t rows, int64_t model_dim, int64_t hidden, Activation activation)
+      : R(rows), M(model_dim), H(hidden), kind(activation) {
     const int64_t H1 = fc1_width(kind, H);
     w1.resize(M * H1), w2.resize(H * M), b1.resize(H1), b2.resize(M);
     saved.resize(R * H1), y.resize(R * M), dh.resize(R * H1), du.resize(R * M);
@@ -41,6 +44,18 @@ struct BenchExpert {
       u_rows.push_back(u.data() + i * M), act_rows.push_back(act.data() + i * H);
       dy_rows.push_back(dy.data() + i * M);
     }
+  }
+
+  void forward() {
+    expert_forward(w, R, M, H, RowsIn(u.data()), saved.data(), RowsOut(act.data()), y.data(), ForwardFor::backward);
+  }
+  void input_gradient() {
+    expert_backward_input(w, R, M, H, RowsIn(dy.data()), saved_rows.data(), dh.data(), du.data());
+  }
+  void weight_gradients() {
+    ExpertRows rows;
+    rows.u_bf16 = u_rows, rows.act_bf16 = act_rows, rows.dy_bf16 = dy_rows, rows.dhpre = dh_rows;
+    expert_weight_grads({gw1.data(), gb1.data(), gw2.data(), gb2.data()}, kind, Precision::bf16, M, H, rows);
   }
 };
 

@@ -60,7 +60,8 @@ struct Expert : bench::BenchExpert {
   std::vector<float> scratch;
   std::vector<uint16_t> grad16, dh16;
   std::vector<const uint16_t*> grad16_rows, dh16_rows;
-  explicit Expert(int e) : BenchExpert(e, R, M, H, kind), scratch(kBlock * H1), grad16(R * H1), dh16(R * H1) {
+  // (the shape from this file's globals: inside the class R, M, H and kind name the base's members)
+  explicit Expert(int e) : BenchExpert(e, ::R, ::M, ::H, ::kind), scratch(kBlock * H1), grad16(R * H1), dh16(R * H1) {
     for (int64_t i = 0; i < R; ++i)
       grad16_rows.push_back(grad16.data() + i * H1), dh16_rows.push_back(dh16.data() + i * H1);
   }
@@ -208,18 +209,9 @@ int main(int argc, char** argv) {
   H1 = fc1_width(kind, H);
   std::vector<std::unique_ptr<Expert>> experts;
   for (int e = 0; e < n; ++e) experts.push_back(std::make_unique<Expert>(e));
-  auto forward = [&](Expert& x) {
-    expert_forward(x.w, R, M, H, RowsIn(x.u.data()), x.saved.data(), RowsOut(x.act.data()), x.y.data(),
-                   ForwardFor::backward);
-  };
-  auto input_grad = [&](Expert& x) {
-    expert_backward_input(x.w, R, M, H, RowsIn(x.dy.data()), x.saved_rows.data(), x.dh.data(), x.du.data());
-  };
-  auto weight_grads = [&](Expert& x) {
-    ExpertRows rows;
-    rows.u_bf16 = x.u_rows, rows.act_bf16 = x.act_rows, rows.dy_bf16 = x.dy_rows, rows.dhpre = x.dh_rows;
-    expert_weight_grads({x.gw1.data(), x.gb1.data(), x.gw2.data(), x.gb2.data()}, kind, Precision::bf16, M, H, rows);
-  };
+  auto forward = [](Expert& x) { x.forward(); };
+  auto input_grad = [](Expert& x) { x.input_gradient(); };
+  auto weight_grads = [](Expert& x) { x.weight_gradients(); };
   const bool swiglu = kind == Activation::swiglu;
   for (auto& x : experts) {
     forward(*x), input_grad(*x);

@@ -41,18 +41,9 @@ int main(int argc, char** argv) {
   }
   std::vector<std::unique_ptr<Expert>> experts;
   for (int e = 0; e < n; ++e) experts.push_back(std::make_unique<Expert>(e, R, M, H, kind));
-  auto forward = [&](Expert& x) {
-    expert_forward(x.w, R, M, H, RowsIn(x.u.data()), x.saved.data(), RowsOut(x.act.data()), x.y.data(),
-                   ForwardFor::backward);
-  };
-  auto input_grad = [&](Expert& x) {
-    expert_backward_input(x.w, R, M, H, RowsIn(x.dy.data()), x.saved_rows.data(), x.dh.data(), x.du.data());
-  };
-  auto weight_grads = [&](Expert& x) {
-    ExpertRows rows;
-    rows.u_bf16 = x.u_rows, rows.act_bf16 = x.act_rows, rows.dy_bf16 = x.dy_rows, rows.dhpre = x.dh_rows;
-    expert_weight_grads({x.gw1.data(), x.gb1.data(), x.gw2.data(), x.gb2.data()}, kind, Precision::bf16, M, H, rows);
-  };
+  auto forward = [](Expert& x) { x.forward(); };
+  auto input_grad = [](Expert& x) { x.input_gradient(); };
+  auto weight_grads = [](Expert& x) { x.weight_gradients(); };
   for (auto& x : experts) forward(*x), input_grad(*x);
   std::printf("%d bf16 %s experts of %lld rows, M %lld, H %lld, one thread: ms per expert\n", n,
               kind == Activation::swiglu ? "SwiGLU" : "GeLU", static_cast<long long>(R), static_cast<long long>(M),
