@@ -15,14 +15,15 @@ std::string task_base_name(const std::string& name) {
 
 void PassBreakdown::add_pass(const LayerPassRun& forward, const LayerPassRun& backward) {
   for (const auto& [pass, run] : {std::pair{"forward", &forward}, std::pair{"backward", &backward}}) {
+    const std::vector<Task>& tasks = run->graph.tasks();
+    std::vector<Key> key_of;  // by task id
+    for (const Task& task : tasks) key_of.push_back({pass, task_base_name(task.name)});
     std::map<Key, double> sums;  // this pass's, so that a name with no record this time counts 0
-    for (const Task& task : run->graph.tasks()) {
-      const Key key{pass, task_base_name(task.name)};
-      lane_[key] = lane_name(task.lane);
-      sums[key] += 0.0;
+    for (size_t id = 0; id < tasks.size(); ++id) {
+      lane_[key_of[id]] = lane_name(tasks[id].lane);
+      sums[key_of[id]] += 0.0;
     }
-    for (const TaskRecord& r : run->records)
-      sums[Key{pass, task_base_name(run->graph.task(r.task).name)}] += (r.end_s - r.start_s) * 1e3;
+    for (const TaskRecord& r : run->records) sums[key_of[r.task]] += (r.end_s - r.start_s) * 1e3;
     for (const auto& [key, ms] : sums) {
       std::vector<double>& values = ms_[key];
       values.resize(passes_, 0.0);  // a name first seen now was absent (0 ms) before
