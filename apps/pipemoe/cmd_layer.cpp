@@ -296,9 +296,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"shared_hidden", o.shared_hidden},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()},
                         {"backend", backend.name()}, {"transport", ctx.comm.backend()}};
-    nlohmann::json tasks = nlohmann::json::array();
-    for (const auto& r : task_rows) tasks.push_back({{"pass", r.pass}, {"task", r.task}, {"lane", r.lane}, {"ms", r.ms}});
-    j["tasks_ms"] = tasks;
+    j["tasks_ms"] = rows_json(task_rows);
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }

@@ -73,4 +73,10 @@ std::vector<PassBreakdown::Row> PassBreakdown::slowest_rank_rows(Communicator& c
   return rows;
 }
 
+nlohmann::json rows_json(const std::vector<PassBreakdown::Row>& rows) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& r : rows) out.push_back({{"pass", r.pass}, {"task", r.task}, {"lane", r.lane}, {"ms", r.ms}});
+  return out;
+}
+
 }  // namespace pm::cli

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
@@ -36,6 +37,9 @@ class PassBreakdown {
   std::map<Key, std::vector<double>> ms_;  // one value per pass added
   int passes_ = 0;
 };
+
+// The rows as JSON (`tasks_ms`): [{"pass", "task", "lane", "ms"}, ...].
+nlohmann::json rows_json(const std::vector<PassBreakdown::Row>& rows);
 
 // "expert" for "expert[2]", the name itself where it has no chunk.
 std::string task_base_name(const std::string& name);
