@@ -55,6 +55,8 @@ void add_train_command(CLI::App& app, CommandFn& run) {
   text("--degree", "degree", "MoE pipeline degree: a number or 'auto'");
   text("--profile", "profile", "performance profile for --degree auto");
   text("--trace", "trace", "Chrome/Perfetto trace of the last step");
+  cmd->add_option_function<int64_t>("--breakdown-steps", [o](int64_t v) { o->overrides["breakdown_steps"] = v; },
+                                    "at the end, where a step goes: the last N steps' tasks summed per name");
   text("--log-csv", "log_csv", "per-step CSV log");
   // the parallel layout: tp x dp x pp = ranks
   cmd->add_option_function<int64_t>("--tp", [o](int64_t v) { o->overrides["tp"] = v; },

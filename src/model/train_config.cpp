@@ -101,6 +101,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("nan_policy", c.nan_policy);
   fn("profile", c.profile);
   fn("trace", c.trace);
+  fn("breakdown_steps", c.breakdown_steps);
   fn("log_csv", c.log_csv);
   fn("plot", c.plot);
 }
@@ -342,6 +343,7 @@ void TrainConfig::validate(int world) const {
              m.router_bias_rate);
   PM_REQUIRE(min_lr >= 0 && min_lr <= lr, "configuration: 'min_lr' must be between 0 and lr ({}), got {}", lr, min_lr);
   PM_REQUIRE(warmup_steps >= 0 && save_every >= 0, "configuration: 'warmup_steps' and 'save_every' must not be negative");
+  PM_REQUIRE(breakdown_steps >= 0, "configuration: 'breakdown_steps' must not be negative, got {}", breakdown_steps);
   PM_REQUIRE(stop_at >= 0 && stop_at <= max_steps, "configuration: 'stop_at' must be between 0 and max_steps ({}), got {}",
              max_steps, stop_at);
   PM_REQUIRE(weight_decay >= 0 && grad_clip >= 0, "configuration: 'weight_decay' and 'grad_clip' must not be negative");

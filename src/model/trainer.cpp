@@ -31,6 +31,7 @@
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
 #include "sched/overlap.h"
+#include "model/step_breakdown.h"
 #include "sched/trace.h"
 
 namespace pm {
@@ -443,6 +444,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   int skipped_in_a_row = 0;  // steps whose update nan_policy "skip" skipped
   Trace trace;
   double trace_origin = 0;
+  // breakdown_steps: the last steps' events, kept to be summed per task at the end
+  const int64_t summed_from = c.breakdown_steps > 0 ? std::max(start, last - c.breakdown_steps) : last;
+  std::vector<TraceEvent> summed_events;
+  std::vector<double> summed_step_ms;
   const std::vector<int> degree_cycle = degree_cycle_from_env();
   double rss_mb_early = NAN;
   for (int64_t step = start; step < last; ++step) {
@@ -453,9 +458,11 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
                        static_cast<int>(std::min<int64_t>(degree_cycle[(step + 1) % degree_cycle.size()], cap)));
       }
     if (step - start == 10) rss_mb_early = comm.allreduce_scalar(resident_mb(), ReduceOp::max);
-    const bool traced = !c.trace.empty() && step + 1 == last;
+    const bool traced_file = !c.trace.empty() && step + 1 == last;
+    const bool summed = step >= summed_from;
+    const bool traced = traced_file || summed;
     if (traced) {
-      comm.barrier();
+      if (traced_file) comm.barrier();
       trace_origin = now_s();
       model.set_trace(&trace);
       runner.set_trace(&trace);
@@ -530,8 +537,16 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
     if (traced) {
       model.set_trace(nullptr);
       runner.set_trace(nullptr);
-      trace.write_chrome_json(c.trace, trace_origin, comm.rank(), [&](const std::string& mine) { return comm.gather_strings(mine, 0); });
-      log::info("trace of step {}: {}", step + 1, c.trace);
+      if (traced_file) {
+        trace.write_chrome_json(c.trace, trace_origin, comm.rank(), [&](const std::string& mine) { return comm.gather_strings(mine, 0); });
+        log::info("trace of step {}: {}", step + 1, c.trace);
+      }
+      if (summed) {
+        const std::vector<TraceEvent> events = trace.events();
+        summed_events.insert(summed_events.end(), events.begin(), events.end());
+        summed_step_ms.push_back(record.step_ms);
+      }
+      trace.clear();  // the file holds one step, the breakdown each of its steps once
     }
     double eval_s = 0;
     if ((step + 1) % c.eval_every == 0 || step + 1 == last) {
@@ -569,6 +584,12 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   log::info("memory: peak {:.0f} MB on the largest rank; its MoE layers keep {:.1f} MB from a forward for the "
             "backward{}", peak_rss_mb, moe_held_mb, c.model.dtype == "bf16" ? " (bf16 where only GEMMs read it)" : "");
   held_most = static_cast<int>(comm.allreduce_scalar(held_most, ReduceOp::max));
+  std::vector<StepTaskRow> breakdown;
+  if (!summed_step_ms.empty()) {
+    const int steps = static_cast<int>(summed_step_ms.size());
+    breakdown = step_breakdown(comm, summed_events, steps);
+    log_step_breakdown(breakdown, steps, summarize(summed_step_ms).median);
+  }
   double ms = step_ms_all.empty() ? NAN : summarize(step_ms_all).median;
   double exposed = exposed_all.empty() ? NAN : summarize(exposed_all).median;
   return {{"train_loss", train_log.last_window_loss()},
@@ -608,7 +629,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
           // the micro-batches a stage kept aside at once (1F1B: S on the first stage; GPipe: M);
           // with one stage none (each forward's backward comes next)
           {"micro_batches_stashed_most", held_most},
-          {"log_csv", train_log.csv_path()}};
+          {"log_csv", train_log.csv_path()},
+          {"step_breakdown_ms", summed_step_ms.empty() ? nlohmann::json(nullptr) : step_breakdown_json(breakdown)}};
 }
 
 }  // namespace pm

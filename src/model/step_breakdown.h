@@ -1,0 +1,35 @@
+// Where a training step goes (`breakdown_steps` in a training configuration): the last steps'
+// trace events, held in memory, summed per task name over the layers and the pipeline's chunks
+// ("attention_bwd" for every block's, "dispatch" for dispatch[0], dispatch[1], ...), per step, so
+// that the time a step spends in attention, the experts, the router, the all-to-alls and the
+// optimizer shows at the end of `train` without a trace file and a script to read it.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "sched/trace.h"
+
+namespace pm {
+
+struct StepTaskRow {
+  std::string pass;  // the events' category: "forward", "backward"
+  std::string lane;  // "compute", "comm", ...
+  std::string task;  // the name without its chunk ("expert" for "expert[1]")
+  double ms = 0;     // per step: the sum over the steps divided by their number
+};
+
+// Rows on rank 0 (empty elsewhere), largest first: each task's time per step on the rank that
+// spent the most on it (ranks of different pipeline stages run different tasks; a task counts on
+// the ranks that ran it). A collective: every rank calls it with its own events.
+std::vector<StepTaskRow> step_breakdown(Communicator& comm, const std::vector<TraceEvent>& events, int steps);
+
+// The rows as JSON (`step_breakdown_ms`): [{"pass", "lane", "task", "ms"}, ...].
+nlohmann::json step_breakdown_json(const std::vector<StepTaskRow>& rows);
+
+// The rows as a table in the log, each with its share of the step.
+void log_step_breakdown(const std::vector<StepTaskRow>& rows, int steps, double step_ms);
+
+}  // namespace pm
