@@ -217,7 +217,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                                             {"steady_median_ratio", steady_ratios.empty() ? nlohmann::json(nullptr)
                                                                                           : nlohmann::json(steady.median)}};
       const std::vector<PassBreakdown::Row>& tasks = task_rows[{arm.dtype, degree}];
-      per_degree[std::to_string(degree)]["tasks_ms"] = rows_json(tasks);
+      per_degree[std::to_string(degree)]["tasks_ms"] = task_time_json(tasks);
       if (best_degree == 0 || ratio.median < best_ratio) best_degree = degree, best_ratio = ratio.median;
       if (!o.json)
         std::printf("%s, degree %d: layer/floor median %.3fx (rounds %.3f-%.3f), layer %.1f ms, peak %.1f GFLOP/s per "

@@ -296,7 +296,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"shared_hidden", o.shared_hidden},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()},
                         {"backend", backend.name()}, {"transport", ctx.comm.backend()}};
-    j["tasks_ms"] = rows_json(task_rows);
+    j["tasks_ms"] = task_time_json(task_rows);
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }

@@ -8,11 +8,6 @@
 
 namespace pm::cli {
 
-std::string task_base_name(const std::string& name) {
-  const auto bracket = name.find('[');
-  return bracket == std::string::npos ? name : name.substr(0, bracket);
-}
-
 void PassBreakdown::add_pass(const LayerPassRun& forward, const LayerPassRun& backward) {
   for (const auto& [pass, run] : {std::pair{"forward", &forward}, std::pair{"backward", &backward}}) {
     const std::vector<Task>& tasks = run->graph.tasks();
@@ -65,18 +60,12 @@ std::vector<PassBreakdown::Row> PassBreakdown::slowest_rank_rows(Communicator& c
     medians = slowest;
   }
   std::vector<Row> rows;
-  for (size_t i = 0; i < keys.size(); ++i) rows.push_back({keys[i].first, keys[i].second, lane_.at(keys[i]), medians[i]});
+  for (size_t i = 0; i < keys.size(); ++i) rows.push_back({keys[i].first, lane_.at(keys[i]), keys[i].second, medians[i]});
   std::stable_sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
     if (a.pass != b.pass) return a.pass == "forward";
     return a.ms > b.ms;
   });
   return rows;
-}
-
-nlohmann::json rows_json(const std::vector<PassBreakdown::Row>& rows) {
-  nlohmann::json out = nlohmann::json::array();
-  for (const auto& r : rows) out.push_back({{"pass", r.pass}, {"task", r.task}, {"lane", r.lane}, {"ms", r.ms}});
-  return out;
 }
 
 }  // namespace pm::cli

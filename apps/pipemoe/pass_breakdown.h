@@ -5,12 +5,12 @@
 #pragma once
 
 #include <map>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "model/step_breakdown.h"
 #include "moe/moe_layer.h"
 
 namespace pm::cli {
@@ -20,12 +20,7 @@ class PassBreakdown {
   // Adds one timed pass (its forward's and backward's task records).
   void add_pass(const LayerPassRun& forward, const LayerPassRun& backward);
 
-  struct Row {
-    std::string pass;  // "forward" or "backward"
-    std::string task;  // the task's name without its chunk
-    std::string lane;  // "compute", "comm", ...
-    double ms = 0;     // per pass: the median pass, the slowest rank
-  };
+  using Row = TaskTimeRow;  // ms per pass: the median pass, the slowest rank
   // Every rank calls (a collective): the median over this rank's passes, then the largest over the
   // ranks, task by task, forward tasks first, each direction's largest first. The ranks run the
   // same graph; if their task names differed, the rows are this rank's own.
@@ -37,11 +32,5 @@ class PassBreakdown {
   std::map<Key, std::vector<double>> ms_;  // one value per pass added
   int passes_ = 0;
 };
-
-// The rows as JSON (`tasks_ms`): [{"pass", "task", "lane", "ms"}, ...].
-nlohmann::json rows_json(const std::vector<PassBreakdown::Row>& rows);
-
-// "expert" for "expert[2]", the name itself where it has no chunk.
-std::string task_base_name(const std::string& name);
 
 }  // namespace pm::cli

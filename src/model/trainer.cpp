@@ -584,7 +584,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   log::info("memory: peak {:.0f} MB on the largest rank; its MoE layers keep {:.1f} MB from a forward for the "
             "backward{}", peak_rss_mb, moe_held_mb, c.model.dtype == "bf16" ? " (bf16 where only GEMMs read it)" : "");
   held_most = static_cast<int>(comm.allreduce_scalar(held_most, ReduceOp::max));
-  std::vector<StepTaskRow> breakdown;
+  std::vector<TaskTimeRow> breakdown;
   if (!summed_step_ms.empty()) {
     const int steps = static_cast<int>(summed_step_ms.size());
     breakdown = step_breakdown(comm, summed_events, steps);
@@ -630,7 +630,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
           // with one stage none (each forward's backward comes next)
           {"micro_batches_stashed_most", held_most},
           {"log_csv", train_log.csv_path()},
-          {"step_breakdown_ms", summed_step_ms.empty() ? nlohmann::json(nullptr) : step_breakdown_json(breakdown)}};
+          {"step_breakdown_ms", summed_step_ms.empty() ? nlohmann::json(nullptr) : task_time_json(breakdown)}};
 }
 
 }  // namespace pm

@@ -38,6 +38,9 @@ inline constexpr Lane copy{2};
 Lane add_lane(const std::string& name, bool in_order);
 int lane_count();
 const std::string& lane_name(Lane lane);
+// A task's name without its pipeline chunk: "dispatch" for "dispatch[2]" (pass builders name each
+// chunk's task so), the name itself where it has none.
+std::string task_base_name(const std::string& name);
 bool lane_in_order(Lane lane);
 
 // How much a task does, in the units performance models are linear in.
