@@ -74,8 +74,8 @@ Precision parse_dtype(const std::string& name) {
 
 // The tasks other than the experts' GEMM steps, largest first, ms per pass (median pass of all
 // rounds, slowest rank): where the layer's time over its expert tasks goes.
-std::string beside_experts(const std::vector<PassBreakdown::Row>& rows) {
-  std::vector<PassBreakdown::Row> others;
+std::string beside_experts(const std::vector<TaskTimeRow>& rows) {
+  std::vector<TaskTimeRow> others;
   for (const auto& r : rows)
     if (r.task != "expert" && r.task != "expert_dgrad" && r.task != "expert_wgrad") others.push_back(r);
   std::stable_sort(others.begin(), others.end(), [](const auto& a, const auto& b) { return a.ms > b.ms; });
@@ -147,7 +147,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     log::info("bench floor: round {}/{}: {}", round, o.rounds, line);
   }
   const double ceiling = fma_ceiling_all_ranks(ctx.comm);
-  std::map<std::pair<std::string, int>, std::vector<PassBreakdown::Row>> task_rows;
+  std::map<std::pair<std::string, int>, std::vector<TaskTimeRow>> task_rows;
   for (const auto& [key, breakdown] : breakdowns) task_rows[key] = breakdown.slowest_rank_rows(ctx.comm);
   if (ctx.rank() != 0) return 0;
 
@@ -216,7 +216,7 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
                                             {"steady_rounds", static_cast<int64_t>(steady_ratios.size())},
                                             {"steady_median_ratio", steady_ratios.empty() ? nlohmann::json(nullptr)
                                                                                           : nlohmann::json(steady.median)}};
-      const std::vector<PassBreakdown::Row>& tasks = task_rows[{arm.dtype, degree}];
+      const std::vector<TaskTimeRow>& tasks = task_rows[{arm.dtype, degree}];
       per_degree[std::to_string(degree)]["tasks_ms"] = task_time_json(tasks);
       if (best_degree == 0 || ratio.median < best_ratio) best_degree = degree, best_ratio = ratio.median;
       if (!o.json)

@@ -58,13 +58,13 @@ struct LayerOptions {
 
 // `--breakdown`: each task's ms per pass beside the pass it belongs to. A lane's tasks together can
 // exceed the pass where they overlap (the communication lane's waits run beside the computation).
-void print_breakdown(const std::vector<PassBreakdown::Row>& rows, double forward_ms, double backward_ms) {
+void print_breakdown(const std::vector<TaskTimeRow>& rows, double forward_ms, double backward_ms) {
   std::printf("where a pass goes (ms per pass, each task summed over its chunks; the median pass, the slowest rank):\n");
-  std::printf("  %-9s %-9s %-20s %9s %8s\n", "pass", "lane", "task", "ms", "share");
+  std::printf("  %-9s %-9s %-20s %9s %8s %6s\n", "pass", "lane", "task", "ms", "share", "calls");
   for (const auto& r : rows) {
     const double pass_ms = r.pass == "forward" ? forward_ms : backward_ms;
-    std::printf("  %-9s %-9s %-20s %9.2f %7.1f%%\n", r.pass.c_str(), r.lane.c_str(), r.task.c_str(), r.ms,
-                pass_ms > 0 ? 100 * r.ms / pass_ms : 0.0);
+    std::printf("  %-9s %-9s %-20s %9.2f %7.1f%% %6.4g\n", r.pass.c_str(), r.lane.c_str(), r.task.c_str(), r.ms,
+                pass_ms > 0 ? 100 * r.ms / pass_ms : 0.0, r.calls);
   }
 }
 
@@ -228,7 +228,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   PassBreakdown breakdown;
   PassTimes t = run_passes(ctx.comm, layer, executor, d, 0, o.iters, o.loss_grads(), o.trace.empty() ? nullptr : &trace,
                            [&](const LayerPassRun& f, const LayerPassRun& b) { breakdown.add_pass(f, b); });
-  const std::vector<PassBreakdown::Row> task_rows = breakdown.slowest_rank_rows(ctx.comm);
+  const std::vector<TaskTimeRow> task_rows = breakdown.slowest_rank_rows(ctx.comm);
   Summary sf = slowest_rank(ctx.comm, t.forward), sb = slowest_rank(ctx.comm, t.backward);
   Summary sc = slowest_rank(ctx.comm, t.comm_busy), se = slowest_rank(ctx.comm, t.expert);
   Summary scpu = slowest_rank(ctx.comm, t.comm_cpu);

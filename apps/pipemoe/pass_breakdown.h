@@ -1,16 +1,15 @@
-// Where a layer's pass goes (`pipemoe layer --breakdown`, and `tasks_ms` in its JSON): each task's
-// time summed by name over the pipeline's chunks ("dispatch" for dispatch[0], dispatch[1], ...),
-// per timed pass, so that what the expert GEMMs leave to the router, the copies and the
-// all-to-all shows without a trace and a script to read it.
+// Where a layer's pass goes (`pipemoe layer --breakdown`, `tasks_ms` in its JSON and in `bench
+// floor`'s): each task's time per pass summed over the pipeline's chunks (model/task_times.h), the
+// median over the timed passes, the slowest rank.
 #pragma once
 
 #include <map>
 #include <string>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 #include "comm/communicator.h"
-#include "model/step_breakdown.h"
+#include "model/task_times.h"
 #include "moe/moe_layer.h"
 
 namespace pm::cli {
@@ -20,16 +19,13 @@ class PassBreakdown {
   // Adds one timed pass (its forward's and backward's task records).
   void add_pass(const LayerPassRun& forward, const LayerPassRun& backward);
 
-  using Row = TaskTimeRow;  // ms per pass: the median pass, the slowest rank
-  // Every rank calls (a collective): the median over this rank's passes, then the largest over the
-  // ranks, task by task, forward tasks first, each direction's largest first. The ranks run the
-  // same graph; if their task names differed, the rows are this rank's own.
-  std::vector<Row> slowest_rank_rows(Communicator& comm) const;
+  // Rows on rank 0 (a collective: every rank calls it): each task's median over this rank's passes,
+  // the largest over the ranks, forward tasks first, each direction's largest first.
+  std::vector<TaskTimeRow> slowest_rank_rows(Communicator& comm) const;
 
  private:
-  using Key = std::pair<std::string, std::string>;  // (pass, task)
-  std::map<Key, std::string> lane_;
-  std::map<Key, std::vector<double>> ms_;  // one value per pass added
+  // (pass, lane, task) -> one value per pass added, ms and tasks run
+  std::map<TaskTotals::key_type, std::vector<TaskTotal>> passes_of_;
   int passes_ = 0;
 };
 

@@ -134,7 +134,7 @@ struct TrainConfig {
   std::string nan_policy = "stop";
   std::string profile;              // performance profile for degree auto
   std::string trace;                // Chrome trace of the last logged step
-  // The last N steps' tasks summed per name at the end (model/step_breakdown.h): a table of where a
+  // The last N steps' tasks summed per name at the end (model/task_times.h): a table of where a
   // step goes, and `step_breakdown_ms` in the final JSON (0: none)
   int64_t breakdown_steps = 0;
   std::string log_csv;              // per-step CSV ("" = <save>/log.csv or out/train_log.csv)

@@ -31,7 +31,7 @@
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
 #include "sched/overlap.h"
-#include "model/step_breakdown.h"
+#include "model/task_times.h"
 #include "sched/trace.h"
 
 namespace pm {

@@ -4,7 +4,8 @@ over the pipeline's chunks. Checked against what the same run measures another w
 the expert tasks' rows add up to `expert_ms` (the executor's busy time of the expert cost classes;
 with 2 passes a median is a mean, so the two sums agree to rounding), and a lane that runs one task
 at a time (compute) never holds more than its pass; at degree 2 each name appears once, without
-its chunk. On 2 ranks under mpirun the text table lists the same tasks.
+its chunk, with the number of its tasks a pass (2 chunks, or 1). On 2 ranks under mpirun the text
+table lists the same tasks.
 
 Run: /usr/bin/python3 tests/cli/test_layer_breakdown.py   (needs build/pipemoe)
 """
@@ -40,6 +41,11 @@ def main():
                     ("forward", "unpack"), ("backward", "expert_dgrad"), ("backward", "expert_wgrad"),
                     ("backward", "unpack_grad")]:
             failures.check(key in rows, f"no row for {key}")
+        # how many of each ran per pass: chunks at degree 2, one of the rest
+        calls = {k: rows[k]["calls"] for k in rows}
+        for key, want in [(("forward", "expert"), 2), (("forward", "dispatch"), 2), (("forward", "combine"), 2),
+                          (("forward", "gate"), 1), (("backward", "expert_dgrad"), 2), (("backward", "expert_wgrad"), 1)]:
+            failures.check(calls.get(key) == want, f"{key}: {calls.get(key)} tasks a pass, expected {want}")
         experts = sum(rows[k]["ms"] for k in [("forward", "expert"), ("backward", "expert_dgrad"),
                                               ("backward", "expert_wgrad")] if k in rows)
         failures.check(abs(experts - result["expert_ms"]) <= 1e-6 + 1e-3 * result["expert_ms"],
@@ -61,7 +67,7 @@ def main():
         if start:
             before = len(failures.items)
             table = [line.split() for line in lines[start[0] + 2:] if line.startswith("  ")]
-            tasks = {(t[0], t[2]) for t in table if len(t) == 5}
+            tasks = {(t[0], t[2]) for t in table if len(t) == 6}
             for key in [("forward", "expert"), ("forward", "dispatch"), ("backward", "expert_wgrad"),
                         ("backward", "grad_combine")]:
                 failures.check(key in tasks, f"2 ranks: no row for {key} in the table")

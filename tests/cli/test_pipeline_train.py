@@ -25,7 +25,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
 from harness import Failures, mpirun  # noqa: E402
-from test_train_cli import TINY, one_error, write_text  # noqa: E402
+from test_train_cli import one_error, tiny_config  # noqa: E402
 
 
 
@@ -60,10 +60,7 @@ def safetensors_names(path):
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
-        text = os.path.join(tmp, "text.txt")
-        write_text(text)
-        config = os.path.join(tmp, "tiny.json")
-        json.dump(dict(TINY, data=text, layers=4, max_steps=6, eval_every=3, micro_batches=4), open(config, "w"))
+        config = tiny_config(tmp, layers=4, max_steps=6, eval_every=3, micro_batches=4)
 
         def train(name, ranks, *flags, check=True):
             log = os.path.join(tmp, name.replace(" ", "_") + ".csv")

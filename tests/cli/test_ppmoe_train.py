@@ -32,7 +32,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
 from harness import Failures, mpirun  # noqa: E402
-from test_train_cli import TINY, one_error, write_text  # noqa: E402
+from test_train_cli import one_error, tiny_config  # noqa: E402
 
 
 def losses(path):
@@ -46,10 +46,7 @@ def norms(path):
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
-        text = os.path.join(tmp, "text.txt")
-        write_text(text)
-        config = os.path.join(tmp, "tiny.json")
-        json.dump(dict(TINY, data=text, max_steps=10, eval_every=5), open(config, "w"))
+        config = tiny_config(tmp, max_steps=10, eval_every=5)
 
         def train(name, ranks, *sets, check=True):
             log = os.path.join(tmp, name + ".csv")

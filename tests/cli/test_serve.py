@@ -29,7 +29,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
 from harness import BINARY, TIMEOUT_SCALE, Failures, mpi_env, mpirun  # noqa: E402
-from test_train_cli import TINY, write_text  # noqa: E402
+from test_train_cli import tiny_config  # noqa: E402
 
 # (prompt, max_tokens, temperature, seed): 40 tokens after a prompt pass the window of 32
 REQUESTS = [("The jury said", 40, 0.0, 1), ("The old county", 12, 0.8, 7), ("In the city", 45, 0.9, 3),
@@ -200,10 +200,7 @@ def sampling_fields(f, ranks, url, penalised, penalised_text):
 def main():
     f = Failures()
     with tempfile.TemporaryDirectory() as tmp:
-        text = os.path.join(tmp, "text.txt")
-        write_text(text)
-        config = os.path.join(tmp, "tiny.json")
-        json.dump(dict(TINY, data=text, max_steps=12), open(config, "w"))
+        config = tiny_config(tmp, max_steps=12)
         ck = os.path.join(tmp, "ck")
         mpirun(2, ["train", "--config", config, "--save", ck])
 

@@ -38,6 +38,16 @@ def write_text(path, sentences=3000):
     open(path, "w").write("\n".join(lines) + "\n")
 
 
+def tiny_config(tmp, **overrides):
+    """A TINY model's configuration in tmp (tiny.json), on text written there (text.txt), with
+    `overrides` over TINY's keys; returns the configuration's path."""
+    text = os.path.join(tmp, "text.txt")
+    write_text(text)
+    config = os.path.join(tmp, "tiny.json")
+    json.dump(dict(TINY, data=text, **overrides), open(config, "w"))
+    return config
+
+
 def train(ranks, config_path, *extra, check=True, timeout=300):
     return mpirun(ranks, ["train", "--config", config_path] + list(extra), timeout=timeout, check=check)
 
