@@ -26,12 +26,12 @@
 #include "model/parallel_layout.h"
 #include "model/pipeline_runner.h"
 #include "model/stage_split.h"
+#include "model/task_times.h"
 #include "model/train_log.h"
 #include "model/layer_degrees.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
 #include "sched/overlap.h"
-#include "model/task_times.h"
 #include "sched/trace.h"
 
 namespace pm {

@@ -49,12 +49,12 @@ int lane_count() {
 }
 
 const std::string& lane_name(Lane lane) { return info(lane).name; }
+bool lane_in_order(Lane lane) { return info(lane).in_order; }
 
 std::string task_base_name(const std::string& name) {
   const auto bracket = name.find('[');
   return bracket == std::string::npos ? name : name.substr(0, bracket);
 }
-bool lane_in_order(Lane lane) { return info(lane).in_order; }
 
 int TaskGraph::add(Task task) {
   int id = size();
