@@ -8,19 +8,25 @@ keys per round with the medians and B/A, and writes a CSV.
       --rounds 5 --keys forward_ms,backward_ms --csv out/ab_layer.csv -- layer --iters 10 --json
 
 Every run is under `timeout` (--timeout, 600 s): a hung rank fails the benchmark, not the host.
+
+The same binary with two settings: --a-args / --b-args are appended to each side's command, e.g.
+`--a build/pipemoe --b build/pipemoe --a-args "--dedup-dispatch false"`. --launcher goes before
+mpirun, e.g. `--launcher "scripts/emulate-cluster --hosts 2 --rate 1gbit --"` for the emulated
+1 Gbit/s network.
 """
 import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 
 
-def run(binary, ranks, args, timeout, env):
-    cmd = ["timeout", "--kill-after=5", str(timeout), "mpirun", "-q", "--oversubscribe", "-np", str(ranks),
-           binary] + args
+def run(binary, ranks, args, timeout, env, launcher=()):
+    cmd = ["timeout", "--kill-after=5", str(timeout), *launcher, "mpirun", "-q", "--oversubscribe", "-np",
+           str(ranks), binary] + args
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"ab_binaries: exit {proc.returncode}: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
@@ -39,6 +45,9 @@ def main():
     p.add_argument("--keys", required=True, help="comma-separated JSON keys to compare (summed into 'total')")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--csv", default="out/ab_binaries.csv")
+    p.add_argument("--a-args", default="", help="arguments appended to A's command")
+    p.add_argument("--b-args", default="", help="arguments appended to B's command")
+    p.add_argument("--launcher", default="", help="a command that runs mpirun (emulate-cluster ... --)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the pipemoe arguments")
     o = p.parse_args()
     args = o.command[1:] if o.command[:1] == ["--"] else o.command
@@ -48,9 +57,9 @@ def main():
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     rows = []
     for r in range(o.rounds):
-        order = [("A", o.a), ("B", o.b)] if r % 2 == 0 else [("B", o.b), ("A", o.a)]
-        for side, binary in order:
-            j = run(binary, o.ranks, args, o.timeout, env)
+        a, b = ("A", o.a, shlex.split(o.a_args)), ("B", o.b, shlex.split(o.b_args))
+        for side, binary, extra in ([a, b] if r % 2 == 0 else [b, a]):
+            j = run(binary, o.ranks, args + extra, o.timeout, env, shlex.split(o.launcher))
             values = [float(j[k]) for k in keys]
             rows.append({"round": r, "side": side, **dict(zip(keys, values)), "total": sum(values)})
             print(f"round {r} {side}: " + " ".join(f"{k} {v:.2f}" for k, v in zip(keys, values)), flush=True)

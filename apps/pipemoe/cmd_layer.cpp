@@ -122,6 +122,7 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"activation", activation_name(s.activation)},
                            {"router_score", s.router_score == RouterScore::sigmoid ? "sigmoid" : "softmax"},
                            {"dtype", precision_name(s.precision)},
+                           {"dedup_dispatch", s.dedup_dispatch},
                            {"shared_hidden", o.shared_hidden},
                            {"shared_activation", activation_name(o.shared_activation)},
                            {"world_size", ctx.world()},
@@ -238,6 +239,9 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   // the real counts: the rows each rank's experts computed, and what holding them cost
   const double rows_max = ctx.comm.allreduce_scalar(static_cast<double>(t.expert_rows), ReduceOp::max);
   const double rows_min = -ctx.comm.allreduce_scalar(-static_cast<double>(t.expert_rows), ReduceOp::max);
+  // what the forward dispatch put on the wire (the rank that sent the most)
+  const double sent_rows = ctx.comm.allreduce_scalar(static_cast<double>(t.dispatch_rows_sent), ReduceOp::max);
+  const double sent_choices = ctx.comm.allreduce_scalar(static_cast<double>(t.dispatch_choices_sent), ReduceOp::max);
   const double peak_mb = ctx.comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
   const double huge_mb = ctx.comm.allreduce_scalar(huge_pages_mb(), ReduceOp::min);  // the rank with the fewest
   const double held_mb = ctx.comm.allreduce_scalar(static_cast<double>(t.held_bytes) / (1 << 20), ReduceOp::max);
@@ -287,6 +291,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"expert_gflops", gflops},
                         {"tokens_per_s", tokens_per_s}, {"iters", o.iters},
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
+                        {"dispatch_rows_sent", sent_rows}, {"dispatch_choices_sent", sent_choices},
+                        {"dedup_dispatch", shape.dedup_dispatch && shape.top_k > 1},
                         {"huge_pages_mb", std::isnan(huge_mb) ? nlohmann::json(nullptr) : nlohmann::json(huge_mb)},
                         {"held_for_backward_mb", held_mb},
                         {"weights_change", o.weights_change},
@@ -345,6 +351,12 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::printf("rows the experts computed per rank: %.0f to %.0f (of %ld tokens x top-%d); peak memory %s per rank, "
               "%.1f MB of it kept from the forward for the backward%s\n",
               rows_min, rows_max, static_cast<long>(shape.tokens), shape.top_k, peak.c_str(), held_mb, huge.c_str());
+  if (sent_choices > 0)
+    std::printf("the forward's dispatch to other ranks: %.0f rows for %.0f choices%s (the rank that sent the most)\n",
+                sent_rows, sent_choices,
+                shape.dedup_dispatch && shape.top_k > 1
+                    ? fmt::format(", each token once per rank and chunk: {:.2f}x fewer rows", sent_choices / std::max(sent_rows, 1.0)).c_str()
+                    : " (--dedup-dispatch false: a row per choice)");
   if (o.breakdown) print_breakdown(task_rows, sf.median, sb.median);
   return 0;
 }

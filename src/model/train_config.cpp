@@ -64,6 +64,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("router_score", c.model.router_score);
   fn("dtype", c.model.dtype);
   fn("router_bias_rate", c.model.router_bias_rate);
+  fn("dedup_dispatch", c.model.dedup_dispatch);
   fn("batch_size", c.batch_size);
   fn("dp", c.dp);
   fn("pp", c.pp);

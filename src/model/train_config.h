@@ -73,6 +73,9 @@ struct ModelConfig {
   // > 0: auxiliary-loss-free balancing (DeepSeek-V3, which uses 1e-3): each MoE layer chooses by
   // probability + a per-expert bias, moved by this much after every step against the load
   double router_bias_rate = 0;
+  // Top-k > 1: the expert-parallel dispatch sends a token's row once per chunk and rank (moe_shape.h
+  // dedup_dispatch): the same results, fewer bytes on the wire; false: once per chosen expert.
+  bool dedup_dispatch = true;
   bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }
   bool scmoe() const { return arch == "scmoe"; }
   // The ranks an MoE layer's experts are spread over: the tensor-parallel group (ppmoe) or all.

@@ -24,7 +24,7 @@ std::vector<int64_t> Dispatcher::choice_positions(const Routing& routing, const 
   return pos;
 }
 
-DispatchHandle Dispatcher::layout(const Routing& routing, int degree) const {
+DispatchHandle Dispatcher::layout(const Routing& routing, int degree, bool dedup) const {
   PM_CHECK(routing.experts == group_.size() * local_experts_, "routing over {} experts, the group holds {}",
            routing.experts, group_.size() * local_experts_);
   DispatchHandle h;
@@ -34,17 +34,32 @@ DispatchHandle Dispatcher::layout(const Routing& routing, int degree) const {
   h.send_counts = routing.count;  // expert e = q * El + le: already [P, El]
   h.tokens_wire = make_block_layout(h.send_counts, group_.size(), local_experts_, degree, BlockOrder::wire);
   h.positions = choice_positions(routing, h.tokens_wire);
+  h.dedup = dedup;
+  if (dedup) h.unique = unique_token_rows(h.tokens_wire, h.positions, h.tokens, h.top_k);
   return h;
 }
 
 void Dispatcher::exchange_counts(DispatchHandle& h) {
-  const int P = group_.size(), El = local_experts_;
-  std::vector<int64_t> counts(P, El), displs(P);
-  for (int q = 0; q < P; ++q) displs[q] = q * El;
+  const int P = group_.size(), El = local_experts_, D = h.degree;
+  // per peer: its El experts' row counts and, deduplicated, the unique rows of each chunk to it
+  const int W = El + (h.dedup ? D : 0);
+  std::vector<int64_t> send(static_cast<std::size_t>(P) * W), recv(send.size()), counts(P, W), displs(P);
+  for (int q = 0; q < P; ++q) {
+    displs[q] = static_cast<int64_t>(q) * W;
+    std::copy_n(h.send_counts.begin() + q * El, El, send.begin() + displs[q]);
+    for (int c = 0; c < D && h.dedup; ++c) send[displs[q] + El + c] = h.unique.send_count[c * P + q];
+  }
+  group_.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::i64);
   h.recv_counts.assign(P * El, 0);
-  group_.alltoallv(h.send_counts.data(), counts, displs, h.recv_counts.data(), counts, displs, DType::i64);
+  for (int q = 0; q < P; ++q) std::copy_n(recv.begin() + displs[q], El, h.recv_counts.begin() + q * El);
   h.experts_wire = make_block_layout(h.recv_counts, P, El, h.degree, BlockOrder::wire);
   h.experts_compute = make_block_layout(h.recv_counts, P, El, h.degree, BlockOrder::compute);
+  if (h.dedup) {
+    std::vector<int64_t> unique(static_cast<std::size_t>(D) * P, 0);
+    for (int q = 0; q < P; ++q)
+      for (int c = 0; c < D && q != group_.rank(); ++c) unique[c * P + q] = recv[displs[q] + El + c];
+    lay_out_expert_side(h.unique, std::move(unique), h.experts_wire.total_rows);
+  }
   h.exchanged = true;
 }
 
@@ -66,7 +81,7 @@ DispatchHandle Dispatcher::with_degree(const DispatchHandle& from, const Routing
 }
 
 void Dispatcher::pack(const float* x, const DispatchHandle& h, RowsOut send) const {
-  backend_.dispatch_rows(x, h.tokens, width_, h.top_k, h.positions.data(), send);
+  backend_.dispatch_rows(x, h.tokens, width_, h.top_k, (h.dedup ? h.unique.positions : h.positions).data(), send);
 }
 
 void Dispatcher::pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const {
@@ -75,9 +90,6 @@ void Dispatcher::pack_scaled(const float* dy, const float* gate, const DispatchH
 
 void Dispatcher::all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to,
                                  int chunk, OwnRows own) {
-  const bool bf16 = wire_ == Precision::bf16;
-  PM_CHECK(bf16 ? send.f32 == nullptr && recv.f32 == nullptr : send.bf16 == nullptr && recv.bf16 == nullptr,
-           "the all-to-all's buffers must hold rows of the wire's type ({})", bf16 ? "bf16" : "fp32");
   const int P = group_.size();
   std::vector<int64_t> send_counts(P), send_displs(P), recv_counts(P), recv_displs(P);
   for (int q = 0; q < P; ++q) {
@@ -87,21 +99,69 @@ void Dispatcher::all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut r
     recv_displs[q] = to.block_offset(chunk, q, 0) * width_;
   }
   if (own == OwnRows::by_caller) send_counts[group_.rank()] = recv_counts[group_.rank()] = 0;
+  alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs);
+}
+
+void Dispatcher::alltoallv_rows(RowsIn send, const std::vector<int64_t>& send_counts,
+                                const std::vector<int64_t>& send_displs, RowsOut recv,
+                                const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs) {
+  const bool bf16 = wire_ == Precision::bf16;
+  PM_CHECK(bf16 ? send.f32 == nullptr && recv.f32 == nullptr : send.bf16 == nullptr && recv.bf16 == nullptr,
+           "the all-to-all's buffers must hold rows of the wire's type ({})", bf16 ? "bf16" : "fp32");
   if (bf16)
     group_.alltoallv(send.bf16, send_counts, send_displs, recv.bf16, recv_counts, recv_displs, DType::bf16);
   else
     group_.alltoallv(send.f32, send_counts, send_displs, recv.f32, recv_counts, recv_displs, DType::f32);
 }
 
-void Dispatcher::dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv, OwnRows own) {
-  all_to_all_rows(send, h.tokens_wire, recv, h.experts_wire, chunk, own);
+void Dispatcher::dispatch_chunk(DispatchHandle& h, int chunk, RowsIn send, RowsOut recv, OwnRows own) {
+  if (!h.dedup) return all_to_all_rows(send, h.tokens_wire, recv, h.experts_wire, chunk, own);
+  PM_CHECK(own == OwnRows::by_caller && h.exchanged, "a deduplicated dispatch leaves a rank's own rows to the caller");
+  const int P = group_.size(), me = group_.rank();
+  // the chunk's row maps (one int32 per expert row, straight from and into the maps) beside its
+  // unique rows: both in flight at once
+  std::vector<int64_t> map_send_counts(P), map_send_displs(P), map_recv_counts(P), map_recv_displs(P);
+  std::vector<int64_t> send_counts(P), send_displs(P), recv_counts(P), recv_displs(P);
+  for (int q = 0; q < P; ++q) {
+    const int64_t g = static_cast<int64_t>(chunk) * P + q;
+    const bool own_rows = q == me;
+    map_send_counts[q] = own_rows ? 0 : h.tokens_wire.peer_chunk_rows(chunk, q);
+    map_send_displs[q] = h.tokens_wire.block_offset(chunk, q, 0);
+    map_recv_counts[q] = own_rows ? 0 : h.experts_wire.peer_chunk_rows(chunk, q);
+    map_recv_displs[q] = h.experts_wire.block_offset(chunk, q, 0);
+    send_counts[q] = own_rows ? 0 : h.unique.send_count[g] * width_;
+    send_displs[q] = h.unique.send_offset[g] * width_;
+    recv_counts[q] = own_rows ? 0 : h.unique.recv_count[g] * width_;
+    recv_displs[q] = h.unique.recv_offset[g] * width_;
+  }
+  RequestPtr maps = group_.ialltoallv(h.unique.send_map.data(), map_send_counts, map_send_displs,
+                                     h.unique.recv_map.data(), map_recv_counts, map_recv_displs, DType::i32);
+  alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs);
+  group_.waiter().wait(*maps);
+  for (int q = 0; q < P; ++q)
+    if (q != me) check_received_map(h.unique, h.experts_wire, chunk, q);
 }
 
 void Dispatcher::combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back, OwnRows own) {
   all_to_all_rows(rows, h.experts_wire, back, h.tokens_wire, chunk, own);
 }
 
+std::vector<RowRun> Dispatcher::peer_rows_to_experts(const DispatchHandle& h, int chunk) const {
+  if (!h.dedup) return chunk_segments(h.experts_wire, h.experts_compute, chunk, group_.rank());
+  std::vector<RowRun> runs;
+  for (int q = 0; q < group_.size(); ++q) {
+    if (q == group_.rank()) continue;
+    std::vector<RowRun> peer = unique_row_runs(h.unique.recv_offset, h.unique.recv_map, h.experts_wire,
+                                               h.experts_compute, chunk, q);
+    runs.insert(runs.end(), peer.begin(), peer.end());
+  }
+  return runs;
+}
+
 std::vector<RowRun> Dispatcher::own_rows_to_experts(const DispatchHandle& h, int chunk) const {
+  if (h.dedup)
+    return unique_row_runs(h.unique.send_offset, h.unique.send_map, h.tokens_wire, h.experts_compute, chunk,
+                           group_.rank());
   return peer_segments(h.tokens_wire, h.experts_compute, group_.rank(), chunk);
 }
 
@@ -133,6 +193,7 @@ void Dispatcher::unpack_sum(RowsIn back, const DispatchHandle& h, const float* d
 }
 
 Buffer<float> Dispatcher::dispatch(const float* x, DispatchHandle& h) {
+  PM_CHECK(!h.dedup, "a whole-pass dispatch carries every row (deduplicated rows are for the pipelined pieces)");
   if (!h.exchanged) exchange_counts(h);
   RowBuffer send(backend_), wire(backend_);
   send.resize(h.tokens_wire.total_rows, width_, wire_);

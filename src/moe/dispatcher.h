@@ -20,6 +20,7 @@
 #include "comm/communicator.h"
 #include "kernels/backend.h"
 #include "moe/routing.h"
+#include "moe/unique_rows.h"
 
 namespace pm {
 
@@ -35,6 +36,11 @@ struct DispatchHandle {
   BlockLayout experts_compute;       // the same rows, each (chunk, local expert) contiguous: one GEMM
   std::vector<int64_t> positions;    // [T, k] row of each kept choice in tokens_wire; -1 dropped
   bool exchanged = false;            // recv_counts and the expert side are known
+  // The dispatch sends a token's row once per (chunk, rank) (unique_rows.h): the send buffer holds
+  // unique.send_rows rows, the dispatch's receive buffer unique.recv_rows; the combine and the
+  // layouts above are unchanged.
+  bool dedup = false;
+  UniqueRows unique;
 };
 
 class Dispatcher {
@@ -46,31 +52,38 @@ class Dispatcher {
   Dispatcher(Communicator& group, Backend& backend, int local_experts, int64_t width,
              Precision wire = Precision::fp32);
 
-  // The token side of a pass's layout from its routing: no communication.
-  DispatchHandle layout(const Routing& routing, int degree) const;
-  // Exchanges the per-expert row counts with the group and lays out the expert side. Collective.
+  // The token side of a pass's layout from its routing: no communication. dedup: the dispatch
+  // sends each token's row once per (chunk, rank) (only with OwnRows::by_caller).
+  DispatchHandle layout(const Routing& routing, int degree, bool dedup = false) const;
+  // Exchanges the per-expert row counts (deduplicated: and the unique rows of each chunk) with the
+  // group and lays out the expert side. Collective.
   void exchange_counts(DispatchHandle& handle);
   // The same rows (of the same routing) pipelined with another degree (the backward's): no
-  // communication.
+  // communication, and no deduplication.
   DispatchHandle with_degree(const DispatchHandle& handle, const Routing& routing, int degree) const;
 
   // ---- the pieces a pipeline schedules ---------------------------------------------------------
-  // send[tokens_wire rows, M]: token rows (x[T, M]) at their choices' places.
+  // send[tokens_wire rows, M]: token rows (x[T, M]) at their choices' places (deduplicated:
+  // send[unique.send_rows, M], each token once per (chunk, rank)).
   void pack(const float* x, const DispatchHandle& h, RowsOut send) const;
   // send = gate[t, j] * dy[t] at the choices' places (the combine's backward).
   void pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const;
-  // Chunk `chunk` of the token side to the expert side: send (tokens_wire) -> recv (experts_wire).
-  // Collective. With OwnRows::by_caller the rows this rank sends itself stay out of the
+  // Chunk `chunk` of the token side to the expert side: send (tokens_wire) -> recv (experts_wire;
+  // deduplicated: unique rows to unique rows, [chunk][peer]). Collective. With OwnRows::by_caller the rows this rank sends itself stay out of the
   // all-to-all: the caller reads them from `send` (own_rows_to_experts) and, on the way back,
   // writes them into `back` (own_rows_from_experts): one copy of them fewer each way.
   enum class OwnRows { in_all_to_all, by_caller };
-  void dispatch_chunk(const DispatchHandle& h, int chunk, RowsIn send, RowsOut recv,
+  // (Deduplicated, the chunk's row maps arrive with it, into h.unique.recv_map.)
+  void dispatch_chunk(DispatchHandle& h, int chunk, RowsIn send, RowsOut recv,
                       OwnRows own = OwnRows::in_all_to_all);
   // Chunk `chunk` back: rows (experts_wire) -> back (tokens_wire). Collective.
   void combine_chunk(const DispatchHandle& h, int chunk, RowsIn rows, RowsOut back,
                      OwnRows own = OwnRows::in_all_to_all);
-  // Runs of chunk `chunk`'s own rows: from the send buffer (tokens_wire) to compute order, and from
-  // compute order to the back buffer (tokens_wire).
+  // Runs of chunk `chunk`'s rows from the other ranks: from dispatch_chunk's receive buffer to
+  // compute order.
+  std::vector<RowRun> peer_rows_to_experts(const DispatchHandle& h, int chunk) const;
+  // Runs of chunk `chunk`'s own rows: from the send buffer to compute order, and from compute order
+  // to the back buffer (tokens_wire).
   std::vector<RowRun> own_rows_to_experts(const DispatchHandle& h, int chunk) const;
   std::vector<RowRun> own_rows_from_experts(const DispatchHandle& h, int chunk) const;
   // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
@@ -96,6 +109,9 @@ class Dispatcher {
   // OwnRows::by_caller: this rank's own block left out (a count of 0 both ways).
   void all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut recv, const BlockLayout& to, int chunk,
                        OwnRows own);
+  // One all-to-all of rows of the wire's type (counts and displacements in values).
+  void alltoallv_rows(RowsIn send, const std::vector<int64_t>& send_counts, const std::vector<int64_t>& send_displs,
+                      RowsOut recv, const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs);
   std::vector<int64_t> choice_positions(const Routing& routing, const BlockLayout& token_layout) const;
 
   Communicator& group_;

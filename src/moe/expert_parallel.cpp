@@ -26,6 +26,8 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   RowBuffer send;            // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
   RowBuffer recv;            // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
                              // then their outputs going back (expert)
+  RowBuffer recv_unique;     // counts, deduplicated dispatch: [unique.recv_rows, M] rows for this rank's
+                             // experts, each token once per chunk (dispatch)
   RowBuffer back;            // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine); saved
   // Rows in the layer's precision, saved for the weight gradients:
   RowBuffer u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute order (expert)
@@ -36,9 +38,21 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   double aux_loss() const override { return gating.aux_loss; }
   double z_loss() const override { return gating.z_loss; }
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
+  int64_t dispatch_rows_sent() const override { return sent_to_peers(true); }
+  int64_t dispatch_choices_sent() const override { return sent_to_peers(false); }
+  int rank = 0;  // gate: this rank in the layer's group
+  int64_t sent_to_peers(bool rows) const {
+    int64_t n = 0;
+    for (int c = 0; c < handle.degree; ++c)
+      for (int q = 0; q < handle.tokens_wire.peers; ++q)
+        if (q != rank)
+          n += rows && handle.dedup ? handle.unique.send_count[c * handle.tokens_wire.peers + q]
+                                    : handle.tokens_wire.peer_chunk_rows(c, q);
+    return n;
+  }
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
-    return send.bytes() + recv.bytes() + back.bytes() + u.bytes() + act.bytes() +
+    return send.bytes() + recv.bytes() + recv_unique.bytes() + back.bytes() + u.bytes() + act.bytes() +
            static_cast<int64_t>((fc1_saved.size() + out.size()) * sizeof(float));
   }
 };
@@ -94,7 +108,7 @@ struct ChunkRuns {
   std::vector<RowRun> in_peers, in_own, out_peers, out_own;
   ChunkRuns(const BlockLayout& wire, const BlockLayout& compute, int chunk, int rank, const Dispatcher& dispatcher,
             const DispatchHandle& handle)
-      : in_peers(chunk_segments(wire, compute, chunk, rank)),
+      : in_peers(dispatcher.peer_rows_to_experts(handle, chunk)),
         in_own(dispatcher.own_rows_to_experts(handle, chunk)),
         out_peers(chunk_segments(compute, wire, chunk, rank)),
         out_own(dispatcher.own_rows_from_experts(handle, chunk)) {}
@@ -235,8 +249,10 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     p->gating = gate_forward(backend_, p->x, w_.wg.f32(), p->tokens, shape,
                              shape.balance_bias ? w_.router_bias.f32() : nullptr,
                              inferring() ? RouterLosses::skip : RouterLosses::compute);
-    p->handle = dispatcher_.layout(p->gating.routing, degree);
-    p->send.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());
+    p->handle = dispatcher_.layout(p->gating.routing, degree, shape.dedup_dispatch && shape.top_k > 1);
+    p->rank = group_.rank();
+    const int64_t send_rows = p->handle.dedup ? p->handle.unique.send_rows : p->handle.tokens_wire.total_rows;
+    p->send.resize(send_rows, shape.model_dim, dispatcher_.wire());
     p->back.resize(p->handle.tokens_wire.total_rows, shape.model_dim, dispatcher_.wire());
   };
   steps.pack = [this, p] { dispatcher_.pack(p->x, p->handle, p->send.out(0)); };
@@ -244,6 +260,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     dispatcher_.exchange_counts(p->handle);
     const int64_t rows = p->handle.experts_wire.total_rows;
     p->recv.resize(rows, M, dispatcher_.wire());
+    if (p->handle.dedup) p->recv_unique.resize(p->handle.unique.recv_rows, M, dispatcher_.wire());
     p->u.resize(rows, M, shape.precision);
     p->fc1_saved.resize(rows * H1);
     p->act.resize(rows, H, shape.precision);
@@ -269,7 +286,10 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     w_.pack_forward(backend_, shape_, packed_);
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
-  steps.dispatch = [this, p](int c) { dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), p->recv.out(0), kOwn); };
+  steps.dispatch = [this, p](int c) {
+    RowBuffer& arriving = p->handle.dedup ? p->recv_unique : p->recv;
+    dispatcher_.dispatch_chunk(p->handle, c, p->send.in(0), arriving.out(0), kOwn);
+  };
   steps.expert = [this, p, M, H, H1](int c) {
     const BlockLayout& wire = p->handle.experts_wire;
     const BlockLayout& compute = p->handle.experts_compute;
@@ -280,7 +300,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : packed_[le];
       // each expert's rows in and out around its own FFN, while they are in cache
-      p->u.copy_rows_from(backend_, p->recv.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
+      const RowBuffer& arrived = p->handle.dedup ? p->recv_unique : p->recv;
+      p->u.copy_rows_from(backend_, arrived.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
       p->u.copy_rows_from(backend_, p->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
       in_pieces(backend_, runs, first, rows, M, p->out, p->recv.out(0), p->back.out(0), [&](int64_t r, int64_t n) {
         backend_.expert_forward(packed, n, M, H, p->u.in(r), &p->fc1_saved[r * H1], p->act.out(r), p->out.data(),
@@ -296,6 +317,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     // every dispatch, expert and combine has run: the all-to-all's buffers are done with
     p->send.release();
     p->recv.release();
+    p->recv_unique.release();
     release(p->out);
   };
 

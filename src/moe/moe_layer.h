@@ -38,6 +38,11 @@ class MoePass {
   virtual double aux_loss() const = 0;          // of this rank's tokens
   virtual double z_loss() const = 0;            // router z-loss of this rank's tokens (gate.h)
   virtual int64_t expert_rows() const = 0;      // rows this rank's experts computed
+  // Rows this rank's forward dispatch sent to other ranks, and the choices they carried (equal
+  // unless the dispatch is deduplicated: then a row carries all of a token's choices on a rank).
+  // 0 and 0 for a layer without a dispatch (PPMoE).
+  virtual int64_t dispatch_rows_sent() const { return 0; }
+  virtual int64_t dispatch_choices_sent() const { return 0; }
   virtual const Routing& routing() const = 0;   // this rank's tokens' choices and slots
   // Bytes of backend memory the pass holds now: after its forward, what it keeps for its backward.
   virtual int64_t held_bytes() const = 0;

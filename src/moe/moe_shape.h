@@ -40,6 +40,10 @@ struct MoeShape {
   // payloads travel as bf16 (half the bytes); the router, the gate values, the combine's sums and
   // the weight gradients stay fp32.
   Precision precision = Precision::fp32;
+  // Top-k > 1: the expert-parallel dispatch sends a token's row once per chunk and rank, however
+  // many of that rank's experts it chose (moe/unique_rows.h): the same bits, fewer bytes. What the
+  // layer computes and the planner's cost model are unchanged (it counts every row).
+  bool dedup_dispatch = true;
   int64_t wire_bytes() const { return precision == Precision::bf16 ? 2 : 4; }  // per value of a row on the wire
   int64_t fc1_width() const { return pm::fc1_width(activation, hidden); }  // W1's columns: H, or 2H for SwiGLU
   // Multiply-adds x 2 of one row through one expert, forward: 2 M H1 + 2 H M.

@@ -79,6 +79,59 @@ TEST_P(LayerOnThreadRanks, EveryDegreeThePlannerCanPickGivesTheSameBitsAsDegreeO
     for (int r = 0; r < P; ++r) EXPECT_TRUE(results[r] == base[r]) << "degree " << d.first << "/" << d.second << " rank " << r;
 }
 
+TEST_P(LayerOnThreadRanks, ADeduplicatedDispatchGivesTheBitsOfOneRowPerChoice) {
+  // top-3 of 4 experts per rank: tokens often choose several experts of one rank, which the
+  // deduplicated dispatch sends once; the layer must compute exactly what it computes without
+  const int P = GetParam();
+  for (double f : {0.0, 1.25}) {
+    MoeShape shape{60, 16, 24, 4 * P, 3, f, P};
+    shape.precision = f > 0 ? Precision::bf16 : Precision::fp32;
+    std::mutex m;
+    std::map<std::pair<bool, int>, std::vector<Results>> by_variant;  // (dedup, degree): each rank's
+    std::vector<int64_t> rows_sent(P), choices_sent(P);
+    run_ranks_in_process(P, [&](Communicator& comm) {
+      Executor ex;
+      auto x = normal(shape.tokens * shape.model_dim, 5, stream_id(1, comm.rank()));
+      auto dy = normal(shape.tokens * shape.model_dim, 5, stream_id(2, comm.rank()));
+      for (bool dedup : {false, true}) {
+        MoeShape s = shape;
+        s.dedup_dispatch = dedup;
+        auto layer = moe_strategy("ep").make_layer(s, comm, cpu_backend());
+        layer->init_parameters(9);
+        for (int degree : {1, 3}) {
+          layer->set_degrees(degree, degree == 1 ? 1 : 2);
+          Results r = run_layer(*layer, ex, x, dy);
+          std::lock_guard lock(m);
+          auto& all = by_variant[{dedup, degree}];
+          all.resize(P);
+          all[comm.rank()] = std::move(r);
+        }
+        // one more forward, to count what its dispatch sent
+        std::vector<float> y(x.size());
+        auto pass = forward_alone(*layer, ex, x.data(), s.tokens, y.data());
+        std::lock_guard lock(m);
+        if (dedup) {
+          rows_sent[comm.rank()] = pass->dispatch_rows_sent();
+        } else {
+          choices_sent[comm.rank()] = pass->dispatch_choices_sent();
+          EXPECT_EQ(pass->dispatch_rows_sent(), pass->dispatch_choices_sent());
+        }
+      }
+    });
+    for (const auto& [variant, results] : by_variant)
+      for (int r = 0; r < P; ++r)
+        EXPECT_TRUE(results[r] == by_variant.at({false, 1})[r])
+            << "dedup " << variant.first << ", degree " << variant.second << ", rank " << r << ", f " << f;
+    for (int r = 0; r < P; ++r) {
+      if (P == 1) {
+        EXPECT_EQ(choices_sent[r], 0);  // nothing leaves a single rank
+      } else {
+        EXPECT_LT(rows_sent[r], choices_sent[r]) << "rank " << r << ": no row sent once for two choices";
+      }
+    }
+  }
+}
+
 TEST_P(LayerOnThreadRanks, DispatchAndCombineDeliverEveryRowWhereItsRoutingSays) {
   // DeepEP's test idea: the payload says where it came from. Row of (rank q, token t) holds
   // 1000 q + t in every column; with gate values 1 and k = 1 the combine gives x back.

@@ -2,13 +2,16 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <numeric>
+#include <random>
 #include <set>
 
 #include "core/error.h"
 #include "core/rng.h"
 #include "moe/gate.h"
 #include "moe/routing.h"
+#include "moe/unique_rows.h"
 
 namespace pm {
 namespace {
@@ -273,6 +276,83 @@ TEST(Layout, RowPositionsFindEveryRowInAnotherPipeliningAndInCanonicalOrder) {
         for (std::size_t r = 0; r < pos.size(); ++r) EXPECT_EQ(tagged[pos[r]], expected[r]);
       }
     }
+}
+
+// The deduplicated dispatch (unique_rows.h): with top-4 of 8 experts on 2 ranks a token often
+// chooses several experts of one rank. Each (chunk, peer) sends a token once, every unique row is
+// packed by exactly one choice, and the rows each peer's experts read through the map are the rows
+// the undeduplicated runs would have given them, at every degree, dropping or dropless.
+TEST(UniqueRows, ATokenGoesOncePerChunkAndRankAndEveryExpertRowReadsItsToken) {
+  const int peers = 2, local = 4, E = peers * local, k = 4;
+  const int64_t T = 50;
+  for (double f : {0.0, 1.0})
+    for (int degree : {1, 2, 3}) {
+      Routing r;
+      r.tokens = T, r.experts = E, r.top_k = k, r.capacity = expert_capacity(k, f, T, E);
+      std::mt19937 random(static_cast<unsigned>(degree * 10 + (f > 0)));
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<int32_t> experts(E);
+        std::iota(experts.begin(), experts.end(), 0);
+        std::shuffle(experts.begin(), experts.end(), random);
+        r.expert.insert(r.expert.end(), experts.begin(), experts.begin() + k);
+      }
+      assign_slots(r);
+      const BlockLayout wire = make_block_layout(r.count, peers, local, degree, BlockOrder::wire);
+      std::vector<int64_t> positions(T * k, -1);
+      std::vector<float> token_of_row(wire.total_rows, -1);
+      for (int64_t i = 0; i < T * k; ++i)
+        if (r.slot[i] >= 0) {
+          positions[i] = wire.position(r.expert[i] / local, r.expert[i] % local, r.slot[i]);
+          token_of_row[positions[i]] = static_cast<float>(i / k);
+        }
+      const UniqueRows u = unique_token_rows(wire, positions, T, k);
+      const std::string where = "f " + std::to_string(f) + ", degree " + std::to_string(degree);
+
+      std::vector<float> unique_token(u.send_rows, -1);  // the send buffer, each row its token
+      for (int64_t i = 0; i < T * k; ++i) {
+        if (u.positions[i] < 0) continue;
+        EXPECT_EQ(unique_token[u.positions[i]], -1) << "a unique row packed twice, " << where;
+        unique_token[u.positions[i]] = static_cast<float>(i / k);
+      }
+      EXPECT_EQ(std::count(unique_token.begin(), unique_token.end(), -1.0f), 0) << "a unique row never packed, " << where;
+      for (std::size_t g = 0; g < u.send_count.size(); ++g) {
+        const auto first = unique_token.begin() + u.send_offset[g];
+        EXPECT_EQ(std::set<float>(first, first + u.send_count[g]).size(), static_cast<std::size_t>(u.send_count[g]))
+            << "a token twice in one (chunk, peer), " << where;
+      }
+      // each peer as if it received these rows: through the maps, and as every row sent
+      const BlockLayout compute = make_block_layout(r.count, peers, local, degree, BlockOrder::compute);
+      std::vector<float> via_unique(compute.total_rows, -1), via_rows(compute.total_rows, -1);
+      for (int c = 0; c < degree; ++c)
+        for (int q = 0; q < peers; ++q) {
+          cpu_backend().copy_rows(unique_token.data(), via_unique.data(), 1,
+                                  unique_row_runs(u.send_offset, u.send_map, wire, compute, c, q));
+          cpu_backend().copy_rows(token_of_row.data(), via_rows.data(), 1, peer_segments(wire, compute, q, c));
+        }
+      EXPECT_EQ(via_unique, via_rows) << where;
+      EXPECT_EQ(std::count(via_rows.begin(), via_rows.end(), -1.0f), 0) << where;
+      if (degree == 1) {
+        EXPECT_LT(u.send_rows, wire.total_rows) << "top-4 of 8 on 2 ranks repeats tokens, " << where;
+      }
+    }
+}
+
+// A map from the wire names unique rows the peer sent, numbered as it first met them: one that
+// skips ahead, reads past them, or leaves some unread is an error, never a read out of bounds.
+TEST(UniqueRows, AReceivedMapThatDoesNotFitItsRowsIsAnError) {
+  const BlockLayout wire = make_block_layout({3, 2}, 2, 1, 1, BlockOrder::wire);  // peer 1 sends 2 rows
+  auto check = [&](std::vector<int32_t> map_of_peer_1, int64_t unique) {
+    UniqueRows u;
+    lay_out_expert_side(u, {0, unique}, wire.total_rows);
+    std::copy(map_of_peer_1.begin(), map_of_peer_1.end(), u.recv_map.begin() + wire.block_offset(0, 1, 0));
+    check_received_map(u, wire, 0, 1);
+  };
+  EXPECT_NO_THROW(check({0, 1}, 2));
+  EXPECT_NO_THROW(check({0, 0}, 1));
+  EXPECT_THROW(check({1, 0}, 2), Error);   // skips ahead
+  EXPECT_THROW(check({0, 2}, 2), Error);   // past the rows sent
+  EXPECT_THROW(check({0, 0}, 2), Error);   // a row sent and never read
+  EXPECT_THROW(check({-1, 0}, 1), Error);
 }
 
 }  // namespace
