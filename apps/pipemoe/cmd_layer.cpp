@@ -355,7 +355,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
     std::printf("the forward's dispatch to other ranks: %.0f rows for %.0f choices%s (the rank that sent the most)\n",
                 sent_rows, sent_choices,
                 shape.dedup_dispatch && shape.top_k > 1
-                    ? fmt::format(", each token once per rank and chunk: {:.2f}x fewer rows", sent_choices / std::max(sent_rows, 1.0)).c_str()
+                    ? fmt::format(", each token once per rank: {:.2f}x fewer rows", sent_choices / std::max(sent_rows, 1.0)).c_str()
                     : " (--dedup-dispatch false: a row per choice)");
   if (o.breakdown) print_breakdown(task_rows, sf.median, sb.median);
   return 0;

@@ -40,7 +40,7 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
   cmd->add_flag("--balance-bias", s.balance_bias,
                 "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
   cmd->add_option("--dedup-dispatch", s.dedup_dispatch,
-                  "top-k > 1: the expert-parallel dispatch sends a token's row once per chunk and rank, not once "
+                  "top-k > 1: the expert-parallel dispatch sends a token's row once per rank, not once "
                   "per chosen expert (true; DeepEP's deduplication: the same results, fewer bytes), or every row (false)")
       ->capture_default_str();
   add_enum_option(cmd, "--router-score", s.router_score, {{"softmax", RouterScore::softmax}, {"sigmoid", RouterScore::sigmoid}},

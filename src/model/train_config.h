@@ -73,7 +73,7 @@ struct ModelConfig {
   // > 0: auxiliary-loss-free balancing (DeepSeek-V3, which uses 1e-3): each MoE layer chooses by
   // probability + a per-expert bias, moved by this much after every step against the load
   double router_bias_rate = 0;
-  // Top-k > 1: the expert-parallel dispatch sends a token's row once per chunk and rank (moe_shape.h
+  // Top-k > 1: the expert-parallel dispatch sends a token's row once per rank (moe_shape.h
   // dedup_dispatch): the same results, fewer bytes on the wire; false: once per chosen expert.
   bool dedup_dispatch = true;
   bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }

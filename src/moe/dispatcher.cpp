@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 
 #include "core/error.h"
 #include "core/tensor.h"
@@ -58,7 +59,7 @@ void Dispatcher::exchange_counts(DispatchHandle& h) {
     std::vector<int64_t> unique(static_cast<std::size_t>(D) * P, 0);
     for (int q = 0; q < P; ++q)
       for (int c = 0; c < D && q != group_.rank(); ++c) unique[c * P + q] = recv[displs[q] + El + c];
-    lay_out_expert_side(h.unique, std::move(unique), h.experts_wire.total_rows);
+    lay_out_expert_side(h.unique, std::move(unique), P, h.experts_wire.total_rows);
   }
   h.exchanged = true;
 }
@@ -125,10 +126,19 @@ void Dispatcher::dispatch_chunk(DispatchHandle& h, int chunk, RowsIn send, RowsO
   for (int q = 0; q < P; ++q) {
     const int64_t g = static_cast<int64_t>(chunk) * P + q;
     const bool own_rows = q == me;
-    map_send_counts[q] = own_rows ? 0 : h.tokens_wire.peer_chunk_rows(chunk, q);
+    // a (chunk, peer) that sends every row as a new row has a map that counts on from the rows
+    // before: it stays off the wire
+    const bool every_row_out = UniqueRows::sends_every_row(h.unique.send_count, h.tokens_wire, chunk, q);
+    const bool every_row_in = UniqueRows::sends_every_row(h.unique.recv_count, h.experts_wire, chunk, q);
+    map_send_counts[q] = own_rows || every_row_out ? 0 : h.tokens_wire.peer_chunk_rows(chunk, q);
     map_send_displs[q] = h.tokens_wire.block_offset(chunk, q, 0);
-    map_recv_counts[q] = own_rows ? 0 : h.experts_wire.peer_chunk_rows(chunk, q);
+    map_recv_counts[q] = own_rows || every_row_in ? 0 : h.experts_wire.peer_chunk_rows(chunk, q);
     map_recv_displs[q] = h.experts_wire.block_offset(chunk, q, 0);
+    if (!own_rows && every_row_in) {
+      auto first = h.unique.recv_map.begin() + map_recv_displs[q];
+      std::iota(first, first + h.experts_wire.peer_chunk_rows(chunk, q),
+                static_cast<int32_t>(rows_before_chunk(h.unique.recv_offset, P, chunk, q)));
+    }
     send_counts[q] = own_rows ? 0 : h.unique.send_count[g] * width_;
     send_displs[q] = h.unique.send_offset[g] * width_;
     recv_counts[q] = own_rows ? 0 : h.unique.recv_count[g] * width_;

@@ -36,7 +36,7 @@ struct DispatchHandle {
   BlockLayout experts_compute;       // the same rows, each (chunk, local expert) contiguous: one GEMM
   std::vector<int64_t> positions;    // [T, k] row of each kept choice in tokens_wire; -1 dropped
   bool exchanged = false;            // recv_counts and the expert side are known
-  // The dispatch sends a token's row once per (chunk, rank) (unique_rows.h): the send buffer holds
+  // The dispatch sends a token's row once per rank and pass (unique_rows.h): the send buffer holds
   // unique.send_rows rows, the dispatch's receive buffer unique.recv_rows; the combine and the
   // layouts above are unchanged.
   bool dedup = false;
@@ -53,7 +53,7 @@ class Dispatcher {
              Precision wire = Precision::fp32);
 
   // The token side of a pass's layout from its routing: no communication. dedup: the dispatch
-  // sends each token's row once per (chunk, rank) (only with OwnRows::by_caller).
+  // sends each token's row once per rank (only with OwnRows::by_caller).
   DispatchHandle layout(const Routing& routing, int degree, bool dedup = false) const;
   // Exchanges the per-expert row counts (deduplicated: and the unique rows of each chunk) with the
   // group and lays out the expert side. Collective.
@@ -64,13 +64,13 @@ class Dispatcher {
 
   // ---- the pieces a pipeline schedules ---------------------------------------------------------
   // send[tokens_wire rows, M]: token rows (x[T, M]) at their choices' places (deduplicated:
-  // send[unique.send_rows, M], each token once per (chunk, rank)).
+  // send[unique.send_rows, M], each token once per rank, in the first chunk that needs it).
   void pack(const float* x, const DispatchHandle& h, RowsOut send) const;
   // send = gate[t, j] * dy[t] at the choices' places (the combine's backward).
   void pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const;
   // Chunk `chunk` of the token side to the expert side: send (tokens_wire) -> recv (experts_wire;
-  // deduplicated: unique rows to unique rows, [chunk][peer]). Collective. With OwnRows::by_caller the rows this rank sends itself stay out of the
-  // all-to-all: the caller reads them from `send` (own_rows_to_experts) and, on the way back,
+  // deduplicated: the chunk's new unique rows, both buffers [peer][chunk]). Collective. With
+  // OwnRows::by_caller the rows this rank sends itself stay out of the all-to-all: the caller reads them from `send` (own_rows_to_experts) and, on the way back,
   // writes them into `back` (own_rows_from_experts): one copy of them fewer each way.
   enum class OwnRows { in_all_to_all, by_caller };
   // (Deduplicated, the chunk's row maps arrive with it, into h.unique.recv_map.)

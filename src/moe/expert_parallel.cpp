@@ -27,7 +27,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   RowBuffer recv;            // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
                              // then their outputs going back (expert)
   RowBuffer recv_unique;     // counts, deduplicated dispatch: [unique.recv_rows, M] rows for this rank's
-                             // experts, each token once per chunk (dispatch)
+                             // experts, each token once (dispatch)
   RowBuffer back;            // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine); saved
   // Rows in the layer's precision, saved for the weight gradients:
   RowBuffer u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute order (expert)

@@ -40,7 +40,7 @@ struct MoeShape {
   // payloads travel as bf16 (half the bytes); the router, the gate values, the combine's sums and
   // the weight gradients stay fp32.
   Precision precision = Precision::fp32;
-  // Top-k > 1: the expert-parallel dispatch sends a token's row once per chunk and rank, however
+  // Top-k > 1: the expert-parallel dispatch sends a token's row once per rank, however
   // many of that rank's experts it chose (moe/unique_rows.h): the same bits, fewer bytes. What the
   // layer computes and the planner's cost model are unchanged (it counts every row).
   bool dedup_dispatch = true;

@@ -106,7 +106,9 @@ TEST_P(LayerOnThreadRanks, ADeduplicatedDispatchGivesTheBitsOfOneRowPerChoice) {
           all.resize(P);
           all[comm.rank()] = std::move(r);
         }
-        // one more forward, to count what its dispatch sent
+        // one more forward, at degree 1 (where a token's choices on a rank share its chunk), to
+        // count what its dispatch sent
+        layer->set_degrees(1, 1);
         std::vector<float> y(x.size());
         auto pass = forward_alone(*layer, ex, x.data(), s.tokens, y.data());
         std::lock_guard lock(m);

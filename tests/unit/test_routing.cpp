@@ -279,10 +279,11 @@ TEST(Layout, RowPositionsFindEveryRowInAnotherPipeliningAndInCanonicalOrder) {
 }
 
 // The deduplicated dispatch (unique_rows.h): with top-4 of 8 experts on 2 ranks a token often
-// chooses several experts of one rank. Each (chunk, peer) sends a token once, every unique row is
-// packed by exactly one choice, and the rows each peer's experts read through the map are the rows
-// the undeduplicated runs would have given them, at every degree, dropping or dropless.
-TEST(UniqueRows, ATokenGoesOncePerChunkAndRankAndEveryExpertRowReadsItsToken) {
+// chooses several experts of one rank. A rank is sent each token once a pass (unless a chunk would
+// save too little: then it sends every row), every unique row is packed by exactly one choice, a
+// chunk's rows read only rows sent by then, and the rows each peer's experts read through the map
+// are the rows the undeduplicated runs would have given them, at every degree, dropping or dropless.
+TEST(UniqueRows, ATokenGoesOnceToEachRankAndEveryExpertRowReadsItsToken) {
   const int peers = 2, local = 4, E = peers * local, k = 4;
   const int64_t T = 50;
   for (double f : {0.0, 1.0})
@@ -315,44 +316,60 @@ TEST(UniqueRows, ATokenGoesOncePerChunkAndRankAndEveryExpertRowReadsItsToken) {
         unique_token[u.positions[i]] = static_cast<float>(i / k);
       }
       EXPECT_EQ(std::count(unique_token.begin(), unique_token.end(), -1.0f), 0) << "a unique row never packed, " << where;
-      for (std::size_t g = 0; g < u.send_count.size(); ++g) {
-        const auto first = unique_token.begin() + u.send_offset[g];
-        EXPECT_EQ(std::set<float>(first, first + u.send_count[g]).size(), static_cast<std::size_t>(u.send_count[g]))
-            << "a token twice in one (chunk, peer), " << where;
+      // each chunk sends a peer only tokens it has not sent it before, each once, or every row
+      for (int q = 0; q < peers; ++q) {
+        std::set<float> sent_before;
+        for (int c = 0; c < degree; ++c) {
+          const int64_t g = c * peers + q, rows = wire.peer_chunk_rows(c, q);
+          const auto first = unique_token.begin() + u.send_offset[g];
+          const std::set<float> sent(first, first + u.send_count[g]);
+          if (!UniqueRows::sends_every_row(u.send_count, wire, c, q)) {
+            EXPECT_EQ(static_cast<int64_t>(sent.size()), u.send_count[g]) << "a token twice in one chunk, " << where;
+            for (float t : sent) EXPECT_EQ(sent_before.count(t), 0u) << "a token sent again, " << where;
+            EXPECT_GE((rows - u.send_count[g]) * 10, rows) << "too few rows saved to deduplicate, " << where;
+          }
+          sent_before.insert(sent.begin(), sent.end());
+        }
       }
       // each peer as if it received these rows: through the maps, and as every row sent
       const BlockLayout compute = make_block_layout(r.count, peers, local, degree, BlockOrder::compute);
       std::vector<float> via_unique(compute.total_rows, -1), via_rows(compute.total_rows, -1);
       for (int c = 0; c < degree; ++c)
         for (int q = 0; q < peers; ++q) {
-          cpu_backend().copy_rows(unique_token.data(), via_unique.data(), 1,
-                                  unique_row_runs(u.send_offset, u.send_map, wire, compute, c, q));
+          const std::vector<RowRun> runs = unique_row_runs(u.send_offset, u.send_map, wire, compute, c, q);
+          const int64_t arrived = u.send_offset[c * peers + q] + u.send_count[c * peers + q];
+          for (const RowRun& run : runs) EXPECT_LE(run.src_row + run.rows, arrived) << "a row read before it is sent, " << where;
+          cpu_backend().copy_rows(unique_token.data(), via_unique.data(), 1, runs);
           cpu_backend().copy_rows(token_of_row.data(), via_rows.data(), 1, peer_segments(wire, compute, q, c));
         }
       EXPECT_EQ(via_unique, via_rows) << where;
       EXPECT_EQ(std::count(via_rows.begin(), via_rows.end(), -1.0f), 0) << where;
-      if (degree == 1) {
-        EXPECT_LT(u.send_rows, wire.total_rows) << "top-4 of 8 on 2 ranks repeats tokens, " << where;
-      }
+      // top-4 of 8 on 2 ranks: ~2 choices of a token on each rank, all chunks' repeats worth leaving out
+      EXPECT_LE(u.send_rows, peers * T) << "a token sent to a rank twice, " << where;
+      EXPECT_GT(wire.total_rows, peers * T * 3 / 2) << where;
     }
 }
 
 // A map from the wire names unique rows the peer sent, numbered as it first met them: one that
 // skips ahead, reads past them, or leaves some unread is an error, never a read out of bounds.
 TEST(UniqueRows, AReceivedMapThatDoesNotFitItsRowsIsAnError) {
-  const BlockLayout wire = make_block_layout({3, 2}, 2, 1, 1, BlockOrder::wire);  // peer 1 sends 2 rows
-  auto check = [&](std::vector<int32_t> map_of_peer_1, int64_t unique) {
+  // peer 1 sends 2 rows in chunk 0 and 2 in chunk 1 (degree 2, one local expert of 4 rows)
+  const BlockLayout wire = make_block_layout({3, 4}, 2, 1, 2, BlockOrder::wire);
+  auto check = [&](int chunk, std::vector<int32_t> map_of_peer_1, int64_t new_rows_0, int64_t new_rows_1) {
     UniqueRows u;
-    lay_out_expert_side(u, {0, unique}, wire.total_rows);
-    std::copy(map_of_peer_1.begin(), map_of_peer_1.end(), u.recv_map.begin() + wire.block_offset(0, 1, 0));
-    check_received_map(u, wire, 0, 1);
+    lay_out_expert_side(u, {0, new_rows_0, 0, new_rows_1}, 2, wire.total_rows);
+    std::copy(map_of_peer_1.begin(), map_of_peer_1.end(), u.recv_map.begin() + wire.block_offset(chunk, 1, 0));
+    check_received_map(u, wire, chunk, 1);
   };
-  EXPECT_NO_THROW(check({0, 1}, 2));
-  EXPECT_NO_THROW(check({0, 0}, 1));
-  EXPECT_THROW(check({1, 0}, 2), Error);   // skips ahead
-  EXPECT_THROW(check({0, 2}, 2), Error);   // past the rows sent
-  EXPECT_THROW(check({0, 0}, 2), Error);   // a row sent and never read
-  EXPECT_THROW(check({-1, 0}, 1), Error);
+  EXPECT_NO_THROW(check(0, {0, 1}, 2, 1));
+  EXPECT_NO_THROW(check(0, {0, 0}, 1, 2));
+  EXPECT_NO_THROW(check(1, {1, 2}, 2, 1));  // a row of chunk 0 again, and one new
+  EXPECT_NO_THROW(check(1, {1, 0}, 2, 0));  // only rows sent before
+  EXPECT_THROW(check(0, {1, 0}, 2, 1), Error);   // skips ahead
+  EXPECT_THROW(check(0, {0, 2}, 2, 1), Error);   // past the rows sent
+  EXPECT_THROW(check(0, {0, 0}, 2, 1), Error);   // a row sent and never read
+  EXPECT_THROW(check(1, {3, 2}, 2, 2), Error);   // a new row out of order
+  EXPECT_THROW(check(0, {-1, 0}, 1, 1), Error);
 }
 
 }  // namespace
