@@ -1,6 +1,7 @@
 #include "moe/ep_graph.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <string>
 
@@ -12,6 +13,12 @@ namespace pm {
 
 int64_t PassRows::received_rows() const {
   return std::accumulate(chunk_recv_rows.begin(), chunk_recv_rows.end(), int64_t{0});
+}
+
+void PassRows::deduplicate_dispatch(double unique_share) {
+  chunk_dispatch_rows.clear();
+  if (unique_share > 0.9) return;
+  for (int64_t rows : chunk_send_rows) chunk_dispatch_rows.push_back(std::llround(static_cast<double>(rows) * unique_share));
 }
 
 PassRows balanced_rows(const MoeShape& shape, int degree) {
@@ -27,6 +34,15 @@ PassRows balanced_rows(const MoeShape& shape, int degree) {
     // every rank sends the same to every expert: (peers - 1) of the peers' blocks leave the rank
     s.chunk_send_rows.push_back(chunk * local_experts * (peers - 1));
     s.chunk_recv_rows.push_back(chunk * local_experts * peers);
+  }
+  const int64_t to_others = per_expert * local_experts * (peers - 1);
+  if (shape.dedup_dispatch && shape.top_k > 1 && to_others > 0) {
+    // P(a token chooses none of a peer's experts) = C(E - El, k) / C(E, k)
+    double none = 1.0;
+    for (int i = 0; i < shape.top_k; ++i)
+      none *= std::max(0.0, static_cast<double>(shape.experts - local_experts - i) / (shape.experts - i));
+    const double unique = (1.0 - none) * static_cast<double>(shape.tokens) * (peers - 1);
+    s.deduplicate_dispatch(std::min(1.0, unique / static_cast<double>(to_others)));
   }
   return s;
 }
@@ -48,7 +64,8 @@ std::vector<TaskWork> forward_works(const PassRows& r) {
       {1, 0, 8.0 * s.experts},                                     // counts
       {2.0 * s.local_experts(), 0, weight_pack_bytes(s)},          // pack_weights
   };
-  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // dispatch
+  const std::vector<int64_t>& dispatch = r.chunk_dispatch_rows.empty() ? r.chunk_send_rows : r.chunk_dispatch_rows;
+  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(dispatch[c], s));  // dispatch
   // copies: wire -> compute order in, compute -> wire order out
   for (int c = 0; c < r.degree; ++c) w.push_back(ffn_work(r.chunk_recv_rows[c], s, 2, 2));  // expert
   for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // combine
@@ -74,7 +91,8 @@ std::vector<TaskWork> backward_works(const PassRows& r) {
 
 void check_rows(const PassRows& r) {
   PM_CHECK(r.degree >= 1 && static_cast<int>(r.chunk_recv_rows.size()) == r.degree &&
-               static_cast<int>(r.chunk_send_rows.size()) == r.degree,
+               static_cast<int>(r.chunk_send_rows.size()) == r.degree &&
+               (r.chunk_dispatch_rows.empty() || static_cast<int>(r.chunk_dispatch_rows.size()) == r.degree),
            "rows for degree {}", r.degree);
 }
 

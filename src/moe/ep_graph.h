@@ -32,10 +32,18 @@ struct PassRows {
   int64_t sent_rows = 0;                 // rows this rank dispatches, all peers, all chunks
   std::vector<int64_t> chunk_send_rows;  // [degree] rows on this rank's link (the busier direction), not self
   std::vector<int64_t> chunk_recv_rows;  // [degree] rows this rank's experts compute
+  // [degree] the forward dispatch's rows on the link when it is deduplicated (a token once per
+  // rank: moe/unique_rows.h); empty: chunk_send_rows, as the other all-to-alls
+  std::vector<int64_t> chunk_dispatch_rows;
   int64_t received_rows() const;
+  // The dispatch carries `unique_share` of chunk_send_rows (chunk by chunk in proportion), or all of
+  // them where deduplicating would save under a tenth (unique_rows.h sends those whole).
+  void deduplicate_dispatch(double unique_share);
 };
 
-// Every expert gets its fair share k T / E of rows, capped by the capacity.
+// Every expert gets its fair share k T / E of rows, capped by the capacity. A deduplicated dispatch
+// (shape.dedup_dispatch, top-k > 1) sends each peer the tokens with at least one of their k
+// distinct choices among its experts, the choices drawn uniformly.
 PassRows balanced_rows(const MoeShape& shape, int degree);
 
 // The ids of a pass's tasks in a graph: what later builders depend on.

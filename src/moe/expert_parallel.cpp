@@ -1,6 +1,7 @@
 #include "moe/expert_parallel.h"
 
 #include <cstring>
+#include <numeric>
 
 #include "moe/dispatcher.h"
 #include "moe/layer_weights.h"
@@ -75,23 +76,39 @@ struct BackwardPass {
 };
 
 // The rows behind a pass's tasks from its real routing (the busier direction of this rank's link
-// sets a chunk's wire time).
-PassRows measured_rows(const MoeShape& shape, int64_t tokens, const DispatchHandle& h, int rank) {
+// sets a chunk's wire time). A deduplicated dispatch's rows are its own; another degree's layout of
+// a deduplicated pass (planning) carries the share of its rows the pass's dispatch sent.
+PassRows measured_rows(const MoeShape& shape, int64_t tokens, const DispatchHandle& h, int rank,
+                       double unique_share = 1.0) {
   PassRows s;
   s.shape = shape.with_tokens(tokens);
   s.degree = h.degree;
   s.sent_rows = h.tokens_wire.total_rows;
   for (int c = 0; c < h.degree; ++c) {
-    int64_t sent = 0, received = 0;
+    int64_t sent = 0, received = 0, sent_unique = 0, received_unique = 0;
     for (int q = 0; q < shape.ranks; ++q) {
       if (q == rank) continue;
       sent += h.tokens_wire.peer_chunk_rows(c, q);
       received += h.experts_wire.peer_chunk_rows(c, q);
+      if (h.dedup) {
+        sent_unique += h.unique.send_count[static_cast<int64_t>(c) * shape.ranks + q];
+        received_unique += h.unique.recv_count[static_cast<int64_t>(c) * shape.ranks + q];
+      }
     }
     s.chunk_send_rows.push_back(std::max(sent, received));
     s.chunk_recv_rows.push_back(h.experts_wire.chunk_rows(c));
+    if (h.dedup) s.chunk_dispatch_rows.push_back(std::max(sent_unique, received_unique));
   }
+  if (!h.dedup && unique_share < 1.0) s.deduplicate_dispatch(unique_share);
   return s;
+}
+
+// The share of the rows on this rank's link that its deduplicated dispatch carried (1: all).
+double dispatch_unique_share(const PassRows& rows) {
+  if (rows.chunk_dispatch_rows.empty()) return 1.0;
+  const double all = std::accumulate(rows.chunk_send_rows.begin(), rows.chunk_send_rows.end(), 0.0);
+  const double sent = std::accumulate(rows.chunk_dispatch_rows.begin(), rows.chunk_dispatch_rows.end(), 0.0);
+  return all > 0 ? sent / all : 1.0;
 }
 
 // The rows of chunk `chunk` of local expert `le` in a compute-order layout: first row and count.
@@ -202,7 +219,9 @@ class ExpertParallelLayer final : public MoeLayer {
     const auto* f = dynamic_cast<const ForwardPass*>(&pass);
     PM_CHECK(f != nullptr, "planning from a pass that is not an expert-parallel forward");
     const DispatchHandle h = dispatcher_.with_degree(f->handle, f->gating.routing, degree);
-    const PassRows rows = measured_rows(shape_, f->tokens, h, group_.rank());
+    const double unique_share =
+        forward ? dispatch_unique_share(measured_rows(shape_, f->tokens, f->handle, group_.rank())) : 1.0;
+    const PassRows rows = measured_rows(shape_, f->tokens, h, group_.rank(), unique_share);
     return forward ? append_ep_forward(graph, {}, rows, nullptr) : append_ep_backward(graph, {}, rows, nullptr);
   }
 

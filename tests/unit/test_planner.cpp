@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "moe/ep_graph.h"
 #include "perf/degree_choice.h"
 #include "perf/degree_tuner.h"
 #include "perf/interference_fit.h"
@@ -142,6 +143,32 @@ TEST(Planner, SlowLinkPipelinesAndFastLinkDoesNot) {
   EXPECT_EQ(fast.backward_degree, 1);
   // Candidates stop at the capacity.
   EXPECT_EQ(candidate_degrees(5), (std::vector<int>{1, 2, 3, 4}));
+}
+
+// A deduplicated dispatch (moe/unique_rows.h) sends a peer each token with a choice among its
+// experts once: the planner times the forward's dispatch with those rows, the rest as before.
+TEST(Planner, ADeduplicatedDispatchIsPredictedWithTheRowsItSends) {
+  MoeShape fine{2048, 512, 128, 64, 8, 0.0, 2};  // top-8 of 64 on 2 ranks: 4 choices a token on each
+  const PassRows rows = balanced_rows(fine, 2);
+  ASSERT_EQ(rows.chunk_dispatch_rows.size(), 2u);
+  const int64_t all = rows.chunk_send_rows[0] + rows.chunk_send_rows[1];
+  const int64_t unique = rows.chunk_dispatch_rows[0] + rows.chunk_dispatch_rows[1];
+  EXPECT_EQ(all, 4 * 2048);
+  // every token but those with none of 8 choices among 32 experts: 1 - C(32, 8) / C(64, 8)
+  EXPECT_NEAR(static_cast<double>(unique), 2048 * (1 - 10518300.0 / 4426165368.0), 2.0);
+  // top-2 of 8: 1 - (4/8)(3/7) of the tokens, against 1 row per token
+  EXPECT_NEAR(static_cast<double>(balanced_rows(kShape, 1).chunk_dispatch_rows.at(0)), 2048 * (1 - 12.0 / 56), 2.0);
+  MoeShape top1 = kShape, off = fine;
+  top1.top_k = 1;
+  off.dedup_dispatch = false;
+  EXPECT_TRUE(balanced_rows(top1, 1).chunk_dispatch_rows.empty());
+  EXPECT_TRUE(balanced_rows(off, 1).chunk_dispatch_rows.empty());
+
+  const PerfProfile slow = synthetic_profile(20e-3, 100);
+  for (int degree : {1, 2}) {
+    EXPECT_LT(predict_layer(slow, fine, degree, true), predict_layer(slow, off, degree, true)) << degree;
+    EXPECT_EQ(predict_layer(slow, fine, degree, false), predict_layer(slow, off, degree, false)) << degree;
+  }
 }
 
 TEST(Planner, PicksTheSmallestDegreeWithinTheTolerance) {
