@@ -23,6 +23,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t tokens = 0;
   Gating gating;             // gate
   DispatchHandle handle;     // gate (token side), counts (expert side)
+  int rank = 0;              // gate: this rank in the layer's group
   // Rows in the wire's precision (row_buffer.h):
   RowBuffer send;            // gate: [tokens_wire rows, M] this rank's rows, wire order (pack)
   RowBuffer recv;            // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
@@ -41,7 +42,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
   int64_t dispatch_rows_sent() const override { return sent_to_peers(true); }
   int64_t dispatch_choices_sent() const override { return sent_to_peers(false); }
-  int rank = 0;  // gate: this rank in the layer's group
+  // rows (deduplicated: each token once a rank) or choices this rank's dispatch sent other ranks
   int64_t sent_to_peers(bool rows) const {
     int64_t n = 0;
     for (int c = 0; c < handle.degree; ++c)
