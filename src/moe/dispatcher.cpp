@@ -48,7 +48,8 @@ void Dispatcher::exchange_counts(DispatchHandle& h) {
   for (int q = 0; q < P; ++q) {
     displs[q] = static_cast<int64_t>(q) * W;
     std::copy_n(h.send_counts.begin() + q * El, El, send.begin() + displs[q]);
-    for (int c = 0; c < D && h.dedup; ++c) send[displs[q] + El + c] = h.unique.send_count[c * P + q];
+    if (h.dedup)
+      for (int c = 0; c < D; ++c) send[displs[q] + El + c] = h.unique.send_count[c * P + q];
   }
   group_.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::i64);
   h.recv_counts.assign(P * El, 0);
@@ -58,7 +59,8 @@ void Dispatcher::exchange_counts(DispatchHandle& h) {
   if (h.dedup) {
     std::vector<int64_t> unique(static_cast<std::size_t>(D) * P, 0);
     for (int q = 0; q < P; ++q)
-      for (int c = 0; c < D && q != group_.rank(); ++c) unique[c * P + q] = recv[displs[q] + El + c];
+      if (q != group_.rank())  // own rows stay off the wire: 0
+        for (int c = 0; c < D; ++c) unique[c * P + q] = recv[displs[q] + El + c];
     lay_out_expert_side(h.unique, std::move(unique), P, h.experts_wire.total_rows);
   }
   h.exchanged = true;

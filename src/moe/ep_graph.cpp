@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "moe/pass_builder.h"
 #include "moe/routing.h"
+#include "moe/unique_rows.h"
 
 namespace pm {
 
@@ -17,7 +18,7 @@ int64_t PassRows::received_rows() const {
 
 void PassRows::deduplicate_dispatch(double unique_share) {
   chunk_dispatch_rows.clear();
-  if (unique_share > 0.9) return;
+  if ((1.0 - unique_share) * kDedupFewestRepeats < 1.0) return;  // unique_rows.h sends such chunks whole
   for (int64_t rows : chunk_send_rows) chunk_dispatch_rows.push_back(std::llround(static_cast<double>(rows) * unique_share));
 }
 

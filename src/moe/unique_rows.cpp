@@ -8,12 +8,6 @@ namespace pm {
 
 namespace {
 
-// A (chunk, peer) is deduplicated when that saves at least 1/kFewestRepeats of its rows: with few
-// repeats the scattered copies and the map cost more than the rows left out (top-2 of 8 experts on
-// 2 ranks, where a chunk's repeats were 1% of its rows, ran 2-3% slower deduplicated on an emulated
-// 1 Gbit/s link).
-constexpr int64_t kFewestRepeats = 10;
-
 // Offsets of a [peer][chunk] buffer for counts indexed [chunk][peer]; the rows in all.
 int64_t offsets_of(const std::vector<int64_t>& count, int peers, std::vector<int64_t>& offset) {
   const int chunks = static_cast<int>(count.size()) / peers;
@@ -63,7 +57,7 @@ UniqueRows unique_token_rows(const BlockLayout& tokens_wire, const std::vector<i
         PM_CHECK(t >= 0, "row {} of the wire layout holds no choice", r);
         if (row_of_token[t] < 0 && counted_in[t] != c) counted_in[t] = c, ++fresh;
       }
-      const bool every_row = (rows - fresh) * kFewestRepeats < rows;
+      const bool every_row = (rows - fresh) * kDedupFewestRepeats < rows;
       for (int64_t r = first; r < first + rows; ++r) {
         const int64_t t = token_of_row[r];
         if (every_row || row_of_token[t] < 0) row_of_token[t] = sent++;
