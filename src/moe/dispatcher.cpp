@@ -56,14 +56,41 @@ void Dispatcher::exchange_counts(DispatchHandle& h) {
   for (int q = 0; q < P; ++q) std::copy_n(recv.begin() + displs[q], El, h.recv_counts.begin() + q * El);
   h.experts_wire = make_block_layout(h.recv_counts, P, El, h.degree, BlockOrder::wire);
   h.experts_compute = make_block_layout(h.recv_counts, P, El, h.degree, BlockOrder::compute);
-  if (h.dedup) {
-    std::vector<int64_t> unique(static_cast<std::size_t>(D) * P, 0);
-    for (int q = 0; q < P; ++q)
-      if (q != group_.rank())  // own rows stay off the wire: 0
-        for (int c = 0; c < D; ++c) unique[c * P + q] = recv[displs[q] + El + c];
-    lay_out_expert_side(h.unique, std::move(unique), P, h.experts_wire.total_rows);
-  }
+  if (h.dedup) lay_out_unique_rows(h, recv, W, El);
   h.exchanged = true;
+}
+
+void Dispatcher::lay_out_unique_rows(DispatchHandle& h, const std::vector<int64_t>& received, int stride,
+                                     int first) const {
+  const int P = group_.size(), D = h.degree;
+  std::vector<int64_t> unique(static_cast<std::size_t>(D) * P, 0);
+  for (int q = 0; q < P; ++q)
+    if (q != group_.rank())  // own rows stay off the wire: 0
+      for (int c = 0; c < D; ++c) unique[c * P + q] = received[static_cast<int64_t>(q) * stride + first + c];
+  lay_out_expert_side(h.unique, std::move(unique), P, h.experts_wire.total_rows);
+  if (h.unique.scaled) h.unique.recv_gate.assign(h.experts_wire.total_rows, 0.0f);
+}
+
+void Dispatcher::scale_on_expert_side(DispatchHandle& h, const float* gate) const {
+  PM_CHECK(!h.dedup, "a handle deduplicated once already");
+  h.dedup = true;
+  h.unique = unique_token_rows(h.tokens_wire, h.positions, h.tokens, h.top_k);
+  h.unique.scaled = true;
+  h.unique.send_gate.assign(h.tokens_wire.total_rows, 0.0f);
+  for (int64_t i = 0; i < h.tokens * h.top_k; ++i)
+    if (h.positions[i] >= 0) h.unique.send_gate[h.positions[i]] = gate[i];
+}
+
+void Dispatcher::exchange_unique_counts(DispatchHandle& h) {
+  PM_CHECK(h.dedup && h.exchanged, "unique rows to exchange after the counts");
+  const int P = group_.size(), D = h.degree;
+  std::vector<int64_t> send(static_cast<std::size_t>(P) * D), recv(send.size()), counts(P, D), displs(P);
+  for (int q = 0; q < P; ++q) {
+    displs[q] = static_cast<int64_t>(q) * D;
+    for (int c = 0; c < D; ++c) send[displs[q] + c] = h.unique.send_count[c * P + q];
+  }
+  group_.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::i64);
+  lay_out_unique_rows(h, recv, D, 0);
 }
 
 DispatchHandle Dispatcher::with_degree(const DispatchHandle& from, const Routing& routing, int degree) const {
@@ -88,6 +115,7 @@ void Dispatcher::pack(const float* x, const DispatchHandle& h, RowsOut send) con
 }
 
 void Dispatcher::pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const {
+  if (h.dedup && h.unique.scaled) return pack(dy, h, send);
   backend_.combine_rows_backward_slots(dy, gate, h.tokens, width_, h.top_k, h.positions.data(), send);
 }
 
@@ -102,15 +130,16 @@ void Dispatcher::all_to_all_rows(RowsIn send, const BlockLayout& from, RowsOut r
     recv_displs[q] = to.block_offset(chunk, q, 0) * width_;
   }
   if (own == OwnRows::by_caller) send_counts[group_.rank()] = recv_counts[group_.rank()] = 0;
-  alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs);
+  alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs, wire_);
 }
 
 void Dispatcher::alltoallv_rows(RowsIn send, const std::vector<int64_t>& send_counts,
                                 const std::vector<int64_t>& send_displs, RowsOut recv,
-                                const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs) {
-  const bool bf16 = wire_ == Precision::bf16;
+                                const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
+                                Precision type) {
+  const bool bf16 = type == Precision::bf16;
   PM_CHECK(bf16 ? send.f32 == nullptr && recv.f32 == nullptr : send.bf16 == nullptr && recv.bf16 == nullptr,
-           "the all-to-all's buffers must hold rows of the wire's type ({})", bf16 ? "bf16" : "fp32");
+           "the all-to-all's buffers must hold rows of its type ({})", bf16 ? "bf16" : "fp32");
   if (bf16)
     group_.alltoallv(send.bf16, send_counts, send_displs, recv.bf16, recv_counts, recv_displs, DType::bf16);
   else
@@ -121,6 +150,11 @@ void Dispatcher::dispatch_chunk(DispatchHandle& h, int chunk, RowsIn send, RowsO
   if (!h.dedup) return all_to_all_rows(send, h.tokens_wire, recv, h.experts_wire, chunk, own);
   PM_CHECK(own == OwnRows::by_caller && h.exchanged, "a deduplicated dispatch leaves a rank's own rows to the caller");
   const int P = group_.size(), me = group_.rank();
+  PM_CHECK(h.unique.recv_count.size() == static_cast<std::size_t>(h.degree) * P,
+           "a deduplicated dispatch before its unique rows were exchanged");
+  // a scaled dispatch's rows (dy in float32) and, beside them, every expert row's gate value
+  const bool scaled = h.unique.scaled;
+  std::vector<int64_t> gate_send_counts(P), gate_recv_counts(P);
   // the chunk's row maps (one int32 per expert row, straight from and into the maps) beside its
   // unique rows: both in flight at once
   std::vector<int64_t> map_send_counts(P), map_send_displs(P), map_recv_counts(P), map_recv_displs(P);
@@ -136,6 +170,8 @@ void Dispatcher::dispatch_chunk(DispatchHandle& h, int chunk, RowsIn send, RowsO
     map_send_displs[q] = h.tokens_wire.block_offset(chunk, q, 0);
     map_recv_counts[q] = own_rows || every_row_in ? 0 : h.experts_wire.peer_chunk_rows(chunk, q);
     map_recv_displs[q] = h.experts_wire.block_offset(chunk, q, 0);
+    gate_send_counts[q] = own_rows ? 0 : h.tokens_wire.peer_chunk_rows(chunk, q);
+    gate_recv_counts[q] = own_rows ? 0 : h.experts_wire.peer_chunk_rows(chunk, q);
     if (!own_rows && every_row_in) {
       auto first = h.unique.recv_map.begin() + map_recv_displs[q];
       std::iota(first, first + h.experts_wire.peer_chunk_rows(chunk, q),
@@ -148,8 +184,12 @@ void Dispatcher::dispatch_chunk(DispatchHandle& h, int chunk, RowsIn send, RowsO
   }
   RequestPtr maps = group_.ialltoallv(h.unique.send_map.data(), map_send_counts, map_send_displs,
                                      h.unique.recv_map.data(), map_recv_counts, map_recv_displs, DType::i32);
-  alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs);
+  RequestPtr gates = scaled ? group_.ialltoallv(h.unique.send_gate.data(), gate_send_counts, map_send_displs,
+                                                h.unique.recv_gate.data(), gate_recv_counts, map_recv_displs, DType::f32)
+                           : nullptr;
+  alltoallv_rows(send, send_counts, send_displs, recv, recv_counts, recv_displs, scaled ? Precision::fp32 : wire_);
   group_.waiter().wait(*maps);
+  if (gates) group_.waiter().wait(*gates);
   for (int q = 0; q < P; ++q)
     if (q != me) check_received_map(h.unique, h.experts_wire, chunk, q);
 }
@@ -179,6 +219,16 @@ std::vector<RowRun> Dispatcher::own_rows_to_experts(const DispatchHandle& h, int
 
 std::vector<RowRun> Dispatcher::own_rows_from_experts(const DispatchHandle& h, int chunk) const {
   return peer_segments(h.experts_compute, h.tokens_wire, group_.rank(), chunk);
+}
+
+void Dispatcher::gates_to_experts(const DispatchHandle& h, int chunk, std::vector<float>& compute_gate) const {
+  PM_CHECK(h.dedup && h.unique.scaled, "gate values beside the rows come with a scaled dispatch");
+  compute_gate.resize(h.experts_compute.total_rows);
+  auto place = [&](const std::vector<float>& gates, const std::vector<RowRun>& runs) {
+    for (const RowRun& r : runs) std::copy_n(gates.begin() + r.src_row, r.rows, compute_gate.begin() + r.dst_row);
+  };
+  place(h.unique.recv_gate, chunk_segments(h.experts_wire, h.experts_compute, chunk, group_.rank()));  // the peers'
+  place(h.unique.send_gate, peer_segments(h.tokens_wire, h.experts_compute, group_.rank(), chunk));    // this rank's
 }
 
 void Dispatcher::unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const {

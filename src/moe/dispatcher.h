@@ -62,11 +62,22 @@ class Dispatcher {
   // communication, and no deduplication.
   DispatchHandle with_degree(const DispatchHandle& handle, const Routing& routing, int degree) const;
 
+  // The backward's dispatch of gate * dy deduplicated as the forward's is (a token's row once per
+  // rank and pass, at h's degree): its rows are dy itself, in float32, with each expert row's gate
+  // value beside them, and the expert side writes gate * dy into its rows (scaled_rows_to_experts):
+  // the product and rounding the token side would have made, the same bits. Token side only: no
+  // communication; exchange_unique_counts lays out the expert side.
+  void scale_on_expert_side(DispatchHandle& h, const float* gate) const;
+  // Each chunk's unique rows to each peer, for a handle deduplicated after its counts were
+  // exchanged (scale_on_expert_side): lays out the expert side. Collective.
+  void exchange_unique_counts(DispatchHandle& h);
+
   // ---- the pieces a pipeline schedules ---------------------------------------------------------
   // send[tokens_wire rows, M]: token rows (x[T, M]) at their choices' places (deduplicated:
   // send[unique.send_rows, M], each token once per rank, in the first chunk that needs it).
   void pack(const float* x, const DispatchHandle& h, RowsOut send) const;
-  // send = gate[t, j] * dy[t] at the choices' places (the combine's backward).
+  // send = gate[t, j] * dy[t] at the choices' places (the combine's backward); scaled on the expert
+  // side (scale_on_expert_side): send[unique.send_rows, M] float32 = dy[t], as pack.
   void pack_scaled(const float* dy, const float* gate, const DispatchHandle& h, RowsOut send) const;
   // Chunk `chunk` of the token side to the expert side: send (tokens_wire) -> recv (experts_wire;
   // deduplicated: the chunk's new unique rows, both buffers [peer][chunk]). Collective. With
@@ -86,6 +97,10 @@ class Dispatcher {
   // to the back buffer (tokens_wire).
   std::vector<RowRun> own_rows_to_experts(const DispatchHandle& h, int chunk) const;
   std::vector<RowRun> own_rows_from_experts(const DispatchHandle& h, int chunk) const;
+  // A scaled dispatch (scale_on_expert_side): the gate value of each of chunk `chunk`'s rows at its
+  // place in compute order (compute_gate: [experts_compute rows], the chunk's entries written), for
+  // RowBuffer::copy_scaled_rows_from along peer_rows_to_experts and own_rows_to_experts.
+  void gates_to_experts(const DispatchHandle& h, int chunk, std::vector<float>& compute_gate) const;
   // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
   void unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const;
   // dx[t] = dlogits[t] Wg^T + sum_j back[choice (t, j)] (the gate's share of dx, then the
@@ -111,7 +126,11 @@ class Dispatcher {
                        OwnRows own);
   // One all-to-all of rows of the wire's type (counts and displacements in values).
   void alltoallv_rows(RowsIn send, const std::vector<int64_t>& send_counts, const std::vector<int64_t>& send_displs,
-                      RowsOut recv, const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs);
+                      RowsOut recv, const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& recv_displs,
+                      Precision type);
+  // The expert side of a deduplicated handle from the unique rows each peer sends in each chunk:
+  // received[q * stride + first + c] (this rank's own: 0, they stay off the wire).
+  void lay_out_unique_rows(DispatchHandle& h, const std::vector<int64_t>& received, int stride, int first) const;
   std::vector<int64_t> choice_positions(const Routing& routing, const BlockLayout& token_layout) const;
 
   Communicator& group_;

@@ -16,10 +16,17 @@ int64_t PassRows::received_rows() const {
   return std::accumulate(chunk_recv_rows.begin(), chunk_recv_rows.end(), int64_t{0});
 }
 
+bool scale_grad_dispatch_on_experts(const MoeShape& s) {
+  return s.dedup_dispatch && s.top_k > 1 && s.ranks > 1 &&
+         scaled_dispatch_pays(s.experts, s.local_experts(), s.top_k, static_cast<int>(s.wire_bytes()));
+}
+
 void PassRows::deduplicate_dispatch(double unique_share) {
   chunk_dispatch_rows.clear();
+  chunk_grad_dispatch_rows.clear();
   if ((1.0 - unique_share) * kDedupFewestRepeats < 1.0) return;  // unique_rows.h sends such chunks whole
   for (int64_t rows : chunk_send_rows) chunk_dispatch_rows.push_back(std::llround(static_cast<double>(rows) * unique_share));
+  if (scale_grad_dispatch_on_experts(shape)) chunk_grad_dispatch_rows = chunk_dispatch_rows;
 }
 
 PassRows balanced_rows(const MoeShape& shape, int degree) {
@@ -38,11 +45,8 @@ PassRows balanced_rows(const MoeShape& shape, int degree) {
   }
   const int64_t to_others = per_expert * local_experts * (peers - 1);
   if (shape.dedup_dispatch && shape.top_k > 1 && to_others > 0) {
-    // P(a token chooses none of a peer's experts) = C(E - El, k) / C(E, k)
-    double none = 1.0;
-    for (int i = 0; i < shape.top_k; ++i)
-      none *= std::max(0.0, static_cast<double>(shape.experts - local_experts - i) / (shape.experts - i));
-    const double unique = (1.0 - none) * static_cast<double>(shape.tokens) * (peers - 1);
+    const double unique = chance_token_reaches_rank(shape.experts, local_experts, shape.top_k) *
+                          static_cast<double>(shape.tokens) * (peers - 1);
     s.deduplicate_dispatch(std::min(1.0, unique / static_cast<double>(to_others)));
   }
   return s;
@@ -53,6 +57,11 @@ namespace {
 // The bytes an all-to-all moves to other ranks: the wire cost of a chunk (bf16 rows: half).
 TaskWork a2a_work(int64_t rows, const MoeShape& s) {
   return TaskWork{1, 0, static_cast<double>(rows) * s.model_dim * s.wire_bytes()};
+}
+// The backward's dispatch of chunk c: scaled rows in the wire's type, or deduplicated float32 rows.
+TaskWork grad_dispatch_work(const PassRows& r, int c) {
+  if (r.chunk_grad_dispatch_rows.empty()) return a2a_work(r.chunk_send_rows[c], r.shape);
+  return TaskWork{1, 0, static_cast<double>(r.chunk_grad_dispatch_rows[c]) * r.shape.model_dim * sizeof(float)};
 }
 
 // The work of every task of a pass, in the order the builders add them.
@@ -82,7 +91,7 @@ std::vector<TaskWork> backward_works(const PassRows& r) {
       {2.0 * s.local_experts(), 0, weight_pack_bytes(s)},                                     // pack_weights
       {3, 2.0 * r.sent_rows * M + 4 * T * M * s.experts, T * (2 * M + 4.0 * s.experts) * 4},  // gate_bwd
   };
-  for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // grad_dispatch
+  for (int c = 0; c < r.degree; ++c) w.push_back(grad_dispatch_work(r, c));  // grad_dispatch
   for (int c = 0; c < r.degree; ++c) w.push_back(ffn_work(r.chunk_recv_rows[c], s, 2, 2));  // expert_dgrad: grads in and out
   for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // grad_combine
   w.push_back(ffn_work(r.received_rows(), s, 2, 1));              // expert_wgrad
@@ -93,7 +102,8 @@ std::vector<TaskWork> backward_works(const PassRows& r) {
 void check_rows(const PassRows& r) {
   PM_CHECK(r.degree >= 1 && static_cast<int>(r.chunk_recv_rows.size()) == r.degree &&
                static_cast<int>(r.chunk_send_rows.size()) == r.degree &&
-               (r.chunk_dispatch_rows.empty() || static_cast<int>(r.chunk_dispatch_rows.size()) == r.degree),
+               (r.chunk_dispatch_rows.empty() || static_cast<int>(r.chunk_dispatch_rows.size()) == r.degree) &&
+               (r.chunk_grad_dispatch_rows.empty() || static_cast<int>(r.chunk_grad_dispatch_rows.size()) == r.degree),
            "rows for degree {}", r.degree);
 }
 

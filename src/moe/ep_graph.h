@@ -35,11 +35,20 @@ struct PassRows {
   // [degree] the forward dispatch's rows on the link when it is deduplicated (a token once per
   // rank: moe/unique_rows.h); empty: chunk_send_rows, as the other all-to-alls
   std::vector<int64_t> chunk_dispatch_rows;
+  // [degree] the backward's dispatch's rows when it is deduplicated (float32 rows: the pass's
+  // scale_grad_dispatch_on_experts); empty: chunk_send_rows
+  std::vector<int64_t> chunk_grad_dispatch_rows;
   int64_t received_rows() const;
   // The dispatch carries `unique_share` of chunk_send_rows (chunk by chunk in proportion), or all of
-  // them where deduplicating would save under a tenth (unique_rows.h sends those whole).
+  // them where deduplicating would save under a tenth (unique_rows.h sends those whole); the
+  // backward's dispatch the same where it is deduplicated (scale_grad_dispatch_on_experts).
   void deduplicate_dispatch(double unique_share);
 };
+
+// Whether a pass's backward dispatch (gate * dy) is deduplicated too, its rows float32 dy scaled on
+// the expert side (dispatcher.h scale_on_expert_side): with the forward's deduplication, where the
+// shape says the float32 rows take fewer bytes (unique_rows.h scaled_dispatch_pays).
+bool scale_grad_dispatch_on_experts(const MoeShape& shape);
 
 // Every expert gets its fair share k T / E of rows, capped by the capacity. A deduplicated dispatch
 // (shape.dedup_dispatch, top-k > 1) sends each peer the tokens with at least one of their k

@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "moe/dispatcher.h"
+#include "moe/ep_graph.h"
 #include "moe/layer_weights.h"
 #include "moe/gate.h"
 #include "moe/row_buffer.h"
@@ -64,9 +65,13 @@ struct BackwardPass {
   float* dx = nullptr;        // [T, M]
   DispatchHandle handle;      // the forward's rows at the backward's degree
   // Rows in the wire's precision:
-  RowBuffer send;             // [tokens_wire rows, M] gate * dy, wire order (pack_grad)
+  RowBuffer send;             // [tokens_wire rows, M] gate * dy, wire order (pack_grad); scaled on the
+                              // expert side (dispatcher.h scale_on_expert_side): [unique.send_rows, M]
+                              // dy in float32, each token once per rank
   RowBuffer recv;             // [experts_wire rows, M] output gradients (grad_dispatch), then input
                               // gradients going back (expert_dgrad)
+  RowBuffer recv_unique;      // scaled on the expert side: [unique.recv_rows, M] float32 dy (grad_dispatch)
+  std::vector<float> dy_gate;  // scaled on the expert side: [rows] each row's gate value, compute order
   RowBuffer back;             // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
   RowBuffer dy_rows;                        // [rows, M] compute order, in the wire's precision when a
                                             // bf16 expert reads it (exact), else fp32 (expert_dgrad)
@@ -77,8 +82,9 @@ struct BackwardPass {
 };
 
 // The rows behind a pass's tasks from its real routing (the busier direction of this rank's link
-// sets a chunk's wire time). A deduplicated dispatch's rows are its own; another degree's layout of
-// a deduplicated pass (planning) carries the share of its rows the pass's dispatch sent.
+// sets a chunk's wire time). A deduplicated dispatch's rows are its own (the forward's, or the
+// backward's scaled on the expert side); another degree's layout of a deduplicated pass (planning)
+// carries the share of its rows the pass's dispatch sent.
 PassRows measured_rows(const MoeShape& shape, int64_t tokens, const DispatchHandle& h, int rank,
                        double unique_share = 1.0) {
   PassRows s;
@@ -93,12 +99,14 @@ PassRows measured_rows(const MoeShape& shape, int64_t tokens, const DispatchHand
       received += h.experts_wire.peer_chunk_rows(c, q);
       if (h.dedup) {
         sent_unique += h.unique.send_count[static_cast<int64_t>(c) * shape.ranks + q];
-        received_unique += h.unique.recv_count[static_cast<int64_t>(c) * shape.ranks + q];
+        if (!h.unique.recv_count.empty())  // (a backward's: known once its grad_dispatch began)
+          received_unique += h.unique.recv_count[static_cast<int64_t>(c) * shape.ranks + q];
       }
     }
     s.chunk_send_rows.push_back(std::max(sent, received));
     s.chunk_recv_rows.push_back(h.experts_wire.chunk_rows(c));
-    if (h.dedup) s.chunk_dispatch_rows.push_back(std::max(sent_unique, received_unique));
+    if (h.dedup)  // the forward's dispatch, or the backward's (scaled on the expert side)
+      (h.unique.scaled ? s.chunk_grad_dispatch_rows : s.chunk_dispatch_rows).push_back(std::max(sent_unique, received_unique));
   }
   if (!h.dedup && unique_share < 1.0) s.deduplicate_dispatch(unique_share);
   return s;
@@ -220,8 +228,8 @@ class ExpertParallelLayer final : public MoeLayer {
     const auto* f = dynamic_cast<const ForwardPass*>(&pass);
     PM_CHECK(f != nullptr, "planning from a pass that is not an expert-parallel forward");
     const DispatchHandle h = dispatcher_.with_degree(f->handle, f->gating.routing, degree);
-    const double unique_share =
-        forward ? dispatch_unique_share(measured_rows(shape_, f->tokens, f->handle, group_.rank())) : 1.0;
+    // the backward's deduplicated dispatch (where the shape has one) sends the share of rows the forward's did
+    const double unique_share = dispatch_unique_share(measured_rows(shape_, f->tokens, f->handle, group_.rank()));
     const PassRows rows = measured_rows(shape_, f->tokens, h, group_.rank(), unique_share);
     return forward ? append_ep_forward(graph, {}, rows, nullptr) : append_ep_backward(graph, {}, rows, nullptr);
   }
@@ -366,8 +374,12 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   BackwardSteps steps;
   steps.pack_grad = [this, fp, b, degree, M, H1, shape, tasks, &graph] {
     b->handle = dispatcher_.with_degree(fp->handle, fp->gating.routing, degree);
+    if (scale_grad_dispatch_on_experts(shape)) dispatcher_.scale_on_expert_side(b->handle, fp->gating.gate.data());
     const int64_t rows = b->handle.experts_wire.total_rows;
-    b->send.resize(b->handle.tokens_wire.total_rows, M, dispatcher_.wire());
+    if (b->handle.dedup)
+      b->send.resize(b->handle.unique.send_rows, M, Precision::fp32);
+    else
+      b->send.resize(b->handle.tokens_wire.total_rows, M, dispatcher_.wire());
     b->back.resize(b->handle.tokens_wire.total_rows, M, dispatcher_.wire());
     b->recv.resize(rows, M, dispatcher_.wire());
     // bf16 output gradients stay bf16 for a bf16 expert (its GEMMs round them to bf16 anyway, and
@@ -392,8 +404,13 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     for (int64_t m = 0; m < M; ++m)
       for (int e = 0; e < E; ++e) b->wg_t[e * M + m] = wg[m * E + e];
   };
-  steps.grad_dispatch = [this, b](int c) {
-    dispatcher_.dispatch_chunk(b->handle, c, b->send.in(0), b->recv.out(0), kOwn);
+  steps.grad_dispatch = [this, b, M](int c) {
+    if (b->handle.dedup && c == 0) {
+      dispatcher_.exchange_unique_counts(b->handle);
+      b->recv_unique.resize(b->handle.unique.recv_rows, M, Precision::fp32);
+    }
+    RowBuffer& arriving = b->handle.dedup ? b->recv_unique : b->recv;
+    dispatcher_.dispatch_chunk(b->handle, c, b->send.in(0), arriving.out(0), kOwn);
   };
   steps.expert_dgrad = [this, fp, b, M, H, H1](int c) {
     const BlockLayout& wire = b->handle.experts_wire;
@@ -403,11 +420,20 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     std::vector<const float*> saved_rows =
         row_pointers(fp->fc1_saved.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
     const int64_t chunk_first = compute.chunk_offset(c);
+    const bool scaled = b->handle.dedup;
+    if (scaled) dispatcher_.gates_to_experts(b->handle, c, b->dy_gate);
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
-      b->dy_rows.copy_rows_from(backend_, b->recv.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
-      b->dy_rows.copy_rows_from(backend_, b->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
+      const std::vector<RowRun> peers = runs_within(runs.in_peers, RunSide::destination, first, rows);
+      const std::vector<RowRun> own = runs_within(runs.in_own, RunSide::destination, first, rows);
+      if (scaled) {  // gate * dy made here: the product the token side would have sent
+        b->dy_rows.copy_scaled_rows_from(backend_, b->recv_unique.in(0).f32, peers, b->dy_gate.data());
+        b->dy_rows.copy_scaled_rows_from(backend_, b->send.in(0).f32, own, b->dy_gate.data());
+      } else {
+        b->dy_rows.copy_rows_from(backend_, b->recv.in(0), peers);
+        b->dy_rows.copy_rows_from(backend_, b->send.in(0), own);
+      }
       in_pieces(backend_, runs, first, rows, M, b->du, b->recv.out(0), b->back.out(0), [&](int64_t r, int64_t n) {
         backend_.expert_backward_input(packed_[le], n, M, H, b->dy_rows.in(r), &saved_rows[r - chunk_first],
                                        &b->dhpre[r * H1], b->du.data());
@@ -437,7 +463,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   steps.unpack_grad = [this, b] {
     dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dlogits.data(), b->wg_t.data(), shape_.experts, b->dx);
     // after every grad_combine and the gate's backward: the all-to-all's buffers are done with
-    for (RowBuffer* done : {&b->send, &b->recv, &b->back}) done->release();
+    for (RowBuffer* done : {&b->send, &b->recv, &b->recv_unique, &b->back}) done->release();
   };
 
   *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps, between);

@@ -26,6 +26,21 @@ int64_t group_first(const BlockLayout& wire, int chunk, int peer) { return wire.
 
 }  // namespace
 
+double chance_token_reaches_rank(int experts, int local_experts, int top_k) {
+  double none = 1.0;  // C(E - El, k) / C(E, k), factor by factor
+  for (int i = 0; i < top_k; ++i)
+    none *= std::max(0.0, static_cast<double>(experts - local_experts - i) / (experts - i));
+  return 1.0 - none;
+}
+
+bool scaled_dispatch_pays(int experts, int local_experts, int top_k, int wire_bytes) {
+  if (top_k < 2 || local_experts <= 0 || local_experts >= experts) return false;
+  // distinct tokens over choices for one peer
+  const double share = chance_token_reaches_rank(experts, local_experts, top_k) * experts / (top_k * local_experts);
+  const double bytes = share * sizeof(float) / wire_bytes;
+  return bytes * kDedupFewestRepeats <= kDedupFewestRepeats - 1;
+}
+
 int64_t rows_before_chunk(const std::vector<int64_t>& offset, int peers, int chunk, int peer) {
   return offset[static_cast<int64_t>(chunk) * peers + peer] - offset[peer];
 }

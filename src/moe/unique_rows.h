@@ -10,7 +10,12 @@
 // the same bits, fewer bytes on the wire. Only the forward's dispatch is deduplicated: the combine
 // and the backward's two all-to-alls carry one row per (token, expert) (the output gradient sent to
 // an expert is scaled by its gate value, and summing a token's rows on the expert side would change
-// the order of the sums).
+// the order of the sums). The backward's dispatch of gate * dy (the combine's backward) can be
+// deduplicated as well, with the same bits, when its rows travel as dy itself in float32 and each
+// expert row's gate value travels beside them: the expert side writes gate * dy into its rows, the
+// product and the rounding the token side would have made (Dispatcher::scale_on_expert_side). In
+// float32 that is a quarter of a bf16 wire's rows' bytes each: worth it where a token's row would
+// go to a rank at least ~2.2 times (scaled_dispatch_pays).
 //
 // A rank's unique rows for peer q are numbered 0, 1, ... over the pass, in the order the wire layout
 // first meets their token (chunk by chunk; in a chunk, its blocks by local expert, each block's
@@ -34,6 +39,16 @@ namespace pm {
 // emulated 1 Gbit/s link). The planner's cost model follows the same rule (moe/ep_graph.h).
 inline constexpr int64_t kDedupFewestRepeats = 10;
 
+// The chance that a token has at least one of its k distinct choices, drawn uniformly from
+// `experts`, among a rank's `local_experts`: 1 - C(E - El, k) / C(E, k).
+double chance_token_reaches_rank(int experts, int local_experts, int top_k);
+// Whether the backward's dispatch, deduplicated with float32 rows (4 bytes a value) and a gate
+// value per expert row, saves at least 1/kDedupFewestRepeats of the bytes of every scaled row in
+// the wire's `wire_bytes` a value, each token's choices drawn uniformly. From the shape alone: every
+// rank decides the same for every peer. (bf16 wire: top-8 of 64 experts on 2 ranks sends ~0.25 of
+// the rows in float32, half the bytes: yes; top-2 of 8: 0.79 of them, 1.6x the bytes: no.)
+bool scaled_dispatch_pays(int experts, int local_experts, int top_k, int wire_bytes);
+
 struct UniqueRows {
   // token side
   std::vector<int64_t> send_count, send_offset;  // [degree, P] new rows chunk c sends peer q, where they begin
@@ -45,6 +60,11 @@ struct UniqueRows {
   std::vector<int64_t> recv_count, recv_offset;  // [degree, P] (this rank's own (chunk, rank): 0, kept off the wire)
   std::vector<int32_t> recv_map;                 // [experts_wire rows] (this rank's own blocks: unset)
   int64_t recv_rows = 0;
+  // A scaled dispatch (the backward's: Dispatcher::scale_on_expert_side): the unique rows are float32
+  // and unscaled; each expert row's gate value goes beside them.
+  bool scaled = false;
+  std::vector<float> send_gate;  // [tokens_wire rows]
+  std::vector<float> recv_gate;  // [experts_wire rows] (this rank's own blocks: unset)
 
   // Whether chunk `chunk` sends peer `peer` every row as a new row (its map then counts on from
   // the peer's rows before: no need to send it), from either side's counts.

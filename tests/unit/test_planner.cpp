@@ -164,11 +164,24 @@ TEST(Planner, ADeduplicatedDispatchIsPredictedWithTheRowsItSends) {
   EXPECT_TRUE(balanced_rows(top1, 1).chunk_dispatch_rows.empty());
   EXPECT_TRUE(balanced_rows(off, 1).chunk_dispatch_rows.empty());
 
+  // the backward's dispatch too, in float32 rows, where those take fewer bytes than the scaled rows
+  EXPECT_EQ(rows.chunk_grad_dispatch_rows, rows.chunk_dispatch_rows);
+  MoeShape fine_bf16 = fine, top2_bf16 = kShape;
+  fine_bf16.precision = top2_bf16.precision = Precision::bf16;
+  EXPECT_TRUE(scale_grad_dispatch_on_experts(fine) && scale_grad_dispatch_on_experts(fine_bf16));
+  EXPECT_TRUE(scale_grad_dispatch_on_experts(kShape));      // fp32: 0.79 of the rows, 0.79 of the bytes
+  EXPECT_FALSE(scale_grad_dispatch_on_experts(top2_bf16));  // bf16: 1.57x the bytes
+  EXPECT_TRUE(balanced_rows(top2_bf16, 1).chunk_grad_dispatch_rows.empty());
+  EXPECT_FALSE(balanced_rows(top2_bf16, 1).chunk_dispatch_rows.empty());
+  EXPECT_FALSE(scale_grad_dispatch_on_experts(off) || scale_grad_dispatch_on_experts(top1));
+
   const PerfProfile slow = synthetic_profile(20e-3, 100);
-  for (int degree : {1, 2}) {
-    EXPECT_LT(predict_layer(slow, fine, degree, true), predict_layer(slow, off, degree, true)) << degree;
-    EXPECT_EQ(predict_layer(slow, fine, degree, false), predict_layer(slow, off, degree, false)) << degree;
-  }
+  for (int degree : {1, 2})
+    for (bool forward : {true, false})
+      EXPECT_LT(predict_layer(slow, fine, degree, forward), predict_layer(slow, off, degree, forward)) << degree;
+  MoeShape top2_bf16_off = top2_bf16;
+  top2_bf16_off.dedup_dispatch = false;
+  EXPECT_EQ(predict_layer(slow, top2_bf16, 1, false), predict_layer(slow, top2_bf16_off, 1, false));
 }
 
 TEST(Planner, PicksTheSmallestDegreeWithinTheTolerance) {

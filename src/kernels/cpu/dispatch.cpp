@@ -118,19 +118,33 @@ void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const in
     });
 }
 
+namespace {
+
+// dst row `to` = g * row: one product per value, rounded to bf16 in the same pass for bf16 rows. The
+// combine's backward and the deduplicated dispatch's expert side both write gate * dy this way.
+void scale_row(float g, const float* row, RowsOut dst, int64_t to, int64_t M) {
+  if (dst.f32) {
+    float* out = dst.f32 + to * M;
+    for (int64_t m = 0; m < M; ++m) out[m] = g * row[m];
+  } else {
+    scaled_floats_to_bf16(g, row, dst.bf16 + to * M, M);
+  }
+}
+
+}  // namespace
+
 void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
                                  const int64_t* position, RowsOut dslots) {
   for (int64_t i = 0; i < T * k; ++i) {
     if (position[i] < 0) continue;
-    const float* row = dy + (i / k) * M;
-    const float g = gate[i];
-    if (dslots.f32) {
-      float* out = dslots.f32 + position[i] * M;
-      for (int64_t m = 0; m < M; ++m) out[m] = g * row[m];
-    } else {  // scaled and rounded in one pass
-      scaled_floats_to_bf16(g, row, dslots.bf16 + position[i] * M, M);
-    }
+    scale_row(gate[i], dy + (i / k) * M, dslots, position[i], M);
   }
+}
+
+void copy_rows_scaled(const float* src, RowsOut dst, int64_t M, const std::vector<RowRun>& runs, const float* dst_scale) {
+  for (const RowRun& run : runs)
+    for (int64_t i = 0; i < run.rows; ++i)
+      scale_row(dst_scale[run.dst_row + i], src + (run.src_row + i) * M, dst, run.dst_row + i, M);
 }
 
 void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,
