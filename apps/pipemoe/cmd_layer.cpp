@@ -21,6 +21,7 @@
 #include "core/npy.h"
 #include "core/rng.h"
 #include "kernels/cpu/gemm.h"
+#include "moe/ep_graph.h"
 #include "perf/degree_choice.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
@@ -242,6 +243,9 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   // what the forward dispatch put on the wire (the rank that sent the most)
   const double sent_rows = ctx.comm.allreduce_scalar(static_cast<double>(t.dispatch_rows_sent), ReduceOp::max);
   const double sent_choices = ctx.comm.allreduce_scalar(static_cast<double>(t.dispatch_choices_sent), ReduceOp::max);
+  const double grad_sent_rows = ctx.comm.allreduce_scalar(static_cast<double>(t.grad_dispatch_rows_sent), ReduceOp::max);
+  const double grad_sent_choices =
+      ctx.comm.allreduce_scalar(static_cast<double>(t.grad_dispatch_choices_sent), ReduceOp::max);
   const double peak_mb = ctx.comm.allreduce_scalar(peak_resident_mb(), ReduceOp::max);
   const double huge_mb = ctx.comm.allreduce_scalar(huge_pages_mb(), ReduceOp::min);  // the rank with the fewest
   const double held_mb = ctx.comm.allreduce_scalar(static_cast<double>(t.held_bytes) / (1 << 20), ReduceOp::max);
@@ -293,6 +297,8 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"expert_rows_max", rows_max}, {"expert_rows_min", rows_min}, {"peak_rss_mb", peak_mb},
                         {"dispatch_rows_sent", sent_rows}, {"dispatch_choices_sent", sent_choices},
                         {"dedup_dispatch", shape.dedup_dispatch && shape.top_k > 1},
+                        {"grad_dispatch_rows_sent", grad_sent_rows}, {"grad_dispatch_choices_sent", grad_sent_choices},
+                        {"dedup_grad_dispatch", scale_grad_dispatch_on_experts(shape)},
                         {"huge_pages_mb", std::isnan(huge_mb) ? nlohmann::json(nullptr) : nlohmann::json(huge_mb)},
                         {"held_for_backward_mb", held_mb},
                         {"weights_change", o.weights_change},
@@ -357,6 +363,18 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                 shape.dedup_dispatch && shape.top_k > 1
                     ? fmt::format(", each token once per rank: {:.2f}x fewer rows", sent_choices / std::max(sent_rows, 1.0)).c_str()
                     : " (--dedup-dispatch false: a row per choice)");
+  if (grad_sent_choices > 0)
+    std::printf("the backward's dispatch to other ranks: %.0f rows for %.0f choices%s\n", grad_sent_rows,
+                grad_sent_choices,
+                scale_grad_dispatch_on_experts(shape)
+                    ? fmt::format(", each token's dy once per rank in float32, scaled by its gate values there: {:.2f}x "
+                                  "fewer rows, {:.2f}x fewer bytes",
+                                  grad_sent_choices / std::max(grad_sent_rows, 1.0),
+                                  grad_sent_choices * shape.wire_bytes() / std::max(4 * grad_sent_rows, 1.0))
+                          .c_str()
+                    : !shape.dedup_dispatch || shape.top_k == 1
+                          ? " (a row per choice)"
+                          : " (a row per choice: here float32 rows once per token would not take fewer bytes)");
   if (o.breakdown) print_breakdown(task_rows, sf.median, sb.median);
   return 0;
 }

@@ -85,6 +85,8 @@ PassTimes run_passes(Communicator& comm, MoeLayer& layer, Executor& executor, La
     t.expert_rows = pass->expert_rows();
     t.dispatch_rows_sent = pass->dispatch_rows_sent();
     t.dispatch_choices_sent = pass->dispatch_choices_sent();
+    t.grad_dispatch_rows_sent = layer.grad_dispatch_rows_sent();
+    t.grad_dispatch_choices_sent = layer.grad_dispatch_choices_sent();
     t.forward.push_back(f.stats.wall_ms);
     t.backward.push_back(b.stats.wall_ms);
     t.comm_busy.push_back(f.stats.comm_ms + b.stats.comm_ms);

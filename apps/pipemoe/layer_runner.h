@@ -34,6 +34,7 @@ struct PassTimes {
   std::vector<double> forward, backward, comm_busy, comm_cpu, expert, expert_gflops;
   int64_t expert_rows = 0;  // rows this rank's experts computed in the last pass (the real counts)
   int64_t dispatch_rows_sent = 0, dispatch_choices_sent = 0;  // the last pass's (MoePass)
+  int64_t grad_dispatch_rows_sent = 0, grad_dispatch_choices_sent = 0;  // the last backward's (MoeLayer)
   int64_t held_bytes = 0;   // what the last forward pass kept for its backward (MoePass::held_bytes)
   int64_t weight_packings = 0;  // the layer's packings of its experts' weights in the timed passes
 };

@@ -16,6 +16,17 @@ namespace {
 // straight from the send buffer to the experts and from the experts to the back buffer.
 constexpr Dispatcher::OwnRows kOwn = Dispatcher::OwnRows::by_caller;
 
+// Rows (deduplicated: each token once a rank) or choices a dispatch with handle `h` sent the ranks
+// other than `rank`.
+int64_t sent_to_peers(const DispatchHandle& h, int rank, bool rows) {
+  int64_t n = 0;
+  for (int c = 0; c < h.degree; ++c)
+    for (int q = 0; q < h.tokens_wire.peers; ++q)
+      if (q != rank)
+        n += rows && h.dedup ? h.unique.send_count[c * h.tokens_wire.peers + q] : h.tokens_wire.peer_chunk_rows(c, q);
+  return n;
+}
+
 // Everything one forward pass computes that later tasks, and the backward, read. Each field is
 // written by one step (named beside it) before the steps that read it run.
 struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
@@ -41,18 +52,8 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   double aux_loss() const override { return gating.aux_loss; }
   double z_loss() const override { return gating.z_loss; }
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
-  int64_t dispatch_rows_sent() const override { return sent_to_peers(true); }
-  int64_t dispatch_choices_sent() const override { return sent_to_peers(false); }
-  // rows (deduplicated: each token once a rank) or choices this rank's dispatch sent other ranks
-  int64_t sent_to_peers(bool rows) const {
-    int64_t n = 0;
-    for (int c = 0; c < handle.degree; ++c)
-      for (int q = 0; q < handle.tokens_wire.peers; ++q)
-        if (q != rank)
-          n += rows && handle.dedup ? handle.unique.send_count[c * handle.tokens_wire.peers + q]
-                                    : handle.tokens_wire.peer_chunk_rows(c, q);
-    return n;
-  }
+  int64_t dispatch_rows_sent() const override { return sent_to_peers(handle, rank, true); }
+  int64_t dispatch_choices_sent() const override { return sent_to_peers(handle, rank, false); }
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
     return send.bytes() + recv.bytes() + recv_unique.bytes() + back.bytes() + u.bytes() + act.bytes() +
@@ -218,6 +219,13 @@ class ExpertParallelLayer final : public MoeLayer {
     s.capacity_factor = capacity_factor;
     s.validate();
     shape_ = s;
+  }
+
+  int64_t grad_dispatch_rows_sent() const override {
+    return last_backward_ ? sent_to_peers(last_backward_->handle, group_.rank(), true) : 0;
+  }
+  int64_t grad_dispatch_choices_sent() const override {
+    return last_backward_ ? sent_to_peers(last_backward_->handle, group_.rank(), false) : 0;
   }
 
   void set_degrees(int forward_degree, int backward_degree) override { degrees_.set(forward_degree, backward_degree); }

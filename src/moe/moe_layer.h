@@ -108,6 +108,12 @@ class MoeLayer {
   // own routing instead of a balanced one. `pass` must be one of this layer's.
   virtual PassTasks plan_pass(TaskGraph& graph, const MoePass& pass, int degree, bool forward) const = 0;
 
+  // Rows the last backward's dispatch (of gate * dy) sent other ranks, and the choices they carried
+  // (fewer rows when it was deduplicated: moe/ep_graph.h scale_grad_dispatch_on_experts). 0 and 0
+  // before a backward, and for a layer without a dispatch (PPMoE).
+  virtual int64_t grad_dispatch_rows_sent() const { return 0; }
+  virtual int64_t grad_dispatch_choices_sent() const { return 0; }
+
   // Pipeline degrees (chunks) of the next passes, each at least 1 and at most the capacity.
   virtual void set_degrees(int forward_degree, int backward_degree) = 0;
   virtual int forward_degree() const = 0;
