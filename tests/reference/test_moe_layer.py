@@ -72,6 +72,8 @@ CASES = [
     (2, 64, 64, 96, 4, 2, 1.25, 42, ["--dtype", "bf16"]),
     (3, 40, 24, 16, 6, 2, 0.0, 43, ["--dtype", "bf16", "--activation", "swiglu"]),
     (4, 32, 48, 24, 16, 4, 1.0, 44, ["--dtype", "bf16", "--router-score", "sigmoid", "--z-loss-coef", 0.02]),
+    # fine-grained top-8 in bf16: both dispatches deduplicated (the backward's scaled on the expert side)
+    (2, 32, 16, 8, 16, 8, 0.0, 48, ["--dtype", "bf16", "--activation", "swiglu"]),
     # a shared expert beside the routed ones (DeepSeek-MoE): GeLU, SwiGLU beside fine-grained
     # dropless SwiGLU experts, and in bf16
     (2, 48, 32, 48, 8, 2, 1.25, 45, ["--shared-hidden", 40]),
