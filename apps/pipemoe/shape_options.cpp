@@ -41,7 +41,8 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
                 "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
   cmd->add_option("--dedup-dispatch", s.dedup_dispatch,
                   "top-k > 1: the expert-parallel dispatch sends a token's row once per rank, not once "
-                  "per chosen expert (true; DeepEP's deduplication: the same results, fewer bytes), or every row (false)")
+                  "per chosen expert, and the backward's dispatch its dy once per rank in float32 where that "
+                  "takes fewer bytes (true; DeepEP's deduplication: the same results, fewer bytes), or every row (false)")
       ->capture_default_str();
   add_enum_option(cmd, "--router-score", s.router_score, {{"softmax", RouterScore::softmax}, {"sigmoid", RouterScore::sigmoid}},
                   "softmax", "the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)");
