@@ -17,6 +17,7 @@
 #include "core/rng.h"
 #include "moe/dispatcher.h"
 #include "moe/gate.h"
+#include "moe/ep_graph.h"
 #include "moe/moe_layer.h"
 #include "sched/executor.h"
 #include "sched/simulator.h"
@@ -81,7 +82,8 @@ TEST_P(LayerOnThreadRanks, EveryDegreeThePlannerCanPickGivesTheSameBitsAsDegreeO
 
 TEST_P(LayerOnThreadRanks, ADeduplicatedDispatchGivesTheBitsOfOneRowPerChoice) {
   // top-3 of 4 experts per rank: tokens often choose several experts of one rank, which the
-  // deduplicated dispatch sends once; the layer must compute exactly what it computes without
+  // deduplicated dispatch sends once (the backward's too, in fp32: ep_graph.h
+  // scale_grad_dispatch_on_experts); the layer must compute exactly what it computes without
   const int P = GetParam();
   for (double f : {0.0, 1.25}) {
     MoeShape shape{60, 16, 24, 4 * P, 3, f, P};
@@ -106,6 +108,14 @@ TEST_P(LayerOnThreadRanks, ADeduplicatedDispatchGivesTheBitsOfOneRowPerChoice) {
           all.resize(P);
           all[comm.rank()] = std::move(r);
         }
+        // the last backward's dispatch: fewer rows than choices where the shape deduplicates it
+        const int64_t grad_rows = layer->grad_dispatch_rows_sent(), grad_choices = layer->grad_dispatch_choices_sent();
+        if (dedup && P > 1 && scale_grad_dispatch_on_experts(s)) {
+          EXPECT_LT(grad_rows, grad_choices) << "rank " << comm.rank() << ", f " << f;
+        } else {
+          EXPECT_EQ(grad_rows, grad_choices) << "rank " << comm.rank() << ", f " << f << ", dedup " << dedup;
+        }
+        EXPECT_EQ(scale_grad_dispatch_on_experts(s), dedup && P > 1 && s.precision == Precision::fp32);
         // one more forward, at degree 1 (where a token's choices on a rank share its chunk), to
         // count what its dispatch sent
         layer->set_degrees(1, 1);
