@@ -7,15 +7,13 @@
 // an earlier one's) each of its expert rows copies. The map travels in the same chunk as the rows;
 // the number of new rows per chunk travels with the per-expert counts: no extra round of messages.
 // The experts read the same values (bf16 rows are rounded once, on the token side, either way):
-// the same bits, fewer bytes on the wire. Only the forward's dispatch is deduplicated: the combine
-// and the backward's two all-to-alls carry one row per (token, expert) (the output gradient sent to
-// an expert is scaled by its gate value, and summing a token's rows on the expert side would change
-// the order of the sums). The backward's dispatch of gate * dy (the combine's backward) can be
-// deduplicated as well, with the same bits, when its rows travel as dy itself in float32 and each
-// expert row's gate value travels beside them: the expert side writes gate * dy into its rows, the
-// product and the rounding the token side would have made (Dispatcher::scale_on_expert_side). In
-// float32 that is a quarter of a bf16 wire's rows' bytes each: worth it where a token's row would
-// go to a rank at least ~2.2 times (scaled_dispatch_pays).
+// the same bits, fewer bytes on the wire. The backward's dispatch of gate * dy (the combine's
+// backward) is deduplicated the same way, with the same bits, by sending dy itself in float32 with
+// each expert row's gate value beside it: the expert side writes gate * dy into its rows, the
+// product and the rounding the token side would have made (Dispatcher::scale_on_expert_side). A
+// float32 row takes twice a bf16 wire's bytes: worth it where a token's row would go to a rank more
+// than ~2.2 times (scaled_dispatch_pays). The combine and the backward's combine carry one row per
+// (token, expert): summing a token's rows on the expert side would change the order of the sums.
 //
 // A rank's unique rows for peer q are numbered 0, 1, ... over the pass, in the order the wire layout
 // first meets their token (chunk by chunk; in a chunk, its blocks by local expert, each block's
