@@ -8,23 +8,6 @@
 #include "kernels/cpu/gemm.h"
 
 namespace pm {
-namespace {
-
-// Causal attention in blocks of this many query rows: rows [i0, i1) see keys [0, i1) only, so
-// each block's GEMMs leave out the keys after it (with S = 128, 5/8 of the scores' work; the
-// backward's four products likewise). The same bits: every element of gemm.h's GEMM is one
-// fused multiply-add chain over k in order, whatever M and N are, and the terms left out are
-// the causal zeros at the chain's end (P V, dS K) or start (P^T dO, dS^T Q), which add nothing
-// to a sum that starts from +0 (or from C, a sum of such chains: never -0).
-constexpr int64_t kCausalRows = 32;
-
-// Calls step(i0, rows) for each block of query rows.
-template <typename Step>
-void causal_blocks(int64_t S, Step step) {
-  for (int64_t i0 = 0; i0 < S; i0 += kCausalRows) step(i0, std::min(kCausalRows, S - i0));
-}
-
-}  // namespace
 
 // Per (sequence, head): row-strided views into qkv (ld = D + 2 Dkv) and out (ld = D), GEMMs on
 // them; query head h reads key/value head h / group.
@@ -38,9 +21,7 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, in
       const float* k = qkv + b * S * ld + D + (h / group) * hd;
       const float* v = k + Dkv;
       float* p = probs + (b * heads + h) * S * S;
-      causal_blocks(S, [&](int64_t i0, int64_t n) {  // scores: rows [i0, i0 + n) against keys before them
-        gemm(Trans::no, Trans::yes, n, i0 + n, hd, q + i0 * ld, ld, k, ld, 0.0f, p + i0 * S, S);
-      });
+      gemm(Trans::no, Trans::yes, S, S, hd, q, ld, k, ld, 0.0f, p, S);  // scores
       for (int64_t i = 0; i < S; ++i) {
         float* row = p + i * S;
         float max = row[0] * scale;
@@ -54,10 +35,7 @@ void attention_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, in
         for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
         for (int64_t j = i + 1; j < S; ++j) row[j] = 0.0f;  // causal: no looking ahead
       }
-      float* o = out + b * S * D + h * hd;
-      causal_blocks(S, [&](int64_t i0, int64_t n) {  // P V over the keys up to the block's last row
-        gemm(Trans::no, Trans::no, n, hd, i0 + n, p + i0 * S, S, v, ld, 0.0f, o + i0 * D, D);
-      });
+      gemm(Trans::no, Trans::no, S, hd, S, p, S, v, ld, 0.0f, out + b * S * D + h * hd, D);
     }
 }
 
@@ -135,13 +113,9 @@ void attention_backward(const float* qkv, const float* probs, const float* dout,
       float* dv = dk + Dkv;
       // a key/value head's gradients: the sum over its group's query heads, in head order
       const float into = h % group == 0 ? 0.0f : 1.0f;
-      causal_blocks(S, [&](int64_t j0, int64_t n) {  // dV = P^T dO: keys [j0, j0 + n) from the rows after j0
-        gemm(Trans::yes, Trans::no, n, hd, S - j0, p + j0 * S + j0, S, dO + j0 * D, D, into, dv + j0 * ld, ld);
-      });
-      causal_blocks(S, [&](int64_t i0, int64_t n) {  // dP = dO V^T, rows [i0, i0 + n) against keys before them
-        gemm(Trans::no, Trans::yes, n, i0 + n, hd, dO + i0 * D, D, v, ld, 0.0f, dp.data() + i0 * S, S);
-      });
-      for (int64_t i = 0; i < S; ++i) {  // softmax backward
+      gemm(Trans::yes, Trans::no, S, hd, S, p, S, dO, D, into, dv, ld);        // dV = P^T dO
+      gemm(Trans::no, Trans::yes, S, S, hd, dO, D, v, ld, 0.0f, dp.data(), S);  // dP = dO V^T
+      for (int64_t i = 0; i < S; ++i) {                                         // softmax backward
         float* row = dp.data() + i * S;
         const float* pr = p + i * S;
         float inner = 0;
@@ -149,12 +123,8 @@ void attention_backward(const float* qkv, const float* probs, const float* dout,
         for (int64_t j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - inner) * scale;
         for (int64_t j = i + 1; j < S; ++j) row[j] = 0.0f;
       }
-      causal_blocks(S, [&](int64_t i0, int64_t n) {  // dQ = dS K
-        gemm(Trans::no, Trans::no, n, hd, i0 + n, dp.data() + i0 * S, S, k, ld, 0.0f, dq + i0 * ld, ld);
-      });
-      causal_blocks(S, [&](int64_t j0, int64_t n) {  // dK = dS^T Q
-        gemm(Trans::yes, Trans::no, n, hd, S - j0, dp.data() + j0 * S + j0, S, q + j0 * ld, ld, into, dk + j0 * ld, ld);
-      });
+      gemm(Trans::no, Trans::no, S, hd, S, dp.data(), S, k, ld, 0.0f, dq, ld);   // dQ = dS K
+      gemm(Trans::yes, Trans::no, S, hd, S, dp.data(), S, q, ld, into, dk, ld);  // dK = dS^T Q
     }
 }
 
