@@ -260,6 +260,42 @@ void warn_about_schedule(const TrainConfig& c, const std::optional<CheckpointSta
   }
 }
 
+// A checkpoint written by another number of ranks: its tensors are whole, so this layout takes its
+// own slices of them (the experts spread over this run's ranks, AdamW's moments with them). What
+// the rank count changes is which sequences make a step: step s trains on the batches drawn from
+// streams (s, 0), ..., (s, dp x micro_batches - 1), batch_size sequences each, so the same
+// dp x micro_batches and batch_size draw the same sequences, and the run continues as it would have,
+// to float32 rounding (the gradients are summed in another order). Otherwise: said, with the
+// micro_batches that would keep them. (Validation batches are drawn per data-parallel rank: the
+// validation loss is over dp x eval_batches batches, another set when dp changes.)
+void describe_resume_on_other_ranks(const TrainConfig& c, const ParallelLayout& layout, const CheckpointState& was) {
+  const TrainConfig defaults;
+  const int was_tp = was.config.value("tp", 1), was_pp = was.config.value("pp", 1);
+  int was_dp = was.config.value("dp", 0);
+  if (was_dp <= 0) was_dp = was.world_size / std::max(1, was_tp * was_pp);
+  const int was_micro = was.config.value("micro_batches", defaults.micro_batches);
+  const int64_t was_batch = was.config.value("batch_size", static_cast<int64_t>(defaults.batch_size));
+  const int64_t was_batches = static_cast<int64_t>(was_dp) * was_micro, now_batches = static_cast<int64_t>(layout.dp) * c.micro_batches;
+  const std::string head = fmt::format(
+      "resuming a checkpoint of {} ranks (tp {} x dp {} x pp {}) on {} (tp {} x dp {} x pp {}): the same weights and "
+      "optimizer state, sliced for this layout",
+      was.world_size, was_tp, was_dp, was_pp, layout.world, layout.tp, layout.dp, layout.pp);
+  if (was_batches == now_batches && was_batch == c.batch_size) {
+    log::info("{}; each step the same {} batches of {} sequences (dp x micro_batches {} x {} then, {} x {} now): the "
+              "run continues as it would have, to float32 rounding",
+              head, now_batches, c.batch_size, was_dp, was_micro, layout.dp, c.micro_batches);
+    return;
+  }
+  std::string keep;
+  if (was_batch == c.batch_size && was_batches % layout.dp == 0)
+    keep = fmt::format("; --set micro_batches={} keeps them", was_batches / layout.dp);
+  log::info("{}", head);
+  log::info("warning: each step now trains on {} batches of {} sequences (dp {} x micro_batches {}), the checkpoint's "
+            "run on {} batches of {} (dp {} x micro_batches {}): other sequences from step {} on{}",
+            now_batches, c.batch_size, layout.dp, c.micro_batches, was_batches, was_batch, was_dp, was_micro, was.step + 1,
+            keep);
+}
+
 // The configuration as resolved (file, flags, defaults) and which rank holds what.
 void print_setup(const TrainConfig& c, const ParallelLayout& layout, int hosts) {
   log::info("configuration: {}", c.to_json().dump());
@@ -301,14 +337,11 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   std::optional<CheckpointState> resumed;
   if (!c.resume.empty()) {
     resumed = read_checkpoint_state(comm, c.resume);
-    PM_REQUIRE(resumed->world_size == P,
-               "checkpoint {} was written by {} ranks, this run has {}: resume with the same number of ranks",
-               c.resume, resumed->world_size, P);
     const nlohmann::json defaults = TrainConfig{}.to_json();  // a key older checkpoints lack had its default
     // the tensors are whole in the checkpoint: another layout takes its own slices of them
     const int was_tp = resumed->config.value("tp", 1);
     const std::string was_strategy = resumed->config.value("moe_strategy", std::string("ep"));
-    if (rank == 0 && (was_tp != c.model.tp || was_strategy != c.model.moe_strategy))
+    if (rank == 0 && resumed->world_size == P && (was_tp != c.model.tp || was_strategy != c.model.moe_strategy))
       log::info("resuming a checkpoint of moe_strategy {} tp {} as moe_strategy {} tp {}: the same weights and "
                 "optimizer state, sliced for this layout; batches and each batch's capacity follow the new layout",
                 was_strategy, was_tp, c.model.moe_strategy, c.model.tp);
@@ -412,6 +445,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
     log::info("ScMoE windows: each MoE block's slot and degree planned before every pass from the profile (its "
               "all-to-alls and experts) and the last pass's dense task times (degree above: the first pass's)");
   if (resumed) log::info("resuming from {} at step {}", c.resume, start);
+  if (resumed && resumed->world_size != P && rank == 0) describe_resume_on_other_ranks(c, layout, *resumed);
   print_setup(c, layout, describe_cluster(comm, backend).hosts);
   if (c.model.dense_tp() > 1)
     log::info("layout: the dense blocks split over each tensor-parallel group of {} (attention heads, MLP columns); the "
