@@ -6,8 +6,9 @@ the same dp x micro_batches the resumed run trains on the same sequences and mus
 uninterrupted run to float32 rounding (its gradients are summed in another order):
 
   - a 2-rank run with micro_batches 2 (routing bias balancing on, so the router's bias state
-    travels too), checkpointed at step 4, resumed on 4 ranks with micro_batches 1 and on 1 rank
-    with micro_batches 4: the training losses of steps 5-8 and the final weights, experts and
+    travels too), checkpointed at step 4, resumed on 4 ranks with micro_batches 1, on 1 rank
+    with micro_batches 4, and on 4 ranks as 2 pipeline stages or as PPMoE's tp 2 (dp 2,
+    micro_batches 2): the training losses of steps 5-8 and the final weights, experts and
     router biases included, those of the uninterrupted run to float32 rounding; the start says
     what carried over;
   - the same in bf16 with top-k 3 of 8 SwiGLU experts and the deduplicated dispatch, 2 -> 4 ranks;
@@ -69,10 +70,12 @@ def main():
                           check=check)
             return proc, log
 
-        models = [("fp32 GeLU, top-2 of 4", {"router_bias_rate": 0.001}, [4, 1]),
+        # (ranks, micro_batches, other keys): each keeps dp x micro_batches at 4
+        models = [("fp32 GeLU, top-2 of 4", {"router_bias_rate": 0.001},
+                   [(4, 1, []), (1, 4, []), (4, 2, ["pp=2"]), (4, 2, ["tp=2"])]),
                   ("bf16 SwiGLU, top-3 of 8, deduplicated dispatch",
                    {"dtype": "bf16", "experts": 8, "top_k": 3, "expert_activation": "swiglu", "capacity_factor": 0,
-                    "router_bias_rate": 0.001}, [4])]
+                    "router_bias_rate": 0.001}, [(4, 1, [])])]
         for label, keys, targets in models:
             folder = os.path.join(tmp, label.split()[0])
             os.makedirs(folder)
@@ -80,24 +83,26 @@ def main():
             whole = os.path.join(folder, "whole")
             _, whole_log = run("whole", 2, config, "--save", whole, "--set", "save_every=4")
             uninterrupted = train_losses(whole_log)
-            for ranks in targets:
-                micro = 4 // ranks
-                save = os.path.join(folder, f"on{ranks}")
-                proc, log = run(f"on{ranks}", ranks, config, "--resume", os.path.join(whole, "step-000004"), "--save",
-                                save, "--set", f"micro_batches={micro}")
+            for ranks, micro, sets in targets:
+                name = f"on{ranks}" + "".join(s.replace("=", "") for s in sets)
+                save = os.path.join(folder, name)
+                extra = [a for s in sets for a in ("--set", s)]
+                proc, log = run(name, ranks, config, "--resume", os.path.join(whole, "step-000004"), "--save",
+                                save, "--set", f"micro_batches={micro}", *extra)
+                label_to = f"{ranks} ranks" + "".join(f" {s}" for s in sets)
                 said = [l for l in proc.stderr.splitlines() if "resuming a checkpoint of 2 ranks" in l]
                 f.check(len(said) == 1 and f"on {ranks} " in said[0] and "the same 4 batches of 4 sequences" in said[0]
-                        and "warning" not in proc.stderr, f"{label}, 2 -> {ranks} ranks: the start says what carried over: "
+                        and "warning" not in proc.stderr, f"{label}, 2 -> {label_to}: the start says what carried over: "
                         f"{said} {proc.stderr[-400:]}")
                 resumed = train_losses(log)
-                f.check(sorted(resumed) == [5, 6, 7, 8], f"{label}, 2 -> {ranks} ranks: steps 5-8 logged: {sorted(resumed)}")
+                f.check(sorted(resumed) == [5, 6, 7, 8], f"{label}, 2 -> {label_to}: steps 5-8 logged: {sorted(resumed)}")
                 worst = max(abs(resumed[s] - uninterrupted[s]) / abs(uninterrupted[s]) for s in resumed)
                 f.check(worst <= LOSS_TOLERANCE and all(math.isfinite(v) for v in resumed.values()),
-                        f"{label}, 2 -> {ranks} ranks: training losses {resumed} against {uninterrupted}")
+                        f"{label}, 2 -> {label_to}: training losses {resumed} against {uninterrupted}")
                 weights = largest_difference(os.path.join(whole, "step-000008", "model.safetensors"),
                                              os.path.join(save, "step-000008", "model.safetensors"))
-                f.check(weights <= WEIGHT_TOLERANCE, f"{label}, 2 -> {ranks} ranks: final weights {weights:.2e} apart")
-                print(f"ok: {label}: 2 ranks (micro_batches 2) -> {ranks} (micro_batches {micro}) at step 4: losses "
+                f.check(weights <= WEIGHT_TOLERANCE, f"{label}, 2 -> {label_to}: final weights {weights:.2e} apart")
+                print(f"ok: {label}: 2 ranks (micro_batches 2) -> {label_to} (micro_batches {micro}) at step 4: losses "
                       f"{worst:.1e} and weights {weights:.1e} (relative) from the uninterrupted run", flush=True)
 
         # twice the batches per step: said, with the micro_batches that would keep them
