@@ -44,6 +44,9 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
                   "per chosen expert, and the backward's dispatch its dy once per rank in float32 where that "
                   "takes fewer bytes (true; DeepEP's deduplication: the same results, fewer bytes), or every row (false)")
       ->capture_default_str();
+  add_enum_option(cmd, "--recompute", s.recompute_experts, {{"none", false}, {"experts", true}}, "none",
+                  "experts: the routed experts keep only their inputs from the forward and the backward makes "
+                  "the rest again (the same results, less memory held for the backward, more arithmetic)");
   add_enum_option(cmd, "--router-score", s.router_score, {{"softmax", RouterScore::softmax}, {"sigmoid", RouterScore::sigmoid}},
                   "softmax", "the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)");
   add_activation_option(cmd, "--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])");

@@ -239,7 +239,8 @@ class Backend {
   // act[rows, H] = the activation of the pre-activation u W1 + b1; y[rows, M] = act W2 + b2. u
   // and act may be bf16 rows for a bf16 expert (act then holds the activation rounded to bf16).
   // saved[rows, H1] holds what the backward reads (ForwardFor::backward): SwiGLU's pre-activation,
-  // GeLU's derivative at it; for an inference pass, whatever the kernels left there.
+  // GeLU's derivative at it; for an inference pass, whatever the kernels left there. y null: the
+  // activation only, no second GEMM (a backward recomputing what a forward did not keep).
   virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u,
                               float* saved, RowsOut act, float* y, ForwardFor use) = 0;
   // dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T. dy may be

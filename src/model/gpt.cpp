@@ -99,6 +99,7 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
       shape.router_score = parse_router_score(c.router_score, "configuration: 'router_score'");
       shape.balance_bias = c.router_bias_rate > 0;
       shape.dedup_dispatch = c.dedup_dispatch;
+      shape.recompute_experts = c.recompute_experts();
       shape.activation = parse_activation(c.expert_activation, "configuration: 'expert_activation'");
       shape.precision = precision_;
       b->moe = strategy.make_layer(shape, expert_group(), backend);

@@ -65,6 +65,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("dtype", c.model.dtype);
   fn("router_bias_rate", c.model.router_bias_rate);
   fn("dedup_dispatch", c.model.dedup_dispatch);
+  fn("recompute", c.model.recompute);
   fn("batch_size", c.batch_size);
   fn("dp", c.dp);
   fn("pp", c.pp);
@@ -339,6 +340,8 @@ void TrainConfig::validate(int world) const {
   parse_activation(m.shared_expert_activation, "configuration: 'shared_expert_activation'");
   parse_router_score(m.router_score, "configuration: 'router_score'");
   parse_precision(m.dtype, "configuration: 'dtype'");
+  PM_REQUIRE(m.recompute == "none" || m.recompute == "experts",
+             "configuration: 'recompute' must be \"none\" or \"experts\", got \"{}\"", m.recompute);
   PM_REQUIRE(m.z_loss_coef >= 0, "configuration: 'z_loss_coef' must not be negative, got {}", m.z_loss_coef);
   PM_REQUIRE(m.router_bias_rate >= 0, "configuration: 'router_bias_rate' must not be negative (0: no bias), got {}",
              m.router_bias_rate);

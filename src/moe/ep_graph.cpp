@@ -92,7 +92,7 @@ std::vector<TaskWork> backward_works(const PassRows& r) {
       {3, 2.0 * r.sent_rows * M + 4 * T * M * s.experts, T * (2 * M + 4.0 * s.experts) * 4},  // gate_bwd
   };
   for (int c = 0; c < r.degree; ++c) w.push_back(grad_dispatch_work(r, c));  // grad_dispatch
-  for (int c = 0; c < r.degree; ++c) w.push_back(ffn_work(r.chunk_recv_rows[c], s, 2, 2));  // expert_dgrad: grads in and out
+  for (int c = 0; c < r.degree; ++c) w.push_back(dgrad_work(r.chunk_recv_rows[c], s, 2));  // expert_dgrad: grads in and out
   for (int c = 0; c < r.degree; ++c) w.push_back(a2a_work(r.chunk_send_rows[c], s));  // grad_combine
   w.push_back(ffn_work(r.received_rows(), s, 2, 1));              // expert_wgrad
   w.push_back({1, r.sent_rows * M, 2.0 * r.sent_rows * M * 4});  // unpack_grad

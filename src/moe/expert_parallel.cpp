@@ -46,6 +46,8 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   // Rows in the layer's precision, saved for the weight gradients:
   RowBuffer u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute order (expert)
   ScratchBuffer<float> fc1_saved;  // counts: [rows, H1] the experts' saved values (expert_forward), compute order; saved
+  // (recompute_experts: act and fc1_saved hold one expert block's rows at a time, and go at the
+  // forward's end: the backward makes its own)
   ScratchBuffer<float> out;   // counts: [piece rows, M] one piece of an expert's outputs (expert)
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
@@ -77,6 +79,11 @@ struct BackwardPass {
   RowBuffer dy_rows;                        // [rows, M] compute order, in the wire's precision when a
                                             // bf16 expert reads it (exact), else fp32 (expert_dgrad)
   ScratchBuffer<float> dhpre;               // [rows, H1] compute order (expert_dgrad)
+  // recompute_experts: the experts' saved values and activations made again (expert_dgrad), compute
+  // order, from their inputs (gathered into u_block when the forward's chunks put them elsewhere)
+  ScratchBuffer<float> fc1_saved;           // [rows, H1]
+  RowBuffer act;                            // [rows, H]
+  RowBuffer u_block;                        // [block rows, M]
   ScratchBuffer<float> du;                  // [piece rows, M] one piece of an expert's input gradients
   Buffer<float> dlogits;                    // [T, E] the router's logit gradients (gate_bwd)
   std::vector<float> wg_t;                  // [E, M] Wg transposed: dx's gate share is dlogits Wg^T
@@ -126,6 +133,26 @@ std::pair<int64_t, int64_t> expert_block(const BlockLayout& compute, int chunk, 
   int64_t first = compute.block_offset(chunk, 0, le), rows = 0;
   for (int q = 0; q < compute.peers; ++q) rows += compute.block_rows(chunk, q, le);
   return {first, rows};
+}
+
+// The most rows of one (chunk, local expert) block.
+int64_t largest_expert_block(const BlockLayout& compute) {
+  int64_t most = 0;
+  for (int c = 0; c < compute.degree; ++c)
+    for (int le = 0; le < compute.local_experts; ++le) most = std::max(most, expert_block(compute, c, le).second);
+  return most;
+}
+
+// Runs that copy rows at `positions` (in order) to rows 0, 1, ...: consecutive ones make one run.
+std::vector<RowRun> gather_runs(const int64_t* positions, int64_t rows) {
+  std::vector<RowRun> runs;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!runs.empty() && runs.back().src_row + runs.back().rows == positions[i])
+      ++runs.back().rows;
+    else
+      runs.push_back({positions[i], i, 1});
+  }
+  return runs;
 }
 
 // The row runs of one chunk between the all-to-all's buffers and the experts' compute order:
@@ -262,6 +289,8 @@ class ExpertParallelLayer final : public MoeLayer {
   std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
   // set for inference, or holding offloaded experts (which have no backward)
   bool inferring() const { return inference_ || cache_ != nullptr; }
+  // The forward keeps only the experts' inputs; the backward makes the rest again.
+  bool recomputes() const { return shape_.recompute_experts && !inferring(); }
   OffloadMode offload_mode_ = OffloadMode::resident;
   LayerWeights w_;
 
@@ -298,8 +327,10 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     p->recv.resize(rows, M, dispatcher_.wire());
     if (p->handle.dedup) p->recv_unique.resize(p->handle.unique.recv_rows, M, dispatcher_.wire());
     p->u.resize(rows, M, shape.precision);
-    p->fc1_saved.resize(rows * H1);
-    p->act.resize(rows, H, shape.precision);
+    // recomputed in the backward: one block's room, what the forward's second GEMM reads
+    const int64_t kept_rows = recomputes() ? largest_expert_block(p->handle.experts_compute) : rows;
+    p->fc1_saved.resize(kept_rows * H1);
+    p->act.resize(kept_rows, H, shape.precision);
     p->out.resize(output_piece_rows(backend_, rows) * M);
     p->needed.clear();
     for (int le = 0; le < shape_.local_experts(); ++le) {
@@ -339,12 +370,15 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       const RowBuffer& arrived = p->handle.dedup ? p->recv_unique : p->recv;
       p->u.copy_rows_from(backend_, arrived.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
       p->u.copy_rows_from(backend_, p->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
+      const bool keep = !inferring() && !recomputes();
       in_pieces(backend_, runs, first, rows, M, p->out, p->recv.out(0), p->back.out(0), [&](int64_t r, int64_t n) {
-        backend_.expert_forward(packed, n, M, H, p->u.in(r), &p->fc1_saved[r * H1], p->act.out(r), p->out.data(),
-                                inferring() ? ForwardFor::inference : ForwardFor::backward);
+        const int64_t s = recomputes() ? r - first : r;  // recomputed: the block's rows from the top
+        backend_.expert_forward(packed, n, M, H, p->u.in(r), &p->fc1_saved[s * H1], p->act.out(s), p->out.data(),
+                                keep ? ForwardFor::backward : ForwardFor::inference);
       });
     }
-    // u, fc1_saved and act stay where this chunk put them: the backward reads them there, by row.
+    // u, fc1_saved and act stay where this chunk put them: the backward reads them there, by row
+    // (recompute_experts: u only).
   };
   steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.in(0), p->back.out(0), kOwn); };
   steps.unpack = [this, p] {
@@ -355,6 +389,10 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     p->recv.release();
     p->recv_unique.release();
     release(p->out);
+    if (recomputes()) {  // the backward makes its own
+      p->act.release();
+      release(p->fc1_saved);
+    }
   };
 
   *tasks = append_ep_forward(graph, after, balanced_rows(shape, degree), &steps, between);
@@ -380,7 +418,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   auto tasks = std::make_shared<PassTasks>();
 
   BackwardSteps steps;
-  steps.pack_grad = [this, fp, b, degree, M, H1, shape, tasks, &graph] {
+  steps.pack_grad = [this, fp, b, degree, M, H, H1, shape, tasks, &graph] {
     b->handle = dispatcher_.with_degree(fp->handle, fp->gating.routing, degree);
     if (scale_grad_dispatch_on_experts(shape)) dispatcher_.scale_on_expert_side(b->handle, fp->gating.gate.data());
     const int64_t rows = b->handle.experts_wire.total_rows;
@@ -396,6 +434,10 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     b->dy_rows.resize(rows, M, dy_bf16 ? Precision::bf16 : Precision::fp32);
     b->dhpre.resize(rows * H1);
     b->du.resize(output_piece_rows(backend_, rows) * M);
+    if (recomputes()) {
+      b->fc1_saved.resize(rows * H1);
+      b->act.resize(rows, H, shape.precision);
+    }
     dispatcher_.pack_scaled(b->dy, fp->gating.gate.data(), b->handle, b->send.out(0));
     set_ep_backward_work(graph, *tasks, measured_rows(shape_, fp->tokens, b->handle, group_.rank()));
   };
@@ -424,15 +466,34 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     const BlockLayout& wire = b->handle.experts_wire;
     const BlockLayout& compute = b->handle.experts_compute;
     const ChunkRuns runs(wire, compute, c, group_.rank(), dispatcher_, b->handle);
-    // the pre-activations of this chunk's rows, wherever the forward's chunks left them
-    std::vector<const float*> saved_rows =
-        row_pointers(fp->fc1_saved.data(), H1, chunk_row_positions(compute, fp->handle.experts_compute, c));
+    // the pre-activations of this chunk's rows, wherever the forward's chunks left them (recomputed:
+    // in this chunk's rows of the backward's own)
+    const std::vector<int64_t> forward_rows = chunk_row_positions(compute, fp->handle.experts_compute, c);
     const int64_t chunk_first = compute.chunk_offset(c);
+    std::vector<const float*> saved_rows;
+    if (recomputes()) {
+      saved_rows.resize(forward_rows.size());
+      for (std::size_t i = 0; i < saved_rows.size(); ++i) saved_rows[i] = &b->fc1_saved[(chunk_first + i) * H1];
+    } else {
+      saved_rows = row_pointers(fp->fc1_saved.data(), H1, forward_rows);
+    }
     const bool scaled = b->handle.dedup;
     if (scaled) dispatcher_.gates_to_experts(b->handle, c, b->dy_gate);
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
+      if (recomputes()) {  // the first GEMM and the activation again, on the inputs the forward kept
+        const int64_t* at = &forward_rows[first - chunk_first];
+        const std::vector<RowRun> gather = gather_runs(at, rows);
+        RowsIn u = fp->u.in(at[0]);  // the forward's chunk held these rows together: read in place
+        if (gather.size() > 1) {
+          b->u_block.resize(rows, M, shape_.precision);
+          b->u_block.copy_rows_from(backend_, fp->u.in(0), gather);
+          u = b->u_block.in(0);
+        }
+        backend_.expert_forward(packed_[le], rows, M, H, u, &b->fc1_saved[first * H1], b->act.out(first), nullptr,
+                                ForwardFor::backward);
+      }
       const std::vector<RowRun> peers = runs_within(runs.in_peers, RunSide::destination, first, rows);
       const std::vector<RowRun> own = runs_within(runs.in_own, RunSide::destination, first, rows);
       if (scaled) {  // gate * dy made here: the product the token side would have sent
@@ -459,14 +520,19 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       std::vector<int64_t> bwd = canonical_row_positions(b->handle.experts_compute, le);
       ExpertRows rows;
       fp->u.add_rows(fwd, rows.u, rows.u_bf16);
-      fp->act.add_rows(fwd, rows.act, rows.act_bf16);
+      if (recomputes())
+        b->act.add_rows(bwd, rows.act, rows.act_bf16);
+      else
+        fp->act.add_rows(fwd, rows.act, rows.act_bf16);
       rows.dhpre = row_pointers(b->dhpre.data(), H1, bwd);
       b->dy_rows.add_rows(bwd, rows.dy, rows.dy_bf16);
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
     // after every expert_dgrad (its dependencies): the experts' gradient rows are done with
     b->dy_rows.release();
-    for (ScratchBuffer<float>* done : {&b->dhpre, &b->du}) release(*done);
+    for (ScratchBuffer<float>* done : {&b->dhpre, &b->du, &b->fc1_saved}) release(*done);
+    b->act.release();
+    b->u_block.release();
   };
   steps.unpack_grad = [this, b] {
     dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dlogits.data(), b->wg_t.data(), shape_.experts, b->dx);

@@ -33,11 +33,11 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 }
 
 std::string MoeShape::str() const {
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
                      capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates",
                      balance_bias ? " bias" : "", router_score == RouterScore::sigmoid ? " sigmoid" : "",
                      activation == Activation::swiglu ? " swiglu" : "", precision == Precision::bf16 ? " bf16" : "",
-                     dedup_dispatch || top_k == 1 ? "" : " no-dedup");
+                     dedup_dispatch || top_k == 1 ? "" : " no-dedup", recompute_experts ? " recompute" : "");
 }
 
 RouterScore parse_router_score(const std::string& name, const std::string& what) {

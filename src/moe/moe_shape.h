@@ -44,6 +44,13 @@ struct MoeShape {
   // many of that rank's experts it chose (moe/unique_rows.h): the same bits, fewer bytes. What the
   // layer computes and the planner's cost model are unchanged (it counts every row).
   bool dedup_dispatch = true;
+  // Activation recomputation for the routed experts (Megatron-Core's MoE layer recompute): the
+  // forward keeps only the experts' inputs, and the backward runs each expert's first GEMM and
+  // activation again for its rows before their input gradients (same kernels, same rows: the same
+  // bits). A pass keeps rows x (M) of the forward's values where it kept rows x (M + H1 + H)
+  // (the pre-activations or GeLU's derivative, and the activations), for a third more expert
+  // arithmetic in the backward (GeLU: the first GEMM's half of the forward; SwiGLU: two thirds).
+  bool recompute_experts = false;
   int64_t wire_bytes() const { return precision == Precision::bf16 ? 2 : 4; }  // per value of a row on the wire
   int64_t fc1_width() const { return pm::fc1_width(activation, hidden); }  // W1's columns: H, or 2H for SwiGLU
   // Multiply-adds x 2 of one row through one expert, forward: 2 M H1 + 2 H M.
@@ -63,7 +70,7 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " swiglu", " bf16")
+  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " swiglu", " bf16", " recompute")
 };
 
 // "gelu" or "swiglu"; a usage error naming `what` for anything else.

@@ -25,4 +25,14 @@ TaskWork ffn_work(int64_t rows, const MoeShape& s, double gemms_per_expert, doub
   return TaskWork{calls, flops, bytes};
 }
 
+TaskWork dgrad_work(int64_t rows, const MoeShape& s, double copies) {
+  TaskWork w = ffn_work(rows, s, 2, copies);
+  if (s.recompute_experts) {
+    w.calls += s.local_experts();
+    w.flops += 2.0 * static_cast<double>(rows) * s.model_dim * s.fc1_width();
+    w.bytes += static_cast<double>(rows) * (s.fc1_width() + s.hidden) * 4.0;
+  }
+  return w;
+}
+
 }  // namespace pm

@@ -48,5 +48,8 @@ double weight_pack_bytes(const MoeShape& s);
 // Expert FFN work on rows: a pair of GEMMs (the forward's two, or the backward's input or weight
 // gradients) is the forward's flops per row, plus `copies` copies of the rows.
 TaskWork ffn_work(int64_t rows, const MoeShape& s, double gemms_per_expert, double copies);
+// The input gradients' work on rows: their pair of GEMMs and copies; with recompute_experts also the
+// first GEMM and the activation made again (its flops, its call per expert, the values it writes).
+TaskWork dgrad_work(int64_t rows, const MoeShape& s, double copies);
 
 }  // namespace pm

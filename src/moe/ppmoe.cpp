@@ -59,6 +59,8 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   LocalRows local;                  // gate
   RowBuffer u, act;                 // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
   ScratchBuffer<float> fc1_saved, out;   // gate: [rows, H1|M] canonical order (expert); saved (fc1_saved: expert_forward's)
+  // (recompute_experts: act and fc1_saved hold one run of rows at a time, gone after the last chunk:
+  // the backward makes its own)
 
   double aux_loss() const override { return gating.aux_loss; }
   double z_loss() const override { return gating.z_loss; }
@@ -75,6 +77,9 @@ struct BackwardPass {
   std::vector<float> dgate;   // [T, k] (dgate, then reduce_dgate)
   ScratchBuffer<float> dx_gate;             // [T, M] the gate's share of dx (gate_bwd)
   ScratchBuffer<float> dy_rows, dhpre, du;  // [rows, M|H1|M] canonical order (expert_dgrad)
+  // recompute_experts: the experts' saved values and activations made again from their inputs
+  ScratchBuffer<float> fc1_saved;           // [rows, H1] canonical order (expert_dgrad)
+  RowBuffer act;                            // [rows, H]
 };
 
 PpmoeRows measured_rows(const MoeShape& shape, const LocalRows& local, int degree) {
@@ -112,6 +117,8 @@ class PpmoeLayer final : public MoeLayer {
   void init_parameters(uint64_t seed) override { w_.init(seed, shape_, first_expert(), true); }
 
   void set_inference() override { inference_ = true; }
+  // The forward keeps only the experts' inputs; the backward makes the rest again.
+  bool recomputes() const { return shape_.recompute_experts && !inference_; }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -189,8 +196,20 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
     p->local = local_rows(p->gating.routing, first_expert(), shape.local_experts());
     const int64_t rows = p->local.rows();
     p->u.resize(rows, M, shape.precision);
-    p->fc1_saved.resize(rows * H1);
-    p->act.resize(rows, H, shape.precision);
+    // recomputed in the backward: room for the longest run of rows, what the second GEMM reads
+    int64_t kept_rows = rows;
+    if (recomputes()) {
+      kept_rows = 0;
+      for (int c = 0; c < degree; ++c)
+        for (int le = 0; le < shape.local_experts(); ++le)
+          for (int j = 0; j < shape.top_k; ++j) {
+            auto [a, b] = p->local.rows_in(le, j, ppmoe_chunk_begin(p->tokens, degree, c),
+                                           ppmoe_chunk_begin(p->tokens, degree, c + 1));
+            kept_rows = std::max(kept_rows, b - a);
+          }
+    }
+    p->fc1_saved.resize(kept_rows * H1);
+    p->act.resize(kept_rows, H, shape.precision);
     p->out.resize(rows * M);
     set_ppmoe_forward_work(graph, *tasks, measured_rows(shape, p->local, degree));
   };
@@ -204,9 +223,14 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
         std::vector<RowRun> gather;
         for (int64_t row = a; row < b; ++row) gather.push_back({p->local.token[row], row, 1});
         p->u.copy_rows_from(backend_, p->x, gather);
-        backend_.expert_forward(packed_[le], b - a, M, H, p->u.in(a), &p->fc1_saved[a * H1], p->act.out(a), &p->out[a * M],
-                                inference_ ? ForwardFor::inference : ForwardFor::backward);
+        const int64_t s = recomputes() ? 0 : a;  // recomputed: the run's rows from the top
+        backend_.expert_forward(packed_[le], b - a, M, H, p->u.in(a), &p->fc1_saved[s * H1], p->act.out(s), &p->out[a * M],
+                                inference_ || recomputes() ? ForwardFor::inference : ForwardFor::backward);
       }
+    if (recomputes() && c == degree - 1) {  // the backward makes its own
+      p->act.release();
+      release(p->fc1_saved);
+    }
     // this rank's share of the chunk's outputs: its choices in order, the others skipped
     backend_.combine_rows(p->out.data(), p->gating.gate.data() + t0 * k, t1 - t0, M, k, p->local.positions.data() + t0 * k,
                           p->y + t0 * M);
@@ -240,6 +264,10 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
     b->dy_rows.resize(rows * M);
     b->dhpre.resize(rows * H1);
     b->du.resize(rows * M);
+    if (recomputes()) {
+      b->fc1_saved.resize(rows * H1);
+      b->act.resize(rows, shape.hidden, shape.precision);
+    }
     // d loss / d gate value = <dy_t, FFN_e(x_t)> for the choices this rank computed; 0 for the others
     b->dgate.resize(T * k);
     backend_.combine_rows_backward_gate(b->dy, fp->out.data(), T, M, k, fp->local.positions.data(), b->dgate.data());
@@ -263,8 +291,14 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
       for (int j = 0; j < k; ++j) {
         auto [first, last] = fp->local.rows_in(le, j, t0, t1);
         if (first == last) continue;
+        const float* saved = fp->fc1_saved.data();
+        if (recomputes()) {  // the first GEMM and the activation again, on the inputs the forward kept
+          backend_.expert_forward(packed_[le], last - first, M, H, fp->u.in(first), &b->fc1_saved[first * H1],
+                                  b->act.out(first), nullptr, ForwardFor::backward);
+          saved = b->fc1_saved.data();
+        }
         std::vector<const float*> saved_rows;
-        for (int64_t row = first; row < last; ++row) saved_rows.push_back(&fp->fc1_saved[row * H1]);
+        for (int64_t row = first; row < last; ++row) saved_rows.push_back(saved + row * H1);
         backend_.expert_backward_input(packed_[le], last - first, M, H, &b->dy_rows[first * M], saved_rows.data(),
                                        &b->dhpre[first * H1], &b->du[first * M]);
       }
@@ -300,11 +334,12 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
         rows.dy.push_back(&b->dy_rows[row * M]);
       }
       fp->u.add_rows(positions, rows.u, rows.u_bf16);
-      fp->act.add_rows(positions, rows.act, rows.act_bf16);
+      (recomputes() ? b->act : fp->act).add_rows(positions, rows.act, rows.act_bf16);
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
     // after every expert_dgrad (its dependencies), their only other reader
-    for (ScratchBuffer<float>* done : {&b->dy_rows, &b->dhpre}) release(*done);
+    for (ScratchBuffer<float>* done : {&b->dy_rows, &b->dhpre, &b->fc1_saved}) release(*done);
+    b->act.release();
   };
 
   *tasks = append_ppmoe_backward(graph, after, balanced_ppmoe_rows(shape, degree), &steps, between);

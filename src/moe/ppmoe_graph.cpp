@@ -60,7 +60,7 @@ std::vector<TaskWork> backward_works(const PpmoeRows& r) {
       {3, 4 * T * M * s.experts, T * (2 * M + 4.0 * s.experts) * 4},  // gate_bwd
   };
   for (int c = 0; c < r.degree; ++c) {
-    w.push_back(ffn_work(r.chunk_rows[c], s, 2, 2));  // expert_dgrad: scaled grads in, input grads out
+    w.push_back(dgrad_work(r.chunk_rows[c], s, 2));  // expert_dgrad: scaled grads in, input grads out
     w.push_back({1, static_cast<double>(r.chunk_rows[c]) * M, 2.0 * (r.chunk_tokens[c] + r.chunk_rows[c]) * M * 4});  // sum_dx
   }
   for (int c = 0; c < r.degree; ++c) w.push_back(reduce_work(r.chunk_tokens[c] * s.model_dim, s.ranks, s.wire_bytes()));  // reduce_dx

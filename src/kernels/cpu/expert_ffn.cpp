@@ -80,7 +80,7 @@ void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64
     };
     gemm_rows(u, rows, M, w.w1, saved, H1, {w.b1, &gelu_tile});
   }
-  gemm_rows(act.bf16 ? RowsIn(act.bf16) : RowsIn(act.f32), rows, H, w.w2, y, M, {w.b2, nullptr});
+  if (y) gemm_rows(act.bf16 ? RowsIn(act.bf16) : RowsIn(act.f32), rows, H, w.w2, y, M, {w.b2, nullptr});
 }
 
 }  // namespace
@@ -94,7 +94,7 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
     const int64_t n = std::min(kForwardRowBlock, rows - r);
     const RowsIn u_r = u.bf16 ? RowsIn(u.bf16 + r * M) : RowsIn(u.f32 + r * M);
     const RowsOut act_r = act.bf16 ? RowsOut(act.bf16 + r * H) : RowsOut(act.f32 + r * H);
-    expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y + r * M, use);
+    expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y ? y + r * M : nullptr, use);
   }
 }
 

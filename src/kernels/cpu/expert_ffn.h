@@ -33,7 +33,7 @@ struct ExpertWeights : PackedExpert {
 };
 
 // act[rows, H] = the activation of hpre = u W1 + b1 (rounded to bf16 when act is bf16 rows);
-// y[rows, M] = act W2 + b2. bf16 rows of u or act need a bf16 expert. saved[rows, H1]: hpre, which
+// y[rows, M] = act W2 + b2 (y null: not computed). bf16 rows of u or act need a bf16 expert. saved[rows, H1]: hpre, which
 // GeLU overwrites with its derivative there for a backward (one erf for both: the backward would
 // compute it again, and more, to get the same bits).
 void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,

@@ -195,12 +195,12 @@ class CudaBackend final : public ForwardingBackend {
     else
       cuda::gelu_forward(fc1.c, act_f, act_h, rows * H, use == ForwardFor::backward, t.stream);
     check(cudaGetLastError(), "activation kernel");
-    // y [rows, M] = act W2 + b2 (in t.e)
+    // y [rows, M] = act W2 + b2 (in t.e); y null: the activation only (a backward's recompute)
     cuda::GemmCall fc2;
     fc2.M = rows, fc2.N = M, fc2.K = H, fc2.bf16 = bf16, fc2.a = act_f, fc2.a_bf16 = act_h, fc2.lda = H;
     fc2.b = p.w2.as<float>(), fc2.ldb = M, fc2.bias = p.b2 ? p.b2_dev.as<float>() : nullptr;
     fc2.c = static_cast<float*>(t.e.reserve(rows * M * sizeof(float))), fc2.ldc = M;
-    launch(fc2, t.stream);
+    if (y) launch(fc2, t.stream);
     // GeLU's saved values are its derivative (written over hpre), SwiGLU's the pre-activation;
     // an inference pass reads none of them (backend.h leaves `saved` unspecified there)
     if (use == ForwardFor::backward) download(fc1.c, rows, H1, saved, H1, sizeof(float), t.stream);
@@ -208,7 +208,7 @@ class CudaBackend final : public ForwardingBackend {
       download(act_h, rows, H, act.bf16, H, sizeof(uint16_t), t.stream);
     else
       download(act_f, rows, H, act.f32, H, sizeof(float), t.stream);
-    download(fc2.c, rows, M, y, M, sizeof(float), t.stream);
+    if (y) download(fc2.c, rows, M, y, M, sizeof(float), t.stream);
     finish(t);
   }
 
