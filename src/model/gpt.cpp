@@ -357,12 +357,21 @@ const float* GptModel::scmoe_tap_saved(int m) const {
   return blocks_[m - 1]->x_in.data();
 }
 
-void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D, int64_t G) {
+// The shared expert's pre-activation and activation from its input (the block's LayerNorm 2
+// output): the forward's, and with recompute_experts the backward's again, the same bits.
+void GptModel::shared_expert_hidden(Block& b, Backend& k, int64_t T, int64_t G) {
   const bool swiglu = config_.shared_expert_activation == "swiglu";
-  b.se_fc.resize(T * (swiglu ? 2 * G : G)), b.se_act.resize(T * G), b.se_raw.resize(T * D), b.se_out.resize(T * D);
+  b.se_fc.resize(T * (swiglu ? 2 * G : G)), b.se_act.resize(T * G);
   linear_forward(k, precision_, b.ln2_out.data(), b.se_w_fc, b.se_b_fc, T, b.se_fc.data());
   activation_forward(k, swiglu, b.se_fc.data(), b.se_act.data(), T, G);
+}
+
+void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D, int64_t G) {
+  b.se_raw.resize(T * D), b.se_out.resize(T * D);
+  shared_expert_hidden(b, k, T, G);
   linear_forward(k, precision_, b.se_act.data(), b.se_w_out, b.se_b_out, T, b.se_raw.data());
+  if (config_.recompute_experts())  // the backward makes them again from ln2_out
+    for (Buffer<float>* made : {&b.se_fc, &b.se_act}) Buffer<float>(made->get_allocator()).swap(*made);
   if (!config_.coef_gate) {
     b.se_out = b.se_raw;
     return;
@@ -397,12 +406,16 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
   } else {
     std::memcpy(draw.data(), dout, T * D * sizeof(float));
   }
+  const bool recomputed = b.se_act.empty();
+  if (recomputed) shared_expert_hidden(b, k, T, G);  // recompute_experts: the forward kept only its input
   linear_backward(k, precision_, b.se_act.data(), b.se_w_out, draw.data(), T, b.d_se_w_out, b.d_se_b_out, dact.data());
   Buffer<float> dfc_swiglu;
   const float* dfc = activation_backward(k, config_.shared_expert_activation == "swiglu", b.se_fc.data(), dact.data(), T,
                                          G, dfc_swiglu);
   linear_backward(k, precision_, b.ln2_out.data(), b.se_w_fc, dfc, T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());
   for (int64_t i = 0; i < T * D; ++i) dx[i] += dse_in[i];
+  if (recomputed)
+    for (Buffer<float>* made : {&b.se_fc, &b.se_act}) Buffer<float>(made->get_allocator()).swap(*made);
 }
 
 void GptModel::offload_experts(const std::string& where, const std::string& model_file, int cache_slots,

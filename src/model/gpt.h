@@ -222,6 +222,7 @@ class GptModel {
   int choose_slot(int block, bool forward, const std::vector<std::string>& candidates);
   const float* scmoe_tap_now(int block);
   const float* scmoe_tap_saved(int block) const;
+  void shared_expert_hidden(Block& b, Backend& k, int64_t T, int64_t G);
   void shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D, int64_t G);
   void shared_expert_backward(Block& b, Backend& k, const float* dout, int64_t T, int64_t D, int64_t G, float* dx);
 

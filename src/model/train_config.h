@@ -76,9 +76,10 @@ struct ModelConfig {
   // Top-k > 1: the expert-parallel dispatch sends a token's row once per rank (moe_shape.h
   // dedup_dispatch): the same results, fewer bytes on the wire; false: once per chosen expert.
   bool dedup_dispatch = true;
-  // "none", or "experts": the MoE layers' routed experts keep only their inputs from the forward and
-  // make the rest again in the backward (moe_shape.h recompute_experts): the same results, less
-  // memory held between a layer's forward and its backward, more arithmetic
+  // "none", or "experts": the MoE layers' routed experts (moe_shape.h recompute_experts) and the
+  // blocks' shared experts keep only their inputs from the forward and make the rest again in the
+  // backward: the same results, less memory held between a layer's forward and its backward, more
+  // arithmetic
   std::string recompute = "none";
   bool recompute_experts() const { return recompute == "experts"; }
   bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }

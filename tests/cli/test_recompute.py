@@ -9,8 +9,10 @@ and activation again. The results must be the bits of the run that keeps everyth
     chunks then take their rows from other forward chunks);
   - what a pass keeps for its backward shrinks by the saved values and activations it no longer
     holds (`layer --json` held_for_backward_mb);
-  - training: every logged loss and gradient norm the same bits, the MoE layers' held memory lower,
-    expert parallel and PPMoE's tp 2;
+  - training with a shared expert (whose pre-activation and activation are made again too):
+    every logged loss and gradient norm the same bits, the MoE layers' held memory lower, expert
+    parallel, PPMoE's tp 2, ScMoE with a gated shared expert, and 2 pipeline stages whose
+    micro-batches' activations are stashed between their forward and backward;
   - bad values: one clear error.
 
 Run: /usr/bin/python3 tests/cli/test_recompute.py   (needs build/pipemoe)
@@ -84,8 +86,11 @@ def main():
 
         # training, expert parallel and PPMoE: the same curve, less held
         config = tiny_config(tmp, max_steps=6, eval_every=3, expert_activation="swiglu", dtype="bf16", top_k=3,
-                             experts=8)
-        for label, sets in [("ep", []), ("ppmoe tp 2", ["tp=2"])]:
+                             experts=8, shared_expert_hidden=24, shared_expert_activation="swiglu")
+        for label, ranks, sets in [("ep", 2, []), ("ppmoe tp 2", 2, ["tp=2"]),
+                                   ("scmoe with a gated GeLU shared expert", 2,
+                                    ["arch=scmoe", "coef_gate=true", "shared_expert_activation=gelu"]),
+                                   ("2 pipeline stages x dp 2, 4 micro-batches in flight", 4, ["pp=2", "micro_batches=4"])]:
             logs, results = {}, {}
             for mode in ("none", "experts"):
                 logs[mode] = os.path.join(tmp, f"train-{label.replace(' ', '')}-{mode}.csv")
@@ -93,7 +98,7 @@ def main():
                         f"recompute={mode}"]
                 for s in sets:
                     args += ["--set", s]
-                out = mpirun(2, args, timeout=300)
+                out = mpirun(ranks, args, timeout=300)
                 results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             rows = train_rows(logs["none"])
             f.check(len(rows) == 6 and rows == train_rows(logs["experts"]),
