@@ -201,6 +201,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
     auto se = std::make_shared<SharedExpert>(backend, shape.model_dim, o.shared_hidden, o.shared_activation,
                                              shape.precision);
     se->init(o.seed);
+    se->set_recompute(shape.recompute_experts);
     add_shared_expert(d, std::move(se));
   }
 

@@ -50,21 +50,38 @@ void SharedExpert::zero_grads() {
   for (Tensor* g : {&dw1_, &db1_, &dw2_, &db2_}) g->zero();
 }
 
+void SharedExpert::pack_forward() {
+  if (packed_forward_.changed({&w1_, &w2_, &b1_, &b2_}))  // once per change of the weights
+    backend_.pack_expert_forward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(),
+                                 std::as_const(b1_).f32(), std::as_const(b2_).f32(), model_dim_, hidden_);
+}
+
 void SharedExpert::forward(const float* x, int64_t tokens, float* out) {
   const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
   fc1_saved_.resize(tokens * G1);
   act_.resize(tokens, G, precision_);
   saved_tokens_ = tokens;
-  if (packed_forward_.changed({&w1_, &w2_, &b1_, &b2_}))  // once per change of the weights
-    backend_.pack_expert_forward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(),
-                                 std::as_const(b1_).f32(), std::as_const(b2_).f32(), M, G);
-  backend_.expert_forward(*packed_, tokens, M, G, x, fc1_saved_.data(), act_.out(0), out, ForwardFor::backward);
+  pack_forward();
+  backend_.expert_forward(*packed_, tokens, M, G, x, fc1_saved_.data(), act_.out(0), out,
+                          recompute_ ? ForwardFor::inference : ForwardFor::backward);
+  if (recompute_) release_saved();  // the backward makes them again from x
+}
+
+void SharedExpert::release_saved() {
+  Buffer<float>(fc1_saved_.get_allocator()).swap(fc1_saved_);
+  act_.release();
 }
 
 void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, float* dx) {
   const int64_t M = model_dim_, G = hidden_, G1 = fc1_width(activation_, hidden_);
   PM_CHECK(saved_tokens_ == tokens, "a shared-expert backward without its forward");
   dhpre_.resize(tokens * G1);
+  if (recompute_) {  // the forward kept only x: its pre-activation and activation again
+    fc1_saved_.resize(tokens * G1);
+    act_.resize(tokens, G, precision_);
+    pack_forward();
+    backend_.expert_forward(*packed_, tokens, M, G, x, fc1_saved_.data(), act_.out(0), nullptr, ForwardFor::backward);
+  }
   if (packed_backward_.changed({&w1_, &w2_}))
     backend_.pack_expert_backward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(), M, G);
   std::vector<const float*> saved_rows(tokens);
@@ -80,6 +97,7 @@ void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, flo
   act_.add_rows(positions, rows.act, rows.act_bf16);
   backend_.expert_backward_input(*packed_, tokens, M, G, dy, saved_rows.data(), dhpre_.data(), dx);
   backend_.expert_weight_grads({dw1_.f32(), db1_.f32(), dw2_.f32(), db2_.f32()}, activation_, precision_, M, G, rows);
+  if (recompute_) release_saved();
 }
 
 }  // namespace pm

@@ -35,6 +35,10 @@ class SharedExpert {
   // From dy[T, M] of the last forward: the weight gradients added to, dx[T, M] overwritten.
   void backward(const float* x, const float* dy, int64_t tokens, float* dx);
 
+  // The forward keeps nothing but the caller's input; the backward makes the pre-activation and
+  // activation again from it (the same bits; MoeShape::recompute_experts).
+  void set_recompute(bool recompute) { recompute_ = recompute; }
+
   void zero_grads();
   Backend& backend() { return backend_; }
   int64_t hidden() const { return hidden_; }
@@ -50,7 +54,10 @@ class SharedExpert {
   VersionStamp packed_forward_, packed_backward_;  // the weights packed_ holds each direction of
   Buffer<float> fc1_saved_, dhpre_;  // [T, G1], [T, G1]
   RowBuffer act_;               // [T, G] (bf16 in a bf16 expert: row_buffer.h)
-  int64_t saved_tokens_ = -1;   // tokens of the forward act_ holds
+  void pack_forward();   // W1, W2 packed for expert_forward when they changed
+  void release_saved();  // gives fc1_saved_ and act_ back
+  int64_t saved_tokens_ = -1;   // tokens of the last forward (act_ holds its activations unless recomputing)
+  bool recompute_ = false;
 };
 
 }  // namespace pm

@@ -33,8 +33,9 @@ SMALL = ["--tokens", "256", "--model-dim", "64", "--hidden", "48", "--iters", "1
 # (name, ranks, layer flags, forward degree, backward degree)
 LAYERS = [
     ("ep fp32 GeLU top-2 of 8", 2, ["--experts", "8", "--top-k", "2"], 2, 3),
-    ("ep bf16 SwiGLU top-4 of 16 dropless, deduplicated", 2,
-     ["--experts", "16", "--top-k", "4", "--capacity-factor", "0", "--activation", "swiglu", "--dtype", "bf16"], 3, 2),
+    ("ep bf16 SwiGLU top-4 of 16 dropless, deduplicated, a shared expert", 2,
+     ["--experts", "16", "--top-k", "4", "--capacity-factor", "0", "--activation", "swiglu", "--dtype", "bf16",
+      "--shared-hidden", "64", "--shared-activation", "swiglu"], 3, 2),
     ("ep bf16 GeLU top-3 of 8", 2, ["--experts", "8", "--top-k", "3", "--dtype", "bf16"], 1, 1),
     ("ep fp32 SwiGLU top-2 of 8, 4 ranks", 4, ["--experts", "8", "--top-k", "2", "--activation", "swiglu"], 2, 2),
     ("ppmoe bf16 GeLU top-2 of 8", 2, ["--strategy", "ppmoe", "--experts", "8", "--top-k", "2", "--dtype", "bf16"], 2, 1),
