@@ -79,6 +79,10 @@ CASES = [
     (2, 48, 32, 48, 8, 2, 1.25, 45, ["--shared-hidden", 40]),
     (3, 40, 24, 16, 6, 2, 0.0, 46, ["--shared-hidden", 24, "--shared-activation", "swiglu", "--activation", "swiglu"]),
     (2, 64, 64, 96, 4, 2, 1.25, 47, ["--dtype", "bf16", "--shared-hidden", 64, "--shared-activation", "swiglu"]),
+    # the experts' activations made again in the backward instead of kept (--recompute experts)
+    (2, 48, 32, 48, 8, 2, 1.25, 49, ["--recompute", "experts"]),
+    (3, 40, 24, 16, 6, 2, 0.0, 50, ["--dtype", "bf16", "--activation", "swiglu", "--shared-hidden", 24,
+                                    "--shared-activation", "swiglu", "--recompute", "experts"]),
 ]
 SHARED_TENSORS = ["dshared.w1", "dshared.b1", "dshared.w2", "dshared.b2"]
 # (forward, backward) degrees compared bit for bit with (1, 1): every degree the planner can pick
@@ -122,6 +126,8 @@ def main():
                            f"{name}: the layer ran {meta.get('activation')} experts")
             failures.check(meta.get("router_score") == ("sigmoid" if "sigmoid" in router else "softmax"),
                            f"{name}: the layer scored with {meta.get('router_score')}")
+            failures.check(meta.get("recompute_experts") == ("--recompute" in router),
+                           f"{name}: recompute_experts {meta.get('recompute_experts')}")
             bf16 = "bf16" in router
             shared = "--shared-hidden" in router
             failures.check(meta.get("shared_hidden", 0) == (router[router.index("--shared-hidden") + 1] if shared else 0),
