@@ -9,7 +9,6 @@ Run: /usr/bin/python3 tests/cli/test_eval.py   (needs build/pipemoe)
 import json
 import math
 import os
-import struct
 import sys
 import tempfile
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
-from harness import Failures, mpirun, mpirun_async  # noqa: E402
+from harness import Failures, mpirun, mpirun_async, read_safetensors  # noqa: E402
 import model_reference as ref  # noqa: E402
 from test_train_cli import TINY, write_text  # noqa: E402
 
@@ -27,14 +26,6 @@ MODELS = {"fp32 GeLU": {}, "bf16 SwiGLU with a shared expert": {"dtype": "bf16",
                                                                 "shared_expert_hidden": 24},
           "fp32 Llama backbone (RMSNorm, rotary, SwiGLU)": {"norm": "rmsnorm", "position": "rope",
                                                             "mlp_activation": "swiglu"}}
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        data = f.read()
-    return {name: np.frombuffer(data[t["data_offsets"][0]:t["data_offsets"][1]], dtype=np.float32).reshape(t["shape"])
-            for name, t in header.items() if name != "__metadata__"}
 
 
 def reference_model(checkpoint):

@@ -19,17 +19,15 @@ uninterrupted run to float32 rounding (its gradients are summed in another order
 Run: /usr/bin/python3 tests/cli/test_resume_other_ranks.py   (needs build/pipemoe)
 """
 import csv
-import json
 import math
 import os
-import struct
 import sys
 import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference"))
-from harness import Failures, mpirun  # noqa: E402
+from harness import Failures, mpirun, read_safetensors  # noqa: E402
 from test_train_cli import digest, one_error, tiny_config  # noqa: E402
 
 # float32 rounding over 4 steps of a tiny model: the sums of gradients over ranks and micro-batches
@@ -44,14 +42,6 @@ WEIGHT_TOLERANCE = 2e-4
 
 def train_losses(path):
     return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(open(path))}
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        data = f.read()
-    return {name: np.frombuffer(data[t["data_offsets"][0]:t["data_offsets"][1]], dtype=np.float32).reshape(t["shape"])
-            for name, t in header.items() if name != "__metadata__"}
 
 
 def largest_difference(a, b):

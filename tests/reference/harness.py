@@ -94,3 +94,16 @@ class Failures:
             print(f"{name}: {len(self.items)} of {self.checks} checks failed", flush=True)
             sys.exit(1)
         print(f"{name}: all {self.checks} checks passed", flush=True)
+
+
+def read_safetensors(path):
+    """A pipemoe checkpoint's float32 tensors: {name: numpy array of its shape}."""
+    import json
+    import struct
+
+    import numpy as np
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        data = f.read()
+    return {name: np.frombuffer(data[t["data_offsets"][0]:t["data_offsets"][1]], dtype=np.float32).reshape(t["shape"])
+            for name, t in header.items() if name != "__metadata__"}
