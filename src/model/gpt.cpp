@@ -370,7 +370,7 @@ void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D,
   b.se_raw.resize(T * D), b.se_out.resize(T * D);
   shared_expert_hidden(b, k, T, G);
   linear_forward(k, precision_, b.se_act.data(), b.se_w_out, b.se_b_out, T, b.se_raw.data());
-  if (config_.recompute_experts())  // the backward makes them again from ln2_out
+  if (config_.recompute_experts() && inference_capacity_ == 0)  // training: the backward makes them again from ln2_out
     for (Buffer<float>* made : {&b.se_fc, &b.se_act}) Buffer<float>(made->get_allocator()).swap(*made);
   if (!config_.coef_gate) {
     b.se_out = b.se_raw;

@@ -616,7 +616,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   for (const MoePass* pass : model.moe_passes()) moe_held_bytes += static_cast<double>(pass->held_bytes());
   const double moe_held_mb = comm.allreduce_scalar(moe_held_bytes / (1 << 20), ReduceOp::max);
   log::info("memory: peak {:.0f} MB on the largest rank; its MoE layers keep {:.1f} MB from a forward for the "
-            "backward{}", peak_rss_mb, moe_held_mb, c.model.dtype == "bf16" ? " (bf16 where only GEMMs read it)" : "");
+            "backward{}{}", peak_rss_mb, moe_held_mb, c.model.dtype == "bf16" ? " (bf16 where only GEMMs read it)" : "",
+            c.model.recompute_experts() ? " (recompute experts: their inputs only, the rest made again in the backward)"
+                                        : "");
   held_most = static_cast<int>(comm.allreduce_scalar(held_most, ReduceOp::max));
   std::vector<TaskTimeRow> breakdown;
   if (!summed_step_ms.empty()) {

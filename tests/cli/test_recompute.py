@@ -10,7 +10,8 @@ and activation again. The results must be the bits of the run that keeps everyth
   - what a pass keeps for its backward shrinks by the saved values and activations it no longer
     holds (`layer --json` held_for_backward_mb);
   - training with a shared expert (whose pre-activation and activation are made again too):
-    every logged loss and gradient norm the same bits, the MoE layers' held memory lower, expert
+    every logged loss and gradient norm the same bits, the final weights and AdamW moments byte for
+    byte (and a checkpoint trained recomputing generates the same text), the MoE layers' held memory lower, expert
     parallel, PPMoE's tp 2, ScMoE with a gated shared expert, and 2 pipeline stages whose
     micro-batches' activations are stashed between their forward and backward;
   - bad values: one clear error.
@@ -95,17 +96,28 @@ def main():
             logs, results = {}, {}
             for mode in ("none", "experts"):
                 logs[mode] = os.path.join(tmp, f"train-{label.replace(' ', '')}-{mode}.csv")
-                args = ["train", "--config", config, "--set", "save=", "--set", f"log_csv={logs[mode]}", "--set",
+                save = os.path.join(tmp, f"ck-{label.replace(' ', '')}-{mode}")
+                args = ["train", "--config", config, "--set", f"save={save}", "--set", f"log_csv={logs[mode]}", "--set",
                         f"recompute={mode}"]
                 for s in sets:
                     args += ["--set", s]
                 out = mpirun(ranks, args, timeout=300)
                 results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+                said = "(recompute experts: their inputs only" in out.stderr
+                f.check(said == (mode == "experts"), f"train {label}, recompute {mode}: the memory line says so or not")
             rows = train_rows(logs["none"])
             f.check(len(rows) == 6 and rows == train_rows(logs["experts"]),
                     f"train {label}: losses and gradient norms with recompute: {train_rows(logs['experts'])[:2]} vs {rows[:2]}")
             a, b = results["none"]["moe_held_for_backward_mb"], results["experts"]["moe_held_for_backward_mb"]
             f.check(b < 0.8 * a, f"train {label}: MoE layers held {a:.3f} MB, recomputing {b:.3f} MB")
+            checkpoints = [os.path.join(tmp, f"ck-{label.replace(' ', '')}-{mode}", "step-000006") for mode in ("none", "experts")]
+            for part in ("model.safetensors", "optimizer.safetensors"):
+                f.check(filecmp.cmp(*(os.path.join(c, part) for c in checkpoints), shallow=False),
+                        f"train {label}: the final {part} byte for byte")
+            if label == "ep":  # a checkpoint trained recomputing generates as any other
+                texts = [mpirun(1, ["generate", "--checkpoint", os.path.dirname(c), "--prompt", "The jury said", "--tokens",
+                                    "12", "--temperature", "0"], timeout=120).stdout for c in checkpoints]
+                f.check(texts[0] == texts[1] and len(texts[0]) > 20, f"generate from both checkpoints: {texts}")
             print(f"ok: train {label}: the same losses and gradient norms, the MoE layers holding {a:.3f} -> {b:.3f} MB",
                   flush=True)
 
