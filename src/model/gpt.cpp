@@ -371,7 +371,7 @@ void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D,
   shared_expert_hidden(b, k, T, G);
   linear_forward(k, precision_, b.se_act.data(), b.se_w_out, b.se_b_out, T, b.se_raw.data());
   if (config_.recompute_experts() && inference_capacity_ == 0)  // training: the backward makes them again from ln2_out
-    for (Buffer<float>* made : {&b.se_fc, &b.se_act}) Buffer<float>(made->get_allocator()).swap(*made);
+    release(b.se_fc), release(b.se_act);  // (moe_layer.h)
   if (!config_.coef_gate) {
     b.se_out = b.se_raw;
     return;
@@ -415,7 +415,7 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
   linear_backward(k, precision_, b.ln2_out.data(), b.se_w_fc, dfc, T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());
   for (int64_t i = 0; i < T * D; ++i) dx[i] += dse_in[i];
   if (recomputed)
-    for (Buffer<float>* made : {&b.se_fc, &b.se_act}) Buffer<float>(made->get_allocator()).swap(*made);
+    release(b.se_fc), release(b.se_act);  // (moe_layer.h)
 }
 
 void GptModel::offload_experts(const std::string& where, const std::string& model_file, int cache_slots,
