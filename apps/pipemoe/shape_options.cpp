@@ -49,6 +49,14 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
                   "the rest again (the same results, less memory held for the backward, more arithmetic)");
   add_enum_option(cmd, "--router-score", s.router_score, {{"softmax", RouterScore::softmax}, {"sigmoid", RouterScore::sigmoid}},
                   "softmax", "the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)");
+  cmd->add_option("--route-groups", s.route_groups,
+                  "group-limited routing (DeepSeek-V3's n_group): the experts in this many groups of consecutive "
+                  "experts, each scored by its two best scores")
+      ->capture_default_str();
+  cmd->add_option("--route-top-groups", s.route_top_groups,
+                  "group-limited routing (DeepSeek-V3's topk_group): a token chooses its experts within its this "
+                  "many best groups (0: every group)")
+      ->capture_default_str();
   add_activation_option(cmd, "--activation", s.activation, "the experts' activation: gelu, or swiglu (W1 is [M, 2H])");
   add_dtype_option(cmd, s.precision,
                    "fp32, or bf16: the expert GEMMs read bf16 operands (fp32 accumulation) and the all-to-all "

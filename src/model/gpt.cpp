@@ -98,6 +98,8 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
       shape.normalize_gates = c.gate_normalize;
       shape.router_score = parse_router_score(c.router_score, "configuration: 'router_score'");
       shape.balance_bias = c.router_bias_rate > 0;
+      shape.route_groups = c.route_groups;
+      shape.route_top_groups = c.route_top_groups;
       shape.dedup_dispatch = c.dedup_dispatch;
       shape.recompute_experts = c.recompute_experts();
       shape.activation = parse_activation(c.expert_activation, "configuration: 'expert_activation'");

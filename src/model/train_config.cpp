@@ -62,6 +62,8 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("z_loss_coef", c.model.z_loss_coef);
   fn("gate_normalize", c.model.gate_normalize);
   fn("router_score", c.model.router_score);
+  fn("route_groups", c.model.route_groups);
+  fn("route_top_groups", c.model.route_top_groups);
   fn("dtype", c.model.dtype);
   fn("router_bias_rate", c.model.router_bias_rate);
   fn("dedup_dispatch", c.model.dedup_dispatch);
@@ -309,6 +311,17 @@ void TrainConfig::validate(int world) const {
                "configuration: {} experts cannot be spread evenly over {} ranks: experts must be a multiple of the "
                "number of ranks{}",
                m.experts, m.expert_ranks(world / pp), pp > 1 ? " of a pipeline stage" : "");
+    PM_REQUIRE(m.route_groups >= 1 && m.experts % m.route_groups == 0,
+               "configuration: 'route_groups' must divide the {} experts into groups of the same size, got {}",
+               m.experts, m.route_groups);
+    PM_REQUIRE(m.route_top_groups >= 0 && m.route_top_groups <= m.route_groups,
+               "configuration: 'route_top_groups' must be between 1 and route_groups ({}), or 0 for every group, got {}",
+               m.route_groups, m.route_top_groups);
+    const int allowed = m.route_top_groups == 0 ? m.experts : m.route_top_groups * (m.experts / m.route_groups);
+    PM_REQUIRE(m.top_k <= allowed,
+               "configuration: 'top_k' {} is more than the {} experts of the route_top_groups {} best of route_groups "
+               "{} a token may choose from",
+               m.top_k, allowed, m.route_top_groups, m.route_groups);
   }
   PM_REQUIRE(m.arch == "moe" || m.arch == "scmoe", "configuration: 'arch' must be \"moe\" or \"scmoe\", got \"{}\"",
              m.arch);

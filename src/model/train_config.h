@@ -66,6 +66,10 @@ struct ModelConfig {
   double z_loss_coef = 0;  // weight of the sum of the MoE layers' router z-losses (ST-MoE; 1e-3 there)
   bool gate_normalize = true;  // top-k > 1: gate values divided by their sum (moe_shape.h normalize_gates)
   std::string router_score = "softmax";  // or "sigmoid" (DeepSeek-V3; moe_shape.h RouterScore)
+  // Group-limited routing (DeepSeek-V3's n_group, topk_group; moe_shape.h route_groups): the
+  // experts in route_groups groups, a token's k chosen within its route_top_groups best (0: all)
+  int route_groups = 1;
+  int route_top_groups = 0;
   // "fp32", or "bf16": every GEMM but attention's own products on bf16 operands with fp32
   // accumulation, the all-to-all payloads in bf16; weights, gradients, optimizer state, LayerNorm,
   // softmax, router and loss fp32 (kernels/backend.h Precision, moe_shape.h)

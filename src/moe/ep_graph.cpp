@@ -18,7 +18,7 @@ int64_t PassRows::received_rows() const {
 
 bool scale_grad_dispatch_on_experts(const MoeShape& s) {
   return s.dedup_dispatch && s.top_k > 1 && s.ranks > 1 &&
-         scaled_dispatch_pays(s.experts, s.local_experts(), s.top_k, static_cast<int>(s.wire_bytes()));
+         scaled_dispatch_pays(s);
 }
 
 void PassRows::deduplicate_dispatch(double unique_share) {
@@ -45,7 +45,7 @@ PassRows balanced_rows(const MoeShape& shape, int degree) {
   }
   const int64_t to_others = per_expert * local_experts * (peers - 1);
   if (shape.dedup_dispatch && shape.top_k > 1 && to_others > 0) {
-    const double unique = chance_token_reaches_rank(shape.experts, local_experts, shape.top_k) *
+    const double unique = chance_token_reaches_rank(shape) *
                           static_cast<double>(shape.tokens) * (peers - 1);
     s.deduplicate_dispatch(std::min(1.0, unique / static_cast<double>(to_others)));
   }

@@ -24,6 +24,38 @@ double log_sum_exp_rows(const float* logits, int64_t T, int E, std::vector<float
   return z / static_cast<double>(T);
 }
 
+// Group-limited routing (moe_shape.h route_groups): every selection score outside a token's
+// route_top_groups best groups set to -inf, so that top-k chooses within those groups only. A
+// group's score is the sum of its two best selection scores (DeepSeek-V3), or its one score.
+void keep_best_groups(Backend& backend, float* scores, int64_t T, const MoeShape& shape) {
+  const int G = shape.route_groups, keep = shape.route_top_groups, per = shape.experts / G;
+  Buffer<float> group_score(T * G);
+  for (int64_t t = 0; t < T; ++t)
+    for (int g = 0; g < G; ++g) {
+      const float* s = scores + t * shape.experts + g * per;
+      float best = -INFINITY, second = -INFINITY;
+      for (int e = 0; e < per; ++e) {
+        if (s[e] > best) {
+          second = best;
+          best = s[e];
+        } else if (s[e] > second) {
+          second = s[e];
+        }
+      }
+      group_score[t * G + g] = per == 1 ? best : best + second;
+    }
+  std::vector<int32_t> best_groups(T * keep);
+  std::vector<float> unused(T * keep);
+  backend.topk_rows(group_score.data(), T, G, keep, best_groups.data(), unused.data());
+  std::vector<char> kept(G);
+  for (int64_t t = 0; t < T; ++t) {
+    std::fill(kept.begin(), kept.end(), 0);
+    for (int j = 0; j < keep; ++j) kept[best_groups[t * keep + j]] = 1;
+    for (int g = 0; g < G; ++g)
+      if (!kept[g]) std::fill_n(scores + t * shape.experts + g * per, per, -INFINITY);
+  }
+}
+
 }  // namespace
 
 Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape,
@@ -64,10 +96,12 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   routing.capacity = shape.with_tokens(T).capacity();
   routing.expert.resize(T * top_k);
   g.gate.resize(T * top_k);
-  if (bias) {  // choose by probability + bias; the gate values are the probabilities
+  if (bias || shape.group_limited()) {
+    // choose by probability + bias, within the best groups; the gate values are the probabilities
     Buffer<float> scores(T * E);
     for (int64_t t = 0; t < T; ++t)
-      for (int e = 0; e < E; ++e) scores[t * E + e] = g.probs[t * E + e] + bias[e];
+      for (int e = 0; e < E; ++e) scores[t * E + e] = g.probs[t * E + e] + (bias ? bias[e] : 0.0f);
+    if (shape.group_limited()) keep_best_groups(backend, scores.data(), T, shape);
     backend.topk_rows(scores.data(), T, E, top_k, routing.expert.data(), g.gate.data());
     for (int64_t i = 0; i < T * top_k; ++i) g.gate[i] = g.probs[(i / top_k) * E + routing.expert[i]];
   } else {

@@ -3,7 +3,9 @@
 // sum when k > 1 and the shape normalises;
 // capacity and slots (see routing.h); the GShard auxiliary load-balancing loss, the router z-loss
 // (ST-MoE) and, optionally, a per-expert selection bias (DeepSeek-V3's auxiliary-loss-free
-// balancing); and the backward of all of it.
+// balancing), within the token's best groups of experts under group-limited routing
+// (DeepSeek-V3; moe_shape.h route_groups); and the backward of all of it. The choice is not
+// differentiated: gradients reach the chosen scores, as with plain top-k.
 //
 // Precision: logits, probabilities and gate values are float32 (a sigmoid is computed in double
 // and rounded); the z-loss's log-sum-exp and the aux loss's means are summed in double.

@@ -21,6 +21,14 @@ void MoeShape::validate() const {
              "{} experts cannot be spread evenly over {} ranks: the number of experts must be a "
              "multiple of the number of ranks",
              experts, ranks);
+  PM_REQUIRE(route_groups >= 1 && experts % route_groups == 0,
+             "route groups must divide the {} experts into groups of the same size, got {}", experts, route_groups);
+  PM_REQUIRE(route_top_groups >= 0 && route_top_groups <= route_groups,
+             "route top groups must be between 1 and the {} route groups (0: every group), got {}", route_groups,
+             route_top_groups);
+  PM_REQUIRE(!group_limited() || top_k <= route_top_groups * (experts / route_groups),
+             "top-k {} is more than the {} experts of the {} best of {} route groups a token may choose from",
+             top_k, route_top_groups * (experts / route_groups), route_top_groups, route_groups);
 }
 
 int64_t MoeShape::capacity() const { return expert_capacity(top_k, capacity_factor, tokens, experts); }
@@ -33,9 +41,11 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 }
 
 std::string MoeShape::str() const {
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
+  const std::string groups =
+      group_limited() ? fmt::format(" groups {} of {}", route_top_groups, route_groups) : std::string();
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
                      capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates",
-                     balance_bias ? " bias" : "", router_score == RouterScore::sigmoid ? " sigmoid" : "",
+                     balance_bias ? " bias" : "", router_score == RouterScore::sigmoid ? " sigmoid" : "", groups,
                      activation == Activation::swiglu ? " swiglu" : "", precision == Precision::bf16 ? " bf16" : "",
                      dedup_dispatch || top_k == 1 ? "" : " no-dedup", recompute_experts ? " recompute" : "");
 }

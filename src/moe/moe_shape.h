@@ -35,6 +35,16 @@ struct MoeShape {
   // sigmoid (DeepSeek-V3: scores that do not compete, normalised over the chosen k by
   // normalize_gates; its balance losses see them normalised over all experts).
   RouterScore router_score = RouterScore::softmax;
+  // Group-limited routing (DeepSeek-V3's n_group and topk_group, V2's device-limited routing): the
+  // experts fall into route_groups groups of consecutive experts, each scored per token by the sum
+  // of its two best selection scores (its one score when a group has one expert), and a token
+  // chooses its k experts within its route_top_groups best groups only (ties to the lower group).
+  // With route_groups a multiple of the ranks every group sits on one rank, so a token's row
+  // travels to at most route_top_groups ranks: the deduplicated dispatch sends fewer rows.
+  // route_top_groups 0: every group (no limit).
+  int route_groups = 1;
+  int route_top_groups = 0;
+  bool group_limited() const { return route_top_groups > 0 && route_top_groups < route_groups; }
   Activation activation = Activation::gelu;  // the experts' (kernels/backend.h)
   // bf16: the experts' GEMMs read bf16 operands (kernels/backend.h, Precision) and the all-to-all
   // payloads travel as bf16 (half the bytes); the router, the gate values, the combine's sums and
@@ -57,7 +67,8 @@ struct MoeShape {
   double expert_flops_per_row() const { return 2.0 * model_dim * (fc1_width() + hidden); }
 
   // Throws a usage error naming the first impossible value (sizes not positive, k outside 1..E,
-  // f not positive, experts that do not divide over the ranks).
+  // f not positive, experts that do not divide over the ranks or into the route groups, more
+  // choices than the allowed groups hold).
   void validate() const;
   int local_experts() const { return experts / ranks; }
   int64_t capacity() const;
@@ -70,7 +81,9 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  std::string str() const;  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " swiglu", " bf16", " recompute")
+  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " groups 2 of 4",
+  // " swiglu", " bf16", " no-dedup", " recompute")
+  std::string str() const;
 };
 
 // "gelu" or "swiglu"; a usage error naming `what` for anything else.

@@ -26,18 +26,38 @@ int64_t group_first(const BlockLayout& wire, int chunk, int peer) { return wire.
 
 }  // namespace
 
-double chance_token_reaches_rank(int experts, int local_experts, int top_k) {
-  double none = 1.0;  // C(E - El, k) / C(E, k), factor by factor
-  for (int i = 0; i < top_k; ++i)
-    none *= std::max(0.0, static_cast<double>(experts - local_experts - i) / (experts - i));
-  return 1.0 - none;
+double chance_token_reaches_rank(const MoeShape& s) {
+  const int L = s.local_experts(), k = s.top_k;
+  const int G = s.group_limited() ? s.route_groups : 1, K = s.group_limited() ? s.route_top_groups : 1;
+  const int per = s.experts / G, allowed = K * per;
+  double reach = 0;
+  for (int r = 0; r < s.ranks; ++r) {
+    // ways[j][o]: the sets of j groups among those counted so far holding o of rank r's experts
+    std::vector<std::vector<double>> ways(K + 1, std::vector<double>(L + 1, 0.0));
+    ways[0][0] = 1;
+    for (int g = 0; g < G; ++g) {
+      const int overlap = std::max(0, std::min((g + 1) * per, (r + 1) * L) - std::max(g * per, r * L));
+      for (int j = std::min(g + 1, K); j >= 1; --j)
+        for (int o = L; o >= overlap; --o) ways[j][o] += ways[j - 1][o - overlap];
+    }
+    double sets = 0, none = 0;
+    for (int o = 0; o <= L; ++o) {
+      if (ways[K][o] == 0) continue;
+      double miss = 1.0;  // C(allowed - o, k) / C(allowed, k), factor by factor
+      for (int i = 0; i < k; ++i) miss *= std::max(0.0, static_cast<double>(allowed - o - i) / (allowed - i));
+      sets += ways[K][o];
+      none += ways[K][o] * miss;
+    }
+    reach += 1.0 - none / sets;
+  }
+  return reach / s.ranks;
 }
 
-bool scaled_dispatch_pays(int experts, int local_experts, int top_k, int wire_bytes) {
-  if (top_k < 2 || local_experts <= 0 || local_experts >= experts) return false;
+bool scaled_dispatch_pays(const MoeShape& s) {
+  if (s.top_k < 2 || s.local_experts() <= 0 || s.local_experts() >= s.experts) return false;
   // distinct tokens over choices for one peer
-  const double share = chance_token_reaches_rank(experts, local_experts, top_k) * experts / (top_k * local_experts);
-  const double bytes = share * sizeof(float) / wire_bytes;
+  const double share = chance_token_reaches_rank(s) * s.experts / (s.top_k * s.local_experts());
+  const double bytes = share * sizeof(float) / static_cast<double>(s.wire_bytes());
   return bytes * kDedupFewestRepeats <= kDedupFewestRepeats - 1;
 }
 

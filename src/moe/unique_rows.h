@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "moe/moe_shape.h"
 #include "moe/routing.h"
 
 namespace pm {
@@ -37,15 +38,18 @@ namespace pm {
 // emulated 1 Gbit/s link). The planner's cost model follows the same rule (moe/ep_graph.h).
 inline constexpr int64_t kDedupFewestRepeats = 10;
 
-// The chance that a token has at least one of its k distinct choices, drawn uniformly from
-// `experts`, among a rank's `local_experts`: 1 - C(E - El, k) / C(E, k).
-double chance_token_reaches_rank(int experts, int local_experts, int top_k);
+// The chance that a token has at least one of its k distinct choices among a rank's experts, the
+// choices drawn uniformly: 1 - C(E - El, k) / C(E, k); under group-limited routing (moe_shape.h
+// route_groups) from the experts of route_top_groups groups drawn uniformly. Averaged over the
+// ranks, whose experts may cut groups differently: every rank computes the same number.
+double chance_token_reaches_rank(const MoeShape& shape);
 // Whether the backward's dispatch, deduplicated with float32 rows (4 bytes a value) and a gate
-// value per expert row, saves at least 1/kDedupFewestRepeats of the bytes of every scaled row in
-// the wire's `wire_bytes` a value, each token's choices drawn uniformly. From the shape alone: every
-// rank decides the same for every peer. (bf16 wire: top-8 of 64 experts on 2 ranks sends ~0.25 of
-// the rows in float32, half the bytes: yes; top-2 of 8: 0.79 of them, 1.6x the bytes: no.)
-bool scaled_dispatch_pays(int experts, int local_experts, int top_k, int wire_bytes);
+// value per expert row, saves at least 1/kDedupFewestRepeats of the bytes of every scaled row on
+// the shape's wire, each token's choices drawn as above. From the shape alone: every rank decides
+// the same for every peer. (bf16 wire: top-8 of 64 experts on 2 ranks sends ~0.25 of the rows in
+// float32, half the bytes: yes; top-2 of 8: 0.79 of them, 1.6x the bytes: no; top-8 of 64 on 4
+// ranks: 0.46 of them, 0.91x the bytes: no; the same limited to 2 of 4 groups: 0.25, yes.)
+bool scaled_dispatch_pays(const MoeShape& shape);
 
 struct UniqueRows {
   // token side

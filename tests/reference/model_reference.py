@@ -32,7 +32,7 @@ import os
 import numpy as np
 import torch
 
-from moe_layer_reference import Bf16Matmul, Wire, activate  # bf16 roundings; the experts' GeLU or SwiGLU
+from moe_layer_reference import Bf16Matmul, Wire, activate, limit_to_groups  # bf16 roundings; the experts' GeLU or SwiGLU; group-limited routing
 
 torch.set_default_dtype(torch.float64)
 
@@ -83,15 +83,16 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul, rope_th
 
 
 def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu",
-        router_score="softmax", bf16=False):
-    """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None."""
+        router_score="softmax", bf16=False, groups=(1, 0)):
+    """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None;
+    groups: (route_groups, route_top_groups) of group-limited routing."""
     T = x.shape[0]
     E = wg.shape[1]
     C = top_k * T if capacity_factor == 0 else math.ceil(top_k * capacity_factor * T / E)  # 0: dropless
     logits = x @ wg
     probs = torch.sigmoid(logits) if router_score == "sigmoid" else torch.softmax(logits, dim=1)
     scores = probs.detach().numpy() if bias is None else probs.detach().numpy() + bias
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    order = np.argsort(-limit_to_groups(scores, *groups), axis=1, kind="stable")[:, :top_k]
     count = np.zeros(E, dtype=np.int64)
     kept = np.zeros((T, top_k), dtype=bool)
     for j in range(top_k):
@@ -238,7 +239,8 @@ class Model:
                 y, aux, z, chosen = moe(moe_in, p[b + "moe.wg"], p[b + "moe.w1"], p[b + "moe.b1"], p[b + "moe.w2"],
                                         p[b + "moe.b2"], c["top_k"], c["capacity_factor"],
                                         c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"),
-                                        c.get("expert_activation", "gelu"), c.get("router_score", "softmax"), bf16)
+                                        c.get("expert_activation", "gelu"), c.get("router_score", "softmax"), bf16,
+                                        (c.get("route_groups", 1), c.get("route_top_groups", 0)))
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
                 self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])

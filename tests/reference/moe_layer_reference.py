@@ -47,6 +47,24 @@ def route(probs32, top_k, capacity):
     return order, slot
 
 
+def limit_to_groups(scores, groups, top_groups):
+    """Group-limited routing (DeepSeek-V3's n_group, topk_group): the selection scores with every
+    expert outside a token's top_groups best groups at -inf. A group's score is the sum of its two
+    best scores (its one score when it has one expert); equal groups keep the lower one first.
+    top_groups 0 or groups: no limit."""
+    if top_groups == 0 or top_groups >= groups:
+        return scores
+    tokens, experts = scores.shape
+    per = experts // groups
+    grouped = scores.reshape(tokens, groups, per)
+    best = -np.sort(-grouped, axis=2)
+    group_score = best[:, :, 0] if per == 1 else best[:, :, 0] + best[:, :, 1]
+    keep = np.argsort(-group_score, axis=1, kind="stable")[:, :top_groups]
+    allowed = np.zeros((tokens, groups), dtype=bool)
+    np.put_along_axis(allowed, keep, True, axis=1)
+    return np.where(np.repeat(allowed, per, axis=1), scores, -np.inf).astype(scores.dtype)
+
+
 def gelu(u):
     return 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
 
@@ -160,8 +178,12 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
         # routing decisions from float32 scores, as the specification says
         probs32 = score(torch.tensor(load(folder, r, "x", np.float32)) @
                         torch.tensor(load(folder, r, "wg", np.float32))).numpy()
-        chosen, slot = route(probs32 if bias32 is None else probs32 + bias32, k, capacity)
-        unbiased = route(probs32, k, capacity)[0]  # what the choice would be without the bias
+        groups, top_groups = meta.get("route_groups", 1), meta.get("route_top_groups", 0)
+        select32 = probs32 if bias32 is None else probs32 + bias32
+        chosen, slot = route(limit_to_groups(select32, groups, top_groups), k, capacity)
+        # what the choice would be without the bias
+        unbiased = route(limit_to_groups(probs32, groups, top_groups), k, capacity)[0]
+        unlimited = route(select32, k, capacity)[0]  # and without the group limit
         chosen_t = torch.tensor(chosen)
         gate = probs.gather(1, chosen_t)
         if k > 1 and normalize:
@@ -202,7 +224,7 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
         z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
         total = total + (y * dy).sum() + aux_coef * aux + z_coef * z_loss
         ranks.append(dict(x=x, wg=wg, y=y, aux=aux, z_loss=z_loss, chosen=chosen, slot=slot, capacity=capacity,
-                          unbiased=unbiased, gate=gate, shared=shared))
+                          unbiased=unbiased, unlimited=unlimited, gate=gate, shared=shared))
     total.backward()
 
     out = []
@@ -218,6 +240,7 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
             "gate": d["gate"].detach().numpy(),
             **({f"dshared.{n}": t.grad.numpy() for n, t in d["shared"].items()} if d["shared"] else {}),
             "bias_changed_choices": not np.array_equal(d["chosen"], d["unbiased"]),
+            "group_limit_changed_choices": not np.array_equal(d["chosen"], d["unlimited"]),
         })
     return meta, out
 

@@ -157,6 +157,10 @@ ROUTER_VARIANTS = [
     (2, 38, 1, ["router_score=sigmoid", "experts=8", "top_k=4", "expert_hidden=12", "shared_expert_hidden=24",
                 "expert_activation=swiglu", "shared_expert_activation=swiglu", "aux_coef=0.001",
                 "router_bias_rate=0.05", "capacity_factor=0"]),
+    # and its group-limited routing: 4 groups of 2 experts, one on each of 4 ranks, a token's 4
+    # experts within its 2 best groups
+    (4, 39, 1, ["router_score=sigmoid", "experts=8", "top_k=4", "expert_hidden=12", "route_groups=4",
+                "route_top_groups=2", "expert_activation=swiglu", "router_bias_rate=0.05", "capacity_factor=0"]),
 ]
 # PPMoE with the dense blocks split Megatron-style (one tensor-parallel group of all the ranks,
 # every rank the same tokens): heads and MLP columns per rank, the tied embedding and head
@@ -171,6 +175,9 @@ TP_VARIANTS = [
     (2, 55, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "tp_dense=replicate"]),
     # two tensor-parallel groups of two (tp 2 x dp 2): replicas of the experts and the dense slices
     (4, 56, 2, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300"]),
+    # group-limited routing under PPMoE: each token's 2 experts within the best of 4 groups
+    (2, 57, 1, ["moe_strategy=ppmoe", "tp=2", "tokenizer_vocab=300", "experts=8", "route_groups=4",
+                "route_top_groups=1"]),
 ]
 # bf16: the top-2 model on 1 and 2 ranks (pipelined), the DeepSeek-style block, and ScMoE with the
 # coefficient gate

@@ -64,6 +64,11 @@ CASES = [
     (2, 48, 32, 48, 8, 2, 1.25, 33, ["--router-score", "sigmoid", "--z-loss-coef", 0.05]),
     (4, 32, 16, 8, 32, 8, 0.0, 34, ["--router-score", "sigmoid", "--activation", "swiglu", "--balance-bias"]),
     (3, 40, 24, 16, 6, 3, 1.0, 35, ["--router-score", "sigmoid", "--gate-normalize", "false"]),
+    # group-limited routing (DeepSeek-V3's n_group, topk_group): a group per rank with sigmoid scores
+    # and the selection bias; groups that straddle ranks (12 experts in 4 groups on 3 ranks) in bf16
+    (4, 32, 16, 8, 32, 8, 0.0, 51, ["--router-score", "sigmoid", "--balance-bias", "--activation", "swiglu",
+                                    "--route-groups", 4, "--route-top-groups", 2]),
+    (3, 40, 24, 16, 12, 4, 1.25, 52, ["--dtype", "bf16", "--route-groups", 4, "--route-top-groups", 2]),
     # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
     (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
     (4, 40, 16, 16, 8, 1, 0.0, 32, ["--skew", 1, "--activation", "swiglu"]),
@@ -138,6 +143,16 @@ def main():
             if "--skew" in router:
                 failures.check(all((e["expert_index"][:, 0] == 0).all() for e in expected),
                                f"{name}: the skew should send every first choice to expert 0")
+            groups = (router[router.index("--route-groups") + 1] if "--route-groups" in router else 1,
+                      router[router.index("--route-top-groups") + 1] if "--route-top-groups" in router else 0)
+            failures.check((meta.get("route_groups"), meta.get("route_top_groups")) == groups,
+                           f"{name}: the layer routed with groups {meta.get('route_top_groups')} of {meta.get('route_groups')}")
+            if groups[1] > 0:
+                per = meta["experts"] // groups[0]
+                failures.check(any(e["group_limit_changed_choices"] for e in expected) and
+                               all(len(np.unique(e["expert_index"][t] // per)) <= groups[1]
+                                   for e in expected for t in range(len(e["expert_index"]))),
+                               f"{name}: the group limit changed no choice, or a token chose outside its groups")
             if "--balance-bias" in router:
                 failures.check(any(e["bias_changed_choices"] for e in expected),
                                f"{name}: the selection bias changed no choice: the case tests nothing")

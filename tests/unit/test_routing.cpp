@@ -1,6 +1,7 @@
 // Capacity, slot filling order, and the chunk layouts the pipeline moves rows through.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <algorithm>
 #include <numeric>
@@ -88,6 +89,108 @@ TEST(Gate, InferenceSkipsTheLossesAndRoutesTheSame) {
                                      dwg.data(), dx.data()));
     }
   }
+}
+
+// Group-limited routing (DeepSeek-V3's n_group, topk_group), checked against a plain reading of
+// the rule: each group scored by the sum of its two best selection scores (its one score for
+// groups of one), the route_top_groups best groups (ties to the lower group), then top-k among their
+// experts by the plain gate run on scores with every other expert at -inf. Scores drawn from a few
+// values, so that groups and experts tie; softmax and sigmoid, with a bias or not.
+TEST(Gate, GroupLimitedRoutingChoosesWithinTheBestGroups) {
+  struct Case {
+    int experts, groups, top_groups, top_k;
+  };
+  for (const Case cs : {Case{16, 4, 2, 4}, Case{16, 8, 3, 6}, Case{12, 3, 1, 4}, Case{8, 8, 2, 2}, Case{16, 4, 4, 3}}) {
+    MoeShape shape;
+    shape.tokens = 61, shape.model_dim = 6, shape.hidden = 4, shape.experts = cs.experts, shape.top_k = cs.top_k;
+    shape.capacity_factor = 0;
+    shape.route_groups = cs.groups, shape.route_top_groups = cs.top_groups;
+    shape.validate();
+    Rng rng(5, cs.experts * 10 + cs.groups);
+    std::vector<float> x(shape.tokens * shape.model_dim), wg(shape.model_dim * shape.experts), bias(shape.experts);
+    for (float& v : x) v = static_cast<float>(rng.next_u64() % 3) - 1.0f;  // few distinct logits: ties
+    for (float& v : wg) v = static_cast<float>(rng.next_u64() % 3) * 0.5f;
+    for (float& v : bias) v = static_cast<float>(rng.next_u64() % 2) * 0.25f;
+    for (RouterScore score : {RouterScore::softmax, RouterScore::sigmoid})
+      for (bool balance : {false, true}) {
+        shape.router_score = score, shape.balance_bias = balance;
+        const std::string where = fmt::format("{} groups {} of {} k {} {} bias {}", cs.experts, cs.top_groups,
+                                              cs.groups, cs.top_k, score == RouterScore::sigmoid ? "sigmoid" : "softmax",
+                                              balance);
+        const float* b = balance ? bias.data() : nullptr;
+        const Gating g = gate_forward(cpu_backend(), x.data(), wg.data(), shape.tokens, shape, b);
+        const int E = cs.experts, per = E / cs.groups;
+        for (int64_t t = 0; t < shape.tokens; ++t) {
+          std::vector<float> sel(E);
+          for (int e = 0; e < E; ++e) sel[e] = g.probs[t * E + e] + (b ? b[e] : 0.0f);
+          std::vector<std::pair<float, int>> groups;  // (score, group), best first, ties to the lower group
+          for (int q = 0; q < cs.groups; ++q) {
+            std::vector<float> in(sel.begin() + q * per, sel.begin() + (q + 1) * per);
+            std::sort(in.rbegin(), in.rend());
+            groups.push_back({per == 1 ? in[0] : in[0] + in[1], q});
+          }
+          std::stable_sort(groups.begin(), groups.end(), [](auto& l, auto& r) { return l.first > r.first; });
+          std::vector<int> order;  // allowed experts by score, ties to the lower index
+          for (int j = 0; j < cs.top_groups; ++j)
+            for (int e = groups[j].second * per; e < (groups[j].second + 1) * per; ++e) order.push_back(e);
+          std::sort(order.begin(), order.end());
+          std::stable_sort(order.begin(), order.end(), [&](int l, int r) { return sel[l] > sel[r]; });
+          for (int j = 0; j < cs.top_k; ++j) {
+            ASSERT_EQ(g.routing.expert[t * cs.top_k + j], order[j]) << where << " token " << t << " choice " << j;
+            // the gate values stay the probabilities (normalised over the chosen)
+            EXPECT_GT(g.gate[t * cs.top_k + j], 0.0f) << where;
+          }
+        }
+      }
+  }
+}
+
+// The chance that a token reaches a rank, which decides the backward's scaled dispatch: the
+// formula (and its average over ranks whose experts cut groups differently) against counting
+// every choice of groups and of k experts among theirs.
+TEST(UniqueRows, TheChanceATokenReachesARankCountsItsAllowedGroups) {
+  struct Case {
+    int experts, ranks, top_k, groups, top_groups;
+  };
+  for (const Case cs : {Case{8, 2, 2, 1, 0}, Case{12, 4, 3, 3, 2}, Case{12, 3, 2, 4, 2}, Case{8, 4, 3, 4, 2},
+                        Case{10, 2, 2, 5, 3}, Case{12, 2, 4, 6, 6}}) {
+    MoeShape s;
+    s.tokens = 1, s.model_dim = 1, s.hidden = 1, s.experts = cs.experts, s.ranks = cs.ranks, s.top_k = cs.top_k;
+    s.route_groups = cs.groups, s.route_top_groups = cs.top_groups;
+    s.validate();
+    const int E = cs.experts, L = E / cs.ranks;
+    const int G = s.group_limited() ? cs.groups : 1, K = s.group_limited() ? cs.top_groups : 1, per = E / G;
+    double reach_sum = 0;
+    for (int r = 0; r < cs.ranks; ++r) {
+      int64_t draws = 0, reached = 0;
+      for (uint32_t gs = 0; gs < (1u << G); ++gs) {
+        if (std::popcount(gs) != K) continue;
+        std::vector<int> allowed;
+        for (int e = 0; e < E; ++e)
+          if (gs >> (e / per) & 1) allowed.push_back(e);
+        const int A = static_cast<int>(allowed.size());
+        for (uint32_t es = 0; es < (1u << A); ++es) {
+          if (std::popcount(es) != cs.top_k) continue;
+          bool hit = false;
+          for (int i = 0; i < A; ++i) hit |= (es >> i & 1) && allowed[i] / L == r;
+          ++draws;
+          reached += hit;
+        }
+      }
+      reach_sum += static_cast<double>(reached) / static_cast<double>(draws);
+    }
+    EXPECT_NEAR(chance_token_reaches_rank(s), reach_sum / cs.ranks, 1e-12)
+        << cs.experts << " experts on " << cs.ranks << " ranks, top-" << cs.top_k << ", groups " << cs.top_groups
+        << " of " << cs.groups;
+  }
+  // DeepSeek's shape on 4 ranks: without the limit the float32 rows would save too little; with a
+  // token on at most 2 ranks' groups they save half
+  MoeShape s;
+  s.tokens = 1, s.model_dim = 1, s.hidden = 1, s.experts = 64, s.ranks = 4, s.top_k = 8;
+  s.precision = Precision::bf16;
+  EXPECT_FALSE(scaled_dispatch_pays(s));
+  s.route_groups = 4, s.route_top_groups = 2;
+  EXPECT_TRUE(scaled_dispatch_pays(s));
 }
 
 TEST(Layout, ChunksAreEvenUpToTwoThenTaperedAtBothEnds) {
