@@ -43,6 +43,8 @@ def main():
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--keys", required=True, help="comma-separated JSON keys to compare (summed into 'total')")
+    p.add_argument("--info-keys", default="",
+                   help="comma-separated JSON keys shown and written beside them, not summed (rows sent, a2a_busy_ms)")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--csv", default="out/ab_binaries.csv")
     p.add_argument("--a-args", default="", help="arguments appended to A's command")
@@ -52,6 +54,7 @@ def main():
     o = p.parse_args()
     args = o.command[1:] if o.command[:1] == ["--"] else o.command
     keys = o.keys.split(",")
+    info = [k for k in o.info_keys.split(",") if k]
     env = dict(os.environ)
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -61,20 +64,22 @@ def main():
         for side, binary, extra in ([a, b] if r % 2 == 0 else [b, a]):
             j = run(binary, o.ranks, args + extra, o.timeout, env, shlex.split(o.launcher))
             values = [float(j[k]) for k in keys]
-            rows.append({"round": r, "side": side, **dict(zip(keys, values)), "total": sum(values)})
-            print(f"round {r} {side}: " + " ".join(f"{k} {v:.2f}" for k, v in zip(keys, values)), flush=True)
-    print(f"\n{'key':<22} {'A median':>12} {'B median':>12} {'B / A':>8}")
-    for k in keys + ["total"]:
+            shown = {k: float(j[k]) for k in info}
+            rows.append({"round": r, "side": side, **dict(zip(keys, values)), "total": sum(values), **shown})
+            print(f"round {r} {side}: " + " ".join(f"{k} {v:.2f}" for k, v in zip(keys + info, values + list(shown.values()))),
+                  flush=True)
+    print(f"\n{'key':<24} {'A median':>12} {'B median':>12} {'B / A':>8}")
+    for k in keys + ["total"] + info:
         a = statistics.median(row[k] for row in rows if row["side"] == "A")
         b = statistics.median(row[k] for row in rows if row["side"] == "B")
-        print(f"{k:<22} {a:12.3f} {b:12.3f} {b / a:8.3f}")
+        print(f"{k:<24} {a:12.3f} {b:12.3f} {b / a if a else float('nan'):8.3f}")
     per_round = [next(x["total"] for x in rows if x["round"] == r and x["side"] == "B") /
                  next(x["total"] for x in rows if x["round"] == r and x["side"] == "A") for r in range(o.rounds)]
     print("B / A per round (total): " + ", ".join(f"{x:.3f}" for x in per_round) +
           f"; median {statistics.median(per_round):.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(o.csv)), exist_ok=True)
     with open(o.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["round", "side"] + keys + ["total"])
+        w = csv.DictWriter(f, fieldnames=["round", "side"] + keys + ["total"] + info)
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {o.csv}")

@@ -326,6 +326,9 @@ int run_layer(Context& ctx, const LayerOptions& options) {
               ppmoe ? data_groups : ctx.world(), ppmoe ? "groups" : "ranks", static_cast<long>(shape.tokens), static_cast<long>(shape.model_dim),
               static_cast<long>(shape.hidden), shape.experts, shape.top_k, shape.capacity_factor,
               static_cast<long>(shape.capacity()), gemm_isa().c_str(), backend.threads());
+  if (shape.group_limited())
+    std::printf("group-limited routing: each token's %d experts within its best %d of %d groups of %d experts\n",
+                shape.top_k, shape.route_top_groups, shape.route_groups, shape.experts / shape.route_groups);
   if (backend.device() != Device::cpu) std::printf("backend: %s\n", backend.name().c_str());
   if (ctx.comm.backend() == "nccl") std::printf("transport: NCCL (collectives on the GPUs)\n");
   if (shape.precision == Precision::bf16)
