@@ -37,6 +37,9 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
   cmd->add_option("--gate-normalize", s.normalize_gates,
                   "top-k > 1: divide the gate values by their sum (true) or keep the probabilities (false)")
       ->capture_default_str();
+  cmd->add_option("--routed-scaling-factor", s.routed_scale,
+                  "the gate values times this, after any normalisation (DeepSeek-V3: 2.5)")
+      ->capture_default_str();
   cmd->add_flag("--balance-bias", s.balance_bias,
                 "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
   cmd->add_option("--dedup-dispatch", s.dedup_dispatch,

@@ -96,6 +96,7 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
       MoeShape shape{int64_t{1} * c.seq_len, D, c.expert_hidden, c.experts, c.top_k, c.capacity_factor,
                      expert_group().size()};
       shape.normalize_gates = c.gate_normalize;
+      shape.routed_scale = c.routed_scaling_factor;
       shape.router_score = parse_router_score(c.router_score, "configuration: 'router_score'");
       shape.balance_bias = c.router_bias_rate > 0;
       shape.route_groups = c.route_groups;

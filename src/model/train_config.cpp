@@ -45,6 +45,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("rope_theta", c.model.rope_theta);
   fn("mlp_activation", c.model.mlp_activation);
   fn("moe_every", c.model.moe_every);
+  fn("first_dense_blocks", c.model.first_dense_blocks);
   fn("experts", c.model.experts);
   fn("top_k", c.model.top_k);
   fn("capacity_factor", c.model.capacity_factor);
@@ -61,6 +62,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("aux_coef", c.model.aux_coef);
   fn("z_loss_coef", c.model.z_loss_coef);
   fn("gate_normalize", c.model.gate_normalize);
+  fn("routed_scaling_factor", c.model.routed_scaling_factor);
   fn("router_score", c.model.router_score);
   fn("route_groups", c.model.route_groups);
   fn("route_top_groups", c.model.route_top_groups);
@@ -295,6 +297,11 @@ void TrainConfig::validate(int world) const {
              "activations of batch_size {} x seq_len {}), more than this machine's {:.1f} GiB",
              need / (1 << 30), batch_size, m.seq_len, have / (1 << 30));
   PM_REQUIRE(m.moe_every >= 0, "configuration: 'moe_every' must be 0 (no MoE) or positive, got {}", m.moe_every);
+  PM_REQUIRE(m.first_dense_blocks >= 0, "configuration: 'first_dense_blocks' must not be negative, got {}",
+             m.first_dense_blocks);
+  PM_REQUIRE(m.first_dense_blocks == 0 || m.moe_every == 0 || m.moe_layers() > 0,
+             "configuration: 'first_dense_blocks' {} with moe_every {} leaves no MoE block among the {} layers",
+             m.first_dense_blocks, m.moe_every, m.layers);
   if (m.moe_layers() > 0) {
     positive("experts", m.experts);
     positive("expert_hidden", m.expert_hidden);
@@ -349,6 +356,8 @@ void TrainConfig::validate(int world) const {
     }
   }
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
+  PM_REQUIRE(m.routed_scaling_factor > 0 && std::isfinite(m.routed_scaling_factor),
+             "configuration: 'routed_scaling_factor' must be positive, got {}", m.routed_scaling_factor);
   parse_activation(m.expert_activation, "configuration: 'expert_activation'");
   parse_activation(m.shared_expert_activation, "configuration: 'shared_expert_activation'");
   parse_router_score(m.router_score, "configuration: 'router_score'");

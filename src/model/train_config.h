@@ -35,6 +35,9 @@ struct ModelConfig {
   bool rmsnorm() const { return norm == "rmsnorm"; }
   bool rope() const { return position == "rope"; }
   int moe_every = 2;       // every moe_every-th block has an MoE feed-forward (blocks 1, 3, ...); 0: none
+  // Blocks at the start that stay dense, moe_every counted from the first after them (DeepSeek-V3's
+  // first_k_dense_replace: 3 of 61, with moe_every 1)
+  int first_dense_blocks = 0;
   int experts = 4;         // over all ranks
   int top_k = 2;
   double capacity_factor = 1.25;
@@ -65,6 +68,7 @@ struct ModelConfig {
   double aux_coef = 0.01;  // weight of the sum of the MoE layers' aux losses
   double z_loss_coef = 0;  // weight of the sum of the MoE layers' router z-losses (ST-MoE; 1e-3 there)
   bool gate_normalize = true;  // top-k > 1: gate values divided by their sum (moe_shape.h normalize_gates)
+  double routed_scaling_factor = 1.0;  // the gate values times this (DeepSeek-V3: 2.5; moe_shape.h routed_scale)
   std::string router_score = "softmax";  // or "sigmoid" (DeepSeek-V3; moe_shape.h RouterScore)
   // Group-limited routing (DeepSeek-V3's n_group, topk_group; moe_shape.h route_groups): the
   // experts in route_groups groups, a token's k chosen within its route_top_groups best (0: all)
@@ -86,7 +90,9 @@ struct ModelConfig {
   // arithmetic
   std::string recompute = "none";
   bool recompute_experts() const { return recompute == "experts"; }
-  bool is_moe(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }
+  bool is_moe(int layer) const {
+    return moe_every > 0 && layer >= first_dense_blocks && (layer - first_dense_blocks) % moe_every == moe_every - 1;
+  }
   bool scmoe() const { return arch == "scmoe"; }
   // The ranks an MoE layer's experts are spread over: the tensor-parallel group (ppmoe) or all.
   int expert_ranks(int world) const { return moe_strategy == "ppmoe" ? tp : world; }

@@ -40,7 +40,7 @@ namespace fs = std::filesystem;
 
 // The keys that shape the model: a checkpoint resumes only under the same values.
 const char* const kModelKeys[] = {"seq_len",         "d_model",       "layers",    "heads",     "mlp_hidden",
-                                  "moe_every",       "experts",       "top_k",     "capacity_factor",
+                                  "moe_every",       "first_dense_blocks", "experts",       "top_k",     "capacity_factor",
                                   "expert_hidden",   "tokenizer_vocab", "arch",    "scmoe_tap",
                                   "shared_expert_hidden", "coef_gate", "norm",     "position",
                                   "rope_theta",      "mlp_activation", "expert_activation",

@@ -114,6 +114,8 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
       for (int j = 0; j < top_k; ++j) g.gate[t * top_k + j] /= sum;
     }
   }
+  if (shape.routed_scale != 1.0)
+    for (float& v : g.gate) v *= static_cast<float>(shape.routed_scale);
   assign_slots(routing);
   if (!with_losses) {
     g.aux_loss = std::nan("");
@@ -157,19 +159,22 @@ Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeSh
     for (int e = 0; e < E; ++e) inner += c[e] * g.probs[t * E + e] / S;
     for (int e = 0; e < E; ++e) dprobs[t * E + e] = (c[e] - inner) / S;
   }
+  // the gate values are routed_scale x n_j: the gradient reaching n_j is routed_scale x dgate
+  const float routed_scale = static_cast<float>(shape.routed_scale);
+  std::vector<float> dn(top_k);
   for (int64_t t = 0; t < T; ++t) {
-    const float* gv = &g.gate[t * top_k];
-    const float* dg = &dgate[t * top_k];
+    for (int j = 0; j < top_k; ++j) dn[j] = dgate[t * top_k + j] * routed_scale;
     const int32_t* chosen = &g.routing.expert[t * top_k];
-    if (top_k == 1 || !shape.normalize_gates) {  // the gate values are the probabilities
-      for (int j = 0; j < top_k; ++j) dprobs[t * E + chosen[j]] += dg[j];
+    if (top_k == 1 || !shape.normalize_gates) {  // n_j are the probabilities
+      for (int j = 0; j < top_k; ++j) dprobs[t * E + chosen[j]] += dn[j];
       continue;
     }
-    // g_j = p_j / s with s the sum of the chosen p: dp_i = (dg_i - sum_j dg_j g_j) / s.
+    // n_j = p_j / s with s the sum of the chosen p (the forward's sum and quotient, the same
+    // bits): dp_i = (dn_i - sum_j dn_j n_j) / s.
     float s = 0, inner = 0;
     for (int j = 0; j < top_k; ++j) s += g.probs[t * E + chosen[j]];
-    for (int j = 0; j < top_k; ++j) inner += dg[j] * gv[j];
-    for (int j = 0; j < top_k; ++j) dprobs[t * E + chosen[j]] += (dg[j] - inner) / s;
+    for (int j = 0; j < top_k; ++j) inner += dn[j] * (g.probs[t * E + chosen[j]] / s);
+    for (int j = 0; j < top_k; ++j) dprobs[t * E + chosen[j]] += (dn[j] - inner) / s;
   }
   Buffer<float> dlogits(T * E);
   if (sigmoid) {  // d sigmoid(l) / d l = s (1 - s)

@@ -1,6 +1,7 @@
 // The gate: softmax(x Wg) in float32 (or, with RouterScore::sigmoid, each logit's sigmoid), top-k
 // experts per token (ties to the lower index), gate values = the chosen scores, divided by their
-// sum when k > 1 and the shape normalises;
+// sum when k > 1 and the shape normalises, times the shape's routed_scale (DeepSeek-V3's
+// routed_scaling_factor; 1 by default);
 // capacity and slots (see routing.h); the GShard auxiliary load-balancing loss, the router z-loss
 // (ST-MoE) and, optionally, a per-expert selection bias (DeepSeek-V3's auxiliary-loss-free
 // balancing), within the token's best groups of experts under group-limited routing

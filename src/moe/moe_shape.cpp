@@ -21,6 +21,8 @@ void MoeShape::validate() const {
              "{} experts cannot be spread evenly over {} ranks: the number of experts must be a "
              "multiple of the number of ranks",
              experts, ranks);
+  PM_REQUIRE(routed_scale > 0 && std::isfinite(routed_scale), "routed scaling factor must be positive, got {}",
+             routed_scale);
   PM_REQUIRE(route_groups >= 1 && experts % route_groups == 0,
              "route groups must divide the {} experts into groups of the same size, got {}", experts, route_groups);
   PM_REQUIRE(route_top_groups >= 0 && route_top_groups <= route_groups,
@@ -43,8 +45,9 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 std::string MoeShape::str() const {
   const std::string groups =
       group_limited() ? fmt::format(" groups {} of {}", route_top_groups, route_groups) : std::string();
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
-                     capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates",
+  const std::string scale = routed_scale != 1.0 ? fmt::format(" scale {}", routed_scale) : std::string();
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
+                     capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates", scale,
                      balance_bias ? " bias" : "", router_score == RouterScore::sigmoid ? " sigmoid" : "", groups,
                      activation == Activation::swiglu ? " swiglu" : "", precision == Precision::bf16 ? " bf16" : "",
                      dedup_dispatch || top_k == 1 ? "" : " no-dedup", recompute_experts ? " recompute" : "");

@@ -26,6 +26,9 @@ struct MoeShape {
   // as they are (Qwen3-MoE's norm_topk_prob = false). Top-1 is never normalised: a gate of 1
   // would cut the router off from the loss (Switch).
   bool normalize_gates = true;
+  // The gate values multiplied by this after any normalisation (DeepSeek-V3's routed_scaling_factor,
+  // 2.5 there): the routed experts' sum weighs that much beside the shared expert and the residual.
+  double routed_scale = 1.0;
   // Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the probabilities
   // to choose the experts only (the gate values stay the probabilities). The layer holds it as the
   // parameter "router_bias" [E] that no gradient moves; training updates it from the load
@@ -81,7 +84,7 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " bias", " sigmoid", " groups 2 of 4",
+  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " scale 2.5", " bias", " sigmoid", " groups 2 of 4",
   // " swiglu", " bf16", " no-dedup", " recompute")
   std::string str() const;
 };

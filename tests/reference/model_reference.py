@@ -83,9 +83,10 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul, rope_th
 
 
 def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu",
-        router_score="softmax", bf16=False, groups=(1, 0)):
+        router_score="softmax", bf16=False, groups=(1, 0), routed_scale=1.0):
     """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None;
-    groups: (route_groups, route_top_groups) of group-limited routing."""
+    groups: (route_groups, route_top_groups) of group-limited routing; routed_scale: the gate values'
+    factor (DeepSeek-V3's routed_scaling_factor)."""
     T = x.shape[0]
     E = wg.shape[1]
     C = top_k * T if capacity_factor == 0 else math.ceil(top_k * capacity_factor * T / E)  # 0: dropless
@@ -104,6 +105,7 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None
     gate = probs.gather(1, torch.tensor(order))
     if top_k > 1 and normalize:
         gate = gate / gate.sum(dim=1, keepdim=True)
+    gate = gate * routed_scale
     mm = matmul_of(bf16)
     wire = Wire.apply if bf16 else (lambda t: t)
     y = torch.zeros_like(x)
@@ -230,7 +232,8 @@ class Model:
                               c.get("kv_heads", 0))
             mids.append(a)
             x = self.norm(a, b + "ln2")
-            if c["moe_every"] > 0 and l % c["moe_every"] == c["moe_every"] - 1:
+            first_dense = c.get("first_dense_blocks", 0)  # DeepSeek-V3's first_k_dense_replace
+            if c["moe_every"] > 0 and l >= first_dense and (l - first_dense) % c["moe_every"] == c["moe_every"] - 1:
                 moe_in = x
                 if scmoe:
                     tap = {"pos1": inputs[l], "pos2": mids[l - 1] if l else None,
@@ -240,7 +243,8 @@ class Model:
                                         p[b + "moe.b2"], c["top_k"], c["capacity_factor"],
                                         c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"),
                                         c.get("expert_activation", "gelu"), c.get("router_score", "softmax"), bf16,
-                                        (c.get("route_groups", 1), c.get("route_top_groups", 0)))
+                                        (c.get("route_groups", 1), c.get("route_top_groups", 0)),
+                                        c.get("routed_scaling_factor", 1.0))
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
                 self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])

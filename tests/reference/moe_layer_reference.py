@@ -151,6 +151,7 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
     z_coef = meta.get("z_loss_coef", 0.0)
     activation = meta.get("activation", "gelu")
     normalize = meta.get("normalize_gates", True)
+    routed_scale = meta.get("routed_scale", 1.0)  # DeepSeek-V3's routed_scaling_factor
     # the router's scores: softmax over the experts, or each expert's sigmoid (DeepSeek-V3)
     score = torch.sigmoid if meta.get("router_score", "softmax") == "sigmoid" else lambda v: torch.softmax(v, dim=1)
     # the selection bias is replicated: every rank holds the same one
@@ -188,6 +189,7 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
         gate = probs.gather(1, chosen_t)
         if k > 1 and normalize:
             gate = gate / gate.sum(dim=1, keepdim=True)
+        gate = gate * routed_scale
         G = ppmoe_group if bf16 and ppmoe_group > 0 else 1
         # PPMoE in bf16: rank g of the group reads x as x_in[g] (its share of dx rounded), the gate
         # reads each token through its owner's copy, and the sum of the shares is rounded once more
@@ -202,6 +204,7 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
             gate = probs.gather(1, chosen_t)
             if k > 1 and normalize:
                 gate = gate / gate.sum(dim=1, keepdim=True)
+            gate = gate * routed_scale
         shares = [torch.zeros_like(x) for _ in range(G)]
         for e in range(E):
             g = e // (E // G)

@@ -64,10 +64,10 @@ CASES = [
     (2, 48, 32, 48, 8, 2, 1.25, 33, ["--router-score", "sigmoid", "--z-loss-coef", 0.05]),
     (4, 32, 16, 8, 32, 8, 0.0, 34, ["--router-score", "sigmoid", "--activation", "swiglu", "--balance-bias"]),
     (3, 40, 24, 16, 6, 3, 1.0, 35, ["--router-score", "sigmoid", "--gate-normalize", "false"]),
-    # group-limited routing (DeepSeek-V3's n_group, topk_group): a group per rank with sigmoid scores
-    # and the selection bias; groups that straddle ranks (12 experts in 4 groups on 3 ranks) in bf16
+    # group-limited routing (DeepSeek-V3's n_group, topk_group): a group per rank with sigmoid scores,
+    # the selection bias and the gate values scaled by 2.5 (routed_scaling_factor); groups that straddle ranks (12 experts in 4 groups on 3 ranks) in bf16
     (4, 32, 16, 8, 32, 8, 0.0, 51, ["--router-score", "sigmoid", "--balance-bias", "--activation", "swiglu",
-                                    "--route-groups", 4, "--route-top-groups", 2]),
+                                    "--route-groups", 4, "--route-top-groups", 2, "--routed-scaling-factor", 2.5]),
     (3, 40, 24, 16, 12, 4, 1.25, 52, ["--dtype", "bf16", "--route-groups", 4, "--route-top-groups", 2]),
     # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
     (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
@@ -129,6 +129,9 @@ def main():
             failures.check(meta.get("activation") == (router[router.index("--activation") + 1] if "--activation" in router
                                                       else "gelu"),
                            f"{name}: the layer ran {meta.get('activation')} experts")
+            failures.check(meta.get("routed_scale") == (router[router.index("--routed-scaling-factor") + 1]
+                                                        if "--routed-scaling-factor" in router else 1.0),
+                           f"{name}: the layer scaled its gate values by {meta.get('routed_scale')}")
             failures.check(meta.get("router_score") == ("sigmoid" if "sigmoid" in router else "softmax"),
                            f"{name}: the layer scored with {meta.get('router_score')}")
             failures.check(meta.get("recompute_experts") == ("--recompute" in router),
