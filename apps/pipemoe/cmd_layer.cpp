@@ -120,7 +120,7 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"capacity", s.capacity()},  {"seed", o.seed},
                            {"aux_coef", o.aux_coef},    {"z_loss_coef", o.z_loss_coef},
                            {"normalize_gates", s.normalize_gates}, {"balance_bias", s.balance_bias},
-                           {"routed_scale", s.routed_scale},
+                           {"routed_scale", s.routed_scale}, {"aux_seq_len", s.aux_seq_len},
                            {"activation", activation_name(s.activation)},
                            {"router_score", s.router_score == RouterScore::sigmoid ? "sigmoid" : "softmax"},
                            {"route_groups", s.route_groups},

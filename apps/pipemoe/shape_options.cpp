@@ -40,6 +40,10 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
   cmd->add_option("--routed-scaling-factor", s.routed_scale,
                   "the gate values times this, after any normalisation (DeepSeek-V3: 2.5)")
       ->capture_default_str();
+  cmd->add_option("--aux-seq-len", s.aux_seq_len,
+                  "0: GShard's balance loss over the rank's tokens; N: DeepSeek-V3's sequence-wise one over each "
+                  "run of N tokens")
+      ->capture_default_str();
   cmd->add_flag("--balance-bias", s.balance_bias,
                 "auxiliary-loss-free balancing: a per-expert bias added to the scores to choose (DeepSeek-V3)");
   cmd->add_option("--dedup-dispatch", s.dedup_dispatch,

@@ -60,6 +60,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("shared_expert_activation", c.model.shared_expert_activation);
   fn("coef_gate", c.model.coef_gate);
   fn("aux_coef", c.model.aux_coef);
+  fn("aux_loss", c.model.aux_loss);
   fn("z_loss_coef", c.model.z_loss_coef);
   fn("gate_normalize", c.model.gate_normalize);
   fn("routed_scaling_factor", c.model.routed_scaling_factor);
@@ -356,6 +357,10 @@ void TrainConfig::validate(int world) const {
     }
   }
   PM_REQUIRE(m.aux_coef >= 0, "configuration: 'aux_coef' must not be negative, got {}", m.aux_coef);
+  PM_REQUIRE(m.aux_loss == "gshard" || m.aux_loss == "sequence",
+             "configuration: 'aux_loss' must be \"gshard\" (over a rank's tokens) or \"sequence\" (DeepSeek-V3's, "
+             "per sequence), got \"{}\"",
+             m.aux_loss);
   PM_REQUIRE(m.routed_scaling_factor > 0 && std::isfinite(m.routed_scaling_factor),
              "configuration: 'routed_scaling_factor' must be positive, got {}", m.routed_scaling_factor);
   parse_activation(m.expert_activation, "configuration: 'expert_activation'");

@@ -66,6 +66,9 @@ struct ModelConfig {
   int shared_expert_hidden = 0;    // > 0: a dense shared expert beside the routed ones in every MoE block
   bool coef_gate = false;          // scale the shared expert per token by sigmoid(x . w_cg + b_cg)
   double aux_coef = 0.01;  // weight of the sum of the MoE layers' aux losses
+  // "gshard": each layer's balance loss over a rank's tokens of the pass; "sequence": DeepSeek-V3's
+  // sequence-wise loss, over each sequence and averaged (moe_shape.h aux_seq_len)
+  std::string aux_loss = "gshard";
   double z_loss_coef = 0;  // weight of the sum of the MoE layers' router z-losses (ST-MoE; 1e-3 there)
   bool gate_normalize = true;  // top-k > 1: gate values divided by their sum (moe_shape.h normalize_gates)
   double routed_scaling_factor = 1.0;  // the gate values times this (DeepSeek-V3: 2.5; moe_shape.h routed_scale)

@@ -122,33 +122,48 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
     return g;
   }
 
-  // GShard aux loss: E * sum_e mean_t(probs[t, e]) * (share of tokens whose first choice is e).
-  g.first_choice_fraction.assign(E, 0.0f);
-  for (int64_t t = 0; t < T; ++t) g.first_choice_fraction[routing.expert[t * top_k]] += 1.0f;
-  for (float& f : g.first_choice_fraction) f /= static_cast<float>(T);
-  std::vector<double> mean_prob(E, 0.0);
-  for (int64_t t = 0; t < T; ++t)
-    for (int e = 0; e < E; ++e)
-      mean_prob[e] += sigmoid ? static_cast<double>(g.probs[t * E + e]) / g.score_sum[t] : g.probs[t * E + e];
+  // The balance loss over runs of `run` tokens: E / runs * sum_runs sum_e mean_t(p[t, e]) * load[e],
+  // load the share of the run's tokens whose first choice is e (GShard, one run of the whole pass),
+  // or of its k x run choices that chose e (DeepSeek-V3's sequence-wise loss).
+  const int64_t run = shape.aux_seq_len > 0 ? shape.aux_seq_len : T, runs = T / run;
+  PM_REQUIRE(T % run == 0, "the sequence-wise balance loss needs whole sequences of {} tokens, got {} tokens", run, T);
+  g.load_fraction.assign(runs * E, 0.0f);
+  if (shape.aux_seq_len > 0) {
+    for (int64_t i = 0; i < T * top_k; ++i) g.load_fraction[i / top_k / run * E + routing.expert[i]] += 1.0f;
+    for (float& f : g.load_fraction) f /= static_cast<float>(top_k * run);
+  } else {
+    for (int64_t t = 0; t < T; ++t) g.load_fraction[routing.expert[t * top_k]] += 1.0f;
+    for (float& f : g.load_fraction) f /= static_cast<float>(T);
+  }
   double aux = 0;
-  for (int e = 0; e < E; ++e) aux += mean_prob[e] / T * g.first_choice_fraction[e];
-  g.aux_loss = aux * E;
+  std::vector<double> mean_prob(E);
+  for (int64_t b = 0; b < runs; ++b) {
+    std::fill(mean_prob.begin(), mean_prob.end(), 0.0);
+    for (int64_t t = b * run; t < (b + 1) * run; ++t)
+      for (int e = 0; e < E; ++e)
+        mean_prob[e] += sigmoid ? static_cast<double>(g.probs[t * E + e]) / g.score_sum[t] : g.probs[t * E + e];
+    for (int e = 0; e < E; ++e) aux += mean_prob[e] / run * g.load_fraction[b * E + e];
+  }
+  g.aux_loss = aux * E / static_cast<double>(runs);
   return g;
 }
 
 Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& g,
                                    const float* dgate, RouterLossGrads loss_grads, float* dwg) {
-  PM_CHECK(g.first_choice_fraction.size() == static_cast<size_t>(shape.experts),
-           "a backward of a gate pass that skipped the router's losses (inference)");
+  PM_CHECK(!g.load_fraction.empty(), "a backward of a gate pass that skipped the router's losses (inference)");
   const float aux_grad = loss_grads.aux;
   const int64_t T = g.routing.tokens, M = shape.model_dim;
   const int E = shape.experts, top_k = shape.top_k;
   const bool sigmoid = shape.router_score == RouterScore::sigmoid;
   Buffer<float> dprobs(T * E, 0.0f);
-  // The aux loss sees the first-choice fractions as constants: d aux / d p[t, e] = E f_e / T =: c_e.
-  std::vector<float> c(E);
-  for (int e = 0; e < E; ++e) c[e] = aux_grad * static_cast<float>(E) * g.first_choice_fraction[e] / static_cast<float>(T);
+  // The aux loss sees the load fractions as constants: d aux / d p[t, e] = E f_e / T =: c_e, f the
+  // fraction of t's run (E / runs * 1 / run: E / T either way).
+  const int64_t run = T / static_cast<int64_t>(g.load_fraction.size() / E);
+  std::vector<float> c_runs(g.load_fraction.size());
+  for (std::size_t i = 0; i < c_runs.size(); ++i)
+    c_runs[i] = aux_grad * static_cast<float>(E) * g.load_fraction[i] / static_cast<float>(T);
   for (int64_t t = 0; t < T; ++t) {
+    const float* c = &c_runs[t / run * E];
     if (!sigmoid) {
       for (int e = 0; e < E; ++e) dprobs[t * E + e] = c[e];
       continue;

@@ -39,10 +39,14 @@ struct Gating {
   Buffer<float> logits;        // [T, E] sigmoid scores only (the z-loss's gradient needs them)
   std::vector<float> score_sum;  // [T] sigmoid scores only: each token's sum over the experts
   std::vector<float> gate;     // [T, k] gate values
-  std::vector<float> first_choice_fraction;  // [E] share of tokens whose first choice is e
+  // [runs, E] the balance loss's load: per run of tokens (one run of all T, or each sequence of
+  // shape.aux_seq_len), the share of its tokens whose first choice is e (GShard), or of its k
+  // choices per token that chose e (sequence-wise)
+  std::vector<float> load_fraction;
   std::vector<float> lse;      // [T] log-sum-exp of each token's logits
-  double aux_loss = 0;         // GShard: E * sum_e mean_t(p[t, e]) * first_choice_fraction[e], p the
-                               // probabilities (sigmoid: the scores over their sum)
+  // E / runs * sum_runs sum_e mean_t(p[t, e]) * load_fraction[run, e], p the probabilities
+  // (sigmoid: the scores over their sum): GShard's loss, or DeepSeek-V3's sequence-wise one
+  double aux_loss = 0;
   double z_loss = 0;           // ST-MoE: mean_t lse[t]^2
 };
 
@@ -54,7 +58,7 @@ enum class RouterLosses { compute, skip };
 // x[T, M], wg[M, E]; the capacity is the shape's for T tokens. bias[E] (only with
 // shape.balance_bias; else null): added to the probabilities to choose, not to the gate values.
 // RouterLosses::skip: the same routing, gate values and scores; aux_loss and z_loss NaN, lse,
-// logits and first_choice_fraction empty (a backward of such a pass is refused).
+// logits and load_fraction empty (a backward of such a pass is refused).
 Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape,
                     const float* bias = nullptr, RouterLosses losses = RouterLosses::compute);
 

@@ -23,6 +23,9 @@ void MoeShape::validate() const {
              experts, ranks);
   PM_REQUIRE(routed_scale > 0 && std::isfinite(routed_scale), "routed scaling factor must be positive, got {}",
              routed_scale);
+  PM_REQUIRE(aux_seq_len >= 0 && (aux_seq_len == 0 || tokens % aux_seq_len == 0),
+             "the sequence-wise balance loss needs the {} tokens in whole sequences of aux seq len, got {}", tokens,
+             aux_seq_len);
   PM_REQUIRE(route_groups >= 1 && experts % route_groups == 0,
              "route groups must divide the {} experts into groups of the same size, got {}", experts, route_groups);
   PM_REQUIRE(route_top_groups >= 0 && route_top_groups <= route_groups,

@@ -38,6 +38,11 @@ struct MoeShape {
   // sigmoid (DeepSeek-V3: scores that do not compete, normalised over the chosen k by
   // normalize_gates; its balance losses see them normalised over all experts).
   RouterScore router_score = RouterScore::softmax;
+  // The balance loss (gate.h aux_loss): 0, GShard's over the pass's tokens (the share of tokens
+  // whose first choice is each expert); > 0, DeepSeek-V3's sequence-wise loss over each run of this
+  // many tokens (a sequence: the share of its k choices per token that chose each expert), averaged
+  // over the runs, so that no single sequence leans on a few experts.
+  int64_t aux_seq_len = 0;
   // Group-limited routing (DeepSeek-V3's n_group and topk_group, V2's device-limited routing): the
   // experts fall into route_groups groups of consecutive experts, each scored per token by the sum
   // of its two best selection scores (its one score when a group has one expert), and a token

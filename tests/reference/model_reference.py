@@ -32,7 +32,8 @@ import os
 import numpy as np
 import torch
 
-from moe_layer_reference import Bf16Matmul, Wire, activate, limit_to_groups  # bf16 roundings; the experts' GeLU or SwiGLU; group-limited routing
+# bf16 roundings; the experts' GeLU or SwiGLU; group-limited routing; the balance losses
+from moe_layer_reference import Bf16Matmul, Wire, activate, balance_loss, limit_to_groups
 
 torch.set_default_dtype(torch.float64)
 
@@ -83,10 +84,11 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul, rope_th
 
 
 def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu",
-        router_score="softmax", bf16=False, groups=(1, 0), routed_scale=1.0):
+        router_score="softmax", bf16=False, groups=(1, 0), routed_scale=1.0, aux_seq_len=0):
     """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None;
     groups: (route_groups, route_top_groups) of group-limited routing; routed_scale: the gate values'
-    factor (DeepSeek-V3's routed_scaling_factor)."""
+    factor (DeepSeek-V3's routed_scaling_factor); aux_seq_len: 0 for GShard's aux loss, else the
+    sequence length of DeepSeek-V3's sequence-wise one."""
     T = x.shape[0]
     E = wg.shape[1]
     C = top_k * T if capacity_factor == 0 else math.ceil(top_k * capacity_factor * T / E)  # 0: dropless
@@ -116,9 +118,8 @@ def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None
                 tt = torch.tensor(tok)
                 out = wire(mm(activate(mm(wire(x[tt]), w1[e]) + b1[e], activation), w2[e]) + b2[e])
                 y = y.index_add(0, tt, gate[tt, j:j + 1] * out)
-    first = torch.tensor(np.bincount(order[:, 0], minlength=E) / T)
     balance_probs = probs / probs.sum(dim=1, keepdim=True) if router_score == "sigmoid" else probs
-    aux = E * (balance_probs.mean(dim=0) * first).sum()
+    aux = balance_loss(balance_probs, order, E, aux_seq_len)
     z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
     return y, aux, z_loss, order
 
@@ -244,7 +245,8 @@ class Model:
                                         c.get("gate_normalize", True), self.bias.get(f"blocks.{l}"),
                                         c.get("expert_activation", "gelu"), c.get("router_score", "softmax"), bf16,
                                         (c.get("route_groups", 1), c.get("route_top_groups", 0)),
-                                        c.get("routed_scaling_factor", 1.0))
+                                        c.get("routed_scaling_factor", 1.0),
+                                        c["seq_len"] if c.get("aux_loss", "gshard") == "sequence" else 0)
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
                 self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])

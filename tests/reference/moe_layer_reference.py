@@ -65,6 +65,22 @@ def limit_to_groups(scores, groups, top_groups):
     return np.where(np.repeat(allowed, per, axis=1), scores, -np.inf).astype(scores.dtype)
 
 
+def balance_loss(balance_probs, chosen, experts, seq_len=0):
+    """The aux loss: GShard's over all T tokens (seq_len 0), E * sum_e mean_t(p[t, e]) * (share of
+    tokens whose first choice is e); or DeepSeek-V3's sequence-wise one, the same over each run of
+    seq_len tokens with the share of the run's k choices per token that chose e, averaged over runs."""
+    T, k = chosen.shape
+    if seq_len == 0:
+        first = torch.tensor(np.bincount(chosen[:, 0], minlength=experts) / T)
+        return experts * (balance_probs.mean(dim=0) * first).sum()
+    total = 0
+    for b in range(T // seq_len):
+        run = slice(b * seq_len, (b + 1) * seq_len)
+        load = torch.tensor(np.bincount(chosen[run].reshape(-1), minlength=experts) / (k * seq_len))
+        total = total + experts * (balance_probs[run].mean(dim=0) * load).sum()
+    return total / (T // seq_len)
+
+
 def gelu(u):
     return 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
 
@@ -220,10 +236,9 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
         if shared is not None:  # no all-to-all: the bf16 roundings of its matmuls only
             y = y + matmul(activate(matmul(x, shared["w1"]) + shared["b1"], meta.get("shared_activation", "gelu")),
                            shared["w2"]) + shared["b2"]
-        first = torch.tensor(np.bincount(chosen[:, 0], minlength=E) / T)
         # sigmoid scores: the balance loss reads them normalised over the experts (DeepSeek-V3's s')
         balance_probs = probs / probs.sum(dim=1, keepdim=True) if score is torch.sigmoid else probs
-        aux = E * (balance_probs.mean(dim=0) * first).sum()
+        aux = balance_loss(balance_probs, chosen, E, meta.get("aux_seq_len", 0))
         z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
         total = total + (y * dy).sum() + aux_coef * aux + z_coef * z_loss
         ranks.append(dict(x=x, wg=wg, y=y, aux=aux, z_loss=z_loss, chosen=chosen, slot=slot, capacity=capacity,

@@ -162,11 +162,11 @@ ROUTER_VARIANTS = [
     (4, 39, 1, ["router_score=sigmoid", "experts=8", "top_k=4", "expert_hidden=12", "route_groups=4",
                 "route_top_groups=2", "expert_activation=swiglu", "router_bias_rate=0.05", "capacity_factor=0"]),
     # DeepSeek-V3's MoE whole: the first block dense, then an MoE in every block, the gate values
-    # scaled by 2.5 beside a shared expert, within the best 2 of 4 groups
+    # scaled by 2.5 beside a shared expert, within the best 2 of 4 groups, the balance loss per sequence
     (2, 40, 1, ["layers=3", "first_dense_blocks=1", "moe_every=1", "router_score=sigmoid", "experts=8", "top_k=4",
                 "expert_hidden=12", "route_groups=4", "route_top_groups=2", "routed_scaling_factor=2.5",
                 "shared_expert_hidden=24", "expert_activation=swiglu", "shared_expert_activation=swiglu",
-                "router_bias_rate=0.05", "aux_coef=0.001", "capacity_factor=0"]),
+                "router_bias_rate=0.05", "aux_coef=0.05", "aux_loss=sequence", "capacity_factor=0"]),
 ]
 # PPMoE with the dense blocks split Megatron-style (one tensor-parallel group of all the ranks,
 # every rank the same tokens): heads and MLP columns per rank, the tied embedding and head

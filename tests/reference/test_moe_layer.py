@@ -65,9 +65,11 @@ CASES = [
     (4, 32, 16, 8, 32, 8, 0.0, 34, ["--router-score", "sigmoid", "--activation", "swiglu", "--balance-bias"]),
     (3, 40, 24, 16, 6, 3, 1.0, 35, ["--router-score", "sigmoid", "--gate-normalize", "false"]),
     # group-limited routing (DeepSeek-V3's n_group, topk_group): a group per rank with sigmoid scores,
-    # the selection bias and the gate values scaled by 2.5 (routed_scaling_factor); groups that straddle ranks (12 experts in 4 groups on 3 ranks) in bf16
+    # the selection bias, the gate values scaled by 2.5 (routed_scaling_factor) and the sequence-wise
+    # balance loss over 4 sequences of 8 tokens; groups that straddle ranks (12 experts in 4 groups on 3 ranks) in bf16
     (4, 32, 16, 8, 32, 8, 0.0, 51, ["--router-score", "sigmoid", "--balance-bias", "--activation", "swiglu",
-                                    "--route-groups", 4, "--route-top-groups", 2, "--routed-scaling-factor", 2.5]),
+                                    "--route-groups", 4, "--route-top-groups", 2, "--routed-scaling-factor", 2.5,
+                                    "--aux-seq-len", 8]),
     (3, 40, 24, 16, 12, 4, 1.25, 52, ["--dtype", "bf16", "--route-groups", 4, "--route-top-groups", 2]),
     # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
     (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
@@ -132,6 +134,9 @@ def main():
             failures.check(meta.get("routed_scale") == (router[router.index("--routed-scaling-factor") + 1]
                                                         if "--routed-scaling-factor" in router else 1.0),
                            f"{name}: the layer scaled its gate values by {meta.get('routed_scale')}")
+            failures.check(meta.get("aux_seq_len") == (router[router.index("--aux-seq-len") + 1]
+                                                       if "--aux-seq-len" in router else 0),
+                           f"{name}: the layer's balance loss ran over sequences of {meta.get('aux_seq_len')}")
             failures.check(meta.get("router_score") == ("sigmoid" if "sigmoid" in router else "softmax"),
                            f"{name}: the layer scored with {meta.get('router_score')}")
             failures.check(meta.get("recompute_experts") == ("--recompute" in router),
