@@ -308,6 +308,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"held_for_backward_mb", held_mb},
                         {"recompute_experts", shape.recompute_experts},
                         {"route_groups", shape.route_groups}, {"route_top_groups", shape.route_top_groups},
+                        {"routed_scale", shape.routed_scale}, {"aux_seq_len", shape.aux_seq_len},
                         {"weights_change", o.weights_change},
                         {"weight_packings_per_pass", static_cast<double>(t.weight_packings) / o.iters},
                         {"activation", activation_name(shape.activation)}, {"skew", o.skew},
