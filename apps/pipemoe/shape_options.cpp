@@ -34,6 +34,9 @@ void add_layer_shape_options(CLI::App* cmd, MoeShape& s) {
   cmd->add_option("--experts", s.experts, "experts over all ranks (E)")->capture_default_str();
   cmd->add_option("--top-k", s.top_k, "experts per token (k)")->capture_default_str();
   cmd->add_option("--capacity-factor", s.capacity_factor, "capacity factor (f); 0: dropless")->capture_default_str();
+  add_enum_option(cmd, "--drop-policy", s.drop_policy, {{"position", DropPolicy::position}, {"probs", DropPolicy::probs}},
+                  "position", "which choices an expert over its capacity drops: the last in filling order "
+                  "(GShard), or the smallest gate values (Megatron-Core's probs)");
   cmd->add_option("--gate-normalize", s.normalize_gates,
                   "top-k > 1: divide the gate values by their sum (true) or keep the probabilities (false)")
       ->capture_default_str();

@@ -97,6 +97,7 @@ GptModel::GptModel(const ModelConfig& c, Communicator& comm, Executor& executor,
                      expert_group().size()};
       shape.normalize_gates = c.gate_normalize;
       shape.routed_scale = c.routed_scaling_factor;
+      shape.drop_policy = parse_drop_policy(c.drop_policy, "configuration: 'drop_policy'");
       shape.aux_seq_len = c.aux_loss == "sequence" ? c.seq_len : 0;
       shape.router_score = parse_router_score(c.router_score, "configuration: 'router_score'");
       shape.balance_bias = c.router_bias_rate > 0;

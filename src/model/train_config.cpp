@@ -49,6 +49,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("experts", c.model.experts);
   fn("top_k", c.model.top_k);
   fn("capacity_factor", c.model.capacity_factor);
+  fn("drop_policy", c.model.drop_policy);
   fn("expert_hidden", c.model.expert_hidden);
   fn("expert_activation", c.model.expert_activation);
   fn("moe_strategy", c.model.moe_strategy);
@@ -311,6 +312,7 @@ void TrainConfig::validate(int world) const {
     PM_REQUIRE(m.capacity_factor >= 0 && std::isfinite(m.capacity_factor),
                "configuration: 'capacity_factor' must be positive, or 0 for dropless routing, got {}", m.capacity_factor);
     moe_strategy(m.moe_strategy);  // a usage error naming the known ones
+    parse_drop_policy(m.drop_policy, "configuration: 'drop_policy'");
     PM_REQUIRE(m.shared_expert_hidden >= 0, "configuration: 'shared_expert_hidden' must be 0 (none) or positive, got {}",
                m.shared_expert_hidden);
     PM_REQUIRE(m.scmoe_slot >= -1, "configuration: 'scmoe_slot' must be -1 (auto) or a number of dense tasks, got {}",

@@ -41,6 +41,7 @@ struct ModelConfig {
   int experts = 4;         // over all ranks
   int top_k = 2;
   double capacity_factor = 1.25;
+  std::string drop_policy = "position";  // which choices a full expert drops: "position" or "probs" (routing.h)
   int expert_hidden = 1024;
   std::string expert_activation = "gelu";  // the routed experts': "gelu" or "swiglu" (moe_shape.h)
   std::string shared_expert_activation = "gelu";  // the shared expert's: "gelu" or "swiglu" (W_fc [D, 2G])

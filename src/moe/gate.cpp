@@ -116,7 +116,7 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   }
   if (shape.routed_scale != 1.0)
     for (float& v : g.gate) v *= static_cast<float>(shape.routed_scale);
-  assign_slots(routing);
+  assign_slots(routing, shape.drop_policy, g.gate.data());
   if (!with_losses) {
     g.aux_loss = std::nan("");
     return g;

@@ -48,9 +48,10 @@ void MoeShape::check_degree(int degree, const std::string& what) const {
 std::string MoeShape::str() const {
   const std::string groups =
       group_limited() ? fmt::format(" groups {} of {}", route_top_groups, route_groups) : std::string();
+  const std::string drops = drop_policy == DropPolicy::probs ? " drop-probs" : "";
   const std::string scale = routed_scale != 1.0 ? fmt::format(" scale {}", routed_scale) : std::string();
-  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
-                     capacity_factor, ranks, normalize_gates || top_k == 1 ? "" : " raw-gates", scale,
+  return fmt::format("T={} M={} H={} E={} k={} f={} P={}{}{}{}{}{}{}{}{}{}{}", tokens, model_dim, hidden, experts, top_k,
+                     capacity_factor, ranks, drops, normalize_gates || top_k == 1 ? "" : " raw-gates", scale,
                      balance_bias ? " bias" : "", router_score == RouterScore::sigmoid ? " sigmoid" : "", groups,
                      activation == Activation::swiglu ? " swiglu" : "", precision == Precision::bf16 ? " bf16" : "",
                      dedup_dispatch || top_k == 1 ? "" : " no-dedup", recompute_experts ? " recompute" : "");
@@ -60,6 +61,13 @@ RouterScore parse_router_score(const std::string& name, const std::string& what)
   if (name == "softmax") return RouterScore::softmax;
   PM_REQUIRE(name == "sigmoid", "{} must be \"softmax\" or \"sigmoid\", got \"{}\"", what, name);
   return RouterScore::sigmoid;
+}
+
+DropPolicy parse_drop_policy(const std::string& name, const std::string& what) {
+  if (name == "position") return DropPolicy::position;
+  PM_REQUIRE(name == "probs", "{} must be \"position\" (the last choices in filling order) or \"probs\" (the smallest "
+             "gate values), got \"{}\"", what, name);
+  return DropPolicy::probs;
 }
 
 Activation parse_activation(const std::string& name, const std::string& what) {

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels/backend.h"
+#include "moe/routing.h"
 
 namespace pm {
 
@@ -21,6 +22,7 @@ struct MoeShape {
   int top_k = 1;          // k: experts per token
   double capacity_factor = 1.0;  // f: capacity C = ceil(k f T / E) slots per expert and rank; 0: dropless
   int ranks = 1;          // P: the ranks that share the experts, E / P each
+  DropPolicy drop_policy = DropPolicy::position;  // which choices a full expert drops (routing.h)
   // Routing variants (they change what the layer computes, not its cost):
   // top-k > 1: the chosen probabilities divided by their sum (GShard, Mixtral, DeepSeek-V3), or
   // as they are (Qwen3-MoE's norm_topk_prob = false). Top-1 is never normalised: a gate of 1
@@ -89,11 +91,13 @@ struct MoeShape {
     s.tokens = t;
     return s;
   }
-  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " raw-gates", " scale 2.5", " bias", " sigmoid", " groups 2 of 4",
+  // "T=2048 M=512 H=1024 E=8 k=2 f=1.25 P=2" (+ " drop-probs", " raw-gates", " scale 2.5", " bias", " sigmoid", " groups 2 of 4",
   // " swiglu", " bf16", " no-dedup", " recompute")
   std::string str() const;
 };
 
+// "position" or "probs"; a usage error naming `what` for anything else.
+DropPolicy parse_drop_policy(const std::string& name, const std::string& what);
 // "gelu" or "swiglu"; a usage error naming `what` for anything else.
 Activation parse_activation(const std::string& name, const std::string& what = "activation");
 const char* activation_name(Activation a);

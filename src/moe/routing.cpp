@@ -19,15 +19,29 @@ int64_t Routing::kept() const {
   return n;
 }
 
-void assign_slots(Routing& r) {
+void assign_slots(Routing& r, DropPolicy policy, const float* gate) {
   r.count.assign(r.experts, 0);
   r.slot.assign(r.tokens * r.top_k, -1);
-  for (int j = 0; j < r.top_k; ++j) {
-    for (int64_t t = 0; t < r.tokens; ++t) {
-      int32_t e = r.expert[t * r.top_k + j];
-      if (r.count[e] < r.capacity) r.slot[t * r.top_k + j] = static_cast<int32_t>(r.count[e]++);
+  // the choices in filling order: every token's first choice, then every second, ...
+  auto each_choice = [&](auto&& fn) {
+    for (int j = 0; j < r.top_k; ++j)
+      for (int64_t t = 0; t < r.tokens; ++t) fn(t * r.top_k + j);
+  };
+  std::vector<char> keep(r.tokens * r.top_k, 1);
+  if (policy == DropPolicy::probs) {
+    PM_CHECK(gate != nullptr, "dropping by gate value needs the gate values");
+    std::vector<std::vector<int64_t>> asked(r.experts);  // each expert's choices, in filling order
+    each_choice([&](int64_t i) { asked[r.expert[i]].push_back(i); });
+    for (std::vector<int64_t>& choices : asked) {
+      if (static_cast<int64_t>(choices.size()) <= r.capacity) continue;
+      std::stable_sort(choices.begin(), choices.end(), [&](int64_t a, int64_t b) { return gate[a] > gate[b]; });
+      for (std::size_t n = r.capacity; n < choices.size(); ++n) keep[choices[n]] = 0;
     }
   }
+  each_choice([&](int64_t i) {
+    const int32_t e = r.expert[i];
+    if (keep[i] && r.count[e] < r.capacity) r.slot[i] = static_cast<int32_t>(r.count[e]++);
+  });
 }
 
 BlockLayout make_block_layout(const std::vector<int64_t>& filled, int peers, int local_experts,

@@ -3,7 +3,9 @@
 //
 // Capacity C = ceil(k * f * T / E) slots per expert for this rank's T tokens, evaluated in double
 // as ((k * f) * T) / E. Slots fill choice by choice, then token by token (all first choices in
-// token order, then all second choices); a choice whose expert is full is dropped.
+// token order, then all second choices); a choice whose expert is full is dropped (DropPolicy::
+// position), or, with DropPolicy::probs, an expert asked for more than C keeps the C choices of the
+// largest gate values and gives them their slots in that same order.
 //
 // Only filled slots travel and are computed. With pipeline degree r, the filled rows n of each
 // (peer, local expert) block are split into r contiguous chunks (chunk_begin: even up to r = 2,
@@ -32,6 +34,11 @@ inline int64_t chunk_begin(int64_t rows, int degree, int chunk) {
   return rows * (2 * chunk - 1) / (2 * (degree - 1));
 }
 
+// Which choices an expert over its capacity drops: the last in the filling order (GShard;
+// Megatron-Core's "position"), or the ones with the smallest gate values (Megatron-Core's "probs":
+// equal values keep the filling order).
+enum class DropPolicy { position, probs };
+
 // Slot assignment for this rank's tokens.
 struct Routing {
   int64_t tokens = 0;
@@ -44,8 +51,9 @@ struct Routing {
   int64_t kept() const;         // choices that found a slot
 };
 
-// Fills slot and count from expert (which the gate chose) and capacity.
-void assign_slots(Routing& routing);
+// Fills slot and count from expert (which the gate chose) and capacity; DropPolicy::probs reads
+// gate[tokens, top_k], the gate values.
+void assign_slots(Routing& routing, DropPolicy policy = DropPolicy::position, const float* gate = nullptr);
 
 // Where the rows of each (chunk, peer, local expert) block sit in a buffer.
 //   wire order    [chunk][peer][local expert]: what one all-to-all per chunk sends or receives,

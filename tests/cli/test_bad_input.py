@@ -43,6 +43,7 @@ def cases(tmp):
         (2, layer("--route-groups", 3), "route groups must divide the 4 experts"),
         (2, layer("--routed-scaling-factor", -2.5), "routed scaling factor must be positive"),
         (2, layer("--aux-seq-len", 5), "whole sequences of aux seq len"),
+        (2, layer("--drop-policy", "random"), "--drop-policy: unknown value 'random' (one of position|probs)"),
         (2, layer("--route-groups", 2, "--route-top-groups", -1), "route top groups"),
         (2, layer("--route-groups", 4, "--route-top-groups", 1, "--top-k", 2), "top-k 2 is more than the 1 experts"),
         (2, layer("--gate-normalize", "maybe"), "gate-normalize"),

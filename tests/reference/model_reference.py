@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 # bf16 roundings; the experts' GeLU or SwiGLU; group-limited routing; the balance losses
-from moe_layer_reference import Bf16Matmul, Wire, activate, balance_loss, limit_to_groups
+from moe_layer_reference import Bf16Matmul, Wire, activate, balance_loss, gate_values, limit_to_groups, route
 
 torch.set_default_dtype(torch.float64)
 
@@ -84,26 +84,23 @@ def attention(x, w_qkv, b_qkv, w_proj, b_proj, B, S, H, mm=torch.matmul, rope_th
 
 
 def moe(x, wg, w1, b1, w2, b2, top_k, capacity_factor, normalize=True, bias=None, activation="gelu",
-        router_score="softmax", bf16=False, groups=(1, 0), routed_scale=1.0, aux_seq_len=0):
+        router_score="softmax", bf16=False, groups=(1, 0), routed_scale=1.0, aux_seq_len=0,
+        drop_policy="position"):
     """(y, aux loss, z-loss, the chosen experts [T, k]). bias: the selection bias (float32) or None;
     groups: (route_groups, route_top_groups) of group-limited routing; routed_scale: the gate values'
     factor (DeepSeek-V3's routed_scaling_factor); aux_seq_len: 0 for GShard's aux loss, else the
-    sequence length of DeepSeek-V3's sequence-wise one."""
+    sequence length of DeepSeek-V3's sequence-wise one; drop_policy: which choices a full expert
+    drops ("position" or "probs")."""
     T = x.shape[0]
     E = wg.shape[1]
     C = top_k * T if capacity_factor == 0 else math.ceil(top_k * capacity_factor * T / E)  # 0: dropless
     logits = x @ wg
     probs = torch.sigmoid(logits) if router_score == "sigmoid" else torch.softmax(logits, dim=1)
     scores = probs.detach().numpy() if bias is None else probs.detach().numpy() + bias
-    order = np.argsort(-limit_to_groups(scores, *groups), axis=1, kind="stable")[:, :top_k]
-    count = np.zeros(E, dtype=np.int64)
-    kept = np.zeros((T, top_k), dtype=bool)
-    for j in range(top_k):
-        for t in range(T):
-            e = order[t, j]
-            if count[e] < C:
-                kept[t, j] = True
-                count[e] += 1
+    drop_by = (lambda c: gate_values(probs.detach().numpy(), c, normalize, routed_scale)) \
+        if drop_policy == "probs" else None
+    order, slot = route(limit_to_groups(scores, *groups), top_k, C, drop_by)
+    kept = slot >= 0
     gate = probs.gather(1, torch.tensor(order))
     if top_k > 1 and normalize:
         gate = gate / gate.sum(dim=1, keepdim=True)
@@ -246,7 +243,8 @@ class Model:
                                         c.get("expert_activation", "gelu"), c.get("router_score", "softmax"), bf16,
                                         (c.get("route_groups", 1), c.get("route_top_groups", 0)),
                                         c.get("routed_scaling_factor", 1.0),
-                                        c["seq_len"] if c.get("aux_loss", "gshard") == "sequence" else 0)
+                                        c["seq_len"] if c.get("aux_loss", "gshard") == "sequence" else 0,
+                                        c.get("drop_policy", "position"))
                 aux_sum = aux_sum + aux
                 z_sum = z_sum + z
                 self.load[l] = self.load.get(l, 0) + np.bincount(chosen.reshape(-1), minlength=c["experts"])

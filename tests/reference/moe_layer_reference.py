@@ -31,20 +31,39 @@ def load(folder, rank, name, dtype=np.float64):
     return np.load(f"{folder}/rank{rank}/{name}.npy").astype(dtype)
 
 
-def route(probs32, top_k, capacity):
-    """Expert and slot of every (token, choice); slot -1 when the expert was full."""
+def route(probs32, top_k, capacity, drop_by=None):
+    """Expert and slot of every (token, choice); slot -1 when the expert was full. drop_by: None
+    drops the last choices in filling order (first choices of every token, then second ...); else
+    a function of the chosen experts giving each choice's gate value [T, k]: a full expert keeps its
+    largest (Megatron-Core's "probs"; equal values keep the filling order)."""
     tokens, experts = probs32.shape
     # stable sort by descending probability: equal values keep the lower expert index first
     order = np.argsort(-probs32, axis=1, kind="stable")[:, :top_k]
+    filling = [(t, j) for j in range(top_k) for t in range(tokens)]
+    keep = np.ones((tokens, top_k), dtype=bool)
+    if drop_by is not None:
+        gate = drop_by(order)
+        for e in range(experts):
+            asked = [c for c in filling if order[c] == e]
+            for c in sorted(asked, key=lambda c: -gate[c])[capacity:]:  # sorted() is stable
+                keep[c] = False
     slot = np.full((tokens, top_k), -1, dtype=np.int64)
     count = np.zeros(experts, dtype=np.int64)
-    for j in range(top_k):
-        for t in range(tokens):
-            e = order[t, j]
-            if count[e] < capacity:
-                slot[t, j] = count[e]
-                count[e] += 1
+    for t, j in filling:
+        e = order[t, j]
+        if keep[t, j] and count[e] < capacity:
+            slot[t, j] = count[e]
+            count[e] += 1
     return order, slot
+
+
+def gate_values(probs, chosen, normalize, routed_scale):
+    """The gate values [T, k] of the chosen experts: their probabilities, over their sum when
+    normalised (k > 1), times routed_scale."""
+    gate = np.take_along_axis(probs, chosen, axis=1)
+    if chosen.shape[1] > 1 and normalize:
+        gate = gate / gate.sum(axis=1, keepdims=True)
+    return gate * routed_scale
 
 
 def limit_to_groups(scores, groups, top_groups):
@@ -197,10 +216,13 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
                         torch.tensor(load(folder, r, "wg", np.float32))).numpy()
         groups, top_groups = meta.get("route_groups", 1), meta.get("route_top_groups", 0)
         select32 = probs32 if bias32 is None else probs32 + bias32
-        chosen, slot = route(limit_to_groups(select32, groups, top_groups), k, capacity)
+        drop_by = (lambda c: gate_values(probs32, c, normalize, routed_scale)) \
+            if meta.get("drop_policy", "position") == "probs" else None
+        chosen, slot = route(limit_to_groups(select32, groups, top_groups), k, capacity, drop_by)
         # what the choice would be without the bias
         unbiased = route(limit_to_groups(probs32, groups, top_groups), k, capacity)[0]
         unlimited = route(select32, k, capacity)[0]  # and without the group limit
+        by_position = route(limit_to_groups(select32, groups, top_groups), k, capacity)[1]  # and the position policy
         chosen_t = torch.tensor(chosen)
         gate = probs.gather(1, chosen_t)
         if k > 1 and normalize:
@@ -242,7 +264,7 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
         z_loss = (torch.logsumexp(logits, dim=1) ** 2).mean()
         total = total + (y * dy).sum() + aux_coef * aux + z_coef * z_loss
         ranks.append(dict(x=x, wg=wg, y=y, aux=aux, z_loss=z_loss, chosen=chosen, slot=slot, capacity=capacity,
-                          unbiased=unbiased, unlimited=unlimited, gate=gate, shared=shared))
+                          unbiased=unbiased, unlimited=unlimited, by_position=by_position, gate=gate, shared=shared))
     total.backward()
 
     out = []
@@ -259,6 +281,7 @@ def compute(folder, emulate_bf16=True, bf16_wire=True, ppmoe_group=0):
             **({f"dshared.{n}": t.grad.numpy() for n, t in d["shared"].items()} if d["shared"] else {}),
             "bias_changed_choices": not np.array_equal(d["chosen"], d["unbiased"]),
             "group_limit_changed_choices": not np.array_equal(d["chosen"], d["unlimited"]),
+            "drop_policy_changed_slots": not np.array_equal(d["slot"], d["by_position"]),
         })
     return meta, out
 

@@ -146,6 +146,7 @@ VARIANTS = [
 ROUTER_VARIANTS = [
     (2, 32, 1, ["gate_normalize=false", "z_loss_coef=0.01"]),
     (2, 33, 2, ["router_bias_rate=0.05", "z_loss_coef=0.002"]),
+    (2, 47, 2, ["drop_policy=probs", "capacity_factor=0.75"]),
     (1, 34, 1, ["arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "top_k=2", "router_bias_rate=0.05"]),
     # SwiGLU experts; a DeepSeek-style block: a shared expert beside 8 fine-grained SwiGLU experts,
     # top-4, balanced by the selection bias instead of the aux loss

@@ -71,6 +71,10 @@ CASES = [
                                     "--route-groups", 4, "--route-top-groups", 2, "--routed-scaling-factor", 2.5,
                                     "--aux-seq-len", 8]),
     (3, 40, 24, 16, 12, 4, 1.25, 52, ["--dtype", "bf16", "--route-groups", 4, "--route-top-groups", 2]),
+    # a full expert drops its smallest gate values (Megatron-Core's drop policy "probs"), top-1 and
+    # top-2, capacity factor 1 and 0.5
+    (2, 48, 32, 48, 8, 1, 1.0, 53, ["--drop-policy", "probs"]),
+    (3, 40, 24, 16, 6, 2, 0.5, 54, ["--drop-policy", "probs", "--dtype", "bf16", "--activation", "swiglu"]),
     # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
     (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
     (4, 40, 16, 16, 8, 1, 0.0, 32, ["--skew", 1, "--activation", "swiglu"]),
@@ -161,6 +165,10 @@ def main():
                                all(len(np.unique(e["expert_index"][t] // per)) <= groups[1]
                                    for e in expected for t in range(len(e["expert_index"]))),
                                f"{name}: the group limit changed no choice, or a token chose outside its groups")
+            probs_policy = "--drop-policy" in router
+            failures.check(meta.get("drop_policy") == ("probs" if probs_policy else "position") and
+                           (not probs_policy or any(e["drop_policy_changed_slots"] for e in expected)),
+                           f"{name}: drop policy {meta.get('drop_policy')}, or dropping by gate value changed nothing")
             if "--balance-bias" in router:
                 failures.check(any(e["bias_changed_choices"] for e in expected),
                                f"{name}: the selection bias changed no choice: the case tests nothing")

@@ -39,6 +39,32 @@ TEST(Slots, FillChoiceByChoiceThenTokenByTokenAndDropWhenFull) {
   EXPECT_EQ(r.kept(), 6);
 }
 
+// Megatron-Core's "probs" drop policy: a full expert keeps its largest gate values (equal ones in
+// filling order) and gives the kept their slots in filling order; an expert within its capacity
+// keeps all, as the position policy does.
+TEST(Slots, TheProbsPolicyDropsTheSmallestGateValuesAndKeepsTheFillingOrder) {
+  Routing r;
+  r.tokens = 4, r.experts = 3, r.top_k = 2, r.capacity = 2;
+  r.expert = {0, 1, 0, 2, 0, 1, 1, 0};
+  // expert 0 is asked by t0 j0 (0.5), t1 j0 (0.4), t2 j0 (0.3), t3 j1 (0.45): keeps t0, t3 (0.5, 0.45)
+  // expert 1 by t0 j1 (0.2), t2 j1 (0.2), t3 j0 (0.2): all equal, keeps the first two in filling
+  // order: t3 j0 (a first choice), then t0 j1; expert 2 by t1 j1 only
+  const std::vector<float> gate = {0.5f, 0.2f, 0.4f, 0.6f, 0.3f, 0.2f, 0.2f, 0.45f};
+  assign_slots(r, DropPolicy::probs, gate.data());
+  // filling order: t0 j0 -> e0 s0, t1 j0 dropped, t2 j0 dropped, t3 j0 -> e1 s0, t0 j1 -> e1 s1,
+  // t1 j1 -> e2 s0, t2 j1 dropped, t3 j1 -> e0 s1
+  EXPECT_EQ(r.slot, (std::vector<int32_t>{0, 1, -1, 0, -1, -1, 0, 1}));
+  EXPECT_EQ(r.count, (std::vector<int64_t>{2, 2, 1}));
+  Routing position = r;
+  assign_slots(position);
+  EXPECT_NE(position.slot, r.slot);
+  r.capacity = 4;  // no expert over its capacity: the same slots as the position policy
+  position.capacity = 4;
+  assign_slots(r, DropPolicy::probs, gate.data());
+  assign_slots(position);
+  EXPECT_EQ(r.slot, position.slot);
+}
+
 TEST(BalanceBias, CountsEveryChoiceAndMovesTheBiasAgainstTheLoad) {
   Routing r;
   r.tokens = 3;
