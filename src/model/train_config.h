@@ -78,6 +78,7 @@ struct ModelConfig {
   // experts in route_groups groups, a token's k chosen within its route_top_groups best (0: all)
   int route_groups = 1;
   int route_top_groups = 0;
+  bool group_limited() const { return route_top_groups > 0 && route_top_groups < route_groups; }
   // "fp32", or "bf16": every GEMM but attention's own products on bf16 operands with fp32
   // accumulation, the all-to-all payloads in bf16; weights, gradients, optimizer state, LayerNorm,
   // softmax, router and loss fp32 (kernels/backend.h Precision, moe_shape.h)

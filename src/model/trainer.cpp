@@ -418,10 +418,9 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   const int64_t B = c.batch_size, S = c.model.seq_len, tokens_per_step = B * S * M * layout.dp;
   log::info("data: {}: {} training and {} validation tokens, BPE vocabulary {}, unigram entropy of validation {:.3f} nats/token",
             data.description, data.train.size(), data.validation.size(), c.model.vocab_size, unigram);
-  const bool group_limited = c.model.route_top_groups > 0 && c.model.route_top_groups < c.model.route_groups;
   log::info("model: {} parameters, {} layers ({} MoE: {} experts, top-{}{}), d_model {}, {} ranks, {} tokens per step",
             n_params, c.model.layers, c.model.moe_layers(), c.model.experts, c.model.top_k,
-            group_limited ? fmt::format(" within the best {} of {} groups", c.model.route_top_groups, c.model.route_groups)
+            c.model.group_limited() ? fmt::format(" within the best {} of {} groups", c.model.route_top_groups, c.model.route_groups)
                           : std::string(),
             c.model.d_model, P, tokens_per_step);
   auto activation = [](const std::string& a) { return a == "swiglu" ? "SwiGLU" : "GeLU"; };

@@ -27,8 +27,9 @@ void assign_slots(Routing& r, DropPolicy policy, const float* gate) {
     for (int j = 0; j < r.top_k; ++j)
       for (int64_t t = 0; t < r.tokens; ++t) fn(t * r.top_k + j);
   };
-  std::vector<char> keep(r.tokens * r.top_k, 1);
+  std::vector<char> keep;  // probs: whether each choice survives its expert's cut; position: empty
   if (policy == DropPolicy::probs) {
+    keep.assign(r.tokens * r.top_k, 1);
     PM_CHECK(gate != nullptr, "dropping by gate value needs the gate values");
     std::vector<std::vector<int64_t>> asked(r.experts);  // each expert's choices, in filling order
     each_choice([&](int64_t i) { asked[r.expert[i]].push_back(i); });
@@ -40,7 +41,7 @@ void assign_slots(Routing& r, DropPolicy policy, const float* gate) {
   }
   each_choice([&](int64_t i) {
     const int32_t e = r.expert[i];
-    if (keep[i] && r.count[e] < r.capacity) r.slot[i] = static_cast<int32_t>(r.count[e]++);
+    if ((keep.empty() || keep[i]) && r.count[e] < r.capacity) r.slot[i] = static_cast<int32_t>(r.count[e]++);
   });
 }
 
