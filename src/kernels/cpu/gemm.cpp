@@ -451,6 +451,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
       for (int64_t i = 0; i < M; i += 64) (*extras.epilogue)(i, 0, std::min<int64_t>(64, M - i), N);
     return;
   }
+  if (B.bf16 && bf16_order_is_amx()) return gemm_amx_order(trans_a, M, A, B, beta, C, ldc, extras);
   // The bias, padded with zeros to whole panels, so the kernels can load full vectors of it.
   thread_local FloatBuffer padded_bias;
   if (extras.bias) {

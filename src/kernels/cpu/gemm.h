@@ -117,6 +117,21 @@ void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// The order in which bf16 GEMMs sum (both exact definitions: the same bits on every CPU and path):
+// - dot (the default): vdpbf16ps's, above.
+// - amx: Intel AMX's tile product (TDPBF16PS), per element and block of 32 depths from depth 0:
+//   the even depths' products added in order, each add rounded, the odd depths' likewise, then
+//   c = c + (even sum + odd sum). It runs on AMX where the CPU has it (4-5x the AVX512_BF16
+//   kernel on the Xeon measured), on an fp32 model of the order elsewhere (slower).
+// Set once per process, before the first bf16 GEMM (every rank alike: the order fixes the bits).
+enum class Bf16Order { dot, amx };
+void set_bf16_order(Bf16Order order);
+Bf16Order bf16_order();
+// How the amx order runs here: "amx", or "amx order on fp32 (no AMX here)".
+std::string bf16_amx_path();
+// For tests: the amx order on its model even where the CPU has AMX.
+void use_amx_model_for_testing(bool on);
+
 // Which micro-kernels run: "avx512", "avx2" or "scalar" (all give the same bits).
 std::string gemm_isa();
 // How bf16 GEMMs run: "avx512_bf16" (vdpbf16ps on bf16 pairs) or "fp32 kernels" (on rounded

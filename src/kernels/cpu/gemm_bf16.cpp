@@ -116,7 +116,7 @@ void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, RowSource B, flo
                   float* b_column_sums) {
   if (M == 0 || N == 0) return add_rows_in_order(K, N, B, b_column_sums);
   PackedB& packed = scratch_packed_b();
-  if (bf16_dot_ready()) {
+  if (bf16_dot_ready() || bf16_order_is_amx()) {
     // B packed here for this one product: only the kernel's words (the rows of activation
     // gradients, packed on every call: a float copy would double the packing)
     packed.K = K + (K & 1), packed.N = N, packed.bf16 = true, packed.source_depth = K;
@@ -214,7 +214,10 @@ bool bf16_dot_ready() { return (isa_is_avx512() || g_emulate_dot.load()) && cpu_
 
 bool gemm_detail::use_bf16_dot(const PackedB& B) { return B.bf16 && !B.pairs.empty() && bf16_dot_ready(); }
 
+bool gemm_detail::bf16_pair_words_wanted() { return cpu_has_bf16_dot() || bf16_order_is_amx(); }
+
 std::string gemm_bf16_path() {
+  if (bf16_order_is_amx()) return bf16_amx_path();
   if (g_emulate_dot.load()) return bf16_dot_usable() ? "avx512_bf16 (emulated)" : "fp32 kernels";
   return isa_is_avx512() && cpu_has_bf16_dot() && bf16_dot_usable() ? "avx512_bf16" : "fp32 kernels";
 }

@@ -235,6 +235,47 @@ void gemm_detail::pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t
   }
 }
 
+void gemm_detail::pack_a_row_words(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc,
+                                   int64_t depth, int64_t padded_rows, uint32_t* out) {
+  const int64_t pairs = kc / 2;
+  const int64_t have = std::clamp<int64_t>(depth - k0, 0, kc);  // depths of this block the source has
+  if (trans_a == Trans::no) {
+    for (int64_t i = 0; i < padded_rows; ++i) {
+      uint32_t* dst = out + i * pairs;
+      if (i >= rows)
+        std::fill(dst, dst + pairs, 0u);
+      else if (A.is_bf16())
+        row_pair_words(A.row16(row0 + i) + k0, have, pairs, dst);
+      else
+        row_pair_words(A.row(row0 + i) + k0, have, pairs, dst);
+    }
+    return;
+  }
+  // op(A)[row, d] is storage row d: blocks of 16 depth pairs, each pair's words over the rows
+  // ([16][padded_rows], in L1), then transposed into the rows.
+  constexpr int64_t kPairBlock = 16;
+  thread_local std::vector<uint32_t> words;
+  words.resize(kPairBlock * padded_rows);
+  for (int64_t qb = 0; qb < pairs; qb += kPairBlock) {
+    const int64_t qn = std::min(kPairBlock, pairs - qb);
+    for (int64_t l = 0; l < qn; ++l) {
+      uint32_t* dst = words.data() + l * padded_rows;
+      const int64_t even = 2 * (qb + l), odd = even + 1;
+      if (even >= have) {
+        std::fill(dst, dst + padded_rows, 0u);
+        continue;
+      }
+      if (A.is_bf16())
+        pair_words(A.row16(k0 + even) + row0, odd < have ? A.row16(k0 + odd) + row0 : nullptr, rows, dst);
+      else
+        pair_words(A.row(k0 + even) + row0, odd < have ? A.row(k0 + odd) + row0 : nullptr, rows, dst);
+      std::fill(dst + rows, dst + padded_rows, 0u);
+    }
+    for (int64_t i = 0; i < padded_rows; ++i)
+      for (int64_t l = 0; l < qn; ++l) out[i * pairs + qb + l] = words[l * padded_rows + i];
+  }
+}
+
 namespace {
 
 // A packed fp32 op(B) into bf16 form: rounded, depths in pair order, K rounded up to even.
@@ -272,7 +313,7 @@ thread_local PackedB t_packed_b_fp32;  // pack_b's result on its way to bf16
 
 void gemm_detail::add_bf16_pairs(PackedB& out) {
   const int64_t K2 = out.K;
-  if (!cpu_has_bf16_dot()) {
+  if (!bf16_pair_words_wanted()) {
     out.pairs.clear();
     return;
   }
@@ -342,7 +383,7 @@ void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ld
   // op(B) = B: the rounded panels and the kernel's words, each straight from B's rows
   const RowSource rows{B, ldb, nullptr};
   pack_b_rows_bf16(K, N, rows, out);
-  if (cpu_has_bf16_dot()) pack_b_pair_words(K, N, rows, out);
+  if (bf16_pair_words_wanted()) pack_b_pair_words(K, N, rows, out);
 }
 
 }  // namespace pm

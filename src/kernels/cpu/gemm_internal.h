@@ -114,6 +114,13 @@ void pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t
 // even depth of each pair in the low half (the bits pack_a_bf16's values make as pair words).
 void pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
                   int64_t MR, uint32_t* out);
+// The same words row by row, for AMX's A tiles: out[i * kc / 2 + q] = the word of op(A)'s row
+// row0 + i at depths k0 + 2q, k0 + 2q + 1, for i < padded_rows (rows past `rows` and depths past
+// `depth` zero).
+void pack_a_row_words(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t depth,
+                      int64_t padded_rows, uint32_t* out);
+// Whether bf16 packings make the pair words (the AVX512_BF16 kernel's, which AMX's order reads too).
+bool bf16_pair_words_wanted();
 
 // ---- gemm_bf16.cpp ----------------------------------------------------------------------------
 // The CPU has AVX512_BF16 (or tests emulate it: emulate_bf16_dot_for_testing).
@@ -124,5 +131,12 @@ void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint3
 // Whether a GEMM with B runs the AVX512_BF16 kernel: B is bf16 with pairs, the CPU has the
 // instructions, the ISA is not forced down, and the kernel passed its first-use check.
 bool use_bf16_dot(const PackedB& B);
+
+// ---- gemm_amx.cpp -----------------------------------------------------------------------------
+// bf16 GEMMs run in AMX's order (set_bf16_order).
+bool bf16_order_is_amx();
+// gemm_packed_impl's bf16 GEMM in AMX's order: on the tiles where the CPU has AMX, else the model.
+void gemm_amx_order(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
+                    const GemmExtras& extras);
 
 }  // namespace pm::gemm_detail

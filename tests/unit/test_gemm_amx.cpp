@@ -1,0 +1,190 @@
+// bf16 GEMMs in AMX's order (kernels/cpu/gemm.h, Bf16Order::amx): the order written out element by
+// element, against the tiles where the CPU has AMX and against the fp32 model everywhere, plus the
+// bit-for-bit promises the pipeline relies on (row splits, threads, rows by pointers, bf16
+// operands, a bias and an epilogue).
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace pm {
+namespace {
+
+std::vector<float> random_matrix(int64_t n, uint64_t stream) {
+  std::vector<float> v(n);
+  Rng(11, stream).fill_normal(v.data(), n, 0.0f, 1.0f);
+  return v;
+}
+
+float at(Trans t, const std::vector<float>& X, int64_t rows, int64_t cols, int64_t i, int64_t j) {
+  return t == Trans::no ? X[i * cols + j] : X[j * rows + i];  // op(X)[i, j] of an op(X) [rows, cols]
+}
+
+// The order gemm.h specifies, written out: blocks of 32 depths from depth 0; in each, the even
+// depths' products summed in order, the odd depths' likewise, then c = c + (even + odd).
+std::vector<float> amx_chain(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, const std::vector<float>& A,
+                             const std::vector<float>& B, const std::vector<float>& C0, float beta,
+                             const float* bias = nullptr) {
+  std::vector<float> C(M * N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float c = beta == 0.0f ? (bias ? bias[j] : 0.0f) : C0[i * N + j];
+      for (int64_t block = 0; block < K; block += 32) {
+        float lane[2] = {0.0f, 0.0f};
+        for (int64_t d = block; d < std::min(K, block + 32); ++d)
+          lane[d % 2] = std::fma(round_to_bf16(at(ta, A, M, K, i, d)), round_to_bf16(at(tb, B, K, N, d, j)), lane[d % 2]);
+        c = c + (lane[0] + lane[1]);
+      }
+      C[i * N + j] = c;
+    }
+  return C;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Runs each test twice: on what this CPU has (AMX's tiles where it has them) and on the model.
+class AmxOrder : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    set_bf16_order(Bf16Order::amx);
+    use_amx_model_for_testing(GetParam());
+  }
+  void TearDown() override {
+    set_bf16_order(Bf16Order::dot);
+    use_amx_model_for_testing(false);
+    set_compute_threads(1);
+  }
+};
+
+TEST_P(AmxOrder, GivesTheWrittenOutOrderBitForBitAndStaysWithinBf16Error) {
+  for (auto [M, N, K] : {std::array<int64_t, 3>{1, 1, 1}, {7, 13, 5}, {32, 64, 32}, {37, 100, 71}, {50, 130, 1101},
+                         {30, 17, 2}, {300, 66, 530} /* two blocks of rows */, {31, 40, 2403} /* of depths */})
+    for (Trans ta : {Trans::no, Trans::yes})
+      for (Trans tb : {Trans::no, Trans::yes})
+        for (float beta : {0.0f, 1.0f}) {
+          auto A = random_matrix(M * K, 1), B = random_matrix(K * N, 2), C = random_matrix(M * N, 3);
+          const auto expected = amx_chain(ta, tb, M, N, K, A, B, C, beta);
+          std::vector<float> ours = C;
+          gemm_bf16(ta, tb, M, N, K, A.data(), ta == Trans::no ? K : M, B.data(), tb == Trans::no ? N : K, beta,
+                    ours.data(), N);
+          EXPECT_TRUE(same_bits(ours, expected))
+              << M << "x" << N << "x" << K << " ta " << int(ta) << " tb " << int(tb) << " beta " << beta;
+          // the bound of test_gemm_bf16: operand rounding 2^-7 + 2^-16 of each |a b|, fp32 adds K 2^-24
+          double worst = 0;
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) {
+              double exact = beta * C[i * N + j], magnitude = std::abs(exact);
+              for (int64_t d = 0; d < K; ++d) {
+                const double prod = static_cast<double>(at(ta, A, M, K, i, d)) * at(tb, B, K, N, d, j);
+                exact += prod;
+                magnitude += std::abs(prod);
+              }
+              const double bound =
+                  (std::ldexp(1.0, -7) + std::ldexp(1.0, -16) + K * std::ldexp(1.0, -24)) * magnitude + 1e-30;
+              worst = std::max(worst, std::abs(ours[i * N + j] - exact) / bound);
+            }
+          EXPECT_LE(worst, 1.0) << "error beyond the bf16 bound";
+        }
+}
+
+// The order shows in the bits: not the dot order's (else the test above could pass on it).
+TEST_P(AmxOrder, DiffersFromTheDotOrder) {
+  const int64_t M = 16, N = 32, K = 256;
+  auto A = random_matrix(M * K, 4), B = random_matrix(K * N, 5);
+  std::vector<float> amx(M * N), dot(M * N);
+  gemm_bf16(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, amx.data(), N);
+  set_bf16_order(Bf16Order::dot);
+  gemm_bf16(Trans::no, Trans::no, M, N, K, A.data(), K, B.data(), N, 0.0f, dot.data(), N);
+  EXPECT_FALSE(same_bits(amx, dot));
+}
+
+// Pipelining splits rows and threads split panels: neither changes an element. A bias start and an
+// epilogue see every tile once.
+TEST_P(AmxOrder, RowResultsDoNotDependOnSplitsOrThreadsAndABiasStartsTheChain) {
+  const int64_t M = 97, N = 150, K = 531;
+  auto A = random_matrix(M * K, 6), B = random_matrix(K * N, 7), C0 = random_matrix(M * N, 8), bias = random_matrix(N, 9);
+  PackedB packed;
+  pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
+  auto run = [&](int64_t split) {
+    std::vector<float> C = C0;
+    for (int64_t r = 0; r < M; r += split)
+      gemm_packed(Trans::no, std::min(split, M - r), A.data() + r * K, K, packed, 1.0f, C.data() + r * N, N);
+    return C;
+  };
+  const std::vector<float> whole = run(M);
+  EXPECT_TRUE(same_bits(whole, amx_chain(Trans::no, Trans::no, M, N, K, A, B, C0, 1.0f)));
+  for (int64_t split : {1, 5, 33, 64}) EXPECT_TRUE(same_bits(whole, run(split))) << "split " << split;
+  set_compute_threads(2);
+  EXPECT_TRUE(same_bits(whole, run(M))) << "two threads";
+
+  std::vector<int> seen(M * N, 0);
+  const TileEpilogue count = [&](int64_t row, int64_t col, int64_t rows, int64_t cols) {
+    for (int64_t i = row; i < row + rows; ++i)
+      for (int64_t j = col; j < col + cols; ++j) ++seen[i * N + j];
+  };
+  std::vector<float> with_bias(M * N);
+  gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, with_bias.data(), N, GemmExtras{bias.data(), &count});
+  EXPECT_TRUE(same_bits(with_bias, amx_chain(Trans::no, Trans::no, M, N, K, A, B, C0, 0.0f, bias.data())));
+  for (int s : seen) ASSERT_EQ(s, 1) << "the epilogue must see each element once";
+}
+
+// Weight gradients: rows by pointers, A and B rows stored in bf16, the bias gradient's column sums.
+TEST_P(AmxOrder, RowsByPointersAndBf16RowsGiveTheContiguousProductsBits) {
+  const int64_t M = 45, N = 70, K = 37;
+  auto A = random_matrix(K * M, 10), B = random_matrix(K * N, 11), C0 = random_matrix(M * N, 12);
+  std::vector<uint16_t> A16(A.size()), B16(B.size());
+  floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+  floats_to_bf16(B.data(), B16.data(), static_cast<int64_t>(B.size()));
+  std::vector<const float*> a_rows, b_rows;
+  std::vector<const uint16_t*> a_rows16, b_rows16;
+  for (int64_t k = 0; k < K; ++k) {
+    a_rows.push_back(A.data() + k * M), a_rows16.push_back(A16.data() + k * M);
+    b_rows.push_back(B.data() + k * N), b_rows16.push_back(B16.data() + k * N);
+  }
+  const auto expected = amx_chain(Trans::yes, Trans::no, M, N, K, A, B, C0, 1.0f);
+  std::vector<float> sums_expected(N, 0.0f);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N; ++j) sums_expected[j] += B[k * N + j];
+  std::vector<float> C = C0, sums(N, 0.0f);
+  gemm_tn_rows_bf16(M, N, K, a_rows.data(), b_rows.data(), 1.0f, C.data(), N, sums.data());
+  EXPECT_TRUE(same_bits(C, expected));
+  EXPECT_TRUE(same_bits(sums, sums_expected));
+  C = C0;
+  gemm_tn_rows_bf16(M, N, K, a_rows16.data(), b_rows.data(), 1.0f, C.data(), N);
+  EXPECT_TRUE(same_bits(C, expected)) << "A rows in bf16";
+  C = C0;
+  gemm_tn_rows_bf16(M, N, K, a_rows16.data(), b_rows16.data(), 1.0f, C.data(), N);
+  EXPECT_TRUE(same_bits(C, expected)) << "A and B rows in bf16";
+  // A stored in bf16, contiguous
+  std::vector<uint16_t> Ar16(M * K);
+  auto Ar = random_matrix(M * K, 13);
+  floats_to_bf16(Ar.data(), Ar16.data(), M * K);
+  std::vector<float> from_floats = C0, from_bf16 = C0;
+  gemm_bf16(Trans::no, Trans::no, M, N, K, Ar.data(), K, B.data(), N, 1.0f, from_floats.data(), N);
+  gemm_bf16(Trans::no, Trans::no, M, N, K, Ar16.data(), K, B.data(), N, 1.0f, from_bf16.data(), N);
+  EXPECT_TRUE(same_bits(from_floats, from_bf16));
+}
+
+TEST_P(AmxOrder, SaysHowItRuns) {
+  const std::string path = gemm_bf16_path();
+  EXPECT_TRUE(path == "amx" || path == "amx order on fp32 (no AMX here)") << path;
+  std::printf("bf16 GEMMs in the amx order run as: %s\n", path.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(Paths, AmxOrder, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return std::string(info.param ? "Model" : "ThisCpu");
+                         });
+
+}  // namespace
+}  // namespace pm
