@@ -243,7 +243,8 @@ int run_floor_bench(Context& ctx, const FloorOptions& o) {
     // the dtype's headline: its best degree (by median), as the planner would run it
     summary[arm.dtype] = per_degree[std::to_string(best_degree)];
     summary[arm.dtype].update({{"best_degree", best_degree}, {"degrees", per_degree},
-                               {"bf16_path", ctx.backend.bf16_path()}});
+                               {"bf16_path", ctx.backend.bf16_path()},
+                               {"bf16_order", bf16_order_name()}});
   }
   if (!o.json && ceiling > 0)
     std::printf("the cores' FMA ceiling (independent FMA chains, no memory, every rank at once): %.1f GFLOP/s per rank\n",

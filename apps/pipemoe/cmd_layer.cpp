@@ -135,7 +135,10 @@ void write_dump(Context& ctx, const LayerOptions& o, const std::string& rank_dir
                            {"strategy", layer.strategy().name()}, {"group_size", s.ranks},
                            {"degree_fwd", layer.forward_degree()},
                            {"degree_bwd", layer.backward_degree()}};
-    if (s.precision == Precision::bf16) meta["bf16_path"] = ctx.backend.bf16_path();  // which GEMMs ran
+    if (s.precision == Precision::bf16) {
+      meta["bf16_path"] = ctx.backend.bf16_path();  // which GEMMs ran
+      meta["bf16_order"] = bf16_order_name();       // which bits they give
+    }
     std::ofstream out(o.dump + "/meta.json");
     out << meta.dump(2) << "\n";
     PM_IO_CHECK(out.good(), "cannot write {}/meta.json", o.dump);
@@ -314,7 +317,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
                         {"weights_change", o.weights_change},
                         {"weight_packings_per_pass", static_cast<double>(t.weight_packings) / o.iters},
                         {"activation", activation_name(shape.activation)}, {"skew", o.skew},
-                        {"dtype", precision_name(shape.precision)}, {"bf16_path", backend.bf16_path()},
+                        {"dtype", precision_name(shape.precision)}, {"bf16_path", backend.bf16_path()}, {"bf16_order", bf16_order_name()},
                         {"shared_hidden", o.shared_hidden},
                         {"gemm_isa", gemm_isa()}, {"threads", backend.threads()},
                         {"backend", backend.name()}, {"transport", ctx.comm.backend()}};
@@ -337,10 +340,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   if (ctx.comm.backend() == "nccl") std::printf("transport: NCCL (collectives on the GPUs)\n");
   if (shape.precision == Precision::bf16)
     std::printf("dtype bf16: expert GEMMs on bf16 operands (%s), all-to-all payloads in bf16%s\n",
-                backend.bf16_path().c_str(),
-                backend.bf16_path() == "avx512_bf16" || backend.device() != Device::cpu
-                    ? ""
-                    : " (this CPU has no AVX512_BF16: the same bits, no speed-up)");
+                backend.bf16_path().c_str(), backend.bf16_note().empty() ? "" : (" (" + backend.bf16_note() + ")").c_str());
   std::printf("pipeline degree: forward %d, backward %d", choice.forward, choice.backward);
   if (choice.plan) std::printf(" (planned %d / %d)", choice.planned_forward, choice.planned_backward);
   if (choice.measured) std::printf(" (timed)");

@@ -13,6 +13,7 @@
 #include "apps/pipemoe/command.h"
 #include "core/npy.h"
 #include "core/rng.h"
+#include "kernels/cpu/gemm.h"
 #include "model/gpt.h"
 #include "model/grad_sync.h"
 #include "model/optimizer.h"
@@ -36,6 +37,7 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
   nlohmann::json overrides = nlohmann::json::object();
   for (const std::string& kv : o.sets) apply_set_option(overrides, kv);
   c.apply(overrides, "command-line options");
+  apply_bf16_order(ctx, c.bf16_order);
   c.validate(ctx.world());
   PM_REQUIRE(c.pp == 1,
              "model-check runs one pipeline stage: use pp 1 (pipeline stages are checked against the one-rank run: "
@@ -94,7 +96,8 @@ int run_model_check(Context& ctx, const ModelCheckOptions& o) {
                            {"steps", o.steps},      {"loss", losses},  {"aux", auxes},
                            {"lr", lrs},             {"grad_norm", norms},
                            {"dense_tp", c.model.dense_tp()}, {"vocab_parallel", model.vocab_parallel()},
-                           {"ranks_per_batch", tp}, {"expert_ranks", c.model.expert_ranks(ctx.world())}};
+                           {"ranks_per_batch", tp}, {"expert_ranks", c.model.expert_ranks(ctx.world())},
+                           {"bf16_order", bf16_order_name()}};  // the order the bf16 GEMMs ran in
     std::ofstream out(o.dump + "/meta.json");
     out << meta.dump(2) << "\n";
     PM_IO_CHECK(out.good(), "cannot write {}/meta.json", o.dump);

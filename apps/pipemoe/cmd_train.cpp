@@ -9,6 +9,7 @@
 
 #include "apps/pipemoe/command.h"
 #include "core/error.h"
+#include "kernels/cpu/gemm.h"
 #include "model/trainer.h"
 
 namespace pm::cli {
@@ -25,12 +26,22 @@ int run_train(Context& ctx, TrainOptions& o) {
   if (!o.config.empty()) config = load_train_config(o.config);
   for (const std::string& kv : o.sets) apply_set_option(o.overrides, kv);
   config.apply(o.overrides, "command-line options");
+  apply_bf16_order(ctx, config.bf16_order);
   nlohmann::json result = train(ctx.comm, config, ctx.backend);
+  result["bf16_order"] = bf16_order_name();  // which bits the bf16 GEMMs gave
   if (ctx.rank() == 0) std::printf("%s\n", result.dump().c_str());
   return 0;
 }
 
 }  // namespace
+
+void apply_bf16_order(const Context& ctx, const std::string& order) {
+  if (order.empty()) return;  // pipemoe's --bf16-order stands
+  PM_REQUIRE(order == "dot" || order == "amx", "configuration: 'bf16_order' must be \"dot\" or \"amx\", got '{}'", order);
+  PM_REQUIRE(order == "dot" || ctx.backend.device() == Device::cpu,
+             "configuration: 'bf16_order' {} runs on the CPU backend only (the CUDA kernels sum in the dot order)", order);
+  set_bf16_order(order == "amx" ? Bf16Order::amx : Bf16Order::dot);
+}
 
 void add_train_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<TrainOptions>();

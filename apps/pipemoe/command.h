@@ -39,6 +39,10 @@ void add_bench_floor_command(CLI::App& bench, CommandFn& run);
 
 // The layer-shape flags that `layer` and `plan` share: --tokens (per rank), --model-dim,
 // --hidden, --experts (over all ranks), --top-k, --capacity-factor.
+// A training configuration's 'bf16_order' ("" leaves pipemoe's --bf16-order), for train and
+// model-check: before the model is built, every rank alike.
+void apply_bf16_order(const Context& ctx, const std::string& order);
+
 void add_layer_shape_options(CLI::App* cmd, MoeShape& shape);
 // --dtype fp32|bf16 into `dtype`, and an activation flag (gelu|swiglu) named `flag` into `activation`.
 void add_dtype_option(CLI::App* cmd, Precision& dtype, const std::string& help);

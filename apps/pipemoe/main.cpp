@@ -49,6 +49,12 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   app.add_option("--transport", transport,
                  "how ranks exchange data: host (MPI under mpirun, shared memory with --ranks-in-process) or nccl "
                  "(the collectives on the GPUs with NCCL; needs a CUDA build and a GPU per rank)");
+  std::string bf16_order = "dot";
+  app.add_option("--bf16-order", bf16_order,
+                 "the order in which bf16 GEMMs sum, which fixes their bits on every CPU: dot (AVX512_BF16's "
+                 "vdpbf16ps; the default) or amx (Intel AMX's tile product: 2-4x faster bf16 GEMMs where the CPU "
+                 "has AMX, an exact but slower model of its order elsewhere)")
+      ->check(CLI::IsMember({"dot", "amx"}));
   int ranks_in_process = 0;
   app.add_option("--ranks-in-process", ranks_in_process,
                  "run N ranks as threads of this process instead of under mpirun (no MPI: tests, quick tries)");
@@ -67,7 +73,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--threads" || arg == "--comm-timeout" || arg == "--ranks-in-process" || arg == "--heartbeat-timeout" ||
-        arg == "--backend" || arg == "--transport") {
+        arg == "--backend" || arg == "--transport" || arg == "--bf16-order") {
       ++i;
       continue;
     }
@@ -93,6 +99,9 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
     pm::set_compute_threads(compute_threads);
     pm::blas_set_threads(compute_threads);
   }
+  PM_REQUIRE(bf16_order == "dot" || backend_name == "cpu",
+             "--bf16-order {} runs on the CPU backend only (the CUDA kernels sum in the dot order)", bf16_order);
+  pm::set_bf16_order(bf16_order == "amx" ? pm::Bf16Order::amx : pm::Bf16Order::dot);
   comm.waiter().policy().timeout_s = comm_timeout_s;
   if (const char* w = std::getenv("PIPEMOE_COMM_WAIT")) {
     // "spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction": for experiments with the

@@ -104,6 +104,9 @@ class Backend {
   // How this backend runs bf16 GEMMs, e.g. "avx512_bf16", or "fp32 kernels" where the CPU lacks
   // bf16 instructions (the same bits, without the speed-up).
   virtual std::string bf16_path() const = 0;
+  // What a user should know about that path ("" where bf16 runs at full speed), e.g. that this
+  // CPU lacks the instructions.
+  virtual std::string bf16_note() const { return ""; }
 
   // Memory. Buffers of the CPU backend are the host's; a device backend hands out memory the
   // host can also address (managed memory), so Buffer<T> works the same on both.

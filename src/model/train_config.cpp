@@ -101,6 +101,7 @@ void for_each_key(TrainConfig& c, Fn&& fn) {
   fn("resume", c.resume);
   fn("degree", c.degree);
   fn("grad_allreduce_dtype", c.grad_allreduce_dtype);
+  fn("bf16_order", c.bf16_order);
   fn("degree_replan_every", c.degree_replan_every);
   fn("degree_tune", c.degree_tune);
   fn("degree_tune_rounds", c.degree_tune_rounds);
@@ -234,6 +235,8 @@ void TrainConfig::validate(int world) const {
   positive("degree_tune_rounds", degree_tune_rounds);
   PM_REQUIRE(grad_allreduce_dtype == "fp32" || grad_allreduce_dtype == "bf16",
              "configuration: 'grad_allreduce_dtype' must be \"fp32\" or \"bf16\", got '{}'", grad_allreduce_dtype);
+  PM_REQUIRE(bf16_order.empty() || bf16_order == "dot" || bf16_order == "amx",
+             "configuration: 'bf16_order' must be \"dot\" or \"amx\", got '{}'", bf16_order);
   PM_REQUIRE(degree_tune_window >= 0, "configuration: 'degree_tune_window' must be at least 0, got {}", degree_tune_window);
   // sizes no run can have, refused before anything is allocated
   auto at_most = [](const char* key, int64_t v, int64_t max) {

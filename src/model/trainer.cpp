@@ -435,10 +435,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   if (c.model.dtype == "bf16")
     log::info("dtype bf16: GEMMs on bf16 operands with fp32 accumulation ({}), all-to-all payloads in bf16 (ep); "
               "weights, gradients and optimizer state fp32{}",
-              backend.bf16_path(),
-              backend.bf16_path() == "avx512_bf16" || backend.device() != Device::cpu ? ""
-                                                   : " (note: this CPU has no AVX512_BF16: the same bits as with "
-                                                     "it, without its speed-up)");
+              backend.bf16_path(), backend.bf16_note().empty() ? "" : " (note: " + backend.bf16_note() + ")");
   if (c.model.moe_layers() > 0)
     log::info("MoE pipeline degree: forward {}, backward {}{}{}", degrees.forward, degrees.backward,
               degrees.plan ? fmt::format(" (planned {}/{})", degrees.planned_forward, degrees.planned_backward) : "",

@@ -51,6 +51,8 @@ def check(folder, ranks, seed, degree, f, variant=()):
     name = f"{ranks} ranks, seed {seed}, degree {degree}" + (f", {' '.join(variant)}" if variant else "")
     bf16 = model.c.get("dtype", "fp32") == "bf16"
     f.check(bf16 == ("dtype=bf16" in variant), f"{name}: the model ran dtype {model.c.get('dtype')}")
+    f.check(model.meta.get("bf16_order") == ("amx" if "bf16_order=amx" in variant else "dot"),
+            f"{name}: the model's bf16 GEMMs summed in the {model.meta.get('bf16_order')} order")
     tolerance, error = (TOLERANCE_BF16, norm_error) if bf16 else (TOLERANCE, relative_error)
     # gradients all-reduced with bf16 on the wire: the reference does the same roundings
     # (model_reference.bf16_wire_grads), and the exact sum must be visibly further away
@@ -195,6 +197,8 @@ BF16_VARIANTS = [
                 "shared_expert_hidden=24", "shared_expert_activation=swiglu", "router_score=sigmoid",
                 "capacity_factor=0"]),
     (2, 44, 1, ["dtype=bf16", "arch=scmoe", "scmoe_tap=pos2", "shared_expert_hidden=36", "coef_gate=true", "top_k=1"]),
+    # every GEMM (attention, dense MLPs, head, experts) in AMX's order, pipelined
+    (2, 81, 2, ["dtype=bf16", "bf16_order=amx"]),
 ]
 
 # the data-parallel gradient all-reduce with bf16 on the wire (comm/bf16_allreduce.h), 2 and 4 ranks,

@@ -75,6 +75,11 @@ CASES = [
     # top-2, capacity factor 1 and 0.5
     (2, 48, 32, 48, 8, 1, 1.0, 53, ["--drop-policy", "probs"]),
     (3, 40, 24, 16, 6, 2, 0.5, 54, ["--drop-policy", "probs", "--dtype", "bf16", "--activation", "swiglu"]),
+    # bf16 GEMMs in AMX's order (on AMX's tiles where the CPU has them, on the model elsewhere): the
+    # same tolerances, and every degree the same bits; with a shared expert, dropless SwiGLU on 4 ranks
+    (2, 64, 64, 96, 4, 2, 1.25, 55, ["--dtype", "bf16", "--bf16-order", "amx"]),
+    (4, 32, 48, 40, 8, 2, 0.0, 56, ["--dtype", "bf16", "--activation", "swiglu", "--shared-hidden", 24,
+                                    "--bf16-order", "amx"]),
     # heavy imbalance, dropless: every token's first choice is expert 0 (rank 0 computes them all)
     (2, 48, 16, 24, 8, 2, 0.0, 31, ["--skew", 1]),
     (4, 40, 16, 16, 8, 1, 0.0, 32, ["--skew", 1, "--activation", "swiglu"]),
@@ -104,8 +109,12 @@ DEGREES = [(2, 2), (3, 1), (1, 3), (4, 2), (6, 8), (12, 16), (16, 12)]
 def run_dump(folder, case, degree_fwd, degree_bwd):
     """Starts the layer's dump run; returns its future."""
     ranks, T, M, H, E, k, f, seed = case[:8]
-    router = case[8] if len(case) > 8 else []
-    return mpirun_async(ranks, ["layer", "--tokens", T, "--model-dim", M, "--hidden", H, "--experts", E,
+    router = list(case[8]) if len(case) > 8 else []
+    before = []  # pipemoe's own options go before the command
+    if "--bf16-order" in router:
+        i = router.index("--bf16-order")
+        before, router = router[i:i + 2], router[:i] + router[i + 2:]
+    return mpirun_async(ranks, before + ["layer", "--tokens", T, "--model-dim", M, "--hidden", H, "--experts", E,
                    "--top-k", k, "--capacity-factor", f, "--seed", seed, "--aux-coef", 0.05,
                    "--degree", degree_fwd, "--degree-bwd", degree_bwd, "--dump", folder] + router)
 
@@ -151,6 +160,9 @@ def main():
                            f"{name}: the layer ran a shared expert of {meta.get('shared_hidden')}")
             tensors = TENSORS + (SHARED_TENSORS if shared else [])
             failures.check(meta.get("dtype") == ("bf16" if bf16 else "fp32"), f"{name}: the layer ran {meta.get('dtype')}")
+            order = router[router.index("--bf16-order") + 1] if "--bf16-order" in router else "dot"
+            failures.check(not bf16 or meta.get("bf16_order") == order,
+                           f"{name}: the bf16 GEMMs summed in the {meta.get('bf16_order')} order")
             exact = ref.compute(base, emulate_bf16=False)[1] if bf16 else None
             if "--skew" in router:
                 failures.check(all((e["expert_index"][:, 0] == 0).all() for e in expected),

@@ -34,6 +34,7 @@ struct CpuPackedMatrix final : PackedMatrix {
 class CpuBackend final : public Backend {
  public:
   std::string bf16_path() const override { return gemm_bf16_path(); }
+  std::string bf16_note() const override { return gemm_bf16_note(); }
   std::string name() const override { return "cpu (" + gemm_isa() + ", " + std::to_string(threads()) + " threads)"; }
   Device device() const override { return Device::cpu; }
   int threads() const override { return compute_threads(); }

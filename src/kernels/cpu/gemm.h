@@ -127,6 +127,7 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
 enum class Bf16Order { dot, amx };
 void set_bf16_order(Bf16Order order);
 Bf16Order bf16_order();
+std::string bf16_order_name();  // "dot" or "amx"
 // How the amx order runs here: "amx", or "amx order on fp32 (no AMX here)".
 std::string bf16_amx_path();
 // For tests: the amx order on its model even where the CPU has AMX.
@@ -139,6 +140,8 @@ std::string gemm_isa();
 // The AVX512_BF16 kernel is checked against the fp32 kernels once, on first use, and left out
 // with a warning if they disagree.
 std::string gemm_bf16_path();
+// "" where bf16 GEMMs run on their fast path; else why not, in a few words for the user.
+std::string gemm_bf16_note();
 // For tests: force a slower instruction set ("avx2", "scalar"); "" restores the best one.
 void force_gemm_isa(const std::string& isa);
 // For tests on CPUs without AVX512_BF16: bf16 GEMMs packed while this is on take the AVX512_BF16

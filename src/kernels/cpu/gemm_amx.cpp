@@ -312,6 +312,8 @@ void set_bf16_order(Bf16Order order) { g_order.store(order); }
 
 Bf16Order bf16_order() { return g_order.load(); }
 
+std::string bf16_order_name() { return bf16_order() == Bf16Order::amx ? "amx" : "dot"; }
+
 std::string bf16_amx_path() { return amx_usable() ? "amx" : "amx order on fp32 (no AMX here)"; }
 
 void use_amx_model_for_testing(bool on) { g_model_only.store(on); }

@@ -222,6 +222,13 @@ std::string gemm_bf16_path() {
   return isa_is_avx512() && cpu_has_bf16_dot() && bf16_dot_usable() ? "avx512_bf16" : "fp32 kernels";
 }
 
+std::string gemm_bf16_note() {
+  const std::string path = gemm_bf16_path();
+  if (path == "avx512_bf16" || path == "amx") return "";
+  if (bf16_order_is_amx()) return "this CPU has no AMX: the amx order's bits on the fp32 kernels, slower than --bf16-order dot";
+  return "this CPU has no AVX512_BF16: the same bits as with it, without its speed-up";
+}
+
 void emulate_bf16_dot_for_testing(bool on) { g_emulate_dot.store(on); }
 
 int64_t bf16_dot_tiles_emulated() { return g_emulated_tiles.load(); }
