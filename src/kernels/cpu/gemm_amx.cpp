@@ -237,7 +237,7 @@ bool amx_agrees() {
 
 bool amx_usable() {
   static const bool usable = [] {
-    if (!cpu_has_amx_bf16()) return false;
+    if (!cpu_has_amx()) return false;
     if (amx_agrees()) return true;
     std::fprintf(stderr,
                  "pipemoe: warning: this CPU's AMX tile product disagrees with the model of its order; bf16 GEMMs "
@@ -300,6 +300,11 @@ void amx_gemm(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float bet
 }
 
 }  // namespace
+
+bool gemm_detail::cpu_has_amx() {
+  static const bool has = cpu_has_amx_bf16();
+  return has;
+}
 
 bool gemm_detail::bf16_order_is_amx() { return g_order.load(std::memory_order_relaxed) == Bf16Order::amx; }
 

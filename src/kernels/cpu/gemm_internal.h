@@ -135,6 +135,8 @@ bool use_bf16_dot(const PackedB& B);
 // ---- gemm_amx.cpp -----------------------------------------------------------------------------
 // bf16 GEMMs run in AMX's order (set_bf16_order).
 bool bf16_order_is_amx();
+// The CPU has AMX's bf16 tiles and the kernel lets this process use them.
+bool cpu_has_amx();
 // gemm_packed_impl's bf16 GEMM in AMX's order: on the tiles where the CPU has AMX, else the model.
 void gemm_amx_order(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
                     const GemmExtras& extras);
