@@ -5,6 +5,7 @@
 // product it wrote go to *hash (FNV-1a), so the two sides can be compared bit for bit.
 // GEMM_AB_DTYPE=bf16 (environment): the same shapes as the layer's bf16 GEMMs (B packed by
 // pack_b_bf16; the weight gradients' A rows stored in bf16, as a bf16 expert saves them).
+// GEMM_AB_ORDER=amx with it: the bf16 GEMMs in AMX's order (both sides need a revision that has it).
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -28,6 +29,9 @@ extern "C" double GEMM_AB_RUN(int shape, uint64_t* hash) {
   static bool ready = false;
   if (!ready) {  // the same values on both sides: the results can be compared bit for bit
     ready = true;
+#ifdef PM_HAVE_BF16_ORDER
+    if (std::getenv("GEMM_AB_ORDER") && std::string(std::getenv("GEMM_AB_ORDER")) == "amx") set_bf16_order(Bf16Order::amx);
+#endif
     for (size_t i = 0; i < u.size(); ++i) u[i] = dy[i] = static_cast<float>(i % 7) * 0.1f - 0.3f;
     for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i % 5) * 0.1f, dh[i] = static_cast<float>(i % 3) * 0.1f;
     for (size_t i = 0; i < w1.size(); ++i) w1[i] = static_cast<float>(i % 11) * 0.01f, w2[i] = static_cast<float>(i % 13) * 0.01f;

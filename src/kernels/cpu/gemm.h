@@ -125,6 +125,7 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
 //   kernel on the Xeon measured), on an fp32 model of the order elsewhere (slower).
 // Set once per process, before the first bf16 GEMM (every rank alike: the order fixes the bits).
 enum class Bf16Order { dot, amx };
+#define PM_HAVE_BF16_ORDER 1  // (bench/gemm_ab builds older revisions too)
 void set_bf16_order(Bf16Order order);
 Bf16Order bf16_order();
 std::string bf16_order_name();  // "dot" or "amx"
