@@ -26,7 +26,6 @@
 #include <cpuid.h>
 #include <cstdio>
 #include <cstring>
-#include <cstdlib>
 #include <vector>
 
 #include "core/aligned.h"
@@ -267,10 +266,8 @@ void amx_gemm(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float bet
     for (int64_t k0 = 0, kc = 0; k0 < K; k0 += kc) {
       kc = K - k0 <= k_block_deepest ? K - k0 : k_block;  // k_block is a multiple of 32: blocks stay aligned
       const int64_t b_pairs = kc / 2, a_pairs = (b_pairs + kTile - 1) / kTile * kTile;
-      static const bool nopack = std::getenv("PM_AMX_NOPACK") != nullptr;
-      const bool fresh = packed_a.size() != static_cast<size_t>(padded_rows * a_pairs);
       packed_a.resize(padded_rows * a_pairs);
-      if (!nopack || fresh) pack_a_row_words(trans_a, A, row0, rows, k0, 2 * a_pairs, B.source_depth, padded_rows, packed_a.data());
+      pack_a_row_words(trans_a, A, row0, rows, k0, 2 * a_pairs, B.source_depth, padded_rows, packed_a.data());
       const uint32_t* Aw = packed_a.data();
       const bool zero_start = beta == 0.0f && k0 == 0, last_depth = k0 + kc == K;
       auto panels = [&](int64_t p_begin, int64_t p_end) {
