@@ -9,6 +9,7 @@
 //   (or build/bench/expert_parts, built with the tree)
 //   /tmp/expert_parts [bf16|fp32] [ROWS M H [gelu|swiglu]]   (default 1025 512 1024 gelu; e.g.
 //       512 512 128 swiglu: a fine-grained expert's share of a DeepSeek-style layer)
+//   BF16_ORDER=amx /tmp/expert_parts bf16 ...: the bf16 GEMMs in AMX's order (gemm.h)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -91,9 +92,9 @@ void run(Precision precision) {
       gemm_tn_rows(m, n, R, a.data(), b.data(), 1.0f, c, n);
   };
   const double one = 2.0 * R * M * H, fc1 = 2.0 * R * M * H1;  // R x M x H multiply-adds; fc1: x H1
-  std::printf("%s %s expert, %lld rows, M %lld, H %lld, one thread\n", bf16 ? "bf16" : "fp32",
+  std::printf("%s %s expert, %lld rows, M %lld, H %lld, one thread%s\n", bf16 ? "bf16" : "fp32",
               kind == Activation::swiglu ? "SwiGLU" : "GeLU", static_cast<long long>(R), static_cast<long long>(M),
-              static_cast<long long>(H));
+              static_cast<long long>(H), bf16 ? (" (" + gemm_bf16_path() + ")").c_str() : "");
   time_it("fwd gemm u.W1 plain", fc1, [&] {
     gemm_packed(Trans::no, R, u_kept.data(), M, w.w1, 0.0f, saved.data(), H1, {b1.data(), nullptr});
   });
@@ -117,6 +118,7 @@ void run(Precision precision) {
 
 int main(int argc, char** argv) {
   const bool fp32 = argc > 1 && std::strcmp(argv[1], "fp32") == 0;
+  if (const char* order = std::getenv("BF16_ORDER"); order && std::strcmp(order, "amx") == 0) set_bf16_order(Bf16Order::amx);
   if ((argc > 1 && !fp32 && std::strcmp(argv[1], "bf16") != 0) || (argc != 1 && argc != 2 && argc != 5 && argc != 6)) {
     std::fprintf(stderr, "usage: %s [bf16|fp32] [ROWS M H [gelu|swiglu]]\n", argv[0]);
     return 2;

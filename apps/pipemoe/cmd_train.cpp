@@ -27,6 +27,7 @@ int run_train(Context& ctx, TrainOptions& o) {
   for (const std::string& kv : o.sets) apply_set_option(o.overrides, kv);
   config.apply(o.overrides, "command-line options");
   apply_bf16_order(ctx, config.bf16_order);
+  config.bf16_order = bf16_order_name();  // the checkpoints say which order made them (eval, generate follow it)
   nlohmann::json result = train(ctx.comm, config, ctx.backend);
   result["bf16_order"] = bf16_order_name();  // which bits the bf16 GEMMs gave
   if (ctx.rank() == 0) std::printf("%s\n", result.dump().c_str());

@@ -16,6 +16,7 @@ namespace pm::cli {
 struct Context {
   Communicator& comm;  // the world
   Backend& backend;
+  bool bf16_order_given = false;  // --bf16-order was on the command line (else a checkpoint's order applies)
   int rank() const { return comm.rank(); }
   int world() const { return comm.size(); }
 };
@@ -40,7 +41,8 @@ void add_bench_floor_command(CLI::App& bench, CommandFn& run);
 // The layer-shape flags that `layer` and `plan` share: --tokens (per rank), --model-dim,
 // --hidden, --experts (over all ranks), --top-k, --capacity-factor.
 // A training configuration's 'bf16_order' ("" leaves pipemoe's --bf16-order), for train and
-// model-check: before the model is built, every rank alike.
+// model-check, and a checkpoint's for the commands that load one (unless --bf16-order was given):
+// before the model is built, every rank alike.
 void apply_bf16_order(const Context& ctx, const std::string& order);
 
 void add_layer_shape_options(CLI::App* cmd, MoeShape& shape);

@@ -36,6 +36,9 @@ InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint,
   config.pp = 1;  // every rank holds every block (a pp checkpoint holds whole tensors too)
   config.pipeline_split = "even";
   if (!dtype.empty()) config.model.dtype = dtype;
+  // the order the checkpoint was trained in, so that eval gives training's bits (unless the command
+  // line names one; a GPU sums in the dot order whatever the checkpoint's)
+  if (!ctx.bf16_order_given && ctx.backend.device() == Device::cpu) apply_bf16_order(ctx, config.bf16_order);
   PM_REQUIRE(config.model.moe_layers() == 0 || config.model.experts % ctx.world() == 0,
              "the checkpoint's {} experts cannot be spread over {} ranks", config.model.experts, ctx.world());
   try {  // the model the checkpoint describes, checked as a training configuration is

@@ -116,7 +116,8 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   PM_REQUIRE(transport == "host" || transport == "nccl", "--transport must be host or nccl, got '{}'", transport);
   std::unique_ptr<pm::Communicator> nccl;
   if (transport == "nccl") nccl = pm::make_nccl_communicator(comm);
-  pm::cli::Context context{nccl ? *nccl : comm, pm::backend_named(backend_name)};
+  pm::cli::Context context{nccl ? *nccl : comm, pm::backend_named(backend_name),
+                          app.get_option("--bf16-order")->count() > 0};
   return run(context);
 }
 

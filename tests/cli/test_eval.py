@@ -25,7 +25,8 @@ TOLERANCE_BF16 = 2e-3  # bf16 against the same roundings in float64 (test_model.
 MODELS = {"fp32 GeLU": {}, "bf16 SwiGLU with a shared expert": {"dtype": "bf16", "expert_activation": "swiglu",
                                                                 "shared_expert_hidden": 24},
           "fp32 Llama backbone (RMSNorm, rotary, SwiGLU)": {"norm": "rmsnorm", "position": "rope",
-                                                            "mlp_activation": "swiglu"}}
+                                                            "mlp_activation": "swiglu"},
+          "bf16 trained in AMX's order": {"dtype": "bf16", "bf16_order": "amx"}}
 
 
 def reference_model(checkpoint):
@@ -74,6 +75,13 @@ def main():
                 f.check(slide["loss"] < side["loss"], f"{label}: longer contexts predict better: {slide['loss']} vs {side['loss']}")
             print(f"ok: {label}: loss {side['loss']:.4f} (sliding {slide['loss']:.4f}), the same bits on 1, 2 and 4 "
                   f"ranks, batches 8, 3 and 1", flush=True)
+            if "bf16_order" in change:
+                # the checkpoint's order is the one eval runs, unless --bf16-order names another
+                said = {order: json.loads(mpirun(1, ["--bf16-order", order] + base + ["--batch", 8, "--stride", S])
+                                          .stdout.strip().splitlines()[-1])["loss"] for order in ("amx", "dot")}
+                if f.check(said["amx"] == side["loss"] != said["dot"],
+                           f"{label}: eval's loss {side['loss']} in the checkpoint's order, {said} named"):
+                    print(f"ok: {label}: eval sums in the checkpoint's order (the dot order: {said['dot']:.6f})", flush=True)
 
             # against PyTorch, window by window
             model = reference_model(ck)
