@@ -9,7 +9,8 @@
 //   (or build/bench/expert_parts, built with the tree)
 //   /tmp/expert_parts [bf16|fp32] [ROWS M H [gelu|swiglu]]   (default 1025 512 1024 gelu; e.g.
 //       512 512 128 swiglu: a fine-grained expert's share of a DeepSeek-style layer)
-//   BF16_ORDER=amx /tmp/expert_parts bf16 ...: the bf16 GEMMs in AMX's order (gemm.h)
+//   BF16_ORDER=amx /tmp/expert_parts bf16 ...: the bf16 GEMMs in AMX's order (gemm.h); amx-model:
+//   in that order on its fp32 model even where the CPU has AMX (what a CPU without it runs)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -118,7 +119,10 @@ void run(Precision precision) {
 
 int main(int argc, char** argv) {
   const bool fp32 = argc > 1 && std::strcmp(argv[1], "fp32") == 0;
-  if (const char* order = std::getenv("BF16_ORDER"); order && std::strcmp(order, "amx") == 0) set_bf16_order(Bf16Order::amx);
+  if (const char* order = std::getenv("BF16_ORDER"); order && std::strncmp(order, "amx", 3) == 0) {
+    set_bf16_order(Bf16Order::amx);
+    use_amx_model_for_testing(std::strcmp(order, "amx-model") == 0);
+  }
   if ((argc > 1 && !fp32 && std::strcmp(argv[1], "bf16") != 0) || (argc != 1 && argc != 2 && argc != 5 && argc != 6)) {
     std::fprintf(stderr, "usage: %s [bf16|fp32] [ROWS M H [gelu|swiglu]]\n", argv[0]);
     return 2;

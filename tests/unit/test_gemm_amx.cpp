@@ -52,16 +52,20 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-// Runs each test twice: on what this CPU has (AMX's tiles where it has them) and on the model.
-class AmxOrder : public ::testing::TestWithParam<bool> {
+// Runs each test three times: on what this CPU has (AMX's tiles where it has them), on the model
+// (AVX-512 where the CPU has it) and on the model element by element (the scalar instruction set).
+enum class AmxPath { this_cpu, model, scalar_model };
+class AmxOrder : public ::testing::TestWithParam<AmxPath> {
  protected:
   void SetUp() override {
     set_bf16_order(Bf16Order::amx);
-    use_amx_model_for_testing(GetParam());
+    use_amx_model_for_testing(GetParam() != AmxPath::this_cpu);
+    if (GetParam() == AmxPath::scalar_model) force_gemm_isa("scalar");
   }
   void TearDown() override {
     set_bf16_order(Bf16Order::dot);
     use_amx_model_for_testing(false);
+    force_gemm_isa("");
     set_compute_threads(1);
   }
 };
@@ -181,9 +185,11 @@ TEST_P(AmxOrder, SaysHowItRuns) {
   std::printf("bf16 GEMMs in the amx order run as: %s\n", path.c_str());
 }
 
-INSTANTIATE_TEST_SUITE_P(Paths, AmxOrder, ::testing::Values(false, true),
-                         [](const ::testing::TestParamInfo<bool>& info) {
-                           return std::string(info.param ? "Model" : "ThisCpu");
+INSTANTIATE_TEST_SUITE_P(Paths, AmxOrder, ::testing::Values(AmxPath::this_cpu, AmxPath::model, AmxPath::scalar_model),
+                         [](const ::testing::TestParamInfo<AmxPath>& info) {
+                           return std::string(info.param == AmxPath::this_cpu ? "ThisCpu"
+                                              : info.param == AmxPath::model ? "Model"
+                                                                             : "ScalarModel");
                          });
 
 }  // namespace
