@@ -133,36 +133,62 @@ void panel_model_scalar(const PanelJob& job) {
 }
 
 
-// The exact model with AVX-512, MR rows from row i0: per 16 columns, the two lanes of each row in
-// registers (fmas on the bf16 values widened from B's words), then c += their sum per block.
-template <int MR>
-__attribute__((target("avx512f"))) void model_rows_avx512(const PanelJob& job, int64_t i0) {
+// The exact model with AVX-512, MR rows from row i0, 16 NV columns from column v: the two lanes of
+// each element in registers (fmas on the bf16 values widened from B's words), c += their sum per
+// block. a_even / a_odd: the rows' A values widened ([MR][b_pairs]), broadcast from memory.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void model_tile_avx512(const PanelJob& job, int64_t i0, int64_t v,
+                                                          const float* a_even, const float* a_odd) {
   const __mmask16 all = 0xffff;  // (masked forms: GCC 12 warns of the plain ones' undefined source)
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t v = 0; v < job.width; v += 16) {
-    const int64_t valid = std::clamp<int64_t>(job.cols - v, 0, 16);
-    const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1);
-    __m512 c[MR];
+  __mmask16 keep[NV];
+  for (int n = 0; n < NV; ++n)
+    keep[n] = static_cast<__mmask16>((1u << std::clamp<int64_t>(job.cols - v - 16 * n, 0, 16)) - 1);
+  __m512 c[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int n = 0; n < NV; ++n)
+      c[i][n] = !job.zero_start ? _mm512_maskz_loadu_ps(keep[n], job.C + (i0 + i) * job.ldc + v + 16 * n)
+                                : (job.bias ? _mm512_loadu_ps(job.bias + v + 16 * n) : _mm512_setzero_ps());
+  for (int64_t qb = 0; qb < job.a_pairs; qb += kTile) {
+    __m512 even[MR][NV], odd[MR][NV];
     for (int i = 0; i < MR; ++i)
-      c[i] = !job.zero_start ? _mm512_maskz_loadu_ps(keep, job.C + (i0 + i) * job.ldc + v)
-                             : (job.bias ? _mm512_loadu_ps(job.bias + v) : _mm512_setzero_ps());
-    for (int64_t qb = 0; qb < job.a_pairs; qb += kTile) {
-      __m512 even[MR], odd[MR];
-      for (int i = 0; i < MR; ++i) even[i] = odd[i] = _mm512_setzero_ps();
-      for (int64_t q = qb; q < std::min(qb + kTile, job.b_pairs); ++q) {
-        const __m512i b = _mm512_loadu_si512(job.B + q * job.width + v);
-        const __m512 b_even = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, b, 16));
-        const __m512 b_odd = _mm512_castsi512_ps(_mm512_maskz_and_epi32(all, b, high_half));
-        for (int i = 0; i < MR; ++i) {
-          const uint32_t a = job.A[(i0 + i) * job.a_pairs + q];
-          even[i] = _mm512_fmadd_ps(_mm512_set1_ps(low_bf16(a)), b_even, even[i]);
-          odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(high_bf16(a)), b_odd, odd[i]);
+      for (int n = 0; n < NV; ++n) even[i][n] = odd[i][n] = _mm512_setzero_ps();
+    for (int64_t q = qb; q < std::min(qb + kTile, job.b_pairs); ++q) {
+      __m512 b_even[NV], b_odd[NV];
+      for (int n = 0; n < NV; ++n) {
+        const __m512i b = _mm512_loadu_si512(job.B + q * job.width + v + 16 * n);
+        b_even[n] = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, b, 16));
+        b_odd[n] = _mm512_castsi512_ps(_mm512_maskz_and_epi32(all, b, high_half));
+      }
+      for (int i = 0; i < MR; ++i) {
+        const __m512 ae = _mm512_set1_ps(a_even[i * job.b_pairs + q]), ao = _mm512_set1_ps(a_odd[i * job.b_pairs + q]);
+        for (int n = 0; n < NV; ++n) {
+          even[i][n] = _mm512_fmadd_ps(ae, b_even[n], even[i][n]);
+          odd[i][n] = _mm512_fmadd_ps(ao, b_odd[n], odd[i][n]);
         }
       }
-      for (int i = 0; i < MR; ++i) c[i] = _mm512_add_ps(c[i], _mm512_add_ps(even[i], odd[i]));
     }
-    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(job.C + (i0 + i) * job.ldc + v, keep, c[i]);
+    for (int i = 0; i < MR; ++i)
+      for (int n = 0; n < NV; ++n) c[i][n] = _mm512_add_ps(c[i][n], _mm512_add_ps(even[i][n], odd[i][n]));
   }
+  for (int i = 0; i < MR; ++i)
+    for (int n = 0; n < NV; ++n) _mm512_mask_storeu_ps(job.C + (i0 + i) * job.ldc + v + 16 * n, keep[n], c[i][n]);
+}
+
+template <int MR>
+void model_rows_avx512(const PanelJob& job, int64_t i0) {
+  thread_local std::vector<float> widened;
+  widened.resize(2 * MR * job.b_pairs);
+  float* a_even = widened.data();
+  float* a_odd = a_even + MR * job.b_pairs;
+  for (int i = 0; i < MR; ++i)
+    for (int64_t q = 0; q < job.b_pairs; ++q) {
+      const uint32_t a = job.A[(i0 + i) * job.a_pairs + q];
+      a_even[i * job.b_pairs + q] = low_bf16(a), a_odd[i * job.b_pairs + q] = high_bf16(a);
+    }
+  int64_t v = 0;
+  for (; v + 32 <= job.width; v += 32) model_tile_avx512<MR, 2>(job, i0, v, a_even, a_odd);
+  if (v < job.width) model_tile_avx512<MR, 1>(job, i0, v, a_even, a_odd);
 }
 
 // The exact model: for each element, blocks of 16 pairs, two rounded lanes, then c += their sum.
