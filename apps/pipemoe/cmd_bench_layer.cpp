@@ -139,7 +139,7 @@ int run_bench_layer(Context& ctx, const BenchLayerOptions& o) {
   PM_REQUIRE(!o.profile.empty(), "bench layer needs --profile FILE (take one with `pipemoe profile`)");
   PM_REQUIRE(o.rounds >= 1 && o.iters >= 1, "--rounds and --iters must be at least 1");
   PerfProfile profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, ctx.backend));
-  warn_if_other_dtype(profile, o.profile, precision_name(o.dtype));
+  warn_if_other_dtype(profile, o.profile, precision_name(o.dtype), ctx.backend.bf16_path());
   std::vector<MoeShape> shapes = o.shapes.empty() ? grid_shapes(o.grid, ctx.world()) : parse_shapes(o.shapes, ctx.world());
   for (MoeShape& s : shapes) s.precision = o.dtype;
   if (ctx.rank() == 0) print_legend();

@@ -184,7 +184,7 @@ int run_layer(Context& ctx, const LayerOptions& options) {
   std::optional<PerfProfile> profile;
   if (!o.profile.empty()) {
     profile = load_profile_for(ctx.comm, o.profile, describe_cluster(ctx.comm, backend));
-    warn_if_other_dtype(*profile, o.profile, precision_name(shape.precision));
+    warn_if_other_dtype(*profile, o.profile, precision_name(shape.precision), backend.bf16_path());
   }
 
   Executor executor;

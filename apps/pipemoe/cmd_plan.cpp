@@ -131,7 +131,7 @@ int run_plan(Context& ctx, const PlanOptions& o) {
   // Planning is offline: the profile says how many ranks the layer runs on.
   PerfProfile profile = PerfProfile::load(o.profile);
   warn_if_untrusted(profile, o.profile);
-  warn_if_other_dtype(profile, o.profile, precision_name(o.shape.precision));
+  warn_if_other_dtype(profile, o.profile, precision_name(o.shape.precision), ctx.backend.bf16_path());
   MoeShape shape = o.shape;
   shape.ranks = profile.cluster.world_size;
   shape.validate();

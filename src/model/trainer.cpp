@@ -392,7 +392,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   std::optional<PerfProfile> profile;
   if (!c.profile.empty()) {
     profile = load_profile_for(comm, c.profile, describe_cluster(comm, backend));
-    warn_if_other_dtype(*profile, c.profile, c.model.dtype);
+    warn_if_other_dtype(*profile, c.profile, c.model.dtype, backend.bf16_path());
   }
   DegreeChoice degrees = choose_moe_degrees(model, c, stage_comm, executor, profile ? &*profile : nullptr);
   const bool replan = profile && c.model.moe_layers() > 0 && parse_degree(c.degree, "degree") == 0 &&

@@ -137,6 +137,7 @@ std::string PerfProfile::to_json() const {
       {"version", kVersion},
       {"created", created},
       {"dtype", dtype},
+      {"bf16_path", bf16_path},
       {"cluster",
        {{"world_size", cluster.world_size}, {"hosts", cluster.hosts}, {"threads", cluster.threads},
         {"cpu_model", cluster.cpu_model}, {"network", cluster.network}}},
@@ -161,6 +162,7 @@ PerfProfile PerfProfile::from_json(const std::string& text, const std::string& s
                kVersion);
     p.created = j.value("created", "");
     p.dtype = j.value("dtype", "fp32");  // older profiles: fp32, all there was
+    p.bf16_path = j.value("bf16_path", "");
     PM_REQUIRE(p.dtype == "fp32" || p.dtype == "bf16", "{}: dtype must be \"fp32\" or \"bf16\", got \"{}\"", source,
                p.dtype);
     p.self_check_median_error = j.value("self_check_median_error", 0.0);
@@ -243,7 +245,14 @@ PerfProfile load_profile_for(Communicator& comm, const std::string& path, const 
   return p;
 }
 
-void warn_if_other_dtype(const PerfProfile& profile, const std::string& path, const std::string& dtype) {
+void warn_if_other_dtype(const PerfProfile& profile, const std::string& path, const std::string& dtype,
+                         const std::string& bf16_path) {
+  if (profile.dtype == dtype && dtype == "bf16" && !profile.bf16_path.empty() && profile.bf16_path != bf16_path) {
+    log::info("warning: profile {} timed bf16 GEMMs on {} and this run's run on {}: its GEMM costs may be off by "
+              "several times; take one the way this run goes (`pipemoe --bf16-order ... profile --dtype bf16`)",
+              path, profile.bf16_path, bf16_path);
+    return;
+  }
   if (profile.dtype == dtype) return;
   log::info("warning: profile {} timed {} layers and this one runs {}: its GEMM costs may be off (bf16 GEMMs run "
             "faster where the CPU has AVX512_BF16); take one with `pipemoe profile --dtype {}`",

@@ -51,6 +51,9 @@ struct PerfProfile {
   // The precision the profiled layers ran ("fp32" or "bf16"): their expert GEMMs' costs are in
   // the models; a layer of the other precision is planned with them, with a warning.
   std::string dtype = "fp32";
+  // bf16: how its GEMMs ran (Backend::bf16_path: "avx512_bf16", "amx", ...; "" in older profiles).
+  // AMX's run several times faster than the others: a plan must not mix them.
+  std::string bf16_path;
   std::map<std::string, CostModel> models;  // by cost class
   Interference interference;           // what the planner simulates with (refit on overlapped passes)
   Interference interference_measured;  // the direct measurement before the refit (for comparison)
@@ -90,7 +93,9 @@ PerfProfile load_profile_for(Communicator& comm, const std::string& path, const 
 
 // Prints (rank 0) what makes the profile unfit to plan with, and what to do; nothing if all is well.
 void warn_if_untrusted(const PerfProfile& profile, const std::string& path);
-// Prints a warning if the profile's layers ran another precision than `dtype` ("fp32", "bf16").
-void warn_if_other_dtype(const PerfProfile& profile, const std::string& path, const std::string& dtype);
+// Prints a warning if the profile's layers ran another precision than `dtype` ("fp32", "bf16"), or
+// bf16 GEMMs on another path than `bf16_path` (this run's Backend::bf16_path).
+void warn_if_other_dtype(const PerfProfile& profile, const std::string& path, const std::string& dtype,
+                         const std::string& bf16_path);
 
 }  // namespace pm

@@ -208,6 +208,7 @@ PerfProfile take_profile(Communicator& comm, Backend& backend, const ProfileOpti
   Executor serial(Executor::Mode::serial), overlapped(Executor::Mode::overlapped);
 
   profile.dtype = precision_name(o.precision);
+  if (o.precision == Precision::bf16) profile.bf16_path = backend.bf16_path();
   for (std::size_t si = 0; si < o.shapes.size(); ++si) {
     MoeShape s = o.shapes[si];
     s.precision = o.precision;

@@ -74,6 +74,11 @@ def main():
         json.dump(dict(p, dtype="bf16"), open(bf16_profile, "w"))
         other = mpirun(1, ["plan", "--profile", bf16_profile, "--json"] + shape)
         f.check("timed bf16 layers and this one runs fp32" in other.stderr, "plan of fp32 on a bf16 profile warns")
+        # a bf16 profile whose GEMMs ran on another path (AMX's order runs several times faster)
+        json.dump(dict(p, dtype="bf16", bf16_path="avx512_bf16"), open(bf16_profile, "w"))
+        path_warned = mpirun(1, ["--bf16-order", "amx", "plan", "--profile", bf16_profile, "--json", "--dtype", "bf16"] + shape)
+        f.check("timed bf16 GEMMs on avx512_bf16 and this run's run on amx" in path_warned.stderr,
+                f"plan of bf16 in the amx order on a profile of the dot order warns: {path_warned.stderr}")
         json.dump(dict(p, dtype="fp16"), open(bf16_profile, "w"))
         one_error(f, mpirun(1, ["plan", "--profile", bf16_profile] + shape, check=False), "dtype", "a profile of an unknown dtype")
         print("ok: bf16 plans with half the wire bytes; a profile of the other precision warns", flush=True)
