@@ -132,7 +132,6 @@ void panel_model_scalar(const PanelJob& job) {
   }
 }
 
-
 // The exact model with AVX-512, MR rows from row i0, 16 NV columns from column v: the two lanes of
 // each element in registers (fmas on the bf16 values widened from B's words), c += their sum per
 // block. a_even / a_odd: the rows' A values widened ([MR][b_pairs]), broadcast from memory.
@@ -175,6 +174,7 @@ __attribute__((target("avx512f"))) void model_tile_avx512(const PanelJob& job, i
     for (int n = 0; n < NV; ++n) _mm512_mask_storeu_ps(job.C + (i0 + i) * job.ldc + v + 16 * n, keep[n], c[i][n]);
 }
 
+// MR rows of the panel from row i0 with model_tile_avx512, 32 columns at a time.
 template <int MR>
 void model_rows_avx512(const PanelJob& job, int64_t i0) {
   thread_local std::vector<float> widened;
@@ -211,6 +211,7 @@ void panel_model(const PanelJob& job) {
     for (int64_t r = 0; r < job.rows; r += kBlockRows)
       (*job.epilogue)(job.row0 + r, job.col0, std::min(kBlockRows, job.rows - r), job.cols);
 }
+
 // The same with the tiles: 32 x 32 blocks of C (32 x 16 at a panel's odd last 16 columns).
 __attribute__((target("amx-tile,amx-bf16"))) void panel_amx(const PanelJob& job) {
   configure_tiles_on_this_thread();
@@ -286,9 +287,10 @@ void amx_gemm(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float bet
               const GemmExtras& extras, bool use_tiles);
 
 // The tiles against the model on the same operands, once: partial row blocks and panels, an odd
-// depth, two depth blocks, a bias, and a second call accumulating into C.
+// depth, two depth blocks, a bias, and a second call accumulating into C. Small enough (13 MFLOP)
+// to run on the calling thread: the first GEMM may itself run on a pool thread.
 bool amx_agrees() {
-  const int64_t M = 45, N = 83, K = 2403;
+  const int64_t M = 33, N = 83, K = 2403;
   std::vector<float> A(M * K), B(K * N), bias(N);
   uint32_t state = 2026;
   auto next = [&] {
