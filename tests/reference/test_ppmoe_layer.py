@@ -44,14 +44,20 @@ CASES = [
     (4, 2, 40, 16, 24, 4, 2, 1.25, 59),  # two groups of two, each with its own tokens
     (2, 2, 48, 32, 48, 4, 2, 1.25, 60, ["--dtype", "bf16"]),
     (4, 2, 40, 16, 24, 4, 2, 0.0, 61, ["--dtype", "bf16", "--activation", "swiglu"]),
+    # bf16 GEMMs in AMX's order (the tiles where the CPU has them, the model elsewhere)
+    (4, 2, 40, 16, 24, 4, 2, 1.25, 62, ["--dtype", "bf16", "--bf16-order", "amx"]),
 ]
 TOLERANCE_BF16 = 1e-3  # norm error against PyTorch doing the same roundings (test_moe_layer.py)
 DEGREES = [(2, 2), (3, 1), (1, 4), (5, 3)]
 
 
 def layer_args(T, M, H, E, k, f, seed, flags):
-    return ["layer", "--tokens", T, "--model-dim", M, "--hidden", H, "--experts", E, "--top-k", k,
-            "--capacity-factor", f, "--seed", seed, "--aux-coef", 0.05] + flags
+    before = []  # pipemoe's own options go before the command
+    if "--bf16-order" in flags:
+        i = flags.index("--bf16-order")
+        before, flags = flags[i:i + 2], flags[:i] + flags[i + 2:]
+    return before + ["layer", "--tokens", T, "--model-dim", M, "--hidden", H, "--experts", E, "--top-k", k,
+                     "--capacity-factor", f, "--seed", seed, "--aux-coef", 0.05] + flags
 
 
 def load(folder, rank, name):
@@ -80,7 +86,8 @@ def main():
             runs[1].result()
             meta = json.load(open(f"{ours}/meta.json"))
             failures.check(meta["strategy"] == "ppmoe" and meta["group_size"] == tp and
-                           meta["dtype"] == ("bf16" if bf16 else "fp32"), f"{name}: ran {meta}")
+                           meta["dtype"] == ("bf16" if bf16 else "fp32") and
+                           (not bf16 or meta.get("bf16_order") == ("amx" if "amx" in flags else "dot")), f"{name}: ran {meta}")
             exact = k <= 2 and not bf16
             El = E // tp
             for r in range(world):
