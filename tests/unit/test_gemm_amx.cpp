@@ -10,23 +10,16 @@
 #include <string>
 #include <vector>
 
-#include "core/rng.h"
 #include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "support/gemm_operands.h"
 
 namespace pm {
 namespace {
 
-std::vector<float> random_matrix(int64_t n, uint64_t stream) {
-  std::vector<float> v(n);
-  Rng(11, stream).fill_normal(v.data(), n, 0.0f, 1.0f);
-  return v;
-}
-
-float at(Trans t, const std::vector<float>& X, int64_t rows, int64_t cols, int64_t i, int64_t j) {
-  return t == Trans::no ? X[i * cols + j] : X[j * rows + i];  // op(X)[i, j] of an op(X) [rows, cols]
-}
+std::vector<float> random_matrix(int64_t n, uint64_t stream) { return test::random_matrix(11, n, stream); }
+using test::op_at;
 
 // The order gemm.h specifies, written out: blocks of 32 depths from depth 0; in each, the even
 // depths' products summed in order, the odd depths' likewise, then c = c + (even + odd).
@@ -40,7 +33,7 @@ std::vector<float> amx_chain(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K
       for (int64_t block = 0; block < K; block += 32) {
         float lane[2] = {0.0f, 0.0f};
         for (int64_t d = block; d < std::min(K, block + 32); ++d)
-          lane[d % 2] = std::fma(round_to_bf16(at(ta, A, M, K, i, d)), round_to_bf16(at(tb, B, K, N, d, j)), lane[d % 2]);
+          lane[d % 2] = std::fma(round_to_bf16(op_at(ta, A, M, K, i, d)), round_to_bf16(op_at(tb, B, K, N, d, j)), lane[d % 2]);
         c = c + (lane[0] + lane[1]);
       }
       C[i * N + j] = c;
@@ -89,7 +82,7 @@ TEST_P(AmxOrder, GivesTheWrittenOutOrderBitForBitAndStaysWithinBf16Error) {
             for (int64_t j = 0; j < N; ++j) {
               double exact = beta * C[i * N + j], magnitude = std::abs(exact);
               for (int64_t d = 0; d < K; ++d) {
-                const double prod = static_cast<double>(at(ta, A, M, K, i, d)) * at(tb, B, K, N, d, j);
+                const double prod = static_cast<double>(op_at(ta, A, M, K, i, d)) * op_at(tb, B, K, N, d, j);
                 exact += prod;
                 magnitude += std::abs(prod);
               }

@@ -292,14 +292,7 @@ void amx_gemm(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float bet
 bool amx_agrees() {
   const int64_t M = 33, N = 83, K = 2403;
   std::vector<float> A(M * K), B(K * N), bias(N);
-  uint32_t state = 2026;
-  auto next = [&] {
-    state = state * 1664525u + 1013904223u;
-    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 20);
-  };
-  for (float& v : A) v = next();
-  for (float& v : B) v = next();
-  for (float& v : bias) v = next();
+  fill_check_values(2026, 8.0f, {&A, &B, &bias});
   PackedB packed;
   pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
   std::vector<float> tiles(M * N), model(M * N);

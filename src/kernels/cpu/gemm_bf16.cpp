@@ -175,14 +175,7 @@ namespace {
 bool bf16_dot_agrees() {
   const int64_t M = 13, N = 83, K = 2403;
   std::vector<float> A(M * K), B(K * N), bias(N);
-  uint32_t state = 12345;
-  auto next = [&] {
-    state = state * 1664525u + 1013904223u;
-    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 23);
-  };
-  for (float& v : A) v = next();
-  for (float& v : B) v = next();
-  for (float& v : bias) v = next();
+  fill_check_values(12345, 1.0f, {&A, &B, &bias});
   PackedB packed;
   pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
   std::vector<float> dot(M * N), fp32(M * N);

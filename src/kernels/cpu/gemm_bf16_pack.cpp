@@ -122,6 +122,26 @@ void interleave_pair_swapped(const float* rows, int64_t MR, int64_t kc, float* p
     for (int64_t i = 0; i < MR; ++i) panel[k * MR + i] = rows[i * kc + (k ^ 1)];
 }
 
+// A transposed A's depth pairs [first, first + count) as lines of words over its rows (words[l *
+// padded + r]: the word of op(A)[row0 + r] at depths k0 + 2 (first + l), + 1), zero past the `have`
+// depths and the `rows` rows: what both packings of a transposed A lay out from.
+void transposed_pair_lines(RowSource A, int64_t row0, int64_t rows, int64_t padded, int64_t k0, int64_t have,
+                           int64_t first, int64_t count, uint32_t* words) {
+  for (int64_t l = 0; l < count; ++l) {
+    uint32_t* dst = words + l * padded;
+    const int64_t even = 2 * (first + l), odd = even + 1;
+    if (even >= have) {
+      std::fill(dst, dst + padded, 0u);
+      continue;
+    }
+    if (A.is_bf16())
+      pair_words(A.row16(k0 + even) + row0, odd < have ? A.row16(k0 + odd) + row0 : nullptr, rows, dst);
+    else
+      pair_words(A.row(k0 + even) + row0, odd < have ? A.row(k0 + odd) + row0 : nullptr, rows, dst);
+    std::fill(dst + rows, dst + padded, 0u);
+  }
+}
+
 }  // namespace
 
 void gemm_detail::pack_a_bf16(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc,
@@ -228,19 +248,7 @@ void gemm_detail::pack_a_pairs(Trans trans_a, RowSource A, int64_t row0, int64_t
   words.resize(kPairBlock * padded);
   for (int64_t qb = 0; qb < pairs; qb += kPairBlock) {
     const int64_t qend = std::min(pairs, qb + kPairBlock);
-    for (int64_t q = qb; q < qend; ++q) {
-      uint32_t* dst = words.data() + (q - qb) * padded;
-      const int64_t even = 2 * q, odd = 2 * q + 1;
-      if (even >= have) {
-        std::fill(dst, dst + padded, 0u);
-        continue;
-      }
-      if (A.is_bf16())
-        pair_words(A.row16(k0 + even) + row0, odd < have ? A.row16(k0 + odd) + row0 : nullptr, rows, dst);
-      else
-        pair_words(A.row(k0 + even) + row0, odd < have ? A.row(k0 + odd) + row0 : nullptr, rows, dst);
-      std::fill(dst + rows, dst + padded, 0u);
-    }
+    transposed_pair_lines(A, row0, rows, padded, k0, have, qb, qend - qb, words.data());
     lines_into_micro_panels(words.data(), qb, qend - qb, padded, MR, pairs, out);
   }
 }
@@ -268,19 +276,7 @@ void gemm_detail::pack_a_row_words(Trans trans_a, RowSource A, int64_t row0, int
   words.resize(kPairBlock * padded_rows);
   for (int64_t qb = 0; qb < pairs; qb += kPairBlock) {
     const int64_t qn = std::min(kPairBlock, pairs - qb);
-    for (int64_t l = 0; l < qn; ++l) {
-      uint32_t* dst = words.data() + l * padded_rows;
-      const int64_t even = 2 * (qb + l), odd = even + 1;
-      if (even >= have) {
-        std::fill(dst, dst + padded_rows, 0u);
-        continue;
-      }
-      if (A.is_bf16())
-        pair_words(A.row16(k0 + even) + row0, odd < have ? A.row16(k0 + odd) + row0 : nullptr, rows, dst);
-      else
-        pair_words(A.row(k0 + even) + row0, odd < have ? A.row(k0 + odd) + row0 : nullptr, rows, dst);
-      std::fill(dst + rows, dst + padded_rows, 0u);
-    }
+    transposed_pair_lines(A, row0, rows, padded_rows, k0, have, qb, qn, words.data());
     for (int64_t i = 0; i < padded_rows; ++i)
       for (int64_t l = 0; l < qn; ++l) out[i * pairs + qb + l] = words[l * padded_rows + i];
   }

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <vector>
 
 #include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
@@ -57,6 +59,17 @@ __attribute__((target("avx2"))) inline void transpose_8x8_in_registers(__m256 (&
     t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
   }
   for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+
+// Values for the kernels' first-use checks, the same on every run: uniform in [-range, range)
+// (an LCG from `seed`), so that the check of a kernel never depends on the caller's random state.
+inline void fill_check_values(uint32_t seed, float range, std::initializer_list<std::vector<float>*> out) {
+  uint32_t state = seed;
+  for (std::vector<float>* values : out)
+    for (float& v : *values) {
+      state = state * 1664525u + 1013904223u;
+      v = static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 23) * range;
+    }
 }
 
 // ---- gemm.cpp ---------------------------------------------------------------------------------
