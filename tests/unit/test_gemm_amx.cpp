@@ -112,12 +112,7 @@ TEST_P(AmxOrder, RowResultsDoNotDependOnSplitsOrThreadsAndABiasStartsTheChain) {
   auto A = random_matrix(M * K, 6), B = random_matrix(K * N, 7), C0 = random_matrix(M * N, 8), bias = random_matrix(N, 9);
   PackedB packed;
   pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
-  auto run = [&](int64_t split) {
-    std::vector<float> C = C0;
-    for (int64_t r = 0; r < M; r += split)
-      gemm_packed(Trans::no, std::min(split, M - r), A.data() + r * K, K, packed, 1.0f, C.data() + r * N, N);
-    return C;
-  };
+  auto run = [&](int64_t split) { return test::gemm_in_row_splits(A, M, K, packed, C0, split); };
   const std::vector<float> whole = run(M);
   EXPECT_TRUE(same_bits(whole, amx_chain(Trans::no, Trans::no, M, N, K, A, B, C0, 1.0f)));
   for (int64_t split : {1, 5, 33, 64}) EXPECT_TRUE(same_bits(whole, run(split))) << "split " << split;
