@@ -9,7 +9,7 @@
 
 #include "apps/pipemoe/command.h"
 #include "core/error.h"
-#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/gemm.h"  // bf16_order_name
 #include "model/trainer.h"
 
 namespace pm::cli {
@@ -35,14 +35,6 @@ int run_train(Context& ctx, TrainOptions& o) {
 }
 
 }  // namespace
-
-void apply_bf16_order(const Context& ctx, const std::string& order) {
-  if (order.empty()) return;  // pipemoe's --bf16-order stands
-  PM_REQUIRE(order == "dot" || order == "amx", "configuration: 'bf16_order' must be \"dot\" or \"amx\", got '{}'", order);
-  PM_REQUIRE(order == "dot" || ctx.backend.device() == Device::cpu,
-             "configuration: 'bf16_order' {} runs on the CPU backend only (the CUDA kernels sum in the dot order)", order);
-  set_bf16_order(order == "amx" ? Bf16Order::amx : Bf16Order::dot);
-}
 
 void add_train_command(CLI::App& app, CommandFn& run) {
   auto o = std::make_shared<TrainOptions>();

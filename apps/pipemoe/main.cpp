@@ -52,9 +52,10 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   std::string bf16_order = "dot";
   app.add_option("--bf16-order", bf16_order,
                  "the order in which bf16 GEMMs sum, which fixes their bits on every CPU: dot (AVX512_BF16's "
-                 "vdpbf16ps; the default) or amx (Intel AMX's tile product: 2-4x faster bf16 GEMMs where the CPU "
-                 "has AMX, an exact but slower model of its order elsewhere)")
-      ->check(CLI::IsMember({"dot", "amx"}));
+                 "vdpbf16ps; the default), amx (Intel AMX's tile product: several times faster bf16 GEMMs where "
+                 "the CPU has AMX, an exact but slower model of its order elsewhere) or auto (amx where every "
+                 "rank has AMX, else dot: the fastest, with bits that depend on the machines)")
+      ->check(CLI::IsMember({"dot", "amx", "auto"}));
   int ranks_in_process = 0;
   app.add_option("--ranks-in-process", ranks_in_process,
                  "run N ranks as threads of this process instead of under mpirun (no MPI: tests, quick tries)");
@@ -99,9 +100,8 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
     pm::set_compute_threads(compute_threads);
     pm::blas_set_threads(compute_threads);
   }
-  PM_REQUIRE(bf16_order == "dot" || backend_name == "cpu",
-             "--bf16-order {} runs on the CPU backend only (the CUDA kernels sum in the dot order)", bf16_order);
-  pm::set_bf16_order(bf16_order == "amx" ? pm::Bf16Order::amx : pm::Bf16Order::dot);
+  PM_REQUIRE(bf16_order != "amx" || backend_name == "cpu",
+             "--bf16-order amx runs on the CPU backend only (the CUDA kernels sum in the dot order)");
   comm.waiter().policy().timeout_s = comm_timeout_s;
   if (const char* w = std::getenv("PIPEMOE_COMM_WAIT")) {
     // "spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction": for experiments with the
@@ -118,6 +118,7 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   if (transport == "nccl") nccl = pm::make_nccl_communicator(comm);
   pm::cli::Context context{nccl ? *nccl : comm, pm::backend_named(backend_name),
                           app.get_option("--bf16-order")->count() > 0};
+  pm::cli::apply_bf16_order(context, bf16_order);
   return run(context);
 }
 

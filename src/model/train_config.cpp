@@ -235,8 +235,8 @@ void TrainConfig::validate(int world) const {
   positive("degree_tune_rounds", degree_tune_rounds);
   PM_REQUIRE(grad_allreduce_dtype == "fp32" || grad_allreduce_dtype == "bf16",
              "configuration: 'grad_allreduce_dtype' must be \"fp32\" or \"bf16\", got '{}'", grad_allreduce_dtype);
-  PM_REQUIRE(bf16_order.empty() || bf16_order == "dot" || bf16_order == "amx",
-             "configuration: 'bf16_order' must be \"dot\" or \"amx\", got '{}'", bf16_order);
+  PM_REQUIRE(bf16_order.empty() || bf16_order == "dot" || bf16_order == "amx" || bf16_order == "auto",
+             "configuration: 'bf16_order' must be \"dot\", \"amx\" or \"auto\", got '{}'", bf16_order);
   PM_REQUIRE(degree_tune_window >= 0, "configuration: 'degree_tune_window' must be at least 0, got {}", degree_tune_window);
   // sizes no run can have, refused before anything is allocated
   auto at_most = [](const char* key, int64_t v, int64_t max) {

@@ -137,8 +137,9 @@ struct TrainConfig {
   // The data-parallel gradient all-reduce's wire format: "fp32", or "bf16" for half the bytes
   // (each gradient summed from bf16 roundings in float32, rounded to bf16; comm/bf16_allreduce.h).
   std::string grad_allreduce_dtype = "fp32";
-  // The order bf16 GEMMs sum in (kernels/cpu/gemm.h): "dot" or "amx"; "" keeps pipemoe's
-  // --bf16-order (dot unless given). Applied by the train command before the model is built.
+  // The order bf16 GEMMs sum in (kernels/cpu/gemm.h): "dot", "amx" or "auto" (amx where every rank
+  // has AMX); "" keeps pipemoe's --bf16-order (dot unless given). Applied by the train command
+  // before the model is built; checkpoints record the order that ran.
   std::string bf16_order;
   DType grad_wire() const { return grad_allreduce_dtype == "bf16" ? DType::bf16 : DType::f32; }
   std::string degree = "1";         // MoE pipeline degree: a number or "auto"

@@ -64,7 +64,7 @@ def cases(tmp):
         (2, layer("--no-such-flag", 1), "no-such-flag"),
         (1, ["no-such-command"], "no-such-command"),
         (2, ["--backend", "tpu"] + layer(), "unknown backend 'tpu' (one of cpu|cuda)"),
-        (2, ["--bf16-order", "fast"] + layer(), "--bf16-order: fast not in {dot,amx}"),
+        (2, ["--bf16-order", "fast"] + layer(), "--bf16-order: fast not in {dot,amx,auto}"),
         (2, ["--bf16-order", "amx", "--backend", "cuda"] + layer(), "--bf16-order amx runs on the CPU backend only"),
     ] + ([] if os.path.exists("/dev/nvidia0") else [
         # no GPU here: the CUDA backend says why it cannot run (no CUDA in the build, or no GPU)

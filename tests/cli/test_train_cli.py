@@ -191,7 +191,7 @@ def main():
             (2, [config, "--set", "routed_scaling_factor=0"], "routed_scaling_factor", "a gate scale of 0"),
             (2, [config, "--set", "aux_loss=switch"], "'aux_loss' must be", "an unknown balance loss"),
             (2, [config, "--set", "drop_policy=random"], "'drop_policy' must be", "an unknown drop policy"),
-            (2, [config, "--set", "bf16_order=fast"], "'bf16_order' must be \"dot\" or \"amx\"", "an unknown bf16 order"),
+            (2, [config, "--set", "bf16_order=fast"], "'bf16_order' must be \"dot\", \"amx\" or \"auto\"", "an unknown bf16 order"),
             (2, [config, "--set", "first_dense_blocks=-1"], "first_dense_blocks", "negative leading dense blocks"),
             (2, [config, "--set", "first_dense_blocks=1"], "leaves no MoE block",
              "leading dense blocks that leave no MoE block"),

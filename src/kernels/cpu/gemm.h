@@ -131,6 +131,9 @@ Bf16Order bf16_order();
 std::string bf16_order_name();  // "dot" or "amx"
 // How the amx order runs here: "amx", or "amx order on fp32 (no AMX here)".
 std::string bf16_amx_path();
+// Whether this CPU runs the amx order on AMX's tiles (it has them, Linux grants them, and they
+// passed the first-use check).
+bool amx_runs_here();
 // For tests: the amx order on its model even where the CPU has AMX.
 void use_amx_model_for_testing(bool on);
 

@@ -392,6 +392,8 @@ std::string bf16_order_name() { return bf16_order() == Bf16Order::amx ? "amx" : 
 
 std::string bf16_amx_path() { return amx_usable() ? "amx" : "amx order on fp32 (no AMX here)"; }
 
+bool amx_runs_here() { return amx_usable(); }
+
 void use_amx_model_for_testing(bool on) { g_model_only.store(on); }
 
 }  // namespace pm
