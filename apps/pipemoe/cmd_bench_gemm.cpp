@@ -69,7 +69,10 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
   std::vector<Row> rows;
   // first: OpenBLAS's threads keep spinning for a while after each call, and would take cores from it
   const double ceiling = fma_ceiling_all_ranks(ctx.comm);
-  const double ceiling_bf16 = o.dtype == Precision::bf16 ? bf16_dot_ceiling_all_ranks(ctx.comm) : 0.0;
+  // the bf16 GEMMs' own ceiling: the instruction of the order they run in
+  const bool amx = bf16_order() == Bf16Order::amx;
+  const double ceiling_bf16 =
+      o.dtype != Precision::bf16 ? 0.0 : amx ? amx_ceiling_all_ranks(ctx.comm) : bf16_dot_ceiling_all_ranks(ctx.comm);
   for (const GemmCase& c : cases(o)) {
     std::vector<float> A(c.M * c.K), B(c.K * c.N), C(c.M * c.N);
     Rng(1, 1).fill_normal(A.data(), A.size(), 0, 1);
@@ -126,8 +129,10 @@ int run_gemm_bench(Context& ctx, const GemmBenchOptions& o) {
     std::printf("bf16 GEMMs (%s): peak %.1f GFLOP/s per rank, %.2fx our fp32 GEMM on the same product\n",
                 gemm_bf16_path().c_str(), peak_bf16, peak_bf16 / ours_fp32);
   if (ceiling_bf16 > 0)
-    std::printf("the cores' bf16 dot-product ceiling (independent vdpbf16ps chains, every rank at once): %.1f GFLOP/s "
-                "per rank; the bf16 peak is %.0f%% of it\n", ceiling_bf16, 100.0 * peak_bf16 / ceiling_bf16);
+    std::printf("the cores' bf16 %s ceiling (%s, every rank at once): %.1f GFLOP/s per rank; the bf16 peak is %.0f%% "
+                "of it\n", amx ? "AMX" : "dot-product", amx ? "independent tile products, operands in tiles"
+                                                             : "independent vdpbf16ps chains",
+                ceiling_bf16, 100.0 * peak_bf16 / ceiling_bf16);
   if (peaks.count("cuda"))
     std::printf("GPU GEMM (%s, copies of A and C included): peak %.1f GFLOP/s per rank, %.1fx our fp32 CPU GEMM\n",
                 ctx.backend.name().c_str(), peaks["cuda"], peaks["cuda"] / ours_fp32);

@@ -41,6 +41,8 @@ double fma_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm
 
 double bf16_dot_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, bf16_dot_ceiling_gflops); }
 
+double amx_ceiling_all_ranks(Communicator& comm) { return ceiling_all_ranks(comm, amx_ceiling_gflops); }
+
 SquareProduct::SquareProduct() : a_(kSize * kSize), b_(kSize * kSize), c_(kSize * kSize) {
   Rng(1, 1).fill_normal(a_.data(), a_.size(), 0, 1);
   Rng(1, 2).fill_normal(b_.data(), b_.size(), 0, 1);

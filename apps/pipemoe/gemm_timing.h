@@ -19,6 +19,8 @@ std::vector<double> time_calls(int repeat, const std::function<void()>& fn);
 double fma_ceiling_all_ranks(Communicator& comm);
 // The same for AVX512_BF16's dot product (the bf16 GEMMs' ceiling); 0 without AVX512_BF16.
 double bf16_dot_ceiling_all_ranks(Communicator& comm);
+// And for AMX's tile product (the amx order's ceiling); 0 where AMX does not run.
+double amx_ceiling_all_ranks(Communicator& comm);
 // Either, or any per-thread ceiling, on every rank's GEMM threads at once.
 double ceiling_all_ranks(Communicator& comm, double (*ceiling_gflops)(double seconds));
 

@@ -13,4 +13,8 @@ double fma_ceiling_gflops(double seconds = 0.2);
 // products and their adds), the ceiling of bf16 GEMMs; 0 where the CPU has no AVX512_BF16.
 double bf16_dot_ceiling_gflops(double seconds = 0.2);
 
+// The same for AMX's tile product (TDPBF16PS on four accumulator tiles, operands in tiles: 32768
+// FLOPs an instruction), the ceiling of bf16 GEMMs in the amx order; 0 where AMX does not run.
+double amx_ceiling_gflops(double seconds = 0.2);
+
 }  // namespace pm

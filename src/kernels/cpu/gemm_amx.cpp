@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cpuid.h>
 #include <cstdio>
@@ -30,6 +31,7 @@
 
 #include "core/aligned.h"
 #include "core/error.h"
+#include "kernels/cpu/fma_ceiling.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/gemm_internal.h"
 #include "kernels/cpu/thread_pool.h"
@@ -393,6 +395,44 @@ std::string bf16_order_name() { return bf16_order() == Bf16Order::amx ? "amx" : 
 std::string bf16_amx_path() { return amx_usable() ? "amx" : "amx order on fp32 (no AMX here)"; }
 
 bool amx_runs_here() { return amx_usable(); }
+
+namespace {
+
+// Seconds of `iterations` rounds of four independent tile products (kernels/cpu/fma_ceiling.h).
+__attribute__((target("amx-tile,amx-bf16"))) double amx_ceiling_seconds(int64_t iterations) {
+  configure_tiles_on_this_thread();
+  alignas(64) static const uint32_t ones[kTile * kTile] = {};  // zeros: no overflow however long it runs
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t k = 0; k < iterations; ++k) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float sink[kTile * kTile];
+  _tile_stored(0, sink, 64);  // the products are used
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+double amx_ceiling_gflops(double seconds) {
+  if (!amx_usable()) return 0.0;
+  constexpr double kFlops = 4.0 * kTile * kTile * 32 * 2;  // per round: four 16 x 16 x 32 products
+  int64_t iterations = 1 << 12;
+  double s = amx_ceiling_seconds(iterations);
+  while (s < 0.01) s = amx_ceiling_seconds(iterations *= 4);
+  iterations = static_cast<int64_t>(iterations * (seconds / s)) + 1;
+  return iterations * kFlops / amx_ceiling_seconds(iterations) / 1e9;
+}
 
 void use_amx_model_for_testing(bool on) { g_model_only.store(on); }
 
