@@ -121,9 +121,10 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
 // - dot (the default): vdpbf16ps's, above.
 // - amx: Intel AMX's tile product (TDPBF16PS), per element and block of 32 depths from depth 0:
 //   the even depths' products added in order, each add rounded, the odd depths' likewise, then
-//   c = c + (even sum + odd sum). It runs on AMX where the CPU has it (4-5x the AVX512_BF16
+//   c = c + (even sum + odd sum). It runs on AMX where the CPU has it (2.6-15x the AVX512_BF16
 //   kernel on the Xeon measured), on an fp32 model of the order elsewhere (slower).
-// Set once per process, before the first bf16 GEMM (every rank alike: the order fixes the bits).
+// Set once per process, before the first bf16 GEMM (every rank alike: the order fixes the bits;
+// pipemoe's --bf16-order, whose `auto` the ranks resolve together, apps/pipemoe/bf16_order.cpp).
 enum class Bf16Order { dot, amx };
 #define PM_HAVE_BF16_ORDER 1  // (bench/gemm_ab builds older revisions too)
 void set_bf16_order(Bf16Order order);
