@@ -401,11 +401,11 @@ namespace {
 // Seconds of `iterations` rounds of four independent tile products (kernels/cpu/fma_ceiling.h).
 __attribute__((target("amx-tile,amx-bf16"))) double amx_ceiling_seconds(int64_t iterations) {
   configure_tiles_on_this_thread();
-  alignas(64) static const uint32_t ones[kTile * kTile] = {};  // zeros: no overflow however long it runs
-  _tile_loadd(4, ones, 64);
-  _tile_loadd(5, ones, 64);
-  _tile_loadd(6, ones, 64);
-  _tile_loadd(7, ones, 64);
+  alignas(64) static const uint32_t zeros[kTile * kTile] = {};  // no overflow however long it runs
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  _tile_loadd(7, zeros, 64);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
