@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
     return std::fprintf(stderr, "dump: Linux did not grant the AMX tile state\n"), 1;
   TileConfig config;
   for (int t = 0; t < 3; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+  asm volatile("" ::: "memory");  // GCC 12 thinks ldtilecfg reads 8 bytes (kernels/cpu/gemm_amx.cpp)
   _tile_loadconfig(&config);
   std::mt19937 rng(3);
   std::normal_distribution<float> normal;

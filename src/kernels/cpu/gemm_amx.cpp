@@ -87,6 +87,10 @@ __attribute__((target("amx-tile"))) void configure_tiles_on_this_thread() {
   if (configured) return;
   alignas(64) TileConfig config;
   for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kTile;
+  // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the 64: without this barrier
+  // the stores above may sink past it (bench/amx_loops.cpp, inlined, then loaded an unconfigured
+  // tile: SIGILL).
+  asm volatile("" ::: "memory");
   _tile_loadconfig(&config);
   configured = true;
 }
