@@ -105,9 +105,29 @@ def main():
         f.check(abs(rows["ep"]["predicted_fwd_ms"] - (ep["predicted_fwd_ms"] + 2)) < 1e-9
                 and abs(rows["ep"]["predicted_bwd_ms"] - (ep["predicted_bwd_ms"] + 4)) < 1e-9,
                 "the EP row adds the dense work (backward: twice the forward's)")
-        f.check(2.0 <= rows["scmoe"]["predicted_fwd_ms"] <= rows["ep"]["predicted_fwd_ms"] + 1e-9
-                and 4.0 <= rows["scmoe"]["predicted_bwd_ms"] <= rows["ep"]["predicted_bwd_ms"] + 1e-9,
-                f"ScMoE's windows lie between the dense work and EP's serial sum: {rows['scmoe']} {rows['ep']}")
+        f.check(2.0 <= rows["scmoe"]["predicted_fwd_ms"] and 4.0 <= rows["scmoe"]["predicted_bwd_ms"],
+                f"ScMoE's windows are no shorter than the dense work: {rows['scmoe']}")
+        # No longer than EP's serial sum holds where overlap costs nothing. The profile measured
+        # how much slower each lane runs beside the other, and on a loaded machine (ctest -j2)
+        # that slowdown can honestly make the overlapped window the longer one (it did: 15.7 ms
+        # against 12.4). So the upper bound is checked on the same profile with its interference
+        # neutral: then adding the dense work delays the layer by at most that work (to within
+        # the planner's tolerance on the degree).
+        neutral_profile = os.path.join(tmp, "profile_no_interference.json")
+        neutral = dict(p, interference={"compute": 1.0, "comm": 1.0, "handoff_s": 0.0, "comm_task_s": 0.0})
+        with open(neutral_profile, "w") as out:
+            json.dump(neutral, out)
+        rows0 = {s["strategy"]: s for s in last_json(mpirun(1, [
+            "plan", "--profile", neutral_profile, "--tokens", 256, "--model-dim", 64, "--hidden", 128,
+            "--experts", 4, "--strategy", "all", "--json", "--dense-fwd-ms", 2]))["strategies"]}
+        f.check(2.0 <= rows0["scmoe"]["predicted_fwd_ms"] <= rows0["ep"]["predicted_fwd_ms"] * 1.01 + 1e-9
+                and 4.0 <= rows0["scmoe"]["predicted_bwd_ms"] <= rows0["ep"]["predicted_bwd_ms"] * 1.01 + 1e-9,
+                f"without interference ScMoE's windows lie between the dense work and EP's serial sum: "
+                f"{rows0['scmoe']} {rows0['ep']}")
+        print("ok: ScMoE's forward window {:.2f} ms against EP's serial {:.2f} ms (measured interference {}), "
+              "{:.2f} against {:.2f} without".format(rows["scmoe"]["predicted_fwd_ms"], rows["ep"]["predicted_fwd_ms"],
+                                                    p["interference"], rows0["scmoe"]["predicted_fwd_ms"],
+                                                    rows0["ep"]["predicted_fwd_ms"]), flush=True)
         f.check(three["chosen"] == max(three["strategies"], key=lambda s: s["tokens_per_s"])["strategy"],
                 "plan --strategy all --dense-fwd-ms chooses the fastest")
         print(f"ok: with 2 ms of dense work ScMoE's window {rows['scmoe']['predicted_fwd_ms']:.2f} ms against EP's "
