@@ -5,7 +5,7 @@
 // only A reloaded. Prints GFLOP/s and the share of the ceiling, medians of 7 rounds, one thread
 // (docs/BENCHMARKS.md, "AMX's tile loop, looked at").
 //
-// What it showed on this project's Emerald Rapids Xeon (2026-12-06, 06:30-06:50 UTC): the ceiling
+// What it showed on this project's Emerald Rapids Xeon (2026-12-06, 05:25-05:31 UTC): the ceiling
 // itself moved between 1.2 and 2.8 TFLOP/s per thread from one minute to the next (the host's AMX
 // unit, not ours), and the loops with it. At times every loop ran at the ceiling; at others the
 // 2 x 2 loop ran at 58-60% of it, 2 x 2 reloading only A at 73-78%, and the double-buffered loops at
