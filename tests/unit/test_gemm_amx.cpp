@@ -12,6 +12,7 @@
 
 #include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/gemm_internal.h"
 #include "kernels/cpu/thread_pool.h"
 #include "support/gemm_operands.h"
 
@@ -167,9 +168,43 @@ TEST_P(AmxOrder, RowsByPointersAndBf16RowsGiveTheContiguousProductsBits) {
   EXPECT_TRUE(same_bits(from_floats, from_bf16));
 }
 
+// B's pair words are laid out for the order that packed them (PackedB::pair_tiles: 16 x 16 tiles
+// in the amx order, pair rows in the dot order); every kernel reads both. A B packed in one order
+// and used in the other gives the bits of one packed in the order used, in both orders.
+TEST_P(AmxOrder, BPackedInEitherOrderGivesTheSameBitsInEither) {
+  for (auto [M, N, K] : {std::array<int64_t, 3>{7, 13, 5}, {37, 100, 71}, {33, 200, 1101}, {31, 40, 2403}})
+    for (Trans tb : {Trans::no, Trans::yes}) {
+      const auto A = random_matrix(M * K, 21), B = random_matrix(K * N, 22), C0 = random_matrix(M * N, 23);
+      const int64_t ldb = tb == Trans::no ? N : K;
+      PackedB as_tiles, as_rows;
+      pack_b_bf16(tb, K, N, B.data(), ldb, as_tiles);
+      set_bf16_order(Bf16Order::dot);
+      pack_b_bf16(tb, K, N, B.data(), ldb, as_rows);
+      EXPECT_FALSE(as_rows.pair_tiles);
+      EXPECT_TRUE(as_tiles.pair_tiles || as_tiles.pairs.empty());
+      for (Bf16Order order : {Bf16Order::amx, Bf16Order::dot}) {
+        set_bf16_order(order);
+        std::vector<float> from_tiles = C0, from_rows = C0;
+        gemm_packed(Trans::no, M, A.data(), K, as_tiles, 1.0f, from_tiles.data(), N);
+        gemm_packed(Trans::no, M, A.data(), K, as_rows, 1.0f, from_rows.data(), N);
+        EXPECT_TRUE(same_bits(from_tiles, from_rows))
+            << M << "x" << N << "x" << K << " tb " << int(tb) << " in the " << bf16_order_name() << " order";
+        if (order == Bf16Order::amx) {
+          EXPECT_TRUE(same_bits(from_tiles, amx_chain(Trans::no, tb, M, N, K, A, B, C0, 1.0f)));
+        }
+      }
+      set_bf16_order(Bf16Order::amx);
+    }
+}
+
 TEST_P(AmxOrder, SaysHowItRuns) {
   const std::string path = gemm_bf16_path();
   EXPECT_TRUE(path == "amx" || path == "amx order on fp32 (no AMX here)") << path;
+  // Where the CPU has AMX the tiles must run: a tile kernel that disagreed with the model at its
+  // first use would fall back to the model, and every other test would pass on the model.
+  if (gemm_detail::cpu_has_amx()) {
+    EXPECT_EQ(path, "amx") << "the tiles disagreed with the model at their first use";
+  }
   std::printf("bf16 GEMMs in the amx order run as: %s\n", path.c_str());
 }
 

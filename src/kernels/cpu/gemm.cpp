@@ -514,7 +514,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
           const bool partial = !dot && computes_partial_rows(isa);
           auto tile = [&](int64_t r, int64_t valid, float* Cd, int64_t ldd) {
             if (dot)
-              run_tile_bf16(width, kc / 2, packed_pairs + r * kc / 2, Bwords, width, Cd, ldd, zero_start, bias);
+              run_tile_bf16(width, kc / 2, packed_pairs + r * kc / 2, Bwords, B, Cd, ldd, zero_start, bias);
             else
               run_tile(isa, partial ? valid : MR, width, kc, a_view(r), B.panel(p), K, k0, B.strip_of(p), Cd, ldd,
                        zero_start, bias);

@@ -37,9 +37,23 @@ struct PackedB {
   int64_t source_depth = 0;  // the depth of op(B) (and of op(A)) before the bf16 pair padding
   FloatBuffer data;
   // bf16, on a CPU with AVX512_BF16: the same panels as bf16 pairs, one 32-bit word per (depth
-  // pair, column): [K / 2][width_p] words, the even depth in the low half (vdpbf16ps's operand).
+  // pair, column), the even depth in the low half (vdpbf16ps's operand), per panel in blocks of 16
+  // pairs ([pair_rows() / 16] blocks; pairs from K / 2 on zero). Within a block, as packed in the
+  // dot order: pair by pair, [16][width_p] (what the AVX512_BF16 kernel reads fastest); in the amx
+  // order (pair_tiles): 16 columns by 16, [width_p / 16][16 pairs][16 columns], each one AMX B tile
+  // (1 KB, contiguous: its products ran 0.86-0.89x the time of the pair-by-pair rows' on 5 of the
+  // 7 shapes of bench/gemm_ab.sh). Every kernel reads both (pair_word_offset).
   std::vector<uint32_t, AlignedAllocator<uint32_t>> pairs;
-  const uint32_t* pair_panel(int64_t p) const { return pairs.data() + p * (K / 2) * 64; }
+  bool pair_tiles = false;
+  int64_t pair_rows() const { return (K / 2 + 15) / 16 * 16; }
+  const uint32_t* pair_panel(int64_t p) const { return pairs.data() + p * pair_rows() * 64; }
+  // Where the word of depth pair q and column j sits in a panel `width` columns wide; a word's
+  // next pair sits pair_step(width) words on within its block, its next 16 columns group_step on.
+  int64_t pair_word_offset(int64_t width, int64_t q, int64_t j) const {
+    return (q >> 4) * 16 * width + (q & 15) * pair_step(width) + (j >> 4) * group_step() + (j & 15);
+  }
+  int64_t pair_step(int64_t width) const { return pair_tiles ? 16 : width; }
+  int64_t group_step() const { return pair_tiles ? 256 : 16; }
   int64_t panels() const { return (N + 63) / 64; }
   int64_t panel_width(int64_t p) const;
   int64_t strip_of(int64_t p) const { return std::min(strip, panel_width(p)); }

@@ -14,8 +14,9 @@
 // Tiles: C as 2 x 2 tiles of 16 x 16 floats (tmm0-3: rows 0-15 and 16-31, columns 0-15 and 16-31
 // of a 32 x 32 block), A as two tiles of 16 rows x 16 depth pairs (tmm4-5), B as two tiles of
 // 16 depth pairs x 16 columns (tmm6-7). A is packed row-major as pair words ([rows][pairs], zero
-// rows and pairs up to whole tiles); B's pair words (the AVX512_BF16 kernel's, [pairs][width] per
-// panel) are already what a B tile reads, 16 columns at a time.
+// rows and pairs up to whole tiles); B's pair words (PackedB::pairs) are what a B tile reads: packed
+// in the amx order as contiguous 1 KB tiles, in the dot order as rows of pairs (a tile 16 of them,
+// 256 bytes apart), both zero-padded to whole blocks of 16 pairs.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -111,6 +112,7 @@ struct PanelJob {
   const float* bias;  // [width] (zero-padded), or null
   const TileEpilogue* epilogue;
   int64_t row0, col0;  // where C's block sits, for the epilogue
+  const PackedB* packed;  // B's layout (PackedB::pair_word_offset)
 };
 
 // The model element by element (CPUs without AVX-512).
@@ -126,10 +128,10 @@ void panel_model_scalar(const PanelJob& job) {
       for (int64_t q = qb; q < std::min(qb + kTile, job.b_pairs); ++q) {
         const uint32_t a = job.A[i * job.a_pairs + q];
         const float a_even = low_bf16(a), a_odd = high_bf16(a);
-        const uint32_t* b = job.B + q * job.width;
         for (int64_t j = 0; j < job.width; ++j) {
-          even[j] = std::fma(a_even, low_bf16(b[j]), even[j]);
-          odd[j] = std::fma(a_odd, high_bf16(b[j]), odd[j]);
+          const uint32_t b = job.B[job.packed->pair_word_offset(job.width, q, j)];
+          even[j] = std::fma(a_even, low_bf16(b), even[j]);
+          odd[j] = std::fma(a_odd, high_bf16(b), odd[j]);
         }
       }
       for (int64_t j = 0; j < job.width; ++j) c[j] = c[j] + (even[j] + odd[j]);
@@ -161,7 +163,7 @@ __attribute__((target("avx512f"))) void model_tile_avx512(const PanelJob& job, i
     for (int64_t q = qb; q < std::min(qb + kTile, job.b_pairs); ++q) {
       __m512 b_even[NV], b_odd[NV];
       for (int n = 0; n < NV; ++n) {
-        const __m512i b = _mm512_loadu_si512(job.B + q * job.width + v + 16 * n);
+        const __m512i b = _mm512_loadu_si512(job.B + job.packed->pair_word_offset(job.width, q, v + 16 * n));
         b_even[n] = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, b, 16));
         b_odd[n] = _mm512_castsi512_ps(_mm512_maskz_and_epi32(all, b, high_half));
       }
@@ -221,14 +223,8 @@ void panel_model(const PanelJob& job) {
 // The same with the tiles: 32 x 32 blocks of C (32 x 16 at a panel's odd last 16 columns).
 __attribute__((target("amx-tile,amx-bf16"))) void panel_amx(const PanelJob& job) {
   configure_tiles_on_this_thread();
-  const int64_t width = job.width, a_stride = job.a_pairs * 4, b_stride = width * 4;
-  // B's last, partial block of 16 pairs, zero-padded: a tile must not read past the panel
-  alignas(64) uint32_t tail[kTile * kPanel];
-  const int64_t whole = job.b_pairs / kTile * kTile;
-  if (whole < job.a_pairs) {
-    std::memset(tail, 0, sizeof(tail));
-    std::memcpy(tail, job.B + whole * width, (job.b_pairs - whole) * width * sizeof(uint32_t));
-  }
+  const int64_t width = job.width, a_stride = job.a_pairs * 4;
+  const int64_t b_stride = job.packed->pair_step(width) * 4, next_group = job.packed->group_step();
   alignas(64) float edge[kBlockRows * kBlockRows];
   for (int64_t rt = 0; rt < job.padded_rows; rt += kBlockRows) {
     const int64_t valid_rows = std::min(kBlockRows, job.rows - rt);
@@ -265,14 +261,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void panel_amx(const PanelJob& job)
         if (two) _tile_loadd(3, Cd + kTile * ldd + kTile, ldd * 4);
       }
       for (int64_t qb = 0; qb < job.a_pairs; qb += kTile) {
-        const uint32_t* b = (qb < whole ? job.B + qb * width : tail) + ct;
+        // B's tile of pairs qb.. and columns ct.. (the last block's pairs past b_pairs are zero)
+        const uint32_t* b = job.B + job.packed->pair_word_offset(width, qb, ct);
         _tile_loadd(4, A0 + qb, a_stride);
         _tile_loadd(5, A1 + qb, a_stride);
         _tile_loadd(6, b, b_stride);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
         if (two) {
-          _tile_loadd(7, b + kTile, b_stride);
+          _tile_loadd(7, b + next_group, b_stride);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(3, 5, 7);
         }
@@ -364,7 +361,8 @@ void amx_gemm(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float bet
                              bias_base ? bias_base + col0 : nullptr,
                              last_depth ? extras.epilogue : nullptr,
                              row0,
-                             col0};
+                             col0,
+                             &B};
           use_tiles ? panel_amx(job) : panel_model(job);
         }
       };

@@ -37,13 +37,13 @@ float low_half(uint32_t word) { return high_half(word << 16); }
 // does). What it leaves out: the instruction also treats denormal inputs and results as zero
 // (DAZ, FTZ), which the fp32 kernels do not; the first-use check's values stay clear of them.
 template <int MR>
-void tile_bf16_model(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
+void tile_bf16_model(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, const PackedB& B, float* C,
                      int64_t ldc, bool zero_start, const float* bias) {
   for (int i = 0; i < MR; ++i)
     for (int64_t j = 0; j < width; ++j) {
       float c = !zero_start ? C[i * ldc + j] : (bias ? bias[j] : 0.0f);
       for (int64_t q = 0; q < pairs; ++q) {
-        const uint32_t a = Ap[q * MR + i], b = Bp[q * ldb + j];
+        const uint32_t a = Ap[q * MR + i], b = Bp[B.pair_word_offset(width, q, j)];
         c = std::fma(high_half(a), high_half(b), c);
         c = std::fma(low_half(a), low_half(b), c);
       }
@@ -55,22 +55,29 @@ void tile_bf16_model(int64_t width, int64_t pairs, const uint32_t* Ap, const uin
 
 // bf16 pairs: C[MR][16 NV] (+)= sum over depth pairs q of the pair products, c = dpbf16(c, a, b):
 // per lane, fma(a_odd, b_odd) then fma(a_even, b_even). Ap: [pairs][MR] words of A's pairs (the
-// even depth in the low half); Bp: [pairs][ldb] words of B's.
+// even depth in the low half); Bp: B's words in a panel `width` wide, a pair's next pair_step
+// words on within a block of 16 pairs, its next 16 columns group_step on (PackedB::pair_word_offset).
 template <int MR, int NV>
 __attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pairs, const uint32_t* Ap,
-                                                                     const uint32_t* Bp, int64_t ldb, float* C,
+                                                                     const uint32_t* Bp, int64_t width,
+                                                                     int64_t pair_step, int64_t group_step, float* C,
                                                                      int64_t ldc, bool zero_start, const float* bias) {
   __m512 c[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v)
       c[i][v] = !zero_start ? _mm512_loadu_ps(C + i * ldc + 16 * v)
                             : (bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps());
-  for (int64_t q = 0; q < pairs; ++q) {
-    __m512bh b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(Bp + q * ldb + 16 * v);
-    for (int i = 0; i < MR; ++i) {
-      __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(Ap[q * MR + i]));
-      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], a, b[v]);
+  for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
+    const uint32_t* block = Bp + q0 * width;  // pairs q0..
+    const uint32_t* a_words = Ap + q0 * MR;
+    const int64_t n = std::min<int64_t>(16, pairs - q0);
+    for (int64_t l = 0; l < n; ++l, block += pair_step, a_words += MR) {
+      __m512bh b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(block + group_step * v);
+      for (int i = 0; i < MR; ++i) {
+        __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_words[i]));
+        for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], a, b[v]);
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -85,17 +92,18 @@ bool gemm_detail::cpu_has_bf16_dot() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
 }
 
-void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb,
+void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, const PackedB& B,
                                 float* C, int64_t ldc, bool zero_start, const float* bias) {
   if (g_emulate_dot.load(std::memory_order_relaxed)) {
     g_emulated_tiles.fetch_add(1, std::memory_order_relaxed);
-    return tile_bf16_model<6>(width, pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
+    return tile_bf16_model<6>(width, pairs, Ap, Bp, B, C, ldc, zero_start, bias);
   }
+  const int64_t ps = B.pair_step(width), gs = B.group_step();
   switch (width / 16) {
-    case 1: return kernel_avx512_bf16<6, 1>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
-    case 2: return kernel_avx512_bf16<6, 2>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
-    case 3: return kernel_avx512_bf16<6, 3>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
-    default: return kernel_avx512_bf16<6, 4>(pairs, Ap, Bp, ldb, C, ldc, zero_start, bias);
+    case 1: return kernel_avx512_bf16<6, 1>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
+    case 2: return kernel_avx512_bf16<6, 2>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
+    case 3: return kernel_avx512_bf16<6, 3>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
+    default: return kernel_avx512_bf16<6, 4>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/bf16_lanes.h"
+#include "core/error.h"
 #include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/gemm_internal.h"
@@ -323,23 +324,23 @@ void gemm_detail::add_bf16_pairs(PackedB& out) {
     out.pairs.clear();
     return;
   }
-  // the AVX512_BF16 kernel's words: [K2 / 2][width] per panel, whatever the strips. Panel row 2q
-  // holds depth 2q + 1 and row 2q + 1 depth 2q (pair order), both already rounded.
-  out.pairs.resize(std::max<int64_t>(1, out.panels() * (K2 / 2) * kPanel));
+  // the AVX512_BF16 kernel's words (PackedB::pairs), whatever the strips. Panel row 2q holds depth
+  // 2q + 1 and row 2q + 1 depth 2q (pair order), both already rounded.
+  out.pair_tiles = bf16_order_is_amx();
+  out.pairs.assign(std::max<int64_t>(1, out.panels() * out.pair_rows() * kPanel), 0u);
   for (int64_t p = 0; p < out.panels(); ++p) {
     const int64_t width = out.panel_width(p), S = out.strip_of(p);
-    uint32_t* words = out.pairs.data() + p * (K2 / 2) * kPanel;
+    uint32_t* words = out.pairs.data() + p * out.pair_rows() * kPanel;
     for (int64_t s0 = 0; s0 < width; s0 += S) {
       const float* strip = out.panel(p) + s0 * K2;  // [K2][S]
       for (int64_t q = 0; q < K2 / 2; ++q) {
         const float* odd = strip + 2 * q * S;
         const float* even = odd + S;
-        uint32_t* w = words + q * width + s0;
         for (int64_t j = 0; j < S; ++j) {
           uint32_t o, e;
           std::memcpy(&o, odd + j, 4);
           std::memcpy(&e, even + j, 4);
-          w[j] = (o & 0xffff0000u) | (e >> 16);
+          words[out.pair_word_offset(width, q, s0 + j)] = (o & 0xffff0000u) | (e >> 16);
         }
       }
     }
@@ -348,18 +349,30 @@ void gemm_detail::add_bf16_pairs(PackedB& out) {
 
 void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums) {
   const int64_t K2 = K + (K & 1), pairs = K2 / 2;
-  out.pairs.resize(std::max<int64_t>(1, out.panels() * pairs * kPanel));
+  PM_CHECK(out.K == K2, "pack_b_pair_words: the packing's depth {} is not {}", out.K, K2);
+  out.pair_tiles = bf16_order_is_amx();
+  out.pairs.resize(std::max<int64_t>(1, out.panels() * out.pair_rows() * kPanel));
   for (int64_t p = 0; p < out.panels(); ++p) {
     const int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
-    uint32_t* words = out.pairs.data() + p * pairs * kPanel;
+    uint32_t* words = out.pairs.data() + p * out.pair_rows() * kPanel;
     float* sums = column_sums ? column_sums + col0 : nullptr;
+    // one pair's row of words (zeros past cols): in the dot order where it goes, in the amx order
+    // into a row first, then 16 columns at a time into their tiles (a pair_words call per 16 columns
+    // left the weight gradients' products 1.06-1.17x slower than in the dot order's layout)
+    alignas(64) uint32_t row[kPanel];
+    auto put = [&](int64_t q, const auto* even, const auto* odd) {
+      uint32_t* w = out.pair_tiles ? row : words + out.pair_word_offset(width, q, 0);
+      pair_words(even, odd, cols, w);
+      std::fill(w + cols, w + width, 0u);
+      if (out.pair_tiles)
+        for (int64_t j = 0; j < width; j += 16) std::memcpy(words + out.pair_word_offset(width, q, j), row + j, 64);
+    };
     for (int64_t q = 0; q < pairs; ++q) {
-      uint32_t* w = words + q * width;
       const bool has_odd = 2 * q + 1 < K;
       if (B.is_bf16()) {
         const uint16_t* even = B.row16(2 * q) + col0;
         const uint16_t* odd = has_odd ? B.row16(2 * q + 1) + col0 : nullptr;
-        pair_words(even, odd, cols, w);
+        put(q, even, odd);
         if (sums) {
           for (int64_t j = 0; j < cols; ++j) sums[j] += bf16_to_float(even[j]);
           if (odd)
@@ -368,15 +381,16 @@ void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& 
       } else {
         const float* even = B.row(2 * q) + col0;
         const float* odd = has_odd ? B.row(2 * q + 1) + col0 : nullptr;
-        pair_words(even, odd, cols, w);
+        put(q, even, odd);
         if (sums) {  // this panel's columns, the even row then the odd one
           for (int64_t j = 0; j < cols; ++j) sums[j] += even[j];
           if (odd)
             for (int64_t j = 0; j < cols; ++j) sums[j] += odd[j];
         }
       }
-      std::fill(w + cols, w + width, 0u);
     }
+    for (int64_t q = pairs; q < out.pair_rows(); ++q)  // the last block's padding
+      for (int64_t j = 0; j < width; j += 16) std::fill_n(words + out.pair_word_offset(width, q, j), 16, 0u);
   }
 }
 

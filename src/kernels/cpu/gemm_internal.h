@@ -138,8 +138,9 @@ bool bf16_pair_words_wanted();
 // ---- gemm_bf16.cpp ----------------------------------------------------------------------------
 // The CPU has AVX512_BF16 (or tests emulate it: emulate_bf16_dot_for_testing).
 bool cpu_has_bf16_dot();
-// One 6 x width tile with vdpbf16ps: Ap [pairs][6] and Bp [pairs][ldb] words of bf16 pairs.
-void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, int64_t ldb, float* C,
+// One 6 x width tile with vdpbf16ps: Ap [pairs][6] words of bf16 pairs, Bp a panel of B's (width
+// columns, from a block of 16 pairs on, laid out as B's: PackedB::pair_word_offset).
+void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, const PackedB& B, float* C,
                    int64_t ldc, bool zero_start, const float* bias);
 // Whether a GEMM with B runs the AVX512_BF16 kernel: B is bf16 with pairs, the CPU has the
 // instructions, the ISA is not forced down, and the kernel passed its first-use check.
