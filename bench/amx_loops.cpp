@@ -14,41 +14,22 @@
 //
 //   (built with the tree: build/bench/amx_loops; exits 0 with a note on a CPU without AMX)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cpuid.h>
 #include <cstdint>
 #include <cstdio>
 #include <vector>
+
+#include "kernels/cpu/gemm_internal.h"
+
+using pm::gemm_detail::configure_tiles_on_this_thread;
+using pm::gemm_detail::cpu_has_amx;
 
 namespace {
 
 constexpr int kSteps = 32;          // depth steps per pass: 32 KB of A and B tiles, in L1
 constexpr long kProducts = 1 << 22;  // tile products per timing
-
-bool amx_here() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22))) return false;
-  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux's permission for the tile state
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-__attribute__((target("amx-tile"))) void configure() {
-  alignas(64) TileConfig config;
-  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
-  asm volatile("" ::: "memory");  // GCC 12 thinks ldtilecfg reads 8 bytes (kernels/cpu/gemm_amx.cpp)
-  _tile_loadconfig(&config);
-}
 
 // Operand tiles of 1 KB: two A and two B tiles per depth step, zeros (no overflow however long).
 alignas(64) uint32_t A[2][kSteps][256], B[2][kSteps][256];
@@ -118,11 +99,11 @@ double gflops(Shape shape) {
 }  // namespace
 
 int main() {
-  if (!amx_here()) {
+  if (!cpu_has_amx()) {
     std::printf("amx_loops: this CPU has no AMX-BF16 (or Linux did not grant the tile state): nothing to time\n");
     return 0;
   }
-  configure();
+  configure_tiles_on_this_thread();
   std::vector<double> runs[kShapes];
   for (int round = 0; round < 7; ++round)  // shapes interleaved, so the host's drift falls on all
     for (int s = 0; s < kShapes; ++s) runs[s].push_back(gflops(static_cast<Shape>(s)));

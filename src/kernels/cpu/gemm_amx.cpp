@@ -81,9 +81,11 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+}  // namespace
+
 // The tile configuration is per thread (it lives in the thread's register state): set once on each
 // thread that runs the kernel, every tile 16 rows of 64 bytes.
-__attribute__((target("amx-tile"))) void configure_tiles_on_this_thread() {
+__attribute__((target("amx-tile"))) void gemm_detail::configure_tiles_on_this_thread() {
   thread_local bool configured = false;
   if (configured) return;
   alignas(64) TileConfig config;
@@ -95,6 +97,8 @@ __attribute__((target("amx-tile"))) void configure_tiles_on_this_thread() {
   _tile_loadconfig(&config);
   configured = true;
 }
+
+namespace {
 
 // ---- one panel of B against a packed block of A ---------------------------------------------------
 

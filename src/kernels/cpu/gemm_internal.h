@@ -151,6 +151,9 @@ bool use_bf16_dot(const PackedB& B);
 bool bf16_order_is_amx();
 // The CPU has AMX's bf16 tiles and the kernel lets this process use them.
 bool cpu_has_amx();
+// Sets the calling thread's tile configuration once (every tile 16 rows of 64 bytes): needed
+// before its first tile instruction. Only where cpu_has_amx().
+void configure_tiles_on_this_thread();
 // gemm_packed_impl's bf16 GEMM in AMX's order: on the tiles where the CPU has AMX, else the model.
 void gemm_amx_order(Trans trans_a, int64_t M, RowSource A, const PackedB& B, float beta, float* C, int64_t ldc,
                     const GemmExtras& extras);
