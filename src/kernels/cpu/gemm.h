@@ -41,8 +41,8 @@ struct PackedB {
   // pairs ([pair_rows() / 16] blocks; pairs from K / 2 on zero). Within a block, as packed in the
   // dot order: pair by pair, [16][width_p] (what the AVX512_BF16 kernel reads fastest); in the amx
   // order (pair_tiles): 16 columns by 16, [width_p / 16][16 pairs][16 columns], each one AMX B tile
-  // (1 KB, contiguous: its products ran 0.86-0.89x the time of the pair-by-pair rows' on 5 of the
-  // 7 shapes of bench/gemm_ab.sh). Every kernel reads both (pair_word_offset).
+  // (1 KB, contiguous: its products took 0.86-0.95x the time of the pair-by-pair rows' on every
+  // shape of bench/gemm_ab.sh, two processes at once). Every kernel reads both (pair_word_offset).
   std::vector<uint32_t, AlignedAllocator<uint32_t>> pairs;
   bool pair_tiles = false;
   int64_t pair_rows() const { return (K / 2 + 15) / 16 * 16; }
