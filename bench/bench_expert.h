@@ -5,12 +5,24 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "core/tensor.h"
 #include "kernels/cpu/expert_ffn.h"
 
 namespace pm::bench {
+
+// BF16_ORDER=amx: the bf16 GEMMs in AMX's order (gemm.h); amx-model: in that order on its fp32
+// model even where the CPU has AMX (what a CPU without it runs). Unset or anything else: the dot
+// order.
+inline void set_bf16_order_from_env() {
+  if (const char* order = std::getenv("BF16_ORDER"); order && std::strncmp(order, "amx", 3) == 0) {
+    set_bf16_order(Bf16Order::amx);
+    use_amx_model_for_testing(std::strcmp(order, "amx-model") == 0);
+  }
+}
 
 struct BenchExpert {
   int64_t R, M, H;

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bench_expert.h"
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/expert_ffn.h"
@@ -119,10 +120,7 @@ void run(Precision precision) {
 
 int main(int argc, char** argv) {
   const bool fp32 = argc > 1 && std::strcmp(argv[1], "fp32") == 0;
-  if (const char* order = std::getenv("BF16_ORDER"); order && std::strncmp(order, "amx", 3) == 0) {
-    set_bf16_order(Bf16Order::amx);
-    use_amx_model_for_testing(std::strcmp(order, "amx-model") == 0);
-  }
+  bench::set_bf16_order_from_env();
   if ((argc > 1 && !fp32 && std::strcmp(argv[1], "bf16") != 0) || (argc != 1 && argc != 2 && argc != 5 && argc != 6)) {
     std::fprintf(stderr, "usage: %s [bf16|fp32] [ROWS M H [gelu|swiglu]]\n", argv[0]);
     return 2;

@@ -9,7 +9,7 @@
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/experts_in_turn.cpp -o /tmp/experts_in_turn
 //       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
 //   (or build/bench/experts_in_turn, built with the tree)
-//   /tmp/experts_in_turn [N ROWS M H [gelu|swiglu]]
+//   /tmp/experts_in_turn [N ROWS M H [gelu|swiglu]]   (BF16_ORDER=amx: in AMX's order, bench_expert.h)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s [N ROWS M H [gelu|swiglu]]  (M, H even)\n", argv[0]);
     return 2;
   }
+  bench::set_bf16_order_from_env();
   std::vector<std::unique_ptr<Expert>> experts;
   for (int e = 0; e < n; ++e) experts.push_back(std::make_unique<Expert>(e, R, M, H, kind));
   auto forward = [](Expert& x) { x.forward(); };
