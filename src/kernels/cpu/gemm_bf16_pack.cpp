@@ -28,6 +28,10 @@ inline uint32_t rounded_high(float value) {
   return nan ? 0x7fc00000u : rounded;
 }
 
+// A value as the float it stands for (bf16 widened exactly).
+inline float widened(float v) { return v; }
+inline float widened(uint16_t v) { return bf16_to_float(v); }
+
 // out[j] = the pair word of even[j] and odd[j] (odd null: a zero odd member), rounded to bf16.
 void pair_words(const float* even, const float* odd, int64_t n, uint32_t* out) {
   int64_t j = 0;
@@ -352,44 +356,44 @@ void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& 
   PM_CHECK(out.K == K2, "pack_b_pair_words: the packing's depth {} is not {}", out.K, K2);
   out.pair_tiles = bf16_order_is_amx();
   out.pairs.resize(std::max<int64_t>(1, out.panels() * out.pair_rows() * kPanel));
-  for (int64_t p = 0; p < out.panels(); ++p) {
+  // Pair by pair, each pair's two rows whole across the panels: B's rows (activation gradients the
+  // backward wrote, rows of 4 KB and more) are read front to back, which the hardware prefetcher
+  // follows. Panel by panel, each row was read in spans of 256 bytes, a page apart from the last
+  // span read: a wait on memory per span (the amx order's layer spent 5% of its time here).
+  alignas(64) uint32_t row[kPanel];
+  // one pair's words of one panel (zeros past its columns): in the dot order where they go, in the
+  // amx order into a row first, then 16 columns at a time into their tiles (a pair_words call per
+  // 16 columns left one weight gradient's product, u^T dh, 1.06-1.17x slower than with rows of pairs)
+  auto put = [&](int64_t q, int64_t p, const auto* even, const auto* odd) {
     const int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
     uint32_t* words = out.pairs.data() + p * out.pair_rows() * kPanel;
-    float* sums = column_sums ? column_sums + col0 : nullptr;
-    // one pair's row of words (zeros past cols): in the dot order where it goes, in the amx order
-    // into a row first, then 16 columns at a time into their tiles (a pair_words call per 16 columns
-    // left one weight gradient's product, u^T dh, 1.06-1.17x slower than with rows of pairs)
-    alignas(64) uint32_t row[kPanel];
-    auto put = [&](int64_t q, const auto* even, const auto* odd) {
-      uint32_t* w = out.pair_tiles ? row : words + out.pair_word_offset(width, q, 0);
-      pair_words(even, odd, cols, w);
-      std::fill(w + cols, w + width, 0u);
-      if (out.pair_tiles)
-        for (int64_t j = 0; j < width; j += 16) std::memcpy(words + out.pair_word_offset(width, q, j), row + j, 64);
+    uint32_t* w = out.pair_tiles ? row : words + out.pair_word_offset(width, q, 0);
+    pair_words(even + col0, odd ? odd + col0 : nullptr, cols, w);
+    std::fill(w + cols, w + width, 0u);
+    if (out.pair_tiles)
+      for (int64_t j = 0; j < width; j += 16) std::memcpy(words + out.pair_word_offset(width, q, j), row + j, 64);
+  };
+  // the column sums in row order: the even row, then the odd one
+  auto add = [&](const auto* r) {
+    if (column_sums && r)
+      for (int64_t j = 0; j < N; ++j) column_sums[j] += widened(r[j]);
+  };
+  for (int64_t q = 0; q < pairs; ++q) {
+    const bool has_odd = 2 * q + 1 < K;
+    auto both = [&](const auto* even, const auto* odd) {
+      for (int64_t p = 0; p < out.panels(); ++p) put(q, p, even, odd);
+      add(even);
+      add(odd);
     };
-    for (int64_t q = 0; q < pairs; ++q) {
-      const bool has_odd = 2 * q + 1 < K;
-      if (B.is_bf16()) {
-        const uint16_t* even = B.row16(2 * q) + col0;
-        const uint16_t* odd = has_odd ? B.row16(2 * q + 1) + col0 : nullptr;
-        put(q, even, odd);
-        if (sums) {
-          for (int64_t j = 0; j < cols; ++j) sums[j] += bf16_to_float(even[j]);
-          if (odd)
-            for (int64_t j = 0; j < cols; ++j) sums[j] += bf16_to_float(odd[j]);
-        }
-      } else {
-        const float* even = B.row(2 * q) + col0;
-        const float* odd = has_odd ? B.row(2 * q + 1) + col0 : nullptr;
-        put(q, even, odd);
-        if (sums) {  // this panel's columns, the even row then the odd one
-          for (int64_t j = 0; j < cols; ++j) sums[j] += even[j];
-          if (odd)
-            for (int64_t j = 0; j < cols; ++j) sums[j] += odd[j];
-        }
-      }
-    }
-    for (int64_t q = pairs; q < out.pair_rows(); ++q)  // the last block's padding
+    if (B.is_bf16())
+      both(B.row16(2 * q), has_odd ? B.row16(2 * q + 1) : nullptr);
+    else
+      both(B.row(2 * q), has_odd ? B.row(2 * q + 1) : nullptr);
+  }
+  for (int64_t p = 0; p < out.panels(); ++p) {  // the last block's padding
+    const int64_t width = out.panel_width(p);
+    uint32_t* words = out.pairs.data() + p * out.pair_rows() * kPanel;
+    for (int64_t q = pairs; q < out.pair_rows(); ++q)
       for (int64_t j = 0; j < width; j += 16) std::fill_n(words + out.pair_word_offset(width, q, j), 16, 0u);
   }
 }
