@@ -134,31 +134,35 @@ TEST_P(AmxOrder, RowResultsDoNotDependOnSplitsOrThreadsAndABiasStartsTheChain) {
 // Weight gradients: rows by pointers, A and B rows stored in bf16, the bias gradient's column sums.
 TEST_P(AmxOrder, RowsByPointersAndBf16RowsGiveTheContiguousProductsBits) {
   const int64_t M = 45, N = 70, K = 37;
-  auto A = random_matrix(K * M, 10), B = random_matrix(K * N, 11), C0 = random_matrix(M * N, 12);
-  std::vector<uint16_t> A16(A.size()), B16(B.size());
-  floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
-  floats_to_bf16(B.data(), B16.data(), static_cast<int64_t>(B.size()));
-  std::vector<const float*> a_rows, b_rows;
-  std::vector<const uint16_t*> a_rows16, b_rows16;
-  for (int64_t k = 0; k < K; ++k) {
-    a_rows.push_back(A.data() + k * M), a_rows16.push_back(A16.data() + k * M);
-    b_rows.push_back(B.data() + k * N), b_rows16.push_back(B16.data() + k * N);
+  // rows past four of amx_gemm's blocks (1100 > 4 x 256), depths past one block (2403 > 2048)
+  for (auto [m, n, k] : {std::array<int64_t, 3>{M, N, K}, {1100, 20, 2403}, {17, 33, 64}}) {
+    auto A = random_matrix(k * m, 10), B = random_matrix(k * n, 11), C0 = random_matrix(m * n, 12);
+    std::vector<uint16_t> A16(A.size()), B16(B.size());
+    floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+    floats_to_bf16(B.data(), B16.data(), static_cast<int64_t>(B.size()));
+    std::vector<const float*> a_rows, b_rows;
+    std::vector<const uint16_t*> a_rows16, b_rows16;
+    for (int64_t d = 0; d < k; ++d) {
+      a_rows.push_back(A.data() + d * m), a_rows16.push_back(A16.data() + d * m);
+      b_rows.push_back(B.data() + d * n), b_rows16.push_back(B16.data() + d * n);
+    }
+    const auto expected = amx_chain(Trans::yes, Trans::no, m, n, k, A, B, C0, 1.0f);
+    std::vector<float> sums_expected(n, 0.0f);
+    for (int64_t d = 0; d < k; ++d)
+      for (int64_t j = 0; j < n; ++j) sums_expected[j] += B[d * n + j];
+    std::vector<float> C = C0, sums(n, 0.0f);
+    gemm_tn_rows_bf16(m, n, k, a_rows.data(), b_rows.data(), 1.0f, C.data(), n, sums.data());
+    EXPECT_TRUE(same_bits(C, expected)) << m << "x" << n << "x" << k;
+    EXPECT_TRUE(same_bits(sums, sums_expected)) << m << "x" << n << "x" << k;
+    C = C0;
+    gemm_tn_rows_bf16(m, n, k, a_rows16.data(), b_rows.data(), 1.0f, C.data(), n);
+    EXPECT_TRUE(same_bits(C, expected)) << "A rows in bf16, " << m << "x" << n << "x" << k;
+    C = C0;
+    gemm_tn_rows_bf16(m, n, k, a_rows16.data(), b_rows16.data(), 1.0f, C.data(), n);
+    EXPECT_TRUE(same_bits(C, expected)) << "A and B rows in bf16, " << m << "x" << n << "x" << k;
   }
-  const auto expected = amx_chain(Trans::yes, Trans::no, M, N, K, A, B, C0, 1.0f);
-  std::vector<float> sums_expected(N, 0.0f);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t j = 0; j < N; ++j) sums_expected[j] += B[k * N + j];
-  std::vector<float> C = C0, sums(N, 0.0f);
-  gemm_tn_rows_bf16(M, N, K, a_rows.data(), b_rows.data(), 1.0f, C.data(), N, sums.data());
-  EXPECT_TRUE(same_bits(C, expected));
-  EXPECT_TRUE(same_bits(sums, sums_expected));
-  C = C0;
-  gemm_tn_rows_bf16(M, N, K, a_rows16.data(), b_rows.data(), 1.0f, C.data(), N);
-  EXPECT_TRUE(same_bits(C, expected)) << "A rows in bf16";
-  C = C0;
-  gemm_tn_rows_bf16(M, N, K, a_rows16.data(), b_rows16.data(), 1.0f, C.data(), N);
-  EXPECT_TRUE(same_bits(C, expected)) << "A and B rows in bf16";
   // A stored in bf16, contiguous
+  const auto B = random_matrix(K * N, 11), C0 = random_matrix(M * N, 12);
   std::vector<uint16_t> Ar16(M * K);
   auto Ar = random_matrix(M * K, 13);
   floats_to_bf16(Ar.data(), Ar16.data(), M * K);
