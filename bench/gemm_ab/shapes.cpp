@@ -4,7 +4,8 @@
 // expert, M 512, H 1024) and returns its seconds; shape 6 is the 2048^3 product. The bits of the
 // product it wrote go to *hash (FNV-1a), so the two sides can be compared bit for bit.
 // GEMM_AB_DTYPE=bf16 (environment): the same shapes as the layer's bf16 GEMMs (B packed by
-// pack_b_bf16; the weight gradients' A rows stored in bf16, as a bf16 expert saves them).
+// pack_b_bf16; A's rows stored in bf16 where a bf16 expert keeps them: u, the activations and the
+// output gradients dy, which arrive in bf16; dh stays float).
 // GEMM_AB_ORDER=amx with it: the bf16 GEMMs in AMX's order (both sides need a revision that has it).
 #include <chrono>
 #include <cstdint>
@@ -22,7 +23,7 @@ extern "C" double GEMM_AB_RUN(int shape, uint64_t* hash) {
   static std::vector<float> u(R * M), a(R * H), dy(R * M), dh(R * H), w1(M * H), w2(H * M), out(R * H), gw(H * M);
   static std::vector<const float*> a_rows(R), dy_rows(R), u_rows(R), dh_rows(R);
   static std::vector<float> sa, sb, sc;
-  static std::vector<uint16_t> a16(R * H), u16(R * M);
+  static std::vector<uint16_t> a16(R * H), u16(R * M), dy16(R * M);
   static std::vector<const uint16_t*> a16_rows(R), u16_rows(R);
   static PackedB pw1, pw2, pw2t, pw1t, psq;
   static const bool bf16 = std::getenv("GEMM_AB_DTYPE") && std::string(std::getenv("GEMM_AB_DTYPE")) == "bf16";
@@ -43,16 +44,31 @@ extern "C" double GEMM_AB_RUN(int shape, uint64_t* hash) {
     for (int64_t i = 0; i < R; ++i)
       a_rows[i] = &a[i * H], dy_rows[i] = &dy[i * M], u_rows[i] = &u[i * M], dh_rows[i] = &dh[i * H];
     for (size_t i = 0; i < a.size(); ++i) a16[i] = static_cast<uint16_t>((static_cast<uint32_t>(i % 5) + 0x3f00) & 0xffff);
-    for (size_t i = 0; i < u.size(); ++i) u16[i] = static_cast<uint16_t>(0x3e00 + i % 7);
+    for (size_t i = 0; i < u.size(); ++i) u16[i] = static_cast<uint16_t>(0x3e00 + i % 7), dy16[i] = u16[i] ^ 0x8000;
     for (int64_t i = 0; i < R; ++i) a16_rows[i] = &a16[i * H], u16_rows[i] = &u16[i * M];
     sa.assign(S * S, 0.5f), sb.assign(S * S, 0.25f), sc.assign(S * S, 0.0f);
     pack(Trans::no, S, S, sb.data(), S, psq);
   }
   const auto start = std::chrono::steady_clock::now();
   switch (shape) {
-    case 0: gemm_packed(Trans::no, R, u.data(), M, pw1, 0.0f, out.data(), H); break;
-    case 1: gemm_packed(Trans::no, R, a.data(), H, pw2, 0.0f, out.data(), M); break;
-    case 2: gemm_packed(Trans::no, R, dy.data(), M, pw2t, 0.0f, out.data(), H); break;
+    case 0:
+      if (bf16)
+        gemm_packed(Trans::no, R, u16.data(), M, pw1, 0.0f, out.data(), H);
+      else
+        gemm_packed(Trans::no, R, u.data(), M, pw1, 0.0f, out.data(), H);
+      break;
+    case 1:
+      if (bf16)
+        gemm_packed(Trans::no, R, a16.data(), H, pw2, 0.0f, out.data(), M);
+      else
+        gemm_packed(Trans::no, R, a.data(), H, pw2, 0.0f, out.data(), M);
+      break;
+    case 2:
+      if (bf16)
+        gemm_packed(Trans::no, R, dy16.data(), M, pw2t, 0.0f, out.data(), H);
+      else
+        gemm_packed(Trans::no, R, dy.data(), M, pw2t, 0.0f, out.data(), H);
+      break;
     case 3: gemm_packed(Trans::no, R, dh.data(), H, pw1t, 0.0f, out.data(), M); break;
     case 4:
       if (bf16)

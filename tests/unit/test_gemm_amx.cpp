@@ -161,15 +161,19 @@ TEST_P(AmxOrder, RowsByPointersAndBf16RowsGiveTheContiguousProductsBits) {
     gemm_tn_rows_bf16(m, n, k, a_rows16.data(), b_rows16.data(), 1.0f, C.data(), n);
     EXPECT_TRUE(same_bits(C, expected)) << "A and B rows in bf16, " << m << "x" << n << "x" << k;
   }
-  // A stored in bf16, contiguous
-  const auto B = random_matrix(K * N, 11), C0 = random_matrix(M * N, 12);
-  std::vector<uint16_t> Ar16(M * K);
-  auto Ar = random_matrix(M * K, 13);
-  floats_to_bf16(Ar.data(), Ar16.data(), M * K);
-  std::vector<float> from_floats = C0, from_bf16 = C0;
-  gemm_bf16(Trans::no, Trans::no, M, N, K, Ar.data(), K, B.data(), N, 1.0f, from_floats.data(), N);
-  gemm_bf16(Trans::no, Trans::no, M, N, K, Ar16.data(), K, B.data(), N, 1.0f, from_bf16.data(), N);
-  EXPECT_TRUE(same_bits(from_floats, from_bf16));
+  // A stored in bf16, contiguous (rows lda apart, lda >= K, even or odd), several blocks of rows and
+  // of depths: the bits of the same values held in floats
+  for (auto [m, n, k, lda] : {std::array<int64_t, 4>{M, N, K, K}, {300, 40, 512, 514}, {70, 24, 4160, 4160},
+                              {33, 17, 96, 97}})
+    for (float beta : {0.0f, 1.0f}) {
+      const auto B = random_matrix(k * n, 11), C0 = random_matrix(m * n, 12), Ar = random_matrix(m * lda, 13);
+      std::vector<uint16_t> Ar16(m * lda);
+      floats_to_bf16(Ar.data(), Ar16.data(), m * lda);
+      std::vector<float> from_floats = C0, from_bf16 = C0;
+      gemm_bf16(Trans::no, Trans::no, m, n, k, Ar.data(), lda, B.data(), n, beta, from_floats.data(), n);
+      gemm_bf16(Trans::no, Trans::no, m, n, k, Ar16.data(), lda, B.data(), n, beta, from_bf16.data(), n);
+      EXPECT_TRUE(same_bits(from_floats, from_bf16)) << m << "x" << n << "x" << k << " lda " << lda;
+    }
 }
 
 // B's pair words are laid out for the order that packed them (PackedB::pair_tiles: 16 x 16 tiles
