@@ -200,6 +200,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void transposed_row_words_a
       const int64_t n = std::clamp<int64_t>(rows - i0, 0, 16);
       const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
       __m512i r[16];
+      // the next block's 32 storage rows, a line each per 64 bytes of this span: the spans are a row
+      // apart, which the hardware prefetcher does not follow (the layer's backward 0.979x the time,
+      // 10 interleaved rounds; its weight gradients' products alone 0.97-1.00x)
+      if (qb + 16 < pairs && (!A.is_bf16() || i0 % 32 == 0))
+        for (int64_t d = 2 * (qb + 16); d < std::min(2 * (qb + 32), have); ++d)
+          A.is_bf16() ? __builtin_prefetch(A.row16(k0 + d) + row0 + i0) : __builtin_prefetch(A.row(k0 + d) + row0 + i0);
       for (int l = 0; l < 16; ++l) {
         const int64_t even = 2 * (qb + l), odd = even + 1;
         const int64_t col = row0 + i0;
