@@ -373,11 +373,17 @@ void pack_panels(int64_t K, int64_t N, PackedB& out, Fill fill) {
 }  // namespace
 
 void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums) {
-  pack_panels(K, N, out, [&](const PanelSlot& s) {
-    for (int64_t k = 0; k < K; ++k) {
-      const float* src = B.row(k) + s.col0;
-      if (column_sums)  // this panel's columns, row k after rows 0..k-1
-        for (int64_t j = 0; j < s.cols; ++j) column_sums[s.col0 + j] += src[j];
+  // Row by row, each row across the panels: B's rows (a weight gradient's output gradients, rows
+  // of 2 KB and more) are read front to back, which the hardware prefetcher follows; panel by
+  // panel, each row was read in spans of 256 bytes a row apart (as pack_b_pair_words, gemm_bf16_pack.cpp).
+  std::vector<PanelSlot> slots;
+  pack_panels(K, N, out, [&](const PanelSlot& s) { slots.push_back(s); });
+  for (int64_t k = 0; k < K; ++k) {
+    const float* src_row = B.row(k);
+    if (column_sums)  // row k after rows 0..k-1
+      for (int64_t j = 0; j < N; ++j) column_sums[j] += src_row[j];
+    for (const PanelSlot& s : slots) {
+      const float* src = src_row + s.col0;
       for (int64_t s0 = 0; s0 < s.width; s0 += s.strip) {
         float* row = s.strip_row(s0, k);
         const int64_t n = std::clamp<int64_t>(s.cols - s0, 0, s.strip_cols(s0));
@@ -389,7 +395,7 @@ void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, f
         for (int64_t j = n; j < s.strip_cols(s0); ++j) row[j] = 0.0f;
       }
     }
-  });
+  }
 }
 
 void gemm_detail::pack_b_rows_bf16(int64_t K, int64_t N, RowSource B, PackedB& out) {
