@@ -49,26 +49,18 @@ extern "C" double GEMM_AB_RUN(int shape, uint64_t* hash) {
     sa.assign(S * S, 0.5f), sb.assign(S * S, 0.25f), sc.assign(S * S, 0.0f);
     pack(Trans::no, S, S, sb.data(), S, psq);
   }
+  // out = A op(B), A's rows in bf16 where a bf16 expert keeps them
+  auto nn = [](const float* a32, const uint16_t* a16, int64_t lda, const PackedB& b, int64_t n) {
+    if (bf16)
+      gemm_packed(Trans::no, R, a16, lda, b, 0.0f, out.data(), n);
+    else
+      gemm_packed(Trans::no, R, a32, lda, b, 0.0f, out.data(), n);
+  };
   const auto start = std::chrono::steady_clock::now();
   switch (shape) {
-    case 0:
-      if (bf16)
-        gemm_packed(Trans::no, R, u16.data(), M, pw1, 0.0f, out.data(), H);
-      else
-        gemm_packed(Trans::no, R, u.data(), M, pw1, 0.0f, out.data(), H);
-      break;
-    case 1:
-      if (bf16)
-        gemm_packed(Trans::no, R, a16.data(), H, pw2, 0.0f, out.data(), M);
-      else
-        gemm_packed(Trans::no, R, a.data(), H, pw2, 0.0f, out.data(), M);
-      break;
-    case 2:
-      if (bf16)
-        gemm_packed(Trans::no, R, dy16.data(), M, pw2t, 0.0f, out.data(), H);
-      else
-        gemm_packed(Trans::no, R, dy.data(), M, pw2t, 0.0f, out.data(), H);
-      break;
+    case 0: nn(u.data(), u16.data(), M, pw1, H); break;
+    case 1: nn(a.data(), a16.data(), H, pw2, M); break;
+    case 2: nn(dy.data(), dy16.data(), M, pw2t, H); break;
     case 3: gemm_packed(Trans::no, R, dh.data(), H, pw1t, 0.0f, out.data(), M); break;
     case 4:
       if (bf16)
