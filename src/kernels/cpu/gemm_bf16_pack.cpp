@@ -197,7 +197,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void transposed_row_words_a
     uint32_t* out) {
   for (int64_t qb = 0; qb < pairs; qb += 16)
     for (int64_t i0 = 0; i0 < padded_rows; i0 += 16) {
-      const int64_t n = std::clamp<int64_t>(rows - i0, 0, 16);
+      const int64_t n = std::clamp<int64_t>(rows - i0, 0, 16), col = row0 + i0;
       const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
       __m512i r[16];
       // the next block's 32 storage rows, a line each per 64 bytes of this span: the spans are a row
@@ -205,10 +205,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void transposed_row_words_a
       // 10 interleaved rounds; its weight gradients' products alone 0.97-1.00x)
       if (qb + 16 < pairs && (!A.is_bf16() || i0 % 32 == 0))
         for (int64_t d = 2 * (qb + 16); d < std::min(2 * (qb + 32), have); ++d)
-          A.is_bf16() ? __builtin_prefetch(A.row16(k0 + d) + row0 + i0) : __builtin_prefetch(A.row(k0 + d) + row0 + i0);
+          A.is_bf16() ? __builtin_prefetch(A.row16(k0 + d) + col) : __builtin_prefetch(A.row(k0 + d) + col);
       for (int l = 0; l < 16; ++l) {
         const int64_t even = 2 * (qb + l), odd = even + 1;
-        const int64_t col = row0 + i0;
         const __m512i low = widened_bf16x16(A, k0 + even, n > 0 && even < have, col, valid);
         const __m512i high = widened_bf16x16(A, k0 + odd, n > 0 && odd < have, col, valid);
         r[l] = _mm512_or_si512(low, _mm512_maskz_slli_epi32(0xffff, high, 16));
