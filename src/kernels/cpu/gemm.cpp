@@ -187,6 +187,15 @@ struct AView {
 // kernels always compute MR rows (a partial tile runs on a padded copy).
 bool computes_partial_rows(Isa isa) { return isa != Isa::avx512; }
 
+// How many panels of B make packing A worth its pass. Every panel reads the whole A block again;
+// packed, that is one contiguous stream per micro-panel, in place MR short strided streams that the
+// prefetcher follows worse. AVX2 (Zen 4, two processes at once, 2026-12-04): packed ran 1.05-1.22x
+// faster from 4 panels (N >= 256) and 0.90-0.97x with 2-3. AVX-512 (Intel Xeon family 6 model 207,
+// bench/gemm_ab.sh, two processes at once, 2026-12-06): in place ran the experts' products of 8
+// panels (N 512, depth 1024: a W2, dh W1^T) in 0.92-0.94x the time, those of 16 (N 1024, depth 512)
+// the same (0.99-1.01x), the 2048^3 product of 32 1.01x slower.
+int64_t min_panels_to_pack_a(Isa isa) { return isa == Isa::avx512 ? 16 : 4; }
+
 // One tile of `rows` (MR, or fewer where computes_partial_rows) x width (a multiple of 16, at most
 // 64) of full columns, depths [k0, k0 + kc) of a B panel stored as strips of S columns (PackedB):
 // every kernel call reads one strip's rows, ldb = S apart.
@@ -470,14 +479,10 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   const Isa isa = g_isa;
   const int64_t MR = tile_rows(isa);
   const int64_t m_block = kMBlock / MR * MR;
-  // A is packed into micro-panels (one contiguous stream per block) unless B has at most 3 panels:
-  // every panel of B reads the whole A block again, and MR rows read in place are MR short
-  // strided streams the prefetcher follows worse (the A block, 1 MB, does not stay in L2). Packed
-  // ran 1.05-1.22x faster with 4 panels or more (N >= 256; the experts' shapes, N 1024 or 512) and
-  // 0.90-0.97x with 2-3 (N 128-192, where one pass of packing is paid for few reuses; Zen 4
-  // running AVX2, two processes at once, 2026-12-04). A transposed A, rows given by pointers and
-  // bf16 (A is rounded as it is packed) are always packed.
-  const bool pack = trans_a == Trans::yes || A.rows != nullptr || B.bf16 || B.panels() >= 4;
+  // A is packed into micro-panels (one contiguous stream per block) where B has enough panels to
+  // pay for the pass of packing (min_panels_to_pack_a), and read in place otherwise. A transposed
+  // A, rows given by pointers and bf16 (A is rounded as it is packed) are always packed.
+  const bool pack = trans_a == Trans::yes || A.rows != nullptr || B.bf16 || B.panels() >= min_panels_to_pack_a(isa);
   const float* A_in_place = A.base;
   const int64_t lda = A.ld;
   const int64_t k_block = dot ? kKBlockBf16Dot : kKBlock, k_block_deepest = k_block_max(k_block);
