@@ -9,6 +9,7 @@
 # GFLOP/s of each side, the median time ratio b/a over the rounds (below 1: b is faster), and
 # whether the two sides wrote the same bits. B_FLAGS (environment): extra compiler flags for side
 # b only, e.g. B_FLAGS=-DGEMM_KC=256 to try a block size by macro against the same revision.
+# GEMM_AB_SHAPE=ROWS,M,H (environment): another expert shape than the layer's 1025,512,1024.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: bench/gemm_ab.sh REV [ROUNDS] [PROCS]}
@@ -34,7 +35,7 @@ for side in a b; do
   objects+=("$work/${side}_shapes.o")
 done
 g++ "${flags[@]}" bench/gemm_ab/main.cpp "${objects[@]}" -o "$work/gemm_ab" -lfmt -lpthread
-echo "gemm_ab: a = $(git rev-parse --short "$rev"), b = the working tree; $procs processes at once, $rounds rounds"
+echo "gemm_ab: a = $(git rev-parse --short "$rev"), b = the working tree; $procs processes at once, $rounds rounds; expert shape ${GEMM_AB_SHAPE:-1025,512,1024} (rows,M,H)"
 for p in $(seq "$procs"); do timeout 1800 "$work/gemm_ab" "$rounds" > "$work/out$p" & done
 wait
 for p in $(seq "$procs"); do echo "-- process $p"; cat "$work/out$p"; done
