@@ -74,31 +74,37 @@ std::vector<std::string> runnable_isas();
 // Every element is the chain the header promises, c = fma(a_k, b_k, c) for k in order from C, the
 // bias or zero, bit for bit, for tiles of every row count (1 to 6, in place and in the padded copy
 // of a partial panel), one to three depth blocks, with and without a bias, on every instruction set,
-// with A read in place (B of 3 panels or fewer) and packed (4 or more: N 300).
+// with A read in place and packed: packed from 4 panels of B with AVX2 (N 300) and from 16 with
+// AVX-512 (N 1030, 17 panels, the last one partial; gemm.cpp's min_panels_to_pack_a).
 TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
+  auto check = [](const std::string& isa, int64_t M, int64_t N, int64_t K, int variant) {
+    const float beta = variant == 1 ? 1.0f : 0.0f;
+    auto A = random_matrix(M * K, 31), B = random_matrix(K * N, 32), C0 = random_matrix(M * N, 33),
+         bias = random_matrix(N, 34);
+    std::vector<float> expected(M * N), C = C0;
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        float c = variant == 1 ? C0[i * N + j] : variant == 2 ? bias[j] : 0.0f;
+        for (int64_t k = 0; k < K; ++k) c = std::fma(A[i * K + k], B[k * N + j], c);
+        expected[i * N + j] = c;
+      }
+    PackedB packed;
+    pack_b(Trans::no, K, N, B.data(), N, packed);
+    GemmExtras extras{variant == 2 ? bias.data() : nullptr, nullptr};
+    gemm_packed(Trans::no, M, A.data(), K, packed, beta, C.data(), N, extras);
+    ASSERT_EQ(0, std::memcmp(C.data(), expected.data(), C.size() * sizeof(float)))
+        << "isa '" << isa << "' M " << M << " N " << N << " K " << K << " variant " << variant;
+  };
   for (const std::string& isa : runnable_isas()) {
     force_gemm_isa(isa);
-    for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 11, 13})
-      for (int64_t N : {16, 40, 64, 150, 300})
-        for (int64_t K : {9, 2100, 3100})  // one depth block; two, the last one deeper (1024 + 1076); three
-          for (int variant = 0; variant < 3; ++variant) {  // beta 0, beta 1, a bias
-            const float beta = variant == 1 ? 1.0f : 0.0f;
-            auto A = random_matrix(M * K, 31), B = random_matrix(K * N, 32), C0 = random_matrix(M * N, 33),
-                 bias = random_matrix(N, 34);
-            std::vector<float> expected(M * N), C = C0;
-            for (int64_t i = 0; i < M; ++i)
-              for (int64_t j = 0; j < N; ++j) {
-                float c = variant == 1 ? C0[i * N + j] : variant == 2 ? bias[j] : 0.0f;
-                for (int64_t k = 0; k < K; ++k) c = std::fma(A[i * K + k], B[k * N + j], c);
-                expected[i * N + j] = c;
-              }
-            PackedB packed;
-            pack_b(Trans::no, K, N, B.data(), N, packed);
-            GemmExtras extras{variant == 2 ? bias.data() : nullptr, nullptr};
-            gemm_packed(Trans::no, M, A.data(), K, packed, beta, C.data(), N, extras);
-            ASSERT_EQ(0, std::memcmp(C.data(), expected.data(), C.size() * sizeof(float)))
-                << "isa '" << isa << "' M " << M << " N " << N << " K " << K << " variant " << variant;
-          }
+    for (int variant = 0; variant < 3; ++variant) {  // beta 0, beta 1, a bias
+      for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 11, 13})
+        for (int64_t N : {16, 40, 64, 150, 300})
+          for (int64_t K : {9, 2100, 3100})  // one depth block; two, the last one deeper (1024 + 1076); three
+            check(isa, M, N, K, variant);
+      for (int64_t M : {5, 13})  // a partial micro-panel alone, and after two whole ones
+        for (int64_t K : {9, 2100}) check(isa, M, 1030, K, variant);
+    }
   }
   force_gemm_isa("");
 }
