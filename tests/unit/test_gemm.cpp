@@ -154,7 +154,7 @@ TEST(Gemm, FewRowsOrAShallowDepthGiveTheWrittenOutChain) {
 }
 
 TEST(Gemm, RowResultsDoNotDependOnHowRowsAreSplit) {
-  for (const int64_t N : {150, 300}) {  // A read in place, and packed
+  for (const int64_t N : {150, 300, 1030}) {  // A read in place, and packed (AVX2 from N 256, AVX-512 from 1024)
     const int64_t M = 203, K = 530;
     auto A = random_matrix(M * K, 4), B = random_matrix(K * N, 5), bias = random_matrix(M * N, 6);
     PackedB packed;
