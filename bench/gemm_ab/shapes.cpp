@@ -1,8 +1,9 @@
 // One GEMM build's side of bench/gemm_ab.sh: compiled once per side with -Dpm=<namespace> and
 // -DGEMM_AB_RUN=<function>, so that two versions of the GEMM live in one process.
 // GEMM_AB_RUN(shape) times one call of the expert shape `shape` (the layer's, 1025 rows per
-// expert, M 512, H 1024, or GEMM_AB_SHAPE's: dims.h) and returns its seconds; shape 6 is the 2048^3 product. The bits of the
-// product it wrote go to *hash (FNV-1a), so the two sides can be compared bit for bit.
+// expert, M 512, H 1024, or GEMM_AB_SHAPE's: dims.h) and returns its seconds; shape 6 is the
+// 2048^3 product. The bits of the product it wrote go to *hash (FNV-1a), so the two sides can be
+// compared bit for bit.
 // GEMM_AB_DTYPE=bf16 (environment): the same shapes as the layer's bf16 GEMMs (B packed by
 // pack_b_bf16; A's rows stored in bf16 where a bf16 expert keeps them: u, the activations and the
 // output gradients dy, which arrive in bf16; dh stays float).
@@ -24,7 +25,8 @@ extern "C" double GEMM_AB_RUN(int shape, uint64_t* hash) {
   static const GemmAbDims dims = gemm_ab_dims();
   static const int64_t R = dims.R, M = dims.M, H = dims.H;
   constexpr int64_t S = 2048;
-  static std::vector<float> u(R * M), a(R * H), dy(R * M), dh(R * H), w1(M * H), w2(H * M), out(R * std::max(M, H)), gw(H * M);
+  static std::vector<float> u(R * M), a(R * H), dy(R * M), dh(R * H), w1(M * H), w2(H * M), gw(H * M);
+  static std::vector<float> out(R * std::max(M, H));  // [R, H] or [R, M]: either product's C
   static std::vector<const float*> a_rows(R), dy_rows(R), u_rows(R), dh_rows(R);
   static std::vector<float> sa, sb, sc;
   static std::vector<uint16_t> a16(R * H), u16(R * M), dy16(R * M);
