@@ -59,7 +59,8 @@ struct BenchExpert {
   }
 
   void forward() {
-    expert_forward(w, R, M, H, RowsIn(u.data()), saved.data(), RowsOut(act.data()), y.data(), ForwardFor::backward);
+    expert_forward(w, R, M, H, RowPointers(u_rows.data()), saved.data(), RowsOut(act.data()), y.data(),
+                   ForwardFor::backward);
   }
   void input_gradient() {
     expert_backward_input(w, R, M, H, RowsIn(dy.data()), saved_rows.data(), dh.data(), du.data());

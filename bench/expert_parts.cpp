@@ -65,8 +65,9 @@ void run(Precision precision) {
   w.b2 = b2.data();
   w.pack_forward(w1.data(), w2.data(), M, H);
   w.pack_backward(w1.data(), w2.data(), M, H);
+  const RowList u_in(RowsIn(u_kept.data()), R, M);
   auto forward = [&] {
-    expert_forward(w, R, M, H, RowsIn(u_kept.data()), saved.data(), RowsOut(act.data()), y.data(), ForwardFor::backward);
+    expert_forward(w, R, M, H, u_in.pointers(), saved.data(), RowsOut(act.data()), y.data(), ForwardFor::backward);
   };
   forward();
   std::vector<const float*> saved_rows(R);

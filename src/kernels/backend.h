@@ -75,6 +75,42 @@ struct FloatOrBf16 {
 };
 using RowsIn = FloatOrBf16<const float, const uint16_t>;
 using RowsOut = FloatOrBf16<float, uint16_t>;
+// Rows that sit anywhere, one pointer per row (float rows, or bf16 rows), e.g. an expert's input
+// rows where the all-to-all left them.
+using RowPointers = FloatOrBf16<const float* const, const uint16_t* const>;
+
+// A run of rows copied from one buffer to another.
+struct RowRun {
+  int64_t src_row, dst_row, rows;
+};
+
+// A list of row pointers of one type (float rows or bf16 rows), e.g. where each of an expert's
+// input rows sits.
+class RowList {
+ public:
+  RowList() = default;
+  // `rows` rows of `width` values one after the other from `first`: a block of rows as pointers.
+  RowList(RowsIn first, int64_t rows, int64_t width);
+  // `rows` pointers of `precision`'s type, null until set.
+  void resize(int64_t rows, Precision precision);
+  // Row i at `row`, of the list's type; rows [dst_row, dst_row + rows) of each run at src's rows
+  // [src_row, src_row + rows) (RowRun), `width` values each.
+  void set(int64_t i, RowsIn row);
+  void set_runs(RowsIn src, int64_t width, const std::vector<RowRun>& runs);
+  RowPointers from(int64_t i) const;  // the pointers from row i on
+  RowList picked(const std::vector<int64_t>& positions) const;  // the rows at `positions`
+  RowPointers pointers() const { return from(0); }
+  // The rows at `positions` appended to f32 or bf16 by the list's type (ExpertRows).
+  void add_rows(const std::vector<int64_t>& positions, std::vector<const float*>& f32,
+                std::vector<const uint16_t*>& bf16) const;
+  int64_t bytes() const;
+  void release();
+
+ private:
+  bool is_bf16_ = false;
+  std::vector<const float*> f32_;
+  std::vector<const uint16_t*> bf16_;
+};
 
 // Rows of one expert's saved tensors, in the order the weight gradients sum them (canonical:
 // peer, then row), each pointing wherever the pipeline chunks left it. A bf16 expert's inputs and
@@ -88,11 +124,6 @@ struct ExpertRows {
   // Throws (internal) unless every list has the same rows, each of u, act and dy in one form, and
   // bf16 rows only for a bf16 expert: what every backend's expert_weight_grads asks first.
   void check(Precision precision) const;
-};
-
-// A run of rows copied from one buffer to another.
-struct RowRun {
-  int64_t src_row, dst_row, rows;
 };
 
 class Backend {
@@ -239,12 +270,13 @@ class Backend {
   virtual void pack_expert_forward(PackedExpert& packed, const float* w1, const float* w2, const float* b1,
                                    const float* b2, int64_t M, int64_t H) = 0;
   virtual void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) = 0;
-  // act[rows, H] = the activation of the pre-activation u W1 + b1; y[rows, M] = act W2 + b2. u
+  // act[rows, H] = the activation of the pre-activation u W1 + b1; y[rows, M] = act W2 + b2. u's
+  // rows sit anywhere (u[i]: row i), where the all-to-all left them (RowList for a block). u
   // and act may be bf16 rows for a bf16 expert (act then holds the activation rounded to bf16).
   // saved[rows, H1] holds what the backward reads (ForwardFor::backward): SwiGLU's pre-activation,
   // GeLU's derivative at it; for an inference pass, whatever the kernels left there. y null: the
   // activation only, no second GEMM (a backward recomputing what a forward did not keep).
-  virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u,
+  virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowPointers u,
                               float* saved, RowsOut act, float* y, ForwardFor use) = 0;
   // dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T. dy may be
   // bf16 rows for a bf16 expert. saved_rows[i] points at row i's saved values (expert_forward)

@@ -41,10 +41,19 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   RowBuffer recv;            // counts: [experts_wire rows, M] rows for this rank's experts (dispatch),
                              // then their outputs going back (expert)
   RowBuffer recv_unique;     // counts, deduplicated dispatch: [unique.recv_rows, M] rows for this rank's
-                             // experts, each token once (dispatch)
+                             // experts, each token once (dispatch); saved: the experts' inputs (u_at)
   RowBuffer back;            // gate: [tokens_wire rows, M] outputs for this rank's tokens (combine); saved
   // Rows in the layer's precision, saved for the weight gradients:
-  RowBuffer u, act;          // counts: [rows, M|H] the experts' inputs and activations, compute order (expert)
+  RowBuffer u, act;          // counts: [rows, M|H] the experts' inputs (unless inputs_in_place) and
+                             // activations, compute order (expert)
+  // Where each of the experts' inputs sits, compute order (expert): in recv_unique (the peers' rows)
+  // and send (this rank's own) where they arrived (inputs_in_place), else in u. Saved.
+  RowList u_at;
+  // counts: the experts read their inputs where the deduplicated dispatch left them, and the pass
+  // keeps its unique rows instead of a copy of every expert row: where those are fewer (top-8 of
+  // 64 on 2 ranks: 6k rows for 16k). Without deduplication the outputs take the received rows'
+  // place, and top-2 of 8 on 2 ranks sends 1.6 rows a token: 4.8k unique rows for 4k, so copied.
+  bool inputs_in_place = false;
   ScratchBuffer<float> fc1_saved;  // counts: [rows, H1] the experts' saved values (expert_forward), compute order; saved
   // (recompute_experts: act and fc1_saved hold one expert block's rows at a time, and go at the
   // forward's end: the backward makes its own)
@@ -58,7 +67,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t dispatch_choices_sent() const override { return sent_to_peers(handle, rank, false); }
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
-    return send.bytes() + recv.bytes() + recv_unique.bytes() + back.bytes() + u.bytes() + act.bytes() +
+    return send.bytes() + recv.bytes() + recv_unique.bytes() + back.bytes() + u.bytes() + u_at.bytes() + act.bytes() +
            static_cast<int64_t>((fc1_saved.size() + out.size()) * sizeof(float));
   }
 };
@@ -80,10 +89,9 @@ struct BackwardPass {
                                             // bf16 expert reads it (exact), else fp32 (expert_dgrad)
   ScratchBuffer<float> dhpre;               // [rows, H1] compute order (expert_dgrad)
   // recompute_experts: the experts' saved values and activations made again (expert_dgrad), compute
-  // order, from their inputs (gathered into u_block when the forward's chunks put them elsewhere)
+  // order, from their inputs (read where the forward left them)
   ScratchBuffer<float> fc1_saved;           // [rows, H1]
   RowBuffer act;                            // [rows, H]
-  RowBuffer u_block;                        // [block rows, M]
   ScratchBuffer<float> du;                  // [piece rows, M] one piece of an expert's input gradients
   Buffer<float> dlogits;                    // [T, E] the router's logit gradients (gate_bwd)
   std::vector<float> wg_t;                  // [E, M] Wg transposed: dx's gate share is dlogits Wg^T
@@ -141,18 +149,6 @@ int64_t largest_expert_block(const BlockLayout& compute) {
   for (int c = 0; c < compute.degree; ++c)
     for (int le = 0; le < compute.local_experts; ++le) most = std::max(most, expert_block(compute, c, le).second);
   return most;
-}
-
-// Runs that copy rows at `positions` (in order) to rows 0, 1, ...: consecutive ones make one run.
-std::vector<RowRun> gather_runs(const int64_t* positions, int64_t rows) {
-  std::vector<RowRun> runs;
-  for (int64_t i = 0; i < rows; ++i) {
-    if (!runs.empty() && runs.back().src_row + runs.back().rows == positions[i])
-      ++runs.back().rows;
-    else
-      runs.push_back({positions[i], i, 1});
-  }
-  return runs;
 }
 
 // The row runs of one chunk between the all-to-all's buffers and the experts' compute order:
@@ -326,7 +322,12 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     const int64_t rows = p->handle.experts_wire.total_rows;
     p->recv.resize(rows, M, dispatcher_.wire());
     if (p->handle.dedup) p->recv_unique.resize(p->handle.unique.recv_rows, M, dispatcher_.wire());
-    p->u.resize(rows, M, shape.precision);
+    p->inputs_in_place = p->handle.dedup && p->handle.unique.send_rows + p->handle.unique.recv_rows <= rows;
+    if (p->inputs_in_place)
+      p->u.release();
+    else
+      p->u.resize(rows, M, shape.precision);
+    p->u_at.resize(rows, shape.precision);
     // recomputed in the backward: one block's room, what the forward's second GEMM reads
     const int64_t kept_rows = recomputes() ? largest_expert_block(p->handle.experts_compute) : rows;
     p->fc1_saved.resize(kept_rows * H1);
@@ -366,28 +367,39 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : packed_[le];
-      // each expert's rows in and out around its own FFN, while they are in cache
+      const std::vector<RowRun> peers = runs_within(runs.in_peers, RunSide::destination, first, rows);
+      const std::vector<RowRun> own = runs_within(runs.in_own, RunSide::destination, first, rows);
       const RowBuffer& arrived = p->handle.dedup ? p->recv_unique : p->recv;
-      p->u.copy_rows_from(backend_, arrived.in(0), runs_within(runs.in_peers, RunSide::destination, first, rows));
-      p->u.copy_rows_from(backend_, p->send.in(0), runs_within(runs.in_own, RunSide::destination, first, rows));
+      if (p->inputs_in_place) {  // the outputs go to recv
+        p->u_at.set_runs(arrived.in(0), M, peers);
+        p->u_at.set_runs(p->send.in(0), M, own);
+      } else {  // each expert's rows copied in around its own FFN, while they are in cache
+        p->u.copy_rows_from(backend_, arrived.in(0), peers);
+        p->u.copy_rows_from(backend_, p->send.in(0), own);
+        p->u_at.set_runs(p->u.in(0), M, {{first, first, rows}});
+      }
       const bool keep = !inferring() && !recomputes();
       in_pieces(backend_, runs, first, rows, M, p->out, p->recv.out(0), p->back.out(0), [&](int64_t r, int64_t n) {
         const int64_t s = recomputes() ? r - first : r;  // recomputed: the block's rows from the top
-        backend_.expert_forward(packed, n, M, H, p->u.in(r), &p->fc1_saved[s * H1], p->act.out(s), p->out.data(),
+        backend_.expert_forward(packed, n, M, H, p->u_at.from(r), &p->fc1_saved[s * H1], p->act.out(s), p->out.data(),
                                 keep ? ForwardFor::backward : ForwardFor::inference);
       });
     }
-    // u, fc1_saved and act stay where this chunk put them: the backward reads them there, by row
-    // (recompute_experts: u only).
+    // u_at's rows, fc1_saved and act stay where this chunk put them: the backward reads them there,
+    // by row (recompute_experts: u_at's only).
   };
   steps.combine = [this, p](int c) { dispatcher_.combine_chunk(p->handle, c, p->recv.in(0), p->back.out(0), kOwn); };
   steps.unpack = [this, p] {
     dispatcher_.unpack(p->back.in(0), p->gating.gate.data(), p->handle, p->y);
     if (cache_) cache_->end_pass();
-    // every dispatch, expert and combine has run: the all-to-all's buffers are done with
-    p->send.release();
+    // every dispatch, expert and combine has run: the all-to-all's buffers are done with, except
+    // where the experts' inputs stay for the backward (u_at)
     p->recv.release();
-    p->recv_unique.release();
+    if (inferring() || !p->inputs_in_place) {
+      p->send.release();
+      p->recv_unique.release();
+      if (inferring()) p->u_at.release();
+    }
     release(p->out);
     if (recomputes()) {  // the backward makes its own
       p->act.release();
@@ -484,15 +496,9 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       if (rows == 0) continue;  // (indexing an empty chunk's rows would be undefined behaviour)
       if (recomputes()) {  // the first GEMM and the activation again, on the inputs the forward kept
         const int64_t* at = &forward_rows[first - chunk_first];
-        const std::vector<RowRun> gather = gather_runs(at, rows);
-        RowsIn u = fp->u.in(at[0]);  // the forward's chunk held these rows together: read in place
-        if (gather.size() > 1) {
-          b->u_block.resize(rows, M, shape_.precision);
-          b->u_block.copy_rows_from(backend_, fp->u.in(0), gather);
-          u = b->u_block.in(0);
-        }
-        backend_.expert_forward(packed_[le], rows, M, H, u, &b->fc1_saved[first * H1], b->act.out(first), nullptr,
-                                ForwardFor::backward);
+        const RowList u = fp->u_at.picked(std::vector<int64_t>(at, at + rows));
+        backend_.expert_forward(packed_[le], rows, M, H, u.pointers(), &b->fc1_saved[first * H1],
+                                b->act.out(first), nullptr, ForwardFor::backward);
       }
       const std::vector<RowRun> peers = runs_within(runs.in_peers, RunSide::destination, first, rows);
       const std::vector<RowRun> own = runs_within(runs.in_own, RunSide::destination, first, rows);
@@ -519,7 +525,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       std::vector<int64_t> fwd = canonical_row_positions(fp->handle.experts_compute, le);
       std::vector<int64_t> bwd = canonical_row_positions(b->handle.experts_compute, le);
       ExpertRows rows;
-      fp->u.add_rows(fwd, rows.u, rows.u_bf16);
+      fp->u_at.add_rows(fwd, rows.u, rows.u_bf16);
       if (recomputes())
         b->act.add_rows(bwd, rows.act, rows.act_bf16);
       else
@@ -532,7 +538,6 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     b->dy_rows.release();
     for (ScratchBuffer<float>* done : {&b->dhpre, &b->du, &b->fc1_saved}) release(*done);
     b->act.release();
-    b->u_block.release();
   };
   steps.unpack_grad = [this, b] {
     dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dlogits.data(), b->wg_t.data(), shape_.experts, b->dx);

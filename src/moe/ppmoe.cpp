@@ -57,7 +57,8 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t tokens = 0;
   Gating gating;                    // gate
   LocalRows local;                  // gate
-  RowBuffer u, act;                 // gate: [rows, M|H] canonical order (expert); saved (bf16 in a bf16 layer)
+  RowList u_at;                     // gate: [rows] where each row's input sits in x (expert); saved
+  RowBuffer act;                    // gate: [rows, H] canonical order (expert); saved (bf16 in a bf16 layer)
   ScratchBuffer<float> fc1_saved, out;   // gate: [rows, H1|M] canonical order (expert); saved (fc1_saved: expert_forward's)
   // (recompute_experts: act and fc1_saved hold one run of rows at a time, gone after the last chunk:
   // the backward makes its own)
@@ -67,7 +68,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   int64_t expert_rows() const override { return local.rows(); }
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
-    return u.bytes() + act.bytes() + static_cast<int64_t>((fc1_saved.size() + out.size()) * sizeof(float));
+    return u_at.bytes() + act.bytes() + static_cast<int64_t>((fc1_saved.size() + out.size()) * sizeof(float));
   }
 };
 
@@ -195,7 +196,9 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
                              inference_ ? RouterLosses::skip : RouterLosses::compute);
     p->local = local_rows(p->gating.routing, first_expert(), shape.local_experts());
     const int64_t rows = p->local.rows();
-    p->u.resize(rows, M, shape.precision);
+    // the experts read their inputs in x, where every rank has them (a bf16 expert's GEMMs round
+    // them as they pack them: the bits of a copy rounded to bf16)
+    p->u_at.resize(rows, Precision::fp32);
     // recomputed in the backward: room for the longest run of rows, what the second GEMM reads
     int64_t kept_rows = rows;
     if (recomputes()) {
@@ -222,9 +225,9 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
         if (a == b) continue;
         std::vector<RowRun> gather;
         for (int64_t row = a; row < b; ++row) gather.push_back({p->local.token[row], row, 1});
-        p->u.copy_rows_from(backend_, p->x, gather);
+        p->u_at.set_runs(p->x, M, gather);
         const int64_t s = recomputes() ? 0 : a;  // recomputed: the run's rows from the top
-        backend_.expert_forward(packed_[le], b - a, M, H, p->u.in(a), &p->fc1_saved[s * H1], p->act.out(s), &p->out[a * M],
+        backend_.expert_forward(packed_[le], b - a, M, H, p->u_at.from(a), &p->fc1_saved[s * H1], p->act.out(s), &p->out[a * M],
                                 inference_ || recomputes() ? ForwardFor::inference : ForwardFor::backward);
       }
     if (recomputes() && c == degree - 1) {  // the backward makes its own
@@ -293,7 +296,7 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
         if (first == last) continue;
         const float* saved = fp->fc1_saved.data();
         if (recomputes()) {  // the first GEMM and the activation again, on the inputs the forward kept
-          backend_.expert_forward(packed_[le], last - first, M, H, fp->u.in(first), &b->fc1_saved[first * H1],
+          backend_.expert_forward(packed_[le], last - first, M, H, fp->u_at.from(first), &b->fc1_saved[first * H1],
                                   b->act.out(first), nullptr, ForwardFor::backward);
           saved = b->fc1_saved.data();
         }
@@ -333,7 +336,7 @@ PassTasks PpmoeLayer::append_backward(TaskGraph& graph, const std::vector<int>& 
         rows.dhpre.push_back(&b->dhpre[row * H1]);
         rows.dy.push_back(&b->dy_rows[row * M]);
       }
-      fp->u.add_rows(positions, rows.u, rows.u_bf16);
+      fp->u_at.add_rows(positions, rows.u, rows.u_bf16);
       (recomputes() ? b->act : fp->act).add_rows(positions, rows.act, rows.act_bf16);
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }

@@ -62,7 +62,7 @@ void SharedExpert::forward(const float* x, int64_t tokens, float* out) {
   act_.resize(tokens, G, precision_);
   saved_tokens_ = tokens;
   pack_forward();
-  backend_.expert_forward(*packed_, tokens, M, G, x, fc1_saved_.data(), act_.out(0), out,
+  backend_.expert_forward(*packed_, tokens, M, G, RowList(x, tokens, M).pointers(), fc1_saved_.data(), act_.out(0), out,
                           recompute_ ? ForwardFor::inference : ForwardFor::backward);
   if (recompute_) release_saved();  // the backward makes them again from x
 }
@@ -80,7 +80,8 @@ void SharedExpert::backward(const float* x, const float* dy, int64_t tokens, flo
     fc1_saved_.resize(tokens * G1);
     act_.resize(tokens, G, precision_);
     pack_forward();
-    backend_.expert_forward(*packed_, tokens, M, G, x, fc1_saved_.data(), act_.out(0), nullptr, ForwardFor::backward);
+    backend_.expert_forward(*packed_, tokens, M, G, RowList(x, tokens, M).pointers(), fc1_saved_.data(),
+                            act_.out(0), nullptr, ForwardFor::backward);
   }
   if (packed_backward_.changed({&w1_, &w2_}))
     backend_.pack_expert_backward(*packed_, std::as_const(w1_).f32(), std::as_const(w2_).f32(), M, G);

@@ -134,9 +134,11 @@ Interference measure_interference(Communicator& comm, Backend& backend, int repe
   std::vector<float> send(per_peer * P, 1.0f), recv(per_peer * P);
   std::vector<int64_t> counts(P, per_peer), displs(P);
   for (int q = 0; q < P; ++q) displs[q] = q * per_peer;
+  const RowList u_rows(u.data(), rows, M);
   auto gemms = [&](int n) {
-    for (int i = 0; i < n; ++i) backend.expert_forward(*packed, rows, M, H, u.data(), hpre.data(), act.data(), y.data(),
-                                                   ForwardFor::backward);
+    for (int i = 0; i < n; ++i)
+      backend.expert_forward(*packed, rows, M, H, u_rows.pointers(), hpre.data(), act.data(), y.data(),
+                             ForwardFor::backward);
   };
   auto a2as = [&](int n) {
     for (int i = 0; i < n; ++i) comm.alltoallv(send.data(), counts, displs, recv.data(), counts, displs, DType::f32);

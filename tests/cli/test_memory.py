@@ -1,12 +1,16 @@
 #!/usr/bin/python3
 """What a MoE layer keeps from its forward for its backward, and that it stays flat.
 
-- `layer --json` held_for_backward_mb is exactly what the backward needs: the experts' inputs u
-  and activations act (bf16 in a bf16 layer: 2 bytes a value), their pre-activations (always fp32)
+- `layer --json` held_for_backward_mb is exactly what the backward needs: the experts' inputs
+  (EP: the deduplicated dispatch's rows, each token's once, where the experts read them; PPMoE:
+  none, its experts read them in the layer's input; both: a pointer per expert row), their
+  activations act (bf16 in a bf16 layer: 2 bytes a value), their pre-activations (always fp32)
   and, for EP, the outputs per choice the gate's backward reads as they came off the wire (bf16 in
-  a bf16 layer; PPMoE: the experts' outputs, fp32); none of the all-to-all's other buffers. Checked against the formula on 1 rank (where the
-  rows sent equal the rows computed), GeLU and SwiGLU, EP and PPMoE, fp32 and bf16; on 2 ranks
-  bf16 keeps less than fp32.
+  a bf16 layer; PPMoE: the experts' outputs, fp32); none of the all-to-all's other buffers.
+  Checked against the formula on 1 rank, dropless, at degree 1 (every token's row sent once, to
+  the rank itself, for its two choices; a later chunk whose repeats are under a tenth of its rows
+  sends each row again: moe/unique_rows.h), GeLU and SwiGLU, EP and PPMoE, fp32 and bf16; on 2
+  ranks bf16 keeps less than fp32.
 - The peak resident memory of a layer does not grow with the iterations (passes free and allocate
   the same large buffers every step: the block cache must hand them back out, where glibc's arenas
   grew by 20 MB an iteration).
@@ -32,13 +36,16 @@ def layer(ranks, *extra):
 
 
 def expected_bytes(j):
-    M, H, rows = j["model_dim"], j["hidden"], j["expert_rows_max"]
+    M, H, rows, T = j["model_dim"], j["hidden"], j["expert_rows_max"], j["tokens"]
     H1 = 2 * H if j["activation"] == "swiglu" else H
     saved = 2 if j["dtype"] == "bf16" else 4
-    # u and act in the layer's precision, hpre fp32, and the outputs the gate's backward reads: EP's
-    # as they came off the wire (the layer's precision), PPMoE's the experts' own (fp32)
+    # the inputs: EP's where the dispatch left them, each token's row once (the layer's precision),
+    # PPMoE's in x (not the pass's); a pointer to each expert row's
+    inputs = (T * M * saved if j["strategy"] == "ep" else 0) + rows * 8
+    # act in the layer's precision, hpre fp32, and the outputs the gate's backward reads: EP's as
+    # they came off the wire (the layer's precision), PPMoE's the experts' own (fp32)
     outputs = saved if j["strategy"] == "ep" else 4
-    return rows * ((M + H) * saved + H1 * 4 + M * outputs)
+    return inputs + rows * (H * saved + H1 * 4 + M * outputs)
 
 
 def main():
@@ -47,7 +54,9 @@ def main():
         for activation in ("gelu", "swiglu"):
             held = {}
             for dtype in ("fp32", "bf16"):
-                j = layer(1, "--strategy", strategy, "--activation", activation, "--dtype", dtype, "--degree", 2)
+                j = layer(1, "--strategy", strategy, "--activation", activation, "--dtype", dtype, "--degree", 1,
+                          "--capacity-factor", 0)
+                f.check(j["expert_rows_max"] == 2 * j["tokens"], f"{j['expert_rows_max']} rows, not 2 per token")
                 held[dtype] = j["held_for_backward_mb"] * MB
                 f.check(abs(held[dtype] - expected_bytes(j)) < 1,
                         f"{strategy} {activation} {dtype}: held {held[dtype]:.0f} bytes, expected {expected_bytes(j)}")

@@ -33,4 +33,27 @@ inline std::vector<float> gemm_in_row_splits(const std::vector<float>& A, int64_
   return C;
 }
 
+// C0 + A B with A's rows given by pointers (gemm_packed_rows), the rows in reverse order in
+// memory, as an all-to-all leaves an expert's rows: floats, or (bf16 rows, for a B packed by
+// pack_b_bf16) A's values rounded to bf16.
+template <typename Elem>
+std::vector<float> gemm_by_row_pointers(const std::vector<float>& A, int64_t M, int64_t K, const PackedB& B,
+                                        float beta, const std::vector<float>& C0, const GemmExtras& extras = {}) {
+  std::vector<Elem> reversed(M * K);
+  std::vector<const Elem*> rows(M);
+  for (int64_t i = 0; i < M; ++i) {
+    Elem* row = reversed.data() + (M - 1 - i) * K;
+    for (int64_t k = 0; k < K; ++k) {
+      if constexpr (sizeof(Elem) == 2)
+        row[k] = float_to_bf16(A[i * K + k]);
+      else
+        row[k] = A[i * K + k];
+    }
+    rows[i] = row;
+  }
+  std::vector<float> C = C0;
+  gemm_packed_rows(M, rows.data(), B, beta, C.data(), B.N, extras);
+  return C;
+}
+
 }  // namespace pm::test

@@ -125,7 +125,18 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
   r.saved.assign(rows * H1, 0.0f), r.act.assign(rows * H, 0.0f), r.act16.assign(rows * H, 0), r.y.assign(rows * M, 0.0f);
   auto packed = be.new_packed_expert(activation, precision);
   be.pack_expert_forward(*packed, w1.data(), w2.data(), b1.data(), b2.data(), M, H);
-  RowsIn u_in = bf16_rows ? RowsIn(u16.data()) : RowsIn(u.data());
+  // the input rows through pointers, in reverse order in memory (where an all-to-all left them)
+  std::vector<const float*> u_rows(rows);
+  std::vector<const uint16_t*> u16_rows(rows);
+  std::vector<float> u_rev(u.size());
+  std::vector<uint16_t> u16_rev(u16.size());
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t at = (rows - 1 - i) * M;
+    std::copy(u.begin() + i * M, u.begin() + (i + 1) * M, u_rev.begin() + at);
+    std::copy(u16.begin() + i * M, u16.begin() + (i + 1) * M, u16_rev.begin() + at);
+    u_rows[i] = u_rev.data() + at, u16_rows[i] = u16_rev.data() + at;
+  }
+  RowPointers u_in = bf16_rows ? RowPointers(u16_rows.data()) : RowPointers(u_rows.data());
   RowsOut act_out = bf16_rows ? RowsOut(r.act16.data()) : RowsOut(r.act.data());
   be.expert_forward(*packed, rows, M, H, u_in, r.saved.data(), act_out, r.y.data(), use);
   if (use == ForwardFor::inference) return r;

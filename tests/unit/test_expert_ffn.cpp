@@ -39,7 +39,8 @@ Grads backward(Activation activation, bool dy_as_bf16, int64_t rows, int64_t M, 
   w.pack_forward(w1.data(), w2.data(), M, H);
   w.pack_backward(w1.data(), w2.data(), M, H);
   std::vector<float> saved(rows * H1), act(rows * H), y(rows * M);
-  expert_forward(w, rows, M, H, u.data(), saved.data(), act.data(), y.data(), ForwardFor::backward);
+  expert_forward(w, rows, M, H, RowList(u.data(), rows, M).pointers(), saved.data(), act.data(), y.data(),
+                 ForwardFor::backward);
   std::vector<const float*> saved_rows(rows);
   for (int64_t i = 0; i < rows; ++i) saved_rows[i] = &saved[i * H1];
 

@@ -11,6 +11,7 @@
 #include "kernels/cpu/fma_ceiling.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
+#include "support/gemm_operands.h"
 
 namespace pm {
 namespace {
@@ -75,7 +76,8 @@ std::vector<std::string> runnable_isas();
 // bias or zero, bit for bit, for tiles of every row count (1 to 6, in place and in the padded copy
 // of a partial panel), one to three depth blocks, with and without a bias, on every instruction set,
 // with A read in place and packed: packed from 4 panels of B with AVX2 (N 300) and from 16 with
-// AVX-512 (N 1030, 17 panels, the last one partial; gemm.cpp's min_panels_to_pack_a).
+// AVX-512 (N 1030, 17 panels, the last one partial; gemm.cpp's min_panels_to_pack_a); and the same
+// with A's rows given by pointers (gemm_packed_rows), read in place by AVX-512 below 16 panels.
 TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
   auto check = [](const std::string& isa, int64_t M, int64_t N, int64_t K, int variant) -> ::testing::AssertionResult {
     const float beta = variant == 1 ? 1.0f : 0.0f;
@@ -92,9 +94,15 @@ TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
     pack_b(Trans::no, K, N, B.data(), N, packed);
     GemmExtras extras{variant == 2 ? bias.data() : nullptr, nullptr};
     gemm_packed(Trans::no, M, A.data(), K, packed, beta, C.data(), N, extras);
-    if (std::memcmp(C.data(), expected.data(), C.size() * sizeof(float)) == 0) return ::testing::AssertionSuccess();
+    // and A's rows by pointers, read in place by AVX-512's kernel below 16 panels
+    const std::vector<float> by_rows = test::gemm_by_row_pointers<float>(A, M, K, packed, beta, C0, extras);
+    if (std::memcmp(C.data(), expected.data(), C.size() * sizeof(float)) == 0 &&
+        std::memcmp(by_rows.data(), expected.data(), C.size() * sizeof(float)) == 0)
+      return ::testing::AssertionSuccess();
     return ::testing::AssertionFailure() << "isa '" << isa << "' M " << M << " N " << N << " K " << K << " variant "
-                                         << variant;
+                                         << variant << (std::memcmp(C.data(), expected.data(), C.size() * sizeof(float))
+                                                            ? " (contiguous)"
+                                                            : " (rows by pointers)");
   };
   for (const std::string& isa : runnable_isas()) {
     force_gemm_isa(isa);
@@ -105,6 +113,7 @@ TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
             ASSERT_TRUE(check(isa, M, N, K, variant));
       for (int64_t M : {5, 13})  // a partial micro-panel alone, and after two whole ones
         for (int64_t K : {9, 2100}) ASSERT_TRUE(check(isa, M, 1030, K, variant));
+      ASSERT_TRUE(check(isa, 1100, 40, 9, variant));  // three blocks of rows (516 each)
     }
   }
   force_gemm_isa("");

@@ -161,6 +161,20 @@ TEST_P(AmxOrder, RowsByPointersAndBf16RowsGiveTheContiguousProductsBits) {
     gemm_tn_rows_bf16(m, n, k, a_rows16.data(), b_rows16.data(), 1.0f, C.data(), n);
     EXPECT_TRUE(same_bits(C, expected)) << "A and B rows in bf16, " << m << "x" << n << "x" << k;
   }
+  // A's rows by pointers, floats or bf16 (gemm_packed_rows: an expert's input rows where the
+  // all-to-all left them), with a bias: the bits of the contiguous product
+  for (auto [m, n, k] : {std::array<int64_t, 3>{M, N, K}, {1100, 20, 2403}, {17, 33, 64}}) {
+    const auto A = random_matrix(m * k, 14), B = random_matrix(k * n, 15), bias = random_matrix(n, 16);
+    PackedB packed;
+    pack_b_bf16(Trans::no, k, n, B.data(), n, packed);
+    const std::vector<float> C0(m * n, 0.0f);
+    std::vector<float> expected = C0;
+    gemm_packed(Trans::no, m, A.data(), k, packed, 0.0f, expected.data(), n, {bias.data(), nullptr});
+    EXPECT_TRUE(same_bits(expected, test::gemm_by_row_pointers<float>(A, m, k, packed, 0.0f, C0, {bias.data(), nullptr})))
+        << "float rows, " << m << "x" << n << "x" << k;
+    EXPECT_TRUE(same_bits(expected, test::gemm_by_row_pointers<uint16_t>(A, m, k, packed, 0.0f, C0, {bias.data(), nullptr})))
+        << "bf16 rows, " << m << "x" << n << "x" << k;
+  }
   // A stored in bf16, contiguous (rows lda apart, lda >= K, even or odd), several blocks of rows and
   // of depths: the bits of the same values held in floats
   for (auto [m, n, k, lda] : {std::array<int64_t, 4>{M, N, K, K}, {300, 40, 512, 514}, {70, 24, 4160, 4160},

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -168,6 +169,35 @@ TEST(GemmBf16, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
   gemm_tn_rows_bf16(M, N, K, a_rows.data(), b_rows.data(), 1.0f, by_rows.data(), N);
   gemm_bf16(Trans::yes, Trans::no, M, N, K, A.data(), M, B.data(), N, 1.0f, contiguous.data(), N);
   EXPECT_EQ(0, std::memcmp(by_rows.data(), contiguous.data(), by_rows.size() * sizeof(float)));
+}
+
+// An expert's input rows read where the all-to-all left them (gemm_packed_rows), floats or bf16
+// rows: the bits of the contiguous product, on every instruction set and with threads; a bias, odd
+// depths, partial micro-panels, several blocks of rows and of depths.
+TEST(GemmBf16, ARowsByPointersGiveTheContiguousProductsBits) {
+  for (auto [M, N, K] : {std::array<int64_t, 3>{13, 70, 33}, {1100, 40, 9}, {37, 150, 2403}})
+    for (float beta : {0.0f, 1.0f}) {
+      const auto A = random_matrix(M * K, 21), B = random_matrix(K * N, 22), C0 = random_matrix(M * N, 23),
+                 bias = random_matrix(N, 24);
+      PackedB packed;
+      pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
+      const GemmExtras extras{beta == 0.0f ? bias.data() : nullptr, nullptr};
+      std::vector<float> expected = C0;
+      gemm_packed(Trans::no, M, A.data(), K, packed, beta, expected.data(), N, extras);
+      for (int threads : {1, 2})
+        for (const char* isa : {"", "avx2", "scalar"}) {
+          if (std::string(isa) == "avx2" && !__builtin_cpu_supports("avx2")) continue;
+          force_gemm_isa(isa);
+          set_compute_threads(threads);
+          const auto f32 = test::gemm_by_row_pointers<float>(A, M, K, packed, beta, C0, extras);
+          const auto b16 = test::gemm_by_row_pointers<uint16_t>(A, M, K, packed, beta, C0, extras);
+          const std::string what = fmt::format("{}x{}x{} beta {} isa '{}' threads {}", M, N, K, beta, isa, threads);
+          EXPECT_EQ(0, std::memcmp(expected.data(), f32.data(), f32.size() * sizeof(float))) << "float rows, " << what;
+          EXPECT_EQ(0, std::memcmp(expected.data(), b16.data(), b16.size() * sizeof(float))) << "bf16 rows, " << what;
+        }
+      force_gemm_isa("");
+      set_compute_threads(1);
+    }
 }
 
 // A stored as bf16 (activations a bf16 expert saves in bf16) gives the bits of A stored as floats,

@@ -196,7 +196,7 @@ class CpuBackend final : public Backend {
   void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) override {
     static_cast<ExpertWeights&>(packed).pack_backward(w1, w2, M, H);
   }
-  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
                       RowsOut act, float* y, ForwardFor use) override {
     pm::expert_forward(static_cast<const ExpertWeights&>(packed), rows, M, H, u, saved, act, y, use);
   }

@@ -28,6 +28,14 @@ void gemm_rows(RowsIn A, int64_t rows, int64_t K, const PackedB& B, float* C, in
     gemm_packed(Trans::no, rows, A.f32, K, B, 0.0f, C, ldc, extras);
 }
 
+// The same with A's rows by pointer.
+void gemm_rows(RowPointers A, int64_t rows, const PackedB& B, float* C, int64_t ldc, const GemmExtras& extras) {
+  if (A.bf16)
+    gemm_packed_rows(rows, A.bf16, B, 0.0f, C, ldc, extras);
+  else
+    gemm_packed_rows(rows, A.f32, B, 0.0f, C, ldc, extras);
+}
+
 // fn(rows) with whichever of the two lists holds the rows (float or bf16 pointers).
 template <typename Fn>
 void with_rows(const std::vector<const float*>& f32, const std::vector<const uint16_t*>& bf16, Fn&& fn) {
@@ -61,11 +69,11 @@ namespace {
 // A row's results do not depend on the rows beside it: the same bits.
 constexpr int64_t kForwardRowBlock = 192;
 
-void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
                           RowsOut act, float* y, ForwardFor use) {
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
-    gemm_rows(u, rows, M, w.w1, saved, H1, {w.b1, nullptr});
+    gemm_rows(u, rows, w.w1, saved, H1, {w.b1, nullptr});
     for (int64_t i = 0; i < rows; ++i) {
       if (act.bf16)
         swiglu_forward(saved + i * 2 * H, act.bf16 + i * H, H);
@@ -78,21 +86,21 @@ void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64
       gelu_forward_tile(saved + r * H + c, H, nr, nc, act.f32 ? act.f32 + r * H + c : nullptr,
                         act.bf16 ? act.bf16 + r * H + c : nullptr, H, use == ForwardFor::backward);
     };
-    gemm_rows(u, rows, M, w.w1, saved, H1, {w.b1, &gelu_tile});
+    gemm_rows(u, rows, w.w1, saved, H1, {w.b1, &gelu_tile});
   }
   if (y) gemm_rows(act.bf16 ? RowsIn(act.bf16) : RowsIn(act.f32), rows, H, w.w2, y, M, {w.b2, nullptr});
 }
 
 }  // namespace
 
-void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
                     RowsOut act, float* y, ForwardFor use) {
   PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
            "bf16 rows of an expert's input or activation need a bf16 expert");
   const int64_t H1 = fc1_width(w.activation, H);
   for (int64_t r = 0; r < rows; r += kForwardRowBlock) {
     const int64_t n = std::min(kForwardRowBlock, rows - r);
-    const RowsIn u_r = u.bf16 ? RowsIn(u.bf16 + r * M) : RowsIn(u.f32 + r * M);
+    const RowPointers u_r = u.bf16 ? RowPointers(u.bf16 + r) : RowPointers(u.f32 + r);
     const RowsOut act_r = act.bf16 ? RowsOut(act.bf16 + r * H) : RowsOut(act.f32 + r * H);
     expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y ? y + r * M : nullptr, use);
   }

@@ -32,11 +32,12 @@ struct ExpertWeights : PackedExpert {
   void pack_backward(const float* w1, const float* w2, int64_t M, int64_t H);
 };
 
-// act[rows, H] = the activation of hpre = u W1 + b1 (rounded to bf16 when act is bf16 rows);
+// act[rows, H] = the activation of hpre = u W1 + b1 (rounded to bf16 when act is bf16 rows), u[i]
+// pointing at row i of the input wherever it sits;
 // y[rows, M] = act W2 + b2 (y null: not computed). bf16 rows of u or act need a bf16 expert. saved[rows, H1]: hpre, which
 // GeLU overwrites with its derivative there for a backward (one erf for both: the backward would
 // compute it again, and more, to get the same bits).
-void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
                     RowsOut act, float* y, ForwardFor use);
 
 // From dy[rows, M]: dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T.

@@ -43,9 +43,22 @@ int64_t tile_rows(Isa) { return 6; }
 // c = fma(a_k, b_k, c) for k = 0..K-1: the same on every path. With a bias (zero_start only), the
 // chain starts from bias[j] instead of 0 (padded to the tile's width).
 
-template <int MR, int NV>
-__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap, int64_t ks, int64_t is,
-                                                       const float* Bp, int64_t ldb, float* C,
+// Where kernel_avx512 reads A's element (i, k): a packed micro-panel or rows in place, one stride
+// apart (StridedA), or MR rows anywhere, each by its own pointer (RowPointersA: an expert's input
+// rows where the all-to-all left them, read without copying them together first).
+struct StridedA {
+  const float* a;
+  int64_t ks, is;
+  float at(int64_t k, int i) const { return a[k * ks + i * is]; }
+};
+template <int MR>
+struct RowPointersA {
+  const float* row[MR];
+  float at(int64_t k, int i) const { return row[i][k]; }
+};
+
+template <int MR, int NV, typename ARead>
+__attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const ARead A, const float* Bp, int64_t ldb, float* C,
                                                        int64_t ldc, bool zero_start, const float* bias) {
   __m512 c[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -56,7 +69,7 @@ __attribute__((target("avx512f"))) void kernel_avx512(int64_t K, const float* Ap
     __m512 b[NV];
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(Bp + k * ldb + 16 * v);
     for (int i = 0; i < MR; ++i) {
-      __m512 a = _mm512_set1_ps(Ap[k * ks + i * is]);
+      __m512 a = _mm512_set1_ps(A.at(k, i));
       for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(a, b[v], c[i][v]);
     }
   }
@@ -177,10 +190,13 @@ void kernel_scalar(int64_t MR, int64_t width, int64_t K, const float* Ap, int64_
     }
 }
 
-// Where the micro-kernel reads A from: element (i, k) at a[k * ks + i * is].
+// Where the micro-kernel reads A from: element (i, k) at a[k * ks + i * is], or (rows not null;
+// AVX-512 only) at rows[i][k0 + k].
 struct AView {
   const float* a;
   int64_t ks, is;
+  const float* const* rows = nullptr;
+  int64_t k0 = 0;
 };
 
 // Whether run_tile computes a tile of fewer than MR rows by itself (AVX2 and scalar); the AVX-512
@@ -211,26 +227,33 @@ void run_tile(Isa isa, int64_t rows, int64_t width, int64_t kc, AView A, const f
                           bias);
   }
   switch (isa) {
-    case Isa::avx512:
-      if (S == width) {  // one call for the whole tile
-        const float* Bp = strip_at(0);
-        switch (width / 16) {
-          case 1: return kernel_avx512<6, 1>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
-          case 2: return kernel_avx512<6, 2>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
-          case 3: return kernel_avx512<6, 3>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
-          default: return kernel_avx512<6, 4>(kc, A.a, A.ks, A.is, Bp, S, C, ldc, zero_start, bias);
+    case Isa::avx512: {
+      auto tile = [&](const auto a_read) {
+        if (S == width) {  // one call for the whole tile
+          const float* Bp = strip_at(0);
+          switch (width / 16) {
+            case 1: return kernel_avx512<6, 1>(kc, a_read, Bp, S, C, ldc, zero_start, bias);
+            case 2: return kernel_avx512<6, 2>(kc, a_read, Bp, S, C, ldc, zero_start, bias);
+            case 3: return kernel_avx512<6, 3>(kc, a_read, Bp, S, C, ldc, zero_start, bias);
+            default: return kernel_avx512<6, 4>(kc, a_read, Bp, S, C, ldc, zero_start, bias);
+          }
         }
-      }
-      for (int64_t col = 0; col < width; col += 16)  // 16-column strips (packed for AVX2)
-        kernel_avx512<6, 1>(kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
-      return;
+        for (int64_t col = 0; col < width; col += 16)  // 16-column strips (packed for AVX2)
+          kernel_avx512<6, 1>(kc, a_read, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
+      };
+      if (!A.rows) return tile(StridedA{A.a, A.ks, A.is});
+      const float* const* r = A.rows;
+      return tile(RowPointersA<6>{{r[0] + A.k0, r[1] + A.k0, r[2] + A.k0, r[3] + A.k0, r[4] + A.k0, r[5] + A.k0}});
+    }
     case Isa::avx2:
+      PM_CHECK(A.rows == nullptr, "AVX2 kernels read A packed or strided");
       // 16 ymm registers: 6 rows x 16 columns of accumulators (12), two of B and one broadcast of
       // A; a 3 x 32 tile needed 17 and spilled (2/3 of OpenBLAS's speed on Zen)
       for (int64_t col = 0; col < width; col += 16)
         kernel_avx2<6, 2>(kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
       return;
     case Isa::scalar:
+      PM_CHECK(A.rows == nullptr, "scalar kernels read A packed or strided");
       for (int64_t col = 0; col < width; col += 16)
         kernel_scalar(rows, 16, kc, A.a, A.ks, A.is, strip_at(col), S, C + col, ldc, zero_start, bias_at(col));
       return;
@@ -480,9 +503,11 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   const int64_t MR = tile_rows(isa);
   const int64_t m_block = kMBlock / MR * MR;
   // A is packed into micro-panels (one contiguous stream per block) where B has enough panels to
-  // pay for the pass of packing (min_panels_to_pack_a), and read in place otherwise. A transposed
-  // A, rows given by pointers and bf16 (A is rounded as it is packed) are always packed.
-  const bool pack = trans_a == Trans::yes || A.rows != nullptr || B.bf16 || B.panels() >= min_panels_to_pack_a(isa);
+  // pay for the pass of packing (min_panels_to_pack_a), and read in place otherwise (rows given by
+  // pointers: on AVX-512, whose kernel reads each of a tile's rows by its pointer). A transposed A
+  // and bf16 (A is rounded as it is packed) are always packed.
+  const bool pack = trans_a == Trans::yes || (A.rows != nullptr && isa != Isa::avx512) || B.bf16 ||
+                    B.panels() >= min_panels_to_pack_a(isa);
   const float* A_in_place = A.base;
   const int64_t lda = A.ld;
   const int64_t k_block = dot ? kKBlockBf16Dot : kKBlock, k_block_deepest = k_block_max(k_block);
@@ -512,6 +537,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
       }
       auto a_view = [&](int64_t r) -> AView {
         if (pack || r + MR > rows) return {packed_a + r * kc, MR, 1};
+        if (A.rows) return {nullptr, 0, 0, A.rows + row0 + r, k0};
         return {A_in_place + (row0 + r) * lda + k0, 1, lda};
       };
       auto panels = [&](int64_t p_begin, int64_t p_end) {
@@ -572,6 +598,11 @@ void gemm_detail::interleave6(const float* const (&rows)[6], int64_t kc, float* 
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
                  float* C, int64_t ldc, const GemmExtras& extras) {
   gemm_packed_impl(trans_a, M, RowSource{A, lda, nullptr}, B, beta, C, ldc, extras, use_bf16_dot(B));
+}
+
+void gemm_packed_rows(int64_t M, const float* const* a_rows, const PackedB& B, float beta, float* C, int64_t ldc,
+                      const GemmExtras& extras) {
+  gemm_packed_impl(Trans::no, M, RowSource{nullptr, 0, a_rows}, B, beta, C, ldc, extras, use_bf16_dot(B));
 }
 
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,

@@ -83,6 +83,12 @@ struct GemmExtras {
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
                  float* C, int64_t ldc, const GemmExtras& extras = {});
 
+// C[M, N] = beta * C + A * B with A's rows anywhere: a_rows[i] points at row i of A[M, K] (an
+// expert's input rows where the all-to-all left them). The bits of gemm_packed on the same rows
+// copied into one matrix, without the copy (AVX-512 reads them in place as it would the matrix).
+void gemm_packed_rows(int64_t M, const float* const* a_rows, const PackedB& B, float beta, float* C, int64_t ldc,
+                      const GemmExtras& extras = {});
+
 // Same, packing B on the fly (into a reused per-thread buffer).
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
@@ -120,6 +126,8 @@ void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_ro
 // the bits of the float versions on A's float32 values, without the rounding pass over A.
 void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const PackedB& B, float beta, float* C,
                  int64_t ldc, const GemmExtras& extras = {});  // B packed by pack_b_bf16
+void gemm_packed_rows(int64_t M, const uint16_t* const* a_rows, const PackedB& B, float beta, float* C, int64_t ldc,
+                      const GemmExtras& extras = {});  // B packed by pack_b_bf16
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
                        float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
 // ... and with B's rows stored as bf16 (output gradients a bf16 all-to-all carried): the bits of

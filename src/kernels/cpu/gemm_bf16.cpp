@@ -176,6 +176,13 @@ void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const
                    use_bf16_dot(B));
 }
 
+void gemm_packed_rows(int64_t M, const uint16_t* const* a_rows, const PackedB& B, float beta, float* C, int64_t ldc,
+                      const GemmExtras& extras) {
+  PM_CHECK(B.bf16, "a GEMM with a bf16 A needs B packed by pack_b_bf16");
+  gemm_packed_impl(Trans::no, M, RowSource{nullptr, 0, nullptr, nullptr, a_rows}, B, beta, C, ldc, extras,
+                   use_bf16_dot(B));
+}
+
 namespace {
 
 // The AVX512_BF16 kernel against the fp32 kernels on the same rounded operands, once: every edge

@@ -167,7 +167,7 @@ class CudaBackend final : public ForwardingBackend {
     upload_weights(static_cast<CudaPackedExpert&>(packed), w1, w2, M, H);
   }
 
-  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
                       RowsOut act, float* y, ForwardFor use) override {
     const auto& p = static_cast<const CudaPackedExpert&>(packed);
     if (rows == 0) return;
@@ -182,7 +182,14 @@ class CudaBackend final : public ForwardingBackend {
     // hpre [rows, H1] = u W1 + b1 (in t.c)
     cuda::GemmCall fc1;
     fc1.M = rows, fc1.N = H1, fc1.K = M, fc1.bf16 = bf16;
-    upload_a(t, u, rows, M, M, fc1);
+    if (u.bf16) {  // the rows gathered as they are staged
+      upload_rows(std::vector<const uint16_t*>(u.bf16, u.bf16 + rows), M, t.host_a16, t.a, t.stream);
+      fc1.a_bf16 = t.a.as<uint16_t>();
+    } else {
+      upload_rows(std::vector<const float*>(u.f32, u.f32 + rows), M, t.host_a, t.a, t.stream);
+      fc1.a = t.a.as<float>();
+    }
+    fc1.lda = M;
     fc1.b = p.w1.as<float>(), fc1.ldb = H1, fc1.bias = p.b1 ? p.b1_dev.as<float>() : nullptr;
     fc1.c = static_cast<float*>(t.c.reserve(rows * H1 * sizeof(float))), fc1.ldc = H1;
     launch(fc1, t.stream);

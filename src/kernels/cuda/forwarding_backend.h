@@ -46,7 +46,7 @@ class ForwardingBackend : public Backend {
   void pack_expert_backward(PackedExpert& packed, const float* w1, const float* w2, int64_t M, int64_t H) override {
     host_.pack_expert_backward(packed, w1, w2, M, H);
   }
-  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn u, float* saved,
+  void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
                       RowsOut act, float* y, ForwardFor use) override {
     host_.expert_forward(packed, rows, M, H, u, saved, act, y, use);
   }
