@@ -172,10 +172,13 @@ TEST(GemmBf16, RowsGivenByPointersGiveTheBitsOfTheContiguousProduct) {
 }
 
 // An expert's input rows read where the all-to-all left them (gemm_packed_rows), floats or bf16
-// rows: the bits of the contiguous product, on every instruction set and with threads; a bias, odd
-// depths, partial micro-panels, several blocks of rows and of depths.
+// rows, and bf16 rows one after the other: the bits of A held in floats, on every instruction set
+// and with threads; a bias, odd depths (packed) and even ones (the AVX512_BF16 kernel reads bf16
+// rows in place below 16 panels of B, packed from 17: N 1030), partial micro-panels, several blocks
+// of rows and of depths.
 TEST(GemmBf16, ARowsByPointersGiveTheContiguousProductsBits) {
-  for (auto [M, N, K] : {std::array<int64_t, 3>{13, 70, 33}, {1100, 40, 9}, {37, 150, 2403}})
+  for (auto [M, N, K] : {std::array<int64_t, 3>{13, 70, 33}, {1100, 40, 9}, {37, 150, 2403}, {13, 70, 32},
+                         {1100, 40, 10}, {37, 150, 2404}, {13, 1030, 64}})
     for (float beta : {0.0f, 1.0f}) {
       const auto A = random_matrix(M * K, 21), B = random_matrix(K * N, 22), C0 = random_matrix(M * N, 23),
                  bias = random_matrix(N, 24);
@@ -191,9 +194,15 @@ TEST(GemmBf16, ARowsByPointersGiveTheContiguousProductsBits) {
           set_compute_threads(threads);
           const auto f32 = test::gemm_by_row_pointers<float>(A, M, K, packed, beta, C0, extras);
           const auto b16 = test::gemm_by_row_pointers<uint16_t>(A, M, K, packed, beta, C0, extras);
+          std::vector<uint16_t> A16(A.size());
+          floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+          std::vector<float> contiguous16 = C0;
+          gemm_packed(Trans::no, M, A16.data(), K, packed, beta, contiguous16.data(), N, extras);
           const std::string what = fmt::format("{}x{}x{} beta {} isa '{}' threads {}", M, N, K, beta, isa, threads);
           EXPECT_EQ(0, std::memcmp(expected.data(), f32.data(), f32.size() * sizeof(float))) << "float rows, " << what;
           EXPECT_EQ(0, std::memcmp(expected.data(), b16.data(), b16.size() * sizeof(float))) << "bf16 rows, " << what;
+          EXPECT_EQ(0, std::memcmp(expected.data(), contiguous16.data(), b16.size() * sizeof(float)))
+              << "bf16 rows one after the other, " << what;
         }
       force_gemm_isa("");
       set_compute_threads(1);

@@ -212,6 +212,12 @@ bool computes_partial_rows(Isa isa) { return isa != Isa::avx512; }
 // the same (0.99-1.01x), the 2048^3 product of 32 1.01x slower.
 int64_t min_panels_to_pack_a(Isa isa) { return isa == Isa::avx512 ? 16 : 4; }
 
+// The same for bf16 rows and the AVX512_BF16 kernel (pairs_in_place below).
+#ifndef GEMM_BF16_PAIRS_PANELS
+#define GEMM_BF16_PAIRS_PANELS 16
+#endif
+constexpr int64_t kMinPanelsToPackPairs = GEMM_BF16_PAIRS_PANELS;
+
 // One tile of `rows` (MR, or fewer where computes_partial_rows) x width (a multiple of 16, at most
 // 64) of full columns, depths [k0, k0 + kc) of a B panel stored as strips of S columns (PackedB):
 // every kernel call reads one strip's rows, ldb = S apart.
@@ -508,6 +514,10 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   // and bf16 (A is rounded as it is packed) are always packed.
   const bool pack = trans_a == Trans::yes || (A.rows != nullptr && isa != Isa::avx512) || B.bf16 ||
                     B.panels() >= min_panels_to_pack_a(isa);
+  // bf16 rows are pair words already: the AVX512_BF16 kernel reads them in place by the same rule,
+  // where the depth is even (an odd depth's last word would take a value past the row)
+  const bool pairs_in_place = dot && trans_a == Trans::no && A.is_bf16() && B.source_depth % 2 == 0 &&
+                              B.panels() < kMinPanelsToPackPairs && bf16_dot_reads_rows_in_place();
   const float* A_in_place = A.base;
   const int64_t lda = A.ld;
   const int64_t k_block = dot ? kKBlockBf16Dot : kKBlock, k_block_deepest = k_block_max(k_block);
@@ -524,8 +534,12 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
       kc = K - k0 <= k_block_deepest ? K - k0 : k_block;
       const bool zero_start = beta == 0.0f && k0 == 0;
       const bool last_depth = k0 + kc == K;
-      if (dot) {
+      if (dot && !pairs_in_place) {
         pack_a_pairs(trans_a, A, row0, rows, k0, kc, B.source_depth, MR, packed_pairs);  // kc is even: K and k0 are
+      } else if (dot) {
+        const int64_t full = rows / MR * MR;  // the last, partial micro-panel packed with zero rows
+        if (full < rows)
+          pack_a_pairs(trans_a, A, row0 + full, rows - full, k0, kc, B.source_depth, MR, packed_pairs + full * kc / 2);
       } else if (B.bf16) {
         pack_a_bf16(trans_a, A, row0, rows, k0, kc, B.source_depth, MR, packed_a);
       } else if (pack) {
@@ -550,9 +564,14 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
           // rows of the tile computed: all MR, or only the valid ones where the kernels can
           const bool partial = !dot && computes_partial_rows(isa);
           auto tile = [&](int64_t r, int64_t valid, float* Cd, int64_t ldd) {
-            if (dot)
+            if (dot && pairs_in_place && r + MR <= rows) {
+              const uint16_t* const six[6] = {A.row16(row0 + r) + k0,     A.row16(row0 + r + 1) + k0,
+                                              A.row16(row0 + r + 2) + k0, A.row16(row0 + r + 3) + k0,
+                                              A.row16(row0 + r + 4) + k0, A.row16(row0 + r + 5) + k0};
+              run_tile_bf16(width, kc / 2, six, Bwords, B, Cd, ldd, zero_start, bias);
+            } else if (dot) {
               run_tile_bf16(width, kc / 2, packed_pairs + r * kc / 2, Bwords, B, Cd, ldd, zero_start, bias);
-            else
+            } else
               run_tile(isa, partial ? valid : MR, width, kc, a_view(r), B.panel(p), K, k0, B.strip_of(p), Cd, ldd,
                        zero_start, bias);
           };

@@ -57,8 +57,25 @@ void tile_bf16_model(int64_t width, int64_t pairs, const uint32_t* Ap, const uin
 // per lane, fma(a_odd, b_odd) then fma(a_even, b_even). Ap: [pairs][MR] words of A's pairs (the
 // even depth in the low half); Bp: B's words in a panel `width` wide, a pair's next pair_step
 // words on within a block of 16 pairs, its next 16 columns group_step on (PackedB::pair_word_offset).
-template <int MR, int NV>
-__attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pairs, const uint32_t* Ap,
+// Where the kernel reads A's pair words: packed ([pairs][MR], PackedPairsA) or bf16 rows in place,
+// each by its own pointer (RowPairsA), as the fp32 kernel reads rows (gemm.cpp RowPointersA).
+template <int MR>
+struct PackedPairsA {
+  const uint32_t* words;
+  uint32_t at(int64_t q, int i) const { return words[q * MR + i]; }
+};
+template <int MR>
+struct RowPairsA {
+  const uint16_t* row[MR];
+  uint32_t at(int64_t q, int i) const {
+    uint32_t word;
+    std::memcpy(&word, row[i] + 2 * q, sizeof(word));
+    return word;
+  }
+};
+
+template <int MR, int NV, typename ARead>
+__attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pairs, const ARead A,
                                                                      const uint32_t* Bp, int64_t width,
                                                                      int64_t pair_step, int64_t group_step, float* C,
                                                                      int64_t ldc, bool zero_start, const float* bias) {
@@ -69,19 +86,30 @@ __attribute__((target("avx512f,avx512bf16"))) void kernel_avx512_bf16(int64_t pa
                             : (bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps());
   for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
     const uint32_t* block = Bp + q0 * width;  // pairs q0..
-    const uint32_t* a_words = Ap + q0 * MR;
     const int64_t n = std::min<int64_t>(16, pairs - q0);
-    for (int64_t l = 0; l < n; ++l, block += pair_step, a_words += MR) {
+    for (int64_t l = 0; l < n; ++l, block += pair_step) {
       __m512bh b[NV];
       for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(block + group_step * v);
       for (int i = 0; i < MR; ++i) {
-        __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_words[i]));
+        __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(A.at(q0 + l, i)));
         for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], a, b[v]);
       }
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+}
+
+template <typename ARead>
+void tile_bf16(int64_t width, int64_t pairs, const ARead A, const uint32_t* Bp, const PackedB& B, float* C,
+               int64_t ldc, bool zero_start, const float* bias) {
+  const int64_t ps = B.pair_step(width), gs = B.group_step();
+  switch (width / 16) {
+    case 1: return kernel_avx512_bf16<6, 1>(pairs, A, Bp, width, ps, gs, C, ldc, zero_start, bias);
+    case 2: return kernel_avx512_bf16<6, 2>(pairs, A, Bp, width, ps, gs, C, ldc, zero_start, bias);
+    case 3: return kernel_avx512_bf16<6, 3>(pairs, A, Bp, width, ps, gs, C, ldc, zero_start, bias);
+    default: return kernel_avx512_bf16<6, 4>(pairs, A, Bp, width, ps, gs, C, ldc, zero_start, bias);
+  }
 }
 
 }  // namespace
@@ -98,14 +126,17 @@ void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap
     g_emulated_tiles.fetch_add(1, std::memory_order_relaxed);
     return tile_bf16_model<6>(width, pairs, Ap, Bp, B, C, ldc, zero_start, bias);
   }
-  const int64_t ps = B.pair_step(width), gs = B.group_step();
-  switch (width / 16) {
-    case 1: return kernel_avx512_bf16<6, 1>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
-    case 2: return kernel_avx512_bf16<6, 2>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
-    case 3: return kernel_avx512_bf16<6, 3>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
-    default: return kernel_avx512_bf16<6, 4>(pairs, Ap, Bp, width, ps, gs, C, ldc, zero_start, bias);
-  }
+  tile_bf16(width, pairs, PackedPairsA<6>{Ap}, Bp, B, C, ldc, zero_start, bias);
 }
+
+void gemm_detail::run_tile_bf16(int64_t width, int64_t pairs, const uint16_t* const (&a_rows)[6], const uint32_t* Bp,
+                                const PackedB& B, float* C, int64_t ldc, bool zero_start, const float* bias) {
+  PM_CHECK(!g_emulate_dot.load(std::memory_order_relaxed), "an emulated AVX512_BF16 kernel reads A packed");
+  tile_bf16(width, pairs, RowPairsA<6>{{a_rows[0], a_rows[1], a_rows[2], a_rows[3], a_rows[4], a_rows[5]}}, Bp, B, C,
+            ldc, zero_start, bias);
+}
+
+bool gemm_detail::bf16_dot_reads_rows_in_place() { return !g_emulate_dot.load(std::memory_order_relaxed); }
 
 
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,

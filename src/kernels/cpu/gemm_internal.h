@@ -142,6 +142,12 @@ bool cpu_has_bf16_dot();
 // columns, from a block of 16 pairs on, laid out as B's: PackedB::pair_word_offset).
 void run_tile_bf16(int64_t width, int64_t pairs, const uint32_t* Ap, const uint32_t* Bp, const PackedB& B, float* C,
                    int64_t ldc, bool zero_start, const float* bias);
+// The same with A read in place: row i's pair words from a_rows[i] (bf16 rows from an even depth:
+// two bf16 values are a pair word already, the even depth in the low half).
+void run_tile_bf16(int64_t width, int64_t pairs, const uint16_t* const (&a_rows)[6], const uint32_t* Bp,
+                   const PackedB& B, float* C, int64_t ldc, bool zero_start, const float* bias);
+// Whether tiles can read bf16 rows in place (the AVX512_BF16 instructions, not their emulation).
+bool bf16_dot_reads_rows_in_place();
 // Whether a GEMM with B runs the AVX512_BF16 kernel: B is bf16 with pairs, the CPU has the
 // instructions, the ISA is not forced down, and the kernel passed its first-use check.
 bool use_bf16_dot(const PackedB& B);
