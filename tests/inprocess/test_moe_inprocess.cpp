@@ -127,8 +127,9 @@ TEST_P(LayerOnThreadRanks, ADeduplicatedDispatchGivesTheBitsOfOneRowPerChoice) {
             } else {
               EXPECT_EQ(grad_rows, grad_choices) << "rank " << comm.rank() << ", " << what << ", dedup " << dedup;
             }
-            if (k == 3)
+            if (k == 3) {
               EXPECT_EQ(scale_grad_dispatch_on_experts(s), dedup && P > 1 && s.precision == Precision::fp32);
+            }
             // one more forward, at degree 1 (where a token's choices on a rank share its chunk), to
             // count what its dispatch sent and what it holds for a backward
             layer->set_degrees(1, 1);
@@ -158,7 +159,9 @@ TEST_P(LayerOnThreadRanks, ADeduplicatedDispatchGivesTheBitsOfOneRowPerChoice) {
         // never more; less where a token's row reaches a rank for several choices (on 4 ranks top-6 of
         // 32 sends a rank 1.5 choices a token: copied, as without deduplication)
         EXPECT_LE(held_dedup[r], held_copied[r]) << "rank " << r << ", " << what;
-        if (k == 6 && P <= 2) EXPECT_LT(held_dedup[r], held_copied[r]) << "rank " << r << ", " << what;
+        if (k == 6 && P <= 2) {
+          EXPECT_LT(held_dedup[r], held_copied[r]) << "rank " << r << ", " << what;
+        }
       }
     }
 }
