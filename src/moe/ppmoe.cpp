@@ -223,9 +223,7 @@ MoeForward PpmoeLayer::append_forward(TaskGraph& graph, const std::vector<int>& 
       for (int j = 0; j < k; ++j) {
         auto [a, b] = p->local.rows_in(le, j, t0, t1);
         if (a == b) continue;
-        std::vector<RowRun> gather;
-        for (int64_t row = a; row < b; ++row) gather.push_back({p->local.token[row], row, 1});
-        p->u_at.set_runs(p->x, M, gather);
+        for (int64_t row = a; row < b; ++row) p->u_at.set(row, p->x + p->local.token[row] * M);
         const int64_t s = recomputes() ? 0 : a;  // recomputed: the run's rows from the top
         backend_.expert_forward(packed_[le], b - a, M, H, p->u_at.from(a), &p->fc1_saved[s * H1], p->act.out(s), &p->out[a * M],
                                 inference_ || recomputes() ? ForwardFor::inference : ForwardFor::backward);
