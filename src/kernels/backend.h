@@ -79,6 +79,22 @@ using RowsOut = FloatOrBf16<float, uint16_t>;
 // rows where the all-to-all left them.
 using RowPointers = FloatOrBf16<const float* const, const uint16_t* const>;
 
+// Where an expert writes its float output rows: one block of rows, each `width` floats after the
+// last (a pointer converts implicitly; null: no output), or each row by its pointer
+// (by_pointer): the all-to-all's rows, so that no copy takes them there from a buffer.
+struct OutputRows {
+  float* block = nullptr;
+  float* const* rows = nullptr;
+  OutputRows(float* p = nullptr) : block(p) {}  // NOLINT(google-explicit-constructor): converts like a pointer
+  static OutputRows by_pointer(float* const* rows) {
+    OutputRows o;
+    o.rows = rows;
+    return o;
+  }
+  explicit operator bool() const { return block != nullptr || rows != nullptr; }
+  OutputRows from(int64_t i, int64_t width) const { return rows ? by_pointer(rows + i) : OutputRows(block + i * width); }
+};
+
 // A run of rows copied from one buffer to another.
 struct RowRun {
   int64_t src_row, dst_row, rows;
@@ -275,14 +291,15 @@ class Backend {
   // and act may be bf16 rows for a bf16 expert (act then holds the activation rounded to bf16).
   // saved[rows, H1] holds what the backward reads (ForwardFor::backward): SwiGLU's pre-activation,
   // GeLU's derivative at it; for an inference pass, whatever the kernels left there. y null: the
-  // activation only, no second GEMM (a backward recomputing what a forward did not keep).
+  // activation only, no second GEMM (a backward recomputing what a forward did not keep). y's rows
+  // may sit anywhere (OutputRows::by_pointer).
   virtual void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowPointers u,
-                              float* saved, RowsOut act, float* y, ForwardFor use) = 0;
+                              float* saved, RowsOut act, OutputRows y, ForwardFor use) = 0;
   // dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T. dy may be
   // bf16 rows for a bf16 expert. saved_rows[i] points at row i's saved values (expert_forward)
-  // wherever the forward left them.
+  // wherever the forward left them; du's rows may sit anywhere (OutputRows::by_pointer).
   virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
-                                     const float* const* saved_rows, float* dhpre, float* du) = 0;
+                                     const float* const* saved_rows, float* dhpre, OutputRows du) = 0;
   // grads.w2 += act^T dy, b2 += colsum(dy), w1 += u^T dhpre, b1 += colsum(dhpre), over the rows in
   // order: the same bits whatever pipeline degrees produced them.
   virtual void expert_weight_grads(const ExpertGrads& grads, Activation activation, Precision precision, int64_t M,

@@ -1,5 +1,6 @@
 #include "moe/expert_parallel.h"
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 
@@ -186,16 +187,30 @@ std::vector<RowRun> piece_runs(const std::vector<RowRun>& runs, int64_t first, i
   return piece;
 }
 
-// An expert's rows [first, first + rows) of a chunk in pieces of `out`'s rows: compute(r, n) writes
-// the outputs of rows [r, r + n) into `out`, which then go to the peers' rows of the all-to-all
-// (`to_peers`) and this rank's own (`to_own`), along the chunk's runs.
+// An expert's rows [first, first + rows) of a chunk in pieces of `piece` rows: compute(r, n, y)
+// writes the outputs of rows [r, r + n) to y. On a float32 wire y is those rows' places in the
+// all-to-all's buffers (the peers' rows, `to_peers`, and this rank's own, `to_own`, along the
+// chunk's runs), by pointer, where a copy took them there from a buffer: 2.4% of a DeepSeek-style
+// fp32 layer's time went to that copy (docs/BENCHMARKS.md). On a bf16 wire y is `out`, whose rows
+// are then rounded into place.
 template <typename Compute>
-void in_pieces(Backend& backend, const ChunkRuns& runs, int64_t first, int64_t rows, int64_t M,
-               ScratchBuffer<float>& out, RowsOut to_peers, RowsOut to_own, Compute compute) {
-  const int64_t piece = static_cast<int64_t>(out.size()) / M;
+void in_pieces(Backend& backend, const ChunkRuns& runs, int64_t first, int64_t rows, int64_t M, int64_t piece,
+               bool float_wire, ScratchBuffer<float>& out, RowsOut to_peers, RowsOut to_own, Compute compute) {
+  std::vector<float*> places;
+  if (float_wire) {
+    places.assign(rows, nullptr);
+    for (auto [to, side] : {std::pair{to_peers.f32, &runs.out_peers}, std::pair{to_own.f32, &runs.out_own}})
+      for (const RowRun& run : runs_within(*side, RunSide::source, first, rows))
+        for (int64_t i = 0; i < run.rows; ++i) places[run.src_row - first + i] = to + (run.dst_row + i) * M;
+    PM_CHECK(std::find(places.begin(), places.end(), nullptr) == places.end(), "an expert output row with no place");
+  }
   for (int64_t r = first; r < first + rows; r += piece) {
     const int64_t n = std::min(piece, first + rows - r);
-    compute(r, n);
+    if (float_wire) {
+      compute(r, n, OutputRows::by_pointer(&places[r - first]));
+      continue;
+    }
+    compute(r, n, OutputRows(out.data()));
     backend.copy_rows(out.data(), to_peers, M, piece_runs(runs.out_peers, r, n));
     backend.copy_rows(out.data(), to_own, M, piece_runs(runs.out_own, r, n));
   }
@@ -287,6 +302,8 @@ class ExpertParallelLayer final : public MoeLayer {
   bool inferring() const { return inference_ || cache_ != nullptr; }
   // The forward keeps only the experts' inputs; the backward makes the rest again.
   bool recomputes() const { return shape_.recompute_experts && !inferring(); }
+  // The all-to-all carries float32 rows: the experts write their outputs straight into them.
+  bool float_wire() const { return dispatcher_.wire() == Precision::fp32; }
   OffloadMode offload_mode_ = OffloadMode::resident;
   LayerWeights w_;
 
@@ -332,7 +349,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     const int64_t kept_rows = recomputes() ? largest_expert_block(p->handle.experts_compute) : rows;
     p->fc1_saved.resize(kept_rows * H1);
     p->act.resize(kept_rows, H, shape.precision);
-    p->out.resize(output_piece_rows(backend_, rows) * M);
+    p->out.resize(float_wire() ? 0 : output_piece_rows(backend_, rows) * M);  // (in_pieces)
     p->needed.clear();
     for (int le = 0; le < shape_.local_experts(); ++le) {
       int64_t n = 0;
@@ -379,11 +396,12 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
         p->u_at.set_runs(p->u.in(0), M, {{first, first, rows}});
       }
       const bool keep = !inferring() && !recomputes();
-      in_pieces(backend_, runs, first, rows, M, p->out, p->recv.out(0), p->back.out(0), [&](int64_t r, int64_t n) {
-        const int64_t s = recomputes() ? r - first : r;  // recomputed: the block's rows from the top
-        backend_.expert_forward(packed, n, M, H, p->u_at.from(r), &p->fc1_saved[s * H1], p->act.out(s), p->out.data(),
-                                keep ? ForwardFor::backward : ForwardFor::inference);
-      });
+      in_pieces(backend_, runs, first, rows, M, output_piece_rows(backend_, rows), float_wire(), p->out,
+                p->recv.out(0), p->back.out(0), [&](int64_t r, int64_t n, OutputRows y) {
+                  const int64_t s = recomputes() ? r - first : r;  // recomputed: the block's rows from the top
+                  backend_.expert_forward(packed, n, M, H, p->u_at.from(r), &p->fc1_saved[s * H1], p->act.out(s), y,
+                                          keep ? ForwardFor::backward : ForwardFor::inference);
+                });
     }
     // u_at's rows, fc1_saved and act stay where this chunk put them: the backward reads them there,
     // by row (recompute_experts: u_at's only).
@@ -445,7 +463,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     const bool dy_bf16 = dispatcher_.wire() == Precision::bf16 && shape.precision == Precision::bf16;
     b->dy_rows.resize(rows, M, dy_bf16 ? Precision::bf16 : Precision::fp32);
     b->dhpre.resize(rows * H1);
-    b->du.resize(output_piece_rows(backend_, rows) * M);
+    b->du.resize(float_wire() ? 0 : output_piece_rows(backend_, rows) * M);  // (in_pieces)
     if (recomputes()) {
       b->fc1_saved.resize(rows * H1);
       b->act.resize(rows, H, shape.precision);
@@ -509,10 +527,11 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
         b->dy_rows.copy_rows_from(backend_, b->recv.in(0), peers);
         b->dy_rows.copy_rows_from(backend_, b->send.in(0), own);
       }
-      in_pieces(backend_, runs, first, rows, M, b->du, b->recv.out(0), b->back.out(0), [&](int64_t r, int64_t n) {
-        backend_.expert_backward_input(packed_[le], n, M, H, b->dy_rows.in(r), &saved_rows[r - chunk_first],
-                                       &b->dhpre[r * H1], b->du.data());
-      });
+      in_pieces(backend_, runs, first, rows, M, output_piece_rows(backend_, rows), float_wire(), b->du,
+                b->recv.out(0), b->back.out(0), [&](int64_t r, int64_t n, OutputRows du) {
+                  backend_.expert_backward_input(packed_[le], n, M, H, b->dy_rows.in(r), &saved_rows[r - chunk_first],
+                                                 &b->dhpre[r * H1], du);
+                });
     }
     // dy and dhpre stay where this chunk put them: the weight gradients read them there, by row.
   };

@@ -28,6 +28,17 @@ void gemm_rows(RowsIn A, int64_t rows, int64_t K, const PackedB& B, float* C, in
     gemm_packed(Trans::no, rows, A.f32, K, B, 0.0f, C, ldc, extras);
 }
 
+// C[rows, N] = A B + bias into `out` (a block of rows N apart, or rows by pointer), A's rows
+// floats or bf16, K values each.
+void gemm_rows_out(RowsIn A, int64_t rows, int64_t K, const PackedB& B, OutputRows out, const float* bias) {
+  if (!out.rows) return gemm_rows(A, rows, K, B, out.block, B.N, {bias, nullptr});
+  const GemmExtras extras{bias, nullptr, out.rows};
+  if (A.bf16)
+    gemm_packed(Trans::no, rows, A.bf16, K, B, 0.0f, nullptr, 0, extras);
+  else
+    gemm_packed(Trans::no, rows, A.f32, K, B, 0.0f, nullptr, 0, extras);
+}
+
 // The same with A's rows by pointer.
 void gemm_rows(RowPointers A, int64_t rows, const PackedB& B, float* C, int64_t ldc, const GemmExtras& extras) {
   if (A.bf16)
@@ -70,7 +81,7 @@ namespace {
 constexpr int64_t kForwardRowBlock = 192;
 
 void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
-                          RowsOut act, float* y, ForwardFor use) {
+                          RowsOut act, OutputRows y, ForwardFor use) {
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
     gemm_rows(u, rows, w.w1, saved, H1, {w.b1, nullptr});
@@ -88,13 +99,13 @@ void expert_forward_block(const ExpertWeights& w, int64_t rows, int64_t M, int64
     };
     gemm_rows(u, rows, w.w1, saved, H1, {w.b1, &gelu_tile});
   }
-  if (y) gemm_rows(act.bf16 ? RowsIn(act.bf16) : RowsIn(act.f32), rows, H, w.w2, y, M, {w.b2, nullptr});
+  if (y) gemm_rows_out(act.bf16 ? RowsIn(act.bf16) : RowsIn(act.f32), rows, H, w.w2, y, w.b2);
 }
 
 }  // namespace
 
 void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
-                    RowsOut act, float* y, ForwardFor use) {
+                    RowsOut act, OutputRows y, ForwardFor use) {
   PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || w.precision == Precision::bf16,
            "bf16 rows of an expert's input or activation need a bf16 expert");
   const int64_t H1 = fc1_width(w.activation, H);
@@ -102,12 +113,12 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
     const int64_t n = std::min(kForwardRowBlock, rows - r);
     const RowPointers u_r = u.bf16 ? RowPointers(u.bf16 + r) : RowPointers(u.f32 + r);
     const RowsOut act_r = act.bf16 ? RowsOut(act.bf16 + r * H) : RowsOut(act.f32 + r * H);
-    expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y ? y + r * M : nullptr, use);
+    expert_forward_block(w, n, M, H, u_r, saved + r * H1, act_r, y ? y.from(r, M) : OutputRows(), use);
   }
 }
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           RowsIn dy, const float* const* saved_rows, float* dhpre, float* du) {
+                           RowsIn dy, const float* const* saved_rows, float* dhpre, OutputRows du) {
   if (rows == 0) return;
   PM_CHECK(dy.bf16 == nullptr || w.precision == Precision::bf16, "bf16 rows of dy need a bf16 expert");
   const int64_t H1 = fc1_width(w.activation, H);
@@ -126,7 +137,7 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
     };
     gemm_rows(dy, rows, M, w.w2_t, dhpre, H, {nullptr, &gelu_grad_tile});
   }
-  gemm_packed(Trans::no, rows, dhpre, H1, w.w1_t, 0.0f, du, M);
+  gemm_rows_out(dhpre, rows, H1, w.w1_t, du, nullptr);
 }
 
 void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,

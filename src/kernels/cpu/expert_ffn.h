@@ -34,16 +34,18 @@ struct ExpertWeights : PackedExpert {
 
 // act[rows, H] = the activation of hpre = u W1 + b1 (rounded to bf16 when act is bf16 rows), u[i]
 // pointing at row i of the input wherever it sits;
-// y[rows, M] = act W2 + b2 (y null: not computed). bf16 rows of u or act need a bf16 expert. saved[rows, H1]: hpre, which
-// GeLU overwrites with its derivative there for a backward (one erf for both: the backward would
-// compute it again, and more, to get the same bits).
+// y[rows, M] = act W2 + b2 (y null: not computed; its rows may sit anywhere: OutputRows). bf16
+// rows of u or act need a bf16 expert. saved[rows, H1]: hpre, which GeLU overwrites with its
+// derivative there for a backward (one erf for both: the backward would compute it again, and
+// more, to get the same bits).
 void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
-                    RowsOut act, float* y, ForwardFor use);
+                    RowsOut act, OutputRows y, ForwardFor use);
 
 // From dy[rows, M]: dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T.
-// saved_rows[i] points at row i's saved values (H1 of them) wherever the forward left them.
+// saved_rows[i] points at row i's saved values (H1 of them) wherever the forward left them; du's
+// rows may sit anywhere (OutputRows).
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           RowsIn dy, const float* const* saved_rows, float* dhpre, float* du);
+                           RowsIn dy, const float* const* saved_rows, float* dhpre, OutputRows du);
 
 // g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), summed over
 // the rows in order: the same bits whatever the pipeline degrees that produced them.

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "core/error.h"
 #include "core/tensor.h"
@@ -345,10 +346,30 @@ __attribute__((target("avx2"))) int64_t interleave6_avx2(const float* const (&ro
 // than a plain prefetch (1.014x), and prefetching only where the tile loads C gained half as much.
 constexpr int64_t kPrefetchTiles = 2;
 
-void prefetch_c_tile(const float* tile, int64_t ldc, int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; j += 16) _mm_prefetch(reinterpret_cast<const char*>(tile + i * ldc + j), _MM_HINT_T0);
-}
+// Where the GEMM writes C: one matrix, rows ldc apart, or each row by its pointer
+// (GemmExtras::c_rows).
+struct CTarget {
+  float* C;
+  int64_t ldc;
+  float* const* rows;
+  float* row(int64_t i) const { return rows ? rows[i] : C + i * ldc; }
+  // The tile of `valid` rows from row i at column col, as a first row and the distance between its
+  // rows; 0: its rows do not lie evenly apart, at least `width` floats (then it goes through the
+  // edge tiles' buffer).
+  std::pair<float*, int64_t> tile(int64_t i, int64_t col, int64_t valid, int64_t width) const {
+    if (!rows) return {C + i * ldc + col, ldc};
+    float* first = rows[i] + col;
+    if (valid < 2) return {first, 0};
+    const int64_t ld = rows[i + 1] - rows[i];
+    bool even = ld >= width;
+    for (int64_t r = 2; r < valid && even; ++r) even = rows[i + r] == rows[i] + r * ld;
+    return {first, even ? ld : 0};
+  }
+  void prefetch(int64_t i, int64_t col, int64_t valid, int64_t cols) const {
+    for (int64_t r = 0; r < valid; ++r)
+      for (int64_t j = 0; j < cols; j += 16) _mm_prefetch(reinterpret_cast<const char*>(row(i + r) + col + j), _MM_HINT_T0);
+  }
+};
 
 thread_local FloatBuffer t_packed_a;
 thread_local PackedB t_packed_b;
@@ -484,15 +505,27 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   PM_CHECK(!A.is_bf16() || B.bf16, "an A stored in bf16 needs a bf16 GEMM");
   const int64_t N = B.N, K = B.K;
   if (M == 0 || N == 0) return;
+  const CTarget target{C, ldc, extras.c_rows};
+  PM_CHECK(!target.rows || (beta == 0.0f && extras.epilogue == nullptr), "C's rows by pointer take beta 0, no epilogue");
   if (K == 0) {
     for (int64_t i = 0; i < M && beta == 0.0f; ++i) {
       if (extras.bias)
-        std::memcpy(C + i * ldc, extras.bias, N * sizeof(float));
+        std::memcpy(target.row(i), extras.bias, N * sizeof(float));
       else
-        std::memset(C + i * ldc, 0, N * sizeof(float));
+        std::memset(target.row(i), 0, N * sizeof(float));
     }
     if (extras.epilogue)
       for (int64_t i = 0; i < M; i += 64) (*extras.epilogue)(i, 0, std::min<int64_t>(64, M - i), N);
+    return;
+  }
+  if (target.rows && (g_isa != Isa::avx512 || (B.bf16 && bf16_order_is_amx()))) {
+    // the kernels that write only a tile's valid rows, and AMX's tiles: into one matrix, then out
+    thread_local FloatBuffer whole;
+    whole.resize(M * N);
+    GemmExtras into_whole = extras;
+    into_whole.c_rows = nullptr;
+    gemm_packed_impl(trans_a, M, A, B, 0.0f, whole.data(), N, into_whole, dot);
+    for (int64_t i = 0; i < M; ++i) std::memcpy(target.rows[i], whole.data() + i * N, N * sizeof(float));
     return;
   }
   if (B.bf16 && bf16_order_is_amx()) return gemm_amx_order(trans_a, M, A, B, beta, C, ldc, extras);
@@ -576,19 +609,20 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
                        zero_start, bias);
           };
           for (int64_t r = 0; r < rows; r += MR) {
-            float* Ct = C + (row0 + r) * ldc + col0;
             const int64_t valid = std::min(MR, rows - r);
+            const auto [Ct, ld] = target.tile(row0 + r, col0, valid, width);
             if (r + kPrefetchTiles * MR < rows)
-              prefetch_c_tile(Ct + kPrefetchTiles * MR * ldc, ldc, std::min(MR, rows - r - kPrefetchTiles * MR), cols);
-            if (cols == width && (valid == MR || partial)) {
-              tile(r, valid, Ct, ldc);  // in place: a partial tile reads and writes only its valid rows
+              target.prefetch(row0 + r + kPrefetchTiles * MR, col0, std::min(MR, rows - r - kPrefetchTiles * MR), cols);
+            if (ld != 0 && cols == width && (valid == MR || partial)) {
+              tile(r, valid, Ct, ld);  // in place: a partial tile reads and writes only its valid rows
             } else {
               // Edge tile: run the same kernel on a padded copy, keep the valid part.
               for (int64_t i = 0; i < MR; ++i)
                 for (int64_t j = 0; j < width; ++j)
-                  edge[i * width + j] = (i < valid && j < cols && !zero_start) ? Ct[i * ldc + j] : 0.0f;
+                  edge[i * width + j] = (i < valid && j < cols && !zero_start) ? target.row(row0 + r + i)[col0 + j] : 0.0f;
               tile(r, valid, edge, width);
-              for (int64_t i = 0; i < valid; ++i) std::memcpy(Ct + i * ldc, edge + i * width, cols * sizeof(float));
+              for (int64_t i = 0; i < valid; ++i)
+                std::memcpy(target.row(row0 + r + i) + col0, edge + i * width, cols * sizeof(float));
             }
             if (last_depth && extras.epilogue) (*extras.epilogue)(row0 + r, col0, valid, cols);
           }

@@ -76,6 +76,11 @@ using TileEpilogue = std::function<void(int64_t row, int64_t col, int64_t rows, 
 struct GemmExtras {
   const float* bias = nullptr;           // [N]: with beta = 0, every chain starts from bias[j]
   const TileEpilogue* epilogue = nullptr;
+  // C's rows anywhere: row i of C at c_rows[i] (C and ldc are not read); beta 0, no epilogue. An
+  // expert's outputs go straight into the all-to-all's rows, where a copy took them from a buffer.
+  // The bits of the same product into one matrix: each tile whose rows lie evenly apart is written
+  // where it belongs, any other through the edge tiles' buffer.
+  float* const* c_rows = nullptr;
 };
 
 // C[M, N] = beta * C + op(A)[M, K] * B, beta 0 or 1. op(A) = A[M, K] (lda >= K) or, with

@@ -36,7 +36,7 @@ struct ThreadState {
   // (the pre-activation, its gradient, a weight gradient), d: activations, e: the second GEMM's C
   DeviceBuffer a, b, c, d, e;
   // rows gathered from wherever they sit, before they are copied in (one pinned block per operand)
-  cuda::PinnedBuffer host_a, host_b, host_a16;
+  cuda::PinnedBuffer host_a, host_b, host_a16, host_out;  // host_out: rows on their way to OutputRows' pointers
   ~ThreadState() {
     if (stream) cudaStreamDestroy(stream);
   }
@@ -168,7 +168,7 @@ class CudaBackend final : public ForwardingBackend {
   }
 
   void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
-                      RowsOut act, float* y, ForwardFor use) override {
+                      RowsOut act, OutputRows y, ForwardFor use) override {
     const auto& p = static_cast<const CudaPackedExpert&>(packed);
     if (rows == 0) return;
     PM_CHECK((u.bf16 == nullptr && act.bf16 == nullptr) || p.precision == Precision::bf16,
@@ -215,12 +215,14 @@ class CudaBackend final : public ForwardingBackend {
       download(act_h, rows, H, act.bf16, H, sizeof(uint16_t), t.stream);
     else
       download(act_f, rows, H, act.f32, H, sizeof(float), t.stream);
-    if (y) download(fc2.c, rows, M, y, M, sizeof(float), t.stream);
-    finish(t);
+    if (y)
+      download_out(t, fc2.c, rows, M, y);
+    else
+      finish(t);
   }
 
   void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
-                             const float* const* saved_rows, float* dhpre, float* du) override {
+                             const float* const* saved_rows, float* dhpre, OutputRows du) override {
     const auto& p = static_cast<const CudaPackedExpert&>(packed);
     if (rows == 0) return;
     const bool bf16 = p.precision == Precision::bf16;
@@ -248,8 +250,7 @@ class CudaBackend final : public ForwardingBackend {
     fc1.c = static_cast<float*>(t.e.reserve(rows * M * sizeof(float))), fc1.ldc = M;
     launch(fc1, t.stream);
     download(dh, rows, H1, dhpre, H1, sizeof(float), t.stream);
-    download(fc1.c, rows, M, du, M, sizeof(float), t.stream);
-    finish(t);
+    download_out(t, fc1.c, rows, M, du);
   }
 
   void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision precision, int64_t M, int64_t H,
@@ -309,6 +310,19 @@ class CudaBackend final : public ForwardingBackend {
   }
   // Waits for the stream: the results are in host memory when a call returns.
   static void finish(ThreadState& t) { check(cudaStreamSynchronize(t.stream), "cudaStreamSynchronize"); }
+
+  // The device's rows [rows, width] out to `out`, then the stream finished: into its block, or
+  // through pinned staging to each row's pointer.
+  static void download_out(ThreadState& t, const float* device, int64_t rows, int64_t width, OutputRows out) {
+    if (!out.rows) {
+      download(device, rows, width, out.block, width, sizeof(float), t.stream);
+      return finish(t);
+    }
+    auto* staged = static_cast<float*>(t.host_out.reserve(std::max<int64_t>(1, rows * width) * sizeof(float)));
+    download(device, rows, width, staged, width, sizeof(float), t.stream);
+    finish(t);
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(out.rows[i], staged + i * width, width * sizeof(float));
+  }
 
   // A's storage [rows, cols] (floats or bf16 rows, ld apart) into t.a, and g's A pointing at it.
   static void upload_a(ThreadState& t, RowsIn A, int64_t rows, int64_t cols, int64_t ld, cuda::GemmCall& g) {

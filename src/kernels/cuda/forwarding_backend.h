@@ -47,11 +47,11 @@ class ForwardingBackend : public Backend {
     host_.pack_expert_backward(packed, w1, w2, M, H);
   }
   void expert_forward(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowPointers u, float* saved,
-                      RowsOut act, float* y, ForwardFor use) override {
+                      RowsOut act, OutputRows y, ForwardFor use) override {
     host_.expert_forward(packed, rows, M, H, u, saved, act, y, use);
   }
   void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
-                             const float* const* saved_rows, float* dhpre, float* du) override {
+                             const float* const* saved_rows, float* dhpre, OutputRows du) override {
     host_.expert_backward_input(packed, rows, M, H, dy, saved_rows, dhpre, du);
   }
   void expert_weight_grads(const ExpertGrads& grads, Activation activation, Precision precision, int64_t M,
