@@ -114,8 +114,10 @@ struct ExpertRun {
   std::vector<uint16_t> act16;
 };
 
+// out_rows: y and du written to rows by pointer (OutputRows::by_pointer), in reverse order in
+// memory (the all-to-all's rows), then read back into r.y and r.du.
 ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bool bf16_rows, ForwardFor use,
-                     int64_t rows, int64_t M, int64_t H) {
+                     int64_t rows, int64_t M, int64_t H, bool out_rows = false) {
   const int64_t H1 = fc1_width(activation, H);
   const std::vector<float> w1 = random_values(M * H1, 11, 0.2f), w2 = random_values(H * M, 12, 0.2f);
   const std::vector<float> b1 = random_values(H1, 13, 0.1f), b2 = random_values(M, 14, 0.1f);
@@ -138,7 +140,15 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
   }
   RowPointers u_in = bf16_rows ? RowPointers(u16_rows.data()) : RowPointers(u_rows.data());
   RowsOut act_out = bf16_rows ? RowsOut(r.act16.data()) : RowsOut(r.act.data());
-  be.expert_forward(*packed, rows, M, H, u_in, r.saved.data(), act_out, r.y.data(), use);
+  std::vector<float> out_rev(rows * M);
+  std::vector<float*> out_at(rows);
+  for (int64_t i = 0; i < rows; ++i) out_at[i] = &out_rev[(rows - 1 - i) * M];
+  auto read_back = [&](std::vector<float>& to) {
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(&to[i * M], out_at[i], M * sizeof(float));
+  };
+  be.expert_forward(*packed, rows, M, H, u_in, r.saved.data(), act_out,
+                    out_rows ? OutputRows::by_pointer(out_at.data()) : OutputRows(r.y.data()), use);
+  if (out_rows) read_back(r.y);
   if (use == ForwardFor::inference) return r;
   be.pack_expert_backward(*packed, w1.data(), w2.data(), M, H);
   // the saved rows in reverse order in memory: the backward reads them through pointers
@@ -150,7 +160,9 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
   }
   r.dhpre.assign(rows * H1, 0.0f), r.du.assign(rows * M, 0.0f);
   RowsIn dy_in = bf16_rows ? RowsIn(dy16.data()) : RowsIn(dy.data());
-  be.expert_backward_input(*packed, rows, M, H, dy_in, saved_rows.data(), r.dhpre.data(), r.du.data());
+  be.expert_backward_input(*packed, rows, M, H, dy_in, saved_rows.data(), r.dhpre.data(),
+                           out_rows ? OutputRows::by_pointer(out_at.data()) : OutputRows(r.du.data()));
+  if (out_rows) read_back(r.du);
   r.w1g = random_values(M * H1, 17), r.b1g = random_values(H1, 18), r.w2g = random_values(H * M, 19),
   r.b2g = random_values(M, 20);
   ExpertRows er;
@@ -176,13 +188,15 @@ TEST(PM_CUDA_TEST_SUITE, ExpertsGiveTheCpuBits) {
     for (Precision precision : {Precision::fp32, Precision::bf16})
       for (bool bf16_rows : {false, true})
         for (ForwardFor use : {ForwardFor::backward, ForwardFor::inference})
-          for (int64_t rows : {1, 37, 130}) {
+          for (int64_t rows : {1, 37, 130})
+            for (bool out_rows : {false, true}) {  // outputs into one block, or rows by pointer (the GPU's)
             if (bf16_rows && precision != Precision::bf16) continue;
             SCOPED_TRACE(::testing::Message() << "swiglu " << (activation == Activation::swiglu) << " bf16 "
                                               << (precision == Precision::bf16) << " bf16 rows " << bf16_rows
-                                              << " inference " << (use == ForwardFor::inference) << " rows " << rows);
+                                              << " inference " << (use == ForwardFor::inference) << " rows " << rows
+                                              << " output rows by pointer " << out_rows);
             const ExpertRun c = run_expert(cpu_backend(), activation, precision, bf16_rows, use, rows, 48, 72);
-            const ExpertRun g = run_expert(*gpu, activation, precision, bf16_rows, use, rows, 48, 72);
+            const ExpertRun g = run_expert(*gpu, activation, precision, bf16_rows, use, rows, 48, 72, out_rows);
             if (use == ForwardFor::backward) {
               EXPECT_TRUE(same_bits(c.saved, g.saved)) << "saved";
             }

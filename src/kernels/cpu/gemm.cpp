@@ -345,6 +345,12 @@ __attribute__((target("avx2"))) int64_t interleave6_avx2(const float* const (&ro
 // ahead (three the same, four worse); fp32 0.976x. Prefetching for a write (prefetchw) was slower
 // than a plain prefetch (1.014x), and prefetching only where the tile loads C gained half as much.
 constexpr int64_t kPrefetchTiles = 2;
+// And this tile's rows in the next panel are fetched into L2 now, a whole pass down the panel
+// ahead (kNextPanelPrefetch, where this thread runs that panel): 32 MB of an expert's 192-row
+// pieces written straight into rows no copy had touched (GemmExtras::c_rows; a DeepSeek-style
+// shape, K 128, N 512, Xeon) took 0.98-1.02x the time of writing each piece into a buffer and
+// copying it out with the two-tiles-ahead fetch alone, 0.89x with this one; contiguous C on the
+// layer's expert shapes, the same (bench/gemm_ab.sh, docs/BENCHMARKS.md).
 
 // Where the GEMM writes C: one matrix, rows ldc apart, or each row by its pointer
 // (GemmExtras::c_rows).
@@ -365,9 +371,19 @@ struct CTarget {
     for (int64_t r = 2; r < valid && even; ++r) even = rows[i + r] == rows[i] + r * ld;
     return {first, even ? ld : 0};
   }
+  // The lines of rows [i, i + valid), columns [col, col + cols), fetched into L1 (kL2: into L2).
+  // In asm: GCC removed this loop of _mm_prefetch calls as code without effect (-O3), and with it
+  // every fetch of C ahead, with no warning.
+  template <bool kL2>
   void prefetch(int64_t i, int64_t col, int64_t valid, int64_t cols) const {
     for (int64_t r = 0; r < valid; ++r)
-      for (int64_t j = 0; j < cols; j += 16) _mm_prefetch(reinterpret_cast<const char*>(row(i + r) + col + j), _MM_HINT_T0);
+      for (int64_t j = 0; j < cols; j += 16) {
+        const float* line = row(i + r) + col + j;
+        if constexpr (kL2)
+          asm volatile("prefetcht1 %0" : : "m"(*line));
+        else
+          asm volatile("prefetcht0 %0" : : "m"(*line));
+      }
   }
 };
 
@@ -612,7 +628,10 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
             const int64_t valid = std::min(MR, rows - r);
             const auto [Ct, ld] = target.tile(row0 + r, col0, valid, width);
             if (r + kPrefetchTiles * MR < rows)
-              target.prefetch(row0 + r + kPrefetchTiles * MR, col0, std::min(MR, rows - r - kPrefetchTiles * MR), cols);
+              target.prefetch<false>(row0 + r + kPrefetchTiles * MR, col0, std::min(MR, rows - r - kPrefetchTiles * MR),
+                                     cols);
+            if (p + 1 < p_end)  // (kNextPanelPrefetch)
+              target.prefetch<true>(row0 + r, col0 + kPanel, valid, std::min(kPanel, N - col0 - kPanel));
             if (ld != 0 && cols == width && (valid == MR || partial)) {
               tile(r, valid, Ct, ld);  // in place: a partial tile reads and writes only its valid rows
             } else {
