@@ -26,6 +26,12 @@ constexpr int64_t kMBlock = 516;
 
 enum class Isa { scalar, avx2, avx512 };
 
+// A cache line fetched ahead into L1 (prefetcht0) or L2 (prefetcht1). In asm: GCC 12 (-O3)
+// removed a loop of _mm_prefetch calls here as code without effect, silently (docs/BENCHMARKS.md,
+// "Expert outputs straight into the all-to-all's rows").
+inline void fetch_into_l1(const float* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
+inline void fetch_into_l2(const float* p) { asm volatile("prefetcht1 %0" : : "m"(*p)); }
+
 Isa detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
@@ -305,7 +311,7 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
       // weight gradients read activations and inputs the forward wrote long before, and the 16
       // rows' slow streams (24 bytes a depth) stalled this loop on its loads. The weight gradients
       // of 32 DeepSeek-style experts from evicted rows: 0.94-0.95x the time (bench/wgrad_cold.cpp).
-      for (int64_t k = kend; k < next_end && r < rows; ++k) asm volatile("prefetcht0 %0" : : "m"(A.row(k0 + k)[row0 + r]));
+      for (int64_t k = kend; k < next_end && r < rows; ++k) fetch_into_l1(A.row(k0 + k) + row0 + r);
       for (int64_t k = kb; k < kend; ++k) {
         const float* src = A.row(k0 + k) + row0 + r;
         float* dst = out + r * kc + k * MR;
@@ -352,7 +358,7 @@ __attribute__((target("avx2"))) int64_t interleave6_avx2(const float* const (&ro
 // than a plain prefetch (1.014x), and prefetching only where the tile loads C gained half as much.
 constexpr int64_t kPrefetchTiles = 2;
 // And this tile's rows in the next panel are fetched into L2 now, a whole pass down the panel
-// ahead (kNextPanelPrefetch, where this thread runs that panel): 32 MB of an expert's 192-row
+// ahead (where this thread runs that panel): 32 MB of an expert's 192-row
 // pieces written straight into rows no copy had touched (GemmExtras::c_rows; a DeepSeek-style
 // shape, K 128, N 512, Xeon) took 0.98-1.02x the time of writing each piece into a buffer and
 // copying it out with the two-tiles-ahead fetch alone, 0.89x with this one; contiguous C on the
@@ -377,19 +383,10 @@ struct CTarget {
     for (int64_t r = 2; r < valid && even; ++r) even = rows[i + r] == rows[i] + r * ld;
     return {first, even ? ld : 0};
   }
-  // The lines of rows [i, i + valid), columns [col, col + cols), fetched into L1 (kL2: into L2).
-  // In asm: GCC removed this loop of _mm_prefetch calls as code without effect (-O3), and with it
-  // every fetch of C ahead, with no warning.
-  template <bool kL2>
-  void prefetch(int64_t i, int64_t col, int64_t valid, int64_t cols) const {
+  // The lines of rows [i, i + valid), columns [col, col + cols), fetched with `fetch`.
+  void prefetch(void (*fetch)(const float*), int64_t i, int64_t col, int64_t valid, int64_t cols) const {
     for (int64_t r = 0; r < valid; ++r)
-      for (int64_t j = 0; j < cols; j += 16) {
-        const float* line = row(i + r) + col + j;
-        if constexpr (kL2)
-          asm volatile("prefetcht1 %0" : : "m"(*line));
-        else
-          asm volatile("prefetcht0 %0" : : "m"(*line));
-      }
+      for (int64_t j = 0; j < cols; j += 16) fetch(row(i + r) + col + j);
   }
 };
 
@@ -466,7 +463,7 @@ void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, f
   for (int64_t k = 0; k < K; ++k) {
     const float* src_row = B.row(k);
     if (k + kRowsAhead < K)
-      for (int64_t j = 0; j < N; j += 16) asm volatile("prefetcht0 %0" : : "m"(B.row(k + kRowsAhead)[j]));
+      for (int64_t j = 0; j < N; j += 16) fetch_into_l1(B.row(k + kRowsAhead) + j);
     if (column_sums)  // row k after rows 0..k-1
       for (int64_t j = 0; j < N; ++j) column_sums[j] += src_row[j];
     for (const PanelSlot& s : slots) {
@@ -640,10 +637,10 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
             const int64_t valid = std::min(MR, rows - r);
             const auto [Ct, ld] = target.tile(row0 + r, col0, valid, width);
             if (r + kPrefetchTiles * MR < rows)
-              target.prefetch<false>(row0 + r + kPrefetchTiles * MR, col0, std::min(MR, rows - r - kPrefetchTiles * MR),
-                                     cols);
-            if (p + 1 < p_end)  // (kNextPanelPrefetch)
-              target.prefetch<true>(row0 + r, col0 + kPanel, valid, std::min(kPanel, N - col0 - kPanel));
+              target.prefetch(fetch_into_l1, row0 + r + kPrefetchTiles * MR, col0,
+                              std::min(MR, rows - r - kPrefetchTiles * MR), cols);
+            if (p + 1 < p_end)  // this tile's rows in the next panel (kPrefetchTiles)
+              target.prefetch(fetch_into_l2, row0 + r, col0 + kPanel, valid, std::min(kPanel, N - col0 - kPanel));
             if (ld != 0 && cols == width && (valid == MR || partial)) {
               tile(r, valid, Ct, ld);  // in place: a partial tile reads and writes only its valid rows
             } else {
