@@ -95,6 +95,32 @@ struct OutputRows {
   OutputRows from(int64_t i, int64_t width) const { return rows ? by_pointer(rows + i) : OutputRows(block + i * width); }
 };
 
+// An expert's output gradients for its backward: a block of rows (floats, or bf16 values for a
+// bf16 expert), or float rows anywhere (by pointer), row i read as scale[i] times the row: the
+// deduplicated dispatch brings a token's dy to a rank once, and each choice of it there is its
+// gate value times dy. The products are those a copy of the scaled rows would hold (one float
+// product a value, gate * dy), made as the GEMMs pack the rows: the copy is never written.
+// fp32 experts only.
+struct DyRows {
+  RowsIn block;
+  const float* const* rows = nullptr;
+  const float* scale = nullptr;
+  DyRows(RowsIn b) : block(b) {}  // NOLINT(google-explicit-constructor): converts like a pointer
+  DyRows(const float* p) : block(p) {}  // NOLINT(google-explicit-constructor)
+  DyRows(const uint16_t* p) : block(p) {}  // NOLINT(google-explicit-constructor)
+  static DyRows scaled(const float* const* rows, const float* scale) {
+    DyRows d(static_cast<const float*>(nullptr));
+    d.rows = rows;
+    d.scale = scale;
+    return d;
+  }
+  // the rows from row i on
+  DyRows from(int64_t i, int64_t width) const {
+    if (rows) return scaled(rows + i, scale + i);
+    return block.bf16 ? DyRows(block.bf16 + i * width) : DyRows(block.f32 + i * width);
+  }
+};
+
 // A run of rows copied from one buffer to another.
 struct RowRun {
   int64_t src_row, dst_row, rows;
@@ -136,6 +162,8 @@ struct ExpertRows {
   std::vector<const float*> u, act;     // forward: inputs [M], activations [H]
   std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H1], output grads [M]
   std::vector<const uint16_t*> u_bf16, act_bf16, dy_bf16;
+  // empty, or one per float row of dy: dy's row i is dy_scale[i] times it (DyRows::scaled; fp32)
+  std::vector<float> dy_scale;
   size_t rows() const { return dy.size() + dy_bf16.size(); }
   // Throws (internal) unless every list has the same rows, each of u, act and dy in one form, and
   // bf16 rows only for a bf16 expert: what every backend's expert_weight_grads asks first.
@@ -298,7 +326,7 @@ class Backend {
   // dhpre[rows, H1] = the activation's backward of dy W2^T; du[rows, M] = dhpre W1^T. dy may be
   // bf16 rows for a bf16 expert. saved_rows[i] points at row i's saved values (expert_forward)
   // wherever the forward left them; du's rows may sit anywhere (OutputRows::by_pointer).
-  virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
+  virtual void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, DyRows dy,
                                      const float* const* saved_rows, float* dhpre, OutputRows du) = 0;
   // grads.w2 += act^T dy, b2 += colsum(dy), w1 += u^T dhpre, b1 += colsum(dhpre), over the rows in
   // order: the same bits whatever pipeline degrees produced them.

@@ -87,7 +87,12 @@ struct BackwardPass {
   std::vector<float> dy_gate;  // scaled on the expert side: [rows] each row's gate value, compute order
   RowBuffer back;             // [tokens_wire rows, M] input gradients of this rank's tokens (grad_combine)
   RowBuffer dy_rows;                        // [rows, M] compute order, in the wire's precision when a
-                                            // bf16 expert reads it (exact), else fp32 (expert_dgrad)
+                                            // bf16 expert reads it (exact), else fp32 (expert_dgrad);
+                                            // not with dy_src
+  // scaled on the expert side, fp32 experts (dy_by_pointer): [rows] compute order, where each row's
+  // dy sits in recv_unique or send; row i reads as dy_gate[i] times it (DyRows::scaled), so the
+  // scaled rows are never written (expert_dgrad)
+  std::vector<const float*> dy_src;
   ScratchBuffer<float> dhpre;               // [rows, H1] compute order (expert_dgrad)
   // recompute_experts: the experts' saved values and activations made again (expert_dgrad), compute
   // order, from their inputs (read where the forward left them)
@@ -304,6 +309,10 @@ class ExpertParallelLayer final : public MoeLayer {
   bool recomputes() const { return shape_.recompute_experts && !inferring(); }
   // The all-to-all carries float32 rows: the experts write their outputs straight into them.
   bool float_wire() const { return dispatcher_.wire() == Precision::fp32; }
+  // The experts read the deduplicated dy where the dispatch left it, each row times its gate value
+  // as their GEMMs pack it (BackwardPass::dy_src), instead of a scaled copy of every row: fp32 only
+  // (a bf16 expert's packing rounds, and reads the copy).
+  bool dy_by_pointer(const BackwardPass& b) const { return b.handle.dedup && shape_.precision == Precision::fp32; }
   OffloadMode offload_mode_ = OffloadMode::resident;
   LayerWeights w_;
 
@@ -461,7 +470,12 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     // bf16 output gradients stay bf16 for a bf16 expert (its GEMMs round them to bf16 anyway, and
     // the bias gradient adds the same values widened): no widening copy, half the bytes
     const bool dy_bf16 = dispatcher_.wire() == Precision::bf16 && shape.precision == Precision::bf16;
-    b->dy_rows.resize(rows, M, dy_bf16 ? Precision::bf16 : Precision::fp32);
+    if (dy_by_pointer(*b)) {
+      b->dy_rows.release();
+      b->dy_src.assign(rows, nullptr);
+    } else {
+      b->dy_rows.resize(rows, M, dy_bf16 ? Precision::bf16 : Precision::fp32);
+    }
     b->dhpre.resize(rows * H1);
     b->du.resize(float_wire() ? 0 : output_piece_rows(backend_, rows) * M);  // (in_pieces)
     if (recomputes()) {
@@ -507,7 +521,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     } else {
       saved_rows = row_pointers(fp->fc1_saved.data(), H1, forward_rows);
     }
-    const bool scaled = b->handle.dedup;
+    const bool scaled = b->handle.dedup, by_pointer = dy_by_pointer(*b);
     if (scaled) dispatcher_.gates_to_experts(b->handle, c, b->dy_gate);
     for (int le = 0; le < shape_.local_experts(); ++le) {
       auto [first, rows] = expert_block(compute, c, le);
@@ -520,7 +534,11 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       }
       const std::vector<RowRun> peers = runs_within(runs.in_peers, RunSide::destination, first, rows);
       const std::vector<RowRun> own = runs_within(runs.in_own, RunSide::destination, first, rows);
-      if (scaled) {  // gate * dy made here: the product the token side would have sent
+      if (by_pointer) {  // where each row's dy sits; the GEMMs scale it by its gate value
+        for (const auto& [src, list] : {std::pair{b->recv_unique.in(0).f32, &peers}, std::pair{b->send.in(0).f32, &own}})
+          for (const RowRun& run : *list)
+            for (int64_t i = 0; i < run.rows; ++i) b->dy_src[run.dst_row + i] = src + (run.src_row + i) * M;
+      } else if (scaled) {  // gate * dy made here: the product the token side would have sent
         b->dy_rows.copy_scaled_rows_from(backend_, b->recv_unique.in(0).f32, peers, b->dy_gate.data());
         b->dy_rows.copy_scaled_rows_from(backend_, b->send.in(0).f32, own, b->dy_gate.data());
       } else {
@@ -529,7 +547,8 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       }
       in_pieces(backend_, runs, first, rows, M, output_piece_rows(backend_, rows), float_wire(), b->du,
                 b->recv.out(0), b->back.out(0), [&](int64_t r, int64_t n, OutputRows du) {
-                  backend_.expert_backward_input(packed_[le], n, M, H, b->dy_rows.in(r), &saved_rows[r - chunk_first],
+                  const DyRows dy = by_pointer ? DyRows::scaled(&b->dy_src[r], &b->dy_gate[r]) : DyRows(b->dy_rows.in(r));
+                  backend_.expert_backward_input(packed_[le], n, M, H, dy, &saved_rows[r - chunk_first],
                                                  &b->dhpre[r * H1], du);
                 });
     }
@@ -550,10 +569,20 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       else
         fp->act.add_rows(fwd, rows.act, rows.act_bf16);
       rows.dhpre = row_pointers(b->dhpre.data(), H1, bwd);
-      b->dy_rows.add_rows(bwd, rows.dy, rows.dy_bf16);
+      if (dy_by_pointer(*b)) {
+        for (int64_t p : bwd) rows.dy.push_back(b->dy_src[p]), rows.dy_scale.push_back(b->dy_gate[p]);
+      } else {
+        b->dy_rows.add_rows(bwd, rows.dy, rows.dy_bf16);
+      }
       backend_.expert_weight_grads(w_.grads_of(shape_, le), shape_.activation, shape_.precision, M, H, rows);
     }
-    // after every expert_dgrad (its dependencies): the experts' gradient rows are done with
+    // after every expert_dgrad (its dependencies): the experts' gradient rows are done with, and
+    // the rows of dy they read in place (unpack_grad may have run already: it does not wait for this)
+    if (dy_by_pointer(*b)) {
+      b->send.release();
+      b->recv_unique.release();
+      std::vector<const float*>().swap(b->dy_src);
+    }
     b->dy_rows.release();
     for (ScratchBuffer<float>* done : {&b->dhpre, &b->du, &b->fc1_saved}) release(*done);
     b->act.release();
@@ -561,7 +590,10 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   steps.unpack_grad = [this, b] {
     dispatcher_.unpack_sum(b->back.in(0), b->handle, b->dlogits.data(), b->wg_t.data(), shape_.experts, b->dx);
     // after every grad_combine and the gate's backward: the all-to-all's buffers are done with
-    for (RowBuffer* done : {&b->send, &b->recv, &b->recv_unique, &b->back}) done->release();
+    // (but the rows of dy the weight gradients read in place: expert_wgrad gives those back)
+    for (RowBuffer* done : {&b->recv, &b->back}) done->release();
+    if (!dy_by_pointer(*b))
+      for (RowBuffer* done : {&b->send, &b->recv_unique}) done->release();
   };
 
   *tasks = append_ep_backward(graph, after, balanced_rows(shape, degree), &steps, between);

@@ -115,9 +115,10 @@ struct ExpertRun {
 };
 
 // out_rows: y and du written to rows by pointer (OutputRows::by_pointer), in reverse order in
-// memory (the all-to-all's rows), then read back into r.y and r.du.
+// memory (the all-to-all's rows), then read back into r.y and r.du. scaled_dy (fp32): the output
+// gradients read by pointer, each row times a gate value (DyRows::scaled, ExpertRows::dy_scale).
 ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bool bf16_rows, ForwardFor use,
-                     int64_t rows, int64_t M, int64_t H, bool out_rows = false) {
+                     int64_t rows, int64_t M, int64_t H, bool out_rows = false, bool scaled_dy = false) {
   const int64_t H1 = fc1_width(activation, H);
   const std::vector<float> w1 = random_values(M * H1, 11, 0.2f), w2 = random_values(H * M, 12, 0.2f);
   const std::vector<float> b1 = random_values(H1, 13, 0.1f), b2 = random_values(M, 14, 0.1f);
@@ -160,7 +161,11 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
   }
   r.dhpre.assign(rows * H1, 0.0f), r.du.assign(rows * M, 0.0f);
   RowsIn dy_in = bf16_rows ? RowsIn(dy16.data()) : RowsIn(dy.data());
-  be.expert_backward_input(*packed, rows, M, H, dy_in, saved_rows.data(), r.dhpre.data(),
+  const std::vector<float> gate = random_values(rows, 21, 0.5f);
+  std::vector<const float*> dy_at(rows);
+  for (int64_t i = 0; i < rows; ++i) dy_at[i] = &dy[i * M];
+  be.expert_backward_input(*packed, rows, M, H, scaled_dy ? DyRows::scaled(dy_at.data(), gate.data()) : DyRows(dy_in),
+                           saved_rows.data(), r.dhpre.data(),
                            out_rows ? OutputRows::by_pointer(out_at.data()) : OutputRows(r.du.data()));
   if (out_rows) read_back(r.du);
   r.w1g = random_values(M * H1, 17), r.b1g = random_values(H1, 18), r.w2g = random_values(H * M, 19),
@@ -175,6 +180,7 @@ ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bo
       er.u.push_back(&u[i * M]);
       er.act.push_back(&r.act[i * H]);
       er.dy.push_back(&dy[i * M]);
+      if (scaled_dy) er.dy_scale.push_back(gate[i]);
     }
     er.dhpre.push_back(&r.dhpre[i * H1]);
   }
@@ -195,8 +201,11 @@ TEST(PM_CUDA_TEST_SUITE, ExpertsGiveTheCpuBits) {
                                               << (precision == Precision::bf16) << " bf16 rows " << bf16_rows
                                               << " inference " << (use == ForwardFor::inference) << " rows " << rows
                                               << " output rows by pointer " << out_rows);
-            const ExpertRun c = run_expert(cpu_backend(), activation, precision, bf16_rows, use, rows, 48, 72);
-            const ExpertRun g = run_expert(*gpu, activation, precision, bf16_rows, use, rows, 48, 72, out_rows);
+            // with the outputs by pointer, fp32 experts also read their output gradients scaled by pointer
+            const bool scaled_dy = out_rows && precision == Precision::fp32;
+            const ExpertRun c = run_expert(cpu_backend(), activation, precision, bf16_rows, use, rows, 48, 72, false,
+                                           scaled_dy);
+            const ExpertRun g = run_expert(*gpu, activation, precision, bf16_rows, use, rows, 48, 72, out_rows, scaled_dy);
             if (use == ForwardFor::backward) {
               EXPECT_TRUE(same_bits(c.saved, g.saved)) << "saved";
             }

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
@@ -126,6 +127,75 @@ TEST(ExpertFfn, OutputRowsByPointerGiveTheBitsOfOneBlock) {
             ASSERT_EQ(du_out[r * M + j], -3.0f);
           }
       }
+}
+
+// The output gradients read where the deduplicated dispatch left them, each row times its gate
+// value as the GEMMs pack it (DyRows::scaled, ExpertRows::dy_scale), against an expert fed the
+// scaled rows as a copy: input gradients, weight and bias gradients bit for bit, GeLU and SwiGLU,
+// rows more and fewer than a tile and than the forward's blocks, on every instruction set.
+TEST(ExpertFfn, ScaledOutputGradientsGiveTheBitsOfAScaledCopy) {
+  for (const std::string& isa : {std::string("avx512"), std::string("avx2"), std::string("scalar")}) {
+    try {
+      force_gemm_isa(isa);
+    } catch (const std::exception&) {
+      continue;  // not on this CPU
+    }
+    for (Activation activation : {Activation::gelu, Activation::swiglu})
+      for (int64_t rows : {1, 7, 400}) {
+        SCOPED_TRACE(::testing::Message() << isa << " swiglu " << (activation == Activation::swiglu) << " rows " << rows);
+        const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
+        const std::vector<float> w1 = normal(M * H1, 21, 0.2f), w2 = normal(H * M, 22, 0.2f), b1 = normal(H1, 23, 0.1f),
+                                 b2 = normal(M, 24, 0.1f), u = normal(rows * M, 25, 1.0f), dy = normal(rows * M, 26, 1.0f),
+                                 gate = normal(rows, 27, 0.5f);
+        ExpertWeights w;
+        w.activation = activation, w.b1 = b1.data(), w.b2 = b2.data();
+        w.pack_forward(w1.data(), w2.data(), M, H);
+        w.pack_backward(w1.data(), w2.data(), M, H);
+        std::vector<float> saved(rows * H1), act(rows * H), y(rows * M);
+        expert_forward(w, rows, M, H, RowList(u.data(), rows, M).pointers(), saved.data(), act.data(), y.data(),
+                       ForwardFor::backward);
+        std::vector<const float*> saved_rows(rows);
+        for (int64_t i = 0; i < rows; ++i) saved_rows[i] = &saved[i * H1];
+        // the copy: gate * dy; the rows by pointer: dy in reverse order in its buffer
+        std::vector<float> copy(rows * M), reversed(rows * M);
+        std::vector<const float*> dy_at(rows);
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t m = 0; m < M; ++m) copy[i * M + m] = gate[i] * dy[i * M + m];
+          std::memcpy(&reversed[(rows - 1 - i) * M], &dy[i * M], M * sizeof(float));
+          dy_at[i] = &reversed[(rows - 1 - i) * M];
+        }
+        Grads a{std::vector<float>(rows * H1), std::vector<float>(rows * M), normal(M * H1, 28, 1.0f),
+                normal(H1, 29, 1.0f), normal(H * M, 30, 1.0f), normal(M, 31, 1.0f)};
+        Grads b = a;
+        expert_backward_input(w, rows, M, H, copy.data(), saved_rows.data(), a.dhpre.data(), a.du.data());
+        expert_backward_input(w, rows, M, H, DyRows::scaled(dy_at.data(), gate.data()), saved_rows.data(),
+                              b.dhpre.data(), b.du.data());
+        ExpertRows ra, rb;
+        for (int64_t i = 0; i < rows; ++i) {
+          for (ExpertRows* r : {&ra, &rb}) r->u.push_back(&u[i * M]), r->act.push_back(&act[i * H]);
+          ra.dhpre.push_back(&a.dhpre[i * H1]), rb.dhpre.push_back(&b.dhpre[i * H1]);
+          ra.dy.push_back(&copy[i * M]);
+          rb.dy.push_back(dy_at[i]), rb.dy_scale.push_back(gate[i]);
+        }
+        expert_weight_grads({a.w1.data(), a.b1.data(), a.w2.data(), a.b2.data()}, activation, Precision::fp32, M, H, ra);
+        expert_weight_grads({b.w1.data(), b.b1.data(), b.w2.data(), b.b2.data()}, activation, Precision::fp32, M, H, rb);
+        EXPECT_TRUE(same_bits(a.dhpre, b.dhpre)) << "dhpre";
+        EXPECT_TRUE(same_bits(a.du, b.du)) << "du";
+        EXPECT_TRUE(same_bits(a.w1, b.w1)) << "w1 grad";
+        EXPECT_TRUE(same_bits(a.b1, b.b1)) << "b1 grad";
+        EXPECT_TRUE(same_bits(a.w2, b.w2)) << "w2 grad";
+        EXPECT_TRUE(same_bits(a.b2, b.b2)) << "b2 grad";
+      }
+  }
+  force_gemm_isa("");
+  // a bf16 expert reads a copy: scaled rows are refused
+  ExpertRows r;
+  const float frow[4] = {};
+  r.u.push_back(frow), r.act.push_back(frow), r.dhpre.push_back(frow), r.dy.push_back(frow), r.dy_scale.push_back(0.5f);
+  EXPECT_NO_THROW(r.check(Precision::fp32));
+  EXPECT_THROW(r.check(Precision::bf16), std::exception);
+  r.dy_scale.push_back(0.5f);  // more scales than rows
+  EXPECT_THROW(r.check(Precision::fp32), std::exception);
 }
 
 TEST(ExpertFfn, Bf16RowsNeedABf16Expert) {

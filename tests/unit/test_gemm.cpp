@@ -413,5 +413,87 @@ TEST(Gemm, CRowsByPointersGiveTheBitsOfOneMatrix) {
   force_gemm_isa("");
 }
 
+
+// Row i of A times a_row_scale[i], made as A is packed: the bits of the product on a copy of the
+// rows scaled beforehand (scale * value, one float product each), on every instruction set,
+// wherever the rows sit, for B of few panels (where A is otherwise read in place) and of many,
+// a depth of two blocks, a bias start, an epilogue, and two threads.
+TEST(Gemm, ScaledRowsOfAGiveTheBitsOfAScaledCopy) {
+  auto check = [](int64_t M, int64_t N, int64_t K, bool bias_start) {
+    auto A = random_matrix(M * K, 61), B = random_matrix(K * N, 62), bias = random_matrix(N, 63);
+    auto scale = random_matrix(M, 64);
+    PackedB packed;
+    pack_b(Trans::no, K, N, B.data(), N, packed);
+    std::vector<float> copy(M * K);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t k = 0; k < K; ++k) copy[i * K + k] = scale[i] * A[i * K + k];
+    // an epilogue that leaves a mark the two runs must share
+    TileEpilogue mark = [&](int64_t, int64_t, int64_t, int64_t) {};
+    const GemmExtras plain{bias_start ? bias.data() : nullptr, bias_start ? &mark : nullptr};
+    std::vector<float> expected(M * N), got(M * N, -7.0f);
+    gemm_packed(Trans::no, M, copy.data(), K, packed, 0.0f, expected.data(), N, plain);
+    // A's rows in reverse order in their buffer: by pointer
+    std::vector<const float*> rows(M);
+    std::vector<float> reversed(M * K);
+    for (int64_t i = 0; i < M; ++i) {
+      std::memcpy(&reversed[(M - 1 - i) * K], &A[i * K], K * sizeof(float));
+      rows[i] = &reversed[(M - 1 - i) * K];
+    }
+    GemmExtras extras = plain;
+    extras.a_row_scale = scale.data();
+    gemm_packed_rows(M, rows.data(), packed, 0.0f, got.data(), N, extras);
+    if (std::memcmp(got.data(), expected.data(), M * N * sizeof(float)) != 0)
+      return ::testing::AssertionFailure() << "the products differ";
+    return ::testing::AssertionSuccess();
+  };
+  for (const std::string& isa : runnable_isas()) {
+    force_gemm_isa(isa);
+    for (auto [M, N, K] : {std::array<int64_t, 3>{1, 16, 9}, {5, 40, 9}, {6, 64, 33}, {13, 150, 2100}, {40, 1030, 40},
+                           {601, 128, 512}})
+      for (bool bias_start : {false, true})
+        ASSERT_TRUE(check(M, N, K, bias_start)) << "isa '" << isa << "' " << M << "x" << N << "x" << K
+                                                << (bias_start ? " bias" : "");
+    set_compute_threads(2);
+    ASSERT_TRUE(check(600, 1100, 200, true)) << "isa '" << isa << "', 2 threads";
+    set_compute_threads(1);
+  }
+  force_gemm_isa("");
+  // not for what it cannot scale: a transposed A, bf16
+  auto A = random_matrix(36, 65), scale = random_matrix(6, 66);
+  PackedB packed, packed16;
+  pack_b(Trans::no, 6, 6, A.data(), 6, packed);
+  pack_b_bf16(Trans::no, 6, 6, A.data(), 6, packed16);
+  std::vector<float> C(36);
+  GemmExtras extras;
+  extras.a_row_scale = scale.data();
+  EXPECT_THROW(gemm_packed(Trans::yes, 6, A.data(), 6, packed, 0.0f, C.data(), 6, extras), Error);
+  EXPECT_THROW(gemm_packed(Trans::no, 6, A.data(), 6, packed16, 0.0f, C.data(), 6, extras), Error);
+}
+
+// gemm_tn_rows with B's rows scaled: the weight gradient and B's column sums of a scaled copy.
+TEST(Gemm, TnRowsWithScaledBGiveTheBitsOfAScaledCopy) {
+  for (const std::string& isa : runnable_isas()) {
+    force_gemm_isa(isa);
+    for (auto [M, N, K] : {std::array<int64_t, 3>{7, 40, 5}, {128, 512, 1025}, {64, 70, 1300}, {0, 16, 9}}) {
+      auto A = random_matrix(K * std::max<int64_t>(M, 1), 71), B = random_matrix(K * N, 72), scale = random_matrix(K, 73);
+      std::vector<float> copy(K * N);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < N; ++j) copy[k * N + j] = scale[k] * B[k * N + j];
+      std::vector<const float*> a_rows(K), b_rows(K), copy_rows(K);
+      for (int64_t k = 0; k < K; ++k)
+        a_rows[k] = &A[k * std::max<int64_t>(M, 1)], b_rows[k] = &B[k * N], copy_rows[k] = &copy[k * N];
+      auto start = random_matrix(std::max<int64_t>(M, 1) * N, 74), sums_start = random_matrix(N, 75);
+      std::vector<float> expected = start, got = start, expected_sums = sums_start, got_sums = sums_start;
+      gemm_tn_rows(M, N, K, a_rows.data(), copy_rows.data(), 1.0f, expected.data(), N, expected_sums.data());
+      gemm_tn_rows(M, N, K, a_rows.data(), b_rows.data(), 1.0f, got.data(), N, got_sums.data(), scale.data());
+      ASSERT_EQ(0, std::memcmp(got.data(), expected.data(), got.size() * sizeof(float)))
+          << "isa '" << isa << "' " << M << "x" << N << "x" << K;
+      ASSERT_EQ(0, std::memcmp(got_sums.data(), expected_sums.data(), N * sizeof(float)))
+          << "sums, isa '" << isa << "' " << M << "x" << N << "x" << K;
+    }
+  }
+  force_gemm_isa("");
+}
+
 }  // namespace
 }  // namespace pm

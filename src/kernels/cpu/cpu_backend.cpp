@@ -200,7 +200,7 @@ class CpuBackend final : public Backend {
                       RowsOut act, OutputRows y, ForwardFor use) override {
     pm::expert_forward(static_cast<const ExpertWeights&>(packed), rows, M, H, u, saved, act, y, use);
   }
-  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
+  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, DyRows dy,
                              const float* const* saved_rows, float* dhpre, OutputRows du) override {
     pm::expert_backward_input(static_cast<const ExpertWeights&>(packed), rows, M, H, dy, saved_rows, dhpre, du);
   }

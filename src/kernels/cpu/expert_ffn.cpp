@@ -39,6 +39,14 @@ void gemm_rows_out(RowsIn A, int64_t rows, int64_t K, const PackedB& B, OutputRo
     gemm_packed(Trans::no, rows, A.f32, K, B, 0.0f, nullptr, 0, extras);
 }
 
+// C[rows, ldc] = dy B (+ extras): dy a block, or rows by pointer each times its scale (fp32).
+void gemm_dy_rows(DyRows dy, int64_t rows, int64_t K, const PackedB& B, float* C, int64_t ldc,
+                  GemmExtras extras = {}) {
+  if (!dy.rows) return gemm_rows(dy.block, rows, K, B, C, ldc, extras);
+  extras.a_row_scale = dy.scale;
+  gemm_packed_rows(rows, dy.rows, B, 0.0f, C, ldc, extras);
+}
+
 // The same with A's rows by pointer.
 void gemm_rows(RowPointers A, int64_t rows, const PackedB& B, float* C, int64_t ldc, const GemmExtras& extras) {
   if (A.bf16)
@@ -118,14 +126,15 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
 }
 
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           RowsIn dy, const float* const* saved_rows, float* dhpre, OutputRows du) {
+                           DyRows dy, const float* const* saved_rows, float* dhpre, OutputRows du) {
   if (rows == 0) return;
-  PM_CHECK(dy.bf16 == nullptr || w.precision == Precision::bf16, "bf16 rows of dy need a bf16 expert");
+  PM_CHECK(dy.block.bf16 == nullptr || w.precision == Precision::bf16, "bf16 rows of dy need a bf16 expert");
+  PM_CHECK(dy.rows == nullptr || w.precision == Precision::fp32, "scaled rows of dy need an fp32 expert");
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
     // dact = dy W2^T into the second half of each dhpre row, then both halves from it in place
     // (swiglu_backward reads dact[i] before it writes dhpre[i] and dhpre[n + i])
-    gemm_rows(dy, rows, M, w.w2_t, dhpre + H, H1);
+    gemm_dy_rows(dy, rows, M, w.w2_t, dhpre + H, H1);
     for (int64_t i = 0; i < rows; ++i) swiglu_backward(saved_rows[i], dhpre + i * H1 + H, dhpre + i * H1, H);
   } else {
     TileEpilogue gelu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
@@ -135,7 +144,7 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
         gelu_backward_by_saved_grad(saved_rows[i] + c, dhpre + i * H + c, dhpre + i * H + c, nc);
       }
     };
-    gemm_rows(dy, rows, M, w.w2_t, dhpre, H, {nullptr, &gelu_grad_tile});
+    gemm_dy_rows(dy, rows, M, w.w2_t, dhpre, H, {nullptr, &gelu_grad_tile});
   }
   gemm_rows_out(dhpre, rows, H1, w.w1_t, du, nullptr);
 }
@@ -148,17 +157,21 @@ void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision 
   const int64_t H1 = fc1_width(activation, H);
   // c += a^T b over the rows, a's and b's rows floats or bf16 (then a bf16 GEMM); bias += b's rows,
   // summed as the GEMM packs them
-  auto tn_rows = [&](int64_t m, int64_t n, const auto& a, const auto& b, float* c, float* bias) {
+  // b's rows times b_scale's where given (fp32: ExpertRows::check)
+  auto tn_rows = [&](int64_t m, int64_t n, const auto& a, const auto& b, float* c, float* bias,
+                     const float* b_scale) {
     constexpr bool floats = std::is_same_v<decltype(a.data()), const float* const*> &&
                             std::is_same_v<decltype(b.data()), const float* const*>;
     if constexpr (floats)
-      if (precision != Precision::bf16) return gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
+      if (precision != Precision::bf16)
+        return gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias, b_scale);
     gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
   };
+  const float* dy_scale = r.dy_scale.empty() ? nullptr : r.dy_scale.data();
   with_rows(r.act, r.act_bf16, [&](const auto& act) {
-    with_rows(r.dy, r.dy_bf16, [&](const auto& dy) { tn_rows(H, M, act, dy, g.w2, g.b2); });
+    with_rows(r.dy, r.dy_bf16, [&](const auto& dy) { tn_rows(H, M, act, dy, g.w2, g.b2, dy_scale); });
   });
-  with_rows(r.u, r.u_bf16, [&](const auto& u) { tn_rows(M, H1, u, r.dhpre, g.w1, g.b1); });
+  with_rows(r.u, r.u_bf16, [&](const auto& u) { tn_rows(M, H1, u, r.dhpre, g.w1, g.b1, nullptr); });
 }
 
 }  // namespace pm

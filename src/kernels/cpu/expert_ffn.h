@@ -45,7 +45,7 @@ void expert_forward(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H, 
 // saved_rows[i] points at row i's saved values (H1 of them) wherever the forward left them; du's
 // rows may sit anywhere (OutputRows).
 void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int64_t H,
-                           RowsIn dy, const float* const* saved_rows, float* dhpre, OutputRows du);
+                           DyRows dy, const float* const* saved_rows, float* dhpre, OutputRows du);
 
 // g.w2 += act^T dy, g.b2 += colsum(dy), g.w1 += u^T dhpre, g.b1 += colsum(dhpre), summed over
 // the rows in order: the same bits whatever the pipeline degrees that produced them.

@@ -279,19 +279,25 @@ void run_tile(Isa isa, int64_t rows, int64_t width, int64_t kc, AView A, const f
 void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int64_t MR,
             float* out) {
   const int64_t padded = (rows + MR - 1) / MR * MR;
+  PM_CHECK(!A.scale || trans_a == Trans::no, "scaled rows of a transposed A");
   if (trans_a == Trans::no) {
     for (int64_t r = 0; r < padded; r += MR) {
       float* panel = out + r * kc;
       if (MR == 6 && r + MR <= rows) {
         const float* const six[6] = {A.row(row0 + r) + k0,     A.row(row0 + r + 1) + k0, A.row(row0 + r + 2) + k0,
                                      A.row(row0 + r + 3) + k0, A.row(row0 + r + 4) + k0, A.row(row0 + r + 5) + k0};
-        interleave6(six, kc, panel, false);
+        interleave6(six, kc, panel, false, A.scale ? A.scale + row0 + r : nullptr);
         continue;
       }
       for (int64_t i = 0; i < MR; ++i) {
         if (r + i < rows) {
           const float* src = A.row(row0 + r + i) + k0;
-          for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = src[k];
+          if (A.scale) {
+            const float g = A.scale[row0 + r + i];
+            for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = g * src[k];
+          } else {
+            for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = src[k];
+          }
         } else {
           for (int64_t k = 0; k < kc; ++k) panel[k * MR + i] = 0.0f;
         }
@@ -330,13 +336,15 @@ void pack_a(Trans trans_a, RowSource A, int64_t row0, int64_t rows, int64_t k0, 
 
 // interleave6's whole blocks of 8 depths; returns how many depths it laid out.
 __attribute__((target("avx2"))) int64_t interleave6_avx2(const float* const (&rows)[6], int64_t kc, float* panel,
-                                                        bool swap_pairs) {
+                                                        bool swap_pairs, const float* scale) {
+  __m256 s[6];
+  for (int i = 0; i < 6 && scale; ++i) s[i] = _mm256_set1_ps(scale[i]);
   int64_t k = 0;
   for (; k + 8 <= kc; k += 8) {
     __m256 r[8];
     for (int i = 0; i < 6; ++i) {
       const __m256 v = _mm256_loadu_ps(rows[i] + k);
-      r[i] = swap_pairs ? _mm256_permute_ps(v, 0xB1) : v;  // [1 0 3 2]
+      r[i] = swap_pairs ? _mm256_permute_ps(v, 0xB1) : scale ? _mm256_mul_ps(s[i], v) : v;  // [1 0 3 2]
     }
     r[6] = r[7] = _mm256_setzero_ps();
     transpose_8x8_in_registers(r);
@@ -460,10 +468,17 @@ void gemm_detail::pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, f
   // gradients) come by pointer, and 85% of this loop's samples in a DeepSeek-style layer waited on
   // the column sums' loads. From evicted rows 0.968x the weight gradients' time (bench/wgrad_cold).
   constexpr int64_t kRowsAhead = 4;
+  thread_local FloatBuffer scaled;  // a scaled source's row k, times its scale (RowSource::scale)
+  if (B.scale) scaled.resize(N);
   for (int64_t k = 0; k < K; ++k) {
     const float* src_row = B.row(k);
     if (k + kRowsAhead < K)
       for (int64_t j = 0; j < N; j += 16) fetch_into_l1(B.row(k + kRowsAhead) + j);
+    if (B.scale) {
+      const float g = B.scale[k];
+      for (int64_t j = 0; j < N; ++j) scaled[j] = g * src_row[j];
+      src_row = scaled.data();
+    }
     if (column_sums)  // row k after rows 0..k-1
       for (int64_t j = 0; j < N; ++j) column_sums[j] += src_row[j];
     for (const PanelSlot& s : slots) {
@@ -528,6 +543,9 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   PM_CHECK(beta == 0.0f || beta == 1.0f, "gemm supports beta 0 or 1, got {}", beta);
   PM_CHECK(extras.bias == nullptr || beta == 0.0f, "a bias start needs beta 0");
   PM_CHECK(!A.is_bf16() || B.bf16, "an A stored in bf16 needs a bf16 GEMM");
+  PM_CHECK(!extras.a_row_scale || (trans_a == Trans::no && !B.bf16 && !A.is_bf16()),
+           "scaled rows of A need an fp32 GEMM of an A not transposed");
+  A.scale = extras.a_row_scale;
   const int64_t N = B.N, K = B.K;
   if (M == 0 || N == 0) return;
   const CTarget target{C, ldc, extras.c_rows};
@@ -568,10 +586,13 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   const int64_t m_block = kMBlock / MR * MR;
   // A is packed into micro-panels (one contiguous stream per block) where B has enough panels to
   // pay for the pass of packing (min_panels_to_pack_a), and read in place otherwise (rows given by
-  // pointers: on AVX-512, whose kernel reads each of a tile's rows by its pointer). A transposed A
-  // and bf16 (A is rounded as it is packed) are always packed.
+  // pointers: on AVX-512, whose kernel reads each of a tile's rows by its pointer). A transposed A,
+  // bf16 (A is rounded as it is packed) and scaled rows (scaled as they are packed) are always
+  // packed. Scaled in the packing, a DeepSeek-style expert's output gradients (gate * dy, B of 2
+  // panels) took 0.85x the time of a scaled copy written first and read in place (a 32 MB copy
+  // per pass), and 1.0x that of a scaled copy of each block kept in L2 (bench in docs/BENCHMARKS.md).
   const bool pack = trans_a == Trans::yes || (A.rows != nullptr && isa != Isa::avx512) || B.bf16 ||
-                    B.panels() >= min_panels_to_pack_a(isa);
+                    B.panels() >= min_panels_to_pack_a(isa) || A.scale != nullptr;
   // bf16 rows are pair words already: the AVX512_BF16 kernel reads them in place by the same rule,
   // where the depth is even (an odd depth's last word would take a value past the row)
   const bool pairs_in_place = dot && trans_a == Trans::no && A.is_bf16() && B.source_depth % 2 == 0 &&
@@ -670,10 +691,15 @@ bool gemm_detail::worth_threads(double flops) { return compute_threads() > 1 && 
 
 PackedB& gemm_detail::scratch_packed_b() { return t_packed_b; }
 
-void gemm_detail::interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs) {
+void gemm_detail::interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs,
+                              const float* scale) {
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  for (int64_t k = avx2 ? interleave6_avx2(rows, kc, panel, swap_pairs) : 0; k < kc; ++k)
-    for (int i = 0; i < 6; ++i) panel[k * 6 + i] = rows[i][swap_pairs ? k ^ 1 : k];
+  PM_CHECK(!(swap_pairs && scale), "interleave6 scales float rows only");
+  for (int64_t k = avx2 ? interleave6_avx2(rows, kc, panel, swap_pairs, scale) : 0; k < kc; ++k)
+    for (int i = 0; i < 6; ++i) {
+      const float v = rows[i][swap_pairs ? k ^ 1 : k];
+      panel[k * 6 + i] = scale ? scale[i] * v : v;
+    }
 }
 
 void gemm_packed(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedB& B, float beta,
@@ -695,9 +721,10 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const f
 }
 
 void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                  float beta, float* C, int64_t ldc, float* b_column_sums) {
-  if (M == 0 || N == 0) return add_rows_in_order(K, N, b_rows, b_column_sums);
-  pack_b_rows(K, N, RowSource{nullptr, 0, b_rows}, t_packed_b, b_column_sums);
+                  float beta, float* C, int64_t ldc, float* b_column_sums, const float* b_row_scale) {
+  const RowSource B{nullptr, 0, b_rows, nullptr, nullptr, b_row_scale};
+  if (M == 0 || N == 0) return add_rows_in_order(K, N, B, b_column_sums);
+  pack_b_rows(K, N, B, t_packed_b, b_column_sums);
   gemm_packed_impl(Trans::yes, M, RowSource{nullptr, 0, a_rows}, t_packed_b, beta, C, ldc, {}, false);
 }
 

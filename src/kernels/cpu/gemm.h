@@ -81,6 +81,11 @@ struct GemmExtras {
   // The bits of the same product into one matrix: each tile whose rows lie evenly apart is written
   // where it belongs, any other through the edge tiles' buffer.
   float* const* c_rows = nullptr;
+  // A's row i times a_row_scale[i] (fp32, A not transposed; null: none), made as A is packed: the
+  // bits of the product on rows scaled by a copy beforehand (one float product a value), without
+  // writing the copy. An expert's output gradients dy reach it once per rank and each of its
+  // choices reads them times its gate value.
+  const float* a_row_scale = nullptr;
 };
 
 // C[M, N] = beta * C + op(A)[M, K] * B, beta 0 or 1. op(A) = A[M, K] (lda >= K) or, with
@@ -105,8 +110,11 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const f
 // b_column_sums ([N], optional): B's rows are also added into it, one after the other in order
 // (the bits of sums[j] += row[j] row by row): a bias gradient reads the same rows as the weight
 // gradient, and gets them while they are packed instead of in a pass of its own.
+// b_row_scale ([K], optional): B's row k is b_row_scale[k] times the row (GemmExtras::a_row_scale's
+// products, for the product and the sums alike).
 void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                  float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
+                  float beta, float* C, int64_t ldc, float* b_column_sums = nullptr,
+                  const float* b_row_scale = nullptr);
 
 // ---- bf16 operands, fp32 accumulation ---------------------------------------------------------
 // A bf16 GEMM rounds both operands to bf16 (to nearest even) and accumulates every element in fp32

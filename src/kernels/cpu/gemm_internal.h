@@ -30,12 +30,15 @@ inline constexpr int64_t k_block_max(int64_t block) { return block + block / 8; 
 
 // Rows of a row-major matrix: contiguous (base, ld) or anywhere (one pointer per row), of floats
 // or, for a bf16 GEMM's A only, of bf16 values (base16 / rows16: activations saved in bf16).
+// scale (float rows, fp32 GEMMs; null: none): row i's values are scale[i] * value, made as the
+// rows are packed (GemmExtras::a_row_scale, gemm_tn_rows' b_row_scale).
 struct RowSource {
   const float* base = nullptr;
   int64_t ld = 0;
   const float* const* rows = nullptr;
   const uint16_t* base16 = nullptr;
   const uint16_t* const* rows16 = nullptr;
+  const float* scale = nullptr;
   bool is_bf16() const { return base16 != nullptr || rows16 != nullptr; }
   const float* row(int64_t i) const { return rows ? rows[i] : base + i * ld; }
   const uint16_t* row16(int64_t i) const { return rows16 ? rows16[i] : base16 + i * ld; }
@@ -87,6 +90,8 @@ inline void add_rows_in_order(int64_t K, int64_t N, RowSource rows, float* sums)
   for (int64_t k = 0; k < K && sums; ++k)
     if (rows.is_bf16())
       for (int64_t j = 0; j < N; ++j) sums[j] += bf16_to_float(rows.row16(k)[j]);
+    else if (rows.scale)
+      for (int64_t j = 0; j < N; ++j) sums[j] += rows.scale[k] * rows.row(k)[j];
     else
       for (int64_t j = 0; j < N; ++j) sums[j] += rows.row(k)[j];
 }
@@ -111,7 +116,9 @@ bool gemm_unpacked(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K
 // One 6-row micro-panel of A: panel[k * 6 + i] = rows[i][k] (with swap_pairs, rows[i][k ^ 1]; kc
 // even) for k < kc, 8 depths at a time with an 8 x 8 transpose in registers where the CPU has
 // AVX2. Element by element, packing A was 5% of an fp32 layer's time and 6% of a bf16 one's.
-void interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs);
+// scale (null: none): panel[k * 6 + i] = scale[i] * rows[i][k] (not with swap_pairs).
+void interleave6(const float* const (&rows)[6], int64_t kc, float* panel, bool swap_pairs,
+                 const float* scale = nullptr);
 
 // ---- gemm_bf16_pack.cpp -----------------------------------------------------------------------
 // The AVX512_BF16 kernel's words of a bf16 packed B, where the CPU has the instructions.

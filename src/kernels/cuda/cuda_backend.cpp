@@ -221,16 +221,19 @@ class CudaBackend final : public ForwardingBackend {
       finish(t);
   }
 
-  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
+  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, DyRows dy,
                              const float* const* saved_rows, float* dhpre, OutputRows du) override {
     const auto& p = static_cast<const CudaPackedExpert&>(packed);
     if (rows == 0) return;
     const bool bf16 = p.precision == Precision::bf16;
     const int64_t H1 = fc1_width(p.activation, H);
     ThreadState& t = state();
-    PM_CHECK(dy.bf16 == nullptr || bf16, "bf16 rows of dy need a bf16 expert");
+    PM_CHECK(dy.block.bf16 == nullptr || bf16, "bf16 rows of dy need a bf16 expert");
+    PM_CHECK(dy.rows == nullptr || !bf16, "scaled rows of dy need an fp32 expert");
+    std::vector<float> dy_scaled;  // scaled rows made on the host, the products the CPU's packing makes
+    if (dy.rows) scale_rows(dy.rows, dy.scale, rows, M, dy_scaled);
     cuda::GemmCall fc2;
-    upload_a(t, dy, rows, M, M, fc2);
+    upload_a(t, dy.rows ? RowsIn(dy_scaled.data()) : dy.block, rows, M, M, fc2);
     upload_rows(std::vector<const float*>(saved_rows, saved_rows + rows), H1, t.host_b, t.b, t.stream);
     float* dh = static_cast<float*>(t.c.reserve(rows * H1 * sizeof(float)));
     // dact = dy W2^T: GeLU's into dhpre, SwiGLU's into the second half of each dhpre row
@@ -259,8 +262,12 @@ class CudaBackend final : public ForwardingBackend {
     r.check(precision);
     if (rows == 0) return;
     // bf16 rows of dy widened here (exact): the kernels read B as floats
-    std::vector<float> dy_widened(r.dy_bf16.size() * M);
+    std::vector<float> dy_widened(r.dy_bf16.size() * M), dy_scaled;
     std::vector<const float*> dy = r.dy;
+    if (!r.dy_scale.empty()) {  // scaled rows made on the host (DyRows)
+      scale_rows(r.dy.data(), r.dy_scale.data(), rows, M, dy_scaled);
+      for (int64_t i = 0; i < rows; ++i) dy[i] = &dy_scaled[i * M];
+    }
     for (size_t i = 0; i < r.dy_bf16.size(); ++i) {
       bf16_to_floats(r.dy_bf16[i], &dy_widened[i * M], M);
       dy.push_back(&dy_widened[i * M]);
@@ -325,6 +332,13 @@ class CudaBackend final : public ForwardingBackend {
   }
 
   // A's storage [rows, cols] (floats or bf16 rows, ld apart) into t.a, and g's A pointing at it.
+  // out[i] = scale[i] * rows[i], n rows of `width`: what DyRows::scaled means, one float product a value
+  static void scale_rows(const float* const* rows, const float* scale, int64_t n, int64_t width,
+                         std::vector<float>& out) {
+    out.resize(n * width);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < width; ++j) out[i * width + j] = scale[i] * rows[i][j];
+  }
   static void upload_a(ThreadState& t, RowsIn A, int64_t rows, int64_t cols, int64_t ld, cuda::GemmCall& g) {
     if (A.bf16) {
       upload(A.bf16, rows, cols, ld, sizeof(uint16_t), t.a, t.stream);

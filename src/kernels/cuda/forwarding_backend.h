@@ -50,7 +50,7 @@ class ForwardingBackend : public Backend {
                       RowsOut act, OutputRows y, ForwardFor use) override {
     host_.expert_forward(packed, rows, M, H, u, saved, act, y, use);
   }
-  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, RowsIn dy,
+  void expert_backward_input(const PackedExpert& packed, int64_t rows, int64_t M, int64_t H, DyRows dy,
                              const float* const* saved_rows, float* dhpre, OutputRows du) override {
     host_.expert_backward_input(packed, rows, M, H, dy, saved_rows, dhpre, du);
   }
