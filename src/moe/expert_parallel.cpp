@@ -159,7 +159,8 @@ int64_t largest_expert_block(const BlockLayout& compute) {
 
 // The row runs of one chunk between the all-to-all's buffers and the experts' compute order:
 // the peers' rows (wire side) and this rank's own (token side, kept out of the all-to-all), in
-// and out.
+// and out; each list sorted by its compute-order side, which the expert steps ask by expert block
+// (sorted_runs_within).
 struct ChunkRuns {
   std::vector<RowRun> in_peers, in_own, out_peers, out_own;
   ChunkRuns(const BlockLayout& wire, const BlockLayout& compute, int chunk, int rank, const Dispatcher& dispatcher,
@@ -167,7 +168,10 @@ struct ChunkRuns {
       : in_peers(dispatcher.peer_rows_to_experts(handle, chunk)),
         in_own(dispatcher.own_rows_to_experts(handle, chunk)),
         out_peers(chunk_segments(compute, wire, chunk, rank)),
-        out_own(dispatcher.own_rows_from_experts(handle, chunk)) {}
+        out_own(dispatcher.own_rows_from_experts(handle, chunk)) {
+    for (std::vector<RowRun>* in : {&in_peers, &in_own}) sort_runs(*in, RunSide::destination);
+    for (std::vector<RowRun>* out : {&out_peers, &out_own}) sort_runs(*out, RunSide::source);
+  }
 };
 
 // Rows of expert outputs per piece. On the CPU an expert's step runs its rows in pieces of this
@@ -187,7 +191,7 @@ int64_t output_piece_rows(const Backend& backend, int64_t pass_rows) {
 // `runs` (source side: compute order) for rows [first, first + rows) of the pass, with their
 // source rows counted from `first`: rows of a piece's buffer.
 std::vector<RowRun> piece_runs(const std::vector<RowRun>& runs, int64_t first, int64_t rows) {
-  std::vector<RowRun> piece = runs_within(runs, RunSide::source, first, rows);
+  std::vector<RowRun> piece = sorted_runs_within(runs, RunSide::source, first, rows);
   for (RowRun& r : piece) r.src_row -= first;
   return piece;
 }
@@ -205,7 +209,7 @@ void in_pieces(Backend& backend, const ChunkRuns& runs, int64_t first, int64_t r
   if (float_wire) {
     places.assign(rows, nullptr);
     for (auto [to, side] : {std::pair{to_peers.f32, &runs.out_peers}, std::pair{to_own.f32, &runs.out_own}})
-      for (const RowRun& run : runs_within(*side, RunSide::source, first, rows))
+      for (const RowRun& run : sorted_runs_within(*side, RunSide::source, first, rows))
         for (int64_t i = 0; i < run.rows; ++i) places[run.src_row - first + i] = to + (run.dst_row + i) * M;
     PM_CHECK(std::find(places.begin(), places.end(), nullptr) == places.end(), "an expert output row with no place");
   }
@@ -393,8 +397,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : packed_[le];
-      const std::vector<RowRun> peers = runs_within(runs.in_peers, RunSide::destination, first, rows);
-      const std::vector<RowRun> own = runs_within(runs.in_own, RunSide::destination, first, rows);
+      const std::vector<RowRun> peers = sorted_runs_within(runs.in_peers, RunSide::destination, first, rows);
+      const std::vector<RowRun> own = sorted_runs_within(runs.in_own, RunSide::destination, first, rows);
       const RowBuffer& arrived = p->handle.dedup ? p->recv_unique : p->recv;
       if (p->inputs_in_place) {  // the outputs go to recv
         p->u_at.set_runs(arrived.in(0), M, peers);
@@ -532,8 +536,8 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
         backend_.expert_forward(packed_[le], rows, M, H, u.pointers(), &b->fc1_saved[first * H1],
                                 b->act.out(first), nullptr, ForwardFor::backward);
       }
-      const std::vector<RowRun> peers = runs_within(runs.in_peers, RunSide::destination, first, rows);
-      const std::vector<RowRun> own = runs_within(runs.in_own, RunSide::destination, first, rows);
+      const std::vector<RowRun> peers = sorted_runs_within(runs.in_peers, RunSide::destination, first, rows);
+      const std::vector<RowRun> own = sorted_runs_within(runs.in_own, RunSide::destination, first, rows);
       if (by_pointer) {  // where each row's dy sits; the GEMMs scale it by its gate value
         for (const auto& [src, list] : {std::pair{b->recv_unique.in(0).f32, &peers}, std::pair{b->send.in(0).f32, &own}})
           for (const RowRun& run : *list)

@@ -139,6 +139,32 @@ std::vector<RowRun> runs_within(const std::vector<RowRun>& runs, RunSide side, i
   return within;
 }
 
+namespace {
+int64_t side_start(const RowRun& run, RunSide side) { return side == RunSide::source ? run.src_row : run.dst_row; }
+}  // namespace
+
+void sort_runs(std::vector<RowRun>& runs, RunSide side) {
+  std::sort(runs.begin(), runs.end(),
+            [side](const RowRun& a, const RowRun& b) { return side_start(a, side) < side_start(b, side); });
+  for (std::size_t i = 1; i < runs.size(); ++i)
+    PM_CHECK(side_start(runs[i - 1], side) + runs[i - 1].rows <= side_start(runs[i], side),
+             "row runs that overlap on the side they are sorted by");
+}
+
+std::vector<RowRun> sorted_runs_within(const std::vector<RowRun>& runs, RunSide side, int64_t first, int64_t rows) {
+  // sorted and apart: the runs' ends are in order too, so the first run ending past `first` is found by halving
+  auto it = std::partition_point(runs.begin(), runs.end(), [&](const RowRun& run) {
+    return side_start(run, side) + run.rows <= first;
+  });
+  std::vector<RowRun> within;
+  for (; it != runs.end() && side_start(*it, side) < first + rows; ++it) {
+    const int64_t start = side_start(*it, side);
+    const int64_t lo = std::max(start, first), hi = std::min(start + it->rows, first + rows);
+    if (lo < hi) within.push_back({it->src_row + (lo - start), it->dst_row + (lo - start), hi - lo});
+  }
+  return within;
+}
+
 std::vector<RowRun> peer_segments(const BlockLayout& from, const BlockLayout& to, int peer, int chunk) {
   PM_CHECK(from.degree == to.degree && from.peers == to.peers && from.local_experts == to.local_experts,
            "layouts of different shapes");

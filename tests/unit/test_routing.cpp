@@ -7,6 +7,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -331,6 +332,38 @@ TEST(Layout, RunsWithinOneExpertsRowsMoveTheChunkExpertByExpert) {
       EXPECT_EQ(by_expert, at_once) << "peers " << peers << " degree " << degree;
     }
   }
+}
+
+// sorted_runs_within (a binary search over runs sorted by one side) cuts the same runs as
+// runs_within (a scan), for runs of one row and longer, in shuffled order, on both sides, over
+// ranges inside, across and outside them; and sort_runs refuses runs that overlap on its side.
+TEST(Layout, SortedRunsWithinCutTheRunsAScanCuts) {
+  for (RunSide side : {RunSide::source, RunSide::destination}) {
+    std::vector<RowRun> runs;
+    int64_t at = 3;
+    for (int i = 0; i < 40; ++i) {  // rows apart on `side`, anywhere on the other
+      const int64_t rows = 1 + (i * 7) % 4, other = 1000 - 11 * i;
+      runs.push_back(side == RunSide::source ? RowRun{at, other, rows} : RowRun{other, at, rows});
+      at += rows + (i % 3 == 0 ? 2 : 0);  // gaps after some
+    }
+    std::vector<RowRun> shuffled = runs;
+    for (std::size_t i = shuffled.size() - 1; i > 0; --i) std::swap(shuffled[i], shuffled[(i * 13 + 5) % (i + 1)]);
+    std::vector<RowRun> sorted = shuffled;
+    sort_runs(sorted, side);
+    auto key = [](const RowRun& r) { return std::tuple{r.src_row, r.dst_row, r.rows}; };
+    for (int64_t first = 0; first < at + 3; first += 2)
+      for (int64_t rows : {1, 3, 10, 200}) {
+        std::vector<RowRun> scan = runs_within(shuffled, side, first, rows), search = sorted_runs_within(sorted, side, first, rows);
+        auto by_key = [&](const RowRun& a, const RowRun& b) { return key(a) < key(b); };
+        std::sort(scan.begin(), scan.end(), by_key);
+        std::sort(search.begin(), search.end(), by_key);
+        ASSERT_EQ(scan.size(), search.size()) << "first " << first << " rows " << rows;
+        for (std::size_t i = 0; i < scan.size(); ++i) ASSERT_EQ(key(scan[i]), key(search[i]));
+      }
+  }
+  std::vector<RowRun> overlapping = {{0, 10, 4}, {5, 12, 1}};  // destination rows 12 twice
+  EXPECT_THROW(sort_runs(overlapping, RunSide::destination), std::exception);
+  EXPECT_NO_THROW(sort_runs(overlapping, RunSide::source));
 }
 
 // A rank's own rows skip the all-to-all: the runs of the other peers plus the runs of its own
