@@ -7,10 +7,11 @@
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/choice_rows.cpp -o /tmp/choice_rows
 //       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
 //   (or build/bench/choice_rows, built with the tree)
-//   /tmp/choice_rows [CSV]
+//   /tmp/choice_rows [CSV]      (CHOICE_ROWS_COLD=1: the rows evicted from the caches before each call)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -25,12 +26,23 @@ using namespace pm;
 
 namespace {
 
+// CHOICE_ROWS_COLD=1 (environment): every call after a 512 MB sweep, which evicts the caches (300
+// MB of L3 here): the rows come from memory, as in a layer, where an all-to-all wrote them long
+// before in cache terms.
+const bool g_cold = std::getenv("CHOICE_ROWS_COLD") && std::string(std::getenv("CHOICE_ROWS_COLD")) == "1";
+
+void evict_caches() {
+  static std::vector<char> sweep(std::size_t{512} << 20);
+  for (std::size_t i = 0; i < sweep.size(); i += 64) sweep[i] = static_cast<char>(sweep[i] + 1);
+}
+
 // Medians of 21 calls of each, the two alternating call by call: the host's speed drifts 10-30%
 // within seconds, and both sides see the same drift.
 template <typename A, typename B>
 std::pair<double, double> median_ms(A a, B b) {
   std::vector<double> ms[2];
   auto time = [](auto fn) {
+    if (g_cold) evict_caches();
     const auto start = std::chrono::steady_clock::now();
     fn();
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
