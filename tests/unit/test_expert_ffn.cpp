@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/rng.h"
@@ -25,34 +26,61 @@ struct Grads {
   std::vector<float> dhpre, du, w1, b1, w2, b2;
 };
 
+// Gradient buffers of `rows` rows, the weight and bias gradients starting from random values.
+Grads start_grads(int64_t rows, int64_t M, int64_t H1, int64_t H, uint64_t stream) {
+  return {std::vector<float>(rows * H1), std::vector<float>(rows * M), normal(M * H1, stream, 1.0f),
+          normal(H1, stream + 1, 1.0f), normal(H * M, stream + 2, 1.0f), normal(M, stream + 3, 1.0f)};
+}
+
+// An expert of random weights (streams from `stream` on) after its forward on `rows` random input
+// rows: what its backward reads.
+struct ExpertAfterForward {
+  int64_t M, H, H1;
+  std::vector<float> w1, w2, b1, b2, u, saved, act, y;
+  ExpertWeights w;
+  std::vector<const float*> saved_rows;
+  ExpertAfterForward(Precision precision, Activation activation, int64_t rows, int64_t model_dim, int64_t hidden,
+                     uint64_t stream)
+      : M(model_dim), H(hidden), H1(fc1_width(activation, hidden)), w1(normal(M * H1, stream, 0.2f)),
+        w2(normal(H * M, stream + 1, 0.2f)), b1(normal(H1, stream + 2, 0.1f)), b2(normal(M, stream + 3, 0.1f)),
+        u(normal(rows * M, stream + 4, 1.0f)), saved(rows * H1), act(rows * H), y(rows * M), saved_rows(rows) {
+    w.precision = precision, w.activation = activation, w.b1 = b1.data(), w.b2 = b2.data();
+    w.pack_forward(w1.data(), w2.data(), M, H);
+    w.pack_backward(w1.data(), w2.data(), M, H);
+    expert_forward(w, rows, M, H, RowList(u.data(), rows, M).pointers(), saved.data(), act.data(), y.data(),
+                   ForwardFor::backward);
+    for (int64_t i = 0; i < rows; ++i) saved_rows[i] = &saved[i * H1];
+  }
+};
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+void expect_same_grads(const Grads& a, const Grads& b) {
+  using Field = std::vector<float> Grads::*;
+  const std::pair<const char*, Field> fields[] = {{"dhpre", &Grads::dhpre}, {"du", &Grads::du},
+                                                  {"w1 grad", &Grads::w1},  {"b1 grad", &Grads::b1},
+                                                  {"w2 grad", &Grads::w2},  {"b2 grad", &Grads::b2}};
+  for (const auto& [name, field] : fields) EXPECT_TRUE(same_bits(a.*field, b.*field)) << name;
+}
+
 Grads backward(Activation activation, bool dy_as_bf16, int64_t rows, int64_t M, int64_t H) {
-  const int64_t H1 = fc1_width(activation, H);
-  const std::vector<float> w1 = normal(M * H1, 1, 0.2f), w2 = normal(H * M, 2, 0.2f), b1 = normal(H1, 3, 0.1f),
-                           b2 = normal(M, 4, 0.1f), u = normal(rows * M, 5, 1.0f);
+  const ExpertAfterForward e(Precision::bf16, activation, rows, M, H, 1);
+  const int64_t H1 = e.H1;
   std::vector<uint16_t> dy16(rows * M);
   const std::vector<float> dy_raw = normal(rows * M, 6, 1.0f);
   floats_to_bf16(dy_raw.data(), dy16.data(), rows * M);
   std::vector<float> dy(rows * M);  // the values bf16 holds, as floats
   bf16_to_floats(dy16.data(), dy.data(), rows * M);
 
-  ExpertWeights w;
-  w.precision = Precision::bf16, w.activation = activation, w.b1 = b1.data(), w.b2 = b2.data();
-  w.pack_forward(w1.data(), w2.data(), M, H);
-  w.pack_backward(w1.data(), w2.data(), M, H);
-  std::vector<float> saved(rows * H1), act(rows * H), y(rows * M);
-  expert_forward(w, rows, M, H, RowList(u.data(), rows, M).pointers(), saved.data(), act.data(), y.data(),
-                 ForwardFor::backward);
-  std::vector<const float*> saved_rows(rows);
-  for (int64_t i = 0; i < rows; ++i) saved_rows[i] = &saved[i * H1];
-
-  Grads g{std::vector<float>(rows * H1), std::vector<float>(rows * M), normal(M * H1, 7, 1.0f), normal(H1, 8, 1.0f),
-          normal(H * M, 9, 1.0f), normal(M, 10, 1.0f)};
-  expert_backward_input(w, rows, M, H, dy_as_bf16 ? RowsIn(dy16.data()) : RowsIn(dy.data()), saved_rows.data(),
+  Grads g = start_grads(rows, M, H1, H, 7);
+  expert_backward_input(e.w, rows, M, H, dy_as_bf16 ? RowsIn(dy16.data()) : RowsIn(dy.data()), e.saved_rows.data(),
                         g.dhpre.data(), g.du.data());
   ExpertRows r;
   for (int64_t i = rows - 1; i >= 0; --i) {  // rows anywhere: here in reverse order
-    r.u.push_back(&u[i * M]);
-    r.act.push_back(&act[i * H]);
+    r.u.push_back(&e.u[i * M]);
+    r.act.push_back(&e.act[i * H]);
     r.dhpre.push_back(&g.dhpre[i * H1]);
     if (dy_as_bf16)
       r.dy_bf16.push_back(&dy16[i * M]);
@@ -63,10 +91,6 @@ Grads backward(Activation activation, bool dy_as_bf16, int64_t rows, int64_t M, 
   return g;
 }
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
 TEST(ExpertFfn, Bf16OutputGradientsGiveTheBitsOfTheirFloatValues) {
   for (bool emulate : {false, true}) {  // emulate: the AVX512_BF16 path's packing on any CPU
     emulate_bf16_dot_for_testing(emulate);
@@ -74,13 +98,7 @@ TEST(ExpertFfn, Bf16OutputGradientsGiveTheBitsOfTheirFloatValues) {
       for (int64_t rows : {1, 37}) {
         SCOPED_TRACE(::testing::Message() << "emulate " << emulate << " swiglu " << (activation == Activation::swiglu)
                                           << " rows " << rows);
-        const Grads f = backward(activation, false, rows, 40, 72), h = backward(activation, true, rows, 40, 72);
-        EXPECT_TRUE(same_bits(f.dhpre, h.dhpre)) << "dhpre";
-        EXPECT_TRUE(same_bits(f.du, h.du)) << "du";
-        EXPECT_TRUE(same_bits(f.w1, h.w1)) << "w1 grad";
-        EXPECT_TRUE(same_bits(f.b1, h.b1)) << "b1 grad";
-        EXPECT_TRUE(same_bits(f.w2, h.w2)) << "w2 grad";
-        EXPECT_TRUE(same_bits(f.b2, h.b2)) << "b2 grad";
+        expect_same_grads(backward(activation, false, rows, 40, 72), backward(activation, true, rows, 40, 72));
       }
   }
   emulate_bf16_dot_for_testing(false);
@@ -97,25 +115,20 @@ TEST(ExpertFfn, OutputRowsByPointerGiveTheBitsOfOneBlock) {
         SCOPED_TRACE(::testing::Message() << "bf16 " << (precision == Precision::bf16) << " swiglu "
                                           << (activation == Activation::swiglu) << " rows " << rows);
         const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
-        const std::vector<float> w1 = normal(M * H1, 11, 0.2f), w2 = normal(H * M, 12, 0.2f), b1 = normal(H1, 13, 0.1f),
-                                 b2 = normal(M, 14, 0.1f), u = normal(rows * M, 15, 1.0f), dy = normal(rows * M, 16, 1.0f);
-        ExpertWeights w;
-        w.precision = precision, w.activation = activation, w.b1 = b1.data(), w.b2 = b2.data();
-        w.pack_forward(w1.data(), w2.data(), M, H);
-        w.pack_backward(w1.data(), w2.data(), M, H);
-        std::vector<float> saved(rows * H1), act(rows * H), y(rows * M), dhpre(rows * H1), du(rows * M);
-        const RowList u_rows(u.data(), rows, M);
-        expert_forward(w, rows, M, H, u_rows.pointers(), saved.data(), act.data(), y.data(), ForwardFor::backward);
-        std::vector<const float*> saved_rows(rows);
-        for (int64_t i = 0; i < rows; ++i) saved_rows[i] = &saved[i * H1];
-        expert_backward_input(w, rows, M, H, dy.data(), saved_rows.data(), dhpre.data(), du.data());
+        ExpertAfterForward e(precision, activation, rows, M, H, 11);
+        const ExpertWeights& w = e.w;
+        const std::vector<float>& y = e.y;
+        const std::vector<float> dy = normal(rows * M, 16, 1.0f);
+        std::vector<float> dhpre(rows * H1), du(rows * M);
+        const RowList u_rows(e.u.data(), rows, M);
+        expert_backward_input(w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(), du.data());
 
         std::vector<float> y_out(2 * rows * M, -3.0f), du_out(2 * rows * M, -3.0f);
         std::vector<float*> y_at(rows), du_at(rows);
         for (int64_t i = 0; i < rows; ++i) y_at[i] = &y_out[2 * (rows - 1 - i) * M], du_at[i] = &du_out[2 * (rows - 1 - i) * M];
-        expert_forward(w, rows, M, H, u_rows.pointers(), saved.data(), act.data(), OutputRows::by_pointer(y_at.data()),
-                       ForwardFor::backward);
-        expert_backward_input(w, rows, M, H, dy.data(), saved_rows.data(), dhpre.data(),
+        expert_forward(w, rows, M, H, u_rows.pointers(), e.saved.data(), e.act.data(),
+                       OutputRows::by_pointer(y_at.data()), ForwardFor::backward);
+        expert_backward_input(w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(),
                               OutputRows::by_pointer(du_at.data()));
         for (int64_t i = 0; i < rows; ++i) {
           ASSERT_EQ(std::memcmp(y_at[i], &y[i * M], M * sizeof(float)), 0) << "y row " << i;
@@ -144,18 +157,8 @@ TEST(ExpertFfn, ScaledOutputGradientsGiveTheBitsOfAScaledCopy) {
       for (int64_t rows : {1, 7, 400}) {
         SCOPED_TRACE(::testing::Message() << isa << " swiglu " << (activation == Activation::swiglu) << " rows " << rows);
         const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
-        const std::vector<float> w1 = normal(M * H1, 21, 0.2f), w2 = normal(H * M, 22, 0.2f), b1 = normal(H1, 23, 0.1f),
-                                 b2 = normal(M, 24, 0.1f), u = normal(rows * M, 25, 1.0f), dy = normal(rows * M, 26, 1.0f),
-                                 gate = normal(rows, 27, 0.5f);
-        ExpertWeights w;
-        w.activation = activation, w.b1 = b1.data(), w.b2 = b2.data();
-        w.pack_forward(w1.data(), w2.data(), M, H);
-        w.pack_backward(w1.data(), w2.data(), M, H);
-        std::vector<float> saved(rows * H1), act(rows * H), y(rows * M);
-        expert_forward(w, rows, M, H, RowList(u.data(), rows, M).pointers(), saved.data(), act.data(), y.data(),
-                       ForwardFor::backward);
-        std::vector<const float*> saved_rows(rows);
-        for (int64_t i = 0; i < rows; ++i) saved_rows[i] = &saved[i * H1];
+        const ExpertAfterForward e(Precision::fp32, activation, rows, M, H, 21);
+        const std::vector<float> dy = normal(rows * M, 26, 1.0f), gate = normal(rows, 27, 0.5f);
         // the copy: gate * dy; the rows by pointer: dy in reverse order in its buffer
         std::vector<float> copy(rows * M), reversed(rows * M);
         std::vector<const float*> dy_at(rows);
@@ -164,27 +167,20 @@ TEST(ExpertFfn, ScaledOutputGradientsGiveTheBitsOfAScaledCopy) {
           std::memcpy(&reversed[(rows - 1 - i) * M], &dy[i * M], M * sizeof(float));
           dy_at[i] = &reversed[(rows - 1 - i) * M];
         }
-        Grads a{std::vector<float>(rows * H1), std::vector<float>(rows * M), normal(M * H1, 28, 1.0f),
-                normal(H1, 29, 1.0f), normal(H * M, 30, 1.0f), normal(M, 31, 1.0f)};
-        Grads b = a;
-        expert_backward_input(w, rows, M, H, copy.data(), saved_rows.data(), a.dhpre.data(), a.du.data());
-        expert_backward_input(w, rows, M, H, DyRows::scaled(dy_at.data(), gate.data()), saved_rows.data(),
+        Grads a = start_grads(rows, M, H1, H, 28), b = a;
+        expert_backward_input(e.w, rows, M, H, copy.data(), e.saved_rows.data(), a.dhpre.data(), a.du.data());
+        expert_backward_input(e.w, rows, M, H, DyRows::scaled(dy_at.data(), gate.data()), e.saved_rows.data(),
                               b.dhpre.data(), b.du.data());
         ExpertRows ra, rb;
         for (int64_t i = 0; i < rows; ++i) {
-          for (ExpertRows* r : {&ra, &rb}) r->u.push_back(&u[i * M]), r->act.push_back(&act[i * H]);
+          for (ExpertRows* r : {&ra, &rb}) r->u.push_back(&e.u[i * M]), r->act.push_back(&e.act[i * H]);
           ra.dhpre.push_back(&a.dhpre[i * H1]), rb.dhpre.push_back(&b.dhpre[i * H1]);
           ra.dy.push_back(&copy[i * M]);
           rb.dy.push_back(dy_at[i]), rb.dy_scale.push_back(gate[i]);
         }
         expert_weight_grads({a.w1.data(), a.b1.data(), a.w2.data(), a.b2.data()}, activation, Precision::fp32, M, H, ra);
         expert_weight_grads({b.w1.data(), b.b1.data(), b.w2.data(), b.b2.data()}, activation, Precision::fp32, M, H, rb);
-        EXPECT_TRUE(same_bits(a.dhpre, b.dhpre)) << "dhpre";
-        EXPECT_TRUE(same_bits(a.du, b.du)) << "du";
-        EXPECT_TRUE(same_bits(a.w1, b.w1)) << "w1 grad";
-        EXPECT_TRUE(same_bits(a.b1, b.b1)) << "b1 grad";
-        EXPECT_TRUE(same_bits(a.w2, b.w2)) << "w2 grad";
-        EXPECT_TRUE(same_bits(a.b2, b.b2)) << "b2 grad";
+        expect_same_grads(a, b);
       }
   }
   force_gemm_isa("");
