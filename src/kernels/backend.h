@@ -114,11 +114,6 @@ struct DyRows {
     d.scale = scale;
     return d;
   }
-  // the rows from row i on
-  DyRows from(int64_t i, int64_t width) const {
-    if (rows) return scaled(rows + i, scale + i);
-    return block.bf16 ? DyRows(block.bf16 + i * width) : DyRows(block.f32 + i * width);
-  }
 };
 
 // A run of rows copied from one buffer to another.
