@@ -129,16 +129,6 @@ std::vector<RowRun> chunk_segments(const BlockLayout& from, const BlockLayout& t
   return segments;
 }
 
-std::vector<RowRun> runs_within(const std::vector<RowRun>& runs, RunSide side, int64_t first, int64_t rows) {
-  std::vector<RowRun> within;
-  for (const RowRun& run : runs) {
-    const int64_t start = side == RunSide::source ? run.src_row : run.dst_row;
-    const int64_t lo = std::max(start, first), hi = std::min(start + run.rows, first + rows);
-    if (lo < hi) within.push_back({run.src_row + (lo - start), run.dst_row + (lo - start), hi - lo});
-  }
-  return within;
-}
-
 namespace {
 int64_t side_start(const RowRun& run, RunSide side) { return side == RunSide::source ? run.src_row : run.dst_row; }
 }  // namespace

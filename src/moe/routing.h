@@ -101,13 +101,11 @@ std::vector<RowRun> peer_segments(const BlockLayout& from, const BlockLayout& to
 
 // The parts of `runs` whose rows on one side (source or destination) lie in [first, first + rows),
 // runs cut where they cross that range: one expert's rows of a chunk, copied while its block is
-// still in cache (a run may span two experts' blocks: chunk_segments joins adjacent runs).
+// still in cache (a run may span two experts' blocks: chunk_segments joins adjacent runs). `runs`
+// sorted by their first row on `side`, where no two overlap (sort_runs): the first is found by a
+// binary search. An expert step asks once per local expert, and a deduplicated dispatch's runs are
+// single rows: scanning them all for each of 32 experts took 0.9% of a DeepSeek-style layer.
 enum class RunSide { source, destination };
-std::vector<RowRun> runs_within(const std::vector<RowRun>& runs, RunSide side, int64_t first, int64_t rows);
-// The same runs (in the order of `side`) from runs sorted by their first row on `side`, where no two
-// overlap (sort_runs): a binary search for the first, where runs_within reads every run. An expert
-// step asks once per local expert, and a deduplicated dispatch's runs are single rows: scanning
-// them all for each of 32 experts took 0.9% of a DeepSeek-style layer.
 std::vector<RowRun> sorted_runs_within(const std::vector<RowRun>& runs, RunSide side, int64_t first, int64_t rows);
 // runs sorted by their first row on `side`, for sorted_runs_within: rows on that side must not
 // overlap (every compute-order row is written, or read, by one run).

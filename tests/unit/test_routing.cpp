@@ -292,12 +292,13 @@ TEST(Layout, SegmentsMoveEveryRowOfAChunkToItsPlace) {
   }
 }
 
-// Copying expert by expert (runs_within each expert's rows of a chunk, on the compute side)
+// Copying expert by expert (sorted_runs_within each expert's rows of a chunk, on the compute side)
 // moves the same rows as the chunk's runs at once, with one peer, where adjacent blocks join into
 // runs that span experts, and with two; and a run is cut where it crosses the range.
 TEST(Layout, RunsWithinOneExpertsRowsMoveTheChunkExpertByExpert) {
   const RowRun run{10, 100, 6};
-  const auto src_cut = runs_within({run}, RunSide::source, 12, 2), dst_cut = runs_within({run}, RunSide::destination, 98, 5);
+  const auto src_cut = sorted_runs_within({run}, RunSide::source, 12, 2),
+             dst_cut = sorted_runs_within({run}, RunSide::destination, 98, 5);
   ASSERT_EQ(src_cut.size(), 1u);
   EXPECT_EQ(src_cut[0].src_row, 12);
   EXPECT_EQ(src_cut[0].dst_row, 102);
@@ -306,7 +307,7 @@ TEST(Layout, RunsWithinOneExpertsRowsMoveTheChunkExpertByExpert) {
   EXPECT_EQ(dst_cut[0].src_row, 10);
   EXPECT_EQ(dst_cut[0].dst_row, 100);
   EXPECT_EQ(dst_cut[0].rows, 3);
-  EXPECT_TRUE(runs_within({run}, RunSide::source, 16, 4).empty());
+  EXPECT_TRUE(sorted_runs_within({run}, RunSide::source, 16, 4).empty());
   for (int peers : {1, 2}) {
     const int local = 3;
     std::vector<int64_t> filled = {4, 2, 6, 3, 0, 5};
@@ -317,14 +318,16 @@ TEST(Layout, RunsWithinOneExpertsRowsMoveTheChunkExpertByExpert) {
       std::vector<float> src(wire.total_rows), at_once(wire.total_rows, -1), by_expert(wire.total_rows, -1);
       for (int64_t r = 0; r < wire.total_rows; ++r) src[r] = static_cast<float>(r);
       for (int c = 0; c < degree; ++c) {
-        const auto in = chunk_segments(wire, compute, c), out = chunk_segments(compute, wire, c);
+        auto in = chunk_segments(wire, compute, c), out = chunk_segments(compute, wire, c);
+        sort_runs(in, RunSide::destination);
+        sort_runs(out, RunSide::source);
         cpu_backend().copy_rows(src.data(), at_once.data(), 1, in);
         std::vector<float> back(wire.total_rows, -1);
         for (int le = 0; le < local; ++le) {
           int64_t first = compute.block_offset(c, 0, le), rows = 0;
           for (int q = 0; q < peers; ++q) rows += compute.block_rows(c, q, le);
-          cpu_backend().copy_rows(src.data(), by_expert.data(), 1, runs_within(in, RunSide::destination, first, rows));
-          cpu_backend().copy_rows(by_expert.data(), back.data(), 1, runs_within(out, RunSide::source, first, rows));
+          cpu_backend().copy_rows(src.data(), by_expert.data(), 1, sorted_runs_within(in, RunSide::destination, first, rows));
+          cpu_backend().copy_rows(by_expert.data(), back.data(), 1, sorted_runs_within(out, RunSide::source, first, rows));
         }
         for (const RowRun& r : out)  // and back to where each row came from
           for (int64_t i = 0; i < r.rows; ++i) EXPECT_EQ(back[r.dst_row + i], src[r.dst_row + i]);
@@ -334,9 +337,20 @@ TEST(Layout, RunsWithinOneExpertsRowsMoveTheChunkExpertByExpert) {
   }
 }
 
-// sorted_runs_within (a binary search over runs sorted by one side) cuts the same runs as
-// runs_within (a scan), for runs of one row and longer, in shuffled order, on both sides, over
-// ranges inside, across and outside them; and sort_runs refuses runs that overlap on its side.
+// The parts of runs within [first, first + rows) on one side, by reading every run.
+std::vector<RowRun> scanned_runs_within(const std::vector<RowRun>& runs, RunSide side, int64_t first, int64_t rows) {
+  std::vector<RowRun> within;
+  for (const RowRun& run : runs) {
+    const int64_t start = side == RunSide::source ? run.src_row : run.dst_row;
+    const int64_t lo = std::max(start, first), hi = std::min(start + run.rows, first + rows);
+    if (lo < hi) within.push_back({run.src_row + (lo - start), run.dst_row + (lo - start), hi - lo});
+  }
+  return within;
+}
+
+// sorted_runs_within (a binary search over runs sorted by one side) cuts the same runs as a scan
+// of every run, for runs of one row and longer, in shuffled order, on both sides, over ranges
+// inside, across and outside them; and sort_runs refuses runs that overlap on its side.
 TEST(Layout, SortedRunsWithinCutTheRunsAScanCuts) {
   for (RunSide side : {RunSide::source, RunSide::destination}) {
     std::vector<RowRun> runs;
@@ -353,7 +367,8 @@ TEST(Layout, SortedRunsWithinCutTheRunsAScanCuts) {
     auto key = [](const RowRun& r) { return std::tuple{r.src_row, r.dst_row, r.rows}; };
     for (int64_t first = 0; first < at + 3; first += 2)
       for (int64_t rows : {1, 3, 10, 200}) {
-        std::vector<RowRun> scan = runs_within(shuffled, side, first, rows), search = sorted_runs_within(sorted, side, first, rows);
+        std::vector<RowRun> scan = scanned_runs_within(shuffled, side, first, rows),
+                            search = sorted_runs_within(sorted, side, first, rows);
         auto by_key = [&](const RowRun& a, const RowRun& b) { return key(a) < key(b); };
         std::sort(scan.begin(), scan.end(), by_key);
         std::sort(search.begin(), search.end(), by_key);

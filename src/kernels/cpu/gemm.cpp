@@ -660,7 +660,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
             if (r + kPrefetchTiles * MR < rows)
               target.prefetch(fetch_into_l1, row0 + r + kPrefetchTiles * MR, col0,
                               std::min(MR, rows - r - kPrefetchTiles * MR), cols);
-            if (p + 1 < p_end)  // this tile's rows in the next panel (kPrefetchTiles)
+            if (p + 1 < p_end)  // this tile's rows in the next panel, into L2 (the comment after kPrefetchTiles)
               target.prefetch(fetch_into_l2, row0 + r, col0 + kPanel, valid, std::min(kPanel, N - col0 - kPanel));
             if (ld != 0 && cols == width && (valid == MR || partial)) {
               tile(r, valid, Ct, ld);  // in place: a partial tile reads and writes only its valid rows

@@ -82,10 +82,6 @@ bool isa_is_avx512();
 // rows added into it in order as they are copied (gemm_tn_rows's b_column_sums).
 void pack_b_rows(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums = nullptr);
 // sums[j] += rows[k][j] for k < K in order: the column sums where no packing reads the rows.
-inline void add_rows_in_order(int64_t K, int64_t N, const float* const* rows, float* sums) {
-  for (int64_t k = 0; k < K && sums; ++k)
-    for (int64_t j = 0; j < N; ++j) sums[j] += rows[k][j];
-}
 inline void add_rows_in_order(int64_t K, int64_t N, RowSource rows, float* sums) {
   for (int64_t k = 0; k < K && sums; ++k)
     if (rows.is_bf16())
