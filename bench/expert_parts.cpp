@@ -1,7 +1,7 @@
 // The parts of one expert block's passes timed alone (by default 1025 rows, M 512, H 1024, GeLU, bf16
 // or fp32): each GEMM plain, then the whole forward / input-gradient / weight-gradient step around
 // them, so the work beside the GEMMs shows (docs/BENCHMARKS.md, "bf16 on a CPU with AVX512_BF16"
-// and "The floor's gap, looked at again"). Medians of 15 calls, one thread, with GFLOP/s. Build
+// and "The floor's gap, looked at again"). Medians of 15 rounds (each calls every part once), one thread, with GFLOP/s. Build
 // against a built tree and run:
 //
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/expert_parts.cpp -o /tmp/expert_parts
@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "bench_expert.h"
@@ -30,16 +31,28 @@ namespace {
 int64_t R = 1025, M = 512, H = 1024;  // main's arguments may change them
 Activation kind = Activation::gelu;
 
-template <typename Fn>
-void time_it(const char* name, double flops, Fn fn) {
-  std::vector<double> ms;
-  for (int i = 0; i < 15; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    fn();
-    ms.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3);
+// The parts, timed in rounds: each round calls every part once, so a change in the host's speed
+// (10-30% within a minute here) falls on every part alike; the median round of each is printed.
+struct Part {
+  const char* name;
+  double flops;
+  std::function<void()> fn;
+};
+
+void time_parts(const std::vector<Part>& parts) {
+  constexpr int kRounds = 15;
+  std::vector<std::vector<double>> ms(parts.size());
+  for (int round = 0; round < kRounds; ++round)
+    for (size_t p = 0; p < parts.size(); ++p) {
+      const auto start = std::chrono::steady_clock::now();
+      parts[p].fn();
+      ms[p].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3);
+    }
+  for (size_t p = 0; p < parts.size(); ++p) {
+    std::sort(ms[p].begin(), ms[p].end());
+    const double median = ms[p][kRounds / 2];
+    std::printf("%-30s %7.3f ms %7.1f GFLOP/s\n", parts[p].name, median, parts[p].flops / median / 1e6);
   }
-  std::sort(ms.begin(), ms.end());
-  std::printf("%-30s %7.3f ms %7.1f GFLOP/s\n", name, ms[7], flops / ms[7] / 1e6);
 }
 
 // Elem: the type of the rows the layer keeps for the backward (inputs, activations): uint16_t
@@ -98,22 +111,24 @@ void run(Precision precision) {
   std::printf("%s %s expert, %lld rows, M %lld, H %lld, one thread%s\n", bf16 ? "bf16" : "fp32",
               kind == Activation::swiglu ? "SwiGLU" : "GeLU", static_cast<long long>(R), static_cast<long long>(M),
               static_cast<long long>(H), bf16 ? (" (" + gemm_bf16_path() + ")").c_str() : "");
-  time_it("fwd gemm u.W1 plain", fc1, [&] {
+  time_parts({
+  {"fwd gemm u.W1 plain", fc1, [&] {
     gemm_packed(Trans::no, R, u_kept.data(), M, w.w1, 0.0f, saved.data(), H1, {b1.data(), nullptr});
-  });
-  time_it("fwd gemm a.W2 plain", one, [&] {
+  }},
+  {"fwd gemm a.W2 plain", one, [&] {
     gemm_packed(Trans::no, R, act.data(), H, w.w2, 0.0f, y.data(), M, {b2.data(), nullptr});
-  });
-  time_it("expert_forward (training)", one + fc1, forward);
-  time_it("dgrad gemm dy.W2^T plain", one, [&] { gemm_packed(Trans::no, R, dy.data(), M, w.w2_t, 0.0f, dh.data(), H); });
-  time_it("dgrad gemm dh.W1^T plain", fc1, [&] { gemm_packed(Trans::no, R, dh.data(), H1, w.w1_t, 0.0f, du.data(), M); });
-  time_it("expert_backward_input", one + fc1, [&] {
+  }},
+  {"expert_forward (training)", one + fc1, forward},
+  {"dgrad gemm dy.W2^T plain", one, [&] { gemm_packed(Trans::no, R, dy.data(), M, w.w2_t, 0.0f, dh.data(), H); }},
+  {"dgrad gemm dh.W1^T plain", fc1, [&] { gemm_packed(Trans::no, R, dh.data(), H1, w.w1_t, 0.0f, du.data(), M); }},
+  {"expert_backward_input", one + fc1, [&] {
     expert_backward_input(w, R, M, H, dy.data(), saved_rows.data(), dh.data(), du.data());
-  });
-  time_it("wgrad a^T.dy", one, [&] { tn_rows(H, M, act_rows, rows.dy, gw2.data()); });
-  time_it("wgrad u^T.dh", fc1, [&] { tn_rows(M, H1, u_rows, rows.dhpre, gw1.data()); });
-  time_it("expert_weight_grads", one + fc1, [&] {
+  }},
+  {"wgrad a^T.dy", one, [&] { tn_rows(H, M, act_rows, rows.dy, gw2.data()); }},
+  {"wgrad u^T.dh", fc1, [&] { tn_rows(M, H1, u_rows, rows.dhpre, gw1.data()); }},
+  {"expert_weight_grads", one + fc1, [&] {
     expert_weight_grads({gw1.data(), gb1.data(), gw2.data(), gb2.data()}, kind, precision, M, H, rows);
+  }},
   });
 }
 
