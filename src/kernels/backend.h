@@ -99,8 +99,9 @@ struct OutputRows {
 // bf16 expert), or float rows anywhere (by pointer), row i read as scale[i] times the row: the
 // deduplicated dispatch brings a token's dy to a rank once, and each choice of it there is its
 // gate value times dy. The products are those a copy of the scaled rows would hold (one float
-// product a value, gate * dy), made as the GEMMs pack the rows: the copy is never written.
-// fp32 experts only.
+// product a value, gate * dy; a bf16 expert rounds each to bf16, as its bf16 copy held them). An
+// fp32 expert makes them as its GEMMs pack the rows, a bf16 one in a block of its own rows: the
+// copy of the whole pass is never written.
 struct DyRows {
   RowsIn block;
   const float* const* rows = nullptr;
@@ -157,7 +158,7 @@ struct ExpertRows {
   std::vector<const float*> u, act;     // forward: inputs [M], activations [H]
   std::vector<const float*> dhpre, dy;  // backward: pre-activation grads [H1], output grads [M]
   std::vector<const uint16_t*> u_bf16, act_bf16, dy_bf16;
-  // empty, or one per float row of dy: dy's row i is dy_scale[i] times it (DyRows::scaled; fp32)
+  // empty, or one per float row of dy: dy's row i is dy_scale[i] times it (DyRows::scaled)
   std::vector<float> dy_scale;
   size_t rows() const { return dy.size() + dy_bf16.size(); }
   // Throws (internal) unless every list has the same rows, each of u, act and dy in one form, and
@@ -215,11 +216,6 @@ class Backend {
   // dst rows from src rows, width values each, run by run; floats into bf16 rows are rounded to
   // nearest even, bf16 into float rows widened.
   virtual void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) = 0;
-  // dst row = dst_scale[its dst row] * src row, run by run: the same fp32 product as
-  // combine_rows_backward_slots, rounded to nearest even into bf16 rows (the deduplicated backward
-  // dispatch scales its float32 rows on the expert side: the bits the token side would have sent).
-  virtual void copy_rows_scaled(const float* src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs,
-                                const float* dst_scale) = 0;
 
   // ---- activations and normalisation -----------------------------------------------------------
   // out[n] = GeLU(in[n]) (exact erf form); grad_in[n] = grad_out[n] * GeLU'(in[n]).

@@ -12,8 +12,8 @@ void ExpertRows::check(Precision precision) const {
            "expert rows disagree: {} u, {} act, {} dhpre, {} dy", u_rows, act_rows, dhpre.size(), rows());
   PM_CHECK((u_bf16.empty() && act_bf16.empty() && dy_bf16.empty()) || precision == Precision::bf16,
            "bf16 rows of an expert's input, activation or output gradient need a bf16 expert");
-  PM_CHECK(dy_scale.empty() || (dy_scale.size() == dy.size() && precision == Precision::fp32),
-           "scaled output gradients: {} scales for {} float rows (fp32 experts only)", dy_scale.size(), dy.size());
+  PM_CHECK(dy_scale.empty() || dy_scale.size() == dy.size(), "scaled output gradients: {} scales for {} float rows",
+           dy_scale.size(), dy.size());
 }
 
 RowList::RowList(RowsIn first, int64_t rows, int64_t width) {

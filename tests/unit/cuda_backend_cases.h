@@ -115,8 +115,8 @@ struct ExpertRun {
 };
 
 // out_rows: y and du written to rows by pointer (OutputRows::by_pointer), in reverse order in
-// memory (the all-to-all's rows), then read back into r.y and r.du. scaled_dy (fp32): the output
-// gradients read by pointer, each row times a gate value (DyRows::scaled, ExpertRows::dy_scale).
+// memory (the all-to-all's rows), then read back into r.y and r.du. scaled_dy (float rows): the
+// output gradients read by pointer, each row times a gate value (DyRows::scaled, ExpertRows::dy_scale).
 ExpertRun run_expert(Backend& be, Activation activation, Precision precision, bool bf16_rows, ForwardFor use,
                      int64_t rows, int64_t M, int64_t H, bool out_rows = false, bool scaled_dy = false) {
   const int64_t H1 = fc1_width(activation, H);
@@ -201,8 +201,9 @@ TEST(PM_CUDA_TEST_SUITE, ExpertsGiveTheCpuBits) {
                                               << (precision == Precision::bf16) << " bf16 rows " << bf16_rows
                                               << " inference " << (use == ForwardFor::inference) << " rows " << rows
                                               << " output rows by pointer " << out_rows);
-            // with the outputs by pointer, fp32 experts also read their output gradients scaled by pointer
-            const bool scaled_dy = out_rows && precision == Precision::fp32;
+            // with the outputs by pointer, experts of float rows also read their output gradients scaled
+            // by pointer (a bf16 expert rounds the products to bf16)
+            const bool scaled_dy = out_rows && !bf16_rows;
             const ExpertRun c = run_expert(cpu_backend(), activation, precision, bf16_rows, use, rows, 48, 72, false,
                                            scaled_dy);
             const ExpertRun g = run_expert(*gpu, activation, precision, bf16_rows, use, rows, 48, 72, out_rows, scaled_dy);

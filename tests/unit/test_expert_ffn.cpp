@@ -143,9 +143,53 @@ TEST(ExpertFfn, OutputRowsByPointerGiveTheBitsOfOneBlock) {
 }
 
 // The output gradients read where the deduplicated dispatch left them, each row times its gate
-// value as the GEMMs pack it (DyRows::scaled, ExpertRows::dy_scale), against an expert fed the
-// scaled rows as a copy: input gradients, weight and bias gradients bit for bit, GeLU and SwiGLU,
-// rows more and fewer than a tile and than the forward's blocks, on every instruction set.
+// value (DyRows::scaled, ExpertRows::dy_scale), against an expert fed the scaled rows as a copy:
+// input gradients, weight and bias gradients bit for bit, GeLU and SwiGLU, rows more and fewer
+// than a tile and than the forward's blocks. fp32 experts scale as their GEMMs pack, on every
+// instruction set; bf16 experts read gate * dy rounded to bf16 (the copy a bf16 expert read), on
+// the AVX512_BF16 path (emulated too) and in AMX's order (on its model too).
+void expect_scaled_rows_match_a_copy(Precision precision, const std::string& path) {
+  const bool bf16 = precision == Precision::bf16;
+  for (Activation activation : {Activation::gelu, Activation::swiglu})
+    for (int64_t rows : {1, 7, 400}) {
+      SCOPED_TRACE(::testing::Message() << path << " swiglu " << (activation == Activation::swiglu) << " rows " << rows);
+      const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
+      const ExpertAfterForward e(precision, activation, rows, M, H, 21);
+      const std::vector<float> dy = normal(rows * M, 26, 1.0f), gate = normal(rows, 27, 0.5f);
+      // the copy: gate * dy (rounded to bf16 for a bf16 expert); the rows by pointer: dy in reverse
+      // order in its buffer
+      std::vector<float> copy(rows * M), reversed(rows * M);
+      std::vector<uint16_t> copy16(rows * M);
+      std::vector<const float*> dy_at(rows);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t m = 0; m < M; ++m) {
+          copy[i * M + m] = gate[i] * dy[i * M + m];
+          copy16[i * M + m] = float_to_bf16(copy[i * M + m]);
+        }
+        std::memcpy(&reversed[(rows - 1 - i) * M], &dy[i * M], M * sizeof(float));
+        dy_at[i] = &reversed[(rows - 1 - i) * M];
+      }
+      Grads a = start_grads(rows, M, H1, H, 28), b = a;
+      expert_backward_input(e.w, rows, M, H, bf16 ? RowsIn(copy16.data()) : RowsIn(copy.data()), e.saved_rows.data(),
+                            a.dhpre.data(), a.du.data());
+      expert_backward_input(e.w, rows, M, H, DyRows::scaled(dy_at.data(), gate.data()), e.saved_rows.data(),
+                            b.dhpre.data(), b.du.data());
+      ExpertRows ra, rb;
+      for (int64_t i = 0; i < rows; ++i) {
+        for (ExpertRows* r : {&ra, &rb}) r->u.push_back(&e.u[i * M]), r->act.push_back(&e.act[i * H]);
+        ra.dhpre.push_back(&a.dhpre[i * H1]), rb.dhpre.push_back(&b.dhpre[i * H1]);
+        if (bf16)
+          ra.dy_bf16.push_back(&copy16[i * M]);
+        else
+          ra.dy.push_back(&copy[i * M]);
+        rb.dy.push_back(dy_at[i]), rb.dy_scale.push_back(gate[i]);
+      }
+      expert_weight_grads({a.w1.data(), a.b1.data(), a.w2.data(), a.b2.data()}, activation, precision, M, H, ra);
+      expert_weight_grads({b.w1.data(), b.b1.data(), b.w2.data(), b.b2.data()}, activation, precision, M, H, rb);
+      expect_same_grads(a, b);
+    }
+}
+
 TEST(ExpertFfn, ScaledOutputGradientsGiveTheBitsOfAScaledCopy) {
   for (const std::string& isa : {std::string("avx512"), std::string("avx2"), std::string("scalar")}) {
     try {
@@ -153,43 +197,26 @@ TEST(ExpertFfn, ScaledOutputGradientsGiveTheBitsOfAScaledCopy) {
     } catch (const std::exception&) {
       continue;  // not on this CPU
     }
-    for (Activation activation : {Activation::gelu, Activation::swiglu})
-      for (int64_t rows : {1, 7, 400}) {
-        SCOPED_TRACE(::testing::Message() << isa << " swiglu " << (activation == Activation::swiglu) << " rows " << rows);
-        const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
-        const ExpertAfterForward e(Precision::fp32, activation, rows, M, H, 21);
-        const std::vector<float> dy = normal(rows * M, 26, 1.0f), gate = normal(rows, 27, 0.5f);
-        // the copy: gate * dy; the rows by pointer: dy in reverse order in its buffer
-        std::vector<float> copy(rows * M), reversed(rows * M);
-        std::vector<const float*> dy_at(rows);
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t m = 0; m < M; ++m) copy[i * M + m] = gate[i] * dy[i * M + m];
-          std::memcpy(&reversed[(rows - 1 - i) * M], &dy[i * M], M * sizeof(float));
-          dy_at[i] = &reversed[(rows - 1 - i) * M];
-        }
-        Grads a = start_grads(rows, M, H1, H, 28), b = a;
-        expert_backward_input(e.w, rows, M, H, copy.data(), e.saved_rows.data(), a.dhpre.data(), a.du.data());
-        expert_backward_input(e.w, rows, M, H, DyRows::scaled(dy_at.data(), gate.data()), e.saved_rows.data(),
-                              b.dhpre.data(), b.du.data());
-        ExpertRows ra, rb;
-        for (int64_t i = 0; i < rows; ++i) {
-          for (ExpertRows* r : {&ra, &rb}) r->u.push_back(&e.u[i * M]), r->act.push_back(&e.act[i * H]);
-          ra.dhpre.push_back(&a.dhpre[i * H1]), rb.dhpre.push_back(&b.dhpre[i * H1]);
-          ra.dy.push_back(&copy[i * M]);
-          rb.dy.push_back(dy_at[i]), rb.dy_scale.push_back(gate[i]);
-        }
-        expert_weight_grads({a.w1.data(), a.b1.data(), a.w2.data(), a.b2.data()}, activation, Precision::fp32, M, H, ra);
-        expert_weight_grads({b.w1.data(), b.b1.data(), b.w2.data(), b.b2.data()}, activation, Precision::fp32, M, H, rb);
-        expect_same_grads(a, b);
-      }
+    expect_scaled_rows_match_a_copy(Precision::fp32, isa);
   }
   force_gemm_isa("");
-  // a bf16 expert reads a copy: scaled rows are refused
+  for (bool emulate : {false, true}) {  // emulate: the AVX512_BF16 path's packing on any CPU
+    emulate_bf16_dot_for_testing(emulate);
+    expect_scaled_rows_match_a_copy(Precision::bf16, emulate ? "bf16 dot, emulated" : "bf16 dot");
+  }
+  emulate_bf16_dot_for_testing(false);
+  set_bf16_order(Bf16Order::amx);
+  for (bool model : {false, true}) {  // model: AMX's order on the fp32 kernels even where the CPU has AMX
+    use_amx_model_for_testing(model);
+    expect_scaled_rows_match_a_copy(Precision::bf16, model ? "bf16 amx order, model" : "bf16 amx order");
+  }
+  use_amx_model_for_testing(false);
+  set_bf16_order(Bf16Order::dot);
   ExpertRows r;
   const float frow[4] = {};
   r.u.push_back(frow), r.act.push_back(frow), r.dhpre.push_back(frow), r.dy.push_back(frow), r.dy_scale.push_back(0.5f);
   EXPECT_NO_THROW(r.check(Precision::fp32));
-  EXPECT_THROW(r.check(Precision::bf16), std::exception);
+  EXPECT_NO_THROW(r.check(Precision::bf16));
   r.dy_scale.push_back(0.5f);  // more scales than rows
   EXPECT_THROW(r.check(Precision::fp32), std::exception);
 }

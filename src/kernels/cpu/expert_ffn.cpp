@@ -39,10 +39,24 @@ void gemm_rows_out(RowsIn A, int64_t rows, int64_t K, const PackedB& B, OutputRo
     gemm_packed(Trans::no, rows, A.f32, K, B, 0.0f, nullptr, 0, extras);
 }
 
-// C[rows, ldc] = dy B (+ extras): dy a block, or rows by pointer each times its scale (fp32).
+// A bf16 expert's scaled rows of dy (DyRows::scaled): out row i = float_to_bf16(scale[i] * rows[i]),
+// the values a bf16 copy of gate * dy held. One expert's rows, made where they are read and
+// read while they sit in L2: the layer kept a bf16 copy of every row of the pass instead (16 MB
+// a rank in a DeepSeek-style layer). Scaling in the packing, as the fp32 experts do, would take
+// each of the bf16 packers (dot, AMX, their fp32 model) and the bias sums a scale.
+const uint16_t* scaled_rows_in_bf16(const float* const* rows, const float* scale, int64_t n, int64_t width) {
+  thread_local std::vector<uint16_t> block;
+  block.resize(n * width);
+  for (int64_t i = 0; i < n; ++i) scaled_floats_to_bf16(scale[i], rows[i], block.data() + i * width, width);
+  return block.data();
+}
+
+// C[rows, ldc] = dy B (+ extras): dy a block, or rows by pointer each times its scale (an fp32
+// expert scales them as it packs them, a bf16 one rounds them into a block first).
 void gemm_dy_rows(DyRows dy, int64_t rows, int64_t K, const PackedB& B, float* C, int64_t ldc,
                   GemmExtras extras = {}) {
   if (!dy.rows) return gemm_rows(dy.block, rows, K, B, C, ldc, extras);
+  if (B.bf16) return gemm_rows(RowsIn(scaled_rows_in_bf16(dy.rows, dy.scale, rows, K)), rows, K, B, C, ldc, extras);
   extras.a_row_scale = dy.scale;
   gemm_packed_rows(rows, dy.rows, B, 0.0f, C, ldc, extras);
 }
@@ -129,7 +143,6 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
                            DyRows dy, const float* const* saved_rows, float* dhpre, OutputRows du) {
   if (rows == 0) return;
   PM_CHECK(dy.block.bf16 == nullptr || w.precision == Precision::bf16, "bf16 rows of dy need a bf16 expert");
-  PM_CHECK(dy.rows == nullptr || w.precision == Precision::fp32, "scaled rows of dy need an fp32 expert");
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
     // dact = dy W2^T into the second half of each dhpre row, then both halves from it in place
@@ -168,8 +181,15 @@ void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision 
     gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
   };
   const float* dy_scale = r.dy_scale.empty() ? nullptr : r.dy_scale.data();
+  std::vector<const uint16_t*> dy_rounded;  // a bf16 expert's scaled rows, rounded (scaled_rows_in_bf16)
+  if (dy_scale && precision == Precision::bf16) {
+    const uint16_t* block = scaled_rows_in_bf16(r.dy.data(), dy_scale, rows, M);
+    for (int64_t i = 0; i < rows; ++i) dy_rounded.push_back(block + i * M);
+    dy_scale = nullptr;
+  }
   with_rows(r.act, r.act_bf16, [&](const auto& act) {
-    with_rows(r.dy, r.dy_bf16, [&](const auto& dy) { tn_rows(H, M, act, dy, g.w2, g.b2, dy_scale); });
+    with_rows(dy_rounded.empty() ? r.dy : std::vector<const float*>(), dy_rounded.empty() ? r.dy_bf16 : dy_rounded,
+              [&](const auto& dy) { tn_rows(H, M, act, dy, g.w2, g.b2, dy_scale); });
   });
   with_rows(r.u, r.u_bf16, [&](const auto& u) { tn_rows(M, H1, u, r.dhpre, g.w1, g.b1, nullptr); });
 }

@@ -229,9 +229,8 @@ class CudaBackend final : public ForwardingBackend {
     const int64_t H1 = fc1_width(p.activation, H);
     ThreadState& t = state();
     PM_CHECK(dy.block.bf16 == nullptr || bf16, "bf16 rows of dy need a bf16 expert");
-    PM_CHECK(dy.rows == nullptr || !bf16, "scaled rows of dy need an fp32 expert");
-    std::vector<float> dy_scaled;  // scaled rows made on the host, the products the CPU's packing makes
-    if (dy.rows) scale_rows(dy.rows, dy.scale, rows, M, dy_scaled);
+    std::vector<float> dy_scaled;  // scaled rows made on the host, the values the CPU's experts read
+    if (dy.rows) scale_rows(dy.rows, dy.scale, rows, M, bf16, dy_scaled);
     cuda::GemmCall fc2;
     upload_a(t, dy.rows ? RowsIn(dy_scaled.data()) : dy.block, rows, M, M, fc2);
     upload_rows(std::vector<const float*>(saved_rows, saved_rows + rows), H1, t.host_b, t.b, t.stream);
@@ -265,7 +264,7 @@ class CudaBackend final : public ForwardingBackend {
     std::vector<float> dy_widened(r.dy_bf16.size() * M), dy_scaled;
     std::vector<const float*> dy = r.dy;
     if (!r.dy_scale.empty()) {  // scaled rows made on the host (DyRows)
-      scale_rows(r.dy.data(), r.dy_scale.data(), rows, M, dy_scaled);
+      scale_rows(r.dy.data(), r.dy_scale.data(), rows, M, precision == Precision::bf16, dy_scaled);
       for (int64_t i = 0; i < rows; ++i) dy[i] = &dy_scaled[i * M];
     }
     for (size_t i = 0; i < r.dy_bf16.size(); ++i) {
@@ -332,12 +331,16 @@ class CudaBackend final : public ForwardingBackend {
   }
 
   // A's storage [rows, cols] (floats or bf16 rows, ld apart) into t.a, and g's A pointing at it.
-  // out[i] = scale[i] * rows[i], n rows of `width`: what DyRows::scaled means, one float product a value
-  static void scale_rows(const float* const* rows, const float* scale, int64_t n, int64_t width,
+  // out[i] = scale[i] * rows[i], n rows of `width`: what DyRows::scaled means, one float product a
+  // value, rounded to bf16 for a bf16 expert (the values the bias gradient sums, as on the CPU)
+  static void scale_rows(const float* const* rows, const float* scale, int64_t n, int64_t width, bool bf16,
                          std::vector<float>& out) {
     out.resize(n * width);
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < width; ++j) out[i * width + j] = scale[i] * rows[i][j];
+      for (int64_t j = 0; j < width; ++j) {
+        const float v = scale[i] * rows[i][j];
+        out[i * width + j] = bf16 ? round_to_bf16(v) : v;
+      }
   }
   static void upload_a(ThreadState& t, RowsIn A, int64_t rows, int64_t cols, int64_t ld, cuda::GemmCall& g) {
     if (A.bf16) {
