@@ -26,7 +26,7 @@ for side in a b; do
   extra=$([ $side = b ] && echo "${B_FLAGS:-}" || true)
   for f in kernels/cpu/gemm.cpp kernels/cpu/gemm_unpacked.cpp kernels/cpu/gemm_bf16.cpp kernels/cpu/gemm_bf16_pack.cpp \
       kernels/cpu/gemm_amx.cpp \
-      kernels/cpu/thread_pool.cpp core/error.cpp core/aligned.cpp; do
+      kernels/cpu/thread_pool.cpp core/error.cpp core/aligned.cpp core/tensor.cpp; do
     [ -f "$src/$f" ] || continue
     g++ "${flags[@]}" $extra -I"$src" -Dpm=pm_ab_$side -c "$src/$f" -o "$work/${side}_$(basename "$f" .cpp).o"
     objects+=("$work/${side}_$(basename "$f" .cpp).o")

@@ -341,6 +341,72 @@ TEST(GemmBf16, BRowsStoredAsBf16GiveTheBitsOfTheirFloatValues) {
   force_gemm_isa("");
 }
 
+// Float rows of B each times a scale (b_row_scale: a bf16 expert's output gradients read where
+// the deduplicated dispatch left them) give the bits of a bf16 copy of the scaled rows, product
+// and column sums, with A's rows floats or bf16: on AVX512_BF16 (and its emulation), where the
+// pair words' packing rounds the rows, in AMX's order (on its model too), and on the fp32 kernels
+// (a copy first); an odd K, a partial panel, and no columns of A at all.
+TEST(GemmBf16, ScaledBRowsGiveTheBitsOfABf16CopyOfThem) {
+  const int64_t M = 45, N = 83, K = 37;
+  auto A = random_matrix(K * M, 36), B = random_matrix(K * N, 37), scale = random_matrix(K, 38),
+       start = random_matrix(N, 39);
+  std::vector<uint16_t> A16(A.size()), copy(B.size());
+  floats_to_bf16(A.data(), A16.data(), static_cast<int64_t>(A.size()));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < N; ++j) copy[k * N + j] = float_to_bf16(scale[k] * B[k * N + j]);
+  std::vector<const float*> a_rows, b_rows;
+  std::vector<const uint16_t*> a_rows16, copy_rows;
+  std::vector<float> row_scale;
+  for (int64_t k = K - 1; k >= 0; --k) {  // rows anywhere: here in reverse storage order
+    a_rows.push_back(A.data() + k * M);
+    a_rows16.push_back(A16.data() + k * M);
+    b_rows.push_back(B.data() + k * N);
+    copy_rows.push_back(copy.data() + k * N);
+    row_scale.push_back(scale[k]);
+  }
+  struct Path {
+    std::string isa;
+    bool emulate;
+    Bf16Order order;
+    bool amx_model;
+  };
+  std::vector<Path> paths{{"", false, Bf16Order::dot, false}, {"", true, Bf16Order::dot, false},
+                          {"", false, Bf16Order::amx, false}, {"", false, Bf16Order::amx, true}};
+  if (__builtin_cpu_supports("avx2")) paths.push_back({"avx2", false, Bf16Order::dot, false});
+  for (const Path& path : paths) {
+    force_gemm_isa(path.isa);
+    emulate_bf16_dot_for_testing(path.emulate);
+    set_bf16_order(path.order);
+    use_amx_model_for_testing(path.amx_model);
+    for (int64_t m : {M, int64_t{0}})
+      for (bool a16 : {false, true}) {
+        std::vector<float> from_copy(M * N, 0.5f), scaled(M * N, 0.5f), sums_copy = start, sums_scaled = start;
+        if (a16) {
+          gemm_tn_rows_bf16(m, N, K, a_rows16.data(), copy_rows.data(), 1.0f, from_copy.data(), N, sums_copy.data());
+          gemm_tn_rows_bf16(m, N, K, a_rows16.data(), b_rows.data(), 1.0f, scaled.data(), N, sums_scaled.data(),
+                            row_scale.data());
+        } else {
+          gemm_tn_rows_bf16(m, N, K, a_rows.data(), copy_rows.data(), 1.0f, from_copy.data(), N, sums_copy.data());
+          gemm_tn_rows_bf16(m, N, K, a_rows.data(), b_rows.data(), 1.0f, scaled.data(), N, sums_scaled.data(),
+                            row_scale.data());
+        }
+        const std::string where = "isa '" + path.isa + "' emulate " + std::to_string(path.emulate) + " amx " +
+                                  std::to_string(path.order == Bf16Order::amx) + " model " +
+                                  std::to_string(path.amx_model) + " M " + std::to_string(m) + " a16 " +
+                                  std::to_string(a16);
+        EXPECT_EQ(0, std::memcmp(from_copy.data(), scaled.data(), M * N * sizeof(float))) << where;
+        EXPECT_EQ(0, std::memcmp(sums_copy.data(), sums_scaled.data(), N * sizeof(float))) << where;
+        if (m > 0) {
+          EXPECT_NE(0, std::memcmp(scaled.data(), std::vector<float>(M * N, 0.5f).data(), M * N * sizeof(float)));
+        }
+      }
+  }
+  use_amx_model_for_testing(false);
+  set_bf16_order(Bf16Order::dot);
+  emulate_bf16_dot_for_testing(false);
+  force_gemm_isa("");
+}
+
 // An fp32 pack after a bf16 one (the same thread-local buffers) is an fp32 GEMM again.
 TEST(GemmBf16, Fp32PackingAfterBf16IsFp32) {
   const int64_t M = 5, N = 20, K = 9;

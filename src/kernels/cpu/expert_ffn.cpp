@@ -40,10 +40,11 @@ void gemm_rows_out(RowsIn A, int64_t rows, int64_t K, const PackedB& B, OutputRo
 }
 
 // A bf16 expert's scaled rows of dy (DyRows::scaled): out row i = float_to_bf16(scale[i] * rows[i]),
-// the values a bf16 copy of gate * dy held. One expert's rows, made where they are read and
-// read while they sit in L2: the layer kept a bf16 copy of every row of the pass instead (16 MB
-// a rank in a DeepSeek-style layer). Scaling in the packing, as the fp32 experts do, would take
-// each of the bf16 packers (dot, AMX, their fp32 model) and the bias sums a scale.
+// the values a bf16 copy of gate * dy held. One piece of an expert's rows, made where they are
+// read and read while they sit in L2: the layer kept a bf16 copy of every row of the pass instead
+// (16 MB a rank in a DeepSeek-style layer). Rounding in the packing, as the weight gradients do
+// (gemm_tn_rows_bf16), would take each of A's bf16 packers (dot, AMX, their fp32 model) a scale,
+// and a DeepSeek-style expert's dot order reads bf16 rows of A in place, unpacked.
 const uint16_t* scaled_rows_in_bf16(const float* const* rows, const float* scale, int64_t n, int64_t width) {
   thread_local std::vector<uint16_t> block;
   block.resize(n * width);
@@ -173,23 +174,20 @@ void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision 
   // b's rows times b_scale's where given (fp32: ExpertRows::check)
   auto tn_rows = [&](int64_t m, int64_t n, const auto& a, const auto& b, float* c, float* bias,
                      const float* b_scale) {
-    constexpr bool floats = std::is_same_v<decltype(a.data()), const float* const*> &&
-                            std::is_same_v<decltype(b.data()), const float* const*>;
+    constexpr bool float_b = std::is_same_v<decltype(b.data()), const float* const*>;
+    constexpr bool floats = std::is_same_v<decltype(a.data()), const float* const*> && float_b;
     if constexpr (floats)
       if (precision != Precision::bf16)
         return gemm_tn_rows(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias, b_scale);
-    gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
+    if constexpr (float_b)
+      gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias, b_scale);
+    else
+      gemm_tn_rows_bf16(m, n, rows, a.data(), b.data(), 1.0f, c, n, bias);
   };
+  // (a bf16 expert's scaled rows are rounded to bf16 as the packing reads them: gemm_tn_rows_bf16)
   const float* dy_scale = r.dy_scale.empty() ? nullptr : r.dy_scale.data();
-  std::vector<const uint16_t*> dy_rounded;  // a bf16 expert's scaled rows, rounded (scaled_rows_in_bf16)
-  if (dy_scale && precision == Precision::bf16) {
-    const uint16_t* block = scaled_rows_in_bf16(r.dy.data(), dy_scale, rows, M);
-    for (int64_t i = 0; i < rows; ++i) dy_rounded.push_back(block + i * M);
-    dy_scale = nullptr;
-  }
   with_rows(r.act, r.act_bf16, [&](const auto& act) {
-    with_rows(dy_rounded.empty() ? r.dy : std::vector<const float*>(), dy_rounded.empty() ? r.dy_bf16 : dy_rounded,
-              [&](const auto& dy) { tn_rows(H, M, act, dy, g.w2, g.b2, dy_scale); });
+    with_rows(r.dy, r.dy_bf16, [&](const auto& dy) { tn_rows(H, M, act, dy, g.w2, g.b2, dy_scale); });
   });
   with_rows(r.u, r.u_bf16, [&](const auto& u) { tn_rows(M, H1, u, r.dhpre, g.w1, g.b1, nullptr); });
 }

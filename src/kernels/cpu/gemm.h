@@ -133,8 +133,11 @@ void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ld
 // gemm and gemm_tn_rows as bf16 GEMMs.
 void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// b_row_scale ([K], optional): B's row k is what a bf16 copy of b_row_scale[k] times the row holds
+// (each product rounded to bf16: scaled_floats_to_bf16), for the product and the sums alike.
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
+                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr,
+                       const float* b_row_scale = nullptr);
 // The same with A stored as bf16 (uint16_t bit patterns: activations a bf16 expert saved in bf16):
 // the bits of the float versions on A's float32 values, without the rounding pass over A.
 void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const PackedB& B, float beta, float* C,
@@ -142,7 +145,8 @@ void gemm_packed(Trans trans_a, int64_t M, const uint16_t* A, int64_t lda, const
 void gemm_packed_rows(int64_t M, const uint16_t* const* a_rows, const PackedB& B, float beta, float* C, int64_t ldc,
                       const GemmExtras& extras = {});  // B packed by pack_b_bf16
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr);
+                       float beta, float* C, int64_t ldc, float* b_column_sums = nullptr,
+                       const float* b_row_scale = nullptr);
 // ... and with B's rows stored as bf16 (output gradients a bf16 all-to-all carried): the bits of
 // the float versions on B's float32 values (the column sums add the widened values).
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const uint16_t* const* b_rows,

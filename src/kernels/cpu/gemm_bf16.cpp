@@ -153,9 +153,21 @@ bool bf16_dot_ready();
 
 void tn_rows_bf16(int64_t M, int64_t N, int64_t K, RowSource A, RowSource B, float beta, float* C, int64_t ldc,
                   float* b_column_sums) {
+  const bool pair_words = bf16_dot_ready() || bf16_order_is_amx();
+  if (B.scale && (!pair_words || M == 0 || N == 0)) {
+    // scaled rows where the pair words' packing does not round them itself: a bf16 copy first
+    thread_local std::vector<uint16_t> copy;
+    copy.resize(K * N);
+    std::vector<const uint16_t*> rows(K);
+    for (int64_t k = 0; k < K; ++k) {
+      scaled_floats_to_bf16(B.scale[k], B.row(k), &copy[k * N], N);
+      rows[k] = &copy[k * N];
+    }
+    return tn_rows_bf16(M, N, K, A, RowSource{nullptr, 0, nullptr, nullptr, rows.data()}, beta, C, ldc, b_column_sums);
+  }
   if (M == 0 || N == 0) return add_rows_in_order(K, N, B, b_column_sums);
   PackedB& packed = scratch_packed_b();
-  if (bf16_dot_ready() || bf16_order_is_amx()) {
+  if (pair_words) {
     // B packed here for this one product: only the kernel's words (the rows of activation
     // gradients, packed on every call: a float copy would double the packing)
     packed.K = K + (K & 1), packed.N = N, packed.bf16 = true, packed.source_depth = K;
@@ -174,13 +186,17 @@ RowSource rows_of(const uint16_t* const* rows) { return RowSource{nullptr, 0, nu
 }  // namespace
 
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc, float* b_column_sums) {
-  tn_rows_bf16(M, N, K, rows_of(a_rows), rows_of(b_rows), beta, C, ldc, b_column_sums);
+                       float beta, float* C, int64_t ldc, float* b_column_sums, const float* b_row_scale) {
+  RowSource B = rows_of(b_rows);
+  B.scale = b_row_scale;
+  tn_rows_bf16(M, N, K, rows_of(a_rows), B, beta, C, ldc, b_column_sums);
 }
 
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* const* a_rows, const float* const* b_rows,
-                       float beta, float* C, int64_t ldc, float* b_column_sums) {
-  tn_rows_bf16(M, N, K, rows_of(a_rows), rows_of(b_rows), beta, C, ldc, b_column_sums);
+                       float beta, float* C, int64_t ldc, float* b_column_sums, const float* b_row_scale) {
+  RowSource B = rows_of(b_rows);
+  B.scale = b_row_scale;
+  tn_rows_bf16(M, N, K, rows_of(a_rows), B, beta, C, ldc, b_column_sums);
 }
 
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const uint16_t* const* b_rows,

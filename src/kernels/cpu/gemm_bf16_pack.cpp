@@ -451,6 +451,10 @@ void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& 
     if (column_sums && r)
       for (int64_t j = 0; j < N; ++j) column_sums[j] += widened(r[j]);
   };
+  // scaled float rows (RowSource::scale): each pair's two rows as the bf16 values a copy of the
+  // scaled rows would hold, made here in L1 (the packing and the sums then read them as bf16 rows)
+  thread_local std::vector<uint16_t> scaled;
+  if (B.scale) scaled.resize(2 * N);
   for (int64_t q = 0; q < pairs; ++q) {
     const bool has_odd = 2 * q + 1 < K;
     auto both = [&](const auto* even, const auto* odd) {
@@ -458,10 +462,15 @@ void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& 
       add(even);
       add(odd);
     };
-    if (B.is_bf16())
+    if (B.is_bf16()) {
       both(B.row16(2 * q), has_odd ? B.row16(2 * q + 1) : nullptr);
-    else
+    } else if (B.scale) {
+      for (int64_t k = 2 * q; k < 2 * q + (has_odd ? 2 : 1); ++k)
+        scaled_floats_to_bf16(B.scale[k], B.row(k), scaled.data() + (k - 2 * q) * N, N);
+      both(scaled.data(), has_odd ? scaled.data() + N : nullptr);
+    } else {
       both(B.row(2 * q), has_odd ? B.row(2 * q + 1) : nullptr);
+    }
   }
   for (int64_t p = 0; p < out.panels(); ++p) {  // the last block's padding
     const int64_t width = out.panel_width(p);
