@@ -1,6 +1,6 @@
 // An fp32 expert's output gradients read where the deduplicated dispatch left them, each row times
 // its gate value as the GEMM packs it (GemmExtras::a_row_scale, what the layer does), against the
-// way before: gate * dy written into a copy of every choice's row (the layer's copy_rows_scaled, since removed), the GEMM
+// way before: gate * dy written into a copy of every choice's row (copy_rows_scaled), the GEMM
 // then reading the copy. 32 experts of 512 rows each (a DeepSeek-style rank's share of top-8 of
 // 64), their rows picked from 4096 distinct rows of dy (the tokens a rank receives once each);
 // the copy is 32 MB, as in a layer. The products are dy W2^T (depth 512) for a hidden size of 128

@@ -216,6 +216,11 @@ class Backend {
   // dst rows from src rows, width values each, run by run; floats into bf16 rows are rounded to
   // nearest even, bf16 into float rows widened.
   virtual void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) = 0;
+  // dst row = dst_scale[its dst row] * src row, run by run: the same fp32 product as
+  // combine_rows_backward_slots, rounded to nearest even into bf16 rows (the deduplicated backward
+  // dispatch scales its float32 rows on the expert side: the bits the token side would have sent).
+  virtual void copy_rows_scaled(const float* src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs,
+                                const float* dst_scale) = 0;
 
   // ---- activations and normalisation -----------------------------------------------------------
   // out[n] = GeLU(in[n]) (exact erf form); grad_in[n] = grad_out[n] * GeLU'(in[n]).

@@ -98,8 +98,9 @@ class Dispatcher {
   std::vector<RowRun> own_rows_to_experts(const DispatchHandle& h, int chunk) const;
   std::vector<RowRun> own_rows_from_experts(const DispatchHandle& h, int chunk) const;
   // A scaled dispatch (scale_on_expert_side): the gate value of each of chunk `chunk`'s rows at its
-  // place in compute order (compute_gate: [experts_compute rows], the chunk's entries written): the
-  // scales of the experts' DyRows::scaled.
+  // place in compute order (compute_gate: [experts_compute rows], the chunk's entries written), for
+  // RowBuffer::copy_scaled_rows_from along peer_rows_to_experts and own_rows_to_experts, or the
+  // experts' DyRows::scaled.
   void gates_to_experts(const DispatchHandle& h, int chunk, std::vector<float>& compute_gate) const;
   // y[t] = sum_j gate[t, j] * back[choice (t, j)] (overwritten; zeros for a token with no kept choice).
   void unpack(RowsIn back, const float* gate, const DispatchHandle& h, float* y) const;

@@ -89,9 +89,9 @@ struct BackwardPass {
   RowBuffer dy_rows;                        // [rows, M] compute order, in the wire's precision when a
                                             // bf16 expert reads it (exact), else fp32 (expert_dgrad);
                                             // not with dy_src
-  // scaled on the expert side (dy_by_pointer): [rows] compute order, where each row's dy sits in
-  // recv_unique or send; row i reads as dy_gate[i] times it (DyRows::scaled), so the scaled rows
-  // of the pass are never written (expert_dgrad)
+  // scaled on the expert side and read in place (dy_by_pointer): [rows] compute order, where each
+  // row's dy sits in recv_unique or send; row i reads as dy_gate[i] times it (DyRows::scaled), so
+  // the scaled rows of the pass are never written (expert_dgrad)
   std::vector<const float*> dy_src;
   ScratchBuffer<float> dhpre;               // [rows, H1] compute order (expert_dgrad)
   // recompute_experts: the experts' saved values and activations made again (expert_dgrad), compute
@@ -314,9 +314,15 @@ class ExpertParallelLayer final : public MoeLayer {
   // The all-to-all carries float32 rows: the experts write their outputs straight into them.
   bool float_wire() const { return dispatcher_.wire() == Precision::fp32; }
   // The experts read the deduplicated dy where the dispatch left it, each row times its gate value
-  // as their GEMMs pack it (BackwardPass::dy_src), instead of a scaled copy of every row: fp32 only
-  // (a bf16 expert's packing rounds, and reads the copy).
-  bool dy_by_pointer(const BackwardPass& b) const { return b.handle.dedup; }
+  // (BackwardPass::dy_src), instead of a scaled copy of every row. fp32 experts scale as their
+  // GEMMs pack: faster and smaller. A bf16 expert rounds each product where it reads it: 22 MB less
+  // a rank in a DeepSeek-style layer that recomputes its experts (289 -> 267 MB), but its backward
+  // 1-6% slower on this project's Xeon (the float rows read twice against a bf16 copy written
+  // once, docs/BENCHMARKS.md): so only where the layer recomputes, the mode that spends time on
+  // memory.
+  bool dy_by_pointer(const BackwardPass& b) const {
+    return b.handle.dedup && (shape_.precision == Precision::fp32 || recomputes());
+  }
   OffloadMode offload_mode_ = OffloadMode::resident;
   LayerWeights w_;
 
@@ -542,6 +548,9 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
         for (const auto& [src, list] : {std::pair{b->recv_unique.in(0).f32, &peers}, std::pair{b->send.in(0).f32, &own}})
           for (const RowRun& run : *list)
             for (int64_t i = 0; i < run.rows; ++i) b->dy_src[run.dst_row + i] = src + (run.src_row + i) * M;
+      } else if (scaled) {  // gate * dy made here: the product the token side would have sent
+        b->dy_rows.copy_scaled_rows_from(backend_, b->recv_unique.in(0).f32, peers, b->dy_gate.data());
+        b->dy_rows.copy_scaled_rows_from(backend_, b->send.in(0).f32, own, b->dy_gate.data());
       } else {
         b->dy_rows.copy_rows_from(backend_, b->recv.in(0), peers);
         b->dy_rows.copy_rows_from(backend_, b->send.in(0), own);

@@ -37,6 +37,11 @@ void RowBuffer::copy_rows_from(Backend& backend, RowsIn src, const std::vector<R
   backend.copy_rows(src, out(0), width_, runs);
 }
 
+void RowBuffer::copy_scaled_rows_from(Backend& backend, const float* src, const std::vector<RowRun>& runs,
+                                      const float* scale) {
+  backend.copy_rows_scaled(src, out(0), width_, runs, scale);
+}
+
 void RowBuffer::release() {
   give_back(f32_);
   give_back(bf16_);

@@ -31,6 +31,8 @@ class RowBuffer {
   RowsOut out(int64_t row);      // row `row`, to write
   // Rows of `src` (width values each, floats or bf16) into these rows, run by run.
   void copy_rows_from(Backend& backend, RowsIn src, const std::vector<RowRun>& runs);
+  // The same from float rows, each written row scaled by scale[its row] (Backend::copy_rows_scaled).
+  void copy_scaled_rows_from(Backend& backend, const float* src, const std::vector<RowRun>& runs, const float* scale);
   // Pointers to the rows at `positions`, appended to f32 or bf16 by the rows' type.
   void add_rows(const std::vector<int64_t>& positions, std::vector<const float*>& f32,
                 std::vector<const uint16_t*>& bf16) const;

@@ -123,6 +123,36 @@ TEST(Dispatch, Bf16SlotsGiveTheBitsOfFloatSlotsHoldingTheRoundedValues) {
   EXPECT_FALSE(same(widened(slots16), slots));
 }
 
+// The deduplicated backward dispatch's expert side: gate * dy made from the unscaled float rows by
+// runs gives the bits the combine's backward writes on the token side, into float and bf16 rows.
+TEST(Dispatch, ScaledCopiesGiveTheBitsOfTheCombinesBackward) {
+  const int64_t T = 5, M = 37, rows = 7;
+  const int k = 2;
+  std::vector<int64_t> pos = {3, 0, 6, -1, 1, 2, -1, -1, 5, 4};
+  std::vector<float> dy(T * M), gate(T * k);
+  Rng(5, 1).fill_normal(dy.data(), dy.size(), 0, 1);
+  Rng(5, 2).fill_normal(gate.data(), gate.size(), 0, 1);
+  // each slot's gate value, and runs from its token's row of dy (slots 0-1 one run of two rows)
+  std::vector<float> slot_gate(rows, 0.0f);
+  std::vector<RowRun> runs;
+  for (int64_t i = 0; i < T * k; ++i)
+    if (pos[i] >= 0) slot_gate[pos[i]] = gate[i], runs.push_back({i / k, pos[i], 1});
+  runs.push_back({0, 0, 0});  // an empty run copies nothing
+  for (bool bf16 : {false, true}) {
+    std::vector<float> want(rows * M, 0.0f), got(rows * M, 0.0f);
+    std::vector<uint16_t> want16(rows * M, 0), got16(rows * M, 0);
+    RowsOut want_rows = bf16 ? RowsOut(want16.data()) : RowsOut(want.data());
+    RowsOut got_rows = bf16 ? RowsOut(got16.data()) : RowsOut(got.data());
+    combine_rows_backward_slots(dy.data(), gate.data(), T, M, k, pos.data(), want_rows);
+    copy_rows_scaled(dy.data(), got_rows, M, runs, slot_gate.data());
+    EXPECT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0) << "bf16 " << bf16;
+    EXPECT_EQ(std::memcmp(want16.data(), got16.data(), want16.size() * sizeof(uint16_t)), 0) << "bf16 " << bf16;
+    if (!bf16) {
+      EXPECT_NE(want[3 * M], 0.0f);  // (the rows were written)
+    }
+  }
+}
+
 // The gathers' fixed order of operations, which a layer's bits rest on (and the CUDA kernels
 // repeat): y[t] = ((0 + g_0 r_0) + g_1 r_1) + ... over the kept choices in order, dx[t] the same
 // from its old value, a gate gradient pm::dot's. Widths that fill the kernels' blocks of 64

@@ -86,6 +86,11 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void copy_rows_scaled(const float* src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs,
+                        const float* dst_scale) override {
+    pm::copy_rows_scaled(src, dst, width, runs, dst_scale);
+  }
+
   void gelu_forward(const float* in, float* out, int64_t n) override { pm::gelu_forward(in, out, n); }
   void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) override {
     pm::gelu_backward(in, grad_out, grad_in, n);

@@ -142,8 +142,9 @@ void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const in
 
 namespace {
 
-// dst row `to` = g * row: one product per value, rounded to bf16 in the same pass for bf16 rows (the
-// values the deduplicated dispatch's experts read as DyRows::scaled: kernels/backend.h).
+// dst row `to` = g * row: one product per value, rounded to bf16 in the same pass for bf16 rows. The
+// combine's backward and the deduplicated dispatch's expert side both write gate * dy this way
+// (the values its experts read as DyRows::scaled, kernels/backend.h, where they read dy in place).
 void scale_row(float g, const float* row, RowsOut dst, int64_t to, int64_t M) {
   if (dst.f32) {
     float* out = dst.f32 + to * M;
@@ -161,6 +162,12 @@ void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, 
     if (position[i] < 0) continue;
     scale_row(gate[i], dy + (i / k) * M, dslots, position[i], M);
   }
+}
+
+void copy_rows_scaled(const float* src, RowsOut dst, int64_t M, const std::vector<RowRun>& runs, const float* dst_scale) {
+  for (const RowRun& run : runs)
+    for (int64_t i = 0; i < run.rows; ++i)
+      scale_row(dst_scale[run.dst_row + i], src + (run.src_row + i) * M, dst, run.dst_row + i, M);
 }
 
 void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,

@@ -31,6 +31,9 @@ void combine_rows(RowsIn slots, const float* gate, int64_t T, int64_t M, int k,
 void dispatch_rows_backward(RowsIn dslots, int64_t T, int64_t M, int k, const int64_t* position,
                             float* dx);
 // dy[T, M] -> dslots[*, M] (kept rows written)
+// The same product by runs, from rows sent unscaled: dst[row] = dst_scale[row] * src[its src row]
+// (the deduplicated backward dispatch's expert side; kernels/backend.h copy_rows_scaled).
+void copy_rows_scaled(const float* src, RowsOut dst, int64_t M, const std::vector<RowRun>& runs, const float* dst_scale);
 void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, int64_t M, int k,
                                  const int64_t* position, RowsOut dslots);
 // dy[T, M], slots[*, M] -> dgate[T, k] (0 for dropped choices)

@@ -67,6 +67,10 @@ class ForwardingBackend : public Backend {
   void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) override {
     host_.copy_rows(src, dst, width, runs);
   }
+  void copy_rows_scaled(const float* src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs,
+                        const float* dst_scale) override {
+    host_.copy_rows_scaled(src, dst, width, runs, dst_scale);
+  }
   void gelu_forward(const float* in, float* out, int64_t n) override { host_.gelu_forward(in, out, n); }
   void gelu_backward(const float* in, const float* grad_out, float* grad_in, int64_t n) override {
     host_.gelu_backward(in, grad_out, grad_in, n);
