@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_timing.h"
 #include "core/rng.h"
 #include "kernels/cpu/gemm.h"
 using namespace pm;
@@ -25,11 +26,7 @@ namespace {
 
 constexpr int64_t kExperts = 32, kRows = 512, kPiece = 192;
 
-double ms_of(const auto& fn) {
-  const auto start = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
-}
+using bench::ms_of;
 
 struct Result {
   double by_pointer_ms, copied_ms;

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_timing.h"
 #include "core/rng.h"
 #include "kernels/cpu/gemm.h"
 using namespace pm;
@@ -29,16 +30,8 @@ namespace {
 
 constexpr int64_t kExperts = 32, kRows = 512, kDistinct = 4096, kDepth = 512;
 
-double ms_of(const auto& fn) {
-  const auto start = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using bench::median;
+using bench::ms_of;
 
 struct Result {
   double scaled_ms, copied_ms, ratio;  // ratio: median of the per-round ratios

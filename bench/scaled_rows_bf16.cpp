@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "bench_expert.h"
+#include "bench_timing.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "kernels/cpu/expert_ffn.h"
@@ -34,16 +35,8 @@ namespace {
 constexpr int kExperts = 32;
 constexpr int64_t kRows = 512, kDistinct = 4096, M = 512, H = 128;
 
-double ms_of(const auto& fn) {
-  const auto start = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using bench::median;
+using bench::ms_of;
 
 // One way's outputs: every expert's input and weight gradients.
 struct Outputs {
