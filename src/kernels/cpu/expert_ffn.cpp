@@ -40,9 +40,10 @@ void gemm_rows_out(RowsIn A, int64_t rows, int64_t K, const PackedB& B, OutputRo
 }
 
 // A bf16 expert's scaled rows of dy (DyRows::scaled): out row i = float_to_bf16(scale[i] * rows[i]),
-// the values a bf16 copy of gate * dy held. One piece of an expert's rows, made where they are
-// read and read while they sit in L2: the layer kept a bf16 copy of every row of the pass instead
-// (16 MB a rank in a DeepSeek-style layer). Rounding in the packing, as the weight gradients do
+// the values a bf16 copy of gate * dy holds. One piece of an expert's rows, made where they are
+// read and read while they sit in L2, where the layer does not keep a bf16 copy of every row of
+// the pass (16 MB a rank in a DeepSeek-style layer; expert_parallel.cpp, dy_by_pointer). Rounding
+// in the packing, as the weight gradients do
 // (gemm_tn_rows_bf16), would take each of A's bf16 packers (dot, AMX, their fp32 model) a scale,
 // and a DeepSeek-style expert's dot order reads bf16 rows of A in place, unpacked.
 const uint16_t* scaled_rows_in_bf16(const float* const* rows, const float* scale, int64_t n, int64_t width) {
@@ -171,7 +172,7 @@ void expert_weight_grads(const ExpertGrads& g, Activation activation, Precision 
   const int64_t H1 = fc1_width(activation, H);
   // c += a^T b over the rows, a's and b's rows floats or bf16 (then a bf16 GEMM); bias += b's rows,
   // summed as the GEMM packs them
-  // b's rows times b_scale's where given (fp32: ExpertRows::check)
+  // b's rows times b_scale's where given (a bf16 GEMM rounds each product to bf16)
   auto tn_rows = [&](int64_t m, int64_t n, const auto& a, const auto& b, float* c, float* bias,
                      const float* b_scale) {
     constexpr bool float_b = std::is_same_v<decltype(b.data()), const float* const*>;
