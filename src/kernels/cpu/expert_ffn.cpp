@@ -43,9 +43,9 @@ void gemm_rows_out(RowsIn A, int64_t rows, int64_t K, const PackedB& B, OutputRo
 // the values a bf16 copy of gate * dy holds. One piece of an expert's rows, made where they are
 // read and read while they sit in L2, where the layer does not keep a bf16 copy of every row of
 // the pass (16 MB a rank in a DeepSeek-style layer; expert_parallel.cpp, dy_by_pointer). Rounding
-// in the packing, as the weight gradients do
-// (gemm_tn_rows_bf16), would take each of A's bf16 packers (dot, AMX, their fp32 model) a scale,
-// and a DeepSeek-style expert's dot order reads bf16 rows of A in place, unpacked.
+// in the packing, as the weight gradients do (gemm_tn_rows_bf16), would take each of A's bf16
+// packers (dot, AMX, their fp32 model) a scale, and a DeepSeek-style expert's dot order reads bf16
+// rows of A in place, unpacked.
 const uint16_t* scaled_rows_in_bf16(const float* const* rows, const float* scale, int64_t n, int64_t width) {
   thread_local std::vector<uint16_t> block;
   block.resize(n * width);
