@@ -36,6 +36,17 @@ def run(binary, ranks, args, timeout, env, launcher=()):
     sys.exit(f"ab_binaries: no JSON line in the output of {' '.join(cmd)}")
 
 
+def value_of(j, key):
+    """A number of the run's JSON: a top-level key, or PASS.TASK, a task's ms summed over its lanes in tasks_ms."""
+    if key in j:
+        return float(j[key])
+    pass_name, _, task = key.partition(".")
+    found = [t["ms"] for t in j.get("tasks_ms", []) if t["pass"] == pass_name and t["task"] == task]
+    if not found:
+        sys.exit(f"ab_binaries: no key or task '{key}' in the run's JSON")
+    return float(sum(found))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--a", required=True, help="the first binary (the baseline)")
@@ -44,7 +55,8 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--keys", required=True, help="comma-separated JSON keys to compare (summed into 'total')")
     p.add_argument("--info-keys", default="",
-                   help="comma-separated JSON keys shown and written beside them, not summed (rows sent, a2a_busy_ms)")
+                   help="comma-separated JSON keys shown and written beside them, not summed (rows sent, a2a_busy_ms); "
+                        "PASS.TASK (e.g. forward.gate): that task's ms per pass from `layer --json`'s tasks_ms")
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--csv", default="out/ab_binaries.csv")
     p.add_argument("--a-args", default="", help="arguments appended to A's command")
@@ -63,8 +75,8 @@ def main():
         a, b = ("A", o.a, shlex.split(o.a_args)), ("B", o.b, shlex.split(o.b_args))
         for side, binary, extra in ([a, b] if r % 2 == 0 else [b, a]):
             j = run(binary, o.ranks, args + extra, o.timeout, env, shlex.split(o.launcher))
-            values = [float(j[k]) for k in keys]
-            shown = {k: float(j[k]) for k in info}
+            values = [value_of(j, k) for k in keys]
+            shown = {k: value_of(j, k) for k in info}
             rows.append({"round": r, "side": side, **dict(zip(keys, values)), "total": sum(values), **shown})
             print(f"round {r} {side}: " + " ".join(f"{k} {v:.2f}" for k, v in zip(keys + info, values + list(shown.values()))),
                   flush=True)

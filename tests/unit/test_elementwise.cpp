@@ -11,6 +11,7 @@
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/fast_math.h"
+#include "kernels/cpu/gemm.h"
 
 namespace pm {
 namespace {
@@ -204,26 +205,61 @@ TEST(TopK, LargestFirstTiesToTheLowerIndex) {
 }
 
 // Against a stable sort (largest first, ties keep their order): rows drawn from a few values so
-// that ties are everywhere, with signed zeros and infinities, every k from 1 to the width.
+// that ties are everywhere, with signed zeros and infinities, every k from 1 to the width. Both
+// ways topk_rows runs: 16 rows at once in vector lanes (AVX-512, k <= 8; the last rows of a
+// matrix one by one) and one row at a time (the GEMM's AVX2 or scalar kernels forced).
 TEST(TopK, MatchesAStableSortWithTiesZerosAndInfinities) {
   const float pool[] = {-INFINITY, -1.0f, -0.0f, 0.0f, 0.5f, 0.5f, 2.0f, INFINITY};
-  Rng rng(7, 0);
-  for (int cols : {1, 2, 8, 64}) {
-    const int rows = 50;
+  for (const char* isa : {"", "avx2"}) {
+    if (*isa && !__builtin_cpu_supports("avx2")) continue;
+    force_gemm_isa(isa);
+    Rng rng(7, 0);
+    for (int cols : {1, 2, 8, 17, 64, 100, 256}) {
+      const int rows = 50;
+      std::vector<float> v(rows * cols);
+      for (float& x : v) x = pool[rng.next_u64() % 8];
+      for (int k = 1; k <= cols; k = k < 8 ? k + 1 : k * 2) {
+        std::vector<int32_t> idx(rows * k);
+        std::vector<float> val(rows * k);
+        topk_rows(v.data(), rows, cols, k, idx.data(), val.data());
+        for (int r = 0; r < rows; ++r) {
+          std::vector<int32_t> order(cols);
+          for (int c = 0; c < cols; ++c) order[c] = c;
+          const float* row = &v[r * cols];
+          std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+          for (int j = 0; j < k; ++j) {
+            ASSERT_EQ(idx[r * k + j], order[j]) << "isa '" << isa << "' cols " << cols << " k " << k << " row " << r
+                                                << " place " << j;
+            ASSERT_EQ(std::signbit(val[r * k + j]), std::signbit(row[order[j]]));
+            ASSERT_EQ(val[r * k + j], row[order[j]]);
+          }
+        }
+      }
+    }
+  }
+  force_gemm_isa("");
+}
+
+// Random scores (few ties) of router shapes, 16 rows at a time or not, with a NaN in some rows of
+// a block of 16: every row as topk_rows gives it on its own (one row: never the lanes), so a NaN
+// row in a block keeps the selection's answer and its neighbours their own.
+TEST(TopK, RowsInBlocksOf16GiveEachRowsOwnAnswer) {
+  Rng rng(11, 0);
+  for (int cols : {8, 64, 256}) {
+    const int rows = 37;
     std::vector<float> v(rows * cols);
-    for (float& x : v) x = pool[rng.next_u64() % 8];
-    for (int k = 1; k <= cols; k = k < 8 ? k + 1 : k * 2) {
-      std::vector<int32_t> idx(rows * k);
-      std::vector<float> val(rows * k);
+    rng.fill_uniform(v.data(), rows * cols, -1.0f, 1.0f);
+    v[3 * cols + 5] = NAN;
+    v[20 * cols + cols - 1] = NAN;
+    for (int k : {1, 2, 6, 8}) {
+      std::vector<int32_t> idx(rows * k), one_idx(k);
+      std::vector<float> val(rows * k), one_val(k);
       topk_rows(v.data(), rows, cols, k, idx.data(), val.data());
       for (int r = 0; r < rows; ++r) {
-        std::vector<int32_t> order(cols);
-        for (int c = 0; c < cols; ++c) order[c] = c;
-        const float* row = &v[r * cols];
-        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+        topk_rows(&v[r * cols], 1, cols, k, one_idx.data(), one_val.data());
         for (int j = 0; j < k; ++j) {
-          ASSERT_EQ(idx[r * k + j], order[j]) << "cols " << cols << " k " << k << " row " << r << " place " << j;
-          ASSERT_EQ(val[r * k + j], row[order[j]]);
+          ASSERT_EQ(idx[r * k + j], one_idx[j]) << "cols " << cols << " k " << k << " row " << r << " place " << j;
+          ASSERT_TRUE(val[r * k + j] == one_val[j] || (std::isnan(val[r * k + j]) && std::isnan(one_val[j])));
         }
       }
     }
