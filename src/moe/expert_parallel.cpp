@@ -399,7 +399,10 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     const BlockLayout& compute = p->handle.experts_compute;
     const ChunkRuns runs(wire, compute, c, group_.rank(), dispatcher_, p->handle);
     for (int le = 0; le < shape_.local_experts(); ++le) {
-      auto [first, rows] = expert_block(compute, c, le);
+      // (named, not a structured binding: the lambda below captures first, which C++20 allows and
+      // Clang 14, the fuzz build's compiler, refuses)
+      const auto block = expert_block(compute, c, le);
+      const int64_t first = block.first, rows = block.second;
       if (rows == 0) continue;
       if (cache_) cache_->load({le}, /*pin=*/false);  // blocking: on demand, here (prefetched: already in)
       const PackedExpert& packed = cache_ ? cache_->packed(le) : packed_[le];

@@ -90,8 +90,10 @@ TEST_P(LayerOnThreadRanks, ADeduplicatedDispatchGivesTheBitsOfOneRowPerChoice) {
   // expert rows: the experts read their inputs where they arrived, and the pass holds less for the
   // backward than one that copies every expert row (ForwardPass::inputs_in_place).
   const int P = GetParam();
-  for (auto [k, per_rank] : {std::pair{3, 4}, std::pair{6, 8}})
+  for (const std::pair<int, int>& k_experts : {std::pair{3, 4}, std::pair{6, 8}})
     for (double f : {0.0, 1.25}) {
+      // (named, not a structured binding: a lambda below captures k, which Clang 14 refuses)
+      const int k = k_experts.first, per_rank = k_experts.second;
       MoeShape shape{60, 16, 24, per_rank * P, k, f, P};
       shape.precision = f > 0 ? Precision::bf16 : Precision::fp32;
       const std::string what = fmt::format("top-{} of {}, f {}", k, per_rank * P, f);
