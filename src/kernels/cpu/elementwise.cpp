@@ -2,7 +2,6 @@
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -273,8 +272,8 @@ bool topk_row_by_insertion(const float* v, int64_t cols, int k, int32_t* index, 
 // columns the list grows by one instead. The same comparisons as the insertion, so the same lists,
 // -0 and +0 equal in both. Why: the insertion's data-dependent branches mispredict on scores in
 // random order: 550 ns a row for top-8 of 64 experts (1.1 ms of a 2048-token router pass, Xeon
-// family 6 model 207), 1050 ns of 256. Returns the lanes whose row holds a NaN (their lists are
-// not the insertion's: the caller selects those rows).
+// family 6 model 207), 1050 ns of 256; in lanes 88 and 417 (bench/topk_rows.cpp). Returns the
+// lanes whose row holds a NaN (their lists are not the insertion's: the caller selects those rows).
 constexpr int kMaxLanesK = 8;
 
 template <int K>
