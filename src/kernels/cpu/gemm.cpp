@@ -26,12 +26,6 @@ constexpr int64_t kMBlock = 516;
 
 enum class Isa { scalar, avx2, avx512 };
 
-// A cache line fetched ahead into L1 (prefetcht0) or L2 (prefetcht1). In asm: GCC 12 (-O3)
-// removed a loop of _mm_prefetch calls here as code without effect, silently (docs/BENCHMARKS.md,
-// "Expert outputs straight into the all-to-all's rows").
-inline void fetch_into_l1(const float* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
-inline void fetch_into_l2(const float* p) { asm volatile("prefetcht1 %0" : : "m"(*p)); }
-
 Isa detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
@@ -392,7 +386,7 @@ struct CTarget {
     return {first, even ? ld : 0};
   }
   // The lines of rows [i, i + valid), columns [col, col + cols), fetched with `fetch`.
-  void prefetch(void (*fetch)(const float*), int64_t i, int64_t col, int64_t valid, int64_t cols) const {
+  void prefetch(void (*fetch)(const void*), int64_t i, int64_t col, int64_t valid, int64_t cols) const {
     for (int64_t r = 0; r < valid; ++r)
       for (int64_t j = 0; j < cols; j += 16) fetch(row(i + r) + col + j);
   }

@@ -455,8 +455,18 @@ void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& 
   // scaled rows would hold, made here in L1 (the packing and the sums then read them as bf16 rows)
   thread_local std::vector<uint16_t> scaled;
   if (B.scale) scaled.resize(2 * N);
+  // Rows 2 (q + 2) and 2 (q + 2) + 1 fetched while pair q is packed, as pack_b_rows fetches its
+  // rows ahead: the two rows of a pair are read side by side, so each stream skips a row at every
+  // step, and the hardware prefetcher loses it at each new row (perf: pair_words' samples on its loads).
+  constexpr int64_t kPairsAhead = 2;
+  const int64_t row_bytes = N * (B.is_bf16() ? 2 : 4);
+  auto fetch_row = [&](int64_t k) {
+    const char* r = B.is_bf16() ? reinterpret_cast<const char*>(B.row16(k)) : reinterpret_cast<const char*>(B.row(k));
+    for (int64_t b = 0; b < row_bytes; b += 64) fetch_into_l1(r + b);
+  };
   for (int64_t q = 0; q < pairs; ++q) {
     const bool has_odd = 2 * q + 1 < K;
+    for (int64_t k = 2 * (q + kPairsAhead); k < std::min(2 * (q + kPairsAhead) + 2, K); ++k) fetch_row(k);
     auto both = [&](const auto* even, const auto* odd) {
       for (int64_t p = 0; p < out.panels(); ++p) put(q, p, even, odd);
       add(even);
