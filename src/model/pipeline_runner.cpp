@@ -59,7 +59,9 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
       if (!first)
         receive(from_before_.data(), T * D, stage_ - 1, r.wait_ms, fmt::format("wait for stage {}: activations {}", stage_ - 1, m));
       r.loss += model_.forward_stage(inputs.data(), from_before_.data(), targets.data(), B, scale) / M;
-      r.aux += model_.aux_loss() / M, r.z_loss += model_.z_loss() / M;
+      r.aux += model_.aux_loss() / M;
+      // (the z-loss is made on first use: a run that neither weights nor shows it never pays for it)
+      if (model_.config().z_loss_coef > 0) r.z_loss += model_.z_loss() / M;
       r.exposed_ms += model_.forward_exposed_ms();
       if (!last) {
         sent_forward[m].assign(model_.stage_output(), model_.stage_output() + T * D);

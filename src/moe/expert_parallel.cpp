@@ -62,7 +62,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   std::vector<int> needed;   // counts: this rank's experts that receive rows (offloaded experts load them)
 
   double aux_loss() const override { return gating.aux_loss; }
-  double z_loss() const override { return gating.z_loss; }
+  double z_loss() const override { return gating.z_loss(); }
   int64_t expert_rows() const override { return handle.experts_wire.total_rows; }
   int64_t dispatch_rows_sent() const override { return sent_to_peers(handle, rank, true); }
   int64_t dispatch_choices_sent() const override { return sent_to_peers(handle, rank, false); }

@@ -68,13 +68,12 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   g.probs.resize(T * E);
   backend.gemm(Trans::no, Trans::no, T, E, M, x, M, wg, E, 0.0f, g.probs.data(), E);
   const bool with_losses = losses == RouterLosses::compute;
-  g.z_loss = with_losses ? log_sum_exp_rows(g.probs.data(), T, E, g.lse) : std::nan("");
+  if (with_losses) {  // the z-loss reads them (Gating::z_loss)
+    g.logits.resize(T * E);
+    std::copy(g.probs.data(), g.probs.data() + T * E, g.logits.data());
+  }
   const bool sigmoid = shape.router_score == RouterScore::sigmoid;
   if (sigmoid) {
-    if (with_losses) {  // the z-loss's gradient reads them
-      g.logits.resize(T * E);
-      std::copy(g.probs.data(), g.probs.data() + T * E, g.logits.data());
-    }
     g.score_sum.assign(T, 0.0f);
     for (int64_t t = 0; t < T; ++t) {
       double sum = 0;
@@ -198,10 +197,11 @@ Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeSh
     backend.softmax_rows_backward(g.probs.data(), dprobs.data(), dlogits.data(), T, E);
   }
   if (loss_grads.z != 0) {  // d mean_t lse_t^2 / d logits[t, e] = 2 lse_t softmax(logits)[t, e] / T
+    const std::vector<float>& lse = g.lse();
     for (int64_t t = 0; t < T; ++t) {
-      const float scale = loss_grads.z * 2.0f * g.lse[t] / static_cast<float>(T);
+      const float scale = loss_grads.z * 2.0f * lse[t] / static_cast<float>(T);
       for (int e = 0; e < E; ++e) {
-        const float softmax = sigmoid ? std::exp(g.logits[t * E + e] - g.lse[t]) : g.probs[t * E + e];
+        const float softmax = sigmoid ? std::exp(g.logits[t * E + e] - lse[t]) : g.probs[t * E + e];
         dlogits[t * E + e] += scale * softmax;
       }
     }
@@ -224,6 +224,23 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
   const int64_t T = g.routing.tokens, M = shape.model_dim;
   const int E = shape.experts;
   backend.gemm(Trans::no, Trans::yes, T, M, E, dlogits.data(), E, wg, E, 0.0f, dx, M);
+}
+
+void Gating::make_lse() const {
+  if (lse_made_) return;
+  z_loss_ = logits.empty() ? std::nan("") : log_sum_exp_rows(logits.data(), routing.tokens, routing.experts, lse_);
+  lse_made_ = true;
+}
+
+double Gating::z_loss() const {
+  make_lse();
+  return z_loss_;
+}
+
+const std::vector<float>& Gating::lse() const {
+  make_lse();
+  PM_CHECK(!logits.empty(), "the z-loss of a gate pass that skipped the router's losses (inference)");
+  return lse_;
 }
 
 void add_expert_load(const Routing& routing, double* load) {

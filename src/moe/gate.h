@@ -36,28 +36,40 @@ struct RouterLossGrads {
 struct Gating {
   Routing routing;             // chosen experts and their slots
   Buffer<float> probs;         // [T, E] the scores: softmax probabilities, or sigmoids
-  Buffer<float> logits;        // [T, E] sigmoid scores only (the z-loss's gradient needs them)
+  Buffer<float> logits;        // [T, E] the router's logits, kept with the router's losses (the z-loss reads them)
   std::vector<float> score_sum;  // [T] sigmoid scores only: each token's sum over the experts
   std::vector<float> gate;     // [T, k] gate values
   // [runs, E] the balance loss's load: per run of tokens (one run of all T, or each sequence of
   // shape.aux_seq_len), the share of its tokens whose first choice is e (GShard), or of its k
   // choices per token that chose e (sequence-wise)
   std::vector<float> load_fraction;
-  std::vector<float> lse;      // [T] log-sum-exp of each token's logits
   // E / runs * sum_runs sum_e mean_t(p[t, e]) * load_fraction[run, e], p the probabilities
   // (sigmoid: the scores over their sum): GShard's loss, or DeepSeek-V3's sequence-wise one
   double aux_loss = 0;
-  double z_loss = 0;           // ST-MoE: mean_t lse[t]^2
+
+  // ST-MoE's z-loss, mean_t lse[t]^2, lse[t] the log-sum-exp of token t's logits (NaN without the
+  // router's losses). Both are made from the logits on first use and kept: a double exp per token
+  // and expert, 0.6-1 ms of a 2048-token pass at 64 experts, that a run which neither weights the
+  // z-loss nor shows it never pays. The first use is the backward's (gate_backward_logits, with a
+  // z-loss weight) or a caller's after the pass: one thread at a time.
+  double z_loss() const;
+  const std::vector<float>& lse() const;
+
+ private:
+  void make_lse() const;
+  mutable std::vector<float> lse_;
+  mutable double z_loss_ = 0;
+  mutable bool lse_made_ = false;
 };
 
 // Whether a pass needs the router's losses: training does; inference reads only the routing and
-// the gate values, and skips the z-loss's log-sum-exp (a double exp per token and expert: ~3 ms
-// of a 2048-token pass at 256 experts) and the aux loss's means.
+// the gate values, and skips the aux loss's means and the copy of the logits that the z-loss
+// reads (Gating::z_loss).
 enum class RouterLosses { compute, skip };
 
 // x[T, M], wg[M, E]; the capacity is the shape's for T tokens. bias[E] (only with
 // shape.balance_bias; else null): added to the probabilities to choose, not to the gate values.
-// RouterLosses::skip: the same routing, gate values and scores; aux_loss and z_loss NaN, lse,
+// RouterLosses::skip: the same routing, gate values and scores; aux_loss and z_loss() NaN,
 // logits and load_fraction empty (a backward of such a pass is refused).
 Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T, const MoeShape& shape,
                     const float* bias = nullptr, RouterLosses losses = RouterLosses::compute);

@@ -64,7 +64,7 @@ struct ForwardPass final : MoePass, std::enable_shared_from_this<ForwardPass> {
   // the backward makes its own)
 
   double aux_loss() const override { return gating.aux_loss; }
-  double z_loss() const override { return gating.z_loss; }
+  double z_loss() const override { return gating.z_loss(); }
   int64_t expert_rows() const override { return local.rows(); }
   const Routing& routing() const override { return gating.routing; }
   int64_t held_bytes() const override {
