@@ -4,6 +4,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "core/transpose.h"
 #include "moe/dispatcher.h"
 #include "moe/ep_graph.h"
 #include "moe/layer_weights.h"
@@ -99,7 +100,7 @@ struct BackwardPass {
   ScratchBuffer<float> fc1_saved;           // [rows, H1]
   RowBuffer act;                            // [rows, H]
   ScratchBuffer<float> du;                  // [piece rows, M] one piece of an expert's input gradients
-  Buffer<float> dlogits;                    // [T, E] the router's logit gradients (gate_bwd)
+  ScratchBuffer<float> dlogits;             // [T, E] the router's logit gradients (gate_bwd)
   std::vector<float> wg_t;                  // [E, M] Wg transposed: dx's gate share is dlogits Wg^T
 };
 
@@ -508,8 +509,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
     const int E = shape.experts;
     const float* wg = w_.wg.f32();
     b->wg_t.resize(E * M);
-    for (int64_t m = 0; m < M; ++m)
-      for (int e = 0; e < E; ++e) b->wg_t[e * M + m] = wg[m * E + e];
+    transpose(wg, M, E, b->wg_t.data());
   };
   steps.grad_dispatch = [this, b, M](int c) {
     if (b->handle.dedup && c == 0) {

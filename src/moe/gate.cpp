@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/transpose.h"
 
 namespace pm {
 namespace {
@@ -147,14 +148,14 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
   return g;
 }
 
-Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& g,
+ScratchBuffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& g,
                                    const float* dgate, RouterLossGrads loss_grads, float* dwg) {
   PM_CHECK(!g.load_fraction.empty(), "a backward of a gate pass that skipped the router's losses (inference)");
   const float aux_grad = loss_grads.aux;
   const int64_t T = g.routing.tokens, M = shape.model_dim;
   const int E = shape.experts, top_k = shape.top_k;
   const bool sigmoid = shape.router_score == RouterScore::sigmoid;
-  Buffer<float> dprobs(T * E, 0.0f);
+  ScratchBuffer<float> dprobs(T * E);  // (every value written below)
   // The aux loss sees the load fractions as constants: d aux / d p[t, e] = E f_e / T =: c_e, f the
   // fraction of t's run (E / runs * 1 / run: E / T either way).
   const int64_t run = T / static_cast<int64_t>(g.load_fraction.size() / E);
@@ -190,7 +191,7 @@ Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeSh
     for (int j = 0; j < top_k; ++j) inner += dn[j] * (g.probs[t * E + chosen[j]] / s);
     for (int j = 0; j < top_k; ++j) dprobs[t * E + chosen[j]] += (dn[j] - inner) / s;
   }
-  Buffer<float> dlogits(T * E);
+  ScratchBuffer<float> dlogits(T * E);
   if (sigmoid) {  // d sigmoid(l) / d l = s (1 - s)
     for (int64_t i = 0; i < T * E; ++i) dlogits[i] = dprobs[i] * g.probs[i] * (1.0f - g.probs[i]);
   } else {
@@ -209,18 +210,16 @@ Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeSh
   // dwg [M, E] += x^T dlogits, computed as its transpose dwg^T [E, M] += dlogits^T x: E columns
   // (8 or 64) fill a fraction of the GEMM kernel's panel, M fills whole ones. The same bits:
   // each element is the same chain over t, dlogits[t, e] x[t, m] = x[t, m] dlogits[t, e].
-  Buffer<float> dwg_t(E * M);
-  for (int64_t m = 0; m < M; ++m)
-    for (int e = 0; e < E; ++e) dwg_t[e * M + m] = dwg[m * E + e];
+  ScratchBuffer<float> dwg_t(E * M);
+  transpose(dwg, M, E, dwg_t.data());
   backend.gemm(Trans::yes, Trans::no, E, M, T, dlogits.data(), E, x, M, 1.0f, dwg_t.data(), M);
-  for (int64_t m = 0; m < M; ++m)
-    for (int e = 0; e < E; ++e) dwg[m * E + e] = dwg_t[e * M + m];
+  transpose(dwg_t.data(), E, M, dwg);
   return dlogits;
 }
 
 void gate_backward(Backend& backend, const float* x, const float* wg, const MoeShape& shape, const Gating& g,
                    const float* dgate, RouterLossGrads loss_grads, float* dwg, float* dx) {
-  const Buffer<float> dlogits = gate_backward_logits(backend, x, shape, g, dgate, loss_grads, dwg);
+  const ScratchBuffer<float> dlogits = gate_backward_logits(backend, x, shape, g, dgate, loss_grads, dwg);
   const int64_t T = g.routing.tokens, M = shape.model_dim;
   const int E = shape.experts;
   backend.gemm(Trans::no, Trans::yes, T, M, E, dlogits.data(), E, wg, E, 0.0f, dx, M);

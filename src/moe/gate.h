@@ -35,8 +35,9 @@ struct RouterLossGrads {
 // What the gate decided for one pass.
 struct Gating {
   Routing routing;             // chosen experts and their slots
-  Buffer<float> probs;         // [T, E] the scores: softmax probabilities, or sigmoids
-  Buffer<float> logits;        // [T, E] the router's logits, kept with the router's losses (the z-loss reads them)
+  // (buffers the gate writes whole: left uninitialised when made)
+  ScratchBuffer<float> probs;  // [T, E] the scores: softmax probabilities, or sigmoids
+  ScratchBuffer<float> logits;  // [T, E] the router's logits, kept with the router's losses (the z-loss reads them)
   std::vector<float> score_sum;  // [T] sigmoid scores only: each token's sum over the experts
   std::vector<float> gate;     // [T, k] gate values
   // [runs, E] the balance loss's load: per run of tokens (one run of all T, or each sequence of
@@ -82,7 +83,7 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
 // The same up to the logits: dwg += x^T dlogits, and dlogits [T, E] returned for the caller to
 // add dx = dlogits Wg^T where it sums the rest of dx (the expert-parallel layer, token block by
 // token block with the experts' share: no [T, M] product in memory between the two).
-Buffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& gating,
+ScratchBuffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& gating,
                                    const float* dgate, RouterLossGrads loss_grads, float* dwg);
 
 // Every choice of this pass counted by expert (dropped ones too: the load the router asked for),
