@@ -78,13 +78,34 @@ BlockLayout make_block_layout(const std::vector<int64_t>& filled, int peers, int
   return l;
 }
 
-int64_t BlockLayout::position(int peer, int local_expert, int64_t row) const {
-  int64_t n = filled[peer * local_experts + local_expert];
+namespace {
+
+// The chunk of a block of n rows (over `degree` chunks) that holds `row`.
+int chunk_of_row(int64_t n, int degree, int64_t row) {
   // chunk c holds rows [n*c/degree, n*(c+1)/degree): the first candidate is row*degree/n.
   int c = n == 0 ? 0 : static_cast<int>(row * degree / n);
   while (c > 0 && chunk_begin(n, degree, c) > row) --c;
   while (c + 1 < degree && chunk_begin(n, degree, c + 1) <= row) ++c;
+  return c;
+}
+
+}  // namespace
+
+int64_t BlockLayout::position(int peer, int local_expert, int64_t row) const {
+  const int64_t n = filled[peer * local_experts + local_expert];
+  const int c = chunk_of_row(n, degree, row);
   return block_offset(c, peer, local_expert) + (row - chunk_begin(n, degree, c));
+}
+
+void BlockLayout::append_positions(int peer, int local_expert, int64_t first, int64_t count,
+                                   std::vector<int64_t>& out) const {
+  const int64_t n = filled[peer * local_experts + local_expert], end = first + count;
+  for (int64_t i = first; i < end;) {
+    const int c = chunk_of_row(n, degree, i);
+    const int64_t at = block_offset(c, peer, local_expert) - chunk_begin(n, degree, c);
+    const int64_t stop = std::min(end, chunk_begin(n, degree, c + 1));
+    for (; i < stop; ++i) out.push_back(at + i);
+  }
 }
 
 int64_t BlockLayout::chunk_offset(int chunk) const {
@@ -177,19 +198,16 @@ std::vector<int64_t> chunk_row_positions(const BlockLayout& from, const BlockLay
   out.reserve(from.chunk_rows(chunk));
   for (int le = 0; le < from.local_experts; ++le)
     for (int q = 0; q < from.peers; ++q) {
-      int64_t n = from.filled[q * from.local_experts + le];
-      for (int64_t i = chunk_begin(n, from.degree, chunk); i < chunk_begin(n, from.degree, chunk + 1); ++i)
-        out.push_back(to.position(q, le, i));
+      const int64_t n = from.filled[q * from.local_experts + le], first = chunk_begin(n, from.degree, chunk);
+      to.append_positions(q, le, first, chunk_begin(n, from.degree, chunk + 1) - first, out);
     }
   return out;
 }
 
 std::vector<int64_t> canonical_row_positions(const BlockLayout& layout, int local_expert) {
   std::vector<int64_t> out;
-  for (int q = 0; q < layout.peers; ++q) {
-    int64_t n = layout.filled[q * layout.local_experts + local_expert];
-    for (int64_t i = 0; i < n; ++i) out.push_back(layout.position(q, local_expert, i));
-  }
+  for (int q = 0; q < layout.peers; ++q)
+    layout.append_positions(q, local_expert, 0, layout.filled[q * layout.local_experts + local_expert], out);
   return out;
 }
 

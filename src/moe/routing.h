@@ -80,6 +80,10 @@ struct BlockLayout {
   int64_t block_offset(int c, int q, int le) const { return offset[index(c, q, le)]; }
   // Row position of row i (0 <= i < filled) of block (peer, local expert).
   int64_t position(int peer, int local_expert, int64_t row) const;
+  // position(peer, local_expert, i) of rows [first, first + count), appended to out: a chunk's
+  // rows lie side by side, so one lookup a chunk, where one a row took 0.5 ms of a DeepSeek-style
+  // pass (16K rows, several walks).
+  void append_positions(int peer, int local_expert, int64_t first, int64_t count, std::vector<int64_t>& out) const;
   int64_t chunk_offset(int chunk) const;  // first row of the chunk
   int64_t chunk_rows(int chunk) const;
   // Rows this layout holds for one peer in one chunk (wire order: contiguous).

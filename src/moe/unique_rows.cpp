@@ -153,11 +153,14 @@ std::vector<RowRun> unique_row_runs(const std::vector<int64_t>& offset, const st
            "unique rows go to a compute-order layout that agrees on peer {}'s blocks", peer);
   const int64_t peer_first = offset[peer];  // chunk 0's: the peer's first unique row
   std::vector<RowRun> runs;
+  std::vector<int64_t> places;
   for (int le = 0; le < El; ++le) {
     const int64_t rows = wire.block_rows(chunk, peer, le), from = wire.block_offset(chunk, peer, le);
     const int64_t first = chunk_begin(wire.filled[peer * El + le], wire.degree, chunk);
+    places.clear();
+    compute.append_positions(peer, le, first, rows, places);
     for (int64_t i = 0; i < rows; ++i) {
-      const RowRun run{peer_first + map[from + i], compute.position(peer, le, first + i), 1};
+      const RowRun run{peer_first + map[from + i], places[i], 1};
       if (!runs.empty() && runs.back().src_row + runs.back().rows == run.src_row &&
           runs.back().dst_row + runs.back().rows == run.dst_row)
         ++runs.back().rows;

@@ -255,6 +255,19 @@ TEST(Layout, EveryRowHasOnePlaceAndEveryChunkItsRows) {
           for (int64_t i = 0; i < filled[q * local + le]; ++i) seen.insert(l.position(q, le, i));
       EXPECT_EQ(seen.size(), 25u);
       EXPECT_EQ(*seen.rbegin(), 24);
+      // a run of rows' positions at once: each row's own, across chunk boundaries
+      for (int q = 0; q < peers; ++q)
+        for (int le = 0; le < local; ++le) {
+          const int64_t n = filled[q * local + le];
+          for (int64_t first = 0; first <= n; ++first)
+            for (int64_t count = 0; first + count <= n; ++count) {
+              std::vector<int64_t> run = {-7}, one_by_one = {-7};  // appended after what is there
+              l.append_positions(q, le, first, count, run);
+              for (int64_t i = first; i < first + count; ++i) one_by_one.push_back(l.position(q, le, i));
+              EXPECT_EQ(run, one_by_one) << "degree " << degree << " block " << q << "," << le << " rows " << first
+                                         << "+" << count;
+            }
+        }
       int64_t sum = 0;
       for (int c = 0; c < degree; ++c) sum += l.chunk_rows(c);
       EXPECT_EQ(sum, 25);
