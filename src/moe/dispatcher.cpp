@@ -71,10 +71,16 @@ void Dispatcher::lay_out_unique_rows(DispatchHandle& h, const std::vector<int64_
   if (h.unique.scaled) h.unique.recv_gate.assign(h.experts_wire.total_rows, 0.0f);
 }
 
-void Dispatcher::scale_on_expert_side(DispatchHandle& h, const float* gate) const {
+void Dispatcher::scale_on_expert_side(DispatchHandle& h, const float* gate, const DispatchHandle& forward) const {
   PM_CHECK(!h.dedup, "a handle deduplicated once already");
   h.dedup = true;
-  h.unique = unique_token_rows(h.tokens_wire, h.positions, h.tokens, h.top_k);
+  if (forward.dedup && forward.degree == h.degree) {  // the token side only: the expert side is laid out anew
+    const UniqueRows& f = forward.unique;
+    h.unique.send_count = f.send_count, h.unique.send_offset = f.send_offset, h.unique.send_map = f.send_map;
+    h.unique.positions = f.positions, h.unique.send_rows = f.send_rows;
+  } else {
+    h.unique = unique_token_rows(h.tokens_wire, h.positions, h.tokens, h.top_k);
+  }
   h.unique.scaled = true;
   h.unique.send_gate.assign(h.tokens_wire.total_rows, 0.0f);
   for (int64_t i = 0; i < h.tokens * h.top_k; ++i)
@@ -102,11 +108,16 @@ DispatchHandle Dispatcher::with_degree(const DispatchHandle& from, const Routing
   h.top_k = from.top_k;
   h.send_counts = from.send_counts;
   h.recv_counts = from.recv_counts;
+  h.exchanged = true;
+  if (degree == from.degree) {  // (layouts of the same counts and degree: the same)
+    h.tokens_wire = from.tokens_wire, h.positions = from.positions;
+    h.experts_wire = from.experts_wire, h.experts_compute = from.experts_compute;
+    return h;
+  }
   h.tokens_wire = make_block_layout(h.send_counts, P, El, degree, BlockOrder::wire);
   h.positions = choice_positions(routing, h.tokens_wire);  // the same slots, in the new layout
   h.experts_wire = make_block_layout(h.recv_counts, P, El, degree, BlockOrder::wire);
   h.experts_compute = make_block_layout(h.recv_counts, P, El, degree, BlockOrder::compute);
-  h.exchanged = true;
   return h;
 }
 

@@ -59,15 +59,18 @@ class Dispatcher {
   // group and lays out the expert side. Collective.
   void exchange_counts(DispatchHandle& handle);
   // The same rows (of the same routing) pipelined with another degree (the backward's): no
-  // communication, and no deduplication.
+  // communication, and no deduplication. At the handle's own degree its layouts and positions are
+  // copied, not made again (the same values).
   DispatchHandle with_degree(const DispatchHandle& handle, const Routing& routing, int degree) const;
 
   // The backward's dispatch of gate * dy deduplicated as the forward's is (a token's row once per
   // rank and pass, at h's degree): its rows are dy itself, in float32, with each expert row's gate
   // value beside them, and the expert side writes gate * dy into its rows (scaled_rows_to_experts):
   // the product and rounding the token side would have made, the same bits. Token side only: no
-  // communication; exchange_unique_counts lays out the expert side.
-  void scale_on_expert_side(DispatchHandle& h, const float* gate) const;
+  // communication; exchange_unique_counts lays out the expert side. `forward`: the handle h was
+  // made from (with_degree); deduplicated at h's degree, its token side is the one h needs
+  // (unique_token_rows of the same layout and positions): copied, not made again.
+  void scale_on_expert_side(DispatchHandle& h, const float* gate, const DispatchHandle& forward) const;
   // Each chunk's unique rows to each peer, for a handle deduplicated after its counts were
   // exchanged (scale_on_expert_side): lays out the expert side. Collective.
   void exchange_unique_counts(DispatchHandle& h);

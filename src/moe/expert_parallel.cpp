@@ -473,7 +473,8 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
   BackwardSteps steps;
   steps.pack_grad = [this, fp, b, degree, M, H, H1, shape, tasks, &graph] {
     b->handle = dispatcher_.with_degree(fp->handle, fp->gating.routing, degree);
-    if (scale_grad_dispatch_on_experts(shape)) dispatcher_.scale_on_expert_side(b->handle, fp->gating.gate.data());
+    if (scale_grad_dispatch_on_experts(shape))
+      dispatcher_.scale_on_expert_side(b->handle, fp->gating.gate.data(), fp->handle);
     const int64_t rows = b->handle.experts_wire.total_rows;
     if (b->handle.dedup)
       b->send.resize(b->handle.unique.send_rows, M, Precision::fp32);
