@@ -149,7 +149,7 @@ Gating gate_forward(Backend& backend, const float* x, const float* wg, int64_t T
 }
 
 ScratchBuffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& g,
-                                   const float* dgate, RouterLossGrads loss_grads, float* dwg) {
+                                          const float* dgate, RouterLossGrads loss_grads, float* dwg) {
   PM_CHECK(!g.load_fraction.empty(), "a backward of a gate pass that skipped the router's losses (inference)");
   const float aux_grad = loss_grads.aux;
   const int64_t T = g.routing.tokens, M = shape.model_dim;

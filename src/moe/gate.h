@@ -83,8 +83,9 @@ void gate_backward(Backend& backend, const float* x, const float* wg, const MoeS
 // The same up to the logits: dwg += x^T dlogits, and dlogits [T, E] returned for the caller to
 // add dx = dlogits Wg^T where it sums the rest of dx (the expert-parallel layer, token block by
 // token block with the experts' share: no [T, M] product in memory between the two).
-ScratchBuffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape, const Gating& gating,
-                                   const float* dgate, RouterLossGrads loss_grads, float* dwg);
+ScratchBuffer<float> gate_backward_logits(Backend& backend, const float* x, const MoeShape& shape,
+                                          const Gating& gating, const float* dgate, RouterLossGrads loss_grads,
+                                          float* dwg);
 
 // Every choice of this pass counted by expert (dropped ones too: the load the router asked for),
 // added to load[E].
