@@ -627,6 +627,21 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
         if (A.rows) return {nullptr, 0, 0, A.rows + row0 + r, k0};
         return {A_in_place + (row0 + r) * lda + k0, 1, lda};
       };
+      // A's rows by pointer, read in place (not packed): the next tile's rows, this depth block,
+      // are fetched into L2 while a tile runs down the thread's first panel. They lie anywhere,
+      // where the hardware prefetcher starts over at each one, and come from memory on that first
+      // panel (the later panels find them in L2). Rows one after another (a router's inputs) it
+      // follows: fetching those too made the router's product slower.
+      const bool a_in_place = ((dot && pairs_in_place) || (!dot && !pack)) && (A.rows || A.rows16);
+      auto fetch_next_rows_of_a = [&](int64_t r) {
+        const int64_t end = std::min(rows / MR * MR, r + 2 * MR);  // whole micro-panels: the rest is packed
+        for (int64_t i = r + MR; i < end; ++i) {
+          const char* row = dot ? reinterpret_cast<const char*>(A.row16(row0 + i) + k0)
+                                : reinterpret_cast<const char*>(A.rows[row0 + i] + k0);
+          const int64_t bytes = kc * (dot ? 2 : 4);
+          for (int64_t b = 0; b < bytes; b += 64) fetch_into_l2(row + b);
+        }
+      };
       auto panels = [&](int64_t p_begin, int64_t p_end) {
         alignas(64) float edge[6 * kPanel];
         for (int64_t p = p_begin; p < p_end; ++p) {
@@ -656,6 +671,7 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
                               std::min(MR, rows - r - kPrefetchTiles * MR), cols);
             if (p + 1 < p_end)  // this tile's rows in the next panel, into L2 (the comment after kPrefetchTiles)
               target.prefetch(fetch_into_l2, row0 + r, col0 + kPanel, valid, std::min(kPanel, N - col0 - kPanel));
+            if (a_in_place && p == p_begin) fetch_next_rows_of_a(r);
             if (ld != 0 && cols == width && (valid == MR || partial)) {
               tile(r, valid, Ct, ld);  // in place: a partial tile reads and writes only its valid rows
             } else {
