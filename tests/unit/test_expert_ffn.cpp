@@ -3,6 +3,7 @@
 // gradients bit for bit, GeLU and SwiGLU, on the AVX512_BF16 path and the fp32 kernels'.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -10,6 +11,7 @@
 
 #include "core/rng.h"
 #include "core/tensor.h"
+#include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/expert_ffn.h"
 #include "kernels/cpu/gemm.h"
 
@@ -102,6 +104,44 @@ TEST(ExpertFfn, Bf16OutputGradientsGiveTheBitsOfTheirFloatValues) {
       }
   }
   emulate_bf16_dot_for_testing(false);
+}
+
+// The input gradients against their steps one after another: dact = dy W2^T as a plain GEMM, the
+// activation's backward row by row (SwiGLU from the saved pre-activations, GeLU times the saved
+// GeLU'), then du = dhpre W1^T. The expert runs the activation's backward on each finished tile of
+// the first product (its tile epilogue): the same bits, rows more and fewer than a tile, and a
+// hidden size that leaves a partial panel. fp32 and bf16 experts.
+TEST(ExpertFfn, InputGradientsGiveTheBitsOfTheirStepsInTurn) {
+  for (Precision precision : {Precision::fp32, Precision::bf16})
+    for (Activation activation : {Activation::gelu, Activation::swiglu})
+      for (int64_t rows : {1, 7, 400}) {
+        SCOPED_TRACE(::testing::Message() << "bf16 " << (precision == Precision::bf16) << " swiglu "
+                                          << (activation == Activation::swiglu) << " rows " << rows);
+        const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
+        const bool bf16 = precision == Precision::bf16;
+        const ExpertAfterForward e(precision, activation, rows, M, H, 31);
+        const std::vector<float> dy = normal(rows * M, 36, 1.0f);
+        std::vector<float> dhpre(rows * H1), du(rows * M);
+        expert_backward_input(e.w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(), du.data());
+
+        using Product = void (*)(Trans, Trans, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                                 float, float*, int64_t);
+        const Product product = bf16 ? Product(gemm_bf16) : Product(gemm);
+        std::vector<float> dact(rows * H), want_dhpre(rows * H1), want_du(rows * M);
+        product(Trans::no, Trans::yes, rows, H, M, dy.data(), M, e.w2.data(), M, 0.0f, dact.data(), H);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* row = &want_dhpre[i * H1];
+          if (activation == Activation::swiglu) {
+            std::copy_n(&dact[i * H], H, row + H);
+            swiglu_backward(e.saved_rows[i], row + H, row, H);
+          } else {
+            gelu_backward_by_saved_grad(e.saved_rows[i], &dact[i * H], row, H);
+          }
+        }
+        product(Trans::no, Trans::yes, rows, M, H1, want_dhpre.data(), H1, e.w1.data(), H1, 0.0f, want_du.data(), M);
+        EXPECT_TRUE(same_bits(dhpre, want_dhpre));
+        EXPECT_TRUE(same_bits(du, want_du));
+      }
 }
 
 // The outputs y and du written to rows anywhere (OutputRows::by_pointer: the all-to-all's rows),

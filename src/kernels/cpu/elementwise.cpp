@@ -189,12 +189,16 @@ void swiglu_into(const float* hpre, Out* act, int64_t n) {
 void swiglu_forward(const float* hpre, float* act, int64_t n) { swiglu_into(hpre, act, n); }
 void swiglu_forward(const float* hpre, uint16_t* act_bf16, int64_t n) { swiglu_into(hpre, act_bf16, n); }
 
-void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n) {
-  // dact may be dhpre + n (the expert's backward computes it there): map_lanes reads before it writes
-  map_lanes<3>(n, {dact, hpre, hpre + n}, std::tuple{dhpre, dhpre + n}, [](auto d, auto g, auto v) {
+void swiglu_backward(const float* g, const float* v, const float* dact, float* dg, float* dv, int64_t n) {
+  // dact may be dv (the expert's backward computes it there): map_lanes reads before it writes
+  map_lanes<3>(n, {dact, g, v}, std::tuple{dg, dv}, [](auto d, auto g, auto v) {
     const auto s = sigmoid_approx(g);
     return std::array{d * v * (s + g * s * (1.0f - s)), d * (g * s)};
   });
+}
+
+void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n) {
+  swiglu_backward(hpre, hpre + n, dact, dhpre, dhpre + n, n);
 }
 
 void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols) {

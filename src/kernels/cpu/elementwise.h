@@ -26,6 +26,9 @@ void swiglu_forward(const float* hpre, uint16_t* act_bf16, int64_t n);
 // From dact[n]: dhpre[2n] = [dact * v * SiLU'(g) | dact * SiLU(g)], SiLU'(g) = s + g s (1 - s).
 // dact may be dhpre + n.
 void swiglu_backward(const float* hpre, const float* dact, float* dhpre, int64_t n);
+// The same on n columns of the halves wherever they sit: g and v the pre-activation's, dg and dv
+// the gradient's (dact may be dv). A GEMM's tile epilogue runs it on a tile's columns of each row.
+void swiglu_backward(const float* g, const float* v, const float* dact, float* dg, float* dv, int64_t n);
 
 // probs[rows, cols] = softmax(logits) along each row (max-subtracted).
 void softmax_rows(const float* logits, float* probs, int64_t rows, int64_t cols);

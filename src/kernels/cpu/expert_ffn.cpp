@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/fetch_ahead.h"
 
 namespace pm {
 
@@ -147,10 +148,22 @@ void expert_backward_input(const ExpertWeights& w, int64_t rows, int64_t M, int6
   PM_CHECK(dy.block.bf16 == nullptr || w.precision == Precision::bf16, "bf16 rows of dy need a bf16 expert");
   const int64_t H1 = fc1_width(w.activation, H);
   if (w.activation == Activation::swiglu) {
-    // dact = dy W2^T into the second half of each dhpre row, then both halves from it in place
-    // (swiglu_backward reads dact[i] before it writes dhpre[i] and dhpre[n + i])
-    gemm_dy_rows(dy, rows, M, w.w2_t, dhpre + H, H1);
-    for (int64_t i = 0; i < rows; ++i) swiglu_backward(saved_rows[i], dhpre + i * H1 + H, dhpre + i * H1, H);
+    // dact = dy W2^T into the second half of each dhpre row; each finished tile then becomes both
+    // halves' columns in place (swiglu_backward reads dact[j] before it writes dg[j] and dv[j]),
+    // while it is in L1 and with the next tile's pre-activations fetched ahead: a pass over the
+    // rows after the product read the saved pre-activations from memory, one row after another.
+    TileEpilogue swiglu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
+      for (int64_t i = r; i < r + nr; ++i) {
+        if (i + nr < rows)  // the next tile's rows (tiles run down a column of panels)
+          for (int64_t j = 0; j < nc; j += 16) {
+            fetch_into_l1(saved_rows[i + nr] + c + j);
+            fetch_into_l1(saved_rows[i + nr] + H + c + j);
+          }
+        float* row = dhpre + i * H1;
+        swiglu_backward(saved_rows[i] + c, saved_rows[i] + H + c, row + H + c, row + c, row + H + c, nc);
+      }
+    };
+    gemm_dy_rows(dy, rows, M, w.w2_t, dhpre + H, H1, {nullptr, &swiglu_grad_tile});
   } else {
     TileEpilogue gelu_grad_tile = [&](int64_t r, int64_t c, int64_t nr, int64_t nc) {
       for (int64_t i = r; i < r + nr; ++i) {

@@ -10,17 +10,15 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "kernels/cpu/fetch_ahead.h"
 #include "kernels/cpu/gemm.h"
 
 namespace pm::gemm_detail {
 
 inline constexpr int64_t kPanel = 64;    // columns per packed panel of B
 
-// A cache line fetched ahead into L1 (prefetcht0) or L2 (prefetcht1). In asm: GCC 12 (-O3)
-// removes a loop of _mm_prefetch or __builtin_prefetch calls and nothing else as code without
-// effect, silently (docs/BENCHMARKS.md, "Expert outputs straight into the all-to-all's rows").
-inline void fetch_into_l1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
-inline void fetch_into_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+using pm::fetch_into_l1;  // (kernels/cpu/fetch_ahead.h)
+using pm::fetch_into_l2;
 // Depths of one pass over C: the panel's slice of B (64 columns, 256 KB: 1024 floats or 2048
 // bf16 values deep) stays in L2 while the A block streams past it. Every depth block beyond the
 // first loads C and stores it again, so a deeper block saves passes over C: 512 floats deep, the
