@@ -6,6 +6,7 @@
 
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/fetch_ahead.h"
 #include "kernels/cpu/lanes.h"
 
 namespace pm {
@@ -165,9 +166,18 @@ void combine_rows_backward_slots(const float* dy, const float* gate, int64_t T, 
 }
 
 void copy_rows_scaled(const float* src, RowsOut dst, int64_t M, const std::vector<RowRun>& runs, const float* dst_scale) {
+  // The source rows are an expert's tokens' rows among every token's (runs of a row or two): each
+  // is fetched two rows ahead, where the hardware prefetcher started over at each one.
+  constexpr std::size_t kAhead = 2;
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (source row, destination row)
   for (const RowRun& run : runs)
-    for (int64_t i = 0; i < run.rows; ++i)
-      scale_row(dst_scale[run.dst_row + i], src + (run.src_row + i) * M, dst, run.dst_row + i, M);
+    for (int64_t i = 0; i < run.rows; ++i) rows.emplace_back(run.src_row + i, run.dst_row + i);
+  for (std::size_t j = 0; j < rows.size(); ++j) {
+    if (j + kAhead < rows.size())
+      for (int64_t m = 0; m < M; m += 16) fetch_into_l1(src + rows[j + kAhead].first * M + m);
+    const auto [from, to] = rows[j];
+    scale_row(dst_scale[to], src + from * M, dst, to, M);
+  }
 }
 
 void combine_rows_backward_gate(const float* dy, RowsIn slots, int64_t T, int64_t M, int k, const int64_t* position,
