@@ -81,18 +81,28 @@ using RowPointers = FloatOrBf16<const float* const, const uint16_t* const>;
 
 // Where an expert writes its float output rows: one block of rows, each `width` floats after the
 // last (a pointer converts implicitly; null: no output), or each row by its pointer
-// (by_pointer): the all-to-all's rows, so that no copy takes them there from a buffer.
+// (by_pointer): the all-to-all's rows, so that no copy takes them there from a buffer. bf16 rows
+// by pointer (a bf16 all-to-all's) take each value rounded to bf16 (float_to_bf16's rounding).
 struct OutputRows {
   float* block = nullptr;
   float* const* rows = nullptr;
+  uint16_t* const* rows16 = nullptr;
   OutputRows(float* p = nullptr) : block(p) {}  // NOLINT(google-explicit-constructor): converts like a pointer
   static OutputRows by_pointer(float* const* rows) {
     OutputRows o;
     o.rows = rows;
     return o;
   }
-  explicit operator bool() const { return block != nullptr || rows != nullptr; }
-  OutputRows from(int64_t i, int64_t width) const { return rows ? by_pointer(rows + i) : OutputRows(block + i * width); }
+  static OutputRows by_pointer(uint16_t* const* rows) {
+    OutputRows o;
+    o.rows16 = rows;
+    return o;
+  }
+  explicit operator bool() const { return block != nullptr || rows != nullptr || rows16 != nullptr; }
+  OutputRows from(int64_t i, int64_t width) const {
+    if (rows16) return by_pointer(rows16 + i);
+    return rows ? by_pointer(rows + i) : OutputRows(block + i * width);
+  }
 };
 
 // An expert's output gradients for its backward: a block of rows (floats, or bf16 values for a

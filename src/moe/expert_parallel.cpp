@@ -197,27 +197,48 @@ std::vector<RowRun> piece_runs(const std::vector<RowRun>& runs, int64_t first, i
   return piece;
 }
 
+// Whether an expert's outputs go straight into the all-to-all's rows: a float32 wire's, and on the
+// CPU a bf16 wire's too (its GEMM rounds each tile into them as it writes it: the bits of the
+// float rows rounded after).
+bool outputs_in_place(const Backend& backend, bool float_wire) {
+  return float_wire || backend.device() == Device::cpu;
+}
+
 // An expert's rows [first, first + rows) of a chunk in pieces of `piece` rows: compute(r, n, y)
-// writes the outputs of rows [r, r + n) to y. On a float32 wire y is those rows' places in the
-// all-to-all's buffers (the peers' rows, `to_peers`, and this rank's own, `to_own`, along the
+// writes the outputs of rows [r, r + n) to y. Where outputs_in_place, y is those rows' places in
+// the all-to-all's buffers (the peers' rows, `to_peers`, and this rank's own, `to_own`, along the
 // chunk's runs), by pointer, where a copy took them there from a buffer: 2.4% of a DeepSeek-style
-// fp32 layer's time went to that copy (docs/BENCHMARKS.md). On a bf16 wire y is `out`, whose rows
-// are then rounded into place.
+// fp32 layer's time went to that copy, and in bf16 the rounding copy (docs/BENCHMARKS.md).
+// Elsewhere (a GPU's bf16 wire) y is `out`, whose rows are then rounded into place.
 template <typename Compute>
 void in_pieces(Backend& backend, const ChunkRuns& runs, int64_t first, int64_t rows, int64_t M, int64_t piece,
                bool float_wire, ScratchBuffer<float>& out, RowsOut to_peers, RowsOut to_own, Compute compute) {
+  const bool in_place = outputs_in_place(backend, float_wire);
   std::vector<float*> places;
-  if (float_wire) {
-    places.assign(rows, nullptr);
-    for (auto [to, side] : {std::pair{to_peers.f32, &runs.out_peers}, std::pair{to_own.f32, &runs.out_own}})
+  std::vector<uint16_t*> places16;
+  if (in_place) {
+    if (float_wire)
+      places.assign(rows, nullptr);
+    else
+      places16.assign(rows, nullptr);
+    for (auto [to, side] : {std::pair{to_peers, &runs.out_peers}, std::pair{to_own, &runs.out_own}})
       for (const RowRun& run : sorted_runs_within(*side, RunSide::source, first, rows))
-        for (int64_t i = 0; i < run.rows; ++i) places[run.src_row - first + i] = to + (run.dst_row + i) * M;
-    PM_CHECK(std::find(places.begin(), places.end(), nullptr) == places.end(), "an expert output row with no place");
+        for (int64_t i = 0; i < run.rows; ++i) {
+          const int64_t row = run.src_row - first + i, at = (run.dst_row + i) * M;
+          if (float_wire)
+            places[row] = to.f32 + at;
+          else
+            places16[row] = to.bf16 + at;
+        }
+    const bool placed = float_wire ? std::find(places.begin(), places.end(), nullptr) == places.end()
+                                   : std::find(places16.begin(), places16.end(), nullptr) == places16.end();
+    PM_CHECK(placed, "an expert output row with no place");
   }
   for (int64_t r = first; r < first + rows; r += piece) {
     const int64_t n = std::min(piece, first + rows - r);
-    if (float_wire) {
-      compute(r, n, OutputRows::by_pointer(&places[r - first]));
+    if (in_place) {
+      const int64_t i = r - first;
+      compute(r, n, float_wire ? OutputRows::by_pointer(&places[i]) : OutputRows::by_pointer(&places16[i]));
       continue;
     }
     compute(r, n, OutputRows(out.data()));
@@ -369,7 +390,7 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
     const int64_t kept_rows = recomputes() ? largest_expert_block(p->handle.experts_compute) : rows;
     p->fc1_saved.resize(kept_rows * H1);
     p->act.resize(kept_rows, H, shape.precision);
-    p->out.resize(float_wire() ? 0 : output_piece_rows(backend_, rows) * M);  // (in_pieces)
+    p->out.resize(outputs_in_place(backend_, float_wire()) ? 0 : output_piece_rows(backend_, rows) * M);  // (in_pieces)
     p->needed.clear();
     for (int le = 0; le < shape_.local_experts(); ++le) {
       int64_t n = 0;
@@ -492,7 +513,7 @@ PassTasks ExpertParallelLayer::append_backward(TaskGraph& graph, const std::vect
       b->dy_rows.resize(rows, M, dy_bf16 ? Precision::bf16 : Precision::fp32);
     }
     b->dhpre.resize(rows * H1);
-    b->du.resize(float_wire() ? 0 : output_piece_rows(backend_, rows) * M);  // (in_pieces)
+    b->du.resize(outputs_in_place(backend_, float_wire()) ? 0 : output_piece_rows(backend_, rows) * M);  // (in_pieces)
     if (recomputes()) {
       b->fc1_saved.resize(rows * H1);
       b->act.resize(rows, H, shape.precision);

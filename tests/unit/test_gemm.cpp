@@ -363,16 +363,18 @@ namespace {
 // rows). Rows evenly apart (written in place), shuffled and in runs with gaps (through the edge
 // tiles' buffer), on every instruction set, fp32 and bf16, with a bias, two depth blocks and
 // threads: the bits of the same product into one matrix, and nothing written between the rows.
+// c_rows16 (a bf16 all-to-all's rows): the same product's floats rounded to bf16 (float_to_bf16),
+// also in AMX's order and past one depth block (where the product goes through one matrix first).
 TEST(Gemm, CRowsByPointersGiveTheBitsOfOneMatrix) {
   enum class Layout { evenly_apart, shuffled, runs_with_gaps };
-  auto check = [](int64_t M, int64_t N, int64_t K, bool bf16, bool bias_start, Layout layout) {
+  auto check = [](int64_t M, int64_t N, int64_t K, bool bf16, bool bias_start, Layout layout, bool rows16) {
     auto A = random_matrix(M * K, 51), B = random_matrix(K * N, 52), bias = random_matrix(N, 53);
     PackedB packed;
     (bf16 ? pack_b_bf16 : pack_b)(Trans::no, K, N, B.data(), N, packed);
     const GemmExtras plain{bias_start ? bias.data() : nullptr, nullptr};
     std::vector<float> expected(M * N);
     gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, expected.data(), N, plain);
-    // each row N + 3 floats apart in a larger buffer filled with a sentinel, in the layout's order
+    // each row N + 3 values apart in a larger buffer filled with a sentinel, in the layout's order
     const int64_t stride = N + 3;
     std::vector<int64_t> slot(M);
     for (int64_t i = 0; i < M; ++i) slot[i] = i;
@@ -380,37 +382,55 @@ TEST(Gemm, CRowsByPointersGiveTheBitsOfOneMatrix) {
       for (int64_t i = M - 1; i > 0; --i) std::swap(slot[i], slot[(i * 7 + 3) % (i + 1)]);
     if (layout == Layout::runs_with_gaps)
       for (int64_t i = 0; i < M; ++i) slot[i] = i + i / 7;  // a row left out after every 7
-    std::vector<float> out((M + M / 7 + 1) * stride, -7.0f);
+    const std::size_t size = (M + M / 7 + 1) * stride;
+    std::vector<float> out(rows16 ? 0 : size, -7.0f);
+    std::vector<uint16_t> out16(rows16 ? size : 0, 0xbeef);
     std::vector<float*> rows(M);
-    for (int64_t i = 0; i < M; ++i) rows[i] = out.data() + slot[i] * stride;
-    GemmExtras extras = plain;
-    extras.c_rows = rows.data();
-    gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, nullptr, 0, extras);
-    std::vector<bool> written(out.size(), false);
+    std::vector<uint16_t*> rows_16(M);
     for (int64_t i = 0; i < M; ++i) {
-      if (std::memcmp(rows[i], &expected[i * N], N * sizeof(float)) != 0)
-        return ::testing::AssertionFailure() << "row " << i << " differs";
+      rows[i] = rows16 ? nullptr : out.data() + slot[i] * stride;
+      rows_16[i] = rows16 ? out16.data() + slot[i] * stride : nullptr;
+    }
+    GemmExtras extras = plain;
+    if (rows16)
+      extras.c_rows16 = rows_16.data();
+    else
+      extras.c_rows = rows.data();
+    gemm_packed(Trans::no, M, A.data(), K, packed, 0.0f, nullptr, 0, extras);
+    std::vector<bool> written(size, false);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        const bool same = rows16 ? rows_16[i][j] == float_to_bf16(expected[i * N + j])
+                                 : std::memcmp(&rows[i][j], &expected[i * N + j], sizeof(float)) == 0;
+        if (!same) return ::testing::AssertionFailure() << "row " << i << " column " << j << " differs";
+      }
       for (int64_t j = 0; j < N; ++j) written[slot[i] * stride + j] = true;
     }
-    for (std::size_t e = 0; e < out.size(); ++e)
-      if (!written[e] && out[e] != -7.0f) return ::testing::AssertionFailure() << "wrote between the rows at " << e;
+    for (std::size_t e = 0; e < size; ++e)
+      if (!written[e] && (rows16 ? out16[e] != 0xbeef : out[e] != -7.0f))
+        return ::testing::AssertionFailure() << "wrote between the rows at " << e;
     return ::testing::AssertionSuccess();
   };
   for (const std::string& isa : runnable_isas()) {
     force_gemm_isa(isa);
-    for (bool bf16 : {false, true})
+    for (auto [bf16, rows16] : {std::pair{false, false}, {true, false}, {false, true}, {true, true}})
       for (Layout layout : {Layout::evenly_apart, Layout::shuffled, Layout::runs_with_gaps})
         for (auto [M, N, K] : {std::array<int64_t, 3>{1, 16, 9}, {5, 40, 9}, {6, 64, 33}, {13, 150, 2100},
-                               {40, 1030, 40}, {44, 100, 512}})
+                               {40, 1030, 40}, {44, 100, 512}, {7, 70, 2500}})
           for (bool bias_start : {false, true})
-            ASSERT_TRUE(check(M, N, K, bf16, bias_start, layout))
+            ASSERT_TRUE(check(M, N, K, bf16, bias_start, layout, rows16))
                 << "isa '" << isa << "' " << M << "x" << N << "x" << K << (bf16 ? " bf16" : " fp32") << " layout "
-                << static_cast<int>(layout) << (bias_start ? " bias" : "");
+                << static_cast<int>(layout) << (bias_start ? " bias" : "") << (rows16 ? " into bf16 rows" : "");
     set_compute_threads(2);  // the panels split over threads
-    ASSERT_TRUE(check(600, 300, 200, false, true, Layout::runs_with_gaps)) << "isa '" << isa << "', 2 threads";
+    ASSERT_TRUE(check(600, 300, 200, false, true, Layout::runs_with_gaps, false)) << "isa '" << isa << "', 2 threads";
+    ASSERT_TRUE(check(600, 300, 200, true, true, Layout::runs_with_gaps, true)) << "isa '" << isa << "', 2 threads";
     set_compute_threads(1);
   }
   force_gemm_isa("");
+  set_bf16_order(Bf16Order::amx);  // (on its model where the CPU has no AMX)
+  for (bool rows16 : {false, true})
+    ASSERT_TRUE(check(13, 150, 2100, true, true, Layout::shuffled, rows16)) << "amx order, bf16 rows " << rows16;
+  set_bf16_order(Bf16Order::dot);
 }
 
 

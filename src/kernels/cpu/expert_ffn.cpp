@@ -32,8 +32,9 @@ void gemm_rows(RowsIn A, int64_t rows, int64_t K, const PackedB& B, float* C, in
 // C[rows, N] = A B + bias into `out` (a block of rows N apart, or rows by pointer), A's rows
 // floats or bf16, K values each.
 void gemm_rows_out(RowsIn A, int64_t rows, int64_t K, const PackedB& B, OutputRows out, const float* bias) {
-  if (!out.rows) return gemm_rows(A, rows, K, B, out.block, B.N, {bias, nullptr});
-  const GemmExtras extras{bias, nullptr, out.rows};
+  if (out.block) return gemm_rows(A, rows, K, B, out.block, B.N, {bias, nullptr});
+  GemmExtras extras{bias, nullptr, out.rows};
+  extras.c_rows16 = out.rows16;
   if (A.bf16)
     gemm_packed(Trans::no, rows, A.bf16, K, B, 0.0f, nullptr, 0, extras);
   else

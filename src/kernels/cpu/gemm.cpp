@@ -372,11 +372,14 @@ struct CTarget {
   float* C;
   int64_t ldc;
   float* const* rows;
-  float* row(int64_t i) const { return rows ? rows[i] : C + i * ldc; }
+  uint16_t* const* rows16 = nullptr;  // bf16 rows by pointer (GemmExtras::c_rows16)
+  bool anywhere() const { return rows || rows16; }
+  float* row(int64_t i) const { return rows ? rows[i] : C + i * ldc; }  // (not for rows16)
   // The tile of `valid` rows from row i at column col, as a first row and the distance between its
-  // rows; 0: its rows do not lie evenly apart, at least `width` floats (then it goes through the
-  // edge tiles' buffer).
+  // rows; 0: its rows do not lie evenly apart, at least `width` floats, or are bf16 (then it goes
+  // through the edge tiles' buffer).
   std::pair<float*, int64_t> tile(int64_t i, int64_t col, int64_t valid, int64_t width) const {
+    if (rows16) return {nullptr, 0};
     if (!rows) return {C + i * ldc + col, ldc};
     float* first = rows[i] + col;
     if (valid < 2) return {first, 0};
@@ -388,7 +391,17 @@ struct CTarget {
   // The lines of rows [i, i + valid), columns [col, col + cols), fetched with `fetch`.
   void prefetch(void (*fetch)(const void*), int64_t i, int64_t col, int64_t valid, int64_t cols) const {
     for (int64_t r = 0; r < valid; ++r)
-      for (int64_t j = 0; j < cols; j += 16) fetch(row(i + r) + col + j);
+      if (rows16)
+        for (int64_t j = 0; j < cols; j += 32) fetch(rows16[i + r] + col + j);
+      else
+        for (int64_t j = 0; j < cols; j += 16) fetch(row(i + r) + col + j);
+  }
+  // Row i's `cols` values from column col, from `values` (rounded to bf16 into rows16).
+  void put(int64_t i, int64_t col, const float* values, int64_t cols) const {
+    if (rows16)
+      floats_to_bf16(values, rows16[i] + col, cols);
+    else
+      std::memcpy(row(i) + col, values, cols * sizeof(float));
   }
 };
 
@@ -542,27 +555,29 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
   A.scale = extras.a_row_scale;
   const int64_t N = B.N, K = B.K;
   if (M == 0 || N == 0) return;
-  const CTarget target{C, ldc, extras.c_rows};
-  PM_CHECK(!target.rows || (beta == 0.0f && extras.epilogue == nullptr), "C's rows by pointer take beta 0, no epilogue");
+  const CTarget target{C, ldc, extras.c_rows, extras.c_rows16};
+  PM_CHECK(!(extras.c_rows && extras.c_rows16), "C's rows by pointer as floats or as bf16, not both");
+  PM_CHECK(!target.anywhere() || (beta == 0.0f && extras.epilogue == nullptr),
+           "C's rows by pointer take beta 0, no epilogue");
   if (K == 0) {
-    for (int64_t i = 0; i < M && beta == 0.0f; ++i) {
-      if (extras.bias)
-        std::memcpy(target.row(i), extras.bias, N * sizeof(float));
-      else
-        std::memset(target.row(i), 0, N * sizeof(float));
-    }
+    const std::vector<float> zeros(extras.bias ? 0 : N, 0.0f);
+    for (int64_t i = 0; i < M && beta == 0.0f; ++i) target.put(i, 0, extras.bias ? extras.bias : zeros.data(), N);
     if (extras.epilogue)
       for (int64_t i = 0; i < M; i += 64) (*extras.epilogue)(i, 0, std::min<int64_t>(64, M - i), N);
     return;
   }
-  if (target.rows && (g_isa != Isa::avx512 || (B.bf16 && bf16_order_is_amx()))) {
+  // (bf16 rows take the sums of a single depth block: deeper ones would round between blocks)
+  const int64_t deepest_block = k_block_max(dot ? kKBlockBf16Dot : kKBlock);
+  if (target.anywhere() &&
+      (g_isa != Isa::avx512 || (B.bf16 && bf16_order_is_amx()) || (target.rows16 && K > deepest_block))) {
     // the kernels that write only a tile's valid rows, and AMX's tiles: into one matrix, then out
     thread_local FloatBuffer whole;
     whole.resize(M * N);
     GemmExtras into_whole = extras;
     into_whole.c_rows = nullptr;
+    into_whole.c_rows16 = nullptr;
     gemm_packed_impl(trans_a, M, A, B, 0.0f, whole.data(), N, into_whole, dot);
-    for (int64_t i = 0; i < M; ++i) std::memcpy(target.rows[i], whole.data() + i * N, N * sizeof(float));
+    for (int64_t i = 0; i < M; ++i) target.put(i, 0, whole.data() + i * N, N);
     return;
   }
   if (B.bf16 && bf16_order_is_amx()) return gemm_amx_order(trans_a, M, A, B, beta, C, ldc, extras);
@@ -675,13 +690,13 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
             if (ld != 0 && cols == width && (valid == MR || partial)) {
               tile(r, valid, Ct, ld);  // in place: a partial tile reads and writes only its valid rows
             } else {
-              // Edge tile: run the same kernel on a padded copy, keep the valid part.
-              for (int64_t i = 0; i < MR; ++i)
+              // Edge tile: run the same kernel on a padded copy, keep the valid part. (A zero start
+              // reads no C: every tile of bf16 rows comes this way.)
+              for (int64_t i = 0; i < MR && !zero_start; ++i)
                 for (int64_t j = 0; j < width; ++j)
-                  edge[i * width + j] = (i < valid && j < cols && !zero_start) ? target.row(row0 + r + i)[col0 + j] : 0.0f;
+                  edge[i * width + j] = (i < valid && j < cols) ? target.row(row0 + r + i)[col0 + j] : 0.0f;
               tile(r, valid, edge, width);
-              for (int64_t i = 0; i < valid; ++i)
-                std::memcpy(target.row(row0 + r + i) + col0, edge + i * width, cols * sizeof(float));
+              for (int64_t i = 0; i < valid; ++i) target.put(row0 + r + i, col0, edge + i * width, cols);
             }
             if (last_depth && extras.epilogue) (*extras.epilogue)(row0 + r, col0, valid, cols);
           }

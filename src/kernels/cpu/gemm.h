@@ -81,6 +81,10 @@ struct GemmExtras {
   // The bits of the same product into one matrix: each tile whose rows lie evenly apart is written
   // where it belongs, any other through the edge tiles' buffer.
   float* const* c_rows = nullptr;
+  // The same with C's rows bf16 (c_rows16; not with c_rows): each value rounded to bf16 as its tile
+  // is written (float_to_bf16's rounding: the bits of the float rows rounded after), where a bf16
+  // all-to-all carries the expert's outputs.
+  uint16_t* const* c_rows16 = nullptr;
   // A's row i times a_row_scale[i] (fp32, A not transposed; null: none), made as A is packed: the
   // bits of the product on rows scaled by a copy beforehand (one float product a value), without
   // writing the copy. An expert's output gradients dy reach it once per rank and each of its

@@ -3,6 +3,7 @@
 #include "core/block_cache.h"
 #include "core/error.h"
 #include "core/local_rank.h"
+#include "core/tensor.h"
 
 #if PIPEMOE_HAVE_CUDA
 
@@ -320,14 +321,18 @@ class CudaBackend final : public ForwardingBackend {
   // The device's rows [rows, width] out to `out`, then the stream finished: into its block, or
   // through pinned staging to each row's pointer.
   static void download_out(ThreadState& t, const float* device, int64_t rows, int64_t width, OutputRows out) {
-    if (!out.rows) {
+    if (out.block) {
       download(device, rows, width, out.block, width, sizeof(float), t.stream);
       return finish(t);
     }
     auto* staged = static_cast<float*>(t.host_out.reserve(std::max<int64_t>(1, rows * width) * sizeof(float)));
     download(device, rows, width, staged, width, sizeof(float), t.stream);
     finish(t);
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(out.rows[i], staged + i * width, width * sizeof(float));
+    for (int64_t i = 0; i < rows; ++i)
+      if (out.rows16)
+        floats_to_bf16(staged + i * width, out.rows16[i], width);
+      else
+        std::memcpy(out.rows[i], staged + i * width, width * sizeof(float));
   }
 
   // A's storage [rows, cols] (floats or bf16 rows, ld apart) into t.a, and g's A pointing at it.
