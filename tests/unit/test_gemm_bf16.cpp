@@ -13,6 +13,7 @@
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/gemm_internal.h"
 #include "kernels/cpu/thread_pool.h"
 #include "support/gemm_operands.h"
 
@@ -405,6 +406,54 @@ TEST(GemmBf16, ScaledBRowsGiveTheBitsOfABf16CopyOfThem) {
   set_bf16_order(Bf16Order::dot);
   emulate_bf16_dot_for_testing(false);
   force_gemm_isa("");
+}
+
+// Where bf16 GEMMs run on the pair words, pack_b_bf16 makes only those, a transposed B's straight
+// from its rows (16 x 16 word transposes): the words the float panels made them from before, in
+// both orders' layouts, with odd depths, partial panels, a NaN, a denormal and a tie; and the
+// product on them, then on the fp32 kernels (float panels made back from the words), the bits of
+// the product on both forms.
+TEST(GemmBf16, WordsAlonePackTheWordsOfTheFloatPanels) {
+  if (!gemm_detail::bf16_pair_words_wanted()) GTEST_SKIP() << "no pair words on this CPU";
+  for (Bf16Order order : {Bf16Order::dot, Bf16Order::amx})
+    for (Trans tb : {Trans::yes, Trans::no})
+      for (auto [K, N] : {std::array<int64_t, 2>{1, 1}, {5, 17}, {33, 64}, {64, 100}, {131, 70}, {512, 256}}) {
+        set_bf16_order(order);
+        auto B = random_matrix(K * N, 31);
+        B[0] = std::nanf("");
+        if (B.size() > 2) B[1] = 1e-40f, B[2] = 1.00390625f;  // a denormal; a tie to even
+        const int64_t ldb = tb == Trans::no ? N : K;
+        PackedB both, words;
+        gemm_detail::pack_b_bf16_forms(tb, K, N, B.data(), ldb, both, true, true);
+        gemm_detail::pack_b_bf16_forms(tb, K, N, B.data(), ldb, words, false, true);
+        const std::string what = fmt::format("{} order, tb {}, {}x{}", bf16_order_name(), int(tb), K, N);
+        ASSERT_TRUE(words.data.empty()) << what;
+        ASSERT_EQ(words.K, both.K) << what;
+        ASSERT_EQ(words.pair_tiles, both.pair_tiles) << what;
+        for (int64_t p = 0; p < both.panels(); ++p)
+          for (int64_t q = 0; q < both.pair_rows(); ++q)
+            for (int64_t j = 0; j < both.panel_width(p); ++j) {
+              const int64_t at = both.pair_word_offset(both.panel_width(p), q, j);
+              ASSERT_EQ(words.pair_panel(p)[at], both.pair_panel(p)[at]) << what << " panel " << p << " pair " << q
+                                                                         << " column " << j;
+            }
+        const int64_t M = 11;
+        auto A = random_matrix(M * K, 32), C0 = random_matrix(M * N, 33);
+        std::vector<float> on_words = C0, on_both = C0, on_fp32 = C0;
+        gemm_packed(Trans::no, M, A.data(), K, words, 1.0f, on_words.data(), N);
+        gemm_packed(Trans::no, M, A.data(), K, both, 1.0f, on_both.data(), N);
+        force_gemm_isa("scalar");
+        gemm_packed(Trans::no, M, A.data(), K, words, 1.0f, on_fp32.data(), N);
+        force_gemm_isa("");
+        const auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+          return std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+        };
+        EXPECT_TRUE(same(on_words, on_both)) << what;
+        if (order == Bf16Order::dot) {
+          EXPECT_TRUE(same(on_words, on_fp32)) << what << ", on the fp32 kernels";
+        }
+      }
+  set_bf16_order(Bf16Order::dot);
 }
 
 // An fp32 pack after a bf16 one (the same thread-local buffers) is an fp32 GEMM again.

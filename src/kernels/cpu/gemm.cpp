@@ -581,6 +581,11 @@ void gemm_detail::gemm_packed_impl(Trans trans_a, int64_t M, RowSource A, const 
     return;
   }
   if (B.bf16 && bf16_order_is_amx()) return gemm_amx_order(trans_a, M, A, B, beta, C, ldc, extras);
+  if (!dot && B.bf16 && B.data.empty()) {  // packed for the pair words alone (pack_b_bf16), run on the fp32 kernels
+    thread_local PackedB panels;
+    float_panels_from_words(B, panels);
+    return gemm_packed_impl(trans_a, M, A, panels, beta, C, ldc, extras, false);
+  }
   // The bias, padded with zeros to whole panels, so the kernels can load full vectors of it.
   thread_local FloatBuffer padded_bias;
   if (extras.bias) {

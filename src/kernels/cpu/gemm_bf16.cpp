@@ -239,7 +239,7 @@ bool bf16_dot_agrees() {
   std::vector<float> A(M * K), B(K * N), bias(N);
   fill_check_values(12345, 1.0f, {&A, &B, &bias});
   PackedB packed;
-  pack_b_bf16(Trans::no, K, N, B.data(), N, packed);
+  pack_b_bf16_forms(Trans::no, K, N, B.data(), N, packed, true, true);  // (pack_b_bf16 asks whether this passed)
   std::vector<float> dot(M * N), fp32(M * N);
   GemmExtras extras{bias.data(), nullptr};
   gemm_packed_impl(Trans::no, M, RowSource{A.data(), K, nullptr}, packed, 0.0f, dot.data(), N, extras, true);
@@ -270,6 +270,8 @@ bool bf16_dot_ready() { return (isa_is_avx512() || g_emulate_dot.load()) && cpu_
 bool gemm_detail::use_bf16_dot(const PackedB& B) { return B.bf16 && !B.pairs.empty() && bf16_dot_ready(); }
 
 bool gemm_detail::bf16_pair_words_wanted() { return cpu_has_bf16_dot() || bf16_order_is_amx(); }
+
+bool gemm_detail::bf16_words_run_here() { return bf16_order_is_amx() || bf16_dot_ready(); }
 
 std::string gemm_bf16_path() {
   if (bf16_order_is_amx()) return bf16_amx_path();

@@ -424,6 +424,25 @@ void gemm_detail::add_bf16_pairs(PackedB& out) {
   }
 }
 
+void gemm_detail::float_panels_from_words(const PackedB& B, PackedB& out) {
+  out.K = B.K, out.N = B.N, out.bf16 = true, out.source_depth = B.source_depth;
+  out.strip = kPanel;  // each panel [K][width]: every kernel takes any strip
+  out.pairs.clear();
+  out.data.resize(std::max<int64_t>(1, out.panels() * out.K * kPanel));
+  for (int64_t p = 0; p < out.panels(); ++p) {
+    const int64_t width = out.panel_width(p);
+    const uint32_t* words = B.pair_panel(p);
+    float* panel = out.data.data() + p * out.K * kPanel;
+    for (int64_t q = 0; q < out.K / 2; ++q)
+      for (int64_t j = 0; j < width; ++j) {
+        const uint32_t word = words[B.pair_word_offset(width, q, j)];
+        const uint32_t odd = word & 0xffff0000u, even = word << 16;  // panel rows 2q and 2q + 1 (pair order)
+        std::memcpy(panel + 2 * q * width + j, &odd, 4);
+        std::memcpy(panel + (2 * q + 1) * width + j, &even, 4);
+      }
+  }
+}
+
 void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& out, float* column_sums) {
   const int64_t K2 = K + (K & 1), pairs = K2 / 2;
   PM_CHECK(out.K == K2, "pack_b_pair_words: the packing's depth {} is not {}", out.K, K2);
@@ -491,15 +510,77 @@ void gemm_detail::pack_b_pair_words(int64_t K, int64_t N, RowSource B, PackedB& 
 }
 
 
-void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
+namespace {
+
+// The kernel's words of op(B) = the transpose of B[N, K] (ldb >= K), 16 columns by 16 depth pairs
+// at a time: column j's words are storage row j's values in pairs, rounded (floats16_to_bf16), so
+// 16 rows' 32 values each make 16 lines of words, transposed in registers into 16 pairs' words of
+// the 16 columns, each 64 contiguous bytes in either order's layout. Packing the floats first, then
+// rounding them and making the words from the panels, word by word, took 5 times as long.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void transposed_pair_words_avx512(int64_t K, int64_t N,
+                                                                                        const float* B, int64_t ldb,
+                                                                                        PackedB& out) {
+  for (int64_t p = 0; p < out.panels(); ++p) {
+    const int64_t width = out.panel_width(p), col0 = p * kPanel, cols = std::min(kPanel, N - col0);
+    uint32_t* words = out.pairs.data() + p * out.pair_rows() * kPanel;
+    for (int64_t j0 = 0; j0 < width; j0 += 16)
+      for (int64_t q0 = 0; q0 < out.pair_rows(); q0 += 16) {
+        const int64_t depths = std::clamp<int64_t>(K - 2 * q0, 0, 32);
+        const __mmask16 low = static_cast<__mmask16>((1u << std::min<int64_t>(depths, 16)) - 1);
+        const __mmask16 high = static_cast<__mmask16>((1u << std::max<int64_t>(depths - 16, 0)) - 1);
+        __m512i r[16];
+        for (int l = 0; l < 16; ++l) {
+          if (j0 + l >= cols || depths == 0) {
+            r[l] = _mm512_setzero_si512();
+            continue;
+          }
+          const float* src = B + (col0 + j0 + l) * ldb + 2 * q0;
+          const __m256i first = floats16_to_bf16(_mm512_maskz_loadu_ps(low, src));
+          const __m256i second = floats16_to_bf16(_mm512_maskz_loadu_ps(high, src + 16));
+          r[l] = _mm512_maskz_inserti64x4(0xff, _mm512_castsi256_si512(first), second, 1);  // (masked: see bf16_lanes.h)
+        }
+        transpose_16x16_words(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(words + out.pair_word_offset(width, q0 + i, j0), r[i]);
+      }
+  }
+}
+
+}  // namespace
+
+void gemm_detail::pack_b_bf16_forms(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out,
+                                    bool panels, bool words) {
+  static const bool avx512bw = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (trans_b == Trans::yes && words && !panels && avx512bw) {
+    out.K = K + (K & 1), out.N = N, out.bf16 = true, out.source_depth = K;
+    out.data.clear();
+    out.pair_tiles = bf16_order_is_amx();
+    out.pairs.resize(std::max<int64_t>(1, out.panels() * out.pair_rows() * kPanel));
+    return transposed_pair_words_avx512(K, N, B, ldb, out);
+  }
   if (trans_b == Trans::yes) {
     pack_b(trans_b, K, N, B, ldb, t_packed_b_fp32);
-    return to_bf16_panels(t_packed_b_fp32, out);
+    to_bf16_panels(t_packed_b_fp32, out);
+    if (!panels) out.data.clear();
+    return;
   }
   // op(B) = B: the rounded panels and the kernel's words, each straight from B's rows
   const RowSource rows{B, ldb, nullptr};
-  pack_b_rows_bf16(K, N, rows, out);
-  if (bf16_pair_words_wanted()) pack_b_pair_words(K, N, rows, out);
+  if (panels) {
+    pack_b_rows_bf16(K, N, rows, out);
+  } else {
+    out.K = K + (K & 1), out.N = N, out.bf16 = true, out.source_depth = K;
+    out.data.clear();
+  }
+  if (words) pack_b_pair_words(K, N, rows, out);
+}
+
+void pack_b_bf16(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out) {
+  // Where bf16 GEMMs run on the kernel's words (AVX512_BF16, AMX's order), only those: the float
+  // panels are the fp32 kernels' (a CPU without the instructions). Experts' weights are packed
+  // again after every optimizer step: a DeepSeek-style layer's (32 experts a rank) took 20 ms a
+  // step for both forms, about a quarter of its forward and backward.
+  const bool words = bf16_pair_words_wanted();
+  pack_b_bf16_forms(trans_b, K, N, B, ldb, out, !words || !bf16_words_run_here(), words);
 }
 
 }  // namespace pm

@@ -141,6 +141,16 @@ void pack_a_row_words(Trans trans_a, RowSource A, int64_t row0, int64_t rows, in
                       int64_t padded_rows, uint32_t* out);
 // Whether bf16 packings make the pair words (the AVX512_BF16 kernel's, which AMX's order reads too).
 bool bf16_pair_words_wanted();
+// Whether bf16 GEMMs packed now run on the pair words alone (the AVX512_BF16 kernel, ready, or the
+// amx order): their float panels would go unread.
+bool bf16_words_run_here();
+// pack_b_bf16 making the float panels (the fp32 kernels'), the pair words, or both (the first-use
+// checks compare the kernels on one packing).
+void pack_b_bf16_forms(Trans trans_b, int64_t K, int64_t N, const float* B, int64_t ldb, PackedB& out, bool panels,
+                       bool words);
+// A bf16 B's float panels made from its pair words (a B packed for the words alone, then run on the
+// fp32 kernels: tests that force the instruction set down, or change the order, after packing).
+void float_panels_from_words(const PackedB& B, PackedB& out);
 
 // ---- gemm_bf16.cpp ----------------------------------------------------------------------------
 // The CPU has AVX512_BF16 (or tests emulate it: emulate_bf16_dot_for_testing).
