@@ -132,9 +132,20 @@ void interleave_pair_swapped(const float* rows, int64_t MR, int64_t kc, float* p
 // depths and the `rows` rows: what both packings of a transposed A lay out from.
 void transposed_pair_lines(RowSource A, int64_t row0, int64_t rows, int64_t padded, int64_t k0, int64_t have,
                            int64_t first, int64_t count, uint32_t* words) {
+  // The storage rows two pairs on, this span of them, fetched while a pair is made: a weight
+  // gradient's activations lie wherever the forward left them (an expert's inputs in the
+  // all-to-all's rows), so the hardware prefetcher starts over at each row.
+  constexpr int64_t kPairsAhead = 2;
+  const int64_t span_bytes = rows * (A.is_bf16() ? 2 : 4);
+  auto fetch_row = [&](int64_t d) {
+    const char* r = A.is_bf16() ? reinterpret_cast<const char*>(A.row16(k0 + d) + row0)
+                                : reinterpret_cast<const char*>(A.row(k0 + d) + row0);
+    for (int64_t b = 0; b < span_bytes; b += 64) fetch_into_l1(r + b);
+  };
   for (int64_t l = 0; l < count; ++l) {
     uint32_t* dst = words + l * padded;
     const int64_t even = 2 * (first + l), odd = even + 1;
+    for (int64_t d = even + 2 * kPairsAhead; d < std::min(even + 2 * kPairsAhead + 2, have); ++d) fetch_row(d);
     if (even >= have) {
       std::fill(dst, dst + padded, 0u);
       continue;
