@@ -106,42 +106,51 @@ TEST(ExpertFfn, Bf16OutputGradientsGiveTheBitsOfTheirFloatValues) {
   emulate_bf16_dot_for_testing(false);
 }
 
+// fn(precision, activation, rows) for fp32 and bf16 experts, GeLU and SwiGLU, rows fewer and more
+// than a tile and than the forward's blocks of 192, each under a trace that names the case.
+template <typename Fn>
+void for_each_expert_case(Fn&& fn) {
+  for (Precision precision : {Precision::fp32, Precision::bf16})
+    for (Activation activation : {Activation::gelu, Activation::swiglu})
+      for (int64_t rows : {1, 7, 400}) {
+        SCOPED_TRACE(::testing::Message() << "bf16 " << (precision == Precision::bf16) << " swiglu "
+                                          << (activation == Activation::swiglu) << " rows " << rows);
+        fn(precision, activation, rows);
+      }
+}
+
 // The input gradients against their steps one after another: dact = dy W2^T as a plain GEMM, the
 // activation's backward row by row (SwiGLU from the saved pre-activations, GeLU times the saved
 // GeLU'), then du = dhpre W1^T. The expert runs the activation's backward on each finished tile of
 // the first product (its tile epilogue): the same bits, rows more and fewer than a tile, and a
 // hidden size that leaves a partial panel. fp32 and bf16 experts.
 TEST(ExpertFfn, InputGradientsGiveTheBitsOfTheirStepsInTurn) {
-  for (Precision precision : {Precision::fp32, Precision::bf16})
-    for (Activation activation : {Activation::gelu, Activation::swiglu})
-      for (int64_t rows : {1, 7, 400}) {
-        SCOPED_TRACE(::testing::Message() << "bf16 " << (precision == Precision::bf16) << " swiglu "
-                                          << (activation == Activation::swiglu) << " rows " << rows);
-        const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
-        const bool bf16 = precision == Precision::bf16;
-        const ExpertAfterForward e(precision, activation, rows, M, H, 31);
-        const std::vector<float> dy = normal(rows * M, 36, 1.0f);
-        std::vector<float> dhpre(rows * H1), du(rows * M);
-        expert_backward_input(e.w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(), du.data());
+  for_each_expert_case([](Precision precision, Activation activation, int64_t rows) {
+    const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
+    const bool bf16 = precision == Precision::bf16;
+    const ExpertAfterForward e(precision, activation, rows, M, H, 31);
+    const std::vector<float> dy = normal(rows * M, 36, 1.0f);
+    std::vector<float> dhpre(rows * H1), du(rows * M);
+    expert_backward_input(e.w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(), du.data());
 
-        using Product = void (*)(Trans, Trans, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                                 float, float*, int64_t);
-        const Product product = bf16 ? Product(gemm_bf16) : Product(gemm);
-        std::vector<float> dact(rows * H), want_dhpre(rows * H1), want_du(rows * M);
-        product(Trans::no, Trans::yes, rows, H, M, dy.data(), M, e.w2.data(), M, 0.0f, dact.data(), H);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* row = &want_dhpre[i * H1];
-          if (activation == Activation::swiglu) {
-            std::copy_n(&dact[i * H], H, row + H);
-            swiglu_backward(e.saved_rows[i], row + H, row, H);
-          } else {
-            gelu_backward_by_saved_grad(e.saved_rows[i], &dact[i * H], row, H);
-          }
-        }
-        product(Trans::no, Trans::yes, rows, M, H1, want_dhpre.data(), H1, e.w1.data(), H1, 0.0f, want_du.data(), M);
-        EXPECT_TRUE(same_bits(dhpre, want_dhpre));
-        EXPECT_TRUE(same_bits(du, want_du));
+    using Product = void (*)(Trans, Trans, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                             float, float*, int64_t);
+    const Product product = bf16 ? Product(gemm_bf16) : Product(gemm);
+    std::vector<float> dact(rows * H), want_dhpre(rows * H1), want_du(rows * M);
+    product(Trans::no, Trans::yes, rows, H, M, dy.data(), M, e.w2.data(), M, 0.0f, dact.data(), H);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = &want_dhpre[i * H1];
+      if (activation == Activation::swiglu) {
+        std::copy_n(&dact[i * H], H, row + H);
+        swiglu_backward(e.saved_rows[i], row + H, row, H);
+      } else {
+        gelu_backward_by_saved_grad(e.saved_rows[i], &dact[i * H], row, H);
       }
+    }
+    product(Trans::no, Trans::yes, rows, M, H1, want_dhpre.data(), H1, e.w1.data(), H1, 0.0f, want_du.data(), M);
+    EXPECT_TRUE(same_bits(dhpre, want_dhpre));
+    EXPECT_TRUE(same_bits(du, want_du));
+  });
 }
 
 // The outputs y and du written to rows anywhere (OutputRows::by_pointer: the all-to-all's rows),
@@ -149,37 +158,36 @@ TEST(ExpertFfn, InputGradientsGiveTheBitsOfTheirStepsInTurn) {
 // into one block: the same bits, and nothing written between the rows. fp32 and bf16 experts, GeLU
 // and SwiGLU, more rows than the forward's blocks of 192.
 TEST(ExpertFfn, OutputRowsByPointerGiveTheBitsOfOneBlock) {
-  for (Precision precision : {Precision::fp32, Precision::bf16})
-    for (Activation activation : {Activation::gelu, Activation::swiglu})
-      for (int64_t rows : {1, 7, 400}) {
-        SCOPED_TRACE(::testing::Message() << "bf16 " << (precision == Precision::bf16) << " swiglu "
-                                          << (activation == Activation::swiglu) << " rows " << rows);
-        const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
-        ExpertAfterForward e(precision, activation, rows, M, H, 11);
-        const ExpertWeights& w = e.w;
-        const std::vector<float>& y = e.y;
-        const std::vector<float> dy = normal(rows * M, 16, 1.0f);
-        std::vector<float> dhpre(rows * H1), du(rows * M);
-        const RowList u_rows(e.u.data(), rows, M);
-        expert_backward_input(w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(), du.data());
+  for_each_expert_case([](Precision precision, Activation activation, int64_t rows) {
+    const int64_t M = 40, H = 72, H1 = fc1_width(activation, H);
+    ExpertAfterForward e(precision, activation, rows, M, H, 11);
+    const ExpertWeights& w = e.w;
+    const std::vector<float>& y = e.y;
+    const std::vector<float> dy = normal(rows * M, 16, 1.0f);
+    std::vector<float> dhpre(rows * H1), du(rows * M);
+    const RowList u_rows(e.u.data(), rows, M);
+    expert_backward_input(w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(), du.data());
 
-        std::vector<float> y_out(2 * rows * M, -3.0f), du_out(2 * rows * M, -3.0f);
-        std::vector<float*> y_at(rows), du_at(rows);
-        for (int64_t i = 0; i < rows; ++i) y_at[i] = &y_out[2 * (rows - 1 - i) * M], du_at[i] = &du_out[2 * (rows - 1 - i) * M];
-        expert_forward(w, rows, M, H, u_rows.pointers(), e.saved.data(), e.act.data(),
-                       OutputRows::by_pointer(y_at.data()), ForwardFor::backward);
-        expert_backward_input(w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(),
-                              OutputRows::by_pointer(du_at.data()));
-        for (int64_t i = 0; i < rows; ++i) {
-          ASSERT_EQ(std::memcmp(y_at[i], &y[i * M], M * sizeof(float)), 0) << "y row " << i;
-          ASSERT_EQ(std::memcmp(du_at[i], &du[i * M], M * sizeof(float)), 0) << "du row " << i;
-        }
-        for (int64_t r = 1; r < 2 * rows; r += 2)  // the rows between
-          for (int64_t j = 0; j < M; ++j) {
-            ASSERT_EQ(y_out[r * M + j], -3.0f);
-            ASSERT_EQ(du_out[r * M + j], -3.0f);
-          }
+    std::vector<float> y_out(2 * rows * M, -3.0f), du_out(2 * rows * M, -3.0f);
+    std::vector<float*> y_at(rows), du_at(rows);
+    for (int64_t i = 0; i < rows; ++i) {
+      y_at[i] = &y_out[2 * (rows - 1 - i) * M];
+      du_at[i] = &du_out[2 * (rows - 1 - i) * M];
+    }
+    expert_forward(w, rows, M, H, u_rows.pointers(), e.saved.data(), e.act.data(),
+                   OutputRows::by_pointer(y_at.data()), ForwardFor::backward);
+    expert_backward_input(w, rows, M, H, dy.data(), e.saved_rows.data(), dhpre.data(),
+                          OutputRows::by_pointer(du_at.data()));
+    for (int64_t i = 0; i < rows; ++i) {
+      ASSERT_EQ(std::memcmp(y_at[i], &y[i * M], M * sizeof(float)), 0) << "y row " << i;
+      ASSERT_EQ(std::memcmp(du_at[i], &du[i * M], M * sizeof(float)), 0) << "du row " << i;
+    }
+    for (int64_t r = 1; r < 2 * rows; r += 2)  // the rows between
+      for (int64_t j = 0; j < M; ++j) {
+        ASSERT_EQ(y_out[r * M + j], -3.0f);
+        ASSERT_EQ(du_out[r * M + j], -3.0f);
       }
+  });
 }
 
 // The output gradients read where the deduplicated dispatch left them, each row times its gate
