@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/rng.h"
@@ -66,6 +67,45 @@ void rope_tables(int64_t S, int64_t hd, double theta, std::vector<float>& c, std
       c[p * half + i] = static_cast<float>(std::cos(angle));
       s[p * half + i] = static_cast<float>(std::sin(angle));
     }
+}
+
+// The norms run 8 rows side by side (their sums in double advance together): a call over many
+// rows gives the bits of a call per row, every sum in the same order, and the parameters'
+// gradients gather the rows in order.
+TEST(Norms, RowsSideBySideGiveTheBitsOfOneRowAtATime) {
+  const float eps = 1e-5f;
+  for (const int64_t rows : {1, 8, 19}) {
+    for (const int64_t D : {1, 7, 192}) {
+      SCOPED_TRACE(testing::Message() << rows << " rows of " << D);
+      const std::vector<float> x = normal(rows * D, 11, 3.0f), dy = normal(rows * D, 12), g = normal(D, 13);
+      const std::vector<float> b = normal(D, 14);
+      auto same = [](const std::vector<float>& u, const std::vector<float>& v) {
+        return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
+      };
+      std::vector<float> y(rows * D), mean(rows), rstd(rows), dx(rows * D), dg(D, 0.5f), db(D, 0.25f);
+      std::vector<float> y1 = y, mean1 = mean, rstd1 = rstd, dx1 = dx, dg1 = dg, db1 = db;
+      layernorm_forward(x.data(), g.data(), b.data(), rows, D, eps, y.data(), mean.data(), rstd.data());
+      layernorm_backward(x.data(), g.data(), mean.data(), rstd.data(), dy.data(), rows, D, dx.data(), dg.data(),
+                         db.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        layernorm_forward(&x[r * D], g.data(), b.data(), 1, D, eps, &y1[r * D], &mean1[r], &rstd1[r]);
+        layernorm_backward(&x[r * D], g.data(), &mean1[r], &rstd1[r], &dy[r * D], 1, D, &dx1[r * D], dg1.data(),
+                           db1.data());
+      }
+      EXPECT_TRUE(same(y, y1) && same(mean, mean1) && same(rstd, rstd1)) << "LayerNorm's forward";
+      EXPECT_TRUE(same(dx, dx1) && same(dg, dg1) && same(db, db1)) << "LayerNorm's backward";
+      std::vector<float> ry(rows * D), rr(rows), rdx(rows * D), rdg(D, 0.5f);
+      std::vector<float> ry1 = ry, rr1 = rr, rdx1 = rdx, rdg1 = rdg;
+      rmsnorm_forward(x.data(), g.data(), rows, D, eps, ry.data(), rr.data());
+      rmsnorm_backward(x.data(), g.data(), rr.data(), dy.data(), rows, D, rdx.data(), rdg.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        rmsnorm_forward(&x[r * D], g.data(), 1, D, eps, &ry1[r * D], &rr1[r]);
+        rmsnorm_backward(&x[r * D], g.data(), &rr1[r], &dy[r * D], 1, D, &rdx1[r * D], rdg1.data());
+      }
+      EXPECT_TRUE(same(ry, ry1) && same(rr, rr1)) << "RMSNorm's forward";
+      EXPECT_TRUE(same(rdx, rdx1) && same(rdg, rdg1)) << "RMSNorm's backward";
+    }
+  }
 }
 
 TEST(Rope, TurnsQueriesAndKeysByTheirPositionsOnly) {
