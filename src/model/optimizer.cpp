@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "core/aligned.h"
 
@@ -31,11 +32,14 @@ double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm
   return std::sqrt(replicated + expert);
 }
 
+float clip_scale(double norm, double max_norm) {
+  return max_norm > 0 && norm > max_norm ? static_cast<float>(max_norm / norm) : 1.0f;
+}
+
 double clip_by_global_norm(std::vector<Parameter>& params, Communicator& comm, double max_norm, int expert_copies,
                            Communicator* pipeline, const std::string& not_counted) {
   const double norm = global_grad_norm(params, comm, expert_copies, pipeline, not_counted);
-  if (max_norm > 0 && norm > max_norm) {
-    const float scale = static_cast<float>(max_norm / norm);
+  if (const float scale = clip_scale(norm, max_norm); scale != 1.0f) {
     for (Parameter& p : params) {
       float* g = p.grad->f32();
       for (int64_t i = 0, n = p.grad->numel(); i < n; ++i) g[i] *= scale;
@@ -51,7 +55,7 @@ AdamW::AdamW(std::vector<Parameter>& params) : params_(params) {
   }
 }
 
-void AdamW::step(const TrainConfig& c, double lr) {
+void AdamW::step(const TrainConfig& c, double lr, float grad_scale) {
   ++steps_;
   const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(steps_));
   const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(steps_));
@@ -65,11 +69,19 @@ void AdamW::step(const TrainConfig& c, double lr) {
     float* m = m_[i].f32();
     float* v = v_[i].f32();
     const float decay = p.decay ? static_cast<float>(1.0 - lr * c.weight_decay) : 1.0f;
-    for (int64_t j = 0, n = p.value->numel(); j < n; ++j) {
-      m[j] = b1 * m[j] + (1.0f - b1) * g[j];
-      v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
-      w[j] = w[j] * decay - step_size * m[j] / (std::sqrt(v[j] * inv_bc2) + eps);
-    }
+    // the gradient as clip_by_global_norm would have left it: g * scale, the same float
+    auto update = [&](auto scaled) {
+      for (int64_t j = 0, n = p.value->numel(); j < n; ++j) {
+        const float gj = scaled ? g[j] * grad_scale : g[j];
+        m[j] = b1 * m[j] + (1.0f - b1) * gj;
+        v[j] = b2 * v[j] + (1.0f - b2) * gj * gj;
+        w[j] = w[j] * decay - step_size * m[j] / (std::sqrt(v[j] * inv_bc2) + eps);
+      }
+    };
+    if (grad_scale != 1.0f)
+      update(std::true_type{});
+    else
+      update(std::false_type{});
   }
 }
 

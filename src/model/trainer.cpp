@@ -519,9 +519,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
         if (p.name == "wte") groups.embedding->allreduce(p.grad->f32(), p.grad->f32(), p.grad->numel(), DType::f32, ReduceOp::sum);
     inject_nan_if_asked(model.parameters(), step + 1, rank);
     std::optional<TraceSpan> span(std::in_place, traced ? &trace : nullptr, "optimizer", 0);
+    // clipped as the update reads the gradients (AdamW::step): one pass over them less
     const double grad_norm =
-        clip_by_global_norm(model.parameters(), comm, c.grad_clip, stage_ranks / c.model.expert_ranks(stage_ranks),
-                            pipeline, model.first_stage() ? "" : "wte");
+        global_grad_norm(model.parameters(), comm, stage_ranks / c.model.expert_ranks(stage_ranks), pipeline,
+                         model.first_stage() ? "" : "wte");
     const double lr = learning_rate(c, step);
     if (step_not_finite(comm, loss, grad_norm)) {
       // named by every rank that saw it, agreed, then stop or skip the update on every rank alike
@@ -538,7 +539,7 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
       PM_REQUIRE(skipped_in_a_row < 10, "step {}: 10 steps in a row were not finite: stopped", step + 1);
     } else {
       skipped_in_a_row = 0;
-      optimizer.step(c, lr);
+      optimizer.step(c, lr, clip_scale(grad_norm, c.grad_clip));
       model.update_balance_bias();  // router_bias_rate > 0: against this step's load
     }
     span.reset();

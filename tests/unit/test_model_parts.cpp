@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
+#include "comm/inprocess_communicator.h"
 #include "core/error.h"
 #include "model/corpus.h"
 #include "model/optimizer.h"
@@ -141,6 +143,33 @@ TEST(Optimizer, ScheduleAndOneAdamWStep) {
   // first step: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (plus decay)
   EXPECT_NEAR(w.f32()[0], 1.0 * (1 - 0.01 * 0.1) - 0.01, 1e-6);
   EXPECT_NEAR(w.f32()[1], -2.0 * (1 - 0.01 * 0.1) + 0.01, 1e-6);
+}
+
+// The trainer's clipping: AdamW reads each gradient times clip_scale's factor, where
+// clip_by_global_norm wrote the scaled gradients first: the same weights, bit for bit, clipped
+// and not.
+TEST(Optimizer, ClippingAsTheUpdateReadsGivesTheBitsOfClippingFirst) {
+  TrainConfig c;
+  c.weight_decay = 0.1, c.beta1 = 0.9, c.beta2 = 0.95, c.adam_eps = 1e-8;
+  for (const double max_norm : {0.3, 100.0}) {  // clipped, and within the bound
+    Tensor w1 = Tensor::empty({5}), g1 = Tensor::empty({5}), w2 = Tensor::empty({5}), g2 = Tensor::empty({5});
+    for (int i = 0; i < 5; ++i) w1.f32()[i] = w2.f32()[i] = 0.3f * i - 0.7f;
+    std::vector<Parameter> first = {{"w", &w1, &g1, false, true}}, fused = {{"w", &w2, &g2, false, true}};
+    AdamW opt1(first), opt2(fused);
+    run_ranks_in_process(1, [&](Communicator& comm) {
+      for (int step = 0; step < 3; ++step) {
+        for (int i = 0; i < 5; ++i) g1.f32()[i] = g2.f32()[i] = 0.37f * (i + step) - 0.9f;
+        clip_by_global_norm(first, comm, max_norm);
+        opt1.step(c, 0.01);
+        const double norm = global_grad_norm(fused, comm);
+        opt2.step(c, 0.01, clip_scale(norm, max_norm));
+      }
+    });
+    EXPECT_EQ(std::memcmp(w1.f32(), w2.f32(), 5 * sizeof(float)), 0) << "max norm " << max_norm;
+    EXPECT_EQ(clip_scale(10.0, max_norm), max_norm < 10 ? static_cast<float>(max_norm / 10.0) : 1.0f);
+  }
+  EXPECT_EQ(clip_scale(std::nan(""), 1.0), 1.0f);  // not a number: left to the trainer's check
+  EXPECT_EQ(clip_scale(5.0, 0.0), 1.0f);           // 0: no clipping
 }
 
 }  // namespace
