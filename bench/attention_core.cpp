@@ -3,7 +3,7 @@
 // multiply-adds the causal products hold (half the square's and the diagonal), as GFLOP/s.
 // For old against new (the square gemm products of 2026-12-06 against the causal blocks), build it
 // against each tree's libraries and run the two alternately (docs/BENCHMARKS.md, "Attention by
-// causal blocks"):
+// causal blocks, the norms by rows side by side"):
 //
 //   g++ -O3 -march=native -std=c++20 -ffp-contract=off -Isrc bench/attention_core.cpp -o /tmp/attention_core
 //       -Lbuild/src -lpipemoe_kernels -lpipemoe_core -lfmt -lpthread -lopenblas   (one line)
