@@ -10,24 +10,17 @@
 #include <cstring>
 #include <vector>
 
-#include "core/rng.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/chain_product.h"
 #include "kernels/cpu/fast_math.h"
 #include "kernels/cpu/gemm.h"
+#include "support/random_values.h"
 
 namespace pm {
 namespace {
 
-std::vector<float> normal(int64_t n, uint64_t seed, float std = 1.0f) {
-  std::vector<float> v(n);
-  Rng(seed, 0).fill_normal(v.data(), n, 0.0f, std);
-  return v;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
+using test::normal_values;
+using test::same_bits;
 
 int64_t first_difference(const std::vector<float>& a, const std::vector<float>& b) {
   for (std::size_t i = 0; i < a.size(); ++i)
@@ -35,18 +28,28 @@ int64_t first_difference(const std::vector<float>& a, const std::vector<float>& 
   return -1;
 }
 
+// Sequence b's head h in qkv, out and dqkv (attention.h's layouts): query head h reads key/value
+// head h / group.
+struct HeadAt {
+  int64_t D, Dkv, ld, group;
+  HeadAt(int64_t heads, int64_t kv_heads, int64_t hd)
+      : D(heads * hd), Dkv(kv_heads * hd), ld(D + 2 * Dkv), group(heads / kv_heads) {}
+  int64_t q(int64_t b, int64_t S, int64_t h, int64_t hd) const { return b * S * ld + h * hd; }
+  int64_t k(int64_t b, int64_t S, int64_t h, int64_t hd) const { return b * S * ld + D + (h / group) * hd; }
+  int64_t v(int64_t b, int64_t S, int64_t h, int64_t hd) const { return k(b, S, h, hd) + Dkv; }
+  int64_t out(int64_t b, int64_t S, int64_t h, int64_t hd) const { return b * S * D + h * hd; }
+};
+
 // The square formulation: every product over the whole sequence by gemm, the softmax row by row.
 void square_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64_t kv_heads, int64_t hd, float* probs,
                     float* out) {
-  const int64_t D = heads * hd, Dkv = kv_heads * hd, ld = D + 2 * Dkv, group = heads / kv_heads;
+  const HeadAt at(heads, kv_heads, hd);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < heads; ++h) {
-      const float* q = qkv + b * S * ld + h * hd;
-      const float* k = qkv + b * S * ld + D + (h / group) * hd;
-      const float* v = k + Dkv;
       float* p = probs + (b * heads + h) * S * S;
-      gemm(Trans::no, Trans::yes, S, S, hd, q, ld, k, ld, 0.0f, p, S);
+      gemm(Trans::no, Trans::yes, S, S, hd, qkv + at.q(b, S, h, hd), at.ld, qkv + at.k(b, S, h, hd), at.ld, 0.0f, p,
+           S);
       for (int64_t i = 0; i < S; ++i) {
         float* row = p + i * S;
         float max = row[0] * scale;
@@ -60,28 +63,23 @@ void square_forward(const float* qkv, int64_t B, int64_t S, int64_t heads, int64
         for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
         for (int64_t j = i + 1; j < S; ++j) row[j] = 0.0f;
       }
-      gemm(Trans::no, Trans::no, S, hd, S, p, S, v, ld, 0.0f, out + b * S * D + h * hd, D);
+      gemm(Trans::no, Trans::no, S, hd, S, p, S, qkv + at.v(b, S, h, hd), at.ld, 0.0f, out + at.out(b, S, h, hd), at.D);
     }
 }
 
 void square_backward(const float* qkv, const float* probs, const float* dout, int64_t B, int64_t S, int64_t heads,
                      int64_t kv_heads, int64_t hd, float* dqkv) {
-  const int64_t D = heads * hd, Dkv = kv_heads * hd, ld = D + 2 * Dkv, group = heads / kv_heads;
+  const HeadAt at(heads, kv_heads, hd);
+  const int64_t ld = at.ld;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   std::vector<float> dp(S * S);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < heads; ++h) {
-      const float* q = qkv + b * S * ld + h * hd;
-      const float* k = qkv + b * S * ld + D + (h / group) * hd;
-      const float* v = k + Dkv;
       const float* p = probs + (b * heads + h) * S * S;
-      const float* dO = dout + b * S * D + h * hd;
-      float* dq = dqkv + b * S * ld + h * hd;
-      float* dk = dqkv + b * S * ld + D + (h / group) * hd;
-      float* dv = dk + Dkv;
-      const float into = h % group == 0 ? 0.0f : 1.0f;
-      gemm(Trans::yes, Trans::no, S, hd, S, p, S, dO, D, into, dv, ld);
-      gemm(Trans::no, Trans::yes, S, S, hd, dO, D, v, ld, 0.0f, dp.data(), S);
+      const float* dO = dout + at.out(b, S, h, hd);
+      const float into = h % at.group == 0 ? 0.0f : 1.0f;  // grouped heads: the sum in head order
+      gemm(Trans::yes, Trans::no, S, hd, S, p, S, dO, at.D, into, dqkv + at.v(b, S, h, hd), ld);
+      gemm(Trans::no, Trans::yes, S, S, hd, dO, at.D, qkv + at.v(b, S, h, hd), ld, 0.0f, dp.data(), S);
       for (int64_t i = 0; i < S; ++i) {
         float* row = dp.data() + i * S;
         const float* pr = p + i * S;
@@ -90,8 +88,10 @@ void square_backward(const float* qkv, const float* probs, const float* dout, in
         for (int64_t j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - inner) * scale;
         for (int64_t j = i + 1; j < S; ++j) row[j] = 0.0f;
       }
-      gemm(Trans::no, Trans::no, S, hd, S, dp.data(), S, k, ld, 0.0f, dq, ld);
-      gemm(Trans::yes, Trans::no, S, hd, S, dp.data(), S, q, ld, into, dk, ld);
+      gemm(Trans::no, Trans::no, S, hd, S, dp.data(), S, qkv + at.k(b, S, h, hd), ld, 0.0f, dqkv + at.q(b, S, h, hd),
+           ld);
+      gemm(Trans::yes, Trans::no, S, hd, S, dp.data(), S, qkv + at.q(b, S, h, hd), ld, into, dqkv + at.k(b, S, h, hd),
+           ld);
     }
 }
 
@@ -110,7 +110,7 @@ TEST(Attention, BlocksGiveTheBitsOfTheSquareProducts) {
     SCOPED_TRACE(testing::Message() << "B " << s.B << " S " << s.S << " heads " << s.heads << "/" << s.kv_heads
                                     << " hd " << s.hd);
     const int64_t D = s.heads * s.hd, ld = D + 2 * s.kv_heads * s.hd, T = s.B * s.S;
-    const std::vector<float> qkv = normal(T * ld, ++seed, 1.5f), dout = normal(T * D, ++seed);
+    const std::vector<float> qkv = normal_values(T * ld, ++seed, 1.5f), dout = normal_values(T * D, ++seed);
     std::vector<float> probs(s.B * s.heads * s.S * s.S, 7.0f), out(T * D, 7.0f), dqkv(T * ld, 7.0f);
     std::vector<float> probs_ref(probs.size()), out_ref(out.size()), dqkv_ref(dqkv.size());
     attention_forward(qkv.data(), s.B, s.S, s.heads, s.kv_heads, s.hd, probs.data(), out.data());
@@ -127,7 +127,7 @@ TEST(Attention, BlocksGiveTheBitsOfTheSquareProducts) {
 TEST(Attention, DecodeGivesTheForwardsRows) {
   for (const Shape& s : {Shape{2, 37, 4, 2, 24}, Shape{1, 70, 3, 1, 20}}) {
     const int64_t D = s.heads * s.hd, Dkv = s.kv_heads * s.hd, ld = D + 2 * Dkv, T = s.B * s.S;
-    const std::vector<float> qkv = normal(T * ld, 77);
+    const std::vector<float> qkv = normal_values(T * ld, 77);
     std::vector<float> probs(s.B * s.heads * s.S * s.S), out(T * D);
     attention_forward(qkv.data(), s.B, s.S, s.heads, s.kv_heads, s.hd, probs.data(), out.data());
     std::vector<float> k_cache(s.B * Dkv * s.S), v_cache(s.B * s.S * Dkv), step(ld * s.B), got(D * s.B);
@@ -156,9 +156,9 @@ TEST(ChainProduct, GivesTheBitsOfGemm) {
                                     << (c.accumulate ? " into C" : ""));
     // operands inside wider rows, as attention's heads lie in qkv
     const int64_t lda = (c.transposed ? c.M : c.K) + 3, ldb = c.N + 5, ldc = c.N + 2;
-    const std::vector<float> A = normal((c.transposed ? c.K : c.M) * lda, ++seed);
-    const std::vector<float> B = normal(std::max<int64_t>(c.K, 1) * ldb, ++seed);
-    std::vector<float> C = normal(c.M * ldc, ++seed), expected = C;
+    const std::vector<float> A = normal_values((c.transposed ? c.K : c.M) * lda, ++seed);
+    const std::vector<float> B = normal_values(std::max<int64_t>(c.K, 1) * ldb, ++seed);
+    std::vector<float> C = normal_values(c.M * ldc, ++seed), expected = C;
     const StridedRows a = c.transposed ? StridedRows{A.data(), 1, lda} : StridedRows{A.data(), lda, 1};
     chain_product(c.M, c.N, c.K, a, B.data(), ldb, C.data(), ldc, c.accumulate);
     gemm(c.transposed ? Trans::yes : Trans::no, Trans::no, c.M, c.N, c.K, A.data(), lda, B.data(), ldb,

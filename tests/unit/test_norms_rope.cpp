@@ -6,23 +6,20 @@
 #include <cstring>
 #include <vector>
 
-#include "core/rng.h"
 #include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/rope.h"
+#include "support/random_values.h"
 
 namespace pm {
 namespace {
 
-std::vector<float> normal(int64_t n, uint64_t seed, float std = 1.0f) {
-  std::vector<float> v(n);
-  Rng(seed, 0).fill_normal(v.data(), n, 0.0f, std);
-  return v;
-}
+using test::normal_values;
+using test::same_bits;
 
 TEST(RmsNorm, ClosedFormAndFiniteDifferences) {
   const int64_t rows = 3, D = 40;
   const float eps = 1e-5f;
-  std::vector<float> x = normal(rows * D, 1, 2.0f), g = normal(D, 2), y(rows * D), rstd(rows);
+  std::vector<float> x = normal_values(rows * D, 1, 2.0f), g = normal_values(D, 2), y(rows * D), rstd(rows);
   rmsnorm_forward(x.data(), g.data(), rows, D, eps, y.data(), rstd.data());
   for (int64_t r = 0; r < rows; ++r) {
     double ms = 0;
@@ -32,7 +29,7 @@ TEST(RmsNorm, ClosedFormAndFiniteDifferences) {
     for (int64_t i = 0; i < D; ++i) EXPECT_NEAR(y[r * D + i], x[r * D + i] * s * g[i], 1e-5);
   }
   // loss = sum(y * w): dx and dgamma against central differences in double
-  std::vector<float> w = normal(rows * D, 3), dx(rows * D), dg(D, 0.0f);
+  std::vector<float> w = normal_values(rows * D, 3), dx(rows * D), dg(D, 0.0f);
   rmsnorm_backward(x.data(), g.data(), rstd.data(), w.data(), rows, D, dx.data(), dg.data());
   auto loss = [&](const std::vector<float>& xs, const std::vector<float>& gs) {
     double l = 0;
@@ -77,11 +74,9 @@ TEST(Norms, RowsSideBySideGiveTheBitsOfOneRowAtATime) {
   for (const int64_t rows : {1, 8, 19}) {
     for (const int64_t D : {1, 7, 192}) {
       SCOPED_TRACE(testing::Message() << rows << " rows of " << D);
-      const std::vector<float> x = normal(rows * D, 11, 3.0f), dy = normal(rows * D, 12), g = normal(D, 13);
-      const std::vector<float> b = normal(D, 14);
-      auto same = [](const std::vector<float>& u, const std::vector<float>& v) {
-        return u.size() == v.size() && std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
-      };
+      const std::vector<float> x = normal_values(rows * D, 11, 3.0f), dy = normal_values(rows * D, 12);
+      const std::vector<float> g = normal_values(D, 13), b = normal_values(D, 14);
+      auto same = same_bits;
       std::vector<float> y(rows * D), mean(rows), rstd(rows), dx(rows * D), dg(D, 0.5f), db(D, 0.25f);
       std::vector<float> y1 = y, mean1 = mean, rstd1 = rstd, dx1 = dx, dg1 = dg, db1 = db;
       layernorm_forward(x.data(), g.data(), b.data(), rows, D, eps, y.data(), mean.data(), rstd.data());
@@ -112,7 +107,7 @@ TEST(Rope, TurnsQueriesAndKeysByTheirPositionsOnly) {
   const int64_t S = 12, heads = 2, hd = 8, width = heads * hd, rows = 2 * S;  // two sequences
   std::vector<float> c, s;
   rope_tables(S, hd, 10000.0, c, s);
-  const std::vector<float> qkv = normal(rows * 3 * width, 4);
+  const std::vector<float> qkv = normal_values(rows * 3 * width, 4);
   std::vector<float> turned = qkv;
   rope_rotate(turned.data(), rows, 3 * width, 2 * width, hd, nullptr, S, c.data(), s.data(), false);
   for (int64_t t = 0; t < rows; ++t) {
@@ -143,7 +138,7 @@ TEST(Rope, AQueryMeetsAKeyByTheirDistanceOnly) {
   const int64_t S = 32, hd = 16, width = hd;
   std::vector<float> c, s;
   rope_tables(S, hd, 10000.0, c, s);
-  const std::vector<float> base = normal(3 * width, 5);
+  const std::vector<float> base = normal_values(3 * width, 5);
   auto score = [&](int64_t pq, int64_t pk) {
     std::vector<float> q = base, k = base;
     rope_rotate(q.data(), 1, 3 * width, 2 * width, hd, &pq, S, c.data(), s.data(), false);

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/transpose.h"
 #include "kernels/cpu/chain_product.h"
 #include "kernels/cpu/fast_math.h"
 #include "kernels/cpu/lanes.h"
@@ -20,17 +21,11 @@ using lanes::Lanes;
 constexpr int64_t kBlock = 6;
 
 // dst[k * S + j] = src[j * ld + k]: a head's keys or values, [S, hd] in qkv, as [hd, S], so that a
-// query's scores against consecutive positions come from one row of it. In blocks of 16 x 16 (as
-// core/transpose.h): a plain loop stored one value per row of dst, S floats apart, and took a
-// quarter of the forward's time beside its products.
+// query's scores against consecutive positions come from one row of it (in 16 x 16 blocks: stored
+// one value per row of dst, S floats apart, the transposition took a quarter of the forward's time
+// beside its products).
 void transpose_head(const float* src, int64_t ld, int64_t S, int64_t hd, float* dst) {
-  constexpr int64_t kSide = 16;
-  for (int64_t j0 = 0; j0 < S; j0 += kSide)
-    for (int64_t k0 = 0; k0 < hd; k0 += kSide) {
-      const int64_t j1 = std::min(S, j0 + kSide), k1 = std::min(hd, k0 + kSide);
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t j = j0; j < j1; ++j) dst[k * S + j] = src[j * ld + k];
-    }
+  transpose(src, ld, S, hd, dst, S);
 }
 
 // max_j x[j] * scale over j < n: a maximum is the same in any order (16 lanes, then the tail).
@@ -185,14 +180,11 @@ void attention_decode(const float* qkv, float* k_cache, float* v_cache, const in
         for (int64_t k = 0; k < hd; ++k) c = std::fma(q[k], kh[k * S_max + j], c);
         row[j] = c;
       }
-      float max = row[0] * scale;
-      for (int64_t j = 0; j <= t; ++j) max = std::max(max, row[j] * scale);
+      // the forward's softmax of row t (softmax_block): its maximum, exps, then their sum in order
+      scaled_exps(row.data(), t + 1, scale, scaled_max(row.data(), t + 1, scale));
       float sum = 0;
-      for (int64_t j = 0; j <= t; ++j) {
-        row[j] = exp_approx(row[j] * scale - max);
-        sum += row[j];
-      }
-      float inv = 1.0f / sum;
+      for (int64_t j = 0; j <= t; ++j) sum += row[j];
+      const float inv = 1.0f / sum;
       for (int64_t j = 0; j <= t; ++j) row[j] *= inv;
       // out = P V: the GEMM's chain over positions in order (the causal zeros after t add nothing),
       // every output element's chain advanced one position at a time (vectorised over d)
