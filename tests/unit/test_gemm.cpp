@@ -134,6 +134,10 @@ TEST(Gemm, FewRowsOrAShallowDepthGiveTheWrittenOutChain) {
   for (int64_t M : {1, 3, 8, 9})
     for (int64_t N : {5, 48, 50, 512})
       for (int64_t K : {1, 256, 2100}) cases.push_back({Trans::yes, M, N, K});
+  // A^T's packing runs over chunks of 8 micro-panels (48 rows) and blocks of 16 depths: rows past a
+  // chunk, a partial last micro-panel, and a second block of 516 rows
+  for (int64_t M : {49, 101, 530})
+    for (int64_t K : {17, 37}) cases.push_back({Trans::yes, M, 70, K});
   for (int64_t M : {1, 3, 4, 7, 64, 65, 2049})
     for (int64_t N : {5, 64, 70, 512})
       for (int64_t K : {1, 2, 8, 9, 64, 65}) cases.push_back({Trans::no, M, N, K});
