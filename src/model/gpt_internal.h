@@ -40,12 +40,7 @@ inline void norm_backward(Backend& k, bool rms, const float* x, const Tensor& g,
 // with w packed once beforehand when `packed` is given (frozen weights: the same bits).
 inline void linear_forward(Backend& k, Precision p, const float* x, const Tensor& w, const Tensor& b, int64_t T,
                            float* y, const PackedMatrix* packed = nullptr) {
-  const int64_t K = w.dim(0), N = w.dim(1);
-  k.fill_rows(y, T, N, b.f32());
-  if (packed)
-    k.gemm_prepacked(Trans::no, T, x, K, *packed, 1.0f, y, N);
-  else
-    k.gemm_as(p, Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 1.0f, y, N);
+  k.linear(p, T, w.dim(1), w.dim(0), x, w.f32(), packed, b.f32(), y);
 }
 
 // From dy[T, N]: dw += x^T dy, db += colsum(dy), dx = dy w^T (dx may be null); GEMMs in `p`.

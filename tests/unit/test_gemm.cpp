@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/fma_ceiling.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/thread_pool.h"
@@ -117,6 +118,38 @@ TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
     }
   }
   force_gemm_isa("");
+}
+
+// A linear layer's forward on the CPU starts each element's chain from the bias in the kernel;
+// Backend's own linear fills the rows with the bias and runs the product with beta 1. Both give
+// the same bits: fp32 and bf16 (both orders), B packed beforehand or not, no bias, small products
+// (gemm's unpacked paths) and deep ones (two depth blocks). Fails if the kernel adds the bias
+// anywhere but at the chain's start.
+TEST(Gemm, LinearStartsFromTheBiasWithTheBitsOfFilledRows) {
+  Backend& k = cpu_backend();
+  struct Case {
+    int64_t M, N, K;
+  };
+  for (Precision p : {Precision::fp32, Precision::bf16})
+    for (Bf16Order order : {Bf16Order::dot, Bf16Order::amx}) {
+      if (p == Precision::fp32 && order == Bf16Order::amx) continue;
+      set_bf16_order(order);
+      for (const Case& c : {Case{5, 40, 9}, Case{70, 150, 70}, Case{200, 96, 192}, Case{530, 70, 100},
+                            Case{100, 300, 2100}})
+        for (bool with_bias : {true, false})
+          for (bool prepacked : {false, true}) {
+            const auto x = random_matrix(c.M * c.K, 51), w = random_matrix(c.K * c.N, 52), b = random_matrix(c.N, 53);
+            const float* bias = with_bias ? b.data() : nullptr;
+            const auto packed = prepacked ? k.pack_matrix(p, Trans::no, c.K, c.N, w.data(), c.N) : nullptr;
+            std::vector<float> filled(c.M * c.N, -1.0f), started(c.M * c.N, -2.0f);
+            k.Backend::linear(p, c.M, c.N, c.K, x.data(), w.data(), packed.get(), bias, filled.data());
+            k.linear(p, c.M, c.N, c.K, x.data(), w.data(), packed.get(), bias, started.data());
+            ASSERT_EQ(0, std::memcmp(filled.data(), started.data(), filled.size() * sizeof(float)))
+                << (p == Precision::bf16 ? "bf16 " : "fp32 ") << bf16_order_name() << " M " << c.M << " N " << c.N
+                << " K " << c.K << (with_bias ? " bias" : " no bias") << (prepacked ? " prepacked" : "");
+          }
+    }
+  set_bf16_order(Bf16Order::dot);
 }
 
 // Two shapes run without packing B where the CPU has AVX-512: a C of at most 8 rows from a

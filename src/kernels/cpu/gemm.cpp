@@ -764,6 +764,17 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, const f
   gemm_packed(trans_a, M, A, lda, t_packed_b, beta, C, ldc);
 }
 
+void gemm_bias(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+               const float* bias, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (M <= 64 || K <= 64) {  // where gemm may run unpacked (gemm_unpacked.cpp), which takes no bias
+    for (int64_t i = 0; i < M && bias; ++i) std::memcpy(C + i * ldc, bias, N * sizeof(float));
+    return gemm(Trans::no, Trans::no, M, N, K, A, lda, B, ldb, bias ? 1.0f : 0.0f, C, ldc);
+  }
+  pack_b(Trans::no, K, N, B, ldb, t_packed_b);
+  gemm_packed(Trans::no, M, A, lda, t_packed_b, 0.0f, C, ldc, {bias, nullptr});
+}
+
 void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,
                   float beta, float* C, int64_t ldc, float* b_column_sums, const float* b_row_scale) {
   const RowSource B{nullptr, 0, b_rows, nullptr, nullptr, b_row_scale};
