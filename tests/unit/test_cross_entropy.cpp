@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/rng.h"
 #include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/fast_math.h"
 
 namespace pm {
 namespace {
@@ -90,6 +92,37 @@ TEST_P(CrossEntropy, ShardsGiveTheWholeRowsLossAndGradient) {
       for (int64_t j = 0; j < widths[s]; ++j)
         ASSERT_NEAR(dshard[s][i * widths[s] + j], d[i * V + los[s] + j], 1e-7) << "row " << i << " col " << los[s] + j;
   }
+}
+
+// The bits the kernel defines, written out one value at a time: each exponential exp_approx(z -
+// max), summed in double into 32 running sums (value i into sum i mod 32), the sums added in
+// order; the gradient e * (1 / sum) * scale, less scale at the target. The sums in double are
+// checked as the vocabulary-parallel phase returns them (a float loss seldom shows their order).
+// Fails if the vector loop sums in another order or skips a value.
+TEST_P(CrossEntropy, GivesTheWrittenOutSumsBits) {
+  const int64_t V = GetParam();
+  const Rows r = random_rows(5, V, 4.0f, 11);
+  std::vector<float> losses(r.rows), d(r.rows * V), want_d(r.rows * V), maxes(r.rows);
+  std::vector<double> sums(2 * r.rows);
+  const float scale = 1.0f / 3;
+  cross_entropy(r.logits.data(), r.targets.data(), r.rows, V, losses.data(), d.data(), scale);
+  shard_row_max(r.logits.data(), r.rows, V, maxes.data());
+  shard_exp_sums(r.logits.data(), r.targets.data(), r.rows, V, 0, maxes.data(), sums.data());
+  for (int64_t row = 0; row < r.rows; ++row) {
+    const float* z = r.logits.data() + row * V;
+    const float max = *std::max_element(z, z + V);
+    double lanes[32] = {};
+    for (int64_t i = 0; i < V; ++i) lanes[i % 32] += exp_approx(z[i] - max);
+    double sum = 0;
+    for (double l : lanes) sum += l;
+    EXPECT_EQ(0, std::memcmp(&sum, &sums[2 * row], sizeof(double))) << "row " << row << "'s sum";
+    const float loss = static_cast<float>(std::log(sum) + max - z[r.targets[row]]);
+    EXPECT_EQ(0, std::memcmp(&loss, &losses[row], sizeof(float))) << "row " << row;
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t i = 0; i < V; ++i) want_d[row * V + i] = exp_approx(z[i] - max) * inv * scale;
+    want_d[row * V + r.targets[row]] -= scale;
+  }
+  EXPECT_EQ(0, std::memcmp(want_d.data(), d.data(), d.size() * sizeof(float)));
 }
 
 INSTANTIATE_TEST_SUITE_P(Vocabularies, CrossEntropy, ::testing::Values(1, 7, 8, 31, 32, 33, 100, 2048, 2053),

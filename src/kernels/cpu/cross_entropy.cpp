@@ -6,13 +6,15 @@
 #include <vector>
 
 #include "kernels/cpu/fast_math.h"
+#include "kernels/cpu/lanes.h"
 
 namespace pm {
 namespace {
 
-typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
+using lanes::Lanes;
+typedef double Doubles8 __attribute__((vector_size(8 * sizeof(double))));
 
-// Elements per step of the row loops: four vectors side by side (each exp is a long chain of
+// Elements per step of the row loops: two vectors of 16 side by side (each exp is a long chain of
 // dependent operations; one vector at a time left the core waiting on it, as in elementwise.cpp).
 constexpr int64_t kStep = 32;
 
@@ -20,34 +22,45 @@ constexpr int64_t kStep = 32;
 float row_max(const float* z, int64_t V) {
   float m = z[0];
   int64_t i = 0;
-  if (V >= 8) {
-    Vec8 mv;
-    std::memcpy(&mv, z, sizeof(Vec8));
-    for (i = 8; i + 8 <= V; i += 8) {
-      Vec8 x;
-      std::memcpy(&x, z + i, sizeof(Vec8));
+  if (V >= 16) {
+    Lanes mv = lanes::load16(z);
+    for (i = 16; i + 16 <= V; i += 16) {
+      const Lanes x = lanes::load16(z + i);
       mv = mv > x ? mv : x;
     }
-    for (int j = 0; j < 8; ++j) m = std::max(m, mv[j]);
+    for (int j = 0; j < 16; ++j) m = std::max(m, mv[j]);
   }
   for (; i < V; ++i) m = std::max(m, z[i]);
   return m;
 }
 
+// 8 of a vector's floats, from lane `first` on, widened to double (exactly).
+template <int first>
+[[gnu::always_inline]] inline Doubles8 widen8(const Lanes& x) {
+  return __builtin_convertvector(
+      __builtin_shufflevector(x, x, first, first + 1, first + 2, first + 3, first + 4, first + 5, first + 6, first + 7),
+      Doubles8);
+}
+
 // e[i] = exp(z[i] - max) for the row, and their sum in double: 32 running sums, element i into sum
 // i mod 32, added at the end in that order. A fixed order (the same bits wherever the row is and
 // whoever computes it) that does not wait on one add after another as a single running sum did.
+// The 32 sums are four vectors of 8 doubles: with vectors of 8 floats and the sums added one by
+// one, the loss and its gradient took 1.6x the time (1536 x 2048 logits, Zen 5: 0.66 ns a value).
 double row_exps(const float* z, int64_t V, float max, float* e) {
-  double lanes[kStep] = {};
-  const Vec8 m = {max, max, max, max, max, max, max, max};
+  Doubles8 sums[4] = {};
   int64_t i = 0;
   for (; i + kStep <= V; i += kStep) {
-    Vec8 x[4];
-    std::memcpy(x, z + i, sizeof(x));
-    for (int v = 0; v < 4; ++v) x[v] = exp_approx(x[v] - m);
-    std::memcpy(e + i, x, sizeof(x));
-    for (int j = 0; j < kStep; ++j) lanes[j] += e[i + j];
+    const Lanes x0 = exp_approx(lanes::load16(z + i) - max), x1 = exp_approx(lanes::load16(z + i + 16) - max);
+    std::memcpy(e + i, &x0, sizeof(x0));
+    std::memcpy(e + i + 16, &x1, sizeof(x1));
+    sums[0] += widen8<0>(x0);
+    sums[1] += widen8<8>(x0);
+    sums[2] += widen8<0>(x1);
+    sums[3] += widen8<8>(x1);
   }
+  double lanes[kStep];
+  std::memcpy(lanes, sums, sizeof(lanes));
   for (; i < V; ++i) {
     e[i] = exp_approx(z[i] - max);
     lanes[i % kStep] += e[i];
