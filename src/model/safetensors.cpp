@@ -27,7 +27,9 @@ std::string encode_safetensors(const std::vector<NamedTensor>& tensors, const st
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned
   uint64_t len = h.size();
-  std::string out(8, '\0');
+  std::string out;
+  out.reserve(8 + h.size() + offset);  // one allocation: appending grew it (and faulted pages in) again and again
+  out.assign(8, '\0');
   std::memcpy(out.data(), &len, 8);
   out += h;
   for (const NamedTensor& t : tensors) out.append(static_cast<const char*>(t.tensor.raw()), t.tensor.nbytes());
