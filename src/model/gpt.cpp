@@ -394,9 +394,9 @@ void GptModel::shared_expert_forward(Block& b, Backend& k, int64_t T, int64_t D,
 // input's gradient added to dx[T, D].
 void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, int64_t T, int64_t D, int64_t G,
                                       float* dx) {
-  Buffer<float> draw(T * D), dact(T * G), dse_in(T * D);
+  ScratchBuffer<float> draw(T * D), dact(T * G), dse_in(T * D);  // each written whole below before it is read
   if (config_.coef_gate) {
-    Buffer<float> dlogit(T);
+    ScratchBuffer<float> dlogit(T);
     for (int64_t t = 0; t < T; ++t) {
       double dcoef = 0;
       for (int64_t i = 0; i < D; ++i) {
@@ -405,7 +405,7 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
       }
       dlogit[t] = static_cast<float>(dcoef) * b.coef[t] * (1.0f - b.coef[t]);
     }
-    Buffer<float> dgate_in(T * D);
+    ScratchBuffer<float> dgate_in(T * D);
     linear_backward(k, precision_, b.ln2_out.data(), b.se_w_cg, dlogit.data(), T, b.d_se_w_cg, b.d_se_b_cg, dgate_in.data());
     for (int64_t i = 0; i < T * D; ++i) dx[i] += dgate_in[i];
   } else {
@@ -414,7 +414,7 @@ void GptModel::shared_expert_backward(Block& b, Backend& k, const float* dout, i
   const bool recomputed = b.se_act.empty();
   if (recomputed) shared_expert_hidden(b, k, T, G);  // recompute_experts: the forward kept only its input
   linear_backward(k, precision_, b.se_act.data(), b.se_w_out, draw.data(), T, b.d_se_w_out, b.d_se_b_out, dact.data());
-  Buffer<float> dfc_swiglu;
+  ScratchBuffer<float> dfc_swiglu;
   const float* dfc = activation_backward(k, config_.shared_expert_activation == "swiglu", b.se_fc.data(), dact.data(), T,
                                          G, dfc_swiglu);
   linear_backward(k, precision_, b.ln2_out.data(), b.se_w_fc, dfc, T, b.d_se_w_fc, b.d_se_b_fc, dse_in.data());

@@ -26,9 +26,13 @@ void GptModel::backward_stage(const float* dh_in) {
   const double Td = static_cast<double>(T), Dd = static_cast<double>(D);
   Backend& k = backend_;
   const bool scmoe = config_.scmoe();
-  // the backward's own buffers: alive until its graph has run
-  Buffer<float> dln(T * D), dh(T * D), dx_mid(T * D), dtmp(T * D), dffn_in(T * D), dattn(T * D), dact, dfc_swiglu;
-  Buffer<float> dqkv(T * (D + 2 * Dkvl));  // [dq | dk | dv]
+  // the backward's own buffers: alive until its graph has run. Those its steps overwrite whole
+  // before reading are left uninitialised (zero-filling them cost a pass over 12 MB a step in the
+  // DeepSeek-style model); dffn_in (an MoE layer's input gradient, summed into by the shared
+  // expert) and the buffers a tensor-parallel step sums over its group stay zero-filled.
+  Buffer<float> dln(T * D), dtmp(T * D), dffn_in(T * D);
+  ScratchBuffer<float> dh(T * D), dx_mid(T * D), dattn(T * D), dact, dfc_swiglu;
+  ScratchBuffer<float> dqkv(T * (D + 2 * Dkvl));  // [dq | dk | dv]
   const RouterLossGrads router_grads{static_cast<float>(config_.aux_coef) * backward_scale_,
                                  static_cast<float>(config_.z_loss_coef) * backward_scale_};
   std::vector<int> moe_done(L, -1), moe_ln_bwd(L, -1);  // MoE output (dx) or ScMoE's LN backward; task ids
@@ -67,7 +71,7 @@ void GptModel::backward_stage(const float* dh_in) {
         // the MoE's output gradient is dh here; the blocks below overwrite dh while its backward runs
         steps.push_back(DenseStep{indexed("moe_dy", l), [&b, &dh, l, Td, Dd](TaskGraph& g, int last) {
           return g.add({indexed("moe_dy", l), lanes::compute, "copy", -1, {1, 0, 2 * Td * Dd * 4}, after(last),
-                        [&b, &dh] { b.moe_dy = dh; }});
+                        [&b, &dh] { b.moe_dy.assign(dh.begin(), dh.end()); }});
         }});
         steps.push_back(MoeJoin{l});
         if (G > 0)

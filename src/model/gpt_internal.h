@@ -67,7 +67,7 @@ inline void activation_forward(Backend& k, bool swiglu, const float* fc, float* 
 // Its backward: the gradient of fc from dact[T, n], GeLU's in place in dact, SwiGLU's in scratch
 // [T, 2n]; returns where it is.
 inline const float* activation_backward(Backend& k, bool swiglu, const float* fc, float* dact, int64_t T, int64_t n,
-                                        Buffer<float>& scratch) {
+                                        ScratchBuffer<float>& scratch) {
   if (!swiglu) {
     k.gelu_backward(fc, dact, dact, T * n);
     return dact;
@@ -85,8 +85,8 @@ inline const float* activation_backward(Backend& k, bool swiglu, const float* fc
 inline float* compute_into(RowBuffer& kept, int64_t rows, int64_t width, Precision p) {
   kept.resize(rows, width, p);
   if (p == Precision::fp32) return kept.out(0).f32;
-  thread_local std::vector<float> scratch;
-  scratch.resize(rows * width);
+  thread_local std::vector<float> scratch;  // grown only: a resize up zero-fills what it adds
+  if (static_cast<int64_t>(scratch.size()) < rows * width) scratch.resize(rows * width);
   return scratch.data();
 }
 inline void keep(Backend& k, RowBuffer& kept, const float* values, int64_t rows) {
