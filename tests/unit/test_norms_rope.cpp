@@ -66,39 +66,49 @@ void rope_tables(int64_t S, int64_t hd, double theta, std::vector<float>& c, std
     }
 }
 
-// The norms run 8 rows side by side (their sums in double advance together): a call over many
-// rows gives the bits of a call per row, every sum in the same order, and the parameters'
-// gradients gather the rows in order.
+// The norms run 8 rows side by side (their sums in double advance together, 8 columns at a time
+// and then the columns left one by one): a call over many rows gives the bits of a call per row,
+// every sum in the same order, and the parameters' gradients gather the rows in order.
 TEST(Norms, RowsSideBySideGiveTheBitsOfOneRowAtATime) {
   const float eps = 1e-5f;
   for (const int64_t rows : {1, 8, 19}) {
-    for (const int64_t D : {1, 7, 192}) {
-      SCOPED_TRACE(testing::Message() << rows << " rows of " << D);
-      const std::vector<float> x = normal_values(rows * D, 11, 3.0f), dy = normal_values(rows * D, 12);
-      const std::vector<float> g = normal_values(D, 13), b = normal_values(D, 14);
-      auto same = same_bits;
-      std::vector<float> y(rows * D), mean(rows), rstd(rows), dx(rows * D), dg(D, 0.5f), db(D, 0.25f);
-      std::vector<float> y1 = y, mean1 = mean, rstd1 = rstd, dx1 = dx, dg1 = dg, db1 = db;
-      layernorm_forward(x.data(), g.data(), b.data(), rows, D, eps, y.data(), mean.data(), rstd.data());
-      layernorm_backward(x.data(), g.data(), mean.data(), rstd.data(), dy.data(), rows, D, dx.data(), dg.data(),
-                         db.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        layernorm_forward(&x[r * D], g.data(), b.data(), 1, D, eps, &y1[r * D], &mean1[r], &rstd1[r]);
-        layernorm_backward(&x[r * D], g.data(), &mean1[r], &rstd1[r], &dy[r * D], 1, D, &dx1[r * D], dg1.data(),
-                           db1.data());
+    for (const int64_t D : {1, 7, 13, 192, 197}) {
+      // and rows whose sums show their order: +-2^60 in the first two columns of each block of 8,
+      // which cancel in column order and swallow the small values beside them in any other
+      for (const bool cancelling : {false, true}) {
+        SCOPED_TRACE(testing::Message() << rows << " rows of " << D << (cancelling ? ", cancelling" : ""));
+        std::vector<float> x = normal_values(rows * D, 11, 3.0f), dy = normal_values(rows * D, 12);
+        std::vector<float> g = normal_values(D, 13), b = normal_values(D, 14);
+        if (cancelling) {
+          g.assign(D, 1.0f);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i + 1 < D; i += 8)
+              for (std::vector<float>* v : {&x, &dy}) (*v)[r * D + i] = 0x1p60f, (*v)[r * D + i + 1] = -0x1p60f;
+        }
+        auto same = same_bits;
+        std::vector<float> y(rows * D), mean(rows), rstd(rows), dx(rows * D), dg(D, 0.5f), db(D, 0.25f);
+        std::vector<float> y1 = y, mean1 = mean, rstd1 = rstd, dx1 = dx, dg1 = dg, db1 = db;
+        layernorm_forward(x.data(), g.data(), b.data(), rows, D, eps, y.data(), mean.data(), rstd.data());
+        layernorm_backward(x.data(), g.data(), mean.data(), rstd.data(), dy.data(), rows, D, dx.data(), dg.data(),
+                           db.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          layernorm_forward(&x[r * D], g.data(), b.data(), 1, D, eps, &y1[r * D], &mean1[r], &rstd1[r]);
+          layernorm_backward(&x[r * D], g.data(), &mean1[r], &rstd1[r], &dy[r * D], 1, D, &dx1[r * D], dg1.data(),
+                             db1.data());
+        }
+        EXPECT_TRUE(same(y, y1) && same(mean, mean1) && same(rstd, rstd1)) << "LayerNorm's forward";
+        EXPECT_TRUE(same(dx, dx1) && same(dg, dg1) && same(db, db1)) << "LayerNorm's backward";
+        std::vector<float> ry(rows * D), rr(rows), rdx(rows * D), rdg(D, 0.5f);
+        std::vector<float> ry1 = ry, rr1 = rr, rdx1 = rdx, rdg1 = rdg;
+        rmsnorm_forward(x.data(), g.data(), rows, D, eps, ry.data(), rr.data());
+        rmsnorm_backward(x.data(), g.data(), rr.data(), dy.data(), rows, D, rdx.data(), rdg.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          rmsnorm_forward(&x[r * D], g.data(), 1, D, eps, &ry1[r * D], &rr1[r]);
+          rmsnorm_backward(&x[r * D], g.data(), &rr1[r], &dy[r * D], 1, D, &rdx1[r * D], rdg1.data());
+        }
+        EXPECT_TRUE(same(ry, ry1) && same(rr, rr1)) << "RMSNorm's forward";
+        EXPECT_TRUE(same(rdx, rdx1) && same(rdg, rdg1)) << "RMSNorm's backward";
       }
-      EXPECT_TRUE(same(y, y1) && same(mean, mean1) && same(rstd, rstd1)) << "LayerNorm's forward";
-      EXPECT_TRUE(same(dx, dx1) && same(dg, dg1) && same(db, db1)) << "LayerNorm's backward";
-      std::vector<float> ry(rows * D), rr(rows), rdx(rows * D), rdg(D, 0.5f);
-      std::vector<float> ry1 = ry, rr1 = rr, rdx1 = rdx, rdg1 = rdg;
-      rmsnorm_forward(x.data(), g.data(), rows, D, eps, ry.data(), rr.data());
-      rmsnorm_backward(x.data(), g.data(), rr.data(), dy.data(), rows, D, rdx.data(), rdg.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        rmsnorm_forward(&x[r * D], g.data(), 1, D, eps, &ry1[r * D], &rr1[r]);
-        rmsnorm_backward(&x[r * D], g.data(), &rr1[r], &dy[r * D], 1, D, &rdx1[r * D], rdg1.data());
-      }
-      EXPECT_TRUE(same(ry, ry1) && same(rr, rr1)) << "RMSNorm's forward";
-      EXPECT_TRUE(same(rdx, rdx1) && same(rdg, rdg1)) << "RMSNorm's backward";
     }
   }
 }

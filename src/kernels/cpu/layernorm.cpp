@@ -1,6 +1,7 @@
 #include "kernels/cpu/layernorm.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace pm {
 
@@ -21,6 +22,45 @@ void in_row_blocks(int64_t rows, Fn&& fn) {
   for (; r0 < rows; ++r0) fn.template operator()<1>(r0);
 }
 
+// A block's 8 rows side by side: the sums of the 8 rows are one vector of 8 doubles, a lane per
+// row, and each step adds one column of the block (a value of every row). The columns come 8 at a
+// time, loaded as rows and transposed in registers: gathering each column value by value (what
+// GCC made of the loops over the rows) cost more than the arithmetic. Every lane's operations and
+// their order are the scalar loop's: the same bits.
+typedef float Floats8 __attribute__((vector_size(8 * sizeof(float))));
+typedef double Doubles8 __attribute__((vector_size(8 * sizeof(double))));
+
+[[gnu::always_inline]] inline Floats8 load8(const float* p) {
+  Floats8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+[[gnu::always_inline]] inline Doubles8 widen(const Floats8& v) { return __builtin_convertvector(v, Doubles8); }
+
+// r[i][j] -> r[j][i]
+[[gnu::always_inline]] inline void transpose8(Floats8 (&r)[8]) {
+  Floats8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      u[i + 2 * k] = __builtin_shufflevector(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * k + 1] = __builtin_shufflevector(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// Columns [0, 8) of the 8 rows from p, D apart: c[j] holds column j (lane r: row r).
+[[gnu::always_inline]] inline void columns8(const float* p, int64_t D, Floats8 (&c)[8]) {
+  for (int r = 0; r < 8; ++r) c[r] = load8(p + r * D);
+  transpose8(c);
+}
+
 }  // namespace
 
 void layernorm_forward(const float* x, const float* gamma, const float* beta, int64_t rows, int64_t D,
@@ -29,12 +69,35 @@ void layernorm_forward(const float* x, const float* gamma, const float* beta, in
     const float* xb = x + r0 * D;
     // two passes in double: exact enough to match a float64 reference to 1e-6
     double m[R] = {}, v[R] = {};
-    for (int64_t i = 0; i < D; ++i)
+    int64_t whole = 0;  // the columns the vectors of 8 rows take, then the rest one by one
+    if constexpr (R == 8) {
+      Doubles8 mv = {};
+      for (; whole + 8 <= D; whole += 8) {
+        Floats8 c[8];
+        columns8(xb + whole, D, c);
+        for (int j = 0; j < 8; ++j) mv += widen(c[j]);
+      }
+      std::memcpy(m, &mv, sizeof(m));
+    }
+    for (int64_t i = whole; i < D; ++i)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) m[r] += xb[r * D + i];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) m[r] /= static_cast<double>(D);
-    for (int64_t i = 0; i < D; ++i)
+    if constexpr (R == 8) {
+      Doubles8 mv, vv = {};
+      std::memcpy(&mv, m, sizeof(m));
+      for (int64_t i = 0; i < whole; i += 8) {
+        Floats8 c[8];
+        columns8(xb + i, D, c);
+        for (int j = 0; j < 8; ++j) {
+          const Doubles8 d = widen(c[j]) - mv;
+          vv += d * d;
+        }
+      }
+      std::memcpy(v, &vv, sizeof(v));
+    }
+    for (int64_t i = whole; i < D; ++i)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) v[r] += (xb[r * D + i] - m[r]) * (xb[r * D + i] - m[r]);
     for (int r = 0; r < R; ++r) {
@@ -57,7 +120,25 @@ void layernorm_backward(const float* x, const float* gamma, const float* mean, c
     const float* dyb = dy + r0 * D;
     // xhat = (x - m) s; dxhat = dy gamma; dx = s (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
     double sum_dxhat[R] = {}, sum_dxhat_xhat[R] = {};
-    for (int64_t i = 0; i < D; ++i)
+    int64_t whole = 0;
+    if constexpr (R == 8) {
+      Doubles8 sa = {}, sb = {};
+      for (; whole + 8 <= D; whole += 8) {
+        const Floats8 g = load8(gamma + whole);
+        Floats8 dxhat[8], product[8];
+        for (int r = 0; r < 8; ++r) {
+          const Floats8 xhat = (load8(xb + r * D + whole) - mean[r0 + r]) * rstd[r0 + r];
+          dxhat[r] = load8(dyb + r * D + whole) * g;
+          product[r] = dxhat[r] * xhat;
+        }
+        transpose8(dxhat);
+        transpose8(product);
+        for (int j = 0; j < 8; ++j) sa += widen(dxhat[j]), sb += widen(product[j]);
+      }
+      std::memcpy(sum_dxhat, &sa, sizeof(sum_dxhat));
+      std::memcpy(sum_dxhat_xhat, &sb, sizeof(sum_dxhat_xhat));
+    }
+    for (int64_t i = whole; i < D; ++i)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const float xhat = (xb[r * D + i] - mean[r0 + r]) * rstd[r0 + r];
@@ -91,7 +172,20 @@ void rmsnorm_forward(const float* x, const float* gamma, int64_t rows, int64_t D
   in_row_blocks(rows, [&]<int R>(int64_t r0) {
     const float* xb = x + r0 * D;
     double ms[R] = {};  // in double, as LayerNorm's statistics
-    for (int64_t i = 0; i < D; ++i)
+    int64_t whole = 0;
+    if constexpr (R == 8) {
+      Doubles8 sv = {};
+      for (; whole + 8 <= D; whole += 8) {
+        Floats8 c[8];
+        columns8(xb + whole, D, c);
+        for (int j = 0; j < 8; ++j) {
+          const Doubles8 d = widen(c[j]);
+          sv += d * d;
+        }
+      }
+      std::memcpy(ms, &sv, sizeof(ms));
+    }
+    for (int64_t i = whole; i < D; ++i)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) ms[r] += static_cast<double>(xb[r * D + i]) * xb[r * D + i];
     for (int r = 0; r < R; ++r) {
@@ -111,7 +205,20 @@ void rmsnorm_backward(const float* x, const float* gamma, const float* rstd, con
     const float* dyb = dy + r0 * D;
     // xhat = x s; dxhat = dy gamma; dx = s (dxhat - xhat mean(dxhat xhat))
     double sum_dxhat_xhat[R] = {};
-    for (int64_t i = 0; i < D; ++i)
+    int64_t whole = 0;
+    if constexpr (R == 8) {
+      Doubles8 sv = {};
+      for (; whole + 8 <= D; whole += 8) {
+        const Floats8 g = load8(gamma + whole);
+        Floats8 product[8];
+        for (int r = 0; r < 8; ++r)
+          product[r] = load8(dyb + r * D + whole) * g * (load8(xb + r * D + whole) * rstd[r0 + r]);
+        transpose8(product);
+        for (int j = 0; j < 8; ++j) sv += widen(product[j]);
+      }
+      std::memcpy(sum_dxhat_xhat, &sv, sizeof(sum_dxhat_xhat));
+    }
+    for (int64_t i = whole; i < D; ++i)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const float xhat = xb[r * D + i] * rstd[r0 + r];
