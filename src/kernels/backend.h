@@ -222,18 +222,12 @@ class Backend {
   virtual void gemm_prepacked(Trans trans_a, int64_t M, const float* A, int64_t lda, const PackedMatrix& B, float beta,
                               float* C, int64_t ldc) = 0;
   // y[M, N] = x[M, K] w[K, N] + bias[N] (bias null: zeros) in `precision`, w packed beforehand
-  // where `packed` is given: the bits of filling y's rows with the bias and then gemm_as (or
-  // gemm_prepacked) with beta 1, which is what this default does. The CPU backend starts each
-  // element's chain from the bias in the kernel instead: no pass writing y and reading it back.
-  virtual void linear(Precision precision, int64_t M, int64_t N, int64_t K, const float* x, const float* w,
-                      const PackedMatrix* packed, const float* bias, float* y) {
-    if (bias) fill_rows(y, M, N, bias);
-    const float beta = bias ? 1.0f : 0.0f;
-    if (packed)
-      gemm_prepacked(Trans::no, M, x, K, *packed, beta, y, N);
-    else
-      gemm_as(precision, Trans::no, Trans::no, M, N, K, x, K, w, N, beta, y, N);
-  }
+  // where `packed` is given; x may be bf16 rows (an activation kept in bf16: a bf16 product). The
+  // bits of filling y's rows with the bias and then gemm_as (or gemm_prepacked) with beta 1, which
+  // is what this default does. The CPU backend starts each element's chain from the bias in the
+  // kernel instead: no pass writing y and reading it back.
+  virtual void linear(Precision precision, int64_t M, int64_t N, int64_t K, RowsIn x, const float* w,
+                      const PackedMatrix* packed, const float* bias, float* y);  // (backend_linear.cpp)
   // y[n] += alpha * x[n]
   virtual void axpy(float alpha, const float* x, float* y, int64_t n) = 0;
   // dst rows from src rows, width values each, run by run; floats into bf16 rows are rounded to

@@ -208,7 +208,7 @@ class GptModel {
                      std::function<void()> first, Buffer<float>* partial, int64_t count, std::function<void()> rest);
   // y = x w + b, or, with the dense weights split, this rank's share of it (x w with its rows of
   // w; the bias from the group's first rank only), summed over the group afterwards.
-  void linear_forward_share(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T, float* y) const;
+  void linear_forward_share(Backend& k, RowsIn x, const Tensor& w, const Tensor& b, int64_t T, float* y) const;
   // Inference: each dense weight packed once at start_inference (the weights no longer change), by
   // tensor; the LM head's (wte used transposed) too. Null while training.
   const PackedMatrix* frozen_pack(const Tensor& w) const;

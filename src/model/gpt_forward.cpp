@@ -202,11 +202,11 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
         norm_forward(k, config_.rmsnorm(), h_.data(), b.ln1_g, b.ln1_b, T, D, ln1, b.ln1_mean.data(), b.ln1_rstd.data());
         const int64_t ld = Dl + 2 * Dkvl;  // [q | k | v]
         b.qkv.resize(T * ld);
-        linear_forward(k, precision_, ln1, b.w_qkv, b.b_qkv, T, b.qkv.data(), frozen_pack(b.w_qkv));
+        keep(k, b.ln1_out, ln1, T);
+        linear_forward(k, precision_, b.ln1_out.in(0), b.w_qkv, b.b_qkv, T, b.qkv.data(), frozen_pack(b.w_qkv));
         // rotary: the queries and keys turned by their positions before they meet (and before the
         // keys go into the cache)
         if (config_.rope()) rope(k, b.qkv.data(), T, decode ? token_positions_.data() : nullptr, S, false);
-        keep(k, b.ln1_out, ln1, T);
         float* attn = compute_into(b.attn, T, Dl, precision_);
         if (decode) {  // each token against its row's cached keys and values
           k.attention_decode(b.qkv.data(), b.k_cache.data(), b.v_cache.data(), token_positions_.data(),
@@ -222,8 +222,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
               b.v_cache[(cache_row * S_max + t) * Dkv + i] = b.qkv[t * ld + D + Dkv + i];
             }
         b.x_mid.resize(T * D);
-        linear_forward_share(k, attn, b.w_proj, b.b_proj, T, b.x_mid.data());
         keep(k, b.attn, attn, T);
+        linear_forward_share(k, b.attn.in(0), b.w_proj, b.b_proj, T, b.x_mid.data());
       };
       auto rest = [&b, &k, this, T, D] {
         for (int64_t i = 0; i < T * D; ++i) b.x_mid[i] += h_[i];
@@ -267,8 +267,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
           linear_forward(k, precision_, b.ln2_out.data(), b.w_fc, b.b_fc, T, b.fc.data(), frozen_pack(b.w_fc));
           float* act = compute_into(b.act, T, Fl, precision_);
           activation_forward(k, mlp_swiglu(), b.fc.data(), act, T, Fl);
-          linear_forward_share(k, act, b.w_out, b.b_out, T, h_.data());
           keep(k, b.act, act, T);
+          linear_forward_share(k, b.act.in(0), b.w_out, b.b_out, T, h_.data());
         };
         auto rest = [&b, this, T, D] {
           for (int64_t i = 0; i < T * D; ++i) h_[i] += b.x_mid[i];

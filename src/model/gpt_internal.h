@@ -37,8 +37,9 @@ inline void norm_backward(Backend& k, bool rms, const float* x, const Tensor& g,
 }
 
 // y[T, N] = x[T, K] w[K, N] + b[N]; its GEMM in `p` (bf16: on bf16 operands, fp32 accumulation),
-// with w packed once beforehand when `packed` is given (frozen weights: the same bits).
-inline void linear_forward(Backend& k, Precision p, const float* x, const Tensor& w, const Tensor& b, int64_t T,
+// with w packed once beforehand when `packed` is given (frozen weights: the same bits). x may be
+// bf16 rows (an activation kept in bf16, which needs p bf16).
+inline void linear_forward(Backend& k, Precision p, RowsIn x, const Tensor& w, const Tensor& b, int64_t T,
                            float* y, const PackedMatrix* packed = nullptr) {
   k.linear(p, T, w.dim(1), w.dim(0), x, w.f32(), packed, b.f32(), y);
 }
@@ -80,8 +81,9 @@ inline const float* activation_backward(Backend& k, bool swiglu, const float* fc
 // Activations that only the dense GEMMs read (LayerNorm 1's output, attention's output, the dense
 // MLP's activation) are kept in the dense GEMMs' precision: in bf16 a GEMM rounds them to bf16
 // anyway, so keeping them in bf16 gives the same bits in half the bytes. They are computed in
-// floats (in the kept buffer itself in fp32, in this thread's scratch in bf16), read by the
-// forward's GEMM from there, then kept.
+// floats (in the kept buffer itself in fp32, in this thread's scratch in bf16), kept, and the
+// forward's GEMM reads the kept rows (in bf16 it reads them in place where it would have rounded
+// the floats as it packed them: one pass over the rows less).
 inline float* compute_into(RowBuffer& kept, int64_t rows, int64_t width, Precision p) {
   kept.resize(rows, width, p);
   if (p == Precision::fp32) return kept.out(0).f32;

@@ -64,11 +64,10 @@ int GptModel::add_dense_task(TaskGraph& g, const std::string& name, const char* 
   return g.add({name + " out", lanes::compute, cost, -1, {1, 0, 0}, {sum}, std::move(rest)});
 }
 
-void GptModel::linear_forward_share(Backend& k, const float* x, const Tensor& w, const Tensor& b, int64_t T,
+void GptModel::linear_forward_share(Backend& k, RowsIn x, const Tensor& w, const Tensor& b, int64_t T,
                                     float* y) const {
   if (dense_tp_ == 1 || tp_group_->rank() == 0) return linear_forward(k, precision_, x, w, b, T, y, frozen_pack(w));
-  const int64_t K = w.dim(0), N = w.dim(1);
-  k.gemm_as(precision_, Trans::no, Trans::no, T, N, K, x, K, w.f32(), N, 0.0f, y, N);
+  k.linear(precision_, T, w.dim(1), w.dim(0), x, w.f32(), frozen_pack(w), nullptr, y);  // the bias added by rank 0
 }
 
 const PackedMatrix* GptModel::frozen_pack(const Tensor& w) const {

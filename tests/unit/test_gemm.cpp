@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "core/tensor.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/fma_ceiling.h"
 #include "kernels/cpu/gemm.h"
@@ -123,7 +124,8 @@ TEST(Gemm, EveryRowCountGivesTheWrittenOutChain) {
 // A linear layer's forward on the CPU starts each element's chain from the bias in the kernel;
 // Backend's own linear fills the rows with the bias and runs the product with beta 1. Both give
 // the same bits: fp32 and bf16 (both orders), B packed beforehand or not, no bias, small products
-// (gemm's unpacked paths) and deep ones (two depth blocks). Fails if the kernel adds the bias
+// (gemm's unpacked paths) and deep ones (two depth blocks); in bf16 also from x kept as bf16 rows
+// (the values the product rounds float rows to), on both paths. Fails if the kernel adds the bias
 // anywhere but at the chain's start.
 TEST(Gemm, LinearStartsFromTheBiasWithTheBitsOfFilledRows) {
   Backend& k = cpu_backend();
@@ -147,6 +149,20 @@ TEST(Gemm, LinearStartsFromTheBiasWithTheBitsOfFilledRows) {
             ASSERT_EQ(0, std::memcmp(filled.data(), started.data(), filled.size() * sizeof(float)))
                 << (p == Precision::bf16 ? "bf16 " : "fp32 ") << bf16_order_name() << " M " << c.M << " N " << c.N
                 << " K " << c.K << (with_bias ? " bias" : " no bias") << (prepacked ? " prepacked" : "");
+            if (p != Precision::bf16) continue;
+            std::vector<uint16_t> x16(x.size());
+            for (std::size_t i = 0; i < x.size(); ++i) x16[i] = float_to_bf16(x[i]);
+            for (bool own : {false, true}) {
+              std::vector<float> from_bf16(c.M * c.N, -3.0f);
+              if (own)
+                k.Backend::linear(p, c.M, c.N, c.K, x16.data(), w.data(), packed.get(), bias, from_bf16.data());
+              else
+                k.linear(p, c.M, c.N, c.K, x16.data(), w.data(), packed.get(), bias, from_bf16.data());
+              ASSERT_EQ(0, std::memcmp(filled.data(), from_bf16.data(), filled.size() * sizeof(float)))
+                  << "bf16 rows of x, " << (own ? "Backend's linear, " : "") << bf16_order_name() << " M " << c.M
+                  << " N " << c.N << " K " << c.K << (with_bias ? " bias" : " no bias")
+                  << (prepacked ? " prepacked" : "");
+            }
           }
     }
   set_bf16_order(Bf16Order::dot);

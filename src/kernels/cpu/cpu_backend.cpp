@@ -70,13 +70,17 @@ class CpuBackend final : public Backend {
                       float* C, int64_t ldc) override {
     pm::gemm_packed(trans_a, M, A, lda, static_cast<const CpuPackedMatrix&>(B).b, beta, C, ldc);
   }
-  void linear(Precision precision, int64_t M, int64_t N, int64_t K, const float* x, const float* w,
+  void linear(Precision precision, int64_t M, int64_t N, int64_t K, RowsIn x, const float* w,
               const PackedMatrix* packed, const float* bias, float* y) override {
-    if (packed)
-      return pm::gemm_packed(Trans::no, M, x, K, static_cast<const CpuPackedMatrix&>(*packed).b, 0.0f, y, N,
-                             {bias, nullptr});
-    if (precision == Precision::bf16) return pm::gemm_bf16_bias(M, N, K, x, K, w, N, bias, y, N);
-    pm::gemm_bias(M, N, K, x, K, w, N, bias, y, N);
+    PM_CHECK(!x.bf16 || precision == Precision::bf16, "bf16 rows of a linear layer's input need a bf16 product");
+    if (packed) {
+      const PackedB& b = static_cast<const CpuPackedMatrix&>(*packed).b;
+      if (x.bf16) return pm::gemm_packed(Trans::no, M, x.bf16, K, b, 0.0f, y, N, {bias, nullptr});
+      return pm::gemm_packed(Trans::no, M, x.f32, K, b, 0.0f, y, N, {bias, nullptr});
+    }
+    if (x.bf16) return pm::gemm_bf16_bias(M, N, K, x.bf16, K, w, N, bias, y, N);
+    if (precision == Precision::bf16) return pm::gemm_bf16_bias(M, N, K, x.f32, K, w, N, bias, y, N);
+    pm::gemm_bias(M, N, K, x.f32, K, w, N, bias, y, N);
   }
   void axpy(float alpha, const float* x, float* y, int64_t n) override { pm::axpy(alpha, x, y, n); }
   void copy_rows(RowsIn src, RowsOut dst, int64_t width, const std::vector<RowRun>& runs) override {

@@ -147,6 +147,8 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
 // gemm_bias as a bf16 GEMM: the bits of gemm_bf16 with beta 1 on C's rows filled with the bias.
 void gemm_bf16_bias(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                     const float* bias, float* C, int64_t ldc);
+void gemm_bf16_bias(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const float* B, int64_t ldb,
+                    const float* bias, float* C, int64_t ldc);  // A stored as bf16
 // b_row_scale ([K], optional): B's row k is what a bf16 copy of b_row_scale[k] times the row holds
 // (each product rounded to bf16: scaled_floats_to_bf16), for the product and the sums alike.
 void gemm_tn_rows_bf16(int64_t M, int64_t N, int64_t K, const float* const* a_rows, const float* const* b_rows,

@@ -153,6 +153,13 @@ void gemm_bf16_bias(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
   gemm_packed(Trans::no, M, A, lda, scratch_packed_b(), 0.0f, C, ldc, {bias, nullptr});
 }
 
+void gemm_bf16_bias(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const float* B, int64_t ldb,
+                    const float* bias, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  pack_b_bf16(Trans::no, K, N, B, ldb, scratch_packed_b());
+  gemm_packed(Trans::no, M, A, lda, scratch_packed_b(), 0.0f, C, ldc, {bias, nullptr});
+}
+
 namespace {
 
 // Whether bf16 GEMMs packed now run the AVX512_BF16 kernel (use_bf16_dot, before B exists).
