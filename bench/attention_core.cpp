@@ -28,9 +28,7 @@ struct Shape {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string csv_path;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::string(argv[i]) == "--csv") csv_path = argv[i + 1];
+  const std::string csv_path = bench::csv_path_of(argc, argv);
   // one rank's micro-batch of configs/demo.json and deepseek.json (12 sequences of 128, 4 heads of
   // 48), a longer sequence, and Llama-style grouped heads (configs/mixtral.json's 8 of 64 on 2)
   const Shape shapes[] = {{"demo / deepseek (B 12, S 128, 4 heads of 48)", 12, 128, 4, 4, 48},

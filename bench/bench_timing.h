@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <string>
 #include <vector>
 
 namespace pm::bench {
@@ -13,6 +14,13 @@ inline double ms_of(const auto& fn) {
   const auto start = std::chrono::steady_clock::now();
   fn();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
+}
+
+// The FILE of a `--csv FILE` among the arguments, or "" (then no CSV is written).
+inline std::string csv_path_of(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--csv") return argv[i + 1];
+  return "";
 }
 
 // The middle value (the upper one of an even count).

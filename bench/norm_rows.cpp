@@ -19,9 +19,7 @@
 using namespace pm;
 
 int main(int argc, char** argv) {
-  std::string csv_path;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::string(argv[i]) == "--csv") csv_path = argv[i + 1];
+  const std::string csv_path = bench::csv_path_of(argc, argv);
   struct Shape {
     int64_t rows, D;
   };

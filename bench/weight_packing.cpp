@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_timing.h"
 #include "core/rng.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/gemm_internal.h"
@@ -49,9 +50,7 @@ double median(std::vector<double> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string csv_path;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::string(argv[i]) == "--csv") csv_path = argv[i + 1];
+  const std::string csv_path = bench::csv_path_of(argc, argv);
   if (!gemm_detail::bf16_pair_words_wanted()) {
     std::printf("this CPU has no AVX512_BF16: bf16 packings make the float panels alone, as before\n");
     return 0;
