@@ -36,6 +36,8 @@ class ForwardingBackend : public Backend {
                       float* C, int64_t ldc) override {
     host_.gemm_prepacked(trans_a, M, A, lda, B, beta, C, ldc);
   }
+  // (linear is not forwarded: Backend's own form runs fill_rows and the products above, so a
+  // backend that overrides those runs its linear layers on its own kernels; the host's would not)
   std::unique_ptr<PackedExpert> new_packed_expert(Activation activation, Precision precision) override {
     return host_.new_packed_expert(activation, precision);
   }
