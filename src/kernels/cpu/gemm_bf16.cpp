@@ -146,18 +146,27 @@ void gemm_bf16(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, co
   gemm_packed(trans_a, M, A, lda, scratch_packed_b(), beta, C, ldc);
 }
 
-void gemm_bf16_bias(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+namespace {
+
+// gemm_bias's bf16 product, A's rows floats or bf16
+template <typename AValue>
+void bf16_from_bias(int64_t M, int64_t N, int64_t K, const AValue* A, int64_t lda, const float* B, int64_t ldb,
                     const float* bias, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   pack_b_bf16(Trans::no, K, N, B, ldb, scratch_packed_b());
   gemm_packed(Trans::no, M, A, lda, scratch_packed_b(), 0.0f, C, ldc, {bias, nullptr});
 }
 
+}  // namespace
+
+void gemm_bf16_bias(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    const float* bias, float* C, int64_t ldc) {
+  bf16_from_bias(M, N, K, A, lda, B, ldb, bias, C, ldc);
+}
+
 void gemm_bf16_bias(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const float* B, int64_t ldb,
                     const float* bias, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  pack_b_bf16(Trans::no, K, N, B, ldb, scratch_packed_b());
-  gemm_packed(Trans::no, M, A, lda, scratch_packed_b(), 0.0f, C, ldc, {bias, nullptr});
+  bf16_from_bias(M, N, K, A, lda, B, ldb, bias, C, ldc);
 }
 
 namespace {
