@@ -15,15 +15,32 @@ double learning_rate(const TrainConfig& c, int64_t step) {
   return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
+namespace {
+
+// The sum of g[i]^2 in double, in 32 running sums (g[i] into sum i % 32) added pairwise at the
+// end: a fixed order, so the same on every run and rank. One running sum waited ~4 cycles a value
+// on the add before it (1.8% of a bf16 training step of configs/deepseek.json); the 32 are 4
+// vectors of 8 doubles, 10x faster on 2.7 M values.
+double sum_of_squares(const float* g, int64_t n) {
+  constexpr int W = 32;
+  double s[W] = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    for (int k = 0; k < W; ++k) s[k] += static_cast<double>(g[i + k]) * g[i + k];
+  for (int k = 0; i + k < n; ++k) s[k] += static_cast<double>(g[i + k]) * g[i + k];
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) s[k] += s[k + w];
+  return s[0];
+}
+
+}  // namespace
+
 double global_grad_norm(const std::vector<Parameter>& params, Communicator& comm, int expert_copies,
                         Communicator* pipeline, const std::string& not_counted) {
   double replicated = 0, expert = 0;
   for (const Parameter& p : params) {
     if (!not_counted.empty() && p.name == not_counted) continue;
-    const float* g = p.grad->f32();
-    double s = 0;
-    for (int64_t i = 0, n = p.grad->numel(); i < n; ++i) s += static_cast<double>(g[i]) * g[i];
-    (p.expert ? expert : replicated) += s;
+    (p.expert ? expert : replicated) += sum_of_squares(p.grad->f32(), p.grad->numel());
   }
   // replicated gradients are the same on every rank after the all-reduce: count them once
   // and every expert once, whichever ranks hold a copy

@@ -172,5 +172,31 @@ TEST(Optimizer, ClippingAsTheUpdateReadsGivesTheBitsOfClippingFirst) {
   EXPECT_EQ(clip_scale(5.0, 0.0), 1.0f);           // 0: no clipping
 }
 
+// The norm's squares are summed in 32 running sums (value i into sum i % 32), then sum k + 16 into
+// sum k, k + 8 into k, ..., 1 into 0: for a value of 2^27 (its square 2^54, where a double's step
+// is 4) then 31 ones, 2^54 meets 1, 2, 4, 8 and 16 in turn; 1 and 2 round away: 2^54 + 28. One
+// running sum gave 2^54 (every 1 rounds away).
+// Sizes around 32 and a long one check the tail against a long double sum.
+TEST(Optimizer, GradientNormSumsItsSquaresIn32RunningSums) {
+  run_ranks_in_process(1, [&](Communicator& comm) {
+    Tensor w = Tensor::empty({32}), g = Tensor::empty({32});
+    g.f32()[0] = 134217728.0f;  // 2^27
+    for (int i = 1; i < 32; ++i) g.f32()[i] = 1.0f;
+    std::vector<Parameter> one = {{"w", &w, &g, false, true}};
+    EXPECT_EQ(global_grad_norm(one, comm), std::sqrt(18014398509481984.0 + 28.0));
+    for (const int64_t n : {1, 31, 33, 65, 100003}) {
+      Tensor wn = Tensor::empty({n}), gn = Tensor::empty({n});
+      long double sum = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        gn.f32()[i] = std::sin(0.37f * static_cast<float>(i)) * 1e-3f;
+        sum += static_cast<long double>(gn.f32()[i]) * gn.f32()[i];
+      }
+      std::vector<Parameter> params = {{"w", &wn, &gn, false, true}};
+      const double norm = global_grad_norm(params, comm), want = std::sqrt(static_cast<double>(sum));
+      EXPECT_NEAR(norm, want, 1e-14 * want) << n << " values";
+    }
+  });
+}
+
 }  // namespace
 }  // namespace pm
