@@ -130,8 +130,7 @@ DegreeChoice choose_moe_degrees(GptModel& model, const TrainConfig& c, Communica
     comm.allreduce(v, v, 2, DType::f64, ReduceOp::max);
     return std::make_pair(v[0], v[1]);
   };
-  if (request == 0) pass();  // warms buffers before anything is timed
-  choice = choose_degrees(request, request, profile, shape, profile ? 3 : 0, measure, 3, probe.strategy());
+  choice = choose_degrees(request, request, profile, shape, profile ? 3 : 0, measure, 5, probe.strategy());
   model.zero_grads();  // the probe's passes left gradients behind
   for (MoeLayer* l : layers) l->set_degrees(choice.forward, choice.backward);
   return choice;

@@ -60,9 +60,15 @@ DegreeChoice choose_degrees(int forward_request, int backward_request, const Per
   // in `rounds` interleaved rounds, each starting at another candidate, and keep the fastest
   // median with the rounds' drift taken out: the same trials as training's (perf/degree_tuner.h).
   choice.measured = true;
+  // One untimed pass at each candidate first: a degree's first pass makes its chunks' buffers, and
+  // at a run's start the first passes were the slowest (page faults, cold caches), which taking
+  // out each round's level cannot correct where it falls on one candidate.
+  const std::vector<int> fwd_timed = time_fwd ? fwd_candidates : std::vector<int>{choice.forward},
+                         bwd_timed = time_bwd ? bwd_candidates : std::vector<int>{choice.backward};
+  for (std::size_t i = 0; i < std::max(fwd_timed.size(), bwd_timed.size()); ++i)
+    measure(fwd_timed[i < fwd_timed.size() ? i : 0], bwd_timed[i < bwd_timed.size() ? i : 0]);
   DegreeTuner tuner(std::max(1, rounds));
-  tuner.start(0, time_fwd ? fwd_candidates : std::vector<int>{choice.forward},
-              time_bwd ? bwd_candidates : std::vector<int>{choice.backward});
+  tuner.start(0, fwd_timed, bwd_timed);
   DegreeTuner::Decision decided;
   for (bool done = false; !done;) {
     const auto [f, b] = tuner.next(0);

@@ -4,7 +4,9 @@
 //   auto    with a profile: the planner's prediction (forward and backward separately); with
 //           `refine` the planner's best few are also timed on the first iterations and the
 //           fastest measured wins; without a profile: every candidate is timed and the fastest
-//           wins. Measurements take the slowest rank, so every rank makes the same choice.
+//           wins. Timing runs one untimed pass at each candidate first, and the fewest chunks
+//           within kPlanTolerance of the fastest median win (perf/degree_tuner.h). Measurements
+//           take the slowest rank, so every rank makes the same choice.
 #pragma once
 
 #include <functional>
@@ -27,7 +29,8 @@ struct DegreeChoice {
 };
 
 // measure(fwd_degree, bwd_degree) runs a pass (or a few) and returns its (forward, backward)
-// seconds, slowest rank; called `rounds` times per candidate, interleaved, each round starting at
+// seconds, slowest rank; called once per candidate untimed, then `rounds` times per candidate,
+// interleaved, each round starting at
 // another candidate, the rounds' drift divided out (perf/degree_tuner.h: training's own trials). refine: how many
 // degrees to time, the planner's pick and its next best predictions (0 or 1: trust the planner).
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,

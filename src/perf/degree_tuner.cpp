@@ -82,9 +82,16 @@ int DegreeTuner::decide(const Direction& d, std::map<int, double>& medians) {
   // a round's level is its mean: with 2 or 3 candidates its median is one of them (ties)
   const RoundMedians m = round_medians(d.seconds, RoundLevel::mean);
   medians = m.median;
-  int best = d.candidates.front();
+  int fastest = d.candidates.front();
   for (int c : d.candidates)
-    if (m.median.at(c) < m.median.at(best)) best = c;
+    if (m.median.at(c) < m.median.at(fastest)) fastest = c;
+  // the fewest chunks timed within kPlanTolerance of the fastest, as the planner picks from its
+  // predictions: more chunks for a gain inside the timing's noise only add per-chunk costs (on one
+  // host, where every degree times alike, the probe picked degrees 2 and 3 by chance, and training
+  // ran them 1-4% slower than degree 1)
+  int best = fastest;
+  for (int c : d.candidates)
+    if (c < best && m.median.at(c) <= m.median.at(fastest) * (1 + kPlanTolerance)) best = c;
   for (const auto& [degree, seconds] : d.seconds)
     for (double s : seconds) spent_s_ += s - m.median.at(best);
   return best;

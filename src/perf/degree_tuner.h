@@ -6,7 +6,8 @@
 // backward's all-to-alls took 1.13-1.33x their model at every degree, which favours more chunks
 // than predicted). So the candidates the planner predicts close to its best are run on real steps,
 // in interleaved rounds (each candidate once per round, each round starting at another), and the
-// fastest by drift-corrected median (core/round_medians.h) wins. Degrees change time, never
+// fastest by drift-corrected median (core/round_medians.h) wins, or the fewest chunks within
+// kPlanTolerance of it (the planner's rule: a gain inside the noise does not pay for more chunks). Degrees change time, never
 // results: a tuning step computes exactly what any other degree would.
 //
 // Every rank must feed the same seconds (the slowest rank's) so that every rank decides alike.
@@ -45,7 +46,7 @@ class DegreeTuner {
   // The (forward, backward) degrees the layer runs on the next step.
   std::pair<int, int> next(int layer) const;
   struct Decision {
-    int forward = 1, backward = 1;                           // the fastest
+    int forward = 1, backward = 1;                           // the fastest, or the fewest chunks near it
     std::map<int, double> forward_s, backward_s;             // per candidate: median, drift taken out
   };
   // The layer's seconds on the step that ran next(layer)'s degrees. When that was its last trial,

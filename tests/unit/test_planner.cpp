@@ -292,21 +292,26 @@ TEST(DegreeChoice, FixedAutoAndRefined) {
   };
   DegreeChoice refined = choose_degrees(0, 0, &p, kShape, 3, prefer_small);
   EXPECT_TRUE(refined.measured);
-  EXPECT_EQ(calls, 9);
-  ASSERT_EQ(order.size(), 9u);
+  EXPECT_EQ(calls, 12);  // one untimed pass at each, then 3 rounds
+  ASSERT_EQ(order.size(), 12u);
   EXPECT_EQ(order[0], planned.forward);  // the planner's pick comes first
-  for (int round = 1; round < 3; ++round) {  // every round times the same candidates, from another one
+  EXPECT_EQ(order[3], planned.forward);
+  for (int round = 1; round < 4; ++round) {  // every round times the same candidates, from another one
     EXPECT_TRUE(std::is_permutation(order.begin(), order.begin() + 3, order.begin() + 3 * round));
-    EXPECT_NE(order[3 * round], order[3 * (round - 1)]);
+    if (round > 1) {
+      EXPECT_NE(order[3 * round], order[3 * (round - 1)]);
+    }
   }
   EXPECT_EQ(refined.forward, *std::min_element(order.begin(), order.end()));
 
-  // A noisy pass does not decide: the median of the rounds does.
+  // A noisy pass does not decide: the median of the rounds does; nor does the untimed first pass
+  // at each candidate, however slow.
   calls = 0;
   auto one_slow_pass = [&](int f, int b) {
     ++calls;
     double t = 1.0 + 0.1 * f;
-    if (calls == 1) t = 100;  // the planner's pick, first round: a hiccup of the host
+    if (calls == 4) t = 100;  // the planner's pick, first timed round: a hiccup of the host
+    if (calls <= 3 && f == *std::min_element(order.begin(), order.end())) t = 1000;  // its first pass
     return std::make_pair(t, 1.0 + 0.1 * b);
   };
   DegreeChoice robust = choose_degrees(0, 0, &p, kShape, 3, one_slow_pass);
@@ -316,7 +321,17 @@ TEST(DegreeChoice, FixedAutoAndRefined) {
   calls = 0;
   DegreeChoice online = choose_degrees(0, 0, nullptr, kShape, 0, prefer_small);
   EXPECT_EQ(online.forward, 1);
-  EXPECT_EQ(calls, 3 * static_cast<int>(candidate_degrees(640).size()));
+  EXPECT_EQ(calls, 4 * static_cast<int>(candidate_degrees(640).size()));
+
+  // Within 1% of the fastest (kPlanTolerance), the fewest chunks win; 2% apart, the fastest does.
+  for (const double gap : {0.005, 0.02}) {
+    auto more_chunks_slightly_faster = [&](int f, int b) {
+      return std::make_pair(f >= 4 ? 1.0 : 1.0 + gap, b >= 8 ? 1.0 : 1.0 + gap);
+    };
+    DegreeChoice close = choose_degrees(0, 0, nullptr, kShape, 0, more_chunks_slightly_faster);
+    EXPECT_EQ(close.forward, gap < kPlanTolerance ? 1 : 4) << gap;
+    EXPECT_EQ(close.backward, gap < kPlanTolerance ? 1 : 8) << gap;
+  }
 }
 
 // A plan with these predicted seconds per degree (forward, backward).
