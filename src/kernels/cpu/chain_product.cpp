@@ -18,10 +18,16 @@ constexpr int kVectors = 4;  // vectors of 16 columns per tile
 
 // One tile of R rows x V vectors of 16 columns (the last one `last` lanes), every depth in order.
 // B's rows are read straight from where they lie (no packing): each depth's V vectors are loaded
-// once for the R rows' broadcasts.
+// once for the R rows' broadcasts. A's place comes as three values in registers: a StridedRows by
+// value went through the stack, written field by field and read back in one 16-byte load that
+// waited on the stores (a failed store-to-load forwarding at every call, thousands a head). The
+// attention core on the bundled models' shape, one process alternating: forward 0.85x, backward
+// 0.76x the time (docs/BENCHMARKS.md, "StridedRows by reference").
 template <int R, int V>
-__attribute__((target("avx512f"))) void tile_avx512(int64_t K, StridedRows A, const float* B, int64_t ldb, float* C,
+__attribute__((target("avx512f"))) void tile_avx512(int64_t K, const float* a_base, int64_t a_row_step,
+                                                   int64_t a_depth_step, const float* B, int64_t ldb, float* C,
                                                    int64_t ldc, __mmask16 last, bool accumulate) {
+  const StridedRows A{a_base, a_row_step, a_depth_step};
   __m512 acc[R][V];
   auto mask = [&](int v) { return v == V - 1 ? last : static_cast<__mmask16>(0xffff); };
 #pragma GCC unroll 8
@@ -47,7 +53,7 @@ __attribute__((target("avx512f"))) void tile_avx512(int64_t K, StridedRows A, co
     for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, mask(v), acc[r][v]);
 }
 
-using Tile = void (*)(int64_t, StridedRows, const float*, int64_t, float*, int64_t, __mmask16, bool);
+using Tile = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, __mmask16, bool);
 
 template <int R, int... V>
 constexpr auto row_of_tiles(std::integer_sequence<int, V...>) {
@@ -62,8 +68,8 @@ constexpr auto kTiles = tiles(std::make_integer_sequence<int, kRows>{});
 
 }  // namespace
 
-void chain_product(int64_t M, int64_t N, int64_t K, StridedRows A, const float* B, int64_t ldb, float* C, int64_t ldc,
-                   bool accumulate) {
+void chain_product(int64_t M, int64_t N, int64_t K, const StridedRows& A, const float* B, int64_t ldb, float* C,
+                   int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (!avx512) {
@@ -75,13 +81,13 @@ void chain_product(int64_t M, int64_t N, int64_t K, StridedRows A, const float* 
   }
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
     const int R = static_cast<int>(std::min<int64_t>(kRows, M - r0));
-    const StridedRows a{A.base + r0 * A.row_step, A.row_step, A.depth_step};
+    const float* a = A.base + r0 * A.row_step;
     for (int64_t n0 = 0; n0 < N; n0 += 16 * kVectors) {
       const int64_t width = std::min<int64_t>(16 * kVectors, N - n0);
       const int V = static_cast<int>((width + 15) / 16);
       const int64_t tail = width - 16 * (V - 1);
       const __mmask16 last = static_cast<__mmask16>((1u << tail) - 1u);
-      kTiles[R - 1][V - 1](K, a, B + n0, ldb, C + r0 * ldc + n0, ldc, last, accumulate);
+      kTiles[R - 1][V - 1](K, a, A.row_step, A.depth_step, B + n0, ldb, C + r0 * ldc + n0, ldc, last, accumulate);
     }
   }
 }

@@ -21,7 +21,7 @@ struct StridedRows {
 // C[M, N] (rows ldc apart) = A[M, K] B[K, N] (B's rows ldb apart), each element's chain from C's
 // value (accumulate) or from zero. N need not be a multiple of anything: C's columns past N are
 // neither read nor written, and B's past N are not read.
-void chain_product(int64_t M, int64_t N, int64_t K, StridedRows A, const float* B, int64_t ldb, float* C, int64_t ldc,
-                   bool accumulate);
+void chain_product(int64_t M, int64_t N, int64_t K, const StridedRows& A, const float* B, int64_t ldb, float* C,
+                   int64_t ldc, bool accumulate);
 
 }  // namespace pm
