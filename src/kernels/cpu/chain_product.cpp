@@ -21,8 +21,8 @@ constexpr int kVectors = 4;  // vectors of 16 columns per tile
 // once for the R rows' broadcasts. A's place comes as three values in registers: a StridedRows by
 // value went through the stack, written field by field and read back in one 16-byte load that
 // waited on the stores (a failed store-to-load forwarding at every call, thousands a head). The
-// attention core on the bundled models' shape, one process alternating: forward 0.85x, backward
-// 0.76x the time (docs/BENCHMARKS.md, "StridedRows by reference").
+// attention core on the bundled models' shape (bench/attention_ab.sh): forward 0.88-0.96x,
+// backward 0.81-0.92x the time (docs/BENCHMARKS.md, "StridedRows by reference").
 template <int R, int V>
 __attribute__((target("avx512f"))) void tile_avx512(int64_t K, const float* a_base, int64_t a_row_step,
                                                    int64_t a_depth_step, const float* B, int64_t ldb, float* C,
