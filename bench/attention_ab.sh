@@ -8,29 +8,19 @@
 #
 #   bench/attention_ab.sh REV [ROUNDS=200]      e.g. bench/attention_ab.sh HEAD~1
 # ATT_AB_SHAPE=B,S,heads,kv_heads,hd (environment): another shape than the bundled models' 12,128,4,4,48.
+# B_FLAGS (environment): extra compiler flags for side b (bench/ab_sides.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: bench/attention_ab.sh REV [ROUNDS]}
 rounds=${2:-200}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/a"
-git archive "$rev" src | tar -x -C "$work/a"
-flags=(-O3 -march=native -std=c++20 -DNDEBUG -ffp-contract=off -fno-trapping-math -Wno-psabi)
-objects=()
-for side in a b; do
-  src=$([ $side = a ] && echo "$work/a/src" || echo "$PWD/src")
-  # the core and what it calls (chain_product falls back on gemm without AVX-512)
-  for f in kernels/cpu/attention.cpp kernels/cpu/chain_product.cpp kernels/cpu/gemm.cpp kernels/cpu/gemm_unpacked.cpp \
-      kernels/cpu/gemm_bf16.cpp kernels/cpu/gemm_bf16_pack.cpp kernels/cpu/gemm_amx.cpp kernels/cpu/thread_pool.cpp \
-      core/error.cpp core/aligned.cpp core/tensor.cpp; do
-    [ -f "$src/$f" ] || continue
-    g++ "${flags[@]}" -I"$src" -Dpm=pm_ab_$side -c "$src/$f" -o "$work/${side}_$(basename "$f" .cpp).o"
-    objects+=("$work/${side}_$(basename "$f" .cpp).o")
-  done
-  g++ "${flags[@]}" -I"$src" -Dpm=pm_ab_$side -DATT_AB_RUN=run_$side -c bench/attention_ab/run.cpp -o "$work/${side}_run.o"
-  objects+=("$work/${side}_run.o")
-done
-g++ "${flags[@]}" bench/attention_ab/main.cpp "${objects[@]}" -o "$work/attention_ab" -lfmt -lpthread
+ab_flags=(-O3 -march=native -std=c++20 -DNDEBUG -ffp-contract=off -fno-trapping-math -Wno-psabi)
+source bench/ab_sides.sh
+# the core and what it calls (chain_product falls back on gemm without AVX-512)
+ab_sides "$rev" "$work" bench/attention_ab/run.cpp ATT_AB_RUN kernels/cpu/attention.cpp kernels/cpu/chain_product.cpp \
+  kernels/cpu/gemm.cpp kernels/cpu/gemm_unpacked.cpp kernels/cpu/gemm_bf16.cpp kernels/cpu/gemm_bf16_pack.cpp \
+  kernels/cpu/gemm_amx.cpp kernels/cpu/thread_pool.cpp core/error.cpp core/aligned.cpp core/tensor.cpp
+g++ "${ab_flags[@]}" bench/attention_ab/main.cpp "${ab_objects[@]}" -o "$work/attention_ab" -lfmt -lpthread
 echo "attention_ab: a = $(git rev-parse --short "$rev"), b = the working tree; $rounds rounds; shape ${ATT_AB_SHAPE:-12,128,4,4,48} (B,S,heads,kv_heads,hd)"
 timeout 1800 "$work/attention_ab" "$rounds"

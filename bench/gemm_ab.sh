@@ -17,24 +17,12 @@ rounds=${2:-10}
 procs=${3:-2}
 work=$(mktemp -d)
 trap '[ -n "${KEEP_AB:-}" ] || rm -rf "$work"' EXIT
-mkdir -p "$work/a"
-git archive "$rev" src | tar -x -C "$work/a"
-flags=(-O3 -march=native -std=c++20 -DNDEBUG)
-objects=()
-for side in a b; do
-  src=$([ $side = a ] && echo "$work/a/src" || echo "$PWD/src")
-  extra=$([ $side = b ] && echo "${B_FLAGS:-}" || true)
-  for f in kernels/cpu/gemm.cpp kernels/cpu/gemm_unpacked.cpp kernels/cpu/gemm_bf16.cpp kernels/cpu/gemm_bf16_pack.cpp \
-      kernels/cpu/gemm_amx.cpp \
-      kernels/cpu/thread_pool.cpp core/error.cpp core/aligned.cpp core/tensor.cpp; do
-    [ -f "$src/$f" ] || continue
-    g++ "${flags[@]}" $extra -I"$src" -Dpm=pm_ab_$side -c "$src/$f" -o "$work/${side}_$(basename "$f" .cpp).o"
-    objects+=("$work/${side}_$(basename "$f" .cpp).o")
-  done
-  g++ "${flags[@]}" -I"$src" -Dpm=pm_ab_$side -DGEMM_AB_RUN=run_$side -c bench/gemm_ab/shapes.cpp -o "$work/${side}_shapes.o"
-  objects+=("$work/${side}_shapes.o")
-done
-g++ "${flags[@]}" bench/gemm_ab/main.cpp "${objects[@]}" -o "$work/gemm_ab" -lfmt -lpthread
+ab_flags=(-O3 -march=native -std=c++20 -DNDEBUG)
+source bench/ab_sides.sh
+ab_sides "$rev" "$work" bench/gemm_ab/shapes.cpp GEMM_AB_RUN kernels/cpu/gemm.cpp kernels/cpu/gemm_unpacked.cpp \
+  kernels/cpu/gemm_bf16.cpp kernels/cpu/gemm_bf16_pack.cpp kernels/cpu/gemm_amx.cpp kernels/cpu/thread_pool.cpp \
+  core/error.cpp core/aligned.cpp core/tensor.cpp
+g++ "${ab_flags[@]}" bench/gemm_ab/main.cpp "${ab_objects[@]}" -o "$work/gemm_ab" -lfmt -lpthread
 echo "gemm_ab: a = $(git rev-parse --short "$rev"), b = the working tree; $procs processes at once, $rounds rounds; expert shape ${GEMM_AB_SHAPE:-1025,512,1024} (rows,M,H)"
 for p in $(seq "$procs"); do timeout 1800 "$work/gemm_ab" "$rounds" > "$work/out$p" & done
 wait
