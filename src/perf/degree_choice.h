@@ -30,9 +30,9 @@ struct DegreeChoice {
 
 // measure(fwd_degree, bwd_degree) runs a pass (or a few) and returns its (forward, backward)
 // seconds, slowest rank; called once per candidate untimed, then `rounds` times per candidate,
-// interleaved, each round starting at
-// another candidate, the rounds' drift divided out (perf/degree_tuner.h: training's own trials). refine: how many
-// degrees to time, the planner's pick and its next best predictions (0 or 1: trust the planner).
+// interleaved, each round starting at another candidate, the rounds' drift divided out
+// (perf/degree_tuner.h: training's own trials). refine: how many degrees to time, the planner's
+// pick and its next best predictions (0 or 1: trust the planner).
 DegreeChoice choose_degrees(int forward_request, int backward_request, const PerfProfile* profile,
                             const MoeShape& shape, int refine,
                             const std::function<std::pair<double, double>(int, int)>& measure, int rounds = 3,

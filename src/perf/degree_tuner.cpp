@@ -87,8 +87,7 @@ int DegreeTuner::decide(const Direction& d, std::map<int, double>& medians) {
     if (m.median.at(c) < m.median.at(fastest)) fastest = c;
   // the fewest chunks timed within kPlanTolerance of the fastest, as the planner picks from its
   // predictions: more chunks for a gain inside the timing's noise only add per-chunk costs (on one
-  // host, where every degree times alike, the probe picked degrees 2 and 3 by chance, and training
-  // ran them 1-4% slower than degree 1)
+  // host, where every degree times alike, training's probe picked degrees 1, 2 or 3 by chance)
   int best = fastest;
   for (int c : d.candidates)
     if (c < best && m.median.at(c) <= m.median.at(fastest) * (1 + kPlanTolerance)) best = c;

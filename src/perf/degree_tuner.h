@@ -7,8 +7,8 @@
 // than predicted). So the candidates the planner predicts close to its best are run on real steps,
 // in interleaved rounds (each candidate once per round, each round starting at another), and the
 // fastest by drift-corrected median (core/round_medians.h) wins, or the fewest chunks within
-// kPlanTolerance of it (the planner's rule: a gain inside the noise does not pay for more chunks). Degrees change time, never
-// results: a tuning step computes exactly what any other degree would.
+// kPlanTolerance of it (the planner's rule: a gain inside the noise does not pay for more chunks).
+// Degrees change time, never results: a tuning step computes exactly what any other degree would.
 //
 // Every rank must feed the same seconds (the slowest rank's) so that every rank decides alike.
 #pragma once
