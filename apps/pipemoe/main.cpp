@@ -17,6 +17,7 @@
 #include "comm/inprocess_communicator.h"
 #include "comm/mpi_communicator.h"
 #include "comm/nccl_communicator.h"
+#include "core/compute_idle.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "kernels/cpu/blas.h"
@@ -95,14 +96,17 @@ int run_cli(int argc, char** argv, pm::Communicator& comm, bool in_process) {
   PM_REQUIRE(threads >= 0, "--threads must be positive, got {}", threads);
   PM_REQUIRE(comm_timeout_s > 0, "--comm-timeout must be positive, got {}", comm_timeout_s);
   PM_REQUIRE(heartbeat_timeout_s >= 0, "--heartbeat-timeout must be 0 (off) or positive, got {}", heartbeat_timeout_s);
+  const int compute_threads = threads > 0 ? threads : pm::default_compute_threads();
   if (!in_process) {
-    int compute_threads = threads > 0 ? threads : pm::default_compute_threads();
     pm::set_compute_threads(compute_threads);
     pm::blas_set_threads(compute_threads);
   }
   PM_REQUIRE(bf16_order != "amx" || backend_name == "cpu",
              "--bf16-order amx runs on the CPU backend only (the CUDA kernels sum in the dot order)");
   comm.waiter().policy().timeout_s = comm_timeout_s;
+  // While the compute lane idles, transfers are tested at least every 50 us, unless the rank's cores
+  // are shared with other ranks (core/compute_idle.h): it sleeps through them by the schedule then.
+  if (!in_process && pm::cores_allowed() <= compute_threads) comm.waiter().policy().idle_max_sleep_us = 50;
   if (const char* w = std::getenv("PIPEMOE_COMM_WAIT")) {
     // "spin_us,min_sleep_us,max_sleep_us,early_polls,approach_fraction": for experiments with the
     // waiting side (comm/wait_schedule.h)

@@ -25,6 +25,9 @@ struct WaitPolicy {
   double approach_fraction = 0.5;  // before the predicted end: sleep this share of the time left
   double overdue_fraction = 1.0 / 32;  // after it: test every this share of the predicted time
   double sleep_fraction = 1.0 / 8;     // without a prediction: sleep this share of the time waited
+  // While the compute lane beside has nothing to run, test at least this often (core/compute_idle.h);
+  // 0: sleep by the schedule alone. The command line sets 50 where the rank's cores are its own.
+  double idle_max_sleep_us = 0;
   double timeout_s = 600;         // then fail: a peer is dead or stuck
 };
 

@@ -72,6 +72,7 @@ Executor::LaneThread& Executor::lane_thread(Lane lane) {
 void Executor::lane_thread_main(LaneThread& self) {
   // only the lane that waits for the network; a copy lane does CPU work and must not preempt
   if (self.lane == lanes::comm) prioritize_this_thread();
+  set_compute_lane_beside(&compute_idle_);
   long seen = 0;
   std::unique_lock lock(mutex_);
   while (true) {
@@ -113,7 +114,9 @@ void Executor::run_lane(Lane lane) {
     int next = queues_->pick(lane, 0.0, ready_at).task;
     if (next < 0) {
       if (!queues_->has_tasks_left(lane)) return;
+      if (lane == lanes::compute) compute_idle_.set(true);
       lane_ready_.at(lane.id)->wait(lock);
+      if (lane == lanes::compute) compute_idle_.set(false);
       continue;
     }
     Task& task = graph_->tasks()[next];
@@ -132,7 +135,11 @@ void Executor::run_lane(Lane lane) {
     lock.lock();
     record(next, start, end, cpu);
     done_[next] = 1;
-    for (int id : wake_lanes_[next]) lane_ready_.at(id)->notify_all();
+    for (int id : wake_lanes_[next]) {
+      // the compute lane may have work again: no more tests back to back until it looks
+      if (id == lanes::compute.id) compute_idle_.set(false);
+      lane_ready_.at(id)->notify_all();
+    }
   }
 }
 
@@ -169,7 +176,9 @@ void Executor::run(TaskGraph& graph, Trace* trace) {
   run_lane(lanes::compute);
   {
     std::unique_lock lock(mutex_);
+    compute_idle_.set(true);  // the compute lane is done; the other lanes finish theirs
     changed_.wait(lock, [&] { return all_lanes_done(); });
+    compute_idle_.set(false);
     stats_.wall_s = now_s() - start;
     graph_ = nullptr;
     queues_.reset();

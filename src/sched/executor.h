@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/compute_idle.h"
 #include "sched/lane_policy.h"
 #include "sched/task_graph.h"
 
@@ -92,6 +93,9 @@ class Executor {
   std::vector<std::vector<int>> wake_lanes_;                           // per task: lanes of its dependents
   std::exception_ptr error_;
   ExecutorStats stats_;
+  // Set while the compute lane waits with nothing to run: the lane threads' transfers are then
+  // tested often instead of slept through (core/compute_idle.h).
+  ComputeIdle compute_idle_;
 };
 
 }  // namespace pm

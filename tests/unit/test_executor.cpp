@@ -6,6 +6,7 @@
 #include <mutex>
 #include <thread>
 
+#include "core/compute_idle.h"
 #include "core/error.h"
 #include "sched/executor.h"
 #include "sched/trace.h"
@@ -50,6 +51,33 @@ TEST(Executor, CommunicationLaneOverlapsCompute) {
   EXPECT_LT(events[1].start_s, events[0].end_s);
   EXPECT_GT(ex.last_stats().busy(lanes::compute), 0.05);
   EXPECT_GT(ex.last_stats().busy(lanes::comm), 0.05);
+}
+
+TEST(Executor, TellsItsLaneThreadsWhenTheComputeLaneHasNothingToRun) {
+  // comm's task starts beside a 40 ms compute task (the lane busy), then waits until the compute
+  // lane, whose next task needs comm's, says it is idle; after the graph it is busy again
+  Executor ex;
+  std::atomic<int> busy_at_start{-1}, went_idle{0}, beside{0};
+  TaskGraph g;
+  g.add({"long compute", lanes::compute, "other", -1, {}, {},
+         [] { std::this_thread::sleep_for(std::chrono::milliseconds(40)); }});
+  int comm = g.add({"comm", lanes::comm, "all_to_all", -1, {}, {}, [&] {
+                      ComputeIdle* lane = compute_lane_beside();
+                      beside = lane != nullptr;
+                      if (!lane) return;
+                      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+                      busy_at_start = lane->idle() ? 0 : 1;
+                      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+                      while (!lane->idle() && std::chrono::steady_clock::now() < give_up)
+                        std::this_thread::sleep_for(std::chrono::microseconds(100));
+                      went_idle = lane->idle();
+                    }});
+  g.add({"after comm", lanes::compute, "other", -1, {}, {comm}, [] {}});
+  ex.run(g);
+  EXPECT_EQ(beside, 1);
+  EXPECT_EQ(busy_at_start, 1);
+  EXPECT_EQ(went_idle, 1);
+  EXPECT_EQ(compute_lane_beside(), nullptr);  // the caller's thread is not a lane thread
 }
 
 TEST(Executor, ATaskErrorReachesTheCallerAndTheExecutorStaysUsable) {

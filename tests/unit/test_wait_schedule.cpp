@@ -1,7 +1,13 @@
 // The waiting side's sleep schedule and the transfer-time model it predicts with.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include "comm/wait_schedule.h"
+#include "comm/waiter.h"
+#include "core/clock.h"
+#include "core/compute_idle.h"
 
 namespace pm {
 namespace {
@@ -57,6 +63,55 @@ TEST(WaitSchedule, FewWakeUpsForATransferThatEndsWhenPredicted) {
   }
   EXPECT_LE(polls, 16);                 // the old 1/32-of-waited rule took ~120
   EXPECT_LE(t - duration, 320e-6);      // seen within one overdue step
+}
+
+// A request that completes `after_s` after it was made.
+class DoneAfter : public CommRequest {
+ public:
+  explicit DoneAfter(double after_s) : end_s_(now_s() + after_s) {}
+  bool test() override {
+    ++tests;
+    return now_s() >= end_s_;
+  }
+  std::string what() const override { return "a timed request"; }
+  void abandon() override {}
+  int tests = 0;
+
+ private:
+  double end_s_;
+};
+
+TEST(WaitSchedule, TestsOftenWhileTheComputeLaneBesideHasNothingToRun) {
+  // predicted 2 s: beside a busy compute lane the waiter sleeps ~1 s before its next test; beside
+  // an idle one it tests at least every idle_max_sleep_us and sees the 20 ms transfer end in time
+  WaitPolicy p = policy();
+  p.max_sleep_us = 1e6;
+  p.idle_max_sleep_us = 50;
+  ComputeIdle lane;
+  set_compute_lane_beside(&lane);
+  lane.set(true);
+  DoneAfter idle_wait(0.020);
+  const double idle_s = idle_wait.wait(p, 2.0);
+  EXPECT_LT(idle_s, 0.020 + 0.1);
+  EXPECT_GT(idle_wait.tests, 20);  // 20 ms in steps of at most 50 us (and sleeps overrun)
+
+  // busy, then idle after 30 ms: the long sleep is cut short there
+  lane.set(false);
+  DoneAfter busy_wait(0.020);
+  std::thread compute([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    lane.set(true);
+  });
+  const double busy_s = busy_wait.wait(p, 2.0);
+  compute.join();
+  EXPECT_GE(busy_s, 0.030 - 0.005);  // it slept until the lane went idle...
+  EXPECT_LT(busy_s, 0.3);            // ...not through the ~1 s the schedule alone gives
+
+  // turned off (idle_max_sleep_us 0, ranks sharing cores): the schedule alone, idle or not
+  p.idle_max_sleep_us = 0;
+  DoneAfter off_wait(0.020);
+  EXPECT_GT(off_wait.wait(p, 0.2), 0.09);  // its first long sleep: half of the 0.2 s predicted
+  set_compute_lane_beside(nullptr);
 }
 
 TEST(TransferModel, PredictsOnlyLargeTransfersAfterEnoughSamples) {
