@@ -316,21 +316,37 @@ void GptModel::remember(const TaskGraph& graph, const std::map<int, PassTasks>& 
     for (int id : tasks.ids) first = std::min(first, start_s[id]), end = std::max(end, end_s[id]);
     timing.moe_span_s[block] = tasks.ids.empty() ? 0.0 : end - first;
   }
-  // Every rank keeps the same times, the slowest rank's: the choices made from them (slots, where
-  // the gradient buckets go) are then the same on every rank, and so is the order in which every
-  // rank adds its collectives. (Every rank's graph has the same task names.)
+  timing.agreed = false;
+}
+
+void GptModel::agree_on_timings(bool forward, bool backward) {
+  std::vector<PassTiming*> pending;
+  if (forward && !last_forward_.agreed) pending.push_back(&last_forward_);
+  if (backward && !last_backward_.agreed) pending.push_back(&last_backward_);
+  if (pending.empty()) return;
+  // (every rank ran the same passes: the same task names, the same sizes)
   std::vector<double> v;
-  for (const auto& [name, seconds_] : timing.task_s) v.push_back(seconds_);
-  for (const auto& [block, window] : timing.moe_comm_s) v.push_back(window.first), v.push_back(window.second);
-  for (const auto& [block, span] : timing.moe_span_s) v.push_back(span);
+  for (const PassTiming* t : pending) {
+    for (const auto& [name, seconds] : t->task_s) v.push_back(seconds);
+    for (const auto& [block, window] : t->moe_comm_s) v.push_back(window.first), v.push_back(window.second);
+    for (const auto& [block, span] : t->moe_span_s) v.push_back(span);
+  }
   comm_.allreduce(v.data(), v.data(), static_cast<int64_t>(v.size()), DType::f64, ReduceOp::max);
   std::size_t at = 0;
-  for (auto& [name, seconds_] : timing.task_s) seconds_ = v[at++];
-  for (auto& [block, window] : timing.moe_comm_s) window.first = v[at++], window.second = v[at++];
-  for (auto& [block, span] : timing.moe_span_s) span = v[at++];
+  for (PassTiming* t : pending) {
+    for (auto& [name, seconds] : t->task_s) seconds = v[at++];
+    for (auto& [block, window] : t->moe_comm_s) window.first = v[at++], window.second = v[at++];
+    for (auto& [block, span] : t->moe_span_s) {
+      span = v[at++];
+      auto& both = moe_seconds_[block];
+      (t == &last_forward_ ? both.first : both.second) += span;
+    }
+    t->agreed = true;
+  }
 }
 
 std::vector<std::pair<double, double>> GptModel::take_moe_seconds() {
+  agree_on_timings(true, true);
   std::vector<std::pair<double, double>> out;
   for (int block : moe_blocks()) {
     auto it = moe_seconds_.find(block);

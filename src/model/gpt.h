@@ -193,6 +193,7 @@ class GptModel {
     std::map<int, std::pair<double, double>> moe_comm_s;
     std::map<int, Overlap> moe_hidden;  // per MoE block
     std::map<int, double> moe_span_s;   // per MoE block: first task's start to last task's end
+    bool agreed = true;                 // every rank holds the same values (agree_on_timings)
   };
   void add_param(const std::string& name, Tensor& value, Tensor& grad, bool expert, bool decay);
   // Runs a pass's graph; returns the milliseconds its compute lane waited for communication.
@@ -214,7 +215,16 @@ class GptModel {
   const PackedMatrix* frozen_pack(const Tensor& w) const;
   std::map<const Tensor*, std::unique_ptr<PackedMatrix>> frozen_packs_;
   bool holds(int l) const { return l >= span_.first_block && l < span_.end_block; }
+  // This rank's times of the pass just run, to be agreed on before they are read.
   void remember(const TaskGraph& graph, const std::map<int, PassTasks>& moe_tasks, PassTiming& timing) const;
+  // Makes each timing not yet agreed on every rank's same, each value the slowest rank's, in one
+  // all-reduce, and adds its MoE spans to moe_seconds_: the choices made from the times (ScMoE's
+  // slots, where the gradient buckets go, the pipeline degrees) are then the same on every rank,
+  // and so is the order in which every rank adds its collectives. Called where the times are read,
+  // not after each pass: an all-reduce between a forward and its backward made the rank done first
+  // wait for the other there (up to 5 ms a step of configs/deepseek.json), where the next
+  // all-to-all would otherwise have absorbed the difference.
+  void agree_on_timings(bool forward, bool backward);
   bool tap_is(int block, const char* position) const;
   // Of the dense tasks that may sit between an MoE block's dispatch and its experts, how many
   // do: the configuration's scmoe_slot, else ScMoE's balancing rule on the last pass's times.

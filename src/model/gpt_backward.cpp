@@ -19,6 +19,7 @@ void GptModel::backward_stage(const float* dh_in) {
   PM_CHECK(backward_scale_ > 0 && (!span_.last_stage || !targets_.empty()),
            "backward needs a forward with targets and a backward scale");
   PM_CHECK(span_.last_stage || dh_in, "a stage's backward needs the gradient of its output");
+  agree_on_timings(false, true);  // the last backward's times (not the forward's just run: no wait here)
   const int64_t S = config_.seq_len, D = config_.d_model, V = config_.vocab_size, F = config_.mlp_hidden;
   const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = T_, B = B_;
   const int64_t KVl = config_.kv_heads_or_all() / dense_tp_, Dkvl = kv_width() / dense_tp_;
@@ -271,7 +272,6 @@ void GptModel::backward_stage(const float* dh_in) {
   backward_exposed_ms_ = run(g, "backward");
   if (!span_.first_stage) input_grad_.assign(dh.begin(), dh.end());  // for the stage before
   remember(g, moe_tasks, last_backward_);
-  for (const auto& [block, span] : last_backward_.moe_span_s) moe_seconds_[block].second += span;
   for (const auto& [block, o] : last_backward_.moe_hidden) hidden_by_block_[block] += o;
 }
 

@@ -141,6 +141,8 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
   const int64_t G = config_.shared_expert_hidden, H = config_.heads, hd = D / H, T = B * S;
   const int64_t KV = config_.kv_heads_or_all(), Dkv = kv_width();
   const int L = span_.end_block;  // the blocks run are [span_.first_block, L)
+  // the last passes' times, which this one's choices read (and before this one's replace them)
+  agree_on_timings(true, true);
   B_ = B, T_ = T;
   backward_scale_ = backward_scale;
   if (inputs) inputs_.assign(inputs, inputs + T);
@@ -371,7 +373,6 @@ double GptModel::run_forward(const int32_t* inputs, const int32_t* targets, int6
   });
   forward_exposed_ms_ = run(g, "forward");
   remember(g, moe_tasks, last_forward_);
-  for (const auto& [block, span] : last_forward_.moe_span_s) moe_seconds_[block].first += span;
   backward_exposed_ms_ = 0;
   hidden_by_block_ = last_forward_.moe_hidden;
   return loss_;
