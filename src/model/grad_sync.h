@@ -32,8 +32,13 @@ class GradientSync {
   // reached its experts once, not once per rank of the group: scale = ranks per group).
   // wire: DType::f32, or DType::bf16 for half the bytes (comm/bf16_allreduce.h: each gradient
   // summed from bf16 roundings in float32 and rounded to bf16 once more).
+  // The gradients of the parameters it sums become views of its buckets' memory until it is
+  // destroyed (then they own a copy again): construct it before the first pass.
   GradientSync(std::vector<Parameter>& params, int blocks, Communicator& comm, bool overlap,
                Communicator* expert_replicas = nullptr, float expert_scale = 1.0f, DType wire = DType::f32);
+  ~GradientSync();
+  GradientSync(const GradientSync&) = delete;
+  GradientSync& operator=(const GradientSync&) = delete;
 
   // GptModel::GradsReady: appends block `block`'s bucket (block < 0: the rest) after `ready`;
   // without overlap, appends every bucket once the rest is ready.
@@ -46,7 +51,7 @@ class GradientSync {
   struct Bucket {
     std::string name;
     std::vector<Parameter*> params;
-    Buffer<float> flat;
+    Buffer<float> flat;  // the params' gradients, each a view of its part (from a 64-byte line)
     Communicator* comm = nullptr;
     float scale = 1.0f;  // applied after the sum
   };
