@@ -60,8 +60,6 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
         receive(from_before_.data(), T * D, stage_ - 1, r.wait_ms, fmt::format("wait for stage {}: activations {}", stage_ - 1, m));
       r.loss += model_.forward_stage(inputs.data(), from_before_.data(), targets.data(), B, scale) / M;
       r.aux += model_.aux_loss() / M;
-      // (the z-loss is made on first use: a run that neither weights nor shows it never pays for it)
-      if (model_.config().z_loss_coef > 0) r.z_loss += model_.z_loss() / M;
       r.exposed_ms += model_.forward_exposed_ms();
       if (!last) {
         sent_forward[m].assign(model_.stage_output(), model_.stage_output() + T * D);
@@ -81,6 +79,12 @@ PipelineStepResult PipelineRunner::train_step(int M, int64_t B, float scale, con
       sync.set_enabled(i + 1 == ops.size());  // the last backward all-reduces every micro-batch's sum
       model_.backward_stage(last ? nullptr : from_after_.data());
       r.exposed_ms += model_.backward_exposed_ms();
+      // The z-loss of this micro-batch's forward, made (on first use) by the routers' backward
+      // tasks, which need it for its gradient: there its arithmetic fills the compute lane's wait
+      // for the gradients' dispatch, where reading it after the forward put it between the two
+      // passes (0.3-0.7 ms a step of configs/deepseek.json). A run that neither weights nor shows
+      // it never pays for it.
+      if (model_.config().z_loss_coef > 0) r.z_loss += model_.z_loss() / M;
       if (!first) {
         sent_backward[m].assign(model_.input_grad(), model_.input_grad() + T * D);
         sends.push_back(send(sent_backward[m], stage_ - 1));
