@@ -26,14 +26,16 @@ double CommRequest::wait(const WaitPolicy& policy, double expected_s) {
     if (sleep_us <= 0) continue;
     ++polls;
     sleep_us = std::min(sleep_us, (policy.timeout_s - waited) * 1e6 + 1);
-    ComputeIdle* lane = policy.idle_max_sleep_us > 0 ? compute_lane_beside() : nullptr;
-    if (lane && !lane->idle()) {
-      lane->sleep_unless_idle(sleep_us);  // cut short when the compute lane runs out of work
-      continue;
+    if (policy.idle_max_sleep_us > 0) {
+      ComputeIdle* lane = compute_lane_beside();
+      if (lane && !lane->idle()) {
+        lane->sleep_unless_idle(sleep_us);  // cut short when the compute lane runs out of work
+        continue;
+      }
+      // the compute lane beside has nothing to run, or this is the compute thread itself (the
+      // collectives between passes): no core to take from it, test at least this often
+      sleep_us = std::min(sleep_us, policy.idle_max_sleep_us);
     }
-    // the compute lane has nothing to run (or there is none beside): no core to take from it,
-    // test at least this often
-    if (lane) sleep_us = std::min(sleep_us, policy.idle_max_sleep_us);
     std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(sleep_us));
   }
   return now_s() - start_s;

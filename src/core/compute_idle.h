@@ -39,8 +39,9 @@ class ComputeIdle {
 // (demo model over the emulated 1 Gbit/s link: 0.96x tokens/s), so the caller turns it off.
 int cores_allowed();
 
-// The compute lane this thread works beside (an executor's lane threads), or null (any other
-// thread: the main thread's own collectives keep the plain schedule).
+// The compute lane this thread works beside (an executor's lane threads), or null (the thread
+// that runs the compute lane itself, whose own collectives between passes leave nothing else to
+// run: they test as often as an idle lane's).
 ComputeIdle* compute_lane_beside();
 void set_compute_lane_beside(ComputeIdle* lane);
 

@@ -107,7 +107,13 @@ TEST(WaitSchedule, TestsOftenWhileTheComputeLaneBesideHasNothingToRun) {
   EXPECT_GE(busy_s, 0.030 - 0.005);  // it slept until the lane went idle...
   EXPECT_LT(busy_s, 0.3);            // ...not through the ~1 s the schedule alone gives
 
+  // the compute thread's own wait (no lane beside: nothing else runs meanwhile): as an idle lane's
+  set_compute_lane_beside(nullptr);
+  DoneAfter own_wait(0.020);
+  EXPECT_LT(own_wait.wait(p, 2.0), 0.020 + 0.1);
+
   // turned off (idle_max_sleep_us 0, ranks sharing cores): the schedule alone, idle or not
+  set_compute_lane_beside(&lane);
   p.idle_max_sleep_us = 0;
   DoneAfter off_wait(0.020);
   EXPECT_GT(off_wait.wait(p, 0.2), 0.09);  // its first long sleep: half of the 0.2 s predicted
