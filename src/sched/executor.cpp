@@ -136,7 +136,7 @@ void Executor::run_lane(Lane lane) {
     record(next, start, end, cpu);
     done_[next] = 1;
     for (int id : wake_lanes_[next]) {
-      // the compute lane may have work again: no more tests back to back until it looks
+      // the compute lane may have work again: its waiters go back to their sleeping schedule
       if (id == lanes::compute.id) compute_idle_.set(false);
       lane_ready_.at(id)->notify_all();
     }
