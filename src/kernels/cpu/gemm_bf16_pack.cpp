@@ -46,23 +46,10 @@ void pair_words(const float* even, const float* odd, int64_t n, uint32_t* out) {
   }
 }
 void pair_words(const uint16_t* even, const uint16_t* odd, int64_t n, uint32_t* out) {
-  int64_t j = 0;
-  if (odd) {
-#if defined(__AVX512BW__)
-    // 16 values of each row widened to words, the odd one shifted up (zero-masked forms: GCC 12
-    // warns of the plain ones' undefined pass-through operand)
-    const __mmask16 all = 0xffff;
-    for (; j + 16 <= n; j += 16) {
-      const __m256i e16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + j));
-      const __m256i o16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + j));
-      const __m512i e = _mm512_maskz_cvtepu16_epi32(all, e16), o = _mm512_maskz_cvtepu16_epi32(all, o16);
-      _mm512_storeu_si512(out + j, _mm512_or_si512(e, _mm512_maskz_slli_epi32(all, o, 16)));
-    }
-#endif
-    for (; j < n; ++j) out[j] = (static_cast<uint32_t>(odd[j]) << 16) | even[j];
-  } else {
-    for (; j < n; ++j) out[j] = even[j];
-  }
+  if (odd)
+    for (int64_t j = 0; j < n; ++j) out[j] = (static_cast<uint32_t>(odd[j]) << 16) | even[j];
+  else
+    for (int64_t j = 0; j < n; ++j) out[j] = even[j];
 }
 
 // 16 depths of a float row at a time as 8 pair words (floats16_to_bf16's 16 bf16 values in order
