@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <map>
 #include <queue>
+#include <string_view>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -24,8 +25,12 @@ uint64_t pair_key(int32_t a, int32_t b) { return (static_cast<uint64_t>(a) << 32
 
 }  // namespace
 
-std::vector<std::string> split_words(const std::string& text) {
-  std::vector<std::string> words;
+namespace {
+
+// fn(word) for each word of text in order (split_words), each a view into text: the corpus is ~2M
+// words, and a string for each (then a vector of them) was most of the demo's 2-4 s start.
+template <typename Fn>
+void for_each_word(std::string_view text, Fn&& fn) {
   const std::size_t n = text.size();
   // the end of a run of class c from j, looking no further than a word can reach
   auto run_end = [&](std::size_t j, CharClass c) {
@@ -46,16 +51,23 @@ std::vector<std::string> split_words(const std::string& text) {
       j = run_end(i, c);
     }
     j = std::min(j, i + kMaxWordBytes);  // a run longer than any word is cut (see tokenizer.h)
-    words.push_back(text.substr(i, j - i));
+    fn(text.substr(i, j - i));
     i = j;
   }
+}
+
+}  // namespace
+
+std::vector<std::string_view> split_words(std::string_view text) {
+  std::vector<std::string_view> words;
+  for_each_word(text, [&](std::string_view w) { words.push_back(w); });
   return words;
 }
 
 Tokenizer Tokenizer::train(const std::string& text, int vocab_size) {
   PM_REQUIRE(vocab_size >= 256, "vocabulary size must be at least 256 (the bytes), got {}", vocab_size);
-  std::unordered_map<std::string, int64_t> counts;
-  for (std::string& w : split_words(text)) ++counts[w];
+  std::unordered_map<std::string_view, int64_t> counts;  // (views into text)
+  for_each_word(text, [&](std::string_view w) { ++counts[w]; });
   // each distinct word as a sequence of token ids, with its count
   std::vector<std::vector<int32_t>> words;
   std::vector<int64_t> freq;
@@ -156,8 +168,8 @@ void Tokenizer::rebuild() {
 
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
   std::vector<int32_t> out;
-  std::unordered_map<std::string, std::vector<int32_t>> cache;
-  for (const std::string& w : split_words(text)) {
+  std::unordered_map<std::string_view, std::vector<int32_t>> cache;  // (views into text)
+  for_each_word(text, [&](std::string_view w) {
     auto it = cache.find(w);
     if (it == cache.end()) {
       std::vector<int32_t> s;
@@ -176,7 +188,7 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
       it = cache.emplace(w, std::move(s)).first;
     }
     out.insert(out.end(), it->second.begin(), it->second.end());
-  }
+  });
   return out;
 }
 

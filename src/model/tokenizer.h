@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -35,6 +36,6 @@ class Tokenizer {
 // space, or a run of whitespace; at most kMaxWordBytes (longer runs are cut: English words are far
 // shorter, and a run of megabytes without a space would make encoding quadratic).
 inline constexpr std::size_t kMaxWordBytes = 64;
-std::vector<std::string> split_words(const std::string& text);
+std::vector<std::string_view> split_words(std::string_view text);  // views into text
 
 }  // namespace pm

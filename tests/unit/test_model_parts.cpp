@@ -34,7 +34,7 @@ TEST(Tokenizer, LearnsMergesAndRoundTripsAnyBytes) {
 }
 
 TEST(Tokenizer, WordsKeepTheirLeadingSpace) {
-  EXPECT_EQ(split_words("Hello  world, ok"), (std::vector<std::string>{"Hello", " ", " world", ",", " ok"}));
+  EXPECT_EQ(split_words("Hello  world, ok"), (std::vector<std::string_view>{"Hello", " ", " world", ",", " ok"}));
 }
 
 TEST(Corpus, BrownTagsAreStripped) {
