@@ -58,7 +58,7 @@ void for_each_word(std::string_view text, Fn&& fn) {
 
 }  // namespace
 
-std::vector<std::string_view> split_words(std::string_view text) {
+std::vector<std::string_view> split_words(const std::string& text) {
   std::vector<std::string_view> words;
   for_each_word(text, [&](std::string_view w) { words.push_back(w); });
   return words;

@@ -36,6 +36,7 @@ class Tokenizer {
 // space, or a run of whitespace; at most kMaxWordBytes (longer runs are cut: English words are far
 // shorter, and a run of megabytes without a space would make encoding quadratic).
 inline constexpr std::size_t kMaxWordBytes = 64;
-std::vector<std::string_view> split_words(std::string_view text);  // views into text
+std::vector<std::string_view> split_words(const std::string& text);  // views into text
+std::vector<std::string_view> split_words(std::string&& text) = delete;  // (views into a temporary)
 
 }  // namespace pm
