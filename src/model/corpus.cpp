@@ -6,6 +6,7 @@
 #include <fstream>
 #include <regex>
 #include <sstream>
+#include <string_view>
 
 #include "core/error.h"
 
@@ -19,23 +20,45 @@ std::string read_text_file(const std::string& path) {
   return ss.str();
 }
 
+namespace {
+
+// The whitespace that `>>` skips in the classic locale.
+bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r'; }
+
+}  // namespace
+
+// Line by line, token by token, as views into the file's text: a stream per line and a string per
+// token (getline, >>) took 0.2 s of a training run's start for the corpus's 1.2M tokens. The same
+// text as those: lines split at '\n', tokens at the classic locale's whitespace.
 std::string brown_file_to_text(const std::string& tagged) {
-  std::string out;
-  std::istringstream lines(tagged);
-  std::string line;
-  while (std::getline(lines, line)) {
-    std::istringstream words(line);
-    std::string token, sentence;
-    while (words >> token) {
-      auto slash = token.rfind('/');
-      std::string w = slash == std::string::npos ? token : token.substr(0, slash);
-      if (w == "``" || w == "''") w.assign(1, '"');  // (assign: GCC 12 warns falsely of w = "\"" here, -Wrestrict)
+  std::string out, sentence;
+  const std::string_view text(tagged);
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    std::size_t end = text.find('\n', pos);
+    if (end == std::string_view::npos) end = text.size();
+    const std::string_view line = text.substr(pos, end - pos);
+    pos = end + 1;
+    sentence.clear();
+    for (std::size_t i = 0;;) {
+      while (i < line.size() && is_space(line[i])) ++i;
+      if (i == line.size()) break;
+      std::size_t j = i;
+      while (j < line.size() && !is_space(line[j])) ++j;
+      const std::string_view token = line.substr(i, j - i);
+      i = j;
+      const std::size_t slash = token.rfind('/');
+      std::string_view w = slash == std::string_view::npos ? token : token.substr(0, slash);
+      if (w == "``" || w == "''") w = "\"";
       bool closing = w == "." || w == "," || w == ";" || w == ":" || w == "!" || w == "?" || w == ")" ||
                      w == "'s" || w == "n't" || w == "'";
       if (!sentence.empty() && !closing && sentence.back() != '(') sentence += ' ';
       sentence += w;
     }
-    if (!sentence.empty()) out += sentence + "\n";
+    if (!sentence.empty()) {
+      out += sentence;
+      out += '\n';
+    }
   }
   return out;
 }
