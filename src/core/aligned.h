@@ -26,6 +26,15 @@ namespace pm {
 void* allocate_aligned(std::size_t bytes);
 bool huge_pages_wanted();  // PIPEMOE_HUGE_PAGES is not "0" (read once)
 
+// `bytes` (at least 2 MB: below that, calloc is as good) of zeros straight from the kernel's zero
+// pages (an anonymous mapping, 2 MB aligned, huge pages asked for as above): no page is backed by
+// memory, nor cleared, until it is first written, so a block never written costs neither (an
+// inference model's gradients). Null when out of address space; freed by free_zero_pages with the
+// same size.
+void* allocate_zero_pages(std::size_t bytes);
+void free_zero_pages(void* p, std::size_t bytes);
+inline constexpr std::size_t kZeroPagesFrom = std::size_t{2} << 20;
+
 template <typename T>
 struct AlignedAllocator {
   using value_type = T;

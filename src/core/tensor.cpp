@@ -68,8 +68,23 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
 }
 
 Tensor Tensor::zeros(Shape shape, DType dtype) {
-  Tensor t = empty(std::move(shape), dtype);
-  t.zero();
+  for (int64_t d : shape) PM_CHECK(d >= 0, "negative dimension in shape {}", shape_str(shape));
+  const std::size_t bytes = static_cast<std::size_t>(shape_numel(shape)) * dtype_size(dtype);
+  if (bytes < kZeroPagesFrom) {
+    Tensor t = empty(std::move(shape), dtype);
+    t.zero();
+    return t;
+  }
+  // the kernel's zero pages, backed as they are written: a gradient never written (an inference
+  // model's) costs no memory, and no time clearing it
+  void* p = allocate_zero_pages(bytes);
+  PM_CHECK(p != nullptr, "out of memory allocating {} bytes", bytes);
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  t.storage_ = std::shared_ptr<void>(p, [bytes](void* q) { free_zero_pages(q, bytes); });
+  t.version_ = std::make_shared<std::atomic<uint64_t>>(next_version.fetch_add(1, std::memory_order_relaxed));
+  t.data_ = p;
   return t;
 }
 

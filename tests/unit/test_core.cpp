@@ -125,6 +125,35 @@ TEST(AllocateAligned, LargeBlocksStartOnAHugePageAndAskForThem) {
   }
 }
 
+// Zeros of 2 MB and more come from the kernel's zero pages: zero, 2 MB aligned, writable to the
+// last byte, and not backed by memory until written (a model's gradients that inference never
+// writes). Below 2 MB, ordinary zeroed memory.
+TEST(Tensor, LargeZerosAreUntouchedZeroPagesUntilWritten) {
+  auto resident_kb = [] {
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("RssAnon:", 0) == 0) return std::atol(line.c_str() + 8);
+    return -1L;
+  };
+  for (int64_t floats : {int64_t{100}, int64_t{3} << 18, (int64_t{5} << 18) + 3}) {
+    Tensor t = Tensor::zeros({floats});
+    const float* values = static_cast<const float*>(t.raw());
+    if (t.nbytes() >= kZeroPagesFrom) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(values) % kZeroPagesFrom, 0u);
+    }
+    for (int64_t i = 0; i < floats; ++i) ASSERT_EQ(values[i], 0.0f) << floats << " floats, at " << i;
+    t.f32()[floats - 1] = 7.0f;  // the last byte is there to write
+    EXPECT_EQ(t.clone().f32()[floats - 1], 7.0f);
+  }
+  // 64 MB of zeros, read but never written: still not resident (the reads map the shared zero page)
+  const long before = resident_kb();
+  Tensor big = Tensor::zeros({int64_t{16} << 20});
+  EXPECT_EQ(static_cast<const float*>(big.raw())[(int64_t{16} << 20) - 1], 0.0f);
+  if (before >= 0) {
+    EXPECT_LT(resident_kb() - before, 16 << 10) << "KB resident after reading 64 MB of zeros";
+  }
+}
+
 TEST(Tensor, ViewsShareMemory) {
   Tensor t = Tensor::zeros({4, 3});
   Tensor rows = t.rows(1, 3);
