@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <sstream>
 #include <utility>
 
@@ -120,6 +122,89 @@ void collect_stages(Communicator& pipeline, std::vector<NamedTensor>& tensors, c
     }
 }
 
+// The first non-empty of the ranks' strings (in rank order), on every rank: an error one rank
+// found, raised by all.
+std::string first_of_any_rank(Communicator& comm, const std::string& mine) {
+  std::string first;
+  for (std::string& s : comm.gather_strings(mine, 0))
+    if (first.empty()) first = std::move(s);
+  return comm.broadcast_string(first, 0);
+}
+
+// Where a checkpoint tensor goes on this rank: into a parameter's value (or an optimizer moment of
+// it), whole or this rank's slice as the parameter is sliced.
+struct LoadTarget {
+  Tensor* into = nullptr;
+  const Parameter* p = nullptr;
+};
+
+// One safetensors file of a checkpoint, read by every rank from rank 0's mapping of it: no rank
+// holds the whole file in memory (it took four copies of it at the peak: the bytes read, broadcast
+// and decoded, and the parameters), and each tensor is copied once, from the page cache into its
+// place, then broadcast to the other ranks in turn.
+class CheckpointFile {
+ public:
+  // mapped: rank 0's mapping of path (null elsewhere); every rank gets its listing.
+  CheckpointFile(Communicator& comm, std::unique_ptr<MappedSafetensors> mapped, std::string path)
+      : comm_(comm), mapped_(std::move(mapped)), path_(std::move(path)) {
+    nlohmann::json listing = nlohmann::json::array();
+    if (mapped_)
+      for (const auto& [name, shape] : mapped_->listing()) listing.push_back(nlohmann::json::array({name, shape}));
+    for (const auto& entry : nlohmann::json::parse(comm.broadcast_string(listing.dump(), 0)))
+      listing_.emplace_back(entry[0].get<std::string>(), entry[1].get<Shape>());
+  }
+
+  // The first target the file lacks or holds in another shape, as an error message ("" if none).
+  std::string mismatch(const std::map<std::string, LoadTarget>& targets, int spread) const {
+    std::map<std::string, Shape> held(listing_.begin(), listing_.end());
+    for (const auto& [name, t] : targets) {
+      const auto it = held.find(name);
+      if (it == held.end()) return fmt::format("{} has no tensor {}: it was written for another model", path_, name);
+      const Shape want = whole_shape_of(t, spread);
+      if (it->second != want)
+        return fmt::format("{}: {} has shape {}, this model needs {}", path_, name, shape_str(it->second), shape_str(want));
+    }
+    return "";
+  }
+
+  // Every tensor of the file in turn, into the targets this rank has for it (others pass by).
+  void copy_into(const std::map<std::string, LoadTarget>& targets, int spread, int place) {
+    std::vector<float> scratch;  // a tensor this rank slices or does not keep
+    for (const auto& [name, shape] : listing_) {
+      const auto it = targets.find(name);
+      const LoadTarget* t = it == targets.end() ? nullptr : &it->second;
+      if (!t && comm_.size() == 1) continue;
+      const bool whole_here = t && t->into->shape() == shape;
+      const int64_t numel = shape_numel(shape);
+      float* buffer = nullptr;
+      if (whole_here) {
+        buffer = t->into->f32();
+      } else {
+        scratch.resize(static_cast<std::size_t>(numel));
+        buffer = scratch.data();
+      }
+      if (mapped_) {  // (its pages then leave this process: the page cache keeps them)
+        const float* source = mapped_->tensor(name, shape);
+        std::memcpy(buffer, source, static_cast<std::size_t>(numel) * sizeof(float));
+        mapped_->release(source, static_cast<uint64_t>(numel) * sizeof(float));
+      }
+      if (comm_.size() > 1) comm_.broadcast(buffer, numel, DType::f32, 0);
+      if (t && !whole_here)
+        take_shard(Tensor::view_of(buffer, shape), *t->into, t->p->shard_dim, t->p->shard_parts, place, spread);
+    }
+  }
+
+ private:
+  static Shape whole_shape_of(const LoadTarget& t, int spread) {
+    return t.p->expert ? whole_shape(t.into->shape(), t.p->shard_dim, spread) : t.into->shape();
+  }
+
+  Communicator& comm_;
+  std::unique_ptr<MappedSafetensors> mapped_;
+  std::string path_;
+  std::vector<std::pair<std::string, Shape>> listing_;  // the file's tensors, in the order they are read
+};
+
 }  // namespace
 
 std::string checkpoint_step_dir(const std::string& dir) { return resolve_step_dir(dir); }
@@ -214,52 +299,40 @@ CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir
 void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer,
                              int expert_ranks) {
   const int spread = expert_ranks > 0 ? expert_ranks : comm.size(), place = comm.rank() % spread;
-  std::string model_bytes, optimizer_bytes, step_dir;
+  std::unique_ptr<MappedSafetensors> model_map, moments_map;  // rank 0's
+  std::string step_dir, adam_steps;
   on_rank0_agreed(comm, [&] {
     step_dir = resolve_step_dir(dir);
-    model_bytes = read_file(step_dir + "/model.safetensors");
-    if (optimizer) optimizer_bytes = read_file(step_dir + "/optimizer.safetensors");
+    model_map = std::make_unique<MappedSafetensors>(step_dir + "/model.safetensors");
+    if (!optimizer) return;
+    moments_map = std::make_unique<MappedSafetensors>(step_dir + "/optimizer.safetensors");
+    const auto& meta = moments_map->metadata();
+    adam_steps = meta.count("adam_steps") ? meta.at("adam_steps") : "0";
   });
   step_dir = comm.broadcast_string(step_dir, 0);
-  std::map<std::string, std::string> meta;
-  auto model = decode_safetensors(comm.broadcast_string(std::move(model_bytes), 0), step_dir + "/model.safetensors");
-  std::vector<NamedTensor> moments;
-  if (optimizer)
-    moments = decode_safetensors(comm.broadcast_string(std::move(optimizer_bytes), 0),
-                                 step_dir + "/optimizer.safetensors", &meta);
-  auto find = [&](const std::vector<NamedTensor>& in, const std::string& name, const char* file) -> const Tensor& {
-    for (const NamedTensor& t : in)
-      if (t.name == name) return t.tensor;
-    throw Error(ErrorKind::usage, fmt::format("{}/{} has no tensor {}: it was written for another model", step_dir, file, name));
-  };
-  // Check every shape before changing anything.
-  auto slice_of = [&](const Tensor& global, const Parameter& p, const std::string& name, const char* file) {
-    const Shape want = p.expert ? whole_shape(p.value->shape(), p.shard_dim, spread) : p.value->shape();
-    PM_REQUIRE(global.shape() == want, "{}/{}: {} has shape {}, this model needs {}", step_dir, file, name,
-               shape_str(global.shape()), shape_str(want));
-    if (!p.expert) return global;
-    Tensor mine = Tensor::empty(p.value->shape());
-    take_shard(global, mine, p.shard_dim, p.shard_parts, place, spread);
-    return mine;
-  };
-  for (Parameter& p : params) {
-    slice_of(find(model, p.name, "model.safetensors"), p, p.name, "model.safetensors");
+  CheckpointFile model(comm, std::move(model_map), step_dir + "/model.safetensors");
+  std::map<std::string, LoadTarget> weights, moments;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const Parameter& p = params[i];
+    weights[p.name] = {p.value, &p};
     if (optimizer) {
-      slice_of(find(moments, "m." + p.name, "optimizer.safetensors"), p, "m." + p.name, "optimizer.safetensors");
-      slice_of(find(moments, "v." + p.name, "optimizer.safetensors"), p, "v." + p.name, "optimizer.safetensors");
+      moments["m." + p.name] = {&optimizer->first_moments()[i], &p};
+      moments["v." + p.name] = {&optimizer->second_moments()[i], &p};
     }
   }
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    Parameter& p = params[i];
-    Tensor w = slice_of(find(model, p.name, ""), p, p.name, "");
-    std::memcpy(p.value->raw(), w.raw(), w.nbytes());
-    if (!optimizer) continue;
-    Tensor m = slice_of(find(moments, "m." + p.name, ""), p, "", "");
-    Tensor v = slice_of(find(moments, "v." + p.name, ""), p, "", "");
-    std::memcpy(optimizer->first_moments()[i].raw(), m.raw(), m.nbytes());
-    std::memcpy(optimizer->second_moments()[i].raw(), v.raw(), v.nbytes());
+  // Every name and shape, on every rank, before anything changes.
+  std::string mismatch = model.mismatch(weights, spread);
+  std::unique_ptr<CheckpointFile> moments_file;
+  if (optimizer) {
+    moments_file = std::make_unique<CheckpointFile>(comm, std::move(moments_map), step_dir + "/optimizer.safetensors");
+    if (mismatch.empty()) mismatch = moments_file->mismatch(moments, spread);
   }
-  if (optimizer) optimizer->set_steps_taken(std::stoll(meta.count("adam_steps") ? meta["adam_steps"] : "0"));
+  mismatch = first_of_any_rank(comm, mismatch);
+  PM_REQUIRE(mismatch.empty(), "{}", mismatch);
+  model.copy_into(weights, spread, place);
+  if (!optimizer) return;
+  moments_file->copy_into(moments, spread, place);
+  optimizer->set_steps_taken(std::stoll(comm.broadcast_string(adam_steps, 0)));
 }
 
 }  // namespace pm

@@ -110,6 +110,10 @@ MappedSafetensors::MappedSafetensors(const std::string& path) : path_(path) {
   struct stat st {};
   const bool stat_ok = ::fstat(fd, &st) == 0;
   size_ = stat_ok ? static_cast<uint64_t>(st.st_size) : 0;
+  if (stat_ok && size_ < 8) {  // (nothing to map: the same error as reading it)
+    ::close(fd);
+    index_safetensors("", size_, path);
+  }
   void* p = stat_ok && size_ > 0 ? ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
   ::close(fd);
   PM_REQUIRE(p != MAP_FAILED, "cannot map {} into memory ({} bytes)", path, size_);
@@ -117,6 +121,7 @@ MappedSafetensors::MappedSafetensors(const std::string& path) : path_(path) {
   try {
     TensorIndex index = index_safetensors(data_, size_, path);
     tensors_ = std::move(index.tensors);
+    metadata_ = std::move(index.metadata);
   } catch (...) {
     ::munmap(const_cast<char*>(data_), size_);
     throw;
@@ -131,6 +136,12 @@ const float* MappedSafetensors::tensor(const std::string& name, const Shape& sha
   PM_REQUIRE(it->second.first == shape, "{}: {} has shape {}, this model needs {}", path_, name,
              shape_str(it->second.first), shape_str(shape));
   return reinterpret_cast<const float*>(data_ + it->second.second);
+}
+
+std::vector<std::pair<std::string, Shape>> MappedSafetensors::listing() const {
+  std::vector<std::pair<std::string, Shape>> out;
+  for (const auto& [name, where] : tensors_) out.emplace_back(name, where.first);
+  return out;
 }
 
 void MappedSafetensors::release(const void* p, uint64_t bytes) const {

@@ -33,6 +33,9 @@ class MappedSafetensors {
   MappedSafetensors& operator=(const MappedSafetensors&) = delete;
   // The tensor's float32 data; usage error if it is absent or of another shape.
   const float* tensor(const std::string& name, const Shape& shape) const;
+  // Every tensor's name and shape, in name order; the header's "__metadata__".
+  std::vector<std::pair<std::string, Shape>> listing() const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
   void release(const void* data, uint64_t bytes) const;
   const std::string& path() const { return path_; }
 
@@ -41,6 +44,7 @@ class MappedSafetensors {
   const char* data_ = nullptr;
   uint64_t size_ = 0;
   std::map<std::string, std::pair<Shape, uint64_t>> tensors_;  // name -> (shape, offset)
+  std::map<std::string, std::string> metadata_;
 };
 
 }  // namespace pm
