@@ -378,7 +378,8 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
   GradientSync grad_sync(model.parameters(), c.model.layers, stage_comm, c.overlap_grad_allreduce, model.expert_replicas(),
                          static_cast<float>(c.model.ranks_per_batch()), c.grad_wire());
   model.set_grads_ready([&](TaskGraph& g, int block, const std::vector<int>& ready) { grad_sync.grads_ready(g, block, ready); });
-  model.init_parameters(c.seed);
+  // (a resumed run takes every parameter from the checkpoint, which must hold them all)
+  if (!resumed) model.init_parameters(c.seed);
   AdamW optimizer(model.parameters());
   int64_t start = 0;
   if (resumed) {
