@@ -326,6 +326,8 @@ class ExpertParallelLayer final : public MoeLayer {
   PipelineDegrees degrees_;
   PackedExperts packed_;  // this rank's experts, packed for the passes
   bool inference_ = false;  // set_inference
+  // Inference: the experts' fp32 weights gone once packed (the packing is final; it reads them no more)
+  bool masters_released_ = false;
   std::shared_ptr<ForwardPass> last_forward_;
   std::shared_ptr<BackwardPass> last_backward_;
   std::unique_ptr<ExpertCache> cache_;  // offloaded experts (inference)
@@ -409,7 +411,9 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       }
       return;
     }
+    if (masters_released_) return;
     w_.pack_forward(backend_, shape_, packed_);
+    if (inference_) w_.release_expert_masters(), masters_released_ = true;
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
   steps.dispatch = [this, p](int c) {

@@ -71,6 +71,10 @@ void LayerWeights::pack_backward(Backend& backend, const MoeShape& shape, Packed
     backend.pack_expert_backward(packed[le], w1.f32() + le * M * H1, w2.f32() + le * H * M, M, H);
 }
 
+void LayerWeights::release_expert_masters() {
+  for (Tensor* t : {&w1, &w2, &dw1, &dw2}) *t = Tensor();
+}
+
 ExpertGrads LayerWeights::grads_of(const MoeShape& shape, int le) {
   const int64_t M = shape.model_dim, H = shape.hidden, H1 = shape.fc1_width();
   return ExpertGrads{dw1.f32() + le * M * H1, db1.f32() + le * H1, dw2.f32() + le * H * M, db2.f32() + le * M};

@@ -49,6 +49,10 @@ struct LayerWeights {
   // already holds that packing of the current weights.
   void pack_forward(Backend& backend, const MoeShape& shape, PackedExperts& packed) const;
   void pack_backward(Backend& backend, const MoeShape& shape, PackedExperts& packed) const;
+  // Inference, once the experts are packed for good: their fp32 W1 and W2 freed (the biases stay:
+  // the packing reads them in place), and their gradients with them. Each expert then takes the
+  // memory of its packed form alone: half with fp32 GEMMs, a third with bf16 pair words.
+  void release_expert_masters();
   // Where local expert le's gradients go.
   ExpertGrads grads_of(const MoeShape& shape, int le);
 };

@@ -91,7 +91,9 @@ class MoeLayer {
   // The capacity factor of the next passes (0: dropless; inference uses it).
   virtual void set_capacity_factor(double capacity_factor) = 0;
   // Inference from now on: the passes keep nothing for a backward (GeLU experts skip the derivative
-  // a backward would read), and a backward is an error.
+  // a backward would read), and a backward is an error. The expert-parallel layer frees its
+  // experts' fp32 W1 and W2 once its first pass has packed them (their entries in parameters()
+  // hold no memory from then on).
   virtual void set_inference() = 0;
 
   // Inference with offloaded experts: the routed experts live in `store` (host memory, a mapped

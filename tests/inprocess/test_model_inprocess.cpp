@@ -276,6 +276,10 @@ TEST(ModelOnThreadRanks, WeightsPackedOnceForInferenceGiveTheTrainingForwardsBit
           EXPECT_TRUE(std::equal(last, last + V, trained.begin() + (S - 1) * V))
               << backbone << " " << dtype << ", " << ranks << " ranks, pass " << pass;
         }
+        // packed for good: the experts' fp32 W1 and W2 are gone (the second pass ran without them)
+        for (MoeLayer* l : inference.moe_layers())
+          for (const Parameter& p : l->parameters())
+            EXPECT_TRUE((p.name != "w1" && p.name != "w2") || p.value->raw() == nullptr) << p.name;
       });
     }
 }
