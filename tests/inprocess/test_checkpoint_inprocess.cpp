@@ -10,7 +10,6 @@
 #include <map>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "comm/inprocess_communicator.h"
@@ -98,16 +97,20 @@ TEST(CheckpointLoad, EveryRankTakesItsTensorsWholeOrItsSliceFromRank0sFiles) {
 
 TEST(CheckpointLoad, ATensorOneRankLacksOrShapesOtherwiseFailsEveryRankBeforeAnythingChanges) {
   const fs::path dir = write_checkpoint();
-  for (const auto& [extra, shape, message] :
-       std::vector<std::tuple<const char*, Shape, std::string>>{{"missing", {2}, "has no tensor missing"},
-                                                                {"unused", {3, 2}, "unused has shape [6], this model needs [3,2]"}}) {
+  struct Case {
+    const char* extra;  // rank 1's parameter beside its usual ones
+    Shape shape;
+    std::string message;
+  };
+  for (const Case& c : {Case{"missing", {2}, "has no tensor missing"},
+                        Case{"unused", {3, 2}, "unused has shape [6], this model needs [3,2]"}}) {
     std::mutex m;
     std::vector<std::string> errors;
     run_ranks_in_process(2, [&](Communicator& comm) {
-      RankParams mine(comm.rank(), comm.rank() == 1 ? extra : nullptr, shape);
+      RankParams mine(comm.rank(), comm.rank() == 1 ? c.extra : nullptr, c.shape);
       try {
         load_checkpoint_tensors(comm, dir.string(), mine.params, nullptr);
-        ADD_FAILURE() << "rank " << comm.rank() << " loaded a checkpoint without " << extra;
+        ADD_FAILURE() << "rank " << comm.rank() << " loaded a checkpoint without " << c.extra;
       } catch (const Error& e) {
         std::lock_guard lock(m);
         errors.push_back(e.what());
@@ -116,7 +119,7 @@ TEST(CheckpointLoad, ATensorOneRankLacksOrShapesOtherwiseFailsEveryRankBeforeAny
     });
     ASSERT_EQ(errors.size(), 2u);
     EXPECT_EQ(errors[0], errors[1]);
-    EXPECT_NE(errors[0].find(message), std::string::npos) << errors[0];
+    EXPECT_NE(errors[0].find(c.message), std::string::npos) << errors[0];
   }
   fs::remove_all(dir);
 }
