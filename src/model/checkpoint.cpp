@@ -49,8 +49,8 @@ void sync_folder(const std::string& path) {
   PM_IO_CHECK(synced, "cannot flush folder {} to disk: {}", path, std::strerror(errno));
 }
 
-// The whole file, read straight into the string (a checkpoint is loaded with one copy of it in
-// memory, not the three a string stream makes).
+// A small file whole (state.json, tokenizer.json, latest), read straight into the string; the
+// tensors' files are mapped instead (CheckpointFile).
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   PM_REQUIRE(in.good(), "cannot read {}", path);
