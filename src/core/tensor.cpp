@@ -56,14 +56,19 @@ std::string shape_str(const Shape& shape) {
 
 Tensor Tensor::empty(Shape shape, DType dtype) {
   for (int64_t d : shape) PM_CHECK(d >= 0, "negative dimension in shape {}", shape_str(shape));
+  const std::size_t bytes = static_cast<std::size_t>(shape_numel(shape)) * dtype_size(dtype);
+  void* p = allocate_aligned(bytes);
+  PM_CHECK(p != nullptr, "out of memory allocating {} bytes", bytes);
+  return owning(std::shared_ptr<void>(p, std::free), std::move(shape), dtype);
+}
+
+Tensor Tensor::owning(std::shared_ptr<void> storage, Shape shape, DType dtype) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
-  void* p = allocate_aligned(t.nbytes());
-  PM_CHECK(p != nullptr, "out of memory allocating {} bytes", t.nbytes());
-  t.storage_ = std::shared_ptr<void>(p, std::free);
+  t.data_ = storage.get();
+  t.storage_ = std::move(storage);
   t.version_ = std::make_shared<std::atomic<uint64_t>>(next_version.fetch_add(1, std::memory_order_relaxed));
-  t.data_ = p;
   return t;
 }
 
@@ -79,13 +84,7 @@ Tensor Tensor::zeros(Shape shape, DType dtype) {
   // model's) costs no memory, and no time clearing it
   void* p = allocate_zero_pages(bytes);
   PM_CHECK(p != nullptr, "out of memory allocating {} bytes", bytes);
-  Tensor t;
-  t.shape_ = std::move(shape);
-  t.dtype_ = dtype;
-  t.storage_ = std::shared_ptr<void>(p, [bytes](void* q) { free_zero_pages(q, bytes); });
-  t.version_ = std::make_shared<std::atomic<uint64_t>>(next_version.fetch_add(1, std::memory_order_relaxed));
-  t.data_ = p;
-  return t;
+  return owning(std::shared_ptr<void>(p, [bytes](void* q) { free_zero_pages(q, bytes); }), std::move(shape), dtype);
 }
 
 Tensor Tensor::view_of(void* data, Shape shape, DType dtype) {

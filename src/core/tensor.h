@@ -89,6 +89,9 @@ class Tensor {
   void mark_changed();
 
  private:
+  // A tensor owning `storage` (its first byte the data), with a version of its own.
+  static Tensor owning(std::shared_ptr<void> storage, Shape shape, DType dtype);
+
   std::shared_ptr<void> storage_;  // null for views of caller memory
   std::shared_ptr<std::atomic<uint64_t>> version_;  // with storage_
   void* data_ = nullptr;
