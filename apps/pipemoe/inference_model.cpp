@@ -1,6 +1,8 @@
 #include "apps/pipemoe/command.h"
 #include "apps/pipemoe/inference_model.h"
 
+#include <map>
+
 #include "core/error.h"
 #include "model/checkpoint.h"
 #include "moe/expert_store.h"
@@ -62,7 +64,21 @@ InferenceModel load_inference_model(Context& ctx, const std::string& checkpoint,
     m.model->offload_experts(offload.place, checkpoint_step_dir(checkpoint) + "/model.safetensors", offload.expert_cache,
                              mode);
   }
-  load_checkpoint_tensors(ctx.comm, checkpoint, m.model->parameters(), nullptr);
+  // Each MoE layer packs its experts once their W1 and W2 are in and frees the fp32 values: the
+  // load holds one layer's fp32 experts at a time beside the packed ones, where the first pass
+  // packed them all after the whole model had been read in fp32 (docs/BENCHMARKS.md, "Experts
+  // packed as they load").
+  std::map<const Tensor*, MoeLayer*> expert_weights;
+  std::map<MoeLayer*, int> arrived;
+  for (MoeLayer* layer : m.model->moe_layers()) {
+    layer->set_inference();
+    for (const Parameter& p : layer->parameters())
+      if (p.name == "w1" || p.name == "w2") expert_weights[p.value] = layer;
+  }
+  load_checkpoint_tensors(ctx.comm, checkpoint, m.model->parameters(), nullptr, 0, [&](const Parameter& p) {
+    const auto it = expert_weights.find(p.value);
+    if (it != expert_weights.end() && ++arrived[it->second] == 2) it->second->pack_for_inference();
+  });
   return m;
 }
 

@@ -168,8 +168,11 @@ class CheckpointFile {
   }
 
   // Every tensor of the file in turn, into the targets this rank has for it (others pass by).
-  void copy_into(const std::map<std::string, LoadTarget>& targets, int spread, int place) {
-    std::vector<float> scratch;  // a tensor this rank slices or does not keep
+  void copy_into(const std::map<std::string, LoadTarget>& targets, int spread, int place,
+                 const std::function<void(const Parameter&)>& loaded = {}) {
+    // a tensor this rank slices or does not keep; from the kernel's zero pages, huge where it gives
+    // them (released and taken again, 4 KB pages cost a second a model: faults while MPI copies in)
+    Tensor scratch;
     for (const auto& [name, shape] : listing_) {
       const auto it = targets.find(name);
       const LoadTarget* t = it == targets.end() ? nullptr : &it->second;
@@ -180,8 +183,8 @@ class CheckpointFile {
       if (whole_here) {
         buffer = t->into->f32();
       } else {
-        scratch.resize(static_cast<std::size_t>(numel));
-        buffer = scratch.data();
+        if (scratch.numel() < numel) scratch = Tensor(), scratch = Tensor::zeros({numel});
+        buffer = scratch.f32();
       }
       if (mapped_) {  // (its pages then leave this process: the page cache keeps them)
         const float* source = mapped_->tensor(name, shape);
@@ -191,6 +194,10 @@ class CheckpointFile {
       if (comm_.size() > 1) comm_.broadcast(buffer, numel, DType::f32, 0);
       if (t && !whole_here)
         take_shard(Tensor::view_of(buffer, shape), *t->into, t->p->shard_dim, t->p->shard_parts, place, spread);
+      if (!t || !loaded) continue;
+      // (what loaded does may take memory, inference's packing: the whole tensor is not kept for it)
+      if (!whole_here) scratch = Tensor();
+      loaded(*t->p);
     }
   }
 
@@ -297,7 +304,7 @@ CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir
 }
 
 void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer,
-                             int expert_ranks) {
+                             int expert_ranks, const std::function<void(const Parameter&)>& loaded) {
   const int spread = expert_ranks > 0 ? expert_ranks : comm.size(), place = comm.rank() % spread;
   std::unique_ptr<MappedSafetensors> model_map, moments_map;  // rank 0's
   std::string step_dir, adam_steps;
@@ -329,7 +336,7 @@ void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::ve
   }
   mismatch = first_of_any_rank(comm, mismatch);
   PM_REQUIRE(mismatch.empty(), "{}", mismatch);
-  model.copy_into(weights, spread, place);
+  model.copy_into(weights, spread, place, loaded);
   if (!optimizer) return;
   moments_file->copy_into(moments, spread, place);
   optimizer->set_steps_taken(std::stoll(comm.broadcast_string(adam_steps, 0)));

@@ -10,6 +10,7 @@
 // Collective: every rank calls save and load; rank 0 touches the files.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -56,7 +57,9 @@ CheckpointState read_checkpoint_state(Communicator& comm, const std::string& dir
 // Loads parameters (and the optimizer's moments when given) from DIR into this rank's tensors,
 // taking this rank's slice of every expert tensor (its place among `expert_ranks` ranks that
 // spread the experts: 0 = all). Shapes must match: a usage error names the first that does not.
+// loaded, if given, is called with each parameter as soon as its values are in place, on every
+// rank at the same tensor (the file's order): inference packs a layer's experts there.
 void load_checkpoint_tensors(Communicator& comm, const std::string& dir, std::vector<Parameter>& params, AdamW* optimizer,
-                             int expert_ranks = 0);
+                             int expert_ranks = 0, const std::function<void(const Parameter&)>& loaded = {});
 
 }  // namespace pm

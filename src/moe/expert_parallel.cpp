@@ -283,6 +283,13 @@ class ExpertParallelLayer final : public MoeLayer {
   const ExpertCache* expert_cache() const override { return cache_.get(); }
 
   void set_inference() override { inference_ = true; }
+  void pack_for_inference() override {
+    PM_CHECK(inference_, "packing a layer for inference before set_inference");
+    if (cache_ || masters_released_) return;  // (offloaded: the cache packs what it loads)
+    w_.pack_forward(backend_, shape_, packed_);
+    w_.release_expert_masters();
+    masters_released_ = true;
+  }
   void set_capacity_factor(double capacity_factor) override {
     MoeShape s = shape_;
     s.capacity_factor = capacity_factor;
@@ -411,9 +418,8 @@ MoeForward ExpertParallelLayer::append_forward(TaskGraph& graph, const std::vect
       }
       return;
     }
-    if (masters_released_) return;
+    if (inference_) return pack_for_inference();
     w_.pack_forward(backend_, shape_, packed_);
-    if (inference_) w_.release_expert_masters(), masters_released_ = true;
   };
   if (cache_ && offload_mode_ == OffloadMode::prefetch) steps.fetch = [this, p] { cache_->load(p->needed, /*pin=*/true); };
   steps.dispatch = [this, p](int c) {

@@ -92,9 +92,14 @@ class MoeLayer {
   virtual void set_capacity_factor(double capacity_factor) = 0;
   // Inference from now on: the passes keep nothing for a backward (GeLU experts skip the derivative
   // a backward would read), and a backward is an error. The expert-parallel layer frees its
-  // experts' fp32 W1 and W2 once its first pass has packed them (their entries in parameters()
-  // hold no memory from then on).
+  // experts' fp32 W1 and W2 once it has packed them (pack_for_inference, or its first pass): their
+  // entries in parameters() hold no memory from then on.
   virtual void set_inference() = 0;
+  // Inference: pack the experts' weights for the GEMMs now and free their fp32 W1 and W2, instead
+  // of at the first pass. A checkpoint's load calls it as each layer's experts arrive, so that the
+  // fp32 experts of one layer at a time are held beside the packed ones (apps/pipemoe/
+  // inference_model.cpp). Nothing to do where the layer keeps no fp32 experts of its own.
+  virtual void pack_for_inference() {}
 
   // Inference with offloaded experts: the routed experts live in `store` (host memory, a mapped
   // file) and at most `cache_slots` of this rank's are resident (moe/expert_store.h); the layer no

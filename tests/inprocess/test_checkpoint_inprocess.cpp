@@ -95,6 +95,25 @@ TEST(CheckpointLoad, EveryRankTakesItsTensorsWholeOrItsSliceFromRank0sFiles) {
   fs::remove_all(dir);
 }
 
+// The loaded callback (inference packs its experts there): each of the rank's parameters once, in
+// the file's order (names sorted here), with its values already in place, and not the moments.
+TEST(CheckpointLoad, EachParameterIsReportedOnceItsValuesAreInPlace) {
+  const fs::path dir = write_checkpoint();
+  run_ranks_in_process(2, [&](Communicator& comm) {
+    RankParams mine(comm.rank());
+    AdamW optimizer(mine.params);
+    std::vector<std::string> seen;
+    load_checkpoint_tensors(comm, dir.string(), mine.params, &optimizer, 0, [&](const Parameter& p) {
+      seen.push_back(p.name);
+      EXPECT_NE(p.value->f32()[0], -1.0f) << p.name << " reported before its values arrived";
+    });
+    const std::vector<std::string> want =
+        comm.rank() == 1 ? std::vector<std::string>{"a", "only1", "w"} : std::vector<std::string>{"a", "w"};
+    EXPECT_EQ(seen, want) << "rank " << comm.rank();
+  });
+  fs::remove_all(dir);
+}
+
 TEST(CheckpointLoad, ATensorOneRankLacksOrShapesOtherwiseFailsEveryRankBeforeAnythingChanges) {
   const fs::path dir = write_checkpoint();
   struct Case {

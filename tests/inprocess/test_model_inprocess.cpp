@@ -247,8 +247,9 @@ TEST(ModelOnThreadRanks, APromptContinuingACachedPrefixGivesTheBitsOfTheWholePro
       }
 }
 
-// Inference packs the weights once (start_inference): a prompt's logits are the bits of a training
-// forward over the same tokens (dropless too), in fp32 and bf16, on 1 and 2 ranks, both backbones.
+// Inference packs the weights once (start_inference, or the experts as a checkpoint loads): a
+// prompt's logits are the bits of a training forward over the same tokens (dropless too), in fp32
+// and bf16, on 1 and 2 ranks, both backbones.
 TEST(ModelOnThreadRanks, WeightsPackedOnceForInferenceGiveTheTrainingForwardsBits) {
   for (const char* backbone : {"gpt2", "llama"})
   for (const char* dtype : {"fp32", "bf16"})
@@ -276,10 +277,23 @@ TEST(ModelOnThreadRanks, WeightsPackedOnceForInferenceGiveTheTrainingForwardsBit
           EXPECT_TRUE(std::equal(last, last + V, trained.begin() + (S - 1) * V))
               << backbone << " " << dtype << ", " << ranks << " ranks, pass " << pass;
         }
+        auto masters_gone = [&](GptModel& m, const char* when) {
+          for (MoeLayer* l : m.moe_layers())
+            for (const Parameter& p : l->parameters())
+              EXPECT_TRUE((p.name != "w1" && p.name != "w2") || p.value->raw() == nullptr) << p.name << " " << when;
+        };
         // packed for good: the experts' fp32 W1 and W2 are gone (the second pass ran without them)
-        for (MoeLayer* l : inference.moe_layers())
-          for (const Parameter& p : l->parameters())
-            EXPECT_TRUE((p.name != "w1" && p.name != "w2") || p.value->raw() == nullptr) << p.name;
+        masters_gone(inference, "after the passes");
+        // packed before the first pass, as a checkpoint's load does layer by layer: the same bits
+        Executor ex_early;
+        GptModel early(c.model, comm, ex_early, cpu_backend());
+        early.init_parameters(9);
+        for (MoeLayer* l : early.moe_layers()) l->set_inference(), l->pack_for_inference();
+        masters_gone(early, "packed at load");
+        early.start_inference(1);
+        const float* last = early.prefill(0, tokens.data(), S);
+        EXPECT_TRUE(std::equal(last, last + V, trained.begin() + (S - 1) * V))
+            << backbone << " " << dtype << ", " << ranks << " ranks, packed at load";
       });
     }
 }
