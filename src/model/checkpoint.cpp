@@ -8,6 +8,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <utility>
 
@@ -20,24 +21,74 @@ namespace pm {
 namespace fs = std::filesystem;
 namespace {
 
+// A file written in pieces and flushed to disk at the end; closed unflushed if abandoned (the
+// save's temporary folder then goes).
+class DurableFile {
+ public:
+  explicit DurableFile(const std::string& path)
+      : path_(path), fd_(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644)) {
+    PM_IO_CHECK(fd_ >= 0, "cannot create {}: {}", path, std::strerror(errno));
+  }
+  ~DurableFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  DurableFile(const DurableFile&) = delete;
+  DurableFile& operator=(const DurableFile&) = delete;
+
+  void append(const void* data, std::size_t size) {
+    for (std::size_t done = 0; done < size;) {
+      const ssize_t n = ::write(fd_, static_cast<const char*>(data) + done, size - done);
+      if (n < 0 && errno == EINTR) continue;
+      PM_IO_CHECK(n >= 0, "writing {} failed: {}", path_, std::strerror(errno));
+      done += static_cast<std::size_t>(n);
+    }
+  }
+  void finish() {
+    const bool synced = ::fsync(fd_) == 0;
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    PM_IO_CHECK(synced, "cannot flush {} to disk: {}", path_, std::strerror(err));
+  }
+
+ private:
+  std::string path_;
+  int fd_;
+};
+
 // Writes bytes to path and flushes them to disk.
 void write_file_durably(const std::string& path, const std::string& bytes) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  PM_IO_CHECK(fd >= 0, "cannot create {}: {}", path, std::strerror(errno));
-  std::size_t done = 0;
-  while (done < bytes.size()) {
-    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      int err = errno;
-      ::close(fd);
-      throw Error(ErrorKind::io, fmt::format("writing {} failed: {}", path, std::strerror(err)));
-    }
-    done += static_cast<std::size_t>(n);
-  }
-  bool synced = ::fsync(fd) == 0;
-  ::close(fd);
-  PM_IO_CHECK(synced, "cannot flush {} to disk: {}", path, std::strerror(errno));
+  DurableFile file(path);
+  file.append(bytes.data(), bytes.size());
+  file.finish();
 }
+
+// A safetensors file written tensor by tensor in its listing's order: a save holds one tensor at a
+// time, where it held the whole model and its moments, then the files' bytes, on rank 0 (2.1x the
+// training run's memory: docs/BENCHMARKS.md, "A checkpoint written tensor by tensor").
+class SafetensorsFileWriter {
+ public:
+  SafetensorsFileWriter(const std::string& path, TensorListing listing, const std::map<std::string, std::string>& metadata)
+      : file_(path), listing_(std::move(listing)) {
+    const std::string header = safetensors_header(listing_, metadata);
+    file_.append(header.data(), header.size());
+  }
+  void append(const std::string& name, const Tensor& t) {
+    PM_CHECK(next_ < listing_.size() && listing_[next_].first == name && listing_[next_].second == t.shape(),
+             "checkpoint writer: {} {} out of the listing's order", name, shape_str(t.shape()));
+    ++next_;
+    file_.append(t.raw(), t.nbytes());
+  }
+  void finish() {
+    PM_CHECK(next_ == listing_.size(), "checkpoint writer: {} of {} tensors written", next_, listing_.size());
+    file_.finish();
+  }
+
+ private:
+  DurableFile file_;
+  TensorListing listing_;
+  std::size_t next_ = 0;
+};
 
 // A folder's entries (files created or renamed in it) reach the disk only when the folder is
 // flushed too.
@@ -63,13 +114,17 @@ std::string read_file(const std::string& path) {
   return bytes;
 }
 
-// The whole tensor on rank 0: a sharded one's slices of ranks 0 .. spread - 1 put in their places
-// (core/shard.h: experts concatenated along dim 0 in rank order).
-Tensor gather_global(Communicator& comm, const Tensor& local, const Parameter& p, int spread) {
-  if (!p.expert || spread == 1) return comm.rank() == 0 ? local.clone() : Tensor();
+// fn(the whole tensor) on the group's rank 0: a sharded one's slices of ranks 0 .. spread - 1 put
+// in their places (core/shard.h: experts concatenated along dim 0 in rank order), any other as it is.
+template <typename Fn>
+void with_whole(Communicator& comm, const Tensor& local, const Parameter& p, int spread, Fn&& fn) {
+  if (!p.expert || spread == 1) {
+    if (comm.rank() == 0) fn(local);
+    return;
+  }
   if (comm.rank() != 0) {
     if (comm.rank() < spread) comm.send(local.raw(), local.numel(), DType::f32, 0);
-    return Tensor();
+    return;
   }
   Tensor global = Tensor::empty(whole_shape(local.shape(), p.shard_dim, spread));
   put_shard(local, global, p.shard_dim, p.shard_parts, 0, spread);
@@ -78,7 +133,7 @@ Tensor gather_global(Communicator& comm, const Tensor& local, const Parameter& p
     comm.recv(piece.raw(), piece.numel(), DType::f32, r);
     put_shard(piece, global, p.shard_dim, p.shard_parts, r, spread);
   }
-  return global;
+  fn(global);
 }
 
 // The step folder DIR names: DIR itself if it holds state.json, else DIR/<contents of latest>.
@@ -93,33 +148,66 @@ std::string resolve_step_dir(const std::string& dir) {
   return step_dir;
 }
 
+// Rank 0's part of a collective job, in steps between which the ranks communicate: after the
+// first step that fails, rank 0 runs no more of them but still takes part in everything else, and
+// agree() raises its error, the same usage error, on every rank.
+class Rank0Steps {
+ public:
+  explicit Rank0Steps(Communicator& comm) : comm_(comm) {}
+  template <typename Fn>
+  void run(Fn&& fn) {
+    if (comm_.rank() != 0 || failed()) return;
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      error_ = e.what();
+      if (error_.empty()) error_ = "an unnamed error";
+    }
+  }
+  bool failed() const { return !error_.empty(); }
+  void agree() {
+    error_ = comm_.broadcast_string(error_, 0);
+    PM_REQUIRE(error_.empty(), "{}", error_);
+  }
+
+ private:
+  Communicator& comm_;
+  std::string error_;
+};
+
 // Runs fn on rank 0; every rank then raises the same usage error if it failed there.
 template <typename Fn>
 void on_rank0_agreed(Communicator& comm, Fn&& fn) {
-  std::string error;
-  if (comm.rank() == 0) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      error = e.what();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  error = comm.broadcast_string(error, 0);
-  PM_REQUIRE(error.empty(), "{}", error);
+  Rank0Steps steps(comm);
+  steps.run(std::forward<Fn>(fn));
+  steps.agree();
 }
 
-// Every stage's tensors on rank 0 of the pipeline group: the stages' lists appended in stage
-// order, a name already there skipped.
-void collect_stages(Communicator& pipeline, std::vector<NamedTensor>& tensors, const char* what) {
-  std::vector<std::string> parts = pipeline.gather_strings(encode_safetensors(tensors, {}), 0);
-  for (std::size_t s = 1; s < parts.size(); ++s)
-    for (NamedTensor& t : decode_safetensors(parts[s], fmt::format("stage {}'s {}", s, what))) {
-      bool seen = false;
-      for (const NamedTensor& have : tensors) seen = seen || have.name == t.name;
-      if (!seen) tensors.push_back(std::move(t));
-    }
+// What a save writes, in order: each parameter whole (its name, its whole shape) and the pipeline
+// stage whose first rank sends it to rank 0; the stages' lists in stage order, a name an earlier
+// stage has (the tied embedding) left out. On the stages' first ranks (pipeline: their group).
+struct SaveEntry {
+  std::string name;
+  Shape shape;
+  int stage = 0;
+};
+
+std::vector<SaveEntry> save_listing(const std::vector<Parameter>& params, int spread, Communicator* pipeline) {
+  nlohmann::json mine = nlohmann::json::array();
+  for (const Parameter& p : params) {
+    const Shape& local = p.value->shape();
+    mine.push_back({p.name, p.expert && spread > 1 ? whole_shape(local, p.shard_dim, spread) : local});
+  }
+  const std::vector<std::string> stages = pipeline ? pipeline->gather_strings(mine.dump(), 0) : std::vector{mine.dump()};
+  nlohmann::json all = nlohmann::json::array();
+  std::set<std::string> seen;
+  for (std::size_t s = 0; s < stages.size(); ++s)
+    for (const auto& entry : nlohmann::json::parse(stages[s]))
+      if (seen.insert(entry[0].get<std::string>()).second) all.push_back({entry[0], entry[1], s});
+  std::vector<SaveEntry> out;
+  for (const auto& e : nlohmann::json::parse(pipeline ? pipeline->broadcast_string(all.dump(), 0) : all.dump()))
+    out.push_back({e[0].get<std::string>(), e[1].get<Shape>(), e[2].get<int>()});
+  return out;
 }
 
 // The first non-empty of the ranks' strings (in rank order), on every rank: an error one rank
@@ -221,38 +309,76 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
   Communicator& stage = groups.stage ? *groups.stage : comm;
   const int spread = expert_ranks > 0 ? expert_ranks : stage.size();
   PM_CHECK(stage.size() % spread == 0, "experts spread over {} of {} ranks", spread, stage.size());
-  std::vector<NamedTensor> model, moments;
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    const Parameter& p = params[i];
-    Tensor w = gather_global(stage, *p.value, p, spread);
-    if (stage.rank() == 0) model.push_back({p.name, std::move(w)});
-    if (!optimizer) continue;
-    Tensor m = gather_global(stage, optimizer->first_moments()[i], p, spread);
-    Tensor v = gather_global(stage, optimizer->second_moments()[i], p, spread);
-    if (stage.rank() == 0) moments.push_back({"m." + p.name, std::move(m)}), moments.push_back({"v." + p.name, std::move(v)});
-  }
   // the stages' first ranks form one pipeline group, whose rank 0 is rank 0
-  if (groups.pipeline && groups.pipeline->size() > 1 && stage.rank() == 0) {
-    collect_stages(*groups.pipeline, model, "model");
-    if (optimizer) collect_stages(*groups.pipeline, moments, "optimizer state");
-  }
+  Communicator* pipeline = groups.pipeline && groups.pipeline->size() > 1 && stage.rank() == 0 ? groups.pipeline : nullptr;
+  const int my_stage = pipeline ? pipeline->rank() : 0;
+  std::vector<SaveEntry> listing;
+  std::map<std::string, int> sent_by;  // a parameter's name -> the stage that sends it
+  if (stage.rank() == 0) listing = save_listing(params, spread, pipeline);
+  for (const SaveEntry& e : listing) sent_by[e.name] = e.stage;
+
   char name[32];
   std::snprintf(name, sizeof name, "step-%06ld", static_cast<long>(state.step));
-  std::string step_dir = (fs::path(dir) / name).string();
-  on_rank0_agreed(comm, [&] {
+  const std::string step_dir = (fs::path(dir) / name).string();
+  const std::string tmp = (fs::path(dir) / (std::string(".tmp-") + name)).string();
+  Rank0Steps rank0(comm);
+  std::unique_ptr<SafetensorsFileWriter> model_file, moments_file;
+  rank0.run([&] {
     std::error_code ec;
     fs::create_directories(dir, ec);
     PM_IO_CHECK(!ec, "cannot create checkpoint folder {}: {}", dir, ec.message());
-    std::string tmp = (fs::path(dir) / (std::string(".tmp-") + name)).string();
     fs::remove_all(tmp, ec);
     fs::create_directories(tmp, ec);
     PM_IO_CHECK(!ec, "cannot create {}: {}", tmp, ec.message());
+    TensorListing weights, moments;
+    for (const SaveEntry& e : listing) {
+      weights.emplace_back(e.name, e.shape);
+      if (optimizer) moments.emplace_back("m." + e.name, e.shape), moments.emplace_back("v." + e.name, e.shape);
+    }
+    const std::map<std::string, std::string> model_meta{{"format", "pt"}, {"step", std::to_string(state.step)}};
+    model_file = std::make_unique<SafetensorsFileWriter>(tmp + "/model.safetensors", std::move(weights), model_meta);
+    if (!optimizer) return;
+    const std::map<std::string, std::string> moments_meta{{"adam_steps", std::to_string(optimizer->steps_taken())}};
+    moments_file = std::make_unique<SafetensorsFileWriter>(tmp + "/optimizer.safetensors", std::move(moments), moments_meta);
+  });
+  // Each tensor whole on its stage's first rank, in turn: rank 0 writes its stage's, the other
+  // stages' first ranks send theirs to rank 0 (not what an earlier stage sends: the tied embedding).
+  auto put = [&](const Parameter& p, const std::string& tensor_name, const Tensor& local, SafetensorsFileWriter* file) {
+    with_whole(stage, local, p, spread, [&](const Tensor& whole) {
+      if (sent_by.at(p.name) != my_stage) return;
+      if (my_stage == 0)
+        rank0.run([&] { file->append(tensor_name, whole); });
+      else
+        pipeline->send(whole.raw(), whole.numel(), DType::f32, 0);
+    });
+  };
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const Parameter& p = params[i];
+    put(p, p.name, *p.value, model_file.get());
+    if (!optimizer) continue;
+    put(p, "m." + p.name, optimizer->first_moments()[i], moments_file.get());
+    put(p, "v." + p.name, optimizer->second_moments()[i], moments_file.get());
+  }
+  if (pipeline && my_stage == 0) {  // the other stages' tensors, in the listing's order
+    auto receive = [&](const SaveEntry& e, const std::string& tensor_name, SafetensorsFileWriter* file) {
+      Tensor t = Tensor::empty(e.shape);
+      pipeline->recv(t.raw(), t.numel(), DType::f32, e.stage);
+      rank0.run([&] { file->append(tensor_name, t); });
+    };
+    for (const SaveEntry& e : listing) {
+      if (e.stage == 0) continue;
+      receive(e, e.name, model_file.get());
+      if (!optimizer) continue;
+      receive(e, "m." + e.name, moments_file.get());
+      receive(e, "v." + e.name, moments_file.get());
+    }
+  }
+  rank0.run([&] {
+    std::error_code ec;
     nlohmann::json s = {{"format", "pipemoe-checkpoint"}, {"version", 1}, {"step", state.step},
                         {"world_size", state.world_size}, {"config", state.config}, {"extra", state.extra}};
-    write_file_durably(tmp + "/model.safetensors", encode_safetensors(model, {{"format", "pt"}, {"step", std::to_string(state.step)}}));
-    if (optimizer)
-      write_file_durably(tmp + "/optimizer.safetensors",
-                         encode_safetensors(moments, {{"adam_steps", std::to_string(optimizer->steps_taken())}}));
+    model_file->finish();
+    if (moments_file) moments_file->finish();
     write_file_durably(tmp + "/tokenizer.json", state.tokenizer_json);
     write_file_durably(tmp + "/state.json", s.dump(2));
     sync_folder(tmp);  // the step's files are on disk before the step is renamed into place
@@ -265,6 +391,12 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
     PM_IO_CHECK(!ec, "cannot update {}/latest: {}", dir, ec.message());
     sync_folder(dir);
   });
+  if (rank0.failed()) {  // what was written of this step goes: a checkpoint is whole or absent
+    model_file.reset(), moments_file.reset();
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+  }
+  rank0.agree();
   return step_dir;
 }
 

@@ -15,23 +15,33 @@
 
 namespace pm {
 
-std::string encode_safetensors(const std::vector<NamedTensor>& tensors, const std::map<std::string, std::string>& metadata) {
+std::string safetensors_header(const TensorListing& listing, const std::map<std::string, std::string>& metadata) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const NamedTensor& t : tensors) {
-    PM_CHECK(t.tensor.dtype() == DType::f32, "safetensors writer: {} is not float32", t.name);
-    header[t.name] = {{"dtype", "F32"}, {"shape", t.tensor.shape()}, {"data_offsets", {offset, offset + t.tensor.nbytes()}}};
-    offset += t.tensor.nbytes();
+  for (const auto& [name, shape] : listing) {
+    const uint64_t bytes = static_cast<uint64_t>(shape_numel(shape)) * sizeof(float);
+    header[name] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned
-  uint64_t len = h.size();
-  std::string out;
-  out.reserve(8 + h.size() + offset);  // one allocation: appending grew it (and faulted pages in) again and again
-  out.assign(8, '\0');
+  const uint64_t len = h.size();
+  std::string out(8, '\0');
   std::memcpy(out.data(), &len, 8);
-  out += h;
+  return out + h;
+}
+
+std::string encode_safetensors(const std::vector<NamedTensor>& tensors, const std::map<std::string, std::string>& metadata) {
+  TensorListing listing;
+  uint64_t data_bytes = 0;
+  for (const NamedTensor& t : tensors) {
+    PM_CHECK(t.tensor.dtype() == DType::f32, "safetensors writer: {} is not float32", t.name);
+    listing.emplace_back(t.name, t.tensor.shape());
+    data_bytes += t.tensor.nbytes();
+  }
+  std::string out = safetensors_header(listing, metadata);
+  out.reserve(out.size() + data_bytes);  // one allocation: appending grew it (and faulted pages in) again and again
   for (const NamedTensor& t : tensors) out.append(static_cast<const char*>(t.tensor.raw()), t.tensor.nbytes());
   return out;
 }
@@ -138,8 +148,8 @@ const float* MappedSafetensors::tensor(const std::string& name, const Shape& sha
   return reinterpret_cast<const float*>(data_ + it->second.second);
 }
 
-std::vector<std::pair<std::string, Shape>> MappedSafetensors::listing() const {
-  std::vector<std::pair<std::string, Shape>> out;
+TensorListing MappedSafetensors::listing() const {
+  TensorListing out;
   for (const auto& [name, where] : tensors_) out.emplace_back(name, where.first);
   return out;
 }

@@ -5,6 +5,7 @@
 
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -15,6 +16,12 @@ struct NamedTensor {
   std::string name;
   Tensor tensor;
 };
+
+// The header of a file of float32 tensors whose data follows in this order: the 8-byte length and
+// the JSON, padded so that the data starts 8-byte aligned. (A checkpoint's save writes it, then
+// each tensor as it is gathered: model/checkpoint.cpp.)
+using TensorListing = std::vector<std::pair<std::string, Shape>>;
+std::string safetensors_header(const TensorListing& listing, const std::map<std::string, std::string>& metadata);
 
 // The file's bytes.
 std::string encode_safetensors(const std::vector<NamedTensor>& tensors, const std::map<std::string, std::string>& metadata);
@@ -34,7 +41,7 @@ class MappedSafetensors {
   // The tensor's float32 data; usage error if it is absent or of another shape.
   const float* tensor(const std::string& name, const Shape& shape) const;
   // Every tensor's name and shape, in name order; the header's "__metadata__".
-  std::vector<std::pair<std::string, Shape>> listing() const;
+  TensorListing listing() const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   void release(const void* data, uint64_t bytes) const;
   const std::string& path() const { return path_; }

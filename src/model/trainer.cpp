@@ -602,9 +602,10 @@ nlohmann::json train(Communicator& comm, TrainConfig c, Backend& backend) {
     const bool save_now = !c.save.empty() && ((c.save_every > 0 && (step + 1) % c.save_every == 0) || step + 1 == last);
     if (save_now) {
       CheckpointState s{step + 1, c.to_json(), P, data.tokenizer.to_json(), {{"data", data.description}}};
+      Stopwatch save_watch;
       std::string where = save_checkpoint(comm, c.save, model.parameters(), &optimizer, s,
                                           c.model.expert_ranks(stage_ranks), {&stage_comm, pipeline});
-      log::info("checkpoint: {}", where);
+      log::info("checkpoint: {} (written in {:.1f} s)", where, save_watch.elapsed_s());
     }
   }
   train_log.close();

@@ -1,9 +1,15 @@
-// Loading a checkpoint's tensors (model/checkpoint.h) on ranks run as threads: rank 0 reads the
-// files in place and every rank takes what it holds, whole or its slice of an expert tensor, even
-// where the ranks hold different parameters (pipeline stages); a tensor one rank lacks or holds in
-// another shape is the same error on every rank, raised before anything changes.
+// Saving and loading a checkpoint's tensors (model/checkpoint.h) on ranks run as threads. The save
+// writes every tensor whole, tensor by tensor (experts gathered from the ranks, pipeline stages'
+// tensors sent to rank 0, the tied embedding once); a save that fails is the same error on every
+// rank and leaves nothing of its step. The load: rank 0 reads the files in place and every rank
+// takes what it holds, whole or its slice of an expert tensor, even where the ranks hold different
+// parameters (pipeline stages); a tensor one rank lacks or holds in another shape is the same error
+// on every rank, raised before anything changes.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <filesystem>
 #include <fstream>
@@ -140,6 +146,142 @@ TEST(CheckpointLoad, ATensorOneRankLacksOrShapesOtherwiseFailsEveryRankBeforeAny
     EXPECT_EQ(errors[0], errors[1]);
     EXPECT_NE(errors[0].find(c.message), std::string::npos) << errors[0];
   }
+  fs::remove_all(dir);
+}
+
+// The tensors of a safetensors file in the order of their data, with their values.
+std::vector<NamedTensor> in_file_order(const fs::path& path, std::map<std::string, std::string>* metadata = nullptr) {
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<NamedTensor> tensors = decode_safetensors(bytes, path.string(), metadata);
+  MappedSafetensors mapped(path.string());
+  std::stable_sort(tensors.begin(), tensors.end(), [&](const NamedTensor& a, const NamedTensor& b) {
+    return mapped.tensor(a.name, a.tensor.shape()) < mapped.tensor(b.name, b.tensor.shape());
+  });
+  return tensors;
+}
+
+std::vector<float> values_of(const Tensor& t) { return std::vector<float>(t.f32(), t.f32() + t.numel()); }
+
+// Two ranks, each a pipeline stage of its own: stage 0 holds "emb" (tied: stage 1 holds it too,
+// with other values) and experts "w0", stage 1 "emb" and "b"; then one stage of two ranks, the
+// experts' rows gathered in rank order. The files hold each tensor once, whole, in stage order and
+// each stage's parameter order.
+TEST(CheckpointSave, EveryTensorWholeOnceInStageOrder) {
+  const fs::path dir = fs::temp_directory_path() / ("pm_ckpt_save_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  for (bool stages : {true, false}) {
+    run_ranks_in_process(2, [&](Communicator& comm) {
+      std::unique_ptr<Communicator> own = comm.split(comm.rank(), 0);  // a stage of one rank
+      Communicator& stage = stages ? *own : comm;
+      Tensor values[2] = {counting({2, 3}, 10.0f + 100 * comm.rank()), counting({2, 2}, 50.0f + 100 * comm.rank())}, grads[2];
+      std::vector<Parameter> params{{"emb", &values[0], &grads[0]}};
+      const bool second = stages && comm.rank() == 1;
+      params.push_back({second ? "b" : "w0", &values[1], &grads[1], /*expert=*/!second});
+      AdamW optimizer(params);
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        optimizer.first_moments()[i].fill(1.0f + static_cast<float>(i + 10 * comm.rank()));
+        optimizer.second_moments()[i].fill(2.0f + static_cast<float>(i + 10 * comm.rank()));
+      }
+      optimizer.set_steps_taken(5);
+      CheckpointState state{3, nlohmann::json::object(), 2, "{}", nlohmann::json::object()};
+      const std::string where = save_checkpoint(comm, dir.string(), params, &optimizer, state, stages ? 1 : 0,
+                                                {&stage, stages ? &comm : nullptr});
+      EXPECT_EQ(where, (dir / "step-000003").string());
+    });
+    std::map<std::string, std::string> meta;
+    const std::vector<NamedTensor> model = in_file_order(dir / "step-000003" / "model.safetensors", &meta);
+    EXPECT_EQ(meta.at("step"), "3");
+    ASSERT_EQ(model.size(), 3u - !stages);
+    EXPECT_EQ(model[0].name, "emb");
+    EXPECT_EQ(values_of(model[0].tensor), values_of(counting({2, 3}, 10.0f)));  // stage 0's, not stage 1's
+    EXPECT_EQ(model[1].name, "w0");
+    if (stages) {
+      EXPECT_EQ(values_of(model[1].tensor), values_of(counting({2, 2}, 50.0f)));
+      EXPECT_EQ(model[2].name, "b");
+      EXPECT_EQ(values_of(model[2].tensor), values_of(counting({2, 2}, 150.0f)));
+    } else {  // rank 0's two rows, then rank 1's
+      std::vector<float> want = values_of(counting({2, 2}, 50.0f)), rank1 = values_of(counting({2, 2}, 150.0f));
+      want.insert(want.end(), rank1.begin(), rank1.end());
+      EXPECT_EQ(model[1].tensor.shape(), (Shape{4, 2}));
+      EXPECT_EQ(values_of(model[1].tensor), want);
+    }
+    const std::vector<NamedTensor> moments = in_file_order(dir / "step-000003" / "optimizer.safetensors", &meta);
+    EXPECT_EQ(meta.at("adam_steps"), "5");
+    ASSERT_EQ(moments.size(), 2 * model.size());
+    for (std::size_t i = 0; i < model.size(); ++i) {
+      EXPECT_EQ(moments[2 * i].name, "m." + model[i].name);
+      EXPECT_EQ(moments[2 * i + 1].name, "v." + model[i].name);
+    }
+    if (stages) {
+      EXPECT_EQ(moments[4].tensor.f32()[0], 12.0f);  // stage 1's second parameter, "b"
+    }
+    fs::remove_all(dir);
+  }
+}
+
+// A save that fails (its folder cannot be made; a write past the file size limit, as a full disk
+// fails it): one error on every rank, no hang, and nothing of the step left (the temporary folder
+// goes); the checkpoint saved before stays the latest.
+TEST(CheckpointSave, AFailedSaveIsOneErrorOnEveryRankAndLeavesNothingOfItsStep) {
+  const fs::path dir = fs::temp_directory_path() / ("pm_ckpt_fail_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  write_file(dir / "a_file", "x");
+  auto save = [&](const fs::path& where, int64_t step) {
+    std::mutex m;
+    std::vector<std::string> errors;
+    run_ranks_in_process(2, [&](Communicator& comm) {
+      RankParams mine(comm.rank());
+      AdamW optimizer(mine.params);
+      CheckpointState state{step, nlohmann::json::object(), 2, "{}", nlohmann::json::object()};
+      try {
+        save_checkpoint(comm, where.string(), mine.params, &optimizer, state);
+      } catch (const Error& e) {
+        std::lock_guard lock(m);
+        errors.push_back(e.what());
+      }
+    });
+    return errors;
+  };
+  std::vector<std::string> errors = save(dir / "a_file" / "ck", 1);
+  ASSERT_EQ(errors.size(), 2u);
+  EXPECT_EQ(errors[0], errors[1]);
+  EXPECT_NE(errors[0].find("cannot create checkpoint folder"), std::string::npos) << errors[0];
+
+  ASSERT_TRUE(save(dir / "ck", 1).empty());
+  // files of at most 64 KB from here: the model file's header fits, its tensor does not
+  // (SIGXFSZ ignored: the write fails with EFBIG instead of ending the process)
+  struct rlimit before {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &before), 0);
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = before;
+  small.rlim_cur = 64 * 1024;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  // (the header of a handful of tensors is under 1 KB; a 20000-float tensor is 80 KB)
+  std::vector<std::string> full;
+  {
+    std::mutex m;
+    run_ranks_in_process(2, [&](Communicator& comm) {
+      Tensor big = Tensor::zeros({20000}), grad;
+      std::vector<Parameter> params{{"big", &big, &grad}};
+      CheckpointState state{2, nlohmann::json::object(), 2, "{}", nlohmann::json::object()};
+      try {
+        save_checkpoint(comm, (dir / "ck").string(), params, nullptr, state);
+      } catch (const Error& e) {
+        std::lock_guard lock(m);
+        full.push_back(e.what());
+      }
+    });
+  }
+  ::setrlimit(RLIMIT_FSIZE, &before);
+  std::signal(SIGXFSZ, old_handler);
+  ASSERT_EQ(full.size(), 2u);
+  EXPECT_EQ(full[0], full[1]);
+  EXPECT_NE(full[0].find("model.safetensors failed"), std::string::npos) << full[0];
+  EXPECT_FALSE(fs::exists(dir / "ck" / ".tmp-step-000002"));
+  EXPECT_FALSE(fs::exists(dir / "ck" / "step-000002"));
+  EXPECT_EQ(checkpoint_step_dir((dir / "ck").string()), (dir / "ck" / "step-000001").string());
   fs::remove_all(dir);
 }
 
