@@ -68,7 +68,8 @@ void write_file_durably(const std::string& path, const std::string& bytes) {
 // training run's memory: docs/BENCHMARKS.md, "A checkpoint written tensor by tensor").
 class SafetensorsFileWriter {
  public:
-  SafetensorsFileWriter(const std::string& path, TensorListing listing, const std::map<std::string, std::string>& metadata)
+  SafetensorsFileWriter(const std::string& path, TensorListing listing,
+                        const std::map<std::string, std::string>& metadata)
       : file_(path), listing_(std::move(listing)) {
     const std::string header = safetensors_header(listing_, metadata);
     file_.append(header.data(), header.size());
@@ -198,7 +199,8 @@ std::vector<SaveEntry> save_listing(const std::vector<Parameter>& params, int sp
     const Shape& local = p.value->shape();
     mine.push_back({p.name, p.expert && spread > 1 ? whole_shape(local, p.shard_dim, spread) : local});
   }
-  const std::vector<std::string> stages = pipeline ? pipeline->gather_strings(mine.dump(), 0) : std::vector{mine.dump()};
+  const std::vector<std::string> stages =
+      pipeline ? pipeline->gather_strings(mine.dump(), 0) : std::vector{mine.dump()};
   nlohmann::json all = nlohmann::json::array();
   std::set<std::string> seen;
   for (std::size_t s = 0; s < stages.size(); ++s)
@@ -310,7 +312,8 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
   const int spread = expert_ranks > 0 ? expert_ranks : stage.size();
   PM_CHECK(stage.size() % spread == 0, "experts spread over {} of {} ranks", spread, stage.size());
   // the stages' first ranks form one pipeline group, whose rank 0 is rank 0
-  Communicator* pipeline = groups.pipeline && groups.pipeline->size() > 1 && stage.rank() == 0 ? groups.pipeline : nullptr;
+  Communicator* pipeline =
+      groups.pipeline && groups.pipeline->size() > 1 && stage.rank() == 0 ? groups.pipeline : nullptr;
   const int my_stage = pipeline ? pipeline->rank() : 0;
   std::vector<SaveEntry> listing;
   std::map<std::string, int> sent_by;  // a parameter's name -> the stage that sends it
@@ -339,7 +342,8 @@ std::string save_checkpoint(Communicator& comm, const std::string& dir, const st
     model_file = std::make_unique<SafetensorsFileWriter>(tmp + "/model.safetensors", std::move(weights), model_meta);
     if (!optimizer) return;
     const std::map<std::string, std::string> moments_meta{{"adam_steps", std::to_string(optimizer->steps_taken())}};
-    moments_file = std::make_unique<SafetensorsFileWriter>(tmp + "/optimizer.safetensors", std::move(moments), moments_meta);
+    moments_file =
+        std::make_unique<SafetensorsFileWriter>(tmp + "/optimizer.safetensors", std::move(moments), moments_meta);
   });
   // Each tensor whole on its stage's first rank, in turn: rank 0 writes its stage's, the other
   // stages' first ranks send theirs to rank 0 (not what an earlier stage sends: the tied embedding).

@@ -32,7 +32,8 @@ std::string safetensors_header(const TensorListing& listing, const std::map<std:
   return out + h;
 }
 
-std::string encode_safetensors(const std::vector<NamedTensor>& tensors, const std::map<std::string, std::string>& metadata) {
+std::string encode_safetensors(const std::vector<NamedTensor>& tensors,
+                               const std::map<std::string, std::string>& metadata) {
   TensorListing listing;
   uint64_t data_bytes = 0;
   for (const NamedTensor& t : tensors) {

@@ -174,7 +174,8 @@ TEST(CheckpointSave, EveryTensorWholeOnceInStageOrder) {
     run_ranks_in_process(2, [&](Communicator& comm) {
       std::unique_ptr<Communicator> own = comm.split(comm.rank(), 0);  // a stage of one rank
       Communicator& stage = stages ? *own : comm;
-      Tensor values[2] = {counting({2, 3}, 10.0f + 100 * comm.rank()), counting({2, 2}, 50.0f + 100 * comm.rank())}, grads[2];
+      const float base = 100.0f * static_cast<float>(comm.rank());
+      Tensor values[2] = {counting({2, 3}, 10.0f + base), counting({2, 2}, 50.0f + base)}, grads[2];
       std::vector<Parameter> params{{"emb", &values[0], &grads[0]}};
       const bool second = stages && comm.rank() == 1;
       params.push_back({second ? "b" : "w0", &values[1], &grads[1], /*expert=*/!second});
