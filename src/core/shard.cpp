@@ -1,5 +1,7 @@
 #include "core/shard.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "core/error.h"
@@ -41,13 +43,27 @@ Shape whole_shape(const Shape& slice, int dim, int places) {
   return s;
 }
 
+ShardSpan shard_span(const Shape& slice, int dim, const std::vector<int>& parts, int place, int places) {
+  ShardSpan span{INT64_MAX, 0};
+  each_run(slice, dim, parts, place, places, [&](int64_t at_whole, int64_t, int64_t n) {
+    span.first = std::min(span.first, at_whole), span.end = std::max(span.end, at_whole + n);
+  });
+  return span.end > 0 ? span : ShardSpan{};
+}
+
+void take_shard_from(const float* window, int64_t first, Tensor& slice, int dim, const std::vector<int>& parts,
+                     int place, int places) {
+  float* s = slice.f32();
+  each_run(slice.shape(), dim, parts, place, places, [&](int64_t at_whole, int64_t at_slice, int64_t n) {
+    PM_CHECK(at_whole >= first, "a slice's run at {} before its window at {}", at_whole, first);
+    std::memcpy(s + at_slice, window + (at_whole - first), n * sizeof(float));
+  });
+}
+
 void take_shard(const Tensor& whole, Tensor& slice, int dim, const std::vector<int>& parts, int place, int places) {
   PM_CHECK(whole.shape() == whole_shape(slice.shape(), dim, places), "a slice of {} from {}", shape_str(slice.shape()),
            shape_str(whole.shape()));
-  const float* w = whole.f32();
-  float* s = slice.f32();
-  each_run(slice.shape(), dim, parts, place, places,
-           [&](int64_t at_whole, int64_t at_slice, int64_t n) { std::memcpy(s + at_slice, w + at_whole, n * sizeof(float)); });
+  take_shard_from(whole.f32(), 0, slice, dim, parts, place, places);
 }
 
 void put_shard(const Tensor& slice, Tensor& whole, int dim, const std::vector<int>& parts, int place, int places) {

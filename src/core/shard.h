@@ -15,6 +15,17 @@ namespace pm {
 Shape whole_shape(const Shape& slice, int dim, int places);
 // slice <- place `place`'s piece of whole.
 void take_shard(const Tensor& whole, Tensor& slice, int dim, const std::vector<int>& parts, int place, int places);
+// The floats [first, end) of the whole tensor that place `place`'s slice lies in: what a rank
+// needs of the whole (a checkpoint's load sends each rank its span alone).
+struct ShardSpan {
+  int64_t first = 0, end = 0;
+  int64_t size() const { return end - first; }
+};
+ShardSpan shard_span(const Shape& slice, int dim, const std::vector<int>& parts, int place, int places);
+// slice <- place `place`'s piece of the whole, given the whole's floats from `first` on at
+// `window` (at least the slice's span).
+void take_shard_from(const float* window, int64_t first, Tensor& slice, int dim, const std::vector<int>& parts,
+                     int place, int places);
 // whole <- slice, at place `place`.
 void put_shard(const Tensor& slice, Tensor& whole, int dim, const std::vector<int>& parts, int place, int places);
 

@@ -231,7 +231,7 @@ struct LoadTarget {
 // One safetensors file of a checkpoint, read by every rank from rank 0's mapping of it: no rank
 // holds the whole file in memory (it took four copies of it at the peak: the bytes read, broadcast
 // and decoded, and the parameters), and each tensor is copied once, from the page cache into its
-// place, then broadcast to the other ranks in turn.
+// place on rank 0 and sent from there to the ranks that hold it, in turn.
 class CheckpointFile {
  public:
   // mapped: rank 0's mapping of path (null elsewhere); every rank gets its listing.
@@ -257,41 +257,93 @@ class CheckpointFile {
     return "";
   }
 
-  // Every tensor of the file in turn, into the targets this rank has for it (others pass by).
+  // Every tensor of the file in turn, into the targets this rank has for it. A tensor every rank
+  // takes whole goes to all in one broadcast; any other, rank 0 sends each rank that holds it the
+  // span of it that rank takes (its experts' rows) and no more: a rank receives its share of the
+  // experts, not every expert, and ranks of other pipeline stages nothing.
   void copy_into(const std::map<std::string, LoadTarget>& targets, int spread, int place,
                  const std::function<void(const Parameter&)>& loaded = {}) {
-    // a tensor this rank slices or does not keep; from the kernel's zero pages, huge where it gives
-    // them (released and taken again, 4 KB pages cost a second a model: faults while MPI copies in)
+    std::vector<const LoadTarget*> target(listing_.size(), nullptr);
+    std::vector<ShardSpan> mine(listing_.size());  // empty: not held here
+    for (std::size_t i = 0; i < listing_.size(); ++i) {
+      const auto it = targets.find(listing_[i].first);
+      if (it == targets.end()) continue;
+      const LoadTarget& t = it->second;
+      target[i] = &t;
+      mine[i] = t.into->shape() == listing_[i].second
+                    ? ShardSpan{0, t.into->numel()}
+                    : shard_span(t.into->shape(), t.p->shard_dim, t.p->shard_parts, place, spread);
+    }
+    const std::vector<std::vector<ShardSpan>> spans = spans_of_every_rank(mine);  // rank 0's
+    const std::string broadcast = broadcast_flags(spans);
+    // a span that is not the whole of what this rank keeps is received here first; from the
+    // kernel's zero pages, huge where it gives them (released and taken again, 4 KB pages cost a
+    // second a model: faults while MPI copies in)
     Tensor scratch;
-    for (const auto& [name, shape] : listing_) {
-      const auto it = targets.find(name);
-      const LoadTarget* t = it == targets.end() ? nullptr : &it->second;
-      if (!t && comm_.size() == 1) continue;
-      const bool whole_here = t && t->into->shape() == shape;
+    for (std::size_t i = 0; i < listing_.size(); ++i) {
+      const auto& [name, shape] = listing_[i];
+      const LoadTarget* t = target[i];
       const int64_t numel = shape_numel(shape);
-      float* buffer = nullptr;
-      if (whole_here) {
-        buffer = t->into->f32();
-      } else {
-        if (scratch.numel() < numel) scratch = Tensor(), scratch = Tensor::zeros({numel});
-        buffer = scratch.f32();
+      const float* source = mapped_ ? mapped_->tensor(name, shape) : nullptr;  // rank 0's
+      if (broadcast[i] == '1') {
+        if (source) std::memcpy(t->into->f32(), source, static_cast<std::size_t>(numel) * sizeof(float));
+        comm_.broadcast(t->into->f32(), numel, DType::f32, 0);
+      } else if (source) {
+        for (int r = 1; r < comm_.size(); ++r)
+          if (spans[r][i].size() > 0) comm_.send(source + spans[r][i].first, spans[r][i].size(), DType::f32, r);
+        if (t) take_part(*t, mine[i], source, 0, spread, place);
+      } else if (t) {
+        // straight into the parameter where the span is all of it (the whole tensor, or a slice
+        // that is one run of the whole), else into scratch and then the slice's runs from there
+        const bool direct = mine[i].size() == t->into->numel();
+        if (!direct && scratch.numel() < mine[i].size()) scratch = Tensor(), scratch = Tensor::zeros({mine[i].size()});
+        float* into = direct ? t->into->f32() : scratch.f32();
+        comm_.recv(into, mine[i].size(), DType::f32, 0);
+        if (!direct) take_part(*t, mine[i], into, mine[i].first, spread, place);
       }
-      if (mapped_) {  // (its pages then leave this process: the page cache keeps them)
-        const float* source = mapped_->tensor(name, shape);
-        std::memcpy(buffer, source, static_cast<std::size_t>(numel) * sizeof(float));
+      if (source)  // (its pages leave this process: the page cache keeps them)
         mapped_->release(source, static_cast<uint64_t>(numel) * sizeof(float));
-      }
-      if (comm_.size() > 1) comm_.broadcast(buffer, numel, DType::f32, 0);
-      if (t && !whole_here)
-        take_shard(Tensor::view_of(buffer, shape), *t->into, t->p->shard_dim, t->p->shard_parts, place, spread);
       if (!t || !loaded) continue;
-      // (what loaded does may take memory, inference's packing: the whole tensor is not kept for it)
-      if (!whole_here) scratch = Tensor();
+      scratch = Tensor();  // (what loaded does may take memory: inference's packing)
       loaded(*t->p);
     }
   }
 
  private:
+  // t <- its part of a tensor, given the tensor's floats from `first` on at `window`.
+  static void take_part(const LoadTarget& t, const ShardSpan& span, const float* window, int64_t first, int spread,
+                        int place) {
+    if (span.size() == t.into->numel())  // the whole, or a slice that is one run of it
+      std::memcpy(t.into->f32(), window + (span.first - first), static_cast<std::size_t>(span.size()) * sizeof(float));
+    else
+      take_shard_from(window, first, *t.into, t.p->shard_dim, t.p->shard_parts, place, spread);
+  }
+
+  // Every rank's spans, on rank 0 (empty elsewhere).
+  std::vector<std::vector<ShardSpan>> spans_of_every_rank(const std::vector<ShardSpan>& mine) const {
+    nlohmann::json json = nlohmann::json::array();
+    for (const ShardSpan& s : mine) json.push_back({s.first, s.end});
+    std::vector<std::vector<ShardSpan>> out;
+    for (const std::string& part : comm_.gather_strings(json.dump(), 0)) {
+      out.emplace_back();
+      for (const auto& s : nlohmann::json::parse(part))
+        out.back().push_back({s[0].get<int64_t>(), s[1].get<int64_t>()});
+    }
+    return out;
+  }
+
+  // Per tensor, on every rank: '1' where every rank takes it whole (one broadcast), '0' elsewhere.
+  std::string broadcast_flags(const std::vector<std::vector<ShardSpan>>& spans) const {
+    std::string flags(listing_.size(), '0');
+    for (std::size_t i = 0; i < listing_.size() && comm_.rank() == 0 && comm_.size() > 1; ++i) {
+      const int64_t numel = shape_numel(listing_[i].second);
+      bool all_whole = true;
+      for (const auto& rank : spans) all_whole = all_whole && rank[i].first == 0 && rank[i].end == numel;
+      flags[i] = all_whole ? '1' : '0';
+    }
+    return comm_.broadcast_string(flags, 0);
+  }
+
   static Shape whole_shape_of(const LoadTarget& t, int spread) {
     return t.p->expert ? whole_shape(t.into->shape(), t.p->shard_dim, spread) : t.into->shape();
   }

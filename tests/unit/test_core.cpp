@@ -328,6 +328,26 @@ TEST(Shard, SlicesLieWhereTheSplitSaysAndPutBackWhole) {
   EXPECT_EQ(std::memcmp(again.f32(), qkv.f32(), qkv.nbytes()), 0);
 }
 
+// What a rank needs of the whole (a checkpoint's load sends it that span alone): experts' rows are
+// one run of the whole; w_qkv's slice of rank 1 of 2 spans from its first q column in row 0 to its
+// last v column in row 1; the slice taken from the span alone is the one taken from the whole.
+TEST(Shard, ASliceIsTakenFromItsSpanOfTheWholeAlone) {
+  Tensor whole = Tensor::empty({2, 12}), mine = Tensor::empty({2, 6}), from_span = Tensor::empty({2, 6});
+  for (int64_t i = 0; i < whole.numel(); ++i) whole.f32()[i] = static_cast<float>(i);
+  const ShardSpan rows = shard_span({1, 12}, 0, {1}, 1, 2);
+  EXPECT_EQ(rows.first, 12);
+  EXPECT_EQ(rows.end, 24);
+  for (int place : {0, 1}) {
+    const ShardSpan span = shard_span(mine.shape(), 1, {1, 1, 1}, place, 2);
+    EXPECT_EQ(span.first, 2 * place);
+    EXPECT_EQ(span.end, 12 + 8 + 2 * place + 2);  // row 1, v (columns 8-11): its two
+    std::vector<float> window(whole.f32() + span.first, whole.f32() + span.end);
+    take_shard(whole, mine, 1, {1, 1, 1}, place, 2);
+    take_shard_from(window.data(), span.first, from_span, 1, {1, 1, 1}, place, 2);
+    EXPECT_EQ(std::memcmp(mine.f32(), from_span.f32(), mine.nbytes()), 0) << "place " << place;
+  }
+}
+
 TEST(Rng, StreamsAreReproducibleAndIndependent) {
   Rng a(7, stream_id(3, 1)), b(7, stream_id(3, 1)), c(7, stream_id(3, 2)), d(8, stream_id(3, 1));
   for (int i = 0; i < 100; ++i) {
