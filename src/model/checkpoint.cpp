@@ -115,6 +115,12 @@ std::string read_file(const std::string& path) {
   return bytes;
 }
 
+// A tensor's shape in a checkpoint, from this rank's (local) one: an expert tensor's slices of
+// `spread` ranks side by side, any other as it is.
+Shape whole_shape_of(const Parameter& p, const Shape& local, int spread) {
+  return p.expert ? whole_shape(local, p.shard_dim, spread) : local;
+}
+
 // fn(the whole tensor) on the group's rank 0: a sharded one's slices of ranks 0 .. spread - 1 put
 // in their places (core/shard.h: experts concatenated along dim 0 in rank order), any other as it is.
 template <typename Fn>
@@ -127,7 +133,7 @@ void with_whole(Communicator& comm, const Tensor& local, const Parameter& p, int
     if (comm.rank() < spread) comm.send(local.raw(), local.numel(), DType::f32, 0);
     return;
   }
-  Tensor global = Tensor::empty(whole_shape(local.shape(), p.shard_dim, spread));
+  Tensor global = Tensor::empty(whole_shape_of(p, local.shape(), spread));
   put_shard(local, global, p.shard_dim, p.shard_parts, 0, spread);
   Tensor piece = Tensor::empty(local.shape());
   for (int r = 1; r < spread; ++r) {
@@ -195,10 +201,7 @@ struct SaveEntry {
 
 std::vector<SaveEntry> save_listing(const std::vector<Parameter>& params, int spread, Communicator* pipeline) {
   nlohmann::json mine = nlohmann::json::array();
-  for (const Parameter& p : params) {
-    const Shape& local = p.value->shape();
-    mine.push_back({p.name, p.expert && spread > 1 ? whole_shape(local, p.shard_dim, spread) : local});
-  }
+  for (const Parameter& p : params) mine.push_back({p.name, whole_shape_of(p, p.value->shape(), spread)});
   const std::vector<std::string> stages =
       pipeline ? pipeline->gather_strings(mine.dump(), 0) : std::vector{mine.dump()};
   nlohmann::json all = nlohmann::json::array();
@@ -250,7 +253,7 @@ class CheckpointFile {
     for (const auto& [name, t] : targets) {
       const auto it = held.find(name);
       if (it == held.end()) return fmt::format("{} has no tensor {}: it was written for another model", path_, name);
-      const Shape want = whole_shape_of(t, spread);
+      const Shape want = whole_shape_of(*t.p, t.into->shape(), spread);
       if (it->second != want)
         return fmt::format("{}: {} has shape {}, this model needs {}", path_, name, shape_str(it->second), shape_str(want));
     }
@@ -342,10 +345,6 @@ class CheckpointFile {
       flags[i] = all_whole ? '1' : '0';
     }
     return comm_.broadcast_string(flags, 0);
-  }
-
-  static Shape whole_shape_of(const LoadTarget& t, int spread) {
-    return t.p->expert ? whole_shape(t.into->shape(), t.p->shard_dim, spread) : t.into->shape();
   }
 
   Communicator& comm_;
